@@ -1,0 +1,54 @@
+/** Command-line helpers shared by every `fvd` subcommand: sizes, user errors, option parsing. */
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+
+/** An error whose message is shown to the user as one line, with a non-zero exit. */
+export class UsageError extends Error {
+  constructor(message: string, readonly exitCode = 1) {
+    super(message);
+  }
+}
+
+const SUFFIX: Record<string, number> = { '': 1, b: 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4, p: 1024 ** 5 };
+
+/** Parses "64k", "1G", "512", "1.5M" (binary units, like qemu-img). Throws UsageError. */
+export function parseSize(text: string, what = 'size'): number {
+  const m = /^(\d+(?:\.\d+)?)\s*([bkmgtp]?)(?:i?b)?$/i.exec(text.trim());
+  if (!m) throw new UsageError(`invalid ${what} '${text}': expected a number with an optional K/M/G/T suffix`);
+  const value = Number(m[1]) * SUFFIX[m[2]!.toLowerCase()]!;
+  if (!Number.isSafeInteger(value)) throw new UsageError(`invalid ${what} '${text}': not a whole number of bytes`);
+  return value;
+}
+
+/** Parses an integer option in [min, max]. */
+export function parseInteger(text: string, what: string, min = 0, max = Number.MAX_SAFE_INTEGER): number {
+  if (!/^-?\d+$/.test(text.trim())) throw new UsageError(`invalid ${what} '${text}': expected a whole number`);
+  const value = Number(text);
+  if (value < min || value > max) throw new UsageError(`invalid ${what} '${text}': must be between ${min} and ${max}`);
+  return value;
+}
+
+/** node:util parseArgs with errors turned into one-line UsageErrors. */
+export function parseOptions<T extends ParseArgsConfig['options']>(
+  command: string,
+  args: string[],
+  options: T,
+) {
+  try {
+    return parseArgs({ args, options, allowPositionals: true, strict: true });
+  } catch (err) {
+    const msg = (err as Error).message.split('\n')[0]!.replace(/\. To specify.*$/, '');
+    throw new UsageError(`${command}: ${msg}`);
+  }
+}
+
+/** Formats bytes for humans: 1.5 GiB. */
+export function formatSize(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  let v = bytes;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return i === 0 ? `${v} B` : `${v.toFixed(v < 10 && v !== Math.floor(v) ? 2 : v === Math.floor(v) ? 0 : 1)} ${units[i]}`;
+}

@@ -1,0 +1,62 @@
+#!/usr/bin/env node
+/**
+ * `fvd` command-line entry: dispatches to daemon/commands/<name>.js, each exporting
+ * `run(args: string[]): Promise<number>` (the exit code). Every user-facing failure is one line
+ * on stderr and a non-zero exit; an unexpected exception is reported as an internal error.
+ */
+import { UsageError } from './args.js';
+import { FvdError } from '../fvd/errors.js';
+
+const COMMANDS: Record<string, string> = {
+  create: 'create an image: fvd create [-b BASE] [-F raw|fvd] [--layout raw|compact] IMAGE [SIZE]',
+  info: 'describe an image: fvd info [--json] IMAGE',
+  check: 'verify (and repair) an image: fvd check [--repair] IMAGE',
+  map: 'list extents and where they live: fvd map [--json] IMAGE',
+  convert: 'flatten or import: fvd convert [-O raw|fvd] SRC DST',
+  io: 'run I/O commands: fvd io -c "write -P 0xab 0 64k" IMAGE',
+  bench: 'benchmark the engine: fvd bench [options] IMAGE',
+};
+
+function usage(): string {
+  return ['usage: fvd COMMAND [options]', '', ...Object.entries(COMMANDS).map(([k, v]) => `  ${k.padEnd(8)} ${v}`)].join('\n');
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  if (!command || command === '-h' || command === '--help' || command === 'help') {
+    console.log(usage());
+    return command ? 0 : 1;
+  }
+  if (!Object.hasOwn(COMMANDS, command)) {
+    console.error(`fvd: unknown command '${command}' (try 'fvd --help')`);
+    return 1;
+  }
+  try {
+    const mod = (await import(`./commands/${command}.js`)) as { run(args: string[]): Promise<number> };
+    return await mod.run(rest);
+  } catch (err) {
+    if (err instanceof UsageError) {
+      console.error(`fvd ${command}: ${err.message}`);
+      return err.exitCode;
+    }
+    if (err instanceof FvdError) {
+      console.error(`fvd ${command}: ${err.message}`);
+      return 1;
+    }
+    const e = err as NodeJS.ErrnoException;
+    if (e && typeof e.code === 'string' && e.syscall) {
+      console.error(`fvd ${command}: ${e.path ?? ''}${e.path ? ': ' : ''}${e.message.replace(/^[A-Z]+: /, '')}`);
+      return 1;
+    }
+    console.error(`fvd ${command}: internal error: ${(err as Error)?.stack ?? err}`);
+    return 70;
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  (err) => {
+    console.error(`fvd: internal error: ${(err as Error)?.stack ?? err}`);
+    process.exit(70);
+  },
+);
