@@ -31,6 +31,11 @@ export interface OpenOptions {
   readOnly?: boolean;
   /** Create (or truncate) a regular file. */
   create?: boolean;
+  /**
+   * Take an advisory lock (flock) for as long as the file is open, failing at once with EBUSY if
+   * another open file description holds a conflicting one: 'exclusive' for a writer.
+   */
+  lock?: 'exclusive' | 'shared';
 }
 
 /** Opens BlockFiles; the engine opens its image, and the base chain, only through one of these. */

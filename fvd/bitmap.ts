@@ -1,0 +1,56 @@
+/**
+ * Bit operations on the copy-on-write bitmap: block b is bit (b % 8), least significant first, of
+ * byte floor(b / 8). A set bit means the block's data lives in this image, not in the base.
+ * Backed by SharedArrayBuffer so the daemon's queue workers can read it without copies.
+ */
+export function newBitmap(bytes: number): Uint8Array {
+  return new Uint8Array(new SharedArrayBuffer(Math.max(bytes, 1)));
+}
+
+export function testBit(bm: Uint8Array, b: number): boolean {
+  return (bm[b >>> 3]! & (1 << (b & 7))) !== 0;
+}
+
+export function setBit(bm: Uint8Array, b: number): void {
+  bm[b >>> 3]! |= 1 << (b & 7);
+}
+
+/** Sets bits [first, first + count). */
+export function setRange(bm: Uint8Array, first: number, count: number): void {
+  let b = first;
+  const end = first + count;
+  while (b < end && b & 7) setBit(bm, b++);
+  while (b + 8 <= end) {
+    bm[b >>> 3] = 0xff;
+    b += 8;
+  }
+  while (b < end) setBit(bm, b++);
+}
+
+/** True when every bit in [first, first + count) is set. */
+export function allSet(bm: Uint8Array, first: number, count: number): boolean {
+  let b = first;
+  const end = first + count;
+  while (b < end && b & 7) if (!testBit(bm, b++)) return false;
+  while (b + 8 <= end) {
+    if (bm[b >>> 3] !== 0xff) return false;
+    b += 8;
+  }
+  while (b < end) if (!testBit(bm, b++)) return false;
+  return true;
+}
+
+const POPCOUNT = new Uint8Array(256).map((_, i) => {
+  let n = 0;
+  for (let v = i; v; v >>= 1) n += v & 1;
+  return n;
+});
+
+/** Number of set bits among the first `count` bits. */
+export function countSet(bm: Uint8Array, count: number): number {
+  let n = 0;
+  const full = count >>> 3;
+  for (let i = 0; i < full; i++) n += POPCOUNT[bm[i]!]!;
+  for (let b = full * 8; b < count; b++) if (testBit(bm, b)) n++;
+  return n;
+}

@@ -1,0 +1,274 @@
+/**
+ * On-disk structures of an FVD image (docs/FORMAT.md is the normative description; keep both in
+ * step). Everything is little-endian. The header is one 512-byte sector so that a header update
+ * is a single atomic sector write; the base image path follows it inside the first 4 KiB.
+ */
+import { crc32 } from 'node:zlib';
+import { CorruptImageError, FvdError } from './errors.js';
+
+export const SECTOR = 512;
+export const PAGE = 4096;
+export const HEADER_SIZE = 512;
+export const VERSION = 1;
+/** "\x89FVD\r\n\x1a\n": the PNG trick — detects 7-bit and newline-mangling transfers. */
+export const MAGIC = Uint8Array.from([0x89, 0x46, 0x56, 0x44, 0x0d, 0x0a, 0x1a, 0x0a]);
+/** The base path lives in bytes 512..4095 of the image. */
+export const BASE_PATH_OFFSET = 512;
+export const MAX_BASE_PATH = PAGE - BASE_PATH_OFFSET;
+
+/** Incompatible features: a reader that does not know a set bit must refuse the image. */
+export const INCOMPAT_DIRTY = 1n << 0n; // opened read-write and not cleanly closed: replay the journal
+export const INCOMPAT_COMPACT = 1n << 1n; // data area addressed through the lookup table
+export const INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_COMPACT;
+/** Compatible features: informational, safe to ignore. */
+export const COMPAT_ZERO_DETECTED = 1n << 0n; // create pre-marked all-zero base blocks as local
+export const COMPAT_KNOWN = COMPAT_ZERO_DETECTED;
+/** Autoclear features: a writer that does not know a set bit must clear it. */
+export const AUTOCLEAR_FULLY_LOCAL = 1n << 0n; // every block is local: the bitmap and base are unused
+export const AUTOCLEAR_KNOWN = AUTOCLEAR_FULLY_LOCAL;
+
+export const BASE_NONE = 0;
+export const BASE_RAW = 1;
+export const BASE_FVD = 2;
+export type BaseFormat = 'raw' | 'fvd';
+
+export const MIN_BLOCK_SIZE = 4096;
+export const MAX_BLOCK_SIZE = 64 * 1024 * 1024;
+export const DEFAULT_BLOCK_SIZE = 64 * 1024;
+export const DEFAULT_CHUNK_SIZE = 1024 * 1024;
+export const MAX_CHUNK_SIZE = 1024 * 1024 * 1024;
+export const DEFAULT_JOURNAL_SIZE = 16 * 1024 * 1024;
+export const MIN_JOURNAL_SIZE = 8 * 1024;
+/** Lookup table entry for a chunk with no storage. */
+export const CHUNK_EMPTY = 0xffffffff;
+/** Largest virtual size accepted: offsets must stay exact in a JS number. */
+export const MAX_VIRTUAL_SIZE = 2 ** 50;
+
+export interface Header {
+  version: number;
+  incompatible: bigint;
+  compatible: bigint;
+  autoclear: bigint;
+  virtualSize: number;
+  blockSize: number;
+  chunkSize: number;
+  baseSize: number;
+  basePathLength: number;
+  baseFormat: number;
+  basePathCrc: number;
+  bitmapOffset: number;
+  bitmapLength: number;
+  tableOffset: number;
+  tableLength: number;
+  journalOffset: number;
+  journalLength: number;
+  journalStartSeq: number;
+  refcountOffset: number;
+  refcountLength: number;
+  snapshotsOffset: number;
+  snapshotsLength: number;
+  dataOffset: number;
+}
+
+// Field offsets inside the 512-byte header.
+const F = {
+  magic: 0,
+  version: 8,
+  headerSize: 12,
+  incompatible: 16,
+  compatible: 24,
+  autoclear: 32,
+  virtualSize: 40,
+  blockSize: 48,
+  chunkSize: 52,
+  baseSize: 56,
+  basePathLength: 64,
+  baseFormat: 66,
+  basePathCrc: 68,
+  bitmapOffset: 72,
+  bitmapLength: 80,
+  tableOffset: 88,
+  tableLength: 96,
+  journalOffset: 104,
+  journalLength: 112,
+  journalStartSeq: 120,
+  refcountOffset: 128,
+  refcountLength: 136,
+  snapshotsOffset: 144,
+  snapshotsLength: 152,
+  dataOffset: 160,
+  crc: 508,
+} as const;
+
+export function crc(bytes: Uint8Array): number {
+  return crc32(bytes) >>> 0;
+}
+
+function setU64(dv: DataView, off: number, v: number | bigint): void {
+  dv.setBigUint64(off, BigInt(v), true);
+}
+
+function getU64(dv: DataView, off: number): number {
+  const v = dv.getBigUint64(off, true);
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) return Number.POSITIVE_INFINITY; // rejected by validation
+  return Number(v);
+}
+
+export function encodeHeader(h: Header): Uint8Array {
+  const buf = new Uint8Array(HEADER_SIZE);
+  const dv = new DataView(buf.buffer);
+  buf.set(MAGIC, F.magic);
+  dv.setUint32(F.version, h.version, true);
+  dv.setUint32(F.headerSize, HEADER_SIZE, true);
+  dv.setBigUint64(F.incompatible, h.incompatible, true);
+  dv.setBigUint64(F.compatible, h.compatible, true);
+  dv.setBigUint64(F.autoclear, h.autoclear, true);
+  setU64(dv, F.virtualSize, h.virtualSize);
+  dv.setUint32(F.blockSize, h.blockSize, true);
+  dv.setUint32(F.chunkSize, h.chunkSize, true);
+  setU64(dv, F.baseSize, h.baseSize);
+  dv.setUint16(F.basePathLength, h.basePathLength, true);
+  dv.setUint8(F.baseFormat, h.baseFormat);
+  dv.setUint32(F.basePathCrc, h.basePathCrc, true);
+  setU64(dv, F.bitmapOffset, h.bitmapOffset);
+  setU64(dv, F.bitmapLength, h.bitmapLength);
+  setU64(dv, F.tableOffset, h.tableOffset);
+  setU64(dv, F.tableLength, h.tableLength);
+  setU64(dv, F.journalOffset, h.journalOffset);
+  setU64(dv, F.journalLength, h.journalLength);
+  setU64(dv, F.journalStartSeq, h.journalStartSeq);
+  setU64(dv, F.refcountOffset, h.refcountOffset);
+  setU64(dv, F.refcountLength, h.refcountLength);
+  setU64(dv, F.snapshotsOffset, h.snapshotsOffset);
+  setU64(dv, F.snapshotsLength, h.snapshotsLength);
+  setU64(dv, F.dataOffset, h.dataOffset);
+  dv.setUint32(F.crc, crc(buf.subarray(0, F.crc)), true);
+  return buf;
+}
+
+const isPow2 = (v: number) => v > 0 && Number.isSafeInteger(v) && (v & (v - 1)) === 0;
+
+/**
+ * Decodes and validates a header sector. `fileSize` is the image file's size (or device capacity).
+ * Throws CorruptImageError / FvdError with a one-line reason.
+ */
+export function decodeHeader(path: string, sector: Uint8Array, fileSize: number): Header {
+  if (fileSize < PAGE) throw new CorruptImageError(path, `truncated: ${fileSize} bytes, an FVD image has at least ${PAGE}`);
+  for (let i = 0; i < MAGIC.length; i++) {
+    if (sector[i] !== MAGIC[i]) throw new FvdError(`${path}: not an FVD image (bad magic)`, 'EINVAL');
+  }
+  const dv = new DataView(sector.buffer, sector.byteOffset, HEADER_SIZE);
+  const version = dv.getUint32(F.version, true);
+  if (version !== VERSION) throw new FvdError(`${path}: unsupported FVD version ${version} (this program reads version ${VERSION})`, 'EINVAL');
+  if (dv.getUint32(F.crc, true) !== crc(sector.subarray(0, F.crc))) throw new CorruptImageError(path, 'header checksum mismatch');
+  const headerSize = dv.getUint32(F.headerSize, true);
+  if (headerSize !== HEADER_SIZE) throw new CorruptImageError(path, `header size ${headerSize}, expected ${HEADER_SIZE}`);
+  const h: Header = {
+    version,
+    incompatible: dv.getBigUint64(F.incompatible, true),
+    compatible: dv.getBigUint64(F.compatible, true),
+    autoclear: dv.getBigUint64(F.autoclear, true),
+    virtualSize: getU64(dv, F.virtualSize),
+    blockSize: dv.getUint32(F.blockSize, true),
+    chunkSize: dv.getUint32(F.chunkSize, true),
+    baseSize: getU64(dv, F.baseSize),
+    basePathLength: dv.getUint16(F.basePathLength, true),
+    baseFormat: dv.getUint8(F.baseFormat),
+    basePathCrc: dv.getUint32(F.basePathCrc, true),
+    bitmapOffset: getU64(dv, F.bitmapOffset),
+    bitmapLength: getU64(dv, F.bitmapLength),
+    tableOffset: getU64(dv, F.tableOffset),
+    tableLength: getU64(dv, F.tableLength),
+    journalOffset: getU64(dv, F.journalOffset),
+    journalLength: getU64(dv, F.journalLength),
+    journalStartSeq: getU64(dv, F.journalStartSeq),
+    refcountOffset: getU64(dv, F.refcountOffset),
+    refcountLength: getU64(dv, F.refcountLength),
+    snapshotsOffset: getU64(dv, F.snapshotsOffset),
+    snapshotsLength: getU64(dv, F.snapshotsLength),
+    dataOffset: getU64(dv, F.dataOffset),
+  };
+  const unknown = h.incompatible & ~INCOMPAT_KNOWN;
+  if (unknown) throw new FvdError(`${path}: unsupported incompatible feature bits 0x${unknown.toString(16)}; refusing to open`, 'EINVAL');
+  validateGeometry(path, h, fileSize);
+  return h;
+}
+
+/** The checks every reader makes before trusting offsets taken from a header. */
+function validateGeometry(path: string, h: Header, fileSize: number): void {
+  const bad = (what: string) => new CorruptImageError(path, what);
+  if (!Number.isSafeInteger(h.virtualSize) || h.virtualSize <= 0 || h.virtualSize % SECTOR || h.virtualSize > MAX_VIRTUAL_SIZE)
+    throw bad(`invalid virtual size ${h.virtualSize}`);
+  if (!isPow2(h.blockSize) || h.blockSize < MIN_BLOCK_SIZE || h.blockSize > MAX_BLOCK_SIZE) throw bad(`invalid block size ${h.blockSize}`);
+  if (!isPow2(h.chunkSize) || h.chunkSize < h.blockSize || h.chunkSize > MAX_CHUNK_SIZE) throw bad(`invalid chunk size ${h.chunkSize}`);
+  if (h.baseFormat > BASE_FVD) throw bad(`invalid base format ${h.baseFormat}`);
+  if ((h.baseFormat === BASE_NONE) !== (h.basePathLength === 0)) throw bad('base format and base path disagree');
+  if (h.basePathLength > MAX_BASE_PATH) throw bad(`base path length ${h.basePathLength} too long`);
+  if (!Number.isSafeInteger(h.baseSize) || (h.baseFormat === BASE_NONE && h.baseSize !== 0)) throw bad(`invalid base size ${h.baseSize}`);
+  const compact = (h.incompatible & INCOMPAT_COMPACT) !== 0n;
+  const expectBitmap = bitmapBytes(h.baseSize, h.blockSize);
+  const expectTable = compact ? tableBytes(h.virtualSize, h.chunkSize) : 0;
+  if (h.bitmapLength !== expectBitmap) throw bad(`bitmap length ${h.bitmapLength}, expected ${expectBitmap}`);
+  if (h.tableLength !== expectTable) throw bad(`table length ${h.tableLength}, expected ${expectTable}`);
+  if (h.journalLength !== 0 && (h.journalLength < MIN_JOURNAL_SIZE || h.journalLength % PAGE)) throw bad(`invalid journal length ${h.journalLength}`);
+  if (!Number.isSafeInteger(h.journalStartSeq)) throw bad('invalid journal sequence number');
+  if (h.refcountLength !== 0 || h.snapshotsLength !== 0) throw bad('refcount/snapshot regions set without the snapshot feature');
+  const regions: Array<[string, number, number]> = [
+    ['bitmap', h.bitmapOffset, h.bitmapLength],
+    ['table', h.tableOffset, h.tableLength],
+    ['journal', h.journalOffset, h.journalLength],
+  ];
+  let end = PAGE;
+  for (const [name, off, len] of regions) {
+    if (len === 0) continue;
+    if (!Number.isSafeInteger(off) || off % PAGE || off < end) throw bad(`${name} region at ${off} overlaps or is misaligned`);
+    end = off + len;
+  }
+  if (!Number.isSafeInteger(h.dataOffset) || h.dataOffset < end || h.dataOffset % h.blockSize)
+    throw bad(`data offset ${h.dataOffset} overlaps metadata or is not block-aligned`);
+  if (compact && h.dataOffset % h.chunkSize) throw bad(`data offset ${h.dataOffset} is not chunk-aligned`);
+  if (fileSize < h.dataOffset) throw bad(`truncated: ${fileSize} bytes, metadata ends at ${h.dataOffset}`);
+  // A raw-like image is created at its full (sparse) size, so a shorter file lost data.
+  if (!compact && fileSize < h.dataOffset + h.virtualSize)
+    throw bad(`truncated: ${fileSize} bytes, a raw-like image of this size needs ${h.dataOffset + h.virtualSize}`);
+}
+
+export const roundUp = (v: number, a: number) => Math.ceil(v / a) * a;
+
+/** Bitmap bytes for a base of `baseSize`: one bit per block, padded to a 4 KiB page. */
+export function bitmapBytes(baseSize: number, blockSize: number): number {
+  return roundUp(Math.ceil(Math.ceil(baseSize / blockSize) / 8), PAGE);
+}
+
+/** Lookup table bytes: one u32 per chunk of the virtual disk, padded to a 4 KiB page. */
+export function tableBytes(virtualSize: number, chunkSize: number): number {
+  return roundUp(Math.ceil(virtualSize / chunkSize) * 4, PAGE);
+}
+
+export interface LayoutInput {
+  virtualSize: number;
+  blockSize: number;
+  chunkSize: number;
+  baseSize: number;
+  compact: boolean;
+  journalLength: number;
+}
+
+/** Places the metadata regions after the first 4 KiB page and the data area after them. */
+export function computeLayout(i: LayoutInput): Pick<Header, 'bitmapOffset' | 'bitmapLength' | 'tableOffset' | 'tableLength' | 'journalOffset' | 'journalLength' | 'dataOffset'> {
+  let pos = PAGE;
+  const bitmapLength = bitmapBytes(i.baseSize, i.blockSize);
+  const bitmapOffset = bitmapLength ? pos : 0;
+  pos += bitmapLength;
+  const tableLength = i.compact ? tableBytes(i.virtualSize, i.chunkSize) : 0;
+  const tableOffset = tableLength ? pos : 0;
+  pos += tableLength;
+  const journalOffset = i.journalLength ? pos : 0;
+  pos += i.journalLength;
+  const dataOffset = roundUp(pos, i.compact ? i.chunkSize : i.blockSize);
+  return { bitmapOffset, bitmapLength, tableOffset, tableLength, journalOffset, journalLength: i.journalLength, dataOffset };
+}
+
+export function baseFormatName(code: number): BaseFormat | 'none' {
+  return code === BASE_RAW ? 'raw' : code === BASE_FVD ? 'fvd' : 'none';
+}

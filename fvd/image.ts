@@ -1,0 +1,948 @@
+/**
+ * The FVD engine: one open image, its base chain, and the guest-visible operations on it.
+ *
+ * Data layout (docs/FORMAT.md): raw-like images store guest byte X at data_offset + X; compact
+ * images map each chunk through the lookup table. A bitmap bit per block of the base says whether
+ * the block is local. Two in-memory copies of it exist (FVD paper §3.3.4):
+ *  - `present` (fresh): the block's data is in this image — what reads consult;
+ *  - `journaled` (stale): the bit is on disk or queued in the journal — what decides whether a
+ *    guest write must log a bitmap update. Copy-on-read sets only `present` ("soft write"): the
+ *    data equals the base, so losing the bit in a crash costs a re-read, never data.
+ * Metadata that makes data visible is journaled only after that data completed, and a journal
+ * commit starts with fdatasync: see Journal and FORMAT.md §7 for the ordering argument.
+ */
+import path from 'node:path';
+import { randomInt } from 'node:crypto';
+import type { BlockFile, IoBackend } from './io.js';
+import { CorruptImageError, FvdError } from './errors.js';
+import {
+  AUTOCLEAR_FULLY_LOCAL,
+  AUTOCLEAR_KNOWN,
+  BASE_FVD,
+  BASE_NONE,
+  BASE_PATH_OFFSET,
+  BASE_RAW,
+  CHUNK_EMPTY,
+  COMPAT_ZERO_DETECTED,
+  DEFAULT_BLOCK_SIZE,
+  DEFAULT_CHUNK_SIZE,
+  DEFAULT_JOURNAL_SIZE,
+  HEADER_SIZE,
+  INCOMPAT_COMPACT,
+  INCOMPAT_DIRTY,
+  MAX_BASE_PATH,
+  MAX_BLOCK_SIZE,
+  MAX_CHUNK_SIZE,
+  MAX_VIRTUAL_SIZE,
+  MIN_BLOCK_SIZE,
+  MIN_JOURNAL_SIZE,
+  PAGE,
+  SECTOR,
+  VERSION,
+  baseFormatName,
+  computeLayout,
+  crc,
+  decodeHeader,
+  encodeHeader,
+  roundUp,
+  type BaseFormat,
+  type Header,
+} from './format.js';
+import { allSet, countSet, newBitmap, setRange, testBit } from './bitmap.js';
+import { Journal, PendingRecords, replayJournal, type JournalSink } from './journal.js';
+import { BlockLocks } from './block-locks.js';
+
+export interface CreateOptions {
+  /** Virtual size in bytes; defaults to the base's size (rounded up to 512). */
+  size?: number;
+  /** Base image path; relative paths are relative to the image's directory. */
+  base?: string;
+  baseFormat?: BaseFormat;
+  layout?: 'raw' | 'compact';
+  blockSize?: number;
+  chunkSize?: number;
+  journalSize?: number;
+  /** Mark all-zero base blocks as local at create, so writes to them need no copy (default on). */
+  detectZeroes?: boolean;
+}
+
+export interface OpenOptions {
+  readOnly?: boolean;
+  /** Store base data read by the guest in the image (default on for read-write opens). */
+  copyOnRead?: boolean;
+  /** Upper bound of copy-on-read data in flight; beyond it reads just read the base. */
+  maxCopyOnReadBytes?: number;
+}
+
+/** A base image as the engine sees it: read-only bytes of a fixed size. */
+interface BaseImage {
+  readonly size: number;
+  read(buf: Uint8Array, offset: number): Promise<void>;
+  close(): Promise<void>;
+  describe(): BaseChainEntry[];
+}
+
+export interface BaseChainEntry {
+  path: string;
+  format: BaseFormat;
+  size: number;
+}
+
+export type ExtentKind = 'local' | 'base' | 'zero';
+export interface Extent {
+  offset: number;
+  length: number;
+  kind: ExtentKind;
+}
+
+export interface ImageStats {
+  path: string;
+  layout: 'raw' | 'compact';
+  virtualSize: number;
+  blockSize: number;
+  chunkSize: number;
+  baseChain: BaseChainEntry[];
+  baseSize: number;
+  /** Bytes of the virtual disk served from this image (including known-zero local blocks). */
+  bytesLocal: number;
+  /** Bytes still read from the base. */
+  bytesInBase: number;
+  fullyLocal: boolean;
+  zeroDetected: boolean;
+  /** The header's dirty flag as found at open (not cleanly closed). */
+  wasDirty: boolean;
+  journalSectorsReplayed: number;
+  journal: { capacitySectors: number; usedSectors: number };
+  allocatedChunks: number;
+  fileSize: number;
+}
+
+const DEFAULT_MAX_COR = 16 * 1024 * 1024;
+const MAX_CHAIN_DEPTH = 64;
+const ZERO_SCAN_BYTES = 4 * 1024 * 1024;
+
+export class FvdImage {
+  readonly size: number;
+  readonly blockSize: number;
+  readonly chunkSize: number;
+  readonly compact: boolean;
+  readonly readOnly: boolean;
+  copyOnRead: boolean;
+
+  /** Blocks with bitmap semantics: those below min(base size, virtual size). */
+  private readonly baseBlocks: number;
+  /** Bytes of the virtual disk backed by the base: min(base size, virtual size). */
+  private readonly baseLimit: number;
+  private readonly present: Uint8Array;
+  private readonly journaled: Uint8Array;
+  private readonly table: Uint32Array | null;
+  private readonly journal: Journal | null;
+  private readonly locks = new BlockLocks();
+  /** Chunks whose storage is being allocated: later writers to the chunk wait for it. */
+  private readonly allocating = new Map<number, Promise<void>>();
+  private readonly background = new Set<Promise<void>>();
+  private readonly maxCorBytes: number;
+  private corBytes = 0;
+  /** Free storage chunk ids (unreferenced, durable as unreferenced) and the next never-used id. */
+  private readonly freeChunks: number[] = [];
+  private nextChunkId = 0;
+  /** Storage at or beyond this offset has never been written: it reads as zeros (regular files). */
+  private knownZeroFrom: number;
+  private allLocal: boolean;
+  private closed = false;
+  private readonly wasDirty: boolean;
+  private readonly replayedSectors: number;
+
+  private constructor(
+    readonly path: string,
+    private readonly file: BlockFile,
+    private readonly header: Header,
+    private readonly base: BaseImage | null,
+    state: {
+      present: Uint8Array;
+      table: Uint32Array | null;
+      readOnly: boolean;
+      copyOnRead: boolean;
+      maxCorBytes: number;
+      nextSeq: number;
+      usedSectors: number;
+      replayed: number;
+    },
+  ) {
+    this.size = header.virtualSize;
+    this.blockSize = header.blockSize;
+    this.chunkSize = header.chunkSize;
+    this.compact = (header.incompatible & INCOMPAT_COMPACT) !== 0n;
+    this.readOnly = state.readOnly;
+    this.copyOnRead = state.copyOnRead && !state.readOnly;
+    this.maxCorBytes = state.maxCorBytes;
+    this.baseLimit = Math.min(header.baseSize, header.virtualSize);
+    this.baseBlocks = Math.ceil(this.baseLimit / header.blockSize);
+    this.present = state.present;
+    this.journaled = newBitmap(state.present.length);
+    this.journaled.set(state.present);
+    this.table = state.table;
+    this.allLocal = !base || (header.autoclear & AUTOCLEAR_FULLY_LOCAL) !== 0n || this.baseBlocks === 0;
+    this.knownZeroFrom = file.isBlockDevice ? Number.POSITIVE_INFINITY : file.size();
+    this.wasDirty = (header.incompatible & INCOMPAT_DIRTY) !== 0n;
+    this.replayedSectors = state.replayed;
+    if (this.table) this.initAllocator();
+    this.journal = state.readOnly
+      ? null
+      : new Journal(file, header.journalOffset, header.journalLength, state.nextSeq, state.usedSectors, this, (batch) =>
+          this.onDurable(batch),
+        );
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // create / open / close
+
+  static async create(io: IoBackend, imagePath: string, options: CreateOptions): Promise<void> {
+    const blockSize = options.blockSize ?? DEFAULT_BLOCK_SIZE;
+    const chunkSize = options.chunkSize ?? Math.max(DEFAULT_CHUNK_SIZE, blockSize);
+    const compact = (options.layout ?? 'raw') === 'compact';
+    const journalLength = options.journalSize ?? DEFAULT_JOURNAL_SIZE;
+    const isPow2 = (v: number) => Number.isSafeInteger(v) && v > 0 && (v & (v - 1)) === 0;
+    if (!isPow2(blockSize) || blockSize < MIN_BLOCK_SIZE || blockSize > MAX_BLOCK_SIZE)
+      throw new FvdError(`block size ${blockSize} must be a power of two between ${MIN_BLOCK_SIZE} and ${MAX_BLOCK_SIZE}`, 'EINVAL');
+    if (!isPow2(chunkSize) || chunkSize < blockSize || chunkSize > MAX_CHUNK_SIZE)
+      throw new FvdError(`chunk size ${chunkSize} must be a power of two between the block size (${blockSize}) and ${MAX_CHUNK_SIZE}`, 'EINVAL');
+    if (!Number.isSafeInteger(journalLength) || (journalLength !== 0 && (journalLength < MIN_JOURNAL_SIZE || journalLength % PAGE)))
+      throw new FvdError(`journal size ${journalLength} must be 0 or a multiple of 4 KiB of at least ${MIN_JOURNAL_SIZE}`, 'EINVAL');
+    if (options.layout && options.layout !== 'raw' && options.layout !== 'compact')
+      throw new FvdError(`unknown layout '${options.layout}' (raw or compact)`, 'EINVAL');
+
+    let base: BaseImage | null = null;
+    let basePath = '';
+    let baseFormat = BASE_NONE;
+    if (options.base !== undefined) {
+      if (!options.baseFormat) throw new FvdError(`base image given without its format: add -F raw or -F fvd`, 'EINVAL');
+      basePath = options.base;
+      baseFormat = options.baseFormat === 'raw' ? BASE_RAW : options.baseFormat === 'fvd' ? BASE_FVD : -1;
+      if (baseFormat < 0) throw new FvdError(`unknown base format '${options.baseFormat}' (raw or fvd)`, 'EINVAL');
+      const pathBytes = Buffer.from(basePath, 'utf8');
+      if (pathBytes.length === 0 || pathBytes.length > MAX_BASE_PATH)
+        throw new FvdError(`base path must be 1 to ${MAX_BASE_PATH} bytes long`, 'EINVAL');
+      const resolved = path.resolve(path.dirname(path.resolve(imagePath)), basePath);
+      if (resolved === path.resolve(imagePath)) throw new FvdError(`an image cannot be its own base`, 'EINVAL');
+      base = await openBase(io, resolved, baseFormat, [path.resolve(imagePath)], options.base);
+    }
+    try {
+      let size = options.size ?? (base ? roundUp(base.size, SECTOR) : undefined);
+      if (size === undefined) throw new FvdError(`no size given and no base image to take it from`, 'EINVAL');
+      size = roundUp(size, SECTOR);
+      if (!Number.isSafeInteger(size) || size <= 0 || size > MAX_VIRTUAL_SIZE)
+        throw new FvdError(`size ${size} out of range (1 byte to ${MAX_VIRTUAL_SIZE} bytes)`, 'EINVAL');
+      const baseSize = base ? base.size : 0;
+      const layout = computeLayout({ virtualSize: size, blockSize, chunkSize, baseSize, compact, journalLength });
+      if (compact && Math.ceil(size / chunkSize) >= CHUNK_EMPTY) throw new FvdError(`too many chunks: use a larger chunk size`, 'EINVAL');
+
+      // Scan the base before touching the target, so a failing scan leaves nothing behind.
+      const bitmap = new Uint8Array(layout.bitmapLength);
+      const detect = !!base && options.detectZeroes !== false;
+      if (detect) await markZeroBlocks(base!, Math.min(baseSize, size), blockSize, bitmap);
+
+      const file = await io.open(imagePath, { create: true, lock: 'exclusive' }).catch(async (err) => {
+        // A block device cannot be created, only opened.
+        if ((err as NodeJS.ErrnoException).code === 'EEXIST' || (err as NodeJS.ErrnoException).code === 'EACCES') throw err;
+        throw err;
+      });
+      try {
+        if (file.isBlockDevice && !compact)
+          throw new FvdError(`${imagePath}: a raw-like image needs a regular file (holes must read as zeros); use --layout compact on block devices`, 'EINVAL');
+        const header: Header = {
+          version: VERSION,
+          incompatible: compact ? INCOMPAT_COMPACT : 0n,
+          compatible: detect ? COMPAT_ZERO_DETECTED : 0n,
+          autoclear: 0n,
+          virtualSize: size,
+          blockSize,
+          chunkSize,
+          baseSize,
+          basePathLength: Buffer.byteLength(basePath),
+          baseFormat,
+          basePathCrc: basePath ? crc(Buffer.from(basePath)) : 0,
+          ...layout,
+          // A random start makes stale sectors of an earlier image on the same device not match.
+          journalStartSeq: randomInt(0, 2 ** 40),
+          refcountOffset: 0,
+          refcountLength: 0,
+          snapshotsOffset: 0,
+          snapshotsLength: 0,
+        };
+        if (file.isBlockDevice && file.size() < layout.dataOffset + chunkSize)
+          throw new FvdError(`${imagePath}: device of ${file.size()} bytes is too small for this image's metadata`, 'ENOSPC');
+        const first = new Uint8Array(PAGE);
+        first.set(encodeHeader(header), 0);
+        first.set(Buffer.from(basePath), BASE_PATH_OFFSET);
+        await file.write(first, 0);
+        if (layout.bitmapLength) await file.write(bitmap, layout.bitmapOffset);
+        if (layout.tableLength) await file.write(new Uint8Array(layout.tableLength).fill(0xff), layout.tableOffset);
+        if (file.isBlockDevice) await file.zeroRange(layout.journalOffset, layout.journalLength);
+        else await file.truncate(compact ? layout.dataOffset : layout.dataOffset + size);
+        await file.flush();
+      } finally {
+        await file.close();
+      }
+    } finally {
+      await base?.close();
+    }
+  }
+
+  static async open(io: IoBackend, imagePath: string, options: OpenOptions = {}): Promise<FvdImage> {
+    return openImage(io, imagePath, options, []);
+  }
+
+  /** @internal used by openImage */
+  static async fromParts(
+    io: IoBackend,
+    imagePath: string,
+    file: BlockFile,
+    options: OpenOptions,
+    chain: string[],
+  ): Promise<FvdImage> {
+    const readOnly = !!options.readOnly;
+    const first = new Uint8Array(PAGE);
+    await file.read(first, 0);
+    const header = decodeHeader(imagePath, first.subarray(0, HEADER_SIZE), file.size());
+    const compact = (header.incompatible & INCOMPAT_COMPACT) !== 0n;
+
+    let base: BaseImage | null = null;
+    if (header.baseFormat !== BASE_NONE) {
+      const pathBytes = first.subarray(BASE_PATH_OFFSET, BASE_PATH_OFFSET + header.basePathLength);
+      if (crc(pathBytes) !== header.basePathCrc) throw new CorruptImageError(imagePath, 'base path checksum mismatch');
+      const basePath = Buffer.from(pathBytes).toString('utf8');
+      const fullyLocal = (header.autoclear & AUTOCLEAR_FULLY_LOCAL) !== 0n;
+      if (!fullyLocal) {
+        const resolved = path.resolve(path.dirname(path.resolve(imagePath)), basePath);
+        base = await openBase(io, resolved, header.baseFormat, [...chain, path.resolve(imagePath)], basePath);
+        if (base.size !== header.baseSize) {
+          await base.close();
+          throw new FvdError(
+            `${imagePath}: base image '${basePath}' is ${base.size} bytes but was ${header.baseSize} bytes when the image was created (wrong or resized base)`,
+            'EINVAL',
+          );
+        }
+      }
+    }
+    try {
+      const present = newBitmap(header.bitmapLength);
+      if (header.bitmapLength) await file.read(present, header.bitmapOffset);
+      let table: Uint32Array | null = null;
+      if (compact) {
+        const bytes = new Uint8Array(header.tableLength);
+        await file.read(bytes, header.tableOffset);
+        table = new Uint32Array(bytes.buffer, 0, Math.ceil(header.virtualSize / header.chunkSize));
+        // The table is little-endian on disk; so is every platform this runs on (x86-64, arm64).
+      }
+      let nextSeq = header.journalStartSeq;
+      let replayed = 0;
+      if (header.incompatible & INCOMPAT_DIRTY) {
+        const baseBlocks = Math.ceil(Math.min(header.baseSize, header.virtualSize) / header.blockSize);
+        const nChunks = table ? table.length : 0;
+        const sink: JournalSink = {
+          bitmapSet(firstBlock, count) {
+            if (firstBlock + count > Math.ceil(header.baseSize / header.blockSize) || count === 0 || firstBlock > baseBlocks)
+              throw new CorruptImageError(imagePath, `journal bitmap record for blocks ${firstBlock}+${count} out of range`);
+            setRange(present, firstBlock, count);
+          },
+          tableSet(chunk, id) {
+            if (!table || chunk >= nChunks) throw new CorruptImageError(imagePath, `journal table record for chunk ${chunk} out of range`);
+            table[chunk] = id;
+          },
+        };
+        const r = await replayJournal(file, header.journalOffset, header.journalLength, header.journalStartSeq, sink);
+        nextSeq = r.nextSeq;
+        replayed = r.sectors;
+      }
+      if (table) validateTable(imagePath, table, header, file);
+      const image = new FvdImage(imagePath, file, header, base, {
+        present,
+        table,
+        readOnly,
+        copyOnRead: options.copyOnRead ?? true,
+        maxCorBytes: options.maxCopyOnReadBytes ?? DEFAULT_MAX_COR,
+        nextSeq,
+        usedSectors: 0,
+        replayed,
+      });
+      if (!readOnly) await image.markOpen(replayed > 0 || !!(header.incompatible & INCOMPAT_DIRTY));
+      return image;
+    } catch (err) {
+      await base?.close();
+      throw err;
+    }
+  }
+
+  /** Read-write open: persist any replayed state, then set the dirty flag before the first write. */
+  private async markOpen(replayed: boolean): Promise<void> {
+    this.header.autoclear &= AUTOCLEAR_KNOWN;
+    if (replayed) {
+      // Write the replayed bitmap/table in place and restart the log after the replayed records.
+      await this.journal!.checkpoint();
+    }
+    this.header.incompatible |= INCOMPAT_DIRTY;
+    await this.writeHeader();
+  }
+
+  private async writeHeader(): Promise<void> {
+    await this.file.write(encodeHeader(this.header), 0);
+    await this.file.flush();
+  }
+
+  /** Waits for background copy-on-read work. */
+  async idle(): Promise<void> {
+    while (this.background.size) await Promise.allSettled([...this.background]);
+  }
+
+  /** Clean shutdown: finish background work, checkpoint, clear the dirty flag. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      await this.idle();
+      if (!this.readOnly) {
+        this.header.incompatible &= ~INCOMPAT_DIRTY; // written by the checkpoint's header update
+        await this.journal!.checkpoint();
+      }
+    } finally {
+      await this.file.close();
+      await this.base?.close();
+    }
+  }
+
+  /**
+   * Simulates a crash of this process for tests: drops all in-memory state and closes the files
+   * without writing anything (background copies may still be in flight and are abandoned too).
+   */
+  async abandon(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.file.close();
+    await this.base?.close();
+  }
+
+  /**
+   * Checkpoint target: persist all metadata in place, then move the log start. The snapshot is
+   * taken before the first await, so it holds exactly the updates whose data already completed.
+   */
+  async checkpoint(nextSeq: number): Promise<void> {
+    const bitmap = this.header.bitmapLength ? this.present.slice() : null;
+    const table = this.table ? new Uint8Array(this.table.slice().buffer) : null;
+    await this.file.flush();
+    const writes: Promise<void>[] = [];
+    if (bitmap) writes.push(this.file.write(bitmap, this.header.bitmapOffset));
+    if (table) {
+      const region = new Uint8Array(this.header.tableLength).fill(0xff);
+      region.set(table);
+      writes.push(this.file.write(region, this.header.tableOffset));
+    }
+    await Promise.all(writes);
+    await this.file.flush();
+    this.header.journalStartSeq = nextSeq;
+    await this.writeHeader();
+    if (bitmap) for (let i = 0; i < bitmap.length; i++) this.journaled[i]! |= bitmap[i]!;
+  }
+
+  private onDurable(batch: PendingRecords): void {
+    for (const id of batch.freed) this.freeChunks.push(id);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // guest operations
+
+  private checkRange(offset: number, length: number, op: string): void {
+    if (this.closed) throw new FvdError(`${this.path}: image is closed`, 'EINVAL');
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size)
+      throw new FvdError(`${op} at ${offset}+${length} is outside the disk (${this.size} bytes)`, 'EINVAL');
+  }
+
+  private checkWritable(op: string): void {
+    if (this.readOnly) throw new FvdError(`${this.path}: ${op} on an image opened read-only`, 'EROFS');
+  }
+
+  async read(buf: Uint8Array, offset: number): Promise<void> {
+    this.checkRange(offset, buf.length, 'read');
+    if (buf.length === 0) return;
+    const end = offset + buf.length;
+    if (this.allLocal || offset >= this.baseLimit) return this.readLocal(buf, offset);
+    const bs = this.blockSize;
+    const tasks: Promise<void>[] = [];
+    let pos = offset;
+    while (pos < end) {
+      const b = Math.floor(pos / bs);
+      const local = this.isLocal(b);
+      let runEnd = Math.min(end, (b + 1) * bs);
+      while (runEnd < end && this.isLocal(runEnd / bs) === local) runEnd = Math.min(end, runEnd + bs);
+      const sub = buf.subarray(pos - offset, runEnd - offset);
+      tasks.push(local ? this.readLocal(sub, pos) : this.readFromBase(sub, pos));
+      pos = runEnd;
+    }
+    if (tasks.length === 1) return tasks[0];
+    await Promise.all(tasks);
+  }
+
+  async write(buf: Uint8Array, offset: number, fua = false): Promise<void> {
+    this.checkRange(offset, buf.length, 'write');
+    this.checkWritable('write');
+    if (buf.length === 0) return;
+    if (this.needsBitmapWork(offset, offset + buf.length)) await this.writeSlow(buf, offset);
+    else await this.storeLocal(buf, offset);
+    if (fua) await this.journal!.commit();
+  }
+
+  /** Makes every completed write durable, data first, then the journal records that expose it. */
+  async flush(): Promise<void> {
+    if (this.closed) throw new FvdError(`${this.path}: image is closed`, 'EINVAL');
+    if (this.readOnly) return;
+    await this.journal!.commit();
+  }
+
+  /** Discarded ranges read back as zeros (the device advertises discard_zeroes_data semantics). */
+  discard(offset: number, length: number): Promise<void> {
+    return this.writeZeroes(offset, length);
+  }
+
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    this.checkRange(offset, length, 'write-zeroes');
+    this.checkWritable('write-zeroes');
+    if (length === 0) return;
+    const end = offset + length;
+    const bs = this.blockSize;
+    // Whole blocks are zeroed by punching storage and marking them local; partial edges are
+    // written as zeros through the normal write path (which copies the rest of a base block).
+    const a = roundUp(offset, bs);
+    const z = end === this.size ? end : Math.floor(end / bs) * bs;
+    if (a >= z) {
+      await this.write(new Uint8Array(length), offset);
+      return;
+    }
+    const edges: Promise<void>[] = [];
+    if (offset < a) edges.push(this.write(new Uint8Array(a - offset), offset));
+    if (z < end) edges.push(this.write(new Uint8Array(end - z), z));
+    await Promise.all([...edges, this.zeroBlocks(a, z)]);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // read side
+
+  /** Block b reads from this image (blocks past the base are always local). */
+  private isLocal(b: number): boolean {
+    return b >= this.baseBlocks || testBit(this.present, b);
+  }
+
+  private readLocal(buf: Uint8Array, offset: number): Promise<void> {
+    if (!this.table) return this.file.read(buf, this.header.dataOffset + offset);
+    return this.forEachChunkRun(buf, offset, false);
+  }
+
+  /** Reads base bytes; beyond the base's end the disk reads zeros. */
+  private async readBaseRaw(buf: Uint8Array, offset: number): Promise<void> {
+    const inBase = Math.max(0, Math.min(buf.length, this.baseLimit - offset));
+    if (inBase < buf.length) buf.fill(0, inBase);
+    if (inBase > 0) await this.base!.read(inBase === buf.length ? buf : buf.subarray(0, inBase), offset);
+  }
+
+  /** A run of blocks not local at submit time: read the base, maybe copy it into the image. */
+  private async readFromBase(buf: Uint8Array, offset: number): Promise<void> {
+    const bs = this.blockSize;
+    const b0 = Math.floor(offset / bs);
+    const b1 = Math.floor((offset + buf.length - 1) / bs);
+    const wStart = b0 * bs;
+    const wEnd = Math.min((b1 + 1) * bs, this.size);
+    const wLen = wEnd - wStart;
+    if (!this.copyOnRead || this.corBytes + wLen > this.maxCorBytes || !this.locks.tryAcquire(b0, b1)) {
+      return this.readBaseRaw(buf, offset);
+    }
+    // Copy-on-read: read whole blocks, answer the guest, write them to the image in background.
+    this.corBytes += wLen;
+    let whole: Uint8Array;
+    try {
+      whole = new Uint8Array(wLen);
+      await this.readBaseRaw(whole, wStart);
+    } catch (err) {
+      this.corBytes -= wLen;
+      this.locks.release(b0, b1);
+      throw err;
+    }
+    buf.set(whole.subarray(offset - wStart, offset - wStart + buf.length));
+    this.track(this.copyToImage(whole, wStart, b0, b1));
+  }
+
+  private async copyToImage(whole: Uint8Array, wStart: number, b0: number, b1: number): Promise<void> {
+    try {
+      // Blocks made local since the read was classified (a write that finished first) keep
+      // their data: only still-absent runs are stored.
+      const bs = this.blockSize;
+      let b = b0;
+      while (b <= b1) {
+        if (testBit(this.present, b)) {
+          b++;
+          continue;
+        }
+        let e = b;
+        while (e + 1 <= b1 && !testBit(this.present, e + 1)) e++;
+        const from = b * bs - wStart;
+        const to = Math.min((e + 1) * bs, wStart + whole.length) - wStart;
+        await this.storeLocal(whole.subarray(from, to), b * bs);
+        setRange(this.present, b, e - b + 1); // soft: not journaled (FORMAT.md §5.2)
+        b = e + 1;
+      }
+    } catch {
+      // A failed copy-on-read is harmless: the blocks stay in the base. Disable further copies.
+      this.copyOnRead = false;
+    } finally {
+      this.corBytes -= whole.length;
+      this.locks.release(b0, b1);
+    }
+  }
+
+  private track(p: Promise<void>): void {
+    this.background.add(p);
+    p.finally(() => this.background.delete(p));
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // write side
+
+  /** False when every block of [start, end) is local, journaled and needs no copy: the fast path. */
+  private needsBitmapWork(start: number, end: number): boolean {
+    if (this.allLocal || start >= this.baseLimit) return false;
+    const bs = this.blockSize;
+    const b0 = Math.floor(start / bs);
+    const b1 = Math.min(Math.floor((end - 1) / bs), this.baseBlocks - 1);
+    return !(allSet(this.journaled, b0, b1 - b0 + 1) && allSet(this.present, b0, b1 - b0 + 1));
+  }
+
+  private async writeSlow(buf: Uint8Array, offset: number): Promise<void> {
+    const bs = this.blockSize;
+    const end = offset + buf.length;
+    const b0 = Math.floor(offset / bs);
+    const b1 = Math.floor((end - 1) / bs);
+    const lockLast = Math.min(b1, this.baseBlocks - 1);
+    await this.locks.acquire(b0, lockLast);
+    try {
+      // Copy-on-write: a partial first or last block not yet local gets the rest of its data
+      // from the base, so the image holds the whole block before its bit is set.
+      let wStart = offset;
+      let wEnd = end;
+      if (b0 < this.baseBlocks && !testBit(this.present, b0) && offset > b0 * bs) wStart = b0 * bs;
+      const lastEnd = Math.min((b1 + 1) * bs, this.size);
+      if (b1 < this.baseBlocks && !testBit(this.present, b1) && end < lastEnd) wEnd = lastEnd;
+      let data = buf;
+      if (wStart !== offset || wEnd !== end) {
+        data = new Uint8Array(wEnd - wStart);
+        const reads: Promise<void>[] = [];
+        if (wStart < offset) reads.push(this.readBaseRaw(data.subarray(0, offset - wStart), wStart));
+        if (end < wEnd) reads.push(this.readBaseRaw(data.subarray(end - wStart), end));
+        await Promise.all(reads);
+        data.set(buf, offset - wStart);
+      }
+      await this.storeLocal(data, wStart);
+      this.markLocal(b0, lockLast);
+    } finally {
+      this.locks.release(b0, lockLast);
+    }
+  }
+
+  /** Blocks [b0, b1] now hold their data in the image: set both bitmaps, log what is new. */
+  private markLocal(b0: number, b1: number): void {
+    setRange(this.present, b0, b1 - b0 + 1);
+    let b = b0;
+    while (b <= b1) {
+      if (testBit(this.journaled, b)) {
+        b++;
+        continue;
+      }
+      let e = b;
+      while (e + 1 <= b1 && !testBit(this.journaled, e + 1)) e++;
+      setRange(this.journaled, b, e - b + 1);
+      this.journal!.pending.addBitmap(b, e - b + 1);
+      b = e + 1;
+    }
+  }
+
+  /** Writes bytes of the virtual disk to this image's storage (allocating chunks if compact). */
+  private storeLocal(buf: Uint8Array, offset: number): Promise<void> {
+    if (!this.table) return this.file.write(buf, this.header.dataOffset + offset);
+    return this.forEachChunkRun(buf, offset, true);
+  }
+
+  /**
+   * Compact layout: splits [offset, offset + buf.length) at chunk boundaries, merges runs of
+   * chunks that are adjacent in storage into one I/O, and reads zeros for unmapped chunks or
+   * allocates them when writing.
+   */
+  private async forEachChunkRun(buf: Uint8Array, offset: number, writing: boolean): Promise<void> {
+    const cs = this.chunkSize;
+    const table = this.table!;
+    const end = offset + buf.length;
+    const tasks: Promise<void>[] = [];
+    let pos = offset;
+    while (pos < end) {
+      const c = Math.floor(pos / cs);
+      const id = table[c]!;
+      let runEnd = Math.min(end, (c + 1) * cs);
+      if (id !== CHUNK_EMPTY && !this.allocating.has(c)) {
+        let prev = id;
+        while (runEnd < end) {
+          const next = table[runEnd / cs]!;
+          if (next !== prev + 1 || this.allocating.has(runEnd / cs)) break;
+          prev = next;
+          runEnd = Math.min(end, runEnd + cs);
+        }
+        const sub = buf.subarray(pos - offset, runEnd - offset);
+        const phys = this.header.dataOffset + id * cs + (pos - c * cs);
+        tasks.push(writing ? this.file.write(sub, phys) : this.file.read(sub, phys));
+      } else {
+        const sub = buf.subarray(pos - offset, runEnd - offset);
+        if (writing) tasks.push(this.writeUnmappedChunk(c, sub, pos - c * cs));
+        else if (id === CHUNK_EMPTY && !this.allocating.has(c)) sub.fill(0);
+        else tasks.push(this.readAfterAllocation(c, sub, pos - c * cs));
+      }
+      pos = runEnd;
+    }
+    if (tasks.length === 1) return tasks[0];
+    await Promise.all(tasks);
+  }
+
+  private async readAfterAllocation(c: number, sub: Uint8Array, inChunk: number): Promise<void> {
+    while (this.allocating.has(c)) await this.allocating.get(c);
+    const id = this.table![c]!;
+    if (id === CHUNK_EMPTY) sub.fill(0);
+    else await this.file.read(sub, this.header.dataOffset + id * this.chunkSize + inChunk);
+  }
+
+  /** Writes into chunk c, allocating its storage first if it has none. */
+  private async writeUnmappedChunk(c: number, sub: Uint8Array, inChunk: number): Promise<void> {
+    while (this.allocating.has(c)) await this.allocating.get(c);
+    const table = this.table!;
+    const cs = this.chunkSize;
+    if (table[c] !== CHUNK_EMPTY) {
+      await this.file.write(sub, this.header.dataOffset + table[c]! * cs + inChunk);
+      return;
+    }
+    let done!: () => void;
+    this.allocating.set(c, new Promise<void>((r) => (done = r)));
+    try {
+      const id = this.takeChunk();
+      const phys = this.header.dataOffset + id * cs;
+      try {
+        // Storage never written reads as zeros; reused or device storage must be zeroed first,
+        // because blocks of the chunk that are local but unwritten must read as zeros.
+        if (phys < this.knownZeroFrom) await this.file.zeroRange(phys, Math.min(cs, this.knownZeroFrom - phys));
+        if (!this.file.isBlockDevice) this.knownZeroFrom = Math.max(this.knownZeroFrom, phys + cs);
+        await this.file.write(sub, phys + inChunk);
+      } catch (err) {
+        this.freeChunks.push(id);
+        throw err;
+      }
+      table[c] = id;
+      this.journal!.pending.addTable(c, id);
+    } finally {
+      this.allocating.delete(c);
+      done();
+    }
+  }
+
+  private takeChunk(): number {
+    const id = this.freeChunks.pop();
+    if (id !== undefined) return id;
+    const next = this.nextChunkId;
+    if (this.file.isBlockDevice && this.header.dataOffset + (next + 1) * this.chunkSize > this.file.size())
+      throw new FvdError(`${this.path}: no space left on the device for a new chunk`, 'ENOSPC');
+    if (next >= CHUNK_EMPTY) throw new FvdError(`${this.path}: chunk ids exhausted`, 'ENOSPC');
+    this.nextChunkId++;
+    return next;
+  }
+
+  private initAllocator(): void {
+    const table = this.table!;
+    let max = -1;
+    for (let c = 0; c < table.length; c++) {
+      const id = table[c]!;
+      if (id === CHUNK_EMPTY) continue;
+      if (id > max) max = id;
+    }
+    // Storage chunks present in the file but unreferenced (freed, or leaked by a crash) are
+    // reused; the ones below the highest id go on the free list.
+    const fileChunks = this.file.isBlockDevice
+      ? max + 1
+      : Math.max(max + 1, Math.ceil((this.file.size() - this.header.dataOffset) / this.chunkSize));
+    const referenced = new Uint8Array(Math.max(fileChunks, 0));
+    for (let c = 0; c < table.length; c++) if (table[c] !== CHUNK_EMPTY) referenced[table[c]!] = 1;
+    for (let id = fileChunks - 1; id >= 0; id--) if (!referenced[id]) this.freeChunks.push(id);
+    this.nextChunkId = Math.max(fileChunks, 0);
+  }
+
+  /** Zeroes whole blocks [a, z) (z may be the disk's end): storage punched, blocks marked local. */
+  private async zeroBlocks(a: number, z: number): Promise<void> {
+    const bs = this.blockSize;
+    const b0 = a / bs;
+    const b1 = Math.ceil(z / bs) - 1;
+    const lockLast = Math.min(b1, this.baseBlocks - 1);
+    await this.locks.acquire(b0, lockLast);
+    try {
+      if (!this.table) {
+        await this.file.zeroRange(this.header.dataOffset + a, z - a);
+      } else {
+        const cs = this.chunkSize;
+        const tasks: Promise<void>[] = [];
+        for (let c = Math.floor(a / cs); c * cs < z; c++) {
+          const cStart = Math.max(a, c * cs);
+          const cEnd = Math.min(z, (c + 1) * cs, this.size);
+          tasks.push(this.zeroInChunk(c, cStart, cEnd, cStart === c * cs && cEnd === Math.min((c + 1) * cs, this.size)));
+        }
+        await Promise.all(tasks);
+      }
+      if (!this.allLocal && lockLast >= b0) this.markLocal(b0, lockLast);
+    } finally {
+      this.locks.release(b0, lockLast);
+    }
+  }
+
+  private async zeroInChunk(c: number, start: number, end: number, whole: boolean): Promise<void> {
+    while (this.allocating.has(c)) await this.allocating.get(c);
+    const id = this.table![c]!;
+    if (id === CHUNK_EMPTY) return; // local and unmapped reads as zeros already
+    if (whole) {
+      // Unmap: the chunk's storage is reusable once this TABLE_SET is durable (see onDurable).
+      this.table![c] = CHUNK_EMPTY;
+      this.journal!.pending.addTable(c, CHUNK_EMPTY);
+      this.journal!.pending.freed.push(id);
+      return;
+    }
+    const cs = this.chunkSize;
+    await this.file.zeroRange(this.header.dataOffset + id * cs + (start - c * cs), end - start);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // introspection (info, map, check)
+
+  /** Extents of the virtual disk with where each lives, merged. */
+  extents(): Extent[] {
+    const out: Extent[] = [];
+    const push = (offset: number, length: number, kind: ExtentKind) => {
+      const last = out[out.length - 1];
+      if (last && last.kind === kind && last.offset + last.length === offset) last.length += length;
+      else out.push({ offset, length, kind });
+    };
+    const step = this.table ? Math.min(this.blockSize, this.chunkSize) : this.blockSize;
+    for (let pos = 0; pos < this.size; pos += step) {
+      const len = Math.min(step, this.size - pos);
+      const b = Math.floor(pos / this.blockSize);
+      let kind: ExtentKind;
+      if (!this.allLocal && pos < this.baseLimit && !testBit(this.present, b)) kind = 'base';
+      else if (this.table && this.table[Math.floor(pos / this.chunkSize)] === CHUNK_EMPTY) kind = 'zero';
+      else kind = 'local';
+      push(pos, len, kind);
+    }
+    return out;
+  }
+
+  stats(): ImageStats {
+    const localBaseBlocks = this.allLocal ? this.baseBlocks : countSet(this.present, this.baseBlocks);
+    const bytesInBase = this.allLocal ? 0 : Math.max(0, this.baseLimit - Math.min(this.baseLimit, localBaseBlocks * this.blockSize));
+    let allocated = 0;
+    if (this.table) for (let c = 0; c < this.table.length; c++) if (this.table[c] !== CHUNK_EMPTY) allocated++;
+    return {
+      path: this.path,
+      layout: this.table ? 'compact' : 'raw',
+      virtualSize: this.size,
+      blockSize: this.blockSize,
+      chunkSize: this.chunkSize,
+      baseChain: this.base ? this.base.describe() : [],
+      baseSize: this.header.baseSize,
+      bytesLocal: this.size - bytesInBase,
+      bytesInBase,
+      fullyLocal: this.allLocal,
+      zeroDetected: (this.header.compatible & COMPAT_ZERO_DETECTED) !== 0n,
+      wasDirty: this.wasDirty,
+      journalSectorsReplayed: this.replayedSectors,
+      journal: { capacitySectors: this.header.journalLength / SECTOR, usedSectors: this.journal ? this.journal.sectorsUsed : this.replayedSectors },
+      allocatedChunks: allocated,
+      fileSize: this.file.size(),
+    };
+  }
+
+  /** For `check`: the header, the lookup table and the storage ids in use. */
+  inspect(): { header: Readonly<Header>; table: Uint32Array | null; present: Uint8Array; baseBlocks: number; fileSize: number; isBlockDevice: boolean } {
+    return { header: this.header, table: this.table, present: this.present, baseBlocks: this.baseBlocks, fileSize: this.file.size(), isBlockDevice: this.file.isBlockDevice };
+  }
+
+  /** A base image's chain entry, for `info`. */
+  describeChain(format: BaseFormat): BaseChainEntry[] {
+    return [{ path: this.path, format, size: this.size }, ...(this.base ? this.base.describe() : [])];
+  }
+}
+
+// -----------------------------------------------------------------------------------------------
+
+async function openImage(io: IoBackend, imagePath: string, options: OpenOptions, chain: string[]): Promise<FvdImage> {
+  const file = await io.open(imagePath, { readOnly: !!options.readOnly, lock: options.readOnly ? undefined : 'exclusive' });
+  try {
+    return await FvdImage.fromParts(io, imagePath, file, options, chain);
+  } catch (err) {
+    await file.close();
+    throw err;
+  }
+}
+
+/** Opens a base image read-only. `chain` holds the images above it, to detect loops. */
+async function openBase(io: IoBackend, resolved: string, format: number, chain: string[], shownPath: string): Promise<BaseImage> {
+  if (chain.includes(resolved)) throw new FvdError(`base chain loop: '${resolved}' is its own base`, 'EINVAL');
+  if (chain.length >= MAX_CHAIN_DEPTH) throw new FvdError(`base chain deeper than ${MAX_CHAIN_DEPTH} images`, 'EINVAL');
+  try {
+    if (format === BASE_RAW) {
+      const file = await io.open(resolved, { readOnly: true });
+      return {
+        size: file.size(),
+        read: (buf, offset) => file.read(buf, offset),
+        close: () => file.close(),
+        describe: () => [{ path: resolved, format: 'raw', size: file.size() }],
+      };
+    }
+    const image = await openImage(io, resolved, { readOnly: true, copyOnRead: false }, chain);
+    return {
+      size: image.size,
+      read: (buf, offset) => image.read(buf, offset),
+      close: () => image.close(),
+      describe: () => image.describeChain('fvd'),
+    };
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException;
+    if (e.code === 'ENOENT') throw new FvdError(`base image '${shownPath}' not found (looked for ${resolved})`, 'ENOENT');
+    if (err instanceof FvdError) throw new FvdError(`base image '${shownPath}': ${err.message.replace(`${resolved}: `, '')}`, err.code);
+    throw new FvdError(`base image '${shownPath}' (${baseFormatName(format)}) cannot be opened: ${e.message}`, 'EIO');
+  }
+}
+
+/** Sets the bit of every all-zero block of the base (FVD's "free write to zero-filled blocks"). */
+async function markZeroBlocks(base: BaseImage, limit: number, blockSize: number, bitmap: Uint8Array): Promise<void> {
+  const step = Math.max(blockSize, Math.floor(ZERO_SCAN_BYTES / blockSize) * blockSize);
+  const buf = Buffer.alloc(step);
+  const zero = Buffer.alloc(blockSize);
+  for (let pos = 0; pos < limit; pos += step) {
+    const len = Math.min(step, limit - pos);
+    await base.read(buf.subarray(0, len), pos);
+    for (let off = 0; off < len; off += blockSize) {
+      const n = Math.min(blockSize, len - off);
+      if (buf.compare(zero, 0, n, off, off + n) === 0) setRange(bitmap, (pos + off) / blockSize, 1);
+    }
+  }
+}
+
+/** Table entries must point inside the data area and never share storage. */
+function validateTable(imagePath: string, table: Uint32Array, header: Header, file: BlockFile): void {
+  const maxId = file.isBlockDevice ? Math.floor((file.size() - header.dataOffset) / header.chunkSize) : Number.POSITIVE_INFINITY;
+  const seen = new Set<number>();
+  for (let c = 0; c < table.length; c++) {
+    const id = table[c]!;
+    if (id === CHUNK_EMPTY) continue;
+    if (id >= maxId) throw new CorruptImageError(imagePath, `chunk ${c} maps to storage chunk ${id} beyond the end of the device`);
+    if (!file.isBlockDevice && header.dataOffset + id * header.chunkSize >= file.size())
+      throw new CorruptImageError(imagePath, `chunk ${c} maps to storage chunk ${id} beyond the end of the file (truncated?)`);
+    if (seen.has(id)) throw new CorruptImageError(imagePath, `storage chunk ${id} is mapped twice`);
+    seen.add(id);
+  }
+}
