@@ -1,0 +1,67 @@
+/**
+ * Bench helper for bench/compare.sh: reads its results file (one run per line:
+ * "CASE<TAB>TOOL<TAB>OPS_PER_S<TAB>MIB_PER_S") and prints the table of medians with the ratios
+ * FVD/qcow2, FVD/raw (qemu-img) and FVD/raw (fvd bench -f raw, i.e. the same harness).
+ *   node build/bench/report.js RESULTS CASE_LABELS...   (CASE_LABELS: "id=description")
+ */
+import fs from 'node:fs';
+
+const TOOLS: [string, string][] = [
+  ['fvd', 'FVD raw layout (fvd bench)'],
+  ['qcow2', 'qcow2 (qemu-img bench)'],
+  ['raw-qemu', 'raw (qemu-img bench)'],
+  ['raw-fvd', 'raw (fvd bench -f raw)'],
+];
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+const [file, ...labels] = process.argv.slice(2);
+if (!file) {
+  console.error('usage: report RESULTS CASE=LABEL...');
+  process.exit(2);
+}
+const runs = new Map<string, { ops: number[]; mib: number[] }>();
+for (const line of fs.readFileSync(file, 'utf8').split('\n')) {
+  if (!line.trim()) continue;
+  const [c, tool, ops, mib] = line.split('\t');
+  const key = `${c}\t${tool}`;
+  const r = runs.get(key) ?? { ops: [], mib: [] };
+  r.ops.push(Number(ops));
+  r.mib.push(Number(mib));
+  runs.set(key, r);
+}
+
+const ratio = (a: number | undefined, b: number | undefined) => (a && b ? (a / b).toFixed(2) : '-');
+const rows: string[][] = [['case', 'engine', 'ops/s', 'MiB/s', 'runs (ops/s)', 'FVD/qcow2', 'FVD/raw(qemu)', 'FVD/raw(fvd)']];
+for (const label of labels) {
+  const eq = label.indexOf('=');
+  const id = label.slice(0, eq);
+  const desc = label.slice(eq + 1);
+  const med = (tool: string) => {
+    const r = runs.get(`${id}\t${tool}`);
+    return r ? { ops: median(r.ops), mib: median(r.mib), all: r.ops } : undefined;
+  };
+  const fvd = med('fvd');
+  TOOLS.forEach(([tool, name], i) => {
+    const m = med(tool);
+    rows.push([
+      i === 0 ? desc : '',
+      name,
+      m ? m.ops.toFixed(0) : '-',
+      m ? m.mib.toFixed(1) : '-',
+      m ? m.all.map((x) => x.toFixed(0)).join(' ') : '-',
+      i === 0 ? ratio(fvd?.ops, med('qcow2')?.ops) : '',
+      i === 0 ? ratio(fvd?.ops, med('raw-qemu')?.ops) : '',
+      i === 0 ? ratio(fvd?.ops, med('raw-fvd')?.ops) : '',
+    ]);
+  });
+}
+const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
+for (const [i, r] of rows.entries()) {
+  console.log(r.map((cell, c) => (c >= 2 && c !== 4 ? cell.padStart(widths[c]!) : cell.padEnd(widths[c]!))).join('  ').trimEnd());
+  if (i === 0) console.log(widths.map((w) => '-'.repeat(w)).join('  '));
+}
