@@ -805,15 +805,47 @@ export class FvdImage {
     while (this.allocating.has(c)) await this.allocating.get(c);
     const id = this.table![c]!;
     if (id === CHUNK_EMPTY) return; // local and unmapped reads as zeros already
+    const cs = this.chunkSize;
     if (whole) {
-      // Unmap: the chunk's storage is reusable once this TABLE_SET is durable (see onDurable).
+      // Give the space back to the host now; unmap; the storage is reusable once this TABLE_SET
+      // is durable (onDurable). Until then a crash leaves the old mapping, reading zeros or base.
+      await this.file.zeroRange(this.header.dataOffset + id * cs, cs);
       this.table![c] = CHUNK_EMPTY;
       this.journal!.pending.addTable(c, CHUNK_EMPTY);
       this.journal!.pending.freed.push(id);
       return;
     }
-    const cs = this.chunkSize;
     await this.file.zeroRange(this.header.dataOffset + id * cs + (start - c * cs), end - start);
+  }
+
+  /**
+   * Compact layout, `check --repair`: returns unreferenced storage chunks to the host (holes) and
+   * truncates unreferenced chunks at the end of the file. Returns how many chunks it reclaimed.
+   */
+  async reclaimUnreferenced(): Promise<number> {
+    this.checkWritable('reclaim');
+    if (!this.table) return 0;
+    await this.idle();
+    await this.journal!.commit(); // pending frees become free
+    const cs = this.chunkSize;
+    let maxRef = -1;
+    for (let c = 0; c < this.table.length; c++) if (this.table[c] !== CHUNK_EMPTY && this.table[c]! > maxRef) maxRef = this.table[c]!;
+    const reclaimed = this.freeChunks.length;
+    for (const id of this.freeChunks) if (id <= maxRef) await this.file.zeroRange(this.header.dataOffset + id * cs, cs);
+    if (!this.file.isBlockDevice) {
+      await this.file.truncate(this.header.dataOffset + (maxRef + 1) * cs);
+      this.knownZeroFrom = this.file.size();
+    }
+    const keep = this.freeChunks.filter((id) => id <= maxRef);
+    this.freeChunks.length = 0;
+    this.freeChunks.push(...keep);
+    this.nextChunkId = maxRef + 1;
+    return reclaimed;
+  }
+
+  /** Storage chunks inside the file that no table entry references (free space, or leaked). */
+  get unreferencedChunks(): number {
+    return this.freeChunks.length;
   }
 
   // ---------------------------------------------------------------------------------------------
