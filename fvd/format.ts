@@ -153,10 +153,10 @@ const isPow2 = (v: number) => v > 0 && Number.isSafeInteger(v) && (v & (v - 1)) 
  * Throws CorruptImageError / FvdError with a one-line reason.
  */
 export function decodeHeader(path: string, sector: Uint8Array, fileSize: number): Header {
-  if (fileSize < PAGE) throw new CorruptImageError(path, `truncated: ${fileSize} bytes, an FVD image has at least ${PAGE}`);
   for (let i = 0; i < MAGIC.length; i++) {
     if (sector[i] !== MAGIC[i]) throw new FvdError(`${path}: not an FVD image (bad magic)`, 'EINVAL');
   }
+  if (fileSize < PAGE) throw new CorruptImageError(path, `truncated: ${fileSize} bytes, an FVD image has at least ${PAGE}`);
   const dv = new DataView(sector.buffer, sector.byteOffset, HEADER_SIZE);
   const version = dv.getUint32(F.version, true);
   if (version !== VERSION) throw new FvdError(`${path}: unsupported FVD version ${version} (this program reads version ${VERSION})`, 'EINVAL');

@@ -1,0 +1,54 @@
+/** fvd create [-b BASE] [-F raw|fvd] [--layout raw|compact] [--block-size N] [--chunk-size N] IMAGE [SIZE] */
+import fs from 'node:fs';
+import { FvdImage } from '../../fvd/image.js';
+import { nodeIo } from '../../fvd/node-file.js';
+import { UsageError, formatSize, parseOptions, parseSize } from '../args.js';
+
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseOptions('create', args, {
+    base: { type: 'string', short: 'b' },
+    'base-format': { type: 'string', short: 'F' },
+    layout: { type: 'string', default: 'raw' },
+    'block-size': { type: 'string' },
+    'chunk-size': { type: 'string' },
+    'journal-size': { type: 'string' },
+    'no-detect-zeroes': { type: 'boolean', default: false },
+    force: { type: 'boolean', default: false },
+  });
+  if (positionals.length < 1 || positionals.length > 2) throw new UsageError('usage: fvd create [-b BASE -F raw|fvd] [--layout raw|compact] [--block-size N] [--chunk-size N] [--journal-size N] [--no-detect-zeroes] [--force] IMAGE [SIZE]');
+  const [image, sizeText] = positionals as [string, string | undefined];
+  if (values.layout !== 'raw' && values.layout !== 'compact') throw new UsageError(`invalid layout '${values.layout}': expected raw or compact`);
+  const baseFormat = values['base-format'];
+  if (baseFormat !== undefined && baseFormat !== 'raw' && baseFormat !== 'fvd') throw new UsageError(`invalid base format '${baseFormat}': expected raw or fvd`);
+  if (baseFormat && !values.base) throw new UsageError('-F given without a base image (-b)');
+  if (values.base && !baseFormat) throw new UsageError('base image given without its format: add -F raw or -F fvd (formats are recorded, never probed)');
+  if (!sizeText && !values.base) throw new UsageError('a size is required when there is no base image');
+  const size = sizeText ? parseSize(sizeText) : undefined;
+  if (size === 0) throw new UsageError('size must be greater than zero');
+
+  // Never clobber data by accident: an existing non-empty file or any device needs --force.
+  const st = fs.statSync(image, { throwIfNoEntry: false });
+  if (st && (st.isBlockDevice() ? true : st.size > 0) && !values.force)
+    throw new UsageError(`${image} already exists; use --force to overwrite it`);
+  if (st && !st.isFile() && !st.isBlockDevice()) throw new UsageError(`${image} is not a regular file or block device`);
+
+  await FvdImage.create(nodeIo, image, {
+    size,
+    base: values.base,
+    baseFormat: baseFormat as 'raw' | 'fvd' | undefined,
+    layout: values.layout,
+    blockSize: values['block-size'] ? parseSize(values['block-size'], 'block size') : undefined,
+    chunkSize: values['chunk-size'] ? parseSize(values['chunk-size'], 'chunk size') : undefined,
+    journalSize: values['journal-size'] !== undefined ? parseSize(values['journal-size'], 'journal size') : undefined,
+    detectZeroes: !values['no-detect-zeroes'],
+  });
+  const img = await FvdImage.open(nodeIo, image, { readOnly: true });
+  const s = img.stats();
+  await img.close();
+  console.log(
+    `Formatting '${image}', fmt=fvd layout=${s.layout} size=${s.virtualSize} (${formatSize(s.virtualSize)}) block_size=${s.blockSize}` +
+      (s.layout === 'compact' ? ` chunk_size=${s.chunkSize}` : '') +
+      (values.base ? ` base=${values.base} base_fmt=${baseFormat}` : ''),
+  );
+  return 0;
+}

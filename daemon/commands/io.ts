@@ -1,0 +1,109 @@
+/**
+ * fvd io [-f raw|fvd] [--read-only] [--no-copy-on-read] -c CMD [-c CMD ...] IMAGE, like qemu-io:
+ *   read  [-P PATTERN] OFFSET LEN   read; with -P every byte must equal PATTERN (else exit 1)
+ *   write [-P PATTERN] [-F] OFFSET LEN   write PATTERN (default 0xcd); -F = FUA
+ *   discard OFFSET LEN | zero OFFSET LEN | flush
+ * Commands run in order; the first failure stops the run with exit 1.
+ */
+import { UsageError, formatSize, parseOptions, parseSize } from '../args.js';
+import { openDisk, parseFormat, type Disk } from '../disk.js';
+
+interface Parsed {
+  name: string;
+  pattern?: number;
+  fua: boolean;
+  offset: number;
+  length: number;
+}
+
+function parseCommand(text: string): Parsed {
+  const words = text.trim().split(/\s+/).filter(Boolean);
+  const name = words.shift();
+  if (!name) throw new UsageError('empty -c command');
+  if (!['read', 'write', 'discard', 'zero', 'flush'].includes(name))
+    throw new UsageError(`unknown io command '${name}' (read, write, discard, zero, flush)`);
+  let pattern: number | undefined;
+  let fua = false;
+  const rest: string[] = [];
+  for (let i = 0; i < words.length; i++) {
+    const w = words[i]!;
+    if (w === '-P' && (name === 'read' || name === 'write')) {
+      const p = words[++i];
+      const v = p === undefined ? NaN : Number(p);
+      if (!Number.isInteger(v) || v < 0 || v > 255) throw new UsageError(`'${name}': invalid pattern '${p ?? ''}' (0..255, e.g. 0xab)`);
+      pattern = v;
+    } else if (w === '-F' && name === 'write') fua = true;
+    else if (w.startsWith('-') && !/^-?\d/.test(w)) throw new UsageError(`'${name}': unknown option '${w}'`);
+    else rest.push(w);
+  }
+  if (name === 'flush') {
+    if (rest.length) throw new UsageError(`'flush' takes no arguments`);
+    return { name, fua, offset: 0, length: 0 };
+  }
+  if (rest.length !== 2) throw new UsageError(`'${name}' needs OFFSET and LEN`);
+  return { name, pattern, fua, offset: parseSize(rest[0]!, 'offset'), length: parseSize(rest[1]!, 'length') };
+}
+
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseOptions('io', args, {
+    c: { type: 'string', short: 'c', multiple: true },
+    f: { type: 'string', short: 'f' },
+    'read-only': { type: 'boolean', short: 'r', default: false },
+    'no-copy-on-read': { type: 'boolean', default: false },
+  });
+  if (positionals.length !== 1) throw new UsageError('usage: fvd io [-f raw|fvd] [-r] [--no-copy-on-read] -c CMD [-c CMD ...] IMAGE');
+  const commands = (values.c ?? []).map(parseCommand);
+  if (!commands.length) throw new UsageError('no commands given (-c "read -P 0xab 0 64k")');
+  const disk = await openDisk(positionals[0]!, parseFormat(values.f, 'format'), {
+    readOnly: values['read-only'],
+    copyOnRead: !values['no-copy-on-read'],
+  });
+  try {
+    for (const cmd of commands) {
+      if (cmd.name !== 'flush' && cmd.offset + cmd.length > disk.size)
+        throw new UsageError(`${cmd.name} at ${cmd.offset}+${cmd.length} is outside the disk (${disk.size} bytes)`);
+      if (!(await execute(disk, cmd))) return 1;
+    }
+  } finally {
+    await disk.close();
+  }
+  return 0;
+}
+
+async function execute(disk: Disk, cmd: Parsed): Promise<boolean> {
+  const t0 = process.hrtime.bigint();
+  const at = `${cmd.length}/${cmd.length} bytes at offset ${cmd.offset}`;
+  switch (cmd.name) {
+    case 'read': {
+      const buf = Buffer.alloc(cmd.length);
+      await disk.read(buf, cmd.offset);
+      if (cmd.pattern !== undefined) {
+        const bad = buf.findIndex((b) => b !== cmd.pattern);
+        if (bad >= 0) {
+          console.log(`Pattern verification failed at offset ${cmd.offset + bad}, ${cmd.length - bad} bytes`);
+          return false;
+        }
+      }
+      console.log(`read ${at}`);
+      break;
+    }
+    case 'write':
+      await disk.write(Buffer.alloc(cmd.length, cmd.pattern ?? 0xcd), cmd.offset, cmd.fua);
+      console.log(`wrote ${at}`);
+      break;
+    case 'discard':
+      await disk.discard(cmd.offset, cmd.length);
+      console.log(`discard ${at}`);
+      break;
+    case 'zero':
+      await disk.writeZeroes(cmd.offset, cmd.length);
+      console.log(`wrote zeroes ${at}`);
+      break;
+    case 'flush':
+      await disk.flush();
+      return true;
+  }
+  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+  console.log(`${formatSize(cmd.length)}, 1 ops; ${secs.toFixed(4)} sec (${formatSize(cmd.length / Math.max(secs, 1e-9))}/sec)`);
+  return true;
+}

@@ -1,0 +1,20 @@
+/** fvd map [--json] IMAGE — extents of the virtual disk and where each lives. */
+import { FvdImage } from '../../fvd/image.js';
+import { nodeIo } from '../../fvd/node-file.js';
+import { UsageError, parseOptions } from '../args.js';
+
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseOptions('map', args, { json: { type: 'boolean', default: false } });
+  if (positionals.length !== 1) throw new UsageError('usage: fvd map [--json] IMAGE');
+  const image = await FvdImage.open(nodeIo, positionals[0]!, { readOnly: true });
+  const extents = image.extents();
+  await image.close();
+  if (values.json) {
+    console.log(JSON.stringify(extents));
+    return 0;
+  }
+  const hex = (n: number) => '0x' + n.toString(16);
+  console.log(`${'Offset'.padEnd(20)}${'Length'.padEnd(20)}Where`);
+  for (const e of extents) console.log(`${hex(e.offset).padEnd(20)}${hex(e.length).padEnd(20)}${e.kind}`);
+  return 0;
+}

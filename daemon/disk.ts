@@ -1,0 +1,84 @@
+/**
+ * A disk as the CLI tools see it: an FVD image through the engine, or a raw file/device, behind
+ * one interface, so `convert`, `io` and `bench` treat both alike.
+ */
+import fs from 'node:fs';
+import { FvdImage, type Extent } from '../fvd/image.js';
+import { NodeFile, nodeIo } from '../fvd/node-file.js';
+import { MAGIC } from '../fvd/format.js';
+import { UsageError } from './args.js';
+
+export type DiskFormat = 'raw' | 'fvd';
+
+export interface Disk {
+  readonly format: DiskFormat;
+  readonly size: number;
+  read(buf: Uint8Array, offset: number): Promise<void>;
+  write(buf: Uint8Array, offset: number, fua?: boolean): Promise<void>;
+  writeZeroes(offset: number, length: number): Promise<void>;
+  discard(offset: number, length: number): Promise<void>;
+  flush(): Promise<void>;
+  /** Where data lives; a raw disk is one local extent. */
+  extents(): Extent[];
+  close(): Promise<void>;
+}
+
+/** Probes by magic: sources of `convert` may be either format; bases are never probed. */
+export function probeFormat(path: string): DiskFormat {
+  const fd = fs.openSync(path, 'r');
+  try {
+    const head = Buffer.alloc(MAGIC.length);
+    const n = fs.readSync(fd, head, 0, head.length, 0);
+    return n === MAGIC.length && head.equals(Buffer.from(MAGIC)) ? 'fvd' : 'raw';
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+export function parseFormat(text: string | undefined, what: string): DiskFormat | undefined {
+  if (text === undefined) return undefined;
+  if (text !== 'raw' && text !== 'fvd') throw new UsageError(`invalid ${what} '${text}': expected raw or fvd`);
+  return text;
+}
+
+export async function openDisk(
+  path: string,
+  format: DiskFormat | undefined,
+  options: { readOnly?: boolean; copyOnRead?: boolean } = {},
+): Promise<Disk> {
+  const fmt = format ?? probeFormat(path);
+  if (fmt === 'fvd') {
+    const img = await FvdImage.open(nodeIo, path, options);
+    return {
+      format: 'fvd',
+      size: img.size,
+      read: (b, o) => img.read(b, o),
+      write: (b, o, fua) => img.write(b, o, fua),
+      writeZeroes: (o, l) => img.writeZeroes(o, l),
+      discard: (o, l) => img.discard(o, l),
+      flush: () => img.flush(),
+      extents: () => img.extents(),
+      close: () => img.close(),
+    };
+  }
+  const file = await NodeFile.open(path, { readOnly: options.readOnly, lock: options.readOnly ? undefined : 'exclusive' });
+  const size = file.size();
+  const inRange = (o: number, l: number) => {
+    if (o < 0 || l < 0 || o + l > size) throw new UsageError(`request at ${o}+${l} is outside the disk (${size} bytes)`);
+  };
+  return {
+    format: 'raw',
+    size,
+    read: (b, o) => (inRange(o, b.length), file.read(b, o)),
+    write: async (b, o, fua) => {
+      inRange(o, b.length);
+      await file.write(b, o);
+      if (fua) await file.flush();
+    },
+    writeZeroes: (o, l) => (inRange(o, l), file.zeroRange(o, l)),
+    discard: (o, l) => (inRange(o, l), file.zeroRange(o, l)),
+    flush: () => file.flush(),
+    extents: () => [{ offset: 0, length: size, kind: 'local' }],
+    close: () => file.close(),
+  };
+}
