@@ -23,7 +23,6 @@
  * Errors: setup failures throw an Error naming the errno; every I/O-path method returns a negative
  * errno instead of throwing.
  */
-import fs from 'node:fs';
 import os from 'node:os';
 import {
   MAP_ANONYMOUS,
@@ -475,7 +474,8 @@ export class IoUring {
     this.sqeView = new DataView(empty);
     this.sqeBytes = new Uint8Array(empty);
     if (this.fd >= 0) {
-      fs.closeSync(this.fd);
+      // libc close, not fs.closeSync: Node's worker threads warn when fs closes an fd fs never opened.
+      this.sys.close(this.fd);
       this.fd = -1;
     }
   }
