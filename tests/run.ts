@@ -10,7 +10,8 @@ import { fileURLToPath } from 'node:url';
 const require = createRequire(import.meta.url);
 const uvuBin = path.join(path.dirname(path.dirname(require.resolve('uvu'))), 'bin.js');
 const testsDir = path.dirname(fileURLToPath(import.meta.url));
-const pattern = process.argv[2] ?? '\\.test\\.js$';
+// An argument narrows by file name; only compiled test files (not their .map files) ever match.
+const pattern = `(?:${process.argv[2] ?? ''})[^/]*\\.test\\.js$`;
 
 const child = spawn(process.execPath, [uvuBin, testsDir, pattern, '--no-color'], {
   stdio: ['ignore', 'pipe', 'inherit'],

@@ -1,0 +1,77 @@
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import {
+  HEADER_SIZE, INCOMPAT_COMPACT, PAGE, VERSION, computeLayout, decodeHeader, encodeHeader, bitmapBytes, tableBytes, type Header,
+} from '../fvd/format.js';
+import { FvdError } from '../fvd/errors.js';
+
+function sample(compact = true): Header {
+  const layout = computeLayout({ virtualSize: 1 << 30, blockSize: 65536, chunkSize: 1 << 20, baseSize: 3 << 28, compact, journalLength: 1 << 20 });
+  return {
+    version: VERSION, incompatible: compact ? INCOMPAT_COMPACT : 0n, compatible: 1n, autoclear: 0n, virtualSize: 1 << 30,
+    blockSize: 65536, chunkSize: 1 << 20, baseSize: 3 << 28, basePathLength: 4, baseFormat: 1, basePathCrc: 1234,
+    ...layout, journalStartSeq: 2 ** 40 + 17, refcountOffset: 0, refcountLength: 0, snapshotsOffset: 0, snapshotsLength: 0,
+  };
+}
+
+test('header: encode/decode round trip keeps every field', () => {
+  for (const compact of [false, true]) {
+    const h = sample(compact);
+    const bytes = encodeHeader(h);
+    assert.is(bytes.length, HEADER_SIZE);
+    const fileSize = h.dataOffset + (compact ? 0 : h.virtualSize);
+    assert.equal(decodeHeader('x', bytes, fileSize), h);
+  }
+});
+
+test('layout: regions page aligned, ordered, data block/chunk aligned; 1 TiB metadata is small', () => {
+  const l = computeLayout({ virtualSize: 2 ** 40, blockSize: 65536, chunkSize: 1 << 20, baseSize: 2 ** 40, compact: true, journalLength: 16 << 20 });
+  assert.is(l.bitmapOffset, PAGE);
+  assert.is(l.bitmapLength, 2 * 1024 * 1024); // 2 MiB bitmap per TiB at 64 KiB blocks
+  assert.is(l.tableLength, 4 * 1024 * 1024); // 4 MiB table per TiB at 1 MiB chunks
+  assert.is(l.tableOffset, l.bitmapOffset + l.bitmapLength);
+  assert.is(l.journalOffset, l.tableOffset + l.tableLength);
+  assert.ok(l.dataOffset >= l.journalOffset + l.journalLength);
+  assert.is(l.dataOffset % (1 << 20), 0);
+  assert.is(bitmapBytes(0, 65536), 0);
+  assert.is(bitmapBytes(1, 65536), PAGE);
+  assert.is(tableBytes(1 << 20, 1 << 20), PAGE);
+});
+
+function expectReject(bytes: Uint8Array, fileSize: number, pattern: RegExp) {
+  try {
+    decodeHeader('img.fvd', bytes, fileSize);
+  } catch (err) {
+    assert.instance(err, FvdError);
+    assert.match((err as Error).message, pattern);
+    assert.not.match((err as Error).message, /\n/);
+    return;
+  }
+  assert.unreachable(`accepted, expected ${pattern}`);
+}
+
+test('header: rejects bad magic, version, checksum, features, geometry, truncation', () => {
+  const h = sample(false);
+  const size = h.dataOffset + h.virtualSize;
+  const good = encodeHeader(h);
+  const bad = good.slice();
+  bad[0] = 0;
+  expectReject(bad, size, /not an FVD image/);
+  expectReject(encodeHeader({ ...h, version: 2 }), size, /unsupported FVD version 2/);
+  const flipped = good.slice();
+  flipped[44] ^= 1;
+  expectReject(flipped, size, /checksum/);
+  expectReject(encodeHeader({ ...h, incompatible: 1n << 7n }), size, /incompatible feature/);
+  decodeHeader('x', encodeHeader({ ...h, compatible: 1n << 9n, autoclear: 1n << 9n }), size); // unknown compat/autoclear are fine
+  expectReject(encodeHeader({ ...h, blockSize: 3000 }), size, /block size/);
+  expectReject(encodeHeader({ ...h, chunkSize: 4096 }), size, /chunk size/);
+  expectReject(encodeHeader({ ...h, virtualSize: 1000 }), size, /virtual size/);
+  expectReject(encodeHeader({ ...h, bitmapLength: 8192 }), size, /bitmap length/);
+  expectReject(encodeHeader({ ...h, journalOffset: h.bitmapOffset }), size, /overlaps/);
+  expectReject(encodeHeader({ ...h, dataOffset: h.dataOffset + 512 }), size + 512, /data offset/);
+  expectReject(encodeHeader({ ...h, refcountLength: 4096 }), size, /snapshot/);
+  expectReject(good, 100, /truncated/);
+  expectReject(good, size - 4096, /truncated/);
+});
+
+test.run();
