@@ -8,6 +8,7 @@
 #   (c) 64 KiB sequential writes to a fresh image (this also fills the image that (b) reads).
 # Engines:
 #   fvd       FVD image, raw-like layout, driven by `fvd bench`
+#   fvd-compact  FVD image, compact layout (chunk lookup table + journal: FVD's allocating path)
 #   qcow2     qcow2 (default 64 KiB clusters), driven by `qemu-img bench -f qcow2`
 #   raw-qemu  raw file, driven by `qemu-img bench -f raw`
 #   raw-fvd   raw file, driven by `fvd bench -f raw` (same harness as fvd: shows harness differences)
@@ -35,7 +36,7 @@
 #
 # Environment: FVD_BENCH_DIR (temp dir parent, default /var/tmp), FVD_BENCH_SIZE_MIB (default 512,
 # a power of two), FVD_BENCH_DEPTH (default 16), FVD_BENCH_REPS (default 5),
-# FVD_BENCH_TOOLS (default "fvd qcow2 raw-qemu raw-fvd").
+# FVD_BENCH_TOOLS (default "fvd fvd-compact qcow2 raw-qemu raw-fvd").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,7 +45,7 @@ CLI=build/daemon/cli.js
 SIZE_MIB=${FVD_BENCH_SIZE_MIB:-512}
 DEPTH=${FVD_BENCH_DEPTH:-16}
 REPS=${FVD_BENCH_REPS:-5}
-TOOLS=${FVD_BENCH_TOOLS:-"fvd qcow2 raw-qemu raw-fvd"}
+TOOLS=${FVD_BENCH_TOOLS:-"fvd fvd-compact qcow2 raw-qemu raw-fvd"}
 FILL=0xa5
 
 die() { echo "bench/compare.sh: $*" >&2; exit 1; }
@@ -82,6 +83,7 @@ fresh() {
   rm -f "$img"
   case $tool in
     fvd) "$NODE" build/bench/create-image.js --layout raw "$img" "$SIZE" ;;
+    fvd-compact) "$NODE" build/bench/create-image.js --layout compact "$img" "$SIZE" ;;
     qcow2) qemu-img create -q -f qcow2 "$img" "$SIZE" ;;
     raw-qemu | raw-fvd) qemu-img create -q -f raw "$img" "$SIZE" ;;
   esac
@@ -99,7 +101,7 @@ measure() {
   done
   sync
   case $tool in
-    fvd | raw-fvd)
+    fvd | fvd-compact | raw-fvd)
       local fmt=fvd
       [[ $tool == raw-fvd ]] && fmt=raw
       out=$("$NODE" "$CLI" bench -f "$fmt" --json "$@" "$img") || die "fvd bench failed: $tool $c $*"
@@ -145,7 +147,7 @@ for rep in $(seq 1 "$REPS"); do
   # (b) reads the images (c) just filled completely.
   for tool in $TOOLS; do
     READ_EXTRA=()
-    [[ $tool == fvd ]] && READ_EXTRA=(--no-copy-on-read)
+    [[ $tool == fvd* ]] && READ_EXTRA=(--no-copy-on-read)
     measure b "$tool" "$DIR/c.$tool" "${READ_EXTRA[@]}" "${B_ARGS[@]}"
     rm -f "$DIR/c.$tool"
   done
@@ -153,7 +155,8 @@ done
 
 echo
 echo "fvd bench vs qemu-img bench: ${SIZE_MIB} MiB images, queue depth $DEPTH, buffered I/O on both sides," \
-  "median of $REPS runs ($(( SECONDS - START )) s in all; $(nproc) CPUs, node $("$NODE" --version), $(qemu-img --version | head -1))"
+  "median of $REPS runs ($(( SECONDS - START )) s in all; $(nproc) CPUs, load average now $(cut -d" " -f1-3 /proc/loadavg)," \
+  "node $("$NODE" --version), $(qemu-img --version | head -1))"
 "$NODE" build/bench/report.js "$RESULTS" \
   "a=(a) 4K stride-random write, fresh" \
   "b=(b) 4K stride-random read, full" \

@@ -1,13 +1,15 @@
 /**
  * Bench helper for bench/compare.sh: reads its results file (one run per line:
  * "CASE<TAB>TOOL<TAB>OPS_PER_S<TAB>MIB_PER_S") and prints the table of medians with the ratios
- * FVD/qcow2, FVD/raw (qemu-img) and FVD/raw (fvd bench -f raw, i.e. the same harness).
+ * FVD/qcow2, FVD/raw (qemu-img) and FVD/raw (fvd bench -f raw, i.e. the same harness), for each
+ * FVD layout's row.
  *   node build/bench/report.js RESULTS CASE_LABELS...   (CASE_LABELS: "id=description")
  */
 import fs from 'node:fs';
 
 const TOOLS: [string, string][] = [
   ['fvd', 'FVD raw layout (fvd bench)'],
+  ['fvd-compact', 'FVD compact layout (fvd bench)'],
   ['qcow2', 'qcow2 (qemu-img bench)'],
   ['raw-qemu', 'raw (qemu-img bench)'],
   ['raw-fvd', 'raw (fvd bench -f raw)'],
@@ -45,18 +47,18 @@ for (const label of labels) {
     const r = runs.get(`${id}\t${tool}`);
     return r ? { ops: median(r.ops), mib: median(r.mib), all: r.ops } : undefined;
   };
-  const fvd = med('fvd');
   TOOLS.forEach(([tool, name], i) => {
     const m = med(tool);
+    const isFvd = tool.startsWith('fvd');
     rows.push([
       i === 0 ? desc : '',
       name,
       m ? m.ops.toFixed(0) : '-',
       m ? m.mib.toFixed(1) : '-',
       m ? m.all.map((x) => x.toFixed(0)).join(' ') : '-',
-      i === 0 ? ratio(fvd?.ops, med('qcow2')?.ops) : '',
-      i === 0 ? ratio(fvd?.ops, med('raw-qemu')?.ops) : '',
-      i === 0 ? ratio(fvd?.ops, med('raw-fvd')?.ops) : '',
+      isFvd ? ratio(m?.ops, med('qcow2')?.ops) : '',
+      isFvd ? ratio(m?.ops, med('raw-qemu')?.ops) : '',
+      isFvd ? ratio(m?.ops, med('raw-fvd')?.ops) : '',
     ]);
   });
 }
