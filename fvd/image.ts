@@ -112,7 +112,16 @@ export interface ImageStats {
   /** The header's dirty flag as found at open (not cleanly closed). */
   wasDirty: boolean;
   journalSectorsReplayed: number;
-  journal: { capacitySectors: number; usedSectors: number };
+  journal: {
+    capacitySectors: number;
+    usedSectors: number;
+    commits: number;
+    sectorsWritten: number;
+    checkpoints: number;
+    /** BITMAP_SET runs and TABLE_SET entries committed by this open (not by checkpoints). */
+    bitmapRuns: number;
+    tableEntries: number;
+  };
   allocatedChunks: number;
   fileSize: number;
 }
@@ -891,7 +900,15 @@ export class FvdImage {
       zeroDetected: (this.header.compatible & COMPAT_ZERO_DETECTED) !== 0n,
       wasDirty: this.wasDirty,
       journalSectorsReplayed: this.replayedSectors,
-      journal: { capacitySectors: this.header.journalLength / SECTOR, usedSectors: this.journal ? this.journal.sectorsUsed : this.replayedSectors },
+      journal: {
+        capacitySectors: this.header.journalLength / SECTOR,
+        usedSectors: this.journal ? this.journal.sectorsUsed : this.replayedSectors,
+        commits: this.journal?.stats.commits ?? 0,
+        sectorsWritten: this.journal?.stats.sectors ?? 0,
+        checkpoints: this.journal?.stats.checkpoints ?? 0,
+        bitmapRuns: this.journal?.stats.bitmapRuns ?? 0,
+        tableEntries: this.journal?.stats.tableEntries ?? 0,
+      },
       allocatedChunks: allocated,
       fileSize: this.file.size(),
     };

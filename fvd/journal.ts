@@ -185,7 +185,7 @@ export class Journal {
   private chain: Promise<void> = Promise.resolve();
   private queuedCommit: Promise<void> | null = null;
   /** Number of group commits and sectors written, for `info` and benchmarks. */
-  stats = { commits: 0, sectors: 0, checkpoints: 0 };
+  stats = { commits: 0, sectors: 0, checkpoints: 0, bitmapRuns: 0, tableEntries: 0 };
 
   constructor(
     private readonly file: BlockFile,
@@ -266,6 +266,8 @@ export class Journal {
     this.used += n;
     this.stats.commits++;
     this.stats.sectors += n;
+    this.stats.bitmapRuns += batch.bitmap.length / 2;
+    this.stats.tableEntries += batch.table.size;
     this.onDurable(batch);
   }
 
