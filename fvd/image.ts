@@ -411,6 +411,11 @@ export class FvdImage {
     try {
       await this.idle();
       if (!this.readOnly) {
+        // Every base block local (copy-on-read, writes): from now on neither bitmap nor base
+        // is needed. Set only at a checkpoint, whose bitmap write precedes the header write.
+        if (!this.allLocal && countSet(this.present, this.baseBlocks) === this.baseBlocks) {
+          this.header.autoclear |= AUTOCLEAR_FULLY_LOCAL;
+        }
         this.header.incompatible &= ~INCOMPAT_DIRTY; // written by the checkpoint's header update
         await this.journal!.checkpoint();
       }

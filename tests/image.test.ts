@@ -241,6 +241,27 @@ test('unknown autoclear bits are cleared by a read-write open; FULLY_LOCAL lets 
   assert.is(after.autoclear, AUTOCLEAR_FULLY_LOCAL);
 });
 
+test('once every base block is local, close marks the image FULLY_LOCAL and the base can go', async () => {
+  const base = makeBase(1 * MiB);
+  const file = await fresh({ base: base.file, baseFormat: 'raw', blockSize: 64 * KiB, size: 2 * MiB });
+  let img = await FvdImage.open(nodeIo, file);
+  await readAll(img, 0, 512 * KiB);
+  await img.idle();
+  await img.close();
+  img = await FvdImage.open(nodeIo, file, { readOnly: true });
+  assert.is(img.stats().fullyLocal, false, 'half the base is still only in the base');
+  await img.close();
+  img = await FvdImage.open(nodeIo, file);
+  await readAll(img, 512 * KiB, 512 * KiB);
+  await img.idle();
+  await img.close();
+  fs.renameSync(base.file, base.file + '.gone');
+  img = await FvdImage.open(nodeIo, file, { readOnly: true });
+  assert.ok(img.stats().fullyLocal);
+  assert.ok((await readAll(img, 0, 1 * MiB)).equals(base.data));
+  await img.close();
+});
+
 test('an FVD base chain reads through every level', async () => {
   const raw = makeBase(1 * MiB);
   const mid = await fresh({ base: raw.file, baseFormat: 'raw', blockSize: 4 * KiB });
