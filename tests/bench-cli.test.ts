@@ -37,6 +37,9 @@ function assertSane(res: Record<string, number | string | null>, count: number, 
     assert.type(res[k], 'number');
     assert.ok((res[k] as number) > 0 && Number.isFinite(res[k] as number), `${k} = ${res[k]}`);
   }
+  for (const k of ['cpuUserSeconds', 'cpuSystemSeconds', 'closeSeconds'] as const) {
+    assert.ok(typeof res[k] === 'number' && (res[k] as number) >= 0, `${k} = ${res[k]}`);
+  }
   // ops/s and MiB/s agree with each other and with the elapsed time
   const ops = count / (res.elapsedSeconds as number);
   assert.ok(Math.abs((res.opsPerSecond as number) - ops) / ops < 1e-9);

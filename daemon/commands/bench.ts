@@ -61,6 +61,9 @@ export interface BenchResult {
   elapsedSeconds: number;
   opsPerSecond: number;
   mibPerSecond: number;
+  /** CPU seconds the whole process (main thread and libuv pool) used during the timed loop. */
+  cpuUserSeconds: number;
+  cpuSystemSeconds: number;
   /** Seconds close() took after the timed loop (not part of the numbers above). */
   closeSeconds: number;
 }
@@ -217,6 +220,7 @@ export async function run(args: string[]): Promise<number> {
       if (failure !== undefined) throw failure;
     };
 
+    const cpuStart = process.cpuUsage();
     const start = process.hrtime.bigint();
     if (!flushInterval) {
       await runSlots(() => count);
@@ -256,6 +260,7 @@ export async function run(args: string[]): Promise<number> {
       if (failure !== undefined) throw failure;
     }
     const elapsedSeconds = Number(process.hrtime.bigint() - start) / 1e9;
+    const cpu = process.cpuUsage(cpuStart);
 
     const bytes = count * bufferSize;
     result = {
@@ -276,6 +281,8 @@ export async function run(args: string[]): Promise<number> {
       elapsedSeconds,
       opsPerSecond: count / elapsedSeconds,
       mibPerSecond: bytes / (1024 * 1024) / elapsedSeconds,
+      cpuUserSeconds: cpu.user / 1e6,
+      cpuSystemSeconds: cpu.system / 1e6,
       closeSeconds: 0,
     };
   } catch (err) {
