@@ -133,6 +133,11 @@ echo "  (b) fvd bench --no-copy-on-read ${B_ARGS[*]} IMAGE  |  qemu-img bench -t
 echo "  (c) fvd bench ${C_ARGS[*]} IMAGE   |  qemu-img bench -t writeback -i threads --pattern=$FILL ${C_ARGS[*]} IMAGE"
 echo "  stride: -S $STEP = $PRIME x 4 KiB (prime; $COUNT4K requests cover all $BLOCKS blocks once)"
 
+LOAD=$(cut -d" " -f1 /proc/loadavg)
+if awk -v l="$LOAD" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
+  echo "warning: load average $LOAD on $(nproc) CPUs: other work is running, so the numbers will be noisy" \
+    "(the runs are interleaved, so it hits every engine alike, but ratios can still swing)"
+fi
 START=$SECONDS
 for rep in $(seq 1 "$REPS"); do
   for tool in $TOOLS; do
