@@ -28,8 +28,11 @@ export interface Libc {
   lseek(fd: number, offset: number, whence: number): number;
   flock(fd: number, operation: number): number;
   ioctlPtr(fd: number, request: number, arg: Uint8Array): number;
+  eventfd(initval: number, flags: number): number;
   errno(): number;
 }
+
+export const EFD_CLOEXEC = 0o2000000;
 
 let cached: Libc | null | undefined;
 
@@ -43,11 +46,13 @@ export function libc(): Libc | null {
     const lseek = lib.func('int64_t lseek(int fd, int64_t off, int whence)');
     const flock = lib.func('int flock(int fd, int op)');
     const ioctl = lib.func('int ioctl(int fd, unsigned long req, _Inout_ uint8_t *arg)');
+    const eventfd = lib.func('int eventfd(unsigned int initval, int flags)');
     cached = {
       fallocate: (fd, mode, off, len) => fallocate(fd, mode, off, len),
       lseek: (fd, off, whence) => Number(lseek(fd, off, whence)),
       flock: (fd, op) => flock(fd, op),
       ioctlPtr: (fd, req, arg) => ioctl(fd, req, arg),
+      eventfd: (init, flags) => eventfd(init, flags),
       errno: () => koffi.errno(),
     };
   } catch {

@@ -339,7 +339,8 @@ export class FvdImage {
       if (header.bitmapLength) await file.read(present, header.bitmapOffset);
       let table: Uint32Array | null = null;
       if (compact) {
-        const bytes = new Uint8Array(header.tableLength);
+        // Shared memory: the daemon's queue workers map requests through it without copies.
+        const bytes = new Uint8Array(new SharedArrayBuffer(header.tableLength));
         await file.read(bytes, header.tableOffset);
         table = new Uint32Array(bytes.buffer, 0, Math.ceil(header.virtualSize / header.chunkSize));
         // The table is little-endian on disk; so is every platform this runs on (x86-64, arm64).
@@ -442,7 +443,7 @@ export class FvdImage {
    */
   async checkpoint(nextSeq: number): Promise<void> {
     const bitmap = this.header.bitmapLength ? this.present.slice() : null;
-    const table = this.table ? new Uint8Array(this.table.slice().buffer) : null;
+    const table = this.table ? new Uint8Array(this.table.buffer, 0, this.table.length * 4).slice() : null;
     await this.file.flush();
     const writes: Promise<void>[] = [];
     if (bitmap) writes.push(this.file.write(bitmap, this.header.bitmapOffset));
@@ -922,6 +923,28 @@ export class FvdImage {
   /** For `check`: the header, the lookup table and the storage ids in use. */
   inspect(): { header: Readonly<Header>; table: Uint32Array | null; present: Uint8Array; baseBlocks: number; fileSize: number; isBlockDevice: boolean } {
     return { header: this.header, table: this.table, present: this.present, baseBlocks: this.baseBlocks, fileSize: this.file.size(), isBlockDevice: this.file.isBlockDevice };
+  }
+
+  /**
+   * The metadata a ublk queue worker needs to serve requests on local data itself (all of it in
+   * SharedArrayBuffers, updated in place by this engine). See daemon/shared-state.ts.
+   */
+  sharedView(): {
+    size: number; dataOffset: number; blockSize: number; chunkSize: number; baseBlocks: number; baseLimit: number;
+    allLocal: boolean; present: Uint8Array; journaled: Uint8Array; table: Uint32Array | null;
+  } {
+    return {
+      size: this.size,
+      dataOffset: this.header.dataOffset,
+      blockSize: this.blockSize,
+      chunkSize: this.chunkSize,
+      baseBlocks: this.baseBlocks,
+      baseLimit: this.baseLimit,
+      allLocal: this.allLocal,
+      present: this.present,
+      journaled: this.journaled,
+      table: this.table,
+    };
   }
 
   /** A base image's chain entry, for `info`. */

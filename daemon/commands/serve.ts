@@ -1,0 +1,73 @@
+/**
+ * fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read]
+ * Prints the device path once it is usable; SIGTERM/SIGINT stop the device, drain in-flight I/O,
+ * close the image cleanly, delete the device and exit 0. Under systemd (Type=notify) it reports
+ * READY=1 only then, STATUS= with figures, STOPPING=1, and WATCHDOG=1 pings when asked.
+ */
+import path from 'node:path';
+import { sdNotify, watchdogPingIntervalMs } from '../../ffi/sd-notify.js';
+import { UsageError, formatSize, parseInteger, parseOptions, parseSize } from '../args.js';
+import { UblkServer } from '../server.js';
+
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseOptions('serve', args, {
+    name: { type: 'string' },
+    'dev-id': { type: 'string' },
+    queues: { type: 'string', default: '2' },
+    depth: { type: 'string', default: '128' },
+    'max-io': { type: 'string', default: '512k' },
+    'no-copy-on-read': { type: 'boolean', default: false },
+  });
+  if (positionals.length !== 1)
+    throw new UsageError('usage: fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read]');
+  const image = positionals[0]!;
+  const maxIo = parseSize(values['max-io']!, 'max I/O size');
+  if (maxIo < 4096 || maxIo > 32 * 1024 * 1024 || maxIo % 4096) throw new UsageError(`invalid max I/O size ${maxIo}: a multiple of 4 KiB from 4 KiB to 32 MiB`);
+  const log = (line: string) => console.error(`fvd[${process.pid}]: ${line}`);
+  const server = await UblkServer.start({
+    image,
+    name: values.name ?? path.basename(image).replace(/\.[^.]*$/, ''),
+    devId: values['dev-id'] !== undefined ? parseInteger(values['dev-id'], 'device id', 0, 1 << 20) : -1,
+    queues: parseInteger(values.queues!, 'queue count', 1, 64),
+    depth: parseInteger(values.depth!, 'queue depth', 1, 4096),
+    maxIo,
+    copyOnRead: !values['no-copy-on-read'],
+    log,
+  });
+
+  const status = () => {
+    const s = server.counters();
+    return `${server.devicePath} ${formatSize(server.image.size)}: ${s.fastPath + s.slowPath} requests (${s.slowPath} via engine), ${s.flushes} flushes, ${s.errors} errors`;
+  };
+  console.log(server.devicePath);
+  sdNotify(`READY=1\nSTATUS=serving ${status()}`);
+  const statusTimer = setInterval(() => sdNotify(`STATUS=serving ${status()}`), 5000);
+  statusTimer.unref();
+  const ping = watchdogPingIntervalMs();
+  const watchdog = ping > 0 ? setInterval(() => sdNotify('WATCHDOG=1'), ping) : null;
+
+  return new Promise<number>((resolve) => {
+    let stopping = false;
+    const stop = (signal: string) => {
+      if (stopping) return;
+      stopping = true;
+      log(`${signal}: stopping ${server.devicePath}`);
+      sdNotify(`STOPPING=1\nSTATUS=stopping ${server.devicePath}`);
+      clearInterval(statusTimer);
+      server.stop().then(
+        () => {
+          if (watchdog) clearInterval(watchdog);
+          log(`stopped; ${status()}`);
+          resolve(0);
+        },
+        (err) => {
+          if (watchdog) clearInterval(watchdog);
+          log(`stop failed: ${(err as Error).message}`);
+          resolve(1);
+        },
+      );
+    };
+    process.on('SIGTERM', () => stop('SIGTERM'));
+    process.on('SIGINT', () => stop('SIGINT'));
+  });
+}

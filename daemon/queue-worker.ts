@@ -1,0 +1,223 @@
+/**
+ * One ublk hardware queue, served by one worker thread (the kernel's 6.12 rule: every command of a
+ * queue comes from the task that fetched its tags, so this thread blocks in io_uring_enter itself
+ * and never hands the ring to another thread).
+ *
+ * One ring carries everything: FETCH/COMMIT_AND_FETCH commands on /dev/ublkcN (fixed file 0), the
+ * image reads and writes of the fast path (fixed file 1), and a read of an eventfd through which
+ * the main thread says it finished requests it took over. A batch of commits and file I/O costs
+ * one io_uring_enter. Per request: no allocation, no promise, no closure.
+ *
+ * Fast path: the request touches only data already local (and, for a write, whose bitmap bits are
+ * journaled) — the worker maps it through the shared bitmap/table and does the I/O itself.
+ * Everything else (copy-on-write, copy-on-read, allocation, flush, discard, FUA) goes to the
+ * engine on the main thread, which works directly in this queue's pinned request buffers.
+ */
+import fs from 'node:fs';
+import { parentPort, workerData } from 'node:worker_threads';
+import { IoUring, IOSQE_FIXED_FILE, allocPinned, errnoName, type PinnedBuffer } from '../ffi/uring.js';
+import { syscalls, isMapFailed, MAP_POPULATE, MAP_SHARED, PROT_READ } from '../ffi/syscalls.js';
+import {
+  IO_DESC_SIZE,
+  UBLK_IO_F_FUA,
+  UBLK_IO_OP_DISCARD,
+  UBLK_IO_OP_FLUSH,
+  UBLK_IO_OP_READ,
+  UBLK_IO_OP_WRITE,
+  UBLK_IO_OP_WRITE_ZEROES,
+  UBLK_IO_RES_ABORT,
+  UBLK_IO_RES_OK,
+  UBLK_QUEUE_DESC_STRIDE,
+  UBLK_U_IO_COMMIT_AND_FETCH_REQ,
+  UBLK_U_IO_FETCH_REQ,
+  encodeIoCmd,
+} from './ublk/abi.js';
+import { CompletionRing, mapDirect, type EngineView } from './shared-state.js';
+
+export interface QueueWorkerData {
+  devId: number;
+  qid: number;
+  depth: number;
+  maxIo: number;
+  imagePath: string;
+  view: EngineView;
+  completions: SharedArrayBuffer;
+  /** [0] = 1 asks the worker to quit (before START_DEV, or on a failed start). */
+  control: SharedArrayBuffer;
+  eventfd: number;
+}
+
+/** Messages to the main thread. */
+export type WorkerMessage =
+  | { type: 'fetched'; qid: number; bufAddress: number; bufLength: number }
+  | { type: 'slow'; qid: number; tag: number; op: number; flags: number; offset: number; length: number }
+  | { type: 'log'; qid: number; message: string }
+  | { type: 'stats'; qid: number; fast: number; slow: number }
+  | { type: 'exit'; qid: number; error?: string };
+
+const UD_FILE = 0x10000; // + tag: a fast-path image read or write
+const UD_EVENTFD = 0x20000;
+const EIO = 5;
+const EOPNOTSUPP = 95;
+const PAGE = 4096;
+
+function run(d: QueueWorkerData): void {
+  const sys = syscalls();
+  if (!sys) throw new Error('koffi is not available');
+  const { qid, depth, maxIo, view } = d;
+  const done = new CompletionRing(d.completions);
+  const control = new Int32Array(d.control);
+
+  const cdevFd = fs.openSync(`/dev/ublkc${d.devId}`, 'r+');
+  const imageFd = fs.openSync(d.imagePath, 'r+');
+  const descLen = Math.ceil((depth * IO_DESC_SIZE) / PAGE) * PAGE;
+  const descPtr = sys.mmap(descLen, PROT_READ, MAP_SHARED | MAP_POPULATE, cdevFd, qid * UBLK_QUEUE_DESC_STRIDE);
+  if (isMapFailed(descPtr)) throw new Error(`mmap of /dev/ublkc${d.devId} queue ${qid} descriptors failed: ${errnoName(sys.errno())}`);
+  const desc = new DataView(sys.koffi.view(descPtr, descLen));
+
+  let entries = 16;
+  while (entries < depth + 8) entries *= 2;
+  const ring = new IoUring({ entries, cqEntries: entries * 2 });
+  let bufs: PinnedBuffer | null = null;
+  const efdBuf = allocPinned(PAGE);
+  try {
+    const reg = ring.registerFiles([cdevFd, imageFd]);
+    if (reg < 0) throw new Error(`io_uring register files: ${errnoName(reg)}`);
+    bufs = allocPinned(depth * maxIo);
+    const bufBase = bufs.address;
+    const sqe = ring.sqeView;
+
+    // Per-tag state of an in-flight fast-path transfer, in preallocated typed arrays.
+    const tagOp = new Int32Array(depth);
+    const tagLen = new Float64Array(depth);
+    const tagDone = new Float64Array(depth);
+    const tagPhys = new Float64Array(depth);
+    let aborted = 0;
+    let fast = 0;
+    let slow = 0;
+
+    const uringCmd = (op: number, tag: number, result: number) => {
+      const idx = ring.prepUringCmd(0, op, null, tag, IOSQE_FIXED_FILE);
+      if (idx < 0) throw new Error(`queue ${qid}: submission queue full`);
+      encodeIoCmd(sqe, ring.cmdOffset(idx), qid, tag, result, bufBase + tag * maxIo);
+    };
+    const commit = (tag: number, result: number) => uringCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
+    const armEventfd = () => {
+      if (ring.prepRead(d.eventfd, efdBuf.address, 8, 0, UD_EVENTFD) < 0) throw new Error(`queue ${qid}: submission queue full`);
+    };
+    const fileIo = (tag: number) => {
+      const off = tagDone[tag]!;
+      const addr = bufBase + tag * maxIo + off;
+      const len = tagLen[tag]! - off;
+      const idx =
+        tagOp[tag] === UBLK_IO_OP_READ
+          ? ring.prepRead(1, addr, len, tagPhys[tag]! + off, UD_FILE + tag, IOSQE_FIXED_FILE)
+          : ring.prepWrite(1, addr, len, tagPhys[tag]! + off, UD_FILE + tag, IOSQE_FIXED_FILE);
+      if (idx < 0) throw new Error(`queue ${qid}: submission queue full`);
+    };
+    const log = (message: string) => parentPort!.postMessage({ type: 'log', qid, message } satisfies WorkerMessage);
+
+    /** A new request arrived for `tag`: serve it here or hand it to the engine. */
+    const onRequest = (tag: number) => {
+      const at = tag * IO_DESC_SIZE;
+      const opFlags = desc.getUint32(at, true);
+      const op = opFlags & 0xff;
+      const length = desc.getUint32(at + 4, true) * 512;
+      const offset = Number(desc.getBigUint64(at + 8, true)) * 512;
+      if (op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE) {
+        if (offset + length > view.size || length > maxIo) {
+          log(`request beyond the device: op ${op} at ${offset}+${length} (size ${view.size})`);
+          commit(tag, -EIO);
+          return;
+        }
+        const write = op === UBLK_IO_OP_WRITE;
+        const phys = write && opFlags & UBLK_IO_F_FUA ? -1 : mapDirect(view, offset, length, write);
+        if (phys >= 0) {
+          tagOp[tag] = op;
+          tagLen[tag] = length;
+          tagDone[tag] = 0;
+          tagPhys[tag] = phys;
+          fast++;
+          fileIo(tag);
+          return;
+        }
+      } else if (op !== UBLK_IO_OP_FLUSH && op !== UBLK_IO_OP_DISCARD && op !== UBLK_IO_OP_WRITE_ZEROES) {
+        commit(tag, -EOPNOTSUPP);
+        return;
+      }
+      slow++;
+      parentPort!.postMessage({ type: 'slow', qid, tag, op, flags: opFlags >>> 8, offset, length } satisfies WorkerMessage);
+    };
+
+    const onFileDone = (tag: number, res: number) => {
+      if (res < 0) {
+        log(`image ${tagOp[tag] === UBLK_IO_OP_READ ? 'read' : 'write'} failed at ${tagPhys[tag]}: ${errnoName(res)}`);
+        commit(tag, -EIO);
+        return;
+      }
+      if (res === 0 && tagOp[tag] === UBLK_IO_OP_READ) {
+        // End of a compact image file inside a mapped chunk: the rest reads as zeros.
+        bufs!.bytes.fill(0, tag * maxIo + tagDone[tag]!, tag * maxIo + tagLen[tag]!);
+        tagDone[tag] = tagLen[tag]!;
+      } else {
+        tagDone[tag]! += res;
+      }
+      if (tagDone[tag]! < tagLen[tag]!) fileIo(tag); // short transfer: continue
+      else commit(tag, tagLen[tag]!);
+    };
+
+    const onSlowDone = (tag: number, result: number) => commit(tag, result);
+
+    const onCqe = (ud: number, res: number) => {
+      if (ud < UD_FILE) {
+        if (res === UBLK_IO_RES_OK) onRequest(ud);
+        else if (res === UBLK_IO_RES_ABORT) aborted++;
+        else {
+          log(`ublk command for tag ${ud} failed: ${errnoName(res)}`);
+          aborted++;
+        }
+      } else if (ud < UD_EVENTFD) {
+        onFileDone(ud - UD_FILE, res);
+      } else {
+        done.drain(onSlowDone);
+        if (Atomics.load(control, 0) === 0) armEventfd();
+      }
+    };
+
+    for (let tag = 0; tag < depth; tag++) uringCmd(UBLK_U_IO_FETCH_REQ, tag, 0);
+    armEventfd();
+    const sub = ring.submit(0);
+    if (sub < 0) throw new Error(`queue ${qid}: io_uring_enter: ${errnoName(sub)}`);
+    parentPort!.postMessage({ type: 'fetched', qid, bufAddress: bufBase, bufLength: depth * maxIo } satisfies WorkerMessage);
+
+    let lastStats = Date.now();
+    while (aborted < depth && Atomics.load(control, 0) === 0) {
+      const r = ring.submit(1);
+      if (r < 0 && r !== -4 /* EINTR */ && r !== -11 /* EAGAIN */ && r !== -16 /* EBUSY */)
+        throw new Error(`queue ${qid}: io_uring_enter: ${errnoName(r)}`);
+      ring.reap(onCqe);
+      const now = Date.now();
+      if (now - lastStats > 1000) {
+        lastStats = now;
+        parentPort!.postMessage({ type: 'stats', qid, fast, slow } satisfies WorkerMessage);
+      }
+    }
+    parentPort!.postMessage({ type: 'stats', qid, fast, slow } satisfies WorkerMessage);
+  } finally {
+    // Closing the ring cancels what is still pending; the descriptors and /dev/ublkcN must be
+    // released before DEL_DEV can finish.
+    ring.close();
+    sys.munmap(descPtr, descLen);
+    fs.closeSync(cdevFd);
+    fs.closeSync(imageFd);
+    bufs?.free();
+    efdBuf.free();
+  }
+}
+
+try {
+  run(workerData as QueueWorkerData);
+  parentPort!.postMessage({ type: 'exit', qid: (workerData as QueueWorkerData).qid } satisfies WorkerMessage);
+} catch (err) {
+  parentPort!.postMessage({ type: 'exit', qid: (workerData as QueueWorkerData).qid, error: (err as Error).message } satisfies WorkerMessage);
+}

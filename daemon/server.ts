@@ -1,0 +1,386 @@
+/**
+ * Serves one FVD image as /dev/ublkbN: the engine lives on this (main) thread, one worker thread
+ * per hardware queue does the ublk data plane, and this thread runs the control plane and the
+ * engine's slow path for requests the workers hand over.
+ *
+ * Life cycle (ublk-fvd-notes §2.7): open image → ADD_DEV → SET_PARAMS → workers mmap, set up rings
+ * and FETCH every tag → START_DEV (from here, after every fetch is in) → serve → STOP_DEV (the
+ * kernel drains in-flight I/O, then aborts the fetches; workers exit and release /dev/ublkcN) →
+ * engine close (checkpoint, clean flag) → DEL_DEV.
+ */
+import fs from 'node:fs';
+import { Worker } from 'node:worker_threads';
+import { createRequire } from 'node:module';
+import { FvdImage } from '../fvd/image.js';
+import { nodeIo } from '../fvd/node-file.js';
+import { FvdError } from '../fvd/errors.js';
+import { libc, EFD_CLOEXEC } from '../ffi/libc.js';
+import { UblkControl, UblkError } from './ublk/control.js';
+import {
+  FVD_SERVER_TAG,
+  UBLK_ATTR_FUA,
+  UBLK_ATTR_VOLATILE_CACHE,
+  UBLK_IO_F_FUA,
+  UBLK_IO_OP_DISCARD,
+  UBLK_IO_OP_FLUSH,
+  UBLK_IO_OP_READ,
+  UBLK_IO_OP_WRITE,
+  UBLK_IO_OP_WRITE_ZEROES,
+  UBLK_S_DEV_LIVE,
+} from './ublk/abi.js';
+import { CompletionRing } from './shared-state.js';
+import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
+import { removeState, writeState, type DeviceState } from './state.js';
+
+const require = createRequire(import.meta.url);
+const EIO = 5;
+/** Largest discard/write-zeroes request: whole blocks are punched in one call, so it can be big. */
+const MAX_DISCARD_BYTES = 1 << 30;
+
+export interface ServeOptions {
+  image: string;
+  name: string;
+  devId: number; // -1 = let the kernel choose
+  queues: number;
+  depth: number;
+  maxIo: number;
+  copyOnRead: boolean;
+  log: (line: string) => void;
+}
+
+export interface ServerStats {
+  reads: number;
+  writes: number;
+  flushes: number;
+  discards: number;
+  fastPath: number;
+  slowPath: number;
+  errors: number;
+}
+
+interface Queue {
+  worker: Worker;
+  completions: CompletionRing;
+  control: Int32Array;
+  eventfd: number;
+  buffer: Buffer | null;
+  exited: Promise<string | undefined>;
+  fast: number;
+  slow: number;
+}
+
+const EFD_WAKE = Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]);
+
+export class UblkServer {
+  devId = -1;
+  devicePath = '';
+  readonly stats: ServerStats = { reads: 0, writes: 0, flushes: 0, discards: 0, fastPath: 0, slowPath: 0, errors: 0 };
+  private queues: Queue[] = [];
+  private started = false;
+  private stopping: Promise<void> | null = null;
+
+  private constructor(
+    private readonly opts: ServeOptions,
+    readonly image: FvdImage,
+    private readonly ctl: UblkControl,
+  ) {}
+
+  /**
+   * Opens the image and brings the device up. On any failure everything already done is undone:
+   * no device is left behind and the image is closed cleanly.
+   */
+  static async start(opts: ServeOptions): Promise<UblkServer> {
+    // The driver first: without it the image is not even opened (so not touched).
+    const ctl = await UblkControl.open();
+    let image: FvdImage;
+    try {
+      image = await FvdImage.open(nodeIo, opts.image, { copyOnRead: opts.copyOnRead });
+    } catch (err) {
+      ctl.close();
+      throw err;
+    }
+    const server = new UblkServer(opts, image, ctl);
+    try {
+      await server.bringUp();
+      return server;
+    } catch (err) {
+      await server.teardown().catch((e) => opts.log(`cleanup after a failed start: ${(e as Error).message}`));
+      throw err;
+    }
+  }
+
+  private async bringUp(): Promise<void> {
+    const { opts, image, ctl } = this;
+    await removeStaleDevice(ctl, opts.devId, opts.log);
+    const info = await ctl
+      .addDevice({
+        nrHwQueues: opts.queues,
+        queueDepth: opts.depth,
+        maxIoBufBytes: opts.maxIo,
+        devId: opts.devId,
+        ublksrvPid: process.pid,
+        flags: 0n,
+        ublksrvFlags: FVD_SERVER_TAG,
+      })
+      .catch((err) => {
+        if (err instanceof UblkError && err.errno === -17 /* EEXIST */)
+          throw new FvdError(`ublk device id ${opts.devId} is in use by another server`, 'EBUSY');
+        throw err;
+      });
+    this.devId = info.devId;
+    this.devicePath = `/dev/ublkb${info.devId}`;
+    const bs = image.blockSize;
+    const physShift = Math.min(Math.log2(bs), 12);
+    await ctl.setParams(this.devId, {
+      devSectors: image.size / 512,
+      logicalBsShift: 9,
+      physicalBsShift: physShift,
+      ioOptShift: Math.min(Math.log2(bs), 20),
+      ioMinShift: physShift,
+      maxSectors: opts.maxIo / 512,
+      attrs: UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA,
+      discardGranularity: Math.min(bs, 1 << 20),
+      maxDiscardSectors: MAX_DISCARD_BYTES / 512,
+      maxWriteZeroesSectors: MAX_DISCARD_BYTES / 512,
+      maxDiscardSegments: 1,
+    });
+    await this.startWorkers();
+    await ctl.startDevice(this.devId, process.pid);
+    this.started = true;
+    await waitForPath(this.devicePath, 10_000);
+    const st: DeviceState = {
+      name: opts.name,
+      devId: this.devId,
+      device: this.devicePath,
+      image: fs.realpathSync(opts.image),
+      pid: process.pid,
+      size: image.size,
+      queues: opts.queues,
+      depth: opts.depth,
+      startedAt: new Date().toISOString(),
+    };
+    writeState(st);
+  }
+
+  private async startWorkers(): Promise<void> {
+    const c = libc();
+    if (!c) throw new FvdError('koffi (libc) is required to serve a device', 'EIO');
+    const view = this.image.sharedView();
+    const workerUrl = new URL('./queue-worker.js', import.meta.url);
+    const fetched: Promise<void>[] = [];
+    for (let qid = 0; qid < this.opts.queues; qid++) {
+      const eventfd = c.eventfd(0, EFD_CLOEXEC);
+      if (eventfd < 0) throw new FvdError(`eventfd failed (errno ${c.errno()})`, 'EIO');
+      const completions = CompletionRing.create(this.opts.depth + 1);
+      const control = new SharedArrayBuffer(4);
+      const data: QueueWorkerData = {
+        devId: this.devId,
+        qid,
+        depth: this.opts.depth,
+        maxIo: this.opts.maxIo,
+        imagePath: this.opts.image,
+        view,
+        completions,
+        control,
+        eventfd,
+      };
+      const worker = new Worker(workerUrl, { workerData: data });
+      let resolveFetched!: () => void;
+      let rejectFetched!: (e: Error) => void;
+      fetched.push(new Promise<void>((res, rej) => ((resolveFetched = res), (rejectFetched = rej))));
+      // A queue that fails to set up reports why; it becomes the one-line error of `serve`.
+      const q: Queue = {
+        worker,
+        completions: new CompletionRing(completions),
+        control: new Int32Array(control),
+        eventfd,
+        buffer: null,
+        fast: 0,
+        slow: 0,
+        exited: new Promise((resolve) => {
+          worker.on('message', (m: WorkerMessage) => {
+            if (m.type === 'exit') {
+              if (m.error) rejectFetched(new FvdError(`queue ${qid}: ${m.error}`, 'EIO'));
+              resolve(m.error);
+            }
+          });
+          worker.on('error', (e) => {
+            rejectFetched(e);
+            resolve(e.message);
+          });
+          worker.on('exit', () => resolve(undefined));
+        }),
+      };
+      worker.on('message', (m: WorkerMessage) => this.onWorkerMessage(q, m, resolveFetched));
+      this.queues.push(q);
+    }
+    await Promise.all(fetched);
+  }
+
+  private onWorkerMessage(q: Queue, m: WorkerMessage, fetched: () => void): void {
+    switch (m.type) {
+      case 'fetched': {
+        const koffi = require('koffi');
+        q.buffer = Buffer.from(koffi.view(BigInt(m.bufAddress), m.bufLength) as ArrayBuffer);
+        fetched();
+        break;
+      }
+      case 'slow':
+        void this.serveSlow(q, m.tag, m.op, m.flags, m.offset, m.length);
+        break;
+      case 'log':
+        this.opts.log(`queue ${m.qid}: ${m.message}`);
+        this.stats.errors++;
+        break;
+      case 'stats':
+        q.fast = m.fast;
+        q.slow = m.slow;
+        break;
+      case 'exit':
+        if (m.error) this.opts.log(`queue ${m.qid} stopped: ${m.error}`);
+        break;
+    }
+  }
+
+  /** The engine's side of a request a worker handed over; the result goes back by eventfd. */
+  private async serveSlow(q: Queue, tag: number, op: number, flags: number, offset: number, length: number): Promise<void> {
+    let result: number;
+    try {
+      const buf = q.buffer!.subarray(tag * this.opts.maxIo, tag * this.opts.maxIo + length);
+      switch (op) {
+        case UBLK_IO_OP_READ:
+          this.stats.reads++;
+          await this.image.read(buf, offset);
+          break;
+        case UBLK_IO_OP_WRITE:
+          this.stats.writes++;
+          await this.image.write(buf, offset, ((flags << 8) & UBLK_IO_F_FUA) !== 0);
+          break;
+        case UBLK_IO_OP_FLUSH:
+          this.stats.flushes++;
+          await this.image.flush();
+          break;
+        case UBLK_IO_OP_DISCARD:
+        case UBLK_IO_OP_WRITE_ZEROES:
+          this.stats.discards++;
+          await this.image.writeZeroes(offset, length);
+          break;
+      }
+      result = op === UBLK_IO_OP_FLUSH ? 0 : length;
+    } catch (err) {
+      this.stats.errors++;
+      this.opts.log(`I/O error: op ${op} at ${offset}+${length}: ${(err as Error).message}`);
+      result = -EIO;
+    }
+    q.completions.push(tag, result);
+    fs.writeSync(q.eventfd, EFD_WAKE);
+  }
+
+  /** Figures for STATUS= and `fvd list`. */
+  counters(): ServerStats {
+    let fast = 0;
+    let slow = 0;
+    for (const q of this.queues) {
+      fast += q.fast;
+      slow += q.slow;
+    }
+    return { ...this.stats, fastPath: fast, slowPath: slow };
+  }
+
+  /** Stops the device, drains I/O, closes the image cleanly and deletes the device. Idempotent. */
+  stop(): Promise<void> {
+    this.stopping ??= this.teardown();
+    return this.stopping;
+  }
+
+  private async teardown(): Promise<void> {
+    const { ctl, opts } = this;
+    const errors: string[] = [];
+    const attempt = async (what: string, fn: () => Promise<unknown>) => {
+      try {
+        await fn();
+      } catch (err) {
+        errors.push(`${what}: ${(err as Error).message}`);
+      }
+    };
+    if (this.devId >= 0 && this.started) await attempt('STOP_DEV', () => ctl.stopDevice(this.devId));
+    // Workers leave once every tag is aborted; a device that never started needs the quit flag.
+    for (const q of this.queues) {
+      if (!this.started) {
+        Atomics.store(q.control, 0, 1);
+        fs.writeSync(q.eventfd, EFD_WAKE);
+      }
+    }
+    const exits = await Promise.all(this.queues.map((q) => withTimeout(q.exited, 30_000)));
+    exits.forEach((e, i) => e === 'timeout' && errors.push(`queue ${i} did not stop`));
+    for (const q of this.queues) {
+      await q.worker.terminate();
+      fs.closeSync(q.eventfd);
+    }
+    await attempt('closing the image', () => this.image.close());
+    if (this.devId >= 0) await attempt('DEL_DEV', () => ctl.deleteDevice(this.devId));
+    ctl.close();
+    if (this.devId >= 0) removeState(this.devId);
+    if (errors.length) throw new FvdError(errors.join('; '), 'EIO');
+    void opts;
+  }
+}
+
+async function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | 'timeout'> {
+  let timer: NodeJS.Timeout | undefined;
+  const t = new Promise<'timeout'>((r) => (timer = setTimeout(() => r('timeout'), ms)));
+  try {
+    return await Promise.race([p, t]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+async function waitForPath(path: string, ms: number): Promise<void> {
+  const until = Date.now() + ms;
+  while (!fs.existsSync(path)) {
+    if (Date.now() > until) throw new FvdError(`${path} did not appear within ${ms / 1000} s`, 'EIO');
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+/**
+ * A server killed without cleanup leaves its device id occupied (DEAD, or LIVE with no server).
+ * If the id we want (or any id recorded by a dead fvd server) is such a leftover of ours — tagged
+ * in ublksrv_flags and its pid gone — delete it. Someone else's device is never touched.
+ */
+export async function removeStaleDevice(ctl: UblkControl, devId: number, log: (s: string) => void): Promise<void> {
+  const { listStates } = await import('./state.js');
+  const candidates = new Set<number>();
+  if (devId >= 0) candidates.add(devId);
+  for (const st of listStates()) if (!pidAlive(st.pid)) candidates.add(st.devId);
+  for (const id of candidates) {
+    const info = await ctl.deviceInfo(id);
+    if (!info) {
+      removeState(id);
+      continue;
+    }
+    const ours = (info.ublksrvFlags & FVD_SERVER_TAG) === FVD_SERVER_TAG;
+    const alive = info.ublksrvPid > 0 && pidAlive(info.ublksrvPid);
+    if (!ours || alive) {
+      if (id === devId) {
+        const who = alive ? `pid ${info.ublksrvPid}` : 'another program';
+        throw new FvdError(`ublk device id ${id} is in use by ${who}${info.state === UBLK_S_DEV_LIVE ? ' (live)' : ''}`, 'EBUSY');
+      }
+      continue;
+    }
+    log(`removing stale device ${id} left by dead fvd server (pid ${info.ublksrvPid})`);
+    await ctl.stopDevice(id).catch(() => {});
+    await ctl.deleteDevice(id);
+    removeState(id);
+  }
+}
+
+export function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

@@ -1,0 +1,56 @@
+/**
+ * Run-time records of served devices (/run/fvd/ublkbN.json), for `fvd list`, `fvd stop` and for
+ * finding devices left behind by a server that was killed.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+
+export interface DeviceState {
+  name: string;
+  devId: number;
+  device: string;
+  image: string;
+  pid: number;
+  size: number;
+  queues: number;
+  depth: number;
+  startedAt: string;
+}
+
+export function stateDir(): string {
+  return process.env.FVD_RUN_DIR ?? '/run/fvd';
+}
+
+function stateFile(devId: number): string {
+  return path.join(stateDir(), `ublkb${devId}.json`);
+}
+
+export function writeState(st: DeviceState): void {
+  fs.mkdirSync(stateDir(), { recursive: true, mode: 0o755 });
+  const file = stateFile(st.devId);
+  fs.writeFileSync(file + '.tmp', JSON.stringify(st, null, 2) + '\n');
+  fs.renameSync(file + '.tmp', file);
+}
+
+export function removeState(devId: number): void {
+  fs.rmSync(stateFile(devId), { force: true });
+}
+
+export function listStates(): DeviceState[] {
+  let names: string[];
+  try {
+    names = fs.readdirSync(stateDir());
+  } catch {
+    return [];
+  }
+  const out: DeviceState[] = [];
+  for (const n of names) {
+    if (!/^ublkb\d+\.json$/.test(n)) continue;
+    try {
+      out.push(JSON.parse(fs.readFileSync(path.join(stateDir(), n), 'utf8')) as DeviceState);
+    } catch {
+      // a half-written or foreign file: not ours to interpret
+    }
+  }
+  return out.sort((a, b) => a.devId - b.devId);
+}

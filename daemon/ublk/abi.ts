@@ -1,0 +1,163 @@
+/**
+ * The ublk kernel ABI as of Linux 6.12 (include/uapi/linux/ublk_cmd.h), checked against
+ * ../shared/reference/ublk-fvd-notes.md §2. Control commands use the ioctl-encoded opcodes
+ * (_IOC(dir, 'u', nr, size)), which every kernel since 6.3 accepts and the legacy ones may not.
+ */
+
+const IOC = (dir: number, nr: number, size: number) => ((dir << 30) | (size << 16) | (0x75 << 8) | nr) >>> 0;
+const R = 2;
+const RW = 3;
+const CTRL_SIZE = 32;
+const IO_SIZE = 16;
+
+export const UBLK_U_CMD_GET_DEV_INFO = IOC(R, 0x02, CTRL_SIZE);
+export const UBLK_U_CMD_ADD_DEV = IOC(RW, 0x04, CTRL_SIZE);
+export const UBLK_U_CMD_DEL_DEV = IOC(RW, 0x05, CTRL_SIZE);
+export const UBLK_U_CMD_START_DEV = IOC(RW, 0x06, CTRL_SIZE);
+export const UBLK_U_CMD_STOP_DEV = IOC(RW, 0x07, CTRL_SIZE);
+export const UBLK_U_CMD_SET_PARAMS = IOC(RW, 0x08, CTRL_SIZE);
+export const UBLK_U_CMD_GET_PARAMS = IOC(R, 0x09, CTRL_SIZE);
+export const UBLK_U_CMD_GET_FEATURES = IOC(R, 0x13, CTRL_SIZE);
+export const UBLK_U_IO_FETCH_REQ = IOC(RW, 0x20, IO_SIZE);
+export const UBLK_U_IO_COMMIT_AND_FETCH_REQ = IOC(RW, 0x21, IO_SIZE);
+
+/** Legacy (non-ioctl) opcodes, for kernels older than CMD_IOCTL_ENCODE. */
+export const LEGACY = {
+  GET_DEV_INFO: 0x02,
+  ADD_DEV: 0x04,
+  DEL_DEV: 0x05,
+  START_DEV: 0x06,
+  STOP_DEV: 0x07,
+  SET_PARAMS: 0x08,
+  GET_PARAMS: 0x09,
+  FETCH_REQ: 0x20,
+  COMMIT_AND_FETCH_REQ: 0x21,
+} as const;
+
+export const UBLK_IO_RES_OK = 0;
+export const UBLK_IO_RES_ABORT = -19; // -ENODEV: the device is stopping
+export const UBLK_MAX_QUEUE_DEPTH = 4096;
+/** Per-queue descriptor area in the /dev/ublkcN mmap: round_up(4096 * 24, 4096). */
+export const UBLK_QUEUE_DESC_STRIDE = 98304;
+export const IO_DESC_SIZE = 24;
+
+export const UBLK_F_URING_CMD_COMP_IN_TASK = 1n << 1n;
+export const UBLK_F_CMD_IOCTL_ENCODE = 1n << 6n;
+
+export const UBLK_S_DEV_DEAD = 0;
+export const UBLK_S_DEV_LIVE = 1;
+export const UBLK_S_DEV_QUIESCED = 2;
+
+export const UBLK_IO_OP_READ = 0;
+export const UBLK_IO_OP_WRITE = 1;
+export const UBLK_IO_OP_FLUSH = 2;
+export const UBLK_IO_OP_DISCARD = 3;
+export const UBLK_IO_OP_WRITE_SAME = 4;
+export const UBLK_IO_OP_WRITE_ZEROES = 5;
+export const UBLK_IO_F_FUA = 1 << 13;
+
+export const UBLK_ATTR_READ_ONLY = 1 << 0;
+export const UBLK_ATTR_VOLATILE_CACHE = 1 << 2;
+export const UBLK_ATTR_FUA = 1 << 3;
+export const UBLK_PARAM_TYPE_BASIC = 1 << 0;
+export const UBLK_PARAM_TYPE_DISCARD = 1 << 1;
+export const UBLK_PARAM_TYPE_DEVT = 1 << 2;
+
+/** Marks devices added by fvd (dev_info.ublksrv_flags is opaque to the kernel): "FVD\0" << 32. */
+export const FVD_SERVER_TAG = 0x46564400n << 32n;
+
+/** struct ublksrv_ctrl_cmd (32 bytes, in the SQE128 command area). */
+export function encodeCtrlCmd(out: DataView, at: number, devId: number, addr: number, len: number, data0: bigint | number = 0): void {
+  for (let i = 0; i < 32; i += 4) out.setUint32(at + i, 0, true);
+  out.setUint32(at + 0, devId >>> 0, true);
+  out.setUint16(at + 4, 0xffff, true); // queue_id: not queue-specific
+  out.setUint16(at + 6, len, true);
+  out.setBigUint64(at + 8, BigInt(addr), true);
+  out.setBigUint64(at + 16, BigInt(data0), true);
+}
+
+/** struct ublksrv_io_cmd (16 bytes, in a normal SQE's command area). */
+export function encodeIoCmd(out: DataView, at: number, qid: number, tag: number, result: number, addr: number): void {
+  out.setUint16(at + 0, qid, true);
+  out.setUint16(at + 2, tag, true);
+  out.setInt32(at + 4, result, true);
+  out.setBigUint64(at + 8, BigInt(addr), true);
+}
+
+export interface DevInfo {
+  nrHwQueues: number;
+  queueDepth: number;
+  state: number;
+  maxIoBufBytes: number;
+  devId: number;
+  ublksrvPid: number;
+  flags: bigint;
+  ublksrvFlags: bigint;
+}
+
+/** struct ublksrv_ctrl_dev_info (64 bytes). */
+export function encodeDevInfo(info: Partial<DevInfo>): Uint8Array {
+  const b = new Uint8Array(64);
+  const dv = new DataView(b.buffer);
+  dv.setUint16(0, info.nrHwQueues ?? 1, true);
+  dv.setUint16(2, info.queueDepth ?? 128, true);
+  dv.setUint32(8, info.maxIoBufBytes ?? 512 * 1024, true);
+  dv.setUint32(12, (info.devId ?? -1) >>> 0, true);
+  dv.setInt32(16, info.ublksrvPid ?? 0, true);
+  dv.setBigUint64(24, info.flags ?? 0n, true);
+  dv.setBigUint64(32, info.ublksrvFlags ?? 0n, true);
+  return b;
+}
+
+export function decodeDevInfo(b: Uint8Array): DevInfo {
+  const dv = new DataView(b.buffer, b.byteOffset, 64);
+  return {
+    nrHwQueues: dv.getUint16(0, true),
+    queueDepth: dv.getUint16(2, true),
+    state: dv.getUint16(4, true),
+    maxIoBufBytes: dv.getUint32(8, true),
+    devId: dv.getUint32(12, true),
+    ublksrvPid: dv.getInt32(16, true),
+    flags: dv.getBigUint64(24, true),
+    ublksrvFlags: dv.getBigUint64(32, true),
+  };
+}
+
+export interface DeviceParams {
+  devSectors: number;
+  logicalBsShift: number;
+  physicalBsShift: number;
+  ioOptShift: number;
+  ioMinShift: number;
+  maxSectors: number;
+  attrs: number;
+  discardGranularity: number;
+  maxDiscardSectors: number;
+  maxWriteZeroesSectors: number;
+  maxDiscardSegments: number;
+}
+
+/** struct ublk_params with BASIC and DISCARD (len 60: the kernel copies min(len, its size)). */
+export function encodeParams(p: DeviceParams): Uint8Array {
+  const b = new Uint8Array(60);
+  const dv = new DataView(b.buffer);
+  dv.setUint32(0, 60, true);
+  dv.setUint32(4, UBLK_PARAM_TYPE_BASIC | UBLK_PARAM_TYPE_DISCARD, true);
+  // basic @8
+  dv.setUint32(8, p.attrs, true);
+  dv.setUint8(12, p.logicalBsShift);
+  dv.setUint8(13, p.physicalBsShift);
+  dv.setUint8(14, p.ioOptShift);
+  dv.setUint8(15, p.ioMinShift);
+  dv.setUint32(16, p.maxSectors, true);
+  dv.setUint32(20, 0, true); // chunk_sectors
+  dv.setBigUint64(24, BigInt(p.devSectors), true);
+  dv.setBigUint64(32, 0n, true); // virt_boundary_mask
+  // discard @40
+  dv.setUint32(40, 0, true); // discard_alignment
+  dv.setUint32(44, p.discardGranularity, true);
+  dv.setUint32(48, p.maxDiscardSectors, true);
+  dv.setUint32(52, p.maxWriteZeroesSectors, true);
+  dv.setUint16(56, p.maxDiscardSegments, true);
+  return b;
+}
