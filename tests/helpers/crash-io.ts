@@ -1,0 +1,246 @@
+/**
+ * Power-cut simulation. CrashIo wraps a MemIo and, from startRecording() on, logs every write,
+ * zeroRange, truncate, create and flush per file, in order, each with a global sequence number at
+ * submission (`start`) and at completion (`end`). A crash point k is a position in that sequence:
+ * exactly the events numbered < k have happened.
+ *
+ * rebuild(k, rng) reconstructs the files as they could be found after a power cut at k:
+ *  - the state at startRecording() is durable;
+ *  - for each file, D = the submission number of the last flush on that file that completed
+ *    before k; every write/zeroRange/truncate that completed before D is durable (fdatasync
+ *    semantics: a flush covers writes that completed before it was issued);
+ *  - every other write/zeroRange submitted before k (completed or still in flight) is independently
+ *    kept, lost, or torn: a random subset of its 512-byte sectors (by absolute file offset) kept;
+ *  - a non-durable truncate is kept or lost; a create (truncate to 0) is always kept.
+ * Events are replayed in completion order (in-flight ones last, by submission), so a later write
+ * wins over an earlier one wherever both were kept.
+ */
+import type { BlockFile, IoBackend, OpenOptions } from '../../fvd/io.js';
+import { MemData, MemIo } from './mem-io.js';
+import type { Rng } from './rng.js';
+
+export type CrashEventKind = 'write' | 'zero' | 'truncate' | 'create' | 'flush';
+
+export interface CrashEvent {
+  kind: CrashEventKind;
+  /** Resolved path (MemIo.key). */
+  path: string;
+  offset: number;
+  length: number;
+  /** The bytes written (write only). */
+  data?: Uint8Array;
+  /** Sequence number at submission. */
+  start: number;
+  /** Sequence number at completion; undefined while in flight (or if it failed). */
+  end?: number;
+  failed?: boolean;
+}
+
+export interface TearWeights {
+  keep: number;
+  lose: number;
+  tear: number;
+}
+
+export interface RebuildResult {
+  io: MemIo;
+  /** Counts of what happened to the non-durable events. */
+  durable: number;
+  kept: number;
+  lost: number;
+  torn: number;
+  /** One line per non-durable event, for failure reports. */
+  choices: string[];
+}
+
+export const SECTOR = 512;
+
+/** Applies `ev` (a write or zero) restricted to the sectors selected by `keepSector` to `data`. */
+function applyPieces(data: MemData, ev: CrashEvent, keepSector: (i: number) => boolean): void {
+  let pos = ev.offset;
+  const end = ev.offset + ev.length;
+  let i = 0;
+  while (pos < end) {
+    const next = Math.min(end, (Math.floor(pos / SECTOR) + 1) * SECTOR);
+    if (keepSector(i)) {
+      if (ev.kind === 'write') {
+        data.write(ev.data!.subarray(pos - ev.offset, next - ev.offset), pos);
+      } else {
+        data.zero(pos, next - pos);
+      }
+    }
+    pos = next;
+    i++;
+  }
+}
+
+function sectorCount(ev: CrashEvent): number {
+  if (ev.length === 0) return 0;
+  return Math.floor((ev.offset + ev.length - 1) / SECTOR) - Math.floor(ev.offset / SECTOR) + 1;
+}
+
+class CrashFile implements BlockFile {
+  constructor(
+    private readonly owner: CrashIo,
+    private readonly inner: BlockFile,
+    private readonly key: string,
+  ) {}
+  get path(): string {
+    return this.inner.path;
+  }
+  get readOnly(): boolean {
+    return this.inner.readOnly;
+  }
+  get isBlockDevice(): boolean {
+    return this.inner.isBlockDevice;
+  }
+  read(buf: Uint8Array, offset: number): Promise<void> {
+    return this.inner.read(buf, offset);
+  }
+  write(buf: Uint8Array, offset: number): Promise<void> {
+    const ev = this.owner.begin({ kind: 'write', path: this.key, offset, length: buf.length, data: buf.slice() });
+    return this.owner.track(ev, this.inner.write(buf, offset), () => {
+      if (ev) ev.data = buf.slice();
+    });
+  }
+  zeroRange(offset: number, length: number): Promise<void> {
+    const ev = this.owner.begin({ kind: 'zero', path: this.key, offset, length });
+    return this.owner.track(ev, this.inner.zeroRange(offset, length));
+  }
+  truncate(length: number): Promise<void> {
+    const ev = this.owner.begin({ kind: 'truncate', path: this.key, offset: 0, length });
+    return this.owner.track(ev, this.inner.truncate(length));
+  }
+  flush(): Promise<void> {
+    const ev = this.readOnly ? undefined : this.owner.begin({ kind: 'flush', path: this.key, offset: 0, length: 0 });
+    return this.owner.track(ev, this.inner.flush());
+  }
+  size(): number {
+    return this.inner.size();
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}
+
+export class CrashIo implements IoBackend {
+  /** The next sequence number; a crash point k lies in [0, seq]. */
+  seq = 0;
+  events: CrashEvent[] = [];
+  private initial?: Map<string, Uint8Array>;
+  /** Labelled positions, for failure reports (e.g. "flush #3 acked"). */
+  marks: { seq: number; label: string }[] = [];
+
+  constructor(readonly inner: MemIo) {}
+
+  get recording(): boolean {
+    return this.initial !== undefined;
+  }
+
+  /** Snapshots the current files as the durable starting state and starts logging. */
+  startRecording(): void {
+    this.initial = this.inner.snapshot();
+    this.events = [];
+    this.marks = [];
+    this.seq = 0;
+  }
+
+  mark(label: string): void {
+    this.marks.push({ seq: this.seq, label });
+  }
+
+  begin(ev: Omit<CrashEvent, 'start'>): CrashEvent | undefined {
+    if (!this.recording) return undefined;
+    const e: CrashEvent = { ...ev, start: this.seq++ };
+    this.events.push(e);
+    return e;
+  }
+
+  track(ev: CrashEvent | undefined, p: Promise<void>, onDone?: () => void): Promise<void> {
+    if (!ev) return p;
+    return p.then(
+      () => {
+        onDone?.();
+        ev.end = this.seq++;
+      },
+      (err: unknown) => {
+        ev.failed = true;
+        throw err;
+      },
+    );
+  }
+
+  async open(p: string, options: OpenOptions = {}): Promise<BlockFile> {
+    const key = MemIo.key(p);
+    const ev = options.create ? this.begin({ kind: 'create', path: key, offset: 0, length: 0 }) : undefined;
+    const f = await this.track(ev, Promise.resolve()).then(() => this.inner.open(p, options));
+    return new CrashFile(this, f, key);
+  }
+
+  /** D for a file at crash point k: submission number of the last flush completed before k, or -1. */
+  durablePoint(path: string, k: number): number {
+    let d = -1;
+    for (const e of this.events) {
+      if (e.kind === 'flush' && e.path === path && e.end !== undefined && e.end < k && e.start > d) d = e.start;
+    }
+    return d;
+  }
+
+  /** Reconstructs the files after a power cut at k (see the file comment). */
+  rebuild(k: number, rng: Rng, weights: TearWeights = { keep: 1, lose: 1, tear: 1 }): RebuildResult {
+    if (!this.initial) throw new Error('CrashIo.rebuild before startRecording');
+    if (k < 0 || k > this.seq) throw new RangeError(`crash point ${k} outside [0, ${this.seq}]`);
+    const res: RebuildResult = { io: new MemIo(), durable: 0, kept: 0, lost: 0, torn: 0, choices: [] };
+    const files = new Map<string, MemData>();
+    for (const [p, c] of this.initial) files.set(p, new MemData(c.slice()));
+    const paths = new Set<string>(files.keys());
+    for (const e of this.events) paths.add(e.path);
+    for (const path of [...paths].sort()) {
+      const d = this.durablePoint(path, k);
+      const evs = this.events
+        .filter((e) => e.path === path && e.start < k && e.kind !== 'flush' && !e.failed)
+        .map((e) => ({ e, key: e.end !== undefined && e.end < k ? e.end : Number.MAX_SAFE_INTEGER }))
+        .sort((a, b) => a.key - b.key || a.e.start - b.e.start)
+        .map((x) => x.e);
+      for (const e of evs) {
+        let data = files.get(path);
+        if (e.kind === 'create') {
+          if (data) data.truncate(0);
+          else files.set(path, new MemData());
+          continue;
+        }
+        if (!data) {
+          data = new MemData();
+          files.set(path, data);
+        }
+        const durable = e.end !== undefined && e.end < k && e.end < d;
+        if (durable) {
+          res.durable++;
+          if (e.kind === 'truncate') data.truncate(e.length);
+          else applyPieces(data, e, () => true);
+          continue;
+        }
+        const n = e.kind === 'truncate' ? 1 : sectorCount(e);
+        const choice = rng.weighted([weights.keep, weights.lose, n > 1 ? weights.tear : 0]);
+        const label = `${path} ${e.kind} @${e.offset}+${e.length} [${e.start},${e.end ?? 'inflight'}]`;
+        if (choice === 0) {
+          res.kept++;
+          res.choices.push(`${label}: kept`);
+          if (e.kind === 'truncate') data.truncate(e.length);
+          else applyPieces(data, e, () => true);
+        } else if (choice === 1) {
+          res.lost++;
+          res.choices.push(`${label}: lost`);
+        } else {
+          const mask: boolean[] = [];
+          for (let i = 0; i < n; i++) mask.push(rng.chance(0.5));
+          res.torn++;
+          res.choices.push(`${label}: torn ${mask.map((b) => (b ? '1' : '0')).join('')}`);
+          applyPieces(data, e, (i) => mask[i]!);
+        }
+      }
+    }
+    for (const [p, d] of files) res.io.files.set(p, d);
+    return res;
+  }
+}
