@@ -45,6 +45,8 @@ export interface QueueWorkerData {
   /** [0] = 1 asks the worker to quit (before START_DEV, or on a failed start). */
   control: SharedArrayBuffer;
   eventfd: number;
+  /** /dev/ublkcN, opened once by the main thread: the driver allows a single open. */
+  cdevFd: number;
 }
 
 /** Messages to the main thread. */
@@ -68,7 +70,7 @@ function run(d: QueueWorkerData): void {
   const done = new CompletionRing(d.completions);
   const control = new Int32Array(d.control);
 
-  const cdevFd = fs.openSync(`/dev/ublkc${d.devId}`, 'r+');
+  const cdevFd = d.cdevFd;
   const imageFd = fs.openSync(d.imagePath, 'r+');
   const descLen = Math.ceil((depth * IO_DESC_SIZE) / PAGE) * PAGE;
   const descPtr = sys.mmap(descLen, PROT_READ, MAP_SHARED | MAP_POPULATE, cdevFd, qid * UBLK_QUEUE_DESC_STRIDE);
@@ -208,7 +210,6 @@ function run(d: QueueWorkerData): void {
     // released before DEL_DEV can finish.
     ring.close();
     sys.munmap(descPtr, descLen);
-    fs.closeSync(cdevFd);
     fs.closeSync(imageFd);
     bufs?.free();
     efdBuf.free();

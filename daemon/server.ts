@@ -76,6 +76,7 @@ export class UblkServer {
   devicePath = '';
   readonly stats: ServerStats = { reads: 0, writes: 0, flushes: 0, discards: 0, fastPath: 0, slowPath: 0, errors: 0 };
   private queues: Queue[] = [];
+  private cdevFd = -1;
   private started = false;
   private stopping: Promise<void> | null = null;
 
@@ -166,6 +167,7 @@ export class UblkServer {
     const c = libc();
     if (!c) throw new FvdError('koffi (libc) is required to serve a device', 'EIO');
     const view = this.image.sharedView();
+    this.cdevFd = fs.openSync(`/dev/ublkc${this.devId}`, 'r+');
     const workerUrl = new URL('./queue-worker.js', import.meta.url);
     const fetched: Promise<void>[] = [];
     for (let qid = 0; qid < this.opts.queues; qid++) {
@@ -183,6 +185,7 @@ export class UblkServer {
         completions,
         control,
         eventfd,
+        cdevFd: this.cdevFd,
       };
       const worker = new Worker(workerUrl, { workerData: data });
       let resolveFetched!: () => void;
@@ -317,6 +320,9 @@ export class UblkServer {
       await q.worker.terminate();
       fs.closeSync(q.eventfd);
     }
+    // DEL_DEV waits until nobody holds /dev/ublkcN (the workers unmapped their descriptors).
+    if (this.cdevFd >= 0) fs.closeSync(this.cdevFd);
+    this.cdevFd = -1;
     await attempt('closing the image', () => this.image.close());
     if (this.devId >= 0) await attempt('DEL_DEV', () => ctl.deleteDevice(this.devId));
     ctl.close();
@@ -338,7 +344,7 @@ async function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | 'timeout'>
 
 async function waitForPath(path: string, ms: number): Promise<void> {
   const until = Date.now() + ms;
-  while (!fs.existsSync(path)) {
+  while (!fs.statSync(path, { throwIfNoEntry: false })?.isBlockDevice()) {
     if (Date.now() > until) throw new FvdError(`${path} did not appear within ${ms / 1000} s`, 'EIO');
     await new Promise((r) => setTimeout(r, 5));
   }
