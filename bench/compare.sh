@@ -32,6 +32,12 @@
 # Writes use a non-zero fill byte (qemu-img --pattern=0xa5, fvd bench's default --fill 0xa5) so no
 # zero detection can short-cut them.
 #
+# CPU us/op is the user+system CPU time of the bench process (bash `time`, the same way for both
+# tools), minus that of the same command with a single request (process start, open, close),
+# divided by the request count. It counts every thread (qemu-img's and libuv's I/O threads, so
+# the kernel's page-cache work too), and it is much less sensitive than ops/s to other work on
+# the machine, so it is the steadier measure of what each engine costs per request.
+#
 # Each case runs REPS times, engines interleaved within each repetition; the table shows medians.
 #
 # Environment: FVD_BENCH_DIR (temp dir parent, default /var/tmp), FVD_BENCH_SIZE_MIB (default 512,
@@ -89,37 +95,66 @@ fresh() {
   esac
 }
 
+# run_timed CMD...: stdout to $DIR/out, stderr to $DIR/err, "user system" CPU seconds to $DIR/time.
+run_timed() {
+  local TIMEFORMAT='%U %S'
+  { time "$@" >"$DIR/out" 2>"$DIR/err"; } 2>"$DIR/time"
+}
+
+# bench_once TOOL IMAGE BENCH-ARGS...: one bench process; its output in $out, CPU in $DIR/time.
+bench_once() {
+  local tool=$1 img=$2
+  shift 2
+  case $tool in
+    fvd | fvd-compact | raw-fvd)
+      local fmt=fvd
+      [[ $tool == raw-fvd ]] && fmt=raw
+      run_timed "$NODE" "$CLI" bench -f "$fmt" --json "$@" "$img" || die "fvd bench failed: $tool $*: $(<"$DIR/err")"
+      ;;
+    qcow2 | raw-qemu)
+      local qfmt=qcow2 pat=() a
+      [[ $tool == raw-qemu ]] && qfmt=raw
+      for a in "$@"; do [[ $a == -w ]] && pat=(--pattern="$FILL"); done
+      run_timed qemu-img bench -f "$qfmt" -t writeback -i threads "${pat[@]}" "$@" "$img" \
+        || die "qemu-img bench failed: $tool $*: $(<"$DIR/err")"
+      ;;
+  esac
+  out=$(<"$DIR/out")
+}
+
 # measure CASE TOOL IMAGE BENCH-ARGS...: runs one bench, appends "CASE TOOL OPS MIB" to RESULTS.
 measure() {
   local c=$1 tool=$2 img=$3
   shift 3
-  local count=0 bs=4096 a out secs ops mib
+  local count=0 bs=4096 out secs ops mib cpu i
   # the request count and buffer size, for turning qemu-img's elapsed time into ops/s and MiB/s
   local -a argv=("$@")
   for ((i = 0; i < ${#argv[@]}; i++)); do
     case ${argv[i]} in -c) count=${argv[i + 1]} ;; -s) bs=${argv[i + 1]} ;; esac
   done
   sync
+  bench_once "$tool" "$img" "$@"
   case $tool in
     fvd | fvd-compact | raw-fvd)
-      local fmt=fvd
-      [[ $tool == raw-fvd ]] && fmt=raw
-      out=$("$NODE" "$CLI" bench -f "$fmt" --json "$@" "$img") || die "fvd bench failed: $tool $c $*"
       ops=$(sed -E 's/.*"opsPerSecond":([0-9.e+-]+).*/\1/' <<<"$out")
       mib=$(sed -E 's/.*"mibPerSecond":([0-9.e+-]+).*/\1/' <<<"$out")
       ;;
     qcow2 | raw-qemu)
-      local qfmt=qcow2 pat=()
-      [[ $tool == raw-qemu ]] && qfmt=raw
-      for a in "$@"; do [[ $a == -w ]] && pat=(--pattern="$FILL"); done
-      out=$(qemu-img bench -f "$qfmt" -t writeback -i threads "${pat[@]}" "$@" "$img") || die "qemu-img bench failed: $tool $c $*"
       secs=$(sed -nE 's/^Run completed in ([0-9.]+) seconds\.$/\1/p' <<<"$out")
       [[ -n $secs ]] || die "unexpected qemu-img bench output: $out"
       read -r ops mib < <(awk -v c="$count" -v b="$bs" -v s="$secs" 'BEGIN { if (s <= 0) s = 0.0005; printf "%.1f %.3f\n", c / s, c * b / 1048576 / s }')
       ;;
   esac
-  printf '%s\t%s\t%s\t%s\n' "$c" "$tool" "$ops" "$mib" >>"$RESULTS"
-  printf '  rep %s  %-2s %-9s %10.0f ops/s %8.1f MiB/s\n' "$rep" "$c" "$tool" "$ops" "$mib"
+  # CPU of the process start, open and close: the same command with a single request, subtracted.
+  local busy base
+  busy=$(<"$DIR/time")
+  for ((i = 0; i < ${#argv[@]}; i++)); do [[ ${argv[i]} == -c ]] && argv[i + 1]=1; done
+  bench_once "$tool" "$img" "${argv[@]}"
+  base=$(<"$DIR/time")
+  cpu=$(awk -v c="$count" -v busy="$busy" -v base="$base" 'BEGIN { split(busy, a, " "); split(base, b, " ")
+    v = (a[1] + a[2] - b[1] - b[2]) * 1e6 / (c - 1); printf "%.2f", v < 0 ? 0 : v }')
+  printf '%s\t%s\t%s\t%s\t%s\n' "$c" "$tool" "$ops" "$mib" "$cpu" >>"$RESULTS"
+  printf '  rep %s  %-2s %-11s %10.0f ops/s %8.1f MiB/s %7.2f us CPU/op\n' "$rep" "$c" "$tool" "$ops" "$mib" "$cpu"
 }
 
 A_ARGS=(-w -c "$COUNT4K" -d "$DEPTH" -s 4096 -S "$STEP")

@@ -1,6 +1,6 @@
 /**
  * Bench helper for bench/compare.sh: reads its results file (one run per line:
- * "CASE<TAB>TOOL<TAB>OPS_PER_S<TAB>MIB_PER_S") and prints the table of medians with the ratios
+ * "CASE<TAB>TOOL<TAB>OPS_PER_S<TAB>MIB_PER_S<TAB>CPU_US_PER_OP") and prints the table of medians with the ratios
  * FVD/qcow2, FVD/raw (qemu-img) and FVD/raw (fvd bench -f raw, i.e. the same harness), for each
  * FVD layout's row.
  *   node build/bench/report.js RESULTS CASE_LABELS...   (CASE_LABELS: "id=description")
@@ -26,26 +26,27 @@ if (!file) {
   console.error('usage: report RESULTS CASE=LABEL...');
   process.exit(2);
 }
-const runs = new Map<string, { ops: number[]; mib: number[] }>();
+const runs = new Map<string, { ops: number[]; mib: number[]; cpu: number[] }>();
 for (const line of fs.readFileSync(file, 'utf8').split('\n')) {
   if (!line.trim()) continue;
-  const [c, tool, ops, mib] = line.split('\t');
+  const [c, tool, ops, mib, cpu] = line.split('\t');
   const key = `${c}\t${tool}`;
-  const r = runs.get(key) ?? { ops: [], mib: [] };
+  const r = runs.get(key) ?? { ops: [], mib: [], cpu: [] };
   r.ops.push(Number(ops));
   r.mib.push(Number(mib));
+  r.cpu.push(Number(cpu));
   runs.set(key, r);
 }
 
 const ratio = (a: number | undefined, b: number | undefined) => (a && b ? (a / b).toFixed(2) : '-');
-const rows: string[][] = [['case', 'engine', 'ops/s', 'MiB/s', 'runs (ops/s)', 'FVD/qcow2', 'FVD/raw(qemu)', 'FVD/raw(fvd)']];
+const rows: string[][] = [['case', 'engine', 'ops/s', 'MiB/s', 'CPU us/op', 'runs (ops/s)', 'FVD/qcow2', 'FVD/raw(qemu)', 'FVD/raw(fvd)']];
 for (const label of labels) {
   const eq = label.indexOf('=');
   const id = label.slice(0, eq);
   const desc = label.slice(eq + 1);
   const med = (tool: string) => {
     const r = runs.get(`${id}\t${tool}`);
-    return r ? { ops: median(r.ops), mib: median(r.mib), all: r.ops } : undefined;
+    return r ? { ops: median(r.ops), mib: median(r.mib), cpu: median(r.cpu), all: r.ops } : undefined;
   };
   TOOLS.forEach(([tool, name], i) => {
     const m = med(tool);
@@ -55,6 +56,7 @@ for (const label of labels) {
       name,
       m ? m.ops.toFixed(0) : '-',
       m ? m.mib.toFixed(1) : '-',
+      m && Number.isFinite(m.cpu) ? m.cpu.toFixed(2) : '-',
       m ? m.all.map((x) => x.toFixed(0)).join(' ') : '-',
       isFvd ? ratio(m?.ops, med('qcow2')?.ops) : '',
       isFvd ? ratio(m?.ops, med('raw-qemu')?.ops) : '',
@@ -64,6 +66,6 @@ for (const label of labels) {
 }
 const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
 for (const [i, r] of rows.entries()) {
-  console.log(r.map((cell, c) => (c >= 2 && c !== 4 ? cell.padStart(widths[c]!) : cell.padEnd(widths[c]!))).join('  ').trimEnd());
+  console.log(r.map((cell, c) => (c >= 2 && c !== 5 ? cell.padStart(widths[c]!) : cell.padEnd(widths[c]!))).join('  ').trimEnd());
   if (i === 0) console.log(widths.map((w) => '-'.repeat(w)).join('  '));
 }
