@@ -188,6 +188,22 @@ export class CrashIo implements IoBackend {
 
   /** Reconstructs the files after a power cut at k (see the file comment). */
   rebuild(k: number, rng: Rng, weights: TearWeights = { keep: 1, lose: 1, tear: 1 }): RebuildResult {
+    return this.rebuildWith(k, (_e, n) => {
+      const choice = rng.weighted([weights.keep, weights.lose, n > 1 ? weights.tear : 0]);
+      if (choice === 0) return 'keep';
+      if (choice === 1) return 'lose';
+      const mask: boolean[] = [];
+      for (let i = 0; i < n; i++) mask.push(rng.chance(0.5));
+      return mask;
+    });
+  }
+
+  /**
+   * Like rebuild, with the fate of each non-durable event decided by `decide` (given the event and
+   * its number of sectors; a truncate counts as one): keep it, lose it, or keep the sectors whose
+   * mask entry is true. For hand-made crash states in regression tests.
+   */
+  rebuildWith(k: number, decide: (e: CrashEvent, sectors: number) => 'keep' | 'lose' | boolean[]): RebuildResult {
     if (!this.initial) throw new Error('CrashIo.rebuild before startRecording');
     if (k < 0 || k > this.seq) throw new RangeError(`crash point ${k} outside [0, ${this.seq}]`);
     const res: RebuildResult = { io: new MemIo(), durable: 0, kept: 0, lost: 0, torn: 0, choices: [] };
@@ -221,22 +237,22 @@ export class CrashIo implements IoBackend {
           continue;
         }
         const n = e.kind === 'truncate' ? 1 : sectorCount(e);
-        const choice = rng.weighted([weights.keep, weights.lose, n > 1 ? weights.tear : 0]);
+        let choice = decide(e, n);
+        if (Array.isArray(choice) && e.kind === 'truncate') choice = choice[0] ? 'keep' : 'lose';
         const label = `${path} ${e.kind} @${e.offset}+${e.length} [${e.start},${e.end ?? 'inflight'}]`;
-        if (choice === 0) {
+        if (choice === 'keep') {
           res.kept++;
           res.choices.push(`${label}: kept`);
           if (e.kind === 'truncate') data.truncate(e.length);
           else applyPieces(data, e, () => true);
-        } else if (choice === 1) {
+        } else if (choice === 'lose') {
           res.lost++;
           res.choices.push(`${label}: lost`);
         } else {
-          const mask: boolean[] = [];
-          for (let i = 0; i < n; i++) mask.push(rng.chance(0.5));
+          const mask = choice;
           res.torn++;
           res.choices.push(`${label}: torn ${mask.map((b) => (b ? '1' : '0')).join('')}`);
-          applyPieces(data, e, (i) => mask[i]!);
+          applyPieces(data, e, (i) => !!mask[i]);
         }
       }
     }
