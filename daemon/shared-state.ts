@@ -12,7 +12,8 @@ export interface EngineView {
   blockSize: number;
   chunkSize: number;
   baseBlocks: number;
-  baseLimit: number;
+  /** Bytes covered by bitmap blocks; past it everything is local. */
+  bitmapEnd: number;
   allLocal: boolean;
   present: Uint8Array;
   journaled: Uint8Array;
@@ -30,7 +31,7 @@ export function engineView(image: FvdImage): EngineView {
  */
 export function mapDirect(v: EngineView, offset: number, length: number, write: boolean): number {
   const end = offset + length;
-  if (!v.allLocal && offset < v.baseLimit) {
+  if (!v.allLocal && offset < v.bitmapEnd) {
     const bs = v.blockSize;
     const b0 = Math.floor(offset / bs);
     const b1 = Math.min(Math.floor((end - 1) / bs), v.baseBlocks - 1);

@@ -142,6 +142,12 @@ export class FvdImage {
   private readonly baseBlocks: number;
   /** Bytes of the virtual disk backed by the base: min(base size, virtual size). */
   private readonly baseLimit: number;
+  /**
+   * End of the last block with a bitmap bit: min(baseBlocks × block size, virtual size). Bytes
+   * between baseLimit and here belong to the last base block and follow its bit (reading zeros
+   * while it is in the base); only bytes past it are always local.
+   */
+  private readonly bitmapEnd: number;
   private readonly present: Uint8Array;
   private readonly journaled: Uint8Array;
   private readonly table: Uint32Array | null;
@@ -187,6 +193,7 @@ export class FvdImage {
     this.maxCorBytes = state.maxCorBytes;
     this.baseLimit = Math.min(header.baseSize, header.virtualSize);
     this.baseBlocks = Math.ceil(this.baseLimit / header.blockSize);
+    this.bitmapEnd = Math.min(this.baseBlocks * header.blockSize, header.virtualSize);
     this.present = state.present;
     this.journaled = newBitmap(state.present.length);
     this.journaled.set(state.present);
@@ -445,15 +452,19 @@ export class FvdImage {
     const bitmap = this.header.bitmapLength ? this.present.slice() : null;
     const table = this.table ? new Uint8Array(this.table.buffer, 0, this.table.length * 4).slice() : null;
     await this.file.flush();
-    const writes: Promise<void>[] = [];
-    if (bitmap) writes.push(this.file.write(bitmap, this.header.bitmapOffset));
+    // The table first and durable, then the bitmap: a power cut between the two may show a new
+    // mapping without its bits (reads the base: old data), never bits without their mapping.
+    // (Records of a batch that overflowed the journal exist only in this snapshot.)
     if (table) {
       const region = new Uint8Array(this.header.tableLength).fill(0xff);
       region.set(table);
-      writes.push(this.file.write(region, this.header.tableOffset));
+      await this.file.write(region, this.header.tableOffset);
+      await this.file.flush();
     }
-    await Promise.all(writes);
-    await this.file.flush();
+    if (bitmap) {
+      await this.file.write(bitmap, this.header.bitmapOffset);
+      await this.file.flush();
+    }
     this.header.journalStartSeq = nextSeq;
     await this.writeHeader();
     if (bitmap) for (let i = 0; i < bitmap.length; i++) this.journaled[i]! |= bitmap[i]!;
@@ -480,7 +491,7 @@ export class FvdImage {
     this.checkRange(offset, buf.length, 'read');
     if (buf.length === 0) return;
     const end = offset + buf.length;
-    if (this.allLocal || offset >= this.baseLimit) return this.readLocal(buf, offset);
+    if (this.allLocal || offset >= this.bitmapEnd) return this.readLocal(buf, offset);
     const bs = this.blockSize;
     const tasks: Promise<void>[] = [];
     let pos = offset;
@@ -622,7 +633,7 @@ export class FvdImage {
 
   /** False when every block of [start, end) is local, journaled and needs no copy: the fast path. */
   private needsBitmapWork(start: number, end: number): boolean {
-    if (this.allLocal || start >= this.baseLimit) return false;
+    if (this.allLocal || start >= this.bitmapEnd) return false;
     const bs = this.blockSize;
     const b0 = Math.floor(start / bs);
     const b1 = Math.min(Math.floor((end - 1) / bs), this.baseBlocks - 1);
@@ -879,7 +890,7 @@ export class FvdImage {
       const len = Math.min(step, this.size - pos);
       const b = Math.floor(pos / this.blockSize);
       let kind: ExtentKind;
-      if (!this.allLocal && pos < this.baseLimit && !testBit(this.present, b)) kind = 'base';
+      if (!this.allLocal && b < this.baseBlocks && !testBit(this.present, b)) kind = 'base';
       else if (this.table && this.table[Math.floor(pos / this.chunkSize)] === CHUNK_EMPTY) kind = 'zero';
       else kind = 'local';
       push(pos, len, kind);
@@ -889,7 +900,12 @@ export class FvdImage {
 
   stats(): ImageStats {
     const localBaseBlocks = this.allLocal ? this.baseBlocks : countSet(this.present, this.baseBlocks);
-    const bytesInBase = this.allLocal ? 0 : Math.max(0, this.baseLimit - Math.min(this.baseLimit, localBaseBlocks * this.blockSize));
+    let bytesInBase = 0;
+    if (!this.allLocal && this.baseBlocks > 0) {
+      bytesInBase = (this.baseBlocks - localBaseBlocks) * this.blockSize;
+      const last = this.baseBlocks - 1;
+      if (!testBit(this.present, last)) bytesInBase -= this.baseBlocks * this.blockSize - this.bitmapEnd;
+    }
     let allocated = 0;
     if (this.table) for (let c = 0; c < this.table.length; c++) if (this.table[c] !== CHUNK_EMPTY) allocated++;
     return {
@@ -930,7 +946,7 @@ export class FvdImage {
    * SharedArrayBuffers, updated in place by this engine). See daemon/shared-state.ts.
    */
   sharedView(): {
-    size: number; dataOffset: number; blockSize: number; chunkSize: number; baseBlocks: number; baseLimit: number;
+    size: number; dataOffset: number; blockSize: number; chunkSize: number; baseBlocks: number; bitmapEnd: number;
     allLocal: boolean; present: Uint8Array; journaled: Uint8Array; table: Uint32Array | null;
   } {
     return {
@@ -939,7 +955,7 @@ export class FvdImage {
       blockSize: this.blockSize,
       chunkSize: this.chunkSize,
       baseBlocks: this.baseBlocks,
-      baseLimit: this.baseLimit,
+      bitmapEnd: this.bitmapEnd,
       allLocal: this.allLocal,
       present: this.present,
       journaled: this.journaled,

@@ -73,6 +73,22 @@ export function encodeRecords(records: PendingRecords, seq: number): Uint8Array 
     sectors.push(cur);
     pos = SECTOR_HEADER;
   };
+  // TABLE_SET before BITMAP_SET: replay applies a prefix of the sectors, and a bit must never
+  // become visible without the chunk mapping its data lives in (compact layout).
+  const chunks = [...records.table.keys()].sort((a, b) => a - b);
+  for (let i = 0; i < chunks.length; ) {
+    let j = i + 1;
+    while (j < chunks.length && chunks[j] === chunks[j - 1]! + 1 && j - i < MAX_TABLE_ENTRIES) j++;
+    let n = j - i;
+    room(TABLE_REC_HEADER + 4);
+    n = Math.min(n, Math.floor((SECTOR - pos - TABLE_REC_HEADER) / 4));
+    dv!.setUint16(pos, REC_TABLE_SET, true);
+    dv!.setUint16(pos + 2, n, true);
+    dv!.setUint32(pos + 4, chunks[i]!, true);
+    for (let k = 0; k < n; k++) dv!.setUint32(pos + 8 + 4 * k, records.table.get(chunks[i + k]!)!, true);
+    pos += TABLE_REC_HEADER + 4 * n;
+    i += n;
+  }
   const bm = records.bitmap;
   for (let i = 0; i < bm.length; i += 2) {
     let first = bm[i]!;
@@ -87,20 +103,6 @@ export function encodeRecords(records: PendingRecords, seq: number): Uint8Array 
       first += n;
       count -= n;
     }
-  }
-  const chunks = [...records.table.keys()].sort((a, b) => a - b);
-  for (let i = 0; i < chunks.length; ) {
-    let j = i + 1;
-    while (j < chunks.length && chunks[j] === chunks[j - 1]! + 1 && j - i < MAX_TABLE_ENTRIES) j++;
-    let n = j - i;
-    room(TABLE_REC_HEADER + 4);
-    n = Math.min(n, Math.floor((SECTOR - pos - TABLE_REC_HEADER) / 4));
-    dv!.setUint16(pos, REC_TABLE_SET, true);
-    dv!.setUint16(pos + 2, n, true);
-    dv!.setUint32(pos + 4, chunks[i]!, true);
-    for (let k = 0; k < n; k++) dv!.setUint32(pos + 8 + 4 * k, records.table.get(chunks[i + k]!)!, true);
-    pos += TABLE_REC_HEADER + 4 * n;
-    i += n;
   }
   const out = new Uint8Array(sectors.length * SECTOR);
   sectors.forEach((s, k) => {
