@@ -1,0 +1,759 @@
+/**
+ * Bad input, engine API and CLI: damaged images (header, geometry, truncation, feature bits, base
+ * chain, journal, lookup table), out-of-range and forbidden requests, and concurrent writers.
+ *
+ * For every refused image: FvdImage.open (read-write and read-only) throws an FvdError whose
+ * message is one line naming the file and the problem; `fvd info`, `info --json`, `map`, `io`
+ * and `convert` fail with one line on stderr and a non-zero exit (never 70 = internal error);
+ * `fvd check` (and `check --repair`) exits 2 naming the problem; and the sha256 of every file
+ * involved is the same before and after all of it.
+ */
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { FvdImage, type CreateOptions } from '../fvd/image.js';
+import { nodeIo } from '../fvd/node-file.js';
+import { FvdError } from '../fvd/errors.js';
+import { AUTOCLEAR_FULLY_LOCAL, BASE_FVD, INCOMPAT_DIRTY, PAGE, roundUp, tableBytes } from '../fvd/format.js';
+import { REC_BITMAP_SET, REC_TABLE_SET } from '../fvd/journal.js';
+import {
+  CLI,
+  TempDir,
+  assertNoCrash,
+  assertOk,
+  assertOneLineError,
+  assertUnchanged,
+  fvd,
+  fvdAsync,
+  json,
+  patternBytes,
+  snapshot,
+} from './helpers/cli.js';
+import {
+  flipByte,
+  getField,
+  injectJournal,
+  injectRecords,
+  journalSector,
+  journalSlot,
+  readHeader,
+  rewriteField,
+  rewriteHeader,
+  scribbleJournal,
+  setBasePath,
+  setFeatureBits,
+  setTableEntry,
+  truncate,
+  unknownRecordBody,
+  writeBytes,
+} from './helpers/tamper.js';
+
+const KiB = 1024;
+const MiB = 1024 * 1024;
+const tmp = new TempDir('fvd-bad-input-');
+let seq = 0;
+/** A fresh sub-directory per case, so relative base paths never collide. */
+function caseDir(): string {
+  const d = tmp.file(`case${++seq}`);
+  fs.mkdirSync(d);
+  return d;
+}
+
+function rawBase(file: string, size: number, seed = 7): Buffer {
+  const data = patternBytes(size, seed);
+  fs.writeFileSync(file, data);
+  return data;
+}
+
+async function create(file: string, options: CreateOptions): Promise<void> {
+  await FvdImage.create(nodeIo, file, { journalSize: 64 * KiB, ...options });
+}
+
+async function writeImage(file: string, data: Uint8Array, offset: number): Promise<void> {
+  const img = await FvdImage.open(nodeIo, file);
+  try {
+    await img.write(data, offset);
+  } finally {
+    await img.close();
+  }
+}
+
+async function readImage(file: string, offset = 0, length?: number): Promise<Buffer> {
+  const img = await FvdImage.open(nodeIo, file, { readOnly: true });
+  try {
+    const buf = Buffer.alloc(length ?? img.size - offset);
+    await img.read(buf, offset);
+    return buf;
+  } finally {
+    await img.close();
+  }
+}
+
+/** Resolves to the error an engine open fails with (closing the image if it unexpectedly opens). */
+async function openError(file: string, readOnly: boolean): Promise<unknown> {
+  try {
+    const img = await FvdImage.open(nodeIo, file, { readOnly });
+    await img.close();
+    return null;
+  } catch (err) {
+    return err;
+  }
+}
+
+function assertFvdError(err: unknown, problem: RegExp, names: string[], what: string): FvdError {
+  assert.ok(err !== null, `${what}: the image opened, expected a refusal matching ${problem}`);
+  assert.instance(err, FvdError, `${what}: expected an FvdError, got ${(err as Error)?.stack ?? err}`);
+  const e = err as FvdError;
+  assert.not.match(e.message, /[\r\n]/, `${what}: message is not one line: ${JSON.stringify(e.message)}`);
+  assert.match(e.message, problem, `${what}: message does not name the problem: ${e.message}`);
+  assert.ok(
+    names.some((n) => e.message.includes(n)),
+    `${what}: message names none of ${JSON.stringify(names)}: ${e.message}`,
+  );
+  return e;
+}
+
+interface RefusalOptions {
+  /** Strings of which at least one must appear in the message (default: the image's basename). */
+  names?: string[];
+  /** Other files that must stay untouched (bases). */
+  others?: string[];
+  /** The magic is gone, so probing says raw: pass -f fvd to `fvd io`. */
+  noMagic?: boolean;
+}
+
+/** The full refusal contract for one damaged image. */
+async function expectRefused(file: string, problem: RegExp, o: RefusalOptions = {}): Promise<void> {
+  const names = o.names ?? [path.basename(file)];
+  const files = [file, ...(o.others ?? [])];
+  const before = snapshot(files);
+
+  for (const readOnly of [false, true]) {
+    const what = `FvdImage.open(${readOnly ? 'read-only' : 'read-write'})`;
+    assertFvdError(await openError(file, readOnly), problem, names, what);
+    assertUnchanged(before, what);
+  }
+
+  // The CLI runs concurrently (they all refuse, so none of them may write); hashes are compared
+  // after all of them ended.
+  const fmt = o.noMagic ? ['-f', 'fvd'] : [];
+  const out = path.join(path.dirname(file), `converted-${seq}.raw`);
+  const refusing = [
+    ['info', file],
+    ['info', '--json', file],
+    ['map', '--json', file],
+    ['io', ...fmt, '-c', 'read 0 4k', file],
+    ['io', ...fmt, '-c', 'write -P 0x5a 0 4k', '-c', 'flush', file],
+    ['convert', ...fmt, file, out],
+  ];
+  const checks = [['check', file], ['check', '--repair', file]];
+  // Two writers at once would trip over each other's lock (EBUSY), so the read-write ones run
+  // one after the other, next to the read-only ones.
+  const writers = async () => {
+    const rs: Awaited<ReturnType<typeof fvdAsync>>[] = [];
+    for (const args of refusing.filter((a) => a[0] === 'io')) rs.push(await fvdAsync(...args));
+    return rs;
+  };
+  const [readers, written, checkResults, cj] = await Promise.all([
+    Promise.all(refusing.filter((a) => a[0] !== 'io').map((args) => fvdAsync(...args))),
+    writers(),
+    (async () => [await fvdAsync(...checks[0]!), await fvdAsync(...checks[1]!)])(),
+    fvdAsync('check', '--json', file),
+  ]);
+  const results = [...readers, ...written];
+  for (const r of results) {
+    const line = assertOneLineError(r, problem);
+    assert.ok(names.some((n) => line.includes(n)), `'${r.cmd}' names none of ${JSON.stringify(names)}: ${line}`);
+  }
+  assert.not.ok(fs.existsSync(out), 'a refused convert must not leave an output file');
+
+  // check: the report goes to stdout (qemu-img style), exit 2, no crash.
+  for (const r of checkResults) {
+    assertNoCrash(r);
+    assert.is(r.code, 2, `${r.cmd}: expected exit 2 (corrupt), got ${r.code}\n${r.stdout}${r.stderr}`);
+    assert.match(r.stdout, problem, `${r.cmd}: report does not name the problem:\n${r.stdout}`);
+    assert.ok(r.stderr.split('\n').filter(Boolean).length <= 1, `${r.cmd}: more than one stderr line:\n${r.stderr}`);
+  }
+  assert.is(cj.code, 2, cj.stdout + cj.stderr);
+  const report = JSON.parse(cj.stdout) as { errors: string[]; repaired: boolean };
+  assert.is(report.errors.length, 1);
+  assert.match(report.errors[0]!, problem);
+  assert.is(report.repaired, false);
+  assertUnchanged(before, 'the refused CLI commands (info, map, io, convert, check, check --repair)');
+}
+
+/** A plain 1 MiB raw-like image with known data in its first 64 KiB. */
+async function plainImage(dir: string, name = 'img.fvd', options: CreateOptions = {}): Promise<string> {
+  const file = path.join(dir, name);
+  await create(file, { size: MiB, ...options });
+  await writeImage(file, patternBytes(64 * KiB, 3), 0);
+  return file;
+}
+
+// ---------------------------------------------------------------------------------------------
+// header
+
+test('corrupt magic: refused everywhere (with -f fvd), nothing modified', async () => {
+  const file = await plainImage(caseDir());
+  flipByte(file, 1);
+  await expectRefused(file, /not an FVD image|bad magic/, { noMagic: true });
+});
+
+test('bad header checksum: a flipped field byte and a flipped CRC byte', async () => {
+  const dir = caseDir();
+  const a = await plainImage(dir, 'a.fvd');
+  flipByte(a, 41, 0x10); // virtual size, CRC left stale
+  await expectRefused(a, /header checksum mismatch/);
+  const b = await plainImage(dir, 'b.fvd');
+  flipByte(b, 509, 0x01);
+  await expectRefused(b, /header checksum mismatch/);
+});
+
+test('unsupported version and header size (CRC valid)', async () => {
+  const dir = caseDir();
+  const a = await plainImage(dir, 'a.fvd');
+  rewriteField(a, 'version', 2);
+  await expectRefused(a, /unsupported FVD version 2/);
+  const b = await plainImage(dir, 'b.fvd');
+  rewriteField(b, 'headerSize', 1024);
+  await expectRefused(b, /header size 1024/);
+});
+
+test('truncated files: 0, 100, 4095 bytes, into the metadata, raw-like data area cut short', async () => {
+  const dir = caseDir();
+  const zero = await plainImage(dir, 'zero.fvd');
+  truncate(zero, 0);
+  await expectRefused(zero, /not an FVD image|truncated|empty/, { noMagic: true });
+  for (const len of [100, 4095]) {
+    const f = await plainImage(dir, `t${len}.fvd`);
+    truncate(f, len);
+    await expectRefused(f, new RegExp(`truncated: ${len} bytes`));
+  }
+  const meta = await plainImage(dir, 'meta.fvd');
+  const h = readHeader(meta);
+  assert.ok(h.journalLength > 0 && h.dataOffset > h.journalOffset);
+  truncate(meta, h.journalOffset + 8 * KiB);
+  await expectRefused(meta, /truncated: .*metadata ends at/);
+  const data = await plainImage(dir, 'data.fvd');
+  truncate(data, h.dataOffset + MiB / 2);
+  await expectRefused(data, /truncated: .*raw-like/);
+  const oneShort = await plainImage(dir, 'short.fvd');
+  truncate(oneShort, h.dataOffset + MiB - 512);
+  await expectRefused(oneShort, /truncated/);
+});
+
+test('compact image whose data area was cut short (a mapped chunk lies beyond the end)', async () => {
+  const dir = caseDir();
+  const file = path.join(dir, 'c.fvd');
+  await create(file, { size: 4 * MiB, layout: 'compact' });
+  await writeImage(file, patternBytes(MiB, 1), 0);
+  await writeImage(file, patternBytes(MiB, 2), 2 * MiB);
+  const h = readHeader(file);
+  truncate(file, h.dataOffset + MiB); // storage chunk 1 (virtual chunk 2) is gone
+  await expectRefused(file, /beyond the end of the file/);
+});
+
+// ---------------------------------------------------------------------------------------------
+// feature bits
+
+test('unknown incompatible feature bit: refused', async () => {
+  const file = await plainImage(caseDir());
+  setFeatureBits(file, 'incompatible', 1n << 5n);
+  await expectRefused(file, /unsupported incompatible feature bits 0x20/);
+  const file2 = await plainImage(caseDir());
+  setFeatureBits(file2, 'incompatible', 1n << 63n);
+  await expectRefused(file2, /unsupported incompatible feature bits 0x8000000000000000/);
+});
+
+test('unknown compatible feature bit: accepted (read-write too), data intact, bit kept', async () => {
+  const file = await plainImage(caseDir());
+  setFeatureBits(file, 'compatible', 1n << 9n);
+  const before = snapshot([file]);
+  const info = json<{ virtualSize: number }>(fvd('info', '--json', file));
+  assert.is(info.virtualSize, MiB);
+  assertUnchanged(before, 'info');
+  assert.equal(await readImage(file, 0, 64 * KiB), patternBytes(64 * KiB, 3));
+  await writeImage(file, Buffer.alloc(4 * KiB, 0x77), 128 * KiB);
+  assert.equal(await readImage(file, 128 * KiB, 4 * KiB), Buffer.alloc(4 * KiB, 0x77));
+  assert.is(getField(file, 'compatible') & (1n << 9n), 1n << 9n, 'an unknown compatible bit is preserved');
+  assertOk(fvd('io', '-c', 'read -P 0x77 128k 4k', file));
+  assert.is(fvd('check', file).code, 0);
+});
+
+test('unknown autoclear feature bit: accepted; a read-only open keeps it, a read-write open+close clears it on disk', async () => {
+  const dir = caseDir();
+  const base = path.join(dir, 'base.raw');
+  rawBase(base, MiB);
+  const file = path.join(dir, 'img.fvd');
+  await create(file, { base: 'base.raw', baseFormat: 'raw' });
+  setFeatureBits(file, 'autoclear', (1n << 9n) | (1n << 40n));
+  const before = snapshot([file, base]);
+  const ro = await FvdImage.open(nodeIo, file, { readOnly: true });
+  await ro.close();
+  assertOk(fvd('info', file));
+  assertOk(fvd('io', '-r', '-c', 'read 0 4k', file));
+  assertUnchanged(before, 'read-only opens');
+  assert.is(getField(file, 'autoclear'), (1n << 9n) | (1n << 40n));
+
+  const rw = await FvdImage.open(nodeIo, file);
+  await rw.close();
+  assert.is(getField(file, 'autoclear'), 0n, 'unknown autoclear bits are cleared by a writer');
+  assert.is(getField(file, 'incompatible') & INCOMPAT_DIRTY, 0n, 'closed cleanly');
+  // The header is still valid and the base still used.
+  assert.equal(await readImage(file), patternBytes(MiB, 7));
+  assert.is(fvd('check', file).code, 0);
+});
+
+test('unknown autoclear bit next to a known one: only the unknown bit is cleared', async () => {
+  const file = await plainImage(caseDir());
+  setFeatureBits(file, 'autoclear', AUTOCLEAR_FULLY_LOCAL | (1n << 3n));
+  assertOk(fvd('io', '-c', 'write -P 0x33 0 4k', file));
+  assert.is(getField(file, 'autoclear'), AUTOCLEAR_FULLY_LOCAL);
+  assertOk(fvd('io', '-r', '-c', 'read -P 0x33 0 4k', file));
+});
+
+// ---------------------------------------------------------------------------------------------
+// geometry
+
+test('invalid geometry: block size not a power of two / too small, chunk size, virtual size', async () => {
+  const dir = caseDir();
+  const a = await plainImage(dir, 'a.fvd');
+  rewriteField(a, 'blockSize', 5000);
+  await expectRefused(a, /invalid block size 5000/);
+  const b = await plainImage(dir, 'b.fvd');
+  rewriteField(b, 'blockSize', 2048);
+  await expectRefused(b, /invalid block size 2048/);
+  const c = await plainImage(dir, 'c.fvd', { layout: 'compact' });
+  rewriteField(c, 'chunkSize', 3 * MiB);
+  await expectRefused(c, /invalid chunk size/);
+  const d = await plainImage(dir, 'd.fvd');
+  rewriteField(d, 'virtualSize', MiB + 100);
+  await expectRefused(d, /invalid virtual size/);
+  const e = await plainImage(dir, 'e.fvd');
+  rewriteField(e, 'virtualSize', 0);
+  await expectRefused(e, /invalid virtual size 0/);
+  const f = await plainImage(dir, 'f.fvd');
+  rewriteField(f, 'virtualSize', 1n << 62n);
+  await expectRefused(f, /invalid virtual size/);
+});
+
+test('invalid geometry: overlapping regions, misaligned data offset, data offset inside metadata', async () => {
+  const dir = caseDir();
+  const a = await plainImage(dir, 'a.fvd', { layout: 'compact' });
+  const ha = readHeader(a);
+  assert.ok(ha.tableOffset > 0 && ha.journalOffset > ha.tableOffset);
+  rewriteField(a, 'journalOffset', ha.tableOffset);
+  await expectRefused(a, /journal region at \d+ overlaps/);
+
+  const b = await plainImage(dir, 'b.fvd');
+  rewriteField(b, 'journalOffset', 0);
+  await expectRefused(b, /journal region at 0 overlaps/);
+
+  const c = await plainImage(dir, 'c.fvd');
+  const hc = readHeader(c);
+  rewriteField(c, 'dataOffset', hc.dataOffset + 512);
+  await expectRefused(c, /data offset \d+ .*(not block-aligned|overlaps)/);
+
+  const d = await plainImage(dir, 'd.fvd');
+  rewriteField(d, 'dataOffset', hc.journalOffset); // inside the journal
+  await expectRefused(d, /data offset \d+ overlaps metadata/);
+
+  const e = await plainImage(dir, 'e.fvd');
+  rewriteField(e, 'tableLength', PAGE); // a raw-like image has no table
+  await expectRefused(e, /table length/);
+
+  const f = await plainImage(dir, 'f.fvd');
+  rewriteField(f, 'refcountLength', PAGE);
+  await expectRefused(f, /refcount\/snapshot/);
+});
+
+// ---------------------------------------------------------------------------------------------
+// base chain
+
+test('missing base: refused, names the base', async () => {
+  const dir = caseDir();
+  const base = path.join(dir, 'base.raw');
+  rawBase(base, MiB);
+  const file = path.join(dir, 'img.fvd');
+  await create(file, { base: 'base.raw', baseFormat: 'raw' });
+  fs.renameSync(base, path.join(dir, 'moved.raw'));
+  await expectRefused(file, /base image 'base\.raw' not found/, { names: ['base.raw'] });
+});
+
+test('base resized after create (grown and shrunk): refused', async () => {
+  for (const delta of [64 * KiB, -64 * KiB, 1]) {
+    const dir = caseDir();
+    const base = path.join(dir, 'base.raw');
+    rawBase(base, MiB);
+    const file = path.join(dir, 'img.fvd');
+    await create(file, { base: 'base.raw', baseFormat: 'raw' });
+    fs.truncateSync(base, MiB + delta);
+    await expectRefused(file, new RegExp(`base image 'base\\.raw' is ${MiB + delta} bytes but was ${MiB} bytes`), { others: [base] });
+  }
+});
+
+test('wrong base format recorded: raw base recorded as fvd is refused; create -F fvd on a raw file is refused', async () => {
+  const dir = caseDir();
+  const base = path.join(dir, 'base.raw');
+  rawBase(base, MiB);
+  const file = path.join(dir, 'img.fvd');
+  await create(file, { base: 'base.raw', baseFormat: 'raw' });
+  rewriteField(file, 'baseFormat', BASE_FVD);
+  await expectRefused(file, /base image 'base\.raw'.*not an FVD image/, { others: [base], names: ['base.raw'] });
+
+  const before = snapshot([base]);
+  const other = path.join(dir, 'other.fvd');
+  const r = fvd('create', '-b', base, '-F', 'fvd', other);
+  assertOneLineError(r, /not an FVD image/);
+  assert.not.ok(fs.existsSync(other), 'a refused create leaves no file');
+  assertUnchanged(before, 'create -F fvd');
+  let err: unknown = null;
+  await FvdImage.create(nodeIo, other, { base: 'base.raw', baseFormat: 'fvd' }).catch((e) => (err = e));
+  // 'base.raw' relative to the image's directory
+  assertFvdError(err, /not an FVD image/, ['base.raw'], 'FvdImage.create');
+  assert.not.ok(fs.existsSync(other));
+});
+
+test('invalid base format code, base path checksum mismatch, base format/path disagreement', async () => {
+  const dir = caseDir();
+  const base = path.join(dir, 'base.raw');
+  rawBase(base, MiB);
+  const mk = async (name: string) => {
+    const f = path.join(dir, name);
+    await create(f, { base: 'base.raw', baseFormat: 'raw' });
+    return f;
+  };
+  const a = await mk('a.fvd');
+  rewriteField(a, 'baseFormat', 9);
+  await expectRefused(a, /invalid base format 9/, { others: [base] });
+  const b = await mk('b.fvd');
+  flipByte(b, 512, 0x01); // the path's first byte; its CRC in the header no longer matches
+  await expectRefused(b, /base path checksum mismatch/, { others: [base] });
+  const c = await mk('c.fvd');
+  rewriteField(c, 'baseFormat', 0);
+  await expectRefused(c, /base format and base path disagree/, { others: [base] });
+});
+
+test('base chain loop: A → B → A is refused; an image that is its own base is refused', async () => {
+  const dir = caseDir();
+  const raw = path.join(dir, 'r.raw');
+  rawBase(raw, MiB);
+  const b = path.join(dir, 'b.fvd');
+  const a = path.join(dir, 'a.fvd');
+  await create(b, { base: 'r.raw', baseFormat: 'raw' });
+  await create(a, { base: 'b.fvd', baseFormat: 'fvd' });
+  const info = json<{ baseChain: Array<{ path: string; format: string }> }>(fvd('info', '--json', a));
+  assert.equal(info.baseChain.map((e) => [path.basename(e.path), e.format]), [['b.fvd', 'fvd'], ['r.raw', 'raw']]);
+  setBasePath(b, 'a.fvd', { format: BASE_FVD, baseSize: MiB });
+  await expectRefused(a, /base chain loop/, { others: [b, raw], names: ['a.fvd', 'b.fvd'] });
+  await expectRefused(b, /base chain loop/, { others: [a, raw], names: ['a.fvd', 'b.fvd'] });
+
+  const self = path.join(dir, 'self.fvd');
+  await create(self, { base: 'r.raw', baseFormat: 'raw' });
+  setBasePath(self, 'self.fvd', { format: BASE_FVD, baseSize: MiB });
+  await expectRefused(self, /base chain loop/, { others: [raw] });
+  // create refuses it up front
+  const r = fvd('create', '-b', 'x.fvd', '-F', 'fvd', path.join(dir, 'x.fvd'), '1M');
+  assertOneLineError(r, /own base/);
+  assert.not.ok(fs.existsSync(path.join(dir, 'x.fvd')));
+});
+
+// ---------------------------------------------------------------------------------------------
+// journal
+
+test('journal: checksum-valid sector with an unknown record type → corrupt', async () => {
+  const file = await plainImage(caseDir());
+  injectJournal(file, [unknownRecordBody(7)]);
+  await expectRefused(file, /unknown journal record type 7/);
+});
+
+test('journal: bitmap record for an out-of-range block → corrupt', async () => {
+  const dir = caseDir();
+  rawBase(path.join(dir, 'base.raw'), MiB);
+  const file = path.join(dir, 'img.fvd');
+  await create(file, { base: 'base.raw', baseFormat: 'raw' });
+  injectRecords(file, (p) => p.addBitmap(1_000_000, 1));
+  await expectRefused(file, /journal bitmap record for blocks 1000000\+1 out of range/, { others: [path.join(dir, 'base.raw')] });
+
+  const file2 = path.join(dir, 'img2.fvd');
+  await create(file2, { base: 'base.raw', baseFormat: 'raw' });
+  injectRecords(file2, (p) => p.addBitmap(15, 2)); // 16 blocks of 64 KiB: 15+2 runs past the end
+  await expectRefused(file2, /out of range/, { others: [path.join(dir, 'base.raw')] });
+
+  // a record with a zero count is malformed too
+  const file3 = path.join(dir, 'img3.fvd');
+  await create(file3, { base: 'base.raw', baseFormat: 'raw' });
+  const body = Buffer.alloc(16);
+  body.writeUInt16LE(REC_BITMAP_SET, 0);
+  body.writeUInt32LE(0, 4);
+  body.writeBigUInt64LE(0n, 8);
+  injectJournal(file3, [body]);
+  await expectRefused(file3, /out of range/, { others: [path.join(dir, 'base.raw')] });
+});
+
+test('journal: table record for an out-of-range chunk / on a raw-like image → corrupt', async () => {
+  const dir = caseDir();
+  const file = await plainImage(dir, 'c.fvd', { layout: 'compact' });
+  injectRecords(file, (p) => p.addTable(999, 0));
+  await expectRefused(file, /journal table record for chunk 999 out of range/);
+
+  const raw = await plainImage(dir, 'r.fvd');
+  const body = Buffer.alloc(12);
+  body.writeUInt16LE(REC_TABLE_SET, 0);
+  body.writeUInt16LE(1, 2);
+  body.writeUInt32LE(0, 4);
+  injectJournal(raw, [body]);
+  await expectRefused(raw, /journal table record for chunk 0 out of range/);
+
+  const far = await plainImage(dir, 'far.fvd', { layout: 'compact' });
+  injectRecords(far, (p) => p.addTable(0, 5000)); // in range chunk, storage far beyond the file
+  await expectRefused(far, /beyond the end of the file/);
+});
+
+test('journal: record overrunning its sector → corrupt', async () => {
+  const file = await plainImage(caseDir(), 'c.fvd', { layout: 'compact' });
+  const body = Buffer.alloc(496);
+  body.writeUInt16LE(REC_TABLE_SET, 0);
+  body.writeUInt16LE(200, 2); // 8 + 800 bytes: past the sector
+  injectJournal(file, [body]);
+  await expectRefused(file, /journal record overruns sector/);
+});
+
+test('journal: random garbage without valid checksums is ignored; the image opens dirty and cleans up', async () => {
+  const dir = caseDir();
+  rawBase(path.join(dir, 'base.raw'), MiB);
+  const file = path.join(dir, 'img.fvd');
+  await create(file, { base: 'base.raw', baseFormat: 'raw' });
+  await writeImage(file, Buffer.alloc(64 * KiB, 0x42), 64 * KiB);
+  scribbleJournal(file);
+  rewriteField(file, 'incompatible', getField(file, 'incompatible') | INCOMPAT_DIRTY);
+  const before = snapshot([file]);
+  const info = json<{ dirty: boolean; journal: { sectorsToReplay: number } }>(fvd('info', '--json', file));
+  assert.is(info.dirty, true);
+  assert.is(info.journal.sectorsToReplay, 0);
+  const chk = fvd('check', file);
+  assert.is(chk.code, 0, chk.stdout + chk.stderr);
+  assertUnchanged(before, 'info/check of a dirty image');
+  const expected = patternBytes(MiB, 7);
+  Buffer.alloc(64 * KiB, 0x42).copy(expected, 64 * KiB);
+  assert.equal(await readImage(file), expected);
+  // a writer opens it, and a clean close clears the dirty flag
+  await writeImage(file, Buffer.alloc(4 * KiB, 0x43), 0);
+  assert.is(getField(file, 'incompatible') & INCOMPAT_DIRTY, 0n);
+  Buffer.alloc(4 * KiB, 0x43).copy(expected, 0);
+  assert.equal(await readImage(file), expected);
+  assert.is(json<{ dirty: boolean }>(fvd('info', '--json', file)).dirty, false);
+});
+
+test('journal: a valid sector with the wrong sequence number is stale and ignored', async () => {
+  const file = await plainImage(caseDir());
+  const start = Number(getField(file, 'journalStartSeq'));
+  injectJournal(file, []); // sets dirty only
+  // an unknown-type sector, but one sequence number too old: replay must stop before parsing it
+  writeBytes(file, journalSlot(file, start), journalSector(start - 1, unknownRecordBody(9)));
+  const img = await FvdImage.open(nodeIo, file, { readOnly: true });
+  assert.is(img.stats().journalSectorsReplayed, 0);
+  await img.close();
+  assert.is(fvd('check', file).code, 0);
+});
+
+// ---------------------------------------------------------------------------------------------
+// lookup table
+
+test('compact: table entry pointing beyond the file → corrupt', async () => {
+  const file = await plainImage(caseDir(), 'c.fvd', { layout: 'compact' });
+  setTableEntry(file, 0, 1000);
+  await expectRefused(file, /chunk 0 maps to storage chunk 1000 beyond the end of the file/);
+});
+
+test('compact: two table entries sharing a storage chunk → corrupt', async () => {
+  const file = path.join(caseDir(), 'c.fvd');
+  await create(file, { size: 4 * MiB, layout: 'compact' });
+  await writeImage(file, patternBytes(MiB, 1), 0);
+  await writeImage(file, patternBytes(MiB, 2), MiB);
+  setTableEntry(file, 3, 0);
+  await expectRefused(file, /storage chunk 0 is mapped twice/);
+});
+
+// BUG (reported to the lead): a header whose lookup table is 2 GiB (virtual size 2^49 with 1 MiB
+// chunks; the format allows up to 2^50) passes validation, and then the open reads the whole table
+// in one fs.read, which throws a RangeError for lengths >= 2^31: `fvd info` exits 70 with a stack
+// trace. Root cause: NodeFile.read/write pass lengths >= 2 GiB to fs.read/fs.write unsplit.
+// Needs a 2 GiB sparse file and ~2 GiB of memory in the child process.
+test('BUG: a header with a 2 GiB lookup table gives a one-line error, not an internal error', async () => {
+  const file = await plainImage(caseDir(), 'wide.fvd', { layout: 'compact' });
+  rewriteHeader(file, (h) => {
+    h.virtualSize = 2 ** 49;
+    h.tableLength = tableBytes(h.virtualSize, h.chunkSize);
+    h.journalOffset = h.tableOffset + h.tableLength;
+    h.dataOffset = roundUp(h.journalOffset + h.journalLength, h.chunkSize);
+  });
+  truncate(file, readHeader(file).dataOffset);
+  const before = snapshot([file]);
+  const r = await fvdAsync('info', file);
+  assertNoCrash(r);
+  if (r.code !== 0) assertOneLineError(r, /wide\.fvd/);
+  assertUnchanged(before, 'info');
+});
+
+// ---------------------------------------------------------------------------------------------
+// requests
+
+async function rejectsWith(p: Promise<unknown>, code: string, re: RegExp, what: string): Promise<void> {
+  let err: unknown = null;
+  try {
+    await p;
+  } catch (e) {
+    err = e;
+  }
+  assert.ok(err, `${what}: expected a rejection`);
+  assert.instance(err, FvdError, `${what}: expected an FvdError, got ${(err as Error)?.stack ?? err}`);
+  assert.is((err as FvdError).code, code, `${what}: ${(err as Error).message}`);
+  assert.match((err as Error).message, re, what);
+  assert.not.match((err as Error).message, /\n/);
+}
+
+test('out-of-range requests: FvdError EINVAL from the engine, image unchanged', async () => {
+  for (const layout of ['raw', 'compact'] as const) {
+    const file = await plainImage(caseDir(), 'img.fvd', { layout });
+    const before = snapshot([file]);
+    const img = await FvdImage.open(nodeIo, file);
+    const cases: Array<[string, () => Promise<unknown>]> = [
+      ['read past the end', () => img.read(Buffer.alloc(512), MiB)],
+      ['read straddling the end', () => img.read(Buffer.alloc(8 * KiB), MiB - 4 * KiB)],
+      ['read at a negative offset', () => img.read(Buffer.alloc(512), -512)],
+      ['read at a fractional offset', () => img.read(Buffer.alloc(512), 0.5)],
+      ['write past the end', () => img.write(Buffer.alloc(512, 1), MiB)],
+      ['write straddling the end', () => img.write(Buffer.alloc(8 * KiB, 1), MiB - 4 * KiB)],
+      ['write at a negative offset', () => img.write(Buffer.alloc(512, 1), -4096)],
+      ['write at a huge offset', () => img.write(Buffer.alloc(512, 1), 2 ** 53)],
+      ['discard past the end', () => img.discard(0, MiB + 512)],
+      ['discard negative length', () => img.discard(0, -512)],
+      ['discard negative offset', () => img.discard(-512, 512)],
+      ['write-zeroes past the end', () => img.writeZeroes(MiB - 512, 1024)],
+      ['write-zeroes NaN', () => img.writeZeroes(NaN, 512)],
+    ];
+    for (const [what, f] of cases) await rejectsWith(f(), 'EINVAL', /outside the disk/, `${layout}: ${what}`);
+    // the image is still usable and its data intact
+    const back = Buffer.alloc(64 * KiB);
+    await img.read(back, 0);
+    assert.equal(back, patternBytes(64 * KiB, 3));
+    await img.close();
+    assertUnchanged(before, 'refused requests');
+  }
+});
+
+test('out-of-range requests through fvd io: one line, non-zero exit, image unchanged', async () => {
+  const file = await plainImage(caseDir());
+  const before = snapshot([file]);
+  for (const c of ['read 1M 512', 'read 1020k 8k', 'write 1M 512', 'write -P 0x11 1020k 8k', 'discard 0 2M', 'zero 1M 1', 'read -512 512', 'write -512 512', 'zero 0 -1', 'read 0 1P', 'read 0 99999999999P', 'write 0x10 512', 'read abc 512']) {
+    const r = fvd('io', '-c', c, file);
+    assertOneLineError(r, /outside the disk|invalid (offset|length)|not a whole number/);
+    assertUnchanged(before, r.cmd);
+  }
+  // a failing command stops the run: a write after it does not happen
+  const r = fvd('io', '-c', 'read 2M 512', '-c', 'write -P 0x99 0 4k', file);
+  assertOneLineError(r, /outside the disk/);
+  assertUnchanged(before, r.cmd);
+});
+
+test('read-only open: write, write-zeroes, discard → EROFS; fvd io -r write refused', async () => {
+  const file = await plainImage(caseDir());
+  const before = snapshot([file]);
+  const img = await FvdImage.open(nodeIo, file, { readOnly: true });
+  await rejectsWith(img.write(Buffer.alloc(512, 1), 0), 'EROFS', /read-only/, 'write');
+  await rejectsWith(img.writeZeroes(0, 64 * KiB), 'EROFS', /read-only/, 'writeZeroes');
+  await rejectsWith(img.discard(0, 64 * KiB), 'EROFS', /read-only/, 'discard');
+  await img.flush(); // a no-op, not an error
+  await img.close();
+  assertUnchanged(before, 'read-only engine');
+  for (const c of ['write -P 0x11 0 4k', 'zero 0 64k', 'discard 0 64k']) {
+    const r = fvd('io', '-r', '-c', c, file);
+    assertOneLineError(r, /read-only/);
+    assertUnchanged(before, r.cmd);
+  }
+  const rr = fvd('io', '-r', '-c', 'read -P 0 64k 64k', file);
+  assertOk(rr);
+});
+
+test('second read-write open: EBUSY "in use", in the same process and from the CLI', async () => {
+  const dir = caseDir();
+  const file = await plainImage(dir);
+  const holder = await FvdImage.open(nodeIo, file);
+  try {
+    await rejectsWith(FvdImage.open(nodeIo, file), 'EBUSY', /in use/, 'second open');
+    const before = snapshot([file]);
+    for (const args of [['io', '-c', 'write -P 0x11 0 4k', file], ['check', '--repair', file], ['io', '-c', 'read 0 4k', file]]) {
+      const r = await fvdAsync(...args);
+      assertOneLineError(r, /in use/);
+      assert.ok(r.stderr.includes(path.basename(file)), r.stderr);
+      assertUnchanged(before, r.cmd);
+    }
+    // readers do not need the lock
+    const info = await fvdAsync('info', '--json', file);
+    assert.is(info.code, 0, info.stderr);
+    assert.is(JSON.parse(info.stdout).dirty, true, 'the holder marked the image dirty');
+    // the holder still works
+    await holder.write(Buffer.alloc(4 * KiB, 0x21), 0);
+  } finally {
+    await holder.close();
+  }
+  // after the holder closes, a writer gets in
+  assertOk(fvd('io', '-c', 'read -P 0x21 0 4k', '-c', 'write -P 0x22 0 4k', file));
+  assert.equal(await readImage(file, 0, 4 * KiB), Buffer.alloc(4 * KiB, 0x22));
+});
+
+test('second read-write open from another process while this one holds it, and vice versa', async () => {
+  const file = await plainImage(caseDir());
+  const imageUrl = pathToFileURL(path.join(path.dirname(CLI), '..', 'fvd', 'image.js')).href;
+  const nodeFileUrl = pathToFileURL(path.join(path.dirname(CLI), '..', 'fvd', 'node-file.js')).href;
+  const script = `
+    const { FvdImage } = await import(${JSON.stringify(imageUrl)});
+    const { nodeIo } = await import(${JSON.stringify(nodeFileUrl)});
+    const img = await FvdImage.open(nodeIo, process.argv[1]);
+    process.stdout.write('held\\n');
+    process.stdin.resume();
+    process.stdin.on('end', async () => { await img.close(); process.exit(0); });
+  `;
+  const child = spawn(process.execPath, ['--input-type=module', '-e', script, file], { stdio: ['pipe', 'pipe', 'inherit'] });
+  try {
+    await new Promise<void>((resolve, reject) => {
+      child.stdout.setEncoding('utf8').on('data', (d: string) => d.includes('held') && resolve());
+      child.on('exit', (code) => reject(new Error(`holder exited early (${code})`)));
+    });
+    await rejectsWith(FvdImage.open(nodeIo, file), 'EBUSY', /in use/, 'open while another process holds it');
+    const r = await fvdAsync('io', '-c', 'write -P 0x31 0 4k', file);
+    assertOneLineError(r, /in use/);
+  } finally {
+    child.stdin.end();
+    await new Promise((r) => child.on('close', r));
+  }
+  const img = await FvdImage.open(nodeIo, file);
+  await img.close();
+});
+
+test('CLI on a missing file, a directory, a non-image: one line', async () => {
+  const dir = caseDir();
+  const missing = path.join(dir, 'nope.fvd');
+  for (const cmd of ['info', 'map', 'check']) {
+    const r = fvd(cmd, missing);
+    assertOneLineError(r, /nope\.fvd/);
+    assert.match(r.stderr, /no such file/i);
+  }
+  assertOneLineError(fvd('io', '-c', 'read 0 512', missing), /no such file/i);
+  assertOneLineError(fvd('info', dir), /not a regular file|directory/i);
+  const text = path.join(dir, 'notes.txt');
+  fs.writeFileSync(text, 'hello, not an image\n'.repeat(300));
+  const before = snapshot([text]);
+  assertOneLineError(fvd('info', text), /not an FVD image/);
+  const chk = fvd('check', text);
+  assert.is(chk.code, 2);
+  assertUnchanged(before, 'info/check of a text file');
+});
+
+test.after(() => tmp.cleanup());
+
+test.run();
