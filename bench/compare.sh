@@ -12,6 +12,8 @@
 #   qcow2     qcow2 (default 64 KiB clusters), driven by `qemu-img bench -f qcow2`
 #   raw-qemu  raw file, driven by `qemu-img bench -f raw`
 #   raw-fvd   raw file, driven by `fvd bench -f raw` (same harness as fvd: shows harness differences)
+# Opt-in (FVD_BENCH_TOOLS): fvd-uring and raw-uring, the same two over the daemon's io_uring backend
+# (`fvd bench --io uring`) instead of node:fs and its libuv thread pool.
 #
 # Access pattern. `qemu-img bench` has no random mode: request i goes to (OFFSET + i*STEP) mod size
 # (its --pattern is the byte written, not an access pattern). So "random" here is a stride
@@ -88,10 +90,10 @@ fresh() {
   local tool=$1 img=$2
   rm -f "$img"
   case $tool in
-    fvd) "$NODE" build/bench/create-image.js --layout raw "$img" "$SIZE" ;;
+    fvd | fvd-uring) "$NODE" build/bench/create-image.js --layout raw "$img" "$SIZE" ;;
     fvd-compact) "$NODE" build/bench/create-image.js --layout compact "$img" "$SIZE" ;;
     qcow2) qemu-img create -q -f qcow2 "$img" "$SIZE" ;;
-    raw-qemu | raw-fvd) qemu-img create -q -f raw "$img" "$SIZE" ;;
+    raw-qemu | raw-fvd | raw-uring) qemu-img create -q -f raw "$img" "$SIZE" ;;
   esac
 }
 
@@ -106,10 +108,11 @@ bench_once() {
   local tool=$1 img=$2
   shift 2
   case $tool in
-    fvd | fvd-compact | raw-fvd)
-      local fmt=fvd
-      [[ $tool == raw-fvd ]] && fmt=raw
-      run_timed "$NODE" "$CLI" bench -f "$fmt" --json "$@" "$img" || die "fvd bench failed: $tool $*: $(<"$DIR/err")"
+    fvd | fvd-compact | raw-fvd | fvd-uring | raw-uring)
+      local fmt=fvd io=node
+      [[ $tool == raw-* ]] && fmt=raw
+      [[ $tool == *-uring ]] && io=uring
+      run_timed "$NODE" "$CLI" bench -f "$fmt" --io "$io" --json "$@" "$img" || die "fvd bench failed: $tool $*: $(<"$DIR/err")"
       ;;
     qcow2 | raw-qemu)
       local qfmt=qcow2 pat=() a
@@ -135,7 +138,7 @@ measure() {
   sync
   bench_once "$tool" "$img" "$@"
   case $tool in
-    fvd | fvd-compact | raw-fvd)
+    fvd | fvd-compact | raw-fvd | fvd-uring | raw-uring)
       ops=$(sed -E 's/.*"opsPerSecond":([0-9.e+-]+).*/\1/' <<<"$out")
       mib=$(sed -E 's/.*"mibPerSecond":([0-9.e+-]+).*/\1/' <<<"$out")
       ;;

@@ -13,6 +13,8 @@ const TOOLS: [string, string][] = [
   ['qcow2', 'qcow2 (qemu-img bench)'],
   ['raw-qemu', 'raw (qemu-img bench)'],
   ['raw-fvd', 'raw (fvd bench -f raw)'],
+  ['fvd-uring', 'FVD raw layout (fvd bench --io uring)'],
+  ['raw-uring', 'raw (fvd bench -f raw --io uring)'],
 ];
 
 function median(xs: number[]): number {
@@ -48,7 +50,7 @@ for (const label of labels) {
     const r = runs.get(`${id}\t${tool}`);
     return r ? { ops: median(r.ops), mib: median(r.mib), cpu: median(r.cpu), all: r.ops } : undefined;
   };
-  TOOLS.forEach(([tool, name], i) => {
+  TOOLS.filter(([tool]) => runs.has(`${id}\t${tool}`)).forEach(([tool, name], i) => {
     const m = med(tool);
     const isFvd = tool.startsWith('fvd');
     rows.push([
@@ -60,12 +62,18 @@ for (const label of labels) {
       m ? m.all.map((x) => x.toFixed(0)).join(' ') : '-',
       isFvd ? ratio(m?.ops, med('qcow2')?.ops) : '',
       isFvd ? ratio(m?.ops, med('raw-qemu')?.ops) : '',
-      isFvd ? ratio(m?.ops, med('raw-fvd')?.ops) : '',
+      isFvd ? ratio(m?.ops, med(tool.endsWith('-uring') ? 'raw-uring' : 'raw-fvd')?.ops) : '',
     ]);
   });
 }
+const legend = [
+  'ratios are of median ops/s (>1: FVD faster); FVD/raw(fvd) compares with raw through the same fvd bench',
+  'harness and I/O backend (node:fs, or io_uring for the --io uring row), i.e. the engine overhead alone.',
+  'CPU us/op: process user+system CPU per request, start-up/open/close subtracted (all threads).',
+];
 const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
 for (const [i, r] of rows.entries()) {
   console.log(r.map((cell, c) => (c >= 2 && c !== 5 ? cell.padStart(widths[c]!) : cell.padEnd(widths[c]!))).join('  ').trimEnd());
   if (i === 0) console.log(widths.map((w) => '-'.repeat(w)).join('  '));
 }
+for (const line of legend) console.log(line);

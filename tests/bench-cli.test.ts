@@ -119,6 +119,26 @@ test('bench: reads, rand pattern, flush interval and a compact image all run', a
   assertSane(benchJson('-c', '100', '-d', '4', compact), 100, 4096);
 });
 
+test('bench --io uring: the same loop over the daemon io_uring backend (or a one-line refusal)', async () => {
+  const file = await newImage('uring.fvd', MiB);
+  const r = fvd('bench', '--json', '--io', 'uring', '-w', '-c', '256', '-d', '8', '--fill', '0x77', file);
+  if (r.code !== 0) {
+    // io_uring can be missing (old kernel, seccomp): then one line saying so, not a crash.
+    assert.is(r.stderr.trimEnd().split('\n').length, 1, r.stderr);
+    assert.match(r.stderr, /^fvd bench: (--io uring: io_uring is not available|.*(ENOSYS|EPERM|io_uring))/i);
+    return;
+  }
+  const res = JSON.parse(r.stdout) as Record<string, number | string | null>;
+  assertSane(res, 256, 4096);
+  assert.is(res.io, 'uring');
+  assert.ok((await readAll(file)).every((b) => b === 0x77), 'the io_uring write bench wrote the whole image');
+  assertSane(benchJson('--io', 'uring', '-c', '300', '-d', '16', '--pattern', 'rand', file), 300, 4096);
+  const raw = path.join(dir, 'uring.raw');
+  fs.writeFileSync(raw, Buffer.alloc(MiB));
+  assertSane(benchJson('--io', 'uring', '-f', 'raw', '-w', '-c', '256', '-d', '4', '--fill', '9', raw), 256, 4096);
+  assert.ok(fs.readFileSync(raw).every((b) => b === 9));
+});
+
 test('bench: bad arguments are one-line usage errors with a non-zero exit', async () => {
   const file = await newImage('bad.fvd', MiB);
   const cases: string[][] = [
@@ -134,6 +154,7 @@ test('bench: bad arguments are one-line usage errors with a non-zero exit', asyn
     ['--flush-interval', '10', file],
     ['-w', '-d', '8', '--flush-interval', '4', file],
     ['-f', 'qcow2', file],
+    ['--io', 'aio', file],
     ['--bogus', file],
     ['-o', '1M', file],
     ['-s', '4k', '-S', '5000', '-c', '300', file],

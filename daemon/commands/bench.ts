@@ -22,16 +22,19 @@
  * Only the request loop is timed (not open or close), as qemu-img does. I/O goes through the
  * buffered node:fs backend (the equivalent of qemu's cache=writeback). `-f raw` drives a plain
  * BlockFile from nodeIo with the same loop, so the engine's overhead over raw is visible with the
- * same harness. Write buffers are filled with a non-zero byte (--fill, default 0xa5) so zero
+ * same harness. `--io uring` runs the same loop over the daemon's io_uring backend
+ * (daemon/uring-file.ts, 'auto' drive: one io_uring_enter per batch, blocking the event loop while
+ * it waits, as a queue worker does) instead of node:fs and its libuv thread pool. Write buffers are filled with a non-zero byte (--fill, default 0xa5) so zero
  * detection cannot short-cut the writes.
  */
 import { parseInteger, parseOptions, parseSize, formatSize, UsageError } from '../args.js';
 import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../fvd/node-file.js';
+import type { IoBackend } from '../../fvd/io.js';
 
 const USAGE =
   'usage: fvd bench [-c COUNT] [-d DEPTH] [-s BUFSIZE] [-w] [-o OFFSET] [-S STEP] [--pattern seq|rand] ' +
-  '[--seed N] [--flush-interval N [--no-drain]] [--no-copy-on-read] [--fill BYTE] [-f fvd|raw] [--json] IMAGE';
+  '[--seed N] [--flush-interval N [--no-drain]] [--no-copy-on-read] [--fill BYTE] [-f fvd|raw] [--io node|uring] [--json] IMAGE';
 
 /** What the bench drives: an FvdImage, or a raw BlockFile, behind one shape. */
 interface Target {
@@ -45,6 +48,7 @@ interface Target {
 export interface BenchResult {
   image: string;
   format: 'fvd' | 'raw';
+  io: 'node' | 'uring';
   op: 'read' | 'write';
   count: number;
   depth: number;
@@ -88,9 +92,15 @@ function parseByte(text: string): number {
   return value;
 }
 
-async function openTarget(format: 'fvd' | 'raw', path: string, write: boolean, copyOnRead: boolean): Promise<Target> {
+async function openTarget(
+  io: IoBackend,
+  format: 'fvd' | 'raw',
+  path: string,
+  write: boolean,
+  copyOnRead: boolean,
+): Promise<Target> {
   if (format === 'raw') {
-    const file = await nodeIo.open(path, { readOnly: !write });
+    const file = await io.open(path, { readOnly: !write });
     return {
       size: file.size(),
       read: (buf, off) => file.read(buf, off),
@@ -101,8 +111,8 @@ async function openTarget(format: 'fvd' | 'raw', path: string, write: boolean, c
   }
   // A read bench with --no-copy-on-read opens read-only, as qemu-img bench does for reads; with
   // copy-on-read (the default for reads) it opens writable so reads from a base populate the image.
-  if (write) return FvdImage.open(nodeIo, path, {});
-  return FvdImage.open(nodeIo, path, copyOnRead ? { copyOnRead: true } : { readOnly: true, copyOnRead: false });
+  if (write) return FvdImage.open(io, path, {});
+  return FvdImage.open(io, path, copyOnRead ? { copyOnRead: true } : { readOnly: true, copyOnRead: false });
 }
 
 export async function run(args: string[]): Promise<number> {
@@ -120,6 +130,7 @@ export async function run(args: string[]): Promise<number> {
     'no-copy-on-read': { type: 'boolean' },
     fill: { type: 'string' },
     format: { type: 'string', short: 'f' },
+    io: { type: 'string' },
     json: { type: 'boolean' },
     help: { type: 'boolean', short: 'h' },
   });
@@ -160,8 +171,31 @@ export async function run(args: string[]): Promise<number> {
   if (format !== 'fvd' && format !== 'raw') throw new UsageError(`invalid format (-f) '${format}': expected fvd or raw`);
   if (values['no-copy-on-read'] && format === 'raw') throw new UsageError('--no-copy-on-read applies to fvd images only');
   const copyOnRead = format === 'fvd' && !values['no-copy-on-read'] && !write;
+  const ioName = values.io ?? 'node';
+  if (ioName !== 'node' && ioName !== 'uring') throw new UsageError(`invalid --io '${ioName}': expected node or uring`);
 
-  const target = await openTarget(format, imagePath, write, copyOnRead);
+  let io: IoBackend = nodeIo;
+  let closeIo = (): void => {};
+  if (ioName === 'uring') {
+    const { UringIoBackend } = await import('../uring-file.js');
+    let entries = 64;
+    while (entries < depth && entries < 4096) entries *= 2;
+    let uring: InstanceType<typeof UringIoBackend>;
+    try {
+      uring = new UringIoBackend({ entries });
+    } catch (err) {
+      throw new UsageError(`--io uring: io_uring is not available here (${(err as Error).message.split('\n')[0]})`);
+    }
+    io = uring;
+    closeIo = () => uring.close();
+  }
+  let target: Target;
+  try {
+    target = await openTarget(io, format, imagePath, write, copyOnRead);
+  } catch (err) {
+    closeIo();
+    throw err;
+  }
   let result: BenchResult;
   try {
     const size = target.size;
@@ -266,6 +300,7 @@ export async function run(args: string[]): Promise<number> {
     result = {
       image: imagePath,
       format,
+      io: ioName,
       op: write ? 'write' : 'read',
       count,
       depth,
@@ -287,10 +322,15 @@ export async function run(args: string[]): Promise<number> {
     };
   } catch (err) {
     await target.close().catch(() => {});
+    closeIo();
     throw err;
   }
   const closeStart = process.hrtime.bigint();
-  await target.close();
+  try {
+    await target.close();
+  } finally {
+    closeIo();
+  }
   result.closeSeconds = Number(process.hrtime.bigint() - closeStart) / 1e9;
 
   if (values.json) {
@@ -298,8 +338,9 @@ export async function run(args: string[]): Promise<number> {
   } else {
     const where = pattern === 'seq' ? `seq step ${formatSize(step)}` : `rand seed ${seed}`;
     const flush = flushInterval ? `, flush every ${flushInterval}${drain ? '' : ' (no drain)'}` : '';
+    const via = ioName === 'uring' ? ' (io_uring)' : '';
     console.log(
-      `${result.op} ${format} ${imagePath}: ${count} x ${formatSize(bufferSize)}, depth ${depth}, ${where}${flush}: ` +
+      `${result.op} ${format}${via} ${imagePath}: ${count} x ${formatSize(bufferSize)}, depth ${depth}, ${where}${flush}: ` +
         `${result.opsPerSecond.toFixed(0)} ops/s, ${result.mibPerSecond.toFixed(1)} MiB/s, ${result.elapsedSeconds.toFixed(3)} s`,
     );
   }
