@@ -265,6 +265,8 @@ const MiB = 1024 * 1024;
 interface CrashConfig {
   layout: 'raw' | 'compact';
   base: boolean;
+  /** Format of the base when there is one. */
+  baseFormat: 'raw' | 'fvd';
   vsize: number;
   baseSize: number;
   blockSize: number;
@@ -275,7 +277,7 @@ interface CrashConfig {
 }
 
 function describeConfig(c: CrashConfig): string {
-  return `layout=${c.layout} base=${c.base ? c.baseSize : 'none'} vsize=${c.vsize} block=${c.blockSize} chunk=${c.chunkSize} journal=${c.journalSize} detectZeroes=${c.detectZeroes} copyOnRead=${c.copyOnRead}`;
+  return `layout=${c.layout} base=${c.base ? `${c.baseFormat}(${c.baseSize})` : 'none'} vsize=${c.vsize} block=${c.blockSize} chunk=${c.chunkSize} journal=${c.journalSize} detectZeroes=${c.detectZeroes} copyOnRead=${c.copyOnRead}`;
 }
 
 interface Workload {
@@ -308,7 +310,7 @@ async function runWorkload(seed: number, cfg: CrashConfig, steps: number): Promi
     journalSize: cfg.journalSize,
     detectZeroes: cfg.detectZeroes,
   };
-  if (cfg.base) {
+  if (cfg.base && cfg.baseFormat === 'raw') {
     initial = r.bytes(cfg.baseSize);
     for (let b = 0; b * cfg.blockSize < cfg.baseSize; b++) {
       if (r.chance(0.3)) initial.fill(0, b * cfg.blockSize, Math.min(cfg.baseSize, (b + 1) * cfg.blockSize));
@@ -316,6 +318,22 @@ async function runWorkload(seed: number, cfg: CrashConfig, steps: number): Promi
     mem.writeFile(path.join(DIR, 'base.raw'), initial);
     opts.base = 'base.raw';
     opts.baseFormat = 'raw';
+  } else if (cfg.base) {
+    // An FVD base written through the engine (before recording): random extents over zeros.
+    const basePath = path.join(DIR, 'base.fvd');
+    await FvdImage.create(mem, basePath, { size: cfg.baseSize, blockSize: cfg.blockSize, layout: r.chance(0.5) ? 'compact' : 'raw' });
+    const b = await FvdImage.open(mem, basePath);
+    initial = new Uint8Array(cfg.baseSize);
+    for (let i = 0; i < 60; i++) {
+      const off = r.int(cfg.baseSize / SECTOR) * SECTOR;
+      const len = Math.min(cfg.baseSize - off, r.range(1, 32) * SECTOR);
+      const data = makeData(r, len, 1_000_000 + i, off, 'random');
+      initial.set(data, off);
+      await b.write(data, off);
+    }
+    await b.close();
+    opts.base = basePath;
+    opts.baseFormat = 'fvd';
   }
   const cio = new CrashIo(mem);
   cio.startRecording();
@@ -612,6 +630,7 @@ function crashConfig(r: Rng, layout: 'raw' | 'compact', base: boolean): CrashCon
     journalSize: r.pick([8 * KiB, 8 * KiB, 16 * KiB, 64 * KiB]),
     detectZeroes: layout === 'raw' ? r.chance(0.7) : r.chance(0.3),
     copyOnRead: r.chance(0.6),
+    baseFormat: r.chance(0.25) ? 'fvd' : 'raw',
   };
 }
 
