@@ -43,6 +43,11 @@ export const MIN_JOURNAL_SIZE = 8 * 1024;
 export const CHUNK_EMPTY = 0xffffffff;
 /** Largest virtual size accepted: offsets must stay exact in a JS number. */
 export const MAX_VIRTUAL_SIZE = 2 ** 50;
+/**
+ * The bitmap and table are held in memory whole; each is capped at 1 GiB (a 1 GiB table maps
+ * 256 TiB in 1 MiB chunks; a 1 GiB bitmap covers 512 TiB of base in 64 KiB blocks).
+ */
+export const MAX_METADATA_REGION = 2 ** 30;
 
 export interface Header {
   version: number;
@@ -209,6 +214,8 @@ function validateGeometry(path: string, h: Header, fileSize: number): void {
   const expectBitmap = bitmapBytes(h.baseSize, h.blockSize);
   const expectTable = compact ? tableBytes(h.virtualSize, h.chunkSize) : 0;
   if (h.bitmapLength !== expectBitmap) throw bad(`bitmap length ${h.bitmapLength}, expected ${expectBitmap}`);
+  if (expectBitmap > MAX_METADATA_REGION || expectTable > MAX_METADATA_REGION)
+    throw new FvdError(`${path}: bitmap or lookup table larger than ${MAX_METADATA_REGION} bytes is not supported`, 'EINVAL');
   if (h.tableLength !== expectTable) throw bad(`table length ${h.tableLength}, expected ${expectTable}`);
   if (h.journalLength !== 0 && (h.journalLength < MIN_JOURNAL_SIZE || h.journalLength % PAGE)) throw bad(`invalid journal length ${h.journalLength}`);
   if (!Number.isSafeInteger(h.journalStartSeq)) throw bad('invalid journal sequence number');

@@ -33,6 +33,7 @@ import {
   MAX_BASE_PATH,
   MAX_BLOCK_SIZE,
   MAX_CHUNK_SIZE,
+  MAX_METADATA_REGION,
   MAX_VIRTUAL_SIZE,
   MIN_BLOCK_SIZE,
   MIN_JOURNAL_SIZE,
@@ -251,6 +252,10 @@ export class FvdImage {
         throw new FvdError(`size ${size} out of range (1 byte to ${MAX_VIRTUAL_SIZE} bytes)`, 'EINVAL');
       const baseSize = base ? base.size : 0;
       const layout = computeLayout({ virtualSize: size, blockSize, chunkSize, baseSize, compact, journalLength });
+      if (layout.tableLength > MAX_METADATA_REGION)
+        throw new FvdError(`a ${size}-byte disk needs a ${layout.tableLength}-byte lookup table at ${chunkSize}-byte chunks (limit ${MAX_METADATA_REGION}): use a larger --chunk-size`, 'EINVAL');
+      if (layout.bitmapLength > MAX_METADATA_REGION)
+        throw new FvdError(`a ${baseSize}-byte base needs a ${layout.bitmapLength}-byte bitmap at ${blockSize}-byte blocks (limit ${MAX_METADATA_REGION}): use a larger --block-size`, 'EINVAL');
       if (compact && Math.ceil(size / chunkSize) >= CHUNK_EMPTY) throw new FvdError(`too many chunks: use a larger chunk size`, 'EINVAL');
 
       // Scan the base before touching the target, so a failing scan leaves nothing behind.

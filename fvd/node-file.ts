@@ -17,6 +17,8 @@ import {
 } from '../ffi/libc.js';
 
 const EWOULDBLOCK = 11;
+/** node:fs takes at most 2 GiB - 1 per call; larger transfers go in pieces. */
+const MAX_IO = 1 << 30;
 const ZERO_CHUNK = 1024 * 1024;
 let zeroBuffer: Uint8Array | null = null;
 
@@ -60,7 +62,7 @@ export class NodeFile implements BlockFile {
   async read(buf: Uint8Array, offset: number): Promise<void> {
     let done = 0;
     while (done < buf.length) {
-      const n = await ioPromise<number>((cb) => fs.read(this.fd, buf, done, buf.length - done, offset + done, cb));
+      const n = await ioPromise<number>((cb) => fs.read(this.fd, buf, done, Math.min(buf.length - done, MAX_IO), offset + done, cb));
       if (n === 0) {
         buf.fill(0, done); // past end of file: zeros, like a sparse hole
         return;
@@ -75,7 +77,7 @@ export class NodeFile implements BlockFile {
       throw new FvdError(`${this.path}: write at ${offset}+${buf.length} beyond device end ${this.length}`, 'ENOSPC');
     let done = 0;
     while (done < buf.length) {
-      done += await ioPromise<number>((cb) => fs.write(this.fd, buf, done, buf.length - done, offset + done, cb));
+      done += await ioPromise<number>((cb) => fs.write(this.fd, buf, done, Math.min(buf.length - done, MAX_IO), offset + done, cb));
     }
     if (offset + buf.length > this.length) this.length = offset + buf.length;
   }

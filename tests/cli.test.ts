@@ -392,7 +392,7 @@ test('create: a path in a missing directory, a directory as the image: one line'
 // then blocks a retry ("already exists; use --force"). Here the raw-like file cannot be extended to
 // its full sparse size (EFBIG on ext4 beyond 16 TiB); on a file system where it can, create must
 // simply succeed.
-test('BUG: a failed create leaves no half-written image behind', () => {
+test('a failed create leaves no half-written image behind', () => {
   const dir = caseDir();
   const img = path.join(dir, 'huge.fvd');
   const r = fvd('create', img, '1P');
@@ -409,7 +409,7 @@ test('BUG: a failed create leaves no half-written image behind', () => {
 // 1 MiB chunks: 2.4 GB of table) crashes create with an internal error (exit 70, RangeError from
 // a single fs.write of the whole table) and leaves a 4 KiB broken file behind. Needs ~2.5 GB of
 // memory in the child process.
-test('BUG: create of a compact image with a > 2 GiB lookup table: no internal error, no debris', () => {
+test('create of a compact image with a > 2 GiB lookup table: no internal error, no debris', () => {
   const dir = caseDir();
   const img = path.join(dir, 'wide.fvd');
   const r = fvd('create', '--layout', 'compact', img, '600T');
@@ -935,7 +935,7 @@ test('io: flush and FUA writes; data reaches the image file', async () => {
 // BUG (reported to the lead): an io request of 2 GiB or more crashes with an internal error
 // (exit 70, RangeError from fs.read: NodeFile.read/write pass lengths >= 2^31 unsplit). Either
 // serve it or refuse it with one line. Needs ~2.2 GB of memory in the child process.
-test('BUG: fvd io with a request of 2 GiB or more: no internal error', () => {
+test('fvd io with a request of 2 GiB or more: no internal error', () => {
   const dir = caseDir();
   const img = path.join(dir, 'big.fvd');
   assertOk(fvd('create', img, '3G'));

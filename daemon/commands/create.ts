@@ -32,6 +32,8 @@ export async function run(args: string[]): Promise<number> {
     throw new UsageError(`${image} already exists; use --force to overwrite it`);
   if (st && !st.isFile() && !st.isBlockDevice()) throw new UsageError(`${image} is not a regular file or block device`);
 
+  // A failed create must not leave a half-written image behind (a retry would need --force).
+  const removeOnFailure = !st || st.isFile();
   await FvdImage.create(nodeIo, image, {
     size,
     base: values.base,
@@ -41,6 +43,9 @@ export async function run(args: string[]): Promise<number> {
     chunkSize: values['chunk-size'] ? parseSize(values['chunk-size'], 'chunk size') : undefined,
     journalSize: values['journal-size'] !== undefined ? parseSize(values['journal-size'], 'journal size') : undefined,
     detectZeroes: !values['no-detect-zeroes'],
+  }).catch((err) => {
+    if (removeOnFailure && fs.existsSync(image) && fs.statSync(image).isFile()) fs.rmSync(image, { force: true });
+    throw err;
   });
   const img = await FvdImage.open(nodeIo, image, { readOnly: true });
   const s = img.stats();

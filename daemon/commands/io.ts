@@ -6,7 +6,7 @@
  * Commands run in order; the first failure stops the run with exit 1.
  */
 import { UsageError, formatSize, parseOptions, parseSize } from '../args.js';
-import { openDisk, parseFormat, type Disk } from '../disk.js';
+import { openDisk, parseFormat, probeFormat, type Disk } from '../disk.js';
 
 interface Parsed {
   name: string;
@@ -54,7 +54,14 @@ export async function run(args: string[]): Promise<number> {
   if (positionals.length !== 1) throw new UsageError('usage: fvd io [-f raw|fvd] [-r] [--no-copy-on-read] -c CMD [-c CMD ...] IMAGE');
   const commands = (values.c ?? []).map(parseCommand);
   if (!commands.length) throw new UsageError('no commands given (-c "read -P 0xab 0 64k")');
-  const disk = await openDisk(positionals[0]!, parseFormat(values.f, 'format'), {
+  const format = parseFormat(values.f, 'format');
+  // As qemu does: when the format was only guessed as raw, refuse to write its first sector (a
+  // damaged FVD header would otherwise be overwritten as if it were guest data).
+  if (!format && probeFormat(positionals[0]!) === 'raw') {
+    const hitsSector0 = commands.find((c) => c.name !== 'read' && c.name !== 'flush' && c.offset < 512 && c.length > 0);
+    if (hitsSector0) throw new UsageError(`refusing to ${hitsSector0.name} sector 0 of an image whose format was probed as raw: pass -f raw`);
+  }
+  const disk = await openDisk(positionals[0]!, format, {
     readOnly: values['read-only'],
     copyOnRead: !values['no-copy-on-read'],
   });
