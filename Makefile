@@ -30,10 +30,11 @@ bench: build
 	bash bench/compare.sh
 
 install: build
-	install -d $(DESTDIR)$(PREFIX)/lib/fvd $(DESTDIR)$(PREFIX)/bin
-	cp -r build package.json package-lock.json node_modules $(DESTDIR)$(PREFIX)/lib/fvd/
-	ln -sf $(PREFIX)/lib/fvd/build/daemon/cli.js $(DESTDIR)$(PREFIX)/bin/fvd
+	install -d $(DESTDIR)$(PREFIX)/lib/fvd $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/systemd/system $(DESTDIR)/etc/fvd
+	rm -rf $(DESTDIR)$(PREFIX)/lib/fvd/build
+	cp -r build package.json package-lock.json node_modules README.md docs $(DESTDIR)$(PREFIX)/lib/fvd/
 	chmod +x $(DESTDIR)$(PREFIX)/lib/fvd/build/daemon/cli.js
-
-clean:
-	rm -rf build
+	ln -sf $(PREFIX)/lib/fvd/build/daemon/cli.js $(DESTDIR)$(PREFIX)/bin/fvd
+	install -m 0644 systemd/fvd@.service $(DESTDIR)$(PREFIX)/lib/systemd/system/fvd@.service
+	install -m 0644 systemd/fvd.conf.example $(DESTDIR)/etc/fvd/fvd.conf.example
+	-[ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && systemctl daemon-reload 2>/dev/null || true

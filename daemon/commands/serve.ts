@@ -5,12 +5,14 @@
  * READY=1 only then, STATUS= with figures, STOPPING=1, and WATCHDOG=1 pings when asked.
  */
 import path from 'node:path';
+import { readInstanceConfig } from '../instance-config.js';
 import { sdNotify, watchdogPingIntervalMs } from '../../ffi/sd-notify.js';
 import { UsageError, formatSize, parseInteger, parseOptions, parseSize } from '../args.js';
 import { UblkServer } from '../server.js';
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseOptions('serve', args, {
+    instance: { type: 'string' },
     name: { type: 'string' },
     'dev-id': { type: 'string' },
     queues: { type: 'string', default: '2' },
@@ -18,8 +20,20 @@ export async function run(args: string[]): Promise<number> {
     'max-io': { type: 'string', default: '512k' },
     'no-copy-on-read': { type: 'boolean', default: false },
   });
+  if (values.instance !== undefined) {
+    // systemd: fvd serve --instance NAME reads /etc/fvd/NAME.conf (or serves /var/lib/fvd/NAME.fvd)
+    if (positionals.length) throw new UsageError('--instance takes its image from the configuration, not the command line');
+    const conf = readInstanceConfig(values.instance);
+    values.name ??= values.instance;
+    positionals.push(conf.image);
+    if (conf.devId !== undefined) values['dev-id'] ??= conf.devId;
+    if (conf.queues !== undefined) values.queues = conf.queues;
+    if (conf.depth !== undefined) values.depth = conf.depth;
+    if (conf.maxIo !== undefined) values['max-io'] = conf.maxIo;
+    if (conf.copyOnRead === false) values['no-copy-on-read'] = true;
+  }
   if (positionals.length !== 1)
-    throw new UsageError('usage: fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read]');
+    throw new UsageError('usage: fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read] | fvd serve --instance NAME');
   const image = positionals[0]!;
   const maxIo = parseSize(values['max-io']!, 'max I/O size');
   if (maxIo < 4096 || maxIo > 32 * 1024 * 1024 || maxIo % 4096) throw new UsageError(`invalid max I/O size ${maxIo}: a multiple of 4 KiB from 4 KiB to 32 MiB`);

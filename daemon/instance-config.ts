@@ -1,0 +1,66 @@
+/**
+ * Instance configuration for `systemctl start fvd@NAME`: /etc/fvd/NAME.conf, KEY=VALUE lines
+ * (systemd EnvironmentFile style, '#' comments, optional quotes). Without the file the instance
+ * serves /var/lib/fvd/NAME.fvd with defaults. FVD_CONF_DIR and FVD_STATE_DIR override the
+ * directories (tests).
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { UsageError } from './args.js';
+
+export interface InstanceConfig {
+  image: string;
+  devId?: string;
+  queues?: string;
+  depth?: string;
+  maxIo?: string;
+  copyOnRead?: boolean;
+}
+
+const KEYS = new Set(['IMAGE', 'DEV_ID', 'QUEUES', 'DEPTH', 'MAX_IO', 'COPY_ON_READ']);
+
+export function readInstanceConfig(name: string): InstanceConfig {
+  if (!/^[A-Za-z0-9_.:-]+$/.test(name) || name.startsWith('.')) throw new UsageError(`invalid instance name '${name}'`);
+  const confDir = process.env.FVD_CONF_DIR ?? '/etc/fvd';
+  const stateDir = process.env.FVD_STATE_DIR ?? '/var/lib/fvd';
+  const file = path.join(confDir, `${name}.conf`);
+  const config: InstanceConfig = { image: path.join(stateDir, `${name}.fvd`) };
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return config;
+    throw new UsageError(`${file}: ${(err as Error).message}`);
+  }
+  text.split('\n').forEach((raw, i) => {
+    const line = raw.trim();
+    if (!line || line.startsWith('#')) return;
+    const m = /^([A-Z_]+)\s*=\s*(.*)$/.exec(line);
+    if (!m) throw new UsageError(`${file}:${i + 1}: expected KEY=VALUE`);
+    const key = m[1]!;
+    const value = m[2]!.replace(/^"(.*)"$/, '$1').replace(/^'(.*)'$/, '$1');
+    if (!KEYS.has(key)) throw new UsageError(`${file}:${i + 1}: unknown key ${key} (known: ${[...KEYS].join(', ')})`);
+    switch (key) {
+      case 'IMAGE':
+        config.image = path.resolve(confDir, value);
+        break;
+      case 'DEV_ID':
+        config.devId = value;
+        break;
+      case 'QUEUES':
+        config.queues = value;
+        break;
+      case 'DEPTH':
+        config.depth = value;
+        break;
+      case 'MAX_IO':
+        config.maxIo = value;
+        break;
+      case 'COPY_ON_READ':
+        if (!/^(yes|no|true|false|1|0)$/i.test(value)) throw new UsageError(`${file}:${i + 1}: COPY_ON_READ must be yes or no`);
+        config.copyOnRead = /^(yes|true|1)$/i.test(value);
+        break;
+    }
+  });
+  return config;
+}
