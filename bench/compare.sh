@@ -40,7 +40,8 @@
 # the kernel's page-cache work too), and it is much less sensitive than ops/s to other work on
 # the machine, so it is the steadier measure of what each engine costs per request.
 #
-# Each case runs REPS times, engines interleaved within each repetition; the table shows medians.
+# Each case runs REPS times, engines interleaved within each repetition (in a rotating order, see
+# below); the table shows medians.
 #
 # Environment: FVD_BENCH_DIR (temp dir parent, default /var/tmp), FVD_BENCH_SIZE_MIB (default 512,
 # a power of two), FVD_BENCH_DEPTH (default 16), FVD_BENCH_REPS (default 5),
@@ -176,19 +177,33 @@ if awk -v l="$LOAD" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
   echo "warning: load average $LOAD on $(nproc) CPUs: other work is running, so the numbers will be noisy" \
     "(the runs are interleaved, so it hits every engine alike, but ratios can still swing)"
 fi
+# The engines' order rotates every repetition, so each engine runs in every position once per
+# len(TOOLS) repetitions: effects that depend on the position (on this VM, writing the 5th fresh
+# 512 MiB in a row costs far more kernel time, probably host faults on pages the balloon gave
+# back) fall on every engine alike instead of always on the last one.
+rotate() {
+  local k=$1
+  shift
+  local -a t=("$@")
+  k=$(( k % ${#t[@]} ))
+  echo "${t[@]:k}" "${t[@]:0:k}"
+}
+
 START=$SECONDS
 for rep in $(seq 1 "$REPS"); do
-  for tool in $TOOLS; do
+  # shellcheck disable=SC2086
+  ORDER=$(rotate $((rep - 1)) $TOOLS)
+  for tool in $ORDER; do
     fresh "$tool" "$DIR/a.$tool"
     measure a "$tool" "$DIR/a.$tool" "${A_ARGS[@]}"
     rm -f "$DIR/a.$tool"
   done
-  for tool in $TOOLS; do
+  for tool in $ORDER; do
     fresh "$tool" "$DIR/c.$tool"
     measure c "$tool" "$DIR/c.$tool" "${C_ARGS[@]}"
   done
   # (b) reads the images (c) just filled completely.
-  for tool in $TOOLS; do
+  for tool in $ORDER; do
     READ_EXTRA=()
     [[ $tool == fvd* ]] && READ_EXTRA=(--no-copy-on-read)
     measure b "$tool" "$DIR/c.$tool" "${READ_EXTRA[@]}" "${B_ARGS[@]}"
