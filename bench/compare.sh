@@ -31,6 +31,7 @@
 # loops (neither tool's default); `sync` runs between runs, outside the timing, so one run's dirty
 # pages are not written back during the next. The 4 KiB read case reads page-cache-hot data on both
 # sides, so it measures per-request CPU overhead, which is the engine cost under comparison.
+# (See "Page supply" below for how fresh-image writes are kept comparable on this VM.)
 # Writes use a non-zero fill byte (qemu-img --pattern=0xa5, fvd bench's default --fill 0xa5) so no
 # zero detection can short-cut them.
 #
@@ -178,9 +179,15 @@ if awk -v l="$LOAD" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }'; then
     "(the runs are interleaved, so it hits every engine alike, but ratios can still swing)"
 fi
 # The engines' order rotates every repetition, so each engine runs in every position once per
-# len(TOOLS) repetitions: effects that depend on the position (on this VM, writing the 5th fresh
-# 512 MiB in a row costs far more kernel time, probably host faults on pages the balloon gave
-# back) fall on every engine alike instead of always on the last one.
+# len(TOOLS) repetitions and position effects fall on every engine alike.
+#
+# Page supply. On this (virtual) machine, page-cache pages that were never used or were freed
+# long ago cost ~10x more to fill than recently freed ones (64 KiB writes: ~300 MiB/s instead of
+# ~2.5 GiB/s, for raw files as much as for any engine; most likely host faults on memory the
+# balloon's free page reporting gave back). So every image is deleted right after its last use,
+# and a warm-up file is written and deleted first: each write run then reuses just-freed pages,
+# the same for every engine, instead of whichever engine came late in a row of fresh images
+# paying ten times more.
 rotate() {
   local k=$1
   shift
@@ -188,6 +195,9 @@ rotate() {
   k=$(( k % ${#t[@]} ))
   echo "${t[@]:k}" "${t[@]:0:k}"
 }
+
+head -c "$SIZE" /dev/zero >"$DIR/warm-up"
+rm -f "$DIR/warm-up"
 
 START=$SECONDS
 for rep in $(seq 1 "$REPS"); do
@@ -201,9 +211,7 @@ for rep in $(seq 1 "$REPS"); do
   for tool in $ORDER; do
     fresh "$tool" "$DIR/c.$tool"
     measure c "$tool" "$DIR/c.$tool" "${C_ARGS[@]}"
-  done
-  # (b) reads the images (c) just filled completely.
-  for tool in $ORDER; do
+    # (b) reads the image (c) just filled completely, while it is in the page cache.
     READ_EXTRA=()
     [[ $tool == fvd* ]] && READ_EXTRA=(--no-copy-on-read)
     measure b "$tool" "$DIR/c.$tool" "${READ_EXTRA[@]}" "${B_ARGS[@]}"
