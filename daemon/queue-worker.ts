@@ -15,7 +15,16 @@
  */
 import fs from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
-import { IoUring, IOSQE_FIXED_FILE, allocPinned, errnoName, type PinnedBuffer } from '../ffi/uring.js';
+import {
+  IoUring,
+  IORING_SETUP_COOP_TASKRUN,
+  IORING_SETUP_DEFER_TASKRUN,
+  IORING_SETUP_SINGLE_ISSUER,
+  IOSQE_FIXED_FILE,
+  allocPinned,
+  errnoName,
+  type PinnedBuffer,
+} from '../ffi/uring.js';
 import { syscalls, isMapFailed, MAP_POPULATE, MAP_SHARED, PROT_READ } from '../ffi/syscalls.js';
 import {
   IO_DESC_SIZE,
@@ -79,7 +88,14 @@ function run(d: QueueWorkerData): void {
 
   let entries = 16;
   while (entries < depth + 8) entries *= 2;
-  const ring = new IoUring({ entries, cqEntries: entries * 2 });
+  // This thread is the ring's only submitter and always waits inside io_uring_enter(GETEVENTS),
+  // so completions can be deferred to that wait instead of interrupting the thread.
+  // (Linking each file op to its COMMIT_AND_FETCH was tried and was 4x slower on 6.12.)
+  const ring = new IoUring({
+    entries,
+    cqEntries: entries * 2,
+    flags: IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+  });
   let bufs: PinnedBuffer | null = null;
   const efdBuf = allocPinned(PAGE);
   try {
@@ -125,7 +141,7 @@ function run(d: QueueWorkerData): void {
       const opFlags = desc.getUint32(at, true);
       const op = opFlags & 0xff;
       const length = desc.getUint32(at + 4, true) * 512;
-      const offset = Number(desc.getBigUint64(at + 8, true)) * 512;
+      const offset = (desc.getUint32(at + 8, true) + desc.getUint32(at + 12, true) * 0x100000000) * 512;
       if (op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE) {
         if (offset + length > view.size || length > maxIo) {
           log(`request beyond the device: op ${op} at ${offset}+${length} (size ${view.size})`);

@@ -81,7 +81,9 @@ export function encodeIoCmd(out: DataView, at: number, qid: number, tag: number,
   out.setUint16(at + 0, qid, true);
   out.setUint16(at + 2, tag, true);
   out.setInt32(at + 4, result, true);
-  out.setBigUint64(at + 8, BigInt(addr), true);
+  // Two 32-bit halves: no BigInt allocation on the per-request path (addresses are < 2^53).
+  out.setUint32(at + 8, addr >>> 0, true);
+  out.setUint32(at + 12, Math.floor(addr / 0x100000000), true);
 }
 
 export interface DevInfo {

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# `make bench-dev` (inside a guest with ublk, or on a host that has it): fio against
+#   fvd        the FVD device, raw-like layout, image fully allocated beforehand
+#   fvd-cow    the FVD device, fresh image over a raw base (copy-on-write/read path)
+#   loop       kernel loop device, --direct-io=on, over a raw file
+#   qcow2-nbd  a qcow2 image through qemu-nbd --cache=none --aio=native
+# Every backing file sits on the same tmpfs. Jobs: 4 KiB random read/write at depth 16, 128 KiB
+# sequential read/write at depth 4; direct I/O, libaio, FIO_RUNTIME seconds each (default 20).
+# Prints IOPS and MB/s per target and job, and the ratios to loop.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+FVD="node $root/build/daemon/cli.js"
+RUNTIME=${FIO_RUNTIME:-20}
+SIZE=${BENCH_SIZE:-1G}
+TARGETS=${BENCH_TARGETS:-"fvd fvd-cow loop qcow2-nbd"}
+dir=$(mktemp -d /tmp/fvd-bench.XXXXXX)
+results=$dir/results.tsv
+pids=()
+cleanup() {
+  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
+  losetup -D 2>/dev/null || true
+  qemu-nbd -d /dev/nbd0 >/dev/null 2>&1 || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+modprobe ublk_drv 2>/dev/null || true
+modprobe nbd nbds_max=2 2>/dev/null || true
+mount | grep -q " $(df --output=target /tmp | tail -1) " || true
+echo "bench: $(uname -r), backing files on $(df --output=fstype /tmp | tail -1) at $dir, $RUNTIME s per job, size $SIZE"
+
+JOBS=("randread 4k 16" "randwrite 4k 16" "read 128k 4" "write 128k 4")
+
+run_jobs() { # target device
+  local target=$1 dev=$2
+  for j in "${JOBS[@]}"; do
+    set -- $j
+    local out
+    out=$(fio --name=b --filename="$dev" --rw="$1" --bs="$2" --iodepth="$3" --direct=1 --ioengine=libaio \
+      --runtime="$RUNTIME" --time_based=1 --size="$SIZE" --numjobs=1 --group_reporting=1 --randrepeat=0 \
+      --output-format=json 2>/dev/null)
+    local kind=read; case $1 in *write) kind=write ;; esac
+    local iops bw
+    iops=$(node -e "const j=JSON.parse(process.argv[1]).jobs[0]['$kind'];console.log(Math.round(j.iops))" "$out")
+    bw=$(node -e "const j=JSON.parse(process.argv[1]).jobs[0]['$kind'];console.log((j.bw_bytes/1e6).toFixed(1))" "$out")
+    printf '%s\t%s-%s-qd%s\t%s\t%s\n' "$target" "$1" "$2" "$3" "$iops" "$bw" | tee -a "$results"
+  done
+}
+
+serve() { # image -> sets $dev (no subshell: the pid must stay in this shell's list)
+  $FVD serve "$1" --queues 2 --depth 128 > "$1.out" 2> "$1.log" &
+  pids+=($!)
+  for _ in $(seq 300); do grep -q /dev/ublkb "$1.out" 2>/dev/null && break; sleep 0.1; done
+  dev=$(head -1 "$1.out")
+  [ -b "$dev" ] || { echo "serve $1 failed:"; cat "$1.log"; exit 1; }
+}
+
+stop_last() { local p=${pids[-1]}; kill -TERM "$p"; wait "$p" || true; unset 'pids[-1]'; }
+
+for t in $TARGETS; do
+  case $t in
+    fvd)
+      $FVD create "$dir/full.fvd" "$SIZE" >/dev/null
+      serve "$dir/full.fvd"
+      fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
+      run_jobs fvd "$dev"; stop_last ;;
+    fvd-cow)
+      truncate -s "$SIZE" "$dir/base.raw"
+      fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
+      $FVD create -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
+      serve "$dir/cow.fvd"
+      run_jobs fvd-cow "$dev"; stop_last ;;
+    loop)
+      truncate -s "$SIZE" "$dir/loop.raw"
+      fio --name=fillloop --filename="$dir/loop.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
+      dev=$(losetup --direct-io=on -f --show "$dir/loop.raw")
+      run_jobs loop "$dev"; losetup -d "$dev" ;;
+    qcow2-nbd)
+      qemu-img create -q -f qcow2 "$dir/img.qcow2" "$SIZE"
+      qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$dir/img.qcow2"
+      sleep 1
+      fio --name=fillq --filename=/dev/nbd0 --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
+      run_jobs qcow2-nbd /dev/nbd0; qemu-nbd -d /dev/nbd0 >/dev/null ;;
+  esac
+done
+
+echo
+node - "$results" <<'JS'
+const fs = require('fs');
+const rows = fs.readFileSync(process.argv[2], 'utf8').trim().split('\n').map((l) => l.split('\t'));
+const jobs = [...new Set(rows.map((r) => r[1]))];
+const targets = [...new Set(rows.map((r) => r[0]))];
+const get = (t, j) => rows.find((r) => r[0] === t && r[1] === j);
+const pad = (s, n) => String(s).padEnd(n);
+console.log(pad('target', 11) + jobs.map((j) => pad(j, 30)).join(''));
+for (const t of targets) {
+  let line = pad(t, 11);
+  for (const j of jobs) {
+    const r = get(t, j), l = get('loop', j);
+    const ratio = r && l ? ` ${(Number(r[2]) / Number(l[2])).toFixed(2)}x loop` : '';
+    line += pad(r ? `${r[2]} IOPS ${r[3]} MB/s${ratio}` : '-', 30);
+  }
+  console.log(line);
+}
+JS
