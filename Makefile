@@ -35,6 +35,12 @@ demo-engine: build
 bench: build
 	bash bench/compare.sh
 
+# The device against kernel loop (direct I/O) and qcow2 via qemu-nbd, fio in one guest boot
+# (or directly where this kernel has ublk). FIO_RUNTIME (default 20 s per job), BENCH_SIZE (1G).
+bench-dev: build
+	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device.sh; \
+	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-20} BENCH_SIZE=$${BENCH_SIZE:-1G} bash bench/device.sh; fi
+
 install: build
 	install -d $(DESTDIR)$(PREFIX)/lib/fvd $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/systemd/system $(DESTDIR)/etc/fvd
 	rm -rf $(DESTDIR)$(PREFIX)/lib/fvd/build
