@@ -1,0 +1,159 @@
+/**
+ * Daemon pieces that need no ublk kernel: the ABI encodings (checked against the 6.12 struct
+ * offsets in ../shared/reference/ublk-fvd-notes.md §2.3), fast-path routing through the shared
+ * engine view, the main→worker completion ring, instance configuration and state files.
+ */
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import {
+  UBLK_U_CMD_ADD_DEV, UBLK_U_CMD_DEL_DEV, UBLK_U_CMD_GET_DEV_INFO, UBLK_U_CMD_GET_FEATURES, UBLK_U_CMD_SET_PARAMS,
+  UBLK_U_CMD_START_DEV, UBLK_U_CMD_STOP_DEV, UBLK_U_IO_COMMIT_AND_FETCH_REQ, UBLK_U_IO_FETCH_REQ,
+  decodeDevInfo, encodeCtrlCmd, encodeDevInfo, encodeIoCmd, encodeParams,
+} from '../daemon/ublk/abi.js';
+import { CompletionRing, mapDirect, type EngineView } from '../daemon/shared-state.js';
+import { readInstanceConfig } from '../daemon/instance-config.js';
+import { listStates, removeState, writeState } from '../daemon/state.js';
+import { FvdImage } from '../fvd/image.js';
+import { nodeIo } from '../fvd/node-file.js';
+
+test('ublk opcodes are the ioctl encodings of Linux 6.12', () => {
+  assert.is(UBLK_U_CMD_GET_DEV_INFO, 0x80207502);
+  assert.is(UBLK_U_CMD_ADD_DEV, 0xc0207504);
+  assert.is(UBLK_U_CMD_DEL_DEV, 0xc0207505);
+  assert.is(UBLK_U_CMD_START_DEV, 0xc0207506);
+  assert.is(UBLK_U_CMD_STOP_DEV, 0xc0207507);
+  assert.is(UBLK_U_CMD_SET_PARAMS, 0xc0207508);
+  assert.is(UBLK_U_CMD_GET_FEATURES, 0x80207513);
+  assert.is(UBLK_U_IO_FETCH_REQ, 0xc0107520);
+  assert.is(UBLK_U_IO_COMMIT_AND_FETCH_REQ, 0xc0107521);
+});
+
+test('struct encodings: ctrl cmd, io cmd, dev info, params at their offsets', () => {
+  const b = new Uint8Array(64);
+  const dv = new DataView(b.buffer);
+  encodeCtrlCmd(dv, 0, 7, 0x1234_5678_9a, 64, 4242);
+  assert.is(dv.getUint32(0, true), 7);
+  assert.is(dv.getUint16(4, true), 0xffff);
+  assert.is(dv.getUint16(6, true), 64);
+  assert.is(dv.getBigUint64(8, true), 0x1234_5678_9an);
+  assert.is(dv.getBigUint64(16, true), 4242n);
+  encodeIoCmd(dv, 32, 1, 77, -5, 0x7fff_1234_5000);
+  assert.is(dv.getUint16(32, true), 1);
+  assert.is(dv.getUint16(34, true), 77);
+  assert.is(dv.getInt32(36, true), -5);
+  assert.is(dv.getBigUint64(40, true), 0x7fff_1234_5000n);
+  const info = encodeDevInfo({ nrHwQueues: 2, queueDepth: 128, maxIoBufBytes: 524288, devId: -1, ublksrvFlags: 0xabn << 32n });
+  const back = decodeDevInfo(info);
+  assert.is(back.nrHwQueues, 2);
+  assert.is(back.queueDepth, 128);
+  assert.is(back.maxIoBufBytes, 524288);
+  assert.is(back.devId, 0xffffffff);
+  assert.is(back.ublksrvFlags, 0xabn << 32n);
+  const p = encodeParams({ devSectors: 2097152, logicalBsShift: 9, physicalBsShift: 12, ioOptShift: 16, ioMinShift: 12, maxSectors: 1024, attrs: 4, discardGranularity: 65536, maxDiscardSectors: 8, maxWriteZeroesSectors: 9, maxDiscardSegments: 1 });
+  const pv = new DataView(p.buffer);
+  assert.is(pv.getUint32(0, true), p.length);
+  assert.is(pv.getUint32(4, true), 3); // BASIC | DISCARD
+  assert.is(pv.getUint32(8, true), 4); // attrs: VOLATILE_CACHE
+  assert.is(pv.getUint8(12), 9);
+  assert.is(pv.getUint8(13), 12);
+  assert.is(pv.getUint32(16, true), 1024);
+  assert.is(pv.getBigUint64(24, true), 2097152n);
+  assert.is(pv.getUint32(44, true), 65536);
+  assert.is(pv.getUint32(48, true), 8);
+  assert.is(pv.getUint32(52, true), 9);
+  assert.is(pv.getUint16(56, true), 1);
+});
+
+function view(over: Partial<EngineView>): EngineView {
+  return {
+    size: 1 << 20, dataOffset: 1 << 20, blockSize: 4096, chunkSize: 65536, baseBlocks: 0, bitmapEnd: 0, allLocal: true,
+    present: new Uint8Array(32), journaled: new Uint8Array(32), table: null, ...over,
+  };
+}
+
+test('mapDirect: raw-like, base blocks, journaled bits for writes, compact chunks', () => {
+  assert.is(mapDirect(view({}), 8192, 4096, true), (1 << 20) + 8192);
+  const present = new Uint8Array(32);
+  const journaled = new Uint8Array(32);
+  const v = view({ allLocal: false, baseBlocks: 100, bitmapEnd: 100 * 4096, present, journaled });
+  assert.is(mapDirect(v, 0, 4096, false), -1, 'base block: the engine reads it');
+  present[0] = 0b11;
+  assert.is(mapDirect(v, 0, 8192, false), 1 << 20, 'local blocks: direct read');
+  assert.is(mapDirect(v, 0, 8192, true), -1, 'a write to a present block whose bit is not journaled goes to the engine');
+  journaled[0] = 0b11;
+  assert.is(mapDirect(v, 4096, 4096, true), (1 << 20) + 4096);
+  assert.is(mapDirect(v, 4096, 8192, false), -1, 'spills into a base block');
+  assert.is(mapDirect(v, 100 * 4096, 4096, true), (1 << 20) + 100 * 4096, 'past the bitmap: always local');
+  const table = new Uint32Array([5, 6, 0xffffffff, 9]);
+  const c = view({ table });
+  assert.is(mapDirect(c, 65536 - 4096, 8192, false), (1 << 20) + 5 * 65536 + 65536 - 4096, 'adjacent chunks in storage');
+  assert.is(mapDirect(c, 2 * 65536, 4096, false), -1, 'unmapped chunk');
+  assert.is(mapDirect(c, 3 * 65536 - 4096, 8192, false), -1, 'not adjacent in storage');
+});
+
+test('mapDirect follows a real engine as blocks become local', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-du-'));
+  fs.writeFileSync(path.join(dir, 'b.raw'), Buffer.alloc(1 << 20, 7));
+  await FvdImage.create(nodeIo, path.join(dir, 'i.fvd'), { base: 'b.raw', baseFormat: 'raw', blockSize: 4096 });
+  const img = await FvdImage.open(nodeIo, path.join(dir, 'i.fvd'), { copyOnRead: false });
+  const v = img.sharedView();
+  assert.is(mapDirect(v, 8192, 4096, true), -1);
+  await img.write(Buffer.alloc(4096, 1), 8192);
+  assert.ok(mapDirect(v, 8192, 4096, true) > 0, 'the worker sees the engine update the shared bitmap');
+  await img.close();
+  fs.rmSync(dir, { recursive: true });
+});
+
+test('completion ring: FIFO, wraps, drains exactly what was pushed', () => {
+  const sab = CompletionRing.create(4);
+  const producer = new CompletionRing(sab);
+  const consumer = new CompletionRing(sab);
+  const got: number[] = [];
+  for (let round = 0; round < 5; round++) {
+    for (let i = 0; i < 4; i++) producer.push(round * 10 + i, -i);
+    assert.is(consumer.drain((tag, res) => got.push(tag, res)), 4);
+  }
+  assert.is(got.length, 40);
+  assert.equal(got.slice(32), [40, 0, 41, -1, 42, -2, 43, -3]);
+  assert.is(consumer.drain(() => assert.unreachable()), 0);
+});
+
+test('instance config: defaults, keys, errors', () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-conf-'));
+  process.env.FVD_CONF_DIR = dir;
+  process.env.FVD_STATE_DIR = '/var/lib/fvd';
+  try {
+    assert.equal(readInstanceConfig('vm1'), { image: '/var/lib/fvd/vm1.fvd' });
+    fs.writeFileSync(path.join(dir, 'vm2.conf'), '# comment\nIMAGE="/images/vm2.fvd"\nQUEUES=4\nCOPY_ON_READ=no\nDEV_ID=3\n');
+    assert.equal(readInstanceConfig('vm2'), { image: '/images/vm2.fvd', queues: '4', copyOnRead: false, devId: '3' });
+    fs.writeFileSync(path.join(dir, 'bad.conf'), 'IMAGE=/x\nBOGUS=1\n');
+    assert.throws(() => readInstanceConfig('bad'), /bad\.conf:2: unknown key BOGUS/);
+    assert.throws(() => readInstanceConfig('../etc'), /invalid instance name/);
+  } finally {
+    delete process.env.FVD_CONF_DIR;
+    delete process.env.FVD_STATE_DIR;
+    fs.rmSync(dir, { recursive: true });
+  }
+});
+
+test('state files: write, list, remove', () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-run-'));
+  process.env.FVD_RUN_DIR = dir;
+  try {
+    const st = { name: 'a', devId: 3, device: '/dev/ublkb3', image: '/x.fvd', pid: 1, size: 1, queues: 2, depth: 128, startedAt: 'now' };
+    writeState(st);
+    writeState({ ...st, name: 'b', devId: 1, device: '/dev/ublkb1' });
+    fs.writeFileSync(path.join(dir, 'ublkb9.json'), '{broken');
+    assert.equal(listStates().map((s) => s.name), ['b', 'a']);
+    removeState(3);
+    assert.equal(listStates().map((s) => s.devId), [1]);
+  } finally {
+    delete process.env.FVD_RUN_DIR;
+    fs.rmSync(dir, { recursive: true });
+  }
+});
+
+test.run();
