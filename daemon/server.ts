@@ -10,11 +10,11 @@
  */
 import fs from 'node:fs';
 import { Worker } from 'node:worker_threads';
-import { createRequire } from 'node:module';
 import { FvdImage } from '../fvd/image.js';
 import { nodeIo } from '../fvd/node-file.js';
 import { FvdError } from '../fvd/errors.js';
 import { libc, EFD_CLOEXEC } from '../ffi/libc.js';
+import { syscalls } from '../ffi/syscalls.js';
 import { UblkControl, UblkError } from './ublk/control.js';
 import {
   FVD_SERVER_TAG,
@@ -32,7 +32,6 @@ import { CompletionRing } from './shared-state.js';
 import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
 import { removeState, writeState, type DeviceState } from './state.js';
 
-const require = createRequire(import.meta.url);
 const EIO = 5;
 /** Largest discard/write-zeroes request: whole blocks are punched in one call, so it can be big. */
 const MAX_DISCARD_BYTES = 1 << 30;
@@ -223,8 +222,8 @@ export class UblkServer {
   private onWorkerMessage(q: Queue, m: WorkerMessage, fetched: () => void): void {
     switch (m.type) {
       case 'fetched': {
-        const koffi = require('koffi');
-        q.buffer = Buffer.from(koffi.view(BigInt(m.bufAddress), m.bufLength) as ArrayBuffer);
+        // Same address space: the engine reads and writes the worker's pinned request buffers.
+        q.buffer = Buffer.from(syscalls()!.koffi.view(BigInt(m.bufAddress), m.bufLength));
         fetched();
         break;
       }

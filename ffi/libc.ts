@@ -2,9 +2,7 @@
  * The few libc calls node:fs lacks, bound with koffi (about 0.3 µs a call).
  * Loaded lazily: code paths that never need them (most of the engine) work where koffi is absent.
  */
-import { createRequire } from 'node:module';
-
-const require = createRequire(import.meta.url);
+import { loadLibc } from './koffi.js';
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;
@@ -39,9 +37,10 @@ let cached: Libc | null | undefined;
 /** libc bindings, or null where koffi cannot be loaded (callers fall back to slower paths). */
 export function libc(): Libc | null {
   if (cached !== undefined) return cached;
+  const loaded = loadLibc();
+  if (!loaded) return (cached = null);
+  const { koffi, libc: lib } = loaded;
   try {
-    const koffi = require('koffi');
-    const lib = koffi.load('libc.so.6');
     const fallocate = lib.func('int fallocate(int fd, int mode, int64_t off, int64_t len)');
     const lseek = lib.func('int64_t lseek(int fd, int64_t off, int whence)');
     const flock = lib.func('int flock(int fd, int op)');

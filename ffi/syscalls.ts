@@ -7,9 +7,7 @@
  * Calling convention: every binding returns what libc returns (-1 on failure); read `errno()`
  * immediately after, before any other koffi call, to get the cause.
  */
-import { createRequire } from 'node:module';
-
-const require = createRequire(import.meta.url);
+import { loadLibc } from './koffi.js';
 
 export const SYS_io_uring_setup = 425;
 export const SYS_io_uring_enter = 426;
@@ -66,9 +64,11 @@ let cached: Syscalls | null | undefined;
 
 export function syscalls(): Syscalls | null {
   if (cached !== undefined) return cached;
+  const loaded = loadLibc();
+  if (!loaded) return (cached = null);
+  const koffi = loaded.koffi as KoffiSubset;
+  const lib = loaded.libc;
   try {
-    const koffi = require('koffi') as KoffiSubset;
-    const lib = koffi.load('libc.so.6');
     const syscall = lib.func('long syscall(long nr, long a1, long a2, long a3, long a4, long a5, long a6)');
     const mmap = lib.func('void *mmap(void *addr, size_t len, int prot, int flags, int fd, int64_t off)');
     const munmap = lib.func('int munmap(void *addr, size_t len)');

@@ -54,3 +54,21 @@ export function countSet(bm: Uint8Array, count: number): number {
   for (let b = full * 8; b < count; b++) if (testBit(bm, b)) n++;
   return n;
 }
+
+/**
+ * Calls fn(first, last) for each maximal run of clear bits within [from, to] (inclusive), in
+ * order. The callback may set bits of the run it is given.
+ */
+export function forEachClearRun(bm: Uint8Array, from: number, to: number, fn: (first: number, last: number) => void): void {
+  let b = from;
+  while (b <= to) {
+    if (testBit(bm, b)) {
+      b++;
+      continue;
+    }
+    let e = b;
+    while (e + 1 <= to && !testBit(bm, e + 1)) e++;
+    fn(b, e);
+    b = e + 1;
+  }
+}

@@ -49,7 +49,7 @@ import {
   type BaseFormat,
   type Header,
 } from './format.js';
-import { allSet, countSet, newBitmap, setRange, testBit } from './bitmap.js';
+import { allSet, countSet, forEachClearRun, newBitmap, setRange, testBit } from './bitmap.js';
 import { Journal, PendingRecords, replayJournal, type JournalSink } from './journal.js';
 import { BlockLocks } from './block-locks.js';
 
@@ -602,22 +602,18 @@ export class FvdImage {
 
   private async copyToImage(whole: Uint8Array, wStart: number, b0: number, b1: number): Promise<void> {
     try {
-      // Blocks made local since the read was classified (a write that finished first) keep
-      // their data: only still-absent runs are stored.
+      // Only still-absent runs are stored. (The block locks keep writers out meanwhile, so
+      // this is all of them; the check keeps a block that became local from being overwritten.)
       const bs = this.blockSize;
-      let b = b0;
-      while (b <= b1) {
-        if (testBit(this.present, b)) {
-          b++;
-          continue;
-        }
-        let e = b;
-        while (e + 1 <= b1 && !testBit(this.present, e + 1)) e++;
+      const runs: number[] = [];
+      forEachClearRun(this.present, b0, b1, (b, e) => runs.push(b, e));
+      for (let i = 0; i < runs.length; i += 2) {
+        const b = runs[i]!;
+        const e = runs[i + 1]!;
         const from = b * bs - wStart;
         const to = Math.min((e + 1) * bs, wStart + whole.length) - wStart;
         await this.storeLocal(whole.subarray(from, to), b * bs);
         setRange(this.present, b, e - b + 1); // soft: not journaled (FORMAT.md §5.2)
-        b = e + 1;
       }
     } catch {
       // A failed copy-on-read is harmless: the blocks stay in the base. Disable further copies.
@@ -679,19 +675,14 @@ export class FvdImage {
   /** Blocks [b0, b1] now hold their data in the image: set both bitmaps, log what is new. */
   private markLocal(b0: number, b1: number): void {
     setRange(this.present, b0, b1 - b0 + 1);
-    let b = b0;
-    while (b <= b1) {
-      if (testBit(this.journaled, b)) {
-        b++;
-        continue;
-      }
-      let e = b;
-      while (e + 1 <= b1 && !testBit(this.journaled, e + 1)) e++;
-      setRange(this.journaled, b, e - b + 1);
-      this.journal!.pending.addBitmap(b, e - b + 1);
-      b = e + 1;
-    }
+    forEachClearRun(this.journaled, b0, b1, this.logBitmapRun);
   }
+
+  /** Sets the journaled bits [first, last] and queues their BITMAP_SET record. */
+  private readonly logBitmapRun = (first: number, last: number): void => {
+    setRange(this.journaled, first, last - first + 1);
+    this.journal!.pending.addBitmap(first, last - first + 1);
+  };
 
   /** Writes bytes of the virtual disk to this image's storage (allocating chunks if compact). */
   private storeLocal(buf: Uint8Array, offset: number): Promise<void> {

@@ -54,13 +54,8 @@ import {
 const KiB = 1024;
 const MiB = 1024 * 1024;
 const tmp = new TempDir('fvd-bad-input-');
-let seq = 0;
-/** A fresh sub-directory per case, so relative base paths never collide. */
-function caseDir(): string {
-  const d = tmp.file(`case${++seq}`);
-  fs.mkdirSync(d);
-  return d;
-}
+const caseDir = () => tmp.caseDir();
+let convertSeq = 0;
 
 function rawBase(file: string, size: number, seed = 7): Buffer {
   const data = patternBytes(size, seed);
@@ -140,7 +135,7 @@ async function expectRefused(file: string, problem: RegExp, o: RefusalOptions = 
   // The CLI runs concurrently (they all refuse, so none of them may write); hashes are compared
   // after all of them ended.
   const fmt = o.noMagic ? ['-f', 'fvd'] : [];
-  const out = path.join(path.dirname(file), `converted-${seq}.raw`);
+  const out = path.join(path.dirname(file), `converted-${++convertSeq}.raw`);
   const refusing = [
     ['info', file],
     ['info', '--json', file],

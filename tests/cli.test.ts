@@ -26,12 +26,7 @@ import { readHeader, setTableEntry } from './helpers/tamper.js';
 const KiB = 1024;
 const MiB = 1024 * 1024;
 const tmp = new TempDir('fvd-cli-');
-let n = 0;
-function caseDir(): string {
-  const d = tmp.file(`case${++n}`);
-  fs.mkdirSync(d);
-  return d;
-}
+const caseDir = () => tmp.caseDir();
 
 interface Info {
   image: string;

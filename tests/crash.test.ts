@@ -25,7 +25,7 @@ import { decodeHeader } from '../fvd/format.js';
 import { Rng, envSeed, envSteps, randomSeed } from './helpers/rng.js';
 import { MemIo } from './helpers/mem-io.js';
 import { CrashIo, type TearWeights } from './helpers/crash-io.js';
-import { CrashModel, DiskModel, SECTOR, V_INITIAL, firstMismatch, makeData, type DataStyle } from './helpers/model.js';
+import { CrashModel, DiskModel, SECTOR, V_INITIAL, firstMismatch, makeData, makeFvdBase, type DataStyle } from './helpers/model.js';
 
 async function rejects(p: Promise<unknown>): Promise<void> {
   try {
@@ -321,17 +321,7 @@ async function runWorkload(seed: number, cfg: CrashConfig, steps: number): Promi
   } else if (cfg.base) {
     // An FVD base written through the engine (before recording): random extents over zeros.
     const basePath = path.join(DIR, 'base.fvd');
-    await FvdImage.create(mem, basePath, { size: cfg.baseSize, blockSize: cfg.blockSize, layout: r.chance(0.5) ? 'compact' : 'raw' });
-    const b = await FvdImage.open(mem, basePath);
-    initial = new Uint8Array(cfg.baseSize);
-    for (let i = 0; i < 60; i++) {
-      const off = r.int(cfg.baseSize / SECTOR) * SECTOR;
-      const len = Math.min(cfg.baseSize - off, r.range(1, 32) * SECTOR);
-      const data = makeData(r, len, 1_000_000 + i, off, 'random');
-      initial.set(data, off);
-      await b.write(data, off);
-    }
-    await b.close();
+    initial = await makeFvdBase(mem, basePath, cfg.baseSize, cfg.blockSize, r, 60, 32);
     opts.base = basePath;
     opts.baseFormat = 'fvd';
   }

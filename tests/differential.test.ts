@@ -27,7 +27,7 @@ import { nodeIo } from '../fvd/node-file.js';
 import { checkImage } from '../fvd/check.js';
 import { Rng, envSeed, envSteps, randomSeed } from './helpers/rng.js';
 import { MemIo } from './helpers/mem-io.js';
-import { DiskModel, SECTOR, firstMismatch, makeData, type DataStyle } from './helpers/model.js';
+import { DiskModel, SECTOR, firstMismatch, makeData, makeFvdBase, type DataStyle } from './helpers/model.js';
 
 type Backend = 'mem' | 'fs';
 
@@ -424,17 +424,7 @@ async function setup(seed: number, backend: Backend): Promise<Ctx> {
   } else if (cfg.base === 'fvd') {
     // An FVD base written through the engine: random extents over a zero background.
     const basePath = path.join(dir, 'base.fvd');
-    await FvdImage.create(io, basePath, { size: cfg.baseSize, blockSize: cfg.blockSize, layout: setupRng.chance(0.5) ? 'compact' : 'raw' });
-    const b = await FvdImage.open(io, basePath);
-    initial = new Uint8Array(cfg.baseSize);
-    for (let i = 0; i < 40; i++) {
-      const off = setupRng.int(cfg.baseSize / SECTOR) * SECTOR;
-      const len = Math.min(cfg.baseSize - off, setupRng.range(1, 64) * SECTOR);
-      const data = makeData(setupRng, len, 1_000_000 + i, off, 'random');
-      initial.set(data, off);
-      await b.write(data, off);
-    }
-    await b.close();
+    initial = await makeFvdBase(io, basePath, cfg.baseSize, cfg.blockSize, setupRng, 40, 64);
     opts.base = cfg.relativeBase ? 'base.fvd' : basePath;
     opts.baseFormat = 'fvd';
   }

@@ -123,8 +123,15 @@ export class TempDir {
   constructor(prefix: string) {
     this.path = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
   }
+  private cases = 0;
   file(name: string): string {
     return path.join(this.path, name);
+  }
+  /** A fresh sub-directory per test case, so relative base paths never collide. */
+  caseDir(): string {
+    const d = this.file(`case${++this.cases}`);
+    fs.mkdirSync(d);
+    return d;
   }
   cleanup(): void {
     fs.rmSync(this.path, { recursive: true, force: true });

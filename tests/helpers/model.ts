@@ -8,6 +8,8 @@
  *    mismatch report can say where wrong data came from.
  */
 import type { Rng } from './rng.js';
+import type { IoBackend } from '../../fvd/io.js';
+import { FvdImage } from '../../fvd/image.js';
 
 export const SECTOR = 512;
 const STAMP = 0x5ec7da7a;
@@ -234,4 +236,23 @@ export class CrashModel {
     }
     return problems;
   }
+}
+
+/**
+ * An FVD base image written through the engine: `extents` random extents (1..maxSectors sectors)
+ * over a zero background, in either layout. Returns the base's content, for the model.
+ */
+export async function makeFvdBase(io: IoBackend, basePath: string, size: number, blockSize: number, rng: Rng, extents: number, maxSectors: number): Promise<Uint8Array> {
+  await FvdImage.create(io, basePath, { size, blockSize, layout: rng.chance(0.5) ? 'compact' : 'raw' });
+  const b = await FvdImage.open(io, basePath);
+  const initial = new Uint8Array(size);
+  for (let i = 0; i < extents; i++) {
+    const off = rng.int(size / SECTOR) * SECTOR;
+    const len = Math.min(size - off, rng.range(1, maxSectors) * SECTOR);
+    const data = makeData(rng, len, 1_000_000 + i, off, 'random');
+    initial.set(data, off);
+    await b.write(data, off);
+  }
+  await b.close();
+  return initial;
 }
