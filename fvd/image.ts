@@ -600,7 +600,7 @@ export class FvdImage {
     this.track(this.copyToImage(whole, wStart, b0, b1));
   }
 
-  private async copyToImage(whole: Uint8Array, wStart: number, b0: number, b1: number): Promise<void> {
+  private async copyToImage(whole: Uint8Array, wStart: number, b0: number, b1: number, rethrow = false): Promise<void> {
     try {
       // Only still-absent runs are stored. (The block locks keep writers out meanwhile, so
       // this is all of them; the check keeps a block that became local from being overwritten.)
@@ -615,7 +615,8 @@ export class FvdImage {
         await this.storeLocal(whole.subarray(from, to), b * bs);
         setRange(this.present, b, e - b + 1); // soft: not journaled (FORMAT.md §5.2)
       }
-    } catch {
+    } catch (err) {
+      if (rethrow) throw err;
       // A failed copy-on-read is harmless: the blocks stay in the base. Disable further copies.
       this.copyOnRead = false;
     } finally {
@@ -627,6 +628,76 @@ export class FvdImage {
   private track(p: Promise<void>): void {
     this.background.add(p);
     p.finally(() => this.background.delete(p));
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // prefetching hooks (fvd/prefetch.ts drives them)
+
+  /** Blocks of the base (with a bitmap bit) and how many of them are still only in the base. */
+  baseProgress(): { blocks: number; absent: number; blockSize: number } {
+    const absent = this.allLocal ? 0 : this.baseBlocks - countSet(this.present, this.baseBlocks);
+    return { blocks: this.baseBlocks, absent, blockSize: this.blockSize };
+  }
+
+  /** The first block at or after `from` still only in the base, or -1. */
+  nextAbsentBlock(from: number): number {
+    if (this.allLocal) return -1;
+    for (let b = from; b < this.baseBlocks; b++) {
+      if (this.present[b >>> 3] === 0xff && (b & 7) === 0) {
+        b += 7;
+        continue;
+      }
+      if (!testBit(this.present, b)) return b;
+    }
+    return -1;
+  }
+
+  /**
+   * Copies the blocks of [b0, b1] still only in the base into the image, as soft writes (like
+   * copy-on-read: bits in memory only, persisted at the next checkpoint). Runs that a guest
+   * request holds locked are skipped — the guest always wins — and come back in a later pass.
+   * Returns the bytes read from the base. Errors are thrown to the caller.
+   */
+  async prefetchBlocks(b0: number, b1: number): Promise<number> {
+    this.checkWritable('prefetch');
+    if (this.closed || this.allLocal) return 0;
+    const last = Math.min(b1, this.baseBlocks - 1);
+    const runs: number[] = [];
+    forEachClearRun(this.present, b0, last, (b, e) => runs.push(b, e));
+    let bytes = 0;
+    const bs = this.blockSize;
+    for (let i = 0; i < runs.length; i += 2) {
+      const b = runs[i]!;
+      const e = runs[i + 1]!;
+      if (!this.locks.tryAcquire(b, e)) continue;
+      const start = b * bs;
+      const whole = new Uint8Array(Math.min((e + 1) * bs, this.size) - start);
+      try {
+        await this.readBaseRaw(whole, start);
+      } catch (err) {
+        this.locks.release(b, e);
+        throw err;
+      }
+      bytes += Math.max(0, Math.min(whole.length, this.baseLimit - start));
+      this.corBytes += whole.length; // copyToImage accounts it back
+      await this.copyToImage(whole, start, b, e, true);
+    }
+    return bytes;
+  }
+
+  /**
+   * Once every base block is local: records FULLY_LOCAL (with a checkpoint, so the bitmap it
+   * replaces is on disk first) and stops consulting the bitmap. Returns false if blocks remain.
+   */
+  async markFullyLocal(): Promise<boolean> {
+    this.checkWritable('mark fully local');
+    if (this.allLocal) return true;
+    await this.idle();
+    if (countSet(this.present, this.baseBlocks) !== this.baseBlocks) return false;
+    this.header.autoclear |= AUTOCLEAR_FULLY_LOCAL;
+    await this.journal!.checkpoint();
+    this.allLocal = true;
+    return true;
   }
 
   // ---------------------------------------------------------------------------------------------
