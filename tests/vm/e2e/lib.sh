@@ -1,0 +1,212 @@
+# tests/vm/e2e/lib.sh — helpers shared by the end-to-end scenarios (sourced, never run).
+#
+# Each scenario runs in its own bash (see tests/vm/e2e.sh) with `set -euo pipefail`, this file
+# and the scenario file sourced, in a fresh directory $D on a tmpfs.  Results are one line per
+# check ("ok - ..." / "not ok - ...") on stdout, and one word per check appended to
+# $E2E_STATE/tally, which e2e.sh counts.  A failing check prints what it saw (command output,
+# daemon log, dmesg tail) as "#   " lines right below it.
+#
+# Everything that touches a ublk device runs under `timeout` (io / t): a hung device must fail
+# the check, not hang the run.
+
+REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)}
+if [[ -n ${E2E_FVD:-} ]]; then read -ra FVD <<< "$E2E_FVD"; else FVD=(node "$REPO/build/daemon/cli.js"); fi
+E2E_IO_TIMEOUT=${E2E_IO_TIMEOUT:-180}   # seconds for one command that touches a device
+SCEN=${SCEN:-?}                         # scenario label, set by e2e.sh
+D=${D:-/tmp}                            # scenario's work directory, set by e2e.sh
+SERVE_N=0
+
+# --- results ----------------------------------------------------------------------------------
+indent() { sed 's/^/#   /'; }
+ok() { echo "ok - [$SCEN] $*"; echo ok >> "$E2E_STATE/tally"; }
+# skip REASON: the scenario cannot run here (counted apart, neither passed nor failed).
+skip() { echo "# skip - [$SCEN] $*"; echo skip >> "$E2E_STATE/tally"; }
+# not_ok MESSAGE [TEXT]: TEXT (output that explains the failure) is printed indented, followed by
+# the tail of the current daemon's stderr and of the kernel log.
+not_ok() {
+    echo "not ok - [$SCEN] $1"
+    echo fail >> "$E2E_STATE/tally"
+    [[ -n ${2:-} ]] && printf '%s\n' "$2" | tail -n 40 | indent
+    evidence
+    return 0
+}
+evidence() {
+    if [[ -n ${SERVE_LOG:-} && -s ${SERVE_LOG:-} ]]; then
+        echo "#   --- daemon stderr ($SERVE_LOG, last 15 lines):"
+        tail -n 15 "$SERVE_LOG" | indent
+    fi
+    local k
+    k=$(dmesg 2>/dev/null | tail -n +"$((${DMESG_MARK:-0} + 1))" | tail -n 12)
+    if [[ -n $k ]]; then
+        echo "#   --- dmesg since the scenario started (last 12 lines):"
+        printf '%s\n' "$k" | indent
+    else
+        echo "#   --- dmesg: no kernel messages since the scenario started"
+    fi
+}
+
+# check NAME COMMAND...: ok when COMMAND exits 0; otherwise not ok with its output.
+check() {
+    local name=$1 out rc=0
+    shift
+    out=$("$@" 2>&1) || rc=$?
+    if ((rc == 0)); then ok "$name"; else not_ok "$name (exit $rc from: $*)" "$out"; fi
+    return 0
+}
+# ensure NAME COMMAND...: like check, but returns 1 when it failed (use: ensure ... || return 0).
+ensure() {
+    local name=$1 out rc=0
+    shift
+    out=$("$@" 2>&1) || rc=$?
+    if ((rc == 0)); then ok "$name"; return 0; fi
+    not_ok "$name (exit $rc from: $*)" "$out"
+    return 1
+}
+# check_fails NAME COMMAND...: ok when COMMAND exits non-zero (but not by time-out, 124).
+check_fails() {
+    local name=$1 out rc=0
+    shift
+    out=$("$@" 2>&1) || rc=$?
+    if ((rc != 0 && rc != 124 && rc != 137)); then ok "$name"; else not_ok "$name (exit $rc from: $*)" "$out"; fi
+    return 0
+}
+# expect NAME GOT WANT [TEXT]
+expect() {
+    if [[ $2 == "$3" ]]; then ok "$1"; else not_ok "$1 (got '$2', want '$3')" "${4:-}"; fi
+    return 0
+}
+# must DESCRIPTION COMMAND...: a set-up step. On failure: one "not ok" with the output, and the
+# scenario ends (exit 1; e2e.sh then cleans up).
+must() {
+    local name=$1 out rc=0
+    shift
+    out=$("$@" 2>&1) || rc=$?
+    ((rc == 0)) && return 0
+    not_ok "$name (exit $rc from: $*) — scenario aborted" "$out"
+    exit 1
+}
+
+# --- commands ---------------------------------------------------------------------------------
+# t COMMAND...: COMMAND under the I/O time-out (SIGKILL 5 s after SIGTERM).
+t() { timeout -k 5 "$E2E_IO_TIMEOUT" "$@"; }
+fvd() { t "${FVD[@]}" "$@"; }
+
+# random_file PATH SIZE_MIB: random content, from the suite-wide pool (urandom is slow under TCG).
+random_file() {
+    local mib=$2 pool=$E2E_STATE/random.pool
+    [[ -s $pool ]] || head -c 64M /dev/urandom > "$pool"
+    if ((mib <= 64)); then
+        head -c "$((mib * 1024 * 1024))" "$pool" > "$1"
+    else
+        head -c "$((mib * 1024 * 1024))" /dev/urandom > "$1"
+    fi
+    # make each file distinct even when it comes from the pool
+    printf '%s %s %s' "$1" "$RANDOM" "$(date +%s%N)" | dd of="$1" conv=notrunc status=none
+}
+# pattern_file PATH SIZE BYTE(0xNN): SIZE bytes all equal to BYTE.
+pattern_file() {
+    head -c "$2" /dev/zero | tr '\0' "\\$(printf '%03o' "$3")" > "$1"
+}
+# read_dev DEV OFFSET LENGTH: bytes of the device on stdout (O_DIRECT, byte offsets).
+read_dev() {
+    t dd if="$1" iflag=direct,skip_bytes,count_bytes skip="$2" count="$3" bs=1M status=none
+}
+# write_dev DEV OFFSET FILE: FILE onto the device at OFFSET (O_DIRECT, then fsync).
+write_dev() {
+    t dd if="$3" of="$1" oflag=direct,seek_bytes seek="$2" bs=1M conv=notrunc,fsync status=none
+}
+# check_dev_equals NAME DEV OFFSET FILE: ok when the device holds FILE's bytes at OFFSET.
+check_dev_equals() {
+    local out rc=0
+    out=$(cmp <(read_dev "$2" "$3" "$(stat -c %s "$4")") "$4" 2>&1) || rc=$?
+    if ((rc == 0)); then ok "$1"; else not_ok "$1" "$out"; fi
+}
+
+# --- fvd serve --------------------------------------------------------------------------------
+# serve_start IMAGE [SERVE OPTIONS]: starts `fvd serve` in the background and waits (up to
+# E2E_SERVE_TIMEOUT s) for the device path on its stdout.  Sets SERVE_PID, SERVE_DEV (/dev/ublkbN),
+# SERVE_ID (N), SERVE_LOG (its stderr).  Returns 1 (after not_ok) if it exited or timed out.
+serve_start() {
+    local img=$1 i rc
+    shift
+    SERVE_N=$((SERVE_N + 1))
+    SERVE_OUT=$D/serve$SERVE_N.out SERVE_LOG=$D/serve$SERVE_N.err SERVE_DEV='' SERVE_ID=''
+    "${FVD[@]}" serve "$img" "$@" > "$SERVE_OUT" 2> "$SERVE_LOG" &
+    SERVE_PID=$!
+    echo "$SERVE_PID" >> "$E2E_STATE/pids"
+    for ((i = 0; i < ${E2E_SERVE_TIMEOUT:-90} * 10; i++)); do
+        if [[ $(wc -l < "$SERVE_OUT") -ge 1 ]]; then
+            SERVE_DEV=$(head -n 1 "$SERVE_OUT")
+            SERVE_ID=${SERVE_DEV#/dev/ublkb}
+            if [[ $SERVE_DEV =~ ^/dev/ublkb[0-9]+$ && -b $SERVE_DEV ]]; then return 0; fi
+            not_ok "fvd serve $img $* printed '$SERVE_DEV', which is no block device" "$(ls -l /dev/ublk* 2>&1)"
+            return 1
+        fi
+        if ! kill -0 "$SERVE_PID" 2>/dev/null; then
+            rc=0; wait "$SERVE_PID" || rc=$?
+            not_ok "fvd serve $img $* exited ($rc) before printing a device" "$(cat "$SERVE_OUT" "$SERVE_LOG")"
+            return 1
+        fi
+        sleep 0.1
+    done
+    not_ok "fvd serve $img $* printed no device within ${E2E_SERVE_TIMEOUT:-90} s" "$(cat "$SERVE_OUT" "$SERVE_LOG")"
+    return 1
+}
+# serve_must IMAGE [OPTIONS]: serve_start, or end the scenario.
+serve_must() { serve_start "$@" || exit 1; }
+
+# wait_pid PID SECONDS: waits for our child PID to exit; sets WAIT_RC to its exit code, or to
+# "timeout".  (Not in $(...): only this shell can collect its child's exit code.)
+wait_pid() {
+    local pid=$1 i
+    WAIT_RC=0
+    for ((i = 0; i < $2 * 10; i++)); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            wait "$pid" 2>/dev/null || WAIT_RC=$?   # (2>/dev/null: no "Killed" job notice)
+            return 0
+        fi
+        sleep 0.1
+    done
+    WAIT_RC=timeout
+}
+# device_gone ID [SECONDS]: true once /dev/ublkbID, /dev/ublkcID and /sys/block/ublkbID are gone.
+device_gone() {
+    local i
+    for ((i = 0; i < ${2:-5} * 10; i++)); do
+        [[ ! -e /dev/ublkb$1 && ! -e /dev/ublkc$1 && ! -e /sys/block/ublkb$1 ]] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+# serve_stop [LABEL]: SIGTERM to the daemon; checks exit 0 within E2E_STOP_TIMEOUT s and that the
+# device is gone (ok/not ok lines).  Kills it (-9) if it does not stop.
+serve_stop() {
+    local label=${1:-} rc
+    [[ -n $label ]] && label=" ($label)"
+    kill -TERM "$SERVE_PID"
+    wait_pid "$SERVE_PID" "${E2E_STOP_TIMEOUT:-120}"
+    rc=$WAIT_RC
+    if [[ $rc == timeout ]]; then
+        not_ok "SIGTERM: daemon$label did not exit within ${E2E_STOP_TIMEOUT:-120} s" "$(ps -o pid,stat,wchan:20,args -p "$SERVE_PID" 2>&1)"
+        kill -KILL "$SERVE_PID" 2>/dev/null || true
+        return 0
+    fi
+    expect "SIGTERM: daemon$label exits 0" "$rc" 0 "$(cat "$SERVE_LOG")"
+    if device_gone "$SERVE_ID" 10; then ok "SIGTERM: $SERVE_DEV$label deleted"
+    else not_ok "SIGTERM: $SERVE_DEV$label still exists after the daemon exited" "$(ls -l /dev/ublk* 2>&1; ls /sys/block)"; fi
+}
+
+# ublk_nodes: the current /dev/ublkb* and /dev/ublkc* names and /sys/block/ublkb* entries.
+ublk_nodes() { { ls -d /dev/ublkb* /dev/ublkc* /sys/block/ublkb* 2>/dev/null || true; } | sort | tr '\n' ' '; }
+
+# one_line_error NAME STDERR-FILE: ok when the file is exactly one line, starts with "fvd", and is
+# no internal error (no stack trace).
+one_line_error() {
+    local lines
+    lines=$(grep -c '' "$2" || true)
+    if [[ $lines == 1 ]] && grep -q '^fvd' "$2" && ! grep -qi 'internal error' "$2"; then
+        ok "$1: one-line error: $(cat "$2")"
+    else
+        not_ok "$1: want one line of error on stderr, got $lines" "$(cat "$2")"
+    fi
+}
