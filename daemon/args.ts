@@ -27,9 +27,12 @@ export function parseInteger(text: string, what: string, min = 0, max = Number.M
   return value;
 }
 
-/** node:util parseArgs with errors turned into one-line UsageErrors. */
+/**
+ * node:util parseArgs with errors turned into one-line UsageErrors. `_command` names the caller
+ * for readers; the CLI entry already prefixes messages with "fvd COMMAND: ".
+ */
 export function parseOptions<T extends ParseArgsConfig['options']>(
-  command: string,
+  _command: string,
   args: string[],
   options: T,
 ) {
@@ -37,7 +40,7 @@ export function parseOptions<T extends ParseArgsConfig['options']>(
     return parseArgs({ args, options, allowPositionals: true, strict: true });
   } catch (err) {
     const msg = (err as Error).message.split('\n')[0]!.replace(/\. To specify.*$/, '');
-    throw new UsageError(`${command}: ${msg}`);
+    throw new UsageError(msg);
   }
 }
 
