@@ -817,25 +817,30 @@ export class FvdImage {
     }
     let done!: () => void;
     this.allocating.set(c, new Promise<void>((r) => (done = r)));
+    let phys: number;
     try {
       const id = this.takeChunk();
-      const phys = this.header.dataOffset + id * cs;
+      phys = this.header.dataOffset + id * cs;
       try {
         // Storage never written reads as zeros; reused or device storage must be zeroed first,
         // because blocks of the chunk that are local but unwritten must read as zeros.
         if (phys < this.knownZeroFrom) await this.file.zeroRange(phys, Math.min(cs, this.knownZeroFrom - phys));
-        if (!this.file.isBlockDevice) this.knownZeroFrom = Math.max(this.knownZeroFrom, phys + cs);
-        await this.file.write(sub, phys + inChunk);
       } catch (err) {
         this.freeChunks.push(id);
         throw err;
       }
+      if (!this.file.isBlockDevice) this.knownZeroFrom = Math.max(this.knownZeroFrom, phys + cs);
+      // Publish the mapping now, before the data write: the chunk reads exactly as the unmapped
+      // chunk did (zeros where local, base data where the bits are clear), so other writers to
+      // the chunk need not queue behind this one, and the TABLE_SET can be logged at once — a
+      // commit's first fdatasync covers the zeroing, which completed above (FORMAT.md §4.3).
       table[c] = id;
       this.journal!.pending.addTable(c, id);
     } finally {
       this.allocating.delete(c);
       done();
     }
+    await this.file.write(sub, phys + inChunk);
   }
 
   private takeChunk(): number {
