@@ -1,0 +1,127 @@
+/**
+ * fvd prefetch [--max-rate SIZE] [--chunk SIZE] [--interval SEC] [--quiet] IMAGE
+ * Offline prefetch: copies every block still only in the base into the image, then records
+ * FULLY_LOCAL, so the base is no longer needed. Progress goes to stderr (one redrawn line on a
+ * TTY, a line every --interval seconds otherwise); the summary goes to stdout. Nothing runs in the
+ * foreground here, so the prefetcher only honours the bandwidth cap. SIGINT/SIGTERM stop it after
+ * the chunk in flight and close the image cleanly (copied blocks are kept); exit 130.
+ */
+import { FvdImage } from '../../fvd/image.js';
+import { nodeIo } from '../../fvd/node-file.js';
+import { Prefetcher, type PrefetchProgress } from '../../fvd/prefetch.js';
+import { UsageError, formatSize, parseOptions, parseSize } from '../args.js';
+
+const USAGE = 'usage: fvd prefetch [--max-rate SIZE] [--chunk SIZE] [--interval SEC] [--quiet] IMAGE';
+
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseOptions('prefetch', args, {
+    'max-rate': { type: 'string' },
+    chunk: { type: 'string', default: '1M' },
+    interval: { type: 'string', default: '5' },
+    quiet: { type: 'boolean', short: 'q', default: false },
+  });
+  if (positionals.length !== 1) throw new UsageError(USAGE);
+  const path = positionals[0]!;
+  const maxRate = values['max-rate'] !== undefined ? parseSize(values['max-rate'].replace(/\/s$/i, ''), 'rate') : 0;
+  if (values['max-rate'] !== undefined && maxRate <= 0) throw new UsageError(`invalid rate '${values['max-rate']}': must be positive`);
+  const chunk = parseSize(values.chunk!, 'chunk size');
+  if (chunk < 512 || chunk > 256 * 1024 * 1024) throw new UsageError(`invalid chunk size '${values.chunk}': 512 bytes to 256 MiB`);
+  const interval = Number(values.interval);
+  if (!/^\d+(\.\d+)?$/.test(values.interval!.trim()) || !(interval > 0) || interval > 86400)
+    throw new UsageError(`invalid interval '${values.interval}': seconds, more than 0`);
+
+  // Copy-on-read off: nothing reads here but the prefetcher, which does its own copies.
+  const image = await FvdImage.open(nodeIo, path, { copyOnRead: false });
+  let prefetcher: Prefetcher | null = null;
+  let code = 0;
+  const onSignal = () => void prefetcher?.stop();
+  try {
+    const st = image.stats();
+    if (st.baseSize === 0) {
+      console.log(`${path}: no base image; nothing to prefetch`);
+      return 0;
+    }
+    if (st.fullyLocal) {
+      console.log(`${path}: already fully local; nothing to prefetch`);
+      return 0;
+    }
+    prefetcher = new Prefetcher(image, { chunkBytes: chunk, maxBytesPerSec: maxRate || undefined });
+    const bar = values.quiet ? null : new ProgressBar(process.stderr, interval * 1000);
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+    prefetcher.start();
+    bar?.show(prefetcher.progress(), true);
+    const timer = bar ? setInterval(() => bar.show(prefetcher!.progress()), 200) : null;
+    const end = await prefetcher.finished;
+    if (timer) clearInterval(timer);
+    bar?.show(end, true);
+    bar?.finish();
+    const secs = end.elapsedMs / 1000;
+    const avg = secs > 0 ? end.bytesDone / secs : 0;
+    const copied = `copied ${formatSize(end.bytesDone)} from the base in ${secs.toFixed(1)} s (${formatSize(Math.round(avg))}/s)`;
+    if (end.state === 'done') {
+      console.log(`${path}: fully local: ${copied}; the base image is no longer needed`);
+    } else if (end.state === 'stopped') {
+      console.log(`${path}: interrupted: ${copied}; ${formatSize(end.bytesRemaining)} still in the base`);
+      code = 130;
+    } else {
+      throw new UsageError(`${path}: prefetch failed after ${formatSize(end.bytesDone)}: ${end.error?.message ?? 'unknown error'}`);
+    }
+    return code;
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    await prefetcher?.stop();
+    await image.close();
+  }
+}
+
+/** One redrawn line on a TTY; a line every `intervalMs` (and at start and end) otherwise. */
+class ProgressBar {
+  private readonly tty: boolean;
+  private last = 0;
+  private drawn = false;
+  constructor(
+    private readonly out: NodeJS.WriteStream,
+    private readonly intervalMs: number,
+  ) {
+    this.tty = !!out.isTTY;
+  }
+
+  show(p: PrefetchProgress, force = false): void {
+    const now = performance.now();
+    if (!force && now - this.last < (this.tty ? 200 : this.intervalMs)) return;
+    this.last = now;
+    const line = formatProgress(p, this.tty ? Math.max(10, Math.min(30, (this.out.columns ?? 80) - 60)) : 20);
+    if (this.tty) {
+      this.out.write(`\r${line}\x1b[K`);
+      this.drawn = true;
+    } else {
+      this.out.write(`${line}\n`);
+    }
+  }
+
+  finish(): void {
+    if (this.tty && this.drawn) this.out.write('\n');
+  }
+}
+
+export function formatProgress(p: PrefetchProgress, width = 20): string {
+  const frac = Math.min(1, Math.max(0, p.fraction));
+  const filled = Math.round(frac * width);
+  const bar = '#'.repeat(filled) + '.'.repeat(width - filled);
+  const state = p.state === 'paused' ? `paused (${p.pauseReason})` : p.state;
+  return (
+    `prefetch [${bar}] ${(frac * 100).toFixed(1).padStart(5)}%  ${formatSize(p.bytesDone)} / ${formatSize(p.bytesDone + p.bytesRemaining)}` +
+    `  ${formatSize(Math.round(p.rate))}/s  ETA ${formatEta(p.etaSeconds)}  ${state}`
+  );
+}
+
+function formatEta(s: number | null): string {
+  if (s === null || !Number.isFinite(s)) return '--:--';
+  const t = Math.ceil(s);
+  const h = Math.floor(t / 3600);
+  const m = Math.floor((t % 3600) / 60);
+  const sec = t % 60;
+  return h ? `${h}:${String(m).padStart(2, '0')}:${String(sec).padStart(2, '0')}` : `${m}:${String(sec).padStart(2, '0')}`;
+}
