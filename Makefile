@@ -18,8 +18,9 @@ deps: node_modules/.package-lock.json
 build: deps
 	$(NODE) node_modules/typescript/bin/tsc -p tsconfig.json
 
+# Unit, differential, crash, CLI and bad-input tests here; then the ublk device suite in a guest.
 test: build
-	$(NODE) build/tests/run.js
+	bash tests/all.sh
 
 # The main job: a small image served as /dev/ublkbN, a filesystem on it, a clean stop. Where this
 # kernel has no ublk, the same script runs inside a QEMU guest with Debian's 6.12 kernel.

@@ -46,12 +46,13 @@ run_jobs() { # target device
   done
 }
 
-serve() { # image -> sets $dev (no subshell: the pid must stay in this shell's list)
-  $FVD serve "$1" --queues 2 --depth 128 > "$1.out" 2> "$1.log" &
+serve() { # image [options] -> sets $dev (no subshell: the pid must stay in this shell's list)
+  local img=$1; shift
+  $FVD serve "$img" --queues 2 --depth 128 "$@" > "$img.out" 2> "$img.log" &
   pids+=($!)
-  for _ in $(seq 300); do grep -q /dev/ublkb "$1.out" 2>/dev/null && break; sleep 0.1; done
-  dev=$(head -1 "$1.out")
-  [ -b "$dev" ] || { echo "serve $1 failed:"; cat "$1.log"; exit 1; }
+  for _ in $(seq 300); do grep -q /dev/ublkb "$img.out" 2>/dev/null && break; sleep 0.1; done
+  dev=$(head -1 "$img.out")
+  [ -b "$dev" ] || { echo "serve $img failed:"; cat "$img.log"; exit 1; }
 }
 
 stop_last() { local p=${pids[-1]}; kill -TERM "$p"; wait "$p" || true; unset 'pids[-1]'; }
@@ -67,7 +68,7 @@ for t in $TARGETS; do
       truncate -s "$SIZE" "$dir/base.raw"
       fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
       $FVD create -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
-      serve "$dir/cow.fvd"
+      serve "$dir/cow.fvd" --no-prefetch
       run_jobs fvd-cow "$dev"; stop_last ;;
     loop)
       truncate -s "$SIZE" "$dir/loop.raw"

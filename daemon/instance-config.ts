@@ -15,9 +15,12 @@ export interface InstanceConfig {
   depth?: string;
   maxIo?: string;
   copyOnRead?: boolean;
+  prefetch?: boolean;
+  prefetchRate?: string;
 }
 
-const KEYS = new Set(['IMAGE', 'DEV_ID', 'QUEUES', 'DEPTH', 'MAX_IO', 'COPY_ON_READ']);
+const KEYS = new Set(['IMAGE', 'DEV_ID', 'QUEUES', 'DEPTH', 'MAX_IO', 'COPY_ON_READ', 'PREFETCH', 'PREFETCH_RATE']);
+const YES_NO = /^(yes|no|true|false|1|0)$/i;
 
 export function readInstanceConfig(name: string): InstanceConfig {
   if (!/^[A-Za-z0-9_.:-]+$/.test(name) || name.startsWith('.')) throw new UsageError(`invalid instance name '${name}'`);
@@ -57,8 +60,15 @@ export function readInstanceConfig(name: string): InstanceConfig {
         config.maxIo = value;
         break;
       case 'COPY_ON_READ':
-        if (!/^(yes|no|true|false|1|0)$/i.test(value)) throw new UsageError(`${file}:${i + 1}: COPY_ON_READ must be yes or no`);
-        config.copyOnRead = /^(yes|true|1)$/i.test(value);
+      case 'PREFETCH': {
+        if (!YES_NO.test(value)) throw new UsageError(`${file}:${i + 1}: ${key} must be yes or no`);
+        const on = /^(yes|true|1)$/i.test(value);
+        if (key === 'PREFETCH') config.prefetch = on;
+        else config.copyOnRead = on;
+        break;
+      }
+      case 'PREFETCH_RATE':
+        config.prefetchRate = value;
         break;
     }
   });

@@ -9,6 +9,7 @@ import { readInstanceConfig } from '../instance-config.js';
 import { sdNotify, watchdogPingIntervalMs } from '../../ffi/sd-notify.js';
 import { UsageError, formatSize, parseInteger, parseOptions, parseSize } from '../args.js';
 import { UblkServer } from '../server.js';
+import { Prefetcher } from '../../fvd/prefetch.js';
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseOptions('serve', args, {
@@ -19,6 +20,8 @@ export async function run(args: string[]): Promise<number> {
     depth: { type: 'string', default: '128' },
     'max-io': { type: 'string', default: '512k' },
     'no-copy-on-read': { type: 'boolean', default: false },
+    'no-prefetch': { type: 'boolean', default: false },
+    'prefetch-rate': { type: 'string' },
   });
   if (values.instance !== undefined) {
     // systemd: fvd serve --instance NAME reads /etc/fvd/NAME.conf (or serves /var/lib/fvd/NAME.fvd)
@@ -31,13 +34,16 @@ export async function run(args: string[]): Promise<number> {
     if (conf.depth !== undefined) values.depth = conf.depth;
     if (conf.maxIo !== undefined) values['max-io'] = conf.maxIo;
     if (conf.copyOnRead === false) values['no-copy-on-read'] = true;
+    if (conf.prefetch === false) values['no-prefetch'] = true;
+    if (conf.prefetchRate !== undefined) values['prefetch-rate'] = conf.prefetchRate;
   }
   if (positionals.length !== 1)
-    throw new UsageError('usage: fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read] | fvd serve --instance NAME');
+    throw new UsageError('usage: fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read] [--no-prefetch] [--prefetch-rate SIZE] | fvd serve --instance NAME');
   const image = positionals[0]!;
   const maxIo = parseSize(values['max-io']!, 'max I/O size');
   if (maxIo < 4096 || maxIo > 32 * 1024 * 1024 || maxIo % 4096) throw new UsageError(`invalid max I/O size ${maxIo}: a multiple of 4 KiB from 4 KiB to 32 MiB`);
   const log = (line: string) => console.error(`fvd[${process.pid}]: ${line}`);
+  const prefetchRate = values['prefetch-rate'] ? parseSize(values['prefetch-rate'], 'prefetch rate') : undefined;
   const server = await UblkServer.start({
     image,
     name: values.name ?? path.basename(image).replace(/\.[^.]*$/, ''),
@@ -49,9 +55,30 @@ export async function run(args: string[]): Promise<number> {
     log,
   });
 
+  // Background prefetching of the base (adaptive: it backs off while the guest is busy). The
+  // queue workers' request counts are its measure of foreground activity.
+  const st = server.image.stats();
+  const prefetcher =
+    values['no-prefetch'] || st.fullyLocal || st.baseSize === 0
+      ? null
+      : new Prefetcher(server.image, {
+          maxBytesPerSec: prefetchRate,
+          activity: () => {
+            const c = server.counters();
+            return { ops: c.fastPath + c.slowPath, bytes: 0, latencyNs: 0 };
+          },
+        }).start();
+  prefetcher?.on('done', () => log('prefetch done: the image is fully local, the base is no longer needed'));
+  prefetcher?.on('failed', (p: { error?: Error }) => log(`prefetch stopped: ${p.error?.message}`));
+
   const status = () => {
     const s = server.counters();
-    return `${server.devicePath} ${formatSize(server.image.size)}: ${s.fastPath + s.slowPath} requests (${s.slowPath} via engine), ${s.flushes} flushes, ${s.errors} errors`;
+    const p = prefetcher?.progress();
+    return (
+      `${server.devicePath} ${formatSize(server.image.size)}: ${s.fastPath + s.slowPath} requests (${s.slowPath} via engine), ` +
+      `${s.flushes} flushes, ${s.errors} errors` +
+      (p ? `, prefetch ${(p.fraction * 100).toFixed(1)}% ${p.state}` : '')
+    );
   };
   console.log(server.devicePath);
   sdNotify(`READY=1\nSTATUS=serving ${status()}`);
@@ -68,7 +95,8 @@ export async function run(args: string[]): Promise<number> {
       log(`${signal}: stopping ${server.devicePath}`);
       sdNotify(`STOPPING=1\nSTATUS=stopping ${server.devicePath}`);
       clearInterval(statusTimer);
-      server.stop().then(
+      // The prefetcher stops (its in-flight copy finished) before the image closes.
+      (prefetcher ? prefetcher.stop() : Promise.resolve()).then(() => server.stop()).then(
         () => {
           if (watchdog) clearInterval(watchdog);
           log(`stopped; ${status()}`);
