@@ -45,6 +45,8 @@ export interface ServeOptions {
   maxIo: number;
   copyOnRead: boolean;
   log: (line: string) => void;
+  /** A queue worker died while serving: the device can no longer make progress. */
+  onFatal?: (reason: string) => void;
 }
 
 export interface ServerStats {
@@ -240,6 +242,8 @@ export class UblkServer {
         break;
       case 'exit':
         if (m.error) this.opts.log(`queue ${m.qid} stopped: ${m.error}`);
+        // Its tags would never be answered: stop the device so pending I/O fails instead of hanging.
+        if (this.started && !this.stopping) this.opts.onFatal?.(`queue ${m.qid} exited${m.error ? `: ${m.error}` : ''}`);
         break;
     }
   }

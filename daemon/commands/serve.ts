@@ -43,6 +43,7 @@ export async function run(args: string[]): Promise<number> {
   const maxIo = parseSize(values['max-io']!, 'max I/O size');
   if (maxIo < 4096 || maxIo > 32 * 1024 * 1024 || maxIo % 4096) throw new UsageError(`invalid max I/O size ${maxIo}: a multiple of 4 KiB from 4 KiB to 32 MiB`);
   const log = (line: string) => console.error(`fvd[${process.pid}]: ${line}`);
+  let fatal: ((reason: string) => void) | undefined;
   const prefetchRate = values['prefetch-rate'] ? parseSize(values['prefetch-rate'], 'prefetch rate') : undefined;
   const server = await UblkServer.start({
     image,
@@ -53,6 +54,7 @@ export async function run(args: string[]): Promise<number> {
     maxIo,
     copyOnRead: !values['no-copy-on-read'],
     log,
+    onFatal: (reason) => fatal?.(reason),
   });
 
   // Background prefetching of the base (adaptive: it backs off while the guest is busy). The
@@ -89,6 +91,7 @@ export async function run(args: string[]): Promise<number> {
 
   return new Promise<number>((resolve) => {
     let stopping = false;
+    let failed = false;
     const stop = (signal: string) => {
       if (stopping) return;
       stopping = true;
@@ -100,7 +103,7 @@ export async function run(args: string[]): Promise<number> {
         () => {
           if (watchdog) clearInterval(watchdog);
           log(`stopped; ${status()}`);
-          resolve(0);
+          resolve(failed ? 1 : 0);
         },
         (err) => {
           if (watchdog) clearInterval(watchdog);
@@ -108,6 +111,11 @@ export async function run(args: string[]): Promise<number> {
           resolve(1);
         },
       );
+    };
+    fatal = (reason) => {
+      failed = true;
+      log(`fatal: ${reason}`);
+      stop('fatal error');
     };
     process.on('SIGTERM', () => stop('SIGTERM'));
     process.on('SIGINT', () => stop('SIGINT'));
