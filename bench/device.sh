@@ -6,7 +6,8 @@
 #   qcow2-nbd  a qcow2 image through qemu-nbd --cache=none --aio=native
 # Every backing file sits on the same tmpfs. Jobs: 4 KiB random read/write at depth 16, 128 KiB
 # sequential read/write at depth 4; direct I/O, libaio, FIO_RUNTIME seconds each (default 20).
-# Prints IOPS and MB/s per target and job, and the ratios to loop.
+# Prints IOPS and MB/s per target and job, and the ratios to loop. Each target's files are
+# deleted after its jobs: the guest's tmpfs holds about three 1 GiB files at most.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 FVD="node $root/build/daemon/cli.js"
@@ -25,6 +26,7 @@ cleanup() {
 trap cleanup EXIT
 modprobe ublk_drv 2>/dev/null || true
 modprobe nbd nbds_max=2 2>/dev/null || true
+mkdir -p /run/lock   # qemu-nbd keeps its lock file there (a fresh guest /run lacks it)
 mount | grep -q " $(df --output=target /tmp | tail -1) " || true
 echo "bench: $(uname -r), backing files on $(df --output=fstype /tmp | tail -1) at $dir, $RUNTIME s per job, size $SIZE"
 
@@ -63,24 +65,24 @@ for t in $TARGETS; do
       $FVD create "$dir/full.fvd" "$SIZE" >/dev/null
       serve "$dir/full.fvd"
       fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
-      run_jobs fvd "$dev"; stop_last ;;
+      run_jobs fvd "$dev"; stop_last; rm -f "$dir"/full.fvd* ;;
     fvd-cow)
       truncate -s "$SIZE" "$dir/base.raw"
       fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
       $FVD create -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
       serve "$dir/cow.fvd" --no-prefetch
-      run_jobs fvd-cow "$dev"; stop_last ;;
+      run_jobs fvd-cow "$dev"; stop_last; rm -f "$dir"/cow.fvd* "$dir/base.raw" ;;
     loop)
       truncate -s "$SIZE" "$dir/loop.raw"
       fio --name=fillloop --filename="$dir/loop.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
       dev=$(losetup --direct-io=on -f --show "$dir/loop.raw")
-      run_jobs loop "$dev"; losetup -d "$dev" ;;
+      run_jobs loop "$dev"; losetup -d "$dev"; rm -f "$dir/loop.raw" ;;
     qcow2-nbd)
       qemu-img create -q -f qcow2 "$dir/img.qcow2" "$SIZE"
       qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$dir/img.qcow2"
       sleep 1
       fio --name=fillq --filename=/dev/nbd0 --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
-      run_jobs qcow2-nbd /dev/nbd0; qemu-nbd -d /dev/nbd0 >/dev/null ;;
+      run_jobs qcow2-nbd /dev/nbd0; qemu-nbd -d /dev/nbd0 >/dev/null; rm -f "$dir/img.qcow2" ;;
   esac
 done
 
