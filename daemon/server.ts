@@ -30,7 +30,7 @@ import {
 } from './ublk/abi.js';
 import { CompletionRing } from './shared-state.js';
 import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
-import { removeState, writeState, type DeviceState } from './state.js';
+import { listStates, removeState, writeState, type DeviceState } from './state.js';
 
 const EIO = 5;
 /** Largest discard/write-zeroes request: whole blocks are punched in one call, so it can be big. */
@@ -300,7 +300,7 @@ export class UblkServer {
   }
 
   private async teardown(): Promise<void> {
-    const { ctl, opts } = this;
+    const { ctl } = this;
     const errors: string[] = [];
     const attempt = async (what: string, fn: () => Promise<unknown>) => {
       try {
@@ -331,7 +331,6 @@ export class UblkServer {
     ctl.close();
     if (this.devId >= 0) removeState(this.devId);
     if (errors.length) throw new FvdError(errors.join('; '), 'EIO');
-    void opts;
   }
 }
 
@@ -359,7 +358,6 @@ async function waitForPath(path: string, ms: number): Promise<void> {
  * in ublksrv_flags and its pid gone — delete it. Someone else's device is never touched.
  */
 export async function removeStaleDevice(ctl: UblkControl, devId: number, log: (s: string) => void): Promise<void> {
-  const { listStates } = await import('./state.js');
   const candidates = new Set<number>();
   if (devId >= 0) candidates.add(devId);
   for (const st of listStates()) if (!pidAlive(st.pid)) candidates.add(st.devId);

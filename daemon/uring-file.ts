@@ -26,16 +26,8 @@ import {
   type IoUringOptions,
 } from '../ffi/uring.js';
 import { syscalls } from '../ffi/syscalls.js';
-import {
-  libc,
-  BLKGETSIZE64,
-  FALLOC_FL_KEEP_SIZE,
-  FALLOC_FL_PUNCH_HOLE,
-  FALLOC_FL_ZERO_RANGE,
-  LOCK_EX,
-  LOCK_NB,
-  LOCK_SH,
-} from '../ffi/libc.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../ffi/libc.js';
+import { blockDeviceSize, takeLock } from '../fvd/node-file.js';
 import { FvdError } from '../fvd/errors.js';
 import type { BlockFile, IoBackend, OpenOptions } from '../fvd/io.js';
 
@@ -432,22 +424,6 @@ export class UringFile implements BlockFile {
     if (length === 0) return Promise.resolve();
     return null;
   }
-}
-
-function blockDeviceSize(fd: number, path: string): number {
-  const c = libc();
-  const out = new Uint8Array(8);
-  if (!c || c.ioctlPtr(fd, BLKGETSIZE64, out) !== 0) throw new FvdError(`${path}: cannot read the device size`, 'EIO');
-  return Number(new DataView(out.buffer).getBigUint64(0, true));
-}
-
-function takeLock(fd: number, path: string, mode: 'exclusive' | 'shared'): void {
-  const c = libc();
-  if (!c) return; // koffi is missing; but then IoUring could not have been created either
-  if (c.flock(fd, (mode === 'exclusive' ? LOCK_EX : LOCK_SH) | LOCK_NB) === 0) return;
-  const errno = c.errno();
-  if (errno === 11) throw new FvdError(`${path}: image is in use by another process (locked)`, 'EBUSY');
-  throw new FvdError(`${path}: cannot lock (${errnoName(errno)})`, 'EIO');
 }
 
 /** IoBackend whose files do their I/O through one shared io_uring (see UringFileDriver). */

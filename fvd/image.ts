@@ -263,11 +263,7 @@ export class FvdImage {
       const detect = !!base && options.detectZeroes !== false;
       if (detect) await markZeroBlocks(base!, Math.min(baseSize, size), blockSize, bitmap);
 
-      const file = await io.open(imagePath, { create: true, lock: 'exclusive' }).catch(async (err) => {
-        // A block device cannot be created, only opened.
-        if ((err as NodeJS.ErrnoException).code === 'EEXIST' || (err as NodeJS.ErrnoException).code === 'EACCES') throw err;
-        throw err;
-      });
+      const file = await io.open(imagePath, { create: true, lock: 'exclusive' });
       try {
         if (file.isBlockDevice && !compact)
           throw new FvdError(`${imagePath}: a raw-like image needs a regular file (holes must read as zeros); use --layout compact on block devices`, 'EINVAL');

@@ -118,7 +118,8 @@ export class NodeFile implements BlockFile {
   }
 }
 
-function blockDeviceSize(fd: number, path: string): number {
+/** A block device's capacity in bytes (BLKGETSIZE64); shared with the daemon's io_uring files. */
+export function blockDeviceSize(fd: number, path: string): number {
   const c = libc();
   if (!c) throw new FvdError(`${path}: block devices need koffi (libc) to read their size`, 'EINVAL');
   const out = new Uint8Array(8);
@@ -126,7 +127,8 @@ function blockDeviceSize(fd: number, path: string): number {
   return Number(new DataView(out.buffer).getBigUint64(0, true));
 }
 
-function takeLock(fd: number, path: string, mode: 'exclusive' | 'shared'): void {
+/** flock for OpenOptions.lock: EBUSY "in use" when another open file holds it. */
+export function takeLock(fd: number, path: string, mode: 'exclusive' | 'shared'): void {
   const c = libc();
   if (!c) return; // without libc we cannot lock; the daemon refuses to run without koffi anyway
   if (c.flock(fd, (mode === 'exclusive' ? LOCK_EX : LOCK_SH) | LOCK_NB) === 0) return;
