@@ -15,12 +15,15 @@ RUNTIME=${FIO_RUNTIME:-20}
 SIZE=${BENCH_SIZE:-1G}
 TARGETS=${BENCH_TARGETS:-"fvd fvd-cow loop qcow2-nbd"}
 dir=$(mktemp -d /tmp/fvd-bench.XXXXXX)
+# A tmpfs of its own: every target's backing file in memory alike (the guest's /tmp is an overlay).
+mount -t tmpfs -o size=3584M fvd-bench "$dir"
 results=$dir/results.tsv
 pids=()
 cleanup() {
   for p in "${pids[@]:-}"; do [ -n "$p" ] && kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
   losetup -D 2>/dev/null || true
   qemu-nbd -d /dev/nbd0 >/dev/null 2>&1 || true
+  umount "$dir" 2>/dev/null || true
   rm -rf "$dir"
 }
 trap cleanup EXIT

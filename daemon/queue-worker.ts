@@ -41,6 +41,7 @@ import {
   UBLK_U_IO_FETCH_REQ,
   encodeIoCmd,
 } from './ublk/abi.js';
+import { DIRECT_WOULD_BLOCK, DirectIo, chooseDirectMode } from './direct-io.js';
 import { CompletionRing, mapDirect, type EngineView } from './shared-state.js';
 
 export interface QueueWorkerData {
@@ -97,6 +98,7 @@ function run(d: QueueWorkerData): void {
     flags: IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
   });
   let bufs: PinnedBuffer | null = null;
+  let direct: DirectIo | null = null;
   const efdBuf = allocPinned(PAGE);
   try {
     const reg = ring.registerFiles([cdevFd, imageFd]);
@@ -110,6 +112,13 @@ function run(d: QueueWorkerData): void {
     const tagLen = new Float64Array(depth);
     const tagDone = new Float64Array(depth);
     const tagPhys = new Float64Array(depth);
+    // Fast-path transfers are tried synchronously first where that cannot block (direct-io.ts).
+    const directMode = chooseDirectMode(sys, imageFd, d.imagePath);
+    if (directMode !== 'ring') direct = new DirectIo(sys, imageFd, directMode);
+    // Per-tag zero-fill callbacks for reads that meet the end of a compact image file, made once.
+    const zeroFillFrom = Array.from({ length: depth }, (_, tag) => (from: number) => {
+      bufs!.bytes.fill(0, tag * maxIo + from, tag * maxIo + tagLen[tag]!);
+    });
     let aborted = 0;
     let fast = 0;
     let slow = 0;
@@ -134,6 +143,7 @@ function run(d: QueueWorkerData): void {
       if (idx < 0) throw new Error(`queue ${qid}: submission queue full`);
     };
     const log = (message: string) => parentPort!.postMessage({ type: 'log', qid, message } satisfies WorkerMessage);
+    if (qid === 0) log(`fast path: ${directMode} transfers`);
 
     /** A new request arrived for `tag`: serve it here or hand it to the engine. */
     const onRequest = (tag: number) => {
@@ -156,6 +166,15 @@ function run(d: QueueWorkerData): void {
           tagDone[tag] = 0;
           tagPhys[tag] = phys;
           fast++;
+          if (direct) {
+            const r = direct.transfer(write, bufBase + tag * maxIo, length, phys, zeroFillFrom[tag]!);
+            if (r === length) return commit(tag, length);
+            if (r < DIRECT_WOULD_BLOCK) {
+              log(`image ${write ? 'write' : 'read'} failed at ${phys}: ${errnoName(r)}`);
+              return commit(tag, -EIO);
+            }
+            tagDone[tag] = direct.done; // the ring finishes what would have blocked
+          }
           fileIo(tag);
           return;
         }
@@ -229,6 +248,7 @@ function run(d: QueueWorkerData): void {
     fs.closeSync(imageFd);
     bufs?.free();
     efdBuf.free();
+    direct?.free();
   }
 }
 
