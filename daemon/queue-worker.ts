@@ -64,6 +64,7 @@ export type WorkerMessage =
   | { type: 'fetched'; qid: number; bufAddress: number; bufLength: number }
   | { type: 'slow'; qid: number; tag: number; op: number; flags: number; offset: number; length: number }
   | { type: 'log'; qid: number; message: string }
+  | { type: 'info'; qid: number; message: string }
   | { type: 'stats'; qid: number; fast: number; slow: number }
   | { type: 'exit'; qid: number; error?: string };
 
@@ -143,7 +144,7 @@ function run(d: QueueWorkerData): void {
       if (idx < 0) throw new Error(`queue ${qid}: submission queue full`);
     };
     const log = (message: string) => parentPort!.postMessage({ type: 'log', qid, message } satisfies WorkerMessage);
-    if (qid === 0) log(`fast path: ${directMode} transfers`);
+    if (qid === 0) parentPort!.postMessage({ type: 'info', qid, message: `fast path: ${directMode} transfers` } satisfies WorkerMessage);
 
     /** A new request arrived for `tag`: serve it here or hand it to the engine. */
     const onRequest = (tag: number) => {

@@ -232,9 +232,12 @@ export class UblkServer {
       case 'slow':
         void this.serveSlow(q, m.tag, m.op, m.flags, m.offset, m.length);
         break;
-      case 'log':
+      case 'log': // a worker logs only what went wrong
         this.opts.log(`queue ${m.qid}: ${m.message}`);
         this.stats.errors++;
+        break;
+      case 'info':
+        this.opts.log(`queue ${m.qid}: ${m.message}`);
         break;
       case 'stats':
         q.fast = m.fast;
