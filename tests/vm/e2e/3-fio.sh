@@ -2,7 +2,8 @@
 # title: fio verify=crc32c on the raw device (libaio, O_DIRECT, 2 queues, iodepth 32, 2 jobs)
 # timeout: 480
 #
-# A 256 MiB image (raw-like layout; then a 128 MiB compact one) served with --queues 2.  fio: 2 jobs × 128 MiB of random writes (4k–128k
+# A 256 MiB image (raw-like layout, ring transfers; then a 128 MiB compact one, synchronous
+# transfers) served with --queues 2.  fio: 2 jobs × 128 MiB of random writes (4k–128k
 # blocks, each job its own half), iodepth 32, then fio's verify pass reads everything back and
 # checks crc32c.  The daemon is restarted and fio --verify_only re-reads the same blocks (the data
 # persisted in the image).  Then sequential 1 MiB writes (above max-io, so split requests) with
@@ -24,6 +25,8 @@ fio_round() {
     local layout=$1 mib=$2 img=$D/fio-$1.fvd rc l="[$1 layout]"
     must "fvd create --layout $layout $img ${mib}M" fvd create --layout "$layout" "$img" "${mib}M"
     serve_must "$img" --queues 2 --depth 64
+    expect "$l the queue workers' fast path transfers: ${FVD_FAST_IO:-ring}" \
+        "$(grep -o 'fast path: [a-z]* transfers' "$SERVE_LOG" | head -1)" "fast path: ${FVD_FAST_IO:-ring} transfers"
     expect "$l the device has 2 hardware queues" "$(find /sys/block/ublkb"$SERVE_ID"/mq -mindepth 1 -maxdepth 1 | wc -l)" 2
     local job=(--name=fvd-verify --filename="$SERVE_DEV" --ioengine=libaio --direct=1 --iodepth=32
         --numjobs=2 --size=$((mib / 2))M --offset_increment=$((mib / 2))M --rw=randwrite --bsrange=4k-128k
@@ -44,6 +47,8 @@ fio_round() {
 }
 
 scenario() {
-    fio_round raw 256
-    fio_round compact 128
+    # The scenario directory is on the guest's overlay root, where the worker picks ring
+    # transfers; the compact round forces the synchronous ones (daemon/direct-io.ts).
+    FVD_FAST_IO=ring fio_round raw 256
+    FVD_FAST_IO=memory fio_round compact 128
 }
