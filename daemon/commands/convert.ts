@@ -45,6 +45,7 @@ export async function run(args: string[]): Promise<number> {
   if (values.encrypt && values['key-file'] === undefined && values['target-key-file'] === undefined)
     throw new UsageError('--encrypt needs the key: --target-key-file PATH or --key-file PATH (- for stdin)');
 
+  if (values['key-file'] === '-' && values['target-key-file'] === '-') throw new UsageError('--key-file - and --target-key-file -: stdin can hold only one key');
   const key = readKeyFile(values['key-file']);
   let targetKey: Uint8Array | undefined;
   try {
