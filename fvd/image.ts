@@ -823,13 +823,11 @@ export class FvdImage {
   /** The caller's buffer stays plaintext: the ciphertext goes through a pooled buffer. */
   private async storeLocalEncrypted(buf: Uint8Array, offset: number): Promise<void> {
     const cipher = this.cipherBufs.acquire(buf.length);
-    try {
-      this.xts!.encrypt(buf, cipher, offset / SECTOR);
-      if (!this.table) await this.file.write(cipher, this.header.dataOffset + offset);
-      else await this.forEachChunkRun(cipher, offset, true);
-    } finally {
-      this.cipherBufs.release(cipher);
-    }
+    this.xts!.encrypt(buf, cipher, offset / SECTOR);
+    if (!this.table) await this.file.write(cipher, this.header.dataOffset + offset);
+    else await this.forEachChunkRun(cipher, offset, true);
+    // Only after success: a failed run may still have sibling writes reading the buffer.
+    this.cipherBufs.release(cipher);
   }
 
   /**
