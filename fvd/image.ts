@@ -346,7 +346,7 @@ export class FvdImage {
     await file.read(first, 0);
     const header = decodeHeader(imagePath, first.subarray(0, HEADER_SIZE), file.size());
     const compact = (header.incompatible & INCOMPAT_COMPACT) !== 0n;
-    // The key is checked before anything else is read or written (FORMAT.md §11.3).
+    // The key is checked before anything else is read or written (FORMAT.md §11.2).
     const xts = await openCipher(imagePath, header, options, chain.length > 0);
 
     let base: BaseImage | null = null;
