@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import { FvdImage, type Extent } from '../fvd/image.js';
 import { NodeFile, nodeIo } from '../fvd/node-file.js';
-import { MAGIC } from '../fvd/format.js';
+import { INCOMPAT_ENCRYPTED, MAGIC } from '../fvd/format.js';
 import { UsageError } from './args.js';
 
 export type DiskFormat = 'raw' | 'fvd';
@@ -35,6 +35,21 @@ export function probeFormat(path: string): DiskFormat {
   }
 }
 
+/**
+ * Whether an FVD image's header has the ENCRYPTED bit (just a peek: opening validates the rest),
+ * so that commands know which image a --key-file is for.
+ */
+export function isEncryptedImage(path: string): boolean {
+  const fd = fs.openSync(path, 'r');
+  try {
+    const head = Buffer.alloc(24);
+    const n = fs.readSync(fd, head, 0, head.length, 0);
+    return n === head.length && head.subarray(0, MAGIC.length).equals(Buffer.from(MAGIC)) && (head.readBigUInt64LE(16) & INCOMPAT_ENCRYPTED) !== 0n;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 export function parseFormat(text: string | undefined, what: string): DiskFormat | undefined {
   if (text === undefined) return undefined;
   if (text !== 'raw' && text !== 'fvd') throw new UsageError(`invalid ${what} '${text}': expected raw or fvd`);
@@ -44,9 +59,10 @@ export function parseFormat(text: string | undefined, what: string): DiskFormat 
 export async function openDisk(
   path: string,
   format: DiskFormat | undefined,
-  options: { readOnly?: boolean; copyOnRead?: boolean } = {},
+  options: { readOnly?: boolean; copyOnRead?: boolean; key?: Uint8Array } = {},
 ): Promise<Disk> {
   const fmt = format ?? probeFormat(path);
+  if (fmt === 'raw' && options.key) throw new UsageError(`${path}: a key was given, but this is a raw file (only FVD images are encrypted)`);
   if (fmt === 'fvd') {
     const img = await FvdImage.open(nodeIo, path, options);
     return {

@@ -44,6 +44,8 @@ export interface ServeOptions {
   depth: number;
   maxIo: number;
   copyOnRead: boolean;
+  /** Key material of an encrypted image (wiped by the caller once start() returned). */
+  key?: Uint8Array;
   log: (line: string) => void;
   /** A queue worker died while serving: the device can no longer make progress. */
   onFatal?: (reason: string) => void;
@@ -96,7 +98,7 @@ export class UblkServer {
     const ctl = await UblkControl.open();
     let image: FvdImage;
     try {
-      image = await FvdImage.open(nodeIo, opts.image, { copyOnRead: opts.copyOnRead });
+      image = await FvdImage.open(nodeIo, opts.image, { copyOnRead: opts.copyOnRead, key: opts.key });
     } catch (err) {
       ctl.close();
       throw err;

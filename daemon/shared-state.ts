@@ -18,6 +18,8 @@ export interface EngineView {
   present: Uint8Array;
   journaled: Uint8Array;
   table: Uint32Array | null;
+  /** The data area holds ciphertext (FORMAT.md §11): every request goes to the engine. */
+  encrypted: boolean;
 }
 
 export function engineView(image: FvdImage): EngineView {
@@ -30,6 +32,7 @@ export function engineView(image: FvdImage): EngineView {
  * not adjacent in storage). Allocation-free; called once per request.
  */
 export function mapDirect(v: EngineView, offset: number, length: number, write: boolean): number {
+  if (v.encrypted) return -1;
   const end = offset + length;
   if (!v.allLocal && offset < v.bitmapEnd) {
     const bs = v.blockSize;

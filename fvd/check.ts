@@ -11,6 +11,7 @@
 import type { IoBackend } from './io.js';
 import { FvdError } from './errors.js';
 import { FvdImage } from './image.js';
+import { KeyError } from './crypto.js';
 
 export interface CheckReport {
   /** Corruption found; non-empty means the image is unusable as it is. */
@@ -23,13 +24,19 @@ export interface CheckReport {
   repaired: boolean;
 }
 
-export async function checkImage(io: IoBackend, path: string, options: { repair?: boolean } = {}): Promise<CheckReport> {
+/**
+ * `key`: an encrypted image's key material, verified when given. Without it an encrypted image
+ * is checked (and repaired) all the same: no check or repair reads or writes its data.
+ */
+export async function checkImage(io: IoBackend, path: string, options: { repair?: boolean; key?: Uint8Array } = {}): Promise<CheckReport> {
   const report: CheckReport = { errors: [], notes: [], leaks: 0, repaired: false };
+  const keyed = options.key ? { key: options.key } : { withoutKey: true };
   let image: FvdImage;
   try {
-    image = await FvdImage.open(io, path, { readOnly: true });
+    image = await FvdImage.open(io, path, { readOnly: true, ...keyed });
   } catch (err) {
-    if (err instanceof FvdError) {
+    // A wrong key (or a key for an unencrypted image) is a usage error, not damage.
+    if (err instanceof FvdError && !(err instanceof KeyError)) {
       report.errors.push(err.message);
       return report;
     }
@@ -53,7 +60,7 @@ export async function checkImage(io: IoBackend, path: string, options: { repair?
   if (!options.repair || !needsRepair) return report;
 
   // Read-write open replays the journal and checkpoints it; close writes the clean flag.
-  const rw = await FvdImage.open(io, path, { copyOnRead: false });
+  const rw = await FvdImage.open(io, path, { copyOnRead: false, ...keyed });
   try {
     const reclaimed = await rw.reclaimUnreferenced();
     if (reclaimed) report.notes.push(`reclaimed ${reclaimed} unreferenced storage chunk(s)`);

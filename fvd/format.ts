@@ -15,11 +15,14 @@ export const MAGIC = Uint8Array.from([0x89, 0x46, 0x56, 0x44, 0x0d, 0x0a, 0x1a, 
 /** The base path lives in bytes 512..4095 of the image. */
 export const BASE_PATH_OFFSET = 512;
 export const MAX_BASE_PATH = PAGE - BASE_PATH_OFFSET;
+/** Header bytes 176..303: the encryption fields (fvd/crypto.ts parses them). */
+export const CRYPT_FIELDS_LENGTH = 128;
 
 /** Incompatible features: a reader that does not know a set bit must refuse the image. */
 export const INCOMPAT_DIRTY = 1n << 0n; // opened read-write and not cleanly closed: replay the journal
 export const INCOMPAT_COMPACT = 1n << 1n; // data area addressed through the lookup table
-export const INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_COMPACT;
+export const INCOMPAT_ENCRYPTED = 1n << 3n; // data area is AES-256-XTS encrypted (fvd/crypto.ts, FORMAT.md §11)
+export const INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_COMPACT | INCOMPAT_ENCRYPTED;
 /** Compatible features: informational, safe to ignore. */
 export const COMPAT_ZERO_DETECTED = 1n << 0n; // create pre-marked all-zero base blocks as local
 export const COMPAT_KNOWN = COMPAT_ZERO_DETECTED;
@@ -73,6 +76,8 @@ export interface Header {
   snapshotsOffset: number;
   snapshotsLength: number;
   dataOffset: number;
+  /** Bytes 176..303 (fvd/crypto.ts) when ENCRYPTED is set; written as zeros otherwise. */
+  crypt?: Uint8Array;
 }
 
 // Field offsets inside the 512-byte header.
@@ -102,6 +107,7 @@ const F = {
   snapshotsOffset: 144,
   snapshotsLength: 152,
   dataOffset: 160,
+  crypt: 176,
   crc: 508,
 } as const;
 
@@ -147,6 +153,7 @@ export function encodeHeader(h: Header): Uint8Array {
   setU64(dv, F.snapshotsOffset, h.snapshotsOffset);
   setU64(dv, F.snapshotsLength, h.snapshotsLength);
   setU64(dv, F.dataOffset, h.dataOffset);
+  if (h.crypt) buf.set(h.crypt.subarray(0, CRYPT_FIELDS_LENGTH), F.crypt);
   dv.setUint32(F.crc, crc(buf.subarray(0, F.crc)), true);
   return buf;
 }
@@ -193,6 +200,7 @@ export function decodeHeader(path: string, sector: Uint8Array, fileSize: number)
     snapshotsLength: getU64(dv, F.snapshotsLength),
     dataOffset: getU64(dv, F.dataOffset),
   };
+  if (h.incompatible & INCOMPAT_ENCRYPTED) h.crypt = sector.slice(F.crypt, F.crypt + CRYPT_FIELDS_LENGTH);
   const unknown = h.incompatible & ~INCOMPAT_KNOWN;
   if (unknown) throw new FvdError(`${path}: unsupported incompatible feature bits 0x${unknown.toString(16)}; refusing to open`, 'EINVAL');
   validateGeometry(path, h, fileSize);

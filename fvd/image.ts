@@ -30,6 +30,7 @@ import {
   HEADER_SIZE,
   INCOMPAT_COMPACT,
   INCOMPAT_DIRTY,
+  INCOMPAT_ENCRYPTED,
   MAX_BASE_PATH,
   MAX_BLOCK_SIZE,
   MAX_CHUNK_SIZE,
@@ -52,6 +53,7 @@ import {
 import { allSet, countSet, forEachClearRun, newBitmap, setRange, testBit } from './bitmap.js';
 import { Journal, PendingRecords, replayJournal, type JournalSink } from './journal.js';
 import { BlockLocks } from './block-locks.js';
+import { BufferPool, KeyError, parseCryptFields, sealNewKey, unlock, type KdfParams, type XtsCipher } from './crypto.js';
 
 export interface CreateOptions {
   /** Virtual size in bytes; defaults to the base's size (rounded up to 512). */
@@ -65,6 +67,8 @@ export interface CreateOptions {
   journalSize?: number;
   /** Mark all-zero base blocks as local at create, so writes to them need no copy (default on). */
   detectZeroes?: boolean;
+  /** Encrypt the data area (FORMAT.md §11) with a key unlocked by this key material. */
+  encrypt?: { key: Uint8Array; kdf?: Partial<KdfParams> };
 }
 
 export interface OpenOptions {
@@ -73,6 +77,13 @@ export interface OpenOptions {
   copyOnRead?: boolean;
   /** Upper bound of copy-on-read data in flight; beyond it reads just read the base. */
   maxCopyOnReadBytes?: number;
+  /** Key material of an encrypted image (FORMAT.md §11); refused for an unencrypted one. */
+  key?: Uint8Array;
+  /**
+   * Open an encrypted image without its key, for metadata only (info, map, check): every data
+   * read or write then fails. Without this, an encrypted image needs `key`.
+   */
+  withoutKey?: boolean;
 }
 
 /** A base image as the engine sees it: read-only bytes of a fixed size. */
@@ -110,6 +121,8 @@ export interface ImageStats {
   bytesInBase: number;
   fullyLocal: boolean;
   zeroDetected: boolean;
+  /** The data area's cipher, or null for an unencrypted image. */
+  encryption: 'aes-256-xts' | null;
   /** The header's dirty flag as found at open (not cleanly closed). */
   wasDirty: boolean;
   journalSectorsReplayed: number;
@@ -168,6 +181,10 @@ export class FvdImage {
   private closed = false;
   private readonly wasDirty: boolean;
   private readonly replayedSectors: number;
+  /** Encrypted image: the data cipher, null when opened withoutKey (data I/O refused). */
+  readonly encrypted: boolean;
+  private readonly xts: XtsCipher | null;
+  private readonly cipherBufs = new BufferPool();
 
   private constructor(
     readonly path: string,
@@ -183,6 +200,7 @@ export class FvdImage {
       nextSeq: number;
       usedSectors: number;
       replayed: number;
+      xts: XtsCipher | null;
     },
   ) {
     this.size = header.virtualSize;
@@ -203,6 +221,8 @@ export class FvdImage {
     this.knownZeroFrom = file.isBlockDevice ? Number.POSITIVE_INFINITY : file.size();
     this.wasDirty = (header.incompatible & INCOMPAT_DIRTY) !== 0n;
     this.replayedSectors = state.replayed;
+    this.encrypted = (header.incompatible & INCOMPAT_ENCRYPTED) !== 0n;
+    this.xts = state.xts;
     if (this.table) this.initAllocator();
     this.journal = state.readOnly
       ? null
@@ -263,13 +283,15 @@ export class FvdImage {
       const detect = !!base && options.detectZeroes !== false;
       if (detect) await markZeroBlocks(base!, Math.min(baseSize, size), blockSize, bitmap);
 
+      // The key is sealed before the target is touched, like the base scan.
+      const crypt = options.encrypt ? await sealNewKey(options.encrypt.key, options.encrypt.kdf) : undefined;
       const file = await io.open(imagePath, { create: true, lock: 'exclusive' });
       try {
         if (file.isBlockDevice && !compact)
           throw new FvdError(`${imagePath}: a raw-like image needs a regular file (holes must read as zeros); use --layout compact on block devices`, 'EINVAL');
         const header: Header = {
           version: VERSION,
-          incompatible: compact ? INCOMPAT_COMPACT : 0n,
+          incompatible: (compact ? INCOMPAT_COMPACT : 0n) | (crypt ? INCOMPAT_ENCRYPTED : 0n),
           compatible: detect ? COMPAT_ZERO_DETECTED : 0n,
           autoclear: 0n,
           virtualSize: size,
@@ -286,6 +308,7 @@ export class FvdImage {
           refcountLength: 0,
           snapshotsOffset: 0,
           snapshotsLength: 0,
+          crypt,
         };
         if (file.isBlockDevice && file.size() < layout.dataOffset + chunkSize)
           throw new FvdError(`${imagePath}: device of ${file.size()} bytes is too small for this image's metadata`, 'ENOSPC');
@@ -323,6 +346,8 @@ export class FvdImage {
     await file.read(first, 0);
     const header = decodeHeader(imagePath, first.subarray(0, HEADER_SIZE), file.size());
     const compact = (header.incompatible & INCOMPAT_COMPACT) !== 0n;
+    // The key is checked before anything else is read or written (FORMAT.md §11.2).
+    const xts = await openCipher(imagePath, header, options, chain.length > 0);
 
     let base: BaseImage | null = null;
     if (header.baseFormat !== BASE_NONE) {
@@ -383,6 +408,7 @@ export class FvdImage {
         nextSeq,
         usedSectors: 0,
         replayed,
+        xts,
       });
       if (!readOnly) await image.markOpen(replayed > 0 || !!(header.incompatible & INCOMPAT_DIRTY));
       return image;
@@ -491,6 +517,7 @@ export class FvdImage {
   async read(buf: Uint8Array, offset: number): Promise<void> {
     this.checkRange(offset, buf.length, 'read');
     if (buf.length === 0) return;
+    if (this.encrypted && this.checkCipher('read', offset, buf.length, true)) return this.readUnaligned(buf, offset);
     const end = offset + buf.length;
     if (this.allLocal || offset >= this.bitmapEnd) return this.readLocal(buf, offset);
     const bs = this.blockSize;
@@ -513,6 +540,7 @@ export class FvdImage {
     this.checkRange(offset, buf.length, 'write');
     this.checkWritable('write');
     if (buf.length === 0) return;
+    if (this.encrypted) this.checkCipher('write', offset, buf.length, false);
     if (this.needsBitmapWork(offset, offset + buf.length)) await this.writeSlow(buf, offset);
     else await this.storeLocal(buf, offset);
     if (fua) await this.journal!.commit();
@@ -534,6 +562,7 @@ export class FvdImage {
     this.checkRange(offset, length, 'write-zeroes');
     this.checkWritable('write-zeroes');
     if (length === 0) return;
+    if (this.encrypted) this.checkCipher('write-zeroes', offset, length, false);
     const end = offset + length;
     const bs = this.blockSize;
     // Whole blocks are zeroed by punching storage and marking them local; partial edges are
@@ -559,6 +588,7 @@ export class FvdImage {
   }
 
   private readLocal(buf: Uint8Array, offset: number): Promise<void> {
+    if (this.xts) return this.readLocalEncrypted(buf, offset);
     if (!this.table) return this.file.read(buf, this.header.dataOffset + offset);
     return this.forEachChunkRun(buf, offset, false);
   }
@@ -656,6 +686,7 @@ export class FvdImage {
    */
   async prefetchBlocks(b0: number, b1: number): Promise<number> {
     this.checkWritable('prefetch');
+    if (this.encrypted && !this.xts) throw new KeyError(`${this.path}: prefetch into an encrypted image opened without its key`);
     if (this.closed || this.allLocal) return 0;
     const last = Math.min(b1, this.baseBlocks - 1);
     const runs: number[] = [];
@@ -753,8 +784,50 @@ export class FvdImage {
 
   /** Writes bytes of the virtual disk to this image's storage (allocating chunks if compact). */
   private storeLocal(buf: Uint8Array, offset: number): Promise<void> {
+    if (this.xts) return this.storeLocalEncrypted(buf, offset);
     if (!this.table) return this.file.write(buf, this.header.dataOffset + offset);
     return this.forEachChunkRun(buf, offset, true);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // encryption (FORMAT.md §11): the data area holds XTS ciphertext, tweak = guest sector
+
+  /**
+   * Refuses data I/O on an encrypted image opened without its key, and writes that are not whole
+   * sectors (XTS works on whole sectors; a read-modify-write could race another write to the
+   * same sector). Returns true for a read that needs the unaligned path.
+   */
+  private checkCipher(op: string, offset: number, length: number, reading: boolean): boolean {
+    if (!this.xts) throw new KeyError(`${this.path}: ${op} of an encrypted image opened without its key (give it with --key-file)`);
+    const aligned = offset % SECTOR === 0 && length % SECTOR === 0;
+    if (!aligned && !reading)
+      throw new FvdError(`${op} at ${offset}+${length}: an encrypted image is written in whole 512-byte sectors`, 'EINVAL');
+    return !aligned;
+  }
+
+  /** A read that does not cover whole sectors: read the sectors around it and copy. */
+  private async readUnaligned(buf: Uint8Array, offset: number): Promise<void> {
+    const start = Math.floor(offset / SECTOR) * SECTOR;
+    const end = roundUp(offset + buf.length, SECTOR);
+    const whole = new Uint8Array(end - start);
+    await this.read(whole, start);
+    buf.set(whole.subarray(offset - start, offset - start + buf.length));
+  }
+
+  private async readLocalEncrypted(buf: Uint8Array, offset: number): Promise<void> {
+    if (!this.table) await this.file.read(buf, this.header.dataOffset + offset);
+    else await this.forEachChunkRun(buf, offset, false);
+    this.xts!.decrypt(buf, offset / SECTOR);
+  }
+
+  /** The caller's buffer stays plaintext: the ciphertext goes through a pooled buffer. */
+  private async storeLocalEncrypted(buf: Uint8Array, offset: number): Promise<void> {
+    const cipher = this.cipherBufs.acquire(buf.length);
+    this.xts!.encrypt(buf, cipher, offset / SECTOR);
+    if (!this.table) await this.file.write(cipher, this.header.dataOffset + offset);
+    else await this.forEachChunkRun(cipher, offset, true);
+    // Only after success: a failed run may still have sibling writes reading the buffer.
+    this.cipherBufs.release(cipher);
   }
 
   /**
@@ -988,6 +1061,7 @@ export class FvdImage {
       bytesInBase,
       fullyLocal: this.allLocal,
       zeroDetected: (this.header.compatible & COMPAT_ZERO_DETECTED) !== 0n,
+      encryption: this.encrypted ? 'aes-256-xts' : null,
       wasDirty: this.wasDirty,
       journalSectorsReplayed: this.replayedSectors,
       journal: {
@@ -1015,7 +1089,7 @@ export class FvdImage {
    */
   sharedView(): {
     size: number; dataOffset: number; blockSize: number; chunkSize: number; baseBlocks: number; bitmapEnd: number;
-    allLocal: boolean; present: Uint8Array; journaled: Uint8Array; table: Uint32Array | null;
+    allLocal: boolean; present: Uint8Array; journaled: Uint8Array; table: Uint32Array | null; encrypted: boolean;
   } {
     return {
       size: this.size,
@@ -1028,6 +1102,8 @@ export class FvdImage {
       present: this.present,
       journaled: this.journaled,
       table: this.table,
+      // The data area holds ciphertext: the queue workers must not read or write it directly.
+      encrypted: this.encrypted,
     };
   }
 
@@ -1076,6 +1152,22 @@ async function openBase(io: IoBackend, resolved: string, format: number, chain: 
     if (err instanceof FvdError) throw new FvdError(`base image '${shownPath}': ${err.message.replace(`${resolved}: `, '')}`, err.code);
     throw new FvdError(`base image '${shownPath}' (${baseFormatName(format)}) cannot be opened: ${e.message}`, 'EIO');
   }
+}
+
+/**
+ * The data cipher of an image being opened: checks the key (or its absence) before anything but
+ * the header is read. An encrypted image cannot serve as a base (its overlays would need its key).
+ */
+async function openCipher(imagePath: string, header: Header, options: OpenOptions, isBase: boolean): Promise<XtsCipher | null> {
+  if (!(header.incompatible & INCOMPAT_ENCRYPTED)) {
+    if (options.key) throw new KeyError(`${imagePath}: the image is not encrypted, but a key was given`);
+    return null;
+  }
+  if (isBase) throw new FvdError(`${imagePath}: the image is encrypted; an encrypted image cannot be a base image`, 'EINVAL');
+  if (options.key) return unlock(imagePath, header.crypt!, options.key);
+  parseCryptFields(imagePath, header.crypt!); // damage is reported even without the key
+  if (options.withoutKey) return null;
+  throw new KeyError(`${imagePath}: the image is encrypted: its key is needed (--key-file PATH, or --key-file - for stdin)`);
 }
 
 /** Sets the bit of every all-zero block of the base (FVD's "free write to zero-filled blocks"). */

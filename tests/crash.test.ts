@@ -15,6 +15,9 @@
  * Replay: FVD_SEED=n (runs only that seed, all four layouts/base combinations; FVD_LAYOUT=raw|compact
  * and FVD_BASE=0|1 narrow it). FVD_STEPS=n sets the workload length, FVD_CRASH_POINTS the crash
  * points per run. Without FVD_SEED a fresh random seed runs besides the fixed ones.
+ *
+ * Encrypted images (FORMAT.md §11) run the same workloads on their own fixed seed, all four
+ * combinations; FVD_ENCRYPT=1 makes a replay (or the fresh seed) encrypted.
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
@@ -274,10 +277,12 @@ interface CrashConfig {
   journalSize: number;
   detectZeroes: boolean;
   copyOnRead: boolean;
+  /** Key material when the image is encrypted. */
+  key?: Uint8Array;
 }
 
 function describeConfig(c: CrashConfig): string {
-  return `layout=${c.layout} base=${c.base ? `${c.baseFormat}(${c.baseSize})` : 'none'} vsize=${c.vsize} block=${c.blockSize} chunk=${c.chunkSize} journal=${c.journalSize} detectZeroes=${c.detectZeroes} copyOnRead=${c.copyOnRead}`;
+  return `layout=${c.layout} base=${c.base ? `${c.baseFormat}(${c.baseSize})` : 'none'} vsize=${c.vsize} block=${c.blockSize} chunk=${c.chunkSize} journal=${c.journalSize} detectZeroes=${c.detectZeroes} copyOnRead=${c.copyOnRead}${c.key ? ' encrypted' : ''}`;
 }
 
 interface Workload {
@@ -309,6 +314,7 @@ async function runWorkload(seed: number, cfg: CrashConfig, steps: number): Promi
     chunkSize: cfg.chunkSize,
     journalSize: cfg.journalSize,
     detectZeroes: cfg.detectZeroes,
+    encrypt: cfg.key ? { key: cfg.key, kdf: { log2N: 10, r: 1 } } : undefined,
   };
   if (cfg.base && cfg.baseFormat === 'raw') {
     initial = r.bytes(cfg.baseSize);
@@ -335,7 +341,7 @@ async function runWorkload(seed: number, cfg: CrashConfig, steps: number): Promi
   await FvdImage.create(cio, imagePath, opts);
   const firstPoint = cio.seq;
   cio.mark('created');
-  const img = await FvdImage.open(cio, imagePath, { copyOnRead: cfg.copyOnRead });
+  const img = await FvdImage.open(cio, imagePath, { copyOnRead: cfg.copyOnRead, key: cfg.key });
   cio.mark('opened');
   let writeId = 0;
   const bs = cfg.blockSize;
@@ -533,7 +539,7 @@ async function recoverAndCheck(seed: number, w: Workload, k: number, tearSeed: n
   const checked = async (label: string, repair = false): Promise<{ errors: string[]; leaks: number }> => {
     let res: { errors: string[]; leaks: number };
     try {
-      res = await checkImage(io, w.imagePath, { repair });
+      res = await checkImage(io, w.imagePath, { repair, key: w.cfg.key });
     } catch (err) {
       throw new Error(`${label}: checkImage threw: ${(err as Error).stack}\n${where()}`);
     }
@@ -544,7 +550,7 @@ async function recoverAndCheck(seed: number, w: Workload, k: number, tearSeed: n
   await checked('checkImage of the crashed image');
   let ro: FvdImage;
   try {
-    ro = await FvdImage.open(io, w.imagePath, { readOnly: true });
+    ro = await FvdImage.open(io, w.imagePath, { readOnly: true, key: w.cfg.key });
   } catch (err) {
     throw new Error(`image does not open read-only after the crash: ${(err as Error).message}\n${where()}`);
   }
@@ -556,7 +562,7 @@ async function recoverAndCheck(seed: number, w: Workload, k: number, tearSeed: n
     const cio2 = new CrashIo(MemIo.fromSnapshot(io.snapshot()));
     cio2.startRecording();
     try {
-      const rec = await FvdImage.open(cio2, w.imagePath, { copyOnRead: false });
+      const rec = await FvdImage.open(cio2, w.imagePath, { copyOnRead: false, key: w.cfg.key });
       await rec.close();
     } catch (err) {
       throw new Error(`recovery failed: ${(err as Error).message}\n${where()}`);
@@ -568,7 +574,7 @@ async function recoverAndCheck(seed: number, w: Workload, k: number, tearSeed: n
       const label = `second crash at k2=${k2} of ${cio2.seq} during recovery`;
       let again: FvdImage;
       try {
-        again = await FvdImage.open(io2, w.imagePath, { readOnly: j === 0 });
+        again = await FvdImage.open(io2, w.imagePath, { readOnly: j === 0, key: w.cfg.key });
       } catch (err) {
         throw new Error(`${label}: image does not open: ${(err as Error).message}\n${where()}`);
       }
@@ -576,7 +582,7 @@ async function recoverAndCheck(seed: number, w: Workload, k: number, tearSeed: n
       await again.close();
       const d = firstMismatch(roData, data, 0);
       if (d) throw new Error(`${label}: content differs from the first replay: ${d}\n${where()}`);
-      const res2 = await checkImage(io2, w.imagePath);
+      const res2 = await checkImage(io2, w.imagePath, { key: w.cfg.key });
       if (res2.errors.length) throw new Error(`${label}: checkImage errors: ${res2.errors.join('; ')}\n${where()}`);
     }
     stats.doubleCrashes += 2;
@@ -584,7 +590,7 @@ async function recoverAndCheck(seed: number, w: Workload, k: number, tearSeed: n
   // 2. Read-write open (replays the journal on disk): the same content, then a clean close.
   let img: FvdImage;
   try {
-    img = await FvdImage.open(io, w.imagePath, { copyOnRead: (tearSeed & 1) === 0 });
+    img = await FvdImage.open(io, w.imagePath, { copyOnRead: (tearSeed & 1) === 0, key: w.cfg.key });
   } catch (err) {
     throw new Error(`image does not open after the crash: ${(err as Error).message}\n${where()}`);
   }
@@ -599,7 +605,7 @@ async function recoverAndCheck(seed: number, w: Workload, k: number, tearSeed: n
   }
   // 3. Clean now: check (sometimes repairing), reopen read-only, same content.
   const res = await checked('checkImage after recovery', (tearSeed & 6) === 0);
-  const again = await FvdImage.open(io, w.imagePath, { readOnly: true });
+  const again = await FvdImage.open(io, w.imagePath, { readOnly: true, key: w.cfg.key });
   const againData = await readAll(again, 'reopen after recovery');
   await again.close();
   const diff2 = firstMismatch(rwData, againData, 0);
@@ -624,10 +630,13 @@ function crashConfig(r: Rng, layout: 'raw' | 'compact', base: boolean): CrashCon
   };
 }
 
-async function runCrashSeed(seed: number, layout: 'raw' | 'compact', base: boolean, steps: number, points: number): Promise<void> {
+const CRASH_KEY = Buffer.from('crash test key');
+
+async function runCrashSeed(seed: number, layout: 'raw' | 'compact', base: boolean, steps: number, points: number, encrypted = false): Promise<void> {
   const t0 = Date.now();
   const r = new Rng(seed ^ (layout === 'compact' ? 0x1000 : 0) ^ (base ? 0x2000 : 0));
   const cfg = crashConfig(r, layout, base);
+  if (encrypted) cfg.key = CRASH_KEY;
   let w: Workload;
   try {
     w = await runWorkload(seed, cfg, steps);
@@ -661,7 +670,7 @@ async function runCrashSeed(seed: number, layout: 'raw' | 'compact', base: boole
   }
   const journalWrites = journalWriteCount(w);
   console.log(
-    `  crash FVD_SEED=${seed} ${layout} ${base ? 'base' : 'no-base'}: ${stats.recoveries} recoveries at ${stats.points} points of ${total} ok in ${Date.now() - t0} ms ` +
+    `  crash FVD_SEED=${seed} ${layout} ${base ? 'base' : 'no-base'}${encrypted ? ' encrypted' : ''}: ${stats.recoveries} recoveries at ${stats.points} points of ${total} ok in ${Date.now() - t0} ms ` +
       `(${stats.doubleCrashes} crashes during recovery; kept ${stats.kept} lost ${stats.lost} torn ${stats.torn}; leaked chunks ${stats.leaks}; ${journalWrites}; ${describeConfig(cfg)})`,
   );
 }
@@ -695,11 +704,23 @@ const POINTS = Number(process.env.FVD_CRASH_POINTS ?? 40);
 /** FVD_LAYOUT=raw|compact and FVD_BASE=0|1 narrow a replay. */
 const layouts = (['raw', 'compact'] as const).filter((l) => !process.env.FVD_LAYOUT || process.env.FVD_LAYOUT === l);
 const bases = [false, true].filter((b) => !process.env.FVD_BASE || (process.env.FVD_BASE === '1') === b);
+const ENC_FIXED = [13];
+const encrypt = !!process.env.FVD_ENCRYPT;
+const encSeeds = only !== undefined ? [] : process.env.FVD_SEEDS_ONLY ? [] : ENC_FIXED;
 for (const seed of seeds) {
   for (const layout of layouts) {
     for (const base of bases) {
-      test(`crash FVD_SEED=${seed} ${layout} ${base ? 'with base' : 'no base'}`, async () => {
-        await runCrashSeed(seed, layout, base, steps, POINTS);
+      test(`crash FVD_SEED=${seed} ${layout} ${base ? 'with base' : 'no base'}${encrypt ? ' encrypted' : ''}`, async () => {
+        await runCrashSeed(seed, layout, base, steps, POINTS, encrypt);
+      });
+    }
+  }
+}
+for (const seed of encSeeds) {
+  for (const layout of layouts) {
+    for (const base of bases) {
+      test(`crash FVD_SEED=${seed} ${layout} ${base ? 'with base' : 'no base'} encrypted (FVD_ENCRYPT=1)`, async () => {
+        await runCrashSeed(seed, layout, base, steps, POINTS, true);
       });
     }
   }

@@ -70,7 +70,7 @@ test('struct encodings: ctrl cmd, io cmd, dev info, params at their offsets', ()
 function view(over: Partial<EngineView>): EngineView {
   return {
     size: 1 << 20, dataOffset: 1 << 20, blockSize: 4096, chunkSize: 65536, baseBlocks: 0, bitmapEnd: 0, allLocal: true,
-    present: new Uint8Array(32), journaled: new Uint8Array(32), table: null, ...over,
+    present: new Uint8Array(32), journaled: new Uint8Array(32), table: null, encrypted: false, ...over,
   };
 }
 
@@ -107,6 +107,26 @@ test('mapDirect follows a real engine as blocks become local', async () => {
   fs.rmSync(dir, { recursive: true });
 });
 
+test('mapDirect: an encrypted image is never served directly (the data area holds ciphertext)', async () => {
+  const full = new Uint8Array(32).fill(0xff);
+  for (const v of [view({ encrypted: true }), view({ encrypted: true, table: new Uint32Array([0, 1, 2, 3]) }),
+    view({ encrypted: true, allLocal: false, baseBlocks: 100, bitmapEnd: 100 * 4096, present: full, journaled: full })]) {
+    assert.ok(mapDirect({ ...v, encrypted: false }, 0, 4096, false) >= 0, 'the same request is direct when not encrypted');
+    assert.is(mapDirect(v, 0, 4096, false), -1);
+    assert.is(mapDirect(v, 8192, 4096, true), -1);
+  }
+  // And from a real encrypted engine, local data included.
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-du-'));
+  const key = Buffer.from('k');
+  await FvdImage.create(nodeIo, path.join(dir, 'e.fvd'), { size: 1 << 20, encrypt: { key, kdf: { log2N: 10 } } });
+  const img = await FvdImage.open(nodeIo, path.join(dir, 'e.fvd'), { key });
+  await img.write(Buffer.alloc(4096, 1), 8192);
+  assert.is(mapDirect(img.sharedView(), 8192, 4096, false), -1);
+  assert.is(mapDirect(img.sharedView(), 8192, 4096, true), -1);
+  await img.close();
+  fs.rmSync(dir, { recursive: true });
+});
+
 test('completion ring: FIFO, wraps, drains exactly what was pushed', () => {
   const sab = CompletionRing.create(4);
   const producer = new CompletionRing(sab);
@@ -129,6 +149,10 @@ test('instance config: defaults, keys, errors', () => {
     assert.equal(readInstanceConfig('vm1'), { image: '/var/lib/fvd/vm1.fvd' });
     fs.writeFileSync(path.join(dir, 'vm2.conf'), '# comment\nIMAGE="/images/vm2.fvd"\nQUEUES=4\nCOPY_ON_READ=no\nDEV_ID=3\n');
     assert.equal(readInstanceConfig('vm2'), { image: '/images/vm2.fvd', queues: '4', copyOnRead: false, devId: '3' });
+    fs.writeFileSync(path.join(dir, 'enc.conf'), 'IMAGE=enc.fvd\nKEY_FILE=keys/enc.key\n');
+    assert.equal(readInstanceConfig('enc'), { image: path.join(dir, 'enc.fvd'), keyFile: path.join(dir, 'keys/enc.key') });
+    fs.writeFileSync(path.join(dir, 'enc2.conf'), 'KEY_FILE=\n');
+    assert.throws(() => readInstanceConfig('enc2'), /enc2\.conf:1: KEY_FILE is empty/);
     fs.writeFileSync(path.join(dir, 'bad.conf'), 'IMAGE=/x\nBOGUS=1\n');
     assert.throws(() => readInstanceConfig('bad'), /bad\.conf:2: unknown key BOGUS/);
     assert.throws(() => readInstanceConfig('../etc'), /invalid instance name/);

@@ -15,6 +15,10 @@
  * steps per seed; FVD_TRACE=1 prints every operation. Without FVD_SEED, 40 fixed seeds (mem) and 4
  * (fs) run, plus FVD_SEEDS (default 2) fresh random seeds on both backends, printed first;
  * FVD_SEEDS_ONLY=1 skips the fixed seeds (for soaking).
+ *
+ * Encrypted variant (FORMAT.md §11): the same workloads on encrypted images (key given at every
+ * open; check sometimes without it), on their own fixed seeds plus one fresh seed per backend.
+ * Replay with FVD_SEED=n FVD_ENCRYPT=1.
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
@@ -119,6 +123,8 @@ interface Ctx {
   trace: string[];
   writeId: number;
   stats: Record<string, number>;
+  /** Encrypted image: its key material, given at every open. */
+  key?: Uint8Array;
 }
 
 function fail(ctx: Ctx, what: string, detail: string): never {
@@ -279,7 +285,7 @@ async function verifyAll(ctx: Ctx, label: string): Promise<void> {
 /** checkImage on the closed image must find no errors; with repair it must not change the data. */
 async function check(ctx: Ctx, label: string, repair = false): Promise<void> {
   note(ctx, `checkImage${repair ? ' --repair' : ''}`);
-  const res = await guard(ctx, `${label}: checkImage`, () => checkImage(ctx.io, ctx.imagePath, { repair }));
+  const res = await guard(ctx, `${label}: checkImage`, () => checkImage(ctx.io, ctx.imagePath, { repair, key: ctx.key && ctx.r.chance(0.5) ? ctx.key : undefined }));
   if (res.errors.length) fail(ctx, `${label}: checkImage`, `errors: ${res.errors.join('; ')}`);
   // Unreferenced chunks after a clean close are free space by design (reused by later writes).
   ctx.stats.unreferenced = Math.max(ctx.stats.unreferenced ?? 0, res.leaks);
@@ -294,7 +300,7 @@ async function reopen(ctx: Ctx): Promise<void> {
   if (ctx.r.chance(0.3)) await check(ctx, 'after close', ctx.r.chance(0.3));
   if (ctx.r.chance(0.2)) {
     note(ctx, 'open read-only');
-    const ro = await guard(ctx, 'open read-only', () => FvdImage.open(ctx.io, ctx.imagePath, { readOnly: true }));
+    const ro = await guard(ctx, 'open read-only', () => FvdImage.open(ctx.io, ctx.imagePath, { readOnly: true, key: ctx.key }));
     ctx.img = ro;
     for (let i = 0; i < 3; i++) {
       const [off, len] = pickRange(ctx);
@@ -312,7 +318,7 @@ async function reopen(ctx: Ctx): Promise<void> {
   const copyOnRead = ctx.r.chance(0.5) ? ctx.cfg.copyOnRead : !ctx.cfg.copyOnRead;
   const maxCopyOnReadBytes = ctx.r.chance(0.2) ? ctx.r.pick([ctx.cfg.blockSize, 2 * ctx.cfg.blockSize, 64 * KiB]) : undefined;
   note(ctx, `reopen copyOnRead=${copyOnRead} maxCopyOnReadBytes=${maxCopyOnReadBytes ?? 'default'}`);
-  ctx.img = await guard(ctx, 'open', () => FvdImage.open(ctx.io, ctx.imagePath, { copyOnRead, ...(maxCopyOnReadBytes ? { maxCopyOnReadBytes } : {}) }));
+  ctx.img = await guard(ctx, 'open', () => FvdImage.open(ctx.io, ctx.imagePath, { copyOnRead, key: ctx.key, ...(maxCopyOnReadBytes ? { maxCopyOnReadBytes } : {}) }));
   ctx.stats.reopens = (ctx.stats.reopens ?? 0) + 1;
 }
 
@@ -391,7 +397,9 @@ async function step(ctx: Ctx): Promise<void> {
   }
 }
 
-async function setup(seed: number, backend: Backend): Promise<Ctx> {
+const ENC_KEY = Buffer.from('differential test key');
+
+async function setup(seed: number, backend: Backend, encrypted: boolean): Promise<Ctx> {
   const r = new Rng(seed);
   const cfg = chooseConfig(r.fork());
   let io: IoBackend;
@@ -414,6 +422,7 @@ async function setup(seed: number, backend: Backend): Promise<Ctx> {
     detectZeroes: cfg.detectZeroes,
   };
   if (cfg.journalSize !== undefined) opts.journalSize = cfg.journalSize;
+  if (encrypted) opts.encrypt = { key: ENC_KEY, kdf: { log2N: 10, r: 1 } };
   if (cfg.base === 'raw') {
     initial = makeBaseContent(setupRng, cfg.baseSize, cfg.blockSize);
     const basePath = path.join(dir, 'base.raw');
@@ -432,15 +441,16 @@ async function setup(seed: number, backend: Backend): Promise<Ctx> {
   const ctx: Ctx = {
     seed, backend, cfg, io, dir, imagePath, r, model, step: 0, trace: [], writeId: 0, stats: {},
     img: undefined as unknown as FvdImage,
+    key: encrypted ? ENC_KEY : undefined,
   };
   await guard(ctx, 'create', () => FvdImage.create(io, imagePath, opts));
-  ctx.img = await guard(ctx, 'open', () => FvdImage.open(io, imagePath, { copyOnRead: cfg.copyOnRead }));
+  ctx.img = await guard(ctx, 'open', () => FvdImage.open(io, imagePath, { copyOnRead: cfg.copyOnRead, key: ctx.key }));
   return ctx;
 }
 
-async function runSeed(seed: number, backend: Backend, steps: number): Promise<void> {
+async function runSeed(seed: number, backend: Backend, steps: number, encrypted = false): Promise<void> {
   const t0 = Date.now();
-  const ctx = await setup(seed, backend);
+  const ctx = await setup(seed, backend, encrypted);
   try {
     for (ctx.step = 1; ctx.step <= steps; ctx.step++) await step(ctx);
     ctx.step = steps + 1;
@@ -449,7 +459,7 @@ async function runSeed(seed: number, backend: Backend, steps: number): Promise<v
     await verifyAll(ctx, 'final verify');
     await guard(ctx, 'final close', () => ctx.img.close());
     await check(ctx, 'final', ctx.r.chance(0.5));
-    ctx.img = await guard(ctx, 'final open', () => FvdImage.open(ctx.io, ctx.imagePath, { copyOnRead: false, readOnly: true }));
+    ctx.img = await guard(ctx, 'final open', () => FvdImage.open(ctx.io, ctx.imagePath, { copyOnRead: false, readOnly: true, key: ctx.key }));
     await verifyAll(ctx, 'final verify after reopen');
     await guard(ctx, 'final close', () => ctx.img.close());
     if (ctx.io instanceof MemIo && ctx.io.openCount !== 0) {
@@ -459,7 +469,7 @@ async function runSeed(seed: number, backend: Backend, steps: number): Promise<v
     if (backend === 'fs') fs.rmSync(ctx.dir, { recursive: true, force: true });
   }
   console.log(
-    `  differential FVD_SEED=${seed} ${backend}: ${steps} steps ok in ${Date.now() - t0} ms ` +
+    `  differential FVD_SEED=${seed} ${backend}${encrypted ? ' encrypted' : ''}: ${steps} steps ok in ${Date.now() - t0} ms ` +
       `(${describe(ctx.cfg)}; ${Object.entries(ctx.stats).map(([k, v]) => `${k}=${v}`).join(' ')})`,
   );
 }
@@ -515,9 +525,28 @@ if (only !== undefined) {
   for (const s of fresh) for (const b of ['mem', 'fs'] as const) if (!onlyBackend || onlyBackend === b) plan.push([s, b]);
 }
 
+// Chosen to cover both layouts with no base, a raw base and an FVD base.
+const ENC_SEEDS = [101, 102, 104, 107, 109, 110, 112, 114, 118, 119, 120, 121, 128, 130];
+const ENC_FS_SEEDS = [107, 128];
+const encPlan: Array<[number, Backend]> = [];
+if (only !== undefined) {
+  if (process.env.FVD_ENCRYPT) encPlan.push(...plan.splice(0));
+} else {
+  if (!process.env.FVD_SEEDS_ONLY) {
+    for (const s of ENC_SEEDS) if (onlyBackend !== 'fs') encPlan.push([s, 'mem']);
+    for (const s of ENC_FS_SEEDS) if (onlyBackend !== 'mem') encPlan.push([s, 'fs']);
+  }
+  for (const s of fresh.slice(0, 1)) for (const b of ['mem', 'fs'] as const) if (!onlyBackend || onlyBackend === b) encPlan.push([s ^ 0x5eed, b]);
+}
+
 for (const [seed, backend] of plan) {
   test(`differential FVD_SEED=${seed} ${backend}`, async () => {
     await runSeed(seed, backend, steps);
+  });
+}
+for (const [seed, backend] of encPlan) {
+  test(`differential FVD_SEED=${seed} ${backend} encrypted (FVD_ENCRYPT=1)`, async () => {
+    await runSeed(seed, backend, steps, true);
   });
 }
 

@@ -31,10 +31,11 @@ import { parseInteger, parseOptions, parseSize, formatSize, UsageError } from '.
 import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import type { IoBackend } from '../../fvd/io.js';
+import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
 const USAGE =
   'usage: fvd bench [-c COUNT] [-d DEPTH] [-s BUFSIZE] [-w] [-o OFFSET] [-S STEP] [--pattern seq|rand] ' +
-  '[--seed N] [--flush-interval N [--no-drain]] [--no-copy-on-read] [--fill BYTE] [-f fvd|raw] [--io node|uring] [--json] IMAGE';
+  '[--seed N] [--flush-interval N [--no-drain]] [--no-copy-on-read] [--fill BYTE] [-f fvd|raw] [--io node|uring] [--key-file PATH|-] [--json] IMAGE';
 
 /** What the bench drives: an FvdImage, or a raw BlockFile, behind one shape. */
 interface Target {
@@ -98,8 +99,10 @@ async function openTarget(
   path: string,
   write: boolean,
   copyOnRead: boolean,
+  key: Uint8Array | undefined,
 ): Promise<Target> {
   if (format === 'raw') {
+    if (key) throw new UsageError('--key-file applies to encrypted FVD images, not to -f raw');
     const file = await io.open(path, { readOnly: !write });
     return {
       size: file.size(),
@@ -119,8 +122,8 @@ async function openTarget(
   }
   // A read bench with --no-copy-on-read opens read-only, as qemu-img bench does for reads; with
   // copy-on-read (the default for reads) it opens writable so reads from a base populate the image.
-  if (write) return FvdImage.open(io, path, {});
-  return FvdImage.open(io, path, copyOnRead ? { copyOnRead: true } : { readOnly: true, copyOnRead: false });
+  if (write) return FvdImage.open(io, path, { key });
+  return FvdImage.open(io, path, copyOnRead ? { copyOnRead: true, key } : { readOnly: true, copyOnRead: false, key });
 }
 
 export async function run(args: string[]): Promise<number> {
@@ -141,6 +144,7 @@ export async function run(args: string[]): Promise<number> {
     io: { type: 'string' },
     json: { type: 'boolean' },
     help: { type: 'boolean', short: 'h' },
+    ...KEY_FILE_OPTION,
   });
   if (values.help) {
     console.log(USAGE);
@@ -199,7 +203,8 @@ export async function run(args: string[]): Promise<number> {
   }
   let target: Target;
   try {
-    target = await openTarget(io, format, imagePath, write, copyOnRead);
+    const key = readKeyFile(values['key-file']);
+    target = await openTarget(io, format, imagePath, write, copyOnRead, key).finally(() => wipe(key));
   } catch (err) {
     closeIo();
     throw err;

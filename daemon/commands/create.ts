@@ -1,8 +1,12 @@
-/** fvd create [-b BASE] [-F raw|fvd] [--layout raw|compact] [--block-size N] [--chunk-size N] IMAGE [SIZE] */
+/**
+ * fvd create [-b BASE] [-F raw|fvd] [--layout raw|compact] [--block-size N] [--chunk-size N]
+ *            [--encrypt --key-file PATH|-] IMAGE [SIZE]
+ */
 import fs from 'node:fs';
 import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import { UsageError, formatSize, parseOptions, parseSize } from '../args.js';
+import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseOptions('create', args, {
@@ -14,8 +18,10 @@ export async function run(args: string[]): Promise<number> {
     'journal-size': { type: 'string' },
     'no-detect-zeroes': { type: 'boolean', default: false },
     force: { type: 'boolean', default: false },
+    encrypt: { type: 'boolean', default: false },
+    ...KEY_FILE_OPTION,
   });
-  if (positionals.length < 1 || positionals.length > 2) throw new UsageError('usage: fvd create [-b BASE -F raw|fvd] [--layout raw|compact] [--block-size N] [--chunk-size N] [--journal-size N] [--no-detect-zeroes] [--force] IMAGE [SIZE]');
+  if (positionals.length < 1 || positionals.length > 2) throw new UsageError('usage: fvd create [-b BASE -F raw|fvd] [--layout raw|compact] [--block-size N] [--chunk-size N] [--journal-size N] [--no-detect-zeroes] [--encrypt --key-file PATH|-] [--force] IMAGE [SIZE]');
   const [image, sizeText] = positionals as [string, string | undefined];
   if (values.layout !== 'raw' && values.layout !== 'compact') throw new UsageError(`invalid layout '${values.layout}': expected raw or compact`);
   const baseFormat = values['base-format'];
@@ -25,6 +31,8 @@ export async function run(args: string[]): Promise<number> {
   if (!sizeText && !values.base) throw new UsageError('a size is required when there is no base image');
   const size = sizeText ? parseSize(sizeText) : undefined;
   if (size === 0) throw new UsageError('size must be greater than zero');
+  if (values.encrypt && values['key-file'] === undefined) throw new UsageError('--encrypt needs the key: --key-file PATH (or --key-file - for stdin)');
+  if (!values.encrypt && values['key-file'] !== undefined) throw new UsageError('--key-file given without --encrypt (a new image is encrypted only with --encrypt)');
 
   // Never clobber data by accident: an existing non-empty file or any device needs --force.
   const st = fs.statSync(image, { throwIfNoEntry: false });
@@ -34,6 +42,7 @@ export async function run(args: string[]): Promise<number> {
 
   // A failed create must not leave a half-written image behind (a retry would need --force).
   const removeOnFailure = !st || st.isFile();
+  const key = readKeyFile(values['key-file']);
   await FvdImage.create(nodeIo, image, {
     size,
     base: values.base,
@@ -43,17 +52,21 @@ export async function run(args: string[]): Promise<number> {
     chunkSize: values['chunk-size'] ? parseSize(values['chunk-size'], 'chunk size') : undefined,
     journalSize: values['journal-size'] !== undefined ? parseSize(values['journal-size'], 'journal size') : undefined,
     detectZeroes: !values['no-detect-zeroes'],
-  }).catch((err) => {
-    if (removeOnFailure && fs.existsSync(image) && fs.statSync(image).isFile()) fs.rmSync(image, { force: true });
-    throw err;
-  });
-  const img = await FvdImage.open(nodeIo, image, { readOnly: true });
+    encrypt: key ? { key } : undefined,
+  })
+    .catch((err) => {
+      if (removeOnFailure && fs.existsSync(image) && fs.statSync(image).isFile()) fs.rmSync(image, { force: true });
+      throw err;
+    })
+    .finally(() => wipe(key));
+  const img = await FvdImage.open(nodeIo, image, { readOnly: true, withoutKey: true });
   const s = img.stats();
   await img.close();
   console.log(
     `Formatting '${image}', fmt=fvd layout=${s.layout} size=${s.virtualSize} (${formatSize(s.virtualSize)}) block_size=${s.blockSize}` +
       (s.layout === 'compact' ? ` chunk_size=${s.chunkSize}` : '') +
-      (values.base ? ` base=${values.base} base_fmt=${baseFormat}` : ''),
+      (values.base ? ` base=${values.base} base_fmt=${baseFormat}` : '') +
+      (s.encryption ? ` encryption=${s.encryption}` : ''),
   );
   return 0;
 }

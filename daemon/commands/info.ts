@@ -1,14 +1,19 @@
-/** fvd info [--json] IMAGE — qemu-img info for FVD images. */
+/**
+ * fvd info [--json] [--key-file PATH|-] IMAGE — qemu-img info for FVD images. An encrypted
+ * image needs no key here (only metadata is read); a key given is verified.
+ */
 import fs from 'node:fs';
 import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import { UsageError, formatSize, parseOptions } from '../args.js';
+import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
 export async function run(args: string[]): Promise<number> {
-  const { values, positionals } = parseOptions('info', args, { json: { type: 'boolean', default: false } });
-  if (positionals.length !== 1) throw new UsageError('usage: fvd info [--json] IMAGE');
+  const { values, positionals } = parseOptions('info', args, { json: { type: 'boolean', default: false }, ...KEY_FILE_OPTION });
+  if (positionals.length !== 1) throw new UsageError('usage: fvd info [--json] [--key-file PATH|-] IMAGE');
   const path = positionals[0]!;
-  const image = await FvdImage.open(nodeIo, path, { readOnly: true });
+  const key = readKeyFile(values['key-file']);
+  const image = await FvdImage.open(nodeIo, path, key ? { readOnly: true, key } : { readOnly: true, withoutKey: true }).finally(() => wipe(key));
   const s = image.stats();
   await image.close();
   const st = fs.statSync(path);
@@ -26,6 +31,7 @@ export async function run(args: string[]): Promise<number> {
     bytesInBase: s.bytesInBase,
     fullyLocal: s.fullyLocal,
     zeroDetected: s.zeroDetected,
+    encryption: s.encryption,
     dirty: s.wasDirty,
     journal: { ...s.journal, sectorsToReplay: s.journalSectorsReplayed },
     allocatedChunks: s.layout === 'compact' ? s.allocatedChunks : undefined,
@@ -55,6 +61,7 @@ export async function run(args: string[]): Promise<number> {
     `in base: ${formatSize(s.bytesInBase)} (${pct(s.bytesInBase)}%)`,
     `fully local: ${s.fullyLocal ? 'yes' : 'no'}`,
     `zero blocks detected at create: ${s.zeroDetected ? 'yes' : 'no'}`,
+    `encrypted: ${s.encryption ?? 'no'}`,
     `dirty: ${s.wasDirty ? `yes (${s.journalSectorsReplayed} journal sectors to replay)` : 'no'}`,
     `journal: ${s.journal.capacitySectors * 512 ? formatSize(s.journal.capacitySectors * 512) : 'none'}, ${s.journalSectorsReplayed} sectors in use`,
   );

@@ -1,5 +1,5 @@
 /**
- * fvd io [-f raw|fvd] [--read-only] [--no-copy-on-read] -c CMD [-c CMD ...] IMAGE, like qemu-io:
+ * fvd io [-f raw|fvd] [--read-only] [--no-copy-on-read] [--key-file PATH|-] -c CMD [-c CMD ...] IMAGE, like qemu-io:
  *   read  [-P PATTERN] OFFSET LEN   read; with -P every byte must equal PATTERN (else exit 1)
  *   write [-P PATTERN] [-F] OFFSET LEN   write PATTERN (default 0xcd); -F = FUA
  *   discard OFFSET LEN | zero OFFSET LEN | flush
@@ -7,6 +7,7 @@
  */
 import { UsageError, formatSize, parseOptions, parseSize } from '../args.js';
 import { openDisk, parseFormat, probeFormat, type Disk } from '../disk.js';
+import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
 interface Parsed {
   name: string;
@@ -50,8 +51,9 @@ export async function run(args: string[]): Promise<number> {
     f: { type: 'string', short: 'f' },
     'read-only': { type: 'boolean', short: 'r', default: false },
     'no-copy-on-read': { type: 'boolean', default: false },
+    ...KEY_FILE_OPTION,
   });
-  if (positionals.length !== 1) throw new UsageError('usage: fvd io [-f raw|fvd] [-r] [--no-copy-on-read] -c CMD [-c CMD ...] IMAGE');
+  if (positionals.length !== 1) throw new UsageError('usage: fvd io [-f raw|fvd] [-r] [--no-copy-on-read] [--key-file PATH|-] -c CMD [-c CMD ...] IMAGE');
   const commands = (values.c ?? []).map(parseCommand);
   if (!commands.length) throw new UsageError('no commands given (-c "read -P 0xab 0 64k")');
   const format = parseFormat(values.f, 'format');
@@ -61,10 +63,12 @@ export async function run(args: string[]): Promise<number> {
     const hitsSector0 = commands.find((c) => c.name !== 'read' && c.name !== 'flush' && c.offset < 512 && c.length > 0);
     if (hitsSector0) throw new UsageError(`refusing to ${hitsSector0.name} sector 0 of an image whose format was probed as raw: pass -f raw`);
   }
+  const key = readKeyFile(values['key-file']);
   const disk = await openDisk(positionals[0]!, format, {
     readOnly: values['read-only'],
     copyOnRead: !values['no-copy-on-read'],
-  });
+    key,
+  }).finally(() => wipe(key));
   try {
     for (const cmd of commands) {
       if (cmd.name !== 'flush' && cmd.offset + cmd.length > disk.size)

@@ -1,5 +1,5 @@
 /**
- * fvd prefetch [--max-rate SIZE] [--chunk SIZE] [--interval SEC] [--quiet] IMAGE
+ * fvd prefetch [--max-rate SIZE] [--chunk SIZE] [--interval SEC] [--quiet] [--key-file PATH|-] IMAGE
  * Offline prefetch: copies every block still only in the base into the image, then records
  * FULLY_LOCAL, so the base is no longer needed. Progress goes to stderr (one redrawn line on a
  * TTY, a line every --interval seconds otherwise); the summary goes to stdout. Nothing runs in the
@@ -10,8 +10,9 @@ import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import { Prefetcher, type PrefetchProgress } from '../../fvd/prefetch.js';
 import { UsageError, formatSize, parseOptions, parseSize } from '../args.js';
+import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
-const USAGE = 'usage: fvd prefetch [--max-rate SIZE] [--chunk SIZE] [--interval SEC] [--quiet] IMAGE';
+const USAGE = 'usage: fvd prefetch [--max-rate SIZE] [--chunk SIZE] [--interval SEC] [--quiet] [--key-file PATH|-] IMAGE';
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseOptions('prefetch', args, {
@@ -19,6 +20,7 @@ export async function run(args: string[]): Promise<number> {
     chunk: { type: 'string', default: '1M' },
     interval: { type: 'string', default: '5' },
     quiet: { type: 'boolean', short: 'q', default: false },
+    ...KEY_FILE_OPTION,
   });
   if (positionals.length !== 1) throw new UsageError(USAGE);
   const path = positionals[0]!;
@@ -31,7 +33,8 @@ export async function run(args: string[]): Promise<number> {
     throw new UsageError(`invalid interval '${values.interval}': seconds, more than 0`);
 
   // Copy-on-read off: nothing reads here but the prefetcher, which does its own copies.
-  const image = await FvdImage.open(nodeIo, path, { copyOnRead: false });
+  const key = readKeyFile(values['key-file']);
+  const image = await FvdImage.open(nodeIo, path, { copyOnRead: false, key }).finally(() => wipe(key));
   let prefetcher: Prefetcher | null = null;
   let code = 0;
   const onSignal = () => void prefetcher?.stop();

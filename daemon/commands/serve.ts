@@ -1,15 +1,21 @@
 /**
  * fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read]
+ *           [--key-file PATH|-]
  * Prints the device path once it is usable; SIGTERM/SIGINT stop the device, drain in-flight I/O,
  * close the image cleanly, delete the device and exit 0. Under systemd (Type=notify) it reports
  * READY=1 only then, STATUS= with figures, STOPPING=1, and WATCHDOG=1 pings when asked.
+ *
+ * The key of an encrypted image: --key-file, or for --instance NAME the configuration's KEY_FILE=,
+ * or else the systemd credential `key` ($CREDENTIALS_DIRECTORY/key, from LoadCredential=key:...).
  */
+import fs from 'node:fs';
 import path from 'node:path';
 import { readInstanceConfig } from '../instance-config.js';
 import { sdNotify, watchdogPingIntervalMs } from '../../ffi/sd-notify.js';
 import { UsageError, formatSize, parseInteger, parseOptions, parseSize } from '../args.js';
 import { UblkServer } from '../server.js';
 import { Prefetcher } from '../../fvd/prefetch.js';
+import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseOptions('serve', args, {
@@ -22,6 +28,7 @@ export async function run(args: string[]): Promise<number> {
     'no-copy-on-read': { type: 'boolean', default: false },
     'no-prefetch': { type: 'boolean', default: false },
     'prefetch-rate': { type: 'string' },
+    ...KEY_FILE_OPTION,
   });
   if (values.instance !== undefined) {
     // systemd: fvd serve --instance NAME reads /etc/fvd/NAME.conf (or serves /var/lib/fvd/NAME.fvd)
@@ -36,15 +43,19 @@ export async function run(args: string[]): Promise<number> {
     if (conf.copyOnRead === false) values['no-copy-on-read'] = true;
     if (conf.prefetch === false) values['no-prefetch'] = true;
     if (conf.prefetchRate !== undefined) values['prefetch-rate'] = conf.prefetchRate;
+    if (conf.keyFile !== undefined) values['key-file'] ??= conf.keyFile;
+    const credential = process.env.CREDENTIALS_DIRECTORY ? path.join(process.env.CREDENTIALS_DIRECTORY, 'key') : '';
+    if (values['key-file'] === undefined && credential && fs.existsSync(credential)) values['key-file'] = credential;
   }
   if (positionals.length !== 1)
-    throw new UsageError('usage: fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read] [--no-prefetch] [--prefetch-rate SIZE] | fvd serve --instance NAME');
+    throw new UsageError('usage: fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read] [--no-prefetch] [--prefetch-rate SIZE] [--key-file PATH|-] | fvd serve --instance NAME');
   const image = positionals[0]!;
   const maxIo = parseSize(values['max-io']!, 'max I/O size');
   if (maxIo < 4096 || maxIo > 32 * 1024 * 1024 || maxIo % 4096) throw new UsageError(`invalid max I/O size ${maxIo}: a multiple of 4 KiB from 4 KiB to 32 MiB`);
   const log = (line: string) => console.error(`fvd[${process.pid}]: ${line}`);
   let fatal: ((reason: string) => void) | undefined;
   const prefetchRate = values['prefetch-rate'] ? parseSize(values['prefetch-rate'], 'prefetch rate') : undefined;
+  const key = readKeyFile(values['key-file']);
   const server = await UblkServer.start({
     image,
     name: values.name ?? path.basename(image).replace(/\.[^.]*$/, ''),
@@ -53,9 +64,10 @@ export async function run(args: string[]): Promise<number> {
     depth: parseInteger(values.depth!, 'queue depth', 1, 4096),
     maxIo,
     copyOnRead: !values['no-copy-on-read'],
+    key,
     log,
     onFatal: (reason) => fatal?.(reason),
-  });
+  }).finally(() => wipe(key));
 
   // Background prefetching of the base (adaptive: it backs off while the guest is busy). The
   // queue workers' request counts are its measure of foreground activity.
