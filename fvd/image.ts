@@ -398,7 +398,9 @@ export class FvdImage {
         nextSeq = r.nextSeq;
         replayed = r.sectors;
       }
-      if (table) validateTable(imagePath, table, header, file);
+      // After a crash an entry may point past the end of the file (FORMAT.md §4.3: logged before
+      // the chunk's first data write, which was lost); that storage reads as zeros.
+      if (table) validateTable(imagePath, table, header, file, (header.incompatible & INCOMPAT_DIRTY) !== 0n);
       const image = new FvdImage(imagePath, file, header, base, {
         present,
         table,
@@ -422,11 +424,25 @@ export class FvdImage {
   private async markOpen(replayed: boolean): Promise<void> {
     this.header.autoclear &= AUTOCLEAR_KNOWN;
     if (replayed) {
+      await this.coverMappedChunks();
       // Write the replayed bitmap/table in place and restart the log after the replayed records.
       await this.journal!.checkpoint();
     }
     this.header.incompatible |= INCOMPAT_DIRTY;
     await this.writeHeader();
+  }
+
+  /**
+   * Recovery: extends a compact image file over chunks mapped past its end (their first data write
+   * was lost in the crash), so a clean image again has every mapped chunk inside the file.
+   */
+  private async coverMappedChunks(): Promise<void> {
+    const table = this.table;
+    if (!table || this.file.isBlockDevice) return;
+    let max = -1;
+    for (let c = 0; c < table.length; c++) if (table[c] !== CHUNK_EMPTY && table[c]! > max) max = table[c]!;
+    const end = this.header.dataOffset + (max + 1) * this.chunkSize;
+    if (max >= 0 && end > this.file.size()) await this.file.truncate(end);
   }
 
   private async writeHeader(): Promise<void> {
@@ -1185,15 +1201,18 @@ async function markZeroBlocks(base: BaseImage, limit: number, blockSize: number,
   }
 }
 
-/** Table entries must point inside the data area and never share storage. */
-function validateTable(imagePath: string, table: Uint32Array, header: Header, file: BlockFile): void {
+/**
+ * Table entries must point inside the data area and never share storage. `crashed`: the image was
+ * not closed cleanly, so entries past the end of a regular file are legitimate (see the caller).
+ */
+function validateTable(imagePath: string, table: Uint32Array, header: Header, file: BlockFile, crashed: boolean): void {
   const maxId = file.isBlockDevice ? Math.floor((file.size() - header.dataOffset) / header.chunkSize) : Number.POSITIVE_INFINITY;
   const seen = new Set<number>();
   for (let c = 0; c < table.length; c++) {
     const id = table[c]!;
     if (id === CHUNK_EMPTY) continue;
     if (id >= maxId) throw new CorruptImageError(imagePath, `chunk ${c} maps to storage chunk ${id} beyond the end of the device`);
-    if (!file.isBlockDevice && header.dataOffset + id * header.chunkSize >= file.size())
+    if (!file.isBlockDevice && !crashed && header.dataOffset + id * header.chunkSize >= file.size())
       throw new CorruptImageError(imagePath, `chunk ${c} maps to storage chunk ${id} beyond the end of the file (truncated?)`);
     if (seen.has(id)) throw new CorruptImageError(imagePath, `storage chunk ${id} is mapped twice`);
     seen.add(id);

@@ -208,6 +208,47 @@ async function expectOldOrNew(io: MemIo, p: string, offsets: number[], what: str
   assert.ok(bad.length === 0, `${what}: ${bad.length} of ${offsets.length} written blocks read neither old nor new data, e.g. ${bad.slice(0, 3).join('; ')}`);
 }
 
+test('regression: a chunk whose mapping was logged but whose first data write was lost (past the end of the file) reads as zeros; recovery extends the file', async () => {
+  // FORMAT.md §4.3 lets a new chunk's TABLE_SET be logged before its data write when the chunk
+  // lies past everything ever written; a power cut can keep the log and lose the write, leaving
+  // the entry past the end of the file. Build that state: two chunks allocated and logged, the
+  // image abandoned dirty, the file cut back to end before the second chunk's storage.
+  const mem = new MemIo();
+  const p = '/eof/disk.fvd';
+  await FvdImage.create(mem, p, { size: 4 * RC, layout: 'compact', blockSize: RB, chunkSize: RC, journalSize: 64 * KiB });
+  let img = await FvdImage.open(mem, p);
+  await img.write(new Uint8Array(SECTOR).fill(0xab), 0);
+  await img.write(new Uint8Array(SECTOR).fill(0xcd), 3 * RC);
+  await img.flush();
+  await img.abandon();
+  const h = decodeHeader(p, mem.readFile(p).subarray(0, SECTOR), mem.readFile(p).length);
+  const crashed = mem.readFile(p).subarray(0, h.dataOffset + RC);
+  mem.writeFile(p, crashed);
+
+  const check = await checkImage(mem, p);
+  assert.equal(check.errors, [], 'a dirty image with a mapping past the end of the file is a legal crash state');
+  const buf = new Uint8Array(SECTOR);
+  img = await FvdImage.open(mem, p, { readOnly: true });
+  await img.read(buf, 3 * RC);
+  assert.ok(buf.every((b) => b === 0), 'the lost chunk reads as zeros (read-only, in-memory replay)');
+  await img.close();
+
+  img = await FvdImage.open(mem, p);
+  assert.is(mem.readFile(p).length, h.dataOffset + 2 * RC, 'recovery extends the file over the mapped chunk');
+  await img.read(buf, 0);
+  assert.ok(buf.every((b) => b === 0xab));
+  await img.close();
+  assert.equal((await checkImage(mem, p)).errors, []);
+  img = await FvdImage.open(mem, p, { readOnly: true });
+  await img.read(buf, 3 * RC);
+  assert.ok(buf.every((b) => b === 0));
+  await img.close();
+
+  // The same cut on a cleanly closed image is a truncated file, and still refused.
+  mem.writeFile(p, mem.readFile(p).subarray(0, h.dataOffset + RC));
+  assert.match((await checkImage(mem, p)).errors.join('; '), /beyond the end of the file/);
+});
+
 test('regression: a torn multi-sector journal commit never exposes bitmap bits without their table entries', async () => {
   const { mem, cio, img, path: p } = await regressionImage(64 * KiB);
   // 40 one-sector writes to every other block (40 bitmap runs, 3 new chunks) commit together.
