@@ -46,7 +46,7 @@ scenario() {
     serve_must "$img" --key-file "$D/disk.key"
     check "mkfs.ext4 $SERVE_DEV" t mkfs.ext4 -q -F "$SERVE_DEV"
     mkdir -p "$D/m" "$D/tree"
-    yes "$MARKER" | head -n 4000 > "$D/tree/secret.txt"
+    { yes "$MARKER" || true; } | head -n 4000 > "$D/tree/secret.txt"   # (yes dies of SIGPIPE: pipefail)
     random_file "$D/tree/r1.bin" 24
     random_file "$D/tree/r2.bin" 3
     (cd "$D/tree" && sha256sum ./* > "$D/tree.sha256")
@@ -92,7 +92,7 @@ scenario() {
 
     # --- a plaintext base under an encrypted compact image ---
     local base=$D/base.raw over=$D/over.fvd
-    yes "$MARKER" | head -c $((16 * M)) > "$base"
+    { yes "$MARKER" || true; } | head -c $((16 * M)) > "$base"
     local basesum
     basesum=$(sha256sum < "$base")
     must "fvd create --encrypt over a raw base (compact)" fvd create --encrypt --key-file "$D/disk.key" -b "$base" -F raw --layout compact "$over"
@@ -121,6 +121,9 @@ cmd_serve() {
     local name=$1 input=$2 i
     shift 2
     CMD_DEV='' CMD_OUT=$D/cmd.out CMD_ERR=$D/cmd.err
+    # Emptied here, not only by the child's redirection: the loop below could otherwise read the
+    # previous daemon's device line before the background child truncates the file.
+    : > "$CMD_OUT"; : > "$CMD_ERR"
     "$@" > "$CMD_OUT" 2> "$CMD_ERR" < "$input" &
     CMD_PID=$!
     echo "$CMD_PID" >> "$E2E_STATE/pids"
