@@ -76,7 +76,7 @@ export interface OpenOptions {
 }
 
 /** A base image as the engine sees it: read-only bytes of a fixed size. */
-interface BaseImage {
+export interface BaseImage {
   readonly size: number;
   read(buf: Uint8Array, offset: number): Promise<void>;
   close(): Promise<void>;
@@ -326,14 +326,17 @@ export class FvdImage {
 
     let base: BaseImage | null = null;
     if (header.baseFormat !== BASE_NONE) {
-      const pathBytes = first.subarray(BASE_PATH_OFFSET, BASE_PATH_OFFSET + header.basePathLength);
+      const pathOffset = header.basePathOffset || BASE_PATH_OFFSET;
+      const pathBytes = first.subarray(pathOffset, pathOffset + header.basePathLength);
       if (crc(pathBytes) !== header.basePathCrc) throw new CorruptImageError(imagePath, 'base path checksum mismatch');
       const basePath = Buffer.from(pathBytes).toString('utf8');
       const fullyLocal = (header.autoclear & AUTOCLEAR_FULLY_LOCAL) !== 0n;
       if (!fullyLocal) {
         const resolved = path.resolve(path.dirname(path.resolve(imagePath)), basePath);
         base = await openBase(io, resolved, header.baseFormat, [...chain, path.resolve(imagePath)], basePath);
-        if (base.size !== header.baseSize) {
+        // An interrupted commit may have grown the base already (FORMAT.md §12.3); this image
+        // reads only its first base_size bytes either way.
+        if (base.size !== header.baseSize && !(header.baseSizeNext && base.size === header.baseSizeNext)) {
           await base.close();
           throw new FvdError(
             `${imagePath}: base image '${basePath}' is ${base.size} bytes but was ${header.baseSize} bytes when the image was created (wrong or resized base)`,
@@ -360,7 +363,8 @@ export class FvdImage {
         const nChunks = table ? table.length : 0;
         const sink: JournalSink = {
           bitmapSet(firstBlock, count) {
-            if (firstBlock + count > Math.ceil(header.baseSize / header.blockSize) || count === 0 || firstBlock > baseBlocks)
+            // The engine logs bits of base blocks only (below min(base size, virtual size)).
+            if (firstBlock + count > baseBlocks || count === 0)
               throw new CorruptImageError(imagePath, `journal bitmap record for blocks ${firstBlock}+${count} out of range`);
             setRange(present, firstBlock, count);
           },
@@ -1039,8 +1043,8 @@ export class FvdImage {
 
 // -----------------------------------------------------------------------------------------------
 
-async function openImage(io: IoBackend, imagePath: string, options: OpenOptions, chain: string[]): Promise<FvdImage> {
-  const file = await io.open(imagePath, { readOnly: !!options.readOnly, lock: options.readOnly ? undefined : 'exclusive' });
+async function openImage(io: IoBackend, imagePath: string, options: OpenOptions, chain: string[], readLock?: 'shared'): Promise<FvdImage> {
+  const file = await io.open(imagePath, { readOnly: !!options.readOnly, lock: options.readOnly ? readLock : 'exclusive' });
   try {
     return await FvdImage.fromParts(io, imagePath, file, options, chain);
   } catch (err) {
@@ -1049,13 +1053,17 @@ async function openImage(io: IoBackend, imagePath: string, options: OpenOptions,
   }
 }
 
-/** Opens a base image read-only. `chain` holds the images above it, to detect loops. */
-async function openBase(io: IoBackend, resolved: string, format: number, chain: string[], shownPath: string): Promise<BaseImage> {
+/**
+ * Opens a base image read-only. `chain` holds the images above it, to detect loops. Every level
+ * is opened with a shared lock, so no writer (a served image, `fvd commit`) can change a base
+ * while an image reads through it.
+ */
+export async function openBase(io: IoBackend, resolved: string, format: number, chain: string[], shownPath: string): Promise<BaseImage> {
   if (chain.includes(resolved)) throw new FvdError(`base chain loop: '${resolved}' is its own base`, 'EINVAL');
   if (chain.length >= MAX_CHAIN_DEPTH) throw new FvdError(`base chain deeper than ${MAX_CHAIN_DEPTH} images`, 'EINVAL');
   try {
     if (format === BASE_RAW) {
-      const file = await io.open(resolved, { readOnly: true });
+      const file = await io.open(resolved, { readOnly: true, lock: 'shared' });
       return {
         size: file.size(),
         read: (buf, offset) => file.read(buf, offset),
@@ -1063,7 +1071,7 @@ async function openBase(io: IoBackend, resolved: string, format: number, chain: 
         describe: () => [{ path: resolved, format: 'raw', size: file.size() }],
       };
     }
-    const image = await openImage(io, resolved, { readOnly: true, copyOnRead: false }, chain);
+    const image = await openImage(io, resolved, { readOnly: true, copyOnRead: false }, chain, 'shared');
     return {
       size: image.size,
       read: (buf, offset) => image.read(buf, offset),
@@ -1072,8 +1080,10 @@ async function openBase(io: IoBackend, resolved: string, format: number, chain: 
     };
   } catch (err) {
     const e = err as NodeJS.ErrnoException;
-    if (e.code === 'ENOENT') throw new FvdError(`base image '${shownPath}' not found (looked for ${resolved})`, 'ENOENT');
+    // An FvdError first: one from deeper in the chain (a missing image further down has code
+    // ENOENT too) must keep naming that image, prefixed with this level.
     if (err instanceof FvdError) throw new FvdError(`base image '${shownPath}': ${err.message.replace(`${resolved}: `, '')}`, err.code);
+    if (e.code === 'ENOENT') throw new FvdError(`base image '${shownPath}' not found (looked for ${resolved})`, 'ENOENT');
     throw new FvdError(`base image '${shownPath}' (${baseFormatName(format)}) cannot be opened: ${e.message}`, 'EIO');
   }
 }

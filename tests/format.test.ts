@@ -11,6 +11,7 @@ function sample(compact = true): Header {
     version: VERSION, incompatible: compact ? INCOMPAT_COMPACT : 0n, compatible: 1n, autoclear: 0n, virtualSize: 1 << 30,
     blockSize: 65536, chunkSize: 1 << 20, baseSize: 3 << 28, basePathLength: 4, baseFormat: 1, basePathCrc: 1234,
     ...layout, journalStartSeq: 2 ** 40 + 17, refcountOffset: 0, refcountLength: 0, snapshotsOffset: 0, snapshotsLength: 0,
+    basePathOffset: 0, baseSizeNext: 0,
   };
 }
 
@@ -66,7 +67,8 @@ test('header: rejects bad magic, version, checksum, features, geometry, truncati
   expectReject(encodeHeader({ ...h, blockSize: 3000 }), size, /block size/);
   expectReject(encodeHeader({ ...h, chunkSize: 4096 }), size, /chunk size/);
   expectReject(encodeHeader({ ...h, virtualSize: 1000 }), size, /virtual size/);
-  expectReject(encodeHeader({ ...h, bitmapLength: 8192 }), size, /bitmap length/);
+  expectReject(encodeHeader({ ...h, bitmapLength: 0 }), size, /bitmap length 0, expected a multiple of 4096 of at least 4096/);
+  expectReject(encodeHeader({ ...h, bitmapLength: 6144 }), size, /bitmap length/);
   expectReject(encodeHeader({ ...h, journalOffset: h.bitmapOffset }), size, /overlaps/);
   expectReject(encodeHeader({ ...h, dataOffset: h.dataOffset + 512 }), size + 512, /data offset/);
   expectReject(encodeHeader({ ...h, refcountLength: 4096 }), size, /snapshot/);
