@@ -79,6 +79,8 @@ export interface OpenOptions {
 export interface BaseImage {
   readonly size: number;
   read(buf: Uint8Array, offset: number): Promise<void>;
+  /** True when the range is known to read as zeros without reading it (false: unknown). */
+  knownZero(offset: number, length: number): Promise<boolean>;
   close(): Promise<void>;
   describe(): BaseChainEntry[];
 }
@@ -1035,6 +1037,47 @@ export class FvdImage {
     };
   }
 
+  /**
+   * For offline tools (commit, rebase, resize): true when [offset, offset + length) is known to
+   * read as zeros without reading any data — unmapped chunks, holes in the image file (where the
+   * BlockFile can tell), bytes past the base's end, and the same asked of the base. False means
+   * unknown, not non-zero.
+   */
+  async knownZero(offset: number, length: number): Promise<boolean> {
+    this.checkRange(offset, length, 'knownZero');
+    const end = offset + length;
+    const bs = this.blockSize;
+    for (let pos = offset; pos < end; ) {
+      const b = Math.floor(pos / bs);
+      const local = this.allLocal || this.isLocal(b);
+      let runEnd = Math.min(end, (b + 1) * bs);
+      while (runEnd < end && (this.allLocal || this.isLocal(runEnd / bs)) === local) runEnd = Math.min(end, runEnd + bs);
+      if (local ? !this.storageKnownZero(pos, runEnd) : !(await this.baseKnownZero(pos, runEnd))) return false;
+      pos = runEnd;
+    }
+    return true;
+  }
+
+  private storageKnownZero(a: number, z: number): boolean {
+    const D = this.header.dataOffset;
+    if (!this.table) return holeAt(this.file, D + a, D + z);
+    const cs = this.chunkSize;
+    for (let c = Math.floor(a / cs); c * cs < z; c++) {
+      if (this.allocating.has(c)) return false;
+      const id = this.table[c]!;
+      if (id === CHUNK_EMPTY) continue;
+      const from = Math.max(a, c * cs) - c * cs;
+      const to = Math.min(z, (c + 1) * cs) - c * cs;
+      if (!holeAt(this.file, D + id * cs + from, D + id * cs + to)) return false;
+    }
+    return true;
+  }
+
+  private async baseKnownZero(a: number, z: number): Promise<boolean> {
+    if (a >= this.baseLimit) return true;
+    return this.base!.knownZero(a, Math.min(z, this.baseLimit) - a);
+  }
+
   /** A base image's chain entry, for `info`. */
   describeChain(format: BaseFormat): BaseChainEntry[] {
     return [{ path: this.path, format, size: this.size }, ...(this.base ? this.base.describe() : [])];
@@ -1067,6 +1110,7 @@ export async function openBase(io: IoBackend, resolved: string, format: number, 
       return {
         size: file.size(),
         read: (buf, offset) => file.read(buf, offset),
+        knownZero: async (offset, length) => holeAt(file, offset, offset + length),
         close: () => file.close(),
         describe: () => [{ path: resolved, format: 'raw', size: file.size() }],
       };
@@ -1075,6 +1119,7 @@ export async function openBase(io: IoBackend, resolved: string, format: number, 
     return {
       size: image.size,
       read: (buf, offset) => image.read(buf, offset),
+      knownZero: (offset, length) => image.knownZero(offset, length),
       close: () => image.close(),
       describe: () => image.describeChain('fvd'),
     };
@@ -1086,6 +1131,13 @@ export async function openBase(io: IoBackend, resolved: string, format: number, 
     if (e.code === 'ENOENT') throw new FvdError(`base image '${shownPath}' not found (looked for ${resolved})`, 'ENOENT');
     throw new FvdError(`base image '${shownPath}' (${baseFormatName(format)}) cannot be opened: ${e.message}`, 'EIO');
   }
+}
+
+/** [a, z) of the file is known to read as zeros (a hole or past the end). */
+export function holeAt(file: BlockFile, a: number, z: number): boolean {
+  if (a >= file.size()) return true;
+  const next = file.nextData?.(a);
+  return next !== undefined && next !== null && next >= z;
 }
 
 /** Sets the bit of every all-zero block of the base (FVD's "free write to zero-filled blocks"). */

@@ -44,12 +44,12 @@ import {
 } from './format.js';
 import { forEachClearRun, setRange, testBit } from './bitmap.js';
 import { replayJournal } from './journal.js';
-import { FvdImage, openBase, type BaseImage } from './image.js';
+import { FvdImage, holeAt, openBase, type BaseImage } from './image.js';
 
 /** Incompatible features these operations know how to carry over (others: refuse, FORMAT.md §12). */
 const MAINTENANCE_INCOMPAT = INCOMPAT_DIRTY | INCOMPAT_COMPACT;
 /** Data is compared and copied in windows of this many bytes (rounded to whole blocks). */
-const WINDOW = 4 * 1024 * 1024;
+const WINDOW = 1024 * 1024;
 
 // -----------------------------------------------------------------------------------------------
 // The image file, offline
@@ -194,6 +194,23 @@ class OfflineImage {
     }
   }
 
+  /** This image's own storage for [offset, offset + length) is known to read zeros (unmapped, holes). */
+  localKnownZero(offset: number, length: number): boolean {
+    const h = this.header;
+    const D = h.dataOffset;
+    if (!this.table) return holeAt(this.file, D + offset, D + offset + length);
+    const cs = h.chunkSize;
+    const end = offset + length;
+    for (let c = Math.floor(offset / cs); c * cs < end; c++) {
+      const id = this.table[c]!;
+      if (id === CHUNK_EMPTY) continue;
+      const from = Math.max(offset, c * cs) - c * cs;
+      const to = Math.min(end, (c + 1) * cs) - c * cs;
+      if (!holeAt(this.file, D + id * cs + from, D + id * cs + to)) return false;
+    }
+    return true;
+  }
+
   /** Makes this image's storage for [offset, offset + length) read as zeros (bits untouched). */
   async zeroLocal(offset: number, length: number): Promise<void> {
     const h = this.header;
@@ -308,9 +325,14 @@ function forEachSetRun(bm: Uint8Array, from: number, to: number, fn: (first: num
   return runs.reduce<Promise<void>>((p, _, i) => (i % 2 ? p : p.then(() => fn(runs[i]!, runs[i + 1]!))), Promise.resolve());
 }
 
+/** Window size for a block size: whole blocks, about WINDOW bytes. */
+function windowBytes(blockSize: number): number {
+  return Math.max(1, Math.floor(WINDOW / blockSize)) * blockSize;
+}
+
 /** Splits block runs [first, last] into windows of at most WINDOW bytes: fn(b0, b1) in order. */
 async function windows(first: number, last: number, blockSize: number, fn: (b0: number, b1: number) => Promise<void>): Promise<void> {
-  const per = Math.max(1, Math.floor(WINDOW / blockSize));
+  const per = windowBytes(blockSize) / blockSize;
   for (let b = first; b <= last; b += per) await fn(b, Math.min(last, b + per - 1));
 }
 
@@ -525,6 +547,7 @@ export interface CommitResult {
 interface WritableBase {
   size: number;
   read(buf: Uint8Array, offset: number): Promise<void>;
+  knownZero(offset: number, length: number): Promise<boolean>;
   write(buf: Uint8Array, offset: number): Promise<void>;
   writeZeroes(offset: number, length: number): Promise<void>;
   flush(): Promise<void>;
@@ -549,6 +572,7 @@ async function openWritableBase(io: IoBackend, resolved: string, format: number,
       return {
         size: file.size(),
         read: (b, o) => file.read(b, o),
+        knownZero: async (o, l) => holeAt(file, o, o + l),
         write: (b, o) => file.write(b, o),
         writeZeroes: (o, l) => file.zeroRange(o, l),
         flush: () => file.flush(),
@@ -559,6 +583,7 @@ async function openWritableBase(io: IoBackend, resolved: string, format: number,
     return {
       size: image.size,
       read: (b, o) => image.read(b, o),
+      knownZero: (o, l) => image.knownZero(o, l),
       write: (b, o) => image.write(b, o),
       writeZeroes: (o, l) => image.writeZeroes(o, l),
       flush: () => image.flush(),
@@ -673,12 +698,17 @@ export async function commitImage(io: IoBackend, imagePath: string, options: Com
       let total = 0;
       if (all) total = Math.min(bb * bs, V);
       else forEachSetRunSync(img.bitmap, 0, bb - 1, (b, e) => (total += Math.min((e + 1) * bs, V) - b * bs));
+      const mineBuf = new Uint8Array(Math.min(windowBytes(bs), roundUp(V, bs)));
+      const theirsBuf = new Uint8Array(mineBuf.length);
       const copyRun = async (b: number, e: number) => {
         await windows(b, e, bs, async (b0, b1) => {
           const start = b0 * bs;
           const end = Math.min((b1 + 1) * bs, V);
-          const mine = new Uint8Array(end - start);
-          const theirs = new Uint8Array(end - start);
+          examined += end - start;
+          // Zero on both sides without reading (holes, unmapped chunks, a freshly grown base).
+          if (img.localKnownZero(start, end - start) && (await base!.knownZero(start, end - start))) return;
+          const mine = mineBuf.subarray(0, end - start);
+          const theirs = theirsBuf.subarray(0, end - start);
           await img.readLocal(mine, start);
           await base!.read(theirs, start);
           for (let off = 0; off < mine.length; ) {
@@ -700,7 +730,6 @@ export async function commitImage(io: IoBackend, imagePath: string, options: Com
             written += runEnd - off;
             off = runEnd;
           }
-          examined += end - start;
           options.onProgress?.(examined, total);
         });
       };
@@ -922,15 +951,24 @@ async function copyDiffering(
   for (const [b, e] of runs) total += Math.min((e + 1) * bs, V) - b * bs;
   let copied = 0;
   let examined = 0;
+  const oldBuf = new Uint8Array(Math.min(windowBytes(bs), roundUp(V, bs)));
+  const freshBuf = new Uint8Array(oldBuf.length);
   await img.withEngine(io, async (engine) => {
     for (const [first, last] of runs) {
       await windows(first, last, bs, async (b0, b1) => {
         const start = b0 * bs;
         const end = Math.min((b1 + 1) * bs, V);
-        const old = new Uint8Array(end - start);
-        await engine.read(old, start);
-        const fresh = new Uint8Array(end - start);
         const inNew = Math.max(0, Math.min(end, newLimit) - start);
+        examined += end - start;
+        // Zeros in both chains, known without reading: nothing to copy (blocks past the new
+        // base's end are excluded: they must be copied whatever they hold).
+        if (b1 < newBB && (await engine.knownZero(start, end - start)) && (inNew === 0 || (await newBase!.knownZero(start, inNew)))) {
+          onProgress?.(examined, total);
+          return;
+        }
+        const old = oldBuf.subarray(0, end - start);
+        await engine.read(old, start);
+        const fresh = freshBuf.subarray(0, end - start).fill(0);
         if (inNew > 0) await newBase!.read(fresh.subarray(0, inNew), start);
         const mustCopy = (b: number) => {
           if (b >= newBB) return true;
@@ -953,7 +991,6 @@ async function copyDiffering(
           copied += t - s;
           b = e + 1;
         }
-        examined += end - start;
         onProgress?.(examined, total);
       });
     }
@@ -1069,6 +1106,7 @@ async function firstNonZero(engine: FvdImage, from: number, to: number): Promise
     const z = Math.min(to, e.offset + e.length);
     for (let pos = a; pos < z; pos += buf.length) {
       const piece = buf.subarray(0, Math.min(buf.length, z - pos));
+      if (await engine.knownZero(pos, piece.length)) continue;
       await engine.read(piece, pos);
       for (let i = 0; i < piece.length; i++) if (piece[i] !== 0) return pos + i;
     }

@@ -297,6 +297,45 @@ test('commit refusals change nothing: no base, read-only base, locked base, wron
   assert.is(io.openCount, 0);
 });
 
+test('commit and rebase skip ranges known to be zero on both sides (holes) without reading them', async () => {
+  const reads = async (seekData: boolean) => {
+    const io = new MemIo({ seekData });
+    const V = 8 * MiB;
+    const base = new Uint8Array(V);
+    base.set(pattern(64 * KiB, 1)); // data only in the first 64 KiB
+    io.writeFile('/z/base.raw', base);
+    // Zero detection marks every other block local: sparse, known zero in the image and base.
+    await create(io, '/z/img.fvd', { base: 'base.raw', baseFormat: 'raw', size: 2 * V, blockSize: 64 * KiB });
+    await writeAt(io, '/z/img.fvd', [[12 * MiB, pattern(4096, 2)]]);
+    io.writeFile('/z/other.raw', new Uint8Array(2 * V));
+    let bytesRead = 0;
+    const counting: IoBackend = {
+      open: async (p, o) => {
+        const f = await io.open(p, o);
+        return Object.assign(Object.create(f) as BlockFile, {
+          read: (b: Uint8Array, off: number) => ((bytesRead += b.length), f.read(b, off)),
+          nextData: (off: number) => f.nextData!(off),
+          size: () => f.size(),
+          close: () => f.close(),
+        });
+      },
+    };
+    await commitImage(counting, '/z/img.fvd');
+    await rebaseImage(counting, '/z/img.fvd', { base: 'other.raw', baseFormat: 'raw' });
+    const expected = new Uint8Array(2 * V);
+    expected.set(base);
+    expected.set(pattern(4096, 2), 12 * MiB);
+    same(await readAll(io, '/z/img.fvd'), expected, `seekData ${seekData}`);
+    return bytesRead;
+  };
+  const slow = await reads(false);
+  const fast = await reads(true);
+  // commit and rebase each read two 16 MiB disks in full without it; with it only the 1 MiB
+  // windows holding data (the first 64 KiB, the write at 12 MiB).
+  assert.ok(slow > 60 * MiB, `without SEEK_DATA: ${slow} bytes read`);
+  assert.ok(fast <= 8 * MiB, `with SEEK_DATA: ${fast} bytes read`);
+});
+
 // ------------------------------------------------------------------------------------------------
 // rebase
 
