@@ -308,21 +308,27 @@ function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
   return Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
 }
 
-/** Calls fn(first, last) for each maximal run of set bits in [from, to]. */
-function forEachSetRun(bm: Uint8Array, from: number, to: number, fn: (first: number, last: number) => Promise<void>): Promise<void> {
-  const runs: number[] = [];
-  let b = from;
-  while (b <= to) {
+/** The maximal runs [first, last] of set bits within [from, to]. */
+function setRuns(bm: Uint8Array, from: number, to: number): Array<[number, number]> {
+  const out: Array<[number, number]> = [];
+  for (let b = from; b <= to; ) {
     if (!testBit(bm, b)) {
       b++;
       continue;
     }
     let e = b;
     while (e + 1 <= to && testBit(bm, e + 1)) e++;
-    runs.push(b, e);
+    out.push([b, e]);
     b = e + 1;
   }
-  return runs.reduce<Promise<void>>((p, _, i) => (i % 2 ? p : p.then(() => fn(runs[i]!, runs[i + 1]!))), Promise.resolve());
+  return out;
+}
+
+/** The maximal runs [first, last] of clear bits within [from, to]. */
+function clearRuns(bm: Uint8Array, from: number, to: number): Array<[number, number]> {
+  const out: Array<[number, number]> = [];
+  if (to >= from) forEachClearRun(bm, from, to, (b, e) => out.push([b, e]));
+  return out;
 }
 
 /** Window size for a block size: whole blocks, about WINDOW bytes. */
@@ -552,6 +558,10 @@ interface WritableBase {
   writeZeroes(offset: number, length: number): Promise<void>;
   flush(): Promise<void>;
   close(): Promise<void>;
+  /** A raw block device: it cannot grow. */
+  readonly device: boolean;
+  /** Raw files: extend to `size` bytes (zeros), durably. (An FVD base grows by resizeImage.) */
+  grow?(size: number): Promise<void>;
 }
 
 /** Errors opening the base for writing, turned into one clear line naming the base. */
@@ -569,7 +579,7 @@ async function openWritableBase(io: IoBackend, resolved: string, format: number,
   try {
     if (format === BASE_RAW) {
       const file = await io.open(resolved, { lock: 'exclusive' });
-      return {
+      const raw: WritableBase = {
         size: file.size(),
         read: (b, o) => file.read(b, o),
         knownZero: async (o, l) => holeAt(file, o, o + l),
@@ -577,7 +587,14 @@ async function openWritableBase(io: IoBackend, resolved: string, format: number,
         writeZeroes: (o, l) => file.zeroRange(o, l),
         flush: () => file.flush(),
         close: () => file.close(),
+        device: file.isBlockDevice,
+        grow: async (size) => {
+          await file.truncate(size);
+          await file.flush();
+          raw.size = size;
+        },
       };
+      return raw;
     }
     const image = await FvdImage.open(io, resolved, { copyOnRead: false });
     return {
@@ -588,6 +605,7 @@ async function openWritableBase(io: IoBackend, resolved: string, format: number,
       writeZeroes: (o, l) => image.writeZeroes(o, l),
       flush: () => image.flush(),
       close: () => image.close(),
+      device: false,
     };
   } catch (err) {
     throw baseOpenError(err, shown, resolved);
@@ -626,14 +644,9 @@ export async function commitImage(io: IoBackend, imagePath: string, options: Com
     let base: WritableBase | null = null;
     if (h0.baseFormat === BASE_RAW) {
       base = await openWritableBase(io, resolved, BASE_RAW, shown);
-      if (grow && base.size < V) {
-        const f = await io.open(resolved, { readOnly: true }).catch(() => null);
-        const device = f?.isBlockDevice ?? false;
-        await f?.close();
-        if (device) {
-          await base.close();
-          throw new FvdError(`commit: base image '${shown}' is a ${base.size}-byte block device and cannot grow to the image's ${V} bytes`, 'ENOSPC');
-        }
+      if (grow && base.size < V && base.device) {
+        await base.close();
+        throw new FvdError(`commit: base image '${shown}' is a ${base.size}-byte block device and cannot grow to the image's ${V} bytes`, 'ENOSPC');
       }
     } else {
       // Lockable for writing, and (if it must grow) room for its metadata at the new size.
@@ -657,10 +670,9 @@ export async function commitImage(io: IoBackend, imagePath: string, options: Com
         // they are still padding; the header notes the size the base is about to have.
         const oldBB = img.baseBlocks;
         const newBB = Math.ceil(V / bs);
-        const bitmap = img.bitmap.slice();
         if (newBB > oldBB) {
-          const grown = new Uint8Array(Math.max(bitmap.length, plan!.layout.bitmapLength));
-          grown.set(bitmap);
+          const grown = new Uint8Array(Math.max(img.bitmap.length, plan!.layout.bitmapLength));
+          grown.set(img.bitmap);
           setRange(grown, oldBB, newBB - oldBB);
           await switchTo(img, {
             header: { ...img.header, ...plan!.layout, baseSizeNext: V },
@@ -675,7 +687,7 @@ export async function commitImage(io: IoBackend, imagePath: string, options: Com
         // B: grow the base (a raw file is extended with zeros; an FVD base is resized, §12.5).
         if (actual < V) {
           if (base) {
-            await growRawBase(io, resolved, shown, base, V);
+            await base.grow!(V);
           } else {
             await resizeImage(io, resolved, V).catch((err) => {
               throw baseOpenError(err, shown, resolved);
@@ -695,9 +707,9 @@ export async function commitImage(io: IoBackend, imagePath: string, options: Com
       const all = img.fullyLocal;
       let examined = 0;
       let written = 0;
+      const runs: Array<[number, number]> = all ? (bb > 0 ? [[0, bb - 1]] : []) : setRuns(img.bitmap, 0, bb - 1);
       let total = 0;
-      if (all) total = Math.min(bb * bs, V);
-      else forEachSetRunSync(img.bitmap, 0, bb - 1, (b, e) => (total += Math.min((e + 1) * bs, V) - b * bs));
+      for (const [b, e] of runs) total += Math.min((e + 1) * bs, V) - b * bs;
       const mineBuf = new Uint8Array(Math.min(windowBytes(bs), roundUp(V, bs)));
       const theirsBuf = new Uint8Array(mineBuf.length);
       const copyRun = async (b: number, e: number) => {
@@ -733,11 +745,7 @@ export async function commitImage(io: IoBackend, imagePath: string, options: Com
           options.onProgress?.(examined, total);
         });
       };
-      if (all) {
-        if (bb > 0) await copyRun(0, bb - 1);
-      } else {
-        await forEachSetRun(img.bitmap, 0, bb - 1, copyRun);
-      }
+      for (const [b, e] of runs) await copyRun(b, e);
       await base.flush(); // the base holds every local block durably before any bit is cleared
       await base.close();
       base = null;
@@ -751,36 +759,6 @@ export async function commitImage(io: IoBackend, imagePath: string, options: Com
   } finally {
     await img.close();
   }
-}
-
-function forEachSetRunSync(bm: Uint8Array, from: number, to: number, fn: (first: number, last: number) => void): void {
-  let b = from;
-  while (b <= to) {
-    if (!testBit(bm, b)) {
-      b++;
-      continue;
-    }
-    let e = b;
-    while (e + 1 <= to && testBit(bm, e + 1)) e++;
-    fn(b, e);
-    b = e + 1;
-  }
-}
-
-/** Extends a raw base file to `size` bytes (zeros), durably. */
-async function growRawBase(io: IoBackend, resolved: string, shown: string, base: WritableBase, size: number): Promise<void> {
-  // The writable handle has no truncate in WritableBase; a second descriptor (no lock needed:
-  // ours is held) does it.
-  const f = await io.open(resolved).catch((err) => {
-    throw baseOpenError(err, shown, resolved);
-  });
-  try {
-    await f.truncate(size);
-    await f.flush();
-  } finally {
-    await f.close();
-  }
-  base.size = size;
 }
 
 /**
@@ -920,13 +898,6 @@ export async function rebaseImage(io: IoBackend, imagePath: string, options: Reb
     await newBase?.close();
     await img.close();
   }
-}
-
-/** The maximal runs [first, last] of clear bits within [from, to]. */
-function clearRuns(bm: Uint8Array, from: number, to: number): Array<[number, number]> {
-  const out: Array<[number, number]> = [];
-  if (to >= from) forEachClearRun(bm, from, to, (b, e) => out.push([b, e]));
-  return out;
 }
 
 /**

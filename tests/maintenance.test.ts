@@ -257,6 +257,55 @@ test('commit of a dirty image (not closed cleanly) replays its journal first', a
   await clean(io, '/d/img.fvd');
 });
 
+test('an interrupted commit (base about to grow): the image opens with the base at either size, check says so, commit again finishes', async () => {
+  const io = new MemIo();
+  const B = 64 * KiB;
+  const V = 256 * KiB;
+  io.writeFile('/i/base.raw', pattern(B, 1));
+  await create(io, '/i/img.fvd', { base: 'base.raw', baseFormat: 'raw', size: V, blockSize: 4 * KiB, layout: 'compact', chunkSize: 16 * KiB });
+  await writeAt(io, '/i/img.fvd', [[100 * KiB, pattern(8 * KiB, 2)]]);
+  const expected = await readAll(io, '/i/img.fvd');
+  // The base cannot grow (a full disk, say): commit stops after step A.
+  const failing: IoBackend = {
+    open: async (p, o) => {
+      const f = await io.open(p, o);
+      if (MemIo.key(p) !== MemIo.key('/i/base.raw')) return f;
+      return Object.assign(Object.create(f) as BlockFile, {
+        truncate: () => Promise.reject(Object.assign(new Error('no space left on device'), { code: 'ENOSPC' })),
+        size: () => f.size(),
+        close: () => f.close(),
+      });
+    },
+  };
+  await commitImage(failing, '/i/img.fvd').then(
+    () => assert.unreachable('commit should fail'),
+    (err: Error) => assert.match(err.message, /no space left/),
+  );
+  assert.is(io.openCount, 0);
+  const h = headerOf(io, '/i/img.fvd');
+  assert.is(h.baseSize, B);
+  assert.is(h.baseSizeNext, V);
+  same(await readAll(io, '/i/img.fvd'), expected, 'base not grown yet');
+  const r = await checkImage(io, '/i/img.fvd');
+  assert.equal(r.errors, []);
+  assert.match(r.notes.join('\n'), /a commit was interrupted while growing the base to 262144 bytes; run 'fvd commit' again/);
+  // The base at the next size is accepted too (read as base_size bytes); any other size is not.
+  const grown = new Uint8Array(V);
+  grown.set(pattern(B, 1));
+  grown.fill(0x5a, B); // bytes past base_size never show
+  io.writeFile('/i/base.raw', grown);
+  same(await readAll(io, '/i/img.fvd'), expected, 'base grown, header not switched yet');
+  io.writeFile('/i/base.raw', grown.subarray(0, V - 512));
+  await rejects(readAll(io, '/i/img.fvd'), /base image 'base\.raw' is 261632 bytes but was 65536 bytes/);
+  io.writeFile('/i/base.raw', grown.subarray(0, B));
+  await commitImage(io, '/i/img.fvd');
+  same(io.readFile('/i/base.raw'), expected, 'base after the second commit');
+  const h2 = headerOf(io, '/i/img.fvd');
+  assert.is(h2.baseSize, V);
+  assert.is(h2.baseSizeNext, 0);
+  assert.equal((await checkImage(io, '/i/img.fvd')).notes, []);
+});
+
 /** An IoBackend that refuses read-write opens of one path, like a read-only file or mount. */
 function readOnlyFile(inner: IoBackend, p: string): IoBackend {
   return {
