@@ -76,4 +76,31 @@ test('header: rejects bad magic, version, checksum, features, geometry, truncati
   expectReject(good, size - 4096, /truncated/);
 });
 
+test('header: base_path_offset and base_size_next round-trip and are validated; the bitmap may exceed its minimum', () => {
+  const h = sample(false);
+  const size = h.dataOffset + h.virtualSize;
+  const moved = { ...h, basePathOffset: 2048, baseSizeNext: (3 << 28) + 4096 };
+  assert.equal(decodeHeader('x', encodeHeader(moved), size), moved);
+  const bytes = encodeHeader(moved);
+  assert.is(new DataView(bytes.buffer).getUint32(304, true), 2048);
+  assert.is(Number(new DataView(bytes.buffer).getBigUint64(308, true)), (3 << 28) + 4096);
+  expectReject(encodeHeader({ ...h, basePathOffset: 100 }), size, /invalid base path offset 100/);
+  expectReject(encodeHeader({ ...h, basePathOffset: 2047 }), size, /invalid base path offset/);
+  expectReject(encodeHeader({ ...h, basePathOffset: 4096 }), size, /invalid base path offset/);
+  expectReject(encodeHeader({ ...h, baseSizeNext: 3 << 28 }), size, /invalid next base size/); // not larger
+  expectReject(encodeHeader({ ...h, baseSizeNext: 2 ** 51 }), size, /invalid next base size/);
+  const none = { ...h, baseFormat: 0, basePathLength: 0, basePathCrc: 0, baseSize: 0 };
+  expectReject(encodeHeader({ ...none, basePathOffset: 1024 }), size, /invalid base path offset/);
+  expectReject(encodeHeader({ ...none, baseSizeNext: 4096 }), size, /invalid next base size/);
+  // A bitmap larger than needed (create sizes it for the larger of base and disk; rebase without
+  // a base keeps it) is fine, provided the regions still fit.
+  const big = { ...h, bitmapLength: h.bitmapLength + PAGE, journalOffset: h.journalOffset + PAGE }; // raw-like: no table
+  assert.ok(big.journalOffset + big.journalLength <= big.dataOffset);
+  assert.equal(decodeHeader('x', encodeHeader(big), size), big);
+  decodeHeader('x', encodeHeader({ ...none, bitmapLength: h.bitmapLength }), size);
+  const l = computeLayout({ virtualSize: 1 << 30, blockSize: 65536, chunkSize: 1 << 20, baseSize: 1 << 20, compact: false, journalLength: 1 << 20 });
+  assert.is(l.bitmapLength, bitmapBytes(1 << 30, 65536), 'sized for the disk when it is larger than the base');
+  assert.is(computeLayout({ virtualSize: 1 << 30, blockSize: 65536, chunkSize: 1 << 20, baseSize: 0, compact: false, journalLength: 1 << 20 }).bitmapLength, 0);
+});
+
 test.run();

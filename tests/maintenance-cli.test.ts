@@ -136,6 +136,13 @@ test('chains through the CLI: depth 3 info, missing middle image named, loop ref
     assertOneLineError(fvd('rebase', ...u, '-b', 'b.fvd', '-F', 'fvd', f('b.fvd')), /an image cannot be its own base/);
   }
   assertUnchanged(snap, 'rebase refused for a loop');
+  // A loop through a symbolic link (lexically different paths): refused too, in one line.
+  fs.symlinkSync('s.fvd', f('link.fvd'));
+  assertOk(fvd('create', f('s.fvd'), '1M'));
+  assertOk(fvd('rebase', '-u', '-b', 'r.raw', '-F', 'raw', f('s.fvd')));
+  const sl = snapshot([f('s.fvd'), f('r.raw')]);
+  assertOneLineError(fvd('rebase', '-b', 'link.fvd', '-F', 'fvd', f('s.fvd')), /link\.fvd.*(in use by another process|base chain loop)/);
+  assertUnchanged(sl, 'rebase onto a symlink to itself');
 });
 
 test('bad input: usage errors and refusals are one line and change nothing', async () => {
