@@ -13,7 +13,7 @@ const COMMANDS: Record<string, string> = {
   check: 'verify (and repair) an image: fvd check [--repair] IMAGE',
   map: 'list extents and where they live: fvd map [--json] IMAGE',
   convert: 'flatten or import: fvd convert [-O raw|fvd] SRC DST',
-  commit: 'write the image into its base and empty it: fvd commit [-d] IMAGE',
+  commit: 'write the image into its base and empty it: fvd commit [-d] [-p] IMAGE',
   rebase: 'change the base: fvd rebase -b NEWBASE -F raw|fvd [-u] IMAGE (-b "" removes it)',
   resize: 'grow or shrink the disk: fvd resize [--shrink] IMAGE [+|-]SIZE',
   io: 'run I/O commands: fvd io -c "write -P 0xab 0 64k" IMAGE',

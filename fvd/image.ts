@@ -1103,7 +1103,7 @@ async function openImage(io: IoBackend, imagePath: string, options: OpenOptions,
  */
 export async function openBase(io: IoBackend, resolved: string, format: number, chain: string[], shownPath: string): Promise<BaseImage> {
   if (chain.includes(resolved)) throw new FvdError(`base chain loop: '${resolved}' is its own base`, 'EINVAL');
-  if (chain.length >= MAX_CHAIN_DEPTH) throw new FvdError(`base chain deeper than ${MAX_CHAIN_DEPTH} images`, 'EINVAL');
+  if (chain.length >= MAX_CHAIN_DEPTH) throw new FvdError(`base chain longer than ${MAX_CHAIN_DEPTH} images (at '${shownPath}')`, 'EINVAL');
   try {
     if (format === BASE_RAW) {
       const file = await io.open(resolved, { readOnly: true, lock: 'shared' });
@@ -1127,6 +1127,7 @@ export async function openBase(io: IoBackend, resolved: string, format: number, 
     const e = err as NodeJS.ErrnoException;
     // An FvdError first: one from deeper in the chain (a missing image further down has code
     // ENOENT too) must keep naming that image, prefixed with this level.
+    if (err instanceof FvdError && err.message.startsWith('base chain longer')) throw err; // 64 prefixes would say nothing more
     if (err instanceof FvdError) throw new FvdError(`base image '${shownPath}': ${err.message.replace(`${resolved}: `, '')}`, err.code);
     if (e.code === 'ENOENT') throw new FvdError(`base image '${shownPath}' not found (looked for ${resolved})`, 'ENOENT');
     throw new FvdError(`base image '${shownPath}' (${baseFormatName(format)}) cannot be opened: ${e.message}`, 'EIO');

@@ -103,6 +103,10 @@ test('commit -d and --json; commit into an FVD base in the middle of a chain', (
   const expected = flatten(f('top.fvd'));
   const raw = fs.readFileSync(f('r.raw'));
   const r = json<{ bytesWritten: number; emptied: boolean; baseGrownTo: number | null }>(fvd('commit', '-d', '--json', f('top.fvd')));
+  // -p: qemu-img style progress on stderr, ending at 100%
+  const p = fvd('commit', '-d', '-p', f('top.fvd'));
+  assert.is(p.code, 0, p.stderr);
+  assert.match(p.stderr, /\(100\.00\/100%\)\n$/);
   assert.is(r.emptied, false);
   assert.is(r.baseGrownTo, null);
   assert.ok(r.bytesWritten >= 300 * KiB);

@@ -749,4 +749,25 @@ test('chain errors: missing middle image, missing bottom, loops of length 1, 2 a
   assert.is(io.openCount, 0);
 });
 
+test('a chain of more than 64 images (the top included) is refused with a clear error', async () => {
+  const io = new MemIo();
+  io.writeFile('/deep/l0.raw', pattern(4096, 1));
+  let below = 'l0.raw';
+  let fmt: 'raw' | 'fvd' = 'raw';
+  for (let i = 1; i <= 65; i++) {
+    // create itself refuses a 65th level (below): build the last two over l0, then repoint them.
+    await create(io, `/deep/l${i}.fvd`, { base: i < 64 ? below : 'l0.raw', baseFormat: i < 64 ? fmt : 'raw', journalSize: 8 * KiB });
+    if (i >= 64) setBase(io, `/deep/l${i}.fvd`, below, BASE_FVD, 4096);
+    below = `l${i}.fvd`;
+    fmt = 'fvd';
+  }
+  // l63 .. l0.raw: 64 images, the limit; from l64 down: 65.
+  await FvdImage.open(io, '/deep/l63.fvd', { readOnly: true }).then((i) => i.close());
+  await rejects(FvdImage.open(io, '/deep/l64.fvd', { readOnly: true }), /^base chain longer than 64 images \(at 'l0\.raw'\)$/);
+  await rejects(FvdImage.open(io, '/deep/l65.fvd'), /^base chain longer than 64 images \(at 'l1\.fvd'\)$/);
+  await rejects(FvdImage.create(io, '/deep/l66.fvd', { base: 'l64.fvd', baseFormat: 'fvd' }), /base chain longer than 64 images/);
+  await rejects(rebaseImage(io, '/deep/l1.fvd', { base: 'l64.fvd', baseFormat: 'fvd' }), /base chain loop|base chain longer/);
+  assert.is(io.openCount, 0);
+});
+
 test.run();

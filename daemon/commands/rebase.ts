@@ -1,5 +1,5 @@
 /**
- * fvd rebase -b NEWBASE -F raw|fvd [-u] IMAGE — changes the image's base, like qemu-img rebase.
+ * fvd rebase -b NEWBASE -F raw|fvd [-u] [-p] IMAGE — changes the image's base, like qemu-img rebase.
  * Safe mode copies into the image what the old chain shows and the new one does not, so the
  * image reads the same afterwards; -u switches the header only (the old base need not exist).
  * -b "" removes the base (the image becomes standalone). NEWBASE is recorded as given and, if
@@ -7,15 +7,16 @@
  */
 import { rebaseImage } from '../../fvd/maintenance.js';
 import { nodeIo } from '../../fvd/node-file.js';
-import { UsageError, formatSize, parseOptions } from '../args.js';
+import { UsageError, formatSize, parseOptions, progressPrinter } from '../args.js';
 
-const USAGE = 'usage: fvd rebase -b NEWBASE [-F raw|fvd] [-u] [--json] IMAGE   (-b "" removes the base)';
+const USAGE = 'usage: fvd rebase -b NEWBASE [-F raw|fvd] [-u] [-p] [--json] IMAGE   (-b "" removes the base)';
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseOptions('rebase', args, {
     base: { type: 'string', short: 'b' },
     'base-format': { type: 'string', short: 'F' },
     unsafe: { type: 'boolean', short: 'u', default: false },
+    p: { type: 'boolean', short: 'p', default: false },
     json: { type: 'boolean', default: false },
   });
   if (positionals.length !== 1 || values.base === undefined) throw new UsageError(USAGE);
@@ -24,7 +25,10 @@ export async function run(args: string[]): Promise<number> {
   if (values.base === '' && fmt !== undefined) throw new UsageError('-F given with -b "" (removing the base)');
   if (values.base !== '' && fmt === undefined) throw new UsageError('new base given without its format: add -F raw or -F fvd (formats are recorded, never probed)');
   const image = positionals[0]!;
-  const r = await rebaseImage(nodeIo, image, { base: values.base, baseFormat: fmt, unsafe: values.unsafe });
+  const progress = progressPrinter(values.p);
+  const r = await rebaseImage(nodeIo, image, { base: values.base, baseFormat: fmt, unsafe: values.unsafe, onProgress: (d, t) => progress.update(d, t) }).finally(() =>
+    progress.done(),
+  );
   if (values.json) {
     console.log(JSON.stringify({ image, ...r }, null, 2));
     return 0;
