@@ -1061,7 +1061,7 @@ export async function resizeImage(io: IoBackend, imagePath: string, size: number
       bitmap,
       table,
     });
-    if (V2 < V) await reclaimAfterShrink(img, h);
+    if (V2 < V) await reclaimAfterShrink(img);
     return { oldSize: V, newSize: V2, journalShrunkTo: plan.layout.journalLength < h0.journalLength ? plan.layout.journalLength : null };
   } finally {
     await img.close();
@@ -1086,7 +1086,7 @@ async function firstNonZero(engine: FvdImage, from: number, to: number): Promise
 }
 
 /** After a shrink: the dropped range's storage goes back to the host. */
-async function reclaimAfterShrink(img: OfflineImage, before: Header): Promise<void> {
+async function reclaimAfterShrink(img: OfflineImage): Promise<void> {
   const file = img.file;
   const h = img.header;
   if (!img.table) {
@@ -1099,7 +1099,6 @@ async function reclaimAfterShrink(img: OfflineImage, before: Header): Promise<vo
   const keep = chunksOf(h);
   let maxRef = -1;
   for (let c = 0; c < keep; c++) if (img.table[c] !== CHUNK_EMPTY && img.table[c]! > maxRef) maxRef = img.table[c]!;
-  void before;
   const cs = h.chunkSize;
   if (!file.isBlockDevice) {
     const inFile = Math.ceil((file.size() - h.dataOffset) / cs);
