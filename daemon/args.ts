@@ -44,6 +44,25 @@ export function parseOptions<T extends ParseArgsConfig['options']>(
   }
 }
 
+/** qemu-img style progress on stderr ("    (12.34/100%)", redrawn); `done()` ends the line. */
+export function progressPrinter(enabled: boolean): { update(done: number, total: number): void; done(): void } {
+  let last = -1;
+  let shown = false;
+  return {
+    update(done, total) {
+      if (!enabled) return;
+      const pct = total > 0 ? Math.floor((10000 * done) / total) / 100 : 100;
+      if (pct === last) return;
+      last = pct;
+      shown = true;
+      process.stderr.write(`\r    (${pct.toFixed(2)}/100%)`);
+    },
+    done() {
+      if (enabled && shown) process.stderr.write('\n');
+    },
+  };
+}
+
 /** Formats bytes for humans: 1.5 GiB. */
 export function formatSize(bytes: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];

@@ -49,6 +49,8 @@ export async function checkImage(io: IoBackend, path: string, options: { repair?
       report.notes.push(`image was not closed cleanly: ${st.journalSectorsReplayed} journal sector(s) to replay`);
       needsRepair = true;
     }
+    const next = image.inspect().header.baseSizeNext;
+    if (next) report.notes.push(`a commit was interrupted while growing the base to ${next} bytes; run 'fvd commit' again to finish it`);
     report.leaks = image.unreferencedChunks;
     if (report.leaks) {
       report.notes.push(`${report.leaks} unreferenced storage chunk(s) (free space or leaked by a crash; reused by later writes)`);

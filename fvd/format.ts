@@ -78,6 +78,13 @@ export interface Header {
   dataOffset: number;
   /** Bytes 176..303 (fvd/crypto.ts) when ENCRYPTED is set; written as zeros otherwise. */
   crypt?: Uint8Array;
+  /**
+   * Where the base path starts in the first page; 0 means BASE_PATH_OFFSET (512). Non-zero only
+   * transiently, while `rebase` switches the base path crash-safely (FORMAT.md §12.4).
+   */
+  basePathOffset?: number;
+  /** 0, or the size an interrupted `commit` was growing the base to (FORMAT.md §12.3). */
+  baseSizeNext?: number;
 }
 
 // Field offsets inside the 512-byte header.
@@ -108,6 +115,8 @@ const F = {
   snapshotsLength: 152,
   dataOffset: 160,
   crypt: 176,
+  basePathOffset: 304,
+  baseSizeNext: 308,
   crc: 508,
 } as const;
 
@@ -154,6 +163,8 @@ export function encodeHeader(h: Header): Uint8Array {
   setU64(dv, F.snapshotsLength, h.snapshotsLength);
   setU64(dv, F.dataOffset, h.dataOffset);
   if (h.crypt) buf.set(h.crypt.subarray(0, CRYPT_FIELDS_LENGTH), F.crypt);
+  dv.setUint32(F.basePathOffset, h.basePathOffset ?? 0, true);
+  setU64(dv, F.baseSizeNext, h.baseSizeNext ?? 0);
   dv.setUint32(F.crc, crc(buf.subarray(0, F.crc)), true);
   return buf;
 }
@@ -199,6 +210,8 @@ export function decodeHeader(path: string, sector: Uint8Array, fileSize: number)
     snapshotsOffset: getU64(dv, F.snapshotsOffset),
     snapshotsLength: getU64(dv, F.snapshotsLength),
     dataOffset: getU64(dv, F.dataOffset),
+    basePathOffset: dv.getUint32(F.basePathOffset, true),
+    baseSizeNext: getU64(dv, F.baseSizeNext),
   };
   if (h.incompatible & INCOMPAT_ENCRYPTED) h.crypt = sector.slice(F.crypt, F.crypt + CRYPT_FIELDS_LENGTH);
   const unknown = h.incompatible & ~INCOMPAT_KNOWN;
@@ -218,11 +231,20 @@ function validateGeometry(path: string, h: Header, fileSize: number): void {
   if ((h.baseFormat === BASE_NONE) !== (h.basePathLength === 0)) throw bad('base format and base path disagree');
   if (h.basePathLength > MAX_BASE_PATH) throw bad(`base path length ${h.basePathLength} too long`);
   if (!Number.isSafeInteger(h.baseSize) || (h.baseFormat === BASE_NONE && h.baseSize !== 0)) throw bad(`invalid base size ${h.baseSize}`);
+  const pathOffset = h.basePathOffset ?? 0;
+  if (pathOffset !== 0 && (h.basePathLength === 0 || pathOffset % SECTOR || pathOffset < BASE_PATH_OFFSET || pathOffset + h.basePathLength > PAGE))
+    throw bad(`invalid base path offset ${pathOffset}`);
+  const next = h.baseSizeNext ?? 0;
+  if (next !== 0 && (h.baseFormat === BASE_NONE || !Number.isSafeInteger(next) || next <= h.baseSize || next > MAX_VIRTUAL_SIZE))
+    throw bad(`invalid next base size ${next}`);
   const compact = (h.incompatible & INCOMPAT_COMPACT) !== 0n;
-  const expectBitmap = bitmapBytes(h.baseSize, h.blockSize);
+  // The bitmap must hold a bit for every block below min(base size, virtual size); it may be
+  // larger (create sizes it for the larger of the two, and rebase/resize never shrink it).
+  const minBitmap = bitmapBytes(Math.min(h.baseSize, h.virtualSize), h.blockSize);
   const expectTable = compact ? tableBytes(h.virtualSize, h.chunkSize) : 0;
-  if (h.bitmapLength !== expectBitmap) throw bad(`bitmap length ${h.bitmapLength}, expected ${expectBitmap}`);
-  if (expectBitmap > MAX_METADATA_REGION || expectTable > MAX_METADATA_REGION)
+  if (!Number.isSafeInteger(h.bitmapLength) || h.bitmapLength < minBitmap || h.bitmapLength % PAGE)
+    throw bad(`bitmap length ${h.bitmapLength}, expected a multiple of ${PAGE} of at least ${minBitmap}`);
+  if (h.bitmapLength > MAX_METADATA_REGION || expectTable > MAX_METADATA_REGION)
     throw new FvdError(`${path}: bitmap or lookup table larger than ${MAX_METADATA_REGION} bytes is not supported`, 'EINVAL');
   if (h.tableLength !== expectTable) throw bad(`table length ${h.tableLength}, expected ${expectTable}`);
   if (h.journalLength !== 0 && (h.journalLength < MIN_JOURNAL_SIZE || h.journalLength % PAGE)) throw bad(`invalid journal length ${h.journalLength}`);
@@ -250,7 +272,7 @@ function validateGeometry(path: string, h: Header, fileSize: number): void {
 
 export const roundUp = (v: number, a: number) => Math.ceil(v / a) * a;
 
-/** Bitmap bytes for a base of `baseSize`: one bit per block, padded to a 4 KiB page. */
+/** Bitmap bytes for `bytes` of base: one bit per block, padded to a 4 KiB page. */
 export function bitmapBytes(baseSize: number, blockSize: number): number {
   return roundUp(Math.ceil(Math.ceil(baseSize / blockSize) / 8), PAGE);
 }
@@ -272,7 +294,9 @@ export interface LayoutInput {
 /** Places the metadata regions after the first 4 KiB page and the data area after them. */
 export function computeLayout(i: LayoutInput): Pick<Header, 'bitmapOffset' | 'bitmapLength' | 'tableOffset' | 'tableLength' | 'journalOffset' | 'journalLength' | 'dataOffset'> {
   let pos = PAGE;
-  const bitmapLength = bitmapBytes(i.baseSize, i.blockSize);
+  // Sized for the larger of base and disk, so that commit (which grows the base to the disk's
+  // size), rebase and resize rarely need to move metadata (FORMAT.md §12.2).
+  const bitmapLength = i.baseSize ? bitmapBytes(Math.max(i.baseSize, i.virtualSize), i.blockSize) : 0;
   const bitmapOffset = bitmapLength ? pos : 0;
   pos += bitmapLength;
   const tableLength = i.compact ? tableBytes(i.virtualSize, i.chunkSize) : 0;

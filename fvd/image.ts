@@ -87,9 +87,11 @@ export interface OpenOptions {
 }
 
 /** A base image as the engine sees it: read-only bytes of a fixed size. */
-interface BaseImage {
+export interface BaseImage {
   readonly size: number;
   read(buf: Uint8Array, offset: number): Promise<void>;
+  /** True when the range is known to read as zeros without reading it (false: unknown). */
+  knownZero(offset: number, length: number): Promise<boolean>;
   close(): Promise<void>;
   describe(): BaseChainEntry[];
 }
@@ -351,14 +353,17 @@ export class FvdImage {
 
     let base: BaseImage | null = null;
     if (header.baseFormat !== BASE_NONE) {
-      const pathBytes = first.subarray(BASE_PATH_OFFSET, BASE_PATH_OFFSET + header.basePathLength);
+      const pathOffset = header.basePathOffset || BASE_PATH_OFFSET;
+      const pathBytes = first.subarray(pathOffset, pathOffset + header.basePathLength);
       if (crc(pathBytes) !== header.basePathCrc) throw new CorruptImageError(imagePath, 'base path checksum mismatch');
       const basePath = Buffer.from(pathBytes).toString('utf8');
       const fullyLocal = (header.autoclear & AUTOCLEAR_FULLY_LOCAL) !== 0n;
       if (!fullyLocal) {
         const resolved = path.resolve(path.dirname(path.resolve(imagePath)), basePath);
         base = await openBase(io, resolved, header.baseFormat, [...chain, path.resolve(imagePath)], basePath);
-        if (base.size !== header.baseSize) {
+        // An interrupted commit may have grown the base already (FORMAT.md §12.3); this image
+        // reads only its first base_size bytes either way.
+        if (base.size !== header.baseSize && !(header.baseSizeNext && base.size === header.baseSizeNext)) {
           await base.close();
           throw new FvdError(
             `${imagePath}: base image '${basePath}' is ${base.size} bytes but was ${header.baseSize} bytes when the image was created (wrong or resized base)`,
@@ -385,7 +390,8 @@ export class FvdImage {
         const nChunks = table ? table.length : 0;
         const sink: JournalSink = {
           bitmapSet(firstBlock, count) {
-            if (firstBlock + count > Math.ceil(header.baseSize / header.blockSize) || count === 0 || firstBlock > baseBlocks)
+            // The engine logs bits of base blocks only (below min(base size, virtual size)).
+            if (firstBlock + count > baseBlocks || count === 0)
               throw new CorruptImageError(imagePath, `journal bitmap record for blocks ${firstBlock}+${count} out of range`);
             setRange(present, firstBlock, count);
           },
@@ -1123,6 +1129,47 @@ export class FvdImage {
     };
   }
 
+  /**
+   * For offline tools (commit, rebase, resize): true when [offset, offset + length) is known to
+   * read as zeros without reading any data — unmapped chunks, holes in the image file (where the
+   * BlockFile can tell), bytes past the base's end, and the same asked of the base. False means
+   * unknown, not non-zero.
+   */
+  async knownZero(offset: number, length: number): Promise<boolean> {
+    this.checkRange(offset, length, 'knownZero');
+    const end = offset + length;
+    const bs = this.blockSize;
+    for (let pos = offset; pos < end; ) {
+      const b = Math.floor(pos / bs);
+      const local = this.allLocal || this.isLocal(b);
+      let runEnd = Math.min(end, (b + 1) * bs);
+      while (runEnd < end && (this.allLocal || this.isLocal(runEnd / bs)) === local) runEnd = Math.min(end, runEnd + bs);
+      if (local ? !this.storageKnownZero(pos, runEnd) : !(await this.baseKnownZero(pos, runEnd))) return false;
+      pos = runEnd;
+    }
+    return true;
+  }
+
+  private storageKnownZero(a: number, z: number): boolean {
+    const D = this.header.dataOffset;
+    if (!this.table) return holeAt(this.file, D + a, D + z);
+    const cs = this.chunkSize;
+    for (let c = Math.floor(a / cs); c * cs < z; c++) {
+      if (this.allocating.has(c)) return false;
+      const id = this.table[c]!;
+      if (id === CHUNK_EMPTY) continue;
+      const from = Math.max(a, c * cs) - c * cs;
+      const to = Math.min(z, (c + 1) * cs) - c * cs;
+      if (!holeAt(this.file, D + id * cs + from, D + id * cs + to)) return false;
+    }
+    return true;
+  }
+
+  private async baseKnownZero(a: number, z: number): Promise<boolean> {
+    if (a >= this.baseLimit) return true;
+    return this.base!.knownZero(a, Math.min(z, this.baseLimit) - a);
+  }
+
   /** A base image's chain entry, for `info`. */
   describeChain(format: BaseFormat): BaseChainEntry[] {
     return [{ path: this.path, format, size: this.size }, ...(this.base ? this.base.describe() : [])];
@@ -1131,8 +1178,8 @@ export class FvdImage {
 
 // -----------------------------------------------------------------------------------------------
 
-async function openImage(io: IoBackend, imagePath: string, options: OpenOptions, chain: string[]): Promise<FvdImage> {
-  const file = await io.open(imagePath, { readOnly: !!options.readOnly, lock: options.readOnly ? undefined : 'exclusive' });
+async function openImage(io: IoBackend, imagePath: string, options: OpenOptions, chain: string[], readLock?: 'shared'): Promise<FvdImage> {
+  const file = await io.open(imagePath, { readOnly: !!options.readOnly, lock: options.readOnly ? readLock : 'exclusive' });
   try {
     return await FvdImage.fromParts(io, imagePath, file, options, chain);
   } catch (err) {
@@ -1141,31 +1188,40 @@ async function openImage(io: IoBackend, imagePath: string, options: OpenOptions,
   }
 }
 
-/** Opens a base image read-only. `chain` holds the images above it, to detect loops. */
-async function openBase(io: IoBackend, resolved: string, format: number, chain: string[], shownPath: string): Promise<BaseImage> {
+/**
+ * Opens a base image read-only. `chain` holds the images above it, to detect loops. Every level
+ * is opened with a shared lock, so no writer (a served image, `fvd commit`) can change a base
+ * while an image reads through it.
+ */
+export async function openBase(io: IoBackend, resolved: string, format: number, chain: string[], shownPath: string): Promise<BaseImage> {
   if (chain.includes(resolved)) throw new FvdError(`base chain loop: '${resolved}' is its own base`, 'EINVAL');
-  if (chain.length >= MAX_CHAIN_DEPTH) throw new FvdError(`base chain deeper than ${MAX_CHAIN_DEPTH} images`, 'EINVAL');
+  if (chain.length >= MAX_CHAIN_DEPTH) throw new FvdError(`base chain longer than ${MAX_CHAIN_DEPTH} images (at '${shownPath}')`, 'EINVAL');
   try {
     if (format === BASE_RAW) {
-      const file = await io.open(resolved, { readOnly: true });
+      const file = await io.open(resolved, { readOnly: true, lock: 'shared' });
       return {
         size: file.size(),
         read: (buf, offset) => file.read(buf, offset),
+        knownZero: async (offset, length) => holeAt(file, offset, offset + length),
         close: () => file.close(),
         describe: () => [{ path: resolved, format: 'raw', size: file.size() }],
       };
     }
-    const image = await openImage(io, resolved, { readOnly: true, copyOnRead: false }, chain);
+    const image = await openImage(io, resolved, { readOnly: true, copyOnRead: false }, chain, 'shared');
     return {
       size: image.size,
       read: (buf, offset) => image.read(buf, offset),
+      knownZero: (offset, length) => image.knownZero(offset, length),
       close: () => image.close(),
       describe: () => image.describeChain('fvd'),
     };
   } catch (err) {
     const e = err as NodeJS.ErrnoException;
-    if (e.code === 'ENOENT') throw new FvdError(`base image '${shownPath}' not found (looked for ${resolved})`, 'ENOENT');
+    // An FvdError first: one from deeper in the chain (a missing image further down has code
+    // ENOENT too) must keep naming that image, prefixed with this level.
+    if (err instanceof FvdError && err.message.startsWith('base chain longer')) throw err; // 64 prefixes would say nothing more
     if (err instanceof FvdError) throw new FvdError(`base image '${shownPath}': ${err.message.replace(`${resolved}: `, '')}`, err.code);
+    if (e.code === 'ENOENT') throw new FvdError(`base image '${shownPath}' not found (looked for ${resolved})`, 'ENOENT');
     throw new FvdError(`base image '${shownPath}' (${baseFormatName(format)}) cannot be opened: ${e.message}`, 'EIO');
   }
 }
@@ -1184,6 +1240,13 @@ async function openCipher(imagePath: string, header: Header, options: OpenOption
   parseCryptFields(imagePath, header.crypt!); // damage is reported even without the key
   if (options.withoutKey) return null;
   throw new KeyError(`${imagePath}: the image is encrypted: its key is needed (--key-file PATH, or --key-file - for stdin)`);
+}
+
+/** [a, z) of the file is known to read as zeros (a hole or past the end). */
+export function holeAt(file: BlockFile, a: number, z: number): boolean {
+  if (a >= file.size()) return true;
+  const next = file.nextData?.(a);
+  return next !== undefined && next !== null && next >= z;
 }
 
 /** Sets the bit of every all-zero block of the base (FVD's "free write to zero-filled blocks"). */

@@ -19,6 +19,12 @@ export interface BlockFile {
   size(): number;
   /** Grow or shrink a regular file; a block device refuses. */
   truncate(length: number): Promise<void>;
+  /**
+   * Optional (SEEK_DATA): the first offset at or after `offset` that may hold data — every byte
+   * before it reads as zeros — or size() when none does; null when the file cannot tell.
+   * Conservative: it may report data where there are zeros, never the reverse.
+   */
+  nextData?(offset: number): number | null;
   close(): Promise<void>;
   /** True for a block device: it has a fixed size and unwritten space is not known to be zero. */
   readonly isBlockDevice: boolean;

@@ -14,9 +14,11 @@ import {
   LOCK_EX,
   LOCK_NB,
   LOCK_SH,
+  SEEK_DATA,
 } from '../ffi/libc.js';
 
 const EWOULDBLOCK = 11;
+const ENXIO = 6;
 /** node:fs takes at most 2 GiB - 1 per call; larger transfers go in pieces. */
 const MAX_IO = 1 << 30;
 const ZERO_CHUNK = 1024 * 1024;
@@ -105,6 +107,15 @@ export class NodeFile implements BlockFile {
     for (let pos = offset; pos < offset + length; pos += ZERO_CHUNK) {
       await this.write(zeroBuffer.subarray(0, Math.min(ZERO_CHUNK, offset + length - pos)), pos);
     }
+  }
+
+  nextData(offset: number): number | null {
+    const c = libc();
+    if (!c || this.isBlockDevice) return null;
+    if (offset >= this.length) return this.length;
+    const r = c.lseek(this.fd, offset, SEEK_DATA);
+    if (r >= 0) return r;
+    return c.errno() === ENXIO ? this.length : null; // ENXIO: no data at or past offset
   }
 
   async truncate(length: number): Promise<void> {

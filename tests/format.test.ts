@@ -11,6 +11,7 @@ function sample(compact = true): Header {
     version: VERSION, incompatible: compact ? INCOMPAT_COMPACT : 0n, compatible: 1n, autoclear: 0n, virtualSize: 1 << 30,
     blockSize: 65536, chunkSize: 1 << 20, baseSize: 3 << 28, basePathLength: 4, baseFormat: 1, basePathCrc: 1234,
     ...layout, journalStartSeq: 2 ** 40 + 17, refcountOffset: 0, refcountLength: 0, snapshotsOffset: 0, snapshotsLength: 0,
+    basePathOffset: 0, baseSizeNext: 0,
   };
 }
 
@@ -66,12 +67,40 @@ test('header: rejects bad magic, version, checksum, features, geometry, truncati
   expectReject(encodeHeader({ ...h, blockSize: 3000 }), size, /block size/);
   expectReject(encodeHeader({ ...h, chunkSize: 4096 }), size, /chunk size/);
   expectReject(encodeHeader({ ...h, virtualSize: 1000 }), size, /virtual size/);
-  expectReject(encodeHeader({ ...h, bitmapLength: 8192 }), size, /bitmap length/);
+  expectReject(encodeHeader({ ...h, bitmapLength: 0 }), size, /bitmap length 0, expected a multiple of 4096 of at least 4096/);
+  expectReject(encodeHeader({ ...h, bitmapLength: 6144 }), size, /bitmap length/);
   expectReject(encodeHeader({ ...h, journalOffset: h.bitmapOffset }), size, /overlaps/);
   expectReject(encodeHeader({ ...h, dataOffset: h.dataOffset + 512 }), size + 512, /data offset/);
   expectReject(encodeHeader({ ...h, refcountLength: 4096 }), size, /snapshot/);
   expectReject(good, 100, /truncated/);
   expectReject(good, size - 4096, /truncated/);
+});
+
+test('header: base_path_offset and base_size_next round-trip and are validated; the bitmap may exceed its minimum', () => {
+  const h = sample(false);
+  const size = h.dataOffset + h.virtualSize;
+  const moved = { ...h, basePathOffset: 2048, baseSizeNext: (3 << 28) + 4096 };
+  assert.equal(decodeHeader('x', encodeHeader(moved), size), moved);
+  const bytes = encodeHeader(moved);
+  assert.is(new DataView(bytes.buffer).getUint32(304, true), 2048);
+  assert.is(Number(new DataView(bytes.buffer).getBigUint64(308, true)), (3 << 28) + 4096);
+  expectReject(encodeHeader({ ...h, basePathOffset: 100 }), size, /invalid base path offset 100/);
+  expectReject(encodeHeader({ ...h, basePathOffset: 2047 }), size, /invalid base path offset/);
+  expectReject(encodeHeader({ ...h, basePathOffset: 4096 }), size, /invalid base path offset/);
+  expectReject(encodeHeader({ ...h, baseSizeNext: 3 << 28 }), size, /invalid next base size/); // not larger
+  expectReject(encodeHeader({ ...h, baseSizeNext: 2 ** 51 }), size, /invalid next base size/);
+  const none = { ...h, baseFormat: 0, basePathLength: 0, basePathCrc: 0, baseSize: 0 };
+  expectReject(encodeHeader({ ...none, basePathOffset: 1024 }), size, /invalid base path offset/);
+  expectReject(encodeHeader({ ...none, baseSizeNext: 4096 }), size, /invalid next base size/);
+  // A bitmap larger than needed (create sizes it for the larger of base and disk; rebase without
+  // a base keeps it) is fine, provided the regions still fit.
+  const big = { ...h, bitmapLength: h.bitmapLength + PAGE, journalOffset: h.journalOffset + PAGE }; // raw-like: no table
+  assert.ok(big.journalOffset + big.journalLength <= big.dataOffset);
+  assert.equal(decodeHeader('x', encodeHeader(big), size), big);
+  decodeHeader('x', encodeHeader({ ...none, bitmapLength: h.bitmapLength }), size);
+  const l = computeLayout({ virtualSize: 1 << 30, blockSize: 65536, chunkSize: 1 << 20, baseSize: 1 << 20, compact: false, journalLength: 1 << 20 });
+  assert.is(l.bitmapLength, bitmapBytes(1 << 30, 65536), 'sized for the disk when it is larger than the base');
+  assert.is(computeLayout({ virtualSize: 1 << 30, blockSize: 65536, chunkSize: 1 << 20, baseSize: 0, compact: false, journalLength: 1 << 20 }).bitmapLength, 0);
 });
 
 test.run();

@@ -118,6 +118,9 @@ class CrashFile implements BlockFile {
   size(): number {
     return this.inner.size();
   }
+  nextData(offset: number): number | null {
+    return this.inner.nextData?.(offset) ?? null;
+  }
   close(): Promise<void> {
     return this.inner.close();
   }

@@ -20,6 +20,8 @@ export interface MemIoOptions {
   maxTurns?: number;
   /** Probability that an operation additionally waits one macrotask turn (default 0.1). */
   macroTurnChance?: number;
+  /** Answer BlockFile.nextData (SEEK_DATA), treating zero bytes as holes; else it says null. */
+  seekData?: boolean;
 }
 
 /** One stored file. */
@@ -66,6 +68,11 @@ export class MemData {
       this.ensure(length);
     }
     this.size = length;
+  }
+  /** The first non-zero byte at or after `offset`, or size: zero bytes stand for holes. */
+  nextNonZero(offset: number): number {
+    for (let i = offset; i < this.size; i++) if (this.buf[i] !== 0) return i;
+    return Math.max(offset, this.size);
   }
   /** A copy of the contents (exactly `size` bytes). */
   contents(): Uint8Array {
@@ -155,6 +162,10 @@ class MemFile implements BlockFile {
     this.live('size');
     return this.data.size;
   }
+  nextData(offset: number): number | null {
+    this.live('nextData');
+    return this.io.seekData ? this.data.nextNonZero(offset) : null;
+  }
   async truncate(length: number): Promise<void> {
     this.writable('truncate');
     checkRange('truncate', this.path, 0, length);
@@ -181,8 +192,11 @@ export class MemIo implements IoBackend {
   private readonly rng?: Rng;
   private readonly maxTurns: number;
   private readonly macroChance: number;
+  /** See MemIoOptions.seekData. */
+  seekData: boolean;
 
   constructor(options: MemIoOptions = {}) {
+    this.seekData = !!options.seekData;
     this.rng = options.rng;
     this.maxTurns = options.maxTurns ?? 8;
     this.macroChance = options.macroTurnChance ?? 0.1;

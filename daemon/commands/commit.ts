@@ -1,0 +1,30 @@
+/**
+ * fvd commit [-d] [-p] IMAGE — writes the image's local blocks into its base (raw or FVD, growing it
+ * to the image's size if it is smaller) and empties the image, like qemu-img commit. -d keeps the
+ * image's data; -p shows progress on stderr. The base must be writable and not in use (locked) by anyone. FORMAT.md §12.3.
+ */
+import { commitImage } from '../../fvd/maintenance.js';
+import { nodeIo } from '../../fvd/node-file.js';
+import { UsageError, formatSize, parseOptions, progressPrinter } from '../args.js';
+
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseOptions('commit', args, {
+    d: { type: 'boolean', short: 'd', default: false },
+    p: { type: 'boolean', short: 'p', default: false },
+    json: { type: 'boolean', default: false },
+  });
+  if (positionals.length !== 1) throw new UsageError('usage: fvd commit [-d] [-p] [--json] IMAGE');
+  const image = positionals[0]!;
+  const progress = progressPrinter(values.p);
+  const r = await commitImage(nodeIo, image, { keep: values.d, onProgress: (d, t) => progress.update(d, t) }).finally(() => progress.done());
+  if (values.json) {
+    console.log(JSON.stringify({ image, ...r }, null, 2));
+    return 0;
+  }
+  const grown = r.baseGrownTo !== null ? `; the base grew to ${formatSize(r.baseGrownTo)}` : '';
+  const after = r.emptied ? 'the image is now empty' : 'the image keeps its data (-d)';
+  console.log(
+    `Image committed into '${r.base}' (${r.baseFormat}): ${formatSize(r.bytesWritten)} of ${formatSize(r.bytesExamined)} local data differed and was written${grown}; ${after}.`,
+  );
+  return 0;
+}

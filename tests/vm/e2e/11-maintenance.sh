@@ -1,0 +1,68 @@
+# tests/vm/e2e/11-maintenance.sh — sourced by tests/vm/e2e.sh (with lib.sh), runs `scenario` in $D.
+# title: commit, resize, rebase between serves: refused while served; the device shows each result
+# timeout: 420
+#
+# base.raw (32 MiB random) under img.fvd (48 MiB, compact).  Served: 4 MiB written at 8 MiB (over
+# the base) and 4 MiB at 40 MiB (past its end); model.img (base.raw + zeros to 48 MiB) gets the
+# same.  While served, `fvd commit`, `fvd resize` and `fvd rebase` of img.fvd each fail with one
+# line naming the lock, and base.raw is unchanged.  Stopped: `fvd commit` → base.raw equals the
+# model (grown to 48 MiB) and nothing is local in img.fvd; served again, the device equals the
+# model.  `fvd resize +16M` → a 64 MiB device, the new range zeros.  `fvd rebase -b ""` → base.raw
+# moved away, the device still equals the model.  `fvd check` clean.
+
+M=$((1024 * 1024))
+
+# refused NAME FVD-ARGS...: the command fails (not by time-out) with one line naming the lock.
+refused() {
+    local name=$1 rc=0
+    shift
+    fvd "$@" > /dev/null 2> err.txt || rc=$?
+    if ((rc != 0 && rc != 124 && rc != 137)); then ok "$name: refused (exit $rc)"; else not_ok "$name: exit $rc" "$(cat err.txt)"; fi
+    one_line_error "$name" err.txt
+    if grep -q 'in use by another process (locked)' err.txt; then ok "$name: names the lock"
+    else not_ok "$name: the error does not name the lock" "$(cat err.txt)"; fi
+}
+
+scenario() {
+    local img=$D/img.fvd base=$D/base.raw base_sum
+    random_file base.raw 32
+    base_sum=$(sha256sum < base.raw)
+    cp base.raw model.img && truncate -s $((48 * M)) model.img
+    random_file w1.bin 4
+    random_file w2.bin 4
+    must "fvd create -b base.raw -F raw --layout compact img.fvd 48M" fvd create -b "$base" -F raw --layout compact "$img" 48M
+
+    serve_must "$img"
+    check "dd 4 MiB at 8 MiB (over the base)" write_dev "$SERVE_DEV" $((8 * M)) w1.bin
+    check "dd 4 MiB at 40 MiB (past the base's end)" write_dev "$SERVE_DEV" $((40 * M)) w2.bin
+    dd if=w1.bin of=model.img bs=1M seek=8 conv=notrunc status=none
+    dd if=w2.bin of=model.img bs=1M seek=40 conv=notrunc status=none
+    refused "fvd commit of the served image" commit "$img"
+    refused "fvd resize of the served image" resize "$img" 64M
+    refused "fvd rebase of the served image" rebase -b '' "$img"
+    expect "base.raw unchanged while served" "$(sha256sum < base.raw)" "$base_sum"
+    serve_stop "after the writes"
+
+    check "fvd commit img.fvd (into base.raw, growing it)" fvd commit "$img"
+    expect "base.raw = the model after commit (48 MiB)" "$(sha256sum < base.raw)" "$(sha256sum < model.img)"
+    expect "nothing local in img.fvd after commit" \
+        "$(fvd info --json "$img" | grep -o '"bytesLocal": [0-9]*')" '"bytesLocal": 0'
+    serve_must "$img"
+    expect "device size 48 MiB" "$(t blockdev --getsize64 "$SERVE_DEV" 2>&1)" $((48 * M))
+    check_dev_equals "after commit the device equals the model" "$SERVE_DEV" 0 model.img
+    serve_stop "after commit"
+
+    check "fvd resize img.fvd +16M" fvd resize "$img" +16M
+    truncate -s $((64 * M)) model.img
+    serve_must "$img"
+    expect "device size 64 MiB after resize" "$(t blockdev --getsize64 "$SERVE_DEV" 2>&1)" $((64 * M))
+    check_dev_equals "after resize the device equals the model (the new 16 MiB read zeros)" "$SERVE_DEV" 0 model.img
+    serve_stop "after resize"
+
+    check "fvd rebase -b '' img.fvd (standalone)" fvd rebase -b '' "$img"
+    must "move base.raw away" mv base.raw base.gone
+    serve_must "$img"
+    check_dev_equals "standalone, base gone: the device equals the model" "$SERVE_DEV" 0 model.img
+    serve_stop "standalone"
+    check "fvd check of the image exits 0" fvd check "$img"
+}
