@@ -1271,12 +1271,20 @@ async function markZeroBlocks(base: BaseImage, limit: number, blockSize: number,
 function validateTable(imagePath: string, table: Uint32Array, header: Header, file: BlockFile, crashed: boolean): void {
   const maxId = file.isBlockDevice ? Math.floor((file.size() - header.dataOffset) / header.chunkSize) : Number.POSITIVE_INFINITY;
   const seen = new Set<number>();
+  // Chunks past the end are allocated one after another from the end (§4.3), so after a crash
+  // they lie below the file's chunk count plus the number of mapped entries.
+  let mapped = 0;
+  for (let c = 0; c < table.length; c++) if (table[c] !== CHUNK_EMPTY) mapped++;
+  const pastEndLimit = Math.ceil(Math.max(0, file.size() - header.dataOffset) / header.chunkSize) + mapped;
   for (let c = 0; c < table.length; c++) {
     const id = table[c]!;
     if (id === CHUNK_EMPTY) continue;
     if (id >= maxId) throw new CorruptImageError(imagePath, `chunk ${c} maps to storage chunk ${id} beyond the end of the device`);
-    if (!file.isBlockDevice && !crashed && header.dataOffset + id * header.chunkSize >= file.size())
-      throw new CorruptImageError(imagePath, `chunk ${c} maps to storage chunk ${id} beyond the end of the file (truncated?)`);
+    if (!file.isBlockDevice && header.dataOffset + id * header.chunkSize >= file.size() && (!crashed || id >= pastEndLimit))
+      throw new CorruptImageError(
+        imagePath,
+        `chunk ${c} maps to storage chunk ${id} beyond the end of the file (${crashed ? 'further than a crash can leave it' : 'truncated?'})`,
+      );
     if (seen.has(id)) throw new CorruptImageError(imagePath, `storage chunk ${id} is mapped twice`);
     seen.add(id);
   }
