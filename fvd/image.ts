@@ -52,6 +52,7 @@ import {
 import { allSet, countSet, forEachClearRun, newBitmap, setRange, testBit } from './bitmap.js';
 import { Journal, PendingRecords, replayJournal, type JournalSink } from './journal.js';
 import { BlockLocks } from './block-locks.js';
+import { SnapshotManager, SnapshotState, loadSnapshotState, type SnapshotHost } from './snapshot.js';
 
 export interface CreateOptions {
   /** Virtual size in bytes; defaults to the base's size (rounded up to 512). */
@@ -125,6 +126,8 @@ export interface ImageStats {
   };
   allocatedChunks: number;
   fileSize: number;
+  /** Internal snapshots (compact layout; FORMAT.md §10). */
+  snapshots: number;
 }
 
 const DEFAULT_MAX_COR = 16 * 1024 * 1024;
@@ -168,15 +171,23 @@ export class FvdImage {
   private closed = false;
   private readonly wasDirty: boolean;
   private readonly replayedSectors: number;
+  /** Snapshot bookkeeping of a compact image (refcounts, shared-chunk flags); null if raw-like. */
+  private readonly snap: SnapshotState | null;
+  /** Internal snapshots: create, list, delete, revert (fvd/snapshot.ts). */
+  readonly snapshots: SnapshotManager;
+  /** Opens the base (again): set by open when the image has one. */
+  private reopenBase: (() => Promise<BaseImage>) | null = null;
 
   private constructor(
     readonly path: string,
     private readonly file: BlockFile,
     private readonly header: Header,
-    private readonly base: BaseImage | null,
+    // Not readonly: reverting a fully local image to an older snapshot opens the base again.
+    private base: BaseImage | null,
     state: {
       present: Uint8Array;
       table: Uint32Array | null;
+      snap: SnapshotState | null;
       readOnly: boolean;
       copyOnRead: boolean;
       maxCorBytes: number;
@@ -203,6 +214,8 @@ export class FvdImage {
     this.knownZeroFrom = file.isBlockDevice ? Number.POSITIVE_INFINITY : file.size();
     this.wasDirty = (header.incompatible & INCOMPAT_DIRTY) !== 0n;
     this.replayedSectors = state.replayed;
+    this.snap = state.snap;
+    this.snapshots = new SnapshotManager(path, this.table && this.snap ? this.snapshotHost() : null, this.snap);
     if (this.table) this.initAllocator();
     this.journal = state.readOnly
       ? null
@@ -286,6 +299,7 @@ export class FvdImage {
           refcountLength: 0,
           snapshotsOffset: 0,
           snapshotsLength: 0,
+          revertSnapshotId: 0,
         };
         if (file.isBlockDevice && file.size() < layout.dataOffset + chunkSize)
           throw new FvdError(`${imagePath}: device of ${file.size()} bytes is too small for this image's metadata`, 'ENOSPC');
@@ -325,22 +339,25 @@ export class FvdImage {
     const compact = (header.incompatible & INCOMPAT_COMPACT) !== 0n;
 
     let base: BaseImage | null = null;
+    let reopenBase: (() => Promise<BaseImage>) | null = null;
     if (header.baseFormat !== BASE_NONE) {
       const pathBytes = first.subarray(BASE_PATH_OFFSET, BASE_PATH_OFFSET + header.basePathLength);
       if (crc(pathBytes) !== header.basePathCrc) throw new CorruptImageError(imagePath, 'base path checksum mismatch');
       const basePath = Buffer.from(pathBytes).toString('utf8');
-      const fullyLocal = (header.autoclear & AUTOCLEAR_FULLY_LOCAL) !== 0n;
-      if (!fullyLocal) {
+      reopenBase = async () => {
         const resolved = path.resolve(path.dirname(path.resolve(imagePath)), basePath);
-        base = await openBase(io, resolved, header.baseFormat, [...chain, path.resolve(imagePath)], basePath);
-        if (base.size !== header.baseSize) {
-          await base.close();
+        const b = await openBase(io, resolved, header.baseFormat, [...chain, path.resolve(imagePath)], basePath);
+        if (b.size !== header.baseSize) {
+          await b.close();
           throw new FvdError(
-            `${imagePath}: base image '${basePath}' is ${base.size} bytes but was ${header.baseSize} bytes when the image was created (wrong or resized base)`,
+            `${imagePath}: base image '${basePath}' is ${b.size} bytes but was ${header.baseSize} bytes when the image was created (wrong or resized base)`,
             'EINVAL',
           );
         }
-      }
+        return b;
+      };
+      const fullyLocal = (header.autoclear & AUTOCLEAR_FULLY_LOCAL) !== 0n;
+      if (!fullyLocal) base = await reopenBase();
     }
     try {
       const present = newBitmap(header.bitmapLength);
@@ -373,10 +390,15 @@ export class FvdImage {
         nextSeq = r.nextSeq;
         replayed = r.sectors;
       }
-      if (table) validateTable(imagePath, table, header, file);
+      // During an interrupted revert the in-place table may be torn: it is replaced below by the
+      // snapshot's saved table (validated there), so it is not validated here.
+      if (table && !header.revertSnapshotId) validateTable(imagePath, table, header, file);
+      // Snapshot structures; an interrupted revert is redone here, over the replayed state.
+      const snap = table ? await loadSnapshotState(imagePath, file, header, table, present) : null;
       const image = new FvdImage(imagePath, file, header, base, {
         present,
         table,
+        snap: snap ? snap.state : null,
         readOnly,
         copyOnRead: options.copyOnRead ?? true,
         maxCorBytes: options.maxCopyOnReadBytes ?? DEFAULT_MAX_COR,
@@ -384,7 +406,9 @@ export class FvdImage {
         usedSectors: 0,
         replayed,
       });
-      if (!readOnly) await image.markOpen(replayed > 0 || !!(header.incompatible & INCOMPAT_DIRTY));
+      image.reopenBase = reopenBase;
+      if (snap?.redo) header.revertSnapshotId = 0; // cleared on disk by markOpen's checkpoint
+      if (!readOnly) await image.markOpen(replayed > 0 || !!(header.incompatible & INCOMPAT_DIRTY) || !!snap?.redo);
       return image;
     } catch (err) {
       await base?.close();
@@ -765,6 +789,8 @@ export class FvdImage {
   private async forEachChunkRun(buf: Uint8Array, offset: number, writing: boolean): Promise<void> {
     const cs = this.chunkSize;
     const table = this.table!;
+    // A write to storage a snapshot shares must copy the chunk first (writeUnmappedChunk).
+    const shared = this.snap!.shared;
     const end = offset + buf.length;
     const tasks: Promise<void>[] = [];
     let pos = offset;
@@ -772,11 +798,11 @@ export class FvdImage {
       const c = Math.floor(pos / cs);
       const id = table[c]!;
       let runEnd = Math.min(end, (c + 1) * cs);
-      if (id !== CHUNK_EMPTY && !this.allocating.has(c)) {
+      if (id !== CHUNK_EMPTY && !this.allocating.has(c) && !(writing && shared[c])) {
         let prev = id;
         while (runEnd < end) {
           const next = table[runEnd / cs]!;
-          if (next !== prev + 1 || this.allocating.has(runEnd / cs)) break;
+          if (next !== prev + 1 || this.allocating.has(runEnd / cs) || (writing && shared[runEnd / cs])) break;
           prev = next;
           runEnd = Math.min(end, runEnd + cs);
         }
@@ -802,13 +828,23 @@ export class FvdImage {
     else await this.file.read(sub, this.header.dataOffset + id * this.chunkSize + inChunk);
   }
 
-  /** Writes into chunk c, allocating its storage first if it has none. */
+  /**
+   * Writes into chunk c, allocating its storage first if it has none, or copying it first if a
+   * snapshot shares its storage.
+   */
   private async writeUnmappedChunk(c: number, sub: Uint8Array, inChunk: number): Promise<void> {
     while (this.allocating.has(c)) await this.allocating.get(c);
     const table = this.table!;
     const cs = this.chunkSize;
-    if (table[c] !== CHUNK_EMPTY) {
+    if (table[c] !== CHUNK_EMPTY && !this.snap!.shared[c]) {
       await this.file.write(sub, this.header.dataOffset + table[c]! * cs + inChunk);
+      return;
+    }
+    if (table[c] !== CHUNK_EMPTY) {
+      // The write covers the whole chunk (up to the disk's end): it is the copy.
+      const whole = inChunk === 0 && sub.length === Math.min(cs, this.size - c * cs);
+      const phys = await this.unshareChunk(c, whole ? sub : null);
+      if (!whole) await this.file.write(sub, phys + inChunk);
       return;
     }
     let done!: () => void;
@@ -839,6 +875,46 @@ export class FvdImage {
     await this.file.write(sub, phys + inChunk);
   }
 
+  /**
+   * Copy-on-write of chunk c, whose storage a snapshot also references (FORMAT.md §10.4): copies
+   * it (or writes `whole`, the chunk's complete new content) into a new storage chunk, then points
+   * the table at it and journals the entry. The old storage stays as the snapshot has it; no
+   * refcount changes (the snapshots' references did not). Returns the new chunk's file offset.
+   */
+  private async unshareChunk(c: number, whole: Uint8Array | null): Promise<number> {
+    while (this.allocating.has(c)) await this.allocating.get(c);
+    const table = this.table!;
+    const cs = this.chunkSize;
+    if (!this.snap!.shared[c]) return this.header.dataOffset + table[c]! * cs; // copied meanwhile
+    let done!: () => void;
+    this.allocating.set(c, new Promise<void>((r) => (done = r)));
+    try {
+      const id = this.takeChunk();
+      const phys = this.header.dataOffset + id * cs;
+      try {
+        let data = whole;
+        if (!data) {
+          data = new Uint8Array(cs);
+          await this.file.read(data, this.header.dataOffset + table[c]! * cs);
+        }
+        if (!this.file.isBlockDevice) this.knownZeroFrom = Math.max(this.knownZeroFrom, phys + cs);
+        await this.file.write(data, phys);
+      } catch (err) {
+        this.freeChunks.push(id);
+        throw err;
+      }
+      // Like an allocation, the entry is logged once the copy completed (a commit's first
+      // fdatasync covers it); the worker sees the flag clear only after the table changed.
+      table[c] = id;
+      this.journal!.pending.addTable(c, id);
+      Atomics.store(this.snap!.shared, c, 0);
+      return phys;
+    } finally {
+      this.allocating.delete(c);
+      done();
+    }
+  }
+
   private takeChunk(): number {
     const id = this.freeChunks.pop();
     if (id !== undefined) return id;
@@ -852,7 +928,8 @@ export class FvdImage {
 
   private initAllocator(): void {
     const table = this.table!;
-    let max = -1;
+    // Storage snapshots use (their data and metadata) is never free.
+    let max = this.snap!.maxUsedId();
     for (let c = 0; c < table.length; c++) {
       const id = table[c]!;
       if (id === CHUNK_EMPTY) continue;
@@ -865,7 +942,7 @@ export class FvdImage {
       : Math.max(max + 1, Math.ceil((this.file.size() - this.header.dataOffset) / this.chunkSize));
     const referenced = new Uint8Array(Math.max(fileChunks, 0));
     for (let c = 0; c < table.length; c++) if (table[c] !== CHUNK_EMPTY) referenced[table[c]!] = 1;
-    for (let id = fileChunks - 1; id >= 0; id--) if (!referenced[id]) this.freeChunks.push(id);
+    for (let id = fileChunks - 1; id >= 0; id--) if (!referenced[id] && !this.snap!.isUsed(id)) this.freeChunks.push(id);
     this.nextChunkId = Math.max(fileChunks, 0);
   }
 
@@ -900,6 +977,18 @@ export class FvdImage {
     const id = this.table![c]!;
     if (id === CHUNK_EMPTY) return; // local and unmapped reads as zeros already
     const cs = this.chunkSize;
+    if (this.snap!.shared[c]) {
+      if (whole) {
+        // A snapshot still references the storage: unmap it without punching or freeing it.
+        this.table![c] = CHUNK_EMPTY;
+        this.journal!.pending.addTable(c, CHUNK_EMPTY);
+        Atomics.store(this.snap!.shared, c, 0);
+        return;
+      }
+      const phys = await this.unshareChunk(c, null);
+      await this.file.zeroRange(phys + (start - c * cs), end - start);
+      return;
+    }
     if (whole) {
       // Give the space back to the host now; unmap; the storage is reusable once this TABLE_SET
       // is durable (onDurable). Until then a crash leaves the old mapping, reading zeros or base.
@@ -922,7 +1011,7 @@ export class FvdImage {
     await this.idle();
     await this.journal!.commit(); // pending frees become free
     const cs = this.chunkSize;
-    let maxRef = -1;
+    let maxRef = this.snap!.maxUsedId();
     for (let c = 0; c < this.table.length; c++) if (this.table[c] !== CHUNK_EMPTY && this.table[c]! > maxRef) maxRef = this.table[c]!;
     const reclaimed = this.freeChunks.length;
     for (const id of this.freeChunks) if (id <= maxRef) await this.file.zeroRange(this.header.dataOffset + id * cs, cs);
@@ -1001,6 +1090,7 @@ export class FvdImage {
       },
       allocatedChunks: allocated,
       fileSize: this.file.size(),
+      snapshots: this.snapshots.count,
     };
   }
 
@@ -1015,7 +1105,7 @@ export class FvdImage {
    */
   sharedView(): {
     size: number; dataOffset: number; blockSize: number; chunkSize: number; baseBlocks: number; bitmapEnd: number;
-    allLocal: boolean; present: Uint8Array; journaled: Uint8Array; table: Uint32Array | null;
+    allLocal: boolean; present: Uint8Array; journaled: Uint8Array; table: Uint32Array | null; shared: Uint8Array | null;
   } {
     return {
       size: this.size,
@@ -1028,7 +1118,67 @@ export class FvdImage {
       present: this.present,
       journaled: this.journaled,
       table: this.table,
+      shared: this.snap ? this.snap.shared : null,
     };
+  }
+
+  /** The engine side of the snapshot operations (fvd/snapshot.ts), over this image's private state. */
+  private snapshotHost(): SnapshotHost {
+    return {
+      path: this.path,
+      file: this.file,
+      header: this.header,
+      table: this.table!,
+      present: this.present,
+      journaled: this.journaled,
+      baseBlocks: this.baseBlocks,
+      readOnly: this.readOnly,
+      checkOpen: () => {
+        if (this.closed) throw new FvdError(`${this.path}: image is closed`, 'EINVAL');
+      },
+      quiesce: async () => {
+        await this.idle();
+        await this.journal!.checkpoint();
+      },
+      checkpoint: () => this.journal!.checkpoint(),
+      writeHeader: () => this.writeHeader(),
+      takeChunkRun: (n) => this.takeChunkRun(n),
+      rebuildAllocator: () => {
+        this.freeChunks.length = 0;
+        this.initAllocator();
+        // initAllocator derives the end from the file size; chunks taken past it stay taken.
+      },
+      noteWritten: (offset, length) => {
+        if (!this.file.isBlockDevice) this.knownZeroFrom = Math.max(this.knownZeroFrom, offset + length);
+      },
+      baseDetached: () => this.base === null,
+      attachBase: async () => {
+        if (this.base || !this.reopenBase) return;
+        this.base = await this.reopenBase();
+        this.header.autoclear &= ~AUTOCLEAR_FULLY_LOCAL;
+        this.allLocal = this.baseBlocks === 0;
+      },
+      abandon: () => this.abandon(),
+    };
+  }
+
+  /** `n` consecutive free storage ids (from the free list, else past the end); returns the first. */
+  private takeChunkRun(n: number): number {
+    if (n === 1) return this.takeChunk();
+    const free = new Set(this.freeChunks);
+    for (const id of [...free].sort((a, b) => a - b)) {
+      let k = 1;
+      while (k < n && free.has(id + k)) k++;
+      if (k < n) continue;
+      for (let i = 0; i < n; i++) this.freeChunks.splice(this.freeChunks.indexOf(id + i), 1);
+      return id;
+    }
+    const first = this.nextChunkId;
+    if (this.file.isBlockDevice && this.header.dataOffset + (first + n) * this.chunkSize > this.file.size())
+      throw new FvdError(`${this.path}: no space left on the device for ${n} chunks`, 'ENOSPC');
+    if (first + n >= CHUNK_EMPTY) throw new FvdError(`${this.path}: chunk ids exhausted`, 'ENOSPC');
+    this.nextChunkId += n;
+    return first;
   }
 
   /** A base image's chain entry, for `info`. */
