@@ -14,7 +14,8 @@ import { FvdImage, type CreateOptions } from '../fvd/image.js';
 import { nodeIo } from '../fvd/node-file.js';
 import { FvdError } from '../fvd/errors.js';
 import { checkImage } from '../fvd/check.js';
-import { CHUNK_EMPTY, INCOMPAT_DIRTY, INCOMPAT_SNAPSHOTS, decodeHeader } from '../fvd/format.js';
+import { CHUNK_EMPTY, INCOMPAT_COMPACT, INCOMPAT_DIRTY, INCOMPAT_SNAPSHOTS, computeLayout, decodeHeader, encodeHeader, type Header } from '../fvd/format.js';
+import { decodeDirectory, decodeRefcounts, encodeDirectory, encodeRefcounts, stateBytes, usedRefcountEntries } from '../fvd/snapshot-format.js';
 import { MemIo } from './helpers/mem-io.js';
 import { CrashIo } from './helpers/crash-io.js';
 import { patternBytes, sha256File } from './helpers/cli.js';
@@ -57,6 +58,36 @@ const fileSize = (f: string) => fs.statSync(f).size;
 /** Storage chunks in the file (the last one may be partly written: metadata ends mid-chunk). */
 const chunksIn = (size: number, dataOffset: number) => Math.ceil((size - dataOffset) / CS);
 const fileChunks = (f: string) => chunksIn(fileSize(f), Number(getField(f, 'dataOffset')));
+
+test('format: directory and refcount table round-trip; header fields of the feature', () => {
+  const h = readHeaderOfFresh();
+  const entries = [
+    { id: 3, name: 'a', stateOffset: h.dataOffset + 5 * CS, stateLength: stateBytes(h, h.virtualSize), virtualSize: h.virtualSize, dateSec: 1_700_000_000, dateNsec: 123_000_000, stateCrc: 0xdeadbeef, mappedChunks: 7 },
+    { id: 9, name: 'ünïcödé name', stateOffset: h.dataOffset + 6 * CS, stateLength: stateBytes(h, h.virtualSize), virtualSize: h.virtualSize, dateSec: 1, dateNsec: 0, stateCrc: 1, mappedChunks: 0 },
+  ];
+  const bytes = encodeDirectory({ entries, nextId: 10 });
+  assert.is(bytes.length % 512, 0);
+  assert.equal(decodeDirectory('x', bytes, h, h.dataOffset + 7 * CS), { entries, nextId: 10 });
+  const counts = Uint16Array.from([0, 2, 0, 65535, 1, 0, 0]);
+  assert.is(usedRefcountEntries(counts), 5);
+  assert.equal([...decodeRefcounts('x', encodeRefcounts(counts, 5))], [0, 2, 0, 65535, 1]);
+  // Header: the fields survive encode/decode with the bit; without it they must be 0.
+  const withSnaps = { ...h, incompatible: h.incompatible | INCOMPAT_SNAPSHOTS, refcountOffset: h.dataOffset, refcountLength: 512, snapshotsOffset: h.dataOffset + CS, snapshotsLength: 1024, revertSnapshotId: 9 };
+  const back = decodeHeader('x', encodeHeader(withSnaps), h.dataOffset + 2 * CS);
+  assert.equal([back.refcountOffset, back.refcountLength, back.snapshotsOffset, back.snapshotsLength, back.revertSnapshotId], [h.dataOffset, 512, h.dataOffset + CS, 1024, 9]);
+  assert.throws(() => decodeHeader('x', encodeHeader({ ...withSnaps, refcountOffset: h.dataOffset + 512 }), h.dataOffset + 2 * CS), /refcount table at .* is not a chunk/);
+  assert.throws(() => decodeHeader('x', encodeHeader({ ...withSnaps, snapshotsLength: 1000 }), h.dataOffset + 2 * CS), /invalid snapshot directory length 1000/);
+  assert.throws(() => decodeHeader('x', encodeHeader({ ...h, revertSnapshotId: 1 }), h.dataOffset), /without the snapshot feature/);
+});
+
+function readHeaderOfFresh(): Header {
+  return {
+    version: 1, incompatible: INCOMPAT_COMPACT, compatible: 0n, autoclear: 0n, virtualSize: 2 * MiB, blockSize: 4 * KiB, chunkSize: CS,
+    baseSize: 0, basePathLength: 0, baseFormat: 0, basePathCrc: 0,
+    ...computeLayout({ virtualSize: 2 * MiB, blockSize: 4 * KiB, chunkSize: CS, baseSize: 0, compact: true, journalLength: 64 * KiB }),
+    journalStartSeq: 5, refcountOffset: 0, refcountLength: 0, snapshotsOffset: 0, snapshotsLength: 0, revertSnapshotId: 0,
+  };
+}
 
 test('create: directory, refcount table and saved state are on disk after reopen; data unchanged', async () => {
   const file = await fresh();
