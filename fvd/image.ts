@@ -876,16 +876,15 @@ export class FvdImage {
   }
 
   /**
-   * Copy-on-write of chunk c, whose storage a snapshot also references (FORMAT.md §10.4): copies
+   * Copy-on-write of chunk c, whose storage a snapshot also references (FORMAT.md §10.7): copies
    * it (or writes `whole`, the chunk's complete new content) into a new storage chunk, then points
    * the table at it and journals the entry. The old storage stays as the snapshot has it; no
    * refcount changes (the snapshots' references did not). Returns the new chunk's file offset.
+   * The caller has just seen (with no await since) that c is shared and not being allocated.
    */
   private async unshareChunk(c: number, whole: Uint8Array | null): Promise<number> {
-    while (this.allocating.has(c)) await this.allocating.get(c);
     const table = this.table!;
     const cs = this.chunkSize;
-    if (!this.snap!.shared[c]) return this.header.dataOffset + table[c]! * cs; // copied meanwhile
     let done!: () => void;
     this.allocating.set(c, new Promise<void>((r) => (done = r)));
     try {
@@ -1144,9 +1143,10 @@ export class FvdImage {
       writeHeader: () => this.writeHeader(),
       takeChunkRun: (n) => this.takeChunkRun(n),
       rebuildAllocator: () => {
+        // From the table, the snapshot state and the file size: chunks an operation took but
+        // never wrote (it failed) return to the pool; offline, so no allocation is in flight.
         this.freeChunks.length = 0;
         this.initAllocator();
-        // initAllocator derives the end from the file size; chunks taken past it stay taken.
       },
       noteWritten: (offset, length) => {
         if (!this.file.isBlockDevice) this.knownZeroFrom = Math.max(this.knownZeroFrom, offset + length);
