@@ -5,6 +5,7 @@
  * power loss (docs/FORMAT.md §10).
  */
 import { FvdImage } from '../../fvd/image.js';
+import { validateName } from '../../fvd/snapshot.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import { UsageError, formatSize, parseOptions } from '../args.js';
 
@@ -24,6 +25,8 @@ export async function run(args: string[]): Promise<number> {
   if (positionals.length !== 1) throw new UsageError(USAGE);
   if (values.json && !values.list) throw new UsageError('--json goes with -l');
   const path = positionals[0]!;
+  // Before the image is opened for writing: a bad name touches nothing.
+  if (values.create !== undefined) validateName(values.create);
 
   if (values.list) {
     const image = await FvdImage.open(nodeIo, path, { readOnly: true });
