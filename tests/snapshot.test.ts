@@ -300,6 +300,39 @@ test('concurrent writes to one shared chunk copy it once and all land', async ()
   await img.close();
 });
 
+test('structures larger than a chunk take consecutive chunks (from a free run or past the end)', async () => {
+  // 4 KiB chunks, 16 MiB: a 16 KiB table (saved state: 4 chunks), and once 4096 chunks are written
+  // an 8 KiB+ refcount table (3 chunks).
+  const file = await fresh({ size: 16 * MiB, chunkSize: 4 * KiB, blockSize: 4 * KiB });
+  let img = await FvdImage.open(nodeIo, file);
+  const data = patternBytes(16 * MiB, 91);
+  await img.write(data, 0);
+  await img.snapshots.create('full');
+  await img.discard(0, 8 * MiB); // shared chunks: unmapped, kept for 'full'
+  await img.write(patternBytes(64 * KiB, 92), 0);
+  await img.snapshots.create('second');
+  await img.snapshots.delete('full'); // frees 2048-16 data chunks: long free runs
+  await img.snapshots.create('third'); // its structures now come from a free run
+  await img.close();
+  const h = readHeader(file);
+  const d = readDirectory(file);
+  assert.ok(h.refcountLength > 2 * 4 * KiB, `refcount table of ${h.refcountLength} bytes spans chunks`);
+  for (const e of d.entries) assert.ok(e.stateLength > 3 * 4 * KiB, 'saved state spans chunks');
+  const third = d.entries.find((e) => e.name === 'third')!;
+  assert.ok(third.stateOffset < h.dataOffset + 4096 * 4 * KiB, 'the third state was placed in freed space, not past the end');
+  img = await FvdImage.open(nodeIo, file);
+  const now = Buffer.from(data);
+  now.fill(0, 0, 8 * MiB);
+  patternBytes(64 * KiB, 92).copy(now, 0);
+  assert.ok((await readAll(img)).equals(now));
+  await img.snapshots.revert('second');
+  assert.ok((await readAll(img)).equals(now));
+  await img.close();
+  const r = await checkImage(nodeIo, file);
+  assert.equal(r.errors, []);
+  assert.is(r.overcounts + r.undercounts, 0);
+});
+
 // ------------------------------------------------------------------------------------------------
 // over a base
 
