@@ -1,4 +1,4 @@
-# tests/vm/e2e/9-snapshot.sh — sourced by tests/vm/e2e.sh (with lib.sh), runs `scenario` in $D.
+# tests/vm/e2e/10-snapshot.sh — sourced by tests/vm/e2e.sh (with lib.sh), runs `scenario` in $D.
 # title: internal snapshots of a served compact image: the device's writes never reach a snapshot
 # timeout: 400
 #
