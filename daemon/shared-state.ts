@@ -20,6 +20,11 @@ export interface EngineView {
   table: Uint32Array | null;
   /** The data area holds ciphertext (FORMAT.md §11): every request goes to the engine. */
   encrypted: boolean;
+  /**
+   * Compact images: per virtual chunk, 1 while a snapshot shares its storage (the engine must
+   * copy it before a write; it clears the flag after updating the table). Null when raw-like.
+   */
+  shared: Uint8Array | null;
 }
 
 export function engineView(image: FvdImage): EngineView {
@@ -29,7 +34,8 @@ export function engineView(image: FvdImage): EngineView {
 /**
  * Storage offset for a request the worker may serve directly, or -1 when the engine must handle
  * it (a base block not yet local, a bit not yet journaled for a write, an unmapped chunk, chunks
- * not adjacent in storage). Allocation-free; called once per request.
+ * not adjacent in storage, a write to a chunk a snapshot shares). Allocation-free; called once per
+ * request.
  */
 export function mapDirect(v: EngineView, offset: number, length: number, write: boolean): number {
   if (v.encrypted) return -1;
@@ -49,6 +55,10 @@ export function mapDirect(v: EngineView, offset: number, length: number, write: 
   const cs = v.chunkSize;
   const c0 = Math.floor(offset / cs);
   const c1 = Math.floor((end - 1) / cs);
+  // The flag is read atomically before the table: the engine clears it only after pointing the
+  // table at the chunk's private copy, so a cleared flag guarantees the new mapping is seen.
+  const shared = v.shared;
+  if (write && shared) for (let c = c0; c <= c1; c++) if (Atomics.load(shared, c) !== 0) return -1;
   const id = table[c0]!;
   if (id === CHUNK_EMPTY) return -1;
   for (let c = c0 + 1; c <= c1; c++) if (table[c] !== id + (c - c0)) return -1;

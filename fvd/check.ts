@@ -6,7 +6,11 @@
  * records, in range) and the lookup table (in bounds, no storage chunk mapped twice). Beyond that
  * it reports the state a repair changes: a dirty image (journal to replay) and unreferenced
  * storage chunks of a compact image (free space or chunks leaked by a crash; harmless, since
- * allocation reuses them, but `--repair` returns them to the host).
+ * allocation reuses them, but `--repair` returns them to the host). With internal snapshots it
+ * reads every snapshot's saved table and compares the references with the refcount table:
+ * overcounts are leaks (`--repair` rewrites the refcounts), undercounts are errors (the active
+ * table could overwrite a snapshot's data in place; `--repair` sets the true counts, which stops
+ * further damage but cannot restore what was overwritten).
  */
 import type { IoBackend } from './io.js';
 import { FvdError } from './errors.js';
@@ -20,6 +24,12 @@ export interface CheckReport {
   notes: string[];
   /** Unreferenced storage chunks (compact layout). */
   leaks: number;
+  /** Storage chunks whose refcount exceeds the snapshot tables mapping them (leaked references). */
+  overcounts: number;
+  /** Storage chunks whose refcount is below the snapshot tables mapping them (corruption). */
+  undercounts: number;
+  /** Internal snapshots. */
+  snapshots: number;
   /** True when `repair` changed the image. */
   repaired: boolean;
 }
@@ -29,7 +39,7 @@ export interface CheckReport {
  * is checked (and repaired) all the same: no check or repair reads or writes its data.
  */
 export async function checkImage(io: IoBackend, path: string, options: { repair?: boolean; key?: Uint8Array } = {}): Promise<CheckReport> {
-  const report: CheckReport = { errors: [], notes: [], leaks: 0, repaired: false };
+  const report: CheckReport = { errors: [], notes: [], leaks: 0, overcounts: 0, undercounts: 0, snapshots: 0, repaired: false };
   const keyed = options.key ? { key: options.key } : { withoutKey: true };
   let image: FvdImage;
   try {
@@ -56,14 +66,37 @@ export async function checkImage(io: IoBackend, path: string, options: { repair?
       report.notes.push(`${report.leaks} unreferenced storage chunk(s) (free space or leaked by a crash; reused by later writes)`);
       needsRepair = true;
     }
+    report.snapshots = image.snapshots.count;
+    if (report.snapshots) {
+      const r = await image.snapshots.verify();
+      report.errors.push(...r.errors);
+      report.overcounts = r.overcounts.length;
+      report.undercounts = r.undercounts.length;
+      const list = (xs: typeof r.overcounts) =>
+        xs.slice(0, 5).map((x) => `chunk ${x.id}: refcount ${x.stored}, referenced ${x.actual}`).join('; ') + (xs.length > 5 ? '; ...' : '');
+      if (r.overcounts.length) {
+        report.notes.push(`${r.overcounts.length} storage chunk(s) with a refcount above their references (leaked; --repair fixes): ${list(r.overcounts)}`);
+        needsRepair = true;
+      }
+      if (r.undercounts.length) {
+        const what = `${r.undercounts.length} storage chunk(s) with a refcount below their references (snapshot data may be overwritten in place): ${list(r.undercounts)}`;
+        if (options.repair) report.notes.push(`${what}; --repair sets the true counts`);
+        else report.errors.push(`${what}; --repair sets the true counts`);
+        needsRepair = true;
+      }
+    }
   } finally {
     await image.close();
   }
-  if (!options.repair || !needsRepair) return report;
+  if (!options.repair || !needsRepair || report.errors.length) return report;
 
   // Read-write open replays the journal and checkpoints it; close writes the clean flag.
   const rw = await FvdImage.open(io, path, { copyOnRead: false, ...keyed });
   try {
+    if (report.overcounts || report.undercounts) {
+      const fixed = await rw.snapshots.repairRefcounts();
+      report.notes.push(`rewrote the refcount table (${fixed} count(s) corrected)`);
+    }
     const reclaimed = await rw.reclaimUnreferenced();
     if (reclaimed) report.notes.push(`reclaimed ${reclaimed} unreferenced storage chunk(s)`);
   } finally {

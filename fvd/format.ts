@@ -21,8 +21,9 @@ export const CRYPT_FIELDS_LENGTH = 128;
 /** Incompatible features: a reader that does not know a set bit must refuse the image. */
 export const INCOMPAT_DIRTY = 1n << 0n; // opened read-write and not cleanly closed: replay the journal
 export const INCOMPAT_COMPACT = 1n << 1n; // data area addressed through the lookup table
+export const INCOMPAT_SNAPSHOTS = 1n << 2n; // refcount table + snapshot directory present (§10)
 export const INCOMPAT_ENCRYPTED = 1n << 3n; // data area is AES-256-XTS encrypted (fvd/crypto.ts, FORMAT.md §11)
-export const INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_COMPACT | INCOMPAT_ENCRYPTED;
+export const INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_COMPACT | INCOMPAT_SNAPSHOTS | INCOMPAT_ENCRYPTED;
 /** Compatible features: informational, safe to ignore. */
 export const COMPAT_ZERO_DETECTED = 1n << 0n; // create pre-marked all-zero base blocks as local
 export const COMPAT_KNOWN = COMPAT_ZERO_DETECTED;
@@ -85,6 +86,8 @@ export interface Header {
   basePathOffset?: number;
   /** 0, or the size an interrupted `commit` was growing the base to (FORMAT.md §12.3). */
   baseSizeNext?: number;
+  /** Snapshot id of an interrupted revert to redo at open (0 = none); FORMAT.md §10.6. */
+  revertSnapshotId: number;
 }
 
 // Field offsets inside the 512-byte header.
@@ -117,6 +120,7 @@ const F = {
   crypt: 176,
   basePathOffset: 304,
   baseSizeNext: 308,
+  revertSnapshotId: 168,
   crc: 508,
 } as const;
 
@@ -165,6 +169,7 @@ export function encodeHeader(h: Header): Uint8Array {
   if (h.crypt) buf.set(h.crypt.subarray(0, CRYPT_FIELDS_LENGTH), F.crypt);
   dv.setUint32(F.basePathOffset, h.basePathOffset ?? 0, true);
   setU64(dv, F.baseSizeNext, h.baseSizeNext ?? 0);
+  dv.setUint32(F.revertSnapshotId, h.revertSnapshotId, true);
   dv.setUint32(F.crc, crc(buf.subarray(0, F.crc)), true);
   return buf;
 }
@@ -212,6 +217,7 @@ export function decodeHeader(path: string, sector: Uint8Array, fileSize: number)
     dataOffset: getU64(dv, F.dataOffset),
     basePathOffset: dv.getUint32(F.basePathOffset, true),
     baseSizeNext: getU64(dv, F.baseSizeNext),
+    revertSnapshotId: dv.getUint32(F.revertSnapshotId, true),
   };
   if (h.incompatible & INCOMPAT_ENCRYPTED) h.crypt = sector.slice(F.crypt, F.crypt + CRYPT_FIELDS_LENGTH);
   const unknown = h.incompatible & ~INCOMPAT_KNOWN;
@@ -249,7 +255,6 @@ function validateGeometry(path: string, h: Header, fileSize: number): void {
   if (h.tableLength !== expectTable) throw bad(`table length ${h.tableLength}, expected ${expectTable}`);
   if (h.journalLength !== 0 && (h.journalLength < MIN_JOURNAL_SIZE || h.journalLength % PAGE)) throw bad(`invalid journal length ${h.journalLength}`);
   if (!Number.isSafeInteger(h.journalStartSeq)) throw bad('invalid journal sequence number');
-  if (h.refcountLength !== 0 || h.snapshotsLength !== 0) throw bad('refcount/snapshot regions set without the snapshot feature');
   const regions: Array<[string, number, number]> = [
     ['bitmap', h.bitmapOffset, h.bitmapLength],
     ['table', h.tableOffset, h.tableLength],
@@ -268,6 +273,27 @@ function validateGeometry(path: string, h: Header, fileSize: number): void {
   // A raw-like image is created at its full (sparse) size, so a shorter file lost data.
   if (!compact && fileSize < h.dataOffset + h.virtualSize)
     throw bad(`truncated: ${fileSize} bytes, a raw-like image of this size needs ${h.dataOffset + h.virtualSize}`);
+  validateSnapshotRegions(path, h, compact, fileSize);
+}
+
+/**
+ * Internal snapshots (FORMAT.md §10): with SNAPSHOTS the refcount table and the snapshot directory
+ * live in whole storage chunks of the data area; without it their fields and the revert marker are 0.
+ */
+function validateSnapshotRegions(path: string, h: Header, compact: boolean, fileSize: number): void {
+  const bad = (what: string) => new CorruptImageError(path, what);
+  if (!(h.incompatible & INCOMPAT_SNAPSHOTS)) {
+    if (h.refcountOffset || h.refcountLength || h.snapshotsOffset || h.snapshotsLength || h.revertSnapshotId)
+      throw bad('refcount/snapshot regions set without the snapshot feature');
+    return;
+  }
+  if (!compact) throw bad('snapshot feature set on a raw-like image (snapshots need the compact layout)');
+  for (const [name, off, len] of [['refcount table', h.refcountOffset, h.refcountLength], ['snapshot directory', h.snapshotsOffset, h.snapshotsLength]] as const) {
+    if (!Number.isSafeInteger(len) || len <= 0 || len % SECTOR || len > MAX_METADATA_REGION) throw bad(`invalid ${name} length ${len}`);
+    if (!Number.isSafeInteger(off) || off < h.dataOffset || (off - h.dataOffset) % h.chunkSize)
+      throw bad(`${name} at ${off} is not a chunk of the data area`);
+    if (off + len > fileSize) throw bad(`truncated: the ${name} at ${off}+${len} lies beyond the end (${fileSize} bytes)`);
+  }
 }
 
 export const roundUp = (v: number, a: number) => Math.ceil(v / a) * a;

@@ -54,6 +54,7 @@ import { allSet, countSet, forEachClearRun, newBitmap, setRange, testBit } from 
 import { Journal, PendingRecords, replayJournal, type JournalSink } from './journal.js';
 import { BlockLocks } from './block-locks.js';
 import { BufferPool, KeyError, parseCryptFields, sealNewKey, unlock, type KdfParams, type XtsCipher } from './crypto.js';
+import { SnapshotManager, SnapshotState, loadSnapshotState, type SnapshotHost } from './snapshot.js';
 
 export interface CreateOptions {
   /** Virtual size in bytes; defaults to the base's size (rounded up to 512). */
@@ -140,6 +141,8 @@ export interface ImageStats {
   };
   allocatedChunks: number;
   fileSize: number;
+  /** Internal snapshots (compact layout; FORMAT.md §10). */
+  snapshots: number;
 }
 
 const DEFAULT_MAX_COR = 16 * 1024 * 1024;
@@ -187,15 +190,23 @@ export class FvdImage {
   readonly encrypted: boolean;
   private readonly xts: XtsCipher | null;
   private readonly cipherBufs = new BufferPool();
+  /** Snapshot bookkeeping of a compact image (refcounts, shared-chunk flags); null if raw-like. */
+  private readonly snap: SnapshotState | null;
+  /** Internal snapshots: create, list, delete, revert (fvd/snapshot.ts). */
+  readonly snapshots: SnapshotManager;
+  /** Opens the base (again): set by open when the image has one. */
+  private reopenBase: (() => Promise<BaseImage>) | null = null;
 
   private constructor(
     readonly path: string,
     private readonly file: BlockFile,
     private readonly header: Header,
-    private readonly base: BaseImage | null,
+    // Not readonly: reverting a fully local image to an older snapshot opens the base again.
+    private base: BaseImage | null,
     state: {
       present: Uint8Array;
       table: Uint32Array | null;
+      snap: SnapshotState | null;
       readOnly: boolean;
       copyOnRead: boolean;
       maxCorBytes: number;
@@ -225,6 +236,8 @@ export class FvdImage {
     this.replayedSectors = state.replayed;
     this.encrypted = (header.incompatible & INCOMPAT_ENCRYPTED) !== 0n;
     this.xts = state.xts;
+    this.snap = state.snap;
+    this.snapshots = new SnapshotManager(path, this.table && this.snap ? this.snapshotHost() : null, this.snap);
     if (this.table) this.initAllocator();
     this.journal = state.readOnly
       ? null
@@ -311,6 +324,7 @@ export class FvdImage {
           snapshotsOffset: 0,
           snapshotsLength: 0,
           crypt,
+          revertSnapshotId: 0,
         };
         if (file.isBlockDevice && file.size() < layout.dataOffset + chunkSize)
           throw new FvdError(`${imagePath}: device of ${file.size()} bytes is too small for this image's metadata`, 'ENOSPC');
@@ -352,25 +366,28 @@ export class FvdImage {
     const xts = await openCipher(imagePath, header, options, chain.length > 0);
 
     let base: BaseImage | null = null;
+    let reopenBase: (() => Promise<BaseImage>) | null = null;
     if (header.baseFormat !== BASE_NONE) {
       const pathOffset = header.basePathOffset || BASE_PATH_OFFSET;
       const pathBytes = first.subarray(pathOffset, pathOffset + header.basePathLength);
       if (crc(pathBytes) !== header.basePathCrc) throw new CorruptImageError(imagePath, 'base path checksum mismatch');
       const basePath = Buffer.from(pathBytes).toString('utf8');
-      const fullyLocal = (header.autoclear & AUTOCLEAR_FULLY_LOCAL) !== 0n;
-      if (!fullyLocal) {
+      reopenBase = async () => {
         const resolved = path.resolve(path.dirname(path.resolve(imagePath)), basePath);
-        base = await openBase(io, resolved, header.baseFormat, [...chain, path.resolve(imagePath)], basePath);
+        const b = await openBase(io, resolved, header.baseFormat, [...chain, path.resolve(imagePath)], basePath);
         // An interrupted commit may have grown the base already (FORMAT.md §12.3); this image
         // reads only its first base_size bytes either way.
-        if (base.size !== header.baseSize && !(header.baseSizeNext && base.size === header.baseSizeNext)) {
-          await base.close();
+        if (b.size !== header.baseSize && !(header.baseSizeNext && b.size === header.baseSizeNext)) {
+          await b.close();
           throw new FvdError(
-            `${imagePath}: base image '${basePath}' is ${base.size} bytes but was ${header.baseSize} bytes when the image was created (wrong or resized base)`,
+            `${imagePath}: base image '${basePath}' is ${b.size} bytes but was ${header.baseSize} bytes when the image was created (wrong or resized base)`,
             'EINVAL',
           );
         }
-      }
+        return b;
+      };
+      const fullyLocal = (header.autoclear & AUTOCLEAR_FULLY_LOCAL) !== 0n;
+      if (!fullyLocal) base = await reopenBase();
     }
     try {
       const present = newBitmap(header.bitmapLength);
@@ -405,11 +422,16 @@ export class FvdImage {
         replayed = r.sectors;
       }
       // After a crash an entry may point past the end of the file (FORMAT.md §4.3: logged before
-      // the chunk's first data write, which was lost); that storage reads as zeros.
-      if (table) validateTable(imagePath, table, header, file, (header.incompatible & INCOMPAT_DIRTY) !== 0n);
+      // the chunk's first data write, which was lost); that storage reads as zeros. During an
+      // interrupted revert the in-place table may be torn: it is replaced below by the
+      // snapshot's saved table (validated there), so it is not validated here.
+      if (table && !header.revertSnapshotId) validateTable(imagePath, table, header, file, (header.incompatible & INCOMPAT_DIRTY) !== 0n);
+      // Snapshot structures; an interrupted revert is redone here, over the replayed state.
+      const snap = table ? await loadSnapshotState(imagePath, file, header, table, present) : null;
       const image = new FvdImage(imagePath, file, header, base, {
         present,
         table,
+        snap: snap ? snap.state : null,
         readOnly,
         copyOnRead: options.copyOnRead ?? true,
         maxCorBytes: options.maxCopyOnReadBytes ?? DEFAULT_MAX_COR,
@@ -418,7 +440,9 @@ export class FvdImage {
         replayed,
         xts,
       });
-      if (!readOnly) await image.markOpen(replayed > 0 || !!(header.incompatible & INCOMPAT_DIRTY));
+      image.reopenBase = reopenBase;
+      if (snap?.redo) header.revertSnapshotId = 0; // cleared on disk by markOpen's checkpoint
+      if (!readOnly) await image.markOpen(replayed > 0 || !!(header.incompatible & INCOMPAT_DIRTY) || !!snap?.redo);
       return image;
     } catch (err) {
       await base?.close();
@@ -860,6 +884,8 @@ export class FvdImage {
   private async forEachChunkRun(buf: Uint8Array, offset: number, writing: boolean): Promise<void> {
     const cs = this.chunkSize;
     const table = this.table!;
+    // A write to storage a snapshot shares must copy the chunk first (writeUnmappedChunk).
+    const shared = this.snap!.shared;
     const end = offset + buf.length;
     const tasks: Promise<void>[] = [];
     let pos = offset;
@@ -867,11 +893,11 @@ export class FvdImage {
       const c = Math.floor(pos / cs);
       const id = table[c]!;
       let runEnd = Math.min(end, (c + 1) * cs);
-      if (id !== CHUNK_EMPTY && !this.allocating.has(c)) {
+      if (id !== CHUNK_EMPTY && !this.allocating.has(c) && !(writing && shared[c])) {
         let prev = id;
         while (runEnd < end) {
           const next = table[runEnd / cs]!;
-          if (next !== prev + 1 || this.allocating.has(runEnd / cs)) break;
+          if (next !== prev + 1 || this.allocating.has(runEnd / cs) || (writing && shared[runEnd / cs])) break;
           prev = next;
           runEnd = Math.min(end, runEnd + cs);
         }
@@ -897,13 +923,23 @@ export class FvdImage {
     else await this.file.read(sub, this.header.dataOffset + id * this.chunkSize + inChunk);
   }
 
-  /** Writes into chunk c, allocating its storage first if it has none. */
+  /**
+   * Writes into chunk c, allocating its storage first if it has none, or copying it first if a
+   * snapshot shares its storage.
+   */
   private async writeUnmappedChunk(c: number, sub: Uint8Array, inChunk: number): Promise<void> {
     while (this.allocating.has(c)) await this.allocating.get(c);
     const table = this.table!;
     const cs = this.chunkSize;
-    if (table[c] !== CHUNK_EMPTY) {
+    if (table[c] !== CHUNK_EMPTY && !this.snap!.shared[c]) {
       await this.file.write(sub, this.header.dataOffset + table[c]! * cs + inChunk);
+      return;
+    }
+    if (table[c] !== CHUNK_EMPTY) {
+      // The write covers the whole chunk (up to the disk's end): it is the copy.
+      const whole = inChunk === 0 && sub.length === Math.min(cs, this.size - c * cs);
+      const phys = await this.unshareChunk(c, whole ? sub : null);
+      if (!whole) await this.file.write(sub, phys + inChunk);
       return;
     }
     let done!: () => void;
@@ -934,6 +970,45 @@ export class FvdImage {
     await this.file.write(sub, phys + inChunk);
   }
 
+  /**
+   * Copy-on-write of chunk c, whose storage a snapshot also references (FORMAT.md §10.7): copies
+   * it (or writes `whole`, the chunk's complete new content) into a new storage chunk, then points
+   * the table at it and journals the entry. The old storage stays as the snapshot has it; no
+   * refcount changes (the snapshots' references did not). Returns the new chunk's file offset.
+   * The caller has just seen (with no await since) that c is shared and not being allocated.
+   */
+  private async unshareChunk(c: number, whole: Uint8Array | null): Promise<number> {
+    const table = this.table!;
+    const cs = this.chunkSize;
+    let done!: () => void;
+    this.allocating.set(c, new Promise<void>((r) => (done = r)));
+    try {
+      const id = this.takeChunk();
+      const phys = this.header.dataOffset + id * cs;
+      try {
+        let data = whole;
+        if (!data) {
+          data = new Uint8Array(cs);
+          await this.file.read(data, this.header.dataOffset + table[c]! * cs);
+        }
+        if (!this.file.isBlockDevice) this.knownZeroFrom = Math.max(this.knownZeroFrom, phys + cs);
+        await this.file.write(data, phys);
+      } catch (err) {
+        this.freeChunks.push(id);
+        throw err;
+      }
+      // Like an allocation, the entry is logged once the copy completed (a commit's first
+      // fdatasync covers it); the worker sees the flag clear only after the table changed.
+      table[c] = id;
+      this.journal!.pending.addTable(c, id);
+      Atomics.store(this.snap!.shared, c, 0);
+      return phys;
+    } finally {
+      this.allocating.delete(c);
+      done();
+    }
+  }
+
   private takeChunk(): number {
     const id = this.freeChunks.pop();
     if (id !== undefined) return id;
@@ -947,7 +1022,8 @@ export class FvdImage {
 
   private initAllocator(): void {
     const table = this.table!;
-    let max = -1;
+    // Storage snapshots use (their data and metadata) is never free.
+    let max = this.snap!.maxUsedId();
     for (let c = 0; c < table.length; c++) {
       const id = table[c]!;
       if (id === CHUNK_EMPTY) continue;
@@ -960,7 +1036,7 @@ export class FvdImage {
       : Math.max(max + 1, Math.ceil((this.file.size() - this.header.dataOffset) / this.chunkSize));
     const referenced = new Uint8Array(Math.max(fileChunks, 0));
     for (let c = 0; c < table.length; c++) if (table[c] !== CHUNK_EMPTY) referenced[table[c]!] = 1;
-    for (let id = fileChunks - 1; id >= 0; id--) if (!referenced[id]) this.freeChunks.push(id);
+    for (let id = fileChunks - 1; id >= 0; id--) if (!referenced[id] && !this.snap!.isUsed(id)) this.freeChunks.push(id);
     this.nextChunkId = Math.max(fileChunks, 0);
   }
 
@@ -995,6 +1071,18 @@ export class FvdImage {
     const id = this.table![c]!;
     if (id === CHUNK_EMPTY) return; // local and unmapped reads as zeros already
     const cs = this.chunkSize;
+    if (this.snap!.shared[c]) {
+      if (whole) {
+        // A snapshot still references the storage: unmap it without punching or freeing it.
+        this.table![c] = CHUNK_EMPTY;
+        this.journal!.pending.addTable(c, CHUNK_EMPTY);
+        Atomics.store(this.snap!.shared, c, 0);
+        return;
+      }
+      const phys = await this.unshareChunk(c, null);
+      await this.file.zeroRange(phys + (start - c * cs), end - start);
+      return;
+    }
     if (whole) {
       // Give the space back to the host now; unmap; the storage is reusable once this TABLE_SET
       // is durable (onDurable). Until then a crash leaves the old mapping, reading zeros or base.
@@ -1017,7 +1105,7 @@ export class FvdImage {
     await this.idle();
     await this.journal!.commit(); // pending frees become free
     const cs = this.chunkSize;
-    let maxRef = -1;
+    let maxRef = this.snap!.maxUsedId();
     for (let c = 0; c < this.table.length; c++) if (this.table[c] !== CHUNK_EMPTY && this.table[c]! > maxRef) maxRef = this.table[c]!;
     const reclaimed = this.freeChunks.length;
     for (const id of this.freeChunks) if (id <= maxRef) await this.file.zeroRange(this.header.dataOffset + id * cs, cs);
@@ -1097,6 +1185,7 @@ export class FvdImage {
       },
       allocatedChunks: allocated,
       fileSize: this.file.size(),
+      snapshots: this.snapshots.count,
     };
   }
 
@@ -1111,7 +1200,7 @@ export class FvdImage {
    */
   sharedView(): {
     size: number; dataOffset: number; blockSize: number; chunkSize: number; baseBlocks: number; bitmapEnd: number;
-    allLocal: boolean; present: Uint8Array; journaled: Uint8Array; table: Uint32Array | null; encrypted: boolean;
+    allLocal: boolean; present: Uint8Array; journaled: Uint8Array; table: Uint32Array | null; encrypted: boolean; shared: Uint8Array | null;
   } {
     return {
       size: this.size,
@@ -1126,6 +1215,7 @@ export class FvdImage {
       table: this.table,
       // The data area holds ciphertext: the queue workers must not read or write it directly.
       encrypted: this.encrypted,
+      shared: this.snap ? this.snap.shared : null,
     };
   }
 
@@ -1168,6 +1258,66 @@ export class FvdImage {
   private async baseKnownZero(a: number, z: number): Promise<boolean> {
     if (a >= this.baseLimit) return true;
     return this.base!.knownZero(a, Math.min(z, this.baseLimit) - a);
+  }
+
+  /** The engine side of the snapshot operations (fvd/snapshot.ts), over this image's private state. */
+  private snapshotHost(): SnapshotHost {
+    return {
+      path: this.path,
+      file: this.file,
+      header: this.header,
+      table: this.table!,
+      present: this.present,
+      journaled: this.journaled,
+      baseBlocks: this.baseBlocks,
+      readOnly: this.readOnly,
+      checkOpen: () => {
+        if (this.closed) throw new FvdError(`${this.path}: image is closed`, 'EINVAL');
+      },
+      quiesce: async () => {
+        await this.idle();
+        await this.journal!.checkpoint();
+      },
+      checkpoint: () => this.journal!.checkpoint(),
+      writeHeader: () => this.writeHeader(),
+      takeChunkRun: (n) => this.takeChunkRun(n),
+      rebuildAllocator: () => {
+        // From the table, the snapshot state and the file size: chunks an operation took but
+        // never wrote (it failed) return to the pool; offline, so no allocation is in flight.
+        this.freeChunks.length = 0;
+        this.initAllocator();
+      },
+      noteWritten: (offset, length) => {
+        if (!this.file.isBlockDevice) this.knownZeroFrom = Math.max(this.knownZeroFrom, offset + length);
+      },
+      baseDetached: () => this.base === null,
+      attachBase: async () => {
+        if (this.base || !this.reopenBase) return;
+        this.base = await this.reopenBase();
+        this.header.autoclear &= ~AUTOCLEAR_FULLY_LOCAL;
+        this.allLocal = this.baseBlocks === 0;
+      },
+      abandon: () => this.abandon(),
+    };
+  }
+
+  /** `n` consecutive free storage ids (from the free list, else past the end); returns the first. */
+  private takeChunkRun(n: number): number {
+    if (n === 1) return this.takeChunk();
+    const free = new Set(this.freeChunks);
+    for (const id of [...free].sort((a, b) => a - b)) {
+      let k = 1;
+      while (k < n && free.has(id + k)) k++;
+      if (k < n) continue;
+      for (let i = 0; i < n; i++) this.freeChunks.splice(this.freeChunks.indexOf(id + i), 1);
+      return id;
+    }
+    const first = this.nextChunkId;
+    if (this.file.isBlockDevice && this.header.dataOffset + (first + n) * this.chunkSize > this.file.size())
+      throw new FvdError(`${this.path}: no space left on the device for ${n} chunks`, 'ENOSPC');
+    if (first + n >= CHUNK_EMPTY) throw new FvdError(`${this.path}: chunk ids exhausted`, 'ENOSPC');
+    this.nextChunkId += n;
+    return first;
   }
 
   /** A base image's chain entry, for `info`. */

@@ -4,7 +4,7 @@
  *
  * For every refused image: FvdImage.open (read-write and read-only) throws an FvdError whose
  * message is one line naming the file and the problem; `fvd info`, `info --json`, `map`, `io`
- * and `convert` fail with one line on stderr and a non-zero exit (never 70 = internal error);
+ * `convert`, `snapshot -l` and `snapshot -c` fail with one line on stderr and a non-zero exit (never 70 = internal error);
  * `fvd check` (and `check --repair`) exits 2 naming the problem; and the sha256 of every file
  * involved is the same before and after all of it.
  */
@@ -17,7 +17,7 @@ import { pathToFileURL } from 'node:url';
 import { FvdImage, type CreateOptions } from '../fvd/image.js';
 import { nodeIo } from '../fvd/node-file.js';
 import { FvdError } from '../fvd/errors.js';
-import { AUTOCLEAR_FULLY_LOCAL, BASE_FVD, INCOMPAT_DIRTY, PAGE, roundUp, tableBytes } from '../fvd/format.js';
+import { AUTOCLEAR_FULLY_LOCAL, BASE_FVD, INCOMPAT_DIRTY, INCOMPAT_SNAPSHOTS, PAGE, roundUp, tableBytes } from '../fvd/format.js';
 import { REC_BITMAP_SET, REC_TABLE_SET } from '../fvd/journal.js';
 import {
   CLI,
@@ -35,6 +35,10 @@ import {
 import {
   flipByte,
   getField,
+  readDirectory,
+  readRefcounts,
+  rewriteDirectory,
+  rewriteRefcounts,
   injectJournal,
   injectRecords,
   journalSector,
@@ -143,17 +147,20 @@ async function expectRefused(file: string, problem: RegExp, o: RefusalOptions = 
     ['io', ...fmt, '-c', 'read 0 4k', file],
     ['io', ...fmt, '-c', 'write -P 0x5a 0 4k', '-c', 'flush', file],
     ['convert', ...fmt, file, out],
+    ['snapshot', '-l', file],
+    ['snapshot', '-c', 'refused', file],
   ];
   const checks = [['check', file], ['check', '--repair', file]];
   // Two writers at once would trip over each other's lock (EBUSY), so the read-write ones run
   // one after the other, next to the read-only ones.
+  const isWriter = (a: string[]) => a[0] === 'io' || (a[0] === 'snapshot' && a[1] === '-c');
   const writers = async () => {
     const rs: Awaited<ReturnType<typeof fvdAsync>>[] = [];
-    for (const args of refusing.filter((a) => a[0] === 'io')) rs.push(await fvdAsync(...args));
+    for (const args of refusing.filter(isWriter)) rs.push(await fvdAsync(...args));
     return rs;
   };
   const [readers, written, checkResults, cj] = await Promise.all([
-    Promise.all(refusing.filter((a) => a[0] !== 'io').map((args) => fvdAsync(...args))),
+    Promise.all(refusing.filter((a) => !isWriter(a)).map((args) => fvdAsync(...args))),
     writers(),
     (async () => [await fvdAsync(...checks[0]!), await fvdAsync(...checks[1]!)])(),
     fvdAsync('check', '--json', file),
@@ -750,6 +757,172 @@ test('CLI on a missing file, a directory, a non-image: one line', async () => {
   assert.is(chk.code, 2);
   assertUnchanged(before, 'info/check of a text file');
 });
+
+
+// ---------------------------------------------------------------------------------------------
+// internal snapshots (FORMAT.md §10)
+
+/** A 1 MiB compact image (64 KiB chunks) with data and two snapshots, 'a' and 'b'. */
+async function snapImage(dir: string): Promise<string> {
+  const file = path.join(dir, 's.fvd');
+  await create(file, { size: MiB, layout: 'compact', chunkSize: 64 * KiB, blockSize: 4 * KiB });
+  const img = await FvdImage.open(nodeIo, file);
+  try {
+    await img.write(patternBytes(3 * 64 * KiB, 81), 0);
+    await img.snapshots.create('a');
+    await img.write(patternBytes(64 * KiB, 82), 5 * 64 * KiB);
+    await img.snapshots.create('b');
+  } finally {
+    await img.close();
+  }
+  return file;
+}
+
+const chunkOf = (file: string, offset: number) => (offset - readHeader(file).dataOffset) / readHeader(file).chunkSize;
+
+test('snapshots: corrupt directory or refcount table (checksum) → corrupt', async () => {
+  const f1 = await snapImage(caseDir());
+  flipByte(f1, readHeader(f1).snapshotsOffset + 40);
+  await expectRefused(f1, /snapshot directory: checksum mismatch/);
+  const f2 = await snapImage(caseDir());
+  flipByte(f2, readHeader(f2).refcountOffset + 17);
+  await expectRefused(f2, /refcount table: checksum mismatch/);
+  const f3 = await snapImage(caseDir());
+  writeBytes(f3, readHeader(f3).snapshotsOffset, Buffer.from('JUNK'));
+  await expectRefused(f3, /snapshot directory: bad magic/);
+});
+
+test('snapshots: the feature on a raw-like image, without its regions, or regions beyond the end → corrupt', async () => {
+  const raw = await plainImage(caseDir());
+  setFeatureBits(raw, 'incompatible', INCOMPAT_SNAPSHOTS);
+  await expectRefused(raw, /snapshot feature set on a raw-like image/);
+  const bare = await plainImage(caseDir(), 'c.fvd', { layout: 'compact' });
+  setFeatureBits(bare, 'incompatible', INCOMPAT_SNAPSHOTS);
+  await expectRefused(bare, /invalid refcount table length 0/);
+  const cut = await snapImage(caseDir());
+  truncate(cut, readHeader(cut).snapshotsOffset);
+  await expectRefused(cut, /truncated: the snapshot directory/);
+  const plain = await plainImage(caseDir(), 'c.fvd', { layout: 'compact' });
+  rewriteField(plain, 'revertSnapshotId', 1);
+  await expectRefused(plain, /refcount\/snapshot regions set without the snapshot feature/);
+});
+
+test('snapshots: inconsistent structures with valid checksums → corrupt', async () => {
+  const dup = await snapImage(caseDir());
+  rewriteDirectory(dup, (d) => (d.entries[1]!.name = d.entries[0]!.name));
+  await expectRefused(dup, /two snapshots are named "a"/);
+  const badName = await snapImage(caseDir());
+  rewriteDirectory(badName, (d) => (d.entries[0]!.name = 'a\tb'));
+  await expectRefused(badName, /control character/);
+  const ids = await snapImage(caseDir());
+  rewriteDirectory(ids, (d) => (d.nextId = 2));
+  await expectRefused(ids, /invalid or repeated id 2/);
+  const metaCount = await snapImage(caseDir());
+  const dirChunk = chunkOf(metaCount, readHeader(metaCount).snapshotsOffset);
+  rewriteRefcounts(metaCount, (c) => {
+    while (c.length <= dirChunk) c.push(0);
+    c[dirChunk] = 1;
+  });
+  await expectRefused(metaCount, new RegExp(`storage chunk ${dirChunk} holds snapshot metadata but has a refcount`));
+  const mapsMeta = await snapImage(caseDir());
+  const refChunk = chunkOf(mapsMeta, readHeader(mapsMeta).refcountOffset);
+  setTableEntry(mapsMeta, 10, refChunk);
+  await expectRefused(mapsMeta, new RegExp(`chunk 10 maps to storage chunk ${refChunk}, which holds snapshot metadata`));
+  const overlap = await snapImage(caseDir());
+  rewriteDirectory(overlap, (d) => (d.entries[1]!.stateOffset = d.entries[0]!.stateOffset));
+  await expectRefused(overlap, /snapshot metadata overlaps/);
+  const marker = await snapImage(caseDir());
+  rewriteField(marker, 'revertSnapshotId', 99);
+  await expectRefused(marker, /interrupted revert to snapshot id 99, which does not exist/);
+});
+
+test('snapshots: a corrupt saved state — the image opens, check reports it (exit 2, --repair too), apply/delete of that snapshot refused, the other works', async () => {
+  const dir = caseDir();
+  const file = await snapImage(dir);
+  const a = readDirectory(file).entries.find((e) => e.name === 'a')!;
+  flipByte(file, a.stateOffset + 4); // storage id of chunk 1 in 'a's saved table
+  const before = snapshot([file]);
+  const activeBefore = await readImage(file);
+  for (const args of [['-a', 'a'], ['-d', 'a']]) {
+    assertOneLineError(await fvdAsync('snapshot', ...args, file), /snapshot 'a': saved table\/bitmap checksum mismatch/);
+  }
+  for (const args of [['check', file], ['check', '--repair', file]]) {
+    const r = await fvdAsync(...args);
+    assertNoCrash(r);
+    assert.is(r.code, 2, `${r.cmd}\n${r.stdout}${r.stderr}`);
+    assert.match(r.stdout, /snapshot 'a': saved table\/bitmap checksum mismatch/);
+  }
+  const list = json<Array<{ name: string }>>(await fvdAsync('snapshot', '-l', '--json', file));
+  assert.equal(list.map((s) => s.name), ['a', 'b']);
+  assertUnchanged(before, 'refused snapshot operations and check on a corrupt saved state');
+  assert.equal(await readImage(file), activeBefore);
+  // 'b' is intact and can be applied.
+  assertOk(fvd('snapshot', '-a', 'b', file));
+  assert.equal(await readImage(file, 5 * 64 * KiB, 64 * KiB), patternBytes(64 * KiB, 82));
+});
+
+test('snapshots: a refcount too low is reported by check (exit 2) and corrected by --repair (exit 3)', async () => {
+  const file = await snapImage(caseDir());
+  const shared = readRefcounts(file).findIndex((c) => c === 2);
+  assert.ok(shared >= 0, 'a chunk in both snapshots');
+  rewriteRefcounts(file, (c) => (c[shared] = 1));
+  const before = snapshot([file]);
+  const r = fvd('check', file);
+  assert.is(r.code, 2, r.stdout);
+  assert.match(r.stdout, new RegExp(`chunk ${shared}: refcount 1, referenced 2`));
+  assertUnchanged(before, 'check without --repair');
+  const fix = fvd('check', '--repair', file);
+  assert.is(fix.code, 3, fix.stdout + fix.stderr);
+  assert.is(readRefcounts(file)[shared], 2);
+  assert.is(fvd('check', file).code, 0);
+});
+
+test('fvd snapshot: bad arguments, names and requests are one line each and change nothing', async () => {
+  const dir = caseDir();
+  const file = await snapImage(dir);
+  const raw = await plainImage(dir, 'raw.fvd');
+  const before = snapshot([file, raw]);
+  const cases: Array<[string[], RegExp]> = [
+    [['snapshot', file], /no action given/],
+    [['snapshot', '-c', 'x', '-d', 'a', file], /exactly one of -c, -l, -d, -a/],
+    [['snapshot', '-l', '-a', 'a', file], /exactly one of/],
+    [['snapshot', '-l'], /usage: fvd snapshot/],
+    [['snapshot', '-l', file, file], /usage: fvd snapshot/],
+    [['snapshot', '-c', 'x', '--json', file], /--json goes with -l/],
+    [['snapshot', '--frobnicate', file], /frobnicate/],
+    [['snapshot', '-c', '', file], /must not be empty/],
+    [['snapshot', '-c', 'a\u0001b', file], /control character/],
+    [['snapshot', '-c', ' a', file], /white space/],
+    [['snapshot', '-c', 'n'.repeat(300), file], /300 bytes long \(at most 255\)/],
+    [['snapshot', '-c', 'a', file], /a snapshot named "a" already exists/],
+    [['snapshot', '-a', 'zz', file], /no snapshot named "zz"/],
+    [['snapshot', '-d', 'zz', file], /no snapshot named "zz"/],
+    [['snapshot', '-c', 'x', raw], /raw\.fvd: internal snapshots need the compact layout; this image is raw-like/],
+    [['snapshot', '-l', raw], /need the compact layout/],
+    [['snapshot', '-l', path.join(dir, 'missing.fvd')], /missing\.fvd/],
+  ];
+  for (const [args, re] of cases) assertOneLineError(fvd(...args), re);
+  assertUnchanged(before, 'refused fvd snapshot commands');
+});
+
+test('fvd snapshot on an image another process holds (a served image): "in use", nothing changed', async () => {
+  const file = await snapImage(caseDir());
+  const img = await FvdImage.open(nodeIo, file);
+  try {
+    for (const args of [['-c', 'x'], ['-d', 'a'], ['-a', 'a']]) assertOneLineError(await fvdAsync('snapshot', ...args, file), /in use/);
+    // Listing needs no lock (like info).
+    const list = json<Array<{ name: string }>>(await fvdAsync('snapshot', '-l', '--json', file));
+    assert.equal(list.map((s) => s.name), ['a', 'b']);
+  } finally {
+    await img.close();
+  }
+  const check = await checkImageCli(file);
+  assert.is(check, 0);
+});
+
+async function checkImageCli(file: string): Promise<number | null> {
+  return (await fvdAsync('check', file)).code;
+}
 
 test.after(() => tmp.cleanup());
 

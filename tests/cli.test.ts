@@ -103,7 +103,7 @@ test('--help / -h / help: exit 0, lists every command', () => {
     const r = fvd(h);
     assertOk(r);
     assert.match(r.stdout, /^usage: fvd COMMAND/);
-    for (const c of ['create', 'info', 'check', 'map', 'convert', 'io']) assert.match(r.stdout, new RegExp(`^  ${c} `, 'm'), `${h}: ${c}`);
+    for (const c of ['create', 'info', 'check', 'map', 'convert', 'io', 'snapshot']) assert.match(r.stdout, new RegExp(`^  ${c} `, 'm'), `${h}: ${c}`);
   }
   const none = fvd();
   assertNoCrash(none);
@@ -638,7 +638,7 @@ test('check --json: report fields', () => {
   const r = check('--json', img);
   assert.is(r.code, 0);
   const j = JSON.parse(r.stdout);
-  assert.equal(Object.keys(j).sort(), ['errors', 'exitCode', 'image', 'leaks', 'notes', 'repaired'].sort());
+  assert.equal(Object.keys(j).sort(), ['errors', 'exitCode', 'image', 'leaks', 'notes', 'overcounts', 'repaired', 'snapshots', 'undercounts'].sort());
   assert.is(j.image, img);
   assert.is(j.leaks, 0);
 });
@@ -957,6 +957,62 @@ test('io -f raw on a raw file: reads, writes, zero, range checks', () => {
   assertOneLineError(fvd('io', '-f', 'raw', '-c', 'write 255k 2k', f), /outside the disk/);
   assertOneLineError(fvd('io', '-f', 'qcow2', '-c', 'read 0 1', f), /invalid format 'qcow2'/);
   assertUnchanged(before, 'refused raw io');
+});
+
+// ---------------------------------------------------------------------------------------------
+// snapshot
+
+test('snapshot: create, list (table and --json), apply, delete; info and check count them', async () => {
+  const dir = caseDir();
+  const file = path.join(dir, 'vm.fvd');
+  assertOk(fvd('create', '--layout', 'compact', '--chunk-size', '64k', file, '4M'));
+  assertOk(fvd('io', '-c', 'write -P 0x11 0 256k', file));
+  const empty = fvd('snapshot', '-l', file);
+  assertOk(empty);
+  assert.match(empty.stdout, /no snapshots/);
+  assertOk(fvd('snapshot', '-c', 'clean install', file));
+  assertOk(fvd('io', '-c', 'write -P 0x22 64k 64k', '-c', 'write -P 0x33 1M 64k', file));
+  assertOk(fvd('snapshot', '-c', 'after', file));
+  const t0 = Date.now();
+
+  const table = fvd('snapshot', '-l', file);
+  assertOk(table);
+  const lines = table.stdout.trimEnd().split('\n');
+  assert.is(lines[0], 'Snapshot list:');
+  assert.match(lines[1]!, /^ID\s+TAG\s+SIZE\s+DATE$/);
+  assert.match(lines[2]!, /^1\s+clean install\s+256 KiB\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$/);
+  assert.match(lines[3]!, /^2\s+after\s+320 KiB\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$/);
+  assert.is(lines.length, 4);
+  const list = json<Array<{ id: number; name: string; size: number; date: string; virtualSize: number }>>(fvd('snapshot', '-l', '--json', file));
+  assert.equal(list.map((s) => [s.id, s.name, s.size, s.virtualSize]), [[1, 'clean install', 256 * KiB, 4 * MiB], [2, 'after', 320 * KiB, 4 * MiB]]);
+  for (const s of list) assert.ok(Math.abs(Date.parse(s.date) - t0) < 600_000, `date ${s.date}`);
+  const inf = json<Info & { snapshots: number }>(fvd('info', '--json', file));
+  assert.is(inf.snapshots, 2);
+  assert.match(fvd('info', file).stdout, /^snapshots: 2$/m);
+
+  const expectAfter = Buffer.alloc(4 * MiB);
+  expectAfter.fill(0x11, 0, 256 * KiB).fill(0x22, 64 * KiB, 128 * KiB).fill(0x33, MiB, MiB + 64 * KiB);
+  assertOk(fvd('snapshot', '-a', 'clean install', file));
+  const clean = Buffer.alloc(4 * MiB);
+  clean.fill(0x11, 0, 256 * KiB);
+  assertSameBytes(await readAll(file), clean, 'after applying "clean install"');
+  assertOk(fvd('snapshot', '-a', 'after', file));
+  assertSameBytes(await readAll(file), expectAfter, 'after applying "after"');
+  assertOk(fvd('snapshot', '-d', 'clean install', file));
+  assert.equal(json<Array<{ name: string }>>(fvd('snapshot', '-l', '--json', file)).map((s) => s.name), ['after']);
+  const chk = fvd('check', '--json', file);
+  assert.is(chk.code, 0, chk.stdout);
+  const report = JSON.parse(chk.stdout) as { snapshots: number; overcounts: number; undercounts: number; errors: string[] };
+  assert.equal([report.snapshots, report.overcounts, report.undercounts, report.errors], [1, 0, 0, []]);
+  assertOk(fvd('snapshot', '-d', 'after', file));
+  assert.is(info(file).layout, 'compact');
+  assert.is(json<Info & { snapshots: number }>(fvd('info', '--json', file)).snapshots, 0);
+  assertSameBytes(await readAll(file), expectAfter, 'data after deleting every snapshot');
+  // Not qemu's '-l' only: raw-like images say so in one line.
+  const raw = path.join(dir, 'raw.fvd');
+  assertOk(fvd('create', raw, '1M'));
+  assertOneLineError(fvd('snapshot', '-c', 'x', raw), /need the compact layout; this image is raw-like/);
+  assert.is(json<Info & { snapshots?: number }>(fvd('info', '--json', raw)).snapshots, undefined);
 });
 
 test.after(() => tmp.cleanup());

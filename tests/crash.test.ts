@@ -11,6 +11,15 @@
  * with repair) and a reopen that must still read identically. For a quarter of the crashes a second
  * power cut is injected during recovery; whatever survives must read exactly like the first replay.
  * Crash points favour flushes and (multi-sector) metadata writes: journal commits and checkpoints.
+ * Half of the compact runs take an internal snapshot a third of the way in, so the rest of the
+ * workload copies shared chunks (FORMAT.md §10.7): after every crash the snapshot must exist iff its
+ * creation committed, and hold exactly the disk's content at that time.
+ *
+ * Snapshot operations under power cuts (FORMAT.md §10.6.4): a workload of writes, flushes and
+ * snapshot create/revert/delete, with crashes at many points inside each operation. After each,
+ * the image must show either the whole operation or none of it (snapshot names and disk content),
+ * every listed snapshot must revert to exactly its content, check must find the refcounts right,
+ * and a second crash during recovery must not change the outcome.
  *
  * Replay: FVD_SEED=n (runs only that seed, all four layouts/base combinations; FVD_LAYOUT=raw|compact
  * and FVD_BASE=0|1 narrow it). FVD_STEPS=n sets the workload length, FVD_CRASH_POINTS the crash
@@ -320,10 +329,12 @@ interface CrashConfig {
   copyOnRead: boolean;
   /** Key material when the image is encrypted. */
   key?: Uint8Array;
+  /** Compact layout: take an internal snapshot a third of the way into the workload. */
+  snapshot: boolean;
 }
 
 function describeConfig(c: CrashConfig): string {
-  return `layout=${c.layout} base=${c.base ? `${c.baseFormat}(${c.baseSize})` : 'none'} vsize=${c.vsize} block=${c.blockSize} chunk=${c.chunkSize} journal=${c.journalSize} detectZeroes=${c.detectZeroes} copyOnRead=${c.copyOnRead}${c.key ? ' encrypted' : ''}`;
+  return `layout=${c.layout} base=${c.base ? `${c.baseFormat}(${c.baseSize})` : 'none'} vsize=${c.vsize} block=${c.blockSize} chunk=${c.chunkSize} journal=${c.journalSize} detectZeroes=${c.detectZeroes} copyOnRead=${c.copyOnRead}${c.key ? ' encrypted' : ''}${c.snapshot ? ' snapshot' : ''}`;
 }
 
 interface Workload {
@@ -338,6 +349,8 @@ interface Workload {
   hints: number[];
   /** Crash points while a multi-sector metadata write is in flight or just completed. */
   multi: number[];
+  /** The snapshot taken during the workload: its creation's span and the content it must hold. */
+  snap?: { name: string; start: number; end: number; content: Uint8Array };
 }
 
 const DIR = '/crash';
@@ -447,7 +460,16 @@ async function runWorkload(seed: number, cfg: CrashConfig, steps: number): Promi
 
   // Flush frequency varies per run: long stretches without a flush make big group commits.
   const flushWeight = r.pick([2, 8, 16]);
+  let snap: Workload['snap'];
   for (let i = 0; i < steps; i++) {
+    if (cfg.snapshot && i === Math.floor(steps / 3)) {
+      // Every write so far completed: the snapshot holds exactly the live content.
+      const start = cio.seq;
+      trace.push(`[seq ${start}] snapshot create`);
+      await img.snapshots.create('crash-snap');
+      snap = { name: 'crash-snap', start, end: cio.seq, content: live.data.slice() };
+      cio.mark('snapshot created');
+    }
     const op = r.weighted([30, 6, 6, flushWeight, 4, 12, 22, 3, 6]);
     if (op === 8) {
       // Many small writes to scattered blocks at once: many bitmap runs / table entries per commit.
@@ -534,7 +556,33 @@ async function runWorkload(seed: number, cfg: CrashConfig, steps: number): Promi
       if (e.length > SECTOR) multi.push(e.start + 1, e.end, e.end + 1);
     }
   }
-  return { cfg, cio, model, imagePath, firstPoint, trace, hints, multi };
+  return { cfg, cio, model, imagePath, firstPoint, trace, hints, multi, snap };
+}
+
+/** Reads the whole virtual disk. */
+async function readDisk(img: FvdImage): Promise<Uint8Array> {
+  const all = new Uint8Array(img.size);
+  for (let off = 0; off < img.size; off += 256 * KiB) await img.read(all.subarray(off, Math.min(img.size, off + 256 * KiB)), off);
+  return all;
+}
+
+/**
+ * On a copy of a recovered image: the snapshots listed are exactly `expect` (names), and reverting
+ * to each one reads exactly its recorded content. Returns a problem description or null.
+ */
+async function verifySnapshotContents(io: MemIo, imagePath: string, names: string[], contents: Map<string, Uint8Array>): Promise<string | null> {
+  const copy = MemIo.fromSnapshot(io.snapshot());
+  const img = await FvdImage.open(copy, imagePath, { copyOnRead: false });
+  try {
+    for (const name of names) {
+      await img.snapshots.revert(name);
+      const d = firstMismatch(contents.get(name)!, await readDisk(img), 0);
+      if (d) return `snapshot '${name}' does not hold its content: ${d}`;
+    }
+  } finally {
+    await img.close();
+  }
+  return null;
 }
 
 interface CrashStats {
@@ -545,6 +593,7 @@ interface CrashStats {
   lost: number;
   torn: number;
   doubleCrashes: number;
+  snapshotChecks: number;
 }
 
 async function recoverAndCheck(seed: number, w: Workload, k: number, tearSeed: number, weights: TearWeights, stats: CrashStats): Promise<void> {
@@ -578,13 +627,14 @@ async function recoverAndCheck(seed: number, w: Workload, k: number, tearSeed: n
     return all;
   };
   const checked = async (label: string, repair = false): Promise<{ errors: string[]; leaks: number }> => {
-    let res: { errors: string[]; leaks: number };
+    let res: Awaited<ReturnType<typeof checkImage>>;
     try {
       res = await checkImage(io, w.imagePath, { repair, key: w.cfg.key });
     } catch (err) {
       throw new Error(`${label}: checkImage threw: ${(err as Error).stack}\n${where()}`);
     }
     if (res.errors.length) throw new Error(`${label}: checkImage errors: ${res.errors.join('; ')}\n${where()}`);
+    if (res.overcounts || res.undercounts) throw new Error(`${label}: wrong refcounts: ${res.notes.join('; ')}\n${where()}`);
     return res;
   };
   // 1. The crashed image as found: check (replays the journal in memory) and a read-only open.
@@ -596,7 +646,20 @@ async function recoverAndCheck(seed: number, w: Workload, k: number, tearSeed: n
     throw new Error(`image does not open read-only after the crash: ${(err as Error).message}\n${where()}`);
   }
   const roData = await readAll(ro, 'read-only open');
+  const roSnaps = ro.snapshots.count ? ro.snapshots.list().map((s) => s.name) : [];
   await ro.close();
+  if (w.snap) {
+    // The snapshot exists iff its creation committed (between its start and end), and then holds
+    // exactly the content it was taken with, whatever the copy-on-writes since were doing.
+    const has = roSnaps.includes(w.snap.name);
+    if (k <= w.snap.start && has) throw new Error(`the snapshot exists at a crash before its creation began\n${where()}`);
+    if (k >= w.snap.end && !has) throw new Error(`the snapshot is missing at a crash after its creation returned\n${where()}`);
+    if (has) {
+      const problem = await verifySnapshotContents(io, w.imagePath, [w.snap.name], new Map([[w.snap.name, w.snap.content]]));
+      if (problem) throw new Error(`${problem}\n${where()}`);
+      stats.snapshotChecks++;
+    }
+  }
   // 1b. Sometimes: a second power cut during recovery (replay, checkpoint, clean close). Recovery
   // changes only metadata, so whatever survives must still read exactly like the replay above.
   if (tearSeed % 4 === 1) {
@@ -668,6 +731,7 @@ function crashConfig(r: Rng, layout: 'raw' | 'compact', base: boolean): CrashCon
     detectZeroes: layout === 'raw' ? r.chance(0.7) : r.chance(0.3),
     copyOnRead: r.chance(0.6),
     baseFormat: r.chance(0.25) ? 'fvd' : 'raw',
+    snapshot: layout === 'compact' && r.chance(0.5),
   };
 }
 
@@ -695,7 +759,7 @@ async function runCrashSeed(seed: number, layout: 'raw' | 'compact', base: boole
   while (chosen.length < points) chosen.push(r.range(w.firstPoint, total));
   chosen.sort((a, b) => a - b);
   const multiSet = new Set(w.multi);
-  const stats: CrashStats = { points: chosen.length, recoveries: 0, leaks: 0, kept: 0, lost: 0, torn: 0, doubleCrashes: 0 };
+  const stats: CrashStats = { points: chosen.length, recoveries: 0, leaks: 0, kept: 0, lost: 0, torn: 0, doubleCrashes: 0, snapshotChecks: 0 };
   const weightSets: TearWeights[] = [
     { keep: 1, lose: 1, tear: 1 },
     { keep: 4, lose: 1, tear: 2 },
@@ -712,7 +776,8 @@ async function runCrashSeed(seed: number, layout: 'raw' | 'compact', base: boole
   const journalWrites = journalWriteCount(w);
   console.log(
     `  crash FVD_SEED=${seed} ${layout} ${base ? 'base' : 'no-base'}${encrypted ? ' encrypted' : ''}: ${stats.recoveries} recoveries at ${stats.points} points of ${total} ok in ${Date.now() - t0} ms ` +
-      `(${stats.doubleCrashes} crashes during recovery; kept ${stats.kept} lost ${stats.lost} torn ${stats.torn}; leaked chunks ${stats.leaks}; ${journalWrites}; ${describeConfig(cfg)})`,
+      `(${stats.doubleCrashes} crashes during recovery; kept ${stats.kept} lost ${stats.lost} torn ${stats.torn}; leaked chunks ${stats.leaks}; ` +
+      `${cfg.snapshot ? `snapshot verified after ${stats.snapshotChecks} crashes; ` : ''}${journalWrites}; ${describeConfig(cfg)})`,
   );
 }
 
@@ -733,6 +798,218 @@ function journalWriteCount(w: Workload): string {
   return `header writes ${header}, journal bytes written ${journalBytes} = ${(journalBytes / Math.max(1, jLen)).toFixed(1)}× the journal`;
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// Snapshot operations under power cuts: each create, revert and delete is all-or-nothing.
+
+interface SnapState {
+  names: string[];
+  content: Uint8Array;
+}
+
+interface SnapOp {
+  label: string;
+  /** cio.seq when the operation was called and when it returned. */
+  start: number;
+  end: number;
+  before: SnapState;
+  after: SnapState;
+}
+
+interface SnapWorkload {
+  cio: CrashIo;
+  imagePath: string;
+  ops: SnapOp[];
+  /** Every snapshot ever taken: its content. */
+  contents: Map<string, Uint8Array>;
+  describe: string;
+}
+
+const SNAP_DIR = '/snapcrash';
+
+async function runSnapshotWorkload(seed: number, withBase: boolean): Promise<SnapWorkload> {
+  const r = new Rng(seed ^ 0x51a9 ^ (withBase ? 0x400 : 0));
+  const mem = new MemIo({ rng: new Rng(seed ^ 0x7f4a7c15) });
+  const blockSize = 4 * KiB;
+  const chunkSize = 64 * KiB;
+  const vsize = r.range(1, 2) * MiB + (r.chance(0.5) ? r.range(1, 7) * SECTOR : 0);
+  const journalSize = r.pick([8 * KiB, 16 * KiB, 64 * KiB]);
+  const copyOnRead = withBase && r.chance(0.5);
+  const opts: CreateOptions = { size: vsize, layout: 'compact', blockSize, chunkSize, journalSize, detectZeroes: false };
+  let initial: Uint8Array = new Uint8Array(0);
+  if (withBase) {
+    initial = r.bytes(vsize - r.range(0, 20) * SECTOR);
+    mem.writeFile(path.join(SNAP_DIR, 'base.raw'), initial);
+    opts.base = 'base.raw';
+    opts.baseFormat = 'raw';
+  }
+  const imagePath = path.join(SNAP_DIR, 'disk.fvd');
+  await FvdImage.create(mem, imagePath, opts);
+  const cio = new CrashIo(mem);
+  cio.startRecording();
+  let img = await FvdImage.open(cio, imagePath, { copyOnRead });
+  const live = new DiskModel(vsize, initial);
+  const snaps = new Map<string, Uint8Array>();
+  const contents = new Map<string, Uint8Array>();
+  const ops: SnapOp[] = [];
+  const state = (): SnapState => ({ names: [...snaps.keys()].sort(), content: live.data.slice() });
+  let writeId = 0;
+  let nameSeq = 0;
+  for (let phase = 0; phase < 12; phase++) {
+    // Writes into shared chunks (copies, from the base too), whole chunks, discards; then a flush,
+    // so that the state before the operation is exactly the live one.
+    for (let i = r.range(1, 6); i > 0; i--) {
+      const kind = r.weighted([40, 40, 20]);
+      let off: number;
+      let len: number;
+      if (kind === 0) {
+        off = r.int(Math.ceil(vsize / chunkSize)) * chunkSize;
+        len = Math.min(vsize - off, chunkSize);
+      } else {
+        off = r.int(vsize / SECTOR) * SECTOR;
+        len = Math.min(vsize - off, r.range(1, 64) * SECTOR);
+      }
+      if (kind === 2) {
+        live.zero(off, len);
+        await img.discard(off, len);
+      } else {
+        const data = makeData(r, len, ++writeId, off, 'random');
+        live.write(data, off);
+        await img.write(data, off);
+      }
+    }
+    await img.flush();
+    if (r.chance(0.15)) {
+      await img.close();
+      img = await FvdImage.open(cio, imagePath, { copyOnRead });
+    }
+    const names = [...snaps.keys()];
+    const kind = names.length === 0 ? 0 : r.weighted([names.length < 3 ? 45 : 0, 30, 25]);
+    const before = state();
+    const start = cio.seq;
+    let label: string;
+    if (kind === 0) {
+      const name = `s${++nameSeq}`;
+      await img.snapshots.create(name);
+      snaps.set(name, live.data.slice());
+      contents.set(name, live.data.slice());
+      label = `create ${name}`;
+    } else if (kind === 1) {
+      const name = r.pick(names);
+      await img.snapshots.revert(name);
+      live.data.set(snaps.get(name)!);
+      label = `revert ${name}`;
+    } else {
+      const name = r.pick(names);
+      await img.snapshots.delete(name);
+      snaps.delete(name);
+      label = `delete ${name}`;
+    }
+    ops.push({ label, start, end: cio.seq, before, after: state() });
+  }
+  await img.close();
+  const describe = `vsize=${vsize} base=${withBase} journal=${journalSize} copyOnRead=${copyOnRead}`;
+  return { cio, imagePath, ops, contents, describe };
+}
+
+function sameState(names: string[], content: Uint8Array, s: SnapState): boolean {
+  return names.join('\n') === s.names.join('\n') && !firstMismatch(s.content, content, 0);
+}
+
+async function checkSnapshotCrash(seed: number, w: SnapWorkload, op: SnapOp, k: number, tearSeed: number, weights: TearWeights): Promise<boolean> {
+  const rebuilt = w.cio.rebuild(k, new Rng(tearSeed), weights);
+  const io = rebuilt.io;
+  const where = () =>
+    `FVD_SEED=${seed} snapshot operation '${op.label}' [${op.start}, ${op.end}], crash point k=${k} (tear seed ${tearSeed}, weights ${JSON.stringify(weights)}; ${w.describe})\n` +
+    `  non-durable I/O at the crash (${rebuilt.choices.length}):\n    ${rebuilt.choices.slice(-12).join('\n    ')}`;
+  const look = async (from: MemIo, label: string, readOnly: boolean): Promise<{ names: string[]; content: Uint8Array }> => {
+    let img: FvdImage;
+    try {
+      img = await FvdImage.open(from, w.imagePath, { readOnly, copyOnRead: false });
+    } catch (err) {
+      throw new Error(`${label}: the image does not open: ${(err as Error).message}\n${where()}`);
+    }
+    const names = img.snapshots.list().map((s) => s.name).sort();
+    const content = await readDisk(img);
+    await img.close();
+    return { names, content };
+  };
+  const ro = await look(io, 'read-only open after the crash', true);
+  const isBefore = sameState(ro.names, ro.content, op.before);
+  const isAfter = sameState(ro.names, ro.content, op.after);
+  if (!isBefore && !isAfter) {
+    const d = firstMismatch(op.before.content, ro.content, 0) ?? 'same content';
+    const d2 = firstMismatch(op.after.content, ro.content, 0) ?? 'same content';
+    throw new Error(
+      `half an operation: snapshots ${JSON.stringify(ro.names)} (before ${JSON.stringify(op.before.names)}, after ${JSON.stringify(op.after.names)}); ` +
+        `content vs before: ${d}; vs after: ${d2}\n${where()}`,
+    );
+  }
+  if (k <= op.start && !isBefore) throw new Error(`the operation shows before it began\n${where()}`);
+  if (k >= op.end && !isAfter) throw new Error(`the operation is missing after it returned\n${where()}`);
+  // Every listed snapshot holds its content (on a copy: recovery, then a revert to each).
+  const problem = await verifySnapshotContents(io, w.imagePath, ro.names, w.contents);
+  if (problem) throw new Error(`${problem}\n${where()}`);
+  // A second power cut during recovery (redo of a revert, replay, checkpoint) changes nothing.
+  if (tearSeed % 3 === 0) {
+    const cio2 = new CrashIo(MemIo.fromSnapshot(io.snapshot()));
+    cio2.startRecording();
+    const rec = await FvdImage.open(cio2, w.imagePath, { copyOnRead: false });
+    await rec.close();
+    const r2 = new Rng(tearSeed);
+    const k2 = r2.range(0, cio2.seq);
+    const again = await look(cio2.rebuild(k2, r2).io, `second crash at k2=${k2} of ${cio2.seq} during recovery`, r2.chance(0.5));
+    if (!sameState(again.names, again.content, { names: ro.names, content: ro.content }))
+      throw new Error(`a second crash at k2=${k2} of ${cio2.seq} during recovery changed the outcome\n${where()}`);
+  }
+  const res = await checkImage(io, w.imagePath, { repair: (tearSeed & 4) === 0 });
+  if (res.errors.length || res.overcounts || res.undercounts)
+    throw new Error(`checkImage after the crash: ${[...res.errors, ...res.notes].join('; ')}\n${where()}`);
+  const rw = await look(io, 'after recovery and check', true);
+  if (!sameState(rw.names, rw.content, { names: ro.names, content: ro.content })) throw new Error(`recovery changed the outcome\n${where()}`);
+  return isAfter;
+}
+
+async function runSnapshotCrashSeed(seed: number, withBase: boolean, pointsPerOp: number): Promise<void> {
+  const t0 = Date.now();
+  let w: SnapWorkload;
+  try {
+    w = await runSnapshotWorkload(seed, withBase);
+  } catch (err) {
+    throw new Error(`FVD_SEED=${seed} snapshot workload failed before any crash: ${(err as Error).stack}`);
+  }
+  const r = new Rng(seed ^ 0xc0ffee);
+  const key = MemIo.key(w.imagePath);
+  let recoveries = 0;
+  let committed = 0;
+  const weightSets: TearWeights[] = [
+    { keep: 1, lose: 1, tear: 1 },
+    { keep: 4, lose: 1, tear: 2 },
+    { keep: 0, lose: 1, tear: 0 },
+    { keep: 1, lose: 0, tear: 0 },
+  ];
+  for (const op of w.ops) {
+    // The header writes (commit points) and the flushes around them, plus random points.
+    const points = new Set<number>([op.start, op.end]);
+    for (const e of w.cio.events) {
+      if (e.start < op.start || e.start >= op.end || e.end === undefined) continue;
+      if ((e.path === key && e.kind === 'write' && e.offset < SECTOR) || e.kind === 'flush') for (const p of [e.start, e.start + 1, e.end, e.end + 1]) points.add(p);
+    }
+    const list = r.shuffle([...points].filter((p) => p >= op.start && p <= op.end)).slice(0, pointsPerOp);
+    while (list.length < pointsPerOp && op.end > op.start) list.push(r.range(op.start, op.end));
+    for (const k of list) {
+      for (let t = 0; t < 2; t++) {
+        if (await checkSnapshotCrash(seed, w, op, k, r.u32(), t === 0 ? r.pick(weightSets) : weightSets[0]!)) committed++;
+        recoveries++;
+      }
+    }
+  }
+  console.log(
+    `  snapshot crash FVD_SEED=${seed} ${withBase ? 'base' : 'no-base'}: ${recoveries} recoveries in ${w.ops.length} operations ` +
+      `(${w.ops.map((o) => o.label.split(' ')[0]).join(',')}) ok in ${Date.now() - t0} ms; ${committed} showed the operation, ${recoveries - committed} not (${w.describe})`,
+  );
+}
+
 const only = envSeed();
 const steps = envSteps(200);
 const FIXED = [11, 12, 14];
@@ -748,7 +1025,15 @@ const bases = [false, true].filter((b) => !process.env.FVD_BASE || (process.env.
 const ENC_FIXED = [13];
 const encrypt = !!process.env.FVD_ENCRYPT;
 const encSeeds = only !== undefined ? [] : process.env.FVD_SEEDS_ONLY ? [] : ENC_FIXED;
+const SNAP_POINTS = Number(process.env.FVD_SNAPSHOT_POINTS ?? 10);
 for (const seed of seeds) {
+  if (layouts.includes('compact')) {
+    for (const base of bases) {
+      test(`snapshot operations under power cuts FVD_SEED=${seed} ${base ? 'with base' : 'no base'}`, async () => {
+        await runSnapshotCrashSeed(seed, base, SNAP_POINTS);
+      });
+    }
+  }
   for (const layout of layouts) {
     for (const base of bases) {
       test(`crash FVD_SEED=${seed} ${layout} ${base ? 'with base' : 'no base'}${encrypt ? ' encrypted' : ''}`, async () => {

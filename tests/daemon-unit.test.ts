@@ -70,7 +70,7 @@ test('struct encodings: ctrl cmd, io cmd, dev info, params at their offsets', ()
 function view(over: Partial<EngineView>): EngineView {
   return {
     size: 1 << 20, dataOffset: 1 << 20, blockSize: 4096, chunkSize: 65536, baseBlocks: 0, bitmapEnd: 0, allLocal: true,
-    present: new Uint8Array(32), journaled: new Uint8Array(32), table: null, encrypted: false, ...over,
+    present: new Uint8Array(32), journaled: new Uint8Array(32), table: null, encrypted: false, shared: null, ...over,
   };
 }
 
@@ -123,6 +123,46 @@ test('mapDirect: an encrypted image is never served directly (the data area hold
   await img.write(Buffer.alloc(4096, 1), 8192);
   assert.is(mapDirect(img.sharedView(), 8192, 4096, false), -1);
   assert.is(mapDirect(img.sharedView(), 8192, 4096, true), -1);
+  await img.close();
+  fs.rmSync(dir, { recursive: true });
+});
+
+test('mapDirect: a write touching a chunk flagged as shared goes to the engine; reads stay direct', () => {
+  const table = new Uint32Array([5, 6, 7, 0xffffffff]);
+  const shared = new Uint8Array([0, 1, 0, 0]);
+  const v = view({ table, shared });
+  assert.is(mapDirect(v, 0, 4096, true), (1 << 20) + 5 * 65536, 'private chunk: direct write');
+  assert.is(mapDirect(v, 65536, 4096, true), -1, 'shared chunk: the engine copies it first');
+  assert.is(mapDirect(v, 65536 - 4096, 8192, true), -1, 'a write spanning into a shared chunk');
+  assert.is(mapDirect(v, 65536, 4096, false), (1 << 20) + 6 * 65536, 'reads of a shared chunk are direct');
+  shared[1] = 0;
+  assert.is(mapDirect(v, 65536 - 4096, 8192, true), (1 << 20) + 6 * 65536 - 4096);
+});
+
+test('a served image with snapshots: the engine copies a shared chunk, then clears its flag; the flags survive a reopen', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-du-'));
+  const file = path.join(dir, 's.fvd');
+  const cs = 65536;
+  await FvdImage.create(nodeIo, file, { size: 1 << 20, layout: 'compact', chunkSize: cs, blockSize: 4096 });
+  let img = await FvdImage.open(nodeIo, file);
+  await img.write(Buffer.alloc(2 * cs, 1), 0);
+  await img.snapshots.create('s');
+  let v = img.sharedView();
+  assert.ok(v.shared, 'compact images export the flags');
+  assert.equal([...v.shared!.subarray(0, 3)], [1, 1, 0]);
+  const old0 = img.inspect().table![0]!;
+  assert.is(mapDirect(v, 4096, 4096, true), -1);
+  await img.write(Buffer.alloc(4096, 2), 4096); // what the slow path does
+  assert.is(v.shared![0], 0, 'flag cleared after the copy');
+  const new0 = img.inspect().table![0]!;
+  assert.is.not(new0, old0);
+  assert.is(mapDirect(v, 4096, 4096, true), img.inspect().header.dataOffset + new0 * cs + 4096, 'the worker now writes the private copy');
+  await img.write(Buffer.alloc(4096, 3), 2 * cs); // a fresh allocation is never shared
+  assert.is(v.shared![2], 0);
+  await img.close();
+  img = await FvdImage.open(nodeIo, file);
+  v = img.sharedView();
+  assert.equal([...v.shared!.subarray(0, 3)], [0, 1, 0], 'rebuilt from the refcount table at open');
   await img.close();
   fs.rmSync(dir, { recursive: true });
 });

@@ -5,7 +5,9 @@
  * zero detection, copy-on-read) and a workload of reads, writes, discards, writeZeroes, flushes,
  * clean reopens, read-only reopens and concurrent batches on non-overlapping ranges (including
  * reads and writes to different parts of the same block, which races copy-on-read and
- * copy-on-write). Every read is compared with the model.
+ * copy-on-write). Compact images also create, revert to and delete internal snapshots (the model
+ * keeps a copy of the disk per snapshot; at the end every snapshot is reverted to and compared).
+ * Every read is compared with the model.
  *
  * The mem backend reorders completions with a seeded rng (tests/helpers/mem-io.ts), so a seed
  * replays exactly, interleavings included; the fs backend (node:fs in a temp dir) replays the same
@@ -27,6 +29,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { IoBackend } from '../fvd/io.js';
 import { FvdImage, type CreateOptions } from '../fvd/image.js';
+import { FvdError } from '../fvd/errors.js';
 import { nodeIo } from '../fvd/node-file.js';
 import { checkImage } from '../fvd/check.js';
 import { Rng, envSeed, envSteps, randomSeed } from './helpers/rng.js';
@@ -125,6 +128,9 @@ interface Ctx {
   stats: Record<string, number>;
   /** Encrypted image: its key material, given at every open. */
   key?: Uint8Array;
+  /** Internal snapshots (compact layout): name → the disk's content when it was taken. */
+  snaps: Map<string, Uint8Array>;
+  snapSeq: number;
 }
 
 function fail(ctx: Ctx, what: string, detail: string): never {
@@ -289,6 +295,8 @@ async function check(ctx: Ctx, label: string, repair = false): Promise<void> {
   if (res.errors.length) fail(ctx, `${label}: checkImage`, `errors: ${res.errors.join('; ')}`);
   // Unreferenced chunks after a clean close are free space by design (reused by later writes).
   ctx.stats.unreferenced = Math.max(ctx.stats.unreferenced ?? 0, res.leaks);
+  if (res.overcounts || res.undercounts) fail(ctx, `${label}: checkImage`, `refcounts wrong: ${res.notes.join('; ')}`);
+  if (res.snapshots !== ctx.snaps.size) fail(ctx, `${label}: checkImage`, `${res.snapshots} snapshots, the model has ${ctx.snaps.size}`);
   if (repair) {
     const again = await guard(ctx, `${label}: checkImage after repair`, () => checkImage(ctx.io, ctx.imagePath));
     if (again.errors.length) fail(ctx, `${label}: checkImage after repair`, `errors: ${again.errors.join('; ')}`);
@@ -313,6 +321,7 @@ async function reopen(ctx: Ctx): Promise<void> {
       threw = true;
     }
     if (!threw) fail(ctx, 'read-only write', 'a write to a read-only image succeeded');
+    if (ctx.cfg.layout === 'compact') expectSnapshots(ctx, 'read-only open');
     await guard(ctx, 'close read-only', () => ro.close());
   }
   const copyOnRead = ctx.r.chance(0.5) ? ctx.cfg.copyOnRead : !ctx.cfg.copyOnRead;
@@ -322,9 +331,57 @@ async function reopen(ctx: Ctx): Promise<void> {
   ctx.stats.reopens = (ctx.stats.reopens ?? 0) + 1;
 }
 
+/** The engine's snapshot names must be the model's. */
+function expectSnapshots(ctx: Ctx, label: string): void {
+  const names = ctx.img.snapshots.list().map((s) => s.name).sort();
+  const want = [...ctx.snaps.keys()].sort();
+  if (names.join('\n') !== want.join('\n')) fail(ctx, label, `snapshots ${JSON.stringify(names)}, expected ${JSON.stringify(want)}`);
+}
+
+/** Create, revert to or delete an internal snapshot (compact images), or a refused request. */
+async function snapshotStep(ctx: Ctx): Promise<void> {
+  const { r, model } = ctx;
+  const names = [...ctx.snaps.keys()];
+  const kind = names.length === 0 ? 0 : r.weighted([names.length < 6 ? 40 : 0, 30, 25, 5]);
+  if (kind === 0) {
+    const name = r.pick([`s${++ctx.snapSeq}`, `snap ${ctx.snapSeq} ü`, `before-${ctx.snapSeq}`]);
+    note(ctx, `snapshot create ${JSON.stringify(name)}`);
+    await guard(ctx, `snapshot create ${name}`, () => ctx.img.snapshots.create(name));
+    ctx.snaps.set(name, model.data.slice());
+    ctx.stats.snapCreates = (ctx.stats.snapCreates ?? 0) + 1;
+  } else if (kind === 1) {
+    const name = r.pick(names);
+    note(ctx, `snapshot revert ${JSON.stringify(name)}`);
+    await guard(ctx, `snapshot revert ${name}`, () => ctx.img.snapshots.revert(name));
+    model.data.set(ctx.snaps.get(name)!);
+    ctx.stats.snapReverts = (ctx.stats.snapReverts ?? 0) + 1;
+  } else if (kind === 2) {
+    const name = r.pick(names);
+    note(ctx, `snapshot delete ${JSON.stringify(name)}`);
+    await guard(ctx, `snapshot delete ${name}`, () => ctx.img.snapshots.delete(name));
+    ctx.snaps.delete(name);
+    ctx.stats.snapDeletes = (ctx.stats.snapDeletes ?? 0) + 1;
+  } else {
+    // Refused requests change nothing: a duplicate name, an unknown name.
+    const dup = r.pick(names);
+    note(ctx, `snapshot create duplicate ${JSON.stringify(dup)} / revert unknown`);
+    for (const p of [() => ctx.img.snapshots.create(dup), () => ctx.img.snapshots.revert(`${dup}-missing`)]) {
+      let err: unknown = null;
+      try {
+        await p();
+      } catch (e) {
+        err = e;
+      }
+      if (!(err instanceof FvdError)) fail(ctx, 'refused snapshot request', `expected an FvdError, got ${String(err)}`);
+    }
+  }
+  expectSnapshots(ctx, 'after a snapshot operation');
+}
+
 async function step(ctx: Ctx): Promise<void> {
   const { r, model } = ctx;
-  switch (r.weighted([25, 25, 6, 6, 5, 3, 2, 18, 3, 1])) {
+  const snapshots = ctx.cfg.layout === 'compact' ? 4 : 0;
+  switch (r.weighted([25, 25, 6, 6, 5, 3, 2, 18, 3, 1, snapshots])) {
     case 0: {
       const [off, len] = pickRange(ctx);
       note(ctx, `read ${off}+${len}`);
@@ -391,9 +448,12 @@ async function step(ctx: Ctx): Promise<void> {
       for (const res of results) if (res.status === 'rejected') throw res.reason;
       break;
     }
-    default:
+    case 9:
       note(ctx, 'verify all');
       await verifyAll(ctx, 'verify all');
+      break;
+    default:
+      await snapshotStep(ctx);
   }
 }
 
@@ -439,7 +499,7 @@ async function setup(seed: number, backend: Backend, encrypted: boolean): Promis
   }
   const model = new DiskModel(cfg.vsize, initial);
   const ctx: Ctx = {
-    seed, backend, cfg, io, dir, imagePath, r, model, step: 0, trace: [], writeId: 0, stats: {},
+    seed, backend, cfg, io, dir, imagePath, r, model, step: 0, trace: [], writeId: 0, stats: {}, snaps: new Map(), snapSeq: 0,
     img: undefined as unknown as FvdImage,
     key: encrypted ? ENC_KEY : undefined,
   };
@@ -461,7 +521,20 @@ async function runSeed(seed: number, backend: Backend, steps: number, encrypted 
     await check(ctx, 'final', ctx.r.chance(0.5));
     ctx.img = await guard(ctx, 'final open', () => FvdImage.open(ctx.io, ctx.imagePath, { copyOnRead: false, readOnly: true, key: ctx.key }));
     await verifyAll(ctx, 'final verify after reopen');
+    if (ctx.cfg.layout === 'compact') expectSnapshots(ctx, 'final read-only open');
     await guard(ctx, 'final close', () => ctx.img.close());
+    if (ctx.snaps.size) {
+      // Every snapshot still holds exactly what the disk held when it was taken.
+      ctx.img = await guard(ctx, 'open for snapshot verification', () => FvdImage.open(ctx.io, ctx.imagePath, { copyOnRead: false }));
+      for (const [name, data] of ctx.snaps) {
+        note(ctx, `final revert ${JSON.stringify(name)}`);
+        await guard(ctx, `final revert ${name}`, () => ctx.img.snapshots.revert(name));
+        ctx.model.data.set(data);
+        await verifyAll(ctx, `final verify of snapshot ${JSON.stringify(name)}`);
+      }
+      await guard(ctx, 'close after snapshot verification', () => ctx.img.close());
+      await check(ctx, 'after snapshot verification', true);
+    }
     if (ctx.io instanceof MemIo && ctx.io.openCount !== 0) {
       fail(ctx, 'end', `${ctx.io.openCount} file handles still open after close`);
     }

@@ -11,7 +11,7 @@ function sample(compact = true): Header {
     version: VERSION, incompatible: compact ? INCOMPAT_COMPACT : 0n, compatible: 1n, autoclear: 0n, virtualSize: 1 << 30,
     blockSize: 65536, chunkSize: 1 << 20, baseSize: 3 << 28, basePathLength: 4, baseFormat: 1, basePathCrc: 1234,
     ...layout, journalStartSeq: 2 ** 40 + 17, refcountOffset: 0, refcountLength: 0, snapshotsOffset: 0, snapshotsLength: 0,
-    basePathOffset: 0, baseSizeNext: 0,
+    basePathOffset: 0, baseSizeNext: 0, revertSnapshotId: 0,
   };
 }
 

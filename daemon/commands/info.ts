@@ -35,6 +35,7 @@ export async function run(args: string[]): Promise<number> {
     dirty: s.wasDirty,
     journal: { ...s.journal, sectorsToReplay: s.journalSectorsReplayed },
     allocatedChunks: s.layout === 'compact' ? s.allocatedChunks : undefined,
+    snapshots: s.layout === 'compact' ? s.snapshots : undefined,
   };
   if (values.json) {
     console.log(JSON.stringify(info, null, 2));
@@ -49,7 +50,7 @@ export async function run(args: string[]): Promise<number> {
     `disk size: ${formatSize(diskSize)}`,
     `block size: ${formatSize(s.blockSize)}`,
   ];
-  if (s.layout === 'compact') lines.push(`chunk size: ${formatSize(s.chunkSize)}`, `allocated chunks: ${s.allocatedChunks}`);
+  if (s.layout === 'compact') lines.push(`chunk size: ${formatSize(s.chunkSize)}`, `allocated chunks: ${s.allocatedChunks}`, `snapshots: ${s.snapshots}`);
   if (s.baseChain.length) {
     lines.push(`base image: ${s.baseChain[0]!.path} (${s.baseChain[0]!.format}, ${formatSize(s.baseChain[0]!.size)})`);
     for (const b of s.baseChain.slice(1)) lines.push(`  based on: ${b.path} (${b.format}, ${formatSize(b.size)})`);

@@ -21,6 +21,7 @@ import {
   type Header,
 } from '../../fvd/format.js';
 import { JOURNAL_MAGIC, PendingRecords, SECTOR_HEADER, encodeRecords } from '../../fvd/journal.js';
+import { decodeDirectory, decodeRefcounts, encodeDirectory, encodeRefcounts, type Directory } from '../../fvd/snapshot-format.js';
 
 /** Offsets and widths of the header fields (bytes). */
 export const FIELD = {
@@ -49,6 +50,7 @@ export const FIELD = {
   snapshotsOffset: [144, 8],
   snapshotsLength: [152, 8],
   dataOffset: [160, 8],
+  revertSnapshotId: [168, 4],
   crc: [508, 4],
 } as const;
 export type FieldName = keyof typeof FIELD;
@@ -259,4 +261,47 @@ export function scribbleJournal(file: string): void {
   const off = Number(getField(file, 'journalOffset'));
   const len = Number(getField(file, 'journalLength'));
   writeAt(file, off, randomBytes(len));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Internal snapshots (FORMAT.md §10): the structures are re-encoded with valid checksums, in place,
+// so only the targeted consistency check can trip.
+
+/** The snapshot directory of an image with snapshots. */
+export function readDirectory(file: string): Directory {
+  const h = readHeader(file);
+  return decodeDirectory(file, readAt(file, h.snapshotsOffset, h.snapshotsLength), h, fs.statSync(file).size);
+}
+
+/** Lets `mutate` change the directory, then writes it back in place (it must still fit). */
+export function rewriteDirectory(file: string, mutate: (d: Directory) => void): void {
+  const h = readHeader(file);
+  const d = readDirectory(file);
+  mutate(d);
+  const bytes = encodeDirectory(d);
+  if (bytes.length > h.snapshotsLength) throw new Error('rewritten directory does not fit');
+  const region = Buffer.alloc(h.snapshotsLength);
+  Buffer.from(bytes).copy(region);
+  // The checksum covers the whole region: recompute it over the zero padding too.
+  region.writeUInt32LE(crc(region.subarray(8)), 4);
+  writeAt(file, h.snapshotsOffset, region);
+}
+
+/** The refcount table of an image with snapshots (index = storage chunk id). */
+export function readRefcounts(file: string): number[] {
+  const h = readHeader(file);
+  return [...decodeRefcounts(file, readAt(file, h.refcountOffset, h.refcountLength))];
+}
+
+/** Lets `mutate` change the counts (same number of entries), then writes the table back in place. */
+export function rewriteRefcounts(file: string, mutate: (counts: number[]) => void): void {
+  const h = readHeader(file);
+  const counts = readRefcounts(file);
+  mutate(counts);
+  const bytes = encodeRefcounts(Uint16Array.from(counts), counts.length);
+  if (bytes.length > h.refcountLength) throw new Error('rewritten refcount table does not fit');
+  const region = Buffer.alloc(h.refcountLength);
+  Buffer.from(bytes).copy(region);
+  region.writeUInt32LE(crc(region.subarray(8)), 4);
+  writeAt(file, h.refcountOffset, region);
 }
