@@ -570,9 +570,9 @@ async function readDisk(img: FvdImage): Promise<Uint8Array> {
  * On a copy of a recovered image: the snapshots listed are exactly `expect` (names), and reverting
  * to each one reads exactly its recorded content. Returns a problem description or null.
  */
-async function verifySnapshotContents(io: MemIo, imagePath: string, names: string[], contents: Map<string, Uint8Array>): Promise<string | null> {
+async function verifySnapshotContents(io: MemIo, imagePath: string, names: string[], contents: Map<string, Uint8Array>, key?: Uint8Array): Promise<string | null> {
   const copy = MemIo.fromSnapshot(io.snapshot());
-  const img = await FvdImage.open(copy, imagePath, { copyOnRead: false });
+  const img = await FvdImage.open(copy, imagePath, { copyOnRead: false, key });
   try {
     for (const name of names) {
       await img.snapshots.revert(name);
@@ -655,7 +655,7 @@ async function recoverAndCheck(seed: number, w: Workload, k: number, tearSeed: n
     if (k <= w.snap.start && has) throw new Error(`the snapshot exists at a crash before its creation began\n${where()}`);
     if (k >= w.snap.end && !has) throw new Error(`the snapshot is missing at a crash after its creation returned\n${where()}`);
     if (has) {
-      const problem = await verifySnapshotContents(io, w.imagePath, [w.snap.name], new Map([[w.snap.name, w.snap.content]]));
+      const problem = await verifySnapshotContents(io, w.imagePath, [w.snap.name], new Map([[w.snap.name, w.snap.content]]), w.cfg.key);
       if (problem) throw new Error(`${problem}\n${where()}`);
       stats.snapshotChecks++;
     }

@@ -525,7 +525,7 @@ async function runSeed(seed: number, backend: Backend, steps: number, encrypted 
     await guard(ctx, 'final close', () => ctx.img.close());
     if (ctx.snaps.size) {
       // Every snapshot still holds exactly what the disk held when it was taken.
-      ctx.img = await guard(ctx, 'open for snapshot verification', () => FvdImage.open(ctx.io, ctx.imagePath, { copyOnRead: false }));
+      ctx.img = await guard(ctx, 'open for snapshot verification', () => FvdImage.open(ctx.io, ctx.imagePath, { copyOnRead: false, key: ctx.key }));
       for (const [name, data] of ctx.snaps) {
         note(ctx, `final revert ${JSON.stringify(name)}`);
         await guard(ctx, `final revert ${name}`, () => ctx.img.snapshots.revert(name));
