@@ -31,7 +31,7 @@ modprobe ublk_drv 2>/dev/null || true
 modprobe nbd nbds_max=2 2>/dev/null || true
 mkdir -p /run/lock   # qemu-nbd keeps its lock file there (a fresh guest /run lacks it)
 mount | grep -q " $(df --output=target /tmp | tail -1) " || true
-echo "bench: $(uname -r), backing files on $(df --output=fstype /tmp | tail -1) at $dir, $RUNTIME s per job, size $SIZE"
+echo "bench: $(uname -r), backing files on $(df --output=fstype "$dir" | tail -1) at $dir, $RUNTIME s per job, size $SIZE"
 
 JOBS=("randread 4k 16" "randwrite 4k 16" "read 128k 4" "write 128k 4")
 
