@@ -70,7 +70,7 @@ test('struct encodings: ctrl cmd, io cmd, dev info, params at their offsets', ()
 function view(over: Partial<EngineView>): EngineView {
   return {
     size: 1 << 20, dataOffset: 1 << 20, blockSize: 4096, chunkSize: 65536, baseBlocks: 0, bitmapEnd: 0, allLocal: true,
-    present: new Uint8Array(32), journaled: new Uint8Array(32), table: null, ...over,
+    fullyLocal: new Int32Array(1), present: new Uint8Array(32), journaled: new Uint8Array(32), table: null, ...over,
   };
 }
 
