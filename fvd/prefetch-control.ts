@@ -23,6 +23,10 @@
  * that outlast `settleMs` still cost budget. Until `minSamples` clean requests were seen, an active
  * foreground closes the gate (prefetching pauses so a baseline can be measured).
  *
+ * Data a copy left in the page cache makes later guest flushes slower, long after the copy: the
+ * owner flags it (`setResidue`) until it is durable, and requests meanwhile do not feed the
+ * baseline either (they are charged like all others).
+ *
  * Idle: no request completed for `idleMs` and none in flight (when the owner counts them). Then
  * nothing can be slowed: the gate is open and any debt is forgiven (the foreground that incurred
  * it is gone; a guest issuing a request every so often must not stall prefetching forever).
@@ -64,6 +68,7 @@ export class LatencyBudget {
   private cleanSum = 0;
   private cleanCount = 0;
   private ioActive = false;
+  private residue = false;
   private lastIoEnd = Number.NEGATIVE_INFINITY;
   private lastRequestAt = Number.NEGATIVE_INFINITY;
   private open = true;
@@ -74,7 +79,7 @@ export class LatencyBudget {
     this.idleMs = options.idleMs ?? 50;
     this.settleMs = options.settleMs ?? 2;
     this.minSamples = options.minSamples ?? 32;
-    this.burstRequests = options.burstRequests ?? 1024;
+    this.burstRequests = options.burstRequests ?? 64;
     this.baselineWeight = options.baselineWeight ?? 1 / 1024;
   }
 
@@ -89,6 +94,15 @@ export class LatencyBudget {
   }
 
   /**
+   * Prefetched data is (not) waiting in the page cache for writeback: a guest flush meanwhile
+   * writes it and is slower for it, however long after the copy. While set, completions are still
+   * charged but do not teach the baseline (once it exists), so it stays the prefetch-free latency.
+   */
+  setResidue(on: boolean): void {
+    this.residue = on;
+  }
+
+  /**
    * `n` foreground requests completed by `now` (ms) with latencies summing to `latencyNs`; the
    * earliest of them started at `since` (ms). For one request, since = now − latency. Returns
    * true when this completion reopened the gate (the owner should wake a waiting prefetcher).
@@ -97,7 +111,7 @@ export class LatencyBudget {
     if (n <= 0) return false;
     this.requests += n;
     this.lastRequestAt = now;
-    const dirty = this.ioActive || this.lastIoEnd + this.settleMs > since;
+    const dirty = this.ioActive || this.lastIoEnd + this.settleMs > since || (this.residue && this.baselineNs !== null);
     if (dirty) this.overlapped += n;
     else this.learn(n, latencyNs);
     const b = this.baselineNs;

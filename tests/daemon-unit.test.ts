@@ -14,6 +14,7 @@ import {
   decodeDevInfo, encodeCtrlCmd, encodeDevInfo, encodeIoCmd, encodeParams,
 } from '../daemon/ublk/abi.js';
 import { CompletionRing, mapDirect, type EngineView } from '../daemon/shared-state.js';
+import { Prefetcher } from '../fvd/prefetch.js';
 import { readInstanceConfig } from '../daemon/instance-config.js';
 import { listStates, removeState, writeState } from '../daemon/state.js';
 import { FvdImage } from '../fvd/image.js';
@@ -103,6 +104,29 @@ test('mapDirect follows a real engine as blocks become local', async () => {
   assert.is(mapDirect(v, 8192, 4096, true), -1);
   await img.write(Buffer.alloc(4096, 1), 8192);
   assert.ok(mapDirect(v, 8192, 4096, true) > 0, 'the worker sees the engine update the shared bitmap');
+  await img.close();
+  fs.rmSync(dir, { recursive: true });
+});
+
+test('mapDirect: the shared fully-local flag stops bitmap lookups once prefetching finished while serving', async () => {
+  const present = new Uint8Array(32);
+  const v = view({ allLocal: false, baseBlocks: 100, bitmapEnd: 100 * 4096, present, journaled: new Uint8Array(32) });
+  assert.is(mapDirect(v, 0, 4096, true), -1);
+  v.fullyLocal[0] = 1;
+  assert.is(mapDirect(v, 0, 4096, true), 1 << 20, 'the flag alone routes to the image');
+
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-du-'));
+  fs.writeFileSync(path.join(dir, 'b.raw'), Buffer.alloc(1 << 20, 7));
+  await FvdImage.create(nodeIo, path.join(dir, 'i.fvd'), { base: 'b.raw', baseFormat: 'raw', blockSize: 4096, detectZeroes: false });
+  const img = await FvdImage.open(nodeIo, path.join(dir, 'i.fvd'), { copyOnRead: false });
+  const sv = img.sharedView(); // taken once, as the server does before starting its workers
+  assert.not.ok(sv.allLocal);
+  assert.is(sv.fullyLocal[0], 0);
+  assert.ok(sv.fullyLocal.buffer instanceof SharedArrayBuffer, 'shared with the worker threads');
+  const end = await new Prefetcher(img, { minBytesPerSec: 0 }).start().finished;
+  assert.is(end.state, 'done');
+  assert.is(sv.fullyLocal[0], 1, 'the view taken before prefetching sees the image become fully local');
+  assert.ok(mapDirect(sv, 8192, 4096, true) > 0);
   await img.close();
   fs.rmSync(dir, { recursive: true });
 });
