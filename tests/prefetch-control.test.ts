@@ -106,23 +106,50 @@ test('aggregated windows: n requests at once feed and charge like n single ones'
   assert.is(agg.overlapped, 3);
 });
 
-test('the baseline is the mean of clean latencies, tails included: no prefetching, no lasting debt', () => {
-  // 99 requests of 50 µs and one of 5050 µs: mean 100 µs. A baseline that ignored the tail (a
-  // median, a clamped average) would sit near 50 µs, and charging every request against it would
-  // overdraw the budget with no prefetch I/O at all.
-  const b = new LatencyBudget({ share: 0.1, minSamples: 100, baselineWeight: 1 / 1024 });
-  let t = 0;
-  for (let round = 0; round < 200; round++) {
+test('probes: the gate closes for probeMs every probeEveryMs; the probe mean, tails included, moves the baseline', () => {
+  const b = new LatencyBudget({ share: 0.1, minSamples: 4, settleMs: 0, probeEveryMs: 100, probeMs: 20, probeWeight: 0.5, burstRequests: 1e9 });
+  let t = feed(b, 0, 4, 100 * US); // first baseline at t = 0.4; first probe due at 100.4
+  assert.is(b.baselineNs, 100 * US);
+  t = feed(b, t, 999, 100 * US);
+  assert.ok(b.ready(t), `open before the probe (t ${t})`);
+  t = 100.5;
+  b.onRequests(t, 1, 100 * US, t - 0.1);
+  assert.not.ok(b.ready(t), 'closed for the probe although the budget is full');
+  // During the probe the foreground runs at 99 × 50 µs + 1 × 5050 µs: mean 100 µs — a median or a
+  // clamped mean would sit near 50 µs and then drain the budget with no prefetching at all.
+  for (let k = 0; k < 2; k++) {
     t = feed(b, t, 99, 50 * US);
     t = feed(b, t, 1, 5050 * US);
   }
-  assert.ok(Math.abs(b.baselineNs! - 100 * US) < 10 * US, `baseline ${b.baselineNs}`);
-  // After each outlier the gate may close briefly; it must reopen within the round.
-  for (let i = 0; i < 100; i++) t = feed(b, t, 1, 50 * US);
-  assert.ok(b.ready(t, 4), 'the gate reopened after the outlier');
-  // A machine that got slower moves the baseline along.
-  t = feed(b, t, 10_000, 200 * US);
-  assert.ok(Math.abs(b.baselineNs! - 200 * US) < 1 * US, `baseline ${b.baselineNs}`);
+  assert.ok(b.ready(t + 0.1), 'the probe ended after probeMs');
+  assert.is(b.probes, 1);
+  assert.ok(Math.abs(b.baselineNs! - 100 * US) < 1, `baseline ${b.baselineNs}`);
+  // The foreground got slower: the next probes move the baseline halfway each.
+  t = feed(b, t + 0.1, 1300, 300 * US);
+  assert.is(b.probes, 2);
+  assert.ok(Math.abs(b.baselineNs! - 200 * US) < 1, `baseline ${b.baselineNs}`);
+  // Prefetch I/O in flight when a probe is due: the probe lasts probeMs from the copy's end, and
+  // the requests that overlap the copy are no samples.
+  const c = new LatencyBudget({ share: 0.1, minSamples: 4, settleMs: 0, probeEveryMs: 100, probeMs: 20, probeWeight: 0.5 });
+  t = feed(c, 0, 4, 100 * US); // probe due at 100.4
+  t = feed(c, t, 990, 100 * US);
+  c.ioStart();
+  c.onRequests(100.5, 1, 300 * US, 100.2);
+  assert.not.ok(c.ready(100.5), 'probing');
+  c.onRequests(105, 1, 9000 * US, 96); // overlaps the copy: not a sample
+  c.ioEnd(106);
+  assert.not.ok(c.ready(120), 'the probe lasts probeMs from the end of the copy');
+  assert.is(c.probes, 0);
+  feed(c, 110, 200, 300 * US);
+  assert.is(c.probes, 1);
+  assert.ok(Math.abs(c.baselineNs! - 200 * US) < 1, `baseline ${c.baselineNs}: only clean probe requests count`);
+});
+
+test('no probes while the foreground is idle', () => {
+  const b = new LatencyBudget({ share: 0.1, minSamples: 2, idleMs: 50, probeEveryMs: 100, probeMs: 20 });
+  const t = feed(b, 0, 2, 100 * US);
+  assert.ok(b.ready(t + 500), 'idle long past the probe time: open');
+  assert.is(b.probes, 0);
 });
 
 test('idle: no completion for idleMs (and none in flight) opens the gate and forgives the debt', () => {
