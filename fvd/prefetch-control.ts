@@ -49,8 +49,6 @@ export interface LatencyBudgetOptions {
   minSamples?: number;
   /** Bucket capacity, in requests' worth of allowance (share·B each). */
   burstRequests?: number;
-  /** Unused (the baseline now comes from probes); kept for callers of the first version. */
-  baselineWeight?: number;
   /** A baseline probe every this long while the foreground is active (ms, default 1000). */
   probeEveryMs?: number;
   /** Length of a probe: the gate stays closed this long (ms, default 50). */
@@ -65,7 +63,6 @@ export class LatencyBudget {
   readonly settleMs: number;
   readonly minSamples: number;
   readonly burstRequests: number;
-  readonly baselineWeight: number;
   readonly probeEveryMs: number;
   readonly probeMs: number;
   readonly probeWeight: number;
@@ -102,7 +99,6 @@ export class LatencyBudget {
     this.settleMs = options.settleMs ?? 2;
     this.minSamples = options.minSamples ?? 32;
     this.burstRequests = options.burstRequests ?? 64;
-    this.baselineWeight = options.baselineWeight ?? 1 / 1024;
     this.probeEveryMs = options.probeEveryMs ?? 1000;
     this.probeMs = options.probeMs ?? 50;
     this.probeWeight = options.probeWeight ?? 0.3;

@@ -26,8 +26,8 @@
  *  1. Bandwidth cap (`maxBytesPerSec`): pacing, not a bucket — after a chunk of n bytes started at
  *     t0, the next may start at max(previous slot, t0) + n / cap. No catching up after pauses.
  *  2. Foreground latency (`maxLatencyShare`), when the activity source reports latencies: the
- *     latency budget of fvd/prefetch-control.ts, fed per completed foreground request (a
- *     ForegroundMeter) or per window (a polled ActivitySource). A chunk starts only while the
+ *     latency budget of fvd/prefetch-control.ts (baseline from periodic probes), fed per
+ *     completed foreground request (a ForegroundMeter) or per poll (a polled ActivitySource). A chunk starts only while the
  *     budget is not overdrawn or the foreground is idle; a completion that refills it wakes the
  *     loop at once. While the foreground is active, chunks are `busyChunkBytes` (smaller: each
  *     slows fewer requests, and the gate is consulted more often).
