@@ -23,8 +23,12 @@
  * requests were seen, an active foreground closes the gate (prefetching pauses so a first baseline
  * can be measured). After that B comes from *probes*: every `probeEveryMs` while the foreground is
  * active, the gate stays closed for `probeMs` (counted from the end of the prefetch I/O then in
- * flight) and the mean of the clean requests that started inside the probe moves B (EWMA, weight
- * `probeWeight`). Probes are scheduled by the clock, not by latency: learning from whatever clean
+ * flight) and the mean of the clean requests that started in its second part (after `probeSkipMs`:
+ * after-effects of a copy, measured to outlast a few ms, are over) joins the last `probeHistory`
+ * probe means, whose median is B. The first estimate (the median of the first `minSamples` clean
+ * latencies) counts as one of them until it is pushed out. Medians, because one probe or request
+ * hit by a stall (GC, another process) would otherwise inflate B for seconds; they sit at or
+ * below the mean for the right-skewed latencies seen here, which errs on the safe side. Probes are scheduled by the clock, not by latency: learning from whatever clean
  * requests happen to occur is biased, because the gate is closed — and clean requests plentiful —
  * precisely when the foreground is slow, so such a baseline sits above the true one and lets the
  * mean latency overshoot the share (measured: +7..10 points with the benchmark's flushes).
@@ -51,10 +55,12 @@ export interface LatencyBudgetOptions {
   burstRequests?: number;
   /** A baseline probe every this long while the foreground is active (ms, default 1000). */
   probeEveryMs?: number;
-  /** Length of a probe: the gate stays closed this long (ms, default 50). */
+  /** Length of a probe: the gate stays closed this long (ms, default 100). */
   probeMs?: number;
-  /** EWMA weight of one probe's mean in the baseline (default 0.3). */
-  probeWeight?: number;
+  /** Only requests that start this long into the probe are samples (ms, default probeMs / 2). */
+  probeSkipMs?: number;
+  /** B is the median of this many most recent probe means (default 5). */
+  probeHistory?: number;
 }
 
 export class LatencyBudget {
@@ -65,7 +71,8 @@ export class LatencyBudget {
   readonly burstRequests: number;
   readonly probeEveryMs: number;
   readonly probeMs: number;
-  readonly probeWeight: number;
+  readonly probeSkipMs: number;
+  readonly probeHistory: number;
 
   /** Budget in ns of foreground latency; negative = prefetch owes the foreground. */
   tokensNs = 0;
@@ -79,8 +86,9 @@ export class LatencyBudget {
   /** Probes that updated the baseline. */
   probes = 0;
 
-  private cleanSum = 0;
-  private cleanCount = 0;
+  /** First clean latencies (only until the first baseline), then the recent probe means. */
+  private readonly first: number[] = [];
+  private readonly history: number[] = [];
   private ioActive = false;
   private residue = false;
   private lastIoEnd = Number.NEGATIVE_INFINITY;
@@ -100,8 +108,9 @@ export class LatencyBudget {
     this.minSamples = options.minSamples ?? 32;
     this.burstRequests = options.burstRequests ?? 64;
     this.probeEveryMs = options.probeEveryMs ?? 1000;
-    this.probeMs = options.probeMs ?? 50;
-    this.probeWeight = options.probeWeight ?? 0.3;
+    this.probeMs = options.probeMs ?? 100;
+    this.probeSkipMs = Math.min(this.probeMs, options.probeSkipMs ?? this.probeMs / 2);
+    this.probeHistory = Math.max(1, options.probeHistory ?? 5);
   }
 
   /** Prefetch I/O starts (only one at a time). */
@@ -135,7 +144,7 @@ export class LatencyBudget {
     const dirty = this.ioActive || this.lastIoEnd + this.settleMs > since || (this.residue && this.baselineNs !== null);
     if (dirty) this.overlapped += n;
     else if (this.baselineNs === null) this.learn(now, n, latencyNs);
-    else if (this.probeStart >= 0 && since >= this.probeStart) {
+    else if (this.probeStart >= 0 && since >= Math.max(this.probeStart, this.lastIoEnd) + this.probeSkipMs) {
       this.probeSum += latencyNs;
       this.probeN += n;
     }
@@ -157,17 +166,22 @@ export class LatencyBudget {
     return inFlight > 0 || now - this.lastRequestAt < this.idleMs;
   }
 
+  /** A baseline probe is in progress (the owner makes copies durable first: no residue). */
+  get probing(): boolean {
+    return this.probeStart >= 0;
+  }
+
   /** When the foreground becomes idle if nothing else completes (ms), for the owner's timer. */
   idleAt(): number {
     return this.lastRequestAt + this.idleMs;
   }
 
-  /** The first baseline: the mean of the first minSamples clean requests. */
+  /** The first baseline: the median of the first minSamples clean latencies. */
   private learn(now: number, n: number, latencyNs: number): void {
-    this.cleanSum += latencyNs;
-    this.cleanCount += n;
-    if (this.cleanCount >= this.minSamples) {
-      this.baselineNs = this.cleanSum / this.cleanCount;
+    for (let k = 0; k < n && this.first.length < this.minSamples; k++) this.first.push(latencyNs / n);
+    if (this.first.length >= this.minSamples) {
+      this.history.push(median(this.first));
+      this.baselineNs = this.history[0]!;
       this.nextProbeAt = now + this.probeEveryMs;
     }
   }
@@ -175,7 +189,9 @@ export class LatencyBudget {
   /** Mean latency of the probe's clean requests, tails included: the mean is what is bounded. */
   private finishProbe(now: number): void {
     if (this.probeN >= 4) {
-      this.baselineNs! += this.probeWeight * (this.probeSum / this.probeN - this.baselineNs!);
+      this.history.push(this.probeSum / this.probeN);
+      if (this.history.length > this.probeHistory) this.history.shift();
+      this.baselineNs = median(this.history);
       this.probes++;
     }
     this.probeStart = -1;
@@ -200,4 +216,10 @@ export class LatencyBudget {
     if (was && !this.open) this.closings++;
     return !was && this.open;
   }
+}
+
+function median(xs: readonly number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }

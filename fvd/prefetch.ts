@@ -507,10 +507,10 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
       if (this.timed && !this.budget.ready(now, this.fgInFlight())) {
         // Rule 2: the budget is overdrawn. A completion that refills it wakes us (per request);
         // otherwise we look again when the foreground would count as idle, or after a window.
-        if (this.unpersistedBytes > 0) {
+        if (this.unpersistedBytes > 0 && (this.budget.probing || this.unpersistedBytes >= this.busyPersistBytes)) {
           // Copies still awaiting writeback keep requests from teaching the baseline: write
-          // them back now (charged like any prefetch I/O), or a baseline that can no longer
-          // learn could keep the gate closed for good.
+          // them back before a probe (charged like any prefetch I/O), or a baseline that can
+          // no longer learn could keep the gate closed for good.
           await this.persist();
           continue;
         }

@@ -106,8 +106,8 @@ test('aggregated windows: n requests at once feed and charge like n single ones'
   assert.is(agg.overlapped, 3);
 });
 
-test('probes: the gate closes for probeMs every probeEveryMs; the probe mean, tails included, moves the baseline', () => {
-  const b = new LatencyBudget({ share: 0.1, minSamples: 4, settleMs: 0, probeEveryMs: 100, probeMs: 20, probeWeight: 0.5, burstRequests: 1e9 });
+test('probes: the gate closes for probeMs every probeEveryMs; the median of recent probe means (tails included) is the baseline', () => {
+  const b = new LatencyBudget({ share: 0.1, minSamples: 4, settleMs: 0, probeEveryMs: 100, probeMs: 20, probeHistory: 3, burstRequests: 1e9 });
   let t = feed(b, 0, 4, 100 * US); // first baseline at t = 0.4; first probe due at 100.4
   assert.is(b.baselineNs, 100 * US);
   t = feed(b, t, 999, 100 * US);
@@ -115,8 +115,9 @@ test('probes: the gate closes for probeMs every probeEveryMs; the probe mean, ta
   t = 100.5;
   b.onRequests(t, 1, 100 * US, t - 0.1);
   assert.not.ok(b.ready(t), 'closed for the probe although the budget is full');
-  // During the probe the foreground runs at 99 × 50 µs + 1 × 5050 µs: mean 100 µs — a median or a
-  // clamped mean would sit near 50 µs and then drain the budget with no prefetching at all.
+  // During the probe the foreground runs at 99 × 50 µs + 1 × 5050 µs: mean 100 µs — a median of
+  // requests or a clamped mean would sit near 50 µs and then drain the budget with no prefetching.
+  // Only requests in the probe's second half (after probeSkipMs = 10 ms) are samples.
   for (let k = 0; k < 2; k++) {
     t = feed(b, t, 99, 50 * US);
     t = feed(b, t, 1, 5050 * US);
@@ -124,13 +125,16 @@ test('probes: the gate closes for probeMs every probeEveryMs; the probe mean, ta
   assert.ok(b.ready(t + 0.1), 'the probe ended after probeMs');
   assert.is(b.probes, 1);
   assert.ok(Math.abs(b.baselineNs! - 100 * US) < 1, `baseline ${b.baselineNs}`);
-  // The foreground got slower: the next probes move the baseline halfway each.
-  t = feed(b, t + 0.1, 1300, 300 * US);
+  // One probe hit by a stall does not move the median; a foreground that stays slower does.
+  t = feed(b, t + 0.1, 1300, 1000 * US);
   assert.is(b.probes, 2);
-  assert.ok(Math.abs(b.baselineNs! - 200 * US) < 1, `baseline ${b.baselineNs}`);
+  assert.ok(Math.abs(b.baselineNs! - 100 * US) < 1, `one slow probe: baseline ${b.baselineNs}`);
+  t = feed(b, t, 1400, 1000 * US);
+  assert.is(b.probes, 3);
+  assert.ok(Math.abs(b.baselineNs! - 1000 * US) < 1, `two of three probes slow: baseline ${b.baselineNs}`);
   // Prefetch I/O in flight when a probe is due: the probe lasts probeMs from the copy's end, and
   // the requests that overlap the copy are no samples.
-  const c = new LatencyBudget({ share: 0.1, minSamples: 4, settleMs: 0, probeEveryMs: 100, probeMs: 20, probeWeight: 0.5 });
+  const c = new LatencyBudget({ share: 0.1, minSamples: 4, settleMs: 0, probeEveryMs: 100, probeMs: 20 });
   t = feed(c, 0, 4, 100 * US); // probe due at 100.4
   t = feed(c, t, 990, 100 * US);
   c.ioStart();
@@ -142,7 +146,7 @@ test('probes: the gate closes for probeMs every probeEveryMs; the probe mean, ta
   assert.is(c.probes, 0);
   feed(c, 110, 200, 300 * US);
   assert.is(c.probes, 1);
-  assert.ok(Math.abs(c.baselineNs! - 200 * US) < 1, `baseline ${c.baselineNs}: only clean probe requests count`);
+  assert.ok(Math.abs(c.baselineNs! - 200 * US) < 1, `baseline ${c.baselineNs}: median of the first estimate (100) and the probe (300); only clean probe requests count`);
 });
 
 test('no probes while the foreground is idle', () => {
