@@ -55,7 +55,7 @@ export interface LatencyBudgetOptions {
   burstRequests?: number;
   /** A baseline probe every this long while the foreground is active (ms, default 1000). */
   probeEveryMs?: number;
-  /** Length of a probe: the gate stays closed this long (ms, default 100). */
+  /** Length of a probe: the gate stays closed this long (ms, default 200). */
   probeMs?: number;
   /** Only requests that start this long into the probe are samples (ms, default probeMs / 2). */
   probeSkipMs?: number;
@@ -108,7 +108,7 @@ export class LatencyBudget {
     this.minSamples = options.minSamples ?? 32;
     this.burstRequests = options.burstRequests ?? 64;
     this.probeEveryMs = options.probeEveryMs ?? 1000;
-    this.probeMs = options.probeMs ?? 100;
+    this.probeMs = options.probeMs ?? 200;
     this.probeSkipMs = Math.min(this.probeMs, options.probeSkipMs ?? this.probeMs / 2);
     this.probeHistory = Math.max(1, options.probeHistory ?? 5);
   }
