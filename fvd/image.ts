@@ -653,7 +653,7 @@ export class FvdImage {
 
   /**
    * Copies the blocks of [b0, b1] still only in the base into the image, as soft writes (like
-   * copy-on-read: bits in memory only, persisted at the next checkpoint). Runs that a guest
+   * copy-on-read: bits in memory only, persisted by persistSoftBits or the next checkpoint). Runs that a guest
    * request holds locked are skipped — the guest always wins — and come back in a later pass.
    * Returns the bytes read from the base. Errors are thrown to the caller. `scratch`, if given and
    * large enough, is the copy buffer (the caller reuses it; it is free again once this resolves).

@@ -496,11 +496,11 @@ test('back-off: a busy foreground (no latency figures) pauses prefetching; it re
   }
 });
 
-test('latency budget on a real engine: a foreground that prefetch I/O slows throttles it; one it does not slow barely does', async () => {
+test('latency budget on a real engine: a foreground that prefetch I/O slows holds it back; one it does not slow does not', async () => {
   // Synthetic foreground through a ForegroundMeter: a request every 2 ms whose latency is 10×
   // higher while (or just after) the base is being read — the interference the prefetcher must
   // notice per request — or constant.
-  async function run(sensitive: boolean): Promise<{ throttles: number; baseline: number; state: string; overlapped: number }> {
+  async function run(sensitive: boolean): Promise<{ throttles: number; baseline: number; state: string; overlapped: number; bytes: number }> {
     const dir = tmp.caseDir();
     rawBase(dir, 16 * MiB, 13, false);
     const img = path.join(dir, 'img.fvd');
@@ -519,7 +519,7 @@ test('latency budget on a real engine: a foreground that prefetch I/O slows thro
       await Promise.race([pf.finished, sleep(1500)]);
       await pf.stop();
       const p = pf.progress();
-      return { throttles: p.throttles, baseline: p.baselineLatencyNs ?? 0, state: p.state, overlapped: pf.budget.overlapped };
+      return { throttles: p.throttles, baseline: p.baselineLatencyNs ?? 0, state: p.state, overlapped: pf.budget.overlapped, bytes: p.bytesDone };
     } finally {
       clearInterval(gen);
       await image.close();
@@ -527,10 +527,11 @@ test('latency budget on a real engine: a foreground that prefetch I/O slows thro
   }
   const calm = await run(false);
   const hurt = await run(true);
-  // The calm run closes the gate once, at its start, to learn its baseline; the hurt one keeps closing it.
-  assert.ok(calm.throttles <= 2, `calm foreground: ${calm.throttles} throttles`);
-  assert.ok(hurt.throttles >= 5, `interfered foreground: only ${hurt.throttles} throttles`);
-  assert.ok(hurt.overlapped > 0);
+  // Each request slowed by a copy costs the hurt run ~900 µs of budget that takes ~45 undisturbed
+  // requests (90 ms) to earn back, so it copies a small fraction of what the calm run copies in the
+  // same 1.5 s (the calm one is held only by the cap, its first baseline and a probe).
+  assert.ok(hurt.throttles >= 1 && hurt.overlapped > 0, `hurt: ${hurt.throttles} throttles, ${hurt.overlapped} overlapped`);
+  assert.ok(hurt.bytes * 4 < calm.bytes, `hurt copied ${hurt.bytes} bytes, calm ${calm.bytes}`);
   assert.ok(hurt.baseline > 0 && hurt.baseline < 500_000, `baseline ${hurt.baseline} ns should be the idle latency`);
 });
 
