@@ -33,9 +33,10 @@
  * precisely when the foreground is slow, so such a baseline sits above the true one and lets the
  * mean latency overshoot the share (measured: +7..10 points with the benchmark's flushes).
  *
- * Data a copy left in the page cache makes later guest flushes slower, long after the copy: the
- * owner flags it (`setResidue`) until it is durable, and requests meanwhile do not feed the
- * baseline either (they are charged like all others).
+ * Copies are not made durable early for the sake of measurement: an fdatasync also cleans the
+ * guest's dirty pages, and re-dirtying them made the guest's writes slower for hundreds of ms
+ * (measured: probes right after such syncs inflated B, and the mean rose 11–24 % instead of 10).
+ * The writeback of copied data that a later guest flush performs is charged like everything else.
  *
  * Idle: no request completed for `idleMs` and none in flight (when the owner counts them). Then
  * nothing can be slowed: the gate is open and any debt is forgiven (the foreground that incurred
@@ -90,7 +91,6 @@ export class LatencyBudget {
   private readonly first: number[] = [];
   private readonly history: number[] = [];
   private ioActive = false;
-  private residue = false;
   private lastIoEnd = Number.NEGATIVE_INFINITY;
   private lastRequestAt = Number.NEGATIVE_INFINITY;
   private open = true;
@@ -124,15 +124,6 @@ export class LatencyBudget {
   }
 
   /**
-   * Prefetched data is (not) waiting in the page cache for writeback: a guest flush meanwhile
-   * writes it and is slower for it, however long after the copy. While set, completions are still
-   * charged but do not teach the baseline (once it exists), so it stays the prefetch-free latency.
-   */
-  setResidue(on: boolean): void {
-    this.residue = on;
-  }
-
-  /**
    * `n` foreground requests completed by `now` (ms) with latencies summing to `latencyNs`; the
    * earliest of them started at `since` (ms). For one request, since = now − latency. Returns
    * true when this completion reopened the gate (the owner should wake a waiting prefetcher).
@@ -141,7 +132,7 @@ export class LatencyBudget {
     if (n <= 0) return false;
     this.requests += n;
     this.lastRequestAt = now;
-    const dirty = this.ioActive || this.lastIoEnd + this.settleMs > since || (this.residue && this.baselineNs !== null);
+    const dirty = this.ioActive || this.lastIoEnd + this.settleMs > since;
     if (dirty) this.overlapped += n;
     else if (this.baselineNs === null) this.learn(now, n, latencyNs);
     else if (this.probeStart >= 0 && since >= Math.max(this.probeStart, this.lastIoEnd) + this.probeSkipMs) {
@@ -164,11 +155,6 @@ export class LatencyBudget {
   /** Foreground activity seen within idleMs (or requests in flight). */
   busy(now: number, inFlight = 0): boolean {
     return inFlight > 0 || now - this.lastRequestAt < this.idleMs;
-  }
-
-  /** A baseline probe is in progress (the owner makes copies durable first: no residue). */
-  get probing(): boolean {
-    return this.probeStart >= 0;
   }
 
   /** When the foreground becomes idle if nothing else completes (ms), for the owner's timer. */

@@ -7,11 +7,11 @@
  * Copies go through the engine hook `prefetchBlocks(b0, b1)`: a *soft write* like copy-on-read
  * (bits set in memory only, FORMAT.md §5.2/§9), taken under the engine's block locks and skipping
  * any block a guest request holds — so a guest write always wins, and a block skipped now is
- * picked up by a later pass. Every `persistBytes` copied (or `persistMs`; `busyPersistBytes` while
- * the foreground is active), the prefetcher has the engine journal those soft bits
- * (`persistSoftBits`: fdatasync of the data, then the records), so a crash or kill during a long
- * prefetch loses at most that much progress — and, while the guest is busy, the copies' writeback
- * is done in small steps that count as prefetch I/O (rule 2) instead of inside a later guest flush.
+ * picked up by a later pass. Every `persistBytes` copied (or `persistMs`), the prefetcher has the
+ * engine journal those soft bits (`persistSoftBits`: fdatasync of the data, then the records), so
+ * a crash or kill during a long prefetch loses at most that much progress. (The persist counts as
+ * prefetch I/O for rule 2; it is not done more often while the guest is busy, because an
+ * fdatasync also cleans the guest's dirty pages and re-dirtying them slows its writes.)
  *
  * One loop, one chunk in flight at a time ("one reader scanning the base sequentially"):
  *
@@ -91,12 +91,6 @@ export interface PrefetchOptions {
   persistBytes?: number;
   /** ... or after this long with unpersisted copies (default 10 s; 0 = no time trigger). */
   persistMs?: number;
-  /**
-   * While the foreground is active (latency budget), persist after this many bytes instead
-   * (default 4 MiB): the copies' writeback then happens in small steps charged to the prefetcher,
-   * not inside a later guest flush. 0 = use persistBytes.
-   */
-  busyPersistBytes?: number;
   /** Seed of the back-off randomness (deterministic tests); default random. */
   seed?: number;
   /**
@@ -217,7 +211,6 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
   private readonly minBytesPerSec: number;
   private readonly persistBytes: number;
   private readonly persistMs: number;
-  private readonly busyPersistBytes: number;
   private readonly random: () => number;
   private readonly meter: ForegroundMeter | null;
   private readonly activity: ActivitySource | null;
@@ -295,7 +288,6 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
     this.minBytesPerSec = options.minBytesPerSec ?? 5 * MiB;
     this.persistBytes = options.persistBytes ?? 64 * MiB;
     this.persistMs = options.persistMs ?? 10_000;
-    this.busyPersistBytes = options.busyPersistBytes ?? 4 * MiB;
     this.random = makeRandom(options.seed);
     const act = options.activity;
     this.meter = act instanceof ForegroundMeter ? act : null;
@@ -440,7 +432,6 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
         copiedThisPass = true;
         this.bytesDone += bytes;
         this.unpersistedBytes += bytes;
-        if (this.timed) this.budget.setResidue(true);
         this.tpBytes += bytes;
         this.tpMs += t1 - t0;
         if (this.cap) this.nextSlot = Math.max(this.nextSlot, t0) + (bytes / this.cap) * 1000;
@@ -448,10 +439,9 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
       this.sampleRate(t1);
       this.observe(t1);
       this.throughputRule();
-      const every = busy && this.busyPersistBytes > 0 ? this.busyPersistBytes : this.persistBytes;
       if (
         this.unpersistedBytes > 0 &&
-        ((every > 0 && this.unpersistedBytes >= every) || (this.persistMs > 0 && t1 - this.lastPersistAt >= this.persistMs))
+        ((this.persistBytes > 0 && this.unpersistedBytes >= this.persistBytes) || (this.persistMs > 0 && t1 - this.lastPersistAt >= this.persistMs))
       ) {
         await this.persist();
       }
@@ -476,7 +466,6 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
     const pending = this.unpersistedBytes;
     const blocks = await this.io(this.image.persistSoftBits());
     this.unpersistedBytes = Math.max(0, this.unpersistedBytes - pending);
-    if (this.unpersistedBytes === 0) this.budget.setResidue(false);
     this.lastPersistAt = this.now();
     this.persists++;
     this.emit('persisted', blocks);
@@ -507,13 +496,6 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
       if (this.timed && !this.budget.ready(now, this.fgInFlight())) {
         // Rule 2: the budget is overdrawn. A completion that refills it wakes us (per request);
         // otherwise we look again when the foreground would count as idle, or after a window.
-        if (this.unpersistedBytes > 0 && (this.budget.probing || this.unpersistedBytes >= this.busyPersistBytes)) {
-          // Copies still awaiting writeback keep requests from teaching the baseline: write
-          // them back before a probe (charged like any prefetch I/O), or a baseline that can
-          // no longer learn could keep the gate closed for good.
-          await this.persist();
-          continue;
-        }
         if (budgetWaitSince < 0) budgetWaitSince = now;
         else if (now - budgetWaitSince >= this.windowMs && this.state === 'running') {
           this.backoffs++;
