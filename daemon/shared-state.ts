@@ -15,6 +15,8 @@ export interface EngineView {
   /** Bytes covered by bitmap blocks; past it everything is local. */
   bitmapEnd: number;
   allLocal: boolean;
+  /** [0] becomes 1 when the engine marks the image fully local while serving (prefetch done). */
+  fullyLocal: Int32Array;
   present: Uint8Array;
   journaled: Uint8Array;
   table: Uint32Array | null;
@@ -40,7 +42,7 @@ export function engineView(image: FvdImage): EngineView {
 export function mapDirect(v: EngineView, offset: number, length: number, write: boolean): number {
   if (v.encrypted) return -1;
   const end = offset + length;
-  if (!v.allLocal && offset < v.bitmapEnd) {
+  if (!v.allLocal && offset < v.bitmapEnd && v.fullyLocal[0] === 0) {
     const bs = v.blockSize;
     const b0 = Math.floor(offset / bs);
     const b1 = Math.min(Math.floor((end - 1) / bs), v.baseBlocks - 1);

@@ -183,6 +183,8 @@ export class FvdImage {
   /** Storage at or beyond this offset has never been written: it reads as zeros (regular files). */
   private knownZeroFrom: number;
   private allLocal: boolean;
+  /** allLocal for the daemon's queue workers: [0] = 1 once fully local (read per request). */
+  private readonly sharedAllLocal = new Int32Array(new SharedArrayBuffer(4));
   private closed = false;
   private readonly wasDirty: boolean;
   private readonly replayedSectors: number;
@@ -231,6 +233,7 @@ export class FvdImage {
     this.journaled.set(state.present);
     this.table = state.table;
     this.allLocal = !base || (header.autoclear & AUTOCLEAR_FULLY_LOCAL) !== 0n || this.baseBlocks === 0;
+    this.sharedAllLocal[0] = this.allLocal ? 1 : 0;
     this.knownZeroFrom = file.isBlockDevice ? Number.POSITIVE_INFINITY : file.size();
     this.wasDirty = (header.incompatible & INCOMPAT_DIRTY) !== 0n;
     this.replayedSectors = state.replayed;
@@ -726,11 +729,12 @@ export class FvdImage {
 
   /**
    * Copies the blocks of [b0, b1] still only in the base into the image, as soft writes (like
-   * copy-on-read: bits in memory only, persisted at the next checkpoint). Runs that a guest
+   * copy-on-read: bits in memory only, persisted by persistSoftBits or the next checkpoint). Runs that a guest
    * request holds locked are skipped — the guest always wins — and come back in a later pass.
-   * Returns the bytes read from the base. Errors are thrown to the caller.
+   * Returns the bytes read from the base. Errors are thrown to the caller. `scratch`, if given and
+   * large enough, is the copy buffer (the caller reuses it; it is free again once this resolves).
    */
-  async prefetchBlocks(b0: number, b1: number): Promise<number> {
+  async prefetchBlocks(b0: number, b1: number, scratch?: Uint8Array): Promise<number> {
     this.checkWritable('prefetch');
     if (this.encrypted && !this.xts) throw new KeyError(`${this.path}: prefetch into an encrypted image opened without its key`);
     if (this.closed || this.allLocal) return 0;
@@ -744,7 +748,8 @@ export class FvdImage {
       const e = runs[i + 1]!;
       if (!this.locks.tryAcquire(b, e)) continue;
       const start = b * bs;
-      const whole = new Uint8Array(Math.min((e + 1) * bs, this.size) - start);
+      const len = Math.min((e + 1) * bs, this.size) - start;
+      const whole = scratch && scratch.length >= len ? scratch.subarray(0, len) : new Uint8Array(len);
       try {
         await this.readBaseRaw(whole, start);
       } catch (err) {
@@ -759,6 +764,43 @@ export class FvdImage {
   }
 
   /**
+   * Journals the bits of blocks made local by soft writes (copy-on-read, prefetch), so a crash no
+   * longer loses them, and waits until they are durable. The journal commit starts with fdatasync,
+   * and each bit was set only after its data write completed: the data is durable before the
+   * record that exposes it (FORMAT.md §9). Returns the number of blocks whose bits it journaled.
+   */
+  async persistSoftBits(): Promise<number> {
+    this.checkWritable('persist');
+    if (this.closed || this.allLocal) return 0;
+    let n = 0;
+    const present = this.present;
+    const journaled = this.journaled;
+    const last = this.baseBlocks;
+    for (let b = 0; b < last; ) {
+      if ((b & 7) === 0 && (present[b >>> 3]! & ~journaled[b >>> 3]!) === 0) {
+        b += 8; // nothing soft in this byte
+        continue;
+      }
+      if (!testBit(present, b) || testBit(journaled, b)) {
+        b++;
+        continue;
+      }
+      let e = b;
+      while (e + 1 < last && testBit(present, e + 1) && !testBit(journaled, e + 1)) e++;
+      this.logBitmapRun(b, e);
+      n += e - b + 1;
+      b = e + 1;
+    }
+    await this.journal!.commit();
+    return n;
+  }
+
+  /** True once close() or abandon() began: no more I/O through this object. */
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
+  /**
    * Once every base block is local: records FULLY_LOCAL (with a checkpoint, so the bitmap it
    * replaces is on disk first) and stops consulting the bitmap. Returns false if blocks remain.
    */
@@ -770,6 +812,7 @@ export class FvdImage {
     this.header.autoclear |= AUTOCLEAR_FULLY_LOCAL;
     await this.journal!.checkpoint();
     this.allLocal = true;
+    Atomics.store(this.sharedAllLocal, 0, 1);
     return true;
   }
 
@@ -1200,7 +1243,7 @@ export class FvdImage {
    */
   sharedView(): {
     size: number; dataOffset: number; blockSize: number; chunkSize: number; baseBlocks: number; bitmapEnd: number;
-    allLocal: boolean; present: Uint8Array; journaled: Uint8Array; table: Uint32Array | null; encrypted: boolean; shared: Uint8Array | null;
+    allLocal: boolean; fullyLocal: Int32Array; present: Uint8Array; journaled: Uint8Array; table: Uint32Array | null; encrypted: boolean; shared: Uint8Array | null;
   } {
     return {
       size: this.size,
@@ -1210,6 +1253,7 @@ export class FvdImage {
       baseBlocks: this.baseBlocks,
       bitmapEnd: this.bitmapEnd,
       allLocal: this.allLocal,
+      fullyLocal: this.sharedAllLocal,
       present: this.present,
       journaled: this.journaled,
       table: this.table,
@@ -1296,6 +1340,7 @@ export class FvdImage {
         this.base = await this.reopenBase();
         this.header.autoclear &= ~AUTOCLEAR_FULLY_LOCAL;
         this.allLocal = this.baseBlocks === 0;
+        Atomics.store(this.sharedAllLocal, 0, this.allLocal ? 1 : 0); // queue workers consult bits again
       },
       abandon: () => this.abandon(),
     };

@@ -5,38 +5,41 @@
  * never consult the bitmap nor open the base.
  *
  * Copies go through the engine hook `prefetchBlocks(b0, b1)`: a *soft write* like copy-on-read
- * (bits set in memory only, persisted at the next checkpoint, FORMAT.md §5.2/§9), taken under the
- * engine's block locks and skipping any block a guest request holds — so a guest write always
- * wins, and a block skipped now is picked up by a later pass.
+ * (bits set in memory only, FORMAT.md §5.2/§9), taken under the engine's block locks and skipping
+ * any block a guest request holds — so a guest write always wins, and a block skipped now is
+ * picked up by a later pass. Every `persistBytes` copied (or `persistMs`), the prefetcher has the
+ * engine journal those soft bits (`persistSoftBits`: fdatasync of the data, then the records), so
+ * a crash or kill during a long prefetch loses at most that much progress. (The persist counts as
+ * prefetch I/O for rule 2; it is not done more often while the guest is busy, because an
+ * fdatasync also cleans the guest's dirty pages and re-dirtying them slows its writes.)
  *
  * One loop, one chunk in flight at a time ("one reader scanning the base sequentially"):
  *
- *   cursor → nextAbsentBlock(cursor) = b → prefetchBlocks(b, b + chunkBlocks − 1) → cursor = end
+ *   cursor → nextAbsentBlock(cursor) = b → prefetchBlocks(b, b + chunk − 1) → cursor = end
  *
  * wrapping to block 0 once the end is reached, until a scan from 0 finds nothing absent. Each
  * block is read from the base at most once by the prefetcher (only absent blocks are read, and a
  * copied block is present from then on).
  *
- * Throttling, checked between chunks and every `windowMs` while waiting:
+ * Throttling, checked before every chunk:
  *
  *  1. Bandwidth cap (`maxBytesPerSec`): pacing, not a bucket — after a chunk of n bytes started at
  *     t0, the next may start at max(previous slot, t0) + n / cap. No catching up after pauses.
- *  2. Foreground latency (`maxLatencyShare`), when the activity source reports latency: the mean
- *     foreground latency of windows during which no prefetch I/O ran is the *baseline* (EWMA,
- *     α = 0.8 like FVD). A window while prefetching whose mean latency exceeds
- *     baseline × (1 + share) makes the prefetcher back off for a random 1 ms .. `maxPauseMs` pause
- *     (randomized like FVD, so several prefetchers on one disk do not resume in lock-step). With
- *     foreground activity and no baseline yet, it backs off first to measure one. A back-off
- *     ends early when the foreground has been idle for `idleResumeMs`.
+ *  2. Foreground latency (`maxLatencyShare`), when the activity source reports latencies: the
+ *     latency budget of fvd/prefetch-control.ts (baseline from periodic probes), fed per
+ *     completed foreground request (a ForegroundMeter) or per poll (a polled ActivitySource). A chunk starts only while the
+ *     budget is not overdrawn or the foreground is idle; a completion that refills it wakes the
+ *     loop at once. While the foreground is active, chunks are `busyChunkBytes` (smaller: each
+ *     slows fewer requests, and the gate is consulted more often).
  *  3. Foreground rate, when the source reports no latency (latencyNs stays 0; e.g. the daemon's
  *     queue workers count requests but do not time them): a window with at least `busyOpsPerSec`
  *     foreground operations per second means "guest busy": pause until the rate has stayed below
  *     that for `idleResumeMs`.
  *  4. FVD's own throughput rule: prefetch throughput is measured per operation (time inside
  *     prefetchBlocks); once at least `windowMs` of it accumulated, an EWMA (α = 0.8) is updated,
- *     and when it is below `minBytesPerSec` the prefetcher backs off (random pause) with 50 %
- *     probability — contention from something it cannot see (other images on the same disk) —
- *     otherwise the average is reset. After every pause the throughput state is reset.
+ *     and when it is below `minBytesPerSec` the prefetcher backs off (random pause of
+ *     minPauseMs .. maxPauseMs) with 50 % probability — contention from something it cannot see
+ *     (other images on the same disk) — otherwise the average is reset.
  *
  * Any prefetch I/O error ends prefetching: state `failed`, the error kept; the image is unaffected
  * (the hook releases its locks; a copy that failed simply leaves the blocks in the base).
@@ -45,6 +48,8 @@
  */
 import { EventEmitter } from 'node:events';
 import type { FvdImage } from './image.js';
+import { FvdError } from './errors.js';
+import { LatencyBudget } from './prefetch-control.js';
 
 /** Cumulative counters of foreground I/O, fed by whoever serves the image. */
 export interface ForegroundActivity {
@@ -59,15 +64,21 @@ export interface ForegroundActivity {
 export type ActivitySource = () => ForegroundActivity;
 
 export interface PrefetchOptions {
-  /** Bytes per prefetch read (rounded up to whole blocks); default 1 MiB. */
+  /** Bytes per prefetch read while the foreground is idle (rounded up to whole blocks); default 1 MiB. */
   chunkBytes?: number;
+  /** Bytes per prefetch read while the foreground is active (latency budget); default 256 KiB. */
+  busyChunkBytes?: number;
   /** Bandwidth cap in bytes per second of base data copied; default unlimited (0 or Infinity). */
   maxBytesPerSec?: number;
-  /** Foreground latency may rise at most this share over its idle baseline (default 0.1). */
+  /** Foreground latency may rise at most this share over its baseline (default 0.1). */
   maxLatencyShare?: number;
-  /** The foreground must be idle this long before a busy pause ends (default 500 ms). */
+  /** Latency budget: the foreground is idle after this long without a request (default 50 ms). */
+  idleMs?: number;
+  /** Latency budget: requests this soon after prefetch I/O do not feed the baseline (default 2 ms). */
+  settleMs?: number;
+  /** Rate rule: the foreground must be quiet this long before a busy pause ends (default 500 ms). */
   idleResumeMs?: number;
-  /** Random back-off pauses last minPauseMs .. maxPauseMs (default 1 .. 2000 ms). */
+  /** Random back-off pauses (throughput rule) last minPauseMs .. maxPauseMs (default 1 .. 2000 ms). */
   minPauseMs?: number;
   maxPauseMs?: number;
   /** Measurement window (FVD's throughput_measure_time, default 100 ms). */
@@ -76,10 +87,17 @@ export interface PrefetchOptions {
   busyOpsPerSec?: number;
   /** FVD's min throughput: below it, back off with 50 % probability (default 5 MiB/s; 0 = off). */
   minBytesPerSec?: number;
+  /** Journal the copied blocks' bits after this many bytes were copied (default 64 MiB; 0 = never). */
+  persistBytes?: number;
+  /** ... or after this long with unpersisted copies (default 10 s; 0 = no time trigger). */
+  persistMs?: number;
   /** Seed of the back-off randomness (deterministic tests); default random. */
   seed?: number;
-  /** Foreground activity to adapt to; none = the offline tool, nothing to yield to. */
-  activity?: ActivitySource;
+  /**
+   * Foreground activity to adapt to: a ForegroundMeter (per-request latencies, the best input) or
+   * a polled source of cumulative counters. None = the offline tool, nothing to yield to.
+   */
+  activity?: ActivitySource | ForegroundMeter;
   /** Clock in milliseconds (tests); default performance.now. */
   now?: () => number;
 }
@@ -103,18 +121,20 @@ export interface PrefetchProgress {
   etaSeconds: number | null;
   /** Milliseconds since start(). */
   elapsedMs: number;
-  /** Back-off and busy pauses so far. */
+  /** Pauses so far: busy, throughput back-offs, latency-budget waits longer than windowMs. */
   backoffs: number;
-  /** Baseline foreground latency in ns (windows without prefetch I/O), or null. */
+  /** Times the latency budget closed the gate before a chunk (short waits included). */
+  throttles: number;
+  /** Baseline foreground latency in ns (requests without prefetch I/O), or null. */
   baselineLatencyNs: number | null;
+  /** Times the copied blocks' bits were journaled (persistSoftBits). */
+  persists: number;
   /** The error that ended prefetching (state 'failed'). */
   error: Error | null;
 }
 
 const MiB = 1024 * 1024;
 const ALPHA = 0.8;
-/** Windows with fewer foreground ops do not judge latency (too noisy). */
-const MIN_WINDOW_OPS = 4;
 /** A pass that copied nothing (every absent block held by guest requests) waits this long. */
 const LOCKED_RETRY_MS = 5;
 const RATE_SPAN_MS = 5000;
@@ -132,45 +152,73 @@ function makeRandom(seed: number | undefined): () => number {
   };
 }
 
+/** What a ForegroundMeter reports each completion to (a Prefetcher). */
+interface ForegroundListener {
+  onForeground(latencyNs: number): void;
+}
+
 /**
- * Counts foreground requests for a Prefetcher: call `record(bytes, latencyNs)` per completed
- * request (or `time(promise, bytes)`), and pass `meter.source` as the activity source.
+ * Measures foreground requests for a Prefetcher: `begin()` when a request is issued and
+ * `end(bytes, latencyNs)` when it completes (or `time(promise, bytes)` for both), and pass the
+ * meter as the prefetcher's `activity`. Every completion reaches the prefetcher's latency budget
+ * at once; requests in flight keep the foreground from counting as idle. `record()` is `end()`
+ * for owners that cannot call `begin()`. Allocation-free per request.
  */
 export class ForegroundMeter {
   private readonly totals: ForegroundActivity = { ops: 0, bytes: 0, latencyNs: 0 };
+  /** Requests begun and not yet ended. */
+  inFlight = 0;
+  /** @internal set by the Prefetcher that adapts to this meter */
+  listener: ForegroundListener | null = null;
+  begin(): void {
+    this.inFlight++;
+  }
+  end(bytes: number, latencyNs: number): void {
+    if (this.inFlight > 0) this.inFlight--;
+    this.record(bytes, latencyNs);
+  }
   record(bytes: number, latencyNs: number): void {
     this.totals.ops++;
     this.totals.bytes += bytes;
     this.totals.latencyNs += latencyNs;
+    this.listener?.onForeground(latencyNs);
   }
   /** Awaits `p` and records it with its latency. */
   async time<T>(p: Promise<T>, bytes: number, startNs = process.hrtime.bigint()): Promise<T> {
+    this.begin();
     try {
       return await p;
     } finally {
-      this.record(bytes, Number(process.hrtime.bigint() - startNs));
+      this.end(bytes, Number(process.hrtime.bigint() - startNs));
     }
   }
   readonly source: ActivitySource = () => this.totals;
 }
 
-export class Prefetcher extends EventEmitter {
+export class Prefetcher extends EventEmitter implements ForegroundListener {
   readonly chunkBlocks: number;
+  readonly busyChunkBlocks: number;
   private readonly blockSize: number;
   private readonly blocks: number;
   /** Bytes of the virtual disk that have bitmap bits (min(base size, virtual size)). */
   private readonly baseLimit: number;
   private readonly cap: number;
-  private readonly share: number;
   private readonly idleResumeMs: number;
   private readonly minPauseMs: number;
   private readonly maxPauseMs: number;
   private readonly windowMs: number;
   private readonly busyOpsPerSec: number;
   private readonly minBytesPerSec: number;
+  private readonly persistBytes: number;
+  private readonly persistMs: number;
   private readonly random: () => number;
+  private readonly meter: ForegroundMeter | null;
   private readonly activity: ActivitySource | null;
   private readonly now: () => number;
+  /** The latency budget (rule 2); consulted once latency figures arrived. */
+  readonly budget: LatencyBudget;
+  /** Copy buffer reused by every chunk (no per-chunk allocation, no GC pressure on the guest). */
+  private scratch: Uint8Array | null = null;
 
   private state: PrefetchState = 'idle';
   private pauseReason: PauseReason | null = null;
@@ -181,21 +229,27 @@ export class Prefetcher extends EventEmitter {
   private startedAt = 0;
   private bytesDone = 0;
   private backoffs = 0;
+  private persists = 0;
+  private unpersistedBytes = 0;
+  private lastPersistAt = 0;
   /** Prefetch I/O in flight, and a promise that settles when it ends (pause() waits on it). */
   private inFlight: Promise<unknown> | null = null;
-  /** Wakes the current sleep early (stop, resume). */
+  /** Wakes the current sleep early (stop, resume, a foreground completion refilling the budget). */
   private wake: (() => void) | null = null;
+  /** The loop waits for the latency budget: a completion that reopens it wakes the loop. */
+  private waitingForBudget = false;
+  /** Latency figures have been seen: rule 2 applies (else rule 3). */
+  private timed = false;
   /** Pacing: the earliest time the next chunk may start (bandwidth cap). */
   private nextSlot = 0;
-  // foreground window
+  private pauseUntil = 0;
+  // polled foreground window (rules 2 and 3 for an ActivitySource)
   private winStart = 0;
   private winOps = 0;
   private winLat = 0;
   private winPrefetched = false;
-  private baselineNs: number | null = null;
-  /** Last time the foreground was seen busy (rate rule) or active at all (latency rule). */
-  private lastBusyAt = -Infinity;
-  private lastActiveAt = -Infinity;
+  /** Last time the foreground was seen busy (rate rule). */
+  private lastBusyAt = Number.NEGATIVE_INFINITY;
   // FVD throughput rule
   private tpBytes = 0;
   private tpMs = 0;
@@ -220,17 +274,24 @@ export class Prefetcher extends EventEmitter {
     const chunk = options.chunkBytes ?? MiB;
     if (!(chunk > 0)) throw new RangeError(`chunkBytes must be positive`);
     this.chunkBlocks = Math.max(1, Math.ceil(chunk / blockSize));
+    const busyChunk = options.busyChunkBytes ?? Math.min(chunk, 256 * 1024);
+    if (!(busyChunk > 0)) throw new RangeError(`busyChunkBytes must be positive`);
+    this.busyChunkBlocks = Math.max(1, Math.ceil(busyChunk / blockSize));
     const cap = options.maxBytesPerSec ?? 0;
     this.cap = cap > 0 && Number.isFinite(cap) ? cap : 0;
-    this.share = options.maxLatencyShare ?? 0.1;
+    this.budget = new LatencyBudget({ share: options.maxLatencyShare ?? 0.1, idleMs: options.idleMs, settleMs: options.settleMs });
     this.idleResumeMs = options.idleResumeMs ?? 500;
     this.minPauseMs = Math.max(0, options.minPauseMs ?? 1);
     this.maxPauseMs = Math.max(this.minPauseMs, options.maxPauseMs ?? 2000);
     this.windowMs = Math.max(1, options.windowMs ?? 100);
     this.busyOpsPerSec = options.busyOpsPerSec ?? 10;
     this.minBytesPerSec = options.minBytesPerSec ?? 5 * MiB;
+    this.persistBytes = options.persistBytes ?? 64 * MiB;
+    this.persistMs = options.persistMs ?? 10_000;
     this.random = makeRandom(options.seed);
-    this.activity = options.activity ?? null;
+    const act = options.activity;
+    this.meter = act instanceof ForegroundMeter ? act : null;
+    this.activity = act instanceof ForegroundMeter ? null : (act ?? null);
     this.now = options.now ?? (() => performance.now());
     this.finished = new Promise((r) => (this.resolveFinished = r));
   }
@@ -239,6 +300,8 @@ export class Prefetcher extends EventEmitter {
   start(): this {
     if (this.loopPromise) return this;
     this.startedAt = this.now();
+    this.lastPersistAt = this.startedAt;
+    if (this.meter) this.meter.listener = this;
     this.resetWindow(this.startedAt);
     this.samples.push(this.startedAt, 0);
     this.setState('running', null);
@@ -247,6 +310,7 @@ export class Prefetcher extends EventEmitter {
       this.setState('failed', null);
     }).finally(() => {
       this.inFlight = null;
+      if (this.meter?.listener === this) this.meter.listener = null;
       const p = this.progress();
       this.resolveFinished(p);
       this.emit(this.state, p); // 'done' | 'stopped' | 'failed'
@@ -277,6 +341,14 @@ export class Prefetcher extends EventEmitter {
     this.wake?.();
   }
 
+  /** A foreground request completed (from a ForegroundMeter): rule 2, per request. */
+  onForeground(latencyNs: number): void {
+    if (latencyNs <= 0) return;
+    this.timed = true;
+    const now = this.now();
+    if (this.budget.onRequests(now, 1, latencyNs, now - latencyNs / 1e6) && this.waitingForBudget) this.wake?.();
+  }
+
   progress(): PrefetchProgress {
     const now = this.now();
     const { absent } = this.image.baseProgress();
@@ -299,7 +371,9 @@ export class Prefetcher extends EventEmitter {
       etaSeconds: remaining === 0 ? 0 : active && rate > 0 ? remaining / rate : null,
       elapsedMs: this.startedAt ? now - this.startedAt : 0,
       backoffs: this.backoffs,
-      baselineLatencyNs: this.baselineNs,
+      throttles: this.budget.closings,
+      baselineLatencyNs: this.budget.baselineNs,
+      persists: this.persists,
       error: this.error,
     };
   }
@@ -311,6 +385,10 @@ export class Prefetcher extends EventEmitter {
     this.state = state;
     this.pauseReason = reason;
     if (changed) this.emit('state', state, reason);
+  }
+
+  private fgInFlight(): number {
+    return this.meter ? this.meter.inFlight : 0;
   }
 
   private async loop(): Promise<void> {
@@ -334,30 +412,26 @@ export class Prefetcher extends EventEmitter {
         // End of a pass: blocks skipped because a guest request held them are still absent.
         if (!copiedThisPass) {
           // Nothing copied in a whole pass: guest requests hold everything left — or the image
-          // was closed under us (a zero-length read then throws, ending the loop as failed).
-          await image.read(new Uint8Array(0), 0);
+          // was closed under us (prefetchBlocks then copies nothing, forever).
+          if (image.isClosed) throw new FvdError(`${image.path}: image closed while prefetching`, 'EINVAL');
           await this.sleep(LOCKED_RETRY_MS);
         }
         cursor = 0;
         copiedThisPass = false;
         continue;
       }
-      const b1 = Math.min(b + this.chunkBlocks - 1, this.blocks - 1);
       const t0 = this.now();
-      this.winPrefetched = true;
-      const io = image.prefetchBlocks(b, b1);
-      this.inFlight = io;
-      let bytes: number;
-      try {
-        bytes = await io;
-      } finally {
-        this.inFlight = null;
-      }
+      const busy = this.timed && this.budget.busy(t0, this.fgInFlight());
+      const n = busy ? this.busyChunkBlocks : this.chunkBlocks;
+      const b1 = Math.min(b + n - 1, this.blocks - 1);
+      this.scratch ??= new Uint8Array(this.chunkBlocks * this.blockSize);
+      const bytes = await this.io(image.prefetchBlocks(b, b1, this.scratch));
       const t1 = this.now();
       cursor = b1 + 1;
       if (bytes > 0) {
         copiedThisPass = true;
         this.bytesDone += bytes;
+        this.unpersistedBytes += bytes;
         this.tpBytes += bytes;
         this.tpMs += t1 - t0;
         if (this.cap) this.nextSlot = Math.max(this.nextSlot, t0) + (bytes / this.cap) * 1000;
@@ -365,50 +439,92 @@ export class Prefetcher extends EventEmitter {
       this.sampleRate(t1);
       this.observe(t1);
       this.throughputRule();
+      if (
+        this.unpersistedBytes > 0 &&
+        ((this.persistBytes > 0 && this.unpersistedBytes >= this.persistBytes) || (this.persistMs > 0 && t1 - this.lastPersistAt >= this.persistMs))
+      ) {
+        await this.persist();
+      }
     }
   }
 
+  /** Prefetch I/O: tracked for pause() and for the latency budget's attribution. */
+  private async io<T>(p: Promise<T>): Promise<T> {
+    this.inFlight = p;
+    this.winPrefetched = true;
+    this.budget.ioStart();
+    try {
+      return await p;
+    } finally {
+      this.inFlight = null;
+      this.budget.ioEnd(this.now());
+    }
+  }
+
+  /** Journals the bits of the blocks copied so far (the engine makes their data durable first). */
+  private async persist(): Promise<void> {
+    const pending = this.unpersistedBytes;
+    const blocks = await this.io(this.image.persistSoftBits());
+    this.unpersistedBytes = Math.max(0, this.unpersistedBytes - pending);
+    this.lastPersistAt = this.now();
+    this.persists++;
+    this.emit('persisted', blocks);
+  }
+
   /**
-   * Returns when the next chunk may start: waits out the user's pause, back-offs, busy periods and
-   * the bandwidth cap, sampling the foreground every window meanwhile.
+   * Returns when the next chunk may start: waits out the user's pause, back-offs, busy periods, the
+   * latency budget and the bandwidth cap.
    */
   private async gate(): Promise<void> {
+    let budgetWaitSince = -1;
     for (;;) {
       if (this.stopping) return;
-      const now = this.now();
+      let now = this.now();
       if (this.userPaused) {
         this.setState('paused', 'user');
         await this.sleep(this.windowMs);
         this.observe(this.now());
         continue;
       }
-      if (this.state === 'paused' && this.pauseReason !== 'user') {
+      if (this.state === 'paused' && this.pauseReason === 'user') this.setState('running', null); // user resumed
+      this.observe(now);
+      if (this.state === 'paused' && this.pauseReason !== 'latency') {
         // A back-off or busy pause in progress: observe() decides when it ends.
         await this.sleep(Math.min(this.windowMs, Math.max(1, this.pauseUntil - now)));
-        this.observe(this.now());
         continue;
       }
-      if (this.state === 'paused') this.setState('running', null); // user resumed
+      if (this.timed && !this.budget.ready(now, this.fgInFlight())) {
+        // Rule 2: the budget is overdrawn. A completion that refills it wakes us (per request);
+        // otherwise we look again when the foreground would count as idle, or after a window.
+        if (budgetWaitSince < 0) budgetWaitSince = now;
+        else if (now - budgetWaitSince >= this.windowMs && this.state === 'running') {
+          this.backoffs++;
+          this.setState('paused', 'latency');
+          this.emit('backoff', 'latency');
+        }
+        this.waitingForBudget = true;
+        try {
+          await this.sleep(Math.max(1, Math.min(this.windowMs, this.budget.idleAt() - now + 1)));
+        } finally {
+          this.waitingForBudget = false;
+        }
+        continue;
+      }
+      if (this.state === 'paused' && this.pauseReason === 'latency') this.setState('running', null);
+      now = this.now();
       if (this.cap && this.nextSlot > now) {
         await this.sleep(Math.min(this.windowMs, this.nextSlot - now));
-        this.observe(this.now());
         continue;
       }
       return;
     }
   }
 
-  private pauseUntil = 0;
-
   /** Random back-off (FVD): uniform minPauseMs .. maxPauseMs. */
   private backOff(reason: PauseReason, now: number): void {
     this.backoffs++;
-    let until = now + this.minPauseMs + this.random() * (this.maxPauseMs - this.minPauseMs);
-    // Without a baseline yet, pause long enough for one clean window to measure it.
-    if (reason === 'latency' && this.baselineNs === null) until = Math.max(until, now + 2 * this.windowMs);
-    this.pauseUntil = until;
+    this.pauseUntil = now + this.minPauseMs + this.random() * (this.maxPauseMs - this.minPauseMs);
     this.resetThroughput();
-    this.resetWindow(now); // windows measured from here on are free of prefetch I/O
     this.setState('paused', reason);
     this.emit('backoff', reason);
   }
@@ -441,38 +557,31 @@ export class Prefetcher extends EventEmitter {
     this.tpAvg = null;
   }
 
-  /** Closes the foreground measurement window when it is long enough, and applies rules 2 and 3. */
+  /**
+   * Ends a timed pause, and reads a polled activity source: timed requests go to the latency
+   * budget as one aggregate (rule 2), untimed ones drive the busy rule (rule 3) per window.
+   */
   private observe(now: number): void {
-    const paused = this.state === 'paused' && this.pauseReason !== 'user';
+    const paused = this.state === 'paused' && this.pauseReason !== 'user' && this.pauseReason !== 'latency';
     if (paused && now >= this.pauseUntil) this.endPause();
     if (!this.activity) return;
-    const dt = now - this.winStart;
-    if (dt < this.windowMs) return;
     const a = this.activity();
     const dOps = a.ops - this.winOps;
     const dLat = a.latencyNs - this.winLat;
-    const prefetched = this.winPrefetched;
-    const timed = dLat > 0;
-    // Too few timed requests to judge a mean: let the window grow (up to 10 windows).
-    if (timed && dOps < MIN_WINDOW_OPS && dt < 10 * this.windowMs) return;
-    this.resetWindow(now);
-    if (dOps > 0) this.lastActiveAt = now;
-    const busy = !timed && dOps > 0 && (dOps * 1000) / dt >= this.busyOpsPerSec;
-    if (busy) this.lastBusyAt = now;
-    const mean = timed && dOps >= MIN_WINDOW_OPS ? dLat / dOps : null;
-    if (mean !== null && !prefetched) this.baselineNs = this.baselineNs === null ? mean : ALPHA * this.baselineNs + (1 - ALPHA) * mean;
-
-    const state = this.state;
-    if (state === 'running' && prefetched) {
-      if (busy) return this.busyPause();
-      if (mean !== null && (this.baselineNs === null || mean > this.baselineNs * (1 + this.share))) return this.backOff('latency', now);
-    } else if (state === 'paused') {
-      // Busy pause: ends once the rate stayed low for idleResumeMs. Latency back-off: ends early
-      // when the foreground went idle (no requests at all) for idleResumeMs. (A throughput
-      // back-off answers contention the foreground source cannot see: it runs its course.)
-      if (this.pauseReason === 'busy' && now - this.lastBusyAt >= this.idleResumeMs) this.endPause();
-      else if (this.pauseReason === 'latency' && now - this.lastActiveAt >= this.idleResumeMs) this.endPause();
+    if (dLat > 0) {
+      this.timed = true;
+      this.budget.onRequests(now, dOps, dLat, this.winStart);
+      this.resetWindow(now);
+      return;
     }
+    const dt = now - this.winStart;
+    if (dt < this.windowMs) return;
+    const prefetched = this.winPrefetched;
+    this.resetWindow(now);
+    const busy = dOps > 0 && (dOps * 1000) / dt >= this.busyOpsPerSec;
+    if (busy) this.lastBusyAt = now;
+    if (this.state === 'running' && prefetched && busy) this.busyPause();
+    else if (this.state === 'paused' && this.pauseReason === 'busy' && now - this.lastBusyAt >= this.idleResumeMs) this.endPause();
   }
 
   /** Rule 4 (FVD): EWMA of per-operation throughput; below the minimum, back off half the time. */

@@ -14,6 +14,7 @@ import {
   decodeDevInfo, encodeCtrlCmd, encodeDevInfo, encodeIoCmd, encodeParams,
 } from '../daemon/ublk/abi.js';
 import { CompletionRing, mapDirect, type EngineView } from '../daemon/shared-state.js';
+import { Prefetcher } from '../fvd/prefetch.js';
 import { readInstanceConfig } from '../daemon/instance-config.js';
 import { listStates, removeState, writeState } from '../daemon/state.js';
 import { FvdImage } from '../fvd/image.js';
@@ -70,7 +71,7 @@ test('struct encodings: ctrl cmd, io cmd, dev info, params at their offsets', ()
 function view(over: Partial<EngineView>): EngineView {
   return {
     size: 1 << 20, dataOffset: 1 << 20, blockSize: 4096, chunkSize: 65536, baseBlocks: 0, bitmapEnd: 0, allLocal: true,
-    present: new Uint8Array(32), journaled: new Uint8Array(32), table: null, encrypted: false, shared: null, ...over,
+    fullyLocal: new Int32Array(1), present: new Uint8Array(32), journaled: new Uint8Array(32), table: null, encrypted: false, shared: null, ...over,
   };
 }
 
@@ -163,6 +164,29 @@ test('a served image with snapshots: the engine copies a shared chunk, then clea
   img = await FvdImage.open(nodeIo, file);
   v = img.sharedView();
   assert.equal([...v.shared!.subarray(0, 3)], [0, 1, 0], 'rebuilt from the refcount table at open');
+  await img.close();
+  fs.rmSync(dir, { recursive: true });
+});
+
+test('mapDirect: the shared fully-local flag stops bitmap lookups once prefetching finished while serving', async () => {
+  const present = new Uint8Array(32);
+  const v = view({ allLocal: false, baseBlocks: 100, bitmapEnd: 100 * 4096, present, journaled: new Uint8Array(32) });
+  assert.is(mapDirect(v, 0, 4096, true), -1);
+  v.fullyLocal[0] = 1;
+  assert.is(mapDirect(v, 0, 4096, true), 1 << 20, 'the flag alone routes to the image');
+
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-du-'));
+  fs.writeFileSync(path.join(dir, 'b.raw'), Buffer.alloc(1 << 20, 7));
+  await FvdImage.create(nodeIo, path.join(dir, 'i.fvd'), { base: 'b.raw', baseFormat: 'raw', blockSize: 4096, detectZeroes: false });
+  const img = await FvdImage.open(nodeIo, path.join(dir, 'i.fvd'), { copyOnRead: false });
+  const sv = img.sharedView(); // taken once, as the server does before starting its workers
+  assert.not.ok(sv.allLocal);
+  assert.is(sv.fullyLocal[0], 0);
+  assert.ok(sv.fullyLocal.buffer instanceof SharedArrayBuffer, 'shared with the worker threads');
+  const end = await new Prefetcher(img, { minBytesPerSec: 0 }).start().finished;
+  assert.is(end.state, 'done');
+  assert.is(sv.fullyLocal[0], 1, 'the view taken before prefetching sees the image become fully local');
+  assert.ok(mapDirect(sv, 8192, 4096, true) > 0);
   await img.close();
   fs.rmSync(dir, { recursive: true });
 });

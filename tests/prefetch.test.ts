@@ -14,8 +14,10 @@ import { FvdImage, type CreateOptions } from '../fvd/image.js';
 import { nodeIo } from '../fvd/node-file.js';
 import { checkImage } from '../fvd/check.js';
 import type { BlockFile, IoBackend, OpenOptions } from '../fvd/io.js';
-import { Prefetcher, type ForegroundActivity, type PrefetchState } from '../fvd/prefetch.js';
+import { ForegroundMeter, Prefetcher, type ForegroundActivity, type PrefetchState } from '../fvd/prefetch.js';
 import { Rng } from './helpers/rng.js';
+import { CrashIo } from './helpers/crash-io.js';
+import { countSet, testBit } from '../fvd/bitmap.js';
 import { MemIo } from './helpers/mem-io.js';
 import { DiskModel, firstMismatch, makeData, makeFvdBase } from './helpers/model.js';
 import { CLI, TempDir, assertNoCrash, assertOneLineError, fvd, patternBytes, type CliResult } from './helpers/cli.js';
@@ -322,6 +324,105 @@ test('stop mid-way, crash, reopen: data right, nothing corrupt; prefetch then co
   }
 });
 
+test('persistSoftBits: journaled copy-on-read bits survive a crash; unpersisted ones are merely re-read', async () => {
+  const rng = new Rng(31);
+  const mem = new MemIo({ rng: rng.fork() });
+  const bs = 16 * KiB;
+  const size = 1 * MiB;
+  const initial = rng.bytes(size);
+  mem.writeFile('/s/base', initial);
+  await FvdImage.create(mem, '/s/img', { base: 'base', baseFormat: 'raw', blockSize: bs, detectZeroes: false });
+  let image = await FvdImage.open(mem, '/s/img');
+  assert.not.ok(image.isClosed);
+  await readAll(image, 256 * KiB); // copy-on-read: 16 soft blocks
+  await image.idle();
+  assert.is(await image.persistSoftBits(), 16);
+  assert.is(await image.persistSoftBits(), 0, 'nothing new to persist');
+  const r = new Uint8Array(128 * KiB);
+  await image.read(r, 512 * KiB); // 8 more soft blocks, not persisted
+  await image.idle();
+  assert.is(image.stats().bytesInBase, size - 24 * bs);
+  await image.abandon(); // crash: every completed write is on disk, nothing of the in-memory state
+  assert.ok(image.isClosed);
+  image = await FvdImage.open(mem, '/s/img', { readOnly: true });
+  assert.ok(image.stats().wasDirty);
+  assert.is(image.stats().bytesInBase, size - 16 * bs, 'the persisted bits came back from the journal, the others did not');
+  assert.equal(image.extents().slice(0, 2), [
+    { offset: 0, length: 256 * KiB, kind: 'local' },
+    { offset: 256 * KiB, length: size - 256 * KiB, kind: 'base' },
+  ]);
+  mismatch(initial, await readAll(image, size), 'after crash');
+  try {
+    await image.persistSoftBits();
+    assert.unreachable('persist on a read-only image');
+  } catch (err) {
+    assert.match((err as Error).message, /read-only/);
+  }
+  await image.close();
+  assert.is((await checkImage(mem, '/s/img')).errors.length, 0);
+});
+
+for (const layout of ['raw', 'compact'] as const) {
+  test(`${layout}: prefetch progress persisted before a power cut is kept, and the image reads right at every cut`, async () => {
+    const rng = new Rng(layout === 'raw' ? 91 : 92);
+    const mem = new MemIo({ rng: rng.fork() });
+    const bs = 16 * KiB;
+    const size = 2 * MiB;
+    const blocks = size / bs;
+    const initial = rng.bytes(size);
+    mem.writeFile('/p/base', initial);
+    await FvdImage.create(mem, '/p/img', { base: 'base', baseFormat: 'raw', blockSize: bs, layout, chunkSize: 64 * KiB, detectZeroes: false });
+    const model = new DiskModel(size, initial);
+    let image = await FvdImage.open(mem, '/p/img');
+    for (let i = 0; i < 8; i++) {
+      const off = rng.int(size - 20 * KiB);
+      const data = makeData(rng, rng.range(1, 20 * KiB), i, off, 'random');
+      await image.write(data, off);
+      model.write(data, off);
+    }
+    await image.close();
+
+    const cio = new CrashIo(mem);
+    cio.startRecording();
+    image = await FvdImage.open(cio, '/p/img', { copyOnRead: false });
+    // Each 'persisted' event: the crash point from which on these bits must survive, and the bits.
+    const persisted: { seq: number; bits: Uint8Array; count: number }[] = [];
+    const pf = new Prefetcher(image, { chunkBytes: 64 * KiB, persistBytes: 256 * KiB, persistMs: 0, seed: 3, minBytesPerSec: 0 });
+    pf.on('persisted', () => {
+      const bits = image.inspect().present.slice();
+      persisted.push({ seq: cio.seq, bits, count: countSet(bits, blocks) });
+    });
+    pf.start();
+    const end = await pf.finished;
+    assert.is(end.state, 'done', end.error?.message);
+    assert.ok(persisted.length >= 4, `${persisted.length} persists`);
+    assert.is(end.persists, persisted.length);
+    await image.close();
+
+    const points = new Set<number>([0, cio.seq]);
+    for (const p of persisted) for (const d of [0, 1, 2, 5]) points.add(Math.max(0, p.seq - d));
+    for (let i = 0; i < 10; i++) points.add(rng.int(cio.seq + 1));
+    let checkedProgress = 0;
+    for (const k of [...points].sort((a, b) => a - b)) {
+      const r = cio.rebuild(k, rng.fork());
+      const where = `crash at ${k} of ${cio.seq}`;
+      const img = await FvdImage.open(r.io, '/p/img');
+      mismatch(model.data, await readAll(img, size), where);
+      const last = persisted.filter((p) => p.seq <= k).pop();
+      if (last) {
+        const present = img.inspect().present;
+        for (let b = 0; b < blocks; b++) if (testBit(last.bits, b)) assert.ok(img.stats().fullyLocal || testBit(present, b), `${where}: persisted block ${b} lost`);
+        assert.ok(img.baseProgress().absent <= blocks - last.count, `${where}: more absent than before the persist`);
+        checkedProgress++;
+      }
+      await img.close();
+      const report = await checkImage(r.io, '/p/img');
+      assert.is(report.errors.length, 0, `${where}: ${report.errors.join('; ')}`);
+    }
+    assert.ok(checkedProgress >= persisted.length, 'every persist was crash-tested');
+  });
+}
+
 test('stop() before start and after done; pause()/resume() hold and release the base reads', async () => {
   const dir = tmp.caseDir();
   rawBase(dir, 8 * MiB, 5, false);
@@ -395,34 +496,30 @@ test('back-off: a busy foreground (no latency figures) pauses prefetching; it re
   }
 });
 
-test('back-off on latency: backs off when prefetching slows the foreground, not when it does not', async () => {
-  // Synthetic foreground: an op every 2 ms whose latency is 10× higher while (or just after) the
-  // base is being read — the interference the prefetcher must detect — or constant.
-  async function run(sensitive: boolean): Promise<{ backoffs: number; latency: number; state: string }> {
+test('latency budget on a real engine: a foreground that prefetch I/O slows holds it back; one it does not slow does not', async () => {
+  // Synthetic foreground through a ForegroundMeter: a request every 2 ms whose latency is 10×
+  // higher while (or just after) the base is being read — the interference the prefetcher must
+  // notice per request — or constant.
+  async function run(sensitive: boolean): Promise<{ throttles: number; baseline: number; state: string; overlapped: number; bytes: number }> {
     const dir = tmp.caseDir();
     rawBase(dir, 16 * MiB, 13, false);
     const img = path.join(dir, 'img.fvd');
     await FvdImage.create(nodeIo, img, { base: 'base.raw', baseFormat: 'raw' });
     const io = new CountingIo(nodeIo, path.join(dir, 'base.raw'), 64 * KiB, 256);
     const image = await FvdImage.open(io, img, { copyOnRead: false });
-    const act: ForegroundActivity = { ops: 0, bytes: 0, latencyNs: 0 };
+    const meter = new ForegroundMeter();
     const gen = setInterval(() => {
       const hurt = sensitive && (io.inFlight > 0 || performance.now() - io.lastReadEnd < 30);
-      act.ops++;
-      act.bytes += 4096;
-      act.latencyNs += hurt ? 1_000_000 : 100_000;
+      meter.begin();
+      meter.end(4096, hurt ? 1_000_000 : 100_000);
     }, 2);
-    let latencyBackoffs = 0;
     try {
-      const pf = new Prefetcher(image, {
-        chunkBytes: 256 * KiB, maxBytesPerSec: 8 * MiB, maxLatencyShare: 0.2, maxPauseMs: 150, seed: 8, minBytesPerSec: 0, activity: () => act,
-      });
-      pf.on('backoff', (r: string) => r === 'latency' && latencyBackoffs++);
+      const pf = new Prefetcher(image, { chunkBytes: 256 * KiB, busyChunkBytes: 64 * KiB, maxBytesPerSec: 8 * MiB, maxLatencyShare: 0.2, seed: 8, minBytesPerSec: 0, activity: meter });
       pf.start();
       await Promise.race([pf.finished, sleep(1500)]);
       await pf.stop();
       const p = pf.progress();
-      return { backoffs: latencyBackoffs, latency: p.baselineLatencyNs ?? 0, state: p.state };
+      return { throttles: p.throttles, baseline: p.baselineLatencyNs ?? 0, state: p.state, overlapped: pf.budget.overlapped, bytes: p.bytesDone };
     } finally {
       clearInterval(gen);
       await image.close();
@@ -430,13 +527,15 @@ test('back-off on latency: backs off when prefetching slows the foreground, not 
   }
   const calm = await run(false);
   const hurt = await run(true);
-  // The calm run may back off once or twice to learn its baseline; the hurt one keeps backing off.
-  assert.ok(calm.backoffs <= 3, `calm foreground: ${calm.backoffs} latency back-offs`);
-  assert.ok(hurt.backoffs >= 5, `interfered foreground: only ${hurt.backoffs} latency back-offs`);
-  assert.ok(hurt.latency > 0 && hurt.latency < 500_000, `baseline ${hurt.latency} ns should be the idle latency`);
+  // Each request slowed by a copy costs the hurt run ~900 µs of budget that takes ~45 undisturbed
+  // requests (90 ms) to earn back, so it copies a small fraction of what the calm run copies in the
+  // same 1.5 s (the calm one is held only by the cap, its first baseline and a probe).
+  assert.ok(hurt.throttles >= 1 && hurt.overlapped > 0, `hurt: ${hurt.throttles} throttles, ${hurt.overlapped} overlapped`);
+  assert.ok(hurt.bytes * 4 < calm.bytes, `hurt copied ${hurt.bytes} bytes, calm ${calm.bytes}`);
+  assert.ok(hurt.baseline > 0 && hurt.baseline < 500_000, `baseline ${hurt.baseline} ns should be the idle latency`);
 });
 
-test('bandwidth cap is honoured (generous bounds)', async () => {
+test('bandwidth cap is honoured', async () => {
   const dir = tmp.caseDir();
   rawBase(dir, 16 * MiB, 17, false);
   const img = path.join(dir, 'img.fvd');
@@ -448,9 +547,9 @@ test('bandwidth cap is honoured (generous bounds)', async () => {
   const secs = (performance.now() - t0) / 1000;
   await image.close();
   assert.is(end.state, 'done');
-  // Ideal: (16 MiB - one free chunk) / 8 MiB/s ≈ 1.97 s. Never faster than the cap allows.
+  // Ideal: (16 MiB - one free chunk) / 8 MiB/s ≈ 1.97 s. Never faster than the cap allows (a slow
+  // machine only makes it slower, so this lower bound cannot flake).
   assert.ok(secs >= 1.8, `too fast for the cap: ${secs.toFixed(2)} s`);
-  assert.ok(secs < 8, `far slower than the cap: ${secs.toFixed(2)} s`);
   assert.ok(end.rate <= cap * 1.3, `reported rate ${end.rate}`);
 });
 

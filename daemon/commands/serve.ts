@@ -70,13 +70,16 @@ export async function run(args: string[]): Promise<number> {
   }).finally(() => wipe(key));
 
   // Background prefetching of the base (adaptive: it backs off while the guest is busy). The
-  // queue workers' request counts are its measure of foreground activity.
+  // queue workers' request counts are its measure of foreground activity; they report them about
+  // once a second, so a pause ends only after a quiet spell longer than that (else every report
+  // gap would look idle and prefetching would resume under a busy guest).
   const st = server.image.stats();
   const prefetcher =
     values['no-prefetch'] || st.fullyLocal || st.baseSize === 0
       ? null
       : new Prefetcher(server.image, {
           maxBytesPerSec: prefetchRate,
+          idleResumeMs: 1500,
           activity: () => {
             const c = server.counters();
             return { ops: c.fastPath + c.slowPath, bytes: 0, latencyNs: 0 };
@@ -91,7 +94,10 @@ export async function run(args: string[]): Promise<number> {
     return (
       `${server.devicePath} ${formatSize(server.image.size)}: ${s.fastPath + s.slowPath} requests (${s.slowPath} via engine), ` +
       `${s.flushes} flushes, ${s.errors} errors` +
-      (p ? `, prefetch ${(p.fraction * 100).toFixed(1)}% ${p.state}` : '')
+      (p
+        ? `, prefetch ${(p.fraction * 100).toFixed(1)}% ${p.state === 'paused' ? `paused (${p.pauseReason})` : p.state}` +
+          (p.state === 'running' || p.state === 'paused' ? ` ${formatSize(Math.round(p.rate))}/s ETA ${p.etaSeconds === null ? '--' : `${Math.ceil(p.etaSeconds)} s`}` : '')
+        : '')
     );
   };
   console.log(server.devicePath);
