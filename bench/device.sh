@@ -14,6 +14,7 @@ FVD="node $root/build/daemon/cli.js"
 RUNTIME=${FIO_RUNTIME:-20}
 SIZE=${BENCH_SIZE:-1G}
 TARGETS=${BENCH_TARGETS:-"fvd fvd-cow loop qcow2-nbd"}
+ROUNDS=${BENCH_ROUNDS:-1}   # rounds of all targets in turn; the table shows each figure's median
 dir=$(mktemp -d /tmp/fvd-bench.XXXXXX)
 # A tmpfs of its own: every target's backing file in memory alike (the guest's /tmp is an overlay).
 mount -t tmpfs -o size=3584M fvd-bench "$dir"
@@ -62,7 +63,9 @@ serve() { # image [options] -> sets $dev (no subshell: the pid must stay in this
 
 stop_last() { local p=${pids[-1]}; kill -TERM "$p"; wait "$p" || true; unset 'pids[-1]'; }
 
+for round in $(seq "$ROUNDS"); do
 for t in $TARGETS; do
+  [ "$ROUNDS" -gt 1 ] && echo "round $round: $t"
   case $t in
     fvd)
       $FVD create "$dir/full.fvd" "$SIZE" >/dev/null
@@ -88,6 +91,7 @@ for t in $TARGETS; do
       run_jobs qcow2-nbd /dev/nbd0; qemu-nbd -d /dev/nbd0 >/dev/null; rm -f "$dir/img.qcow2" ;;
   esac
 done
+done
 
 echo
 node - "$results" <<'JS'
@@ -95,7 +99,11 @@ const fs = require('fs');
 const rows = fs.readFileSync(process.argv[2], 'utf8').trim().split('\n').map((l) => l.split('\t'));
 const jobs = [...new Set(rows.map((r) => r[1]))];
 const targets = [...new Set(rows.map((r) => r[0]))];
-const get = (t, j) => rows.find((r) => r[0] === t && r[1] === j);
+// The median over rounds of each (target, job): IOPS and MB/s of the same run.
+const get = (t, j) => {
+  const rs = rows.filter((r) => r[0] === t && r[1] === j).sort((a, b) => Number(a[2]) - Number(b[2]));
+  return rs.length ? rs[(rs.length - 1) >> 1] : undefined;
+};
 const pad = (s, n) => String(s).padEnd(n);
 console.log(pad('target', 11) + jobs.map((j) => pad(j, 30)).join(''));
 for (const t of targets) {

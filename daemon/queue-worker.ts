@@ -20,6 +20,7 @@ import {
   IORING_SETUP_COOP_TASKRUN,
   IORING_SETUP_DEFER_TASKRUN,
   IORING_SETUP_SINGLE_ISSUER,
+  IORING_SETUP_TASKRUN_FLAG,
   IOSQE_FIXED_FILE,
   allocPinned,
   errnoName,
@@ -73,6 +74,9 @@ const UD_EVENTFD = 0x20000;
 const EIO = 5;
 const EOPNOTSUPP = 95;
 const PAGE = 4096;
+// Polls of the ring's flags before blocking in io_uring_enter (FVD_SPIN=0 disables): about
+// 0.1 ms. Measured in the guest, side by side: 4K random I/O +5..55%, 128K +0..35% (noisy).
+const SPIN = Number(process.env.FVD_SPIN ?? 5000);
 
 function run(d: QueueWorkerData): void {
   const sys = syscalls();
@@ -96,7 +100,7 @@ function run(d: QueueWorkerData): void {
   const ring = new IoUring({
     entries,
     cqEntries: entries * 2,
-    flags: IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+    flags: IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
   });
   let bufs: PinnedBuffer | null = null;
   let direct: DirectIo | null = null;
@@ -230,6 +234,13 @@ function run(d: QueueWorkerData): void {
 
     let lastStats = Date.now();
     while (aborted < depth && Atomics.load(control, 0) === 0) {
+      if (SPIN > 0 && !ring.hasWork()) {
+        // Hand over what is prepared without sleeping, then poll the ring's flags for a while:
+        // a new request or completion usually comes within microseconds under load, and a
+        // sleep/wake-up round trip costs more than the polling.
+        if (ring.unsubmitted > 0) ring.submit(0);
+        for (let s = 0; s < SPIN && !ring.hasWork(); s++);
+      }
       const r = ring.submit(1);
       if (r < 0 && r !== -4 /* EINTR */ && r !== -11 /* EAGAIN */ && r !== -16 /* EBUSY */)
         throw new Error(`queue ${qid}: io_uring_enter: ${errnoName(r)}`);

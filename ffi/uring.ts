@@ -367,6 +367,20 @@ export class IoUring {
     return ret;
   }
 
+  /**
+   * True when a wait would return at once: CQEs are posted, or (rings set up with
+   * IORING_SETUP_TASKRUN_FLAG) the kernel has task work or overflowed CQEs waiting for an enter.
+   * A plain memory read: callers may spin on it before blocking in io_uring_enter.
+   */
+  hasWork(): boolean {
+    return this.cqReady() > 0 || (Atomics.load(this.sq32, this.sqFlagsIdx) & (IORING_SQ_CQ_OVERFLOW | IORING_SQ_TASKRUN)) !== 0;
+  }
+
+  /** SQEs prepared and not yet handed to the kernel. */
+  get unsubmitted(): number {
+    return (this.sqTail - Atomics.load(this.sq32, this.sqHeadIdx)) >>> 0;
+  }
+
   /** Blocks until at least `waitNr` CQEs are available, submitting anything prepared. */
   wait(waitNr = 1): number {
     return this.submit(waitNr);

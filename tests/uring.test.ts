@@ -30,6 +30,27 @@ class Cqes {
   };
 }
 
+test('hasWork/unsubmitted: what a worker polls before blocking', () => {
+  const ring = new IoUring({ entries: 8 });
+  try {
+    assert.is(ring.unsubmitted, 0);
+    assert.not.ok(ring.hasWork(), 'an idle ring has nothing to reap');
+    assert.ok(ring.prepNop(7) >= 0);
+    assert.is(ring.unsubmitted, 1);
+    assert.not.ok(ring.hasWork(), 'a prepared SQE is not work to reap');
+    assert.is(ring.submit(0), 1);
+    assert.is(ring.unsubmitted, 0);
+    for (let i = 0; i < 1e6 && !ring.hasWork(); i++);
+    assert.ok(ring.hasWork(), 'the NOP completion is visible without an enter');
+    const seen: number[] = [];
+    ring.reap((ud) => seen.push(ud));
+    assert.equal(seen, [7]);
+    assert.not.ok(ring.hasWork());
+  } finally {
+    ring.close();
+  }
+});
+
 test('NOP round trip carries a user_data above 2^32', () => {
   const ring = new IoUring({ entries: 8 });
   try {
