@@ -70,7 +70,7 @@ export class DirectIo {
     }
     const nr = write ? SYS_pwritev2 : SYS_preadv2;
     while (done < length) {
-      this.setIov(addr + done, length - done);
+      writeIovec(this.iovWords, addr + done, length - done);
       const r = this.sys.syscall6(nr, this.fd, this.iov.address, 1, pos + done, 0, this.flags);
       if (r > 0) {
         done += r;
@@ -99,14 +99,14 @@ export class DirectIo {
   free(): void {
     this.iov.free();
   }
+}
 
-  private setIov(addr: number, length: number): void {
-    const w = this.iovWords;
-    w.setUint32(0, addr % 0x100000000, true);
-    w.setUint32(4, Math.floor(addr / 0x100000000), true);
-    w.setUint32(8, length % 0x100000000, true);
-    w.setUint32(12, Math.floor(length / 0x100000000), true);
-  }
+/** One struct iovec { u64 base; u64 len } at the start of `view` (values below 2^53). */
+function writeIovec(view: DataView, addr: number, length: number): void {
+  view.setUint32(0, addr % 0x100000000, true);
+  view.setUint32(4, Math.floor(addr / 0x100000000), true);
+  view.setUint32(8, length % 0x100000000, true);
+  view.setUint32(12, Math.floor(length / 0x100000000), true);
 }
 
 /**
@@ -119,11 +119,7 @@ export function chooseDirectMode(sys: Syscalls, fd: number, imagePath: string, o
   try {
     // A one-byte RWF_NOWAIT read at offset 0: the kernel checks the flag against the file
     // (EOPNOTSUPP) before reading. (A zero-length read returns 0 before that check.)
-    const view = new DataView(probe.bytes.buffer, probe.bytes.byteOffset, 16);
-    view.setUint32(0, (probe.address + 64) % 0x100000000, true);
-    view.setUint32(4, Math.floor((probe.address + 64) / 0x100000000), true);
-    view.setUint32(8, 1, true);
-    view.setUint32(12, 0, true);
+    writeIovec(new DataView(probe.bytes.buffer, probe.bytes.byteOffset, 16), probe.address + 64, 1);
     const r = sys.syscall6(SYS_preadv2, fd, probe.address, 1, 0, 0, RWF_NOWAIT);
     if (r >= 0 || sys.errno() === EAGAIN) return 'nowait';
     if (sys.syscall6(SYS_fstatfs, fd, probe.address + 256, 0, 0, 0, 0) !== 0) return 'ring';

@@ -358,7 +358,7 @@ export class IoUring {
       flags = IORING_ENTER_GETEVENTS;
     } else if (toSubmit === 0) {
       // Nothing to do unless the kernel holds overflowed CQEs or deferred task work for us.
-      if ((Atomics.load(this.sq32, this.sqFlagsIdx) & (IORING_SQ_CQ_OVERFLOW | IORING_SQ_TASKRUN)) === 0) return 0;
+      if (!this.kernelHasWork()) return 0;
       flags = IORING_ENTER_GETEVENTS;
     }
     const ret = this.sys.syscall6(SYS_io_uring_enter, this.fd, toSubmit, waitNr, flags, 0, 0);
@@ -373,7 +373,12 @@ export class IoUring {
    * A plain memory read: callers may spin on it before blocking in io_uring_enter.
    */
   hasWork(): boolean {
-    return this.cqReady() > 0 || (Atomics.load(this.sq32, this.sqFlagsIdx) & (IORING_SQ_CQ_OVERFLOW | IORING_SQ_TASKRUN)) !== 0;
+    return this.cqReady() > 0 || this.kernelHasWork();
+  }
+
+  /** Overflowed CQEs or (TASKRUN_FLAG rings) task work the kernel holds until an enter. */
+  private kernelHasWork(): boolean {
+    return (Atomics.load(this.sq32, this.sqFlagsIdx) & (IORING_SQ_CQ_OVERFLOW | IORING_SQ_TASKRUN)) !== 0;
   }
 
   /** SQEs prepared and not yet handed to the kernel. */

@@ -472,8 +472,7 @@ export class FvdImage {
   private async coverMappedChunks(): Promise<void> {
     const table = this.table;
     if (!table || this.file.isBlockDevice) return;
-    let max = -1;
-    for (let c = 0; c < table.length; c++) if (table[c] !== CHUNK_EMPTY && table[c]! > max) max = table[c]!;
+    const max = highestMappedId(table, -1);
     const end = this.header.dataOffset + (max + 1) * this.chunkSize;
     if (max >= 0 && end > this.file.size()) await this.file.truncate(end);
   }
@@ -1066,12 +1065,7 @@ export class FvdImage {
   private initAllocator(): void {
     const table = this.table!;
     // Storage snapshots use (their data and metadata) is never free.
-    let max = this.snap!.maxUsedId();
-    for (let c = 0; c < table.length; c++) {
-      const id = table[c]!;
-      if (id === CHUNK_EMPTY) continue;
-      if (id > max) max = id;
-    }
+    const max = highestMappedId(table, this.snap!.maxUsedId());
     // Storage chunks present in the file but unreferenced (freed, or leaked by a crash) are
     // reused; the ones below the highest id go on the free list.
     const fileChunks = this.file.isBlockDevice
@@ -1457,6 +1451,13 @@ async function markZeroBlocks(base: BaseImage, limit: number, blockSize: number,
       if (buf.compare(zero, 0, n, off, off + n) === 0) setRange(bitmap, (pos + off) / blockSize, 1);
     }
   }
+}
+
+/** The highest storage id `table` maps, or `floor` when that is higher (or nothing is mapped). */
+function highestMappedId(table: Uint32Array, floor: number): number {
+  let max = floor;
+  for (let c = 0; c < table.length; c++) if (table[c] !== CHUNK_EMPTY && table[c]! > max) max = table[c]!;
+  return max;
 }
 
 /**

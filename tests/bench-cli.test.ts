@@ -11,6 +11,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { FvdImage } from '../fvd/image.js';
 import { nodeIo } from '../fvd/node-file.js';
+import { readWholeDisk } from './helpers/model.js';
 
 const cli = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'daemon', 'cli.js');
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-bench-test-'));
@@ -52,17 +53,6 @@ async function newImage(name: string, size: number, layout: 'raw' | 'compact' = 
   return file;
 }
 
-async function readAll(file: string): Promise<Uint8Array> {
-  const image = await FvdImage.open(nodeIo, file, { readOnly: true });
-  try {
-    const buf = new Uint8Array(image.size);
-    await image.read(buf, 0);
-    return buf;
-  } finally {
-    await image.close();
-  }
-}
-
 test('bench -f raw: reads and writes a raw file, prints one human line and sane JSON', () => {
   const file = path.join(dir, 'plain.raw');
   fs.writeFileSync(file, Buffer.alloc(MiB));
@@ -91,7 +81,7 @@ test('bench: a write bench on an FVD image really writes (read back through FvdI
   assertSane(res, 256, 4096);
   assert.is(res.format, 'fvd');
   assert.is(res.imageSize, MiB);
-  const data = await readAll(file);
+  const data = await readWholeDisk(nodeIo, file);
   assert.ok(data.every((b) => b === 0x5a), 'every byte of the image was written by the bench');
 });
 
@@ -101,7 +91,7 @@ test('bench: the stride (-S) pattern wraps like qemu-img and writes only where i
   // then a second run wrapping: start at block 250, step 3 -> 250,253,0(256 mod 256),3
   assertSane(benchJson('-w', '-c', '8', '-d', '3', '-S', '20k', '--fill', '0x11', file), 8, 4096);
   assertSane(benchJson('-w', '-c', '4', '-d', '2', '-o', `${250 * 4096}`, '-S', '12k', '--fill', '0x22', file), 4, 4096);
-  const data = await readAll(file);
+  const data = await readWholeDisk(nodeIo, file);
   const expect = new Uint8Array(MiB);
   for (let i = 0; i < 8; i++) expect.fill(0x11, i * 5 * 4096, (i * 5 + 1) * 4096);
   for (const b of [250, 253, 0, 3]) expect.fill(0x22, b * 4096, (b + 1) * 4096);
@@ -131,7 +121,7 @@ test('bench --io uring: the same loop over the daemon io_uring backend (or a one
   const res = JSON.parse(r.stdout) as Record<string, number | string | null>;
   assertSane(res, 256, 4096);
   assert.is(res.io, 'uring');
-  assert.ok((await readAll(file)).every((b) => b === 0x77), 'the io_uring write bench wrote the whole image');
+  assert.ok((await readWholeDisk(nodeIo, file)).every((b) => b === 0x77), 'the io_uring write bench wrote the whole image');
   assertSane(benchJson('--io', 'uring', '-c', '300', '-d', '16', '--pattern', 'rand', file), 300, 4096);
   const raw = path.join(dir, 'uring.raw');
   fs.writeFileSync(raw, Buffer.alloc(MiB));

@@ -22,6 +22,7 @@ import {
   type CliResult,
 } from './helpers/cli.js';
 import { readHeader, setTableEntry } from './helpers/tamper.js';
+import { readWholeDisk } from './helpers/model.js';
 
 const KiB = 1024;
 const MiB = 1024 * 1024;
@@ -57,18 +58,6 @@ const map = (file: string) => json<Extent[]>(fvd('map', '--json', file));
 function rawFile(file: string, data: Buffer): Buffer {
   fs.writeFileSync(file, data);
   return data;
-}
-
-/** Reads the whole virtual disk through the engine (read-only: no copy-on-read side effects). */
-async function readAll(file: string): Promise<Buffer> {
-  const img = await FvdImage.open(nodeIo, file, { readOnly: true });
-  try {
-    const buf = Buffer.alloc(img.size);
-    await img.read(buf, 0);
-    return buf;
-  } finally {
-    await img.close();
-  }
 }
 
 /** Byte-wise comparison with the first differing offset in the message. */
@@ -261,19 +250,19 @@ test('create: default size from the base; -F required with -b; -F without -b; un
   assert.is(st.baseChain[0]!.size, 3 * MiB + 1000);
   assert.is(path.resolve(st.baseChain[0]!.path), base);
   const expected = Buffer.concat([data, Buffer.alloc(24)]);
-  assertSameBytes(await readAll(img), expected, 'image over its base');
+  assertSameBytes(await readWholeDisk(nodeIo, img), expected, 'image over its base');
   // a write inside the last, partial block of the base: copy-on-write fills the rest of the block
   // from the base up to its end and with zeros beyond
   assertOk(fvd('io', '-c', `write -P 0x77 ${3 * MiB + 990} 20`, img));
   expected.fill(0x77, 3 * MiB + 990, 3 * MiB + 1010);
-  assertSameBytes(await readAll(img), expected, 'after a write across the end of the base');
+  assertSameBytes(await readWholeDisk(nodeIo, img), expected, 'after a write across the end of the base');
   assert.is(info(img).bytesInBase, 3 * MiB, 'the last block is local now');
 
   // a relative base path is relative to the image's directory, not the cwd
   const rel = path.join(dir, 'rel.fvd');
   assertOk(fvd('create', '-b', 'base.raw', '-F', 'raw', rel, '4M'));
   assert.is(info(rel).virtualSize, 4 * MiB);
-  assertSameBytes(await readAll(rel), Buffer.concat([data, Buffer.alloc(MiB - 1000)]), 'bigger than its base');
+  assertSameBytes(await readWholeDisk(nodeIo, rel), Buffer.concat([data, Buffer.alloc(MiB - 1000)]), 'bigger than its base');
 
   for (const [args, re] of [
     [['create', '-b', base, path.join(dir, 'x.fvd')], /-F raw or -F fvd/],
@@ -474,7 +463,7 @@ test('info: base chain, bytes local / in base change with writes; human output a
   expected.fill(0x11, 0, 64 * KiB);
   expected.fill(0x12, 200 * KiB, 204 * KiB);
   expected.fill(0x13, 1536 * KiB, 1600 * KiB);
-  assertSameBytes(await readAll(img), expected, 'image content');
+  assertSameBytes(await readWholeDisk(nodeIo, img), expected, 'image content');
 });
 
 test('info: zero detection at create; --no-detect-zeroes', () => {
@@ -681,7 +670,7 @@ test('map: raw-like image over a raw base — base, local after writes, discards
   assert.equal(m[1], ext(64 * KiB, 64 * KiB, 'base'));
 
   // the content agrees with the map: base extents read as the base
-  const content = await readAll(img);
+  const content = await readWholeDisk(nodeIo, img);
   const b = patternBytes(MiB, 6);
   for (const e of m) if (e.kind === 'base') assert.ok(content.subarray(e.offset, e.offset + e.length).equals(b.subarray(e.offset, e.offset + e.length)), `base extent ${e.offset}`);
 
@@ -731,7 +720,7 @@ test('map: compact image — zero for unallocated chunks, local after a write, z
   assertOk(fvd('io', '-r', '-c', 'read -P 0 1M 3M', '-c', 'read -P 0x22 64k 64k', '-c', 'read -P 0 256k 64k', img));
 
   // zero extents really read as zeros, base extents as the base
-  const content = await readAll(img);
+  const content = await readWholeDisk(nodeIo, img);
   for (const e of m) {
     const got = content.subarray(e.offset, e.offset + e.length);
     if (e.kind === 'zero') assert.ok(got.every((x) => x === 0), `zero extent at ${e.offset}`);
@@ -767,7 +756,7 @@ test('convert: FVD over a raw base → raw, byte-identical; inputs untouched', a
   expected.fill(0, 256 * KiB, 320 * KiB);
   expected.fill(0, 300 * KiB, 400 * KiB);
   expected.fill(0xbb, 1536 * KiB, 1600 * KiB);
-  assertSameBytes(await readAll(img), expected, 'the image itself');
+  assertSameBytes(await readWholeDisk(nodeIo, img), expected, 'the image itself');
 
   const before = snapshot([img, base]);
   const out = path.join(dir, 'out.raw');
@@ -806,7 +795,7 @@ test('convert: raw → FVD (raw-like and compact) → raw round trip is identica
     assert.is(st.layout, layout);
     assert.is(st.blockSize, 4096);
     assert.equal(st.baseChain, []);
-    assertSameBytes(await readAll(mid), data, `${layout} FVD content`);
+    assertSameBytes(await readWholeDisk(nodeIo, mid), data, `${layout} FVD content`);
     // zero pieces are skipped, so a compact copy leaves their chunks unallocated
     const m = map(mid);
     assertTiles(m, data.length);
@@ -846,12 +835,12 @@ test('convert: a chain FVD → FVD → raw flattens correctly (to raw and to a s
   const st = info(flat);
   assert.equal(st.baseChain, []);
   assert.is(st.virtualSize, 3 * MiB);
-  assertSameBytes(await readAll(flat), expected, 'chain → standalone FVD');
+  assertSameBytes(await readWholeDisk(nodeIo, flat), expected, 'chain → standalone FVD');
   assertUnchanged(before, 'convert of a chain');
   // the standalone copy does not need the chain any more
   fs.rmSync(b);
   fs.rmSync(r);
-  assertSameBytes(await readAll(flat), expected, 'standalone FVD without the old chain');
+  assertSameBytes(await readWholeDisk(nodeIo, flat), expected, 'standalone FVD without the old chain');
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -867,7 +856,7 @@ test('io: write -P then read -P; a mismatching pattern fails with exit 1 at the 
   const r = fvd('io', '-c', 'read -P 0xab 0 64k', img);
   assertOk(r);
   assert.match(r.stdout, /^read 65536\/65536 bytes at offset 0$/m);
-  const content = await readAll(img);
+  const content = await readWholeDisk(nodeIo, img);
   assert.ok(content.subarray(0, 64 * KiB).every((x) => x === 0xab));
   assert.ok(content.subarray(64 * KiB).every((x) => x === 0));
 
@@ -909,7 +898,7 @@ test('io: discard and zero read back zeros (over a base too), neighbours intact'
     assertOk(
       fvd('io', '-r', '-c', 'read -P 0 64k 64k', '-c', 'read -P 0 130k 10k', '-c', 'read -P 0xab 128k 2k', '-c', 'read -P 0xab 140k 116k', '-c', 'read -P 0 512k 64k', '-c', 'read -P 0 700k 3k', '-c', 'read -P 0 1M 1M', img),
     );
-    assertSameBytes(await readAll(img), expected, `${layout}: content after discard/zero`);
+    assertSameBytes(await readWholeDisk(nodeIo, img), expected, `${layout}: content after discard/zero`);
   }
 });
 
@@ -995,9 +984,9 @@ test('snapshot: create, list (table and --json), apply, delete; info and check c
   assertOk(fvd('snapshot', '-a', 'clean install', file));
   const clean = Buffer.alloc(4 * MiB);
   clean.fill(0x11, 0, 256 * KiB);
-  assertSameBytes(await readAll(file), clean, 'after applying "clean install"');
+  assertSameBytes(await readWholeDisk(nodeIo, file), clean, 'after applying "clean install"');
   assertOk(fvd('snapshot', '-a', 'after', file));
-  assertSameBytes(await readAll(file), expectAfter, 'after applying "after"');
+  assertSameBytes(await readWholeDisk(nodeIo, file), expectAfter, 'after applying "after"');
   assertOk(fvd('snapshot', '-d', 'clean install', file));
   assert.equal(json<Array<{ name: string }>>(fvd('snapshot', '-l', '--json', file)).map((s) => s.name), ['after']);
   const chk = fvd('check', '--json', file);
@@ -1007,7 +996,7 @@ test('snapshot: create, list (table and --json), apply, delete; info and check c
   assertOk(fvd('snapshot', '-d', 'after', file));
   assert.is(info(file).layout, 'compact');
   assert.is(json<Info & { snapshots: number }>(fvd('info', '--json', file)).snapshots, 0);
-  assertSameBytes(await readAll(file), expectAfter, 'data after deleting every snapshot');
+  assertSameBytes(await readWholeDisk(nodeIo, file), expectAfter, 'data after deleting every snapshot');
   // Not qemu's '-l' only: raw-like images say so in one line.
   const raw = path.join(dir, 'raw.fvd');
   assertOk(fvd('create', raw, '1M'));

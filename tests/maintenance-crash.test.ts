@@ -25,7 +25,7 @@ import type { IoBackend } from '../fvd/io.js';
 import { MemIo } from './helpers/mem-io.js';
 import { CrashIo } from './helpers/crash-io.js';
 import { Rng, envSeed, randomSeed } from './helpers/rng.js';
-import { firstMismatch } from './helpers/model.js';
+import { firstMismatch, readWholeDisk } from './helpers/model.js';
 
 const KiB = 1024;
 const D = '/mc';
@@ -67,15 +67,7 @@ async function writeParts(io: IoBackend, p: string, parts: Array<[number, Uint8A
 }
 
 async function readDisk(io: IoBackend, p: string, raw = false): Promise<Uint8Array> {
-  if (raw) return (io as MemIo).readFile(p);
-  const img = await FvdImage.open(io, p, { readOnly: true });
-  try {
-    const b = new Uint8Array(img.size);
-    await img.read(b, 0);
-    return b;
-  } finally {
-    await img.close();
-  }
+  return raw ? (io as MemIo).readFile(p) : readWholeDisk(io, p);
 }
 
 /** Each 512-byte sector of `actual` equals that of `a` or of `b` (missing bytes read as zero). */

@@ -19,7 +19,7 @@ import { FvdError } from '../fvd/errors.js';
 import { HEADER_SIZE, decodeHeader } from '../fvd/format.js';
 import { MemIo } from './helpers/mem-io.js';
 import { Rng, envSeed, envSteps, randomSeed } from './helpers/rng.js';
-import { firstMismatch, makeData } from './helpers/model.js';
+import { firstMismatch, makeData, readWholeDisk } from './helpers/model.js';
 
 const KiB = 1024;
 const DIR = '/diff';
@@ -37,20 +37,9 @@ interface World {
   writeId: number;
 }
 
-async function readImage(io: MemIo, p: string): Promise<Uint8Array> {
-  const img = await FvdImage.open(io, p, { readOnly: true });
-  try {
-    const b = new Uint8Array(img.size);
-    await img.read(b, 0);
-    return b;
-  } finally {
-    await img.close();
-  }
-}
-
 async function readBase(w: World): Promise<Uint8Array> {
   const p = `${DIR}/${w.base!.rel}`;
-  return w.base!.format === 'raw' ? w.io.readFile(p) : readImage(w.io, p);
+  return w.base!.format === 'raw' ? w.io.readFile(p) : readWholeDisk(w.io, p);
 }
 
 function fail(w: World, what: string): never {
@@ -252,7 +241,7 @@ async function statsOf(w: World) {
 }
 
 async function verify(w: World, after: string): Promise<void> {
-  compare(w, w.disk, await readImage(w.io, w.image), `image after ${after}`);
+  compare(w, w.disk, await readWholeDisk(w.io, w.image), `image after ${after}`);
   const bytes = w.io.readFile(w.image);
   const h = decodeHeader(w.image, bytes.subarray(0, HEADER_SIZE), bytes.length);
   if (h.virtualSize !== w.disk.length) fail(w, `header virtual size ${h.virtualSize}, model ${w.disk.length}`);

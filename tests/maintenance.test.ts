@@ -26,7 +26,7 @@ import {
 import type { BlockFile, IoBackend, OpenOptions } from '../fvd/io.js';
 import { MemIo } from './helpers/mem-io.js';
 import { Rng } from './helpers/rng.js';
-import { firstMismatch } from './helpers/model.js';
+import { firstMismatch, readWholeDisk } from './helpers/model.js';
 
 const KiB = 1024;
 const MiB = 1024 * 1024;
@@ -41,20 +41,9 @@ async function create(io: IoBackend, p: string, o: CreateOptions): Promise<void>
   await FvdImage.create(io, p, { journalSize: 64 * KiB, ...o });
 }
 
-async function readAll(io: IoBackend, p: string): Promise<Uint8Array> {
-  const img = await FvdImage.open(io, p, { readOnly: true });
-  try {
-    const b = new Uint8Array(img.size);
-    await img.read(b, 0);
-    return b;
-  } finally {
-    await img.close();
-  }
-}
-
 /** A whole disk: an FVD image through the engine, a raw file as it is. */
 async function readDisk(io: MemIo, p: string): Promise<Uint8Array> {
-  return p.endsWith('.raw') ? io.readFile(p) : readAll(io, p);
+  return p.endsWith('.raw') ? io.readFile(p) : readWholeDisk(io, p);
 }
 
 async function writeAt(io: IoBackend, p: string, parts: Array<[number, Uint8Array]>): Promise<void> {
@@ -143,12 +132,12 @@ for (const layout of LAYOUTS) {
         [300 * KiB, new Uint8Array(8 * KiB)], // zeros over data
         [V - 4 * KiB, pattern(4 * KiB, 4)],
       ]);
-      const expected = await readAll(io, img);
+      const expected = await readWholeDisk(io, img);
       const r = await commitImage(io, img);
       assert.is(r.emptied, true);
       assert.is(r.baseGrownTo, null);
       assert.ok(r.bytesWritten > 0 && r.bytesWritten < r.bytesExamined, `written ${r.bytesWritten} of ${r.bytesExamined}`);
-      same(await readAll(io, img), expected, 'image after commit');
+      same(await readWholeDisk(io, img), expected, 'image after commit');
       same(await readDisk(io, base), expected, 'base after commit');
       if (baseKind === 'fvd') same(io.readFile('/c/bottom.raw'), baseData, 'the bottom of the chain is untouched');
       const st = await statsOf(io, img);
@@ -167,7 +156,7 @@ for (const layout of LAYOUTS) {
       // The emptied image still works: a write goes local again.
       await writeAt(io, img, [[4096, pattern(512, 9)]]);
       expected.set(pattern(512, 9), 4096);
-      same(await readAll(io, img), expected, 'image written after commit');
+      same(await readWholeDisk(io, img), expected, 'image written after commit');
       assert.is(io.openCount, 0, 'no leaked handles');
     });
   }
@@ -193,7 +182,7 @@ for (const baseKind of ['raw', 'fvd'] as const) {
       [512 * KiB, pattern(64 * KiB, 7)],
       [V - 512, pattern(512, 8)],
     ]);
-    const expected = await readAll(io, img);
+    const expected = await readWholeDisk(io, img);
     const r = await commitImage(io, img);
     assert.is(r.baseGrownTo, V);
     const h = headerOf(io, img);
@@ -201,7 +190,7 @@ for (const baseKind of ['raw', 'fvd'] as const) {
     assert.is(h.baseSizeNext, 0);
     assert.ok(h.bitmapLength >= bitmapBytes(V, h.blockSize));
     same(await readDisk(io, base), expected, 'grown base');
-    same(await readAll(io, img), expected, 'image');
+    same(await readWholeDisk(io, img), expected, 'image');
     assert.is((await statsOf(io, img)).bytesInBase, V);
     await clean(io, img);
     if (baseKind === 'fvd') await clean(io, base);
@@ -214,13 +203,13 @@ test('commit -d (keep): the base gets the data, the image keeps it too', async (
   await create(io, '/k/img.fvd', { base: 'base.raw', baseFormat: 'raw', blockSize: 4 * KiB });
   await writeAt(io, '/k/img.fvd', [[8 * KiB, pattern(8 * KiB, 2)]]);
   const before = await statsOf(io, '/k/img.fvd');
-  const expected = await readAll(io, '/k/img.fvd');
+  const expected = await readWholeDisk(io, '/k/img.fvd');
   const r = await commitImage(io, '/k/img.fvd', { keep: true });
   assert.is(r.emptied, false);
   same(io.readFile('/k/base.raw'), expected, 'base');
   const after = await statsOf(io, '/k/img.fvd');
   assert.is(after.bytesLocal, before.bytesLocal);
-  same(await readAll(io, '/k/img.fvd'), expected, 'image');
+  same(await readWholeDisk(io, '/k/img.fvd'), expected, 'image');
 });
 
 test('commit of a fully local image writes everything that differs and clears FULLY_LOCAL', async () => {
@@ -235,7 +224,7 @@ test('commit of a fully local image writes everything that differs and clears FU
   assert.ok(headerOf(io, '/f/img.fvd').autoclear & AUTOCLEAR_FULLY_LOCAL);
   await commitImage(io, '/f/img.fvd');
   same(io.readFile('/f/base.raw'), pattern(V, 2), 'base');
-  same(await readAll(io, '/f/img.fvd'), pattern(V, 2), 'image');
+  same(await readWholeDisk(io, '/f/img.fvd'), pattern(V, 2), 'image');
   assert.is(headerOf(io, '/f/img.fvd').autoclear & AUTOCLEAR_FULLY_LOCAL, 0n);
   assert.is((await statsOf(io, '/f/img.fvd')).bytesInBase, V);
 });
@@ -253,7 +242,7 @@ test('commit of a dirty image (not closed cleanly) replays its journal first', a
   expected.set(pattern(12 * KiB, 2), 40 * KiB);
   await commitImage(io, '/d/img.fvd');
   same(io.readFile('/d/base.raw'), expected, 'base');
-  same(await readAll(io, '/d/img.fvd'), expected, 'image');
+  same(await readWholeDisk(io, '/d/img.fvd'), expected, 'image');
   await clean(io, '/d/img.fvd');
 });
 
@@ -264,7 +253,7 @@ test('an interrupted commit (base about to grow): the image opens with the base 
   io.writeFile('/i/base.raw', pattern(B, 1));
   await create(io, '/i/img.fvd', { base: 'base.raw', baseFormat: 'raw', size: V, blockSize: 4 * KiB, layout: 'compact', chunkSize: 16 * KiB });
   await writeAt(io, '/i/img.fvd', [[100 * KiB, pattern(8 * KiB, 2)]]);
-  const expected = await readAll(io, '/i/img.fvd');
+  const expected = await readWholeDisk(io, '/i/img.fvd');
   // The base cannot grow (a full disk, say): commit stops after step A.
   const failing: IoBackend = {
     open: async (p, o) => {
@@ -285,7 +274,7 @@ test('an interrupted commit (base about to grow): the image opens with the base 
   const h = headerOf(io, '/i/img.fvd');
   assert.is(h.baseSize, B);
   assert.is(h.baseSizeNext, V);
-  same(await readAll(io, '/i/img.fvd'), expected, 'base not grown yet');
+  same(await readWholeDisk(io, '/i/img.fvd'), expected, 'base not grown yet');
   const r = await checkImage(io, '/i/img.fvd');
   assert.equal(r.errors, []);
   assert.match(r.notes.join('\n'), /a commit was interrupted while growing the base to 262144 bytes; run 'fvd commit' again/);
@@ -294,9 +283,9 @@ test('an interrupted commit (base about to grow): the image opens with the base 
   grown.set(pattern(B, 1));
   grown.fill(0x5a, B); // bytes past base_size never show
   io.writeFile('/i/base.raw', grown);
-  same(await readAll(io, '/i/img.fvd'), expected, 'base grown, header not switched yet');
+  same(await readWholeDisk(io, '/i/img.fvd'), expected, 'base grown, header not switched yet');
   io.writeFile('/i/base.raw', grown.subarray(0, V - 512));
-  await rejects(readAll(io, '/i/img.fvd'), /base image 'base\.raw' is 261632 bytes but was 65536 bytes/);
+  await rejects(readWholeDisk(io, '/i/img.fvd'), /base image 'base\.raw' is 261632 bytes but was 65536 bytes/);
   io.writeFile('/i/base.raw', grown.subarray(0, B));
   await commitImage(io, '/i/img.fvd');
   same(io.readFile('/i/base.raw'), expected, 'base after the second commit');
@@ -374,7 +363,7 @@ test('commit and rebase skip ranges known to be zero on both sides (holes) witho
     const expected = new Uint8Array(2 * V);
     expected.set(base);
     expected.set(pattern(4096, 2), 12 * MiB);
-    same(await readAll(io, '/z/img.fvd'), expected, `seekData ${seekData}`);
+    same(await readWholeDisk(io, '/z/img.fvd'), expected, `seekData ${seekData}`);
     return bytesRead;
   };
   const slow = await reads(false);
@@ -401,7 +390,7 @@ for (const layout of LAYOUTS) {
     io.writeFile('/b/new.raw', newData);
     await create(io, '/b/img.fvd', { base: 'old.raw', baseFormat: 'raw', layout, blockSize: bs, chunkSize: 64 * KiB });
     await writeAt(io, '/b/img.fvd', [[7 * bs, pattern(bs, 3)], [40 * bs + 100, pattern(10, 4)], [63 * bs, pattern(bs, 5)]]);
-    const expected = await readAll(io, '/b/img.fvd');
+    const expected = await readWholeDisk(io, '/b/img.fvd');
     const r = await rebaseImage(io, '/b/img.fvd', { base: 'new.raw', baseFormat: 'raw' });
     assert.is(r.bytesCopied, 2 * bs, 'blocks 1 and 20 differ and were not local');
     assert.is(r.oldBase, 'old.raw');
@@ -412,7 +401,7 @@ for (const layout of LAYOUTS) {
     assert.is(Buffer.from(io.readFile('/b/img.fvd').subarray(512, 512 + h.basePathLength)).toString(), 'new.raw');
     assert.ok(io.readFile('/b/img.fvd').subarray(512 + h.basePathLength, PAGE).every((x) => x === 0), 'rest of the first page zero');
     io.deleteFile('/b/old.raw');
-    same(await readAll(io, '/b/img.fvd'), expected, 'after rebase, old base gone');
+    same(await readWholeDisk(io, '/b/img.fvd'), expected, 'after rebase, old base gone');
     await clean(io, '/b/img.fvd');
   });
 }
@@ -431,13 +420,13 @@ test('rebase onto an FVD base of another size, and onto a smaller and a larger b
     await writeAt(io, '/s/new.fvd', [[0, pattern(B1, 1).subarray(0, 64 * KiB)], [80 * KiB, pattern(B2 - 80 * KiB, 7)]]);
     await create(io, '/s/img.fvd', { base: 'old.raw', baseFormat: 'raw', size: V, blockSize: 16 * KiB, layout: 'raw' });
     await writeAt(io, '/s/img.fvd', [[20 * KiB, pattern(40 * KiB, 2)], [V - 8 * KiB, pattern(8 * KiB, 3)]]);
-    const expected = await readAll(io, '/s/img.fvd');
+    const expected = await readWholeDisk(io, '/s/img.fvd');
     await rebaseImage(io, '/s/img.fvd', { base: 'new.fvd', baseFormat: 'fvd' });
     const h = headerOf(io, '/s/img.fvd');
     assert.is(h.baseSize, B2);
     assert.is(h.baseFormat, BASE_FVD);
     io.deleteFile('/s/old.raw');
-    same(await readAll(io, '/s/img.fvd'), expected, `rebase ${B1} → ${B2}`);
+    same(await readWholeDisk(io, '/s/img.fvd'), expected, `rebase ${B1} → ${B2}`);
     const st = await statsOf(io, '/s/img.fvd');
     assert.equal(st.baseChain.map((e) => e.format), ['fvd']);
     await clean(io, '/s/img.fvd');
@@ -449,7 +438,7 @@ test('rebase -b "" makes the image standalone; rebase of a standalone image onto
   io.writeFile('/n/base.raw', pattern(256 * KiB, 1));
   await create(io, '/n/img.fvd', { base: 'base.raw', baseFormat: 'raw', blockSize: 4 * KiB, layout: 'compact', chunkSize: 16 * KiB });
   await writeAt(io, '/n/img.fvd', [[4 * KiB, pattern(4 * KiB, 2)]]);
-  const expected = await readAll(io, '/n/img.fvd');
+  const expected = await readWholeDisk(io, '/n/img.fvd');
   const r = await rebaseImage(io, '/n/img.fvd', { base: '' });
   assert.is(r.bytesCopied, 252 * KiB);
   let h = headerOf(io, '/n/img.fvd');
@@ -458,7 +447,7 @@ test('rebase -b "" makes the image standalone; rebase of a standalone image onto
   assert.is(h.basePathLength, 0);
   assert.ok(io.readFile('/n/img.fvd').subarray(512, PAGE).every((x) => x === 0));
   io.deleteFile('/n/base.raw');
-  same(await readAll(io, '/n/img.fvd'), expected, 'standalone');
+  same(await readWholeDisk(io, '/n/img.fvd'), expected, 'standalone');
   await clean(io, '/n/img.fvd');
 
   // A standalone image created without any bitmap, onto a base: the bitmap region is created
@@ -482,14 +471,14 @@ test('rebase -b "" makes the image standalone; rebase of a standalone image onto
     else assert.is(h.journalLength, h0.journalLength);
     assert.is(h.journalOffset, h0.journalOffset + PAGE);
     assert.ok(h.journalStartSeq > h0.journalStartSeq, 'a moved journal starts past its old sequence numbers');
-    same(await readAll(io, p), pattern(192 * KiB, 3), `${layout}: standalone → based`);
+    same(await readWholeDisk(io, p), pattern(192 * KiB, 3), `${layout}: standalone → based`);
     assert.is((await statsOf(io, p)).bytesInBase, 0);
     await clean(io, p);
     // ... and it keeps working as an overlay: discard reads zeros, new writes stick, reopen.
     await writeAt(io, p, [[8 * KiB, pattern(4 * KiB, 5)]]);
     const exp = pattern(192 * KiB, 3);
     exp.set(pattern(4 * KiB, 5), 8 * KiB);
-    same(await readAll(io, p), exp, `${layout}: written after rebase`);
+    same(await readWholeDisk(io, p), exp, `${layout}: written after rebase`);
   }
 });
 
@@ -508,13 +497,13 @@ test('rebase -u switches the header only; works without the old base', async () 
   assert.is(r.bytesCopied, 0);
   const expected = moved.slice();
   expected.set(pattern(bs, 2), bs);
-  same(await readAll(io, '/u/img.fvd'), expected, 'unsafe rebase onto the moved base');
+  same(await readWholeDisk(io, '/u/img.fvd'), expected, 'unsafe rebase onto the moved base');
   // Unsafe onto a shorter base: blocks past its end that came from the old base read zeros.
   io.writeFile('/u/short.raw', moved.subarray(0, 16 * KiB));
   await rebaseImage(io, '/u/img.fvd', { base: 'short.raw', baseFormat: 'raw', unsafe: true });
   const exp2 = expected.slice();
   exp2.fill(0, 16 * KiB);
-  same(await readAll(io, '/u/img.fvd'), exp2, 'unsafe rebase onto a shorter base');
+  same(await readWholeDisk(io, '/u/img.fvd'), exp2, 'unsafe rebase onto a shorter base');
   await clean(io, '/u/img.fvd');
 });
 
@@ -556,7 +545,7 @@ for (const layout of LAYOUTS) {
     const grown = new Uint8Array(300 * KiB);
     grown.set(expected);
     expected = grown;
-    same(await readAll(io, p), expected, 'grown');
+    same(await readWholeDisk(io, p), expected, 'grown');
     assert.is(headerOf(io, p).virtualSize, 300 * KiB);
     await writeAt(io, p, [[250 * KiB, pattern(8 * KiB, 2)]]);
     expected.set(pattern(8 * KiB, 2), 250 * KiB);
@@ -567,10 +556,10 @@ for (const layout of LAYOUTS) {
     assert.equal(files(io), before);
     r = await resizeImage(io, p, 258 * KiB);
     expected = expected.slice(0, 258 * KiB);
-    same(await readAll(io, p), expected, 'shrunk over zeros');
+    same(await readWholeDisk(io, p), expected, 'shrunk over zeros');
     r = await resizeImage(io, p, 50 * KiB + 512, { shrink: true });
     expected = expected.slice(0, 50 * KiB + 512);
-    same(await readAll(io, p), expected, 'shrunk with shrink');
+    same(await readWholeDisk(io, p), expected, 'shrunk with shrink');
     const h = headerOf(io, p);
     if (layout === 'raw') assert.is(io.readFile(p).length, h.dataOffset + 50 * KiB + 512);
     else assert.ok(io.readFile(p).length <= h.dataOffset + 4 * 16 * KiB, 'compact: freed chunks cut off');
@@ -579,7 +568,7 @@ for (const layout of LAYOUTS) {
     await resizeImage(io, p, 300 * KiB);
     const again = new Uint8Array(300 * KiB);
     again.set(expected);
-    same(await readAll(io, p), again, 'grown after shrink');
+    same(await readWholeDisk(io, p), again, 'grown after shrink');
     await clean(io, p);
   });
 }
@@ -594,7 +583,7 @@ test('resize over a larger base: the new range reads zeros, not the base (stradd
       await resizeImage(io, '/o/img.fvd', 400 * KiB);
       const expected = new Uint8Array(400 * KiB);
       expected.set(baseData.subarray(0, V));
-      same(await readAll(io, '/o/img.fvd'), expected, `${layout} ${V}: grown over the base`);
+      same(await readWholeDisk(io, '/o/img.fvd'), expected, `${layout} ${V}: grown over the base`);
       const h = headerOf(io, '/o/img.fvd');
       assert.ok(h.bitmapLength >= bitmapBytes(400 * KiB, h.blockSize));
       await clean(io, '/o/img.fvd');
@@ -603,7 +592,7 @@ test('resize over a larger base: the new range reads zeros, not the base (stradd
       await resizeImage(io, '/o/img.fvd', 400 * KiB);
       const exp2 = new Uint8Array(400 * KiB);
       exp2.set(baseData.subarray(0, 32 * KiB + 512));
-      same(await readAll(io, '/o/img.fvd'), exp2, `${layout} ${V}: shrunk and grown over the base`);
+      same(await readWholeDisk(io, '/o/img.fvd'), exp2, `${layout} ${V}: shrunk and grown over the base`);
       await clean(io, '/o/img.fvd');
     }
   }
@@ -624,10 +613,10 @@ test('resize (compact) grows the lookup table into the journal; refuses when not
   assert.is(h.dataOffset, h0.dataOffset);
   const expected = new Uint8Array(64 * MiB);
   expected.set(pattern(4 * MiB, 1));
-  same(await readAll(io, p), expected, 'grown');
+  same(await readWholeDisk(io, p), expected, 'grown');
   await writeAt(io, p, [[60 * MiB, pattern(64 * KiB, 2)]]);
   expected.set(pattern(64 * KiB, 2), 60 * MiB);
-  same(await readAll(io, p), expected, 'written in the new range');
+  same(await readWholeDisk(io, p), expected, 'written in the new range');
   await clean(io, p);
   const before = files(io);
   await rejects(resizeImage(io, p, 1024 * MiB), /not enough room for the metadata/);
@@ -673,19 +662,19 @@ test('a chain of depth 4 (raw ← fvd ← fvd ← fvd, mixed layouts and block s
     below = name;
     fmt = 'fvd';
   }
-  same(await readAll(io, '/h/l3.fvd'), model, 'depth-4 chain');
+  same(await readWholeDisk(io, '/h/l3.fvd'), model, 'depth-4 chain');
   const st = await statsOf(io, '/h/l3.fvd');
   assert.equal(st.baseChain.map((e) => [e.path, e.format]), [['/h/l2.fvd', 'fvd'], ['/h/l1.fvd', 'fvd'], ['/h/l0.raw', 'raw']]);
   // commit the top into l2, then l2 into l1: the chain still reads the same
   await commitImage(io, '/h/l3.fvd');
   await commitImage(io, '/h/l2.fvd');
-  same(await readAll(io, '/h/l3.fvd'), model, 'after two commits');
-  same(await readAll(io, '/h/l1.fvd'), model, 'l1 holds everything above the raw base');
+  same(await readWholeDisk(io, '/h/l3.fvd'), model, 'after two commits');
+  same(await readWholeDisk(io, '/h/l1.fvd'), model, 'l1 holds everything above the raw base');
   // rebase the top straight onto l1 (l2 is empty now): nothing to copy
   const r = await rebaseImage(io, '/h/l3.fvd', { base: 'l1.fvd', baseFormat: 'fvd' });
   assert.is(r.bytesCopied, 0);
   io.deleteFile('/h/l2.fvd');
-  same(await readAll(io, '/h/l3.fvd'), model, 'after dropping the middle');
+  same(await readWholeDisk(io, '/h/l3.fvd'), model, 'after dropping the middle');
 });
 
 /** Points an image's header at another base, like a hand-edited or damaged chain (MemIo files). */

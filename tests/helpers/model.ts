@@ -6,6 +6,7 @@
  *    which contents each sector may legitimately hold after recovery.
  *  - makeData / describeSector: write payloads whose sectors are stamped with (write id, sector) so a
  *    mismatch report can say where wrong data came from.
+ *  - readWholeDisk: the virtual disk an image shows, read through the engine.
  */
 import type { Rng } from './rng.js';
 import type { IoBackend } from '../../fvd/io.js';
@@ -255,4 +256,16 @@ export async function makeFvdBase(io: IoBackend, basePath: string, size: number,
   }
   await b.close();
   return initial;
+}
+
+/** Reads an image's whole virtual disk through the engine (read-only: no copy-on-read side effects). */
+export async function readWholeDisk(io: IoBackend, imagePath: string): Promise<Buffer> {
+  const img = await FvdImage.open(io, imagePath, { readOnly: true });
+  try {
+    const buf = Buffer.alloc(img.size);
+    await img.read(buf, 0);
+    return buf;
+  } finally {
+    await img.close();
+  }
 }
