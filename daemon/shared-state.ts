@@ -14,8 +14,12 @@ export interface EngineView {
   baseBlocks: number;
   /** Bytes covered by bitmap blocks; past it everything is local. */
   bitmapEnd: number;
+  /** When the view was taken (informational); the live value is `fullyLocal`. */
   allLocal: boolean;
-  /** [0] becomes 1 when the engine marks the image fully local while serving (prefetch done). */
+  /**
+   * [0] is 1 while every block is local: set at open from the engine's state, to 1 when prefetch
+   * finishes while serving, back to 0 when a base is attached again.
+   */
   fullyLocal: Int32Array;
   present: Uint8Array;
   journaled: Uint8Array;
@@ -42,7 +46,7 @@ export function engineView(image: FvdImage): EngineView {
 export function mapDirect(v: EngineView, offset: number, length: number, write: boolean): number {
   if (v.encrypted) return -1;
   const end = offset + length;
-  if (!v.allLocal && offset < v.bitmapEnd && v.fullyLocal[0] === 0) {
+  if (offset < v.bitmapEnd && v.fullyLocal[0] === 0) {
     const bs = v.blockSize;
     const b0 = Math.floor(offset / bs);
     const b1 = Math.min(Math.floor((end - 1) / bs), v.baseBlocks - 1);
