@@ -27,6 +27,13 @@ export function parseInteger(text: string, what: string, min = 0, max = Number.M
   return value;
 }
 
+/** Parses a percentage ("10", "2.5", "10%") in [0, 1000]. */
+export function parsePercent(text: string, what: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*%?$/.exec(text.trim());
+  if (!m || Number(m[1]) > 1000) throw new UsageError(`invalid ${what} '${text}': expected a percentage from 0 to 1000`);
+  return Number(m[1]);
+}
+
 /**
  * node:util parseArgs with errors turned into one-line UsageErrors. `_command` names the caller
  * for readers; the CLI entry already prefixes messages with "fvd COMMAND: ".

@@ -17,11 +17,13 @@ export interface InstanceConfig {
   copyOnRead?: boolean;
   prefetch?: boolean;
   prefetchRate?: string;
+  /** Allowed rise of the guest's mean request latency while prefetching, in percent. */
+  prefetchShare?: string;
   /** Key file of an encrypted image (relative to the configuration directory). */
   keyFile?: string;
 }
 
-const KEYS = new Set(['IMAGE', 'DEV_ID', 'QUEUES', 'DEPTH', 'MAX_IO', 'COPY_ON_READ', 'PREFETCH', 'PREFETCH_RATE', 'KEY_FILE']);
+const KEYS = new Set(['IMAGE', 'DEV_ID', 'QUEUES', 'DEPTH', 'MAX_IO', 'COPY_ON_READ', 'PREFETCH', 'PREFETCH_RATE', 'PREFETCH_SHARE', 'KEY_FILE']);
 const YES_NO = /^(yes|no|true|false|1|0)$/i;
 
 export function readInstanceConfig(name: string): InstanceConfig {
@@ -71,6 +73,9 @@ export function readInstanceConfig(name: string): InstanceConfig {
       }
       case 'PREFETCH_RATE':
         config.prefetchRate = value;
+        break;
+      case 'PREFETCH_SHARE':
+        config.prefetchShare = value;
         break;
       case 'KEY_FILE':
         if (!value) throw new UsageError(`${file}:${i + 1}: KEY_FILE is empty`);

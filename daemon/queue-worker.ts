@@ -44,6 +44,7 @@ import {
 } from './ublk/abi.js';
 import { DIRECT_WOULD_BLOCK, DirectIo, chooseDirectMode } from './direct-io.js';
 import { CompletionRing, mapDirect, type EngineView } from './shared-state.js';
+import { QueueActivityWriter } from './queue-activity.js';
 
 export interface QueueWorkerData {
   devId: number;
@@ -58,6 +59,8 @@ export interface QueueWorkerData {
   eventfd: number;
   /** /dev/ublkcN, opened once by the main thread: the driver allows a single open. */
   cdevFd: number;
+  /** Request count and latency totals for the prefetcher (daemon/queue-activity.ts). */
+  activity: SharedArrayBuffer;
 }
 
 /** Messages to the main thread. */
@@ -84,6 +87,7 @@ function run(d: QueueWorkerData): void {
   const { qid, depth, maxIo, view } = d;
   const done = new CompletionRing(d.completions);
   const control = new Int32Array(d.control);
+  const activity = new QueueActivityWriter(d.activity, depth);
 
   const cdevFd = d.cdevFd;
   const imageFd = fs.openSync(d.imagePath, 'r+');
@@ -133,7 +137,10 @@ function run(d: QueueWorkerData): void {
       if (idx < 0) throw new Error(`queue ${qid}: submission queue full`);
       encodeIoCmd(sqe, ring.cmdOffset(idx), qid, tag, result, bufBase + tag * maxIo);
     };
-    const commit = (tag: number, result: number) => uringCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
+    const commit = (tag: number, result: number) => {
+      activity.end(tag, performance.now());
+      uringCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
+    };
     const armEventfd = () => {
       if (ring.prepRead(d.eventfd, efdBuf.address, 8, 0, UD_EVENTFD) < 0) throw new Error(`queue ${qid}: submission queue full`);
     };
@@ -152,6 +159,7 @@ function run(d: QueueWorkerData): void {
 
     /** A new request arrived for `tag`: serve it here or hand it to the engine. */
     const onRequest = (tag: number) => {
+      activity.begin(tag, performance.now());
       const at = tag * IO_DESC_SIZE;
       const opFlags = desc.getUint32(at, true);
       const op = opFlags & 0xff;

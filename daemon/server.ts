@@ -29,6 +29,7 @@ import {
   UBLK_S_DEV_LIVE,
 } from './ublk/abi.js';
 import { CompletionRing } from './shared-state.js';
+import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
 import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
 import { listStates, removeState, writeState, type DeviceState } from './state.js';
 
@@ -79,6 +80,7 @@ export class UblkServer {
   devicePath = '';
   readonly stats: ServerStats = { reads: 0, writes: 0, flushes: 0, discards: 0, fastPath: 0, slowPath: 0, errors: 0 };
   private queues: Queue[] = [];
+  private readonly activityBuffers: SharedArrayBuffer[] = [];
   private cdevFd = -1;
   private started = false;
   private stopping: Promise<void> | null = null;
@@ -189,6 +191,7 @@ export class UblkServer {
         control,
         eventfd,
         cdevFd: this.cdevFd,
+        activity: newActivityBuffer(),
       };
       const worker = new Worker(workerUrl, { workerData: data });
       let resolveFetched!: () => void;
@@ -219,6 +222,7 @@ export class UblkServer {
       };
       worker.on('message', (m: WorkerMessage) => this.onWorkerMessage(q, m, resolveFetched));
       this.queues.push(q);
+      this.activityBuffers.push(data.activity);
     }
     await Promise.all(fetched);
   }
@@ -285,6 +289,14 @@ export class UblkServer {
     }
     q.completions.push(tag, result);
     fs.writeSync(q.eventfd, EFD_WAKE);
+  }
+
+  /**
+   * A reader of the queues' request counts and latencies (cumulative from its creation), the
+   * prefetcher's measure of foreground activity.
+   */
+  activityReader(): QueueActivityReader {
+    return new QueueActivityReader(this.activityBuffers);
   }
 
   /** Figures for STATUS= and `fvd list`. */

@@ -27,12 +27,14 @@
  *     t0, the next may start at max(previous slot, t0) + n / cap. No catching up after pauses.
  *  2. Foreground latency (`maxLatencyShare`), when the activity source reports latencies: the
  *     latency budget of fvd/prefetch-control.ts (baseline from periodic probes), fed per
- *     completed foreground request (a ForegroundMeter) or per poll (a polled ActivitySource). A chunk starts only while the
- *     budget is not overdrawn or the foreground is idle; a completion that refills it wakes the
- *     loop at once. While the foreground is active, chunks are `busyChunkBytes` (smaller: each
- *     slows fewer requests, and the gate is consulted more often).
- *  3. Foreground rate, when the source reports no latency (latencyNs stays 0; e.g. the daemon's
- *     queue workers count requests but do not time them): a window with at least `busyOpsPerSec`
+ *     completed foreground request (a ForegroundMeter) or per poll (a polled ActivitySource, such
+ *     as the daemon's queue workers' shared counters, daemon/queue-activity.ts). A chunk starts
+ *     only while the budget is not overdrawn or the foreground is idle; a completion that refills
+ *     it wakes the loop at once (a polled source is read every `pollMs` while waiting). While the
+ *     foreground is active, chunks are `busyChunkBytes` (smaller: each slows fewer requests, and
+ *     the gate is consulted more often).
+ *  3. Foreground rate, when the source reports no latency (latencyNs stays 0: an owner that
+ *     counts requests but does not time them): a window with at least `busyOpsPerSec`
  *     foreground operations per second means "guest busy": pause until the rate has stayed below
  *     that for `idleResumeMs`.
  *  4. FVD's own throughput rule: prefetch throughput is measured per operation (time inside
@@ -59,6 +61,8 @@ export interface ForegroundActivity {
   bytes: number;
   /** Sum of their latencies in nanoseconds; 0 when the owner does not time requests. */
   latencyNs: number;
+  /** Requests begun and not yet completed, when the owner counts them (keeps "idle" honest). */
+  inFlight?: number;
 }
 
 export type ActivitySource = () => ForegroundActivity;
@@ -83,6 +87,12 @@ export interface PrefetchOptions {
   maxPauseMs?: number;
   /** Measurement window (FVD's throughput_measure_time, default 100 ms). */
   windowMs?: number;
+  /**
+   * A polled source that reports latencies is read at least this often while the latency budget
+   * holds prefetching back (ms, default 5), so a refilled budget is seen promptly — a
+   * ForegroundMeter instead wakes the loop on the completion itself.
+   */
+  pollMs?: number;
   /** Without latency figures, this many foreground ops per second mean "busy" (default 10). */
   busyOpsPerSec?: number;
   /** FVD's min throughput: below it, back off with 50 % probability (default 5 MiB/s; 0 = off). */
@@ -248,6 +258,9 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
   private winOps = 0;
   private winLat = 0;
   private winPrefetched = false;
+  /** Foreground requests in flight at the last poll of a polled source. */
+  private polledInFlight = 0;
+  private readonly pollMs: number;
   /** Last time the foreground was seen busy (rate rule). */
   private lastBusyAt = Number.NEGATIVE_INFINITY;
   // FVD throughput rule
@@ -284,6 +297,7 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
     this.minPauseMs = Math.max(0, options.minPauseMs ?? 1);
     this.maxPauseMs = Math.max(this.minPauseMs, options.maxPauseMs ?? 2000);
     this.windowMs = Math.max(1, options.windowMs ?? 100);
+    this.pollMs = Math.max(1, options.pollMs ?? 5);
     this.busyOpsPerSec = options.busyOpsPerSec ?? 10;
     this.minBytesPerSec = options.minBytesPerSec ?? 5 * MiB;
     this.persistBytes = options.persistBytes ?? 64 * MiB;
@@ -347,6 +361,7 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
     this.timed = true;
     const now = this.now();
     if (this.budget.onRequests(now, 1, latencyNs, now - latencyNs / 1e6) && this.waitingForBudget) this.wake?.();
+    this.noteBaseline();
   }
 
   progress(): PrefetchProgress {
@@ -388,8 +403,17 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
   }
 
   private fgInFlight(): number {
-    return this.meter ? this.meter.inFlight : 0;
+    return this.meter ? this.meter.inFlight : this.polledInFlight;
   }
+
+  /** Announces the first baseline ('baseline', ns): the owner may log that the budget is live. */
+  private noteBaseline(): void {
+    if (!this.baselineAnnounced && this.budget.baselineNs !== null) {
+      this.baselineAnnounced = true;
+      this.emit('baseline', this.budget.baselineNs);
+    }
+  }
+  private baselineAnnounced = false;
 
   private async loop(): Promise<void> {
     const image = this.image;
@@ -503,8 +527,9 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
           this.emit('backoff', 'latency');
         }
         this.waitingForBudget = true;
+        const wait = Math.max(1, Math.min(this.activity ? this.pollMs : this.windowMs, this.budget.idleAt() - now + 1));
         try {
-          await this.sleep(Math.max(1, Math.min(this.windowMs, this.budget.idleAt() - now + 1)));
+          await this.sleep(wait);
         } finally {
           this.waitingForBudget = false;
         }
@@ -566,11 +591,13 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
     if (paused && now >= this.pauseUntil) this.endPause();
     if (!this.activity) return;
     const a = this.activity();
+    this.polledInFlight = a.inFlight ?? 0;
     const dOps = a.ops - this.winOps;
     const dLat = a.latencyNs - this.winLat;
     if (dLat > 0) {
       this.timed = true;
       this.budget.onRequests(now, dOps, dLat, this.winStart);
+      this.noteBaseline();
       this.resetWindow(now);
       return;
     }

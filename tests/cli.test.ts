@@ -144,6 +144,10 @@ test('missing arguments and option values: one line each', () => {
     [['io', '-c', 'read 0 4k'], /usage: fvd io/],
     [['info', img, img], /usage: fvd info/],
     [['create', img, '1M', 'extra'], /usage: fvd create/],
+    // serve's arguments are checked before the device or the image is touched
+    [['serve', img, '--prefetch-share', '2000'], /invalid prefetch latency share '2000'/],
+    [['serve', img, '--prefetch-share', 'lots'], /invalid prefetch latency share 'lots'/],
+    [['serve', img, '--prefetch-rate', 'fast'], /invalid prefetch rate 'fast'/],
   ];
   for (const [args, re] of cases) assertOneLineError(fvd(...args), re);
   assert.equal(fs.readdirSync(dir), [], 'no file was created');

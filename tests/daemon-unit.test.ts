@@ -16,6 +16,7 @@ import {
 import { CompletionRing, mapDirect, type EngineView } from '../daemon/shared-state.js';
 import { Prefetcher } from '../fvd/prefetch.js';
 import { readInstanceConfig } from '../daemon/instance-config.js';
+import { QueueActivityReader, QueueActivityWriter, newActivityBuffer } from '../daemon/queue-activity.js';
 import { listStates, removeState, writeState } from '../daemon/state.js';
 import { FvdImage } from '../fvd/image.js';
 import { nodeIo } from '../fvd/node-file.js';
@@ -213,6 +214,8 @@ test('instance config: defaults, keys, errors', () => {
     assert.equal(readInstanceConfig('vm1'), { image: '/var/lib/fvd/vm1.fvd' });
     fs.writeFileSync(path.join(dir, 'vm2.conf'), '# comment\nIMAGE="/images/vm2.fvd"\nQUEUES=4\nCOPY_ON_READ=no\nDEV_ID=3\n');
     assert.equal(readInstanceConfig('vm2'), { image: '/images/vm2.fvd', queues: '4', copyOnRead: false, devId: '3' });
+    fs.writeFileSync(path.join(dir, 'pf.conf'), 'PREFETCH=yes\nPREFETCH_RATE=50M\nPREFETCH_SHARE=5\n');
+    assert.equal(readInstanceConfig('pf'), { image: '/var/lib/fvd/pf.fvd', prefetch: true, prefetchRate: '50M', prefetchShare: '5' });
     fs.writeFileSync(path.join(dir, 'enc.conf'), 'IMAGE=enc.fvd\nKEY_FILE=keys/enc.key\n');
     assert.equal(readInstanceConfig('enc'), { image: path.join(dir, 'enc.fvd'), keyFile: path.join(dir, 'keys/enc.key') });
     fs.writeFileSync(path.join(dir, 'enc2.conf'), 'KEY_FILE=\n');
@@ -225,6 +228,53 @@ test('instance config: defaults, keys, errors', () => {
     delete process.env.FVD_STATE_DIR;
     fs.rmSync(dir, { recursive: true });
   }
+});
+
+test('queue activity: latencies summed exactly across queues, sub-µs carried, in-flight counted', () => {
+  const bufs = [newActivityBuffer(), newActivityBuffer()];
+  const reader = new QueueActivityReader(bufs);
+  const q0 = new QueueActivityWriter(bufs[0]!, 4);
+  const q1 = new QueueActivityWriter(bufs[1]!, 4);
+  q0.begin(0, 1000);
+  q0.begin(3, 1000.5);
+  q1.begin(2, 2000);
+  assert.equal(reader.poll(), { ops: 0, bytes: 0, latencyNs: 0, inFlight: 3 });
+  q0.end(0, 1000.25); // 250 µs
+  q1.end(2, 2000.0125); // 12.5 µs: 12 published, 0.5 carried
+  let t = reader.poll();
+  assert.is(t.ops, 2);
+  assert.is(t.latencyNs, 262_000);
+  assert.is(t.inFlight, 1);
+  // 1000 requests of 0.3 µs each: nothing is lost to rounding (300 µs in all, to within 1 µs).
+  for (let i = 0; i < 1000; i++) {
+    q1.begin(1, 5000);
+    q1.end(1, 5000 + 0.0003);
+  }
+  q0.end(3, 1001.5); // 1 ms
+  t = reader.poll();
+  assert.is(t.ops, 1003);
+  assert.ok(Math.abs(t.latencyNs - (262_000 + 300_000 + 1_000_000 + 500)) <= 1000, `latency ${t.latencyNs}`);
+  assert.is(t.inFlight, 0);
+  // An end without a begin (cannot happen) is not counted.
+  q0.end(1, 9999);
+  assert.is(reader.poll().ops, 1003);
+});
+
+test('queue activity: the 32-bit counters wrap without the reader losing or gaining anything', () => {
+  const buf = newActivityBuffer();
+  const raw = new Int32Array(buf);
+  raw[0] = -3; // 2^32 − 3 requests, and 2^32 − 100 µs, already counted before the reader
+  raw[1] = -100;
+  const reader = new QueueActivityReader([buf]);
+  const w = new QueueActivityWriter(buf, 1);
+  for (let i = 0; i < 5; i++) {
+    w.begin(0, 0);
+    w.end(0, 0.1); // 100 µs
+  }
+  const t = reader.poll();
+  assert.is(raw[0], 2);
+  assert.is(t.ops, 5);
+  assert.is(t.latencyNs, 500_000);
 });
 
 test('state files: write, list, remove', () => {

@@ -496,43 +496,104 @@ test('back-off: a busy foreground (no latency figures) pauses prefetching; it re
   }
 });
 
-test('latency budget on a real engine: a foreground that prefetch I/O slows holds it back; one it does not slow does not', async () => {
-  // Synthetic foreground through a ForegroundMeter: a request every 2 ms whose latency is 10×
-  // higher while (or just after) the base is being read — the interference the prefetcher must
-  // notice per request — or constant.
-  async function run(sensitive: boolean): Promise<{ throttles: number; baseline: number; state: string; overlapped: number; bytes: number }> {
-    const dir = tmp.caseDir();
-    rawBase(dir, 16 * MiB, 13, false);
-    const img = path.join(dir, 'img.fvd');
-    await FvdImage.create(nodeIo, img, { base: 'base.raw', baseFormat: 'raw' });
-    const io = new CountingIo(nodeIo, path.join(dir, 'base.raw'), 64 * KiB, 256);
-    const image = await FvdImage.open(io, img, { copyOnRead: false });
-    const meter = new ForegroundMeter();
-    const gen = setInterval(() => {
-      const hurt = sensitive && (io.inFlight > 0 || performance.now() - io.lastReadEnd < 30);
-      meter.begin();
-      meter.end(4096, hurt ? 1_000_000 : 100_000);
-    }, 2);
-    try {
-      const pf = new Prefetcher(image, { chunkBytes: 256 * KiB, busyChunkBytes: 64 * KiB, maxBytesPerSec: 8 * MiB, maxLatencyShare: 0.2, seed: 8, minBytesPerSec: 0, activity: meter });
-      pf.start();
-      await Promise.race([pf.finished, sleep(1500)]);
-      await pf.stop();
-      const p = pf.progress();
-      return { throttles: p.throttles, baseline: p.baselineLatencyNs ?? 0, state: p.state, overlapped: pf.budget.overlapped, bytes: p.bytesDone };
-    } finally {
-      clearInterval(gen);
-      await image.close();
+for (const polled of [false, true]) {
+  test(`latency budget on a real engine (${polled ? 'polled counters, as the daemon feeds it' : 'per-request meter'}): a foreground that prefetch I/O slows holds it back; one it does not slow does not`, async () => {
+    // Synthetic foreground: a request every 2 ms whose latency is 10× higher while (or just after)
+    // the base is being read — the interference the prefetcher must notice — or constant. Fed per
+    // request through a ForegroundMeter, or as cumulative counters the prefetcher polls (what the
+    // daemon's queue workers publish, daemon/queue-activity.ts).
+    async function run(sensitive: boolean): Promise<{ throttles: number; baseline: number; state: string; overlapped: number; bytes: number }> {
+      const dir = tmp.caseDir();
+      rawBase(dir, 16 * MiB, 13, false);
+      const img = path.join(dir, 'img.fvd');
+      await FvdImage.create(nodeIo, img, { base: 'base.raw', baseFormat: 'raw' });
+      const io = new CountingIo(nodeIo, path.join(dir, 'base.raw'), 64 * KiB, 256);
+      const image = await FvdImage.open(io, img, { copyOnRead: false });
+      const meter = new ForegroundMeter();
+      const totals: ForegroundActivity = { ops: 0, bytes: 0, latencyNs: 0, inFlight: 0 };
+      const gen = setInterval(() => {
+        const hurt = sensitive && (io.inFlight > 0 || performance.now() - io.lastReadEnd < 30);
+        const latencyNs = hurt ? 1_000_000 : 100_000;
+        if (polled) {
+          totals.ops++;
+          totals.bytes += 4096;
+          totals.latencyNs += latencyNs;
+        } else {
+          meter.begin();
+          meter.end(4096, latencyNs);
+        }
+      }, 2);
+      try {
+        const pf = new Prefetcher(image, {
+          chunkBytes: 256 * KiB, busyChunkBytes: 64 * KiB, maxBytesPerSec: 8 * MiB, maxLatencyShare: 0.2, seed: 8, minBytesPerSec: 0,
+          activity: polled ? () => totals : meter,
+        });
+        let announced = 0;
+        pf.on('baseline', (ns: number) => (announced = ns));
+        pf.start();
+        await Promise.race([pf.finished, sleep(1500)]);
+        await pf.stop();
+        const p = pf.progress();
+        assert.is(announced, announced && p.baselineLatencyNs !== null ? announced : 0);
+        assert.ok(announced > 0, "the first baseline was announced ('baseline' event)");
+        return { throttles: p.throttles, baseline: p.baselineLatencyNs ?? 0, state: p.state, overlapped: pf.budget.overlapped, bytes: p.bytesDone };
+      } finally {
+        clearInterval(gen);
+        await image.close();
+      }
     }
+    const calm = await run(false);
+    const hurt = await run(true);
+    // Each request slowed by a copy costs the hurt run ~900 µs of budget that takes ~45 undisturbed
+    // requests (90 ms) to earn back, so it copies a small fraction of what the calm run copies in
+    // the same 1.5 s (the calm one is held only by the cap, its first baseline and a probe).
+    assert.ok(hurt.throttles >= 1 && hurt.overlapped > 0, `hurt: ${hurt.throttles} throttles, ${hurt.overlapped} overlapped`);
+    assert.ok(hurt.bytes * 4 < calm.bytes, `hurt copied ${hurt.bytes} bytes, calm ${calm.bytes}`);
+    assert.ok(hurt.baseline > 0 && hurt.baseline < 500_000, `baseline ${hurt.baseline} ns should be the idle latency`);
+  });
+}
+
+test('polled source: a request in flight keeps an overdrawn budget closed; its completion and idleness reopen it', async () => {
+  const dir = tmp.caseDir();
+  rawBase(dir, 16 * MiB, 21, false);
+  const img = path.join(dir, 'img.fvd');
+  await FvdImage.create(nodeIo, img, { base: 'base.raw', baseFormat: 'raw' });
+  const io = new CountingIo(nodeIo, path.join(dir, 'base.raw'), 64 * KiB, 256);
+  const image = await FvdImage.open(io, img, { copyOnRead: false });
+  // Requests of 100 µs every 2 ms until a baseline exists and prefetching runs; then ten slow
+  // ones (10 ms each: a debt of ~99 ms) and one that stays in flight, and nothing else.
+  const totals: ForegroundActivity = { ops: 0, bytes: 0, latencyNs: 0, inFlight: 0 };
+  let steady = true;
+  const gen = setInterval(() => {
+    if (!steady) return;
+    totals.ops++;
+    totals.latencyNs += 100_000;
+  }, 2);
+  try {
+    const pf = new Prefetcher(image, { chunkBytes: 256 * KiB, maxBytesPerSec: 4 * MiB, seed: 5, minBytesPerSec: 0, activity: () => totals });
+    const baseline = new Promise((r) => pf.once('baseline', r));
+    pf.start();
+    await baseline;
+    await waitFor(() => io.bytes > 0, 5000, 'prefetching to start after the baseline');
+    steady = false;
+    totals.ops += 10;
+    totals.latencyNs += 10 * 10_000_000;
+    totals.inFlight = 1;
+    await sleep(30); // the prefetcher polls (every 5 ms while waiting, or after its chunk)
+    await waitFor(() => io.inFlight === 0, 2000, 'the chunk in flight to finish');
+    const held = io.bytes;
+    // Far longer than idleMs (50): were the request in flight not counted, the foreground would be
+    // idle, the debt forgiven and prefetching would go on.
+    await sleep(400);
+    assert.is(io.bytes, held, 'base read while an overdrawn foreground still had a request in flight');
+    totals.inFlight = 0;
+    const end = await pf.finished;
+    assert.is(end.state, 'done');
+    assert.is(io.bytes, 16 * MiB);
+  } finally {
+    clearInterval(gen);
+    await image.close();
   }
-  const calm = await run(false);
-  const hurt = await run(true);
-  // Each request slowed by a copy costs the hurt run ~900 µs of budget that takes ~45 undisturbed
-  // requests (90 ms) to earn back, so it copies a small fraction of what the calm run copies in the
-  // same 1.5 s (the calm one is held only by the cap, its first baseline and a probe).
-  assert.ok(hurt.throttles >= 1 && hurt.overlapped > 0, `hurt: ${hurt.throttles} throttles, ${hurt.overlapped} overlapped`);
-  assert.ok(hurt.bytes * 4 < calm.bytes, `hurt copied ${hurt.bytes} bytes, calm ${calm.bytes}`);
-  assert.ok(hurt.baseline > 0 && hurt.baseline < 500_000, `baseline ${hurt.baseline} ns should be the idle latency`);
 });
 
 test('bandwidth cap is honoured', async () => {

@@ -1,6 +1,6 @@
 /**
  * fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read]
- *           [--key-file PATH|-]
+ *           [--no-prefetch] [--prefetch-rate SIZE] [--prefetch-share PERCENT] [--key-file PATH|-]
  * Prints the device path once it is usable; SIGTERM/SIGINT stop the device, drain in-flight I/O,
  * close the image cleanly, delete the device and exit 0. Under systemd (Type=notify) it reports
  * READY=1 only then, STATUS= with figures, STOPPING=1, and WATCHDOG=1 pings when asked.
@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { readInstanceConfig } from '../instance-config.js';
 import { sdNotify, watchdogPingIntervalMs } from '../../ffi/sd-notify.js';
-import { UsageError, formatSize, parseInteger, parseOptions, parseSize } from '../args.js';
+import { UsageError, formatSize, parseInteger, parseOptions, parsePercent, parseSize } from '../args.js';
 import { UblkServer } from '../server.js';
 import { Prefetcher } from '../../fvd/prefetch.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
@@ -28,6 +28,7 @@ export async function run(args: string[]): Promise<number> {
     'no-copy-on-read': { type: 'boolean', default: false },
     'no-prefetch': { type: 'boolean', default: false },
     'prefetch-rate': { type: 'string' },
+    'prefetch-share': { type: 'string', default: '10' },
     ...KEY_FILE_OPTION,
   });
   if (values.instance !== undefined) {
@@ -43,18 +44,20 @@ export async function run(args: string[]): Promise<number> {
     if (conf.copyOnRead === false) values['no-copy-on-read'] = true;
     if (conf.prefetch === false) values['no-prefetch'] = true;
     if (conf.prefetchRate !== undefined) values['prefetch-rate'] = conf.prefetchRate;
+    if (conf.prefetchShare !== undefined) values['prefetch-share'] = conf.prefetchShare;
     if (conf.keyFile !== undefined) values['key-file'] ??= conf.keyFile;
     const credential = process.env.CREDENTIALS_DIRECTORY ? path.join(process.env.CREDENTIALS_DIRECTORY, 'key') : '';
     if (values['key-file'] === undefined && credential && fs.existsSync(credential)) values['key-file'] = credential;
   }
   if (positionals.length !== 1)
-    throw new UsageError('usage: fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read] [--no-prefetch] [--prefetch-rate SIZE] [--key-file PATH|-] | fvd serve --instance NAME');
+    throw new UsageError('usage: fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read] [--no-prefetch] [--prefetch-rate SIZE] [--prefetch-share PERCENT] [--key-file PATH|-] | fvd serve --instance NAME');
   const image = positionals[0]!;
   const maxIo = parseSize(values['max-io']!, 'max I/O size');
   if (maxIo < 4096 || maxIo > 32 * 1024 * 1024 || maxIo % 4096) throw new UsageError(`invalid max I/O size ${maxIo}: a multiple of 4 KiB from 4 KiB to 32 MiB`);
   const log = (line: string) => console.error(`fvd[${process.pid}]: ${line}`);
   let fatal: ((reason: string) => void) | undefined;
   const prefetchRate = values['prefetch-rate'] ? parseSize(values['prefetch-rate'], 'prefetch rate') : undefined;
+  const prefetchShare = parsePercent(values['prefetch-share']!, 'prefetch latency share');
   const key = readKeyFile(values['key-file']);
   const server = await UblkServer.start({
     image,
@@ -69,22 +72,18 @@ export async function run(args: string[]): Promise<number> {
     onFatal: (reason) => fatal?.(reason),
   }).finally(() => wipe(key));
 
-  // Background prefetching of the base (adaptive: it backs off while the guest is busy). The
-  // queue workers' request counts are its measure of foreground activity; they report them about
-  // once a second, so a pause ends only after a quiet spell longer than that (else every report
-  // gap would look idle and prefetching would resume under a busy guest).
+  // Background prefetching of the base, adaptive: the queue workers time every request
+  // (daemon/queue-activity.ts) and the prefetcher's latency budget keeps the guest's mean latency
+  // within the configured share of its baseline (fvd/prefetch-control.ts).
   const st = server.image.stats();
+  const activity = server.activityReader();
   const prefetcher =
     values['no-prefetch'] || st.fullyLocal || st.baseSize === 0
       ? null
-      : new Prefetcher(server.image, {
-          maxBytesPerSec: prefetchRate,
-          idleResumeMs: 1500,
-          activity: () => {
-            const c = server.counters();
-            return { ops: c.fastPath + c.slowPath, bytes: 0, latencyNs: 0 };
-          },
-        }).start();
+      : new Prefetcher(server.image, { maxBytesPerSec: prefetchRate, maxLatencyShare: prefetchShare / 100, activity: () => activity.poll() }).start();
+  prefetcher?.on('baseline', (ns: number) =>
+    log(`prefetch: guest request latency baseline ${(ns / 1000).toFixed(1)} µs; prefetching keeps the mean within +${prefetchShare}%`),
+  );
   prefetcher?.on('done', () => log('prefetch done: the image is fully local, the base is no longer needed'));
   prefetcher?.on('failed', (p: { error?: Error }) => log(`prefetch stopped: ${p.error?.message}`));
 

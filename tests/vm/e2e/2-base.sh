@@ -6,7 +6,10 @@
 # -F raw.  Served: every base file reads back right (sha256).  Then the same modifications are made
 # on the device and on a model copy of the tree (overwrite inside a large file, append, delete,
 # new files); after a daemon restart the device's tree matches the model, e2fsck is clean, and
-# base.raw's sha256 never changed.
+# base.raw's sha256 never changed.  Last, a fresh image over the same base is served with a slow
+# prefetch (--prefetch-rate 4M) while the guest reads: the queue workers' request timing must reach
+# the prefetcher's latency budget (the daemon logs the baseline it measured), and the device must
+# read the base exactly.
 
 # modify DIR: the same changes, on the mounted device or on the model.
 modify() {
@@ -61,4 +64,19 @@ scenario() {
     serve_stop "final"
     expect "base.raw still unchanged (sha256)" "$(sha256sum < "$base")" "$base_sum"
     check "fvd check of the image exits 0" fvd check "$img"
+
+    local img2=$D/img2.fvd
+    must "fvd create -b base.raw -F raw img2.fvd" fvd create -b "$base" -F raw "$img2"
+    serve_must "$img2" --prefetch-rate 4M --prefetch-share 10
+    check "4 KiB direct reads while prefetching (4096 requests)" \
+        t dd if="$SERVE_DEV" of=/dev/null iflag=direct bs=4k count=4096 status=none
+    local i
+    for ((i = 0; i < 50; i++)); do grep -q 'latency baseline' "$SERVE_LOG" && break; sleep 0.1; done
+    if grep -qE 'prefetch: guest request latency baseline [0-9.]+ µs; .*\+10%' "$SERVE_LOG"; then
+        ok "the prefetcher measured the guest's request latency ($(grep -o 'baseline [0-9.]* µs' "$SERVE_LOG"))"
+    else not_ok "no latency baseline from the queue workers reached the prefetcher" "$(cat "$SERVE_LOG")"; fi
+    check "the device reads the base exactly while prefetching" \
+        t bash -c "cmp <(dd if='$SERVE_DEV' iflag=direct bs=1M status=none) '$base'"
+    serve_stop "prefetching"
+    expect "base.raw unchanged after prefetching" "$(sha256sum < "$base")" "$base_sum"
 }
