@@ -2,6 +2,8 @@
 # `make bench-dev` (inside a guest with ublk, or on a host that has it): fio against
 #   fvd        the FVD device, raw-like layout, image fully allocated beforehand
 #   fvd-cow    the FVD device, fresh image over a raw base (copy-on-write/read path)
+#   fvd-enc    (only when named in BENCH_TARGETS) as `fvd`, encrypted (AES-256-XTS, done by the
+#              queue workers on the fast path)
 #   loop       kernel loop device, --direct-io=on, over a raw file
 #   qcow2-nbd  a qcow2 image through qemu-nbd --cache=none --aio=native
 # Every backing file sits on the same tmpfs. Jobs: 4 KiB random read/write at depth 16, 128 KiB
@@ -72,6 +74,12 @@ for t in $TARGETS; do
       serve "$dir/full.fvd"
       fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
       run_jobs fvd "$dev"; stop_last; rm -f "$dir"/full.fvd* ;;
+    fvd-enc)
+      head -c 32 /dev/urandom > "$dir/enc.key"
+      $FVD create --encrypt --key-file "$dir/enc.key" "$dir/enc.fvd" "$SIZE" >/dev/null
+      serve "$dir/enc.fvd" --key-file "$dir/enc.key"
+      fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
+      run_jobs fvd-enc "$dev"; stop_last; rm -f "$dir"/enc.fvd* "$dir/enc.key" ;;
     fvd-cow)
       truncate -s "$SIZE" "$dir/base.raw"
       fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null

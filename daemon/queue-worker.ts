@@ -12,6 +12,10 @@
  * journaled) — the worker maps it through the shared bitmap/table and does the I/O itself.
  * Everything else (copy-on-write, copy-on-read, allocation, flush, discard, FUA) goes to the
  * engine on the main thread, which works directly in this queue's pinned request buffers.
+ *
+ * Encrypted images (FORMAT.md §11) take the same fast path: the worker encrypts a write's buffer in
+ * place before writing it and decrypts a read's buffer in place before committing it, with its own
+ * cipher (daemon/fast-crypt.ts), so encryption runs on the queue threads, not the main thread.
  */
 import fs from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
@@ -45,6 +49,7 @@ import {
 import { DIRECT_WOULD_BLOCK, DirectIo, chooseDirectMode } from './direct-io.js';
 import { CompletionRing, mapDirect, type EngineView } from './shared-state.js';
 import { QueueActivityWriter } from './queue-activity.js';
+import { FastCrypt } from './fast-crypt.js';
 
 export interface QueueWorkerData {
   devId: number;
@@ -61,6 +66,11 @@ export interface QueueWorkerData {
   cdevFd: number;
   /** Request count and latency totals for the prefetcher (daemon/queue-activity.ts). */
   activity: SharedArrayBuffer;
+  /**
+   * Encrypted image: a copy of its 64-byte master key, for this worker's own cipher; wiped as soon
+   * as the cipher holds it. Null otherwise. Never logged or sent back.
+   */
+  key: Uint8Array | null;
 }
 
 /** Messages to the main thread. */
@@ -121,6 +131,13 @@ function run(d: QueueWorkerData): void {
     const tagLen = new Float64Array(depth);
     const tagDone = new Float64Array(depth);
     const tagPhys = new Float64Array(depth);
+    const tagOffset = new Float64Array(depth); // guest byte offset: the XTS tweak of an encrypted image
+    let crypt: FastCrypt | null = null;
+    if (view.encrypted) {
+      if (!d.key) throw new Error('an encrypted image needs its key to be served');
+      crypt = new FastCrypt(d.key, bufs.bytes, depth, maxIo);
+    }
+    d.key?.fill(0); // the cipher holds the key now
     // Fast-path transfers are tried synchronously first where that cannot block (direct-io.ts).
     const directMode = chooseDirectMode(sys, imageFd, d.imagePath);
     if (directMode !== 'ring') direct = new DirectIo(sys, imageFd, directMode);
@@ -154,6 +171,11 @@ function run(d: QueueWorkerData): void {
           : ring.prepWrite(1, addr, len, tagPhys[tag]! + off, UD_FILE + tag, IOSQE_FIXED_FILE);
       if (idx < 0) throw new Error(`queue ${qid}: submission queue full`);
     };
+    /** A fast-path transfer finished: a read of an encrypted image is decrypted before the kernel sees it. */
+    const finishFast = (tag: number) => {
+      if (crypt !== null && tagOp[tag] === UBLK_IO_OP_READ) crypt.decryptRead(tag, tagOffset[tag]!, tagLen[tag]!);
+      commit(tag, tagLen[tag]!);
+    };
     const log = (message: string) => parentPort!.postMessage({ type: 'log', qid, message } satisfies WorkerMessage);
     if (qid === 0) parentPort!.postMessage({ type: 'info', qid, message: `fast path: ${directMode} transfers` } satisfies WorkerMessage);
 
@@ -178,10 +200,17 @@ function run(d: QueueWorkerData): void {
           tagLen[tag] = length;
           tagDone[tag] = 0;
           tagPhys[tag] = phys;
+          tagOffset[tag] = offset;
           fast++;
+          // Encrypted image: route first, then encrypt, then write — a write that went to the
+          // engine above must reach it as plaintext (the engine encrypts), and once encrypted the
+          // buffer is only ever written (the ring finishing a would-block transfer reuses it), so
+          // it is encrypted exactly once. Reads are decrypted in finishFast, after the whole
+          // transfer (sync, ring, or both) and before the commit.
+          if (write && crypt !== null) crypt.encryptWrite(tag, offset, length);
           if (direct) {
             const r = direct.transfer(write, bufBase + tag * maxIo, length, phys, zeroFillFrom[tag]!);
-            if (r === length) return commit(tag, length);
+            if (r === length) return finishFast(tag);
             if (r < DIRECT_WOULD_BLOCK) {
               log(`image ${write ? 'write' : 'read'} failed at ${phys}: ${errnoName(r)}`);
               return commit(tag, -EIO);
@@ -213,7 +242,7 @@ function run(d: QueueWorkerData): void {
         tagDone[tag]! += res;
       }
       if (tagDone[tag]! < tagLen[tag]!) fileIo(tag); // short transfer: continue
-      else commit(tag, tagLen[tag]!);
+      else finishFast(tag);
     };
 
     const onSlowDone = (tag: number, result: number) => commit(tag, result);
@@ -269,6 +298,7 @@ function run(d: QueueWorkerData): void {
     bufs?.free();
     efdBuf.free();
     direct?.free();
+    d.key?.fill(0);
   }
 }
 

@@ -192,8 +192,16 @@ export class UblkServer {
         eventfd,
         cdevFd: this.cdevFd,
         activity: newActivityBuffer(),
+        // Encrypted image: a copy of the master key for the worker's own fast-path cipher. The
+        // Worker constructor clones workerData synchronously, so this thread's copy is wiped next.
+        key: this.image.masterKeyCopy(),
       };
-      const worker = new Worker(workerUrl, { workerData: data });
+      let worker: Worker;
+      try {
+        worker = new Worker(workerUrl, { workerData: data });
+      } finally {
+        data.key?.fill(0);
+      }
       let resolveFetched!: () => void;
       let rejectFetched!: (e: Error) => void;
       fetched.push(new Promise<void>((res, rej) => ((resolveFetched = res), (rejectFetched = rej))));

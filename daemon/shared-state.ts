@@ -24,7 +24,11 @@ export interface EngineView {
   present: Uint8Array;
   journaled: Uint8Array;
   table: Uint32Array | null;
-  /** The data area holds ciphertext (FORMAT.md §11): every request goes to the engine. */
+  /**
+   * The data area holds ciphertext (FORMAT.md §11). Routing is the same as unencrypted (the
+   * storage offsets do not change); the worker encrypts/decrypts fast-path data itself
+   * (daemon/fast-crypt.ts) with the key from QueueWorkerData.
+   */
   encrypted: boolean;
   /**
    * Compact images: per virtual chunk, 1 while a snapshot shares its storage (the engine must
@@ -44,7 +48,6 @@ export function engineView(image: FvdImage): EngineView {
  * request.
  */
 export function mapDirect(v: EngineView, offset: number, length: number, write: boolean): number {
-  if (v.encrypted) return -1;
   const end = offset + length;
   if (offset < v.bitmapEnd && v.fullyLocal[0] === 0) {
     const bs = v.blockSize;

@@ -208,13 +208,25 @@ export class XtsCipher {
   /** Bounce space for buffers not 4-byte aligned. */
   private readonly bounce = new Uint32Array(SLICE / 4);
   private readonly zeroSector = new Uint8Array(SLICE_SECTORS);
+  /** A private copy of the key, only for `masterKey()` (the ECB contexts hold it anyway). */
+  private readonly key: Uint8Array;
 
   /** `key`: 64 bytes, K1 (data) then K2 (tweak). The caller may wipe it afterwards. */
   constructor(key: Uint8Array) {
     if (key.length !== MASTER_KEY_BYTES) throw new Error('XTS-AES-256 needs a 64-byte key');
+    this.key = Uint8Array.from(key);
     this.enc = createCipheriv('aes-256-ecb', key.subarray(0, 32), null).setAutoPadding(false);
     this.dec = createDecipheriv('aes-256-ecb', key.subarray(0, 32), null).setAutoPadding(false);
     this.tweakEnc = createCipheriv('aes-256-ecb', key.subarray(32, 64), null).setAutoPadding(false);
+  }
+
+  /**
+   * A fresh copy of the 64-byte master key, for code that needs its own cipher on another thread
+   * (the daemon's queue workers: OpenSSL contexts cannot be shared between threads). The caller
+   * wipes the copy (fill(0)) once done and never logs it.
+   */
+  masterKey(): Uint8Array {
+    return this.key.slice();
   }
 
   /** Encrypts whole sectors of `src` into `dst` (same length; may be the same buffer). */

@@ -1232,6 +1232,15 @@ export class FvdImage {
   }
 
   /**
+   * For the daemon only: a copy of the unlocked 64-byte master key (null when unencrypted or opened
+   * without the key), so that each queue worker can run its own XtsCipher on its fast path. The
+   * caller hands it on and wipes it (fill(0)); it must never be logged or put in a message.
+   */
+  masterKeyCopy(): Uint8Array | null {
+    return this.xts ? this.xts.masterKey() : null;
+  }
+
+  /**
    * The metadata a ublk queue worker needs to serve requests on local data itself (all of it in
    * SharedArrayBuffers, updated in place by this engine). See daemon/shared-state.ts.
    */
@@ -1251,7 +1260,8 @@ export class FvdImage {
       present: this.present,
       journaled: this.journaled,
       table: this.table,
-      // The data area holds ciphertext: the queue workers must not read or write it directly.
+      // The data area holds ciphertext: a queue worker encrypts/decrypts with its own cipher
+      // (masterKeyCopy), tweak = guest sector, exactly as storeLocal/readLocal do.
       encrypted: this.encrypted,
       shared: this.snap ? this.snap.shared : null,
     };

@@ -109,22 +109,27 @@ test('mapDirect follows a real engine as blocks become local', async () => {
   fs.rmSync(dir, { recursive: true });
 });
 
-test('mapDirect: an encrypted image is never served directly (the data area holds ciphertext)', async () => {
+test('mapDirect: an encrypted image is routed like an unencrypted one (the worker does the crypto)', async () => {
   const full = new Uint8Array(32).fill(0xff);
   for (const v of [view({ encrypted: true }), view({ encrypted: true, table: new Uint32Array([0, 1, 2, 3]) }),
     view({ encrypted: true, allLocal: false, baseBlocks: 100, bitmapEnd: 100 * 4096, present: full, journaled: full })]) {
-    assert.ok(mapDirect({ ...v, encrypted: false }, 0, 4096, false) >= 0, 'the same request is direct when not encrypted');
-    assert.is(mapDirect(v, 0, 4096, false), -1);
-    assert.is(mapDirect(v, 8192, 4096, true), -1);
+    for (const [off, write] of [[0, false], [8192, true]] as const) {
+      assert.ok(mapDirect(v, off, 4096, write) >= 0);
+      assert.is(mapDirect(v, off, 4096, write), mapDirect({ ...v, encrypted: false }, off, 4096, write));
+    }
   }
-  // And from a real encrypted engine, local data included.
+  // The other rules still apply: a base block not yet local goes to the engine.
+  assert.is(mapDirect(view({ encrypted: true, allLocal: false, baseBlocks: 100, bitmapEnd: 100 * 4096 }), 0, 4096, false), -1);
+  // And from a real encrypted engine: local, journaled data is direct; unwritten compact chunks are not.
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-du-'));
   const key = Buffer.from('k');
-  await FvdImage.create(nodeIo, path.join(dir, 'e.fvd'), { size: 1 << 20, encrypt: { key, kdf: { log2N: 10 } } });
+  await FvdImage.create(nodeIo, path.join(dir, 'e.fvd'), { size: 1 << 20, layout: 'compact', encrypt: { key, kdf: { log2N: 10 } } });
   const img = await FvdImage.open(nodeIo, path.join(dir, 'e.fvd'), { key });
+  assert.is(mapDirect(img.sharedView(), 8192, 4096, false), -1, 'unmapped chunk: the engine');
   await img.write(Buffer.alloc(4096, 1), 8192);
-  assert.is(mapDirect(img.sharedView(), 8192, 4096, false), -1);
-  assert.is(mapDirect(img.sharedView(), 8192, 4096, true), -1);
+  await img.flush();
+  assert.ok(mapDirect(img.sharedView(), 8192, 4096, false) > 0);
+  assert.ok(mapDirect(img.sharedView(), 8192, 4096, true) > 0);
   await img.close();
   fs.rmSync(dir, { recursive: true });
 });
