@@ -86,6 +86,12 @@ export interface OpenOptions {
    * read or write then fails. Without this, an encrypted image needs `key`.
    */
   withoutKey?: boolean;
+  /**
+   * For `check`: open an image whose refcount table is damaged, with the refcounts recounted from
+   * the snapshot tables (FORMAT.md §10.8; `snapshots.refcountDamage` says what was wrong).
+   * Without this, such an image is refused as corrupt.
+   */
+  recountRefcounts?: boolean;
 }
 
 /** A base image as the engine sees it: read-only bytes of a fixed size. */
@@ -433,7 +439,7 @@ export class FvdImage {
       // snapshot's saved table (validated there), so it is not validated here.
       if (table && !header.revertSnapshotId) validateTable(imagePath, table, header, file, (header.incompatible & INCOMPAT_DIRTY) !== 0n);
       // Snapshot structures; an interrupted revert is redone here, over the replayed state.
-      const snap = table ? await loadSnapshotState(imagePath, file, header, table, present) : null;
+      const snap = table ? await loadSnapshotState(imagePath, file, header, table, present, !!options.recountRefcounts) : null;
       const image = new FvdImage(imagePath, file, header, base, {
         present,
         table,
