@@ -19,6 +19,7 @@ const COMMANDS: Record<string, string> = {
   io: 'run I/O commands: fvd io -c "write -P 0xab 0 64k" IMAGE',
   bench: 'benchmark the engine: fvd bench [options] IMAGE',
   prefetch: 'copy the base into the image until it is fully local: fvd prefetch [--max-rate SIZE] [-q] IMAGE',
+  'change-key': 'change the key of an encrypted image: fvd change-key --key-file OLD --new-key-file NEW IMAGE',
   snapshot: 'internal snapshots (compact images): fvd snapshot -c NAME | -l | -d NAME | -a NAME IMAGE',
   serve: 'serve an image as /dev/ublkbN: fvd serve IMAGE [--name N] [--dev-id N] [--queues N] [--depth N]',
   list: 'list devices served by fvd: fvd list [--json]',

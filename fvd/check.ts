@@ -10,7 +10,10 @@
  * reads every snapshot's saved table and compares the references with the refcount table:
  * overcounts are leaks (`--repair` rewrites the refcounts), undercounts are errors (the active
  * table could overwrite a snapshot's data in place; `--repair` sets the true counts, which stops
- * further damage but cannot restore what was overwritten).
+ * further damage but cannot restore what was overwritten). A damaged refcount table (bad checksum,
+ * impossible counts) is an error that `--repair` fixes: refcounts are derivable, so the image is
+ * opened with the counts recounted from the snapshot tables and --repair writes them (FORMAT.md
+ * §10.8). A damaged directory or saved table is not derivable: an error --repair cannot fix.
  */
 import type { IoBackend } from './io.js';
 import { FvdError } from './errors.js';
@@ -43,7 +46,7 @@ export async function checkImage(io: IoBackend, path: string, options: { repair?
   const keyed = options.key ? { key: options.key } : { withoutKey: true };
   let image: FvdImage;
   try {
-    image = await FvdImage.open(io, path, { readOnly: true, ...keyed });
+    image = await FvdImage.open(io, path, { readOnly: true, recountRefcounts: true, ...keyed });
   } catch (err) {
     // A wrong key (or a key for an unencrypted image) is a usage error, not damage.
     if (err instanceof FvdError && !(err instanceof KeyError)) {
@@ -67,6 +70,14 @@ export async function checkImage(io: IoBackend, path: string, options: { repair?
       needsRepair = true;
     }
     report.snapshots = image.snapshots.count;
+    const damage = image.snapshots.refcountDamage;
+    if (damage) {
+      // Derivable: the counts were recounted from the snapshot tables at open (FORMAT.md §10.8).
+      const what = `${damage}; --repair rebuilds it from the snapshot tables`;
+      if (options.repair) report.notes.push(what);
+      else report.errors.push(`${path}: corrupt image: ${what}`);
+      needsRepair = true;
+    }
     if (report.snapshots) {
       const r = await image.snapshots.verify();
       report.errors.push(...r.errors);
@@ -91,9 +102,12 @@ export async function checkImage(io: IoBackend, path: string, options: { repair?
   if (!options.repair || !needsRepair || report.errors.length) return report;
 
   // Read-write open replays the journal and checkpoints it; close writes the clean flag.
-  const rw = await FvdImage.open(io, path, { copyOnRead: false, ...keyed });
+  const rw = await FvdImage.open(io, path, { copyOnRead: false, recountRefcounts: true, ...keyed });
   try {
-    if (report.overcounts || report.undercounts) {
+    if (rw.snapshots.refcountDamage) {
+      await rw.snapshots.repairRefcounts();
+      report.notes.push('rebuilt the refcount table from the snapshot tables');
+    } else if (report.overcounts || report.undercounts) {
       const fixed = await rw.snapshots.repairRefcounts();
       report.notes.push(`rewrote the refcount table (${fixed} count(s) corrected)`);
     }

@@ -188,6 +188,60 @@ export async function unlock(path: string, fieldBytes: Uint8Array, material: Uin
   }
 }
 
+/**
+ * For change-key (FORMAT.md §11.2): unwraps the master key with `oldMaterial` (a wrong key throws
+ * KeyError, as in unlock) and wraps the same master key under `newMaterial` with a fresh salt and
+ * nonce, keeping the image's scrypt parameters unless `kdf` overrides some. Returns the new 128
+ * field bytes; the data, encrypted under the master key, stays valid.
+ */
+export async function rewrapKey(path: string, fieldBytes: Uint8Array, oldMaterial: Uint8Array, newMaterial: Uint8Array, kdf: Partial<KdfParams> = {}): Promise<Uint8Array> {
+  checkMaterial(oldMaterial);
+  checkMaterial(newMaterial);
+  const old = parseCryptFields(path, fieldBytes);
+  const k: KdfParams = { log2N: old.log2N, r: old.r, p: old.p, ...kdf };
+  const problem = kdfProblem(k);
+  if (problem) throw new FvdError(`invalid key derivation parameters: ${problem}`, 'EINVAL');
+  const oldKek = await deriveKek(oldMaterial, old.salt, old);
+  let master: Buffer;
+  try {
+    const gcm = createDecipheriv('aes-256-gcm', oldKek, old.nonce);
+    gcm.setAAD(aad(fieldBytes));
+    gcm.setAuthTag(old.tag);
+    master = gcm.update(old.wrapped);
+    gcm.final();
+  } catch {
+    throw new KeyError(`${path}: wrong key: it does not unlock this encrypted image (or the image's key fields are damaged)`);
+  } finally {
+    oldKek.fill(0);
+  }
+  try {
+    if (master.subarray(0, 32).equals(master.subarray(32))) throw new CorruptImageError(path, 'encryption fields: the master key halves are equal');
+    const f = new Uint8Array(CRYPT_LENGTH);
+    f[F_METHOD] = old.method;
+    f[F_KDF] = KDF_SCRYPT;
+    f[F_LOG2N] = k.log2N;
+    f[F_R] = k.r;
+    f[F_P] = k.p;
+    // A fresh salt (a new KEK even for the same key material) and a fresh nonce: a GCM nonce is
+    // never reused under one KEK.
+    f.set(randomBytes(SALT_BYTES), F_SALT);
+    f.set(randomBytes(NONCE_BYTES), F_NONCE);
+    const kek = await deriveKek(newMaterial, f.subarray(F_SALT, F_SALT + SALT_BYTES), k);
+    try {
+      const gcm = createCipheriv('aes-256-gcm', kek, f.subarray(F_NONCE, F_NONCE + NONCE_BYTES));
+      gcm.setAAD(aad(f));
+      f.set(gcm.update(master), F_WRAPPED);
+      gcm.final();
+      f.set(gcm.getAuthTag(), F_TAG);
+    } finally {
+      kek.fill(0);
+    }
+    return f;
+  } finally {
+    master.fill(0);
+  }
+}
+
 /** Sectors per slice: the scratch space is bounded whatever the request size. */
 const SLICE_SECTORS = 128;
 const SLICE = SLICE_SECTORS * 512;

@@ -53,6 +53,7 @@ import {
 import { allSet, countSet, forEachClearRun, newBitmap, setRange, testBit } from './bitmap.js';
 import { Journal, PendingRecords, replayJournal, type JournalSink } from './journal.js';
 import { BlockLocks } from './block-locks.js';
+import { SectorGate } from './sector-gate.js';
 import { BufferPool, KeyError, parseCryptFields, sealNewKey, unlock, type KdfParams, type XtsCipher } from './crypto.js';
 import { SnapshotManager, SnapshotState, loadSnapshotState, type SnapshotHost } from './snapshot.js';
 
@@ -85,6 +86,12 @@ export interface OpenOptions {
    * read or write then fails. Without this, an encrypted image needs `key`.
    */
   withoutKey?: boolean;
+  /**
+   * For `check`: open an image whose refcount table is damaged, with the refcounts recounted from
+   * the snapshot tables (FORMAT.md §10.8; `snapshots.refcountDamage` says what was wrong).
+   * Without this, such an image is refused as corrupt.
+   */
+  recountRefcounts?: boolean;
 }
 
 /** A base image as the engine sees it: read-only bytes of a fixed size. */
@@ -192,6 +199,8 @@ export class FvdImage {
   readonly encrypted: boolean;
   private readonly xts: XtsCipher | null;
   private readonly cipherBufs = new BufferPool();
+  /** Encrypted image: serializes read-modify-writes of partial sectors with other writes. */
+  private readonly gate = new SectorGate();
   /** Snapshot bookkeeping of a compact image (refcounts, shared-chunk flags); null if raw-like. */
   private readonly snap: SnapshotState | null;
   /** Internal snapshots: create, list, delete, revert (fvd/snapshot.ts). */
@@ -430,7 +439,7 @@ export class FvdImage {
       // snapshot's saved table (validated there), so it is not validated here.
       if (table && !header.revertSnapshotId) validateTable(imagePath, table, header, file, (header.incompatible & INCOMPAT_DIRTY) !== 0n);
       // Snapshot structures; an interrupted revert is redone here, over the replayed state.
-      const snap = table ? await loadSnapshotState(imagePath, file, header, table, present) : null;
+      const snap = table ? await loadSnapshotState(imagePath, file, header, table, present, !!options.recountRefcounts) : null;
       const image = new FvdImage(imagePath, file, header, base, {
         present,
         table,
@@ -565,7 +574,7 @@ export class FvdImage {
   async read(buf: Uint8Array, offset: number): Promise<void> {
     this.checkRange(offset, buf.length, 'read');
     if (buf.length === 0) return;
-    if (this.encrypted && this.checkCipher('read', offset, buf.length, true)) return this.readUnaligned(buf, offset);
+    if (this.encrypted && this.checkCipher('read', offset, buf.length)) return this.readUnaligned(buf, offset);
     const end = offset + buf.length;
     if (this.allLocal || offset >= this.bitmapEnd) return this.readLocal(buf, offset);
     const bs = this.blockSize;
@@ -588,10 +597,15 @@ export class FvdImage {
     this.checkRange(offset, buf.length, 'write');
     this.checkWritable('write');
     if (buf.length === 0) return;
-    if (this.encrypted) this.checkCipher('write', offset, buf.length, false);
-    if (this.needsBitmapWork(offset, offset + buf.length)) await this.writeSlow(buf, offset);
-    else await this.storeLocal(buf, offset);
+    if (this.encrypted) await this.writeEncrypted(buf, offset, this.checkCipher('write', offset, buf.length));
+    else await this.writeSectors(buf, offset);
     if (fua) await this.journal!.commit();
+  }
+
+  /** The write path under the public checks (and, encrypted, inside the sector gate). */
+  private writeSectors(buf: Uint8Array, offset: number): Promise<void> {
+    if (this.needsBitmapWork(offset, offset + buf.length)) return this.writeSlow(buf, offset);
+    return this.storeLocal(buf, offset);
   }
 
   /** Makes every completed write durable, data first, then the journal records that expose it. */
@@ -610,7 +624,11 @@ export class FvdImage {
     this.checkRange(offset, length, 'write-zeroes');
     this.checkWritable('write-zeroes');
     if (length === 0) return;
-    if (this.encrypted) this.checkCipher('write-zeroes', offset, length, false);
+    if (this.encrypted) return this.zeroEncrypted(offset, length, this.checkCipher('write-zeroes', offset, length));
+    return this.zeroRange(offset, length);
+  }
+
+  private async zeroRange(offset: number, length: number): Promise<void> {
     const end = offset + length;
     const bs = this.blockSize;
     // Whole blocks are zeroed by punching storage and marking them local; partial edges are
@@ -618,12 +636,12 @@ export class FvdImage {
     const a = roundUp(offset, bs);
     const z = end === this.size ? end : Math.floor(end / bs) * bs;
     if (a >= z) {
-      await this.write(new Uint8Array(length), offset);
+      await this.writeSectors(new Uint8Array(length), offset);
       return;
     }
     const edges: Promise<void>[] = [];
-    if (offset < a) edges.push(this.write(new Uint8Array(a - offset), offset));
-    if (z < end) edges.push(this.write(new Uint8Array(end - z), z));
+    if (offset < a) edges.push(this.writeSectors(new Uint8Array(a - offset), offset));
+    if (z < end) edges.push(this.writeSectors(new Uint8Array(end - z), z));
     await Promise.all([...edges, this.zeroBlocks(a, z)]);
   }
 
@@ -881,16 +899,69 @@ export class FvdImage {
   // encryption (FORMAT.md §11): the data area holds XTS ciphertext, tweak = guest sector
 
   /**
-   * Refuses data I/O on an encrypted image opened without its key, and writes that are not whole
-   * sectors (XTS works on whole sectors; a read-modify-write could race another write to the
-   * same sector). Returns true for a read that needs the unaligned path.
+   * Refuses data I/O on an encrypted image opened without its key. Returns true when the range
+   * does not cover whole sectors (XTS works on whole sectors: the unaligned paths below).
    */
-  private checkCipher(op: string, offset: number, length: number, reading: boolean): boolean {
+  private checkCipher(op: string, offset: number, length: number): boolean {
     if (!this.xts) throw new KeyError(`${this.path}: ${op} of an encrypted image opened without its key (give it with --key-file)`);
-    const aligned = offset % SECTOR === 0 && length % SECTOR === 0;
-    if (!aligned && !reading)
-      throw new FvdError(`${op} at ${offset}+${length}: an encrypted image is written in whole 512-byte sectors`, 'EINVAL');
-    return !aligned;
+    return offset % SECTOR !== 0 || length % SECTOR !== 0;
+  }
+
+  /**
+   * Every write of an encrypted image passes the sector gate (fvd/sector-gate.ts, which argues
+   * the concurrency): whole-sector writes as plain writers, others as a read-modify-write of the
+   * sectors they touch — the partial edge sectors are read (decrypted), the new bytes merged into
+   * the plaintext, and the whole sectors encrypted and written, with no other write to them in
+   * between. Each sector is then written whole, so a power cut leaves it old or new (§11.4).
+   */
+  private async writeEncrypted(buf: Uint8Array, offset: number, unaligned: boolean): Promise<void> {
+    const first = Math.floor(offset / SECTOR);
+    const last = Math.floor((offset + buf.length - 1) / SECTOR);
+    if (!unaligned) {
+      if (!this.gate.tryEnter(first, last)) await this.gate.enter(first, last);
+      try {
+        await this.writeSectors(buf, offset);
+      } finally {
+        this.gate.leave();
+      }
+      return;
+    }
+    await this.gate.lock(first, last);
+    try {
+      const start = first * SECTOR;
+      const whole = new Uint8Array((last + 1) * SECTOR - start);
+      const reads: Promise<void>[] = [];
+      if (offset > start || (first === last && buf.length < SECTOR)) reads.push(this.read(whole.subarray(0, SECTOR), start));
+      if ((offset + buf.length) % SECTOR && last > first) reads.push(this.read(whole.subarray(whole.length - SECTOR), last * SECTOR));
+      await Promise.all(reads);
+      whole.set(buf, offset - start);
+      await this.writeSectors(whole, start);
+    } finally {
+      this.gate.unlock(first, last);
+    }
+  }
+
+  /** Write-zeroes (and discard) of an encrypted image: partial edge sectors are merged writes. */
+  private async zeroEncrypted(offset: number, length: number, unaligned: boolean): Promise<void> {
+    const end = offset + length;
+    if (unaligned) {
+      const a = roundUp(offset, SECTOR);
+      const z = Math.floor(end / SECTOR) * SECTOR;
+      if (a >= z) return this.write(new Uint8Array(length), offset);
+      const parts: Promise<void>[] = [this.zeroEncrypted(a, z - a, false)];
+      if (offset < a) parts.push(this.write(new Uint8Array(a - offset), offset));
+      if (z < end) parts.push(this.write(new Uint8Array(end - z), z));
+      await Promise.all(parts);
+      return;
+    }
+    const first = offset / SECTOR;
+    const last = end / SECTOR - 1;
+    if (!this.gate.tryEnter(first, last)) await this.gate.enter(first, last);
+    try {
+      await this.zeroRange(offset, length);
+    } finally {
+      this.gate.leave();
+    }
   }
 
   /** A read that does not cover whole sectors: read the sectors around it and copy. */

@@ -94,6 +94,11 @@ export class SnapshotState {
   /** Storage chunks holding snapshot metadata (directory, refcount table, saved states). */
   meta = new Set<number>();
   /**
+   * Opened with `recount` over a damaged refcount table: what is wrong with it. `refcounts` then
+   * holds the counts recounted from the snapshot tables, and `check --repair` writes them.
+   */
+  refcountDamage: string | null = null;
+  /**
    * Per virtual chunk: 1 while the active table maps it to storage with refcount > 0. Shared with
    * the daemon's queue workers (a SharedArrayBuffer), which send writes to such chunks to the
    * engine; the engine clears the flag (Atomics.store, after the table update) once it copied it.
@@ -164,20 +169,22 @@ export async function loadSnapshotState(
   h: Header,
   table: Uint32Array,
   present: Uint8Array,
+  recount = false,
 ): Promise<{ state: SnapshotState; redo: boolean }> {
   const st = new SnapshotState(table.length);
   if (!(h.incompatible & INCOMPAT_SNAPSHOTS)) return { state: st, redo: false };
   const dirBuf = new Uint8Array(h.snapshotsLength);
   const refBuf = new Uint8Array(h.refcountLength);
   await Promise.all([file.read(dirBuf, h.snapshotsOffset), file.read(refBuf, h.refcountOffset)]);
+  // A damaged directory loses the list of snapshots (and where their tables are): not derivable.
   st.dir = decodeDirectory(path, dirBuf, h, file.size());
-  st.refcounts = decodeRefcounts(path, refBuf);
   st.rebuildMeta(path, h);
-  const limit = storageLimit(h, file);
-  for (let id = 0; id < st.refcounts.length; id++) {
-    if (st.refcounts[id] === 0) continue;
-    if (id >= limit) throw new CorruptImageError(path, `refcount table: storage chunk ${id} is referenced but lies beyond the end (truncated?)`);
-    if (st.meta.has(id)) throw new CorruptImageError(path, `refcount table: storage chunk ${id} holds snapshot metadata but has a refcount`);
+  // A damaged refcount table is derivable from the tables (FORMAT.md §10.8).
+  const damage = refcountTableProblem(path, refBuf, h, file, st);
+  if (damage) {
+    if (!recount) throw new CorruptImageError(path, `${damage} (repairable: 'fvd check --repair' rebuilds it from the snapshot tables)`);
+    st.refcountDamage = damage;
+    st.refcounts = await recountReferences(path, file, h, st, damage);
   }
   let redo = false;
   if (h.revertSnapshotId) {
@@ -195,6 +202,43 @@ export async function loadSnapshotState(
   }
   st.recomputeShared(table);
   return { state: st, redo };
+}
+
+/** Decodes the refcount table into `st.refcounts`; returns what is wrong with it, or null. */
+function refcountTableProblem(path: string, refBuf: Uint8Array, h: Header, file: BlockFile, st: SnapshotState): string | null {
+  try {
+    st.refcounts = decodeRefcounts(path, refBuf);
+  } catch (err) {
+    if (!(err instanceof CorruptImageError)) throw err;
+    return err.message.slice(err.message.indexOf('refcount table'));
+  }
+  const limit = storageLimit(h, file);
+  for (let id = 0; id < st.refcounts.length; id++) {
+    if (st.refcounts[id] === 0) continue;
+    if (id >= limit) return `refcount table: storage chunk ${id} is referenced but lies beyond the end (truncated?)`;
+    if (st.meta.has(id)) return `refcount table: storage chunk ${id} holds snapshot metadata but has a refcount`;
+  }
+  return null;
+}
+
+/**
+ * The true refcounts: per storage id, the saved tables that map it. Every saved state must be
+ * intact (its checksum and references verified); one that is not makes the loss permanent.
+ */
+async function recountReferences(path: string, file: BlockFile, h: Header, st: SnapshotState, damage: string): Promise<Uint16Array> {
+  st.refcounts = new Uint16Array(0);
+  const counts: number[] = [];
+  for (const e of st.dir.entries) {
+    let saved: SavedState;
+    try {
+      saved = await readState(path, file, h, st, e);
+    } catch (err) {
+      if (!(err instanceof FvdError)) throw err;
+      throw new CorruptImageError(path, `${damage}, and it cannot be rebuilt: ${err.message.slice(err.message.indexOf('corrupt image: ') + 15)}`);
+    }
+    for (const id of saved.table) if (id !== CHUNK_EMPTY) counts[id] = (counts[id] ?? 0) + 1;
+  }
+  return Uint16Array.from(counts, (n) => Math.min(n ?? 0, MAX_REFCOUNT));
 }
 
 interface SavedState {
@@ -243,6 +287,11 @@ export class SnapshotManager {
   /** Number of snapshots (0 for raw-like images). */
   get count(): number {
     return this.st ? this.st.dir.entries.length : 0;
+  }
+
+  /** Opened with `recountRefcounts` over a damaged refcount table: what is wrong with it, else null. */
+  get refcountDamage(): string | null {
+    return this.st?.refcountDamage ?? null;
   }
 
   private need(): { host: SnapshotHost; st: SnapshotState } {
@@ -404,9 +453,11 @@ export class SnapshotManager {
     const r = await this.verify();
     if (r.errors.length || !r.actual) throw new FvdError(`${this.path}: cannot repair refcounts: ${r.errors[0]}`, 'EIO');
     const fixed = r.overcounts.length + r.undercounts.length;
-    if (!fixed) return 0;
+    if (!fixed && !st.refcountDamage) return 0;
     await host.quiesce();
+    // A damaged table is replaced even when the recount (already in st.refcounts) changes nothing.
     await this.commit(host, st, st.dir, r.actual);
+    st.refcountDamage = null;
     return fixed;
   }
 

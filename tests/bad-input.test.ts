@@ -780,13 +780,10 @@ async function snapImage(dir: string): Promise<string> {
 
 const chunkOf = (file: string, offset: number) => (offset - readHeader(file).dataOffset) / readHeader(file).chunkSize;
 
-test('snapshots: corrupt directory or refcount table (checksum) → corrupt', async () => {
+test('snapshots: corrupt directory (checksum, magic) → corrupt, not repairable', async () => {
   const f1 = await snapImage(caseDir());
   flipByte(f1, readHeader(f1).snapshotsOffset + 40);
   await expectRefused(f1, /snapshot directory: checksum mismatch/);
-  const f2 = await snapImage(caseDir());
-  flipByte(f2, readHeader(f2).refcountOffset + 17);
-  await expectRefused(f2, /refcount table: checksum mismatch/);
   const f3 = await snapImage(caseDir());
   writeBytes(f3, readHeader(f3).snapshotsOffset, Buffer.from('JUNK'));
   await expectRefused(f3, /snapshot directory: bad magic/);
@@ -817,13 +814,6 @@ test('snapshots: inconsistent structures with valid checksums → corrupt', asyn
   const ids = await snapImage(caseDir());
   rewriteDirectory(ids, (d) => (d.nextId = 2));
   await expectRefused(ids, /invalid or repeated id 2/);
-  const metaCount = await snapImage(caseDir());
-  const dirChunk = chunkOf(metaCount, readHeader(metaCount).snapshotsOffset);
-  rewriteRefcounts(metaCount, (c) => {
-    while (c.length <= dirChunk) c.push(0);
-    c[dirChunk] = 1;
-  });
-  await expectRefused(metaCount, new RegExp(`storage chunk ${dirChunk} holds snapshot metadata but has a refcount`));
   const mapsMeta = await snapImage(caseDir());
   const refChunk = chunkOf(mapsMeta, readHeader(mapsMeta).refcountOffset);
   setTableEntry(mapsMeta, 10, refChunk);

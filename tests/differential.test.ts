@@ -20,6 +20,8 @@
  *
  * Encrypted variant (FORMAT.md §11): the same workloads on encrypted images (key given at every
  * open; check sometimes without it), on their own fixed seeds plus one fresh seed per backend.
+ * Encrypted runs also issue writes, write-zeroes and discards that start or end inside a sector,
+ * and batches whose pieces share sectors (concurrent read-modify-writes of one sector).
  * Replay with FVD_SEED=n FVD_ENCRYPT=1.
  */
 import { test } from 'uvu';
@@ -187,6 +189,22 @@ function pickRange(ctx: Ctx, maxLen = 512 * KiB): [number, number] {
   return [start * SECTOR, len * SECTOR];
 }
 
+/**
+ * Encrypted runs: sometimes moves the ends of a range off sector boundaries (by up to a sector
+ * either way), so writes, write-zeroes and discards exercise the read-modify-write of partial
+ * sectors (FORMAT.md §11.3). Plain runs draw nothing here, so their seeds replay as before.
+ */
+function maybeUnalign(ctx: Ctx, off: number, len: number): [number, number] {
+  const { r, cfg } = ctx;
+  if (!ctx.key || !r.chance(0.35)) return [off, len];
+  const a = Math.max(0, off + r.range(-511, 511));
+  let end = Math.min(cfg.vsize, off + len + r.range(-511, 511));
+  if (end <= a) end = Math.min(cfg.vsize, a + r.range(1, 600));
+  if (end <= a) return [off, len];
+  if (a % SECTOR || end % SECTOR) ctx.stats.unaligned = (ctx.stats.unaligned ?? 0) + 1;
+  return [a, end - a];
+}
+
 function dataStyle(r: Rng): DataStyle {
   return r.pick(['random', 'random', 'random', 'random', 'zero', 'mixed', 'mixed', 'fill'] as const);
 }
@@ -220,7 +238,12 @@ function planBatch(ctx: Ctx): BatchOp[] {
     if (regionStart >= regionEnd) return ops;
     const cuts = new Set<number>([regionStart, regionEnd]);
     const n = r.range(1, 7);
-    for (let i = 0; i < n; i++) cuts.add(regionStart + r.int((regionEnd - regionStart) / SECTOR) * SECTOR);
+    for (let i = 0; i < n; i++) {
+      // Encrypted runs: some cuts inside sectors, so neighbouring pieces share a sector and
+      // their read-modify-writes race (the sector gate must keep both updates).
+      if (ctx.key && r.chance(0.3)) cuts.add(regionStart + r.int(regionEnd - regionStart));
+      else cuts.add(regionStart + r.int((regionEnd - regionStart) / SECTOR) * SECTOR);
+    }
     const points = [...cuts].sort((x, y) => x - y);
     for (let i = 0; i + 1 < points.length; i++) {
       if (r.chance(0.15)) continue;
@@ -389,7 +412,7 @@ async function step(ctx: Ctx): Promise<void> {
       break;
     }
     case 1: {
-      const [off, len] = pickRange(ctx);
+      const [off, len] = maybeUnalign(ctx, ...pickRange(ctx));
       const style = dataStyle(r);
       const fua = r.chance(0.1);
       const data = makeData(r, len, ++ctx.writeId, off, style);
@@ -399,14 +422,14 @@ async function step(ctx: Ctx): Promise<void> {
       break;
     }
     case 2: {
-      const [off, len] = pickRange(ctx);
+      const [off, len] = maybeUnalign(ctx, ...pickRange(ctx));
       note(ctx, `discard ${off}+${len}`);
       model.zero(off, len);
       await guard(ctx, `discard ${off}+${len}`, () => ctx.img.discard(off, len));
       break;
     }
     case 3: {
-      const [off, len] = pickRange(ctx);
+      const [off, len] = maybeUnalign(ctx, ...pickRange(ctx));
       note(ctx, `writeZeroes ${off}+${len}`);
       model.zero(off, len);
       await guard(ctx, `writeZeroes ${off}+${len}`, () => ctx.img.writeZeroes(off, len));

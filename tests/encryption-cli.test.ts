@@ -246,8 +246,9 @@ test('create and convert option misuse: one line, no file left behind', async ()
   assertOneLineError(fvd('convert', '-O', 'fvd', '--encrypt', raw, out), /--encrypt needs the key/);
   assertOneLineError(fvd('convert', '-O', 'fvd', '--target-key-file', key, raw, out), /--target-key-file given without --encrypt/);
   assert.not.ok(fs.existsSync(out));
-  // An unaligned write to an encrypted image: refused, image unchanged.
-  refused([enc], /whole 512-byte sectors/, 'io', '--key-file', key, '-c', 'write 100 1k', enc);
+  // Unaligned writes and write-zeroes to an encrypted image: read-modify-write of the edge sectors.
+  assertOk(fvd('io', '--key-file', key, '-c', 'write -P 0xab 3 1000', '-c', 'zero 500 20', enc));
+  assertOk(fvd('io', '--key-file', key, '-c', 'read -P 0 0 3', '-c', 'read -P 0xab 3 497', '-c', 'read -P 0 500 20', '-c', 'read -P 0xab 520 483', '-c', 'read -P 0 1003 21', enc));
   // Re-keying by convert: a new key for the copy.
   const other = keyFile(d, 'other', 'another passphrase');
   const rekeyed = path.join(d, 'rekeyed.fvd');
