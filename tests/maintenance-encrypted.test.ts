@@ -206,7 +206,7 @@ async function step(w: World): Promise<void> {
     return;
   }
   if (op === 2) {
-    const kind = r.weighted([6, 2, w.base ? 2 : 0]);
+    const kind = r.weighted([5, 2, w.base ? 4 : 0]);
     if (kind === 1) {
       w.log.push(`rebase -b "" (from ${w.base?.rel ?? 'none'})`);
       await rebaseImage(io, w.image, { base: '', key: KEY });
@@ -388,6 +388,12 @@ test('rebase -b "": base data (the marker) is copied in encrypted; resize grow w
   io.writeFile(`${DIR}/m.raw`, markerData(96 * KiB));
   await encImage(io, `${DIR}/r.fvd`, { base: 'm.raw', baseFormat: 'raw', layout: 'compact', size: 96 * KiB, blockSize: 4 * KiB, chunkSize: 16 * KiB });
   const crypt = cryptBytes(io, `${DIR}/r.fvd`);
+  // -u without any key: onto an identical copy, then back (metadata only).
+  io.writeFile(`${DIR}/m2.raw`, markerData(96 * KiB));
+  await rebaseImage(io, `${DIR}/r.fvd`, { base: 'm2.raw', baseFormat: 'raw', unsafe: true });
+  assert.ok(Buffer.from(await readEncrypted(io, `${DIR}/r.fvd`)).equals(Buffer.from(markerData(96 * KiB))), 'after -u');
+  await rebaseImage(io, `${DIR}/r.fvd`, { base: 'm.raw', baseFormat: 'raw', unsafe: true });
+  io.deleteFile(`${DIR}/m2.raw`);
   const r = await rebaseImage(io, `${DIR}/r.fvd`, { base: '', key: KEY });
   assert.is(r.bytesCopied, 96 * KiB);
   io.deleteFile(`${DIR}/m.raw`);
