@@ -10,6 +10,11 @@
  * base fields, the sizes, where the regions lie) is switched here, on a *clean* image (journal
  * checkpointed, DIRTY clear), by writes that never touch a byte the live header gives meaning to,
  * followed by a single-sector header write — the one atomic step of each switch.
+ *
+ * Encrypted images (FORMAT.md §12.7): the key, if given, is checked right after the header;
+ * data read here or through the engine is plaintext, and the engine encrypts what it stores.
+ * Operations that read no data (rebase -u, growing, resize --shrink) work without the key.
+ * Images with internal snapshots are refused, with the reason (FORMAT.md §12.6).
  */
 import path from 'node:path';
 import type { BlockFile, IoBackend } from './io.js';
