@@ -156,6 +156,7 @@ async function crashRun(name: string, make: (io: MemIo) => Promise<Case>): Promi
     }
   }
   assert.ok(checked >= Math.min(maxPoints, N + 1), `${name}: only ${checked} crash states checked`);
+  if (process.env.CRR_TRACE) console.log(`${name}: ${N} events, ${points.size} crash points, ${checked} crash states`);
 }
 
 for (const layout of ['raw', 'compact'] as const) {
