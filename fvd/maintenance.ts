@@ -10,6 +10,11 @@
  * base fields, the sizes, where the regions lie) is switched here, on a *clean* image (journal
  * checkpointed, DIRTY clear), by writes that never touch a byte the live header gives meaning to,
  * followed by a single-sector header write — the one atomic step of each switch.
+ *
+ * Encrypted images (FORMAT.md §12.7): the key, if given, is checked right after the header;
+ * data read here or through the engine is plaintext, and the engine encrypts what it stores.
+ * Operations that read no data (rebase -u, growing, resize --shrink) work without the key.
+ * Images with internal snapshots are refused, with the reason (FORMAT.md §12.6).
  */
 import path from 'node:path';
 import type { BlockFile, IoBackend } from './io.js';
@@ -26,6 +31,8 @@ import {
   HEADER_SIZE,
   INCOMPAT_COMPACT,
   INCOMPAT_DIRTY,
+  INCOMPAT_ENCRYPTED,
+  INCOMPAT_SNAPSHOTS,
   MAX_BASE_PATH,
   MAX_METADATA_REGION,
   MAX_VIRTUAL_SIZE,
@@ -44,10 +51,30 @@ import {
 } from './format.js';
 import { forEachClearRun, setRange, testBit } from './bitmap.js';
 import { replayJournal } from './journal.js';
-import { FvdImage, holeAt, openBase, type BaseImage } from './image.js';
+import { FvdImage, holeAt, openBase, type BaseImage, type OpenOptions } from './image.js';
+import { KeyError, parseCryptFields, unlock, type XtsCipher } from './crypto.js';
 
-/** Incompatible features these operations know how to carry over (others: refuse, FORMAT.md §12). */
-const MAINTENANCE_INCOMPAT = INCOMPAT_DIRTY | INCOMPAT_COMPACT;
+/**
+ * Incompatible features these operations know how to carry over (others: refuse, FORMAT.md
+ * §12.6). ENCRYPTED needs nothing but its header bytes 176..303 carried across every header
+ * write (they are part of `Header`): the XTS tweak is the guest sector, so data never has to be
+ * re-encrypted when metadata moves.
+ */
+const MAINTENANCE_INCOMPAT = INCOMPAT_DIRTY | INCOMPAT_COMPACT | INCOMPAT_ENCRYPTED;
+
+/** The op name under which commit opens an FVD base for writing (its refusals name it as a base). */
+const COMMIT_BASE = 'commit-base';
+
+/** Why each operation refuses internal snapshots (FORMAT.md §12.6): one line each. */
+const SNAPSHOT_REFUSAL: Record<string, string> = {
+  commit:
+    'its snapshots read every block they do not hold through the base, so writing into the base would change what each snapshot holds; delete the snapshots first (fvd snapshot -d NAME)',
+  rebase:
+    'its snapshots read every block they do not hold through the base, so switching the base would change what each snapshot holds; delete the snapshots first (fvd snapshot -d NAME)',
+  resize:
+    'a snapshot can only be applied to a disk of the size it was taken at, its saved state is laid out for the current bitmap, and shrinking would free storage snapshots use; delete the snapshots first (fvd snapshot -d NAME)',
+  [COMMIT_BASE]: 'writing into a base with snapshots is not supported; delete its snapshots first (fvd snapshot -d NAME)',
+};
 /** Data is compared and copied in windows of this many bytes (rounded to whole blocks). */
 const WINDOW = 1024 * 1024;
 
@@ -68,23 +95,66 @@ class OfflineImage {
   table: Uint32Array | null = null;
   private dirty = false;
   private replayedNextSeq = 0;
+  /** ENCRYPTED: the data cipher, when the key was given (null: metadata-only work). */
+  private xts: XtsCipher | null = null;
 
   private constructor(
     readonly path: string,
     readonly file: BlockFile,
     private readonly op: string,
+    /** Key material for the engine opened by withEngine (it unlocks the image again). */
+    private readonly key: Uint8Array | undefined,
   ) {}
 
-  static async open(io: IoBackend, imagePath: string, op: string): Promise<OfflineImage> {
+  /**
+   * Opens the image with its exclusive lock. `key`: its key material, checked here, after the
+   * header and before anything else is read or written (as the engine does, FORMAT.md §11.2):
+   * a wrong key, or a key for an unencrypted image, is refused with nothing changed. Without
+   * it an encrypted image is opened for metadata work only (requireKey guards data access).
+   */
+  static async open(io: IoBackend, imagePath: string, op: string, key?: Uint8Array): Promise<OfflineImage> {
     const file = await io.open(imagePath, { lock: 'exclusive' });
-    const img = new OfflineImage(imagePath, file, op);
+    const img = new OfflineImage(imagePath, file, op, key);
     try {
+      await img.unlock();
       await img.load();
       return img;
     } catch (err) {
       await file.close();
       throw err;
     }
+  }
+
+  get encrypted(): boolean {
+    return (this.header.incompatible & INCOMPAT_ENCRYPTED) !== 0n;
+  }
+
+  private async unlock(): Promise<void> {
+    const sector = new Uint8Array(HEADER_SIZE);
+    await this.file.read(sector, 0);
+    const h = this.checkHeader(sector);
+    if (!(h.incompatible & INCOMPAT_ENCRYPTED)) {
+      if (this.key) throw new KeyError(`${this.path}: the image is not encrypted, but a key was given`);
+      return;
+    }
+    if (this.key) this.xts = await unlock(this.path, h.crypt!, this.key);
+    else parseCryptFields(this.path, h.crypt!); // damaged key fields are reported even without the key
+  }
+
+  /** Throws the one-line KeyError when `what` needs the data of an image opened without its key. */
+  requireKey(what: string): void {
+    if (this.encrypted && !this.xts)
+      throw new KeyError(`${this.path}: the image is encrypted: ${what} needs its key (--key-file PATH, or --key-file - for stdin)`);
+  }
+
+  private checkHeader(sector: Uint8Array): Header {
+    const h = decodeHeader(this.path, sector, this.file.size());
+    const op = this.op === COMMIT_BASE ? 'commit' : this.op;
+    if (h.incompatible & INCOMPAT_SNAPSHOTS)
+      throw new FvdError(`${this.path}: ${op} refuses ${this.op === COMMIT_BASE ? 'a base' : 'an image'} with internal snapshots: ${SNAPSHOT_REFUSAL[this.op] ?? 'not supported'}`, 'EINVAL');
+    const extra = h.incompatible & ~MAINTENANCE_INCOMPAT;
+    if (extra) throw new FvdError(`${this.path}: ${op} does not support images with incompatible feature bits 0x${extra.toString(16)}`, 'EINVAL');
+    return h;
   }
 
   get compact(): boolean {
@@ -104,9 +174,7 @@ class OfflineImage {
   async load(): Promise<void> {
     const first = new Uint8Array(PAGE);
     await this.file.read(first, 0);
-    const h = decodeHeader(this.path, first.subarray(0, HEADER_SIZE), this.file.size());
-    const extra = h.incompatible & ~MAINTENANCE_INCOMPAT;
-    if (extra) throw new FvdError(`${this.path}: ${this.op} does not support images with incompatible feature bits 0x${extra.toString(16)}`, 'EINVAL');
+    const h = this.checkHeader(first.subarray(0, HEADER_SIZE));
     h.autoclear &= AUTOCLEAR_KNOWN; // a writer clears the autoclear bits it does not know
     let basePath = '';
     if (h.baseFormat !== BASE_NONE) {
@@ -177,8 +245,23 @@ class OfflineImage {
     this.header = h;
   }
 
-  /** Reads bytes of the virtual disk from this image's own storage (never from the base). */
+  /**
+   * Reads bytes of the virtual disk from this image's own storage (never from the base), as
+   * plaintext: an encrypted image's sectors are decrypted (whole sectors only; the tweak is the
+   * guest sector, wherever the storage lies).
+   */
   async readLocal(buf: Uint8Array, offset: number): Promise<void> {
+    if (this.encrypted) {
+      this.requireKey(`reading its data for ${this.op}`);
+      await this.readStored(buf, offset);
+      this.xts!.decrypt(buf, offset / SECTOR);
+      return;
+    }
+    return this.readStored(buf, offset);
+  }
+
+  /** The stored bytes (ciphertext for an encrypted image) of [offset, offset + buf.length). */
+  private async readStored(buf: Uint8Array, offset: number): Promise<void> {
     const h = this.header;
     if (!this.table) return this.file.read(buf, h.dataOffset + offset);
     const cs = h.chunkSize;
@@ -231,7 +314,9 @@ class OfflineImage {
    * closes the engine cleanly (checkpoint) and reloads the on-disk state.
    */
   async withEngine<T>(io: IoBackend, fn: (image: FvdImage) => Promise<T>, readOnly = false): Promise<T> {
-    const image = await FvdImage.fromParts(io, this.path, borrowed(this.file), { copyOnRead: false, readOnly }, []);
+    // An encrypted image's engine gets the key (and unlocks it again), or serves metadata only.
+    const keyed: OpenOptions = this.encrypted ? (this.key ? { key: this.key } : { withoutKey: true }) : {};
+    const image = await FvdImage.fromParts(io, this.path, borrowed(this.file), { copyOnRead: false, readOnly, ...keyed }, []);
     let result: T;
     try {
       result = await fn(image);
@@ -529,6 +614,8 @@ async function switchTo(img: OfflineImage, t: SwitchTarget): Promise<void> {
 // commit
 
 export interface CommitOptions {
+  /** Key material of an encrypted image (its data is read as plaintext into the base). */
+  key?: Uint8Array;
   /** Leave the image's local blocks in place after writing them into the base (qemu-img commit -d). */
   keep?: boolean;
   /** Called after each window of examined data, with bytes examined so far and in all. */
@@ -618,10 +705,12 @@ async function openWritableBase(io: IoBackend, resolved: string, format: number,
  * is smaller (FORMAT.md §12.3).
  */
 export async function commitImage(io: IoBackend, imagePath: string, options: CommitOptions = {}): Promise<CommitResult> {
-  const img = await OfflineImage.open(io, imagePath, 'commit');
+  const img = await OfflineImage.open(io, imagePath, 'commit', options.key);
   try {
     const h0 = img.header;
     if (h0.baseFormat === BASE_NONE) throw new FvdError(`${imagePath}: has no base image to commit into`, 'EINVAL');
+    // Its blocks go into the (never encrypted) base as plaintext: decrypted with the key.
+    img.requireKey('commit');
     const shown = img.basePath;
     const resolved = resolveFrom(imagePath, shown);
     const self = path.resolve(imagePath);
@@ -650,7 +739,7 @@ export async function commitImage(io: IoBackend, imagePath: string, options: Com
       }
     } else {
       // Lockable for writing, and (if it must grow) room for its metadata at the new size.
-      const b = await OfflineImage.open(io, resolved, 'commit').catch((err) => {
+      const b = await OfflineImage.open(io, resolved, COMMIT_BASE).catch((err) => {
         throw baseOpenError(err, shown, resolved);
       });
       try {
@@ -795,6 +884,8 @@ export interface RebaseOptions {
   baseFormat?: BaseFormat;
   /** Header only: do not compare or copy (qemu-img rebase -u). The old base need not exist. */
   unsafe?: boolean;
+  /** Key material of an encrypted image: needed unless `unsafe` (safe mode copies data in, encrypted). */
+  key?: Uint8Array;
   onProgress?: (done: number, total: number) => void;
 }
 
@@ -830,10 +921,13 @@ export async function rebaseImage(io: IoBackend, imagePath: string, options: Reb
     resolved = resolveFrom(imagePath, newPath);
     if (resolved === self) throw new FvdError(`rebase: an image cannot be its own base`, 'EINVAL');
   }
-  const img = await OfflineImage.open(io, imagePath, 'rebase');
+  const img = await OfflineImage.open(io, imagePath, 'rebase', options.key);
   let newBase: BaseImage | null = null;
   try {
     const h0 = img.header;
+    // Safe mode reads and copies data (encrypted on the way in); -u writes only metadata and
+    // zeroes storage, which reads as zero plaintext without any key (FORMAT.md §11.3).
+    if (!options.unsafe) img.requireKey('a safe rebase (it compares and copies data; -u switches the header only)');
     if (newPath !== '') newBase = await openBase(io, resolved, fmt, [self], newPath);
     const B = newBase ? newBase.size : 0;
     const V = h0.virtualSize;
@@ -975,6 +1069,12 @@ async function copyDiffering(
 export interface ResizeOptions {
   /** Allow dropping data past the new end (qemu-img resize --shrink). */
   shrink?: boolean;
+  /**
+   * Key material of an encrypted image. Needed only to read data: to shrink without `shrink`
+   * (the dropped range must read as zero plaintext), and to grow when the block holding an
+   * unaligned old end still reads from the base (it is copied in, encrypted).
+   */
+  key?: Uint8Array;
 }
 
 export interface ResizeResult {
@@ -993,7 +1093,7 @@ export async function resizeImage(io: IoBackend, imagePath: string, size: number
   if (!Number.isSafeInteger(size) || size <= 0 || size > MAX_VIRTUAL_SIZE)
     throw new FvdError(`resize: size ${size} out of range (1 byte to ${MAX_VIRTUAL_SIZE} bytes)`, 'EINVAL');
   const V2 = roundUp(size, SECTOR);
-  const img = await OfflineImage.open(io, imagePath, 'resize');
+  const img = await OfflineImage.open(io, imagePath, 'resize', options.key);
   try {
     const h0 = img.header;
     const V = h0.virtualSize;
@@ -1005,8 +1105,13 @@ export async function resizeImage(io: IoBackend, imagePath: string, size: number
     const oldBB = baseBlocksOf(h0);
     const newBB = Math.ceil(Math.min(h0.baseSize, V2) / bs);
 
+    const endBlock = Math.floor(V / bs);
+    const copyEndBlock = V2 > V && V % bs !== 0 && endBlock < oldBB && !img.fullyLocal && !testBit(img.bitmap, endBlock);
+    if (copyEndBlock) img.requireKey(`growing it (the block holding the old end, ${V} bytes, still reads from the base and must be copied in)`);
     if (V2 < V && !options.shrink) {
-      // Nothing that reads non-zero may be dropped without --shrink.
+      // Nothing that reads non-zero may be dropped without --shrink: plaintext is what counts
+      // (a sector of zeros is stored as non-zero ciphertext), hence the key.
+      img.requireKey('shrinking it without --shrink (the dropped range must be read to prove it is zero)');
       const at = await img.withEngine(io, (engine) => firstNonZero(engine, V2, V), true);
       if (at >= 0)
         throw new FvdError(
@@ -1019,8 +1124,8 @@ export async function resizeImage(io: IoBackend, imagePath: string, size: number
     if (V2 > V) {
       // The block that holds the old end becomes whole: if it still reads from the base, the
       // base's bytes past the old end would show. Copy its in-disk part into the image first.
-      const b = Math.floor(V / bs);
-      if (V % bs && b < oldBB && !img.fullyLocal && !testBit(img.bitmap, b)) {
+      const b = endBlock;
+      if (copyEndBlock) {
         await img.withEngine(io, async (engine) => {
           const part = new Uint8Array(V - b * bs);
           await engine.read(part, b * bs);

@@ -1,22 +1,29 @@
 /**
- * fvd commit [-d] [-p] IMAGE — writes the image's local blocks into its base (raw or FVD, growing it
+ * fvd commit [-d] [-p] [--key-file PATH|-] IMAGE — writes the image's local blocks into its base (raw or FVD, growing it
  * to the image's size if it is smaller) and empties the image, like qemu-img commit. -d keeps the
- * image's data; -p shows progress on stderr. The base must be writable and not in use (locked) by anyone. FORMAT.md §12.3.
+ * image's data; -p shows progress on stderr. The base must be writable and not in use (locked) by anyone. An encrypted image needs its key:
+ * its data is decrypted into the (plaintext) base. FORMAT.md §12.3.
  */
 import { commitImage } from '../../fvd/maintenance.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import { UsageError, formatSize, parseOptions, progressPrinter } from '../args.js';
+import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseOptions('commit', args, {
     d: { type: 'boolean', short: 'd', default: false },
     p: { type: 'boolean', short: 'p', default: false },
     json: { type: 'boolean', default: false },
+    ...KEY_FILE_OPTION,
   });
-  if (positionals.length !== 1) throw new UsageError('usage: fvd commit [-d] [-p] [--json] IMAGE');
+  if (positionals.length !== 1) throw new UsageError('usage: fvd commit [-d] [-p] [--json] [--key-file PATH|-] IMAGE');
   const image = positionals[0]!;
+  const key = readKeyFile(values['key-file']);
   const progress = progressPrinter(values.p);
-  const r = await commitImage(nodeIo, image, { keep: values.d, onProgress: (d, t) => progress.update(d, t) }).finally(() => progress.done());
+  const r = await commitImage(nodeIo, image, { keep: values.d, key, onProgress: (d, t) => progress.update(d, t) }).finally(() => {
+    progress.done();
+    wipe(key);
+  });
   if (values.json) {
     console.log(JSON.stringify({ image, ...r }, null, 2));
     return 0;

@@ -1,6 +1,6 @@
 # tests/vm/e2e/11-maintenance.sh — sourced by tests/vm/e2e.sh (with lib.sh), runs `scenario` in $D.
 # title: commit, resize, rebase between serves: refused while served; the device shows each result
-# timeout: 420
+# timeout: 600
 #
 # base.raw (32 MiB random) under img.fvd (48 MiB, compact).  Served: 4 MiB written at 8 MiB (over
 # the base) and 4 MiB at 40 MiB (past its end); model.img (base.raw + zeros to 48 MiB) gets the
@@ -9,6 +9,14 @@
 # model (grown to 48 MiB) and nothing is local in img.fvd; served again, the device equals the
 # model.  `fvd resize +16M` → a 64 MiB device, the new range zeros.  `fvd rebase -b ""` → base.raw
 # moved away, the device still equals the model.  `fvd check` clean.
+#
+# Encrypted (encrypted_scenario): ebase.raw (16 MiB random) under enc.fvd (24 MiB, compact,
+# --encrypt).  Served with --key-file: a marker text written over the base and past its end; the
+# image file holds no marker.  `fvd commit` without the key: one-line error, image and base
+# unchanged (sha256); with --key-file: ebase.raw (grown to 24 MiB) equals the model and holds the
+# marker in plaintext.  `fvd resize +8M` without the key; `fvd rebase -b ""` with the key on stdin
+# (copies the base in, encrypted); ebase.raw moved away; served again with the key, the device
+# equals the model; the image file still holds no marker; `fvd check --key-file` clean.
 
 M=$((1024 * 1024))
 
@@ -65,4 +73,51 @@ scenario() {
     check_dev_equals "standalone, base gone: the device equals the model" "$SERVE_DEV" 0 model.img
     serve_stop "standalone"
     check "fvd check of the image exits 0" fvd check "$img"
+    encrypted_scenario
+}
+
+ENC_MARKER='Commit me in plaintext, keep me encrypted in the overlay, please.'
+
+encrypted_scenario() {
+    local img=$D/enc.fvd base=$D/ebase.raw key=$D/enc.key sums n rc=0
+    (umask 077; printf 'a maintenance passphrase\n' > "$key")
+    random_file ebase.raw 16
+    cp ebase.raw emodel.img && truncate -s $((24 * M)) emodel.img
+    { yes "$ENC_MARKER" || true; } | head -c $((2 * M)) > marker.bin   # (yes dies of SIGPIPE: pipefail)
+    must "fvd create --encrypt -b ebase.raw enc.fvd 24M" \
+        fvd create --encrypt --key-file "$key" -b "$base" -F raw --layout compact "$img" 24M
+
+    serve_must "$img" --key-file "$key"
+    check "encrypted: dd the marker at 4 MiB (over the base)" write_dev "$SERVE_DEV" $((4 * M)) marker.bin
+    check "encrypted: dd the marker at 20 MiB (past the base's end)" write_dev "$SERVE_DEV" $((20 * M)) marker.bin
+    dd if=marker.bin of=emodel.img bs=1M seek=4 conv=notrunc status=none
+    dd if=marker.bin of=emodel.img bs=1M seek=20 conv=notrunc status=none
+    serve_stop "encrypted, written"
+    n=$(grep -c -a -F "$ENC_MARKER" "$img" || true)
+    expect "encrypted: the image file holds no marker text" "$n" 0
+
+    sums=$(sha256sum "$img" "$base")
+    fvd commit "$img" > /dev/null 2> err.txt || rc=$?
+    if ((rc != 0 && rc != 124 && rc != 137)); then ok "encrypted: fvd commit without the key refused (exit $rc)"
+    else not_ok "encrypted: fvd commit without the key: exit $rc" "$(cat err.txt)"; fi
+    one_line_error "encrypted: fvd commit without the key" err.txt
+    expect "encrypted: the refused commit changed nothing" "$(sha256sum "$img" "$base")" "$sums"
+
+    check "encrypted: fvd commit --key-file (into ebase.raw, growing it)" fvd commit --key-file "$key" "$img"
+    expect "encrypted: ebase.raw = the model after commit (24 MiB, plaintext)" "$(sha256sum < "$base")" "$(sha256sum < emodel.img)"
+    n=$(grep -c -a -F "$ENC_MARKER" "$base" || true)
+    if ((n > 0)); then ok "encrypted: the committed base holds the marker in plaintext"
+    else not_ok "encrypted: no marker text in the committed base"; fi
+
+    check "encrypted: fvd resize +8M without the key" fvd resize "$img" +8M
+    truncate -s $((32 * M)) emodel.img
+    check "encrypted: fvd rebase -b '' --key-file - (standalone)" bash -c "$(printf '%q ' "${FVD[@]}") rebase -b '' --key-file - '$img' < '$key'"
+    must "encrypted: move ebase.raw away" mv "$base" "$D/ebase.gone"
+    n=$(grep -c -a -F "$ENC_MARKER" "$img" || true)
+    expect "encrypted: after rebase -b '' the image file holds no marker text" "$n" 0
+    serve_must "$img" --key-file "$key"
+    expect "encrypted: device size 32 MiB" "$(t blockdev --getsize64 "$SERVE_DEV" 2>&1)" $((32 * M))
+    check_dev_equals "encrypted: standalone, base gone: the device equals the model" "$SERVE_DEV" 0 emodel.img
+    serve_stop "encrypted, standalone"
+    check "encrypted: fvd check --key-file exits 0" fvd check --key-file "$key" "$img"
 }
