@@ -34,7 +34,7 @@ echo "bench-prefetch: $(uname -r), files on $(df --output=fstype "$dir" | tail -
 
 serve() { # image [options] -> $dev, $pid, log in $image.log
   local img=$1; shift
-  $FVD serve "$img" --queues 2 --depth 128 "$@" > "$img.out" 2> "$img.log" &
+  FVD_PREFETCH_TRACE=${FVD_PREFETCH_TRACE:-} $FVD serve "$img" --queues 2 --depth 128 "$@" > "$img.out" 2> "$img.log" &
   pid=$!
   for _ in $(seq 300); do grep -q /dev/ublkb "$img.out" 2>/dev/null && break; sleep 0.1; done
   dev=$(head -1 "$img.out")
@@ -60,6 +60,7 @@ for round in $(seq "$ROUNDS"); do
     done
     stop
     [ "$mode" = on ] && echo "  $(grep -o 'prefetch [0-9.]*% [a-z]*.*' "$dir/img.fvd.log" | tail -1)"
+    [ -n "${FVD_PREFETCH_TRACE:-}" ] && [ "$mode" = on ] && grep 'prefetch trace' "$dir/img.fvd.log" | sed 's/^/  /'
     [ "$mode" = on ] && { grep -o 'latency baseline [0-9.]* µs' "$dir/img.fvd.log" | tail -1 | sed 's/^/  /' || true; }
   done
 done
@@ -78,7 +79,9 @@ for (const rw of ['randread', 'randwrite']) {
 }
 JS
 
-# Time to fully local while the guest is idle.
+# Time to fully local while the guest is idle (the first image's space back first: the tmpfs
+# holds the base and two fully local images at most).
+rm -f "$dir"/img.fvd*
 $FVD create -b "$dir/base.raw" -F raw "$dir/idle.fvd" >/dev/null
 t0=$(date +%s.%N)
 serve "$dir/idle.fvd"

@@ -89,10 +89,18 @@ export interface PrefetchOptions {
   windowMs?: number;
   /**
    * A polled source that reports latencies is read at least this often while the latency budget
-   * holds prefetching back (ms, default 5), so a refilled budget is seen promptly — a
-   * ForegroundMeter instead wakes the loop on the completion itself.
+   * holds prefetching back (ms, default windowMs; also when the foreground would turn idle). A
+   * ForegroundMeter instead wakes the loop on the completion itself. Not shorter by default: each
+   * poll wakes the serving process's main thread, and in a 2-vCPU guest whose CPUs the guest's
+   * own I/O saturates, polling every 5 ms cost it half its IOPS (measured with
+   * bench/device-prefetch.sh; every 50–100 ms: about a tenth).
    */
   pollMs?: number;
+  /**
+   * The polled latencies cover only part of each request's path (the ublk daemon's part): a drop
+   * in the request rate is charged as a latency rise too (fvd/prefetch-control.ts, rateTerm).
+   */
+  partialLatency?: boolean;
   /** Without latency figures, this many foreground ops per second mean "busy" (default 10). */
   busyOpsPerSec?: number;
   /** FVD's min throughput: below it, back off with 50 % probability (default 5 MiB/s; 0 = off). */
@@ -137,6 +145,8 @@ export interface PrefetchProgress {
   throttles: number;
   /** Baseline foreground latency in ns (requests without prefetch I/O), or null. */
   baselineLatencyNs: number | null;
+  /** Baseline foreground request rate per second (partialLatency), or null. */
+  baselineOpsPerSec: number | null;
   /** Times the copied blocks' bits were journaled (persistSoftBits). */
   persists: number;
   /** The error that ended prefetching (state 'failed'). */
@@ -292,12 +302,17 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
     this.busyChunkBlocks = Math.max(1, Math.ceil(busyChunk / blockSize));
     const cap = options.maxBytesPerSec ?? 0;
     this.cap = cap > 0 && Number.isFinite(cap) ? cap : 0;
-    this.budget = new LatencyBudget({ share: options.maxLatencyShare ?? 0.1, idleMs: options.idleMs, settleMs: options.settleMs });
+    this.budget = new LatencyBudget({
+      share: options.maxLatencyShare ?? 0.1,
+      idleMs: options.idleMs,
+      settleMs: options.settleMs,
+      rateTerm: options.partialLatency ?? false,
+    });
     this.idleResumeMs = options.idleResumeMs ?? 500;
     this.minPauseMs = Math.max(0, options.minPauseMs ?? 1);
     this.maxPauseMs = Math.max(this.minPauseMs, options.maxPauseMs ?? 2000);
     this.windowMs = Math.max(1, options.windowMs ?? 100);
-    this.pollMs = Math.max(1, options.pollMs ?? 5);
+    this.pollMs = Math.max(1, options.pollMs ?? this.windowMs);
     this.busyOpsPerSec = options.busyOpsPerSec ?? 10;
     this.minBytesPerSec = options.minBytesPerSec ?? 5 * MiB;
     this.persistBytes = options.persistBytes ?? 64 * MiB;
@@ -388,6 +403,7 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
       backoffs: this.backoffs,
       throttles: this.budget.closings,
       baselineLatencyNs: this.budget.baselineNs,
+      baselineOpsPerSec: this.budget.baselineRate === null ? null : this.budget.baselineRate * 1000,
       persists: this.persists,
       error: this.error,
     };
@@ -596,8 +612,14 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
     const dLat = a.latencyNs - this.winLat;
     if (dLat > 0) {
       this.timed = true;
-      this.budget.onRequests(now, dOps, dLat, this.winStart);
+      this.budget.onRequests(now, dOps, dLat, this.winStart, now - this.winStart);
       this.noteBaseline();
+      this.resetWindow(now);
+      return;
+    }
+    if (this.timed) {
+      // No request in this window: windows stay contiguous and short, so a window that reports
+      // requests covers only the time they came in (the rate term charges by window length).
       this.resetWindow(now);
       return;
     }

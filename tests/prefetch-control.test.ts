@@ -108,11 +108,11 @@ test('aggregated windows: n requests at once feed and charge like n single ones'
 
 test('probes: the gate closes for probeMs every probeEveryMs; the median of recent probe means (tails included) is the baseline', () => {
   const b = new LatencyBudget({ share: 0.1, minSamples: 4, settleMs: 0, probeEveryMs: 100, probeMs: 20, probeHistory: 3, burstRequests: 1e9 });
-  let t = feed(b, 0, 4, 100 * US); // first baseline at t = 0.4; first probe due at 100.4
+  let t = feed(b, 0, 4, 100 * US); // first baseline at t = 0.4; the first probe is due a quarter period later, at 25.4
   assert.is(b.baselineNs, 100 * US);
-  t = feed(b, t, 999, 100 * US);
+  t = feed(b, t, 240, 100 * US);
   assert.ok(b.ready(t), `open before the probe (t ${t})`);
-  t = 100.5;
+  t = 25.5;
   b.onRequests(t, 1, 100 * US, t - 0.1);
   assert.not.ok(b.ready(t), 'closed for the probe although the budget is full');
   // During the probe the foreground runs at 99 × 50 µs + 1 × 5050 µs: mean 100 µs — a median of
@@ -125,28 +125,38 @@ test('probes: the gate closes for probeMs every probeEveryMs; the median of rece
   assert.ok(b.ready(t + 0.1), 'the probe ended after probeMs');
   assert.is(b.probes, 1);
   assert.ok(Math.abs(b.baselineNs! - 100 * US) < 1, `baseline ${b.baselineNs}`);
+  /** Clean requests of `lat` every 0.1 ms until `probes` probes were taken; returns [t, when]. */
+  const until = (from: number, lat: number, probes: number): number => {
+    let at = from;
+    while (b.probes < probes && at < from + 1000) at = feed(b, at, 1, lat);
+    return at;
+  };
+  // Until probeHistory (3) probes were taken, they come every probeEveryMs / 4 (+ probeMs).
+  const p1 = t;
+  t = until(t, 100 * US, 2);
+  assert.ok(t - p1 < 25 + 20 + 2, `second probe ${t - p1} ms after the first`);
   // One probe hit by a stall does not move the median; a foreground that stays slower does.
-  t = feed(b, t + 0.1, 1300, 1000 * US);
-  assert.is(b.probes, 2);
+  t = until(t, 1000 * US, 3);
   assert.ok(Math.abs(b.baselineNs! - 100 * US) < 1, `one slow probe: baseline ${b.baselineNs}`);
-  t = feed(b, t, 1400, 1000 * US);
-  assert.is(b.probes, 3);
+  const p3 = t;
+  t = until(t, 1000 * US, 4);
+  assert.ok(t - p3 >= 100 + 20 - 1, `then every probeEveryMs: ${t - p3} ms`);
   assert.ok(Math.abs(b.baselineNs! - 1000 * US) < 1, `two of three probes slow: baseline ${b.baselineNs}`);
   // Prefetch I/O in flight when a probe is due: the probe lasts probeMs from the copy's end, and
   // the requests that overlap the copy are no samples.
   const c = new LatencyBudget({ share: 0.1, minSamples: 4, settleMs: 0, probeEveryMs: 100, probeMs: 20 });
-  t = feed(c, 0, 4, 100 * US); // probe due at 100.4
-  t = feed(c, t, 990, 100 * US);
+  t = feed(c, 0, 4, 100 * US); // probe due at 25.4
+  t = feed(c, t, 240, 100 * US);
   c.ioStart();
-  c.onRequests(100.5, 1, 300 * US, 100.2);
-  assert.not.ok(c.ready(100.5), 'probing');
-  c.onRequests(105, 1, 9000 * US, 96); // overlaps the copy: not a sample
-  c.ioEnd(106);
-  assert.not.ok(c.ready(120), 'the probe lasts probeMs from the end of the copy');
+  c.onRequests(25.5, 1, 300 * US, 25.2);
+  assert.not.ok(c.ready(25.5), 'probing');
+  c.onRequests(30, 1, 9000 * US, 21); // overlaps the copy: not a sample
+  c.ioEnd(31);
+  assert.not.ok(c.ready(45), 'the probe lasts probeMs from the end of the copy');
   assert.is(c.probes, 0);
-  feed(c, 110, 200, 300 * US);
+  feed(c, 35, 200, 300 * US);
   assert.is(c.probes, 1);
-  assert.ok(Math.abs(c.baselineNs! - 200 * US) < 1, `baseline ${c.baselineNs}: median of the first estimate (100) and the probe (300); only clean probe requests count`);
+  assert.ok(Math.abs(c.baselineNs! - 300 * US) < 1, `baseline ${c.baselineNs}: the first probe replaces the first estimate (100); only clean probe requests count`);
 });
 
 test('no probes while the foreground is idle', () => {
@@ -261,6 +271,59 @@ test('share 0: any measured slowdown closes the gate; an idle foreground still l
   t += 1000;
   assert.ok(b.ready(t));
   assert.throws(() => new LatencyBudget({ share: -1 }), /share/);
+});
+
+/**
+ * Polled windows of `ms` each with `n` requests of `lat` ns (latency sum n·lat), from `t`; clean
+ * unless the caller marked prefetch I/O. Returns the end time.
+ */
+function feedWindows(b: LatencyBudget, t: number, windows: number, ms: number, n: number, lat: number): number {
+  for (let i = 0; i < windows; i++) {
+    b.onRequests(t + ms, n, n * lat, t, ms);
+    t += ms;
+  }
+  return t;
+}
+
+test('rate term: a request rate that halves at an unchanged (partial) latency overdraws the budget; without the term it does not', () => {
+  for (const rateTerm of [false, true]) {
+    const b = new LatencyBudget({ share: 0.1, minSamples: 32, settleMs: 0, rateTerm });
+    // Baseline: 20 requests per 1-ms window (20 per ms), 10 µs each inside the daemon.
+    let t = feedWindows(b, 0, 4, 1, 20, 10 * US);
+    assert.is(b.baselineNs, 10 * US);
+    assert.is(b.baselineRate, rateTerm ? 20 : null);
+    assert.ok(b.ready(t));
+    // Prefetching: the daemon's part of each request is unchanged, but only 10 per ms complete.
+    b.ioStart();
+    t = feedWindows(b, t, 5, 1, 10, 10 * US);
+    b.ioEnd(t);
+    if (rateTerm) {
+      // The baseline was complete in window 2 (40 ≥ 32 samples), which with windows 3 and 4 earned 20 µs
+      // each (share·B per request). Each slow window costs B·λ_B·1 ms = 200 µs for 10 requests that
+      // earn 110 µs: −90 µs a window.
+      assert.ok(Math.abs(b.tokensNs - (3 * 20 * US - 5 * 90 * US)) < 1, `tokens ${b.tokensNs}`);
+      assert.not.ok(b.ready(t), 'the guest lost half its rate: closed');
+    } else {
+      assert.ok(b.tokensNs > 0, 'the partial latency alone sees nothing');
+      assert.ok(b.ready(t));
+    }
+  }
+});
+
+test('rate term: a window at the baseline rate costs no more than its latency; the rate baseline follows the probes', () => {
+  const b = new LatencyBudget({ share: 0.1, minSamples: 8, settleMs: 0, rateTerm: true, probeEveryMs: 100, probeMs: 20, probeSkipMs: 10, probeHistory: 1 });
+  let t = feedWindows(b, 0, 1, 1, 8, 10 * US); // 8 per ms
+  assert.is(b.baselineRate, 8);
+  const before = b.tokensNs;
+  t = feedWindows(b, t, 10, 1, 8, 10 * US);
+  assert.ok(Math.abs(b.tokensNs - Math.min(before + 10 * 8 * US, 0.1 * 10 * US * 64)) < 1, 'each window earns share·B per request');
+  // The guest settles at 4 per ms (its own choice): charged until a probe measures the new rate.
+  t = feedWindows(b, t, 200, 1, 4, 10 * US);
+  assert.ok(b.probes >= 1);
+  assert.is(b.baselineRate, 4);
+  const after = b.tokensNs;
+  t = feedWindows(b, t, 5, 1, 4, 10 * US);
+  assert.ok(b.tokensNs >= after, 'at the new baseline rate the budget no longer drains');
 });
 
 test.run();

@@ -534,7 +534,6 @@ for (const polled of [false, true]) {
         await Promise.race([pf.finished, sleep(1500)]);
         await pf.stop();
         const p = pf.progress();
-        assert.is(announced, announced && p.baselineLatencyNs !== null ? announced : 0);
         assert.ok(announced > 0, "the first baseline was announced ('baseline' event)");
         return { throttles: p.throttles, baseline: p.baselineLatencyNs ?? 0, state: p.state, overlapped: pf.budget.overlapped, bytes: p.bytesDone };
       } finally {
@@ -579,7 +578,7 @@ test('polled source: a request in flight keeps an overdrawn budget closed; its c
     totals.ops += 10;
     totals.latencyNs += 10 * 10_000_000;
     totals.inFlight = 1;
-    await sleep(30); // the prefetcher polls (every 5 ms while waiting, or after its chunk)
+    await sleep(150); // the prefetcher polls (after its chunk, or within ~50–100 ms while waiting)
     await waitFor(() => io.inFlight === 0, 2000, 'the chunk in flight to finish');
     const held = io.bytes;
     // Far longer than idleMs (50): were the request in flight not counted, the foreground would be

@@ -15,6 +15,7 @@ import { sdNotify, watchdogPingIntervalMs } from '../../ffi/sd-notify.js';
 import { UsageError, formatSize, parseInteger, parseOptions, parsePercent, parseSize } from '../args.js';
 import { UblkServer } from '../server.js';
 import { Prefetcher } from '../../fvd/prefetch.js';
+import type { QueueActivityReader } from '../queue-activity.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
 export async function run(args: string[]): Promise<number> {
@@ -80,7 +81,14 @@ export async function run(args: string[]): Promise<number> {
   const prefetcher =
     values['no-prefetch'] || st.fullyLocal || st.baseSize === 0
       ? null
-      : new Prefetcher(server.image, { maxBytesPerSec: prefetchRate, maxLatencyShare: prefetchShare / 100, activity: () => activity.poll() }).start();
+      : new Prefetcher(server.image, {
+          maxBytesPerSec: prefetchRate,
+          maxLatencyShare: prefetchShare / 100,
+          activity: () => activity.poll(),
+          // The workers time only the daemon's part of a request: the guest's own path (its kernel,
+          // its CPUs, which the copy also uses) shows as a lower request rate.
+          partialLatency: true,
+        }).start();
   prefetcher?.on('baseline', (ns: number) =>
     log(`prefetch: guest request latency baseline ${(ns / 1000).toFixed(1)} µs; prefetching keeps the mean within +${prefetchShare}%`),
   );
@@ -103,6 +111,7 @@ export async function run(args: string[]): Promise<number> {
   sdNotify(`READY=1\nSTATUS=serving ${status()}`);
   const statusTimer = setInterval(() => sdNotify(`STATUS=serving ${status()}`), 5000);
   statusTimer.unref();
+  const traceTimer = process.env.FVD_PREFETCH_TRACE && prefetcher ? tracePrefetch(prefetcher, server.activityReader(), log) : null;
   const ping = watchdogPingIntervalMs();
   const watchdog = ping > 0 ? setInterval(() => sdNotify('WATCHDOG=1'), ping) : null;
 
@@ -115,6 +124,7 @@ export async function run(args: string[]): Promise<number> {
       log(`${signal}: stopping ${server.devicePath}`);
       sdNotify(`STOPPING=1\nSTATUS=stopping ${server.devicePath}`);
       clearInterval(statusTimer);
+      if (traceTimer) clearInterval(traceTimer);
       // The prefetcher stops (its in-flight copy finished) before the image closes.
       (prefetcher ? prefetcher.stop() : Promise.resolve()).then(() => server.stop()).then(
         () => {
@@ -137,4 +147,33 @@ export async function run(args: string[]): Promise<number> {
     process.on('SIGTERM', () => stop('SIGTERM'));
     process.on('SIGINT', () => stop('SIGINT'));
   });
+}
+
+/**
+ * FVD_PREFETCH_TRACE=1: one log line per second with what the prefetcher adapts to — the guest's
+ * requests per second and their mean latency inside the daemon — and what it did (for tuning).
+ */
+function tracePrefetch(prefetcher: Prefetcher, activity: QueueActivityReader, log: (line: string) => void): NodeJS.Timeout {
+  let last = { ...activity.poll() };
+  let lastBytes = 0;
+  let lastAt = performance.now();
+  const timer = setInterval(() => {
+    const now = performance.now();
+    const a = activity.poll();
+    const p = prefetcher.progress();
+    const dt = (now - lastAt) / 1000;
+    const ops = a.ops - last.ops;
+    const lat = ops ? (a.latencyNs - last.latencyNs) / ops / 1000 : 0;
+    log(
+      `prefetch trace: guest ${Math.round(ops / dt)} req/s, ${lat.toFixed(1)} µs mean in the daemon; ` +
+        `copied ${((p.bytesDone - lastBytes) / dt / 1048576).toFixed(1)} MiB/s, ${p.state}${p.pauseReason ? ` (${p.pauseReason})` : ''}, ` +
+        `baseline ${p.baselineLatencyNs === null ? '-' : (p.baselineLatencyNs / 1000).toFixed(1)} µs ` +
+        `${p.baselineOpsPerSec === null ? '-' : Math.round(p.baselineOpsPerSec)} req/s, ${p.throttles} throttles`,
+    );
+    last = { ...a };
+    lastBytes = p.bytesDone;
+    lastAt = now;
+  }, 1000);
+  timer.unref();
+  return timer;
 }
