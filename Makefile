@@ -42,11 +42,12 @@ bench-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device.sh; \
 	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-20} BENCH_SIZE=$${BENCH_SIZE:-1G} bash bench/device.sh; fi
 
-# What serve's background prefetching costs the guest: fio over a local working set with
-# prefetching off and on, alternating (FIO_RUNTIME default 10 s, BENCH_ROUNDS 2, PREFETCH_SHARE 10).
+# What serve's background prefetching costs the guest: fio over a local working set while the
+# script pauses and resumes prefetching every PHASE_MS (FIO_RUNTIME default 30 s, PHASE_MS 2000,
+# PREFETCH_SHARE 10).
 bench-prefetch-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device-prefetch.sh; \
-	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-10} BENCH_ROUNDS=$${BENCH_ROUNDS:-2} PREFETCH_SHARE=$${PREFETCH_SHARE:-10} bash bench/device-prefetch.sh; fi
+	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-30} PHASE_MS=$${PHASE_MS:-2000} FVD_PREFETCH_TRACE=$${FVD_PREFETCH_TRACE:-} PREFETCH_SHARE=$${PREFETCH_SHARE:-10} bash bench/device-prefetch.sh; fi
 
 install: build
 	install -d $(DESTDIR)$(PREFIX)/lib/fvd $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/systemd/system $(DESTDIR)/etc/fvd

@@ -3,22 +3,26 @@
 # background prefetching costs the guest, measured on the device.
 #
 # A 1 GiB raw base of non-zero data, an FVD image over it whose first 64 MiB (the guest's working
-# set) were read once, so copy-on-read made them local. Then, BENCH_ROUNDS times, alternating:
-#   off  fvd serve --no-prefetch
-#   on   fvd serve (prefetching, latency share PREFETCH_SHARE %, default 10)
-# and in each, fio 4 KiB random reads and writes at depth 16 over the working set, FIO_RUNTIME
-# seconds each. Prints IOPS and mean completion latency per job and mode, the rise of the mean
-# latency with prefetching on, and how far prefetching got. Last, a fresh image is served with the
-# guest idle: the time until the daemon logs that the image is fully local.
+# set) were read once, so copy-on-read made them local. The image is served with prefetching
+# (latency share PREFETCH_SHARE %, default 10) and, for each job — fio 4 KiB random reads, then
+# writes, at depth 16 over the working set, FIO_RUNTIME seconds (default 30) — the script
+# alternates SIGUSR2 (resume) and SIGUSR1 (pause) every PHASE_MS (default 2000), starting with
+# prefetching on. fio logs its mean completion latency every 100 ms; each sample is assigned to the
+# phase it lies in (skipping the first 500 ms of a phase and its last 300 ms, for the switch and
+# for fio's start-up offset), and the mean of the "on" samples is compared with the mean of the
+# "off" samples of the same run. Interleaving at this grain is what makes the comparison hold on
+# a machine whose speed drifts by tens of percent over seconds: separate runs seconds apart
+# differed by ±20 % with identical settings. Last, a fresh image is served with the guest idle:
+# the time until the daemon logs that the image is fully local.
 #
-# Each "on" run continues where the previous one stopped (the prefetcher's progress is persisted),
-# so the base is never fully copied before the last round at these settings. Compare each round's
-# off/on pair: the runs are seconds apart, but this machine's speed drifts.
+# Prefetching continues from job to job (its progress is persisted); the output says how far it
+# got, since a finished prefetcher makes "on" equal to "off".
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 FVD="node $root/build/daemon/cli.js"
-RUNTIME=${FIO_RUNTIME:-10}
-ROUNDS=${BENCH_ROUNDS:-2}
+RUNTIME=${FIO_RUNTIME:-30}
+PHASE_MS=${PHASE_MS:-2000}
+PHASE_S=$(awk "BEGIN { print $PHASE_MS / 1000 }")
 SHARE=${PREFETCH_SHARE:-10}
 dir=$(mktemp -d /tmp/fvd-bench-pf.XXXXXX)
 mount -t tmpfs -o size=3G fvd-bench-pf "$dir"
@@ -30,7 +34,7 @@ cleanup() {
 }
 trap cleanup EXIT
 modprobe ublk_drv 2>/dev/null || true
-echo "bench-prefetch: $(uname -r), files on $(df --output=fstype "$dir" | tail -1), $RUNTIME s per job, $ROUNDS rounds, share $SHARE %"
+echo "bench-prefetch: $(uname -r), files on $(df --output=fstype "$dir" | tail -1), $RUNTIME s per job, phases of $PHASE_MS ms, share $SHARE %"
 
 serve() { # image [options] -> $dev, $pid, log in $image.log
   local img=$1; shift
@@ -48,36 +52,45 @@ serve "$dir/img.fvd" --no-prefetch
 dd if="$dev" of=/dev/null iflag=direct bs=1M count=64 status=none   # the working set, made local
 stop
 
-results=$dir/results.tsv
-for round in $(seq "$ROUNDS"); do
-  for mode in off on; do
-    if [ "$mode" = off ]; then serve "$dir/img.fvd" --no-prefetch; else serve "$dir/img.fvd" --prefetch-share "$SHARE"; fi
-    for rw in randread randwrite; do
-      out=$(fio --name=b --filename="$dev" --rw=$rw --bs=4k --iodepth=16 --direct=1 --ioengine=libaio \
-        --offset=0 --size=64M --runtime="$RUNTIME" --time_based=1 --randrepeat=0 --output-format=json 2>/dev/null)
-      kind=read; [ $rw = randwrite ] && kind=write
-      node -e "const j=JSON.parse(process.argv[1]).jobs[0]['$kind'];console.log([$round,'$mode','$rw',Math.round(j.iops),(j.clat_ns.mean/1000).toFixed(1)].join('\t'))" "$out" | tee -a "$results"
-    done
-    stop
-    [ "$mode" = on ] && echo "  $(grep -o 'prefetch [0-9.]*% [a-z]*.*' "$dir/img.fvd.log" | tail -1)"
-    [ -n "${FVD_PREFETCH_TRACE:-}" ] && [ "$mode" = on ] && grep 'prefetch trace' "$dir/img.fvd.log" | sed 's/^/  /'
-    [ "$mode" = on ] && { grep -o 'latency baseline [0-9.]* µs' "$dir/img.fvd.log" | tail -1 | sed 's/^/  /' || true; }
+serve "$dir/img.fvd" --prefetch-share "$SHARE"
+for rw in randread randwrite; do
+  rm -f "$dir"/lat_clat.*.log "$dir/phases"
+  t0=$(date +%s%N)
+  fio --name=b --filename="$dev" --rw=$rw --bs=4k --iodepth=16 --direct=1 --ioengine=libaio \
+    --offset=0 --size=64M --runtime="$RUNTIME" --time_based=1 --randrepeat=0 \
+    --write_lat_log="$dir/lat" --log_avg_msec=100 > /dev/null 2>&1 &
+  fio_pid=$!
+  phase=on
+  while kill -0 "$fio_pid" 2>/dev/null; do
+    if [ $phase = on ]; then kill -USR2 "$pid"; else kill -USR1 "$pid"; fi
+    echo "$(( ($(date +%s%N) - t0) / 1000000 )) $phase" >> "$dir/phases"
+    sleep "$PHASE_S"
+    if [ $phase = on ]; then phase=off; else phase=on; fi
   done
-done
-
-echo
-node - "$results" <<'JS'
-const rows = require('fs').readFileSync(process.argv[2], 'utf8').trim().split('\n').map((l) => l.split('\t'));
-for (const rw of ['randread', 'randwrite']) {
-  for (const r of [...new Set(rows.map((x) => x[0]))]) {
-    const off = rows.find((x) => x[0] === r && x[1] === 'off' && x[2] === rw);
-    const on = rows.find((x) => x[0] === r && x[1] === 'on' && x[2] === rw);
-    if (!off || !on) continue;
-    const rise = ((Number(on[4]) / Number(off[4]) - 1) * 100).toFixed(1);
-    console.log(`${rw} round ${r}: ${off[3]} -> ${on[3]} IOPS, mean latency ${off[4]} -> ${on[4]} us (${rise >= 0 ? '+' : ''}${rise} %)`);
+  wait "$fio_pid" || true
+  kill -USR2 "$pid"   # prefetching back on for the next job
+  node - "$rw" "$dir/phases" "$dir"/lat_clat.1.log <<'JS'
+const fs = require('fs');
+const [rw, phasesFile, latFile] = process.argv.slice(2);
+const phases = fs.readFileSync(phasesFile, 'utf8').trim().split('\n').map((l) => { const [t, m] = l.split(' '); return { t: Number(t), m }; });
+const sums = { on: [0, 0], off: [0, 0] };
+for (const line of fs.readFileSync(latFile, 'utf8').trim().split('\n')) {
+  const [t, ns] = line.split(',').map((x) => Number(x));
+  const from = t - 100; // the sample averages the 100 ms before t
+  for (let i = 0; i < phases.length; i++) {
+    const start = phases[i].t, end = i + 1 < phases.length ? phases[i + 1].t : Infinity;
+    if (from >= start + 500 && t <= end - 300) { sums[phases[i].m][0] += ns; sums[phases[i].m][1]++; }
   }
 }
+const mean = (m) => sums[m][0] / sums[m][1] / 1000;
+const rise = (mean('on') / mean('off') - 1) * 100;
+console.log(`${rw}: mean latency off ${mean('off').toFixed(1)} us (${sums.off[1]} samples), on ${mean('on').toFixed(1)} us (${sums.on[1]} samples): ${rise >= 0 ? '+' : ''}${rise.toFixed(1)} %`);
 JS
+done
+stop
+echo "  $(grep -o 'prefetch [0-9.]*% [a-z]*.*' "$dir/img.fvd.log" | tail -1)"
+grep -o 'latency baseline [0-9.]* µs' "$dir/img.fvd.log" | tail -1 | sed 's/^/  /' || true
+[ -n "${FVD_PREFETCH_TRACE:-}" ] && grep 'prefetch trace' "$dir/img.fvd.log" | sed 's/^/  /'
 
 # Time to fully local while the guest is idle (the first image's space back first: the tmpfs
 # holds the base and two fully local images at most).

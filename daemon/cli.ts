@@ -27,7 +27,8 @@ const COMMANDS: Record<string, string> = {
 };
 
 function usage(): string {
-  return ['usage: fvd COMMAND [options]', '', ...Object.entries(COMMANDS).map(([k, v]) => `  ${k.padEnd(8)} ${v}`)].join('\n');
+  const width = Math.max(...Object.keys(COMMANDS).map((k) => k.length));
+  return ['usage: fvd COMMAND [options]', '', ...Object.entries(COMMANDS).map(([k, v]) => `  ${k.padEnd(width)}  ${v}`)].join('\n');
 }
 
 export async function main(argv: string[]): Promise<number> {

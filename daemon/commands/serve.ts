@@ -145,6 +145,18 @@ export async function run(args: string[]): Promise<number> {
       stop('fatal error');
     };
     process.on('SIGTERM', () => stop('SIGTERM'));
+    // SIGUSR1 pauses background prefetching (after the chunk in flight), SIGUSR2 resumes it: for
+    // an operator (`systemctl kill -s USR1 fvd@NAME`) and for bench/device-prefetch.sh, which
+    // alternates them to compare the guest's latency with and without prefetching in one run.
+    process.on('SIGUSR1', () => {
+      if (prefetcher) void prefetcher.pause().then(() => log('prefetch paused (SIGUSR1)'));
+    });
+    process.on('SIGUSR2', () => {
+      if (prefetcher) {
+        prefetcher.resume();
+        log('prefetch resumed (SIGUSR2)');
+      }
+    });
     process.on('SIGINT', () => stop('SIGINT'));
   });
 }

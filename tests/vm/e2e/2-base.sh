@@ -8,8 +8,8 @@
 # new files); after a daemon restart the device's tree matches the model, e2fsck is clean, and
 # base.raw's sha256 never changed.  Last, a fresh image over the same base is served with a slow
 # prefetch (--prefetch-rate 4M) while the guest reads: the queue workers' request timing must reach
-# the prefetcher's latency budget (the daemon logs the baseline it measured), and the device must
-# read the base exactly.
+# the prefetcher's latency budget (the daemon logs the baseline it measured), SIGUSR1/SIGUSR2 pause
+# and resume prefetching, and the device must read the base exactly.
 
 # modify DIR: the same changes, on the mounted device or on the model.
 modify() {
@@ -75,6 +75,14 @@ scenario() {
     if grep -qE 'prefetch: guest request latency baseline [0-9.]+ µs; .*\+10%' "$SERVE_LOG"; then
         ok "the prefetcher measured the guest's request latency ($(grep -o 'baseline [0-9.]* µs' "$SERVE_LOG"))"
     else not_ok "no latency baseline from the queue workers reached the prefetcher" "$(cat "$SERVE_LOG")"; fi
+    kill -USR1 "$SERVE_PID"
+    for ((i = 0; i < 50; i++)); do grep -q 'prefetch paused (SIGUSR1)' "$SERVE_LOG" && break; sleep 0.1; done
+    if grep -q 'prefetch paused (SIGUSR1)' "$SERVE_LOG"; then ok "SIGUSR1 pauses prefetching"
+    else not_ok "SIGUSR1 did not pause prefetching" "$(cat "$SERVE_LOG")"; fi
+    kill -USR2 "$SERVE_PID"
+    for ((i = 0; i < 50; i++)); do grep -q 'prefetch resumed (SIGUSR2)' "$SERVE_LOG" && break; sleep 0.1; done
+    if grep -q 'prefetch resumed (SIGUSR2)' "$SERVE_LOG"; then ok "SIGUSR2 resumes prefetching"
+    else not_ok "SIGUSR2 did not resume prefetching" "$(cat "$SERVE_LOG")"; fi
     check "the device reads the base exactly while prefetching" \
         t bash -c "cmp <(dd if='$SERVE_DEV' iflag=direct bs=1M status=none) '$base'"
     serve_stop "prefetching"
