@@ -124,21 +124,20 @@ function checkMaterial(material: Uint8Array): void {
   if (material.length > MAX_KEY_MATERIAL) throw new KeyError(`the key is longer than ${MAX_KEY_MATERIAL} bytes`);
 }
 
-/**
- * For create: a new random master key, wrapped under `material`. Returns the 128 field bytes
- * for header offset 176.
- */
-export async function sealNewKey(material: Uint8Array, kdf: Partial<KdfParams> = {}): Promise<Uint8Array> {
-  checkMaterial(material);
-  const k: KdfParams = { ...DEFAULT_KDF, ...kdf };
+/** Key derivation parameters with defaults applied, or a one-line error. */
+function checkedKdf(k: KdfParams): KdfParams {
   const problem = kdfProblem(k);
   if (problem) throw new FvdError(`invalid key derivation parameters: ${problem}`, 'EINVAL');
-  let master: Buffer;
-  // XTS needs two different AES keys (OpenSSL refuses equal halves).
-  do master = randomBytes(MASTER_KEY_BYTES);
-  while (master.subarray(0, 32).equals(master.subarray(32)));
+  return k;
+}
+
+/**
+ * The 128 field bytes wrapping `master` under `material`: a fresh salt (a new KEK even for the
+ * same key material) and a fresh nonce, so a GCM nonce is never reused under one KEK.
+ */
+async function wrapMaster(master: Uint8Array, material: Uint8Array, method: number, k: KdfParams): Promise<Uint8Array> {
   const f = new Uint8Array(CRYPT_LENGTH);
-  f[F_METHOD] = CRYPT_AES_256_XTS;
+  f[F_METHOD] = method;
   f[F_KDF] = KDF_SCRYPT;
   f[F_LOG2N] = k.log2N;
   f[F_R] = k.r;
@@ -149,24 +148,21 @@ export async function sealNewKey(material: Uint8Array, kdf: Partial<KdfParams> =
   try {
     const gcm = createCipheriv('aes-256-gcm', kek, f.subarray(F_NONCE, F_NONCE + NONCE_BYTES));
     gcm.setAAD(aad(f));
-    const wrapped = gcm.update(master);
+    f.set(gcm.update(master), F_WRAPPED);
     gcm.final();
-    f.set(wrapped, F_WRAPPED);
     f.set(gcm.getAuthTag(), F_TAG);
   } finally {
     kek.fill(0);
-    master.fill(0);
   }
   return f;
 }
 
 /**
- * Unwraps the master key with the user's key material. A wrong key (or damaged wrapped-key
- * fields: GCM cannot tell the two apart) throws KeyError; nothing is read but the header.
+ * The master key unwrapped from parsed fields `f` (of `fieldBytes`) with `material`; the caller
+ * wipes it. A wrong key (or damaged wrapped-key fields: GCM cannot tell the two apart) throws
+ * KeyError.
  */
-export async function unlock(path: string, fieldBytes: Uint8Array, material: Uint8Array): Promise<XtsCipher> {
-  checkMaterial(material);
-  const f = parseCryptFields(path, fieldBytes);
+async function unwrapMaster(path: string, fieldBytes: Uint8Array, f: CryptFields, material: Uint8Array): Promise<Buffer> {
   const kek = await deriveKek(material, f.salt, f);
   let master: Buffer;
   try {
@@ -180,8 +176,39 @@ export async function unlock(path: string, fieldBytes: Uint8Array, material: Uin
   } finally {
     kek.fill(0);
   }
+  if (master.subarray(0, 32).equals(master.subarray(32))) {
+    master.fill(0);
+    throw new CorruptImageError(path, 'encryption fields: the master key halves are equal');
+  }
+  return master;
+}
+
+/**
+ * For create: a new random master key, wrapped under `material`. Returns the 128 field bytes
+ * for header offset 176.
+ */
+export async function sealNewKey(material: Uint8Array, kdf: Partial<KdfParams> = {}): Promise<Uint8Array> {
+  checkMaterial(material);
+  const k = checkedKdf({ ...DEFAULT_KDF, ...kdf });
+  let master: Buffer;
+  // XTS needs two different AES keys (OpenSSL refuses equal halves).
+  do master = randomBytes(MASTER_KEY_BYTES);
+  while (master.subarray(0, 32).equals(master.subarray(32)));
   try {
-    if (master.subarray(0, 32).equals(master.subarray(32))) throw new CorruptImageError(path, 'encryption fields: the master key halves are equal');
+    return await wrapMaster(master, material, CRYPT_AES_256_XTS, k);
+  } finally {
+    master.fill(0);
+  }
+}
+
+/**
+ * Unwraps the master key with the user's key material. A wrong key (or damaged wrapped-key
+ * fields: GCM cannot tell the two apart) throws KeyError; nothing is read but the header.
+ */
+export async function unlock(path: string, fieldBytes: Uint8Array, material: Uint8Array): Promise<XtsCipher> {
+  checkMaterial(material);
+  const master = await unwrapMaster(path, fieldBytes, parseCryptFields(path, fieldBytes), material);
+  try {
     return new XtsCipher(master);
   } finally {
     master.fill(0);
@@ -198,45 +225,10 @@ export async function rewrapKey(path: string, fieldBytes: Uint8Array, oldMateria
   checkMaterial(oldMaterial);
   checkMaterial(newMaterial);
   const old = parseCryptFields(path, fieldBytes);
-  const k: KdfParams = { log2N: old.log2N, r: old.r, p: old.p, ...kdf };
-  const problem = kdfProblem(k);
-  if (problem) throw new FvdError(`invalid key derivation parameters: ${problem}`, 'EINVAL');
-  const oldKek = await deriveKek(oldMaterial, old.salt, old);
-  let master: Buffer;
+  const k = checkedKdf({ log2N: old.log2N, r: old.r, p: old.p, ...kdf });
+  const master = await unwrapMaster(path, fieldBytes, old, oldMaterial);
   try {
-    const gcm = createDecipheriv('aes-256-gcm', oldKek, old.nonce);
-    gcm.setAAD(aad(fieldBytes));
-    gcm.setAuthTag(old.tag);
-    master = gcm.update(old.wrapped);
-    gcm.final();
-  } catch {
-    throw new KeyError(`${path}: wrong key: it does not unlock this encrypted image (or the image's key fields are damaged)`);
-  } finally {
-    oldKek.fill(0);
-  }
-  try {
-    if (master.subarray(0, 32).equals(master.subarray(32))) throw new CorruptImageError(path, 'encryption fields: the master key halves are equal');
-    const f = new Uint8Array(CRYPT_LENGTH);
-    f[F_METHOD] = old.method;
-    f[F_KDF] = KDF_SCRYPT;
-    f[F_LOG2N] = k.log2N;
-    f[F_R] = k.r;
-    f[F_P] = k.p;
-    // A fresh salt (a new KEK even for the same key material) and a fresh nonce: a GCM nonce is
-    // never reused under one KEK.
-    f.set(randomBytes(SALT_BYTES), F_SALT);
-    f.set(randomBytes(NONCE_BYTES), F_NONCE);
-    const kek = await deriveKek(newMaterial, f.subarray(F_SALT, F_SALT + SALT_BYTES), k);
-    try {
-      const gcm = createCipheriv('aes-256-gcm', kek, f.subarray(F_NONCE, F_NONCE + NONCE_BYTES));
-      gcm.setAAD(aad(f));
-      f.set(gcm.update(master), F_WRAPPED);
-      gcm.final();
-      f.set(gcm.getAuthTag(), F_TAG);
-    } finally {
-      kek.fill(0);
-    }
-    return f;
+    return await wrapMaster(master, newMaterial, old.method, k);
   } finally {
     master.fill(0);
   }
