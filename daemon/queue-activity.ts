@@ -4,8 +4,10 @@
  * small SharedArrayBuffer; the main thread sums them over all queues when the prefetcher polls.
  *
  * A request's latency here is what the daemon adds: from the moment its FETCH completion is
- * reaped to the moment its COMMIT is prepared — exactly the part prefetch I/O can slow (the
- * kernel's queueing before and after is the same with or without prefetching).
+ * reaped to the moment its COMMIT is prepared. That is only part of what the guest sees — a copy
+ * that takes CPU from the guest slows its own kernel and submitter, not this part — so the
+ * prefetcher also reads a drop in the request count as a latency rise (`partialLatency`,
+ * fvd/prefetch-control.ts).
  *
  * Layout, one Int32Array per queue, written only by that queue's worker (Atomics, so the main
  * thread never sees a torn value):
@@ -21,7 +23,7 @@
 const OPS = 0;
 const LATENCY_US = 1;
 const IN_FLIGHT = 2;
-const SLOTS = 4;
+const SLOTS = 3;
 
 export function newActivityBuffer(): SharedArrayBuffer {
   return new SharedArrayBuffer(SLOTS * 4);

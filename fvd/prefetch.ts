@@ -30,9 +30,9 @@
  *     completed foreground request (a ForegroundMeter) or per poll (a polled ActivitySource, such
  *     as the daemon's queue workers' shared counters, daemon/queue-activity.ts). A chunk starts
  *     only while the budget is not overdrawn or the foreground is idle; a completion that refills
- *     it wakes the loop at once (a polled source is read every `pollMs` while waiting). While the
- *     foreground is active, chunks are `busyChunkBytes` (smaller: each slows fewer requests, and
- *     the gate is consulted more often).
+ *     it wakes the loop at once (a polled source is read after each chunk and at least every
+ *     `windowMs` while waiting). While the foreground is active, chunks are `busyChunkBytes`
+ *     (smaller: each slows fewer requests, and the gate is consulted more often).
  *  3. Foreground rate, when the source reports no latency (latencyNs stays 0: an owner that
  *     counts requests but does not time them): a window with at least `busyOpsPerSec`
  *     foreground operations per second means "guest busy": pause until the rate has stayed below
@@ -87,15 +87,6 @@ export interface PrefetchOptions {
   maxPauseMs?: number;
   /** Measurement window (FVD's throughput_measure_time, default 100 ms). */
   windowMs?: number;
-  /**
-   * A polled source that reports latencies is read at least this often while the latency budget
-   * holds prefetching back (ms, default windowMs; also when the foreground would turn idle). A
-   * ForegroundMeter instead wakes the loop on the completion itself. Not shorter by default: each
-   * poll wakes the serving process's main thread, and in a 2-vCPU guest whose CPUs the guest's
-   * own I/O saturates, polling every 5 ms cost it half its IOPS (measured with
-   * bench/device-prefetch.sh; every 50–100 ms: about a tenth).
-   */
-  pollMs?: number;
   /**
    * The polled latencies cover only part of each request's path (the ublk daemon's part): a drop
    * in the request rate is charged as a latency rise too (fvd/prefetch-control.ts, rateTerm).
@@ -270,7 +261,8 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
   private winPrefetched = false;
   /** Foreground requests in flight at the last poll of a polled source. */
   private polledInFlight = 0;
-  private readonly pollMs: number;
+  /** The first baseline was announced ('baseline' event). */
+  private baselineAnnounced = false;
   /** Last time the foreground was seen busy (rate rule). */
   private lastBusyAt = Number.NEGATIVE_INFINITY;
   // FVD throughput rule
@@ -312,7 +304,6 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
     this.minPauseMs = Math.max(0, options.minPauseMs ?? 1);
     this.maxPauseMs = Math.max(this.minPauseMs, options.maxPauseMs ?? 2000);
     this.windowMs = Math.max(1, options.windowMs ?? 100);
-    this.pollMs = Math.max(1, options.pollMs ?? this.windowMs);
     this.busyOpsPerSec = options.busyOpsPerSec ?? 10;
     this.minBytesPerSec = options.minBytesPerSec ?? 5 * MiB;
     this.persistBytes = options.persistBytes ?? 64 * MiB;
@@ -429,7 +420,6 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
       this.emit('baseline', this.budget.baselineNs);
     }
   }
-  private baselineAnnounced = false;
 
   private async loop(): Promise<void> {
     const image = this.image;
@@ -535,7 +525,10 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
       }
       if (this.timed && !this.budget.ready(now, this.fgInFlight())) {
         // Rule 2: the budget is overdrawn. A completion that refills it wakes us (per request);
-        // otherwise we look again when the foreground would count as idle, or after a window.
+        // otherwise we look again when the foreground would count as idle, or after a window —
+        // also a polled source, not more often: each poll wakes the serving process's main
+        // thread, and in a 2-vCPU guest whose CPUs its own I/O saturates, polling every 5 ms cost
+        // the guest half its IOPS (bench/device-prefetch.sh).
         if (budgetWaitSince < 0) budgetWaitSince = now;
         else if (now - budgetWaitSince >= this.windowMs && this.state === 'running') {
           this.backoffs++;
@@ -543,9 +536,8 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
           this.emit('backoff', 'latency');
         }
         this.waitingForBudget = true;
-        const wait = Math.max(1, Math.min(this.activity ? this.pollMs : this.windowMs, this.budget.idleAt() - now + 1));
         try {
-          await this.sleep(wait);
+          await this.sleep(Math.max(1, Math.min(this.windowMs, this.budget.idleAt() - now + 1)));
         } finally {
           this.waitingForBudget = false;
         }
