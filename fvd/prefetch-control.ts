@@ -225,14 +225,8 @@ export class LatencyBudget {
         this.history.length = 0; // the first estimate only stood in (see above)
         this.rateHistory.length = 0;
       }
-      this.history.push(this.probeSum / this.probeN);
-      if (this.history.length > this.probeHistory) this.history.shift();
-      this.baselineNs = median(this.history);
-      if (this.rateTerm && this.probeWindowMs > 0) {
-        this.rateHistory.push(this.probeN / this.probeWindowMs);
-        if (this.rateHistory.length > this.probeHistory) this.rateHistory.shift();
-        this.baselineRate = median(this.rateHistory);
-      }
+      this.baselineNs = recentMedian(this.history, this.probeSum / this.probeN, this.probeHistory);
+      if (this.rateTerm && this.probeWindowMs > 0) this.baselineRate = recentMedian(this.rateHistory, this.probeN / this.probeWindowMs, this.probeHistory);
       this.probes++;
     }
     this.probeStart = -1;
@@ -258,6 +252,13 @@ export class LatencyBudget {
     if (was && !this.open) this.closings++;
     return !was && this.open;
   }
+}
+
+/** Appends `x` to the recent values `xs` (keeping the last `keep`) and returns their median. */
+function recentMedian(xs: number[], x: number, keep: number): number {
+  xs.push(x);
+  if (xs.length > keep) xs.shift();
+  return median(xs);
 }
 
 function median(xs: readonly number[]): number {
