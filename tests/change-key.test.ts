@@ -21,6 +21,7 @@ import { nodeIo } from '../fvd/node-file.js';
 import { MemIo } from './helpers/mem-io.js';
 import { Rng } from './helpers/rng.js';
 import { CLI, TempDir, assertOk, assertOneLineError, assertUnchanged, fvd, snapshot, type CliResult } from './helpers/cli.js';
+import { rejectsOneLine } from './helpers/rejects.js';
 
 const KiB = 1024;
 const MiB = 1024 * 1024;
@@ -29,15 +30,7 @@ const NEW = Buffer.from('a brand new passphrase');
 const FAST_KDF = { log2N: 10, r: 1, p: 1 };
 
 async function rejects(p: Promise<unknown>, cls: new (...a: any[]) => Error, re: RegExp, what: string): Promise<void> {
-  try {
-    await p;
-  } catch (err) {
-    assert.instance(err, cls, `${what}: ${(err as Error)?.stack}`);
-    assert.match((err as Error).message, re, what);
-    assert.not.match((err as Error).message, /[\r\n]/, `${what}: one line`);
-    return;
-  }
-  assert.unreachable(`${what}: expected a refusal matching ${re}`);
+  await rejectsOneLine(p, cls, re, what);
 }
 
 for (const layout of ['raw', 'compact'] as const) {

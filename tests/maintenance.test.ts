@@ -27,6 +27,7 @@ import type { BlockFile, IoBackend, OpenOptions } from '../fvd/io.js';
 import { MemIo } from './helpers/mem-io.js';
 import { Rng } from './helpers/rng.js';
 import { firstMismatch, readWholeDisk } from './helpers/model.js';
+import { rejectsOneLine } from './helpers/rejects.js';
 
 const KiB = 1024;
 const MiB = 1024 * 1024;
@@ -83,16 +84,7 @@ async function clean(io: IoBackend, p: string): Promise<void> {
 
 /** `anyError`: MemIo's own errors (a missing file, a lock held) are not FvdErrors. */
 async function rejects(p: Promise<unknown>, re: RegExp, anyError = false): Promise<FvdError> {
-  try {
-    await p;
-  } catch (err) {
-    if (!anyError) assert.instance(err, FvdError, `expected an FvdError, got ${(err as Error)?.stack ?? err}`);
-    assert.match((err as Error).message, re);
-    assert.not.match((err as Error).message, /\n/);
-    return err as FvdError;
-  }
-  assert.unreachable(`expected a rejection matching ${re}`);
-  throw new Error('unreachable');
+  return (await rejectsOneLine(p, anyError ? Error : FvdError, re, `expected a rejection matching ${re}`)) as FvdError;
 }
 
 /** Byte-for-byte snapshot of every file, to prove a refused operation changed nothing. */

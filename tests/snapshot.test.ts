@@ -20,6 +20,7 @@ import { MemIo } from './helpers/mem-io.js';
 import { CrashIo } from './helpers/crash-io.js';
 import { patternBytes, sha256File } from './helpers/cli.js';
 import { getField, readDirectory, readHeader, readRefcounts, rewriteField, rewriteRefcounts, setFeatureBits, writeBytes } from './helpers/tamper.js';
+import { rejectsOneLine } from './helpers/rejects.js';
 
 const KiB = 1024;
 const MiB = 1024 * 1024;
@@ -40,17 +41,8 @@ async function readAll(img: FvdImage, off = 0, len = img.size - off): Promise<Bu
 }
 
 async function rejects(p: Promise<unknown>, code: string, re: RegExp, what: string): Promise<FvdError> {
-  let err: unknown = null;
-  try {
-    await p;
-  } catch (e) {
-    err = e;
-  }
-  assert.instance(err, FvdError, `${what}: expected an FvdError, got ${(err as Error)?.stack ?? err}`);
-  const e = err as FvdError;
+  const e = await rejectsOneLine(p, FvdError, re, what);
   assert.is(e.code, code, `${what}: ${e.message}`);
-  assert.match(e.message, re, what);
-  assert.not.match(e.message, /\n/, `${what}: one line`);
   return e;
 }
 
