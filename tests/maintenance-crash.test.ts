@@ -102,14 +102,8 @@ async function crashRun(name: string, make: (io: MemIo) => Promise<Case>): Promi
   if (c.base) same(await readDisk(mem, c.base.path, c.base.raw), c.base.after, `${name}: base after an uninterrupted run`);
 
   const rng = new Rng(seed);
-  const points = new Set<number>();
-  if (N + 1 <= maxPoints) for (let k = 0; k <= N; k++) points.add(k);
-  else {
-    for (const e of cio.events) if (e.kind === 'flush' && e.end !== undefined) points.add(e.end + 1);
-    while (points.size < maxPoints) points.add(rng.int(N + 1));
-  }
   let checked = 0;
-  for (const k of [...points].sort((a, b) => a - b)) {
+  for (const k of cio.crashPoints(maxPoints, rng)) {
     for (let fate = 0; fate < 6; fate++) {
       const rebuilt = fate === 0 && k % 3 === 0 ? cio.rebuildWith(k, () => 'keep') : cio.rebuild(k, rng);
       const io = rebuilt.io;

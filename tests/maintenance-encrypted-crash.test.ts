@@ -113,14 +113,9 @@ async function crashRun(name: string, make: (io: MemIo) => Promise<Case>): Promi
   if (c.base) same(mem.readFile(c.base.path), c.base.after, `${name}: base after an uninterrupted run`);
 
   const rng = new Rng(seed);
-  const points = new Set<number>();
-  if (N + 1 <= maxPoints) for (let k = 0; k <= N; k++) points.add(k);
-  else {
-    for (const e of cio.events) if (e.kind === 'flush' && e.end !== undefined) points.add(e.end + 1);
-    while (points.size < maxPoints) points.add(rng.int(N + 1));
-  }
   let checked = 0;
-  for (const k of [...points].sort((a, b) => a - b)) {
+  const points = cio.crashPoints(maxPoints, rng);
+  for (const k of points) {
     for (let fate = 0; fate < 4; fate++) {
       const rebuilt = fate === 0 && k % 3 === 0 ? cio.rebuildWith(k, () => 'keep') : cio.rebuild(k, rng);
       const io = rebuilt.io;
@@ -156,7 +151,7 @@ async function crashRun(name: string, make: (io: MemIo) => Promise<Case>): Promi
     }
   }
   assert.ok(checked >= Math.min(maxPoints, N + 1), `${name}: only ${checked} crash states checked`);
-  if (process.env.CRR_TRACE) console.log(`${name}: ${N} events, ${points.size} crash points, ${checked} crash states`);
+  if (process.env.CRR_TRACE) console.log(`${name}: ${N} events, ${points.length} crash points, ${checked} crash states`);
 }
 
 for (const layout of ['raw', 'compact'] as const) {

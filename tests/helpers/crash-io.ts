@@ -189,6 +189,21 @@ export class CrashIo implements IoBackend {
     return d;
   }
 
+  /**
+   * Power-cut points (0..seq) to test: all of them when seq + 1 ≤ `max`; otherwise the point right after every completed flush, topped up with random ones to
+   * `max`. Sorted.
+   */
+  crashPoints(max: number, rng: Rng): number[] {
+    const n = this.seq;
+    const points = new Set<number>();
+    if (n + 1 <= max) for (let k = 0; k <= n; k++) points.add(k);
+    else {
+      for (const e of this.events) if (e.kind === 'flush' && e.end !== undefined) points.add(e.end + 1);
+      while (points.size < max) points.add(rng.int(n + 1));
+    }
+    return [...points].sort((a, b) => a - b);
+  }
+
   /** Reconstructs the files after a power cut at k (see the file comment). */
   rebuild(k: number, rng: Rng, weights: TearWeights = { keep: 1, lose: 1, tear: 1 }): RebuildResult {
     return this.rebuildWith(k, (_e, n) => {
