@@ -63,6 +63,17 @@ async function readAll(img: FvdImage): Promise<Uint8Array> {
   return b;
 }
 
+/** The image reads as the model; closed and reopened read-only, it still does. */
+async function matchesModelThenReopened(s: Setup, img: FvdImage, what: string): Promise<void> {
+  let d = firstMismatch(s.model.data, await readAll(img), 0);
+  assert.not.ok(d, `${what}: ${d}`);
+  await img.close();
+  const again = await FvdImage.open(s.io, s.paths[0]!, { key: KEY, readOnly: true });
+  d = firstMismatch(s.model.data, await readAll(again), 0);
+  assert.not.ok(d, `${what} after reopen: ${d}`);
+  await again.close();
+}
+
 async function apply(img: FvdImage, op: Op): Promise<void> {
   if (op.kind === 'write') await img.write(payload(op), op.off);
   else await img.writeZeroes(op.off, op.len);
@@ -136,13 +147,7 @@ test('concurrent unaligned writes to bytes of the same sectors: none is lost (re
     for (const op of ops) applyModel(s.model, op);
     await Promise.all(r.shuffle(ops.slice()).map((op) => apply(img, op)));
     await img.idle();
-    let d = firstMismatch(s.model.data, await readAll(img), 0);
-    assert.not.ok(d, `seed ${seed}: ${d}`);
-    await img.close();
-    const again = await FvdImage.open(s.io, s.paths[0]!, { key: KEY, readOnly: true });
-    d = firstMismatch(s.model.data, await readAll(again), 0);
-    assert.not.ok(d, `seed ${seed} after reopen: ${d}`);
-    await again.close();
+    await matchesModelThenReopened(s, img, `seed ${seed}`);
   }
 });
 
@@ -189,13 +194,7 @@ test('unaligned writes racing copy-on-read and prefetch of the same blocks: no s
     await Promise.all([...disjoint.map((op) => apply(img, op)), ...reads, prefetch]);
     await img.idle();
     await img.prefetchBlocks(0, SIZE / BS - 1);
-    let d = firstMismatch(s.model.data, await readAll(img), 0);
-    assert.not.ok(d, `seed ${seed}: ${d}`);
-    await img.close();
-    const again = await FvdImage.open(s.io, s.paths[0]!, { key: KEY, readOnly: true });
-    d = firstMismatch(s.model.data, await readAll(again), 0);
-    assert.not.ok(d, `seed ${seed} after reopen: ${d}`);
-    await again.close();
+    await matchesModelThenReopened(s, img, `seed ${seed}`);
   }
 });
 
