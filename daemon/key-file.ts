@@ -11,8 +11,10 @@ import fs from 'node:fs';
 import { MAX_KEY_MATERIAL } from '../fvd/crypto.js';
 import { UsageError } from './args.js';
 
-/** The parseOptions entry every command that opens images adds. */
-export const KEY_FILE_OPTION = { 'key-file': { type: 'string' } } as const;
+/** The option every command that opens images adds (daemon/command.ts declarations). */
+export const KEY_FILE_OPTION = {
+  'key-file': { type: 'string', arg: 'PATH|-', help: "an encrypted image's key: a file, or - for stdin" },
+} as const;
 
 let stdinTaken = false;
 

@@ -116,6 +116,10 @@ export interface Extent {
   length: number;
   kind: ExtentKind;
 }
+/** An extent with the byte offset of its data in the image file (local extents only). */
+export interface HostExtent extends Extent {
+  host: number | null;
+}
 
 export interface ImageStats {
   path: string;
@@ -1253,6 +1257,34 @@ export class FvdImage {
       else if (this.table && this.table[Math.floor(pos / this.chunkSize)] === CHUNK_EMPTY) kind = 'zero';
       else kind = 'local';
       push(pos, len, kind);
+    }
+    return out;
+  }
+
+  /**
+   * Like extents(), with where each local extent's bytes lie in the image file (`host`, a byte
+   * offset; null for base and zero extents), merged only where the file is contiguous too. For
+   * `fvd map` and the space figures of `fvd info`, which look for holes in those file ranges.
+   */
+  hostExtents(): HostExtent[] {
+    const out: HostExtent[] = [];
+    const step = this.table ? Math.min(this.blockSize, this.chunkSize) : this.blockSize;
+    for (let pos = 0; pos < this.size; pos += step) {
+      const len = Math.min(step, this.size - pos);
+      const b = Math.floor(pos / this.blockSize);
+      let kind: ExtentKind;
+      let host: number | null = null;
+      if (!this.allLocal && b < this.baseBlocks && !testBit(this.present, b)) kind = 'base';
+      else if (!this.table) (kind = 'local'), (host = this.header.dataOffset + pos);
+      else {
+        const c = Math.floor(pos / this.chunkSize);
+        const id = this.table[c]!;
+        if (id === CHUNK_EMPTY) kind = 'zero';
+        else (kind = 'local'), (host = this.header.dataOffset + id * this.chunkSize + (pos - c * this.chunkSize));
+      }
+      const last = out[out.length - 1];
+      if (last && last.kind === kind && last.offset + last.length === pos && (host === null || last.host! + last.length === host)) last.length += len;
+      else out.push({ offset: pos, length: len, kind, host });
     }
     return out;
   }

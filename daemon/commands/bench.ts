@@ -27,15 +27,36 @@
  * it waits, as a queue worker does) instead of node:fs and its libuv thread pool. Write buffers are filled with a non-zero byte (--fill, default 0xa5) so zero
  * detection cannot short-cut the writes.
  */
-import { parseInteger, parseOptions, parseSize, formatSize, UsageError } from '../args.js';
+import { parseInteger, parseSize, formatSize, UsageError } from '../args.js';
+import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand } from '../command.js';
 import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import type { IoBackend } from '../../fvd/io.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
-const USAGE =
-  'usage: fvd bench [-c COUNT] [-d DEPTH] [-s BUFSIZE] [-w] [-o OFFSET] [-S STEP] [--pattern seq|rand] ' +
-  '[--seed N] [--flush-interval N [--no-drain]] [--no-copy-on-read] [--fill BYTE] [-f fvd|raw] [--io node|uring] [--key-file PATH|-] [--json] IMAGE';
+export const spec = defineCommand({
+  name: 'bench',
+  summary: 'benchmark the engine, like qemu-img bench',
+  usage: ['[-c COUNT] [-d DEPTH] [-s BUFSIZE] [-w] [-o OFFSET] [-S STEP] [--pattern seq|rand] [options] IMAGE'],
+  options: {
+    count: { type: 'string', short: 'c', arg: 'COUNT', help: 'requests in all (default 75000)' },
+    depth: { type: 'string', short: 'd', arg: 'DEPTH', help: 'requests in flight (default 64)' },
+    'buffer-size': { type: 'string', short: 's', arg: 'SIZE', help: 'request size (default 4K)' },
+    step: { type: 'string', short: 'S', arg: 'STEP', help: 'seq: distance between requests (default: the request size)' },
+    offset: { type: 'string', short: 'o', arg: 'OFFSET', help: 'first offset (default 0)' },
+    write: { type: 'boolean', short: 'w', help: 'write instead of read' },
+    pattern: { type: 'string', arg: 'seq|rand', help: 'access pattern (default seq)' },
+    seed: { type: 'string', arg: 'N', help: 'rand: PRNG seed (default 1)' },
+    'flush-interval': { type: 'string', arg: 'N', help: 'writes: drain and flush every N requests' },
+    'no-drain': { type: 'boolean', help: 'with --flush-interval: flush without draining' },
+    'no-copy-on-read': { type: 'boolean', help: 'reads: do not copy base data into the image' },
+    fill: { type: 'string', arg: 'BYTE', help: 'writes: the byte written (default 0xa5)' },
+    format: { type: 'string', short: 'f', arg: 'fvd|raw', help: 'fvd (the engine) or raw (the same loop on a plain file)' },
+    io: { type: 'string', arg: 'node|uring', help: 'storage backend: node:fs (default) or io_uring' },
+    ...OUTPUT_OPTIONS,
+    ...KEY_FILE_OPTION,
+  },
+});
 
 /** What the bench drives: an FvdImage, or a raw BlockFile, behind one shape. */
 interface Target {
@@ -127,29 +148,8 @@ async function openTarget(
 }
 
 export async function run(args: string[]): Promise<number> {
-  const { values, positionals } = parseOptions('bench', args, {
-    count: { type: 'string', short: 'c' },
-    depth: { type: 'string', short: 'd' },
-    'buffer-size': { type: 'string', short: 's' },
-    step: { type: 'string', short: 'S' },
-    offset: { type: 'string', short: 'o' },
-    write: { type: 'boolean', short: 'w' },
-    pattern: { type: 'string' },
-    seed: { type: 'string' },
-    'flush-interval': { type: 'string' },
-    'no-drain': { type: 'boolean' },
-    'no-copy-on-read': { type: 'boolean' },
-    fill: { type: 'string' },
-    format: { type: 'string', short: 'f' },
-    io: { type: 'string' },
-    json: { type: 'boolean' },
-    help: { type: 'boolean', short: 'h' },
-    ...KEY_FILE_OPTION,
-  });
-  if (values.help) {
-    console.log(USAGE);
-    return 0;
-  }
+  const { values, positionals } = parseCommand(spec, args);
+  const json = outputFormat(values) === 'json';
   if (positionals.length !== 1) {
     throw new UsageError(positionals.length === 0 ? 'missing IMAGE argument' : `expected one IMAGE, got ${positionals.length} arguments`);
   }
@@ -346,7 +346,7 @@ export async function run(args: string[]): Promise<number> {
   }
   result.closeSeconds = Number(process.hrtime.bigint() - closeStart) / 1e9;
 
-  if (values.json) {
+  if (json) {
     console.log(JSON.stringify(result));
   } else {
     const where = pattern === 'seq' ? `seq step ${formatSize(step)}` : `rand seed ${seed}`;

@@ -10,10 +10,10 @@ import path from 'node:path';
 import { changeKey } from '../../fvd/change-key.js';
 import { KDF_LIMITS } from '../../fvd/crypto.js';
 import { nodeIo } from '../../fvd/node-file.js';
-import { UsageError, parseOptions } from '../args.js';
-import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { UsageError } from '../args.js';
+import { defineCommand, parseCommand, usageError } from '../command.js';
+import { readKeyFile, wipe } from '../key-file.js';
 
-const USAGE = 'usage: fvd change-key --key-file OLD|- --new-key-file NEW|- [--kdf-log2n N] IMAGE';
 
 /** True when both names are the same file (path or hard link). */
 function sameFile(a: string, b: string): boolean {
@@ -27,21 +27,21 @@ function sameFile(a: string, b: string): boolean {
   }
 }
 
+export const spec = defineCommand({
+  name: 'change-key',
+  summary: 'change the key of an encrypted image (re-wraps the data key; nothing re-encrypted)',
+  usage: ['--key-file OLD|- --new-key-file NEW|- [--kdf-log2n N] IMAGE'],
+  options: {
+    'key-file': { type: 'string', arg: 'OLD|-', help: 'the current key (- = stdin)' },
+    'new-key-file': { type: 'string', arg: 'NEW|-', help: 'the new key (- = stdin; at most one of the two)' },
+    'kdf-log2n': { type: 'string', arg: 'N', help: `scrypt cost 2^N for the new key (${KDF_LIMITS.log2N[0]}..${KDF_LIMITS.log2N[1]}; default: keep the image's)` },
+  },
+});
+const USAGE = `usage: fvd change-key ${spec.usage[0]}`;
+
 export async function run(args: string[]): Promise<number> {
-  const { values, positionals } = parseOptions('change-key', args, {
-    ...KEY_FILE_OPTION,
-    'new-key-file': { type: 'string' },
-    'kdf-log2n': { type: 'string' },
-    help: { type: 'boolean', short: 'h', default: false },
-  });
-  if (values.help) {
-    console.log(USAGE);
-    console.log('  --key-file OLD      the current key (- = stdin)');
-    console.log('  --new-key-file NEW  the new key (- = stdin; at most one of the two)');
-    console.log(`  --kdf-log2n N       scrypt cost 2^N for the new key (${KDF_LIMITS.log2N[0]}..${KDF_LIMITS.log2N[1]}; default: keep the image's)`);
-    return 0;
-  }
-  if (positionals.length !== 1) throw new UsageError(USAGE);
+  const { values, positionals } = parseCommand(spec, args);
+  if (positionals.length !== 1) throw usageError(spec);
   const oldSpec = values['key-file'];
   const newSpec = values['new-key-file'];
   if (oldSpec === undefined) throw new UsageError(`the current key is needed: --key-file OLD (${USAGE})`);

@@ -6,17 +6,26 @@
  */
 import { commitImage } from '../../fvd/maintenance.js';
 import { nodeIo } from '../../fvd/node-file.js';
-import { UsageError, formatSize, parseOptions, progressPrinter } from '../args.js';
+import { formatSize, progressPrinter } from '../args.js';
+import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
-export async function run(args: string[]): Promise<number> {
-  const { values, positionals } = parseOptions('commit', args, {
-    d: { type: 'boolean', short: 'd', default: false },
-    p: { type: 'boolean', short: 'p', default: false },
-    json: { type: 'boolean', default: false },
+export const spec = defineCommand({
+  name: 'commit',
+  summary: "write the image's data into its base, then empty the image",
+  usage: ['[-d] [-p] [--output=human|json] [--key-file PATH|-] IMAGE'],
+  options: {
+    d: { type: 'boolean', short: 'd', default: false, help: "keep the image's data (do not empty it)" },
+    p: { type: 'boolean', short: 'p', default: false, help: 'show progress on stderr' },
+    ...OUTPUT_OPTIONS,
     ...KEY_FILE_OPTION,
-  });
-  if (positionals.length !== 1) throw new UsageError('usage: fvd commit [-d] [-p] [--json] [--key-file PATH|-] IMAGE');
+  },
+});
+
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseCommand(spec, args);
+  if (positionals.length !== 1) throw usageError(spec);
+  const json = outputFormat(values) === 'json';
   const image = positionals[0]!;
   const key = readKeyFile(values['key-file']);
   const progress = progressPrinter(values.p);
@@ -24,7 +33,7 @@ export async function run(args: string[]): Promise<number> {
     progress.done();
     wipe(key);
   });
-  if (values.json) {
+  if (json) {
     console.log(JSON.stringify({ image, ...r }, null, 2));
     return 0;
   }

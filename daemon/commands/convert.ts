@@ -10,25 +10,34 @@
 import fs from 'node:fs';
 import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../fvd/node-file.js';
-import { UsageError, parseOptions, parseSize } from '../args.js';
+import { UsageError, parseSize, progressPrinter } from '../args.js';
+import { defineCommand, parseCommand, usageError } from '../command.js';
 import { isEncryptedImage, openDisk, parseFormat, probeFormat, type Disk } from '../disk.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
 const STEP = 1024 * 1024;
 
-export async function run(args: string[]): Promise<number> {
-  const { values, positionals } = parseOptions('convert', args, {
-    f: { type: 'string', short: 'f' },
-    O: { type: 'string', short: 'O', default: 'raw' },
-    layout: { type: 'string', default: 'raw' },
-    'block-size': { type: 'string' },
-    force: { type: 'boolean', default: false },
-    encrypt: { type: 'boolean', default: false },
-    'target-key-file': { type: 'string' },
+export const spec = defineCommand({
+  name: 'convert',
+  summary: 'copy a disk into a new file: flatten an image with its base chain, or import a raw file',
+  usage: ['[-f raw|fvd] [-O raw|fvd] [--layout raw|compact] [-p] [options] SRC DST'],
+  options: {
+    f: { type: 'string', short: 'f', arg: 'raw|fvd', help: "SRC's format (default: probed)" },
+    O: { type: 'string', short: 'O', default: 'raw', arg: 'raw|fvd', help: 'output format' },
+    layout: { type: 'string', default: 'raw', arg: 'raw|compact', help: '-O fvd: the layout of the output' },
+    'block-size': { type: 'string', arg: 'SIZE', help: '-O fvd: block size of the output' },
+    p: { type: 'boolean', short: 'p', default: false, help: 'show progress on stderr' },
+    force: { type: 'boolean', default: false, help: 'overwrite DST if it exists' },
+    encrypt: { type: 'boolean', default: false, help: '-O fvd: encrypt the output' },
+    'target-key-file': { type: 'string', arg: 'PATH|-', help: "--encrypt: the output's key (default: --key-file's)" },
     ...KEY_FILE_OPTION,
-  });
-  if (positionals.length !== 2)
-    throw new UsageError('usage: fvd convert [-f raw|fvd] [-O raw|fvd] [--layout raw|compact] [--block-size N] [--key-file PATH|-] [--encrypt [--target-key-file PATH|-]] [--force] SRC DST');
+  },
+  details: 'Zero ranges are not written: the output is sparse.',
+});
+
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseCommand(spec, args);
+  if (positionals.length !== 2) throw usageError(spec);
   const [src, dst] = positionals as [string, string];
   const inFmt = parseFormat(values.f, 'source format');
   const outFmt = parseFormat(values.O, 'output format')!;
@@ -67,7 +76,7 @@ async function convert(
   dst: string,
   inFmt: 'raw' | 'fvd' | undefined,
   outFmt: 'raw' | 'fvd',
-  values: { layout?: string; 'block-size'?: string },
+  values: { layout?: string; 'block-size'?: string; p?: boolean },
   key: Uint8Array | undefined,
   targetKey: Uint8Array | undefined,
 ): Promise<number> {
@@ -87,9 +96,12 @@ async function convert(
     }
     target = await openDisk(dst, outFmt, { key: targetKey });
     const buf = Buffer.alloc(STEP);
+    const progress = progressPrinter(!!values.p);
     for (const e of source.extents()) {
+      progress.update(e.offset, source.size);
       if (e.kind === 'zero') continue;
       for (let pos = e.offset; pos < e.offset + e.length; pos += STEP) {
+        progress.update(pos, source.size);
         const len = Math.min(STEP, e.offset + e.length - pos);
         const piece = buf.subarray(0, len);
         await source.read(piece, pos);
@@ -102,6 +114,8 @@ async function convert(
       }
     }
     await target.flush();
+    progress.update(source.size, source.size);
+    progress.done();
   } finally {
     await source.close();
     await target?.close();

@@ -5,23 +5,32 @@
 import fs from 'node:fs';
 import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../fvd/node-file.js';
-import { UsageError, formatSize, parseOptions, parseSize } from '../args.js';
+import { UsageError, formatSize, parseSize } from '../args.js';
+import { defineCommand, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
-export async function run(args: string[]): Promise<number> {
-  const { values, positionals } = parseOptions('create', args, {
-    base: { type: 'string', short: 'b' },
-    'base-format': { type: 'string', short: 'F' },
-    layout: { type: 'string', default: 'raw' },
-    'block-size': { type: 'string' },
-    'chunk-size': { type: 'string' },
-    'journal-size': { type: 'string' },
-    'no-detect-zeroes': { type: 'boolean', default: false },
-    force: { type: 'boolean', default: false },
-    encrypt: { type: 'boolean', default: false },
+export const spec = defineCommand({
+  name: 'create',
+  summary: 'create an image, empty or as a copy-on-write layer over a base',
+  usage: ['[-b BASE -F raw|fvd] [--layout raw|compact] [options] IMAGE [SIZE]'],
+  options: {
+    base: { type: 'string', short: 'b', arg: 'BASE', help: 'base image (read-only; its path is recorded relative to IMAGE)' },
+    'base-format': { type: 'string', short: 'F', arg: 'raw|fvd', help: "the base's format (required with -b: never probed)" },
+    layout: { type: 'string', default: 'raw', arg: 'raw|compact', help: 'raw-like (guest offset = file offset) or compact (lookup table; thin, works on block devices)' },
+    'block-size': { type: 'string', arg: 'SIZE', help: 'copy-on-write unit, one bitmap bit (default 64K)' },
+    'chunk-size': { type: 'string', arg: 'SIZE', help: 'allocation unit of the compact layout (default 1M)' },
+    'journal-size': { type: 'string', arg: 'SIZE', help: 'metadata journal size (0: no journal)' },
+    'no-detect-zeroes': { type: 'boolean', default: false, help: "do not scan the base for zero blocks at create" },
+    force: { type: 'boolean', default: false, help: 'overwrite an existing file or a block device' },
+    encrypt: { type: 'boolean', default: false, help: 'encrypt the data area (AES-256-XTS); needs --key-file' },
     ...KEY_FILE_OPTION,
-  });
-  if (positionals.length < 1 || positionals.length > 2) throw new UsageError('usage: fvd create [-b BASE -F raw|fvd] [--layout raw|compact] [--block-size N] [--chunk-size N] [--journal-size N] [--no-detect-zeroes] [--encrypt --key-file PATH|-] [--force] IMAGE [SIZE]');
+  },
+  details: 'SIZE takes K, M, G, T suffixes (binary); without SIZE the image has the base\'s size.',
+});
+
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseCommand(spec, args);
+  if (positionals.length < 1 || positionals.length > 2) throw usageError(spec);
   const [image, sizeText] = positionals as [string, string | undefined];
   if (values.layout !== 'raw' && values.layout !== 'compact') throw new UsageError(`invalid layout '${values.layout}': expected raw or compact`);
   const baseFormat = values['base-format'];

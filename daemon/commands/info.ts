@@ -1,49 +1,128 @@
 /**
- * fvd info [--json] [--key-file PATH|-] IMAGE — qemu-img info for FVD images. An encrypted
- * image needs no key here (only metadata is read); a key given is verified.
+ * fvd info [--output=human|json] [--backing-chain] [--key-file PATH|-] IMAGE — qemu-img info for
+ * FVD images. An encrypted image needs no key here (only metadata is read); a key given is verified.
+ *
+ * The JSON output has qemu-img info's keys ("filename", "format", "virtual-size", "actual-size",
+ * "cluster-size", "dirty-flag", "backing-filename", "full-backing-filename",
+ * "backing-filename-format", "snapshots") beside fvd's own figures (camelCase); with
+ * --backing-chain it is an array, the image first, then each base, as qemu-img prints it.
+ *
+ * Space: "data" is what was written into this image, "zero" what it serves as zeros without
+ * storing anything (never written, discarded: holes of the image file, unmapped chunks), "in base"
+ * what is still read from the base chain (daemon/space.ts). The three add up to the virtual size.
  */
 import fs from 'node:fs';
-import { FvdImage } from '../../fvd/image.js';
+import path from 'node:path';
+import { FvdImage, type BaseChainEntry, type ImageStats } from '../../fvd/image.js';
 import { nodeIo } from '../../fvd/node-file.js';
-import { UsageError, formatSize, parseOptions } from '../args.js';
+import { formatSize } from '../args.js';
+import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { mapImage, mapRawFile, spaceFigures } from '../space.js';
+
+export const spec = defineCommand({
+  name: 'info',
+  summary: 'describe an image: layout, sizes, base chain, data / zeros / in base, dirty flag',
+  usage: ['[--output=human|json] [--backing-chain] [--key-file PATH|-] IMAGE'],
+  options: {
+    ...OUTPUT_OPTIONS,
+    'backing-chain': { type: 'boolean', default: false, help: 'describe every base of the chain too (the image first)' },
+    ...KEY_FILE_OPTION,
+  },
+});
 
 export async function run(args: string[]): Promise<number> {
-  const { values, positionals } = parseOptions('info', args, { json: { type: 'boolean', default: false }, ...KEY_FILE_OPTION });
-  if (positionals.length !== 1) throw new UsageError('usage: fvd info [--json] [--key-file PATH|-] IMAGE');
-  const path = positionals[0]!;
+  const { values, positionals } = parseCommand(spec, args);
+  if (positionals.length !== 1) throw usageError(spec);
+  const output = outputFormat(values);
+  const file = positionals[0]!;
   const key = readKeyFile(values['key-file']);
-  const image = await FvdImage.open(nodeIo, path, key ? { readOnly: true, key } : { readOnly: true, withoutKey: true }).finally(() => wipe(key));
-  const s = image.stats();
-  await image.close();
-  const st = fs.statSync(path);
-  const diskSize = st.isBlockDevice() ? s.fileSize : st.blocks * 512;
-  const info = {
-    image: path,
+  const top = await describeImage(file, key).finally(() => wipe(key));
+  const entries: Record<string, unknown>[] = [top.info];
+  const texts = [top.text];
+  if (values['backing-chain']) {
+    for (const b of top.chain) {
+      const d = b.format === 'fvd' ? await describeImage(b.path, undefined) : describeRaw(b);
+      entries.push(d.info);
+      texts.push(d.text);
+    }
+  }
+  if (output === 'json') console.log(JSON.stringify(values['backing-chain'] ? entries : entries[0], null, 2));
+  else console.log(texts.join('\n\n'));
+  return 0;
+}
+
+function diskSizeOf(file: string, fileSize: number): number {
+  const st = fs.statSync(file);
+  return st.isBlockDevice() ? fileSize : st.blocks * 512;
+}
+
+async function describeImage(file: string, key: Uint8Array | undefined): Promise<{ info: Record<string, unknown>; text: string; chain: BaseChainEntry[] }> {
+  const image = await FvdImage.open(nodeIo, file, key ? { readOnly: true, key } : { readOnly: true, withoutKey: true });
+  let s: ImageStats;
+  let space;
+  let snapshots;
+  try {
+    s = image.stats();
+    space = spaceFigures(await mapImage(image));
+    snapshots = s.layout === 'compact' ? image.snapshots.list() : [];
+  } finally {
+    await image.close();
+  }
+  const diskSize = diskSizeOf(file, s.fileSize);
+  const base = s.baseChain[0];
+  const info: Record<string, unknown> = {
+    // qemu-img info's keys
+    filename: file,
     format: 'fvd',
+    'virtual-size': s.virtualSize,
+    'actual-size': diskSize,
+    'cluster-size': s.blockSize,
+    'dirty-flag': s.wasDirty,
+    ...(base
+      ? {
+          'backing-filename': base.path,
+          'full-backing-filename': path.resolve(base.path),
+          'backing-filename-format': base.format,
+        }
+      : {}),
+    ...(snapshots.length
+      ? {
+          snapshots: snapshots.map((x) => ({
+            id: String(x.id),
+            name: x.name,
+            'vm-state-size': 0,
+            'date-sec': Math.floor(x.date.getTime() / 1000),
+            'date-nsec': (x.date.getTime() % 1000) * 1e6,
+            'vm-clock-sec': 0,
+            'vm-clock-nsec': 0,
+          })),
+        }
+      : {}),
+    // fvd's own figures
+    image: file,
     layout: s.layout,
     virtualSize: s.virtualSize,
     diskSize,
     blockSize: s.blockSize,
     chunkSize: s.chunkSize,
     baseChain: s.baseChain,
+    bytesData: space.bytesData,
+    bytesZero: space.bytesZero,
+    bytesInBase: space.bytesInBase,
+    /** Not in the base: data + zero. */
     bytesLocal: s.bytesLocal,
-    bytesInBase: s.bytesInBase,
     fullyLocal: s.fullyLocal,
     zeroDetected: s.zeroDetected,
     encryption: s.encryption,
     dirty: s.wasDirty,
     journal: { ...s.journal, sectorsToReplay: s.journalSectorsReplayed },
     allocatedChunks: s.layout === 'compact' ? s.allocatedChunks : undefined,
-    snapshots: s.layout === 'compact' ? s.snapshots : undefined,
+    snapshotCount: s.layout === 'compact' ? s.snapshots : undefined,
   };
-  if (values.json) {
-    console.log(JSON.stringify(info, null, 2));
-    return 0;
-  }
   const pct = (n: number) => (s.virtualSize ? ((100 * n) / s.virtualSize).toFixed(1) : '0.0');
   const lines = [
-    `image: ${path}`,
+    `image: ${file}`,
     `file format: fvd`,
     `layout: ${s.layout === 'raw' ? 'raw-like' : 'compact'}`,
     `virtual size: ${formatSize(s.virtualSize)} (${s.virtualSize} bytes)`,
@@ -58,14 +137,30 @@ export async function run(args: string[]): Promise<number> {
     lines.push(`base image: not needed (fully local)`);
   }
   lines.push(
-    `local: ${formatSize(s.bytesLocal)} (${pct(s.bytesLocal)}%)`,
-    `in base: ${formatSize(s.bytesInBase)} (${pct(s.bytesInBase)}%)`,
+    `data: ${formatSize(space.bytesData)} (${pct(space.bytesData)}%) written in this image`,
+    `zero: ${formatSize(space.bytesZero)} (${pct(space.bytesZero)}%) never written or discarded: reads as zeros, takes no space`,
+    `in base: ${formatSize(space.bytesInBase)} (${pct(space.bytesInBase)}%)`,
     `fully local: ${s.fullyLocal ? 'yes' : 'no'}`,
     `zero blocks detected at create: ${s.zeroDetected ? 'yes' : 'no'}`,
     `encrypted: ${s.encryption ?? 'no'}`,
     `dirty: ${s.wasDirty ? `yes (${s.journalSectorsReplayed} journal sectors to replay)` : 'no'}`,
     `journal: ${s.journal.capacitySectors * 512 ? formatSize(s.journal.capacitySectors * 512) : 'none'}, ${s.journalSectorsReplayed} sectors in use`,
   );
-  console.log(lines.join('\n'));
-  return 0;
+  return { info, text: lines.join('\n'), chain: s.baseChain };
+}
+
+function describeRaw(b: BaseChainEntry): { info: Record<string, unknown>; text: string } {
+  const st = fs.statSync(b.path);
+  const actual = st.isBlockDevice() ? b.size : st.blocks * 512;
+  const space = spaceFigures(mapRawFile(b.path));
+  return {
+    info: { filename: b.path, format: 'raw', 'virtual-size': b.size, 'actual-size': actual, 'dirty-flag': false, bytesData: space.bytesData, bytesZero: space.bytesZero },
+    text: [
+      `image: ${b.path}`,
+      `file format: raw`,
+      `virtual size: ${formatSize(b.size)} (${b.size} bytes)`,
+      `disk size: ${formatSize(actual)}`,
+      `data: ${formatSize(space.bytesData)}, holes: ${formatSize(space.bytesZero)}`,
+    ].join('\n'),
+  };
 }

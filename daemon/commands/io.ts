@@ -5,7 +5,8 @@
  *   discard OFFSET LEN | zero OFFSET LEN | flush
  * Commands run in order; the first failure stops the run with exit 1.
  */
-import { UsageError, formatSize, parseOptions, parseSize } from '../args.js';
+import { UsageError, formatSize, parseSize } from '../args.js';
+import { defineCommand, parseCommand, usageError } from '../command.js';
 import { openDisk, parseFormat, probeFormat, type Disk } from '../disk.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
@@ -17,7 +18,7 @@ interface Parsed {
   length: number;
 }
 
-function parseCommand(text: string): Parsed {
+function parseIoCommand(text: string): Parsed {
   const words = text.trim().split(/\s+/).filter(Boolean);
   const name = words.shift();
   if (!name) throw new UsageError('empty -c command');
@@ -45,16 +46,29 @@ function parseCommand(text: string): Parsed {
   return { name, pattern, fua, offset: parseSize(rest[0]!, 'offset'), length: parseSize(rest[1]!, 'length') };
 }
 
-export async function run(args: string[]): Promise<number> {
-  const { values, positionals } = parseOptions('io', args, {
-    c: { type: 'string', short: 'c', multiple: true },
-    f: { type: 'string', short: 'f' },
-    'read-only': { type: 'boolean', short: 'r', default: false },
-    'no-copy-on-read': { type: 'boolean', default: false },
+export const spec = defineCommand({
+  name: 'io',
+  summary: 'run I/O commands on an image or raw file, like qemu-io',
+  usage: ['[-f raw|fvd] [-r] [--no-copy-on-read] [--key-file PATH|-] -c CMD [-c CMD ...] IMAGE'],
+  options: {
+    c: { type: 'string', short: 'c', multiple: true, arg: 'CMD', help: 'a command to run (repeatable; see below)' },
+    f: { type: 'string', short: 'f', arg: 'raw|fvd', help: "IMAGE's format (default: probed; a probed raw file's sector 0 is not written)" },
+    'read-only': { type: 'boolean', short: 'r', default: false, help: 'open read-only' },
+    'no-copy-on-read': { type: 'boolean', default: false, help: 'do not store base data read into the image' },
     ...KEY_FILE_OPTION,
-  });
-  if (positionals.length !== 1) throw new UsageError('usage: fvd io [-f raw|fvd] [-r] [--no-copy-on-read] [--key-file PATH|-] -c CMD [-c CMD ...] IMAGE');
-  const commands = (values.c ?? []).map(parseCommand);
+  },
+  details: `Commands (OFFSET and LEN take K/M/G suffixes):
+  read [-P PATTERN] OFFSET LEN     read; with -P every byte must equal PATTERN (else exit 1)
+  write [-P PATTERN] [-F] OFFSET LEN
+                                   write PATTERN (default 0xcd); -F: FUA
+  discard OFFSET LEN | zero OFFSET LEN | flush
+Commands run in order; the first failure stops the run with exit 1.`,
+});
+
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseCommand(spec, args);
+  if (positionals.length !== 1) throw usageError(spec);
+  const commands = (values.c ?? []).map(parseIoCommand);
   if (!commands.length) throw new UsageError('no commands given (-c "read -P 0xab 0 64k")');
   const format = parseFormat(values.f, 'format');
   // As qemu does: when the format was only guessed as raw, refuse to write its first sector (a

@@ -1,14 +1,22 @@
 /** fvd list [--json]: devices served by fvd on this host. */
 import fs from 'node:fs';
-import { formatSize, parseOptions, UsageError } from '../args.js';
+import { formatSize } from '../args.js';
+import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
 import { listStates } from '../state.js';
 import { pidAlive } from '../server.js';
 
+export const spec = defineCommand({
+  name: 'list',
+  summary: 'list the devices served by fvd on this host',
+  usage: ['[--output=human|json]'],
+  options: { ...OUTPUT_OPTIONS },
+});
+
 export async function run(args: string[]): Promise<number> {
-  const { values, positionals } = parseOptions('list', args, { json: { type: 'boolean', default: false } });
-  if (positionals.length) throw new UsageError('usage: fvd list [--json]');
+  const { values, positionals } = parseCommand(spec, args);
+  if (positionals.length) throw usageError(spec);
   const rows = listStates().map((s) => ({ ...s, running: pidAlive(s.pid) && fs.existsSync(s.device) }));
-  if (values.json) {
+  if (outputFormat(values) === 'json') {
     console.log(JSON.stringify(rows, null, 2));
     return 0;
   }

@@ -9,20 +9,27 @@
 import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import { Prefetcher, type PrefetchProgress } from '../../fvd/prefetch.js';
-import { UsageError, formatSize, parseOptions, parseSize } from '../args.js';
+import { UsageError, formatSize, parseSize } from '../args.js';
+import { defineCommand, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
-const USAGE = 'usage: fvd prefetch [--max-rate SIZE] [--chunk SIZE] [--interval SEC] [--quiet] [--key-file PATH|-] IMAGE';
+export const spec = defineCommand({
+  name: 'prefetch',
+  summary: 'copy the rest of the base into the image until it is fully local (progress, rate, ETA)',
+  usage: ['[--max-rate SIZE] [--chunk SIZE] [--interval SEC] [-q] [--key-file PATH|-] IMAGE'],
+  options: {
+    'max-rate': { type: 'string', arg: 'SIZE', help: 'bandwidth cap per second (e.g. 100M)' },
+    chunk: { type: 'string', default: '1M', arg: 'SIZE', help: 'copy unit' },
+    interval: { type: 'string', default: '5', arg: 'SEC', help: 'seconds between progress lines when stderr is not a terminal' },
+    quiet: { type: 'boolean', short: 'q', default: false, help: 'no progress' },
+    ...KEY_FILE_OPTION,
+  },
+  details: 'SIGINT/SIGTERM stop after the chunk in flight (copied blocks are kept); exit 130.',
+});
 
 export async function run(args: string[]): Promise<number> {
-  const { values, positionals } = parseOptions('prefetch', args, {
-    'max-rate': { type: 'string' },
-    chunk: { type: 'string', default: '1M' },
-    interval: { type: 'string', default: '5' },
-    quiet: { type: 'boolean', short: 'q', default: false },
-    ...KEY_FILE_OPTION,
-  });
-  if (positionals.length !== 1) throw new UsageError(USAGE);
+  const { values, positionals } = parseCommand(spec, args);
+  if (positionals.length !== 1) throw usageError(spec);
   const path = positionals[0]!;
   const maxRate = values['max-rate'] !== undefined ? parseSize(values['max-rate'].replace(/\/s$/i, ''), 'rate') : 0;
   if (values['max-rate'] !== undefined && maxRate <= 0) throw new UsageError(`invalid rate '${values['max-rate']}': must be positive`);

@@ -9,21 +9,28 @@
  */
 import { rebaseImage } from '../../fvd/maintenance.js';
 import { nodeIo } from '../../fvd/node-file.js';
-import { UsageError, formatSize, parseOptions, progressPrinter } from '../args.js';
+import { UsageError, formatSize, progressPrinter } from '../args.js';
+import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
-const USAGE = 'usage: fvd rebase -b NEWBASE [-F raw|fvd] [-u] [-p] [--json] [--key-file PATH|-] IMAGE   (-b "" removes the base)';
+export const spec = defineCommand({
+  name: 'rebase',
+  summary: 'change the base of an image (-b "" removes it), keeping what the image reads',
+  usage: ['-b NEWBASE -F raw|fvd [-u] [-p] [--output=human|json] [--key-file PATH|-] IMAGE', '-b "" [-p] IMAGE'],
+  options: {
+    base: { type: 'string', short: 'b', arg: 'NEWBASE', help: 'the new base ("" for none); a relative path is taken from IMAGE\'s directory' },
+    'base-format': { type: 'string', short: 'F', arg: 'raw|fvd', help: "the new base's format (required: never probed)" },
+    unsafe: { type: 'boolean', short: 'u', default: false, help: 'change the header only (NEWBASE holds the same data; the old base may be gone)' },
+    p: { type: 'boolean', short: 'p', default: false, help: 'show progress on stderr' },
+    ...OUTPUT_OPTIONS,
+    ...KEY_FILE_OPTION,
+  },
+});
 
 export async function run(args: string[]): Promise<number> {
-  const { values, positionals } = parseOptions('rebase', args, {
-    base: { type: 'string', short: 'b' },
-    'base-format': { type: 'string', short: 'F' },
-    unsafe: { type: 'boolean', short: 'u', default: false },
-    p: { type: 'boolean', short: 'p', default: false },
-    json: { type: 'boolean', default: false },
-    ...KEY_FILE_OPTION,
-  });
-  if (positionals.length !== 1 || values.base === undefined) throw new UsageError(USAGE);
+  const { values, positionals } = parseCommand(spec, args);
+  if (positionals.length !== 1 || values.base === undefined) throw usageError(spec);
+  const json = outputFormat(values) === 'json';
   const fmt = values['base-format'];
   if (fmt !== undefined && fmt !== 'raw' && fmt !== 'fvd') throw new UsageError(`invalid base format '${fmt}': expected raw or fvd`);
   if (values.base === '' && fmt !== undefined) throw new UsageError('-F given with -b "" (removing the base)');
@@ -35,7 +42,7 @@ export async function run(args: string[]): Promise<number> {
     progress.done();
     wipe(key);
   });
-  if (values.json) {
+  if (json) {
     console.log(JSON.stringify({ image, ...r }, null, 2));
     return 0;
   }

@@ -8,22 +8,27 @@
 import { FvdImage } from '../../fvd/image.js';
 import { resizeImage } from '../../fvd/maintenance.js';
 import { nodeIo } from '../../fvd/node-file.js';
-import { UsageError, formatSize, parseOptions, parseSize } from '../args.js';
+import { UsageError, formatSize, parseSize } from '../args.js';
+import { defineCommand, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
-const USAGE = 'usage: fvd resize [--shrink] [--key-file PATH|-] IMAGE [+|-]SIZE';
+export const spec = defineCommand({
+  name: 'resize',
+  summary: 'grow or shrink the virtual disk',
+  usage: ['[--shrink] [--key-file PATH|-] IMAGE [+|-]SIZE'],
+  options: {
+    shrink: { type: 'boolean', default: false, help: 'allow dropping data past the new end' },
+    ...KEY_FILE_OPTION,
+  },
+  details: 'SIZE is the new size, or with + or - a change of size ("-5G" is a size, not an option).',
+  signedValues: true,
+});
 
 export async function run(args: string[]): Promise<number> {
-  // "-1G" is a size, not an option: take it out before option parsing.
-  const sizeArgs = args.filter((a) => /^[+-]\d/.test(a));
-  const { values, positionals } = parseOptions('resize', args.filter((a) => !/^[+-]\d/.test(a)), {
-    shrink: { type: 'boolean', default: false },
-    ...KEY_FILE_OPTION,
-  });
-  const all = [...positionals, ...sizeArgs];
-  if (all.length !== 2) throw new UsageError(USAGE);
-  const [image, text] = [positionals[0] ?? '', sizeArgs[0] ?? positionals[1] ?? ''];
-  if (!image || !text) throw new UsageError(USAGE);
+  const { values, positionals } = parseCommand(spec, args);
+  if (positionals.length !== 2) throw usageError(spec);
+  const [image, text] = positionals as [string, string];
+  if (!image || !text) throw usageError(spec);
   const sign = text[0] === '+' ? 1 : text[0] === '-' ? -1 : 0;
   const amount = parseSize(sign ? text.slice(1) : text);
   let size = amount;

@@ -12,26 +12,36 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { readInstanceConfig } from '../instance-config.js';
 import { sdNotify, watchdogPingIntervalMs } from '../../ffi/sd-notify.js';
-import { UsageError, formatSize, parseInteger, parseOptions, parsePercent, parseSize } from '../args.js';
+import { UsageError, formatSize, parseInteger, parsePercent, parseSize } from '../args.js';
+import { defineCommand, parseCommand, usageError } from '../command.js';
 import { UblkServer } from '../server.js';
 import { Prefetcher } from '../../fvd/prefetch.js';
 import type { QueueActivityReader } from '../queue-activity.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
-export async function run(args: string[]): Promise<number> {
-  const { values, positionals } = parseOptions('serve', args, {
-    instance: { type: 'string' },
-    name: { type: 'string' },
-    'dev-id': { type: 'string' },
-    queues: { type: 'string', default: '2' },
-    depth: { type: 'string', default: '128' },
-    'max-io': { type: 'string', default: '512k' },
-    'no-copy-on-read': { type: 'boolean', default: false },
-    'no-prefetch': { type: 'boolean', default: false },
-    'prefetch-rate': { type: 'string' },
-    'prefetch-share': { type: 'string', default: '10' },
+export const spec = defineCommand({
+  name: 'serve',
+  summary: 'serve an image as a block device /dev/ublkbN until stopped',
+  usage: ['[options] IMAGE', '--instance NAME   (systemd: /etc/fvd/NAME.conf or /var/lib/fvd/NAME.fvd)'],
+  options: {
+    instance: { type: 'string', arg: 'NAME', help: 'take the image and options from /etc/fvd/NAME.conf (fvd@NAME.service)' },
+    name: { type: 'string', arg: 'NAME', help: "the device's name for list/stop (default: the image's file name)" },
+    'dev-id': { type: 'string', arg: 'N', help: 'device number (/dev/ublkbN; default: the kernel picks)' },
+    queues: { type: 'string', default: '2', arg: 'N', help: 'hardware queues, one worker thread each' },
+    depth: { type: 'string', default: '128', arg: 'N', help: 'requests in flight per queue' },
+    'max-io': { type: 'string', default: '512k', arg: 'SIZE', help: 'largest request' },
+    'no-copy-on-read': { type: 'boolean', default: false, help: 'do not store base data the guest reads in the image' },
+    'no-prefetch': { type: 'boolean', default: false, help: 'do not copy the rest of the base in the background' },
+    'prefetch-rate': { type: 'string', arg: 'SIZE', help: 'bandwidth cap per second for background prefetching' },
+    'prefetch-share': { type: 'string', default: '10', arg: 'PERCENT', help: "how much prefetching may raise the guest's mean request latency" },
     ...KEY_FILE_OPTION,
-  });
+  },
+  details: `Prints the device path once it answers I/O. SIGTERM/SIGINT stop it cleanly (drain, close, delete the
+device); SIGUSR1 pauses background prefetching, SIGUSR2 resumes it. Needs the ublk_drv module.`,
+});
+
+export async function run(args: string[]): Promise<number> {
+  const { values, positionals } = parseCommand(spec, args);
   if (values.instance !== undefined) {
     // systemd: fvd serve --instance NAME reads /etc/fvd/NAME.conf (or serves /var/lib/fvd/NAME.fvd)
     if (positionals.length) throw new UsageError('--instance takes its image from the configuration, not the command line');
@@ -50,8 +60,7 @@ export async function run(args: string[]): Promise<number> {
     const credential = process.env.CREDENTIALS_DIRECTORY ? path.join(process.env.CREDENTIALS_DIRECTORY, 'key') : '';
     if (values['key-file'] === undefined && credential && fs.existsSync(credential)) values['key-file'] = credential;
   }
-  if (positionals.length !== 1)
-    throw new UsageError('usage: fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read] [--no-prefetch] [--prefetch-rate SIZE] [--prefetch-share PERCENT] [--key-file PATH|-] | fvd serve --instance NAME');
+  if (positionals.length !== 1) throw usageError(spec);
   const image = positionals[0]!;
   const maxIo = parseSize(values['max-io']!, 'max I/O size');
   if (maxIo < 4096 || maxIo > 32 * 1024 * 1024 || maxIo % 4096) throw new UsageError(`invalid max I/O size ${maxIo}: a multiple of 4 KiB from 4 KiB to 32 MiB`);

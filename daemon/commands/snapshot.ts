@@ -7,23 +7,32 @@
 import { FvdImage } from '../../fvd/image.js';
 import { validateName } from '../../fvd/snapshot.js';
 import { nodeIo } from '../../fvd/node-file.js';
-import { UsageError, formatSize, parseOptions } from '../args.js';
+import { UsageError, formatSize } from '../args.js';
+import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand } from '../command.js';
 
-const USAGE = 'usage: fvd snapshot -c NAME | -l [--json] | -d NAME | -a NAME IMAGE';
+export const spec = defineCommand({
+  name: 'snapshot',
+  summary: 'internal snapshots of a compact image: create, list, apply (revert to), delete',
+  usage: ['-c NAME | -l [--output=human|json] | -a NAME | -d NAME IMAGE'],
+  options: {
+    create: { type: 'string', short: 'c', arg: 'NAME', help: 'take a snapshot (instant: saves the table and bitmap)' },
+    list: { type: 'boolean', short: 'l', default: false, help: 'list the snapshots' },
+    apply: { type: 'string', short: 'a', arg: 'NAME', help: 'revert the disk to a snapshot (the snapshot stays)' },
+    delete: { type: 'string', short: 'd', arg: 'NAME', help: 'delete a snapshot; storage only it used is freed' },
+    ...OUTPUT_OPTIONS,
+  },
+  details: 'The image must not be in use, except for -l. JSON: qemu-img info\'s snapshot keys (id, name, date-sec, ...) and fvd\'s (size, date).',
+});
+const USAGE = `usage: fvd snapshot ${spec.usage[0]}`;
 
 export async function run(args: string[]): Promise<number> {
-  const { values, positionals } = parseOptions('snapshot', args, {
-    create: { type: 'string', short: 'c' },
-    list: { type: 'boolean', short: 'l', default: false },
-    delete: { type: 'string', short: 'd' },
-    apply: { type: 'string', short: 'a' },
-    json: { type: 'boolean', default: false },
-  });
+  const { values, positionals } = parseCommand(spec, args);
+  const json = outputFormat(values) === 'json';
   const actions = (['create', 'delete', 'apply'] as const).filter((k) => values[k] !== undefined);
   const n = actions.length + (values.list ? 1 : 0);
   if (n !== 1) throw new UsageError(n === 0 ? `no action given; ${USAGE}` : `give exactly one of -c, -l, -d, -a; ${USAGE}`);
   if (positionals.length !== 1) throw new UsageError(USAGE);
-  if (values.json && !values.list) throw new UsageError('--json goes with -l');
+  if (json && !values.list) throw new UsageError('--output=json/--json goes with -l');
   const path = positionals[0]!;
   // Before the image is opened for writing: a bad name touches nothing.
   if (values.create !== undefined) validateName(values.create);
@@ -36,8 +45,17 @@ export async function run(args: string[]): Promise<number> {
     } finally {
       await image.close();
     }
-    if (values.json) {
-      console.log(JSON.stringify(list.map((s) => ({ ...s, date: s.date.toISOString() })), null, 2));
+    if (json) {
+      const qemu = (s: (typeof list)[number]) => ({
+        id: String(s.id),
+        name: s.name,
+        'vm-state-size': 0,
+        'date-sec': Math.floor(s.date.getTime() / 1000),
+        'date-nsec': (s.date.getTime() % 1000) * 1e6,
+        'vm-clock-sec': 0,
+        'vm-clock-nsec': 0,
+      });
+      console.log(JSON.stringify(list.map((s) => ({ ...qemu(s), ...s, id: s.id, date: s.date.toISOString() })), null, 2));
       return 0;
     }
     if (list.length === 0) {

@@ -1,11 +1,19 @@
 /** fvd stop NAME|DEVICE [--timeout SEC]: asks the serving process to stop and waits for it. */
-import { UsageError, parseInteger, parseOptions } from '../args.js';
+import { UsageError, parseInteger } from '../args.js';
+import { defineCommand, parseCommand, usageError } from '../command.js';
 import { listStates } from '../state.js';
 import { pidAlive } from '../server.js';
 
+export const spec = defineCommand({
+  name: 'stop',
+  summary: 'stop a served device (by name, /dev path or device number) and wait for it',
+  usage: ['[--timeout SEC] NAME|DEVICE'],
+  options: { timeout: { type: 'string', default: '60', arg: 'SEC', help: 'how long to wait for the server to finish' } },
+});
+
 export async function run(args: string[]): Promise<number> {
-  const { values, positionals } = parseOptions('stop', args, { timeout: { type: 'string', default: '60' } });
-  if (positionals.length !== 1) throw new UsageError('usage: fvd stop NAME|DEVICE [--timeout SEC]');
+  const { values, positionals } = parseCommand(spec, args);
+  if (positionals.length !== 1) throw usageError(spec);
   const key = positionals[0]!;
   const timeout = parseInteger(values.timeout!, 'timeout', 1, 3600) * 1000;
   const st = listStates().find((s) => s.name === key || s.device === key || `ublkb${s.devId}` === key || String(s.devId) === key);

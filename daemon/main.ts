@@ -1,0 +1,123 @@
+/**
+ * The `fvd` command line: dispatches to daemon/commands/<name>.js, each exporting its declaration
+ * `spec` (daemon/command.ts) and `run(args: string[]): Promise<number>` (the exit code). Every
+ * user-facing failure is one line on stderr and a non-zero exit; an unexpected exception is
+ * reported as an internal error (exit 70).
+ */
+import fs from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { UsageError } from './args.js';
+import { HelpRequested, formatHelp, type CommandSpec } from './command.js';
+import { FvdError } from '../fvd/errors.js';
+
+/** In the order `fvd --help` lists them. */
+export const COMMANDS = [
+  'create',
+  'info',
+  'map',
+  'check',
+  'measure',
+  'compare',
+  'convert',
+  'commit',
+  'rebase',
+  'resize',
+  'snapshot',
+  'io',
+  'bench',
+  'prefetch',
+  'change-key',
+  'serve',
+  'list',
+  'stop',
+] as const;
+
+interface CommandModule {
+  spec: CommandSpec;
+  run(args: string[]): Promise<number>;
+}
+
+const load = (name: string) => import(`./commands/${name}.js`) as Promise<CommandModule>;
+
+export function version(): string {
+  const pkg = fileURLToPath(new URL('../../package.json', import.meta.url));
+  try {
+    return (JSON.parse(fs.readFileSync(pkg, 'utf8')) as { version: string }).version;
+  } catch {
+    return 'unknown';
+  }
+}
+
+async function usage(): Promise<string> {
+  const specs = await Promise.all(COMMANDS.map(async (c) => (await load(c)).spec));
+  const width = Math.max(...specs.map((s) => s.name.length));
+  return [
+    'usage: fvd COMMAND [options] ARGS...',
+    '       fvd help COMMAND | fvd COMMAND --help   (every option of COMMAND)',
+    '       fvd --version',
+    '',
+    'Commands:',
+    ...specs.map((s) => `  ${s.name.padEnd(width)}  ${s.summary}`),
+  ].join('\n');
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  if (command === '--version' || command === '-V') {
+    console.log(`fvd ${version()} (Node.js ${process.versions.node})`);
+    return 0;
+  }
+  if (!command || command === '-h' || command === '--help' || (command === 'help' && rest.length === 0)) {
+    console.log(await usage());
+    return command ? 0 : 1;
+  }
+  if (command === 'help') {
+    const [topic, ...extra] = rest;
+    if (extra.length || !(COMMANDS as readonly string[]).includes(topic!)) {
+      console.error(`fvd help: unknown command '${rest.join(' ')}' (try 'fvd --help')`);
+      return 1;
+    }
+    console.log(formatHelp((await load(topic!)).spec));
+    return 0;
+  }
+  if (!(COMMANDS as readonly string[]).includes(command)) {
+    console.error(`fvd: unknown command '${command}' (try 'fvd --help')`);
+    return 1;
+  }
+  try {
+    return await (await load(command)).run(rest);
+  } catch (err) {
+    if (err instanceof HelpRequested) {
+      console.log(formatHelp(err.spec));
+      return 0;
+    }
+    // The engine names the operation in some messages ("resize: ..."): say it once.
+    const text = (m: string) => `fvd ${command}: ${m.startsWith(`${command}: `) ? m.slice(command.length + 2) : m}`;
+    if (err instanceof UsageError) {
+      console.error(text(err.message));
+      return err.exitCode;
+    }
+    if (err instanceof FvdError) {
+      console.error(text(err.message));
+      return 1;
+    }
+    const e = err as NodeJS.ErrnoException;
+    if (e && typeof e.code === 'string' && e.syscall) {
+      console.error(`fvd ${command}: ${e.path ?? ''}${e.path ? ': ' : ''}${e.message.replace(/^[A-Z]+: /, '')}`);
+      return 1;
+    }
+    console.error(`fvd ${command}: internal error: ${(err as Error)?.stack ?? err}`);
+    return 70;
+  }
+}
+
+/** Runs the CLI and exits with its code (from daemon/cli.ts, after the Node version check). */
+export function start(argv: string[]): void {
+  main(argv).then(
+    (code) => process.exit(code),
+    (err) => {
+      console.error(`fvd: internal error: ${(err as Error)?.stack ?? err}`);
+      process.exit(70);
+    },
+  );
+}
