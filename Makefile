@@ -24,9 +24,14 @@ test: build
 
 # The main job: a small image served as /dev/ublkbN, a filesystem on it, a clean stop. Where this
 # kernel has no ublk, the same script runs inside a QEMU guest with Debian's 6.12 kernel.
+# Quiet: package installation and guest preparation go to $(DEMO_LOG), shown only on failure.
+DEMO_LOG ?= /tmp/fvd-demo-prepare.log
 demo: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash tests/demo-device.sh; \
-	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 900 -- bash tests/demo-device.sh; fi
+	else echo "This kernel has no ublk: the demo runs in a QEMU guest with Debian's 6.12 kernel."; \
+	  echo "Preparing it (packages, kernel, initramfs; output in $(DEMO_LOG)) ..."; \
+	  bash tests/vm/prepare.sh > $(DEMO_LOG) 2>&1 || { tail -20 $(DEMO_LOG); echo "preparing the guest failed: see $(DEMO_LOG)"; exit 1; }; \
+	  FVD_VM_QUIET=1 FVD_VM_BOOT_NOTICE=1 bash tests/vm/run.sh --timeout 900 -- bash tests/demo-device.sh; fi
 
 # The engine and CLI alone, no device: create, io, info, map, check, convert.
 demo-engine: build
@@ -49,12 +54,22 @@ bench-prefetch-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device-prefetch.sh; \
 	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-30} PHASE_MS=$${PHASE_MS:-2000} FVD_PREFETCH_TRACE=$${FVD_PREFETCH_TRACE:-} PREFETCH_SHARE=$${PREFETCH_SHARE:-10} bash bench/device-prefetch.sh; fi
 
+# Into $(DESTDIR)$(PREFIX): the compiled CLI, daemon and engine (no tests or benchmarks), the
+# production dependencies only, README and docs under lib/fvd; bin/fvd; the systemd unit made
+# from systemd/fvd@.service with its /usr/local paths set to $(PREFIX); /etc/fvd and /var/lib/fvd.
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+LIBDIR  := $(DESTDIR)$(PREFIX)/lib/fvd
 install: build
-	install -d $(DESTDIR)$(PREFIX)/lib/fvd $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/systemd/system $(DESTDIR)/etc/fvd
-	rm -rf $(DESTDIR)$(PREFIX)/lib/fvd/build
-	cp -r build package.json package-lock.json node_modules README.md docs $(DESTDIR)$(PREFIX)/lib/fvd/
-	chmod +x $(DESTDIR)$(PREFIX)/lib/fvd/build/daemon/cli.js
+	rm -rf $(LIBDIR)
+	install -d $(LIBDIR)/build $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)/etc/fvd $(DESTDIR)/var/lib/fvd
+	cp -r build/daemon build/fvd build/ffi $(LIBDIR)/build/
+	find $(LIBDIR)/build -name '*.map' -delete
+	cp -r package.json package-lock.json README.md docs node_modules $(LIBDIR)/
+	cd $(LIBDIR) && $(NPM) prune --omit=dev --no-audit --no-fund --loglevel=error >/dev/null
+	find $(LIBDIR)/node_modules -type d -empty -delete
+	chmod +x $(LIBDIR)/build/daemon/cli.js
 	ln -sf $(PREFIX)/lib/fvd/build/daemon/cli.js $(DESTDIR)$(PREFIX)/bin/fvd
-	install -m 0644 systemd/fvd@.service $(DESTDIR)$(PREFIX)/lib/systemd/system/fvd@.service
+	sed -e 's|/usr/local/|$(PREFIX)/|g' systemd/fvd@.service > $(DESTDIR)$(UNITDIR)/fvd@.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/fvd@.service
 	install -m 0644 systemd/fvd.conf.example $(DESTDIR)/etc/fvd/fvd.conf.example
 	-[ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && systemctl daemon-reload 2>/dev/null || true

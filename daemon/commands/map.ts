@@ -5,7 +5,7 @@
  */
 import { UsageError } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
-import { parseFormat, probeFormat } from '../disk.js';
+import { parseFormat } from '../disk.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 import { mapPath } from '../space.js';
 
@@ -15,7 +15,7 @@ export const spec = defineCommand({
   usage: ['[--output=human|json] [-f raw|fvd] [--key-file PATH|-] IMAGE'],
   options: {
     ...OUTPUT_OPTIONS,
-    f: { type: 'string', short: 'f', arg: 'raw|fvd', help: "IMAGE's format (default: probed)" },
+    f: { type: 'string', short: 'f', arg: 'raw|fvd', help: "IMAGE's format (default fvd: never probed)" },
     ...KEY_FILE_OPTION,
   },
   details: `Each extent is "data" (written, stored at OFFSET of that level's file), "zero" (reads as
@@ -29,7 +29,8 @@ export async function run(args: string[]): Promise<number> {
   if (positionals.length !== 1) throw usageError(spec);
   const output = outputFormat(values);
   const path = positionals[0]!;
-  const format = parseFormat(values.f, 'format') ?? probeFormat(path);
+  // Not probed (a damaged FVD header must not turn the image into a "raw file"): -f raw for raw files.
+  const format = parseFormat(values.f, 'format') ?? 'fvd';
   const key = readKeyFile(values['key-file']);
   if (format === 'raw' && key) {
     wipe(key);

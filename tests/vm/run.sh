@@ -177,9 +177,18 @@ pids=("$qpid" "${pids[@]}")
 
 # --- watchdog: time-out, boot timing, stuck power-off --------------------------
 t_started='' t_rc='' status=''
+# FVD_VM_BOOT_NOTICE=1 (make demo): something visible while the guest boots, a dot every 5 s.
+notice=${FVD_VM_BOOT_NOTICE:-0} next_dot=5
+[[ $notice == 1 ]] && printf 'Booting the guest (QEMU TCG emulation, typically 30-90 s) ' >&2
 while kill -0 "$qpid" 2>/dev/null; do
     now=$(date +%s.%N)
-    [[ -z $t_started && -e $results/started ]] && t_started=$now
+    if [[ -z $t_started && -e $results/started ]]; then
+        t_started=$now
+        [[ $notice == 1 ]] && awk -v a="$now" -v b="$t0" 'BEGIN{printf " up after %.0f s\n", a-b}' >&2
+    elif [[ -z $t_started && $notice == 1 ]] && awk -v a="$now" -v b="$t0" -v n="$next_dot" 'BEGIN{exit !(a-b>=n)}'; then
+        printf '.' >&2
+        next_dot=$((next_dot + 5))
+    fi
     [[ -z $t_rc && -e $results/rc ]] && t_rc=$now
     if awk -v a="$now" -v b="$t0" -v t="$timeout" 'BEGIN{exit !(a-b>t)}'; then
         printf '[fvd-vm] TIMEOUT after %ss: killing the guest\n' "$timeout" >&2
