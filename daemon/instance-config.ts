@@ -21,9 +21,12 @@ export interface InstanceConfig {
   prefetchShare?: string;
   /** Key file of an encrypted image (relative to the configuration directory). */
   keyFile?: string;
+  /** Storage grow command of a compact image on a block device (fvd serve --grow-cmd). */
+  growCmd?: string;
+  growFree?: string;
 }
 
-const KEYS = new Set(['IMAGE', 'DEV_ID', 'QUEUES', 'DEPTH', 'MAX_IO', 'COPY_ON_READ', 'PREFETCH', 'PREFETCH_RATE', 'PREFETCH_SHARE', 'KEY_FILE']);
+const KEYS = new Set(['IMAGE', 'DEV_ID', 'QUEUES', 'DEPTH', 'MAX_IO', 'COPY_ON_READ', 'PREFETCH', 'PREFETCH_RATE', 'PREFETCH_SHARE', 'KEY_FILE', 'GROW_CMD', 'GROW_FREE']);
 const YES_NO = /^(yes|no|true|false|1|0)$/i;
 
 export function readInstanceConfig(name: string): InstanceConfig {
@@ -76,6 +79,12 @@ export function readInstanceConfig(name: string): InstanceConfig {
         break;
       case 'PREFETCH_SHARE':
         config.prefetchShare = value;
+        break;
+      case 'GROW_CMD':
+        config.growCmd = value;
+        break;
+      case 'GROW_FREE':
+        config.growFree = value;
         break;
       case 'KEY_FILE':
         if (!value) throw new UsageError(`${file}:${i + 1}: KEY_FILE is empty`);

@@ -34,6 +34,7 @@ import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
 import { listStates, removeState, writeState, type DeviceState } from './state.js';
 
 const EIO = 5;
+const ENOSPC = 28;
 /** Largest discard/write-zeroes request: whole blocks are punched in one call, so it can be big. */
 const MAX_DISCARD_BYTES = 1 << 30;
 
@@ -293,7 +294,8 @@ export class UblkServer {
     } catch (err) {
       this.stats.errors++;
       this.opts.log(`I/O error: op ${op} at ${offset}+${length}: ${(err as Error).message}`);
-      result = -EIO;
+      // A full device (an image on an LV without room for another chunk) is ENOSPC for the guest.
+      result = err instanceof FvdError && err.code === 'ENOSPC' ? -ENOSPC : -EIO;
     }
     q.completions.push(tag, result);
     fs.writeSync(q.eventfd, EFD_WAKE);

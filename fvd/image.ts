@@ -94,6 +94,17 @@ export interface OpenOptions {
   recountRefcounts?: boolean;
 }
 
+/**
+ * Grows the storage of a compact image on a block device (an LV) before allocation runs out, like
+ * FVD's add_storage_cmd: `grow()` makes the device larger (the daemon runs the configured command);
+ * the engine then re-reads the device's size. Called when less than `lowWaterBytes` would remain
+ * past the last chunk, at most one call in flight; an allocation that finds no room waits for it.
+ */
+export interface StorageGrower {
+  lowWaterBytes: number;
+  grow(): Promise<void>;
+}
+
 /** A base image as the engine sees it: read-only bytes of a fixed size. */
 export interface BaseImage {
   readonly size: number;
@@ -185,6 +196,9 @@ export class FvdImage {
   private readonly locks = new BlockLocks();
   /** Chunks whose storage is being allocated: later writers to the chunk wait for it. */
   private readonly allocating = new Map<number, Promise<void>>();
+  /** Block-device storage growth (setStorageGrower), and the grow in flight. */
+  private grower: StorageGrower | null = null;
+  private growing: Promise<void> | null = null;
   private readonly background = new Set<Promise<void>>();
   private readonly maxCorBytes: number;
   private corBytes = 0;
@@ -1063,7 +1077,7 @@ export class FvdImage {
     this.allocating.set(c, new Promise<void>((r) => (done = r)));
     let phys: number;
     try {
-      const id = this.takeChunk();
+      const id = await this.takeChunkGrowing();
       phys = this.header.dataOffset + id * cs;
       try {
         // Storage never written reads as zeros; reused or device storage must be zeroed first,
@@ -1100,7 +1114,7 @@ export class FvdImage {
     let done!: () => void;
     this.allocating.set(c, new Promise<void>((r) => (done = r)));
     try {
-      const id = this.takeChunk();
+      const id = await this.takeChunkGrowing();
       const phys = this.header.dataOffset + id * cs;
       try {
         let data = whole;
@@ -1124,6 +1138,46 @@ export class FvdImage {
       this.allocating.delete(c);
       done();
     }
+  }
+
+  /** Grow the device storage through `grower` (null: never; a full device then gives ENOSPC). */
+  setStorageGrower(grower: StorageGrower | null): void {
+    this.grower = grower;
+  }
+
+  /**
+   * takeChunk, on a block device with a grower: starts a grow when the room past the last chunk
+   * runs low, and when no chunk fits, waits for grows until one does or until a grow of its own
+   * added nothing (then takeChunk reports ENOSPC). The room check and the take run with no await
+   * between them, so writers racing for the last chunk cannot both pass the check.
+   */
+  private async takeChunkGrowing(): Promise<number> {
+    const g = this.grower;
+    if (!g || !this.file.isBlockDevice || this.freeChunks.length) return this.takeChunk();
+    const room = () => this.file.size() - (this.header.dataOffset + this.nextChunkId * this.chunkSize);
+    if (room() - this.chunkSize < g.lowWaterBytes) this.startGrow(g);
+    let sizeBefore = -1;
+    while (room() < this.chunkSize && !this.freeChunks.length) {
+      if (!this.growing) {
+        if (this.file.size() === sizeBefore) break;
+        sizeBefore = this.file.size();
+        this.startGrow(g);
+      }
+      await this.growing;
+    }
+    return this.takeChunk();
+  }
+
+  private startGrow(g: StorageGrower): void {
+    if (this.growing) return;
+    this.growing = (async () => {
+      try {
+        await g.grow();
+      } catch {
+        // the grower reports its own failure; allocation goes on until the device is full
+      }
+      await this.file.refreshSize?.();
+    })().finally(() => (this.growing = null));
   }
 
   private takeChunk(): number {

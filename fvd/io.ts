@@ -17,6 +17,8 @@ export interface BlockFile {
   zeroRange(offset: number, length: number): Promise<void>;
   /** Current size in bytes (for a block device: its capacity). */
   size(): number;
+  /** Optional: re-reads the size (a block device that was grown, e.g. by lvextend); returns it. */
+  refreshSize?(): Promise<number>;
   /** Grow or shrink a regular file; a block device refuses. */
   truncate(length: number): Promise<void>;
   /**

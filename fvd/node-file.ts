@@ -61,6 +61,11 @@ export class NodeFile implements BlockFile {
     return this.length;
   }
 
+  async refreshSize(): Promise<number> {
+    if (this.isBlockDevice) this.length = blockDeviceSize(this.fd, this.path);
+    return this.length;
+  }
+
   async read(buf: Uint8Array, offset: number): Promise<void> {
     let done = 0;
     while (done < buf.length) {

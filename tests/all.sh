@@ -2,29 +2,58 @@
 # `make test`: the unit/property suite on this machine, then the ublk device suite (in a QEMU guest
 # unless this kernel has ublk). Ends with the one line CI reads: the sum, "N passed, N failed".
 # FVD_SKIP_DEVICE_TESTS=1 runs the first part only (e.g. on a machine without QEMU or root).
+# FVD_ALT_NODE=/path/to/node (set by .ci/run to a Node.js 24 binary): the unit suite runs again
+# on that Node, and so does device scenario 1 (the daemon serving a filesystem), in its own guest
+# boot; their counts are added to the sum.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
+# counts LOG: "passed failed" from the last summary line of LOG (one failure if there is none).
+counts() {
+  local p f
+  read -r p f < <(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$1" | tail -1 | awk '{print $1, $3}')
+  echo "${p:-0} ${f:-1}"
+}
+
 node build/tests/run.js 2>&1 | tee "$log"
 unit_rc=${PIPESTATUS[0]}
-read -r up uf < <(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -1 | awk '{print $1, $3}')
-up=${up:-0} uf=${uf:-1}
+read -r up uf < <(counts "$log")
+[[ $unit_rc -ne 0 && $uf -eq 0 ]] && uf=1
 
-dp=0 df=0 dev_rc=0
+ap=0 af=0
+if [[ -n ${FVD_ALT_NODE:-} ]]; then
+  echo; echo "== unit suite on Node.js $("$FVD_ALT_NODE" --version) ($FVD_ALT_NODE) =="
+  t0=$SECONDS
+  "$FVD_ALT_NODE" build/tests/run.js 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  read -r ap af < <(counts "$log")
+  [[ $rc -ne 0 && $af -eq 0 ]] && af=1
+  echo "# unit suite on $("$FVD_ALT_NODE" --version): $((SECONDS - t0)) s"
+fi
+
+dp=0 df=0
 if [[ ${FVD_SKIP_DEVICE_TESTS:-0} != 1 ]]; then
   echo; echo "== ublk device suite =="
   bash tests/vm/run-e2e.sh 2>&1 | tee "$log"
   dev_rc=${PIPESTATUS[0]}
-  read -r dp df < <(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -1 | awk '{print $1, $3}')
-  dp=${dp:-0} df=${df:-1}
+  read -r dp df < <(counts "$log")
+  [[ $dev_rc -ne 0 && $df -eq 0 ]] && df=1
+  if [[ -n ${FVD_ALT_NODE:-} ]]; then
+    echo; echo "== ublk device scenario 1 with the daemon on Node.js $("$FVD_ALT_NODE" --version) =="
+    t0=$SECONDS
+    E2E_FVD="$FVD_ALT_NODE $PWD/build/daemon/cli.js" bash tests/vm/run-e2e.sh 1 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    read -r p f < <(counts "$log")
+    [[ $rc -ne 0 && $f -eq 0 ]] && f=1
+    dp=$((dp + p)) df=$((df + f))
+    echo "# device scenario 1 on $("$FVD_ALT_NODE" --version): $((SECONDS - t0)) s"
+  fi
 else
   echo "device suite skipped (FVD_SKIP_DEVICE_TESTS=1)"
 fi
-[[ $unit_rc -ne 0 && $uf -eq 0 ]] && uf=1
-[[ $dev_rc -ne 0 && $df -eq 0 ]] && df=1
 echo
-echo "unit: $up passed, $uf failed; device: $dp passed, $df failed"
-echo "$((up + dp)) passed, $((uf + df)) failed"
-[[ $((uf + df)) -eq 0 ]]
+echo "unit: $up passed, $uf failed;${FVD_ALT_NODE:+ unit on $("$FVD_ALT_NODE" --version): $ap passed, $af failed;} device: $dp passed, $df failed"
+echo "$((up + ap + dp)) passed, $((uf + af + df)) failed"
+[[ $((uf + af + df)) -eq 0 ]]

@@ -18,6 +18,7 @@ import { UblkServer } from '../server.js';
 import { Prefetcher } from '../../fvd/prefetch.js';
 import type { QueueActivityReader } from '../queue-activity.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { runGrowCommand } from '../grow.js';
 
 export const spec = defineCommand({
   name: 'serve',
@@ -34,6 +35,8 @@ export const spec = defineCommand({
     'no-prefetch': { type: 'boolean', default: false, help: 'do not copy the rest of the base in the background' },
     'prefetch-rate': { type: 'string', arg: 'SIZE', help: 'bandwidth cap per second for background prefetching' },
     'prefetch-share': { type: 'string', default: '10', arg: 'PERCENT', help: "how much prefetching may raise the guest's mean request latency" },
+    'grow-cmd': { type: 'string', arg: 'CMD', help: "a compact image on a block device (LV): command that grows it when free space runs low, %s = the image's path (e.g. 'lvextend -L+1G %s')" },
+    'grow-free': { type: 'string', default: '64M', arg: 'SIZE', help: 'with --grow-cmd: grow when less than this is left past the last chunk' },
     ...KEY_FILE_OPTION,
   },
   details: `Prints the device path once it answers I/O. SIGTERM/SIGINT stop it cleanly (drain, close, delete the
@@ -57,6 +60,8 @@ export async function run(args: string[]): Promise<number> {
     if (conf.prefetchRate !== undefined) values['prefetch-rate'] = conf.prefetchRate;
     if (conf.prefetchShare !== undefined) values['prefetch-share'] = conf.prefetchShare;
     if (conf.keyFile !== undefined) values['key-file'] ??= conf.keyFile;
+    if (conf.growCmd !== undefined) values['grow-cmd'] ??= conf.growCmd;
+    if (conf.growFree !== undefined) values['grow-free'] = conf.growFree;
     const credential = process.env.CREDENTIALS_DIRECTORY ? path.join(process.env.CREDENTIALS_DIRECTORY, 'key') : '';
     if (values['key-file'] === undefined && credential && fs.existsSync(credential)) values['key-file'] = credential;
   }
@@ -68,6 +73,11 @@ export async function run(args: string[]): Promise<number> {
   let fatal: ((reason: string) => void) | undefined;
   const prefetchRate = values['prefetch-rate'] ? parseSize(values['prefetch-rate'], 'prefetch rate') : undefined;
   const prefetchShare = parsePercent(values['prefetch-share']!, 'prefetch latency share');
+  const growFree = parseSize(values['grow-free']!, 'grow threshold');
+  const growCmd = values['grow-cmd'];
+  if (growCmd !== undefined && (growCmd.trim() === '' || /[\x00-\x1f]/.test(growCmd))) throw new UsageError('--grow-cmd: an empty command or one with control characters');
+  if (growCmd !== undefined && !fs.statSync(image, { throwIfNoEntry: false })?.isBlockDevice())
+    throw new UsageError(`--grow-cmd: ${image} is not a block device (a file grows by itself)`);
   const key = readKeyFile(values['key-file']);
   const server = await UblkServer.start({
     image,
@@ -86,6 +96,13 @@ export async function run(args: string[]): Promise<number> {
   // (daemon/queue-activity.ts) and the prefetcher's latency budget keeps the guest's mean latency
   // within the configured share of its baseline (fvd/prefetch-control.ts).
   const st = server.image.stats();
+  if (growCmd !== undefined) {
+    if (st.layout !== 'compact') log(`--grow-cmd ignored: ${image} is raw-like (only compact images allocate storage)`);
+    else {
+      server.image.setStorageGrower({ lowWaterBytes: growFree, grow: () => runGrowCommand(growCmd, image, log) });
+      log(`storage: grows with '${growCmd}' when less than ${formatSize(growFree)} is left`);
+    }
+  }
   const activity = server.activityReader();
   const prefetcher =
     values['no-prefetch'] || st.fullyLocal || st.baseSize === 0

@@ -66,7 +66,7 @@ dmesg -n 1 2>/dev/null || true     # keep kernel messages off the console (they 
 # shellcheck source=e2e/lib.sh
 source "$here/e2e/lib.sh"
 
-echo "# fvd e2e: kernel $(uname -r), $(nproc) cpus, node $(node --version 2>&1), fvd: ${FVD[*]}"
+echo "# fvd e2e: kernel $(uname -r), $(nproc) cpus, node $(node --version 2>&1), fvd: ${FVD[*]} ($("${FVD[@]}" --version 2>&1))"
 echo "# mode: ${FVD_VM_MODE:-host}, PID 1: $(readlink /proc/1/exe 2>/dev/null || echo '?'), work dir $root"
 if [[ ! -c /dev/ublk-control ]]; then
     SCEN=setup not_ok "/dev/ublk-control missing (modprobe ublk_drv failed)" "$(modprobe ublk_drv 2>&1)"
