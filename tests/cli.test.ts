@@ -775,9 +775,16 @@ test('map: image without a base is all local (raw-like) or all zero (compact)', 
   assert.equal(map(r), [ext(0, 3 * MiB, 'zero')], 'never written: a hole');
   assert.equal(map(c), [ext(0, 3 * MiB, 'zero')]);
   assertOk(fvd('io', '-c', 'write 1M 1', c));
-  assert.equal(map(c), [ext(0, MiB, 'zero'), ext(MiB, 4 * KiB, 'local'), ext(MiB + 4 * KiB, 2 * MiB - 4 * KiB, 'zero')], 'one sector written: one page of data');
+  // One byte written: data from 1M for at most a page (the file system's granularity; a compact
+  // image's file may end right after the byte), zeros around it.
+  const oneByte = (m: Extent[]) => {
+    assert.equal(m.map((e) => e.kind), ['zero', 'local', 'zero'], JSON.stringify(m));
+    assert.equal([m[0]!.length, m[1]!.offset], [MiB, MiB]);
+    assert.ok(m[1]!.length >= 1 && m[1]!.length <= 4 * KiB, `data extent of ${m[1]!.length} bytes`);
+  };
+  oneByte(map(c));
   assertOk(fvd('io', '-c', 'write 1M 1', r));
-  assert.equal(map(r), [ext(0, MiB, 'zero'), ext(MiB, 4 * KiB, 'local'), ext(MiB + 4 * KiB, 2 * MiB - 4 * KiB, 'zero')]);
+  oneByte(map(r));
 });
 
 // ---------------------------------------------------------------------------------------------
