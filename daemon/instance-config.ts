@@ -24,9 +24,11 @@ export interface InstanceConfig {
   /** Storage grow command of a compact image on a block device (fvd serve --grow-cmd). */
   growCmd?: string;
   growFree?: string;
+  /** Prometheus textfile of the device's figures (fvd serve --metrics-file). */
+  metricsFile?: string;
 }
 
-const KEYS = new Set(['IMAGE', 'DEV_ID', 'QUEUES', 'DEPTH', 'MAX_IO', 'COPY_ON_READ', 'PREFETCH', 'PREFETCH_RATE', 'PREFETCH_SHARE', 'KEY_FILE', 'GROW_CMD', 'GROW_FREE']);
+const KEYS = new Set(['IMAGE', 'DEV_ID', 'QUEUES', 'DEPTH', 'MAX_IO', 'COPY_ON_READ', 'PREFETCH', 'PREFETCH_RATE', 'PREFETCH_SHARE', 'KEY_FILE', 'GROW_CMD', 'GROW_FREE', 'METRICS_FILE']);
 const YES_NO = /^(yes|no|true|false|1|0)$/i;
 
 export function readInstanceConfig(name: string): InstanceConfig {
@@ -85,6 +87,9 @@ export function readInstanceConfig(name: string): InstanceConfig {
         break;
       case 'GROW_FREE':
         config.growFree = value;
+        break;
+      case 'METRICS_FILE':
+        config.metricsFile = path.resolve(confDir, value);
         break;
       case 'KEY_FILE':
         if (!value) throw new UsageError(`${file}:${i + 1}: KEY_FILE is empty`);

@@ -34,6 +34,8 @@ export function writeState(st: DeviceState): void {
 
 export function removeState(devId: number): void {
   fs.rmSync(stateFile(devId), { force: true });
+  // the figures `fvd serve` keeps next to it (daemon/metrics.ts)
+  fs.rmSync(path.join(stateDir(), `ublkb${devId}.figures.json`), { force: true });
 }
 
 export function listStates(): DeviceState[] {

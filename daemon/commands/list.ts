@@ -1,8 +1,22 @@
-/** fvd list [--json]: devices served by fvd on this host. */
+/**
+ * fvd list [--output=human|json]: devices served by fvd on this host, with their state (running,
+ * or stale: the server is gone) and, as JSON, the figures the server publishes every 5 s
+ * (requests, engine hand-offs, errors, latency, prefetch progress: daemon/metrics.ts).
+ */
 import fs from 'node:fs';
 import { formatSize } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
-import { listStates } from '../state.js';
+import { listStates, stateDir } from '../state.js';
+import { figuresFile, type DeviceFigures } from '../metrics.js';
+
+/** The figures the server last published (every 5 s), or null. */
+function readFigures(devId: number): DeviceFigures | null {
+  try {
+    return JSON.parse(fs.readFileSync(figuresFile(stateDir(), devId), 'utf8')) as DeviceFigures;
+  } catch {
+    return null;
+  }
+}
 import { pidAlive } from '../server.js';
 
 export const spec = defineCommand({
@@ -15,7 +29,10 @@ export const spec = defineCommand({
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseCommand(spec, args);
   if (positionals.length) throw usageError(spec);
-  const rows = listStates().map((s) => ({ ...s, running: pidAlive(s.pid) && fs.existsSync(s.device) }));
+  const rows = listStates().map((s) => {
+    const running = pidAlive(s.pid) && fs.existsSync(s.device);
+    return { ...s, state: running ? 'running' : 'stale', running, figures: running ? readFigures(s.devId) : null };
+  });
   if (outputFormat(values) === 'json') {
     console.log(JSON.stringify(rows, null, 2));
     return 0;

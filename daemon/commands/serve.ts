@@ -19,6 +19,8 @@ import { Prefetcher } from '../../fvd/prefetch.js';
 import type { QueueActivityReader } from '../queue-activity.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 import { runGrowCommand } from '../grow.js';
+import { figuresFile, linkDevice, prometheusText, unlinkDevice, writeAtomically, type DeviceFigures } from '../metrics.js';
+import { stateDir } from '../state.js';
 
 export const spec = defineCommand({
   name: 'serve',
@@ -36,6 +38,7 @@ export const spec = defineCommand({
     'prefetch-rate': { type: 'string', arg: 'SIZE', help: 'bandwidth cap per second for background prefetching' },
     'prefetch-share': { type: 'string', default: '10', arg: 'PERCENT', help: "how much prefetching may raise the guest's mean request latency" },
     'grow-cmd': { type: 'string', arg: 'CMD', help: "a compact image on a block device (LV): command that grows it when free space runs low, %s = the image's path (e.g. 'lvextend -L+1G %s')" },
+    'metrics-file': { type: 'string', arg: 'PATH', help: 'write Prometheus text-format metrics to PATH every 5 s (atomic rename; for node_exporter\'s textfile collector)' },
     'grow-free': { type: 'string', default: '64M', arg: 'SIZE', help: 'with --grow-cmd: grow when less than this is left past the last chunk' },
     ...KEY_FILE_OPTION,
   },
@@ -62,6 +65,7 @@ export async function run(args: string[]): Promise<number> {
     if (conf.keyFile !== undefined) values['key-file'] ??= conf.keyFile;
     if (conf.growCmd !== undefined) values['grow-cmd'] ??= conf.growCmd;
     if (conf.growFree !== undefined) values['grow-free'] = conf.growFree;
+    if (conf.metricsFile !== undefined) values['metrics-file'] ??= conf.metricsFile;
     const credential = process.env.CREDENTIALS_DIRECTORY ? path.join(process.env.CREDENTIALS_DIRECTORY, 'key') : '';
     if (values['key-file'] === undefined && credential && fs.existsSync(credential)) values['key-file'] = credential;
   }
@@ -81,7 +85,7 @@ export async function run(args: string[]): Promise<number> {
   const key = readKeyFile(values['key-file']);
   const server = await UblkServer.start({
     image,
-    name: values.name ?? path.basename(image).replace(/\.[^.]*$/, ''),
+    name: values.name ?? path.basename(image).replace(/\.[^.]*$/, ''), // = `name` below
     devId: values['dev-id'] !== undefined ? parseInteger(values['dev-id'], 'device id', 0, 1 << 20) : -1,
     queues: parseInteger(values.queues!, 'queue count', 1, 64),
     depth: parseInteger(values.depth!, 'queue depth', 1, 4096),
@@ -133,9 +137,46 @@ export async function run(args: string[]): Promise<number> {
         : '')
     );
   };
+  const name = values.name ?? path.basename(image).replace(/\.[^.]*$/, '');
+  const devLink = linkDevice(name, server.devicePath, log);
+  const metricsReader = server.activityReader();
+  const metricsFile = values['metrics-file'];
+  const figures = (): DeviceFigures => {
+    const c = server.counters();
+    const a = metricsReader.poll();
+    const p = prefetcher?.progress();
+    return {
+      name,
+      device: server.devicePath,
+      image: path.resolve(image),
+      virtualSize: server.image.size,
+      requestsFast: c.fastPath,
+      requestsEngine: c.slowPath,
+      flushes: c.flushes,
+      errors: c.errors,
+      latencyCount: a.ops,
+      latencySecondsSum: a.latencyNs / 1e9,
+      inFlight: a.inFlight,
+      prefetch: p ? { state: p.state, fraction: p.fraction, bytesDone: p.bytesDone, bytesRemaining: p.bytesRemaining } : null,
+      updatedAt: new Date().toISOString(),
+    };
+  };
+  const publish = () => {
+    const f = figures();
+    try {
+      writeAtomically(figuresFile(stateDir(), server.devId), JSON.stringify(f, null, 2) + '\n');
+      if (metricsFile) writeAtomically(metricsFile, prometheusText(f));
+    } catch (err) {
+      log(`cannot write figures: ${(err as Error).message}`);
+    }
+  };
+  publish();
   console.log(server.devicePath);
   sdNotify(`READY=1\nSTATUS=serving ${status()}`);
-  const statusTimer = setInterval(() => sdNotify(`STATUS=serving ${status()}`), 5000);
+  const statusTimer = setInterval(() => {
+    sdNotify(`STATUS=serving ${status()}`);
+    publish();
+  }, 5000);
   statusTimer.unref();
   const traceTimer = process.env.FVD_PREFETCH_TRACE && prefetcher ? tracePrefetch(prefetcher, server.activityReader(), log) : null;
   const ping = watchdogPingIntervalMs();
@@ -155,6 +196,8 @@ export async function run(args: string[]): Promise<number> {
       (prefetcher ? prefetcher.stop() : Promise.resolve()).then(() => server.stop()).then(
         () => {
           if (watchdog) clearInterval(watchdog);
+          unlinkDevice(devLink, server.devicePath);
+          if (metricsFile) fs.rmSync(metricsFile, { force: true });
           log(`stopped; ${status()}`);
           resolve(failed ? 1 : 0);
         },
