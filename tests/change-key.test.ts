@@ -98,6 +98,7 @@ test('engine: refusals change nothing: wrong old key, unencrypted image, empty k
 // CLI
 
 const tmp = new TempDir('fvd-change-key-');
+test.after(() => tmp.cleanup());
 
 function keyFile(dir: string, name: string, content: string): string {
   const f = path.join(dir, name);

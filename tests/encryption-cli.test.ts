@@ -29,6 +29,7 @@ import { fixHeaderCrc, flipByte, writeBytes } from './helpers/tamper.js';
 const KiB = 1024;
 const MiB = 1024 * 1024;
 const tmp = new TempDir('fvd-enc-cli-');
+test.after(() => tmp.cleanup());
 const caseDir = () => tmp.caseDir();
 const PASSPHRASE = 'tr0ub4dor&3 is not a good passphrase';
 

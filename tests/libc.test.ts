@@ -8,7 +8,8 @@ import { libc, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, SEEK_DATA } from '../f
 test('libc: fallocate punches a hole that reads back as zeros', () => {
   const c = libc();
   assert.ok(c, 'koffi/libc must load');
-  const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-libc-')), 'f');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-libc-'));
+  const file = path.join(dir, 'f');
   const fd = fs.openSync(file, 'w+');
   try {
     fs.writeSync(fd, Buffer.alloc(256 * 1024, 0xab), 0, 256 * 1024, 0);
@@ -20,6 +21,7 @@ test('libc: fallocate punches a hole that reads back as zeros', () => {
     assert.is(c!.lseek(fd, 64 * 1024, SEEK_DATA), 128 * 1024);
   } finally {
     fs.closeSync(fd);
+    fs.rmSync(dir, { recursive: true, force: true });
   }
 });
 

@@ -16,6 +16,7 @@ import { CLI, TempDir, assertOk, assertOneLineError, assertUnchanged, fvd, snaps
 
 const MiB = 1024 * 1024;
 const tmp = new TempDir('fvd-enc-maint-');
+test.after(() => tmp.cleanup());
 const PASSPHRASE = 'correct horse battery staple, maintenance edition';
 /** Plaintext that must show up in a committed base and never in an encrypted image file. */
 const SECRET = Buffer.from('MAINTENANCE-SECRET-PAYLOAD-4567');

@@ -86,6 +86,7 @@ async function verifyContents(io: IoBackend, file: string, made: Made, what: str
 }
 
 const tmp = new TempDir('fvd-snap-repair-');
+test.after(() => tmp.cleanup());
 
 type Tamper = [string, RegExp, (file: string) => void];
 const TAMPERS: Tamper[] = [

@@ -26,6 +26,7 @@ const KiB = 1024;
 const MiB = 1024 * 1024;
 const CS = 64 * KiB;
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-snap-'));
+test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
 let n = 0;
 
 async function fresh(opts: CreateOptions = {}): Promise<string> {

@@ -6,7 +6,9 @@
 # (24 MiB) holds a 256 MiB compact image served with --grow-cmd 'lvextend -An -L+16M %s'
 # --grow-free 8M: mkfs.ext4, mount, a 96 MiB file written and synced (the image outgrows the LV
 # several times), umount, stop; the LV has grown, the daemon logged its grow commands, `fvd
-# check` is clean; served again, the file's sha256 matches and e2fsck is clean. LV "full"
+# check` is clean; served again (with --metrics-file), /dev/fvd/grow points at the device and
+# mounts, the file's sha256 matches and e2fsck is clean, `fvd list --output=json` and the
+# Prometheus file show request figures; after the stop the link and the file are gone. LV "full"
 # (24 MiB) without a grow command: dd of 64 MiB with O_DIRECT fails with "No space left on
 # device"; the daemon stops cleanly, `fvd check` is clean, and what dd wrote before the LV filled
 # reads back.
@@ -54,12 +56,20 @@ CONF
     else not_ok "the LV did not grow enough: $size bytes" "$(cat "$SERVE_LOG")"; fi
     check "the daemon logged its grow commands, each one done" bash -c "grep -q 'grow command done' '$SERVE_LOG' && ! grep -q 'grow command failed' '$SERVE_LOG'"
     check "fvd check on the LV: clean" fvd check "$lv"
-    serve_must "$lv"
-    must "mount again" t mount "$SERVE_DEV" mnt
+    serve_must "$lv" --metrics-file "$D/fvd.prom"
+    # Operational visibility: a stable name, the figures in `fvd list`, Prometheus metrics.
+    expect "/dev/fvd/grow points at the device" "$(readlink /dev/fvd/grow 2>&1)" "$SERVE_DEV"
+    must "mount again (through /dev/fvd/grow)" t mount /dev/fvd/grow mnt
     expect "the file's sha256 after a restart" "$(sha256sum mnt/big.bin | cut -d' ' -f1)" "$sum"
     check "umount" t umount mnt
     check "e2fsck -f -n" t e2fsck -f -n "$SERVE_DEV"
+    sleep 6 # figures are published every 5 s
+    out=$(fvd list --output=json 2>&1)
+    check "fvd list --output=json: running, with request figures" grep -Eq '"state": "running"|"requestsFast": [1-9]' <<< "$out"
+    check "fvd list --output=json: requests counted" grep -Eq '"requestsFast": [1-9]' <<< "$out"
+    check "Prometheus textfile: fvd_requests_total with a non-zero fast-path count" grep -Eq '^fvd_requests_total\{name="grow",device="/dev/ublkb[0-9]+",path="fast"\} [1-9]' "$D/fvd.prom"
     serve_stop
+    check "after stop: /dev/fvd/grow and the metrics file are gone" bash -c "[[ ! -e /dev/fvd/grow && ! -L /dev/fvd/grow && ! -e '$D/fvd.prom' ]]"
 
     # --- without one: a full LV is ENOSPC ------------------------------------------------------
     must "lvcreate -L 24M $VG/full" lvcreate -q -y -L 24M -n full "$VG"
