@@ -65,7 +65,7 @@ CONF
     check "e2fsck -f -n" t e2fsck -f -n "$SERVE_DEV"
     sleep 6 # figures are published every 5 s
     out=$(fvd list --output=json 2>&1)
-    check "fvd list --output=json: running, with request figures" grep -Eq '"state": "running"|"requestsFast": [1-9]' <<< "$out"
+    check "fvd list --output=json: the device is running" grep -q '"state": "running"' <<< "$out"
     check "fvd list --output=json: requests counted" grep -Eq '"requestsFast": [1-9]' <<< "$out"
     check "Prometheus textfile: fvd_requests_total with a non-zero fast-path count" grep -Eq '^fvd_requests_total\{name="grow",device="/dev/ublkb[0-9]+",path="fast"\} [1-9]' "$D/fvd.prom"
     serve_stop
