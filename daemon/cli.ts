@@ -6,6 +6,7 @@
  */
 import { UsageError } from './args.js';
 import { FvdError } from '../fvd/errors.js';
+import { registerZstdFallback } from './zstd-fallback.js';
 
 const COMMANDS: Record<string, string> = {
   create: 'create an image: fvd create [-b BASE] [-F raw|fvd] [--layout raw|compact] IMAGE [SIZE]',
@@ -32,6 +33,7 @@ function usage(): string {
 }
 
 export async function main(argv: string[]): Promise<number> {
+  registerZstdFallback(); // zstd-compressed qcow2 bases on Node versions without node:zlib zstd
   const [command, ...rest] = argv;
   if (!command || command === '-h' || command === '--help' || command === 'help') {
     console.log(usage());
