@@ -173,10 +173,20 @@ export class Qcow2Image implements ReadOnlyLayer {
     const runs = await this.map(offset, offset + buf.length);
     await this.readCompressedGroups(runs);
     let next = 0;
+    let failed = false;
     const worker = async () => {
-      while (next < runs.length) await this.fill(buf, offset, runs[next++]!);
+      while (next < runs.length && !failed) {
+        try {
+          await this.fill(buf, offset, runs[next++]!);
+        } catch (err) {
+          failed = true;
+          throw err;
+        }
+      }
     };
-    await Promise.all(Array.from({ length: Math.min(FILL_PARALLELISM, runs.length) }, worker));
+    // Settled, not raced: when one run fails, none is still writing into `buf` once this returns.
+    const results = await Promise.allSettled(Array.from({ length: Math.min(FILL_PARALLELISM, runs.length) }, worker));
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
   }
 
   async knownZero(offset: number, length: number): Promise<boolean> {
@@ -309,7 +319,7 @@ export class Qcow2Image implements ReadOnlyLayer {
     }
   }
 
-  /** A standard cluster's host offset must be cluster-aligned and inside the file (not its header). */
+  /** A standard cluster's host offset must be cluster-aligned (so clear of the header: 0 is unallocated) and inside the file. */
   private checkHost(host: number, vc: number, where: () => string): void {
     const cs = this.g.clusterSize;
     if (host % cs !== 0) throw corruptQcow2(this.path, `${where()}: data offset ${host} is not cluster-aligned`);
@@ -318,7 +328,6 @@ export class Qcow2Image implements ReadOnlyLayer {
       if (host !== vc * cs) throw corruptQcow2(this.path, `${where()}: external data offset ${host} differs from the guest offset`);
       return;
     }
-    if (host < cs) throw corruptQcow2(this.path, `${where()}: data offset ${host} is inside the header cluster`);
     if (host >= this.fileSize) throw corruptQcow2(this.path, `${where()}: data offset ${host} is past the end of the file (${this.fileSize} bytes; truncated?)`);
   }
 
@@ -438,7 +447,10 @@ function push(runs: Run[], kind: number, guest: number, length: number, host: nu
   runs.push({ kind, guest, length, host, compressedLength: 0, inCluster: 0, src: null });
 }
 
-/** The L1 table, each entry checked: an L2 table must be cluster-aligned, inside the file, clear of the header and the L1 table. */
+/**
+ * The L1 table, each entry checked: an L2 table must be cluster-aligned (so, not being 0, clear of
+ * the header cluster), inside the file and clear of the L1 table.
+ */
 async function readL1(p: string, file: BlockFile, h: Qcow2Header): Promise<Float64Array> {
   const l1 = new Float64Array(h.l1Size);
   if (h.l1Size === 0) return l1;
@@ -454,7 +466,6 @@ async function readL1(p: string, file: BlockFile, h: Qcow2Header): Promise<Float
     const off = entryOffset(hi, lo);
     if (off === 0) continue;
     if (off % cs !== 0) throw corruptQcow2(p, `L1 entry ${i}: L2 table offset ${off} is not cluster-aligned`);
-    if (off < cs) throw corruptQcow2(p, `L1 entry ${i}: L2 table offset ${off} overlaps the header`);
     if (off < l1End && off + cs > h.l1Offset) throw corruptQcow2(p, `L1 entry ${i}: L2 table offset ${off} overlaps the L1 table`);
     if (off + cs > file.size()) throw corruptQcow2(p, `L1 entry ${i}: L2 table at ${off} lies past the end of the file (${file.size()} bytes; truncated?)`);
     l1[i] = off;
