@@ -9,13 +9,13 @@ import { FvdError } from '../fvd/errors.js';
 import { registerZstdFallback } from './zstd-fallback.js';
 
 const COMMANDS: Record<string, string> = {
-  create: 'create an image: fvd create [-b BASE] [-F raw|fvd] [--layout raw|compact] IMAGE [SIZE]',
+  create: 'create an image: fvd create [-b BASE] [-F raw|qcow2|fvd] [--layout raw|compact] IMAGE [SIZE]',
   info: 'describe an image: fvd info [--json] IMAGE',
   check: 'verify (and repair) an image: fvd check [--repair] IMAGE',
   map: 'list extents and where they live: fvd map [--json] IMAGE',
-  convert: 'flatten or import: fvd convert [-O raw|fvd] SRC DST',
+  convert: 'flatten or import: fvd convert [-f raw|qcow2|fvd] [-O raw|fvd] SRC DST',
   commit: 'write the image into its base and empty it: fvd commit [-d] [-p] [--key-file PATH|-] IMAGE',
-  rebase: 'change the base: fvd rebase -b NEWBASE -F raw|fvd [-u] [--key-file PATH|-] IMAGE (-b "" removes it)',
+  rebase: 'change the base: fvd rebase -b NEWBASE -F raw|qcow2|fvd [-u] [--key-file PATH|-] IMAGE (-b "" removes it)',
   resize: 'grow or shrink the disk: fvd resize [--shrink] [--key-file PATH|-] IMAGE [+|-]SIZE',
   io: 'run I/O commands: fvd io -c "write -P 0xab 0 64k" IMAGE',
   bench: 'benchmark the engine: fvd bench [options] IMAGE',

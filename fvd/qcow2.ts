@@ -58,6 +58,19 @@ export interface ChainEntry {
   path: string;
   format: 'qcow2' | 'raw';
   size: number;
+  /** qcow2 levels: what `info --backing-chain` shows of them. */
+  qcow2?: Qcow2Details;
+}
+
+export interface Qcow2Details {
+  version: 2 | 3;
+  clusterSize: number;
+  compression: 'zlib' | 'zstd';
+  extendedL2: boolean;
+  /** As stored in the image (null: none). */
+  backingFile: string | null;
+  backingFormat: string | null;
+  dataFile: string | null;
 }
 
 /** A read-only layer: a qcow2 level or the raw file at the bottom of a qcow2 chain. */
@@ -231,7 +244,17 @@ export class Qcow2Image implements ReadOnlyLayer {
   }
 
   describe(): ChainEntry[] {
-    return [{ path: this.path, format: 'qcow2', size: this.size }, ...(this.backing ? this.backing.describe() : [])];
+    const h = this.header;
+    const qcow2: Qcow2Details = {
+      version: h.version,
+      clusterSize: h.clusterSize,
+      compression: h.compression,
+      extendedL2: h.extendedL2,
+      backingFile: h.backingFile,
+      backingFormat: h.backingFormat,
+      dataFile: h.hasDataFile ? h.dataFile : null,
+    };
+    return [{ path: this.path, format: 'qcow2', size: this.size, qcow2 }, ...(this.backing ? this.backing.describe() : [])];
   }
 
   /** Bytes the L2 cache holds now (for tests and `info`). */

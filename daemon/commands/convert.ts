@@ -1,7 +1,8 @@
 /**
- * fvd convert [-f raw|fvd] [-O raw|fvd] [--layout raw|compact] [--block-size N]
+ * fvd convert [-f raw|qcow2|fvd] [-O raw|fvd] [--layout raw|compact] [--block-size N]
  *             [--key-file PATH|-] [--encrypt [--target-key-file PATH|-]] SRC DST
- * Flattens SRC (an FVD image with its whole base chain, or a raw file) into DST. Zero ranges are
+ * Flattens SRC (an FVD image with its whole base chain, a qcow2 image with its backing chain, or a
+ * raw file) into DST. Zero ranges are
  * skipped, so the output is sparse. DST must not exist (or --force).
  *
  * Keys: --key-file unlocks an encrypted SRC; with --encrypt (-O fvd) the output is encrypted
@@ -11,7 +12,7 @@ import fs from 'node:fs';
 import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import { UsageError, parseOptions, parseSize } from '../args.js';
-import { isEncryptedImage, openDisk, parseFormat, probeFormat, type Disk } from '../disk.js';
+import { isEncryptedImage, openDisk, parseFormat, probeFormat, type Disk, type DiskFormat } from '../disk.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
 const STEP = 1024 * 1024;
@@ -28,10 +29,11 @@ export async function run(args: string[]): Promise<number> {
     ...KEY_FILE_OPTION,
   });
   if (positionals.length !== 2)
-    throw new UsageError('usage: fvd convert [-f raw|fvd] [-O raw|fvd] [--layout raw|compact] [--block-size N] [--key-file PATH|-] [--encrypt [--target-key-file PATH|-]] [--force] SRC DST');
+    throw new UsageError('usage: fvd convert [-f raw|qcow2|fvd] [-O raw|fvd] [--layout raw|compact] [--block-size N] [--key-file PATH|-] [--encrypt [--target-key-file PATH|-]] [--force] SRC DST');
   const [src, dst] = positionals as [string, string];
   const inFmt = parseFormat(values.f, 'source format');
   const outFmt = parseFormat(values.O, 'output format')!;
+  if (outFmt === 'qcow2') throw new UsageError('fvd reads qcow2 images but does not write them: -O raw or -O fvd');
   if (values.layout !== 'raw' && values.layout !== 'compact') throw new UsageError(`invalid layout '${values.layout}': expected raw or compact`);
   if (!fs.existsSync(src)) throw new UsageError(`${src}: no such file`);
   if (fs.existsSync(dst) && !values.force) throw new UsageError(`${dst} already exists; use --force to overwrite it`);
@@ -65,8 +67,8 @@ export async function run(args: string[]): Promise<number> {
 async function convert(
   src: string,
   dst: string,
-  inFmt: 'raw' | 'fvd' | undefined,
-  outFmt: 'raw' | 'fvd',
+  inFmt: DiskFormat | undefined,
+  outFmt: DiskFormat,
   values: { layout?: string; 'block-size'?: string },
   key: Uint8Array | undefined,
   targetKey: Uint8Array | undefined,

@@ -1,16 +1,21 @@
 /**
- * fvd info [--json] [--key-file PATH|-] IMAGE — qemu-img info for FVD images. An encrypted
+ * fvd info [--json] [--backing-chain] [--key-file PATH|-] IMAGE — qemu-img info for FVD images;
+ * --backing-chain adds a block for every level below (FVD, qcow2 or raw). An encrypted
  * image needs no key here (only metadata is read); a key given is verified.
  */
 import fs from 'node:fs';
-import { FvdImage } from '../../fvd/image.js';
+import { FvdImage, type BaseChainEntry } from '../../fvd/image.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import { UsageError, formatSize, parseOptions } from '../args.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
 export async function run(args: string[]): Promise<number> {
-  const { values, positionals } = parseOptions('info', args, { json: { type: 'boolean', default: false }, ...KEY_FILE_OPTION });
-  if (positionals.length !== 1) throw new UsageError('usage: fvd info [--json] [--key-file PATH|-] IMAGE');
+  const { values, positionals } = parseOptions('info', args, {
+    json: { type: 'boolean', default: false },
+    'backing-chain': { type: 'boolean', default: false },
+    ...KEY_FILE_OPTION,
+  });
+  if (positionals.length !== 1) throw new UsageError('usage: fvd info [--json] [--backing-chain] [--key-file PATH|-] IMAGE');
   const path = positionals[0]!;
   const key = readKeyFile(values['key-file']);
   const image = await FvdImage.open(nodeIo, path, key ? { readOnly: true, key } : { readOnly: true, withoutKey: true }).finally(() => wipe(key));
@@ -66,6 +71,26 @@ export async function run(args: string[]): Promise<number> {
     `dirty: ${s.wasDirty ? `yes (${s.journalSectorsReplayed} journal sectors to replay)` : 'no'}`,
     `journal: ${s.journal.capacitySectors * 512 ? formatSize(s.journal.capacitySectors * 512) : 'none'}, ${s.journalSectorsReplayed} sectors in use`,
   );
+  if (values['backing-chain']) for (const level of s.baseChain) lines.push('', ...describeLevel(level));
   console.log(lines.join('\n'));
   return 0;
+}
+
+/** One level below the image, as `qemu-img info --backing-chain` shows each image of a chain. */
+function describeLevel(level: BaseChainEntry): string[] {
+  const st = fs.statSync(level.path, { throwIfNoEntry: false });
+  const out = [`image: ${level.path}`, `file format: ${level.format}`, `virtual size: ${formatSize(level.size)} (${level.size} bytes)`];
+  if (st) out.push(`disk size: ${formatSize(st.isBlockDevice() ? level.size : st.blocks * 512)}`);
+  const q = level.qcow2;
+  if (q) {
+    out.push(
+      `cluster size: ${formatSize(q.clusterSize)}`,
+      `compat: ${q.version === 2 ? '0.10' : '1.1'}`,
+      `compression type: ${q.compression}`,
+      `extended l2: ${q.extendedL2 ? 'yes' : 'no'}`,
+    );
+    if (q.dataFile) out.push(`data file: ${q.dataFile}`);
+    if (q.backingFile) out.push(`backing file: ${q.backingFile} (${q.backingFormat})`);
+  }
+  return out;
 }

@@ -53,7 +53,7 @@ export async function run(args: string[]): Promise<number> {
     'no-copy-on-read': { type: 'boolean', default: false },
     ...KEY_FILE_OPTION,
   });
-  if (positionals.length !== 1) throw new UsageError('usage: fvd io [-f raw|fvd] [-r] [--no-copy-on-read] [--key-file PATH|-] -c CMD [-c CMD ...] IMAGE');
+  if (positionals.length !== 1) throw new UsageError('usage: fvd io [-f raw|fvd|qcow2] [-r] [--no-copy-on-read] [--key-file PATH|-] -c CMD [-c CMD ...] IMAGE');
   const commands = (values.c ?? []).map(parseCommand);
   if (!commands.length) throw new UsageError('no commands given (-c "read -P 0xab 0 64k")');
   const format = parseFormat(values.f, 'format');
