@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
+bash tests/host-tools.sh   # qemu-utils for the qcow2 tests (they report a skip without it)
 node build/tests/run.js 2>&1 | tee "$log"
 unit_rc=${PIPESTATUS[0]}
 read -r up uf < <(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -1 | awk '{print $1, $3}')

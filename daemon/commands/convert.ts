@@ -15,7 +15,8 @@ import { UsageError, parseOptions, parseSize } from '../args.js';
 import { isEncryptedImage, openDisk, parseFormat, probeFormat, type Disk, type DiskFormat } from '../disk.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
-const STEP = 1024 * 1024;
+/** Bytes per read: large enough that a compressed qcow2 source decompresses many clusters at once. */
+const STEP = 4 * 1024 * 1024;
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseOptions('convert', args, {
@@ -88,20 +89,30 @@ async function convert(
       });
     }
     target = await openDisk(dst, outFmt, { key: targetKey });
-    const buf = Buffer.alloc(STEP);
+    // Pieces of the non-zero extents, read one ahead of the write (two buffers), so reading and
+    // decompressing the next piece overlaps writing this one.
+    const pieces: [number, number][] = [];
     for (const e of source.extents()) {
       if (e.kind === 'zero') continue;
-      for (let pos = e.offset; pos < e.offset + e.length; pos += STEP) {
-        const len = Math.min(STEP, e.offset + e.length - pos);
-        const piece = buf.subarray(0, len);
-        await source.read(piece, pos);
-        if (isZero(piece)) continue; // keep the output sparse
-        // A raw source's unaligned tail: an FVD target is 512-byte granular (and an encrypted one
-        // takes whole sectors only), so write the tail's sector with zero padding.
-        const wlen = Math.min(Math.ceil(len / 512) * 512, target.size - pos);
-        buf.fill(0, len, wlen);
-        await target.write(buf.subarray(0, wlen), pos);
-      }
+      for (let pos = e.offset; pos < e.offset + e.length; pos += STEP) pieces.push([pos, Math.min(STEP, e.offset + e.length - pos)]);
+    }
+    const bufs = [Buffer.alloc(STEP), Buffer.alloc(STEP)];
+    const readPiece = (i: number) => source.read(bufs[i % 2]!.subarray(0, pieces[i]![1]), pieces[i]![0]);
+    let reading: Promise<void> | null = pieces.length ? readPiece(0) : null;
+    for (let i = 0; i < pieces.length; i++) {
+      await reading;
+      reading = i + 1 < pieces.length ? readPiece(i + 1) : null;
+      // Not left unobserved if this piece's write fails: the loop ends with the write's error.
+      reading?.catch(() => {});
+      const [pos, len] = pieces[i]!;
+      const buf = bufs[i % 2]!;
+      const piece = buf.subarray(0, len);
+      if (isZero(piece)) continue; // keep the output sparse
+      // A raw source's unaligned tail: an FVD target is 512-byte granular (and an encrypted one
+      // takes whole sectors only), so write the tail's sector with zero padding.
+      const wlen = Math.min(Math.ceil(len / 512) * 512, target.size - pos);
+      buf.fill(0, len, wlen);
+      await target.write(buf.subarray(0, wlen), pos);
     }
     await target.flush();
   } finally {
