@@ -269,9 +269,9 @@ test('create: default size from the base; -F required with -b; -F without -b; un
   assertSameBytes(await readWholeDisk(nodeIo, rel), Buffer.concat([data, Buffer.alloc(MiB - 1000)]), 'bigger than its base');
 
   for (const [args, re] of [
-    [['create', '-b', base, path.join(dir, 'x.fvd')], /-F raw or -F fvd/],
+    [['create', '-b', base, path.join(dir, 'x.fvd')], /-F raw, -F qcow2 or -F fvd/],
     [['create', '-F', 'raw', path.join(dir, 'x.fvd'), '1M'], /-F given without a base/],
-    [['create', '-b', base, '-F', 'qcow2', path.join(dir, 'x.fvd')], /invalid base format 'qcow2'/],
+    [['create', '-b', base, '-F', 'vmdk', path.join(dir, 'x.fvd')], /invalid base format 'vmdk'/],
     [['create', '-b', path.join(dir, 'missing.raw'), '-F', 'raw', path.join(dir, 'x.fvd')], /missing\.raw.* not found/],
   ] as Array<[string[], RegExp]>) {
     assertOneLineError(fvd(...args), re);

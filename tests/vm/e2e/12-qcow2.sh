@@ -14,7 +14,7 @@ scenario() {
     random_file src/big/16m.bin 16
     for ((i = 0; i < 60; i++)); do head -c $((RANDOM * 3 % 70000)) "$E2E_STATE/random.pool" > "src/small/f$i"; done
     # Compressible data too, so some clusters are stored compressed.
-    for ((i = 0; i < 40; i++)); do yes "line $i of a text file in the template" | head -c $((i * 4096 + 100)) > "src/small/t$i.txt"; done
+    for ((i = 0; i < 40; i++)); do awk -v n=$((i * 90 + 3)) -v i=$i 'BEGIN { for (j = 0; j < n; j++) print "line " j " of text file " i " in the template" }' > "src/small/t$i.txt"; done
     random_file new.bin 2
     must "mkfs.ext4 -d (a 128 MiB ext4 image holding the tree)" \
         bash -c "truncate -s 128M '$raw' && mkfs.ext4 -q -F -d src '$raw'"
