@@ -17,6 +17,8 @@ import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
 /** Bytes per read: large enough that a compressed qcow2 source decompresses many clusters at once. */
 const STEP = 4 * 1024 * 1024;
+/** Granularity of the zero ranges left unwritten (sparse) in the output. */
+const SPARSE_STEP = 1024 * 1024;
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseOptions('convert', args, {
@@ -106,13 +108,22 @@ async function convert(
       reading?.catch(() => {});
       const [pos, len] = pieces[i]!;
       const buf = bufs[i % 2]!;
-      const piece = buf.subarray(0, len);
-      if (isZero(piece)) continue; // keep the output sparse
-      // A raw source's unaligned tail: an FVD target is 512-byte granular (and an encrypted one
-      // takes whole sectors only), so write the tail's sector with zero padding.
-      const wlen = Math.min(Math.ceil(len / 512) * 512, target.size - pos);
-      buf.fill(0, len, wlen);
-      await target.write(buf.subarray(0, wlen), pos);
+      // Zero stretches of SPARSE_STEP are not written (the output stays sparse); the rest is
+      // written in runs.
+      for (let a = 0; a < len; ) {
+        if (isZero(buf.subarray(a, Math.min(len, a + SPARSE_STEP)))) {
+          a += SPARSE_STEP;
+          continue;
+        }
+        let z = Math.min(len, a + SPARSE_STEP);
+        while (z < len && !isZero(buf.subarray(z, Math.min(len, z + SPARSE_STEP)))) z = Math.min(len, z + SPARSE_STEP);
+        // A raw source's unaligned tail: an FVD target is 512-byte granular (and an encrypted one
+        // takes whole sectors only), so write the tail's sector with zero padding.
+        const wend = Math.min(Math.ceil(z / 512) * 512, target.size - pos);
+        buf.fill(0, z, wend);
+        await target.write(buf.subarray(a, wend), pos + a);
+        a = z;
+      }
     }
     await target.flush();
   } finally {
@@ -122,7 +133,7 @@ async function convert(
   return 0;
 }
 
-const ZERO = Buffer.alloc(STEP);
+const ZERO = Buffer.alloc(SPARSE_STEP);
 function isZero(b: Buffer): boolean {
   return b.compare(ZERO, 0, b.length) === 0;
 }
