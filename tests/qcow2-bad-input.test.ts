@@ -51,10 +51,14 @@ function plain(opts: string[] = [], size = '4M'): string {
   return q;
 }
 
+/** A compressed image whose first cluster (up to 64 KiB) is compressed: text, not zeros. */
 function compressed(opts = ''): string {
-  const raw = writeFile(dir, `src${n++}.raw`, diskPattern(2 * MiB, n));
+  const data = diskPattern(2 * MiB, n);
+  data.write('compressible text in the first cluster. '.repeat(1700), 0, 64 * KiB, 'latin1');
+  const raw = writeFile(dir, `src${n++}.raw`, data);
   const q = name();
   qemuImg('convert', '-c', '-f', 'raw', '-O', 'qcow2', ...(opts ? ['-o', opts] : []), raw, q);
+  assert.is(readU64(q, l2EntryAt(q, 0)) >> 62n, 1n, 'guest cluster 0 is stored compressed');
   return q;
 }
 

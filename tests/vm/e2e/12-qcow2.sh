@@ -26,7 +26,10 @@ scenario() {
     tmpl_sum=$(sha256sum < "$tmpl")
     (cd src && find . -type f -print0 | sort -z | xargs -0 sha256sum) > src.sha256
     must "fvd create -b tmpl.qcow2 -F qcow2 img.fvd" fvd create -b "$tmpl" -F qcow2 "$img"
-    check "fvd info shows the qcow2 base" bash -c "fvd info --backing-chain '$img' | grep -q 'compression type: zlib'"
+    local info
+    info=$(fvd info --backing-chain "$img" 2>&1)
+    if grep -q 'compression type: zlib' <<< "$info"; then ok "fvd info --backing-chain shows the zlib qcow2 level"
+    else not_ok "fvd info --backing-chain does not show the qcow2 level" "$info"; fi
 
     serve_must "$img" --no-prefetch
     expect "device size = the template's virtual size (64 MiB)" "$(t blockdev --getsize64 "$SERVE_DEV" 2>&1)" $((64 << 20))
@@ -40,7 +43,9 @@ scenario() {
     expect "tmpl.qcow2 unchanged after serving and writing" "$(sha256sum < "$tmpl")" "$tmpl_sum"
 
     must "fvd prefetch img.fvd (copies the template in)" fvd prefetch -q "$img"
-    check "fvd info says fully local" bash -c "fvd info '$img' | grep -q 'fully local: yes'"
+    info=$(fvd info "$img" 2>&1)
+    if grep -q 'fully local: yes' <<< "$info"; then ok "fvd info says fully local"
+    else not_ok "not fully local after fvd prefetch" "$info"; fi
     expect "tmpl.qcow2 unchanged after prefetching" "$(sha256sum < "$tmpl")" "$tmpl_sum"
     rm -f "$tmpl"
 
