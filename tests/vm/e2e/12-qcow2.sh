@@ -1,6 +1,6 @@
 # tests/vm/e2e/12-qcow2.sh — sourced by tests/vm/e2e.sh (with lib.sh), runs `scenario` in $D.
 # title: FVD image over a compressed qcow2 template holding ext4: served, prefetched, template deleted
-# timeout: 600
+# timeout: 900
 #
 # base.raw = ext4 built with mkfs.ext4 -d from a tree of files; tmpl.qcow2 = `qemu-img convert -c`
 # of it (zlib-compressed clusters; unused space left unallocated); img.fvd = fvd create -b
