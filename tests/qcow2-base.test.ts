@@ -175,6 +175,9 @@ qemuTest('CLI: create -F qcow2, info --backing-chain, convert -f qcow2 to raw an
   assertOk(info);
   assert.match(info.stdout, /base image: .*mid\.qcow2 \(qcow2, 4 MiB\)\n {2}based on: .*os\.qcow2 \(qcow2, 4 MiB\)/);
   assert.match(info.stdout, /image: .*mid\.qcow2\nfile format: qcow2\nvirtual size: 4 MiB \(4194304 bytes\)\ndisk size: .*\ncluster size: 64 KiB\ncompat: 1\.1\ncompression type: zlib\nextended l2: no\nbacking file: os\.qcow2 \(qcow2\)/);
+  const map = JSON.parse(fvd('map', '--json', vm).stdout) as { offset: number; length: number; kind: string }[];
+  assert.is(map.reduce((n, e) => n + e.length, 0), 4 * MiB, 'map covers the disk');
+  assert.ok(map.some((e) => e.kind === 'base'), 'map shows what is read from the qcow2 base');
   const json = JSON.parse(fvd('info', '--json', vm).stdout) as { baseChain: { format: string; qcow2?: { clusterSize: number } }[] };
   assert.equal(json.baseChain.map((e) => e.format), ['qcow2', 'qcow2']);
   assert.is(json.baseChain[1]!.qcow2!.clusterSize, 64 * KiB);
