@@ -37,9 +37,11 @@ demo: build
 demo-engine: build
 	bash tests/demo.sh
 
-# FVD vs qcow2 vs raw through qemu-img bench, one run, same pattern and depth (installs qemu-utils).
+# FVD vs qcow2 vs raw through qemu-img bench, one run, same pattern and depth (installs qemu-utils);
+# then reading a compressed qcow2 template, fvd convert vs qemu-img convert.
 bench: build
 	bash bench/compare.sh
+	bash bench/qcow2.sh
 
 # The device against kernel loop (direct I/O) and qcow2 via qemu-nbd, fio in one guest boot
 # (or directly where this kernel has ublk). FIO_RUNTIME (default 20 s per job), BENCH_SIZE (1G).

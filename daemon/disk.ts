@@ -1,14 +1,18 @@
 /**
- * A disk as the CLI tools see it: an FVD image through the engine, or a raw file/device, behind
- * one interface, so `convert`, `io` and `bench` treat both alike.
+ * A disk as the CLI tools see it: an FVD image through the engine, a raw file/device, or a qcow2
+ * image (read-only, through the engine's qcow2 reader), behind one interface, so `convert`, `io`
+ * and `bench` treat them alike.
  */
 import fs from 'node:fs';
+import nodePath from 'node:path';
+import { Qcow2Image } from '../fvd/qcow2.js';
+import { isQcow2Magic } from '../fvd/qcow2-format.js';
 import { FvdImage, type Extent } from '../fvd/image.js';
 import { NodeFile, nodeIo } from '../fvd/node-file.js';
 import { INCOMPAT_ENCRYPTED, MAGIC } from '../fvd/format.js';
 import { UsageError } from './args.js';
 
-export type DiskFormat = 'raw' | 'fvd';
+export type DiskFormat = 'raw' | 'fvd' | 'qcow2';
 
 export interface Disk {
   readonly format: DiskFormat;
@@ -23,13 +27,14 @@ export interface Disk {
   close(): Promise<void>;
 }
 
-/** Probes by magic: sources of `convert` may be either format; bases are never probed. */
+/** Probes by magic: sources of `convert` may be any format; bases are never probed. */
 export function probeFormat(path: string): DiskFormat {
   const fd = fs.openSync(path, 'r');
   try {
     const head = Buffer.alloc(MAGIC.length);
     const n = fs.readSync(fd, head, 0, head.length, 0);
-    return n === MAGIC.length && head.equals(Buffer.from(MAGIC)) ? 'fvd' : 'raw';
+    if (n === MAGIC.length && head.equals(Buffer.from(MAGIC))) return 'fvd';
+    return isQcow2Magic(head.subarray(0, n)) ? 'qcow2' : 'raw';
   } finally {
     fs.closeSync(fd);
   }
@@ -52,7 +57,7 @@ export function isEncryptedImage(path: string): boolean {
 
 export function parseFormat(text: string | undefined, what: string): DiskFormat | undefined {
   if (text === undefined) return undefined;
-  if (text !== 'raw' && text !== 'fvd') throw new UsageError(`invalid ${what} '${text}': expected raw or fvd`);
+  if (text !== 'raw' && text !== 'fvd' && text !== 'qcow2') throw new UsageError(`invalid ${what} '${text}': expected raw, fvd or qcow2`);
   return text;
 }
 
@@ -62,7 +67,24 @@ export async function openDisk(
   options: { readOnly?: boolean; copyOnRead?: boolean; key?: Uint8Array } = {},
 ): Promise<Disk> {
   const fmt = format ?? probeFormat(path);
-  if (fmt === 'raw' && options.key) throw new UsageError(`${path}: a key was given, but this is a raw file (only FVD images are encrypted)`);
+  if (fmt !== 'fvd' && options.key) throw new UsageError(`${path}: a key was given, but this is a ${fmt} file (only FVD images are encrypted)`);
+  if (fmt === 'qcow2') {
+    if (!options.readOnly) throw new UsageError(`${path}: fvd reads qcow2 images but never writes them (open it read-only, -r)`);
+    const img = await Qcow2Image.open(nodeIo, nodePath.resolve(path));
+    const readOnly = () => Promise.reject(new UsageError(`${path}: fvd never writes qcow2 images`));
+    return {
+      format: 'qcow2',
+      size: img.size,
+      read: (b, o) => img.read(b, o),
+      write: readOnly,
+      writeZeroes: readOnly,
+      discard: readOnly,
+      flush: async () => {},
+      // Unallocated clusters cost no I/O to read (zeros in memory), so one extent is enough here.
+      extents: () => [{ offset: 0, length: img.size, kind: 'local' }],
+      close: () => img.close(),
+    };
+  }
   if (fmt === 'fvd') {
     const img = await FvdImage.open(nodeIo, path, options);
     return {

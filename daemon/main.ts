@@ -9,6 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { UsageError } from './args.js';
 import { HelpRequested, formatHelp, type CommandSpec } from './command.js';
 import { FvdError } from '../fvd/errors.js';
+import { registerZstdFallback } from './zstd-fallback.js';
 
 /** In the order `fvd --help` lists them. */
 export const COMMANDS = [
@@ -113,6 +114,7 @@ export async function main(argv: string[]): Promise<number> {
 
 /** Runs the CLI and exits with its code (from daemon/cli.ts, after the Node version check). */
 export function start(argv: string[]): void {
+  registerZstdFallback(); // zstd-compressed qcow2 bases on Node versions without node:zlib zstd
   main(argv).then(
     (code) => process.exit(code),
     (err) => {

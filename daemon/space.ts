@@ -16,9 +16,13 @@
  * On a block device (an image on an LV) there are no holes: everything mapped is data.
  */
 import fs from 'node:fs';
+import nodePath from 'node:path';
 import { FvdImage, type BaseChainEntry } from '../fvd/image.js';
 import { blockDeviceSize, nodeIo } from '../fvd/node-file.js';
 import { libc, SEEK_DATA, SEEK_HOLE } from '../ffi/libc.js';
+import { Qcow2Image } from '../fvd/qcow2.js';
+import { UsageError } from './args.js';
+import type { DiskFormat } from './disk.js';
 
 export interface MapEntry {
   start: number;
@@ -121,6 +125,8 @@ async function mapFvd(image: FvdImage, chain: BaseChainEntry[], depth: number, s
   const deeper: MapEntry[] = [];
   if (base.format === 'raw') {
     for (const [a, b] of below) mapRaw(base.path, base.size, depth + 1, a, b, deeper);
+  } else if (base.format === 'qcow2') {
+    for (const [a, b] of below) await mapQcow2(chain, depth + 1, a, b, deeper);
   } else {
     const img = await FvdImage.open(nodeIo, base.path, { readOnly: true, withoutKey: true });
     try {
@@ -139,6 +145,39 @@ async function mapFvd(image: FvdImage, chain: BaseChainEntry[], depth: number, s
     }
   }
   out.splice(0, out.length, ...merged);
+}
+
+/**
+ * A qcow2 level's map over [start, end) (chain[0] is the qcow2 level, chain[1..] its backing
+ * levels): clusters stored at this level are `data` (no offset: compressed clusters have no
+ * plain file offset), zero clusters `zero`, and the rest is looked up in the backing file, one
+ * level deeper (zeros, not present, past its end or without one).
+ */
+async function mapQcow2(chain: BaseChainEntry[], depth: number, start: number, end: number, out: MapEntry[]): Promise<void> {
+  const level = chain[0]!;
+  const img = await Qcow2Image.open(nodeIo, level.path);
+  try {
+    const len = Math.min(end, img.size) - start;
+    const runs = len > 0 ? await img.allocation(start, len) : [];
+    for (const r of runs) {
+      if (r.kind === 'data') push(out, { start: r.offset, length: r.length, depth, present: true, zero: false, data: true });
+      else if (r.kind === 'zero') push(out, { start: r.offset, length: r.length, depth, present: true, zero: true, data: false });
+      else {
+        const below = chain[1];
+        const stop = Math.min(r.offset + r.length, below ? below.size : r.offset);
+        if (below && stop > r.offset) {
+          if (below.format === 'raw') mapRaw(below.path, below.size, depth + 1, r.offset, stop, out);
+          else await mapQcow2(chain.slice(1), depth + 1, r.offset, stop, out);
+        }
+        const from = Math.max(r.offset, stop);
+        if (r.offset + r.length > from) push(out, { start: from, length: r.offset + r.length - from, depth: depth + 1, present: false, zero: true, data: false });
+      }
+    }
+    if (end > Math.max(start, img.size))
+      push(out, { start: Math.max(start, img.size), length: end - Math.max(start, img.size), depth, present: false, zero: true, data: false });
+  } finally {
+    await img.close();
+  }
 }
 
 /** The whole map of an open FVD image and its chain. */
@@ -180,10 +219,20 @@ export function spaceFigures(map: MapEntry[]): { bytesData: number; bytesZero: n
 }
 
 /** The map of a file by its format (FVD: through its chain; raw: its holes), and its virtual size. */
-export async function mapPath(path: string, format: 'raw' | 'fvd', key?: Uint8Array): Promise<{ size: number; map: MapEntry[]; chain: string[] }> {
+export async function mapPath(path: string, format: DiskFormat, key?: Uint8Array): Promise<{ size: number; map: MapEntry[]; chain: string[] }> {
   if (format === 'raw') {
     const map = mapRawFile(path);
     return { size: map.reduce((n, e) => n + e.length, 0), map, chain: [path] };
+  }
+  if (format === 'qcow2') {
+    if (key) throw new UsageError(`${path}: a key was given, but this is a qcow2 file (only FVD images are encrypted)`);
+    const img = await Qcow2Image.open(nodeIo, nodePath.resolve(path));
+    const chain = img.describe();
+    const size = img.size;
+    await img.close();
+    const map: MapEntry[] = [];
+    await mapQcow2(chain, 0, 0, size, map);
+    return { size, map, chain: chain.map((c) => c.path) };
   }
   const image = await FvdImage.open(nodeIo, path, key ? { readOnly: true, key } : { readOnly: true, withoutKey: true });
   try {

@@ -34,7 +34,11 @@ export const AUTOCLEAR_KNOWN = AUTOCLEAR_FULLY_LOCAL;
 export const BASE_NONE = 0;
 export const BASE_RAW = 1;
 export const BASE_FVD = 2;
-export type BaseFormat = 'raw' | 'fvd';
+/** A qcow2 image, read natively and never written (FORMAT.md §13). */
+export const BASE_QCOW2 = 3;
+export type BaseFormat = 'raw' | 'fvd' | 'qcow2';
+/** The base formats, for messages. */
+export const BASE_FORMAT_CHOICES = 'raw, qcow2 or fvd';
 
 export const MIN_BLOCK_SIZE = 4096;
 export const MAX_BLOCK_SIZE = 64 * 1024 * 1024;
@@ -233,7 +237,7 @@ function validateGeometry(path: string, h: Header, fileSize: number): void {
     throw bad(`invalid virtual size ${h.virtualSize}`);
   if (!isPow2(h.blockSize) || h.blockSize < MIN_BLOCK_SIZE || h.blockSize > MAX_BLOCK_SIZE) throw bad(`invalid block size ${h.blockSize}`);
   if (!isPow2(h.chunkSize) || h.chunkSize < h.blockSize || h.chunkSize > MAX_CHUNK_SIZE) throw bad(`invalid chunk size ${h.chunkSize}`);
-  if (h.baseFormat > BASE_FVD) throw bad(`invalid base format ${h.baseFormat}`);
+  if (h.baseFormat > BASE_QCOW2) throw bad(`invalid base format ${h.baseFormat}`);
   if ((h.baseFormat === BASE_NONE) !== (h.basePathLength === 0)) throw bad('base format and base path disagree');
   if (h.basePathLength > MAX_BASE_PATH) throw bad(`base path length ${h.basePathLength} too long`);
   if (!Number.isSafeInteger(h.baseSize) || (h.baseFormat === BASE_NONE && h.baseSize !== 0)) throw bad(`invalid base size ${h.baseSize}`);
@@ -335,5 +339,10 @@ export function computeLayout(i: LayoutInput): Pick<Header, 'bitmapOffset' | 'bi
 }
 
 export function baseFormatName(code: number): BaseFormat | 'none' {
-  return code === BASE_RAW ? 'raw' : code === BASE_FVD ? 'fvd' : 'none';
+  return code === BASE_RAW ? 'raw' : code === BASE_FVD ? 'fvd' : code === BASE_QCOW2 ? 'qcow2' : 'none';
+}
+
+/** The `base_format` code of a format name, or -1 for a name that is none of them. */
+export function baseFormatCode(name: string): number {
+  return name === 'raw' ? BASE_RAW : name === 'fvd' ? BASE_FVD : name === 'qcow2' ? BASE_QCOW2 : -1;
 }

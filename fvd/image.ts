@@ -41,6 +41,9 @@ import {
   PAGE,
   SECTOR,
   VERSION,
+  BASE_FORMAT_CHOICES,
+  BASE_QCOW2,
+  baseFormatCode,
   baseFormatName,
   computeLayout,
   crc,
@@ -56,6 +59,7 @@ import { BlockLocks } from './block-locks.js';
 import { SectorGate } from './sector-gate.js';
 import { BufferPool, KeyError, parseCryptFields, sealNewKey, unlock, type KdfParams, type XtsCipher } from './crypto.js';
 import { SnapshotManager, SnapshotState, loadSnapshotState, type SnapshotHost } from './snapshot.js';
+import { Qcow2Image, type Qcow2Details } from './qcow2.js';
 
 export interface CreateOptions {
   /** Virtual size in bytes; defaults to the base's size (rounded up to 512). */
@@ -119,6 +123,8 @@ export interface BaseChainEntry {
   path: string;
   format: BaseFormat;
   size: number;
+  /** A qcow2 level's header facts (for `info --backing-chain`). */
+  qcow2?: Qcow2Details;
 }
 
 export type ExtentKind = 'local' | 'base' | 'zero';
@@ -298,10 +304,10 @@ export class FvdImage {
     let basePath = '';
     let baseFormat = BASE_NONE;
     if (options.base !== undefined) {
-      if (!options.baseFormat) throw new FvdError(`base image given without its format: add -F raw or -F fvd`, 'EINVAL');
+      if (!options.baseFormat) throw new FvdError(`base image given without its format: add -F raw, -F qcow2 or -F fvd`, 'EINVAL');
       basePath = options.base;
-      baseFormat = options.baseFormat === 'raw' ? BASE_RAW : options.baseFormat === 'fvd' ? BASE_FVD : -1;
-      if (baseFormat < 0) throw new FvdError(`unknown base format '${options.baseFormat}' (raw or fvd)`, 'EINVAL');
+      baseFormat = baseFormatCode(options.baseFormat);
+      if (baseFormat < 0) throw new FvdError(`unknown base format '${options.baseFormat}' (${BASE_FORMAT_CHOICES})`, 'EINVAL');
       const pathBytes = Buffer.from(basePath, 'utf8');
       if (pathBytes.length === 0 || pathBytes.length > MAX_BASE_PATH)
         throw new FvdError(`base path must be 1 to ${MAX_BASE_PATH} bytes long`, 'EINVAL');
@@ -1563,6 +1569,8 @@ export async function openBase(io: IoBackend, resolved: string, format: number, 
         describe: () => [{ path: resolved, format: 'raw', size: file.size() }],
       };
     }
+    // Its own backing chain continues below, with the levels above it for loop detection.
+    if (format === BASE_QCOW2) return await Qcow2Image.open(io, resolved, { chain });
     const image = await openImage(io, resolved, { readOnly: true, copyOnRead: false }, chain, 'shared');
     return {
       size: image.size,
@@ -1605,13 +1613,21 @@ export function holeAt(file: BlockFile, a: number, z: number): boolean {
   return next !== undefined && next !== null && next >= z;
 }
 
-/** Sets the bit of every all-zero block of the base (FVD's "free write to zero-filled blocks"). */
+/**
+ * Sets the bit of every all-zero block of the base (FVD's "free write to zero-filled blocks").
+ * What the base knows to be zero from its metadata (holes of a raw file, unallocated and zero
+ * clusters of a qcow2 image) is marked without reading it.
+ */
 async function markZeroBlocks(base: BaseImage, limit: number, blockSize: number, bitmap: Uint8Array): Promise<void> {
   const step = Math.max(blockSize, Math.floor(ZERO_SCAN_BYTES / blockSize) * blockSize);
   const buf = Buffer.alloc(step);
   const zero = Buffer.alloc(blockSize);
   for (let pos = 0; pos < limit; pos += step) {
     const len = Math.min(step, limit - pos);
+    if (await base.knownZero(pos, len)) {
+      setRange(bitmap, pos / blockSize, Math.ceil(len / blockSize));
+      continue;
+    }
     await base.read(buf.subarray(0, len), pos);
     for (let off = 0; off < len; off += blockSize) {
       const n = Math.min(blockSize, len - off);

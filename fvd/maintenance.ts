@@ -25,6 +25,7 @@ import {
   BASE_FVD,
   BASE_NONE,
   BASE_PATH_OFFSET,
+  BASE_QCOW2,
   BASE_RAW,
   CHUNK_EMPTY,
   COMPAT_ZERO_DETECTED,
@@ -39,6 +40,8 @@ import {
   MIN_JOURNAL_SIZE,
   PAGE,
   SECTOR,
+  BASE_FORMAT_CHOICES,
+  baseFormatCode,
   baseFormatName,
   bitmapBytes,
   crc,
@@ -150,6 +153,9 @@ class OfflineImage {
   private checkHeader(sector: Uint8Array): Header {
     const h = decodeHeader(this.path, sector, this.file.size());
     const op = this.op === COMMIT_BASE ? 'commit' : this.op;
+    // Bases of other formats are read, never written (FORMAT.md §12.6, §13).
+    if (this.op === 'commit' && h.baseFormat === BASE_QCOW2)
+      throw new FvdError(`${this.path}: commit refuses an image over a qcow2 base: fvd reads qcow2 bases but never writes them (flatten with 'fvd convert' instead)`, 'EINVAL');
     if (h.incompatible & INCOMPAT_SNAPSHOTS)
       throw new FvdError(`${this.path}: ${op} refuses ${this.op === COMMIT_BASE ? 'a base' : 'an image'} with internal snapshots: ${SNAPSHOT_REFUSAL[this.op] ?? 'not supported'}`, 'EINVAL');
     const extra = h.incompatible & ~MAINTENANCE_INCOMPAT;
@@ -909,9 +915,9 @@ export async function rebaseImage(io: IoBackend, imagePath: string, options: Reb
   const newPath = options.base;
   let fmt = BASE_NONE;
   if (newPath !== '') {
-    if (options.baseFormat === undefined) throw new FvdError(`rebase: new base given without its format: add -F raw or -F fvd`, 'EINVAL');
-    fmt = options.baseFormat === 'raw' ? BASE_RAW : options.baseFormat === 'fvd' ? BASE_FVD : -1;
-    if (fmt < 0) throw new FvdError(`rebase: unknown base format '${options.baseFormat}' (raw or fvd)`, 'EINVAL');
+    if (options.baseFormat === undefined) throw new FvdError(`rebase: new base given without its format: add -F raw, -F qcow2 or -F fvd`, 'EINVAL');
+    fmt = baseFormatCode(options.baseFormat);
+    if (fmt < 0) throw new FvdError(`rebase: unknown base format '${options.baseFormat}' (${BASE_FORMAT_CHOICES})`, 'EINVAL');
     const n = Buffer.byteLength(newPath);
     if (n > MAX_BASE_PATH) throw new FvdError(`rebase: base path must be 1 to ${MAX_BASE_PATH} bytes long`, 'EINVAL');
   }

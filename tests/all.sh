@@ -17,6 +17,7 @@ counts() {
   echo "${p:-0} ${f:-1}"
 }
 
+bash tests/host-tools.sh   # qemu-utils for the qcow2 tests (they report a skip without it)
 node build/tests/run.js 2>&1 | tee "$log"
 unit_rc=${PIPESTATUS[0]}
 read -r up uf < <(counts "$log")

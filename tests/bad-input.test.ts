@@ -432,6 +432,9 @@ test('invalid base format code, base path checksum mismatch, base format/path di
   const a = await mk('a.fvd');
   rewriteField(a, 'baseFormat', 9);
   await expectRefused(a, /invalid base format 9/, { others: [base] });
+  const a4 = await mk('a4.fvd');
+  rewriteField(a4, 'baseFormat', 4); // the first value past qcow2 (3): unknown to this reader
+  await expectRefused(a4, /invalid base format 4/, { others: [base] });
   const b = await mk('b.fvd');
   flipByte(b, 512, 0x01); // the path's first byte; its CRC in the header no longer matches
   await expectRefused(b, /base path checksum mismatch/, { others: [base] });

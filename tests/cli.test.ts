@@ -293,9 +293,9 @@ test('create: default size from the base; -F required with -b; -F without -b; un
   assertSameBytes(await readWholeDisk(nodeIo, rel), Buffer.concat([data, Buffer.alloc(MiB - 1000)]), 'bigger than its base');
 
   for (const [args, re] of [
-    [['create', '-b', base, path.join(dir, 'x.fvd')], /-F raw or -F fvd/],
+    [['create', '-b', base, path.join(dir, 'x.fvd')], /-F raw, -F qcow2 or -F fvd/],
     [['create', '-F', 'raw', path.join(dir, 'x.fvd'), '1M'], /-F given without a base/],
-    [['create', '-b', base, '-F', 'qcow2', path.join(dir, 'x.fvd')], /invalid base format 'qcow2'/],
+    [['create', '-b', base, '-F', 'vmdk', path.join(dir, 'x.fvd')], /invalid base format 'vmdk'/],
     [['create', '-b', path.join(dir, 'missing.raw'), '-F', 'raw', path.join(dir, 'x.fvd')], /missing\.raw.* not found/],
   ] as Array<[string[], RegExp]>) {
     assertOneLineError(fvd(...args), re);
@@ -822,7 +822,7 @@ test('convert: FVD over a raw base → raw, byte-identical; inputs untouched', a
   assert.is(sha256File(out2), sha256File(out));
   assertOneLineError(fvd('convert', '--force', img, img), /same file/);
   assertOneLineError(fvd('convert', path.join(dir, 'missing.fvd'), path.join(dir, 'o.raw')), /missing\.fvd: no such file/);
-  assertOneLineError(fvd('convert', '-O', 'qcow2', img, path.join(dir, 'o.raw')), /invalid output format 'qcow2'/);
+  assertOneLineError(fvd('convert', '-O', 'qcow2', img, path.join(dir, 'o.raw')), /fvd reads qcow2 images but does not write them/);
   assert.not.ok(fs.existsSync(path.join(dir, 'o.raw')));
   assertUnchanged(before, 'refused converts');
 });
@@ -989,7 +989,7 @@ test('io -f raw on a raw file: reads, writes, zero, range checks', () => {
   assert.ok(b.subarray(128 * KiB).every((x) => x === 0x55));
   const before = snapshot([f]);
   assertOneLineError(fvd('io', '-f', 'raw', '-c', 'write 255k 2k', f), /outside the disk/);
-  assertOneLineError(fvd('io', '-f', 'qcow2', '-c', 'read 0 1', f), /invalid format 'qcow2'/);
+  assertOneLineError(fvd('io', '-f', 'vmdk', '-c', 'read 0 1', f), /invalid format 'vmdk'/);
   assertUnchanged(before, 'refused raw io');
 });
 

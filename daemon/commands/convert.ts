@@ -1,8 +1,8 @@
 /**
- * fvd convert [-f raw|fvd] [-O raw|fvd] [--layout raw|compact] [--block-size N]
+ * fvd convert [-f raw|qcow2|fvd] [-O raw|fvd] [--layout raw|compact] [--block-size N]
  *             [--key-file PATH|-] [--encrypt [--target-key-file PATH|-]] SRC DST
- * Flattens SRC (an FVD image with its whole base chain, or a raw file) into DST. Zero ranges are
- * skipped, so the output is sparse. DST must not exist (or --force).
+ * Flattens SRC (an FVD image with its whole base chain, a qcow2 image with its backing chain, or a
+ * raw file) into DST. Zero ranges are skipped, so the output is sparse. DST must not exist (or --force).
  *
  * Keys: --key-file unlocks an encrypted SRC; with --encrypt (-O fvd) the output is encrypted
  * with --target-key-file, or else with the --key-file key.
@@ -12,17 +12,20 @@ import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import { UsageError, parseSize, progressPrinter } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
-import { isEncryptedImage, openDisk, parseFormat, probeFormat, type Disk } from '../disk.js';
+import { isEncryptedImage, openDisk, parseFormat, probeFormat, type Disk, type DiskFormat } from '../disk.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
-const STEP = 1024 * 1024;
+/** Bytes per read: large enough that a compressed qcow2 source decompresses many clusters at once. */
+const STEP = 4 * 1024 * 1024;
+/** Granularity of the zero ranges left unwritten (sparse) in the output. */
+const SPARSE_STEP = 1024 * 1024;
 
 export const spec = defineCommand({
   name: 'convert',
   summary: 'copy a disk into a new file: flatten an image with its base chain, or import a raw file',
-  usage: ['[-f raw|fvd] [-O raw|fvd] [--layout raw|compact] [-p] [options] SRC DST'],
+  usage: ['[-f raw|qcow2|fvd] [-O raw|fvd] [--layout raw|compact] [-p] [options] SRC DST'],
   options: {
-    f: { type: 'string', short: 'f', arg: 'raw|fvd', help: "SRC's format (default: probed)" },
+    f: { type: 'string', short: 'f', arg: 'raw|qcow2|fvd', help: "SRC's format (default: probed)" },
     O: { type: 'string', short: 'O', default: 'raw', arg: 'raw|fvd', help: 'output format' },
     layout: { type: 'string', default: 'raw', arg: 'raw|compact', help: '-O fvd: the layout of the output' },
     'block-size': { type: 'string', arg: 'SIZE', help: '-O fvd: block size of the output' },
@@ -41,6 +44,7 @@ export async function run(args: string[]): Promise<number> {
   const [src, dst] = positionals as [string, string];
   const inFmt = parseFormat(values.f, 'source format');
   const outFmt = parseFormat(values.O, 'output format')!;
+  if (outFmt === 'qcow2') throw new UsageError('fvd reads qcow2 images but does not write them: -O raw or -O fvd');
   if (values.layout !== 'raw' && values.layout !== 'compact') throw new UsageError(`invalid layout '${values.layout}': expected raw or compact`);
   if (!fs.existsSync(src)) throw new UsageError(`${src}: no such file`);
   if (fs.existsSync(dst) && !values.force) throw new UsageError(`${dst} already exists; use --force to overwrite it`);
@@ -74,8 +78,8 @@ export async function run(args: string[]): Promise<number> {
 async function convert(
   src: string,
   dst: string,
-  inFmt: 'raw' | 'fvd' | undefined,
-  outFmt: 'raw' | 'fvd',
+  inFmt: DiskFormat | undefined,
+  outFmt: DiskFormat,
   values: { layout?: string; 'block-size'?: string; p?: boolean },
   key: Uint8Array | undefined,
   targetKey: Uint8Array | undefined,
@@ -95,22 +99,40 @@ async function convert(
       });
     }
     target = await openDisk(dst, outFmt, { key: targetKey });
-    const buf = Buffer.alloc(STEP);
     const progress = progressPrinter(!!values.p);
+    // Pieces of the non-zero extents, read one ahead of the write (two buffers), so reading and
+    // decompressing the next piece overlaps writing this one.
+    const pieces: [number, number][] = [];
     for (const e of source.extents()) {
-      progress.update(e.offset, source.size);
       if (e.kind === 'zero') continue;
-      for (let pos = e.offset; pos < e.offset + e.length; pos += STEP) {
-        progress.update(pos, source.size);
-        const len = Math.min(STEP, e.offset + e.length - pos);
-        const piece = buf.subarray(0, len);
-        await source.read(piece, pos);
-        if (isZero(piece)) continue; // keep the output sparse
+      for (let pos = e.offset; pos < e.offset + e.length; pos += STEP) pieces.push([pos, Math.min(STEP, e.offset + e.length - pos)]);
+    }
+    const bufs = [Buffer.alloc(STEP), Buffer.alloc(STEP)];
+    const readPiece = (i: number) => source.read(bufs[i % 2]!.subarray(0, pieces[i]![1]), pieces[i]![0]);
+    let reading: Promise<void> | null = pieces.length ? readPiece(0) : null;
+    for (let i = 0; i < pieces.length; i++) {
+      await reading;
+      reading = i + 1 < pieces.length ? readPiece(i + 1) : null;
+      // Not left unobserved if this piece's write fails: the loop ends with the write's error.
+      reading?.catch(() => {});
+      const [pos, len] = pieces[i]!;
+      progress.update(pos, source.size);
+      const buf = bufs[i % 2]!;
+      // Zero stretches of SPARSE_STEP are not written (the output stays sparse); the rest is
+      // written in runs.
+      for (let a = 0; a < len; ) {
+        if (isZero(buf.subarray(a, Math.min(len, a + SPARSE_STEP)))) {
+          a += SPARSE_STEP;
+          continue;
+        }
+        let z = Math.min(len, a + SPARSE_STEP);
+        while (z < len && !isZero(buf.subarray(z, Math.min(len, z + SPARSE_STEP)))) z = Math.min(len, z + SPARSE_STEP);
         // A raw source's unaligned tail: an FVD target is 512-byte granular (and an encrypted one
         // takes whole sectors only), so write the tail's sector with zero padding.
-        const wlen = Math.min(Math.ceil(len / 512) * 512, target.size - pos);
-        buf.fill(0, len, wlen);
-        await target.write(buf.subarray(0, wlen), pos);
+        const wend = Math.min(Math.ceil(z / 512) * 512, target.size - pos);
+        buf.fill(0, z, wend);
+        await target.write(buf.subarray(a, wend), pos + a);
+        a = z;
       }
     }
     await target.flush();
@@ -123,7 +145,7 @@ async function convert(
   return 0;
 }
 
-const ZERO = Buffer.alloc(STEP);
+const ZERO = Buffer.alloc(SPARSE_STEP);
 function isZero(b: Buffer): boolean {
   return b.compare(ZERO, 0, b.length) === 0;
 }

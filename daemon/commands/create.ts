@@ -1,10 +1,11 @@
 /**
- * fvd create [-b BASE] [-F raw|fvd] [--layout raw|compact] [--block-size N] [--chunk-size N]
+ * fvd create [-b BASE] [-F raw|qcow2|fvd] [--layout raw|compact] [--block-size N] [--chunk-size N]
  *            [--encrypt --key-file PATH|-] IMAGE [SIZE]
  */
 import fs from 'node:fs';
 import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../fvd/node-file.js';
+import { BASE_FORMAT_CHOICES, baseFormatCode, type BaseFormat } from '../../fvd/format.js';
 import { UsageError, formatSize, parseSize } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
@@ -12,10 +13,10 @@ import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 export const spec = defineCommand({
   name: 'create',
   summary: 'create an image, empty or as a copy-on-write layer over a base',
-  usage: ['[-b BASE -F raw|fvd] [--layout raw|compact] [options] IMAGE [SIZE]'],
+  usage: ['[-b BASE -F raw|qcow2|fvd] [--layout raw|compact] [options] IMAGE [SIZE]'],
   options: {
     base: { type: 'string', short: 'b', arg: 'BASE', help: 'base image (read-only; its path is recorded relative to IMAGE)' },
-    'base-format': { type: 'string', short: 'F', arg: 'raw|fvd', help: "the base's format (required with -b: never probed)" },
+    'base-format': { type: 'string', short: 'F', arg: 'raw|qcow2|fvd', help: "the base's format (required with -b: never probed)" },
     layout: { type: 'string', default: 'raw', arg: 'raw|compact', help: 'raw-like (guest offset = file offset) or compact (lookup table; thin, works on block devices)' },
     'block-size': { type: 'string', arg: 'SIZE', help: 'copy-on-write unit, one bitmap bit (default 64K)' },
     'chunk-size': { type: 'string', arg: 'SIZE', help: 'allocation unit of the compact layout (default 1M)' },
@@ -34,9 +35,9 @@ export async function run(args: string[]): Promise<number> {
   const [image, sizeText] = positionals as [string, string | undefined];
   if (values.layout !== 'raw' && values.layout !== 'compact') throw new UsageError(`invalid layout '${values.layout}': expected raw or compact`);
   const baseFormat = values['base-format'];
-  if (baseFormat !== undefined && baseFormat !== 'raw' && baseFormat !== 'fvd') throw new UsageError(`invalid base format '${baseFormat}': expected raw or fvd`);
+  if (baseFormat !== undefined && baseFormatCode(baseFormat) < 0) throw new UsageError(`invalid base format '${baseFormat}': expected ${BASE_FORMAT_CHOICES}`);
   if (baseFormat && !values.base) throw new UsageError('-F given without a base image (-b)');
-  if (values.base && !baseFormat) throw new UsageError('base image given without its format: add -F raw or -F fvd (formats are recorded, never probed)');
+  if (values.base && !baseFormat) throw new UsageError('base image given without its format: add -F raw, -F qcow2 or -F fvd (formats are recorded, never probed)');
   if (!sizeText && !values.base) throw new UsageError('a size is required when there is no base image');
   const size = sizeText ? parseSize(sizeText) : undefined;
   if (size === 0) throw new UsageError('size must be greater than zero');
@@ -55,7 +56,7 @@ export async function run(args: string[]): Promise<number> {
   await FvdImage.create(nodeIo, image, {
     size,
     base: values.base,
-    baseFormat: baseFormat as 'raw' | 'fvd' | undefined,
+    baseFormat: baseFormat as BaseFormat | undefined,
     layout: values.layout,
     blockSize: values['block-size'] ? parseSize(values['block-size'], 'block size') : undefined,
     chunkSize: values['chunk-size'] ? parseSize(values['chunk-size'], 'chunk size') : undefined,

@@ -14,6 +14,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { FvdImage, type BaseChainEntry, type ImageStats } from '../../fvd/image.js';
+import type { Qcow2Details } from '../../fvd/qcow2.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import { formatSize } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
@@ -42,7 +43,7 @@ export async function run(args: string[]): Promise<number> {
   const texts = [top.text];
   if (values['backing-chain']) {
     for (const b of top.chain) {
-      const d = b.format === 'fvd' ? await describeImage(b.path, undefined) : describeRaw(b);
+      const d = b.format === 'fvd' ? await describeImage(b.path, undefined) : b.qcow2 ? describeQcow2(b, b.qcow2) : describeRaw(b);
       entries.push(d.info);
       texts.push(d.text);
     }
@@ -162,5 +163,40 @@ function describeRaw(b: BaseChainEntry): { info: Record<string, unknown>; text: 
       `disk size: ${formatSize(actual)}`,
       `data: ${formatSize(space.bytesData)}, holes: ${formatSize(space.bytesZero)}`,
     ].join('\n'),
+  };
+}
+
+/** A qcow2 level of the chain, with the facts `qemu-img info` shows for it (format-specific data). */
+function describeQcow2(b: BaseChainEntry, q: Qcow2Details): { info: Record<string, unknown>; text: string } {
+  const st = fs.statSync(b.path);
+  const actual = st.isBlockDevice() ? b.size : st.blocks * 512;
+  const compat = q.version === 2 ? '0.10' : '1.1';
+  const text = [
+    `image: ${b.path}`,
+    `file format: qcow2`,
+    `virtual size: ${formatSize(b.size)} (${b.size} bytes)`,
+    `disk size: ${formatSize(actual)}`,
+    `cluster size: ${formatSize(q.clusterSize)}`,
+    `compat: ${compat}`,
+    `compression type: ${q.compression}`,
+    `extended l2: ${q.extendedL2 ? 'yes' : 'no'}`,
+  ];
+  if (q.dataFile) text.push(`data file: ${q.dataFile}`);
+  if (q.backingFile) text.push(`backing file: ${q.backingFile} (${q.backingFormat})`);
+  return {
+    info: {
+      filename: b.path,
+      format: 'qcow2',
+      'virtual-size': b.size,
+      'actual-size': actual,
+      'cluster-size': q.clusterSize,
+      'dirty-flag': false,
+      ...(q.backingFile ? { 'backing-filename': q.backingFile, 'backing-filename-format': q.backingFormat } : {}),
+      'format-specific': {
+        type: 'qcow2',
+        data: { compat, 'compression-type': q.compression, 'extended-l2': q.extendedL2, ...(q.dataFile ? { 'data-file': q.dataFile } : {}) },
+      },
+    },
+    text: text.join('\n'),
   };
 }

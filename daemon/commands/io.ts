@@ -49,10 +49,10 @@ function parseIoCommand(text: string): Parsed {
 export const spec = defineCommand({
   name: 'io',
   summary: 'run I/O commands on an image or raw file, like qemu-io',
-  usage: ['[-f raw|fvd] [-r] [--no-copy-on-read] [--key-file PATH|-] -c CMD [-c CMD ...] IMAGE'],
+  usage: ['[-f raw|fvd|qcow2] [-r] [--no-copy-on-read] [--key-file PATH|-] -c CMD [-c CMD ...] IMAGE'],
   options: {
     c: { type: 'string', short: 'c', multiple: true, arg: 'CMD', help: 'a command to run (repeatable; see below)' },
-    f: { type: 'string', short: 'f', arg: 'raw|fvd', help: "IMAGE's format (default: probed; a probed raw file's sector 0 is not written)" },
+    f: { type: 'string', short: 'f', arg: 'raw|fvd|qcow2', help: "IMAGE's format (default: probed; a probed raw file's sector 0 is not written)" },
     'read-only': { type: 'boolean', short: 'r', default: false, help: 'open read-only' },
     'no-copy-on-read': { type: 'boolean', default: false, help: 'do not store base data read into the image' },
     ...KEY_FILE_OPTION,

@@ -1,5 +1,5 @@
 /**
- * fvd rebase -b NEWBASE -F raw|fvd [-u] [-p] [--key-file PATH|-] IMAGE — changes the image's base, like qemu-img rebase.
+ * fvd rebase -b NEWBASE -F raw|qcow2|fvd [-u] [-p] [--key-file PATH|-] IMAGE — changes the image's base, like qemu-img rebase.
  * Safe mode copies into the image what the old chain shows and the new one does not, so the
  * image reads the same afterwards; -u switches the header only (the old base need not exist).
  * -b "" removes the base (the image becomes standalone). NEWBASE is recorded as given and, if
@@ -9,6 +9,7 @@
  */
 import { rebaseImage } from '../../fvd/maintenance.js';
 import { nodeIo } from '../../fvd/node-file.js';
+import { BASE_FORMAT_CHOICES, baseFormatCode, type BaseFormat } from '../../fvd/format.js';
 import { UsageError, formatSize, progressPrinter } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
@@ -16,10 +17,10 @@ import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 export const spec = defineCommand({
   name: 'rebase',
   summary: 'change the base of an image (-b "" removes it), keeping what the image reads',
-  usage: ['-b NEWBASE -F raw|fvd [-u] [-p] [--output=human|json] [--key-file PATH|-] IMAGE', '-b "" [-p] IMAGE'],
+  usage: ['-b NEWBASE -F raw|qcow2|fvd [-u] [-p] [--output=human|json] [--key-file PATH|-] IMAGE', '-b "" [-p] IMAGE'],
   options: {
     base: { type: 'string', short: 'b', arg: 'NEWBASE', help: 'the new base ("" for none); a relative path is taken from IMAGE\'s directory' },
-    'base-format': { type: 'string', short: 'F', arg: 'raw|fvd', help: "the new base's format (required: never probed)" },
+    'base-format': { type: 'string', short: 'F', arg: 'raw|qcow2|fvd', help: "the new base's format (required: never probed)" },
     unsafe: { type: 'boolean', short: 'u', default: false, help: 'change the header only (NEWBASE holds the same data; the old base may be gone)' },
     p: { type: 'boolean', short: 'p', default: false, help: 'show progress on stderr' },
     ...OUTPUT_OPTIONS,
@@ -32,13 +33,13 @@ export async function run(args: string[]): Promise<number> {
   if (positionals.length !== 1 || values.base === undefined) throw usageError(spec);
   const json = outputFormat(values) === 'json';
   const fmt = values['base-format'];
-  if (fmt !== undefined && fmt !== 'raw' && fmt !== 'fvd') throw new UsageError(`invalid base format '${fmt}': expected raw or fvd`);
+  if (fmt !== undefined && baseFormatCode(fmt) < 0) throw new UsageError(`invalid base format '${fmt}': expected ${BASE_FORMAT_CHOICES}`);
   if (values.base === '' && fmt !== undefined) throw new UsageError('-F given with -b "" (removing the base)');
-  if (values.base !== '' && fmt === undefined) throw new UsageError('new base given without its format: add -F raw or -F fvd (formats are recorded, never probed)');
+  if (values.base !== '' && fmt === undefined) throw new UsageError('new base given without its format: add -F raw, -F qcow2 or -F fvd (formats are recorded, never probed)');
   const image = positionals[0]!;
   const key = readKeyFile(values['key-file']);
   const progress = progressPrinter(values.p);
-  const r = await rebaseImage(nodeIo, image, { base: values.base, baseFormat: fmt, unsafe: values.unsafe, key, onProgress: (d, t) => progress.update(d, t) }).finally(() => {
+  const r = await rebaseImage(nodeIo, image, { base: values.base, baseFormat: fmt as BaseFormat | undefined, unsafe: values.unsafe, key, onProgress: (d, t) => progress.update(d, t) }).finally(() => {
     progress.done();
     wipe(key);
   });

@@ -1,0 +1,180 @@
+/**
+ * Decompression of qcow2 compressed clusters: zlib (raw deflate, QEMU's default) and zstd.
+ *
+ * A compressed cluster always decompresses to exactly one cluster (QEMU pads the last cluster of
+ * a disk whose size is not cluster-aligned). Its descriptor names whole 512-byte sectors, so the
+ * bytes handed here usually run past the end of the compressed stream into the next cluster's
+ * data: deflate stops at the end of its stream by itself; for zstd the frames are delimited here
+ * from their headers (what QEMU's decoder does by decoding frames until the output is full).
+ * Anything else — a stream that fails, ends early or produces more or less than one cluster —
+ * is an error, never data.
+ *
+ * Neither decoder blocks the event loop for long: deflate and Node's own zstd (node:zlib
+ * zstdDecompress, Node ≥ 22.15 / 23.8) run on the libuv thread pool. Node 20 has no zstd; the
+ * engine imports no packages, so a program that wants zstd there registers a decoder
+ * (registerZstdDecoder; the fvd CLI registers the pure-JavaScript fzstd package), which runs on
+ * the calling thread — measured in the README (qcow2 templates).
+ */
+import zlib from 'node:zlib';
+import { FvdError } from './errors.js';
+import type { CompressionType } from './qcow2-format.js';
+
+/** Decodes one complete zstd frame whose content is at most `maxLength` bytes. */
+export type ZstdDecoder = (frame: Uint8Array, maxLength: number) => Uint8Array | Promise<Uint8Array>;
+
+type NativeZstd = (buf: Uint8Array, options: { maxOutputLength: number; chunkSize: number }, cb: (err: Error | null, out: Buffer) => void) => void;
+const nativeZstd = (zlib as unknown as { zstdDecompress?: NativeZstd }).zstdDecompress;
+let registeredZstd: ZstdDecoder | null = null;
+
+/** A zstd decoder for Node versions without node:zlib's; Node's own is used where it exists. */
+export function registerZstdDecoder(decoder: ZstdDecoder | null): void {
+  registeredZstd = decoder;
+}
+
+/** Which zstd decoder reads zstd-compressed clusters: 'node:zlib', 'registered', or null (none). */
+export function zstdDecoderKind(): 'node:zlib' | 'registered' | null {
+  return nativeZstd && nativeAllowed ? 'node:zlib' : registeredZstd ? 'registered' : null;
+}
+
+/** For tests: false hides Node's own zstd, so the registered decoder (or the refusal) is exercised. */
+let nativeAllowed = true;
+export function allowNativeZstd(on: boolean): void {
+  nativeAllowed = on;
+}
+
+function zstdDecoder(): ZstdDecoder | null {
+  if (nativeZstd && nativeAllowed)
+    return (frame, maxLength) =>
+      new Promise((resolve, reject) =>
+        nativeZstd(frame, { maxOutputLength: maxLength, chunkSize: Math.max(maxLength, 64) }, (err, out) => (err ? reject(err) : resolve(out))),
+      );
+  return registeredZstd;
+}
+
+/** Throws the one-line refusal when zstd clusters cannot be read here (checked at open). */
+export function checkCompressionSupported(path: string, type: CompressionType): void {
+  if (type === 'zstd' && !zstdDecoder())
+    throw new FvdError(`${path}: qcow2 image uses zstd compression, which Node ${process.versions.node} cannot decompress (needs Node >= 22.15 or a registered decoder)`, 'EINVAL');
+}
+
+/**
+ * Decompresses one cluster from `src` (the sectors its descriptor names) into exactly
+ * `clusterSize` bytes. `where` names the cluster in errors.
+ */
+export async function decompressCluster(path: string, type: CompressionType, src: Uint8Array, clusterSize: number, where: string): Promise<Uint8Array> {
+  let out: Uint8Array;
+  try {
+    out = type === 'zlib' ? await inflateRaw(src, clusterSize) : await decodeZstdFrames(src, clusterSize);
+  } catch (err) {
+    if (err instanceof FvdError) throw err;
+    throw new FvdError(`${path}: corrupt qcow2 image: compressed cluster ${where} does not decompress (${type}: ${oneLine(err)})`, 'EIO');
+  }
+  if (out.length !== clusterSize)
+    throw new FvdError(`${path}: corrupt qcow2 image: compressed cluster ${where} decompresses to ${out.length} bytes, not ${clusterSize}`, 'EIO');
+  return out;
+}
+
+function oneLine(err: unknown): string {
+  const e = err as { code?: string; message?: string };
+  const msg = e?.code === 'ERR_BUFFER_TOO_LARGE' ? 'more than one cluster of output' : String(e?.message ?? err);
+  return msg.replace(/\s+/g, ' ').trim();
+}
+
+/**
+ * Clusters up to this size inflate on the calling thread: the work is microseconds and a
+ * round trip to the thread pool would cost more than it saves.
+ */
+const SYNC_INFLATE_MAX = 4096;
+
+async function inflateRaw(src: Uint8Array, clusterSize: number): Promise<Uint8Array> {
+  // maxOutputLength: a stream that would produce more than a cluster fails instead of growing;
+  // chunkSize: the whole cluster in one pass (the default 16 KiB means one thread-pool trip each).
+  const options = { maxOutputLength: clusterSize, chunkSize: Math.max(clusterSize, 64) };
+  if (clusterSize <= SYNC_INFLATE_MAX) return zlib.inflateRawSync(src, options);
+  return new Promise((resolve, reject) => zlib.inflateRaw(src, options, (err, out) => (err ? reject(err) : resolve(out))));
+}
+
+/**
+ * Decodes the zstd frames at the start of `src` until `clusterSize` bytes are out. QEMU writes
+ * one frame per cluster; more are accepted (as QEMU's reader does), padding after them is not read.
+ */
+async function decodeZstdFrames(src: Uint8Array, clusterSize: number): Promise<Uint8Array> {
+  const decode = zstdDecoder();
+  if (!decode) throw new FvdError(`zstd decompression is not available in Node ${process.versions.node}`, 'EINVAL');
+  const pieces: Uint8Array[] = [];
+  let produced = 0;
+  for (let pos = 0; produced < clusterSize; ) {
+    if (pos >= src.length) throw new Error(`the frames end after ${produced} bytes`);
+    const { length, contentSize } = zstdFrame(src, pos);
+    const frame = src.subarray(pos, pos + length);
+    pos += length;
+    if (isSkippable(frame)) continue;
+    // Checked before decoding, so a forged header cannot make a decoder allocate a huge buffer.
+    if (contentSize !== null && contentSize > clusterSize - produced) throw new Error(`a frame declares ${contentSize} bytes, more than the cluster holds`);
+    const piece = await decode(frame, clusterSize - produced);
+    if (piece.length > clusterSize - produced) throw new Error('more than one cluster of output');
+    pieces.push(piece);
+    produced += piece.length;
+  }
+  return pieces.length === 1 ? pieces[0]! : Buffer.concat(pieces);
+}
+
+const ZSTD_MAGIC = 0xfd2fb528;
+
+function isSkippable(frame: Uint8Array): boolean {
+  return (u32le(frame, 0) & 0xfffffff0) >>> 0 === 0x184d2a50;
+}
+
+function u32le(b: Uint8Array, at: number): number {
+  return (b[at]! | (b[at + 1]! << 8) | (b[at + 2]! << 16) | (b[at + 3]! << 24)) >>> 0;
+}
+
+/**
+ * The length of the zstd frame starting at `at`, from its header and block headers (RFC 8878
+ * §3.1.1), without decoding it, and the content size its header declares (null if it does not).
+ * Throws if the frame is malformed or runs past `src`.
+ */
+export function zstdFrame(src: Uint8Array, at: number): { length: number; contentSize: number | null } {
+  const need = (n: number) => {
+    if (n > src.length) throw new Error('truncated zstd frame');
+  };
+  need(at + 4);
+  const magic = u32le(src, at);
+  if ((magic & 0xfffffff0) >>> 0 === 0x184d2a50) {
+    need(at + 8);
+    const len = 8 + u32le(src, at + 4);
+    need(at + len);
+    return { length: len, contentSize: 0 };
+  }
+  if (magic !== ZSTD_MAGIC) throw new Error(`bad zstd frame magic 0x${magic.toString(16)}`);
+  need(at + 5);
+  const fhd = src[at + 4]!;
+  if (fhd & 0x08) throw new Error('reserved bit set in a zstd frame header');
+  const fcsFlag = fhd >> 6;
+  const singleSegment = (fhd >> 5) & 1;
+  const checksum = (fhd >> 2) & 1;
+  const dictIdBytes = [0, 1, 2, 4][fhd & 3]!;
+  const fcsBytes = [singleSegment ? 1 : 0, 2, 4, 8][fcsFlag]!;
+  const fcsAt = at + 5 + (singleSegment ? 0 : 1) + dictIdBytes;
+  let pos = fcsAt + fcsBytes;
+  need(pos);
+  let contentSize: number | null = null;
+  if (fcsBytes === 1) contentSize = src[fcsAt]!;
+  else if (fcsBytes === 2) contentSize = (src[fcsAt]! | (src[fcsAt + 1]! << 8)) + 256;
+  else if (fcsBytes === 4) contentSize = u32le(src, fcsAt);
+  else if (fcsBytes === 8) contentSize = u32le(src, fcsAt) + u32le(src, fcsAt + 4) * 2 ** 32;
+  for (;;) {
+    need(pos + 3);
+    const bh = src[pos]! | (src[pos + 1]! << 8) | (src[pos + 2]! << 16);
+    const last = bh & 1;
+    const type = (bh >> 1) & 3;
+    const size = bh >>> 3;
+    if (type === 3) throw new Error('reserved zstd block type');
+    pos += 3 + (type === 1 ? 1 : size);
+    need(pos);
+    if (last) break;
+  }
+  if (checksum) pos += 4;
+  need(pos);
+  return { length: pos - at, contentSize };
+}

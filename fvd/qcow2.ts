@@ -1,0 +1,570 @@
+/**
+ * A qcow2 image as a read-only base (docs/FORMAT.md §13 says what is read and what is refused).
+ *
+ * Reads go through the two-level table: the L1 table is held in memory whole (8 bytes per L2
+ * table: 16 KiB per TiB at 64 KiB clusters); L2 tables are read in slices of at most 64 KiB into a
+ * bounded LRU cache (DEFAULT_L2_CACHE_BYTES), so a 1 TiB template needs no more than that however
+ * it is read. A read of a range is first mapped — cluster by cluster, or subcluster by subcluster
+ * with extended L2 entries — into runs (data at a host offset, zeros, the backing file, or one
+ * compressed cluster), adjacent runs of the same kind merged; then the runs are filled, several at
+ * a time, so the compressed clusters of one large read decompress in parallel on the thread pool.
+ *
+ * Every offset taken from the image is checked before use (alignment, inside the file, not in the
+ * header cluster); a bad one fails the read with a one-line "corrupt qcow2 image" error.
+ * The file, its external data file and its backing files are opened read-only and never written.
+ */
+import path from 'node:path';
+import { FvdError } from './errors.js';
+import type { BlockFile, IoBackend } from './io.js';
+import {
+  HI_COMPRESSED,
+  HI_COPIED,
+  L1_RESERVED_HI,
+  L1_RESERVED_LO,
+  LO_ZERO,
+  STANDARD_RESERVED_HI,
+  STANDARD_RESERVED_LO,
+  compressedExtent,
+  corruptQcow2,
+  decodeQcow2Header,
+  entryOffset,
+  qcow2Geometry,
+  type Qcow2Geometry,
+  type Qcow2Header,
+} from './qcow2-format.js';
+import { checkCompressionSupported, decompressCluster } from './qcow2-decompress.js';
+
+/** L2 cache bound per qcow2 level: 8 MiB covers 64 GiB of disk at 64 KiB clusters, 2 TiB at 2 MiB. */
+export const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
+/** L2 tables are cached in slices of this many bytes at most (the whole table for clusters ≤ 64 KiB). */
+const L2_SLICE_BYTES = 64 * 1024;
+/** Decompressed clusters kept for partial reads of the same cluster (at least one cluster). */
+const DECOMPRESSED_CACHE_BYTES = 4 * 1024 * 1024;
+/** Runs filled at once per read: enough to keep the thread pool busy decompressing. */
+const FILL_PARALLELISM = 8;
+/**
+ * The compressed clusters of one read are fetched with one read per group of neighbours (QEMU
+ * writes them one after another): a group grows while the next stream starts within this gap of
+ * the group's end, up to COMPRESSED_GROUP_MAX bytes.
+ */
+const COMPRESSED_GROUP_GAP = 4096;
+const COMPRESSED_GROUP_MAX = 4 * 1024 * 1024;
+/** Levels below an image, as for FVD base chains. */
+export const MAX_QCOW2_CHAIN = 64;
+/** Backing "file names" that are really network or option strings: QEMU protocols fvd does not speak. */
+const PROTOCOLS = /^(nbd|nbd\+unix|nbd\+tcp|http|https|ftp|ftps|ssh|iscsi|rbd|gluster|gluster\+tcp|nfs|sheepdog|vxhs|blkdebug|null-co|null-aio|json):/;
+
+export interface ChainEntry {
+  path: string;
+  format: 'qcow2' | 'raw';
+  size: number;
+  /** qcow2 levels: what `info --backing-chain` shows of them. */
+  qcow2?: Qcow2Details;
+}
+
+export interface Qcow2Details {
+  version: 2 | 3;
+  clusterSize: number;
+  compression: 'zlib' | 'zstd';
+  extendedL2: boolean;
+  /** As stored in the image (null: none). */
+  backingFile: string | null;
+  backingFormat: string | null;
+  dataFile: string | null;
+}
+
+/** A read-only layer: a qcow2 level or the raw file at the bottom of a qcow2 chain. */
+export interface ReadOnlyLayer {
+  readonly size: number;
+  read(buf: Uint8Array, offset: number): Promise<void>;
+  /** True when the range is known to read as zeros without reading data (false: unknown). */
+  knownZero(offset: number, length: number): Promise<boolean>;
+  close(): Promise<void>;
+  describe(): ChainEntry[];
+}
+
+export interface Qcow2OpenOptions {
+  /** Bound of the L2 cache of each level, in bytes (default DEFAULT_L2_CACHE_BYTES). */
+  l2CacheBytes?: number;
+  /** Resolved paths of the images above this one (loop detection), topmost first. */
+  chain?: string[];
+}
+
+// Run kinds.
+const ZERO = 0;
+const DATA = 1;
+const BACKING = 2;
+const COMPRESSED = 3;
+
+interface Run {
+  kind: number;
+  /** Guest offset and length of the run. */
+  guest: number;
+  length: number;
+  /** DATA: host offset of `guest`. COMPRESSED: host offset of the compressed stream. */
+  host: number;
+  /** COMPRESSED: bytes the descriptor names, and the run's offset inside the decompressed cluster. */
+  compressedLength: number;
+  inCluster: number;
+  /** COMPRESSED: the stream's bytes when read ahead with its neighbours (else read on its own). */
+  src: Uint8Array | null;
+}
+
+export class Qcow2Image implements ReadOnlyLayer {
+  readonly size: number;
+  private readonly g: Qcow2Geometry;
+  private readonly sliceBytes: number;
+  private readonly sliceEntries: number;
+  private readonly maxSlices: number;
+  private readonly slices = new Map<number, DataView>();
+  private readonly loading = new Map<number, Promise<DataView>>();
+  private lastSliceKey = -1;
+  private lastSlice: DataView | null = null;
+  private readonly decompressed = new Map<number, Promise<Uint8Array>>();
+  private readonly maxDecompressed: number;
+  private readonly fileSize: number;
+
+  private constructor(
+    /** The path errors name: resolved, as the engine's base errors expect. */
+    readonly path: string,
+    readonly header: Qcow2Header,
+    private readonly file: BlockFile,
+    /** Where guest data lives: the image file, or its external data file. */
+    private readonly data: BlockFile,
+    /** Table of L2 offsets (0: no L2 table), one per L1 entry. */
+    private readonly l1: Float64Array,
+    private readonly backing: ReadOnlyLayer | null,
+    l2CacheBytes: number,
+  ) {
+    this.size = header.size;
+    this.g = qcow2Geometry(header);
+    this.fileSize = file.size();
+    this.sliceBytes = Math.min(this.g.clusterSize, L2_SLICE_BYTES);
+    this.sliceEntries = this.sliceBytes / this.g.l2EntrySize;
+    this.maxSlices = Math.max(2, Math.floor(l2CacheBytes / this.sliceBytes));
+    this.maxDecompressed = Math.max(1, Math.floor(DECOMPRESSED_CACHE_BYTES / this.g.clusterSize));
+  }
+
+  /**
+   * Opens `resolved` (an absolute path) and its backing chain read-only, each with a shared lock,
+   * so no writer that also locks (fvd) changes them underneath.
+   */
+  static async open(io: IoBackend, resolved: string, options: Qcow2OpenOptions = {}): Promise<Qcow2Image> {
+    const chain = options.chain ?? [];
+    if (chain.includes(resolved)) throw new FvdError(`base chain loop: '${resolved}' is its own backing file`, 'EINVAL');
+    if (chain.length >= MAX_QCOW2_CHAIN) throw new FvdError(`base chain longer than ${MAX_QCOW2_CHAIN} images (at '${resolved}')`, 'EINVAL');
+    const file = await io.open(resolved, { readOnly: true, lock: 'shared' });
+    let data: BlockFile | null = null;
+    let backing: ReadOnlyLayer | null = null;
+    try {
+      const fileSize = file.size();
+      const head = new Uint8Array(Math.min(fileSize, 512));
+      await file.read(head, 0);
+      const bits = head.length >= 24 ? new DataView(head.buffer).getUint32(20) : 0;
+      // The whole first cluster (header, extensions, backing name); bad cluster_bits are reported by the decoder.
+      const first = bits >= 9 && bits <= 21 && fileSize > head.length ? new Uint8Array(Math.min(fileSize, 2 ** bits)) : head;
+      if (first !== head) await file.read(first, 0);
+      const header = decodeQcow2Header(resolved, first, fileSize);
+      checkCompressionSupported(resolved, header.compression);
+      const l1 = await readL1(resolved, file, header);
+      if (header.hasDataFile) {
+        if (!header.dataFile) throw new FvdError(`${resolved}: qcow2 image uses an external data file but does not name it`, 'EINVAL');
+        data = await openRelative(io, resolved, header.dataFile, 'external data file');
+      }
+      if (header.backingFile !== null) backing = await openBacking(io, resolved, header, [...chain, resolved], options);
+      return new Qcow2Image(resolved, header, file, data ?? file, l1, backing, options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES);
+    } catch (err) {
+      await backing?.close();
+      await data?.close();
+      await file.close();
+      throw err;
+    }
+  }
+
+  async read(buf: Uint8Array, offset: number): Promise<void> {
+    this.checkRange(offset, buf.length);
+    const runs = await this.map(offset, offset + buf.length);
+    await this.readCompressedGroups(runs);
+    let next = 0;
+    let failed = false;
+    const worker = async () => {
+      while (next < runs.length && !failed) {
+        try {
+          await this.fill(buf, offset, runs[next++]!);
+        } catch (err) {
+          failed = true;
+          throw err;
+        }
+      }
+    };
+    // Settled, not raced: when one run fails, none is still writing into `buf` once this returns.
+    const results = await Promise.allSettled(Array.from({ length: Math.min(FILL_PARALLELISM, runs.length) }, worker));
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
+  }
+
+  async knownZero(offset: number, length: number): Promise<boolean> {
+    this.checkRange(offset, length);
+    for (const r of await this.map(offset, offset + length)) {
+      if (r.kind === DATA || r.kind === COMPRESSED) return false;
+      if (r.kind === BACKING && this.backing && r.guest < this.backing.size) {
+        const z = Math.min(r.guest + r.length, this.backing.size);
+        if (!(await this.backing.knownZero(r.guest, z - r.guest))) return false;
+      }
+    }
+    return true;
+  }
+
+  /**
+   * Where [offset, offset + length) lives at this level, for `map`-like callers: runs of 'data'
+   * (stored here, compressed or not), 'zero' (reads as zeros, known from the tables) and
+   * 'backing' (read from the backing file; zeros past its end or without one).
+   */
+  async allocation(offset: number, length: number): Promise<{ offset: number; length: number; kind: 'data' | 'zero' | 'backing' }[]> {
+    this.checkRange(offset, length);
+    const out: { offset: number; length: number; kind: 'data' | 'zero' | 'backing' }[] = [];
+    for (const r of await this.map(offset, offset + length)) {
+      const kind = r.kind === ZERO ? 'zero' : r.kind === BACKING ? (this.backing ? 'backing' : 'zero') : 'data';
+      const last = out[out.length - 1];
+      if (last && last.kind === kind && last.offset + last.length === r.guest) last.length += r.length;
+      else out.push({ offset: r.guest, length: r.length, kind });
+    }
+    return out;
+  }
+
+  async close(): Promise<void> {
+    this.slices.clear();
+    this.decompressed.clear();
+    this.lastSlice = null;
+    try {
+      await this.backing?.close();
+      if (this.data !== this.file) await this.data.close();
+    } finally {
+      await this.file.close();
+    }
+  }
+
+  describe(): ChainEntry[] {
+    const h = this.header;
+    const qcow2: Qcow2Details = {
+      version: h.version,
+      clusterSize: h.clusterSize,
+      compression: h.compression,
+      extendedL2: h.extendedL2,
+      backingFile: h.backingFile,
+      backingFormat: h.backingFormat,
+      dataFile: h.hasDataFile ? h.dataFile : null,
+    };
+    return [{ path: this.path, format: 'qcow2', size: this.size, qcow2 }, ...(this.backing ? this.backing.describe() : [])];
+  }
+
+  /** Bytes the L2 cache holds now (for tests and `info`). */
+  l2CacheBytes(): number {
+    return this.slices.size * this.sliceBytes;
+  }
+
+  private checkRange(offset: number, length: number): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size)
+      throw new FvdError(`${this.path}: read at ${offset}+${length} outside the ${this.size}-byte qcow2 image`, 'EINVAL');
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // mapping
+
+  /** The runs of [offset, end), in order, adjacent runs of one kind merged. */
+  private async map(offset: number, end: number): Promise<Run[]> {
+    const runs: Run[] = [];
+    const cs = this.g.clusterSize;
+    const perTable = cs * this.g.l2Entries;
+    for (let pos = offset; pos < end; ) {
+      const vc = Math.floor(pos / cs);
+      const l1i = Math.floor(vc / this.g.l2Entries);
+      const l2Offset = this.l1[l1i]!;
+      if (l2Offset === 0) {
+        // No L2 table: the whole span it would cover is unallocated.
+        const spanEnd = Math.min(end, (l1i + 1) * perTable);
+        push(runs, BACKING, pos, spanEnd - pos, 0);
+        pos = spanEnd;
+        continue;
+      }
+      const l2i = vc % this.g.l2Entries;
+      const key = l2Offset + Math.floor(l2i / this.sliceEntries) * this.sliceBytes;
+      const view = key === this.lastSliceKey ? this.lastSlice! : (this.slices.get(key) ?? (await this.loadSlice(key)));
+      if (key !== this.lastSliceKey) this.touch(key, view);
+      const cEnd = Math.min(end, (vc + 1) * cs);
+      this.classify(runs, view, (l2i % this.sliceEntries) * this.g.l2EntrySize, vc, pos, cEnd);
+      pos = cEnd;
+    }
+    return runs;
+  }
+
+  /** Appends the runs of [pos, cEnd) inside guest cluster `vc`, whose L2 entry is at `at` in `view`. */
+  private classify(runs: Run[], view: DataView, at: number, vc: number, pos: number, cEnd: number): void {
+    const cs = this.g.clusterSize;
+    const hi = view.getUint32(at);
+    const lo = view.getUint32(at + 4);
+    const where = () => `guest cluster ${vc} (offset ${vc * cs})`;
+    const ext = this.header.extendedL2;
+    const zeroBits = ext ? view.getUint32(at + 8) : 0;
+    const allocBits = ext ? view.getUint32(at + 12) : 0;
+    if (hi & HI_COMPRESSED) {
+      if (this.header.hasDataFile) throw corruptQcow2(this.path, `${where()} is compressed, which an external data file does not allow`);
+      if (zeroBits || allocBits) throw corruptQcow2(this.path, `${where()} is compressed but has a subcluster bitmap`);
+      const c = compressedExtent(hi, lo, this.g);
+      if (c.offset < cs || c.offset >= this.fileSize)
+        throw corruptQcow2(this.path, `${where()}: compressed data at ${c.offset} is ${c.offset < cs ? 'inside the header cluster' : `past the end of the file (${this.fileSize} bytes; truncated?)`}`);
+      runs.push({ kind: COMPRESSED, guest: pos, length: cEnd - pos, host: c.offset, compressedLength: c.length, inCluster: pos - vc * cs, src: null });
+      return;
+    }
+    if (hi & STANDARD_RESERVED_HI || lo & STANDARD_RESERVED_LO) throw corruptQcow2(this.path, `${where()}: reserved bits set in its L2 entry`);
+    if (!ext && lo & LO_ZERO) {
+      if (this.header.version < 3) throw corruptQcow2(this.path, `${where()}: zero flag in a version 2 image`);
+      push(runs, ZERO, pos, cEnd - pos, 0);
+      return;
+    }
+    const host = entryOffset(hi, lo);
+    const allocated = host !== 0 || (this.header.hasDataFile && (hi & HI_COPIED) !== 0);
+    if (allocated) this.checkHost(host, vc, where);
+    if (!ext) {
+      push(runs, allocated ? DATA : BACKING, pos, cEnd - pos, host + (pos - vc * cs));
+      return;
+    }
+    if (allocBits & zeroBits) throw corruptQcow2(this.path, `${where()}: subclusters marked both allocated and zero`);
+    if (!allocated && allocBits) throw corruptQcow2(this.path, `${where()}: allocated subclusters in an unallocated cluster`);
+    const scs = this.g.subclusterSize;
+    const base = vc * cs;
+    for (let p = pos; p < cEnd; ) {
+      const sc = Math.floor((p - base) / scs);
+      const scEnd = Math.min(cEnd, base + (sc + 1) * scs);
+      const bit = 1 << sc;
+      const kind = allocBits & bit ? DATA : zeroBits & bit ? ZERO : BACKING;
+      push(runs, kind, p, scEnd - p, host + (p - base));
+      p = scEnd;
+    }
+  }
+
+  /** A standard cluster's host offset must be cluster-aligned (so clear of the header: 0 is unallocated) and inside the file. */
+  private checkHost(host: number, vc: number, where: () => string): void {
+    const cs = this.g.clusterSize;
+    if (host % cs !== 0) throw corruptQcow2(this.path, `${where()}: data offset ${host} is not cluster-aligned`);
+    if (this.header.hasDataFile) {
+      // The external data file maps guest offsets 1:1.
+      if (host !== vc * cs) throw corruptQcow2(this.path, `${where()}: external data offset ${host} differs from the guest offset`);
+      return;
+    }
+    if (host >= this.fileSize) throw corruptQcow2(this.path, `${where()}: data offset ${host} is past the end of the file (${this.fileSize} bytes; truncated?)`);
+  }
+
+  /** Reads one L2 slice (deduplicating concurrent loads) and caches it. */
+  private loadSlice(key: number): Promise<DataView> {
+    let p = this.loading.get(key);
+    if (!p) {
+      p = (async () => {
+        const bytes = new Uint8Array(this.sliceBytes);
+        await this.file.read(bytes, key);
+        return new DataView(bytes.buffer);
+      })();
+      this.loading.set(key, p);
+      p.then(
+        () => this.loading.delete(key),
+        () => this.loading.delete(key),
+      );
+    }
+    return p;
+  }
+
+  /** LRU: most recently used last; evicts from the front beyond the bound. */
+  private touch(key: number, view: DataView): void {
+    this.slices.delete(key);
+    this.slices.set(key, view);
+    while (this.slices.size > this.maxSlices) this.slices.delete(this.slices.keys().next().value!);
+    this.lastSliceKey = key;
+    this.lastSlice = view;
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // filling
+
+  private async fill(buf: Uint8Array, offset: number, r: Run): Promise<void> {
+    const a = r.guest - offset;
+    const dst = buf.subarray(a, a + r.length);
+    switch (r.kind) {
+      case ZERO:
+        dst.fill(0);
+        return;
+      case DATA:
+        // Past the end of the file reads as zeros, as in QEMU: the last cluster may be partly written.
+        await this.data.read(dst, r.host);
+        return;
+      case BACKING: {
+        const inBacking = this.backing ? Math.max(0, Math.min(r.length, this.backing.size - r.guest)) : 0;
+        if (inBacking > 0) await this.backing!.read(dst.subarray(0, inBacking), r.guest);
+        dst.fill(0, inBacking);
+        return;
+      }
+      default: {
+        const cluster = await this.decompress(r);
+        dst.set(cluster.subarray(r.inCluster, r.inCluster + r.length));
+      }
+    }
+  }
+
+  /** Reads the streams of the compressed runs not cached yet, neighbours together (sets `src`). */
+  private async readCompressedGroups(runs: Run[]): Promise<void> {
+    const groups: { start: number; end: number; members: Run[] }[] = [];
+    let g: { start: number; end: number; members: Run[] } | null = null;
+    for (const r of runs) {
+      if (r.kind !== COMPRESSED || this.decompressed.has(r.host)) continue;
+      const end = r.host + r.compressedLength;
+      if (g && r.host >= g.start && r.host <= g.end + COMPRESSED_GROUP_GAP && Math.max(g.end, end) - g.start <= COMPRESSED_GROUP_MAX) {
+        g.end = Math.max(g.end, end);
+        g.members.push(r);
+      } else {
+        g = { start: r.host, end, members: [r] };
+        groups.push(g);
+      }
+    }
+    await Promise.all(
+      groups.map(async (group) => {
+        if (group.members.length < 2) return; // read by decompress() itself
+        const bytes = new Uint8Array(group.end - group.start);
+        await this.file.read(bytes, group.start);
+        for (const r of group.members) r.src = bytes.subarray(r.host - group.start, r.host - group.start + r.compressedLength);
+      }),
+    );
+  }
+
+  /** One compressed cluster, decompressed; kept in a small cache for reads of its other parts. */
+  private decompress(r: Run): Promise<Uint8Array> {
+    const key = r.host;
+    const cached = this.decompressed.get(key);
+    if (cached) {
+      this.decompressed.delete(key);
+      this.decompressed.set(key, cached);
+      return cached;
+    }
+    const cs = this.g.clusterSize;
+    const p = (async () => {
+      let src = r.src;
+      if (!src) {
+        src = new Uint8Array(r.compressedLength);
+        await this.file.read(src, r.host);
+      }
+      const vc = Math.floor((r.guest - r.inCluster) / cs);
+      return decompressCluster(this.path, this.header.compression, src, cs, `of guest cluster ${vc} (offset ${vc * cs}, data at ${r.host})`);
+    })();
+    this.decompressed.set(key, p);
+    while (this.decompressed.size > this.maxDecompressed) this.decompressed.delete(this.decompressed.keys().next().value!);
+    p.catch(() => {
+      if (this.decompressed.get(key) === p) this.decompressed.delete(key);
+    });
+    return p;
+  }
+}
+
+function push(runs: Run[], kind: number, guest: number, length: number, host: number): void {
+  const last = runs[runs.length - 1];
+  if (last && last.kind === kind && kind !== COMPRESSED && (kind !== DATA || last.host + last.length === host)) {
+    last.length += length;
+    return;
+  }
+  runs.push({ kind, guest, length, host, compressedLength: 0, inCluster: 0, src: null });
+}
+
+/**
+ * The L1 table, each entry checked: an L2 table must be cluster-aligned (so, not being 0, clear of
+ * the header cluster), inside the file and clear of the L1 table.
+ */
+async function readL1(p: string, file: BlockFile, h: Qcow2Header): Promise<Float64Array> {
+  const l1 = new Float64Array(h.l1Size);
+  if (h.l1Size === 0) return l1;
+  const bytes = new Uint8Array(h.l1Size * 8);
+  await file.read(bytes, h.l1Offset);
+  const dv = new DataView(bytes.buffer);
+  const cs = h.clusterSize;
+  const l1End = h.l1Offset + h.l1Size * 8;
+  for (let i = 0; i < h.l1Size; i++) {
+    const hi = dv.getUint32(i * 8);
+    const lo = dv.getUint32(i * 8 + 4);
+    if (hi & L1_RESERVED_HI || lo & L1_RESERVED_LO) throw corruptQcow2(p, `L1 entry ${i}: reserved bits set`);
+    const off = entryOffset(hi, lo);
+    if (off === 0) continue;
+    if (off % cs !== 0) throw corruptQcow2(p, `L1 entry ${i}: L2 table offset ${off} is not cluster-aligned`);
+    if (off < l1End && off + cs > h.l1Offset) throw corruptQcow2(p, `L1 entry ${i}: L2 table offset ${off} overlaps the L1 table`);
+    if (off + cs > file.size()) throw corruptQcow2(p, `L1 entry ${i}: L2 table at ${off} lies past the end of the file (${file.size()} bytes; truncated?)`);
+    l1[i] = off;
+  }
+  return l1;
+}
+
+/** A name stored in `image` (backing or data file), resolved as QEMU does: relative to the image's directory. */
+function resolveStoredName(image: string, name: string, what: string): string {
+  let n = name;
+  if (n.startsWith('file:')) n = n.slice(5);
+  else if (PROTOCOLS.test(n)) throw new FvdError(`${image}: ${what} '${name}' is not a local file (QEMU protocol or options); fvd reads local files only`, 'EINVAL');
+  if (n.length === 0 || n.includes('\0')) throw corruptQcow2(image, `${what} name '${name}' is not a file name`);
+  return path.resolve(path.dirname(image), n);
+}
+
+async function openRelative(io: IoBackend, image: string, name: string, what: string): Promise<BlockFile> {
+  const resolved = resolveStoredName(image, name, what);
+  try {
+    return await io.open(resolved, { readOnly: true, lock: 'shared' });
+  } catch (err) {
+    throw namedOpenError(image, what, name, resolved, err);
+  }
+}
+
+function namedOpenError(image: string, what: string, name: string, resolved: string, err: unknown): FvdError {
+  const e = err as NodeJS.ErrnoException;
+  if (err instanceof FvdError) return err;
+  if (e.code === 'ENOENT') return new FvdError(`${image}: ${what} '${name}' not found (looked for ${resolved})`, 'ENOENT');
+  return new FvdError(`${image}: ${what} '${name}' cannot be opened: ${e.message}`, 'EIO');
+}
+
+/** The backing file in the format the image records; QEMU's probing is never imitated. */
+async function openBacking(io: IoBackend, image: string, h: Qcow2Header, chain: string[], options: Qcow2OpenOptions): Promise<ReadOnlyLayer> {
+  const name = h.backingFile!;
+  const fmt = h.backingFormat;
+  if (fmt === null)
+    throw new FvdError(
+      `${image}: qcow2 image names backing file '${name}' without its format (QEMU would probe it; fvd does not): record it with 'qemu-img rebase -u -b ${name} -F raw|qcow2 ${image}'`,
+      'EINVAL',
+    );
+  if (fmt !== 'raw' && fmt !== 'qcow2') throw new FvdError(`${image}: backing file '${name}' has format '${fmt}', which fvd does not read (raw or qcow2)`, 'EINVAL');
+  const resolved = resolveStoredName(image, name, 'backing file');
+  if (chain.includes(resolved)) throw new FvdError(`base chain loop: '${resolved}' is its own backing file`, 'EINVAL');
+  if (fmt === 'qcow2') {
+    try {
+      return await Qcow2Image.open(io, resolved, { ...options, chain });
+    } catch (err) {
+      throw namedOpenError(image, 'backing file', name, resolved, err);
+    }
+  }
+  if (chain.length >= MAX_QCOW2_CHAIN) throw new FvdError(`base chain longer than ${MAX_QCOW2_CHAIN} images (at '${resolved}')`, 'EINVAL');
+  return new RawLayer(resolved, await openRelative(io, image, name, 'backing file'));
+}
+
+/** A raw file at the bottom of a qcow2 chain: its size is the file's; holes are known zero. */
+class RawLayer implements ReadOnlyLayer {
+  readonly size: number;
+  constructor(
+    private readonly path: string,
+    private readonly file: BlockFile,
+  ) {
+    this.size = file.size();
+  }
+  read(buf: Uint8Array, offset: number): Promise<void> {
+    return this.file.read(buf, offset);
+  }
+  async knownZero(offset: number, length: number): Promise<boolean> {
+    if (offset >= this.file.size()) return true;
+    const next = this.file.nextData?.(offset);
+    return next !== undefined && next !== null && next >= offset + length;
+  }
+  close(): Promise<void> {
+    return this.file.close();
+  }
+  describe(): ChainEntry[] {
+    return [{ path: this.path, format: 'raw', size: this.size }];
+  }
+}
