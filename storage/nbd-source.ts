@@ -178,7 +178,8 @@ class Connection {
         this.cur!.dataBytes += take;
         this.onData(take);
       } else {
-        const take = Math.min(this.payloadLeft, chunk.length - i);
+        // (OFFSET_DATA: only its 8-byte offset goes here; the data goes to the request's buffer)
+        const take = Math.min(this.payloadLeft, chunk.length - i, this.small.length - this.smallHave);
         chunk.copy(this.small, this.smallHave, i, i + take);
         this.smallHave += take;
         this.payloadLeft -= take;
@@ -199,7 +200,7 @@ class Connection {
     this.headNeed = 4;
     if (magic === SIMPLE_REPLY_MAGIC) {
       const err = h.readUInt32BE(4);
-      const p = this.take(h.readUInt32BE(12), h.readUInt32BE(8));
+      const p = this.take(h.readUInt32BE(8), h.readUInt32BE(12));
       if (!p) return;
       if (err) return this.finish(p, new FvdError(`server error ${nbdErrno(err)}`, 'EIO'));
       if (p.type === CMD_READ && !this.n.structured) {
@@ -219,7 +220,7 @@ class Connection {
     // structured chunk
     this.chunkFlags = h.readUInt16BE(4);
     this.chunkType = h.readUInt16BE(6);
-    const p = this.peek(h.readUInt32BE(12), h.readUInt32BE(8));
+    const p = this.peek(h.readUInt32BE(8), h.readUInt32BE(12));
     if (!p) return;
     this.cur = p;
     const len = h.readUInt32BE(16);
@@ -350,6 +351,8 @@ export class NbdSource implements BlockFile {
   private readonly limiter: Limiter;
   private readonly pieceBytes: number;
   private closed = false;
+  /** Most requests in flight at once on the connection (tests: requests overlap). */
+  maxInFlight = 0;
   /** Zero runs from block status, sorted, merged: [start0, end0, start1, end1, ...]. */
   private zeroRuns: number[] = [];
   /** Offsets below this were mapped by block status. */
@@ -357,17 +360,17 @@ export class NbdSource implements BlockFile {
 
   private constructor(
     private readonly addr: NbdAddress,
-    first: Connection,
+    n: Negotiated,
     private readonly retry: RetryOptions,
     connections: number,
     requestBytes: number,
   ) {
-    this.conn = first;
+    this.stats = { url: addr.uri, bytesFetched: 0, requests: 0, retries: 0, failures: 0 };
+    this.length = n.size;
+    this.conn = new Connection(n, retry.stallMs, (b) => (this.stats.bytesFetched += b));
     this.limiter = new Limiter(connections);
-    const n = first.n;
     const piece = Math.min(requestBytes, n.maxPayload === 0xffffffff ? requestBytes : n.maxPayload);
     this.pieceBytes = Math.max(n.minBlock, piece - (piece % n.minBlock));
-    this.stats = { url: addr.uri, bytesFetched: 0, requests: 0, retries: 0, failures: 0 };
   }
 
   static async open(uri: string, options: NbdSourceOptions = {}): Promise<NbdSource> {
@@ -375,8 +378,7 @@ export class NbdSource implements BlockFile {
     const retry = retryOptions(options.retry);
     const counters = { retries: 0, failures: 0 };
     const n = await withRetries(`${uri}: cannot open`, retry, counters, (deadline) => connectAndNegotiate(addr, deadline));
-    const src = new NbdSource(addr, null as unknown as Connection, retry, options.connections ?? 8, options.requestBytes ?? 4 * 1024 * 1024);
-    src.conn = new Connection(n, retry.stallMs, (b) => (src.stats.bytesFetched += b));
+    const src = new NbdSource(addr, n, retry, options.connections ?? 8, options.requestBytes ?? 4 * 1024 * 1024);
     try {
       if ((options.mapZeroes ?? true) && n.allocationContext !== null) await src.mapZeroes();
     } catch (err) {
@@ -392,13 +394,14 @@ export class NbdSource implements BlockFile {
 
   /** The export's size (NBD has no content validator). */
   get identity(): string {
-    return `size=${this.conn?.n.size ?? this.length}`;
+    return `size=${this.length}`;
   }
 
-  private length = 0;
+  /** Fixed at open: a reconnection to an export of another size is refused. */
+  private readonly length: number;
 
   size(): number {
-    return this.conn ? (this.length = this.conn.n.size) : this.length;
+    return this.length;
   }
 
   /** Whether the server answers block status (zero detection without reading). */
@@ -459,6 +462,8 @@ export class NbdSource implements BlockFile {
     return withRetries(what, this.retry, this.stats, async (deadline) => {
       const conn = await this.connection(deadline);
       this.stats.requests++;
+      const p = conn.send(type, offset, length, buf);
+      this.maxInFlight = Math.max(this.maxInFlight, conn.pending.size);
       let timer: NodeJS.Timeout | undefined;
       const budget = new Promise<never>((_, reject) => {
         timer = setTimeout(() => {
@@ -468,7 +473,7 @@ export class NbdSource implements BlockFile {
         }, Math.max(0, deadline - performance.now()));
       });
       try {
-        return await Promise.race([conn.send(type, offset, length, buf), budget]);
+        return await Promise.race([p, budget]);
       } finally {
         clearTimeout(timer);
       }
