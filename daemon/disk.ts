@@ -4,7 +4,8 @@
  */
 import fs from 'node:fs';
 import { FvdImage, type Extent } from '../fvd/image.js';
-import { NodeFile, nodeIo } from '../fvd/node-file.js';
+import { NodeFile } from '../fvd/node-file.js';
+import { storageIo } from '../storage/storage-io.js';
 import { INCOMPAT_ENCRYPTED, MAGIC } from '../fvd/format.js';
 import { UsageError } from './args.js';
 
@@ -64,7 +65,7 @@ export async function openDisk(
   const fmt = format ?? probeFormat(path);
   if (fmt === 'raw' && options.key) throw new UsageError(`${path}: a key was given, but this is a raw file (only FVD images are encrypted)`);
   if (fmt === 'fvd') {
-    const img = await FvdImage.open(nodeIo, path, options);
+    const img = await FvdImage.open(storageIo(), path, options);
     return {
       format: 'fvd',
       size: img.size,

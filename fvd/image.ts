@@ -211,6 +211,8 @@ export class FvdImage {
   private readonly snap: SnapshotState | null;
   /** Internal snapshots: create, list, delete, revert (fvd/snapshot.ts). */
   readonly snapshots: SnapshotManager;
+  /** The base identity recorded at create (FORMAT.md §2.2), or null. */
+  baseIdentity: string | null = null;
   /** Opens the base (again): set by open when the image has one. */
   private reopenBase: (() => Promise<BaseImage>) | null = null;
 
@@ -392,12 +394,14 @@ export class FvdImage {
 
     let base: BaseImage | null = null;
     let reopenBase: (() => Promise<BaseImage>) | null = null;
+    let recordedIdentity: string | null = null;
     if (header.baseFormat !== BASE_NONE) {
       const pathOffset = header.basePathOffset || BASE_PATH_OFFSET;
       const pathBytes = first.subarray(pathOffset, pathOffset + header.basePathLength);
       if (crc(pathBytes) !== header.basePathCrc) throw new CorruptImageError(imagePath, 'base path checksum mismatch');
       const basePath = Buffer.from(pathBytes).toString('utf8');
       const identity = readBaseIdentity(imagePath, first, header);
+      recordedIdentity = identity;
       reopenBase = async () => {
         const resolved = resolveBasePath(imagePath, basePath);
         const b = await openBase(io, resolved, header.baseFormat, [...chain, canonicalName(imagePath)], basePath);
@@ -475,6 +479,7 @@ export class FvdImage {
         xts,
       });
       image.reopenBase = reopenBase;
+      image.baseIdentity = recordedIdentity;
       if (snap?.redo) header.revertSnapshotId = 0; // cleared on disk by markOpen's checkpoint
       if (!readOnly) await image.markOpen(replayed > 0 || !!(header.incompatible & INCOMPAT_DIRTY) || !!snap?.redo);
       return image;

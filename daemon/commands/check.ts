@@ -4,7 +4,7 @@
  * verified, and a wrong one is an error (exit 1).
  */
 import { checkImage } from '../../fvd/check.js';
-import { nodeIo } from '../../fvd/node-file.js';
+import { storageIo } from '../../storage/storage-io.js';
 import { UsageError, parseOptions } from '../args.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
@@ -17,7 +17,7 @@ export async function run(args: string[]): Promise<number> {
   if (positionals.length !== 1) throw new UsageError('usage: fvd check [--repair] [--json] [--key-file PATH|-] IMAGE');
   const path = positionals[0]!;
   const key = readKeyFile(values['key-file']);
-  const report = await checkImage(nodeIo, path, { repair: values.repair, key }).finally(() => wipe(key));
+  const report = await checkImage(storageIo(), path, { repair: values.repair, key }).finally(() => wipe(key));
   const code = report.errors.length ? 2 : report.repaired ? 3 : 0;
   if (values.json) {
     console.log(JSON.stringify({ image: path, ...report, exitCode: code }, null, 2));

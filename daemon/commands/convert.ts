@@ -9,7 +9,7 @@
  */
 import fs from 'node:fs';
 import { FvdImage } from '../../fvd/image.js';
-import { nodeIo } from '../../fvd/node-file.js';
+import { storageIo } from '../../storage/storage-io.js';
 import { UsageError, parseOptions, parseSize } from '../args.js';
 import { isEncryptedImage, openDisk, parseFormat, probeFormat, type Disk } from '../disk.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
@@ -78,7 +78,7 @@ async function convert(
       fs.writeFileSync(dst, '');
       fs.truncateSync(dst, source.size);
     } else {
-      await FvdImage.create(nodeIo, dst, {
+      await FvdImage.create(storageIo(), dst, {
         size: source.size,
         layout: values.layout as 'raw' | 'compact',
         blockSize: values['block-size'] ? parseSize(values['block-size'], 'block size') : undefined,

@@ -4,19 +4,28 @@
  */
 import fs from 'node:fs';
 import { FvdImage } from '../../fvd/image.js';
-import { nodeIo } from '../../fvd/node-file.js';
+import { storageIo } from '../../storage/storage-io.js';
 import { UsageError, formatSize, parseOptions } from '../args.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { listStates } from '../state.js';
+import { pidAlive } from '../server.js';
+import { formatRemote, fractionLocal } from '../remote-status.js';
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseOptions('info', args, { json: { type: 'boolean', default: false }, ...KEY_FILE_OPTION });
   if (positionals.length !== 1) throw new UsageError('usage: fvd info [--json] [--key-file PATH|-] IMAGE');
   const path = positionals[0]!;
   const key = readKeyFile(values['key-file']);
-  const image = await FvdImage.open(nodeIo, path, key ? { readOnly: true, key } : { readOnly: true, withoutKey: true }).finally(() => wipe(key));
+  const io = storageIo();
+  const image = await FvdImage.open(io, path, key ? { readOnly: true, key } : { readOnly: true, withoutKey: true }).finally(() => wipe(key));
   const s = image.stats();
+  const fracLocal = fractionLocal(image);
+  const identity = image.baseIdentity;
   await image.close();
   const st = fs.statSync(path);
+  // A served image's remote transfer figures, from its server's run-time record.
+  const real = fs.realpathSync(path);
+  const served = listStates().find((d) => d.image === real && pidAlive(d.pid));
   const diskSize = st.isBlockDevice() ? s.fileSize : st.blocks * 512;
   const info = {
     image: path,
@@ -29,6 +38,9 @@ export async function run(args: string[]): Promise<number> {
     baseChain: s.baseChain,
     bytesLocal: s.bytesLocal,
     bytesInBase: s.bytesInBase,
+    fractionLocal: fracLocal,
+    baseIdentity: identity ?? undefined,
+    remote: served?.remote,
     fullyLocal: s.fullyLocal,
     zeroDetected: s.zeroDetected,
     encryption: s.encryption,
@@ -57,10 +69,12 @@ export async function run(args: string[]): Promise<number> {
   } else if (s.baseSize) {
     lines.push(`base image: not needed (fully local)`);
   }
+  if (identity) lines.push(`base identity: ${identity}`);
+  if (served?.remote) lines.push(`${formatRemote(served.remote).replace(/^remote /, 'remote (served as ' + served.device + '): ')} as of ${served.remote.updatedAt}`);
   lines.push(
     `local: ${formatSize(s.bytesLocal)} (${pct(s.bytesLocal)}%)`,
     `in base: ${formatSize(s.bytesInBase)} (${pct(s.bytesInBase)}%)`,
-    `fully local: ${s.fullyLocal ? 'yes' : 'no'}`,
+    `fully local: ${s.fullyLocal ? 'yes' : `no (${(fracLocal * 100).toFixed(1)}% of the base is local)`}`,
     `zero blocks detected at create: ${s.zeroDetected ? 'yes' : 'no'}`,
     `encrypted: ${s.encryption ?? 'no'}`,
     `dirty: ${s.wasDirty ? `yes (${s.journalSectorsReplayed} journal sectors to replay)` : 'no'}`,

@@ -8,7 +8,7 @@
  * FORMAT.md §12.4.
  */
 import { rebaseImage } from '../../fvd/maintenance.js';
-import { nodeIo } from '../../fvd/node-file.js';
+import { storageIo } from '../../storage/storage-io.js';
 import { UsageError, formatSize, parseOptions, progressPrinter } from '../args.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
@@ -31,7 +31,7 @@ export async function run(args: string[]): Promise<number> {
   const image = positionals[0]!;
   const key = readKeyFile(values['key-file']);
   const progress = progressPrinter(values.p);
-  const r = await rebaseImage(nodeIo, image, { base: values.base, baseFormat: fmt, unsafe: values.unsafe, key, onProgress: (d, t) => progress.update(d, t) }).finally(() => {
+  const r = await rebaseImage(storageIo(), image, { base: values.base, baseFormat: fmt, unsafe: values.unsafe, key, onProgress: (d, t) => progress.update(d, t) }).finally(() => {
     progress.done();
     wipe(key);
   });

@@ -17,6 +17,16 @@ import { UblkServer } from '../server.js';
 import { Prefetcher } from '../../fvd/prefetch.js';
 import type { QueueActivityReader } from '../queue-activity.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { StorageIo } from '../../storage/storage-io.js';
+import { loadRemoteConfig } from '../../storage/remote-config.js';
+import { isUrl } from '../../fvd/base-location.js';
+import { RemoteMonitor, formatRemote } from '../remote-status.js';
+import { writeState } from '../state.js';
+
+/** Prefetch chunks over a remote base: large sequential ranges (split into parallel requests). */
+const REMOTE_CHUNK_BYTES = 8 * 1024 * 1024;
+/** After a remote base failed a prefetch read, try again after this long (doubling, to 5 min). */
+const REMOTE_RETRY_MS = 5000;
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseOptions('serve', args, {
@@ -30,6 +40,7 @@ export async function run(args: string[]): Promise<number> {
     'no-prefetch': { type: 'boolean', default: false },
     'prefetch-rate': { type: 'string' },
     'prefetch-share': { type: 'string', default: '10' },
+    'remote-config': { type: 'string' },
     ...KEY_FILE_OPTION,
   });
   if (values.instance !== undefined) {
@@ -47,11 +58,15 @@ export async function run(args: string[]): Promise<number> {
     if (conf.prefetchRate !== undefined) values['prefetch-rate'] = conf.prefetchRate;
     if (conf.prefetchShare !== undefined) values['prefetch-share'] = conf.prefetchShare;
     if (conf.keyFile !== undefined) values['key-file'] ??= conf.keyFile;
+    if (conf.remoteConfig !== undefined) values['remote-config'] ??= conf.remoteConfig;
     const credential = process.env.CREDENTIALS_DIRECTORY ? path.join(process.env.CREDENTIALS_DIRECTORY, 'key') : '';
     if (values['key-file'] === undefined && credential && fs.existsSync(credential)) values['key-file'] = credential;
+    // Remote base credentials as a systemd credential too (LoadCredential=remote:/etc/fvd/NAME.remote).
+    const remoteCred = process.env.CREDENTIALS_DIRECTORY ? path.join(process.env.CREDENTIALS_DIRECTORY, 'remote') : '';
+    if (values['remote-config'] === undefined && remoteCred && fs.existsSync(remoteCred)) values['remote-config'] = remoteCred;
   }
   if (positionals.length !== 1)
-    throw new UsageError('usage: fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read] [--no-prefetch] [--prefetch-rate SIZE] [--prefetch-share PERCENT] [--key-file PATH|-] | fvd serve --instance NAME');
+    throw new UsageError('usage: fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read] [--no-prefetch] [--prefetch-rate SIZE] [--prefetch-share PERCENT] [--key-file PATH|-] [--remote-config FILE] | fvd serve --instance NAME');
   const image = positionals[0]!;
   const maxIo = parseSize(values['max-io']!, 'max I/O size');
   if (maxIo < 4096 || maxIo > 32 * 1024 * 1024 || maxIo % 4096) throw new UsageError(`invalid max I/O size ${maxIo}: a multiple of 4 KiB from 4 KiB to 32 MiB`);
@@ -60,7 +75,9 @@ export async function run(args: string[]): Promise<number> {
   const prefetchRate = values['prefetch-rate'] ? parseSize(values['prefetch-rate'], 'prefetch rate') : undefined;
   const prefetchShare = parsePercent(values['prefetch-share']!, 'prefetch latency share');
   const key = readKeyFile(values['key-file']);
+  const io = new StorageIo(values['remote-config'] !== undefined ? loadRemoteConfig(values['remote-config']) : undefined);
   const server = await UblkServer.start({
+    io,
     image,
     name: values.name ?? path.basename(image).replace(/\.[^.]*$/, ''),
     devId: values['dev-id'] !== undefined ? parseInteger(values['dev-id'], 'device id', 0, 1 << 20) : -1,
@@ -78,33 +95,60 @@ export async function run(args: string[]): Promise<number> {
   // within the configured share of its baseline (fvd/prefetch-control.ts).
   const st = server.image.stats();
   const activity = server.activityReader();
-  const prefetcher =
-    values['no-prefetch'] || st.fullyLocal || st.baseSize === 0
-      ? null
-      : new Prefetcher(server.image, {
-          maxBytesPerSec: prefetchRate,
-          maxLatencyShare: prefetchShare / 100,
-          activity: () => activity.poll(),
-          // The workers time only the daemon's part of a request: the guest's own path (its kernel,
-          // its CPUs, which the copy also uses) shows as a lower request rate.
-          partialLatency: true,
-        }).start();
-  prefetcher?.on('baseline', (ns: number) =>
-    log(`prefetch: guest request latency baseline ${(ns / 1000).toFixed(1)} µs; prefetching keeps the mean within +${prefetchShare}%`),
-  );
-  prefetcher?.on('done', () => log('prefetch done: the image is fully local, the base is no longer needed'));
-  prefetcher?.on('failed', (p: { error?: Error }) => log(`prefetch stopped: ${p.error?.message}`));
+  const remoteBase = st.baseChain.some((b) => isUrl(b.path));
+  const remote = new RemoteMonitor(io, server.image);
+  let prefetcher: Prefetcher | null = null;
+  let retryTimer: NodeJS.Timeout | null = null;
+  let retryMs = REMOTE_RETRY_MS;
+  let stopped = false;
+  const startPrefetcher = () => {
+    const p = new Prefetcher(server.image, {
+      maxBytesPerSec: prefetchRate,
+      maxLatencyShare: prefetchShare / 100,
+      activity: () => activity.poll(),
+      // The workers time only the daemon's part of a request: the guest's own path (its kernel,
+      // its CPUs, which the copy also uses) shows as a lower request rate.
+      partialLatency: true,
+      ...(remoteBase ? { chunkBytes: REMOTE_CHUNK_BYTES } : {}),
+    }).start();
+    p.on('baseline', (ns: number) =>
+      log(`prefetch: guest request latency baseline ${(ns / 1000).toFixed(1)} µs; prefetching keeps the mean within +${prefetchShare}%`),
+    );
+    p.on('done', () => {
+      const r = remote.sample();
+      log(`prefetch done: the image is fully local, the base is no longer needed${r ? ` (${formatRemote(r)})` : ''}`);
+    });
+    p.on('failed', (pr: { error?: Error }) => {
+      log(`prefetch stopped: ${pr.error?.message}`);
+      // A remote base that failed (server down past the retry budget) may come back: the copy
+      // resumes later where it stopped; a local base's failure stays final.
+      if (remoteBase && !stopped) {
+        log(`prefetch: retrying in ${retryMs / 1000} s`);
+        retryTimer = setTimeout(() => {
+          retryTimer = null;
+          if (!stopped) prefetcher = startPrefetcher();
+        }, retryMs);
+        retryMs = Math.min(retryMs * 2, 300_000);
+      }
+    });
+    p.on('persisted', () => (retryMs = REMOTE_RETRY_MS));
+    return p;
+  };
+  if (!(values['no-prefetch'] || st.fullyLocal || st.baseSize === 0)) prefetcher = startPrefetcher();
 
   const status = () => {
     const s = server.counters();
     const p = prefetcher?.progress();
+    const r = remote.sample();
+    if (r && server.state) writeState({ ...server.state, remote: r });
     return (
       `${server.devicePath} ${formatSize(server.image.size)}: ${s.fastPath + s.slowPath} requests (${s.slowPath} via engine), ` +
       `${s.flushes} flushes, ${s.errors} errors` +
       (p
         ? `, prefetch ${(p.fraction * 100).toFixed(1)}% ${p.state === 'paused' ? `paused (${p.pauseReason})` : p.state}` +
           (p.state === 'running' || p.state === 'paused' ? ` ${formatSize(Math.round(p.rate))}/s ETA ${p.etaSeconds === null ? '--' : `${Math.ceil(p.etaSeconds)} s`}` : '')
-        : '')
+        : '') +
+      (r ? `, ${formatRemote(r)}` : '')
     );
   };
   console.log(server.devicePath);
@@ -125,6 +169,8 @@ export async function run(args: string[]): Promise<number> {
       sdNotify(`STOPPING=1\nSTATUS=stopping ${server.devicePath}`);
       clearInterval(statusTimer);
       if (traceTimer) clearInterval(traceTimer);
+      stopped = true;
+      if (retryTimer) clearTimeout(retryTimer);
       // The prefetcher stops (its in-flight copy finished) before the image closes.
       (prefetcher ? prefetcher.stop() : Promise.resolve()).then(() => server.stop()).then(
         () => {
