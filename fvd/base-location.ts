@@ -27,3 +27,18 @@ export function resolveBasePath(imagePath: string, basePath: string): string {
 export function canonicalName(name: string): string {
   return isUrl(name) ? name : path.resolve(name);
 }
+
+/** A URL as it may be shown: without user information, query or fragment (credentials live there). */
+export function redactUrl(name: string): string {
+  if (!isUrl(name)) return name;
+  try {
+    const u = new URL(name);
+    u.username = '';
+    u.password = '';
+    u.search = '';
+    u.hash = '';
+    return u.href;
+  } catch {
+    return name.replace(/\/\/[^/]*@/, '//').replace(/[?#].*$/, '');
+  }
+}

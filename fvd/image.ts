@@ -57,7 +57,7 @@ import { BlockLocks } from './block-locks.js';
 import { SectorGate } from './sector-gate.js';
 import { BufferPool, KeyError, parseCryptFields, sealNewKey, unlock, type KdfParams, type XtsCipher } from './crypto.js';
 import { SnapshotManager, SnapshotState, loadSnapshotState, type SnapshotHost } from './snapshot.js';
-import { canonicalName, isUrl, resolveBasePath } from './base-location.js';
+import { canonicalName, isUrl, redactUrl, resolveBasePath } from './base-location.js';
 
 export interface CreateOptions {
   /** Virtual size in bytes; defaults to the base's size (rounded up to 512). */
@@ -1526,7 +1526,8 @@ export async function openBase(io: IoBackend, resolved: string, format: number, 
     };
   } catch (err) {
     const e = err as NodeJS.ErrnoException;
-    if (err instanceof FvdError && isUrl(resolved)) throw new FvdError(err.message.startsWith(resolved) ? `base image ${err.message}` : `base image '${shownPath}': ${err.message}`, err.code);
+    // A remote source names itself (its URL without credentials) at the start of its messages.
+    if (isUrl(resolved)) throw new FvdError(`base image ${err instanceof FvdError ? err.message : `'${redactUrl(shownPath)}': ${e.message}`}`, err instanceof FvdError ? err.code : 'EIO');
     // An FvdError first: one from deeper in the chain (a missing image further down has code
     // ENOENT too) must keep naming that image, prefixed with this level.
     if (err instanceof FvdError && err.message.startsWith('base chain longer')) throw err; // 64 prefixes would say nothing more

@@ -24,6 +24,7 @@ import fs from 'node:fs';
 import tls from 'node:tls';
 import type { BlockFile } from '../fvd/io.js';
 import { FvdError } from '../fvd/errors.js';
+import { redactUrl } from '../fvd/base-location.js';
 import { Limiter, splitRange } from './limiter.js';
 import { TransientError, isTransientSocketError, retryOptions, withRetries, type RetryOptions } from './retry.js';
 
@@ -56,12 +57,7 @@ const DEFAULT_REQUEST_BYTES = 4 * 1024 * 1024;
 
 /** Strips a URL of what must never be shown or stored: user info, query, fragment. */
 export function displayUrl(url: string): string {
-  const u = new URL(url);
-  u.username = '';
-  u.password = '';
-  u.search = '';
-  u.hash = '';
-  return u.href;
+  return redactUrl(url);
 }
 
 export class HttpSource implements BlockFile {

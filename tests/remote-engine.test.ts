@@ -19,6 +19,7 @@ import path from 'node:path';
 import { FvdImage } from '../fvd/image.js';
 import { nodeIo } from '../fvd/node-file.js';
 import { Prefetcher } from '../fvd/prefetch.js';
+import { rebaseImage } from '../fvd/maintenance.js';
 import { StorageIo } from '../storage/storage-io.js';
 import { findProgram, nginx, qemuNbd, type ServerProcess } from './helpers/remote-servers.js';
 import { TempDir } from './helpers/cli.js';
@@ -213,6 +214,45 @@ th('the identity on disk: after the base path, checksummed; damaged → corrupt;
   assert.is(image.baseIdentity, null);
   assert.ok((await readAll(image)).equals(template));
   await image.close();
+});
+
+th('rebase carries the identity with the path: -u onto the same URL re-records a replaced template; onto a local file clears it; reopened each time', async () => {
+  const dir = tmp.caseDir();
+  const file = path.join(root, 'rebased.raw');
+  fs.writeFileSync(file, template);
+  const url = `${web!.url}/rebased.raw`;
+  const img = path.join(dir, 'vm.fvd');
+  await FvdImage.create(ioWith(), img, { base: url, baseFormat: 'raw' });
+  const w = Buffer.alloc(64 * KiB, 0x77);
+  const im = await FvdImage.open(ioWith(), img);
+  await im.write(w, 0);
+  await im.close();
+  const id0 = (await FvdImage.open(ioWith(), img, { readOnly: true }).then(async (i) => (await i.close(), i.baseIdentity)))!;
+  const later = new Date(Date.now() + 10_000);
+  fs.utimesSync(file, later, later); // "replaced" by the same bytes: a new ETag
+  assert.match((await FvdImage.open(ioWith(), img).then(() => '', (e: Error) => e.message)), /changed since the image was created/);
+  await rebaseImage(ioWith(), img, { base: url, baseFormat: 'raw', unsafe: true });
+  const a = await FvdImage.open(ioWith(), img, { readOnly: true });
+  assert.is.not(a.baseIdentity, id0);
+  assert.match(a.baseIdentity!, /^size=\d+ etag=/);
+  const want = Buffer.from(template);
+  w.copy(want, 0);
+  assert.ok((await readAll(a)).equals(want));
+  await a.close();
+  // safe rebase onto a local copy: path replaced, identity gone, same contents
+  fs.copyFileSync(file, path.join(dir, 'local.raw'));
+  await rebaseImage(ioWith(), img, { base: 'local.raw', baseFormat: 'raw' });
+  const b = await FvdImage.open(ioWith(), img, { readOnly: true });
+  assert.is(b.baseIdentity, null);
+  assert.is(b.stats().baseChain[0]!.path, path.join(dir, 'local.raw'));
+  assert.ok((await readAll(b)).equals(want));
+  await b.close();
+  // and back onto the URL: identity recorded again
+  await rebaseImage(ioWith(), img, { base: url, baseFormat: 'raw' });
+  const c = await FvdImage.open(ioWith(), img, { readOnly: true });
+  assert.match(c.baseIdentity!, /^size=\d+ etag=/);
+  assert.ok((await readAll(c)).equals(want));
+  await c.close();
 });
 
 th('source × format: an FVD template served over HTTP is a base like a local one', async () => {
