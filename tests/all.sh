@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
+# Real servers for the remote-base tests (nginx, qemu-nbd, nbdkit): installed when missing.
+bash tests/install-test-deps.sh
 node build/tests/run.js 2>&1 | tee "$log"
 unit_rc=${PIPESTATUS[0]}
 read -r up uf < <(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -1 | awk '{print $1, $3}')
