@@ -40,7 +40,7 @@ import {
 export interface NbdSourceOptions {
   /** Requests in flight at most (default 8). */
   connections?: number;
-  /** Bytes per read request (default 4 MiB; never above the server's maximum payload). */
+  /** Bytes per read request (default 2 MiB; never above the server's maximum payload). */
   requestBytes?: number;
   retry?: Partial<RetryOptions>;
   /** Map the export's zero extents at open (default true when the server offers base:allocation). */
@@ -378,7 +378,7 @@ export class NbdSource implements BlockFile {
     const retry = retryOptions(options.retry);
     const counters = { retries: 0, failures: 0 };
     const n = await withRetries(`${uri}: cannot open`, retry, counters, (deadline) => connectAndNegotiate(addr, deadline));
-    const src = new NbdSource(addr, n, retry, options.connections ?? 8, options.requestBytes ?? 4 * 1024 * 1024);
+    const src = new NbdSource(addr, n, retry, options.connections ?? 8, options.requestBytes ?? 2 * 1024 * 1024);
     try {
       if ((options.mapZeroes ?? true) && n.allocationContext !== null) await src.mapZeroes();
     } catch (err) {
