@@ -11,7 +11,7 @@
 # first MiB read (copy-on-read), nginx stopped: a direct read of a block not yet local fails
 # (EIO) within the budget, the local MiB still reads, a write works, the daemon stays up; nginx
 # back: the failed range reads the template's bytes, and the whole device equals the template
-# plus the write.
+# plus the write. Last, `serve` with nginx down: one line of error, no device added.
 
 NGINX_PORT=18080
 
@@ -119,4 +119,13 @@ scenario() {
     check "fvd check of the outage image (server up)" fvd check "$img2"
     nginx_stop
     check "fvd check of the fully local image (server down)" fvd check "$img"
+
+    # --- the server down at serve start: one line, no device -----------------------------------
+    local before rc=0
+    before=$(ublk_nodes)
+    t "${FVD[@]}" serve "$img2" --remote-config "$D/remote.conf" > down.out 2> down.err || rc=$?
+    if [[ $rc -ne 0 && ! -s down.out ]]; then ok "serve with the server down exits $rc without a device path"
+    else not_ok "serve with the server down: exit $rc, stdout '$(cat down.out)'" "$(cat down.err)"; fi
+    one_line_error "serve with the server down" down.err
+    expect "serve with the server down added no ublk device" "$(ublk_nodes)" "$before"
 }
