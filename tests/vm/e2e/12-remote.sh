@@ -37,14 +37,18 @@ http {
   server { listen 127.0.0.1:$NGINX_PORT; root $D/www; location / { } }
 }
 CONF
-    "$bin" -c "$D/nginx/nginx.conf" -p "$D/nginx" -e "$D/nginx/error.log" &
+    # In this shell (not under check/ensure, whose $(...) would wait for nginx's output to end).
+    "$bin" -c "$D/nginx/nginx.conf" -p "$D/nginx" -e "$D/nginx/error.log" < /dev/null > "$D/nginx/out" 2>&1 &
     NGINX_PID=$!
     echo "$NGINX_PID" >> "$E2E_STATE/pids"
+}
+nginx_ready() {
     local i
-    for ((i = 0; i < 100; i++)); do
+    for ((i = 0; i < 300; i++)); do
         (exec 3<>"/dev/tcp/127.0.0.1/$NGINX_PORT") 2>/dev/null && return 0
         sleep 0.1
     done
+    cat "$D/nginx/out" "$D/nginx/error.log" 2>/dev/null
     return 1
 }
 nginx_stop() {
@@ -68,7 +72,7 @@ scenario() {
     (cd src && find . -type f -print0 | sort -z | xargs -0 sha256sum) > src.sha256
     printf '[http://127.0.0.1:%s/]\nretry-budget = 3s\nstall-timeout = 2s\n' "$NGINX_PORT" > remote.conf
     export FVD_REMOTE_CONFIG=$D/remote.conf
-    ensure "nginx serves the template on 127.0.0.1:$NGINX_PORT" nginx_start || exit 1
+    nginx_start; ensure "nginx serves the template on 127.0.0.1:$NGINX_PORT" nginx_ready || exit 1
 
     must "fvd create -b $url -F raw img.fvd" fvd create -b "$url" -F raw "$img"
     check "fvd info names the URL and its identity" \
@@ -90,7 +94,7 @@ scenario() {
     serve_stop "fully local"
 
     # --- an outage while not yet local ---------------------------------------------------------
-    ensure "nginx back" nginx_start || exit 1
+    nginx_start; ensure "nginx back" nginx_ready || exit 1
     local img2=$D/img2.fvd
     must "fvd create img2.fvd over the URL" fvd create -b "$url" -F raw "$img2"
     serve_must "$img2" --no-prefetch --remote-config "$D/remote.conf"
@@ -108,7 +112,7 @@ scenario() {
     random_file patch.bin 1
     check "server down: a 1 MiB direct write works" t dd if=patch.bin of="$SERVE_DEV" oflag=direct bs=1M seek=64 conv=notrunc status=none
     if kill -0 "$SERVE_PID" 2>/dev/null; then ok "the daemon is still running"; else not_ok "the daemon died during the outage" "$(cat "$SERVE_LOG")"; fi
-    ensure "nginx back" nginx_start || exit 1
+    nginx_start; ensure "nginx back" nginx_ready || exit 1
     check "server back: the failed range reads the template's bytes" \
         t bash -c "cmp <(dd if='$SERVE_DEV' iflag=direct bs=64k skip=1600 count=1 status=none) <(dd if='$tpl' bs=64k skip=1600 count=1 status=none)"
     cp "$tpl" model.raw
