@@ -99,10 +99,17 @@ fvd_self=$(sed -n 's/.*, \([0-9]*\) bytes fetched from.*/\1/p' <<< "$out")
 echo "fvd create + prefetch:   ${fvd_http} s, server sent $fvd_http_bytes bytes, fvd counted $fvd_self"
 reset_http
 t0=$(now)
-qemu-img convert -f raw -O raw "$url" qemu-http.raw
-t1=$(now)
-qemu_http=$(elapsed "$t0" "$t1")
-echo "qemu-img convert (curl): ${qemu_http} s, server sent $(http_bytes) bytes"
+# qemu 7.2's curl driver has been seen to stop making progress (no CPU, no request) part way:
+# give it QEMU_TIMEOUT seconds (default 600) and say so rather than hang the benchmark.
+if timeout "${QEMU_TIMEOUT:-600}" qemu-img convert -f raw -O raw "$url" qemu-http.raw; then
+    t1=$(now)
+    qemu_http=$(elapsed "$t0" "$t1")
+    echo "qemu-img convert (curl): ${qemu_http} s, server sent $(http_bytes) bytes"
+else
+    t1=$(now)
+    qemu_http=$(elapsed "$t0" "$t1")
+    echo "qemu-img convert (curl): DID NOT FINISH within ${QEMU_TIMEOUT:-600} s: stalled after the server sent $(http_bytes) bytes"
+fi
 cmp <("${FVD[@]}" convert -O raw http.fvd /dev/stdout 2>/dev/null || "${FVD[@]}" convert -O raw http.fvd flat.raw && cat flat.raw) www/t.raw >/dev/null && echo "fvd image equals the template"
 echo "ratio qemu-img / fvd: $(awk -v a="$qemu_http" -v b="$fvd_http" 'BEGIN { printf "%.2f", a / b }')   (> 1: fvd is faster)"
 [[ ${fvd_http_bytes%% *} == "$bytes" ]] && echo "each byte once: fetched = template size ($bytes)" || echo "NOTE: fetched $fvd_http_bytes, template size $bytes"
