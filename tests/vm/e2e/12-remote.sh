@@ -121,13 +121,15 @@ scenario() {
         t bash -c "cmp <(dd if='$SERVE_DEV' iflag=direct bs=1M status=none) model.raw"
     serve_stop "after the outage"
     check "fvd check of the outage image (server up)" fvd check "$img2"
+    # img2 is fully local now (the whole device was read): a fresh image for the refusal below.
+    must "fvd create img3.fvd over the URL" fvd create -b "$url" -F raw "$D/img3.fvd"
     nginx_stop
     check "fvd check of the fully local image (server down)" fvd check "$img"
 
     # --- the server down at serve start: one line, no device -----------------------------------
     local before rc=0
     before=$(ublk_nodes)
-    t "${FVD[@]}" serve "$img2" --remote-config "$D/remote.conf" > down.out 2> down.err || rc=$?
+    t "${FVD[@]}" serve "$D/img3.fvd" --remote-config "$D/remote.conf" > down.out 2> down.err || rc=$?
     if [[ $rc -ne 0 && ! -s down.out ]]; then ok "serve with the server down exits $rc without a device path"
     else not_ok "serve with the server down: exit $rc, stdout '$(cat down.out)'" "$(cat down.err)"; fi
     one_line_error "serve with the server down" down.err
