@@ -111,7 +111,11 @@ else
     echo "qemu-img convert (curl): DID NOT FINISH within ${QEMU_TIMEOUT:-600} s: stalled after the server sent $(http_bytes) bytes"
 fi
 cmp <("${FVD[@]}" convert -O raw http.fvd /dev/stdout 2>/dev/null || "${FVD[@]}" convert -O raw http.fvd flat.raw && cat flat.raw) www/t.raw >/dev/null && echo "fvd image equals the template"
-echo "ratio qemu-img / fvd: $(awk -v a="$qemu_http" -v b="$fvd_http" 'BEGIN { printf "%.2f", a / b }')   (> 1: fvd is faster)"
+if [[ -s qemu-http.raw ]] && cmp -s qemu-http.raw www/t.raw; then
+    echo "ratio qemu-img / fvd: $(awk -v a="$qemu_http" -v b="$fvd_http" 'BEGIN { printf "%.2f", a / b }')   (> 1: fvd is faster)"
+else
+    echo "ratio: none (qemu-img's copy is incomplete)"
+fi
 [[ ${fvd_http_bytes%% *} == "$bytes" ]] && echo "each byte once: fetched = template size ($bytes)" || echo "NOTE: fetched $fvd_http_bytes, template size $bytes"
 
 echo
