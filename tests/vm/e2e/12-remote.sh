@@ -70,7 +70,10 @@ scenario() {
     must "mkfs.ext4 -d (a 128 MiB template holding the tree)" \
         bash -c "truncate -s 128M '$tpl' && mkfs.ext4 -q -F -d src '$tpl'"
     (cd src && find . -type f -print0 | sort -z | xargs -0 sha256sum) > src.sha256
-    printf '[http://127.0.0.1:%s/]\nretry-budget = 3s\nstall-timeout = 2s\n' "$NGINX_PORT" > remote.conf
+    # A generous budget for everything (an emulated guest on a busy host can be very slow), and a
+    # 3 s one for the outage: served with --remote-config remote-outage.conf.
+    printf '[http://127.0.0.1:%s/]\nretry-budget = 60s\nstall-timeout = 20s\n' "$NGINX_PORT" > remote.conf
+    printf '[http://127.0.0.1:%s/]\nretry-budget = 3s\nstall-timeout = 2s\n' "$NGINX_PORT" > remote-outage.conf
     export FVD_REMOTE_CONFIG=$D/remote.conf
     nginx_start; ensure "nginx serves the template on 127.0.0.1:$NGINX_PORT" nginx_ready || exit 1
 
@@ -97,7 +100,7 @@ scenario() {
     nginx_start; ensure "nginx back" nginx_ready || exit 1
     local img2=$D/img2.fvd
     must "fvd create img2.fvd over the URL" fvd create -b "$url" -F raw "$img2"
-    serve_must "$img2" --no-prefetch --remote-config "$D/remote.conf"
+    serve_must "$img2" --no-prefetch --remote-config "$D/remote-outage.conf"
     check "read the first MiB (copy-on-read makes it local)" t dd if="$SERVE_DEV" of=first.bin iflag=direct bs=1M count=1 status=none
     sleep 1
     nginx_stop
@@ -129,7 +132,7 @@ scenario() {
     # --- the server down at serve start: one line, no device -----------------------------------
     local before rc=0
     before=$(ublk_nodes)
-    t "${FVD[@]}" serve "$D/img3.fvd" --remote-config "$D/remote.conf" > down.out 2> down.err || rc=$?
+    t "${FVD[@]}" serve "$D/img3.fvd" --remote-config "$D/remote-outage.conf" > down.out 2> down.err || rc=$?
     if [[ $rc -ne 0 && ! -s down.out ]]; then ok "serve with the server down exits $rc without a device path"
     else not_ok "serve with the server down: exit $rc, stdout '$(cat down.out)'" "$(cat down.err)"; fi
     one_line_error "serve with the server down" down.err
