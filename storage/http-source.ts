@@ -25,7 +25,7 @@ import tls from 'node:tls';
 import type { BlockFile } from '../fvd/io.js';
 import { FvdError } from '../fvd/errors.js';
 import { redactUrl } from '../fvd/base-location.js';
-import { Limiter, splitRange } from './limiter.js';
+import { Limiter, allSettledOrThrow, splitRange } from './limiter.js';
 import { TransientError, isTransientSocketError, retryOptions, withRetries, type RetryOptions } from './retry.js';
 
 export interface HttpSourceOptions {
@@ -136,7 +136,8 @@ export class HttpSource implements BlockFile {
     const inside = Math.max(0, Math.min(buf.length, this.length - offset));
     if (inside < buf.length) buf.fill(0, inside); // past the end: zeros, as for a file
     if (inside === 0) return;
-    await Promise.all(splitRange(offset, inside, this.requestBytes).map(([pos, len]) => this.limiter.run(() => this.fetchRange(buf.subarray(pos - offset, pos - offset + len), pos))));
+    // All pieces end before the read returns, even a failed one: `buf` is the caller's to reuse.
+    await allSettledOrThrow(splitRange(offset, inside, this.requestBytes).map(([pos, len]) => this.limiter.run(() => this.fetchRange(buf.subarray(pos - offset, pos - offset + len), pos))));
   }
 
   private async fetchRange(into: Uint8Array, offset: number): Promise<void> {

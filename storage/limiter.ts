@@ -17,6 +17,16 @@ export class Limiter {
   }
 }
 
+/**
+ * Runs every job and waits for all of them, then throws the first error. Unlike Promise.all it
+ * never returns while a job still runs: the jobs write into the caller's buffer, which the caller
+ * reuses (a prefetch scratch buffer, a ublk request buffer) as soon as the read returns.
+ */
+export async function allSettledOrThrow(jobs: Array<Promise<unknown>>): Promise<void> {
+  const results = await Promise.allSettled(jobs);
+  for (const r of results) if (r.status === 'rejected') throw r.reason;
+}
+
 /** Splits [offset, offset + length) into pieces of at most `piece` bytes. */
 export function splitRange(offset: number, length: number, piece: number): Array<[number, number]> {
   const out: Array<[number, number]> = [];

@@ -14,7 +14,7 @@
 import type net from 'node:net';
 import type { BlockFile } from '../fvd/io.js';
 import { FvdError } from '../fvd/errors.js';
-import { Limiter, splitRange } from './limiter.js';
+import { Limiter, allSettledOrThrow, splitRange } from './limiter.js';
 import { TransientError, retryOptions, withRetries, type RetryOptions } from './retry.js';
 import type { RemoteStats } from './http-source.js';
 import {
@@ -449,7 +449,7 @@ export class NbdSource implements BlockFile {
   }
 
   private async readAligned(buf: Uint8Array, offset: number): Promise<void> {
-    await Promise.all(
+    await allSettledOrThrow(
       splitRange(offset, buf.length, this.pieceBytes).map(([pos, len]) =>
         this.limiter.run(() =>
           this.request(`${this.path}: bytes ${pos}-${pos + len - 1}`, CMD_READ, pos, len, buf.subarray(pos - offset, pos - offset + len)),

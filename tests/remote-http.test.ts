@@ -139,6 +139,23 @@ t('a fault that persists fails the read within the retry budget with one line; n
   }
 });
 
+t('a read whose first piece fails returns only after its other pieces ended: nothing lands in the buffer afterwards', async () => {
+  const proxy = await new FaultProxy(srv!.url).start();
+  try {
+    const src = await HttpSource.open(`${proxy.url}/template.raw`, { requestBytes: 512 * 1024, connections: 4, retry: fast });
+    proxy.queue.push({ fault: 'ignore-range' }, { fault: 'delay', delayMs: 400 });
+    const buf = Buffer.alloc(MiB, 0xee);
+    const err = await src.read(buf, 0).then(() => null, (e: Error) => e);
+    assert.match(err?.message ?? '', /ignored the Range header/);
+    const seen = Buffer.from(buf);
+    await new Promise((r) => setTimeout(r, 800));
+    assert.ok(buf.equals(seen), 'a piece of the failed read wrote into the buffer after the read returned');
+    await src.close();
+  } finally {
+    await proxy.stop();
+  }
+});
+
 t('server down at open: one-line error within the budget; down while open: reads fail, then recover when it is back', async () => {
   const url = `${srv!.url}/template.raw`;
   const src = await HttpSource.open(url, { retry: fast });

@@ -57,7 +57,15 @@ export class FaultProxy {
     await new Promise<void>((r) => this.server.close(() => r()));
   }
 
+  /** Faults for the next requests, one each, before `inject`'s (null: that request passes). */
+  readonly queue: Array<{ fault: Fault | null; delayMs?: number }> = [];
+
   private take(): Fault | null {
+    const next = this.queue.shift();
+    if (next) {
+      if (next.delayMs !== undefined) this.delayMs = next.delayMs;
+      return next.fault;
+    }
     if (!this.fault || this.remaining <= 0) return null;
     this.remaining--;
     return this.fault;
