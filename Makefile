@@ -4,7 +4,7 @@ NODE  ?= node
 NPM   ?= npm
 PREFIX ?= /usr/local
 
-.PHONY: all deps build test demo demo-engine bench bench-dev bench-prefetch-dev install clean
+.PHONY: all deps build test demo demo-engine bench bench-dev bench-prefetch-dev bench-remote install clean
 
 all: build
 
@@ -55,6 +55,11 @@ bench-dev: build
 bench-prefetch-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device-prefetch.sh; \
 	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-30} PHASE_MS=$${PHASE_MS:-2000} FVD_PREFETCH_TRACE=$${FVD_PREFETCH_TRACE:-} PREFETCH_SHARE=$${PREFETCH_SHARE:-10} bash bench/device-prefetch.sh; fi
+
+# A template on a server made local: fvd create + prefetch against qemu-img convert from the same
+# URL, over HTTP (nginx) and NBD (nbdkit), time and bytes transferred (BENCH_SIZE, default 1G).
+bench-remote: build
+	bash bench/remote.sh
 
 # Into $(DESTDIR)$(PREFIX): the compiled CLI, daemon and engine (no tests or benchmarks), the
 # production dependencies only, README and docs under lib/fvd; bin/fvd; the systemd unit made

@@ -8,7 +8,8 @@ import nodePath from 'node:path';
 import { Qcow2Image } from '../fvd/qcow2.js';
 import { isQcow2Magic } from '../fvd/qcow2-format.js';
 import { FvdImage, type Extent } from '../fvd/image.js';
-import { NodeFile, nodeIo } from '../fvd/node-file.js';
+import { NodeFile } from '../fvd/node-file.js';
+import { storageIo } from '../storage/storage-io.js';
 import { INCOMPAT_ENCRYPTED, MAGIC } from '../fvd/format.js';
 import { UsageError } from './args.js';
 
@@ -70,7 +71,7 @@ export async function openDisk(
   if (fmt !== 'fvd' && options.key) throw new UsageError(`${path}: a key was given, but this is a ${fmt} file (only FVD images are encrypted)`);
   if (fmt === 'qcow2') {
     if (!options.readOnly) throw new UsageError(`${path}: fvd reads qcow2 images but never writes them (open it read-only, -r)`);
-    const img = await Qcow2Image.open(nodeIo, nodePath.resolve(path));
+    const img = await Qcow2Image.open(storageIo(), nodePath.resolve(path));
     const readOnly = () => Promise.reject(new UsageError(`${path}: fvd never writes qcow2 images`));
     return {
       format: 'qcow2',
@@ -86,7 +87,7 @@ export async function openDisk(
     };
   }
   if (fmt === 'fvd') {
-    const img = await FvdImage.open(nodeIo, path, options);
+    const img = await FvdImage.open(storageIo(), path, options);
     return {
       format: 'fvd',
       size: img.size,

@@ -26,9 +26,11 @@ export interface InstanceConfig {
   growFree?: string;
   /** Prometheus textfile of the device's figures (fvd serve --metrics-file). */
   metricsFile?: string;
+  /** Remote base settings and credentials (storage/remote-config.ts), relative to the configuration directory. */
+  remoteConfig?: string;
 }
 
-const KEYS = new Set(['IMAGE', 'DEV_ID', 'QUEUES', 'DEPTH', 'MAX_IO', 'COPY_ON_READ', 'PREFETCH', 'PREFETCH_RATE', 'PREFETCH_SHARE', 'KEY_FILE', 'GROW_CMD', 'GROW_FREE', 'METRICS_FILE']);
+const KEYS = new Set(['IMAGE', 'DEV_ID', 'QUEUES', 'DEPTH', 'MAX_IO', 'COPY_ON_READ', 'PREFETCH', 'PREFETCH_RATE', 'PREFETCH_SHARE', 'KEY_FILE', 'GROW_CMD', 'GROW_FREE', 'METRICS_FILE', 'REMOTE_CONFIG']);
 const YES_NO = /^(yes|no|true|false|1|0)$/i;
 
 export function readInstanceConfig(name: string): InstanceConfig {
@@ -94,6 +96,10 @@ export function readInstanceConfig(name: string): InstanceConfig {
       case 'KEY_FILE':
         if (!value) throw new UsageError(`${file}:${i + 1}: KEY_FILE is empty`);
         config.keyFile = path.resolve(confDir, value);
+        break;
+      case 'REMOTE_CONFIG':
+        if (!value) throw new UsageError(`${file}:${i + 1}: REMOTE_CONFIG is empty`);
+        config.remoteConfig = path.resolve(confDir, value);
         break;
     }
   });

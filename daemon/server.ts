@@ -11,7 +11,8 @@
 import fs from 'node:fs';
 import { Worker } from 'node:worker_threads';
 import { FvdImage } from '../fvd/image.js';
-import { nodeIo } from '../fvd/node-file.js';
+import type { IoBackend } from '../fvd/io.js';
+import { storageIo } from '../storage/storage-io.js';
 import { FvdError } from '../fvd/errors.js';
 import { libc, EFD_CLOEXEC } from '../ffi/libc.js';
 import { syscalls } from '../ffi/syscalls.js';
@@ -51,6 +52,8 @@ export interface ServeOptions {
   log: (line: string) => void;
   /** A queue worker died while serving: the device can no longer make progress. */
   onFatal?: (reason: string) => void;
+  /** Opens the image and its base chain (local files, remote bases); default storageIo(). */
+  io?: IoBackend;
 }
 
 export interface ServerStats {
@@ -101,7 +104,7 @@ export class UblkServer {
     const ctl = await UblkControl.open();
     let image: FvdImage;
     try {
-      image = await FvdImage.open(nodeIo, opts.image, { copyOnRead: opts.copyOnRead, key: opts.key });
+      image = await FvdImage.open(opts.io ?? storageIo(), opts.image, { copyOnRead: opts.copyOnRead, key: opts.key });
     } catch (err) {
       ctl.close();
       throw err;
@@ -166,8 +169,12 @@ export class UblkServer {
       depth: opts.depth,
       startedAt: new Date().toISOString(),
     };
+    this.state = st;
     writeState(st);
   }
+
+  /** The run-time record as written at start, for refreshing its remote figures. */
+  state: DeviceState | null = null;
 
   private async startWorkers(): Promise<void> {
     const c = libc();

@@ -18,9 +18,11 @@
 import fs from 'node:fs';
 import nodePath from 'node:path';
 import { FvdImage, type BaseChainEntry } from '../fvd/image.js';
-import { blockDeviceSize, nodeIo } from '../fvd/node-file.js';
+import { blockDeviceSize } from '../fvd/node-file.js';
+import { storageIo } from '../storage/storage-io.js';
 import { libc, SEEK_DATA, SEEK_HOLE } from '../ffi/libc.js';
 import { Qcow2Image } from '../fvd/qcow2.js';
+import { isUrl } from '../fvd/base-location.js';
 import { UsageError } from './args.js';
 import type { DiskFormat } from './disk.js';
 
@@ -123,12 +125,15 @@ async function mapFvd(image: FvdImage, chain: BaseChainEntry[], depth: number, s
   // Fill the placeholders from the base, one level deeper.
   const base = chain[0]!;
   const deeper: MapEntry[] = [];
-  if (base.format === 'raw') {
+  if (base.format === 'raw' && isUrl(base.path)) {
+    // A remote raw base: nothing to ask about holes; everything it covers counts as its data.
+    for (const [a, b] of below) push(deeper, { start: a, length: b - a, depth: depth + 1, present: true, zero: false, data: true });
+  } else if (base.format === 'raw') {
     for (const [a, b] of below) mapRaw(base.path, base.size, depth + 1, a, b, deeper);
   } else if (base.format === 'qcow2') {
     for (const [a, b] of below) await mapQcow2(chain, depth + 1, a, b, deeper);
   } else {
-    const img = await FvdImage.open(nodeIo, base.path, { readOnly: true, withoutKey: true });
+    const img = await FvdImage.open(storageIo(), base.path, { readOnly: true, withoutKey: true });
     try {
       for (const [a, b] of below) await mapFvd(img, chain.slice(1), depth + 1, a, b, deeper);
     } finally {
@@ -155,7 +160,7 @@ async function mapFvd(image: FvdImage, chain: BaseChainEntry[], depth: number, s
  */
 async function mapQcow2(chain: BaseChainEntry[], depth: number, start: number, end: number, out: MapEntry[]): Promise<void> {
   const level = chain[0]!;
-  const img = await Qcow2Image.open(nodeIo, level.path);
+  const img = await Qcow2Image.open(storageIo(), level.path);
   try {
     const len = Math.min(end, img.size) - start;
     const runs = len > 0 ? await img.allocation(start, len) : [];
@@ -226,7 +231,7 @@ export async function mapPath(path: string, format: DiskFormat, key?: Uint8Array
   }
   if (format === 'qcow2') {
     if (key) throw new UsageError(`${path}: a key was given, but this is a qcow2 file (only FVD images are encrypted)`);
-    const img = await Qcow2Image.open(nodeIo, nodePath.resolve(path));
+    const img = await Qcow2Image.open(storageIo(), nodePath.resolve(path));
     const chain = img.describe();
     const size = img.size;
     await img.close();
@@ -234,7 +239,7 @@ export async function mapPath(path: string, format: DiskFormat, key?: Uint8Array
     await mapQcow2(chain, 0, 0, size, map);
     return { size, map, chain: chain.map((c) => c.path) };
   }
-  const image = await FvdImage.open(nodeIo, path, key ? { readOnly: true, key } : { readOnly: true, withoutKey: true });
+  const image = await FvdImage.open(storageIo(), path, key ? { readOnly: true, key } : { readOnly: true, withoutKey: true });
   try {
     return { size: image.size, map: await mapImage(image), chain: [path, ...image.stats().baseChain.map((b) => b.path)] };
   } finally {

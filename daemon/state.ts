@@ -15,6 +15,20 @@ export interface DeviceState {
   queues: number;
   depth: number;
   startedAt: string;
+  /** A remote base's transfer figures, refreshed with STATUS= (for `fvd info`). */
+  remote?: RemoteStatus;
+}
+
+export interface RemoteStatus {
+  url: string;
+  bytesFetched: number;
+  /** Bytes per second over the last status interval. */
+  rate: number;
+  /** Share of the base's bytes that are local (0..1). */
+  fractionLocal: number;
+  retries: number;
+  failures: number;
+  updatedAt: string;
 }
 
 export function stateDir(): string {

@@ -17,6 +17,8 @@ export const BASE_PATH_OFFSET = 512;
 export const MAX_BASE_PATH = PAGE - BASE_PATH_OFFSET;
 /** Header bytes 176..303: the encryption fields (fvd/crypto.ts parses them). */
 export const CRYPT_FIELDS_LENGTH = 128;
+/** Longest base identity (FORMAT.md §2.2): size and validator of a remote base, after the path. */
+export const MAX_BASE_IDENTITY = 1024;
 
 /** Incompatible features: a reader that does not know a set bit must refuse the image. */
 export const INCOMPAT_DIRTY = 1n << 0n; // opened read-write and not cleanly closed: replay the journal
@@ -92,6 +94,13 @@ export interface Header {
   baseSizeNext?: number;
   /** Snapshot id of an interrupted revert to redo at open (0 = none); FORMAT.md §10.6. */
   revertSnapshotId: number;
+  /**
+   * Length of the base identity stored right after the base path (FORMAT.md §2.2): what a remote
+   * base was (size, ETag or Last-Modified) when the image was created; 0 = none recorded.
+   */
+  baseIdentityLength?: number;
+  /** crc32 of the base identity bytes (0 without one). */
+  baseIdentityCrc?: number;
 }
 
 // Field offsets inside the 512-byte header.
@@ -125,6 +134,8 @@ const F = {
   basePathOffset: 304,
   baseSizeNext: 308,
   revertSnapshotId: 168,
+  baseIdentityLength: 316,
+  baseIdentityCrc: 320,
   crc: 508,
 } as const;
 
@@ -174,6 +185,8 @@ export function encodeHeader(h: Header): Uint8Array {
   dv.setUint32(F.basePathOffset, h.basePathOffset ?? 0, true);
   setU64(dv, F.baseSizeNext, h.baseSizeNext ?? 0);
   dv.setUint32(F.revertSnapshotId, h.revertSnapshotId, true);
+  dv.setUint16(F.baseIdentityLength, h.baseIdentityLength ?? 0, true);
+  dv.setUint32(F.baseIdentityCrc, h.baseIdentityCrc ?? 0, true);
   dv.setUint32(F.crc, crc(buf.subarray(0, F.crc)), true);
   return buf;
 }
@@ -222,6 +235,8 @@ export function decodeHeader(path: string, sector: Uint8Array, fileSize: number)
     basePathOffset: dv.getUint32(F.basePathOffset, true),
     baseSizeNext: getU64(dv, F.baseSizeNext),
     revertSnapshotId: dv.getUint32(F.revertSnapshotId, true),
+    baseIdentityLength: dv.getUint16(F.baseIdentityLength, true),
+    baseIdentityCrc: dv.getUint32(F.baseIdentityCrc, true),
   };
   if (h.incompatible & INCOMPAT_ENCRYPTED) h.crypt = sector.slice(F.crypt, F.crypt + CRYPT_FIELDS_LENGTH);
   const unknown = h.incompatible & ~INCOMPAT_KNOWN;
@@ -244,6 +259,9 @@ function validateGeometry(path: string, h: Header, fileSize: number): void {
   const pathOffset = h.basePathOffset ?? 0;
   if (pathOffset !== 0 && (h.basePathLength === 0 || pathOffset % SECTOR || pathOffset < BASE_PATH_OFFSET || pathOffset + h.basePathLength > PAGE))
     throw bad(`invalid base path offset ${pathOffset}`);
+  const idLen = h.baseIdentityLength ?? 0;
+  if (idLen > MAX_BASE_IDENTITY || (idLen && h.basePathLength === 0) || (!idLen && h.baseIdentityCrc) || (pathOffset || BASE_PATH_OFFSET) + h.basePathLength + idLen > PAGE)
+    throw bad(`invalid base identity length ${idLen}`);
   const next = h.baseSizeNext ?? 0;
   if (next !== 0 && (h.baseFormat === BASE_NONE || !Number.isSafeInteger(next) || next <= h.baseSize || next > MAX_VIRTUAL_SIZE))
     throw bad(`invalid next base size ${next}`);

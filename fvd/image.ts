@@ -31,6 +31,7 @@ import {
   INCOMPAT_COMPACT,
   INCOMPAT_DIRTY,
   INCOMPAT_ENCRYPTED,
+  MAX_BASE_IDENTITY,
   MAX_BASE_PATH,
   MAX_BLOCK_SIZE,
   MAX_CHUNK_SIZE,
@@ -60,11 +61,12 @@ import { SectorGate } from './sector-gate.js';
 import { BufferPool, KeyError, parseCryptFields, sealNewKey, unlock, type KdfParams, type XtsCipher } from './crypto.js';
 import { SnapshotManager, SnapshotState, loadSnapshotState, type SnapshotHost } from './snapshot.js';
 import { Qcow2Image, type Qcow2Details } from './qcow2.js';
+import { canonicalName, isUrl, redactUrl, resolveBasePath } from './base-location.js';
 
 export interface CreateOptions {
   /** Virtual size in bytes; defaults to the base's size (rounded up to 512). */
   size?: number;
-  /** Base image path; relative paths are relative to the image's directory. */
+  /** Base image path (relative paths are relative to the image's directory) or URL. */
   base?: string;
   baseFormat?: BaseFormat;
   layout?: 'raw' | 'compact';
@@ -117,6 +119,10 @@ export interface BaseImage {
   knownZero(offset: number, length: number): Promise<boolean>;
   close(): Promise<void>;
   describe(): BaseChainEntry[];
+  /** The top file's identity (a remote source's size and validator), if it has one. */
+  readonly identity?: string;
+  /** Reads cross a network: create detects zero blocks only where known without reading. */
+  readonly remote?: boolean;
 }
 
 export interface BaseChainEntry {
@@ -229,6 +235,8 @@ export class FvdImage {
   private readonly snap: SnapshotState | null;
   /** Internal snapshots: create, list, delete, revert (fvd/snapshot.ts). */
   readonly snapshots: SnapshotManager;
+  /** The base identity recorded at create (FORMAT.md §2.2), or null. */
+  baseIdentity: string | null = null;
   /** Opens the base (again): set by open when the image has one. */
   private reopenBase: (() => Promise<BaseImage>) | null = null;
 
@@ -311,9 +319,9 @@ export class FvdImage {
       const pathBytes = Buffer.from(basePath, 'utf8');
       if (pathBytes.length === 0 || pathBytes.length > MAX_BASE_PATH)
         throw new FvdError(`base path must be 1 to ${MAX_BASE_PATH} bytes long`, 'EINVAL');
-      const resolved = path.resolve(path.dirname(path.resolve(imagePath)), basePath);
-      if (resolved === path.resolve(imagePath)) throw new FvdError(`an image cannot be its own base`, 'EINVAL');
-      base = await openBase(io, resolved, baseFormat, [path.resolve(imagePath)], options.base);
+      const resolved = resolveBasePath(imagePath, basePath);
+      if (resolved === canonicalName(imagePath)) throw new FvdError(`an image cannot be its own base`, 'EINVAL');
+      base = await openBase(io, resolved, baseFormat, [canonicalName(imagePath)], options.base);
     }
     try {
       let size = options.size ?? (base ? roundUp(base.size, SECTOR) : undefined);
@@ -333,6 +341,10 @@ export class FvdImage {
       const bitmap = new Uint8Array(layout.bitmapLength);
       const detect = !!base && options.detectZeroes !== false;
       if (detect) await markZeroBlocks(base!, Math.min(baseSize, size), blockSize, bitmap);
+      // A remote base's identity (FORMAT.md §2.2), stored after its path.
+      const identity = Buffer.from(base?.identity ?? '', 'utf8');
+      if (identity.length > MAX_BASE_IDENTITY || BASE_PATH_OFFSET + pathBytesOf(basePath) + identity.length > PAGE)
+        throw new FvdError(`the base's path and identity (${pathBytesOf(basePath)} + ${identity.length} bytes) do not fit in the image's first page`, 'EINVAL');
 
       // The key is sealed before the target is touched, like the base scan.
       const crypt = options.encrypt ? await sealNewKey(options.encrypt.key, options.encrypt.kdf) : undefined;
@@ -352,6 +364,8 @@ export class FvdImage {
           basePathLength: Buffer.byteLength(basePath),
           baseFormat,
           basePathCrc: basePath ? crc(Buffer.from(basePath)) : 0,
+          baseIdentityLength: identity.length,
+          baseIdentityCrc: identity.length ? crc(identity) : 0,
           ...layout,
           // A random start makes stale sectors of an earlier image on the same device not match.
           journalStartSeq: randomInt(0, 2 ** 40),
@@ -367,6 +381,7 @@ export class FvdImage {
         const first = new Uint8Array(PAGE);
         first.set(encodeHeader(header), 0);
         first.set(Buffer.from(basePath), BASE_PATH_OFFSET);
+        first.set(identity, BASE_PATH_OFFSET + pathBytesOf(basePath));
         await file.write(first, 0);
         if (layout.bitmapLength) await file.write(bitmap, layout.bitmapOffset);
         if (layout.tableLength) await file.write(new Uint8Array(layout.tableLength).fill(0xff), layout.tableOffset);
@@ -403,20 +418,31 @@ export class FvdImage {
 
     let base: BaseImage | null = null;
     let reopenBase: (() => Promise<BaseImage>) | null = null;
+    let recordedIdentity: string | null = null;
     if (header.baseFormat !== BASE_NONE) {
       const pathOffset = header.basePathOffset || BASE_PATH_OFFSET;
       const pathBytes = first.subarray(pathOffset, pathOffset + header.basePathLength);
       if (crc(pathBytes) !== header.basePathCrc) throw new CorruptImageError(imagePath, 'base path checksum mismatch');
       const basePath = Buffer.from(pathBytes).toString('utf8');
+      const identity = readBaseIdentity(imagePath, first, header);
+      recordedIdentity = identity;
       reopenBase = async () => {
-        const resolved = path.resolve(path.dirname(path.resolve(imagePath)), basePath);
-        const b = await openBase(io, resolved, header.baseFormat, [...chain, path.resolve(imagePath)], basePath);
+        const resolved = resolveBasePath(imagePath, basePath);
+        const b = await openBase(io, resolved, header.baseFormat, [...chain, canonicalName(imagePath)], basePath);
         // An interrupted commit may have grown the base already (FORMAT.md §12.3); this image
         // reads only its first base_size bytes either way.
         if (b.size !== header.baseSize && !(header.baseSizeNext && b.size === header.baseSizeNext)) {
           await b.close();
           throw new FvdError(
             `${imagePath}: base image '${basePath}' is ${b.size} bytes but was ${header.baseSize} bytes when the image was created (wrong or resized base)`,
+            'EINVAL',
+          );
+        }
+        // A remote template replaced on the server (same size, new ETag/date) is refused too.
+        if (identity !== null && b.identity !== identity) {
+          await b.close();
+          throw new FvdError(
+            `${imagePath}: base image '${basePath}' changed since the image was created (now ${b.identity ?? 'no identity'}, was ${identity}): refusing to mix old and new data`,
             'EINVAL',
           );
         }
@@ -477,6 +503,7 @@ export class FvdImage {
         xts,
       });
       image.reopenBase = reopenBase;
+      image.baseIdentity = recordedIdentity;
       if (snap?.redo) header.revertSnapshotId = 0; // cleared on disk by markOpen's checkpoint
       if (!readOnly) await image.markOpen(replayed > 0 || !!(header.incompatible & INCOMPAT_DIRTY) || !!snap?.redo);
       return image;
@@ -1532,6 +1559,14 @@ export class FvdImage {
     return first;
   }
 
+  /** The image file's identity and remoteness, when this image is a (remote) base. */
+  get fileIdentity(): string | undefined {
+    return this.file.identity;
+  }
+  get fileIsRemote(): boolean {
+    return !!this.file.remote;
+  }
+
   /** A base image's chain entry, for `info`. */
   describeChain(format: BaseFormat): BaseChainEntry[] {
     return [{ path: this.path, format, size: this.size }, ...(this.base ? this.base.describe() : [])];
@@ -1567,12 +1602,16 @@ export async function openBase(io: IoBackend, resolved: string, format: number, 
         knownZero: async (offset, length) => holeAt(file, offset, offset + length),
         close: () => file.close(),
         describe: () => [{ path: resolved, format: 'raw', size: file.size() }],
+        identity: file.identity,
+        remote: file.remote,
       };
     }
     // Its own backing chain continues below, with the levels above it for loop detection.
     if (format === BASE_QCOW2) return await Qcow2Image.open(io, resolved, { chain });
     const image = await openImage(io, resolved, { readOnly: true, copyOnRead: false }, chain, 'shared');
     return {
+      identity: image.fileIdentity,
+      remote: image.fileIsRemote,
       size: image.size,
       read: (buf, offset) => image.read(buf, offset),
       knownZero: (offset, length) => image.knownZero(offset, length),
@@ -1581,6 +1620,8 @@ export async function openBase(io: IoBackend, resolved: string, format: number, 
     };
   } catch (err) {
     const e = err as NodeJS.ErrnoException;
+    // A remote source names itself (its URL without credentials) at the start of its messages.
+    if (isUrl(resolved)) throw new FvdError(`base image ${err instanceof FvdError ? err.message : `'${redactUrl(shownPath)}': ${e.message}`}`, err instanceof FvdError ? err.code : 'EIO');
     // An FvdError first: one from deeper in the chain (a missing image further down has code
     // ENOENT too) must keep naming that image, prefixed with this level.
     if (err instanceof FvdError && err.message.startsWith('base chain longer')) throw err; // 64 prefixes would say nothing more
@@ -1606,6 +1647,20 @@ async function openCipher(imagePath: string, header: Header, options: OpenOption
   throw new KeyError(`${imagePath}: the image is encrypted: its key is needed (--key-file PATH, or --key-file - for stdin)`);
 }
 
+function pathBytesOf(p: string): number {
+  return Buffer.byteLength(p, 'utf8');
+}
+
+/** The base identity after the base path (FORMAT.md §2.2), or null when none is recorded. */
+export function readBaseIdentity(imagePath: string, first: Uint8Array, header: Header): string | null {
+  const n = header.baseIdentityLength ?? 0;
+  if (!n) return null;
+  const at = (header.basePathOffset || BASE_PATH_OFFSET) + header.basePathLength;
+  const bytes = first.subarray(at, at + n);
+  if (crc(bytes) !== header.baseIdentityCrc) throw new CorruptImageError(imagePath, 'base identity checksum mismatch');
+  return Buffer.from(bytes).toString('utf8');
+}
+
 /** [a, z) of the file is known to read as zeros (a hole or past the end). */
 export function holeAt(file: BlockFile, a: number, z: number): boolean {
   if (a >= file.size()) return true;
@@ -1616,7 +1671,8 @@ export function holeAt(file: BlockFile, a: number, z: number): boolean {
 /**
  * Sets the bit of every all-zero block of the base (FVD's "free write to zero-filled blocks").
  * What the base knows to be zero from its metadata (holes of a raw file, unallocated and zero
- * clusters of a qcow2 image) is marked without reading it.
+ * clusters of a qcow2 image, NBD block status) is marked without reading it; a remote base is not
+ * read at all — that would download the whole template at create — only asked.
  */
 async function markZeroBlocks(base: BaseImage, limit: number, blockSize: number, bitmap: Uint8Array): Promise<void> {
   const step = Math.max(blockSize, Math.floor(ZERO_SCAN_BYTES / blockSize) * blockSize);
@@ -1626,6 +1682,11 @@ async function markZeroBlocks(base: BaseImage, limit: number, blockSize: number,
     const len = Math.min(step, limit - pos);
     if (await base.knownZero(pos, len)) {
       setRange(bitmap, pos / blockSize, Math.ceil(len / blockSize));
+      continue;
+    }
+    if (base.remote) {
+      for (let off = 0; off < len; off += blockSize)
+        if (await base.knownZero(pos + off, Math.min(blockSize, len - off))) setRange(bitmap, (pos + off) / blockSize, 1);
       continue;
     }
     await base.read(buf.subarray(0, len), pos);

@@ -28,6 +28,17 @@ export interface BlockFile {
    */
   nextData?(offset: number): number | null;
   close(): Promise<void>;
+  /**
+   * Optional, remote sources only: what identifies this content — its size and, over HTTP, the
+   * ETag or Last-Modified date. Recorded in an image created over it and compared at every open
+   * (FORMAT.md §2.2), so a template replaced on the server is refused rather than mixed.
+   */
+  readonly identity?: string;
+  /**
+   * Optional: true when reads cross a network. The engine then never reads a whole base just to
+   * find zero blocks at create; it asks `nextData` only.
+   */
+  readonly remote?: boolean;
   /** True for a block device: it has a fixed size and unwritten space is not known to be zero. */
   readonly isBlockDevice: boolean;
   readonly readOnly: boolean;

@@ -54,7 +54,8 @@ import {
 } from './format.js';
 import { forEachClearRun, setRange, testBit } from './bitmap.js';
 import { replayJournal } from './journal.js';
-import { FvdImage, holeAt, openBase, type BaseImage, type OpenOptions } from './image.js';
+import { FvdImage, holeAt, openBase, readBaseIdentity, type BaseImage, type OpenOptions } from './image.js';
+import { resolveBasePath } from './base-location.js';
 import { KeyError, parseCryptFields, unlock, type XtsCipher } from './crypto.js';
 
 /**
@@ -92,6 +93,8 @@ const WINDOW = 1024 * 1024;
 class OfflineImage {
   header!: Header;
   basePath = '';
+  /** The remote base's identity stored after the path (FORMAT.md §2.2), '' when none. */
+  baseIdentity = '';
   /** The whole bitmap region (bitmap_length bytes). */
   bitmap!: Uint8Array;
   /** Every entry of the table region (table_length / 4), or null in raw-like layout. */
@@ -189,6 +192,7 @@ class OfflineImage {
       if (crc(bytes) !== h.basePathCrc) throw new CorruptImageError(this.path, 'base path checksum mismatch');
       basePath = Buffer.from(bytes).toString('utf8');
     }
+    const identity = h.baseFormat !== BASE_NONE ? readBaseIdentity(this.path, first, h) ?? '' : '';
     const bitmap = new Uint8Array(h.bitmapLength);
     if (h.bitmapLength) await this.file.read(bitmap, h.bitmapOffset);
     let table: Uint32Array | null = null;
@@ -218,6 +222,7 @@ class OfflineImage {
     if (table) validateTable(this.path, table, h, this.file);
     this.header = h;
     this.basePath = basePath;
+    this.baseIdentity = identity;
     this.bitmap = bitmap;
     this.table = table;
   }
@@ -387,7 +392,7 @@ function selfCheck(imagePath: string, h: Header, fileSize: number): void {
 }
 
 function resolveFrom(imagePath: string, basePath: string): string {
-  return path.resolve(path.dirname(path.resolve(imagePath)), basePath);
+  return resolveBasePath(imagePath, basePath);
 }
 
 function isZero(b: Uint8Array): boolean {
@@ -506,9 +511,10 @@ interface PathPlan {
  * where the live one is not and the header (with base_path_offset) switches to it in one sector
  * write; then it is moved back to offset 512 (FORMAT.md §12.4).
  */
-function planPath(op: string, imagePath: string, cur: Header, curPath: string, newPath: string): PathPlan {
-  const bytes = Buffer.from(newPath, 'utf8');
-  const curBytes = Buffer.from(curPath, 'utf8');
+function planPath(op: string, imagePath: string, cur: Header, curPath: string, newPath: string, curIdentity = '', newIdentity = ''): PathPlan {
+  // The identity (FORMAT.md §2.2) travels with its path: both are one run of bytes here.
+  const bytes = newPath === '' ? Buffer.alloc(0) : Buffer.from(newPath + newIdentity, 'utf8');
+  const curBytes = Buffer.from(curPath + curIdentity, 'utf8');
   const P = cur.basePathOffset || BASE_PATH_OFFSET;
   if (bytes.length === 0) return { bytes, at: 0, normalize: false, changed: curBytes.length !== 0 };
   if (curBytes.equals(bytes) && P === BASE_PATH_OFFSET) return { bytes, at: 0, normalize: false, changed: false };
@@ -941,7 +947,10 @@ export async function rebaseImage(io: IoBackend, imagePath: string, options: Reb
     const oldBB = baseBlocksOf(h0);
     const newBB = Math.ceil(Math.min(B, V) / bs);
     const plan = planLayout('rebase', imagePath, h0, V, B);
-    const pathPlan = planPath('rebase', imagePath, h0, img.basePath, newPath);
+    const newIdentity = newBase?.identity ?? '';
+    const pathPlan = planPath('rebase', imagePath, h0, img.basePath, newPath, img.baseIdentity, newIdentity);
+    const newPathBytes = Buffer.byteLength(newPath, 'utf8');
+    const idBytes = Buffer.from(newIdentity, 'utf8');
     const wasFullyLocal = img.fullyLocal;
     const oldPath = h0.baseFormat === BASE_NONE ? null : img.basePath;
 
@@ -983,8 +992,10 @@ export async function rebaseImage(io: IoBackend, imagePath: string, options: Reb
       baseSize: B,
       baseSizeNext: 0,
       baseFormat: fmt,
-      basePathLength: pathPlan.bytes.length,
-      basePathCrc: pathPlan.bytes.length ? crc(pathPlan.bytes) : 0,
+      basePathLength: newPathBytes,
+      basePathCrc: newPathBytes ? crc(pathPlan.bytes.subarray(0, newPathBytes)) : 0,
+      baseIdentityLength: idBytes.length,
+      baseIdentityCrc: idBytes.length ? crc(idBytes) : 0,
     };
     await switchTo(img, { header, plan, path: pathPlan, bitmap, table: img.table ? img.table.slice(0, chunksOf(h)) : null });
     return {

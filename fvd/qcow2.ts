@@ -14,6 +14,7 @@
  * The file, its external data file and its backing files are opened read-only and never written.
  */
 import path from 'node:path';
+import { isUrl } from './base-location.js';
 import { FvdError } from './errors.js';
 import type { BlockFile, IoBackend } from './io.js';
 import {
@@ -241,6 +242,16 @@ export class Qcow2Image implements ReadOnlyLayer {
     } finally {
       await this.file.close();
     }
+  }
+
+  /** A remote template's identity (its size and validator), checked against the image's record. */
+  get identity(): string | undefined {
+    return this.file.identity;
+  }
+
+  /** True when the template is read over the network (zero detection then only asks, never reads). */
+  get remote(): boolean {
+    return !!this.file.remote;
   }
 
   describe(): ChainEntry[] {
@@ -502,6 +513,8 @@ function resolveStoredName(image: string, name: string, what: string): string {
   if (n.startsWith('file:')) n = n.slice(5);
   else if (PROTOCOLS.test(n)) throw new FvdError(`${image}: ${what} '${name}' is not a local file (QEMU protocol or options); fvd reads local files only`, 'EINVAL');
   if (n.length === 0 || n.includes('\0')) throw corruptQcow2(image, `${what} name '${name}' is not a file name`);
+  // A template reached by URL (a remote base): its backing and data files are relative to it.
+  if (isUrl(image)) return new URL(n, image).href;
   return path.resolve(path.dirname(image), n);
 }
 

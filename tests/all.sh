@@ -18,6 +18,8 @@ counts() {
 }
 
 bash tests/host-tools.sh   # qemu-utils for the qcow2 tests (they report a skip without it)
+# Real servers for the remote-base tests (nginx, qemu-nbd, nbdkit): installed when missing.
+bash tests/install-test-deps.sh
 node build/tests/run.js 2>&1 | tee "$log"
 unit_rc=${PIPESTATUS[0]}
 read -r up uf < <(counts "$log")

@@ -11,7 +11,7 @@ function sample(compact = true): Header {
     version: VERSION, incompatible: compact ? INCOMPAT_COMPACT : 0n, compatible: 1n, autoclear: 0n, virtualSize: 1 << 30,
     blockSize: 65536, chunkSize: 1 << 20, baseSize: 3 << 28, basePathLength: 4, baseFormat: 1, basePathCrc: 1234,
     ...layout, journalStartSeq: 2 ** 40 + 17, refcountOffset: 0, refcountLength: 0, snapshotsOffset: 0, snapshotsLength: 0,
-    basePathOffset: 0, baseSizeNext: 0, revertSnapshotId: 0,
+    basePathOffset: 0, baseSizeNext: 0, revertSnapshotId: 0, baseIdentityLength: 0, baseIdentityCrc: 0,
   };
 }
 
@@ -74,6 +74,20 @@ test('header: rejects bad magic, version, checksum, features, geometry, truncati
   expectReject(encodeHeader({ ...h, refcountLength: 4096 }), size, /snapshot/);
   expectReject(good, 100, /truncated/);
   expectReject(good, size - 4096, /truncated/);
+});
+
+test('header: the base identity fields (bytes 316..323) round-trip and are validated (FORMAT.md §2.2)', () => {
+  const h = sample(false);
+  const size = h.dataOffset + h.virtualSize;
+  const withId = { ...h, baseIdentityLength: 40, baseIdentityCrc: 0xdeadbeef };
+  const bytes = encodeHeader(withId);
+  assert.is(new DataView(bytes.buffer).getUint16(316, true), 40);
+  assert.is(new DataView(bytes.buffer).getUint32(320, true), 0xdeadbeef);
+  assert.equal(decodeHeader('x', bytes, size), withId);
+  expectReject(encodeHeader({ ...h, baseIdentityLength: 1025, baseIdentityCrc: 1 }), size, /invalid base identity length 1025/);
+  expectReject(encodeHeader({ ...h, basePathLength: 3000, baseIdentityLength: 600, baseIdentityCrc: 1 }), size, /invalid base identity length 600/);
+  expectReject(encodeHeader({ ...h, baseIdentityLength: 0, baseIdentityCrc: 7 }), size, /invalid base identity length 0/);
+  expectReject(encodeHeader({ ...h, baseFormat: 0, basePathLength: 0, baseSize: 0, bitmapLength: 0, bitmapOffset: 0, baseIdentityLength: 5, baseIdentityCrc: 1 }), size, /base identity length 5/);
 });
 
 test('header: base_path_offset and base_size_next round-trip and are validated; the bitmap may exceed its minimum', () => {

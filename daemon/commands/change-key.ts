@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { changeKey } from '../../fvd/change-key.js';
 import { KDF_LIMITS } from '../../fvd/crypto.js';
-import { nodeIo } from '../../fvd/node-file.js';
+import { storageIo } from '../../storage/storage-io.js';
 import { UsageError } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { readKeyFile, wipe } from '../key-file.js';
@@ -61,7 +61,7 @@ export async function run(args: string[]): Promise<number> {
   let newKey: Uint8Array | undefined;
   try {
     newKey = readKeyFile(newSpec, '--new-key-file');
-    const res = await changeKey(nodeIo, image, oldKey!, newKey!, log2N === undefined ? {} : { log2N });
+    const res = await changeKey(storageIo(), image, oldKey!, newKey!, log2N === undefined ? {} : { log2N });
     console.log(`${image}: key changed (scrypt log2 N ${res.kdf.log2N}, r ${res.kdf.r}, p ${res.kdf.p}); the old key no longer opens it`);
     return 0;
   } finally {

@@ -10,7 +10,7 @@
 import fs from 'node:fs';
 import { checkImage } from '../../fvd/check.js';
 import { FvdImage } from '../../fvd/image.js';
-import { nodeIo } from '../../fvd/node-file.js';
+import { storageIo } from '../../storage/storage-io.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 import { mapImage } from '../space.js';
@@ -33,7 +33,7 @@ export async function run(args: string[]): Promise<number> {
   const output = outputFormat(values);
   const path = positionals[0]!;
   const key = readKeyFile(values['key-file']);
-  const report = await checkImage(nodeIo, path, { repair: values.repair, key }).finally(() => wipe(key));
+  const report = await checkImage(storageIo(), path, { repair: values.repair, key }).finally(() => wipe(key));
   const code = report.errors.length ? 2 : report.repaired ? 3 : 0;
   if (output === 'json') {
     const leaks = report.leaks + report.overcounts;
@@ -67,7 +67,7 @@ export async function run(args: string[]): Promise<number> {
 
 /** qemu-img's cluster figures of a sound image: blocks in all, blocks holding data, file end. */
 async function clusters(path: string): Promise<Record<string, number>> {
-  const image = await FvdImage.open(nodeIo, path, { readOnly: true, withoutKey: true });
+  const image = await FvdImage.open(storageIo(), path, { readOnly: true, withoutKey: true });
   try {
     const { blockSize, virtualSize, fileSize } = image.stats();
     let allocated = 0;

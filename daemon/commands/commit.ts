@@ -5,7 +5,7 @@
  * its data is decrypted into the (plaintext) base. FORMAT.md §12.3.
  */
 import { commitImage } from '../../fvd/maintenance.js';
-import { nodeIo } from '../../fvd/node-file.js';
+import { storageIo } from '../../storage/storage-io.js';
 import { formatSize, progressPrinter } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
@@ -29,7 +29,7 @@ export async function run(args: string[]): Promise<number> {
   const image = positionals[0]!;
   const key = readKeyFile(values['key-file']);
   const progress = progressPrinter(values.p);
-  const r = await commitImage(nodeIo, image, { keep: values.d, key, onProgress: (d, t) => progress.update(d, t) }).finally(() => {
+  const r = await commitImage(storageIo(), image, { keep: values.d, key, onProgress: (d, t) => progress.update(d, t) }).finally(() => {
     progress.done();
     wipe(key);
   });

@@ -9,7 +9,7 @@
  */
 import fs from 'node:fs';
 import { FvdImage } from '../../fvd/image.js';
-import { nodeIo } from '../../fvd/node-file.js';
+import { storageIo } from '../../storage/storage-io.js';
 import { UsageError, parseSize, progressPrinter } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { isEncryptedImage, openDisk, parseFormat, probeFormat, type Disk, type DiskFormat } from '../disk.js';
@@ -91,7 +91,7 @@ async function convert(
       fs.writeFileSync(dst, '');
       fs.truncateSync(dst, source.size);
     } else {
-      await FvdImage.create(nodeIo, dst, {
+      await FvdImage.create(storageIo(), dst, {
         size: source.size,
         layout: values.layout as 'raw' | 'compact',
         blockSize: values['block-size'] ? parseSize(values['block-size'], 'block size') : undefined,

@@ -4,7 +4,7 @@
  */
 import fs from 'node:fs';
 import { FvdImage } from '../../fvd/image.js';
-import { nodeIo } from '../../fvd/node-file.js';
+import { storageIo } from '../../storage/storage-io.js';
 import { BASE_FORMAT_CHOICES, baseFormatCode, type BaseFormat } from '../../fvd/format.js';
 import { UsageError, formatSize, parseSize } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
@@ -53,7 +53,7 @@ export async function run(args: string[]): Promise<number> {
   // A failed create must not leave a half-written image behind (a retry would need --force).
   const removeOnFailure = !st || st.isFile();
   const key = readKeyFile(values['key-file']);
-  await FvdImage.create(nodeIo, image, {
+  await FvdImage.create(storageIo(), image, {
     size,
     base: values.base,
     baseFormat: baseFormat as BaseFormat | undefined,
@@ -69,7 +69,7 @@ export async function run(args: string[]): Promise<number> {
       throw err;
     })
     .finally(() => wipe(key));
-  const img = await FvdImage.open(nodeIo, image, { readOnly: true, withoutKey: true });
+  const img = await FvdImage.open(storageIo(), image, { readOnly: true, withoutKey: true });
   const s = img.stats();
   await img.close();
   console.log(

@@ -15,7 +15,11 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { FvdImage, type BaseChainEntry, type ImageStats } from '../../fvd/image.js';
 import type { Qcow2Details } from '../../fvd/qcow2.js';
-import { nodeIo } from '../../fvd/node-file.js';
+import { storageIo } from '../../storage/storage-io.js';
+import { isUrl } from '../../fvd/base-location.js';
+import { listStates } from '../state.js';
+import { pidAlive } from '../server.js';
+import { formatRemote, fractionLocal } from '../remote-status.js';
 import { formatSize } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
@@ -59,12 +63,16 @@ function diskSizeOf(file: string, fileSize: number): number {
 }
 
 async function describeImage(file: string, key: Uint8Array | undefined): Promise<{ info: Record<string, unknown>; text: string; chain: BaseChainEntry[] }> {
-  const image = await FvdImage.open(nodeIo, file, key ? { readOnly: true, key } : { readOnly: true, withoutKey: true });
+  const image = await FvdImage.open(storageIo(), file, key ? { readOnly: true, key } : { readOnly: true, withoutKey: true });
   let s: ImageStats;
   let space;
   let snapshots;
+  let fracLocal = 1;
+  let identity: string | null = null;
   try {
     s = image.stats();
+    fracLocal = fractionLocal(image);
+    identity = image.baseIdentity;
     space = spaceFigures(await mapImage(image));
     snapshots = s.layout === 'compact' ? image.snapshots.list() : [];
   } finally {
@@ -72,6 +80,9 @@ async function describeImage(file: string, key: Uint8Array | undefined): Promise
   }
   const diskSize = diskSizeOf(file, s.fileSize);
   const base = s.baseChain[0];
+  // A served image's remote transfer figures, from its server's run-time record.
+  const real = fs.realpathSync(file);
+  const served = listStates().find((d) => d.image === real && pidAlive(d.pid));
   const info: Record<string, unknown> = {
     // qemu-img info's keys
     filename: file,
@@ -83,7 +94,7 @@ async function describeImage(file: string, key: Uint8Array | undefined): Promise
     ...(base
       ? {
           'backing-filename': base.path,
-          'full-backing-filename': path.resolve(base.path),
+          'full-backing-filename': isUrl(base.path) ? base.path : path.resolve(base.path),
           'backing-filename-format': base.format,
         }
       : {}),
@@ -113,6 +124,9 @@ async function describeImage(file: string, key: Uint8Array | undefined): Promise
     bytesInBase: space.bytesInBase,
     /** Not in the base: data + zero. */
     bytesLocal: s.bytesLocal,
+    fractionLocal: fracLocal,
+    baseIdentity: identity ?? undefined,
+    remote: served?.remote,
     fullyLocal: s.fullyLocal,
     zeroDetected: s.zeroDetected,
     encryption: s.encryption,
@@ -137,11 +151,13 @@ async function describeImage(file: string, key: Uint8Array | undefined): Promise
   } else if (s.baseSize) {
     lines.push(`base image: not needed (fully local)`);
   }
+  if (identity) lines.push(`base identity: ${identity}`);
+  if (served?.remote) lines.push(`${formatRemote(served.remote).replace(/^remote /, 'remote (served as ' + served.device + '): ')} as of ${served.remote.updatedAt}`);
   lines.push(
     `data: ${formatSize(space.bytesData)} (${pct(space.bytesData)}%) written in this image`,
     `zero: ${formatSize(space.bytesZero)} (${pct(space.bytesZero)}%) never written or discarded: reads as zeros, takes no space`,
     `in base: ${formatSize(space.bytesInBase)} (${pct(space.bytesInBase)}%)`,
-    `fully local: ${s.fullyLocal ? 'yes' : 'no'}`,
+    `fully local: ${s.fullyLocal ? 'yes' : `no (${(fracLocal * 100).toFixed(1)}% of the base is local)`}`,
     `zero blocks detected at create: ${s.zeroDetected ? 'yes' : 'no'}`,
     `encrypted: ${s.encryption ?? 'no'}`,
     `dirty: ${s.wasDirty ? `yes (${s.journalSectorsReplayed} journal sectors to replay)` : 'no'}`,
@@ -151,6 +167,12 @@ async function describeImage(file: string, key: Uint8Array | undefined): Promise
 }
 
 function describeRaw(b: BaseChainEntry): { info: Record<string, unknown>; text: string } {
+  // A remote base (a URL, shown without credentials): nothing local to measure.
+  if (isUrl(b.path))
+    return {
+      info: { filename: b.path, format: 'raw', 'virtual-size': b.size, 'dirty-flag': false },
+      text: [`image: ${b.path}`, `file format: raw`, `virtual size: ${formatSize(b.size)} (${b.size} bytes)`].join('\n'),
+    };
   const st = fs.statSync(b.path);
   const actual = st.isBlockDevice() ? b.size : st.blocks * 512;
   const space = spaceFigures(mapRawFile(b.path));

@@ -8,7 +8,7 @@
  * FORMAT.md §12.4.
  */
 import { rebaseImage } from '../../fvd/maintenance.js';
-import { nodeIo } from '../../fvd/node-file.js';
+import { storageIo } from '../../storage/storage-io.js';
 import { BASE_FORMAT_CHOICES, baseFormatCode, type BaseFormat } from '../../fvd/format.js';
 import { UsageError, formatSize, progressPrinter } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
@@ -39,7 +39,7 @@ export async function run(args: string[]): Promise<number> {
   const image = positionals[0]!;
   const key = readKeyFile(values['key-file']);
   const progress = progressPrinter(values.p);
-  const r = await rebaseImage(nodeIo, image, { base: values.base, baseFormat: fmt as BaseFormat | undefined, unsafe: values.unsafe, key, onProgress: (d, t) => progress.update(d, t) }).finally(() => {
+  const r = await rebaseImage(storageIo(), image, { base: values.base, baseFormat: fmt as BaseFormat | undefined, unsafe: values.unsafe, key, onProgress: (d, t) => progress.update(d, t) }).finally(() => {
     progress.done();
     wipe(key);
   });

@@ -7,7 +7,7 @@
  */
 import { FvdImage } from '../../fvd/image.js';
 import { resizeImage } from '../../fvd/maintenance.js';
-import { nodeIo } from '../../fvd/node-file.js';
+import { storageIo } from '../../storage/storage-io.js';
 import { UsageError, formatSize, parseSize } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
@@ -34,13 +34,13 @@ export async function run(args: string[]): Promise<number> {
   let size = amount;
   if (sign) {
     // The size is metadata: no key needed to read it (it is checked by resizeImage).
-    const img = await FvdImage.open(nodeIo, image, { readOnly: true, withoutKey: true });
+    const img = await FvdImage.open(storageIo(), image, { readOnly: true, withoutKey: true });
     size = img.size + sign * amount;
     await img.close();
   }
   if (size <= 0) throw new UsageError(`invalid size '${text}': the disk would be ${size} bytes`);
   const key = readKeyFile(values['key-file']);
-  const r = await resizeImage(nodeIo, image, size, { shrink: values.shrink, key }).finally(() => wipe(key));
+  const r = await resizeImage(storageIo(), image, size, { shrink: values.shrink, key }).finally(() => wipe(key));
   if (r.oldSize === r.newSize) console.log(`Image size unchanged: ${formatSize(r.newSize)} (${r.newSize} bytes).`);
   else console.log(`Image resized: ${formatSize(r.oldSize)} -> ${formatSize(r.newSize)} (${r.newSize} bytes).`);
   if (r.journalShrunkTo !== null) console.log(`note: the journal shrank to ${formatSize(r.journalShrunkTo)} to make room for the larger lookup table`);

@@ -20,7 +20,16 @@ import type { QueueActivityReader } from '../queue-activity.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 import { runGrowCommand } from '../grow.js';
 import { figuresFile, linkDevice, prometheusText, unlinkDevice, writeAtomically, type DeviceFigures } from '../metrics.js';
-import { stateDir } from '../state.js';
+import { stateDir, writeState } from '../state.js';
+import { StorageIo } from '../../storage/storage-io.js';
+import { loadRemoteConfig } from '../../storage/remote-config.js';
+import { isUrl } from '../../fvd/base-location.js';
+import { RemoteMonitor, formatRemote } from '../remote-status.js';
+
+/** Prefetch chunks over a remote base: large sequential ranges (split into parallel requests). */
+const REMOTE_CHUNK_BYTES = 8 * 1024 * 1024;
+/** After a remote base failed a prefetch read, try again after this long (doubling, to 5 min). */
+const REMOTE_RETRY_MS = 5000;
 
 export const spec = defineCommand({
   name: 'serve',
@@ -40,6 +49,7 @@ export const spec = defineCommand({
     'grow-cmd': { type: 'string', arg: 'CMD', help: "a compact image on a block device (LV): command that grows it when free space runs low, %s = the image's path (e.g. 'lvextend -L+1G %s')" },
     'metrics-file': { type: 'string', arg: 'PATH', help: 'write Prometheus text-format metrics to PATH every 5 s (atomic rename; for node_exporter\'s textfile collector)' },
     'grow-free': { type: 'string', default: '64M', arg: 'SIZE', help: 'with --grow-cmd: grow when less than this is left past the last chunk' },
+    'remote-config': { type: 'string', arg: 'FILE', help: 'settings and credentials of a remote base (default /etc/fvd/remote.conf)' },
     ...KEY_FILE_OPTION,
   },
   details: `Prints the device path once it answers I/O. SIGTERM/SIGINT stop it cleanly (drain, close, delete the
@@ -66,8 +76,12 @@ export async function run(args: string[]): Promise<number> {
     if (conf.growCmd !== undefined) values['grow-cmd'] ??= conf.growCmd;
     if (conf.growFree !== undefined) values['grow-free'] = conf.growFree;
     if (conf.metricsFile !== undefined) values['metrics-file'] ??= conf.metricsFile;
+    if (conf.remoteConfig !== undefined) values['remote-config'] ??= conf.remoteConfig;
     const credential = process.env.CREDENTIALS_DIRECTORY ? path.join(process.env.CREDENTIALS_DIRECTORY, 'key') : '';
     if (values['key-file'] === undefined && credential && fs.existsSync(credential)) values['key-file'] = credential;
+    // Remote base credentials as a systemd credential too (LoadCredential=remote:/etc/fvd/NAME.remote).
+    const remoteCred = process.env.CREDENTIALS_DIRECTORY ? path.join(process.env.CREDENTIALS_DIRECTORY, 'remote') : '';
+    if (values['remote-config'] === undefined && remoteCred && fs.existsSync(remoteCred)) values['remote-config'] = remoteCred;
   }
   if (positionals.length !== 1) throw usageError(spec);
   const image = positionals[0]!;
@@ -83,7 +97,9 @@ export async function run(args: string[]): Promise<number> {
   if (growCmd !== undefined && !fs.statSync(image, { throwIfNoEntry: false })?.isBlockDevice())
     throw new UsageError(`--grow-cmd: ${image} is not a block device (a file grows by itself)`);
   const key = readKeyFile(values['key-file']);
+  const io = new StorageIo(values['remote-config'] !== undefined ? loadRemoteConfig(values['remote-config']) : undefined);
   const server = await UblkServer.start({
+    io,
     image,
     name: values.name ?? path.basename(image).replace(/\.[^.]*$/, ''), // = `name` below
     devId: values['dev-id'] !== undefined ? parseInteger(values['dev-id'], 'device id', 0, 1 << 20) : -1,
@@ -108,33 +124,60 @@ export async function run(args: string[]): Promise<number> {
     }
   }
   const activity = server.activityReader();
-  const prefetcher =
-    values['no-prefetch'] || st.fullyLocal || st.baseSize === 0
-      ? null
-      : new Prefetcher(server.image, {
-          maxBytesPerSec: prefetchRate,
-          maxLatencyShare: prefetchShare / 100,
-          activity: () => activity.poll(),
-          // The workers time only the daemon's part of a request: the guest's own path (its kernel,
-          // its CPUs, which the copy also uses) shows as a lower request rate.
-          partialLatency: true,
-        }).start();
-  prefetcher?.on('baseline', (ns: number) =>
-    log(`prefetch: guest request latency baseline ${(ns / 1000).toFixed(1)} µs; prefetching keeps the mean within +${prefetchShare}%`),
-  );
-  prefetcher?.on('done', () => log('prefetch done: the image is fully local, the base is no longer needed'));
-  prefetcher?.on('failed', (p: { error?: Error }) => log(`prefetch stopped: ${p.error?.message}`));
+  const remoteBase = st.baseChain.some((b) => isUrl(b.path));
+  const remote = new RemoteMonitor(io, server.image);
+  let prefetcher: Prefetcher | null = null;
+  let retryTimer: NodeJS.Timeout | null = null;
+  let retryMs = REMOTE_RETRY_MS;
+  let stopped = false;
+  const startPrefetcher = () => {
+    const p = new Prefetcher(server.image, {
+      maxBytesPerSec: prefetchRate,
+      maxLatencyShare: prefetchShare / 100,
+      activity: () => activity.poll(),
+      // The workers time only the daemon's part of a request: the guest's own path (its kernel,
+      // its CPUs, which the copy also uses) shows as a lower request rate.
+      partialLatency: true,
+      ...(remoteBase ? { chunkBytes: REMOTE_CHUNK_BYTES } : {}),
+    }).start();
+    p.on('baseline', (ns: number) =>
+      log(`prefetch: guest request latency baseline ${(ns / 1000).toFixed(1)} µs; prefetching keeps the mean within +${prefetchShare}%`),
+    );
+    p.on('done', () => {
+      const r = remote.sample();
+      log(`prefetch done: the image is fully local, the base is no longer needed${r ? ` (${formatRemote(r)})` : ''}`);
+    });
+    p.on('failed', (pr: { error?: Error }) => {
+      log(`prefetch stopped: ${pr.error?.message}`);
+      // A remote base that failed (server down past the retry budget) may come back: the copy
+      // resumes later where it stopped; a local base's failure stays final.
+      if (remoteBase && !stopped) {
+        log(`prefetch: retrying in ${retryMs / 1000} s`);
+        retryTimer = setTimeout(() => {
+          retryTimer = null;
+          if (!stopped) prefetcher = startPrefetcher();
+        }, retryMs);
+        retryMs = Math.min(retryMs * 2, 300_000);
+      }
+    });
+    p.on('persisted', () => (retryMs = REMOTE_RETRY_MS));
+    return p;
+  };
+  if (!(values['no-prefetch'] || st.fullyLocal || st.baseSize === 0)) prefetcher = startPrefetcher();
 
   const status = () => {
     const s = server.counters();
     const p = prefetcher?.progress();
+    const r = remote.sample();
+    if (r && server.state) writeState({ ...server.state, remote: r });
     return (
       `${server.devicePath} ${formatSize(server.image.size)}: ${s.fastPath + s.slowPath} requests (${s.slowPath} via engine), ` +
       `${s.flushes} flushes, ${s.errors} errors` +
       (p
         ? `, prefetch ${(p.fraction * 100).toFixed(1)}% ${p.state === 'paused' ? `paused (${p.pauseReason})` : p.state}` +
           (p.state === 'running' || p.state === 'paused' ? ` ${formatSize(Math.round(p.rate))}/s ETA ${p.etaSeconds === null ? '--' : `${Math.ceil(p.etaSeconds)} s`}` : '')
-        : '')
+        : '') +
+      (r ? `, ${formatRemote(r)}` : '')
     );
   };
   const name = values.name ?? path.basename(image).replace(/\.[^.]*$/, '');
@@ -192,6 +235,8 @@ export async function run(args: string[]): Promise<number> {
       sdNotify(`STOPPING=1\nSTATUS=stopping ${server.devicePath}`);
       clearInterval(statusTimer);
       if (traceTimer) clearInterval(traceTimer);
+      stopped = true;
+      if (retryTimer) clearTimeout(retryTimer);
       // The prefetcher stops (its in-flight copy finished) before the image closes.
       (prefetcher ? prefetcher.stop() : Promise.resolve()).then(() => server.stop()).then(
         () => {

@@ -6,7 +6,7 @@
  */
 import { FvdImage } from '../../fvd/image.js';
 import { validateName } from '../../fvd/snapshot.js';
-import { nodeIo } from '../../fvd/node-file.js';
+import { storageIo } from '../../storage/storage-io.js';
 import { UsageError, formatSize } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand } from '../command.js';
 
@@ -38,7 +38,7 @@ export async function run(args: string[]): Promise<number> {
   if (values.create !== undefined) validateName(values.create);
 
   if (values.list) {
-    const image = await FvdImage.open(nodeIo, path, { readOnly: true, withoutKey: true });
+    const image = await FvdImage.open(storageIo(), path, { readOnly: true, withoutKey: true });
     let list;
     try {
       list = image.snapshots.list();
@@ -72,7 +72,7 @@ export async function run(args: string[]): Promise<number> {
     return 0;
   }
 
-  const image = await FvdImage.open(nodeIo, path, { copyOnRead: false, withoutKey: true });
+  const image = await FvdImage.open(storageIo(), path, { copyOnRead: false, withoutKey: true });
   try {
     if (values.create !== undefined) await image.snapshots.create(values.create);
     else if (values.delete !== undefined) await image.snapshots.delete(values.delete);

@@ -45,7 +45,8 @@ flock 9
 #    /usr/lib/qemu/virtiofsd on bookworm).  The rest are used in the guest.
 # ---------------------------------------------------------------------------
 pkgs=(qemu-system-x86 qemu-utils busybox-static
-      e2fsprogs xfsprogs fio util-linux kmod xz-utils cpio gzip systemd lvm2)
+      e2fsprogs xfsprogs fio util-linux kmod xz-utils cpio gzip systemd lvm2
+      nginx-light)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' \

@@ -1,0 +1,52 @@
+/**
+ * Figures about a remote base for `fvd serve`'s STATUS=, its log and the run-time record that
+ * `fvd info` reads: bytes fetched from the server, the recent rate, and how much of the base is
+ * local by now.
+ */
+import type { FvdImage } from '../fvd/image.js';
+import type { StorageIo } from '../storage/storage-io.js';
+import { formatSize } from './args.js';
+import type { RemoteStatus } from './state.js';
+
+export class RemoteMonitor {
+  private lastBytes = 0;
+  private lastAt = performance.now();
+  private rate = 0;
+
+  constructor(
+    private readonly io: StorageIo,
+    private readonly image: FvdImage,
+  ) {
+    this.lastBytes = io.remoteStats()?.bytesFetched ?? 0;
+  }
+
+  /** Null when the image has no remote base (or never opened one). */
+  sample(): RemoteStatus | null {
+    const r = this.io.remoteStats();
+    if (!r) return null;
+    const now = performance.now();
+    const dt = (now - this.lastAt) / 1000;
+    if (dt >= 0.5) {
+      this.rate = (r.bytesFetched - this.lastBytes) / dt;
+      this.lastBytes = r.bytesFetched;
+      this.lastAt = now;
+    }
+    return { url: r.url, bytesFetched: r.bytesFetched, rate: this.rate, fractionLocal: fractionLocal(this.image), retries: r.retries, failures: r.failures, updatedAt: new Date().toISOString() };
+  }
+}
+
+/** The share of the base's bytes (those under the virtual disk) that are local. */
+export function fractionLocal(image: FvdImage): number {
+  const s = image.stats();
+  const inBase = Math.min(s.baseSize, s.virtualSize);
+  if (s.fullyLocal || inBase === 0) return 1;
+  return Math.max(0, 1 - s.bytesInBase / inBase);
+}
+
+export function formatRemote(r: RemoteStatus): string {
+  return (
+    `remote ${formatSize(r.bytesFetched)} fetched, ${formatSize(Math.round(r.rate))}/s, ${(r.fractionLocal * 100).toFixed(1)}% local` +
+    (r.failures ? `, ${r.failures} failed reads` : '') +
+    (r.retries ? `, ${r.retries} retries` : '')
+  );
+}

@@ -1,0 +1,547 @@
+/**
+ * A read-only BlockFile over an NBD export (nbd://host[:port]/export, nbd+unix:///export?socket=P):
+ * one connection, several requests in flight, structured replies when the server offers them
+ * (holes arrive as NBD_REPLY_TYPE_OFFSET_HOLE and cost no transfer), and the export's zero
+ * extents from NBD_CMD_BLOCK_STATUS "base:allocation" (NBD_STATE_ZERO), mapped once when the
+ * source opens, so `nextData` tells the engine which blocks read as zeros without reading them.
+ *
+ * Every reply is checked against its request: data chunks must lie inside it and not overlap,
+ * and together cover it exactly; anything else is an error, never data. A lost connection fails
+ * the requests in flight transiently; each is retried (reconnecting, checking that the export
+ * still has its size) within its retry budget (storage/retry.ts). An attempt that outlives its
+ * budget closes the connection, so no late reply can write into a buffer its caller gave up.
+ */
+import type net from 'node:net';
+import type { BlockFile } from '../fvd/io.js';
+import { FvdError } from '../fvd/errors.js';
+import { Limiter, allSettledOrThrow, splitRange } from './limiter.js';
+import { TransientError, retryOptions, withRetries, type RetryOptions } from './retry.js';
+import type { RemoteStats } from './http-source.js';
+import {
+  CMD_BLOCK_STATUS,
+  CMD_DISC,
+  CMD_READ,
+  REPLY_FLAG_DONE,
+  REPLY_TYPE_BLOCK_STATUS,
+  REPLY_TYPE_ERROR_BIT,
+  REPLY_TYPE_NONE,
+  REPLY_TYPE_OFFSET_DATA,
+  REPLY_TYPE_OFFSET_HOLE,
+  REQUEST_MAGIC,
+  SIMPLE_REPLY_MAGIC,
+  STATE_ZERO,
+  STRUCTURED_REPLY_MAGIC,
+  connectAndNegotiate,
+  parseNbdUri,
+  type NbdAddress,
+  type Negotiated,
+} from './nbd-protocol.js';
+
+export interface NbdSourceOptions {
+  /** Requests in flight at most (default 8). */
+  connections?: number;
+  /** Bytes per read request (default 2 MiB; never above the server's maximum payload). */
+  requestBytes?: number;
+  retry?: Partial<RetryOptions>;
+  /** Map the export's zero extents at open (default true when the server offers base:allocation). */
+  mapZeroes?: boolean;
+}
+
+/** Block status descriptors kept at most (memory bound); past them nothing is known to be zero. */
+const MAX_ZERO_RUNS = 1 << 20;
+
+interface Pending {
+  cookie: number;
+  type: number;
+  offset: number;
+  length: number;
+  /** READ: where the data goes. */
+  buf: Uint8Array | null;
+  /** READ: [start, end) ranges covered so far (relative to offset). */
+  covered: Array<[number, number]>;
+  /** Data bytes received (bytes fetched). */
+  dataBytes: number;
+  error: Error | null;
+  /** BLOCK_STATUS: [length, flags] pairs of the base:allocation context. */
+  extents: number[];
+  resolve: () => void;
+  reject: (e: Error) => void;
+}
+
+/** One negotiated connection in the transmission phase with its reply parser. */
+class Connection {
+  readonly pending = new Map<number, Pending>();
+  private nextCookie = 1;
+  dead: Error | null = null;
+  // parser state
+  private head = Buffer.alloc(20);
+  private headHave = 0;
+  private headNeed = 4;
+  private cur: Pending | null = null;
+  private chunkType = 0;
+  private chunkFlags = 0;
+  /** Bytes of the current payload still to consume, and how (small: into `small`; data: into a buffer). */
+  private payloadLeft = 0;
+  private small: Buffer = Buffer.alloc(0);
+  private smallHave = 0;
+  private dataTarget: Uint8Array | null = null;
+  private dataPos = 0;
+  private simpleData = false;
+
+  constructor(
+    readonly n: Negotiated,
+    stallMs: number,
+    private readonly onData: (bytes: number) => void,
+  ) {
+    const s = n.socket;
+    s.on('data', (chunk: Buffer) => this.consume(chunk));
+    s.on('error', (err) => this.kill(new TransientError(`connection lost (${(err as NodeJS.ErrnoException).code ?? err.message})`)));
+    s.on('close', () => this.kill(new TransientError('connection closed by the server')));
+    s.setTimeout(stallMs, () => {
+      if (this.pending.size) this.kill(new TransientError(`stalled: nothing received for ${stallMs} ms`));
+    });
+    if (n.leftover.length) this.consume(n.leftover);
+  }
+
+  get socket(): net.Socket {
+    return this.n.socket;
+  }
+
+  /** Fails every request in flight and closes the socket: nothing is written into their buffers after this. */
+  kill(err: Error): void {
+    if (this.dead) return;
+    this.dead = err;
+    this.n.socket.destroy();
+    for (const p of this.pending.values()) p.reject(err);
+    this.pending.clear();
+  }
+
+  send(type: number, offset: number, length: number, buf: Uint8Array | null): Promise<Pending> {
+    if (this.dead) return Promise.reject(this.dead);
+    const cookie = this.nextCookie++;
+    return new Promise<Pending>((resolve, reject) => {
+      const p: Pending = { cookie, type, offset, length, buf, covered: [], dataBytes: 0, error: null, extents: [], resolve: () => resolve(p), reject };
+      this.pending.set(cookie, p);
+      const req = Buffer.alloc(28);
+      req.writeUInt32BE(REQUEST_MAGIC, 0);
+      req.writeUInt16BE(0, 4);
+      req.writeUInt16BE(type, 6);
+      req.writeUInt32BE(0, 8);
+      req.writeUInt32BE(cookie, 12);
+      req.writeBigUInt64BE(BigInt(offset), 16);
+      req.writeUInt32BE(length, 24);
+      this.n.socket.write(req);
+    });
+  }
+
+  disconnect(): void {
+    if (this.dead) return;
+    const req = Buffer.alloc(28);
+    req.writeUInt32BE(REQUEST_MAGIC, 0);
+    req.writeUInt16BE(CMD_DISC, 6);
+    this.n.socket.end(req);
+    this.dead = new FvdError('closed', 'EIO');
+  }
+
+  private protocolError(what: string): void {
+    // The stream can no longer be trusted: hard disconnect (proto.md), everything in flight fails.
+    this.kill(new TransientError(`protocol error: ${what}`));
+  }
+
+  private consume(chunk: Buffer): void {
+    let i = 0;
+    while (i < chunk.length && !this.dead) {
+      if (this.payloadLeft === 0 && !this.cur) {
+        // header
+        const take = Math.min(this.headNeed - this.headHave, chunk.length - i);
+        chunk.copy(this.head, this.headHave, i, i + take);
+        this.headHave += take;
+        i += take;
+        if (this.headHave < this.headNeed) continue;
+        if (this.headNeed === 4) {
+          const magic = this.head.readUInt32BE(0);
+          if (magic === SIMPLE_REPLY_MAGIC) this.headNeed = 16;
+          else if (magic === STRUCTURED_REPLY_MAGIC && this.n.structured) this.headNeed = 20;
+          else return this.protocolError(`bad reply magic 0x${magic.toString(16)}`);
+          continue;
+        }
+        this.onHeader();
+        continue;
+      }
+      // payload
+      if (this.dataTarget) {
+        const take = Math.min(this.payloadLeft, chunk.length - i);
+        this.dataTarget.set(chunk.subarray(i, i + take), this.dataPos);
+        this.dataPos += take;
+        this.payloadLeft -= take;
+        i += take;
+        this.cur!.dataBytes += take;
+        this.onData(take);
+      } else {
+        // (OFFSET_DATA: only its 8-byte offset goes here; the data goes to the request's buffer)
+        const take = Math.min(this.payloadLeft, chunk.length - i, this.small.length - this.smallHave);
+        chunk.copy(this.small, this.smallHave, i, i + take);
+        this.smallHave += take;
+        this.payloadLeft -= take;
+        i += take;
+        if (this.smallHave === 8 && this.chunkType === REPLY_TYPE_OFFSET_DATA && this.payloadLeft > 0) {
+          this.startData();
+          continue;
+        }
+      }
+      if (this.payloadLeft === 0) this.endPayload();
+    }
+  }
+
+  private onHeader(): void {
+    const h = this.head;
+    const magic = h.readUInt32BE(0);
+    this.headHave = 0;
+    this.headNeed = 4;
+    if (magic === SIMPLE_REPLY_MAGIC) {
+      const err = h.readUInt32BE(4);
+      const p = this.take(h.readUInt32BE(8), h.readUInt32BE(12));
+      if (!p) return;
+      if (err) return this.finish(p, new FvdError(`server error ${nbdErrno(err)}`, 'EIO'));
+      if (p.type === CMD_READ && !this.n.structured) {
+        // The data follows (simple replies carry the requested length).
+        this.cur = p;
+        this.simpleData = true;
+        this.dataTarget = p.buf;
+        this.dataPos = 0;
+        this.payloadLeft = p.length;
+        p.covered.push([0, p.length]);
+        if (p.length === 0) this.endPayload();
+        return;
+      }
+      if (p.type === CMD_READ) return this.protocolError('simple reply to a read with structured replies');
+      return this.finish(p, null);
+    }
+    // structured chunk
+    this.chunkFlags = h.readUInt16BE(4);
+    this.chunkType = h.readUInt16BE(6);
+    const p = this.peek(h.readUInt32BE(8), h.readUInt32BE(12));
+    if (!p) return;
+    this.cur = p;
+    const len = h.readUInt32BE(16);
+    this.payloadLeft = len;
+    this.smallHave = 0;
+    this.dataTarget = null;
+    this.simpleData = false;
+    const t = this.chunkType;
+    if (t === REPLY_TYPE_OFFSET_DATA) {
+      if (len < 9 || p.type !== CMD_READ) return this.protocolError('bad OFFSET_DATA chunk');
+      this.small = Buffer.alloc(8);
+    } else if (t === REPLY_TYPE_OFFSET_HOLE) {
+      if (len !== 12 || p.type !== CMD_READ) return this.protocolError('bad OFFSET_HOLE chunk');
+      this.small = Buffer.alloc(12);
+    } else if (t === REPLY_TYPE_BLOCK_STATUS) {
+      if (len < 12 || (len - 4) % 8 || p.type !== CMD_BLOCK_STATUS || len > 4 + 8 * (1 << 20)) return this.protocolError('bad BLOCK_STATUS chunk');
+      this.small = Buffer.alloc(len);
+    } else if (t === REPLY_TYPE_NONE) {
+      if (len !== 0) return this.protocolError('NONE chunk with a payload');
+    } else if (t & REPLY_TYPE_ERROR_BIT) {
+      if (len < 6 || len > 65536) return this.protocolError('bad error chunk');
+      this.small = Buffer.alloc(len);
+    } else {
+      return this.protocolError(`unknown chunk type ${t}`);
+    }
+    if (len === 0) this.endPayload();
+  }
+
+  /** OFFSET_DATA: the 8-byte offset is in; the data goes straight into the request's buffer. */
+  private startData(): void {
+    const p = this.cur!;
+    const off = Number(this.small.readBigUInt64BE(0));
+    const n = this.payloadLeft;
+    if (!this.cover(p, off, n)) return;
+    this.dataTarget = p.buf!.subarray(off - p.offset, off - p.offset + n);
+    this.dataPos = 0;
+  }
+
+  /** Records [off, off + n) of the request as answered; false (and a hard disconnect) if it is outside or overlaps. */
+  private cover(p: Pending, off: number, n: number): boolean {
+    const a = off - p.offset;
+    const z = a + n;
+    if (a < 0 || z > p.length) {
+      this.protocolError(`reply chunk ${off}+${n} outside the request ${p.offset}+${p.length}`);
+      return false;
+    }
+    for (const [s, e] of p.covered)
+      if (a < e && s < z) {
+        this.protocolError(`overlapping reply chunks at ${off}`);
+        return false;
+      }
+    p.covered.push([a, z]);
+    return true;
+  }
+
+  private endPayload(): void {
+    const p = this.cur!;
+    this.cur = null;
+    if (this.simpleData) {
+      this.simpleData = false;
+      this.dataTarget = null;
+      return this.finish(p, null);
+    }
+    const t = this.chunkType;
+    if (this.dataTarget) {
+      this.dataTarget = null;
+    } else if (t === REPLY_TYPE_OFFSET_HOLE) {
+      const off = Number(this.small.readBigUInt64BE(0));
+      const n = this.small.readUInt32BE(8);
+      if (n === 0) return this.protocolError('empty hole chunk');
+      if (!this.cover(p, off, n)) return;
+      p.buf!.fill(0, off - p.offset, off - p.offset + n);
+    } else if (t === REPLY_TYPE_BLOCK_STATUS) {
+      const ctx = this.small.readUInt32BE(0);
+      if (ctx === this.n.allocationContext)
+        for (let o = 4; o < this.small.length; o += 8) p.extents.push(this.small.readUInt32BE(o), this.small.readUInt32BE(o + 4));
+    } else if (t & REPLY_TYPE_ERROR_BIT) {
+      const errno = this.small.readUInt32BE(0);
+      const mlen = this.small.readUInt16BE(4);
+      const msg = this.small.subarray(6, 6 + Math.min(mlen, this.small.length - 6)).toString('utf8').slice(0, 200);
+      p.error ??= new FvdError(`server error ${nbdErrno(errno)}${msg ? `: ${msg}` : ''}`, 'EIO');
+    }
+    if (this.chunkFlags & REPLY_FLAG_DONE) {
+      this.pending.delete(p.cookie);
+      if (p.error) return this.finish(p, p.error);
+      if (p.type === CMD_READ) {
+        const sum = p.covered.reduce((s, [a, z]) => s + (z - a), 0);
+        if (sum !== p.length) return this.finish(p, new TransientError(`read reply covered ${sum} of ${p.length} bytes`));
+      }
+      this.finish(p, null);
+    }
+  }
+
+  private peek(hi: number, lo: number): Pending | null {
+    const p = hi === 0 ? this.pending.get(lo) : undefined;
+    if (!p) {
+      this.protocolError(`reply for unknown cookie ${hi}:${lo}`);
+      return null;
+    }
+    return p;
+  }
+
+  private take(hi: number, lo: number): Pending | null {
+    const p = this.peek(hi, lo);
+    if (p) this.pending.delete(p.cookie);
+    return p;
+  }
+
+  private finish(p: Pending, err: Error | null): void {
+    this.pending.delete(p.cookie);
+    if (err) p.reject(err);
+    else p.resolve();
+  }
+}
+
+const NBD_ERRNO: Record<number, string> = { 1: 'EPERM', 5: 'EIO', 12: 'ENOMEM', 22: 'EINVAL', 28: 'ENOSPC', 75: 'EOVERFLOW', 95: 'ENOTSUP', 108: 'ESHUTDOWN' };
+function nbdErrno(e: number): string {
+  return NBD_ERRNO[e] ?? `errno ${e}`;
+}
+
+export class NbdSource implements BlockFile {
+  readonly isBlockDevice = false;
+  readonly readOnly = true;
+  readonly remote = true;
+  readonly stats: RemoteStats;
+  private conn: Connection | null;
+  private connecting: Promise<Connection> | null = null;
+  private readonly limiter: Limiter;
+  private readonly pieceBytes: number;
+  private closed = false;
+  /** Most requests in flight at once on the connection (tests: requests overlap). */
+  maxInFlight = 0;
+  /** Zero runs from block status, sorted, merged: [start0, end0, start1, end1, ...]. */
+  private zeroRuns: number[] = [];
+  /** Offsets below this were mapped by block status. */
+  private mappedEnd = 0;
+
+  private constructor(
+    private readonly addr: NbdAddress,
+    n: Negotiated,
+    private readonly retry: RetryOptions,
+    connections: number,
+    requestBytes: number,
+  ) {
+    this.stats = { url: addr.uri, bytesFetched: 0, requests: 0, retries: 0, failures: 0 };
+    this.length = n.size;
+    this.conn = new Connection(n, retry.stallMs, (b) => (this.stats.bytesFetched += b));
+    this.limiter = new Limiter(connections);
+    const piece = Math.min(requestBytes, n.maxPayload === 0xffffffff ? requestBytes : n.maxPayload);
+    this.pieceBytes = Math.max(n.minBlock, piece - (piece % n.minBlock));
+  }
+
+  static async open(uri: string, options: NbdSourceOptions = {}): Promise<NbdSource> {
+    const addr = parseNbdUri(uri);
+    const retry = retryOptions(options.retry);
+    const counters = { retries: 0, failures: 0 };
+    const n = await withRetries(`${uri}: cannot open`, retry, counters, (deadline) => connectAndNegotiate(addr, deadline));
+    const src = new NbdSource(addr, n, retry, options.connections ?? 8, options.requestBytes ?? 2 * 1024 * 1024);
+    try {
+      if ((options.mapZeroes ?? true) && n.allocationContext !== null) await src.mapZeroes();
+    } catch (err) {
+      await src.close();
+      throw err;
+    }
+    return src;
+  }
+
+  get path(): string {
+    return this.addr.uri;
+  }
+
+  /** The export's size (NBD has no content validator). */
+  get identity(): string {
+    return `size=${this.length}`;
+  }
+
+  /** Fixed at open: a reconnection to an export of another size is refused. */
+  private readonly length: number;
+
+  size(): number {
+    return this.length;
+  }
+
+  /** Whether the server answers block status (zero detection without reading). */
+  get hasBlockStatus(): boolean {
+    return this.conn?.n.allocationContext != null;
+  }
+
+  nextData(offset: number): number | null {
+    const size = this.size();
+    if (offset >= size) return size;
+    if (offset >= this.mappedEnd) return null;
+    const r = this.zeroRuns;
+    // the last run starting at or before offset
+    let lo = 0;
+    let hi = r.length / 2 - 1;
+    let found = -1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      if (r[2 * mid]! <= offset) {
+        found = mid;
+        lo = mid + 1;
+      } else hi = mid - 1;
+    }
+    if (found >= 0 && offset < r[2 * found + 1]!) return Math.min(r[2 * found + 1]!, size);
+    return offset;
+  }
+
+  async read(buf: Uint8Array, offset: number): Promise<void> {
+    if (this.closed) throw new FvdError(`${this.path}: read after close`, 'EIO');
+    const size = this.size();
+    const inside = Math.max(0, Math.min(buf.length, size - offset));
+    if (inside < buf.length) buf.fill(0, inside);
+    if (inside === 0) return;
+    const min = this.conn?.n.minBlock ?? 1;
+    if (offset % min || (inside % min && offset + inside !== size)) {
+      // Requests must be aligned to the minimum block size: read the aligned cover, copy out.
+      const a = offset - (offset % min);
+      const z = Math.min(size, Math.ceil((offset + inside) / min) * min);
+      const bounce = new Uint8Array(z - a);
+      await this.readAligned(bounce, a);
+      buf.set(bounce.subarray(offset - a, offset - a + inside));
+      return;
+    }
+    await this.readAligned(buf.subarray(0, inside), offset);
+  }
+
+  private async readAligned(buf: Uint8Array, offset: number): Promise<void> {
+    await allSettledOrThrow(
+      splitRange(offset, buf.length, this.pieceBytes).map(([pos, len]) =>
+        this.limiter.run(() =>
+          this.request(`${this.path}: bytes ${pos}-${pos + len - 1}`, CMD_READ, pos, len, buf.subarray(pos - offset, pos - offset + len)),
+        ),
+      ),
+    );
+  }
+
+  private async request(what: string, type: number, offset: number, length: number, buf: Uint8Array | null): Promise<Pending> {
+    return withRetries(what, this.retry, this.stats, async (deadline) => {
+      const conn = await this.connection(deadline);
+      this.stats.requests++;
+      const p = conn.send(type, offset, length, buf);
+      this.maxInFlight = Math.max(this.maxInFlight, conn.pending.size);
+      let timer: NodeJS.Timeout | undefined;
+      const budget = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => {
+          // Past the budget: close the connection, so a late reply cannot land in `buf`.
+          conn.kill(new TransientError('no complete answer within the retry budget'));
+          reject(conn.dead);
+        }, Math.max(0, deadline - performance.now()));
+      });
+      try {
+        return await Promise.race([p, budget]);
+      } finally {
+        clearTimeout(timer);
+      }
+    });
+  }
+
+  /** The live connection, or a new one (the export must still have the size it had). */
+  private async connection(deadline: number): Promise<Connection> {
+    if (this.closed) throw new FvdError(`${this.path}: closed`, 'EIO');
+    if (this.conn && !this.conn.dead) return this.conn;
+    this.connecting ??= (async () => {
+      try {
+        const n = await connectAndNegotiate(this.addr, deadline);
+        if (n.size !== this.size()) {
+          n.socket.destroy();
+          throw new FvdError(`${this.path}: the export is now ${n.size} bytes, it was ${this.size()}: refusing to mix old and new data`, 'EIO');
+        }
+        this.conn = new Connection(n, this.retry.stallMs, (b) => (this.stats.bytesFetched += b));
+        return this.conn;
+      } finally {
+        this.connecting = null;
+      }
+    })();
+    return this.connecting;
+  }
+
+  /** Maps the export's zero extents (NBD_STATE_ZERO) with block status queries, front to back. */
+  private async mapZeroes(): Promise<void> {
+    const size = this.size();
+    const min = this.conn!.n.minBlock;
+    const maxLen = 0x80000000 - (0x80000000 % min);
+    const runs: number[] = [];
+    let pos = 0;
+    while (pos < size) {
+      const len = Math.min(maxLen, size - pos);
+      const p = await this.request(`${this.path}: block status at ${pos}`, CMD_BLOCK_STATUS, pos, len, null);
+      if (p.extents.length === 0) break;
+      let at = pos;
+      for (let i = 0; i < p.extents.length && at < size; i += 2) {
+        const end = Math.min(size, at + p.extents[i]!);
+        if (p.extents[i + 1]! & STATE_ZERO) {
+          if (runs.length && runs[runs.length - 1] === at) runs[runs.length - 1] = end;
+          else runs.push(at, end);
+        }
+        at = end;
+      }
+      if (at <= pos) break;
+      pos = at;
+      if (runs.length / 2 >= MAX_ZERO_RUNS) break;
+    }
+    this.zeroRuns = runs;
+    this.mappedEnd = pos;
+  }
+
+  async write(): Promise<void> {
+    throw new FvdError(`${this.path}: a remote base is read-only`, 'EROFS');
+  }
+  async flush(): Promise<void> {}
+  async zeroRange(): Promise<void> {
+    throw new FvdError(`${this.path}: a remote base is read-only`, 'EROFS');
+  }
+  async truncate(): Promise<void> {
+    throw new FvdError(`${this.path}: a remote base is read-only`, 'EROFS');
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.conn?.disconnect();
+  }
+}

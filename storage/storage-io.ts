@@ -1,0 +1,65 @@
+/**
+ * The IoBackend the CLI and the daemon give the engine: local paths through node:fs (NodeFile),
+ * base URLs through the remote sources — http(s):// (HttpSource) and nbd:// / nbd+unix://
+ * (NbdSource) — with settings and credentials from the remote configuration
+ * (storage/remote-config.ts). The engine sees only BlockFiles either way.
+ */
+import type { BlockFile, IoBackend, OpenOptions } from '../fvd/io.js';
+import { nodeIo } from '../fvd/node-file.js';
+import { isUrl } from '../fvd/base-location.js';
+import { FvdError } from '../fvd/errors.js';
+import { HttpSource, type RemoteStats } from './http-source.js';
+import { NbdSource } from './nbd-source.js';
+import { loadRemoteConfig, settingsFor, type RemoteConfig } from './remote-config.js';
+
+export type RemoteSource = HttpSource | NbdSource;
+
+export class StorageIo implements IoBackend {
+  /** Remote sources opened through this backend (open or closed), for their statistics. */
+  readonly remotes: RemoteSource[] = [];
+  private config: RemoteConfig | null;
+
+  constructor(
+    config?: RemoteConfig,
+    private readonly local: IoBackend = nodeIo,
+  ) {
+    this.config = config ?? null;
+  }
+
+  async open(path: string, options: OpenOptions = {}): Promise<BlockFile> {
+    if (!isUrl(path)) return this.local.open(path, options);
+    if (!options.readOnly || options.create) throw new FvdError(`${path}: a remote base is read-only`, 'EROFS');
+    // The file is read only when a URL is first met, so local-only commands never need it.
+    this.config ??= loadRemoteConfig();
+    const scheme = path.slice(0, path.indexOf(':')).toLowerCase();
+    const s = settingsFor(this.config, path);
+    let src: RemoteSource;
+    if (scheme === 'http' || scheme === 'https') {
+      src = await HttpSource.open(path, { headers: s.headers, query: s.query, caFile: s.caFile, connections: s.connections, requestBytes: s.requestBytes, retry: s.retry });
+    } else if (scheme === 'nbd' || scheme === 'nbd+unix' || scheme === 'nbds' || scheme === 'nbds+unix') {
+      src = await NbdSource.open(path, { connections: s.connections, requestBytes: s.requestBytes, retry: s.retry });
+    } else {
+      throw new FvdError(`${path}: unsupported base URL scheme '${scheme}' (http, https, nbd, nbd+unix)`, 'EINVAL');
+    }
+    this.remotes.push(src);
+    return src;
+  }
+
+  /** Totals over every remote source opened so far (fetched bytes, requests, retries, failures). */
+  remoteStats(): RemoteStats | null {
+    if (!this.remotes.length) return null;
+    const t: RemoteStats = { url: this.remotes[0]!.path, bytesFetched: 0, requests: 0, retries: 0, failures: 0 };
+    for (const r of this.remotes) {
+      t.bytesFetched += r.stats.bytesFetched;
+      t.requests += r.stats.requests;
+      t.retries += r.stats.retries;
+      t.failures += r.stats.failures;
+    }
+    return t;
+  }
+}
+
+/** A backend with the default remote configuration ($FVD_REMOTE_CONFIG or /etc/fvd/remote.conf). */
+export function storageIo(config?: RemoteConfig): StorageIo {
+  return new StorageIo(config);
+}
