@@ -5,7 +5,7 @@
  * on stderr and a non-zero exit; an unexpected exception is reported as an internal error.
  */
 import { UsageError } from './args.js';
-import { FvdError } from '../fvd/errors.js';
+import { FvdError, oneLine } from '../fvd/errors.js';
 
 const COMMANDS: Record<string, string> = {
   create: 'create an image: fvd create [-b BASE] [-F raw|fvd] [--layout raw|compact] IMAGE [SIZE]',
@@ -38,24 +38,25 @@ export async function main(argv: string[]): Promise<number> {
     return command ? 0 : 1;
   }
   if (!Object.hasOwn(COMMANDS, command)) {
-    console.error(`fvd: unknown command '${command}' (try 'fvd --help')`);
+    console.error(oneLine(`fvd: unknown command '${command}' (try 'fvd --help')`));
     return 1;
   }
   try {
     const mod = (await import(`./commands/${command}.js`)) as { run(args: string[]): Promise<number> };
     return await mod.run(rest);
   } catch (err) {
+    // One line, always: messages quote paths and names, which may hold control characters.
     if (err instanceof UsageError) {
-      console.error(`fvd ${command}: ${err.message}`);
+      console.error(oneLine(`fvd ${command}: ${err.message}`));
       return err.exitCode;
     }
     if (err instanceof FvdError) {
-      console.error(`fvd ${command}: ${err.message}`);
+      console.error(oneLine(`fvd ${command}: ${err.message}`));
       return 1;
     }
     const e = err as NodeJS.ErrnoException;
     if (e && typeof e.code === 'string' && e.syscall) {
-      console.error(`fvd ${command}: ${e.path ?? ''}${e.path ? ': ' : ''}${e.message.replace(/^[A-Z]+: /, '')}`);
+      console.error(oneLine(`fvd ${command}: ${e.path ?? ''}${e.path ? ': ' : ''}${e.message.replace(/^[A-Z]+: /, '')}`));
       return 1;
     }
     console.error(`fvd ${command}: internal error: ${(err as Error)?.stack ?? err}`);

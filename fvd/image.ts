@@ -14,7 +14,7 @@
 import path from 'node:path';
 import { randomInt } from 'node:crypto';
 import type { BlockFile, IoBackend } from './io.js';
-import { CorruptImageError, FvdError } from './errors.js';
+import { CorruptImageError, FvdError, oneLine } from './errors.js';
 import {
   AUTOCLEAR_FULLY_LOCAL,
   AUTOCLEAR_KNOWN,
@@ -102,6 +102,8 @@ export interface BaseImage {
   knownZero(offset: number, length: number): Promise<boolean>;
   close(): Promise<void>;
   describe(): BaseChainEntry[];
+  /** BlockFile.identity of every file of the chain as opened (this level first), where known. */
+  identities(): string[];
 }
 
 export interface BaseChainEntry {
@@ -271,8 +273,8 @@ export class FvdImage {
       throw new FvdError(`block size ${blockSize} must be a power of two between ${MIN_BLOCK_SIZE} and ${MAX_BLOCK_SIZE}`, 'EINVAL');
     if (!isPow2(chunkSize) || chunkSize < blockSize || chunkSize > MAX_CHUNK_SIZE)
       throw new FvdError(`chunk size ${chunkSize} must be a power of two between the block size (${blockSize}) and ${MAX_CHUNK_SIZE}`, 'EINVAL');
-    if (!Number.isSafeInteger(journalLength) || (journalLength !== 0 && (journalLength < MIN_JOURNAL_SIZE || journalLength % PAGE)))
-      throw new FvdError(`journal size ${journalLength} must be 0 or a multiple of 4 KiB of at least ${MIN_JOURNAL_SIZE}`, 'EINVAL');
+    if (!Number.isSafeInteger(journalLength) || (journalLength !== 0 && (journalLength < MIN_JOURNAL_SIZE || journalLength % PAGE || journalLength > MAX_METADATA_REGION)))
+      throw new FvdError(`journal size ${journalLength} must be 0 or a multiple of 4 KiB from ${MIN_JOURNAL_SIZE} to ${MAX_METADATA_REGION}`, 'EINVAL');
     if (options.layout && options.layout !== 'raw' && options.layout !== 'compact')
       throw new FvdError(`unknown layout '${options.layout}' (raw or compact)`, 'EINVAL');
 
@@ -290,6 +292,12 @@ export class FvdImage {
       const resolved = path.resolve(path.dirname(path.resolve(imagePath)), basePath);
       if (resolved === path.resolve(imagePath)) throw new FvdError(`an image cannot be its own base`, 'EINVAL');
       base = await openBase(io, resolved, baseFormat, [path.resolve(imagePath)], options.base);
+      // The same file under another name (a symbolic or hard link), at any level of the chain.
+      const target = await io.identify?.(imagePath);
+      if (target && base.identities().includes(target)) {
+        await base.close();
+        throw new FvdError(`${imagePath}: an image cannot be its own base (it is '${options.base}' or in its base chain)`, 'EINVAL');
+      }
     }
     try {
       let size = options.size ?? (base ? roundUp(base.size, SECTOR) : undefined);
@@ -312,6 +320,8 @@ export class FvdImage {
 
       // The key is sealed before the target is touched, like the base scan.
       const crypt = options.encrypt ? await sealNewKey(options.encrypt.key, options.encrypt.kdf) : undefined;
+      // Opened without truncating, under the lock: an existing file is emptied below, only once
+      // every check has passed (a served image, or a base of this one, is refused untouched).
       const file = await io.open(imagePath, { create: true, lock: 'exclusive' });
       try {
         if (file.isBlockDevice && !compact)
@@ -340,6 +350,7 @@ export class FvdImage {
         };
         if (file.isBlockDevice && file.size() < layout.dataOffset + chunkSize)
           throw new FvdError(`${imagePath}: device of ${file.size()} bytes is too small for this image's metadata`, 'ENOSPC');
+        if (!file.isBlockDevice) await file.truncate(0);
         const first = new Uint8Array(PAGE);
         first.set(encodeHeader(header), 0);
         first.set(Buffer.from(basePath), BASE_PATH_OFFSET);
@@ -1444,6 +1455,14 @@ export class FvdImage {
   describeChain(format: BaseFormat): BaseChainEntry[] {
     return [{ path: this.path, format, size: this.size }, ...(this.base ? this.base.describe() : [])];
   }
+
+  /**
+   * BlockFile.identity of this image's file and of every base file it reads through, where known:
+   * an output that is one of them must be refused before it is written (convert, create).
+   */
+  identities(): string[] {
+    return [...(this.file.identity ? [this.file.identity] : []), ...(this.base ? this.base.identities() : [])];
+  }
 }
 
 // -----------------------------------------------------------------------------------------------
@@ -1475,6 +1494,7 @@ export async function openBase(io: IoBackend, resolved: string, format: number, 
         knownZero: async (offset, length) => holeAt(file, offset, offset + length),
         close: () => file.close(),
         describe: () => [{ path: resolved, format: 'raw', size: file.size() }],
+        identities: () => (file.identity ? [file.identity] : []),
       };
     }
     const image = await openImage(io, resolved, { readOnly: true, copyOnRead: false }, chain, 'shared');
@@ -1484,13 +1504,14 @@ export async function openBase(io: IoBackend, resolved: string, format: number, 
       knownZero: (offset, length) => image.knownZero(offset, length),
       close: () => image.close(),
       describe: () => image.describeChain('fvd'),
+      identities: () => image.identities(),
     };
   } catch (err) {
     const e = err as NodeJS.ErrnoException;
     // An FvdError first: one from deeper in the chain (a missing image further down has code
     // ENOENT too) must keep naming that image, prefixed with this level.
     if (err instanceof FvdError && err.message.startsWith('base chain longer')) throw err; // 64 prefixes would say nothing more
-    if (err instanceof FvdError) throw new FvdError(`base image '${shownPath}': ${err.message.replace(`${resolved}: `, '')}`, err.code);
+    if (err instanceof FvdError) throw new FvdError(`base image '${shownPath}': ${err.message.replace(oneLine(`${resolved}: `), '')}`, err.code);
     if (e.code === 'ENOENT') throw new FvdError(`base image '${shownPath}' not found (looked for ${resolved})`, 'ENOENT');
     throw new FvdError(`base image '${shownPath}' (${baseFormatName(format)}) cannot be opened: ${e.message}`, 'EIO');
   }

@@ -12,6 +12,7 @@ import { KDF_LIMITS } from '../../fvd/crypto.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import { UsageError, parseOptions } from '../args.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { oneLine } from '../../fvd/errors.js';
 
 const USAGE = 'usage: fvd change-key --key-file OLD|- --new-key-file NEW|- [--kdf-log2n N] IMAGE';
 
@@ -62,7 +63,7 @@ export async function run(args: string[]): Promise<number> {
   try {
     newKey = readKeyFile(newSpec, '--new-key-file');
     const res = await changeKey(nodeIo, image, oldKey!, newKey!, log2N === undefined ? {} : { log2N });
-    console.log(`${image}: key changed (scrypt log2 N ${res.kdf.log2N}, r ${res.kdf.r}, p ${res.kdf.p}); the old key no longer opens it`);
+    console.log(oneLine(`${image}: key changed (scrypt log2 N ${res.kdf.log2N}, r ${res.kdf.r}, p ${res.kdf.p}); the old key no longer opens it`));
     return 0;
   } finally {
     wipe(oldKey);

@@ -4,6 +4,7 @@
  * verified, and a wrong one is an error (exit 1).
  */
 import { checkImage } from '../../fvd/check.js';
+import { oneLine } from '../../fvd/errors.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import { UsageError, parseOptions } from '../args.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
@@ -23,10 +24,11 @@ export async function run(args: string[]): Promise<number> {
     console.log(JSON.stringify({ image: path, ...report, exitCode: code }, null, 2));
     return code;
   }
-  for (const e of report.errors) console.log(`ERROR: ${e}`);
-  for (const n of report.notes) console.log(`note: ${n}`);
-  if (report.errors.length) console.log(`${path}: ${report.errors.length} error(s) found; the image is corrupt`);
-  else if (report.repaired) console.log(`${path}: repaired`);
+  // One line per finding: the path and the messages may hold control characters.
+  for (const e of report.errors) console.log(oneLine(`ERROR: ${e}`));
+  for (const n of report.notes) console.log(oneLine(`note: ${n}`));
+  if (report.errors.length) console.log(oneLine(`${path}: ${report.errors.length} error(s) found; the image is corrupt`));
+  else if (report.repaired) console.log(oneLine(`${path}: repaired`));
   else console.log(`No errors were found on the image.`);
   return code;
 }

@@ -8,6 +8,7 @@ import { commitImage } from '../../fvd/maintenance.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import { UsageError, formatSize, parseOptions, progressPrinter } from '../args.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { oneLine } from '../../fvd/errors.js';
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseOptions('commit', args, {
@@ -30,8 +31,8 @@ export async function run(args: string[]): Promise<number> {
   }
   const grown = r.baseGrownTo !== null ? `; the base grew to ${formatSize(r.baseGrownTo)}` : '';
   const after = r.emptied ? 'the image is now empty' : 'the image keeps its data (-d)';
-  console.log(
+  console.log(oneLine(
     `Image committed into '${r.base}' (${r.baseFormat}): ${formatSize(r.bytesWritten)} of ${formatSize(r.bytesExamined)} local data differed and was written${grown}; ${after}.`,
-  );
+  ));
   return 0;
 }

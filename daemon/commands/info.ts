@@ -7,6 +7,7 @@ import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import { UsageError, formatSize, parseOptions } from '../args.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { oneLine } from '../../fvd/errors.js';
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseOptions('info', args, { json: { type: 'boolean', default: false }, ...KEY_FILE_OPTION });
@@ -66,6 +67,6 @@ export async function run(args: string[]): Promise<number> {
     `dirty: ${s.wasDirty ? `yes (${s.journalSectorsReplayed} journal sectors to replay)` : 'no'}`,
     `journal: ${s.journal.capacitySectors * 512 ? formatSize(s.journal.capacitySectors * 512) : 'none'}, ${s.journalSectorsReplayed} sectors in use`,
   );
-  console.log(lines.join('\n'));
+  console.log(lines.map(oneLine).join('\n')); // one line per field, whatever the paths hold
   return 0;
 }

@@ -11,6 +11,7 @@ import { nodeIo } from '../../fvd/node-file.js';
 import { Prefetcher, type PrefetchProgress } from '../../fvd/prefetch.js';
 import { UsageError, formatSize, parseOptions, parseSize } from '../args.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { oneLine } from '../../fvd/errors.js';
 
 const USAGE = 'usage: fvd prefetch [--max-rate SIZE] [--chunk SIZE] [--interval SEC] [--quiet] [--key-file PATH|-] IMAGE';
 
@@ -41,11 +42,11 @@ export async function run(args: string[]): Promise<number> {
   try {
     const st = image.stats();
     if (st.baseSize === 0) {
-      console.log(`${path}: no base image; nothing to prefetch`);
+      console.log(oneLine(`${path}: no base image; nothing to prefetch`));
       return 0;
     }
     if (st.fullyLocal) {
-      console.log(`${path}: already fully local; nothing to prefetch`);
+      console.log(oneLine(`${path}: already fully local; nothing to prefetch`));
       return 0;
     }
     prefetcher = new Prefetcher(image, { chunkBytes: chunk, maxBytesPerSec: maxRate || undefined });
@@ -63,9 +64,9 @@ export async function run(args: string[]): Promise<number> {
     const avg = secs > 0 ? end.bytesDone / secs : 0;
     const copied = `copied ${formatSize(end.bytesDone)} from the base in ${secs.toFixed(1)} s (${formatSize(Math.round(avg))}/s)`;
     if (end.state === 'done') {
-      console.log(`${path}: fully local: ${copied}; the base image is no longer needed`);
+      console.log(oneLine(`${path}: fully local: ${copied}; the base image is no longer needed`));
     } else if (end.state === 'stopped') {
-      console.log(`${path}: interrupted: ${copied}; ${formatSize(end.bytesRemaining)} still in the base`);
+      console.log(oneLine(`${path}: interrupted: ${copied}; ${formatSize(end.bytesRemaining)} still in the base`));
       code = 130;
     } else {
       throw new UsageError(`${path}: prefetch failed after ${formatSize(end.bytesDone)}: ${end.error?.message ?? 'unknown error'}`);

@@ -11,6 +11,7 @@ import { rebaseImage } from '../../fvd/maintenance.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import { UsageError, formatSize, parseOptions, progressPrinter } from '../args.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { oneLine } from '../../fvd/errors.js';
 
 const USAGE = 'usage: fvd rebase -b NEWBASE [-F raw|fvd] [-u] [-p] [--json] [--key-file PATH|-] IMAGE   (-b "" removes the base)';
 
@@ -41,7 +42,7 @@ export async function run(args: string[]): Promise<number> {
   }
   const target = r.newBase === null ? 'no base (standalone)' : `'${r.newBase}' (${fmt})`;
   const work = values.unsafe ? 'header only (-u)' : `${formatSize(r.bytesCopied)} copied from the old chain, ${formatSize(r.bytesExamined)} compared`;
-  console.log(`Image rebased onto ${target}: ${work}.`);
+  console.log(oneLine(`Image rebased onto ${target}: ${work}.`));
   if (r.journalShrunkTo !== null) console.log(`note: the journal shrank to ${formatSize(r.journalShrunkTo)} to make room for a larger bitmap`);
   return 0;
 }

@@ -17,6 +17,7 @@ import { UblkServer } from '../server.js';
 import { Prefetcher } from '../../fvd/prefetch.js';
 import type { QueueActivityReader } from '../queue-activity.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { oneLine } from '../../fvd/errors.js';
 
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseOptions('serve', args, {
@@ -55,9 +56,9 @@ export async function run(args: string[]): Promise<number> {
   const image = positionals[0]!;
   const maxIo = parseSize(values['max-io']!, 'max I/O size');
   if (maxIo < 4096 || maxIo > 32 * 1024 * 1024 || maxIo % 4096) throw new UsageError(`invalid max I/O size ${maxIo}: a multiple of 4 KiB from 4 KiB to 32 MiB`);
-  const log = (line: string) => console.error(`fvd[${process.pid}]: ${line}`);
+  const log = (line: string) => console.error(oneLine(`fvd[${process.pid}]: ${line}`));
   let fatal: ((reason: string) => void) | undefined;
-  const prefetchRate = values['prefetch-rate'] ? parseSize(values['prefetch-rate'], 'prefetch rate') : undefined;
+  const prefetchRate = values['prefetch-rate'] !== undefined ? parseSize(values['prefetch-rate'], 'prefetch rate') : undefined;
   const prefetchShare = parsePercent(values['prefetch-share']!, 'prefetch latency share');
   const key = readKeyFile(values['key-file']);
   const server = await UblkServer.start({

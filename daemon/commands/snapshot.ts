@@ -8,6 +8,7 @@ import { FvdImage } from '../../fvd/image.js';
 import { validateName } from '../../fvd/snapshot.js';
 import { nodeIo } from '../../fvd/node-file.js';
 import { UsageError, formatSize, parseOptions } from '../args.js';
+import { oneLine } from '../../fvd/errors.js';
 
 const USAGE = 'usage: fvd snapshot -c NAME | -l [--json] | -d NAME | -a NAME IMAGE';
 
@@ -41,7 +42,7 @@ export async function run(args: string[]): Promise<number> {
       return 0;
     }
     if (list.length === 0) {
-      console.log(`${path}: no snapshots`);
+      console.log(oneLine(`${path}: no snapshots`));
       return 0;
     }
     const rows = list.map((s) => [String(s.id), s.name, formatSize(s.size), formatDate(s.date)]);
@@ -54,6 +55,15 @@ export async function run(args: string[]): Promise<number> {
     return 0;
   }
 
+  // Checked on a read-only open first: the read-write open below replays a dirty image's journal,
+  // and a refused operation must leave the file byte-identical.
+  const op = values.create !== undefined ? 'create' : values.delete !== undefined ? 'delete' : 'revert';
+  const probe = await FvdImage.open(nodeIo, path, { readOnly: true, withoutKey: true });
+  try {
+    await probe.snapshots.preflight(op, (values.create ?? values.delete ?? values.apply)!);
+  } finally {
+    await probe.close();
+  }
   const image = await FvdImage.open(nodeIo, path, { copyOnRead: false, withoutKey: true });
   try {
     if (values.create !== undefined) await image.snapshots.create(values.create);
