@@ -83,11 +83,16 @@ async function convert(
     if (outFmt === 'raw') {
       // Emptied only once it is locked: an image in use elsewhere is refused untouched.
       const file = await NodeFile.open(dst, { create: true, lock: 'exclusive' });
-      target = rawDisk(file);
-      if (!file.isBlockDevice) {
-        await file.truncate(0);
-        await file.truncate(source.size);
+      try {
+        if (!file.isBlockDevice) {
+          await file.truncate(0);
+          await file.truncate(source.size);
+        }
+      } catch (err) {
+        await file.close();
+        throw err;
       }
+      target = rawDisk(file);
     } else {
       await FvdImage.create(nodeIo, dst, {
         size: source.size,
