@@ -10,7 +10,8 @@ import { isQcow2Magic } from '../fvd/qcow2-format.js';
 import { FvdImage, type Extent } from '../fvd/image.js';
 import { NodeFile } from '../fvd/node-file.js';
 import { storageIo } from '../storage/storage-io.js';
-import { INCOMPAT_ENCRYPTED, MAGIC } from '../fvd/format.js';
+import { HEADER_SIZE, INCOMPAT_ENCRYPTED, MAGIC, decodeHeader } from '../fvd/format.js';
+import { FvdError } from '../fvd/errors.js';
 import { UsageError } from './args.js';
 
 export type DiskFormat = 'raw' | 'fvd' | 'qcow2';
@@ -25,20 +26,32 @@ export interface Disk {
   flush(): Promise<void>;
   /** Where data lives; a raw disk is one local extent. */
   extents(): Extent[];
+  /** BlockFile.fileId of every file read: the disk's own and, for an FVD image, its base chain's. */
+  fileIds(): string[];
   close(): Promise<void>;
+}
+
+/**
+ * The first `length` bytes of a file, for probing. Like every opener (NodeFile.open), it never
+ * waits on a FIFO or another special file: those are refused with one line.
+ */
+function peek(path: string, length: number): Buffer {
+  const fd = fs.openSync(path, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+  try {
+    const st = fs.fstatSync(fd);
+    if (!st.isFile() && !st.isBlockDevice()) throw new FvdError(`${path}: not a regular file or block device`, 'EINVAL');
+    const head = Buffer.alloc(length);
+    return head.subarray(0, fs.readSync(fd, head, 0, length, 0));
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 /** Probes by magic: sources of `convert` may be any format; bases are never probed. */
 export function probeFormat(path: string): DiskFormat {
-  const fd = fs.openSync(path, 'r');
-  try {
-    const head = Buffer.alloc(MAGIC.length);
-    const n = fs.readSync(fd, head, 0, head.length, 0);
-    if (n === MAGIC.length && head.equals(Buffer.from(MAGIC))) return 'fvd';
-    return isQcow2Magic(head.subarray(0, n)) ? 'qcow2' : 'raw';
-  } finally {
-    fs.closeSync(fd);
-  }
+  const head = peek(path, MAGIC.length);
+  if (head.equals(Buffer.from(MAGIC))) return 'fvd';
+  return isQcow2Magic(head) ? 'qcow2' : 'raw';
 }
 
 /**
@@ -46,13 +59,25 @@ export function probeFormat(path: string): DiskFormat {
  * so that commands know which image a --key-file is for.
  */
 export function isEncryptedImage(path: string): boolean {
-  const fd = fs.openSync(path, 'r');
+  const head = peek(path, 24);
+  return head.length === 24 && head.subarray(0, MAGIC.length).equals(Buffer.from(MAGIC)) && (head.readBigUInt64LE(16) & INCOMPAT_ENCRYPTED) !== 0n;
+}
+
+/**
+ * The size of the disk at `path` without opening it for writing (an FVD image's virtual size
+ * from its validated header; a raw file's or device's size), so that commands refuse
+ * out-of-range requests before a read-write open replays a journal or marks the image dirty.
+ */
+export async function diskSize(path: string, format: DiskFormat | undefined): Promise<number> {
+  const fmt = format ?? probeFormat(path);
+  const file = await NodeFile.open(path, { readOnly: true });
   try {
-    const head = Buffer.alloc(24);
-    const n = fs.readSync(fd, head, 0, head.length, 0);
-    return n === head.length && head.subarray(0, MAGIC.length).equals(Buffer.from(MAGIC)) && (head.readBigUInt64LE(16) & INCOMPAT_ENCRYPTED) !== 0n;
+    if (fmt === 'raw') return file.size();
+    const sector = new Uint8Array(HEADER_SIZE);
+    await file.read(sector, 0);
+    return decodeHeader(path, sector, file.size()).virtualSize;
   } finally {
-    fs.closeSync(fd);
+    await file.close();
   }
 }
 
@@ -83,6 +108,7 @@ export async function openDisk(
       flush: async () => {},
       // Unallocated clusters cost no I/O to read (zeros in memory), so one extent is enough here.
       extents: () => [{ offset: 0, length: img.size, kind: 'local' }],
+      fileIds: () => img.fileIds(),
       close: () => img.close(),
     };
   }
@@ -97,10 +123,15 @@ export async function openDisk(
       discard: (o, l) => img.discard(o, l),
       flush: () => img.flush(),
       extents: () => img.extents(),
+      fileIds: () => img.fileIds(),
       close: () => img.close(),
     };
   }
-  const file = await NodeFile.open(path, { readOnly: options.readOnly, lock: options.readOnly ? undefined : 'exclusive' });
+  return rawDisk(await NodeFile.open(path, { readOnly: options.readOnly, lock: options.readOnly ? undefined : 'exclusive' }));
+}
+
+/** A raw file or device already open (and locked, for writing) as a Disk. */
+export function rawDisk(file: NodeFile): Disk {
   const size = file.size();
   const inRange = (o: number, l: number) => {
     if (o < 0 || l < 0 || o + l > size) throw new UsageError(`request at ${o}+${l} is outside the disk (${size} bytes)`);
@@ -118,6 +149,7 @@ export async function openDisk(
     discard: (o, l) => (inRange(o, l), file.zeroRange(o, l)),
     flush: () => file.flush(),
     extents: () => [{ offset: 0, length: size, kind: 'local' }],
+    fileIds: () => [file.fileId],
     close: () => file.close(),
   };
 }

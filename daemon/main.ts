@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { UsageError } from './args.js';
 import { HelpRequested, formatHelp, type CommandSpec } from './command.js';
-import { FvdError } from '../fvd/errors.js';
+import { FvdError, oneLine } from '../fvd/errors.js';
 import { registerZstdFallback } from './zstd-fallback.js';
 
 /** In the order `fvd --help` lists them. */
@@ -75,14 +75,14 @@ export async function main(argv: string[]): Promise<number> {
   if (command === 'help') {
     const [topic, ...extra] = rest;
     if (extra.length || !(COMMANDS as readonly string[]).includes(topic!)) {
-      console.error(`fvd help: unknown command '${rest.join(' ')}' (try 'fvd --help')`);
+      console.error(oneLine(`fvd help: unknown command '${rest.join(' ')}' (try 'fvd --help')`));
       return 1;
     }
     console.log(formatHelp((await load(topic!)).spec));
     return 0;
   }
   if (!(COMMANDS as readonly string[]).includes(command)) {
-    console.error(`fvd: unknown command '${command}' (try 'fvd --help')`);
+    console.error(oneLine(`fvd: unknown command '${command}' (try 'fvd --help')`));
     return 1;
   }
   try {
@@ -93,7 +93,8 @@ export async function main(argv: string[]): Promise<number> {
       return 0;
     }
     // The engine names the operation in some messages ("resize: ..."): say it once.
-    const text = (m: string) => `fvd ${command}: ${m.startsWith(`${command}: `) ? m.slice(command.length + 2) : m}`;
+    // One line, always: messages quote paths and names, which may hold control characters.
+    const text = (m: string) => oneLine(`fvd ${command}: ${m.startsWith(`${command}: `) ? m.slice(command.length + 2) : m}`);
     if (err instanceof UsageError) {
       console.error(text(err.message));
       return err.exitCode;
@@ -104,7 +105,7 @@ export async function main(argv: string[]): Promise<number> {
     }
     const e = err as NodeJS.ErrnoException;
     if (e && typeof e.code === 'string' && e.syscall) {
-      console.error(`fvd ${command}: ${e.path ?? ''}${e.path ? ': ' : ''}${e.message.replace(/^[A-Z]+: /, '')}`);
+      console.error(oneLine(`fvd ${command}: ${e.path ?? ''}${e.path ? ': ' : ''}${e.message.replace(/^[A-Z]+: /, '')}`));
       return 1;
     }
     console.error(`fvd ${command}: internal error: ${(err as Error)?.stack ?? err}`);

@@ -27,7 +27,7 @@ import {
 } from '../ffi/uring.js';
 import { syscalls } from '../ffi/syscalls.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../ffi/libc.js';
-import { blockDeviceSize, takeLock } from '../fvd/node-file.js';
+import { blockDeviceSize, fileIdentity, openFlags, settleOpen } from '../fvd/node-file.js';
 import { FvdError } from '../fvd/errors.js';
 import type { BlockFile, IoBackend, OpenOptions } from '../fvd/io.js';
 
@@ -344,6 +344,7 @@ export class UringFile implements BlockFile {
     readonly path: string,
     readonly readOnly: boolean,
     readonly isBlockDevice: boolean,
+    readonly fileId?: string,
   ) {
     this.length = isBlockDevice ? blockDeviceSize(fd, path) : fs.fstatSync(fd).size;
   }
@@ -435,19 +436,13 @@ export class UringIoBackend implements IoBackend {
   }
 
   async open(path: string, options: OpenOptions = {}): Promise<BlockFile> {
-    const readOnly = options.readOnly ?? false;
-    const c = fs.constants;
-    const flags = readOnly ? c.O_RDONLY : options.create ? c.O_RDWR | c.O_CREAT | c.O_TRUNC : c.O_RDWR;
-    const fd = fs.openSync(path, flags, 0o644);
-    try {
-      const st = fs.fstatSync(fd);
-      if (!st.isFile() && !st.isBlockDevice()) throw new FvdError(`${path}: not a regular file or block device`, 'EINVAL');
-      if (options.lock) takeLock(fd, path, options.lock);
-      return new UringFile(this.driver, fd, path, readOnly, st.isBlockDevice());
-    } catch (e) {
-      fs.closeSync(fd);
-      throw e;
-    }
+    // As NodeFile.open: never waits on a FIFO, never truncates, locks before reading the size.
+    const f = settleOpen(fs.openSync(path, openFlags(options) | fs.constants.O_NONBLOCK, 0o644), path, options);
+    return new UringFile(this.driver, f.fd, path, options.readOnly ?? false, f.isBlockDevice, f.fileId);
+  }
+
+  identify(path: string): Promise<string | null> {
+    return fileIdentity(path);
   }
 
   /** Closes the ring (files should be closed first). */

@@ -55,9 +55,16 @@ export const CHUNK_EMPTY = 0xffffffff;
 export const MAX_VIRTUAL_SIZE = 2 ** 50;
 /**
  * The bitmap and table are held in memory whole; each is capped at 1 GiB (a 1 GiB table maps
- * 256 TiB in 1 MiB chunks; a 1 GiB bitmap covers 512 TiB of base in 64 KiB blocks).
+ * 256 TiB in 1 MiB chunks; a 1 GiB bitmap covers 512 TiB of base in 64 KiB blocks). The journal
+ * has the same cap (2^21 sectors; replay reads it in pieces, FORMAT.md §6.4).
  */
 export const MAX_METADATA_REGION = 2 ** 30;
+/**
+ * Journal sequence numbers stay at or below 2^52 (FORMAT.md §6.1): far above anything an image
+ * reaches (2^52 sectors are 2 EiB of journal writes from a start below 2^40), and far enough
+ * below 2^53 that a number plus a journal's sector count is still exact in a JS number.
+ */
+export const MAX_JOURNAL_SEQ = 2 ** 52;
 
 export interface Header {
   version: number;
@@ -134,6 +141,7 @@ const F = {
   basePathOffset: 304,
   baseSizeNext: 308,
   revertSnapshotId: 168,
+  reservedSnapshots: 172,
   baseIdentityLength: 316,
   baseIdentityCrc: 320,
   crc: 508,
@@ -147,11 +155,6 @@ function setU64(dv: DataView, off: number, v: number | bigint): void {
   dv.setBigUint64(off, BigInt(v), true);
 }
 
-function getU64(dv: DataView, off: number): number {
-  const v = dv.getBigUint64(off, true);
-  if (v > BigInt(Number.MAX_SAFE_INTEGER)) return Number.POSITIVE_INFINITY; // rejected by validation
-  return Number(v);
-}
 
 export function encodeHeader(h: Header): Uint8Array {
   const buf = new Uint8Array(HEADER_SIZE);
@@ -208,36 +211,44 @@ export function decodeHeader(path: string, sector: Uint8Array, fileSize: number)
   if (dv.getUint32(F.crc, true) !== crc(sector.subarray(0, F.crc))) throw new CorruptImageError(path, 'header checksum mismatch');
   const headerSize = dv.getUint32(F.headerSize, true);
   if (headerSize !== HEADER_SIZE) throw new CorruptImageError(path, `header size ${headerSize}, expected ${HEADER_SIZE}`);
+  // Every size, offset and sequence number must be exact in a JS number: refused here, so that
+  // nothing (validation, arithmetic, a later header write) ever sees an inexact value.
+  const u64 = (field: keyof typeof F): number => {
+    const v = dv.getBigUint64(F[field], true);
+    if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new CorruptImageError(path, `header field ${field} (byte ${F[field]}) is ${v}, above 2^53 - 1`);
+    return Number(v);
+  };
   const h: Header = {
     version,
     incompatible: dv.getBigUint64(F.incompatible, true),
     compatible: dv.getBigUint64(F.compatible, true),
     autoclear: dv.getBigUint64(F.autoclear, true),
-    virtualSize: getU64(dv, F.virtualSize),
+    virtualSize: u64('virtualSize'),
     blockSize: dv.getUint32(F.blockSize, true),
     chunkSize: dv.getUint32(F.chunkSize, true),
-    baseSize: getU64(dv, F.baseSize),
+    baseSize: u64('baseSize'),
     basePathLength: dv.getUint16(F.basePathLength, true),
     baseFormat: dv.getUint8(F.baseFormat),
     basePathCrc: dv.getUint32(F.basePathCrc, true),
-    bitmapOffset: getU64(dv, F.bitmapOffset),
-    bitmapLength: getU64(dv, F.bitmapLength),
-    tableOffset: getU64(dv, F.tableOffset),
-    tableLength: getU64(dv, F.tableLength),
-    journalOffset: getU64(dv, F.journalOffset),
-    journalLength: getU64(dv, F.journalLength),
-    journalStartSeq: getU64(dv, F.journalStartSeq),
-    refcountOffset: getU64(dv, F.refcountOffset),
-    refcountLength: getU64(dv, F.refcountLength),
-    snapshotsOffset: getU64(dv, F.snapshotsOffset),
-    snapshotsLength: getU64(dv, F.snapshotsLength),
-    dataOffset: getU64(dv, F.dataOffset),
+    bitmapOffset: u64('bitmapOffset'),
+    bitmapLength: u64('bitmapLength'),
+    tableOffset: u64('tableOffset'),
+    tableLength: u64('tableLength'),
+    journalOffset: u64('journalOffset'),
+    journalLength: u64('journalLength'),
+    journalStartSeq: u64('journalStartSeq'),
+    refcountOffset: u64('refcountOffset'),
+    refcountLength: u64('refcountLength'),
+    snapshotsOffset: u64('snapshotsOffset'),
+    snapshotsLength: u64('snapshotsLength'),
+    dataOffset: u64('dataOffset'),
     basePathOffset: dv.getUint32(F.basePathOffset, true),
-    baseSizeNext: getU64(dv, F.baseSizeNext),
+    baseSizeNext: u64('baseSizeNext'),
     revertSnapshotId: dv.getUint32(F.revertSnapshotId, true),
     baseIdentityLength: dv.getUint16(F.baseIdentityLength, true),
     baseIdentityCrc: dv.getUint32(F.baseIdentityCrc, true),
   };
+  if (dv.getUint32(F.reservedSnapshots, true) !== 0) throw new CorruptImageError(path, `reserved header bytes ${F.reservedSnapshots}..${F.reservedSnapshots + 3} are not zero`);
   if (h.incompatible & INCOMPAT_ENCRYPTED) h.crypt = sector.slice(F.crypt, F.crypt + CRYPT_FIELDS_LENGTH);
   const unknown = h.incompatible & ~INCOMPAT_KNOWN;
   if (unknown) throw new FvdError(`${path}: unsupported incompatible feature bits 0x${unknown.toString(16)}; refusing to open`, 'EINVAL');
@@ -272,11 +283,12 @@ function validateGeometry(path: string, h: Header, fileSize: number): void {
   const expectTable = compact ? tableBytes(h.virtualSize, h.chunkSize) : 0;
   if (!Number.isSafeInteger(h.bitmapLength) || h.bitmapLength < minBitmap || h.bitmapLength % PAGE)
     throw bad(`bitmap length ${h.bitmapLength}, expected a multiple of ${PAGE} of at least ${minBitmap}`);
-  if (h.bitmapLength > MAX_METADATA_REGION || expectTable > MAX_METADATA_REGION)
-    throw new FvdError(`${path}: bitmap or lookup table larger than ${MAX_METADATA_REGION} bytes is not supported`, 'EINVAL');
+  if (h.bitmapLength > MAX_METADATA_REGION || expectTable > MAX_METADATA_REGION || h.journalLength > MAX_METADATA_REGION)
+    throw new FvdError(`${path}: a bitmap, lookup table or journal larger than ${MAX_METADATA_REGION} bytes is not supported`, 'EINVAL');
   if (h.tableLength !== expectTable) throw bad(`table length ${h.tableLength}, expected ${expectTable}`);
   if (h.journalLength !== 0 && (h.journalLength < MIN_JOURNAL_SIZE || h.journalLength % PAGE)) throw bad(`invalid journal length ${h.journalLength}`);
-  if (!Number.isSafeInteger(h.journalStartSeq)) throw bad('invalid journal sequence number');
+  // A writer could not advance a larger number without leaving the range (FORMAT.md §6.1).
+  if (h.journalStartSeq > MAX_JOURNAL_SEQ) throw bad(`invalid journal sequence number ${h.journalStartSeq} (at most 2^52)`);
   const regions: Array<[string, number, number]> = [
     ['bitmap', h.bitmapOffset, h.bitmapLength],
     ['table', h.tableOffset, h.tableLength],
@@ -284,7 +296,11 @@ function validateGeometry(path: string, h: Header, fileSize: number): void {
   ];
   let end = PAGE;
   for (const [name, off, len] of regions) {
-    if (len === 0) continue;
+    if (len === 0) {
+      // Absent: its offset is 0 (FORMAT.md §1); a writer's header update would otherwise carry it.
+      if (off !== 0) throw bad(`${name} region of length 0 at offset ${off} (an absent region's offset is 0)`);
+      continue;
+    }
     if (!Number.isSafeInteger(off) || off % PAGE || off < end) throw bad(`${name} region at ${off} overlaps or is misaligned`);
     end = off + len;
   }

@@ -14,7 +14,7 @@
 import path from 'node:path';
 import { randomInt } from 'node:crypto';
 import type { BlockFile, IoBackend } from './io.js';
-import { CorruptImageError, FvdError } from './errors.js';
+import { CorruptImageError, FvdError, oneLine } from './errors.js';
 import {
   AUTOCLEAR_FULLY_LOCAL,
   AUTOCLEAR_KNOWN,
@@ -123,6 +123,8 @@ export interface BaseImage {
   readonly identity?: string;
   /** Reads cross a network: create detects zero blocks only where known without reading. */
   readonly remote?: boolean;
+  /** BlockFile.fileId of every file of the chain as opened (this level first), where known. */
+  fileIds(): string[];
 }
 
 export interface BaseChainEntry {
@@ -303,8 +305,8 @@ export class FvdImage {
       throw new FvdError(`block size ${blockSize} must be a power of two between ${MIN_BLOCK_SIZE} and ${MAX_BLOCK_SIZE}`, 'EINVAL');
     if (!isPow2(chunkSize) || chunkSize < blockSize || chunkSize > MAX_CHUNK_SIZE)
       throw new FvdError(`chunk size ${chunkSize} must be a power of two between the block size (${blockSize}) and ${MAX_CHUNK_SIZE}`, 'EINVAL');
-    if (!Number.isSafeInteger(journalLength) || (journalLength !== 0 && (journalLength < MIN_JOURNAL_SIZE || journalLength % PAGE)))
-      throw new FvdError(`journal size ${journalLength} must be 0 or a multiple of 4 KiB of at least ${MIN_JOURNAL_SIZE}`, 'EINVAL');
+    if (!Number.isSafeInteger(journalLength) || (journalLength !== 0 && (journalLength < MIN_JOURNAL_SIZE || journalLength % PAGE || journalLength > MAX_METADATA_REGION)))
+      throw new FvdError(`journal size ${journalLength} must be 0 or a multiple of 4 KiB from ${MIN_JOURNAL_SIZE} to ${MAX_METADATA_REGION}`, 'EINVAL');
     if (options.layout && options.layout !== 'raw' && options.layout !== 'compact')
       throw new FvdError(`unknown layout '${options.layout}' (raw or compact)`, 'EINVAL');
 
@@ -322,6 +324,12 @@ export class FvdImage {
       const resolved = resolveBasePath(imagePath, basePath);
       if (resolved === canonicalName(imagePath)) throw new FvdError(`an image cannot be its own base`, 'EINVAL');
       base = await openBase(io, resolved, baseFormat, [canonicalName(imagePath)], options.base);
+      // The same file under another name (a symbolic or hard link), at any level of the chain.
+      const target = await io.identify?.(imagePath);
+      if (target && base.fileIds().includes(target)) {
+        await base.close();
+        throw new FvdError(`${imagePath}: an image cannot be its own base (it is '${options.base}' or in its base chain)`, 'EINVAL');
+      }
     }
     try {
       let size = options.size ?? (base ? roundUp(base.size, SECTOR) : undefined);
@@ -348,6 +356,8 @@ export class FvdImage {
 
       // The key is sealed before the target is touched, like the base scan.
       const crypt = options.encrypt ? await sealNewKey(options.encrypt.key, options.encrypt.kdf) : undefined;
+      // Opened without truncating, under the lock: an existing file is emptied below, only once
+      // every check has passed (a served image, or a base of this one, is refused untouched).
       const file = await io.open(imagePath, { create: true, lock: 'exclusive' });
       try {
         if (file.isBlockDevice && !compact)
@@ -378,6 +388,7 @@ export class FvdImage {
         };
         if (file.isBlockDevice && file.size() < layout.dataOffset + chunkSize)
           throw new FvdError(`${imagePath}: device of ${file.size()} bytes is too small for this image's metadata`, 'ENOSPC');
+        if (!file.isBlockDevice) await file.truncate(0);
         const first = new Uint8Array(PAGE);
         first.set(encodeHeader(header), 0);
         first.set(Buffer.from(basePath), BASE_PATH_OFFSET);
@@ -1571,6 +1582,14 @@ export class FvdImage {
   describeChain(format: BaseFormat): BaseChainEntry[] {
     return [{ path: this.path, format, size: this.size }, ...(this.base ? this.base.describe() : [])];
   }
+
+  /**
+   * BlockFile.fileId of this image's file and of every base file it reads through, where known:
+   * an output that is one of them must be refused before it is written (convert, create).
+   */
+  fileIds(): string[] {
+    return [...(this.file.fileId ? [this.file.fileId] : []), ...(this.base ? this.base.fileIds() : [])];
+  }
 }
 
 // -----------------------------------------------------------------------------------------------
@@ -1604,6 +1623,7 @@ export async function openBase(io: IoBackend, resolved: string, format: number, 
         describe: () => [{ path: resolved, format: 'raw', size: file.size() }],
         identity: file.identity,
         remote: file.remote,
+        fileIds: () => (file.fileId ? [file.fileId] : []),
       };
     }
     // Its own backing chain continues below, with the levels above it for loop detection.
@@ -1617,6 +1637,7 @@ export async function openBase(io: IoBackend, resolved: string, format: number, 
       knownZero: (offset, length) => image.knownZero(offset, length),
       close: () => image.close(),
       describe: () => image.describeChain('fvd'),
+      fileIds: () => image.fileIds(),
     };
   } catch (err) {
     const e = err as NodeJS.ErrnoException;
@@ -1625,7 +1646,7 @@ export async function openBase(io: IoBackend, resolved: string, format: number, 
     // An FvdError first: one from deeper in the chain (a missing image further down has code
     // ENOENT too) must keep naming that image, prefixed with this level.
     if (err instanceof FvdError && err.message.startsWith('base chain longer')) throw err; // 64 prefixes would say nothing more
-    if (err instanceof FvdError) throw new FvdError(`base image '${shownPath}': ${err.message.replace(`${resolved}: `, '')}`, err.code);
+    if (err instanceof FvdError) throw new FvdError(`base image '${shownPath}': ${err.message.replace(oneLine(`${resolved}: `), '')}`, err.code);
     if (e.code === 'ENOENT') throw new FvdError(`base image '${shownPath}' not found (looked for ${resolved})`, 'ENOENT');
     throw new FvdError(`base image '${shownPath}' (${baseFormatName(format)}) cannot be opened: ${e.message}`, 'EIO');
   }

@@ -44,11 +44,21 @@ export interface BlockFile {
   readonly readOnly: boolean;
   /** The path it was opened from, for error messages. */
   readonly path: string;
+  /**
+   * Optional: which file this is ("dev:ino"), the same through symbolic and hard links, so that
+   * "is the output its own input or base" is decided by file, not by path. (Not `identity`,
+   * which names a remote source's content.)
+   */
+  readonly fileId?: string;
 }
 
 export interface OpenOptions {
   readOnly?: boolean;
-  /** Create (or truncate) a regular file. */
+  /**
+   * Create the file if it does not exist. Never truncates: a creator empties an existing file
+   * itself (`truncate(0)`), after its checks and its lock have passed, so a refused create
+   * leaves the file as it was.
+   */
   create?: boolean;
   /**
    * Take an advisory lock (flock) for as long as the file is open, failing at once with EBUSY if
@@ -60,4 +70,6 @@ export interface OpenOptions {
 /** Opens BlockFiles; the engine opens its image, and the base chain, only through one of these. */
 export interface IoBackend {
   open(path: string, options?: OpenOptions): Promise<BlockFile>;
+  /** Optional: BlockFile.fileId of the file at `path` without opening it; null if there is none. */
+  identify?(path: string): Promise<string | null>;
 }

@@ -13,7 +13,7 @@
  */
 import type { BlockFile } from './io.js';
 import { CorruptImageError } from './errors.js';
-import { SECTOR, crc } from './format.js';
+import { MAX_JOURNAL_SEQ, SECTOR, crc } from './format.js';
 
 export const JOURNAL_MAGIC = 0x4a445646; // "FVDJ" little-endian
 export const SECTOR_HEADER = 16;
@@ -146,9 +146,15 @@ export function decodeSector(path: string, s: Uint8Array, seq: number, sink: Jou
   return true;
 }
 
+/** Replay reads the log this many sectors at a time (1 MiB), never the whole region at once. */
+const REPLAY_WINDOW_SECTORS = 2048;
+
 /**
  * Replays the log from `startSeq`: applies sectors startSeq, startSeq+1, ... until the first one
- * that is missing, torn or stale. Returns the next sequence number to write.
+ * that is missing, torn or stale, or numbered MAX_JOURNAL_SEQ (no writer uses that number, so a
+ * replayed image can always checkpoint, FORMAT.md §6.1). Returns the next sequence number to
+ * write. Reads go window by window from the start sector, so memory stays bounded and a log that
+ * ends early costs one read.
  */
 export async function replayJournal(
   file: BlockFile,
@@ -159,13 +165,21 @@ export async function replayJournal(
 ): Promise<{ nextSeq: number; sectors: number }> {
   const nsec = length / SECTOR;
   if (nsec === 0) return { nextSeq: startSeq, sectors: 0 };
-  const all = new Uint8Array(length);
-  await file.read(all, offset);
+  const limit = Math.min(startSeq + nsec, MAX_JOURNAL_SEQ);
+  const window = new Uint8Array(Math.min(nsec, REPLAY_WINDOW_SECTORS) * SECTOR);
   let seq = startSeq;
-  for (let i = 0; i < nsec; i++) {
+  while (seq < limit) {
+    // The sectors from index seq mod nsec up to the region's end (the log wraps there), at most a window.
     const idx = seq % nsec;
-    if (!decodeSector(file.path, all.subarray(idx * SECTOR, idx * SECTOR + SECTOR), seq, sink)) break;
-    seq++;
+    const n = Math.min(nsec - idx, window.length / SECTOR, limit - seq);
+    const piece = window.subarray(0, n * SECTOR);
+    await file.read(piece, offset + idx * SECTOR);
+    let k = 0;
+    while (k < n && decodeSector(file.path, piece.subarray(k * SECTOR, (k + 1) * SECTOR), seq, sink)) {
+      k++;
+      seq++;
+    }
+    if (k < n) break;
   }
   return { nextSeq: seq, sectors: seq - startSeq };
 }
@@ -247,8 +261,10 @@ export class Journal {
     this.pending = new PendingRecords();
     const bytes = encodeRecords(batch, this.nextSeq);
     const n = bytes.length / SECTOR;
-    if (this.used + n > this.nsec) {
-      // The in-memory metadata already contains this batch: a checkpoint persists it.
+    // A full log, or sequence numbers used up (only a damaged or hostile header starts near the
+    // limit, FORMAT.md §6.1): the in-memory metadata already contains this batch, and a
+    // checkpoint persists it without using a number, so the header stays valid.
+    if (this.used + n > this.nsec || this.nextSeq + n > MAX_JOURNAL_SEQ) {
       await this.runCheckpoint(batch);
       return;
     }

@@ -36,6 +36,7 @@ import {
   INCOMPAT_SNAPSHOTS,
   MAX_BASE_PATH,
   MAX_METADATA_REGION,
+  MAX_JOURNAL_SEQ,
   MAX_VIRTUAL_SIZE,
   MIN_JOURNAL_SIZE,
   PAGE,
@@ -557,6 +558,13 @@ async function switchTo(img: OfflineImage, t: SwitchTarget): Promise<void> {
     ...t.header,
     journalStartSeq: journalMoved ? live.journalStartSeq + live.journalLength / SECTOR + 1 : live.journalStartSeq,
   };
+  if (h.journalStartSeq > MAX_JOURNAL_SEQ) {
+    // Numbers used up (only a damaged or hostile header gets here): no journal rather than an
+    // invalid header; every flush then checkpoints (FORMAT.md §12.2).
+    h.journalStartSeq = live.journalStartSeq;
+    h.journalOffset = h.journalLength = 0;
+    t.plan.layout.journalOffset = t.plan.layout.journalLength = 0; // as the caller reports it
+  }
 
   // The new bitmap must agree with the live one on every bit the live header reads.
   for (let b = 0; b < liveBB; b++)

@@ -37,24 +37,16 @@ export class NodeFile implements BlockFile {
     readonly readOnly: boolean,
     readonly isBlockDevice: boolean,
     length: number,
+    readonly fileId: string,
   ) {
     this.length = length;
   }
 
   static async open(path: string, options: OpenOptions = {}): Promise<NodeFile> {
-    const flags = options.create ? 'w+' : options.readOnly ? 'r' : 'r+';
-    const fd = await ioPromise<number>((cb) => fs.open(path, flags, 0o644, cb));
-    try {
-      const st = fs.fstatSync(fd);
-      if (!st.isFile() && !st.isBlockDevice()) throw new FvdError(`${path}: not a regular file or block device`, 'EINVAL');
-      let size = st.size;
-      if (st.isBlockDevice()) size = blockDeviceSize(fd, path);
-      if (options.lock) takeLock(fd, path, options.lock);
-      return new NodeFile(fd, path, !!options.readOnly, st.isBlockDevice(), size);
-    } catch (err) {
-      fs.closeSync(fd);
-      throw err;
-    }
+    // Non-blocking: opening a FIFO for reading would wait for a writer forever (see settleOpen).
+    const fd = await ioPromise<number>((cb) => fs.open(path, openFlags(options) | fs.constants.O_NONBLOCK, 0o644, cb));
+    const f = settleOpen(fd, path, options);
+    return new NodeFile(f.fd, path, !!options.readOnly, f.isBlockDevice, f.size, f.fileId);
   }
 
   size(): number {
@@ -134,6 +126,61 @@ export class NodeFile implements BlockFile {
   }
 }
 
+/** open(2) flags for OpenOptions: `create` adds O_CREAT, never O_TRUNC (see OpenOptions.create). */
+export function openFlags(options: OpenOptions): number {
+  const c = fs.constants;
+  return (options.readOnly ? c.O_RDONLY : c.O_RDWR) | (options.create ? c.O_CREAT : 0);
+}
+
+/**
+ * Finishes opening `fd`, which the caller opened with openFlags(options) | O_NONBLOCK: refuses
+ * anything but a regular file or a block device (a FIFO, socket or character device is never
+ * waited on), reopens the same file without O_NONBLOCK, takes the lock, and only then reads the
+ * size — a writer that held the lock may have grown the file until the moment it let go. Closes
+ * the descriptor on failure. Shared with the daemon's io_uring files.
+ */
+export function settleOpen(fd: number, path: string, options: OpenOptions): { fd: number; isBlockDevice: boolean; size: number; fileId: string } {
+  try {
+    const st = fs.fstatSync(fd);
+    if (!st.isFile() && !st.isBlockDevice()) throw new FvdError(`${path}: not a regular file or block device`, 'EINVAL');
+    fd = withoutNonblock(fd, options);
+    if (options.lock) takeLock(fd, path, options.lock);
+    const isBlockDevice = st.isBlockDevice();
+    const size = isBlockDevice ? blockDeviceSize(fd, path) : fs.fstatSync(fd).size;
+    return { fd, isBlockDevice, size, fileId: `${st.dev}:${st.ino}` };
+  } catch (err) {
+    fs.closeSync(fd);
+    throw err;
+  }
+}
+
+/**
+ * The same open file without O_NONBLOCK (io_uring would otherwise complete some requests with
+ * EAGAIN on file systems without non-blocking support), through /proc/self/fd, which names the
+ * file the descriptor holds, not a path that may have changed since. Without /proc: `fd` as is
+ * (O_NONBLOCK has no effect on regular files and block devices for node:fs).
+ */
+function withoutNonblock(fd: number, options: OpenOptions): number {
+  let again: number;
+  try {
+    again = fs.openSync(`/proc/self/fd/${fd}`, openFlags({ readOnly: options.readOnly }));
+  } catch {
+    return fd;
+  }
+  fs.closeSync(fd);
+  return again;
+}
+
+/** "dev:ino" of the file at `path` (symbolic links followed), or null if it cannot be stat'ed. */
+export async function fileIdentity(path: string): Promise<string | null> {
+  try {
+    const st = await fs.promises.stat(path);
+    return `${st.dev}:${st.ino}`;
+  } catch {
+    return null;
+  }
+}
+
 /** A block device's capacity in bytes (BLKGETSIZE64); shared with the daemon's io_uring files. */
 export function blockDeviceSize(fd: number, path: string): number {
   const c = libc();
@@ -155,4 +202,5 @@ export function takeLock(fd: number, path: string, mode: 'exclusive' | 'shared')
 
 export const nodeIo: IoBackend = {
   open: (path, options) => NodeFile.open(path, options),
+  identify: fileIdentity,
 };

@@ -82,6 +82,8 @@ export interface ReadOnlyLayer {
   knownZero(offset: number, length: number): Promise<boolean>;
   close(): Promise<void>;
   describe(): ChainEntry[];
+  /** BlockFile.fileId of every file read (this level, its data file, then its backing chain), where known. */
+  fileIds(): string[];
 }
 
 export interface Qcow2OpenOptions {
@@ -245,6 +247,11 @@ export class Qcow2Image implements ReadOnlyLayer {
   }
 
   /** A remote template's identity (its size and validator), checked against the image's record. */
+  fileIds(): string[] {
+    const own = [this.file, ...(this.data !== this.file ? [this.data] : [])].flatMap((f) => (f.fileId ? [f.fileId] : []));
+    return [...own, ...(this.backing ? this.backing.fileIds() : [])];
+  }
+
   get identity(): string | undefined {
     return this.file.identity;
   }
@@ -576,6 +583,9 @@ class RawLayer implements ReadOnlyLayer {
   }
   close(): Promise<void> {
     return this.file.close();
+  }
+  fileIds(): string[] {
+    return this.file.fileId ? [this.file.fileId] : [];
   }
   describe(): ChainEntry[] {
     return [{ path: this.path, format: 'raw', size: this.size }];

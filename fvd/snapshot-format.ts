@@ -5,7 +5,7 @@
  * an operation writes new copies and switches the header to them (one atomic sector write).
  */
 import { CorruptImageError, FvdError } from './errors.js';
-import { SECTOR, bitmapBytes, crc, roundUp, tableBytes, MAX_METADATA_REGION, MAX_VIRTUAL_SIZE, type Header } from './format.js';
+import { SECTOR, crc, roundUp, tableBytes, MAX_METADATA_REGION, MAX_VIRTUAL_SIZE, type Header } from './format.js';
 
 /** "FVDS" as bytes 46 56 44 53. */
 export const DIRECTORY_MAGIC = 0x53445646;
@@ -62,9 +62,13 @@ export function validateName(name: string): void {
   if (p) throw new FvdError(`invalid snapshot name ${JSON.stringify(name)}: ${p}`, 'EINVAL');
 }
 
-/** Bytes of a snapshot's saved state for an image of `virtualSize` with `h`'s geometry. */
+/**
+ * Bytes of a snapshot's saved state for an image of `virtualSize` with `h`'s geometry: the table
+ * and the whole bitmap region (FORMAT.md §10.3), which create sizes for the larger of base and
+ * disk, so it may exceed what the base alone needs.
+ */
 export function stateBytes(h: Header, virtualSize: number): number {
-  return tableBytes(virtualSize, h.chunkSize) + bitmapBytes(h.baseSize, h.blockSize);
+  return tableBytes(virtualSize, h.chunkSize) + h.bitmapLength;
 }
 
 function entryBytes(e: SnapshotEntry): number {

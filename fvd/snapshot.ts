@@ -323,13 +323,42 @@ export class SnapshotManager {
     }));
   }
 
-  /** Saves the active table and bitmap as snapshot `name`. No data is copied. */
-  async create(name: string): Promise<SnapshotInfo> {
-    const { host, st } = this.writable('create a snapshot');
+  /**
+   * The refusals of create, delete and revert that the image's state decides, checked without
+   * writing anything: `fvd snapshot` runs them on a read-only open first, so that a refused
+   * operation leaves the file byte-identical (a read-write open replays a dirty image's journal).
+   */
+  async preflight(op: 'create' | 'delete' | 'revert', name: string): Promise<void> {
+    const { host, st } = this.need();
+    if (op === 'create') return this.checkCreate(st, name);
+    const e = this.find(st, name);
+    if (op === 'revert') this.checkRevert(host, e, name);
+    const saved = await readState(this.path, host.file, host.header, st, e, true);
+    if (op === 'revert' && this.needsBase(host, saved)) await host.attachBase();
+  }
+
+  private checkCreate(st: SnapshotState, name: string): void {
     validateName(name);
     if (st.dir.entries.some((e) => e.name === name)) throw new FvdError(`${this.path}: a snapshot named ${JSON.stringify(name)} already exists`, 'EINVAL');
     if (st.dir.entries.length >= MAX_SNAPSHOTS || st.dir.nextId >= 0xffffffff)
       throw new FvdError(`${this.path}: too many snapshots (at most ${MAX_SNAPSHOTS})`, 'ENOSPC');
+  }
+
+  private checkRevert(host: SnapshotHost, e: SnapshotEntry, name: string): void {
+    if (e.virtualSize !== host.header.virtualSize)
+      throw new FvdError(`${this.path}: snapshot ${JSON.stringify(name)} has virtual size ${e.virtualSize}, the image ${host.header.virtualSize}`, 'EINVAL');
+  }
+
+  /** A snapshot taken before the image became fully local reads blocks from the base again. */
+  private needsBase(host: SnapshotHost, saved: SavedState): boolean {
+    const h = host.header;
+    return h.baseFormat !== BASE_NONE && host.baseBlocks > 0 && host.baseDetached() && !allSet(saved.bitmap, 0, host.baseBlocks);
+  }
+
+  /** Saves the active table and bitmap as snapshot `name`. No data is copied. */
+  async create(name: string): Promise<SnapshotInfo> {
+    const { host, st } = this.writable('create a snapshot');
+    this.checkCreate(st, name);
     // Copy-on-read and prefetched ("soft") bits are in memory only: the checkpoint writes them
     // after an fdatasync of their data, so the saved bitmap may include them.
     await host.quiesce();
@@ -387,14 +416,10 @@ export class SnapshotManager {
     const { host, st } = this.writable('revert to a snapshot');
     const e = this.find(st, name);
     const h = host.header;
-    if (e.virtualSize !== h.virtualSize)
-      throw new FvdError(`${this.path}: snapshot ${JSON.stringify(name)} has virtual size ${e.virtualSize}, the image ${h.virtualSize}`, 'EINVAL');
+    this.checkRevert(host, e, name);
     await host.quiesce();
     const saved = await readState(this.path, host.file, h, st, e, true);
-    // A snapshot taken before the image became fully local reads blocks from the base again.
-    if (h.baseFormat !== BASE_NONE && host.baseBlocks > 0 && host.baseDetached() && !allSet(saved.bitmap, 0, host.baseBlocks)) {
-      await host.attachBase();
-    }
+    if (this.needsBase(host, saved)) await host.attachBase();
     const before = usedIds(host.table, st);
     // Commit point: with the marker on disk, every open redoes the revert from the (immutable)
     // saved state before it uses the table or bitmap, so a torn in-place write below is harmless.

@@ -26,6 +26,11 @@ export class StorageIo implements IoBackend {
     this.config = config ?? null;
   }
 
+  /** A local file's BlockFile.fileId (device and inode); a URL names no local file (null). */
+  identify(path: string): Promise<string | null> {
+    return isUrl(path) || !this.local.identify ? Promise.resolve(null) : this.local.identify(path);
+  }
+
   async open(path: string, options: OpenOptions = {}): Promise<BlockFile> {
     if (!isUrl(path)) return this.local.open(path, options);
     if (!options.readOnly || options.create) throw new FvdError(`${path}: a remote base is read-only`, 'EROFS');

@@ -10,12 +10,14 @@
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { FvdImage, type CreateOptions } from '../fvd/image.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { NodeFile, nodeIo } from '../fvd/node-file.js';
+import type { IoBackend } from '../fvd/io.js';
+import { LOCK_EX, LOCK_NB, libc } from '../ffi/libc.js';
 import { FvdError } from '../fvd/errors.js';
 import { AUTOCLEAR_FULLY_LOCAL, BASE_FVD, INCOMPAT_DIRTY, INCOMPAT_SNAPSHOTS, PAGE, roundUp, tableBytes } from '../fvd/format.js';
 import { REC_BITMAP_SET, REC_TABLE_SET } from '../fvd/journal.js';
@@ -28,11 +30,13 @@ import {
   assertUnchanged,
   fvd,
   fvdAsync,
+  fvdWithin,
   json,
   patternBytes,
   snapshot,
 } from './helpers/cli.js';
 import {
+  fixHeaderCrc,
   flipByte,
   getField,
   readDirectory,
@@ -48,6 +52,7 @@ import {
   rewriteHeader,
   scribbleJournal,
   setBasePath,
+  setDirty,
   setFeatureBits,
   setTableEntry,
   truncate,
@@ -340,7 +345,10 @@ test('invalid geometry: block size not a power of two / too small, chunk size, v
   await expectRefused(e, /invalid virtual size 0/);
   const f = await plainImage(dir, 'f.fvd');
   rewriteField(f, 'virtualSize', 1n << 62n);
-  await expectRefused(f, /invalid virtual size/);
+  await expectRefused(f, /header field virtualSize \(byte 40\) is 4611686018427387904, above 2\^53 - 1/);
+  const g = await plainImage(dir, 'g.fvd');
+  rewriteField(g, 'virtualSize', 2 ** 51);
+  await expectRefused(g, /invalid virtual size 2251799813685248/);
 });
 
 test('invalid geometry: overlapping regions, misaligned data offset, data offset inside metadata', async () => {
@@ -908,6 +916,363 @@ test('fvd snapshot on an image another process holds (a served image): "in use",
 async function checkImageCli(file: string): Promise<number | null> {
   return (await fvdAsync('check', file)).code;
 }
+
+// ---------------------------------------------------------------------------------------------
+// hostile input (issue 9): refusals that destroyed files, crashes, hangs, unopenable images
+
+test('refused create --force / convert --force leave every file as it was: own base by path, symlink, hard link or chain; a locked target', async () => {
+  const dir = caseDir();
+  const f = (n: string) => path.join(dir, n);
+  rawBase(f('b.raw'), MiB, 11);
+  fs.symlinkSync('b.raw', f('link'));
+  fs.linkSync(f('b.raw'), f('hard.raw'));
+  await create(f('mid.fvd'), { base: 'b.raw', baseFormat: 'raw' });
+  await writeImage(f('mid.fvd'), patternBytes(64 * KiB, 12), 0);
+  await create(f('top.fvd'), { base: 'mid.fvd', baseFormat: 'fvd' });
+  await writeImage(f('top.fvd'), patternBytes(64 * KiB, 13), 128 * KiB);
+  fs.symlinkSync('mid.fvd', f('mid-link'));
+  fs.linkSync(f('top.fvd'), f('top-hard.fvd'));
+  const all = ['b.raw', 'mid.fvd', 'top.fvd'].map(f);
+  const before = snapshot(all);
+  const cases: Array<[string[], RegExp]> = [
+    [['create', '--force', '-b', 'b.raw', '-F', 'raw', f('b.raw')], /own base/],
+    [['create', '--force', '-b', 'b.raw', '-F', 'raw', f('link')], /own base/],
+    [['create', '--force', '-b', 'b.raw', '-F', 'raw', f('hard.raw')], /own base/],
+    [['create', '--force', '-b', 'top.fvd', '-F', 'fvd', f('b.raw')], /own base/],
+    [['create', '--force', '-b', 'top.fvd', '-F', 'fvd', f('mid-link')], /own base/],
+    [['create', '--force', '--layout', 'compact', '-b', 'top.fvd', '-F', 'fvd', f('mid.fvd'), '2M'], /own base/],
+    // a check that fails after the target was named must not remove it
+    [['create', '--force', '-b', 'missing.raw', '-F', 'raw', f('b.raw')], /not found/],
+    [['create', '--force', '--block-size', '3000', f('mid.fvd'), '1M'], /block size 3000/],
+    [['convert', '--force', '-O', 'raw', f('top.fvd'), f('b.raw')], /base image that .*top\.fvd reads through/],
+    [['convert', '--force', '-O', 'raw', f('top.fvd'), f('hard.raw')], /reads through/],
+    [['convert', '--force', '-O', 'fvd', f('top.fvd'), f('mid-link')], /reads through/],
+    [['convert', '--force', '-O', 'raw', f('top.fvd'), f('top-hard.fvd')], /same file/],
+    [['convert', '--force', '-O', 'raw', '-f', 'raw', f('link'), f('b.raw')], /same file/],
+  ];
+  for (const [args, re] of cases) {
+    const r = fvd(...args);
+    assertOneLineError(r, re);
+    assertUnchanged(before, r.cmd);
+  }
+
+  // A target another process holds (a served image, or a base it reads through): "in use", and
+  // nothing was truncated before the lock was tried.
+  const holder = await FvdImage.open(nodeIo, f('top.fvd'));
+  try {
+    const held = snapshot(all);
+    fs.writeFileSync(f('src.raw'), patternBytes(64 * KiB, 14));
+    for (const args of [
+      ['create', '--force', f('top.fvd'), '1M'],
+      ['create', '--force', '-b', 'src.raw', '-F', 'raw', f('mid.fvd')],
+      ['create', '--force', '--layout', 'compact', f('b.raw'), '1M'],
+      ['convert', '--force', '-O', 'raw', f('src.raw'), f('top.fvd')],
+      ['convert', '--force', '-O', 'fvd', '-f', 'raw', f('src.raw'), f('mid.fvd')],
+    ]) {
+      const r = await fvdAsync(...args);
+      assertOneLineError(r, /in use/);
+      assertUnchanged(held, r.cmd);
+    }
+  } finally {
+    await holder.close();
+  }
+  assert.equal(await readImage(f('top.fvd'), 128 * KiB, 64 * KiB), patternBytes(64 * KiB, 13));
+  assert.equal(await readImage(f('top.fvd'), 0, 64 * KiB), patternBytes(64 * KiB, 12));
+});
+
+test('header: a u64 field above 2^53 - 1 is refused at decode, and an absent region must have offset 0 (no crash on a read-write open)', async () => {
+  const dir = caseDir();
+  const a = await plainImage(dir, 'a.fvd', { layout: 'compact' }); // no base: no bitmap
+  rewriteField(a, 'bitmapOffset', 2 ** 53);
+  await expectRefused(a, /header field bitmapOffset \(byte 72\) is 9007199254740992, above 2\^53 - 1/);
+  const b = await plainImage(dir, 'b.fvd', { layout: 'compact' });
+  rewriteField(b, 'bitmapOffset', 2 * PAGE);
+  await expectRefused(b, /bitmap region of length 0 at offset 8192/);
+  const c = await plainImage(dir, 'c.fvd'); // raw-like: no table
+  rewriteField(c, 'tableOffset', 2n ** 64n - 1n);
+  await expectRefused(c, /header field tableOffset .* above 2\^53 - 1/);
+  const d = await plainImage(dir, 'd.fvd');
+  rewriteField(d, 'tableOffset', PAGE);
+  await expectRefused(d, /table region of length 0 at offset 4096/);
+  const e = await plainImage(dir, 'e.fvd', { journalSize: 0 });
+  rewriteField(e, 'journalOffset', 2 ** 53 - 1);
+  await expectRefused(e, /journal region of length 0 at offset 9007199254740991/);
+  for (const field of ['baseSize', 'snapshotsLength', 'journalStartSeq', 'dataOffset'] as const) {
+    const g = await plainImage(dir, `${field}.fvd`);
+    rewriteField(g, field, 2n ** 63n);
+    await expectRefused(g, new RegExp(`header field ${field} .* above 2\\^53 - 1`));
+  }
+});
+
+test('header: reserved bytes 172..175 must be zero, with and without snapshots', async () => {
+  const a = await plainImage(caseDir(), 'a.fvd', { layout: 'compact' });
+  writeBytes(a, 172, Buffer.from([0, 0, 1, 0]));
+  fixHeaderCrc(a);
+  await expectRefused(a, /reserved header bytes 172\.\.175 are not zero/);
+  const b = await snapImage(caseDir());
+  writeBytes(b, 175, Buffer.from([0x80]));
+  fixHeaderCrc(b);
+  await expectRefused(b, /reserved header bytes 172\.\.175 are not zero/);
+});
+
+/** Gives a compact image without data a journal of `length` bytes; the data area moves past it (the file grows sparsely). */
+function setJournalLength(file: string, length: number): void {
+  let dataOffset = 0;
+  rewriteHeader(file, (h) => {
+    h.journalLength = length;
+    h.dataOffset = dataOffset = roundUp(h.journalOffset + length, h.chunkSize);
+  });
+  truncate(file, dataOffset);
+}
+
+test('journal: longer than 1 GiB is refused (it used to be allocated whole, and 8 GiB crashed every command)', async () => {
+  const big = path.join(caseDir(), 'big.fvd');
+  await create(big, { size: 4 * MiB, layout: 'compact' });
+  setJournalLength(big, 8 * 1024 * MiB);
+  setDirty(big);
+  await expectRefused(big, /journal larger than 1073741824 bytes is not supported/);
+});
+
+test('journal: a dirty 1 GiB journal replays in pieces of at most 1 MiB, across windows and the wrap', async () => {
+  const dir = caseDir();
+  const gib = path.join(dir, 'gib.fvd');
+  await create(gib, { size: 4 * MiB, layout: 'compact' });
+  setJournalLength(gib, 1024 * MiB);
+  const nsec = (1024 * MiB) / 512;
+  // 5000 checksum-valid sectors from 1000 before the region's end: the log wraps, and replay
+  // needs several windows. Each unmaps chunk k mod 3; the last maps chunk 3 (to storage 0).
+  rewriteField(gib, 'journalStartSeq', 7 * nsec - 1000);
+  const n = 5000;
+  const bodies = Array.from({ length: n }, (_, k) => {
+    const body = Buffer.alloc(12);
+    body.writeUInt16LE(REC_TABLE_SET, 0);
+    body.writeUInt16LE(1, 2);
+    body.writeUInt32LE(k === n - 1 ? 3 : k % 3, 4);
+    body.writeUInt32LE(k === n - 1 ? 0 : 0xffffffff, 8);
+    return body;
+  });
+  injectJournal(gib, bodies);
+  let largest = 0;
+  const io: IoBackend = {
+    async open(p, o) {
+      const file = await nodeIo.open(p, o);
+      const read = file.read.bind(file);
+      file.read = (buf, off) => ((largest = Math.max(largest, buf.length)), read(buf, off));
+      return file;
+    },
+  };
+  const ro = await FvdImage.open(io, gib, { readOnly: true });
+  const st = ro.stats();
+  await ro.close();
+  assert.is(st.journalSectorsReplayed, n, 'every sector replayed, across windows and the wrap');
+  assert.is(st.allocatedChunks, 1);
+  assert.ok(largest <= MiB, `largest read ${largest} bytes; the journal must be read in pieces`);
+  const rw = await FvdImage.open(io, gib);
+  await rw.close();
+  assert.ok(largest <= MiB, `largest read ${largest} bytes`);
+  const after = json<{ dirty: boolean; allocatedChunks: number }>(fvd('info', '--json', gib));
+  assert.is(after.dirty, false);
+  assert.is(after.allocatedChunks, 1);
+  assertOk(fvd('check', gib));
+});
+
+test('journal sequence number: above 2^52 is refused (a write could not advance it); at the limit, writes leave a clean, openable image', async () => {
+  const dir = caseDir();
+  const a = path.join(dir, 'a.fvd');
+  await create(a, { size: 4 * MiB, layout: 'compact' });
+  rewriteField(a, 'journalStartSeq', 2 ** 53 - 1);
+  await expectRefused(a, /invalid journal sequence number 9007199254740991/);
+
+  for (const start of [2 ** 52 - 2, 2 ** 52]) {
+    const f = path.join(dir, `s${start}.fvd`);
+    await create(f, { size: 4 * MiB, layout: 'compact' });
+    rewriteField(f, 'journalStartSeq', start);
+    assertOk(fvd('check', f));
+    const writes = [0, 1, 2, 3].flatMap((i) => ['-c', `write -P ${0x40 + i} ${i * 1024}k 64k`, '-c', 'flush']);
+    assertOk(fvd('io', ...writes, f));
+    assert.ok(getField(f, 'journalStartSeq') <= 2n ** 52n, `journal_start_seq ${getField(f, 'journalStartSeq')}`);
+    assertOk(fvd('check', f));
+    assertOk(fvd('io', '-r', ...[0, 1, 2, 3].flatMap((i) => ['-c', `read -P ${0x40 + i} ${i * 1024}k 64k`]), f));
+    // a crash right after the writes: the journal replays and checkpoints within the range
+    const img = await FvdImage.open(nodeIo, f);
+    await img.write(Buffer.alloc(4 * KiB, 0x55), 3 * MiB);
+    await img.flush();
+    await img.abandon();
+    assertOk(fvd('io', '-c', 'read -P 0x55 3M 4k', f));
+    assertOk(fvd('check', f));
+    assert.ok(getField(f, 'journalStartSeq') <= 2n ** 52n);
+  }
+});
+
+test('FIFOs are refused with one line, never waited on: as the image, as its base, as a create or rebase base, as a convert output', async () => {
+  const dir = caseDir();
+  const f = (n: string) => path.join(dir, n);
+  const mkfifo = (p: string) => assert.is(spawnSync('mkfifo', [p]).status, 0, `mkfifo ${p}`);
+  mkfifo(f('fifo.fvd'));
+  rawBase(f('base.raw'), MiB);
+  await create(f('img.fvd'), { base: 'base.raw', baseFormat: 'raw' });
+  rawBase(f('gone.raw'), MiB);
+  await create(f('gone.fvd'), { base: 'gone.raw', baseFormat: 'raw' });
+  fs.rmSync(f('gone.raw'));
+  mkfifo(f('gone.raw'));
+  mkfifo(f('out.raw'));
+  const files = ['base.raw', 'img.fvd', 'gone.fvd'].map(f);
+  const before = snapshot(files);
+  const within = (...args: string[]) => fvdWithin(60_000, ...args);
+  const refused: string[][] = [
+    ...[f('fifo.fvd'), f('gone.fvd')].flatMap((img) => [
+      ['info', img],
+      ['info', '--json', img],
+      ['map', img],
+      ['io', '-c', 'read 0 4k', img],
+      ['io', '-f', 'fvd', '-c', 'read 0 4k', img],
+      ['io', '-c', 'write 0 4k', img],
+      ['convert', img, f(`o-${path.basename(img)}.raw`)],
+      ['snapshot', '-l', img],
+      ['prefetch', img],
+    ]),
+    ['io', '-f', 'raw', '-r', '-c', 'read 0 4k', f('fifo.fvd')],
+    ['create', '-b', 'gone.raw', '-F', 'raw', f('new.fvd'), '1M'],
+    ['rebase', '-b', 'gone.raw', '-F', 'raw', f('img.fvd')],
+    ['convert', '--force', '-O', 'raw', f('img.fvd'), f('out.raw')],
+    ['convert', '--force', '-O', 'fvd', f('img.fvd'), f('out.raw')],
+  ];
+  // In parallel, so that hangs cost one timeout; two writers of gone.fvd would meet at its lock,
+  // so the writers run one after the other.
+  const isWriter = (a: string[]) => a[0] === 'prefetch' || (a[0] === 'io' && !a.includes('-r'));
+  const sequentially = async (list: string[][]) => {
+    const out = [];
+    for (const args of list) out.push(await within(...args));
+    return out;
+  };
+  const [readers, writers, checks] = await Promise.all([
+    Promise.all(refused.filter((a) => !isWriter(a)).map((args) => within(...args))),
+    sequentially(refused.filter(isWriter)),
+    Promise.all([within('check', f('fifo.fvd')), within('check', f('gone.fvd'))]),
+  ]);
+  for (const r of [...readers, ...writers]) assertOneLineError(r, /not a regular file or block device/);
+  for (const r of checks) {
+    assertNoCrash(r);
+    assert.is(r.code, 2, `${r.cmd}: ${r.stdout}${r.stderr}`);
+    assert.match(r.stdout, /not a regular file or block device/);
+  }
+  assert.not.ok(fs.existsSync(f('new.fvd')), 'a refused create leaves no file');
+  assertUnchanged(before, 'commands refused on FIFOs');
+});
+
+test('a refused request leaves a dirty image byte-identical (checked before the read-write open): io, bench, snapshot', async () => {
+  const dir = caseDir();
+  const file = path.join(dir, 's.fvd');
+  await create(file, { size: 2 * MiB, layout: 'compact', chunkSize: 64 * KiB, blockSize: 4 * KiB });
+  await writeImage(file, patternBytes(128 * KiB, 21), 0);
+  const img = await FvdImage.open(nodeIo, file);
+  await img.snapshots.create('a');
+  await img.close();
+  // Dirty, with a record a replay applies (and a read-write open would write back in place).
+  injectRecords(file, (p) => p.addTable(1, 0xffffffff));
+  const before = snapshot([file]);
+  const cases: Array<[string[], RegExp]> = [
+    [['io', '-c', 'read 3M 4k', file], /outside the disk/],
+    [['io', '-c', 'write -P 1 0 4k', '-c', 'read 2M 512', file], /outside the disk/],
+    [['io', '-c', 'zero 1M 2M', file], /outside the disk/],
+    [['bench', '-w', '-c', '4', '-s', '4k', '-o', '4M', file], /past the end/],
+    [['bench', '-w', '-c', '1000', '-s', '48k', file], /crosses the end/],
+    [['snapshot', '-d', 'nosuch', file], /no snapshot named "nosuch"/],
+    [['snapshot', '-a', 'nosuch', file], /no snapshot named "nosuch"/],
+    [['snapshot', '-c', 'a', file], /already exists/],
+  ];
+  for (const [args, re] of cases) {
+    const r = fvd(...args);
+    assertOneLineError(r, re);
+    assertUnchanged(before, r.cmd);
+  }
+  // still dirty, and the replay is what it was
+  const r = fvd('info', '--json', file);
+  assert.is(json<{ dirty: boolean }>(r).dirty, true);
+  assertOk(fvd('io', '-c', 'read -P 0 64k 64k', file));
+});
+
+test('control characters in paths and header strings: every message is one line, escaped', async () => {
+  const dir = caseDir();
+  const weird = path.join(dir, 'a\nb.fvd');
+  for (const args of [['info', weird], ['map', weird], ['io', '-c', 'read 0 512', weird], ['convert', weird, path.join(dir, 'o.raw')], ['snapshot', '-l', weird], ['commit', weird]]) {
+    assertOneLineError(fvd(...args), /a\\nb\.fvd/);
+  }
+  const x = path.join(dir, 'x.fvd');
+  assertOneLineError(fvd('create', '-b', 'no\nsuch\x1b[2J', '-F', 'raw', x, '1M'), /base image 'no\\nsuch\\x1b\[2J' not found/);
+  assert.not.ok(fs.existsSync(x));
+  assertOneLineError(fvd('create', '--layout', 'compact\r', x, '1M'), /invalid layout 'compact\\r'/);
+  assertOneLineError(fvd('bogus\ncommand'), /unknown command 'bogus\\ncommand'/);
+
+  // check's report on a corrupt image whose name holds control characters: one line per finding
+  const odd = path.join(dir, 'c\rd\te.fvd');
+  await create(odd, { size: MiB });
+  flipByte(odd, 41, 0x10);
+  const chk = fvd('check', odd);
+  assert.is(chk.code, 2);
+  const lines = chk.stdout.split('\n').filter(Boolean);
+  assert.is(lines.length, 2, chk.stdout);
+  for (const l of lines) assert.match(l, /c\\rd\\te\.fvd/);
+
+  // a hostile base path in a header: the engine's own message is one line
+  rawBase(path.join(dir, 'base.raw'), MiB);
+  const img = path.join(dir, 'img.fvd');
+  await create(img, { base: 'base.raw', baseFormat: 'raw' });
+  setBasePath(img, 'no\nsuch\u0085.raw');
+  await expectRefused(img, /base image 'no\\nsuch\\x85\.raw' not found/, { names: ['no\\nsuch\\x85.raw'] });
+});
+
+test('concurrent writers: the size is read after the lock is taken (a writer that grows the file and lets go in between)', async () => {
+  const c = libc();
+  if (!c) {
+    console.log('  skip: needs koffi (libc flock)');
+    return;
+  }
+  const file = path.join(caseDir(), 'f.img');
+  fs.writeFileSync(file, Buffer.alloc(64 * KiB, 1));
+  const holder = fs.openSync(file, 'r+');
+  assert.is(c.flock(holder, LOCK_EX | LOCK_NB), 0);
+  const realFlock = c.flock;
+  let released = false;
+  // The other writer finishes exactly while this open is on its way to the lock: it grows the
+  // file, then closes it (releasing its lock) just before this open's flock runs.
+  c.flock = (fd, op) => {
+    if (fd !== holder && !released) {
+      fs.writeSync(holder, Buffer.alloc(MiB, 2), 0, MiB, 64 * KiB);
+      fs.closeSync(holder);
+      released = true;
+    }
+    return realFlock(fd, op);
+  };
+  try {
+    const opened = await NodeFile.open(file, { lock: 'exclusive' });
+    assert.ok(released, 'the lock was taken after the other writer let go');
+    assert.is(opened.size(), 64 * KiB + MiB, 'size read before the lock was taken');
+    await opened.close();
+  } finally {
+    c.flock = realFlock;
+    if (!released) fs.closeSync(holder);
+  }
+});
+
+test('concurrent writers: two fvd io writers started together on a fresh compact image: each writes or says "in use"; the image stays clean', async () => {
+  const dir = caseDir();
+  for (let round = 0; round < 12; round++) {
+    const file = path.join(dir, `r${round}.fvd`);
+    await create(file, { size: 8 * MiB, layout: 'compact' });
+    const writers = [
+      ['io', '-c', 'write -P 0x11 0 64k', '-c', 'flush', file],
+      ['io', '-c', 'write -P 0x22 3M 64k', '-c', 'flush', file],
+    ];
+    const rs = await Promise.all(writers.map((a) => fvdAsync(...a)));
+    rs.forEach((r) => (r.code === 0 ? assertOk(r) : assertOneLineError(r, /in use/)));
+    assert.ok(rs.some((r) => r.code === 0), 'one of them got the lock');
+    const chk = fvd('check', file);
+    assert.is(chk.code, 0, `round ${round}: ${chk.stdout}${chk.stderr}`);
+    if (rs[0]!.code === 0) assertOk(fvd('io', '-r', '-c', 'read -P 0x11 0 64k', file));
+    if (rs[1]!.code === 0) assertOk(fvd('io', '-r', '-c', 'read -P 0x22 3M 64k', file));
+  }
+});
 
 test.after(() => tmp.cleanup());
 

@@ -1050,6 +1050,64 @@ test('snapshot: create, list (table and --json), apply, delete; info and check c
   assert.is(json<Info & { snapshotCount?: number }>(fvd('info', '--json', raw)).snapshotCount, undefined);
 });
 
+test('snapshot: a compact image over a base smaller than the disk (bitmap sized for the disk): create, apply, delete, check', async () => {
+  const dir = caseDir();
+  const base = rawFile(path.join(dir, 'b.raw'), patternBytes(MiB, 31));
+  const file = path.join(dir, 's.fvd');
+  assertOk(fvd('create', '--layout', 'compact', '--block-size', '4k', '-b', 'b.raw', '-F', 'raw', file, '256M'));
+  const h = readHeader(file);
+  assert.ok(h.bitmapLength > 4096, 'the bitmap covers the disk, more than the base needs');
+  assertOk(fvd('io', '-c', 'write -P 0x31 2M 64k', '-c', 'write -P 0x32 8k 4k', file));
+  assertOk(fvd('snapshot', '-c', 'one', file));
+  assertOk(fvd('io', '-c', 'write -P 0x33 2M 64k', '-c', 'write -P 0x34 512k 4k', file));
+  assert.is(fvd('check', file).code, 0);
+  assertOk(fvd('snapshot', '-a', 'one', file));
+  const expect = Buffer.alloc(256 * MiB);
+  base.copy(expect);
+  expect.fill(0x32, 8 * KiB, 12 * KiB).fill(0x31, 2 * MiB, 2 * MiB + 64 * KiB);
+  assertSameBytes(await readWholeDisk(nodeIo, file), expect, 'after applying "one"');
+  assertOk(fvd('check', file));
+  assertOk(fvd('snapshot', '-d', 'one', file));
+  assertOk(fvd('check', file));
+  assertSameBytes(await readWholeDisk(nodeIo, file), expect, 'after deleting "one"');
+});
+
+// Reads and writes of the io command go in pieces: no buffer of the whole request (a length of
+// 4 GiB or more was a RangeError). The image is sparse; nothing large is written.
+test('io: requests over 4 GiB are served in pieces; a pattern mismatch past 4 GiB is reported at its offset', () => {
+  const dir = caseDir();
+  const img = path.join(dir, 'big.fvd');
+  assertOk(fvd('create', img, '16G'));
+  let r = fvd('io', '-r', '-c', 'read 0 5G', '-c', 'read -P 0 1G 5G', img);
+  assertOk(r);
+  assert.match(r.stdout, /^read 5368709120\/5368709120 bytes at offset 0$/m);
+  assertOk(fvd('io', '-c', 'write -P 0x5c 4295032832 4k', img)); // 4 GiB + 64 KiB
+  r = fvd('io', '-r', '-c', 'read -P 0 0 5G', img);
+  assert.is(r.code, 1, r.stdout + r.stderr);
+  assert.match(r.stdout, /^Pattern verification failed at offset 4295032832, 1073676288 bytes$/m);
+  assertOk(fvd('io', '-c', 'zero 0 5G', '-c', 'read -P 0 4G 128k', img));
+});
+
+test('empty numeric options are usage errors, never the default', () => {
+  const dir = caseDir();
+  const src = path.join(dir, 'src.fvd');
+  assertOk(fvd('create', src, '1M'));
+  const x = path.join(dir, 'x.fvd');
+  for (const [args, re] of [
+    [['create', '--block-size', '', x, '1M'], /invalid block size ''/],
+    [['create', '--layout', 'compact', '--chunk-size', '', x, '1M'], /invalid chunk size ''/],
+    [['create', '--journal-size', '', x, '1M'], /invalid journal size ''/],
+    [['create', x, ''], /invalid size ''|size is required/],
+    [['convert', '-O', 'fvd', '--block-size', '', src, x], /invalid block size ''/],
+    [['prefetch', '--max-rate', '', src], /invalid rate ''/],
+    [['bench', '-s', '', src], /invalid buffer size/],
+    [['bench', '-c', '', src], /invalid count/],
+  ] as Array<[string[], RegExp]>) {
+    assertOneLineError(fvd(...args), re);
+    assert.not.ok(fs.existsSync(x), `${args.join(' ')} left a file behind`);
+  }
+});
+
 test.after(() => tmp.cleanup());
 
 test.run();

@@ -219,5 +219,18 @@ test('bad input: usage errors and refusals are one line and change nothing', asy
   }
 });
 
+test('resize: a relative change that is not a multiple of 512 (-1, +1, -511) is refused, not rounded away', () => {
+  const dir = tmp.caseDir();
+  const img = path.join(dir, 'r.fvd');
+  assertOk(fvd('create', img, '1M'));
+  const before = snapshot([img]);
+  for (const text of ['-1', '+1', '-511', '+1000']) {
+    assertOneLineError(fvd('resize', img, text), new RegExp(`invalid size '\\${text}': a relative change must be a multiple of 512 bytes`));
+    assertUnchanged(before, `resize ${text}`);
+  }
+  assertOk(fvd('resize', img, '-512'));
+  assert.is(info(img).virtualSize, MiB - 512);
+});
+
 test.after(() => tmp.cleanup());
 test.run();

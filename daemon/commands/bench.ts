@@ -31,6 +31,7 @@ import { parseInteger, parseSize, formatSize, UsageError } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand } from '../command.js';
 import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../fvd/node-file.js';
+import { diskSize } from '../disk.js';
 import type { IoBackend } from '../../fvd/io.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
@@ -186,6 +187,25 @@ export async function run(args: string[]): Promise<number> {
   const ioName = values.io ?? 'node';
   if (ioName !== 'node' && ioName !== 'uring') throw new UsageError(`invalid --io '${ioName}': expected node or uring`);
 
+  // Every request must lie inside the image; check the whole sequence before the image is opened
+  // (a write bench opens it read-write, which replays a dirty image's journal) so a bad
+  // -o/-s/-S combination is a usage error that changes nothing, not a failure halfway through.
+  const size = await diskSize(imagePath, format);
+  if (startOffset + bufferSize > size) {
+    throw new UsageError(`offset ${startOffset} + buffer size ${bufferSize} is past the end of the ${size}-byte image`);
+  }
+  if (pattern === 'seq') {
+    let off = startOffset;
+    for (let i = 0; i < count; i++) {
+      if (off + bufferSize > size) {
+        throw new UsageError(
+          `request ${i} at offset ${off} crosses the end of the ${size}-byte image: choose -o/-s/-S that divide the image size`,
+        );
+      }
+      off = (off + step) % size;
+    }
+  }
+
   let io: IoBackend = nodeIo;
   let closeIo = (): void => {};
   if (ioName === 'uring') {
@@ -211,24 +231,8 @@ export async function run(args: string[]): Promise<number> {
   }
   let result: BenchResult;
   try {
-    const size = target.size;
-    if (startOffset + bufferSize > size) {
-      throw new UsageError(`offset ${startOffset} + buffer size ${bufferSize} is past the end of the ${size}-byte image`);
-    }
-    // Every request must lie inside the image; check the whole sequence before starting so a bad
-    // -o/-s/-S combination is a usage error, not a failure halfway through the timed run.
+    if (target.size !== size) throw new UsageError(`${imagePath} changed size while it was being opened`);
     const slots = Math.floor((size - startOffset) / bufferSize);
-    if (pattern === 'seq') {
-      let off = startOffset;
-      for (let i = 0; i < count; i++) {
-        if (off + bufferSize > size) {
-          throw new UsageError(
-            `request ${i} at offset ${off} crosses the end of the ${size}-byte image: choose -o/-s/-S that divide the image size`,
-          );
-        }
-        off = (off + step) % size;
-      }
-    }
 
     const buffers: Buffer[] = [];
     for (let i = 0; i < depth; i++) buffers.push(Buffer.alloc(bufferSize, write ? fill : 0));

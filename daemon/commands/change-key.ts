@@ -13,6 +13,7 @@ import { storageIo } from '../../storage/storage-io.js';
 import { UsageError } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { readKeyFile, wipe } from '../key-file.js';
+import { oneLine } from '../../fvd/errors.js';
 
 
 /** True when both names are the same file (path or hard link). */
@@ -62,7 +63,7 @@ export async function run(args: string[]): Promise<number> {
   try {
     newKey = readKeyFile(newSpec, '--new-key-file');
     const res = await changeKey(storageIo(), image, oldKey!, newKey!, log2N === undefined ? {} : { log2N });
-    console.log(`${image}: key changed (scrypt log2 N ${res.kdf.log2N}, r ${res.kdf.r}, p ${res.kdf.p}); the old key no longer opens it`);
+    console.log(oneLine(`${image}: key changed (scrypt log2 N ${res.kdf.log2N}, r ${res.kdf.r}, p ${res.kdf.p}); the old key no longer opens it`));
     return 0;
   } finally {
     wipe(oldKey);

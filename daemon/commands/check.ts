@@ -12,6 +12,7 @@ import { checkImage } from '../../fvd/check.js';
 import { FvdImage } from '../../fvd/image.js';
 import { storageIo } from '../../storage/storage-io.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
+import { oneLine } from '../../fvd/errors.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 import { mapImage } from '../space.js';
 
@@ -57,10 +58,11 @@ export async function run(args: string[]): Promise<number> {
     );
     return code;
   }
-  for (const e of report.errors) console.log(`ERROR: ${e}`);
-  for (const n of report.notes) console.log(`note: ${n}`);
-  if (report.errors.length) console.log(`${path}: ${report.errors.length} error(s) found; the image is corrupt`);
-  else if (report.repaired) console.log(`${path}: repaired`);
+  // One line per finding: the path and the messages may hold control characters.
+  for (const e of report.errors) console.log(oneLine(`ERROR: ${e}`));
+  for (const n of report.notes) console.log(oneLine(`note: ${n}`));
+  if (report.errors.length) console.log(oneLine(`${path}: ${report.errors.length} error(s) found; the image is corrupt`));
+  else if (report.repaired) console.log(oneLine(`${path}: repaired`));
   else console.log(`No errors were found on the image.`);
   return code;
 }

@@ -9,6 +9,7 @@ import { storageIo } from '../../storage/storage-io.js';
 import { formatSize, progressPrinter } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { oneLine } from '../../fvd/errors.js';
 
 export const spec = defineCommand({
   name: 'commit',
@@ -39,8 +40,8 @@ export async function run(args: string[]): Promise<number> {
   }
   const grown = r.baseGrownTo !== null ? `; the base grew to ${formatSize(r.baseGrownTo)}` : '';
   const after = r.emptied ? 'the image is now empty' : 'the image keeps its data (-d)';
-  console.log(
+  console.log(oneLine(
     `Image committed into '${r.base}' (${r.baseFormat}): ${formatSize(r.bytesWritten)} of ${formatSize(r.bytesExamined)} local data differed and was written${grown}; ${after}.`,
-  );
+  ));
   return 0;
 }

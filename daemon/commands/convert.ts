@@ -12,7 +12,8 @@ import { FvdImage } from '../../fvd/image.js';
 import { storageIo } from '../../storage/storage-io.js';
 import { UsageError, parseSize, progressPrinter } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
-import { isEncryptedImage, openDisk, parseFormat, probeFormat, type Disk, type DiskFormat } from '../disk.js';
+import { isEncryptedImage, openDisk, parseFormat, probeFormat, rawDisk, type Disk, type DiskFormat } from '../disk.js';
+import { NodeFile, fileIdentity } from '../../fvd/node-file.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
 /** Bytes per read: large enough that a compressed qcow2 source decompresses many clusters at once. */
@@ -48,7 +49,6 @@ export async function run(args: string[]): Promise<number> {
   if (values.layout !== 'raw' && values.layout !== 'compact') throw new UsageError(`invalid layout '${values.layout}': expected raw or compact`);
   if (!fs.existsSync(src)) throw new UsageError(`${src}: no such file`);
   if (fs.existsSync(dst) && !values.force) throw new UsageError(`${dst} already exists; use --force to overwrite it`);
-  if (fs.existsSync(dst) && fs.realpathSync(dst) === fs.realpathSync(src)) throw new UsageError('source and destination are the same file');
   if (values.encrypt && outFmt !== 'fvd') throw new UsageError('--encrypt needs -O fvd (a raw output cannot be encrypted)');
   if (values['target-key-file'] !== undefined && !values.encrypt) throw new UsageError('--target-key-file given without --encrypt');
   const srcEncrypted = (inFmt ?? probeFormat(src)) === 'fvd' && isEncryptedImage(src);
@@ -84,21 +84,38 @@ async function convert(
   key: Uint8Array | undefined,
   targetKey: Uint8Array | undefined,
 ): Promise<number> {
+  const blockSize = values['block-size'] !== undefined ? parseSize(values['block-size'], 'block size') : undefined;
   const source = await openDisk(src, inFmt, { readOnly: true, key });
   let target: Disk | null = null;
   try {
+    // The output must be none of the files read — the source, or any base in its chain — under
+    // any name (a symbolic or hard link): compared by device and inode, before anything is written.
+    const out = await fileIdentity(dst);
+    const inputs = source.fileIds();
+    if (out && out === inputs[0]) throw new UsageError(`source and destination are the same file (${dst})`);
+    if (out && inputs.includes(out)) throw new UsageError(`${dst} is a base image that ${src} reads through: the output cannot be one of its inputs`);
     if (outFmt === 'raw') {
-      fs.writeFileSync(dst, '');
-      fs.truncateSync(dst, source.size);
+      // Emptied only once it is locked: an image in use elsewhere is refused untouched.
+      const file = await NodeFile.open(dst, { create: true, lock: 'exclusive' });
+      try {
+        if (!file.isBlockDevice) {
+          await file.truncate(0);
+          await file.truncate(source.size);
+        }
+      } catch (err) {
+        await file.close();
+        throw err;
+      }
+      target = rawDisk(file);
     } else {
       await FvdImage.create(storageIo(), dst, {
         size: source.size,
         layout: values.layout as 'raw' | 'compact',
-        blockSize: values['block-size'] ? parseSize(values['block-size'], 'block size') : undefined,
+        blockSize,
         encrypt: targetKey ? { key: targetKey } : undefined,
       });
+      target = await openDisk(dst, outFmt, { key: targetKey });
     }
-    target = await openDisk(dst, outFmt, { key: targetKey });
     const progress = progressPrinter(!!values.p);
     // Pieces of the non-zero extents, read one ahead of the write (two buffers), so reading and
     // decompressing the next piece overlaps writing this one.

@@ -9,6 +9,7 @@ import { BASE_FORMAT_CHOICES, baseFormatCode, type BaseFormat } from '../../fvd/
 import { UsageError, formatSize, parseSize } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { oneLine } from '../../fvd/errors.js';
 
 export const spec = defineCommand({
   name: 'create',
@@ -43,6 +44,9 @@ export async function run(args: string[]): Promise<number> {
   if (size === 0) throw new UsageError('size must be greater than zero');
   if (values.encrypt && values['key-file'] === undefined) throw new UsageError('--encrypt needs the key: --key-file PATH (or --key-file - for stdin)');
   if (!values.encrypt && values['key-file'] !== undefined) throw new UsageError('--key-file given without --encrypt (a new image is encrypted only with --encrypt)');
+  const blockSize = values['block-size'] !== undefined ? parseSize(values['block-size'], 'block size') : undefined;
+  const chunkSize = values['chunk-size'] !== undefined ? parseSize(values['chunk-size'], 'chunk size') : undefined;
+  const journalSize = values['journal-size'] !== undefined ? parseSize(values['journal-size'], 'journal size') : undefined;
 
   // Never clobber data by accident: an existing non-empty file or any device needs --force.
   const st = fs.statSync(image, { throwIfNoEntry: false });
@@ -50,33 +54,50 @@ export async function run(args: string[]): Promise<number> {
     throw new UsageError(`${image} already exists; use --force to overwrite it`);
   if (st && !st.isFile() && !st.isBlockDevice()) throw new UsageError(`${image} is not a regular file or block device`);
 
-  // A failed create must not leave a half-written image behind (a retry would need --force).
-  const removeOnFailure = !st || st.isFile();
   const key = readKeyFile(values['key-file']);
+  // A failed create must not leave a half-written image behind (a retry would need --force); but
+  // only a file this command made is removed (O_EXCL: a file that appeared since the stat is not
+  // ours). A file that existed is never removed, and the engine writes it only after every check
+  // and its lock passed (FvdImage.create).
+  let made: fs.Stats | null = null;
+  if (!st) {
+    try {
+      fs.closeSync(fs.openSync(image, 'wx', 0o644));
+      made = fs.statSync(image);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST' && values.force) {
+        // appeared since the stat; --force allows it (and it is not ours to remove)
+      } else {
+        wipe(key);
+        throw (err as NodeJS.ErrnoException).code === 'EEXIST' ? new UsageError(`${image} already exists; use --force to overwrite it`) : err;
+      }
+    }
+  }
   await FvdImage.create(storageIo(), image, {
     size,
     base: values.base,
     baseFormat: baseFormat as BaseFormat | undefined,
     layout: values.layout,
-    blockSize: values['block-size'] ? parseSize(values['block-size'], 'block size') : undefined,
-    chunkSize: values['chunk-size'] ? parseSize(values['chunk-size'], 'chunk size') : undefined,
-    journalSize: values['journal-size'] !== undefined ? parseSize(values['journal-size'], 'journal size') : undefined,
+    blockSize,
+    chunkSize,
+    journalSize,
     detectZeroes: !values['no-detect-zeroes'],
     encrypt: key ? { key } : undefined,
   })
     .catch((err) => {
-      if (removeOnFailure && fs.existsSync(image) && fs.statSync(image).isFile()) fs.rmSync(image, { force: true });
+      const now = made && fs.statSync(image, { throwIfNoEntry: false });
+      if (now && now.ino === made!.ino && now.dev === made!.dev) fs.rmSync(image, { force: true });
       throw err;
     })
     .finally(() => wipe(key));
   const img = await FvdImage.open(storageIo(), image, { readOnly: true, withoutKey: true });
   const s = img.stats();
   await img.close();
-  console.log(
+  console.log(oneLine(
     `Formatting '${image}', fmt=fvd layout=${s.layout} size=${s.virtualSize} (${formatSize(s.virtualSize)}) block_size=${s.blockSize}` +
       (s.layout === 'compact' ? ` chunk_size=${s.chunkSize}` : '') +
       (values.base ? ` base=${values.base} base_fmt=${baseFormat}` : '') +
       (s.encryption ? ` encryption=${s.encryption}` : ''),
-  );
+  ));
   return 0;
 }

@@ -23,6 +23,7 @@ import { formatRemote, fractionLocal } from '../remote-status.js';
 import { formatSize } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { oneLine } from '../../fvd/errors.js';
 import { mapImage, mapRawFile, spaceFigures } from '../space.js';
 
 export const spec = defineCommand({
@@ -163,7 +164,7 @@ async function describeImage(file: string, key: Uint8Array | undefined): Promise
     `dirty: ${s.wasDirty ? `yes (${s.journalSectorsReplayed} journal sectors to replay)` : 'no'}`,
     `journal: ${s.journal.capacitySectors * 512 ? formatSize(s.journal.capacitySectors * 512) : 'none'}, ${s.journalSectorsReplayed} sectors in use`,
   );
-  return { info, text: lines.join('\n'), chain: s.baseChain };
+  return { info, text: lines.map(oneLine).join('\n'), chain: s.baseChain }; // one line per field, whatever the paths hold
 }
 
 function describeRaw(b: BaseChainEntry): { info: Record<string, unknown>; text: string } {
@@ -171,7 +172,7 @@ function describeRaw(b: BaseChainEntry): { info: Record<string, unknown>; text: 
   if (isUrl(b.path))
     return {
       info: { filename: b.path, format: 'raw', 'virtual-size': b.size, 'dirty-flag': false },
-      text: [`image: ${b.path}`, `file format: raw`, `virtual size: ${formatSize(b.size)} (${b.size} bytes)`].join('\n'),
+      text: [`image: ${b.path}`, `file format: raw`, `virtual size: ${formatSize(b.size)} (${b.size} bytes)`].map(oneLine).join('\n'),
     };
   const st = fs.statSync(b.path);
   const actual = st.isBlockDevice() ? b.size : st.blocks * 512;
@@ -219,6 +220,6 @@ function describeQcow2(b: BaseChainEntry, q: Qcow2Details): { info: Record<strin
         data: { compat, 'compression-type': q.compression, 'extended-l2': q.extendedL2, ...(q.dataFile ? { 'data-file': q.dataFile } : {}) },
       },
     },
-    text: text.join('\n'),
+    text: text.map(oneLine).join('\n'),
   };
 }

@@ -7,7 +7,7 @@
  */
 import { UsageError, formatSize, parseSize } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
-import { openDisk, parseFormat, probeFormat, type Disk } from '../disk.js';
+import { diskSize, openDisk, parseFormat, probeFormat, type Disk } from '../disk.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
 interface Parsed {
@@ -77,6 +77,14 @@ export async function run(args: string[]): Promise<number> {
     const hitsSector0 = commands.find((c) => c.name !== 'read' && c.name !== 'flush' && c.offset < 512 && c.length > 0);
     if (hitsSector0) throw new UsageError(`refusing to ${hitsSector0.name} sector 0 of an image whose format was probed as raw: pass -f raw`);
   }
+  // Every request is checked against the disk's size before the image is opened for writing: a
+  // read-write open replays the journal of a dirty image and sets DIRTY, and a refused command
+  // must leave the file byte-identical.
+  const size = await diskSize(positionals[0]!, format);
+  for (const cmd of commands) {
+    if (cmd.name !== 'flush' && cmd.offset + cmd.length > size)
+      throw new UsageError(`${cmd.name} at ${cmd.offset}+${cmd.length} is outside the disk (${size} bytes)`);
+  }
   const key = readKeyFile(values['key-file']);
   const disk = await openDisk(positionals[0]!, format, {
     readOnly: values['read-only'],
@@ -84,38 +92,46 @@ export async function run(args: string[]): Promise<number> {
     key,
   }).finally(() => wipe(key));
   try {
-    for (const cmd of commands) {
-      if (cmd.name !== 'flush' && cmd.offset + cmd.length > disk.size)
-        throw new UsageError(`${cmd.name} at ${cmd.offset}+${cmd.length} is outside the disk (${disk.size} bytes)`);
-      if (!(await execute(disk, cmd))) return 1;
-    }
+    for (const cmd of commands) if (!(await execute(disk, cmd))) return 1;
   } finally {
     await disk.close();
   }
   return 0;
 }
 
+/** Reads and writes go in pieces of at most this much: a request may be larger than any buffer. */
+const PIECE = 64 * 1024 * 1024;
+
 async function execute(disk: Disk, cmd: Parsed): Promise<boolean> {
   const t0 = process.hrtime.bigint();
   const at = `${cmd.length}/${cmd.length} bytes at offset ${cmd.offset}`;
+  const end = cmd.offset + cmd.length;
   switch (cmd.name) {
     case 'read': {
-      const buf = Buffer.alloc(cmd.length);
-      await disk.read(buf, cmd.offset);
-      if (cmd.pattern !== undefined) {
-        const bad = buf.findIndex((b) => b !== cmd.pattern);
-        if (bad >= 0) {
-          console.log(`Pattern verification failed at offset ${cmd.offset + bad}, ${cmd.length - bad} bytes`);
+      const buf = Buffer.alloc(Math.min(cmd.length, PIECE));
+      const expect = cmd.pattern === undefined ? null : Buffer.alloc(buf.length, cmd.pattern);
+      for (let pos = cmd.offset; pos < end; pos += PIECE) {
+        const piece = buf.subarray(0, Math.min(PIECE, end - pos));
+        await disk.read(piece, pos);
+        if (expect && !piece.equals(expect.subarray(0, piece.length))) {
+          const bad = pos + piece.findIndex((b) => b !== cmd.pattern);
+          console.log(`Pattern verification failed at offset ${bad}, ${end - bad} bytes`);
           return false;
         }
       }
       console.log(`read ${at}`);
       break;
     }
-    case 'write':
-      await disk.write(Buffer.alloc(cmd.length, cmd.pattern ?? 0xcd), cmd.offset, cmd.fua);
+    case 'write': {
+      const buf = Buffer.alloc(Math.min(cmd.length, PIECE), cmd.pattern ?? 0xcd);
+      for (let pos = cmd.offset; pos < end; pos += PIECE) {
+        const n = Math.min(PIECE, end - pos);
+        // FUA on the last piece: its commit makes the earlier pieces, completed before it, durable too.
+        await disk.write(buf.subarray(0, n), pos, cmd.fua && pos + n === end);
+      }
       console.log(`wrote ${at}`);
       break;
+    }
     case 'discard':
       await disk.discard(cmd.offset, cmd.length);
       console.log(`discard ${at}`);

@@ -18,6 +18,7 @@ function readFigures(devId: number): DeviceFigures | null {
   }
 }
 import { pidAlive } from '../server.js';
+import { oneLine } from '../../fvd/errors.js';
 
 export const spec = defineCommand({
   name: 'list',
@@ -39,6 +40,6 @@ export async function run(args: string[]): Promise<number> {
   }
   console.log(`${'NAME'.padEnd(16)}${'DEVICE'.padEnd(14)}${'SIZE'.padEnd(11)}${'PID'.padEnd(9)}IMAGE`);
   for (const r of rows)
-    console.log(`${r.name.padEnd(16)}${r.device.padEnd(14)}${formatSize(r.size).padEnd(11)}${String(r.pid).padEnd(9)}${r.image}${r.running ? '' : '  (stale: server gone)'}`);
+    console.log(oneLine(`${r.name.padEnd(16)}${r.device.padEnd(14)}${formatSize(r.size).padEnd(11)}${String(r.pid).padEnd(9)}${r.image}${r.running ? '' : '  (stale: server gone)'}`));
   return 0;
 }

@@ -13,6 +13,7 @@ import { Prefetcher, type PrefetchProgress } from '../../fvd/prefetch.js';
 import { UsageError, formatSize, parseSize } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { oneLine } from '../../fvd/errors.js';
 
 export const spec = defineCommand({
   name: 'prefetch',
@@ -51,11 +52,11 @@ export async function run(args: string[]): Promise<number> {
   try {
     const st = image.stats();
     if (st.baseSize === 0) {
-      console.log(`${path}: no base image; nothing to prefetch`);
+      console.log(oneLine(`${path}: no base image; nothing to prefetch`));
       return 0;
     }
     if (st.fullyLocal) {
-      console.log(`${path}: already fully local; nothing to prefetch`);
+      console.log(oneLine(`${path}: already fully local; nothing to prefetch`));
       return 0;
     }
     // Over a remote base, large sequential ranges by default (each split into parallel requests).
@@ -78,9 +79,9 @@ export async function run(args: string[]): Promise<number> {
       `copied ${formatSize(end.bytesDone)} from the base in ${secs.toFixed(1)} s (${formatSize(Math.round(avg))}/s)` +
       (r ? `, ${r.bytesFetched} bytes fetched from ${r.url} in ${r.requests} requests (${r.retries} retries)` : '');
     if (end.state === 'done') {
-      console.log(`${path}: fully local: ${copied}; the base image is no longer needed`);
+      console.log(oneLine(`${path}: fully local: ${copied}; the base image is no longer needed`));
     } else if (end.state === 'stopped') {
-      console.log(`${path}: interrupted: ${copied}; ${formatSize(end.bytesRemaining)} still in the base`);
+      console.log(oneLine(`${path}: interrupted: ${copied}; ${formatSize(end.bytesRemaining)} still in the base`));
       code = 130;
     } else {
       throw new UsageError(`${path}: prefetch failed after ${formatSize(end.bytesDone)}: ${end.error?.message ?? 'unknown error'}`);

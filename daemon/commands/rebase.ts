@@ -13,6 +13,7 @@ import { BASE_FORMAT_CHOICES, baseFormatCode, type BaseFormat } from '../../fvd/
 import { UsageError, formatSize, progressPrinter } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { oneLine } from '../../fvd/errors.js';
 
 export const spec = defineCommand({
   name: 'rebase',
@@ -49,7 +50,7 @@ export async function run(args: string[]): Promise<number> {
   }
   const target = r.newBase === null ? 'no base (standalone)' : `'${r.newBase}' (${fmt})`;
   const work = values.unsafe ? 'header only (-u)' : `${formatSize(r.bytesCopied)} copied from the old chain, ${formatSize(r.bytesExamined)} compared`;
-  console.log(`Image rebased onto ${target}: ${work}.`);
+  console.log(oneLine(`Image rebased onto ${target}: ${work}.`));
   if (r.journalShrunkTo !== null) console.log(`note: the journal shrank to ${formatSize(r.journalShrunkTo)} to make room for a larger bitmap`);
   return 0;
 }

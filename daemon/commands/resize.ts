@@ -31,6 +31,9 @@ export async function run(args: string[]): Promise<number> {
   if (!image || !text) throw usageError(spec);
   const sign = text[0] === '+' ? 1 : text[0] === '-' ? -1 : 0;
   const amount = parseSize(sign ? text.slice(1) : text);
+  // Sizes are rounded up to 512: a relative change that is not a multiple of it would round
+  // away ('-1' meant the disk would stay as it is, reported as success).
+  if (sign && amount % 512) throw new UsageError(`invalid size '${text}': a relative change must be a multiple of 512 bytes`);
   let size = amount;
   if (sign) {
     // The size is metadata: no key needed to read it (it is checked by resizeImage).

@@ -9,6 +9,7 @@ import { validateName } from '../../fvd/snapshot.js';
 import { storageIo } from '../../storage/storage-io.js';
 import { UsageError, formatSize } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand } from '../command.js';
+import { oneLine } from '../../fvd/errors.js';
 
 export const spec = defineCommand({
   name: 'snapshot',
@@ -59,7 +60,7 @@ export async function run(args: string[]): Promise<number> {
       return 0;
     }
     if (list.length === 0) {
-      console.log(`${path}: no snapshots`);
+      console.log(oneLine(`${path}: no snapshots`));
       return 0;
     }
     const rows = list.map((s) => [String(s.id), s.name, formatSize(s.size), formatDate(s.date)]);
@@ -72,6 +73,15 @@ export async function run(args: string[]): Promise<number> {
     return 0;
   }
 
+  // Checked on a read-only open first: the read-write open below replays a dirty image's journal,
+  // and a refused operation must leave the file byte-identical.
+  const op = values.create !== undefined ? 'create' : values.delete !== undefined ? 'delete' : 'revert';
+  const probe = await FvdImage.open(storageIo(), path, { readOnly: true, withoutKey: true });
+  try {
+    await probe.snapshots.preflight(op, (values.create ?? values.delete ?? values.apply)!);
+  } finally {
+    await probe.close();
+  }
   const image = await FvdImage.open(storageIo(), path, { copyOnRead: false, withoutKey: true });
   try {
     if (values.create !== undefined) await image.snapshots.create(values.create);

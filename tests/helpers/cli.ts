@@ -35,13 +35,21 @@ export function fvd(...args: string[]): CliResult {
 
 /** Runs the CLI without blocking the event loop (needed when this process holds an image open). */
 export function fvdAsync(...args: string[]): Promise<CliResult> {
+  return fvdWithin(120_000, ...args);
+}
+
+/**
+ * fvdAsync, killed (SIGKILL: `signal` is set, which assertNoCrash reports) after `ms`
+ * milliseconds: for commands that must not hang, so a hang fails fast.
+ */
+export function fvdWithin(ms: number, ...args: string[]): Promise<CliResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [CLI, ...args], { cwd: os.tmpdir(), stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
     child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-    const timer = setTimeout(() => child.kill('SIGKILL'), 120_000);
+    const timer = setTimeout(() => child.kill('SIGKILL'), ms);
     child.on('error', reject);
     child.on('close', (code, signal) => {
       clearTimeout(timer);

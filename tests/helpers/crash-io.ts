@@ -11,7 +11,7 @@
  *    semantics: a flush covers writes that completed before it was issued);
  *  - every other write/zeroRange submitted before k (completed or still in flight) is independently
  *    kept, lost, or torn: a random subset of its 512-byte sectors (by absolute file offset) kept;
- *  - a non-durable truncate is kept or lost; a create (truncate to 0) is always kept.
+ *  - a non-durable truncate is kept or lost; a create (of a missing file) is always kept.
  * Events are replayed in completion order (in-flight ones last, by submission), so a later write
  * wins over an earlier one wherever both were kept.
  */
@@ -239,8 +239,7 @@ export class CrashIo implements IoBackend {
       for (const e of evs) {
         let data = files.get(path);
         if (e.kind === 'create') {
-          if (data) data.truncate(0);
-          else files.set(path, new MemData());
+          if (!data) files.set(path, new MemData()); // never truncates (OpenOptions.create)
           continue;
         }
         if (!data) {

@@ -227,12 +227,10 @@ export class MemIo implements IoBackend {
     if (data && (lock === 'exclusive' ? data.exclusiveLocks + data.sharedLocks > 0 : lock === 'shared' && data.exclusiveLocks > 0)) {
       throw new IoError(`${p}: locked by another open file`, 'EBUSY');
     }
-    if (options.create) {
-      if (data) data.truncate(0);
-      else {
-        data = new MemData();
-        this.files.set(key, data);
-      }
+    // create: made if missing, never truncated (the creator empties it after its checks and lock).
+    if (options.create && !data) {
+      data = new MemData();
+      this.files.set(key, data);
     }
     if (lock === 'exclusive') data!.exclusiveLocks++;
     else if (lock === 'shared') data!.sharedLocks++;
