@@ -81,6 +81,8 @@ export const UBLK_F_INTEGRITY = 1n << 16n;
 export const UBLK_F_SAFE_STOP_DEV = 1n << 17n;
 export const UBLK_F_NO_AUTO_PART_SCAN = 1n << 18n;
 export const UBLK_F_SHMEM_ZC = 1n << 19n;
+/** 7.3: dev_info's pad0 (u16 @6) becomes io_desc_size, 24–256; without this flag it is 24. */
+export const UBLK_F_IO_DESC_SIZE = 1n << 20n;
 
 export const UBLK_S_DEV_DEAD = 0;
 export const UBLK_S_DEV_LIVE = 1;

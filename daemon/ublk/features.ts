@@ -7,7 +7,12 @@
  * Kernels (from the driver's history): bits 0–8 exist in 6.12 (ZERO_COPY there is accepted but
  * masked off at ADD_DEV, real zero copy came with 6.15); USER_RECOVERY_FAIL_IO 6.13; UPDATE_SIZE
  * 6.14–6.16; AUTO_BUF_REG, QUIESCE, PER_IO_DAEMON, BUF_REG_OFF_DAEMON 6.16–6.17; BATCH_IO,
- * INTEGRITY, SAFE_STOP_DEV, NO_AUTO_PART_SCAN, SHMEM_ZC 6.19–7.x.
+ * INTEGRITY, SAFE_STOP_DEV, NO_AUTO_PART_SCAN, SHMEM_ZC 6.19–7.1; IO_DESC_SIZE 7.3.
+ *
+ * ADD_DEV also sets bits nobody asked for, describing what the driver does anyway: always
+ * CMD_IOCTL_ENCODE and URING_CMD_COMP_IN_TASK, and on newer kernels PER_IO_DAEMON (a tag may be
+ * served by any one task; one thread per queue, as here, stays valid), BUF_REG_OFF_DAEMON and
+ * SAFE_STOP_DEV. Debian's 7.3 gives a device that asked for nothing 0x26042.
  */
 import {
   UBLK_F_AUTO_BUF_REG,
@@ -15,6 +20,7 @@ import {
   UBLK_F_BUF_REG_OFF_DAEMON,
   UBLK_F_CMD_IOCTL_ENCODE,
   UBLK_F_INTEGRITY,
+  UBLK_F_IO_DESC_SIZE,
   UBLK_F_NEED_GET_DATA,
   UBLK_F_NO_AUTO_PART_SCAN,
   UBLK_F_PER_IO_DAEMON,
@@ -54,6 +60,7 @@ const FEATURE_NAMES: ReadonlyArray<readonly [bigint, string]> = [
   [UBLK_F_SAFE_STOP_DEV, 'SAFE_STOP_DEV'],
   [UBLK_F_NO_AUTO_PART_SCAN, 'NO_AUTO_PART_SCAN'],
   [UBLK_F_SHMEM_ZC, 'SHMEM_ZC'],
+  [UBLK_F_IO_DESC_SIZE, 'IO_DESC_SIZE'],
 ];
 
 /** The names of the bits set in `mask`, lowest first; a bit newer than this table is "bit N". */

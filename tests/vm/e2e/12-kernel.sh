@@ -12,10 +12,11 @@
 # without CAP_SYS_RESOURCE (setpriv drops it from the bounding set): one log line saying the queue
 # threads are not I/O flushers and why, ioFlusher false everywhere, and the device still works.
 
-# The UBLK_F_* bits of include/uapi/linux/ublk_cmd.h (Linux 7.x), by bit number.
+# The UBLK_F_* bits of include/uapi/linux/ublk_cmd.h (Linux 7.3), by bit number.
 UAPI_BITS=(SUPPORT_ZERO_COPY URING_CMD_COMP_IN_TASK NEED_GET_DATA USER_RECOVERY USER_RECOVERY_REISSUE
     UNPRIVILEGED_DEV CMD_IOCTL_ENCODE USER_COPY ZONED USER_RECOVERY_FAIL_IO UPDATE_SIZE AUTO_BUF_REG
-    QUIESCE PER_IO_DAEMON BUF_REG_OFF_DAEMON BATCH_IO INTEGRITY SAFE_STOP_DEV NO_AUTO_PART_SCAN SHMEM_ZC)
+    QUIESCE PER_IO_DAEMON BUF_REG_OFF_DAEMON BATCH_IO INTEGRITY SAFE_STOP_DEV NO_AUTO_PART_SCAN SHMEM_ZC
+    IO_DESC_SIZE)
 
 # decode HEX: the names of its set bits, space-separated, lowest first ("none" for 0).
 decode() {
