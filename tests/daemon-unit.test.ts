@@ -70,8 +70,9 @@ test('ublk feature bits are named as in the uapi header', () => {
 
 test('the serve log line: offered and used masks, or no GET_FEATURES', () => {
   assert.is(
-    describeFeatures('6.12.1', 0x1ffn, 0x42n),
-    'ublk on Linux 6.12.1: kernel features 0x1ff (SUPPORT_ZERO_COPY URING_CMD_COMP_IN_TASK NEED_GET_DATA USER_RECOVERY ' +
+    // what Debian's 6.12 reports (ZERO_COPY is left out: 6.12 cannot do it yet)
+    describeFeatures('6.12.1', 0x1fen, 0x42n),
+    'ublk on Linux 6.12.1: kernel features 0x1fe (URING_CMD_COMP_IN_TASK NEED_GET_DATA USER_RECOVERY ' +
       'USER_RECOVERY_REISSUE UNPRIVILEGED_DEV CMD_IOCTL_ENCODE USER_COPY ZONED); this device uses 0x42 (URING_CMD_COMP_IN_TASK CMD_IOCTL_ENCODE)',
   );
   assert.match(describeFeatures('6.1.0', null, 0n), /kernel features unknown \(no GET_FEATURES: Linux < 6\.5\); this device uses 0x0 \(none\)$/);
