@@ -30,7 +30,7 @@ import {
   errnoName,
   type PinnedBuffer,
 } from '../ffi/uring.js';
-import { syscalls, isMapFailed, MAP_POPULATE, MAP_SHARED, PROT_READ } from '../ffi/syscalls.js';
+import { syscalls, isMapFailed, setIoFlusher, MAP_POPULATE, MAP_SHARED, PROT_READ } from '../ffi/syscalls.js';
 import {
   IO_DESC_SIZE,
   UBLK_IO_F_FUA,
@@ -75,7 +75,8 @@ export interface QueueWorkerData {
 
 /** Messages to the main thread. */
 export type WorkerMessage =
-  | { type: 'fetched'; qid: number; bufAddress: number; bufLength: number }
+  /** ioFlusher: PR_GET_IO_FLUSHER of this thread after setting it (1), or -errno (ffi/syscalls.ts). */
+  | { type: 'fetched'; qid: number; bufAddress: number; bufLength: number; tid: number; ioFlusher: number }
   | { type: 'slow'; qid: number; tag: number; op: number; flags: number; offset: number; length: number }
   | { type: 'log'; qid: number; message: string }
   | { type: 'info'; qid: number; message: string }
@@ -95,6 +96,9 @@ function run(d: QueueWorkerData): void {
   const sys = syscalls();
   if (!sys) throw new Error('koffi is not available');
   const { qid, depth, maxIo, view } = d;
+  // Reclaim must not wait for I/O that only this thread can complete: the kernel's writeback of
+  // this very device (ublksrv does the same). Per thread, so set here, before the first fetch.
+  const ioFlusher = setIoFlusher(sys);
   const done = new CompletionRing(d.completions);
   const control = new Int32Array(d.control);
   const activity = new QueueActivityWriter(d.activity, depth);
@@ -267,7 +271,7 @@ function run(d: QueueWorkerData): void {
     armEventfd();
     const sub = ring.submit(0);
     if (sub < 0) throw new Error(`queue ${qid}: io_uring_enter: ${errnoName(sub)}`);
-    parentPort!.postMessage({ type: 'fetched', qid, bufAddress: bufBase, bufLength: depth * maxIo } satisfies WorkerMessage);
+    parentPort!.postMessage({ type: 'fetched', qid, bufAddress: bufBase, bufLength: depth * maxIo, tid: sys.gettid(), ioFlusher } satisfies WorkerMessage);
 
     let lastStats = Date.now();
     while (aborted < depth && Atomics.load(control, 0) === 0) {

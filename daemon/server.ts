@@ -9,6 +9,7 @@
  * engine close (checkpoint, clean flag) → DEL_DEV.
  */
 import fs from 'node:fs';
+import os from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { FvdImage } from '../fvd/image.js';
 import type { IoBackend } from '../fvd/io.js';
@@ -16,7 +17,9 @@ import { storageIo } from '../storage/storage-io.js';
 import { FvdError } from '../fvd/errors.js';
 import { libc, EFD_CLOEXEC } from '../ffi/libc.js';
 import { syscalls } from '../ffi/syscalls.js';
+import { errnoName } from '../ffi/uring.js';
 import { UblkControl, UblkError } from './ublk/control.js';
+import { describeFeatures } from './ublk/features.js';
 import {
   FVD_SERVER_TAG,
   UBLK_ATTR_FUA,
@@ -72,6 +75,9 @@ interface Queue {
   control: Int32Array;
   eventfd: number;
   buffer: Buffer | null;
+  /** The queue thread (its kernel task id) and whether it runs as an I/O flusher: 1, or -errno. */
+  tid: number;
+  ioFlusher: number;
   exited: Promise<string | undefined>;
   fast: number;
   slow: number;
@@ -139,6 +145,7 @@ export class UblkServer {
       });
     this.devId = info.devId;
     this.devicePath = `/dev/ublkb${info.devId}`;
+    opts.log(describeFeatures(os.release(), ctl.features, info.flags));
     const bs = image.blockSize;
     const physShift = Math.min(Math.log2(bs), 12);
     await ctl.setParams(this.devId, {
@@ -168,6 +175,7 @@ export class UblkServer {
       queues: opts.queues,
       depth: opts.depth,
       startedAt: new Date().toISOString(),
+      queueThreads: this.queues.map((q) => ({ tid: q.tid, ioFlusher: q.ioFlusher === 1 })),
     };
     this.state = st;
     writeState(st);
@@ -220,6 +228,8 @@ export class UblkServer {
         control: new Int32Array(control),
         eventfd,
         buffer: null,
+        tid: 0,
+        ioFlusher: 0,
         fast: 0,
         slow: 0,
         exited: new Promise((resolve) => {
@@ -241,6 +251,15 @@ export class UblkServer {
       this.activityBuffers.push(data.activity);
     }
     await Promise.all(fetched);
+    // Logged once per serve: every queue thread tries, and they fail alike.
+    const refused = this.queues.find((q) => q.ioFlusher !== 1);
+    if (refused) {
+      const why = refused.ioFlusher < 0 ? errnoName(refused.ioFlusher) : 'flag not set afterwards';
+      this.opts.log(
+        `queue threads are not I/O flushers (PR_SET_IO_FLUSHER: ${why}; it needs CAP_SYS_RESOURCE): ` +
+          `under memory pressure, reclaim may wait for this device's own writeback`,
+      );
+    }
   }
 
   private onWorkerMessage(q: Queue, m: WorkerMessage, fetched: () => void): void {
@@ -248,6 +267,8 @@ export class UblkServer {
       case 'fetched': {
         // Same address space: the engine reads and writes the worker's pinned request buffers.
         q.buffer = Buffer.from(syscalls()!.koffi.view(BigInt(m.bufAddress), m.bufLength));
+        q.tid = m.tid;
+        q.ioFlusher = m.ioFlusher;
         fetched();
         break;
       }

@@ -15,6 +15,8 @@ export interface DeviceState {
   queues: number;
   depth: number;
   startedAt: string;
+  /** One per queue: the thread serving it and whether it is an I/O flusher (PR_SET_IO_FLUSHER). */
+  queueThreads?: { tid: number; ioFlusher: boolean }[];
   /** A remote base's transfer figures, refreshed with STATUS= (for `fvd info`). */
   remote?: RemoteStatus;
 }

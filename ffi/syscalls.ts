@@ -20,6 +20,10 @@ export const MAP_PRIVATE = 0x02;
 export const MAP_ANONYMOUS = 0x20;
 export const MAP_POPULATE = 0x8000;
 
+/** prctl(2) options (linux/prctl.h, Linux 5.6): mark the calling thread as one that cleans memory. */
+export const PR_SET_IO_FLUSHER = 57;
+export const PR_GET_IO_FLUSHER = 58;
+
 export const AF_UNIX = 1;
 export const SOCK_DGRAM = 2;
 export const SOCK_NONBLOCK = 0o4000;
@@ -42,6 +46,10 @@ export interface Syscalls {
   sendto(fd: number, buf: Uint8Array, len: number, flags: number, addr: Uint8Array, addrlen: number): number;
   recv(fd: number, buf: Uint8Array, len: number, flags: number): number;
   close(fd: number): number;
+  /** prctl(2) with a fixed arity (the variadic libc function, aliased as syscall6 is). */
+  prctl(option: number, a2: number, a3: number, a4: number, a5: number): number;
+  /** The calling thread's id (what /proc/PID/task/ lists). */
+  gettid(): number;
   errno(): number;
   /** koffi itself, for view()/address() in the modules built on these bindings. */
   koffi: KoffiSubset;
@@ -79,6 +87,8 @@ export function syscalls(): Syscalls | null {
     );
     const recv = lib.func('intptr_t recv(int fd, _Out_ uint8_t *buf, size_t len, int flags)');
     const close = lib.func('int close(int fd)');
+    const prctl = lib.func('int prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5)');
+    const gettid = lib.func('int gettid(void)');
     cached = {
       syscall6: syscall as Syscalls['syscall6'],
       mmap: (len, prot, flags, fd, off) => mmap(null, len, prot, flags, fd, off) as bigint,
@@ -88,6 +98,8 @@ export function syscalls(): Syscalls | null {
       sendto: (fd, buf, len, flags, addr, alen) => Number(sendto(fd, buf, len, flags, addr, alen)),
       recv: (fd, buf, len, flags) => Number(recv(fd, buf, len, flags)),
       close: (fd) => close(fd) as number,
+      prctl: (o, a2, a3, a4, a5) => prctl(o, a2, a3, a4, a5) as number,
+      gettid: () => gettid() as number,
       errno: () => koffi.errno(),
       koffi,
     };
@@ -95,4 +107,22 @@ export function syscalls(): Syscalls | null {
     cached = null;
   }
   return cached;
+}
+
+/**
+ * PR_SET_IO_FLUSHER on the calling thread (only that thread: it sets the task's PF_MEMALLOC_NOIO
+ * and PF_LOCAL_THROTTLE): its allocations never wait on I/O, so memory reclaim cannot block the
+ * thread that the I/O it would wait for needs. Needs CAP_SYS_RESOURCE. Returns the flag as the
+ * kernel reads it back for this thread afterwards (PR_GET_IO_FLUSHER): 1 when set, else -errno of
+ * whichever call failed.
+ */
+export function setIoFlusher(sys: Syscalls): number {
+  if (sys.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) < 0) return -sys.errno();
+  return ioFlusher(sys);
+}
+
+/** PR_GET_IO_FLUSHER of the calling thread: 1, 0, or -errno (EPERM without CAP_SYS_RESOURCE). */
+export function ioFlusher(sys: Syscalls): number {
+  const r = sys.prctl(PR_GET_IO_FLUSHER, 0, 0, 0, 0);
+  return r < 0 ? -sys.errno() : r;
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make test`: the unit/property suite on this machine, then the ublk device suite (in a QEMU guest
 # unless this kernel has ublk). Ends with the one line CI reads: the sum, "N passed, N failed".
-# FVD_SKIP_DEVICE_TESTS=1 runs the first part only (e.g. on a machine without QEMU or root).
+# FVD_SKIP_DEVICE_TESTS=1 runs the first part only (e.g. on a machine without QEMU or root);
+# FVD_TEST_FULL=1 runs every device scenario on both guest kernels (make test-full).
 # FVD_ALT_NODE=/path/to/node (set by .ci/run to a Node.js 24 binary): the unit suite runs again
 # on that Node, and so does device scenario 1 (the daemon serving a filesystem), in its own guest
 # boot; their counts are added to the sum.
@@ -39,7 +40,10 @@ fi
 dp=0 df=0
 if [[ ${FVD_SKIP_DEVICE_TESTS:-0} != 1 ]]; then
   echo; echo "== ublk device suite =="
-  bash tests/vm/run-e2e.sh 2>&1 | tee "$log"
+  # Both guest kernels (tests/vm/run-e2e-kernels.sh); FVD_TEST_FULL=1 (make test-full): every
+  # scenario on both.
+  full=(); [[ ${FVD_TEST_FULL:-0} == 1 ]] && full=(--full)
+  bash tests/vm/run-e2e-kernels.sh "${full[@]}" 2>&1 | tee "$log"
   dev_rc=${PIPESTATUS[0]}
   read -r dp df < <(counts "$log")
   [[ $dev_rc -ne 0 && $df -eq 0 ]] && df=1

@@ -11,8 +11,12 @@ import path from 'node:path';
 import {
   UBLK_U_CMD_ADD_DEV, UBLK_U_CMD_DEL_DEV, UBLK_U_CMD_GET_DEV_INFO, UBLK_U_CMD_GET_FEATURES, UBLK_U_CMD_SET_PARAMS,
   UBLK_U_CMD_START_DEV, UBLK_U_CMD_STOP_DEV, UBLK_U_IO_COMMIT_AND_FETCH_REQ, UBLK_U_IO_FETCH_REQ,
+  UBLK_U_CMD_DEL_DEV_ASYNC, UBLK_U_CMD_UPDATE_SIZE, UBLK_U_CMD_QUIESCE_DEV, UBLK_U_CMD_TRY_STOP_DEV,
+  UBLK_U_IO_REGISTER_IO_BUF, UBLK_U_IO_UNREGISTER_IO_BUF, UBLK_U_IO_PREP_IO_CMDS, UBLK_U_IO_COMMIT_IO_CMDS,
+  UBLK_U_IO_FETCH_IO_CMDS, UBLK_F_SHMEM_ZC,
   decodeDevInfo, encodeCtrlCmd, encodeDevInfo, encodeIoCmd, encodeParams,
 } from '../daemon/ublk/abi.js';
+import { describeFeatures, featureNames } from '../daemon/ublk/features.js';
 import { CompletionRing, mapDirect, type EngineView } from '../daemon/shared-state.js';
 import { Prefetcher } from '../fvd/prefetch.js';
 import { readInstanceConfig } from '../daemon/instance-config.js';
@@ -31,6 +35,47 @@ test('ublk opcodes are the ioctl encodings of Linux 6.12', () => {
   assert.is(UBLK_U_CMD_GET_FEATURES, 0x80207513);
   assert.is(UBLK_U_IO_FETCH_REQ, 0xc0107520);
   assert.is(UBLK_U_IO_COMMIT_AND_FETCH_REQ, 0xc0107521);
+});
+
+test('ublk commands after 6.12: ioctl encodings of the 7.x uapi header', () => {
+  // _IOR/_IOWR('u', nr, struct ublksrv_ctrl_cmd [32 B] | ublksrv_io_cmd [16 B] | ublk_batch_io [16 B])
+  assert.is(UBLK_U_CMD_DEL_DEV_ASYNC, 0x80207514); // _IOR, unlike the other control commands
+  assert.is(UBLK_U_CMD_UPDATE_SIZE, 0xc0207515);
+  assert.is(UBLK_U_CMD_QUIESCE_DEV, 0xc0207516);
+  assert.is(UBLK_U_CMD_TRY_STOP_DEV, 0xc0207517);
+  assert.is(UBLK_U_IO_REGISTER_IO_BUF, 0xc0107523);
+  assert.is(UBLK_U_IO_UNREGISTER_IO_BUF, 0xc0107524);
+  assert.is(UBLK_U_IO_PREP_IO_CMDS, 0xc0107525);
+  assert.is(UBLK_U_IO_COMMIT_IO_CMDS, 0xc0107526);
+  assert.is(UBLK_U_IO_FETCH_IO_CMDS, 0xc0107527);
+});
+
+test('ublk feature bits are named as in the uapi header', () => {
+  // ublksrv prints the flags a 6.x kernel gives a recoverable device as
+  // "0x4a [URING_CMD_COMP_IN_TASK RECOVERY CMD_IOCTL_ENCODE]".
+  assert.equal(featureNames(0x4an), ['URING_CMD_COMP_IN_TASK', 'USER_RECOVERY', 'CMD_IOCTL_ENCODE']);
+  assert.equal(featureNames(0n), []);
+  assert.equal(featureNames(1n << 10n), ['UPDATE_SIZE']);
+  assert.equal(featureNames((1n << 11n) | (1n << 13n) | (1n << 15n)), ['AUTO_BUF_REG', 'PER_IO_DAEMON', 'BATCH_IO']);
+  assert.equal(featureNames(UBLK_F_SHMEM_ZC), ['SHMEM_ZC']);
+  assert.equal(featureNames(1n << 20n), ['IO_DESC_SIZE']);
+  // every bit up to 20 has a name (7.3's GET_FEATURES: 0x1fffff); a newer kernel's bits are still
+  // shown, by number
+  assert.is(featureNames(0x1fffffn).length, 21);
+  assert.not.ok(featureNames(0x1fffffn).some((n) => n.startsWith('bit ')));
+  assert.equal(featureNames((1n << 21n) | (1n << 63n)), ['bit 21', 'bit 63']);
+  // what Debian's 7.3 gives a device that asked for nothing: the forced bits
+  assert.equal(featureNames(0x26042n), ['URING_CMD_COMP_IN_TASK', 'CMD_IOCTL_ENCODE', 'PER_IO_DAEMON', 'BUF_REG_OFF_DAEMON', 'SAFE_STOP_DEV']);
+});
+
+test('the serve log line: offered and used masks, or no GET_FEATURES', () => {
+  assert.is(
+    // what Debian's 6.12 reports (ZERO_COPY is left out: 6.12 cannot do it yet)
+    describeFeatures('6.12.1', 0x1fen, 0x42n),
+    'ublk on Linux 6.12.1: kernel features 0x1fe (URING_CMD_COMP_IN_TASK NEED_GET_DATA USER_RECOVERY ' +
+      'USER_RECOVERY_REISSUE UNPRIVILEGED_DEV CMD_IOCTL_ENCODE USER_COPY ZONED); this device uses 0x42 (URING_CMD_COMP_IN_TASK CMD_IOCTL_ENCODE)',
+  );
+  assert.match(describeFeatures('6.1.0', null, 0n), /kernel features unknown \(no GET_FEATURES: Linux < 6\.5\); this device uses 0x0 \(none\)$/);
 });
 
 test('struct encodings: ctrl cmd, io cmd, dev info, params at their offsets', () => {

@@ -3,7 +3,9 @@ import * as assert from 'uvu/assert';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { Worker } from 'node:worker_threads';
 import { libc, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, SEEK_DATA } from '../ffi/libc.js';
+import { ioFlusher, setIoFlusher, syscalls } from '../ffi/syscalls.js';
 
 test('libc: fallocate punches a hole that reads back as zeros', () => {
   const c = libc();
@@ -23,6 +25,44 @@ test('libc: fallocate punches a hole that reads back as zeros', () => {
     fs.closeSync(fd);
     fs.rmSync(dir, { recursive: true, force: true });
   }
+});
+
+/** CAP_SYS_RESOURCE (bit 24) in this process's effective set: PR_SET_IO_FLUSHER needs it. */
+const CAP_SYS_RESOURCE = 24n;
+const capEff = BigInt('0x' + (/^CapEff:\s*([0-9a-f]+)/m.exec(fs.readFileSync('/proc/self/status', 'utf8'))?.[1] ?? '0'));
+const hasSysResource = ((capEff >> CAP_SYS_RESOURCE) & 1n) === 1n;
+if (!hasSysResource) console.log('# skip - PR_SET_IO_FLUSHER on a thread: no CAP_SYS_RESOURCE here (the device suite checks it in the guest)');
+else console.log('# skip - PR_SET_IO_FLUSHER refused: this process has CAP_SYS_RESOURCE');
+
+/** Runs setIoFlusher in a fresh worker thread; resolves with what that thread read back. */
+function ioFlusherInWorker(): Promise<{ set: number; after: number }> {
+  const url = new URL('../ffi/syscalls.js', import.meta.url).href;
+  const code = `const { parentPort } = require('node:worker_threads');
+    import(${JSON.stringify(url)}).then((m) => {
+      const sys = m.syscalls();
+      const set = m.setIoFlusher(sys);
+      parentPort.postMessage({ set, after: m.ioFlusher(sys) });
+    });`;
+  return new Promise((resolve, reject) => {
+    const w = new Worker(code, { eval: true });
+    w.once('message', (m) => void w.terminate().then(() => resolve(m)));
+    w.once('error', reject);
+  });
+}
+
+(hasSysResource ? test : test.skip)('PR_SET_IO_FLUSHER marks the calling thread only', async () => {
+  const sys = syscalls()!;
+  assert.is(ioFlusher(sys), 0, 'the main thread starts without it');
+  const w = await ioFlusherInWorker();
+  assert.is(w.set, 1, 'the worker reads its own flag back as set');
+  assert.is(w.after, 1);
+  assert.is(ioFlusher(sys), 0, "another thread's flag does not spread to this one");
+});
+
+(hasSysResource ? test.skip : test)('PR_SET_IO_FLUSHER without CAP_SYS_RESOURCE: -EPERM, flag unchanged', async () => {
+  const w = await ioFlusherInWorker();
+  assert.is(w.set, -1, 'EPERM');
+  assert.is(w.after, -1, 'PR_GET_IO_FLUSHER is refused as well');
 });
 
 test.run();

@@ -1,7 +1,8 @@
 /**
- * The ublk kernel ABI as of Linux 6.12 (include/uapi/linux/ublk_cmd.h), checked against
- * ../shared/reference/ublk-fvd-notes.md §2. Control commands use the ioctl-encoded opcodes
- * (_IOC(dir, 'u', nr, size)), which every kernel since 6.3 accepts and the legacy ones may not.
+ * The ublk kernel ABI (include/uapi/linux/ublk_cmd.h): what Linux 6.12 has, plus the feature bits
+ * and commands added up to 7.x (checked against the 7.x header; each marked with the kernel it
+ * first appeared in). Control commands use the ioctl-encoded opcodes (_IOC(dir, 'u', nr, size)),
+ * which every kernel since 6.3 accepts and the legacy ones may not.
  */
 
 const IOC = (dir: number, nr: number, size: number) => ((dir << 30) | (size << 16) | (0x75 << 8) | nr) >>> 0;
@@ -20,6 +21,23 @@ export const UBLK_U_CMD_GET_PARAMS = IOC(R, 0x09, CTRL_SIZE);
 export const UBLK_U_CMD_GET_FEATURES = IOC(R, 0x13, CTRL_SIZE);
 export const UBLK_U_IO_FETCH_REQ = IOC(RW, 0x20, IO_SIZE);
 export const UBLK_U_IO_COMMIT_AND_FETCH_REQ = IOC(RW, 0x21, IO_SIZE);
+
+// Commands after 6.12 (not issued yet; each needs its UBLK_F_* bit in GET_FEATURES first).
+/** 6.9: DEL_DEV without waiting for the last reference (_IOR, unlike its neighbours). */
+export const UBLK_U_CMD_DEL_DEV_ASYNC = IOC(R, 0x14, CTRL_SIZE);
+/** UBLK_F_UPDATE_SIZE: data[0] = the new size in 512-byte sectors, on a live device. */
+export const UBLK_U_CMD_UPDATE_SIZE = IOC(RW, 0x15, CTRL_SIZE);
+/** UBLK_F_QUIESCE: data[0] = time-out in ms; the device ends QUIESCED (or FAIL_IO). */
+export const UBLK_U_CMD_QUIESCE_DEV = IOC(RW, 0x16, CTRL_SIZE);
+/** UBLK_F_SAFE_STOP_DEV: STOP_DEV only while nobody has the block device open. */
+export const UBLK_U_CMD_TRY_STOP_DEV = IOC(RW, 0x17, CTRL_SIZE);
+/** UBLK_F_SUPPORT_ZERO_COPY: put a request's pages in the ring's fixed-buffer table at index addr. */
+export const UBLK_U_IO_REGISTER_IO_BUF = IOC(RW, 0x23, IO_SIZE);
+export const UBLK_U_IO_UNREGISTER_IO_BUF = IOC(RW, 0x24, IO_SIZE);
+/** UBLK_F_BATCH_IO: the command area holds struct ublk_batch_io (16 bytes), not ublksrv_io_cmd. */
+export const UBLK_U_IO_PREP_IO_CMDS = IOC(RW, 0x25, 16);
+export const UBLK_U_IO_COMMIT_IO_CMDS = IOC(RW, 0x26, 16);
+export const UBLK_U_IO_FETCH_IO_CMDS = IOC(RW, 0x27, 16);
 
 /** Legacy (non-ioctl) opcodes, for kernels older than CMD_IOCTL_ENCODE. */
 export const LEGACY = {
@@ -41,12 +59,35 @@ export const UBLK_MAX_QUEUE_DEPTH = 4096;
 export const UBLK_QUEUE_DESC_STRIDE = 98304;
 export const IO_DESC_SIZE = 24;
 
+// Feature bits (u64): GET_FEATURES reports what the kernel supports; dev_info.flags carries what a
+// device asks for at ADD_DEV and, in the reply, what it got. Names and kernels: ./features.ts.
+export const UBLK_F_SUPPORT_ZERO_COPY = 1n << 0n;
 export const UBLK_F_URING_CMD_COMP_IN_TASK = 1n << 1n;
+export const UBLK_F_NEED_GET_DATA = 1n << 2n;
+export const UBLK_F_USER_RECOVERY = 1n << 3n;
+export const UBLK_F_USER_RECOVERY_REISSUE = 1n << 4n;
+export const UBLK_F_UNPRIVILEGED_DEV = 1n << 5n;
 export const UBLK_F_CMD_IOCTL_ENCODE = 1n << 6n;
+export const UBLK_F_USER_COPY = 1n << 7n;
+export const UBLK_F_ZONED = 1n << 8n;
+export const UBLK_F_USER_RECOVERY_FAIL_IO = 1n << 9n;
+export const UBLK_F_UPDATE_SIZE = 1n << 10n;
+export const UBLK_F_AUTO_BUF_REG = 1n << 11n;
+export const UBLK_F_QUIESCE = 1n << 12n;
+export const UBLK_F_PER_IO_DAEMON = 1n << 13n;
+export const UBLK_F_BUF_REG_OFF_DAEMON = 1n << 14n;
+export const UBLK_F_BATCH_IO = 1n << 15n;
+export const UBLK_F_INTEGRITY = 1n << 16n;
+export const UBLK_F_SAFE_STOP_DEV = 1n << 17n;
+export const UBLK_F_NO_AUTO_PART_SCAN = 1n << 18n;
+export const UBLK_F_SHMEM_ZC = 1n << 19n;
+/** 7.3: dev_info's pad0 (u16 @6) becomes io_desc_size, 24–256; without this flag it is 24. */
+export const UBLK_F_IO_DESC_SIZE = 1n << 20n;
 
 export const UBLK_S_DEV_DEAD = 0;
 export const UBLK_S_DEV_LIVE = 1;
 export const UBLK_S_DEV_QUIESCED = 2;
+export const UBLK_S_DEV_FAIL_IO = 3; // 6.13: USER_RECOVERY_FAIL_IO with no server
 
 export const UBLK_IO_OP_READ = 0;
 export const UBLK_IO_OP_WRITE = 1;

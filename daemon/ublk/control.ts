@@ -55,7 +55,8 @@ export class UblkControl {
   private readonly scratch: PinnedBuffer;
   private chain: Promise<unknown> = Promise.resolve();
   private ioctlEncode = true;
-  features = 0n;
+  /** What GET_FEATURES reported (UBLK_F_* bits, ./features.ts), or null before Linux 6.5. */
+  features: bigint | null = null;
 
   private constructor(private readonly fd: number) {
     this.ring = new IoUring({ entries: 4, flags: IORING_SETUP_SQE128 });
@@ -78,7 +79,7 @@ export class UblkControl {
       ctl.ioctlEncode = (ctl.features & UBLK_F_CMD_IOCTL_ENCODE) !== 0n;
     } catch {
       // Before Linux 6.5 there is no GET_FEATURES; such kernels take the legacy opcodes.
-      ctl.features = 0n;
+      ctl.features = null;
       ctl.ioctlEncode = false;
     }
     return ctl;

@@ -14,6 +14,13 @@
 #   7 kill        kill -9 under write load: no hung device, re-serve same id, journal replay,
 #                 fsynced data intact, e2fsck clean
 #   8 bad-input   corrupt image, missing base, busy --dev-id, locked image: one-line errors
+#   9 encrypt     encrypted image served with its key (file, stdin, KEY_FILE=, credential)
+#  10 snapshot    internal snapshots of a served compact image
+#  11 maintenance commit, resize, rebase refused while served, right between serves
+#  12 lvm         compact image on an LVM LV grown by --grow-cmd; ENOSPC without it
+#  13 qcow2       ext4 in a compressed qcow2 template: served, prefetched, template deleted
+#  14 remote      ext4 template over HTTP (nginx): served, prefetched, outage and return
+#  15 kernel      ublk features named from GET_FEATURES; queue threads are I/O flushers
 #
 # Output: one line per check, "ok - [N name] ..." or "not ok - [N name] ..." (with the evidence
 # indented below it), "# ..." comments, and as the last line exactly "N passed, N failed".

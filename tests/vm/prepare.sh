@@ -4,21 +4,27 @@
 #   * apt-installs qemu, virtiofsd, busybox-static and the userspace tools the
 #     end-to-end suite runs *inside* the guest (the guest uses the host's root
 #     file system over virtiofs, so host packages == guest packages);
-#   * downloads Debian's linux-image-6.12*-cloud-amd64 .deb into the cache
-#     ($FVD_VM_CACHE, default /var/cache/fvd-vm — never inside git);
+#   * downloads the guest kernel's .debs into the cache ($FVD_VM_CACHE, default
+#     /var/cache/fvd-vm — never inside git): FVD_VM_KERNEL=6.12 (default,
+#     bookworm-security) or 7.3 (trixie-backports, through a private apt
+#     configuration; see step 2);
 #   * extracts vmlinuz and the needed modules (+ dependencies from modules.dep),
 #     decompressing .ko.xz;
 #   * builds a busybox-static initramfs whose /init is tests/vm/guest/init.
 #
 # Re-running is cheap: each step is skipped when its output is already present
 # and newer than its inputs.  FVD_VM_REBUILD=1 forces the initramfs rebuild.
+# Each kernel gets its own $FVD_VM_CACHE/LABEL/{vmlinuz,initramfs.cpio.gz,kver}.
 #
 # Knobs (environment):
 #   FVD_VM_CACHE       cache dir (default /var/cache/fvd-vm)
-#   FVD_VM_KPKG        exact kernel package to use (default: newest
-#                      linux-image-6.12.*+deb12-cloud-amd64 that apt knows)
+#   FVD_VM_KERNEL      6.12 (default) or 7.3
+#   FVD_VM_KPKG        exact linux-image package to use (default: the newest
+#                      linux-image-6.12.*+deb12-cloud-amd64, resp.
+#                      linux-image-7.3.*+deb13-cloud-amd64, that apt knows)
 #   FVD_VM_MODULES     modules to put in the initramfs (dependencies are added)
-#   FVD_VM_NO_APT=1    skip the apt-get install step (offline re-runs)
+#   FVD_VM_NO_APT=1    no apt-get install/update (offline re-runs: the
+#                      kernel packages used last time are reused)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -66,55 +72,125 @@ for bin in qemu-system-x86_64 /usr/lib/qemu/virtiofsd /bin/busybox depmod cpio x
 done
 
 # ---------------------------------------------------------------------------
-# 2. Kernel package.  The meta package linux-image-6.12-cloud-amd64 lives in
-#    bookworm-security and depends on one versioned package; use that one.
+# 2. Kernel packages.  FVD_VM_KERNEL picks the guest kernel:
+#      6.12  linux-image-6.12.*+deb12-cloud-amd64 from bookworm-security, which the
+#            machine's own apt sources carry: one package, vmlinuz in /boot and
+#            the modules in /lib/modules.
+#      7.3   linux-image-7.3.*+deb13-cloud-amd64 from trixie-backports, which the
+#            machine's sources do not list.  It is read through a private apt
+#            configuration under $cache/apt/ (its own sources.list naming only
+#            that suite on the mirror the machine's sources use, its own lists
+#            and archive dirs): the system's apt state is not touched, so nothing
+#            on the host can upgrade from it.  That image package is empty; it
+#            depends on linux-binary-KVER (usr/lib/modules/KVER/vmlinuz),
+#            linux-modules-KVER (the .ko.xz) and linux-base-KVER (config,
+#            modules.builtin, modules.order), which are what is downloaded.
 # ---------------------------------------------------------------------------
-mkdir -p "$cache/debs"
-kpkg=${FVD_VM_KPKG:-}
-if [[ -z $kpkg ]]; then
-    kpkg=$(apt-cache depends linux-image-6.12-cloud-amd64 2>/dev/null \
-           | sed -n 's/^ *Depends: \(linux-image-6\.12[^ ]*-cloud-amd64\)$/\1/p' | head -n1)
-fi
-if [[ -z $kpkg ]]; then
-    # Fallback: no (fresh) package lists.  Reuse whatever deb is cached, else update.
-    deb=$(ls -1 "$cache"/debs/linux-image-6.12*-cloud-amd64_*.deb 2>/dev/null | sort -V | tail -n1 || true)
-    if [[ -z $deb ]]; then
-        apt-get update -q >&2
-        kpkg=$(apt-cache depends linux-image-6.12-cloud-amd64 \
-               | sed -n 's/^ *Depends: \(linux-image-6\.12[^ ]*-cloud-amd64\)$/\1/p' | head -n1)
-        [[ -n $kpkg ]] || die "no linux-image-6.12*-cloud-amd64 in apt (bookworm-security missing?)"
+label=${FVD_VM_KERNEL:-6.12}
+case $label in
+    6.12) suite='' image_re='linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64' ;;
+    7.3)  suite=trixie-backports image_re='linux-image-7\.3\.[0-9]+\+deb13-cloud-amd64' ;;
+    *) die "FVD_VM_KERNEL=$label: the known guest kernels are 6.12 and 7.3" ;;
+esac
+mkdir -p "$cache/debs" "$cache/$label"
+apt_opts=()
+if [[ -n $suite ]]; then
+    adir=$cache/apt/$suite
+    mkdir -p "$adir/lists/partial" "$adir/cache/archives/partial"
+    apt_opts=(-o "Dir::Etc::SourceList=$adir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+              -o "Dir::State::Lists=$adir/lists" -o "Dir::Cache=$adir/cache"
+              -o Dir::Etc::Preferences=/dev/null -o Dir::Etc::PreferencesParts=/dev/null)
+    if [[ ! -s $adir/sources.list ]]; then
+        # The mirror of the machine's own release (e.g. bookworm) in its apt sources.
+        codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+        mirror=$(apt-get indextargets --format '$(REPO_URI)' "Release: $codename" 2>/dev/null | sort -u | head -n1)
+        [[ -n $mirror ]] || die "no Debian mirror for '$codename' in the apt sources (needed to find $suite)"
+        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $suite main" > "$adir/sources.list"
     fi
+fi
+kapt_update() {
+    [[ ${FVD_VM_NO_APT:-0} == 1 ]] && return 1
+    log "apt-get update${suite:+ ($suite, private lists in $cache/apt)}"
+    apt-get "${apt_opts[@]}" update -q >&2
+}
+newest_image_pkg() {
+    apt-cache "${apt_opts[@]}" pkgnames linux-image- 2>/dev/null | grep -E "^${image_re}\$" | sort -V | tail -n1 || true
+}
+# The packages holding the kernel and its modules: the image package itself (6.12) or, where it
+# is only a dependency hub (7.x), its linux-binary/modules/base dependencies.
+payload_pkgs() {
+    local deps
+    deps=$(apt-cache "${apt_opts[@]}" depends "$1" 2>/dev/null \
+        | sed -n 's/^ *Depends: \(linux-\(binary\|modules\|base\)-[^ ]*\)$/\1/p' | sort -u)
+    if [[ -n $deps ]]; then echo "$deps"; else echo "$1"; fi
+}
+
+kpkg=${FVD_VM_KPKG:-}
+pkglist=$cache/$label/packages
+if [[ -z $kpkg ]]; then
+    [[ -n $suite && -z $(ls "$adir"/lists/*_Packages* 2>/dev/null) ]] && { kapt_update || true; }
+    kpkg=$(newest_image_pkg)
+    [[ -n $kpkg ]] || { kapt_update && kpkg=$(newest_image_pkg); } || true
 fi
 if [[ -n $kpkg ]]; then
-    deb=$(ls -1 "$cache/debs/${kpkg}"_*.deb 2>/dev/null | tail -n1 || true)
-    if [[ -z $deb ]]; then
-        log "downloading $kpkg"
-        # apt-get download writes into the cwd; _apt cannot write to root-owned
-        # dirs, which only produces a harmless warning (download runs as root).
-        (cd "$cache/debs" && apt-get download -q "$kpkg" >&2)
-        deb=$(ls -1 "$cache/debs/${kpkg}"_*.deb | tail -n1)
-    fi
+    mapfile -t pkgs < <(payload_pkgs "$kpkg")
+    debs=()
+    for p in "${pkgs[@]}"; do
+        deb=$(ls -1 "$cache/debs/${p}"_*.deb 2>/dev/null | sort -V | tail -n1 || true)
+        if [[ -z $deb ]]; then
+            log "downloading $p"
+            # apt-get download writes into the cwd; _apt cannot write to root-owned
+            # dirs, which only produces a harmless warning (download runs as root).
+            # A pool file replaced since the lists were fetched: update once, retry.
+            (cd "$cache/debs" && { apt-get "${apt_opts[@]}" -o APT::Sandbox::User=root download -q "$p" >&2 \
+                || { kapt_update && apt-get "${apt_opts[@]}" -o APT::Sandbox::User=root download -q "$p" >&2; }; }) \
+                || die "cannot download $p"
+            deb=$(ls -1 "$cache/debs/${p}"_*.deb | sort -V | tail -n1)
+        fi
+        debs+=("$deb")
+    done
+    printf '%s\n' "$kpkg" "${debs[@]}" > "$pkglist"
+elif [[ -s $pkglist ]]; then
+    # No package lists to resolve the name (offline, FVD_VM_NO_APT=1): what was used last time.
+    mapfile -t debs < <(tail -n +2 "$pkglist")
+    kpkg=$(head -n1 "$pkglist")
+else
+    die "no package matching $image_re in apt${suite:+ ($suite)}"
 fi
-[[ -f $deb ]] || die "kernel deb not found"
-kver=$(dpkg-deb -f "$deb" Package | sed 's/^linux-image-//')
-log "kernel $kver ($(basename "$deb"))"
+for deb in "${debs[@]}"; do [[ -f $deb ]] || die "kernel deb $deb missing"; done
+kver=${kpkg#linux-image-}
+log "kernel $label: $kver ($(for d in "${debs[@]}"; do basename "$d"; done | tr '\n' ' '))"
 
 # ---------------------------------------------------------------------------
-# 3. Extract the deb (whole tree, kept compressed) and run depmod on it: Debian
-#    generates modules.dep in postinst, so the .deb does not ship one.
+# 3. Extract the debs (whole tree, kept compressed) and run depmod on it: Debian
+#    generates modules.dep in postinst, so the .debs do not ship one.  6.12 keeps
+#    its modules in /lib/modules and vmlinuz in /boot; the 7.x packages put both
+#    under /usr/lib/modules/KVER (merged /usr), where depmod needs -b ROOT/usr.
 # ---------------------------------------------------------------------------
 kdir=$cache/kernel/$kver
-if [[ ! -f $kdir/.extracted || $deb -nt $kdir/.extracted ]]; then
+stale=0
+[[ -f $kdir/.extracted ]] || stale=1
+for deb in "${debs[@]}"; do [[ $deb -nt $kdir/.extracted ]] && stale=1; done
+[[ $(cat "$kdir/.debs" 2>/dev/null) == "${debs[*]}" ]] || stale=1
+if [[ $stale == 1 ]]; then
     log "extracting to $kdir"
     rm -rf "$kdir"
     mkdir -p "$kdir"
-    dpkg-deb -x "$deb" "$kdir/root"
-    depmod -b "$kdir/root" "$kver"
-    cp "$kdir/root/boot/vmlinuz-$kver" "$kdir/vmlinuz"
-    cp "$kdir/root/boot/config-$kver" "$kdir/config"
+    for deb in "${debs[@]}"; do dpkg-deb -x "$deb" "$kdir/root"; done
+    if [[ -d $kdir/root/usr/lib/modules/$kver ]]; then mbase=$kdir/root/usr; else mbase=$kdir/root; fi
+    depmod -b "$mbase" "$kver"
+    for f in "$kdir/root/boot/vmlinuz-$kver" "$mbase/lib/modules/$kver/vmlinuz"; do
+        [[ -f $f ]] && cp "$f" "$kdir/vmlinuz"
+    done
+    for f in "$kdir/root/boot/config-$kver" "$mbase/lib/modules/$kver/config"; do
+        [[ -f $f ]] && cp "$f" "$kdir/config"
+    done
+    [[ -f $kdir/vmlinuz ]] || die "no vmlinuz in ${debs[*]}"
+    ln -sfn "${mbase#"$kdir/"}/lib/modules/$kver" "$kdir/modules"
+    echo "${debs[*]}" > "$kdir/.debs"
     touch "$kdir/.extracted"
 fi
-mroot=$kdir/root/lib/modules/$kver
+mroot=$kdir/modules
 
 # ---------------------------------------------------------------------------
 # 4. Resolve the wanted modules + their dependencies from modules.dep, in load
@@ -192,8 +268,9 @@ if [[ $need_build == 1 ]]; then
     printf '%s' "${order[*]}" > "$stage.modules"
 fi
 
-# Stable names for run.sh.
-ln -sfn "$kdir/vmlinuz" "$cache/vmlinuz"
-ln -sfn "$initrd" "$cache/initramfs.cpio.gz"
-echo "$kver" > "$cache/kver"
-log "ready: $cache/vmlinuz ($kver), $cache/initramfs.cpio.gz ($(du -h "$initrd" | cut -f1))"
+# Stable names for run.sh, one directory per label: FVD_VM_KERNEL=7.3 never
+# changes what a 6.12 run boots.
+ln -sfn "$kdir/vmlinuz" "$cache/$label/vmlinuz"
+ln -sfn "$initrd" "$cache/$label/initramfs.cpio.gz"
+echo "$kver" > "$cache/$label/kver"
+log "ready: $cache/$label/vmlinuz ($kver), $cache/$label/initramfs.cpio.gz ($(du -h "$initrd" | cut -f1))"

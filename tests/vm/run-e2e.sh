@@ -4,7 +4,8 @@
 # Usage: tests/vm/run-e2e.sh [SCENARIO...]     (numbers or names, default: all; see e2e.sh)
 #
 # Without ublk on the host (the usual case): runs tests/vm/prepare.sh, then one busybox-mode guest
-# boot for every selected scenario but 6, and one --systemd guest boot for scenario 6.
+# boot for every selected scenario but 6, and one --systemd guest boot for scenario 6, all on the
+# guest kernel FVD_VM_KERNEL (6.12, the default, or 7.3; tests/vm/all-kernels.sh runs both).
 # With ublk on the host (tests/vm/host-has-ublk.sh): runs e2e.sh directly; scenario 6 only if
 # systemd is PID 1, else it is reported skipped.
 #
@@ -30,7 +31,7 @@ want=("$@")
 plain=() sysd=()
 for w in "${want[@]}"; do
     case $w in
-        all) plain+=(1 2 3 4 5 7 8 9 10 11 12 13 14); sysd+=(6) ;;
+        all) plain+=(1 2 3 4 5 7 8 9 10 11 12 13 14 15); sysd+=(6) ;;
         6 | systemd | 6-systemd) sysd+=(6) ;;
         *) plain+=("$w") ;;
     esac
@@ -52,7 +53,7 @@ export FVD_VM_PASS_ENV="${FVD_VM_PASS_ENV:-}$pass_env"
 part() {
     local label=$1 log rc t0=$SECONDS summary p f s
     shift
-    log=$(mktemp /tmp/fvd-e2e-"$label".XXXXXX.log)
+    log=$(mktemp /tmp/fvd-e2e-"${label// /-}".XXXXXX.log)
     echo "# === $label: $*"
     rc=0
     "$@" 2>&1 < /dev/null | tee "$log" | sed -u -E "s/^([0-9]+ passed, [0-9]+ failed)\$/# [$label] \\1/" || rc=${PIPESTATUS[0]}
@@ -89,9 +90,11 @@ if bash "$here/host-has-ublk.sh" -q; then
         fi
     fi
 else
+    kernel=${FVD_VM_KERNEL:-6.12}
+    export FVD_VM_KERNEL=$kernel
     t0=$SECONDS
     if out=$(bash "$here/prepare.sh" 2>&1); then
-        timings+=("# [prepare] $((SECONDS - t0))s")
+        timings+=("# [prepare $kernel] $((SECONDS - t0))s")
     else
         echo "not ok - tests/vm/prepare.sh failed"
         printf '%s\n' "$out" | tail -n 30 | sed 's/^/#   /'
@@ -99,9 +102,9 @@ else
         exit 1
     fi
     [[ ${#plain[@]} -gt 0 ]] &&
-        part busybox bash "$here/run.sh" --timeout "${E2E_BUSYBOX_TIMEOUT:-1500}" -- bash "$here/e2e.sh" "${plain[@]}"
+        part "busybox $kernel" bash "$here/run.sh" --timeout "${E2E_BUSYBOX_TIMEOUT:-1500}" -- bash "$here/e2e.sh" "${plain[@]}"
     [[ ${#sysd[@]} -gt 0 ]] &&
-        part systemd bash "$here/run.sh" --systemd --timeout "${E2E_SYSTEMD_TIMEOUT:-720}" -- bash "$here/e2e.sh" "${sysd[@]}"
+        part "systemd $kernel" bash "$here/run.sh" --systemd --timeout "${E2E_SYSTEMD_TIMEOUT:-720}" -- bash "$here/e2e.sh" "${sysd[@]}"
 fi
 
 echo "# --- timings (wall clock, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg))"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # tests/vm/run.sh — run a command as root inside a throw-away QEMU guest that
-# boots Debian's 6.12 cloud kernel (which has ublk_drv) on the HOST's own root
-# file system (virtiofs, read-only, under a tmpfs overlay).
+# boots a Debian cloud kernel with ublk_drv (FVD_VM_KERNEL=6.12, the default, or
+# 7.3) on the HOST's own root file system (virtiofs, read-only, under a tmpfs
+# overlay).
 #
 # Usage: tests/vm/run.sh [--systemd] [--timeout SEC] [--] COMMAND [ARG...]
 #
@@ -18,7 +19,7 @@
 # Exit status: COMMAND's exit status; 124 on time-out; 125 when the harness
 # failed (guest never ran COMMAND or never reported an exit status).
 #
-# Environment knobs: see tests/vm/README.md (FVD_VM_CACHE, FVD_VM_MEM,
+# Environment knobs: see tests/vm/README.md (FVD_VM_KERNEL, FVD_VM_CACHE, FVD_VM_MEM,
 # FVD_VM_SMP, FVD_VM_TIMEOUT, FVD_VM_PASS_ENV, FVD_VM_KEEP, FVD_VM_RESULTS_DIR,
 # FVD_VM_QUIET, FVD_VM_DEBUG, FVD_VM_LOAD_MODULES, FVD_VM_TMPFS_SIZE,
 # FVD_VM_VIRTIOFS_CACHE, FVD_VM_SHUTDOWN_GRACE, FVD_VM_APPEND).
@@ -52,8 +53,9 @@ done
 [[ $# -gt 0 ]] || usage
 [[ $(id -u) -eq 0 ]] || die "must run as root (virtiofsd needs it)"
 
-kernel=$cache/vmlinuz initrd=$cache/initramfs.cpio.gz
-[[ -e $kernel && -e $initrd ]] || die "no kernel/initramfs in $cache: run tests/vm/prepare.sh first"
+label=${FVD_VM_KERNEL:-6.12}
+kernel=$cache/$label/vmlinuz initrd=$cache/$label/initramfs.cpio.gz
+[[ -e $kernel && -e $initrd ]] || die "no $label kernel/initramfs in $cache/$label: run FVD_VM_KERNEL=$label tests/vm/prepare.sh first"
 # Stale initramfs (guest scripts edited since)?  Rebuild quietly.
 for f in "$here/guest/init" "$here/guest/run-command.sh" "$here/prepare.sh"; do
     if [[ $f -nt $(readlink -f "$initrd") ]]; then
@@ -221,7 +223,7 @@ if [[ -n $t_started ]]; then
     guest_up=$(cut -d' ' -f1 "$results/started")
     timing=$(awk -v s="$t_started" -v z="$t0" -v r="${t_rc:-$t_end}" -v e="$t_end" -v g="$guest_up" \
         'BEGIN{printf "boot-to-command %.1fs (guest kernel uptime %.1fs), command %.1fs, power-off %.1fs, total %.1fs", s-z, g, r-s, e-r, e-z}')
-    msg "$mode: $timing, exit $status"
-    [[ -n ${FVD_VM_TIMING_FILE:-} ]] && echo "$mode $timing" >> "$FVD_VM_TIMING_FILE"
+    msg "$mode $label: $timing, exit $status"
+    [[ -n ${FVD_VM_TIMING_FILE:-} ]] && echo "$mode $label $timing" >> "$FVD_VM_TIMING_FILE"
 fi
 exit "$status"

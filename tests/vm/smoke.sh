@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # tests/vm/smoke.sh — smoke test of the QEMU guest harness (tests/vm/run.sh).
 #
-# Boots the guest in both init modes and checks, inside it: kernel 6.12,
+# Boots the guest in both init modes and checks, inside it: the kernel FVD_VM_KERNEL names (6.12 by
+# default, or 7.3),
 # ublk_drv + /dev/ublk-control, node, the project tree and cwd, that guest
 # writes do not reach the host, ext4 + xfs on a loop device over tmpfs, and
 # (systemd mode) that PID 1 is systemd and the system reaches "running".
@@ -25,8 +26,8 @@ expect() { if [[ $2 == "$3" ]]; then ok "$1"; else not_ok "$1 (got '$2', want '$
 work=$(mktemp -d /tmp/fvd-vm-smoke.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 export FVD_VM_TIMING_FILE=$work/timing
-export SMOKE_MARKER=/tmp/fvd-vm-smoke-marker.$$.$RANDOM SMOKE_CWD=$repo
-export FVD_VM_PASS_ENV="SMOKE_MARKER SMOKE_CWD"
+export SMOKE_MARKER=/tmp/fvd-vm-smoke-marker.$$.$RANDOM SMOKE_CWD=$repo SMOKE_KERNEL=${FVD_VM_KERNEL:-6.12}
+export FVD_VM_PASS_ENV="SMOKE_MARKER SMOKE_CWD SMOKE_KERNEL"
 cd "$repo" || exit 1
 
 # Checks run inside the guest; each prints "ok - ..." or "not ok - ...".
@@ -36,7 +37,7 @@ check() {
     if out=$("$@" 2>&1); then echo "ok - $name"
     else echo "not ok - $name"; printf '%s\n' "$out" | tail -n 20 | sed 's/^/#   /'; fi
 }
-check "[$FVD_VM_MODE] kernel is 6.12 ($(uname -r))" bash -c '[[ $(uname -r) == 6.12.* ]]'
+check "[$FVD_VM_MODE] kernel is $SMOKE_KERNEL ($(uname -r))" bash -c '[[ $(uname -r) == "$SMOKE_KERNEL".* ]]'
 check "[$FVD_VM_MODE] modprobe ublk_drv + /dev/ublk-control" \
     bash -c 'modprobe ublk_drv && lsmod | grep -q "^ublk_drv" && test -c /dev/ublk-control'
 check "[$FVD_VM_MODE] modprobe with parameters (nbd nbds_max=2)" \

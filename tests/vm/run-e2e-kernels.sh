@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# tests/vm/run-e2e-kernels.sh — the device suite on both guest kernels (what `make test` runs).
+#
+# Usage: tests/vm/run-e2e-kernels.sh [--full]
+#
+# Runs tests/vm/run-e2e.sh once per entry of E2E_KERNEL_PLAN, a list of KERNEL:SCENARIOS
+# (SCENARIOS comma-separated, or "all"). Default: every scenario on 7.3 (the newest ublk), and on
+# 6.12 those that lean on the kernel most: 1 fs (ext4/xfs), 3 fio verify, 6 systemd, 7 kill and
+# stale-device cleanup, 9 encryption, 12 features and queue threads. The others test the engine
+# through the device (base images, discard, qemu-io, bad input, snapshots, maintenance); they run
+# on 6.12 with --full (make test-full): every scenario on both kernels.
+# Where the host kernel has ublk there is no guest to choose: run-e2e.sh runs everything once.
+#
+# Output: each run's lines as they come, then one summary line per kernel and, as the very last
+# line, exactly "N passed, N failed" summed over the runs. Exit 0 only when nothing failed.
+set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+plan=${E2E_KERNEL_PLAN:-"7.3:all 6.12:1,3,6,7,9,15"}
+[[ ${1:-} == --full ]] && plan="7.3:all 6.12:all"
+
+if bash "$here/host-has-ublk.sh" -q; then exec bash "$here/run-e2e.sh"; fi
+
+log=$(mktemp /tmp/fvd-e2e-kernels.XXXXXX.log)
+trap 'rm -f "$log"' EXIT
+pass=0 fail=0 summary=()
+for entry in $plan; do
+    kernel=${entry%%:*} scen=${entry#*:} t0=$SECONDS p='' f=''
+    echo "## === guest kernel $kernel: scenarios $scen"
+    # shellcheck disable=SC2086  # the scenario list splits on purpose
+    FVD_VM_KERNEL=$kernel bash "$here/run-e2e.sh" ${scen//,/ } 2>&1 | tee "$log" |
+        sed -u -E "s/^([0-9]+ passed, [0-9]+ failed)\$/## [kernel $kernel] \1/"
+    rc=${PIPESTATUS[0]}
+    read -r p _ f _ < <(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -n 1) || true
+    p=${p:-0} f=${f:-1}
+    [[ $rc != 0 && $f == 0 ]] && f=1
+    pass=$((pass + p)) fail=$((fail + f))
+    summary+=("## kernel $kernel ($scen): $p passed, $f failed, $((SECONDS - t0))s")
+done
+printf '%s\n' "${summary[@]}"
+echo "$pass passed, $fail failed"
+[[ $fail == 0 ]]
