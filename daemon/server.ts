@@ -192,16 +192,13 @@ export class UblkServer {
         eventfd,
         cdevFd: this.cdevFd,
         activity: newActivityBuffer(),
-        // Encrypted image: a copy of the master key for the worker's own fast-path cipher. The
-        // Worker constructor clones workerData synchronously, so this thread's copy is wiped next.
-        key: this.image.masterKeyCopy(),
+        // Encrypted image: the master key for the worker's own fast-path cipher, handed over in
+        // shared memory that the worker zeroes once its cipher holds the key (and this thread
+        // again when the queue is set up or fails).
+        key: sharedKeyForWorker(this.image.masterKeyCopy()),
       };
-      let worker: Worker;
-      try {
-        worker = new Worker(workerUrl, { workerData: data });
-      } finally {
-        data.key?.fill(0);
-      }
+      const worker = new Worker(workerUrl, { workerData: data });
+      const wipeKey = () => data.key && new Uint8Array(data.key).fill(0);
       let resolveFetched!: () => void;
       let rejectFetched!: (e: Error) => void;
       fetched.push(new Promise<void>((res, rej) => ((resolveFetched = res), (rejectFetched = rej))));
@@ -216,12 +213,14 @@ export class UblkServer {
         slow: 0,
         exited: new Promise((resolve) => {
           worker.on('message', (m: WorkerMessage) => {
+            if (m.type === 'fetched' || m.type === 'exit') wipeKey();
             if (m.type === 'exit') {
               if (m.error) rejectFetched(new FvdError(`queue ${qid}: ${m.error}`, 'EIO'));
               resolve(m.error);
             }
           });
           worker.on('error', (e) => {
+            wipeKey();
             rejectFetched(e);
             resolve(e.message);
           });
@@ -357,6 +356,15 @@ export class UblkServer {
     if (this.devId >= 0) removeState(this.devId);
     if (errors.length) throw new FvdError(errors.join('; '), 'EIO');
   }
+}
+
+/** The key moved into a SharedArrayBuffer for a worker; the copy it came in is wiped. */
+export function sharedKeyForWorker(key: Uint8Array | null): SharedArrayBuffer | null {
+  if (!key) return null;
+  const shared = new SharedArrayBuffer(key.length);
+  new Uint8Array(shared).set(key);
+  key.fill(0);
+  return shared;
 }
 
 async function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | 'timeout'> {

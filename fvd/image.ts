@@ -376,6 +376,26 @@ export class FvdImage {
     const compact = (header.incompatible & INCOMPAT_COMPACT) !== 0n;
     // The key is checked before anything else is read or written (FORMAT.md §11.2).
     const xts = await openCipher(imagePath, header, options, chain.length > 0);
+    try {
+      return await FvdImage.fromHeader(io, imagePath, file, options, chain, first, header, compact, readOnly, xts);
+    } catch (err) {
+      xts?.destroy(); // a refused open keeps no copy of the key either
+      throw err;
+    }
+  }
+
+  private static async fromHeader(
+    io: IoBackend,
+    imagePath: string,
+    file: BlockFile,
+    options: OpenOptions,
+    chain: string[],
+    first: Uint8Array,
+    header: Header,
+    compact: boolean,
+    readOnly: boolean,
+    xts: XtsCipher | null,
+  ): Promise<FvdImage> {
 
     let base: BaseImage | null = null;
     let reopenBase: (() => Promise<BaseImage>) | null = null;
@@ -512,6 +532,7 @@ export class FvdImage {
         await this.journal!.checkpoint();
       }
     } finally {
+      this.xts?.destroy(); // the key leaves memory with the image (FORMAT.md §11.2)
       await this.file.close();
       await this.base?.close();
     }
@@ -524,6 +545,7 @@ export class FvdImage {
   async abandon(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.xts?.destroy();
     await this.file.close();
     await this.base?.close();
   }
