@@ -4,7 +4,7 @@ NODE  ?= node
 NPM   ?= npm
 PREFIX ?= /usr/local
 
-.PHONY: all deps build test demo demo-engine bench bench-dev bench-prefetch-dev install clean
+.PHONY: all deps build test fuzz demo demo-engine bench bench-dev bench-prefetch-dev install clean
 
 all: build
 
@@ -21,6 +21,12 @@ build: deps
 # Unit, differential, crash, CLI and bad-input tests here; then the ublk device suite in a guest.
 test: build
 	bash tests/all.sh
+
+# The structure-aware image fuzzer, long mode (tests/fuzz/): FUZZ_MUTANTS (2000), FUZZ_SEED (random,
+# printed), FUZZ_ONLY=i (replay one mutant), FUZZ_KEEP=DIR (keep failing mutants). `make test`
+# runs a bounded part of it (tests/fuzz/fuzz.test.ts).
+fuzz: build
+	$(NODE) build/tests/fuzz/fuzz.js
 
 # The main job: a small image served as /dev/ublkbN, a filesystem on it, a clean stop. Where this
 # kernel has no ublk, the same script runs inside a QEMU guest with Debian's 6.12 kernel.

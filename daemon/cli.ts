@@ -4,6 +4,8 @@
  * `run(args: string[]): Promise<number>` (the exit code). Every user-facing failure is one line
  * on stderr and a non-zero exit; an unexpected exception is reported as an internal error.
  */
+import fs from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import { UsageError } from './args.js';
 import { FvdError } from '../fvd/errors.js';
 
@@ -63,10 +65,14 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
-main(process.argv.slice(2)).then(
-  (code) => process.exit(code),
-  (err) => {
-    console.error(`fvd: internal error: ${(err as Error)?.stack ?? err}`);
-    process.exit(70);
-  },
-);
+// Run only as the program itself (also through the /usr/local/bin/fvd symlink), not when imported:
+// the image fuzzer (tests/fuzz/) runs main() in a long-lived process, many commands per process.
+if (process.argv[1] && fs.realpathSync(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  main(process.argv.slice(2)).then(
+    (code) => process.exit(code),
+    (err) => {
+      console.error(`fvd: internal error: ${(err as Error)?.stack ?? err}`);
+      process.exit(70);
+    },
+  );
+}

@@ -50,6 +50,7 @@ import { DIRECT_WOULD_BLOCK, DirectIo, chooseDirectMode } from './direct-io.js';
 import { CompletionRing, mapDirect, type EngineView } from './shared-state.js';
 import { QueueActivityWriter } from './queue-activity.js';
 import { FastCrypt } from './fast-crypt.js';
+import { requestErrnoOf } from './request-errors.js';
 
 export interface QueueWorkerData {
   devId: number;
@@ -215,7 +216,7 @@ function run(d: QueueWorkerData): void {
             if (r === length) return finishFast(tag);
             if (r < DIRECT_WOULD_BLOCK) {
               log(`image ${write ? 'write' : 'read'} failed at ${phys}: ${errnoName(r)}`);
-              return commit(tag, -EIO);
+              return commit(tag, requestErrnoOf(r));
             }
             tagDone[tag] = direct.done; // the ring finishes what would have blocked
           }
@@ -233,7 +234,7 @@ function run(d: QueueWorkerData): void {
     const onFileDone = (tag: number, res: number) => {
       if (res < 0) {
         log(`image ${tagOp[tag] === UBLK_IO_OP_READ ? 'read' : 'write'} failed at ${tagPhys[tag]}: ${errnoName(res)}`);
-        commit(tag, -EIO);
+        commit(tag, requestErrnoOf(res));
         return;
       }
       if (res === 0 && tagOp[tag] === UBLK_IO_OP_READ) {

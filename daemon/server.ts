@@ -29,11 +29,18 @@ import {
   UBLK_S_DEV_LIVE,
 } from './ublk/abi.js';
 import { CompletionRing } from './shared-state.js';
+import { BurstLog, requestErrno } from './request-errors.js';
 import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
 import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
 import { listStates, removeState, writeState, type DeviceState } from './state.js';
 
-const EIO = 5;
+const OP_NAMES: Record<number, string> = {
+  [UBLK_IO_OP_READ]: 'read',
+  [UBLK_IO_OP_WRITE]: 'write',
+  [UBLK_IO_OP_FLUSH]: 'flush',
+  [UBLK_IO_OP_DISCARD]: 'discard',
+  [UBLK_IO_OP_WRITE_ZEROES]: 'write-zeroes',
+};
 /** Largest discard/write-zeroes request: whole blocks are punched in one call, so it can be big. */
 const MAX_DISCARD_BYTES = 1 << 30;
 
@@ -83,13 +90,17 @@ export class UblkServer {
   private readonly activityBuffers: SharedArrayBuffer[] = [];
   private cdevFd = -1;
   private started = false;
+  /** Failed requests, logged once per burst. */
+  private readonly failures: BurstLog;
   private stopping: Promise<void> | null = null;
 
   private constructor(
     private readonly opts: ServeOptions,
     readonly image: FvdImage,
     private readonly ctl: UblkControl,
-  ) {}
+  ) {
+    this.failures = new BurstLog(opts.log);
+  }
 
   /**
    * Opens the image and brings the device up. On any failure everything already done is undone:
@@ -245,8 +256,8 @@ export class UblkServer {
       case 'slow':
         void this.serveSlow(q, m.tag, m.op, m.flags, m.offset, m.length);
         break;
-      case 'log': // a worker logs only what went wrong
-        this.opts.log(`queue ${m.qid}: ${m.message}`);
+      case 'log': // a worker logs only what went wrong, one message per failed request
+        this.failures.failure(`queue ${m.qid}: ${m.message}`);
         this.stats.errors++;
         break;
       case 'info':
@@ -291,8 +302,8 @@ export class UblkServer {
       result = op === UBLK_IO_OP_FLUSH ? 0 : length;
     } catch (err) {
       this.stats.errors++;
-      this.opts.log(`I/O error: op ${op} at ${offset}+${length}: ${(err as Error).message}`);
-      result = -EIO;
+      result = requestErrno(err);
+      this.failures.failure(`${OP_NAMES[op] ?? `op ${op}`} at ${offset}+${length}: ${(err as Error).message}`);
     }
     q.completions.push(tag, result);
     fs.writeSync(q.eventfd, EFD_WAKE);
@@ -334,6 +345,7 @@ export class UblkServer {
       }
     };
     if (this.devId >= 0 && this.started) await attempt('STOP_DEV', () => ctl.stopDevice(this.devId));
+    this.failures.flush(); // the requests failed during the drain, before the closing lines
     // Workers leave once every tag is aborted; a device that never started needs the quit flag.
     for (const q of this.queues) {
       if (!this.started) {

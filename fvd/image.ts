@@ -54,6 +54,7 @@ import { allSet, countSet, forEachClearRun, newBitmap, setRange, testBit } from 
 import { Journal, PendingRecords, replayJournal, type JournalSink } from './journal.js';
 import { BlockLocks } from './block-locks.js';
 import { SectorGate } from './sector-gate.js';
+import { FlushGuard } from './flush-guard.js';
 import { BufferPool, KeyError, parseCryptFields, sealNewKey, unlock, type KdfParams, type XtsCipher } from './crypto.js';
 import { SnapshotManager, SnapshotState, loadSnapshotState, type SnapshotHost } from './snapshot.js';
 
@@ -347,7 +348,13 @@ export class FvdImage {
         if (layout.bitmapLength) await file.write(bitmap, layout.bitmapOffset);
         if (layout.tableLength) await file.write(new Uint8Array(layout.tableLength).fill(0xff), layout.tableOffset);
         if (file.isBlockDevice) await file.zeroRange(layout.journalOffset, layout.journalLength);
-        else await file.truncate(compact ? layout.dataOffset : layout.dataOffset + size);
+        else {
+          await file.truncate(compact ? layout.dataOffset : layout.dataOffset + size);
+          // Allocated, not a hole: on a full file system a journal commit then needs no new space,
+          // so flushes keep working while data writes fail with ENOSPC (bitmap and table are
+          // written above, so they are allocated too).
+          await writeZeros(file, layout.journalOffset, layout.journalLength);
+        }
         await file.flush();
       } finally {
         await file.close();
@@ -460,7 +467,8 @@ export class FvdImage {
       if (table && !header.revertSnapshotId) validateTable(imagePath, table, header, file, (header.incompatible & INCOMPAT_DIRTY) !== 0n);
       // Snapshot structures; an interrupted revert is redone here, over the replayed state.
       const snap = table ? await loadSnapshotState(imagePath, file, header, table, present, !!options.recountRefcounts) : null;
-      const image = new FvdImage(imagePath, file, header, base, {
+      // Read-write: the first failed flush stops every later write (fvd/flush-guard.ts).
+      const image = new FvdImage(imagePath, readOnly ? file : new FlushGuard(file), header, base, {
         present,
         table,
         snap: snap ? snap.state : null,
@@ -516,12 +524,21 @@ export class FvdImage {
     while (this.background.size) await Promise.allSettled([...this.background]);
   }
 
+  /**
+   * Why the image accepts no more writes (a flush failed: fvd/flush-guard.ts), or null. Such an
+   * image closes without its checkpoint: the next open replays the journal it had on disk.
+   */
+  get failure(): FvdError | null {
+    return this.file instanceof FlushGuard ? this.file.failure : null;
+  }
+
   /** Clean shutdown: finish background work, checkpoint, clear the dirty flag. */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     try {
       await this.idle();
+      if (this.failure) throw new FvdError(`${this.failure.message}; closed without a checkpoint (the image stays dirty)`, 'EIO');
       if (!this.readOnly) {
         // Every base block local (copy-on-read, writes): from now on neither bitmap nor base
         // is needed. Set only at a checkpoint, whose bitmap write precedes the header write.
@@ -1535,6 +1552,12 @@ async function openCipher(imagePath: string, header: Header, options: OpenOption
 }
 
 /** [a, z) of the file is known to read as zeros (a hole or past the end). */
+/** Writes zeros over a range (allocating it), 1 MiB at a time. */
+async function writeZeros(file: BlockFile, offset: number, length: number): Promise<void> {
+  const piece = new Uint8Array(Math.min(length, 1 << 20));
+  for (let pos = 0; pos < length; pos += piece.length) await file.write(piece.subarray(0, Math.min(piece.length, length - pos)), offset + pos);
+}
+
 export function holeAt(file: BlockFile, a: number, z: number): boolean {
   if (a >= file.size()) return true;
   const next = file.nextData?.(a);

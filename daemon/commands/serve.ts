@@ -109,6 +109,7 @@ export async function run(args: string[]): Promise<number> {
     return (
       `${server.devicePath} ${formatSize(server.image.size)}: ${s.fastPath + s.slowPath} requests (${s.slowPath} via engine), ` +
       `${s.flushes} flushes, ${s.errors} errors` +
+      (server.image.failure ? ', WRITES REFUSED (a flush failed: restart once the storage works)' : '') +
       (p
         ? `, prefetch ${(p.fraction * 100).toFixed(1)}% ${p.state === 'paused' ? `paused (${p.pauseReason})` : p.state}` +
           (p.state === 'running' || p.state === 'paused' ? ` ${formatSize(Math.round(p.rate))}/s ETA ${p.etaSeconds === null ? '--' : `${Math.ceil(p.etaSeconds)} s`}` : '')
