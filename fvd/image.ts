@@ -359,6 +359,8 @@ export class FvdImage {
       } finally {
         await file.close();
       }
+      // The new name, too, must survive a power cut (a block device has no new name).
+      if (!file.isBlockDevice) await io.syncDirectoryOf?.(imagePath);
     } finally {
       await base?.close();
     }
@@ -545,6 +547,9 @@ export class FvdImage {
         if (!this.allLocal && countSet(this.present, this.baseBlocks) === this.baseBlocks) {
           this.header.autoclear |= AUTOCLEAR_FULLY_LOCAL;
         }
+        // A chunk mapped by an allocation whose data write then failed (ENOSPC) points past the
+        // end of the file; in a cleanly closed image every entry points inside it (§4.3).
+        await this.coverMappedChunks();
         this.header.incompatible &= ~INCOMPAT_DIRTY; // written by the checkpoint's header update
         await this.journal!.checkpoint();
       }

@@ -47,4 +47,10 @@ export interface OpenOptions {
 /** Opens BlockFiles; the engine opens its image, and the base chain, only through one of these. */
 export interface IoBackend {
   open(path: string, options?: OpenOptions): Promise<BlockFile>;
+  /**
+   * Makes the directory entry of a file created at `path` durable: fsync of its parent directory
+   * (an fdatasync of the file covers its data, not its name, so after a power cut a new image
+   * could be missing altogether). Optional: a backend without directories omits it.
+   */
+  syncDirectoryOf?(path: string): Promise<void>;
 }

@@ -132,6 +132,9 @@ test('a full file system: writes needing space fail with ENOSPC and change nothi
     const err = await rejects(img.write(fill(BS, 0x78), 1 * MiB), /ENOSPC|no space/, `${layout}: a write into new space`);
     assert.is(requestErrno(err), -28, `${layout}: the daemon completes it with -ENOSPC`);
     await img.write(fill(BS, 0x79), 0); // allocated already
+    // Compact: the chunk is mapped before its data write fails; it must still read as zeros, and
+    // the image close cleanly with every entry inside the file.
+    await rejects(img.write(fill(64 * KiB, 0x7b), 1536 * KiB), /ENOSPC|no space/, `${layout}: a second write into new space`);
     await img.flush();
     assert.not.ok(img.failure, `${layout}: ENOSPC does not poison the image`);
     io.faults('/n/a.fvd').full = false;
@@ -141,6 +144,7 @@ test('a full file system: writes needing space fail with ENOSPC and change nothi
     const first = await readAt(mem, '/n/a.fvd', 0, 2 * BS);
     assert.ok(first.subarray(0, BS).every((x) => x === 0x79) && first.subarray(BS).every((x) => x === 0x77), `${layout}: the overwrite and the old data`);
     assert.ok((await readAt(mem, '/n/a.fvd', 1 * MiB, BS)).every((x) => x === 0x7a), `${layout}: the write after space came back`);
+    assert.ok((await readAt(mem, '/n/a.fvd', 1536 * KiB, 64 * KiB)).every((x) => x === 0), `${layout}: the failed write left zeros`);
   }
 });
 

@@ -9,7 +9,7 @@
  */
 import fs from 'node:fs';
 import { FvdImage } from '../../fvd/image.js';
-import { nodeIo } from '../../fvd/node-file.js';
+import { nodeIo, syncDirectoryOf } from '../../fvd/node-file.js';
 import { UsageError, parseOptions, parseSize } from '../args.js';
 import { isEncryptedImage, openDisk, parseFormat, probeFormat, type Disk } from '../disk.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
@@ -106,6 +106,8 @@ async function convert(
     await source.close();
     await target?.close();
   }
+  // A new raw output's name must survive a power cut too (an FVD output's was synced by create).
+  if (outFmt === 'raw' && fs.statSync(dst).isFile()) await syncDirectoryOf(dst);
   return 0;
 }
 

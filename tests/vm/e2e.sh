@@ -14,6 +14,9 @@
 #   7 kill        kill -9 under write load: no hung device, re-serve same id, journal replay,
 #                 fsynced data intact, e2fsck clean
 #   8 bad-input   corrupt image, missing base, busy --dev-id, locked image: one-line errors
+#   14 storage-faults  dm-flakey/dm-error under the image and under its base: errors, no crash,
+#                 replay, flushed data intact
+#   15 full-disk  the image's file system fills up: -ENOSPC to the guest, writes again after space
 #
 # Output: one line per check, "ok - [N name] ..." or "not ok - [N name] ..." (with the evidence
 # indented below it), "# ..." comments, and as the last line exactly "N passed, N failed".
@@ -95,6 +98,10 @@ cleanup_scenario() {
     for m in $(awk -v d="$dir" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r); do
         echo "# cleanup: unmounting $m"
         timeout 30 umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+    done
+    # Device-mapper devices of the storage-fault scenarios (over loop devices of its files).
+    dmsetup ls 2>/dev/null | awk '$1 ~ /^fvde2e-/ {print $1}' | while read -r m; do
+        dmsetup remove --force "$m" 2>/dev/null || true
     done
     # Loop devices over its files.
     losetup -n -O NAME,BACK-FILE 2>/dev/null | awk -v d="$dir" 'index($2, d) == 1 {print $1}' |

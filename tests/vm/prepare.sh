@@ -45,7 +45,7 @@ flock 9
 #    /usr/lib/qemu/virtiofsd on bookworm).  The rest are used in the guest.
 # ---------------------------------------------------------------------------
 pkgs=(qemu-system-x86 qemu-utils busybox-static
-      e2fsprogs xfsprogs fio util-linux kmod xz-utils cpio gzip systemd)
+      e2fsprogs xfsprogs fio util-linux kmod xz-utils cpio gzip systemd dmsetup)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' \
