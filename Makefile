@@ -4,7 +4,7 @@ NODE  ?= node
 NPM   ?= npm
 PREFIX ?= /usr/local
 
-.PHONY: all deps build test fuzz demo demo-engine bench bench-dev bench-prefetch-dev install clean
+.PHONY: all deps build test fuzz crash-campaign demo demo-engine bench bench-dev bench-prefetch-dev install clean
 
 all: build
 
@@ -27,6 +27,12 @@ test: build
 # runs a bounded part of it (tests/fuzz/fuzz.test.ts).
 fuzz: build
 	$(NODE) build/tests/fuzz/fuzz.js
+
+# The power-cut campaign (tests/crash-campaign/): CRASH_CUTS (10000) simulated power cuts across
+# every kind of write, recovery cut twice; CRASH_SEED (random, printed), CRASH_RUN=r (replay one run),
+# CRASH_KINDS=guest,commit,... Prints the count and the losses (0). `make test` runs 400 of them.
+crash-campaign: build
+	$(NODE) build/tests/crash-campaign/crash-campaign.js
 
 # The main job: a small image served as /dev/ublkbN, a filesystem on it, a clean stop. Where this
 # kernel has no ublk, the same script runs inside a QEMU guest with Debian's 6.12 kernel.
