@@ -101,7 +101,7 @@ cleanup_scenario() {
     done
     # Device-mapper devices of the storage-fault scenarios (over loop devices of its files).
     dmsetup ls 2>/dev/null | awk '$1 ~ /^fvde2e-/ {print $1}' | while read -r m; do
-        dmsetup remove --force "$m" 2>/dev/null || true
+        dmsetup remove --noudevsync --force "$m" 2>/dev/null || true
     done
     # Loop devices over its files.
     losetup -n -O NAME,BACK-FILE 2>/dev/null | awk -v d="$dir" 'index($2, d) == 1 {print $1}' |

@@ -24,16 +24,20 @@
 
 # dm_make NAME MIB: a loop device over a sparse file and a dm device /dev/mapper/fvde2e-NAME over
 # it (linear); sets DM_LOOP and DM_SECTORS.
+# (No udevd in the guest: dmsetup does not wait for one, and makes /dev/mapper/NAME itself.)
 dm_make() {
     truncate -s "$2M" "$D/$1.disk"
     DM_LOOP=$(losetup -f --show "$D/$1.disk")
     DM_SECTORS=$(blockdev --getsz "$DM_LOOP")
-    dmsetup create "fvde2e-$1" --table "0 $DM_SECTORS linear $DM_LOOP 0"
+    dmsetup create --noudevsync "fvde2e-$1" --table "0 $DM_SECTORS linear $DM_LOOP 0"
+    dmsetup mknodes "fvde2e-$1"
+    [[ -b /dev/mapper/fvde2e-$1 ]]
 }
 # dm_switch NAME TABLE: the new table takes over. Suspended without freezing the file system on
 # it (--nolockfs: a freeze could itself fail on a failing table), after in-flight I/O drained.
 dm_switch() {
-    t dmsetup load "fvde2e-$1" --table "$2" && t dmsetup suspend --nolockfs "fvde2e-$1" && t dmsetup resume "fvde2e-$1"
+    t dmsetup load --noudevsync "fvde2e-$1" --table "$2" && t dmsetup suspend --noudevsync --nolockfs "fvde2e-$1" &&
+        t dmsetup resume --noudevsync "fvde2e-$1"
 }
 drop_caches() { sync 2>/dev/null || true; echo 3 > /proc/sys/vm/drop_caches; }
 # failure_lines LOG: the daemon's lines about failed requests (one per burst: daemon/request-errors.ts).
@@ -42,7 +46,7 @@ daemon_alive() { kill -0 "$SERVE_PID" 2>/dev/null; }
 
 image_faults() {
     local M=$((1024 * 1024)) loop sectors img lines0 lines rc dev t0 secs
-    dm_make img 256
+    dm_make img 256 > dm.out 2>&1 || { not_ok "dm device over a loop device (image) — scenario aborted" "$(cat dm.out)"; exit 1; }
     loop=$DM_LOOP sectors=$DM_SECTORS
     must "mkfs.ext4 on dm" t mkfs.ext4 -q -F /dev/mapper/fvde2e-img
     mkdir -p fsA
@@ -100,7 +104,7 @@ image_faults() {
 
 base_faults() {
     local M=$((1024 * 1024)) loop sectors sum top=$D/top.fvd rc
-    dm_make base 128
+    dm_make base 128 > dm.out 2>&1 || { not_ok "dm device over a loop device (base) — scenario aborted" "$(cat dm.out)"; exit 1; }
     loop=$DM_LOOP sectors=$DM_SECTORS
     must "mkfs.ext4 (base)" t mkfs.ext4 -q -F /dev/mapper/fvde2e-base
     mkdir -p fsB
