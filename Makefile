@@ -9,7 +9,7 @@ KERNEL ?= 6.12
 FVD_VM_KERNEL ?= $(KERNEL)
 export FVD_VM_KERNEL
 
-.PHONY: all deps build test test-full demo demo-engine bench bench-dev bench-prefetch-dev bench-remote install clean
+.PHONY: all deps build test test-full fuzz crash-campaign demo demo-engine bench bench-dev bench-prefetch-dev bench-remote install clean
 
 all: build
 
@@ -31,6 +31,18 @@ test: build
 # The same with every device scenario on both guest kernels (about twice the device-suite time).
 test-full: build
 	FVD_TEST_FULL=1 bash tests/all.sh
+
+# The structure-aware image fuzzer, long mode (tests/fuzz/): FUZZ_MUTANTS (2000), FUZZ_SEED (random,
+# printed), FUZZ_ONLY=i (replay one mutant), FUZZ_KEEP=DIR (keep failing mutants). `make test`
+# runs a bounded part of it (tests/fuzz/fuzz.test.ts).
+fuzz: build
+	$(NODE) build/tests/fuzz/fuzz.js
+
+# The power-cut campaign (tests/crash-campaign/): CRASH_CUTS (10000) simulated power cuts across
+# every kind of write, recovery cut twice; CRASH_SEED (random, printed), CRASH_RUN=r (replay one run),
+# CRASH_KINDS=guest,commit,... Prints the count and the losses (0). `make test` runs 400 of them.
+crash-campaign: build
+	$(NODE) build/tests/crash-campaign/crash-campaign.js
 
 # The main job: a small image served as /dev/ublkbN, a filesystem on it, a clean stop. Where this
 # kernel has no ublk, the same script runs inside a QEMU guest with Debian's 6.12 kernel.

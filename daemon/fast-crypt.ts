@@ -59,6 +59,16 @@ export class FastCrypt {
     this.xts.encrypt(v, v, offset / SECTOR);
   }
 
+  /** Wipes the key (the worker's cipher) when the queue stops; see XtsCipher.destroy. */
+  destroy(): void {
+    this.xts.destroy();
+  }
+
+  /** For tests: the cipher whose key buffers destroy() must have zeroed. */
+  get cipherForTest(): XtsCipher {
+    return this.xts;
+  }
+
   /** Decrypts a completed fast-path read in place (all-zero stored sectors read as zeros). */
   decryptRead(tag: number, offset: number, length: number): void {
     this.xts.decrypt(this.view(tag, length), offset / SECTOR);

@@ -9,6 +9,7 @@
  */
 import fs from 'node:fs';
 import { MAX_KEY_MATERIAL } from '../fvd/crypto.js';
+import { libc, PR_SET_DUMPABLE } from '../ffi/libc.js';
 import { UsageError } from './args.js';
 
 /** The option every command that opens images adds (daemon/command.ts declarations). */
@@ -21,6 +22,7 @@ let stdinTaken = false;
 export function readKeyFile(spec: string | undefined, option = '--key-file'): Uint8Array | undefined {
   if (spec === undefined) return undefined;
   if (spec === '') throw new UsageError(`${option}: empty path (use - for stdin)`);
+  keepOutOfCoreDumps();
   let bytes: Buffer;
   const name = spec === '-' ? 'stdin' : `key file ${spec}`;
   if (spec === '-') {
@@ -46,17 +48,26 @@ export function readKeyFile(spec: string | undefined, option = '--key-file'): Ui
       fs.closeSync(fd);
     }
   }
-  let end = bytes.length;
-  if (end > 0 && bytes[end - 1] === 0x0a) end--;
-  if (end > 0 && bytes[end - 1] === 0x0d && end === bytes.length - 1) end--;
-  if (end === 0) throw new UsageError(`${option}: ${name} is empty`);
-  if (end > MAX_KEY_MATERIAL) throw new UsageError(`${option}: ${name} is larger than ${MAX_KEY_MATERIAL / 1024} KiB; is it the right file?`);
-  return bytes.subarray(0, end);
+  try {
+    let end = bytes.length;
+    if (end > 0 && bytes[end - 1] === 0x0a) end--;
+    if (end > 0 && bytes[end - 1] === 0x0d && end === bytes.length - 1) end--;
+    if (end === 0) throw new UsageError(`${option}: ${name} is empty`);
+    if (end > MAX_KEY_MATERIAL) throw new UsageError(`${option}: ${name} is larger than ${MAX_KEY_MATERIAL / 1024} KiB; is it the right file?`);
+    // Exactly the key, in memory of its own that wipe() clears entirely (the read buffer is
+    // cleared here, newline and all).
+    const key = new Uint8Array(new ArrayBuffer(end));
+    key.set(bytes.subarray(0, end));
+    return key;
+  } finally {
+    bytes.fill(0); // the bytes read (readAll's buffer is zero past them)
+  }
 }
 
 function readAll(fd: number, name: string): Buffer {
-  // Bounded: one byte past the limit is enough to refuse an oversized file.
-  const buf = Buffer.alloc(MAX_KEY_MATERIAL + 3);
+  // Bounded: one byte past the limit is enough to refuse an oversized file. Its own ArrayBuffer
+  // (not Node's shared pool), which readKeyFile zeroes.
+  const buf = Buffer.from(new ArrayBuffer(MAX_KEY_MATERIAL + 3));
   let n = 0;
   try {
     for (;;) {
@@ -64,12 +75,25 @@ function readAll(fd: number, name: string): Buffer {
       if (got === 0 || (n += got) === buf.length) break;
     }
   } catch (err) {
+    buf.fill(0);
     const e = err as NodeJS.ErrnoException;
     if (e.code === 'EAGAIN') throw new UsageError(`cannot read the key from ${name}: it is non-blocking and empty`);
     if (e.code === 'EOF') return buf.subarray(0, n);
     throw new UsageError(`cannot read the key from ${name}: ${e.code ?? e.message}`);
   }
   return buf.subarray(0, n);
+}
+
+/**
+ * Marks this process non-dumpable (prctl PR_SET_DUMPABLE 0) before any key is read: no core dump
+ * is written if it crashes, and processes of the same user can no longer ptrace it or read
+ * /proc/PID/mem. Key copies live in V8's heap and OpenSSL's contexts, where MADV_DONTDUMP cannot
+ * be applied per buffer, so the whole process is excluded. Returns false where koffi (libc) is
+ * unavailable; the key is still read (the CLI stays usable), only without this protection.
+ */
+export function keepOutOfCoreDumps(): boolean {
+  const c = libc();
+  return c !== null && c.prctl(PR_SET_DUMPABLE, 0) === 0;
 }
 
 /** Best effort: overwrite key bytes once they are no longer needed. */

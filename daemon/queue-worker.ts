@@ -50,6 +50,7 @@ import { DIRECT_WOULD_BLOCK, DirectIo, chooseDirectMode } from './direct-io.js';
 import { CompletionRing, mapDirect, type EngineView } from './shared-state.js';
 import { QueueActivityWriter } from './queue-activity.js';
 import { FastCrypt } from './fast-crypt.js';
+import { requestErrnoOf } from './request-errors.js';
 
 export interface QueueWorkerData {
   devId: number;
@@ -67,10 +68,11 @@ export interface QueueWorkerData {
   /** Request count and latency totals for the prefetcher (daemon/queue-activity.ts). */
   activity: SharedArrayBuffer;
   /**
-   * Encrypted image: a copy of its 64-byte master key, for this worker's own cipher; wiped as soon
-   * as the cipher holds it. Null otherwise. Never logged or sent back.
+   * Encrypted image: its 64-byte master key, for this worker's own cipher, in shared memory (a
+   * structured clone would leave a copy in the message buffer, freed without being wiped); this
+   * thread zeroes it as soon as its cipher holds the key. Null otherwise. Never logged or sent back.
    */
-  key: Uint8Array | null;
+  key: SharedArrayBuffer | null;
 }
 
 /** Messages to the main thread. */
@@ -122,6 +124,8 @@ function run(d: QueueWorkerData): void {
   });
   let bufs: PinnedBuffer | null = null;
   let direct: DirectIo | null = null;
+  let crypt: FastCrypt | null = null;
+  const key = d.key ? new Uint8Array(d.key) : null;
   const efdBuf = allocPinned(PAGE);
   try {
     const reg = ring.registerFiles([cdevFd, imageFd]);
@@ -136,12 +140,11 @@ function run(d: QueueWorkerData): void {
     const tagDone = new Float64Array(depth);
     const tagPhys = new Float64Array(depth);
     const tagOffset = new Float64Array(depth); // guest byte offset: the XTS tweak of an encrypted image
-    let crypt: FastCrypt | null = null;
     if (view.encrypted) {
-      if (!d.key) throw new Error('an encrypted image needs its key to be served');
-      crypt = new FastCrypt(d.key, bufs.bytes, depth, maxIo);
+      if (!key) throw new Error('an encrypted image needs its key to be served');
+      crypt = new FastCrypt(key, bufs.bytes, depth, maxIo);
     }
-    d.key?.fill(0); // the cipher holds the key now
+    key?.fill(0); // the cipher holds the key now
     // Fast-path transfers are tried synchronously first where that cannot block (direct-io.ts).
     const directMode = chooseDirectMode(sys, imageFd, d.imagePath);
     if (directMode !== 'ring') direct = new DirectIo(sys, imageFd, directMode);
@@ -217,7 +220,7 @@ function run(d: QueueWorkerData): void {
             if (r === length) return finishFast(tag);
             if (r < DIRECT_WOULD_BLOCK) {
               log(`image ${write ? 'write' : 'read'} failed at ${phys}: ${errnoName(r)}`);
-              return commit(tag, -EIO);
+              return commit(tag, requestErrnoOf(r));
             }
             tagDone[tag] = direct.done; // the ring finishes what would have blocked
           }
@@ -235,7 +238,7 @@ function run(d: QueueWorkerData): void {
     const onFileDone = (tag: number, res: number) => {
       if (res < 0) {
         log(`image ${tagOp[tag] === UBLK_IO_OP_READ ? 'read' : 'write'} failed at ${tagPhys[tag]}: ${errnoName(res)}`);
-        commit(tag, -EIO);
+        commit(tag, requestErrnoOf(res));
         return;
       }
       if (res === 0 && tagOp[tag] === UBLK_IO_OP_READ) {
@@ -302,7 +305,8 @@ function run(d: QueueWorkerData): void {
     bufs?.free();
     efdBuf.free();
     direct?.free();
-    d.key?.fill(0);
+    key?.fill(0);
+    crypt?.destroy(); // the worker's copy of the key goes with the queue
   }
 }
 

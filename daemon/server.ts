@@ -33,12 +33,18 @@ import {
   UBLK_S_DEV_LIVE,
 } from './ublk/abi.js';
 import { CompletionRing } from './shared-state.js';
+import { BurstLog, requestErrno } from './request-errors.js';
 import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
 import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
 import { listStates, removeState, writeState, type DeviceState } from './state.js';
 
-const EIO = 5;
-const ENOSPC = 28;
+const OP_NAMES: Record<number, string> = {
+  [UBLK_IO_OP_READ]: 'read',
+  [UBLK_IO_OP_WRITE]: 'write',
+  [UBLK_IO_OP_FLUSH]: 'flush',
+  [UBLK_IO_OP_DISCARD]: 'discard',
+  [UBLK_IO_OP_WRITE_ZEROES]: 'write-zeroes',
+};
 /** Largest discard/write-zeroes request: whole blocks are punched in one call, so it can be big. */
 const MAX_DISCARD_BYTES = 1 << 30;
 
@@ -93,13 +99,17 @@ export class UblkServer {
   private readonly activityBuffers: SharedArrayBuffer[] = [];
   private cdevFd = -1;
   private started = false;
+  /** Failed requests, logged once per burst. */
+  private readonly failures: BurstLog;
   private stopping: Promise<void> | null = null;
 
   private constructor(
     private readonly opts: ServeOptions,
     readonly image: FvdImage,
     private readonly ctl: UblkControl,
-  ) {}
+  ) {
+    this.failures = new BurstLog(opts.log);
+  }
 
   /**
    * Opens the image and brings the device up. On any failure everything already done is undone:
@@ -208,16 +218,13 @@ export class UblkServer {
         eventfd,
         cdevFd: this.cdevFd,
         activity: newActivityBuffer(),
-        // Encrypted image: a copy of the master key for the worker's own fast-path cipher. The
-        // Worker constructor clones workerData synchronously, so this thread's copy is wiped next.
-        key: this.image.masterKeyCopy(),
+        // Encrypted image: the master key for the worker's own fast-path cipher, handed over in
+        // shared memory that the worker zeroes once its cipher holds the key (and this thread
+        // again when the queue is set up or fails).
+        key: sharedKeyForWorker(this.image.masterKeyCopy()),
       };
-      let worker: Worker;
-      try {
-        worker = new Worker(workerUrl, { workerData: data });
-      } finally {
-        data.key?.fill(0);
-      }
+      const worker = new Worker(workerUrl, { workerData: data });
+      const wipeKey = () => data.key && new Uint8Array(data.key).fill(0);
       let resolveFetched!: () => void;
       let rejectFetched!: (e: Error) => void;
       fetched.push(new Promise<void>((res, rej) => ((resolveFetched = res), (rejectFetched = rej))));
@@ -234,12 +241,14 @@ export class UblkServer {
         slow: 0,
         exited: new Promise((resolve) => {
           worker.on('message', (m: WorkerMessage) => {
+            if (m.type === 'fetched' || m.type === 'exit') wipeKey();
             if (m.type === 'exit') {
               if (m.error) rejectFetched(new FvdError(`queue ${qid}: ${m.error}`, 'EIO'));
               resolve(m.error);
             }
           });
           worker.on('error', (e) => {
+            wipeKey();
             rejectFetched(e);
             resolve(e.message);
           });
@@ -275,8 +284,8 @@ export class UblkServer {
       case 'slow':
         void this.serveSlow(q, m.tag, m.op, m.flags, m.offset, m.length);
         break;
-      case 'log': // a worker logs only what went wrong
-        this.opts.log(`queue ${m.qid}: ${m.message}`);
+      case 'log': // a worker logs only what went wrong, one message per failed request
+        this.failures.failure(`queue ${m.qid}: ${m.message}`);
         this.stats.errors++;
         break;
       case 'info':
@@ -321,9 +330,9 @@ export class UblkServer {
       result = op === UBLK_IO_OP_FLUSH ? 0 : length;
     } catch (err) {
       this.stats.errors++;
-      this.opts.log(`I/O error: op ${op} at ${offset}+${length}: ${(err as Error).message}`);
       // A full device (an image on an LV without room for another chunk) is ENOSPC for the guest.
-      result = err instanceof FvdError && err.code === 'ENOSPC' ? -ENOSPC : -EIO;
+      result = requestErrno(err);
+      this.failures.failure(`${OP_NAMES[op] ?? `op ${op}`} at ${offset}+${length}: ${(err as Error).message}`);
     }
     q.completions.push(tag, result);
     fs.writeSync(q.eventfd, EFD_WAKE);
@@ -365,6 +374,7 @@ export class UblkServer {
       }
     };
     if (this.devId >= 0 && this.started) await attempt('STOP_DEV', () => ctl.stopDevice(this.devId));
+    this.failures.flush(); // the requests failed during the drain, before the closing lines
     // Workers leave once every tag is aborted; a device that never started needs the quit flag.
     for (const q of this.queues) {
       if (!this.started) {
@@ -387,6 +397,15 @@ export class UblkServer {
     if (this.devId >= 0) removeState(this.devId);
     if (errors.length) throw new FvdError(errors.join('; '), 'EIO');
   }
+}
+
+/** The key moved into a SharedArrayBuffer for a worker; the copy it came in is wiped. */
+export function sharedKeyForWorker(key: Uint8Array | null): SharedArrayBuffer | null {
+  if (!key) return null;
+  const shared = new SharedArrayBuffer(key.length);
+  new Uint8Array(shared).set(key);
+  key.fill(0);
+  return shared;
 }
 
 async function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | 'timeout'> {

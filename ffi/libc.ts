@@ -20,6 +20,9 @@ export const BLKGETSIZE64 = 0x80081272;
 export const BLKDISCARD = 0x1277;
 /** _IO(0x12, 127): zero-out a byte range of a block device. */
 export const BLKZEROOUT = 0x127f;
+/** prctl options: a process's "dumpable" flag (core dumps, ptrace, /proc/PID/mem by its user). */
+export const PR_GET_DUMPABLE = 3;
+export const PR_SET_DUMPABLE = 4;
 
 export interface Libc {
   fallocate(fd: number, mode: number, offset: number, length: number): number;
@@ -27,6 +30,8 @@ export interface Libc {
   flock(fd: number, operation: number): number;
   ioctlPtr(fd: number, request: number, arg: Uint8Array): number;
   eventfd(initval: number, flags: number): number;
+  /** prctl(2) with one argument (the others 0). */
+  prctl(option: number, arg2: number): number;
   errno(): number;
 }
 
@@ -46,12 +51,14 @@ export function libc(): Libc | null {
     const flock = lib.func('int flock(int fd, int op)');
     const ioctl = lib.func('int ioctl(int fd, unsigned long req, _Inout_ uint8_t *arg)');
     const eventfd = lib.func('int eventfd(unsigned int initval, int flags)');
+    const prctl = lib.func('int prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5)');
     cached = {
       fallocate: (fd, mode, off, len) => fallocate(fd, mode, off, len),
       lseek: (fd, off, whence) => Number(lseek(fd, off, whence)),
       flock: (fd, op) => flock(fd, op),
       ioctlPtr: (fd, req, arg) => ioctl(fd, req, arg),
       eventfd: (init, flags) => eventfd(init, flags),
+      prctl: (option, arg2) => prctl(option, arg2, 0, 0, 0),
       errno: () => koffi.errno(),
     };
   } catch {

@@ -254,16 +254,24 @@ export class XtsCipher {
   /** Bounce space for buffers not 4-byte aligned. */
   private readonly bounce = new Uint32Array(SLICE / 4);
   private readonly zeroSector = new Uint8Array(SLICE_SECTORS);
-  /** A private copy of the key, only for `masterKey()` (the ECB contexts hold it anyway). */
-  private readonly key: Uint8Array;
+  /**
+   * A private copy of the key, only for `masterKey()` (the ECB contexts hold it anyway). In an
+   * ArrayBuffer of its own: V8 keeps small typed arrays made by length inside its heap and moves
+   * them (leaving stale copies behind); an explicit ArrayBuffer's memory never moves.
+   */
+  private readonly key = new Uint8Array(new ArrayBuffer(MASTER_KEY_BYTES));
+  private destroyed = false;
+  /** Ciphers made and not yet destroyed in this thread: tests check every image close brings it back. */
+  static live = 0;
 
   /** `key`: 64 bytes, K1 (data) then K2 (tweak). The caller may wipe it afterwards. */
   constructor(key: Uint8Array) {
     if (key.length !== MASTER_KEY_BYTES) throw new Error('XTS-AES-256 needs a 64-byte key');
-    this.key = Uint8Array.from(key);
-    this.enc = createCipheriv('aes-256-ecb', key.subarray(0, 32), null).setAutoPadding(false);
-    this.dec = createDecipheriv('aes-256-ecb', key.subarray(0, 32), null).setAutoPadding(false);
-    this.tweakEnc = createCipheriv('aes-256-ecb', key.subarray(32, 64), null).setAutoPadding(false);
+    XtsCipher.live++;
+    this.key.set(key);
+    this.enc = createCipheriv('aes-256-ecb', this.key.subarray(0, 32), null).setAutoPadding(false);
+    this.dec = createDecipheriv('aes-256-ecb', this.key.subarray(0, 32), null).setAutoPadding(false);
+    this.tweakEnc = createCipheriv('aes-256-ecb', this.key.subarray(32, 64), null).setAutoPadding(false);
   }
 
   /**
@@ -272,11 +280,48 @@ export class XtsCipher {
    * wipes the copy (fill(0)) once done and never logs it.
    */
   masterKey(): Uint8Array {
-    return this.key.slice();
+    if (this.destroyed) throw new Error('xts: the cipher was destroyed');
+    const copy = new Uint8Array(new ArrayBuffer(MASTER_KEY_BYTES));
+    copy.set(this.key);
+    return copy;
+  }
+
+  /**
+   * Wipes every copy of the key this object holds, at once rather than whenever the garbage
+   * collector runs: its own copy and the tweak scratch are zeroed, and final() ends the three
+   * OpenSSL contexts, which frees them with OPENSSL_cleanse (Node frees the EVP context in
+   * final()). Called when the image closes; the cipher refuses to work afterwards. Idempotent.
+   */
+  destroy(): void {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    XtsCipher.live--;
+    this.key.fill(0);
+    this.tweakIn.fill(0);
+    this.t.fill(0);
+    this.x.fill(0);
+    this.bounce.fill(0);
+    for (const c of [this.enc, this.dec, this.tweakEnc]) {
+      try {
+        c.final();
+      } catch {
+        // nothing pending can make final() fail on ECB without padding; the context is gone either way
+      }
+    }
+  }
+
+  /** For tests: the buffers that held key material (all zero after destroy()). */
+  secretBuffersForTest(): Uint8Array[] {
+    return [this.key, new Uint8Array(this.tweakIn.buffer), new Uint8Array(this.t.buffer), new Uint8Array(this.x.buffer), new Uint8Array(this.bounce.buffer)];
+  }
+
+  get isDestroyed(): boolean {
+    return this.destroyed;
   }
 
   /** Encrypts whole sectors of `src` into `dst` (same length; may be the same buffer). */
   encrypt(src: Uint8Array, dst: Uint8Array, firstSector: number): void {
+    if (this.destroyed) throw new Error('xts: the cipher was destroyed (the image is closed)');
     checkSectors(src.length);
     if (dst.length !== src.length) throw new Error('xts: dst and src lengths differ');
     for (let pos = 0; pos < src.length; pos += SLICE) {
@@ -290,6 +335,7 @@ export class XtsCipher {
    * zeroed storage) reads as zeros.
    */
   decrypt(buf: Uint8Array, firstSector: number): void {
+    if (this.destroyed) throw new Error('xts: the cipher was destroyed (the image is closed)');
     checkSectors(buf.length);
     for (let pos = 0; pos < buf.length; pos += SLICE) {
       const len = Math.min(SLICE, buf.length - pos);

@@ -58,6 +58,7 @@ import { allSet, countSet, forEachClearRun, newBitmap, setRange, testBit } from 
 import { Journal, PendingRecords, replayJournal, type JournalSink } from './journal.js';
 import { BlockLocks } from './block-locks.js';
 import { SectorGate } from './sector-gate.js';
+import { FlushGuard } from './flush-guard.js';
 import { BufferPool, KeyError, parseCryptFields, sealNewKey, unlock, type KdfParams, type XtsCipher } from './crypto.js';
 import { SnapshotManager, SnapshotState, loadSnapshotState, type SnapshotHost } from './snapshot.js';
 import { Qcow2Image, type Qcow2Details } from './qcow2.js';
@@ -397,11 +398,19 @@ export class FvdImage {
         if (layout.bitmapLength) await file.write(bitmap, layout.bitmapOffset);
         if (layout.tableLength) await file.write(new Uint8Array(layout.tableLength).fill(0xff), layout.tableOffset);
         if (file.isBlockDevice) await file.zeroRange(layout.journalOffset, layout.journalLength);
-        else await file.truncate(compact ? layout.dataOffset : layout.dataOffset + size);
+        else {
+          await file.truncate(compact ? layout.dataOffset : layout.dataOffset + size);
+          // Allocated, not a hole: on a full file system a journal commit then needs no new space,
+          // so flushes keep working while data writes fail with ENOSPC (bitmap and table are
+          // written above, so they are allocated too).
+          await writeZeros(file, layout.journalOffset, layout.journalLength);
+        }
         await file.flush();
       } finally {
         await file.close();
       }
+      // The new name, too, must survive a power cut (a block device has no new name).
+      if (!file.isBlockDevice) await io.syncDirectoryOf?.(imagePath);
     } finally {
       await base?.close();
     }
@@ -426,6 +435,26 @@ export class FvdImage {
     const compact = (header.incompatible & INCOMPAT_COMPACT) !== 0n;
     // The key is checked before anything else is read or written (FORMAT.md §11.2).
     const xts = await openCipher(imagePath, header, options, chain.length > 0);
+    try {
+      return await FvdImage.fromHeader(io, imagePath, file, options, chain, first, header, compact, readOnly, xts);
+    } catch (err) {
+      xts?.destroy(); // a refused open keeps no copy of the key either
+      throw err;
+    }
+  }
+
+  private static async fromHeader(
+    io: IoBackend,
+    imagePath: string,
+    file: BlockFile,
+    options: OpenOptions,
+    chain: string[],
+    first: Uint8Array,
+    header: Header,
+    compact: boolean,
+    readOnly: boolean,
+    xts: XtsCipher | null,
+  ): Promise<FvdImage> {
 
     let base: BaseImage | null = null;
     let reopenBase: (() => Promise<BaseImage>) | null = null;
@@ -501,7 +530,8 @@ export class FvdImage {
       if (table && !header.revertSnapshotId) validateTable(imagePath, table, header, file, (header.incompatible & INCOMPAT_DIRTY) !== 0n);
       // Snapshot structures; an interrupted revert is redone here, over the replayed state.
       const snap = table ? await loadSnapshotState(imagePath, file, header, table, present, !!options.recountRefcounts) : null;
-      const image = new FvdImage(imagePath, file, header, base, {
+      // Read-write: the first failed flush stops every later write (fvd/flush-guard.ts).
+      const image = new FvdImage(imagePath, readOnly ? file : new FlushGuard(file), header, base, {
         present,
         table,
         snap: snap ? snap.state : null,
@@ -558,22 +588,35 @@ export class FvdImage {
     while (this.background.size) await Promise.allSettled([...this.background]);
   }
 
+  /**
+   * Why the image accepts no more writes (a flush failed: fvd/flush-guard.ts), or null. Such an
+   * image closes without its checkpoint: the next open replays the journal it had on disk.
+   */
+  get failure(): FvdError | null {
+    return this.file instanceof FlushGuard ? this.file.failure : null;
+  }
+
   /** Clean shutdown: finish background work, checkpoint, clear the dirty flag. */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     try {
       await this.idle();
+      if (this.failure) throw new FvdError(`${this.failure.message}; closed without a checkpoint (the image stays dirty)`, 'EIO');
       if (!this.readOnly) {
         // Every base block local (copy-on-read, writes): from now on neither bitmap nor base
         // is needed. Set only at a checkpoint, whose bitmap write precedes the header write.
         if (!this.allLocal && countSet(this.present, this.baseBlocks) === this.baseBlocks) {
           this.header.autoclear |= AUTOCLEAR_FULLY_LOCAL;
         }
+        // A chunk mapped by an allocation whose data write then failed (ENOSPC) points past the
+        // end of the file; in a cleanly closed image every entry points inside it (§4.3).
+        await this.coverMappedChunks();
         this.header.incompatible &= ~INCOMPAT_DIRTY; // written by the checkpoint's header update
         await this.journal!.checkpoint();
       }
     } finally {
+      this.xts?.destroy(); // the key leaves memory with the image (FORMAT.md §11.2)
       await this.file.close();
       await this.base?.close();
     }
@@ -586,6 +629,7 @@ export class FvdImage {
   async abandon(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.xts?.destroy();
     await this.file.close();
     await this.base?.close();
   }
@@ -1683,6 +1727,12 @@ export function readBaseIdentity(imagePath: string, first: Uint8Array, header: H
 }
 
 /** [a, z) of the file is known to read as zeros (a hole or past the end). */
+/** Writes zeros over a range (allocating it), 1 MiB at a time. */
+async function writeZeros(file: BlockFile, offset: number, length: number): Promise<void> {
+  const piece = new Uint8Array(Math.min(length, 1 << 20));
+  for (let pos = 0; pos < length; pos += piece.length) await file.write(piece.subarray(0, Math.min(piece.length, length - pos)), offset + pos);
+}
+
 export function holeAt(file: BlockFile, a: number, z: number): boolean {
   if (a >= file.size()) return true;
   const next = file.nextData?.(a);

@@ -72,4 +72,10 @@ export interface IoBackend {
   open(path: string, options?: OpenOptions): Promise<BlockFile>;
   /** Optional: BlockFile.fileId of the file at `path` without opening it; null if there is none. */
   identify?(path: string): Promise<string | null>;
+  /**
+   * Makes the directory entry of a file created at `path` durable: fsync of its parent directory
+   * (an fdatasync of the file covers its data, not its name, so after a power cut a new image
+   * could be missing altogether). Optional: a backend without directories omits it.
+   */
+  syncDirectoryOf?(path: string): Promise<void>;
 }

@@ -127,6 +127,7 @@ class OfflineImage {
       await img.load();
       return img;
     } catch (err) {
+      img.xts?.destroy();
       await file.close();
       throw err;
     }
@@ -340,6 +341,7 @@ class OfflineImage {
   }
 
   close(): Promise<void> {
+    this.xts?.destroy(); // the key leaves memory with the image (FORMAT.md §11.2)
     return this.file.close();
   }
 }

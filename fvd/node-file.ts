@@ -3,6 +3,7 @@
  * and locks come from libc through koffi (ffi/libc.ts); without it, zeroRange writes zeros.
  */
 import fs from 'node:fs';
+import nodePath from 'node:path';
 import type { BlockFile, IoBackend, OpenOptions } from './io.js';
 import { FvdError } from './errors.js';
 import {
@@ -203,4 +204,15 @@ export function takeLock(fd: number, path: string, mode: 'exclusive' | 'shared')
 export const nodeIo: IoBackend = {
   open: (path, options) => NodeFile.open(path, options),
   identify: fileIdentity,
+  syncDirectoryOf: (p) => syncDirectoryOf(p),
 };
+
+/** fsync of the directory holding `p` (a directory opened read-only can be fsync'ed on Linux). */
+export async function syncDirectoryOf(p: string): Promise<void> {
+  const fd = await ioPromise<number>((cb) => fs.open(nodePath.dirname(nodePath.resolve(p)), 'r', cb));
+  try {
+    await ioPromise<void>((cb) => fs.fsync(fd, (err) => cb(err, undefined)));
+  } finally {
+    fs.closeSync(fd);
+  }
+}

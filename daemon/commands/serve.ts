@@ -15,10 +15,10 @@ import { sdNotify, watchdogPingIntervalMs } from '../../ffi/sd-notify.js';
 import { UsageError, formatSize, parseInteger, parsePercent, parseSize } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { UblkServer } from '../server.js';
+import { FvdError, oneLine } from '../../fvd/errors.js';
 import { Prefetcher } from '../../fvd/prefetch.js';
 import type { QueueActivityReader } from '../queue-activity.js';
-import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
-import { oneLine } from '../../fvd/errors.js';
+import { KEY_FILE_OPTION, keepOutOfCoreDumps, readKeyFile, wipe } from '../key-file.js';
 import { runGrowCommand } from '../grow.js';
 import { figuresFile, linkDevice, prometheusText, unlinkDevice, writeAtomically, type DeviceFigures } from '../metrics.js';
 import { stateDir, writeState } from '../state.js';
@@ -89,6 +89,9 @@ export async function run(args: string[]): Promise<number> {
   const maxIo = parseSize(values['max-io']!, 'max I/O size');
   if (maxIo < 4096 || maxIo > 32 * 1024 * 1024 || maxIo % 4096) throw new UsageError(`invalid max I/O size ${maxIo}: a multiple of 4 KiB from 4 KiB to 32 MiB`);
   const log = (line: string) => console.error(oneLine(`fvd[${process.pid}]: ${line}`));
+  // The daemon holds guest data in its request buffers and, for an encrypted image, the master
+  // key: never in a core dump, never readable through ptrace by another process of this user.
+  keepOutOfCoreDumps();
   let fatal: ((reason: string) => void) | undefined;
   const prefetchRate = values['prefetch-rate'] !== undefined ? parseSize(values['prefetch-rate'], 'prefetch rate') : undefined;
   const prefetchShare = parsePercent(values['prefetch-share']!, 'prefetch latency share');
@@ -111,7 +114,11 @@ export async function run(args: string[]): Promise<number> {
     key,
     log,
     onFatal: (reason) => fatal?.(reason),
-  }).finally(() => wipe(key));
+  })
+    .catch((err) => {
+      throw sandboxHint(err, image, values.instance);
+    })
+    .finally(() => wipe(key));
 
   // Background prefetching of the base, adaptive: the queue workers time every request
   // (daemon/queue-activity.ts) and the prefetcher's latency budget keeps the guest's mean latency
@@ -174,6 +181,7 @@ export async function run(args: string[]): Promise<number> {
     return (
       `${server.devicePath} ${formatSize(server.image.size)}: ${s.fastPath + s.slowPath} requests (${s.slowPath} via engine), ` +
       `${s.flushes} flushes, ${s.errors} errors` +
+      (server.image.failure ? ', WRITES REFUSED (a flush failed: restart once the storage works)' : '') +
       (p
         ? `, prefetch ${(p.fraction * 100).toFixed(1)}% ${p.state === 'paused' ? `paused (${p.pauseReason})` : p.state}` +
           (p.state === 'running' || p.state === 'paused' ? ` ${formatSize(Math.round(p.rate))}/s ETA ${p.etaSeconds === null ? '--' : `${Math.ceil(p.etaSeconds)} s`}` : '')
@@ -274,6 +282,21 @@ export async function run(args: string[]): Promise<number> {
     });
     process.on('SIGINT', () => stop('SIGINT'));
   });
+}
+
+/**
+ * Under fvd@.service the file system is read-only except /var/lib/fvd (ProtectSystem=strict): an
+ * image elsewhere fails to open read-write with EROFS. Say what to add instead of only the errno.
+ */
+function sandboxHint(err: unknown, image: string, instance: string | undefined): unknown {
+  const e = err as NodeJS.ErrnoException;
+  if (e?.code !== 'EROFS' || !process.env.INVOCATION_ID) return err;
+  const dir = path.dirname(path.resolve(image));
+  const unit = instance !== undefined ? `fvd@${instance}` : 'the service';
+  return new FvdError(
+    `${image}: read-only file system: the service may write only /var/lib/fvd; allow the image's directory with 'systemctl edit ${unit}': [Service] ReadWritePaths=${dir}`,
+    'EROFS',
+  );
 }
 
 /**

@@ -11,15 +11,20 @@
  *    semantics: a flush covers writes that completed before it was issued);
  *  - every other write/zeroRange submitted before k (completed or still in flight) is independently
  *    kept, lost, or torn: a random subset of its 512-byte sectors (by absolute file offset) kept;
- *  - a non-durable truncate is kept or lost; a create (of a missing file) is always kept.
+ *  - a non-durable truncate is kept or lost; a create of a file that existed changes nothing
+ *    (it never truncates: OpenOptions.create); a file that did not exist and was created is there after the crash only if a
+ *    directory sync of its directory (IoBackend.syncDirectoryOf) submitted after the create
+ *    completed before k — else it is kept or lost (gone, with everything written to it), like any
+ *    other non-durable event: an fdatasync makes data durable, not the name.
  * Events are replayed in completion order (in-flight ones last, by submission), so a later write
  * wins over an earlier one wherever both were kept.
  */
+import path from 'node:path';
 import type { BlockFile, IoBackend, OpenOptions } from '../../fvd/io.js';
 import { MemData, MemIo } from './mem-io.js';
 import type { Rng } from './rng.js';
 
-export type CrashEventKind = 'write' | 'zero' | 'truncate' | 'create' | 'flush';
+export type CrashEventKind = 'write' | 'zero' | 'truncate' | 'create' | 'flush' | 'dirsync';
 
 export interface CrashEvent {
   kind: CrashEventKind;
@@ -173,6 +178,19 @@ export class CrashIo implements IoBackend {
     );
   }
 
+  /** Records a directory sync (of `p`'s directory), which completes at once. */
+  syncDirectoryOf(p: string): Promise<void> {
+    const ev = this.begin({ kind: 'dirsync', path: path.dirname(MemIo.key(p)), offset: 0, length: 0 });
+    return this.track(ev, Promise.resolve());
+  }
+
+  /** Whether the name of `file`, created by event `create`, is durable at crash point k. */
+  private nameDurable(file: string, create: CrashEvent, k: number): boolean {
+    if (create.end === undefined || create.end >= k) return false;
+    const dir = path.dirname(file);
+    return this.events.some((e) => e.kind === 'dirsync' && e.path === dir && e.start > create.end! && e.end !== undefined && e.end < k);
+  }
+
   async open(p: string, options: OpenOptions = {}): Promise<BlockFile> {
     const key = MemIo.key(p);
     const ev = options.create ? this.begin({ kind: 'create', path: key, offset: 0, length: 0 }) : undefined;
@@ -228,7 +246,8 @@ export class CrashIo implements IoBackend {
     const files = new Map<string, MemData>();
     for (const [p, c] of this.initial) files.set(p, new MemData(c.slice()));
     const paths = new Set<string>(files.keys());
-    for (const e of this.events) paths.add(e.path);
+    const lostFiles = new Set<string>();
+    for (const e of this.events) if (e.kind !== 'dirsync') paths.add(e.path);
     for (const path of [...paths].sort()) {
       const d = this.durablePoint(path, k);
       const evs = this.events
@@ -237,9 +256,25 @@ export class CrashIo implements IoBackend {
         .sort((a, b) => a.key - b.key || a.e.start - b.e.start)
         .map((x) => x.e);
       for (const e of evs) {
+        if (e.kind === 'dirsync') continue;
         let data = files.get(path);
         if (e.kind === 'create') {
-          if (!data) files.set(path, new MemData()); // never truncates (OpenOptions.create)
+          if (data) {
+            // never truncates (OpenOptions.create)
+          } else if (this.nameDurable(path, e, k)) files.set(path, new MemData());
+          else {
+            const label = `${path} create (name not durable) [${e.start},${e.end ?? 'inflight'}]`;
+            const choice = decide(e, 1);
+            if (choice === 'lose' || (Array.isArray(choice) && !choice[0])) {
+              res.lost++;
+              res.choices.push(`${label}: lost (the file is gone)`);
+              lostFiles.add(path);
+              break;
+            }
+            res.kept++;
+            res.choices.push(`${label}: kept`);
+            files.set(path, new MemData());
+          }
           continue;
         }
         if (!data) {
@@ -273,7 +308,7 @@ export class CrashIo implements IoBackend {
         }
       }
     }
-    for (const [p, d] of files) res.io.files.set(p, d);
+    for (const [p, d] of files) if (!lostFiles.has(p)) res.io.files.set(p, d);
     return res;
   }
 }

@@ -21,6 +21,9 @@
 #  13 qcow2       ext4 in a compressed qcow2 template: served, prefetched, template deleted
 #  14 remote      ext4 template over HTTP (nginx): served, prefetched, outage and return
 #  15 kernel      ublk features named from GET_FEATURES; queue threads are I/O flushers
+#  16 storage-faults  dm-flakey/dm-error under the image and under its base: errors, no crash,
+#                 replay, flushed data intact
+#  17 full-disk   the image's file system fills up: -ENOSPC to the guest, writes again after space
 #
 # Output: one line per check, "ok - [N name] ..." or "not ok - [N name] ..." (with the evidence
 # indented below it), "# ..." comments, and as the last line exactly "N passed, N failed".
@@ -102,6 +105,10 @@ cleanup_scenario() {
     for m in $(awk -v d="$dir" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r); do
         echo "# cleanup: unmounting $m"
         timeout 30 umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+    done
+    # Device-mapper devices of the storage-fault scenarios (over loop devices of its files).
+    dmsetup ls 2>/dev/null | awk '$1 ~ /^fvde2e-/ {print $1}' | while read -r m; do
+        dmsetup remove --noudevsync --force "$m" 2>/dev/null || true
     done
     # Loop devices over its files.
     losetup -n -O NAME,BACK-FILE 2>/dev/null | awk -v d="$dir" 'index($2, d) == 1 {print $1}' |

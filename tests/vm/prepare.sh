@@ -51,7 +51,7 @@ flock 9
 #    /usr/lib/qemu/virtiofsd on bookworm).  The rest are used in the guest.
 # ---------------------------------------------------------------------------
 pkgs=(qemu-system-x86 qemu-utils busybox-static
-      e2fsprogs xfsprogs fio util-linux kmod xz-utils cpio gzip systemd lvm2
+      e2fsprogs xfsprogs fio util-linux kmod xz-utils cpio gzip systemd lvm2 dmsetup
       nginx-light)
 missing=()
 for p in "${pkgs[@]}"; do

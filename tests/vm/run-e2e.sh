@@ -14,7 +14,7 @@
 # "N passed, N failed".  Exit 0 only when nothing failed (a guest that timed out, crashed or gave
 # no summary counts as a failure).
 #
-# Knobs: E2E_BUSYBOX_TIMEOUT (s, default 1500) and E2E_SYSTEMD_TIMEOUT (s, default 720) bound each
+# Knobs: E2E_BUSYBOX_TIMEOUT (s, default 2700) and E2E_SYSTEMD_TIMEOUT (s, default 1500) bound each
 # guest boot (run.sh --timeout); FVD_VM_* knobs of run.sh apply; E2E_* knobs of e2e.sh are passed
 # into the guest.
 set -euo pipefail
@@ -31,7 +31,7 @@ want=("$@")
 plain=() sysd=()
 for w in "${want[@]}"; do
     case $w in
-        all) plain+=(1 2 3 4 5 7 8 9 10 11 12 13 14 15); sysd+=(6) ;;
+        all) plain+=(1 2 3 4 5 7 8 9 10 11 12 13 14 15 16 17); sysd+=(6) ;;
         6 | systemd | 6-systemd) sysd+=(6) ;;
         *) plain+=("$w") ;;
     esac
@@ -102,9 +102,9 @@ else
         exit 1
     fi
     [[ ${#plain[@]} -gt 0 ]] &&
-        part "busybox $kernel" bash "$here/run.sh" --timeout "${E2E_BUSYBOX_TIMEOUT:-1500}" -- bash "$here/e2e.sh" "${plain[@]}"
+        part "busybox $kernel" bash "$here/run.sh" --timeout "${E2E_BUSYBOX_TIMEOUT:-3600}" -- bash "$here/e2e.sh" "${plain[@]}"
     [[ ${#sysd[@]} -gt 0 ]] &&
-        part "systemd $kernel" bash "$here/run.sh" --systemd --timeout "${E2E_SYSTEMD_TIMEOUT:-720}" -- bash "$here/e2e.sh" "${sysd[@]}"
+        part "systemd $kernel" bash "$here/run.sh" --systemd --timeout "${E2E_SYSTEMD_TIMEOUT:-1500}" -- bash "$here/e2e.sh" "${sysd[@]}"
 fi
 
 echo "# --- timings (wall clock, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg))"

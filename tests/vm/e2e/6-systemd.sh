@@ -1,6 +1,6 @@
 # tests/vm/e2e/6-systemd.sh — sourced by tests/vm/e2e.sh (with lib.sh), runs `scenario` in $D.
 # title: systemd fvd@.service: start only when the device works, StatusText, clean stop, bad image
-# timeout: 420
+# timeout: 900
 #
 # Needs systemd as PID 1 (the --systemd guest boot); skipped otherwise.  `make install` (PREFIX
 # /usr/local: CLI + unit), /var/lib/fvd/test.fvd created with the installed `fvd`.  `systemctl
@@ -9,6 +9,11 @@
 # the unit is inactive (not failed), `fvd check` exits 0 and `fvd io read -P` finds the data.
 # fvd@bad (an image with a corrupted magic) fails to start (`systemctl start` non-zero), its log
 # has the one-line error, and no device is left behind.
+# The lock-down (sandbox_checks): `systemd-analyze security` rates the installed unit at most 4.0
+# and LimitCORE is 0; fvd@enc serves an encrypted image whose key comes as a credential
+# (LoadCredential=key:... in a drop-in), data written through the device reads back with the key and
+# is not in the file in the clear, the key is not in the journal; fvd@out (IMAGE= in /srv) fails
+# with a one-line hint naming ReadWritePaths=, and starts once a drop-in adds it.
 
 scenario() {
     if [[ $(readlink /proc/1/exe 2>/dev/null) != */systemd ]]; then
@@ -90,4 +95,70 @@ scenario() {
     t systemctl reset-failed fvd@bad > /dev/null 2>&1 || true
     expect "fvd@bad: still no device after its restart attempts are stopped" "$(ublk_nodes)" "$before"
     if [[ -z ${FVD_IN_VM:-} ]]; then rm -f "$img" /var/lib/fvd/bad.fvd; fi
+
+    sandbox_checks
+}
+
+# The locked-down unit (systemd/fvd@.service): its exposure score as systemd rates the installed
+# unit, an encrypted image served with its key as a systemd credential (LoadCredential=), and an
+# image outside /var/lib/fvd (read-only to the service) refused with a hint, then served once a
+# drop-in allows its directory.
+sandbox_checks() {
+    local score out rc dev before key=/etc/fvd/enc.key enc=/var/lib/fvd/enc.fvd M=$((1024 * 1024))
+    out=$(systemd-analyze security --no-pager fvd@test.service 2>&1 || true)
+    score=$(sed -n 's/.*Overall exposure level for fvd@test.service: \([0-9.]*\).*/\1/p' <<< "$out")
+    if [[ -n $score ]] && awk -v s="$score" 'BEGIN { exit !(s <= 4.0) }'; then
+        ok "systemd-analyze security fvd@test.service: exposure $score (at most 4.0, OK)"
+    else not_ok "systemd-analyze security fvd@test.service: exposure '${score:-?}', want at most 4.0" "$(tail -n 25 <<< "$out")"; fi
+    expect "fvd@test: LimitCORE=0 (no core dumps of a process holding keys)" "$(systemctl show -p LimitCORE --value fvd@test)" 0
+
+    # --- an encrypted image, its key a credential ---
+    mkdir -p /etc/fvd
+    (umask 077; head -c 32 /dev/urandom > "$key")
+    rm -f "$enc"
+    must "fvd create --encrypt $enc 64M" fvd create --encrypt --key-file "$key" "$enc" 64M
+    mkdir -p /etc/systemd/system/fvd@enc.service.d
+    printf '[Service]\nLoadCredential=key:%s\n' "$key" > /etc/systemd/system/fvd@enc.service.d/key.conf
+    check "systemctl daemon-reload (fvd@enc drop-in: LoadCredential=key:$key)" t systemctl daemon-reload
+    before=$(ublk_nodes)
+    rc=0; out=$(t systemctl start fvd@enc 2>&1) || rc=$?
+    dev=$(comm -13 <(tr ' ' '\n' <<< "$before" | sort) <(ublk_nodes | tr ' ' '\n' | sort) | grep -m1 '^/dev/ublkb' || true)
+    if ((rc == 0)) && [[ -n $dev ]]; then ok "systemctl start fvd@enc (key from the credential) returns 0: $dev"
+    else not_ok "systemctl start fvd@enc failed (exit $rc, device '${dev:-none}')" "$out"$'\n'"$(journalctl -u fvd@enc -o cat --no-pager -n 20 2>&1)"; fi
+    if [[ -n $dev ]]; then
+        pattern_file 5e.bin $((2 * M)) 0x5e
+        check "fvd@enc: dd 2 MiB of 0x5e at 3 MiB (O_DIRECT, fsync)" write_dev "$dev" $((3 * M)) 5e.bin
+        check_dev_equals "fvd@enc: the device reads the data back" "$dev" $((3 * M)) 5e.bin
+    fi
+    rc=0; out=$(t systemctl stop fvd@enc 2>&1) || rc=$?
+    expect "systemctl stop fvd@enc returns 0" "$rc" 0 "$out"
+    check "fvd@enc: the data is in the image (fvd io --key-file, read -P 0x5e)" fvd io --key-file "$key" -c 'read -P 0x5e 3M 2M' "$enc"
+    expect "fvd@enc: 0x5e is not in the image file in the clear" "$(head -c $((64 * M)) "$enc" | grep -c -a -F "$(head -c 64 5e.bin)" || true)" 0
+    out=$(journalctl -u fvd@enc -o cat --no-pager 2>&1 || true)
+    if grep -q -a -F "$(od -An -tx1 "$key" | tr -d ' \n' | head -c 16)" <<< "$out"; then not_ok "fvd@enc: the key (hex) appears in the journal"
+    else ok "fvd@enc: the key does not appear in the journal (hex)"; fi
+
+    # --- an image outside /var/lib/fvd: read-only to the service until a drop-in allows it ---
+    mkdir -p /srv/fvd-e2e
+    rm -f /srv/fvd-e2e/out.fvd
+    must "fvd create /srv/fvd-e2e/out.fvd 32M" fvd create /srv/fvd-e2e/out.fvd 32M
+    printf 'IMAGE=/srv/fvd-e2e/out.fvd\n' > /etc/fvd/out.conf
+    before=$(ublk_nodes)
+    rc=0; out=$(t systemctl start fvd@out 2>&1) || rc=$?
+    if ((rc != 0 && rc != 124)); then ok "systemctl start fvd@out (image in /srv, not allowed) fails (exit $rc)"
+    else not_ok "systemctl start fvd@out (image in /srv) exit $rc: the service could write outside /var/lib/fvd" "$out"; fi
+    out=$(journalctl -u fvd@out -o cat --no-pager 2>&1 | grep '^fvd serve' | head -n 1 || true)
+    if [[ $out == *'ReadWritePaths=/srv/fvd-e2e'* ]]; then ok "fvd@out: the journal says what to add: $out"
+    else not_ok "fvd@out: no 'ReadWritePaths=/srv/fvd-e2e' hint in the journal" "$(journalctl -u fvd@out -o cat --no-pager -n 20 2>&1)"; fi
+    expect "fvd@out: no device left behind" "$(ublk_nodes)" "$before"
+    t systemctl stop fvd@out > /dev/null 2>&1 || true
+    t systemctl reset-failed fvd@out > /dev/null 2>&1 || true
+    mkdir -p /etc/systemd/system/fvd@out.service.d
+    printf '[Service]\nReadWritePaths=/srv/fvd-e2e\n' > /etc/systemd/system/fvd@out.service.d/rw.conf
+    check "systemctl daemon-reload (fvd@out drop-in: ReadWritePaths=/srv/fvd-e2e)" t systemctl daemon-reload
+    rc=0; out=$(t systemctl start fvd@out 2>&1) || rc=$?
+    expect "systemctl start fvd@out with the drop-in returns 0" "$rc" 0 "$out"$'\n'"$(journalctl -u fvd@out -o cat --no-pager -n 20 2>&1)"
+    rc=0; out=$(t systemctl stop fvd@out 2>&1) || rc=$?
+    expect "systemctl stop fvd@out returns 0" "$rc" 0 "$out"
+    check "fvd check /srv/fvd-e2e/out.fvd exits 0" fvd check /srv/fvd-e2e/out.fvd
 }
