@@ -24,6 +24,9 @@ export interface DeviceFigures {
   /** Requests timed by the workers (fetch to commit) and their summed latency. */
   latencyCount: number;
   latencySecondsSum: number;
+  /** Bytes the guest read and wrote through the device (requests completed, either path). */
+  bytesRead: number;
+  bytesWritten: number;
   inFlight: number;
   prefetch: { state: string; fraction: number; bytesDone: number; bytesRemaining: number } | null;
   updatedAt: string;
@@ -59,6 +62,10 @@ export function prometheusText(f: DeviceFigures): string {
   metric('fvd_errors_total', 'counter', 'Requests failed with an error.', [['', f.errors]]);
   metric('fvd_request_latency_seconds_sum', 'counter', 'Summed request latency inside the daemon (fetch to commit).', [['', f.latencySecondsSum]]);
   metric('fvd_request_latency_seconds_count', 'counter', 'Requests timed for fvd_request_latency_seconds_sum.', [['', f.latencyCount]]);
+  metric('fvd_bytes_total', 'counter', 'Bytes the guest read and wrote through the device.', [
+    [',op="read"', f.bytesRead],
+    [',op="write"', f.bytesWritten],
+  ]);
   metric('fvd_requests_in_flight', 'gauge', 'Requests being served.', [['', f.inFlight]]);
   if (f.prefetch) {
     metric('fvd_prefetch_ratio', 'gauge', 'Fraction of the base copied into the image.', [['', f.prefetch.fraction]]);

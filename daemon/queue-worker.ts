@@ -48,7 +48,7 @@ import {
 } from './ublk/abi.js';
 import { DIRECT_WOULD_BLOCK, DirectIo, chooseDirectMode } from './direct-io.js';
 import { CompletionRing, mapDirect, type EngineView } from './shared-state.js';
-import { QueueActivityWriter } from './queue-activity.js';
+import { ACTIVITY_OTHER, ACTIVITY_READ, ACTIVITY_WRITE, QueueActivityWriter } from './queue-activity.js';
 import { FastCrypt } from './fast-crypt.js';
 import { requestErrnoOf } from './request-errors.js';
 
@@ -188,11 +188,12 @@ function run(d: QueueWorkerData): void {
 
     /** A new request arrived for `tag`: serve it here or hand it to the engine. */
     const onRequest = (tag: number) => {
-      activity.begin(tag, performance.now());
       const at = tag * IO_DESC_SIZE;
       const opFlags = desc.getUint32(at, true);
       const op = opFlags & 0xff;
-      const length = desc.getUint32(at + 4, true) * 512;
+      const sectors = desc.getUint32(at + 4, true);
+      activity.begin(tag, performance.now(), op === UBLK_IO_OP_READ ? ACTIVITY_READ : op === UBLK_IO_OP_WRITE ? ACTIVITY_WRITE : ACTIVITY_OTHER, sectors);
+      const length = sectors * 512;
       const offset = (desc.getUint32(at + 8, true) + desc.getUint32(at + 12, true) * 0x100000000) * 512;
       if (op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE) {
         if (offset + length > view.size || length > maxIo) {

@@ -20,7 +20,7 @@ import { describeFeatures, featureNames } from '../daemon/ublk/features.js';
 import { CompletionRing, mapDirect, type EngineView } from '../daemon/shared-state.js';
 import { Prefetcher } from '../fvd/prefetch.js';
 import { readInstanceConfig } from '../daemon/instance-config.js';
-import { QueueActivityReader, QueueActivityWriter, newActivityBuffer } from '../daemon/queue-activity.js';
+import { ACTIVITY_OTHER, ACTIVITY_READ, ACTIVITY_WRITE, QueueActivityReader, QueueActivityWriter, newActivityBuffer } from '../daemon/queue-activity.js';
 import { listStates, removeState, writeState } from '../daemon/state.js';
 import { FvdImage } from '../fvd/image.js';
 import { nodeIo } from '../fvd/node-file.js';
@@ -288,7 +288,7 @@ test('queue activity: latencies summed exactly across queues, sub-µs carried, i
   q0.begin(0, 1000);
   q0.begin(3, 1000.5);
   q1.begin(2, 2000);
-  assert.equal(reader.poll(), { ops: 0, bytes: 0, latencyNs: 0, inFlight: 3 });
+  assert.equal(reader.poll(), { ops: 0, bytes: 0, bytesRead: 0, bytesWritten: 0, latencyNs: 0, inFlight: 3 });
   q0.end(0, 1000.25); // 250 µs
   q1.end(2, 2000.0125); // 12.5 µs: 12 published, 0.5 carried
   let t = reader.poll();
@@ -325,6 +325,36 @@ test('queue activity: the 32-bit counters wrap without the reader losing or gain
   assert.is(raw[0], 2);
   assert.is(t.ops, 5);
   assert.is(t.latencyNs, 500_000);
+});
+
+test('queue activity: bytes read and written counted when requests complete, across queues, through the wrap', () => {
+  const bufs = [newActivityBuffer(), newActivityBuffer()];
+  const raw = new Int32Array(bufs[1]!);
+  raw[3] = -2; // 2^32 − 2 sectors already read on queue 1 before the reader was made
+  const reader = new QueueActivityReader(bufs);
+  const q0 = new QueueActivityWriter(bufs[0]!, 4);
+  const q1 = new QueueActivityWriter(bufs[1]!, 4);
+  q0.begin(0, 0, ACTIVITY_READ, 8); // 4 KiB read
+  q0.begin(1, 0, ACTIVITY_WRITE, 256); // 128 KiB write
+  q1.begin(0, 0, ACTIVITY_READ, 1024); // 512 KiB read: wraps queue 1's counter
+  q1.begin(1, 0, ACTIVITY_OTHER, 0); // a flush moves nothing
+  let t = reader.poll();
+  assert.is(t.bytes, 0, 'nothing counted before completion');
+  q0.end(0, 1);
+  q0.end(1, 1);
+  q1.end(0, 1);
+  q1.end(1, 1);
+  t = reader.poll();
+  assert.is(t.bytesRead, 4096 + 512 * 1024);
+  assert.is(t.bytesWritten, 128 * 1024);
+  assert.is(t.bytes, t.bytesRead + t.bytesWritten);
+  assert.is(raw[3], 1022, 'the 32-bit counter wrapped');
+  // The tag is reused for a write: its old direction and size do not leak into the new request.
+  q0.begin(0, 2, ACTIVITY_WRITE, 1);
+  q0.end(0, 3);
+  t = reader.poll();
+  assert.is(t.bytesRead, 4096 + 512 * 1024);
+  assert.is(t.bytesWritten, 128 * 1024 + 512);
 });
 
 test('state files: write, list, remove', () => {

@@ -26,6 +26,8 @@ const sample = (over: Partial<DeviceFigures> = {}): DeviceFigures => ({
   errors: 1,
   latencyCount: 1024,
   latencySecondsSum: 0.0512,
+  bytesRead: 4096 * 1000,
+  bytesWritten: 65536,
   inFlight: 3,
   prefetch: { state: 'running', fraction: 0.25, bytesDone: 1 << 28, bytesRemaining: 3 << 28 },
   updatedAt: new Date().toISOString(),
@@ -43,11 +45,13 @@ test('prometheusText: HELP/TYPE for each metric, well-formed samples, escaped la
     }
     assert.match(line, /^[a-z_]+\{name="vm\\"1",device="\/dev\/ublkb3"(,[a-z]+="[a-z]+")?\} [0-9.e+-]+$/, line);
   }
-  for (const n of ['fvd_requests_total', 'fvd_errors_total', 'fvd_request_latency_seconds_sum', 'fvd_request_latency_seconds_count', 'fvd_prefetch_ratio', 'fvd_flushes_total'])
+  for (const n of ['fvd_requests_total', 'fvd_bytes_total', 'fvd_errors_total', 'fvd_request_latency_seconds_sum', 'fvd_request_latency_seconds_count', 'fvd_prefetch_ratio', 'fvd_flushes_total'])
     assert.ok(names.has(n), n);
   assert.match(text, /^fvd_requests_total\{[^}]*,path="engine"\} 24$/m);
   assert.match(text, /^fvd_request_latency_seconds_sum\{[^}]*\} 0\.0512$/m);
   assert.match(text, /^fvd_prefetch_ratio\{[^}]*\} 0\.25$/m);
+  assert.match(text, /^fvd_bytes_total\{[^}]*,op="read"\} 4096000$/m);
+  assert.match(text, /^fvd_bytes_total\{[^}]*,op="write"\} 65536$/m);
   assert.not.match(prometheusText(sample({ prefetch: null })), /fvd_prefetch/);
 });
 

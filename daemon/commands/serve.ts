@@ -208,6 +208,8 @@ export async function run(args: string[]): Promise<number> {
       errors: c.errors,
       latencyCount: a.ops,
       latencySecondsSum: a.latencyNs / 1e9,
+      bytesRead: a.bytesRead,
+      bytesWritten: a.bytesWritten,
       inFlight: a.inFlight,
       prefetch: p ? { state: p.state, fraction: p.fraction, bytesDone: p.bytesDone, bytesRemaining: p.bytesRemaining } : null,
       updatedAt: new Date().toISOString(),

@@ -68,6 +68,8 @@ CONF
     check "fvd list --output=json: the device is running" grep -q '"state": "running"' <<< "$out"
     check "fvd list --output=json: requests counted" grep -Eq '"requestsFast": [1-9]' <<< "$out"
     check "Prometheus textfile: fvd_requests_total with a non-zero fast-path count" grep -Eq '^fvd_requests_total\{name="grow",device="/dev/ublkb[0-9]+",path="fast"\} [1-9]' "$D/fvd.prom"
+    # The mount, sha256 of the 48 MiB file and e2fsck read at least 48 MiB through the device.
+    check "Prometheus textfile: fvd_bytes_total of reads at least the file's 48 MiB" awk -v min=$((48 * M)) '$1 ~ /^fvd_bytes_total\{.*op="read"\}$/ && $2 >= min {found = 1} END {exit !found}' "$D/fvd.prom"
     serve_stop
     check "after stop: /dev/fvd/grow and the metrics file are gone" bash -c "[[ ! -e /dev/fvd/grow && ! -L /dev/fvd/grow && ! -e '$D/fvd.prom' ]]"
 
