@@ -124,6 +124,8 @@ export interface BaseImage {
   readonly identity?: string;
   /** Reads cross a network: create detects zero blocks only where known without reading. */
   readonly remote?: boolean;
+  /** Bytes of reads the base serves at once (BlockFile.inFlightBytes), where known. */
+  readonly inFlightBytes?: number;
   /** BlockFile.fileId of every file of the chain as opened (this level first), where known. */
   fileIds(): string[];
 }
@@ -835,6 +837,17 @@ export class FvdImage {
   baseProgress(): { blocks: number; absent: number; blockSize: number } {
     const absent = this.allLocal ? 0 : this.baseBlocks - countSet(this.present, this.baseBlocks);
     return { blocks: this.baseBlocks, absent, blockSize: this.blockSize };
+  }
+
+  /**
+   * Bytes of base reads worth keeping in flight for a sequential copy (the prefetcher's depth):
+   * what the base serves at once when it says (a remote source's connections × request size),
+   * 16 MiB for another remote base (a qcow2 or fvd image over a URL), 0 for a local one.
+   */
+  baseReadAhead(): number {
+    const base = this.base;
+    if (!base) return 0;
+    return base.inFlightBytes ?? (base.remote ? 16 * 1024 * 1024 : 0);
   }
 
   /** The first block at or after `from` still only in the base, or -1. */
@@ -1667,6 +1680,7 @@ export async function openBase(io: IoBackend, resolved: string, format: number, 
         describe: () => [{ path: resolved, format: 'raw', size: file.size() }],
         identity: file.identity,
         remote: file.remote,
+        inFlightBytes: file.inFlightBytes,
         fileIds: () => (file.fileId ? [file.fileId] : []),
       };
     }

@@ -39,6 +39,11 @@ export interface BlockFile {
    * find zero blocks at create; it asks `nextData` only.
    */
   readonly remote?: boolean;
+  /**
+   * Optional, remote sources: bytes of reads served at once (requests in flight × request size).
+   * A sequential copier (the prefetcher) keeps about this much in flight to hide the latency.
+   */
+  readonly inFlightBytes?: number;
   /** True for a block device: it has a fixed size and unwritten space is not known to be zero. */
   readonly isBlockDevice: boolean;
   readonly readOnly: boolean;

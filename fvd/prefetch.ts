@@ -13,18 +13,29 @@
  * prefetch I/O for rule 2; it is not done more often while the guest is busy, because an
  * fdatasync also cleans the guest's dirty pages and re-dirtying them slows its writes.)
  *
- * One loop, one chunk in flight at a time ("one reader scanning the base sequentially"):
+ * One loop, one reader scanning the base sequentially, with up to `depth` chunks in flight:
  *
- *   cursor → nextAbsentBlock(cursor) = b → prefetchBlocks(b, b + chunk − 1) → cursor = end
+ *   cursor → nextAbsentBlock(cursor) = b → start prefetchBlocks(b, b + chunk − 1) → cursor = end
  *
- * wrapping to block 0 once the end is reached, until a scan from 0 finds nothing absent. Each
- * block is read from the base at most once by the prefetcher (only absent blocks are read, and a
- * copied block is present from then on).
+ * wrapping to block 0 once the end is reached (after the chunks in flight finished), until a scan
+ * from 0 finds nothing absent. The chunks in flight cover disjoint block ranges (the cursor only
+ * moves forward within a pass), each has its own copy buffer, and each sets its blocks' bits
+ * itself once its data write completed (the engine hook's rule, the same as copy-on-read's), so
+ * they may complete in any order: a bit never goes before its data, and a block is never read
+ * twice by the prefetcher (only absent blocks are read, a block in flight is locked and beyond
+ * the cursor, and a copied block is present from then on). Pipelining hides the base's request
+ * latency and overlaps one chunk's local write with the next chunks' fetches; the default depth
+ * follows what the base serves at once (`FvdImage.baseReadAhead()`: a remote source's connections
+ * × request size), 1 for a local file. While the foreground is busy (rule 2) one chunk at a time.
+ * A persist (below) may run while chunks are in flight: it journals only bits already set, i.e.
+ * blocks whose data write completed before it (FORMAT.md §9).
  *
  * Throttling, checked before every chunk:
  *
  *  1. Bandwidth cap (`maxBytesPerSec`): pacing, not a bucket — after a chunk of n bytes started at
  *     t0, the next may start at max(previous slot, t0) + n / cap. No catching up after pauses.
+ *     (n is reserved when the chunk starts — its whole range — and corrected to the bytes it
+ *     actually read when it completes, so chunks in flight cannot overrun the cap.)
  *  2. Foreground latency (`maxLatencyShare`), when the activity source reports latencies: the
  *     latency budget of fvd/prefetch-control.ts (baseline from periodic probes), fed per
  *     completed foreground request (a ForegroundMeter) or per poll (a polled ActivitySource, such
@@ -37,14 +48,17 @@
  *     counts requests but does not time them): a window with at least `busyOpsPerSec`
  *     foreground operations per second means "guest busy": pause until the rate has stayed below
  *     that for `idleResumeMs`.
- *  4. FVD's own throughput rule: prefetch throughput is measured per operation (time inside
- *     prefetchBlocks); once at least `windowMs` of it accumulated, an EWMA (α = 0.8) is updated,
+ *  4. FVD's own throughput rule: prefetch throughput is bytes copied per unit of time with prefetch
+ *     I/O in flight (overlapping chunks count that time once; with one chunk at a time this is
+ *     the time inside prefetchBlocks); once at least `windowMs` of it accumulated, an EWMA (α = 0.8) is updated,
  *     and when it is below `minBytesPerSec` the prefetcher backs off (random pause of
  *     minPauseMs .. maxPauseMs) with 50 % probability — contention from something it cannot see
  *     (other images on the same disk) — otherwise the average is reset.
  *
- * Any prefetch I/O error ends prefetching: state `failed`, the error kept; the image is unaffected
- * (the hook releases its locks; a copy that failed simply leaves the blocks in the base).
+ * Any prefetch I/O error ends prefetching: no new chunk starts, the chunks still in flight are
+ * waited for (they may complete and keep their copies), then state `failed`, the first error kept;
+ * the image is unaffected (the hook releases its locks; a copy that failed simply leaves the
+ * blocks in the base, for a later prefetch).
  *
  * The owner must `await prefetcher.stop()` before closing the image.
  */
@@ -72,6 +86,12 @@ export interface PrefetchOptions {
   chunkBytes?: number;
   /** Bytes per prefetch read while the foreground is active (latency budget); default 256 KiB. */
   busyChunkBytes?: number;
+  /**
+   * Chunks in flight at once while the foreground is idle (≥ 1). Default: enough to cover what
+   * the base serves at once (`FvdImage.baseReadAhead()`, a remote source's connections × request
+   * size) plus one whose local write overlaps the fetches, at most 8; 1 for a local base.
+   */
+  depth?: number;
   /** Bandwidth cap in bytes per second of base data copied; default unlimited (0 or Infinity). */
   maxBytesPerSec?: number;
   /** Foreground latency may rise at most this share over its baseline (default 0.1). */
@@ -228,8 +248,16 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
   private readonly now: () => number;
   /** The latency budget (rule 2); consulted once latency figures arrived. */
   readonly budget: LatencyBudget;
-  /** Copy buffer reused by every chunk (no per-chunk allocation, no GC pressure on the guest). */
-  private scratch: Uint8Array | null = null;
+  /** Chunks in flight at most (foreground idle). */
+  readonly depth: number;
+  /** Copy buffers not in use, reused by later chunks (no per-chunk allocation, no GC pressure). */
+  private readonly freeScratch: Uint8Array[] = [];
+  /** Chunks in flight; each settles (never rejects) when its copy ended. */
+  private readonly chunks = new Set<Promise<void>>();
+  /** The first error of a chunk: no chunk starts after it, the loop ends with it. */
+  private chunkError: Error | null = null;
+  /** Blocks of the chunks copied in this pass: false after a pass that copied nothing. */
+  private copiedThisPass = false;
 
   private state: PrefetchState = 'idle';
   private pauseReason: PauseReason | null = null;
@@ -243,8 +271,13 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
   private persists = 0;
   private unpersistedBytes = 0;
   private lastPersistAt = 0;
-  /** Prefetch I/O in flight, and a promise that settles when it ends (pause() waits on it). */
-  private inFlight: Promise<unknown> | null = null;
+  /** Prefetch I/O operations in flight (chunks and persists). */
+  private ioCount = 0;
+  /** Settles when ioCount drops to 0 (pause() waits on it). */
+  private ioIdle: Promise<void> | null = null;
+  private resolveIoIdle: (() => void) | null = null;
+  /** Throughput rule: chunk time is counted up to here (chunks in flight overlap: counted once). */
+  private tpSince = 0;
   /** Wakes the current sleep early (stop, resume, a foreground completion refilling the budget). */
   private wake: (() => void) | null = null;
   /** The loop waits for the latency budget: a completion that reopens it wakes the loop. */
@@ -292,6 +325,10 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
     const busyChunk = options.busyChunkBytes ?? Math.min(chunk, 256 * 1024);
     if (!(busyChunk > 0)) throw new RangeError(`busyChunkBytes must be positive`);
     this.busyChunkBlocks = Math.max(1, Math.ceil(busyChunk / blockSize));
+    const readAhead = image.baseReadAhead();
+    const depth = options.depth ?? (readAhead > 0 ? Math.min(8, 1 + Math.ceil(readAhead / (this.chunkBlocks * blockSize))) : 1);
+    if (!(Number.isInteger(depth) && depth >= 1)) throw new RangeError(`depth must be a positive integer`);
+    this.depth = depth;
     const cap = options.maxBytesPerSec ?? 0;
     this.cap = cap > 0 && Number.isFinite(cap) ? cap : 0;
     this.budget = new LatencyBudget({
@@ -329,7 +366,6 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
       this.error = err instanceof Error ? err : new Error(String(err));
       this.setState('failed', null);
     }).finally(() => {
-      this.inFlight = null;
       if (this.meter?.listener === this) this.meter.listener = null;
       const p = this.progress();
       this.resolveFinished(p);
@@ -338,7 +374,7 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
     return this;
   }
 
-  /** Stops after the chunk in flight (waits for it). The image stays as it is: usable, partly local. */
+  /** Stops after the chunks in flight (waits for them). The image stays as it is: usable, partly local. */
   async stop(): Promise<void> {
     this.stopping = true;
     this.wake?.();
@@ -353,7 +389,7 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
   async pause(): Promise<void> {
     this.userPaused = true;
     if (this.state === 'running' || this.state === 'paused') this.setState('paused', 'user');
-    while (this.inFlight) await this.inFlight.catch(() => undefined);
+    while (this.ioIdle) await this.ioIdle;
   }
 
   resume(): void {
@@ -424,12 +460,28 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
   private async loop(): Promise<void> {
     const image = this.image;
     let cursor = 0;
-    let copiedThisPass = false;
     for (;;) {
+      if (this.chunkError) return this.fail();
+      const now = this.now();
+      if (
+        this.unpersistedBytes > 0 &&
+        ((this.persistBytes > 0 && this.unpersistedBytes >= this.persistBytes) || (this.persistMs > 0 && now - this.lastPersistAt >= this.persistMs))
+      ) {
+        await this.persist();
+      }
       await this.gate();
-      if (this.stopping) return this.setState('stopped', null);
+      if (this.stopping) {
+        await this.drain();
+        return this.setState('stopped', null);
+      }
+      if (this.chunkError) return this.fail();
       const b = image.nextAbsentBlock(cursor);
       if (b < 0) {
+        // Blocks of chunks in flight are still absent: let them land before looking again.
+        if (this.chunks.size > 0) {
+          await this.drain();
+          continue;
+        }
         if (cursor === 0) {
           // Nothing absent: record FULLY_LOCAL (it waits for copy-on-read in flight first).
           if (await image.markFullyLocal()) {
@@ -440,54 +492,88 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
           continue;
         }
         // End of a pass: blocks skipped because a guest request held them are still absent.
-        if (!copiedThisPass) {
+        if (!this.copiedThisPass) {
           // Nothing copied in a whole pass: guest requests hold everything left — or the image
           // was closed under us (prefetchBlocks then copies nothing, forever).
           if (image.isClosed) throw new FvdError(`${image.path}: image closed while prefetching`, 'EINVAL');
           await this.sleep(LOCKED_RETRY_MS);
         }
         cursor = 0;
-        copiedThisPass = false;
+        this.copiedThisPass = false;
         continue;
       }
       const t0 = this.now();
       const busy = this.timed && this.budget.busy(t0, this.fgInFlight());
       const n = busy ? this.busyChunkBlocks : this.chunkBlocks;
       const b1 = Math.min(b + n - 1, this.blocks - 1);
-      this.scratch ??= new Uint8Array(this.chunkBlocks * this.blockSize);
-      const bytes = await this.io(image.prefetchBlocks(b, b1, this.scratch));
-      const t1 = this.now();
+      this.startChunk(b, b1, t0);
       cursor = b1 + 1;
-      if (bytes > 0) {
-        copiedThisPass = true;
-        this.bytesDone += bytes;
-        this.unpersistedBytes += bytes;
-        this.tpBytes += bytes;
-        this.tpMs += t1 - t0;
-        if (this.cap) this.nextSlot = Math.max(this.nextSlot, t0) + (bytes / this.cap) * 1000;
-      }
-      this.sampleRate(t1);
-      this.observe(t1);
-      this.throughputRule();
-      if (
-        this.unpersistedBytes > 0 &&
-        ((this.persistBytes > 0 && this.unpersistedBytes >= this.persistBytes) || (this.persistMs > 0 && t1 - this.lastPersistAt >= this.persistMs))
-      ) {
-        await this.persist();
-      }
     }
   }
 
-  /** Prefetch I/O: tracked for pause() and for the latency budget's attribution. */
+  /** Starts copying blocks [b, b1] (not awaited: it joins `chunks`, and settles without rejecting). */
+  private startChunk(b: number, b1: number, t0: number): void {
+    // Bandwidth cap: reserve the whole range now, give back what was not read at completion.
+    const reserved = Math.max(0, Math.min((b1 + 1) * this.blockSize, this.baseLimit) - b * this.blockSize);
+    if (this.cap) this.nextSlot = Math.max(this.nextSlot, t0) + (reserved / this.cap) * 1000;
+    const scratch = this.freeScratch.pop() ?? new Uint8Array(this.chunkBlocks * this.blockSize);
+    if (this.chunks.size === 0) this.tpSince = t0;
+    const chunk: Promise<void> = this.io(this.image.prefetchBlocks(b, b1, scratch)).then(
+      (bytes) => {
+        const t1 = this.now();
+        if (this.cap) this.nextSlot -= ((reserved - bytes) / this.cap) * 1000;
+        this.tpMs += t1 - this.tpSince;
+        this.tpSince = t1;
+        if (bytes > 0) {
+          this.copiedThisPass = true;
+          this.bytesDone += bytes;
+          this.unpersistedBytes += bytes;
+          this.tpBytes += bytes;
+        }
+        this.sampleRate(t1);
+        this.observe(t1);
+        this.throughputRule();
+      },
+      (err: unknown) => {
+        this.chunkError ??= err instanceof Error ? err : new Error(String(err));
+      },
+    ).finally(() => {
+      this.freeScratch.push(scratch);
+      this.chunks.delete(chunk);
+      this.wake?.(); // a slot is free
+    });
+    this.chunks.add(chunk);
+  }
+
+  /** Waits until no chunk is in flight; throws the first chunk error. */
+  private async drain(): Promise<void> {
+    while (this.chunks.size > 0) await Promise.race(this.chunks);
+    if (this.chunkError) throw this.chunkError;
+  }
+
+  /** A chunk failed: wait for the others (they use the image), then end with its error. */
+  private async fail(): Promise<never> {
+    await this.drain();
+    throw this.chunkError!;
+  }
+
+  /** Prefetch I/O: tracked for pause(), the throughput rule and the latency budget's attribution. */
   private async io<T>(p: Promise<T>): Promise<T> {
-    this.inFlight = p;
+    if (this.ioCount++ === 0) {
+      this.ioIdle = new Promise((r) => (this.resolveIoIdle = r));
+      this.budget.ioStart();
+    }
     this.winPrefetched = true;
-    this.budget.ioStart();
     try {
       return await p;
     } finally {
-      this.inFlight = null;
-      this.budget.ioEnd(this.now());
+      if (--this.ioCount === 0) {
+        this.budget.ioEnd(this.now());
+        const resolve = this.resolveIoIdle!;
+        this.ioIdle = null;
+        this.resolveIoIdle = null;
+        resolve();
+      }
     }
   }
 
@@ -508,12 +594,17 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
   private async gate(): Promise<void> {
     let budgetWaitSince = -1;
     for (;;) {
-      if (this.stopping) return;
+      if (this.stopping || this.chunkError) return;
       let now = this.now();
       if (this.userPaused) {
         this.setState('paused', 'user');
         await this.sleep(this.windowMs);
         this.observe(this.now());
+        continue;
+      }
+      // A free slot: `depth` chunks in flight while the foreground is idle, one while it is busy.
+      if (this.chunks.size >= (this.timed && this.budget.busy(now, this.fgInFlight()) ? 1 : this.depth)) {
+        await Promise.race(this.chunks);
         continue;
       }
       if (this.state === 'paused' && this.pauseReason === 'user') this.setState('running', null); // user resumed
@@ -581,7 +672,7 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
     this.winStart = now;
     this.winOps = a ? a.ops : 0;
     this.winLat = a ? a.latencyNs : 0;
-    this.winPrefetched = this.inFlight !== null;
+    this.winPrefetched = this.ioCount > 0;
   }
 
   private resetThroughput(): void {

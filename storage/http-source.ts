@@ -68,6 +68,8 @@ export class HttpSource implements BlockFile {
   private readonly limiter: Limiter;
   private readonly conditional: Record<string, string>;
   private closed = false;
+  /** Requests in flight at most × bytes per request (BlockFile.inFlightBytes). */
+  readonly inFlightBytes: number;
 
   private constructor(
     readonly path: string,
@@ -82,6 +84,7 @@ export class HttpSource implements BlockFile {
     private readonly lastModified: string | null,
   ) {
     this.limiter = new Limiter(connections);
+    this.inFlightBytes = connections * requestBytes;
     this.stats = { url: path, bytesFetched: 0, requests: 0, retries: 0, failures: 0 };
     // A strong ETag pins the exact bytes; a weak one or a date pins less, but still refuses a
     // template replaced later (RFC 9110 §13.1: If-Match needs strong comparison).

@@ -351,6 +351,8 @@ export class NbdSource implements BlockFile {
   private readonly limiter: Limiter;
   private readonly pieceBytes: number;
   private closed = false;
+  /** Requests in flight at most × bytes per request (BlockFile.inFlightBytes). */
+  readonly inFlightBytes: number;
   /** Most requests in flight at once on the connection (tests: requests overlap). */
   maxInFlight = 0;
   /** Zero runs from block status, sorted, merged: [start0, end0, start1, end1, ...]. */
@@ -371,6 +373,7 @@ export class NbdSource implements BlockFile {
     this.limiter = new Limiter(connections);
     const piece = Math.min(requestBytes, n.maxPayload === 0xffffffff ? requestBytes : n.maxPayload);
     this.pieceBytes = Math.max(n.minBlock, piece - (piece % n.minBlock));
+    this.inFlightBytes = connections * this.pieceBytes;
   }
 
   static async open(uri: string, options: NbdSourceOptions = {}): Promise<NbdSource> {

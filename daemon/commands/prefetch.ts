@@ -3,8 +3,9 @@
  * Offline prefetch: copies every block still only in the base into the image, then records
  * FULLY_LOCAL, so the base is no longer needed. Progress goes to stderr (one redrawn line on a
  * TTY, a line every --interval seconds otherwise); the summary goes to stdout. Nothing runs in the
- * foreground here, so the prefetcher only honours the bandwidth cap. SIGINT/SIGTERM stop it after
- * the chunk in flight and close the image cleanly (copied blocks are kept); exit 130.
+ * foreground here, so the prefetcher only honours the bandwidth cap. Over a remote base it keeps
+ * several chunks in flight (Prefetcher's default depth). SIGINT/SIGTERM stop it after the chunks
+ * in flight and close the image cleanly (copied blocks are kept); exit 130.
  */
 import { FvdImage } from '../../fvd/image.js';
 import { storageIo } from '../../storage/storage-io.js';
@@ -26,7 +27,7 @@ export const spec = defineCommand({
     quiet: { type: 'boolean', short: 'q', default: false, help: 'no progress' },
     ...KEY_FILE_OPTION,
   },
-  details: 'SIGINT/SIGTERM stop after the chunk in flight (copied blocks are kept); exit 130.',
+  details: 'SIGINT/SIGTERM stop after the chunks in flight (copied blocks are kept); exit 130.',
 });
 
 export async function run(args: string[]): Promise<number> {

@@ -270,7 +270,7 @@ export async function run(args: string[]): Promise<number> {
       stop('fatal error');
     };
     process.on('SIGTERM', () => stop('SIGTERM'));
-    // SIGUSR1 pauses background prefetching (after the chunk in flight), SIGUSR2 resumes it: for
+    // SIGUSR1 pauses background prefetching (after the chunks in flight), SIGUSR2 resumes it: for
     // an operator (`systemctl kill -s USR1 fvd@NAME`) and for bench/device-prefetch.sh, which
     // alternates them to compare the guest's latency with and without prefetching in one run.
     process.on('SIGUSR1', () => {
