@@ -91,7 +91,7 @@ LIBDIR  := $(DESTDIR)$(PREFIX)/lib/fvd
 install: build
 	rm -rf $(LIBDIR)
 	install -d $(LIBDIR)/build $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)/etc/fvd $(DESTDIR)/var/lib/fvd
-	cp -r build/daemon build/fvd build/ffi $(LIBDIR)/build/
+	cp -r build/daemon build/fvd build/ffi build/storage $(LIBDIR)/build/
 	find $(LIBDIR)/build -name '*.map' -delete
 	cp -r package.json package-lock.json README.md docs node_modules $(LIBDIR)/
 	cd $(LIBDIR) && $(NPM) prune --omit=dev --no-audit --no-fund --loglevel=error >/dev/null

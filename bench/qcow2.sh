@@ -6,8 +6,9 @@
 # stream of /usr (binaries, libraries, text: what an OS image holds) and the rest zeros, converted
 # with `qemu-img convert -c` (zlib, 64 KiB clusters) and once more with compression_type=zstd.
 # Each round flattens the template to a raw file with both tools, page cache warm for both:
-#   qemu-img  `qemu-img convert -f qcow2 -O raw T out.raw`   (its defaults: 8 coroutines, decompression
-#             on its thread pool, zero regions left sparse)
+#   qemu-img  `qemu-img convert -t writeback -f qcow2 -O raw T out.raw`   (8 coroutines, decompression
+#             on its thread pool, zero regions left sparse; `-t writeback` so that it flushes the
+#             output at the end as fvd convert does — its default cache mode, unsafe, never syncs)
 #   fvd       `fvd convert -f qcow2 -O raw T out.raw`          (the engine's qcow2 reader; zero pieces left
 #             sparse)
 # MiB/s = virtual size / wall time. Rounds (FVD_BENCH_REPS, default 3) interleave the two tools; the
@@ -42,7 +43,7 @@ run() {
   local tool=$1 t=$2 t0 t1
   rm -f "$DIR/out.raw"; sync
   t0=$(now)
-  if [[ $tool == qemu-img ]]; then qemu-img convert -f qcow2 -O raw "$t" "$DIR/out.raw"
+  if [[ $tool == qemu-img ]]; then qemu-img convert -t writeback -f qcow2 -O raw "$t" "$DIR/out.raw"
   else "$NODE" "$CLI" convert -f qcow2 -O raw "$t" "$DIR/out.raw"; fi
   t1=$(now)
   awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }'

@@ -34,6 +34,20 @@ export class FlushGuard implements BlockFile {
   get isBlockDevice(): boolean {
     return this.inner.isBlockDevice;
   }
+  // Every optional member of BlockFile passes through: the engine asks the guarded file for them
+  // (a grown LV's new size, the image's file id for own-base checks).
+  get fileId(): string | undefined {
+    return this.inner.fileId;
+  }
+  get identity(): string | undefined {
+    return this.inner.identity;
+  }
+  get remote(): boolean | undefined {
+    return this.inner.remote;
+  }
+  refreshSize(): Promise<number> {
+    return this.inner.refreshSize ? this.inner.refreshSize() : Promise.resolve(this.inner.size());
+  }
 
   private check(): void {
     if (this.failure) throw this.failure;

@@ -576,8 +576,10 @@ export class FvdImage {
     const table = this.table;
     if (!table || this.file.isBlockDevice) return;
     const max = highestMappedId(table, -1);
-    const end = this.header.dataOffset + (max + 1) * this.chunkSize;
-    if (max >= 0 && end > this.file.size()) await this.file.truncate(end);
+    // Only a chunk that starts at or past the end is "outside" (validateTable); a partly written
+    // last chunk is inside and stays as thin as it is.
+    const start = this.header.dataOffset + max * this.chunkSize;
+    if (max >= 0 && start >= this.file.size()) await this.file.truncate(start + this.chunkSize);
   }
 
   private async writeHeader(): Promise<void> {

@@ -26,6 +26,11 @@ export class StorageIo implements IoBackend {
     this.config = config ?? null;
   }
 
+  /** The directory entry of a new local file made durable (URLs are never created). */
+  syncDirectoryOf(path: string): Promise<void> {
+    return isUrl(path) || !this.local.syncDirectoryOf ? Promise.resolve() : this.local.syncDirectoryOf(path);
+  }
+
   /** A local file's BlockFile.fileId (device and inode); a URL names no local file (null). */
   identify(path: string): Promise<string | null> {
     return isUrl(path) || !this.local.identify ? Promise.resolve(null) : this.local.identify(path);

@@ -35,7 +35,7 @@ test('make install DESTDIR PREFIX=/usr: unit follows PREFIX, verified by systemd
   for (const d of ['etc/fvd', 'var/lib/fvd']) assert.ok(fs.statSync(path.join(root, d)).isDirectory(), `${d} created`);
 
   const lib = path.join(root, 'usr/lib/fvd');
-  assert.equal(fs.readdirSync(path.join(lib, 'build')).sort(), ['daemon', 'ffi', 'fvd'], 'no tests or benchmarks installed');
+  assert.equal(fs.readdirSync(path.join(lib, 'build')).sort(), ['daemon', 'ffi', 'fvd', 'storage'], 'no tests or benchmarks installed');
   const modules = fs.readdirSync(path.join(lib, 'node_modules')).filter((m) => !m.startsWith('.'));
   for (const dev of ['typescript', 'uvu', '@types']) assert.not.ok(modules.includes(dev), `devDependency ${dev} installed: ${modules}`);
   assert.ok(modules.includes('koffi'), 'koffi (a production dependency) installed');

@@ -175,9 +175,10 @@ qemuTest('CLI: create -F qcow2, info --backing-chain, convert -f qcow2 to raw an
   assertOk(info);
   assert.match(info.stdout, /base image: .*mid\.qcow2 \(qcow2, 4 MiB\)\n {2}based on: .*os\.qcow2 \(qcow2, 4 MiB\)/);
   assert.match(info.stdout, /image: .*mid\.qcow2\nfile format: qcow2\nvirtual size: 4 MiB \(4194304 bytes\)\ndisk size: .*\ncluster size: 64 KiB\ncompat: 1\.1\ncompression type: zlib\nextended l2: no\nbacking file: os\.qcow2 \(qcow2\)/);
-  const map = JSON.parse(fvd('map', '--json', vm).stdout) as { offset: number; length: number; kind: string }[];
+  // qemu-img map's shape: depth 0 is this image, 1 the qcow2 template above os.qcow2, 2 os.qcow2.
+  const map = JSON.parse(fvd('map', '--output=json', vm).stdout) as { start: number; length: number; depth: number; data: boolean }[];
   assert.is(map.reduce((n, e) => n + e.length, 0), 4 * MiB, 'map covers the disk');
-  assert.ok(map.some((e) => e.kind === 'base'), 'map shows what is read from the qcow2 base');
+  assert.ok(map.some((e) => e.depth >= 1 && e.data), 'map shows what is read from the qcow2 base');
   const json = JSON.parse(fvd('info', '--json', vm).stdout) as { baseChain: { format: string; qcow2?: { clusterSize: number } }[] };
   assert.equal(json.baseChain.map((e) => e.format), ['qcow2', 'qcow2']);
   assert.is(json.baseChain[1]!.qcow2!.clusterSize, 64 * KiB);
