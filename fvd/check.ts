@@ -10,7 +10,9 @@
  * reads every snapshot's saved table and compares the references with the refcount table:
  * overcounts are leaks (`--repair` rewrites the refcounts), undercounts are errors (the active
  * table could overwrite a snapshot's data in place; `--repair` sets the true counts, which stops
- * further damage but cannot restore what was overwritten). A damaged refcount table (bad checksum,
+ * further damage but cannot restore what was overwritten). With undercounts, storage a snapshot maps
+ * is used whatever the stored count says: it is neither reported unreferenced nor allocated by the
+ * repair (FORMAT.md §10.8). A damaged refcount table (bad checksum,
  * impossible counts) is an error that `--repair` fixes: refcounts are derivable, so the image is
  * opened with the counts recounted from the snapshot tables and --repair writes them (FORMAT.md
  * §10.8). A damaged directory or saved table is not derivable: an error --repair cannot fix.
@@ -64,11 +66,6 @@ export async function checkImage(io: IoBackend, path: string, options: { repair?
     }
     const next = image.inspect().header.baseSizeNext;
     if (next) report.notes.push(`a commit was interrupted while growing the base to ${next} bytes; run 'fvd commit' again to finish it`);
-    report.leaks = image.unreferencedChunks;
-    if (report.leaks) {
-      report.notes.push(`${report.leaks} unreferenced storage chunk(s) (free space or leaked by a crash; reused by later writes)`);
-      needsRepair = true;
-    }
     report.snapshots = image.snapshots.count;
     const damage = image.snapshots.refcountDamage;
     if (damage) {
@@ -94,7 +91,14 @@ export async function checkImage(io: IoBackend, path: string, options: { repair?
         if (options.repair) report.notes.push(`${what}; --repair sets the true counts`);
         else report.errors.push(`${what}; --repair sets the true counts`);
         needsRepair = true;
+        // Storage only a snapshot maps is not unreferenced, whatever the stored counts say.
+        image.snapshots.holdReferenced(r.actual!);
       }
+    }
+    report.leaks = image.unreferencedChunks;
+    if (report.leaks) {
+      report.notes.push(`${report.leaks} unreferenced storage chunk(s) (free space or leaked by a crash; reused by later writes)`);
+      needsRepair = true;
     }
   } finally {
     await image.close();

@@ -472,6 +472,22 @@ export class SnapshotManager {
     return report;
   }
 
+  /**
+   * Raises the in-memory refcounts to at least `actual` (verify()'s true counts); writes nothing.
+   * An undercounting table calls storage free that a snapshot table maps: from now on the
+   * allocator, the free-chunk count and the shared flags treat it as used (FORMAT.md §10.8).
+   * Overcounted chunks stay used until a repair commits the true counts.
+   */
+  holdReferenced(actual: Uint16Array): void {
+    const { host, st } = this.need();
+    const counts = new Uint16Array(Math.max(st.refcounts.length, actual.length));
+    counts.set(st.refcounts);
+    for (let id = 0; id < actual.length; id++) if (actual[id]! > counts[id]!) counts[id] = actual[id]!;
+    st.refcounts = counts;
+    st.recomputeShared(host.table);
+    host.rebuildAllocator();
+  }
+
   /** `check --repair`: rewrites the refcount table with the counts verify() found. */
   async repairRefcounts(): Promise<number> {
     const { host, st } = this.writable('repair refcounts');
@@ -480,6 +496,10 @@ export class SnapshotManager {
     const fixed = r.overcounts.length + r.undercounts.length;
     if (!fixed && !st.refcountDamage) return 0;
     await host.quiesce();
+    // The new table and directory go into storage free under both the stored and the true counts:
+    // by the stored ones alone, a chunk only a snapshot maps (undercounted to 0) looked free, and
+    // the new table was written over that snapshot's data.
+    this.holdReferenced(r.actual);
     // A damaged table is replaced even when the recount (already in st.refcounts) changes nothing.
     await this.commit(host, st, st.dir, r.actual);
     st.refcountDamage = null;

@@ -144,6 +144,55 @@ for (const [name, problem, tamper] of TAMPERS) {
   });
 }
 
+// A zeroed table is well-formed (checksum right, nothing on a metadata chunk): not "damaged" but
+// one undercount per shared chunk. Snapshot 'a' alone maps storage chunk 0 (the active table moved
+// off it by copy-on-write), so the stored counts call chunk 0 free: a repair that allocated by
+// them wrote its new refcount table over 'a''s data, and the image then checked as corrupt.
+for (const [name, zero] of [
+  ['entries = 0', (c: number[]) => (c.length = 0)],
+  ['every count 0', (c: number[]) => c.fill(0)],
+] as Array<[string, (c: number[]) => void]>) {
+  test(`zeroed refcount table (${name}): --repair allocates by the true counts, snapshots intact, image usable`, async () => {
+    const dir = tmp.caseDir();
+    const file = path.join(dir, 's.fvd');
+    const made = await makeSnapImage(nodeIo, file);
+    const good = readRefcounts(file);
+    const img = await FvdImage.open(nodeIo, file, { readOnly: true });
+    const table0 = img.inspect().table![0];
+    await img.close();
+    assert.ok(good[0]! > 0 && table0 !== 0, 'premise: storage chunk 0 is mapped by a snapshot only');
+    const leaks = (await checkImage(nodeIo, file)).leaks;
+    rewriteRefcounts(file, zero);
+    const c = fvd('check', file);
+    assertNoCrash(c);
+    assert.is(c.code, 2, c.stdout + c.stderr);
+    assert.match(c.stdout, /chunk 0: refcount 0, referenced 1/);
+    const found = await checkImage(nodeIo, file);
+    assert.is(found.leaks, leaks, 'storage a snapshot maps is not reported as unreferenced');
+    const fix = fvd('check', '--repair', file);
+    assert.is(fix.code, 3, fix.stdout + fix.stderr);
+    assert.match(fix.stdout, /rewrote the refcount table/);
+    assertOk(fvd('check', file));
+    const counts = readRefcounts(file);
+    while (good.length < counts.length) good.push(0);
+    while (counts.length < good.length) counts.push(0);
+    assert.equal(counts, good, 'the repaired counts are the ones snapshot create wrote');
+    const meta = [readHeader(file).refcountOffset, readHeader(file).snapshotsOffset].map((o) => (o - readHeader(file).dataOffset) / CS);
+    assert.not.ok(meta.some((id) => good[id]), `metadata chunks ${meta} are mapped by no snapshot`);
+    // check's contract: an image it repaired reads, writes, snapshots and checks clean. The writes
+    // land on chunks shared with 'a', 'b' and 'c' (copy-on-write by the true counts).
+    assertOk(fvd('io', '-c', 'write -P 0x5a 64k 128k', file));
+    assertOk(fvd('snapshot', '-c', 'd', file));
+    assertOk(fvd('io', '-c', 'write -P 0x33 0 192k', file));
+    assertOk(fvd('check', file));
+    const active = made.contents.get('active')!;
+    active.fill(0x5a, 64 * KiB, 192 * KiB);
+    active.fill(0x33, 0, 192 * KiB);
+    await verifyContents(nodeIo, file, made, name);
+    assertOk(fvd('check', file));
+  });
+}
+
 test('damaged refcount table and a damaged saved table: not repairable (exit 2, unchanged, says why)', async () => {
   const file = path.join(tmp.caseDir(), 's.fvd');
   await makeSnapImage(nodeIo, file);
