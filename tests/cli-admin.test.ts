@@ -4,6 +4,7 @@
  * JSON (map compared with qemu-img's own output on the same files where the formats overlap),
  * space figures that tell written data from never-written zeros, measure and compare.
  */
+import type { MapEntry } from '../daemon/space.js';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { spawnSync } from 'node:child_process';
@@ -25,15 +26,6 @@ function qemu(tool: string, ...args: string[]): string {
   return r.stdout;
 }
 
-interface MapEntry {
-  start: number;
-  length: number;
-  depth: number;
-  present: boolean;
-  zero: boolean;
-  data: boolean;
-  offset?: number;
-}
 const mapJson = (...args: string[]) => json<MapEntry[]>(fvd('map', '--output=json', ...args));
 const strip = (m: MapEntry[]) => m.map(({ offset: _o, ...rest }) => rest);
 

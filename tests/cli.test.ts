@@ -2,6 +2,7 @@
  * The `fvd` command line: create, info, check, map, convert, io, help and argument errors.
  * Every test checks content (what is in the image, what the JSON says), not only exit codes.
  */
+import type { MapEntry } from '../daemon/space.js';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import fs from 'node:fs';
@@ -58,15 +59,7 @@ const info = (file: string) => json<Info>(fvd('info', '--json', file));
  * (depth > 0), data stored in the image ("local"), or zeros the image provides without storing
  * anything ("zero": never written, discarded, unmapped), merged.
  */
-interface QemuMapEntry {
-  start: number;
-  length: number;
-  depth: number;
-  present: boolean;
-  zero: boolean;
-  data: boolean;
-  offset?: number;
-}
+type QemuMapEntry = MapEntry;
 function kinds(entries: QemuMapEntry[]): Extent[] {
   const out: Extent[] = [];
   for (const e of entries) {
