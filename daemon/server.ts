@@ -3,7 +3,7 @@
  * per hardware queue does the ublk data plane, and this thread runs the control plane and the
  * engine's slow path for requests the workers hand over.
  *
- * Life cycle (ublk-fvd-notes §2.7): open image → ADD_DEV → SET_PARAMS → workers mmap, set up rings
+ * Life cycle (the kernel's ublk device life cycle, docs/DESIGN.md): open image → ADD_DEV → SET_PARAMS → workers mmap, set up rings
  * and FETCH every tag → START_DEV (from here, after every fetch is in) → serve → STOP_DEV (the
  * kernel drains in-flight I/O, then aborts the fetches; workers exit and release /dev/ublkcN) →
  * engine close (checkpoint, clean flag) → DEL_DEV.

@@ -1,5 +1,5 @@
 /**
- * Adaptive background prefetching (FVD paper §3.4.2, code fvd-prefetch.c; ublk-fvd-notes §1.9):
+ * Adaptive background prefetching (FVD paper §3.4.2 and its QEMU implementation, block/fvd-prefetch.c):
  * copies every base block that is not yet local into the image, in large sequential reads, until
  * the whole disk is local, then records FULLY_LOCAL (`FvdImage.markFullyLocal`), after which reads
  * never consult the bitmap nor open the base.

@@ -3,9 +3,11 @@
 # unless this kernel has ublk). Ends with the one line CI reads: the sum, "N passed, N failed".
 # FVD_SKIP_DEVICE_TESTS=1 runs the first part only (e.g. on a machine without QEMU or root);
 # FVD_TEST_FULL=1 runs every device scenario on both guest kernels (make test-full).
-# FVD_ALT_NODE=/path/to/node (set by .ci/run to a Node.js 24 binary): the unit suite runs again
-# on that Node, and so does device scenario 1 (the daemon serving a filesystem), in its own guest
-# boot; their counts are added to the sum.
+# FVD_ALT_NODE=/path/to/node (set by .ci/run to a Node.js 24 binary): the unit files that lean on
+# what changes between Node.js releases (FVD_ALT_NODE_TESTS, a file-name pattern; "." for all) run
+# again on that Node, and so does device scenario 1 (the daemon serving a filesystem), in its own
+# guest boot; their counts are added to the sum. FVD_TEST_JOBS (default 2): unit test processes
+# run side by side (tests/run.ts).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=$(mktemp)
@@ -21,16 +23,23 @@ counts() {
 bash tests/host-tools.sh   # qemu-utils for the qcow2 tests (they report a skip without it)
 # Real servers for the remote-base tests (nginx, qemu-nbd, nbdkit): installed when missing.
 bash tests/install-test-deps.sh
-node build/tests/run.js 2>&1 | tee "$log"
+jobs=${FVD_TEST_JOBS:-2}
+t0=$SECONDS
+node build/tests/run.js --jobs "$jobs" 2>&1 | tee "$log"
 unit_rc=${PIPESTATUS[0]}
 read -r up uf < <(counts "$log")
 [[ $unit_rc -ne 0 && $uf -eq 0 ]] && uf=1
+echo "# unit suite on $(node --version): $((SECONDS - t0)) s"
 
+# On the second Node: the files over koffi (libc, io_uring, sd_notify, direct I/O, the queue's
+# structures), node:crypto, node:zlib and zstd (Node 24 has its own zstd; 20 uses the fzstd
+# package), fetch and node:net (remote bases), the engine over node:fs, and make install.
+alt_tests=${FVD_ALT_NODE_TESTS:-'^(?:libc|uring|sd-notify|direct-io|daemon-unit|crypto|fast-crypt|encryption|encryption-unaligned|qcow2|qcow2-base|qcow2-bad-input|remote-http|remote-nbd|remote-engine|remote-cli|remote-config|image|metrics|secrets|install)(?=\.test\.js$)'}
 ap=0 af=0
 if [[ -n ${FVD_ALT_NODE:-} ]]; then
-  echo; echo "== unit suite on Node.js $("$FVD_ALT_NODE" --version) ($FVD_ALT_NODE) =="
+  echo; echo "== unit files matching /$alt_tests/ on Node.js $("$FVD_ALT_NODE" --version) ($FVD_ALT_NODE) =="
   t0=$SECONDS
-  "$FVD_ALT_NODE" build/tests/run.js 2>&1 | tee "$log"
+  "$FVD_ALT_NODE" build/tests/run.js "$alt_tests" --jobs "$jobs" 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
   read -r ap af < <(counts "$log")
   [[ $rc -ne 0 && $af -eq 0 ]] && af=1
