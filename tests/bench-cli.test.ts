@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { FvdImage } from '../fvd/image.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 import { readWholeDisk } from './helpers/model.js';
 
 const cli = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'daemon', 'cli.js');
