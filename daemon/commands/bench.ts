@@ -22,7 +22,7 @@
  * Only the request loop is timed (not open or close), as qemu-img does. I/O goes through the
  * buffered node:fs backend (the equivalent of qemu's cache=writeback). `-f raw` drives a plain
  * BlockFile from nodeIo with the same loop, so the engine's overhead over raw is visible with the
- * same harness. `--io uring` runs the same loop over the daemon's io_uring backend
+ * same harness. `--io uring` runs the same loop over the io_uring backend
  * (storage/uring-file.ts, 'auto' drive: one io_uring_enter per batch, blocking the event loop while
  * it waits, as a queue worker does) instead of node:fs and its libuv thread pool. Write buffers are filled with a non-zero byte (--fill, default 0xa5) so zero
  * detection cannot short-cut the writes.
