@@ -12,7 +12,7 @@
 #   qcow2     qcow2 (default 64 KiB clusters), driven by `qemu-img bench -f qcow2`
 #   raw-qemu  raw file, driven by `qemu-img bench -f raw`
 #   raw-fvd   raw file, driven by `fvd bench -f raw` (same harness as fvd: shows harness differences)
-# Opt-in (FVD_BENCH_TOOLS): fvd-uring and raw-uring, the same two over the daemon's io_uring backend
+# Opt-in (FVD_BENCH_TOOLS): fvd-uring and raw-uring, the same two over the io_uring backend
 # (`fvd bench --io uring`) instead of node:fs and its libuv thread pool.
 #
 # Access pattern. `qemu-img bench` has no random mode: request i goes to (OFFSET + i*STEP) mod size

@@ -4,7 +4,7 @@
  */
 import { parseOptions, parseSize, UsageError } from '../daemon/args.js';
 import { FvdImage } from '../fvd/image.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 
 async function main(argv: string[]): Promise<number> {
   const { values, positionals } = parseOptions('create-image', argv, { layout: { type: 'string' } });

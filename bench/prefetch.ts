@@ -34,7 +34,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { randomFillSync } from 'node:crypto';
 import { FvdImage } from '../fvd/image.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 import type { BlockFile, IoBackend, OpenOptions } from '../fvd/io.js';
 import { ForegroundMeter, Prefetcher, type PrefetchOptions } from '../fvd/prefetch.js';
 import { formatSize, parseInteger, parseOptions, parseSize } from '../daemon/args.js';

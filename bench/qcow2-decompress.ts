@@ -15,7 +15,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { Qcow2Image } from '../fvd/qcow2.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 import { zstdDecoderKind } from '../fvd/qcow2-decompress.js';
 import { registerZstdFallback } from '../daemon/zstd-fallback.js';
 

@@ -8,7 +8,7 @@ import nodePath from 'node:path';
 import { Qcow2Image } from '../fvd/qcow2.js';
 import { isQcow2Magic } from '../fvd/qcow2-format.js';
 import { FvdImage, type Extent } from '../fvd/image.js';
-import { NodeFile } from '../fvd/node-file.js';
+import { NodeFile } from '../storage/node-file.js';
 import { storageIo } from '../storage/storage-io.js';
 import { HEADER_SIZE, INCOMPAT_ENCRYPTED, MAGIC, decodeHeader } from '../fvd/format.js';
 import { FvdError } from '../fvd/errors.js';

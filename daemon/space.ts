@@ -18,7 +18,7 @@
 import fs from 'node:fs';
 import nodePath from 'node:path';
 import { FvdImage, type BaseChainEntry } from '../fvd/image.js';
-import { blockDeviceSize } from '../fvd/node-file.js';
+import { blockDeviceSize } from '../storage/node-file.js';
 import { storageIo } from '../storage/storage-io.js';
 import { libc, SEEK_DATA, SEEK_HOLE } from '../ffi/libc.js';
 import { Qcow2Image } from '../fvd/qcow2.js';

@@ -1,8 +1,9 @@
 /**
  * Raw libc bindings for io_uring (ffi/uring.ts) and sd_notify (ffi/sd-notify.ts), bound with koffi.
  *
- * Kept apart from ffi/libc.ts (the engine's file helpers) so that importing the engine never pulls
- * in socket or mmap bindings. Loaded lazily; `syscalls()` returns null where koffi cannot load.
+ * Kept apart from ffi/libc.ts (the file helpers of storage/node-file.ts) so that opening files
+ * never pulls in socket or mmap bindings. Loaded lazily; `syscalls()` returns null where koffi
+ * cannot load.
  *
  * Calling convention: every binding returns what libc returns (-1 on failure); read `errno()`
  * immediately after, before any other koffi call, to get the cause.

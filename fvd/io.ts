@@ -1,8 +1,11 @@
 /**
  * The engine's only view of storage: a small async interface over one file or block device.
  *
- * The same engine runs over node:fs (CLI, tests: NodeFile below) and over io_uring (the daemon's
- * queue workers), and tests wrap it to record, reorder or drop writes (crash simulation).
+ * The engine defines these interfaces and never imports an implementation: callers pass an
+ * IoBackend in. The implementations live in storage/ (node:fs with koffi helpers: node-file.ts;
+ * io_uring for the benchmark: uring-file.ts; remote bases: storage-io.ts), so the engine itself
+ * needs no native code. Tests use in-memory backends and wrap them to record, reorder or drop writes
+ * (crash simulation).
  * Semantics follow pread/pwrite/fdatasync exactly:
  *  - `read` fills `buf` from `offset`; bytes past the end of the file read as zeros.
  *  - `write` is complete when its promise resolves, but durable only after a later `flush`.

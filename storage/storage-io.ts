@@ -5,7 +5,7 @@
  * (storage/remote-config.ts). The engine sees only BlockFiles either way.
  */
 import type { BlockFile, IoBackend, OpenOptions } from '../fvd/io.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from './node-file.js';
 import { isUrl } from '../fvd/base-location.js';
 import { FvdError } from '../fvd/errors.js';
 import { HttpSource, type RemoteStats } from './http-source.js';

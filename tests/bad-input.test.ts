@@ -15,7 +15,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { FvdImage, type CreateOptions } from '../fvd/image.js';
-import { NodeFile, nodeIo } from '../fvd/node-file.js';
+import { NodeFile, nodeIo } from '../storage/node-file.js';
 import type { IoBackend } from '../fvd/io.js';
 import { LOCK_EX, LOCK_NB, libc } from '../ffi/libc.js';
 import { FvdError } from '../fvd/errors.js';
@@ -716,7 +716,7 @@ test('second read-write open: EBUSY "in use", in the same process and from the C
 test('second read-write open from another process while this one holds it, and vice versa', async () => {
   const file = await plainImage(caseDir());
   const imageUrl = pathToFileURL(path.join(path.dirname(CLI), '..', 'fvd', 'image.js')).href;
-  const nodeFileUrl = pathToFileURL(path.join(path.dirname(CLI), '..', 'fvd', 'node-file.js')).href;
+  const nodeFileUrl = pathToFileURL(path.join(path.dirname(CLI), '..', 'storage', 'node-file.js')).href;
   const script = `
     const { FvdImage } = await import(${JSON.stringify(imageUrl)});
     const { nodeIo } = await import(${JSON.stringify(nodeFileUrl)});

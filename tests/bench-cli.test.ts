@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { FvdImage } from '../fvd/image.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 import { readWholeDisk } from './helpers/model.js';
 
 const cli = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'daemon', 'cli.js');
@@ -109,7 +109,7 @@ test('bench: reads, rand pattern, flush interval and a compact image all run', a
   assertSane(benchJson('-c', '100', '-d', '4', compact), 100, 4096);
 });
 
-test('bench --io uring: the same loop over the daemon io_uring backend (or a one-line refusal)', async () => {
+test('bench --io uring: the same loop over the io_uring backend, storage/uring-file.ts (or a one-line refusal)', async () => {
   const file = await newImage('uring.fvd', MiB);
   const r = fvd('bench', '--json', '--io', 'uring', '-w', '-c', '256', '-d', '8', '--fill', '0x77', file);
   if (r.code !== 0) {

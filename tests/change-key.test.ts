@@ -17,7 +17,7 @@ import { FvdImage } from '../fvd/image.js';
 import { changeKey } from '../fvd/change-key.js';
 import { KeyError, parseCryptFields } from '../fvd/crypto.js';
 import { FvdError } from '../fvd/errors.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 import { MemIo } from './helpers/mem-io.js';
 import { Rng } from './helpers/rng.js';
 import { CLI, TempDir, assertOk, assertOneLineError, assertUnchanged, fvd, snapshot, type CliResult } from './helpers/cli.js';

@@ -1,7 +1,8 @@
 /**
- * Daemon pieces that need no ublk kernel: the ABI encodings (checked against the 6.12 struct
- * offsets in ../shared/reference/ublk-fvd-notes.md §2.3), fast-path routing through the shared
- * engine view, the main→worker completion ring, instance configuration and state files.
+ * Daemon pieces that need no ublk kernel: the ABI encodings (opcodes as Linux 6.12's ioctl numbers;
+ * ublksrv_ctrl_cmd, ublksrv_io_cmd, ublksrv_ctrl_dev_info and ublk_params little-endian at the field
+ * offsets of the 6.12 uapi structs), fast-path routing through the shared engine view, the
+ * main→worker completion ring, instance configuration and state files.
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
@@ -23,7 +24,7 @@ import { readInstanceConfig } from '../daemon/instance-config.js';
 import { ACTIVITY_OTHER, ACTIVITY_READ, ACTIVITY_WRITE, QueueActivityReader, QueueActivityWriter, newActivityBuffer } from '../daemon/queue-activity.js';
 import { listStates, removeState, writeState } from '../daemon/state.js';
 import { FvdImage } from '../fvd/image.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 
 test('ublk opcodes are the ioctl encodings of Linux 6.12', () => {
   assert.is(UBLK_U_CMD_GET_DEV_INFO, 0x80207502);

@@ -32,7 +32,7 @@ import path from 'node:path';
 import type { IoBackend } from '../fvd/io.js';
 import { FvdImage, type CreateOptions } from '../fvd/image.js';
 import { FvdError } from '../fvd/errors.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 import { checkImage } from '../fvd/check.js';
 import { Rng, envSeed, envSteps, randomSeed } from './helpers/rng.js';
 import { MemIo } from './helpers/mem-io.js';

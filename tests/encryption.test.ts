@@ -14,7 +14,7 @@ import { createDecipheriv, createHash, scryptSync } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { FvdImage, type CreateOptions } from '../fvd/image.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 import { FvdError } from '../fvd/errors.js';
 import { KeyError } from '../fvd/crypto.js';
 import { checkImage } from '../fvd/check.js';

@@ -28,7 +28,7 @@ import { FastCrypt } from '../daemon/fast-crypt.js';
 import { mapDirect, type EngineView } from '../daemon/shared-state.js';
 import { XtsCipher } from '../fvd/crypto.js';
 import { FvdImage } from '../fvd/image.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 import { Rng } from './helpers/rng.js';
 
 const sys = syscalls()!;

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { FvdImage, type CreateOptions } from '../fvd/image.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 import { FvdError } from '../fvd/errors.js';
 import { AUTOCLEAR_FULLY_LOCAL, decodeHeader, encodeHeader, HEADER_SIZE } from '../fvd/format.js';
 

@@ -11,7 +11,7 @@ import * as assert from 'uvu/assert';
 import fs from 'node:fs';
 import path from 'node:path';
 import { FvdImage } from '../fvd/image.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 import { checkImage } from '../fvd/check.js';
 import { FvdError } from '../fvd/errors.js';
 import type { BlockFile, IoBackend, OpenOptions } from '../fvd/io.js';

@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { FvdImage, type CreateOptions } from '../fvd/image.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 import { checkImage } from '../fvd/check.js';
 import type { BlockFile, IoBackend, OpenOptions } from '../fvd/io.js';
 import { ForegroundMeter, Prefetcher, type ForegroundActivity, type PrefetchState } from '../fvd/prefetch.js';

@@ -10,7 +10,7 @@ import { test } from 'uvu';
 import fs from 'node:fs';
 import path from 'node:path';
 import { FvdImage, type CreateOptions } from '../fvd/image.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 import type { BlockFile, IoBackend, OpenOptions } from '../fvd/io.js';
 import { Prefetcher } from '../fvd/prefetch.js';
 import { checkImage } from '../fvd/check.js';

@@ -11,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Qcow2Image } from '../fvd/qcow2.js';
 import { allowNativeZstd, registerZstdDecoder, zstdDecoderKind } from '../fvd/qcow2-decompress.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 import { FvdError } from '../fvd/errors.js';
 import { registerZstdFallback } from '../daemon/zstd-fallback.js';
 import { Rng } from './helpers/rng.js';

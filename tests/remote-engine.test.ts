@@ -17,7 +17,7 @@ import * as assert from 'uvu/assert';
 import fs from 'node:fs';
 import path from 'node:path';
 import { FvdImage } from '../fvd/image.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 import { Prefetcher } from '../fvd/prefetch.js';
 import { rebaseImage } from '../fvd/maintenance.js';
 import { StorageIo } from '../storage/storage-io.js';

@@ -12,7 +12,7 @@ import path from 'node:path';
 import { FvdImage } from '../fvd/image.js';
 import { checkImage } from '../fvd/check.js';
 import { decodeHeader } from '../fvd/format.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 import type { IoBackend } from '../fvd/io.js';
 import { MemIo } from './helpers/mem-io.js';
 import { CrashIo } from './helpers/crash-io.js';

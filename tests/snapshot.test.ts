@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { FvdImage, type CreateOptions } from '../fvd/image.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 import { FvdError } from '../fvd/errors.js';
 import { checkImage } from '../fvd/check.js';
 import { CHUNK_EMPTY, INCOMPAT_COMPACT, INCOMPAT_DIRTY, INCOMPAT_SNAPSHOTS, computeLayout, decodeHeader, encodeHeader, type Header } from '../fvd/format.js';

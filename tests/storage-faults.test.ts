@@ -19,7 +19,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { FvdImage } from '../fvd/image.js';
 import { checkImage } from '../fvd/check.js';
-import { nodeIo } from '../fvd/node-file.js';
+import { nodeIo } from '../storage/node-file.js';
 import { BurstLog, requestErrno, requestErrnoOf } from '../daemon/request-errors.js';
 import { MemIo } from './helpers/mem-io.js';
 import { FaultyIo } from './helpers/faulty-io.js';

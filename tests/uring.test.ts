@@ -14,7 +14,7 @@ import {
   SQE_CMD_OFFSET,
 } from '../ffi/uring.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE } from '../ffi/libc.js';
-import { UringFileDriver, UringIoBackend } from '../daemon/uring-file.js';
+import { UringFileDriver, UringIoBackend } from '../storage/uring-file.js';
 
 const tmpDir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-uring-'));
 let fileNo = 0;
@@ -313,7 +313,7 @@ test('pinned buffers are page-aligned; setup errors throw, closed rings return -
   ring.close();
 });
 
-// --- daemon/uring-file.ts ------------------------------------------------------------------------
+// --- storage/uring-file.ts -----------------------------------------------------------------------
 
 test('UringFile: write/read/flush/zeroRange/truncate round trip, zero-filled read past EOF', async () => {
   const backend = new UringIoBackend({ entries: 16 });

@@ -22,15 +22,15 @@
  * Only the request loop is timed (not open or close), as qemu-img does. I/O goes through the
  * buffered node:fs backend (the equivalent of qemu's cache=writeback). `-f raw` drives a plain
  * BlockFile from nodeIo with the same loop, so the engine's overhead over raw is visible with the
- * same harness. `--io uring` runs the same loop over the daemon's io_uring backend
- * (daemon/uring-file.ts, 'auto' drive: one io_uring_enter per batch, blocking the event loop while
+ * same harness. `--io uring` runs the same loop over the io_uring backend
+ * (storage/uring-file.ts, 'auto' drive: one io_uring_enter per batch, blocking the event loop while
  * it waits, as a queue worker does) instead of node:fs and its libuv thread pool. Write buffers are filled with a non-zero byte (--fill, default 0xa5) so zero
  * detection cannot short-cut the writes.
  */
 import { parseInteger, parseSize, formatSize, UsageError } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand } from '../command.js';
 import { FvdImage } from '../../fvd/image.js';
-import { nodeIo } from '../../fvd/node-file.js';
+import { nodeIo } from '../../storage/node-file.js';
 import { diskSize } from '../disk.js';
 import type { IoBackend } from '../../fvd/io.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
@@ -209,7 +209,7 @@ export async function run(args: string[]): Promise<number> {
   let io: IoBackend = nodeIo;
   let closeIo = (): void => {};
   if (ioName === 'uring') {
-    const { UringIoBackend } = await import('../uring-file.js');
+    const { UringIoBackend } = await import('../../storage/uring-file.js');
     let entries = 64;
     while (entries < depth && entries < 4096) entries *= 2;
     let uring: InstanceType<typeof UringIoBackend>;

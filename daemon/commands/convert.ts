@@ -13,7 +13,7 @@ import { storageIo } from '../../storage/storage-io.js';
 import { UsageError, parseSize, progressPrinter } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { isEncryptedImage, openDisk, parseFormat, probeFormat, rawDisk, type Disk, type DiskFormat } from '../disk.js';
-import { NodeFile, fileIdentity, syncDirectoryOf } from '../../fvd/node-file.js';
+import { NodeFile, fileIdentity, syncDirectoryOf } from '../../storage/node-file.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 
 /** Bytes per read: large enough that a compressed qcow2 source decompresses many clusters at once. */

@@ -14,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { FvdImage } from '../../fvd/image.js';
 import { checkImage } from '../../fvd/check.js';
-import { nodeIo } from '../../fvd/node-file.js';
+import { nodeIo } from '../../storage/node-file.js';
 import { Rng, randomSeed } from '../helpers/rng.js';
 import { makeData, firstMismatch } from '../helpers/model.js';
 

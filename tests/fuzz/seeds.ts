@@ -9,7 +9,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { FvdImage, type CreateOptions } from '../../fvd/image.js';
-import { nodeIo } from '../../fvd/node-file.js';
+import { nodeIo } from '../../storage/node-file.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;

@@ -1,11 +1,13 @@
 /**
- * BlockFile over node:fs (libuv thread pool), for the CLI and tests. Hole punching, device sizes
- * and locks come from libc through koffi (ffi/libc.ts); without it, zeroRange writes zeros.
+ * BlockFile over node:fs (libuv thread pool): the local-file backend the CLI and the daemon give
+ * the engine (through storage/storage-io.ts), and the tests' real-file backend. Hole punching,
+ * device sizes and locks come from libc through koffi (ffi/libc.ts); without it, zeroRange writes
+ * zeros.
  */
 import fs from 'node:fs';
 import nodePath from 'node:path';
-import type { BlockFile, IoBackend, OpenOptions } from './io.js';
-import { FvdError } from './errors.js';
+import type { BlockFile, IoBackend, OpenOptions } from '../fvd/io.js';
+import { FvdError } from '../fvd/errors.js';
 import {
   libc,
   BLKGETSIZE64,
@@ -138,7 +140,7 @@ export function openFlags(options: OpenOptions): number {
  * anything but a regular file or a block device (a FIFO, socket or character device is never
  * waited on), reopens the same file without O_NONBLOCK, takes the lock, and only then reads the
  * size — a writer that held the lock may have grown the file until the moment it let go. Closes
- * the descriptor on failure. Shared with the daemon's io_uring files.
+ * the descriptor on failure. Shared with storage/uring-file.ts.
  */
 export function settleOpen(fd: number, path: string, options: OpenOptions): { fd: number; isBlockDevice: boolean; size: number; fileId: string } {
   try {
@@ -182,7 +184,7 @@ export async function fileIdentity(path: string): Promise<string | null> {
   }
 }
 
-/** A block device's capacity in bytes (BLKGETSIZE64); shared with the daemon's io_uring files. */
+/** A block device's capacity in bytes (BLKGETSIZE64); shared with storage/uring-file.ts. */
 export function blockDeviceSize(fd: number, path: string): number {
   const c = libc();
   if (!c) throw new FvdError(`${path}: block devices need koffi (libc) to read their size`, 'EINVAL');

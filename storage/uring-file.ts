@@ -1,7 +1,10 @@
 /**
- * BlockFile (fvd/io.ts) over io_uring, for the daemon's engine I/O.
+ * BlockFile (fvd/io.ts) over io_uring: the backend of `fvd bench --io uring` (daemon/commands/
+ * bench.ts), which measures the engine over io_uring against node:fs. Nothing else uses it today:
+ * the daemon's engine opens files through storage/storage-io.ts (node:fs, storage/node-file.ts), and
+ * its queue workers do guest data I/O on their own rings (daemon/queue-worker.ts).
  *
- * This is the engine's slow path, so operations return promises, but the per-operation state
+ * Operations return promises, as the engine expects, but the per-operation state
  * lives in preallocated slots: a free list of slot indices, with `userDataBase + slot` as the
  * CQE user_data. One UringFileDriver (ring + slots) serves every file a UringIoBackend opens.
  *
@@ -27,7 +30,7 @@ import {
 } from '../ffi/uring.js';
 import { syscalls } from '../ffi/syscalls.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../ffi/libc.js';
-import { blockDeviceSize, fileIdentity, openFlags, settleOpen } from '../fvd/node-file.js';
+import { blockDeviceSize, fileIdentity, openFlags, settleOpen } from './node-file.js';
 import { FvdError } from '../fvd/errors.js';
 import type { BlockFile, IoBackend, OpenOptions } from '../fvd/io.js';
 
@@ -330,9 +333,10 @@ let zeros: Uint8Array | null = null;
 const ZERO_CHUNK = 1 << 20;
 
 /**
- * One open file. Semantics match fvd/node-file.ts (NodeFile), so the engine behaves the same over
- * either backend: size() is tracked in memory (no syscall), writes past a block device's end fail
- * with ENOSPC, zeroRange past a regular file's end is a no-op (those bytes already read as zeros).
+ * One open file. Semantics match storage/node-file.ts (NodeFile), so the engine behaves the same
+ * over either backend: size() is tracked in memory (no syscall), writes past a block device's end
+ * fail with ENOSPC, zeroRange past a regular file's end is a no-op (those bytes already read as
+ * zeros).
  */
 export class UringFile implements BlockFile {
   private closed = false;
