@@ -18,6 +18,11 @@ import {
   decodeDevInfo, encodeCtrlCmd, encodeDevInfo, encodeIoCmd, encodeParams,
 } from '../daemon/ublk/abi.js';
 import { describeFeatures, featureNames } from '../daemon/ublk/features.js';
+import {
+  IoDescriptor, UD_KIND_EVENT, UD_KIND_TARGET_IO, UD_KIND_UBLK_CMD,
+  decodeUserData, encodeUserData, readIoDescriptor, userDataKind, userDataTag, userDataTargetData,
+} from '../daemon/ublk/queue-loop.js';
+import { fileURLToPath } from 'node:url';
 import { CompletionRing, mapDirect, type EngineView } from '../daemon/shared-state.js';
 import { Prefetcher } from '../fvd/prefetch.js';
 import { readInstanceConfig } from '../daemon/instance-config.js';
@@ -113,6 +118,61 @@ test('struct encodings: ctrl cmd, io cmd, dev info, params at their offsets', ()
   assert.is(pv.getUint32(48, true), 8);
   assert.is(pv.getUint32(52, true), 9);
   assert.is(pv.getUint16(56, true), 1);
+});
+
+test('queue user_data: tag, kind and target data round-trip as a plain number below 2^53', () => {
+  for (const kind of [UD_KIND_UBLK_CMD, UD_KIND_TARGET_IO, UD_KIND_EVENT, 255]) {
+    for (const tag of [0, 1, 4095, 65535]) {
+      for (const targetData of [0, 1, 0x1234, 65535]) {
+        const ud = encodeUserData(tag, kind, targetData);
+        assert.ok(Number.isSafeInteger(ud) && ud >= 0, `${ud}`);
+        assert.is(userDataTag(ud), tag);
+        assert.is(userDataKind(ud), kind);
+        assert.is(userDataTargetData(ud), targetData);
+        assert.equal(decodeUserData(ud), { tag, kind, targetData });
+      }
+    }
+  }
+  // The three kinds the loop dispatches on are distinct for the same tag.
+  const kinds = new Set([UD_KIND_UBLK_CMD, UD_KIND_TARGET_IO, UD_KIND_EVENT].map((k) => encodeUserData(7, k)));
+  assert.is(kinds.size, 3);
+  // A ublk command's user_data is its tag (what the kernel's own examples use too).
+  assert.is(encodeUserData(42, UD_KIND_UBLK_CMD), 42);
+});
+
+test('queue descriptors: struct ublksrv_io_desc decoded at its tag, into the one reused object', () => {
+  const descs = new DataView(new ArrayBuffer(24 * 4));
+  const at = 24 * 3;
+  descs.setUint32(at, 1 | (1 << 13), true); // WRITE | FUA
+  descs.setUint32(at + 4, 1024, true);
+  descs.setBigUint64(at + 8, 0x1_2345_6789n, true); // above 2^32 sectors
+  descs.setBigUint64(at + 16, 0xdead_beefn, true); // addr: not decoded
+  const iod = new IoDescriptor();
+  assert.is(readIoDescriptor(descs, 3, iod), iod);
+  assert.is(iod.op, 1);
+  assert.is(iod.opFlags, 1 | (1 << 13));
+  assert.is(iod.opFlags >>> 8, (1 << 13) >>> 8);
+  assert.is(iod.nrSectors, 1024);
+  assert.is(iod.startSector, 0x1_2345_6789);
+  readIoDescriptor(descs, 0, iod);
+  assert.equal([iod.op, iod.opFlags, iod.nrSectors, iod.startSector], [0, 0, 0, 0]);
+});
+
+test('daemon/ublk/ knows ublk, not FVD: it imports only node:, ffi/, its own files (and the error type)', () => {
+  const dir = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'daemon', 'ublk');
+  const files = fs.readdirSync(dir).filter((f) => f.endsWith('.js'));
+  assert.ok(files.includes('queue-loop.js'));
+  for (const f of files) {
+    const text = fs.readFileSync(path.join(dir, f), 'utf8');
+    const specs = [...text.matchAll(/^\s*(?:import|export)\b[^;]*?from\s+['"]([^'"]+)['"]/gms)].map((m) => m[1]!);
+    if (f === 'queue-loop.js' || f === 'control.js') assert.ok(specs.includes('./abi.js'), `${f}: its imports were not found`);
+    for (const spec of specs) {
+      // The control plane throws the project's user-facing error type (one-line messages, an
+      // errno-like code for the CLI); that is no engine logic. The queue loop needs not even that.
+      const errorType = spec === '../../fvd/errors.js' && f !== 'queue-loop.js';
+      assert.ok(spec.startsWith('node:') || spec.startsWith('../../ffi/') || /^\.\/[^/]+$/.test(spec) || errorType, `${f} imports ${spec}`);
+    }
+  }
 });
 
 function view(over: Partial<EngineView>): EngineView {

@@ -7,30 +7,20 @@
  *
  * The key of an encrypted image: --key-file, or for --instance NAME the configuration's KEY_FILE=,
  * or else the systemd credential `key` ($CREDENTIALS_DIRECTORY/key, from LoadCredential=key:...).
+ *
+ * This file reads the arguments (and an instance's configuration); the life cycle of the served
+ * device — sd_notify, signals, prefetching, the stop order — is daemon/service.ts.
  */
 import fs from 'node:fs';
 import path from 'node:path';
 import { readInstanceConfig } from '../instance-config.js';
-import { sdNotify, watchdogPingIntervalMs } from '../../ffi/sd-notify.js';
-import { UsageError, formatSize, parseInteger, parsePercent, parseSize } from '../args.js';
+import { UsageError, parseInteger, parsePercent, parseSize } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
-import { UblkServer } from '../server.js';
-import { FvdError, oneLine } from '../../fvd/errors.js';
-import { Prefetcher } from '../../fvd/prefetch.js';
-import type { QueueActivityReader } from '../queue-activity.js';
-import { KEY_FILE_OPTION, keepOutOfCoreDumps, readKeyFile, wipe } from '../key-file.js';
-import { runGrowCommand } from '../grow.js';
-import { figuresFile, linkDevice, prometheusText, unlinkDevice, writeAtomically, type DeviceFigures } from '../metrics.js';
-import { stateDir, writeState } from '../state.js';
+import { oneLine } from '../../fvd/errors.js';
+import { KEY_FILE_OPTION, keepOutOfCoreDumps, readKeyFile } from '../key-file.js';
 import { StorageIo } from '../../storage/storage-io.js';
 import { loadRemoteConfig } from '../../storage/remote-config.js';
-import { isUrl } from '../../fvd/base-location.js';
-import { RemoteMonitor, formatRemote } from '../remote-status.js';
-
-/** Prefetch chunks over a remote base: large sequential ranges (split into parallel requests). */
-const REMOTE_CHUNK_BYTES = 8 * 1024 * 1024;
-/** After a remote base failed a prefetch read, try again after this long (doubling, to 5 min). */
-const REMOTE_RETRY_MS = 5000;
+import { runService } from '../service.js';
 
 export const spec = defineCommand({
   name: 'serve',
@@ -92,7 +82,6 @@ export async function run(args: string[]): Promise<number> {
   // The daemon holds guest data in its request buffers and, for an encrypted image, the master
   // key: never in a core dump, never readable through ptrace by another process of this user.
   keepOutOfCoreDumps();
-  let fatal: ((reason: string) => void) | undefined;
   const prefetchRate = values['prefetch-rate'] !== undefined ? parseSize(values['prefetch-rate'], 'prefetch rate') : undefined;
   const prefetchShare = parsePercent(values['prefetch-share']!, 'prefetch latency share');
   const growFree = parseSize(values['grow-free']!, 'grow threshold');
@@ -102,10 +91,11 @@ export async function run(args: string[]): Promise<number> {
     throw new UsageError(`--grow-cmd: ${image} is not a block device (a file grows by itself)`);
   const key = readKeyFile(values['key-file']);
   const io = new StorageIo(values['remote-config'] !== undefined ? loadRemoteConfig(values['remote-config']) : undefined);
-  const server = await UblkServer.start({
+  return runService({
     io,
     image,
-    name: values.name ?? path.basename(image).replace(/\.[^.]*$/, ''), // = `name` below
+    instance: values.instance,
+    name: values.name ?? path.basename(image).replace(/\.[^.]*$/, ''),
     devId: values['dev-id'] !== undefined ? parseInteger(values['dev-id'], 'device id', 0, 1 << 20) : -1,
     queues: parseInteger(values.queues!, 'queue count', 1, 64),
     depth: parseInteger(values.depth!, 'queue depth', 1, 4096),
@@ -113,219 +103,11 @@ export async function run(args: string[]): Promise<number> {
     copyOnRead: !values['no-copy-on-read'],
     key,
     log,
-    onFatal: (reason) => fatal?.(reason),
-  })
-    .catch((err) => {
-      throw sandboxHint(err, image, values.instance);
-    })
-    .finally(() => wipe(key));
-
-  // Background prefetching of the base, adaptive: the queue workers time every request
-  // (daemon/queue-activity.ts) and the prefetcher's latency budget keeps the guest's mean latency
-  // within the configured share of its baseline (fvd/prefetch-control.ts).
-  const st = server.image.stats();
-  if (growCmd !== undefined) {
-    if (st.layout !== 'compact') log(`--grow-cmd ignored: ${image} is raw-like (only compact images allocate storage)`);
-    else {
-      server.image.setStorageGrower({ lowWaterBytes: growFree, grow: () => runGrowCommand(growCmd, image, log) });
-      log(`storage: grows with '${growCmd}' when less than ${formatSize(growFree)} is left`);
-    }
-  }
-  const activity = server.activityReader();
-  const remoteBase = st.baseChain.some((b) => isUrl(b.path));
-  const remote = new RemoteMonitor(io, server.image);
-  let prefetcher: Prefetcher | null = null;
-  let retryTimer: NodeJS.Timeout | null = null;
-  let retryMs = REMOTE_RETRY_MS;
-  let stopped = false;
-  const startPrefetcher = () => {
-    const p = new Prefetcher(server.image, {
-      maxBytesPerSec: prefetchRate,
-      maxLatencyShare: prefetchShare / 100,
-      activity: () => activity.poll(),
-      // The workers time only the daemon's part of a request: the guest's own path (its kernel,
-      // its CPUs, which the copy also uses) shows as a lower request rate.
-      partialLatency: true,
-      ...(remoteBase ? { chunkBytes: REMOTE_CHUNK_BYTES } : {}),
-    }).start();
-    p.on('baseline', (ns: number) =>
-      log(`prefetch: guest request latency baseline ${(ns / 1000).toFixed(1)} µs; prefetching keeps the mean within +${prefetchShare}%`),
-    );
-    p.on('done', () => {
-      const r = remote.sample();
-      log(`prefetch done: the image is fully local, the base is no longer needed${r ? ` (${formatRemote(r)})` : ''}`);
-    });
-    p.on('failed', (pr: { error?: Error }) => {
-      log(`prefetch stopped: ${pr.error?.message}`);
-      // A remote base that failed (server down past the retry budget) may come back: the copy
-      // resumes later where it stopped; a local base's failure stays final.
-      if (remoteBase && !stopped) {
-        log(`prefetch: retrying in ${retryMs / 1000} s`);
-        retryTimer = setTimeout(() => {
-          retryTimer = null;
-          if (!stopped) prefetcher = startPrefetcher();
-        }, retryMs);
-        retryMs = Math.min(retryMs * 2, 300_000);
-      }
-    });
-    p.on('persisted', () => (retryMs = REMOTE_RETRY_MS));
-    return p;
-  };
-  if (!(values['no-prefetch'] || st.fullyLocal || st.baseSize === 0)) prefetcher = startPrefetcher();
-
-  const status = () => {
-    const s = server.counters();
-    const p = prefetcher?.progress();
-    const r = remote.sample();
-    if (r && server.state) writeState({ ...server.state, remote: r });
-    return (
-      `${server.devicePath} ${formatSize(server.image.size)}: ${s.fastPath + s.slowPath} requests (${s.slowPath} via engine), ` +
-      `${s.flushes} flushes, ${s.errors} errors` +
-      (server.image.failure ? ', WRITES REFUSED (a flush failed: restart once the storage works)' : '') +
-      (p
-        ? `, prefetch ${(p.fraction * 100).toFixed(1)}% ${p.state === 'paused' ? `paused (${p.pauseReason})` : p.state}` +
-          (p.state === 'running' || p.state === 'paused' ? ` ${formatSize(Math.round(p.rate))}/s ETA ${p.etaSeconds === null ? '--' : `${Math.ceil(p.etaSeconds)} s`}` : '')
-        : '') +
-      (r ? `, ${formatRemote(r)}` : '')
-    );
-  };
-  const name = values.name ?? path.basename(image).replace(/\.[^.]*$/, '');
-  const devLink = linkDevice(name, server.devicePath, log);
-  const metricsReader = server.activityReader();
-  const metricsFile = values['metrics-file'];
-  const figures = (): DeviceFigures => {
-    const c = server.counters();
-    const a = metricsReader.poll();
-    const p = prefetcher?.progress();
-    return {
-      name,
-      device: server.devicePath,
-      image: path.resolve(image),
-      virtualSize: server.image.size,
-      requestsFast: c.fastPath,
-      requestsEngine: c.slowPath,
-      flushes: c.flushes,
-      errors: c.errors,
-      latencyCount: a.ops,
-      latencySecondsSum: a.latencyNs / 1e9,
-      bytesRead: a.bytesRead,
-      bytesWritten: a.bytesWritten,
-      inFlight: a.inFlight,
-      prefetch: p ? { state: p.state, fraction: p.fraction, bytesDone: p.bytesDone, bytesRemaining: p.bytesRemaining } : null,
-      updatedAt: new Date().toISOString(),
-    };
-  };
-  const publish = () => {
-    const f = figures();
-    try {
-      writeAtomically(figuresFile(stateDir(), server.devId), JSON.stringify(f, null, 2) + '\n');
-      if (metricsFile) writeAtomically(metricsFile, prometheusText(f));
-    } catch (err) {
-      log(`cannot write figures: ${(err as Error).message}`);
-    }
-  };
-  publish();
-  console.log(server.devicePath);
-  sdNotify(`READY=1\nSTATUS=serving ${status()}`);
-  const statusTimer = setInterval(() => {
-    sdNotify(`STATUS=serving ${status()}`);
-    publish();
-  }, 5000);
-  statusTimer.unref();
-  const traceTimer = process.env.FVD_PREFETCH_TRACE && prefetcher ? tracePrefetch(prefetcher, server.activityReader(), log) : null;
-  const ping = watchdogPingIntervalMs();
-  const watchdog = ping > 0 ? setInterval(() => sdNotify('WATCHDOG=1'), ping) : null;
-
-  return new Promise<number>((resolve) => {
-    let stopping = false;
-    let failed = false;
-    const stop = (signal: string) => {
-      if (stopping) return;
-      stopping = true;
-      log(`${signal}: stopping ${server.devicePath}`);
-      sdNotify(`STOPPING=1\nSTATUS=stopping ${server.devicePath}`);
-      clearInterval(statusTimer);
-      if (traceTimer) clearInterval(traceTimer);
-      stopped = true;
-      if (retryTimer) clearTimeout(retryTimer);
-      // The prefetcher stops (its in-flight copy finished) before the image closes.
-      (prefetcher ? prefetcher.stop() : Promise.resolve()).then(() => server.stop()).then(
-        () => {
-          if (watchdog) clearInterval(watchdog);
-          unlinkDevice(devLink, server.devicePath);
-          if (metricsFile) fs.rmSync(metricsFile, { force: true });
-          log(`stopped; ${status()}`);
-          resolve(failed ? 1 : 0);
-        },
-        (err) => {
-          if (watchdog) clearInterval(watchdog);
-          log(`stop failed: ${(err as Error).message}`);
-          resolve(1);
-        },
-      );
-    };
-    fatal = (reason) => {
-      failed = true;
-      log(`fatal: ${reason}`);
-      stop('fatal error');
-    };
-    process.on('SIGTERM', () => stop('SIGTERM'));
-    // SIGUSR1 pauses background prefetching (after the chunks in flight), SIGUSR2 resumes it: for
-    // an operator (`systemctl kill -s USR1 fvd@NAME`) and for bench/device-prefetch.sh, which
-    // alternates them to compare the guest's latency with and without prefetching in one run.
-    process.on('SIGUSR1', () => {
-      if (prefetcher) void prefetcher.pause().then(() => log('prefetch paused (SIGUSR1)'));
-    });
-    process.on('SIGUSR2', () => {
-      if (prefetcher) {
-        prefetcher.resume();
-        log('prefetch resumed (SIGUSR2)');
-      }
-    });
-    process.on('SIGINT', () => stop('SIGINT'));
+    prefetch: !values['no-prefetch'],
+    prefetchRate,
+    prefetchShare,
+    growCmd,
+    growFree,
+    metricsFile: values['metrics-file'],
   });
-}
-
-/**
- * Under fvd@.service the file system is read-only except /var/lib/fvd (ProtectSystem=strict): an
- * image elsewhere fails to open read-write with EROFS. Say what to add instead of only the errno.
- */
-function sandboxHint(err: unknown, image: string, instance: string | undefined): unknown {
-  const e = err as NodeJS.ErrnoException;
-  if (e?.code !== 'EROFS' || !process.env.INVOCATION_ID) return err;
-  const dir = path.dirname(path.resolve(image));
-  const unit = instance !== undefined ? `fvd@${instance}` : 'the service';
-  return new FvdError(
-    `${image}: read-only file system: the service may write only /var/lib/fvd; allow the image's directory with 'systemctl edit ${unit}': [Service] ReadWritePaths=${dir}`,
-    'EROFS',
-  );
-}
-
-/**
- * FVD_PREFETCH_TRACE=1: one log line per second with what the prefetcher adapts to — the guest's
- * requests per second and their mean latency inside the daemon — and what it did (for tuning).
- */
-function tracePrefetch(prefetcher: Prefetcher, activity: QueueActivityReader, log: (line: string) => void): NodeJS.Timeout {
-  let last = { ...activity.poll() };
-  let lastBytes = 0;
-  let lastAt = performance.now();
-  const timer = setInterval(() => {
-    const now = performance.now();
-    const a = activity.poll();
-    const p = prefetcher.progress();
-    const dt = (now - lastAt) / 1000;
-    const ops = a.ops - last.ops;
-    const lat = ops ? (a.latencyNs - last.latencyNs) / ops / 1000 : 0;
-    log(
-      `prefetch trace: guest ${Math.round(ops / dt)} req/s, ${lat.toFixed(1)} µs mean in the daemon; ` +
-        `copied ${((p.bytesDone - lastBytes) / dt / 1048576).toFixed(1)} MiB/s, ${p.state}${p.pauseReason ? ` (${p.pauseReason})` : ''}, ` +
-        `baseline ${p.baselineLatencyNs === null ? '-' : (p.baselineLatencyNs / 1000).toFixed(1)} µs ` +
-        `${p.baselineOpsPerSec === null ? '-' : Math.round(p.baselineOpsPerSec)} req/s, ${p.throttles} throttles`,
-    );
-    last = { ...a };
-    lastBytes = p.bytesDone;
-    lastAt = now;
-  }, 1000);
-  timer.unref();
-  return timer;
 }

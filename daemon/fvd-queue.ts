@@ -1,0 +1,304 @@
+/**
+ * The FVD target of a ublk queue (the ops daemon/ublk/queue-loop.ts calls): decides per request
+ * whether this worker thread serves it or the engine on the main thread does, and does the
+ * fast path's I/O, crypto and figures.
+ *
+ * Fast path: the request touches only data already local (and, for a write, whose bitmap bits are
+ * journaled) — the worker maps it through the shared bitmap/table (daemon/shared-state.ts) and
+ * reads or writes the image itself: synchronously first where that cannot block
+ * (daemon/direct-io.ts), else on the queue's ring (fixed file 1). Everything else (copy-on-write,
+ * copy-on-read, allocation, flush, discard, FUA) goes to the engine as a 'slow' message; the
+ * engine works directly in this queue's pinned request buffers and hands the result back through
+ * the completion ring and the queue's eventfd (handleEvent).
+ *
+ * Encrypted images (FORMAT.md §11) take the same fast path: the worker encrypts a write's buffer in
+ * place before writing it and decrypts a read's buffer in place before committing it, with its own
+ * cipher (daemon/fast-crypt.ts), so encryption runs on the queue threads, not the main thread.
+ *
+ * Per request: no allocation, no promise, no closure (the ops are methods; per-tag state lives in
+ * typed arrays made at start). Only failures and engine hand-overs post a message.
+ */
+import fs from 'node:fs';
+import { errnoName } from '../ffi/uring.js';
+import type { Syscalls } from '../ffi/syscalls.js';
+import { IOSQE_FIXED_FILE } from '../ffi/uring.js';
+import {
+  UBLK_IO_F_FUA,
+  UBLK_IO_OP_DISCARD,
+  UBLK_IO_OP_FLUSH,
+  UBLK_IO_OP_READ,
+  UBLK_IO_OP_WRITE,
+  UBLK_IO_OP_WRITE_ZEROES,
+} from './ublk/abi.js';
+import { QueueLoop, UD_KIND_TARGET_IO, encodeUserData, type IoDescriptor, type QueueTarget } from './ublk/queue-loop.js';
+import { DIRECT_WOULD_BLOCK, DirectIo, chooseDirectMode, type DirectMode } from './direct-io.js';
+import { CompletionRing, mapDirect, type EngineView } from './shared-state.js';
+import { ACTIVITY_OTHER, ACTIVITY_READ, ACTIVITY_WRITE, QueueActivityWriter } from './queue-activity.js';
+import { FastCrypt } from './fast-crypt.js';
+import { requestErrnoOf } from './request-errors.js';
+
+export interface QueueWorkerData {
+  devId: number;
+  qid: number;
+  depth: number;
+  maxIo: number;
+  imagePath: string;
+  view: EngineView;
+  completions: SharedArrayBuffer;
+  /** [0] = 1 asks the worker to quit (before START_DEV, or on a failed start). */
+  control: SharedArrayBuffer;
+  eventfd: number;
+  /** /dev/ublkcN, opened once by the main thread: the driver allows a single open. */
+  cdevFd: number;
+  /** Request count and latency totals for the prefetcher (daemon/queue-activity.ts). */
+  activity: SharedArrayBuffer;
+  /**
+   * Encrypted image: its 64-byte master key, for this worker's own cipher, in shared memory (a
+   * structured clone would leave a copy in the message buffer, freed without being wiped); this
+   * thread zeroes it as soon as its cipher holds the key. Null otherwise. Never logged or sent back.
+   */
+  key: SharedArrayBuffer | null;
+}
+
+/** Messages to the main thread. */
+export type WorkerMessage =
+  /** ioFlusher: PR_GET_IO_FLUSHER of this thread after setting it (1), or -errno (ffi/syscalls.ts). */
+  | { type: 'fetched'; qid: number; bufAddress: number; bufLength: number; tid: number; ioFlusher: number }
+  | { type: 'slow'; qid: number; tag: number; op: number; flags: number; offset: number; length: number }
+  | { type: 'log'; qid: number; message: string }
+  | { type: 'info'; qid: number; message: string }
+  | { type: 'stats'; qid: number; fast: number; slow: number }
+  | { type: 'exit'; qid: number; error?: string };
+
+const EIO = 5;
+const EOPNOTSUPP = 95;
+
+export class FvdQueue implements QueueTarget {
+  readonly loop: QueueLoop;
+  /** How fast-path transfers are done first (direct-io.ts); 'ring' = always on the ring. */
+  readonly directMode: DirectMode;
+  private readonly qid: number;
+  private readonly maxIo: number;
+  private readonly view: EngineView;
+  private readonly post: (m: WorkerMessage) => void;
+  private readonly imageFd: number;
+  /** The image's fixed-file index in the loop's ring. */
+  private readonly imageFile: number;
+  private readonly direct: DirectIo | null;
+  private readonly crypt: FastCrypt | null;
+  private readonly engineDone: CompletionRing;
+  private readonly activity: QueueActivityWriter;
+  private readonly bufBase: number;
+  private readonly bytes: Uint8Array;
+  // Per-tag state of an in-flight fast-path transfer, in preallocated typed arrays.
+  private readonly tagOp: Int32Array;
+  private readonly tagLen: Float64Array;
+  private readonly tagDone: Float64Array;
+  private readonly tagPhys: Float64Array;
+  /** Guest byte offset: the XTS tweak of an encrypted image. */
+  private readonly tagOffset: Float64Array;
+  /** Per-tag zero-fill callbacks for reads that meet the end of a compact image file, made once. */
+  private readonly zeroFillFrom: ((from: number) => void)[];
+  private fast = 0;
+  private slow = 0;
+
+  /** Opens the image and the queue (its ring, buffers, descriptors) and the cipher; undone on failure. */
+  constructor(d: QueueWorkerData, sys: Syscalls, post: (m: WorkerMessage) => void, spin: number) {
+    const { qid, depth, maxIo, view } = d;
+    this.qid = qid;
+    this.maxIo = maxIo;
+    this.view = view;
+    this.post = post;
+    const key = d.key ? new Uint8Array(d.key) : null;
+    let imageFd = -1;
+    let loop: QueueLoop | null = null;
+    let crypt: FastCrypt | null = null;
+    let direct: DirectIo | null = null;
+    let directMode: DirectMode;
+    try {
+      imageFd = fs.openSync(d.imagePath, 'r+');
+      loop = new QueueLoop({
+        sys,
+        devId: d.devId,
+        qid,
+        depth,
+        maxIo,
+        cdevFd: d.cdevFd,
+        targetFiles: [imageFd],
+        eventfd: d.eventfd,
+        control: new Int32Array(d.control),
+        spin,
+        log: (message) => this.log(message),
+      });
+      if (view.encrypted) {
+        if (!key) throw new Error('an encrypted image needs its key to be served');
+        crypt = new FastCrypt(key, loop.buffers.bytes, depth, maxIo);
+      }
+      key?.fill(0); // the cipher holds the key now
+      directMode = chooseDirectMode(sys, imageFd, d.imagePath);
+      if (directMode !== 'ring') direct = new DirectIo(sys, imageFd, directMode);
+    } catch (err) {
+      key?.fill(0);
+      crypt?.destroy();
+      loop?.close();
+      if (imageFd >= 0) fs.closeSync(imageFd);
+      throw err;
+    }
+    this.loop = loop;
+    this.imageFd = imageFd;
+    this.imageFile = loop.targetFile(0);
+    this.crypt = crypt;
+    this.direct = direct;
+    this.directMode = directMode;
+    this.engineDone = new CompletionRing(d.completions);
+    this.activity = new QueueActivityWriter(d.activity, depth);
+    this.bufBase = loop.bufferAddress;
+    const bytes = loop.buffers.bytes;
+    this.bytes = bytes;
+    this.tagOp = new Int32Array(depth);
+    this.tagLen = new Float64Array(depth);
+    this.tagDone = new Float64Array(depth);
+    this.tagPhys = new Float64Array(depth);
+    this.tagOffset = new Float64Array(depth);
+    const tagLen = this.tagLen;
+    this.zeroFillFrom = Array.from({ length: depth }, (_, tag) => (from: number) => {
+      bytes.fill(0, tag * maxIo + from, tag * maxIo + tagLen[tag]!);
+    });
+  }
+
+  /** Fetches every tag: from here on the kernel may send requests. */
+  start(): void {
+    if (this.qid === 0) this.post({ type: 'info', qid: this.qid, message: `fast path: ${this.directMode} transfers` });
+    this.loop.start(this);
+  }
+
+  /** Serves until the device stops or the main thread asks to quit; then reports the last figures. */
+  run(): void {
+    this.loop.run();
+    this.everySecond();
+  }
+
+  /** Releases the queue, the image and the cipher's key. Idempotent through the loop's close. */
+  close(): void {
+    // The ring first: closing it cancels what is still pending on the image.
+    this.loop.close();
+    fs.closeSync(this.imageFd);
+    this.direct?.free();
+    this.crypt?.destroy(); // the worker's copy of the key goes with the queue
+  }
+
+  // ---- target ops (daemon/ublk/queue-loop.ts) --------------------------------------------
+
+  /** A new request arrived for `tag`: serve it here or hand it to the engine. */
+  handleIo(tag: number, iod: IoDescriptor): void {
+    const op = iod.op;
+    const sectors = iod.nrSectors;
+    this.activity.begin(tag, performance.now(), op === UBLK_IO_OP_READ ? ACTIVITY_READ : op === UBLK_IO_OP_WRITE ? ACTIVITY_WRITE : ACTIVITY_OTHER, sectors);
+    const length = sectors * 512;
+    const offset = iod.startSector * 512;
+    if (op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE) {
+      const view = this.view;
+      if (offset + length > view.size || length > this.maxIo) {
+        this.log(`request beyond the device: op ${op} at ${offset}+${length} (size ${view.size})`);
+        this.commit(tag, -EIO);
+        return;
+      }
+      const write = op === UBLK_IO_OP_WRITE;
+      const phys = write && iod.opFlags & UBLK_IO_F_FUA ? -1 : mapDirect(view, offset, length, write);
+      if (phys >= 0) {
+        this.tagOp[tag] = op;
+        this.tagLen[tag] = length;
+        this.tagDone[tag] = 0;
+        this.tagPhys[tag] = phys;
+        this.tagOffset[tag] = offset;
+        this.fast++;
+        // Encrypted image: route first, then encrypt, then write — a write that went to the
+        // engine above must reach it as plaintext (the engine encrypts), and once encrypted the
+        // buffer is only ever written (the ring finishing a would-block transfer reuses it), so
+        // it is encrypted exactly once. Reads are decrypted in finishFast, after the whole
+        // transfer (sync, ring, or both) and before the commit.
+        if (write && this.crypt !== null) this.crypt.encryptWrite(tag, offset, length);
+        const direct = this.direct;
+        if (direct) {
+          const r = direct.transfer(write, this.bufBase + tag * this.maxIo, length, phys, this.zeroFillFrom[tag]!);
+          if (r === length) return this.finishFast(tag);
+          if (r < DIRECT_WOULD_BLOCK) {
+            this.log(`image ${write ? 'write' : 'read'} failed at ${phys}: ${errnoName(r)}`);
+            return this.commit(tag, requestErrnoOf(r));
+          }
+          this.tagDone[tag] = direct.done; // the ring finishes what would have blocked
+        }
+        this.fileIo(tag);
+        return;
+      }
+    } else if (op !== UBLK_IO_OP_FLUSH && op !== UBLK_IO_OP_DISCARD && op !== UBLK_IO_OP_WRITE_ZEROES) {
+      this.commit(tag, -EOPNOTSUPP);
+      return;
+    }
+    this.slow++;
+    this.post({ type: 'slow', qid: this.qid, tag, op, flags: iod.opFlags >>> 8, offset, length });
+  }
+
+  /** A fast-path image read or write on the ring finished (res bytes, 0 at end of file, or -errno). */
+  handleTargetIo(tag: number, res: number): void {
+    const { tagOp, tagDone, tagLen } = this;
+    if (res < 0) {
+      this.log(`image ${tagOp[tag] === UBLK_IO_OP_READ ? 'read' : 'write'} failed at ${this.tagPhys[tag]}: ${errnoName(res)}`);
+      this.commit(tag, requestErrnoOf(res));
+      return;
+    }
+    if (res === 0 && tagOp[tag] === UBLK_IO_OP_READ) {
+      // End of a compact image file inside a mapped chunk: the rest reads as zeros.
+      this.bytes.fill(0, tag * this.maxIo + tagDone[tag]!, tag * this.maxIo + tagLen[tag]!);
+      tagDone[tag] = tagLen[tag]!;
+    } else {
+      tagDone[tag]! += res;
+    }
+    if (tagDone[tag]! < tagLen[tag]!) this.fileIo(tag); // short transfer: continue
+    else this.finishFast(tag);
+  }
+
+  /** The main thread finished requests it took over. */
+  handleEvent(): void {
+    this.engineDone.drain(this.commitEngineResult);
+  }
+
+  everySecond(): void {
+    this.post({ type: 'stats', qid: this.qid, fast: this.fast, slow: this.slow });
+  }
+
+  // ---- helpers ---------------------------------------------------------------------------
+
+  private commit(tag: number, result: number): void {
+    this.activity.end(tag, performance.now());
+    this.loop.complete(tag, result);
+  }
+
+  /** commit() as a callback for the completion ring, made once. */
+  private readonly commitEngineResult = (tag: number, result: number): void => this.commit(tag, result);
+
+  /** Queues the rest of tag's fast-path transfer (from tagDone) on the ring. */
+  private fileIo(tag: number): void {
+    const off = this.tagDone[tag]!;
+    const addr = this.bufBase + tag * this.maxIo + off;
+    const len = this.tagLen[tag]! - off;
+    const pos = this.tagPhys[tag]! + off;
+    const ring = this.loop.ring;
+    const userData = encodeUserData(tag, UD_KIND_TARGET_IO);
+    const idx =
+      this.tagOp[tag] === UBLK_IO_OP_READ
+        ? ring.prepRead(this.imageFile, addr, len, pos, userData, IOSQE_FIXED_FILE)
+        : ring.prepWrite(this.imageFile, addr, len, pos, userData, IOSQE_FIXED_FILE);
+    if (idx < 0) throw new Error(`queue ${this.qid}: submission queue full`);
+  }
+
+  /** A fast-path transfer finished: a read of an encrypted image is decrypted before the kernel sees it. */
+  private finishFast(tag: number): void {
+    if (this.crypt !== null && this.tagOp[tag] === UBLK_IO_OP_READ) this.crypt.decryptRead(tag, this.tagOffset[tag]!, this.tagLen[tag]!);
+    this.commit(tag, this.tagLen[tag]!);
+  }
+
+  private log(message: string): void {
+    this.post({ type: 'log', qid: this.qid, message });
+  }
+}

@@ -1,0 +1,299 @@
+/**
+ * One ublk queue, generic: it knows the ublk I/O protocol, not what serves the requests (after
+ * ublksrv's queue and target ops, include/ublksrv.h, and libublk-rs's user_data layout).
+ *
+ * It maps the queue's descriptor array from /dev/ublkcN, owns the io_uring and the pinned request
+ * buffers (one of maxIo bytes per tag), submits FETCH_REQ for every tag, and hands each request
+ * that arrives to the target with handleIo(tag, descriptor). The target answers with
+ * complete(tag, result) — at once or later — which queues COMMIT_AND_FETCH_REQ for that tag.
+ * A target may put its own I/O on the same ring (kind TARGET_IO, files registered after the
+ * character device), and may ask another thread to serve a request and be woken through an
+ * eventfd whose read the loop keeps armed (kind EVENT → handleEvent).
+ *
+ * Threads: the kernel (6.12) wants every command of a queue from the task that fetched its tags,
+ * so the loop runs on one thread, which blocks in io_uring_enter itself. Per request there is no
+ * allocation, no promise and no closure: the descriptor is decoded into one reused object, the
+ * target ops are methods, and user_data is plain arithmetic on numbers.
+ */
+import {
+  IoUring,
+  IORING_SETUP_COOP_TASKRUN,
+  IORING_SETUP_DEFER_TASKRUN,
+  IORING_SETUP_SINGLE_ISSUER,
+  IORING_SETUP_TASKRUN_FLAG,
+  IOSQE_FIXED_FILE,
+  allocPinned,
+  errnoName,
+  type PinnedBuffer,
+} from '../../ffi/uring.js';
+import { isMapFailed, MAP_POPULATE, MAP_SHARED, PROT_READ, type Syscalls } from '../../ffi/syscalls.js';
+import {
+  IO_DESC_SIZE,
+  UBLK_IO_RES_ABORT,
+  UBLK_IO_RES_OK,
+  UBLK_QUEUE_DESC_STRIDE,
+  UBLK_U_IO_COMMIT_AND_FETCH_REQ,
+  UBLK_U_IO_FETCH_REQ,
+  encodeIoCmd,
+} from './abi.js';
+
+// ---- user_data layout ----------------------------------------------------------------------
+// Bits 0–15 tag, 16–23 kind, 24–39 target data (free for the target: which of a request's I/Os).
+// Like ublksrv's build_user_data, but below 2^53 so it stays a plain JS number (ffi/uring.ts
+// writes user_data as two u32 halves); no flag in bit 63.
+
+/** A FETCH_REQ or COMMIT_AND_FETCH_REQ of `tag`: its completion is a new request (or an abort). */
+export const UD_KIND_UBLK_CMD = 0;
+/** I/O the target put on the ring for `tag` (handleTargetIo). */
+export const UD_KIND_TARGET_IO = 1;
+/** The read of the queue's eventfd (handleEvent); its tag is 0. */
+export const UD_KIND_EVENT = 2;
+
+const TAG_SPAN = 0x10000;
+const KIND_SPAN = 0x100;
+const TARGET_DATA_SPAN = 0x10000;
+
+/** user_data of one SQE; every field must be within its range (tag < 65536, kind < 256, targetData < 65536). */
+export function encodeUserData(tag: number, kind: number, targetData = 0): number {
+  return tag + kind * TAG_SPAN + targetData * (TAG_SPAN * KIND_SPAN);
+}
+export function userDataTag(userData: number): number {
+  return userData % TAG_SPAN;
+}
+export function userDataKind(userData: number): number {
+  return Math.floor(userData / TAG_SPAN) % KIND_SPAN;
+}
+export function userDataTargetData(userData: number): number {
+  return Math.floor(userData / (TAG_SPAN * KIND_SPAN)) % TARGET_DATA_SPAN;
+}
+/** All fields at once (allocates: for tests and diagnostics, not the request path). */
+export function decodeUserData(userData: number): { tag: number; kind: number; targetData: number } {
+  return { tag: userDataTag(userData), kind: userDataKind(userData), targetData: userDataTargetData(userData) };
+}
+
+// ---- descriptors -------------------------------------------------------------------------
+
+/**
+ * struct ublksrv_io_desc of one request, decoded. The loop reuses one instance for every request:
+ * valid only during handleIo; copy what must outlive the call.
+ */
+export class IoDescriptor {
+  /** op_flags as the kernel wrote it: the op in bits 0–7, UBLK_IO_F_* above. */
+  opFlags = 0;
+  /** UBLK_IO_OP_*. */
+  op = 0;
+  nrSectors = 0;
+  startSector = 0;
+}
+
+/** Decodes the descriptor of `tag` from the queue's descriptor array into `out` (no allocation). */
+export function readIoDescriptor(descs: DataView, tag: number, out: IoDescriptor): IoDescriptor {
+  const at = tag * IO_DESC_SIZE;
+  const opFlags = descs.getUint32(at, true);
+  out.opFlags = opFlags;
+  out.op = opFlags & 0xff;
+  out.nrSectors = descs.getUint32(at + 4, true);
+  // Two 32-bit halves: no BigInt on the request path (sector numbers stay below 2^53).
+  out.startSector = descs.getUint32(at + 8, true) + descs.getUint32(at + 12, true) * 0x100000000;
+  return out;
+}
+
+// ---- target ops ------------------------------------------------------------------------------
+
+/** What serves a queue's requests (ublksrv's struct ublksrv_tgt_type, the per-queue part). */
+export interface QueueTarget {
+  /** A request arrived for `tag`; answer it with QueueLoop.complete(tag, result), now or later. */
+  handleIo(tag: number, iod: IoDescriptor): void;
+  /** An SQE the target queued with kind UD_KIND_TARGET_IO completed (res as in the CQE). */
+  handleTargetIo(tag: number, res: number, targetData: number): void;
+  /** The queue's eventfd was signalled: another thread has results for this queue. */
+  handleEvent(): void;
+  /** About once a second, from the loop's thread (figures for the owner). */
+  everySecond?(): void;
+}
+
+export interface QueueLoopOptions {
+  sys: Syscalls;
+  devId: number;
+  qid: number;
+  depth: number;
+  maxIo: number;
+  /** /dev/ublkcN, opened by the caller (the driver allows a single open); stays the caller's. */
+  cdevFd: number;
+  /** Files the target reads and writes through the ring: fixed file 1, 2, ... (targetFile(i)). */
+  targetFiles: number[];
+  /** Kept armed until stop is asked; its wake-ups go to handleEvent. -1: none. */
+  eventfd: number;
+  /** [0] = 1 asks the loop to end (and not to re-arm the eventfd read). */
+  control: Int32Array;
+  /** Polls of the ring's flags before blocking in io_uring_enter (0: block at once). */
+  spin: number;
+  /** Something went wrong that the owner should count and report (one call per failure). */
+  log(message: string): void;
+}
+
+const PAGE = 4096;
+const EINTR = -4;
+const EAGAIN = -11;
+const EBUSY = -16;
+
+export class QueueLoop {
+  readonly qid: number;
+  readonly depth: number;
+  readonly maxIo: number;
+  readonly ring: IoUring;
+  /** The request buffers: tag t owns bytes [t * maxIo, (t + 1) * maxIo). */
+  readonly buffers: PinnedBuffer;
+  /** Address of the request buffers (for the ring's I/O and the owner's other threads). */
+  readonly bufferAddress: number;
+  private readonly opts: QueueLoopOptions;
+  private readonly descPtr: bigint;
+  private readonly descLen: number;
+  private readonly descs: DataView;
+  private readonly iod = new IoDescriptor();
+  private readonly eventBuf: PinnedBuffer;
+  private readonly sqe: DataView;
+  private target: QueueTarget | null = null;
+  private aborted = 0;
+  private closed = false;
+
+  /** Maps the descriptors, sets up the ring and buffers; on failure releases what it took. */
+  constructor(opts: QueueLoopOptions) {
+    this.opts = opts;
+    const { sys, qid, depth, maxIo } = opts;
+    this.qid = qid;
+    this.depth = depth;
+    this.maxIo = maxIo;
+    this.descLen = Math.ceil((depth * IO_DESC_SIZE) / PAGE) * PAGE;
+    const descPtr = sys.mmap(this.descLen, PROT_READ, MAP_SHARED | MAP_POPULATE, opts.cdevFd, qid * UBLK_QUEUE_DESC_STRIDE);
+    if (isMapFailed(descPtr)) throw new Error(`mmap of /dev/ublkc${opts.devId} queue ${qid} descriptors failed: ${errnoName(sys.errno())}`);
+    this.descPtr = descPtr;
+    this.descs = new DataView(sys.koffi.view(descPtr, this.descLen));
+    let ring: IoUring | null = null;
+    let buffers: PinnedBuffer | null = null;
+    let eventBuf: PinnedBuffer | null = null;
+    try {
+      let entries = 16;
+      while (entries < depth + 8) entries *= 2;
+      // This thread is the ring's only submitter and always waits inside io_uring_enter(GETEVENTS),
+      // so completions can be deferred to that wait instead of interrupting the thread.
+      // (Linking each file op to its COMMIT_AND_FETCH was tried and was 4x slower on 6.12.)
+      ring = new IoUring({
+        entries,
+        cqEntries: entries * 2,
+        flags: IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
+      });
+      eventBuf = allocPinned(PAGE);
+      const reg = ring.registerFiles([opts.cdevFd, ...opts.targetFiles]);
+      if (reg < 0) throw new Error(`io_uring register files: ${errnoName(reg)}`);
+      buffers = allocPinned(depth * maxIo);
+    } catch (err) {
+      ring?.close();
+      buffers?.free();
+      eventBuf?.free();
+      sys.munmap(descPtr, this.descLen);
+      throw err;
+    }
+    this.ring = ring;
+    this.buffers = buffers;
+    this.bufferAddress = buffers.address;
+    this.eventBuf = eventBuf;
+    this.sqe = ring.sqeView;
+  }
+
+  /** The fixed-file index of targetFiles[i], for the target's SQEs (with IOSQE_FIXED_FILE). */
+  targetFile(i: number): number {
+    return 1 + i;
+  }
+
+  /**
+   * Fetches every tag and arms the eventfd read, and hands them to the kernel: from here on the
+   * kernel may send requests (once the device is started), which run() passes to `target`.
+   */
+  start(target: QueueTarget): void {
+    this.target = target;
+    for (let tag = 0; tag < this.depth; tag++) this.ublkCmd(UBLK_U_IO_FETCH_REQ, tag, 0);
+    this.armEvent();
+    const sub = this.ring.submit(0);
+    if (sub < 0) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(sub)}`);
+  }
+
+  /** The request of `tag` is done with `result` (bytes, or -errno): commit it and fetch the next. */
+  complete(tag: number, result: number): void {
+    this.ublkCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
+  }
+
+  /** Serves requests until every tag was aborted (the device stopped) or control[0] is set. */
+  run(): void {
+    const { ring, depth, opts } = this;
+    const control = opts.control;
+    const spin = opts.spin;
+    const onCqe = this.onCqe;
+    let lastSecond = Date.now();
+    while (this.aborted < depth && Atomics.load(control, 0) === 0) {
+      if (spin > 0 && !ring.hasWork()) {
+        // Hand over what is prepared without sleeping, then poll the ring's flags for a while:
+        // a new request or completion usually comes within microseconds under load, and a
+        // sleep/wake-up round trip costs more than the polling.
+        if (ring.unsubmitted > 0) ring.submit(0);
+        for (let s = 0; s < spin && !ring.hasWork(); s++);
+      }
+      const r = ring.submit(1);
+      if (r < 0 && r !== EINTR && r !== EAGAIN && r !== EBUSY) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(r)}`);
+      ring.reap(onCqe);
+      const now = Date.now();
+      if (now - lastSecond > 1000) {
+        lastSecond = now;
+        this.target!.everySecond?.();
+      }
+    }
+  }
+
+  /**
+   * Releases the ring (which cancels what is still pending), the descriptor mapping and the
+   * buffers: /dev/ublkcN must be free of them before DEL_DEV can finish. Idempotent.
+   */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.ring.close();
+    this.opts.sys.munmap(this.descPtr, this.descLen);
+    this.buffers.free();
+    this.eventBuf.free();
+  }
+
+  private ublkCmd(op: number, tag: number, result: number): void {
+    const ring = this.ring;
+    const idx = ring.prepUringCmd(0, op, null, encodeUserData(tag, UD_KIND_UBLK_CMD), IOSQE_FIXED_FILE);
+    if (idx < 0) throw new Error(`queue ${this.qid}: submission queue full`);
+    encodeIoCmd(this.sqe, ring.cmdOffset(idx), this.qid, tag, result, this.bufferAddress + tag * this.maxIo);
+  }
+
+  private armEvent(): void {
+    if (this.opts.eventfd < 0) return;
+    if (this.ring.prepRead(this.opts.eventfd, this.eventBuf.address, 8, 0, encodeUserData(0, UD_KIND_EVENT)) < 0)
+      throw new Error(`queue ${this.qid}: submission queue full`);
+  }
+
+  /** The CQE handler, made once (an arrow property: reap() calls it without a bound copy per call). */
+  private readonly onCqe = (userData: number, res: number): void => {
+    const tag = userDataTag(userData);
+    switch (userDataKind(userData)) {
+      case UD_KIND_UBLK_CMD:
+        if (res === UBLK_IO_RES_OK) this.target!.handleIo(tag, readIoDescriptor(this.descs, tag, this.iod));
+        else if (res === UBLK_IO_RES_ABORT) this.aborted++;
+        else {
+          this.opts.log(`ublk command for tag ${tag} failed: ${errnoName(res)}`);
+          this.aborted++;
+        }
+        break;
+      case UD_KIND_TARGET_IO:
+        this.target!.handleTargetIo(tag, res, userDataTargetData(userData));
+        break;
+      case UD_KIND_EVENT:
+        this.target!.handleEvent();
+        if (Atomics.load(this.opts.control, 0) === 0) this.armEvent();
+        break;
+    }
+  };
+}
