@@ -14,7 +14,7 @@
 import path from 'node:path';
 import { randomInt } from 'node:crypto';
 import type { BlockFile, IoBackend } from './io.js';
-import { CorruptImageError, FvdError, oneLine } from './errors.js';
+import { FvdError, oneLine } from './errors.js';
 import {
   AUTOCLEAR_FULLY_LOCAL,
   AUTOCLEAR_KNOWN,
@@ -27,7 +27,6 @@ import {
   DEFAULT_BLOCK_SIZE,
   DEFAULT_CHUNK_SIZE,
   DEFAULT_JOURNAL_SIZE,
-  HEADER_SIZE,
   INCOMPAT_COMPACT,
   INCOMPAT_DIRTY,
   INCOMPAT_ENCRYPTED,
@@ -48,21 +47,21 @@ import {
   baseFormatName,
   computeLayout,
   crc,
-  decodeHeader,
   encodeHeader,
   roundUp,
   type BaseFormat,
   type Header,
 } from './format.js';
 import { allSet, countSet, forEachClearRun, newBitmap, setRange, testBit } from './bitmap.js';
-import { Journal, PendingRecords, replayJournal, type JournalSink } from './journal.js';
+import { Journal, PendingRecords } from './journal.js';
 import { BlockLocks } from './block-locks.js';
 import { SectorGate } from './sector-gate.js';
 import { FlushGuard } from './flush-guard.js';
-import { BufferPool, KeyError, parseCryptFields, sealNewKey, unlock, type KdfParams, type XtsCipher } from './crypto.js';
+import { BufferPool, KeyError, sealNewKey, type KdfParams, type XtsCipher } from './crypto.js';
 import { SnapshotManager, SnapshotState, loadSnapshotState, type SnapshotHost } from './snapshot.js';
 import { Qcow2Image, type Qcow2Details } from './qcow2.js';
 import { canonicalName, isUrl, redactUrl, resolveBasePath } from './base-location.js';
+import { coverMappedChunks, highestMappedId, readBaseReference, readHeaderPage, readMaps, tableRegionOf, unlockKey, writeCheckpoint } from './metadata.js';
 
 export interface CreateOptions {
   /** Virtual size in bytes; defaults to the base's size (rounded up to 512). */
@@ -431,14 +430,11 @@ export class FvdImage {
     chain: string[],
   ): Promise<FvdImage> {
     const readOnly = !!options.readOnly;
-    const first = new Uint8Array(PAGE);
-    await file.read(first, 0);
-    const header = decodeHeader(imagePath, first.subarray(0, HEADER_SIZE), file.size());
-    const compact = (header.incompatible & INCOMPAT_COMPACT) !== 0n;
+    const { first, header } = await readHeaderPage(imagePath, file);
     // The key is checked before anything else is read or written (FORMAT.md §11.2).
-    const xts = await openCipher(imagePath, header, options, chain.length > 0);
+    const xts = await unlockKey(imagePath, header, options, chain.length > 0);
     try {
-      return await FvdImage.fromHeader(io, imagePath, file, options, chain, first, header, compact, readOnly, xts);
+      return await FvdImage.fromHeader(io, imagePath, file, options, chain, first, header, readOnly, xts);
     } catch (err) {
       xts?.destroy(); // a refused open keeps no copy of the key either
       throw err;
@@ -453,21 +449,15 @@ export class FvdImage {
     chain: string[],
     first: Uint8Array,
     header: Header,
-    compact: boolean,
     readOnly: boolean,
     xts: XtsCipher | null,
   ): Promise<FvdImage> {
 
     let base: BaseImage | null = null;
     let reopenBase: (() => Promise<BaseImage>) | null = null;
-    let recordedIdentity: string | null = null;
-    if (header.baseFormat !== BASE_NONE) {
-      const pathOffset = header.basePathOffset || BASE_PATH_OFFSET;
-      const pathBytes = first.subarray(pathOffset, pathOffset + header.basePathLength);
-      if (crc(pathBytes) !== header.basePathCrc) throw new CorruptImageError(imagePath, 'base path checksum mismatch');
-      const basePath = Buffer.from(pathBytes).toString('utf8');
-      const identity = readBaseIdentity(imagePath, first, header);
-      recordedIdentity = identity;
+    const ref = readBaseReference(imagePath, first, header);
+    if (ref) {
+      const { path: basePath, identity } = ref;
       reopenBase = async () => {
         const resolved = resolveBasePath(imagePath, basePath);
         const b = await openBase(io, resolved, header.baseFormat, [...chain, canonicalName(imagePath)], basePath);
@@ -494,42 +484,9 @@ export class FvdImage {
       if (!fullyLocal) base = await reopenBase();
     }
     try {
-      const present = newBitmap(header.bitmapLength);
-      if (header.bitmapLength) await file.read(present, header.bitmapOffset);
-      let table: Uint32Array | null = null;
-      if (compact) {
-        // Shared memory: the daemon's queue workers map requests through it without copies.
-        const bytes = new Uint8Array(new SharedArrayBuffer(header.tableLength));
-        await file.read(bytes, header.tableOffset);
-        table = new Uint32Array(bytes.buffer, 0, Math.ceil(header.virtualSize / header.chunkSize));
-        // The table is little-endian on disk; so is every platform this runs on (x86-64, arm64).
-      }
-      let nextSeq = header.journalStartSeq;
-      let replayed = 0;
-      if (header.incompatible & INCOMPAT_DIRTY) {
-        const baseBlocks = Math.ceil(Math.min(header.baseSize, header.virtualSize) / header.blockSize);
-        const nChunks = table ? table.length : 0;
-        const sink: JournalSink = {
-          bitmapSet(firstBlock, count) {
-            // The engine logs bits of base blocks only (below min(base size, virtual size)).
-            if (firstBlock + count > baseBlocks || count === 0)
-              throw new CorruptImageError(imagePath, `journal bitmap record for blocks ${firstBlock}+${count} out of range`);
-            setRange(present, firstBlock, count);
-          },
-          tableSet(chunk, id) {
-            if (!table || chunk >= nChunks) throw new CorruptImageError(imagePath, `journal table record for chunk ${chunk} out of range`);
-            table[chunk] = id;
-          },
-        };
-        const r = await replayJournal(file, header.journalOffset, header.journalLength, header.journalStartSeq, sink);
-        nextSeq = r.nextSeq;
-        replayed = r.sectors;
-      }
-      // After a crash an entry may point past the end of the file (FORMAT.md §4.3: logged before
-      // the chunk's first data write, which was lost); that storage reads as zeros. During an
-      // interrupted revert the in-place table may be torn: it is replaced below by the
-      // snapshot's saved table (validated there), so it is not validated here.
-      if (table && !header.revertSnapshotId) validateTable(imagePath, table, header, file, (header.incompatible & INCOMPAT_DIRTY) !== 0n);
+      // Bitmap, table, in-memory journal replay and the table checks (fvd/metadata.ts). Shared
+      // memory: the daemon's queue workers map requests through them without copies.
+      const { bitmap: present, table, dirty, nextSeq, replayedSectors: replayed } = await readMaps(imagePath, file, header, { shared: true });
       // Snapshot structures; an interrupted revert is redone here, over the replayed state.
       const snap = table ? await loadSnapshotState(imagePath, file, header, table, present, !!options.recountRefcounts) : null;
       // Read-write: the first failed flush stops every later write (fvd/flush-guard.ts).
@@ -546,9 +503,9 @@ export class FvdImage {
         xts,
       });
       image.reopenBase = reopenBase;
-      image.baseIdentity = recordedIdentity;
+      image.baseIdentity = ref?.identity ?? null;
       if (snap?.redo) header.revertSnapshotId = 0; // cleared on disk by markOpen's checkpoint
-      if (!readOnly) await image.markOpen(replayed > 0 || !!(header.incompatible & INCOMPAT_DIRTY) || !!snap?.redo);
+      if (!readOnly) await image.markOpen(replayed > 0 || dirty || !!snap?.redo);
       return image;
     } catch (err) {
       await base?.close();
@@ -560,26 +517,12 @@ export class FvdImage {
   private async markOpen(replayed: boolean): Promise<void> {
     this.header.autoclear &= AUTOCLEAR_KNOWN;
     if (replayed) {
-      await this.coverMappedChunks();
+      await coverMappedChunks(this.file, this.header, this.table);
       // Write the replayed bitmap/table in place and restart the log after the replayed records.
       await this.journal!.checkpoint();
     }
     this.header.incompatible |= INCOMPAT_DIRTY;
     await this.writeHeader();
-  }
-
-  /**
-   * Recovery: extends a compact image file over chunks mapped past its end (their first data write
-   * was lost in the crash), so a clean image again has every mapped chunk inside the file.
-   */
-  private async coverMappedChunks(): Promise<void> {
-    const table = this.table;
-    if (!table || this.file.isBlockDevice) return;
-    const max = highestMappedId(table, -1);
-    // Only a chunk that starts at or past the end is "outside" (validateTable); a partly written
-    // last chunk is inside and stays as thin as it is.
-    const start = this.header.dataOffset + max * this.chunkSize;
-    if (max >= 0 && start >= this.file.size()) await this.file.truncate(start + this.chunkSize);
   }
 
   private async writeHeader(): Promise<void> {
@@ -615,7 +558,7 @@ export class FvdImage {
         }
         // A chunk mapped by an allocation whose data write then failed (ENOSPC) points past the
         // end of the file; in a cleanly closed image every entry points inside it (§4.3).
-        await this.coverMappedChunks();
+        await coverMappedChunks(this.file, this.header, this.table);
         this.header.incompatible &= ~INCOMPAT_DIRTY; // written by the checkpoint's header update
         await this.journal!.checkpoint();
       }
@@ -643,24 +586,13 @@ export class FvdImage {
    * taken before the first await, so it holds exactly the updates whose data already completed.
    */
   async checkpoint(nextSeq: number): Promise<void> {
-    const bitmap = this.header.bitmapLength ? this.present.slice() : null;
-    const table = this.table ? new Uint8Array(this.table.buffer, 0, this.table.length * 4).slice() : null;
-    await this.file.flush();
-    // The table first and durable, then the bitmap: a power cut between the two may show a new
-    // mapping without its bits (reads the base: old data), never bits without their mapping.
+    const bitmap = this.header.bitmapLength ? this.present.slice(0, this.header.bitmapLength) : null;
+    const table = this.table ? tableRegionOf(this.header, this.table) : null;
     // (Records of a batch that overflowed the journal exist only in this snapshot.)
-    if (table) {
-      const region = new Uint8Array(this.header.tableLength).fill(0xff);
-      region.set(table);
-      await this.file.write(region, this.header.tableOffset);
-      await this.file.flush();
-    }
-    if (bitmap) {
-      await this.file.write(bitmap, this.header.bitmapOffset);
-      await this.file.flush();
-    }
-    this.header.journalStartSeq = nextSeq;
-    await this.writeHeader();
+    await writeCheckpoint(this.file, this.header, { table, bitmap }, async () => {
+      this.header.journalStartSeq = nextSeq;
+      await this.writeHeader();
+    });
     if (bitmap) for (let i = 0; i < bitmap.length; i++) this.journaled[i]! |= bitmap[i]!;
   }
 
@@ -1712,34 +1644,8 @@ export async function openBase(io: IoBackend, resolved: string, format: number, 
   }
 }
 
-/**
- * The data cipher of an image being opened: checks the key (or its absence) before anything but
- * the header is read. An encrypted image cannot serve as a base (its overlays would need its key).
- */
-async function openCipher(imagePath: string, header: Header, options: OpenOptions, isBase: boolean): Promise<XtsCipher | null> {
-  if (!(header.incompatible & INCOMPAT_ENCRYPTED)) {
-    if (options.key) throw new KeyError(`${imagePath}: the image is not encrypted, but a key was given`);
-    return null;
-  }
-  if (isBase) throw new FvdError(`${imagePath}: the image is encrypted; an encrypted image cannot be a base image`, 'EINVAL');
-  if (options.key) return unlock(imagePath, header.crypt!, options.key);
-  parseCryptFields(imagePath, header.crypt!); // damage is reported even without the key
-  if (options.withoutKey) return null;
-  throw new KeyError(`${imagePath}: the image is encrypted: its key is needed (--key-file PATH, or --key-file - for stdin)`);
-}
-
 function pathBytesOf(p: string): number {
   return Buffer.byteLength(p, 'utf8');
-}
-
-/** The base identity after the base path (FORMAT.md §2.2), or null when none is recorded. */
-export function readBaseIdentity(imagePath: string, first: Uint8Array, header: Header): string | null {
-  const n = header.baseIdentityLength ?? 0;
-  if (!n) return null;
-  const at = (header.basePathOffset || BASE_PATH_OFFSET) + header.basePathLength;
-  const bytes = first.subarray(at, at + n);
-  if (crc(bytes) !== header.baseIdentityCrc) throw new CorruptImageError(imagePath, 'base identity checksum mismatch');
-  return Buffer.from(bytes).toString('utf8');
 }
 
 /** [a, z) of the file is known to read as zeros (a hole or past the end). */
@@ -1781,38 +1687,5 @@ async function markZeroBlocks(base: BaseImage, limit: number, blockSize: number,
       const n = Math.min(blockSize, len - off);
       if (buf.compare(zero, 0, n, off, off + n) === 0) setRange(bitmap, (pos + off) / blockSize, 1);
     }
-  }
-}
-
-/** The highest storage id `table` maps, or `floor` when that is higher (or nothing is mapped). */
-function highestMappedId(table: Uint32Array, floor: number): number {
-  let max = floor;
-  for (let c = 0; c < table.length; c++) if (table[c] !== CHUNK_EMPTY && table[c]! > max) max = table[c]!;
-  return max;
-}
-
-/**
- * Table entries must point inside the data area and never share storage. `crashed`: the image was
- * not closed cleanly, so entries past the end of a regular file are legitimate (see the caller).
- */
-function validateTable(imagePath: string, table: Uint32Array, header: Header, file: BlockFile, crashed: boolean): void {
-  const maxId = file.isBlockDevice ? Math.floor((file.size() - header.dataOffset) / header.chunkSize) : Number.POSITIVE_INFINITY;
-  const seen = new Set<number>();
-  // Chunks past the end are allocated one after another from the end (§4.3), so after a crash
-  // they lie below the file's chunk count plus the number of mapped entries.
-  let mapped = 0;
-  for (let c = 0; c < table.length; c++) if (table[c] !== CHUNK_EMPTY) mapped++;
-  const pastEndLimit = Math.ceil(Math.max(0, file.size() - header.dataOffset) / header.chunkSize) + mapped;
-  for (let c = 0; c < table.length; c++) {
-    const id = table[c]!;
-    if (id === CHUNK_EMPTY) continue;
-    if (id >= maxId) throw new CorruptImageError(imagePath, `chunk ${c} maps to storage chunk ${id} beyond the end of the device`);
-    if (!file.isBlockDevice && header.dataOffset + id * header.chunkSize >= file.size() && (!crashed || id >= pastEndLimit))
-      throw new CorruptImageError(
-        imagePath,
-        `chunk ${c} maps to storage chunk ${id} beyond the end of the file (${crashed ? 'further than a crash can leave it' : 'truncated?'})`,
-      );
-    if (seen.has(id)) throw new CorruptImageError(imagePath, `storage chunk ${id} is mapped twice`);
-    seen.add(id);
   }
 }

@@ -18,7 +18,7 @@
  */
 import path from 'node:path';
 import type { BlockFile, IoBackend } from './io.js';
-import { CorruptImageError, FvdError } from './errors.js';
+import { FvdError } from './errors.js';
 import {
   AUTOCLEAR_FULLY_LOCAL,
   AUTOCLEAR_KNOWN,
@@ -29,7 +29,6 @@ import {
   BASE_RAW,
   CHUNK_EMPTY,
   COMPAT_ZERO_DETECTED,
-  HEADER_SIZE,
   INCOMPAT_COMPACT,
   INCOMPAT_DIRTY,
   INCOMPAT_ENCRYPTED,
@@ -54,10 +53,10 @@ import {
   type Header,
 } from './format.js';
 import { forEachClearRun, setRange, testBit } from './bitmap.js';
-import { replayJournal } from './journal.js';
-import { FvdImage, holeAt, openBase, readBaseIdentity, type BaseImage, type OpenOptions } from './image.js';
+import { FvdImage, holeAt, openBase, type BaseImage, type OpenOptions } from './image.js';
+import { chunksOf, coverMappedChunks, readBaseReference, readHeaderPage, readMaps, tableRegionOf, unlockKey, writeCheckpoint } from './metadata.js';
 import { resolveBasePath } from './base-location.js';
-import { KeyError, parseCryptFields, unlock, type XtsCipher } from './crypto.js';
+import { KeyError, type XtsCipher } from './crypto.js';
 
 /**
  * Incompatible features these operations know how to carry over (others: refuse, FORMAT.md
@@ -98,7 +97,10 @@ class OfflineImage {
   baseIdentity = '';
   /** The whole bitmap region (bitmap_length bytes). */
   bitmap!: Uint8Array;
-  /** Every entry of the table region (table_length / 4), or null in raw-like layout. */
+  /**
+   * One entry per chunk (ceil(virtual_size / chunk_size)), or null in raw-like layout; its
+   * `buffer` is the whole table region (table_length bytes), padding included.
+   */
   table: Uint32Array | null = null;
   private dirty = false;
   private replayedNextSeq = 0;
@@ -123,8 +125,11 @@ class OfflineImage {
     const file = await io.open(imagePath, { lock: 'exclusive' });
     const img = new OfflineImage(imagePath, file, op, key);
     try {
-      await img.unlock();
-      await img.load();
+      const page = await readHeaderPage(imagePath, file);
+      img.checkHeader(page.header);
+      // Without the key an encrypted image is opened for metadata work only (requireKey).
+      img.xts = await unlockKey(imagePath, page.header, key ? { key } : { withoutKey: true });
+      await img.load(page);
       return img;
     } catch (err) {
       img.xts?.destroy();
@@ -137,26 +142,14 @@ class OfflineImage {
     return (this.header.incompatible & INCOMPAT_ENCRYPTED) !== 0n;
   }
 
-  private async unlock(): Promise<void> {
-    const sector = new Uint8Array(HEADER_SIZE);
-    await this.file.read(sector, 0);
-    const h = this.checkHeader(sector);
-    if (!(h.incompatible & INCOMPAT_ENCRYPTED)) {
-      if (this.key) throw new KeyError(`${this.path}: the image is not encrypted, but a key was given`);
-      return;
-    }
-    if (this.key) this.xts = await unlock(this.path, h.crypt!, this.key);
-    else parseCryptFields(this.path, h.crypt!); // damaged key fields are reported even without the key
-  }
-
   /** Throws the one-line KeyError when `what` needs the data of an image opened without its key. */
   requireKey(what: string): void {
     if (this.encrypted && !this.xts)
       throw new KeyError(`${this.path}: the image is encrypted: ${what} needs its key (--key-file PATH, or --key-file - for stdin)`);
   }
 
-  private checkHeader(sector: Uint8Array): Header {
-    const h = decodeHeader(this.path, sector, this.file.size());
+  /** This operation's refusals, decided from the header alone before anything is written (§12.6). */
+  private checkHeader(h: Header): void {
     const op = this.op === COMMIT_BASE ? 'commit' : this.op;
     // Bases of other formats are read, never written (FORMAT.md §12.6, §13).
     if (this.op === 'commit' && h.baseFormat === BASE_QCOW2)
@@ -165,7 +158,6 @@ class OfflineImage {
       throw new FvdError(`${this.path}: ${op} refuses ${this.op === COMMIT_BASE ? 'a base' : 'an image'} with internal snapshots: ${SNAPSHOT_REFUSAL[this.op] ?? 'not supported'}`, 'EINVAL');
     const extra = h.incompatible & ~MAINTENANCE_INCOMPAT;
     if (extra) throw new FvdError(`${this.path}: ${op} does not support images with incompatible feature bits 0x${extra.toString(16)}`, 'EINVAL');
-    return h;
   }
 
   get compact(): boolean {
@@ -181,73 +173,39 @@ class OfflineImage {
     return baseBlocksOf(this.header);
   }
 
-  /** Reads (again) the on-disk state; a dirty image's journal is replayed in memory only. */
-  async load(): Promise<void> {
-    const first = new Uint8Array(PAGE);
-    await this.file.read(first, 0);
-    const h = this.checkHeader(first.subarray(0, HEADER_SIZE));
+  /**
+   * Reads (again) the on-disk state through the engine's loader (fvd/metadata.ts); a dirty
+   * image's journal is replayed in memory only. `page`: the first page, when just read.
+   */
+  async load(page?: { first: Uint8Array; header: Header }): Promise<void> {
+    const { first, header: h } = page ?? (await readHeaderPage(this.path, this.file));
+    this.checkHeader(h);
     h.autoclear &= AUTOCLEAR_KNOWN; // a writer clears the autoclear bits it does not know
-    let basePath = '';
-    if (h.baseFormat !== BASE_NONE) {
-      const off = h.basePathOffset || BASE_PATH_OFFSET;
-      const bytes = first.subarray(off, off + h.basePathLength);
-      if (crc(bytes) !== h.basePathCrc) throw new CorruptImageError(this.path, 'base path checksum mismatch');
-      basePath = Buffer.from(bytes).toString('utf8');
-    }
-    const identity = h.baseFormat !== BASE_NONE ? readBaseIdentity(this.path, first, h) ?? '' : '';
-    const bitmap = new Uint8Array(h.bitmapLength);
-    if (h.bitmapLength) await this.file.read(bitmap, h.bitmapOffset);
-    let table: Uint32Array | null = null;
-    if (h.incompatible & INCOMPAT_COMPACT) {
-      const bytes = new Uint8Array(h.tableLength);
-      await this.file.read(bytes, h.tableOffset);
-      table = new Uint32Array(bytes.buffer);
-    }
-    this.dirty = (h.incompatible & INCOMPAT_DIRTY) !== 0n;
-    if (this.dirty) {
-      // The same replay as the engine's (FORMAT.md §6.4); persisted by ensureClean().
-      const bb = baseBlocksOf(h);
-      const nChunks = chunksOf(h);
-      const r = await replayJournal(this.file, h.journalOffset, h.journalLength, h.journalStartSeq, {
-        bitmapSet: (first, count) => {
-          if (first + count > bb || count === 0)
-            throw new CorruptImageError(this.path, `journal bitmap record for blocks ${first}+${count} out of range`);
-          setRange(bitmap, first, count);
-        },
-        tableSet: (chunk, id) => {
-          if (!table || chunk >= nChunks) throw new CorruptImageError(this.path, `journal table record for chunk ${chunk} out of range`);
-          table[chunk] = id;
-        },
-      });
-      this.replayedNextSeq = r.nextSeq;
-    }
-    if (table) validateTable(this.path, table, h, this.file);
+    const ref = readBaseReference(this.path, first, h);
+    const maps = await readMaps(this.path, this.file, h);
     this.header = h;
-    this.basePath = basePath;
-    this.baseIdentity = identity;
-    this.bitmap = bitmap;
-    this.table = table;
+    this.basePath = ref?.path ?? '';
+    this.baseIdentity = ref?.identity ?? '';
+    this.bitmap = maps.bitmap;
+    this.table = maps.table;
+    this.dirty = maps.dirty;
+    this.replayedNextSeq = maps.nextSeq;
   }
 
   /**
-   * Makes the on-disk metadata authoritative: if the image was not closed cleanly, writes the
-   * replayed table and bitmap in place and a clean header that empties the journal — the
-   * engine's checkpoint order (table, bitmap, header, each made durable before the next).
+   * Makes the on-disk metadata authoritative: if the image was not closed cleanly, extends the
+   * file over chunks mapped past its end (FORMAT.md §4.3), then writes the replayed table and
+   * bitmap in place and a clean header that empties the journal — the engine's recovery and
+   * checkpoint (fvd/metadata.ts), with DIRTY cleared in the same header write.
    */
   async ensureClean(): Promise<void> {
     if (!this.dirty) return;
-    await this.file.flush();
-    if (this.table) {
-      await this.file.write(new Uint8Array(this.table.buffer), this.header.tableOffset);
-      await this.file.flush();
-    }
-    if (this.header.bitmapLength) {
-      await this.file.write(this.bitmap, this.header.bitmapOffset);
-      await this.file.flush();
-    }
-    this.header.journalStartSeq = this.replayedNextSeq;
-    this.header.incompatible &= ~INCOMPAT_DIRTY;
-    await this.writeHeader(this.header);
+    const h = this.header;
+    await coverMappedChunks(this.file, h, this.table);
+    const snapshot = { table: this.table ? tableRegionOf(h, this.table) : null, bitmap: h.bitmapLength ? this.bitmap : null };
+    await writeCheckpoint(this.file, h, snapshot, () =>
+      this.writeHeader({ ...h, journalStartSeq: this.replayedNextSeq, incompatible: h.incompatible & ~INCOMPAT_DIRTY }),
+    );
     this.dirty = false;
   }
 
@@ -364,25 +322,6 @@ function borrowed(file: BlockFile): BlockFile {
 
 function baseBlocksOf(h: Header): number {
   return Math.ceil(Math.min(h.baseSize, h.virtualSize) / h.blockSize);
-}
-
-function chunksOf(h: Header): number {
-  return Math.ceil(h.virtualSize / h.chunkSize);
-}
-
-/** The engine's table checks (fvd/image.ts validateTable): in bounds, no storage shared. */
-function validateTable(imagePath: string, table: Uint32Array, h: Header, file: BlockFile): void {
-  const seen = new Set<number>();
-  const n = chunksOf(h);
-  for (let c = 0; c < n; c++) {
-    const id = table[c]!;
-    if (id === CHUNK_EMPTY) continue;
-    const end = h.dataOffset + (id + 1) * h.chunkSize;
-    if (file.isBlockDevice ? end > file.size() : end - h.chunkSize >= file.size())
-      throw new CorruptImageError(imagePath, `chunk ${c} maps to storage chunk ${id} beyond the end of the ${file.isBlockDevice ? 'device' : 'file (truncated?)'}`);
-    if (seen.has(id)) throw new CorruptImageError(imagePath, `storage chunk ${id} is mapped twice`);
-    seen.add(id);
-  }
 }
 
 /** A header this module is about to write must pass the reader's own checks (else: a bug). */
