@@ -23,6 +23,7 @@ import { FvdError } from '../fvd/errors.js';
 import { storageIo } from '../storage/storage-io.js';
 import { TempDir, patternBytes } from './helpers/cli.js';
 import { rejectsOneLine } from './helpers/rejects.js';
+import { readWholeDisk } from './helpers/model.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -74,15 +75,9 @@ async function crashedImage(): Promise<{ dir: string; image: string; base: strin
 }
 
 async function readDisk(image: string, length: number): Promise<Uint8Array> {
-  const img = await FvdImage.open(storageIo(), image, { readOnly: true });
-  try {
-    assert.is(img.size, length, `${path.basename(image)}: virtual size`);
-    const buf = new Uint8Array(length);
-    await img.read(buf, 0);
-    return buf;
-  } finally {
-    await img.close();
-  }
+  const disk = await readWholeDisk(storageIo(), image);
+  assert.is(disk.length, length, `${path.basename(image)}: virtual size`);
+  return disk;
 }
 
 function same(actual: Uint8Array, expected: Uint8Array, what: string): void {
