@@ -139,8 +139,10 @@ export function mapRun(l: MappingLayout, offset: number, length: number, out: Ma
   let prev = id;
   while (runEnd < localEnd) {
     const next = runEnd / cs;
+    // The settling flag before the table entry: see directHostOffset.
+    if (settling && settling(next)) break;
     const nextId = table[next]!;
-    if (nextId !== prev + 1 || storageless(l, nextId) || (settling && settling(next))) break;
+    if (nextId !== prev + 1 || storageless(l, nextId)) break;
     prev = nextId;
     runEnd = Math.min(localEnd, runEnd + cs);
   }
@@ -153,4 +155,58 @@ export function mapRun(l: MappingLayout, offset: number, length: number, out: Ma
 /** The chunk has no storage to read: unmapped, or mapped past the end of storage (§4.3). */
 function storageless(l: MappingLayout, id: number): boolean {
   return id === CHUNK_EMPTY || l.dataOffset + id * l.chunkSize >= l.storageEnd;
+}
+
+/**
+ * The engine's state as the daemon's queue workers share it (SharedArrayBuffers; daemon/
+ * shared-state.ts EngineView), as far as routing needs it.
+ */
+export interface SharedMappingView {
+  dataOffset: number;
+  blockSize: number;
+  chunkSize: number;
+  baseBlocks: number;
+  /** [0] is 1 while every block is local. */
+  fullyLocal: Int32Array;
+  present: Uint8Array;
+  journaled: Uint8Array;
+  table: Uint32Array | null;
+  /** Compact images: per chunk, 1 while a snapshot shares its storage. */
+  shared: Uint8Array | null;
+}
+
+// Scratch state of directHostOffset: workers are single-threaded and the call never yields.
+const directLayout = storageLayout(0, 1, 1, null);
+const directRun = newRun();
+let directShared: Uint8Array | null = null;
+// The flag is read atomically before the table entry (mapRun asks `settling` first): the engine
+// clears it only after pointing the table at the chunk's private copy, so a cleared flag
+// guarantees the new mapping is seen.
+const sharedChunk = (c: number): boolean => Atomics.load(directShared!, c) !== 0;
+
+/**
+ * The fast path's rule: the file offset where a request of the virtual disk lies, when it can be
+ * served there directly without the engine, or -1 when the engine must handle it — a block not
+ * yet local, a bit not yet journaled for a write (bitmap work), an unmapped chunk, chunks not
+ * adjacent in storage, a write to a chunk a snapshot shares. Allocation-free: once per request.
+ */
+export function directHostOffset(v: SharedMappingView, offset: number, length: number, write: boolean): number {
+  const baseBlocks = v.fullyLocal[0] === 0 ? v.baseBlocks : 0;
+  if (write && baseBlocks > 0) {
+    // A write needs the bits journaled as well as set (present covers the reads, in mapRun).
+    const bs = v.blockSize;
+    const b1 = Math.min(Math.floor((offset + length - 1) / bs), baseBlocks - 1);
+    for (let b = Math.floor(offset / bs); b <= b1; b++) if ((v.journaled[b >>> 3]! & (1 << (b & 7))) === 0) return -1;
+  }
+  const l = directLayout;
+  l.dataOffset = v.dataOffset;
+  l.blockSize = v.blockSize;
+  l.chunkSize = v.chunkSize;
+  l.baseBlocks = baseBlocks;
+  l.bitmap = v.present;
+  l.table = v.table;
+  directShared = write ? v.shared : null;
+  l.settling = directShared ? sharedChunk : null;
+  const run = mapRun(l, offset, length, directRun);
+  return run.kind === STORED && run.length === length ? run.host : -1;
 }

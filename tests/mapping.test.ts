@@ -7,7 +7,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import fs from 'node:fs';
 import path from 'node:path';
-import { BASE, PENDING, STORED, ZERO, mapRun, newRun, storageLayout, type MappedRun, type MappingLayout } from '../fvd/mapping.js';
+import { BASE, PENDING, STORED, ZERO, directHostOffset, mapRun, newRun, storageLayout, type MappedRun, type MappingLayout } from '../fvd/mapping.js';
 import { CHUNK_EMPTY } from '../fvd/format.js';
 import { FvdImage } from '../fvd/image.js';
 import { nodeIo } from '../storage/node-file.js';
@@ -121,6 +121,28 @@ test('storageLayout: every block local, whatever the bitmap', () => {
     [ZERO, 16 * KiB, -1, true],
     [STORED, 16 * KiB, 4096 + 7 * 16 * KiB, true],
   ]);
+});
+
+test('directHostOffset: the fast path only for whole STORED runs; bits journaled for writes; shared chunks', () => {
+  const D = 1 << 20;
+  const cs = 65536;
+  const present = new Uint8Array([0b111]);
+  const journaled = new Uint8Array([0b011]);
+  const shared = new Uint8Array(4);
+  const fullyLocal = new Int32Array(1);
+  const v = { dataOffset: D, blockSize: 4096, chunkSize: cs, baseBlocks: 4, fullyLocal, present, journaled, table: new Uint32Array([5, 6, E, 9]), shared };
+  assert.is(directHostOffset(v, 0, 8192, true), D + 5 * cs, 'journaled local blocks');
+  assert.is(directHostOffset(v, 8192, 4096, false), D + 5 * cs + 8192, 'a read needs the bit only');
+  assert.is(directHostOffset(v, 8192, 4096, true), -1, 'a write needs the bit journaled');
+  assert.is(directHostOffset(v, 12288, 4096, false), -1, 'a base block');
+  fullyLocal[0] = 1;
+  assert.is(directHostOffset(v, 12288, 4096, true), D + 5 * cs + 12288, 'fully local: no bitmap work');
+  assert.is(directHostOffset(v, cs - 4096, 8192, false), D + 5 * cs + cs - 4096, 'adjacent chunks');
+  assert.is(directHostOffset(v, 2 * cs, 4096, false), -1, 'unmapped chunk');
+  assert.is(directHostOffset(v, 3 * cs - 4096, 8192, false), -1, 'chunks not adjacent in storage');
+  shared[1] = 1;
+  assert.is(directHostOffset(v, cs - 4096, 8192, true), -1, 'a write into a chunk a snapshot shares');
+  assert.is(directHostOffset(v, cs - 4096, 8192, false), D + 5 * cs + cs - 4096, 'reads of shared chunks stay direct');
 });
 
 test('a reopened image after writes: the runs agree with fvd map', async () => {
