@@ -4,7 +4,7 @@
  * completion ring through which the main thread hands back requests it served.
  */
 import type { FvdImage } from '../fvd/image.js';
-import { CHUNK_EMPTY } from '../fvd/format.js';
+import { directHostOffset } from '../fvd/mapping.js';
 
 export interface EngineView {
   size: number;
@@ -43,35 +43,10 @@ export function engineView(image: FvdImage): EngineView {
 
 /**
  * Storage offset for a request the worker may serve directly, or -1 when the engine must handle
- * it (a base block not yet local, a bit not yet journaled for a write, an unmapped chunk, chunks
- * not adjacent in storage, a write to a chunk a snapshot shares). Allocation-free; called once per
- * request.
+ * it: the engine's rule (fvd/mapping.ts directHostOffset). Allocation-free; called once per request.
  */
 export function mapDirect(v: EngineView, offset: number, length: number, write: boolean): number {
-  const end = offset + length;
-  if (offset < v.bitmapEnd && v.fullyLocal[0] === 0) {
-    const bs = v.blockSize;
-    const b0 = Math.floor(offset / bs);
-    const b1 = Math.min(Math.floor((end - 1) / bs), v.baseBlocks - 1);
-    for (let b = b0; b <= b1; b++) {
-      const mask = 1 << (b & 7);
-      if ((v.present[b >>> 3]! & mask) === 0) return -1;
-      if (write && (v.journaled[b >>> 3]! & mask) === 0) return -1;
-    }
-  }
-  const table = v.table;
-  if (!table) return v.dataOffset + offset;
-  const cs = v.chunkSize;
-  const c0 = Math.floor(offset / cs);
-  const c1 = Math.floor((end - 1) / cs);
-  // The flag is read atomically before the table: the engine clears it only after pointing the
-  // table at the chunk's private copy, so a cleared flag guarantees the new mapping is seen.
-  const shared = v.shared;
-  if (write && shared) for (let c = c0; c <= c1; c++) if (Atomics.load(shared, c) !== 0) return -1;
-  const id = table[c0]!;
-  if (id === CHUNK_EMPTY) return -1;
-  for (let c = c0 + 1; c <= c1; c++) if (table[c] !== id + (c - c0)) return -1;
-  return v.dataOffset + id * cs + (offset - c0 * cs);
+  return directHostOffset(v, offset, length, write);
 }
 
 /**

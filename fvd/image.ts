@@ -61,6 +61,7 @@ import { BufferPool, KeyError, sealNewKey, type KdfParams, type XtsCipher } from
 import { SnapshotManager, SnapshotState, loadSnapshotState, type SnapshotHost } from './snapshot.js';
 import { Qcow2Image, type Qcow2Details } from './qcow2.js';
 import { canonicalName, isUrl, redactUrl, resolveBasePath } from './base-location.js';
+import { PENDING, STORED, ZERO, mapRun, newRun, storageLayout, type MappingLayout } from './mapping.js';
 import { coverMappedChunks, highestMappedId, readBaseReference, readHeaderPage, readMaps, tableRegionOf, unlockKey, writeCheckpoint } from './metadata.js';
 
 export interface CreateOptions {
@@ -212,6 +213,12 @@ export class FvdImage {
   private readonly locks = new BlockLocks();
   /** Chunks whose storage is being allocated: later writers to the chunk wait for it. */
   private readonly allocating = new Map<number, Promise<void>>();
+  /** This image's storage as the mapping rule sees it (fvd/mapping.ts): every block local. */
+  private readonly storageMap: MappingLayout;
+  /** The mapping result the synchronous mapping loops fill (one at a time: no await inside). */
+  private readonly run = newRun();
+  private readonly settlingForRead = (c: number): boolean => this.allocating.has(c);
+  private readonly settlingForWrite = (c: number): boolean => this.allocating.has(c) || this.snap!.shared[c] !== 0;
   /** Block-device storage growth (setStorageGrower), and the grow in flight. */
   private grower: StorageGrower | null = null;
   private growing: Promise<void> | null = null;
@@ -277,6 +284,7 @@ export class FvdImage {
     this.journaled = newBitmap(state.present.length);
     this.journaled.set(state.present);
     this.table = state.table;
+    this.storageMap = storageLayout(header.dataOffset, header.blockSize, header.chunkSize, state.table);
     this.allLocal = !base || (header.autoclear & AUTOCLEAR_FULLY_LOCAL) !== 0n || this.baseBlocks === 0;
     this.sharedAllLocal[0] = this.allLocal ? 1 : 0;
     this.knownZeroFrom = file.isBlockDevice ? Number.POSITIVE_INFINITY : file.size();
@@ -1043,38 +1051,35 @@ export class FvdImage {
   }
 
   /**
-   * Compact layout: splits [offset, offset + buf.length) at chunk boundaries, merges runs of
-   * chunks that are adjacent in storage into one I/O, and reads zeros for unmapped chunks or
-   * allocates them when writing.
+   * Compact layout: splits [offset, offset + buf.length) into runs (fvd/mapping.ts): runs of
+   * chunks adjacent in storage are one I/O; unmapped chunks read zeros or are allocated when
+   * writing; chunks being allocated (or, when writing, shared with a snapshot) are handled alone.
    */
   private async forEachChunkRun(buf: Uint8Array, offset: number, writing: boolean): Promise<void> {
     const cs = this.chunkSize;
-    const table = this.table!;
+    const layout = this.storageMap;
     // A write to storage a snapshot shares must copy the chunk first (writeUnmappedChunk).
-    const shared = this.snap!.shared;
+    layout.settling = writing ? this.settlingForWrite : this.settlingForRead;
+    const run = this.run;
     const end = offset + buf.length;
     const tasks: Promise<void>[] = [];
-    let pos = offset;
-    while (pos < end) {
-      const c = Math.floor(pos / cs);
-      const id = table[c]!;
-      let runEnd = Math.min(end, (c + 1) * cs);
-      if (id !== CHUNK_EMPTY && !this.allocating.has(c) && !(writing && shared[c])) {
-        let prev = id;
-        while (runEnd < end) {
-          const next = table[runEnd / cs]!;
-          if (next !== prev + 1 || this.allocating.has(runEnd / cs) || (writing && shared[runEnd / cs])) break;
-          prev = next;
-          runEnd = Math.min(end, runEnd + cs);
-        }
+    for (let pos = offset; pos < end; ) {
+      mapRun(layout, pos, end - pos, run);
+      const runEnd = pos + run.length;
+      if (run.kind === STORED) {
         const sub = buf.subarray(pos - offset, runEnd - offset);
-        const phys = this.header.dataOffset + id * cs + (pos - c * cs);
-        tasks.push(writing ? this.file.write(sub, phys) : this.file.read(sub, phys));
+        tasks.push(writing ? this.file.write(sub, run.host) : this.file.read(sub, run.host));
+      } else if (run.kind === ZERO && !writing) {
+        buf.fill(0, pos - offset, runEnd - offset);
       } else {
-        const sub = buf.subarray(pos - offset, runEnd - offset);
-        if (writing) tasks.push(this.writeUnmappedChunk(c, sub, pos - c * cs));
-        else if (id === CHUNK_EMPTY && !this.allocating.has(c)) sub.fill(0);
-        else tasks.push(this.readAfterAllocation(c, sub, pos - c * cs));
+        // PENDING (one chunk), or unmapped chunks being written: each chunk on its own.
+        for (let at = pos; at < runEnd; ) {
+          const c = Math.floor(at / cs);
+          const chunkEnd = Math.min(runEnd, (c + 1) * cs);
+          const sub = buf.subarray(at - offset, chunkEnd - offset);
+          tasks.push(writing ? this.writeUnmappedChunk(c, sub, at - c * cs) : this.readAfterAllocation(c, sub, at - c * cs));
+          at = chunkEnd;
+        }
       }
       pos = runEnd;
     }
@@ -1332,20 +1337,10 @@ export class FvdImage {
   /** Extents of the virtual disk with where each lives, merged. */
   extents(): Extent[] {
     const out: Extent[] = [];
-    const push = (offset: number, length: number, kind: ExtentKind) => {
+    for (const { offset, length, kind } of this.hostExtents()) {
       const last = out[out.length - 1];
       if (last && last.kind === kind && last.offset + last.length === offset) last.length += length;
       else out.push({ offset, length, kind });
-    };
-    const step = this.table ? Math.min(this.blockSize, this.chunkSize) : this.blockSize;
-    for (let pos = 0; pos < this.size; pos += step) {
-      const len = Math.min(step, this.size - pos);
-      const b = Math.floor(pos / this.blockSize);
-      let kind: ExtentKind;
-      if (!this.allLocal && b < this.baseBlocks && !testBit(this.present, b)) kind = 'base';
-      else if (this.table && this.table[Math.floor(pos / this.chunkSize)] === CHUNK_EMPTY) kind = 'zero';
-      else kind = 'local';
-      push(pos, len, kind);
     }
     return out;
   }
@@ -1357,23 +1352,16 @@ export class FvdImage {
    */
   hostExtents(): HostExtent[] {
     const out: HostExtent[] = [];
-    const step = this.table ? Math.min(this.blockSize, this.chunkSize) : this.blockSize;
-    for (let pos = 0; pos < this.size; pos += step) {
-      const len = Math.min(step, this.size - pos);
-      const b = Math.floor(pos / this.blockSize);
-      let kind: ExtentKind;
-      let host: number | null = null;
-      if (!this.allLocal && b < this.baseBlocks && !testBit(this.present, b)) kind = 'base';
-      else if (!this.table) (kind = 'local'), (host = this.header.dataOffset + pos);
-      else {
-        const c = Math.floor(pos / this.chunkSize);
-        const id = this.table[c]!;
-        if (id === CHUNK_EMPTY) kind = 'zero';
-        else (kind = 'local'), (host = this.header.dataOffset + id * this.chunkSize + (pos - c * this.chunkSize));
-      }
+    const layout: MappingLayout = { ...this.storageMap, baseLimit: this.baseLimit, baseBlocks: this.allLocal ? 0 : this.baseBlocks, bitmap: this.present, settling: null };
+    const run = newRun();
+    for (let pos = 0; pos < this.size; pos += run.length) {
+      mapRun(layout, pos, this.size - pos, run);
+      // Not local (in the base, or past its end in the block straddling it): the base's.
+      const kind: ExtentKind = !run.local ? 'base' : run.kind === STORED ? 'local' : 'zero';
+      const host = run.kind === STORED ? run.host : null;
       const last = out[out.length - 1];
-      if (last && last.kind === kind && last.offset + last.length === pos && (host === null || last.host! + last.length === host)) last.length += len;
-      else out.push({ offset: pos, length: len, kind, host });
+      if (last && last.kind === kind && last.offset + last.length === pos && (host === null || last.host! + last.length === host)) last.length += run.length;
+      else out.push({ offset: pos, length: run.length, kind, host });
     }
     return out;
   }
@@ -1481,16 +1469,12 @@ export class FvdImage {
   }
 
   private storageKnownZero(a: number, z: number): boolean {
-    const D = this.header.dataOffset;
-    if (!this.table) return holeAt(this.file, D + a, D + z);
-    const cs = this.chunkSize;
-    for (let c = Math.floor(a / cs); c * cs < z; c++) {
-      if (this.allocating.has(c)) return false;
-      const id = this.table[c]!;
-      if (id === CHUNK_EMPTY) continue;
-      const from = Math.max(a, c * cs) - c * cs;
-      const to = Math.min(z, (c + 1) * cs) - c * cs;
-      if (!holeAt(this.file, D + id * cs + from, D + id * cs + to)) return false;
+    const layout = this.storageMap;
+    layout.settling = this.settlingForRead;
+    for (let pos = a; pos < z; pos += this.run.length) {
+      const run = mapRun(layout, pos, z - pos, this.run);
+      if (run.kind === PENDING) return false;
+      if (run.kind === STORED && !holeAt(this.file, run.host, run.host + run.length)) return false;
     }
     return true;
   }

@@ -54,6 +54,7 @@ import {
 } from './format.js';
 import { forEachClearRun, setRange, testBit } from './bitmap.js';
 import { FvdImage, holeAt, openBase, type BaseImage, type OpenOptions } from './image.js';
+import { STORED, mapRun, newRun, storageLayout, type MappingLayout } from './mapping.js';
 import { chunksOf, coverMappedChunks, readBaseReference, readHeaderPage, readMaps, tableRegionOf, unlockKey, writeCheckpoint } from './metadata.js';
 import { resolveBasePath } from './base-location.js';
 import { KeyError, type XtsCipher } from './crypto.js';
@@ -231,52 +232,45 @@ class OfflineImage {
     return this.readStored(buf, offset);
   }
 
+  /** This image's own storage as the mapping rule sees it (fvd/mapping.ts): every block local. */
+  private storageMap(): MappingLayout {
+    const h = this.header;
+    return storageLayout(h.dataOffset, h.blockSize, h.chunkSize, this.table);
+  }
+
   /** The stored bytes (ciphertext for an encrypted image) of [offset, offset + buf.length). */
   private async readStored(buf: Uint8Array, offset: number): Promise<void> {
-    const h = this.header;
-    if (!this.table) return this.file.read(buf, h.dataOffset + offset);
-    const cs = h.chunkSize;
+    const layout = this.storageMap();
+    const run = newRun();
     const end = offset + buf.length;
-    for (let pos = offset; pos < end; ) {
-      const c = Math.floor(pos / cs);
-      const runEnd = Math.min(end, (c + 1) * cs);
-      const sub = buf.subarray(pos - offset, runEnd - offset);
-      const id = this.table[c]!;
-      if (id === CHUNK_EMPTY) sub.fill(0);
-      else await this.file.read(sub, h.dataOffset + id * cs + (pos - c * cs));
-      pos = runEnd;
+    for (let pos = offset; pos < end; pos += run.length) {
+      mapRun(layout, pos, end - pos, run);
+      const sub = buf.subarray(pos - offset, pos - offset + run.length);
+      if (run.kind === STORED) await this.file.read(sub, run.host);
+      else sub.fill(0);
     }
   }
 
   /** This image's own storage for [offset, offset + length) is known to read zeros (unmapped, holes). */
   localKnownZero(offset: number, length: number): boolean {
-    const h = this.header;
-    const D = h.dataOffset;
-    if (!this.table) return holeAt(this.file, D + offset, D + offset + length);
-    const cs = h.chunkSize;
+    const layout = this.storageMap();
+    const run = newRun();
     const end = offset + length;
-    for (let c = Math.floor(offset / cs); c * cs < end; c++) {
-      const id = this.table[c]!;
-      if (id === CHUNK_EMPTY) continue;
-      const from = Math.max(offset, c * cs) - c * cs;
-      const to = Math.min(end, (c + 1) * cs) - c * cs;
-      if (!holeAt(this.file, D + id * cs + from, D + id * cs + to)) return false;
+    for (let pos = offset; pos < end; pos += run.length) {
+      mapRun(layout, pos, end - pos, run);
+      if (run.kind === STORED && !holeAt(this.file, run.host, run.host + run.length)) return false;
     }
     return true;
   }
 
   /** Makes this image's storage for [offset, offset + length) read as zeros (bits untouched). */
   async zeroLocal(offset: number, length: number): Promise<void> {
-    const h = this.header;
-    if (!this.table) return this.file.zeroRange(h.dataOffset + offset, length);
-    const cs = h.chunkSize;
+    const layout = this.storageMap();
+    const run = newRun();
     const end = offset + length;
-    for (let pos = offset; pos < end; ) {
-      const c = Math.floor(pos / cs);
-      const runEnd = Math.min(end, (c + 1) * cs);
-      const id = this.table[c]!;
-      if (id !== CHUNK_EMPTY) await this.file.zeroRange(h.dataOffset + id * cs + (pos - c * cs), runEnd - pos);
-      pos = runEnd;
+    for (let pos = offset; pos < end; pos += run.length) {
+      mapRun(layout, pos, end - pos, run);
+      if (run.kind === STORED) await this.file.zeroRange(run.host, run.length);
     }
   }
 
