@@ -3,43 +3,10 @@
  * the bitmaps and lookup table (to route fast-path requests themselves) and, per queue, a
  * completion ring through which the main thread hands back requests it served.
  */
-import type { FvdImage } from '../fvd/image.js';
-import { directHostOffset } from '../fvd/mapping.js';
+import { directHostOffset, type SharedView } from '../fvd/mapping.js';
 
-export interface EngineView {
-  size: number;
-  dataOffset: number;
-  blockSize: number;
-  chunkSize: number;
-  baseBlocks: number;
-  /** Bytes covered by bitmap blocks; past it everything is local. */
-  bitmapEnd: number;
-  /** When the view was taken (informational); the live value is `fullyLocal`. */
-  allLocal: boolean;
-  /**
-   * [0] is 1 while every block is local: set at open from the engine's state, to 1 when prefetch
-   * finishes while serving, back to 0 when a base is attached again.
-   */
-  fullyLocal: Int32Array;
-  present: Uint8Array;
-  journaled: Uint8Array;
-  table: Uint32Array | null;
-  /**
-   * The data area holds ciphertext (FORMAT.md §11). Routing is the same as unencrypted (the
-   * storage offsets do not change); the worker encrypts/decrypts fast-path data itself
-   * (daemon/fast-crypt.ts) with the key from QueueWorkerData.
-   */
-  encrypted: boolean;
-  /**
-   * Compact images: per virtual chunk, 1 while a snapshot shares its storage (the engine must
-   * copy it before a write; it clears the flag after updating the table). Null when raw-like.
-   */
-  shared: Uint8Array | null;
-}
-
-export function engineView(image: FvdImage): EngineView {
-  return image.sharedView();
-}
+/** The engine's shared view as the workers get it (defined in the engine: fvd/mapping.ts). */
+export type EngineView = SharedView;
 
 /**
  * Storage offset for a request the worker may serve directly, or -1 when the engine must handle

@@ -61,7 +61,7 @@ import { BufferPool, KeyError, sealNewKey, type KdfParams, type XtsCipher } from
 import { SnapshotManager, SnapshotState, loadSnapshotState, type SnapshotHost } from './snapshot.js';
 import { Qcow2Image, type Qcow2Details } from './qcow2.js';
 import { canonicalName, isUrl, redactUrl, resolveBasePath } from './base-location.js';
-import { PENDING, STORED, ZERO, mapRun, newRun, storageLayout, type MappingLayout } from './mapping.js';
+import { PENDING, STORED, ZERO, mapRun, newRun, storageLayout, type MappingLayout, type SharedView } from './mapping.js';
 import { coverMappedChunks, highestMappedId, readBaseReference, readHeaderPage, readMaps, tableRegionOf, unlockKey, writeCheckpoint } from './metadata.js';
 
 export interface CreateOptions {
@@ -1422,12 +1422,9 @@ export class FvdImage {
 
   /**
    * The metadata a ublk queue worker needs to serve requests on local data itself (all of it in
-   * SharedArrayBuffers, updated in place by this engine). See daemon/shared-state.ts.
+   * SharedArrayBuffers, updated in place by this engine). fvd/mapping.ts defines its shape.
    */
-  sharedView(): {
-    size: number; dataOffset: number; blockSize: number; chunkSize: number; baseBlocks: number; bitmapEnd: number;
-    allLocal: boolean; fullyLocal: Int32Array; present: Uint8Array; journaled: Uint8Array; table: Uint32Array | null; encrypted: boolean; shared: Uint8Array | null;
-  } {
+  sharedView(): SharedView {
     return {
       size: this.size,
       dataOffset: this.header.dataOffset,

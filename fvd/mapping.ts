@@ -158,22 +158,45 @@ function storageless(l: MappingLayout, id: number): boolean {
 }
 
 /**
- * The engine's state as the daemon's queue workers share it (SharedArrayBuffers; daemon/
- * shared-state.ts EngineView), as far as routing needs it.
+ * The engine's state as the daemon's queue workers share it, all in SharedArrayBuffers updated in
+ * place by the engine (FvdImage.sharedView; docs/DESIGN.md §2.1 gives the memory-ordering rules).
+ * Defined here, once, beside the rule that reads it (directHostOffset).
  */
-export interface SharedMappingView {
+export interface SharedView {
+  size: number;
   dataOffset: number;
   blockSize: number;
   chunkSize: number;
   baseBlocks: number;
-  /** [0] is 1 while every block is local. */
+  /** Bytes covered by bitmap blocks; past it everything is local. */
+  bitmapEnd: number;
+  /** When the view was taken (informational); the live value is `fullyLocal`. */
+  allLocal: boolean;
+  /**
+   * [0] is 1 while every block is local: set at open from the engine's state, to 1 when prefetch
+   * finishes while serving, back to 0 when a base is attached again.
+   */
   fullyLocal: Int32Array;
   present: Uint8Array;
   journaled: Uint8Array;
   table: Uint32Array | null;
-  /** Compact images: per chunk, 1 while a snapshot shares its storage. */
+  /**
+   * The data area holds ciphertext (FORMAT.md §11). Routing is the same as unencrypted (the
+   * storage offsets do not change); the worker encrypts/decrypts fast-path data itself.
+   */
+  encrypted: boolean;
+  /**
+   * Compact images: per virtual chunk, 1 while a snapshot shares its storage (the engine must
+   * copy it before a write; it clears the flag after updating the table). Null when raw-like.
+   */
   shared: Uint8Array | null;
 }
+
+/** What routing reads of the shared view. */
+export type SharedMappingView = Pick<
+  SharedView,
+  'dataOffset' | 'blockSize' | 'chunkSize' | 'baseBlocks' | 'fullyLocal' | 'present' | 'journaled' | 'table' | 'shared'
+>;
 
 // Scratch state of directHostOffset: workers are single-threaded and the call never yields.
 const directLayout = storageLayout(0, 1, 1, null);
