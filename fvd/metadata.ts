@@ -1,9 +1,9 @@
 /**
  * Loading an image's metadata — the one implementation behind every opener of an FVD image file:
- * the engine (FvdImage.fromParts, fvd/image.ts) and offline maintenance (OfflineImage, fvd/
- * maintenance.ts). Both used to carry their own copy, and the copies disagreed: after a crash
- * the engine accepted a table entry past the end of the file (FORMAT.md §4.3) and offline
- * maintenance refused the same image as truncated. One loader, one rule.
+ * the engine (FvdImage.fromParts, fvd/image.ts) and offline maintenance (OfflineImage,
+ * fvd/maintenance/offline-image.ts). Both used to carry their own copy, and the copies disagreed:
+ * after a crash the engine accepted a table entry past the end of the file (FORMAT.md §4.3) and
+ * offline maintenance refused the same image as truncated. One loader, one rule.
  *
  * The steps, in the order an opener runs them (the engine opens the base between steps 3 and 4):
  *   1. readHeaderPage — the header sector and the rest of the first page (base path, identity);
