@@ -11,42 +11,20 @@
  * Metadata that makes data visible is journaled only after that data completed, and a journal
  * commit starts with fdatasync: see Journal and FORMAT.md §7 for the ordering argument.
  */
-import path from 'node:path';
-import { randomInt } from 'node:crypto';
 import type { BlockFile, IoBackend } from './io.js';
 import { FvdError, oneLine } from './errors.js';
 import {
   AUTOCLEAR_FULLY_LOCAL,
   AUTOCLEAR_KNOWN,
-  BASE_FVD,
-  BASE_NONE,
-  BASE_PATH_OFFSET,
   BASE_RAW,
   CHUNK_EMPTY,
   COMPAT_ZERO_DETECTED,
-  DEFAULT_BLOCK_SIZE,
-  DEFAULT_CHUNK_SIZE,
-  DEFAULT_JOURNAL_SIZE,
   INCOMPAT_COMPACT,
   INCOMPAT_DIRTY,
   INCOMPAT_ENCRYPTED,
-  MAX_BASE_IDENTITY,
-  MAX_BASE_PATH,
-  MAX_BLOCK_SIZE,
-  MAX_CHUNK_SIZE,
-  MAX_METADATA_REGION,
-  MAX_VIRTUAL_SIZE,
-  MIN_BLOCK_SIZE,
-  MIN_JOURNAL_SIZE,
-  PAGE,
   SECTOR,
-  VERSION,
-  BASE_FORMAT_CHOICES,
   BASE_QCOW2,
-  baseFormatCode,
   baseFormatName,
-  computeLayout,
-  crc,
   encodeHeader,
   roundUp,
   type BaseFormat,
@@ -57,136 +35,25 @@ import { Journal, PendingRecords } from './journal.js';
 import { BlockLocks } from './block-locks.js';
 import { SectorGate } from './sector-gate.js';
 import { FlushGuard } from './flush-guard.js';
-import { BufferPool, KeyError, sealNewKey, type KdfParams, type XtsCipher } from './crypto.js';
+import { KeyError, type XtsCipher } from './crypto.js';
 import { SnapshotManager, SnapshotState, loadSnapshotState, type SnapshotHost } from './snapshot.js';
-import { Qcow2Image, type Qcow2Details } from './qcow2.js';
+import { Qcow2Image } from './qcow2.js';
 import { canonicalName, isUrl, redactUrl, resolveBasePath } from './base-location.js';
-import { PENDING, STORED, ZERO, mapRun, newRun, storageLayout, type MappingLayout, type SharedView } from './mapping.js';
-import { coverMappedChunks, highestMappedId, readBaseReference, readHeaderPage, readMaps, tableRegionOf, unlockKey, writeCheckpoint } from './metadata.js';
+import { PENDING, STORED, mapRun, newRun, storageLayout, type MappingLayout, type SharedView } from './mapping.js';
+import { coverMappedChunks, readBaseReference, readHeaderPage, readMaps, tableRegionOf, unlockKey, writeCheckpoint } from './metadata.js';
+import { ChunkAllocator, type StorageGrower } from './allocator.js';
+import { CompactStorage } from './compact-storage.js';
+import { DataArea } from './data-area.js';
 
-export interface CreateOptions {
-  /** Virtual size in bytes; defaults to the base's size (rounded up to 512). */
-  size?: number;
-  /** Base image path (relative paths are relative to the image's directory) or URL. */
-  base?: string;
-  baseFormat?: BaseFormat;
-  layout?: 'raw' | 'compact';
-  blockSize?: number;
-  chunkSize?: number;
-  journalSize?: number;
-  /** Mark all-zero base blocks as local at create, so writes to them need no copy (default on). */
-  detectZeroes?: boolean;
-  /** Encrypt the data area (FORMAT.md §11) with a key unlocked by this key material. */
-  encrypt?: { key: Uint8Array; kdf?: Partial<KdfParams> };
-}
+import { createImage, type CreateOptions } from './create.js';
+import type { BaseChainEntry, BaseImage, Extent, ExtentKind, HostExtent, ImageStats, OpenOptions } from './image-types.js';
 
-export interface OpenOptions {
-  readOnly?: boolean;
-  /** Store base data read by the guest in the image (default on for read-write opens). */
-  copyOnRead?: boolean;
-  /** Upper bound of copy-on-read data in flight; beyond it reads just read the base. */
-  maxCopyOnReadBytes?: number;
-  /** Key material of an encrypted image (FORMAT.md §11); refused for an unencrypted one. */
-  key?: Uint8Array;
-  /**
-   * Open an encrypted image without its key, for metadata only (info, map, check): every data
-   * read or write then fails. Without this, an encrypted image needs `key`.
-   */
-  withoutKey?: boolean;
-  /**
-   * For `check`: open an image whose refcount table is damaged, with the refcounts recounted from
-   * the snapshot tables (FORMAT.md §10.8; `snapshots.refcountDamage` says what was wrong).
-   * Without this, such an image is refused as corrupt.
-   */
-  recountRefcounts?: boolean;
-}
-
-/**
- * Grows the storage of a compact image on a block device (an LV) before allocation runs out, like
- * FVD's add_storage_cmd: `grow()` makes the device larger (the daemon runs the configured command);
- * the engine then re-reads the device's size. Called when less than `lowWaterBytes` would remain
- * past the last chunk, at most one call in flight; an allocation that finds no room waits for it.
- */
-export interface StorageGrower {
-  lowWaterBytes: number;
-  grow(): Promise<void>;
-}
-
-/** A base image as the engine sees it: read-only bytes of a fixed size. */
-export interface BaseImage {
-  readonly size: number;
-  read(buf: Uint8Array, offset: number): Promise<void>;
-  /** True when the range is known to read as zeros without reading it (false: unknown). */
-  knownZero(offset: number, length: number): Promise<boolean>;
-  close(): Promise<void>;
-  describe(): BaseChainEntry[];
-  /** The top file's identity (a remote source's size and validator), if it has one. */
-  readonly identity?: string;
-  /** Reads cross a network: create detects zero blocks only where known without reading. */
-  readonly remote?: boolean;
-  /** Bytes of reads the base serves at once (BlockFile.inFlightBytes), where known. */
-  readonly inFlightBytes?: number;
-  /** BlockFile.fileId of every file of the chain as opened (this level first), where known. */
-  fileIds(): string[];
-}
-
-export interface BaseChainEntry {
-  path: string;
-  format: BaseFormat;
-  size: number;
-  /** A qcow2 level's header facts (for `info --backing-chain`). */
-  qcow2?: Qcow2Details;
-}
-
-export type ExtentKind = 'local' | 'base' | 'zero';
-export interface Extent {
-  offset: number;
-  length: number;
-  kind: ExtentKind;
-}
-/** An extent with the byte offset of its data in the image file (local extents only). */
-export interface HostExtent extends Extent {
-  host: number | null;
-}
-
-export interface ImageStats {
-  path: string;
-  layout: 'raw' | 'compact';
-  virtualSize: number;
-  blockSize: number;
-  chunkSize: number;
-  baseChain: BaseChainEntry[];
-  baseSize: number;
-  /** Bytes of the virtual disk served from this image (including known-zero local blocks). */
-  bytesLocal: number;
-  /** Bytes still read from the base. */
-  bytesInBase: number;
-  fullyLocal: boolean;
-  zeroDetected: boolean;
-  /** The data area's cipher, or null for an unencrypted image. */
-  encryption: 'aes-256-xts' | null;
-  /** The header's dirty flag as found at open (not cleanly closed). */
-  wasDirty: boolean;
-  journalSectorsReplayed: number;
-  journal: {
-    capacitySectors: number;
-    usedSectors: number;
-    commits: number;
-    sectorsWritten: number;
-    checkpoints: number;
-    /** BITMAP_SET runs and TABLE_SET entries committed by this open (not by checkpoints). */
-    bitmapRuns: number;
-    tableEntries: number;
-  };
-  allocatedChunks: number;
-  fileSize: number;
-  /** Internal snapshots (compact layout; FORMAT.md §10). */
-  snapshots: number;
-}
+export type { StorageGrower } from './allocator.js';
+export type { CreateOptions } from './create.js';
+export type { BaseChainEntry, BaseImage, Extent, ExtentKind, HostExtent, ImageStats, OpenOptions } from './image-types.js';
 
 const DEFAULT_MAX_COR = 16 * 1024 * 1024;
 const MAX_CHAIN_DEPTH = 64;
-const ZERO_SCAN_BYTES = 4 * 1024 * 1024;
 
 export class FvdImage {
   readonly size: number;
@@ -211,25 +78,19 @@ export class FvdImage {
   private readonly table: Uint32Array | null;
   private readonly journal: Journal | null;
   private readonly locks = new BlockLocks();
-  /** Chunks whose storage is being allocated: later writers to the chunk wait for it. */
-  private readonly allocating = new Map<number, Promise<void>>();
+  /** Compact image: storage chunk allocation (fvd/allocator.ts) and the chunk mapping; else null. */
+  private readonly alloc: ChunkAllocator | null;
+  private readonly compactStorage: CompactStorage | null;
+  /** Where local bytes live, encrypted or not (fvd/data-area.ts). */
+  private readonly data: DataArea;
   /** This image's storage as the mapping rule sees it (fvd/mapping.ts): every block local. */
   private readonly storageMap: MappingLayout;
   /** The mapping result the synchronous mapping loops fill (one at a time: no await inside). */
   private readonly run = newRun();
-  private readonly settlingForRead = (c: number): boolean => this.allocating.has(c);
-  private readonly settlingForWrite = (c: number): boolean => this.allocating.has(c) || this.snap!.shared[c] !== 0;
-  /** Block-device storage growth (setStorageGrower), and the grow in flight. */
-  private grower: StorageGrower | null = null;
-  private growing: Promise<void> | null = null;
+  private readonly settlingForRead = (c: number): boolean => this.alloc !== null && this.alloc.allocating.has(c);
   private readonly background = new Set<Promise<void>>();
   private readonly maxCorBytes: number;
   private corBytes = 0;
-  /** Free storage chunk ids (unreferenced, durable as unreferenced) and the next never-used id. */
-  private readonly freeChunks: number[] = [];
-  private nextChunkId = 0;
-  /** Storage at or beyond this offset has never been written: it reads as zeros (regular files). */
-  private knownZeroFrom: number;
   private allLocal: boolean;
   /** allLocal for the daemon's queue workers: [0] = 1 once fully local (read per request). */
   private readonly sharedAllLocal = new Int32Array(new SharedArrayBuffer(4));
@@ -239,7 +100,6 @@ export class FvdImage {
   /** Encrypted image: the data cipher, null when opened withoutKey (data I/O refused). */
   readonly encrypted: boolean;
   private readonly xts: XtsCipher | null;
-  private readonly cipherBufs = new BufferPool();
   /** Encrypted image: serializes read-modify-writes of partial sectors with other writes. */
   private readonly gate = new SectorGate();
   /** Snapshot bookkeeping of a compact image (refcounts, shared-chunk flags); null if raw-like. */
@@ -287,142 +147,30 @@ export class FvdImage {
     this.storageMap = storageLayout(header.dataOffset, header.blockSize, header.chunkSize, state.table);
     this.allLocal = !base || (header.autoclear & AUTOCLEAR_FULLY_LOCAL) !== 0n || this.baseBlocks === 0;
     this.sharedAllLocal[0] = this.allLocal ? 1 : 0;
-    this.knownZeroFrom = file.isBlockDevice ? Number.POSITIVE_INFINITY : file.size();
     this.wasDirty = (header.incompatible & INCOMPAT_DIRTY) !== 0n;
     this.replayedSectors = state.replayed;
     this.encrypted = (header.incompatible & INCOMPAT_ENCRYPTED) !== 0n;
     this.xts = state.xts;
     this.snap = state.snap;
+    this.alloc = this.table && this.snap ? new ChunkAllocator(path, file, header.dataOffset, header.chunkSize, this.table, this.snap) : null;
     this.snapshots = new SnapshotManager(path, this.table && this.snap ? this.snapshotHost() : null, this.snap);
-    if (this.table) this.initAllocator();
     this.journal = state.readOnly
       ? null
       : new Journal(file, header.journalOffset, header.journalLength, state.nextSeq, state.usedSectors, this, (batch) =>
           this.onDurable(batch),
         );
+    this.compactStorage = this.alloc
+      ? new CompactStorage(file, header.dataOffset, header.blockSize, header.chunkSize, header.virtualSize, this.table!, this.snap!, this.alloc, this.journal)
+      : null;
+    this.data = new DataArea(file, header.dataOffset, this.compactStorage, state.xts);
   }
 
   // ---------------------------------------------------------------------------------------------
   // create / open / close
 
-  static async create(io: IoBackend, imagePath: string, options: CreateOptions): Promise<void> {
-    const blockSize = options.blockSize ?? DEFAULT_BLOCK_SIZE;
-    const chunkSize = options.chunkSize ?? Math.max(DEFAULT_CHUNK_SIZE, blockSize);
-    const compact = (options.layout ?? 'raw') === 'compact';
-    const journalLength = options.journalSize ?? DEFAULT_JOURNAL_SIZE;
-    const isPow2 = (v: number) => Number.isSafeInteger(v) && v > 0 && (v & (v - 1)) === 0;
-    if (!isPow2(blockSize) || blockSize < MIN_BLOCK_SIZE || blockSize > MAX_BLOCK_SIZE)
-      throw new FvdError(`block size ${blockSize} must be a power of two between ${MIN_BLOCK_SIZE} and ${MAX_BLOCK_SIZE}`, 'EINVAL');
-    if (!isPow2(chunkSize) || chunkSize < blockSize || chunkSize > MAX_CHUNK_SIZE)
-      throw new FvdError(`chunk size ${chunkSize} must be a power of two between the block size (${blockSize}) and ${MAX_CHUNK_SIZE}`, 'EINVAL');
-    if (!Number.isSafeInteger(journalLength) || (journalLength !== 0 && (journalLength < MIN_JOURNAL_SIZE || journalLength % PAGE || journalLength > MAX_METADATA_REGION)))
-      throw new FvdError(`journal size ${journalLength} must be 0 or a multiple of 4 KiB from ${MIN_JOURNAL_SIZE} to ${MAX_METADATA_REGION}`, 'EINVAL');
-    if (options.layout && options.layout !== 'raw' && options.layout !== 'compact')
-      throw new FvdError(`unknown layout '${options.layout}' (raw or compact)`, 'EINVAL');
-
-    let base: BaseImage | null = null;
-    let basePath = '';
-    let baseFormat = BASE_NONE;
-    if (options.base !== undefined) {
-      if (!options.baseFormat) throw new FvdError(`base image given without its format: add -F raw, -F qcow2 or -F fvd`, 'EINVAL');
-      basePath = options.base;
-      baseFormat = baseFormatCode(options.baseFormat);
-      if (baseFormat < 0) throw new FvdError(`unknown base format '${options.baseFormat}' (${BASE_FORMAT_CHOICES})`, 'EINVAL');
-      const pathBytes = Buffer.from(basePath, 'utf8');
-      if (pathBytes.length === 0 || pathBytes.length > MAX_BASE_PATH)
-        throw new FvdError(`base path must be 1 to ${MAX_BASE_PATH} bytes long`, 'EINVAL');
-      const resolved = resolveBasePath(imagePath, basePath);
-      if (resolved === canonicalName(imagePath)) throw new FvdError(`an image cannot be its own base`, 'EINVAL');
-      base = await openBase(io, resolved, baseFormat, [canonicalName(imagePath)], options.base);
-      // The same file under another name (a symbolic or hard link), at any level of the chain.
-      const target = await io.identify?.(imagePath);
-      if (target && base.fileIds().includes(target)) {
-        await base.close();
-        throw new FvdError(`${imagePath}: an image cannot be its own base (it is '${options.base}' or in its base chain)`, 'EINVAL');
-      }
-    }
-    try {
-      let size = options.size ?? (base ? roundUp(base.size, SECTOR) : undefined);
-      if (size === undefined) throw new FvdError(`no size given and no base image to take it from`, 'EINVAL');
-      size = roundUp(size, SECTOR);
-      if (!Number.isSafeInteger(size) || size <= 0 || size > MAX_VIRTUAL_SIZE)
-        throw new FvdError(`size ${size} out of range (1 byte to ${MAX_VIRTUAL_SIZE} bytes)`, 'EINVAL');
-      const baseSize = base ? base.size : 0;
-      const layout = computeLayout({ virtualSize: size, blockSize, chunkSize, baseSize, compact, journalLength });
-      if (layout.tableLength > MAX_METADATA_REGION)
-        throw new FvdError(`a ${size}-byte disk needs a ${layout.tableLength}-byte lookup table at ${chunkSize}-byte chunks (limit ${MAX_METADATA_REGION}): use a larger --chunk-size`, 'EINVAL');
-      if (layout.bitmapLength > MAX_METADATA_REGION)
-        throw new FvdError(`a ${baseSize}-byte base needs a ${layout.bitmapLength}-byte bitmap at ${blockSize}-byte blocks (limit ${MAX_METADATA_REGION}): use a larger --block-size`, 'EINVAL');
-      if (compact && Math.ceil(size / chunkSize) >= CHUNK_EMPTY) throw new FvdError(`too many chunks: use a larger chunk size`, 'EINVAL');
-
-      // Scan the base before touching the target, so a failing scan leaves nothing behind.
-      const bitmap = new Uint8Array(layout.bitmapLength);
-      const detect = !!base && options.detectZeroes !== false;
-      if (detect) await markZeroBlocks(base!, Math.min(baseSize, size), blockSize, bitmap);
-      // A remote base's identity (FORMAT.md §2.2), stored after its path.
-      const identity = Buffer.from(base?.identity ?? '', 'utf8');
-      if (identity.length > MAX_BASE_IDENTITY || BASE_PATH_OFFSET + pathBytesOf(basePath) + identity.length > PAGE)
-        throw new FvdError(`the base's path and identity (${pathBytesOf(basePath)} + ${identity.length} bytes) do not fit in the image's first page`, 'EINVAL');
-
-      // The key is sealed before the target is touched, like the base scan.
-      const crypt = options.encrypt ? await sealNewKey(options.encrypt.key, options.encrypt.kdf) : undefined;
-      // Opened without truncating, under the lock: an existing file is emptied below, only once
-      // every check has passed (a served image, or a base of this one, is refused untouched).
-      const file = await io.open(imagePath, { create: true, lock: 'exclusive' });
-      try {
-        if (file.isBlockDevice && !compact)
-          throw new FvdError(`${imagePath}: a raw-like image needs a regular file (holes must read as zeros); use --layout compact on block devices`, 'EINVAL');
-        const header: Header = {
-          version: VERSION,
-          incompatible: (compact ? INCOMPAT_COMPACT : 0n) | (crypt ? INCOMPAT_ENCRYPTED : 0n),
-          compatible: detect ? COMPAT_ZERO_DETECTED : 0n,
-          autoclear: 0n,
-          virtualSize: size,
-          blockSize,
-          chunkSize,
-          baseSize,
-          basePathLength: Buffer.byteLength(basePath),
-          baseFormat,
-          basePathCrc: basePath ? crc(Buffer.from(basePath)) : 0,
-          baseIdentityLength: identity.length,
-          baseIdentityCrc: identity.length ? crc(identity) : 0,
-          ...layout,
-          // A random start makes stale sectors of an earlier image on the same device not match.
-          journalStartSeq: randomInt(0, 2 ** 40),
-          refcountOffset: 0,
-          refcountLength: 0,
-          snapshotsOffset: 0,
-          snapshotsLength: 0,
-          crypt,
-          revertSnapshotId: 0,
-        };
-        if (file.isBlockDevice && file.size() < layout.dataOffset + chunkSize)
-          throw new FvdError(`${imagePath}: device of ${file.size()} bytes is too small for this image's metadata`, 'ENOSPC');
-        if (!file.isBlockDevice) await file.truncate(0);
-        const first = new Uint8Array(PAGE);
-        first.set(encodeHeader(header), 0);
-        first.set(Buffer.from(basePath), BASE_PATH_OFFSET);
-        first.set(identity, BASE_PATH_OFFSET + pathBytesOf(basePath));
-        await file.write(first, 0);
-        if (layout.bitmapLength) await file.write(bitmap, layout.bitmapOffset);
-        if (layout.tableLength) await file.write(new Uint8Array(layout.tableLength).fill(0xff), layout.tableOffset);
-        if (file.isBlockDevice) await file.zeroRange(layout.journalOffset, layout.journalLength);
-        else {
-          await file.truncate(compact ? layout.dataOffset : layout.dataOffset + size);
-          // Allocated, not a hole: on a full file system a journal commit then needs no new space,
-          // so flushes keep working while data writes fail with ENOSPC (bitmap and table are
-          // written above, so they are allocated too).
-          await writeZeros(file, layout.journalOffset, layout.journalLength);
-        }
-        await file.flush();
-      } finally {
-        await file.close();
-      }
-      // The new name, too, must survive a power cut (a block device has no new name).
-      if (!file.isBlockDevice) await io.syncDirectoryOf?.(imagePath);
-    } finally {
-      await base?.close();
-    }
+  /** Creates an image file (fvd/create.ts). */
+  static create(io: IoBackend, imagePath: string, options: CreateOptions): Promise<void> {
+    return createImage(io, imagePath, options, openBase);
   }
 
   static async open(io: IoBackend, imagePath: string, options: OpenOptions = {}): Promise<FvdImage> {
@@ -605,7 +353,7 @@ export class FvdImage {
   }
 
   private onDurable(batch: PendingRecords): void {
-    for (const id of batch.freed) this.freeChunks.push(id);
+    this.alloc?.release(batch.freed);
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -626,7 +374,7 @@ export class FvdImage {
     if (buf.length === 0) return;
     if (this.encrypted && this.checkCipher('read', offset, buf.length)) return this.readUnaligned(buf, offset);
     const end = offset + buf.length;
-    if (this.allLocal || offset >= this.bitmapEnd) return this.readLocal(buf, offset);
+    if (this.allLocal || offset >= this.bitmapEnd) return this.data.read(buf, offset);
     const bs = this.blockSize;
     const tasks: Promise<void>[] = [];
     let pos = offset;
@@ -636,7 +384,7 @@ export class FvdImage {
       let runEnd = Math.min(end, (b + 1) * bs);
       while (runEnd < end && this.isLocal(runEnd / bs) === local) runEnd = Math.min(end, runEnd + bs);
       const sub = buf.subarray(pos - offset, runEnd - offset);
-      tasks.push(local ? this.readLocal(sub, pos) : this.readFromBase(sub, pos));
+      tasks.push(local ? this.data.read(sub, pos) : this.readFromBase(sub, pos));
       pos = runEnd;
     }
     if (tasks.length === 1) return tasks[0];
@@ -655,7 +403,7 @@ export class FvdImage {
   /** The write path under the public checks (and, encrypted, inside the sector gate). */
   private writeSectors(buf: Uint8Array, offset: number): Promise<void> {
     if (this.needsBitmapWork(offset, offset + buf.length)) return this.writeSlow(buf, offset);
-    return this.storeLocal(buf, offset);
+    return this.data.write(buf, offset);
   }
 
   /** Makes every completed write durable, data first, then the journal records that expose it. */
@@ -703,12 +451,6 @@ export class FvdImage {
     return b >= this.baseBlocks || testBit(this.present, b);
   }
 
-  private readLocal(buf: Uint8Array, offset: number): Promise<void> {
-    if (this.xts) return this.readLocalEncrypted(buf, offset);
-    if (!this.table) return this.file.read(buf, this.header.dataOffset + offset);
-    return this.forEachChunkRun(buf, offset, false);
-  }
-
   /** Reads base bytes; beyond the base's end the disk reads zeros. */
   private async readBaseRaw(buf: Uint8Array, offset: number): Promise<void> {
     const inBase = Math.max(0, Math.min(buf.length, this.baseLimit - offset));
@@ -754,7 +496,7 @@ export class FvdImage {
         const e = runs[i + 1]!;
         const from = b * bs - wStart;
         const to = Math.min((e + 1) * bs, wStart + whole.length) - wStart;
-        await this.storeLocal(whole.subarray(from, to), b * bs);
+        await this.data.write(whole.subarray(from, to), b * bs);
         setRange(this.present, b, e - b + 1); // soft: not journaled (FORMAT.md §5.2)
       }
     } catch (err) {
@@ -930,7 +672,7 @@ export class FvdImage {
         await Promise.all(reads);
         data.set(buf, offset - wStart);
       }
-      await this.storeLocal(data, wStart);
+      await this.data.write(data, wStart);
       this.markLocal(b0, lockLast);
     } finally {
       this.locks.release(b0, lockLast);
@@ -948,13 +690,6 @@ export class FvdImage {
     setRange(this.journaled, first, last - first + 1);
     this.journal!.pending.addBitmap(first, last - first + 1);
   };
-
-  /** Writes bytes of the virtual disk to this image's storage (allocating chunks if compact). */
-  private storeLocal(buf: Uint8Array, offset: number): Promise<void> {
-    if (this.xts) return this.storeLocalEncrypted(buf, offset);
-    if (!this.table) return this.file.write(buf, this.header.dataOffset + offset);
-    return this.forEachChunkRun(buf, offset, true);
-  }
 
   // ---------------------------------------------------------------------------------------------
   // encryption (FORMAT.md §11): the data area holds XTS ciphertext, tweak = guest sector
@@ -1034,216 +769,9 @@ export class FvdImage {
     buf.set(whole.subarray(offset - start, offset - start + buf.length));
   }
 
-  private async readLocalEncrypted(buf: Uint8Array, offset: number): Promise<void> {
-    if (!this.table) await this.file.read(buf, this.header.dataOffset + offset);
-    else await this.forEachChunkRun(buf, offset, false);
-    this.xts!.decrypt(buf, offset / SECTOR);
-  }
-
-  /** The caller's buffer stays plaintext: the ciphertext goes through a pooled buffer. */
-  private async storeLocalEncrypted(buf: Uint8Array, offset: number): Promise<void> {
-    const cipher = this.cipherBufs.acquire(buf.length);
-    this.xts!.encrypt(buf, cipher, offset / SECTOR);
-    if (!this.table) await this.file.write(cipher, this.header.dataOffset + offset);
-    else await this.forEachChunkRun(cipher, offset, true);
-    // Only after success: a failed run may still have sibling writes reading the buffer.
-    this.cipherBufs.release(cipher);
-  }
-
-  /**
-   * Compact layout: splits [offset, offset + buf.length) into runs (fvd/mapping.ts): runs of
-   * chunks adjacent in storage are one I/O; unmapped chunks read zeros or are allocated when
-   * writing; chunks being allocated (or, when writing, shared with a snapshot) are handled alone.
-   */
-  private async forEachChunkRun(buf: Uint8Array, offset: number, writing: boolean): Promise<void> {
-    const cs = this.chunkSize;
-    const layout = this.storageMap;
-    // A write to storage a snapshot shares must copy the chunk first (writeUnmappedChunk).
-    layout.settling = writing ? this.settlingForWrite : this.settlingForRead;
-    const run = this.run;
-    const end = offset + buf.length;
-    const tasks: Promise<void>[] = [];
-    for (let pos = offset; pos < end; ) {
-      mapRun(layout, pos, end - pos, run);
-      const runEnd = pos + run.length;
-      if (run.kind === STORED) {
-        const sub = buf.subarray(pos - offset, runEnd - offset);
-        tasks.push(writing ? this.file.write(sub, run.host) : this.file.read(sub, run.host));
-      } else if (run.kind === ZERO && !writing) {
-        buf.fill(0, pos - offset, runEnd - offset);
-      } else {
-        // PENDING (one chunk), or unmapped chunks being written: each chunk on its own.
-        for (let at = pos; at < runEnd; ) {
-          const c = Math.floor(at / cs);
-          const chunkEnd = Math.min(runEnd, (c + 1) * cs);
-          const sub = buf.subarray(at - offset, chunkEnd - offset);
-          tasks.push(writing ? this.writeUnmappedChunk(c, sub, at - c * cs) : this.readAfterAllocation(c, sub, at - c * cs));
-          at = chunkEnd;
-        }
-      }
-      pos = runEnd;
-    }
-    if (tasks.length === 1) return tasks[0];
-    await Promise.all(tasks);
-  }
-
-  private async readAfterAllocation(c: number, sub: Uint8Array, inChunk: number): Promise<void> {
-    while (this.allocating.has(c)) await this.allocating.get(c);
-    const id = this.table![c]!;
-    if (id === CHUNK_EMPTY) sub.fill(0);
-    else await this.file.read(sub, this.header.dataOffset + id * this.chunkSize + inChunk);
-  }
-
-  /**
-   * Writes into chunk c, allocating its storage first if it has none, or copying it first if a
-   * snapshot shares its storage.
-   */
-  private async writeUnmappedChunk(c: number, sub: Uint8Array, inChunk: number): Promise<void> {
-    while (this.allocating.has(c)) await this.allocating.get(c);
-    const table = this.table!;
-    const cs = this.chunkSize;
-    if (table[c] !== CHUNK_EMPTY && !this.snap!.shared[c]) {
-      await this.file.write(sub, this.header.dataOffset + table[c]! * cs + inChunk);
-      return;
-    }
-    if (table[c] !== CHUNK_EMPTY) {
-      // The write covers the whole chunk (up to the disk's end): it is the copy.
-      const whole = inChunk === 0 && sub.length === Math.min(cs, this.size - c * cs);
-      const phys = await this.unshareChunk(c, whole ? sub : null);
-      if (!whole) await this.file.write(sub, phys + inChunk);
-      return;
-    }
-    let done!: () => void;
-    this.allocating.set(c, new Promise<void>((r) => (done = r)));
-    let phys: number;
-    try {
-      const id = await this.takeChunkGrowing();
-      phys = this.header.dataOffset + id * cs;
-      try {
-        // Storage never written reads as zeros; reused or device storage must be zeroed first,
-        // because blocks of the chunk that are local but unwritten must read as zeros.
-        if (phys < this.knownZeroFrom) await this.file.zeroRange(phys, Math.min(cs, this.knownZeroFrom - phys));
-      } catch (err) {
-        this.freeChunks.push(id);
-        throw err;
-      }
-      if (!this.file.isBlockDevice) this.knownZeroFrom = Math.max(this.knownZeroFrom, phys + cs);
-      // Publish the mapping now, before the data write: the chunk reads exactly as the unmapped
-      // chunk did (zeros where local, base data where the bits are clear), so other writers to
-      // the chunk need not queue behind this one, and the TABLE_SET can be logged at once — a
-      // commit's first fdatasync covers the zeroing, which completed above (FORMAT.md §4.3).
-      table[c] = id;
-      this.journal!.pending.addTable(c, id);
-    } finally {
-      this.allocating.delete(c);
-      done();
-    }
-    await this.file.write(sub, phys + inChunk);
-  }
-
-  /**
-   * Copy-on-write of chunk c, whose storage a snapshot also references (FORMAT.md §10.7): copies
-   * it (or writes `whole`, the chunk's complete new content) into a new storage chunk, then points
-   * the table at it and journals the entry. The old storage stays as the snapshot has it; no
-   * refcount changes (the snapshots' references did not). Returns the new chunk's file offset.
-   * The caller has just seen (with no await since) that c is shared and not being allocated.
-   */
-  private async unshareChunk(c: number, whole: Uint8Array | null): Promise<number> {
-    const table = this.table!;
-    const cs = this.chunkSize;
-    let done!: () => void;
-    this.allocating.set(c, new Promise<void>((r) => (done = r)));
-    try {
-      const id = await this.takeChunkGrowing();
-      const phys = this.header.dataOffset + id * cs;
-      try {
-        let data = whole;
-        if (!data) {
-          data = new Uint8Array(cs);
-          await this.file.read(data, this.header.dataOffset + table[c]! * cs);
-        }
-        if (!this.file.isBlockDevice) this.knownZeroFrom = Math.max(this.knownZeroFrom, phys + cs);
-        await this.file.write(data, phys);
-      } catch (err) {
-        this.freeChunks.push(id);
-        throw err;
-      }
-      // Like an allocation, the entry is logged once the copy completed (a commit's first
-      // fdatasync covers it); the worker sees the flag clear only after the table changed.
-      table[c] = id;
-      this.journal!.pending.addTable(c, id);
-      Atomics.store(this.snap!.shared, c, 0);
-      return phys;
-    } finally {
-      this.allocating.delete(c);
-      done();
-    }
-  }
-
   /** Grow the device storage through `grower` (null: never; a full device then gives ENOSPC). */
   setStorageGrower(grower: StorageGrower | null): void {
-    this.grower = grower;
-  }
-
-  /**
-   * takeChunk, on a block device with a grower: starts a grow when the room past the last chunk
-   * runs low, and when no chunk fits, waits for grows until one does or until a grow of its own
-   * added nothing (then takeChunk reports ENOSPC). The room check and the take run with no await
-   * between them, so writers racing for the last chunk cannot both pass the check.
-   */
-  private async takeChunkGrowing(): Promise<number> {
-    const g = this.grower;
-    if (!g || !this.file.isBlockDevice || this.freeChunks.length) return this.takeChunk();
-    const room = () => this.file.size() - (this.header.dataOffset + this.nextChunkId * this.chunkSize);
-    if (room() - this.chunkSize < g.lowWaterBytes) this.startGrow(g);
-    let sizeBefore = -1;
-    while (room() < this.chunkSize && !this.freeChunks.length) {
-      if (!this.growing) {
-        if (this.file.size() === sizeBefore) break;
-        sizeBefore = this.file.size();
-        this.startGrow(g);
-      }
-      await this.growing;
-    }
-    return this.takeChunk();
-  }
-
-  private startGrow(g: StorageGrower): void {
-    if (this.growing) return;
-    this.growing = (async () => {
-      try {
-        await g.grow();
-      } catch {
-        // the grower reports its own failure; allocation goes on until the device is full
-      }
-      await this.file.refreshSize?.();
-    })().finally(() => (this.growing = null));
-  }
-
-  private takeChunk(): number {
-    const id = this.freeChunks.pop();
-    if (id !== undefined) return id;
-    const next = this.nextChunkId;
-    if (this.file.isBlockDevice && this.header.dataOffset + (next + 1) * this.chunkSize > this.file.size())
-      throw new FvdError(`${this.path}: no space left on the device for a new chunk`, 'ENOSPC');
-    if (next >= CHUNK_EMPTY) throw new FvdError(`${this.path}: chunk ids exhausted`, 'ENOSPC');
-    this.nextChunkId++;
-    return next;
-  }
-
-  private initAllocator(): void {
-    const table = this.table!;
-    // Storage snapshots use (their data and metadata) is never free.
-    const max = highestMappedId(table, this.snap!.maxUsedId());
-    // Storage chunks present in the file but unreferenced (freed, or leaked by a crash) are
-    // reused; the ones below the highest id go on the free list.
-    const fileChunks = this.file.isBlockDevice
-      ? max + 1
-      : Math.max(max + 1, Math.ceil((this.file.size() - this.header.dataOffset) / this.chunkSize));
-    const referenced = new Uint8Array(Math.max(fileChunks, 0));
-    for (let c = 0; c < table.length; c++) if (table[c] !== CHUNK_EMPTY) referenced[table[c]!] = 1;
-    for (let id = fileChunks - 1; id >= 0; id--) if (!referenced[id] && !this.snap!.isUsed(id)) this.freeChunks.push(id);
-    this.nextChunkId = Math.max(fileChunks, 0);
+    this.alloc?.setGrower(grower);
   }
 
   /** Zeroes whole blocks [a, z) (z may be the disk's end): storage punched, blocks marked local. */
@@ -1257,48 +785,12 @@ export class FvdImage {
       if (!this.table) {
         await this.file.zeroRange(this.header.dataOffset + a, z - a);
       } else {
-        const cs = this.chunkSize;
-        const tasks: Promise<void>[] = [];
-        for (let c = Math.floor(a / cs); c * cs < z; c++) {
-          const cStart = Math.max(a, c * cs);
-          const cEnd = Math.min(z, (c + 1) * cs, this.size);
-          tasks.push(this.zeroInChunk(c, cStart, cEnd, cStart === c * cs && cEnd === Math.min((c + 1) * cs, this.size)));
-        }
-        await Promise.all(tasks);
+        await this.compactStorage!.zeroRange(a, z);
       }
       if (!this.allLocal && lockLast >= b0) this.markLocal(b0, lockLast);
     } finally {
       this.locks.release(b0, lockLast);
     }
-  }
-
-  private async zeroInChunk(c: number, start: number, end: number, whole: boolean): Promise<void> {
-    while (this.allocating.has(c)) await this.allocating.get(c);
-    const id = this.table![c]!;
-    if (id === CHUNK_EMPTY) return; // local and unmapped reads as zeros already
-    const cs = this.chunkSize;
-    if (this.snap!.shared[c]) {
-      if (whole) {
-        // A snapshot still references the storage: unmap it without punching or freeing it.
-        this.table![c] = CHUNK_EMPTY;
-        this.journal!.pending.addTable(c, CHUNK_EMPTY);
-        Atomics.store(this.snap!.shared, c, 0);
-        return;
-      }
-      const phys = await this.unshareChunk(c, null);
-      await this.file.zeroRange(phys + (start - c * cs), end - start);
-      return;
-    }
-    if (whole) {
-      // Give the space back to the host now; unmap; the storage is reusable once this TABLE_SET
-      // is durable (onDurable). Until then a crash leaves the old mapping, reading zeros or base.
-      await this.file.zeroRange(this.header.dataOffset + id * cs, cs);
-      this.table![c] = CHUNK_EMPTY;
-      this.journal!.pending.addTable(c, CHUNK_EMPTY);
-      this.journal!.pending.freed.push(id);
-      return;
-    }
-    await this.file.zeroRange(this.header.dataOffset + id * cs + (start - c * cs), end - start);
   }
 
   /**
@@ -1310,25 +802,12 @@ export class FvdImage {
     if (!this.table) return 0;
     await this.idle();
     await this.journal!.commit(); // pending frees become free
-    const cs = this.chunkSize;
-    let maxRef = this.snap!.maxUsedId();
-    for (let c = 0; c < this.table.length; c++) if (this.table[c] !== CHUNK_EMPTY && this.table[c]! > maxRef) maxRef = this.table[c]!;
-    const reclaimed = this.freeChunks.length;
-    for (const id of this.freeChunks) if (id <= maxRef) await this.file.zeroRange(this.header.dataOffset + id * cs, cs);
-    if (!this.file.isBlockDevice) {
-      await this.file.truncate(this.header.dataOffset + (maxRef + 1) * cs);
-      this.knownZeroFrom = this.file.size();
-    }
-    const keep = this.freeChunks.filter((id) => id <= maxRef);
-    this.freeChunks.length = 0;
-    this.freeChunks.push(...keep);
-    this.nextChunkId = maxRef + 1;
-    return reclaimed;
+    return this.alloc!.reclaim();
   }
 
   /** Storage chunks inside the file that no table entry references (free space, or leaked). */
   get unreferencedChunks(): number {
-    return this.freeChunks.length;
+    return this.alloc ? this.alloc.unreferenced : 0;
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -1438,7 +917,7 @@ export class FvdImage {
       journaled: this.journaled,
       table: this.table,
       // The data area holds ciphertext: a queue worker encrypts/decrypts with its own cipher
-      // (masterKeyCopy), tweak = guest sector, exactly as storeLocal/readLocal do.
+      // (masterKeyCopy), tweak = guest sector, exactly as the data area does (fvd/data-area.ts).
       encrypted: this.encrypted,
       shared: this.snap ? this.snap.shared : null,
     };
@@ -1501,16 +980,7 @@ export class FvdImage {
       },
       checkpoint: () => this.journal!.checkpoint(),
       writeHeader: () => this.writeHeader(),
-      takeChunkRun: (n) => this.takeChunkRun(n),
-      rebuildAllocator: () => {
-        // From the table, the snapshot state and the file size: chunks an operation took but
-        // never wrote (it failed) return to the pool; offline, so no allocation is in flight.
-        this.freeChunks.length = 0;
-        this.initAllocator();
-      },
-      noteWritten: (offset, length) => {
-        if (!this.file.isBlockDevice) this.knownZeroFrom = Math.max(this.knownZeroFrom, offset + length);
-      },
+      allocator: this.alloc!,
       baseDetached: () => this.base === null,
       attachBase: async () => {
         if (this.base || !this.reopenBase) return;
@@ -1521,25 +991,6 @@ export class FvdImage {
       },
       abandon: () => this.abandon(),
     };
-  }
-
-  /** `n` consecutive free storage ids (from the free list, else past the end); returns the first. */
-  private takeChunkRun(n: number): number {
-    if (n === 1) return this.takeChunk();
-    const free = new Set(this.freeChunks);
-    for (const id of [...free].sort((a, b) => a - b)) {
-      let k = 1;
-      while (k < n && free.has(id + k)) k++;
-      if (k < n) continue;
-      for (let i = 0; i < n; i++) this.freeChunks.splice(this.freeChunks.indexOf(id + i), 1);
-      return id;
-    }
-    const first = this.nextChunkId;
-    if (this.file.isBlockDevice && this.header.dataOffset + (first + n) * this.chunkSize > this.file.size())
-      throw new FvdError(`${this.path}: no space left on the device for ${n} chunks`, 'ENOSPC');
-    if (first + n >= CHUNK_EMPTY) throw new FvdError(`${this.path}: chunk ids exhausted`, 'ENOSPC');
-    this.nextChunkId += n;
-    return first;
   }
 
   /** The image file's identity and remoteness, when this image is a (remote) base. */
@@ -1625,48 +1076,9 @@ export async function openBase(io: IoBackend, resolved: string, format: number, 
   }
 }
 
-function pathBytesOf(p: string): number {
-  return Buffer.byteLength(p, 'utf8');
-}
-
 /** [a, z) of the file is known to read as zeros (a hole or past the end). */
-/** Writes zeros over a range (allocating it), 1 MiB at a time. */
-async function writeZeros(file: BlockFile, offset: number, length: number): Promise<void> {
-  const piece = new Uint8Array(Math.min(length, 1 << 20));
-  for (let pos = 0; pos < length; pos += piece.length) await file.write(piece.subarray(0, Math.min(piece.length, length - pos)), offset + pos);
-}
-
 export function holeAt(file: BlockFile, a: number, z: number): boolean {
   if (a >= file.size()) return true;
   const next = file.nextData?.(a);
   return next !== undefined && next !== null && next >= z;
-}
-
-/**
- * Sets the bit of every all-zero block of the base (FVD's "free write to zero-filled blocks").
- * What the base knows to be zero from its metadata (holes of a raw file, unallocated and zero
- * clusters of a qcow2 image, NBD block status) is marked without reading it; a remote base is not
- * read at all — that would download the whole template at create — only asked.
- */
-async function markZeroBlocks(base: BaseImage, limit: number, blockSize: number, bitmap: Uint8Array): Promise<void> {
-  const step = Math.max(blockSize, Math.floor(ZERO_SCAN_BYTES / blockSize) * blockSize);
-  const buf = Buffer.alloc(step);
-  const zero = Buffer.alloc(blockSize);
-  for (let pos = 0; pos < limit; pos += step) {
-    const len = Math.min(step, limit - pos);
-    if (await base.knownZero(pos, len)) {
-      setRange(bitmap, pos / blockSize, Math.ceil(len / blockSize));
-      continue;
-    }
-    if (base.remote) {
-      for (let off = 0; off < len; off += blockSize)
-        if (await base.knownZero(pos + off, Math.min(blockSize, len - off))) setRange(bitmap, (pos + off) / blockSize, 1);
-      continue;
-    }
-    await base.read(buf.subarray(0, len), pos);
-    for (let off = 0; off < len; off += blockSize) {
-      const n = Math.min(blockSize, len - off);
-      if (buf.compare(zero, 0, n, off, off + n) === 0) setRange(bitmap, (pos + off) / blockSize, 1);
-    }
-  }
 }

@@ -15,6 +15,7 @@
  * header because it rewrites the active table and bitmap in place.
  */
 import type { BlockFile } from './io.js';
+import type { SnapshotAllocator } from './allocator.js';
 import { CorruptImageError, FvdError } from './errors.js';
 import { allSet } from './bitmap.js';
 import { BASE_NONE, CHUNK_EMPTY, INCOMPAT_SNAPSHOTS, crc, type Header } from './format.js';
@@ -52,12 +53,8 @@ export interface SnapshotHost {
   checkpoint(): Promise<void>;
   /** Writes the header sector and fdatasyncs. */
   writeHeader(): Promise<void>;
-  /** Takes `n` consecutive free storage chunk ids (or ids past the end); returns the first. */
-  takeChunkRun(n: number): number;
-  /** Recomputes the free list from the active table and the snapshot state. */
-  rebuildAllocator(): void;
-  /** Storage at [offset, offset + length) was (or may have been) written: it no longer reads as zeros. */
-  noteWritten(offset: number, length: number): void;
+  /** The image's storage chunk allocator (fvd/allocator.ts). */
+  readonly allocator: SnapshotAllocator;
   /** True when the base is not open (no base, or FULLY_LOCAL). */
   baseDetached(): boolean;
   /** Opens the base again and clears FULLY_LOCAL in the in-memory header (revert needs its blocks). */
@@ -437,7 +434,7 @@ export class SnapshotManager {
       throw new FvdError(`${this.path}: revert to ${JSON.stringify(name)} interrupted (${(err as Error).message}); reopening the image completes it`, 'EIO');
     }
     st.recomputeShared(host.table);
-    host.rebuildAllocator();
+    host.allocator.rebuild();
     await punchFreed(host, st, before);
   }
 
@@ -485,7 +482,7 @@ export class SnapshotManager {
     for (let id = 0; id < actual.length; id++) if (actual[id]! > counts[id]!) counts[id] = actual[id]!;
     st.refcounts = counts;
     st.recomputeShared(host.table);
-    host.rebuildAllocator();
+    host.allocator.rebuild();
   }
 
   /** `check --repair`: rewrites the refcount table with the counts verify() found. */
@@ -516,10 +513,10 @@ export class SnapshotManager {
     const cs = h.chunkSize;
     const before = usedIds(host.table, st);
     const place = (length: number): number => {
-      const first = host.takeChunkRun(Math.ceil(length / cs));
+      const first = host.allocator.takeRun(Math.ceil(length / cs));
       const offset = h.dataOffset + first * cs;
       // Before the write: even a failed one may have left data behind.
-      host.noteWritten(offset, Math.ceil(length / cs) * cs);
+      host.allocator.noteWritten(offset, Math.ceil(length / cs) * cs);
       return offset;
     };
     let refOffset = 0;
@@ -545,7 +542,7 @@ export class SnapshotManager {
       for (const r of results) if (r.status === 'rejected') throw r.reason;
       await host.file.flush();
     } catch (err) {
-      host.rebuildAllocator(); // nothing on disk refers to the chunks just taken
+      host.allocator.rebuild(); // nothing on disk refers to the chunks just taken
       throw err;
     }
     const old = { incompatible: h.incompatible, refcountOffset: h.refcountOffset, refcountLength: h.refcountLength, snapshotsOffset: h.snapshotsOffset, snapshotsLength: h.snapshotsLength };
@@ -561,7 +558,7 @@ export class SnapshotManager {
     st.refcounts = dir.entries.length ? counts : new Uint16Array(0);
     st.rebuildMeta(this.path, h);
     st.recomputeShared(host.table);
-    host.rebuildAllocator();
+    host.allocator.rebuild();
     await punchFreed(host, st, before);
   }
 
