@@ -10,7 +10,7 @@
  * one `createCipheriv('aes-256-xts', key, tweak)` per sector: per IEEE 1619 a sector is
  * C_j = E_K1(P_j ⊕ T_j) ⊕ T_j with T_0 = E_K2(tweak) and T_{j+1} = T_j·α in GF(2^128), so a whole
  * request costs one ECB call for its tweaks, one for its data and two XOR passes, instead of a
- * cipher object per sector (measured: ~4x the throughput; bench/xts.ts). tests/crypto.test.ts
+ * cipher object per sector (measured: ~4x the throughput; bench/xts.ts). tests/fvd/crypto.test.ts
  * checks it against node's own aes-256-xts, sector by sector, and against IEEE 1619 vectors.
  *
  * Unwritten storage (holes, zeroed chunks, the end of a file) reads as zeros, which would decrypt

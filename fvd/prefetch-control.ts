@@ -1,7 +1,7 @@
 /**
  * The prefetcher's foreground-latency controller: a *latency budget* (token bucket), fed per
  * foreground request, that decides whether the next prefetch chunk may start. Pure logic on an
- * injected clock, so it is unit-tested deterministically (tests/prefetch-control.test.ts).
+ * injected clock, so it is unit-tested deterministically (tests/fvd/prefetch-control.test.ts).
  *
  * The requirement is "prefetching never raises mean foreground latency by more than `share`".
  * With B the foreground latency without prefetching, that is Σ lat ≤ n·(1 + share)·B over the

@@ -1,0 +1,456 @@
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import {
+  IoUring,
+  allocPinned,
+  IORING_FEAT_NODROP,
+  IORING_OP_URING_CMD,
+  IORING_SETUP_SQE128,
+  IOSQE_FIXED_FILE,
+  IOSQE_IO_DRAIN,
+  SQE_CMD_OFFSET,
+} from '../../ffi/uring.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE } from '../../ffi/libc.js';
+import { UringFileDriver, UringIoBackend } from '../../storage/uring-file.js';
+
+const tmpDir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-uring-'));
+let fileNo = 0;
+const tmpFile = () => path.join(tmpDir, `f${fileNo++}`);
+
+/** Collects CQEs into parallel arrays; one handler object reused across reaps. */
+class Cqes {
+  ud: number[] = [];
+  res: number[] = [];
+  readonly handler = (ud: number, res: number) => {
+    this.ud.push(ud);
+    this.res.push(res);
+  };
+}
+
+test('hasWork/unsubmitted: what a worker polls before blocking', () => {
+  const ring = new IoUring({ entries: 8 });
+  try {
+    assert.is(ring.unsubmitted, 0);
+    assert.not.ok(ring.hasWork(), 'an idle ring has nothing to reap');
+    assert.ok(ring.prepNop(7) >= 0);
+    assert.is(ring.unsubmitted, 1);
+    assert.not.ok(ring.hasWork(), 'a prepared SQE is not work to reap');
+    assert.is(ring.submit(0), 1);
+    assert.is(ring.unsubmitted, 0);
+    for (let i = 0; i < 1e6 && !ring.hasWork(); i++);
+    assert.ok(ring.hasWork(), 'the NOP completion is visible without an enter');
+    const seen: number[] = [];
+    ring.reap((ud) => seen.push(ud));
+    assert.equal(seen, [7]);
+    assert.not.ok(ring.hasWork());
+  } finally {
+    ring.close();
+  }
+});
+
+test('NOP round trip carries a user_data above 2^32', () => {
+  const ring = new IoUring({ entries: 8 });
+  try {
+    assert.is(ring.sqEntries, 8);
+    assert.is(ring.cqEntries, 16);
+    const ud = 2 ** 40 + 12345;
+    assert.ok(ring.prepNop(ud) >= 0);
+    assert.is(ring.submit(1), 1);
+    assert.is(ring.cqReady(), 1);
+    const c = new Cqes();
+    assert.is(ring.reap(c.handler), 1);
+    assert.equal(c.ud, [ud]);
+    assert.equal(c.res, [0]);
+    assert.is(ring.cqReady(), 0);
+  } finally {
+    ring.close();
+  }
+});
+
+test('peek/advance API reads CQEs without a handler', () => {
+  const ring = new IoUring({ entries: 4 });
+  try {
+    for (let i = 0; i < 3; i++) ring.prepNop(100 + i);
+    assert.is(ring.submit(3), 3);
+    assert.is(ring.cqReady(), 3);
+    const seen = [0, 1, 2].map((i) => ring.cqeUserData(i)).sort();
+    assert.equal(seen, [100, 101, 102]);
+    assert.is(ring.cqeRes(0), 0);
+    ring.cqAdvance(3);
+    assert.is(ring.cqReady(), 0);
+  } finally {
+    ring.close();
+  }
+});
+
+test('batched writes then drained reads in ONE submit round-trip the data', () => {
+  const file = tmpFile();
+  const fd = fs.openSync(file, 'w+');
+  const ring = new IoUring({ entries: 32 });
+  const n = 8;
+  const bs = 4096;
+  const wbuf = allocPinned(n * bs);
+  const rbuf = allocPinned(n * bs);
+  try {
+    for (let i = 0; i < n * bs; i++) wbuf.bytes[i] = (i * 7 + (i >> 12)) & 0xff;
+    for (let i = 0; i < n; i++) assert.ok(ring.prepWrite(fd, wbuf.addressAt(i * bs), bs, i * bs, i) >= 0);
+    for (let i = 0; i < n; i++) {
+      // DRAIN on the first read: it (and everything after it) starts only after the writes finish.
+      assert.ok(ring.prepRead(fd, rbuf.addressAt(i * bs), bs, i * bs, 100 + i, i === 0 ? IOSQE_IO_DRAIN : 0) >= 0);
+    }
+    assert.is(ring.submit(2 * n), 2 * n);
+    const c = new Cqes();
+    while (c.ud.length < 2 * n) {
+      ring.reap(c.handler);
+      if (c.ud.length < 2 * n) ring.submit(1);
+    }
+    assert.ok(c.res.every((r) => r === bs), `results ${c.res}`);
+    assert.equal([...c.ud].sort((a, b) => a - b), [...Array(n).keys(), ...[...Array(n).keys()].map((i) => 100 + i)]);
+    assert.ok(wbuf.bytes.equals(rbuf.bytes));
+    assert.ok(fs.readFileSync(file).equals(wbuf.bytes));
+  } finally {
+    wbuf.free();
+    rbuf.free();
+    ring.close();
+    fs.closeSync(fd);
+  }
+});
+
+test('fsync / fdatasync succeed; a bad fd gives -EBADF, not an exception', () => {
+  const fd = fs.openSync(tmpFile(), 'w+');
+  const ring = new IoUring({ entries: 4 });
+  try {
+    ring.prepFsync(fd, false, 1);
+    ring.prepFsync(fd, true, 2);
+    ring.prepFsync(987654, true, 3);
+    assert.is(ring.submit(3), 3);
+    const c = new Cqes();
+    ring.reap(c.handler);
+    const byUd = new Map(c.ud.map((u, i) => [u, c.res[i]]));
+    assert.is(byUd.get(1), 0);
+    assert.is(byUd.get(2), 0);
+    assert.is(byUd.get(3), -os.constants.errno.EBADF);
+  } finally {
+    ring.close();
+    fs.closeSync(fd);
+  }
+});
+
+test('fallocate PUNCH_HOLE|KEEP_SIZE reads back zeros and keeps the size', () => {
+  const file = tmpFile();
+  fs.writeFileSync(file, Buffer.alloc(64 * 1024, 0xab));
+  const fd = fs.openSync(file, 'r+');
+  const ring = new IoUring({ entries: 4 });
+  try {
+    ring.prepFallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 16 * 1024, 16 * 1024, 7);
+    assert.is(ring.submit(1), 1);
+    const c = new Cqes();
+    ring.reap(c.handler);
+    assert.equal(c.res, [0]);
+    const data = fs.readFileSync(file);
+    assert.is(data.length, 64 * 1024);
+    assert.ok(data.subarray(16 * 1024, 32 * 1024).every((b) => b === 0));
+    assert.ok(data.subarray(0, 16 * 1024).every((b) => b === 0xab));
+    assert.ok(data.subarray(32 * 1024).every((b) => b === 0xab));
+  } finally {
+    ring.close();
+    fs.closeSync(fd);
+  }
+});
+
+test('many more operations than ring entries: prep reports -EBUSY when full, every CQE arrives once', () => {
+  const ring = new IoUring({ entries: 8 });
+  try {
+    const total = 5000;
+    const seen = new Uint8Array(total);
+    let got = 0;
+    const handler = (ud: number, res: number) => {
+      assert.is(res, 0);
+      seen[ud]++;
+      got++;
+    };
+    let next = 0;
+    let busy = 0;
+    while (got < total) {
+      while (next < total) {
+        const r = ring.prepNop(next);
+        if (r < 0) {
+          assert.is(r, -os.constants.errno.EBUSY);
+          busy++;
+          break;
+        }
+        next++;
+      }
+      assert.ok(ring.submit(1) >= 0);
+      ring.reap(handler);
+    }
+    assert.ok(busy > 0, 'the SQ should have filled up at least once');
+    assert.ok(seen.every((s) => s === 1));
+  } finally {
+    ring.close();
+  }
+});
+
+test('CQ overflow: completions beyond the CQ size are kept by the kernel and reaped later', () => {
+  const ring = new IoUring({ entries: 4, cqEntries: 8 });
+  try {
+    assert.is(ring.cqEntries, 8);
+    assert.ok(ring.features & IORING_FEAT_NODROP, 'kernel must have IORING_FEAT_NODROP');
+    // 24 completions into an 8-entry CQ without reaping in between.
+    for (let round = 0; round < 6; round++) {
+      for (let i = 0; i < 4; i++) assert.ok(ring.prepNop(round * 4 + i) >= 0);
+      const r = ring.submit(0);
+      assert.is(r, 4, `round ${round}: submit returned ${r}`);
+    }
+    assert.is(ring.cqReady(), 8, 'the CQ is full; the rest sit on the kernel overflow list');
+    const c = new Cqes();
+    // One reap() call must drain the ring, have the kernel flush its overflow list, and go on.
+    assert.is(ring.reap(c.handler), 24);
+    assert.equal([...c.ud].sort((a, b) => a - b), [...Array(24).keys()]);
+    assert.is(ring.cqOverflowCount(), 0, 'nothing dropped');
+  } finally {
+    ring.close();
+  }
+});
+
+test('SQE128 ring: URING_CMD opcode, cmd_op and a 32-byte payload land at the right SQE offsets', () => {
+  const ring = new IoUring({ entries: 4, flags: IORING_SETUP_SQE128 });
+  try {
+    assert.is(ring.sqeSize, 128);
+    // Dirty the slots so we can see that unused fields are zeroed.
+    ring.sqeBytes.fill(0xee);
+    const payload = new Uint8Array(32).map((_, i) => i + 1);
+    const cmdOp = 0xc0207504; // UBLK_U_CMD_ADD_DEV
+    const ud = 2 ** 33 + 5;
+    const idx = ring.prepUringCmd(42, cmdOp, payload, ud, IOSQE_FIXED_FILE);
+    assert.ok(idx >= 0);
+    const v = ring.sqeView;
+    const o = ring.sqeOffset(idx);
+    assert.is(o % 128, 0);
+    assert.is(v.getUint8(o + 0), IORING_OP_URING_CMD);
+    assert.is(v.getUint8(o + 1), IOSQE_FIXED_FILE);
+    assert.is(v.getUint16(o + 2, true), 0, 'ioprio');
+    assert.is(v.getInt32(o + 4, true), 42, 'fd');
+    assert.is(v.getUint32(o + 8, true), cmdOp, 'cmd_op');
+    assert.is(v.getUint32(o + 12, true), 0, '__pad1');
+    assert.is(v.getBigUint64(o + 16, true), 0n, 'addr');
+    assert.is(v.getUint32(o + 24, true), 0, 'len');
+    assert.is(v.getBigUint64(o + 32, true), BigInt(ud), 'user_data');
+    assert.is(ring.cmdOffset(idx), o + SQE_CMD_OFFSET);
+    assert.equal([...ring.sqeBytes.subarray(o + 48, o + 80)], [...payload]);
+    assert.ok(ring.sqeBytes.subarray(o + 80, o + 128).every((b) => b === 0), 'rest of the 80-byte cmd area zeroed');
+    ring.setSqeFlags(idx, 0);
+    assert.is(v.getUint8(o + 1), 0);
+    assert.is(v.getUint8(o + 0), IORING_OP_URING_CMD);
+  } finally {
+    ring.close();
+  }
+});
+
+test('64-byte SQE ring: 16-byte URING_CMD payload fits, 32 bytes is -EINVAL; a regular file rejects the command via its CQE', () => {
+  const fd = fs.openSync(tmpFile(), 'w+');
+  const ring = new IoUring({ entries: 4 });
+  try {
+    assert.is(ring.sqeSize, 64);
+    assert.is(ring.prepUringCmd(fd, 0xc0107520, new Uint8Array(32), 1), -os.constants.errno.EINVAL);
+    const io = new Uint8Array(16);
+    new DataView(io.buffer).setUint16(2, 7, true); // ublksrv_io_cmd.tag
+    const idx = ring.prepUringCmd(fd, 0xc0107520, io, 9);
+    assert.ok(idx >= 0);
+    assert.is(ring.sqeView.getUint16(ring.cmdOffset(idx) + 2, true), 7);
+    assert.is(ring.submit(1), 1);
+    const c = new Cqes();
+    ring.reap(c.handler);
+    assert.equal(c.ud, [9]);
+    assert.ok(c.res[0] < 0, `expected a negative errno, got ${c.res[0]}`);
+  } finally {
+    ring.close();
+    fs.closeSync(fd);
+  }
+});
+
+test('IORING_REGISTER_FILES + IOSQE_FIXED_FILE reads through the registered index', () => {
+  const file = tmpFile();
+  fs.writeFileSync(file, Buffer.from('hello fixed file'));
+  const fd = fs.openSync(file, 'r');
+  const ring = new IoUring({ entries: 4 });
+  const buf = allocPinned(4096);
+  try {
+    assert.is(ring.registerFiles([fd]), 0);
+    const idx = ring.prepRead(0, buf.address, 16, 0, 1);
+    ring.setSqeFlags(idx, IOSQE_FIXED_FILE);
+    assert.is(ring.submit(1), 1);
+    const c = new Cqes();
+    ring.reap(c.handler);
+    assert.equal(c.res, [16]);
+    assert.is(buf.bytes.subarray(0, 16).toString(), 'hello fixed file');
+    assert.is(ring.unregisterFiles(), 0);
+  } finally {
+    buf.free();
+    ring.close();
+    fs.closeSync(fd);
+  }
+});
+
+test('pinned buffers are page-aligned; setup errors throw, closed rings return -EBADF', () => {
+  const b = allocPinned(10000);
+  assert.is(b.address % 4096, 0);
+  assert.is(b.bytes.length, 10000);
+  b.bytes.fill(3);
+  b.free();
+  b.free(); // idempotent
+  assert.throws(() => new IoUring({ entries: 0 }), /entries/);
+  assert.throws(() => new IoUring({ entries: 4, cqEntries: 1 << 30 }), /io_uring_setup.*EINVAL/);
+  const ring = new IoUring({ entries: 2 });
+  const fd = ring.fd;
+  assert.ok(fs.fstatSync(fd));
+  ring.close();
+  assert.throws(() => fs.fstatSync(fd), /EBADF/, 'the ring fd is closed');
+  assert.is(ring.submit(1), -os.constants.errno.EBADF);
+  ring.close();
+});
+
+// --- storage/uring-file.ts -----------------------------------------------------------------------
+
+test('UringFile: write/read/flush/zeroRange/truncate round trip, zero-filled read past EOF', async () => {
+  const backend = new UringIoBackend({ entries: 16 });
+  const file = tmpFile();
+  const f = await backend.open(file, { create: true });
+  try {
+    assert.is(f.isBlockDevice, false);
+    assert.is(f.size(), 0);
+    const data = Buffer.alloc(256 * 1024);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 31) & 0xff;
+    await f.write(data, 4096);
+    assert.is(f.size(), 4096 + data.length);
+    await f.flush();
+    const back = Buffer.alloc(data.length);
+    await f.read(back, 4096);
+    assert.ok(back.equals(data));
+    // Tiny (on-heap) typed array.
+    const small = new Uint8Array(3);
+    await f.read(small, 4097);
+    assert.equal([...small], [...data.subarray(1, 4)]);
+    // Straddling end of file: the tail reads as zeros.
+    const tail = Buffer.alloc(8192, 0x55);
+    await f.read(tail, 4096 + data.length - 4096);
+    assert.ok(tail.subarray(0, 4096).equals(data.subarray(data.length - 4096)));
+    assert.ok(tail.subarray(4096).every((b) => b === 0));
+    await f.zeroRange(4096 + 65536, 65536);
+    await f.flush();
+    const z = Buffer.alloc(65536 + 8192);
+    await f.read(z, 4096 + 65536 - 4096);
+    assert.ok(z.subarray(0, 4096).equals(data.subarray(65536 - 4096, 65536)));
+    assert.ok(z.subarray(4096, 4096 + 65536).every((b) => b === 0));
+    assert.ok(z.subarray(4096 + 65536).equals(data.subarray(131072, 131072 + 4096)));
+    assert.is(f.size(), 4096 + data.length, 'zeroRange keeps the size');
+    await f.truncate(1000);
+    assert.is(f.size(), 1000);
+    assert.is(fs.statSync(file).size, 1000);
+  } finally {
+    await f.close();
+    backend.close();
+  }
+});
+
+test('UringFile: far more concurrent operations than slots, each lands at its own offset', async () => {
+  const backend = new UringIoBackend({ entries: 4 });
+  const f = await backend.open(tmpFile(), { create: true });
+  try {
+    const n = 200;
+    await Promise.all(Array.from({ length: n }, (_, i) => f.write(Buffer.alloc(512, i & 0xff), i * 512)));
+    const bufs = Array.from({ length: n }, () => Buffer.alloc(512));
+    await Promise.all(bufs.map((b, i) => f.read(b, i * 512)));
+    bufs.forEach((b, i) => assert.ok(b.every((x) => x === (i & 0xff)), `block ${i}`));
+    assert.is(backend.driver.inFlight, 0);
+  } finally {
+    await f.close();
+    backend.close();
+  }
+});
+
+test('UringFile: errors reject with errno codes; read-only files refuse writes', async () => {
+  const file = tmpFile();
+  fs.writeFileSync(file, 'abc');
+  const backend = new UringIoBackend({ entries: 4 });
+  const ro = await backend.open(file, { readOnly: true });
+  try {
+    assert.is(ro.readOnly, true);
+    await ro.write(Buffer.from('x'), 0).then(
+      () => assert.unreachable('write on a read-only file'),
+      (e) => assert.is(e.code, 'EROFS'),
+    );
+    // Bypass the read-only check: the kernel's own error comes back as a rejection.
+    const fd = fs.openSync(file, 'r');
+    await backend.driver.write(fd, file, Buffer.from('x'), 0).then(
+      () => assert.unreachable('kernel should refuse'),
+      (e: NodeJS.ErrnoException) => {
+        assert.is(e.code, 'EBADF');
+        assert.is(e.errno, -os.constants.errno.EBADF);
+      },
+    );
+    fs.closeSync(fd);
+    await backend.open(path.join(tmpDir, 'missing'), { readOnly: true }).then(
+      () => assert.unreachable('missing file opened'),
+      (e: NodeJS.ErrnoException) => assert.is(e.code, 'ENOENT'),
+    );
+  } finally {
+    await ro.close();
+    backend.close();
+  }
+});
+
+test('UringIoBackend.open: exclusive locks conflict, character devices are refused, zeroRange past EOF is a no-op', async () => {
+  const backend = new UringIoBackend({ entries: 4 });
+  const file = tmpFile();
+  const a = await backend.open(file, { create: true, lock: 'exclusive' });
+  try {
+    await backend.open(file, { lock: 'exclusive' }).then(
+      (b) => (b.close(), assert.unreachable('second exclusive lock granted')),
+      (e) => assert.is(e.code, 'EBUSY'),
+    );
+    await backend.open('/dev/null').then(
+      (b) => (b.close(), assert.unreachable('/dev/null opened')),
+      (e) => assert.is(e.code, 'EINVAL'),
+    );
+    await a.write(Buffer.alloc(4096, 1), 0);
+    await a.zeroRange(2048, 1 << 20);
+    assert.is(a.size(), 4096);
+    assert.is(fs.statSync(file).size, 4096);
+    const back = Buffer.alloc(4096);
+    await a.read(back, 0);
+    assert.ok(back.subarray(0, 2048).every((x) => x === 1) && back.subarray(2048).every((x) => x === 0));
+  } finally {
+    await a.close();
+    backend.close();
+  }
+});
+
+test('UringFileDriver manual mode: nothing moves until the owner polls', async () => {
+  let queued = 0;
+  const driver = new UringFileDriver({ entries: 8, drive: 'manual', userDataBase: 1000, onQueued: () => queued++ });
+  const file = tmpFile();
+  const fd = fs.openSync(file, 'w+');
+  try {
+    let done = false;
+    const p = driver.write(fd, file, Buffer.from('manual'), 0).then(() => (done = true));
+    assert.ok(queued > 0);
+    await new Promise((r) => setImmediate(r));
+    assert.is(done, false, 'no auto drive in manual mode');
+    assert.is(driver.inFlight, 1);
+    while (driver.inFlight > 0) driver.submitAndWait(1);
+    await p;
+    assert.is(done, true);
+    assert.is(fs.readFileSync(file, 'utf8'), 'manual');
+  } finally {
+    driver.close();
+    fs.closeSync(fd);
+  }
+});
+
+test.after(() => fs.rmSync(tmpDir, { recursive: true, force: true }));
+
+test.run();
