@@ -39,7 +39,7 @@ function rawWith(file: string, size: number, ranges: Array<[number, number, numb
 }
 
 async function specs(): Promise<CommandSpec[]> {
-  return Promise.all(COMMANDS.map(async (c) => ((await import(`../daemon/commands/${c}.js`)) as { spec: CommandSpec }).spec));
+  return Promise.all(COMMANDS.map(async (c) => ((await import(`../../daemon/commands/${c}.js`)) as { spec: CommandSpec }).spec));
 }
 
 test('help: fvd help CMD and fvd CMD --help print the same text, naming every declared option; each is accepted', async () => {
