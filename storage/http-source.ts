@@ -24,6 +24,7 @@ import fs from 'node:fs';
 import tls from 'node:tls';
 import type { BlockFile } from '../fvd/io.js';
 import { FvdError } from '../fvd/errors.js';
+import { ReadOnlySource } from './read-only-source.js';
 import { redactUrl } from '../fvd/base-location.js';
 import { Limiter, allSettledOrThrow, splitRange } from './limiter.js';
 import { TransientError, isTransientSocketError, retryOptions, withRetries, type RetryOptions } from './retry.js';
@@ -60,10 +61,7 @@ export function displayUrl(url: string): string {
   return redactUrl(url);
 }
 
-export class HttpSource implements BlockFile {
-  readonly isBlockDevice = false;
-  readonly readOnly = true;
-  readonly remote = true;
+export class HttpSource extends ReadOnlySource implements BlockFile {
   readonly stats: RemoteStats;
   private readonly limiter: Limiter;
   private readonly conditional: Record<string, string>;
@@ -83,6 +81,7 @@ export class HttpSource implements BlockFile {
     private readonly etag: string | null,
     private readonly lastModified: string | null,
   ) {
+    super();
     this.limiter = new Limiter(connections);
     this.inFlightBytes = connections * requestBytes;
     this.stats = { url: path, bytesFetched: 0, requests: 0, retries: 0, failures: 0 };
@@ -151,17 +150,6 @@ export class HttpSource implements BlockFile {
       await request(this.target, this.agent, { ...this.headers, ...this.conditional, Range: `bytes=${offset}-${last}` }, this.retry.stallMs, deadline, { into, offset, size: this.length, etag: this.etag }, this.path);
     });
     this.stats.bytesFetched += into.length;
-  }
-
-  async write(): Promise<void> {
-    throw new FvdError(`${this.path}: a remote base is read-only`, 'EROFS');
-  }
-  async flush(): Promise<void> {}
-  async zeroRange(): Promise<void> {
-    throw new FvdError(`${this.path}: a remote base is read-only`, 'EROFS');
-  }
-  async truncate(): Promise<void> {
-    throw new FvdError(`${this.path}: a remote base is read-only`, 'EROFS');
   }
 
   async close(): Promise<void> {

@@ -14,6 +14,7 @@
 import type net from 'node:net';
 import type { BlockFile } from '../fvd/io.js';
 import { FvdError } from '../fvd/errors.js';
+import { ReadOnlySource } from './read-only-source.js';
 import { Limiter, allSettledOrThrow, splitRange } from './limiter.js';
 import { TransientError, retryOptions, withRetries, type RetryOptions } from './retry.js';
 import type { RemoteStats } from './http-source.js';
@@ -341,10 +342,7 @@ function nbdErrno(e: number): string {
   return NBD_ERRNO[e] ?? `errno ${e}`;
 }
 
-export class NbdSource implements BlockFile {
-  readonly isBlockDevice = false;
-  readonly readOnly = true;
-  readonly remote = true;
+export class NbdSource extends ReadOnlySource implements BlockFile {
   readonly stats: RemoteStats;
   private conn: Connection | null;
   private connecting: Promise<Connection> | null = null;
@@ -367,6 +365,7 @@ export class NbdSource implements BlockFile {
     connections: number,
     requestBytes: number,
   ) {
+    super();
     this.stats = { url: addr.uri, bytesFetched: 0, requests: 0, retries: 0, failures: 0 };
     this.length = n.size;
     this.conn = new Connection(n, retry.stallMs, (b) => (this.stats.bytesFetched += b));
@@ -529,17 +528,6 @@ export class NbdSource implements BlockFile {
     }
     this.zeroRuns = runs;
     this.mappedEnd = pos;
-  }
-
-  async write(): Promise<void> {
-    throw new FvdError(`${this.path}: a remote base is read-only`, 'EROFS');
-  }
-  async flush(): Promise<void> {}
-  async zeroRange(): Promise<void> {
-    throw new FvdError(`${this.path}: a remote base is read-only`, 'EROFS');
-  }
-  async truncate(): Promise<void> {
-    throw new FvdError(`${this.path}: a remote base is read-only`, 'EROFS');
   }
 
   async close(): Promise<void> {

@@ -21,6 +21,7 @@ import { FaultProxy, type Fault } from '../helpers/fault-proxy.js';
 import { findProgram, nginx, type ServerProcess } from '../helpers/remote-servers.js';
 import { TempDir } from '../helpers/cli.js';
 import { Rng } from '../helpers/rng.js';
+import { assertReadOnly } from '../helpers/read-only.js';
 
 const MiB = 1024 * 1024;
 const tmp = new TempDir('fvd-remote-http-');
@@ -71,6 +72,7 @@ t('nginx: size, identity (size + ETag), and random reads equal the file, includi
       assert.ok(buf.equals(want), `read ${off}+${len} differs`);
     }
     assert.ok((await readAll(src, MiB)).equals(data));
+    await assertReadOnly(src);
   } finally {
     await src.close();
   }

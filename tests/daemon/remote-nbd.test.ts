@@ -16,6 +16,7 @@ import { parseNbdUri } from '../../storage/nbd-protocol.js';
 import { findProgram, nbdkit, qemuNbd, qemuNbdTcp } from '../helpers/remote-servers.js';
 import { TempDir } from '../helpers/cli.js';
 import { Rng } from '../helpers/rng.js';
+import { assertReadOnly } from '../helpers/read-only.js';
 
 const MiB = 1024 * 1024;
 const tmp = new TempDir('fvd-remote-nbd-');
@@ -92,6 +93,7 @@ tq('qemu-nbd, unix socket: reads equal the file; holes arrive as zeros without t
     assert.ok(all.equals(data));
     assert.is(src.stats.bytesFetched, 4 * MiB, 'only the allocated 4 MiB crossed the wire');
     await checkReads(src, 5);
+    await assertReadOnly(src);
     await src.close();
   } finally {
     await server.stop();
