@@ -13,6 +13,8 @@ import type { BaseImage } from './image-types.js';
 
 /** Bytes read (and compared) at once. */
 const ZERO_SCAN_BYTES = 4 * 1024 * 1024;
+/** Reads of data extents kept in flight at once. */
+const SCAN_READS_IN_FLIGHT = 8;
 
 /** [start, end): bytes that may hold data; every byte outside such extents reads as zeros. */
 export type DataExtent = [start: number, end: number];
@@ -49,7 +51,8 @@ export async function markZeroBlocks(base: BaseImage, limit: number, blockSize: 
  * Every block is first taken as zero; a block overlapping a data extent loses its bit as soon as
  * one byte of the extent inside it is not zero. Bytes outside the extents read as zeros, so a bit
  * left set means the whole block reads as zeros — the same bitmap as reading everything.
- * Only the extents are read, in steps of at most ZERO_SCAN_BYTES.
+ * Only the extents are read, in pieces of at most ZERO_SCAN_BYTES, SCAN_READS_IN_FLIGHT at a time
+ * (a sparse base has many small extents: one read after the other would wait on each).
  */
 async function markByExtents(
   base: BaseImage,
@@ -59,35 +62,56 @@ async function markByExtents(
   bitmap: Uint8Array,
 ): Promise<void> {
   const step = Math.max(blockSize, Math.floor(ZERO_SCAN_BYTES / blockSize) * blockSize);
-  const buf = Buffer.alloc(step);
   const zero = Buffer.alloc(step);
+  const buffers: Buffer[] = [];
   const blocks = Math.ceil(limit / blockSize);
   // A scratch map of "no non-zero byte seen", copied into the bitmap at the end, so a failing
   // scan (the create is then refused) leaves the caller's bitmap as it was.
   const zeroSoFar = new Uint8Array(Math.ceil(blocks / 8));
   setRange(zeroSoFar, 0, blocks);
-  for (let pos = 0; pos < limit; ) {
-    const ext = await nextDataExtent(pos);
-    if (!ext || ext[0] >= limit) break;
-    const start = Math.max(ext[0], pos);
-    const end = Math.min(ext[1], limit);
-    if (end <= start) throw new FvdError(`base data extent [${ext[0]}, ${ext[1]}) asked at ${pos} does not move forward`, 'EIO');
-    for (let a = start; a < end; ) {
-      // Pieces end on block boundaries so one block's bytes are compared together.
-      const z = Math.min(end, Math.floor(a / blockSize) * blockSize + step);
-      if (!allClear(zeroSoFar, a, z, blockSize)) {
-        await base.read(buf.subarray(0, z - a), a);
-        for (let off = a; off < z; ) {
-          const b = Math.floor(off / blockSize);
-          const n = Math.min(z, (b + 1) * blockSize) - off;
-          if (buf.compare(zero, 0, n, off - a, off - a + n) !== 0) zeroSoFar[b >>> 3]! &= ~(1 << (b & 7));
-          off += n;
-        }
+
+  const scanPiece = async (a: number, z: number): Promise<void> => {
+    const buf = buffers.pop() ?? Buffer.allocUnsafe(step);
+    try {
+      await base.read(buf.subarray(0, z - a), a);
+      for (let off = a; off < z; ) {
+        const b = Math.floor(off / blockSize);
+        const n = Math.min(z, (b + 1) * blockSize) - off;
+        if (buf.compare(zero, 0, n, off - a, off - a + n) !== 0) zeroSoFar[b >>> 3]! &= ~(1 << (b & 7));
+        off += n;
       }
-      a = z;
+    } finally {
+      buffers.push(buf);
     }
-    pos = end;
+  };
+  const inFlight = new Set<Promise<void>>();
+  let failure: { err: unknown } | null = null;
+  try {
+    for (let pos = 0; pos < limit && !failure; ) {
+      const ext = await nextDataExtent(pos);
+      if (!ext || ext[0] >= limit) break;
+      const start = Math.max(ext[0], pos);
+      const end = Math.min(ext[1], limit);
+      if (end <= start) throw new FvdError(`base data extent [${ext[0]}, ${ext[1]}) asked at ${pos} does not move forward`, 'EIO');
+      for (let a = start; a < end && !failure; ) {
+        const z = Math.min(end, Math.floor(a / blockSize) * blockSize + step);
+        // Blocks already known to hold data need no more reading.
+        if (!allClear(zeroSoFar, a, z, blockSize)) {
+          const p: Promise<void> = scanPiece(a, z)
+            .catch((err: unknown) => void (failure ??= { err }))
+            .finally(() => inFlight.delete(p));
+          inFlight.add(p);
+          if (inFlight.size >= SCAN_READS_IN_FLIGHT) await Promise.race(inFlight);
+        }
+        a = z;
+      }
+      pos = end;
+    }
+  } finally {
+    // Never leave a read running into a base the caller is about to close.
+    await Promise.all(inFlight);
   }
+  if (failure) throw (failure as { err: unknown }).err;
   for (let i = 0; i < zeroSoFar.length; i++) bitmap[i]! |= zeroSoFar[i]!;
 }
 
