@@ -32,12 +32,10 @@ import {
   type BaseFormat,
   type Header,
 } from './format.js';
-import { setRange } from './bitmap.js';
 import { sealNewKey, type KdfParams } from './crypto.js';
 import { canonicalName, resolveBasePath } from './base-location.js';
 import type { BaseImage } from './image-types.js';
-
-const ZERO_SCAN_BYTES = 4 * 1024 * 1024;
+import { markZeroBlocks } from './zero-scan.js';
 
 /** Opens a base image read-only, given the images above it (for loop detection). */
 export type OpenBase = (io: IoBackend, resolved: string, format: number, chain: string[], shownPath: string) => Promise<BaseImage>;
@@ -192,33 +190,4 @@ function pathBytesOf(p: string): number {
 async function writeZeros(file: BlockFile, offset: number, length: number): Promise<void> {
   const piece = new Uint8Array(Math.min(length, 1 << 20));
   for (let pos = 0; pos < length; pos += piece.length) await file.write(piece.subarray(0, Math.min(piece.length, length - pos)), offset + pos);
-}
-
-/**
- * Sets the bit of every all-zero block of the base (FVD's "free write to zero-filled blocks").
- * What the base knows to be zero from its metadata (holes of a raw file, unallocated and zero
- * clusters of a qcow2 image, NBD block status) is marked without reading it; a remote base is not
- * read at all — that would download the whole template at create — only asked.
- */
-async function markZeroBlocks(base: BaseImage, limit: number, blockSize: number, bitmap: Uint8Array): Promise<void> {
-  const step = Math.max(blockSize, Math.floor(ZERO_SCAN_BYTES / blockSize) * blockSize);
-  const buf = Buffer.alloc(step);
-  const zero = Buffer.alloc(blockSize);
-  for (let pos = 0; pos < limit; pos += step) {
-    const len = Math.min(step, limit - pos);
-    if (await base.knownZero(pos, len)) {
-      setRange(bitmap, pos / blockSize, Math.ceil(len / blockSize));
-      continue;
-    }
-    if (base.remote) {
-      for (let off = 0; off < len; off += blockSize)
-        if (await base.knownZero(pos + off, Math.min(blockSize, len - off))) setRange(bitmap, (pos + off) / blockSize, 1);
-      continue;
-    }
-    await base.read(buf.subarray(0, len), pos);
-    for (let off = 0; off < len; off += blockSize) {
-      const n = Math.min(blockSize, len - off);
-      if (buf.compare(zero, 0, n, off, off + n) === 0) setRange(bitmap, (pos + off) / blockSize, 1);
-    }
-  }
 }

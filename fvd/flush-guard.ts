@@ -94,6 +94,10 @@ export class FlushGuard implements BlockFile {
     return this.inner.nextData ? this.inner.nextData(offset) : null;
   }
 
+  nextHole(offset: number): number | null {
+    return this.inner.nextHole ? this.inner.nextHole(offset) : null;
+  }
+
   close(): Promise<void> {
     return this.inner.close();
   }

@@ -29,6 +29,13 @@ export interface BaseImage {
   read(buf: Uint8Array, offset: number): Promise<void>;
   /** True when the range is known to read as zeros without reading it (false: unknown). */
   knownZero(offset: number, length: number): Promise<boolean>;
+  /**
+   * Optional: the first extent [start, end) at or after `offset` that may hold data — every byte
+   * from `offset` to start reads as zeros — or null when no byte from `offset` on does. Extents
+   * need not be maximal and may include zeros, never miss data. Zero detection at create reads
+   * only these (fvd/zero-scan.ts).
+   */
+  nextDataExtent?(offset: number): Promise<[start: number, end: number] | null>;
   close(): Promise<void>;
   describe(): BaseChainEntry[];
   /** The top file's identity (a remote source's size and validator), if it has one. */

@@ -46,6 +46,7 @@ import { CompactStorage } from './compact-storage.js';
 import { DataArea } from './data-area.js';
 
 import { createImage, type CreateOptions } from './create.js';
+import { fileDataExtent } from './zero-scan.js';
 import type { BaseChainEntry, BaseImage, Extent, ExtentKind, HostExtent, ImageStats, OpenOptions } from './image-types.js';
 
 export type { StorageGrower } from './allocator.js';
@@ -1042,6 +1043,7 @@ export async function openBase(io: IoBackend, resolved: string, format: number, 
         size: file.size(),
         read: (buf, offset) => file.read(buf, offset),
         knownZero: async (offset, length) => holeAt(file, offset, offset + length),
+        nextDataExtent: async (offset) => fileDataExtent(file, offset),
         close: () => file.close(),
         describe: () => [{ path: resolved, format: 'raw', size: file.size() }],
         identity: file.identity,

@@ -30,6 +30,12 @@ export interface BlockFile {
    * Conservative: it may report data where there are zeros, never the reverse.
    */
   nextData?(offset: number): number | null;
+  /**
+   * Optional (SEEK_HOLE): the first offset at or after `offset` where a hole starts — bytes from
+   * there to the next `nextData` read as zeros — or size() when there is none; null when the file
+   * cannot tell. Conservative: it may report a hole later than it starts, never earlier.
+   */
+  nextHole?(offset: number): number | null;
   close(): Promise<void>;
   /**
    * Optional, remote sources only: what identifies this content — its size and, over HTTP, the

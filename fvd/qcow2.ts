@@ -34,6 +34,7 @@ import {
   type Qcow2Header,
 } from './qcow2-format.js';
 import { checkCompressionSupported, decompressCluster } from './qcow2-decompress.js';
+import { fileDataExtent, type DataExtent } from './zero-scan.js';
 
 /** L2 cache bound per qcow2 level: 8 MiB covers 64 GiB of disk at 64 KiB clusters, 2 TiB at 2 MiB. */
 export const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
@@ -50,6 +51,9 @@ const FILL_PARALLELISM = 8;
  */
 const COMPRESSED_GROUP_GAP = 4096;
 const COMPRESSED_GROUP_MAX = 4 * 1024 * 1024;
+/** Guest bytes mapped at once when looking for the next data extent: first, and at most. */
+const EXTENT_WINDOW_FIRST = 1024 * 1024;
+const EXTENT_WINDOW_MAX = 256 * 1024 * 1024;
 /** Levels below an image, as for FVD base chains. */
 export const MAX_QCOW2_CHAIN = 64;
 /** Backing "file names" that are really network or option strings: QEMU protocols fvd does not speak. */
@@ -80,6 +84,8 @@ export interface ReadOnlyLayer {
   read(buf: Uint8Array, offset: number): Promise<void>;
   /** True when the range is known to read as zeros without reading data (false: unknown). */
   knownZero(offset: number, length: number): Promise<boolean>;
+  /** The first extent at or after `offset` that may hold data (BaseImage.nextDataExtent). */
+  nextDataExtent(offset: number): Promise<DataExtent | null>;
   close(): Promise<void>;
   describe(): ChainEntry[];
   /** BlockFile.fileId of every file read (this level, its data file, then its backing chain), where known. */
@@ -215,6 +221,43 @@ export class Qcow2Image implements ReadOnlyLayer {
       }
     }
     return true;
+  }
+
+  /**
+   * The first extent at or after `offset` that may hold data: stored clusters (plain or
+   * compressed) of this level, and the backing layer's own extents under clusters that read from
+   * it. Zero clusters, and unallocated ones without a backing layer or past its end, are not data.
+   * The tables are walked a window at a time, so a long run of zeros costs table reads only.
+   */
+  async nextDataExtent(offset: number): Promise<DataExtent | null> {
+    // Small windows first (data is often near), growing while only zeros turn up.
+    for (let pos = offset, window = EXTENT_WINDOW_FIRST; pos < this.size; window = Math.min(2 * window, EXTENT_WINDOW_MAX)) {
+      const windowEnd = Math.min(this.size, pos + window);
+      let start = -1;
+      let end = -1;
+      for (const r of await this.map(pos, windowEnd)) {
+        const rEnd = r.guest + r.length;
+        let a = -1;
+        let z = -1;
+        if (r.kind === DATA || r.kind === COMPRESSED) [a, z] = [r.guest, rEnd];
+        else if (r.kind === BACKING && this.backing && r.guest < this.backing.size) {
+          const ext = await this.backing.nextDataExtent(r.guest);
+          const below = Math.min(rEnd, this.backing.size);
+          if (ext && ext[0] < below) [a, z] = [ext[0], Math.min(ext[1], below)];
+        }
+        if (a < 0) {
+          if (start >= 0) break; // the extent found ends before this run
+          continue;
+        }
+        if (start < 0) [start, end] = [a, z];
+        else if (a === end) end = z;
+        else break;
+        if (z < rEnd) break; // the backing layer's extent ended inside this run
+      }
+      if (start >= 0) return [start, end];
+      pos = windowEnd;
+    }
+    return null;
   }
 
   /**
@@ -580,6 +623,9 @@ class RawLayer implements ReadOnlyLayer {
     if (offset >= this.file.size()) return true;
     const next = this.file.nextData?.(offset);
     return next !== undefined && next !== null && next >= offset + length;
+  }
+  async nextDataExtent(offset: number): Promise<DataExtent | null> {
+    return fileDataExtent(this.file, offset);
   }
   close(): Promise<void> {
     return this.file.close();

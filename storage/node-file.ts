@@ -18,6 +18,7 @@ import {
   LOCK_NB,
   LOCK_SH,
   SEEK_DATA,
+  SEEK_HOLE,
 } from '../ffi/libc.js';
 
 const EWOULDBLOCK = 11;
@@ -116,6 +117,15 @@ export class NodeFile implements BlockFile {
     const r = c.lseek(this.fd, offset, SEEK_DATA);
     if (r >= 0) return r;
     return c.errno() === ENXIO ? this.length : null; // ENXIO: no data at or past offset
+  }
+
+  nextHole(offset: number): number | null {
+    const c = libc();
+    if (!c || this.isBlockDevice) return null;
+    if (offset >= this.length) return this.length;
+    const r = c.lseek(this.fd, offset, SEEK_HOLE);
+    if (r >= 0) return Math.min(r, this.length); // the end of the file counts as a hole
+    return null; // ENXIO (offset past the end, the file shrank) or an error: cannot tell
   }
 
   async truncate(length: number): Promise<void> {

@@ -158,6 +158,73 @@ qemuTest('zero detection at create reads only the allocated clusters of a qcow2 
   await image.close();
 });
 
+/** The full scan create did before extents: block b is zero when its bytes below `limit` all are. */
+function referenceZeroBlocks(disk: Uint8Array, limit: number, blockSize: number): boolean[] {
+  const out: boolean[] = [];
+  for (let a = 0; a < limit; a += blockSize) out.push(disk.subarray(a, Math.min(a + blockSize, limit)).every((v) => v === 0));
+  return out;
+}
+
+qemuTest('zero detection over qcow2 templates (own clusters, compressed, zero, over a sparse raw backing) equals a full scan', async () => {
+  for (const [seed, blockSize, extendedL2] of [
+    [1, 16 * KiB, false],
+    [2, 64 * KiB, false],
+    [3, 4 * KiB, true],
+  ] as const) {
+    const dir = tmp.caseDir();
+    const rng = new Rng(seed);
+    // A sparse raw backing file, not a block multiple long, with scattered unaligned data.
+    const rawSize = 7 * MiB + 3 * 512 + 77;
+    const raw = path.join(dir, 'backing.raw');
+    const fd = fs.openSync(raw, 'w');
+    fs.ftruncateSync(fd, rawSize);
+    const rawWritten: [number, number][] = [];
+    for (let k = 0; k < 12; k++) {
+      const len = 1 + rng.int(40 * KiB);
+      const at = rng.int(rawSize - len);
+      const data = Buffer.alloc(len);
+      if (k % 4) for (let i = 0; i < len; i++) data[i] = rng.int(256); // every 4th piece: written zeros
+      fs.writeSync(fd, data, 0, len, at);
+      rawWritten.push([at, at + len]);
+    }
+    fs.closeSync(fd);
+    const q = path.join(dir, 'tmpl.qcow2');
+    qemuImg('create', '-f', 'qcow2', '-o', `extended_l2=${extendedL2 ? 'on' : 'off'}${extendedL2 ? ',cluster_size=128k' : ''}`, '-b', 'backing.raw', '-F', 'raw', q, `${8 * MiB}`);
+    // One compressed cluster: a whole one, onto an unallocated one (qemu-io refuses anything else).
+    qemuIo(q, `write -c -P 0x33 ${4 * MiB} ${extendedL2 ? 128 * KiB : 64 * KiB}`);
+    const cmds: string[] = [];
+    for (let k = 0; k < 16; k++) {
+      const len = 512 * (1 + rng.int(64));
+      const at = 512 * rng.int((8 * MiB - len) / 512);
+      const kind = rng.int(4);
+      cmds.push(kind === 0 ? `write -z ${at} ${len}` : kind === 1 ? `write -P 0 ${at} ${len}` : `write -P ${1 + rng.int(255)} ${at} ${len}`);
+    }
+    qemuIo(q, ...cmds);
+    const disk = qemuRead(q);
+
+    const counter = new ReadCounter(nodeIo, raw);
+    const img = path.join(dir, 'vm.fvd');
+    await FvdImage.create(counter, img, { base: 'tmpl.qcow2', baseFormat: 'qcow2', blockSize });
+    // The raw backing is read only in its data: at most the blocks its pieces touch.
+    const touched = new Set<number>();
+    for (const [a, z] of rawWritten) for (let b = Math.floor(a / blockSize); b * blockSize < z; b++) touched.add(b);
+    assert.ok(counter.bytes <= touched.size * blockSize, `seed ${seed}: read ${counter.bytes} bytes of the backing file, its data blocks hold ${touched.size * blockSize}`);
+
+    const image = await FvdImage.open(nodeIo, img, { readOnly: true });
+    try {
+      const want = referenceZeroBlocks(disk, disk.length, blockSize);
+      const ext = image.extents();
+      const got = want.map((_, b) => ext.find((e) => e.offset <= b * blockSize && b * blockSize < e.offset + e.length)!.kind !== 'base');
+      const diff = want.findIndex((z, b) => z !== got[b]);
+      assert.is(diff, -1, `seed ${seed}: block ${diff} zero=${want[diff]} but local=${got[diff]}`);
+      assert.ok(want.some((z) => !z) && want.some((z) => z), `seed ${seed}: both zero and data blocks`);
+      same(disk, await readAll(image), `seed ${seed}: the image reads like its template`);
+    } finally {
+      await image.close();
+    }
+  }
+});
+
 qemuTest('CLI: create -F qcow2, info --backing-chain, convert -f qcow2 to raw and fvd, rebase -F qcow2, commit refused', async () => {
   const dir = tmp.caseDir();
   const raw = writeFile(dir, 'os.raw', diskPattern(4 * MiB, 9));

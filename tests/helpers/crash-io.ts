@@ -126,6 +126,9 @@ class CrashFile implements BlockFile {
   nextData(offset: number): number | null {
     return this.inner.nextData?.(offset) ?? null;
   }
+  nextHole(offset: number): number | null {
+    return this.inner.nextHole?.(offset) ?? null;
+  }
   close(): Promise<void> {
     return this.inner.close();
   }

@@ -111,6 +111,9 @@ class FaultyFile implements BlockFile {
   nextData(offset: number): number | null {
     return this.inner.nextData ? this.inner.nextData(offset) : null;
   }
+  nextHole(offset: number): number | null {
+    return this.inner.nextHole ? this.inner.nextHole(offset) : null;
+  }
   close(): Promise<void> {
     return this.inner.close();
   }

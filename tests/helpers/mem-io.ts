@@ -74,6 +74,19 @@ export class MemData {
     for (let i = offset; i < this.size; i++) if (this.buf[i] !== 0) return i;
     return Math.max(offset, this.size);
   }
+  /**
+   * SEEK_HOLE as a file system answers it: the start of the first all-zero 4 KiB page (or the
+   * end) at or after `offset`, so holes are whole pages like a real file's, never single bytes.
+   */
+  nextZeroPage(offset: number): number {
+    for (let p = offset - (offset % 4096); p < this.size; p += 4096) {
+      const end = Math.min(p + 4096, this.size);
+      let zero = true;
+      for (let i = p; i < end && zero; i++) zero = this.buf[i] === 0;
+      if (zero) return Math.max(p, offset);
+    }
+    return Math.max(offset, this.size);
+  }
   /** A copy of the contents (exactly `size` bytes). */
   contents(): Uint8Array {
     return this.buf.slice(0, this.size);
@@ -165,6 +178,10 @@ class MemFile implements BlockFile {
   nextData(offset: number): number | null {
     this.live('nextData');
     return this.io.seekData ? this.data.nextNonZero(offset) : null;
+  }
+  nextHole(offset: number): number | null {
+    this.live('nextHole');
+    return this.io.seekData ? this.data.nextZeroPage(offset) : null;
   }
   async truncate(length: number): Promise<void> {
     this.writable('truncate');
