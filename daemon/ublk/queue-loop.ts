@@ -133,6 +133,10 @@ export interface QueueLoopOptions {
 }
 
 const PAGE = 4096;
+/** Bytes of each idle tag's buffer kept resident by the trim (the usual request fits). */
+export const TRIM_KEEP_BYTES = 64 * 1024;
+/** How long a tag must have been idle before the part of its buffer above TRIM_KEEP_BYTES goes. */
+export const TRIM_IDLE_MS = 5000;
 const EINTR = -4;
 const EAGAIN = -11;
 const EBUSY = -16;
@@ -154,6 +158,13 @@ export class QueueLoop {
   private readonly eventBuf: PinnedBuffer;
   private readonly sqe: DataView;
   private target: QueueTarget | null = null;
+  // Buffer trim (trimIdleBuffers): per tag, 1 from the request's arrival until its commit; when it
+  // was last committed (the loop's clock); 1 while pages above TRIM_KEEP_BYTES may be resident.
+  private readonly tagBusy: Uint8Array;
+  private readonly tagIdleSince: Float64Array;
+  private readonly tagUsed: Uint8Array;
+  /** Date.now() after the last wait in io_uring_enter: one clock read per loop turn, not per request. */
+  private now = Date.now();
   private aborted = 0;
   private closed = false;
 
@@ -186,7 +197,10 @@ export class QueueLoop {
       eventBuf = allocPinned(PAGE);
       const reg = ring.registerFiles([opts.cdevFd, ...opts.targetFiles]);
       if (reg < 0) throw new Error(`io_uring register files: ${errnoName(reg)}`);
-      buffers = allocPinned(depth * maxIo);
+      // Not populated: pages are faulted in as requests use them (the kernel's copy of write
+      // data, our reads into them) instead of depth × maxIo resident from the start, and
+      // trimIdleBuffers gives the large ones back.
+      buffers = allocPinned(depth * maxIo, { populate: false });
     } catch (err) {
       ring?.close();
       buffers?.free();
@@ -199,6 +213,9 @@ export class QueueLoop {
     this.bufferAddress = buffers.address;
     this.eventBuf = eventBuf;
     this.sqe = ring.sqeView;
+    this.tagBusy = new Uint8Array(depth);
+    this.tagIdleSince = new Float64Array(depth);
+    this.tagUsed = new Uint8Array(depth);
   }
 
   /** The fixed-file index of targetFiles[i], for the target's SQEs (with IOSQE_FIXED_FILE). */
@@ -220,6 +237,8 @@ export class QueueLoop {
 
   /** The request of `tag` is done with `result` (bytes, or -errno): commit it and fetch the next. */
   complete(tag: number, result: number): void {
+    this.tagBusy[tag] = 0;
+    this.tagIdleSince[tag] = this.now;
     this.ublkCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
   }
 
@@ -240,11 +259,12 @@ export class QueueLoop {
       }
       const r = ring.submit(1);
       if (r < 0 && r !== EINTR && r !== EAGAIN && r !== EBUSY) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(r)}`);
+      const now = (this.now = Date.now());
       ring.reap(onCqe);
-      const now = Date.now();
       if (now - lastSecond > 1000) {
         lastSecond = now;
         this.target!.everySecond?.();
+        this.trimIdleBuffers(now);
       }
     }
   }
@@ -260,6 +280,39 @@ export class QueueLoop {
     this.opts.sys.munmap(this.descPtr, this.descLen);
     this.buffers.free();
     this.eventBuf.free();
+  }
+
+  /**
+   * Gives back the pages above TRIM_KEEP_BYTES of every tag idle for TRIM_IDLE_MS or more (not in
+   * flight, used since its last trim): the steady footprint is then depth × 64 KiB however large
+   * the requests once were. Returns the bytes given back.
+   *
+   * Race-free without locks: it runs on this thread, between two io_uring_enter calls, and only
+   * on tags with no request. Nothing else writes an idle tag's buffer: the engine and this
+   * thread's target work in a buffer only while its request is in flight (from handleIo to
+   * complete), and ublk copies a new WRITE's data into the buffer in the task work of the thread
+   * that fetched the tag — this one, run only inside its io_uring_enter (DEFER_TASKRUN), never
+   * concurrently with this loop — before the request's CQE reaches us. So a discarded page is
+   * faulted in again by whichever writes it next, and a request never sees zeros it did not ask for.
+   * The other direction: the kernel copies a READ's data out of the buffer when it processes the
+   * COMMIT_AND_FETCH, in the next io_uring_enter after complete(); a tag committed in this turn
+   * has been idle for 0 ms, so that enter happens long before the tag qualifies.
+   */
+  trimIdleBuffers(now: number): number {
+    const { depth, maxIo, tagBusy, tagIdleSince, tagUsed } = this;
+    if (maxIo <= TRIM_KEEP_BYTES) return 0;
+    let trimmed = 0;
+    for (let tag = 0; tag < depth; tag++) {
+      if (tagBusy[tag] !== 0 || tagUsed[tag] === 0 || now - tagIdleSince[tag]! < TRIM_IDLE_MS) continue;
+      tagUsed[tag] = 0;
+      const r = this.buffers.discard(tag * maxIo + TRIM_KEEP_BYTES, maxIo - TRIM_KEEP_BYTES);
+      if (r < 0) {
+        this.opts.log(`queue ${this.qid}: madvise of tag ${tag}'s buffer: ${errnoName(r)}`);
+        continue;
+      }
+      trimmed += r;
+    }
+    return trimmed;
   }
 
   private ublkCmd(op: number, tag: number, result: number): void {
@@ -280,7 +333,11 @@ export class QueueLoop {
     const tag = userDataTag(userData);
     switch (userDataKind(userData)) {
       case UD_KIND_UBLK_CMD:
-        if (res === UBLK_IO_RES_OK) this.target!.handleIo(tag, readIoDescriptor(this.descs, tag, this.iod));
+        if (res === UBLK_IO_RES_OK) {
+          this.tagBusy[tag] = 1;
+          this.tagUsed[tag] = 1;
+          this.target!.handleIo(tag, readIoDescriptor(this.descs, tag, this.iod));
+        }
         else if (res === UBLK_IO_RES_ABORT) this.aborted++;
         else {
           this.opts.log(`ublk command for tag ${tag} failed: ${errnoName(res)}`);

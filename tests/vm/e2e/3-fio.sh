@@ -20,6 +20,17 @@ fio_ok() {
     fi
 }
 
+# serve_memory LABEL: reports VmRSS/VmHWM of the running `fvd serve` ("# fvd serve VmRSS ...") and
+# checks VmRSS < 100 MB: request buffers are faulted in as used and trimmed when idle
+# (daemon/ublk/queue-loop.ts), not 2 queues × depth × 512 KiB resident from the start.
+serve_memory() {
+    local label=$1 rss hwm
+    rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$SERVE_PID/status")
+    hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$SERVE_PID/status")
+    echo "# fvd serve VmRSS $((rss / 1024)) MiB, VmHWM $((hwm / 1024)) MiB ($label)"
+    expect "$label: fvd serve VmRSS < 100 MB" "$((rss * 1024 < 100000000))" 1 "VmRSS ${rss} kB, VmHWM ${hwm} kB"
+}
+
 # fio_round LAYOUT SIZE-MIB: create, serve, randwrite+verify, restart, verify_only, sequential.
 fio_round() {
     local layout=$1 mib=$2 img=$D/fio-$1.fvd rc l="[$1 layout]"
@@ -41,6 +52,9 @@ fio_round() {
     t fio --name=fvd-seq --filename="$SERVE_DEV" --ioengine=io_uring --direct=1 --iodepth=8 --numjobs=1 \
         --size="${mib}M" --rw=write --bs=1M --verify=crc32c --verify_fatal=1 > fio3.log 2>&1 || rc=$?
     fio_ok "$l fio sequential 1 MiB writes + verify (io_uring, direct, iodepth 8)" fio3.log $rc
+    serve_memory "$l after the fio jobs"
+    sleep 7 # tags idle for 5 s give back their buffer above 64 KiB
+    serve_memory "$l idle 7 s later"
     serve_stop "$layout, final"
     check "$l fvd check of the image exits 0" fvd check "$img"
     rm -f "$img"
