@@ -59,6 +59,7 @@ const UNSUPPORTED_SETUP_FLAGS = IORING_SETUP_IOPOLL | IORING_SETUP_SQPOLL | (1 <
 
 export const IORING_OP_NOP = 0;
 export const IORING_OP_FSYNC = 3;
+export const IORING_OP_TIMEOUT = 11;
 export const IORING_OP_FALLOCATE = 17;
 export const IORING_OP_READ = 22;
 export const IORING_OP_WRITE = 23;
@@ -291,6 +292,15 @@ export class IoUring {
 
   prepNop(userData: number, sqeFlags = 0): number {
     return this.fill(IORING_OP_NOP, sqeFlags, -1, 0, 0, 0, 0, userData);
+  }
+
+  /**
+   * A relative timeout: completes with -ETIME once the struct __kernel_timespec (two i64: seconds,
+   * nanoseconds) at `tsAddr` has elapsed. `tsAddr` must stay valid until the CQE arrives.
+   */
+  prepTimeout(tsAddr: number, userData: number, sqeFlags = 0): number {
+    // off = 0: a pure timeout (not "after N completions"); len = 1 timespec; flags 0: relative.
+    return this.fill(IORING_OP_TIMEOUT, sqeFlags, -1, 0, tsAddr, 1, 0, userData);
   }
 
   /** pread(fd, addr, len, offset). `addr` must stay valid until the CQE arrives. */

@@ -38,7 +38,7 @@ import {
 } from './abi.js';
 
 // ---- user_data layout ----------------------------------------------------------------------
-// Bits 0–15 tag, 16–23 kind, 24–39 target data (free for the target: which of a request's I/Os).
+// Bits 0–15 tag, 16–23 kind (UD_KIND_*), 24–39 target data (free for the target: which of a request's I/Os).
 // Like ublksrv's build_user_data, but below 2^53 so it stays a plain JS number (ffi/uring.ts
 // writes user_data as two u32 halves); no flag in bit 63.
 
@@ -48,6 +48,8 @@ export const UD_KIND_UBLK_CMD = 0;
 export const UD_KIND_TARGET_IO = 1;
 /** The read of the queue's eventfd (handleEvent); its tag is 0. */
 export const UD_KIND_EVENT = 2;
+/** The loop's one-second timeout (it wakes an idle loop for everySecond and the buffer trim); tag 0. */
+export const UD_KIND_TIMER = 3;
 
 const TAG_SPAN = 0x10000;
 const KIND_SPAN = 0x100;
@@ -133,6 +135,8 @@ export interface QueueLoopOptions {
 }
 
 const PAGE = 4096;
+/** Where in eventBuf the timer's struct __kernel_timespec lies (the eventfd read uses bytes 0–7). */
+const TIMESPEC_AT = 64;
 /** Bytes of each idle tag's buffer kept resident by the trim (the usual request fits). */
 export const TRIM_KEEP_BYTES = 64 * 1024;
 /** How long a tag must have been idle before the part of its buffer above TRIM_KEEP_BYTES goes. */
@@ -140,6 +144,8 @@ export const TRIM_IDLE_MS = 5000;
 const EINTR = -4;
 const EAGAIN = -11;
 const EBUSY = -16;
+const ETIME = -62;
+const ECANCELED = -125;
 
 export class QueueLoop {
   readonly qid: number;
@@ -231,6 +237,10 @@ export class QueueLoop {
     this.target = target;
     for (let tag = 0; tag < this.depth; tag++) this.ublkCmd(UBLK_U_IO_FETCH_REQ, tag, 0);
     this.armEvent();
+    const ts = new DataView(this.eventBuf.bytes.buffer, this.eventBuf.bytes.byteOffset + TIMESPEC_AT, 16);
+    ts.setBigInt64(0, 1n, true); // tv_sec
+    ts.setBigInt64(8, 0n, true); // tv_nsec
+    this.armTimer();
     const sub = this.ring.submit(0);
     if (sub < 0) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(sub)}`);
   }
@@ -328,6 +338,15 @@ export class QueueLoop {
       throw new Error(`queue ${this.qid}: submission queue full`);
   }
 
+  /**
+   * A one-second timeout on the ring, so that an idle loop (blocked in io_uring_enter) still
+   * comes round for everySecond and trimIdleBuffers; re-armed until stop is asked.
+   */
+  private armTimer(): void {
+    if (this.ring.prepTimeout(this.eventBuf.address + TIMESPEC_AT, encodeUserData(0, UD_KIND_TIMER)) < 0)
+      throw new Error(`queue ${this.qid}: submission queue full`);
+  }
+
   /** The CQE handler, made once (an arrow property: reap() calls it without a bound copy per call). */
   private readonly onCqe = (userData: number, res: number): void => {
     const tag = userDataTag(userData);
@@ -350,6 +369,11 @@ export class QueueLoop {
       case UD_KIND_EVENT:
         this.target!.handleEvent();
         if (Atomics.load(this.opts.control, 0) === 0) this.armEvent();
+        break;
+      case UD_KIND_TIMER:
+        // -ETIME: it expired (run() does the periodic work); anything else ends the timer.
+        if (res === ETIME && Atomics.load(this.opts.control, 0) === 0) this.armTimer();
+        else if (res !== ETIME && res !== ECANCELED) this.opts.log(`queue ${this.qid}: timer: ${errnoName(res)}`);
         break;
     }
   };

@@ -70,6 +70,28 @@ test('NOP round trip carries a user_data above 2^32', () => {
   }
 });
 
+test('a relative timeout completes with -ETIME after its time (what wakes an idle queue loop)', () => {
+  const ring = new IoUring({ entries: 4 });
+  const ts = allocPinned(4096);
+  try {
+    ts.bytes.writeBigInt64LE(0n, 0); // tv_sec
+    ts.bytes.writeBigInt64LE(50_000_000n, 8); // tv_nsec: 50 ms
+    assert.ok(ring.prepTimeout(ts.address, 99) >= 0);
+    const t0 = performance.now();
+    const c = new Cqes();
+    while (c.res.length === 0) {
+      assert.ok(ring.submit(1) >= 0);
+      ring.reap(c.handler);
+    }
+    assert.ok(performance.now() - t0 >= 40, `waited ${performance.now() - t0} ms`);
+    assert.equal(c.ud, [99]);
+    assert.equal(c.res, [-os.constants.errno.ETIME]);
+  } finally {
+    ts.free();
+    ring.close();
+  }
+});
+
 test('peek/advance API reads CQEs without a handler', () => {
   const ring = new IoUring({ entries: 4 });
   try {
