@@ -4,10 +4,12 @@
  * fast path's I/O, crypto and figures.
  *
  * Fast path: the request touches only data already local (and, for a write, whose bitmap bits are
- * journaled) — the worker maps it through the shared bitmap/table (daemon/shared-state.ts) and
- * reads or writes the image itself: synchronously first where that cannot block
- * (daemon/direct-io.ts), else on the queue's ring (fixed file 1). Everything else (copy-on-write,
- * copy-on-read, allocation, flush, discard, FUA) goes to the engine as a 'slow' message; the
+ * journaled) — the worker maps it through the shared bitmap/table (daemon/shared-state.ts,
+ * fvd/mapping.ts directRoute) and reads or writes the image itself: synchronously first where
+ * that cannot block (daemon/direct-io.ts), else on the queue's ring (fixed file 1). A read that
+ * reads as zeros as a whole (unmapped chunks, bytes past the base's end) is answered with zeros
+ * without any I/O. Everything else (copy-on-write, copy-on-read, allocation, flush, discard, FUA)
+ * goes to the engine as a 'slow' message; the
  * engine works directly in this queue's pinned request buffers and hands the result back through
  * the completion ring and the queue's eventfd (handleEvent).
  *
@@ -32,7 +34,8 @@ import {
 } from './ublk/abi.js';
 import { QueueLoop, UD_KIND_TARGET_IO, encodeUserData, type IoDescriptor, type QueueTarget } from './ublk/queue-loop.js';
 import { DIRECT_WOULD_BLOCK, DirectIo, chooseDirectMode, type DirectMode } from './direct-io.js';
-import { CompletionRing, mapDirect, type EngineView } from './shared-state.js';
+import { CompletionRing, type EngineView } from './shared-state.js';
+import { STORED, ZERO, directRoute, newRun } from '../fvd/mapping.js';
 import { ACTIVITY_OTHER, ACTIVITY_READ, ACTIVITY_WRITE, QueueActivityWriter } from './queue-activity.js';
 import { FastCrypt } from './fast-crypt.js';
 import { requestErrnoOf } from './request-errors.js';
@@ -99,6 +102,8 @@ export class FvdQueue implements QueueTarget {
   private readonly tagOffset: Float64Array;
   /** Per-tag zero-fill callbacks for reads that meet the end of a compact image file, made once. */
   private readonly zeroFillFrom: ((from: number) => void)[];
+  /** directRoute's result, reused for every request. */
+  private readonly route = newRun();
   private fast = 0;
   private slow = 0;
 
@@ -204,8 +209,27 @@ export class FvdQueue implements QueueTarget {
         return;
       }
       const write = op === UBLK_IO_OP_WRITE;
-      const phys = write && iod.opFlags & UBLK_IO_F_FUA ? -1 : mapDirect(view, offset, length, write);
-      if (phys >= 0) {
+      const route = this.route;
+      const kind = write && iod.opFlags & UBLK_IO_F_FUA ? -1 : directRoute(view, offset, length, write, route);
+      if (kind === ZERO) {
+        // A read of bytes that read as zeros (directRoute only says ZERO for reads): unmapped
+        // chunks of a compact image (zero-detected blocks included), bytes past the base's end
+        // not yet local. Answered here: no I/O, no decryption (zeros read as zero plaintext,
+        // FORMAT §11), no engine hop. A stale view is safe: the table entry of a chunk goes from
+        // EMPTY to an id only after the chunk's storage was zeroed (FORMAT §4.3) and before the
+        // engine completes the write that allocated it, so an EMPTY seen here is either current
+        // or races a write still in flight (old data is a valid answer then); a read the guest
+        // issued after that write completed reaches this thread through a syscall made after the
+        // engine's update, and sees the id (docs/DESIGN.md §2.1). A bit goes 0 -> 1 the same
+        // way, after the block's data is stored. A discard punches before it unmaps: zeros either way.
+        const at = tag * this.maxIo;
+        this.bytes.fill(0, at, at + length);
+        this.fast++;
+        this.commit(tag, length);
+        return;
+      }
+      if (kind === STORED) {
+        const phys = route.host;
         this.tagOp[tag] = op;
         this.tagLen[tag] = length;
         this.tagDone[tag] = 0;
@@ -231,6 +255,7 @@ export class FvdQueue implements QueueTarget {
         this.fileIo(tag);
         return;
       }
+      // BASE (copy-on-read) and ENGINE: the engine.
     } else if (op !== UBLK_IO_OP_FLUSH && op !== UBLK_IO_OP_DISCARD && op !== UBLK_IO_OP_WRITE_ZEROES) {
       this.commit(tag, -EOPNOTSUPP);
       return;

@@ -20,6 +20,10 @@ export const MAP_SHARED = 0x01;
 export const MAP_PRIVATE = 0x02;
 export const MAP_ANONYMOUS = 0x20;
 export const MAP_POPULATE = 0x8000;
+/** madvise(2) advice: drop the pages (private anonymous memory then reads as zeros, faulted in anew). */
+export const MADV_DONTNEED = 4;
+/** madvise(2) advice: no transparent huge pages in this range (4 KiB-granular residency). */
+export const MADV_NOHUGEPAGE = 15;
 
 /** prctl(2) options (linux/prctl.h, Linux 5.6): mark the calling thread as one that cleans memory. */
 export const PR_SET_IO_FLUSHER = 57;
@@ -42,6 +46,8 @@ export interface Syscalls {
   /** Returns the mapping's address, or MAP_FAILED (see isMapFailed). */
   mmap(length: number, prot: number, flags: number, fd: number, offset: number): bigint;
   munmap(addr: bigint, length: number): number;
+  /** madvise(2) of [addr, addr + length) (page-aligned); 0 or -1. */
+  madvise(addr: number, length: number, advice: number): number;
   socket(domain: number, type: number, protocol: number): number;
   bind(fd: number, addr: Uint8Array, addrlen: number): number;
   sendto(fd: number, buf: Uint8Array, len: number, flags: number, addr: Uint8Array, addrlen: number): number;
@@ -81,6 +87,8 @@ export function syscalls(): Syscalls | null {
     const syscall = lib.func('long syscall(long nr, long a1, long a2, long a3, long a4, long a5, long a6)');
     const mmap = lib.func('void *mmap(void *addr, size_t len, int prot, int flags, int fd, int64_t off)');
     const munmap = lib.func('int munmap(void *addr, size_t len)');
+    // The address as an integer: callers hold addresses as numbers (exact below 2^53).
+    const madvise = lib.func('int madvise(uintptr_t addr, size_t len, int advice)');
     const socket = lib.func('int socket(int domain, int type, int protocol)');
     const bind = lib.func('int bind(int fd, const uint8_t *addr, uint32_t addrlen)');
     const sendto = lib.func(
@@ -94,6 +102,7 @@ export function syscalls(): Syscalls | null {
       syscall6: syscall as Syscalls['syscall6'],
       mmap: (len, prot, flags, fd, off) => mmap(null, len, prot, flags, fd, off) as bigint,
       munmap: (addr, len) => munmap(addr, len) as number,
+      madvise: (addr, len, advice) => madvise(addr, len, advice) as number,
       socket: (d, t, p) => socket(d, t, p) as number,
       bind: (fd, addr, len) => bind(fd, addr, len) as number,
       sendto: (fd, buf, len, flags, addr, alen) => Number(sendto(fd, buf, len, flags, addr, alen)),

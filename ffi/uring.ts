@@ -25,6 +25,8 @@
  */
 import os from 'node:os';
 import {
+  MADV_DONTNEED,
+  MADV_NOHUGEPAGE,
   MAP_ANONYMOUS,
   MAP_POPULATE,
   MAP_PRIVATE,
@@ -57,6 +59,7 @@ const UNSUPPORTED_SETUP_FLAGS = IORING_SETUP_IOPOLL | IORING_SETUP_SQPOLL | (1 <
 
 export const IORING_OP_NOP = 0;
 export const IORING_OP_FSYNC = 3;
+export const IORING_OP_TIMEOUT = 11;
 export const IORING_OP_FALLOCATE = 17;
 export const IORING_OP_READ = 22;
 export const IORING_OP_WRITE = 23;
@@ -291,6 +294,15 @@ export class IoUring {
     return this.fill(IORING_OP_NOP, sqeFlags, -1, 0, 0, 0, 0, userData);
   }
 
+  /**
+   * A relative timeout: completes with -ETIME once the struct __kernel_timespec (two i64: seconds,
+   * nanoseconds) at `tsAddr` has elapsed. `tsAddr` must stay valid until the CQE arrives.
+   */
+  prepTimeout(tsAddr: number, userData: number, sqeFlags = 0): number {
+    // off = 0: a pure timeout (not "after N completions"); len = 1 timespec; flags 0: relative.
+    return this.fill(IORING_OP_TIMEOUT, sqeFlags, -1, 0, tsAddr, 1, 0, userData);
+  }
+
   /** pread(fd, addr, len, offset). `addr` must stay valid until the CQE arrives. */
   prepRead(fd: number, addr: number | bigint, len: number, offset: number, userData: number, sqeFlags = 0): number {
     return this.fill(IORING_OP_READ, sqeFlags, fd, offset, Number(addr), len, 0, userData);
@@ -502,6 +514,19 @@ export class IoUring {
 
 // --- stable, page-aligned buffers --------------------------------------------------------------
 
+/** allocPinned options. */
+export interface PinnedOptions {
+  /**
+   * true (default): fault every page in at mmap (MAP_POPULATE), so first use never page-faults
+   * (rings, descriptors, small scratch). false: pages are faulted in on first touch (by us or by
+   * the kernel copying into them) and may be given back with discard(); no transparent huge pages,
+   * so residency follows what is touched at 4 KiB granularity (ublk request buffers).
+   */
+  populate?: boolean;
+}
+
+const PAGE_SIZE = 4096;
+
 /**
  * Anonymous mmap'ed memory: page-aligned and never moved by V8's GC, as ublk per-tag buffers and
  * O_DIRECT I/O need. Not freed by GC: call free() once nothing (kernel included) uses it.
@@ -515,21 +540,39 @@ export class PinnedBuffer {
   private ptr: bigint;
   private readonly sys: Syscalls;
 
-  constructor(length: number) {
+  constructor(length: number, options: PinnedOptions = {}) {
     const sys = requireSyscalls('PinnedBuffer');
     if (!Number.isInteger(length) || length <= 0) throw new Error(`PinnedBuffer: bad length ${length}`);
-    const ptr = sys.mmap(length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    const populate = options.populate ?? true;
+    const ptr = sys.mmap(length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | (populate ? MAP_POPULATE : 0), -1, 0);
     if (isMapFailed(ptr)) throw new Error(`PinnedBuffer: mmap of ${length} B failed: ${errnoName(sys.errno())}`);
     this.sys = sys;
     this.ptr = ptr;
     this.address = Number(ptr);
     this.length = length;
     this.bytes = Buffer.from(sys.koffi.view(ptr, length));
+    // Advice only: where THP is off or the call fails, pages are 4 KiB anyway.
+    if (!populate) sys.madvise(this.address, Math.ceil(length / PAGE_SIZE) * PAGE_SIZE, MADV_NOHUGEPAGE);
   }
 
   /** Address of byte `offset`, e.g. tag × bufSize for a per-tag slice. */
   addressAt(offset: number): number {
     return this.address + offset;
+  }
+
+  /**
+   * Gives the whole pages inside [offset, offset + length) back to the kernel (MADV_DONTNEED):
+   * they read as zeros afterwards and are faulted in again on the next touch. Only for memory
+   * nothing is using or about to use (the caller's to guarantee). Returns the bytes discarded,
+   * or -errno.
+   */
+  discard(offset: number, length: number): number {
+    if (this.ptr === 0n) return 0;
+    const start = Math.ceil(Math.max(0, offset) / PAGE_SIZE) * PAGE_SIZE;
+    const end = Math.floor(Math.min(this.length, offset + length) / PAGE_SIZE) * PAGE_SIZE;
+    if (end <= start) return 0;
+    if (this.sys.madvise(this.address + start, end - start, MADV_DONTNEED) < 0) return -this.sys.errno();
+    return end - start;
   }
 
   free(): void {
@@ -541,6 +584,6 @@ export class PinnedBuffer {
 }
 
 /** Page-aligned buffer of `length` bytes (rounded up to whole pages by the kernel), zero-filled. */
-export function allocPinned(length: number): PinnedBuffer {
-  return new PinnedBuffer(length);
+export function allocPinned(length: number, options?: PinnedOptions): PinnedBuffer {
+  return new PinnedBuffer(length, options);
 }

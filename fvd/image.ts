@@ -910,6 +910,7 @@ export class FvdImage {
       dataOffset: this.header.dataOffset,
       blockSize: this.blockSize,
       chunkSize: this.chunkSize,
+      baseLimit: this.baseLimit,
       baseBlocks: this.baseBlocks,
       bitmapEnd: this.bitmapEnd,
       allLocal: this.allLocal,

@@ -139,7 +139,7 @@ export function mapRun(l: MappingLayout, offset: number, length: number, out: Ma
   let prev = id;
   while (runEnd < localEnd) {
     const next = runEnd / cs;
-    // The settling flag before the table entry: see directHostOffset.
+    // The settling flag before the table entry: see directRoute.
     if (settling && settling(next)) break;
     const nextId = table[next]!;
     if (nextId !== prev + 1 || storageless(l, nextId)) break;
@@ -160,13 +160,15 @@ function storageless(l: MappingLayout, id: number): boolean {
 /**
  * The engine's state as the daemon's queue workers share it, all in SharedArrayBuffers updated in
  * place by the engine (FvdImage.sharedView; docs/DESIGN.md §2.1 gives the memory-ordering rules).
- * Defined here, once, beside the rule that reads it (directHostOffset).
+ * Defined here, once, beside the rule that reads it (directRoute).
  */
 export interface SharedView {
   size: number;
   dataOffset: number;
   blockSize: number;
   chunkSize: number;
+  /** min(base size, virtual size): bytes the base has; 0 without a base (MappingLayout.baseLimit). */
+  baseLimit: number;
   baseBlocks: number;
   /** Bytes covered by bitmap blocks; past it everything is local. */
   bitmapEnd: number;
@@ -195,10 +197,14 @@ export interface SharedView {
 /** What routing reads of the shared view. */
 export type SharedMappingView = Pick<
   SharedView,
-  'dataOffset' | 'blockSize' | 'chunkSize' | 'baseBlocks' | 'fullyLocal' | 'present' | 'journaled' | 'table' | 'shared'
+  'dataOffset' | 'blockSize' | 'chunkSize' | 'baseLimit' | 'baseBlocks' | 'fullyLocal' | 'present' | 'journaled' | 'table' | 'shared'
 >;
 
-// Scratch state of directHostOffset: workers are single-threaded and the call never yields.
+/** directRoute: the engine must serve the request (mixed kinds, bitmap work, allocation, ...). */
+export const ENGINE = 4;
+export type DirectRouteKind = typeof STORED | typeof BASE | typeof ZERO | typeof ENGINE;
+
+// Scratch state of directRoute: workers are single-threaded and the call never yields.
 const directLayout = storageLayout(0, 1, 1, null);
 const directRun = newRun();
 let directShared: Uint8Array | null = null;
@@ -208,28 +214,56 @@ let directShared: Uint8Array | null = null;
 const sharedChunk = (c: number): boolean => Atomics.load(directShared!, c) !== 0;
 
 /**
- * The fast path's rule: the file offset where a request of the virtual disk lies, when it can be
- * served there directly without the engine, or -1 when the engine must handle it — a block not
- * yet local, a bit not yet journaled for a write (bitmap work), an unmapped chunk, chunks not
- * adjacent in storage, a write to a chunk a snapshot shares. Allocation-free: once per request.
+ * The fast path's rule: how a request of the virtual disk reads or writes as a whole, seen from
+ * the shared view. Allocation-free: once per request. Returns
+ * - STORED: one contiguous extent of the image file, from `out.host` (reads and writes);
+ * - BASE (reads only): every byte is in the base, not yet local;
+ * - ZERO (reads only): every byte reads as zeros without reading anything — an unmapped chunk,
+ *   a local (e.g. zero-detected) block in an unmapped chunk, non-local bytes past the base's end;
+ * - ENGINE: anything else — a mix of kinds, chunks not adjacent in storage, any write that is
+ *   not one journaled STORED extent (bitmap work, copy-on-write, allocation), a write to a chunk
+ *   a snapshot shares.
+ * `out.length` is the request's length for STORED/BASE/ZERO; `out.host` is meaningful for STORED.
  */
-export function directHostOffset(v: SharedMappingView, offset: number, length: number, write: boolean): number {
-  const baseBlocks = v.fullyLocal[0] === 0 ? v.baseBlocks : 0;
+export function directRoute(v: SharedMappingView, offset: number, length: number, write: boolean, out: MappedRun): DirectRouteKind {
+  const allLocal = v.fullyLocal[0] !== 0;
+  const baseBlocks = allLocal ? 0 : v.baseBlocks;
   if (write && baseBlocks > 0) {
     // A write needs the bits journaled as well as set (present covers the reads, in mapRun).
     const bs = v.blockSize;
     const b1 = Math.min(Math.floor((offset + length - 1) / bs), baseBlocks - 1);
-    for (let b = Math.floor(offset / bs); b <= b1; b++) if ((v.journaled[b >>> 3]! & (1 << (b & 7))) === 0) return -1;
+    for (let b = Math.floor(offset / bs); b <= b1; b++) if ((v.journaled[b >>> 3]! & (1 << (b & 7))) === 0) return ENGINE;
   }
   const l = directLayout;
   l.dataOffset = v.dataOffset;
   l.blockSize = v.blockSize;
   l.chunkSize = v.chunkSize;
+  // With every block local nothing comes from the base: no bytes are BASE (nor ZERO past its end).
+  l.baseLimit = allLocal ? 0 : v.baseLimit;
   l.baseBlocks = baseBlocks;
   l.bitmap = v.present;
   l.table = v.table;
   directShared = write ? v.shared : null;
   l.settling = directShared ? sharedChunk : null;
-  const run = mapRun(l, offset, length, directRun);
-  return run.kind === STORED && run.length === length ? run.host : -1;
+  const run = mapRun(l, offset, length, out);
+  const kind = run.kind;
+  if (write) return kind === STORED && run.length === length ? STORED : ENGINE;
+  if (run.length === length) return kind === PENDING ? ENGINE : kind;
+  if (kind !== ZERO) return ENGINE;
+  // ZERO runs split by locality (unmapped chunk of local blocks, then non-local bytes past the
+  // base's end) still read as zeros as a whole.
+  const end = offset + length;
+  for (let pos = offset + run.length; pos < end; pos += run.length) if (mapRun(l, pos, end - pos, run).kind !== ZERO) return ENGINE;
+  run.kind = ZERO;
+  run.length = length;
+  run.host = 0;
+  return ZERO;
+}
+
+/**
+ * directRoute reduced to the fast path of today's workers: the file offset of a request served
+ * directly from one STORED extent, or -1 when the engine must handle it.
+ */
+export function directHostOffset(v: SharedMappingView, offset: number, length: number, write: boolean): number {
+  return directRoute(v, offset, length, write, directRun) === STORED ? directRun.host : -1;
 }

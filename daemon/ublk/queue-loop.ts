@@ -38,7 +38,7 @@ import {
 } from './abi.js';
 
 // ---- user_data layout ----------------------------------------------------------------------
-// Bits 0–15 tag, 16–23 kind, 24–39 target data (free for the target: which of a request's I/Os).
+// Bits 0–15 tag, 16–23 kind (UD_KIND_*), 24–39 target data (free for the target: which of a request's I/Os).
 // Like ublksrv's build_user_data, but below 2^53 so it stays a plain JS number (ffi/uring.ts
 // writes user_data as two u32 halves); no flag in bit 63.
 
@@ -48,6 +48,8 @@ export const UD_KIND_UBLK_CMD = 0;
 export const UD_KIND_TARGET_IO = 1;
 /** The read of the queue's eventfd (handleEvent); its tag is 0. */
 export const UD_KIND_EVENT = 2;
+/** The loop's one-second timeout (it wakes an idle loop for everySecond and the buffer trim); tag 0. */
+export const UD_KIND_TIMER = 3;
 
 const TAG_SPAN = 0x10000;
 const KIND_SPAN = 0x100;
@@ -133,9 +135,17 @@ export interface QueueLoopOptions {
 }
 
 const PAGE = 4096;
+/** Where in eventBuf the timer's struct __kernel_timespec lies (the eventfd read uses bytes 0–7). */
+const TIMESPEC_AT = 64;
+/** Bytes of each idle tag's buffer kept resident by the trim (the usual request fits). */
+export const TRIM_KEEP_BYTES = 64 * 1024;
+/** How long a tag must have been idle before the part of its buffer above TRIM_KEEP_BYTES goes. */
+export const TRIM_IDLE_MS = 5000;
 const EINTR = -4;
 const EAGAIN = -11;
 const EBUSY = -16;
+const ETIME = -62;
+const ECANCELED = -125;
 
 export class QueueLoop {
   readonly qid: number;
@@ -154,6 +164,13 @@ export class QueueLoop {
   private readonly eventBuf: PinnedBuffer;
   private readonly sqe: DataView;
   private target: QueueTarget | null = null;
+  // Buffer trim (trimIdleBuffers): per tag, 1 from the request's arrival until its commit; when it
+  // was last committed (the loop's clock); 1 while pages above TRIM_KEEP_BYTES may be resident.
+  private readonly tagBusy: Uint8Array;
+  private readonly tagIdleSince: Float64Array;
+  private readonly tagUsed: Uint8Array;
+  /** Date.now() after the last wait in io_uring_enter: one clock read per loop turn, not per request. */
+  private now = Date.now();
   private aborted = 0;
   private closed = false;
 
@@ -186,7 +203,10 @@ export class QueueLoop {
       eventBuf = allocPinned(PAGE);
       const reg = ring.registerFiles([opts.cdevFd, ...opts.targetFiles]);
       if (reg < 0) throw new Error(`io_uring register files: ${errnoName(reg)}`);
-      buffers = allocPinned(depth * maxIo);
+      // Not populated: pages are faulted in as requests use them (the kernel's copy of write
+      // data, our reads into them) instead of depth × maxIo resident from the start, and
+      // trimIdleBuffers gives the large ones back.
+      buffers = allocPinned(depth * maxIo, { populate: false });
     } catch (err) {
       ring?.close();
       buffers?.free();
@@ -199,6 +219,9 @@ export class QueueLoop {
     this.bufferAddress = buffers.address;
     this.eventBuf = eventBuf;
     this.sqe = ring.sqeView;
+    this.tagBusy = new Uint8Array(depth);
+    this.tagIdleSince = new Float64Array(depth);
+    this.tagUsed = new Uint8Array(depth);
   }
 
   /** The fixed-file index of targetFiles[i], for the target's SQEs (with IOSQE_FIXED_FILE). */
@@ -214,12 +237,18 @@ export class QueueLoop {
     this.target = target;
     for (let tag = 0; tag < this.depth; tag++) this.ublkCmd(UBLK_U_IO_FETCH_REQ, tag, 0);
     this.armEvent();
+    const ts = new DataView(this.eventBuf.bytes.buffer, this.eventBuf.bytes.byteOffset + TIMESPEC_AT, 16);
+    ts.setBigInt64(0, 1n, true); // tv_sec
+    ts.setBigInt64(8, 0n, true); // tv_nsec
+    this.armTimer();
     const sub = this.ring.submit(0);
     if (sub < 0) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(sub)}`);
   }
 
   /** The request of `tag` is done with `result` (bytes, or -errno): commit it and fetch the next. */
   complete(tag: number, result: number): void {
+    this.tagBusy[tag] = 0;
+    this.tagIdleSince[tag] = this.now;
     this.ublkCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
   }
 
@@ -240,11 +269,12 @@ export class QueueLoop {
       }
       const r = ring.submit(1);
       if (r < 0 && r !== EINTR && r !== EAGAIN && r !== EBUSY) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(r)}`);
+      const now = (this.now = Date.now());
       ring.reap(onCqe);
-      const now = Date.now();
       if (now - lastSecond > 1000) {
         lastSecond = now;
         this.target!.everySecond?.();
+        this.trimIdleBuffers(now);
       }
     }
   }
@@ -262,6 +292,39 @@ export class QueueLoop {
     this.eventBuf.free();
   }
 
+  /**
+   * Gives back the pages above TRIM_KEEP_BYTES of every tag idle for TRIM_IDLE_MS or more (not in
+   * flight, used since its last trim): the steady footprint is then depth × 64 KiB however large
+   * the requests once were. Returns the bytes given back.
+   *
+   * Race-free without locks: it runs on this thread, between two io_uring_enter calls, and only
+   * on tags with no request. Nothing else writes an idle tag's buffer: the engine and this
+   * thread's target work in a buffer only while its request is in flight (from handleIo to
+   * complete), and ublk copies a new WRITE's data into the buffer in the task work of the thread
+   * that fetched the tag — this one, run only inside its io_uring_enter (DEFER_TASKRUN), never
+   * concurrently with this loop — before the request's CQE reaches us. So a discarded page is
+   * faulted in again by whichever writes it next, and a request never sees zeros it did not ask for.
+   * The other direction: the kernel copies a READ's data out of the buffer when it processes the
+   * COMMIT_AND_FETCH, in the next io_uring_enter after complete(); a tag committed in this turn
+   * has been idle for 0 ms, so that enter happens long before the tag qualifies.
+   */
+  trimIdleBuffers(now: number): number {
+    const { depth, maxIo, tagBusy, tagIdleSince, tagUsed } = this;
+    if (maxIo <= TRIM_KEEP_BYTES) return 0;
+    let trimmed = 0;
+    for (let tag = 0; tag < depth; tag++) {
+      if (tagBusy[tag] !== 0 || tagUsed[tag] === 0 || now - tagIdleSince[tag]! < TRIM_IDLE_MS) continue;
+      tagUsed[tag] = 0;
+      const r = this.buffers.discard(tag * maxIo + TRIM_KEEP_BYTES, maxIo - TRIM_KEEP_BYTES);
+      if (r < 0) {
+        this.opts.log(`queue ${this.qid}: madvise of tag ${tag}'s buffer: ${errnoName(r)}`);
+        continue;
+      }
+      trimmed += r;
+    }
+    return trimmed;
+  }
+
   private ublkCmd(op: number, tag: number, result: number): void {
     const ring = this.ring;
     const idx = ring.prepUringCmd(0, op, null, encodeUserData(tag, UD_KIND_UBLK_CMD), IOSQE_FIXED_FILE);
@@ -275,12 +338,25 @@ export class QueueLoop {
       throw new Error(`queue ${this.qid}: submission queue full`);
   }
 
+  /**
+   * A one-second timeout on the ring, so that an idle loop (blocked in io_uring_enter) still
+   * comes round for everySecond and trimIdleBuffers; re-armed until stop is asked.
+   */
+  private armTimer(): void {
+    if (this.ring.prepTimeout(this.eventBuf.address + TIMESPEC_AT, encodeUserData(0, UD_KIND_TIMER)) < 0)
+      throw new Error(`queue ${this.qid}: submission queue full`);
+  }
+
   /** The CQE handler, made once (an arrow property: reap() calls it without a bound copy per call). */
   private readonly onCqe = (userData: number, res: number): void => {
     const tag = userDataTag(userData);
     switch (userDataKind(userData)) {
       case UD_KIND_UBLK_CMD:
-        if (res === UBLK_IO_RES_OK) this.target!.handleIo(tag, readIoDescriptor(this.descs, tag, this.iod));
+        if (res === UBLK_IO_RES_OK) {
+          this.tagBusy[tag] = 1;
+          this.tagUsed[tag] = 1;
+          this.target!.handleIo(tag, readIoDescriptor(this.descs, tag, this.iod));
+        }
         else if (res === UBLK_IO_RES_ABORT) this.aborted++;
         else {
           this.opts.log(`ublk command for tag ${tag} failed: ${errnoName(res)}`);
@@ -293,6 +369,11 @@ export class QueueLoop {
       case UD_KIND_EVENT:
         this.target!.handleEvent();
         if (Atomics.load(this.opts.control, 0) === 0) this.armEvent();
+        break;
+      case UD_KIND_TIMER:
+        // -ETIME: it expired (run() does the periodic work); anything else ends the timer.
+        if (res === ETIME && Atomics.load(this.opts.control, 0) === 0) this.armTimer();
+        else if (res !== ETIME && res !== ECANCELED) this.opts.log(`queue ${this.qid}: timer: ${errnoName(res)}`);
         break;
     }
   };

@@ -29,6 +29,7 @@ import { readInstanceConfig } from '../../daemon/instance-config.js';
 import { ACTIVITY_OTHER, ACTIVITY_READ, ACTIVITY_WRITE, QueueActivityReader, QueueActivityWriter, newActivityBuffer } from '../../daemon/queue-activity.js';
 import { listStates, removeState, writeState } from '../../daemon/state.js';
 import { FvdImage } from '../../fvd/image.js';
+import { BASE, directRoute, newRun } from '../../fvd/mapping.js';
 import { nodeIo } from '../../storage/node-file.js';
 
 test('ublk opcodes are the ioctl encodings of Linux 6.12', () => {
@@ -177,7 +178,7 @@ test('daemon/ublk/ knows ublk, not FVD: it imports only node:, ffi/, its own fil
 
 function view(over: Partial<EngineView>): EngineView {
   return {
-    size: 1 << 20, dataOffset: 1 << 20, blockSize: 4096, chunkSize: 65536, baseBlocks: 0, bitmapEnd: 0, allLocal: true,
+    size: 1 << 20, dataOffset: 1 << 20, blockSize: 4096, chunkSize: 65536, baseLimit: 0, baseBlocks: 0, bitmapEnd: 0, allLocal: true,
     fullyLocal: new Int32Array(1), present: new Uint8Array(32), journaled: new Uint8Array(32), table: null, encrypted: false, shared: null, ...over,
   };
 }
@@ -186,7 +187,7 @@ test('mapDirect: raw-like, base blocks, journaled bits for writes, compact chunk
   assert.is(mapDirect(view({}), 8192, 4096, true), (1 << 20) + 8192);
   const present = new Uint8Array(32);
   const journaled = new Uint8Array(32);
-  const v = view({ allLocal: false, baseBlocks: 100, bitmapEnd: 100 * 4096, present, journaled });
+  const v = view({ allLocal: false, baseLimit: 100 * 4096, baseBlocks: 100, bitmapEnd: 100 * 4096, present, journaled });
   assert.is(mapDirect(v, 0, 4096, false), -1, 'base block: the engine reads it');
   present[0] = 0b11;
   assert.is(mapDirect(v, 0, 8192, false), 1 << 20, 'local blocks: direct read');
@@ -208,6 +209,8 @@ test('mapDirect follows a real engine as blocks become local', async () => {
   await FvdImage.create(nodeIo, path.join(dir, 'i.fvd'), { base: 'b.raw', baseFormat: 'raw', blockSize: 4096 });
   const img = await FvdImage.open(nodeIo, path.join(dir, 'i.fvd'), { copyOnRead: false });
   const v = img.sharedView();
+  assert.is(v.baseLimit, 1 << 20, 'the view knows where the base ends');
+  assert.is(directRoute(v, 8192, 4096, false, newRun()), BASE, 'a block not yet local reads from the base');
   assert.is(mapDirect(v, 8192, 4096, true), -1);
   await img.write(Buffer.alloc(4096, 1), 8192);
   assert.ok(mapDirect(v, 8192, 4096, true) > 0, 'the worker sees the engine update the shared bitmap');
@@ -218,14 +221,14 @@ test('mapDirect follows a real engine as blocks become local', async () => {
 test('mapDirect: an encrypted image is routed like an unencrypted one (the worker does the crypto)', async () => {
   const full = new Uint8Array(32).fill(0xff);
   for (const v of [view({ encrypted: true }), view({ encrypted: true, table: new Uint32Array([0, 1, 2, 3]) }),
-    view({ encrypted: true, allLocal: false, baseBlocks: 100, bitmapEnd: 100 * 4096, present: full, journaled: full })]) {
+    view({ encrypted: true, allLocal: false, baseLimit: 100 * 4096, baseBlocks: 100, bitmapEnd: 100 * 4096, present: full, journaled: full })]) {
     for (const [off, write] of [[0, false], [8192, true]] as const) {
       assert.ok(mapDirect(v, off, 4096, write) >= 0);
       assert.is(mapDirect(v, off, 4096, write), mapDirect({ ...v, encrypted: false }, off, 4096, write));
     }
   }
   // The other rules still apply: a base block not yet local goes to the engine.
-  assert.is(mapDirect(view({ encrypted: true, allLocal: false, baseBlocks: 100, bitmapEnd: 100 * 4096 }), 0, 4096, false), -1);
+  assert.is(mapDirect(view({ encrypted: true, allLocal: false, baseLimit: 100 * 4096, baseBlocks: 100, bitmapEnd: 100 * 4096 }), 0, 4096, false), -1);
   // And from a real encrypted engine: local, journaled data is direct; unwritten compact chunks are not.
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-du-'));
   const key = Buffer.from('k');
@@ -282,7 +285,7 @@ test('a served image with snapshots: the engine copies a shared chunk, then clea
 
 test('mapDirect: the shared fully-local flag stops bitmap lookups once prefetching finished while serving', async () => {
   const present = new Uint8Array(32);
-  const v = view({ allLocal: false, baseBlocks: 100, bitmapEnd: 100 * 4096, present, journaled: new Uint8Array(32) });
+  const v = view({ allLocal: false, baseLimit: 100 * 4096, baseBlocks: 100, bitmapEnd: 100 * 4096, present, journaled: new Uint8Array(32) });
   assert.is(mapDirect(v, 0, 4096, true), -1);
   v.fullyLocal[0] = 1;
   assert.is(mapDirect(v, 0, 4096, true), 1 << 20, 'the flag alone routes to the image');

@@ -70,6 +70,28 @@ test('NOP round trip carries a user_data above 2^32', () => {
   }
 });
 
+test('a relative timeout completes with -ETIME after its time (what wakes an idle queue loop)', () => {
+  const ring = new IoUring({ entries: 4 });
+  const ts = allocPinned(4096);
+  try {
+    ts.bytes.writeBigInt64LE(0n, 0); // tv_sec
+    ts.bytes.writeBigInt64LE(50_000_000n, 8); // tv_nsec: 50 ms
+    assert.ok(ring.prepTimeout(ts.address, 99) >= 0);
+    const t0 = performance.now();
+    const c = new Cqes();
+    while (c.res.length === 0) {
+      assert.ok(ring.submit(1) >= 0);
+      ring.reap(c.handler);
+    }
+    assert.ok(performance.now() - t0 >= 40, `waited ${performance.now() - t0} ms`);
+    assert.equal(c.ud, [99]);
+    assert.equal(c.res, [-os.constants.errno.ETIME]);
+  } finally {
+    ts.free();
+    ring.close();
+  }
+});
+
 test('peek/advance API reads CQEs without a handler', () => {
   const ring = new IoUring({ entries: 4 });
   try {
@@ -311,6 +333,50 @@ test('pinned buffers are page-aligned; setup errors throw, closed rings return -
   assert.throws(() => fs.fstatSync(fd), /EBADF/, 'the ring fd is closed');
   assert.is(ring.submit(1), -os.constants.errno.EBADF);
   ring.close();
+});
+
+/** Rss and Size (bytes) of the mapping holding `address`, from /proc/self/smaps. */
+function smapsOf(address: number): { rss: number; size: number } {
+  let inside = false;
+  let size = 0;
+  for (const line of fs.readFileSync('/proc/self/smaps', 'utf8').split('\n')) {
+    const range = /^([0-9a-f]+)-([0-9a-f]+) /.exec(line);
+    if (range) {
+      const lo = parseInt(range[1]!, 16);
+      const hi = parseInt(range[2]!, 16);
+      inside = lo <= address && address < hi;
+      size = hi - lo;
+      continue;
+    }
+    const rss = /^Rss:\s+(\d+) kB/.exec(line);
+    if (inside && rss) return { rss: Number(rss[1]) * 1024, size };
+  }
+  throw new Error(`no mapping holds ${address.toString(16)}`);
+}
+
+test('unpopulated pinned buffers: resident only where touched; discard gives pages back and they read zeros', () => {
+  const MiB = 1024 * 1024;
+  const populated = allocPinned(8 * MiB);
+  const lazy = allocPinned(64 * MiB, { populate: false });
+  try {
+    assert.ok(smapsOf(populated.address).rss >= 8 * MiB, 'the default still faults every page in at mmap');
+    // The kernel may merge the mapping with an anonymous neighbour: compare against what it held at first.
+    const { rss: fresh, size } = smapsOf(lazy.address);
+    assert.ok(size >= 64 * MiB);
+    assert.ok(fresh < 4 * MiB, `a fresh 64 MiB buffer is not resident (Rss ${fresh})`);
+    const at = 40 * MiB + 8192;
+    lazy.bytes.fill(0x5a, at, at + 100);
+    const touched = smapsOf(lazy.address).rss;
+    assert.is(touched - fresh, 4096, 'one touched page: 4 KiB (no huge page)');
+    assert.is(lazy.discard(at + 100, 4096), 0, 'only whole pages inside the range are discarded');
+    assert.is(smapsOf(lazy.address).rss, touched);
+    assert.is(lazy.discard(40 * MiB, MiB), MiB);
+    assert.is(smapsOf(lazy.address).rss, fresh, 'back to what it was');
+    assert.ok(lazy.bytes.subarray(at, at + 100).every((b) => b === 0), 'discarded pages read zeros');
+  } finally {
+    populated.free();
+    lazy.free();
+  }
 });
 
 // --- storage/uring-file.ts -----------------------------------------------------------------------

@@ -7,7 +7,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import fs from 'node:fs';
 import path from 'node:path';
-import { BASE, PENDING, STORED, ZERO, directHostOffset, mapRun, newRun, storageLayout, type MappedRun, type MappingLayout } from '../../fvd/mapping.js';
+import { BASE, ENGINE, PENDING, STORED, ZERO, directHostOffset, directRoute, mapRun, newRun, storageLayout, type MappedRun, type MappingLayout } from '../../fvd/mapping.js';
 import { CHUNK_EMPTY } from '../../fvd/format.js';
 import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../storage/node-file.js';
@@ -130,7 +130,7 @@ test('directHostOffset: the fast path only for whole STORED runs; bits journaled
   const journaled = new Uint8Array([0b011]);
   const shared = new Uint8Array(4);
   const fullyLocal = new Int32Array(1);
-  const v = { dataOffset: D, blockSize: 4096, chunkSize: cs, baseBlocks: 4, fullyLocal, present, journaled, table: new Uint32Array([5, 6, E, 9]), shared };
+  const v = { dataOffset: D, blockSize: 4096, chunkSize: cs, baseLimit: 4 * 4096, baseBlocks: 4, fullyLocal, present, journaled, table: new Uint32Array([5, 6, E, 9]), shared };
   assert.is(directHostOffset(v, 0, 8192, true), D + 5 * cs, 'journaled local blocks');
   assert.is(directHostOffset(v, 8192, 4096, false), D + 5 * cs + 8192, 'a read needs the bit only');
   assert.is(directHostOffset(v, 8192, 4096, true), -1, 'a write needs the bit journaled');
@@ -143,6 +143,66 @@ test('directHostOffset: the fast path only for whole STORED runs; bits journaled
   shared[1] = 1;
   assert.is(directHostOffset(v, cs - 4096, 8192, true), -1, 'a write into a chunk a snapshot shares');
   assert.is(directHostOffset(v, cs - 4096, 8192, false), D + 5 * cs + cs - 4096, 'reads of shared chunks stay direct');
+});
+
+test('directRoute: the kind of a whole request as a queue worker sees it (table)', () => {
+  const D = 1 << 20;
+  const bs = 4 * KiB;
+  const cs = 16 * KiB;
+  const names = ['STORED', 'BASE', 'ZERO', 'PENDING', 'ENGINE'];
+  type Over = { baseLimit?: number; baseBlocks?: number; present?: number[]; journaled?: number[]; table?: number[]; fullyLocal?: boolean; shared?: number[] };
+  const view = (o: Over) => ({
+    dataOffset: D, blockSize: bs, chunkSize: cs, baseLimit: o.baseLimit ?? 0, baseBlocks: o.baseBlocks ?? 0,
+    fullyLocal: new Int32Array([o.fullyLocal ? 1 : 0]), present: new Uint8Array(o.present ?? [0]), journaled: new Uint8Array(o.journaled ?? o.present ?? [0]),
+    table: o.table ? new Uint32Array(o.table) : null, shared: o.shared ? new Uint8Array(o.shared) : null,
+  });
+  // Raw-like over a base of 2.5 blocks: blocks 0..2 have bits, block 1 is local.
+  const raw: Over = { baseLimit: 2 * bs + 2048, baseBlocks: 3, present: [0b010] };
+  // Compact over a base ending 2 KiB before the end of chunk 1: blocks 0..7 have bits, 0..5 local;
+  // chunk 0 mapped (id 0), chunk 1 unmapped (its local blocks 4, 5 were zero-detected at create),
+  // chunk 2 unmapped past the base, chunk 3 mapped (id 5).
+  const compact: Over = { baseLimit: 2 * cs - 2048, baseBlocks: 8, present: [0b00111111], table: [0, E, E, 5] };
+  const rows: Array<[string, Over, number, number, boolean, number, number?]> = [
+    ['raw: a base block not yet local', raw, 0, bs, false, BASE],
+    ['raw: a local block', raw, bs, bs, false, STORED, D + bs],
+    ['raw: base bytes of the block straddling the base end', raw, 2 * bs, 2048, false, BASE],
+    ['raw: bytes past the base end in that block, not local', raw, 2 * bs + 2048, 2048, false, ZERO],
+    ['raw: the whole straddling block (BASE then ZERO)', raw, 2 * bs, bs, false, ENGINE],
+    ['raw: base then local (mixed)', raw, 0, 2 * bs, false, ENGINE],
+    ['raw: past the bitmap', raw, 3 * bs, bs, false, STORED, D + 3 * bs],
+    ['raw: write to a journaled local block', raw, bs, bs, true, STORED, D + bs],
+    ['raw: write to a base block (copy-on-write)', raw, 0, bs, true, ENGINE],
+    ['raw: write to a present, not journaled block', { ...raw, journaled: [0] }, bs, bs, true, ENGINE],
+    ['raw: write past the base end, not local', raw, 2 * bs + 2048, 2048, true, ENGINE],
+    ['raw fully local: a block with a clear bit', { ...raw, fullyLocal: true }, 0, bs, false, STORED, D],
+    ['raw fully local: write to it', { ...raw, fullyLocal: true }, 2 * bs + 2048, 2048, true, STORED, D + 2 * bs + 2048],
+    ['compact: mapped local chunk', compact, 0, cs, false, STORED, D],
+    ['compact: zero-detected blocks in an unmapped chunk', compact, cs, 2 * bs, false, ZERO],
+    ['compact: base blocks in an unmapped chunk', compact, cs + 2 * bs, bs, false, BASE],
+    ['compact: zero-detected then base (mixed)', compact, cs, cs, false, ENGINE],
+    ['compact: past the base end, then an unmapped chunk: zeros as a whole', compact, 2 * cs - 2048, 2048 + cs, false, ZERO],
+    ['compact: unmapped chunk past the base', compact, 2 * cs, cs, false, ZERO],
+    ['compact: unmapped then mapped (mixed)', compact, 3 * cs - bs, 2 * bs, false, ENGINE],
+    ['compact: write to an unmapped chunk (allocation)', compact, 2 * cs, bs, true, ENGINE],
+    ['compact: write to a zero-detected block (allocation)', compact, cs, bs, true, ENGINE],
+    ['compact: write to a mapped journaled chunk', compact, 3 * cs, bs, true, STORED, D + 5 * cs],
+    ['compact: write to a chunk a snapshot shares', { ...compact, shared: [0, 0, 0, 1] }, 3 * cs, bs, true, ENGINE],
+    ['compact fully local: base blocks of an unmapped chunk read zeros', { ...compact, fullyLocal: true }, cs, cs, false, ZERO],
+    ['compact, no base: unmapped', { table: [0, E] }, cs, cs, false, ZERO],
+    ['compact, no base: mapped', { table: [0, E] }, 0, cs, false, STORED, D],
+  ];
+  const out = newRun();
+  for (const [name, over, off, len, write, kind, host] of rows) {
+    // Encrypted images route the same (the worker decrypts STORED data; ZERO is plaintext zeros).
+    for (const encrypted of [false, true]) {
+      const v = { ...view(over), encrypted };
+      const got = directRoute(v, off, len, write, out);
+      assert.is(names[got], names[kind], name);
+      if (kind !== ENGINE) assert.is(out.length, len, `${name}: covers the request`);
+      if (kind === STORED) assert.is(out.host, host, `${name}: host`);
+      assert.is(directHostOffset(v, off, len, write), kind === STORED ? host : -1, `${name}: directHostOffset`);
+    }
+  }
 });
 
 test('a reopened image after writes: the runs agree with fvd map', async () => {
