@@ -20,8 +20,6 @@ import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 const STEP = 4 * 1024 * 1024;
 /** Granularity of the zero ranges left unwritten (sparse) in the output. */
 const SPARSE_STEP = 1024 * 1024;
-/** Pieces read ahead of the one being written (each holds a STEP buffer). */
-const READ_AHEAD = 3;
 
 export const spec = defineCommand({
   name: 'convert',
@@ -119,32 +117,24 @@ async function convert(
       target = await openDisk(dst, outFmt, { key: targetKey });
     }
     const progress = progressPrinter(!!values.p);
-    // Pieces of the non-zero extents, read up to READ_AHEAD ahead of the write (one buffer each),
-    // so reading and decompressing the next pieces overlaps writing this one and the thread pool
-    // always has clusters to decompress.
+    // Pieces of the non-zero extents, read one ahead of the write (two buffers), so reading and
+    // decompressing the next piece overlaps writing this one.
     const pieces: [number, number][] = [];
     for (const e of source.extents()) {
       if (e.kind === 'zero') continue;
       for (let pos = e.offset; pos < e.offset + e.length; pos += STEP) pieces.push([pos, Math.min(STEP, e.offset + e.length - pos)]);
     }
-    const slots = Math.min(READ_AHEAD + 1, Math.max(1, pieces.length));
-    const bufs = Array.from({ length: slots }, () => Buffer.alloc(STEP));
-    const reading: (Promise<void> | null)[] = new Array(slots).fill(null);
-    const readPiece = (i: number) => {
-      if (i >= pieces.length) return;
-      const p = source.read(bufs[i % slots]!.subarray(0, pieces[i]![1]), pieces[i]![0]);
-      // Not left unobserved if an earlier piece's write fails: the loop ends with the write's error.
-      p.catch(() => {});
-      reading[i % slots] = p;
-    };
-    for (let i = 0; i < slots - 1; i++) readPiece(i);
+    const bufs = [Buffer.alloc(STEP), Buffer.alloc(STEP)];
+    const readPiece = (i: number) => source.read(bufs[i % 2]!.subarray(0, pieces[i]![1]), pieces[i]![0]);
+    let reading: Promise<void> | null = pieces.length ? readPiece(0) : null;
     for (let i = 0; i < pieces.length; i++) {
-      // The slot of piece i - 1 has been written: read into it the piece READ_AHEAD after this one.
-      readPiece(i + slots - 1);
-      await reading[i % slots];
+      await reading;
+      reading = i + 1 < pieces.length ? readPiece(i + 1) : null;
+      // Not left unobserved if this piece's write fails: the loop ends with the write's error.
+      reading?.catch(() => {});
       const [pos, len] = pieces[i]!;
       progress.update(pos, source.size);
-      const buf = bufs[i % slots]!;
+      const buf = bufs[i % 2]!;
       // Zero stretches of SPARSE_STEP are not written (the output stays sparse); the rest is
       // written in runs.
       for (let a = 0; a < len; ) {
