@@ -487,7 +487,8 @@ export class Qcow2Image implements ReadOnlyLayer {
     await Promise.all(
       groups.map(async (group) => {
         if (group.members.length < 2) return; // read by decompress() itself
-        const bytes = new Uint8Array(group.end - group.start);
+        // Not zero-filled first: BlockFile.read fills the whole buffer (zeros past the end of the file).
+        const bytes = Buffer.allocUnsafe(group.end - group.start);
         await this.file.read(bytes, group.start);
         for (const r of group.members) r.src = bytes.subarray(r.host - group.start, r.host - group.start + r.compressedLength);
       }),
@@ -507,7 +508,7 @@ export class Qcow2Image implements ReadOnlyLayer {
     const p = (async () => {
       let src = r.src;
       if (!src) {
-        src = new Uint8Array(r.compressedLength);
+        src = Buffer.allocUnsafe(r.compressedLength);
         await this.file.read(src, r.host);
       }
       const vc = Math.floor((r.guest - r.inCluster) / cs);

@@ -64,6 +64,33 @@ async function knownZeroIsTrue(img: Qcow2Image, data: Buffer, what: string): Pro
   }
 }
 
+/**
+ * Many reads in flight at once on one image (as convert's read-ahead and a served device issue
+ * them), overlapping, in random order, of random sizes: each equals QEMU's bytes there. Shares
+ * compressed clusters between reads (the decompressed-cluster cache and the grouped reads).
+ */
+for (const [compression, clusterSize] of [['zlib', 4 * KiB], ['zlib', 64 * KiB], ['zstd', 64 * KiB]] as const) {
+  qemuTest(`${compression}-compressed, ${clusterSize}-byte clusters: 400 overlapping concurrent reads in random order equal qemu-img convert`, async () => {
+    const raw = writeFile(dir, `conc-${compression}-${clusterSize}.raw`, diskPattern(6 * MiB + 5 * KiB, clusterSize + 7));
+    const q = name('qcow2');
+    qemuImg('convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=${clusterSize},compression_type=${compression}`, raw, q);
+    const want = qemuRead(q);
+    const img = await Qcow2Image.open(nodeIo, path.resolve(q));
+    try {
+      const r = new Rng(clusterSize + compression.length);
+      const reads = Array.from({ length: 400 }, () => {
+        const len = 1 + r.int(r.chance(0.5) ? 2 * clusterSize : 1 * MiB);
+        const pos = r.int(img.size - len + 1);
+        return { pos, buf: Buffer.alloc(len, 0xa5) };
+      });
+      await Promise.all(reads.map(({ pos, buf }) => img.read(buf, pos)));
+      for (const { pos, buf } of reads) assert.ok(buf.equals(want.subarray(pos, pos + buf.length)), `read at ${pos}+${buf.length} differs from qemu-img convert`);
+    } finally {
+      await img.close();
+    }
+  });
+}
+
 for (const clusterSize of [512, 4 * KiB, 64 * KiB, 2 * MiB]) {
   qemuTest(`zlib-compressed (convert -c), ${clusterSize}-byte clusters: every byte equals qemu-img convert`, async () => {
     const raw = writeFile(dir, `c${clusterSize}.raw`, diskPattern(5 * MiB + 3 * KiB + 512, clusterSize));
