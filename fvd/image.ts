@@ -11,20 +11,17 @@
  * Metadata that makes data visible is journaled only after that data completed, and a journal
  * commit starts with fdatasync: see Journal and FORMAT.md §7 for the ordering argument.
  */
-import type { BlockFile, IoBackend } from './io.js';
-import { FvdError, oneLine } from './errors.js';
+import { holeAt, type BlockFile, type IoBackend } from './io.js';
+import { FvdError } from './errors.js';
 import {
   AUTOCLEAR_FULLY_LOCAL,
   AUTOCLEAR_KNOWN,
-  BASE_RAW,
   CHUNK_EMPTY,
   COMPAT_ZERO_DETECTED,
   INCOMPAT_COMPACT,
   INCOMPAT_DIRTY,
   INCOMPAT_ENCRYPTED,
   SECTOR,
-  BASE_QCOW2,
-  baseFormatName,
   encodeHeader,
   roundUp,
   type BaseFormat,
@@ -33,12 +30,11 @@ import {
 import { allSet, countSet, forEachClearRun, newBitmap, setRange, testBit } from './bitmap.js';
 import { Journal, PendingRecords } from './journal.js';
 import { BlockLocks } from './block-locks.js';
-import { SectorGate } from './sector-gate.js';
+import { EncryptedRequests } from './encrypted-requests.js';
 import { FlushGuard } from './flush-guard.js';
 import { KeyError, type XtsCipher } from './crypto.js';
 import { SnapshotManager, SnapshotState, loadSnapshotState, type SnapshotHost } from './snapshot.js';
-import { Qcow2Image } from './qcow2.js';
-import { canonicalName, isUrl, redactUrl, resolveBasePath } from './base-location.js';
+import { baseOpener, openChainLevel } from './base-chain.js';
 import { PENDING, STORED, mapRun, newRun, storageLayout, type MappingLayout, type SharedView } from './mapping.js';
 import { coverMappedChunks, readBaseReference, readHeaderPage, readMaps, tableRegionOf, unlockKey, writeCheckpoint } from './metadata.js';
 import { ChunkAllocator, type StorageGrower } from './allocator.js';
@@ -53,7 +49,6 @@ export type { CreateOptions } from './create.js';
 export type { BaseChainEntry, BaseImage, Extent, ExtentKind, HostExtent, ImageStats, OpenOptions } from './image-types.js';
 
 const DEFAULT_MAX_COR = 16 * 1024 * 1024;
-const MAX_CHAIN_DEPTH = 64;
 
 export class FvdImage {
   readonly size: number;
@@ -100,8 +95,8 @@ export class FvdImage {
   /** Encrypted image: the data cipher, null when opened withoutKey (data I/O refused). */
   readonly encrypted: boolean;
   private readonly xts: XtsCipher | null;
-  /** Encrypted image: serializes read-modify-writes of partial sectors with other writes. */
-  private readonly gate = new SectorGate();
+  /** Encrypted image: the whole-sector and key rules of its requests (fvd/encrypted-requests.ts). */
+  private readonly crypt: EncryptedRequests | null;
   /** Snapshot bookkeeping of a compact image (refcounts, shared-chunk flags); null if raw-like. */
   private readonly snap: SnapshotState | null;
   /** Internal snapshots: create, list, delete, revert (fvd/snapshot.ts). */
@@ -151,6 +146,14 @@ export class FvdImage {
     this.replayedSectors = state.replayed;
     this.encrypted = (header.incompatible & INCOMPAT_ENCRYPTED) !== 0n;
     this.xts = state.xts;
+    this.crypt = this.encrypted
+      ? new EncryptedRequests(path, state.xts !== null, {
+          read: (buf, offset) => this.read(buf, offset),
+          write: (buf, offset) => this.write(buf, offset),
+          writeSectors: (buf, offset) => this.writeSectors(buf, offset),
+          zeroRange: (offset, length) => this.zeroRange(offset, length),
+        })
+      : null;
     this.snap = state.snap;
     this.alloc = this.table && this.snap ? new ChunkAllocator(path, file, header.dataOffset, header.chunkSize, this.table, this.snap) : null;
     this.snapshots = new SnapshotManager(path, this.table && this.snap ? this.snapshotHost() : null, this.snap);
@@ -210,35 +213,10 @@ export class FvdImage {
   ): Promise<FvdImage> {
 
     let base: BaseImage | null = null;
-    let reopenBase: (() => Promise<BaseImage>) | null = null;
     const ref = readBaseReference(imagePath, first, header);
-    if (ref) {
-      const { path: basePath, identity } = ref;
-      reopenBase = async () => {
-        const resolved = resolveBasePath(imagePath, basePath);
-        const b = await openBase(io, resolved, header.baseFormat, [...chain, canonicalName(imagePath)], basePath);
-        // An interrupted commit may have grown the base already (FORMAT.md §12.3); this image
-        // reads only its first base_size bytes either way.
-        if (b.size !== header.baseSize && !(header.baseSizeNext && b.size === header.baseSizeNext)) {
-          await b.close();
-          throw new FvdError(
-            `${imagePath}: base image '${basePath}' is ${b.size} bytes but was ${header.baseSize} bytes when the image was created (wrong or resized base)`,
-            'EINVAL',
-          );
-        }
-        // A remote template replaced on the server (same size, new ETag/date) is refused too.
-        if (identity !== null && b.identity !== identity) {
-          await b.close();
-          throw new FvdError(
-            `${imagePath}: base image '${basePath}' changed since the image was created (now ${b.identity ?? 'no identity'}, was ${identity}): refusing to mix old and new data`,
-            'EINVAL',
-          );
-        }
-        return b;
-      };
-      const fullyLocal = (header.autoclear & AUTOCLEAR_FULLY_LOCAL) !== 0n;
-      if (!fullyLocal) base = await reopenBase();
-    }
+    // Opens the base, checked against what the image recorded (fvd/base-chain.ts).
+    const reopenBase = ref ? baseOpener(io, imagePath, header, chain, ref, openBase) : null;
+    if (reopenBase && !(header.autoclear & AUTOCLEAR_FULLY_LOCAL)) base = await reopenBase();
     try {
       // Bitmap, table, in-memory journal replay and the table checks (fvd/metadata.ts). Shared
       // memory: the daemon's queue workers map requests through them without copies.
@@ -372,7 +350,7 @@ export class FvdImage {
   async read(buf: Uint8Array, offset: number): Promise<void> {
     this.checkRange(offset, buf.length, 'read');
     if (buf.length === 0) return;
-    if (this.encrypted && this.checkCipher('read', offset, buf.length)) return this.readUnaligned(buf, offset);
+    if (this.crypt?.check('read', offset, buf.length)) return this.crypt.readUnaligned(buf, offset);
     const end = offset + buf.length;
     if (this.allLocal || offset >= this.bitmapEnd) return this.data.read(buf, offset);
     const bs = this.blockSize;
@@ -395,7 +373,7 @@ export class FvdImage {
     this.checkRange(offset, buf.length, 'write');
     this.checkWritable('write');
     if (buf.length === 0) return;
-    if (this.encrypted) await this.writeEncrypted(buf, offset, this.checkCipher('write', offset, buf.length));
+    if (this.crypt) await this.crypt.write(buf, offset, this.crypt.check('write', offset, buf.length));
     else await this.writeSectors(buf, offset);
     if (fua) await this.journal!.commit();
   }
@@ -422,7 +400,7 @@ export class FvdImage {
     this.checkRange(offset, length, 'write-zeroes');
     this.checkWritable('write-zeroes');
     if (length === 0) return;
-    if (this.encrypted) return this.zeroEncrypted(offset, length, this.checkCipher('write-zeroes', offset, length));
+    if (this.crypt) return this.crypt.zero(offset, length, this.crypt.check('write-zeroes', offset, length));
     return this.zeroRange(offset, length);
   }
 
@@ -691,84 +669,6 @@ export class FvdImage {
     this.journal!.pending.addBitmap(first, last - first + 1);
   };
 
-  // ---------------------------------------------------------------------------------------------
-  // encryption (FORMAT.md §11): the data area holds XTS ciphertext, tweak = guest sector
-
-  /**
-   * Refuses data I/O on an encrypted image opened without its key. Returns true when the range
-   * does not cover whole sectors (XTS works on whole sectors: the unaligned paths below).
-   */
-  private checkCipher(op: string, offset: number, length: number): boolean {
-    if (!this.xts) throw new KeyError(`${this.path}: ${op} of an encrypted image opened without its key (give it with --key-file)`);
-    return offset % SECTOR !== 0 || length % SECTOR !== 0;
-  }
-
-  /**
-   * Every write of an encrypted image passes the sector gate (fvd/sector-gate.ts, which argues
-   * the concurrency): whole-sector writes as plain writers, others as a read-modify-write of the
-   * sectors they touch — the partial edge sectors are read (decrypted), the new bytes merged into
-   * the plaintext, and the whole sectors encrypted and written, with no other write to them in
-   * between. Each sector is then written whole, so a power cut leaves it old or new (§11.4).
-   */
-  private async writeEncrypted(buf: Uint8Array, offset: number, unaligned: boolean): Promise<void> {
-    const first = Math.floor(offset / SECTOR);
-    const last = Math.floor((offset + buf.length - 1) / SECTOR);
-    if (!unaligned) {
-      if (!this.gate.tryEnter(first, last)) await this.gate.enter(first, last);
-      try {
-        await this.writeSectors(buf, offset);
-      } finally {
-        this.gate.leave();
-      }
-      return;
-    }
-    await this.gate.lock(first, last);
-    try {
-      const start = first * SECTOR;
-      const whole = new Uint8Array((last + 1) * SECTOR - start);
-      const reads: Promise<void>[] = [];
-      if (offset > start || (first === last && buf.length < SECTOR)) reads.push(this.read(whole.subarray(0, SECTOR), start));
-      if ((offset + buf.length) % SECTOR && last > first) reads.push(this.read(whole.subarray(whole.length - SECTOR), last * SECTOR));
-      await Promise.all(reads);
-      whole.set(buf, offset - start);
-      await this.writeSectors(whole, start);
-    } finally {
-      this.gate.unlock(first, last);
-    }
-  }
-
-  /** Write-zeroes (and discard) of an encrypted image: partial edge sectors are merged writes. */
-  private async zeroEncrypted(offset: number, length: number, unaligned: boolean): Promise<void> {
-    const end = offset + length;
-    if (unaligned) {
-      const a = roundUp(offset, SECTOR);
-      const z = Math.floor(end / SECTOR) * SECTOR;
-      if (a >= z) return this.write(new Uint8Array(length), offset);
-      const parts: Promise<void>[] = [this.zeroEncrypted(a, z - a, false)];
-      if (offset < a) parts.push(this.write(new Uint8Array(a - offset), offset));
-      if (z < end) parts.push(this.write(new Uint8Array(end - z), z));
-      await Promise.all(parts);
-      return;
-    }
-    const first = offset / SECTOR;
-    const last = end / SECTOR - 1;
-    if (!this.gate.tryEnter(first, last)) await this.gate.enter(first, last);
-    try {
-      await this.zeroRange(offset, length);
-    } finally {
-      this.gate.leave();
-    }
-  }
-
-  /** A read that does not cover whole sectors: read the sectors around it and copy. */
-  private async readUnaligned(buf: Uint8Array, offset: number): Promise<void> {
-    const start = Math.floor(offset / SECTOR) * SECTOR;
-    const end = roundUp(offset + buf.length, SECTOR);
-    const whole = new Uint8Array(end - start);
-    await this.read(whole, start);
-    buf.set(whole.subarray(offset - start, offset - start + buf.length));
-  }
-
   /** Grow the device storage through `grower` (null: never; a full device then gives ENOSPC). */
   setStorageGrower(grower: StorageGrower | null): void {
     this.alloc?.setGrower(grower);
@@ -1027,58 +927,25 @@ async function openImage(io: IoBackend, imagePath: string, options: OpenOptions,
   }
 }
 
-/**
- * Opens a base image read-only. `chain` holds the images above it, to detect loops. Every level
- * is opened with a shared lock, so no writer (a served image, `fvd commit`) can change a base
- * while an image reads through it.
- */
-export async function openBase(io: IoBackend, resolved: string, format: number, chain: string[], shownPath: string): Promise<BaseImage> {
-  if (chain.includes(resolved)) throw new FvdError(`base chain loop: '${resolved}' is its own base`, 'EINVAL');
-  if (chain.length >= MAX_CHAIN_DEPTH) throw new FvdError(`base chain longer than ${MAX_CHAIN_DEPTH} images (at '${shownPath}')`, 'EINVAL');
-  try {
-    if (format === BASE_RAW) {
-      const file = await io.open(resolved, { readOnly: true, lock: 'shared' });
-      return {
-        size: file.size(),
-        read: (buf, offset) => file.read(buf, offset),
-        knownZero: async (offset, length) => holeAt(file, offset, offset + length),
-        close: () => file.close(),
-        describe: () => [{ path: resolved, format: 'raw', size: file.size() }],
-        identity: file.identity,
-        remote: file.remote,
-        inFlightBytes: file.inFlightBytes,
-        fileIds: () => (file.fileId ? [file.fileId] : []),
-      };
-    }
-    // Its own backing chain continues below, with the levels above it for loop detection.
-    if (format === BASE_QCOW2) return await Qcow2Image.open(io, resolved, { chain });
-    const image = await openImage(io, resolved, { readOnly: true, copyOnRead: false }, chain, 'shared');
-    return {
-      identity: image.fileIdentity,
-      remote: image.fileIsRemote,
-      size: image.size,
-      read: (buf, offset) => image.read(buf, offset),
-      knownZero: (offset, length) => image.knownZero(offset, length),
-      close: () => image.close(),
-      describe: () => image.describeChain('fvd'),
-      fileIds: () => image.fileIds(),
-    };
-  } catch (err) {
-    const e = err as NodeJS.ErrnoException;
-    // A remote source names itself (its URL without credentials) at the start of its messages.
-    if (isUrl(resolved)) throw new FvdError(`base image ${err instanceof FvdError ? err.message : `'${redactUrl(shownPath)}': ${e.message}`}`, err instanceof FvdError ? err.code : 'EIO');
-    // An FvdError first: one from deeper in the chain (a missing image further down has code
-    // ENOENT too) must keep naming that image, prefixed with this level.
-    if (err instanceof FvdError && err.message.startsWith('base chain longer')) throw err; // 64 prefixes would say nothing more
-    if (err instanceof FvdError) throw new FvdError(`base image '${shownPath}': ${err.message.replace(oneLine(`${resolved}: `), '')}`, err.code);
-    if (e.code === 'ENOENT') throw new FvdError(`base image '${shownPath}' not found (looked for ${resolved})`, 'ENOENT');
-    throw new FvdError(`base image '${shownPath}' (${baseFormatName(format)}) cannot be opened: ${e.message}`, 'EIO');
-  }
+/** An FVD image as one read-only level of a base chain. */
+async function openFvdLevel(io: IoBackend, resolved: string, chain: string[]): Promise<BaseImage> {
+  const image = await openImage(io, resolved, { readOnly: true, copyOnRead: false }, chain, 'shared');
+  return {
+    identity: image.fileIdentity,
+    remote: image.fileIsRemote,
+    size: image.size,
+    read: (buf, offset) => image.read(buf, offset),
+    knownZero: (offset, length) => image.knownZero(offset, length),
+    close: () => image.close(),
+    describe: () => image.describeChain('fvd'),
+    fileIds: () => image.fileIds(),
+  };
 }
 
-/** [a, z) of the file is known to read as zeros (a hole or past the end). */
-export function holeAt(file: BlockFile, a: number, z: number): boolean {
-  if (a >= file.size()) return true;
-  const next = file.nextData?.(a);
-  return next !== undefined && next !== null && next >= z;
+/**
+ * Opens a base image read-only, of any format, below the images in `chain` (fvd/base-chain.ts
+ * has the rules; this supplies the FVD opener).
+ */
+export function openBase(io: IoBackend, resolved: string, format: number, chain: string[], shownPath: string): Promise<BaseImage> {
+  return openChainLevel(io, resolved, format, chain, shownPath, openFvdLevel);
 }
