@@ -33,7 +33,7 @@ import { BlockLocks } from './block-locks.js';
 import { EncryptedRequests } from './encrypted-requests.js';
 import { FlushGuard } from './flush-guard.js';
 import { KeyError, type XtsCipher } from './crypto.js';
-import { SnapshotManager, SnapshotState, loadSnapshotState, type SnapshotHost } from './snapshot.js';
+import { SnapshotManager, SnapshotState, loadSnapshotState, type ActiveImageState, type SnapshotEngineHooks } from './snapshot.js';
 import { baseOpener, openChainLevel } from './base-chain.js';
 import { PENDING, STORED, mapRun, newRun, storageLayout, type MappingLayout, type SharedView } from './mapping.js';
 import { coverMappedChunks, readBaseReference, readHeaderPage, readMaps, tableRegionOf, unlockKey, writeCheckpoint } from './metadata.js';
@@ -156,7 +156,6 @@ export class FvdImage {
       : null;
     this.snap = state.snap;
     this.alloc = this.table && this.snap ? new ChunkAllocator(path, file, header.dataOffset, header.chunkSize, this.table, this.snap) : null;
-    this.snapshots = new SnapshotManager(path, this.table && this.snap ? this.snapshotHost() : null, this.snap);
     this.journal = state.readOnly
       ? null
       : new Journal(file, header.journalOffset, header.journalLength, state.nextSeq, state.usedSectors, this, (batch) =>
@@ -166,6 +165,10 @@ export class FvdImage {
       ? new CompactStorage(file, header.dataOffset, header.blockSize, header.chunkSize, header.virtualSize, this.table!, this.snap!, this.alloc, this.journal)
       : null;
     this.data = new DataArea(file, header.dataOffset, this.compactStorage, state.xts);
+    const active: ActiveImageState | null = this.alloc
+      ? { file, header, table: this.table!, present: this.present, journaled: this.journaled, baseBlocks: this.baseBlocks, readOnly: this.readOnly, allocator: this.alloc }
+      : null;
+    this.snapshots = new SnapshotManager(path, active, this.snap, this.snapshotHooks());
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -860,17 +863,9 @@ export class FvdImage {
     return this.base!.knownZero(a, Math.min(z, this.baseLimit) - a);
   }
 
-  /** The engine side of the snapshot operations (fvd/snapshot.ts), over this image's private state. */
-  private snapshotHost(): SnapshotHost {
+  /** What snapshot operations (fvd/snapshot.ts) may not do themselves: this image's journal, base and files. */
+  private snapshotHooks(): SnapshotEngineHooks {
     return {
-      path: this.path,
-      file: this.file,
-      header: this.header,
-      table: this.table!,
-      present: this.present,
-      journaled: this.journaled,
-      baseBlocks: this.baseBlocks,
-      readOnly: this.readOnly,
       checkOpen: () => {
         if (this.closed) throw new FvdError(`${this.path}: image is closed`, 'EINVAL');
       },
@@ -879,9 +874,6 @@ export class FvdImage {
         await this.journal!.checkpoint();
       },
       checkpoint: () => this.journal!.checkpoint(),
-      writeHeader: () => this.writeHeader(),
-      allocator: this.alloc!,
-      baseDetached: () => this.base === null,
       attachBase: async () => {
         if (this.base || !this.reopenBase) return;
         this.base = await this.reopenBase();
