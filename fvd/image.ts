@@ -40,6 +40,7 @@ import { coverMappedChunks, readBaseReference, readHeaderPage, readMaps, tableRe
 import { ChunkAllocator, type StorageGrower } from './allocator.js';
 import { CompactStorage } from './compact-storage.js';
 import { DataArea } from './data-area.js';
+import { BaseCopier } from './base-copy.js';
 
 import { createImage, type CreateOptions } from './create.js';
 import type { BaseChainEntry, BaseImage, Extent, ExtentKind, HostExtent, ImageStats, OpenOptions } from './image-types.js';
@@ -56,7 +57,13 @@ export class FvdImage {
   readonly chunkSize: number;
   readonly compact: boolean;
   readonly readOnly: boolean;
-  copyOnRead: boolean;
+  /** Copy-on-read on (off for read-only opens; turned off after a failed copy: fvd/base-copy.ts). */
+  get copyOnRead(): boolean {
+    return this.copier.copyOnRead;
+  }
+  set copyOnRead(on: boolean) {
+    this.copier.copyOnRead = on;
+  }
 
   /** Blocks with bitmap semantics: those below min(base size, virtual size). */
   private readonly baseBlocks: number;
@@ -84,8 +91,8 @@ export class FvdImage {
   private readonly run = newRun();
   private readonly settlingForRead = (c: number): boolean => this.alloc !== null && this.alloc.allocating.has(c);
   private readonly background = new Set<Promise<void>>();
-  private readonly maxCorBytes: number;
-  private corBytes = 0;
+  /** Copy-on-read and prefetch copies of base blocks (fvd/base-copy.ts). */
+  private readonly copier: BaseCopier;
   private allLocal: boolean;
   /** allLocal for the daemon's queue workers: [0] = 1 once fully local (read per request). */
   private readonly sharedAllLocal = new Int32Array(new SharedArrayBuffer(4));
@@ -130,8 +137,6 @@ export class FvdImage {
     this.chunkSize = header.chunkSize;
     this.compact = (header.incompatible & INCOMPAT_COMPACT) !== 0n;
     this.readOnly = state.readOnly;
-    this.copyOnRead = state.copyOnRead && !state.readOnly;
-    this.maxCorBytes = state.maxCorBytes;
     this.baseLimit = Math.min(header.baseSize, header.virtualSize);
     this.baseBlocks = Math.ceil(this.baseLimit / header.blockSize);
     this.bitmapEnd = Math.min(this.baseBlocks * header.blockSize, header.virtualSize);
@@ -165,6 +170,7 @@ export class FvdImage {
       ? new CompactStorage(file, header.dataOffset, header.blockSize, header.chunkSize, header.virtualSize, this.table!, this.snap!, this.alloc, this.journal)
       : null;
     this.data = new DataArea(file, header.dataOffset, this.compactStorage, state.xts);
+    this.copier = new BaseCopier({ size: this.size, blockSize: this.blockSize, baseLimit: this.baseLimit }, this.present, this.locks, this.data, (buf, offset) => this.readBaseRaw(buf, offset), (copy) => this.track(copy), state.copyOnRead && !state.readOnly, state.maxCorBytes);
     const active: ActiveImageState | null = this.alloc
       ? { file, header, table: this.table!, present: this.present, journaled: this.journaled, baseBlocks: this.baseBlocks, readOnly: this.readOnly, allocator: this.alloc }
       : null;
@@ -365,7 +371,7 @@ export class FvdImage {
       let runEnd = Math.min(end, (b + 1) * bs);
       while (runEnd < end && this.isLocal(runEnd / bs) === local) runEnd = Math.min(end, runEnd + bs);
       const sub = buf.subarray(pos - offset, runEnd - offset);
-      tasks.push(local ? this.data.read(sub, pos) : this.readFromBase(sub, pos));
+      tasks.push(local ? this.data.read(sub, pos) : this.copier.readFromBase(sub, pos));
       pos = runEnd;
     }
     if (tasks.length === 1) return tasks[0];
@@ -439,57 +445,6 @@ export class FvdImage {
     if (inBase > 0) await this.base!.read(inBase === buf.length ? buf : buf.subarray(0, inBase), offset);
   }
 
-  /** A run of blocks not local at submit time: read the base, maybe copy it into the image. */
-  private async readFromBase(buf: Uint8Array, offset: number): Promise<void> {
-    const bs = this.blockSize;
-    const b0 = Math.floor(offset / bs);
-    const b1 = Math.floor((offset + buf.length - 1) / bs);
-    const wStart = b0 * bs;
-    const wEnd = Math.min((b1 + 1) * bs, this.size);
-    const wLen = wEnd - wStart;
-    if (!this.copyOnRead || this.corBytes + wLen > this.maxCorBytes || !this.locks.tryAcquire(b0, b1)) {
-      return this.readBaseRaw(buf, offset);
-    }
-    // Copy-on-read: read whole blocks, answer the guest, write them to the image in background.
-    this.corBytes += wLen;
-    let whole: Uint8Array;
-    try {
-      whole = new Uint8Array(wLen);
-      await this.readBaseRaw(whole, wStart);
-    } catch (err) {
-      this.corBytes -= wLen;
-      this.locks.release(b0, b1);
-      throw err;
-    }
-    buf.set(whole.subarray(offset - wStart, offset - wStart + buf.length));
-    this.track(this.copyToImage(whole, wStart, b0, b1));
-  }
-
-  private async copyToImage(whole: Uint8Array, wStart: number, b0: number, b1: number, rethrow = false): Promise<void> {
-    try {
-      // Only still-absent runs are stored. (The block locks keep writers out meanwhile, so
-      // this is all of them; the check keeps a block that became local from being overwritten.)
-      const bs = this.blockSize;
-      const runs: number[] = [];
-      forEachClearRun(this.present, b0, b1, (b, e) => runs.push(b, e));
-      for (let i = 0; i < runs.length; i += 2) {
-        const b = runs[i]!;
-        const e = runs[i + 1]!;
-        const from = b * bs - wStart;
-        const to = Math.min((e + 1) * bs, wStart + whole.length) - wStart;
-        await this.data.write(whole.subarray(from, to), b * bs);
-        setRange(this.present, b, e - b + 1); // soft: not journaled (FORMAT.md §5.2)
-      }
-    } catch (err) {
-      if (rethrow) throw err;
-      // A failed copy-on-read is harmless: the blocks stay in the base. Disable further copies.
-      this.copyOnRead = false;
-    } finally {
-      this.corBytes -= whole.length;
-      this.locks.release(b0, b1);
-    }
-  }
-
   private track(p: Promise<void>): void {
     this.background.add(p);
     p.finally(() => this.background.delete(p));
@@ -539,29 +494,7 @@ export class FvdImage {
     this.checkWritable('prefetch');
     if (this.encrypted && !this.xts) throw new KeyError(`${this.path}: prefetch into an encrypted image opened without its key`);
     if (this.closed || this.allLocal) return 0;
-    const last = Math.min(b1, this.baseBlocks - 1);
-    const runs: number[] = [];
-    forEachClearRun(this.present, b0, last, (b, e) => runs.push(b, e));
-    let bytes = 0;
-    const bs = this.blockSize;
-    for (let i = 0; i < runs.length; i += 2) {
-      const b = runs[i]!;
-      const e = runs[i + 1]!;
-      if (!this.locks.tryAcquire(b, e)) continue;
-      const start = b * bs;
-      const len = Math.min((e + 1) * bs, this.size) - start;
-      const whole = scratch && scratch.length >= len ? scratch.subarray(0, len) : new Uint8Array(len);
-      try {
-        await this.readBaseRaw(whole, start);
-      } catch (err) {
-        this.locks.release(b, e);
-        throw err;
-      }
-      bytes += Math.max(0, Math.min(whole.length, this.baseLimit - start));
-      this.corBytes += whole.length; // copyToImage accounts it back
-      await this.copyToImage(whole, start, b, e, true);
-    }
-    return bytes;
+    return this.copier.copyAbsent(b0, Math.min(b1, this.baseBlocks - 1), scratch);
   }
 
   /**
