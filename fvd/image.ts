@@ -170,7 +170,16 @@ export class FvdImage {
       ? new CompactStorage(file, header.dataOffset, header.blockSize, header.chunkSize, header.virtualSize, this.table!, this.snap!, this.alloc, this.journal)
       : null;
     this.data = new DataArea(file, header.dataOffset, this.compactStorage, state.xts);
-    this.copier = new BaseCopier({ size: this.size, blockSize: this.blockSize, baseLimit: this.baseLimit }, this.present, this.locks, this.data, (buf, offset) => this.readBaseRaw(buf, offset), (copy) => this.track(copy), state.copyOnRead && !state.readOnly, state.maxCorBytes);
+    this.copier = new BaseCopier(
+      { size: this.size, blockSize: this.blockSize, baseLimit: this.baseLimit },
+      this.present,
+      this.locks,
+      this.data,
+      (buf, offset) => this.readBaseRaw(buf, offset),
+      (copy) => this.track(copy),
+      state.copyOnRead && !state.readOnly,
+      state.maxCorBytes,
+    );
     const active: ActiveImageState | null = this.alloc
       ? { file, header, table: this.table!, present: this.present, journaled: this.journaled, baseBlocks: this.baseBlocks, readOnly: this.readOnly, allocator: this.alloc }
       : null;
