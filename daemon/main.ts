@@ -9,6 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { UsageError } from './args.js';
 import { HelpRequested, formatHelp, type CommandSpec } from './command.js';
 import { FvdError, oneLine } from '../fvd/errors.js';
+import { UblkError } from './ublk/errors.js';
 import { registerZstdFallback } from './zstd-fallback.js';
 
 /** In the order `fvd --help` lists them. */
@@ -99,7 +100,7 @@ export async function main(argv: string[]): Promise<number> {
       console.error(text(err.message));
       return err.exitCode;
     }
-    if (err instanceof FvdError) {
+    if (err instanceof FvdError || err instanceof UblkError) {
       console.error(text(err.message));
       return 1;
     }

@@ -18,7 +18,7 @@ import { FvdError } from '../fvd/errors.js';
 import { libc, EFD_CLOEXEC } from '../ffi/libc.js';
 import { syscalls } from '../ffi/syscalls.js';
 import { errnoName } from '../ffi/uring.js';
-import { UblkControl, UblkError } from './ublk/control.js';
+import { UblkCommandError, UblkControl } from './ublk/control.js';
 import { describeFeatures } from './ublk/features.js';
 import {
   FVD_SERVER_TAG,
@@ -149,7 +149,7 @@ export class UblkServer {
         ublksrvFlags: FVD_SERVER_TAG,
       })
       .catch((err) => {
-        if (err instanceof UblkError && err.errno === -17 /* EEXIST */)
+        if (err instanceof UblkCommandError && err.errno === -17 /* EEXIST */)
           throw new FvdError(`ublk device id ${opts.devId} is in use by another server`, 'EBUSY');
         throw err;
       });

@@ -11,20 +11,17 @@
  * Metadata that makes data visible is journaled only after that data completed, and a journal
  * commit starts with fdatasync: see Journal and FORMAT.md §7 for the ordering argument.
  */
-import type { BlockFile, IoBackend } from './io.js';
-import { FvdError, oneLine } from './errors.js';
+import { holeAt, type BlockFile, type IoBackend } from './io.js';
+import { FvdError } from './errors.js';
 import {
   AUTOCLEAR_FULLY_LOCAL,
   AUTOCLEAR_KNOWN,
-  BASE_RAW,
   CHUNK_EMPTY,
   COMPAT_ZERO_DETECTED,
   INCOMPAT_COMPACT,
   INCOMPAT_DIRTY,
   INCOMPAT_ENCRYPTED,
   SECTOR,
-  BASE_QCOW2,
-  baseFormatName,
   encodeHeader,
   roundUp,
   type BaseFormat,
@@ -33,20 +30,19 @@ import {
 import { allSet, countSet, forEachClearRun, newBitmap, setRange, testBit } from './bitmap.js';
 import { Journal, PendingRecords } from './journal.js';
 import { BlockLocks } from './block-locks.js';
-import { SectorGate } from './sector-gate.js';
+import { EncryptedRequests } from './encrypted-requests.js';
 import { FlushGuard } from './flush-guard.js';
 import { KeyError, type XtsCipher } from './crypto.js';
-import { SnapshotManager, SnapshotState, loadSnapshotState, type SnapshotHost } from './snapshot.js';
-import { Qcow2Image } from './qcow2.js';
-import { canonicalName, isUrl, redactUrl, resolveBasePath } from './base-location.js';
+import { SnapshotManager, SnapshotState, loadSnapshotState, type ActiveImageState, type SnapshotEngineHooks } from './snapshot.js';
+import { baseOpener, openChainLevel } from './base-chain.js';
 import { PENDING, STORED, mapRun, newRun, storageLayout, type MappingLayout, type SharedView } from './mapping.js';
 import { coverMappedChunks, readBaseReference, readHeaderPage, readMaps, tableRegionOf, unlockKey, writeCheckpoint } from './metadata.js';
 import { ChunkAllocator, type StorageGrower } from './allocator.js';
 import { CompactStorage } from './compact-storage.js';
 import { DataArea } from './data-area.js';
+import { BaseCopier } from './base-copy.js';
 
 import { createImage, type CreateOptions } from './create.js';
-import { fileDataExtent } from './zero-scan.js';
 import type { BaseChainEntry, BaseImage, Extent, ExtentKind, HostExtent, ImageStats, OpenOptions } from './image-types.js';
 
 export type { StorageGrower } from './allocator.js';
@@ -54,7 +50,6 @@ export type { CreateOptions } from './create.js';
 export type { BaseChainEntry, BaseImage, Extent, ExtentKind, HostExtent, ImageStats, OpenOptions } from './image-types.js';
 
 const DEFAULT_MAX_COR = 16 * 1024 * 1024;
-const MAX_CHAIN_DEPTH = 64;
 
 export class FvdImage {
   readonly size: number;
@@ -62,7 +57,13 @@ export class FvdImage {
   readonly chunkSize: number;
   readonly compact: boolean;
   readonly readOnly: boolean;
-  copyOnRead: boolean;
+  /** Copy-on-read on (off for read-only opens; turned off after a failed copy: fvd/base-copy.ts). */
+  get copyOnRead(): boolean {
+    return this.copier.copyOnRead;
+  }
+  set copyOnRead(on: boolean) {
+    this.copier.copyOnRead = on;
+  }
 
   /** Blocks with bitmap semantics: those below min(base size, virtual size). */
   private readonly baseBlocks: number;
@@ -90,8 +91,8 @@ export class FvdImage {
   private readonly run = newRun();
   private readonly settlingForRead = (c: number): boolean => this.alloc !== null && this.alloc.allocating.has(c);
   private readonly background = new Set<Promise<void>>();
-  private readonly maxCorBytes: number;
-  private corBytes = 0;
+  /** Copy-on-read and prefetch copies of base blocks (fvd/base-copy.ts). */
+  private readonly copier: BaseCopier;
   private allLocal: boolean;
   /** allLocal for the daemon's queue workers: [0] = 1 once fully local (read per request). */
   private readonly sharedAllLocal = new Int32Array(new SharedArrayBuffer(4));
@@ -101,8 +102,8 @@ export class FvdImage {
   /** Encrypted image: the data cipher, null when opened withoutKey (data I/O refused). */
   readonly encrypted: boolean;
   private readonly xts: XtsCipher | null;
-  /** Encrypted image: serializes read-modify-writes of partial sectors with other writes. */
-  private readonly gate = new SectorGate();
+  /** Encrypted image: the whole-sector and key rules of its requests (fvd/encrypted-requests.ts). */
+  private readonly crypt: EncryptedRequests | null;
   /** Snapshot bookkeeping of a compact image (refcounts, shared-chunk flags); null if raw-like. */
   private readonly snap: SnapshotState | null;
   /** Internal snapshots: create, list, delete, revert (fvd/snapshot.ts). */
@@ -136,8 +137,6 @@ export class FvdImage {
     this.chunkSize = header.chunkSize;
     this.compact = (header.incompatible & INCOMPAT_COMPACT) !== 0n;
     this.readOnly = state.readOnly;
-    this.copyOnRead = state.copyOnRead && !state.readOnly;
-    this.maxCorBytes = state.maxCorBytes;
     this.baseLimit = Math.min(header.baseSize, header.virtualSize);
     this.baseBlocks = Math.ceil(this.baseLimit / header.blockSize);
     this.bitmapEnd = Math.min(this.baseBlocks * header.blockSize, header.virtualSize);
@@ -152,9 +151,16 @@ export class FvdImage {
     this.replayedSectors = state.replayed;
     this.encrypted = (header.incompatible & INCOMPAT_ENCRYPTED) !== 0n;
     this.xts = state.xts;
+    this.crypt = this.encrypted
+      ? new EncryptedRequests(path, state.xts !== null, {
+          read: (buf, offset) => this.read(buf, offset),
+          write: (buf, offset) => this.write(buf, offset),
+          writeSectors: (buf, offset) => this.writeSectors(buf, offset),
+          zeroRange: (offset, length) => this.zeroRange(offset, length),
+        })
+      : null;
     this.snap = state.snap;
     this.alloc = this.table && this.snap ? new ChunkAllocator(path, file, header.dataOffset, header.chunkSize, this.table, this.snap) : null;
-    this.snapshots = new SnapshotManager(path, this.table && this.snap ? this.snapshotHost() : null, this.snap);
     this.journal = state.readOnly
       ? null
       : new Journal(file, header.journalOffset, header.journalLength, state.nextSeq, state.usedSectors, this, (batch) =>
@@ -164,6 +170,20 @@ export class FvdImage {
       ? new CompactStorage(file, header.dataOffset, header.blockSize, header.chunkSize, header.virtualSize, this.table!, this.snap!, this.alloc, this.journal)
       : null;
     this.data = new DataArea(file, header.dataOffset, this.compactStorage, state.xts);
+    this.copier = new BaseCopier(
+      { size: this.size, blockSize: this.blockSize, baseLimit: this.baseLimit },
+      this.present,
+      this.locks,
+      this.data,
+      (buf, offset) => this.readBaseRaw(buf, offset),
+      (copy) => this.track(copy),
+      state.copyOnRead && !state.readOnly,
+      state.maxCorBytes,
+    );
+    const active: ActiveImageState | null = this.alloc
+      ? { file, header, table: this.table!, present: this.present, journaled: this.journaled, baseBlocks: this.baseBlocks, readOnly: this.readOnly, allocator: this.alloc }
+      : null;
+    this.snapshots = new SnapshotManager(path, active, this.snap, this.snapshotHooks());
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -211,35 +231,10 @@ export class FvdImage {
   ): Promise<FvdImage> {
 
     let base: BaseImage | null = null;
-    let reopenBase: (() => Promise<BaseImage>) | null = null;
     const ref = readBaseReference(imagePath, first, header);
-    if (ref) {
-      const { path: basePath, identity } = ref;
-      reopenBase = async () => {
-        const resolved = resolveBasePath(imagePath, basePath);
-        const b = await openBase(io, resolved, header.baseFormat, [...chain, canonicalName(imagePath)], basePath);
-        // An interrupted commit may have grown the base already (FORMAT.md §12.3); this image
-        // reads only its first base_size bytes either way.
-        if (b.size !== header.baseSize && !(header.baseSizeNext && b.size === header.baseSizeNext)) {
-          await b.close();
-          throw new FvdError(
-            `${imagePath}: base image '${basePath}' is ${b.size} bytes but was ${header.baseSize} bytes when the image was created (wrong or resized base)`,
-            'EINVAL',
-          );
-        }
-        // A remote template replaced on the server (same size, new ETag/date) is refused too.
-        if (identity !== null && b.identity !== identity) {
-          await b.close();
-          throw new FvdError(
-            `${imagePath}: base image '${basePath}' changed since the image was created (now ${b.identity ?? 'no identity'}, was ${identity}): refusing to mix old and new data`,
-            'EINVAL',
-          );
-        }
-        return b;
-      };
-      const fullyLocal = (header.autoclear & AUTOCLEAR_FULLY_LOCAL) !== 0n;
-      if (!fullyLocal) base = await reopenBase();
-    }
+    // Opens the base, checked against what the image recorded (fvd/base-chain.ts).
+    const reopenBase = ref ? baseOpener(io, imagePath, header, chain, ref, openBase) : null;
+    if (reopenBase && !(header.autoclear & AUTOCLEAR_FULLY_LOCAL)) base = await reopenBase();
     try {
       // Bitmap, table, in-memory journal replay and the table checks (fvd/metadata.ts). Shared
       // memory: the daemon's queue workers map requests through them without copies.
@@ -373,7 +368,7 @@ export class FvdImage {
   async read(buf: Uint8Array, offset: number): Promise<void> {
     this.checkRange(offset, buf.length, 'read');
     if (buf.length === 0) return;
-    if (this.encrypted && this.checkCipher('read', offset, buf.length)) return this.readUnaligned(buf, offset);
+    if (this.crypt?.check('read', offset, buf.length)) return this.crypt.readUnaligned(buf, offset);
     const end = offset + buf.length;
     if (this.allLocal || offset >= this.bitmapEnd) return this.data.read(buf, offset);
     const bs = this.blockSize;
@@ -385,7 +380,7 @@ export class FvdImage {
       let runEnd = Math.min(end, (b + 1) * bs);
       while (runEnd < end && this.isLocal(runEnd / bs) === local) runEnd = Math.min(end, runEnd + bs);
       const sub = buf.subarray(pos - offset, runEnd - offset);
-      tasks.push(local ? this.data.read(sub, pos) : this.readFromBase(sub, pos));
+      tasks.push(local ? this.data.read(sub, pos) : this.copier.readFromBase(sub, pos));
       pos = runEnd;
     }
     if (tasks.length === 1) return tasks[0];
@@ -396,7 +391,7 @@ export class FvdImage {
     this.checkRange(offset, buf.length, 'write');
     this.checkWritable('write');
     if (buf.length === 0) return;
-    if (this.encrypted) await this.writeEncrypted(buf, offset, this.checkCipher('write', offset, buf.length));
+    if (this.crypt) await this.crypt.write(buf, offset, this.crypt.check('write', offset, buf.length));
     else await this.writeSectors(buf, offset);
     if (fua) await this.journal!.commit();
   }
@@ -423,7 +418,7 @@ export class FvdImage {
     this.checkRange(offset, length, 'write-zeroes');
     this.checkWritable('write-zeroes');
     if (length === 0) return;
-    if (this.encrypted) return this.zeroEncrypted(offset, length, this.checkCipher('write-zeroes', offset, length));
+    if (this.crypt) return this.crypt.zero(offset, length, this.crypt.check('write-zeroes', offset, length));
     return this.zeroRange(offset, length);
   }
 
@@ -457,57 +452,6 @@ export class FvdImage {
     const inBase = Math.max(0, Math.min(buf.length, this.baseLimit - offset));
     if (inBase < buf.length) buf.fill(0, inBase);
     if (inBase > 0) await this.base!.read(inBase === buf.length ? buf : buf.subarray(0, inBase), offset);
-  }
-
-  /** A run of blocks not local at submit time: read the base, maybe copy it into the image. */
-  private async readFromBase(buf: Uint8Array, offset: number): Promise<void> {
-    const bs = this.blockSize;
-    const b0 = Math.floor(offset / bs);
-    const b1 = Math.floor((offset + buf.length - 1) / bs);
-    const wStart = b0 * bs;
-    const wEnd = Math.min((b1 + 1) * bs, this.size);
-    const wLen = wEnd - wStart;
-    if (!this.copyOnRead || this.corBytes + wLen > this.maxCorBytes || !this.locks.tryAcquire(b0, b1)) {
-      return this.readBaseRaw(buf, offset);
-    }
-    // Copy-on-read: read whole blocks, answer the guest, write them to the image in background.
-    this.corBytes += wLen;
-    let whole: Uint8Array;
-    try {
-      whole = new Uint8Array(wLen);
-      await this.readBaseRaw(whole, wStart);
-    } catch (err) {
-      this.corBytes -= wLen;
-      this.locks.release(b0, b1);
-      throw err;
-    }
-    buf.set(whole.subarray(offset - wStart, offset - wStart + buf.length));
-    this.track(this.copyToImage(whole, wStart, b0, b1));
-  }
-
-  private async copyToImage(whole: Uint8Array, wStart: number, b0: number, b1: number, rethrow = false): Promise<void> {
-    try {
-      // Only still-absent runs are stored. (The block locks keep writers out meanwhile, so
-      // this is all of them; the check keeps a block that became local from being overwritten.)
-      const bs = this.blockSize;
-      const runs: number[] = [];
-      forEachClearRun(this.present, b0, b1, (b, e) => runs.push(b, e));
-      for (let i = 0; i < runs.length; i += 2) {
-        const b = runs[i]!;
-        const e = runs[i + 1]!;
-        const from = b * bs - wStart;
-        const to = Math.min((e + 1) * bs, wStart + whole.length) - wStart;
-        await this.data.write(whole.subarray(from, to), b * bs);
-        setRange(this.present, b, e - b + 1); // soft: not journaled (FORMAT.md §5.2)
-      }
-    } catch (err) {
-      if (rethrow) throw err;
-      // A failed copy-on-read is harmless: the blocks stay in the base. Disable further copies.
-      this.copyOnRead = false;
-    } finally {
-      this.corBytes -= whole.length;
-      this.locks.release(b0, b1);
-    }
   }
 
   private track(p: Promise<void>): void {
@@ -559,29 +503,7 @@ export class FvdImage {
     this.checkWritable('prefetch');
     if (this.encrypted && !this.xts) throw new KeyError(`${this.path}: prefetch into an encrypted image opened without its key`);
     if (this.closed || this.allLocal) return 0;
-    const last = Math.min(b1, this.baseBlocks - 1);
-    const runs: number[] = [];
-    forEachClearRun(this.present, b0, last, (b, e) => runs.push(b, e));
-    let bytes = 0;
-    const bs = this.blockSize;
-    for (let i = 0; i < runs.length; i += 2) {
-      const b = runs[i]!;
-      const e = runs[i + 1]!;
-      if (!this.locks.tryAcquire(b, e)) continue;
-      const start = b * bs;
-      const len = Math.min((e + 1) * bs, this.size) - start;
-      const whole = scratch && scratch.length >= len ? scratch.subarray(0, len) : new Uint8Array(len);
-      try {
-        await this.readBaseRaw(whole, start);
-      } catch (err) {
-        this.locks.release(b, e);
-        throw err;
-      }
-      bytes += Math.max(0, Math.min(whole.length, this.baseLimit - start));
-      this.corBytes += whole.length; // copyToImage accounts it back
-      await this.copyToImage(whole, start, b, e, true);
-    }
-    return bytes;
+    return this.copier.copyAbsent(b0, Math.min(b1, this.baseBlocks - 1), scratch);
   }
 
   /**
@@ -691,84 +613,6 @@ export class FvdImage {
     setRange(this.journaled, first, last - first + 1);
     this.journal!.pending.addBitmap(first, last - first + 1);
   };
-
-  // ---------------------------------------------------------------------------------------------
-  // encryption (FORMAT.md §11): the data area holds XTS ciphertext, tweak = guest sector
-
-  /**
-   * Refuses data I/O on an encrypted image opened without its key. Returns true when the range
-   * does not cover whole sectors (XTS works on whole sectors: the unaligned paths below).
-   */
-  private checkCipher(op: string, offset: number, length: number): boolean {
-    if (!this.xts) throw new KeyError(`${this.path}: ${op} of an encrypted image opened without its key (give it with --key-file)`);
-    return offset % SECTOR !== 0 || length % SECTOR !== 0;
-  }
-
-  /**
-   * Every write of an encrypted image passes the sector gate (fvd/sector-gate.ts, which argues
-   * the concurrency): whole-sector writes as plain writers, others as a read-modify-write of the
-   * sectors they touch — the partial edge sectors are read (decrypted), the new bytes merged into
-   * the plaintext, and the whole sectors encrypted and written, with no other write to them in
-   * between. Each sector is then written whole, so a power cut leaves it old or new (§11.4).
-   */
-  private async writeEncrypted(buf: Uint8Array, offset: number, unaligned: boolean): Promise<void> {
-    const first = Math.floor(offset / SECTOR);
-    const last = Math.floor((offset + buf.length - 1) / SECTOR);
-    if (!unaligned) {
-      if (!this.gate.tryEnter(first, last)) await this.gate.enter(first, last);
-      try {
-        await this.writeSectors(buf, offset);
-      } finally {
-        this.gate.leave();
-      }
-      return;
-    }
-    await this.gate.lock(first, last);
-    try {
-      const start = first * SECTOR;
-      const whole = new Uint8Array((last + 1) * SECTOR - start);
-      const reads: Promise<void>[] = [];
-      if (offset > start || (first === last && buf.length < SECTOR)) reads.push(this.read(whole.subarray(0, SECTOR), start));
-      if ((offset + buf.length) % SECTOR && last > first) reads.push(this.read(whole.subarray(whole.length - SECTOR), last * SECTOR));
-      await Promise.all(reads);
-      whole.set(buf, offset - start);
-      await this.writeSectors(whole, start);
-    } finally {
-      this.gate.unlock(first, last);
-    }
-  }
-
-  /** Write-zeroes (and discard) of an encrypted image: partial edge sectors are merged writes. */
-  private async zeroEncrypted(offset: number, length: number, unaligned: boolean): Promise<void> {
-    const end = offset + length;
-    if (unaligned) {
-      const a = roundUp(offset, SECTOR);
-      const z = Math.floor(end / SECTOR) * SECTOR;
-      if (a >= z) return this.write(new Uint8Array(length), offset);
-      const parts: Promise<void>[] = [this.zeroEncrypted(a, z - a, false)];
-      if (offset < a) parts.push(this.write(new Uint8Array(a - offset), offset));
-      if (z < end) parts.push(this.write(new Uint8Array(end - z), z));
-      await Promise.all(parts);
-      return;
-    }
-    const first = offset / SECTOR;
-    const last = end / SECTOR - 1;
-    if (!this.gate.tryEnter(first, last)) await this.gate.enter(first, last);
-    try {
-      await this.zeroRange(offset, length);
-    } finally {
-      this.gate.leave();
-    }
-  }
-
-  /** A read that does not cover whole sectors: read the sectors around it and copy. */
-  private async readUnaligned(buf: Uint8Array, offset: number): Promise<void> {
-    const start = Math.floor(offset / SECTOR) * SECTOR;
-    const end = roundUp(offset + buf.length, SECTOR);
-    const whole = new Uint8Array(end - start);
-    await this.read(whole, start);
-    buf.set(whole.subarray(offset - start, offset - start + buf.length));
-  }
 
   /** Grow the device storage through `grower` (null: never; a full device then gives ENOSPC). */
   setStorageGrower(grower: StorageGrower | null): void {
@@ -962,17 +806,9 @@ export class FvdImage {
     return this.base!.knownZero(a, Math.min(z, this.baseLimit) - a);
   }
 
-  /** The engine side of the snapshot operations (fvd/snapshot.ts), over this image's private state. */
-  private snapshotHost(): SnapshotHost {
+  /** What snapshot operations (fvd/snapshot.ts) may not do themselves: this image's journal, base and files. */
+  private snapshotHooks(): SnapshotEngineHooks {
     return {
-      path: this.path,
-      file: this.file,
-      header: this.header,
-      table: this.table!,
-      present: this.present,
-      journaled: this.journaled,
-      baseBlocks: this.baseBlocks,
-      readOnly: this.readOnly,
       checkOpen: () => {
         if (this.closed) throw new FvdError(`${this.path}: image is closed`, 'EINVAL');
       },
@@ -981,9 +817,6 @@ export class FvdImage {
         await this.journal!.checkpoint();
       },
       checkpoint: () => this.journal!.checkpoint(),
-      writeHeader: () => this.writeHeader(),
-      allocator: this.alloc!,
-      baseDetached: () => this.base === null,
       attachBase: async () => {
         if (this.base || !this.reopenBase) return;
         this.base = await this.reopenBase();
@@ -1029,59 +862,25 @@ async function openImage(io: IoBackend, imagePath: string, options: OpenOptions,
   }
 }
 
-/**
- * Opens a base image read-only. `chain` holds the images above it, to detect loops. Every level
- * is opened with a shared lock, so no writer (a served image, `fvd commit`) can change a base
- * while an image reads through it.
- */
-export async function openBase(io: IoBackend, resolved: string, format: number, chain: string[], shownPath: string): Promise<BaseImage> {
-  if (chain.includes(resolved)) throw new FvdError(`base chain loop: '${resolved}' is its own base`, 'EINVAL');
-  if (chain.length >= MAX_CHAIN_DEPTH) throw new FvdError(`base chain longer than ${MAX_CHAIN_DEPTH} images (at '${shownPath}')`, 'EINVAL');
-  try {
-    if (format === BASE_RAW) {
-      const file = await io.open(resolved, { readOnly: true, lock: 'shared' });
-      return {
-        size: file.size(),
-        read: (buf, offset) => file.read(buf, offset),
-        knownZero: async (offset, length) => holeAt(file, offset, offset + length),
-        nextDataExtent: async (offset) => fileDataExtent(file, offset),
-        close: () => file.close(),
-        describe: () => [{ path: resolved, format: 'raw', size: file.size() }],
-        identity: file.identity,
-        remote: file.remote,
-        inFlightBytes: file.inFlightBytes,
-        fileIds: () => (file.fileId ? [file.fileId] : []),
-      };
-    }
-    // Its own backing chain continues below, with the levels above it for loop detection.
-    if (format === BASE_QCOW2) return await Qcow2Image.open(io, resolved, { chain });
-    const image = await openImage(io, resolved, { readOnly: true, copyOnRead: false }, chain, 'shared');
-    return {
-      identity: image.fileIdentity,
-      remote: image.fileIsRemote,
-      size: image.size,
-      read: (buf, offset) => image.read(buf, offset),
-      knownZero: (offset, length) => image.knownZero(offset, length),
-      close: () => image.close(),
-      describe: () => image.describeChain('fvd'),
-      fileIds: () => image.fileIds(),
-    };
-  } catch (err) {
-    const e = err as NodeJS.ErrnoException;
-    // A remote source names itself (its URL without credentials) at the start of its messages.
-    if (isUrl(resolved)) throw new FvdError(`base image ${err instanceof FvdError ? err.message : `'${redactUrl(shownPath)}': ${e.message}`}`, err instanceof FvdError ? err.code : 'EIO');
-    // An FvdError first: one from deeper in the chain (a missing image further down has code
-    // ENOENT too) must keep naming that image, prefixed with this level.
-    if (err instanceof FvdError && err.message.startsWith('base chain longer')) throw err; // 64 prefixes would say nothing more
-    if (err instanceof FvdError) throw new FvdError(`base image '${shownPath}': ${err.message.replace(oneLine(`${resolved}: `), '')}`, err.code);
-    if (e.code === 'ENOENT') throw new FvdError(`base image '${shownPath}' not found (looked for ${resolved})`, 'ENOENT');
-    throw new FvdError(`base image '${shownPath}' (${baseFormatName(format)}) cannot be opened: ${e.message}`, 'EIO');
-  }
+/** An FVD image as one read-only level of a base chain. */
+async function openFvdLevel(io: IoBackend, resolved: string, chain: string[]): Promise<BaseImage> {
+  const image = await openImage(io, resolved, { readOnly: true, copyOnRead: false }, chain, 'shared');
+  return {
+    identity: image.fileIdentity,
+    remote: image.fileIsRemote,
+    size: image.size,
+    read: (buf, offset) => image.read(buf, offset),
+    knownZero: (offset, length) => image.knownZero(offset, length),
+    close: () => image.close(),
+    describe: () => image.describeChain('fvd'),
+    fileIds: () => image.fileIds(),
+  };
 }
 
-/** [a, z) of the file is known to read as zeros (a hole or past the end). */
-export function holeAt(file: BlockFile, a: number, z: number): boolean {
-  if (a >= file.size()) return true;
-  const next = file.nextData?.(a);
-  return next !== undefined && next !== null && next >= z;
+/**
+ * Opens a base image read-only, of any format, below the images in `chain` (fvd/base-chain.ts
+ * has the rules; this supplies the FVD opener).
+ */
+export function openBase(io: IoBackend, resolved: string, format: number, chain: string[], shownPath: string): Promise<BaseImage> {
+  return openChainLevel(io, resolved, format, chain, shownPath, openFvdLevel);
 }

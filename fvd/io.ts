@@ -93,3 +93,10 @@ export interface IoBackend {
    */
   syncDirectoryOf?(path: string): Promise<void>;
 }
+
+/** [a, z) of the file is known to read as zeros (a hole, or past the end). */
+export function holeAt(file: BlockFile, a: number, z: number): boolean {
+  if (a >= file.size()) return true;
+  const next = file.nextData?.(a);
+  return next !== undefined && next !== null && next >= z;
+}

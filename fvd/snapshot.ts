@@ -18,7 +18,7 @@ import type { BlockFile } from './io.js';
 import type { SnapshotAllocator } from './allocator.js';
 import { CorruptImageError, FvdError } from './errors.js';
 import { allSet } from './bitmap.js';
-import { BASE_NONE, CHUNK_EMPTY, INCOMPAT_SNAPSHOTS, crc, type Header } from './format.js';
+import { BASE_NONE, CHUNK_EMPTY, INCOMPAT_SNAPSHOTS, crc, encodeHeader, type Header } from './format.js';
 import {
   MAX_REFCOUNT,
   MAX_SNAPSHOTS,
@@ -35,29 +35,34 @@ import {
 
 export { nameProblem, validateName, MAX_SNAPSHOTS } from './snapshot-format.js';
 
-/** What the snapshot code needs from the engine (fvd/image.ts builds it over its private state). */
-export interface SnapshotHost {
-  readonly path: string;
+/**
+ * The active image state that snapshot operations read and rewrite in place. fvd/image.ts owns
+ * these objects and hands them over as they are: no copies, no per-field accessors.
+ */
+export interface ActiveImageState {
   readonly file: BlockFile;
-  /** The engine's in-memory header; changes become durable with writeHeader(). */
+  /** The engine's in-memory header; an operation commits its changes with one header write. */
   readonly header: Header;
   readonly table: Uint32Array;
+  /** The engine's two bitmaps (fvd/image.ts): what is local, and what is on disk or journaled. */
   readonly present: Uint8Array;
   readonly journaled: Uint8Array;
+  /** Blocks with a bitmap bit: min(base size, virtual size) in blocks. */
   readonly baseBlocks: number;
   readonly readOnly: boolean;
+  /** The image's storage chunk allocator (fvd/allocator.ts). */
+  readonly allocator: SnapshotAllocator;
+}
+
+/** What only the engine can do around a snapshot operation (its journal, its base, its files). */
+export interface SnapshotEngineHooks {
   /** Throws if the image is closed. */
   checkOpen(): void;
   /** Waits for background copies and checkpoints: table and bitmap on disk, journal empty. */
   quiesce(): Promise<void>;
+  /** Writes table and bitmap in place (fdatasync each), then the header. */
   checkpoint(): Promise<void>;
-  /** Writes the header sector and fdatasyncs. */
-  writeHeader(): Promise<void>;
-  /** The image's storage chunk allocator (fvd/allocator.ts). */
-  readonly allocator: SnapshotAllocator;
-  /** True when the base is not open (no base, or FULLY_LOCAL). */
-  baseDetached(): boolean;
-  /** Opens the base again and clears FULLY_LOCAL in the in-memory header (revert needs its blocks). */
+  /** Opens the base again if it is closed (FULLY_LOCAL), clearing FULLY_LOCAL in memory; else nothing. */
   attachBase(): Promise<void>;
   /** Closes the files without writing anything (the on-disk state is uncertain). */
   abandon(): Promise<void>;
@@ -277,8 +282,10 @@ async function readState(path: string, file: BlockFile, h: Header, st: SnapshotS
 export class SnapshotManager {
   constructor(
     private readonly path: string,
-    private readonly host: SnapshotHost | null,
+    /** Null for a raw-like image (no snapshots). */
+    private readonly active: ActiveImageState | null,
     private readonly st: SnapshotState | null,
+    private readonly engine: SnapshotEngineHooks,
   ) {}
 
   /** Number of snapshots (0 for raw-like images). */
@@ -291,15 +298,15 @@ export class SnapshotManager {
     return this.st?.refcountDamage ?? null;
   }
 
-  private need(): { host: SnapshotHost; st: SnapshotState } {
-    if (!this.host || !this.st) throw new FvdError(`${this.path}: internal snapshots need the compact layout; this image is raw-like`, 'EINVAL');
-    this.host.checkOpen();
-    return { host: this.host, st: this.st };
+  private need(): { active: ActiveImageState; st: SnapshotState } {
+    if (!this.active || !this.st) throw new FvdError(`${this.path}: internal snapshots need the compact layout; this image is raw-like`, 'EINVAL');
+    this.engine.checkOpen();
+    return { active: this.active, st: this.st };
   }
 
-  private writable(op: string): { host: SnapshotHost; st: SnapshotState } {
+  private writable(op: string): { active: ActiveImageState; st: SnapshotState } {
     const r = this.need();
-    if (r.host.readOnly) throw new FvdError(`${this.path}: cannot ${op} on an image opened read-only`, 'EROFS');
+    if (r.active.readOnly) throw new FvdError(`${this.path}: cannot ${op} on an image opened read-only`, 'EROFS');
     return r;
   }
 
@@ -310,12 +317,12 @@ export class SnapshotManager {
   }
 
   list(): SnapshotInfo[] {
-    const { host, st } = this.need();
+    const { active, st } = this.need();
     return st.dir.entries.map((e) => ({
       id: e.id,
       name: e.name,
       date: new Date(e.dateSec * 1000 + Math.floor(e.dateNsec / 1e6)),
-      size: e.mappedChunks * host.header.chunkSize,
+      size: e.mappedChunks * active.header.chunkSize,
       virtualSize: e.virtualSize,
     }));
   }
@@ -326,12 +333,12 @@ export class SnapshotManager {
    * operation leaves the file byte-identical (a read-write open replays a dirty image's journal).
    */
   async preflight(op: 'create' | 'delete' | 'revert', name: string): Promise<void> {
-    const { host, st } = this.need();
+    const { active, st } = this.need();
     if (op === 'create') return this.checkCreate(st, name);
     const e = this.find(st, name);
-    if (op === 'revert') this.checkRevert(host, e, name);
-    const saved = await readState(this.path, host.file, host.header, st, e, true);
-    if (op === 'revert' && this.needsBase(host, saved)) await host.attachBase();
+    if (op === 'revert') this.checkRevert(active, e, name);
+    const saved = await readState(this.path, active.file, active.header, st, e, true);
+    if (op === 'revert' && this.needsBase(active, saved)) await this.engine.attachBase();
   }
 
   private checkCreate(st: SnapshotState, name: string): void {
@@ -341,26 +348,29 @@ export class SnapshotManager {
       throw new FvdError(`${this.path}: too many snapshots (at most ${MAX_SNAPSHOTS})`, 'ENOSPC');
   }
 
-  private checkRevert(host: SnapshotHost, e: SnapshotEntry, name: string): void {
-    if (e.virtualSize !== host.header.virtualSize)
-      throw new FvdError(`${this.path}: snapshot ${JSON.stringify(name)} has virtual size ${e.virtualSize}, the image ${host.header.virtualSize}`, 'EINVAL');
+  private checkRevert(active: ActiveImageState, e: SnapshotEntry, name: string): void {
+    if (e.virtualSize !== active.header.virtualSize)
+      throw new FvdError(`${this.path}: snapshot ${JSON.stringify(name)} has virtual size ${e.virtualSize}, the image ${active.header.virtualSize}`, 'EINVAL');
   }
 
-  /** A snapshot taken before the image became fully local reads blocks from the base again. */
-  private needsBase(host: SnapshotHost, saved: SavedState): boolean {
-    const h = host.header;
-    return h.baseFormat !== BASE_NONE && host.baseBlocks > 0 && host.baseDetached() && !allSet(saved.bitmap, 0, host.baseBlocks);
+  /**
+   * A snapshot taken before the image became fully local reads blocks from the base again (which
+   * attachBase opens if FULLY_LOCAL closed it).
+   */
+  private needsBase(active: ActiveImageState, saved: SavedState): boolean {
+    const h = active.header;
+    return h.baseFormat !== BASE_NONE && active.baseBlocks > 0 && !allSet(saved.bitmap, 0, active.baseBlocks);
   }
 
   /** Saves the active table and bitmap as snapshot `name`. No data is copied. */
   async create(name: string): Promise<SnapshotInfo> {
-    const { host, st } = this.writable('create a snapshot');
+    const { active, st } = this.writable('create a snapshot');
     this.checkCreate(st, name);
     // Copy-on-read and prefetched ("soft") bits are in memory only: the checkpoint writes them
     // after an fdatasync of their data, so the saved bitmap may include them.
-    await host.quiesce();
-    const h = host.header;
-    const table = host.table;
+    await this.engine.quiesce();
+    const h = active.header;
+    const table = active.table;
     let maxId = -1;
     for (let c = 0; c < table.length; c++) if (table[c] !== CHUNK_EMPTY && table[c]! > maxId) maxId = table[c]!;
     const counts = new Uint16Array(Math.max(st.refcounts.length, maxId + 1));
@@ -376,7 +386,7 @@ export class SnapshotManager {
     const state = new Uint8Array(stateBytes(h, h.virtualSize));
     state.fill(0xff, 0, h.tableLength);
     state.set(new Uint8Array(table.buffer, table.byteOffset, table.length * 4));
-    state.set(host.present.subarray(0, h.bitmapLength), h.tableLength);
+    state.set(active.present.subarray(0, h.bitmapLength), h.tableLength);
     const now = Date.now();
     const entry: SnapshotEntry = {
       id: st.dir.nextId,
@@ -389,19 +399,19 @@ export class SnapshotManager {
       stateCrc: crc(state),
       mappedChunks: mapped,
     };
-    await this.commit(host, st, { entries: [...st.dir.entries, entry], nextId: st.dir.nextId + 1 }, counts, { entry, bytes: state });
+    await this.commit(active, st, { entries: [...st.dir.entries, entry], nextId: st.dir.nextId + 1 }, counts, { entry, bytes: state });
     return this.list().find((x) => x.id === entry.id)!;
   }
 
   /** Deletes snapshot `name`; storage only it referenced becomes free. */
   async delete(name: string): Promise<void> {
-    const { host, st } = this.writable('delete a snapshot');
+    const { active, st } = this.writable('delete a snapshot');
     const e = this.find(st, name);
-    await host.quiesce();
-    const saved = await readState(this.path, host.file, host.header, st, e, true);
+    await this.engine.quiesce();
+    const saved = await readState(this.path, active.file, active.header, st, e, true);
     const counts = st.refcounts.slice();
     for (const id of saved.table) if (id !== CHUNK_EMPTY) counts[id]!--;
-    await this.commit(host, st, { entries: st.dir.entries.filter((x) => x !== e), nextId: st.dir.nextId }, counts);
+    await this.commit(active, st, { entries: st.dir.entries.filter((x) => x !== e), nextId: st.dir.nextId }, counts);
   }
 
   /**
@@ -410,32 +420,32 @@ export class SnapshotManager {
    * snapshot itself stays. Every chunk is then shared with it, so the next write to each copies it.
    */
   async revert(name: string): Promise<void> {
-    const { host, st } = this.writable('revert to a snapshot');
+    const { active, st } = this.writable('revert to a snapshot');
     const e = this.find(st, name);
-    const h = host.header;
-    this.checkRevert(host, e, name);
-    await host.quiesce();
-    const saved = await readState(this.path, host.file, h, st, e, true);
-    if (this.needsBase(host, saved)) await host.attachBase();
-    const before = usedIds(host.table, st);
+    const h = active.header;
+    this.checkRevert(active, e, name);
+    await this.engine.quiesce();
+    const saved = await readState(this.path, active.file, h, st, e, true);
+    if (this.needsBase(active, saved)) await this.engine.attachBase();
+    const before = usedIds(active.table, st);
     // Commit point: with the marker on disk, every open redoes the revert from the (immutable)
     // saved state before it uses the table or bitmap, so a torn in-place write below is harmless.
     h.revertSnapshotId = e.id;
-    await this.headerOrAbandon(host, () => (h.revertSnapshotId = 0));
+    await this.headerOrAbandon(active, () => (h.revertSnapshotId = 0));
     try {
-      host.table.set(saved.table);
-      host.present.set(saved.bitmap);
-      host.journaled.set(saved.bitmap);
+      active.table.set(saved.table);
+      active.present.set(saved.bitmap);
+      active.journaled.set(saved.bitmap);
       h.revertSnapshotId = 0;
       // Table, fdatasync, bitmap, fdatasync, then the header without the marker.
-      await host.checkpoint();
+      await this.engine.checkpoint();
     } catch (err) {
-      await host.abandon();
+      await this.engine.abandon();
       throw new FvdError(`${this.path}: revert to ${JSON.stringify(name)} interrupted (${(err as Error).message}); reopening the image completes it`, 'EIO');
     }
-    st.recomputeShared(host.table);
-    host.allocator.rebuild();
-    await punchFreed(host, st, before);
+    st.recomputeShared(active.table);
+    active.allocator.rebuild();
+    await punchFreed(active, st, before);
   }
 
   /**
@@ -443,14 +453,14 @@ export class SnapshotManager {
    * (`fvd check`). Reads every saved state.
    */
   async verify(): Promise<RefcountReport & { actual: Uint16Array | null }> {
-    const { host, st } = this.need();
+    const { active, st } = this.need();
     const report: RefcountReport & { actual: Uint16Array | null } = { errors: [], overcounts: [], undercounts: [], actual: null };
-    const limit = storageLimit(host.header, host.file);
+    const limit = storageLimit(active.header, active.file);
     const actual = new Uint32Array(Math.max(limit, st.refcounts.length));
     for (const e of st.dir.entries) {
       let saved: SavedState;
       try {
-        saved = await readState(this.path, host.file, host.header, st, e);
+        saved = await readState(this.path, active.file, active.header, st, e);
       } catch (err) {
         if (!(err instanceof FvdError)) throw err;
         report.errors.push(err.message);
@@ -476,29 +486,29 @@ export class SnapshotManager {
    * Overcounted chunks stay used until a repair commits the true counts.
    */
   holdReferenced(actual: Uint16Array): void {
-    const { host, st } = this.need();
+    const { active, st } = this.need();
     const counts = new Uint16Array(Math.max(st.refcounts.length, actual.length));
     counts.set(st.refcounts);
     for (let id = 0; id < actual.length; id++) if (actual[id]! > counts[id]!) counts[id] = actual[id]!;
     st.refcounts = counts;
-    st.recomputeShared(host.table);
-    host.allocator.rebuild();
+    st.recomputeShared(active.table);
+    active.allocator.rebuild();
   }
 
   /** `check --repair`: rewrites the refcount table with the counts verify() found. */
   async repairRefcounts(): Promise<number> {
-    const { host, st } = this.writable('repair refcounts');
+    const { active, st } = this.writable('repair refcounts');
     const r = await this.verify();
     if (r.errors.length || !r.actual) throw new FvdError(`${this.path}: cannot repair refcounts: ${r.errors[0]}`, 'EIO');
     const fixed = r.overcounts.length + r.undercounts.length;
     if (!fixed && !st.refcountDamage) return 0;
-    await host.quiesce();
+    await this.engine.quiesce();
     // The new table and directory go into storage free under both the stored and the true counts:
     // by the stored ones alone, a chunk only a snapshot maps (undercounted to 0) looked free, and
     // the new table was written over that snapshot's data.
     this.holdReferenced(r.actual);
     // A damaged table is replaced even when the recount (already in st.refcounts) changes nothing.
-    await this.commit(host, st, st.dir, r.actual);
+    await this.commit(active, st, st.dir, r.actual);
     st.refcountDamage = null;
     return fixed;
   }
@@ -508,15 +518,15 @@ export class SnapshotManager {
    * them durable, and switches the header to them. With no snapshot left, the header drops the
    * feature instead: the image is a plain compact image again.
    */
-  private async commit(host: SnapshotHost, st: SnapshotState, dir: Directory, counts: Uint16Array, add?: { entry: SnapshotEntry; bytes: Uint8Array }): Promise<void> {
-    const h = host.header;
+  private async commit(active: ActiveImageState, st: SnapshotState, dir: Directory, counts: Uint16Array, add?: { entry: SnapshotEntry; bytes: Uint8Array }): Promise<void> {
+    const h = active.header;
     const cs = h.chunkSize;
-    const before = usedIds(host.table, st);
+    const before = usedIds(active.table, st);
     const place = (length: number): number => {
-      const first = host.allocator.takeRun(Math.ceil(length / cs));
+      const first = active.allocator.takeRun(Math.ceil(length / cs));
       const offset = h.dataOffset + first * cs;
       // Before the write: even a failed one may have left data behind.
-      host.allocator.noteWritten(offset, Math.ceil(length / cs) * cs);
+      active.allocator.noteWritten(offset, Math.ceil(length / cs) * cs);
       return offset;
     };
     let refOffset = 0;
@@ -527,7 +537,7 @@ export class SnapshotManager {
       const writes: Promise<void>[] = [];
       if (add) {
         add.entry.stateOffset = place(add.bytes.length);
-        writes.push(host.file.write(add.bytes, add.entry.stateOffset));
+        writes.push(active.file.write(add.bytes, add.entry.stateOffset));
       }
       if (dir.entries.length) {
         const refBytes = encodeRefcounts(counts, usedRefcountEntries(counts));
@@ -536,13 +546,13 @@ export class SnapshotManager {
         refLength = refBytes.length;
         dirOffset = place(dirBytes.length);
         dirLength = dirBytes.length;
-        writes.push(host.file.write(refBytes, refOffset), host.file.write(dirBytes, dirOffset));
+        writes.push(active.file.write(refBytes, refOffset), active.file.write(dirBytes, dirOffset));
       }
       const results = await Promise.allSettled(writes);
       for (const r of results) if (r.status === 'rejected') throw r.reason;
-      await host.file.flush();
+      await active.file.flush();
     } catch (err) {
-      host.allocator.rebuild(); // nothing on disk refers to the chunks just taken
+      active.allocator.rebuild(); // nothing on disk refers to the chunks just taken
       throw err;
     }
     const old = { incompatible: h.incompatible, refcountOffset: h.refcountOffset, refcountLength: h.refcountLength, snapshotsOffset: h.snapshotsOffset, snapshotsLength: h.snapshotsLength };
@@ -552,26 +562,27 @@ export class SnapshotManager {
     h.refcountLength = refLength;
     h.snapshotsOffset = dirOffset;
     h.snapshotsLength = dirLength;
-    await this.headerOrAbandon(host, () => Object.assign(h, old));
+    await this.headerOrAbandon(active, () => Object.assign(h, old));
     // Committed.
     st.dir = dir.entries.length ? dir : { entries: [], nextId: 1 };
     st.refcounts = dir.entries.length ? counts : new Uint16Array(0);
     st.rebuildMeta(this.path, h);
-    st.recomputeShared(host.table);
-    host.allocator.rebuild();
-    await punchFreed(host, st, before);
+    st.recomputeShared(active.table);
+    active.allocator.rebuild();
+    await punchFreed(active, st, before);
   }
 
   /**
    * Writes the header (the commit point). If that fails, whether the sector reached the disk is
    * unknown, so the in-memory state may be wrong either way: the image is closed without writing.
    */
-  private async headerOrAbandon(host: SnapshotHost, undo: () => void): Promise<void> {
+  private async headerOrAbandon(active: ActiveImageState, undo: () => void): Promise<void> {
     try {
-      await host.writeHeader();
+      await active.file.write(encodeHeader(active.header), 0);
+      await active.file.flush();
     } catch (err) {
       undo();
-      await host.abandon();
+      await this.engine.abandon();
       throw new FvdError(`${this.path}: header update failed (${(err as Error).message}); the image was closed, reopen it`, 'EIO');
     }
   }
@@ -591,18 +602,18 @@ function usedIds(table: Uint32Array, st: SnapshotState): Set<number> {
  * is durable, so nothing on disk refers to them any more. Best effort: the allocator zeroes a
  * reused chunk anyway (FORMAT.md §4.3), so a failed punch only costs space.
  */
-async function punchFreed(host: SnapshotHost, st: SnapshotState, before: Set<number>): Promise<void> {
-  const now = usedIds(host.table, st);
-  const h = host.header;
+async function punchFreed(active: ActiveImageState, st: SnapshotState, before: Set<number>): Promise<void> {
+  const now = usedIds(active.table, st);
+  const h = active.header;
   // Never past the end of a file (zeroRange may fall back to writing zeros, which would extend it).
-  const end = host.file.isBlockDevice ? Number.POSITIVE_INFINITY : host.file.size();
+  const end = active.file.isBlockDevice ? Number.POSITIVE_INFINITY : active.file.size();
   for (const id of before) {
     if (now.has(id)) continue;
     const offset = h.dataOffset + id * h.chunkSize;
     const length = Math.min(h.chunkSize, end - offset);
     if (length <= 0) continue;
     try {
-      await host.file.zeroRange(offset, length);
+      await active.file.zeroRange(offset, length);
     } catch {
       // see above
     }

@@ -7,7 +7,6 @@
  * requests meanwhile. (The kernel runs control commands from io-wq, not inline.)
  */
 import fs from 'node:fs';
-import { FvdError } from '../../fvd/errors.js';
 import { IoUring, IORING_SETUP_SQE128, allocPinned, errnoName, type PinnedBuffer } from '../../ffi/uring.js';
 import {
   LEGACY,
@@ -27,11 +26,12 @@ import {
   type DevInfo,
   type DeviceParams,
 } from './abi.js';
+import { UblkError } from './errors.js';
 
 export const CONTROL_PATH = '/dev/ublk-control';
 
 /** A control command failed: carries the negative errno. */
-export class UblkError extends FvdError {
+export class UblkCommandError extends UblkError {
   constructor(
     readonly command: string,
     readonly errno: number,
@@ -70,8 +70,8 @@ export class UblkControl {
       fd = fs.openSync(CONTROL_PATH, 'r+');
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
-      if (code === 'ENOENT' || code === 'ENODEV' || code === 'ENXIO') throw new FvdError(missingDriverMessage(), 'ENOENT');
-      throw new FvdError(`cannot open ${CONTROL_PATH}: ${(err as Error).message}`, 'EIO');
+      if (code === 'ENOENT' || code === 'ENODEV' || code === 'ENXIO') throw new UblkError(missingDriverMessage(), 'ENOENT');
+      throw new UblkError(`cannot open ${CONTROL_PATH}: ${(err as Error).message}`, 'EIO');
     }
     const ctl = new UblkControl(fd);
     try {
@@ -91,15 +91,15 @@ export class UblkControl {
     fs.closeSync(this.fd);
   }
 
-  /** Runs one command at a time; resolves with the CQE result (≥ 0) or rejects with UblkError. */
+  /** Runs one command at a time; resolves with the CQE result (≥ 0) or rejects with UblkCommandError. */
   private command(name: string, op: number, legacyOp: number, devId: number, data: Uint8Array | null, dataLen: number, data0: number | bigint = 0): Promise<number> {
     const run = async () => {
       if (data) this.scratch.bytes.set(data, 0);
       const idx = this.ring.prepUringCmd(this.fd, this.ioctlEncode ? op : legacyOp, null, 1);
-      if (idx < 0) throw new UblkError(name, idx);
+      if (idx < 0) throw new UblkCommandError(name, idx);
       encodeCtrlCmd(this.ring.sqeView, this.ring.cmdOffset(idx), devId, dataLen ? this.scratch.address : 0, dataLen, data0);
       const sub = this.ring.submit(0);
-      if (sub < 0) throw new UblkError(name, sub);
+      if (sub < 0) throw new UblkCommandError(name, sub);
       let res = 0;
       let waited = 0;
       while (this.ring.cqReady() === 0) {
@@ -109,7 +109,7 @@ export class UblkControl {
       }
       res = this.ring.cqeRes(0);
       this.ring.cqAdvance(1);
-      if (res < 0) throw new UblkError(name, res);
+      if (res < 0) throw new UblkCommandError(name, res);
       return res;
     };
     const p = this.chain.then(run, run);
@@ -159,7 +159,7 @@ export class UblkControl {
     try {
       await this.command('GET_DEV_INFO', UBLK_U_CMD_GET_DEV_INFO, LEGACY.GET_DEV_INFO, devId, null, 64);
     } catch (err) {
-      if (err instanceof UblkError && err.errno === -19 /* ENODEV */) return null;
+      if (err instanceof UblkCommandError && err.errno === -19 /* ENODEV */) return null;
       throw err;
     }
     return decodeDevInfo(this.scratch.bytes.subarray(0, 64));

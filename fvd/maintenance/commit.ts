@@ -2,11 +2,11 @@
  * commit: writes an image's local blocks into its base and empties it (FORMAT.md §12.3).
  */
 import path from 'node:path';
-import type { IoBackend } from '../io.js';
+import { holeAt, type IoBackend } from '../io.js';
 import { FvdError } from '../errors.js';
 import { AUTOCLEAR_FULLY_LOCAL, BASE_FVD, BASE_NONE, BASE_RAW, COMPAT_ZERO_DETECTED, baseFormatName, roundUp, type BaseFormat } from '../format.js';
 import { setRange } from '../bitmap.js';
-import { FvdImage, holeAt, openBase } from '../image.js';
+import { FvdImage, openBase } from '../image.js';
 import { chunksOf } from '../metadata.js';
 import { COMMIT_BASE, OfflineImage, baseBlocksOf, resolveFrom } from './offline-image.js';
 import { isZero, sameBytes, setRuns, windowBytes, windows } from './data-windows.js';

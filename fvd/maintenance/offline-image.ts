@@ -4,7 +4,7 @@
  * §12 is normative). Also here: each operation's refusals decided from the header alone (§12.6),
  * and the reads and zeroing of the image's own storage that the operations build on.
  */
-import type { BlockFile, IoBackend } from '../io.js';
+import { holeAt, type BlockFile, type IoBackend } from '../io.js';
 import { FvdError } from '../errors.js';
 import {
   AUTOCLEAR_FULLY_LOCAL,
@@ -19,7 +19,7 @@ import {
   encodeHeader,
   type Header,
 } from '../format.js';
-import { FvdImage, holeAt, type OpenOptions } from '../image.js';
+import { FvdImage, type OpenOptions } from '../image.js';
 import { STORED, mapRun, newRun, storageLayout, type MappingLayout } from '../mapping.js';
 import { coverMappedChunks, readBaseReference, readHeaderPage, readMaps, tableRegionOf, unlockKey, writeCheckpoint } from '../metadata.js';
 import { resolveBasePath } from '../base-location.js';

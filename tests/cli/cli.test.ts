@@ -170,6 +170,18 @@ test('missing arguments and option values: one line each', () => {
   assert.equal(fs.readdirSync(dir), [], 'no file was created');
 });
 
+// The ublk layer's own error type (daemon/ublk/errors.ts) is a user-facing error like the engine's:
+// one line and exit 1, never an internal error with a stack. Only where the driver is missing.
+test('serve without the ublk driver: one line naming the driver, exit 1, image untouched', () => {
+  if (fs.existsSync('/dev/ublk-control')) return; // the driver is there: nothing to refuse
+  const dir = caseDir();
+  const img = path.join(dir, 'img.fvd');
+  assertOk(fvd('create', img, '1M'));
+  const before = snapshot([img]);
+  assertOneLineError(fvd('serve', img), [/^fvd serve: the ublk driver is not available/, /modprobe ublk_drv/], 1);
+  assertUnchanged(before, 'serve without a driver');
+});
+
 test('io: bad -c commands are refused before anything runs', async () => {
   const dir = caseDir();
   const img = path.join(dir, 'img.fvd');

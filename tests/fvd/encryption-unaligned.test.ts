@@ -1,6 +1,6 @@
 /**
  * Unaligned writes and write-zeroes on encrypted images (docs/FORMAT.md §11.3): the partial edge
- * sectors are read, merged in plaintext and written whole (fvd/image.ts writeEncrypted), serialized
+ * sectors are read, merged in plaintext and written whole (fvd/encrypted-requests.ts), serialized
  * with every other write by the sector gate (fvd/sector-gate.ts). Each case runs the same
  * operations on an encrypted image and on a plain one and compares both with a model, before and
  * after a reopen; concurrency cases use the completion-reordering MemIo.

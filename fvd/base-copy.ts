@@ -1,0 +1,125 @@
+/**
+ * Copying base blocks into the image as *soft writes* (FORMAT.md §5.2): copy-on-read of guest
+ * reads, and the prefetcher's copies (fvd/prefetch.ts through FvdImage.prefetchBlocks). The copied
+ * data equals the base's, so only the in-memory `present` bit is set, after the data write
+ * completed; losing it in a crash costs a re-read, never data. Journaling those bits later is the
+ * engine's (FvdImage.persistSoftBits).
+ *
+ * A copy holds the block locks of the blocks it writes (fvd/block-locks.ts), shared with the
+ * guest write path: a copy never overwrites a block a guest write made local, and a guest request
+ * that holds a lock wins (the copy is skipped). Copy-on-read is bounded by `maxCorBytes` in flight
+ * and turns itself off after its first failure (the blocks simply stay in the base).
+ */
+import { forEachClearRun, setRange } from './bitmap.js';
+import type { BlockLocks } from './block-locks.js';
+import type { DataArea } from './data-area.js';
+
+/** The engine's view of the disk that the copies need. */
+export interface CopyGeometry {
+  /** Virtual size in bytes. */
+  readonly size: number;
+  readonly blockSize: number;
+  /** Bytes backed by the base: min(base size, virtual size). */
+  readonly baseLimit: number;
+}
+
+export class BaseCopier {
+  /** Bytes of copy-on-read copies in flight (bounded by maxCorBytes). */
+  private corBytes = 0;
+
+  constructor(
+    private readonly disk: CopyGeometry,
+    private readonly present: Uint8Array,
+    private readonly locks: BlockLocks,
+    private readonly data: DataArea,
+    /** Reads base bytes; past the base's end the disk reads zeros (FvdImage's readBaseRaw). */
+    private readonly readBase: (buf: Uint8Array, offset: number) => Promise<void>,
+    /** Registers a background copy, so that FvdImage.idle() waits for it. */
+    private readonly track: (copy: Promise<void>) => void,
+    /** Copy-on-read on; cleared after the first failed copy. */
+    public copyOnRead: boolean,
+    private readonly maxCorBytes: number,
+  ) {}
+
+  /** A run of blocks not local at submit time: read the base, maybe copy it into the image. */
+  async readFromBase(buf: Uint8Array, offset: number): Promise<void> {
+    const bs = this.disk.blockSize;
+    const b0 = Math.floor(offset / bs);
+    const b1 = Math.floor((offset + buf.length - 1) / bs);
+    const wStart = b0 * bs;
+    const wEnd = Math.min((b1 + 1) * bs, this.disk.size);
+    const wLen = wEnd - wStart;
+    if (!this.copyOnRead || this.corBytes + wLen > this.maxCorBytes || !this.locks.tryAcquire(b0, b1)) {
+      return this.readBase(buf, offset);
+    }
+    // Copy-on-read: read whole blocks, answer the guest, write them to the image in background.
+    this.corBytes += wLen;
+    let whole: Uint8Array;
+    try {
+      whole = new Uint8Array(wLen);
+      await this.readBase(whole, wStart);
+    } catch (err) {
+      this.corBytes -= wLen;
+      this.locks.release(b0, b1);
+      throw err;
+    }
+    buf.set(whole.subarray(offset - wStart, offset - wStart + buf.length));
+    this.track(this.copyToImage(whole, wStart, b0, b1));
+  }
+
+  /**
+   * Copies the blocks of [b0, last] that are still absent, skipping runs a guest request holds
+   * locked (they come back in a later pass). Returns the bytes read from the base; errors are
+   * thrown. `scratch`, if large enough, is the copy buffer (free again once this resolves).
+   */
+  async copyAbsent(b0: number, last: number, scratch?: Uint8Array): Promise<number> {
+    const runs: number[] = [];
+    forEachClearRun(this.present, b0, last, (b, e) => runs.push(b, e));
+    let bytes = 0;
+    const bs = this.disk.blockSize;
+    for (let i = 0; i < runs.length; i += 2) {
+      const b = runs[i]!;
+      const e = runs[i + 1]!;
+      if (!this.locks.tryAcquire(b, e)) continue;
+      const start = b * bs;
+      const len = Math.min((e + 1) * bs, this.disk.size) - start;
+      const whole = scratch && scratch.length >= len ? scratch.subarray(0, len) : new Uint8Array(len);
+      try {
+        await this.readBase(whole, start);
+      } catch (err) {
+        this.locks.release(b, e);
+        throw err;
+      }
+      bytes += Math.max(0, Math.min(whole.length, this.disk.baseLimit - start));
+      this.corBytes += whole.length; // copyToImage accounts it back
+      await this.copyToImage(whole, start, b, e, true);
+    }
+    return bytes;
+  }
+
+  /** Writes the still-absent runs of `whole` (blocks [b0, b1], locked by the caller) and releases them. */
+  private async copyToImage(whole: Uint8Array, wStart: number, b0: number, b1: number, rethrow = false): Promise<void> {
+    try {
+      // Only still-absent runs are stored. (The block locks keep writers out meanwhile, so
+      // this is all of them; the check keeps a block that became local from being overwritten.)
+      const bs = this.disk.blockSize;
+      const runs: number[] = [];
+      forEachClearRun(this.present, b0, b1, (b, e) => runs.push(b, e));
+      for (let i = 0; i < runs.length; i += 2) {
+        const b = runs[i]!;
+        const e = runs[i + 1]!;
+        const from = b * bs - wStart;
+        const to = Math.min((e + 1) * bs, wStart + whole.length) - wStart;
+        await this.data.write(whole.subarray(from, to), b * bs);
+        setRange(this.present, b, e - b + 1); // soft: not journaled (FORMAT.md §5.2)
+      }
+    } catch (err) {
+      if (rethrow) throw err;
+      // A failed copy-on-read is harmless: the blocks stay in the base. Disable further copies.
+      this.copyOnRead = false;
+    } finally {
+      this.corBytes -= whole.length;
+      this.locks.release(b0, b1);
+    }
+  }
+}
