@@ -32,7 +32,7 @@ import {
 } from './format.js';
 import { allSet, countSet, forEachClearRun, newBitmap, setRange, testBit } from './bitmap.js';
 import { Journal, PendingRecords } from './journal.js';
-import { PendingLogWriter, applyPendingLog, readPendingLog } from './pending-log.js';
+import { PendingLogWriter, applyPendingLog, readPendingLog, unlinkPendingLog } from './pending-log.js';
 import { BlockLocks } from './block-locks.js';
 import { SectorGate } from './sector-gate.js';
 import { FlushGuard } from './flush-guard.js';
@@ -276,10 +276,14 @@ export class FvdImage {
       image.pendingApplied = maps.appliedPending;
       if (!readOnly) await image.markOpen(replayed > 0 || dirty || !!snap?.redo);
       if (logId) {
-        // The checkpoint above made the applied records durable: the old log is spent. The new
-        // one replaces it (same path) and continues its sequence numbers.
-        image.pendingLog = PendingLogWriter.create(logId, pending?.lastSeq ?? 0);
-        image.journal!.attachPendingLog(image.pendingLog);
+        // The checkpoint above made the applied records durable: the old log is spent (or was
+        // another boot's or file's). The new one replaces it and continues its sequence numbers.
+        if (logId.record === false) {
+          if (pending?.status !== 'absent') unlinkPendingLog(logId.path);
+        } else {
+          image.pendingLog = PendingLogWriter.create(logId, pending?.lastSeq ?? 0);
+          image.journal!.attachPendingLog(image.pendingLog);
+        }
       }
       return image;
     } catch (err) {
