@@ -284,6 +284,23 @@ test('discard on compact: the unmapping is logged and survives a process crash',
   assert.equal((await checkImage(nodeIo, file)).errors, []);
 });
 
+test('record: false applies and removes a log left behind, and keeps none', async () => {
+  const { file, log } = await fresh({ layout: 'compact', size: 4 * MiB, blockSize: 16 * KiB, chunkSize: 64 * KiB });
+  let img = await FvdImage.open(nodeIo, file, { pendingLog: log });
+  await img.write(Buffer.alloc(64 * KiB, 0x44), 128 * KiB);
+  await img.abandon();
+  img = await FvdImage.open(nodeIo, file, { pendingLog: { ...log, record: false } });
+  assert.ok(img.pendingApplied > 0);
+  assert.not.ok(fs.existsSync(log.path), 'the applied log is removed, no new one');
+  await img.write(Buffer.alloc(64 * KiB, 0x55), 512 * KiB);
+  assert.not.ok(fs.existsSync(log.path));
+  await img.close();
+  img = await FvdImage.open(nodeIo, file, { readOnly: true });
+  assert.ok((await readAll(img, 128 * KiB, 64 * KiB)).every((b) => b === 0x44));
+  assert.ok((await readAll(img, 512 * KiB, 64 * KiB)).every((b) => b === 0x55));
+  await img.close();
+});
+
 test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
 
 test.run();
