@@ -36,7 +36,7 @@ import { CompletionRing } from './shared-state.js';
 import { BurstLog, requestErrno } from './request-errors.js';
 import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
 import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
-import { removeState, writeState, type DeviceState } from './state.js';
+import { removeState, stateDir, writeState, type DeviceState } from './state.js';
 import {
   RECOVERY_FLAGS,
   currentBootId,
@@ -143,6 +143,7 @@ export class UblkServer {
     try {
       // Recovery: a device this image's dead server left waiting is taken over, never re-added.
       if (recovery) {
+        fs.mkdirSync(stateDir(), { recursive: true, mode: 0o755 }); // the pending log lives there
         own = await findOwnDevice(ctl, fileId, bootId, opts.devId);
         if (own && !(await waitForOldServer(ctl, own, opts.log))) {
           opts.log(`device ${own.state.devId} cannot be recovered (DEAD); deleting it`);
