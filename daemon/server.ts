@@ -218,6 +218,7 @@ export class UblkServer {
     const t0 = Date.now();
     await startRecoveryRetrying(ctl, id);
     this.recoveryStarted = true;
+    opts.log(`START_USER_RECOVERY accepted after ${Date.now() - t0} ms`);
     this.devId = id;
     this.devicePath = `/dev/ublkb${id}`;
     opts.log(describeFeatures(os.release(), ctl.features, own.info.flags));

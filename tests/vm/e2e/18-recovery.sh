@@ -40,7 +40,7 @@ fio_job() {
     local dev=$1 name=$2
     shift 2
     fio --name="$name" --filename="$dev" --size=48M --rw=randwrite --bs=4k-64k --ioengine=libaio --direct=1 \
-        --iodepth=16 --verify=crc32c --verify_fatal=1 --randrepeat=1 --rate=6m "$@"
+        --iodepth=16 --verify=crc32c --verify_fatal=1 --randrepeat=1 --rate=2m "$@"
 }
 
 fio_round() {
