@@ -2,7 +2,8 @@
 # title: ublk user recovery: SIGKILL under fio verify, re-serve takes the same device over, 0 errors
 # timeout: 900
 #
-# a) fio verify (crc32c, libaio, O_DIRECT, rate-limited so the kill lands mid-run) on the raw
+# a) fio verify (crc32c, libaio, O_DIRECT, slowed by thinktime, which unlike --rate does not
+#    catch up after a stall, so both kills land mid-run) on the raw
 #    device of a raw-like image over a base and of a compact image, served with --recovery-wait 60.
 #    The daemon is SIGKILLed twice during the run; each time the device stays (same major:minor),
 #    `fvd serve` of the same image recovers it ("recovered device N"), fio ends 0 with 0 errors and
@@ -40,7 +41,7 @@ fio_job() {
     local dev=$1 name=$2
     shift 2
     fio --name="$name" --filename="$dev" --size=48M --rw=randwrite --bs=4k-64k --ioengine=libaio --direct=1 \
-        --iodepth=16 --verify=crc32c --verify_fatal=1 --randrepeat=1 --rate=2m "$@"
+        --iodepth=16 --verify=crc32c --verify_fatal=1 --randrepeat=1 --thinktime=100ms --thinktime_blocks=4 "$@"
 }
 
 fio_round() {
@@ -69,7 +70,7 @@ fio_round() {
     serve_stop "$layout after the recoveries"
     serve_must "$img"
     check "$layout: fio --verify_only after a clean stop and a fresh serve" \
-        t bash -c "$(declare -f fio_job); fio_job $SERVE_DEV verify-$layout --verify_only --rate=0"
+        t bash -c "$(declare -f fio_job); fio_job $SERVE_DEV verify-$layout --verify_only --thinktime=0"
     serve_stop "$layout verify_only"
     check "$layout: fvd check clean" fvd check "$img"
     rm -f "$img"
