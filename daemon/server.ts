@@ -36,7 +36,19 @@ import { CompletionRing } from './shared-state.js';
 import { BurstLog, requestErrno } from './request-errors.js';
 import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
 import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
-import { listStates, removeState, writeState, type DeviceState } from './state.js';
+import { removeState, stateDir, writeState, type DeviceState } from './state.js';
+import {
+  RECOVERY_FLAGS,
+  currentBootId,
+  fileIdOf,
+  findOwnDevice,
+  pendingLogPath,
+  removeStaleDevice,
+  serverFlagsFor,
+  startRecoveryRetrying,
+  waitForOldServer,
+  type OwnDevice,
+} from './recovery.js';
 
 const OP_NAMES: Record<number, string> = {
   [UBLK_IO_OP_READ]: 'read',
@@ -63,6 +75,11 @@ export interface ServeOptions {
   onFatal?: (reason: string) => void;
   /** Opens the image and its base chain (local files, remote bases); default storageIo(). */
   io?: IoBackend;
+  /**
+   * Seconds the device may wait for a new server after this one dies (ublk USER_RECOVERY, with
+   * a pending log). 0: no recovery flags, the device dies with the server (the default).
+   */
+  recoveryWait?: number;
 }
 
 export interface ServerStats {
@@ -118,14 +135,53 @@ export class UblkServer {
   static async start(opts: ServeOptions): Promise<UblkServer> {
     // The driver first: without it the image is not even opened (so not touched).
     const ctl = await UblkControl.open();
+    const recovery = (opts.recoveryWait ?? 0) > 0;
     let image: FvdImage;
+    let own: OwnDevice | null = null;
+    const fileId = fileIdOf(opts.image);
+    const bootId = currentBootId();
     try {
-      image = await FvdImage.open(opts.io ?? storageIo(), opts.image, { copyOnRead: opts.copyOnRead, key: opts.key });
+      // Recovery: a device this image's dead server left waiting is taken over, never re-added.
+      if (recovery) {
+        fs.mkdirSync(stateDir(), { recursive: true, mode: 0o755 }); // the pending log lives there
+        own = await findOwnDevice(ctl, fileId, bootId, opts.devId);
+        if (own && !(await waitForOldServer(ctl, own, opts.log))) {
+          opts.log(`device ${own.state.devId} cannot be recovered (DEAD); deleting it`);
+          await ctl.deleteDevice(own.state.devId).catch(() => {});
+          removeState(own.state.devId);
+          own = null;
+        }
+      }
+      // The pending log of a crashed server of this boot is applied by any serve of the image;
+      // only a recoverable device keeps a new one (FORMAT.md §14).
+      image = await FvdImage.open(opts.io ?? storageIo(), opts.image, {
+        copyOnRead: opts.copyOnRead,
+        key: opts.key,
+        pendingLog: { path: pendingLogPath(fileId), bootId, fileId, record: recovery },
+      });
     } catch (err) {
       ctl.close();
       throw err;
     }
+    if (image.pendingApplied) opts.log(`applied ${image.pendingApplied} records of the previous server's pending log`);
     const server = new UblkServer(opts, image, ctl);
+    server.fileId = fileId;
+    server.bootId = bootId;
+    if (own) {
+      // Until START_USER_RECOVERY the device stays waiting for a later serve; after it a failure
+      // deletes the device (teardown: STOP_DEV + DEL_DEV), so held I/O fails instead of hanging.
+      try {
+        await server.recover(own);
+        return server;
+      } catch (err) {
+        if (!server.recoveryStarted) {
+          server.devId = -1; // not ours to delete: it keeps waiting
+          opts.log(`recovery of device ${own.state.devId} failed before START_USER_RECOVERY; it keeps waiting`);
+        }
+        await server.teardown().catch((e) => opts.log(`cleanup after a failed recovery: ${(e as Error).message}`));
+        throw err;
+      }
+    }
     try {
       await server.bringUp();
       return server;
@@ -135,8 +191,69 @@ export class UblkServer {
     }
   }
 
+  /** Recovery: the image file's identity and this boot's id (daemon/recovery.ts). */
+  fileId = '';
+  bootId = '';
+  /** Set once START_USER_RECOVERY succeeded: from then a failure must delete the device. */
+  recoveryStarted = false;
+
+  /**
+   * Takes over a device this image's dead server left waiting (docs/DESIGN.md §7): the image is
+   * open (journal and pending log applied), the old server is gone. No ADD_DEV, no SET_PARAMS.
+   */
+  private async recover(own: OwnDevice): Promise<void> {
+    const { opts, image, ctl } = this;
+    const id = own.state.devId;
+    if (own.info.nrHwQueues !== opts.queues || own.info.queueDepth !== opts.depth || own.info.maxIoBufBytes < opts.maxIo) {
+      opts.log(`device ${id} keeps its geometry: ${own.info.nrHwQueues} queues, depth ${own.info.queueDepth}, max I/O ${own.info.maxIoBufBytes} (the command line's is ignored)`);
+      opts.queues = own.info.nrHwQueues;
+      opts.depth = own.info.queueDepth;
+      opts.maxIo = Math.min(opts.maxIo, own.info.maxIoBufBytes);
+    }
+    const params = await ctl.getParams(id);
+    const devSectors = Number(new DataView(params.buffer, params.byteOffset).getBigUint64(8 + 16, true));
+    if (devSectors !== image.size / 512)
+      throw new FvdError(`device ${id} has ${devSectors} sectors but the image is ${image.size / 512}: not recovering it`, 'EINVAL');
+    opts.log(`recovering device ${id} (previous server pid ${own.state.pid})`);
+    const t0 = Date.now();
+    await startRecoveryRetrying(ctl, id);
+    this.recoveryStarted = true;
+    opts.log(`START_USER_RECOVERY accepted after ${Date.now() - t0} ms`);
+    this.devId = id;
+    this.devicePath = `/dev/ublkb${id}`;
+    opts.log(describeFeatures(os.release(), ctl.features, own.info.flags));
+    await this.startWorkers();
+    await ctl.endUserRecovery(id, process.pid);
+    this.started = true;
+    await ctl.waitForState(id, [UBLK_S_DEV_LIVE], 10_000);
+    await waitForPath(this.devicePath, 10_000);
+    opts.log(`recovered device ${id} in ${Date.now() - t0} ms`);
+    this.writeDeviceState((own.state.generation ?? 0) + 1);
+  }
+
+  private writeDeviceState(generation: number): void {
+    const { opts, image } = this;
+    const recovery = (opts.recoveryWait ?? 0) > 0;
+    const st: DeviceState = {
+      name: opts.name,
+      devId: this.devId,
+      device: this.devicePath,
+      image: fs.realpathSync(opts.image),
+      pid: process.pid,
+      size: image.size,
+      queues: opts.queues,
+      depth: opts.depth,
+      startedAt: new Date().toISOString(),
+      queueThreads: this.queues.map((q) => ({ tid: q.tid, ioFlusher: q.ioFlusher === 1 })),
+      ...(recovery ? { fileId: this.fileId, bootId: this.bootId, maxIo: opts.maxIo, recoveryWait: opts.recoveryWait, generation } : {}),
+    };
+    this.state = st;
+    writeState(st);
+  }
+
   private async bringUp(): Promise<void> {
     const { opts, image, ctl } = this;
+    const recovery = (opts.recoveryWait ?? 0) > 0;
     await removeStaleDevice(ctl, opts.devId, opts.log);
     const info = await ctl
       .addDevice({
@@ -145,8 +262,8 @@ export class UblkServer {
         maxIoBufBytes: opts.maxIo,
         devId: opts.devId,
         ublksrvPid: process.pid,
-        flags: 0n,
-        ublksrvFlags: FVD_SERVER_TAG,
+        flags: recovery ? RECOVERY_FLAGS : 0n,
+        ublksrvFlags: recovery ? serverFlagsFor(this.fileId) : FVD_SERVER_TAG,
       })
       .catch((err) => {
         if (err instanceof UblkCommandError && err.errno === -17 /* EEXIST */)
@@ -175,20 +292,7 @@ export class UblkServer {
     await ctl.startDevice(this.devId, process.pid);
     this.started = true;
     await waitForPath(this.devicePath, 10_000);
-    const st: DeviceState = {
-      name: opts.name,
-      devId: this.devId,
-      device: this.devicePath,
-      image: fs.realpathSync(opts.image),
-      pid: process.pid,
-      size: image.size,
-      queues: opts.queues,
-      depth: opts.depth,
-      startedAt: new Date().toISOString(),
-      queueThreads: this.queues.map((q) => ({ tid: q.tid, ioFlusher: q.ioFlusher === 1 })),
-    };
-    this.state = st;
-    writeState(st);
+    this.writeDeviceState(0);
   }
 
   /** The run-time record as written at start, for refreshing its remote figures. */
@@ -363,7 +467,8 @@ export class UblkServer {
     return this.stopping;
   }
 
-  private async teardown(): Promise<void> {
+  /** @internal also the cleanup of a failed start or recovery */
+  async teardown(): Promise<void> {
     const { ctl } = this;
     const errors: string[] = [];
     const attempt = async (what: string, fn: () => Promise<unknown>) => {
@@ -373,7 +478,7 @@ export class UblkServer {
         errors.push(`${what}: ${(err as Error).message}`);
       }
     };
-    if (this.devId >= 0 && this.started) await attempt('STOP_DEV', () => ctl.stopDevice(this.devId));
+    if (this.devId >= 0 && (this.started || this.recoveryStarted)) await attempt('STOP_DEV', () => ctl.stopDevice(this.devId));
     this.failures.flush(); // the requests failed during the drain, before the closing lines
     // Workers leave once every tag is aborted; a device that never started needs the quit flag.
     for (const q of this.queues) {
@@ -426,42 +531,5 @@ async function waitForPath(path: string, ms: number): Promise<void> {
   }
 }
 
-/**
- * A server killed without cleanup leaves its device id occupied (DEAD, or LIVE with no server).
- * If the id we want (or any id recorded by a dead fvd server) is such a leftover of ours — tagged
- * in ublksrv_flags and its pid gone — delete it. Someone else's device is never touched.
- */
-export async function removeStaleDevice(ctl: UblkControl, devId: number, log: (s: string) => void): Promise<void> {
-  const candidates = new Set<number>();
-  if (devId >= 0) candidates.add(devId);
-  for (const st of listStates()) if (!pidAlive(st.pid)) candidates.add(st.devId);
-  for (const id of candidates) {
-    const info = await ctl.deviceInfo(id);
-    if (!info) {
-      removeState(id);
-      continue;
-    }
-    const ours = (info.ublksrvFlags & FVD_SERVER_TAG) === FVD_SERVER_TAG;
-    const alive = info.ublksrvPid > 0 && pidAlive(info.ublksrvPid);
-    if (!ours || alive) {
-      if (id === devId) {
-        const who = alive ? `pid ${info.ublksrvPid}` : 'another program';
-        throw new FvdError(`ublk device id ${id} is in use by ${who}${info.state === UBLK_S_DEV_LIVE ? ' (live)' : ''}`, 'EBUSY');
-      }
-      continue;
-    }
-    log(`removing stale device ${id} left by dead fvd server (pid ${info.ublksrvPid})`);
-    await ctl.stopDevice(id).catch(() => {});
-    await ctl.deleteDevice(id);
-    removeState(id);
-  }
-}
-
-export function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
+// Stale-device cleanup and pidAlive live in daemon/recovery.ts (they decide what is ours).
+export { pidAlive, removeStaleDevice } from './recovery.js';

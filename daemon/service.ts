@@ -64,6 +64,7 @@ export async function runService(opts: ServiceOptions): Promise<number> {
     copyOnRead: opts.copyOnRead,
     key: opts.key,
     log: opts.log,
+    recoveryWait: opts.recoveryWait,
     // Ignored until the service waits for its stop (as before it is ready there is nothing to stop).
     onFatal: (reason) => service?.fatal(reason),
   })

@@ -17,6 +17,16 @@ export interface DeviceState {
   startedAt: string;
   /** One per queue: the thread serving it and whether it is an I/O flusher (PR_SET_IO_FLUSHER). */
   queueThreads?: { tid: number; ioFlusher: boolean }[];
+  /** Recovery (serve --recovery-wait): the image file's identity "dev:ino", as daemon/recovery.ts checks it. */
+  fileId?: string;
+  /** Recovery: the boot the device was added in (a state file of another boot names nothing). */
+  bootId?: string;
+  /** Recovery: the largest request, part of the geometry a recovering server must match. */
+  maxIo?: number;
+  /** Recovery: seconds the device is meant to wait for a new server (0 or absent: no recovery). */
+  recoveryWait?: number;
+  /** Recovery: how many times a new server took the device over (0 for the first). */
+  generation?: number;
   /** A remote base's transfer figures, refreshed with STATUS= (for `fvd info`). */
   remote?: RemoteStatus;
 }

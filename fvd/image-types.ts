@@ -21,6 +21,13 @@ export interface OpenOptions {
    * Without this, such an image is refused as corrupt.
    */
   recountRefcounts?: boolean;
+  /**
+   * Read-write opens: the volatile pending log (fvd/pending-log.ts, FORMAT.md §14). A log left by
+   * a crashed process of this boot for this file is applied after the journal replay and folded
+   * into the image by the open's checkpoint; then a fresh log receives every queued record until
+   * a clean close removes it. `record: false`: apply and remove a log left behind, keep no new one.
+   */
+  pendingLog?: { path: string; bootId: string; fileId: string; record?: boolean };
 }
 
 /** A base image as the engine sees it: read-only bytes of a fixed size. */

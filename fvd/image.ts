@@ -29,6 +29,7 @@ import {
 } from './format.js';
 import { allSet, countSet, forEachClearRun, newBitmap, setRange, testBit } from './bitmap.js';
 import { Journal, PendingRecords } from './journal.js';
+import { PendingLogWriter, applyPendingLog, readPendingLog, unlinkPendingLog } from './pending-log.js';
 import { BlockLocks } from './block-locks.js';
 import { EncryptedRequests } from './encrypted-requests.js';
 import { FlushGuard } from './flush-guard.js';
@@ -99,6 +100,10 @@ export class FvdImage {
   private closed = false;
   private readonly wasDirty: boolean;
   private readonly replayedSectors: number;
+  /** Records of a crashed process's pending log applied by this open (FORMAT.md §14). */
+  pendingApplied = 0;
+  /** The volatile pending log this read-write image appends to, or null (OpenOptions.pendingLog). */
+  private pendingLog: PendingLogWriter | null = null;
   /** Encrypted image: the data cipher, null when opened withoutKey (data I/O refused). */
   readonly encrypted: boolean;
   private readonly xts: XtsCipher | null;
@@ -238,7 +243,14 @@ export class FvdImage {
     try {
       // Bitmap, table, in-memory journal replay and the table checks (fvd/metadata.ts). Shared
       // memory: the daemon's queue workers map requests through them without copies.
-      const { bitmap: present, table, dirty, nextSeq, replayedSectors: replayed } = await readMaps(imagePath, file, header, { shared: true });
+      // The pending log of a crashed process of this boot: applied after the journal (§14).
+      const logId = !readOnly ? options.pendingLog : undefined;
+      const pending = logId ? readPendingLog(logId) : null;
+      const maps = await readMaps(imagePath, file, header, {
+        shared: true,
+        afterReplay: pending ? (sink) => applyPendingLog(pending, sink) : undefined,
+      });
+      const { bitmap: present, table, dirty, nextSeq, replayedSectors: replayed } = maps;
       // Snapshot structures; an interrupted revert is redone here, over the replayed state.
       const snap = table ? await loadSnapshotState(imagePath, file, header, table, present, !!options.recountRefcounts) : null;
       // Read-write: the first failed flush stops every later write (fvd/flush-guard.ts).
@@ -257,7 +269,18 @@ export class FvdImage {
       image.reopenBase = reopenBase;
       image.baseIdentity = ref?.identity ?? null;
       if (snap?.redo) header.revertSnapshotId = 0; // cleared on disk by markOpen's checkpoint
+      image.pendingApplied = maps.appliedPending;
       if (!readOnly) await image.markOpen(replayed > 0 || dirty || !!snap?.redo);
+      if (logId) {
+        // The checkpoint above made the applied records durable: the old log is spent (or was
+        // another boot's or file's). The new one replaces it and continues its sequence numbers.
+        if (logId.record === false) {
+          if (pending?.status !== 'absent') unlinkPendingLog(logId.path);
+        } else {
+          image.pendingLog = PendingLogWriter.create(logId, pending?.lastSeq ?? 0);
+          image.journal!.attachPendingLog(image.pendingLog);
+        }
+      }
       return image;
     } catch (err) {
       await base?.close();
@@ -299,6 +322,7 @@ export class FvdImage {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    let checkpointed = false;
     try {
       await this.idle();
       if (this.failure) throw new FvdError(`${this.failure.message}; closed without a checkpoint (the image stays dirty)`, 'EIO');
@@ -313,8 +337,11 @@ export class FvdImage {
         await coverMappedChunks(this.file, this.header, this.table);
         this.header.incompatible &= ~INCOMPAT_DIRTY; // written by the checkpoint's header update
         await this.journal!.checkpoint();
+        checkpointed = true;
       }
     } finally {
+      // Checkpointed: every logged record is in the image. Otherwise the log stays for the next open.
+      this.pendingLog?.close(checkpointed);
       this.xts?.destroy(); // the key leaves memory with the image (FORMAT.md §11.2)
       await this.file.close();
       await this.base?.close();
@@ -328,6 +355,7 @@ export class FvdImage {
   async abandon(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.pendingLog?.close(false); // a killed process leaves its log behind
     this.xts?.destroy();
     await this.file.close();
     await this.base?.close();

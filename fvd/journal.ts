@@ -38,24 +38,36 @@ export class PendingRecords {
   /** Storage chunks unmapped by this batch's TABLE_SET records: reusable once it is durable. */
   freed: number[] = [];
 
+  /**
+   * The volatile pending log (fvd/pending-log.ts), or null: each record added by a writer is
+   * appended to it synchronously, before the write that produced it is acknowledged.
+   */
+  constructor(private readonly sink: JournalSink | null = null) {}
+
   get empty(): boolean {
     return this.bitmap.length === 0 && this.table.size === 0;
   }
 
   addBitmap(first: number, count: number): void {
+    this.sink?.bitmapSet(first, count);
+    this.mergeBitmap(first, count);
+  }
+
+  addTable(chunk: number, id: number): void {
+    this.sink?.tableSet(chunk, id);
+    this.table.set(chunk, id);
+  }
+
+  private mergeBitmap(first: number, count: number): void {
     const n = this.bitmap.length;
     if (n && this.bitmap[n - 2]! + this.bitmap[n - 1]! === first) this.bitmap[n - 1]! += count;
     else this.bitmap.push(first, count);
   }
 
-  addTable(chunk: number, id: number): void {
-    this.table.set(chunk, id);
-  }
-
-  /** Appends a later batch: its table values win over this one's. */
+  /** Appends a later batch: its table values win over this one's. Not logged again (already in the log). */
   absorb(later: PendingRecords): void {
-    for (let i = 0; i < later.bitmap.length; i += 2) this.addBitmap(later.bitmap[i]!, later.bitmap[i + 1]!);
-    for (const [c, id] of later.table) this.addTable(c, id);
+    for (let i = 0; i < later.bitmap.length; i += 2) this.mergeBitmap(later.bitmap[i]!, later.bitmap[i + 1]!);
+    for (const [c, id] of later.table) this.table.set(c, id);
     for (const id of later.freed) this.freed.push(id);
   }
 }
@@ -193,9 +205,18 @@ export interface CheckpointTarget {
   checkpoint(nextSeq: number): Promise<void>;
 }
 
+/** Where queued records are also appended, and told which of them became durable. */
+export interface PendingSink extends JournalSink {
+  /** Sequence number of the last record appended. */
+  readonly lastSeq: number;
+  /** Every record up to `seq` is durable in the image. */
+  markCommitted(seq: number): void;
+}
+
 /** The writer side: queue, group commit, wrap-around, checkpoint when full. */
 export class Journal {
   pending = new PendingRecords();
+  private log: PendingSink | null = null;
   private readonly nsec: number;
   private used: number; // sectors written since the last checkpoint
   private chain: Promise<void> = Promise.resolve();
@@ -215,6 +236,21 @@ export class Journal {
   ) {
     this.nsec = length / SECTOR;
     this.used = usedSectors;
+  }
+
+  /**
+   * Appends every record queued from now on to `log` too (the volatile pending log). Records
+   * queued before (none after a fresh open, whose checkpoint emptied the queue) are not.
+   */
+  attachPendingLog(log: PendingSink | null): void {
+    this.log = log;
+    const next = new PendingRecords(log);
+    next.absorb(this.pending);
+    this.pending = next;
+  }
+
+  private freshPending(): PendingRecords {
+    return new PendingRecords(this.log);
   }
 
   get sectorsUsed(): number {
@@ -254,11 +290,13 @@ export class Journal {
 
   private async runCommit(): Promise<void> {
     const batch = this.pending;
+    // The log's records up to here are all in this batch (records are appended as they are queued).
+    const logSeq = this.log?.lastSeq ?? 0;
     if (batch.empty) {
       await this.file.flush();
       return;
     }
-    this.pending = new PendingRecords();
+    this.pending = this.freshPending();
     const bytes = encodeRecords(batch, this.nextSeq);
     const n = bytes.length / SECTOR;
     // A full log, or sequence numbers used up (only a damaged or hostile header starts near the
@@ -286,6 +324,7 @@ export class Journal {
     this.stats.sectors += n;
     this.stats.bitmapRuns += batch.bitmap.length / 2;
     this.stats.tableEntries += batch.table.size;
+    this.log?.markCommitted(logSeq);
     this.onDurable(batch);
   }
 
@@ -297,7 +336,9 @@ export class Journal {
   private async runCheckpoint(taken: PendingRecords | null = null): Promise<void> {
     const batch = taken ?? new PendingRecords();
     batch.absorb(this.pending);
-    this.pending = new PendingRecords();
+    this.pending = this.freshPending();
+    // The target snapshots the in-memory metadata synchronously below: it holds every logged record.
+    const logSeq = this.log?.lastSeq ?? 0;
     try {
       await this.target.checkpoint(this.nextSeq);
     } catch (err) {
@@ -306,12 +347,15 @@ export class Journal {
     }
     this.used = 0;
     this.stats.checkpoints++;
+    this.log?.markCommitted(logSeq);
     this.onDurable(batch);
   }
 
   /** Puts a failed batch back in front of what was queued since, so nothing is lost. */
   private requeue(batch: PendingRecords): void {
-    batch.absorb(this.pending);
-    this.pending = batch;
+    const next = this.freshPending();
+    next.absorb(batch);
+    next.absorb(this.pending);
+    this.pending = next;
   }
 }

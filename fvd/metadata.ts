@@ -17,7 +17,7 @@ import type { BlockFile } from './io.js';
 import { CorruptImageError, FvdError } from './errors.js';
 import { BASE_NONE, BASE_PATH_OFFSET, CHUNK_EMPTY, HEADER_SIZE, INCOMPAT_COMPACT, INCOMPAT_DIRTY, INCOMPAT_ENCRYPTED, PAGE, crc, decodeHeader, type Header } from './format.js';
 import { newBitmap, setRange } from './bitmap.js';
-import { replayJournal } from './journal.js';
+import { replayJournal, type JournalSink } from './journal.js';
 import { KeyError, parseCryptFields, unlock, type XtsCipher } from './crypto.js';
 
 /** Step 1: the header (decoded and checked against the file's size) and the whole first page. */
@@ -87,6 +87,8 @@ export interface Maps {
   table: Uint32Array | null;
   /** DIRTY was set: the journal was replayed into `bitmap` and `table` (in memory only). */
   dirty: boolean;
+  /** Records applied by `afterReplay` (the pending log), in memory only. */
+  appliedPending: number;
   /** The first sequence number after the replayed log (journal_start_seq when clean). */
   nextSeq: number;
   /** Journal sectors replayed. */
@@ -99,7 +101,20 @@ export interface Maps {
  * the table. `shared`: allocate both on SharedArrayBuffers (the engine's queue workers map
  * requests through them without copies).
  */
-export async function readMaps(imagePath: string, file: BlockFile, header: Header, options: { shared?: boolean } = {}): Promise<Maps> {
+export async function readMaps(
+  imagePath: string,
+  file: BlockFile,
+  header: Header,
+  options: {
+    shared?: boolean;
+    /**
+     * After the journal replay of a dirty image, before the table checks: applies more records
+     * (the volatile pending log, fvd/pending-log.ts) through the same validating sink. Returns
+     * how many it applied.
+     */
+    afterReplay?: (sink: JournalSink) => number;
+  } = {},
+): Promise<Maps> {
   const bitmap = options.shared ? newBitmap(header.bitmapLength) : new Uint8Array(header.bitmapLength);
   if (header.bitmapLength) await file.read(bitmap.subarray(0, header.bitmapLength), header.bitmapOffset);
   let table: Uint32Array | null = null;
@@ -112,9 +127,10 @@ export async function readMaps(imagePath: string, file: BlockFile, header: Heade
   const dirty = (header.incompatible & INCOMPAT_DIRTY) !== 0n;
   let nextSeq = header.journalStartSeq;
   let replayedSectors = 0;
+  let appliedPending = 0;
   if (dirty) {
     const baseBlocks = Math.ceil(Math.min(header.baseSize, header.virtualSize) / header.blockSize);
-    const r = await replayJournal(file, header.journalOffset, header.journalLength, header.journalStartSeq, {
+    const sink: JournalSink = {
       bitmapSet(firstBlock, count) {
         // Writers log bits of base blocks only (below min(base size, virtual size)).
         if (firstBlock + count > baseBlocks || count === 0)
@@ -125,14 +141,16 @@ export async function readMaps(imagePath: string, file: BlockFile, header: Heade
         if (!table || chunk >= table.length) throw new CorruptImageError(imagePath, `journal table record for chunk ${chunk} out of range`);
         table[chunk] = id;
       },
-    });
+    };
+    const r = await replayJournal(file, header.journalOffset, header.journalLength, header.journalStartSeq, sink);
     nextSeq = r.nextSeq;
     replayedSectors = r.sectors;
+    if (options.afterReplay) appliedPending = options.afterReplay(sink);
   }
   // During an interrupted snapshot revert the in-place table may be torn: the engine replaces it
   // by the snapshot's saved table (validated there, fvd/snapshot.ts), so it is not checked here.
   if (table && !header.revertSnapshotId) validateTable(imagePath, table, header, file, dirty);
-  return { bitmap, table, dirty, nextSeq, replayedSectors };
+  return { bitmap, table, dirty, nextSeq, replayedSectors, appliedPending };
 }
 
 /** Chunks of the virtual disk: entries of the lookup table that mean something. */

@@ -1,6 +1,7 @@
 /**
  * fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read]
  *           [--no-prefetch] [--prefetch-rate SIZE] [--prefetch-share PERCENT] [--key-file PATH|-]
+ *           [--recovery-wait SEC]
  * Prints the device path once it is usable; SIGTERM/SIGINT stop the device, drain in-flight I/O,
  * close the image cleanly, delete the device and exit 0. Under systemd (Type=notify) it reports
  * READY=1 only then, STATUS= with figures, STOPPING=1, and WATCHDOG=1 pings when asked.
@@ -41,6 +42,7 @@ export const spec = defineCommand({
     'metrics-file': { type: 'string', arg: 'PATH', help: 'write Prometheus text-format metrics to PATH every 5 s (atomic rename; for node_exporter\'s textfile collector)' },
     'grow-free': { type: 'string', default: '64M', arg: 'SIZE', help: 'with --grow-cmd: grow when less than this is left past the last chunk' },
     'remote-config': { type: 'string', arg: 'FILE', help: 'settings and credentials of a remote base (default /etc/fvd/remote.conf)' },
+    'recovery-wait': { type: 'string', default: '0', arg: 'SEC', help: 'keep the device when this server dies (ublk user recovery): the next serve of the image takes it over; 0 = the device dies with the server' },
     ...KEY_FILE_OPTION,
   },
   details: `Prints the device path once it answers I/O. SIGTERM/SIGINT stop it cleanly (drain, close, delete the
@@ -109,5 +111,6 @@ export async function run(args: string[]): Promise<number> {
     growCmd,
     growFree,
     metricsFile: values['metrics-file'],
+    recoveryWait: parseInteger(values['recovery-wait']!, 'recovery wait', 0, 86_400),
   });
 }

@@ -1,8 +1,10 @@
 /** fvd stop NAME|DEVICE [--timeout SEC]: asks the serving process to stop and waits for it. */
 import { UsageError, parseInteger } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
-import { listStates } from '../state.js';
+import { listStates, removeState, type DeviceState } from '../state.js';
 import { pidAlive } from '../server.js';
+import { isOurs } from '../recovery.js';
+import { UblkControl } from '../ublk/control.js';
 
 export const spec = defineCommand({
   name: 'stop',
@@ -18,7 +20,12 @@ export async function run(args: string[]): Promise<number> {
   const timeout = parseInteger(values.timeout!, 'timeout', 1, 3600) * 1000;
   const st = listStates().find((s) => s.name === key || s.device === key || `ublkb${s.devId}` === key || String(s.devId) === key);
   if (!st) throw new UsageError(`no device served by fvd matches '${key}' (see 'fvd list')`);
-  if (!pidAlive(st.pid)) throw new UsageError(`${st.device} (${st.name}): its server (pid ${st.pid}) is gone; 'fvd serve' on the same --dev-id cleans it up`);
+  if (!pidAlive(st.pid)) {
+    // A device left waiting for a new server (serve --recovery-wait): deleted here, its held
+    // I/O fails. The pending log stays and is applied by the image's next read-write serve.
+    if (st.fileId !== undefined) return deleteWaitingDevice(st);
+    throw new UsageError(`${st.device} (${st.name}): its server (pid ${st.pid}) is gone; 'fvd serve' on the same --dev-id cleans it up`);
+  }
   process.kill(st.pid, 'SIGTERM');
   const until = Date.now() + timeout;
   while (pidAlive(st.pid)) {
@@ -27,4 +34,21 @@ export async function run(args: string[]): Promise<number> {
   }
   console.log(`stopped ${st.device} (${st.name})`);
   return 0;
+}
+
+async function deleteWaitingDevice(st: DeviceState): Promise<number> {
+  const ctl = await UblkControl.open();
+  try {
+    const info = await ctl.deviceInfo(st.devId);
+    if (info && !isOurs(info, st)) throw new UsageError(`${st.device}: device ${st.devId} is not the one ${st.name} left (another server's); not touching it`);
+    if (info) {
+      await ctl.stopDevice(st.devId).catch(() => {});
+      await ctl.deleteDevice(st.devId);
+    }
+    removeState(st.devId);
+    console.log(`deleted ${st.device} (${st.name}), which was waiting for its server`);
+    return 0;
+  } finally {
+    ctl.close();
+  }
 }

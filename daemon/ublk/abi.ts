@@ -19,6 +19,10 @@ export const UBLK_U_CMD_STOP_DEV = IOC(RW, 0x07, CTRL_SIZE);
 export const UBLK_U_CMD_SET_PARAMS = IOC(RW, 0x08, CTRL_SIZE);
 export const UBLK_U_CMD_GET_PARAMS = IOC(R, 0x09, CTRL_SIZE);
 export const UBLK_U_CMD_GET_FEATURES = IOC(R, 0x13, CTRL_SIZE);
+/** USER_RECOVERY: only accepted once the old server exited and released /dev/ublkcN (else EBUSY). */
+export const UBLK_U_CMD_START_USER_RECOVERY = IOC(RW, 0x10, CTRL_SIZE);
+/** data[0] = the new server's pid; waits until every tag is fetched again, then the device is LIVE. */
+export const UBLK_U_CMD_END_USER_RECOVERY = IOC(RW, 0x11, CTRL_SIZE);
 export const UBLK_U_IO_FETCH_REQ = IOC(RW, 0x20, IO_SIZE);
 export const UBLK_U_IO_COMMIT_AND_FETCH_REQ = IOC(RW, 0x21, IO_SIZE);
 
@@ -48,6 +52,8 @@ export const LEGACY = {
   STOP_DEV: 0x07,
   SET_PARAMS: 0x08,
   GET_PARAMS: 0x09,
+  START_USER_RECOVERY: 0x10,
+  END_USER_RECOVERY: 0x11,
   FETCH_REQ: 0x20,
   COMMIT_AND_FETCH_REQ: 0x21,
 } as const;

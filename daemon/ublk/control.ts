@@ -13,11 +13,13 @@ import {
   UBLK_F_CMD_IOCTL_ENCODE,
   UBLK_U_CMD_ADD_DEV,
   UBLK_U_CMD_DEL_DEV,
+  UBLK_U_CMD_END_USER_RECOVERY,
   UBLK_U_CMD_GET_DEV_INFO,
   UBLK_U_CMD_GET_FEATURES,
   UBLK_U_CMD_GET_PARAMS,
   UBLK_U_CMD_SET_PARAMS,
   UBLK_U_CMD_START_DEV,
+  UBLK_U_CMD_START_USER_RECOVERY,
   UBLK_U_CMD_STOP_DEV,
   decodeDevInfo,
   encodeCtrlCmd,
@@ -148,6 +150,33 @@ export class UblkControl {
 
   stopDevice(devId: number): Promise<number> {
     return this.command('STOP_DEV', UBLK_U_CMD_STOP_DEV, LEGACY.STOP_DEV, devId, null, 0);
+  }
+
+  /**
+   * Begins the recovery of a device whose server died (USER_RECOVERY, state QUIESCED). The
+   * kernel answers EBUSY until the old server's /dev/ublkcN is released; callers retry.
+   */
+  startUserRecovery(devId: number): Promise<number> {
+    return this.command('START_USER_RECOVERY', UBLK_U_CMD_START_USER_RECOVERY, LEGACY.START_USER_RECOVERY, devId, null, 0);
+  }
+
+  /** Ends a recovery: like START_DEV it completes once this pid fetched every tag. */
+  endUserRecovery(devId: number, pid: number): Promise<number> {
+    return this.command('END_USER_RECOVERY', UBLK_U_CMD_END_USER_RECOVERY, LEGACY.END_USER_RECOVERY, devId, null, 0, pid);
+  }
+
+  /**
+   * Polls GET_DEV_INFO until the device's state is one of `states` (UBLK_S_DEV_*). Returns the
+   * info, or null when the device disappeared; throws after `timeoutMs`.
+   */
+  async waitForState(devId: number, states: readonly number[], timeoutMs: number): Promise<DevInfo | null> {
+    const until = Date.now() + timeoutMs;
+    for (;;) {
+      const info = await this.deviceInfo(devId);
+      if (!info || states.includes(info.state)) return info;
+      if (Date.now() >= until) throw new FvdError(`ublk device ${devId} stayed in state ${info.state} (waited for ${states.join('|')})`, 'EBUSY');
+      await sleep(50);
+    }
   }
 
   deleteDevice(devId: number): Promise<number> {

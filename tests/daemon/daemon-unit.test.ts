@@ -14,7 +14,8 @@ import {
   UBLK_U_CMD_START_DEV, UBLK_U_CMD_STOP_DEV, UBLK_U_IO_COMMIT_AND_FETCH_REQ, UBLK_U_IO_FETCH_REQ,
   UBLK_U_CMD_DEL_DEV_ASYNC, UBLK_U_CMD_UPDATE_SIZE, UBLK_U_CMD_QUIESCE_DEV, UBLK_U_CMD_TRY_STOP_DEV,
   UBLK_U_IO_REGISTER_IO_BUF, UBLK_U_IO_UNREGISTER_IO_BUF, UBLK_U_IO_PREP_IO_CMDS, UBLK_U_IO_COMMIT_IO_CMDS,
-  UBLK_U_IO_FETCH_IO_CMDS, UBLK_F_SHMEM_ZC,
+  UBLK_U_IO_FETCH_IO_CMDS, UBLK_F_SHMEM_ZC, UBLK_U_CMD_START_USER_RECOVERY, UBLK_U_CMD_END_USER_RECOVERY, LEGACY,
+  FVD_SERVER_TAG, UBLK_F_USER_RECOVERY, UBLK_S_DEV_QUIESCED,
   decodeDevInfo, encodeCtrlCmd, encodeDevInfo, encodeIoCmd, encodeParams,
 } from '../../daemon/ublk/abi.js';
 import { describeFeatures, featureNames } from '../../daemon/ublk/features.js';
@@ -31,6 +32,7 @@ import { listStates, removeState, writeState } from '../../daemon/state.js';
 import { FvdImage } from '../../fvd/image.js';
 import { BASE, directRoute, newRun } from '../../fvd/mapping.js';
 import { nodeIo } from '../../storage/node-file.js';
+import { RECOVERY_FLAGS, isOurs, serverFlagsFor } from '../../daemon/recovery.js';
 
 test('ublk opcodes are the ioctl encodings of Linux 6.12', () => {
   assert.is(UBLK_U_CMD_GET_DEV_INFO, 0x80207502);
@@ -42,6 +44,27 @@ test('ublk opcodes are the ioctl encodings of Linux 6.12', () => {
   assert.is(UBLK_U_CMD_GET_FEATURES, 0x80207513);
   assert.is(UBLK_U_IO_FETCH_REQ, 0xc0107520);
   assert.is(UBLK_U_IO_COMMIT_AND_FETCH_REQ, 0xc0107521);
+});
+
+test('user recovery commands: ioctl and legacy encodings', () => {
+  assert.is(UBLK_U_CMD_START_USER_RECOVERY, 0xc0207510);
+  assert.is(UBLK_U_CMD_END_USER_RECOVERY, 0xc0207511);
+  assert.is(LEGACY.START_USER_RECOVERY, 0x10);
+  assert.is(LEGACY.END_USER_RECOVERY, 0x11);
+});
+
+test('recovery: a waiting device is ours only when tag, file crc, flags and geometry all agree', () => {
+  const st = { name: 'a', devId: 3, device: '/dev/ublkb3', image: '/i', pid: 1, size: 1, queues: 2, depth: 64, startedAt: '', fileId: '8:1:77', bootId: 'b', maxIo: 524288 };
+  const info = { nrHwQueues: 2, queueDepth: 64, state: UBLK_S_DEV_QUIESCED, maxIoBufBytes: 524288, devId: 3, ublksrvPid: 1, flags: RECOVERY_FLAGS | 0x40n, ublksrvFlags: serverFlagsFor('8:1:77') };
+  assert.ok(isOurs(info, st));
+  assert.is(serverFlagsFor('8:1:77') & FVD_SERVER_TAG, FVD_SERVER_TAG);
+  assert.is.not(serverFlagsFor('8:1:77'), serverFlagsFor('8:1:78'));
+  assert.not.ok(isOurs({ ...info, ublksrvFlags: serverFlagsFor('8:1:78') }, st), 'another image');
+  assert.not.ok(isOurs({ ...info, ublksrvFlags: FVD_SERVER_TAG }, st), 'tag without the file crc');
+  assert.not.ok(isOurs({ ...info, flags: UBLK_F_USER_RECOVERY }, st), 'no REISSUE');
+  assert.not.ok(isOurs({ ...info, queueDepth: 128 }, st), 'other geometry');
+  assert.not.ok(isOurs({ ...info, devId: 4 }, st), 'other id');
+  assert.not.ok(isOurs(info, { ...st, fileId: undefined }), 'state file without recovery');
 });
 
 test('ublk commands after 6.12: ioctl encodings of the 7.x uapi header', () => {

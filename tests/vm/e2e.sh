@@ -24,6 +24,9 @@
 #  16 storage-faults  dm-flakey/dm-error under the image and under its base: errors, no crash,
 #                 replay, flushed data intact
 #  17 full-disk   the image's file system fills up: -ENOSPC to the guest, writes again after space
+#  18 recovery    serve --recovery-wait: SIGKILL under fio verify, the next serve recovers the same
+#                 device (0 errors); unflushed acknowledged write kept (pending log); fvd stop of a
+#                 waiting device
 #
 # Output: one line per check, "ok - [N name] ..." or "not ok - [N name] ..." (with the evidence
 # indented below it), "# ..." comments, and as the last line exactly "N passed, N failed".
@@ -101,6 +104,13 @@ cleanup_scenario() {
         kill -KILL "$pid" 2>/dev/null || true
     done < "$E2E_STATE/pids"
     : > "$E2E_STATE/pids"
+    # Devices left waiting for a server (serve --recovery-wait): deleted, or later umounts hang.
+    for st in /run/fvd/ublkb*.json; do
+        [[ -f $st ]] && grep -q '"fileId"' "$st" || continue
+        m=$(sed -n 's/.*"devId": \([0-9]*\).*/\1/p' "$st" | head -n 1)
+        echo "# cleanup: deleting device $m left waiting for its server"
+        timeout 30 "${FVD[@]}" stop "$m" 2>&1 | sed 's/^/#   /' || true
+    done
     # Mounts under the scenario's directory, deepest first.
     for m in $(awk -v d="$dir" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r); do
         echo "# cleanup: unmounting $m"

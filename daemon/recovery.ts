@@ -1,0 +1,184 @@
+/**
+ * The FVD side of ublk user recovery (docs/DESIGN.md §7): which device left by a dead server
+ * belongs to the image being served, when a leftover may be deleted, and the waits of the
+ * recovery sequence. daemon/ublk/ knows the commands; the decisions are here.
+ *
+ * A device is "ours" only when every mark agrees: fvd's tag and the crc32 of the image's file
+ * identity in ublksrv_flags (set by ADD_DEV, kept by the kernel), a state file of this boot with
+ * the same file identity and device id, and the geometry that state file recorded.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { crc32 } from 'node:zlib';
+import { FvdError } from '../fvd/errors.js';
+import { UblkControl } from './ublk/control.js';
+import {
+  FVD_SERVER_TAG,
+  UBLK_F_USER_RECOVERY,
+  UBLK_F_USER_RECOVERY_REISSUE,
+  UBLK_S_DEV_DEAD,
+  UBLK_S_DEV_FAIL_IO,
+  UBLK_S_DEV_LIVE,
+  UBLK_S_DEV_QUIESCED,
+  type DevInfo,
+} from './ublk/abi.js';
+import { listStates, removeState, stateDir, type DeviceState } from './state.js';
+
+/** ADD_DEV flags of a device that outlives its server: held requests are reissued, not failed. */
+export const RECOVERY_FLAGS = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** The current boot's id: a pending log or a waiting device from another boot is not ours. */
+export function currentBootId(): string {
+  try {
+    return fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+  } catch {
+    return 'unknown-boot';
+  }
+}
+
+/** The image file's identity ("dev:ino"): the same file whatever path names it. */
+export function fileIdOf(image: string): string {
+  const st = fs.statSync(image);
+  return `${st.dev}:${st.ino}`;
+}
+
+/** Where the volatile pending log of that file lives (tmpfs under /run/fvd). */
+export function pendingLogPath(fileId: string): string {
+  return path.join(stateDir(), `pending-${fileId.replace(':', '-')}.log`);
+}
+
+/** ublksrv_flags of a recoverable device: fvd's tag plus the crc32 of the file identity. */
+export function serverFlagsFor(fileId: string): bigint {
+  return FVD_SERVER_TAG | BigInt(crc32(Buffer.from(fileId)) >>> 0);
+}
+
+export function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** Every mark agrees that this kernel device is the one this state file describes. */
+export function isOurs(info: DevInfo, st: DeviceState): boolean {
+  return (
+    st.fileId !== undefined &&
+    info.devId === st.devId &&
+    info.ublksrvFlags === serverFlagsFor(st.fileId) &&
+    (info.flags & RECOVERY_FLAGS) === RECOVERY_FLAGS &&
+    info.nrHwQueues === st.queues &&
+    info.queueDepth === st.depth &&
+    (st.maxIo === undefined || info.maxIoBufBytes >= st.maxIo)
+  );
+}
+
+/** A device that waits (or will wait, once the kernel saw the exit) for a new server. */
+function waiting(info: DevInfo): boolean {
+  if (info.state === UBLK_S_DEV_QUIESCED || info.state === UBLK_S_DEV_FAIL_IO) return true;
+  // LIVE with a dead pid: the kernel has not processed the exit yet.
+  return info.state === UBLK_S_DEV_LIVE && !(info.ublksrvPid > 0 && pidAlive(info.ublksrvPid));
+}
+
+export interface OwnDevice {
+  state: DeviceState;
+  info: DevInfo;
+}
+
+/**
+ * The device this image's dead server left waiting, or null. `devId` ≥ 0 (--dev-id) must name it
+ * when there is one: asking for another id while the image's device waits is refused.
+ */
+export async function findOwnDevice(ctl: UblkControl, fileId: string, bootId: string, devId: number): Promise<OwnDevice | null> {
+  for (const st of listStates()) {
+    if (st.fileId !== fileId || st.bootId !== bootId) continue;
+    if (pidAlive(st.pid)) throw new FvdError(`${st.image} is already served by pid ${st.pid} (${st.device})`, 'EBUSY');
+    const info = await ctl.deviceInfo(st.devId);
+    if (!info || !isOurs(info, st) || !waiting(info)) continue;
+    if (devId >= 0 && devId !== st.devId)
+      throw new FvdError(`device ${st.devId} is waiting for this image's server: serve it without --dev-id or with --dev-id ${st.devId}`, 'EBUSY');
+    return { state: st, info };
+  }
+  return null;
+}
+
+/**
+ * A server killed without cleanup leaves its device id occupied. Leftovers are deleted only when
+ * they are ours (fvd's tag, a state file naming the id) and will never be recovered: no recovery
+ * flags, or DEAD. A device that waits for its server is left alone — this image's own one is
+ * recovered instead (findOwnDevice, before this runs), another image's waits for its own server,
+ * and `fvd stop` deletes it. Someone else's device is never touched.
+ */
+export async function removeStaleDevice(ctl: UblkControl, devId: number, log: (s: string) => void): Promise<void> {
+  const states = new Map<number, DeviceState>();
+  for (const st of listStates()) states.set(st.devId, st);
+  const candidates = new Set<number>();
+  if (devId >= 0) candidates.add(devId);
+  for (const st of states.values()) if (!pidAlive(st.pid)) candidates.add(st.devId);
+  for (const id of candidates) {
+    const info = await ctl.deviceInfo(id);
+    if (!info) {
+      if (states.has(id)) removeState(id);
+      continue;
+    }
+    const tagged = (info.ublksrvFlags & FVD_SERVER_TAG) === FVD_SERVER_TAG;
+    const alive = info.ublksrvPid > 0 && pidAlive(info.ublksrvPid);
+    const st = states.get(id);
+    const recoverable = (info.flags & UBLK_F_USER_RECOVERY) !== 0n && info.state !== UBLK_S_DEV_DEAD;
+    if (tagged && !alive && recoverable) {
+      if (id === devId) {
+        const image = st?.image ?? 'unknown image';
+        throw new FvdError(`device ${id} is waiting for its server (image ${image}): 'fvd stop ${id}' deletes it`, 'EBUSY');
+      }
+      continue; // another image's device, waiting for its own server
+    }
+    if (!tagged || alive) {
+      if (id === devId) {
+        const who = alive ? `pid ${info.ublksrvPid}` : 'another program';
+        throw new FvdError(`ublk device id ${id} is in use by ${who}${info.state === UBLK_S_DEV_LIVE ? ' (live)' : ''}`, 'EBUSY');
+      }
+      continue;
+    }
+    log(`removing stale device ${id} left by dead fvd server (pid ${info.ublksrvPid})`);
+    await ctl.stopDevice(id).catch(() => {});
+    await ctl.deleteDevice(id);
+    removeState(id);
+  }
+}
+
+/**
+ * Waits until the old server is gone: its pid, then the kernel's view (QUIESCED or FAIL_IO).
+ * DEAD means the device cannot be recovered; the caller deletes it and starts afresh.
+ */
+export async function waitForOldServer(ctl: UblkControl, own: OwnDevice, log: (s: string) => void, timeoutMs = 30_000): Promise<DevInfo | null> {
+  const until = Date.now() + timeoutMs;
+  let said = false;
+  while (pidAlive(own.state.pid)) {
+    if (!said) log(`waiting for pid ${own.state.pid} (the previous server) to exit`);
+    said = true;
+    if (Date.now() > until) throw new FvdError(`the previous server (pid ${own.state.pid}) did not exit`, 'EBUSY');
+    await sleep(50);
+  }
+  const info = await ctl.waitForState(own.state.devId, [UBLK_S_DEV_QUIESCED, UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_DEAD], Math.max(1000, until - Date.now()));
+  return info && info.state !== UBLK_S_DEV_DEAD ? info : null;
+}
+
+/** START_USER_RECOVERY, retried while the kernel still holds the old server's /dev/ublkcN (EBUSY). */
+export async function startRecoveryRetrying(ctl: UblkControl, devId: number, timeoutMs = 10_000): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  let delay = 10;
+  for (;;) {
+    try {
+      await ctl.startUserRecovery(devId);
+      return;
+    } catch (err) {
+      const errno = (err as { errno?: number }).errno;
+      if (errno !== -16 /* EBUSY */ || Date.now() > until) throw err;
+      await sleep(delay);
+      delay = Math.min(delay * 2, 500);
+    }
+  }
+}

@@ -1,0 +1,134 @@
+# tests/vm/e2e/18-recovery.sh — sourced by tests/vm/e2e.sh (with lib.sh), runs `scenario` in $D.
+# title: ublk user recovery: SIGKILL under fio verify, re-serve takes the same device over, 0 errors
+# timeout: 900
+#
+# a) fio verify (crc32c, libaio, O_DIRECT, slowed by thinktime, which unlike --rate does not
+#    catch up after a stall, so both kills land mid-run) on the raw
+#    device of a raw-like image over a base and of a compact image, served with --recovery-wait 60.
+#    The daemon is SIGKILLed twice during the run; each time the device stays (same major:minor),
+#    `fvd serve` of the same image recovers it ("recovered device N"), fio ends 0 with 0 errors and
+#    its verify passes; after a clean stop and a fresh serve `fio --verify_only` passes again and
+#    `fvd check` is clean.
+# b) an acknowledged O_DIRECT write that was never flushed (no fsync), then SIGKILL: after the
+#    recovery the data reads back (its records came from the pending log), and again after a clean
+#    stop and a fresh serve.
+# d) a device whose server does not come back: the waiting-time expiry (warden) is not built, so
+#    that part is skipped with the reason; `fvd stop` deletes the waiting device, I/O held on it
+#    fails promptly with EIO, and nothing hangs.
+
+RW=60
+
+# kill_and_recover IMG ID LABEL: SIGKILL the current daemon, check the device stays, re-serve.
+kill_and_recover() {
+    local img=$1 id=$2 label=$3 dead=$SERVE_PID devno
+    devno=$(stat -c %t:%T "/dev/ublkb$id")
+    echo "# SIGKILL to the daemon (pid $dead) [$label]"
+    kill -KILL "$dead"
+    wait_pid "$dead" 30
+    expect "$label: daemon killed by SIGKILL" "$WAIT_RC" 137
+    sleep 1
+    if [[ -b /dev/ublkb$id ]]; then ok "$label: /dev/ublkb$id stays while no server runs"
+    else not_ok "$label: /dev/ublkb$id disappeared with its server" "$(ublk_nodes)"; fi
+    serve_must "$img" --recovery-wait $RW
+    expect "$label: the new serve took over the same device" "$SERVE_DEV" "/dev/ublkb$id"
+    if grep -q "recovered device $id" "$SERVE_LOG"; then ok "$label: log says recovered ($(grep -o 'recovered device.*' "$SERVE_LOG"))"
+    else not_ok "$label: no 'recovered device $id' in the serve log" "$(cat "$SERVE_LOG")"; fi
+    expect "$label: same major:minor" "$(stat -c %t:%T "/dev/ublkb$id")" "$devno"
+}
+
+# fio_job DEV NAME [extra fio options]: the verify job (same parameters for --verify_only).
+fio_job() {
+    local dev=$1 name=$2
+    shift 2
+    fio --name="$name" --filename="$dev" --size=48M --rw=randwrite --bs=4k-64k --ioengine=libaio --direct=1 \
+        --iodepth=16 --verify=crc32c --verify_fatal=1 --randrepeat=1 --thinktime=100ms --thinktime_blocks=4 "$@"
+}
+
+fio_round() {
+    local layout=$1 img=$D/r-$1.fvd id fio_pid base=$D/base.raw k
+    if [[ $layout == raw ]]; then
+        [[ -f $base ]] || random_file "$base" 64
+        must "fvd create (raw-like over a raw base)" fvd create -b "$base" -F raw "$img" 64M
+    else
+        must "fvd create --layout compact" fvd create --layout compact "$img" 64M
+    fi
+    serve_must "$img" --recovery-wait $RW
+    id=$SERVE_ID
+    if grep -q "USER_RECOVERY" "$SERVE_LOG"; then ok "$layout: the device was added with USER_RECOVERY"
+    else not_ok "$layout: the features line does not name USER_RECOVERY" "$(cat "$SERVE_LOG")"; fi
+    timeout -k 5 600 bash -c "$(declare -f fio_job); fio_job $SERVE_DEV verify-$layout" > "fio-$layout.log" 2>&1 &
+    fio_pid=$!
+    for k in 1 2; do
+        sleep 3
+        kill -0 "$fio_pid" 2>/dev/null && ok "$layout: fio still running before kill $k" || not_ok "$layout: fio ended before kill $k" "$(cat "fio-$layout.log")"
+        kill_and_recover "$img" "$id" "$layout kill $k"
+    done
+    wait_pid "$fio_pid" 400
+    expect "$layout: fio (write + verify) across two kills exits 0" "$WAIT_RC" 0 "$(cat "fio-$layout.log")"
+    if grep -qE 'err= *0' "fio-$layout.log" && ! grep -qiE 'verify.*(bad|fail)|crc32c.*wanted' "fio-$layout.log"; then ok "$layout: fio reports 0 errors"
+    else not_ok "$layout: fio reports errors" "$(cat "fio-$layout.log")"; fi
+    serve_stop "$layout after the recoveries"
+    serve_must "$img"
+    check "$layout: fio --verify_only after a clean stop and a fresh serve" \
+        t bash -c "$(declare -f fio_job); fio_job $SERVE_DEV verify-$layout --verify_only --thinktime=0"
+    serve_stop "$layout verify_only"
+    check "$layout: fvd check clean" fvd check "$img"
+    rm -f "$img"
+}
+
+unflushed_round() {
+    local img=$D/u.fvd id
+    must "fvd create --layout compact" fvd create --layout compact "$img" 64M
+    serve_must "$img" --recovery-wait $RW
+    id=$SERVE_ID
+    random_file u.bin 4
+    check "4 MiB written with O_DIRECT, no fsync (acknowledged, not flushed)" \
+        t dd if=u.bin of="$SERVE_DEV" bs=1M seek=8 oflag=direct conv=notrunc status=none
+    local logs
+    logs=$(ls /run/fvd/pending-*.log 2>/dev/null | head -n 1)
+    if [[ -n $logs && $(stat -c %s "$logs") -gt 128 ]]; then ok "the pending log holds records ($(stat -c %s "$logs") bytes)"
+    else not_ok "no pending log with records in /run/fvd" "$(ls -l /run/fvd 2>&1)"; fi
+    kill_and_recover "$img" "$id" "unflushed"
+    if grep -q "applied [0-9]* records of the previous server's pending log" "$SERVE_LOG"; then ok "the pending log was applied"
+    else not_ok "no 'applied N records' in the serve log" "$(cat "$SERVE_LOG")"; fi
+    check_dev_equals "the unflushed write reads back after the recovery" "$SERVE_DEV" $((8 << 20)) u.bin
+    serve_stop "after the unflushed recovery"
+    serve_must "$img"
+    check_dev_equals "the unflushed write reads back after a clean stop and a fresh serve" "$SERVE_DEV" $((8 << 20)) u.bin
+    serve_stop "fresh"
+    check "fvd check clean" fvd check "$img"
+    rm -f "$img"
+}
+
+waiting_round() {
+    local img=$D/w.fvd id dd_pid dead
+    skip "the device's waiting-time expiry (warden) is not built: a device whose server never returns waits until 'fvd stop'"
+    must "fvd create" fvd create "$img" 64M
+    serve_must "$img" --recovery-wait 5
+    id=$SERVE_ID dead=$SERVE_PID
+    kill -KILL "$dead"
+    wait_pid "$dead" 30
+    sleep 1
+    timeout -k 5 120 dd if=/dev/zero of="/dev/ublkb$id" bs=4k count=1 oflag=direct status=none 2> dd.err &
+    dd_pid=$!
+    sleep 2
+    kill -0 "$dd_pid" 2>/dev/null && ok "I/O on the waiting device is held (not failed)" || not_ok "I/O on the waiting device did not wait" "$(cat dd.err)"
+    local list
+    list=$(fvd list 2>&1) || true
+    echo "# fvd list with a waiting device: $list"
+    check "fvd stop $id deletes the waiting device" fvd stop "$id"
+    wait_pid "$dd_pid" 20
+    if [[ $WAIT_RC != timeout && $WAIT_RC != 0 ]]; then ok "held I/O failed after fvd stop (dd exit $WAIT_RC)"
+    else not_ok "held I/O did not fail promptly (dd: $WAIT_RC)" "$(cat dd.err)"; kill -KILL "$dd_pid" 2>/dev/null || true; fi
+    if device_gone "$id" 10; then ok "/dev/ublkb$id is gone"
+    else not_ok "/dev/ublkb$id still exists after fvd stop" "$(ublk_nodes)"; fi
+    [[ ! -e /run/fvd/ublkb$id.json ]] && ok "its state file is removed" || not_ok "state file left" "$(cat /run/fvd/ublkb$id.json)"
+    check "fvd check clean" fvd check "$img"
+}
+
+scenario() {
+    fio_round raw
+    fio_round compact
+    unflushed_round
+    waiting_round
+}
