@@ -174,7 +174,7 @@ export class UblkControl {
     for (;;) {
       const info = await this.deviceInfo(devId);
       if (!info || states.includes(info.state)) return info;
-      if (Date.now() >= until) throw new FvdError(`ublk device ${devId} stayed in state ${info.state} (waited for ${states.join('|')})`, 'EBUSY');
+      if (Date.now() >= until) throw new UblkError(`ublk device ${devId} stayed in state ${info.state} (waited for ${states.join('|')})`, 'EBUSY');
       await sleep(50);
     }
   }

@@ -7,8 +7,8 @@
 export class UblkError extends Error {
   constructor(
     message: string,
-    /** errno-like classification: ENOENT when the driver is missing, EIO for a failed command. */
-    readonly code: 'EIO' | 'ENOENT' = 'EIO',
+    /** errno-like classification: ENOENT when the driver is missing, EIO for a failed command, EBUSY for a device that did not reach a state in time. */
+    readonly code: 'EIO' | 'ENOENT' | 'EBUSY' = 'EIO',
   ) {
     super(message);
     this.name = 'UblkError';
