@@ -11,7 +11,6 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { FvdImage, type CreateOptions } from '../../fvd/image.js';
 import { nodeIo } from '../../storage/node-file.js';
-import type { BlockFile, IoBackend, OpenOptions } from '../../fvd/io.js';
 import { Prefetcher } from '../../fvd/prefetch.js';
 import { checkImage } from '../../fvd/check.js';
 import { BASE_QCOW2 } from '../../fvd/format.js';
@@ -20,30 +19,12 @@ import { Rng } from '../helpers/rng.js';
 import { DiskModel, firstMismatch, makeData } from '../helpers/model.js';
 import { TempDir, assertOk, assertOneLineError, fvd, sha256File, snapshot, assertUnchanged } from '../helpers/cli.js';
 import { diskPattern, qemuImg, qemuIo, qemuRead, qemuTest, writeFile } from '../helpers/qemu.js';
+import { ReadCounter } from '../helpers/read-counter.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const tmp = new TempDir('fvd-qcow2-base-');
 registerZstdFallback();
-
-/** Counts the bytes read from one file (by resolved path) through an IoBackend. */
-class ReadCounter implements IoBackend {
-  bytes = 0;
-  constructor(
-    private readonly inner: IoBackend,
-    private readonly target: string,
-  ) {}
-  async open(p: string, options?: OpenOptions): Promise<BlockFile> {
-    const f = await this.inner.open(p, options);
-    if (path.resolve(p) !== path.resolve(this.target)) return f;
-    const read = f.read.bind(f);
-    f.read = async (buf: Uint8Array, offset: number) => {
-      this.bytes += buf.length;
-      await read(buf, offset);
-    };
-    return f;
-  }
-}
 
 async function readAll(img: FvdImage): Promise<Buffer> {
   const out = Buffer.alloc(img.size);

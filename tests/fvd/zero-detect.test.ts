@@ -11,36 +11,15 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { FvdImage } from '../../fvd/image.js';
 import { nodeIo, NodeFile } from '../../storage/node-file.js';
-import type { BlockFile, IoBackend, OpenOptions } from '../../fvd/io.js';
 import { fileDataExtent } from '../../fvd/zero-scan.js';
 import { libc } from '../../ffi/libc.js';
 import { Rng } from '../helpers/rng.js';
 import { TempDir, assertOk, fvd, json } from '../helpers/cli.js';
+import { ReadCounter } from '../helpers/read-counter.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const tmp = new TempDir('fvd-zero-detect-');
-
-/** Counts the bytes read from one file (by resolved path) through an IoBackend. */
-class ReadCounter implements IoBackend {
-  bytes = 0;
-  reads = 0;
-  constructor(
-    private readonly inner: IoBackend,
-    private readonly target: string,
-  ) {}
-  async open(p: string, options?: OpenOptions): Promise<BlockFile> {
-    const f = await this.inner.open(p, options);
-    if (path.resolve(p) !== path.resolve(this.target)) return f;
-    const read = f.read.bind(f);
-    f.read = async (buf: Uint8Array, offset: number) => {
-      this.bytes += buf.length;
-      this.reads++;
-      await read(buf, offset);
-    };
-    return f;
-  }
-}
 
 /** The full scan create did before extents: block b is zero when its bytes below `limit` all are. */
 function referenceZeroBlocks(base: Uint8Array, limit: number, blockSize: number): boolean[] {
