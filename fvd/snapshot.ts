@@ -375,6 +375,11 @@ export class SnapshotManager {
     for (let c = 0; c < table.length; c++) if (table[c] !== CHUNK_EMPTY && table[c]! > maxId) maxId = table[c]!;
     const counts = new Uint16Array(Math.max(st.refcounts.length, maxId + 1));
     counts.set(st.refcounts);
+    // With fewer than MAX_SNAPSHOTS snapshots (checkCreate), a stored count at MAX_REFCOUNT can
+    // only be a leak — an overcount, which `fvd check` reports but does not call corruption. So a
+    // clean image always takes one more snapshot: recount such a table from the snapshot tables
+    // (the true counts are written with this snapshot, which also drops the leak).
+    if (mapsSaturatedChunk(table, counts)) await this.recountInto(counts);
     let mapped = 0;
     for (let c = 0; c < table.length; c++) {
       const id = table[c]!;
@@ -446,6 +451,14 @@ export class SnapshotManager {
     st.recomputeShared(active.table);
     active.allocator.rebuild();
     await punchFreed(active, st, before);
+  }
+
+  /** Replaces `counts` by the true references of the snapshot tables (verify's recount). */
+  private async recountInto(counts: Uint16Array): Promise<void> {
+    const r = await this.verify();
+    if (r.errors.length || !r.actual) throw new FvdError(`${this.path}: cannot recount the snapshot references: ${r.errors[0]}`, 'EIO');
+    counts.fill(0);
+    counts.set(r.actual.subarray(0, counts.length));
   }
 
   /**
@@ -618,4 +631,13 @@ async function punchFreed(active: ActiveImageState, st: SnapshotState, before: S
       // see above
     }
   }
+}
+
+/** True when a chunk the active table maps already has the largest count a refcount can hold. */
+function mapsSaturatedChunk(table: Uint32Array, counts: Uint16Array): boolean {
+  for (let c = 0; c < table.length; c++) {
+    const id = table[c]!;
+    if (id !== CHUNK_EMPTY && counts[id] === MAX_REFCOUNT) return true;
+  }
+  return false;
 }

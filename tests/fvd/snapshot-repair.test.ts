@@ -244,4 +244,38 @@ test('power cut during check --repair of a damaged refcount table: damaged-but-r
   assert.ok(points > 10, `crash points: ${points}`);
 });
 
+
+// Found by the image fuzzer (FUZZ_SEED=2904838557, mutant 75): a leaked count at the largest value
+// a refcount holds. check calls an overcount a leak (exit 0), so snapshot -c must succeed too: with
+// fewer than 65535 snapshots such a count cannot be true, and create recounts instead of refusing.
+test('a leaked refcount at 65535 on a chunk the active disk maps: check is clean, snapshot -c succeeds and writes the true counts', async () => {
+  const file = path.join(tmp.caseDir(), 's.fvd');
+  const made = await makeSnapImage(nodeIo, file);
+  const good = readRefcounts(file);
+  // A storage chunk the active disk maps (fvd map's offsets) that snapshots share too.
+  const extents = JSON.parse(fvd('map', '--output=json', file).stdout) as Array<{ data: boolean; offset?: number }>;
+  const dataOffset = readHeader(file).dataOffset;
+  const mapped = extents.filter((e) => e.data && e.offset !== undefined).map((e) => (e.offset! - dataOffset) / CS);
+  const id = mapped.find((i) => (good[i] ?? 0) >= 2)!;
+  assert.ok(id !== undefined, `a shared chunk the active disk maps: ${mapped.join(',')} / ${good.join(',')}`);
+  rewriteRefcounts(file, (c) => (c[id] = 65535));
+  const c = fvd('check', '--json', file);
+  assert.is(c.code, 0, c.stdout + c.stderr);
+  assert.is((JSON.parse(c.stdout) as { overcounts: number }).overcounts, 1);
+  assertOk(fvd('snapshot', '-c', 'd', file));
+  const counts = readRefcounts(file);
+  assert.is(counts[id], good[id]! + 1, `chunk ${id}: its true count plus snapshot d`);
+  const after = JSON.parse(fvd('check', '--json', file).stdout) as { overcounts: number; errors: string[] };
+  assert.equal([after.overcounts, after.errors.length], [0, 0], 'the leak went with the recount');
+  made.contents.set('d', made.contents.get('active')!);
+  await verifyContents(nodeIo, file, made, 'after the recount');
+  const img = await FvdImage.open(nodeIo, file);
+  try {
+    await img.snapshots.revert('d');
+  } finally {
+    await img.close();
+  }
+  assert.ok((await readDisk(nodeIo, file)).equals(made.contents.get('active')!), 'snapshot d is the active disk');
+});
+
 test.run();
