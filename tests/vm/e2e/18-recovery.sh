@@ -12,6 +12,11 @@
 # b) an acknowledged O_DIRECT write that was never flushed (no fsync), then SIGKILL: after the
 #    recovery the data reads back (its records came from the pending log), and again after a clean
 #    stop and a fresh serve.
+# e) live restart: fio verify on a raw-like image over a base while the device is handed to a new
+#    server three times, twice by `fvd serve --takeover` and once by `fvd stop --handoff` and a
+#    plain re-serve: the old server exits 0 leaving the device, the same /dev/ublkbN is recovered
+#    each time, fio ends with 0 errors and its verify passes; SIGHUP to a server without
+#    --recovery-wait is ignored (it keeps serving) and `fvd stop --handoff` of it is refused.
 # d) a device whose server does not come back: the waiting-time expiry (warden) is not built, so
 #    that part is skipped with the reason; `fvd stop` deletes the waiting device, I/O held on it
 #    fails promptly with EIO, and nothing hangs.
@@ -100,6 +105,63 @@ unflushed_round() {
     rm -f "$img"
 }
 
+# takeover IMG ID LABEL [serve options]: a new `fvd serve --takeover` of IMG recovers device ID.
+takeover() {
+    local img=$1 id=$2 label=$3 old=$SERVE_PID devno
+    shift 3
+    devno=$(stat -c %t:%T "/dev/ublkb$id")
+    serve_must "$img" --takeover "$@"
+    wait_pid "$old" 30
+    expect "$label: the old server exits 0 after the hand-off" "$WAIT_RC" 0
+    expect "$label: the new server took over the same device" "$SERVE_DEV" "/dev/ublkb$id"
+    if grep -q "recovered device $id" "$SERVE_LOG"; then ok "$label: log says recovered"
+    else not_ok "$label: no 'recovered device $id' in the serve log" "$(cat "$SERVE_LOG")"; fi
+    expect "$label: same major:minor" "$(stat -c %t:%T "/dev/ublkb$id")" "$devno"
+}
+
+handoff_round() {
+    local img=$D/h.fvd base=$D/base.raw id fio_pid old out rc
+    [[ -f $base ]] || random_file "$base" 64
+    must "fvd create (raw-like over a raw base)" fvd create -b "$base" -F raw "$img" 64M
+    serve_must "$img" --recovery-wait $RW
+    id=$SERVE_ID
+    timeout -k 5 600 bash -c "$(declare -f fio_job); fio_job $SERVE_DEV verify-handoff" > fio-handoff.log 2>&1 &
+    fio_pid=$!
+    sleep 3
+    takeover "$img" "$id" "takeover 1"
+    sleep 3
+    takeover "$img" "$id" "takeover 2 (recovery wait inherited)"
+    sleep 3
+    old=$SERVE_PID
+    rc=0; out=$(fvd stop --handoff "$id" 2>&1) || rc=$?
+    expect "fvd stop --handoff $id exits 0" "$rc" 0 "$out"
+    wait_pid "$old" 10
+    expect "the server exits 0 after fvd stop --handoff" "$WAIT_RC" 0 "$(cat "$SERVE_LOG")"
+    if [[ -b /dev/ublkb$id ]]; then ok "/dev/ublkb$id stays after the hand-off"; else not_ok "/dev/ublkb$id is gone after fvd stop --handoff" "$(ublk_nodes)"; fi
+    serve_must "$img" --recovery-wait $RW
+    expect "a plain serve recovers the handed-over device" "$SERVE_DEV" "/dev/ublkb$id"
+    kill -0 "$fio_pid" 2>/dev/null && ok "fio was still running across the three hand-offs" || not_ok "fio ended before the last hand-off" "$(cat fio-handoff.log)"
+    wait_pid "$fio_pid" 400
+    expect "fio (write + verify) across three hand-offs exits 0" "$WAIT_RC" 0 "$(cat fio-handoff.log)"
+    if grep -qE 'err= *0' fio-handoff.log && ! grep -qiE 'verify.*(bad|fail)|crc32c.*wanted' fio-handoff.log; then ok "hand-off: fio reports 0 errors"
+    else not_ok "hand-off: fio reports errors" "$(cat fio-handoff.log)"; fi
+    serve_stop "after the hand-offs"
+    check "hand-off: fvd check clean" fvd check "$img"
+
+    # Without --recovery-wait the device cannot outlive its server: SIGHUP does nothing.
+    serve_must "$img"
+    kill -HUP "$SERVE_PID"
+    sleep 2
+    if kill -0 "$SERVE_PID" 2>/dev/null && grep -q "SIGHUP ignored" "$SERVE_LOG"; then ok "SIGHUP without --recovery-wait is ignored: the server keeps serving"
+    else not_ok "SIGHUP without --recovery-wait stopped the server or said nothing" "$(cat "$SERVE_LOG")"; fi
+    rc=0; out=$(fvd stop --handoff "$SERVE_ID" 2>&1) || rc=$?
+    if ((rc != 0)) && [[ $out == *"without --recovery-wait"* && $(wc -l <<< "$out") -eq 1 ]]; then ok "fvd stop --handoff without --recovery-wait: one-line refusal (exit $rc)"
+    else not_ok "fvd stop --handoff without --recovery-wait: exit $rc" "$out"; fi
+    check "the device still answers after the refusal" t dd if="$SERVE_DEV" of=/dev/null bs=64k count=4 iflag=direct status=none
+    serve_stop "no recovery"
+    rm -f "$img"
+}
+
 waiting_round() {
     local img=$D/w.fvd id dd_pid dead
     skip "the device's waiting-time expiry (warden) is not built: a device whose server never returns waits until 'fvd stop'"
@@ -130,5 +192,6 @@ scenario() {
     fio_round raw
     fio_round compact
     unflushed_round
+    handoff_round
     waiting_round
 }
