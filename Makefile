@@ -9,7 +9,7 @@ KERNEL ?= 6.12
 FVD_VM_KERNEL ?= $(KERNEL)
 export FVD_VM_KERNEL
 
-.PHONY: all deps build test test-full fuzz crash-campaign demo demo-engine bench bench-dev bench-prefetch-dev bench-remote install clean
+.PHONY: all deps build test test-full fuzz crash-campaign demo demo-engine bench bench-dev bench-prefetch-dev bench-recovery-dev bench-remote install clean
 
 all: build
 
@@ -79,6 +79,12 @@ bench-dev: build
 bench-prefetch-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device-prefetch.sh; \
 	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-30} PHASE_MS=$${PHASE_MS:-2000} FVD_PREFETCH_TRACE=$${FVD_PREFETCH_TRACE:-} PREFETCH_SHARE=$${PREFETCH_SHARE:-10} bash bench/device-prefetch.sh; fi
+
+# Daemon deaths under fio verify (MODE=kill: SIGKILL and serve again; MODE=takeover: live restart),
+# CYCLES times (default 20, the issue's figure is 100): errors and the pause the guest sees.
+bench-recovery-dev: build
+	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device-recovery.sh; \
+	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 5400 -- env CYCLES=$${CYCLES:-20} MODE=$${MODE:-kill} INTERVAL=$${INTERVAL:-2} bash bench/device-recovery.sh; fi
 
 # A template on a server made local: fvd create + prefetch against qemu-img convert from the same
 # URL, over HTTP (nginx) and NBD (nbdkit), time and bytes transferred (BENCH_SIZE, default 1G).
