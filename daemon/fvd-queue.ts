@@ -274,14 +274,7 @@ export class FvdQueue implements QueueTarget {
       }
       if (kind === STORED) {
         const phys = route.host;
-        this.tagOp[tag] = op;
-        this.tagLen[tag] = length;
-        this.tagDone[tag] = 0;
-        this.tagPhys[tag] = phys;
-        this.tagFile[tag] = this.imageFile;
-        this.tagResult[tag] = length;
-        this.tagOffset[tag] = offset;
-        this.fast++;
+        this.beginTransfer(tag, op, this.imageFile, phys, length, length, offset);
         // Encrypted image: route first, then encrypt, then write — a write that went to the
         // engine above must reach it as plaintext (the engine encrypts), and once encrypted the
         // buffer is only ever written (the ring finishing a would-block transfer reuses it), so
@@ -349,6 +342,18 @@ export class FvdQueue implements QueueTarget {
   /** commit() as a callback for the completion ring, made once. */
   private readonly commitEngineResult = (tag: number, result: number): void => this.commit(tag, result);
 
+  /** Records a fast-path transfer of `len` bytes at `phys` of `file`; `result` is committed when done. */
+  private beginTransfer(tag: number, op: number, file: number, phys: number, len: number, result: number, offset: number): void {
+    this.tagOp[tag] = op;
+    this.tagFile[tag] = file;
+    this.tagPhys[tag] = phys;
+    this.tagLen[tag] = len;
+    this.tagResult[tag] = result;
+    this.tagDone[tag] = 0;
+    this.tagOffset[tag] = offset;
+    this.fast++;
+  }
+
   /** Queues the rest of tag's fast-path transfer (from tagDone) on the ring. */
   private fileIo(tag: number): void {
     const off = this.tagDone[tag]!;
@@ -374,14 +379,7 @@ export class FvdQueue implements QueueTarget {
     const at = tag * this.maxIo;
     if (inBase < length) this.bytes.fill(0, at + inBase, at + length);
     if (this.hints !== null && this.hints.offer(offset, inBase)) this.post(this.hintMessage);
-    this.tagOp[tag] = UBLK_IO_OP_READ;
-    this.tagLen[tag] = inBase;
-    this.tagResult[tag] = length;
-    this.tagDone[tag] = 0;
-    this.tagPhys[tag] = offset;
-    this.tagFile[tag] = this.baseFile;
-    this.tagOffset[tag] = offset;
-    this.fast++;
+    this.beginTransfer(tag, UBLK_IO_OP_READ, this.baseFile, offset, inBase, length, offset);
     const direct = this.baseDirect;
     if (direct) {
       const r = direct.transfer(false, this.bufBase + at, inBase, offset, this.zeroFillFrom[tag]!);
