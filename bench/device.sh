@@ -4,11 +4,14 @@
 #   fvd-cow    the FVD device, fresh image over a raw base (copy-on-write/read path)
 #   fvd-enc    (only when named in BENCH_TARGETS) as `fvd`, encrypted (AES-256-XTS, done by the
 #              queue workers on the fast path)
+#   fvd-cow-before  (only when named, with FVD_BEFORE=<another checkout's build/daemon/cli.js>)
+#              as fvd-cow, served by that build: before/after ratios in one guest boot
 #   loop       kernel loop device, --direct-io=on, over a raw file
 #   qcow2-nbd  a qcow2 image through qemu-nbd --cache=none --aio=native
 # Every backing file sits on the same tmpfs. Jobs: 4 KiB random read/write at depth 16, 128 KiB
 # sequential read/write at depth 4; direct I/O, libaio, FIO_RUNTIME seconds each (default 20).
-# Prints IOPS and MB/s per target and job, and the ratios to loop. Each target's files are
+# BENCH_JOBS picks jobs by name (e.g. "randread"). Prints IOPS and MB/s per target and job, the
+# ratios to loop, and for FVD targets the daemon's CPU time per I/O (user + system, µs). Each target's files are
 # deleted after its jobs: the guest's tmpfs holds about three 1 GiB files at most.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,27 +39,40 @@ mkdir -p /run/lock   # qemu-nbd keeps its lock file there (a fresh guest /run la
 mount | grep -q " $(df --output=target /tmp | tail -1) " || true
 echo "bench: $(uname -r), backing files on $(df --output=fstype "$dir" | tail -1) at $dir, $RUNTIME s per job, size $SIZE"
 
-JOBS=("randread 4k 16" "randwrite 4k 16" "read 128k 4" "write 128k 4")
+JOBS=()
+for j in "randread 4k 16" "randwrite 4k 16" "read 128k 4" "write 128k 4"; do
+  case " ${BENCH_JOBS:-randread randwrite read write} " in *" ${j%% *} "*) JOBS+=("$j") ;; esac
+done
 
-run_jobs() { # target device
-  local target=$1 dev=$2
+cpu_ticks() { # pid -> utime + stime in clock ticks (0 without a pid)
+  [ -n "${1:-}" ] && [ -r "/proc/$1/stat" ] || { echo 0; return; }
+  awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"
+}
+
+run_jobs() { # target device [daemon pid]
+  local target=$1 dev=$2 dpid=${3:-}
   for j in "${JOBS[@]}"; do
     set -- $j
-    local out
+    local out t0 t1
+    t0=$(cpu_ticks "$dpid")
     out=$(fio --name=b --filename="$dev" --rw="$1" --bs="$2" --iodepth="$3" --direct=1 --ioengine=libaio \
       --runtime="$RUNTIME" --time_based=1 --size="$SIZE" --numjobs=1 --group_reporting=1 --randrepeat=0 \
       --output-format=json 2>/dev/null)
+    t1=$(cpu_ticks "$dpid")
     local kind=read; case $1 in *write) kind=write ;; esac
-    local iops bw
+    local iops bw ios cpu
     iops=$(node -e "const j=JSON.parse(process.argv[1]).jobs[0]['$kind'];console.log(Math.round(j.iops))" "$out")
     bw=$(node -e "const j=JSON.parse(process.argv[1]).jobs[0]['$kind'];console.log((j.bw_bytes/1e6).toFixed(1))" "$out")
-    printf '%s\t%s-%s-qd%s\t%s\t%s\n' "$target" "$1" "$2" "$3" "$iops" "$bw" | tee -a "$results"
+    ios=$(node -e "const j=JSON.parse(process.argv[1]).jobs[0]['$kind'];console.log(j.total_ios)" "$out")
+    cpu=-
+    [ -n "$dpid" ] && [ "$ios" -gt 0 ] && cpu=$(( (t1 - t0) * 1000000 / $(getconf CLK_TCK) / ios ))
+    printf '%s\t%s-%s-qd%s\t%s\t%s\t%s\n' "$target" "$1" "$2" "$3" "$iops" "$bw" "$cpu" | tee -a "$results"
   done
 }
 
 serve() { # image [options] -> sets $dev (no subshell: the pid must stay in this shell's list)
   local img=$1; shift
-  $FVD serve "$img" --queues 2 --depth 128 "$@" > "$img.out" 2> "$img.log" &
+  ${SERVE_FVD:-$FVD} serve "$img" --queues 2 --depth 128 "$@" > "$img.out" 2> "$img.log" &
   pids+=($!)
   for _ in $(seq 300); do grep -q /dev/ublkb "$img.out" 2>/dev/null && break; sleep 0.1; done
   dev=$(head -1 "$img.out")
@@ -73,19 +89,26 @@ for t in $TARGETS; do
       $FVD create "$dir/full.fvd" "$SIZE" >/dev/null
       serve "$dir/full.fvd"
       fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
-      run_jobs fvd "$dev"; stop_last; rm -f "$dir"/full.fvd* ;;
+      run_jobs fvd "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/full.fvd* ;;
     fvd-enc)
       head -c 32 /dev/urandom > "$dir/enc.key"
       $FVD create --encrypt --key-file "$dir/enc.key" "$dir/enc.fvd" "$SIZE" >/dev/null
       serve "$dir/enc.fvd" --key-file "$dir/enc.key"
       fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
-      run_jobs fvd-enc "$dev"; stop_last; rm -f "$dir"/enc.fvd* "$dir/enc.key" ;;
+      run_jobs fvd-enc "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/enc.fvd* "$dir/enc.key" ;;
     fvd-cow)
       truncate -s "$SIZE" "$dir/base.raw"
       fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
       $FVD create -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
       serve "$dir/cow.fvd" --no-prefetch
-      run_jobs fvd-cow "$dev"; stop_last; rm -f "$dir"/cow.fvd* "$dir/base.raw" ;;
+      run_jobs fvd-cow "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/cow.fvd* "$dir/base.raw" ;;
+    fvd-cow-before)
+      [ -n "${FVD_BEFORE:-}" ] || { echo "fvd-cow-before needs FVD_BEFORE"; exit 1; }
+      truncate -s "$SIZE" "$dir/base.raw"
+      fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
+      node "$FVD_BEFORE" create -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
+      SERVE_FVD="node $FVD_BEFORE" serve "$dir/cow.fvd" --no-prefetch
+      run_jobs fvd-cow-before "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/cow.fvd* "$dir/base.raw" ;;
     loop)
       truncate -s "$SIZE" "$dir/loop.raw"
       fio --name=fillloop --filename="$dir/loop.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
@@ -113,13 +136,14 @@ const get = (t, j) => {
   return rs.length ? rs[(rs.length - 1) >> 1] : undefined;
 };
 const pad = (s, n) => String(s).padEnd(n);
-console.log(pad('target', 11) + jobs.map((j) => pad(j, 30)).join(''));
+console.log(pad('target', 15) + jobs.map((j) => pad(j, 46)).join(''));
 for (const t of targets) {
-  let line = pad(t, 11);
+  let line = pad(t, 15);
   for (const j of jobs) {
     const r = get(t, j), l = get('loop', j);
     const ratio = r && l ? ` ${(Number(r[2]) / Number(l[2])).toFixed(2)}x loop` : '';
-    line += pad(r ? `${r[2]} IOPS ${r[3]} MB/s${ratio}` : '-', 30);
+    const cpu = r && r[4] && r[4] !== '-' ? ` ${r[4]} µs CPU/IO` : '';
+    line += pad(r ? `${r[2]} IOPS ${r[3]} MB/s${ratio}${cpu}` : '-', 46);
   }
   console.log(line);
 }

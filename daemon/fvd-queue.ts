@@ -8,7 +8,10 @@
  * fvd/mapping.ts directRoute) and reads or writes the image itself: synchronously first where
  * that cannot block (daemon/direct-io.ts), else on the queue's ring (fixed file 1). A read that
  * reads as zeros as a whole (unmapped chunks, bytes past the base's end) is answered with zeros
- * without any I/O. Everything else (copy-on-write, copy-on-read, allocation, flush, discard, FUA)
+ * without any I/O. A read of bytes still only in the base, when the base is a plain local raw file,
+ * is read from the base file here too (fixed file 2, opened read-only), and the blocks are hinted
+ * to the engine for copy-on-read in background (daemon/cor-hints.ts) without waiting for it.
+ * Everything else (copy-on-write, other bases, allocation, flush, discard, FUA)
  * goes to the engine as a 'slow' message; the
  * engine works directly in this queue's pinned request buffers and hands the result back through
  * the completion ring and the queue's eventfd (handleEvent).
@@ -35,7 +38,8 @@ import {
 import { QueueLoop, UD_KIND_TARGET_IO, encodeUserData, type IoDescriptor, type QueueTarget } from './ublk/queue-loop.js';
 import { DIRECT_WOULD_BLOCK, DirectIo, chooseDirectMode, type DirectMode } from './direct-io.js';
 import { CompletionRing, type EngineView } from './shared-state.js';
-import { STORED, ZERO, directRoute, newRun } from '../fvd/mapping.js';
+import { BASE, STORED, ZERO, directRoute, newRun } from '../fvd/mapping.js';
+import { CorHintProducer, type CorHintShared } from './cor-hints.js';
 import { ACTIVITY_OTHER, ACTIVITY_READ, ACTIVITY_WRITE, QueueActivityWriter } from './queue-activity.js';
 import { FastCrypt } from './fast-crypt.js';
 import { requestErrnoOf } from './request-errors.js';
@@ -71,6 +75,13 @@ export interface QueueWorkerData {
    * thread zeroes it as soon as its cipher holds the key. Null otherwise. Never logged or sent back.
    */
   key: SharedArrayBuffer | null;
+  /**
+   * The base, when it is a plain local raw file the worker may read itself (FvdImage.localRawBasePath),
+   * or null: base reads go to the engine.
+   */
+  basePath: string | null;
+  /** Copy-on-read hints for blocks read from the base here; null when copy-on-read is off. */
+  hints: CorHintShared | null;
 }
 
 /** Messages to the main thread. */
@@ -81,6 +92,8 @@ export type WorkerMessage =
   | { type: 'log'; qid: number; message: string }
   | { type: 'info'; qid: number; message: string }
   | { type: 'stats'; qid: number; fast: number; slow: number }
+  /** Copy-on-read hints are waiting in the shared rings (daemon/cor-hints.ts). */
+  | { type: 'hint'; qid: number }
   | { type: 'exit'; qid: number; error?: string };
 
 const EIO = 5;
@@ -98,6 +111,13 @@ export class FvdQueue implements QueueTarget {
   /** The image's fixed-file index in the loop's ring. */
   private readonly imageFile: number;
   private readonly direct: DirectIo | null;
+  /** The base file (read-only), its fixed-file index and sync transfers; -1 / null without one. */
+  private readonly baseFd: number;
+  private readonly baseFile: number;
+  private readonly baseDirect: DirectIo | null;
+  private readonly hints: CorHintProducer | null;
+  /** The one 'hint' message, reused. */
+  private readonly hintMessage: WorkerMessage;
   private readonly crypt: FastCrypt | null;
   private readonly engineDone: CompletionRing;
   private readonly activity: QueueActivityWriter;
@@ -108,6 +128,10 @@ export class FvdQueue implements QueueTarget {
   private readonly tagLen: Float64Array;
   private readonly tagDone: Float64Array;
   private readonly tagPhys: Float64Array;
+  /** The fixed file a fast-path transfer uses (the image or the base). */
+  private readonly tagFile: Int32Array;
+  /** The request's length, committed once the transfer (tagLen bytes, maybe fewer) is done. */
+  private readonly tagResult: Float64Array;
   /** Guest byte offset: the XTS tweak of an encrypted image. */
   private readonly tagOffset: Float64Array;
   /** Per-tag zero-fill callbacks for reads that meet the end of a compact image file, made once. */
@@ -126,12 +150,16 @@ export class FvdQueue implements QueueTarget {
     this.post = post;
     const key = d.key ? new Uint8Array(d.key) : null;
     let imageFd = -1;
+    let baseFd = -1;
+    let baseDirect: DirectIo | null = null;
     let loop: QueueLoop | null = null;
     let crypt: FastCrypt | null = null;
     let direct: DirectIo | null = null;
     let directMode: DirectMode;
     try {
       imageFd = fs.openSync(d.imagePath, 'r+');
+      // Never written: read-only, so no request can change the base under the image.
+      if (d.basePath !== null && !view.encrypted) baseFd = fs.openSync(d.basePath, 'r');
       loop = new QueueLoop({
         sys,
         devId: d.devId,
@@ -139,7 +167,7 @@ export class FvdQueue implements QueueTarget {
         depth,
         maxIo,
         cdevFd: d.cdevFd,
-        targetFiles: [imageFd],
+        targetFiles: baseFd >= 0 ? [imageFd, baseFd] : [imageFd],
         eventfd: d.eventfd,
         control: new Int32Array(d.control),
         spin,
@@ -152,16 +180,28 @@ export class FvdQueue implements QueueTarget {
       key?.fill(0); // the cipher holds the key now
       directMode = chooseDirectMode(sys, imageFd, d.imagePath);
       if (directMode !== 'ring') direct = new DirectIo(sys, imageFd, directMode);
+      if (baseFd >= 0) {
+        const baseMode = chooseDirectMode(sys, baseFd, d.basePath!);
+        if (baseMode !== 'ring') baseDirect = new DirectIo(sys, baseFd, baseMode);
+      }
     } catch (err) {
       key?.fill(0);
       crypt?.destroy();
       loop?.close();
+      direct?.free();
+      baseDirect?.free();
       if (imageFd >= 0) fs.closeSync(imageFd);
+      if (baseFd >= 0) fs.closeSync(baseFd);
       throw err;
     }
     this.loop = loop;
     this.imageFd = imageFd;
     this.imageFile = loop.targetFile(0);
+    this.baseFd = baseFd;
+    this.baseFile = baseFd >= 0 ? loop.targetFile(1) : -1;
+    this.baseDirect = baseDirect;
+    this.hints = baseFd >= 0 && d.hints ? new CorHintProducer(d.hints, qid) : null;
+    this.hintMessage = { type: 'hint', qid };
     this.crypt = crypt;
     this.direct = direct;
     this.directMode = directMode;
@@ -174,6 +214,8 @@ export class FvdQueue implements QueueTarget {
     this.tagLen = new Float64Array(depth);
     this.tagDone = new Float64Array(depth);
     this.tagPhys = new Float64Array(depth);
+    this.tagFile = new Int32Array(depth);
+    this.tagResult = new Float64Array(depth);
     this.tagOffset = new Float64Array(depth);
     const tagLen = this.tagLen;
     this.zeroFillFrom = Array.from({ length: depth }, (_, tag) => (from: number) => {
@@ -198,7 +240,9 @@ export class FvdQueue implements QueueTarget {
     // The ring first: closing it cancels what is still pending on the image.
     this.loop.close();
     fs.closeSync(this.imageFd);
+    if (this.baseFd >= 0) fs.closeSync(this.baseFd);
     this.direct?.free();
+    this.baseDirect?.free();
     this.crypt?.destroy(); // the worker's copy of the key goes with the queue
   }
 
@@ -240,12 +284,7 @@ export class FvdQueue implements QueueTarget {
       }
       if (kind === STORED) {
         const phys = route.host;
-        this.tagOp[tag] = op;
-        this.tagLen[tag] = length;
-        this.tagDone[tag] = 0;
-        this.tagPhys[tag] = phys;
-        this.tagOffset[tag] = offset;
-        this.fast++;
+        this.beginTransfer(tag, op, this.imageFile, phys, length, length, offset);
         // Encrypted image: route first, then encrypt, then write — a write that went to the
         // engine above must reach it as plaintext (the engine encrypts), and once encrypted the
         // buffer is only ever written (the ring finishing a would-block transfer reuses it), so
@@ -265,7 +304,8 @@ export class FvdQueue implements QueueTarget {
         this.fileIo(tag);
         return;
       }
-      // BASE (copy-on-read) and ENGINE: the engine.
+      if (kind === BASE && this.baseFile >= 0) return this.readBase(tag, offset, length, route.length);
+      // BASE of another base, and ENGINE: the engine.
     } else if (op !== UBLK_IO_OP_FLUSH && op !== UBLK_IO_OP_DISCARD && op !== UBLK_IO_OP_WRITE_ZEROES) {
       this.commit(tag, -EOPNOTSUPP);
       return;
@@ -312,6 +352,18 @@ export class FvdQueue implements QueueTarget {
   /** commit() as a callback for the completion ring, made once. */
   private readonly commitEngineResult = (tag: number, result: number): void => this.commit(tag, result);
 
+  /** Records a fast-path transfer of `len` bytes at `phys` of `file`; `result` is committed when done. */
+  private beginTransfer(tag: number, op: number, file: number, phys: number, len: number, result: number, offset: number): void {
+    this.tagOp[tag] = op;
+    this.tagFile[tag] = file;
+    this.tagPhys[tag] = phys;
+    this.tagLen[tag] = len;
+    this.tagResult[tag] = result;
+    this.tagDone[tag] = 0;
+    this.tagOffset[tag] = offset;
+    this.fast++;
+  }
+
   /** Queues the rest of tag's fast-path transfer (from tagDone) on the ring. */
   private fileIo(tag: number): void {
     const off = this.tagDone[tag]!;
@@ -322,15 +374,39 @@ export class FvdQueue implements QueueTarget {
     const userData = encodeUserData(tag, UD_KIND_TARGET_IO);
     const idx =
       this.tagOp[tag] === UBLK_IO_OP_READ
-        ? ring.prepRead(this.imageFile, addr, len, pos, userData, IOSQE_FIXED_FILE)
-        : ring.prepWrite(this.imageFile, addr, len, pos, userData, IOSQE_FIXED_FILE);
+        ? ring.prepRead(this.tagFile[tag]!, addr, len, pos, userData, IOSQE_FIXED_FILE)
+        : ring.prepWrite(this.tagFile[tag]!, addr, len, pos, userData, IOSQE_FIXED_FILE);
     if (idx < 0) throw new Error(`queue ${this.qid}: submission queue full`);
+  }
+
+  /**
+   * A read of blocks still only in the base (directRoute said BASE), the base a local raw file:
+   * the first `inBase` bytes are the base file's at the same offset, the rest (past the base's
+   * end) zeros. The blocks are hinted for copy-on-read, not waited for. Why a view that lags
+   * behind the engine is safe here: docs/DESIGN.md §2.2.
+   */
+  private readBase(tag: number, offset: number, length: number, inBase: number): void {
+    const at = tag * this.maxIo;
+    if (inBase < length) this.bytes.fill(0, at + inBase, at + length);
+    if (this.hints !== null && this.hints.offer(offset, inBase)) this.post(this.hintMessage);
+    this.beginTransfer(tag, UBLK_IO_OP_READ, this.baseFile, offset, inBase, length, offset);
+    const direct = this.baseDirect;
+    if (direct) {
+      const r = direct.transfer(false, this.bufBase + at, inBase, offset, this.zeroFillFrom[tag]!);
+      if (r === inBase) return this.commit(tag, length);
+      if (r < DIRECT_WOULD_BLOCK) {
+        this.log(`base read failed at ${offset}: ${errnoName(r)}`);
+        return this.commit(tag, requestErrnoOf(r));
+      }
+      this.tagDone[tag] = direct.done;
+    }
+    this.fileIo(tag);
   }
 
   /** A fast-path transfer finished: a read of an encrypted image is decrypted before the kernel sees it. */
   private finishFast(tag: number): void {
     if (this.crypt !== null && this.tagOp[tag] === UBLK_IO_OP_READ) this.crypt.decryptRead(tag, this.tagOffset[tag]!, this.tagLen[tag]!);
-    this.commit(tag, this.tagLen[tag]!);
+    this.commit(tag, this.tagResult[tag]!);
   }
 
   private log(message: string): void {

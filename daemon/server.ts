@@ -32,6 +32,7 @@ import {
   UBLK_IO_OP_WRITE_ZEROES,
   UBLK_S_DEV_LIVE,
 } from './ublk/abi.js';
+import { CorHintConsumer, createCorHints } from './cor-hints.js';
 import { CompletionRing } from './shared-state.js';
 import { BurstLog, requestErrno } from './request-errors.js';
 import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
@@ -321,6 +322,13 @@ export class UblkServer {
     const c = libc();
     if (!c) throw new FvdError('koffi (libc) is required to serve a device', 'EIO');
     const view = this.image.sharedView();
+    // A plain local raw base: the queue threads read it themselves and hint copy-on-read.
+    const basePath = this.image.localRawBasePath();
+    const hints =
+      basePath !== null && this.image.copyOnRead && !this.image.readOnly
+        ? createCorHints(this.image.maxCopyOnReadBytes, view.blockSize, view.baseBlocks, this.opts.queues)
+        : null;
+    this.hints = hints ? new CorHintConsumer(hints) : null;
     const workerUrl = new URL('./queue-worker.js', import.meta.url);
     const fetched = this.fetched;
     for (let qid = 0; qid < this.opts.queues; qid++) {
@@ -345,6 +353,8 @@ export class UblkServer {
         // shared memory that the worker zeroes once its cipher holds the key (and this thread
         // again when the queue is set up or fails).
         key: sharedKeyForWorker(this.image.masterKeyCopy()),
+        basePath,
+        hints,
       };
       const worker = new Worker(workerUrl, { workerData: data });
       const wipeKey = () => data.key && new Uint8Array(data.key).fill(0);
@@ -421,6 +431,9 @@ export class UblkServer {
       case 'info':
         this.opts.log(`queue ${m.qid}: ${m.message}`);
         break;
+      case 'hint':
+        this.hints?.drain(this.copyHinted);
+        break;
       case 'stats':
         q.fast = m.fast;
         q.slow = m.slow;
@@ -432,6 +445,14 @@ export class UblkServer {
         break;
     }
   }
+
+  /** Copy-on-read hints from the queue threads (daemon/cor-hints.ts), or null. */
+  private hints: CorHintConsumer | null = null;
+
+  /** A hinted block: copied in background (never waited for by a request), then released. */
+  private readonly copyHinted = (b: number): void => {
+    void this.image.copyHint(b).then(() => this.hints!.release(b));
+  };
 
   /** The engine's side of a request a worker handed over; the result goes back by eventfd. */
   private async serveSlow(q: Queue, tag: number, op: number, flags: number, offset: number, length: number): Promise<void> {

@@ -51,6 +51,7 @@ export async function openChainLevel(
         describe: () => [{ path: resolved, format: 'raw', size: file.size() }],
         identity: file.identity,
         remote: file.remote,
+        localRawPath: file.remote || isUrl(resolved) ? undefined : resolved,
         inFlightBytes: file.inFlightBytes,
         fileIds: () => (file.fileId ? [file.fileId] : []),
       };

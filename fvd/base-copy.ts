@@ -38,7 +38,7 @@ export class BaseCopier {
     private readonly track: (copy: Promise<void>) => void,
     /** Copy-on-read on; cleared after the first failed copy. */
     public copyOnRead: boolean,
-    private readonly maxCorBytes: number,
+    readonly maxCorBytes: number,
   ) {}
 
   /** A run of blocks not local at submit time: read the base, maybe copy it into the image. */

@@ -49,6 +49,11 @@ export interface BaseImage {
   readonly identity?: string;
   /** Reads cross a network: create detects zero blocks only where known without reading. */
   readonly remote?: boolean;
+  /**
+   * A plain local raw file (the whole chain, not remote): its path, whose bytes at offset x are
+   * the base's bytes at x. A served image's queue threads read it themselves (read-only).
+   */
+  readonly localRawPath?: string;
   /** Bytes of reads the base serves at once (BlockFile.inFlightBytes), where known. */
   readonly inFlightBytes?: number;
   /** BlockFile.fileId of every file of the chain as opened (this level first), where known. */

@@ -65,6 +65,10 @@ export class FvdImage {
   set copyOnRead(on: boolean) {
     this.copier.copyOnRead = on;
   }
+  /** Upper bound of copy-on-read data in flight (OpenOptions.maxCopyOnReadBytes). */
+  get maxCopyOnReadBytes(): number {
+    return this.copier.maxCorBytes;
+  }
 
   /** Blocks with bitmap semantics: those below min(base size, virtual size). */
   private readonly baseBlocks: number;
@@ -505,6 +509,34 @@ export class FvdImage {
     const base = this.base;
     if (!base) return 0;
     return base.inFlightBytes ?? (base.remote ? 16 * 1024 * 1024 : 0);
+  }
+
+  /**
+   * The path of a base that a queue thread may read itself — a plain local raw file under an
+   * unencrypted image that still reads from it — or null (no base, fully local, encrypted, a
+   * qcow2 or FVD base, a remote one: the engine reads those).
+   */
+  localRawBasePath(): string | null {
+    if (!this.base || this.allLocal || this.encrypted) return null;
+    return this.base.localRawPath ?? null;
+  }
+
+  /**
+   * A copy-on-read hint (daemon/cor-hints.ts): a queue thread answered a read of block b from the
+   * base itself; copy the block into the image in background, as a soft write like copy-on-read
+   * (skipped if it became local, or a guest request holds its lock). Never rejects: a failed copy
+   * turns copy-on-read off, as a failed copy-on-read does. Waited for by idle() and close.
+   */
+  copyHint(b: number): Promise<void> {
+    if (this.closed || this.allLocal || this.readOnly || !this.copier.copyOnRead || b >= this.baseBlocks || testBit(this.present, b)) return Promise.resolve();
+    const copy = this.copier.copyAbsent(b, b).then(
+      () => undefined,
+      () => {
+        this.copier.copyOnRead = false;
+      },
+    );
+    this.track(copy);
+    return copy;
   }
 
   /** The first block at or after `from` still only in the base, or -1. */

@@ -216,13 +216,16 @@ const sharedChunk = (c: number): boolean => Atomics.load(directShared!, c) !== 0
  * The fast path's rule: how a request of the virtual disk reads or writes as a whole, seen from
  * the shared view. Allocation-free: once per request. Returns
  * - STORED: one contiguous extent of the image file, from `out.host` (reads and writes);
- * - BASE (reads only): every byte is in the base, not yet local;
+ * - BASE (reads only): no byte is local; `out.length` bytes from the offset are in the base (the
+ *   base's own bytes at the same offset) and the rest of the request, if any, lies past the
+ *   base's end and reads as zeros (the last block of a base that ends inside it);
  * - ZERO (reads only): every byte reads as zeros without reading anything — an unmapped chunk,
  *   a local (e.g. zero-detected) block in an unmapped chunk, non-local bytes past the base's end;
  * - ENGINE: anything else — a mix of kinds, chunks not adjacent in storage, any write that is
  *   not one journaled STORED extent (bitmap work, copy-on-write, allocation), a write to a chunk
  *   a snapshot shares.
- * `out.length` is the request's length for STORED/BASE/ZERO; `out.host` is meaningful for STORED.
+ * `out.length` is the request's length for STORED/ZERO, the base's part of it for BASE; `out.host`
+ * is meaningful for STORED.
  */
 export function directRoute(v: SharedMappingView, offset: number, length: number, write: boolean, out: MappedRun): DirectRouteKind {
   const allLocal = v.fullyLocal[0] !== 0;
@@ -248,6 +251,16 @@ export function directRoute(v: SharedMappingView, offset: number, length: number
   const kind = run.kind;
   if (write) return kind === STORED && run.length === length ? STORED : ENGINE;
   if (run.length === length) return kind === PENDING ? ENGINE : kind;
+  if (kind === BASE) {
+    // Base bytes up to the base's end, then zeros: only if the rest is all ZERO.
+    const inBase = run.length;
+    const end = offset + length;
+    for (let pos = offset + inBase; pos < end; pos += run.length) if (mapRun(l, pos, end - pos, run).kind !== ZERO) return ENGINE;
+    run.kind = BASE;
+    run.length = inBase;
+    run.host = 0;
+    return BASE;
+  }
   if (kind !== ZERO) return ENGINE;
   // ZERO runs split by locality (unmapped chunk of local blocks, then non-local bytes past the
   // base's end) still read as zeros as a whole.

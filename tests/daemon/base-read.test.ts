@@ -1,0 +1,247 @@
+/**
+ * F1: queue threads answer reads of blocks still in a plain local raw base themselves (from the
+ * base file, on their ring) and hint copy-on-read to the engine (daemon/cor-hints.ts).
+ *
+ * The worker is simulated against a real engine: `workerRead` routes through the shared view
+ * exactly as daemon/fvd-queue.ts does (directRoute), reads STORED bytes from the image file and
+ * BASE bytes from the base file (zeros past the base's end), and falls back to the engine for
+ * ENGINE. Its answers are compared with a model of the disk while the engine copies hinted
+ * blocks in background and guest writes land, including a write racing reads of its block.
+ */
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { CorHintConsumer, CorHintProducer, createCorHints } from '../../daemon/cor-hints.js';
+import { FvdImage } from '../../fvd/image.js';
+import { BASE, STORED, ZERO, directRoute, newRun, type SharedView } from '../../fvd/mapping.js';
+import { nodeIo } from '../../storage/node-file.js';
+
+const KiB = 1024;
+
+test('hints: coalesced while pending, dropped past the cap, again after release; one wake per drain', () => {
+  const bs = 64 * KiB;
+  const s = createCorHints(3 * bs, bs, 100, 2);
+  const q0 = new CorHintProducer(s, 0);
+  const q1 = new CorHintProducer(s, 1);
+  const main = new CorHintConsumer(s);
+  assert.ok(q0.offer(0, 4096), 'the first hint wakes the main thread');
+  assert.not.ok(q0.offer(bs, 4096), 'a second push before the drain does not post again');
+  assert.not.ok(q1.offer(100, 4096), 'block 0 again, from another queue: coalesced');
+  assert.is(q1.coalesced, 1);
+  assert.not.ok(q1.offer(2 * bs, 2 * bs), 'block 2 fits the cap, block 3 does not; the flag is still up');
+  assert.is(q1.dropped, 1, 'block 3 dropped at the cap');
+  assert.is(main.outstanding(), 3 * bs);
+  const got: number[] = [];
+  assert.is(main.drain((b) => got.push(b)), 3);
+  assert.equal(got.sort(), [0, 1, 2]);
+  assert.not.ok(q0.offer(0, 4096), 'still pending (not released): coalesced, nothing pushed');
+  main.release(0);
+  assert.ok(q0.offer(0, 4096), 'released: hinted again, and the drained flag lets it post');
+  assert.ok(!q0.offer(99 * bs, 2 * bs), 'the cap is full again (blocks 0, 1, 2 outstanding)');
+  assert.is(q0.dropped, 1, 'block 99 dropped; block 100 is past the base: not hinted');
+  got.length = 0;
+  main.drain((b) => got.push(b));
+  assert.equal(got, [0]);
+  for (const b of [0, 1, 2]) main.release(b);
+  assert.is(main.outstanding(), 0);
+});
+
+test('hints: the rings never overflow while the main thread releases inside the drain', () => {
+  const bs = 4 * KiB;
+  const s = createCorHints(8 * bs, bs, 1 << 16, 1);
+  const q = new CorHintProducer(s, 0);
+  const main = new CorHintConsumer(s);
+  const seen = new Set<number>();
+  let next = 0;
+  for (let round = 0; round < 200; round++) {
+    for (let i = 0; i < 20; i++) q.offer(((next++ * 7919) % (1 << 16)) * bs, bs);
+    main.drain((b) => {
+      assert.not.ok(seen.has(b), `block ${b} delivered once`);
+      seen.add(b);
+      // Release some at once (found local), others later: the ring must still hold every pushed block.
+      if (b % 2 === 0) main.release(b), seen.delete(b);
+    });
+    for (const b of [...seen]) if (round % 3 === 0) main.release(b), seen.delete(b);
+    assert.ok(main.outstanding() <= 8 * bs);
+  }
+  assert.ok(q.dropped > 0 && q.offered > q.dropped);
+});
+
+// --- a simulated queue worker against a real engine ---------------------------------------
+
+interface Fixture {
+  dir: string;
+  img: FvdImage;
+  view: SharedView;
+  imageFd: number;
+  baseFd: number;
+  model: Uint8Array;
+  hints: { q: CorHintProducer; main: CorHintConsumer } | null;
+  copies: Promise<void>[];
+}
+
+async function fixture(layout: 'raw' | 'compact', baseSize: number, size: number, copyOnRead: boolean, capBytes = 1 << 20): Promise<Fixture> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-baseread-'));
+  const base = new Uint8Array(baseSize);
+  for (let i = 0; i < baseSize; i++) base[i] = (i * 31 + (i >> 12)) & 0xff || 1;
+  fs.writeFileSync(path.join(dir, 'b.raw'), base);
+  await FvdImage.create(nodeIo, path.join(dir, 'i.fvd'), { base: 'b.raw', baseFormat: 'raw', blockSize: 16 * KiB, size, layout });
+  const img = await FvdImage.open(nodeIo, path.join(dir, 'i.fvd'), { copyOnRead });
+  const model = new Uint8Array(size);
+  model.set(base);
+  const basePath = img.localRawBasePath();
+  assert.is(basePath, path.join(dir, 'b.raw'), 'a plain local raw base is read by the queue threads');
+  const view = img.sharedView();
+  const s = copyOnRead ? createCorHints(capBytes, view.blockSize, view.baseBlocks, 1) : null;
+  return {
+    dir, img, view, model,
+    imageFd: fs.openSync(path.join(dir, 'i.fvd'), 'r'),
+    baseFd: fs.openSync(basePath!, 'r'),
+    hints: s ? { q: new CorHintProducer(s, 0), main: new CorHintConsumer(s) } : null,
+    copies: [],
+  };
+}
+
+async function done(f: Fixture): Promise<void> {
+  await Promise.all(f.copies);
+  fs.closeSync(f.imageFd);
+  fs.closeSync(f.baseFd);
+  await f.img.close();
+  fs.rmSync(f.dir, { recursive: true });
+}
+
+/** The worker's answer to a guest read, as daemon/fvd-queue.ts gives it; returns the route too. */
+async function workerRead(f: Fixture, buf: Uint8Array, offset: number): Promise<number> {
+  const run = newRun();
+  const kind = directRoute(f.view, offset, buf.length, false, run);
+  if (kind === STORED) fs.readSync(f.imageFd, buf, 0, buf.length, run.host);
+  else if (kind === ZERO) buf.fill(0);
+  else if (kind === BASE) {
+    buf.fill(0, run.length);
+    assert.is(fs.readSync(f.baseFd, buf, 0, run.length, offset), run.length, 'the base has the bytes BASE promised');
+    if (f.hints && f.hints.q.offer(offset, run.length)) drainHints(f);
+  } else await f.img.read(buf, offset);
+  return kind;
+}
+
+/** The main thread's side of the hints (daemon/server.ts copyHinted). */
+function drainHints(f: Fixture): void {
+  f.hints!.main.drain((b) => f.copies.push(f.img.copyHint(b).then(() => f.hints!.main.release(b))));
+}
+
+/** A deterministic pseudo-random sequence. */
+function rng(seed: number): () => number {
+  let x = seed >>> 0 || 1;
+  return () => ((x ^= x << 13), (x ^= x >>> 17), (x ^= x << 5), (x >>> 0) / 2 ** 32);
+}
+
+for (const layout of ['raw', 'compact'] as const) {
+  test(`differential (${layout}): worker reads of base blocks, hinted copies and guest writes agree with the model`, async () => {
+    // A base ending inside a block, shorter than the disk: the last base block reads zeros past it.
+    const bs = 16 * KiB;
+    const baseSize = 40 * bs + 5 * KiB;
+    const f = await fixture(layout, baseSize, 64 * bs, true, 4 * bs);
+    const r = rng(layout === 'raw' ? 7 : 11);
+    const kinds = [0, 0, 0, 0, 0];
+    let nonZeroBaseAnswers = 0;
+    for (let i = 0; i < 600; i++) {
+      const sectors = 1 + Math.floor(r() * 16);
+      const offset = Math.floor(r() * (64 * bs / 512 - sectors)) * 512;
+      const len = sectors * 512;
+      if (r() < 0.2) {
+        const data = new Uint8Array(len).fill(1 + (i % 250));
+        await f.img.write(data, offset);
+        f.model.set(data, offset);
+        continue;
+      }
+      const buf = new Uint8Array(len);
+      const kind = await workerRead(f, buf, offset);
+      kinds[kind]++;
+      if (kind === BASE && buf.some((x) => x !== 0)) nonZeroBaseAnswers++;
+      assert.equal(buf, f.model.subarray(offset, offset + len), `read ${offset}+${len} routed ${kind}`);
+      if (i % 50 === 0) await Promise.all(f.copies); // let some copies land between reads
+    }
+    // The straddling last base block, as one request: base bytes, then zeros.
+    const last = 40 * bs;
+    const lastBuf = new Uint8Array(bs);
+    await workerRead(f, lastBuf, last);
+    assert.equal(lastBuf, f.model.subarray(last, last + bs), 'the last base block: base bytes, then zeros');
+    await Promise.all(f.copies);
+    assert.ok(kinds[BASE]! > 20 && nonZeroBaseAnswers > 0, `the worker answered base reads itself (${kinds})`);
+    assert.ok(kinds[STORED]! > 20, `hinted copies made blocks local (${kinds})`);
+    // Every answer again, once all copies landed.
+    const all = new Uint8Array(64 * bs);
+    for (let off = 0; off < all.length; off += bs) await workerRead(f, all.subarray(off, off + bs), off);
+    assert.equal(all, f.model);
+    await done(f);
+  });
+}
+
+test('BASE reads hint their blocks: the engine copies them, bounded by the cap', async () => {
+  const bs = 16 * KiB;
+  const f = await fixture('raw', 32 * bs, 32 * bs, true, 2 * bs);
+  const buf = new Uint8Array(4096);
+  for (let b = 0; b < 8; b++) assert.is(await workerRead(f, buf, b * bs + 512), BASE);
+  await Promise.all(f.copies);
+  const present = f.img.sharedView().present;
+  const local = [0, 1, 2, 3, 4, 5, 6, 7].filter((b) => (present[b >>> 3]! & (1 << (b & 7))) !== 0).length;
+  assert.ok(local >= 2 && local < 8, `some hints were copied, the rest dropped at the cap (${local} local)`);
+  assert.ok(f.hints!.q.dropped > 0);
+  assert.is(f.hints!.main.outstanding(), 0, 'every hint released after its copy');
+  assert.is(await workerRead(f, buf, 512), STORED, 'a copied block is read from the image');
+  await done(f);
+});
+
+test('copy-on-read off: no hints, the worker still reads the base, nothing becomes local; the last block straddles the base end', async () => {
+  const bs = 16 * KiB;
+  const f = await fixture('raw', 7 * bs + 1536, 8 * bs, false);
+  const buf = new Uint8Array(bs);
+  for (let b = 0; b < 8; b++) {
+    assert.is(await workerRead(f, buf, b * bs), BASE, `block ${b}: the worker reads the base`);
+    assert.equal(buf, f.model.subarray(b * bs, (b + 1) * bs), `block ${b}`);
+  }
+  assert.is(buf.subarray(1536).some((x) => x !== 0), false, 'past the base end: zeros');
+  assert.is(f.img.copyHint(0) instanceof Promise, true);
+  await f.img.idle();
+  assert.is(f.img.sharedView().present[0], 0, 'copyHint does nothing with copy-on-read off');
+  await done(f);
+});
+
+test('race: reads of a block while a guest write to it is in flight see old or new; after the write completed, only new', async () => {
+  const bs = 16 * KiB;
+  for (const layout of ['raw', 'compact'] as const) {
+    for (const cor of [false, true]) {
+      const f = await fixture(layout, 16 * bs, 16 * bs, cor);
+      const off = 5 * bs + 4096;
+      const old = f.model.slice(off, off + 4096);
+      const neu = new Uint8Array(4096).fill(0xee);
+      let completed = false;
+      const w = f.img.write(neu, off).then(() => {
+        completed = true;
+      });
+      // Reads issued at every turn of the event loop while the write is in flight, then after.
+      for (let i = 0; i < 200 && !completed; i++) {
+        const buf = new Uint8Array(4096);
+        const before = completed;
+        await workerRead(f, buf, off);
+        const isOld = buf.every((x, j) => x === old[j]);
+        const isNew = buf.every((x) => x === 0xee);
+        assert.ok(isOld || isNew, `${layout}: a concurrent read returns old or new, never a mix of others`);
+        if (before) assert.ok(isNew, 'issued after the write completed: new data');
+        await new Promise((res) => setImmediate(res));
+      }
+      await w;
+      // The write is acknowledged: the shared view must already say local, so no read goes to the base.
+      const run = newRun();
+      assert.is.not(directRoute(f.view, off, 4096, false, run), BASE, `${layout}: an acknowledged write set the shared bit first`);
+      const buf = new Uint8Array(4096);
+      await workerRead(f, buf, off);
+      assert.equal(buf, neu, `${layout}: read after the write completed`);
+      await done(f);
+    }
+  }
+});
+
+test.run();
