@@ -9,12 +9,19 @@
  * Anything else — a stream that fails, ends early or produces more or less than one cluster —
  * is an error, never data.
  *
- * Neither decoder blocks the event loop for long: deflate and Node's own zstd (node:zlib
- * zstdDecompress, Node ≥ 22.15 / 23.8) run on the libuv thread pool. Node 20 has no zstd; the
- * engine imports no packages, so a program that wants zstd there registers a decoder
- * (registerZstdDecoder; the fvd CLI registers the pure-JavaScript fzstd package), which runs on
- * the calling thread — measured in the README (qcow2 templates).
+ * Clusters of at most SYNC_DECODE_MAX bytes (QEMU's default 64 KiB) decode on the calling
+ * thread: a thread-pool round trip (a zlib stream object, a callback, a second event-loop turn)
+ * costs the main thread about as much as inflating the cluster itself, so a template read that
+ * way spent twice the CPU. The event loop — which a served device's other requests share — is
+ * held only in slices: once SYNC_SLICE_MS of one turn went to decoding, the next cluster waits
+ * for the loop to turn (setImmediate, after pending I/O), so decoding blocks the loop for at most
+ * SYNC_SLICE_MS plus one cluster's decode (measured: bench/qcow2-decompress.ts, README).
+ * Larger clusters decode on the libuv thread pool (deflate, and Node's own zstd: node:zlib
+ * zstdDecompress, Node ≥ 22.15 / 23.8). Node 20 has no zstd; the engine imports no packages, so a
+ * program that wants zstd there registers a decoder (registerZstdDecoder; the fvd CLI registers
+ * the pure-JavaScript fzstd package), which runs on the calling thread, sliced the same way.
  */
+import { performance } from 'node:perf_hooks';
 import zlib from 'node:zlib';
 import { FvdError } from './errors.js';
 import type { CompressionType } from './qcow2-format.js';
@@ -22,8 +29,11 @@ import type { CompressionType } from './qcow2-format.js';
 /** Decodes one complete zstd frame whose content is at most `maxLength` bytes. */
 export type ZstdDecoder = (frame: Uint8Array, maxLength: number) => Uint8Array | Promise<Uint8Array>;
 
-type NativeZstd = (buf: Uint8Array, options: { maxOutputLength: number; chunkSize: number }, cb: (err: Error | null, out: Buffer) => void) => void;
+type ZstdOptions = { maxOutputLength: number; chunkSize: number };
+type NativeZstd = (buf: Uint8Array, options: ZstdOptions, cb: (err: Error | null, out: Buffer) => void) => void;
+type NativeZstdSync = (buf: Uint8Array, options: ZstdOptions) => Buffer;
 const nativeZstd = (zlib as unknown as { zstdDecompress?: NativeZstd }).zstdDecompress;
+const nativeZstdSync = (zlib as unknown as { zstdDecompressSync?: NativeZstdSync }).zstdDecompressSync;
 let registeredZstd: ZstdDecoder | null = null;
 
 /** A zstd decoder for Node versions without node:zlib's; Node's own is used where it exists. */
@@ -42,13 +52,52 @@ export function allowNativeZstd(on: boolean): void {
   nativeAllowed = on;
 }
 
+/** Node's own zstd: on the calling thread for small clusters (see SYNC_DECODE_MAX), else the thread pool. */
+const nativeZstdDecoder: ZstdDecoder = (frame, maxLength) => {
+  const options = { maxOutputLength: maxLength, chunkSize: Math.max(maxLength, 64) };
+  if (maxLength <= SYNC_DECODE_MAX && nativeZstdSync) return nativeZstdSync(frame, options);
+  return new Promise((resolve, reject) => nativeZstd!(frame, options, (err, out) => (err ? reject(err) : resolve(out))));
+};
+
 function zstdDecoder(): ZstdDecoder | null {
-  if (nativeZstd && nativeAllowed)
-    return (frame, maxLength) =>
-      new Promise((resolve, reject) =>
-        nativeZstd(frame, { maxOutputLength: maxLength, chunkSize: Math.max(maxLength, 64) }, (err, out) => (err ? reject(err) : resolve(out))),
-      );
+  if (nativeZstd && nativeAllowed) return nativeZstdDecoder;
   return registeredZstd;
+}
+
+/**
+ * Clusters up to this size decode on the calling thread (a 64 KiB cluster: tenths of a
+ * millisecond); larger ones on the thread pool, so one decode never holds the loop for long.
+ */
+export const SYNC_DECODE_MAX = 64 * 1024;
+/** Decoding on the calling thread per event-loop turn, in milliseconds, before it waits for the next turn. */
+export const SYNC_SLICE_MS = 2;
+/** When this turn's first calling-thread decode began (-1: none yet), and the wait for the next turn. */
+let sliceStart = -1;
+let nextTurn: Promise<void> | null = null;
+function endSlice(): void {
+  sliceStart = -1;
+  nextTurn = null;
+}
+
+/**
+ * Null while this event-loop turn may still decode on the calling thread; else a promise that
+ * resolves once the loop has turned (I/O served). Costs no allocation in the common case.
+ */
+function syncSlice(): Promise<void> | null {
+  const now = performance.now();
+  if (sliceStart < 0) {
+    sliceStart = now;
+    setImmediate(endSlice);
+    return null;
+  }
+  if (now - sliceStart < SYNC_SLICE_MS) return null;
+  // Queued after endSlice, so the waiters start the next slice afresh.
+  return (nextTurn ??= new Promise((resolve) => setImmediate(resolve)));
+}
+
+/** Waits, if need be, until this turn of the event loop may decode a cluster on the calling thread. */
+async function takeSlice(): Promise<void> {
+  for (let wait = syncSlice(); wait; wait = syncSlice()) await wait;
 }
 
 /** Throws the one-line refusal when zstd clusters cannot be read here (checked at open). */
@@ -80,11 +129,6 @@ function oneLine(err: unknown): string {
   return msg.replace(/\s+/g, ' ').trim();
 }
 
-/**
- * Clusters up to this size inflate on the calling thread: the work is microseconds and a
- * round trip to the thread pool would cost more than it saves.
- */
-const SYNC_INFLATE_MAX = 4096;
 /** Output room past one cluster, so inflating a cluster ends in one pass (see inflateRaw). */
 const INFLATE_SPARE = 512;
 
@@ -95,7 +139,10 @@ async function inflateRaw(src: Uint8Array, clusterSize: number): Promise<Uint8Ar
   // buffer and go back to the thread pool just to find the end of the stream (measured: half the
   // main-thread cost of a compressed qcow2 read was that second trip).
   const options = { maxOutputLength: clusterSize, chunkSize: clusterSize + INFLATE_SPARE };
-  if (clusterSize <= SYNC_INFLATE_MAX) return zlib.inflateRawSync(src, options);
+  if (clusterSize <= SYNC_DECODE_MAX) {
+    await takeSlice();
+    return zlib.inflateRawSync(src, options);
+  }
   return new Promise((resolve, reject) => zlib.inflateRaw(src, options, (err, out) => (err ? reject(err) : resolve(out))));
 }
 
@@ -116,6 +163,8 @@ async function decodeZstdFrames(src: Uint8Array, clusterSize: number): Promise<U
     if (isSkippable(frame)) continue;
     // Checked before decoding, so a forged header cannot make a decoder allocate a huge buffer.
     if (contentSize !== null && contentSize > clusterSize - produced) throw new Error(`a frame declares ${contentSize} bytes, more than the cluster holds`);
+    // Node's thread-pool zstd for large clusters needs no slice; every other decode runs here.
+    if (decode !== nativeZstdDecoder || clusterSize <= SYNC_DECODE_MAX) await takeSlice();
     const piece = await decode(frame, clusterSize - produced);
     if (piece.length > clusterSize - produced) throw new Error('more than one cluster of output');
     pieces.push(piece);

@@ -7,7 +7,8 @@
  * it is read. A read of a range is first mapped — cluster by cluster, or subcluster by subcluster
  * with extended L2 entries — into runs (data at a host offset, zeros, the backing file, or one
  * compressed cluster), adjacent runs of the same kind merged; then the runs are filled, several at
- * a time, so the compressed clusters of one large read decompress in parallel on the thread pool.
+ * a time, so the compressed clusters of one large read decompress in parallel on the thread pool
+ * (clusters over 64 KiB; smaller ones decode on the calling thread, see qcow2-decompress.ts).
  *
  * Every offset taken from the image is checked before use (alignment, inside the file, not in the
  * header cluster); a bad one fails the read with a one-line "corrupt qcow2 image" error.
@@ -42,7 +43,7 @@ export const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
 const L2_SLICE_BYTES = 64 * 1024;
 /** Decompressed clusters kept for partial reads of the same cluster (at least one cluster). */
 const DECOMPRESSED_CACHE_BYTES = 4 * 1024 * 1024;
-/** Runs filled at once per read: enough to keep the thread pool busy decompressing. */
+/** Runs filled at once per read: enough to keep the thread pool busy (file reads, large clusters). */
 const FILL_PARALLELISM = 8;
 /**
  * The compressed clusters of one read are fetched with one read per group of neighbours (QEMU

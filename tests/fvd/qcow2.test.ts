@@ -14,6 +14,7 @@ import { allowNativeZstd, registerZstdDecoder, zstdDecoderKind } from '../../fvd
 import { nodeIo } from '../../storage/node-file.js';
 import { FvdError } from '../../fvd/errors.js';
 import { registerZstdFallback } from '../../daemon/zstd-fallback.js';
+import { ReadCounter } from '../helpers/read-counter.js';
 import { Rng } from '../helpers/rng.js';
 import { rejectsOneLine } from '../helpers/rejects.js';
 import { diskPattern, qemuImg, qemuIo, qemuRead, qemuTest, writeFile } from '../helpers/qemu.js';
@@ -90,6 +91,38 @@ for (const [compression, clusterSize] of [['zlib', 4 * KiB], ['zlib', 64 * KiB],
     }
   });
 }
+
+/**
+ * One read over compressed clusters fetches the streams of neighbours with one file read per
+ * group: a run stored back to back, one cluster rewritten (its new stream at the end of the file,
+ * not contiguous), a zero cluster and an unallocated one between them. Wrong offsets inside a
+ * group read give wrong bytes; no grouping gives one file read per cluster.
+ */
+qemuTest('compressed clusters: neighbours on disk are read together, a rewritten one and zero clusters among them', async () => {
+  const cs = 64 * KiB;
+  const raw = writeFile(dir, 'groups.raw', diskPattern(2 * MiB, 4242));
+  const q = name('qcow2');
+  qemuImg('convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=${cs}`, raw, q);
+  // A compressed write cannot overwrite a cluster: discard it first, so its new stream lands at the end.
+  qemuIo(q, 'discard 192k 64k', 'write -c -P 0x5a 192k 64k', 'write -z 320k 64k', 'discard 704k 64k');
+  const want = qemuRead(q);
+  assert.is(want[3 * cs], 0x5a, 'the rewritten cluster');
+  const counter = new ReadCounter(nodeIo, q);
+  const img = await Qcow2Image.open(counter, path.resolve(q));
+  try {
+    const buf = Buffer.alloc(MiB, 0xa5);
+    const before = counter.reads;
+    await img.read(buf, 0);
+    assert.ok(buf.equals(want.subarray(0, MiB)), 'one read of 1 MiB differs from qemu-img convert');
+    // 13 compressed clusters, in at most 4 runs on disk (0-2, 3 elsewhere, 4 and 6-10 behind
+    // the old stream of 3, 12-15), plus one L2 table: far fewer reads than clusters.
+    assert.ok(counter.reads - before <= 6, `${counter.reads - before} file reads for one read of 13 compressed clusters`);
+    // Piecewise and at odd offsets too (groups of two, cached clusters skipped).
+    assert.ok((await readAll(img, 7)).equals(want), 'piecewise reads differ from qemu-img convert');
+  } finally {
+    await img.close();
+  }
+});
 
 for (const clusterSize of [512, 4 * KiB, 64 * KiB, 2 * MiB]) {
   qemuTest(`zlib-compressed (convert -c), ${clusterSize}-byte clusters: every byte equals qemu-img convert`, async () => {
