@@ -37,6 +37,7 @@ import { BurstLog, requestErrno } from './request-errors.js';
 import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
 import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
 import { removeState, stateDir, writeState, type DeviceState } from './state.js';
+import { recoveringFile } from './warden.js';
 import {
   RECOVERY_FLAGS,
   currentBootId,
@@ -145,6 +146,8 @@ export class UblkServer {
       if (recovery) {
         fs.mkdirSync(stateDir(), { recursive: true, mode: 0o755 }); // the pending log lives there
         own = await findOwnDevice(ctl, fileId, bootId, opts.devId);
+        // The old server's warden must not expire the device while this server takes it over.
+        if (own) markRecovering(own.state.devId);
         if (own && !(await waitForOldServer(ctl, own, opts.log))) {
           opts.log(`device ${own.state.devId} cannot be recovered (DEAD); deleting it`);
           await ctl.deleteDevice(own.state.devId).catch(() => {});
@@ -160,6 +163,7 @@ export class UblkServer {
         pendingLog: { path: pendingLogPath(fileId), bootId, fileId, record: recovery },
       });
     } catch (err) {
+      if (own) unmarkRecovering(own.state.devId);
       ctl.close();
       throw err;
     }
@@ -174,6 +178,7 @@ export class UblkServer {
         await server.recover(own);
         return server;
       } catch (err) {
+        unmarkRecovering(own.state.devId);
         if (!server.recoveryStarted) {
           server.devId = -1; // not ours to delete: it keeps waiting
           opts.log(`recovery of device ${own.state.devId} failed before START_USER_RECOVERY; it keeps waiting`);
@@ -229,6 +234,7 @@ export class UblkServer {
     await waitForPath(this.devicePath, 10_000);
     opts.log(`recovered device ${id} in ${Date.now() - t0} ms`);
     this.writeDeviceState((own.state.generation ?? 0) + 1);
+    unmarkRecovering(id);
   }
 
   private writeDeviceState(generation: number): void {
@@ -511,6 +517,14 @@ export function sharedKeyForWorker(key: Uint8Array | null): SharedArrayBuffer | 
   new Uint8Array(shared).set(key);
   key.fill(0);
   return shared;
+}
+
+function markRecovering(devId: number): void {
+  fs.writeFileSync(recoveringFile(devId), `${process.pid}\n`);
+}
+
+function unmarkRecovering(devId: number): void {
+  fs.rmSync(recoveringFile(devId), { force: true });
 }
 
 async function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | 'timeout'> {

@@ -12,9 +12,12 @@
 # b) an acknowledged O_DIRECT write that was never flushed (no fsync), then SIGKILL: after the
 #    recovery the data reads back (its records came from the pending log), and again after a clean
 #    stop and a fresh serve.
-# d) a device whose server does not come back: the waiting-time expiry (warden) is not built, so
-#    that part is skipped with the reason; `fvd stop` deletes the waiting device, I/O held on it
-#    fails promptly with EIO, and nothing hangs.
+# d) a device whose server does not come back. With --recovery-wait 5 and no re-serve, the warden
+#    deletes it about 5 s after the SIGKILL: `fvd list` says "waiting for a daemon" with the
+#    seconds left, the held read fails with EIO, the state file goes, the image checks clean and
+#    a fresh serve works. A re-serve before the deadline wins: the device lives on past it and
+#    the old warden leaves it alone. With --recovery-wait 60, `fvd stop` deletes the waiting
+#    device, I/O held on it fails promptly with EIO, and nothing hangs.
 
 RW=60
 
@@ -100,11 +103,75 @@ unflushed_round() {
     rm -f "$img"
 }
 
-waiting_round() {
-    local img=$D/w.fvd id dd_pid dead
-    skip "the device's waiting-time expiry (warden) is not built: a device whose server never returns waits until 'fvd stop'"
+expiry_round() {
+    local img=$D/e.fvd id dd_pid dead log i list t0 t1
     must "fvd create" fvd create "$img" 64M
     serve_must "$img" --recovery-wait 5
+    id=$SERVE_ID dead=$SERVE_PID log=$SERVE_LOG
+    sleep 1
+    if pgrep -f "__warden $dead " > /dev/null; then ok "expiry: the serve started its warden"
+    else not_ok "expiry: no warden process for pid $dead" "$(ps -eo pid,args | grep -v grep | grep fvd)"; fi
+    kill -KILL "$dead"
+    wait_pid "$dead" 30
+    t0=$(date +%s.%N)
+    timeout -k 5 120 dd if="/dev/ublkb$id" of=/dev/null bs=4k count=1 iflag=direct status=none 2> dd.err &
+    dd_pid=$!
+    sleep 1
+    kill -0 "$dd_pid" 2>/dev/null && ok "expiry: a read on the waiting device is held" || not_ok "expiry: the read did not wait" "$(cat dd.err)"
+    list=$(fvd list 2>&1) || true
+    echo "# fvd list: $list"
+    if grep -qE "waiting for a daemon: deleted in [0-9]+ s" <<< "$list"; then ok "expiry: fvd list shows the device waiting, with the seconds left"
+    else not_ok "expiry: fvd list does not show the waiting state" "$list"; fi
+    list=$(fvd list --output=json 2>&1) || true
+    if grep -q '"state": "waiting"' <<< "$list" && grep -qE '"expiresIn": [0-9]+' <<< "$list"; then ok "expiry: fvd list --output=json: state waiting, expiresIn"
+    else not_ok "expiry: JSON list without waiting/expiresIn" "$list"; fi
+    wait_pid "$dd_pid" 60
+    t1=$(date +%s.%N)
+    if [[ $WAIT_RC != timeout && $WAIT_RC != 0 ]]; then ok "expiry: the held read failed when the device expired (dd exit $WAIT_RC: $(tr '\n' ' ' < dd.err))"
+    else not_ok "expiry: the held read did not fail (dd: $WAIT_RC)" "$(cat dd.err)"; kill -KILL "$dd_pid" 2>/dev/null || true; fi
+    echo "# the read was released $(awk "BEGIN { printf \"%.1f\", $t1 - $t0 }") s after the SIGKILL (recovery-wait 5)"
+    if device_gone "$id" 30; then ok "expiry: /dev/ublkb$id is gone without any command"
+    else not_ok "expiry: /dev/ublkb$id still exists" "$(ublk_nodes)"; fi
+    [[ ! -e /run/fvd/ublkb$id.json ]] && ok "expiry: its state file is removed" || not_ok "expiry: state file left" "$(cat /run/fvd/ublkb$id.json)"
+    if grep -q "warden of /dev/ublkb$id: deleted" "$log"; then ok "expiry: one log line ($(grep -o 'warden of.*' "$log"))"
+    else not_ok "expiry: no warden line in the server's log" "$(cat "$log")"; fi
+    for ((i = 0; i < 50; i++)); do pgrep -f "__warden $dead " > /dev/null || break; sleep 0.1; done
+    pgrep -f "__warden $dead " > /dev/null && not_ok "expiry: the warden is still running" "$(pgrep -af __warden)" || ok "expiry: the warden exited"
+    check "expiry: fvd check clean" fvd check "$img"
+    serve_must "$img" --recovery-wait 5
+    ok "expiry: a fresh serve of the image gets a device ($SERVE_DEV)"
+    serve_stop "after the expiry"
+    rm -f "$img"
+}
+
+race_round() {
+    local img=$D/x.fvd id dead log
+    must "fvd create" fvd create "$img" 64M
+    serve_must "$img" --recovery-wait 5
+    id=$SERVE_ID dead=$SERVE_PID log=$SERVE_LOG
+    sleep 1
+    kill -KILL "$dead"
+    wait_pid "$dead" 30
+    serve_must "$img" --recovery-wait 5
+    expect "re-serve: the new serve took over the same device before the deadline" "$SERVE_DEV" "/dev/ublkb$id"
+    sleep 8
+    if [[ -b /dev/ublkb$id ]] && t dd if="/dev/ublkb$id" of=/dev/null bs=4k count=1 iflag=direct status=none; then
+        ok "re-serve: past the first server's deadline the device lives and reads"
+    else not_ok "re-serve: the device was expired under its new server" "$(ublk_nodes; cat "$log")"; fi
+    if grep -q "warden of /dev/ublkb$id: deleted" "$log"; then not_ok "re-serve: the old warden deleted a device taken over" "$(cat "$log")"
+    else ok "re-serve: the old warden left it alone ($(grep -o 'warden of.*' "$log" || echo 'no line'))"; fi
+    pgrep -f "__warden $dead " > /dev/null && not_ok "re-serve: the old warden still runs" "$(pgrep -af __warden)" || ok "re-serve: the old warden exited"
+    pgrep -f "__warden $SERVE_PID " > /dev/null && ok "re-serve: the new server has its own warden" || not_ok "re-serve: no warden for the new server" "$(pgrep -af __warden)"
+    serve_stop "after the re-serve"
+    sleep 1
+    pgrep -f "__warden $SERVE_PID " > /dev/null && not_ok "re-serve: the warden outlives a clean stop" "$(pgrep -af __warden)" || ok "re-serve: a clean stop ends the warden too"
+    rm -f "$img"
+}
+
+waiting_round() {
+    local img=$D/w.fvd id dd_pid dead
+    must "fvd create" fvd create "$img" 64M
+    serve_must "$img" --recovery-wait 60
     id=$SERVE_ID dead=$SERVE_PID
     kill -KILL "$dead"
     wait_pid "$dead" 30
@@ -130,5 +197,7 @@ scenario() {
     fio_round raw
     fio_round compact
     unflushed_round
+    expiry_round
+    race_round
     waiting_round
 }
