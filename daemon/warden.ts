@@ -51,7 +51,9 @@ export function decide(v: WardenView, pid: number, devId: number, waitSec: numbe
   if (st.devId !== devId || st.pid !== pid) return { act: 'exit', why: `taken over by pid ${st.pid}` };
   if (!v.info) return { act: 'exit', why: 'the device is gone' };
   if (!isOurs(v.info, st)) return { act: 'exit', why: 'the device is not the one the server left' };
-  if (v.info.ublksrvPid !== pid) return { act: 'exit', why: `the device is served by pid ${v.info.ublksrvPid}` };
+  // The kernel sets ublksrv_pid to -1 when it sees its server gone (7.x); a positive pid other than
+  // ours is a new server's (END_USER_RECOVERY).
+  if (v.info.ublksrvPid > 0 && v.info.ublksrvPid !== pid) return { act: 'exit', why: `the device is served by pid ${v.info.ublksrvPid}` };
   const waits =
     v.info.state === UBLK_S_DEV_QUIESCED || v.info.state === UBLK_S_DEV_FAIL_IO || (v.info.state === UBLK_S_DEV_LIVE && !pidAlive(pid));
   if (!waits) return { act: 'exit', why: `the device is in state ${v.info.state}, not waiting` };

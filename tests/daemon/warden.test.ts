@@ -31,6 +31,8 @@ test('warden: watches while the server runs, then waits for the deadline, then d
   assert.equal(verdict({ now: T0 + 4900 }), { act: 'watch', ms: 100 });
   assert.is(verdict({ now: T0 + 1000 }).act, 'watch');
   assert.equal(verdict({ now: T0 + 5000 }), { act: 'delete' });
+  // 7.x records -1 as the server's pid once it saw the server gone.
+  assert.equal(verdict({ now: T0 + 5000, info: { ...info, ublksrvPid: -1 } }), { act: 'delete' });
   // LIVE with the dead pid: the kernel has not processed the exit yet; the device still waits.
   assert.equal(verdict({ now: T0 + 6000, info: { ...info, state: UBLK_S_DEV_LIVE } }), { act: 'delete' });
 });

@@ -1,6 +1,6 @@
 # tests/vm/e2e/18-recovery.sh — sourced by tests/vm/e2e.sh (with lib.sh), runs `scenario` in $D.
 # title: ublk user recovery: SIGKILL under fio verify, re-serve takes the same device over, 0 errors
-# timeout: 900
+# timeout: 1200
 #
 # a) fio verify (crc32c, libaio, O_DIRECT, slowed by thinktime, which unlike --rate does not
 #    catch up after a stall, so both kills land mid-run) on the raw
@@ -127,8 +127,9 @@ expiry_round() {
     else not_ok "expiry: JSON list without waiting/expiresIn" "$list"; fi
     wait_pid "$dd_pid" 60
     t1=$(date +%s.%N)
-    if [[ $WAIT_RC != timeout && $WAIT_RC != 0 ]]; then ok "expiry: the held read failed when the device expired (dd exit $WAIT_RC: $(tr '\n' ' ' < dd.err))"
-    else not_ok "expiry: the held read did not fail (dd: $WAIT_RC)" "$(cat dd.err)"; kill -KILL "$dd_pid" 2>/dev/null || true; fi
+    # dd's own failure (exit 1, "Input/output error"), not timeout's 124/137.
+    if [[ $WAIT_RC == 1 ]] && grep -qi 'error' dd.err; then ok "expiry: the held read failed when the device expired (dd: $(tr '\n' ' ' < dd.err))"
+    else not_ok "expiry: the held read did not fail with an I/O error (dd: $WAIT_RC)" "$(cat dd.err)"; kill -KILL "$dd_pid" 2>/dev/null || true; fi
     echo "# the read was released $(awk "BEGIN { printf \"%.1f\", $t1 - $t0 }") s after the SIGKILL (recovery-wait 5)"
     if device_gone "$id" 30; then ok "expiry: /dev/ublkb$id is gone without any command"
     else not_ok "expiry: /dev/ublkb$id still exists" "$(ublk_nodes)"; fi
@@ -185,7 +186,7 @@ waiting_round() {
     echo "# fvd list with a waiting device: $list"
     check "fvd stop $id deletes the waiting device" fvd stop "$id"
     wait_pid "$dd_pid" 20
-    if [[ $WAIT_RC != timeout && $WAIT_RC != 0 ]]; then ok "held I/O failed after fvd stop (dd exit $WAIT_RC)"
+    if [[ $WAIT_RC == 1 ]]; then ok "held I/O failed after fvd stop (dd exit $WAIT_RC)"
     else not_ok "held I/O did not fail promptly (dd: $WAIT_RC)" "$(cat dd.err)"; kill -KILL "$dd_pid" 2>/dev/null || true; fi
     if device_gone "$id" 10; then ok "/dev/ublkb$id is gone"
     else not_ok "/dev/ublkb$id still exists after fvd stop" "$(ublk_nodes)"; fi
@@ -194,10 +195,11 @@ waiting_round() {
 }
 
 scenario() {
-    fio_round raw
-    fio_round compact
-    unflushed_round
+    # the short rounds first: a slow guest's time limit then cuts the long fio rounds, not these
     expiry_round
     race_round
     waiting_round
+    unflushed_round
+    fio_round raw
+    fio_round compact
 }
