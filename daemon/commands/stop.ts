@@ -4,6 +4,7 @@ import { defineCommand, parseCommand, usageError } from '../command.js';
 import { listStates, removeState, type DeviceState } from '../state.js';
 import { pidAlive } from '../server.js';
 import { isOurs } from '../recovery.js';
+import { recoveringPid } from '../warden.js';
 import { UblkControl } from '../ublk/control.js';
 
 export const spec = defineCommand({
@@ -23,7 +24,11 @@ export async function run(args: string[]): Promise<number> {
   if (!pidAlive(st.pid)) {
     // A device left waiting for a new server (serve --recovery-wait): deleted here, its held
     // I/O fails. The pending log stays and is applied by the image's next read-write serve.
-    if (st.fileId !== undefined) return deleteWaitingDevice(st);
+    if (st.fileId !== undefined) {
+      const taker = recoveringPid(st.devId);
+      if (taker !== null) throw new UsageError(`${st.device} (${st.name}) is being taken over by a new server (pid ${taker}): stop that one once it is up`);
+      return deleteWaitingDevice(st);
+    }
     throw new UsageError(`${st.device} (${st.name}): its server (pid ${st.pid}) is gone; 'fvd serve' on the same --dev-id cleans it up`);
   }
   process.kill(st.pid, 'SIGTERM');

@@ -140,4 +140,20 @@ test('offline commands refuse, leaving the image unchanged, while a dead server\
   }
 });
 
+test('fvd stop leaves a device alone while a new server is taking it over', () => {
+  const tmp = new TempDir('fvd-stop-');
+  const saved = process.env.FVD_RUN_DIR;
+  process.env.FVD_RUN_DIR = tmp.path;
+  try {
+    writeState({ ...st, devId: 6, device: path.join(tmp.path, 'ublkb6') });
+    fs.writeFileSync(path.join(tmp.path, 'ublkb6.recovering'), `${process.pid}\n`);
+    assertOneLineError(fvd('stop', '6'), [/being taken over by a new server \(pid \d+\)/]);
+    assert.ok(fs.existsSync(path.join(tmp.path, 'ublkb6.json')), 'its state file stays');
+  } finally {
+    if (saved === undefined) delete process.env.FVD_RUN_DIR;
+    else process.env.FVD_RUN_DIR = saved;
+    tmp.cleanup();
+  }
+});
+
 test.run();
