@@ -40,6 +40,11 @@ import { ACTIVITY_OTHER, ACTIVITY_READ, ACTIVITY_WRITE, QueueActivityWriter } fr
 import { FastCrypt } from './fast-crypt.js';
 import { requestErrnoOf } from './request-errors.js';
 
+/** A worker's start gate (QueueWorkerData.gate): the main thread moves it out of WAIT once. */
+export const GATE_WAIT = 0;
+export const GATE_OPEN = 1;
+export const GATE_ABANDON = 2;
+
 export interface QueueWorkerData {
   devId: number;
   qid: number;
@@ -51,8 +56,13 @@ export interface QueueWorkerData {
   /** [0] = 1 asks the worker to quit (before START_DEV, or on a failed start). */
   control: SharedArrayBuffer;
   eventfd: number;
-  /** /dev/ublkcN, opened once by the main thread: the driver allows a single open. */
+  /**
+   * /dev/ublkcN, opened once by the main thread (the driver allows a single open): -1 until the
+   * main thread opens it and releases `gate` (daemon/queue-worker.ts waits there).
+   */
   cdevFd: number;
+  /** Int32 [0] GATE_WAIT / GATE_OPEN / GATE_ABANDON, [1] the /dev/ublkcN descriptor once open. */
+  gate: SharedArrayBuffer;
   /** Request count and latency totals for the prefetcher (daemon/queue-activity.ts). */
   activity: SharedArrayBuffer;
   /**

@@ -28,9 +28,17 @@ export interface InstanceConfig {
   metricsFile?: string;
   /** Remote base settings and credentials (storage/remote-config.ts), relative to the configuration directory. */
   remoteConfig?: string;
+  /** Seconds the device waits for a new server after this one died (fvd serve --recovery-wait); default INSTANCE_RECOVERY_WAIT. */
+  recoveryWait?: string;
 }
 
-const KEYS = new Set(['IMAGE', 'DEV_ID', 'QUEUES', 'DEPTH', 'MAX_IO', 'COPY_ON_READ', 'PREFETCH', 'PREFETCH_RATE', 'PREFETCH_SHARE', 'KEY_FILE', 'GROW_CMD', 'GROW_FREE', 'METRICS_FILE', 'REMOTE_CONFIG']);
+/**
+ * Under systemd the device outlives its server by default: Restart=on-failure then recovers it,
+ * and `systemctl restart` hands it over (docs/DESIGN.md §7). RECOVERY_WAIT=0 turns this off.
+ */
+export const INSTANCE_RECOVERY_WAIT = '60';
+
+const KEYS = new Set(['IMAGE', 'DEV_ID', 'QUEUES', 'DEPTH', 'MAX_IO', 'COPY_ON_READ', 'PREFETCH', 'PREFETCH_RATE', 'PREFETCH_SHARE', 'KEY_FILE', 'GROW_CMD', 'GROW_FREE', 'METRICS_FILE', 'REMOTE_CONFIG', 'RECOVERY_WAIT']);
 const YES_NO = /^(yes|no|true|false|1|0)$/i;
 
 export function readInstanceConfig(name: string): InstanceConfig {
@@ -96,6 +104,9 @@ export function readInstanceConfig(name: string): InstanceConfig {
       case 'KEY_FILE':
         if (!value) throw new UsageError(`${file}:${i + 1}: KEY_FILE is empty`);
         config.keyFile = path.resolve(confDir, value);
+        break;
+      case 'RECOVERY_WAIT':
+        config.recoveryWait = value;
         break;
       case 'REMOTE_CONFIG':
         if (!value) throw new UsageError(`${file}:${i + 1}: REMOTE_CONFIG is empty`);

@@ -9,7 +9,7 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { syscalls, setIoFlusher } from '../ffi/syscalls.js';
-import { FvdQueue, type QueueWorkerData, type WorkerMessage } from './fvd-queue.js';
+import { FvdQueue, GATE_OPEN, GATE_WAIT, type QueueWorkerData, type WorkerMessage } from './fvd-queue.js';
 
 export type { QueueWorkerData, WorkerMessage } from './fvd-queue.js';
 
@@ -20,6 +20,13 @@ const SPIN = Number(process.env.FVD_SPIN ?? 5000);
 const post = (m: WorkerMessage) => parentPort!.postMessage(m);
 
 function run(d: QueueWorkerData): void {
+  // A recovering server starts its workers before START_USER_RECOVERY (until then /dev/ublkcN
+  // may not be opened), so their start-up — loading this module graph, seconds under emulation —
+  // overlaps that wait instead of lengthening the pause the guest sees.
+  const gate = new Int32Array(d.gate);
+  Atomics.wait(gate, 0, GATE_WAIT);
+  if (Atomics.load(gate, 0) !== GATE_OPEN) return; // the start was given up before the device opened
+  d.cdevFd = gate[1]!;
   const sys = syscalls();
   if (!sys) throw new Error('koffi is not available');
   // Reclaim must not wait for I/O that only this thread can complete: the kernel's writeback of

@@ -54,12 +54,22 @@ export function serverFlagsFor(fileId: string): bigint {
   return FVD_SERVER_TAG | BigInt(crc32(Buffer.from(fileId)) >>> 0);
 }
 
+/**
+ * Whether process `pid` still runs. A zombie (exited, not yet reaped by its parent) does not: it
+ * closed its files, /dev/ublkcN among them, when it exited, so its device can be taken over.
+ */
 export function pidAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+  try {
+    // /proc/PID/stat: "pid (comm) S ...", comm may hold spaces and parentheses: the state follows the last ')'.
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+    return stat[stat.lastIndexOf(')') + 2] !== 'Z';
+  } catch {
+    return true; // no /proc (or hidden): trust kill(0)
   }
 }
 
@@ -164,6 +174,27 @@ export async function waitForOldServer(ctl: UblkControl, own: OwnDevice, log: (s
   }
   const info = await ctl.waitForState(own.state.devId, [UBLK_S_DEV_QUIESCED, UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_DEAD], Math.max(1000, until - Date.now()));
   return info && info.state !== UBLK_S_DEV_DEAD ? info : null;
+}
+
+/**
+ * Live restart (docs/DESIGN.md §7.5): asks the live server `st` to leave its device to the next
+ * server (SIGHUP: journal committed, exit without deleting the device) and waits until it is gone.
+ */
+export async function handOffServer(st: DeviceState, timeoutMs: number): Promise<void> {
+  if (!((st.recoveryWait ?? 0) > 0) || st.fileId === undefined)
+    throw new FvdError(`${st.device} (${st.name}) is served without --recovery-wait: its device cannot outlive its server, so it cannot be handed over (stop it and serve again)`, 'EINVAL');
+  process.kill(st.pid, 'SIGHUP');
+  const until = Date.now() + timeoutMs;
+  while (pidAlive(st.pid)) {
+    if (Date.now() > until) throw new FvdError(`${st.device}: server pid ${st.pid} did not hand the device over within ${timeoutMs / 1000} s`, 'EBUSY');
+    await sleep(50);
+  }
+}
+
+/** The live server of the image file `fileId` in this boot, if any (for `serve --takeover`). */
+export function liveServerOf(fileId: string, bootId: string): DeviceState | null {
+  for (const st of listStates()) if (st.fileId === fileId && st.bootId === bootId && pidAlive(st.pid)) return st;
+  return null;
 }
 
 /** START_USER_RECOVERY, retried while the kernel still holds the old server's /dev/ublkcN (EBUSY). */

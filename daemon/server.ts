@@ -36,6 +36,7 @@ import { CompletionRing } from './shared-state.js';
 import { BurstLog, requestErrno } from './request-errors.js';
 import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
 import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
+import { GATE_ABANDON, GATE_OPEN, GATE_WAIT } from './fvd-queue.js';
 import { removeState, stateDir, writeState, type DeviceState } from './state.js';
 import { recoveringFile } from './warden.js';
 import {
@@ -95,6 +96,8 @@ export interface ServerStats {
 
 interface Queue {
   worker: Worker;
+  /** The worker's start gate (daemon/queue-worker.ts). */
+  gate: Int32Array;
   completions: CompletionRing;
   control: Int32Array;
   eventfd: number;
@@ -221,13 +224,18 @@ export class UblkServer {
       throw new FvdError(`device ${id} has ${devSectors} sectors but the image is ${image.size / 512}: not recovering it`, 'EINVAL');
     opts.log(`recovering device ${id} (previous server pid ${own.state.pid})`);
     const t0 = Date.now();
+    this.spawnWorkers(id);
     await startRecoveryRetrying(ctl, id);
     this.recoveryStarted = true;
     opts.log(`START_USER_RECOVERY accepted after ${Date.now() - t0} ms`);
+    // Test hook (tests/vm/e2e/18-recovery.sh): hold the recovery here so a test can kill the server
+    // in its middle; a later server must complete it.
+    const pauseMs = Number(process.env.FVD_TEST_RECOVERY_PAUSE_MS ?? 0);
+    if (pauseMs > 0) await new Promise((r) => setTimeout(r, pauseMs));
     this.devId = id;
     this.devicePath = `/dev/ublkb${id}`;
     opts.log(describeFeatures(os.release(), ctl.features, own.info.flags));
-    await this.startWorkers();
+    await this.openWorkers();
     await ctl.endUserRecovery(id, process.pid);
     this.started = true;
     await ctl.waitForState(id, [UBLK_S_DEV_LIVE], 10_000);
@@ -294,7 +302,8 @@ export class UblkServer {
       maxWriteZeroesSectors: MAX_DISCARD_BYTES / 512,
       maxDiscardSegments: 1,
     });
-    await this.startWorkers();
+    this.spawnWorkers(this.devId);
+    await this.openWorkers();
     await ctl.startDevice(this.devId, process.pid);
     this.started = true;
     await waitForPath(this.devicePath, 10_000);
@@ -304,20 +313,26 @@ export class UblkServer {
   /** The run-time record as written at start, for refreshing its remote figures. */
   state: DeviceState | null = null;
 
-  private async startWorkers(): Promise<void> {
+  /** Every queue worker's tags fetched (after openWorkers), or the first queue's failure. */
+  private fetched: Promise<void>[] = [];
+
+  /**
+   * Starts one worker per queue, each waiting at its gate for /dev/ublkcN (openWorkers): a
+   * recovery spawns them before START_USER_RECOVERY, so their start-up overlaps it.
+   */
+  private spawnWorkers(devId: number): void {
     const c = libc();
     if (!c) throw new FvdError('koffi (libc) is required to serve a device', 'EIO');
     const view = this.image.sharedView();
-    this.cdevFd = fs.openSync(`/dev/ublkc${this.devId}`, 'r+');
     const workerUrl = new URL('./queue-worker.js', import.meta.url);
-    const fetched: Promise<void>[] = [];
+    const fetched = this.fetched;
     for (let qid = 0; qid < this.opts.queues; qid++) {
       const eventfd = c.eventfd(0, EFD_CLOEXEC);
       if (eventfd < 0) throw new FvdError(`eventfd failed (errno ${c.errno()})`, 'EIO');
       const completions = CompletionRing.create(this.opts.depth + 1);
       const control = new SharedArrayBuffer(4);
       const data: QueueWorkerData = {
-        devId: this.devId,
+        devId,
         qid,
         depth: this.opts.depth,
         maxIo: this.opts.maxIo,
@@ -326,7 +341,8 @@ export class UblkServer {
         completions,
         control,
         eventfd,
-        cdevFd: this.cdevFd,
+        cdevFd: -1,
+        gate: new SharedArrayBuffer(8),
         activity: newActivityBuffer(),
         // Encrypted image: the master key for the worker's own fast-path cipher, handed over in
         // shared memory that the worker zeroes once its cipher holds the key (and this thread
@@ -341,6 +357,7 @@ export class UblkServer {
       // A queue that fails to set up reports why; it becomes the one-line error of `serve`.
       const q: Queue = {
         worker,
+        gate: new Int32Array(data.gate),
         completions: new CompletionRing(completions),
         control: new Int32Array(control),
         eventfd,
@@ -369,7 +386,13 @@ export class UblkServer {
       this.queues.push(q);
       this.activityBuffers.push(data.activity);
     }
-    await Promise.all(fetched);
+  }
+
+  /** Opens /dev/ublkcN, hands it to the waiting workers and waits until every tag is fetched. */
+  private async openWorkers(): Promise<void> {
+    this.cdevFd = fs.openSync(`/dev/ublkc${this.devId}`, 'r+');
+    for (const q of this.queues) releaseGate(q.gate, GATE_OPEN, this.cdevFd);
+    await Promise.all(this.fetched);
     // Logged once per serve: every queue thread tries, and they fail alike.
     const refused = this.queues.find((q) => q.ioFlusher !== 1);
     if (refused) {
@@ -486,8 +509,10 @@ export class UblkServer {
     };
     if (this.devId >= 0 && (this.started || this.recoveryStarted)) await attempt('STOP_DEV', () => ctl.stopDevice(this.devId));
     this.failures.flush(); // the requests failed during the drain, before the closing lines
-    // Workers leave once every tag is aborted; a device that never started needs the quit flag.
+    // Workers leave once every tag is aborted; a device that never started needs the quit flag,
+    // and a worker still waiting for /dev/ublkcN is told that it will not come.
     for (const q of this.queues) {
+      releaseGate(q.gate, GATE_ABANDON, -1);
       if (!this.started) {
         Atomics.store(q.control, 0, 1);
         fs.writeSync(q.eventfd, EFD_WAKE);
@@ -508,6 +533,14 @@ export class UblkServer {
     if (this.devId >= 0) removeState(this.devId);
     if (errors.length) throw new FvdError(errors.join('; '), 'EIO');
   }
+}
+
+/** Moves a worker's start gate out of WAIT (once: a gate already released stays as it is). */
+function releaseGate(gate: Int32Array, state: number, fd: number): void {
+  if (Atomics.load(gate, 0) !== GATE_WAIT) return;
+  gate[1] = fd;
+  Atomics.store(gate, 0, state);
+  Atomics.notify(gate, 0);
 }
 
 /** The key moved into a SharedArrayBuffer for a worker; the copy it came in is wiped. */

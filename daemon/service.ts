@@ -10,6 +10,9 @@
  *   stopping  on SIGTERM/SIGINT or a fatal error: STOPPING=1, the prefetcher stops (its copy in
  *             flight finished) before the device stops and the image closes, then the device
  *             link and metrics file go. Exit status 0, or 1 after a fatal error or failed stop.
+ *   hand-off  on SIGHUP, with --recovery-wait > 0 only: the prefetcher stops, the journal is
+ *             committed, and the process exits 0 *leaving the device* for the next server, which
+ *             recovers it (`fvd serve --takeover`, `systemctl restart`; docs/DESIGN.md §7.5).
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -146,7 +149,48 @@ class DeviceService {
         }
       });
       process.on('SIGINT', () => this.stop('SIGINT'));
+      process.on('SIGHUP', () => this.handOff());
     });
+  }
+
+  /**
+   * Live restart: leave the device, in the state a crash leaves it, to the next server. Nothing
+   * stops: the queues keep serving until the process exits, and whatever the kernel had handed
+   * them and they had not completed is reissued to the next server (USER_RECOVERY_REISSUE). The
+   * journal commit before the exit only shortens the next server's work: every write acknowledged
+   * after it is in the pending log, as after a crash (docs/DESIGN.md §7).
+   */
+  private handOff(): void {
+    const { server, log } = this;
+    if ((this.opts.recoveryWait ?? 0) <= 0) {
+      log(`SIGHUP ignored: ${server.devicePath} is served without --recovery-wait, it cannot outlive this server (use SIGTERM to stop it)`);
+      return;
+    }
+    if (this.stopping) return;
+    this.stopping = true;
+    this.stopped = true;
+    log(`SIGHUP: handing ${server.devicePath} over to the next server`);
+    sdNotify(`STOPPING=1\nSTATUS=handing ${server.devicePath} over`);
+    if (this.statusTimer) clearInterval(this.statusTimer);
+    if (this.traceTimer) clearInterval(this.traceTimer);
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    const done = (status: number) => {
+      if (this.watchdog) clearInterval(this.watchdog);
+      this.resolveExit(status);
+    };
+    (this.prefetcher ? this.prefetcher.stop() : Promise.resolve())
+      .then(() => server.image.flush())
+      .then(
+        () => {
+          log(`handed over: ${server.devicePath} waits for the next server (at most ${this.opts.recoveryWait} s)`);
+          done(0);
+        },
+        (err) => {
+          // The device is left all the same: a failed flush loses nothing the pending log holds.
+          log(`hand-off: journal commit failed (${(err as Error).message}); the next server replays the pending log`);
+          done(0);
+        },
+      );
   }
 
   /** A queue worker died while serving: stop the device, exit 1. */

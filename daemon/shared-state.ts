@@ -3,18 +3,10 @@
  * the bitmaps and lookup table (to route fast-path requests themselves) and, per queue, a
  * completion ring through which the main thread hands back requests it served.
  */
-import { directHostOffset, type SharedView } from '../fvd/mapping.js';
+import type { SharedView } from '../fvd/mapping.js';
 
 /** The engine's shared view as the workers get it (defined in the engine: fvd/mapping.ts). */
 export type EngineView = SharedView;
-
-/**
- * Storage offset for a request the worker may serve directly, or -1 when the engine must handle
- * it: the engine's rule (fvd/mapping.ts directHostOffset). Allocation-free; called once per request.
- */
-export function mapDirect(v: EngineView, offset: number, length: number, write: boolean): number {
-  return directHostOffset(v, offset, length, write);
-}
 
 /**
  * Single-producer (main thread) single-consumer (worker) ring of completed tags with their results.

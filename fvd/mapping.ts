@@ -206,7 +206,6 @@ export type DirectRouteKind = typeof STORED | typeof BASE | typeof ZERO | typeof
 
 // Scratch state of directRoute: workers are single-threaded and the call never yields.
 const directLayout = storageLayout(0, 1, 1, null);
-const directRun = newRun();
 let directShared: Uint8Array | null = null;
 // The flag is read atomically before the table entry (mapRun asks `settling` first): the engine
 // clears it only after pointing the table at the chunk's private copy, so a cleared flag
@@ -258,12 +257,4 @@ export function directRoute(v: SharedMappingView, offset: number, length: number
   run.length = length;
   run.host = 0;
   return ZERO;
-}
-
-/**
- * directRoute reduced to the fast path of today's workers: the file offset of a request served
- * directly from one STORED extent, or -1 when the engine must handle it.
- */
-export function directHostOffset(v: SharedMappingView, offset: number, length: number, write: boolean): number {
-  return directRoute(v, offset, length, write, directRun) === STORED ? directRun.host : -1;
 }

@@ -1,7 +1,7 @@
 /**
  * fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read]
  *           [--no-prefetch] [--prefetch-rate SIZE] [--prefetch-share PERCENT] [--key-file PATH|-]
- *           [--recovery-wait SEC]
+ *           [--recovery-wait SEC] [--takeover]
  * Prints the device path once it is usable; SIGTERM/SIGINT stop the device, drain in-flight I/O,
  * close the image cleanly, delete the device and exit 0. Under systemd (Type=notify) it reports
  * READY=1 only then, STATUS= with figures, STOPPING=1, and WATCHDOG=1 pings when asked.
@@ -14,7 +14,8 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { readInstanceConfig } from '../instance-config.js';
+import { INSTANCE_RECOVERY_WAIT, readInstanceConfig } from '../instance-config.js';
+import { currentBootId, fileIdOf, handOffServer, liveServerOf } from '../recovery.js';
 import { UsageError, parseInteger, parsePercent, parseSize } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { oneLine } from '../../fvd/errors.js';
@@ -43,10 +44,15 @@ export const spec = defineCommand({
     'grow-free': { type: 'string', default: '64M', arg: 'SIZE', help: 'with --grow-cmd: grow when less than this is left past the last chunk' },
     'remote-config': { type: 'string', arg: 'FILE', help: 'settings and credentials of a remote base (default /etc/fvd/remote.conf)' },
     'recovery-wait': { type: 'string', default: '0', arg: 'SEC', help: 'keep the device when this server dies (ublk user recovery): the next serve of the image takes it over; 0 = the device dies with the server' },
+    takeover: {
+      type: 'boolean',
+      default: false,
+      help: 'live restart: if a server of this image runs (with --recovery-wait), it hands its device over and this one recovers it without removing it',
+    },
     ...KEY_FILE_OPTION,
   },
   details: `Prints the device path once it answers I/O. SIGTERM/SIGINT stop it cleanly (drain, close, delete the
-device); SIGUSR1 pauses background prefetching, SIGUSR2 resumes it. Needs the ublk_drv module.`,
+device); SIGHUP (with --recovery-wait) exits leaving the device to the next server; SIGUSR1 pauses background prefetching, SIGUSR2 resumes it. Needs the ublk_drv module.`,
 });
 
 export async function run(args: string[]): Promise<number> {
@@ -70,6 +76,7 @@ export async function run(args: string[]): Promise<number> {
     if (conf.growFree !== undefined) values['grow-free'] = conf.growFree;
     if (conf.metricsFile !== undefined) values['metrics-file'] ??= conf.metricsFile;
     if (conf.remoteConfig !== undefined) values['remote-config'] ??= conf.remoteConfig;
+    values['recovery-wait'] = conf.recoveryWait ?? INSTANCE_RECOVERY_WAIT;
     const credential = process.env.CREDENTIALS_DIRECTORY ? path.join(process.env.CREDENTIALS_DIRECTORY, 'key') : '';
     if (values['key-file'] === undefined && credential && fs.existsSync(credential)) values['key-file'] = credential;
     // Remote base credentials as a systemd credential too (LoadCredential=remote:/etc/fvd/NAME.remote).
@@ -92,6 +99,8 @@ export async function run(args: string[]): Promise<number> {
   if (growCmd !== undefined && !fs.statSync(image, { throwIfNoEntry: false })?.isBlockDevice())
     throw new UsageError(`--grow-cmd: ${image} is not a block device (a file grows by itself)`);
   const key = readKeyFile(values['key-file']);
+  let recoveryWait = parseInteger(values['recovery-wait']!, 'recovery wait', 0, 86_400);
+  if (values.takeover) recoveryWait = await takeOver(image, recoveryWait, log);
   const io = new StorageIo(values['remote-config'] !== undefined ? loadRemoteConfig(values['remote-config']) : undefined);
   return runService({
     io,
@@ -111,6 +120,21 @@ export async function run(args: string[]): Promise<number> {
     growCmd,
     growFree,
     metricsFile: values['metrics-file'],
-    recoveryWait: parseInteger(values['recovery-wait']!, 'recovery wait', 0, 86_400),
+    recoveryWait,
   });
+}
+
+/**
+ * --takeover: the image's running server (if any) hands its device over and exits; this server
+ * then finds the device waiting and recovers it. Without --recovery-wait it keeps the old one's.
+ */
+async function takeOver(image: string, recoveryWait: number, log: (line: string) => void): Promise<number> {
+  const old = fs.existsSync(image) ? liveServerOf(fileIdOf(image), currentBootId()) : null;
+  if (!old) {
+    log('--takeover: no running server of this image; serving it');
+    return recoveryWait;
+  }
+  log(`--takeover: asking pid ${old.pid} to hand ${old.device} over`);
+  await handOffServer(old, 120_000);
+  return recoveryWait > 0 ? recoveryWait : old.recoveryWait!;
 }

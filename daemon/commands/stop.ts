@@ -1,17 +1,28 @@
-/** fvd stop NAME|DEVICE [--timeout SEC]: asks the serving process to stop and waits for it. */
+/**
+ * fvd stop [--handoff] NAME|DEVICE [--timeout SEC]: asks the serving process to stop and waits for
+ * it. With --handoff the server leaves its device waiting for the next server instead of deleting
+ * it (live restart; the unit's ExecStop uses it when systemd restarts the service).
+ */
 import { UsageError, parseInteger } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { listStates, removeState, type DeviceState } from '../state.js';
 import { pidAlive } from '../server.js';
-import { isOurs } from '../recovery.js';
+import { handOffServer, isOurs } from '../recovery.js';
 import { recoveringPid } from '../warden.js';
 import { UblkControl } from '../ublk/control.js';
 
 export const spec = defineCommand({
   name: 'stop',
   summary: 'stop a served device (by name, /dev path or device number) and wait for it',
-  usage: ['[--timeout SEC] NAME|DEVICE'],
-  options: { timeout: { type: 'string', default: '60', arg: 'SEC', help: 'how long to wait for the server to finish' } },
+  usage: ['[--handoff] [--timeout SEC] NAME|DEVICE'],
+  options: {
+    timeout: { type: 'string', default: '60', arg: 'SEC', help: 'how long to wait for the server to finish' },
+    handoff: {
+      type: 'boolean',
+      default: false,
+      help: 'live restart: the server exits leaving the device (with its held I/O) to the next `fvd serve` of the image; needs --recovery-wait',
+    },
+  },
 });
 
 export async function run(args: string[]): Promise<number> {
@@ -22,6 +33,7 @@ export async function run(args: string[]): Promise<number> {
   const st = listStates().find((s) => s.name === key || s.device === key || `ublkb${s.devId}` === key || String(s.devId) === key);
   if (!st) throw new UsageError(`no device served by fvd matches '${key}' (see 'fvd list')`);
   if (!pidAlive(st.pid)) {
+    if (values.handoff) throw new UsageError(`${st.device} (${st.name}): no server to hand over (pid ${st.pid} is gone); it already waits for the next 'fvd serve'`);
     // A device left waiting for a new server (serve --recovery-wait): deleted here, its held
     // I/O fails. The pending log stays and is applied by the image's next read-write serve.
     if (st.fileId !== undefined) {
@@ -30,6 +42,11 @@ export async function run(args: string[]): Promise<number> {
       return deleteWaitingDevice(st);
     }
     throw new UsageError(`${st.device} (${st.name}): its server (pid ${st.pid}) is gone; 'fvd serve' on the same --dev-id cleans it up`);
+  }
+  if (values.handoff) {
+    await handOffServer(st, timeout);
+    console.log(`handed over ${st.device} (${st.name}): it waits for the next 'fvd serve' of ${st.image}`);
+    return 0;
   }
   process.kill(st.pid, 'SIGTERM');
   const until = Date.now() + timeout;

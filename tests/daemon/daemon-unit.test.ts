@@ -24,7 +24,8 @@ import {
   decodeUserData, encodeUserData, readIoDescriptor, userDataKind, userDataTag, userDataTargetData,
 } from '../../daemon/ublk/queue-loop.js';
 import { fileURLToPath } from 'node:url';
-import { CompletionRing, mapDirect, type EngineView } from '../../daemon/shared-state.js';
+import { CompletionRing, type EngineView } from '../../daemon/shared-state.js';
+import { storedHost } from '../helpers/stored-host.js';
 import { Prefetcher } from '../../fvd/prefetch.js';
 import { readInstanceConfig } from '../../daemon/instance-config.js';
 import { ACTIVITY_OTHER, ACTIVITY_READ, ACTIVITY_WRITE, QueueActivityReader, QueueActivityWriter, newActivityBuffer } from '../../daemon/queue-activity.js';
@@ -203,27 +204,27 @@ function view(over: Partial<EngineView>): EngineView {
   };
 }
 
-test('mapDirect: raw-like, base blocks, journaled bits for writes, compact chunks', () => {
-  assert.is(mapDirect(view({}), 8192, 4096, true), (1 << 20) + 8192);
+test('storedHost: raw-like, base blocks, journaled bits for writes, compact chunks', () => {
+  assert.is(storedHost(view({}), 8192, 4096, true), (1 << 20) + 8192);
   const present = new Uint8Array(32);
   const journaled = new Uint8Array(32);
   const v = view({ allLocal: false, baseLimit: 100 * 4096, baseBlocks: 100, bitmapEnd: 100 * 4096, present, journaled });
-  assert.is(mapDirect(v, 0, 4096, false), -1, 'base block: the engine reads it');
+  assert.is(storedHost(v, 0, 4096, false), -1, 'base block: the engine reads it');
   present[0] = 0b11;
-  assert.is(mapDirect(v, 0, 8192, false), 1 << 20, 'local blocks: direct read');
-  assert.is(mapDirect(v, 0, 8192, true), -1, 'a write to a present block whose bit is not journaled goes to the engine');
+  assert.is(storedHost(v, 0, 8192, false), 1 << 20, 'local blocks: direct read');
+  assert.is(storedHost(v, 0, 8192, true), -1, 'a write to a present block whose bit is not journaled goes to the engine');
   journaled[0] = 0b11;
-  assert.is(mapDirect(v, 4096, 4096, true), (1 << 20) + 4096);
-  assert.is(mapDirect(v, 4096, 8192, false), -1, 'spills into a base block');
-  assert.is(mapDirect(v, 100 * 4096, 4096, true), (1 << 20) + 100 * 4096, 'past the bitmap: always local');
+  assert.is(storedHost(v, 4096, 4096, true), (1 << 20) + 4096);
+  assert.is(storedHost(v, 4096, 8192, false), -1, 'spills into a base block');
+  assert.is(storedHost(v, 100 * 4096, 4096, true), (1 << 20) + 100 * 4096, 'past the bitmap: always local');
   const table = new Uint32Array([5, 6, 0xffffffff, 9]);
   const c = view({ table });
-  assert.is(mapDirect(c, 65536 - 4096, 8192, false), (1 << 20) + 5 * 65536 + 65536 - 4096, 'adjacent chunks in storage');
-  assert.is(mapDirect(c, 2 * 65536, 4096, false), -1, 'unmapped chunk');
-  assert.is(mapDirect(c, 3 * 65536 - 4096, 8192, false), -1, 'not adjacent in storage');
+  assert.is(storedHost(c, 65536 - 4096, 8192, false), (1 << 20) + 5 * 65536 + 65536 - 4096, 'adjacent chunks in storage');
+  assert.is(storedHost(c, 2 * 65536, 4096, false), -1, 'unmapped chunk');
+  assert.is(storedHost(c, 3 * 65536 - 4096, 8192, false), -1, 'not adjacent in storage');
 });
 
-test('mapDirect follows a real engine as blocks become local', async () => {
+test('storedHost follows a real engine as blocks become local', async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-du-'));
   fs.writeFileSync(path.join(dir, 'b.raw'), Buffer.alloc(1 << 20, 7));
   await FvdImage.create(nodeIo, path.join(dir, 'i.fvd'), { base: 'b.raw', baseFormat: 'raw', blockSize: 4096 });
@@ -231,48 +232,48 @@ test('mapDirect follows a real engine as blocks become local', async () => {
   const v = img.sharedView();
   assert.is(v.baseLimit, 1 << 20, 'the view knows where the base ends');
   assert.is(directRoute(v, 8192, 4096, false, newRun()), BASE, 'a block not yet local reads from the base');
-  assert.is(mapDirect(v, 8192, 4096, true), -1);
+  assert.is(storedHost(v, 8192, 4096, true), -1);
   await img.write(Buffer.alloc(4096, 1), 8192);
-  assert.ok(mapDirect(v, 8192, 4096, true) > 0, 'the worker sees the engine update the shared bitmap');
+  assert.ok(storedHost(v, 8192, 4096, true) > 0, 'the worker sees the engine update the shared bitmap');
   await img.close();
   fs.rmSync(dir, { recursive: true });
 });
 
-test('mapDirect: an encrypted image is routed like an unencrypted one (the worker does the crypto)', async () => {
+test('storedHost: an encrypted image is routed like an unencrypted one (the worker does the crypto)', async () => {
   const full = new Uint8Array(32).fill(0xff);
   for (const v of [view({ encrypted: true }), view({ encrypted: true, table: new Uint32Array([0, 1, 2, 3]) }),
     view({ encrypted: true, allLocal: false, baseLimit: 100 * 4096, baseBlocks: 100, bitmapEnd: 100 * 4096, present: full, journaled: full })]) {
     for (const [off, write] of [[0, false], [8192, true]] as const) {
-      assert.ok(mapDirect(v, off, 4096, write) >= 0);
-      assert.is(mapDirect(v, off, 4096, write), mapDirect({ ...v, encrypted: false }, off, 4096, write));
+      assert.ok(storedHost(v, off, 4096, write) >= 0);
+      assert.is(storedHost(v, off, 4096, write), storedHost({ ...v, encrypted: false }, off, 4096, write));
     }
   }
   // The other rules still apply: a base block not yet local goes to the engine.
-  assert.is(mapDirect(view({ encrypted: true, allLocal: false, baseLimit: 100 * 4096, baseBlocks: 100, bitmapEnd: 100 * 4096 }), 0, 4096, false), -1);
+  assert.is(storedHost(view({ encrypted: true, allLocal: false, baseLimit: 100 * 4096, baseBlocks: 100, bitmapEnd: 100 * 4096 }), 0, 4096, false), -1);
   // And from a real encrypted engine: local, journaled data is direct; unwritten compact chunks are not.
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-du-'));
   const key = Buffer.from('k');
   await FvdImage.create(nodeIo, path.join(dir, 'e.fvd'), { size: 1 << 20, layout: 'compact', encrypt: { key, kdf: { log2N: 10 } } });
   const img = await FvdImage.open(nodeIo, path.join(dir, 'e.fvd'), { key });
-  assert.is(mapDirect(img.sharedView(), 8192, 4096, false), -1, 'unmapped chunk: the engine');
+  assert.is(storedHost(img.sharedView(), 8192, 4096, false), -1, 'unmapped chunk: the engine');
   await img.write(Buffer.alloc(4096, 1), 8192);
   await img.flush();
-  assert.ok(mapDirect(img.sharedView(), 8192, 4096, false) > 0);
-  assert.ok(mapDirect(img.sharedView(), 8192, 4096, true) > 0);
+  assert.ok(storedHost(img.sharedView(), 8192, 4096, false) > 0);
+  assert.ok(storedHost(img.sharedView(), 8192, 4096, true) > 0);
   await img.close();
   fs.rmSync(dir, { recursive: true });
 });
 
-test('mapDirect: a write touching a chunk flagged as shared goes to the engine; reads stay direct', () => {
+test('storedHost: a write touching a chunk flagged as shared goes to the engine; reads stay direct', () => {
   const table = new Uint32Array([5, 6, 7, 0xffffffff]);
   const shared = new Uint8Array([0, 1, 0, 0]);
   const v = view({ table, shared });
-  assert.is(mapDirect(v, 0, 4096, true), (1 << 20) + 5 * 65536, 'private chunk: direct write');
-  assert.is(mapDirect(v, 65536, 4096, true), -1, 'shared chunk: the engine copies it first');
-  assert.is(mapDirect(v, 65536 - 4096, 8192, true), -1, 'a write spanning into a shared chunk');
-  assert.is(mapDirect(v, 65536, 4096, false), (1 << 20) + 6 * 65536, 'reads of a shared chunk are direct');
+  assert.is(storedHost(v, 0, 4096, true), (1 << 20) + 5 * 65536, 'private chunk: direct write');
+  assert.is(storedHost(v, 65536, 4096, true), -1, 'shared chunk: the engine copies it first');
+  assert.is(storedHost(v, 65536 - 4096, 8192, true), -1, 'a write spanning into a shared chunk');
+  assert.is(storedHost(v, 65536, 4096, false), (1 << 20) + 6 * 65536, 'reads of a shared chunk are direct');
   shared[1] = 0;
-  assert.is(mapDirect(v, 65536 - 4096, 8192, true), (1 << 20) + 6 * 65536 - 4096);
+  assert.is(storedHost(v, 65536 - 4096, 8192, true), (1 << 20) + 6 * 65536 - 4096);
 });
 
 test('a served image with snapshots: the engine copies a shared chunk, then clears its flag; the flags survive a reopen', async () => {
@@ -287,12 +288,12 @@ test('a served image with snapshots: the engine copies a shared chunk, then clea
   assert.ok(v.shared, 'compact images export the flags');
   assert.equal([...v.shared!.subarray(0, 3)], [1, 1, 0]);
   const old0 = img.inspect().table![0]!;
-  assert.is(mapDirect(v, 4096, 4096, true), -1);
+  assert.is(storedHost(v, 4096, 4096, true), -1);
   await img.write(Buffer.alloc(4096, 2), 4096); // what the slow path does
   assert.is(v.shared![0], 0, 'flag cleared after the copy');
   const new0 = img.inspect().table![0]!;
   assert.is.not(new0, old0);
-  assert.is(mapDirect(v, 4096, 4096, true), img.inspect().header.dataOffset + new0 * cs + 4096, 'the worker now writes the private copy');
+  assert.is(storedHost(v, 4096, 4096, true), img.inspect().header.dataOffset + new0 * cs + 4096, 'the worker now writes the private copy');
   await img.write(Buffer.alloc(4096, 3), 2 * cs); // a fresh allocation is never shared
   assert.is(v.shared![2], 0);
   await img.close();
@@ -303,12 +304,12 @@ test('a served image with snapshots: the engine copies a shared chunk, then clea
   fs.rmSync(dir, { recursive: true });
 });
 
-test('mapDirect: the shared fully-local flag stops bitmap lookups once prefetching finished while serving', async () => {
+test('storedHost: the shared fully-local flag stops bitmap lookups once prefetching finished while serving', async () => {
   const present = new Uint8Array(32);
   const v = view({ allLocal: false, baseLimit: 100 * 4096, baseBlocks: 100, bitmapEnd: 100 * 4096, present, journaled: new Uint8Array(32) });
-  assert.is(mapDirect(v, 0, 4096, true), -1);
+  assert.is(storedHost(v, 0, 4096, true), -1);
   v.fullyLocal[0] = 1;
-  assert.is(mapDirect(v, 0, 4096, true), 1 << 20, 'the flag alone routes to the image');
+  assert.is(storedHost(v, 0, 4096, true), 1 << 20, 'the flag alone routes to the image');
 
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-du-'));
   fs.writeFileSync(path.join(dir, 'b.raw'), Buffer.alloc(1 << 20, 7));
@@ -321,7 +322,7 @@ test('mapDirect: the shared fully-local flag stops bitmap lookups once prefetchi
   const end = await new Prefetcher(img, { minBytesPerSec: 0 }).start().finished;
   assert.is(end.state, 'done');
   assert.is(sv.fullyLocal[0], 1, 'the view taken before prefetching sees the image become fully local');
-  assert.ok(mapDirect(sv, 8192, 4096, true) > 0);
+  assert.ok(storedHost(sv, 8192, 4096, true) > 0);
   await img.close();
   fs.rmSync(dir, { recursive: true });
 });

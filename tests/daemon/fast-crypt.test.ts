@@ -1,10 +1,10 @@
 /**
  * The queue worker's fast path on encrypted images (daemon/fast-crypt.ts), without ublk: the
  * worker's per-request sequence is replayed against a real encrypted engine on a real file, in
- * the worker's own pinned request buffers, with the worker's routing (mapDirect), cipher step
+ * the worker's own pinned request buffers, with the worker's routing (storedHost), cipher step
  * (FastCrypt) and synchronous transfers (DirectIo), the ring's part done by plain pread/pwrite:
  *
- *   write: route (mapDirect) → slow: the engine gets the plaintext buffer
+ *   write: route (storedHost) → slow: the engine gets the plaintext buffer
  *                             → fast: encryptWrite → sync transfer of a prefix → rest "on the ring"
  *   read:  route → slow: engine.read into the buffer
  *               → fast: sync prefix → rest "on the ring" (zeros past the end) → decryptRead
@@ -25,7 +25,8 @@ import { allocPinned, type PinnedBuffer } from '../../ffi/uring.js';
 import { syscalls } from '../../ffi/syscalls.js';
 import { DIRECT_WOULD_BLOCK, DirectIo } from '../../daemon/direct-io.js';
 import { FastCrypt } from '../../daemon/fast-crypt.js';
-import { mapDirect, type EngineView } from '../../daemon/shared-state.js';
+import type { EngineView } from '../../daemon/shared-state.js';
+import { storedHost } from '../helpers/stored-host.js';
 import { STORED, ZERO, directRoute, newRun } from '../../fvd/mapping.js';
 import { XtsCipher } from '../../fvd/crypto.js';
 import { FvdImage } from '../../fvd/image.js';
@@ -104,7 +105,7 @@ test('masterKeyCopy: a copy of the unlocked key (null unencrypted or without the
   await img.flush();
   const stored = new Uint8Array(8192);
   const fd = fs.openSync(file, 'r');
-  const phys = mapDirect(img.sharedView(), 4096 * 5, 8192, false);
+  const phys = storedHost(img.sharedView(), 4096 * 5, 8192, false);
   assert.ok(phys > 0, 'local data of an encrypted image is routed to the fast path');
   fs.readSync(fd, stored, 0, 8192, phys);
   fs.closeSync(fd);
@@ -180,7 +181,7 @@ class SimWorker {
   async write(tag: number, offset: number, plain: Uint8Array): Promise<'fast' | 'slow'> {
     const len = plain.length;
     this.buf(tag, len).set(plain);
-    const phys = mapDirect(this.view, offset, len, true);
+    const phys = storedHost(this.view, offset, len, true);
     if (phys < 0) {
       this.slow++;
       await this.img.write(this.buf(tag, len), offset); // the engine works in the worker's buffer
@@ -273,7 +274,7 @@ async function differential(seed: number, layout: 'raw' | 'compact', withBase: b
         const plain = randomBytes(rng, len);
         await img.write(plain, offset);
         await img.flush();
-        const phys = mapDirect(w.view, offset, len, true);
+        const phys = storedHost(w.view, offset, len, true);
         if (phys >= 0) {
           const engineBytes = new Uint8Array(len);
           fs.readSync(w.fd, engineBytes, 0, len, phys);

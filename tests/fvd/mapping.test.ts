@@ -7,7 +7,8 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import fs from 'node:fs';
 import path from 'node:path';
-import { BASE, ENGINE, PENDING, STORED, ZERO, directHostOffset, directRoute, mapRun, newRun, storageLayout, type MappedRun, type MappingLayout } from '../../fvd/mapping.js';
+import { BASE, ENGINE, PENDING, STORED, ZERO, directRoute, mapRun, newRun, storageLayout, type MappedRun, type MappingLayout } from '../../fvd/mapping.js';
+import { storedHost } from '../helpers/stored-host.js';
 import { CHUNK_EMPTY } from '../../fvd/format.js';
 import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../storage/node-file.js';
@@ -123,7 +124,7 @@ test('storageLayout: every block local, whatever the bitmap', () => {
   ]);
 });
 
-test('directHostOffset: the fast path only for whole STORED runs; bits journaled for writes; shared chunks', () => {
+test('storedHost (directRoute STORED): the fast path only for whole STORED runs; bits journaled for writes; shared chunks', () => {
   const D = 1 << 20;
   const cs = 65536;
   const present = new Uint8Array([0b111]);
@@ -131,18 +132,18 @@ test('directHostOffset: the fast path only for whole STORED runs; bits journaled
   const shared = new Uint8Array(4);
   const fullyLocal = new Int32Array(1);
   const v = { dataOffset: D, blockSize: 4096, chunkSize: cs, baseLimit: 4 * 4096, baseBlocks: 4, fullyLocal, present, journaled, table: new Uint32Array([5, 6, E, 9]), shared };
-  assert.is(directHostOffset(v, 0, 8192, true), D + 5 * cs, 'journaled local blocks');
-  assert.is(directHostOffset(v, 8192, 4096, false), D + 5 * cs + 8192, 'a read needs the bit only');
-  assert.is(directHostOffset(v, 8192, 4096, true), -1, 'a write needs the bit journaled');
-  assert.is(directHostOffset(v, 12288, 4096, false), -1, 'a base block');
+  assert.is(storedHost(v, 0, 8192, true), D + 5 * cs, 'journaled local blocks');
+  assert.is(storedHost(v, 8192, 4096, false), D + 5 * cs + 8192, 'a read needs the bit only');
+  assert.is(storedHost(v, 8192, 4096, true), -1, 'a write needs the bit journaled');
+  assert.is(storedHost(v, 12288, 4096, false), -1, 'a base block');
   fullyLocal[0] = 1;
-  assert.is(directHostOffset(v, 12288, 4096, true), D + 5 * cs + 12288, 'fully local: no bitmap work');
-  assert.is(directHostOffset(v, cs - 4096, 8192, false), D + 5 * cs + cs - 4096, 'adjacent chunks');
-  assert.is(directHostOffset(v, 2 * cs, 4096, false), -1, 'unmapped chunk');
-  assert.is(directHostOffset(v, 3 * cs - 4096, 8192, false), -1, 'chunks not adjacent in storage');
+  assert.is(storedHost(v, 12288, 4096, true), D + 5 * cs + 12288, 'fully local: no bitmap work');
+  assert.is(storedHost(v, cs - 4096, 8192, false), D + 5 * cs + cs - 4096, 'adjacent chunks');
+  assert.is(storedHost(v, 2 * cs, 4096, false), -1, 'unmapped chunk');
+  assert.is(storedHost(v, 3 * cs - 4096, 8192, false), -1, 'chunks not adjacent in storage');
   shared[1] = 1;
-  assert.is(directHostOffset(v, cs - 4096, 8192, true), -1, 'a write into a chunk a snapshot shares');
-  assert.is(directHostOffset(v, cs - 4096, 8192, false), D + 5 * cs + cs - 4096, 'reads of shared chunks stay direct');
+  assert.is(storedHost(v, cs - 4096, 8192, true), -1, 'a write into a chunk a snapshot shares');
+  assert.is(storedHost(v, cs - 4096, 8192, false), D + 5 * cs + cs - 4096, 'reads of shared chunks stay direct');
 });
 
 test('directRoute: the kind of a whole request as a queue worker sees it (table)', () => {
@@ -200,7 +201,7 @@ test('directRoute: the kind of a whole request as a queue worker sees it (table)
       assert.is(names[got], names[kind], name);
       if (kind !== ENGINE) assert.is(out.length, len, `${name}: covers the request`);
       if (kind === STORED) assert.is(out.host, host, `${name}: host`);
-      assert.is(directHostOffset(v, off, len, write), kind === STORED ? host : -1, `${name}: directHostOffset`);
+      assert.is(storedHost(v, off, len, write), kind === STORED ? host : -1, `${name}: storedHost`);
     }
   }
 });

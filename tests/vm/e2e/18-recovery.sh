@@ -1,6 +1,6 @@
 # tests/vm/e2e/18-recovery.sh — sourced by tests/vm/e2e.sh (with lib.sh), runs `scenario` in $D.
 # title: ublk user recovery: SIGKILL under fio verify, re-serve takes the same device over, 0 errors
-# timeout: 1200
+# timeout: 1500
 #
 # a) fio verify (crc32c, libaio, O_DIRECT, slowed by thinktime, which unlike --rate does not
 #    catch up after a stall, so both kills land mid-run) on the raw
@@ -12,6 +12,18 @@
 # b) an acknowledged O_DIRECT write that was never flushed (no fsync), then SIGKILL: after the
 #    recovery the data reads back (its records came from the pending log), and again after a clean
 #    stop and a fresh serve.
+# a') the same with an encrypted compact image over a base (--key-file on every serve) and with a
+#    compact image whose every chunk is shared with snapshot s1 (each first write copies it):
+#    after the kills and a clean stop `fvd check` is clean, and `snapshot -a s1` reads the data
+#    s1 was taken with, untouched by the recovered writes.
+# c) a server killed in the middle of its recovery (after START_USER_RECOVERY, before the tags are
+#    fetched; held there by the test hook FVD_TEST_RECOVERY_PAUSE_MS): the device stays, a third
+#    server completes the recovery, fio under it ends with 0 errors.
+# e) live restart: fio verify on a raw-like image over a base while the device is handed to a new
+#    server three times, twice by `fvd serve --takeover` and once by `fvd stop --handoff` and a
+#    plain re-serve: the old server exits 0 leaving the device, the same /dev/ublkbN is recovered
+#    each time, fio ends with 0 errors and its verify passes; SIGHUP to a server without
+#    --recovery-wait is ignored (it keeps serving) and `fvd stop --handoff` of it is refused.
 # d) a device whose server does not come back. With --recovery-wait 5 and no re-serve, the warden
 #    deletes it about 5 s after the SIGKILL: the held read fails with EIO, the state file goes,
 #    the image checks clean and a fresh serve works. A re-serve before the deadline wins: the
@@ -32,7 +44,7 @@ kill_and_recover() {
     sleep 1
     if [[ -b /dev/ublkb$id ]]; then ok "$label: /dev/ublkb$id stays while no server runs"
     else not_ok "$label: /dev/ublkb$id disappeared with its server" "$(ublk_nodes)"; fi
-    serve_must "$img" --recovery-wait $RW
+    serve_must "$img" --recovery-wait $RW "${ROUND_OPTS[@]}"
     expect "$label: the new serve took over the same device" "$SERVE_DEV" "/dev/ublkb$id"
     if grep -q "recovered device $id" "$SERVE_LOG"; then ok "$label: log says recovered ($(grep -o 'recovered device.*' "$SERVE_LOG"))"
     else not_ok "$label: no 'recovered device $id' in the serve log" "$(cat "$SERVE_LOG")"; fi
@@ -49,13 +61,25 @@ fio_job() {
 
 fio_round() {
     local layout=$1 img=$D/r-$1.fvd id fio_pid base=$D/base.raw k
-    if [[ $layout == raw ]]; then
+    ROUND_OPTS=()
+    case $layout in
+    raw)
         [[ -f $base ]] || random_file "$base" 64
-        must "fvd create (raw-like over a raw base)" fvd create -b "$base" -F raw "$img" 64M
-    else
+        must "fvd create (raw-like over a raw base)" fvd create -b "$base" -F raw "$img" 64M ;;
+    compact)
+        must "fvd create --layout compact" fvd create --layout compact "$img" 64M ;;
+    encrypted)
+        [[ -f $base ]] || random_file "$base" 64
+        (umask 077; head -c 32 /dev/urandom > "$D/r.key")
+        ROUND_OPTS=(--key-file "$D/r.key")
+        must "fvd create --encrypt --layout compact over a raw base" fvd create --encrypt --key-file "$D/r.key" --layout compact -b "$base" -F raw "$img" 64M ;;
+    snapshots)
+        # Every chunk fio writes is shared with snapshot s1: each first write copies it (engine).
         must "fvd create --layout compact" fvd create --layout compact "$img" 64M
-    fi
-    serve_must "$img" --recovery-wait $RW
+        check "fill 64 MiB with 0x5a" fvd io -c 'write -P 0x5a 0 64M' "$img"
+        check "fvd snapshot -c s1" fvd snapshot -c s1 "$img" ;;
+    esac
+    serve_must "$img" --recovery-wait $RW "${ROUND_OPTS[@]}"
     id=$SERVE_ID
     if grep -q "USER_RECOVERY" "$SERVE_LOG"; then ok "$layout: the device was added with USER_RECOVERY"
     else not_ok "$layout: the features line does not name USER_RECOVERY" "$(cat "$SERVE_LOG")"; fi
@@ -71,11 +95,52 @@ fio_round() {
     if grep -qE 'err= *0' "fio-$layout.log" && ! grep -qiE 'verify.*(bad|fail)|crc32c.*wanted' "fio-$layout.log"; then ok "$layout: fio reports 0 errors"
     else not_ok "$layout: fio reports errors" "$(cat "fio-$layout.log")"; fi
     serve_stop "$layout after the recoveries"
-    serve_must "$img"
+    serve_must "$img" "${ROUND_OPTS[@]}"
     check "$layout: fio --verify_only after a clean stop and a fresh serve" \
         t bash -c "$(declare -f fio_job); fio_job $SERVE_DEV verify-$layout --verify_only --thinktime=0"
     serve_stop "$layout verify_only"
-    check "$layout: fvd check clean" fvd check "$img"
+    check "$layout: fvd check clean" fvd check "${ROUND_OPTS[@]}" "$img"
+    if [[ $layout == snapshots ]]; then
+        check "snapshots: fvd snapshot -a s1 after the recoveries" fvd snapshot -a s1 "$img"
+        check "snapshots: s1 still reads 0x5a everywhere (no recovered write reached it)" fvd io -c 'read -P 0x5a 0 64M' "$img"
+        check "snapshots: fvd check clean after the revert" fvd check "$img"
+    fi
+    rm -f "$img"
+}
+
+# Test hook: the recovering server pauses this long between START_USER_RECOVERY and fetching the
+# tags (daemon/server.ts), so the test can kill it in the middle of a recovery.
+recovery_kill_round() {
+    local img=$D/k.fvd id fio_pid devno second
+    ROUND_OPTS=()
+    must "fvd create --layout compact" fvd create --layout compact "$img" 64M
+    serve_must "$img" --recovery-wait $RW
+    id=$SERVE_ID
+    devno=$(stat -c %t:%T "/dev/ublkb$id")
+    timeout -k 5 600 bash -c "$(declare -f fio_job); fio_job $SERVE_DEV verify-rk" > fio-rk.log 2>&1 &
+    fio_pid=$!
+    sleep 3
+    kill -KILL "$SERVE_PID"
+    wait_pid "$SERVE_PID" 30
+    FVD_TEST_RECOVERY_PAUSE_MS=60000 "${FVD[@]}" serve "$img" --recovery-wait $RW > "$D/rk2.out" 2> "$D/rk2.err" &
+    second=$!
+    local i
+    for ((i = 0; i < 900; i++)); do grep -q "START_USER_RECOVERY accepted" "$D/rk2.err" && break; sleep 0.1; done
+    if grep -q "START_USER_RECOVERY accepted" "$D/rk2.err"; then ok "the second server is inside the recovery (START_USER_RECOVERY accepted)"
+    else not_ok "the second server never reached START_USER_RECOVERY" "$(cat "$D/rk2.err")"; fi
+    kill -KILL "$second"
+    wait_pid "$second" 30
+    expect "the second server, killed during its recovery" "$WAIT_RC" 137
+    if [[ -b /dev/ublkb$id ]]; then ok "/dev/ublkb$id stays after a kill during recovery"; else not_ok "/dev/ublkb$id disappeared" "$(ublk_nodes)"; fi
+    serve_must "$img" --recovery-wait $RW
+    expect "a third server completes the recovery of the same device" "$SERVE_DEV" "/dev/ublkb$id"
+    expect "same major:minor after the interrupted recovery" "$(stat -c %t:%T "/dev/ublkb$id")" "$devno"
+    wait_pid "$fio_pid" 400
+    expect "fio across a kill and a kill during recovery exits 0" "$WAIT_RC" 0 "$(cat fio-rk.log)"
+    if grep -qE 'err= *0' fio-rk.log && ! grep -qiE 'verify.*(bad|fail)|crc32c.*wanted' fio-rk.log; then ok "kill during recovery: fio reports 0 errors"
+    else not_ok "kill during recovery: fio reports errors" "$(cat fio-rk.log)"; fi
+    serve_stop "after the interrupted recovery"
+    check "kill during recovery: fvd check clean" fvd check "$img"
     rm -f "$img"
 }
 
@@ -100,6 +165,64 @@ unflushed_round() {
     check_dev_equals "the unflushed write reads back after a clean stop and a fresh serve" "$SERVE_DEV" $((8 << 20)) u.bin
     serve_stop "fresh"
     check "fvd check clean" fvd check "$img"
+    rm -f "$img"
+}
+
+# takeover IMG ID LABEL [serve options]: a new `fvd serve --takeover` of IMG recovers device ID.
+takeover() {
+    local img=$1 id=$2 label=$3 old=$SERVE_PID devno
+    shift 3
+    devno=$(stat -c %t:%T "/dev/ublkb$id")
+    serve_must "$img" --takeover "$@"
+    wait_pid "$old" 30
+    expect "$label: the old server exits 0 after the hand-off" "$WAIT_RC" 0
+    expect "$label: the new server took over the same device" "$SERVE_DEV" "/dev/ublkb$id"
+    if grep -q "recovered device $id" "$SERVE_LOG"; then ok "$label: log says recovered"
+    else not_ok "$label: no 'recovered device $id' in the serve log" "$(cat "$SERVE_LOG")"; fi
+    expect "$label: same major:minor" "$(stat -c %t:%T "/dev/ublkb$id")" "$devno"
+}
+
+handoff_round() {
+    local img=$D/h.fvd base=$D/base.raw id fio_pid old out rc
+    [[ -f $base ]] || random_file "$base" 64
+    must "fvd create (raw-like over a raw base)" fvd create -b "$base" -F raw "$img" 64M
+    serve_must "$img" --recovery-wait $RW
+    id=$SERVE_ID
+    # Slower than the kill rounds: the hand-offs themselves pause fio, not its thinktime.
+    timeout -k 5 600 bash -c "$(declare -f fio_job); fio_job $SERVE_DEV verify-handoff --thinktime=250ms" > fio-handoff.log 2>&1 &
+    fio_pid=$!
+    sleep 3
+    takeover "$img" "$id" "takeover 1"
+    sleep 3
+    takeover "$img" "$id" "takeover 2 (recovery wait inherited)"
+    sleep 3
+    kill -0 "$fio_pid" 2>/dev/null && ok "fio still running before the third hand-off" || not_ok "fio ended before the third hand-off" "$(cat fio-handoff.log)"
+    old=$SERVE_PID
+    rc=0; out=$(fvd stop --handoff "$id" 2>&1) || rc=$?
+    expect "fvd stop --handoff $id exits 0" "$rc" 0 "$out"
+    wait_pid "$old" 10
+    expect "the server exits 0 after fvd stop --handoff" "$WAIT_RC" 0 "$(cat "$SERVE_LOG")"
+    if [[ -b /dev/ublkb$id ]]; then ok "/dev/ublkb$id stays after the hand-off"; else not_ok "/dev/ublkb$id is gone after fvd stop --handoff" "$(ublk_nodes)"; fi
+    serve_must "$img" --recovery-wait $RW
+    expect "a plain serve recovers the handed-over device" "$SERVE_DEV" "/dev/ublkb$id"
+    wait_pid "$fio_pid" 400
+    expect "fio (write + verify) across three hand-offs exits 0" "$WAIT_RC" 0 "$(cat fio-handoff.log)"
+    if grep -qE 'err= *0' fio-handoff.log && ! grep -qiE 'verify.*(bad|fail)|crc32c.*wanted' fio-handoff.log; then ok "hand-off: fio reports 0 errors"
+    else not_ok "hand-off: fio reports errors" "$(cat fio-handoff.log)"; fi
+    serve_stop "after the hand-offs"
+    check "hand-off: fvd check clean" fvd check "$img"
+
+    # Without --recovery-wait the device cannot outlive its server: SIGHUP does nothing.
+    serve_must "$img"
+    kill -HUP "$SERVE_PID"
+    sleep 2
+    if kill -0 "$SERVE_PID" 2>/dev/null && grep -q "SIGHUP ignored" "$SERVE_LOG"; then ok "SIGHUP without --recovery-wait is ignored: the server keeps serving"
+    else not_ok "SIGHUP without --recovery-wait stopped the server or said nothing" "$(cat "$SERVE_LOG")"; fi
+    rc=0; out=$(fvd stop --handoff "$SERVE_ID" 2>&1) || rc=$?
+    if ((rc != 0)) && [[ $out == *"without --recovery-wait"* && $(wc -l <<< "$out") -eq 1 ]]; then ok "fvd stop --handoff without --recovery-wait: one-line refusal (exit $rc)"
+    else not_ok "fvd stop --handoff without --recovery-wait: exit $rc" "$out"; fi
+    check "the device still answers after the refusal" t dd if="$SERVE_DEV" of=/dev/null bs=64k count=4 iflag=direct status=none
+    serve_stop "no recovery"
     rm -f "$img"
 }
 
@@ -212,4 +335,8 @@ scenario() {
     unflushed_round
     fio_round raw
     fio_round compact
+    fio_round encrypted
+    fio_round snapshots
+    recovery_kill_round
+    handoff_round
 }

@@ -5,7 +5,9 @@
 # Needs systemd as PID 1 (the --systemd guest boot); skipped otherwise.  `make install` (PREFIX
 # /usr/local: CLI + unit), /var/lib/fvd/test.fvd created with the installed `fvd`.  `systemctl
 # start fvd@test` returns 0 and right after it the new /dev/ublkbN has the image's size and reads;
-# StatusText shows figures; data written with dd; `systemctl stop` returns 0, the device is gone,
+# StatusText shows figures; data written with dd; while fio verify writes, `systemctl restart`
+# hands the device to a new server (same node, "recovered device N") and a SIGKILL of the server
+# is recovered by Restart=on-failure, fio ends with 0 errors; `systemctl stop` returns 0, the device is gone,
 # the unit is inactive (not failed), `fvd check` exits 0 and `fvd io read -P` finds the data.
 # fvd@bad (an image with a corrupted magic) fails to start (`systemctl start` non-zero), its log
 # has the one-line error, and no device is left behind.
@@ -69,6 +71,42 @@ scenario() {
     if [[ $status =~ ^serving\ $dev\ .*[0-9]+\ requests ]]; then ok "StatusText has figures: '$status'"
     else not_ok "StatusText without figures (or no requests counted within 15 s): '$status'" \
         "$(systemctl status --no-pager fvd@test 2>&1)"; fi
+
+    # systemctl restart keeps the device: the server hands it over (ExecStop: fvd stop --handoff
+    # during a restart job) and the new one recovers it, while fio verify writes to it.
+    local devno fio_pid mainpid
+    devno=$(stat -c %t:%T "$dev")
+    mainpid=$(systemctl show -p MainPID --value fvd@test)
+    timeout -k 5 300 fio --name=restart --filename="$dev" --offset=$((64 * M)) --size=48M --rw=randwrite --bs=4k-64k \
+        --ioengine=libaio --direct=1 --iodepth=16 --verify=crc32c --verify_fatal=1 --randrepeat=1 \
+        --thinktime=250ms --thinktime_blocks=4 > fio-restart.log 2>&1 &
+    fio_pid=$!
+    sleep 3
+    rc=0; out=$(t systemctl restart fvd@test 2>&1) || rc=$?
+    expect "systemctl restart fvd@test (fio verify running) returns 0" "$rc" 0 "$out"$'\n'"$(journalctl -u fvd@test -o cat --no-pager -n 20 2>&1)"
+    expect "after restart: the same device node (major:minor)" "$(stat -c %t:%T "$dev" 2>&1)" "$devno"
+    if [[ $(systemctl show -p MainPID --value fvd@test) != "$mainpid" ]] && journalctl -u fvd@test -o cat --no-pager 2>/dev/null | grep -q "recovered device $id"; then
+        ok "after restart: a new server recovered device $id"
+    else not_ok "after restart: no new server recovered device $id" "$(journalctl -u fvd@test -o cat --no-pager -n 30 2>&1)"; fi
+    kill -0 "$fio_pid" 2>/dev/null && ok "fio was still running when the restart returned" || not_ok "fio ended before the restart returned" "$(cat fio-restart.log)"
+    # A crash: SIGKILL to the server; Restart=on-failure starts one that recovers the device.
+    sleep 2
+    kill -0 "$fio_pid" 2>/dev/null && ok "fio still running before the SIGKILL" || not_ok "fio ended before the SIGKILL" "$(cat fio-restart.log)"
+    mainpid=$(systemctl show -p MainPID --value fvd@test)
+    kill -KILL "$mainpid"
+    local i
+    for ((i = 0; i < 600; i++)); do
+        [[ $(systemctl show -p MainPID --value fvd@test) != "$mainpid" && $(systemctl show -p ActiveState --value fvd@test) == active ]] && break
+        sleep 0.1
+    done
+    expect "after SIGKILL: systemd restarted fvd@test (active)" "$(systemctl show -p ActiveState --value fvd@test)" active "$(journalctl -u fvd@test -o cat --no-pager -n 20 2>&1)"
+    if [[ $(journalctl -u fvd@test -o cat --no-pager 2>/dev/null | grep -c "recovered device $id") -ge 2 ]]; then ok "after SIGKILL: Restart=on-failure recovered device $id"
+    else not_ok "after SIGKILL: no second 'recovered device $id' in the journal" "$(journalctl -u fvd@test -o cat --no-pager -n 30 2>&1)"; fi
+    expect "after SIGKILL: the same device node (major:minor)" "$(stat -c %t:%T "$dev" 2>&1)" "$devno"
+    wait_pid "$fio_pid" 280
+    expect "fio (write + verify) across systemctl restart and a crash exits 0" "$WAIT_RC" 0 "$(cat fio-restart.log)"
+    if grep -qE 'err= *0' fio-restart.log && ! grep -qiE 'verify.*(bad|fail)|crc32c.*wanted' fio-restart.log; then ok "systemctl restart: fio reports 0 errors"
+    else not_ok "systemctl restart: fio reports errors" "$(cat fio-restart.log)"; fi
 
     rc=0; out=$(t systemctl stop fvd@test 2>&1) || rc=$?
     expect "systemctl stop fvd@test returns 0" "$rc" 0 "$out"
