@@ -153,7 +153,8 @@ unflushed_round() {
     check "4 MiB written with O_DIRECT, no fsync (acknowledged, not flushed)" \
         t dd if=u.bin of="$SERVE_DEV" bs=1M seek=8 oflag=direct conv=notrunc status=none
     local logs
-    logs=$(ls /run/fvd/pending-*.log 2>/dev/null | head -n 1)
+    # this image's log (pending-DEV-INO.log): earlier rounds leave header-only logs of other images
+    logs=/run/fvd/pending-$(stat -c %d-%i "$img").log
     if [[ -n $logs && $(stat -c %s "$logs") -gt 128 ]]; then ok "the pending log holds records ($(stat -c %s "$logs") bytes)"
     else not_ok "no pending log with records in /run/fvd" "$(ls -l /run/fvd 2>&1)"; fi
     kill_and_recover "$img" "$id" "unflushed"
