@@ -82,6 +82,8 @@ export async function main(argv: string[]): Promise<number> {
     console.log(formatHelp((await load(topic!)).spec));
     return 0;
   }
+  // Internal, not in the help: the expiry watcher `fvd serve --recovery-wait` starts (daemon/warden.ts).
+  if (command === '__warden') return (await import('./warden.js')).runWarden(rest);
   if (!(COMMANDS as readonly string[]).includes(command)) {
     console.error(oneLine(`fvd: unknown command '${command}' (try 'fvd --help')`));
     return 1;

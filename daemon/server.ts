@@ -39,6 +39,7 @@ import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
 import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
 import { GATE_ABANDON, GATE_OPEN, GATE_WAIT } from './fvd-queue.js';
 import { removeState, stateDir, writeState, type DeviceState } from './state.js';
+import { recoveringFile } from './warden.js';
 import {
   RECOVERY_FLAGS,
   currentBootId,
@@ -149,6 +150,8 @@ export class UblkServer {
       if (recovery) {
         fs.mkdirSync(stateDir(), { recursive: true, mode: 0o755 }); // the pending log lives there
         own = await findOwnDevice(ctl, fileId, bootId, opts.devId);
+        // The old server's warden must not expire the device while this server takes it over.
+        if (own) markRecovering(own.state.devId);
         if (own && !(await waitForOldServer(ctl, own, opts.log))) {
           opts.log(`device ${own.state.devId} cannot be recovered (DEAD); deleting it`);
           await ctl.deleteDevice(own.state.devId).catch(() => {});
@@ -164,6 +167,7 @@ export class UblkServer {
         pendingLog: { path: pendingLogPath(fileId), bootId, fileId, record: recovery },
       });
     } catch (err) {
+      if (own) unmarkRecovering(own.state.devId);
       ctl.close();
       throw err;
     }
@@ -178,6 +182,7 @@ export class UblkServer {
         await server.recover(own);
         return server;
       } catch (err) {
+        unmarkRecovering(own.state.devId);
         if (!server.recoveryStarted) {
           server.devId = -1; // not ours to delete: it keeps waiting
           opts.log(`recovery of device ${own.state.devId} failed before START_USER_RECOVERY; it keeps waiting`);
@@ -241,6 +246,7 @@ export class UblkServer {
     await waitForPath(this.devicePath, 10_000);
     opts.log(`recovered device ${id} in ${Date.now() - t0} ms (START ${t1 - t0} ms, queues fetched ${t2 - t1} ms, END_USER_RECOVERY ${t3 - t2} ms, live ${Date.now() - t3} ms)`);
     this.writeDeviceState((own.state.generation ?? 0) + 1);
+    unmarkRecovering(id);
   }
 
   private writeDeviceState(generation: number): void {
@@ -568,6 +574,14 @@ export function sharedKeyForWorker(key: Uint8Array | null): SharedArrayBuffer | 
   new Uint8Array(shared).set(key);
   key.fill(0);
   return shared;
+}
+
+function markRecovering(devId: number): void {
+  fs.writeFileSync(recoveringFile(devId), `${process.pid}\n`);
+}
+
+function unmarkRecovering(devId: number): void {
+  fs.rmSync(recoveringFile(devId), { force: true });
 }
 
 async function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | 'timeout'> {

@@ -26,6 +26,7 @@ import { wipe } from './key-file.js';
 import { runGrowCommand } from './grow.js';
 import { figuresFile, linkDevice, prometheusText, unlinkDevice, writeAtomically, type DeviceFigures } from './metrics.js';
 import { stateDir, writeState } from './state.js';
+import { spawnWarden } from './warden.js';
 import type { StorageIo } from '../storage/storage-io.js';
 import { isUrl } from '../fvd/base-location.js';
 import { RemoteMonitor, formatRemote } from './remote-status.js';
@@ -75,6 +76,8 @@ export async function runService(opts: ServiceOptions): Promise<number> {
       throw sandboxHint(err, opts.image, opts.instance);
     })
     .finally(() => wipe(opts.key));
+  // A device that outlives this server needs someone to delete it if no server returns.
+  if ((opts.recoveryWait ?? 0) > 0) spawnWarden(server.devId, opts.log);
   service = new DeviceService(server, opts);
   return service.run();
 }

@@ -62,6 +62,9 @@ export function removeState(devId: number): void {
   fs.rmSync(stateFile(devId), { force: true });
   // the figures `fvd serve` keeps next to it (daemon/metrics.ts)
   fs.rmSync(path.join(stateDir(), `ublkb${devId}.figures.json`), { force: true });
+  // the expiry record of its warden and a recovering server's marker (daemon/warden.ts)
+  fs.rmSync(path.join(stateDir(), `ublkb${devId}.warden.json`), { force: true });
+  fs.rmSync(path.join(stateDir(), `ublkb${devId}.recovering`), { force: true });
 }
 
 export function listStates(): DeviceState[] {

@@ -14,6 +14,7 @@ import { UsageError } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { readKeyFile, wipe } from '../key-file.js';
 import { oneLine } from '../../fvd/errors.js';
+import { refuseWhilePending } from '../pending-guard.js';
 
 
 /** True when both names are the same file (path or hard link). */
@@ -58,6 +59,7 @@ export async function run(args: string[]): Promise<number> {
     if (!(log2N >= lo && log2N <= hi)) throw new UsageError(`--kdf-log2n: '${v}' is not an integer in ${lo}..${hi}`);
   }
   const image = positionals[0]!;
+  refuseWhilePending(image, 'change the key');
   const oldKey = readKeyFile(oldSpec);
   let newKey: Uint8Array | undefined;
   try {

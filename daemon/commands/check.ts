@@ -15,6 +15,7 @@ import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError }
 import { oneLine } from '../../fvd/errors.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 import { mapImage } from '../space.js';
+import { refuseWhilePending } from '../pending-guard.js';
 
 export const spec = defineCommand({
   name: 'check',
@@ -33,6 +34,7 @@ export async function run(args: string[]): Promise<number> {
   if (positionals.length !== 1) throw usageError(spec);
   const output = outputFormat(values);
   const path = positionals[0]!;
+  if (values.repair) refuseWhilePending(path, 'repair');
   const key = readKeyFile(values['key-file']);
   const report = await checkImage(storageIo(), path, { repair: values.repair, key }).finally(() => wipe(key));
   const code = report.errors.length ? 2 : report.repaired ? 3 : 0;

@@ -10,6 +10,7 @@ import { formatSize, progressPrinter } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 import { oneLine } from '../../fvd/errors.js';
+import { refuseWhilePending } from '../pending-guard.js';
 
 export const spec = defineCommand({
   name: 'commit',
@@ -28,6 +29,7 @@ export async function run(args: string[]): Promise<number> {
   if (positionals.length !== 1) throw usageError(spec);
   const json = outputFormat(values) === 'json';
   const image = positionals[0]!;
+  refuseWhilePending(image, 'commit');
   const key = readKeyFile(values['key-file']);
   const progress = progressPrinter(values.p);
   const r = await commitImage(storageIo(), image, { keep: values.d, key, onProgress: (d, t) => progress.update(d, t) }).finally(() => {

@@ -15,6 +15,7 @@ import { defineCommand, parseCommand, usageError } from '../command.js';
 import { isEncryptedImage, openDisk, parseFormat, probeFormat, rawDisk, type Disk, type DiskFormat } from '../disk.js';
 import { NodeFile, fileIdentity, syncDirectoryOf } from '../../storage/node-file.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { refuseWhilePending } from '../pending-guard.js';
 
 /** Bytes per read: large enough that a compressed qcow2 source decompresses many clusters at once. */
 const STEP = 4 * 1024 * 1024;
@@ -43,6 +44,7 @@ export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseCommand(spec, args);
   if (positionals.length !== 2) throw usageError(spec);
   const [src, dst] = positionals as [string, string];
+  refuseWhilePending(src, 'convert');
   const inFmt = parseFormat(values.f, 'source format');
   const outFmt = parseFormat(values.O, 'output format')!;
   if (outFmt === 'qcow2') throw new UsageError('fvd reads qcow2 images but does not write them: -O raw or -O fvd');

@@ -9,6 +9,7 @@ import { UsageError, formatSize, parseSize } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { diskSize, openDisk, parseFormat, probeFormat, type Disk } from '../disk.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { refuseWhilePending } from '../pending-guard.js';
 
 interface Parsed {
   name: string;
@@ -68,6 +69,7 @@ Commands run in order; the first failure stops the run with exit 1.`,
 export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseCommand(spec, args);
   if (positionals.length !== 1) throw usageError(spec);
+  refuseWhilePending(positionals[0]!, 'retry');
   const commands = (values.c ?? []).map(parseIoCommand);
   if (!commands.length) throw new UsageError('no commands given (-c "read -P 0xab 0 64k")');
   const format = parseFormat(values.f, 'format');

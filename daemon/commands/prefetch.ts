@@ -15,6 +15,7 @@ import { UsageError, formatSize, parseSize } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 import { oneLine } from '../../fvd/errors.js';
+import { refuseWhilePending } from '../pending-guard.js';
 
 export const spec = defineCommand({
   name: 'prefetch',
@@ -34,6 +35,7 @@ export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseCommand(spec, args);
   if (positionals.length !== 1) throw usageError(spec);
   const path = positionals[0]!;
+  refuseWhilePending(path, 'prefetch');
   const maxRate = values['max-rate'] !== undefined ? parseSize(values['max-rate'].replace(/\/s$/i, ''), 'rate') : 0;
   if (values['max-rate'] !== undefined && maxRate <= 0) throw new UsageError(`invalid rate '${values['max-rate']}': must be positive`);
   const chunkGiven = values.chunk !== undefined;

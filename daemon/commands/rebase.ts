@@ -14,6 +14,7 @@ import { UsageError, formatSize, progressPrinter } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 import { oneLine } from '../../fvd/errors.js';
+import { refuseWhilePending } from '../pending-guard.js';
 
 export const spec = defineCommand({
   name: 'rebase',
@@ -38,6 +39,7 @@ export async function run(args: string[]): Promise<number> {
   if (values.base === '' && fmt !== undefined) throw new UsageError('-F given with -b "" (removing the base)');
   if (values.base !== '' && fmt === undefined) throw new UsageError('new base given without its format: add -F raw, -F qcow2 or -F fvd (formats are recorded, never probed)');
   const image = positionals[0]!;
+  refuseWhilePending(image, 'rebase');
   const key = readKeyFile(values['key-file']);
   const progress = progressPrinter(values.p);
   const r = await rebaseImage(storageIo(), image, { base: values.base, baseFormat: fmt as BaseFormat | undefined, unsafe: values.unsafe, key, onProgress: (d, t) => progress.update(d, t) }).finally(() => {

@@ -11,6 +11,7 @@ import { storageIo } from '../../storage/storage-io.js';
 import { UsageError, formatSize, parseSize } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
+import { refuseWhilePending } from '../pending-guard.js';
 
 export const spec = defineCommand({
   name: 'resize',
@@ -28,6 +29,7 @@ export async function run(args: string[]): Promise<number> {
   const { values, positionals } = parseCommand(spec, args);
   if (positionals.length !== 2) throw usageError(spec);
   const [image, text] = positionals as [string, string];
+  refuseWhilePending(image, 'resize');
   if (!image || !text) throw usageError(spec);
   const sign = text[0] === '+' ? 1 : text[0] === '-' ? -1 : 0;
   const amount = parseSize(sign ? text.slice(1) : text);

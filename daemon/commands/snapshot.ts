@@ -10,6 +10,7 @@ import { storageIo } from '../../storage/storage-io.js';
 import { UsageError, formatSize } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand } from '../command.js';
 import { oneLine } from '../../fvd/errors.js';
+import { refuseWhilePending } from '../pending-guard.js';
 
 export const spec = defineCommand({
   name: 'snapshot',
@@ -37,6 +38,7 @@ export async function run(args: string[]): Promise<number> {
   const path = positionals[0]!;
   // Before the image is opened for writing: a bad name touches nothing.
   if (values.create !== undefined) validateName(values.create);
+  if (!values.list) refuseWhilePending(path, 'retry');
 
   if (values.list) {
     const image = await FvdImage.open(storageIo(), path, { readOnly: true, withoutKey: true });

@@ -8,6 +8,7 @@ import { defineCommand, parseCommand, usageError } from '../command.js';
 import { listStates, removeState, type DeviceState } from '../state.js';
 import { pidAlive } from '../server.js';
 import { handOffServer, isOurs } from '../recovery.js';
+import { recoveringPid } from '../warden.js';
 import { UblkControl } from '../ublk/control.js';
 
 export const spec = defineCommand({
@@ -35,7 +36,11 @@ export async function run(args: string[]): Promise<number> {
     if (values.handoff) throw new UsageError(`${st.device} (${st.name}): no server to hand over (pid ${st.pid} is gone); it already waits for the next 'fvd serve'`);
     // A device left waiting for a new server (serve --recovery-wait): deleted here, its held
     // I/O fails. The pending log stays and is applied by the image's next read-write serve.
-    if (st.fileId !== undefined) return deleteWaitingDevice(st);
+    if (st.fileId !== undefined) {
+      const taker = recoveringPid(st.devId);
+      if (taker !== null) throw new UsageError(`${st.device} (${st.name}) is being taken over by a new server (pid ${taker}): stop that one once it is up`);
+      return deleteWaitingDevice(st);
+    }
     throw new UsageError(`${st.device} (${st.name}): its server (pid ${st.pid}) is gone; 'fvd serve' on the same --dev-id cleans it up`);
   }
   if (values.handoff) {

@@ -24,9 +24,12 @@
 #    plain re-serve: the old server exits 0 leaving the device, the same /dev/ublkbN is recovered
 #    each time, fio ends with 0 errors and its verify passes; SIGHUP to a server without
 #    --recovery-wait is ignored (it keeps serving) and `fvd stop --handoff` of it is refused.
-# d) a device whose server does not come back: the waiting-time expiry (warden) is not built, so
-#    that part is skipped with the reason; `fvd stop` deletes the waiting device, I/O held on it
-#    fails promptly with EIO, and nothing hangs.
+# d) a device whose server does not come back. With --recovery-wait 5 and no re-serve, the warden
+#    deletes it about 5 s after the SIGKILL: the held read fails with EIO, the state file goes,
+#    the image checks clean and a fresh serve works. A re-serve before the deadline wins: the
+#    device lives on past it and the old warden leaves it alone. With --recovery-wait 60, `fvd
+#    list` says "waiting for a daemon" with the seconds left, `fvd stop` deletes the waiting
+#    device, I/O held on it fails promptly with EIO, and nothing hangs.
 
 RW=60
 
@@ -151,7 +154,8 @@ unflushed_round() {
     check "4 MiB written with O_DIRECT, no fsync (acknowledged, not flushed)" \
         t dd if=u.bin of="$SERVE_DEV" bs=1M seek=8 oflag=direct conv=notrunc status=none
     local logs
-    logs=$(ls /run/fvd/pending-*.log 2>/dev/null | head -n 1)
+    # this image's log (pending-DEV-INO.log): earlier rounds leave header-only logs of other images
+    logs=/run/fvd/pending-$(stat -c %d-%i "$img").log
     if [[ -n $logs && $(stat -c %s "$logs") -gt 128 ]]; then ok "the pending log holds records ($(stat -c %s "$logs") bytes)"
     else not_ok "no pending log with records in /run/fvd" "$(ls -l /run/fvd 2>&1)"; fi
     kill_and_recover "$img" "$id" "unflushed"
@@ -224,11 +228,75 @@ handoff_round() {
     rm -f "$img"
 }
 
-waiting_round() {
-    local img=$D/w.fvd id dd_pid dead
-    skip "the device's waiting-time expiry (warden) is not built: a device whose server never returns waits until 'fvd stop'"
+expiry_round() {
+    local img=$D/e.fvd id dd_pid dead log i list t0 t1
     must "fvd create" fvd create "$img" 64M
     serve_must "$img" --recovery-wait 5
+    id=$SERVE_ID dead=$SERVE_PID log=$SERVE_LOG
+    sleep 1
+    if pgrep -f "__warden $dead " > /dev/null; then ok "expiry: the serve started its warden"
+    else not_ok "expiry: no warden process for pid $dead" "$(ps -eo pid,args | grep -v grep | grep fvd)"; fi
+    kill -KILL "$dead"
+    wait_pid "$dead" 30
+    t0=$(date +%s.%N)
+    timeout -k 5 120 dd if="/dev/ublkb$id" of=/dev/null bs=4k count=1 iflag=direct status=none 2> dd.err &
+    dd_pid=$!
+    sleep 1
+    kill -0 "$dd_pid" 2>/dev/null && ok "expiry: a read on the waiting device is held" || not_ok "expiry: the read did not wait" "$(cat dd.err)"
+    wait_pid "$dd_pid" 60
+    t1=$(date +%s.%N)
+    # dd's own failure (exit 1, "Input/output error"), not timeout's 124/137.
+    if [[ $WAIT_RC == 1 ]] && grep -qi 'error' dd.err; then ok "expiry: the held read failed when the device expired (dd: $(tr '\n' ' ' < dd.err))"
+    else not_ok "expiry: the held read did not fail with an I/O error (dd: $WAIT_RC)" "$(cat dd.err)"; kill -KILL "$dd_pid" 2>/dev/null || true; fi
+    echo "# the read was released $(awk "BEGIN { printf \"%.1f\", $t1 - $t0 }") s after the SIGKILL (recovery-wait 5)"
+    if device_gone "$id" 30; then ok "expiry: /dev/ublkb$id is gone without any command"
+    else not_ok "expiry: /dev/ublkb$id still exists" "$(ublk_nodes)"; fi
+    [[ ! -e /run/fvd/ublkb$id.json ]] && ok "expiry: its state file is removed" || not_ok "expiry: state file left" "$(cat /run/fvd/ublkb$id.json)"
+    if grep -q "warden of /dev/ublkb$id: deleted" "$log"; then ok "expiry: one log line ($(grep -o 'warden of.*' "$log"))"
+    else not_ok "expiry: no warden line in the server's log" "$(cat "$log")"; fi
+    for ((i = 0; i < 50; i++)); do pgrep -f "__warden $dead " > /dev/null || break; sleep 0.1; done
+    pgrep -f "__warden $dead " > /dev/null && not_ok "expiry: the warden is still running" "$(pgrep -af __warden)" || ok "expiry: the warden exited"
+    check "expiry: fvd check clean" fvd check "$img"
+    serve_must "$img" --recovery-wait 5
+    ok "expiry: a fresh serve of the image gets a device ($SERVE_DEV)"
+    serve_stop "after the expiry"
+    rm -f "$img"
+}
+
+race_round() {
+    # 20 s, not 5: under TCG a serve alone can take more than 5 s to start, and a re-serve that
+    # comes after the deadline rightly finds the device deleted (the 5 s round shows that side).
+    local img=$D/x.fvd id dead log t0 left
+    must "fvd create" fvd create "$img" 64M
+    serve_must "$img" --recovery-wait 20
+    id=$SERVE_ID dead=$SERVE_PID log=$SERVE_LOG
+    sleep 1
+    kill -KILL "$dead"
+    wait_pid "$dead" 30
+    t0=$(date +%s)
+    serve_must "$img" --recovery-wait 20
+    expect "re-serve: the new serve took over the same device before the deadline" "$SERVE_DEV" "/dev/ublkb$id"
+    if grep -q "recovered device $id" "$SERVE_LOG"; then ok "re-serve: it recovered the waiting device ($(grep -o 'recovered device.*' "$SERVE_LOG"), $(($(date +%s) - t0)) s after the kill)"
+    else not_ok "re-serve: no 'recovered device $id' (the device had expired before it came?)" "$(cat "$SERVE_LOG" "$log")"; fi
+    left=$((t0 + 23 - $(date +%s)))
+    ((left > 0)) && sleep "$left"
+    if [[ -b /dev/ublkb$id ]] && t dd if="/dev/ublkb$id" of=/dev/null bs=4k count=1 iflag=direct status=none; then
+        ok "re-serve: past the first server's deadline the device lives and reads"
+    else not_ok "re-serve: the device was expired under its new server" "$(ublk_nodes; cat "$log")"; fi
+    if grep -q "warden of /dev/ublkb$id: deleted" "$log"; then not_ok "re-serve: the old warden deleted a device taken over" "$(cat "$log")"
+    else ok "re-serve: the old warden left it alone ($(grep -o 'warden of.*' "$log" || echo 'no line'))"; fi
+    pgrep -f "__warden $dead " > /dev/null && not_ok "re-serve: the old warden still runs" "$(pgrep -af __warden)" || ok "re-serve: the old warden exited"
+    pgrep -f "__warden $SERVE_PID " > /dev/null && ok "re-serve: the new server has its own warden" || not_ok "re-serve: no warden for the new server" "$(pgrep -af __warden)"
+    serve_stop "after the re-serve"
+    sleep 1
+    pgrep -f "__warden $SERVE_PID " > /dev/null && not_ok "re-serve: the warden outlives a clean stop" "$(pgrep -af __warden)" || ok "re-serve: a clean stop ends the warden too"
+    rm -f "$img"
+}
+
+waiting_round() {
+    local img=$D/w.fvd id dd_pid dead
+    must "fvd create" fvd create "$img" 64M
+    serve_must "$img" --recovery-wait 60
     id=$SERVE_ID dead=$SERVE_PID
     kill -KILL "$dead"
     wait_pid "$dead" 30
@@ -237,12 +305,23 @@ waiting_round() {
     dd_pid=$!
     sleep 2
     kill -0 "$dd_pid" 2>/dev/null && ok "I/O on the waiting device is held (not failed)" || not_ok "I/O on the waiting device did not wait" "$(cat dd.err)"
+    # (here, not in the 5 s round: under TCG one `fvd list` can take longer than 5 s)
     local list
     list=$(fvd list 2>&1) || true
     echo "# fvd list with a waiting device: $list"
+    if grep -qE "waiting for a daemon: deleted in [0-9]+ s" <<< "$list"; then ok "fvd list shows the device waiting, with the seconds left"
+    else not_ok "fvd list does not show the waiting state" "$list"; fi
+    list=$(fvd list --output=json 2>&1) || true
+    if grep -q '"state": "waiting"' <<< "$list" && grep -qE '"expiresIn": [0-9]+' <<< "$list"; then ok "fvd list --output=json: state waiting, expiresIn"
+    else not_ok "JSON list without waiting/expiresIn" "$list"; fi
+    local sum out rc=0
+    sum=$(sha256sum < "$img")
+    out=$(fvd resize "$img" 128M 2>&1) || rc=$?
+    if ((rc != 0)) && grep -q "is waiting for this image's server" <<< "$out" && [[ $(sha256sum < "$img") == "$sum" ]]; then ok "an offline resize of the image refuses while its device waits (image unchanged): $out"
+    else not_ok "fvd resize of an image whose device waits did not refuse, or changed it (exit $rc)" "$out"; fi
     check "fvd stop $id deletes the waiting device" fvd stop "$id"
     wait_pid "$dd_pid" 20
-    if [[ $WAIT_RC != timeout && $WAIT_RC != 0 ]]; then ok "held I/O failed after fvd stop (dd exit $WAIT_RC)"
+    if [[ $WAIT_RC == 1 ]]; then ok "held I/O failed after fvd stop (dd exit $WAIT_RC)"
     else not_ok "held I/O did not fail promptly (dd: $WAIT_RC)" "$(cat dd.err)"; kill -KILL "$dd_pid" 2>/dev/null || true; fi
     if device_gone "$id" 10; then ok "/dev/ublkb$id is gone"
     else not_ok "/dev/ublkb$id still exists after fvd stop" "$(ublk_nodes)"; fi
@@ -251,12 +330,15 @@ waiting_round() {
 }
 
 scenario() {
+    # the short rounds first: a slow guest's time limit then cuts the long fio rounds, not these
+    expiry_round
+    race_round
+    waiting_round
+    unflushed_round
     fio_round raw
     fio_round compact
     fio_round encrypted 1
     fio_round snapshots 1
     recovery_kill_round
-    unflushed_round
     handoff_round
-    waiting_round
 }

@@ -1,0 +1,43 @@
+/**
+ * Offline commands and a dead server's leftovers (docs/DESIGN.md §7). While an image's device
+ * waits for a new server, or a pending log holds acknowledged writes whose records are not yet
+ * in the image's metadata, an offline command that opens the image would lose those writes (a
+ * clean close clears DIRTY and the log is then ignored) or change the image under a guest that
+ * still runs. Such commands refuse, naming what is left and what to run: `fvd serve` applies the
+ * log (and recovers a waiting device); `fvd stop N` deletes a waiting device.
+ */
+import fs from 'node:fs';
+import { FvdError } from '../fvd/errors.js';
+import { readPendingLog } from '../fvd/pending-log.js';
+import { currentBootId, fileIdOf, pendingLogPath, pidAlive } from './recovery.js';
+import { listStates } from './state.js';
+
+/** Throws a one-line EBUSY error when `image` has a waiting device or an unapplied pending log. */
+export function refuseWhilePending(image: string, what: string): void {
+  let fileId: string;
+  try {
+    if (!fs.statSync(image).isFile()) return; // logs are kept for image files only
+    fileId = fileIdOf(image);
+  } catch {
+    return; // the command reports a missing image itself
+  }
+  const bootId = currentBootId();
+  const mine = listStates().filter((s) => s.fileId === fileId && s.bootId === bootId);
+  // A running server holds the image's lock: the command's open says "in use".
+  if (mine.some((s) => pidAlive(s.pid))) return;
+  const waiting = mine.find((s) => fs.existsSync(s.device));
+  if (waiting)
+    throw new FvdError(
+      `${image}: ${waiting.device} is waiting for this image's server (writes it acknowledged may not be in the image yet): 'fvd serve ${image}' recovers it, 'fvd stop ${waiting.devId}' deletes it; then ${what}`,
+      'EBUSY',
+    );
+  const logPath = pendingLogPath(fileId);
+  const log = readPendingLog({ path: logPath, bootId, fileId });
+  if (log.status !== 'valid') return;
+  const n = log.records.filter((r) => r.seq > log.committedSeq).length;
+  if (n > 0)
+    throw new FvdError(
+      `${image}: ${logPath} holds ${n} records of writes a dead server acknowledged, not yet in the image: run 'fvd serve ${image}' (it applies them) and stop it, then ${what}`,
+      'EBUSY',
+    );
+}
