@@ -107,6 +107,7 @@ install: build
 	chmod +x $(LIBDIR)/build/daemon/cli.js
 	ln -sf $(PREFIX)/lib/fvd/build/daemon/cli.js $(DESTDIR)$(PREFIX)/bin/fvd
 	sed -e 's|/usr/local/|$(PREFIX)/|g' systemd/fvd@.service > $(DESTDIR)$(UNITDIR)/fvd@.service
-	chmod 0644 $(DESTDIR)$(UNITDIR)/fvd@.service
+	sed -e 's|/usr/local/|$(PREFIX)/|g' systemd/fvd-expire@.service > $(DESTDIR)$(UNITDIR)/fvd-expire@.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/fvd@.service $(DESTDIR)$(UNITDIR)/fvd-expire@.service
 	install -m 0644 systemd/fvd.conf.example $(DESTDIR)/etc/fvd/fvd.conf.example
 	-[ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && systemctl daemon-reload 2>/dev/null || true

@@ -136,8 +136,17 @@ function look(pid: number, start: string, devId: number, deathAt: number | null,
   return { now, serverAlive: false, deathAt, state, info, recovering: recoveringPid(devId) !== null };
 }
 
-/** `fvd __warden PID START DEVID`: runs until the device is taken over, stopped or expired. */
+/**
+ * `fvd __warden PID START DEVID`: runs until the device is taken over, stopped or expired.
+ * `fvd __warden --instance NAME` (fvd-expire@NAME.service, after the unit stopped): the same for
+ * the device of instance NAME whose server is gone, counting from now; nothing to do otherwise.
+ */
 export async function runWarden(args: string[]): Promise<number> {
+  if (args[0] === '--instance') {
+    const st = listStates().find((s) => s.name === args[1] && !pidAlive(s.pid) && (s.recoveryWait ?? 0) > 0);
+    if (!st) return 0;
+    args = [String(st.pid), '', String(st.devId)];
+  }
   const [pidArg, start = '', devArg] = args;
   const pid = Number(pidArg);
   const devId = Number(devArg);

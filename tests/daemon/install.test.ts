@@ -31,6 +31,10 @@ test('make install DESTDIR PREFIX=/usr: unit follows PREFIX, verified by systemd
   assert.match(unit, /^ExecStart=\/usr\/bin\/fvd serve --instance %i$/m);
   assert.match(unit, /^Documentation=file:\/\/\/usr\/lib\/fvd\/README\.md$/m);
   assert.not.match(unit, /\/usr\/local/, 'no /usr/local path left in the unit');
+  assert.match(unit, /^ExecStopPost=\+\/bin\/sh -c 'exec systemctl start --no-block "fvd-expire@%i\.service"'$/m);
+  const expire = fs.readFileSync(path.join(root, 'usr/lib/systemd/system/fvd-expire@.service'), 'utf8');
+  assert.match(expire, /^ExecStart=\/usr\/bin\/fvd __warden --instance %i$/m);
+  assert.not.match(expire, /\/usr\/local/, 'no /usr/local path left in fvd-expire@.service');
   assert.ok(fs.existsSync(path.join(root, 'usr/lib/fvd/README.md')), 'the Documentation= file is installed');
   for (const d of ['etc/fvd', 'var/lib/fvd']) assert.ok(fs.statSync(path.join(root, d)).isDirectory(), `${d} created`);
 
@@ -64,7 +68,8 @@ test('make install DESTDIR PREFIX=/usr: unit follows PREFIX, verified by systemd
     const from = path.join('/usr/lib/systemd/system', name);
     if (!fs.existsSync(path.join(units, name)) && fs.statSync(from).isFile()) fs.copyFileSync(from, path.join(units, name));
   }
-  const verify = (): ReturnType<typeof spawnSync> => spawnSync('systemd-analyze', ['verify', `--root=${root}`, 'fvd@test.service'], { encoding: 'utf8' });
+  const verify = (): ReturnType<typeof spawnSync> =>
+    spawnSync('systemd-analyze', ['verify', `--root=${root}`, 'fvd@test.service', 'fvd-expire@test.service'], { encoding: 'utf8' });
   const ok = verify();
   assert.is(ok.status, 0, `systemd-analyze verify: ${ok.stderr}`);
   // The check can fail: a unit whose ExecStart= is not in the root is refused.

@@ -7,7 +7,8 @@
 # start fvd@test` returns 0 and right after it the new /dev/ublkbN has the image's size and reads;
 # StatusText shows figures; data written with dd; while fio verify writes, `systemctl restart`
 # hands the device to a new server (same node, "recovered device N") and a SIGKILL of the server
-# is recovered by Restart=on-failure, fio ends with 0 errors; `systemctl stop` returns 0, the device is gone,
+# is recovered by Restart=on-failure, fio ends with 0 errors; fvd@exp (Restart=no, RECOVERY_WAIT=5)
+# killed: fvd-expire@exp deletes its device and the held read fails; `systemctl stop` returns 0, the device is gone,
 # the unit is inactive (not failed), `fvd check` exits 0 and `fvd io read -P` finds the data.
 # fvd@bad (an image with a corrupted magic) fails to start (`systemctl start` non-zero), its log
 # has the one-line error, and no device is left behind.
@@ -117,6 +118,38 @@ scenario() {
     echo "# fvd@test log: $(journalctl -u fvd@test -o cat --no-pager 2>/dev/null | grep -E '^fvd' | tail -n 3 | tr '\n' '|')"
     check "fvd check $img exits 0" fvd check "$img"
     check "fvd io read -P 0x6b 1M 4M: the data is in the image" fvd io -c 'read -P 0x6b 1M 4M' -c 'read -P 0 0 1M' "$img"
+
+    # A unit that gives up (here Restart=no) after its server died: fvd-expire@exp deletes the
+    # waiting device RECOVERY_WAIT (5) seconds later, its held I/O fails, nothing hangs.
+    local eimg=/var/lib/fvd/exp.fvd edev eid dd_pid
+    rm -f "$eimg"
+    must "fvd create $eimg 64M" fvd create "$eimg" 64M
+    mkdir -p /etc/fvd /etc/systemd/system/fvd@exp.service.d
+    printf 'RECOVERY_WAIT=5\n' > /etc/fvd/exp.conf
+    printf '[Service]\nRestart=no\n' > /etc/systemd/system/fvd@exp.service.d/norestart.conf
+    check "systemctl daemon-reload (fvd@exp: Restart=no)" t systemctl daemon-reload
+    before=$(ublk_nodes)
+    rc=0; out=$(t systemctl start fvd@exp 2>&1) || rc=$?
+    edev=$(comm -13 <(tr ' ' '\n' <<< "$before" | sort) <(ublk_nodes | tr ' ' '\n' | sort) | grep -m1 '^/dev/ublkb' || true)
+    if ((rc == 0)) && [[ -n $edev ]]; then ok "systemctl start fvd@exp: $edev"
+    else not_ok "systemctl start fvd@exp failed (exit $rc)" "$out"$'\n'"$(journalctl -u fvd@exp -o cat --no-pager -n 20 2>&1)"; fi
+    if [[ -n $edev ]]; then
+        eid=${edev#/dev/ublkb}
+        kill -KILL "$(systemctl show -p MainPID --value fvd@exp)"
+        sleep 1
+        timeout -k 5 120 dd if="$edev" of=/dev/null bs=4k count=1 iflag=direct status=none 2> dd-exp.err &
+        dd_pid=$!
+        if device_gone "$eid" 40; then ok "fvd@exp gave up: fvd-expire@exp deleted $edev"
+        else not_ok "fvd@exp gave up: $edev still there after 40 s" "$(journalctl -u fvd-expire@exp -o cat --no-pager 2>&1; fvd list 2>&1)"; fi
+        wait_pid "$dd_pid" 20
+        if [[ $WAIT_RC != timeout && $WAIT_RC != 0 ]]; then ok "the read held on the waiting device failed (dd exit $WAIT_RC)"
+        else not_ok "the held read did not fail (dd: $WAIT_RC)" "$(cat dd-exp.err)"; kill -KILL "$dd_pid" 2>/dev/null || true; fi
+        if journalctl -u fvd-expire@exp -o cat --no-pager 2>/dev/null | grep -q "deleted: no server took it over"; then ok "fvd-expire@exp logged the deletion"
+        else not_ok "no deletion line in fvd-expire@exp's journal" "$(journalctl -u fvd-expire@exp -o cat --no-pager 2>&1)"; fi
+    fi
+    rm -rf /etc/systemd/system/fvd@exp.service.d /etc/fvd/exp.conf
+    t systemctl daemon-reload > /dev/null 2>&1 || true
+    t systemctl reset-failed fvd@exp > /dev/null 2>&1 || true
 
     # A bad image: the start must fail and leave nothing behind.
     cp "$img" /var/lib/fvd/bad.fvd
