@@ -68,6 +68,10 @@ test('make install DESTDIR PREFIX=/usr: unit follows PREFIX, verified by systemd
     const from = path.join('/usr/lib/systemd/system', name);
     if (!fs.existsSync(path.join(units, name)) && fs.statSync(from).isFile()) fs.copyFileSync(from, path.join(units, name));
   }
+  // ExecStop=/ExecStopPost= run /bin/sh, which verify looks for in the root too.
+  fs.mkdirSync(path.join(root, 'bin'), { recursive: true });
+  if (!fs.existsSync(path.join(root, 'bin/sh'))) fs.copyFileSync(fs.realpathSync('/bin/sh'), path.join(root, 'bin/sh'));
+  fs.chmodSync(path.join(root, 'bin/sh'), 0o755);
   const verify = (): ReturnType<typeof spawnSync> =>
     spawnSync('systemd-analyze', ['verify', `--root=${root}`, 'fvd@test.service', 'fvd-expire@test.service'], { encoding: 'utf8' });
   const ok = verify();
