@@ -91,10 +91,7 @@ fio_round() {
         kill -0 "$fio_pid" 2>/dev/null && ok "$layout: fio still running before kill $k" || not_ok "$layout: fio ended before kill $k" "$(cat "fio-$layout.log")"
         kill_and_recover "$img" "$id" "$layout kill $k"
     done
-    wait_pid "$fio_pid" 400
-    expect "$layout: fio (write + verify) across $kills kill(s) exits 0" "$WAIT_RC" 0 "$(cat "fio-$layout.log")"
-    if grep -qE 'err= *0' "fio-$layout.log" && ! grep -qiE 'verify.*(bad|fail)|crc32c.*wanted' "fio-$layout.log"; then ok "$layout: fio reports 0 errors"
-    else not_ok "$layout: fio reports errors" "$(cat "fio-$layout.log")"; fi
+    fio_verified "$layout, across $kills kill(s)" "$fio_pid" "fio-$layout.log"
     serve_stop "$layout after the recoveries"
     serve_must "$img" "${ROUND_OPTS[@]}"
     check "$layout: fio --verify_only after a clean stop and a fresh serve" \
@@ -136,10 +133,7 @@ recovery_kill_round() {
     serve_must "$img" --recovery-wait $RW
     expect "a third server completes the recovery of the same device" "$SERVE_DEV" "/dev/ublkb$id"
     expect "same major:minor after the interrupted recovery" "$(stat -c %t:%T "/dev/ublkb$id")" "$devno"
-    wait_pid "$fio_pid" 400
-    expect "fio across a kill and a kill during recovery exits 0" "$WAIT_RC" 0 "$(cat fio-rk.log)"
-    if grep -qE 'err= *0' fio-rk.log && ! grep -qiE 'verify.*(bad|fail)|crc32c.*wanted' fio-rk.log; then ok "kill during recovery: fio reports 0 errors"
-    else not_ok "kill during recovery: fio reports errors" "$(cat fio-rk.log)"; fi
+    fio_verified "across a kill and a kill during recovery" "$fio_pid" fio-rk.log
     serve_stop "after the interrupted recovery"
     check "kill during recovery: fvd check clean" fvd check "$img"
     rm -f "$img"
@@ -207,10 +201,7 @@ handoff_round() {
     if [[ -b /dev/ublkb$id ]]; then ok "/dev/ublkb$id stays after the hand-off"; else not_ok "/dev/ublkb$id is gone after fvd stop --handoff" "$(ublk_nodes)"; fi
     serve_must "$img" --recovery-wait $RW
     expect "a plain serve recovers the handed-over device" "$SERVE_DEV" "/dev/ublkb$id"
-    wait_pid "$fio_pid" 400
-    expect "fio (write + verify) across three hand-offs exits 0" "$WAIT_RC" 0 "$(cat fio-handoff.log)"
-    if grep -qE 'err= *0' fio-handoff.log && ! grep -qiE 'verify.*(bad|fail)|crc32c.*wanted' fio-handoff.log; then ok "hand-off: fio reports 0 errors"
-    else not_ok "hand-off: fio reports errors" "$(cat fio-handoff.log)"; fi
+    fio_verified "across three hand-offs" "$fio_pid" fio-handoff.log
     serve_stop "after the hand-offs"
     check "hand-off: fvd check clean" fvd check "$img"
 

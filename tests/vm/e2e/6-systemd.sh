@@ -18,6 +18,17 @@
 # is not in the file in the clear, the key is not in the journal; fvd@out (IMAGE= in /srv) fails
 # with a one-line hint naming ReadWritePaths=, and starts once a drop-in adds it.
 
+# start_unit INSTANCE LABEL: systemctl start fvd@INSTANCE; UNIT_DEV = the /dev/ublkbN it added
+# ('' if none); an ok line when the start returned 0 with a new device, else not ok with its log.
+start_unit() {
+    local inst=$1 label=$2 before rc=0 out
+    before=$(ublk_nodes)
+    out=$(t systemctl start "fvd@$inst" 2>&1) || rc=$?
+    UNIT_DEV=$(comm -13 <(tr ' ' '\n' <<< "$before" | sort) <(ublk_nodes | tr ' ' '\n' | sort) | grep -m1 '^/dev/ublkb' || true)
+    if ((rc == 0)) && [[ -n $UNIT_DEV ]]; then ok "systemctl start fvd@$inst ($label) returns 0: $UNIT_DEV"
+    else not_ok "systemctl start fvd@$inst ($label) failed (exit $rc, device '${UNIT_DEV:-none}')" "$out"$'\n'"$(journalctl -u "fvd@$inst" -o cat --no-pager -n 20 2>&1)"; fi
+}
+
 scenario() {
     if [[ $(readlink /proc/1/exe 2>/dev/null) != */systemd ]]; then
         skip "PID 1 is not systemd (run it in the --systemd guest boot)"
@@ -104,10 +115,7 @@ scenario() {
     if [[ $(journalctl -u fvd@test -o cat --no-pager 2>/dev/null | grep -c "recovered device $id") -ge 2 ]]; then ok "after SIGKILL: Restart=on-failure recovered device $id"
     else not_ok "after SIGKILL: no second 'recovered device $id' in the journal" "$(journalctl -u fvd@test -o cat --no-pager -n 30 2>&1)"; fi
     expect "after SIGKILL: the same device node (major:minor)" "$(stat -c %t:%T "$dev" 2>&1)" "$devno"
-    wait_pid "$fio_pid" 280
-    expect "fio (write + verify) across systemctl restart and a crash exits 0" "$WAIT_RC" 0 "$(cat fio-restart.log)"
-    if grep -qE 'err= *0' fio-restart.log && ! grep -qiE 'verify.*(bad|fail)|crc32c.*wanted' fio-restart.log; then ok "systemctl restart: fio reports 0 errors"
-    else not_ok "systemctl restart: fio reports errors" "$(cat fio-restart.log)"; fi
+    fio_verified "across systemctl restart and a crash" "$fio_pid" fio-restart.log
 
     rc=0; out=$(t systemctl stop fvd@test 2>&1) || rc=$?
     expect "systemctl stop fvd@test returns 0" "$rc" 0 "$out"
@@ -128,11 +136,8 @@ scenario() {
     printf 'RECOVERY_WAIT=5\n' > /etc/fvd/exp.conf
     printf '[Service]\nRestart=no\n' > /etc/systemd/system/fvd@exp.service.d/norestart.conf
     check "systemctl daemon-reload (fvd@exp: Restart=no)" t systemctl daemon-reload
-    before=$(ublk_nodes)
-    rc=0; out=$(t systemctl start fvd@exp 2>&1) || rc=$?
-    edev=$(comm -13 <(tr ' ' '\n' <<< "$before" | sort) <(ublk_nodes | tr ' ' '\n' | sort) | grep -m1 '^/dev/ublkb' || true)
-    if ((rc == 0)) && [[ -n $edev ]]; then ok "systemctl start fvd@exp: $edev"
-    else not_ok "systemctl start fvd@exp failed (exit $rc)" "$out"$'\n'"$(journalctl -u fvd@exp -o cat --no-pager -n 20 2>&1)"; fi
+    start_unit exp "Restart=no, RECOVERY_WAIT=5"
+    edev=$UNIT_DEV
     if [[ -n $edev ]]; then
         eid=${edev#/dev/ublkb}
         kill -KILL "$(systemctl show -p MainPID --value fvd@exp)"
@@ -191,11 +196,8 @@ sandbox_checks() {
     mkdir -p /etc/systemd/system/fvd@enc.service.d
     printf '[Service]\nLoadCredential=key:%s\n' "$key" > /etc/systemd/system/fvd@enc.service.d/key.conf
     check "systemctl daemon-reload (fvd@enc drop-in: LoadCredential=key:$key)" t systemctl daemon-reload
-    before=$(ublk_nodes)
-    rc=0; out=$(t systemctl start fvd@enc 2>&1) || rc=$?
-    dev=$(comm -13 <(tr ' ' '\n' <<< "$before" | sort) <(ublk_nodes | tr ' ' '\n' | sort) | grep -m1 '^/dev/ublkb' || true)
-    if ((rc == 0)) && [[ -n $dev ]]; then ok "systemctl start fvd@enc (key from the credential) returns 0: $dev"
-    else not_ok "systemctl start fvd@enc failed (exit $rc, device '${dev:-none}')" "$out"$'\n'"$(journalctl -u fvd@enc -o cat --no-pager -n 20 2>&1)"; fi
+    start_unit enc "key from the credential"
+    dev=$UNIT_DEV
     if [[ -n $dev ]]; then
         pattern_file 5e.bin $((2 * M)) 0x5e
         check "fvd@enc: dd 2 MiB of 0x5e at 3 MiB (O_DIRECT, fsync)" write_dev "$dev" $((3 * M)) 5e.bin

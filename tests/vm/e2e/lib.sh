@@ -169,6 +169,15 @@ wait_pid() {
     done
     WAIT_RC=timeout
 }
+# fio_verified LABEL PID LOG: waits (up to 400 s) for a fio verify job started in the background
+# by this shell; ok/not ok lines for its exit status and for 0 errors with the verify passed.
+fio_verified() {
+    local label=$1 pid=$2 log=$3
+    wait_pid "$pid" 400
+    expect "$label: fio (write + verify) exits 0" "$WAIT_RC" 0 "$(cat "$log")"
+    if grep -qE 'err= *0' "$log" && ! grep -qiE 'verify.*(bad|fail)|crc32c.*wanted' "$log"; then ok "$label: fio reports 0 errors"
+    else not_ok "$label: fio reports errors" "$(cat "$log")"; fi
+}
 # device_gone ID [SECONDS]: true once /dev/ublkbID, /dev/ublkcID and /sys/block/ublkbID are gone.
 device_gone() {
     local i
