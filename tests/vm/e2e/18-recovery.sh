@@ -185,7 +185,7 @@ handoff_round() {
     serve_must "$img" --recovery-wait $RW
     id=$SERVE_ID
     # Slower than the kill rounds: the hand-offs themselves pause fio, not its thinktime.
-    timeout -k 5 600 bash -c "$(declare -f fio_job); fio_job $SERVE_DEV verify-handoff --thinktime=250ms" > fio-handoff.log 2>&1 &
+    timeout -k 5 600 bash -c "$(declare -f fio_job); fio_job $SERVE_DEV verify-handoff --thinktime=100ms --thinktime_blocks=1" > fio-handoff.log 2>&1 &
     fio_pid=$!
     sleep 3
     takeover "$img" "$id" "takeover 1"
