@@ -64,13 +64,32 @@ export function pidAlive(pid: number): boolean {
   } catch (err) {
     return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
+  const fields = procStatFields(pid);
+  return fields === null || fields[0] !== 'Z'; // no /proc (or hidden): trust kill(0)
+}
+
+/**
+ * The fields of /proc/PID/stat after "pid (comm)" — [0] is the state (field 3), [19] the start
+ * time (field 22) — or null when it cannot be read. comm may hold spaces and parentheses, so the
+ * fields start after the last ')'.
+ */
+export function procStatFields(pid: number): string[] | null {
   try {
-    // /proc/PID/stat: "pid (comm) S ...", comm may hold spaces and parentheses: the state follows the last ')'.
     const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
-    return stat[stat.lastIndexOf(')') + 2] !== 'Z';
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   } catch {
-    return true; // no /proc (or hidden): trust kill(0)
+    return null;
   }
+}
+
+/** Waits until process `pid` is gone (pidAlive false), polling every 50 ms; false on time-out. */
+export async function waitForExit(pid: number, timeoutMs: number): Promise<boolean> {
+  const until = Date.now() + timeoutMs;
+  while (pidAlive(pid)) {
+    if (Date.now() > until) return false;
+    await sleep(50);
+  }
+  return true;
 }
 
 /** Every mark agrees that this kernel device is the one this state file describes. */
@@ -165,12 +184,9 @@ export async function removeStaleDevice(ctl: UblkControl, devId: number, log: (s
  */
 export async function waitForOldServer(ctl: UblkControl, own: OwnDevice, log: (s: string) => void, timeoutMs = 30_000): Promise<DevInfo | null> {
   const until = Date.now() + timeoutMs;
-  let said = false;
-  while (pidAlive(own.state.pid)) {
-    if (!said) log(`waiting for pid ${own.state.pid} (the previous server) to exit`);
-    said = true;
-    if (Date.now() > until) throw new FvdError(`the previous server (pid ${own.state.pid}) did not exit`, 'EBUSY');
-    await sleep(50);
+  if (pidAlive(own.state.pid)) {
+    log(`waiting for pid ${own.state.pid} (the previous server) to exit`);
+    if (!(await waitForExit(own.state.pid, timeoutMs))) throw new FvdError(`the previous server (pid ${own.state.pid}) did not exit`, 'EBUSY');
   }
   const info = await ctl.waitForState(own.state.devId, [UBLK_S_DEV_QUIESCED, UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_DEAD], Math.max(1000, until - Date.now()));
   return info && info.state !== UBLK_S_DEV_DEAD ? info : null;
@@ -184,11 +200,8 @@ export async function handOffServer(st: DeviceState, timeoutMs: number): Promise
   if (!((st.recoveryWait ?? 0) > 0) || st.fileId === undefined)
     throw new FvdError(`${st.device} (${st.name}) is served without --recovery-wait: its device cannot outlive its server, so it cannot be handed over (stop it and serve again)`, 'EINVAL');
   process.kill(st.pid, 'SIGHUP');
-  const until = Date.now() + timeoutMs;
-  while (pidAlive(st.pid)) {
-    if (Date.now() > until) throw new FvdError(`${st.device}: server pid ${st.pid} did not hand the device over within ${timeoutMs / 1000} s`, 'EBUSY');
-    await sleep(50);
-  }
+  if (!(await waitForExit(st.pid, timeoutMs)))
+    throw new FvdError(`${st.device}: server pid ${st.pid} did not hand the device over within ${timeoutMs / 1000} s`, 'EBUSY');
 }
 
 /** The live server of the image file `fileId` in this boot, if any (for `serve --takeover`). */

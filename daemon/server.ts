@@ -38,8 +38,7 @@ import { BurstLog, requestErrno } from './request-errors.js';
 import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
 import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
 import { GATE_ABANDON, GATE_OPEN, GATE_WAIT } from './fvd-queue.js';
-import { removeState, stateDir, writeState, type DeviceState } from './state.js';
-import { recoveringFile } from './warden.js';
+import { recoveringFile, removeState, stateDir, writeState, type DeviceState } from './state.js';
 import {
   RECOVERY_FLAGS,
   currentBootId,

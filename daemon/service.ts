@@ -167,30 +167,18 @@ class DeviceService {
       return;
     }
     if (this.stopping) return;
-    this.stopping = true;
-    this.stopped = true;
     log(`SIGHUP: handing ${server.devicePath} over to the next server`);
-    sdNotify(`STOPPING=1\nSTATUS=handing ${server.devicePath} over`);
-    if (this.statusTimer) clearInterval(this.statusTimer);
-    if (this.traceTimer) clearInterval(this.traceTimer);
-    if (this.retryTimer) clearTimeout(this.retryTimer);
-    const done = (status: number) => {
-      if (this.watchdog) clearInterval(this.watchdog);
-      this.resolveExit(status);
-    };
-    (this.prefetcher ? this.prefetcher.stop() : Promise.resolve())
-      .then(() => server.image.flush())
-      .then(
-        () => {
-          log(`handed over: ${server.devicePath} waits for the next server (at most ${this.opts.recoveryWait} s)`);
-          done(0);
-        },
-        (err) => {
-          // The device is left all the same: a failed flush loses nothing the pending log holds.
-          log(`hand-off: journal commit failed (${(err as Error).message}); the next server replays the pending log`);
-          done(0);
-        },
-      );
+    this.leaveServing(`handing ${server.devicePath} over`, () => server.image.flush()).then(
+      () => {
+        log(`handed over: ${server.devicePath} waits for the next server (at most ${this.opts.recoveryWait} s)`);
+        this.exit(0);
+      },
+      (err) => {
+        // The device is left all the same: a failed flush loses nothing the pending log holds.
+        log(`hand-off: journal commit failed (${(err as Error).message}); the next server replays the pending log`);
+        this.exit(0);
+      },
+    );
   }
 
   /** A queue worker died while serving: stop the device, exit 1. */
@@ -203,29 +191,40 @@ class DeviceService {
 
   private stop(signal: string): void {
     if (this.stopping) return;
-    this.stopping = true;
     const { server, log } = this;
     log(`${signal}: stopping ${server.devicePath}`);
-    sdNotify(`STOPPING=1\nSTATUS=stopping ${server.devicePath}`);
-    if (this.statusTimer) clearInterval(this.statusTimer);
-    if (this.traceTimer) clearInterval(this.traceTimer);
-    this.stopped = true;
-    if (this.retryTimer) clearTimeout(this.retryTimer);
-    // The prefetcher stops (its in-flight copy finished) before the image closes.
-    (this.prefetcher ? this.prefetcher.stop() : Promise.resolve()).then(() => server.stop()).then(
+    this.leaveServing(`stopping ${server.devicePath}`, () => server.stop()).then(
       () => {
-        if (this.watchdog) clearInterval(this.watchdog);
         unlinkDevice(this.devLink, server.devicePath);
         if (this.opts.metricsFile) fs.rmSync(this.opts.metricsFile, { force: true });
         log(`stopped; ${this.status()}`);
-        this.resolveExit(this.failed ? 1 : 0);
+        this.exit(this.failed ? 1 : 0);
       },
       (err) => {
-        if (this.watchdog) clearInterval(this.watchdog);
         log(`stop failed: ${(err as Error).message}`);
-        this.resolveExit(1);
+        this.exit(1);
       },
     );
+  }
+
+  /**
+   * What a stop and a hand-off share: STOPPING=1, no more status, trace or prefetch retries, the
+   * prefetcher stopped (its copy in flight finished, before the image closes); then `finish`: the
+   * stop's drain and close, or a hand-off's journal commit.
+   */
+  private leaveServing(status: string, finish: () => Promise<void>): Promise<void> {
+    this.stopping = true;
+    this.stopped = true;
+    sdNotify(`STOPPING=1\nSTATUS=${status}`);
+    if (this.statusTimer) clearInterval(this.statusTimer);
+    if (this.traceTimer) clearInterval(this.traceTimer);
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    return (this.prefetcher ? this.prefetcher.stop() : Promise.resolve()).then(finish);
+  }
+
+  private exit(status: number): void {
+    if (this.watchdog) clearInterval(this.watchdog);
+    this.resolveExit(status);
   }
 
   private setUpGrowth(growCmd: string, layout: string): void {

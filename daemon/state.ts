@@ -58,13 +58,22 @@ export function writeState(st: DeviceState): void {
   fs.renameSync(file + '.tmp', file);
 }
 
+/** The expiry record of the device's warden (daemon/warden.ts), next to its state file. */
+export function wardenFile(devId: number): string {
+  return path.join(stateDir(), `ublkb${devId}.warden.json`);
+}
+
+/** The marker of a new server recovering the device (its pid), so nobody takes it for abandoned. */
+export function recoveringFile(devId: number): string {
+  return path.join(stateDir(), `ublkb${devId}.recovering`);
+}
+
 export function removeState(devId: number): void {
   fs.rmSync(stateFile(devId), { force: true });
   // the figures `fvd serve` keeps next to it (daemon/metrics.ts)
   fs.rmSync(path.join(stateDir(), `ublkb${devId}.figures.json`), { force: true });
-  // the expiry record of its warden and a recovering server's marker (daemon/warden.ts)
-  fs.rmSync(path.join(stateDir(), `ublkb${devId}.warden.json`), { force: true });
-  fs.rmSync(path.join(stateDir(), `ublkb${devId}.recovering`), { force: true });
+  fs.rmSync(wardenFile(devId), { force: true });
+  fs.rmSync(recoveringFile(devId), { force: true });
 }
 
 export function listStates(): DeviceState[] {

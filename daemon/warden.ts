@@ -12,12 +12,11 @@
  */
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
-import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { UblkControl } from './ublk/control.js';
 import { UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED, type DevInfo } from './ublk/abi.js';
-import { isOurs, pidAlive } from './recovery.js';
-import { listStates, removeState, stateDir, type DeviceState } from './state.js';
+import { isOurs, pidAlive, procStatFields } from './recovery.js';
+import { listStates, recoveringFile, removeState, wardenFile, type DeviceState } from './state.js';
 import { takeLock } from '../storage/node-file.js';
 
 /** How often the warden looks at the server and, once it is gone, at the device. */
@@ -71,21 +70,12 @@ export interface WardenRecord {
   deadline?: number;
 }
 
-export function wardenFile(devId: number): string {
-  return path.join(stateDir(), `ublkb${devId}.warden.json`);
-}
-
 export function readWarden(devId: number): WardenRecord | null {
   try {
     return JSON.parse(fs.readFileSync(wardenFile(devId), 'utf8')) as WardenRecord;
   } catch {
     return null;
   }
-}
-
-/** A new server recovering device `devId` marks it, so neither the warden nor `fvd list` mistakes it for abandoned. */
-export function recoveringFile(devId: number): string {
-  return path.join(stateDir(), `ublkb${devId}.recovering`);
 }
 
 export function recoveringPid(devId: number): number | null {
@@ -99,12 +89,7 @@ export function recoveringPid(devId: number): number | null {
 
 /** The process's start time (/proc/PID/stat field 22), so a reused pid is not taken for the server. */
 export function startTimeOf(pid: number): string | null {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] ?? null;
-  } catch {
-    return null;
-  }
+  return procStatFields(pid)?.[19] ?? null;
 }
 
 /**

@@ -7,7 +7,7 @@ import { UsageError, parseInteger } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { listStates, removeState, type DeviceState } from '../state.js';
 import { pidAlive } from '../server.js';
-import { handOffServer, isOurs } from '../recovery.js';
+import { handOffServer, isOurs, waitForExit } from '../recovery.js';
 import { recoveringPid } from '../warden.js';
 import { UblkControl } from '../ublk/control.js';
 
@@ -49,11 +49,7 @@ export async function run(args: string[]): Promise<number> {
     return 0;
   }
   process.kill(st.pid, 'SIGTERM');
-  const until = Date.now() + timeout;
-  while (pidAlive(st.pid)) {
-    if (Date.now() > until) throw new UsageError(`${st.device}: server pid ${st.pid} did not stop within ${timeout / 1000} s`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
+  if (!(await waitForExit(st.pid, timeout))) throw new UsageError(`${st.device}: server pid ${st.pid} did not stop within ${timeout / 1000} s`);
   console.log(`stopped ${st.device} (${st.name})`);
   return 0;
 }
