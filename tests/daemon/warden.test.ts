@@ -15,7 +15,7 @@ import { RECOVERY_FLAGS, currentBootId, fileIdOf, pendingLogPath, serverFlagsFor
 import { UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED } from '../../daemon/ublk/abi.js';
 import { writeState, type DeviceState } from '../../daemon/state.js';
 import { PENDING_BITMAP, encodePendingHeader, encodePendingRecord } from '../../fvd/pending-log.js';
-import { CLI, TempDir, assertOneLineError, fvd, sha256File } from '../helpers/cli.js';
+import { CLI, assertOneLineError, fvd, sha256File, withRunDir } from '../helpers/cli.js';
 
 /** A pid that is certainly not running: a child that already exited (and was reaped). */
 const DEAD = spawnSync(process.execPath, ['-e', '0']).pid!;
@@ -64,12 +64,9 @@ test('list: running, waiting with seconds left, waiting without a warden, recove
   assert.equal(classify({ ...st, fileId: undefined }, p({})), { state: 'stale' }, 'no recovery: a dead server\'s device is stale');
 });
 
-test('warden process: ends by itself when its server stops cleanly, and does nothing for a state file of another pid', async () => {
-  const tmp = new TempDir('fvd-warden-');
-  const env = { ...process.env, FVD_RUN_DIR: tmp.path };
-  const saved = process.env.FVD_RUN_DIR;
-  process.env.FVD_RUN_DIR = tmp.path;
-  try {
+test('warden process: ends by itself when its server stops cleanly, and does nothing for a state file of another pid', () =>
+  withRunDir('fvd-warden-', async (tmp) => {
+    const env = { ...process.env };
     const server = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 60000)'], { stdio: 'ignore' });
     writeState({ ...st, devId: 7, device: path.join(tmp.path, 'dev'), pid: server.pid!, recoveryWait: 1 });
     const warden = spawn(process.execPath, [CLI, '__warden', String(server.pid), '', '7'], { env, stdio: ['ignore', 'ignore', 'pipe'] });
@@ -87,18 +84,11 @@ test('warden process: ends by itself when its server stops cleanly, and does not
     writeState({ ...st, devId: 8, pid: process.pid });
     const r = spawnSync(process.execPath, [CLI, '__warden', String(DEAD), '', '8'], { env, encoding: 'utf8', timeout: 10_000 });
     assert.is(r.status, 0, r.stderr);
-  } finally {
-    if (saved === undefined) delete process.env.FVD_RUN_DIR;
-    else process.env.FVD_RUN_DIR = saved;
-    tmp.cleanup();
-  }
-});
+  }));
 
-test('offline commands refuse, leaving the image unchanged, while a dead server\'s pending log or waiting device exists', () => {
-  const tmp = new TempDir('fvd-pending-');
-  const saved = process.env.FVD_RUN_DIR;
-  process.env.FVD_RUN_DIR = tmp.path; // for pendingLogPath here and the CLI's environment
-  try {
+test('offline commands refuse, leaving the image unchanged, while a dead server\'s pending log or waiting device exists', () =>
+  // FVD_RUN_DIR for pendingLogPath here and the CLI's environment
+  withRunDir('fvd-pending-', (tmp) => {
     const img = path.join(tmp.path, 'a.fvd');
     assert.is(fvd('create', img, '4M').code, 0);
     const fileId = fileIdOf(img);
@@ -133,27 +123,14 @@ test('offline commands refuse, leaving the image unchanged, while a dead server\
     assertOneLineError(fvd('resize', img, '8M'), [/is waiting for this image's server/, /fvd stop 5/]);
     assert.is(sha256File(img), now);
     assert.is(fvd('check', img).code, 0, 'a plain check only reads');
-  } finally {
-    if (saved === undefined) delete process.env.FVD_RUN_DIR;
-    else process.env.FVD_RUN_DIR = saved;
-    tmp.cleanup();
-  }
-});
+  }));
 
-test('fvd stop leaves a device alone while a new server is taking it over', () => {
-  const tmp = new TempDir('fvd-stop-');
-  const saved = process.env.FVD_RUN_DIR;
-  process.env.FVD_RUN_DIR = tmp.path;
-  try {
+test('fvd stop leaves a device alone while a new server is taking it over', () =>
+  withRunDir('fvd-stop-', (tmp) => {
     writeState({ ...st, devId: 6, device: path.join(tmp.path, 'ublkb6') });
     fs.writeFileSync(path.join(tmp.path, 'ublkb6.recovering'), `${process.pid}\n`);
     assertOneLineError(fvd('stop', '6'), [/being taken over by a new server \(pid \d+\)/]);
     assert.ok(fs.existsSync(path.join(tmp.path, 'ublkb6.json')), 'its state file stays');
-  } finally {
-    if (saved === undefined) delete process.env.FVD_RUN_DIR;
-    else process.env.FVD_RUN_DIR = saved;
-    tmp.cleanup();
-  }
-});
+  }));
 
 test.run();

@@ -146,6 +146,24 @@ export class TempDir {
   }
 }
 
+/**
+ * Runs fn with FVD_RUN_DIR (the daemon's /run/fvd) pointing at a fresh temporary directory, for
+ * this process and the CLIs it spawns with process.env; restores the old value and removes the
+ * directory afterwards, whether fn throws or not.
+ */
+export async function withRunDir<T>(prefix: string, fn: (tmp: TempDir) => T | Promise<T>): Promise<T> {
+  const tmp = new TempDir(prefix);
+  const saved = process.env.FVD_RUN_DIR;
+  process.env.FVD_RUN_DIR = tmp.path;
+  try {
+    return await fn(tmp);
+  } finally {
+    if (saved === undefined) delete process.env.FVD_RUN_DIR;
+    else process.env.FVD_RUN_DIR = saved;
+    tmp.cleanup();
+  }
+}
+
 /** Deterministic pseudo-random bytes (xorshift32), never all-zero blocks. */
 export function patternBytes(length: number, seed = 1): Buffer {
   const b = Buffer.alloc(length);
