@@ -97,6 +97,22 @@ export class BaseCopier {
     return bytes;
   }
 
+  /**
+   * Copies block b if it is still absent, in background (a queue thread's copy-on-read hint).
+   * Never rejects: like a failed copy-on-read, a failed copy only turns copy-on-read off.
+   */
+  copyInBackground(b: number): Promise<void> {
+    return this.copyAbsent(b, b).then(
+      () => undefined,
+      () => this.backgroundCopyFailed(),
+    );
+  }
+
+  /** A failed background copy is harmless — the blocks stay in the base — but stops further copies. */
+  private backgroundCopyFailed(): void {
+    this.copyOnRead = false;
+  }
+
   /** Writes the still-absent runs of `whole` (blocks [b0, b1], locked by the caller) and releases them. */
   private async copyToImage(whole: Uint8Array, wStart: number, b0: number, b1: number, rethrow = false): Promise<void> {
     try {
@@ -115,8 +131,7 @@ export class BaseCopier {
       }
     } catch (err) {
       if (rethrow) throw err;
-      // A failed copy-on-read is harmless: the blocks stay in the base. Disable further copies.
-      this.copyOnRead = false;
+      this.backgroundCopyFailed();
     } finally {
       this.corBytes -= whole.length;
       this.locks.release(b0, b1);

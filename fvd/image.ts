@@ -529,12 +529,7 @@ export class FvdImage {
    */
   copyHint(b: number): Promise<void> {
     if (this.closed || this.allLocal || this.readOnly || !this.copier.copyOnRead || b >= this.baseBlocks || testBit(this.present, b)) return Promise.resolve();
-    const copy = this.copier.copyAbsent(b, b).then(
-      () => undefined,
-      () => {
-        this.copier.copyOnRead = false;
-      },
-    );
+    const copy = this.copier.copyInBackground(b);
     this.track(copy);
     return copy;
   }
