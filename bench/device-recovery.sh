@@ -97,7 +97,9 @@ done
 kill "$probe_pid"; wait "$probe_pid" 2>/dev/null || true; probe_pid=''
 end_fio; fio_pid=''
 stats() { sort -n | awk '{ a[NR] = $1 } END { m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2; printf "median %d ms, max %d ms (n=%d)", m, a[NR], NR }'; }
-echo "cycles: $CYCLES ($MODE), device node unchanged; fio runs: $runs, failed: $failed; probe read errors: $(grep -c failed "$dir/probe.err" 2>/dev/null || echo 0)"
+# (grep -c prints 0 and exits 1 when nothing matched: `|| echo 0` would print a second 0)
+probe_errors=$(grep -c failed "$dir/probe.err" 2>/dev/null || true)
+echo "cycles: $CYCLES ($MODE), device node unchanged; fio runs: $runs, failed: $failed; probe read errors: ${probe_errors:-0}"
 echo "pause seen by the guest (longest 4 KiB read per cycle): $(printf '%s\n' "${pauses[@]}" | stats)"
 echo "daemon recovery (START_USER_RECOVERY to LIVE): $(printf '%s\n' "${recoveries[@]}" | stats)"
-((failed == 0))
+((failed == 0 && ${probe_errors:-0} == 0))
