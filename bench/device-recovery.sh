@@ -92,7 +92,9 @@ for ((c = 1; c <= CYCLES; c++)); do
   [[ $(stat -c %t:%T "$dev") == "$devno" ]] || { echo "cycle $c: the device node changed" >&2; exit 1; }
   sleep 1 # the probe's read that waited through the pause has completed
   pauses+=("$(sort -n "$dir/probe.ms" | tail -n 1)")
-  recoveries+=("$(grep -o 'recovered device [0-9]* in [0-9]* ms' "$dir/serve$n.log" | awk '{print $5}')")
+  r=$(grep -o 'recovered device [0-9]* in [0-9]* ms' "$dir/serve$n.log" | awk '{print $5}') ||
+    { echo "cycle $c: the new server did not recover the device:" >&2; cat "$dir/serve$n.log" >&2; exit 1; }
+  recoveries+=("$r")
 done
 kill "$probe_pid"; wait "$probe_pid" 2>/dev/null || true; probe_pid=''
 end_fio; fio_pid=''
