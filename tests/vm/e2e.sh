@@ -25,8 +25,8 @@
 #                 replay, flushed data intact
 #  17 full-disk   the image's file system fills up: -ENOSPC to the guest, writes again after space
 #  18 recovery    serve --recovery-wait: SIGKILL under fio verify, the next serve recovers the same
-#                 device (0 errors); unflushed acknowledged write kept (pending log); fvd stop of a
-#                 waiting device
+#                 device (0 errors), also with ext4 mounted on it (e2fsck clean); unflushed
+#                 acknowledged write kept (pending log); fvd stop of a waiting device
 #
 # Output: one line per check, "ok - [N name] ..." or "not ok - [N name] ..." (with the evidence
 # indented below it), "# ..." comments, and as the last line exactly "N passed, N failed".

@@ -12,6 +12,11 @@
 # b) an acknowledged O_DIRECT write that was never flushed (no fsync), then SIGKILL: after the
 #    recovery the data reads back (its records came from the pending log), and again after a clean
 #    stop and a fresh serve.
+# f) the issue's test 1: ext4 on the device of a compact image (--recovery-wait 60), mounted, fio
+#    verify (crc32c, libaio, O_DIRECT, thinktime) random writes to a 64 MiB file in it; the daemon
+#    is SIGKILLed three times during the run and served again each time: the device stays (same
+#    major:minor), the mount stays on it, fio ends 0 with 0 errors and its verify passes;
+#    `fio --verify_only` passes again, and after umount `e2fsck -f -n` and `fvd check` are clean.
 # a') the same with an encrypted compact image over a base (--key-file on every serve) and with a
 #    compact image whose every chunk is shared with snapshot s1 (each first write copies it):
 #    after one kill each and a clean stop `fvd check` is clean, and `snapshot -a s1` reads the data
@@ -103,6 +108,37 @@ fio_round() {
         check "snapshots: s1 still reads 0x5a everywhere (no recovered write reached it)" fvd io -c 'read -P 0x5a 0 64M' "$img"
         check "snapshots: fvd check clean after the revert" fvd check "$img"
     fi
+    rm -f "$img"
+}
+
+# ext4_round: fio verify on a file of a mounted ext4 across three SIGKILLs (the issue's test 1).
+ext4_round() {
+    local img=$D/f.fvd id fio_pid k i src
+    ROUND_OPTS=()
+    must "fvd create --layout compact" fvd create --layout compact "$img" 128M
+    serve_must "$img" --recovery-wait $RW
+    id=$SERVE_ID
+    must "mkfs.ext4" t mkfs.ext4 -q -F "$SERVE_DEV"
+    mkdir -p m
+    must "mount ext4" t mount -t ext4 "$SERVE_DEV" m
+    timeout -k 5 600 bash -c "$(declare -f fio_job); fio_job m/fio.bin verify-ext4 --size=64M --thinktime_blocks=2" > fio-ext4.log 2>&1 &
+    fio_pid=$!
+    # the kills must hit the random writes, not the file's creation
+    for ((i = 0; i < 600; i++)); do [[ -e m/fio.bin ]] && break; sleep 0.1; done
+    for ((k = 1; k <= 3; k++)); do
+        sleep 3
+        kill -0 "$fio_pid" 2>/dev/null && ok "ext4: fio still running before kill $k" || not_ok "ext4: fio ended before kill $k" "$(cat fio-ext4.log)"
+        kill_and_recover "$img" "$id" "ext4 kill $k"
+        src=$(awk -v m="$D/m" '$2 == m { print $1 }' /proc/mounts)
+        expect "ext4 kill $k: the mount stays on /dev/ublkb$id" "$src" "/dev/ublkb$id" "$(cat /proc/mounts)"
+    done
+    fio_verified "ext4, across 3 kills" "$fio_pid" fio-ext4.log
+    check "ext4: fio --verify_only of the file after the kills" \
+        t bash -c "$(declare -f fio_job); fio_job m/fio.bin verify-ext4 --size=64M --verify_only --thinktime=0"
+    ensure "ext4: umount" t umount m || { umount -l m || true; }
+    check "ext4: e2fsck -f -n clean after the kills" t e2fsck -f -n "$SERVE_DEV"
+    serve_stop "ext4 after the recoveries"
+    check "ext4: fvd check clean" fvd check "$img"
     rm -f "$img"
 }
 
@@ -327,6 +363,7 @@ scenario() {
     race_round
     waiting_round
     unflushed_round
+    ext4_round
     fio_round raw
     fio_round compact
     fio_round encrypted 1
