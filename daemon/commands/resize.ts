@@ -23,7 +23,9 @@ export const spec = defineCommand({
     shrink: { type: 'boolean', default: false, help: 'allow dropping data past the new end' },
     ...KEY_FILE_OPTION,
   },
-  details: 'SIZE is the new size, or with + or - a change of size ("-5G" is a size, not an option).',
+  details:
+    'SIZE is the new size, or with + or - a change of size ("-5G" is a size, not an option). ' +
+    'An image being served only grows: its server grows the image and the device (Linux 6.14+, raw-like unencrypted images); then resize2fs.',
   signedValues: true,
 });
 
