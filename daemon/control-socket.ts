@@ -2,7 +2,7 @@
  * The per-device control channel from the CLI to the process serving the device: a unix socket
  * next to the state file (/run/fvd/ublkbN.sock, mode 0600: root's, like the device), speaking
  * one JSON line of request and one of response per connection. `fvd resize` of a served image
- * uses it (docs/DESIGN.md §9); the server answers one request at a time, in order.
+ * uses it (docs/DESIGN.md §8); the server answers one request at a time, in order.
  *
  *   request:  {"op":"grow","size":N} (absolute, bytes) or {"op":"grow","delta":N} (relative)
  *   response: {"ok":true,"oldSize":N,"newSize":N} or {"ok":false,"error":"one line","code":"E..."}

@@ -516,7 +516,7 @@ export class UblkServer {
   }
 
   /**
-   * Grows the image and then the device (`fvd resize` of a served image; docs/DESIGN.md §9).
+   * Grows the image and then the device (`fvd resize` of a served image; docs/DESIGN.md §8).
    * The kernel must have UBLK_F_UPDATE_SIZE (6.14+): checked first, so on an older kernel the
    * image stays as it is. The engine grows (file, durable header, in-memory and shared size)
    * before UPDATE_SIZE, so the kernel sends nothing past the old end before the engine serves it.
@@ -534,6 +534,11 @@ export class UblkServer {
       );
     const r = await image.growOnline(size);
     if (r.newSize !== r.oldSize) {
+      // Never UPDATE_SIZE a device without its disk: before Linux's fix ("ublk: check ub_disk in
+      // ublk_ctrl_set_size", stable) the driver dereferences it unchecked. Checked in the same
+      // turn that queues the command: a STOP_DEV queued later on the same ring runs after it.
+      if (!this.started || this.stopping)
+        throw new FvdError(`resize: ${this.opts.image} grew to ${r.newSize} bytes but ${this.devicePath} is stopping: the next serve uses the new size`, 'EBUSY');
       try {
         await ctl.updateSize(this.devId, r.newSize / 512);
       } catch (err) {

@@ -635,9 +635,9 @@ export class FvdImage {
 
   /**
    * Grows the virtual disk of an image that is being served (`fvd resize` of a served image,
-   * docs/DESIGN.md §9). Scope: raw-like images whose base (if any) ends at or before the current
-   * end, unencrypted, without snapshots; the metadata layout does not change (the bitmap covers
-   * the base only). Anything else throws a one-line EINVAL error naming the offline way.
+   * docs/DESIGN.md §8). Scope: raw-like images whose base (if any) ends at or before the current
+   * end; the metadata layout does not change (the bitmap covers the base only). Encrypted images
+   * too: the zeroed range reads as zero plaintext by the all-zero-sector rule (FORMAT.md §11.3). Anything else throws a one-line EINVAL error naming the offline way.
    *
    * Order (crash consistency): the new range of the file is zeroed and made durable first (an
    * old-size image with a longer file is valid: FORMAT.md §12.5), then the header with the new
@@ -659,7 +659,6 @@ export class FvdImage {
     const offline = 'stop the server and resize it offline';
     const refuse = (why: string) => new FvdError(`resize: ${this.path}: cannot grow a served ${why}; ${offline}`, 'EINVAL');
     if (this.table) throw refuse('compact image (its lookup table would grow)');
-    if (this.encrypted) throw refuse('encrypted image');
     if (this.base && !this.allLocal && h.baseSize > V) throw refuse('image whose base extends past its end (the bitmap would grow)');
     // The block holding an unaligned old end: if the base reaches into it and it is not local,
     // the base's bytes past the old end would show (the offline resize copies it in).

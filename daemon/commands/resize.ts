@@ -25,7 +25,7 @@ export const spec = defineCommand({
   },
   details:
     'SIZE is the new size, or with + or - a change of size ("-5G" is a size, not an option). ' +
-    'An image being served only grows: its server grows the image and the device (Linux 6.14+, raw-like unencrypted images); then resize2fs.',
+    'An image being served only grows: its server grows the image and the device (Linux 6.14+, raw-like images); then resize2fs.',
   signedValues: true,
 });
 
@@ -39,7 +39,7 @@ export async function run(args: string[]): Promise<number> {
   // Sizes are rounded up to 512: a relative change that is not a multiple of it would round
   // away ('-1' meant the disk would stay as it is, reported as success).
   if (sign && amount % 512) throw new UsageError(`invalid size '${text}': a relative change must be a multiple of 512 bytes`);
-  // A served image grows through its server (image and device together): docs/DESIGN.md §9.
+  // A served image grows through its server (image and device together): docs/DESIGN.md §8.
   const served = servedImage(image);
   if (served) {
     if (sign < 0 || values.shrink) throw new UsageError(`${image} is served by ${served.device}: it can only grow while served; stop the server to shrink it`);

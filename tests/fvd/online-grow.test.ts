@@ -1,6 +1,6 @@
 /**
  * FvdImage.growOnline: the engine of a served image grows while open (`fvd resize` of a served
- * image, docs/DESIGN.md §9). Every case reopens the image afterwards: size, data, checkImage
+ * image, docs/DESIGN.md §8). Every case reopens the image afterwards: size, data, checkImage
  * clean; a crash (abandon) right after the grow keeps the new size; the refusals are one line
  * and leave the image as it was.
  */
@@ -100,6 +100,31 @@ test('growOnline: stale bytes past the old end (a crashed shrink) read as zeros 
   await img.read(got, 64 * KiB);
   assert.ok(got.every((x) => x === 0), 'no stale bytes');
   await img.close();
+  await clean(io, p);
+});
+
+test('growOnline (encrypted raw-like): the new range reads zero plaintext, data kept, reopen with the key clean', async () => {
+  const io = new MemIo();
+  const p = '/e/disk.fvd';
+  const key = new TextEncoder().encode('a passphrase for the tests');
+  const kdf = { log2N: 10, r: 8, p: 1 };
+  await FvdImage.create(io, p, { size: 64 * KiB, blockSize: 4 * KiB, journalSize: 64 * KiB, encrypt: { key, kdf } });
+  const img = await FvdImage.open(io, p, { key });
+  await img.write(pattern(64 * KiB, 6), 0);
+  await img.growOnline(128 * KiB);
+  const tail = new Uint8Array(64 * KiB);
+  await img.read(tail, 64 * KiB);
+  assert.ok(tail.every((x) => x === 0), 'zero plaintext past the old end');
+  await img.write(pattern(4 * KiB, 7), 100 * KiB);
+  await img.close();
+  const again = await FvdImage.open(io, p, { key, readOnly: true });
+  const all = new Uint8Array(128 * KiB);
+  await again.read(all, 0);
+  await again.close();
+  const expected = new Uint8Array(128 * KiB);
+  expected.set(pattern(64 * KiB, 6));
+  expected.set(pattern(4 * KiB, 7), 100 * KiB);
+  same(all, expected, 'reopened');
   await clean(io, p);
 });
 

@@ -16,7 +16,9 @@
 # and device (blockdev --getsize64 = 128M at once), resize2fs grows the mounted ext4, a file past
 # the old end is written, all files verify, e2fsck -f clean, and served again the device has 128M
 # and the files.  Before 6.14: one line saying the kernel lacks UBLK_F_UPDATE_SIZE (6.14+) and the
-# image is unchanged; the device and, after the stop, the image keep 64M.
+# image is unchanged; the device and, after the stop, the image keep 64M.  From 6.14 also an
+# encrypted 4M image grown to 8M while served: the new range reads zeros, data past the old end
+# reads back after a re-serve.
 
 # The UBLK_F_* bits of include/uapi/linux/ublk_cmd.h (Linux 7.3), by bit number.
 UAPI_BITS=(SUPPORT_ZERO_COPY URING_CMD_COMP_IN_TASK NEED_GET_DATA USER_RECOVERY USER_RECOVERY_REISSUE
@@ -94,6 +96,24 @@ resize_round() {
             check "[resize] umount" t umount "$D/r"
         fi
         serve_stop "re-served"
+
+        # An encrypted image grows too: the new range reads zero plaintext through the queue
+        # threads' own cipher, and data written past the old end reads back after a re-serve.
+        (umask 077; printf 'resize passphrase\n' > "$D/r.key")
+        must "fvd create --encrypt e.fvd 4M" fvd create --encrypt --key-file "$D/r.key" e.fvd 4M
+        pattern_file 33.bin $M 0x33
+        pattern_file zero.bin $((4 * M)) 0x00
+        serve_must e.fvd --key-file "$D/r.key"
+        write_dev "$SERVE_DEV" $((3 * M)) 33.bin
+        check "[resize] fvd resize e.fvd 8M of a served encrypted image" fvd resize e.fvd 8M
+        expect "[resize] encrypted: blockdev --getsize64 $SERVE_DEV" "$(blockdev --getsize64 "$SERVE_DEV")" $((8 * M))
+        check_dev_equals "[resize] encrypted: the new range reads zeros" "$SERVE_DEV" $((4 * M)) zero.bin
+        write_dev "$SERVE_DEV" $((6 * M)) 33.bin
+        serve_stop "encrypted, resized"
+        serve_must e.fvd --key-file "$D/r.key"
+        check_dev_equals "[resize] encrypted, re-served: data below the old end" "$SERVE_DEV" $((3 * M)) 33.bin
+        check_dev_equals "[resize] encrypted, re-served: data past the old end" "$SERVE_DEV" $((6 * M)) 33.bin
+        serve_stop "encrypted, re-served"
     else
         fvd resize r.fvd +64M > "$D/grow.out" 2> "$D/grow.err" && not_ok "[resize] growing a served image succeeded on $(uname -r)" "$(cat "$D/grow.out")"
         one_line_error "[resize] growing a served image on $(uname -r) is refused" "$D/grow.err"
