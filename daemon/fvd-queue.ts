@@ -257,8 +257,8 @@ export class FvdQueue implements QueueTarget {
     const offset = iod.startSector * 512;
     if (op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE) {
       const view = this.view;
-      if (offset + length > view.size || length > this.maxIo) {
-        this.log(`request beyond the device: op ${op} at ${offset}+${length} (size ${view.size})`);
+      if (offset + length > view.liveSize[0]! || length > this.maxIo) {
+        this.log(`request beyond the device: op ${op} at ${offset}+${length} (size ${view.liveSize[0]})`);
         this.commit(tag, -EIO);
         return;
       }

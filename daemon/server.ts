@@ -30,6 +30,7 @@ import {
   UBLK_IO_OP_READ,
   UBLK_IO_OP_WRITE,
   UBLK_IO_OP_WRITE_ZEROES,
+  UBLK_F_UPDATE_SIZE,
   UBLK_S_DEV_LIVE,
 } from './ublk/abi.js';
 import { CorHintConsumer, createCorHints } from './cor-hints.js';
@@ -279,7 +280,8 @@ export class UblkServer {
         maxIoBufBytes: opts.maxIo,
         devId: opts.devId,
         ublksrvPid: process.pid,
-        flags: recovery ? RECOVERY_FLAGS : 0n,
+        // UPDATE_SIZE where the kernel has it: `fvd resize` may grow the device while served.
+        flags: (recovery ? RECOVERY_FLAGS : 0n) | ((ctl.features ?? 0n) & UBLK_F_UPDATE_SIZE),
         ublksrvFlags: recovery ? serverFlagsFor(this.fileId) : FVD_SERVER_TAG,
       })
       .catch((err) => {
@@ -511,6 +513,47 @@ export class UblkServer {
       slow += q.slow;
     }
     return { ...this.stats, fastPath: fast, slowPath: slow };
+  }
+
+  /**
+   * Grows the image and then the device (`fvd resize` of a served image; docs/DESIGN.md §8).
+   * The kernel must have UBLK_F_UPDATE_SIZE (6.14+): checked first, so on an older kernel the
+   * image stays as it is. The engine grows (file, durable header, in-memory and shared size)
+   * before UPDATE_SIZE, so the kernel sends nothing past the old end before the engine serves it.
+   */
+  async grow(req: { size?: number; delta?: number }): Promise<{ oldSize: number; newSize: number }> {
+    const { image, ctl } = this;
+    if (this.stopping) throw new FvdError(`resize: ${this.devicePath} is stopping`, 'EBUSY');
+    const old = image.size;
+    const size = req.size ?? old + req.delta!;
+    if (size < old) throw new FvdError(`resize: ${this.opts.image} is served by ${this.devicePath}: it can only grow while served (${size} < ${old} bytes); stop the server to shrink it`, 'EINVAL');
+    if (((ctl.features ?? 0n) & UBLK_F_UPDATE_SIZE) === 0n)
+      throw new FvdError(
+        `resize: ${this.opts.image} is served by ${this.devicePath} and this kernel (${os.release()}) lacks UBLK_F_UPDATE_SIZE (6.14+): the device cannot grow while served; the image is unchanged (stop the server to resize it offline)`,
+        'EINVAL',
+      );
+    const r = await image.growOnline(size);
+    if (r.newSize !== r.oldSize) {
+      // Never UPDATE_SIZE a device without its disk: before Linux's fix ("ublk: check ub_disk in
+      // ublk_ctrl_set_size", stable) the driver dereferences it unchecked. Checked in the same
+      // turn that queues the command: a STOP_DEV queued later on the same ring runs after it.
+      if (!this.started || this.stopping)
+        throw new FvdError(`resize: ${this.opts.image} grew to ${r.newSize} bytes but ${this.devicePath} is stopping: the next serve uses the new size`, 'EBUSY');
+      try {
+        await ctl.updateSize(this.devId, r.newSize / 512);
+      } catch (err) {
+        throw new FvdError(
+          `resize: ${this.opts.image} grew to ${r.newSize} bytes but UPDATE_SIZE of ${this.devicePath} failed (${(err as Error).message}): the device keeps ${r.oldSize} bytes until the image is served again`,
+          'EIO',
+        );
+      }
+      if (this.state) {
+        this.state = { ...this.state, size: r.newSize };
+        writeState(this.state);
+      }
+      this.opts.log(`resized: ${this.devicePath} grew from ${r.oldSize} to ${r.newSize} bytes`);
+    }
+    return r;
   }
 
   /** Stops the device, drains I/O, closes the image cleanly and deletes the device. Idempotent. */

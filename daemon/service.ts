@@ -26,6 +26,7 @@ import { wipe } from './key-file.js';
 import { runGrowCommand } from './grow.js';
 import { figuresFile, linkDevice, prometheusText, unlinkDevice, writeAtomically, type DeviceFigures } from './metrics.js';
 import { stateDir, writeState } from './state.js';
+import { ControlSocket, controlSocketPath } from './control-socket.js';
 import { spawnWarden } from './warden.js';
 import type { StorageIo } from '../storage/storage-io.js';
 import { isUrl } from '../fvd/base-location.js';
@@ -79,6 +80,8 @@ export async function runService(opts: ServiceOptions): Promise<number> {
   // A device that outlives this server needs someone to delete it if no server returns.
   if ((opts.recoveryWait ?? 0) > 0) spawnWarden(server.devId, opts.log);
   service = new DeviceService(server, opts);
+  // Before the device path is announced: a script may resize as soon as it sees it.
+  await service.listenForControl();
   return service.run();
 }
 
@@ -102,6 +105,7 @@ class DeviceService {
   private watchdog: NodeJS.Timeout | null = null;
   private devLink: string | null = null;
   private resolveExit: (status: number) => void = () => {};
+  private control: ControlSocket | null = null;
 
   constructor(
     private readonly server: UblkServer,
@@ -114,6 +118,16 @@ class DeviceService {
     this.remoteBase = st.baseChain.some((b) => isUrl(b.path));
     if (opts.growCmd !== undefined) this.setUpGrowth(opts.growCmd, st.layout);
     if (!(!opts.prefetch || st.fullyLocal || st.baseSize === 0)) this.prefetcher = this.startPrefetcher();
+  }
+
+  /** The control channel (`fvd resize` of this image); without it the device is served all the same. */
+  async listenForControl(): Promise<void> {
+    const file = controlSocketPath(this.server.devId);
+    try {
+      this.control = await ControlSocket.listen(file, (req) => this.server.grow(req), this.log);
+    } catch (err) {
+      this.log(`no control socket (${file}: ${(err as Error).message}): 'fvd resize' cannot grow this device while served`);
+    }
   }
 
   /** Announces the device, then waits for a signal or a fatal error; resolves with the exit status. */
@@ -216,6 +230,7 @@ class DeviceService {
     this.stopping = true;
     this.stopped = true;
     sdNotify(`STOPPING=1\nSTATUS=${status}`);
+    this.control?.close();
     if (this.statusTimer) clearInterval(this.statusTimer);
     if (this.traceTimer) clearInterval(this.traceTimer);
     if (this.retryTimer) clearTimeout(this.retryTimer);

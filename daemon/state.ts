@@ -74,6 +74,8 @@ export function removeState(devId: number): void {
   fs.rmSync(path.join(stateDir(), `ublkb${devId}.figures.json`), { force: true });
   fs.rmSync(wardenFile(devId), { force: true });
   fs.rmSync(recoveringFile(devId), { force: true });
+  // the control socket of its server (daemon/control-socket.ts)
+  fs.rmSync(path.join(stateDir(), `ublkb${devId}.sock`), { force: true });
 }
 
 export function listStates(): DeviceState[] {

@@ -21,6 +21,7 @@ import {
   INCOMPAT_COMPACT,
   INCOMPAT_DIRTY,
   INCOMPAT_ENCRYPTED,
+  MAX_VIRTUAL_SIZE,
   SECTOR,
   encodeHeader,
   roundUp,
@@ -53,7 +54,16 @@ export type { BaseChainEntry, BaseImage, Extent, ExtentKind, HostExtent, ImageSt
 const DEFAULT_MAX_COR = 16 * 1024 * 1024;
 
 export class FvdImage {
-  readonly size: number;
+  /** Virtual size in bytes; grows only by growOnline (a served image grown by `fvd resize`). */
+  get size(): number {
+    return this.virtualSize;
+  }
+  private virtualSize: number;
+  /**
+   * The size as the queue workers see it (SharedView.liveSize): one aligned float64 in shared
+   * memory, written before the kernel is told the new size (docs/DESIGN.md §2.1).
+   */
+  private readonly sharedSize = new Float64Array(new SharedArrayBuffer(8));
   readonly blockSize: number;
   readonly chunkSize: number;
   readonly compact: boolean;
@@ -79,7 +89,7 @@ export class FvdImage {
    * between baseLimit and here belong to the last base block and follow its bit (reading zeros
    * while it is in the base); only bytes past it are always local.
    */
-  private readonly bitmapEnd: number;
+  private bitmapEnd: number;
   private readonly present: Uint8Array;
   private readonly journaled: Uint8Array;
   private readonly table: Uint32Array | null;
@@ -98,6 +108,8 @@ export class FvdImage {
   private readonly background = new Set<Promise<void>>();
   /** Copy-on-read and prefetch copies of base blocks (fvd/base-copy.ts). */
   private readonly copier: BaseCopier;
+  /** The copier's geometry, kept to grow its size with the disk (growOnline). */
+  private readonly copierDisk: { size: number; blockSize: number; baseLimit: number };
   private allLocal: boolean;
   /** allLocal for the daemon's queue workers: [0] = 1 once fully local (read per request). */
   private readonly sharedAllLocal = new Int32Array(new SharedArrayBuffer(4));
@@ -141,7 +153,8 @@ export class FvdImage {
       xts: XtsCipher | null;
     },
   ) {
-    this.size = header.virtualSize;
+    this.virtualSize = header.virtualSize;
+    this.sharedSize[0] = header.virtualSize;
     this.blockSize = header.blockSize;
     this.chunkSize = header.chunkSize;
     this.compact = (header.incompatible & INCOMPAT_COMPACT) !== 0n;
@@ -179,8 +192,9 @@ export class FvdImage {
       ? new CompactStorage(file, header.dataOffset, header.blockSize, header.chunkSize, header.virtualSize, this.table!, this.snap!, this.alloc, this.journal)
       : null;
     this.data = new DataArea(file, header.dataOffset, this.compactStorage, state.xts);
+    this.copierDisk = { size: header.virtualSize, blockSize: this.blockSize, baseLimit: this.baseLimit };
     this.copier = new BaseCopier(
-      { size: this.size, blockSize: this.blockSize, baseLimit: this.baseLimit },
+      this.copierDisk,
       this.present,
       this.locks,
       this.data,
@@ -614,6 +628,56 @@ export class FvdImage {
     return true;
   }
 
+  /**
+   * Grows the virtual disk of an image that is being served (`fvd resize` of a served image,
+   * docs/DESIGN.md §8). Scope: raw-like images whose base (if any) ends at or before the current
+   * end; the metadata layout does not change (the bitmap covers the base only). Encrypted images
+   * too: the zeroed range reads as zero plaintext by the all-zero-sector rule (FORMAT.md §11.3). Anything else throws a one-line EINVAL error naming the offline way.
+   *
+   * Order (crash consistency): the new range of the file is zeroed and made durable first (an
+   * old-size image with a longer file is valid: FORMAT.md §12.5), then the header with the new
+   * size is written by a checkpoint (serialized with the journal's own header writes). A crash
+   * before the header write leaves the old size, after it the new one; nothing past the old end
+   * was acknowledged before, so no acknowledged write is lost either way. The in-memory size
+   * (and the workers' copy) grows last: the caller tells the kernel only after this resolves.
+   */
+  async growOnline(newSize: number): Promise<{ oldSize: number; newSize: number }> {
+    this.checkWritable('grow');
+    if (this.closed) throw new FvdError(`${this.path}: image is closed`, 'EINVAL');
+    const V = this.virtualSize;
+    const V2 = roundUp(newSize, SECTOR);
+    const h = this.header;
+    if (!Number.isSafeInteger(newSize) || newSize <= 0 || V2 > MAX_VIRTUAL_SIZE)
+      throw new FvdError(`resize: size ${newSize} out of range (1 byte to ${MAX_VIRTUAL_SIZE} bytes)`, 'EINVAL');
+    if (V2 < V) throw new FvdError(`resize: ${this.path} is being served: it can only grow (${V2} < ${V} bytes); stop the server to shrink it`, 'EINVAL');
+    if (V2 === V) return { oldSize: V, newSize: V };
+    const offline = 'stop the server and resize it offline';
+    const refuse = (why: string) => new FvdError(`resize: ${this.path}: cannot grow a served ${why}; ${offline}`, 'EINVAL');
+    if (this.table) throw refuse('compact image (its lookup table would grow)');
+    if (this.base && !this.allLocal && h.baseSize > V) throw refuse('image whose base extends past its end (the bitmap would grow)');
+    // The block holding an unaligned old end: if the base reaches into it and it is not local,
+    // the base's bytes past the old end would show (the offline resize copies it in).
+    if (this.base && !this.allLocal && V % this.blockSize !== 0 && h.baseSize > Math.floor(V / this.blockSize) * this.blockSize)
+      throw refuse('image whose last block still reads from its base');
+    const file = this.file;
+    const end = h.dataOffset + V;
+    const newEnd = h.dataOffset + V2;
+    if (file.isBlockDevice && file.size() < newEnd)
+      throw new FvdError(`resize: ${this.path}: the block device holds ${file.size()} bytes, ${newEnd} are needed for ${V2} bytes; grow it first`, 'ENOSPC');
+    // Storage for the new range must read zeros (a crashed shrink may have left data there).
+    const have = Math.min(file.size(), newEnd);
+    if (have > end) await file.zeroRange(end, have - end);
+    if (file.size() < newEnd) await file.truncate(newEnd);
+    await file.flush();
+    h.virtualSize = V2;
+    await this.journal!.checkpoint();
+    this.virtualSize = V2;
+    this.bitmapEnd = Math.min(this.baseBlocks * this.blockSize, V2);
+    this.copierDisk.size = V2;
+    this.sharedSize[0] = V2;
+    return { oldSize: V, newSize: V2 };
+  }
+
   // ---------------------------------------------------------------------------------------------
   // write side
 
@@ -806,6 +870,7 @@ export class FvdImage {
   sharedView(): SharedView {
     return {
       size: this.size,
+      liveSize: this.sharedSize,
       dataOffset: this.header.dataOffset,
       blockSize: this.blockSize,
       chunkSize: this.chunkSize,

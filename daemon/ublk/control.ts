@@ -21,6 +21,7 @@ import {
   UBLK_U_CMD_START_DEV,
   UBLK_U_CMD_START_USER_RECOVERY,
   UBLK_U_CMD_STOP_DEV,
+  UBLK_U_CMD_UPDATE_SIZE,
   decodeDevInfo,
   encodeCtrlCmd,
   encodeDevInfo,
@@ -177,6 +178,15 @@ export class UblkControl {
       if (Date.now() >= until) throw new UblkError(`ublk device ${devId} stayed in state ${info.state} (waited for ${states.join('|')})`, 'EBUSY');
       await sleep(50);
     }
+  }
+
+  /**
+   * UBLK_F_UPDATE_SIZE (6.14+): sets the live device's capacity to `sectors` (512-byte) — the
+   * kernel stores it as params.basic.dev_sectors and calls set_capacity_and_notify (a uevent; the
+   * block device's size changes at once). Older kernels answer EINVAL/EOPNOTSUPP.
+   */
+  updateSize(devId: number, sectors: number): Promise<number> {
+    return this.command('UPDATE_SIZE', UBLK_U_CMD_UPDATE_SIZE, 0x15, devId, null, 0, BigInt(sectors));
   }
 
   deleteDevice(devId: number): Promise<number> {

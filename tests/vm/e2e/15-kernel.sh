@@ -1,6 +1,6 @@
 # tests/vm/e2e/12-kernel.sh — sourced by tests/vm/e2e.sh (with lib.sh), runs `scenario` in $D.
 # title: ublk features named from GET_FEATURES; queue threads are I/O flushers (or say why not)
-# timeout: 300
+# timeout: 600
 #
 # serve --queues 2 logs exactly one "ublk on Linux <uname -r>: kernel features 0xHEX (NAMES); this
 # device uses 0xHEX (NAMES)" line.  Both masks are decoded here again with the uapi bit numbers
@@ -11,6 +11,14 @@
 # read back with PR_GET_IO_FLUSHER from that thread itself — and the device does I/O.  Served again
 # without CAP_SYS_RESOURCE (setpriv drops it from the bounding set): one log line saying the queue
 # threads are not I/O flushers and why, ioFlusher false everywhere, and the device still works.
+# Online resize (resize_round): ext4 on a served 64M image, mounted, files written; shrinking the
+# served image is refused in one line.  From 6.14 (UPDATE_SIZE): `fvd resize IMG +64M` grows image
+# and device (blockdev --getsize64 = 128M at once), resize2fs grows the mounted ext4, a file past
+# the old end is written, all files verify, e2fsck -f clean, and served again the device has 128M
+# and the files.  Before 6.14: one line saying the kernel lacks UBLK_F_UPDATE_SIZE (6.14+) and the
+# image is unchanged; the device and, after the stop, the image keep 64M.  From 6.14 also an
+# encrypted 4M image grown to 8M while served: the new range reads zeros, data past the old end
+# reads back after a re-serve.
 
 # The UBLK_F_* bits of include/uapi/linux/ublk_cmd.h (Linux 7.3), by bit number.
 UAPI_BITS=(SUPPORT_ZERO_COPY URING_CMD_COMP_IN_TASK NEED_GET_DATA USER_RECOVERY USER_RECOVERY_REISSUE
@@ -42,6 +50,83 @@ queue_threads() {
         const r = rows.find((x) => x.device === process.argv[1]);
         if (!r || !r.queueThreads) process.exit(3);
         for (const q of r.queueThreads) console.log(`${q.tid}:${q.ioFlusher}`);' "$SERVE_DEV"
+}
+
+# size_of IMAGE: its virtual size in bytes (fvd info --output=json).
+size_of() {
+    fvd info --output=json "$1" | node -e 'console.log(JSON.parse(require("fs").readFileSync(0, "utf8"))["virtual-size"])'
+}
+
+resize_round() {
+    local M=$((1024 * 1024)) f bc bs
+    must "fvd create r.fvd 64M" fvd create r.fvd 64M
+    serve_must r.fvd
+    check "[resize] mkfs.ext4 $SERVE_DEV" t mkfs.ext4 -q -F "$SERVE_DEV"
+    mkdir -p "$D/r"
+    if ! ensure "[resize] mount $SERVE_DEV" t mount -t ext4 "$SERVE_DEV" "$D/r"; then serve_stop; return 0; fi
+    random_file "$D/r/a.bin" 8
+    random_file "$D/r/b.bin" 1
+    (cd "$D/r" && sha256sum a.bin b.bin > "$D/sums")
+    sync
+    fvd resize r.fvd -16M > "$D/shrink.out" 2> "$D/shrink.err" && not_ok "[resize] shrinking a served image succeeded" "$(cat "$D/shrink.out")"
+    one_line_error "[resize] shrinking a served image is refused" "$D/shrink.err"
+    if grep -q 'can only grow while served' "$D/shrink.err"; then ok "[resize] it says a served image can only grow"
+    else not_ok "[resize] the refusal does not say a served image can only grow" "$(cat "$D/shrink.err")"; fi
+    if kernel_at_least 6 14; then
+        check "[resize] fvd resize r.fvd +64M of the served image" fvd resize r.fvd +64M
+        expect "[resize] blockdev --getsize64 $SERVE_DEV shows the new size" "$(blockdev --getsize64 "$SERVE_DEV")" $((128 * M))
+        check "[resize] resize2fs grows the mounted ext4" t resize2fs "$SERVE_DEV"
+        bc=$(dumpe2fs -h "$SERVE_DEV" 2>/dev/null | sed -n 's/^Block count:\s*//p')
+        bs=$(dumpe2fs -h "$SERVE_DEV" 2>/dev/null | sed -n 's/^Block size:\s*//p')
+        expect "[resize] the ext4 spans the grown device" "$((bc * bs))" $((128 * M))
+        # More than the old filesystem had room for: blocks past the old end are written.
+        random_file "$D/r/c.bin" 60
+        (cd "$D/r" && sha256sum c.bin >> "$D/sums")
+        sync
+        check "[resize] the files verify on the grown fs" bash -c "cd '$D/r' && sha256sum -c '$D/sums'"
+        check "[resize] umount" t umount "$D/r"
+        check "[resize] e2fsck -f clean after the online grow" t e2fsck -f -n "$SERVE_DEV"
+        serve_stop "resized"
+        expect "[resize] the image keeps 128M" "$(size_of r.fvd)" $((128 * M))
+        check "[resize] fvd check r.fvd clean" fvd check r.fvd
+        serve_must r.fvd
+        expect "[resize] served again: $SERVE_DEV has the new size" "$(blockdev --getsize64 "$SERVE_DEV")" $((128 * M))
+        if ensure "[resize] mount after re-serving" t mount -t ext4 "$SERVE_DEV" "$D/r"; then
+            check "[resize] the files verify after re-serving" bash -c "cd '$D/r' && sha256sum -c '$D/sums'"
+            check "[resize] umount" t umount "$D/r"
+        fi
+        serve_stop "re-served"
+
+        # An encrypted image grows too: the new range reads zero plaintext through the queue
+        # threads' own cipher, and data written past the old end reads back after a re-serve.
+        (umask 077; printf 'resize passphrase\n' > "$D/r.key")
+        must "fvd create --encrypt e.fvd 4M" fvd create --encrypt --key-file "$D/r.key" e.fvd 4M
+        pattern_file 33.bin $M 0x33
+        pattern_file zero.bin $((4 * M)) 0x00
+        serve_must e.fvd --key-file "$D/r.key"
+        write_dev "$SERVE_DEV" $((3 * M)) 33.bin
+        check "[resize] fvd resize e.fvd 8M of a served encrypted image" fvd resize e.fvd 8M
+        expect "[resize] encrypted: blockdev --getsize64 $SERVE_DEV" "$(blockdev --getsize64 "$SERVE_DEV")" $((8 * M))
+        check_dev_equals "[resize] encrypted: the new range reads zeros" "$SERVE_DEV" $((4 * M)) zero.bin
+        write_dev "$SERVE_DEV" $((6 * M)) 33.bin
+        serve_stop "encrypted, resized"
+        serve_must e.fvd --key-file "$D/r.key"
+        check_dev_equals "[resize] encrypted, re-served: data below the old end" "$SERVE_DEV" $((3 * M)) 33.bin
+        check_dev_equals "[resize] encrypted, re-served: data past the old end" "$SERVE_DEV" $((6 * M)) 33.bin
+        serve_stop "encrypted, re-served"
+    else
+        fvd resize r.fvd +64M > "$D/grow.out" 2> "$D/grow.err" && not_ok "[resize] growing a served image succeeded on $(uname -r)" "$(cat "$D/grow.out")"
+        one_line_error "[resize] growing a served image on $(uname -r) is refused" "$D/grow.err"
+        if grep -q 'lacks UBLK_F_UPDATE_SIZE (6.14+)' "$D/grow.err" && grep -q 'image is unchanged' "$D/grow.err"; then
+            ok "[resize] it says the kernel lacks UBLK_F_UPDATE_SIZE (6.14+) and the image is unchanged"
+        else not_ok "[resize] the refusal does not name UBLK_F_UPDATE_SIZE (6.14+) and the unchanged image" "$(cat "$D/grow.err")"; fi
+        expect "[resize] $SERVE_DEV keeps 64M" "$(blockdev --getsize64 "$SERVE_DEV")" $((64 * M))
+        check "[resize] the files verify" bash -c "cd '$D/r' && sha256sum -c '$D/sums'"
+        check "[resize] umount" t umount "$D/r"
+        serve_stop "not resized"
+        expect "[resize] the image keeps 64M" "$(size_of r.fvd)" $((64 * M))
+        check "[resize] fvd check r.fvd clean" fvd check r.fvd
+    fi
 }
 
 scenario() {
@@ -84,6 +169,8 @@ scenario() {
     write_dev "$SERVE_DEV" $((3 * M)) 5a.bin
     check_dev_equals "the device reads back what was written" "$SERVE_DEV" $((3 * M)) 5a.bin
     serve_stop
+
+    resize_round
 
     # Without CAP_SYS_RESOURCE: PR_SET_IO_FLUSHER is refused, said once, and nothing else changes.
     FVD=(setpriv --bounding-set=-sys_resource -- "${FVD[@]}")

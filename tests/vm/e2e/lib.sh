@@ -131,6 +131,7 @@ serve_start() {
     shift
     SERVE_N=$((SERVE_N + 1))
     SERVE_OUT=$D/serve$SERVE_N.out SERVE_LOG=$D/serve$SERVE_N.err SERVE_DEV='' SERVE_ID=''
+    : > "$SERVE_OUT" # the poll below may run before the background job opened it
     "${FVD[@]}" serve "$img" "$@" > "$SERVE_OUT" 2> "$SERVE_LOG" &
     SERVE_PID=$!
     echo "$SERVE_PID" >> "$E2E_STATE/pids"
