@@ -14,6 +14,7 @@ import { FvdError } from '../fvd/errors.js';
 import { UblkControl } from './ublk/control.js';
 import {
   FVD_SERVER_TAG,
+  UBLK_F_QUIESCE,
   UBLK_F_USER_RECOVERY,
   UBLK_F_USER_RECOVERY_REISSUE,
   UBLK_S_DEV_DEAD,
@@ -26,6 +27,16 @@ import { listStates, removeState, stateDir, type DeviceState } from './state.js'
 
 /** ADD_DEV flags of a device that outlives its server: held requests are reissued, not failed. */
 export const RECOVERY_FLAGS = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
+
+/**
+ * The UBLK_F_* flags ADD_DEV asks for. A recoverable device also asks for QUIESCE when the kernel
+ * offers it (GET_FEATURES; 7.x), so that a hand-off can drain (§7.5); the kernel refuses QUIESCE
+ * without USER_RECOVERY, and a device that dies with its server has no use for it.
+ */
+export function addDevFlags(recovery: boolean, offered: bigint | null): bigint {
+  if (!recovery) return 0n;
+  return RECOVERY_FLAGS | ((offered ?? 0n) & UBLK_F_QUIESCE);
+}
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 

@@ -30,6 +30,7 @@ import {
   UBLK_IO_OP_READ,
   UBLK_IO_OP_WRITE,
   UBLK_IO_OP_WRITE_ZEROES,
+  UBLK_F_QUIESCE,
   UBLK_F_UPDATE_SIZE,
   UBLK_S_DEV_LIVE,
 } from './ublk/abi.js';
@@ -41,7 +42,7 @@ import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
 import { GATE_ABANDON, GATE_OPEN, GATE_WAIT } from './fvd-queue.js';
 import { recoveringFile, removeState, stateDir, writeState, type DeviceState } from './state.js';
 import {
-  RECOVERY_FLAGS,
+  addDevFlags,
   currentBootId,
   fileIdOf,
   findOwnDevice,
@@ -124,6 +125,10 @@ export class UblkServer {
   /** Failed requests, logged once per burst. */
   private readonly failures: BurstLog;
   private stopping: Promise<void> | null = null;
+  /** The device's UBLK_F_* flags (ADD_DEV's reply, or GET_DEV_INFO of a recovered device). */
+  private deviceFlags = 0n;
+  /** Set when a hand-off quiesces the device: the queues' ends are then expected, not fatal. */
+  private handingOff = false;
 
   private constructor(
     private readonly opts: ServeOptions,
@@ -235,6 +240,7 @@ export class UblkServer {
     if (pauseMs > 0) await new Promise((r) => setTimeout(r, pauseMs));
     this.devId = id;
     this.devicePath = `/dev/ublkb${id}`;
+    this.deviceFlags = own.info.flags;
     opts.log(describeFeatures(os.release(), ctl.features, own.info.flags));
     const t1 = Date.now();
     await this.openWorkers();
@@ -281,7 +287,7 @@ export class UblkServer {
         devId: opts.devId,
         ublksrvPid: process.pid,
         // UPDATE_SIZE where the kernel has it: `fvd resize` may grow the device while served.
-        flags: (recovery ? RECOVERY_FLAGS : 0n) | ((ctl.features ?? 0n) & UBLK_F_UPDATE_SIZE),
+        flags: addDevFlags(recovery, ctl.features) | ((ctl.features ?? 0n) & UBLK_F_UPDATE_SIZE),
         ublksrvFlags: recovery ? serverFlagsFor(this.fileId) : FVD_SERVER_TAG,
       })
       .catch((err) => {
@@ -290,6 +296,7 @@ export class UblkServer {
         throw err;
       });
     this.devId = info.devId;
+    this.deviceFlags = info.flags;
     this.devicePath = `/dev/ublkb${info.devId}`;
     opts.log(describeFeatures(os.release(), ctl.features, info.flags));
     const bs = image.blockSize;
@@ -342,7 +349,7 @@ export class UblkServer {
       const eventfd = c.eventfd(0, EFD_CLOEXEC);
       if (eventfd < 0) throw new FvdError(`eventfd failed (errno ${c.errno()})`, 'EIO');
       const completions = CompletionRing.create(this.opts.depth + 1);
-      const control = new SharedArrayBuffer(4);
+      const control = new SharedArrayBuffer(8); // [0] quit, [1] quiesced (queue-loop.ts)
       const data: QueueWorkerData = {
         devId,
         qid,
@@ -448,7 +455,7 @@ export class UblkServer {
       case 'exit':
         if (m.error) this.opts.log(`queue ${m.qid} stopped: ${m.error}`);
         // Its tags would never be answered: stop the device so pending I/O fails instead of hanging.
-        if (this.started && !this.stopping) this.opts.onFatal?.(`queue ${m.qid} exited${m.error ? `: ${m.error}` : ''}`);
+        if (this.started && !this.stopping && !this.handingOff) this.opts.onFatal?.(`queue ${m.qid} exited${m.error ? `: ${m.error}` : ''}`);
         break;
     }
   }
@@ -554,6 +561,40 @@ export class UblkServer {
       this.opts.log(`resized: ${this.devicePath} grew from ${r.oldSize} to ${r.newSize} bytes`);
     }
     return r;
+  }
+
+  /**
+   * A hand-off's drain (docs/DESIGN.md §7.5), before the journal commit: on a device with
+   * UBLK_F_QUIESCE, QUIESCE_DEV makes the kernel hold new requests and abort the idle fetches,
+   * and each queue ends once it has committed the requests it holds, so the process exits with
+   * nothing in flight and the device goes QUIESCED with no request to reissue. Without QUIESCE,
+   * or if the kernel refuses, nothing changes: the requests in flight at the exit are reissued
+   * to the next server (USER_RECOVERY_REISSUE). Returns the line for the log; never throws.
+   */
+  async quiesceForHandOff(timeoutMs: number): Promise<string> {
+    const { ctl } = this;
+    if ((this.deviceFlags & UBLK_F_QUIESCE) === 0n) {
+      const why = ctl.features !== null && (ctl.features & UBLK_F_QUIESCE) !== 0n ? 'this device was added without UBLK_F_QUIESCE' : 'the kernel has no UBLK_F_QUIESCE';
+      return `hand-off without QUIESCE_DEV (${why}): requests in flight at the exit are reissued to the next server`;
+    }
+    this.handingOff = true;
+    const t0 = Date.now();
+    try {
+      await ctl.quiesceDevice(this.devId, timeoutMs);
+    } catch (err) {
+      // EBUSY: some queue had every tag busy for the whole time-out. The kernel holds new
+      // requests all the same; what the queues hold is reissued after the exit, as on 6.12.
+      return `hand-off: QUIESCE_DEV failed (${(err as Error).message}): requests in flight at the exit are reissued to the next server`;
+    }
+    const t1 = Date.now();
+    for (const q of this.queues) {
+      Atomics.store(q.control, 1, 1);
+      fs.writeSync(q.eventfd, EFD_WAKE);
+    }
+    const exits = await Promise.all(this.queues.map((q) => withTimeout(q.exited, timeoutMs)));
+    const stuck = exits.findIndex((e) => e === 'timeout');
+    if (stuck >= 0) return `hand-off: device quiesced, but queue ${stuck} still held requests after ${timeoutMs} ms: they are reissued to the next server`;
+    return `hand-off: device quiesced (QUIESCE_DEV ${t1 - t0} ms, queues drained ${Date.now() - t1} ms): no request is left to reissue`;
   }
 
   /** Stops the device, drains I/O, closes the image cleanly and deletes the device. Idempotent. */

@@ -10,8 +10,9 @@
  *   stopping  on SIGTERM/SIGINT or a fatal error: STOPPING=1, the prefetcher stops (its copy in
  *             flight finished) before the device stops and the image closes, then the device
  *             link and metrics file go. Exit status 0, or 1 after a fatal error or failed stop.
- *   hand-off  on SIGHUP, with --recovery-wait > 0 only: the prefetcher stops, the journal is
- *             committed, and the process exits 0 *leaving the device* for the next server, which
+ *   hand-off  on SIGHUP, with --recovery-wait > 0 only: the prefetcher stops, the device is
+ *             quiesced where the kernel can (QUIESCE_DEV), the journal is committed, and the
+ *             process exits 0 *leaving the device* for the next server, which
  *             recovers it (`fvd serve --takeover`, `systemctl restart`; docs/DESIGN.md §7.5).
  */
 import fs from 'node:fs';
@@ -36,6 +37,8 @@ import { RemoteMonitor, formatRemote } from './remote-status.js';
 const REMOTE_CHUNK_BYTES = 8 * 1024 * 1024;
 /** After a remote base failed a prefetch read, try again after this long (doubling, to 5 min). */
 const REMOTE_RETRY_MS = 5000;
+/** How long a hand-off waits for QUIESCE_DEV and then for the queues to commit what they hold. */
+const HANDOFF_QUIESCE_MS = 10_000;
 /** How often STATUS= and the figures files are refreshed. */
 const STATUS_INTERVAL_MS = 5000;
 
@@ -168,11 +171,13 @@ class DeviceService {
   }
 
   /**
-   * Live restart: leave the device, in the state a crash leaves it, to the next server. Nothing
-   * stops: the queues keep serving until the process exits, and whatever the kernel had handed
-   * them and they had not completed is reissued to the next server (USER_RECOVERY_REISSUE). The
-   * journal commit before the exit only shortens the next server's work: every write acknowledged
-   * after it is in the pending log, as after a crash (docs/DESIGN.md §7).
+   * Live restart: leave the device, in the state a crash leaves it, to the next server. With
+   * UBLK_F_QUIESCE (7.x) the kernel stops dispatching and the queues end once they have committed
+   * what they hold, so nothing is in flight at the exit. Without it (6.12) the queues keep serving
+   * until the process exits, and whatever the kernel had handed them and they had not completed
+   * is reissued to the next server (USER_RECOVERY_REISSUE). The journal commit before the exit
+   * only shortens the next server's work: every write acknowledged after it is in the pending
+   * log, as after a crash (docs/DESIGN.md §7, §7.5).
    */
   private handOff(): void {
     const { server, log } = this;
@@ -182,7 +187,13 @@ class DeviceService {
     }
     if (this.stopping) return;
     log(`SIGHUP: handing ${server.devicePath} over to the next server`);
-    this.leaveServing(`handing ${server.devicePath} over`, () => server.image.flush()).then(
+    // Quiesce first, so that the journal commit after it covers every write acknowledged here.
+    const finish = () =>
+      server
+        .quiesceForHandOff(HANDOFF_QUIESCE_MS)
+        .then(log)
+        .then(() => server.image.flush());
+    this.leaveServing(`handing ${server.devicePath} over`, finish).then(
       () => {
         log(`handed over: ${server.devicePath} waits for the next server (at most ${this.opts.recoveryWait} s)`);
         this.exit(0);

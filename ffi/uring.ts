@@ -398,6 +398,17 @@ export class IoUring {
     return (this.sqTail - Atomics.load(this.sq32, this.sqHeadIdx)) >>> 0;
   }
 
+  /**
+   * One io_uring_enter(GETEVENTS) that submits and waits for nothing: it runs the task work the
+   * kernel deferred to this thread (DEFER_TASKRUN), so every completion queued before the call is
+   * posted after it, whatever the TASKRUN flag says. 0 or -errno.
+   */
+  enterForEvents(): number {
+    if (this.fd < 0) return -EBADF;
+    const ret = this.sys.syscall6(SYS_io_uring_enter, this.fd, 0, 0, IORING_ENTER_GETEVENTS, 0, 0);
+    return ret < 0 ? -this.sys.errno() : 0;
+  }
+
   /** Blocks until at least `waitNr` CQEs are available, submitting anything prepared. */
   wait(waitNr = 1): number {
     return this.submit(waitNr);

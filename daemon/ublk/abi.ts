@@ -26,12 +26,18 @@ export const UBLK_U_CMD_END_USER_RECOVERY = IOC(RW, 0x11, CTRL_SIZE);
 export const UBLK_U_IO_FETCH_REQ = IOC(RW, 0x20, IO_SIZE);
 export const UBLK_U_IO_COMMIT_AND_FETCH_REQ = IOC(RW, 0x21, IO_SIZE);
 
-// Commands after 6.12 (not issued yet; each needs its UBLK_F_* bit in GET_FEATURES first).
+// Commands after 6.12 (each needs its UBLK_F_* bit in GET_FEATURES first; only QUIESCE_DEV is issued).
 /** 6.9: DEL_DEV without waiting for the last reference (_IOR, unlike its neighbours). */
 export const UBLK_U_CMD_DEL_DEV_ASYNC = IOC(R, 0x14, CTRL_SIZE);
 /** UBLK_F_UPDATE_SIZE: data[0] = the new size in 512-byte sectors, on a live device. */
 export const UBLK_U_CMD_UPDATE_SIZE = IOC(RW, 0x15, CTRL_SIZE);
-/** UBLK_F_QUIESCE: data[0] = time-out in ms; the device ends QUIESCED (or FAIL_IO). */
+/**
+ * UBLK_F_QUIESCE (6.16; the device must have it, else EOPNOTSUPP): data[0] = time-out in ms (0 =
+ * none), no buffer. The kernel stops dispatching (new requests are requeued and held), waits until
+ * every queue has an idle tag, then completes the idle tags' FETCHes with UBLK_IO_RES_ABORT and
+ * returns; EBUSY after the time-out. Requests the server holds stay its own to commit. The state
+ * turns QUIESCED when the server releases /dev/ublkcN (ublk_ctrl_quiesce_dev, ublk_ch_release_work_fn).
+ */
 export const UBLK_U_CMD_QUIESCE_DEV = IOC(RW, 0x16, CTRL_SIZE);
 /** UBLK_F_SAFE_STOP_DEV: STOP_DEV only while nobody has the block device open. */
 export const UBLK_U_CMD_TRY_STOP_DEV = IOC(RW, 0x17, CTRL_SIZE);

@@ -17,6 +17,7 @@ import {
   UBLK_U_CMD_GET_DEV_INFO,
   UBLK_U_CMD_GET_FEATURES,
   UBLK_U_CMD_GET_PARAMS,
+  UBLK_U_CMD_QUIESCE_DEV,
   UBLK_U_CMD_SET_PARAMS,
   UBLK_U_CMD_START_DEV,
   UBLK_U_CMD_START_USER_RECOVERY,
@@ -164,6 +165,15 @@ export class UblkControl {
   /** Ends a recovery: like START_DEV it completes once this pid fetched every tag. */
   endUserRecovery(devId: number, pid: number): Promise<number> {
     return this.command('END_USER_RECOVERY', UBLK_U_CMD_END_USER_RECOVERY, LEGACY.END_USER_RECOVERY, devId, null, 0, pid);
+  }
+
+  /**
+   * QUIESCE_DEV (devices added with UBLK_F_QUIESCE only; no legacy opcode): resolves once the
+   * kernel holds new requests and aborted the idle fetches (abi.ts). Rejects with EBUSY when a
+   * queue had no idle tag within `timeoutMs` (the kernel still holds new requests then).
+   */
+  quiesceDevice(devId: number, timeoutMs: number): Promise<number> {
+    return this.command('QUIESCE_DEV', UBLK_U_CMD_QUIESCE_DEV, UBLK_U_CMD_QUIESCE_DEV, devId, null, 0, Math.max(1, Math.round(timeoutMs)));
   }
 
   /**

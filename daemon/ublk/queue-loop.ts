@@ -126,7 +126,11 @@ export interface QueueLoopOptions {
   targetFiles: number[];
   /** Kept armed until stop is asked; its wake-ups go to handleEvent. -1: none. */
   eventfd: number;
-  /** [0] = 1 asks the loop to end (and not to re-arm the eventfd read). */
+  /**
+   * [0] = 1 asks the loop to end (and not to re-arm the eventfd read). [1] = 1 says QUIESCE_DEV
+   * returned (set by the owner, then the eventfd written): the kernel sends no more requests, so
+   * the loop ends as soon as it holds none (a hand-off, docs/DESIGN.md §7.5).
+   */
   control: Int32Array;
   /** Polls of the ring's flags before blocking in io_uring_enter (0: block at once). */
   spin: number;
@@ -172,6 +176,8 @@ export class QueueLoop {
   /** Date.now() after the last wait in io_uring_enter: one clock read per loop turn, not per request. */
   private now = Date.now();
   private aborted = 0;
+  /** Requests received and not yet completed (what a quiesced queue waits for). */
+  private inFlight = 0;
   private closed = false;
 
   /** Maps the descriptors, sets up the ring and buffers; on failure releases what it took. */
@@ -247,19 +253,43 @@ export class QueueLoop {
 
   /** The request of `tag` is done with `result` (bytes, or -errno): commit it and fetch the next. */
   complete(tag: number, result: number): void {
+    this.inFlight--;
     this.tagBusy[tag] = 0;
     this.tagIdleSince[tag] = this.now;
     this.ublkCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
   }
 
-  /** Serves requests until every tag was aborted (the device stopped) or control[0] is set. */
+  /**
+   * Serves requests until every tag was aborted (the device stopped), control[0] is set, or the
+   * device is quiesced (control[1]) and no request is left here.
+   *
+   * Quiesced: QUIESCE_DEV returned, so the kernel dispatches nothing new, and what it dispatched
+   * before (and the aborts of the idle fetches) is queued as task work of this thread, which with
+   * DEFER_TASKRUN runs only inside our io_uring_enter. One enter after seeing the flag therefore
+   * delivers all of it; from then on the requests held here are all there will be. Once they are
+   * committed (COMMIT_AND_FETCH, submitted before leaving) the loop ends; fetches still pending
+   * carry no request, and closing the ring cancels them. Nothing is left for the kernel to reissue.
+   */
   run(): void {
     const { ring, depth, opts } = this;
     const control = opts.control;
     const spin = opts.spin;
     const onCqe = this.onCqe;
     let lastSecond = Date.now();
+    let quiesced = false;
     while (this.aborted < depth && Atomics.load(control, 0) === 0) {
+      if (!quiesced && Atomics.load(control, 1) !== 0) {
+        quiesced = true;
+        const r = ring.enterForEvents();
+        if (r < 0 && r !== EINTR && r !== EAGAIN && r !== EBUSY) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(r)}`);
+        ring.reap(onCqe);
+      }
+      if (quiesced && this.inFlight === 0) {
+        // The last commits go to the kernel now: they complete their requests.
+        const r = ring.submit(0);
+        if (r < 0 && r !== EINTR && r !== EAGAIN && r !== EBUSY) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(r)}`);
+        if (ring.unsubmitted === 0) break;
+      }
       if (spin > 0 && !ring.hasWork()) {
         // Hand over what is prepared without sleeping, then poll the ring's flags for a while:
         // a new request or completion usually comes within microseconds under load, and a
@@ -353,6 +383,7 @@ export class QueueLoop {
     switch (userDataKind(userData)) {
       case UD_KIND_UBLK_CMD:
         if (res === UBLK_IO_RES_OK) {
+          this.inFlight++;
           this.tagBusy[tag] = 1;
           this.tagUsed[tag] = 1;
           this.target!.handleIo(tag, readIoDescriptor(this.descs, tag, this.iod));

@@ -15,7 +15,7 @@ import {
   UBLK_U_CMD_DEL_DEV_ASYNC, UBLK_U_CMD_UPDATE_SIZE, UBLK_U_CMD_QUIESCE_DEV, UBLK_U_CMD_TRY_STOP_DEV,
   UBLK_U_IO_REGISTER_IO_BUF, UBLK_U_IO_UNREGISTER_IO_BUF, UBLK_U_IO_PREP_IO_CMDS, UBLK_U_IO_COMMIT_IO_CMDS,
   UBLK_U_IO_FETCH_IO_CMDS, UBLK_F_SHMEM_ZC, UBLK_U_CMD_START_USER_RECOVERY, UBLK_U_CMD_END_USER_RECOVERY, LEGACY,
-  FVD_SERVER_TAG, UBLK_F_USER_RECOVERY, UBLK_S_DEV_QUIESCED,
+  FVD_SERVER_TAG, UBLK_F_USER_RECOVERY, UBLK_S_DEV_QUIESCED, UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY_REISSUE,
   decodeDevInfo, encodeCtrlCmd, encodeDevInfo, encodeIoCmd, encodeParams,
 } from '../../daemon/ublk/abi.js';
 import { describeFeatures, featureNames } from '../../daemon/ublk/features.js';
@@ -33,7 +33,7 @@ import { listStates, removeState, writeState } from '../../daemon/state.js';
 import { FvdImage } from '../../fvd/image.js';
 import { BASE, directRoute, newRun } from '../../fvd/mapping.js';
 import { nodeIo } from '../../storage/node-file.js';
-import { RECOVERY_FLAGS, isOurs, serverFlagsFor } from '../../daemon/recovery.js';
+import { RECOVERY_FLAGS, addDevFlags, isOurs, serverFlagsFor } from '../../daemon/recovery.js';
 
 test('ublk opcodes are the ioctl encodings of Linux 6.12', () => {
   assert.is(UBLK_U_CMD_GET_DEV_INFO, 0x80207502);
@@ -66,6 +66,23 @@ test('recovery: a waiting device is ours only when tag, file crc, flags and geom
   assert.not.ok(isOurs({ ...info, queueDepth: 128 }, st), 'other geometry');
   assert.not.ok(isOurs({ ...info, devId: 4 }, st), 'other id');
   assert.not.ok(isOurs(info, { ...st, fileId: undefined }), 'state file without recovery');
+});
+
+test('ADD_DEV flags: QUIESCE only for a recoverable device and only when the kernel offers it', () => {
+  const offered73 = 0x1fffffn; // a 7.3 kernel offering bits 0-20
+  const offered612 = 0x1ffn; // 6.12: bits 0-8, no QUIESCE
+  assert.is(addDevFlags(true, offered73), UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE | UBLK_F_QUIESCE);
+  assert.is(addDevFlags(true, offered612), RECOVERY_FLAGS);
+  assert.is(addDevFlags(true, null), RECOVERY_FLAGS, 'no GET_FEATURES (< 6.5)');
+  // The kernel refuses QUIESCE without USER_RECOVERY (EINVAL at ADD_DEV).
+  assert.is(addDevFlags(false, offered73), 0n);
+  // QUIESCE_DEV: data[0] is the time-out in ms, no buffer (addr 0, len 0).
+  const dv = new DataView(new ArrayBuffer(32));
+  encodeCtrlCmd(dv, 0, 3, 0, 0, 10_000);
+  assert.is(dv.getUint32(0, true), 3);
+  assert.is(dv.getUint16(6, true), 0);
+  assert.is(dv.getBigUint64(8, true), 0n);
+  assert.is(dv.getBigUint64(16, true), 10_000n);
 });
 
 test('ublk commands after 6.12: ioctl encodings of the 7.x uapi header', () => {
