@@ -1,6 +1,6 @@
 /**
  * The per-device control channel from the CLI to the process serving the device: a unix socket
- * next to the state file (/run/fvd/ublkbN.sock, mode 0600: root's, like the device), speaking
+ * next to the state file (state.ts controlSocketFile: /run/fvd/ublkbN.sock, mode 0600: root's, like the device), speaking
  * one JSON line of request and one of response per connection. `fvd resize` of a served image
  * uses it (docs/DESIGN.md §8); the server answers one request at a time, in order.
  *
@@ -11,7 +11,6 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { FvdError } from '../fvd/errors.js';
-import { stateDir } from './state.js';
 
 export interface GrowRequest {
   op: 'grow';
@@ -24,10 +23,6 @@ export type ControlResponse = { ok: true; oldSize: number; newSize: number } | {
 
 /** A request line longer than this is not ours: the connection is closed. */
 const MAX_LINE = 4096;
-
-export function controlSocketPath(devId: number): string {
-  return path.join(stateDir(), `ublkb${devId}.sock`);
-}
 
 /** Parses a request line; throws a one-line EINVAL error when it is not a valid request. */
 export function parseRequest(line: string): ControlRequest {

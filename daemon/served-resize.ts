@@ -4,9 +4,9 @@
  */
 import fs from 'node:fs';
 import { FvdError } from '../fvd/errors.js';
-import { controlSocketPath, sendControl } from './control-socket.js';
+import { sendControl } from './control-socket.js';
 import { pidAlive } from './recovery.js';
-import { listStates, type DeviceState } from './state.js';
+import { controlSocketFile, listStates, type DeviceState } from './state.js';
 
 /** The state of the live server of `image` (same file, by real path), or null. */
 export function servedImage(image: string): DeviceState | null {
@@ -21,7 +21,7 @@ export function servedImage(image: string): DeviceState | null {
 
 /** Asks the server of `st` to grow; resolves with the sizes, throws its one-line error. */
 export async function growServed(st: DeviceState, req: { size: number } | { delta: number }): Promise<{ oldSize: number; newSize: number }> {
-  const res = await sendControl(controlSocketPath(st.devId), { op: 'grow', ...req });
+  const res = await sendControl(controlSocketFile(st.devId), { op: 'grow', ...req });
   if (!res.ok) throw new FvdError(res.error, res.code === 'EBUSY' || res.code === 'ENOSPC' || res.code === 'EIO' ? res.code : 'EINVAL');
   return { oldSize: res.oldSize, newSize: res.newSize };
 }

@@ -26,8 +26,8 @@ import type { QueueActivityReader } from './queue-activity.js';
 import { wipe } from './key-file.js';
 import { runGrowCommand } from './grow.js';
 import { figuresFile, linkDevice, prometheusText, unlinkDevice, writeAtomically, type DeviceFigures } from './metrics.js';
-import { stateDir, writeState } from './state.js';
-import { ControlSocket, controlSocketPath } from './control-socket.js';
+import { controlSocketFile, stateDir, writeState } from './state.js';
+import { ControlSocket } from './control-socket.js';
 import { spawnWarden } from './warden.js';
 import type { StorageIo } from '../storage/storage-io.js';
 import { isUrl } from '../fvd/base-location.js';
@@ -125,7 +125,7 @@ class DeviceService {
 
   /** The control channel (`fvd resize` of this image); without it the device is served all the same. */
   async listenForControl(): Promise<void> {
-    const file = controlSocketPath(this.server.devId);
+    const file = controlSocketFile(this.server.devId);
     try {
       this.control = await ControlSocket.listen(file, (req) => this.server.grow(req), this.log);
     } catch (err) {

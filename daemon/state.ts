@@ -68,14 +68,18 @@ export function recoveringFile(devId: number): string {
   return path.join(stateDir(), `ublkb${devId}.recovering`);
 }
 
+/** The control socket of the device's server (daemon/control-socket.ts), next to its state file. */
+export function controlSocketFile(devId: number): string {
+  return path.join(stateDir(), `ublkb${devId}.sock`);
+}
+
 export function removeState(devId: number): void {
   fs.rmSync(stateFile(devId), { force: true });
   // the figures `fvd serve` keeps next to it (daemon/metrics.ts)
   fs.rmSync(path.join(stateDir(), `ublkb${devId}.figures.json`), { force: true });
   fs.rmSync(wardenFile(devId), { force: true });
   fs.rmSync(recoveringFile(devId), { force: true });
-  // the control socket of its server (daemon/control-socket.ts)
-  fs.rmSync(path.join(stateDir(), `ublkb${devId}.sock`), { force: true });
+  fs.rmSync(controlSocketFile(devId), { force: true });
 }
 
 export function listStates(): DeviceState[] {

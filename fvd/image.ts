@@ -869,7 +869,6 @@ export class FvdImage {
    */
   sharedView(): SharedView {
     return {
-      size: this.size,
       liveSize: this.sharedSize,
       dataOffset: this.header.dataOffset,
       blockSize: this.blockSize,

@@ -163,8 +163,6 @@ function storageless(l: MappingLayout, id: number): boolean {
  * Defined here, once, beside the rule that reads it (directRoute).
  */
 export interface SharedView {
-  /** The size when the view was taken (informational); the live value is `liveSize[0]`. */
-  size: number;
   /**
    * [0] is the virtual size in bytes: grows while serving (FvdImage.growOnline) before the kernel
    * is told (UPDATE_SIZE), so no request the kernel sends lies past it (docs/DESIGN.md §2.1).

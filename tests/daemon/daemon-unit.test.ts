@@ -216,7 +216,7 @@ test('daemon/ublk/ knows ublk, not FVD: it imports only node:, ffi/ and its own 
 
 function view(over: Partial<EngineView>): EngineView {
   return {
-    size: 1 << 20, liveSize: new Float64Array([1 << 20]), dataOffset: 1 << 20, blockSize: 4096, chunkSize: 65536, baseLimit: 0, baseBlocks: 0, bitmapEnd: 0, allLocal: true,
+    liveSize: new Float64Array([1 << 20]), dataOffset: 1 << 20, blockSize: 4096, chunkSize: 65536, baseLimit: 0, baseBlocks: 0, bitmapEnd: 0, allLocal: true,
     fullyLocal: new Int32Array(1), present: new Uint8Array(32), journaled: new Uint8Array(32), table: null, encrypted: false, shared: null, ...over,
   };
 }
