@@ -8,6 +8,7 @@
  */
 import fs from 'node:fs';
 import { FvdError } from '../fvd/errors.js';
+import { HEADER_SIZE, INCOMPAT_DIRTY, decodeHeader } from '../fvd/format.js';
 import { readPendingLog } from '../fvd/pending-log.js';
 import { currentBootId, fileIdOf, pendingLogPath, pidAlive } from './recovery.js';
 import { listStates } from './state.js';
@@ -31,13 +32,42 @@ export function refuseWhilePending(image: string, what: string): void {
       `${image}: ${waiting.device} is waiting for this image's server (writes it acknowledged may not be in the image yet): 'fvd serve ${image}' recovers it, 'fvd stop ${waiting.devId}' deletes it; then ${what}`,
       'EBUSY',
     );
-  const logPath = pendingLogPath(fileId);
-  const log = readPendingLog({ path: logPath, bootId, fileId });
-  if (log.status !== 'valid') return;
-  const n = log.records.filter((r) => r.seq > log.committedSeq).length;
-  if (n > 0)
+  const pending = unappliedPendingWrites(image, fileId, bootId);
+  if (pending)
     throw new FvdError(
-      `${image}: ${logPath} holds ${n} records of writes a dead server acknowledged, not yet in the image: run 'fvd serve ${image}' (it applies them) and stop it, then ${what}`,
+      `${image}: ${pending.logPath} holds ${pending.records} records of writes a dead server acknowledged, not yet in the image: run 'fvd serve ${image}' (it applies them) and stop it, then ${what}`,
       'EBUSY',
     );
+}
+
+/**
+ * The records of this boot's pending log of `image` (identity `fileId`) that its next read-write
+ * open would apply, or null when there are none. The engine applies a log only to a DIRTY image
+ * (fvd/metadata.ts: after the journal replay): a clean image's log is spent — its server closed
+ * it, or the file is a new one that reuses a deleted image's inode (the log is keyed by dev:ino) —
+ * and is not pending, whatever it holds.
+ */
+export function unappliedPendingWrites(image: string, fileId: string, bootId: string): { logPath: string; records: number } | null {
+  const logPath = pendingLogPath(fileId);
+  const log = readPendingLog({ path: logPath, bootId, fileId });
+  if (log.status !== 'valid') return null;
+  const records = log.records.filter((r) => r.seq > log.committedSeq).length;
+  if (records === 0 || !imageIsDirty(image)) return null;
+  return { logPath, records };
+}
+
+/** DIRTY in the image's header; an unreadable header counts as dirty (the command reports it). */
+function imageIsDirty(image: string): boolean {
+  try {
+    const fd = fs.openSync(image, 'r');
+    try {
+      const sector = new Uint8Array(HEADER_SIZE);
+      fs.readSync(fd, sector, 0, HEADER_SIZE, 0);
+      return (decodeHeader(image, sector, fs.fstatSync(fd).size).incompatible & INCOMPAT_DIRTY) !== 0n;
+    } finally {
+      fs.closeSync(fd);
+    }
+  } catch {
+    return true;
+  }
 }

@@ -7,8 +7,9 @@ import { UsageError, parseInteger } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { listStates, removeState, type DeviceState } from '../state.js';
 import { pidAlive } from '../server.js';
-import { handOffServer, isOurs, waitForExit } from '../recovery.js';
+import { currentBootId, handOffServer, isOurs, waitForExit } from '../recovery.js';
 import { recoveringPid } from '../warden.js';
+import { unappliedPendingWrites } from '../pending-guard.js';
 import { UblkControl } from '../ublk/control.js';
 
 export const spec = defineCommand({
@@ -65,6 +66,13 @@ async function deleteWaitingDevice(st: DeviceState): Promise<number> {
     }
     removeState(st.devId);
     console.log(`deleted ${st.device} (${st.name}), which was waiting for its server`);
+    // Its held I/O failed, but what it acknowledged before is safe: the data is in the image and
+    // the records that expose it are in the pending log, which only a read-write serve applies.
+    const pending = st.fileId !== undefined ? unappliedPendingWrites(st.image, st.fileId, currentBootId()) : null;
+    if (pending)
+      console.log(
+        `${pending.records} records of writes it acknowledged are in ${pending.logPath}, not yet in ${st.image}: the next 'fvd serve ${st.image}' applies them (offline commands refuse until then)`,
+      );
     return 0;
   } finally {
     ctl.close();

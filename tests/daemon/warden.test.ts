@@ -16,6 +16,8 @@ import { UBLK_S_DEV_DEAD, UBLK_S_DEV_LIVE, UBLK_S_DEV_QUIESCED } from '../../dae
 import { writeState, type DeviceState } from '../../daemon/state.js';
 import { PENDING_BITMAP, encodePendingHeader, encodePendingRecord } from '../../fvd/pending-log.js';
 import { CLI, assertOneLineError, fvd, sha256File, withRunDir } from '../helpers/cli.js';
+import { setDirty } from '../helpers/tamper.js';
+import { unappliedPendingWrites } from '../../daemon/pending-guard.js';
 
 /** A pid that is certainly not running: a child that already exited (and was reaped). */
 const DEAD = spawnSync(process.execPath, ['-e', '0']).pid!;
@@ -95,6 +97,13 @@ test('offline commands refuse, leaving the image unchanged, while a dead server\
     const log = pendingLogPath(fileId);
     const rec = encodePendingRecord({ seq: 1, kind: PENDING_BITMAP, a: 0, b: 1 });
     fs.writeFileSync(log, Buffer.concat([encodePendingHeader(currentBootId(), fileId, 0), rec]));
+    // A clean image's log is spent (the engine applies logs to DIRTY images only): e.g. a new file
+    // that reuses a deleted image's inode. Offline commands run.
+    assert.is(unappliedPendingWrites(img, fileId, currentBootId()), null);
+    assert.is(fvd('check', '--repair', img).code, 0, 'a clean image with a stale log is not refused');
+    // The dead server's image: DIRTY (it was open read-write), records not committed.
+    setDirty(img);
+    assert.equal(unappliedPendingWrites(img, fileId, currentBootId()), { logPath: log, records: 1 });
     const before = sha256File(img);
     const cmds = [
       ['check', '--repair', img],
@@ -113,7 +122,8 @@ test('offline commands refuse, leaving the image unchanged, while a dead server\
     assert.ok(!fs.existsSync(path.join(tmp.path, 'out.raw')), 'convert wrote nothing');
     // Records already committed (seq ≤ committed_seq) are not pending: the commands run.
     fs.writeFileSync(log, Buffer.concat([encodePendingHeader(currentBootId(), fileId, 1), rec]));
-    assert.is(fvd('check', '--repair', img).code, 0);
+    assert.is(unappliedPendingWrites(img, fileId, currentBootId()), null);
+    assert.is(fvd('check', '--repair', img).code, 3, 'the repair runs (3: it cleared DIRTY)');
     fs.rmSync(log);
     // A device waiting for this image's dead server.
     const dev = path.join(tmp.path, 'ublkb5');

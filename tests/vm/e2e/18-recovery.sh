@@ -35,6 +35,9 @@
 #    device lives on past it and the old warden leaves it alone. With --recovery-wait 60, `fvd
 #    list` says "waiting for a daemon" with the seconds left, `fvd stop` deletes the waiting
 #    device, I/O held on it fails promptly with EIO, and nothing hangs.
+# g) a waiting device deleted while its pending log holds acknowledged, unflushed writes: `fvd
+#    stop` says how many records wait in the log and that the next serve applies them, an offline
+#    resize refuses (image unchanged), the next serve applies them and the data reads back.
 
 RW=60
 
@@ -381,12 +384,40 @@ waiting_round() {
     check "fvd check clean" fvd check "$img"
 }
 
+stopped_pending_round() {
+    local img=$D/p.fvd id out rc=0 sum
+    must "fvd create --layout compact" fvd create --layout compact "$img" 64M
+    serve_must "$img" --recovery-wait $RW
+    id=$SERVE_ID
+    random_file p.bin 4
+    check "4 MiB written with O_DIRECT, no fsync" t dd if=p.bin of="$SERVE_DEV" bs=1M seek=4 oflag=direct conv=notrunc status=none
+    kill -KILL "$SERVE_PID"
+    wait_pid "$SERVE_PID" 30
+    out=$(fvd stop "$id" 2>&1) || rc=$?
+    expect "fvd stop of the waiting device exits 0" "$rc" 0 "$out"
+    if grep -qE "^[0-9]+ records of writes it acknowledged are in /run/fvd/pending-.*the next 'fvd serve $img' applies them" <<< "$out"; then ok "fvd stop names the pending writes: $(tail -1 <<< "$out")"
+    else not_ok "fvd stop of a device with pending writes does not mention them" "$out"; fi
+    device_gone "$id" 10 && ok "/dev/ublkb$id is gone" || not_ok "/dev/ublkb$id still exists after fvd stop" "$(ublk_nodes)"
+    sum=$(sha256sum < "$img")
+    rc=0; out=$(fvd resize "$img" 128M 2>&1) || rc=$?
+    if ((rc != 0)) && grep -q "records of writes a dead server acknowledged" <<< "$out" && [[ $(sha256sum < "$img") == "$sum" ]]; then ok "an offline resize refuses while the writes are pending (image unchanged)"
+    else not_ok "offline resize with pending writes: exit $rc, or the image changed" "$out"; fi
+    serve_must "$img"
+    if grep -q "applied [0-9]* records of the previous server's pending log" "$SERVE_LOG"; then ok "the next serve applied the pending log"
+    else not_ok "no 'applied N records' in the serve log" "$(cat "$SERVE_LOG")"; fi
+    check_dev_equals "the acknowledged write reads back after the device was deleted and served again" "$SERVE_DEV" $((4 << 20)) p.bin
+    serve_stop "after applying the pending log"
+    check "fvd check clean" fvd check "$img"
+    rm -f "$img"
+}
+
 scenario() {
     # the short rounds first: a slow guest's time limit then cuts the long fio rounds, not these
     expiry_round
     race_round
     waiting_round
     unflushed_round
+    stopped_pending_round
     ext4_round
     fio_round raw
     fio_round compact
