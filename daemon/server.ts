@@ -215,7 +215,7 @@ export class UblkServer {
    * The device's size as the kernel has it (SET_PARAMS, UPDATE_SIZE): the image's, except after
    * a recovery that found an online grow interrupted before UPDATE_SIZE (DESIGN.md §8).
    */
-  private deviceSize = 0;
+  deviceSize = 0;
 
   /**
    * Takes over a device this image's dead server left waiting (docs/DESIGN.md §7): the image is

@@ -181,13 +181,14 @@ grow_recovery_round() {
     check "[grow-recover] without UPDATE_SIZE: the files verify" bash -c "cd '$D/g' && sha256sum -c '$D/gsums'"
     kill -KILL "$SERVE_PID"
     wait_pid "$SERVE_PID" 30
+    expect "[grow-recover] without UPDATE_SIZE: SIGKILLed" "$WAIT_RC" 137
 
     serve_must g.fvd --recovery-wait 60
     expect "[grow-recover] the same device is recovered" "$SERVE_DEV" "/dev/ublkb$id" "$(cat "$SERVE_LOG")"
     expect "[grow-recover] same major:minor" "$(stat -c %t:%T "$SERVE_DEV")" "$devno"
     if grep -q "recovered device $id" "$SERVE_LOG" && grep -q "device $id: interrupted online grow: recovering at 67108864 bytes" "$SERVE_LOG" &&
         grep -q "device $id: UPDATE_SIZE to 134217728 bytes done" "$SERVE_LOG"; then
-        ok "[grow-recover] the log names each step: $(grep -E 'interrupted online grow|UPDATE_SIZE' "$SERVE_LOG" | tr '\n' '|')"
+        ok "[grow-recover] the log names each step: $(grep -E 'interrupted online grow|UPDATE_SIZE to' "$SERVE_LOG" | tr '\n' '|')"
     else not_ok "[grow-recover] the log lacks the recovery's steps" "$(cat "$SERVE_LOG")"; fi
     expect "[grow-recover] blockdev --getsize64 shows the new size" "$(blockdev --getsize64 "$SERVE_DEV")" $((128 * M))
     expect "[grow-recover] fvd list records the new size" "$(list_size "$SERVE_DEV")" $((128 * M))
