@@ -146,6 +146,20 @@ export async function findOwnDevice(ctl: UblkControl, fileId: string, bootId: st
 }
 
 /**
+ * The size a recovery serves (docs/DESIGN.md §8). The waiting device keeps the size its last
+ * UPDATE_SIZE (or SET_PARAMS) gave it; the image's header may be larger, and only an online grow
+ * interrupted between its header write and UPDATE_SIZE makes it so: then the device is recovered
+ * at its own size (`pendingGrow`, the grow is finished once it is LIVE). A device larger than the
+ * image is no state fvd ever leaves (an image never shrinks while served): refused in one line.
+ */
+export function recoverySize(devId: number, deviceSectors: number, imageBytes: number): { deviceBytes: number; pendingGrow: boolean } {
+  const deviceBytes = deviceSectors * 512;
+  if (deviceBytes > imageBytes)
+    throw new FvdError(`device ${devId} has ${deviceSectors} sectors but the image is ${imageBytes / 512}: not recovering it (a device larger than its image)`, 'EINVAL');
+  return { deviceBytes, pendingGrow: deviceBytes < imageBytes };
+}
+
+/**
  * A server killed without cleanup leaves its device id occupied. Leftovers are deleted only when
  * they are ours (fvd's tag, a state file naming the id) and will never be recovered: no recovery
  * flags, or DEAD. A device that waits for its server is left alone — this image's own one is

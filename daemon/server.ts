@@ -47,6 +47,7 @@ import {
   fileIdOf,
   findOwnDevice,
   pendingLogPath,
+  recoverySize,
   removeStaleDevice,
   serverFlagsFor,
   startRecoveryRetrying,
@@ -210,6 +211,11 @@ export class UblkServer {
   bootId = '';
   /** Set once START_USER_RECOVERY succeeded: from then a failure must delete the device. */
   recoveryStarted = false;
+  /**
+   * The device's size as the kernel has it (SET_PARAMS, UPDATE_SIZE): the image's, except after
+   * a recovery that found an online grow interrupted before UPDATE_SIZE (DESIGN.md §8).
+   */
+  deviceSize = 0;
 
   /**
    * Takes over a device this image's dead server left waiting (docs/DESIGN.md §7): the image is
@@ -226,8 +232,14 @@ export class UblkServer {
     }
     const params = await ctl.getParams(id);
     const devSectors = Number(new DataView(params.buffer, params.byteOffset).getBigUint64(8 + 16, true));
-    if (devSectors !== image.size / 512)
-      throw new FvdError(`device ${id} has ${devSectors} sectors but the image is ${image.size / 512}: not recovering it`, 'EINVAL');
+    const { deviceBytes, pendingGrow } = recoverySize(id, devSectors, image.size);
+    if (pendingGrow) {
+      // The old server died between a grow's header write and its UPDATE_SIZE (DESIGN.md §8):
+      // serve the device's size until the kernel is told the image's, after the device is LIVE.
+      opts.log(`device ${id}: interrupted online grow: recovering at ${deviceBytes} bytes (the image's header says ${image.size}; UPDATE_SIZE follows once it is live)`);
+      image.setLiveSize(deviceBytes);
+    }
+    this.deviceSize = deviceBytes;
     opts.log(`recovering device ${id} (previous server pid ${own.state.pid})`);
     const t0 = Date.now();
     this.spawnWorkers(id);
@@ -253,6 +265,50 @@ export class UblkServer {
     opts.log(`recovered device ${id} in ${Date.now() - t0} ms (START ${t1 - t0} ms, queues fetched ${t2 - t1} ms, END_USER_RECOVERY ${t3 - t2} ms, live ${Date.now() - t3} ms)`);
     this.writeDeviceState((own.state.generation ?? 0) + 1);
     unmarkRecovering(id);
+    if (pendingGrow) await this.finishInterruptedGrow();
+  }
+
+  /**
+   * The second half of an online grow whose server died before UPDATE_SIZE (DESIGN.md §8), on
+   * the recovered, LIVE device: UPDATE_SIZE to the image's size where the kernel offers it.
+   * Never throws: the device serves its old size whatever happens here.
+   */
+  private async finishInterruptedGrow(): Promise<void> {
+    const { opts, image, ctl } = this;
+    const id = this.devId;
+    const keep = `serving ${this.deviceSize} of the image's ${image.size} bytes: the grown part is not visible until the device is re-created ('fvd stop ${id}', then serve again)`;
+    // Test hook (tests/vm/e2e/15-kernel.sh): a kernel without UPDATE_SIZE, on one that has it.
+    const offered = ((ctl.features ?? 0n) & UBLK_F_UPDATE_SIZE) !== 0n && process.env.FVD_TEST_FAULT !== 'recover-without-update-size';
+    if (!offered) {
+      opts.log(`device ${id}: this kernel (${os.release()}) lacks UBLK_F_UPDATE_SIZE (6.14+); ${keep}`);
+      return;
+    }
+    try {
+      const from = this.deviceSize;
+      await this.updateDeviceSize(image.size);
+      opts.log(`device ${id}: UPDATE_SIZE to ${image.size} bytes done: ${this.devicePath} grew from ${from} bytes, state file updated`);
+    } catch (err) {
+      opts.log(`device ${id}: UPDATE_SIZE to ${image.size} bytes failed (${(err as Error).message}); ${keep}`);
+    }
+  }
+
+  /**
+   * Tells the kernel the device's new size (the image has it already), then the state file.
+   * The queue workers' size is raised first: a request past the old end can only come after the
+   * kernel's capacity changed, i.e. after this store (DESIGN.md §8). Never UPDATE_SIZE a device
+   * without its disk: before Linux's fix ("ublk: check ub_disk in ublk_ctrl_set_size", stable)
+   * the driver dereferences it unchecked. Checked in the same turn that queues the command: a
+   * STOP_DEV queued later on the same ring runs after it.
+   */
+  private async updateDeviceSize(bytes: number): Promise<void> {
+    if (!this.started || this.stopping) throw new FvdError(`${this.devicePath} is stopping`, 'EBUSY');
+    this.image.setLiveSize(bytes);
+    await this.ctl.updateSize(this.devId, bytes / 512);
+    this.deviceSize = bytes;
+    if (this.state) {
+      this.state = { ...this.state, size: bytes };
+      writeState(this.state);
+    }
   }
 
   private writeDeviceState(generation: number): void {
@@ -264,7 +320,7 @@ export class UblkServer {
       device: this.devicePath,
       image: fs.realpathSync(opts.image),
       pid: process.pid,
-      size: image.size,
+      size: this.deviceSize,
       queues: opts.queues,
       depth: opts.depth,
       startedAt: new Date().toISOString(),
@@ -297,6 +353,7 @@ export class UblkServer {
       });
     this.devId = info.devId;
     this.deviceFlags = info.flags;
+    this.deviceSize = image.size;
     this.devicePath = `/dev/ublkb${info.devId}`;
     opts.log(describeFeatures(os.release(), ctl.features, info.flags));
     const bs = image.blockSize;
@@ -540,27 +597,26 @@ export class UblkServer {
         'EINVAL',
       );
     const r = await image.growOnline(size);
-    if (r.newSize !== r.oldSize) {
-      // Never UPDATE_SIZE a device without its disk: before Linux's fix ("ublk: check ub_disk in
-      // ublk_ctrl_set_size", stable) the driver dereferences it unchecked. Checked in the same
-      // turn that queues the command: a STOP_DEV queued later on the same ring runs after it.
+    // Test hook (tests/vm/e2e/15-kernel.sh): die between the header write and UPDATE_SIZE, the
+    // window a recovering server closes (docs/DESIGN.md §8).
+    if (r.newSize !== r.oldSize && process.env.FVD_TEST_FAULT === 'grow-after-header') process.kill(process.pid, 'SIGKILL');
+    // Compared with the device, not the image: a device left smaller by a failed UPDATE_SIZE of
+    // an earlier grow or recovery grows with this one.
+    const deviceOld = this.deviceSize;
+    if (r.newSize > deviceOld) {
       if (!this.started || this.stopping)
         throw new FvdError(`resize: ${this.opts.image} grew to ${r.newSize} bytes but ${this.devicePath} is stopping: the next serve uses the new size`, 'EBUSY');
       try {
-        await ctl.updateSize(this.devId, r.newSize / 512);
+        await this.updateDeviceSize(r.newSize);
       } catch (err) {
         throw new FvdError(
-          `resize: ${this.opts.image} grew to ${r.newSize} bytes but UPDATE_SIZE of ${this.devicePath} failed (${(err as Error).message}): the device keeps ${r.oldSize} bytes until the image is served again`,
+          `resize: ${this.opts.image} grew to ${r.newSize} bytes but UPDATE_SIZE of ${this.devicePath} failed (${(err as Error).message}): the device keeps ${deviceOld} bytes until the image is served again`,
           'EIO',
         );
       }
-      if (this.state) {
-        this.state = { ...this.state, size: r.newSize };
-        writeState(this.state);
-      }
-      this.opts.log(`resized: ${this.devicePath} grew from ${r.oldSize} to ${r.newSize} bytes`);
+      this.opts.log(`resized: ${this.devicePath} grew from ${deviceOld} to ${r.newSize} bytes`);
     }
-    return r;
+    return { oldSize: deviceOld, newSize: r.newSize };
   }
 
   /**

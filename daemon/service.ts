@@ -311,7 +311,7 @@ class DeviceService {
     const r = this.remote.sample();
     if (r && server.state) writeState({ ...server.state, remote: r });
     return (
-      `${server.devicePath} ${formatSize(server.image.size)}: ${s.fastPath + s.slowPath} requests (${s.slowPath} via engine), ` +
+      `${server.devicePath} ${formatSize(server.deviceSize)}: ${s.fastPath + s.slowPath} requests (${s.slowPath} via engine), ` +
       `${s.flushes} flushes, ${s.errors} errors` +
       (server.image.failure ? ', WRITES REFUSED (a flush failed: restart once the storage works)' : '') +
       (p

@@ -678,6 +678,18 @@ export class FvdImage {
     return { oldSize: V, newSize: V2 };
   }
 
+  /**
+   * Sets the size the queue workers serve (SharedView.liveSize), at most the image's. Only a
+   * recovery of a device smaller than the image needs it (an online grow interrupted before
+   * UPDATE_SIZE, docs/DESIGN.md §8): the workers serve the device's size until the kernel is
+   * about to be told the image's, exactly as growOnline raises it before UPDATE_SIZE.
+   */
+  setLiveSize(bytes: number): void {
+    if (!Number.isSafeInteger(bytes) || bytes <= 0 || bytes % SECTOR !== 0 || bytes > this.virtualSize)
+      throw new FvdError(`${this.path}: live size ${bytes} out of range (sectors up to ${this.virtualSize} bytes)`, 'EINVAL');
+    this.sharedSize[0] = bytes;
+  }
+
   // ---------------------------------------------------------------------------------------------
   // write side
 

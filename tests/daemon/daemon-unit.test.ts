@@ -33,7 +33,7 @@ import { listStates, removeState, writeState } from '../../daemon/state.js';
 import { FvdImage } from '../../fvd/image.js';
 import { BASE, directRoute, newRun } from '../../fvd/mapping.js';
 import { nodeIo } from '../../storage/node-file.js';
-import { RECOVERY_FLAGS, addDevFlags, isOurs, serverFlagsFor } from '../../daemon/recovery.js';
+import { RECOVERY_FLAGS, addDevFlags, isOurs, recoverySize, serverFlagsFor } from '../../daemon/recovery.js';
 
 test('ublk opcodes are the ioctl encodings of Linux 6.12', () => {
   assert.is(UBLK_U_CMD_GET_DEV_INFO, 0x80207502);
@@ -66,6 +66,20 @@ test('recovery: a waiting device is ours only when tag, file crc, flags and geom
   assert.not.ok(isOurs({ ...info, queueDepth: 128 }, st), 'other geometry');
   assert.not.ok(isOurs({ ...info, devId: 4 }, st), 'other id');
   assert.not.ok(isOurs(info, { ...st, fileId: undefined }), 'state file without recovery');
+});
+
+test('recovery size: equal is normal, a smaller device is a pending grow, a larger one is refused', () => {
+  const M = 1 << 20;
+  assert.equal(recoverySize(3, (64 * M) / 512, 64 * M), { deviceBytes: 64 * M, pendingGrow: false });
+  // An online grow interrupted after its header write, before UPDATE_SIZE: served at the old size.
+  assert.equal(recoverySize(3, (64 * M) / 512, 128 * M), { deviceBytes: 64 * M, pendingGrow: true });
+  assert.equal(recoverySize(3, 1, 1024), { deviceBytes: 512, pendingGrow: true });
+  // A device larger than its image: no state fvd leaves; one line naming both sizes.
+  assert.throws(
+    () => recoverySize(3, (128 * M) / 512, 64 * M),
+    (e: Error) => e.message === 'device 3 has 262144 sectors but the image is 131072: not recovering it (a device larger than its image)' && (e as { code?: string }).code === 'EINVAL',
+  );
+  assert.throws(() => recoverySize(3, (64 * M) / 512 + 1, 64 * M), /not recovering it/);
 });
 
 test('ADD_DEV flags: QUIESCE only for a recoverable device and only when the kernel offers it', () => {

@@ -85,6 +85,32 @@ test('growOnline: a crash right after the grow keeps the new size and the flushe
   await clean(io, p);
 });
 
+test('setLiveSize: a recovery after a grow interrupted before UPDATE_SIZE serves the old size, then the new', async () => {
+  const io = new MemIo();
+  const p = '/l/disk.fvd';
+  await FvdImage.create(io, p, { size: 64 * KiB, blockSize: 4 * KiB, journalSize: 64 * KiB });
+  const img = await FvdImage.open(io, p);
+  await img.write(pattern(64 * KiB, 4), 0);
+  await img.growOnline(128 * KiB);
+  await img.abandon(); // the server died before UPDATE_SIZE
+  const again = await FvdImage.open(io, p);
+  const view = again.sharedView();
+  assert.is(again.size, 128 * KiB);
+  assert.is(view.liveSize[0], 128 * KiB);
+  again.setLiveSize(64 * KiB);
+  assert.is(view.liveSize[0], 64 * KiB, 'the workers serve the device size');
+  const got = new Uint8Array(64 * KiB);
+  await again.read(got, 0);
+  same(got, pattern(64 * KiB, 4), 'data below the old end');
+  assert.throws(() => again.setLiveSize(128 * KiB + 512), /live size .* out of range/);
+  assert.throws(() => again.setLiveSize(1000), /out of range/);
+  assert.is(view.liveSize[0], 64 * KiB, 'unchanged by a refused size');
+  again.setLiveSize(128 * KiB);
+  assert.is(view.liveSize[0], 128 * KiB, 'raised before UPDATE_SIZE');
+  await again.close();
+  await clean(io, p);
+});
+
 test('growOnline: stale bytes past the old end (a crashed shrink) read as zeros after the grow', async () => {
   const io = new MemIo();
   const p = '/s/disk.fvd';

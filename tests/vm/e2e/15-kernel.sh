@@ -18,7 +18,15 @@
 # and the files.  Before 6.14: one line saying the kernel lacks UBLK_F_UPDATE_SIZE (6.14+) and the
 # image is unchanged; the device and, after the stop, the image keep 64M.  From 6.14 also an
 # encrypted 4M image grown to 8M while served: the new range reads zeros, data past the old end
-# reads back after a re-serve.
+# reads back after a re-serve.  From 6.14 also a grow interrupted between the header write and
+# UPDATE_SIZE (grow_recovery_round; the test hook FVD_TEST_FAULT=grow-after-header SIGKILLs the
+# server there) on ext4 mounted on a 64M image served with --recovery-wait: the waiting device
+# keeps 64M while the header says 128M; a serve that pretends the kernel lacks UPDATE_SIZE
+# (FVD_TEST_FAULT=recover-without-update-size) recovers the same device at 64M and says in one
+# line that the grown part is not visible; SIGKILLed again, a plain serve recovers the same device
+# (same major:minor), logs each step, UPDATE_SIZE makes it 128M (blockdev, fvd list), the files
+# verify on the mount that stayed, resize2fs grows it, a file past the old end verifies, e2fsck
+# -f and fvd check are clean.  Before 6.14 that round is a skip (no online grow to interrupt).
 
 # The UBLK_F_* bits of include/uapi/linux/ublk_cmd.h (Linux 7.3), by bit number.
 UAPI_BITS=(SUPPORT_ZERO_COPY URING_CMD_COMP_IN_TASK NEED_GET_DATA USER_RECOVERY USER_RECOVERY_REISSUE
@@ -114,7 +122,10 @@ resize_round() {
         check_dev_equals "[resize] encrypted, re-served: data below the old end" "$SERVE_DEV" $((3 * M)) 33.bin
         check_dev_equals "[resize] encrypted, re-served: data past the old end" "$SERVE_DEV" $((6 * M)) 33.bin
         serve_stop "encrypted, re-served"
+
+        grow_recovery_round
     else
+        skip "[grow-recover] an online grow interrupted before UPDATE_SIZE: no online grow before 6.14"
         fvd resize r.fvd +64M > "$D/grow.out" 2> "$D/grow.err" && not_ok "[resize] growing a served image succeeded on $(uname -r)" "$(cat "$D/grow.out")"
         one_line_error "[resize] growing a served image on $(uname -r) is refused" "$D/grow.err"
         if grep -q 'lacks UBLK_F_UPDATE_SIZE (6.14+)' "$D/grow.err" && grep -q 'image is unchanged' "$D/grow.err"; then
@@ -127,6 +138,73 @@ resize_round() {
         expect "[resize] the image keeps 64M" "$(size_of r.fvd)" $((64 * M))
         check "[resize] fvd check r.fvd clean" fvd check r.fvd
     fi
+}
+
+# list_size DEV: the size fvd list --json records for DEV (its state file), or "none".
+list_size() {
+    fvd list --json | node -e '
+        const r = JSON.parse(require("fs").readFileSync(0, "utf8")).find((x) => x.device === process.argv[1]);
+        console.log(r ? r.size : "none");' "$1"
+}
+
+# grow_recovery_round: an online grow interrupted between the header write and UPDATE_SIZE (the
+# test hook FVD_TEST_FAULT=grow-after-header SIGKILLs the server there) on a device served with
+# --recovery-wait: the waiting device is smaller than the image, and the next serve recovers it.
+grow_recovery_round() {
+    local M=$((1024 * 1024)) fvd0=("${FVD[@]}") id devno bc bs
+    must "fvd create g.fvd 64M" fvd create g.fvd 64M
+    FVD=(env FVD_TEST_FAULT=grow-after-header "${fvd0[@]}")
+    serve_must g.fvd --recovery-wait 60
+    FVD=("${fvd0[@]}")
+    id=$SERVE_ID devno=$(stat -c %t:%T "$SERVE_DEV")
+    check "[grow-recover] mkfs.ext4 $SERVE_DEV" t mkfs.ext4 -q -F "$SERVE_DEV"
+    mkdir -p "$D/g"
+    if ! ensure "[grow-recover] mount $SERVE_DEV" t mount -t ext4 "$SERVE_DEV" "$D/g"; then serve_stop; return 0; fi
+    random_file "$D/g/a.bin" 8
+    (cd "$D/g" && sha256sum a.bin > "$D/gsums")
+    sync
+    fvd resize g.fvd +64M > "$D/gk.out" 2> "$D/gk.err" && not_ok "[grow-recover] the resize succeeded though the server was to die" "$(cat "$D/gk.out" "$SERVE_LOG")"
+    wait_pid "$SERVE_PID" 30
+    expect "[grow-recover] the server killed itself after the header write" "$WAIT_RC" 137 "$(cat "$D/gk.err" "$SERVE_LOG")"
+    expect "[grow-recover] the image's header has the new size" "$(size_of g.fvd)" $((128 * M))
+    expect "[grow-recover] the waiting device keeps the old size" "$(blockdev --getsize64 "/dev/ublkb$id")" $((64 * M))
+
+    # A kernel without UPDATE_SIZE (simulated: the hook hides the feature from the recovery):
+    # recovered at the device's size, one line says why the grown part is not visible.
+    FVD=(env FVD_TEST_FAULT=recover-without-update-size "${fvd0[@]}")
+    serve_must g.fvd --recovery-wait 60
+    FVD=("${fvd0[@]}")
+    expect "[grow-recover] without UPDATE_SIZE: the same device is recovered" "$SERVE_DEV" "/dev/ublkb$id" "$(cat "$SERVE_LOG")"
+    expect "[grow-recover] without UPDATE_SIZE: one line says the grown part is not visible" "$(grep -c 'not visible until the device is re-created' "$SERVE_LOG" || true)" 1 "$(cat "$SERVE_LOG")"
+    expect "[grow-recover] without UPDATE_SIZE: the device keeps the old size" "$(blockdev --getsize64 "$SERVE_DEV")" $((64 * M))
+    expect "[grow-recover] without UPDATE_SIZE: fvd list records the device's size" "$(list_size "$SERVE_DEV")" $((64 * M))
+    check "[grow-recover] without UPDATE_SIZE: the files verify" bash -c "cd '$D/g' && sha256sum -c '$D/gsums'"
+    kill -KILL "$SERVE_PID"
+    wait_pid "$SERVE_PID" 30
+    expect "[grow-recover] without UPDATE_SIZE: SIGKILLed" "$WAIT_RC" 137
+
+    serve_must g.fvd --recovery-wait 60
+    expect "[grow-recover] the same device is recovered" "$SERVE_DEV" "/dev/ublkb$id" "$(cat "$SERVE_LOG")"
+    expect "[grow-recover] same major:minor" "$(stat -c %t:%T "$SERVE_DEV")" "$devno"
+    if grep -q "recovered device $id" "$SERVE_LOG" && grep -q "device $id: interrupted online grow: recovering at 67108864 bytes" "$SERVE_LOG" &&
+        grep -q "device $id: UPDATE_SIZE to 134217728 bytes done" "$SERVE_LOG"; then
+        ok "[grow-recover] the log names each step: $(grep -E 'interrupted online grow|UPDATE_SIZE to' "$SERVE_LOG" | tr '\n' '|')"
+    else not_ok "[grow-recover] the log lacks the recovery's steps" "$(cat "$SERVE_LOG")"; fi
+    expect "[grow-recover] blockdev --getsize64 shows the new size" "$(blockdev --getsize64 "$SERVE_DEV")" $((128 * M))
+    expect "[grow-recover] fvd list records the new size" "$(list_size "$SERVE_DEV")" $((128 * M))
+    check "[grow-recover] the files verify on the mounted ext4" bash -c "cd '$D/g' && sha256sum -c '$D/gsums'"
+    check "[grow-recover] resize2fs grows the mounted ext4" t resize2fs "$SERVE_DEV"
+    bc=$(dumpe2fs -h "$SERVE_DEV" 2>/dev/null | sed -n 's/^Block count:\s*//p')
+    bs=$(dumpe2fs -h "$SERVE_DEV" 2>/dev/null | sed -n 's/^Block size:\s*//p')
+    expect "[grow-recover] the ext4 spans the grown device" "$((bc * bs))" $((128 * M))
+    random_file "$D/g/c.bin" 60
+    (cd "$D/g" && sha256sum c.bin >> "$D/gsums")
+    sync
+    check "[grow-recover] the files verify after writing past the old end" bash -c "cd '$D/g' && sha256sum -c '$D/gsums'"
+    check "[grow-recover] umount" t umount "$D/g"
+    check "[grow-recover] e2fsck -f clean" t e2fsck -f -n "$SERVE_DEV"
+    serve_stop "grow recovered"
+    check "[grow-recover] fvd check g.fvd clean" fvd check g.fvd
 }
 
 scenario() {
