@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# `make bench-trace-dev` (inside a guest with ublk): where the time of a fresh copy-on-write
+# image's requests goes. For each job (4 KiB random read, then random write, depth 16,
+# FIO_RUNTIME s each) and each serve mode (TRACE_MODES: "default" = default options, "noprefetch"
+# = --no-prefetch), a FRESH FVD image over the same raw base (BENCH_SIZE, filled with data) is
+# served with FVD_TRACE set; prints fio's IOPS, the daemon's CPU µs per I/O, and the trace's
+# per-stage summary (bench/trace-report.ts). Traces are kept in $FVD_VM_RESULTS when set.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+FVD="node $root/build/daemon/cli.js"
+RUNTIME=${FIO_RUNTIME:-10}
+SIZE=${BENCH_SIZE:-1G}
+MODES=${TRACE_MODES:-"default noprefetch"}
+dir=$(mktemp -d /tmp/fvd-trace.XXXXXX)
+mount -t tmpfs -o size=3584M fvd-trace "$dir"
+out=${FVD_VM_RESULTS:-$dir}
+pid=
+cleanup() {
+  [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+  umount "$dir" 2>/dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+modprobe ublk_drv 2>/dev/null || true
+echo "trace bench: $(uname -r), $RUNTIME s per job, size $SIZE, modes: $MODES"
+truncate -s "$SIZE" "$dir/base.raw"
+fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
+
+cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+
+for job in randread randwrite; do
+  for mode in $MODES; do
+    opts=(); [ "$mode" = noprefetch ] && opts=(--no-prefetch)
+    rm -f "$dir"/cow.fvd*
+    $FVD create -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
+    trace="$out/trace-$job-$mode.bin"
+    FVD_TRACE=$trace $FVD serve "$dir/cow.fvd" --queues 2 --depth 128 "${opts[@]}" > "$dir/serve.out" 2> "$dir/serve.log" &
+    pid=$!
+    for _ in $(seq 300); do grep -q /dev/ublkb "$dir/serve.out" 2>/dev/null && break; sleep 0.1; done
+    dev=$(head -1 "$dir/serve.out")
+    [ -b "$dev" ] || { echo "serve failed:"; cat "$dir/serve.log"; exit 1; }
+    t0=$(cpu_ticks "$pid")
+    res=$(fio --name=b --filename="$dev" --rw="$job" --bs=4k --iodepth=16 --direct=1 --ioengine=libaio \
+      --runtime="$RUNTIME" --time_based=1 --size="$SIZE" --numjobs=1 --randrepeat=0 --output-format=json 2>/dev/null)
+    t1=$(cpu_ticks "$pid")
+    kill -TERM "$pid"; wait "$pid" || true; pid=
+    kind=read; [ "$job" = randwrite ] && kind=write
+    node -e "const j=JSON.parse(process.argv[1]).jobs[0]['$kind'];const cpu=($t1-$t0)*1e6/$(getconf CLK_TCK)/j.total_ios;
+      console.log('== $job 4k qd16, fresh image over raw base, $mode: '+Math.round(j.iops)+' IOPS, mean lat '+(j.clat_ns.mean/1000).toFixed(0)+' µs, daemon CPU '+cpu.toFixed(0)+' µs/IO')" "$res"
+    grep -i trace "$dir/serve.log" || true
+    node "$root/build/bench/trace-report.js" "$trace"
+    echo
+  done
+done
