@@ -56,14 +56,16 @@ for job in randread randwrite; do
       --runtime="$RUNTIME" --time_based=1 --size="$SIZE" --numjobs=1 --randrepeat=0 --output-format=json 2>/dev/null)
     t1=$(cpu_ticks "$pid")
     thread_ticks "$pid" > "$dir/threads1"
-    kill -TERM "$pid"; wait "$pid" || true; pid=
+    dpid=$pid; kill -TERM "$pid"; wait "$pid" || true; pid=
     kind=read; [ "$job" = randwrite ] && kind=write
     node -e "const j=JSON.parse(process.argv[1]).jobs[0]['$kind'];const cpu=($t1-$t0)*1e6/$(getconf CLK_TCK)/j.total_ios;
       console.log('== $job 4k qd16, fresh image over raw base, $mode: '+Math.round(j.iops)+' IOPS, mean lat '+(j.clat_ns.mean/1000).toFixed(0)+' µs, daemon CPU '+cpu.toFixed(0)+' µs/IO')" "$res"
-    # Where the daemon's CPU went during the job: each thread's share (tid = pid: the main thread).
-    node -e "const fs=require('fs');const r=(f)=>new Map(fs.readFileSync(f,'utf8').trim().split('\\n').map((l)=>l.split(' ')).map(([t,n,c])=>[t,[n,+c]]));
-      const a=r(process.argv[1]),b=r(process.argv[2]);const rows=[...b].map(([t,[n,c]])=>[t===process.argv[3]?n+' (main)':n+' '+t,c-(a.get(t)?.[1]??0)]).filter((x)=>x[1]>0).sort((x,y)=>y[1]-x[1]);
-      const tot=rows.reduce((s,x)=>s+x[1],0);console.log('daemon CPU by thread: '+rows.map(([n,c])=>n+' '+(100*c/tot).toFixed(0)+'%').join(', '))" "$dir/threads0" "$dir/threads1" "$pid"
+    # Where the daemon's CPU went during the job: each thread's share (tid = pid: the main thread;
+    # the queue threads' ids are in the trace's closing log line; the rest: libuv pool, V8).
+    qtids=$(sed -n 's/.*queue thread ids //p' "$dir/serve.log")
+    QTIDS=$qtids node -e "const fs=require('fs');const qs=(process.env.QTIDS||'').split(' ');const r=(f)=>new Map(fs.readFileSync(f,'utf8').trim().split('\\n').map((l)=>l.split(' ')).map(([t,n,c])=>[t,[n,+c]]));
+      const a=r(process.argv[1]),b=r(process.argv[2]);const rows=[...b].map(([t,[n,c]])=>[t===process.argv[3]?n+' '+t+' (main)':qs.includes(t)?n+' '+t+' (queue)':n+' '+t,c-(a.get(t)?.[1]??0)]).filter((x)=>x[1]>0).sort((x,y)=>y[1]-x[1]);
+      const tot=rows.reduce((s,x)=>s+x[1],0);console.log('daemon CPU by thread: '+rows.map(([n,c])=>n+' '+(100*c/tot).toFixed(0)+'%').join(', '))" "$dir/threads0" "$dir/threads1" "$dpid"
     grep -i trace "$dir/serve.log" || true
     node "$root/build/bench/trace-report.js" "$trace"
     echo

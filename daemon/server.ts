@@ -530,7 +530,8 @@ export class UblkServer {
   private stopTrace(): void {
     if (!this.traceFile) return;
     installEngineTrace(null);
-    this.opts.log(this.traceFile.close());
+    // The queue threads' ids name them in a per-thread CPU split (bench/device-trace.sh).
+    this.opts.log(`${this.traceFile.close()}; queue thread ids ${this.queues.map((q) => q.tid).join(' ')}`);
     this.traceFile = null;
     this.trace = null;
   }
