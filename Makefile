@@ -9,7 +9,7 @@ KERNEL ?= 6.12
 FVD_VM_KERNEL ?= $(KERNEL)
 export FVD_VM_KERNEL
 
-.PHONY: all deps build test test-full fuzz crash-campaign demo demo-engine bench bench-dev bench-prefetch-dev bench-recovery-dev bench-remote install clean
+.PHONY: all deps build test test-full fuzz crash-campaign demo demo-engine bench bench-dev bench-prefetch-dev bench-trace-dev bench-recovery-dev bench-remote install clean
 
 all: build
 
@@ -72,6 +72,12 @@ bench: build
 bench-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device.sh; \
 	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-20} BENCH_SIZE=$${BENCH_SIZE:-1G} bash bench/device.sh; fi
+
+# Where a fresh copy-on-write image's request time goes: fio 4K random read/write QD16 on a fresh
+# image over a raw base, served with FVD_TRACE; per-stage summary (bench/device-trace.sh).
+bench-trace-dev: build
+	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device-trace.sh; \
+	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-10} BENCH_SIZE=$${BENCH_SIZE:-1G} TRACE_MODES="$${TRACE_MODES:-default noprefetch}" bash bench/device-trace.sh; fi
 
 # What serve's background prefetching costs the guest: fio over a local working set while the
 # script pauses and resumes prefetching every PHASE_MS (FIO_RUNTIME default 30 s, PHASE_MS 2000,

@@ -43,6 +43,7 @@ import { CorHintProducer, type CorHintShared } from './cor-hints.js';
 import { ACTIVITY_OTHER, ACTIVITY_READ, ACTIVITY_WRITE, QueueActivityWriter } from './queue-activity.js';
 import { FastCrypt } from './fast-crypt.js';
 import { requestErrnoOf } from './request-errors.js';
+import { QueueTrace, ROUTE_BASE, ROUTE_ENGINE, ROUTE_STORED, ROUTE_ZERO, STAGE_BASE_START, STAGE_POSTED, type TraceShared } from '../fvd/trace.js';
 
 /** A worker's start gate (QueueWorkerData.gate): the main thread moves it out of WAIT once. */
 export const GATE_WAIT = 0;
@@ -82,6 +83,8 @@ export interface QueueWorkerData {
   basePath: string | null;
   /** Copy-on-read hints for blocks read from the base here; null when copy-on-read is off. */
   hints: CorHintShared | null;
+  /** The per-request trace's buffers (FVD_TRACE, fvd/trace.ts), or null: not traced. */
+  trace: TraceShared | null;
 }
 
 /** Messages to the main thread. */
@@ -138,6 +141,8 @@ export class FvdQueue implements QueueTarget {
   private readonly zeroFillFrom: ((from: number) => void)[];
   /** directRoute's result, reused for every request. */
   private readonly route = newRun();
+  /** Per-request trace (FVD_TRACE), or null; every trace point is one test of this field. */
+  private readonly trace: QueueTrace | null;
   private fast = 0;
   private slow = 0;
 
@@ -203,6 +208,7 @@ export class FvdQueue implements QueueTarget {
     this.hints = baseFd >= 0 && d.hints ? new CorHintProducer(d.hints, qid) : null;
     this.hintMessage = { type: 'hint', qid };
     this.crypt = crypt;
+    this.trace = d.trace ? new QueueTrace(d.trace, qid) : null;
     this.direct = direct;
     this.directMode = directMode;
     this.engineDone = new CompletionRing(d.completions);
@@ -255,6 +261,8 @@ export class FvdQueue implements QueueTarget {
     this.activity.begin(tag, performance.now(), op === UBLK_IO_OP_READ ? ACTIVITY_READ : op === UBLK_IO_OP_WRITE ? ACTIVITY_WRITE : ACTIVITY_OTHER, sectors);
     const length = sectors * 512;
     const offset = iod.startSector * 512;
+    const trace = this.trace;
+    if (trace !== null) trace.begin(tag, op, length);
     if (op === UBLK_IO_OP_READ || op === UBLK_IO_OP_WRITE) {
       const view = this.view;
       if (offset + length > view.liveSize[0]! || length > this.maxIo) {
@@ -265,6 +273,8 @@ export class FvdQueue implements QueueTarget {
       const write = op === UBLK_IO_OP_WRITE;
       const route = this.route;
       const kind = write && iod.opFlags & UBLK_IO_F_FUA ? -1 : directRoute(view, offset, length, write, route);
+      if (trace !== null)
+        trace.route(tag, kind === STORED ? ROUTE_STORED : kind === ZERO ? ROUTE_ZERO : kind === BASE && this.baseFile >= 0 ? ROUTE_BASE : ROUTE_ENGINE);
       if (kind === ZERO) {
         // A read of bytes that read as zeros (directRoute only says ZERO for reads): unmapped
         // chunks of a compact image (zero-detected blocks included), bytes past the base's end
@@ -311,6 +321,7 @@ export class FvdQueue implements QueueTarget {
       return;
     }
     this.slow++;
+    if (trace !== null) trace.stamp(trace.slot(tag), STAGE_POSTED);
     this.post({ type: 'slow', qid: this.qid, tag, op, flags: iod.opFlags >>> 8, offset, length });
   }
 
@@ -345,6 +356,7 @@ export class FvdQueue implements QueueTarget {
   // ---- helpers ---------------------------------------------------------------------------
 
   private commit(tag: number, result: number): void {
+    if (this.trace !== null) this.trace.commit(tag);
     this.activity.end(tag, performance.now());
     this.loop.complete(tag, result);
   }
@@ -389,6 +401,7 @@ export class FvdQueue implements QueueTarget {
     const at = tag * this.maxIo;
     if (inBase < length) this.bytes.fill(0, at + inBase, at + length);
     if (this.hints !== null && this.hints.offer(offset, inBase)) this.post(this.hintMessage);
+    if (this.trace !== null) this.trace.stamp(this.trace.slot(tag), STAGE_BASE_START);
     this.beginTransfer(tag, UBLK_IO_OP_READ, this.baseFile, offset, inBase, length, offset);
     const direct = this.baseDirect;
     if (direct) {

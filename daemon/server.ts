@@ -40,6 +40,8 @@ import { BurstLog, requestErrno } from './request-errors.js';
 import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
 import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
 import { GATE_ABANDON, GATE_OPEN, GATE_WAIT } from './fvd-queue.js';
+import { STAGE_ENGINE_DONE, STAGE_ENGINE_START, TraceRecorder, createTrace, installEngineTrace, type TraceShared } from '../fvd/trace.js';
+import { TraceFile } from './trace-file.js';
 import { recoveringFile, removeState, stateDir, writeState, type DeviceState } from './state.js';
 import {
   addDevFlags,
@@ -85,6 +87,8 @@ export interface ServeOptions {
    * a pending log). 0: no recovery flags, the device dies with the server (the default).
    */
   recoveryWait?: number;
+  /** Per-request trace file (fvd/trace.ts, daemon/trace-file.ts); default $FVD_TRACE, none if unset. */
+  traceFile?: string;
 }
 
 export interface ServerStats {
@@ -123,6 +127,9 @@ export class UblkServer {
   private readonly activityBuffers: SharedArrayBuffer[] = [];
   private cdevFd = -1;
   private started = false;
+  /** The per-request trace while tracing (FVD_TRACE): the engine's recorder and the file. */
+  private trace: TraceRecorder | null = null;
+  private traceFile: TraceFile | null = null;
   /** Failed requests, logged once per burst. */
   private readonly failures: BurstLog;
   private stopping: Promise<void> | null = null;
@@ -400,6 +407,7 @@ export class UblkServer {
         ? createCorHints(this.image.maxCopyOnReadBytes, view.blockSize, view.baseBlocks, this.opts.queues)
         : null;
     this.hints = hints ? new CorHintConsumer(hints) : null;
+    const traceShared = this.startTrace();
     const workerUrl = new URL('./queue-worker.js', import.meta.url);
     const fetched = this.fetched;
     for (let qid = 0; qid < this.opts.queues; qid++) {
@@ -426,6 +434,7 @@ export class UblkServer {
         key: sharedKeyForWorker(this.image.masterKeyCopy()),
         basePath,
         hints,
+        trace: traceShared,
       };
       const worker = new Worker(workerUrl, { workerData: data });
       const wipeKey = () => data.key && new Uint8Array(data.key).fill(0);
@@ -493,7 +502,7 @@ export class UblkServer {
         break;
       }
       case 'slow':
-        void this.serveSlow(q, m.tag, m.op, m.flags, m.offset, m.length);
+        void this.serveSlow(q, m.tag, m.op, m.flags, m.offset, m.length, this.trace === null ? -1 : m.qid * this.opts.depth + m.tag);
         break;
       case 'log': // a worker logs only what went wrong, one message per failed request
         this.failures.failure(`queue ${m.qid}: ${m.message}`);
@@ -526,18 +535,19 @@ export class UblkServer {
   };
 
   /** The engine's side of a request a worker handed over; the result goes back by eventfd. */
-  private async serveSlow(q: Queue, tag: number, op: number, flags: number, offset: number, length: number): Promise<void> {
+  private async serveSlow(q: Queue, tag: number, op: number, flags: number, offset: number, length: number, slot: number): Promise<void> {
     let result: number;
+    if (slot >= 0) this.trace!.stamp(slot, STAGE_ENGINE_START);
     try {
       const buf = q.buffer!.subarray(tag * this.opts.maxIo, tag * this.opts.maxIo + length);
       switch (op) {
         case UBLK_IO_OP_READ:
           this.stats.reads++;
-          await this.image.read(buf, offset);
+          await this.image.read(buf, offset, slot);
           break;
         case UBLK_IO_OP_WRITE:
           this.stats.writes++;
-          await this.image.write(buf, offset, ((flags << 8) & UBLK_IO_F_FUA) !== 0);
+          await this.image.write(buf, offset, ((flags << 8) & UBLK_IO_F_FUA) !== 0, slot);
           break;
         case UBLK_IO_OP_FLUSH:
           this.stats.flushes++;
@@ -556,8 +566,31 @@ export class UblkServer {
       result = requestErrno(err);
       this.failures.failure(`${OP_NAMES[op] ?? `op ${op}`} at ${offset}+${length}: ${(err as Error).message}`);
     }
+    if (slot >= 0) this.trace!.stamp(slot, STAGE_ENGINE_DONE);
     q.completions.push(tag, result);
     fs.writeSync(q.eventfd, EFD_WAKE);
+  }
+
+  /** FVD_TRACE (or opts.traceFile): the shared trace buffers for the queues, and the file; else null. */
+  private startTrace(): TraceShared | null {
+    const file = this.opts.traceFile ?? process.env.FVD_TRACE;
+    if (!file) return null;
+    const shared = createTrace(this.opts.queues, this.opts.depth);
+    this.traceFile = new TraceFile(file, shared);
+    this.trace = new TraceRecorder(shared);
+    installEngineTrace(this.trace);
+    this.opts.log(`tracing every request to ${file}`);
+    return shared;
+  }
+
+  /** The queues have stopped: the last records go to the file. */
+  private stopTrace(): void {
+    if (!this.traceFile) return;
+    installEngineTrace(null);
+    // The queue threads' ids name them in a per-thread CPU split (bench/device-trace.sh).
+    this.opts.log(`${this.traceFile.close()}; queue thread ids ${this.queues.map((q) => q.tid).join(' ')}`);
+    this.traceFile = null;
+    this.trace = null;
   }
 
   /**
@@ -687,6 +720,7 @@ export class UblkServer {
       await q.worker.terminate();
       fs.closeSync(q.eventfd);
     }
+    this.stopTrace();
     // DEL_DEV waits until nobody holds /dev/ublkcN (the workers unmapped their descriptors).
     if (this.cdevFd >= 0) fs.closeSync(this.cdevFd);
     this.cdevFd = -1;

@@ -10,6 +10,7 @@
  * that holds a lock wins (the copy is skipped). Copy-on-read is bounded by `maxCorBytes` in flight
  * and turns itself off after its first failure (the blocks simply stay in the base).
  */
+import { STAGE_BASE_END, STAGE_BASE_START, engineStamp, engineStampFirst } from './trace.js';
 import { forEachClearRun, setRange } from './bitmap.js';
 import type { BlockLocks } from './block-locks.js';
 import type { DataArea } from './data-area.js';
@@ -42,15 +43,19 @@ export class BaseCopier {
   ) {}
 
   /** A run of blocks not local at submit time: read the base, maybe copy it into the image. */
-  async readFromBase(buf: Uint8Array, offset: number): Promise<void> {
+  /** `slot`: the request's trace slot (fvd/trace.ts), or -1. */
+  async readFromBase(buf: Uint8Array, offset: number, slot = -1): Promise<void> {
     const bs = this.disk.blockSize;
     const b0 = Math.floor(offset / bs);
     const b1 = Math.floor((offset + buf.length - 1) / bs);
     const wStart = b0 * bs;
     const wEnd = Math.min((b1 + 1) * bs, this.disk.size);
     const wLen = wEnd - wStart;
+    if (slot >= 0) engineStampFirst(slot, STAGE_BASE_START);
     if (!this.copyOnRead || this.corBytes + wLen > this.maxCorBytes || !this.locks.tryAcquire(b0, b1)) {
-      return this.readBase(buf, offset);
+      await this.readBase(buf, offset);
+      if (slot >= 0) engineStamp(slot, STAGE_BASE_END);
+      return;
     }
     // Copy-on-read: read whole blocks, answer the guest, write them to the image in background.
     this.corBytes += wLen;
@@ -63,6 +68,7 @@ export class BaseCopier {
       this.locks.release(b0, b1);
       throw err;
     }
+    if (slot >= 0) engineStamp(slot, STAGE_BASE_END);
     buf.set(whole.subarray(offset - wStart, offset - wStart + buf.length));
     this.track(this.copyToImage(whole, wStart, b0, b1));
   }

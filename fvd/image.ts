@@ -11,6 +11,7 @@
  * Metadata that makes data visible is journaled only after that data completed, and a journal
  * commit starts with fdatasync: see Journal and FORMAT.md §7 for the ordering argument.
  */
+import { STAGE_BASE_END, STAGE_BASE_START, STAGE_WRITE_END, STAGE_WRITE_START, engineStamp, engineStampFirst } from './trace.js';
 import { holeAt, type BlockFile, type IoBackend } from './io.js';
 import { FvdError } from './errors.js';
 import {
@@ -411,7 +412,8 @@ export class FvdImage {
     if (this.readOnly) throw new FvdError(`${this.path}: ${op} on an image opened read-only`, 'EROFS');
   }
 
-  async read(buf: Uint8Array, offset: number): Promise<void> {
+  /** `slot`: the request's trace slot (fvd/trace.ts) when the daemon traces, else -1. */
+  async read(buf: Uint8Array, offset: number, slot = -1): Promise<void> {
     this.checkRange(offset, buf.length, 'read');
     if (buf.length === 0) return;
     if (this.crypt?.check('read', offset, buf.length)) return this.crypt.readUnaligned(buf, offset);
@@ -426,26 +428,33 @@ export class FvdImage {
       let runEnd = Math.min(end, (b + 1) * bs);
       while (runEnd < end && this.isLocal(runEnd / bs) === local) runEnd = Math.min(end, runEnd + bs);
       const sub = buf.subarray(pos - offset, runEnd - offset);
-      tasks.push(local ? this.data.read(sub, pos) : this.copier.readFromBase(sub, pos));
+      tasks.push(local ? this.data.read(sub, pos) : this.copier.readFromBase(sub, pos, slot));
       pos = runEnd;
     }
     if (tasks.length === 1) return tasks[0];
     await Promise.all(tasks);
   }
 
-  async write(buf: Uint8Array, offset: number, fua = false): Promise<void> {
+  async write(buf: Uint8Array, offset: number, fua = false, slot = -1): Promise<void> {
     this.checkRange(offset, buf.length, 'write');
     this.checkWritable('write');
     if (buf.length === 0) return;
     if (this.crypt) await this.crypt.write(buf, offset, this.crypt.check('write', offset, buf.length));
-    else await this.writeSectors(buf, offset);
+    else await this.writeSectors(buf, offset, slot);
     if (fua) await this.journal!.commit();
   }
 
   /** The write path under the public checks (and, encrypted, inside the sector gate). */
-  private writeSectors(buf: Uint8Array, offset: number): Promise<void> {
-    if (this.needsBitmapWork(offset, offset + buf.length)) return this.writeSlow(buf, offset);
-    return this.data.write(buf, offset);
+  private writeSectors(buf: Uint8Array, offset: number, slot = -1): Promise<void> {
+    if (this.needsBitmapWork(offset, offset + buf.length)) return this.writeSlow(buf, offset, slot);
+    return slot < 0 ? this.data.write(buf, offset) : this.writeTraced(buf, offset, slot);
+  }
+
+  /** data.write with its trace stamps (only while the daemon traces). */
+  private async writeTraced(buf: Uint8Array, offset: number, slot: number): Promise<void> {
+    engineStampFirst(slot, STAGE_WRITE_START);
+    await this.data.write(buf, offset);
+    engineStamp(slot, STAGE_WRITE_END);
   }
 
   /** Makes every completed write durable, data first, then the journal records that expose it. */
@@ -702,7 +711,7 @@ export class FvdImage {
     return !(allSet(this.journaled, b0, b1 - b0 + 1) && allSet(this.present, b0, b1 - b0 + 1));
   }
 
-  private async writeSlow(buf: Uint8Array, offset: number): Promise<void> {
+  private async writeSlow(buf: Uint8Array, offset: number, slot: number): Promise<void> {
     const bs = this.blockSize;
     const end = offset + buf.length;
     const b0 = Math.floor(offset / bs);
@@ -721,12 +730,16 @@ export class FvdImage {
       if (wStart !== offset || wEnd !== end) {
         data = new Uint8Array(wEnd - wStart);
         const reads: Promise<void>[] = [];
+        if (slot >= 0) engineStampFirst(slot, STAGE_BASE_START);
         if (wStart < offset) reads.push(this.readBaseRaw(data.subarray(0, offset - wStart), wStart));
         if (end < wEnd) reads.push(this.readBaseRaw(data.subarray(end - wStart), end));
         await Promise.all(reads);
+        if (slot >= 0) engineStamp(slot, STAGE_BASE_END);
         data.set(buf, offset - wStart);
       }
+      if (slot >= 0) engineStampFirst(slot, STAGE_WRITE_START);
       await this.data.write(data, wStart);
+      if (slot >= 0) engineStamp(slot, STAGE_WRITE_END);
       this.markLocal(b0, lockLast);
     } finally {
       this.locks.release(b0, lockLast);

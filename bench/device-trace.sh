@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# `make bench-trace-dev` (inside a guest with ublk): where the time of a fresh copy-on-write
+# image's requests goes. For each job (4 KiB random read, then random write, depth 16,
+# FIO_RUNTIME s each) and each serve mode (TRACE_MODES: "default" = default options,
+# "noprefetch" = --no-prefetch, "nospin" = --no-prefetch and FVD_SPIN=0), a FRESH FVD image over
+# the same raw base (BENCH_SIZE, filled with data) is served with FVD_TRACE set; prints fio's
+# IOPS, the daemon's CPU µs per I/O and its split by thread, and the trace's per-stage summary
+# (bench/trace-report.ts). Traces are kept in $FVD_VM_RESULTS when set.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+FVD="node $root/build/daemon/cli.js"
+RUNTIME=${FIO_RUNTIME:-10}
+SIZE=${BENCH_SIZE:-1G}
+MODES=${TRACE_MODES:-"default noprefetch"}
+dir=$(mktemp -d /tmp/fvd-trace.XXXXXX)
+mount -t tmpfs -o size=3584M fvd-trace "$dir"
+out=${FVD_VM_RESULTS:-$dir}
+pid=
+cleanup() {
+  [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+  umount "$dir" 2>/dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+modprobe ublk_drv 2>/dev/null || true
+echo "trace bench: $(uname -r), $RUNTIME s per job, size $SIZE, modes: $MODES"
+truncate -s "$SIZE" "$dir/base.raw"
+fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
+
+cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+# Per thread of the daemon: "tid name ticks" (the name is the thread's comm).
+thread_ticks() {
+  for t in /proc/$1/task/*; do
+    [ -r "$t/stat" ] && awk -v tid="${t##*/}" '{ n = $0; sub(/^[^(]*\(/, "", n); sub(/\).*$/, "", n); gsub(/ /, "_", n); sub(/^.*\) /, ""); print tid, n, $12 + $13 }' "$t/stat"
+  done
+}
+
+for job in randread randwrite; do
+  for mode in $MODES; do
+    opts=(); spin=${FVD_SPIN:-}
+    case $mode in
+      noprefetch) opts=(--no-prefetch) ;;
+      nospin) opts=(--no-prefetch); spin=0 ;; # queue threads block at once instead of polling
+    esac
+    rm -f "$dir"/cow.fvd*
+    $FVD create -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
+    trace="$out/trace-$job-$mode.bin"
+    env ${spin:+FVD_SPIN=$spin} FVD_TRACE=$trace $FVD serve "$dir/cow.fvd" --queues 2 --depth 128 "${opts[@]}" > "$dir/serve.out" 2> "$dir/serve.log" &
+    pid=$!
+    for _ in $(seq 300); do grep -q /dev/ublkb "$dir/serve.out" 2>/dev/null && break; sleep 0.1; done
+    dev=$(head -1 "$dir/serve.out")
+    [ -b "$dev" ] || { echo "serve failed:"; cat "$dir/serve.log"; exit 1; }
+    t0=$(cpu_ticks "$pid")
+    thread_ticks "$pid" > "$dir/threads0"
+    res=$(fio --name=b --filename="$dev" --rw="$job" --bs=4k --iodepth=16 --direct=1 --ioengine=libaio \
+      --runtime="$RUNTIME" --time_based=1 --size="$SIZE" --numjobs=1 --randrepeat=0 --output-format=json 2>/dev/null)
+    t1=$(cpu_ticks "$pid")
+    thread_ticks "$pid" > "$dir/threads1"
+    dpid=$pid; kill -TERM "$pid"; wait "$pid" || true; pid=
+    kind=read; [ "$job" = randwrite ] && kind=write
+    node -e "const j=JSON.parse(process.argv[1]).jobs[0]['$kind'];const cpu=($t1-$t0)*1e6/$(getconf CLK_TCK)/j.total_ios;
+      console.log('== $job 4k qd16, fresh image over raw base, $mode: '+Math.round(j.iops)+' IOPS, mean lat '+(j.clat_ns.mean/1000).toFixed(0)+' µs, daemon CPU '+cpu.toFixed(0)+' µs/IO')" "$res"
+    # Where the daemon's CPU went during the job: each thread's share (tid = pid: the main thread;
+    # the queue threads' ids are in the trace's closing log line; the rest: libuv pool, V8).
+    qtids=$(sed -n 's/.*queue thread ids //p' "$dir/serve.log")
+    QTIDS=$qtids node -e "const fs=require('fs');const qs=(process.env.QTIDS||'').split(' ');const r=(f)=>new Map(fs.readFileSync(f,'utf8').trim().split('\\n').map((l)=>l.split(' ')).map(([t,n,c])=>[t,[n,+c]]));
+      const a=r(process.argv[1]),b=r(process.argv[2]);const rows=[...b].map(([t,[n,c]])=>[t===process.argv[3]?n+' '+t+' (main)':qs.includes(t)?n+' '+t+' (queue)':n+' '+t,c-(a.get(t)?.[1]??0)]).filter((x)=>x[1]>0).sort((x,y)=>y[1]-x[1]);
+      const tot=rows.reduce((s,x)=>s+x[1],0);console.log('daemon CPU by thread: '+rows.map(([n,c])=>n+' '+(100*c/tot).toFixed(0)+'%').join(', '))" "$dir/threads0" "$dir/threads1" "$dpid"
+    grep -i trace "$dir/serve.log" || true
+    node "$root/build/bench/trace-report.js" "$trace"
+    echo
+  done
+done
