@@ -66,7 +66,7 @@ size_of() {
 }
 
 resize_round() {
-    local M=$((1024 * 1024)) f bc bs
+    local M=$((1024 * 1024)) f
     must "fvd create r.fvd 64M" fvd create r.fvd 64M
     serve_must r.fvd
     check "[resize] mkfs.ext4 $SERVE_DEV" t mkfs.ext4 -q -F "$SERVE_DEV"
@@ -83,17 +83,7 @@ resize_round() {
     if kernel_at_least 6 14; then
         check "[resize] fvd resize r.fvd +64M of the served image" fvd resize r.fvd +64M
         expect "[resize] blockdev --getsize64 $SERVE_DEV shows the new size" "$(blockdev --getsize64 "$SERVE_DEV")" $((128 * M))
-        check "[resize] resize2fs grows the mounted ext4" t resize2fs "$SERVE_DEV"
-        bc=$(dumpe2fs -h "$SERVE_DEV" 2>/dev/null | sed -n 's/^Block count:\s*//p')
-        bs=$(dumpe2fs -h "$SERVE_DEV" 2>/dev/null | sed -n 's/^Block size:\s*//p')
-        expect "[resize] the ext4 spans the grown device" "$((bc * bs))" $((128 * M))
-        # More than the old filesystem had room for: blocks past the old end are written.
-        random_file "$D/r/c.bin" 60
-        (cd "$D/r" && sha256sum c.bin >> "$D/sums")
-        sync
-        check "[resize] the files verify on the grown fs" bash -c "cd '$D/r' && sha256sum -c '$D/sums'"
-        check "[resize] umount" t umount "$D/r"
-        check "[resize] e2fsck -f clean after the online grow" t e2fsck -f -n "$SERVE_DEV"
+        grow_mounted_ext4 "[resize]" "$D/r" "$D/sums" $((128 * M))
         serve_stop "resized"
         expect "[resize] the image keeps 128M" "$(size_of r.fvd)" $((128 * M))
         check "[resize] fvd check r.fvd clean" fvd check r.fvd
@@ -147,11 +137,29 @@ list_size() {
         console.log(r ? r.size : "none");' "$1"
 }
 
+# grow_mounted_ext4 LABEL MNT SUMS BYTES: after an online grow of $SERVE_DEV to BYTES, resize2fs
+# grows the ext4 mounted at MNT to span it, a 60 MiB file (more than the old filesystem had room
+# for, so blocks past the old end are written) and the files listed in SUMS verify, then umount
+# and e2fsck -f clean.
+grow_mounted_ext4() {
+    local label=$1 mnt=$2 sums=$3 bytes=$4 bc bs
+    check "$label resize2fs grows the mounted ext4" t resize2fs "$SERVE_DEV"
+    bc=$(dumpe2fs -h "$SERVE_DEV" 2>/dev/null | sed -n 's/^Block count:\s*//p')
+    bs=$(dumpe2fs -h "$SERVE_DEV" 2>/dev/null | sed -n 's/^Block size:\s*//p')
+    expect "$label the ext4 spans the grown device" "$((bc * bs))" "$bytes"
+    random_file "$mnt/c.bin" 60
+    (cd "$mnt" && sha256sum c.bin >> "$sums")
+    sync
+    check "$label the files verify after writing past the old end" bash -c "cd '$mnt' && sha256sum -c '$sums'"
+    check "$label umount" t umount "$mnt"
+    check "$label e2fsck -f clean after the online grow" t e2fsck -f -n "$SERVE_DEV"
+}
+
 # grow_recovery_round: an online grow interrupted between the header write and UPDATE_SIZE (the
 # test hook FVD_TEST_FAULT=grow-after-header SIGKILLs the server there) on a device served with
 # --recovery-wait: the waiting device is smaller than the image, and the next serve recovers it.
 grow_recovery_round() {
-    local M=$((1024 * 1024)) fvd0=("${FVD[@]}") id devno bc bs
+    local M=$((1024 * 1024)) fvd0=("${FVD[@]}") id devno
     must "fvd create g.fvd 64M" fvd create g.fvd 64M
     FVD=(env FVD_TEST_FAULT=grow-after-header "${fvd0[@]}")
     serve_must g.fvd --recovery-wait 60
@@ -193,16 +201,7 @@ grow_recovery_round() {
     expect "[grow-recover] blockdev --getsize64 shows the new size" "$(blockdev --getsize64 "$SERVE_DEV")" $((128 * M))
     expect "[grow-recover] fvd list records the new size" "$(list_size "$SERVE_DEV")" $((128 * M))
     check "[grow-recover] the files verify on the mounted ext4" bash -c "cd '$D/g' && sha256sum -c '$D/gsums'"
-    check "[grow-recover] resize2fs grows the mounted ext4" t resize2fs "$SERVE_DEV"
-    bc=$(dumpe2fs -h "$SERVE_DEV" 2>/dev/null | sed -n 's/^Block count:\s*//p')
-    bs=$(dumpe2fs -h "$SERVE_DEV" 2>/dev/null | sed -n 's/^Block size:\s*//p')
-    expect "[grow-recover] the ext4 spans the grown device" "$((bc * bs))" $((128 * M))
-    random_file "$D/g/c.bin" 60
-    (cd "$D/g" && sha256sum c.bin >> "$D/gsums")
-    sync
-    check "[grow-recover] the files verify after writing past the old end" bash -c "cd '$D/g' && sha256sum -c '$D/gsums'"
-    check "[grow-recover] umount" t umount "$D/g"
-    check "[grow-recover] e2fsck -f clean" t e2fsck -f -n "$SERVE_DEV"
+    grow_mounted_ext4 "[grow-recover]" "$D/g" "$D/gsums" $((128 * M))
     serve_stop "grow recovered"
     check "[grow-recover] fvd check g.fvd clean" fvd check g.fvd
 }
