@@ -235,17 +235,41 @@ export function liveServerOf(fileId: string, bootId: string): DeviceState | null
   return null;
 }
 
-/** START_USER_RECOVERY, retried while the kernel still holds the old server's /dev/ublkcN (EBUSY). */
-export async function startRecoveryRetrying(ctl: UblkControl, devId: number, timeoutMs = 10_000): Promise<void> {
+/**
+ * What a refused START_USER_RECOVERY means for a device of ours (docs/DESIGN.md §7, "An interrupted
+ * recovery"), from its errno and the device's info read right after:
+ * - 'retry': EBUSY, the old server's /dev/ublkcN is not released yet.
+ * - 'continue': EINVAL while the device is QUIESCED with both recovery flags and fvd's tag. Linux
+ *   6.12 accepts START_USER_RECOVERY only while at least one queue has all its tags fetched, and a
+ *   START resets that count; so once a server dies between its START and the fetch of a whole
+ *   queue, every later START is refused. What that START did stands (queues reset, no server), so
+ *   the next server takes up its recovery where it stopped: fetch every tag, END_USER_RECOVERY.
+ * - 'fail': anything else.
+ */
+export function startRefusal(errno: number, info: DevInfo | null): 'retry' | 'continue' | 'fail' {
+  if (errno === -16 /* EBUSY */) return 'retry';
+  if (errno !== -22 /* EINVAL */ || !info) return 'fail';
+  const ours = (info.flags & RECOVERY_FLAGS) === RECOVERY_FLAGS && (info.ublksrvFlags & FVD_SERVER_TAG) === FVD_SERVER_TAG;
+  return ours && info.state === UBLK_S_DEV_QUIESCED ? 'continue' : 'fail';
+}
+
+/**
+ * START_USER_RECOVERY, retried while the kernel still holds the old server's /dev/ublkcN (EBUSY).
+ * 'continue': refused because an earlier server's recovery was interrupted (startRefusal); the
+ * caller continues that recovery instead of starting one.
+ */
+export async function startRecoveryRetrying(ctl: UblkControl, devId: number, timeoutMs = 10_000): Promise<'started' | 'continue'> {
   const until = Date.now() + timeoutMs;
   let delay = 10;
   for (;;) {
     try {
       await ctl.startUserRecovery(devId);
-      return;
+      return 'started';
     } catch (err) {
-      const errno = (err as { errno?: number }).errno;
-      if (errno !== -16 /* EBUSY */ || Date.now() > until) throw err;
+      const errno = (err as { errno?: number }).errno ?? 0;
+      const what = startRefusal(errno, errno === -22 ? await ctl.deviceInfo(devId) : null);
+      if (what === 'continue') return 'continue';
+      if (what === 'fail' || Date.now() > until) throw err;
       await sleep(delay);
       delay = Math.min(delay * 2, 500);
     }

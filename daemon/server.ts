@@ -141,7 +141,7 @@ export class UblkServer {
   private constructor(
     private readonly opts: ServeOptions,
     readonly image: FvdImage,
-    private readonly ctl: UblkControl,
+    private ctl: UblkControl,
   ) {
     this.failures = new BurstLog(opts.log);
   }
@@ -250,9 +250,13 @@ export class UblkServer {
     opts.log(`recovering device ${id} (previous server pid ${own.state.pid})`);
     const t0 = Date.now();
     this.spawnWorkers(id);
-    await startRecoveryRetrying(ctl, id);
-    this.recoveryStarted = true;
-    opts.log(`START_USER_RECOVERY accepted after ${Date.now() - t0} ms`);
+    const how = await startRecoveryRetrying(ctl, id);
+    if (how === 'started') {
+      this.recoveryStarted = true;
+      opts.log(`START_USER_RECOVERY accepted after ${Date.now() - t0} ms`);
+    } else {
+      opts.log(`START_USER_RECOVERY refused (EINVAL): an earlier server's recovery of device ${id} was interrupted before any queue was fetched (this kernel then refuses a new START); continuing that recovery: fetch every tag, then END_USER_RECOVERY`);
+    }
     // Test hook (tests/vm/e2e/18-recovery.sh): hold the recovery here so a test can kill the server
     // in its middle; a later server must complete it.
     const pauseMs = Number(process.env.FVD_TEST_RECOVERY_PAUSE_MS ?? 0);
@@ -262,9 +266,11 @@ export class UblkServer {
     this.deviceFlags = own.info.flags;
     opts.log(describeFeatures(os.release(), ctl.features, own.info.flags));
     const t1 = Date.now();
-    await this.openWorkers();
+    if (how === 'continue') await this.continueRecovery(id);
+    else await this.openWorkers();
     const t2 = Date.now();
-    await ctl.endUserRecovery(id, process.pid);
+    if (how === 'continue') await this.endContinuedRecovery(id);
+    else await ctl.endUserRecovery(id, process.pid);
     const t3 = Date.now();
     this.started = true;
     await ctl.waitForState(id, [UBLK_S_DEV_LIVE], 10_000);
@@ -316,6 +322,40 @@ export class UblkServer {
       this.state = { ...this.state, size: bytes };
       writeState(this.state);
     }
+  }
+
+  /**
+   * The fetch half of a recovery an earlier server began and did not finish (startRefusal
+   * 'continue'). /dev/ublkcN is opened first: while the dead server's process still holds it
+   * nothing of the device is touched and it keeps waiting. From then a failure deletes the device
+   * (teardown), since fetches of ours may be pending on it.
+   */
+  private async continueRecovery(id: number): Promise<void> {
+    try {
+      this.cdevFd = fs.openSync(`/dev/ublkc${id}`, 'r+');
+    } catch (err) {
+      throw new FvdError(`device ${id} cannot be recovered now: /dev/ublkc${id} is still held (${(err as NodeJS.ErrnoException).code}): the server whose recovery was interrupted has not exited`, 'EBUSY');
+    }
+    this.recoveryStarted = true;
+    try {
+      await this.openWorkers();
+    } catch (err) {
+      throw unrecoverable(id, (err as Error).message);
+    }
+  }
+
+  /**
+   * END_USER_RECOVERY of a continued recovery, bounded: it completes once every queue has all its
+   * tags fetched, and a tag the dead server had fetched can be fetched by no one else, so it could
+   * wait forever. On time-out the teardown gets a control ring of its own (this one's command stays
+   * in the kernel until the process exits).
+   */
+  private async endContinuedRecovery(id: number): Promise<void> {
+    const end = this.ctl.endUserRecovery(id, process.pid);
+    end.catch(() => {});
+    if ((await withTimeout(end, END_CONTINUED_MS)) !== 'timeout') return;
+    this.ctl = await UblkControl.open();
+    throw unrecoverable(id, `END_USER_RECOVERY did not complete within ${END_CONTINUED_MS / 1000} s`);
   }
 
   private writeDeviceState(generation: number): void {
@@ -477,7 +517,7 @@ export class UblkServer {
 
   /** Opens /dev/ublkcN, hands it to the waiting workers and waits until every tag is fetched. */
   private async openWorkers(): Promise<void> {
-    this.cdevFd = fs.openSync(`/dev/ublkc${this.devId}`, 'r+');
+    if (this.cdevFd < 0) this.cdevFd = fs.openSync(`/dev/ublkc${this.devId}`, 'r+'); // a continued recovery opened it
     for (const q of this.queues) releaseGate(q.gate, GATE_OPEN, this.cdevFd);
     await Promise.all(this.fetched);
     // Logged once per serve: every queue thread tries, and they fail alike.
@@ -755,6 +795,19 @@ function markRecovering(devId: number): void {
 
 function unmarkRecovering(devId: number): void {
   fs.rmSync(recoveringFile(devId), { force: true });
+}
+
+/** How long END_USER_RECOVERY of a continued recovery may take (normally milliseconds). */
+const END_CONTINUED_MS = 30_000;
+
+/** The one line of a continued recovery that cannot be completed: why, and what to do. */
+function unrecoverable(id: number, why: string): FvdError {
+  return new FvdError(
+    `device ${id} cannot be recovered (${why}): the server whose recovery was interrupted had already mapped or fetched part of it, ` +
+      `and this kernel lets no other server finish that; the device is stopped and deleted (held I/O fails). ` +
+      `If it is still there, 'fvd stop ${id}' deletes it; then serve the image again`,
+    'EIO',
+  );
 }
 
 async function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | 'timeout'> {

@@ -15,7 +15,7 @@ import {
   UBLK_U_CMD_DEL_DEV_ASYNC, UBLK_U_CMD_UPDATE_SIZE, UBLK_U_CMD_QUIESCE_DEV, UBLK_U_CMD_TRY_STOP_DEV,
   UBLK_U_IO_REGISTER_IO_BUF, UBLK_U_IO_UNREGISTER_IO_BUF, UBLK_U_IO_PREP_IO_CMDS, UBLK_U_IO_COMMIT_IO_CMDS,
   UBLK_U_IO_FETCH_IO_CMDS, UBLK_F_SHMEM_ZC, UBLK_U_CMD_START_USER_RECOVERY, UBLK_U_CMD_END_USER_RECOVERY, LEGACY,
-  FVD_SERVER_TAG, UBLK_F_USER_RECOVERY, UBLK_S_DEV_QUIESCED, UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY_REISSUE,
+  FVD_SERVER_TAG, UBLK_F_USER_RECOVERY, UBLK_S_DEV_QUIESCED, UBLK_S_DEV_LIVE, UBLK_S_DEV_DEAD, UBLK_F_QUIESCE, UBLK_F_USER_RECOVERY_REISSUE,
   decodeDevInfo, encodeCtrlCmd, encodeDevInfo, encodeIoCmd, encodeParams,
 } from '../../daemon/ublk/abi.js';
 import { describeFeatures, featureNames } from '../../daemon/ublk/features.js';
@@ -33,7 +33,7 @@ import { listStates, removeState, writeState } from '../../daemon/state.js';
 import { FvdImage } from '../../fvd/image.js';
 import { BASE, directRoute, newRun } from '../../fvd/mapping.js';
 import { nodeIo } from '../../storage/node-file.js';
-import { RECOVERY_FLAGS, addDevFlags, isOurs, recoverySize, serverFlagsFor } from '../../daemon/recovery.js';
+import { RECOVERY_FLAGS, addDevFlags, isOurs, recoverySize, serverFlagsFor, startRefusal } from '../../daemon/recovery.js';
 
 test('ublk opcodes are the ioctl encodings of Linux 6.12', () => {
   assert.is(UBLK_U_CMD_GET_DEV_INFO, 0x80207502);
@@ -80,6 +80,18 @@ test('recovery size: equal is normal, a smaller device is a pending grow, a larg
     (e: Error) => e.message === 'device 3 has 262144 sectors but the image is 131072: not recovering it (a device larger than its image)' && (e as { code?: string }).code === 'EINVAL',
   );
   assert.throws(() => recoverySize(3, (64 * M) / 512 + 1, 64 * M), /not recovering it/);
+});
+
+test('recovery: a refused START_USER_RECOVERY is retried (EBUSY), continued (EINVAL on our QUIESCED device, 6.12) or fatal', () => {
+  const info = { nrHwQueues: 2, queueDepth: 64, state: UBLK_S_DEV_QUIESCED, maxIoBufBytes: 524288, devId: 3, ublksrvPid: 9, flags: RECOVERY_FLAGS, ublksrvFlags: serverFlagsFor('8:1:77') };
+  assert.is(startRefusal(-16, null), 'retry', 'EBUSY: the old server still holds /dev/ublkcN');
+  assert.is(startRefusal(-22, info), 'continue', 'EINVAL on our waiting device: an interrupted recovery');
+  assert.is(startRefusal(-22, null), 'fail', 'the device is gone');
+  assert.is(startRefusal(-22, { ...info, state: UBLK_S_DEV_LIVE }), 'fail', 'not waiting');
+  assert.is(startRefusal(-22, { ...info, state: UBLK_S_DEV_DEAD }), 'fail', 'dead');
+  assert.is(startRefusal(-22, { ...info, flags: UBLK_F_USER_RECOVERY }), 'fail', 'without REISSUE');
+  assert.is(startRefusal(-22, { ...info, ublksrvFlags: 0n }), 'fail', 'not fvd\'s');
+  assert.is(startRefusal(-1, info), 'fail', 'EPERM');
 });
 
 test('ADD_DEV flags: QUIESCE only for a recoverable device and only when the kernel offers it', () => {

@@ -171,6 +171,11 @@ recovery_kill_round() {
     if [[ -b /dev/ublkb$id ]]; then ok "/dev/ublkb$id stays after a kill during recovery"; else not_ok "/dev/ublkb$id disappeared" "$(ublk_nodes)"; fi
     serve_must "$img" --recovery-wait $RW
     expect "a third server completes the recovery of the same device" "$SERVE_DEV" "/dev/ublkb$id"
+    # 6.12 refuses its START_USER_RECOVERY (EINVAL) and it continues the interrupted recovery;
+    # 7.x accepts it and the recovery starts again
+    if grep -q "continuing that recovery" "$SERVE_LOG"; then ok "the third server continued the interrupted recovery (START_USER_RECOVERY refused on $(uname -r))"
+    elif grep -q "START_USER_RECOVERY accepted" "$SERVE_LOG"; then ok "the third server started the recovery anew (START_USER_RECOVERY accepted on $(uname -r))"
+    else not_ok "the third server's log names neither recovery path" "$(cat "$SERVE_LOG")"; fi
     expect "same major:minor after the interrupted recovery" "$(stat -c %t:%T "/dev/ublkb$id")" "$devno"
     fio_verified "across a kill and a kill during recovery" "$fio_pid" fio-rk.log
     serve_stop "after the interrupted recovery"
