@@ -23,7 +23,9 @@
 #    s1 was taken with, untouched by the recovered writes.
 # c) a server killed in the middle of its recovery (after START_USER_RECOVERY, before the tags are
 #    fetched; held there by the test hook FVD_TEST_RECOVERY_PAUSE_MS): the device stays, a third
-#    server completes the recovery, fio under it ends with 0 errors.
+#    server completes the recovery, fio under it ends with 0 errors. On 6.12 that server's
+#    START_USER_RECOVERY is refused (EINVAL) and it continues the interrupted recovery; on 7.x
+#    the START is accepted; the log must name one of the two.
 # e) live restart: fio verify on a raw-like image over a base while the device is handed to a new
 #    server three times, twice by `fvd serve --takeover` and once by `fvd stop --handoff` and a
 #    plain re-serve: the old server exits 0 leaving the device, the same /dev/ublkbN is recovered
