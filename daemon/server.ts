@@ -803,7 +803,7 @@ const END_CONTINUED_MS = 30_000;
 /** The one line of a continued recovery that cannot be completed: why, and what to do. */
 function unrecoverable(id: number, why: string): FvdError {
   return new FvdError(
-    `device ${id} cannot be recovered (${why}): the server whose recovery was interrupted had already mapped or fetched part of it, ` +
+    `device ${id} cannot be recovered (${why}): most likely the server whose recovery was interrupted had already mapped or fetched part of it, ` +
       `and this kernel lets no other server finish that; the device is stopped and deleted (held I/O fails). ` +
       `If it is still there, 'fvd stop ${id}' deletes it; then serve the image again`,
     'EIO',
