@@ -30,6 +30,8 @@ echo "trace bench: $(uname -r), $RUNTIME s per job, size $SIZE, modes: $MODES"
 truncate -s "$SIZE" "$dir/base.raw"
 fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
 
+# CLOCK_MONOTONIC in µs, near enough (10 ms; the guest never suspends): the profiles' window.
+uptime_us() { awk '{ printf "%.0f\n", $1 * 1e6 }' /proc/uptime; }
 cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 # Per thread of the daemon: "tid name ticks" (the name is the thread's comm).
 thread_ticks() {
@@ -60,11 +62,13 @@ for job in randread randwrite; do
     for _ in $(seq 300); do grep -q /dev/ublkb "$dir/serve.out" 2>/dev/null && break; sleep 0.1; done
     dev=$(head -1 "$dir/serve.out")
     [ -b "$dev" ] || { echo "serve failed:"; cat "$dir/serve.log"; exit 1; }
+    w0=$(uptime_us)
     t0=$(cpu_ticks "$pid")
     thread_ticks "$pid" > "$dir/threads0"
     res=$(fio --name=b --filename="$dev" --rw="$job" --bs=4k --iodepth=16 --direct=1 --ioengine=libaio \
       --runtime="$RUNTIME" --time_based=1 --size="$SIZE" --numjobs=1 --randrepeat=0 --output-format=json 2>/dev/null)
     t1=$(cpu_ticks "$pid")
+    w1=$(uptime_us)
     thread_ticks "$pid" > "$dir/threads1"
     dpid=$pid; kill -TERM "$pid"; wait "$pid" || true; pid=
     kind=read; [ "$job" = randwrite ] && kind=write
@@ -77,7 +81,8 @@ for job in randread randwrite; do
       const a=r(process.argv[1]),b=r(process.argv[2]);const rows=[...b].map(([t,[n,c]])=>[t===process.argv[3]?n+' '+t+' (main)':qs.includes(t)?n+' '+t+' (queue)':n+' '+t,c-(a.get(t)?.[1]??0)]).filter((x)=>x[1]>0).sort((x,y)=>y[1]-x[1]);
       const tot=rows.reduce((s,x)=>s+x[1],0);console.log('daemon CPU by thread: '+rows.map(([n,c])=>n+' '+(100*c/tot).toFixed(0)+'%').join(', '))" "$dir/threads0" "$dir/threads1" "$dpid"
     if [ "${PROFILE:-0}" = 1 ]; then
-      node "$root/build/bench/cpuprofile-report.js" "$profdir"/*.cpuprofile
+      echo "(profiles: samples during the fio job only)"
+      node "$root/build/bench/cpuprofile-report.js" --window "$w0" "$w1" "$profdir"/*.cpuprofile
     else
       grep -i trace "$dir/serve.log" || true
       node "$root/build/bench/trace-report.js" "$trace"
