@@ -2,7 +2,7 @@
 # `make bench-trace-dev` (inside a guest with ublk): where the time of a fresh copy-on-write
 # image's requests goes. For each job (4 KiB random read, then random write, depth 16,
 # FIO_RUNTIME s each) and each serve mode (TRACE_MODES: "default" = default options,
-# "noprefetch" = --no-prefetch, "nospin" = --no-prefetch and FVD_SPIN=0), a FRESH FVD image over
+# "noprefetch" = --no-prefetch, JOBS to run fewer jobs, "nospin" = --no-prefetch and FVD_SPIN=0), a FRESH FVD image over
 # the same raw base (BENCH_SIZE, filled with data) is served with FVD_TRACE set; prints fio's
 # IOPS, the daemon's CPU µs per I/O and its split by thread, and the trace's per-stage summary
 # (bench/trace-report.ts). Traces are kept in $FVD_VM_RESULTS when set.
@@ -40,7 +40,7 @@ thread_ticks() {
   done
 }
 
-for job in randread randwrite; do
+for job in ${JOBS:-randread randwrite}; do
   for mode in $MODES; do
     opts=(); spin=${FVD_SPIN:-}
     case $mode in
