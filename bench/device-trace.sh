@@ -2,10 +2,13 @@
 # `make bench-trace-dev` (inside a guest with ublk): where the time of a fresh copy-on-write
 # image's requests goes. For each job (4 KiB random read, then random write, depth 16,
 # FIO_RUNTIME s each) and each serve mode (TRACE_MODES: "default" = default options,
-# "noprefetch" = --no-prefetch, "nospin" = --no-prefetch and FVD_SPIN=0), a FRESH FVD image over
+# "noprefetch" = --no-prefetch, JOBS to run fewer jobs, "nospin" = --no-prefetch and FVD_SPIN=0), a FRESH FVD image over
 # the same raw base (BENCH_SIZE, filled with data) is served with FVD_TRACE set; prints fio's
 # IOPS, the daemon's CPU µs per I/O and its split by thread, and the trace's per-stage summary
 # (bench/trace-report.ts). Traces are kept in $FVD_VM_RESULTS when set.
+# PROFILE=1: instead of the trace, run the daemon under `node --cpu-prof` (main thread and
+# queue workers, one .cpuprofile each, in $out/prof-JOB-MODE/) and print the top self-time
+# functions per thread (bench/cpuprofile-report.ts).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 FVD="node $root/build/daemon/cli.js"
@@ -27,6 +30,8 @@ echo "trace bench: $(uname -r), $RUNTIME s per job, size $SIZE, modes: $MODES"
 truncate -s "$SIZE" "$dir/base.raw"
 fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
 
+# CLOCK_MONOTONIC in µs, near enough (10 ms; the guest never suspends): the profiles' window.
+uptime_us() { awk '{ printf "%.0f\n", $1 * 1e6 }' /proc/uptime; }
 cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 # Per thread of the daemon: "tid name ticks" (the name is the thread's comm).
 thread_ticks() {
@@ -35,7 +40,7 @@ thread_ticks() {
   done
 }
 
-for job in randread randwrite; do
+for job in ${JOBS:-randread randwrite}; do
   for mode in $MODES; do
     opts=(); spin=${FVD_SPIN:-}
     case $mode in
@@ -45,16 +50,25 @@ for job in randread randwrite; do
     rm -f "$dir"/cow.fvd*
     $FVD create -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
     trace="$out/trace-$job-$mode.bin"
-    env ${spin:+FVD_SPIN=$spin} FVD_TRACE=$trace $FVD serve "$dir/cow.fvd" --queues 2 --depth 128 "${opts[@]}" > "$dir/serve.out" 2> "$dir/serve.log" &
+    # (--cpu-prof is refused in NODE_OPTIONS: it goes on node's command line; workers inherit it.)
+    serve=($FVD); tracevar=FVD_TRACE=$trace
+    if [ "${PROFILE:-0}" = 1 ]; then
+      profdir="$out/prof-$job-$mode"; rm -rf "$profdir"; mkdir -p "$profdir"
+      serve=(node --cpu-prof --cpu-prof-dir="$profdir" --cpu-prof-interval="${PROFILE_INTERVAL_US:-500}" "$root/build/daemon/cli.js")
+      tracevar=FVD_PROFILE=1
+    fi
+    env ${spin:+FVD_SPIN=$spin} "$tracevar" "${serve[@]}" serve "$dir/cow.fvd" --queues 2 --depth 128 "${opts[@]}" > "$dir/serve.out" 2> "$dir/serve.log" &
     pid=$!
     for _ in $(seq 300); do grep -q /dev/ublkb "$dir/serve.out" 2>/dev/null && break; sleep 0.1; done
     dev=$(head -1 "$dir/serve.out")
     [ -b "$dev" ] || { echo "serve failed:"; cat "$dir/serve.log"; exit 1; }
+    w0=$(uptime_us)
     t0=$(cpu_ticks "$pid")
     thread_ticks "$pid" > "$dir/threads0"
     res=$(fio --name=b --filename="$dev" --rw="$job" --bs=4k --iodepth=16 --direct=1 --ioengine=libaio \
       --runtime="$RUNTIME" --time_based=1 --size="$SIZE" --numjobs=1 --randrepeat=0 --output-format=json 2>/dev/null)
     t1=$(cpu_ticks "$pid")
+    w1=$(uptime_us)
     thread_ticks "$pid" > "$dir/threads1"
     dpid=$pid; kill -TERM "$pid"; wait "$pid" || true; pid=
     kind=read; [ "$job" = randwrite ] && kind=write
@@ -66,8 +80,13 @@ for job in randread randwrite; do
     QTIDS=$qtids node -e "const fs=require('fs');const qs=(process.env.QTIDS||'').split(' ');const r=(f)=>new Map(fs.readFileSync(f,'utf8').trim().split('\\n').map((l)=>l.split(' ')).map(([t,n,c])=>[t,[n,+c]]));
       const a=r(process.argv[1]),b=r(process.argv[2]);const rows=[...b].map(([t,[n,c]])=>[t===process.argv[3]?n+' '+t+' (main)':qs.includes(t)?n+' '+t+' (queue)':n+' '+t,c-(a.get(t)?.[1]??0)]).filter((x)=>x[1]>0).sort((x,y)=>y[1]-x[1]);
       const tot=rows.reduce((s,x)=>s+x[1],0);console.log('daemon CPU by thread: '+rows.map(([n,c])=>n+' '+(100*c/tot).toFixed(0)+'%').join(', '))" "$dir/threads0" "$dir/threads1" "$dpid"
-    grep -i trace "$dir/serve.log" || true
-    node "$root/build/bench/trace-report.js" "$trace"
+    if [ "${PROFILE:-0}" = 1 ]; then
+      echo "(profiles: samples during the fio job only)"
+      node "$root/build/bench/cpuprofile-report.js" --window "$w0" "$w1" "$profdir"/*.cpuprofile
+    else
+      grep -i trace "$dir/serve.log" || true
+      node "$root/build/bench/trace-report.js" "$trace"
+    fi
     echo
   done
 done

@@ -24,6 +24,9 @@ export interface CopyGeometry {
   readonly baseLimit: number;
 }
 
+/** Block buffers kept for reuse by copyAbsent: about the copies in flight at once. */
+const FREE_BLOCKS_KEEP = 64;
+
 export class BaseCopier {
   /** Bytes of copy-on-read copies in flight (bounded by maxCorBytes). */
   private corBytes = 0;
@@ -89,19 +92,31 @@ export class BaseCopier {
       if (!this.locks.tryAcquire(b, e)) continue;
       const start = b * bs;
       const len = Math.min((e + 1) * bs, this.disk.size) - start;
-      const whole = scratch && scratch.length >= len ? scratch.subarray(0, len) : new Uint8Array(len);
+      // Without the caller's scratch (a copy-on-read hint: one block), a block buffer from the
+      // free list: a fresh zeroed 64 KiB per hinted 4 KiB guest read was the main thread's
+      // largest self cost in the profile (docs/DESIGN.md §2.3).
+      const own = scratch && scratch.length >= len ? null : len <= bs ? (this.blockFree.pop() ?? new Uint8Array(bs)) : new Uint8Array(len);
+      const whole = own ? own.subarray(0, len) : scratch!.subarray(0, len);
       try {
-        await this.readBase(whole, start);
-      } catch (err) {
-        this.locks.release(b, e);
-        throw err;
+        try {
+          await this.readBase(whole, start);
+        } catch (err) {
+          this.locks.release(b, e);
+          throw err;
+        }
+        bytes += Math.max(0, Math.min(whole.length, this.disk.baseLimit - start));
+        this.corBytes += whole.length; // copyToImage accounts it back
+        await this.copyToImage(whole, start, b, e, true);
+      } finally {
+        // Read and write are over (or failed): the buffer is free again.
+        if (own && own.length === bs && this.blockFree.length < FREE_BLOCKS_KEEP) this.blockFree.push(own);
       }
-      bytes += Math.max(0, Math.min(whole.length, this.disk.baseLimit - start));
-      this.corBytes += whole.length; // copyToImage accounts it back
-      await this.copyToImage(whole, start, b, e, true);
     }
     return bytes;
   }
+
+  /** Free block-sized copy buffers for copyAbsent, at most FREE_BLOCKS_KEEP. */
+  private readonly blockFree: Uint8Array[] = [];
 
   /**
    * Copies block b if it is still absent, in background (a queue thread's copy-on-read hint).

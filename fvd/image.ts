@@ -54,6 +54,9 @@ export type { BaseChainEntry, BaseImage, Extent, ExtentKind, HostExtent, ImageSt
 
 const DEFAULT_MAX_COR = 16 * 1024 * 1024;
 
+/** Copy-on-write buffers kept for reuse: the requests in flight at once, give or take. */
+const COW_SCRATCH_KEEP = 64;
+
 export class FvdImage {
   /** Virtual size in bytes; grows only by growOnline (a served image grown by `fvd resize`). */
   get size(): number {
@@ -727,24 +730,48 @@ export class FvdImage {
       const lastEnd = Math.min((b1 + 1) * bs, this.size);
       if (b1 < this.baseBlocks && !testBit(this.present, b1) && end < lastEnd) wEnd = lastEnd;
       let data = buf;
+      let scratch: Uint8Array | null = null;
       if (wStart !== offset || wEnd !== end) {
-        data = new Uint8Array(wEnd - wStart);
-        const reads: Promise<void>[] = [];
+        const wLen = wEnd - wStart;
+        // A block-sized copy buffer from the free list (every byte of it is overwritten below:
+        // base data around the guest's), so a copy-on-write allocates nothing in the common case.
+        scratch = wLen <= bs ? (this.cowScratch.pop() ?? new Uint8Array(bs)) : null;
+        data = scratch ? scratch.subarray(0, wLen) : new Uint8Array(wLen);
         if (slot >= 0) engineStampFirst(slot, STAGE_BASE_START);
-        if (wStart < offset) reads.push(this.readBaseRaw(data.subarray(0, offset - wStart), wStart));
-        if (end < wEnd) reads.push(this.readBaseRaw(data.subarray(end - wStart), end));
-        await Promise.all(reads);
+        if (wStart < offset && end < wEnd && buf.length <= bs) {
+          // Both edges from the base and the guest's part at most a block: one read of the whole
+          // range (the guest's bytes then replace the middle) instead of two — each file read is
+          // a hand-off to the thread pool and back, which costs more CPU than the extra bytes.
+          await this.readBaseRaw(data, wStart);
+        } else if (wStart < offset && end < wEnd) {
+          await Promise.all([
+            this.readBaseRaw(data.subarray(0, offset - wStart), wStart),
+            this.readBaseRaw(data.subarray(end - wStart), end),
+          ]);
+        } else if (wStart < offset) {
+          await this.readBaseRaw(data.subarray(0, offset - wStart), wStart);
+        } else {
+          await this.readBaseRaw(data.subarray(end - wStart), end);
+        }
         if (slot >= 0) engineStamp(slot, STAGE_BASE_END);
         data.set(buf, offset - wStart);
       }
-      if (slot >= 0) engineStampFirst(slot, STAGE_WRITE_START);
-      await this.data.write(data, wStart);
-      if (slot >= 0) engineStamp(slot, STAGE_WRITE_END);
+      try {
+        if (slot >= 0) engineStampFirst(slot, STAGE_WRITE_START);
+        await this.data.write(data, wStart);
+        if (slot >= 0) engineStamp(slot, STAGE_WRITE_END);
+      } finally {
+        // The write has completed (or failed): nothing holds the buffer any more.
+        if (scratch && this.cowScratch.length < COW_SCRATCH_KEEP) this.cowScratch.push(scratch);
+      }
       this.markLocal(b0, lockLast);
     } finally {
       this.locks.release(b0, lockLast);
     }
   }
+
+  /** Free block-sized copy-on-write buffers (writeSlow), at most COW_SCRATCH_KEEP. */
+  private readonly cowScratch: Uint8Array[] = [];
 
   /** Blocks [b0, b1] now hold their data in the image: set both bitmaps, log what is new. */
   private markLocal(b0: number, b1: number): void {
