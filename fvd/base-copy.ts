@@ -12,6 +12,7 @@
  */
 import { STAGE_BASE_END, STAGE_BASE_START, engineStamp, engineStampFirst } from './trace.js';
 import { forEachClearRun, setRange } from './bitmap.js';
+import type { BlockBufferPool } from './block-pool.js';
 import type { BlockLocks } from './block-locks.js';
 import type { DataArea } from './data-area.js';
 
@@ -23,9 +24,6 @@ export interface CopyGeometry {
   /** Bytes backed by the base: min(base size, virtual size). */
   readonly baseLimit: number;
 }
-
-/** Block buffers kept for reuse by copyAbsent: about the copies in flight at once. */
-const FREE_BLOCKS_KEEP = 64;
 
 export class BaseCopier {
   /** Bytes of copy-on-read copies in flight (bounded by maxCorBytes). */
@@ -43,6 +41,8 @@ export class BaseCopier {
     /** Copy-on-read on; cleared after the first failed copy. */
     public copyOnRead: boolean,
     readonly maxCorBytes: number,
+    /** Block buffers for copies without a caller's scratch (shared with FvdImage's copy-on-write). */
+    private readonly blocks: BlockBufferPool,
   ) {}
 
   /** A run of blocks not local at submit time: read the base, maybe copy it into the image. */
@@ -92,10 +92,8 @@ export class BaseCopier {
       if (!this.locks.tryAcquire(b, e)) continue;
       const start = b * bs;
       const len = Math.min((e + 1) * bs, this.disk.size) - start;
-      // Without the caller's scratch (a copy-on-read hint: one block), a block buffer from the
-      // free list: a fresh zeroed 64 KiB per hinted 4 KiB guest read was the main thread's
-      // largest self cost in the profile (docs/DESIGN.md §2.3).
-      const own = scratch && scratch.length >= len ? null : len <= bs ? (this.blockFree.pop() ?? new Uint8Array(bs)) : new Uint8Array(len);
+      // Without the caller's scratch (a copy-on-read hint: one block), a pooled block buffer.
+      const own = scratch && scratch.length >= len ? null : len <= bs ? this.blocks.take() : new Uint8Array(len);
       const whole = own ? own.subarray(0, len) : scratch!.subarray(0, len);
       try {
         try {
@@ -109,14 +107,11 @@ export class BaseCopier {
         await this.copyToImage(whole, start, b, e, true);
       } finally {
         // Read and write are over (or failed): the buffer is free again.
-        if (own && own.length === bs && this.blockFree.length < FREE_BLOCKS_KEEP) this.blockFree.push(own);
+        if (own && own.length === bs) this.blocks.give(own);
       }
     }
     return bytes;
   }
-
-  /** Free block-sized copy buffers for copyAbsent, at most FREE_BLOCKS_KEEP. */
-  private readonly blockFree: Uint8Array[] = [];
 
   /**
    * Copies block b if it is still absent, in background (a queue thread's copy-on-read hint).

@@ -13,6 +13,7 @@
  */
 import { STAGE_BASE_END, STAGE_BASE_START, STAGE_WRITE_END, STAGE_WRITE_START, engineStamp, engineStampFirst } from './trace.js';
 import { holeAt, type BlockFile, type IoBackend } from './io.js';
+import { BlockBufferPool } from './block-pool.js';
 import { FvdError } from './errors.js';
 import {
   AUTOCLEAR_FULLY_LOCAL,
@@ -53,9 +54,6 @@ export type { CreateOptions } from './create.js';
 export type { BaseChainEntry, BaseImage, Extent, ExtentKind, HostExtent, ImageStats, OpenOptions } from './image-types.js';
 
 const DEFAULT_MAX_COR = 16 * 1024 * 1024;
-
-/** Copy-on-write buffers kept for reuse: the requests in flight at once, give or take. */
-const COW_SCRATCH_KEEP = 64;
 
 export class FvdImage {
   /** Virtual size in bytes; grows only by growOnline (a served image grown by `fvd resize`). */
@@ -114,6 +112,8 @@ export class FvdImage {
   private readonly copier: BaseCopier;
   /** The copier's geometry, kept to grow its size with the disk (growOnline). */
   private readonly copierDisk: { size: number; blockSize: number; baseLimit: number };
+  /** Block buffers of the copies (copy-on-write here, copy-on-read hints in the copier). */
+  private readonly copyBlocks: BlockBufferPool;
   private allLocal: boolean;
   /** allLocal for the daemon's queue workers: [0] = 1 once fully local (read per request). */
   private readonly sharedAllLocal = new Int32Array(new SharedArrayBuffer(4));
@@ -196,6 +196,7 @@ export class FvdImage {
       ? new CompactStorage(file, header.dataOffset, header.blockSize, header.chunkSize, header.virtualSize, this.table!, this.snap!, this.alloc, this.journal)
       : null;
     this.data = new DataArea(file, header.dataOffset, this.compactStorage, state.xts);
+    this.copyBlocks = new BlockBufferPool(this.blockSize);
     this.copierDisk = { size: header.virtualSize, blockSize: this.blockSize, baseLimit: this.baseLimit };
     this.copier = new BaseCopier(
       this.copierDisk,
@@ -206,6 +207,7 @@ export class FvdImage {
       (copy) => this.track(copy),
       state.copyOnRead && !state.readOnly,
       state.maxCorBytes,
+      this.copyBlocks,
     );
     const active: ActiveImageState | null = this.alloc
       ? { file, header, table: this.table!, present: this.present, journaled: this.journaled, baseBlocks: this.baseBlocks, readOnly: this.readOnly, allocator: this.alloc }
@@ -733,9 +735,9 @@ export class FvdImage {
       let scratch: Uint8Array | null = null;
       if (wStart !== offset || wEnd !== end) {
         const wLen = wEnd - wStart;
-        // A block-sized copy buffer from the free list (every byte of it is overwritten below:
-        // base data around the guest's), so a copy-on-write allocates nothing in the common case.
-        scratch = wLen <= bs ? (this.cowScratch.pop() ?? new Uint8Array(bs)) : null;
+        // A pooled block buffer (every byte of it is overwritten below: base data around the
+        // guest's), so a copy-on-write allocates nothing in the common case.
+        scratch = wLen <= bs ? this.copyBlocks.take() : null;
         data = scratch ? scratch.subarray(0, wLen) : new Uint8Array(wLen);
         if (slot >= 0) engineStampFirst(slot, STAGE_BASE_START);
         if (wStart < offset && end < wEnd && buf.length <= bs) {
@@ -762,16 +764,13 @@ export class FvdImage {
         if (slot >= 0) engineStamp(slot, STAGE_WRITE_END);
       } finally {
         // The write has completed (or failed): nothing holds the buffer any more.
-        if (scratch && this.cowScratch.length < COW_SCRATCH_KEEP) this.cowScratch.push(scratch);
+        if (scratch) this.copyBlocks.give(scratch);
       }
       this.markLocal(b0, lockLast);
     } finally {
       this.locks.release(b0, lockLast);
     }
   }
-
-  /** Free block-sized copy-on-write buffers (writeSlow), at most COW_SCRATCH_KEEP. */
-  private readonly cowScratch: Uint8Array[] = [];
 
   /** Blocks [b0, b1] now hold their data in the image: set both bitmaps, log what is new. */
   private markLocal(b0: number, b1: number): void {
