@@ -542,7 +542,7 @@ export class UblkServer {
         break;
       }
       case 'slow':
-        void this.serveSlow(q, m.tag, m.op, m.flags, m.offset, m.length, this.trace === null ? -1 : m.qid * this.opts.depth + m.tag);
+        void this.serveSlow(q, m.tag, m.op, m.flags, m.offset, m.length, this.trace === null ? -1 : this.trace.slotOf(m.qid, m.tag));
         break;
       case 'log': // a worker logs only what went wrong, one message per failed request
         this.failures.failure(`queue ${m.qid}: ${m.message}`);

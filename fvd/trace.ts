@@ -97,6 +97,11 @@ export class TraceRecorder {
     this.current = new Float64Array(shared.current);
   }
 
+  /** The slot of a queue's tag: slot = qid * depth + tag. */
+  slotOf(qid: number, tag: number): number {
+    return qid * this.shared.depth + tag;
+  }
+
   /** Stamps `stage` of the request in `slot` now (overwriting: the last pass counts). */
   stamp(slot: number, stage: number): void {
     this.current[slot * RECORD + F_STAMPS + stage] = traceNow();
@@ -118,13 +123,13 @@ export class QueueTrace extends TraceRecorder {
 
   constructor(shared: TraceShared, qid: number) {
     super(shared);
-    this.first = qid * shared.depth;
+    this.first = this.slotOf(qid, 0);
     this.capacity = shared.capacity;
     this.count = new Int32Array(shared.logs[qid]!, 0, 1);
     this.log = new Float64Array(shared.logs[qid]!, 8);
   }
 
-  /** The slot of this queue's tag (the engine gets it with the 'slow' message). */
+  /** The slot of this queue's tag (the main thread derives it from the 'slow' message's qid and tag). */
   slot(tag: number): number {
     return this.first + tag;
   }
