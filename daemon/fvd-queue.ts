@@ -91,7 +91,11 @@ export interface QueueWorkerData {
 export type WorkerMessage =
   /** ioFlusher: PR_GET_IO_FLUSHER of this thread after setting it (1), or -errno (ffi/syscalls.ts). */
   | { type: 'fetched'; qid: number; bufAddress: number; bufLength: number; tid: number; ioFlusher: number }
-  | { type: 'slow'; qid: number; tag: number; op: number; flags: number; offset: number; length: number }
+  /**
+   * baseBlock: a write whose block's base bytes this thread read into the tail of the tag's buffer
+   * (FvdQueue.preReadBlock): the last blockSize bytes of the tag's maxIo-byte slice.
+   */
+  | { type: 'slow'; qid: number; tag: number; op: number; flags: number; offset: number; length: number; baseBlock: boolean }
   | { type: 'log'; qid: number; message: string }
   | { type: 'info'; qid: number; message: string }
   | { type: 'stats'; qid: number; fast: number; slow: number }
@@ -139,6 +143,8 @@ export class FvdQueue implements QueueTarget {
   private readonly tagOffset: Float64Array;
   /** Per-tag zero-fill callbacks for reads that meet the end of a compact image file, made once. */
   private readonly zeroFillFrom: ((from: number) => void)[];
+  /** Per tag, preReadBlock's zero fill (a base shorter than expected: the rest reads as zeros). */
+  private readonly blockTailZeroFill: ((from: number) => void)[];
   /** directRoute's result, reused for every request. */
   private readonly route = newRun();
   /** Per-request trace (FVD_TRACE), or null; every trace point is one test of this field. */
@@ -226,6 +232,10 @@ export class FvdQueue implements QueueTarget {
     const tagLen = this.tagLen;
     this.zeroFillFrom = Array.from({ length: depth }, (_, tag) => (from: number) => {
       bytes.fill(0, tag * maxIo + from, tag * maxIo + tagLen[tag]!);
+    });
+    const tail = maxIo - d.view.blockSize;
+    this.blockTailZeroFill = Array.from({ length: depth }, (_, tag) => (from: number) => {
+      bytes.fill(0, tag * maxIo + tail + from, (tag + 1) * maxIo);
     });
   }
 
@@ -321,8 +331,9 @@ export class FvdQueue implements QueueTarget {
       return;
     }
     this.slow++;
+    const baseBlock = op === UBLK_IO_OP_WRITE && this.baseDirect !== null && this.preReadBlock(tag, offset, length);
     if (trace !== null) trace.stamp(trace.slot(tag), STAGE_POSTED);
-    this.post({ type: 'slow', qid: this.qid, tag, op, flags: iod.opFlags >>> 8, offset, length });
+    this.post({ type: 'slow', qid: this.qid, tag, op, flags: iod.opFlags >>> 8, offset, length, baseBlock });
   }
 
   /** A fast-path image read or write on the ring finished (res bytes, 0 at end of file, or -errno). */
@@ -414,6 +425,36 @@ export class FvdQueue implements QueueTarget {
       this.tagDone[tag] = direct.done;
     }
     this.fileIo(tag);
+  }
+
+  /**
+   * Copy-on-write help for the engine: a write to part of one block that (as this thread's view
+   * says) is still only in the local raw base. The engine must store the whole block, the guest's
+   * bytes amid the base's; this reads the base's block into the last blockSize bytes of the
+   * request's own buffer (the guest's data is at its start), so that the main thread does not
+   * (a base read there is a hand-off to the thread pool and back, 40-60 % of a copy-on-write's
+   * time in the trace). Only a synchronous read: one that would block is left to the engine.
+   * Returns true when the block is there (zeros past the base's end). A stale view only costs a
+   * needless read: the engine decides under the block's lock whether the block is still absent
+   * (FvdImage.write's baseBlock); the base never changes, so the bytes are current whenever read.
+   * Base reads here show in the trace's cqe→posted segment.
+   */
+  private preReadBlock(tag: number, offset: number, length: number): boolean {
+    const view = this.view;
+    const bs = view.blockSize;
+    if (length > this.maxIo - bs || view.fullyLocal[0] !== 0) return false;
+    const b = Math.floor(offset / bs);
+    if (b >= view.baseBlocks || b !== Math.floor((offset + length - 1) / bs)) return false;
+    if ((view.present[b >>> 3]! & (1 << (b & 7))) !== 0) return false; // local: no base bytes needed
+    const start = b * bs;
+    if (offset === start && length === bs) return false; // the whole block: nothing from the base
+    const inBase = Math.min(bs, view.baseLimit - start);
+    if (inBase <= 0) return false;
+    const at = tag * this.maxIo + this.maxIo - bs;
+    const r = this.baseDirect!.transfer(false, this.bufBase + at, inBase, start, this.blockTailZeroFill[tag]!);
+    if (r !== inBase) return false; // would block, or failed: the engine reads (and reports) it
+    if (inBase < bs) this.bytes.fill(0, at + inBase, at + bs);
+    return true;
   }
 
   /** A fast-path transfer finished: a read of an encrypted image is decrypted before the kernel sees it. */

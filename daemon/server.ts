@@ -542,7 +542,7 @@ export class UblkServer {
         break;
       }
       case 'slow':
-        void this.serveSlow(q, m.tag, m.op, m.flags, m.offset, m.length, this.trace === null ? -1 : this.trace.slotOf(m.qid, m.tag));
+        void this.serveSlow(q, m.tag, m.op, m.flags, m.offset, m.length, this.trace === null ? -1 : this.trace.slotOf(m.qid, m.tag), m.baseBlock);
         break;
       case 'log': // a worker logs only what went wrong, one message per failed request
         this.failures.failure(`queue ${m.qid}: ${m.message}`);
@@ -574,8 +574,14 @@ export class UblkServer {
     void this.image.copyHint(b).then(() => this.hints!.release(b));
   };
 
+  /** The base block a queue thread read for tag's copy-on-write: the tail of the tag's buffer (FvdQueue.preReadBlock). */
+  private baseBlockOf(q: Queue, tag: number): Uint8Array {
+    const end = (tag + 1) * this.opts.maxIo;
+    return q.buffer!.subarray(end - this.image.blockSize, end);
+  }
+
   /** The engine's side of a request a worker handed over; the result goes back by eventfd. */
-  private async serveSlow(q: Queue, tag: number, op: number, flags: number, offset: number, length: number, slot: number): Promise<void> {
+  private async serveSlow(q: Queue, tag: number, op: number, flags: number, offset: number, length: number, slot: number, baseBlock: boolean): Promise<void> {
     let result: number;
     if (slot >= 0) this.trace!.stamp(slot, STAGE_ENGINE_START);
     try {
@@ -587,7 +593,7 @@ export class UblkServer {
           break;
         case UBLK_IO_OP_WRITE:
           this.stats.writes++;
-          await this.image.write(buf, offset, ((flags << 8) & UBLK_IO_F_FUA) !== 0, slot);
+          await this.image.write(buf, offset, ((flags << 8) & UBLK_IO_F_FUA) !== 0, slot, baseBlock ? this.baseBlockOf(q, tag) : null);
           break;
         case UBLK_IO_OP_FLUSH:
           this.stats.flushes++;

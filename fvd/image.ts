@@ -440,18 +440,26 @@ export class FvdImage {
     await Promise.all(tasks);
   }
 
-  async write(buf: Uint8Array, offset: number, fua = false, slot = -1): Promise<void> {
+  /**
+   * `baseBlock`, optional: the base's bytes of the one block the write lies in (blockSize bytes
+   * from the block's start, zeros past the base's end), read by the caller — a queue thread that
+   * read them from a local raw base (daemon/fvd-queue.ts preReadBlock). A copy-on-write of that
+   * block then takes its base bytes from there instead of reading the base; whether a
+   * copy-on-write is needed is still decided here, under the block's lock. Not for encrypted
+   * images (ignored).
+   */
+  async write(buf: Uint8Array, offset: number, fua = false, slot = -1, baseBlock: Uint8Array | null = null): Promise<void> {
     this.checkRange(offset, buf.length, 'write');
     this.checkWritable('write');
     if (buf.length === 0) return;
     if (this.crypt) await this.crypt.write(buf, offset, this.crypt.check('write', offset, buf.length));
-    else await this.writeSectors(buf, offset, slot);
+    else await this.writeSectors(buf, offset, slot, baseBlock);
     if (fua) await this.journal!.commit();
   }
 
   /** The write path under the public checks (and, encrypted, inside the sector gate). */
-  private writeSectors(buf: Uint8Array, offset: number, slot = -1): Promise<void> {
-    if (this.needsBitmapWork(offset, offset + buf.length)) return this.writeSlow(buf, offset, slot);
+  private writeSectors(buf: Uint8Array, offset: number, slot = -1, baseBlock: Uint8Array | null = null): Promise<void> {
+    if (this.needsBitmapWork(offset, offset + buf.length)) return this.writeSlow(buf, offset, slot, baseBlock);
     return slot < 0 ? this.data.write(buf, offset) : this.writeTraced(buf, offset, slot);
   }
 
@@ -716,7 +724,7 @@ export class FvdImage {
     return !(allSet(this.journaled, b0, b1 - b0 + 1) && allSet(this.present, b0, b1 - b0 + 1));
   }
 
-  private async writeSlow(buf: Uint8Array, offset: number, slot: number): Promise<void> {
+  private async writeSlow(buf: Uint8Array, offset: number, slot: number, baseBlock: Uint8Array | null): Promise<void> {
     const bs = this.blockSize;
     const end = offset + buf.length;
     const b0 = Math.floor(offset / bs);
@@ -735,6 +743,14 @@ export class FvdImage {
       let scratch: Uint8Array | null = null;
       if (wStart !== offset || wEnd !== end) {
         const wLen = wEnd - wStart;
+        if (baseBlock !== null && b0 === b1 && wStart === b0 * bs && wLen <= baseBlock.length) {
+          // The caller read this block's base bytes already (before the lock: the base never
+          // changes, so they are what a read here would give). The present bit, checked above
+          // under the lock, alone decides that they are needed.
+          data = baseBlock.subarray(0, wLen);
+          data.set(buf, offset - wStart);
+          return await this.writeBlocks(data, wStart, b0, lockLast, slot, null);
+        }
         // A pooled block buffer (every byte of it is overwritten below: base data around the
         // guest's), so a copy-on-write allocates nothing in the common case.
         scratch = wLen <= bs ? this.copyBlocks.take() : null;
@@ -758,18 +774,23 @@ export class FvdImage {
         if (slot >= 0) engineStamp(slot, STAGE_BASE_END);
         data.set(buf, offset - wStart);
       }
-      try {
-        if (slot >= 0) engineStampFirst(slot, STAGE_WRITE_START);
-        await this.data.write(data, wStart);
-        if (slot >= 0) engineStamp(slot, STAGE_WRITE_END);
-      } finally {
-        // The write has completed (or failed): nothing holds the buffer any more.
-        if (scratch) this.copyBlocks.give(scratch);
-      }
-      this.markLocal(b0, lockLast);
+      await this.writeBlocks(data, wStart, b0, lockLast, slot, scratch);
     } finally {
       this.locks.release(b0, lockLast);
     }
+  }
+
+  /** writeSlow's end, under its locks: stores `data` at `wStart`, then marks [b0, last] local. */
+  private async writeBlocks(data: Uint8Array, wStart: number, b0: number, last: number, slot: number, scratch: Uint8Array | null): Promise<void> {
+    try {
+      if (slot >= 0) engineStampFirst(slot, STAGE_WRITE_START);
+      await this.data.write(data, wStart);
+      if (slot >= 0) engineStamp(slot, STAGE_WRITE_END);
+    } finally {
+      // The write has completed (or failed): nothing holds the buffer any more.
+      if (scratch) this.copyBlocks.give(scratch);
+    }
+    this.markLocal(b0, last);
   }
 
   /** Blocks [b0, b1] now hold their data in the image: set both bitmaps, log what is new. */
