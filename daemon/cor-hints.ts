@@ -6,7 +6,16 @@
  * - an Int32 word array: [0] bytes of hinted blocks not yet released (the bound), [1] a wake flag;
  * - a bitmap of hinted blocks (coalescing: a block already hinted and not yet released is not
  *   hinted again, by any queue);
- * - per queue, a single-producer (that queue) single-consumer (main thread) ring of block numbers.
+ * - per queue, a single-producer (that queue) single-consumer (main thread) ring of (block, slot)
+ *   pairs; slot -1 = the hint carries no data (the main thread reads the base itself);
+ * - data slots (a hint that carries its block's data): one block-sized slot each in a pool of
+ *   mmap'ed memory allocated by the main thread (ffi/uring.ts allocPinned, not populated: pages
+ *   are touched only by the slots used), every thread mapping the same addresses. Each queue owns
+ *   its own range of slots; a slot's state is one Int32 (FREE / BUSY): only the owning queue turns
+ *   it BUSY (when it reads a block into it), only the main thread turns it FREE (after the copy
+ *   wrote or skipped it). The data is written before the ring's tail is stored and read after the
+ *   tail is loaded (sequentially consistent Atomics), and the queue never touches a BUSY slot, so
+ *   the main thread reads it whole and unchanged.
  *
  * A hint is dropped when the outstanding bytes would pass the cap (FVD's
  * max_outstanding_copy_on_read_data): the block stays in the base and the prefetcher copies it
@@ -27,23 +36,69 @@ export interface CorHintShared {
   capBytes: number;
   blockSize: number;
   baseBlocks: number;
+  /** Int32 per data slot: SLOT_FREE or SLOT_BUSY; queue q owns [q * slotsPerQueue, (q + 1) * slotsPerQueue). */
+  slots: SharedArrayBuffer;
+  /** 0: hints never carry data. */
+  slotsPerQueue: number;
+  /** The pool of slots (slot i at poolAddress + i * blockSize), 0 / 0 without one. */
+  poolAddress: number;
+  poolLength: number;
 }
+
+export const SLOT_FREE = 0;
+export const SLOT_BUSY = 1;
+/** The ring's slot value of a hint without data. */
+export const NO_SLOT = -1;
+/** Hints carry data only for blocks up to this size (a slot per block; keeps the pool small). */
+export const MAX_SLOT_BLOCK = 256 * 1024;
+const MAX_SLOTS_PER_QUEUE = 32;
 
 const W_OUTSTANDING = 0;
 const W_WAKE = 1;
-// A ring: Int32 [0] head (consumer), [1] tail (producer), then `capacity` block numbers.
+// A ring: Int32 [0] head (consumer), [1] tail (producer), then `capacity` (block, slot) pairs.
 const R_HEAD = 0;
 const R_TAIL = 1;
 
-export function createCorHints(capBytes: number, blockSize: number, baseBlocks: number, queues: number): CorHintShared {
-  const capacity = Math.floor(capBytes / blockSize) + 1;
+function ringCapacity(capBytes: number, blockSize: number): number {
+  return Math.floor(capBytes / blockSize) + 1;
+}
+
+/** Data slots per queue: no more than hints can be outstanding, at most 32, none for large blocks. */
+export function slotsPerQueue(capBytes: number, blockSize: number): number {
+  return blockSize <= MAX_SLOT_BLOCK ? Math.min(ringCapacity(capBytes, blockSize), MAX_SLOTS_PER_QUEUE) : 0;
+}
+
+/** Bytes of the data-slot pool the main thread allocates for `queues` queues (0: no pool). */
+export function corSlotPoolBytes(capBytes: number, blockSize: number, queues: number): number {
+  return slotsPerQueue(capBytes, blockSize) * queues * blockSize;
+}
+
+/**
+ * The shared state of the hints. `pool`: the data-slot pool (corSlotPoolBytes long, allocated by
+ * the caller, who frees it once the workers are gone and every carried copy finished), or null:
+ * hints carry no data.
+ */
+export function createCorHints(
+  capBytes: number,
+  blockSize: number,
+  baseBlocks: number,
+  queues: number,
+  pool: { address: number; length: number } | null = null,
+): CorHintShared {
+  const capacity = ringCapacity(capBytes, blockSize);
+  const perQueue = pool ? slotsPerQueue(capBytes, blockSize) : 0;
+  if (pool && pool.length < perQueue * queues * blockSize) throw new Error(`copy-on-read slot pool: ${pool.length} B, ${perQueue * queues * blockSize} B needed`);
   return {
     words: new SharedArrayBuffer(8),
     hinted: new SharedArrayBuffer(Math.max(1, Math.ceil(baseBlocks / 32)) * 4),
-    rings: Array.from({ length: queues }, () => new SharedArrayBuffer((2 + capacity) * 4)),
+    rings: Array.from({ length: queues }, () => new SharedArrayBuffer((2 + 2 * capacity) * 4)),
     capBytes,
     blockSize,
     baseBlocks,
+    slots: new SharedArrayBuffer(Math.max(1, perQueue * queues) * 4),
+    slotsPerQueue: perQueue,
+    poolAddress: pool && perQueue > 0 ? pool.address : 0,
+    poolLength: pool && perQueue > 0 ? pool.length : 0,
   };
 }
 
@@ -56,19 +111,37 @@ export class CorHintProducer {
   private readonly cap: number;
   private readonly bs: number;
   private readonly baseBlocks: number;
+  private readonly slots: Int32Array;
+  /** This queue's slots: [slot0, slot0 + nSlots). */
+  private readonly slot0: number;
+  private readonly nSlots: number;
+  private readonly poolAddress: number;
+  /** Where the next free-slot search starts (round robin over this queue's slots). */
+  private nextSlot = 0;
   /** Hints offered, dropped at the cap, and coalesced with one already pending (figures). */
   offered = 0;
   dropped = 0;
   coalesced = 0;
+  /** Hints pushed with their block's data. */
+  carried = 0;
 
   constructor(s: CorHintShared, qid: number) {
     this.words = new Int32Array(s.words);
     this.hinted = new Int32Array(s.hinted);
     this.ring = new Int32Array(s.rings[qid]!);
-    this.capacity = this.ring.length - 2;
+    this.capacity = (this.ring.length - 2) >>> 1;
     this.cap = s.capBytes;
     this.bs = s.blockSize;
     this.baseBlocks = s.baseBlocks;
+    this.slots = new Int32Array(s.slots);
+    this.nSlots = s.slotsPerQueue;
+    this.slot0 = qid * s.slotsPerQueue;
+    this.poolAddress = s.poolAddress;
+  }
+
+  /** Hints may carry data (the pool has slots for this queue). */
+  get carriesData(): boolean {
+    return this.nSlots > 0;
   }
 
   /**
@@ -80,30 +153,91 @@ export class CorHintProducer {
     const b1 = Math.min(Math.floor((offset + length - 1) / bs), this.baseBlocks - 1);
     let pushed = false;
     for (let b = Math.floor(offset / bs); b <= b1; b++) {
-      this.offered++;
-      const word = b >>> 5;
-      const bit = 1 << (b & 31);
-      if ((Atomics.load(this.hinted, word) & bit) !== 0) {
-        this.coalesced++;
-        continue;
-      }
-      if (Atomics.add(this.words, W_OUTSTANDING, bs) + bs > this.cap) {
-        Atomics.sub(this.words, W_OUTSTANDING, bs);
-        this.dropped++;
-        continue;
-      }
-      if ((Atomics.or(this.hinted, word, bit) & bit) !== 0) {
-        // Another queue hinted it meanwhile.
-        Atomics.sub(this.words, W_OUTSTANDING, bs);
-        this.coalesced++;
-        continue;
-      }
-      const tail = this.ring[R_TAIL]!; // only this thread writes it
-      this.ring[2 + (tail % this.capacity)] = b;
-      Atomics.store(this.ring, R_TAIL, tail + 1);
+      if (!this.claim(b)) continue;
+      this.pushEntry(b, NO_SLOT);
       pushed = true;
     }
     return pushed && Atomics.exchange(this.words, W_WAKE, 1) === 0;
+  }
+
+  /**
+   * Newly hints block b (below the base's blocks) for this queue: false when it is already
+   * hinted (coalesced) or the cap is full (dropped). A claimed block must be pushed (push).
+   */
+  claim(b: number): boolean {
+    const bs = this.bs;
+    this.offered++;
+    const word = b >>> 5;
+    const bit = 1 << (b & 31);
+    if ((Atomics.load(this.hinted, word) & bit) !== 0) {
+      this.coalesced++;
+      return false;
+    }
+    if (Atomics.add(this.words, W_OUTSTANDING, bs) + bs > this.cap) {
+      Atomics.sub(this.words, W_OUTSTANDING, bs);
+      this.dropped++;
+      return false;
+    }
+    if ((Atomics.or(this.hinted, word, bit) & bit) !== 0) {
+      // Another queue hinted it meanwhile.
+      Atomics.sub(this.words, W_OUTSTANDING, bs);
+      this.coalesced++;
+      return false;
+    }
+    return true;
+  }
+
+  /**
+   * A free slot of this queue, now BUSY (the caller fills it, then pushes it or gives it back),
+   * or -1: all in use.
+   */
+  takeSlot(): number {
+    const n = this.nSlots;
+    for (let i = 0; i < n; i++) {
+      let k = this.nextSlot + i;
+      if (k >= n) k -= n;
+      const slot = this.slot0 + k;
+      if (Atomics.load(this.slots, slot) === SLOT_FREE) {
+        // Only this thread turns this queue's slots BUSY: no other taker to race with.
+        Atomics.store(this.slots, slot, SLOT_BUSY);
+        this.nextSlot = k + 1 === n ? 0 : k + 1;
+        return slot;
+      }
+    }
+    return -1;
+  }
+
+  /** A slot taken but not pushed (its read did not complete) is free again. */
+  giveBack(slot: number): void {
+    Atomics.store(this.slots, slot, SLOT_FREE);
+  }
+
+  /** The address of a slot's blockSize bytes in the pool. */
+  slotAddress(slot: number): number {
+    return this.poolAddress + slot * this.bs;
+  }
+
+  /** Byte offset of a slot in the pool. */
+  slotOffset(slot: number): number {
+    return slot * this.bs;
+  }
+
+  /**
+   * Pushes a claimed block, with the slot holding its data (filled before this call) or NO_SLOT.
+   * Returns true when the caller must wake the main thread (post one message).
+   */
+  push(b: number, slot: number): boolean {
+    if (slot !== NO_SLOT) this.carried++;
+    this.pushEntry(b, slot);
+    return Atomics.exchange(this.words, W_WAKE, 1) === 0;
+  }
+
+  private pushEntry(b: number, slot: number): void {
+    const tail = this.ring[R_TAIL]!; // only this thread writes it
+    const at = 2 + 2 * (tail % this.capacity);
+    this.ring[at] = b;
+    this.ring[at + 1] = slot;
+    Atomics.store(this.ring, R_TAIL, tail + 1); // publishes the entry and the slot's data
   }
 }
 
@@ -113,31 +247,61 @@ export class CorHintConsumer {
   private readonly hinted: Int32Array;
   private readonly rings: Int32Array[];
   private readonly bs: number;
+  private readonly slots: Int32Array;
+  /** Per data slot, its block of the pool (views made once); empty without a pool. */
+  private readonly slotViews: Uint8Array[];
 
-  constructor(s: CorHintShared) {
+  /** `pool`: the bytes of the data-slot pool at s.poolAddress (the main thread's mapping), or null. */
+  constructor(s: CorHintShared, pool: Uint8Array | null = null) {
     this.words = new Int32Array(s.words);
     this.hinted = new Int32Array(s.hinted);
     this.rings = s.rings.map((r) => new Int32Array(r));
     this.bs = s.blockSize;
+    this.slots = new Int32Array(s.slots);
+    const n = s.slotsPerQueue * s.rings.length;
+    if (n > 0 && (!pool || pool.length < n * s.blockSize)) throw new Error('copy-on-read hints carry data: the consumer needs the slot pool');
+    this.slotViews = Array.from({ length: n }, (_, i) => pool!.subarray(i * s.blockSize, (i + 1) * s.blockSize));
   }
 
-  /** Calls fn for every hinted block pushed so far; returns how many. */
-  drain(fn: (block: number) => void): number {
+  /**
+   * Calls fn for every hinted block pushed so far, with the slot that carries its data or NO_SLOT;
+   * returns how many. Every block is released (release) and every slot freed (freeSlot) later.
+   */
+  drain(fn: (block: number, slot: number) => void): number {
     Atomics.store(this.words, W_WAKE, 0); // before reading the tails: see the file comment
     let n = 0;
     for (const ring of this.rings) {
-      const capacity = ring.length - 2;
+      const capacity = (ring.length - 2) >>> 1;
       let head = ring[R_HEAD]!;
       const tail = Atomics.load(ring, R_TAIL);
       while (head !== tail) {
-        const block = ring[2 + (head % capacity)]!;
-        // The slot is free before fn may release the block: every entry still in a ring is
+        const at = 2 + 2 * (head % capacity);
+        const block = ring[at]!;
+        const slot = ring[at + 1]!;
+        // The entry is free before fn may release the block: every entry still in a ring is
         // counted in the outstanding bytes, which keeps the rings from overflowing.
         Atomics.store(ring, R_HEAD, ++head);
-        fn(block);
+        fn(block, slot);
         n++;
       }
     }
+    return n;
+  }
+
+  /** A carried block's data (blockSize bytes; zeros past the base's end). Valid until freeSlot. */
+  slotData(slot: number): Uint8Array {
+    return this.slotViews[slot]!;
+  }
+
+  /** The carried data was written or skipped: the owning queue may reuse the slot. */
+  freeSlot(slot: number): void {
+    Atomics.store(this.slots, slot, SLOT_FREE);
+  }
+
+  /** Slots in use (BUSY), for tests and the stop's check. */
+  busySlots(): number {
+    let n = 0;
+    for (let i = 0; i < this.slotViews.length; i++) if (Atomics.load(this.slots, i) === SLOT_BUSY) n++;
     return n;
   }
 

@@ -39,7 +39,7 @@ import { QueueLoop, UD_KIND_TARGET_IO, encodeUserData, type IoDescriptor, type Q
 import { DIRECT_WOULD_BLOCK, DirectIo, chooseDirectMode, type DirectMode } from './direct-io.js';
 import { CompletionRing, type EngineView } from './shared-state.js';
 import { BASE, STORED, ZERO, directRoute, newRun } from '../fvd/mapping.js';
-import { CorHintProducer, type CorHintShared } from './cor-hints.js';
+import { CorHintProducer, NO_SLOT, type CorHintShared } from './cor-hints.js';
 import { ACTIVITY_OTHER, ACTIVITY_READ, ACTIVITY_WRITE, QueueActivityWriter } from './queue-activity.js';
 import { FastCrypt } from './fast-crypt.js';
 import { requestErrnoOf } from './request-errors.js';
@@ -123,6 +123,15 @@ export class FvdQueue implements QueueTarget {
   private readonly baseFile: number;
   private readonly baseDirect: DirectIo | null;
   private readonly hints: CorHintProducer | null;
+  /**
+   * The copy-on-read data-slot pool (cor-hints.ts), this thread's view of the main thread's
+   * mapping, or null: hints carry no data. Plus the slot a block read is filling (for its EOF
+   * zero-fill callback, made once).
+   */
+  private readonly pool: Buffer | null;
+  private slotAt = 0;
+  private slotEnd = 0;
+  private readonly zeroSlotFrom: (from: number) => void;
   /** The one 'hint' message, reused. */
   private readonly hintMessage: WorkerMessage;
   private readonly crypt: FastCrypt | null;
@@ -212,6 +221,12 @@ export class FvdQueue implements QueueTarget {
     this.baseFile = baseFd >= 0 ? loop.targetFile(1) : -1;
     this.baseDirect = baseDirect;
     this.hints = baseFd >= 0 && d.hints ? new CorHintProducer(d.hints, qid) : null;
+    // The pool's memory is the main thread's mmap, the same addresses in every thread; it stays
+    // mapped until the server stops, after this worker is gone.
+    this.pool = this.hints !== null && this.hints.carriesData && baseDirect !== null ? Buffer.from(sys.koffi.view(BigInt(d.hints!.poolAddress), d.hints!.poolLength)) : null;
+    this.zeroSlotFrom = (from: number) => {
+      this.pool!.fill(0, this.slotAt + from, this.slotEnd);
+    };
     this.hintMessage = { type: 'hint', qid };
     this.crypt = crypt;
     this.trace = d.trace ? new QueueTrace(d.trace, qid) : null;
@@ -411,8 +426,19 @@ export class FvdQueue implements QueueTarget {
   private readBase(tag: number, offset: number, length: number, inBase: number): void {
     const at = tag * this.maxIo;
     if (inBase < length) this.bytes.fill(0, at + inBase, at + length);
-    if (this.hints !== null && this.hints.offer(offset, inBase)) this.post(this.hintMessage);
     if (this.trace !== null) this.trace.stamp(this.trace.slot(tag), STAGE_BASE_START);
+    const hints = this.hints;
+    if (hints !== null) {
+      const bs = this.view.blockSize;
+      const b = Math.floor(offset / bs);
+      // Inside one block, and this queue hints it now: read the whole block once, into a data
+      // slot the hint carries, so the main thread only writes it (DESIGN.md §2.2).
+      if (this.pool !== null && Math.floor((offset + inBase - 1) / bs) === b && b < this.view.baseBlocks && hints.claim(b)) {
+        if (this.readBlockForHint(tag, b, offset, length, inBase)) return;
+      } else if (hints.offer(offset, inBase)) {
+        this.post(this.hintMessage);
+      }
+    }
     this.beginTransfer(tag, UBLK_IO_OP_READ, this.baseFile, offset, inBase, length, offset);
     const direct = this.baseDirect;
     if (direct) {
@@ -455,6 +481,38 @@ export class FvdQueue implements QueueTarget {
     if (r !== inBase) return false; // would block, or failed: the engine reads (and reports) it
     if (inBase < bs) this.bytes.fill(0, at + inBase, at + bs);
     return true;
+  }
+
+  /**
+   * Block b, just claimed for a hint: reads its base bytes into a free data slot synchronously,
+   * zeros the rest of the slot, answers the request from it and pushes the hint with the slot.
+   * Returns false when that could not be done (no free slot, the read would block, was short or
+   * failed): the hint is pushed without data and the caller serves the request as usual.
+   */
+  private readBlockForHint(tag: number, b: number, offset: number, length: number, inBase: number): boolean {
+    const hints = this.hints!;
+    const pool = this.pool!;
+    const bs = this.view.blockSize;
+    const slot = hints.takeSlot();
+    if (slot >= 0) {
+      const start = b * bs;
+      const baseLen = Math.min(bs, this.view.baseLimit - start);
+      const slotAt = hints.slotOffset(slot);
+      this.slotAt = slotAt;
+      this.slotEnd = slotAt + bs;
+      const r = this.baseDirect!.transfer(false, hints.slotAddress(slot), baseLen, start, this.zeroSlotFrom);
+      if (r === baseLen) {
+        if (baseLen < bs) pool.fill(0, slotAt + baseLen, slotAt + bs); // past the base's end: zeros
+        pool.copy(this.bytes, tag * this.maxIo, slotAt + (offset - start), slotAt + (offset - start) + inBase);
+        if (hints.push(b, slot)) this.post(this.hintMessage);
+        this.fast++;
+        this.commit(tag, length);
+        return true;
+      }
+      hints.giveBack(slot); // would block, short or failed: the ordinary read below says which
+    }
+    if (hints.push(b, NO_SLOT)) this.post(this.hintMessage);
+    return false;
   }
 
   /** A fast-path transfer finished: a read of an encrypted image is decrypted before the kernel sees it. */

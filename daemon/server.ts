@@ -17,7 +17,7 @@ import { storageIo } from '../storage/storage-io.js';
 import { FvdError } from '../fvd/errors.js';
 import { libc, EFD_CLOEXEC } from '../ffi/libc.js';
 import { syscalls } from '../ffi/syscalls.js';
-import { errnoName } from '../ffi/uring.js';
+import { allocPinned, errnoName, type PinnedBuffer } from '../ffi/uring.js';
 import { UblkCommandError, UblkControl } from './ublk/control.js';
 import { describeFeatures } from './ublk/features.js';
 import {
@@ -34,7 +34,7 @@ import {
   UBLK_F_UPDATE_SIZE,
   UBLK_S_DEV_LIVE,
 } from './ublk/abi.js';
-import { CorHintConsumer, createCorHints } from './cor-hints.js';
+import { CorHintConsumer, NO_SLOT, corSlotPoolBytes, createCorHints } from './cor-hints.js';
 import { CompletionRing } from './shared-state.js';
 import { BurstLog, requestErrno } from './request-errors.js';
 import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
@@ -442,11 +442,17 @@ export class UblkServer {
     const view = this.image.sharedView();
     // A plain local raw base: the queue threads read it themselves and hint copy-on-read.
     const basePath = this.image.localRawBasePath();
-    const hints =
-      basePath !== null && this.image.copyOnRead && !this.image.readOnly
-        ? createCorHints(this.image.maxCopyOnReadBytes, view.blockSize, view.baseBlocks, this.opts.queues)
-        : null;
-    this.hints = hints ? new CorHintConsumer(hints) : null;
+    const corOn = basePath !== null && this.image.copyOnRead && !this.image.readOnly;
+    // Hints carry their block's data in slots of this pool (daemon/cor-hints.ts): mmap'ed, never
+    // moved, pages touched only when a slot is first used. Freed by teardown, once the workers
+    // are gone and the image closed (every carried copy finished).
+    const poolBytes = corOn ? corSlotPoolBytes(this.image.maxCopyOnReadBytes, view.blockSize, this.opts.queues) : 0;
+    if (poolBytes > 0 && !this.corPool) this.corPool = allocPinned(poolBytes, { populate: false });
+    const pool = poolBytes > 0 ? this.corPool : null;
+    const hints = corOn
+      ? createCorHints(this.image.maxCopyOnReadBytes, view.blockSize, view.baseBlocks, this.opts.queues, pool && { address: pool.address, length: pool.length })
+      : null;
+    this.hints = hints ? new CorHintConsumer(hints, pool?.bytes ?? null) : null;
     const traceShared = this.startTrace();
     const workerUrl = new URL('./queue-worker.js', import.meta.url);
     const fetched = this.fetched;
@@ -569,9 +575,24 @@ export class UblkServer {
   /** Copy-on-read hints from the queue threads (daemon/cor-hints.ts), or null. */
   private hints: CorHintConsumer | null = null;
 
-  /** A hinted block: copied in background (never waited for by a request), then released. */
-  private readonly copyHinted = (b: number): void => {
-    void this.image.copyHint(b).then(() => this.hints!.release(b));
+  /** The data-slot pool of the copy-on-read hints, or null (spawnWorkers, teardown). */
+  private corPool: PinnedBuffer | null = null;
+
+  /**
+   * A hinted block: copied in background (never waited for by a request), then released. With a
+   * data slot the queue thread read the block already: the copy only writes it, and the slot is
+   * freed once the write finished or was skipped (copyHint resolves only then).
+   */
+  private readonly copyHinted = (b: number, slot: number): void => {
+    const hints = this.hints!;
+    if (slot === NO_SLOT) {
+      void this.image.copyHint(b).then(() => hints.release(b));
+      return;
+    }
+    void this.image.copyHint(b, hints.slotData(slot)).then(() => {
+      hints.release(b);
+      hints.freeSlot(slot);
+    });
   };
 
   /** The base block a queue thread read for tag's copy-on-write: the tail of the tag's buffer (FvdQueue.preReadBlock). */
@@ -771,6 +792,12 @@ export class UblkServer {
     if (this.cdevFd >= 0) fs.closeSync(this.cdevFd);
     this.cdevFd = -1;
     await attempt('closing the image', () => this.image.close());
+    // The workers are gone and every carried copy finished (close waits for them; idle again in
+    // case the image was closed earlier): nothing uses the slots now.
+    this.hints = null;
+    await this.image.idle();
+    this.corPool?.free();
+    this.corPool = null;
     if (this.devId >= 0) await attempt('DEL_DEV', () => ctl.deleteDevice(this.devId));
     ctl.close();
     if (this.devId >= 0) removeState(this.devId);

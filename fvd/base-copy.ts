@@ -124,6 +124,29 @@ export class BaseCopier {
     );
   }
 
+  /**
+   * Copies block b from `data` (its whole block as the base holds it: the base's bytes, zeros past
+   * the base's end) if it is still absent, in background: a copy-on-read hint that carries the
+   * block (daemon/cor-hints.ts), read by a queue thread before this call, without the lock. That
+   * is safe because the base never changes while the image is served (every reader opens it
+   * read-only; docs/DESIGN.md §2.2), so bytes read earlier are the bytes a read now would give; what decides whether
+   * they may be written is, as for copyAbsent, the block lock and the present bit checked under
+   * it: a guest write that made the block local (bit set) or holds its lock wins and the copy is
+   * skipped. `data` is only read, and no longer once this resolves. Never rejects: a failed write
+   * turns copy-on-read off.
+   */
+  copyCarried(b: number, data: Uint8Array): Promise<void> {
+    if (!this.locks.tryAcquire(b, b)) return Promise.resolve(); // a guest request holds it: it wins
+    const bs = this.disk.blockSize;
+    const start = b * bs;
+    const len = Math.min(bs, this.disk.size - start);
+    this.corBytes += len; // copyToImage accounts it back
+    return this.copyToImage(data.subarray(0, len), start, b, b, true).then(
+      () => undefined,
+      () => this.backgroundCopyFailed(),
+    );
+  }
+
   /** A failed background copy is harmless — the blocks stay in the base — but stops further copies. */
   private backgroundCopyFailed(): void {
     this.copyOnRead = false;

@@ -562,10 +562,13 @@ export class FvdImage {
    * base itself; copy the block into the image in background, as a soft write like copy-on-read
    * (skipped if it became local, or a guest request holds its lock). Never rejects: a failed copy
    * turns copy-on-read off, as a failed copy-on-read does. Waited for by idle() and close.
+   * `data`: the block's data as the base holds it, read by the queue thread (a hint that carries
+   * it): written without reading the base again (BaseCopier.copyCarried says why that is safe).
+   * The caller may reuse `data` once the promise resolves.
    */
-  copyHint(b: number): Promise<void> {
+  copyHint(b: number, data?: Uint8Array): Promise<void> {
     if (this.closed || this.allLocal || this.readOnly || !this.copier.copyOnRead || b >= this.baseBlocks || testBit(this.present, b)) return Promise.resolve();
-    const copy = this.copier.copyInBackground(b);
+    const copy = data ? this.copier.copyCarried(b, data) : this.copier.copyInBackground(b);
     this.track(copy);
     return copy;
   }

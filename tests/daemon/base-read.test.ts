@@ -13,7 +13,8 @@ import * as assert from 'uvu/assert';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { CorHintConsumer, CorHintProducer, createCorHints } from '../../daemon/cor-hints.js';
+import { CorHintConsumer, CorHintProducer, NO_SLOT, corSlotPoolBytes, createCorHints, slotsPerQueue } from '../../daemon/cor-hints.js';
+import type { BlockLocks } from '../../fvd/block-locks.js';
 import { FvdImage } from '../../fvd/image.js';
 import { BASE, STORED, ZERO, directRoute, newRun, type SharedView } from '../../fvd/mapping.js';
 import { nodeIo } from '../../storage/node-file.js';
@@ -69,6 +70,57 @@ test('hints: the rings never overflow while the main thread releases inside the 
   assert.ok(q.dropped > 0 && q.offered > q.dropped);
 });
 
+test('data slots: per-queue ranges, BUSY until the main thread frees them, (block, slot) pairs through the ring', () => {
+  const bs = 64 * KiB;
+  assert.is(slotsPerQueue(3 * bs, bs), 4, 'no more slots than hints can be outstanding (+1)');
+  assert.is(slotsPerQueue(1 << 30, bs), 32, 'at most 32 per queue');
+  assert.is(slotsPerQueue(1 << 30, 512 * KiB), 0, 'none for blocks above 256 KiB');
+  assert.is(corSlotPoolBytes(1 << 30, bs, 2), 2 * 32 * bs);
+  const cap = 3 * bs;
+  const len = corSlotPoolBytes(cap, bs, 2);
+  const pool = new Uint8Array(len);
+  const s = createCorHints(cap, bs, 100, 2, { address: 0x10000000, length: len });
+  assert.throws(() => new CorHintConsumer(s), /slot pool/, 'a consumer of carried hints needs the pool');
+  const q0 = new CorHintProducer(s, 0);
+  const q1 = new CorHintProducer(s, 1);
+  const main = new CorHintConsumer(s, pool);
+  assert.ok(q0.carriesData);
+  const taken0 = [q0.takeSlot(), q0.takeSlot(), q0.takeSlot(), q0.takeSlot()];
+  assert.equal(taken0, [0, 1, 2, 3], "queue 0's own slots");
+  assert.is(q0.takeSlot(), -1, "queue 0's slots are all BUSY: none left (never another queue's)");
+  assert.is(q1.takeSlot(), 4, "queue 1's range starts after queue 0's");
+  assert.is(q1.slotAddress(4), 0x10000000 + 4 * bs);
+  assert.is(main.busySlots(), 5);
+  q0.giveBack(2);
+  assert.is(q0.takeSlot(), 2, 'a slot given back (read did not complete) is taken again');
+  // Queue 1 fills its slot and pushes block 7 with it; queue 0 pushes block 8 without data.
+  pool.fill(0xab, q1.slotOffset(4), q1.slotOffset(4) + bs);
+  assert.ok(q1.claim(7));
+  assert.not.ok(q0.claim(7), 'claimed by queue 1: coalesced');
+  assert.ok(q1.push(7, 4), 'the first push wakes the main thread');
+  assert.ok(q0.claim(8));
+  assert.not.ok(q0.push(8, NO_SLOT), 'flag still up: no second message');
+  assert.is(q1.carried, 1);
+  const got: [number, number][] = [];
+  main.drain((b, slot) => got.push([b, slot]));
+  assert.equal(got.sort((a, b) => a[0] - b[0]), [[7, 4], [8, NO_SLOT]]);
+  assert.ok(main.slotData(4).every((x) => x === 0xab) && main.slotData(4).length === bs, "the main thread sees the slot's data");
+  assert.is(q1.takeSlot(), 5, 'slot 4 stays BUSY until the main thread frees it');
+  main.release(7);
+  main.freeSlot(4);
+  assert.is(q1.takeSlot(), 6);
+  assert.is(q1.takeSlot(), 7);
+  assert.is(q1.takeSlot(), 4, 'freed by the main thread: reusable by its queue');
+  assert.is(q1.takeSlot(), -1);
+  main.release(8);
+  assert.is(main.outstanding(), 0);
+  // Without a pool: nothing carries data.
+  const plain = createCorHints(cap, bs, 100, 1);
+  const p = new CorHintProducer(plain, 0);
+  assert.not.ok(p.carriesData);
+  assert.is(p.takeSlot(), -1);
+});
+
 // --- a simulated queue worker against a real engine ---------------------------------------
 
 interface Fixture {
@@ -79,10 +131,12 @@ interface Fixture {
   baseFd: number;
   model: Uint8Array;
   hints: { q: CorHintProducer; main: CorHintConsumer } | null;
+  /** The data-slot pool (the worker's and the main thread's view alike here), or null. */
+  pool: Uint8Array | null;
   copies: Promise<void>[];
 }
 
-async function fixture(layout: 'raw' | 'compact', baseSize: number, size: number, copyOnRead: boolean, capBytes = 1 << 20): Promise<Fixture> {
+async function fixture(layout: 'raw' | 'compact', baseSize: number, size: number, copyOnRead: boolean, capBytes = 1 << 20, carry = true): Promise<Fixture> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-baseread-'));
   const base = new Uint8Array(baseSize);
   for (let i = 0; i < baseSize; i++) base[i] = (i * 31 + (i >> 12)) & 0xff || 1;
@@ -94,12 +148,15 @@ async function fixture(layout: 'raw' | 'compact', baseSize: number, size: number
   const basePath = img.localRawBasePath();
   assert.is(basePath, path.join(dir, 'b.raw'), 'a plain local raw base is read by the queue threads');
   const view = img.sharedView();
-  const s = copyOnRead ? createCorHints(capBytes, view.blockSize, view.baseBlocks, 1) : null;
+  const poolBytes = copyOnRead && carry ? corSlotPoolBytes(capBytes, view.blockSize, 1) : 0;
+  const pool = poolBytes > 0 ? new Uint8Array(poolBytes) : null;
+  const s = copyOnRead ? createCorHints(capBytes, view.blockSize, view.baseBlocks, 1, pool && { address: 0, length: pool.length }) : null;
   return {
     dir, img, view, model,
     imageFd: fs.openSync(path.join(dir, 'i.fvd'), 'r'),
     baseFd: fs.openSync(basePath!, 'r'),
-    hints: s ? { q: new CorHintProducer(s, 0), main: new CorHintConsumer(s) } : null,
+    hints: s ? { q: new CorHintProducer(s, 0), main: new CorHintConsumer(s, pool) } : null,
+    pool,
     copies: [],
   };
 }
@@ -120,6 +177,23 @@ async function workerRead(f: Fixture, buf: Uint8Array, offset: number): Promise<
   else if (kind === ZERO) buf.fill(0);
   else if (kind === BASE) {
     buf.fill(0, run.length);
+    const bs = f.view.blockSize;
+    const b = Math.floor(offset / bs);
+    // As readBase: a read inside one block this queue newly hints reads the whole block into a slot.
+    if (f.hints && f.pool && Math.floor((offset + run.length - 1) / bs) === b && f.hints.q.claim(b)) {
+      const slot = f.hints.q.takeSlot();
+      if (slot >= 0) {
+        const at = f.hints.q.slotOffset(slot);
+        const baseLen = Math.min(bs, f.view.baseLimit - b * bs);
+        assert.is(fs.readSync(f.baseFd, f.pool, at, baseLen, b * bs), baseLen);
+        f.pool.fill(0, at + baseLen, at + bs);
+        buf.set(f.pool.subarray(at + offset - b * bs, at + offset - b * bs + run.length));
+      } else {
+        assert.is(fs.readSync(f.baseFd, buf, 0, run.length, offset), run.length);
+      }
+      if (f.hints.q.push(b, slot)) drainHints(f);
+      return kind;
+    }
     assert.is(fs.readSync(f.baseFd, buf, 0, run.length, offset), run.length, 'the base has the bytes BASE promised');
     if (f.hints && f.hints.q.offer(offset, run.length)) drainHints(f);
   } else await f.img.read(buf, offset);
@@ -128,7 +202,11 @@ async function workerRead(f: Fixture, buf: Uint8Array, offset: number): Promise<
 
 /** The main thread's side of the hints (daemon/server.ts copyHinted). */
 function drainHints(f: Fixture): void {
-  f.hints!.main.drain((b) => f.copies.push(f.img.copyHint(b).then(() => f.hints!.main.release(b))));
+  const main = f.hints!.main;
+  main.drain((b, slot) => {
+    if (slot === NO_SLOT) f.copies.push(f.img.copyHint(b).then(() => main.release(b)));
+    else f.copies.push(f.img.copyHint(b, main.slotData(slot)).then(() => (main.release(b), main.freeSlot(slot))));
+  });
 }
 
 /** A deterministic pseudo-random sequence. */
@@ -137,12 +215,12 @@ function rng(seed: number): () => number {
   return () => ((x ^= x << 13), (x ^= x >>> 17), (x ^= x << 5), (x >>> 0) / 2 ** 32);
 }
 
-for (const layout of ['raw', 'compact'] as const) {
-  test(`differential (${layout}): worker reads of base blocks, hinted copies and guest writes agree with the model`, async () => {
+for (const [layout, carry] of [['raw', true], ['compact', true], ['raw', false]] as const) {
+  test(`differential (${layout}, hints ${carry ? 'carry data' : 'without data'}): worker reads of base blocks, hinted copies and guest writes agree with the model`, async () => {
     // A base ending inside a block, shorter than the disk: the last base block reads zeros past it.
     const bs = 16 * KiB;
     const baseSize = 40 * bs + 5 * KiB;
-    const f = await fixture(layout, baseSize, 64 * bs, true, 4 * bs);
+    const f = await fixture(layout, baseSize, 64 * bs, true, 4 * bs, carry);
     const r = rng(layout === 'raw' ? 7 : 11);
     const kinds = [0, 0, 0, 0, 0];
     let nonZeroBaseAnswers = 0;
@@ -171,6 +249,7 @@ for (const layout of ['raw', 'compact'] as const) {
     await Promise.all(f.copies);
     assert.ok(kinds[BASE]! > 20 && nonZeroBaseAnswers > 0, `the worker answered base reads itself (${kinds})`);
     assert.ok(kinds[STORED]! > 20, `hinted copies made blocks local (${kinds})`);
+    if (carry) assert.ok(f.hints!.q.carried > 10, `hints carried their data (${f.hints!.q.carried})`);
     // Every answer again, once all copies landed.
     const all = new Uint8Array(64 * bs);
     for (let off = 0; off < all.length; off += bs) await workerRead(f, all.subarray(off, off + bs), off);
@@ -241,6 +320,100 @@ test('race: reads of a block while a guest write to it is in flight see old or n
       assert.equal(buf, neu, `${layout}: read after the write completed`);
       await done(f);
     }
+  }
+});
+
+/** The image's block locks (private): a test holds them as a guest request would. */
+function locksOf(img: FvdImage): BlockLocks {
+  return (img as unknown as { locks: BlockLocks }).locks;
+}
+
+function bitOf(f: Fixture, b: number): boolean {
+  return (f.img.sharedView().present[b >>> 3]! & (1 << (b & 7))) !== 0;
+}
+
+test('carried copy: writes the data it is handed (no base read) and sets the bit; survives a reopen', async () => {
+  const bs = 16 * KiB;
+  for (const layout of ['raw', 'compact'] as const) {
+    const f = await fixture(layout, 8 * bs + 1000, 9 * bs, true);
+    // Data unlike the base: if the copier read the base instead, the image would hold the base's.
+    const data = new Uint8Array(bs).fill(0x5a);
+    await f.img.copyHint(3, data);
+    assert.ok(bitOf(f, 3), `${layout}: the carried block is local`);
+    assert.not.ok(bitOf(f, 2), 'no other block');
+    const got = new Uint8Array(bs);
+    await f.img.read(got, 3 * bs);
+    assert.equal(got, data, `${layout}: the carried data, not the base's`);
+    // The last block straddles the base end: base bytes then zeros, as a queue thread fills the slot.
+    const last = new Uint8Array(bs);
+    last.set(f.model.subarray(8 * bs, 8 * bs + 1000));
+    await f.img.copyHint(8, last);
+    assert.ok(bitOf(f, 8), 'the straddling last base block is local');
+    await f.img.persistSoftBits();
+    const dir = f.dir;
+    await done({ ...f, dir: fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-keep-')) });
+    const img = await FvdImage.open(nodeIo, path.join(dir, 'i.fvd'), { copyOnRead: false });
+    const again = new Uint8Array(9 * bs);
+    await img.read(again, 0);
+    const want = f.model.slice(0, 9 * bs);
+    want.set(data, 3 * bs);
+    assert.equal(again, want, `${layout}: after a reopen: the carried block and the base elsewhere`);
+    await img.close();
+    fs.rmSync(dir, { recursive: true });
+  }
+});
+
+test('race: a carried copy of a block a guest write made local, or whose lock a guest write holds, is skipped; the guest data survives a reopen', async () => {
+  const bs = 16 * KiB;
+  for (const layout of ['raw', 'compact'] as const) {
+    const f = await fixture(layout, 16 * bs, 16 * bs, true);
+    const base = (b: number) => f.model.slice(b * bs, (b + 1) * bs);
+    // (1) The guest wrote block 2 after the queue thread read it: the bit is set, the copy skips.
+    const neu = new Uint8Array(4096).fill(0xee);
+    await f.img.write(neu, 2 * bs + 4096);
+    f.model.set(neu, 2 * bs + 4096);
+    await f.img.copyHint(2, base(2)); // copyHint's own bit check
+    assert.ok(bitOf(f, 2));
+    // (2) The guest holds block 4's lock (a write in flight): the copier's tryAcquire fails, skip.
+    const locks = locksOf(f.img);
+    assert.ok(locks.tryAcquire(4, 4));
+    await f.img.copyHint(4, base(4));
+    assert.not.ok(bitOf(f, 4), `${layout}: skipped while a guest request holds the lock`);
+    locks.release(4, 4);
+    // (3) Writes in flight against carried copies issued at every turn of the event loop.
+    let skippedLocked = 0;
+    for (const b of [6, 8, 10, 12]) {
+      const data = new Uint8Array(4096).fill(b);
+      const at = b * bs + (b % 3) * 4096;
+      let finished = false;
+      const w = f.img.write(data, at).then(() => (finished = true));
+      const copies: Promise<void>[] = [];
+      for (let i = 0; i < 50 && !finished; i++) {
+        if (locks.isLocked(b) && !bitOf(f, b)) skippedLocked++;
+        copies.push(f.img.copyHint(b, base(b)));
+        await new Promise((res) => setImmediate(res));
+      }
+      await w;
+      await Promise.all(copies);
+      f.model.set(data, at);
+      // Carried copies after the write completed: the bit is set, skipped.
+      await f.img.copyHint(b, new Uint8Array(bs).fill(0x11));
+    }
+    assert.ok(skippedLocked > 0, `${layout}: some carried copies met a guest write holding the lock (${skippedLocked})`);
+    await f.img.copyHint(14, base(14)); // an untouched block: copied
+    assert.ok(bitOf(f, 14));
+    const got = new Uint8Array(16 * bs);
+    await f.img.read(got, 0);
+    assert.equal(got, f.model, `${layout}: guest data and base data, never a stale copy over a write`);
+    await f.img.persistSoftBits();
+    const dir = f.dir;
+    await done({ ...f, dir: fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-keep-')) });
+    const img = await FvdImage.open(nodeIo, path.join(dir, 'i.fvd'), { copyOnRead: false });
+    const again = new Uint8Array(16 * bs);
+    await img.read(again, 0);
+    assert.equal(again, f.model, `${layout}: the same after a reopen`);
+    await img.close();
+    fs.rmSync(dir, { recursive: true });
   }
 });
 
