@@ -433,8 +433,9 @@ export class FvdQueue implements QueueTarget {
       const b = Math.floor(offset / bs);
       // Inside one block, and this queue hints it now: read the whole block once, into a data
       // slot the hint carries, so the main thread only writes it (DESIGN.md §2.2).
-      if (this.pool !== null && Math.floor((offset + inBase - 1) / bs) === b && b < this.view.baseBlocks && hints.claim(b)) {
-        if (this.readBlockForHint(tag, b, offset, length, inBase)) return;
+      if (this.pool !== null && Math.floor((offset + inBase - 1) / bs) === b && b < this.view.baseBlocks) {
+        // Not claimed: coalesced with a pending hint or dropped at the cap; served as usual.
+        if (hints.claim(b) && this.readBlockForHint(tag, b, offset, length, inBase)) return;
       } else if (hints.offer(offset, inBase)) {
         this.post(this.hintMessage);
       }
