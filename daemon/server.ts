@@ -114,6 +114,9 @@ interface Queue {
   ioFlusher: number;
   exited: Promise<string | undefined>;
   fast: number;
+  /** Copy-on-read hints pushed, and of them carrying their block's data (the worker's last figures). */
+  hinted: number;
+  carried: number;
   slow: number;
 }
 
@@ -498,6 +501,8 @@ export class UblkServer {
         tid: 0,
         ioFlusher: 0,
         fast: 0,
+        hinted: 0,
+        carried: 0,
         slow: 0,
         exited: new Promise((resolve) => {
           worker.on('message', (m: WorkerMessage) => {
@@ -563,6 +568,8 @@ export class UblkServer {
       case 'stats':
         q.fast = m.fast;
         q.slow = m.slow;
+        q.hinted = m.hinted;
+        q.carried = m.carried;
         break;
       case 'exit':
         if (m.error) this.opts.log(`queue ${m.qid} stopped: ${m.error}`);
@@ -783,6 +790,8 @@ export class UblkServer {
     }
     const exits = await Promise.all(this.queues.map((q) => withTimeout(q.exited, 30_000)));
     exits.forEach((e, i) => e === 'timeout' && errors.push(`queue ${i} did not stop`));
+    const hinted = this.queues.reduce((n, q) => n + q.hinted, 0);
+    if (hinted > 0) this.opts.log(`copy-on-read hints: ${hinted}, ${this.queues.reduce((n, q) => n + q.carried, 0)} of them carried their block's data`);
     for (const q of this.queues) {
       await q.worker.terminate();
       fs.closeSync(q.eventfd);
