@@ -1,6 +1,6 @@
 # tests/vm/e2e/18-recovery.sh — sourced by tests/vm/e2e.sh (with lib.sh), runs `scenario` in $D.
 # title: ublk user recovery: SIGKILL under fio verify, re-serve takes the same device over, 0 errors
-# timeout: 1800
+# timeout: 2100
 #
 # a) fio verify (crc32c, libaio, O_DIRECT, slowed by thinktime, which unlike --rate does not
 #    catch up after a stall, so both kills land mid-run) on the raw
