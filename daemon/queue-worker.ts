@@ -34,6 +34,13 @@ function run(d: QueueWorkerData): void {
   const ioFlusher = setIoFlusher(sys);
   const queue = new FvdQueue(d, sys, post, SPIN);
   try {
+    // Test hook (tests/vm/e2e/18-recovery.sh, round h): hold the queue here, its descriptors
+    // mapped and no tag fetched, so the test can kill the server at the point where Linux 6.12
+    // lets no later server map the device (DESIGN.md §7, "An interrupted recovery").
+    if (process.env.FVD_TEST_FAULT === 'pause-after-map') {
+      post({ type: 'info', qid: d.qid, message: 'test hook: descriptors mapped, pausing before the fetches' });
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 600_000);
+    }
     queue.start();
     const { loop } = queue;
     post({ type: 'fetched', qid: d.qid, bufAddress: loop.bufferAddress, bufLength: d.depth * d.maxIo, tid: sys.gettid(), ioFlusher });

@@ -269,7 +269,12 @@ export async function startRecoveryRetrying(ctl: UblkControl, devId: number, tim
       const errno = (err as { errno?: number }).errno ?? 0;
       const what = startRefusal(errno, errno === -22 ? await ctl.deviceInfo(devId) : null);
       if (what === 'continue') return 'continue';
-      if (what === 'fail' || Date.now() > until) throw err;
+      if (what === 'fail') throw err;
+      if (Date.now() > until)
+        throw new FvdError(
+          `device ${devId} cannot be recovered now: START_USER_RECOVERY still refused (EBUSY) after ${timeoutMs / 1000} s: /dev/ublkc${devId} is still held (by the previous server's process, not yet exited, or by another process); the device keeps waiting`,
+          'EBUSY',
+        );
       await sleep(delay);
       delay = Math.min(delay * 2, 500);
     }

@@ -221,6 +221,8 @@ export class UblkServer {
   bootId = '';
   /** Set once START_USER_RECOVERY succeeded: from then a failure must delete the device. */
   recoveryStarted = false;
+  /** An END_USER_RECOVERY of ours timed out and is still in the kernel (endContinuedRecovery). */
+  private endPending = false;
   /**
    * The device's size as the kernel has it (SET_PARAMS, UPDATE_SIZE): the image's, except after
    * a recovery that found an online grow interrupted before UPDATE_SIZE (DESIGN.md §8).
@@ -358,6 +360,9 @@ export class UblkServer {
     end.catch(() => {});
     if ((await withTimeout(end, END_CONTINUED_MS)) !== 'timeout') return;
     this.ctl = await UblkControl.open();
+    // The pending END holds a reference to the device until this process exits: a plain DEL_DEV
+    // would wait for it forever (seen on 6.12, scenario 18 round h).
+    this.endPending = true;
     throw unrecoverable(id, `END_USER_RECOVERY did not complete within ${END_CONTINUED_MS / 1000} s`);
   }
 
@@ -807,7 +812,7 @@ export class UblkServer {
     await this.image.idle();
     this.corPool?.free();
     this.corPool = null;
-    if (this.devId >= 0) await attempt('DEL_DEV', () => ctl.deleteDevice(this.devId));
+    if (this.devId >= 0) await attempt('DEL_DEV', () => (this.endPending ? ctl.deleteDeviceAsync(this.devId) : ctl.deleteDevice(this.devId)));
     ctl.close();
     if (this.devId >= 0) removeState(this.devId);
     if (errors.length) throw new FvdError(errors.join('; '), 'EIO');

@@ -13,6 +13,7 @@ import {
   UBLK_F_CMD_IOCTL_ENCODE,
   UBLK_U_CMD_ADD_DEV,
   UBLK_U_CMD_DEL_DEV,
+  UBLK_U_CMD_DEL_DEV_ASYNC,
   UBLK_U_CMD_END_USER_RECOVERY,
   UBLK_U_CMD_GET_DEV_INFO,
   UBLK_U_CMD_GET_FEATURES,
@@ -201,6 +202,15 @@ export class UblkControl {
 
   deleteDevice(devId: number): Promise<number> {
     return this.command('DEL_DEV', UBLK_U_CMD_DEL_DEV, LEGACY.DEL_DEV, devId, null, 0);
+  }
+
+  /**
+   * DEL_DEV without waiting until the last reference to the device is dropped (6.9+): for a
+   * device a command of this process still holds (an END_USER_RECOVERY that never completes),
+   * whose reference only this process's exit releases; DEL_DEV would wait for it forever.
+   */
+  deleteDeviceAsync(devId: number): Promise<number> {
+    return this.command('DEL_DEV_ASYNC', UBLK_U_CMD_DEL_DEV_ASYNC, 0x14, devId, null, 0);
   }
 
   /** The device's info, or null when no device has that id. */

@@ -33,7 +33,8 @@ import { listStates, removeState, writeState } from '../../daemon/state.js';
 import { FvdImage } from '../../fvd/image.js';
 import { BASE, directRoute, newRun } from '../../fvd/mapping.js';
 import { nodeIo } from '../../storage/node-file.js';
-import { RECOVERY_FLAGS, addDevFlags, isOurs, recoverySize, serverFlagsFor, startRefusal } from '../../daemon/recovery.js';
+import { RECOVERY_FLAGS, addDevFlags, isOurs, recoverySize, serverFlagsFor, startRecoveryRetrying, startRefusal } from '../../daemon/recovery.js';
+import type { UblkControl } from '../../daemon/ublk/control.js';
 
 test('ublk opcodes are the ioctl encodings of Linux 6.12', () => {
   assert.is(UBLK_U_CMD_GET_DEV_INFO, 0x80207502);
@@ -92,6 +93,24 @@ test('recovery: a refused START_USER_RECOVERY is retried (EBUSY), continued (EIN
   assert.is(startRefusal(-22, { ...info, flags: UBLK_F_USER_RECOVERY }), 'fail', 'without REISSUE');
   assert.is(startRefusal(-22, { ...info, ublksrvFlags: 0n }), 'fail', 'not fvd\'s');
   assert.is(startRefusal(-1, info), 'fail', 'EPERM');
+});
+
+test('recovery: START_USER_RECOVERY refused with EBUSY past the limit (/dev/ublkcN held, 7.x): one line, the device keeps waiting', async () => {
+  let starts = 0;
+  const ctl = {
+    startUserRecovery: async () => {
+      starts++;
+      throw Object.assign(new Error('ublk START_USER_RECOVERY failed: EBUSY'), { errno: -16 });
+    },
+    deviceInfo: async () => null,
+  } as unknown as UblkControl;
+  const err = await startRecoveryRetrying(ctl, 4, 30).then(() => null, (e: Error) => e);
+  assert.ok(starts >= 2, `retried (${starts} STARTs)`);
+  assert.is(
+    err?.message,
+    'device 4 cannot be recovered now: START_USER_RECOVERY still refused (EBUSY) after 0.03 s: /dev/ublkc4 is still held (by the previous server\'s process, not yet exited, or by another process); the device keeps waiting',
+  );
+  assert.is((err as { code?: string }).code, 'EBUSY');
 });
 
 test('ADD_DEV flags: QUIESCE only for a recoverable device and only when the kernel offers it', () => {

@@ -1,6 +1,6 @@
 # tests/vm/e2e/18-recovery.sh — sourced by tests/vm/e2e.sh (with lib.sh), runs `scenario` in $D.
 # title: ublk user recovery: SIGKILL under fio verify, re-serve takes the same device over, 0 errors
-# timeout: 1800
+# timeout: 2100
 #
 # a) fio verify (crc32c, libaio, O_DIRECT, slowed by thinktime, which unlike --rate does not
 #    catch up after a stall, so both kills land mid-run) on the raw
@@ -26,6 +26,22 @@
 #    server completes the recovery, fio under it ends with 0 errors. On 6.12 that server's
 #    START_USER_RECOVERY is refused (EINVAL) and it continues the interrupted recovery; on 7.x
 #    the START is accepted; the log must name one of the two.
+# h) the failure branches of a continued recovery (DESIGN.md §7, "An interrupted recovery"), on
+#    one compact image served with --recovery-wait 600 (no warden expires it meanwhile):
+#    h1) a server killed inside its recovery, then /dev/ublkcN held open by this shell: the next
+#    serve fails within 90 s, exit non-zero, last stderr line the one error (6.12: "/dev/ublkcN is
+#    still held (EBUSY)" from the continued recovery; 7.x: START_USER_RECOVERY still refused
+#    (EBUSY) after 10 s); the device keeps waiting (/dev/ublkbN, /sys/block, `fvd list` "waiting
+#    for a daemon"); released, a plain serve recovers it and the data reads back.
+#    h2) a server killed with its descriptors mapped and no tag fetched (FVD_TEST_FAULT=
+#    pause-after-map): on 6.12 the next serve fails in one line naming the mmap's EINVAL, the
+#    device is deleted (nodes, sysfs, state file gone), a read held on it fails with EIO, and a
+#    plain serve adds a fresh device with the data; on 7.x it recovers the device, the held read
+#    completes.
+#    h3) 6.12 only (skipped where START is accepted): a continued recovery whose END_USER_RECOVERY
+#    never completes (FVD_TEST_FAULT=fetch-short leaves one tag unfetched) fails after its 30 s
+#    limit in one line, within 120 s (no hang), the device deleted, the held read fails, a plain
+#    serve adds a fresh device with the data; `fvd check` clean at the end.
 # e) live restart: fio verify on a raw-like image over a base while the device is handed to a new
 #    server three times, twice by `fvd serve --takeover` and once by `fvd stop --handoff` and a
 #    plain re-serve: the old server exits 0 leaving the device, the same /dev/ublkbN is recovered
@@ -167,7 +183,7 @@ recovery_kill_round() {
     for ((i = 0; i < 900; i++)); do grep -q "START_USER_RECOVERY accepted" "$D/rk2.err" && break; sleep 0.1; done
     if grep -q "START_USER_RECOVERY accepted" "$D/rk2.err"; then ok "the second server is inside the recovery (START_USER_RECOVERY accepted)"
     else not_ok "the second server never reached START_USER_RECOVERY" "$(cat "$D/rk2.err")"; fi
-    kill -KILL "$second"
+    kill -KILL "$second" 2>/dev/null || true
     wait_pid "$second" 30
     expect "the second server, killed during its recovery" "$WAIT_RC" 137
     if [[ -b /dev/ublkb$id ]]; then ok "/dev/ublkb$id stays after a kill during recovery"; else not_ok "/dev/ublkb$id disappeared" "$(ublk_nodes)"; fi
@@ -418,6 +434,160 @@ stopped_pending_round() {
     rm -f "$img"
 }
 
+# --- h) the failure branches of a continued recovery (DESIGN.md §7, "An interrupted recovery") ---
+
+# interrupt_recovery IMG LABEL: SIGKILL the current server, then a second one inside its recovery
+# (after START_USER_RECOVERY, before /dev/ublkcN is opened: FVD_TEST_RECOVERY_PAUSE_MS). On 6.12
+# every later START of the device is then refused (EINVAL).
+interrupt_recovery() {
+    local img=$1 label=$2 second i err=$D/cf-int.err
+    kill -KILL "$SERVE_PID"
+    wait_pid "$SERVE_PID" 30
+    FVD_TEST_RECOVERY_PAUSE_MS=120000 "${FVD[@]}" serve "$img" --recovery-wait $RW > /dev/null 2> "$err" &
+    second=$!
+    echo "$second" >> "$E2E_STATE/pids"
+    for ((i = 0; i < 900; i++)); do grep -q "START_USER_RECOVERY accepted" "$err" && break; sleep 0.1; done
+    if grep -q "START_USER_RECOVERY accepted" "$err"; then ok "$label: a server was killed inside its recovery (after START_USER_RECOVERY)"
+    else not_ok "$label: the second server never reached START_USER_RECOVERY" "$(cat "$err")"; fi
+    kill -KILL "$second" 2>/dev/null || true
+    wait_pid "$second" 30
+}
+
+# serve_fails LABEL IMG LIMIT WANT [ENV=V...]: a serve of IMG (--recovery-wait) that must fail
+# within LIMIT s: exit status non-zero and no time-out, the last stderr line is fvd's error and
+# matches WANT (an extended regex), and no other line does. Sets FAIL_LOG, FAIL_SECS, FAIL_HUNG.
+serve_fails() {
+    local label=$1 img=$2 limit=$3 want=$4 rc t0 last pid t
+    shift 4
+    FAIL_LOG=$D/cf-fail$((++CF_N)).err
+    t0=$(date +%s)
+    env "$@" "${FVD[@]}" serve "$img" --recovery-wait $RW > /dev/null 2> "$FAIL_LOG" &
+    pid=$!
+    echo "$pid" >> "$E2E_STATE/pids"
+    wait_pid "$pid" "$limit"
+    rc=$WAIT_RC
+    FAIL_SECS=$(($(date +%s) - t0))
+    FAIL_HUNG=no
+    if [[ $rc == timeout ]]; then
+        FAIL_HUNG=yes
+        not_ok "$label: the serve hung (killed after $limit s)" "$(cat "$FAIL_LOG"; for t in /proc/$pid/task/*; do echo "task ${t##*/}: $(cat "$t/comm") $(cat "$t/wchan")"; cat "$t/stack" 2>/dev/null | head -n 12; done)"
+        kill -KILL "$pid" 2>/dev/null || true
+        wait_pid "$pid" 30
+        return 0
+    fi
+    if ((rc != 0)); then ok "$label: the serve exits $rc after $FAIL_SECS s (limit $limit s)"
+    else not_ok "$label: the serve exited 0" "$(cat "$FAIL_LOG")"; fi
+    last=$(tail -n 1 "$FAIL_LOG")
+    if [[ $last == fvd* && $last =~ $want && $(grep -cE -- "$want" "$FAIL_LOG") == 1 ]]; then ok "$label: one-line error: $last"
+    else not_ok "$label: the last stderr line is not one line naming '$want'" "$(cat "$FAIL_LOG")"; fi
+}
+
+# held_read DEV: a direct read of DEV in the background (it waits while the device has no server).
+held_read() {
+    timeout -k 5 300 dd if="$1" of=/dev/null bs=4k count=1 iflag=direct status=none 2> "$D/cf-held.err" &
+    HELD_PID=$!
+}
+
+contfail_round() {
+    # RW for every serve of this round (dynamic scope): no warden of a killed server may expire
+    # the device while the round works on it
+    local RW=600 img=$D/cf.fvd id list continued=no pid i
+    CF_N=0
+    must "fvd create --layout compact" fvd create --layout compact "$img" 64M
+    random_file cf.bin 1
+    serve_must "$img" --recovery-wait $RW
+    id=$SERVE_ID
+    check "cf: 1 MiB written O_DIRECT + fsync" write_dev "$SERVE_DEV" $((4 << 20)) cf.bin
+
+    # h1) /dev/ublkcN held by someone else (as by a dead server's process that has not exited).
+    interrupt_recovery "$img" "cdev held"
+    if exec 9<> "/dev/ublkc$id"; then ok "cdev held: this shell holds /dev/ublkc$id open"
+    else not_ok "cdev held: cannot open /dev/ublkc$id" "$(ublk_nodes)"; fi
+    # 6.12: START refused (EINVAL), the continued recovery cannot open /dev/ublkcN (EBUSY);
+    # 7.x: START itself is refused with EBUSY while /dev/ublkcN is open, retried for 10 s
+    if [[ $(uname -r) == 6.12* ]]; then
+        serve_fails "cdev held" "$img" 90 "cannot be recovered now: /dev/ublkc$id is still held \\(EBUSY\\)"
+    else
+        serve_fails "cdev held" "$img" 90 "device $id cannot be recovered now: START_USER_RECOVERY still refused \\(EBUSY\\) after 10 s: /dev/ublkc$id is still held"
+    fi
+    if grep -q "recovery of device $id failed before START_USER_RECOVERY; it keeps waiting" "$FAIL_LOG"; then ok "cdev held: the log says the device keeps waiting"
+    else not_ok "cdev held: no 'keeps waiting' line" "$(cat "$FAIL_LOG")"; fi
+    if [[ -b /dev/ublkb$id && -e /sys/block/ublkb$id ]]; then ok "cdev held: /dev/ublkb$id and /sys/block/ublkb$id stay"
+    else not_ok "cdev held: the device is gone" "$(ublk_nodes)"; fi
+    list=$(fvd list 2>&1) || true
+    echo "# fvd list: $list"
+    if grep -q "waiting for a daemon" <<< "$list"; then ok "cdev held: fvd list shows the device waiting"
+    else not_ok "cdev held: fvd list does not show the device waiting" "$list"; fi
+    exec 9>&-
+    serve_must "$img" --recovery-wait $RW
+    expect "cdev held: once /dev/ublkc$id is released a plain serve recovers the same device" "$SERVE_DEV" "/dev/ublkb$id" "$(cat "$SERVE_LOG")"
+    if grep -q "continuing that recovery" "$SERVE_LOG"; then ok "cdev held: ... by continuing the interrupted recovery"; continued=yes
+    elif grep -q "START_USER_RECOVERY accepted" "$SERVE_LOG"; then ok "cdev held: ... by starting the recovery anew (START accepted on $(uname -r))"
+    else not_ok "cdev held: the log names neither recovery path" "$(cat "$SERVE_LOG")"; fi
+    check_dev_equals "cdev held: the data reads back after the recovery" "$SERVE_DEV" $((4 << 20)) cf.bin
+
+    # h2) the dead server had mapped the descriptors (FVD_TEST_FAULT=pause-after-map holds its
+    # queue there, before any fetch): on 6.12 the mapping belongs to its memory, mmap answers EINVAL.
+    kill -KILL "$SERVE_PID"
+    wait_pid "$SERVE_PID" 30
+    FVD_TEST_FAULT=pause-after-map "${FVD[@]}" serve "$img" --recovery-wait $RW > /dev/null 2> "$D/cf-map.err" &
+    pid=$!
+    echo "$pid" >> "$E2E_STATE/pids"
+    for ((i = 0; i < 900; i++)); do grep -q "test hook: descriptors mapped" "$D/cf-map.err" && break; sleep 0.1; done
+    if grep -q "/dev/ublkc$id" "/proc/$pid/maps" 2>/dev/null; then ok "mapped: the second server mapped /dev/ublkc$id and fetched nothing"
+    else not_ok "mapped: no mapping of /dev/ublkc$id in the second server" "$(cat "$D/cf-map.err")"; fi
+    kill -KILL "$pid" 2>/dev/null || true
+    wait_pid "$pid" 30
+    held_read "/dev/ublkb$id"
+    if [[ $continued == yes ]]; then
+        serve_fails "mapped" "$img" 90 "device $id cannot be recovered \\(queue [0-9]+: mmap of /dev/ublkc$id queue [0-9]+ descriptors failed: EINVAL\\)"
+        if device_gone "$id" 10; then ok "mapped: the device is stopped and deleted (/dev/ublk[bc]$id, /sys/block/ublkb$id gone)"
+        else not_ok "mapped: the device is still there" "$(ublk_nodes)"; fi
+        wait_pid "$HELD_PID" 30
+        if [[ $WAIT_RC != 0 && $WAIT_RC != timeout ]]; then ok "mapped: the held read fails ($WAIT_RC: $(head -n 1 "$D/cf-held.err"))"
+        else not_ok "mapped: the held read ended with '$WAIT_RC'" "$(cat "$D/cf-held.err")"; fi
+        [[ ! -e /run/fvd/ublkb$id.json ]] && ok "mapped: the state file is gone" || not_ok "mapped: /run/fvd/ublkb$id.json stays" "$(ls /run/fvd)"
+        serve_must "$img" --recovery-wait $RW
+        if ! grep -q "recovering device" "$SERVE_LOG"; then ok "mapped: a plain serve adds a fresh device ($SERVE_DEV)"
+        else not_ok "mapped: the next serve tried a recovery" "$(cat "$SERVE_LOG")"; fi
+    else
+        serve_must "$img" --recovery-wait $RW
+        expect "mapped: on $(uname -r) a plain serve recovers the same device" "$SERVE_DEV" "/dev/ublkb$id" "$(cat "$SERVE_LOG")"
+        if grep -q "START_USER_RECOVERY accepted" "$SERVE_LOG"; then ok "mapped: START_USER_RECOVERY accepted: the recovery starts anew"
+        else not_ok "mapped: no 'START_USER_RECOVERY accepted'" "$(cat "$SERVE_LOG")"; fi
+        wait_pid "$HELD_PID" 60
+        expect "mapped: the held read completes" "$WAIT_RC" 0 "$(cat "$D/cf-held.err")"
+    fi
+    check_dev_equals "mapped: the data reads back" "$SERVE_DEV" $((4 << 20)) cf.bin
+
+    # h3) END_USER_RECOVERY that never completes (a tag fetched by no one: FVD_TEST_FAULT=fetch-short
+    # leaves the last tag unfetched): after 30 s one line, the device deleted. 6.12 only: where
+    # START is accepted there is no continued recovery and the END is our own.
+    if [[ $continued == yes ]]; then
+        id=$SERVE_ID
+        interrupt_recovery "$img" "END times out"
+        held_read "/dev/ublkb$id"
+        serve_fails "END times out" "$img" 120 "device $id cannot be recovered \\(END_USER_RECOVERY did not complete within 30 s\\)" FVD_TEST_FAULT=fetch-short
+        if [[ $FAIL_HUNG == no ]]; then
+            ((FAIL_SECS >= 30)) && ok "END times out: after the 30 s limit ($FAIL_SECS s)" || not_ok "END times out: failed after $FAIL_SECS s, before the limit" "$(cat "$FAIL_LOG")"
+        fi
+        if device_gone "$id" 10; then ok "END times out: the device is stopped and deleted"
+        else not_ok "END times out: the device is still there" "$(ublk_nodes)"; fi
+        wait_pid "$HELD_PID" 30
+        if [[ $WAIT_RC != 0 && $WAIT_RC != timeout ]]; then ok "END times out: the held read fails ($WAIT_RC: $(head -n 1 "$D/cf-held.err"))"
+        else not_ok "END times out: the held read ended with '$WAIT_RC'" "$(cat "$D/cf-held.err")"; fi
+        serve_must "$img" --recovery-wait $RW
+        if ! grep -q "recovering device" "$SERVE_LOG"; then ok "END times out: a plain serve adds a fresh device ($SERVE_DEV)"
+        else not_ok "END times out: the next serve tried a recovery" "$(cat "$SERVE_LOG")"; fi
+        check_dev_equals "END times out: the data reads back" "$SERVE_DEV" $((4 << 20)) cf.bin
+    else
+        skip "END times out: START_USER_RECOVERY is accepted after an interrupted recovery on $(uname -r): no continued recovery, so no bounded END to reach"
+    fi
+    serve_stop "after the continued-recovery failures"
+    check "cf: fvd check clean" fvd check "$img"
+    rm -f "$img"
+}
+
 scenario() {
     # the short rounds first: a slow guest's time limit then cuts the long fio rounds, not these
     expiry_round
@@ -431,5 +601,6 @@ scenario() {
     fio_round encrypted 1
     fio_round snapshots 1
     recovery_kill_round
+    contfail_round
     handoff_round
 }
