@@ -126,13 +126,13 @@ export class FvdQueue implements QueueTarget {
   private readonly hints: CorHintProducer | null;
   /**
    * The copy-on-read data-slot pool (cor-hints.ts), this thread's view of the main thread's
-   * mapping, or null: hints carry no data. Plus the slot a block read is filling (for its EOF
-   * zero-fill callback, made once).
+   * mapping, or null: hints carry no data.
    */
   private readonly pool: Buffer | null;
-  private slotAt = 0;
-  private slotEnd = 0;
-  private readonly zeroSlotFrom: (from: number) => void;
+  /** Where readBaseBlock is reading to (for its end-of-file zero fill, made once). */
+  private blockMem: Uint8Array;
+  private blockAt = 0;
+  private readonly zeroBlockFrom: (from: number) => void;
   /** The one 'hint' message, reused. */
   private readonly hintMessage: WorkerMessage;
   private readonly crypt: FastCrypt | null;
@@ -153,8 +153,6 @@ export class FvdQueue implements QueueTarget {
   private readonly tagOffset: Float64Array;
   /** Per-tag zero-fill callbacks for reads that meet the end of a compact image file, made once. */
   private readonly zeroFillFrom: ((from: number) => void)[];
-  /** Per tag, preReadBlock's zero fill (a base shorter than expected: the rest reads as zeros). */
-  private readonly blockTailZeroFill: ((from: number) => void)[];
   /** directRoute's result, reused for every request. */
   private readonly route = newRun();
   /** Per-request trace (FVD_TRACE), or null; every trace point is one test of this field. */
@@ -225,9 +223,6 @@ export class FvdQueue implements QueueTarget {
     // The pool's memory is the main thread's mmap, the same addresses in every thread; it stays
     // mapped until the server stops, after this worker is gone.
     this.pool = this.hints !== null && this.hints.carriesData && baseDirect !== null ? Buffer.from(sys.koffi.view(BigInt(d.hints!.poolAddress), d.hints!.poolLength)) : null;
-    this.zeroSlotFrom = (from: number) => {
-      this.pool!.fill(0, this.slotAt + from, this.slotEnd);
-    };
     this.hintMessage = { type: 'hint', qid };
     this.crypt = crypt;
     this.trace = d.trace ? new QueueTrace(d.trace, qid) : null;
@@ -249,10 +244,11 @@ export class FvdQueue implements QueueTarget {
     this.zeroFillFrom = Array.from({ length: depth }, (_, tag) => (from: number) => {
       bytes.fill(0, tag * maxIo + from, tag * maxIo + tagLen[tag]!);
     });
-    const tail = maxIo - d.view.blockSize;
-    this.blockTailZeroFill = Array.from({ length: depth }, (_, tag) => (from: number) => {
-      bytes.fill(0, tag * maxIo + tail + from, (tag + 1) * maxIo);
-    });
+    this.blockMem = bytes;
+    const bs = d.view.blockSize;
+    this.zeroBlockFrom = (from: number) => {
+      this.blockMem.fill(0, this.blockAt + from, this.blockAt + bs);
+    };
   }
 
   /** Fetches every tag: from here on the kernel may send requests. */
@@ -476,14 +472,26 @@ export class FvdQueue implements QueueTarget {
     const b = Math.floor(offset / bs);
     if (b >= view.baseBlocks || b !== Math.floor((offset + length - 1) / bs)) return false;
     if ((view.present[b >>> 3]! & (1 << (b & 7))) !== 0) return false; // local: no base bytes needed
-    const start = b * bs;
-    if (offset === start && length === bs) return false; // the whole block: nothing from the base
-    const inBase = Math.min(bs, view.baseLimit - start);
-    if (inBase <= 0) return false;
+    if (offset === b * bs && length === bs) return false; // the whole block: nothing from the base
+    // Would block, or failed: the engine reads (and reports) it.
     const at = tag * this.maxIo + this.maxIo - bs;
-    const r = this.baseDirect!.transfer(false, this.bufBase + at, inBase, start, this.blockTailZeroFill[tag]!);
-    if (r !== inBase) return false; // would block, or failed: the engine reads (and reports) it
-    if (inBase < bs) this.bytes.fill(0, at + inBase, at + bs);
+    return this.readBaseBlock(b, this.bytes, at, this.bufBase + at);
+  }
+
+  /**
+   * Reads block b (below the base's blocks) as the disk holds it while absent — the base's bytes,
+   * zeros past the base's end — synchronously into `mem` at `at` (address `addr`). False when the
+   * read would block, came back short or failed: nothing usable is there then.
+   */
+  private readBaseBlock(b: number, mem: Uint8Array, at: number, addr: number): boolean {
+    const bs = this.view.blockSize;
+    const start = b * bs;
+    const inBase = Math.min(bs, this.view.baseLimit - start);
+    if (inBase <= 0) return false;
+    this.blockMem = mem;
+    this.blockAt = at;
+    if (this.baseDirect!.transfer(false, addr, inBase, start, this.zeroBlockFrom) !== inBase) return false;
+    if (inBase < bs) mem.fill(0, at + inBase, at + bs);
     return true;
   }
 
@@ -499,15 +507,10 @@ export class FvdQueue implements QueueTarget {
     const bs = this.view.blockSize;
     const slot = hints.takeSlot();
     if (slot >= 0) {
-      const start = b * bs;
-      const baseLen = Math.min(bs, this.view.baseLimit - start);
       const slotAt = hints.slotOffset(slot);
-      this.slotAt = slotAt;
-      this.slotEnd = slotAt + bs;
-      const r = this.baseDirect!.transfer(false, hints.slotAddress(slot), baseLen, start, this.zeroSlotFrom);
-      if (r === baseLen) {
-        if (baseLen < bs) pool.fill(0, slotAt + baseLen, slotAt + bs); // past the base's end: zeros
-        pool.copy(this.bytes, tag * this.maxIo, slotAt + (offset - start), slotAt + (offset - start) + inBase);
+      if (this.readBaseBlock(b, pool, slotAt, hints.slotAddress(slot))) {
+        const from = slotAt + (offset - b * bs);
+        pool.copy(this.bytes, tag * this.maxIo, from, from + inBase);
         if (hints.push(b, slot)) this.post(this.hintMessage);
         this.fast++;
         this.commit(tag, length);
