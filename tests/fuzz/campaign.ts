@@ -309,7 +309,7 @@ export async function runFuzz(o: FuzzOptions): Promise<FuzzResult> {
       const read = await cmd(['io', '-r', ...key, '-c', `read 0 ${size}`, image], ro);
       const conv = await cmd(['convert', '-O', 'raw', ...key, image, path.join(dir, 'out.raw')], ro);
       const c1 = copy('w.fvd');
-      const off = Math.floor(r.int(Math.max(1, size / 4096))) * 4096;
+      const off = r.int(Math.max(1, Math.floor(size / 4096))) * 4096;
       const len = Math.min(4096, size - off);
       const write = len > 0 ? await cmd(['io', ...key, '-c', `write -P 0x5a ${off} ${len}`, '-c', 'flush', '-c', `read -P 0x5a ${off} ${len}`, c1.file], c1) : null;
       if (seed.bases.length) await cmd(['prefetch', '-q', ...key, path.join(dir, 'p.fvd')], copy('p.fvd'));

@@ -161,7 +161,7 @@ function readUint(img: Uint8Array, off: number, width: number): bigint {
   for (let i = width - 1; i >= 0; i--) v = (v << 8n) | BigInt(img[off + i]!);
   return v;
 }
-function fixHeaderCrc(img: Uint8Array): void {
+export function fixHeaderCrc(img: Uint8Array): void {
   new DataView(img.buffer, img.byteOffset).setUint32(HEADER_CRC, crc(img.subarray(0, HEADER_CRC)), true);
 }
 /** Region CRC at +4 over bytes 8..end (snapshot directory, refcount table). */
@@ -177,6 +177,17 @@ function storageChunks(l: Layout): number {
 function virtualChunks(l: Layout): number {
   const v = Math.ceil(l.virtualSize / l.chunkSize);
   return Number.isSafeInteger(v) && v > 0 ? Math.min(v, 1 << 24) : 1;
+}
+/** Sizes and regions an operator can do arithmetic with: safe integers, sector-sized units and lengths. */
+function reasonableLayout(l: Layout): boolean {
+  const regions = [l.bitmap, l.table, l.journal, l.refcount, l.snapshots];
+  const numbers = [l.virtualSize, l.dataOffset, l.journalStartSeq, ...regions.flat(), ...l.states.flatMap((s) => s.slice(0, 2))];
+  return (
+    numbers.every((v) => Number.isSafeInteger(v)) &&
+    l.blockSize >= SECTOR && l.blockSize % SECTOR === 0 &&
+    l.chunkSize >= SECTOR && l.chunkSize % SECTOR === 0 &&
+    regions.every(([, len]) => len % SECTOR === 0)
+  );
 }
 function inFile(l: Layout, [off, len]: [number, number]): boolean {
   return len > 0 && off >= 0 && off + len <= l.size;
@@ -305,7 +316,7 @@ function journalRecord(r: Rng, l: Layout): Uint8Array {
 const journalSectors: Op = (r, img, l) => {
   const [jo, jl] = l.journal;
   if (!inFile(l, l.journal) || jl < 2 * SECTOR) return null;
-  const n = jl / SECTOR;
+  const n = Math.floor(jl / SECTOR);
   const count = r.range(1, Math.min(4, n));
   const parts: string[] = [];
   for (let i = 0; i < count; i++) {
@@ -356,7 +367,8 @@ const tableEntries: Op = (r, img, l) => {
   if (!inFile(l, l.table)) return null;
   const [to, tl] = l.table;
   const dv = new DataView(img.buffer, img.byteOffset);
-  const entries = tl / 4;
+  const entries = Math.floor(tl / 4); // a mutated header may give a length that is no multiple of 4
+  if (entries < 1) return null;
   const storage = storageChunks(l);
   const n = r.range(1, 4);
   const parts: string[] = [];
@@ -381,7 +393,7 @@ const refcounts: Op = (r, img, l) => {
   let what: string;
   if (kind === 0) {
     const entries = dv.getUint32(ro + 8, true);
-    const i = r.int(Math.max(1, Math.min(entries + 2, (rl - 16) / 2)));
+    const i = r.int(Math.max(1, Math.min(entries + 2, Math.floor((rl - 16) / 2))));
     const v = [0, 1, 2, 0xffff, r.int(0x10000)][r.int(5)]!;
     if (ro + 16 + 2 * i + 2 <= ro + rl) dv.setUint16(ro + 16 + 2 * i, v, true);
     what = `refcount[${i}] = ${v}`;
@@ -571,14 +583,19 @@ function applicable(l: Layout, name: string): boolean {
 }
 
 /** One mutant of `seed`: one operator, sometimes two or three stacked. */
-export function mutate(r: Rng, seed: Uint8Array): Mutant {
+/** `stack` forces how many operators are stacked (default: one, sometimes two or three). */
+export function mutate(r: Rng, seed: Uint8Array, stack?: number): Mutant {
   let img: Uint8Array = new Uint8Array(seed); // a copy (Buffer.prototype.slice would share the seed's memory)
   let extendTo = 0;
   const whats: string[] = [];
   const families: string[] = [];
-  const stack = r.chance(0.8) ? 1 : r.range(2, 3);
-  for (let k = 0; k < stack; k++) {
+  const operators = stack ?? (r.chance(0.8) ? 1 : r.range(2, 3));
+  for (let k = 0; k < operators; k++) {
     const l = readLayout(img);
+    // A stacked operator gets the layout the previous one left; the operators compute offsets and
+    // counts from it, so stop stacking once it is no longer one they can reason about (the
+    // header operator below still applies: it only needs the file's bytes).
+    if (!reasonableLayout(l)) break;
     const ops = OPS.filter(([name]) => applicable(l, name));
     const [name, op] = ops[r.weighted(ops.map((o) => o[2]))]!;
     const res = op(r, img, l);
