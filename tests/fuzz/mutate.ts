@@ -179,7 +179,7 @@ function virtualChunks(l: Layout): number {
   return Number.isSafeInteger(v) && v > 0 ? Math.min(v, 1 << 24) : 1;
 }
 /** Sizes and regions an operator can do arithmetic with: safe integers, sector-sized units and lengths. */
-function reasonableLayout(l: Layout): boolean {
+export function reasonableLayout(l: Layout): boolean {
   const regions = [l.bitmap, l.table, l.journal, l.refcount, l.snapshots];
   const numbers = [l.virtualSize, l.dataOffset, l.journalStartSeq, ...regions.flat(), ...l.states.flatMap((s) => s.slice(0, 2))];
   return (
