@@ -38,6 +38,7 @@ import { nodeIo } from '../storage/node-file.js';
 import type { BlockFile, IoBackend, OpenOptions } from '../fvd/io.js';
 import { ForegroundMeter, Prefetcher, type PrefetchOptions } from '../fvd/prefetch.js';
 import { formatSize, parseInteger, parseOptions, parseSize } from '../daemon/args.js';
+import { median } from './stats.js';
 
 const MiB = 1024 * 1024;
 
@@ -86,12 +87,6 @@ interface Row {
   wallSecs: number | null;
   rate: number | null;
   throttles: number | null;
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }
 
 async function main(): Promise<void> {

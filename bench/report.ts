@@ -6,6 +6,7 @@
  *   node build/bench/report.js RESULTS CASE_LABELS...   (CASE_LABELS: "id=description")
  */
 import fs from 'node:fs';
+import { median } from './stats.js';
 
 const TOOLS: [string, string][] = [
   ['fvd', 'FVD raw layout (fvd bench)'],
@@ -16,12 +17,6 @@ const TOOLS: [string, string][] = [
   ['fvd-uring', 'FVD raw layout (fvd bench --io uring)'],
   ['raw-uring', 'raw (fvd bench -f raw --io uring)'],
 ];
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
 
 const [file, ...labels] = process.argv.slice(2);
 if (!file) {

@@ -161,12 +161,23 @@ async function fixture(layout: 'raw' | 'compact', baseSize: number, size: number
   };
 }
 
-async function done(f: Fixture): Promise<void> {
+/** Waits for the fixture's copies and closes its files and image, keeping its directory. */
+async function closeFixture(f: Fixture): Promise<void> {
   await Promise.all(f.copies);
   fs.closeSync(f.imageFd);
   fs.closeSync(f.baseFd);
   await f.img.close();
+}
+
+async function done(f: Fixture): Promise<void> {
+  await closeFixture(f);
   fs.rmSync(f.dir, { recursive: true });
+}
+
+/** The fixture closed and its image opened again without copy-on-read: what a restart reads. */
+async function reopen(f: Fixture): Promise<FvdImage> {
+  await closeFixture(f);
+  return FvdImage.open(nodeIo, path.join(f.dir, 'i.fvd'), { copyOnRead: false });
 }
 
 /** The worker's answer to a guest read, as daemon/fvd-queue.ts gives it; returns the route too. */
@@ -350,16 +361,14 @@ test('carried copy: writes the data it is handed (no base read) and sets the bit
     await f.img.copyHint(8, last);
     assert.ok(bitOf(f, 8), 'the straddling last base block is local');
     await f.img.persistSoftBits();
-    const dir = f.dir;
-    await done({ ...f, dir: fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-keep-')) });
-    const img = await FvdImage.open(nodeIo, path.join(dir, 'i.fvd'), { copyOnRead: false });
+    const img = await reopen(f);
     const again = new Uint8Array(9 * bs);
     await img.read(again, 0);
     const want = f.model.slice(0, 9 * bs);
     want.set(data, 3 * bs);
     assert.equal(again, want, `${layout}: after a reopen: the carried block and the base elsewhere`);
     await img.close();
-    fs.rmSync(dir, { recursive: true });
+    fs.rmSync(f.dir, { recursive: true });
   }
 });
 
@@ -406,14 +415,12 @@ test('race: a carried copy of a block a guest write made local, or whose lock a 
     await f.img.read(got, 0);
     assert.equal(got, f.model, `${layout}: guest data and base data, never a stale copy over a write`);
     await f.img.persistSoftBits();
-    const dir = f.dir;
-    await done({ ...f, dir: fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-keep-')) });
-    const img = await FvdImage.open(nodeIo, path.join(dir, 'i.fvd'), { copyOnRead: false });
+    const img = await reopen(f);
     const again = new Uint8Array(16 * bs);
     await img.read(again, 0);
     assert.equal(again, f.model, `${layout}: the same after a reopen`);
     await img.close();
-    fs.rmSync(dir, { recursive: true });
+    fs.rmSync(f.dir, { recursive: true });
   }
 });
 
