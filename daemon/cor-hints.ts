@@ -11,7 +11,10 @@
  * - data slots (a hint that carries its block's data): one block-sized slot each in a pool of
  *   mmap'ed memory allocated by the main thread (ffi/uring.ts allocPinned, not populated: pages
  *   are touched only by the slots used), every thread mapping the same addresses. Each queue owns
- *   its own range of slots; a slot's state is one Int32 (FREE / BUSY): only the owning queue turns
+ *   its own range of slots, as many as hints can be outstanding (up to 256): every hint can carry
+ *   its data however far the engine's copies lag (with 32, only about a third did in a guest's 4K
+ *   random reads: the rest found every slot BUSY). A queue takes its lowest free slot, so the
+ *   pages touched follow the peak of carried hints in flight, not the pool's size. A slot's state is one Int32 (FREE / BUSY): only the owning queue turns
  *   it BUSY (when it reads a block into it), only the main thread turns it FREE (after the copy
  *   wrote or skipped it). The data is written before the ring's tail is stored and read after the
  *   tail is loaded (sequentially consistent Atomics), and the queue never touches a BUSY slot, so
@@ -51,7 +54,11 @@ export const SLOT_BUSY = 1;
 export const NO_SLOT = -1;
 /** Hints carry data only for blocks up to this size (a slot per block; keeps the pool small). */
 export const MAX_SLOT_BLOCK = 256 * 1024;
-const MAX_SLOTS_PER_QUEUE = 32;
+/**
+ * Covers the default cap (16 MiB of 64 KiB blocks = 256 hints) whole; smaller blocks get up to
+ * 256 slots (a slot search scans at most that many words).
+ */
+const MAX_SLOTS_PER_QUEUE = 256;
 
 const W_OUTSTANDING = 0;
 const W_WAKE = 1;
@@ -63,7 +70,7 @@ function ringCapacity(capBytes: number, blockSize: number): number {
   return Math.floor(capBytes / blockSize) + 1;
 }
 
-/** Data slots per queue: no more than hints can be outstanding, at most 32, none for large blocks. */
+/** Data slots per queue: no more than hints can be outstanding, at most 256, none for large blocks. */
 export function slotsPerQueue(capBytes: number, blockSize: number): number {
   return blockSize <= MAX_SLOT_BLOCK ? Math.min(ringCapacity(capBytes, blockSize), MAX_SLOTS_PER_QUEUE) : 0;
 }
@@ -116,14 +123,14 @@ export class CorHintProducer {
   private readonly slot0: number;
   private readonly nSlots: number;
   private readonly poolAddress: number;
-  /** Where the next free-slot search starts (round robin over this queue's slots). */
-  private nextSlot = 0;
   /** Hints offered, dropped at the cap, and coalesced with one already pending (figures). */
   offered = 0;
   dropped = 0;
   coalesced = 0;
   /** Hints pushed with their block's data. */
   carried = 0;
+  /** takeSlot calls that found every slot of this queue BUSY (figures). */
+  noSlot = 0;
 
   constructor(s: CorHintShared, qid: number) {
     this.words = new Int32Array(s.words);
@@ -188,22 +195,20 @@ export class CorHintProducer {
   }
 
   /**
-   * A free slot of this queue, now BUSY (the caller fills it, then pushes it or gives it back),
-   * or -1: all in use.
+   * The lowest free slot of this queue, now BUSY (the caller fills it, then pushes it or gives it
+   * back), or -1: all in use. Lowest first: the pool's pages touched stay those of the most slots
+   * ever BUSY at once.
    */
   takeSlot(): number {
-    const n = this.nSlots;
-    for (let i = 0; i < n; i++) {
-      let k = this.nextSlot + i;
-      if (k >= n) k -= n;
-      const slot = this.slot0 + k;
+    const end = this.slot0 + this.nSlots;
+    for (let slot = this.slot0; slot < end; slot++) {
       if (Atomics.load(this.slots, slot) === SLOT_FREE) {
         // Only this thread turns this queue's slots BUSY: no other taker to race with.
         Atomics.store(this.slots, slot, SLOT_BUSY);
-        this.nextSlot = k + 1 === n ? 0 : k + 1;
         return slot;
       }
     }
+    if (this.nSlots > 0) this.noSlot++;
     return -1;
   }
 

@@ -98,8 +98,11 @@ export type WorkerMessage =
   | { type: 'slow'; qid: number; tag: number; op: number; flags: number; offset: number; length: number; baseBlock: boolean }
   | { type: 'log'; qid: number; message: string }
   | { type: 'info'; qid: number; message: string }
-  /** hinted: copy-on-read hints pushed (claimed blocks), carried: of them with their block's data. */
-  | { type: 'stats'; qid: number; fast: number; slow: number; hinted: number; carried: number }
+  /**
+   * hinted: copy-on-read hints pushed (claimed blocks), carried: of them with their block's data,
+   * noSlot: of the others, those that found no free data slot.
+   */
+  | { type: 'stats'; qid: number; fast: number; slow: number; hinted: number; carried: number; noSlot: number }
   /** Copy-on-read hints are waiting in the shared rings (daemon/cor-hints.ts). */
   | { type: 'hint'; qid: number }
   | { type: 'exit'; qid: number; error?: string };
@@ -375,7 +378,7 @@ export class FvdQueue implements QueueTarget {
   everySecond(): void {
     const h = this.hints;
     const hinted = h === null ? 0 : h.offered - h.dropped - h.coalesced;
-    this.post({ type: 'stats', qid: this.qid, fast: this.fast, slow: this.slow, hinted, carried: h === null ? 0 : h.carried });
+    this.post({ type: 'stats', qid: this.qid, fast: this.fast, slow: this.slow, hinted, carried: h === null ? 0 : h.carried, noSlot: h === null ? 0 : h.noSlot });
   }
 
   // ---- helpers ---------------------------------------------------------------------------

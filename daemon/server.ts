@@ -114,9 +114,13 @@ interface Queue {
   ioFlusher: number;
   exited: Promise<string | undefined>;
   fast: number;
-  /** Copy-on-read hints pushed, and of them carrying their block's data (the worker's last figures). */
+  /**
+   * Copy-on-read hints pushed, of them carrying their block's data, and of the others those that
+   * found no free data slot (the worker's last figures).
+   */
   hinted: number;
   carried: number;
+  noSlot: number;
   slow: number;
 }
 
@@ -508,6 +512,7 @@ export class UblkServer {
         fast: 0,
         hinted: 0,
         carried: 0,
+        noSlot: 0,
         slow: 0,
         exited: new Promise((resolve) => {
           worker.on('message', (m: WorkerMessage) => {
@@ -575,6 +580,7 @@ export class UblkServer {
         q.slow = m.slow;
         q.hinted = m.hinted;
         q.carried = m.carried;
+        q.noSlot = m.noSlot;
         break;
       case 'exit':
         if (m.error) this.opts.log(`queue ${m.qid} stopped: ${m.error}`);
@@ -796,7 +802,11 @@ export class UblkServer {
     const exits = await Promise.all(this.queues.map((q) => withTimeout(q.exited, 30_000)));
     exits.forEach((e, i) => e === 'timeout' && errors.push(`queue ${i} did not stop`));
     const hinted = this.queues.reduce((n, q) => n + q.hinted, 0);
-    if (hinted > 0) this.opts.log(`copy-on-read hints: ${hinted}, ${this.queues.reduce((n, q) => n + q.carried, 0)} of them carried their block's data`);
+    if (hinted > 0) {
+      const sum = (f: (q: Queue) => number): number => this.queues.reduce((n, q) => n + f(q), 0);
+      // The rest: no free slot, or a read that spanned blocks or whose base read would block.
+      this.opts.log(`copy-on-read hints: ${hinted}, ${sum((q) => q.carried)} of them carried their block's data, ${sum((q) => q.noSlot)} found no free data slot`);
+    }
     for (const q of this.queues) {
       await q.worker.terminate();
       fs.closeSync(q.eventfd);
