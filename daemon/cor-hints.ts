@@ -14,9 +14,9 @@
  *   its own range of slots, as many as hints can be outstanding (up to 256): every hint can carry
  *   its data however far the engine's copies lag (with 32, only about a third did in a guest's 4K
  *   random reads: the rest found every slot BUSY). A queue takes its lowest free slot, so the
- *   pages touched follow the peak of carried hints in flight, not the pool's size. A slot's state is one Int32 (FREE / BUSY): only the owning queue turns
- *   it BUSY (when it reads a block into it), only the main thread turns it FREE (after the copy
- *   wrote or skipped it). The data is written before the ring's tail is stored and read after the
+ *   pages touched follow the peak of carried hints in flight, not the pool's size. A slot's state
+ *   is one Int32 (FREE / BUSY): only the owning queue turns it BUSY (when it reads a block into
+ *   it), only the main thread turns it FREE (after the copy wrote or skipped it). The data is written before the ring's tail is stored and read after the
  *   tail is loaded (sequentially consistent Atomics), and the queue never touches a BUSY slot, so
  *   the main thread reads it whole and unchanged.
  *
