@@ -62,23 +62,26 @@ export class EngineRequests {
   trace: TraceRecorder | null = null;
   /** Copy-on-read hints from the queue threads (daemon/cor-hints.ts), or null. */
   private hints: CorHintConsumer | null = null;
-  /** The data-slot pool of the copy-on-read hints, or null (startCopyOnRead, releaseCopyOnRead). */
+  /** The data-slot pool of the copy-on-read hints, or null (prepareQueues, releaseCopyOnRead). */
   private corPool: PinnedBuffer | null = null;
+  /** Bytes of one tag's slice of a queue's request buffers: the workers' maxIo (prepareQueues). */
+  private maxIo = 0;
 
   constructor(
     private readonly image: FvdImage,
-    /** Bytes of one tag's slice of a queue's request buffers. */
-    private readonly maxIo: number,
     log: (line: string) => void,
   ) {
     this.failures = new BurstLog(log);
   }
 
   /**
-   * The hints' shared state for the queue threads, or null when they hint nothing: copy-on-read
-   * off, a read-only image, or no plain local raw base for them to read (`localBase` false).
+   * Called as the workers are spawned, with the geometry they get: maxIo is taken here, not at
+   * construction, because a recovery lowers it to the waiting device's before it spawns them.
+   * Returns the hints' shared state for the queue threads, or null when they hint nothing:
+   * copy-on-read off, a read-only image, or no plain local raw base to read (`localBase` false).
    */
-  startCopyOnRead(view: SharedView, queues: number, localBase: boolean): CorHintShared | null {
+  prepareQueues(view: SharedView, queues: number, maxIo: number, localBase: boolean): CorHintShared | null {
+    this.maxIo = maxIo;
     const image = this.image;
     const corOn = localBase && image.copyOnRead && !image.readOnly;
     // Hints carry their block's data in slots of this pool (daemon/cor-hints.ts): mmap'ed, never

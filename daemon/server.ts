@@ -118,7 +118,7 @@ export class UblkServer {
     readonly image: FvdImage,
     private ctl: UblkControl,
   ) {
-    this.engine = new EngineRequests(image, opts.maxIo, opts.log);
+    this.engine = new EngineRequests(image, opts.log);
   }
 
   /**
@@ -422,7 +422,7 @@ export class UblkServer {
     const view = this.image.sharedView();
     // A plain local raw base: the queue threads read it themselves and hint copy-on-read.
     const basePath = this.image.localRawBasePath();
-    const hints = this.engine.startCopyOnRead(view, this.opts.queues, basePath !== null);
+    const hints = this.engine.prepareQueues(view, this.opts.queues, this.opts.maxIo, basePath !== null);
     const traceShared = this.startTrace();
     const workerUrl = new URL('./queue-worker.js', import.meta.url);
     const fetched = this.fetched;
