@@ -23,7 +23,7 @@ import {
   UBLK_S_DEV_QUIESCED,
   type DevInfo,
 } from './ublk/abi.js';
-import { listStates, removeState, stateDir, type DeviceState } from './state.js';
+import { listStates, recoveringFile, removeState, stateDir, type DeviceState } from './state.js';
 
 /** ADD_DEV flags of a device that outlives its server: held requests are reissued, not failed. */
 export const RECOVERY_FLAGS = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE;
@@ -215,6 +215,29 @@ export async function waitForOldServer(ctl: UblkControl, own: OwnDevice, log: (s
   }
   const info = await ctl.waitForState(own.state.devId, [UBLK_S_DEV_QUIESCED, UBLK_S_DEV_FAIL_IO, UBLK_S_DEV_DEAD], Math.max(1000, until - Date.now()));
   return info && info.state !== UBLK_S_DEV_DEAD ? info : null;
+}
+
+/**
+ * Marks device `devId` as being taken over by this process: the old server's warden
+ * (daemon/warden.ts) must not expire the device in the meantime.
+ */
+export function markRecovering(devId: number): void {
+  fs.writeFileSync(recoveringFile(devId), `${process.pid}\n`);
+}
+
+/** The takeover of `devId` is over (done, or failed): the warden's rules apply again. */
+export function unmarkRecovering(devId: number): void {
+  fs.rmSync(recoveringFile(devId), { force: true });
+}
+
+/** The one line of a continued recovery that cannot be completed: why, and what to do. */
+export function unrecoverable(id: number, why: string): FvdError {
+  return new FvdError(
+    `device ${id} cannot be recovered (${why}): most likely the server whose recovery was interrupted had already mapped or fetched part of it, ` +
+      `and this kernel lets no other server finish that; the device is stopped and deleted (held I/O fails). ` +
+      `If it is still there, 'fvd stop ${id}' deletes it; then serve the image again`,
+    'EIO',
+  );
 }
 
 /**

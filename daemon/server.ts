@@ -1,7 +1,9 @@
 /**
  * Serves one FVD image as /dev/ublkbN: the engine lives on this (main) thread, one worker thread
- * per hardware queue does the ublk data plane, and this thread runs the control plane and the
- * engine's slow path for requests the workers hand over.
+ * per hardware queue does the ublk data plane, and this thread runs the control plane. This file
+ * is the device's life cycle (bring-up, recovery of a device an earlier server left, online grow,
+ * hand-off, teardown) and the workers'; the engine's side of their requests (slow path,
+ * copy-on-read hints, per-queue figures) is daemon/engine-requests.ts.
  *
  * Life cycle (the kernel's ublk device life cycle, docs/DESIGN.md): open image → ADD_DEV → SET_PARAMS → workers mmap, set up rings
  * and FETCH every tag → START_DEV (from here, after every fetch is in) → serve → STOP_DEV (the
@@ -17,53 +19,42 @@ import { storageIo } from '../storage/storage-io.js';
 import { FvdError } from '../fvd/errors.js';
 import { libc, EFD_CLOEXEC } from '../ffi/libc.js';
 import { syscalls } from '../ffi/syscalls.js';
-import { allocPinned, errnoName, type PinnedBuffer } from '../ffi/uring.js';
+import { errnoName } from '../ffi/uring.js';
 import { UblkCommandError, UblkControl } from './ublk/control.js';
 import { describeFeatures } from './ublk/features.js';
 import {
   FVD_SERVER_TAG,
   UBLK_ATTR_FUA,
   UBLK_ATTR_VOLATILE_CACHE,
-  UBLK_IO_F_FUA,
-  UBLK_IO_OP_DISCARD,
-  UBLK_IO_OP_FLUSH,
-  UBLK_IO_OP_READ,
-  UBLK_IO_OP_WRITE,
-  UBLK_IO_OP_WRITE_ZEROES,
   UBLK_F_QUIESCE,
   UBLK_F_UPDATE_SIZE,
   UBLK_S_DEV_LIVE,
 } from './ublk/abi.js';
-import { CorHintConsumer, NO_SLOT, corSlotPoolBytes, createCorHints } from './cor-hints.js';
 import { CompletionRing } from './shared-state.js';
-import { BurstLog, requestErrno } from './request-errors.js';
+import { EFD_WAKE, EngineRequests, type EngineQueue, type ServerStats } from './engine-requests.js';
 import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
 import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
 import { GATE_ABANDON, GATE_OPEN, GATE_WAIT } from './fvd-queue.js';
-import { STAGE_ENGINE_DONE, STAGE_ENGINE_START, TraceRecorder, createTrace, installEngineTrace, type TraceShared } from '../fvd/trace.js';
+import { TraceRecorder, createTrace, installEngineTrace, type TraceShared } from '../fvd/trace.js';
 import { TraceFile } from './trace-file.js';
-import { recoveringFile, removeState, stateDir, writeState, type DeviceState } from './state.js';
+import { removeState, stateDir, writeState, type DeviceState } from './state.js';
 import {
   addDevFlags,
   currentBootId,
   fileIdOf,
   findOwnDevice,
+  markRecovering,
   pendingLogPath,
   recoverySize,
   removeStaleDevice,
   serverFlagsFor,
   startRecoveryRetrying,
+  unmarkRecovering,
+  unrecoverable,
   waitForOldServer,
   type OwnDevice,
 } from './recovery.js';
 
-const OP_NAMES: Record<number, string> = {
-  [UBLK_IO_OP_READ]: 'read',
-  [UBLK_IO_OP_WRITE]: 'write',
-  [UBLK_IO_OP_FLUSH]: 'flush',
-  [UBLK_IO_OP_DISCARD]: 'discard',
-  [UBLK_IO_OP_WRITE_ZEROES]: 'write-zeroes',
-};
 /** Largest discard/write-zeroes request: whole blocks are punched in one call, so it can be big. */
 const MAX_DISCARD_BYTES = 1 << 30;
 
@@ -91,54 +82,31 @@ export interface ServeOptions {
   traceFile?: string;
 }
 
-export interface ServerStats {
-  reads: number;
-  writes: number;
-  flushes: number;
-  discards: number;
-  fastPath: number;
-  slowPath: number;
-  errors: number;
-}
+export type { ServerStats } from './engine-requests.js';
 
-interface Queue {
+/** One hardware queue: its worker thread, plus what the engine side uses (EngineQueue). */
+interface Queue extends EngineQueue {
   worker: Worker;
   /** The worker's start gate (daemon/queue-worker.ts). */
   gate: Int32Array;
-  completions: CompletionRing;
   control: Int32Array;
-  eventfd: number;
-  buffer: Buffer | null;
   /** The queue thread (its kernel task id) and whether it runs as an I/O flusher: 1, or -errno. */
   tid: number;
   ioFlusher: number;
   exited: Promise<string | undefined>;
-  fast: number;
-  /**
-   * Copy-on-read hints pushed, of them carrying their block's data, and of the others those that
-   * found no free data slot (the worker's last figures).
-   */
-  hinted: number;
-  carried: number;
-  noSlot: number;
-  slow: number;
 }
-
-const EFD_WAKE = Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]);
 
 export class UblkServer {
   devId = -1;
   devicePath = '';
-  readonly stats: ServerStats = { reads: 0, writes: 0, flushes: 0, discards: 0, fastPath: 0, slowPath: 0, errors: 0 };
+  /** The engine's side of the queues' requests: slow path, copy-on-read hints, figures. */
+  private readonly engine: EngineRequests;
   private queues: Queue[] = [];
   private readonly activityBuffers: SharedArrayBuffer[] = [];
   private cdevFd = -1;
   private started = false;
-  /** The per-request trace while tracing (FVD_TRACE): the engine's recorder and the file. */
-  private trace: TraceRecorder | null = null;
+  /** The per-request trace's file while tracing (FVD_TRACE); its recorder is the engine side's. */
   private traceFile: TraceFile | null = null;
-  /** Failed requests, logged once per burst. */
-  private readonly failures: BurstLog;
   private stopping: Promise<void> | null = null;
   /** The device's UBLK_F_* flags (ADD_DEV's reply, or GET_DEV_INFO of a recovered device). */
   private deviceFlags = 0n;
@@ -150,7 +118,7 @@ export class UblkServer {
     readonly image: FvdImage,
     private ctl: UblkControl,
   ) {
-    this.failures = new BurstLog(opts.log);
+    this.engine = new EngineRequests(image, opts.log);
   }
 
   /**
@@ -454,17 +422,7 @@ export class UblkServer {
     const view = this.image.sharedView();
     // A plain local raw base: the queue threads read it themselves and hint copy-on-read.
     const basePath = this.image.localRawBasePath();
-    const corOn = basePath !== null && this.image.copyOnRead && !this.image.readOnly;
-    // Hints carry their block's data in slots of this pool (daemon/cor-hints.ts): mmap'ed, never
-    // moved, pages touched only when a slot is first used. Freed by teardown, once the workers
-    // are gone and the image closed (every carried copy finished).
-    const poolBytes = corOn ? corSlotPoolBytes(this.image.maxCopyOnReadBytes, view.blockSize, this.opts.queues) : 0;
-    if (poolBytes > 0 && !this.corPool) this.corPool = allocPinned(poolBytes, { populate: false });
-    const pool = poolBytes > 0 ? this.corPool : null;
-    const hints = corOn
-      ? createCorHints(this.image.maxCopyOnReadBytes, view.blockSize, view.baseBlocks, this.opts.queues, pool && { address: pool.address, length: pool.length })
-      : null;
-    this.hints = hints ? new CorHintConsumer(hints, pool?.bytes ?? null) : null;
+    const hints = this.engine.prepareQueues(view, this.opts.queues, this.opts.maxIo, basePath !== null);
     const traceShared = this.startTrace();
     const workerUrl = new URL('./queue-worker.js', import.meta.url);
     const fetched = this.fetched;
@@ -563,24 +521,19 @@ export class UblkServer {
         break;
       }
       case 'slow':
-        void this.serveSlow(q, m.tag, m.op, m.flags, m.offset, m.length, this.trace === null ? -1 : this.trace.slotOf(m.qid, m.tag), m.baseBlock);
+        void this.engine.serveSlow(q, m);
         break;
       case 'log': // a worker logs only what went wrong, one message per failed request
-        this.failures.failure(`queue ${m.qid}: ${m.message}`);
-        this.stats.errors++;
+        this.engine.queueFailure(m.qid, m.message);
         break;
       case 'info':
         this.opts.log(`queue ${m.qid}: ${m.message}`);
         break;
       case 'hint':
-        this.hints?.drain(this.copyHinted);
+        this.engine.drainHints();
         break;
       case 'stats':
-        q.fast = m.fast;
-        q.slow = m.slow;
-        q.hinted = m.hinted;
-        q.carried = m.carried;
-        q.noSlot = m.noSlot;
+        this.engine.queueStats(q, m);
         break;
       case 'exit':
         if (m.error) this.opts.log(`queue ${m.qid} stopped: ${m.error}`);
@@ -590,80 +543,14 @@ export class UblkServer {
     }
   }
 
-  /** Copy-on-read hints from the queue threads (daemon/cor-hints.ts), or null. */
-  private hints: CorHintConsumer | null = null;
-
-  /** The data-slot pool of the copy-on-read hints, or null (spawnWorkers, teardown). */
-  private corPool: PinnedBuffer | null = null;
-
-  /**
-   * A hinted block: copied in background (never waited for by a request), then released. With a
-   * data slot the queue thread read the block already: the copy only writes it, and the slot is
-   * freed once the write finished or was skipped (copyHint resolves only then).
-   */
-  private readonly copyHinted = (b: number, slot: number): void => {
-    const hints = this.hints!;
-    if (slot === NO_SLOT) {
-      void this.image.copyHint(b).then(() => hints.release(b));
-      return;
-    }
-    void this.image.copyHint(b, hints.slotData(slot)).then(() => {
-      hints.release(b);
-      hints.freeSlot(slot);
-    });
-  };
-
-  /** The base block a queue thread read for tag's copy-on-write: the tail of the tag's buffer (FvdQueue.preReadBlock). */
-  private baseBlockOf(q: Queue, tag: number): Uint8Array {
-    const end = (tag + 1) * this.opts.maxIo;
-    return q.buffer!.subarray(end - this.image.blockSize, end);
-  }
-
-  /** The engine's side of a request a worker handed over; the result goes back by eventfd. */
-  private async serveSlow(q: Queue, tag: number, op: number, flags: number, offset: number, length: number, slot: number, baseBlock: boolean): Promise<void> {
-    let result: number;
-    if (slot >= 0) this.trace!.stamp(slot, STAGE_ENGINE_START);
-    try {
-      const buf = q.buffer!.subarray(tag * this.opts.maxIo, tag * this.opts.maxIo + length);
-      switch (op) {
-        case UBLK_IO_OP_READ:
-          this.stats.reads++;
-          await this.image.read(buf, offset, slot);
-          break;
-        case UBLK_IO_OP_WRITE:
-          this.stats.writes++;
-          await this.image.write(buf, offset, ((flags << 8) & UBLK_IO_F_FUA) !== 0, slot, baseBlock ? this.baseBlockOf(q, tag) : null);
-          break;
-        case UBLK_IO_OP_FLUSH:
-          this.stats.flushes++;
-          await this.image.flush();
-          break;
-        case UBLK_IO_OP_DISCARD:
-        case UBLK_IO_OP_WRITE_ZEROES:
-          this.stats.discards++;
-          await this.image.writeZeroes(offset, length);
-          break;
-      }
-      result = op === UBLK_IO_OP_FLUSH ? 0 : length;
-    } catch (err) {
-      this.stats.errors++;
-      // A full device (an image on an LV without room for another chunk) is ENOSPC for the guest.
-      result = requestErrno(err);
-      this.failures.failure(`${OP_NAMES[op] ?? `op ${op}`} at ${offset}+${length}: ${(err as Error).message}`);
-    }
-    if (slot >= 0) this.trace!.stamp(slot, STAGE_ENGINE_DONE);
-    q.completions.push(tag, result);
-    fs.writeSync(q.eventfd, EFD_WAKE);
-  }
-
   /** FVD_TRACE (or opts.traceFile): the shared trace buffers for the queues, and the file; else null. */
   private startTrace(): TraceShared | null {
     const file = this.opts.traceFile ?? process.env.FVD_TRACE;
     if (!file) return null;
     const shared = createTrace(this.opts.queues, this.opts.depth);
     this.traceFile = new TraceFile(file, shared);
-    this.trace = new TraceRecorder(shared);
-    installEngineTrace(this.trace);
+    this.engine.trace = new TraceRecorder(shared);
+    installEngineTrace(this.engine.trace);
     this.opts.log(`tracing every request to ${file}`);
     return shared;
   }
@@ -675,7 +562,7 @@ export class UblkServer {
     // The queue threads' ids name them in a per-thread CPU split (bench/device-trace.sh).
     this.opts.log(`${this.traceFile.close()}; queue thread ids ${this.queues.map((q) => q.tid).join(' ')}`);
     this.traceFile = null;
-    this.trace = null;
+    this.engine.trace = null;
   }
 
   /**
@@ -688,13 +575,7 @@ export class UblkServer {
 
   /** Figures for STATUS= and `fvd list`. */
   counters(): ServerStats {
-    let fast = 0;
-    let slow = 0;
-    for (const q of this.queues) {
-      fast += q.fast;
-      slow += q.slow;
-    }
-    return { ...this.stats, fastPath: fast, slowPath: slow };
+    return this.engine.counters(this.queues);
   }
 
   /**
@@ -789,7 +670,7 @@ export class UblkServer {
       }
     };
     if (this.devId >= 0 && (this.started || this.recoveryStarted)) await attempt('STOP_DEV', () => ctl.stopDevice(this.devId));
-    this.failures.flush(); // the requests failed during the drain, before the closing lines
+    this.engine.flushFailures(); // the requests failed during the drain, before the closing lines
     // Workers leave once every tag is aborted; a device that never started needs the quit flag,
     // and a worker still waiting for /dev/ublkcN is told that it will not come.
     for (const q of this.queues) {
@@ -801,12 +682,8 @@ export class UblkServer {
     }
     const exits = await Promise.all(this.queues.map((q) => withTimeout(q.exited, 30_000)));
     exits.forEach((e, i) => e === 'timeout' && errors.push(`queue ${i} did not stop`));
-    const hinted = this.queues.reduce((n, q) => n + q.hinted, 0);
-    if (hinted > 0) {
-      const sum = (f: (q: Queue) => number): number => this.queues.reduce((n, q) => n + f(q), 0);
-      // The rest: no free slot, or a read that spanned blocks or whose base read would block.
-      this.opts.log(`copy-on-read hints: ${hinted}, ${sum((q) => q.carried)} of them carried their block's data, ${sum((q) => q.noSlot)} found no free data slot`);
-    }
+    const hintSummary = this.engine.hintSummary(this.queues);
+    if (hintSummary) this.opts.log(hintSummary);
     for (const q of this.queues) {
       await q.worker.terminate();
       fs.closeSync(q.eventfd);
@@ -816,12 +693,7 @@ export class UblkServer {
     if (this.cdevFd >= 0) fs.closeSync(this.cdevFd);
     this.cdevFd = -1;
     await attempt('closing the image', () => this.image.close());
-    // The workers are gone and every carried copy finished (close waits for them; idle again in
-    // case the image was closed earlier): nothing uses the slots now.
-    this.hints = null;
-    await this.image.idle();
-    this.corPool?.free();
-    this.corPool = null;
+    await this.engine.releaseCopyOnRead();
     if (this.devId >= 0) await attempt('DEL_DEV', () => (this.endPending ? ctl.deleteDeviceAsync(this.devId) : ctl.deleteDevice(this.devId)));
     ctl.close();
     if (this.devId >= 0) removeState(this.devId);
@@ -846,26 +718,8 @@ export function sharedKeyForWorker(key: Uint8Array | null): SharedArrayBuffer | 
   return shared;
 }
 
-function markRecovering(devId: number): void {
-  fs.writeFileSync(recoveringFile(devId), `${process.pid}\n`);
-}
-
-function unmarkRecovering(devId: number): void {
-  fs.rmSync(recoveringFile(devId), { force: true });
-}
-
 /** How long END_USER_RECOVERY of a continued recovery may take (normally milliseconds). */
 const END_CONTINUED_MS = 30_000;
-
-/** The one line of a continued recovery that cannot be completed: why, and what to do. */
-function unrecoverable(id: number, why: string): FvdError {
-  return new FvdError(
-    `device ${id} cannot be recovered (${why}): most likely the server whose recovery was interrupted had already mapped or fetched part of it, ` +
-      `and this kernel lets no other server finish that; the device is stopped and deleted (held I/O fails). ` +
-      `If it is still there, 'fvd stop ${id}' deletes it; then serve the image again`,
-    'EIO',
-  );
-}
 
 async function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | 'timeout'> {
   let timer: NodeJS.Timeout | undefined;

@@ -236,7 +236,7 @@ async function workerRead(f: Fixture, buf: Uint8Array, offset: number): Promise<
   return kind;
 }
 
-/** The main thread's side of the hints (daemon/server.ts copyHinted). */
+/** The main thread's side of the hints (daemon/engine-requests.ts copyHinted). */
 function drainHints(f: Fixture): void {
   const main = f.hints!.main;
   main.drain((b, slot) => {

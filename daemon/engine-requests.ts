@@ -1,0 +1,221 @@
+/**
+ * The engine's side of the queues (docs/DESIGN.md §2): on the main thread, the requests the queue
+ * threads hand over (the slow path), the copy-on-read hints they push, and the figures they
+ * report. daemon/server.ts owns the device's life cycle and the workers; it routes their messages
+ * here. Only a queue's request buffers and its way back (completion ring, eventfd) are shared, so
+ * this file never sees the device, the control ring or the recovery state.
+ */
+import fs from 'node:fs';
+import type { FvdImage } from '../fvd/image.js';
+import type { SharedView } from '../fvd/mapping.js';
+import { allocPinned, type PinnedBuffer } from '../ffi/uring.js';
+import { STAGE_ENGINE_DONE, STAGE_ENGINE_START, type TraceRecorder } from '../fvd/trace.js';
+import { UBLK_IO_F_FUA, UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES } from './ublk/abi.js';
+import { CorHintConsumer, NO_SLOT, corSlotPoolBytes, createCorHints, type CorHintShared } from './cor-hints.js';
+import type { CompletionRing } from './shared-state.js';
+import { BurstLog, requestErrno } from './request-errors.js';
+import type { WorkerMessage } from './fvd-queue.js';
+
+const OP_NAMES: Record<number, string> = {
+  [UBLK_IO_OP_READ]: 'read',
+  [UBLK_IO_OP_WRITE]: 'write',
+  [UBLK_IO_OP_FLUSH]: 'flush',
+  [UBLK_IO_OP_DISCARD]: 'discard',
+  [UBLK_IO_OP_WRITE_ZEROES]: 'write-zeroes',
+};
+
+/** Written to a queue's eventfd: wakes its thread to collect completions (or see a flag). */
+export const EFD_WAKE = Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]);
+
+export interface ServerStats {
+  reads: number;
+  writes: number;
+  flushes: number;
+  discards: number;
+  fastPath: number;
+  slowPath: number;
+  errors: number;
+}
+
+/** What the engine side uses of a queue: its request buffers, its way back, its figures. */
+export interface EngineQueue {
+  /** The worker's pinned request buffers (depth × maxIo bytes), mapped once it fetched. */
+  buffer: Buffer | null;
+  completions: CompletionRing;
+  eventfd: number;
+  fast: number;
+  /**
+   * Copy-on-read hints pushed, of them carrying their block's data, and of the others those that
+   * found no free data slot (the worker's last figures).
+   */
+  hinted: number;
+  carried: number;
+  noSlot: number;
+  slow: number;
+}
+
+export type SlowRequest = Extract<WorkerMessage, { type: 'slow' }>;
+export type QueueStats = Extract<WorkerMessage, { type: 'stats' }>;
+
+export class EngineRequests {
+  /** Requests the engine served (the fast path's are counted by the queues), and failures. */
+  private readonly stats: ServerStats = { reads: 0, writes: 0, flushes: 0, discards: 0, fastPath: 0, slowPath: 0, errors: 0 };
+  /** Failed requests, logged once per burst. */
+  private readonly failures: BurstLog;
+  /** The per-request trace's recorder while tracing (FVD_TRACE; the server owns the file). */
+  trace: TraceRecorder | null = null;
+  /** Copy-on-read hints from the queue threads (daemon/cor-hints.ts), or null. */
+  private hints: CorHintConsumer | null = null;
+  /** The data-slot pool of the copy-on-read hints, or null (prepareQueues, releaseCopyOnRead). */
+  private corPool: PinnedBuffer | null = null;
+  /** Bytes of one tag's slice of a queue's request buffers: the workers' maxIo (prepareQueues). */
+  private maxIo = 0;
+
+  constructor(
+    private readonly image: FvdImage,
+    log: (line: string) => void,
+  ) {
+    this.failures = new BurstLog(log);
+  }
+
+  /**
+   * Called as the workers are spawned, with the geometry they get: maxIo is taken here, not at
+   * construction, because a recovery lowers it to the waiting device's before it spawns them.
+   * Returns the hints' shared state for the queue threads, or null when they hint nothing:
+   * copy-on-read off, a read-only image, or no plain local raw base to read (`localBase` false).
+   */
+  prepareQueues(view: SharedView, queues: number, maxIo: number, localBase: boolean): CorHintShared | null {
+    this.maxIo = maxIo;
+    const image = this.image;
+    const corOn = localBase && image.copyOnRead && !image.readOnly;
+    // Hints carry their block's data in slots of this pool (daemon/cor-hints.ts): mmap'ed, never
+    // moved, pages touched only when a slot is first used. Freed by releaseCopyOnRead, once the
+    // workers are gone and the image closed (every carried copy finished).
+    const poolBytes = corOn ? corSlotPoolBytes(image.maxCopyOnReadBytes, view.blockSize, queues) : 0;
+    if (poolBytes > 0 && !this.corPool) this.corPool = allocPinned(poolBytes, { populate: false });
+    const pool = poolBytes > 0 ? this.corPool : null;
+    const hints = corOn
+      ? createCorHints(image.maxCopyOnReadBytes, view.blockSize, view.baseBlocks, queues, pool && { address: pool.address, length: pool.length })
+      : null;
+    this.hints = hints ? new CorHintConsumer(hints, pool?.bytes ?? null) : null;
+    return hints;
+  }
+
+  /** A queue thread pushed copy-on-read hints: each hinted block is copied in background. */
+  drainHints(): void {
+    this.hints?.drain(this.copyHinted);
+  }
+
+  /**
+   * The workers are gone and the image closed (close waits for every carried copy; idle again in
+   * case it was closed earlier): nothing uses the slots now, so the pool goes.
+   */
+  async releaseCopyOnRead(): Promise<void> {
+    this.hints = null;
+    await this.image.idle();
+    this.corPool?.free();
+    this.corPool = null;
+  }
+
+  /**
+   * A hinted block: copied in background (never waited for by a request), then released. With a
+   * data slot the queue thread read the block already: the copy only writes it, and the slot is
+   * freed once the write finished or was skipped (copyHint resolves only then).
+   */
+  private readonly copyHinted = (b: number, slot: number): void => {
+    const hints = this.hints!;
+    if (slot === NO_SLOT) {
+      void this.image.copyHint(b).then(() => hints.release(b));
+      return;
+    }
+    void this.image.copyHint(b, hints.slotData(slot)).then(() => {
+      hints.release(b);
+      hints.freeSlot(slot);
+    });
+  };
+
+  /** The base block a queue thread read for tag's copy-on-write: the tail of the tag's buffer (FvdQueue.preReadBlock). */
+  private baseBlockOf(q: EngineQueue, tag: number): Uint8Array {
+    const end = (tag + 1) * this.maxIo;
+    return q.buffer!.subarray(end - this.image.blockSize, end);
+  }
+
+  /** The engine's side of a request a worker handed over; the result goes back by eventfd. */
+  async serveSlow(q: EngineQueue, m: SlowRequest): Promise<void> {
+    const { tag, op, offset, length } = m;
+    const slot = this.trace === null ? -1 : this.trace.slotOf(m.qid, tag);
+    let result: number;
+    if (slot >= 0) this.trace!.stamp(slot, STAGE_ENGINE_START);
+    try {
+      const buf = q.buffer!.subarray(tag * this.maxIo, tag * this.maxIo + length);
+      switch (op) {
+        case UBLK_IO_OP_READ:
+          this.stats.reads++;
+          await this.image.read(buf, offset, slot);
+          break;
+        case UBLK_IO_OP_WRITE:
+          this.stats.writes++;
+          await this.image.write(buf, offset, ((m.flags << 8) & UBLK_IO_F_FUA) !== 0, slot, m.baseBlock ? this.baseBlockOf(q, tag) : null);
+          break;
+        case UBLK_IO_OP_FLUSH:
+          this.stats.flushes++;
+          await this.image.flush();
+          break;
+        case UBLK_IO_OP_DISCARD:
+        case UBLK_IO_OP_WRITE_ZEROES:
+          this.stats.discards++;
+          await this.image.writeZeroes(offset, length);
+          break;
+      }
+      result = op === UBLK_IO_OP_FLUSH ? 0 : length;
+    } catch (err) {
+      this.stats.errors++;
+      // A full device (an image on an LV without room for another chunk) is ENOSPC for the guest.
+      result = requestErrno(err);
+      this.failures.failure(`${OP_NAMES[op] ?? `op ${op}`} at ${offset}+${length}: ${(err as Error).message}`);
+    }
+    if (slot >= 0) this.trace!.stamp(slot, STAGE_ENGINE_DONE);
+    q.completions.push(tag, result);
+    fs.writeSync(q.eventfd, EFD_WAKE);
+  }
+
+  /** A request a queue thread failed itself (its 'log' message: one per failed request). */
+  queueFailure(qid: number, message: string): void {
+    this.failures.failure(`queue ${qid}: ${message}`);
+    this.stats.errors++;
+  }
+
+  /** The requests failed so far go to the log now (before the closing lines of a stop). */
+  flushFailures(): void {
+    this.failures.flush();
+  }
+
+  /** A queue's figures, as its thread last reported them. */
+  queueStats(q: EngineQueue, m: QueueStats): void {
+    q.fast = m.fast;
+    q.slow = m.slow;
+    q.hinted = m.hinted;
+    q.carried = m.carried;
+    q.noSlot = m.noSlot;
+  }
+
+  /** Figures for STATUS= and `fvd list`: the engine's, plus the queues' path counts. */
+  counters(queues: readonly EngineQueue[]): ServerStats {
+    let fast = 0;
+    let slow = 0;
+    for (const q of queues) {
+      fast += q.fast;
+      slow += q.slow;
+    }
+    return { ...this.stats, fastPath: fast, slowPath: slow };
+  }
+
+  /** The closing line on copy-on-read hints, or null when there were none. */
+  hintSummary(queues: readonly EngineQueue[]): string | null {
+    const sum = (f: (q: EngineQueue) => number): number => queues.reduce((n, q) => n + f(q), 0);
+    const hinted = sum((q) => q.hinted);
+    if (hinted === 0) return null;
+    // The rest: no free slot, or a read that spanned blocks or whose base read would block.
+    return `copy-on-read hints: ${hinted}, ${sum((q) => q.carried)} of them carried their block's data, ${sum((q) => q.noSlot)} found no free data slot`;
+  }
+}
