@@ -56,6 +56,12 @@
 # g) a waiting device deleted while its pending log holds acknowledged, unflushed writes: `fvd
 #    stop` says how many records wait in the log and that the next serve applies them, an offline
 #    resize refuses (image unchanged), the next serve applies them and the data reads back.
+# i) a recovery that keeps the device's smaller geometry: served with --max-io 64k, SIGKILLed,
+#    served again with the default 512k: the log says the device keeps its geometry (max I/O
+#    65536) and it is recovered; then 1 MiB O_DIRECT writes (sixteen 64 KiB requests at once, on
+#    many tags) into blocks still only in the base — copy-on-write, the engine's slow path, which
+#    slices each tag's part of the request buffers by the recovered max I/O — read back equal,
+#    the base elsewhere too, and again after a clean stop and a fresh serve; `fvd check` clean.
 
 RW=60
 
@@ -588,6 +594,30 @@ contfail_round() {
     rm -f "$img"
 }
 
+geometry_round() {
+    local img=$D/geo.fvd base=$D/base.raw id
+    ROUND_OPTS=()
+    [[ -f $base ]] || random_file "$base" 64
+    must "fvd create (raw-like over a raw base)" fvd create -b "$base" -F raw "$img" 64M
+    serve_must "$img" --recovery-wait $RW --max-io 64k
+    id=$SERVE_ID
+    kill_and_recover "$img" "$id" "geometry"
+    if grep -q "device $id keeps its geometry.*max I/O 65536" "$SERVE_LOG"; then ok "geometry: the recovering server keeps the device's max I/O of 64 KiB"
+    else not_ok "geometry: no 'keeps its geometry ... max I/O 65536' in the serve log" "$(cat "$SERVE_LOG")"; fi
+    random_file geo.bin 4
+    check "geometry: 4 MiB in 1 MiB O_DIRECT writes into blocks only in the base (copy-on-write)" \
+        t dd if=geo.bin of="$SERVE_DEV" bs=1M seek=20 oflag=direct conv=notrunc status=none
+    check_dev_equals "geometry: the copy-on-write data reads back" "$SERVE_DEV" $((20 << 20)) geo.bin
+    head -c $((4 << 20)) "$base" > geo-base.bin
+    check_dev_equals "geometry: the base reads through elsewhere" "$SERVE_DEV" 0 geo-base.bin
+    serve_stop "after the geometry recovery"
+    serve_must "$img"
+    check_dev_equals "geometry: the data after a clean stop and a fresh serve" "$SERVE_DEV" $((20 << 20)) geo.bin
+    serve_stop "geometry, fresh"
+    check "geometry: fvd check clean" fvd check "$img"
+    rm -f "$img" geo.bin geo-base.bin
+}
+
 scenario() {
     # the short rounds first: a slow guest's time limit then cuts the long fio rounds, not these
     expiry_round
@@ -595,6 +625,7 @@ scenario() {
     waiting_round
     unflushed_round
     stopped_pending_round
+    geometry_round
     ext4_round
     fio_round raw
     fio_round compact

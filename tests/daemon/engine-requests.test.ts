@@ -1,0 +1,80 @@
+/**
+ * The engine's side of the queues (daemon/engine-requests.ts) finds each request's bytes in its
+ * tag's slice of the queue's request buffers, slices of the maxIo the workers were spawned with.
+ * A recovering server lowers maxIo to the waiting device's before it spawns them (server.ts
+ * recover), so the slice width must come from prepareQueues, not from the command line: written
+ * data of every tag lands at its own offset, reads land in their own tag's slice, and the image
+ * reads the same after a reopen.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { FvdImage } from '../../fvd/image.js';
+import { nodeIo } from '../../storage/node-file.js';
+import { EngineRequests, type EngineQueue } from '../../daemon/engine-requests.js';
+import { CompletionRing } from '../../daemon/shared-state.js';
+import { UBLK_IO_OP_READ, UBLK_IO_OP_WRITE } from '../../daemon/ublk/abi.js';
+
+const KiB = 1024;
+const DEPTH = 8;
+
+function pattern(tag: number, len: number): Uint8Array {
+  const b = new Uint8Array(len);
+  for (let i = 0; i < len; i++) b[i] = (tag * 37 + i * 13 + (i >> 9)) & 0xff;
+  return b;
+}
+
+/** Byte equality without uvu's diff (quadratic on 64 KiB arrays). */
+function same(a: Uint8Array, b: Uint8Array): boolean {
+  return Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(b);
+}
+
+for (const maxIo of [64 * KiB, 128 * KiB]) {
+  test(`engine requests: each tag's bytes at tag × maxIo of the buffers (maxIo ${maxIo / KiB} KiB, as prepareQueues says)`, async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-engreq-'));
+    const file = path.join(dir, 'i.fvd');
+    const len = 64 * KiB;
+    await FvdImage.create(nodeIo, file, { size: 4 << 20, blockSize: 64 * KiB });
+    const img = await FvdImage.open(nodeIo, file, {});
+    const eventfd = fs.openSync('/dev/null', 'w');
+    try {
+      const engine = new EngineRequests(img, () => {});
+      assert.is(engine.prepareQueues(img.sharedView(), 1, maxIo, false), null, 'no base: no copy-on-read hints');
+      const q: EngineQueue = {
+        buffer: Buffer.alloc(DEPTH * maxIo),
+        completions: new CompletionRing(CompletionRing.create(DEPTH)),
+        eventfd, fast: 0, hinted: 0, carried: 0, noSlot: 0, slow: 0,
+      };
+      const results = new Map<number, number>();
+      const drain = () => q.completions.drain((tag, r) => void results.set(tag, r));
+      for (let tag = 0; tag < DEPTH; tag++) q.buffer!.set(pattern(tag, len), tag * maxIo);
+      await Promise.all(Array.from({ length: DEPTH }, (_, tag) =>
+        engine.serveSlow(q, { type: 'slow', qid: 0, tag, op: UBLK_IO_OP_WRITE, flags: 0, offset: tag * len, length: len, baseBlock: false })));
+      drain();
+      for (let tag = 0; tag < DEPTH; tag++) assert.is(results.get(tag), len, `write of tag ${tag} completed`);
+      // Reads of the other tags' data, each into its own slice.
+      q.buffer!.fill(0);
+      await Promise.all(Array.from({ length: DEPTH }, (_, tag) =>
+        engine.serveSlow(q, { type: 'slow', qid: 0, tag, op: UBLK_IO_OP_READ, flags: 0, offset: (DEPTH - 1 - tag) * len, length: len, baseBlock: false })));
+      drain();
+      for (let tag = 0; tag < DEPTH; tag++) {
+        assert.ok(same(q.buffer!.subarray(tag * maxIo, tag * maxIo + len), pattern(DEPTH - 1 - tag, len)), `tag ${tag} read its offset into its slice`);
+      }
+      await img.close();
+      const again = await FvdImage.open(nodeIo, file, { readOnly: true });
+      const got = new Uint8Array(len);
+      for (let tag = 0; tag < DEPTH; tag++) {
+        await again.read(got, tag * len);
+        assert.ok(same(got, pattern(tag, len)), `after a reopen: tag ${tag}'s data at ${tag * len}`);
+      }
+      await again.close();
+    } finally {
+      fs.closeSync(eventfd);
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+}
+
+test.run();
