@@ -16,9 +16,10 @@
  *   random reads: the rest found every slot BUSY). A queue takes its lowest free slot, so the
  *   pages touched follow the peak of carried hints in flight, not the pool's size. A slot's state
  *   is one Int32 (FREE / BUSY): only the owning queue turns it BUSY (when it reads a block into
- *   it), only the main thread turns it FREE (after the copy wrote or skipped it). The data is written before the ring's tail is stored and read after the
- *   tail is loaded (sequentially consistent Atomics), and the queue never touches a BUSY slot, so
- *   the main thread reads it whole and unchanged.
+ *   it), only the main thread turns it FREE (after the copy wrote or skipped it). The data is
+ *   written before the ring's tail is stored and read after the tail is loaded (sequentially
+ *   consistent Atomics), and the queue never touches a BUSY slot, so the main thread reads it
+ *   whole and unchanged.
  *
  * A hint is dropped when the outstanding bytes would pass the cap (FVD's
  * max_outstanding_copy_on_read_data): the block stays in the base and the prefetcher copies it

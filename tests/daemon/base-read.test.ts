@@ -142,7 +142,10 @@ test('data slots: with the default cap (16 MiB of 64 KiB blocks), every hint the
   assert.is(q.noSlot, 0);
   const held: [number, number][] = [];
   main.drain((blk, slot) => held.push([blk, slot]));
-  for (const [blk, slot] of held) main.release(blk), main.freeSlot(slot);
+  for (const [blk, slot] of held) {
+    main.release(blk);
+    main.freeSlot(slot);
+  }
   assert.is(main.busySlots(), 0);
 });
 

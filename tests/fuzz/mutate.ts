@@ -316,7 +316,7 @@ function journalRecord(r: Rng, l: Layout): Uint8Array {
 const journalSectors: Op = (r, img, l) => {
   const [jo, jl] = l.journal;
   if (!inFile(l, l.journal) || jl < 2 * SECTOR) return null;
-  const n = Math.floor(jl / SECTOR);
+  const n = jl / SECTOR;
   const count = r.range(1, Math.min(4, n));
   const parts: string[] = [];
   for (let i = 0; i < count; i++) {
@@ -367,8 +367,7 @@ const tableEntries: Op = (r, img, l) => {
   if (!inFile(l, l.table)) return null;
   const [to, tl] = l.table;
   const dv = new DataView(img.buffer, img.byteOffset);
-  const entries = Math.floor(tl / 4); // a mutated header may give a length that is no multiple of 4
-  if (entries < 1) return null;
+  const entries = tl / 4;
   const storage = storageChunks(l);
   const n = r.range(1, 4);
   const parts: string[] = [];
@@ -393,7 +392,7 @@ const refcounts: Op = (r, img, l) => {
   let what: string;
   if (kind === 0) {
     const entries = dv.getUint32(ro + 8, true);
-    const i = r.int(Math.max(1, Math.min(entries + 2, Math.floor((rl - 16) / 2))));
+    const i = r.int(Math.max(1, Math.min(entries + 2, (rl - 16) / 2)));
     const v = [0, 1, 2, 0xffff, r.int(0x10000)][r.int(5)]!;
     if (ro + 16 + 2 * i + 2 <= ro + rl) dv.setUint16(ro + 16 + 2 * i, v, true);
     what = `refcount[${i}] = ${v}`;
@@ -582,8 +581,11 @@ function applicable(l: Layout, name: string): boolean {
   }
 }
 
-/** One mutant of `seed`: one operator, sometimes two or three stacked. */
-/** `stack` forces how many operators are stacked (default: one, sometimes two or three). */
+/**
+ * One mutant of `seed`: one operator, sometimes two or three stacked (`stack` forces the count).
+ * Operators run only on a layout reasonableLayout accepts, so their counts from region lengths
+ * (whole sectors) are whole numbers.
+ */
 export function mutate(r: Rng, seed: Uint8Array, stack?: number): Mutant {
   let img: Uint8Array = new Uint8Array(seed); // a copy (Buffer.prototype.slice would share the seed's memory)
   let extendTo = 0;
