@@ -68,10 +68,13 @@ bench: build
 	bash bench/qcow2.sh
 
 # The device against kernel loop (direct I/O) and qcow2 via qemu-nbd, fio in one guest boot
-# (or directly where this kernel has ublk). FIO_RUNTIME (default 20 s per job), BENCH_SIZE (1G).
+# (or directly where this kernel has ublk). FIO_RUNTIME (default 20 s per job), BENCH_SIZE (1G),
+# BENCH_TARGETS, BENCH_ROUNDS, BENCH_JOBS (bench/device.sh), e.g. make bench-dev KERNEL=7.3
+# BENCH_TARGETS="fvd fvd-zc loop" BENCH_ROUNDS=5 FIO_RUNTIME=10 (zero copy against copies).
 bench-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device.sh; \
-	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-20} BENCH_SIZE=$${BENCH_SIZE:-1G} bash bench/device.sh; fi
+	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 3600 -- env FIO_RUNTIME=$${FIO_RUNTIME:-20} BENCH_SIZE=$${BENCH_SIZE:-1G} \
+	  BENCH_TARGETS="$${BENCH_TARGETS:-fvd fvd-cow loop qcow2-nbd}" BENCH_ROUNDS=$${BENCH_ROUNDS:-1} BENCH_JOBS="$${BENCH_JOBS:-randread randwrite read write}" bash bench/device.sh; fi
 
 # Where a fresh copy-on-write image's request time goes: fio 4K random read/write QD16 on a fresh
 # image over a raw base, served with FVD_TRACE; per-stage summary (bench/device-trace.sh).

@@ -2,6 +2,8 @@
 # `make bench-dev` (inside a guest with ublk, or on a host that has it): fio against
 #   fvd        the FVD device, raw-like layout, image fully allocated beforehand
 #   fvd-cow    the FVD device, fresh image over a raw base (copy-on-write/read path)
+#   fvd-zc     (only when named in BENCH_TARGETS) as `fvd`, served with --zero-copy (the kernel
+#              must offer AUTO_BUF_REG: 6.16+; the target's log line says whether it got it)
 #   fvd-enc    (only when named in BENCH_TARGETS) as `fvd`, encrypted (AES-256-XTS, done by the
 #              queue workers on the fast path)
 #   fvd-cow-before  (only when named, with FVD_BEFORE=<another checkout's build/daemon/cli.js>)
@@ -90,6 +92,12 @@ for t in $TARGETS; do
       serve "$dir/full.fvd"
       fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
       run_jobs fvd "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/full.fvd* ;;
+    fvd-zc)
+      $FVD create "$dir/zc.fvd" "$SIZE" >/dev/null
+      serve "$dir/zc.fvd" --zero-copy
+      grep -o 'fast path: .*' "$dir/zc.fvd.log" | head -1
+      fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
+      run_jobs fvd-zc "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/zc.fvd* ;;
     fvd-enc)
       head -c 32 /dev/urandom > "$dir/enc.key"
       $FVD create --encrypt --key-file "$dir/enc.key" "$dir/enc.fvd" "$SIZE" >/dev/null

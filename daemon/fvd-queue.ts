@@ -20,6 +20,14 @@
  * place before writing it and decrypts a read's buffer in place before committing it, with its own
  * cipher (daemon/fast-crypt.ts), so encryption runs on the queue threads, not the main thread.
  *
+ * Zero copy (QueueWorkerData.zeroCopy, a device added with AUTO_BUF_REG and USER_COPY): the kernel
+ * copies nothing into the tag buffers. A fast-path transfer of local blocks reads or writes the
+ * image straight from the request's own pages (READ_FIXED/WRITE_FIXED on the ring, the pages in
+ * the fixed-buffer slot the kernel filled); every other request that carries data still works in
+ * the tag's buffer, which the queue loop fills from the request (a WRITE, before anything else)
+ * or copies into it (a READ, just before its commit) with user copy (daemon/ublk/queue-loop.ts).
+ * Never for encrypted images: their queue threads encrypt and decrypt in the tag buffers.
+ *
  * Per request: no allocation, no promise, no closure (the ops are methods; per-tag state lives in
  * typed arrays made at start). Only failures and engine hand-overs post a message.
  */
@@ -85,6 +93,8 @@ export interface QueueWorkerData {
   hints: CorHintShared | null;
   /** The per-request trace's buffers (FVD_TRACE, fvd/trace.ts), or null: not traced. */
   trace: TraceShared | null;
+  /** The device has AUTO_BUF_REG and USER_COPY: serve local blocks with zero copy (see above). */
+  zeroCopy: boolean;
 }
 
 /** Messages to the main thread. */
@@ -154,6 +164,11 @@ export class FvdQueue implements QueueTarget {
   private readonly tagResult: Float64Array;
   /** Guest byte offset: the XTS tweak of an encrypted image. */
   private readonly tagOffset: Float64Array;
+  /** Zero copy: 1 while tag's transfer uses the request's own pages (fixed buffer), not the tag buffer. */
+  private readonly tagFixed: Uint8Array;
+  /** Zero copy: 1 for a READ answered in the tag's buffer, copied into the request at its commit. */
+  private readonly tagCopyOut: Uint8Array;
+  private readonly zeroCopy: boolean;
   /** Per-tag zero-fill callbacks for reads that meet the end of a compact image file, made once. */
   private readonly zeroFillFrom: ((from: number) => void)[];
   /** directRoute's result, reused for every request. */
@@ -193,8 +208,10 @@ export class FvdQueue implements QueueTarget {
         eventfd: d.eventfd,
         control: new Int32Array(d.control),
         spin,
+        zeroCopy: d.zeroCopy,
         log: (message) => this.log(message),
       });
+      if (d.zeroCopy && view.encrypted) throw new Error('zero copy cannot serve an encrypted image (its queue threads encrypt in their own buffers)');
       if (view.encrypted) {
         if (!key) throw new Error('an encrypted image needs its key to be served');
         crypt = new FastCrypt(key, loop.buffers.bytes, depth, maxIo);
@@ -243,6 +260,9 @@ export class FvdQueue implements QueueTarget {
     this.tagFile = new Int32Array(depth);
     this.tagResult = new Float64Array(depth);
     this.tagOffset = new Float64Array(depth);
+    this.tagFixed = new Uint8Array(depth);
+    this.tagCopyOut = new Uint8Array(depth);
+    this.zeroCopy = d.zeroCopy;
     const tagLen = this.tagLen;
     this.zeroFillFrom = Array.from({ length: depth }, (_, tag) => (from: number) => {
       bytes.fill(0, tag * maxIo + from, tag * maxIo + tagLen[tag]!);
@@ -256,7 +276,10 @@ export class FvdQueue implements QueueTarget {
 
   /** Fetches every tag: from here on the kernel may send requests. */
   start(): void {
-    if (this.qid === 0) this.post({ type: 'info', qid: this.qid, message: `fast path: ${this.directMode} transfers` });
+    if (this.qid === 0) {
+      const how = this.zeroCopy ? `zero copy of local blocks (the request's pages on the ring), ${this.directMode} transfers otherwise` : `${this.directMode} transfers`;
+      this.post({ type: 'info', qid: this.qid, message: `fast path: ${how}` });
+    }
     this.loop.start(this);
   }
 
@@ -300,6 +323,27 @@ export class FvdQueue implements QueueTarget {
       const kind = write && iod.opFlags & UBLK_IO_F_FUA ? -1 : directRoute(view, offset, length, write, route);
       if (trace !== null)
         trace.route(tag, kind === STORED ? ROUTE_STORED : kind === ZERO ? ROUTE_ZERO : kind === BASE && this.baseFile >= 0 ? ROUTE_BASE : ROUTE_ENGINE);
+      if (this.zeroCopy) {
+        if (kind === STORED) {
+          // Local blocks: the image and the request's pages, nothing in between.
+          this.beginTransfer(tag, op, this.imageFile, route.host, length, length, offset);
+          this.tagFixed[tag] = 1;
+          this.fileIo(tag);
+          return;
+        }
+        // Everything else works in the tag's buffer: a WRITE's data goes there first; a READ's
+        // answer is copied to the request at its commit.
+        if (write) {
+          const r = this.loop.copyIn(tag, length);
+          if (r < 0) {
+            this.log(`zero copy: copying a write's data in failed: ${errnoName(r)}`);
+            this.commit(tag, -EIO);
+            return;
+          }
+        } else {
+          this.tagCopyOut[tag] = 1;
+        }
+      }
       if (kind === ZERO) {
         // A read of bytes that read as zeros (directRoute only says ZERO for reads): unmapped
         // chunks of a compact image (zero-detected blocks included), bytes past the base's end
@@ -361,7 +405,16 @@ export class FvdQueue implements QueueTarget {
     }
     if (res === 0 && tagOp[tag] === UBLK_IO_OP_READ) {
       // End of a compact image file inside a mapped chunk: the rest reads as zeros.
-      this.bytes.fill(0, tag * this.maxIo + tagDone[tag]!, tag * this.maxIo + tagLen[tag]!);
+      const from = tagDone[tag]!;
+      this.bytes.fill(0, tag * this.maxIo + from, tag * this.maxIo + tagLen[tag]!);
+      if (this.tagFixed[tag] !== 0) {
+        const r = this.loop.copyOut(tag, from, tagLen[tag]! - from);
+        if (r < 0) {
+          this.log(`zero copy: copying zeros into a read failed: ${errnoName(r)}`);
+          this.commit(tag, -EIO);
+          return;
+        }
+      }
       tagDone[tag] = tagLen[tag]!;
     } else {
       tagDone[tag]! += res;
@@ -384,6 +437,17 @@ export class FvdQueue implements QueueTarget {
   // ---- helpers ---------------------------------------------------------------------------
 
   private commit(tag: number, result: number): void {
+    this.tagFixed[tag] = 0;
+    if (this.tagCopyOut[tag] !== 0) {
+      this.tagCopyOut[tag] = 0;
+      if (result > 0) {
+        const r = this.loop.copyOut(tag, 0, result);
+        if (r < 0) {
+          this.log(`zero copy: copying a read's data out failed: ${errnoName(r)}`);
+          result = -EIO;
+        }
+      }
+    }
     if (this.trace !== null) this.trace.commit(tag);
     this.activity.end(tag, performance.now());
     this.loop.complete(tag, result);
@@ -412,6 +476,16 @@ export class FvdQueue implements QueueTarget {
     const pos = this.tagPhys[tag]! + off;
     const ring = this.loop.ring;
     const userData = encodeUserData(tag, UD_KIND_TARGET_IO);
+    if (this.tagFixed[tag] !== 0) {
+      // Zero copy: `off` is an offset in the request's pages (the slot starts at 0).
+      const bufIndex = this.loop.bufIndex(tag);
+      const fixed =
+        this.tagOp[tag] === UBLK_IO_OP_READ
+          ? ring.prepReadFixed(this.tagFile[tag]!, off, len, pos, bufIndex, userData, IOSQE_FIXED_FILE)
+          : ring.prepWriteFixed(this.tagFile[tag]!, off, len, pos, bufIndex, userData, IOSQE_FIXED_FILE);
+      if (fixed < 0) throw new Error(`queue ${this.qid}: submission queue full`);
+      return;
+    }
     const idx =
       this.tagOp[tag] === UBLK_IO_OP_READ
         ? ring.prepRead(this.tagFile[tag]!, addr, len, pos, userData, IOSQE_FIXED_FILE)

@@ -16,6 +16,8 @@ export interface InstanceConfig {
   maxIo?: string;
   copyOnRead?: boolean;
   prefetch?: boolean;
+  /** fvd serve --zero-copy. */
+  zeroCopy?: boolean;
   prefetchRate?: string;
   /** Allowed rise of the guest's mean request latency while prefetching, in percent. */
   prefetchShare?: string;
@@ -38,7 +40,7 @@ export interface InstanceConfig {
  */
 export const INSTANCE_RECOVERY_WAIT = '60';
 
-const KEYS = new Set(['IMAGE', 'DEV_ID', 'QUEUES', 'DEPTH', 'MAX_IO', 'COPY_ON_READ', 'PREFETCH', 'PREFETCH_RATE', 'PREFETCH_SHARE', 'KEY_FILE', 'GROW_CMD', 'GROW_FREE', 'METRICS_FILE', 'REMOTE_CONFIG', 'RECOVERY_WAIT']);
+const KEYS = new Set(['IMAGE', 'DEV_ID', 'QUEUES', 'DEPTH', 'MAX_IO', 'COPY_ON_READ', 'PREFETCH', 'ZERO_COPY', 'PREFETCH_RATE', 'PREFETCH_SHARE', 'KEY_FILE', 'GROW_CMD', 'GROW_FREE', 'METRICS_FILE', 'REMOTE_CONFIG', 'RECOVERY_WAIT']);
 const YES_NO = /^(yes|no|true|false|1|0)$/i;
 
 export function readInstanceConfig(name: string): InstanceConfig {
@@ -79,10 +81,12 @@ export function readInstanceConfig(name: string): InstanceConfig {
         config.maxIo = value;
         break;
       case 'COPY_ON_READ':
-      case 'PREFETCH': {
+      case 'PREFETCH':
+      case 'ZERO_COPY': {
         if (!YES_NO.test(value)) throw new UsageError(`${file}:${i + 1}: ${key} must be yes or no`);
         const on = /^(yes|true|1)$/i.test(value);
         if (key === 'PREFETCH') config.prefetch = on;
+        else if (key === 'ZERO_COPY') config.zeroCopy = on;
         else config.copyOnRead = on;
         break;
       }

@@ -21,7 +21,7 @@ import { libc, EFD_CLOEXEC } from '../ffi/libc.js';
 import { syscalls } from '../ffi/syscalls.js';
 import { errnoName } from '../ffi/uring.js';
 import { UblkCommandError, UblkControl } from './ublk/control.js';
-import { describeFeatures } from './ublk/features.js';
+import { ZERO_COPY_FLAGS, describeFeatures, hasZeroCopy } from './ublk/features.js';
 import {
   FVD_SERVER_TAG,
   UBLK_ATTR_FUA,
@@ -80,6 +80,13 @@ export interface ServeOptions {
   recoveryWait?: number;
   /** Per-request trace file (fvd/trace.ts, daemon/trace-file.ts); default $FVD_TRACE, none if unset. */
   traceFile?: string;
+  /**
+   * Ask for zero copy (UBLK_F_AUTO_BUF_REG + USER_COPY, 6.16+) for a new device: local blocks are
+   * read and written straight from the request's pages. Where the kernel lacks it or the image is
+   * encrypted, one line says so and the device is served with copies. A recovered device keeps
+   * what it was added with, whatever this says.
+   */
+  zeroCopy?: boolean;
 }
 
 export type { ServerStats } from './engine-requests.js';
@@ -226,6 +233,8 @@ export class UblkServer {
     this.deviceSize = deviceBytes;
     opts.log(`recovering device ${id} (previous server pid ${own.state.pid})`);
     const t0 = Date.now();
+    // Before the workers: they serve the device as it was added (zero copy or not).
+    this.deviceFlags = own.info.flags;
     this.spawnWorkers(id);
     const how = await startRecoveryRetrying(ctl, id);
     if (how === 'started') {
@@ -240,7 +249,6 @@ export class UblkServer {
     if (pauseMs > 0) await new Promise((r) => setTimeout(r, pauseMs));
     this.devId = id;
     this.devicePath = `/dev/ublkb${id}`;
-    this.deviceFlags = own.info.flags;
     opts.log(describeFeatures(os.release(), ctl.features, own.info.flags));
     const t1 = Date.now();
     if (how === 'continue') await this.continueRecovery(id);
@@ -370,7 +378,7 @@ export class UblkServer {
         devId: opts.devId,
         ublksrvPid: process.pid,
         // UPDATE_SIZE where the kernel has it: `fvd resize` may grow the device while served.
-        flags: addDevFlags(recovery, ctl.features) | ((ctl.features ?? 0n) & UBLK_F_UPDATE_SIZE),
+        flags: addDevFlags(recovery, ctl.features) | ((ctl.features ?? 0n) & UBLK_F_UPDATE_SIZE) | this.zeroCopyFlags(),
         ublksrvFlags: recovery ? serverFlagsFor(this.fileId) : FVD_SERVER_TAG,
       })
       .catch((err) => {
@@ -404,6 +412,21 @@ export class UblkServer {
     this.started = true;
     await waitForPath(this.devicePath, 10_000);
     this.writeDeviceState(0);
+  }
+
+  /** The flags `--zero-copy` adds at ADD_DEV, or none, with one line saying why not. */
+  private zeroCopyFlags(): bigint {
+    const { opts, image, ctl } = this;
+    if (!opts.zeroCopy) return 0n;
+    if (image.encrypted) {
+      opts.log('zero copy: not for an encrypted image (its queue threads encrypt and decrypt in their own buffers); serving with copies');
+      return 0n;
+    }
+    if (!hasZeroCopy(ctl.features)) {
+      opts.log(`zero copy: this kernel (${os.release()}) lacks UBLK_F_AUTO_BUF_REG (Linux 6.16+) or USER_COPY; serving with copies`);
+      return 0n;
+    }
+    return ZERO_COPY_FLAGS;
   }
 
   /** The run-time record as written at start, for refreshing its remote figures. */
@@ -451,6 +474,7 @@ export class UblkServer {
         basePath,
         hints,
         trace: traceShared,
+        zeroCopy: hasZeroCopy(this.deviceFlags),
       };
       const worker = new Worker(workerUrl, { workerData: data });
       const wipeKey = () => data.key && new Uint8Array(data.key).fill(0);

@@ -70,6 +70,7 @@ export async function runService(opts: ServiceOptions): Promise<number> {
     depth: opts.depth,
     maxIo: opts.maxIo,
     copyOnRead: opts.copyOnRead,
+    zeroCopy: opts.zeroCopy,
     key: opts.key,
     log: opts.log,
     recoveryWait: opts.recoveryWait,

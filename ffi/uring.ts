@@ -58,6 +58,9 @@ export const IORING_SETUP_DEFER_TASKRUN = 1 << 13;
 const UNSUPPORTED_SETUP_FLAGS = IORING_SETUP_IOPOLL | IORING_SETUP_SQPOLL | (1 << 14) | (1 << 15) | (1 << 16);
 
 export const IORING_OP_NOP = 0;
+/** Read into / write from a registered (fixed) buffer: sqe->buf_index names it, addr is within it. */
+export const IORING_OP_READ_FIXED = 4;
+export const IORING_OP_WRITE_FIXED = 5;
 export const IORING_OP_FSYNC = 3;
 export const IORING_OP_TIMEOUT = 11;
 export const IORING_OP_FALLOCATE = 17;
@@ -82,6 +85,10 @@ export const IORING_FEAT_NODROP = 1 << 1;
 export const IORING_REGISTER_FILES = 2;
 export const IORING_UNREGISTER_FILES = 3;
 export const IORING_REGISTER_EVENTFD = 4;
+/** struct io_uring_rsrc_register (32 bytes) as the argument, its size as nr_args (5.13+). */
+export const IORING_REGISTER_BUFFERS2 = 15;
+/** io_uring_rsrc_register.flags: a table of empty slots, filled later (here: by ublk, 6.16+). */
+export const IORING_RSRC_REGISTER_SPARSE = 1 << 0;
 export const IORING_UNREGISTER_EVENTFD = 5;
 
 const IORING_OFF_SQ_RING = 0;
@@ -261,7 +268,7 @@ export class IoUring {
    * the SQ is full (submit first). Every field is written, so no stale bytes from the previous
    * use of the slot leak into this operation.
    */
-  private fill(op: number, sqeFlags: number, fd: number, off: number, addr: number, len: number, opFlags: number, userData: number): number {
+  private fill(op: number, sqeFlags: number, fd: number, off: number, addr: number, len: number, opFlags: number, userData: number, bufIndex = 0): number {
     let tail = this.sqTail;
     if (((tail - this.sqHead) >>> 0) >= this.sqEntries) {
       this.sqHead = Atomics.load(this.sq32, this.sqHeadIdx);
@@ -281,7 +288,7 @@ export class IoUring {
     w[b + 7] = opFlags;
     w[b + 8] = userData >>> 0;
     w[b + 9] = (userData - (userData >>> 0)) / TWO32;
-    w[b + 10] = 0; // buf_index, personality
+    w[b + 10] = bufIndex; // buf_index (u16), personality 0
     w[b + 11] = 0; // file_index / splice_fd_in
     w[b + 12] = 0; // addr3 / cmd
     w[b + 13] = 0;
@@ -313,6 +320,19 @@ export class IoUring {
     return this.fill(IORING_OP_WRITE, sqeFlags, fd, offset, Number(addr), len, 0, userData);
   }
 
+  /**
+   * READ_FIXED / WRITE_FIXED: like prepRead/prepWrite, with the memory the registered buffer
+   * `bufIndex` and `addr` an address inside it. For a buffer the kernel registered itself (ublk's
+   * AUTO_BUF_REG: a request's pages) the buffer starts at 0, so `addr` is the offset in it.
+   */
+  prepReadFixed(fd: number, addr: number, len: number, offset: number, bufIndex: number, userData: number, sqeFlags = 0): number {
+    return this.fill(IORING_OP_READ_FIXED, sqeFlags, fd, offset, addr, len, 0, userData, bufIndex);
+  }
+
+  prepWriteFixed(fd: number, addr: number, len: number, offset: number, bufIndex: number, userData: number, sqeFlags = 0): number {
+    return this.fill(IORING_OP_WRITE_FIXED, sqeFlags, fd, offset, addr, len, 0, userData, bufIndex);
+  }
+
   /** fsync, or fdatasync when `datasync`. */
   prepFsync(fd: number, datasync: boolean, userData: number, sqeFlags = 0): number {
     return this.fill(IORING_OP_FSYNC, sqeFlags, fd, 0, 0, 0, datasync ? IORING_FSYNC_DATASYNC : 0, userData);
@@ -328,10 +348,10 @@ export class IoUring {
    * on an SQE128 ring) is copied in; pass null and write the payload yourself through
    * `sqeView` at `cmdOffset(index)` to avoid even that copy. The payload area is zeroed first.
    */
-  prepUringCmd(fd: number, cmdOp: number, payload: Uint8Array | null, userData: number, sqeFlags = 0): number {
+  prepUringCmd(fd: number, cmdOp: number, payload: Uint8Array | null, userData: number, sqeFlags = 0, sqeAddr = 0): number {
     const room = this.sqeSize - SQE_CMD_OFFSET;
     if (payload !== null && payload.length > room) return -EINVAL;
-    const index = this.fill(IORING_OP_URING_CMD, sqeFlags, fd, cmdOp >>> 0, 0, 0, 0, userData);
+    const index = this.fill(IORING_OP_URING_CMD, sqeFlags, fd, cmdOp >>> 0, sqeAddr, 0, 0, userData);
     if (index < 0) return index;
     if (this.sqeWords > 16) this.sqe32.fill(0, index * this.sqeWords + 16, (index + 1) * this.sqeWords);
     if (payload !== null) this.sqeBytes.set(payload, index * this.sqeSize + SQE_CMD_OFFSET);
@@ -486,6 +506,18 @@ export class IoUring {
 
   unregisterFiles(): number {
     return this.register(IORING_UNREGISTER_FILES, null, 0);
+  }
+
+  /**
+   * IORING_REGISTER_BUFFERS2 with IORING_RSRC_REGISTER_SPARSE: a fixed-buffer table of `n` empty
+   * slots, for buffers the kernel registers itself. 0 or -errno.
+   */
+  registerSparseBuffers(n: number): number {
+    if (this.fd < 0) return -EBADF;
+    const arg = new BigUint64Array(4); // nr | flags << 32, resv2, data, tags
+    arg[0] = BigInt(n) | (BigInt(IORING_RSRC_REGISTER_SPARSE) << 32n);
+    const ret = this.sys.syscall6(SYS_io_uring_register, this.fd, IORING_REGISTER_BUFFERS2, Number(this.sys.koffi.address(arg)), 32, 0, 0);
+    return ret < 0 ? -this.sys.errno() : ret;
   }
 
   /** IORING_REGISTER_EVENTFD: the eventfd is signalled on each CQE (to wake a libuv-side reader). */

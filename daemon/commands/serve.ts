@@ -1,7 +1,7 @@
 /**
  * fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read]
  *           [--no-prefetch] [--prefetch-rate SIZE] [--prefetch-share PERCENT] [--key-file PATH|-]
- *           [--recovery-wait SEC] [--takeover]
+ *           [--recovery-wait SEC] [--takeover] [--zero-copy]
  * Prints the device path once it is usable; SIGTERM/SIGINT stop the device, drain in-flight I/O,
  * close the image cleanly, delete the device and exit 0. Under systemd (Type=notify) it reports
  * READY=1 only then, STATUS= with figures, STOPPING=1, and WATCHDOG=1 pings when asked.
@@ -44,6 +44,11 @@ export const spec = defineCommand({
     'grow-free': { type: 'string', default: '64M', arg: 'SIZE', help: 'with --grow-cmd: grow when less than this is left past the last chunk' },
     'remote-config': { type: 'string', arg: 'FILE', help: 'settings and credentials of a remote base (default /etc/fvd/remote.conf)' },
     'recovery-wait': { type: 'string', default: '0', arg: 'SEC', help: 'keep the device when this server dies (ublk user recovery): the next serve of the image takes it over; 0 = the device dies with the server' },
+    'zero-copy': {
+      type: 'boolean',
+      default: false,
+      help: 'serve local blocks straight from the requests\' pages (ublk AUTO_BUF_REG, Linux 6.16+; not for encrypted images); off by default: measure it first (README)',
+    },
     takeover: {
       type: 'boolean',
       default: false,
@@ -69,6 +74,7 @@ export async function run(args: string[]): Promise<number> {
     if (conf.maxIo !== undefined) values['max-io'] = conf.maxIo;
     if (conf.copyOnRead === false) values['no-copy-on-read'] = true;
     if (conf.prefetch === false) values['no-prefetch'] = true;
+    if (conf.zeroCopy === true) values['zero-copy'] = true;
     if (conf.prefetchRate !== undefined) values['prefetch-rate'] = conf.prefetchRate;
     if (conf.prefetchShare !== undefined) values['prefetch-share'] = conf.prefetchShare;
     if (conf.keyFile !== undefined) values['key-file'] ??= conf.keyFile;
@@ -112,6 +118,7 @@ export async function run(args: string[]): Promise<number> {
     depth: parseInteger(values.depth!, 'queue depth', 1, 4096),
     maxIo,
     copyOnRead: !values['no-copy-on-read'],
+    zeroCopy: values['zero-copy'],
     key,
     log,
     prefetch: !values['no-prefetch'],

@@ -139,6 +139,33 @@ export function encodeIoCmd(out: DataView, at: number, qid: number, tag: number,
   out.setUint32(at + 12, Math.floor(addr / 0x100000000), true);
 }
 
+// ---- zero copy (AUTO_BUF_REG) and user copy ----------------------------------------------
+
+/**
+ * UBLK_F_AUTO_BUF_REG (6.16): FETCH_REQ and COMMIT_AND_FETCH_REQ carry struct ublk_auto_buf_reg in
+ * the SQE's own addr field (not in ublksrv_io_cmd, whose addr must then be 0): bits 0–15 the slot
+ * of the ring's fixed-buffer table where the kernel puts the pages of the tag's next request before
+ * delivering it (the next commit takes them out again), bits 16–23 flags (0: a failed registration
+ * fails the request; UBLK_AUTO_BUF_REG_FALLBACK, not used here, would deliver it unregistered),
+ * bits 24–63 reserved, 0. Only requests that carry data (READ, WRITE) are registered.
+ */
+export function autoBufRegSqeAddr(bufIndex: number): number {
+  return bufIndex & 0xffff;
+}
+
+/** UBLK_F_USER_COPY: /dev/ublkcN offsets of a request's data (ublk_cmd.h). */
+const UBLKSRV_IO_BUF_OFFSET = 0x80000000;
+const UBLK_TAG_OFF = 25; // 16 bits of tag
+const UBLK_QID_OFF = 41; // 12 bits of queue
+/**
+ * Where pread/pwrite of /dev/ublkcN reach byte `offset` of the data of request (qid, tag) while the
+ * server holds it: pread copies a WRITE's data out, pwrite fills a READ (the other direction is
+ * EACCES). Below 2^53, a plain number.
+ */
+export function userCopyPosition(qid: number, tag: number, offset: number): number {
+  return UBLKSRV_IO_BUF_OFFSET + qid * 2 ** UBLK_QID_OFF + tag * 2 ** UBLK_TAG_OFF + offset;
+}
+
 export interface DevInfo {
   nrHwQueues: number;
   queueDepth: number;

@@ -87,3 +87,15 @@ export function describeFeatures(kernelRelease: string, offered: bigint | null, 
   const kernel = offered === null ? 'unknown (no GET_FEATURES: Linux < 6.5)' : hexAndNames(offered);
   return `ublk on Linux ${kernelRelease}: kernel features ${kernel}; this device uses ${hexAndNames(used)}`;
 }
+
+/**
+ * What zero copy asks of a device: the kernel puts each request's pages in the queue ring's
+ * fixed-buffer table (AUTO_BUF_REG, 6.16+) and the server can still reach a request's bytes when
+ * it must see them (USER_COPY: pread/pwrite of /dev/ublkcN).
+ */
+export const ZERO_COPY_FLAGS = UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY;
+
+/** True when `flags` (offered features, or a device's flags) hold both zero-copy bits. */
+export function hasZeroCopy(flags: bigint | null): boolean {
+  return flags !== null && (flags & ZERO_COPY_FLAGS) === ZERO_COPY_FLAGS;
+}

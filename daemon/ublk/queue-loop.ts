@@ -34,7 +34,9 @@ import {
   UBLK_QUEUE_DESC_STRIDE,
   UBLK_U_IO_COMMIT_AND_FETCH_REQ,
   UBLK_U_IO_FETCH_REQ,
+  autoBufRegSqeAddr,
   encodeIoCmd,
+  userCopyPosition,
 } from './abi.js';
 
 // ---- user_data layout ----------------------------------------------------------------------
@@ -134,6 +136,13 @@ export interface QueueLoopOptions {
   control: Int32Array;
   /** Polls of the ring's flags before blocking in io_uring_enter (0: block at once). */
   spin: number;
+  /**
+   * The device was added with UBLK_F_AUTO_BUF_REG and UBLK_F_USER_COPY (zero copy): the kernel
+   * copies nothing into or out of the tag buffers. Each request's pages are in the ring's
+   * fixed-buffer slot bufIndex(tag) while the target holds it (for READ_FIXED/WRITE_FIXED), and
+   * copyIn/copyOut move them to and from the tag's buffer when the target needs the bytes.
+   */
+  zeroCopy: boolean;
   /** Something went wrong that the owner should count and report (one call per failure). */
   log(message: string): void;
 }
@@ -145,6 +154,9 @@ const TIMESPEC_AT = 64;
 export const TRIM_KEEP_BYTES = 64 * 1024;
 /** How long a tag must have been idle before the part of its buffer above TRIM_KEEP_BYTES goes. */
 export const TRIM_IDLE_MS = 5000;
+const SYS_pread64 = 17;
+const SYS_pwrite64 = 18;
+const EIO = -5;
 const EINTR = -4;
 const EAGAIN = -11;
 const EBUSY = -16;
@@ -160,6 +172,7 @@ export class QueueLoop {
   readonly buffers: PinnedBuffer;
   /** Address of the request buffers (for the ring's I/O and the owner's other threads). */
   readonly bufferAddress: number;
+  readonly zeroCopy: boolean;
   private readonly opts: QueueLoopOptions;
   private readonly descPtr: bigint;
   private readonly descLen: number;
@@ -209,6 +222,11 @@ export class QueueLoop {
       eventBuf = allocPinned(PAGE);
       const reg = ring.registerFiles([opts.cdevFd, ...opts.targetFiles]);
       if (reg < 0) throw new Error(`io_uring register files: ${errnoName(reg)}`);
+      if (opts.zeroCopy) {
+        // One empty slot per tag, where the kernel puts that tag's request pages (bufIndex).
+        const regBuf = ring.registerSparseBuffers(depth);
+        if (regBuf < 0) throw new Error(`io_uring register ${depth} sparse buffers (zero copy): ${errnoName(regBuf)}`);
+      }
       // Not populated: pages are faulted in as requests use them (the kernel's copy of write
       // data, our reads into them) instead of depth × maxIo resident from the start, and
       // trimIdleBuffers gives the large ones back.
@@ -221,6 +239,7 @@ export class QueueLoop {
       throw err;
     }
     this.ring = ring;
+    this.zeroCopy = opts.zeroCopy;
     this.buffers = buffers;
     this.bufferAddress = buffers.address;
     this.eventBuf = eventBuf;
@@ -233,6 +252,34 @@ export class QueueLoop {
   /** The fixed-file index of targetFiles[i], for the target's SQEs (with IOSQE_FIXED_FILE). */
   targetFile(i: number): number {
     return 1 + i;
+  }
+
+  /** Zero copy: the fixed-buffer slot holding the pages of tag's request while the target holds it. */
+  bufIndex(tag: number): number {
+    return tag;
+  }
+
+  /**
+   * Zero copy: the first `length` bytes of the data of tag's WRITE (held by the target) into the
+   * tag's buffer, with one pread of /dev/ublkcN (user copy) — the copy the kernel makes itself on
+   * other devices. Returns `length`, or -errno (a short copy is -EIO).
+   */
+  copyIn(tag: number, length: number): number {
+    const { sys, cdevFd } = this.opts;
+    const r = sys.syscall6(SYS_pread64, cdevFd, this.bufferAddress + tag * this.maxIo, length, userCopyPosition(this.qid, tag, 0), 0, 0);
+    if (r < 0) return -sys.errno();
+    return r === length ? r : EIO;
+  }
+
+  /**
+   * Zero copy: bytes [from, from + length) of the tag's buffer into the same bytes of tag's READ
+   * (held by the target), with one pwrite of /dev/ublkcN, before its commit. `length` or -errno.
+   */
+  copyOut(tag: number, from: number, length: number): number {
+    const { sys, cdevFd } = this.opts;
+    const r = sys.syscall6(SYS_pwrite64, cdevFd, this.bufferAddress + tag * this.maxIo + from, length, userCopyPosition(this.qid, tag, from), 0, 0);
+    if (r < 0) return -sys.errno();
+    return r === length ? r : EIO;
   }
 
   /**
@@ -360,9 +407,11 @@ export class QueueLoop {
 
   private ublkCmd(op: number, tag: number, result: number): void {
     const ring = this.ring;
-    const idx = ring.prepUringCmd(0, op, null, encodeUserData(tag, UD_KIND_UBLK_CMD), IOSQE_FIXED_FILE);
+    // Zero copy: the slot for the tag's next request in the SQE, no buffer address in the command.
+    const zc = this.zeroCopy;
+    const idx = ring.prepUringCmd(0, op, null, encodeUserData(tag, UD_KIND_UBLK_CMD), IOSQE_FIXED_FILE, zc ? autoBufRegSqeAddr(this.bufIndex(tag)) : 0);
     if (idx < 0) throw new Error(`queue ${this.qid}: submission queue full`);
-    encodeIoCmd(this.sqe, ring.cmdOffset(idx), this.qid, tag, result, this.bufferAddress + tag * this.maxIo);
+    encodeIoCmd(this.sqe, ring.cmdOffset(idx), this.qid, tag, result, zc ? 0 : this.bufferAddress + tag * this.maxIo);
   }
 
   private armEvent(): void {

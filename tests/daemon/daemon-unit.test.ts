@@ -413,6 +413,10 @@ test('instance config: defaults, keys, errors', () => {
     assert.equal(readInstanceConfig('vm2'), { image: '/images/vm2.fvd', queues: '4', copyOnRead: false, devId: '3' });
     fs.writeFileSync(path.join(dir, 'pf.conf'), 'PREFETCH=yes\nPREFETCH_RATE=50M\nPREFETCH_SHARE=5\n');
     assert.equal(readInstanceConfig('pf'), { image: '/var/lib/fvd/pf.fvd', prefetch: true, prefetchRate: '50M', prefetchShare: '5' });
+    fs.writeFileSync(path.join(dir, 'zc.conf'), 'ZERO_COPY=yes\n');
+    assert.equal(readInstanceConfig('zc'), { image: '/var/lib/fvd/zc.fvd', zeroCopy: true });
+    fs.writeFileSync(path.join(dir, 'zc2.conf'), 'ZERO_COPY=maybe\n');
+    assert.throws(() => readInstanceConfig('zc2'), /zc2\.conf:1: ZERO_COPY must be yes or no/);
     fs.writeFileSync(path.join(dir, 'enc.conf'), 'IMAGE=enc.fvd\nKEY_FILE=keys/enc.key\n');
     assert.equal(readInstanceConfig('enc'), { image: path.join(dir, 'enc.fvd'), keyFile: path.join(dir, 'keys/enc.key') });
     fs.writeFileSync(path.join(dir, 'enc2.conf'), 'KEY_FILE=\n');

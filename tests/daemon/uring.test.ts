@@ -14,6 +14,8 @@ import {
   SQE_CMD_OFFSET,
 } from '../../ffi/uring.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE } from '../../ffi/libc.js';
+import { SYS_io_uring_register, syscalls } from '../../ffi/syscalls.js';
+import { autoBufRegSqeAddr, userCopyPosition } from '../../daemon/ublk/abi.js';
 import { UringFileDriver, UringIoBackend } from '../../storage/uring-file.js';
 
 const tmpDir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-uring-'));
@@ -269,6 +271,65 @@ test('SQE128 ring: URING_CMD opcode, cmd_op and a 32-byte payload land at the ri
     assert.is(v.getUint8(o + 0), IORING_OP_URING_CMD);
   } finally {
     ring.close();
+  }
+});
+
+test('zero copy: URING_CMD carries the auto-registration slot in the SQE addr; user-copy offsets as ublk_cmd.h', () => {
+  const ring = new IoUring({ entries: 4, flags: IORING_SETUP_SQE128 });
+  try {
+    const idx = ring.prepUringCmd(0, 0xc0107521, null, 3, IOSQE_FIXED_FILE, autoBufRegSqeAddr(77));
+    const o = ring.sqeOffset(idx);
+    // struct ublk_auto_buf_reg in sqe->addr: index in bits 0-15, flags and reserved 0.
+    assert.is(ring.sqeView.getBigUint64(o + 16, true), 77n, 'sqe->addr = the slot');
+    const plain = ring.prepUringCmd(0, 0xc0107521, null, 4, IOSQE_FIXED_FILE);
+    assert.is(ring.sqeView.getBigUint64(ring.sqeOffset(plain) + 16, true), 0n, 'no slot: addr 0');
+  } finally {
+    ring.close();
+  }
+  // UBLKSRV_IO_BUF_OFFSET 0x80000000 + qid << 41 + tag << 25 + offset.
+  assert.is(userCopyPosition(0, 0, 0), 0x80000000);
+  assert.is(BigInt(userCopyPosition(3, 127, 4096)), 0x80000000n + (3n << 41n) + (127n << 25n) + 4096n);
+});
+
+test('sparse fixed-buffer table: READ_FIXED/WRITE_FIXED go through the slot named by buf_index; an empty slot faults', () => {
+  const sys = syscalls()!;
+  const file = tmpFile();
+  fs.writeFileSync(file, Buffer.alloc(8192));
+  const fd = fs.openSync(file, 'r+');
+  const ring = new IoUring({ entries: 8 });
+  const buf = allocPinned(8192);
+  try {
+    assert.is(ring.registerSparseBuffers(4), 0);
+    // Fill slot 2 with our buffer (IORING_REGISTER_BUFFERS_UPDATE, as the kernel fills a slot for
+    // ublk's AUTO_BUF_REG): struct io_uring_rsrc_update2 { offset, resv, data, tags, nr, resv2 }.
+    const iov = new BigUint64Array([BigInt(buf.address), 8192n]);
+    const upd = new BigUint64Array(4);
+    upd[0] = 2n; // offset = slot 2
+    upd[1] = sys.koffi.address(iov);
+    upd[3] = 1n; // nr
+    const r = sys.syscall6(SYS_io_uring_register, ring.fd, 16 /* IORING_REGISTER_BUFFERS_UPDATE */, Number(sys.koffi.address(upd)), 32, 0, 0);
+    assert.is(r, 1, `buffers update: ${r < 0 ? sys.errno() : r}`);
+    buf.bytes.fill(0x42, 4096, 8192);
+    assert.ok(ring.prepWriteFixed(fd, buf.address + 4096, 4096, 0, 2, 1) >= 0);
+    assert.is(ring.submit(1), 1);
+    const c = new Cqes();
+    ring.reap(c.handler);
+    assert.equal(c.res, [4096]);
+    assert.ok(fs.readFileSync(file).subarray(0, 4096).every((b) => b === 0x42), 'the file holds the slot\'s bytes');
+    fs.writeSync(fd, Buffer.alloc(4096, 0x17), 0, 4096, 4096);
+    assert.ok(ring.prepReadFixed(fd, buf.address, 4096, 4096, 2, 2) >= 0);
+    assert.ok(ring.prepReadFixed(fd, buf.address, 4096, 0, 1, 3) >= 0); // slot 1: empty
+    assert.is(ring.submit(2), 2);
+    const d = new Cqes();
+    ring.reap(d.handler);
+    const byUd = new Map(d.ud.map((u, i) => [u, d.res[i]]));
+    assert.is(byUd.get(2), 4096);
+    assert.ok(buf.bytes.subarray(0, 4096).every((b) => b === 0x17), 'read into the slot\'s memory');
+    assert.ok((byUd.get(3) ?? 0) < 0, `an empty slot fails (got ${byUd.get(3)})`);
+  } finally {
+    buf.free();
+    ring.close();
+    fs.closeSync(fd);
   }
 });
 

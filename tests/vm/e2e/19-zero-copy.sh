@@ -1,0 +1,149 @@
+# tests/vm/e2e/19-zero-copy.sh — sourced by tests/vm/e2e.sh (with lib.sh), runs `scenario` in $D.
+# title: serve --zero-copy (ublk AUTO_BUF_REG + USER_COPY): every route, fio verify, recovery keeps it
+# timeout: 900
+#
+# Where the kernel offers AUTO_BUF_REG and USER_COPY (6.16+): an FVD image over a 64 MiB raw base
+# served with --zero-copy --queues 2 --no-prefetch (base blocks stay in the base until touched). The device's flags (the features line) hold both bits and the
+# log says the fast path is zero copy. Each route once: base bytes read through the queue thread
+# (copied into the request by user copy), a 4 KiB write into a base block (copy-on-write: the
+# engine gets the data by user copy), the same bytes read back and rewritten in place (local: the
+# image straight from and to the request's pages). Then fio randwrite + verify (crc32c, 4k–128k,
+# iodepth 32, 2 jobs, O_DIRECT) over the whole device. The differential: the device's sha256 under
+# zero copy equals its sha256 served again with copies, and fvd check is clean. A compact image:
+# unwritten chunks read as zeros, also right after a written 1 MiB in the same dd buffer. An encrypted image with --zero-copy: one line
+# saying zero copy is not for encrypted images, and the device works with copies. Recovery: served
+# with --zero-copy --recovery-wait 60, SIGKILLed, a serve without --zero-copy takes the same device
+# over and serves it as it was added (zero copy), the data reads back.
+# Without the two features (6.12): one line saying what the kernel lacks, the device has neither
+# bit and works; the rest is a skip.
+
+# device_flags: the "this device uses 0xHEX" mask of the current serve's features line.
+device_flags() {
+    sed -n 's/.*this device uses \(0x[0-9a-f]*\).*/\1/p' "$SERVE_LOG" | tail -n 1
+}
+# offered_flags: the "kernel features 0xHEX" mask of the current serve's features line.
+offered_flags() {
+    sed -n 's/.*kernel features \(0x[0-9a-f]*\).*/\1/p' "$SERVE_LOG" | tail -n 1
+}
+# has_zero_copy MASK: AUTO_BUF_REG (bit 11) and USER_COPY (bit 7) both set.
+has_zero_copy() {
+    local m=$(($1))
+    (((m >> 11) & 1 && (m >> 7) & 1))
+}
+# dev_sha: sha256 of the whole device (O_DIRECT).
+dev_sha() {
+    t dd if="$SERVE_DEV" iflag=direct bs=1M status=none | sha256sum | cut -d' ' -f1
+}
+
+# zero_copy_refused: the serve just started asked for zero copy on a kernel without it.
+zero_copy_refused() {
+    local M=$((1024 * 1024))
+    if grep -q 'zero copy: this kernel .* lacks UBLK_F_AUTO_BUF_REG (Linux 6.16+) or USER_COPY; serving with copies' "$SERVE_LOG"; then
+        ok "one line: the kernel lacks AUTO_BUF_REG, served with copies"
+    else not_ok "no line saying the kernel lacks zero copy" "$(cat "$SERVE_LOG")"; fi
+    expect "the device has no AUTO_BUF_REG bit" "$((($(device_flags) >> 11) & 1))" 0 "$(cat "$SERVE_LOG")"
+    write_dev "$SERVE_DEV" $((3 * M)) 5a.bin
+    check_dev_equals "the device reads back what was written" "$SERVE_DEV" $((3 * M)) 5a.bin
+    check_dev_equals "base bytes read through the device" "$SERVE_DEV" $((8 * M)) base8.bin
+    serve_stop "zero copy refused"
+    skip "zero copy on the device: this kernel offers $(offered_flags) without AUTO_BUF_REG + USER_COPY"
+}
+
+# zero_copy_routes: the served z.fvd (zero copy) on each route, then fio verify and the differential.
+zero_copy_routes() {
+    local M=$((1024 * 1024)) rc sum_zc sum_copy
+    expect "the log says the fast path is zero copy" "$(grep -c 'fast path: zero copy of local blocks' "$SERVE_LOG" || true)" 1 "$(cat "$SERVE_LOG")"
+    check_dev_equals "base bytes, read on the queue thread and copied into the request" "$SERVE_DEV" $((8 * M)) base8.bin
+    write_dev "$SERVE_DEV" $((20 * M + 8192)) 4k.bin
+    check_dev_equals "a 4 KiB copy-on-write into a base block (the engine's data by user copy) reads back" "$SERVE_DEV" $((20 * M + 8192)) 4k.bin
+    dd if=base.raw of=around.bin bs=4096 skip=$((20 * 256)) count=2 status=none
+    check_dev_equals "the rest of that block kept the base's bytes" "$SERVE_DEV" $((20 * M)) around.bin
+    write_dev "$SERVE_DEV" $((3 * M)) 5a.bin
+    write_dev "$SERVE_DEV" $((3 * M)) 5a.bin # now local: written in place from the request's pages
+    check_dev_equals "1 MiB written twice reads back (local: read into the request's pages)" "$SERVE_DEV" $((3 * M)) 5a.bin
+    local job=(--name=zc-verify --filename="$SERVE_DEV" --ioengine=libaio --direct=1 --iodepth=32
+        --numjobs=2 --size=32M --offset_increment=32M --rw=randwrite --bsrange=4k-128k
+        --randrepeat=1 --verify=crc32c --verify_fatal=1 --group_reporting)
+    rc=0; t fio "${job[@]}" > zc-fio.log 2>&1 || rc=$?
+    if [[ $rc == 0 ]] && grep -q 'err= 0' zc-fio.log && ! grep -qiE 'verify: bad|bad magic|verify failed|io_u error|fio: pid=' zc-fio.log; then
+        ok "fio randwrite + verify under zero copy (crc32c, 2 jobs × 32 MiB, 4k–128k, iodepth 32)"
+    else not_ok "fio under zero copy (exit $rc)" "$(tail -n 40 zc-fio.log)"; fi
+    sum_zc=$(dev_sha)
+    serve_stop "zero copy"
+    check "fvd check z.fvd clean after zero copy" fvd check z.fvd
+    serve_must z.fvd
+    expect "served again without --zero-copy: no AUTO_BUF_REG" "$((($(device_flags) >> 11) & 1))" 0 "$(cat "$SERVE_LOG")"
+    sum_copy=$(dev_sha)
+    expect "the device's sha256 under zero copy equals its sha256 served with copies" "$sum_zc" "$sum_copy"
+    serve_stop "copies"
+}
+
+compact_round() {
+    local M=$((1024 * 1024))
+    must "fvd create --layout compact c.fvd 64M" fvd create --layout compact c.fvd 64M
+    serve_must c.fvd --zero-copy
+    expect "compact: the device has AUTO_BUF_REG" "$((($(device_flags) >> 11) & 1))" 1 "$(cat "$SERVE_LOG")"
+    check_dev_equals "compact: unwritten chunks read as zeros (copied into the request)" "$SERVE_DEV" $((16 * M)) zero.bin
+    write_dev "$SERVE_DEV" $((5 * M)) 5a.bin
+    # One dd buffer for both 1 MiB blocks: zeros that never reached the request would leave the
+    # first block's 0x5a bytes in the second.
+    cat 5a.bin <(head -c $M /dev/zero) > 5a-then-zero.bin
+    check_dev_equals "compact: a write, then unwritten chunks, read back in one dd" "$SERVE_DEV" $((5 * M)) 5a-then-zero.bin
+    serve_stop "compact, zero copy"
+    check "fvd check c.fvd clean" fvd check c.fvd
+}
+
+encrypted_round() {
+    local M=$((1024 * 1024))
+    (umask 077; printf 'zero copy passphrase\n' > "$D/e.key")
+    must "fvd create --encrypt e.fvd 16M" fvd create --encrypt --key-file "$D/e.key" e.fvd 16M
+    serve_must e.fvd --key-file "$D/e.key" --zero-copy
+    expect "encrypted: one line, zero copy is not for encrypted images" \
+        "$(grep -c 'zero copy: not for an encrypted image' "$SERVE_LOG" || true)" 1 "$(cat "$SERVE_LOG")"
+    expect "encrypted: the device has no AUTO_BUF_REG bit" "$((($(device_flags) >> 11) & 1))" 0 "$(cat "$SERVE_LOG")"
+    write_dev "$SERVE_DEV" $((2 * M)) 5a.bin
+    check_dev_equals "encrypted: a write reads back (with copies)" "$SERVE_DEV" $((2 * M)) 5a.bin
+    serve_stop "encrypted"
+}
+
+recovery_round() {
+    local M=$((1024 * 1024)) dev dead
+    # A fresh image over the base (fio overwrote all of z.fvd's).
+    must "fvd create -b base.raw -F raw r.fvd" fvd create -b base.raw -F raw r.fvd
+    serve_must r.fvd --zero-copy --recovery-wait 60 --no-prefetch
+    dev=$SERVE_DEV dead=$SERVE_PID
+    write_dev "$SERVE_DEV" $((40 * M)) 5a.bin
+    kill -KILL "$dead"
+    wait_pid "$dead" 30
+    serve_must r.fvd --recovery-wait 60 --no-prefetch # (the recovering serve: no --zero-copy)
+    expect "recovery: the serve without --zero-copy took the same device over" "$SERVE_DEV" "$dev" "$(cat "$SERVE_LOG")"
+    expect "recovery: the device keeps AUTO_BUF_REG" "$((($(device_flags) >> 11) & 1))" 1 "$(cat "$SERVE_LOG")"
+    expect "recovery: served as it was added (zero copy)" "$(grep -c 'fast path: zero copy of local blocks' "$SERVE_LOG" || true)" 1 "$(cat "$SERVE_LOG")"
+    check_dev_equals "recovery: data written before the kill reads back" "$SERVE_DEV" $((40 * M)) 5a.bin
+    write_dev "$SERVE_DEV" $((44 * M)) 5a.bin
+    check_dev_equals "recovery: a new write reads back" "$SERVE_DEV" $((44 * M)) 5a.bin
+    check_dev_equals "recovery: base bytes read back" "$SERVE_DEV" $((8 * M)) base8.bin
+    serve_stop "recovered, zero copy"
+    check "fvd check r.fvd clean after the recovery" fvd check r.fvd
+}
+
+scenario() {
+    local M=$((1024 * 1024))
+    pattern_file 5a.bin $M 0x5a
+    pattern_file 4k.bin 4096 0xc3
+    pattern_file zero.bin $((4 * M)) 0x00
+    random_file base.raw 64
+    dd if=base.raw of=base8.bin bs=1M skip=8 count=4 status=none
+    must "fvd create -b base.raw -F raw z.fvd" fvd create -b base.raw -F raw z.fvd
+    # --no-prefetch: base blocks stay in the base until read or written, so each route is taken.
+    serve_must z.fvd --zero-copy --queues 2 --no-prefetch
+    if ! has_zero_copy "$(offered_flags)"; then
+        zero_copy_refused
+        return 0
+    fi
+    expect "the device has AUTO_BUF_REG and USER_COPY" "$(has_zero_copy "$(device_flags)" && echo yes || echo no)" yes "$(cat "$SERVE_LOG")"
+    zero_copy_routes
+    compact_round
+    encrypted_round
+    recovery_round
+}
