@@ -5,6 +5,12 @@
  * extents from NBD_CMD_BLOCK_STATUS "base:allocation" (NBD_STATE_ZERO), mapped once when the
  * source opens, so `nextData` tells the engine which blocks read as zeros without reading them.
  *
+ * Replies are received without copying their data twice: the socket reads through net's `onread`
+ * into the buffer the connection names for the next bytes (Connection.readBuffer) — inside a
+ * read reply's data payload that is the rest of the payload's place in the request's own buffer,
+ * so the kernel copies the data straight to its destination (as qemu's client does); headers and
+ * the bytes that share a read with them go through one 64 KiB scratch buffer and are copied out.
+ *
  * Every reply is checked against its request: data chunks must lie inside it and not overlap,
  * and together cover it exactly; anything else is an error, never data. A lost connection fails
  * the requests in flight transiently; each is retried (reconnecting, checking that the export
