@@ -185,11 +185,12 @@ export class FakeNbd {
       const a = offset + at[i]!;
       const n = at[i + 1]! - at[i]!;
       const piece = this.data.subarray(a, a + n);
-      const p = Buffer.alloc(piece.every((v) => v === 0) ? 12 : 8 + n);
+      const hole = piece.every((v) => v === 0);
+      const p = Buffer.alloc(hole ? 12 : 8 + n);
       p.writeBigUInt64BE(BigInt(a), 0);
-      if (p.length === 12) p.writeUInt32BE(n, 8);
+      if (hole) p.writeUInt32BE(n, 8);
       else p.set(piece, 8);
-      chunks.push(this.chunk(cookie, p.length === 12 && n > 0 ? 2 : 1, false, p));
+      chunks.push(this.chunk(cookie, hole ? 2 : 1, false, p)); // OFFSET_HOLE or OFFSET_DATA
     }
     for (let i = chunks.length - 1; i > 0; i--) {
       const j = this.rng.int(i + 1);
