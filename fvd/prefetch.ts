@@ -27,8 +27,8 @@
  * latency and overlaps one chunk's local write with the next chunks' fetches; the default depth
  * follows what the base serves at once (`FvdImage.baseReadAhead()`: a remote source's connections
  * × request size), 1 for a local file. While the foreground is busy (rule 2) one chunk at a time.
- * A persist (below) may run while chunks are in flight: it journals only bits already set, i.e.
- * blocks whose data write completed before it (FORMAT.md §9).
+ * A persist (below) runs in background while chunks start and complete: it journals only bits
+ * already set, i.e. blocks whose data write completed before it (FORMAT.md §9).
  *
  * Throttling, checked before every chunk:
  *
@@ -254,7 +254,9 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
   private readonly freeScratch: Uint8Array[] = [];
   /** Chunks in flight; each settles (never rejects) when its copy ended. */
   private readonly chunks = new Set<Promise<void>>();
-  /** The first error of a chunk: no chunk starts after it, the loop ends with it. */
+  /** The persist in flight (journaling copied blocks' bits), or null; it never rejects. */
+  private persisting: Promise<void> | null = null;
+  /** The first error of a chunk or persist: no chunk starts after it, the loop ends with it. */
   private chunkError: Error | null = null;
   /** Blocks of the chunks copied in this pass: false after a pass that copied nothing. */
   private copiedThisPass = false;
@@ -465,9 +467,10 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
       const now = this.now();
       if (
         this.unpersistedBytes > 0 &&
+        !this.persisting &&
         ((this.persistBytes > 0 && this.unpersistedBytes >= this.persistBytes) || (this.persistMs > 0 && now - this.lastPersistAt >= this.persistMs))
       ) {
-        await this.persist();
+        this.startPersist();
       }
       await this.gate();
       if (this.stopping) {
@@ -477,8 +480,9 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
       if (this.chunkError) return this.fail();
       const b = image.nextAbsentBlock(cursor);
       if (b < 0) {
-        // Blocks of chunks in flight are still absent: let them land before looking again.
-        if (this.chunks.size > 0) {
+        // Blocks of chunks in flight are still absent: let them land before looking again (and
+        // a persist end before FULLY_LOCAL is recorded).
+        if (this.chunks.size > 0 || this.persisting) {
           await this.drain();
           continue;
         }
@@ -545,9 +549,10 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
     this.chunks.add(chunk);
   }
 
-  /** Waits until no chunk is in flight; throws the first chunk error. */
+  /** Waits until no chunk and no persist is in flight; throws the first error. */
   private async drain(): Promise<void> {
     while (this.chunks.size > 0) await Promise.race(this.chunks);
+    if (this.persisting) await this.persisting;
     if (this.chunkError) throw this.chunkError;
   }
 
@@ -577,14 +582,28 @@ export class Prefetcher extends EventEmitter implements ForegroundListener {
     }
   }
 
-  /** Journals the bits of the blocks copied so far (the engine makes their data durable first). */
-  private async persist(): Promise<void> {
+  /**
+   * Journals the bits of the blocks copied so far (the engine makes their data durable first), in
+   * background: the loop keeps starting chunks meanwhile, so the fetch from the base overlaps the
+   * fdatasync (waiting for it stalled a remote prefetch for a fifth of its time). One persist at
+   * a time; its error ends prefetching like a chunk's.
+   */
+  private startPersist(): void {
     const pending = this.unpersistedBytes;
-    const blocks = await this.io(this.image.persistSoftBits());
-    this.unpersistedBytes = Math.max(0, this.unpersistedBytes - pending);
-    this.lastPersistAt = this.now();
-    this.persists++;
-    this.emit('persisted', blocks);
+    this.persisting = this.io(this.image.persistSoftBits()).then(
+      (blocks) => {
+        this.unpersistedBytes = Math.max(0, this.unpersistedBytes - pending);
+        this.lastPersistAt = this.now();
+        this.persists++;
+        this.emit('persisted', blocks);
+      },
+      (err: unknown) => {
+        this.chunkError ??= err instanceof Error ? err : new Error(String(err));
+      },
+    ).finally(() => {
+      this.persisting = null;
+      this.wake?.();
+    });
   }
 
   /**

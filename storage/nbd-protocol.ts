@@ -92,8 +92,23 @@ export function parseNbdUri(uri: string): NbdAddress {
   throw new FvdError(`${uri}: not an NBD URI`, 'EINVAL');
 }
 
+/**
+ * Where a connection's incoming bytes go. The socket reads into the buffer `next()` returns (net's
+ * `onread`: no Buffer allocated per read, and the connection may hand out the destination of a
+ * read reply so the kernel copies its data straight there), and `sink(n, buf)` gets the n bytes
+ * read into that buffer. The handshake and then the connection (storage/nbd-source.ts) set both.
+ */
+export class Receiver {
+  /** The receive buffer for everything that is not read straight into a destination. */
+  readonly scratch = Buffer.allocUnsafe(64 * 1024);
+  next: () => Uint8Array = () => this.scratch;
+  sink: (n: number, buf: Uint8Array) => void = () => {};
+}
+
 export interface Negotiated {
   socket: net.Socket;
+  /** The socket's receive path; its sink is a no-op until the caller sets it. */
+  receiver: Receiver;
   size: number;
   transmissionFlags: number;
   structured: boolean;
@@ -111,8 +126,12 @@ class HandshakeReader {
   private buf: Buffer = Buffer.alloc(0);
   private want: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
   private error: Error | null = null;
-  constructor(private readonly socket: net.Socket) {
-    socket.on('data', this.onData);
+  constructor(
+    private readonly socket: net.Socket,
+    private readonly receiver: Receiver,
+  ) {
+    // The receive buffer is reused by the next read: keep a copy of what arrived.
+    receiver.sink = (n, buf) => this.onData(Buffer.from(buf.subarray(0, n)));
     socket.on('close', () => this.fail(new TransientError('connection closed during the handshake')));
     socket.on('error', (err) => this.fail(isTransientSocketError(err) ? new TransientError(String((err as NodeJS.ErrnoException).code)) : err));
   }
@@ -145,7 +164,7 @@ class HandshakeReader {
     });
   }
   detach(): Buffer {
-    this.socket.off('data', this.onData);
+    this.receiver.sink = () => {};
     this.socket.removeAllListeners('close');
     this.socket.removeAllListeners('error');
     return this.buf;
@@ -183,9 +202,17 @@ function repError(rep: OptReply): string {
 
 /** Connects and negotiates; the socket is left in the transmission phase. */
 export async function connectAndNegotiate(addr: NbdAddress, deadline: number): Promise<Negotiated> {
-  const socket = addr.socketPath ? net.connect({ path: addr.socketPath }) : net.connect({ host: addr.host!, port: addr.port! });
+  const receiver = new Receiver();
+  const onread = {
+    buffer: () => receiver.next(),
+    callback: (n: number, buf: Uint8Array) => {
+      receiver.sink(n, buf);
+      return true;
+    },
+  };
+  const socket = addr.socketPath ? net.connect({ path: addr.socketPath, onread }) : net.connect({ host: addr.host!, port: addr.port!, onread });
   socket.setNoDelay(true);
-  const reader = new HandshakeReader(socket);
+  const reader = new HandshakeReader(socket, receiver);
   const timer = setTimeout(() => socket.destroy(new TransientError('handshake timed out')), Math.max(1, deadline - performance.now()));
   try {
     const hello = await reader.read(18);
@@ -258,7 +285,7 @@ export async function connectAndNegotiate(addr: NbdAddress, deadline: number): P
     if (!(minBlock >= 1 && minBlock <= 65536 && (minBlock & (minBlock - 1)) === 0)) throw new FvdError(`invalid minimum block size ${minBlock}`, 'EIO');
     if (maxPayload < minBlock) throw new FvdError(`invalid maximum payload ${maxPayload}`, 'EIO');
     const leftover = reader.detach();
-    return { socket, size, transmissionFlags: tflags, structured, allocationContext, minBlock, preferredBlock, maxPayload, leftover };
+    return { socket, receiver, size, transmissionFlags: tflags, structured, allocationContext, minBlock, preferredBlock, maxPayload, leftover };
   } catch (err) {
     reader.detach();
     socket.on('error', () => {});

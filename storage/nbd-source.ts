@@ -5,6 +5,12 @@
  * extents from NBD_CMD_BLOCK_STATUS "base:allocation" (NBD_STATE_ZERO), mapped once when the
  * source opens, so `nextData` tells the engine which blocks read as zeros without reading them.
  *
+ * Replies are received without copying their data twice: the socket reads through net's `onread`
+ * into the buffer the connection names for the next bytes (Connection.readBuffer) — inside a
+ * read reply's data payload that is the rest of the payload's place in the request's own buffer,
+ * so the kernel copies the data straight to its destination (as qemu's client does); headers and
+ * the bytes that share a read with them go through one 64 KiB scratch buffer and are copied out.
+ *
  * Every reply is checked against its request: data chunks must lie inside it and not overlap,
  * and together cover it exactly; anything else is an error, never data. A lost connection fails
  * the requests in flight transiently; each is retried (reconnecting, checking that the export
@@ -84,6 +90,11 @@ class Connection {
   /** Bytes of the current payload still to consume, and how (small: into `small`; data: into a buffer). */
   private payloadLeft = 0;
   private small: Buffer = Buffer.alloc(0);
+  /** The fixed-size payloads (OFFSET_DATA's offset, OFFSET_HOLE), allocated once. */
+  private readonly small8 = Buffer.alloc(8);
+  private readonly small12 = Buffer.alloc(12);
+  /** The socket's next read goes straight into `dataTarget` at `dataPos` (readBuffer handed it out). */
+  private direct = false;
   private smallHave = 0;
   private dataTarget: Uint8Array | null = null;
   private dataPos = 0;
@@ -95,7 +106,8 @@ class Connection {
     private readonly onData: (bytes: number) => void,
   ) {
     const s = n.socket;
-    s.on('data', (chunk: Buffer) => this.consume(chunk));
+    n.receiver.next = () => this.readBuffer();
+    n.receiver.sink = (bytes, buf) => this.received(bytes, buf);
     s.on('error', (err) => this.kill(new TransientError(`connection lost (${(err as NodeJS.ErrnoException).code ?? err.message})`)));
     s.on('close', () => this.kill(new TransientError('connection closed by the server')));
     s.setTimeout(stallMs, () => {
@@ -147,6 +159,32 @@ class Connection {
   private protocolError(what: string): void {
     // The stream can no longer be trusted: hard disconnect (proto.md), everything in flight fails.
     this.kill(new TransientError(`protocol error: ${what}`));
+  }
+
+  /**
+   * Where the socket reads next: inside a data payload, the rest of it in the request's own buffer
+   * (the kernel copies the reply's data there, no copy here); otherwise the scratch buffer. Called
+   * after every read, so it always describes the state the next bytes arrive in.
+   */
+  private readBuffer(): Uint8Array {
+    if (this.dataTarget && this.payloadLeft > 0 && !this.dead) {
+      this.direct = true;
+      return this.dataTarget.subarray(this.dataPos, this.dataPos + this.payloadLeft);
+    }
+    this.direct = false;
+    return this.n.receiver.scratch;
+  }
+
+  /** `bytes` arrived in the buffer readBuffer last handed out. */
+  private received(bytes: number, buf: Uint8Array): void {
+    if (this.dead) return;
+    if (!this.direct) return this.consume(buf.subarray(0, bytes) as Buffer);
+    // Already in place: only the bookkeeping of a payload copy.
+    this.dataPos += bytes;
+    this.payloadLeft -= bytes;
+    this.cur!.dataBytes += bytes;
+    this.onData(bytes);
+    if (this.payloadLeft === 0) this.endPayload();
   }
 
   private consume(chunk: Buffer): void {
@@ -232,10 +270,10 @@ class Connection {
     const t = this.chunkType;
     if (t === REPLY_TYPE_OFFSET_DATA) {
       if (len < 9 || p.type !== CMD_READ) return this.protocolError('bad OFFSET_DATA chunk');
-      this.small = Buffer.alloc(8);
+      this.small = this.small8;
     } else if (t === REPLY_TYPE_OFFSET_HOLE) {
       if (len !== 12 || p.type !== CMD_READ) return this.protocolError('bad OFFSET_HOLE chunk');
-      this.small = Buffer.alloc(12);
+      this.small = this.small12;
     } else if (t === REPLY_TYPE_BLOCK_STATUS) {
       if (len < 12 || (len - 4) % 8 || p.type !== CMD_BLOCK_STATUS || len > 4 + 8 * (1 << 20)) return this.protocolError('bad BLOCK_STATUS chunk');
       this.small = Buffer.alloc(len);

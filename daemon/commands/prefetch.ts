@@ -23,7 +23,7 @@ export const spec = defineCommand({
   usage: ['[--max-rate SIZE] [--chunk SIZE] [--interval SEC] [-q] [--key-file PATH|-] IMAGE'],
   options: {
     'max-rate': { type: 'string', arg: 'SIZE', help: 'bandwidth cap per second (e.g. 100M)' },
-    chunk: { type: 'string', arg: 'SIZE', help: 'copy unit (default 1M; 8M over a remote base)' },
+    chunk: { type: 'string', arg: 'SIZE', help: 'copy unit (default 1M; 2M over NBD, 8M over HTTP)' },
     interval: { type: 'string', default: '5', arg: 'SEC', help: 'seconds between progress lines when stderr is not a terminal' },
     quiet: { type: 'boolean', short: 'q', default: false, help: 'no progress' },
     ...KEY_FILE_OPTION,
@@ -62,9 +62,7 @@ export async function run(args: string[]): Promise<number> {
       console.log(oneLine(`${path}: already fully local; nothing to prefetch`));
       return 0;
     }
-    // Over a remote base, large sequential ranges by default (each split into parallel requests).
-    const remote = st.baseChain.some((b) => isUrl(b.path));
-    prefetcher = new Prefetcher(image, { chunkBytes: remote && !chunkGiven ? 8 * 1024 * 1024 : chunk, maxBytesPerSec: maxRate || undefined });
+    prefetcher = new Prefetcher(image, { chunkBytes: chunkGiven ? chunk : defaultChunk(st.baseChain.map((b) => b.path)), maxBytesPerSec: maxRate || undefined });
     const bar = values.quiet ? null : new ProgressBar(process.stderr, interval * 1000);
     process.on('SIGINT', onSignal);
     process.on('SIGTERM', onSignal);
@@ -96,6 +94,22 @@ export async function run(args: string[]): Promise<number> {
     await prefetcher?.stop();
     await image.close();
   }
+}
+
+/**
+ * The copy unit when --chunk is not given. Over HTTP, large sequential ranges (8 MiB, each split
+ * into parallel requests). Over NBD, one request's worth (2 MiB, the client's request size), with
+ * more chunks in flight (the Prefetcher's depth follows): each reply lands in its chunk's buffer
+ * and is written while still in the CPU cache — with 8 MiB chunks the write's copy into the page
+ * cache cost twice the system time (1 GiB template, 768 MiB of data: sys 0.46–0.58 s against
+ * 0.98–1.38 s, four interleaved rounds at load 9–10), while over HTTP 2 MiB was no better.
+ * 1 MiB for a local base.
+ */
+function defaultChunk(baseChain: string[]): number {
+  const MiB = 1024 * 1024;
+  if (baseChain.some((p) => /^nbds?(\+unix)?:/i.test(p))) return 2 * MiB;
+  if (baseChain.some((p) => isUrl(p))) return 8 * MiB;
+  return MiB;
 }
 
 /** One redrawn line on a TTY; a line every `intervalMs` (and at start and end) otherwise. */

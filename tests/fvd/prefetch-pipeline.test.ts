@@ -227,5 +227,53 @@ test('bandwidth cap with 8 chunks in flight: the chunks started together count a
   assert.ok(secs >= ((end.bytesDone - MiB) / cap) * 0.95, `too fast for the cap: ${secs.toFixed(2)} s`);
 });
 
+test('a persist runs in background: chunks keep starting and completing while it waits for its fdatasync; FULLY_LOCAL only after it ended', async () => {
+  const size = 16 * MiB;
+  const { dir, img, base } = await setUp(15, size);
+  const src = new SlowSource(path.join(dir, 'base.raw'), size / BS, new Rng(16), 2);
+  const image = await FvdImage.open(src, img, { copyOnRead: false });
+  // The first persist is held until 4 chunks started after it (at most 2 s: a loop that waits
+  // for the persist starts none, and the assertion below fails instead of the test hanging).
+  let started = 0;
+  const prefetchBlocks = image.prefetchBlocks.bind(image);
+  image.prefetchBlocks = (b0, b1, scratch) => {
+    started++;
+    return prefetchBlocks(b0, b1, scratch);
+  };
+  const persistSoftBits = image.persistSoftBits.bind(image);
+  let during = -1;
+  let persistsInFlight = 0;
+  let overlapping = 0;
+  image.persistSoftBits = async () => {
+    if (persistsInFlight++ > 0) overlapping++;
+    try {
+      const n = persistSoftBits(); // bits are collected now, before the wait
+      if (during < 0) {
+        const at = started;
+        const t0 = performance.now();
+        while (started < at + 4 && performance.now() - t0 < 2000) await sleep(1);
+        during = started - at;
+      } else await sleep(20); // every persist slow: the last one is still in flight at the end
+      return await n;
+    } finally {
+      persistsInFlight--;
+    }
+  };
+  const markFullyLocal = image.markFullyLocal.bind(image);
+  let markedDuringPersist = false;
+  image.markFullyLocal = () => {
+    if (persistsInFlight > 0) markedDuringPersist = true;
+    return markFullyLocal();
+  };
+  const end = await new Prefetcher(image, { chunkBytes: 256 * KiB, depth: 2, minBytesPerSec: 0, persistBytes: MiB, persistMs: 0, seed: 1 }).start().finished;
+  assert.is(end.state, 'done', end.error?.message);
+  assert.ok(during >= 4, `only ${during} chunks started while the first persist ran`);
+  assert.is(overlapping, 0, 'two persists at once');
+  assert.not.ok(markedDuringPersist, 'FULLY_LOCAL recorded while a persist was in flight');
+  assert.ok(end.persists >= 2, `${end.persists} persists`);
+  await image.close();
+  await assertImageEquals(img, base.data, 'after prefetch');
+});
+
 test.after(() => tmp.cleanup());
 test.run();
