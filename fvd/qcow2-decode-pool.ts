@@ -1,7 +1,7 @@
 /**
  * Worker threads that decode compressed qcow2 clusters in batches, so that a large read (convert,
- * prefetch: 4 MiB, 64 clusters of 64 KiB) decodes on every core, as qemu-img's thread pool does,
- * while the calling thread only reads the file and copies the results.
+ * prefetch: 4 MiB, 64 clusters of 64 KiB) decodes on every core, as qemu-img's thread pool does:
+ * the calling thread reads the file, decodes the first share itself and copies the rest out.
  *
  * Why batches: one message each way per batch of clusters (up to BATCH_BYTES of output), not per
  * cluster — a per-cluster thread-pool trip cost the main thread as much as the inflate itself
