@@ -16,7 +16,9 @@
  * held only in slices: once SYNC_SLICE_MS of one turn went to decoding, the next cluster waits
  * for the loop to turn (setImmediate, after pending I/O), so decoding blocks the loop for at most
  * SYNC_SLICE_MS plus one cluster's decode (measured: bench/qcow2-decompress.ts, README).
- * Larger clusters decode on the libuv thread pool (deflate, and Node's own zstd: node:zlib
+ * zlib clusters decode there through one reused inflater (inflate-into.ts). Bulk reads send most
+ * of their clusters to decode workers instead (qcow2-decode-pool.ts; decodeClusterSync is their
+ * loop). Larger clusters decode on the libuv thread pool (deflate, and Node's own zstd: node:zlib
  * zstdDecompress, Node ≥ 22.15 / 23.8). Node 20 has no zstd; the engine imports no packages, so a
  * program that wants zstd there registers a decoder (registerZstdDecoder; the fvd CLI registers
  * the pure-JavaScript fzstd package), which runs on the calling thread, sliced the same way.
@@ -24,10 +26,13 @@
 import { performance } from 'node:perf_hooks';
 import zlib from 'node:zlib';
 import { FvdError } from './errors.js';
+import { inflateRawInto } from './inflate-into.js';
 import type { CompressionType } from './qcow2-format.js';
 
 /** Decodes one complete zstd frame whose content is at most `maxLength` bytes. */
 export type ZstdDecoder = (frame: Uint8Array, maxLength: number) => Uint8Array | Promise<Uint8Array>;
+/** The same, synchronously (what a decode worker calls). */
+export type SyncZstdDecoder = (frame: Uint8Array, maxLength: number) => Uint8Array;
 
 type ZstdOptions = { maxOutputLength: number; chunkSize: number };
 type NativeZstd = (buf: Uint8Array, options: ZstdOptions, cb: (err: Error | null, out: Buffer) => void) => void;
@@ -40,6 +45,20 @@ let registeredZstd: ZstdDecoder | null = null;
 export function registerZstdDecoder(decoder: ZstdDecoder | null): void {
   registeredZstd = decoder;
 }
+
+/**
+ * Whether decode workers can decode zstd clusters: with Node's own decoder only. A registered
+ * decoder (the CLI's fzstd, JavaScript) decodes on this thread: in workers it measured slower
+ * (README). Asked per read, so allowNativeZstd holds.
+ */
+export function workerZstd(): boolean {
+  return !!(nativeZstdSync && nativeAllowed);
+}
+
+/** Node's own zstd on the calling thread, where it has one (for decode workers). */
+export const nativeZstdFrameSync: SyncZstdDecoder | null = nativeZstdSync
+  ? (frame, maxLength) => nativeZstdSync(frame, { maxOutputLength: maxLength, chunkSize: Math.max(maxLength, 64) })
+  : null;
 
 /** Which zstd decoder reads zstd-compressed clusters: 'node:zlib', 'registered', or null (none). */
 export function zstdDecoderKind(): 'node:zlib' | 'registered' | null {
@@ -116,11 +135,93 @@ export async function decompressCluster(path: string, type: CompressionType, src
     out = type === 'zlib' ? await inflateRaw(src, clusterSize) : await decodeZstdFrames(src, clusterSize);
   } catch (err) {
     if (err instanceof FvdError) throw err;
-    throw new FvdError(`${path}: corrupt qcow2 image: compressed cluster ${where} does not decompress (${type}: ${oneLine(err)})`, 'EIO');
+    throw clusterFailure(path, type, where, clusterSize, { detail: oneLine(err) });
   }
-  if (out.length !== clusterSize)
-    throw new FvdError(`${path}: corrupt qcow2 image: compressed cluster ${where} decompresses to ${out.length} bytes, not ${clusterSize}`, 'EIO');
+  if (out.length !== clusterSize) throw clusterFailure(path, type, where, clusterSize, { length: out.length });
   return out;
+}
+
+/** Why a cluster did not decode: the decoder's message, or the length it produced instead of a cluster. */
+export type DecodeFailure = { detail: string } | { length: number };
+
+/** The one-line error for a compressed cluster that did not decode (here or in a decode worker). */
+export function clusterFailure(path: string, type: CompressionType, where: string, clusterSize: number, f: DecodeFailure): FvdError {
+  if ('length' in f) return new FvdError(`${path}: corrupt qcow2 image: compressed cluster ${where} decompresses to ${f.length} bytes, not ${clusterSize}`, 'EIO');
+  return new FvdError(`${path}: corrupt qcow2 image: compressed cluster ${where} does not decompress (${type}: ${f.detail})`, 'EIO');
+}
+
+/**
+ * Decodes one cluster on this thread, whatever its size (a decode worker's loop), into
+ * out[at, at + clusterSize): null, or why it did not decode. The same checks as
+ * decompressCluster. zlib output may run up to INFLATE_SPARE bytes past the cluster (into the
+ * next slot, decoded after it, or spare room the caller leaves at the end of `out`).
+ */
+export function decodeClusterSync(type: CompressionType, src: Uint8Array, clusterSize: number, zstd: SyncZstdDecoder | null, out: Uint8Array, at: number): DecodeFailure | null {
+  try {
+    if (type === 'zlib') return inflatedLength(inflateRawInto(src, out, at, clusterSize + INFLATE_SPARE), clusterSize);
+    if (!zstd) return { detail: 'no zstd decoder in this thread' };
+    let produced = 0;
+    for (let pos = 0; produced < clusterSize; ) {
+      const frame = nextZstdFrame(src, pos, produced, clusterSize);
+      pos += frame.length;
+      if (isSkippable(frame)) continue;
+      const piece = zstd(frame, clusterSize - produced);
+      if (piece.length > clusterSize - produced) throw new Error('more than one cluster of output');
+      out.set(piece, at + produced);
+      produced += piece.length;
+    }
+    return produced === clusterSize ? null : { length: produced };
+  } catch (err) {
+    return { detail: oneLine(err) };
+  }
+}
+
+/** Spare output room in bytes, so inflating a cluster ends in one pass (see inflateRaw). */
+export const INFLATE_SPARE = 512;
+
+/** inflateRawInto's count checked: null for exactly one cluster. */
+function inflatedLength(n: number, clusterSize: number): DecodeFailure | null {
+  if (n === clusterSize + INFLATE_SPARE) return { detail: 'more than one cluster of output' };
+  return n === clusterSize ? null : { length: n };
+}
+
+/** The calling thread's output room for one cluster (grown to the largest cluster size seen). */
+let scratch = new Uint8Array(0);
+
+/**
+ * Decompresses one cluster from `src` into `dst` (one cluster long). zlib clusters decoded on
+ * this thread go through one reused decoder and buffer (no allocation per cluster); others as
+ * decompressCluster.
+ */
+export async function decompressClusterInto(path: string, type: CompressionType, src: Uint8Array, clusterSize: number, where: string, dst: Uint8Array): Promise<void> {
+  if (type !== 'zlib' || clusterSize > SYNC_DECODE_MAX) {
+    dst.set(await decompressCluster(path, type, src, clusterSize, where));
+    return;
+  }
+  await takeSlice();
+  if (scratch.length < clusterSize + INFLATE_SPARE) scratch = new Uint8Array(clusterSize + INFLATE_SPARE);
+  let f: DecodeFailure | null;
+  try {
+    f = inflatedLength(inflateRawInto(src, scratch, 0, clusterSize + INFLATE_SPARE), clusterSize);
+  } catch (err) {
+    f = { detail: oneLine(err) };
+  }
+  if (f) throw clusterFailure(path, type, where, clusterSize, f);
+  // Copied before any await: the next cluster decoded on this thread reuses `scratch`.
+  dst.set(scratch.subarray(0, clusterSize));
+}
+
+/**
+ * The zstd frame at `pos` of `src`, `produced` bytes of the cluster decoded so far: throws if the
+ * frames end or one declares more than that (checked before decoding, so a forged header cannot
+ * make a decoder allocate a huge buffer).
+ */
+function nextZstdFrame(src: Uint8Array, pos: number, produced: number, clusterSize: number): Uint8Array {
+  if (pos >= src.length) throw new Error(`the frames end after ${produced} bytes`);
+  const { length, contentSize } = zstdFrame(src, pos);
+  const frame = src.subarray(pos, pos + length);
+  if (!isSkippable(frame) && contentSize !== null && contentSize > clusterSize - produced) throw new Error(`a frame declares ${contentSize} bytes, more than the cluster holds`);
+  return frame;
 }
 
 function oneLine(err: unknown): string {
@@ -128,9 +229,6 @@ function oneLine(err: unknown): string {
   const msg = e?.code === 'ERR_BUFFER_TOO_LARGE' ? 'more than one cluster of output' : String(e?.message ?? err);
   return msg.replace(/\s+/g, ' ').trim();
 }
-
-/** Output room past one cluster, so inflating a cluster ends in one pass (see inflateRaw). */
-const INFLATE_SPARE = 512;
 
 async function inflateRaw(src: Uint8Array, clusterSize: number): Promise<Uint8Array> {
   // maxOutputLength: a stream that would produce more than a cluster fails instead of growing;
@@ -141,7 +239,10 @@ async function inflateRaw(src: Uint8Array, clusterSize: number): Promise<Uint8Ar
   const options = { maxOutputLength: clusterSize, chunkSize: clusterSize + INFLATE_SPARE };
   if (clusterSize <= SYNC_DECODE_MAX) {
     await takeSlice();
-    return zlib.inflateRawSync(src, options);
+    const out = Buffer.allocUnsafe(clusterSize + INFLATE_SPARE);
+    const n = inflateRawInto(src, out, 0, clusterSize + INFLATE_SPARE);
+    if (n === clusterSize + INFLATE_SPARE) throw new Error('more than one cluster of output');
+    return out.subarray(0, n);
   }
   return new Promise((resolve, reject) => zlib.inflateRaw(src, options, (err, out) => (err ? reject(err) : resolve(out))));
 }
@@ -156,13 +257,9 @@ async function decodeZstdFrames(src: Uint8Array, clusterSize: number): Promise<U
   const pieces: Uint8Array[] = [];
   let produced = 0;
   for (let pos = 0; produced < clusterSize; ) {
-    if (pos >= src.length) throw new Error(`the frames end after ${produced} bytes`);
-    const { length, contentSize } = zstdFrame(src, pos);
-    const frame = src.subarray(pos, pos + length);
-    pos += length;
+    const frame = nextZstdFrame(src, pos, produced, clusterSize);
+    pos += frame.length;
     if (isSkippable(frame)) continue;
-    // Checked before decoding, so a forged header cannot make a decoder allocate a huge buffer.
-    if (contentSize !== null && contentSize > clusterSize - produced) throw new Error(`a frame declares ${contentSize} bytes, more than the cluster holds`);
     // Node's thread-pool zstd for large clusters needs no slice; every other decode runs here.
     if (decode !== nativeZstdDecoder || clusterSize <= SYNC_DECODE_MAX) await takeSlice();
     const piece = await decode(frame, clusterSize - produced);

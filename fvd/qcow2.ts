@@ -7,8 +7,11 @@
  * it is read. A read of a range is first mapped — cluster by cluster, or subcluster by subcluster
  * with extended L2 entries — into runs (data at a host offset, zeros, the backing file, or one
  * compressed cluster), adjacent runs of the same kind merged; then the runs are filled, several at
- * a time, so the compressed clusters of one large read decompress in parallel on the thread pool
- * (clusters over 64 KiB; smaller ones decode on the calling thread, see qcow2-decompress.ts).
+ * a time. The compressed clusters of one read are read with one file read per group of
+ * neighbours on disk; a group of at least WORKER_MIN_CLUSTERS decodes partly on the calling
+ * thread, partly in batches on decode workers (qcow2-decode-pool.ts: every core, as qemu-img's
+ * thread pool); smaller groups on the calling thread (clusters ≤ 64 KiB, in slices) or the
+ * thread pool (larger ones), see qcow2-decompress.ts.
  *
  * Every offset taken from the image is checked before use (alignment, inside the file, not in the
  * header cluster); a bad one fails the read with a one-line "corrupt qcow2 image" error.
@@ -34,7 +37,8 @@ import {
   type Qcow2Geometry,
   type Qcow2Header,
 } from './qcow2-format.js';
-import { checkCompressionSupported, decompressCluster } from './qcow2-decompress.js';
+import { INFLATE_SPARE, checkCompressionSupported, clusterFailure, decompressCluster, decompressClusterInto, workerZstd } from './qcow2-decompress.js';
+import { BATCH_BYTES, decodeBatch, giveShared, poolSize, takeShared } from './qcow2-decode-pool.js';
 import { fileDataExtent, type DataExtent } from './zero-scan.js';
 
 /** L2 cache bound per qcow2 level: 8 MiB covers 64 GiB of disk at 64 KiB clusters, 2 TiB at 2 MiB. */
@@ -52,6 +56,11 @@ const FILL_PARALLELISM = 8;
  */
 const COMPRESSED_GROUP_GAP = 4096;
 const COMPRESSED_GROUP_MAX = 4 * 1024 * 1024;
+/**
+ * A group of at least this many compressed clusters decodes on the decode workers too; fewer on
+ * the calling thread only. A guest's copy-on-read of 128 KiB (2 clusters) stays here, a bulk read goes out.
+ */
+export const WORKER_MIN_CLUSTERS = 4;
 /** Guest bytes mapped at once when looking for the next data extent: first, and at most. */
 const EXTENT_WINDOW_FIRST = 1024 * 1024;
 const EXTENT_WINDOW_MAX = 256 * 1024 * 1024;
@@ -106,6 +115,14 @@ const DATA = 1;
 const BACKING = 2;
 const COMPRESSED = 3;
 
+/** Clusters decoded together on a decode worker, into shared memory given back once all are copied out. */
+interface Batch {
+  done: Promise<void>;
+  out: SharedArrayBuffer;
+  /** Members not yet copied out. */
+  unread: number;
+}
+
 interface Run {
   kind: number;
   /** Guest offset and length of the run. */
@@ -118,6 +135,9 @@ interface Run {
   inCluster: number;
   /** COMPRESSED: the stream's bytes when read ahead with its neighbours (else read on its own). */
   src: Uint8Array | null;
+  /** COMPRESSED: the batch decoding it on a worker, and its index there. */
+  batch: Batch | null;
+  batchIndex: number;
 }
 
 export class Qcow2Image implements ReadOnlyLayer {
@@ -374,7 +394,7 @@ export class Qcow2Image implements ReadOnlyLayer {
       const c = compressedExtent(hi, lo, this.g);
       if (c.offset < cs || c.offset >= this.fileSize)
         throw corruptQcow2(this.path, `${where()}: compressed data at ${c.offset} is ${c.offset < cs ? 'inside the header cluster' : `past the end of the file (${this.fileSize} bytes; truncated?)`}`);
-      runs.push({ kind: COMPRESSED, guest: pos, length: cEnd - pos, host: c.offset, compressedLength: c.length, inCluster: pos - vc * cs, src: null });
+      runs.push({ kind: COMPRESSED, guest: pos, length: cEnd - pos, host: c.offset, compressedLength: c.length, inCluster: pos - vc * cs, src: null, batch: null, batchIndex: 0 });
       return;
     }
     if (hi & STANDARD_RESERVED_HI || lo & STANDARD_RESERVED_LO) throw corruptQcow2(this.path, `${where()}: reserved bits set in its L2 entry`);
@@ -464,13 +484,28 @@ export class Qcow2Image implements ReadOnlyLayer {
         return;
       }
       default: {
+        const b = r.batch;
+        if (b) {
+          await b.done;
+          dst.set(new Uint8Array(b.out, r.batchIndex * this.g.clusterSize + r.inCluster, r.length));
+          if (--b.unread === 0) giveShared(b.out);
+          return;
+        }
+        if (r.length === this.g.clusterSize && !this.decompressed.has(r.host)) {
+          // A whole cluster: decoded straight into the read's buffer (no cached copy: read whole, it is not read again soon).
+          await this.decompressInto(r, dst);
+          return;
+        }
         const cluster = await this.decompress(r);
         dst.set(cluster.subarray(r.inCluster, r.inCluster + r.length));
       }
     }
   }
 
-  /** Reads the streams of the compressed runs not cached yet, neighbours together (sets `src`). */
+  /**
+   * Reads the streams of the compressed runs not cached yet, neighbours together (sets `src`);
+   * large groups go to the decode workers (sets `batch`).
+   */
   private async readCompressedGroups(runs: Run[]): Promise<void> {
     const groups: { start: number; end: number; members: Run[] }[] = [];
     let g: { start: number; end: number; members: Run[] } | null = null;
@@ -488,12 +523,82 @@ export class Qcow2Image implements ReadOnlyLayer {
     await Promise.all(
       groups.map(async (group) => {
         if (group.members.length < 2) return; // read by decompress() itself
-        // Not zero-filled first: BlockFile.read fills the whole buffer (zeros past the end of the file).
-        const bytes = Buffer.allocUnsafe(group.end - group.start);
+        const length = group.end - group.start;
+        const toWorkers = group.members.length >= WORKER_MIN_CLUSTERS && this.workersDecode;
+        // Shared memory when the workers read it (no copy); not zero-filled first either way:
+        // BlockFile.read fills the whole buffer (zeros past the end of the file).
+        const shared = toWorkers ? takeShared(length <= COMPRESSED_GROUP_MAX ? COMPRESSED_GROUP_MAX : length) : null;
+        const bytes = shared ? new Uint8Array(shared, 0, length) : Buffer.allocUnsafe(length);
         await this.file.read(bytes, group.start);
-        for (const r of group.members) r.src = bytes.subarray(r.host - group.start, r.host - group.start + r.compressedLength);
+        // The calling thread's share (the first clusters, which fill() reaches first) decodes
+        // here while the workers decode the rest; copied out of the shared buffer, which goes
+        // back to be reused once the workers are done with it.
+        const own = shared ? Math.ceil(group.members.length / (poolSize() + 1)) : group.members.length;
+        let ownEnd = 0;
+        for (let i = 0; i < own; i++) ownEnd = Math.max(ownEnd, group.members[i]!.host + group.members[i]!.compressedLength - group.start);
+        const ownBytes = shared ? bytes.slice(0, ownEnd) : bytes;
+        for (let i = 0; i < own; i++) {
+          const r = group.members[i]!;
+          r.src = ownBytes.subarray(r.host - group.start, r.host - group.start + r.compressedLength);
+        }
+        if (shared) this.sendBatches(shared, group.start, group.members.slice(own));
       }),
     );
+  }
+
+  /** Whether decode workers can decode this image's clusters (zstd: only with Node's own decoder). */
+  private get workersDecode(): boolean {
+    return this.header.compression === 'zlib' || workerZstd();
+  }
+
+  /**
+   * Splits a group's members into batches — at most BATCH_BYTES of output each, and at least as
+   * many batches as there are workers — and sends each to a decode worker. `src` holds the
+   * group's streams from host offset `start`; it is given back once every batch has settled.
+   */
+  private sendBatches(src: SharedArrayBuffer, start: number, members: Run[]): void {
+    const cs = this.g.clusterSize;
+    if (members.length === 0) return giveShared(src);
+    const perBatch = Math.max(1, Math.min(Math.floor(BATCH_BYTES / cs), Math.ceil(members.length / poolSize())));
+    const settled: Promise<unknown>[] = [];
+    for (let first = 0; first < members.length; first += perBatch) {
+      const batch = members.slice(first, first + perBatch);
+      // Full-size batches share a buffer size, so their buffers are reused.
+      const out = takeShared(Math.max(batch.length, perBatch) * cs + INFLATE_SPARE);
+      const sent = decodeBatch(this.header.compression, cs, src, batch.map((r) => r.host - start), batch.map((r) => r.compressedLength), out);
+      settled.push(sent);
+      const done = sent.then((res) => {
+        if (res.ok) return;
+        const r = batch[res.index]!;
+        const vc = Math.floor((r.guest - r.inCluster) / cs);
+        throw clusterFailure(this.path, this.header.compression, this.where(vc, r.host), cs, res.failure);
+      });
+      // Observed even when an earlier run's failure ends the read before this batch is awaited.
+      done.catch(() => {});
+      const b: Batch = { done, out, unread: batch.length };
+      batch.forEach((r, i) => {
+        r.batch = b;
+        r.batchIndex = i;
+      });
+    }
+    // A worker that died may still be reading it: given back only when every batch succeeded.
+    Promise.all(settled).then(() => giveShared(src), () => {});
+  }
+
+  private where(vc: number, host: number): string {
+    const cs = this.g.clusterSize;
+    return `of guest cluster ${vc} (offset ${vc * cs}, data at ${host})`;
+  }
+
+  /** One whole compressed cluster, decompressed into `dst`. */
+  private async decompressInto(r: Run, dst: Uint8Array): Promise<void> {
+    let src = r.src;
+    if (!src) {
+      src = Buffer.allocUnsafe(r.compressedLength);
+      await this.file.read(src, r.host);
+    }
+    const vc = Math.floor(r.guest / this.g.clusterSize);
+    await decompressClusterInto(this.path, this.header.compression, src, this.g.clusterSize, this.where(vc, r.host), dst);
   }
 
   /** One compressed cluster, decompressed; kept in a small cache for reads of its other parts. */
@@ -513,7 +618,7 @@ export class Qcow2Image implements ReadOnlyLayer {
         await this.file.read(src, r.host);
       }
       const vc = Math.floor((r.guest - r.inCluster) / cs);
-      return decompressCluster(this.path, this.header.compression, src, cs, `of guest cluster ${vc} (offset ${vc * cs}, data at ${r.host})`);
+      return decompressCluster(this.path, this.header.compression, src, cs, this.where(vc, r.host));
     })();
     this.decompressed.set(key, p);
     while (this.decompressed.size > this.maxDecompressed) this.decompressed.delete(this.decompressed.keys().next().value!);
@@ -530,7 +635,7 @@ function push(runs: Run[], kind: number, guest: number, length: number, host: nu
     last.length += length;
     return;
   }
-  runs.push({ kind, guest, length, host, compressedLength: 0, inCluster: 0, src: null });
+  runs.push({ kind, guest, length, host, compressedLength: 0, inCluster: 0, src: null, batch: null, batchIndex: 0 });
 }
 
 /**
