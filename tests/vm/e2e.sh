@@ -27,6 +27,8 @@
 #  18 recovery    serve --recovery-wait: SIGKILL under fio verify, the next serve recovers the same
 #                 device (0 errors), also with ext4 mounted on it (e2fsck clean); unflushed
 #                 acknowledged write kept (pending log); fvd stop of a waiting device
+#  19 zero-copy   serve --zero-copy (AUTO_BUF_REG + USER_COPY): every route, fio verify, recovery
+#                 keeps it; on kernels without it one line and copies
 #
 # Output: one line per check, "ok - [N name] ..." or "not ok - [N name] ..." (with the evidence
 # indented below it), "# ..." comments, and as the last line exactly "N passed, N failed".
