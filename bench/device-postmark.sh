@@ -172,7 +172,7 @@ for (const t of targets) {
     pad(ratios.length ? median(ratios).toFixed(2) + 'x' : '-', 8) + (cpu.length ? median(cpu).toFixed(1) : '-'));
 }
 if (mem.length) {
-  console.log('\nresident memory (VmRSS, MB; median over rounds, per round in brackets)');
+  console.log('\nresident memory (VmRSS, MiB; median over rounds, per round in brackets)');
   for (const t of [...new Set(mem.map((r) => r[0]))]) {
     const of = (col) => { const xs = mem.filter((r) => r[0] === t).map((r) => Number(r[col]) / 1024); return `${median(xs).toFixed(1)} [${xs.map((x) => x.toFixed(1)).join(' ')}]`; };
     console.log(`${pad(t, 11)}at start ${of(2)}, after the run ${of(3)}`);
