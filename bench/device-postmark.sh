@@ -28,6 +28,9 @@ ROUNDS=${BENCH_ROUNDS:-3}
 FILES=${PM_FILES:-5000}
 TRANSACTIONS=${PM_TRANSACTIONS:-10000}
 command -v postmark >/dev/null || { echo "bench: postmark is not installed (apt-get install postmark)"; exit 1; }
+for t in $TARGETS; do
+  case $t in loop|fvd-fresh|fvd-local|qcow2-nbd) ;; *) echo "bench: unknown target $t (loop fvd-fresh fvd-local qcow2-nbd)"; exit 1 ;; esac
+done
 
 dir=$(mktemp -d /tmp/fvd-postmark.XXXXXX)
 # A tmpfs of its own: every target's backing file in memory alike (the guest's /tmp is an overlay).
@@ -145,7 +148,6 @@ for round in $(seq "$ROUNDS"); do
         run_postmark qcow2-nbd "$round" "$nbd" "$(cat "$dir/nbd.pid")"
         printf '%s\t%s\t%s\t%s\n' qcow2-nbd "$round" "$start" "$(rss_kb "$(cat "$dir/nbd.pid")")" >> "$memory"
         qemu-nbd -d "$nbd" >/dev/null; nbd=''; rm -f "$dir/overlay.qcow2" "$dir/nbd.pid" ;;
-      *) echo "bench: unknown target $t (loop fvd-fresh fvd-local qcow2-nbd)"; exit 1 ;;
     esac
   done
 done
