@@ -52,7 +52,7 @@ flock 9
 # ---------------------------------------------------------------------------
 pkgs=(qemu-system-x86 qemu-utils busybox-static
       e2fsprogs xfsprogs fio util-linux kmod xz-utils cpio gzip systemd lvm2 dmsetup
-      nginx-light)
+      nginx-light postmark)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' \
