@@ -590,13 +590,17 @@ export class Qcow2Image implements ReadOnlyLayer {
     return `of guest cluster ${vc} (offset ${vc * cs}, data at ${host})`;
   }
 
+  /** The compressed stream of `r`: as read ahead with its neighbours, else read now on its own. */
+  private async streamOf(r: Run): Promise<Uint8Array> {
+    if (r.src) return r.src;
+    const src = Buffer.allocUnsafe(r.compressedLength);
+    await this.file.read(src, r.host);
+    return src;
+  }
+
   /** One whole compressed cluster, decompressed into `dst`. */
   private async decompressInto(r: Run, dst: Uint8Array): Promise<void> {
-    let src = r.src;
-    if (!src) {
-      src = Buffer.allocUnsafe(r.compressedLength);
-      await this.file.read(src, r.host);
-    }
+    const src = await this.streamOf(r);
     const vc = Math.floor(r.guest / this.g.clusterSize);
     await decompressClusterInto(this.path, this.header.compression, src, this.g.clusterSize, this.where(vc, r.host), dst);
   }
@@ -612,11 +616,7 @@ export class Qcow2Image implements ReadOnlyLayer {
     }
     const cs = this.g.clusterSize;
     const p = (async () => {
-      let src = r.src;
-      if (!src) {
-        src = Buffer.allocUnsafe(r.compressedLength);
-        await this.file.read(src, r.host);
-      }
+      const src = await this.streamOf(r);
       const vc = Math.floor((r.guest - r.inCluster) / cs);
       return decompressCluster(this.path, this.header.compression, src, cs, this.where(vc, r.host));
     })();
