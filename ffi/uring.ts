@@ -513,11 +513,9 @@ export class IoUring {
    * slots, for buffers the kernel registers itself. 0 or -errno.
    */
   registerSparseBuffers(n: number): number {
-    if (this.fd < 0) return -EBADF;
     const arg = new BigUint64Array(4); // nr | flags << 32, resv2, data, tags
     arg[0] = BigInt(n) | (BigInt(IORING_RSRC_REGISTER_SPARSE) << 32n);
-    const ret = this.sys.syscall6(SYS_io_uring_register, this.fd, IORING_REGISTER_BUFFERS2, Number(this.sys.koffi.address(arg)), 32, 0, 0);
-    return ret < 0 ? -this.sys.errno() : ret;
+    return this.register(IORING_REGISTER_BUFFERS2, arg, arg.byteLength);
   }
 
   /** IORING_REGISTER_EVENTFD: the eventfd is signalled on each CQE (to wake a libuv-side reader). */
@@ -526,7 +524,12 @@ export class IoUring {
     return this.register(IORING_REGISTER_EVENTFD, this.filesArg, 1);
   }
 
-  private register(opcode: number, arg: Int32Array | null, nr: number): number {
+  /**
+   * io_uring_register(fd, opcode, arg, nr), 0 (or a count) or -errno. `arg` is the array or struct
+   * the opcode reads, passed by its address; `nr` is its element count, or for the *2 opcodes
+   * (struct io_uring_rsrc_register) its byte size.
+   */
+  private register(opcode: number, arg: ArrayBufferView | null, nr: number): number {
     if (this.fd < 0) return -EBADF;
     const addr = arg === null ? 0 : Number(this.sys.koffi.address(arg));
     const ret = this.sys.syscall6(SYS_io_uring_register, this.fd, opcode, addr, nr, 0, 0);

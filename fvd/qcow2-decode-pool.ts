@@ -47,6 +47,14 @@ export interface BatchRequest {
 export type BatchReply = { id: number } | { id: number; index: number; failure: DecodeFailure };
 export type BatchResult = { ok: true } | { ok: false; index: number; failure: DecodeFailure };
 
+/** A reader's batch in flight: clusters decoded together into `out`, given back once all are copied out. */
+export interface DecodeBatch {
+  done: Promise<void>;
+  out: SharedArrayBuffer;
+  /** Members not yet copied out. */
+  unread: number;
+}
+
 interface Pending {
   resolve: (r: BatchResult) => void;
   reject: (e: Error) => void;

@@ -1,13 +1,9 @@
 /**
  * A qcow2 image as a read-only base (docs/FORMAT.md §13 says what is read and what is refused).
  *
- * Reads go through the two-level table: the L1 table is held in memory whole (8 bytes per L2
- * table: 16 KiB per TiB at 64 KiB clusters); L2 tables are read in slices of at most 64 KiB into a
- * bounded LRU cache (DEFAULT_L2_CACHE_BYTES), so a 1 TiB template needs no more than that however
- * it is read. A read of a range is first mapped — cluster by cluster, or subcluster by subcluster
- * with extended L2 entries — into runs (data at a host offset, zeros, the backing file, or one
- * compressed cluster), adjacent runs of the same kind merged; then the runs are filled, several at
- * a time. The compressed clusters of one read are read with one file read per group of
+ * A read of a range is first mapped into runs through the two-level table (qcow2-tables.ts: data
+ * at a host offset, zeros, the backing file, or one compressed cluster); then the runs are filled,
+ * several at a time. The compressed clusters of one read are read with one file read per group of
  * neighbours on disk; a group of at least WORKER_MIN_CLUSTERS decodes partly on the calling
  * thread, partly in batches on decode workers (qcow2-decode-pool.ts: every core, as qemu-img's
  * thread pool); smaller groups on the calling thread (clusters ≤ 64 KiB, in slices) or the
@@ -21,30 +17,12 @@ import path from 'node:path';
 import { isUrl } from './base-location.js';
 import { FvdError } from './errors.js';
 import type { BlockFile, IoBackend } from './io.js';
-import {
-  HI_COMPRESSED,
-  HI_COPIED,
-  L1_RESERVED_HI,
-  L1_RESERVED_LO,
-  LO_ZERO,
-  STANDARD_RESERVED_HI,
-  STANDARD_RESERVED_LO,
-  compressedExtent,
-  corruptQcow2,
-  decodeQcow2Header,
-  entryOffset,
-  qcow2Geometry,
-  type Qcow2Geometry,
-  type Qcow2Header,
-} from './qcow2-format.js';
+import { corruptQcow2, decodeQcow2Header, qcow2Geometry, type Qcow2Geometry, type Qcow2Header } from './qcow2-format.js';
 import { INFLATE_SPARE, checkCompressionSupported, clusterFailure, decompressCluster, decompressClusterInto, workerZstd } from './qcow2-decompress.js';
-import { BATCH_BYTES, decodeBatch, giveShared, poolSize, takeShared } from './qcow2-decode-pool.js';
+import { BATCH_BYTES, decodeBatch, giveShared, poolSize, takeShared, type DecodeBatch } from './qcow2-decode-pool.js';
+import { BACKING, COMPRESSED, DATA, DEFAULT_L2_CACHE_BYTES, Qcow2Tables, ZERO, type Run } from './qcow2-tables.js';
 import { fileDataExtent, type DataExtent } from './zero-scan.js';
 
-/** L2 cache bound per qcow2 level: 8 MiB covers 64 GiB of disk at 64 KiB clusters, 2 TiB at 2 MiB. */
-export const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
-/** L2 tables are cached in slices of this many bytes at most (the whole table for clusters ≤ 64 KiB). */
-const L2_SLICE_BYTES = 64 * 1024;
 /** Decompressed clusters kept for partial reads of the same cluster (at least one cluster). */
 const DECOMPRESSED_CACHE_BYTES = 4 * 1024 * 1024;
 /** Runs filled at once per read: enough to keep the thread pool busy (file reads, large clusters). */
@@ -109,50 +87,12 @@ export interface Qcow2OpenOptions {
   chain?: string[];
 }
 
-// Run kinds.
-const ZERO = 0;
-const DATA = 1;
-const BACKING = 2;
-const COMPRESSED = 3;
-
-/** Clusters decoded together on a decode worker, into shared memory given back once all are copied out. */
-interface Batch {
-  done: Promise<void>;
-  out: SharedArrayBuffer;
-  /** Members not yet copied out. */
-  unread: number;
-}
-
-interface Run {
-  kind: number;
-  /** Guest offset and length of the run. */
-  guest: number;
-  length: number;
-  /** DATA: host offset of `guest`. COMPRESSED: host offset of the compressed stream. */
-  host: number;
-  /** COMPRESSED: bytes the descriptor names, and the run's offset inside the decompressed cluster. */
-  compressedLength: number;
-  inCluster: number;
-  /** COMPRESSED: the stream's bytes when read ahead with its neighbours (else read on its own). */
-  src: Uint8Array | null;
-  /** COMPRESSED: the batch decoding it on a worker, and its index there. */
-  batch: Batch | null;
-  batchIndex: number;
-}
 
 export class Qcow2Image implements ReadOnlyLayer {
   readonly size: number;
   private readonly g: Qcow2Geometry;
-  private readonly sliceBytes: number;
-  private readonly sliceEntries: number;
-  private readonly maxSlices: number;
-  private readonly slices = new Map<number, DataView>();
-  private readonly loading = new Map<number, Promise<DataView>>();
-  private lastSliceKey = -1;
-  private lastSlice: DataView | null = null;
   private readonly decompressed = new Map<number, Promise<Uint8Array>>();
   private readonly maxDecompressed: number;
-  private readonly fileSize: number;
 
   private constructor(
     /** The path errors name: resolved, as the engine's base errors expect. */
@@ -161,17 +101,12 @@ export class Qcow2Image implements ReadOnlyLayer {
     private readonly file: BlockFile,
     /** Where guest data lives: the image file, or its external data file. */
     private readonly data: BlockFile,
-    /** Table of L2 offsets (0: no L2 table), one per L1 entry. */
-    private readonly l1: Float64Array,
+    /** The L1 table and the L2 cache: where each guest range lives. */
+    private readonly tables: Qcow2Tables,
     private readonly backing: ReadOnlyLayer | null,
-    l2CacheBytes: number,
   ) {
     this.size = header.size;
     this.g = qcow2Geometry(header);
-    this.fileSize = file.size();
-    this.sliceBytes = Math.min(this.g.clusterSize, L2_SLICE_BYTES);
-    this.sliceEntries = this.sliceBytes / this.g.l2EntrySize;
-    this.maxSlices = Math.max(2, Math.floor(l2CacheBytes / this.sliceBytes));
     this.maxDecompressed = Math.max(1, Math.floor(DECOMPRESSED_CACHE_BYTES / this.g.clusterSize));
   }
 
@@ -196,13 +131,13 @@ export class Qcow2Image implements ReadOnlyLayer {
       if (first !== head) await file.read(first, 0);
       const header = decodeQcow2Header(resolved, first, fileSize);
       checkCompressionSupported(resolved, header.compression);
-      const l1 = await readL1(resolved, file, header);
+      const tables = await Qcow2Tables.open(resolved, file, header, options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES);
       if (header.hasDataFile) {
         if (!header.dataFile) throw new FvdError(`${resolved}: qcow2 image uses an external data file but does not name it`, 'EINVAL');
         data = await openRelative(io, resolved, header.dataFile, 'external data file');
       }
       if (header.backingFile !== null) backing = await openBacking(io, resolved, header, [...chain, resolved], options);
-      return new Qcow2Image(resolved, header, file, data ?? file, l1, backing, options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES);
+      return new Qcow2Image(resolved, header, file, data ?? file, tables, backing);
     } catch (err) {
       await backing?.close();
       await data?.close();
@@ -213,7 +148,7 @@ export class Qcow2Image implements ReadOnlyLayer {
 
   async read(buf: Uint8Array, offset: number): Promise<void> {
     this.checkRange(offset, buf.length);
-    const runs = await this.map(offset, offset + buf.length);
+    const runs = await this.tables.runs(offset, offset + buf.length);
     await this.readCompressedGroups(runs);
     let next = 0;
     let failed = false;
@@ -234,7 +169,7 @@ export class Qcow2Image implements ReadOnlyLayer {
 
   async knownZero(offset: number, length: number): Promise<boolean> {
     this.checkRange(offset, length);
-    for (const r of await this.map(offset, offset + length)) {
+    for (const r of await this.tables.runs(offset, offset + length)) {
       if (r.kind === DATA || r.kind === COMPRESSED) return false;
       if (r.kind === BACKING && this.backing && r.guest < this.backing.size) {
         const z = Math.min(r.guest + r.length, this.backing.size);
@@ -256,7 +191,7 @@ export class Qcow2Image implements ReadOnlyLayer {
       const windowEnd = Math.min(this.size, pos + window);
       let start = -1;
       let end = -1;
-      for (const r of await this.map(pos, windowEnd)) {
+      for (const r of await this.tables.runs(pos, windowEnd)) {
         const rEnd = r.guest + r.length;
         let a = -1;
         let z = -1;
@@ -289,7 +224,7 @@ export class Qcow2Image implements ReadOnlyLayer {
   async allocation(offset: number, length: number): Promise<{ offset: number; length: number; kind: 'data' | 'zero' | 'backing' }[]> {
     this.checkRange(offset, length);
     const out: { offset: number; length: number; kind: 'data' | 'zero' | 'backing' }[] = [];
-    for (const r of await this.map(offset, offset + length)) {
+    for (const r of await this.tables.runs(offset, offset + length)) {
       const kind = r.kind === ZERO ? 'zero' : r.kind === BACKING ? (this.backing ? 'backing' : 'zero') : 'data';
       const last = out[out.length - 1];
       if (last && last.kind === kind && last.offset + last.length === r.guest) last.length += r.length;
@@ -299,9 +234,8 @@ export class Qcow2Image implements ReadOnlyLayer {
   }
 
   async close(): Promise<void> {
-    this.slices.clear();
+    this.tables.clear();
     this.decompressed.clear();
-    this.lastSlice = null;
     try {
       await this.backing?.close();
       if (this.data !== this.file) await this.data.close();
@@ -341,126 +275,12 @@ export class Qcow2Image implements ReadOnlyLayer {
 
   /** Bytes the L2 cache holds now (for tests and `info`). */
   l2CacheBytes(): number {
-    return this.slices.size * this.sliceBytes;
+    return this.tables.l2CacheBytes();
   }
 
   private checkRange(offset: number, length: number): void {
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size)
       throw new FvdError(`${this.path}: read at ${offset}+${length} outside the ${this.size}-byte qcow2 image`, 'EINVAL');
-  }
-
-  // -------------------------------------------------------------------------------------------
-  // mapping
-
-  /** The runs of [offset, end), in order, adjacent runs of one kind merged. */
-  private async map(offset: number, end: number): Promise<Run[]> {
-    const runs: Run[] = [];
-    const cs = this.g.clusterSize;
-    const perTable = cs * this.g.l2Entries;
-    for (let pos = offset; pos < end; ) {
-      const vc = Math.floor(pos / cs);
-      const l1i = Math.floor(vc / this.g.l2Entries);
-      const l2Offset = this.l1[l1i]!;
-      if (l2Offset === 0) {
-        // No L2 table: the whole span it would cover is unallocated.
-        const spanEnd = Math.min(end, (l1i + 1) * perTable);
-        push(runs, BACKING, pos, spanEnd - pos, 0);
-        pos = spanEnd;
-        continue;
-      }
-      const l2i = vc % this.g.l2Entries;
-      const key = l2Offset + Math.floor(l2i / this.sliceEntries) * this.sliceBytes;
-      const view = key === this.lastSliceKey ? this.lastSlice! : (this.slices.get(key) ?? (await this.loadSlice(key)));
-      if (key !== this.lastSliceKey) this.touch(key, view);
-      const cEnd = Math.min(end, (vc + 1) * cs);
-      this.classify(runs, view, (l2i % this.sliceEntries) * this.g.l2EntrySize, vc, pos, cEnd);
-      pos = cEnd;
-    }
-    return runs;
-  }
-
-  /** Appends the runs of [pos, cEnd) inside guest cluster `vc`, whose L2 entry is at `at` in `view`. */
-  private classify(runs: Run[], view: DataView, at: number, vc: number, pos: number, cEnd: number): void {
-    const cs = this.g.clusterSize;
-    const hi = view.getUint32(at);
-    const lo = view.getUint32(at + 4);
-    const where = () => `guest cluster ${vc} (offset ${vc * cs})`;
-    const ext = this.header.extendedL2;
-    const zeroBits = ext ? view.getUint32(at + 8) : 0;
-    const allocBits = ext ? view.getUint32(at + 12) : 0;
-    if (hi & HI_COMPRESSED) {
-      if (this.header.hasDataFile) throw corruptQcow2(this.path, `${where()} is compressed, which an external data file does not allow`);
-      if (zeroBits || allocBits) throw corruptQcow2(this.path, `${where()} is compressed but has a subcluster bitmap`);
-      const c = compressedExtent(hi, lo, this.g);
-      if (c.offset < cs || c.offset >= this.fileSize)
-        throw corruptQcow2(this.path, `${where()}: compressed data at ${c.offset} is ${c.offset < cs ? 'inside the header cluster' : `past the end of the file (${this.fileSize} bytes; truncated?)`}`);
-      runs.push({ kind: COMPRESSED, guest: pos, length: cEnd - pos, host: c.offset, compressedLength: c.length, inCluster: pos - vc * cs, src: null, batch: null, batchIndex: 0 });
-      return;
-    }
-    if (hi & STANDARD_RESERVED_HI || lo & STANDARD_RESERVED_LO) throw corruptQcow2(this.path, `${where()}: reserved bits set in its L2 entry`);
-    if (!ext && lo & LO_ZERO) {
-      if (this.header.version < 3) throw corruptQcow2(this.path, `${where()}: zero flag in a version 2 image`);
-      push(runs, ZERO, pos, cEnd - pos, 0);
-      return;
-    }
-    const host = entryOffset(hi, lo);
-    const allocated = host !== 0 || (this.header.hasDataFile && (hi & HI_COPIED) !== 0);
-    if (allocated) this.checkHost(host, vc, where);
-    if (!ext) {
-      push(runs, allocated ? DATA : BACKING, pos, cEnd - pos, host + (pos - vc * cs));
-      return;
-    }
-    if (allocBits & zeroBits) throw corruptQcow2(this.path, `${where()}: subclusters marked both allocated and zero`);
-    if (!allocated && allocBits) throw corruptQcow2(this.path, `${where()}: allocated subclusters in an unallocated cluster`);
-    const scs = this.g.subclusterSize;
-    const base = vc * cs;
-    for (let p = pos; p < cEnd; ) {
-      const sc = Math.floor((p - base) / scs);
-      const scEnd = Math.min(cEnd, base + (sc + 1) * scs);
-      const bit = 1 << sc;
-      const kind = allocBits & bit ? DATA : zeroBits & bit ? ZERO : BACKING;
-      push(runs, kind, p, scEnd - p, host + (p - base));
-      p = scEnd;
-    }
-  }
-
-  /** A standard cluster's host offset must be cluster-aligned (so clear of the header: 0 is unallocated) and inside the file. */
-  private checkHost(host: number, vc: number, where: () => string): void {
-    const cs = this.g.clusterSize;
-    if (host % cs !== 0) throw corruptQcow2(this.path, `${where()}: data offset ${host} is not cluster-aligned`);
-    if (this.header.hasDataFile) {
-      // The external data file maps guest offsets 1:1.
-      if (host !== vc * cs) throw corruptQcow2(this.path, `${where()}: external data offset ${host} differs from the guest offset`);
-      return;
-    }
-    if (host >= this.fileSize) throw corruptQcow2(this.path, `${where()}: data offset ${host} is past the end of the file (${this.fileSize} bytes; truncated?)`);
-  }
-
-  /** Reads one L2 slice (deduplicating concurrent loads) and caches it. */
-  private loadSlice(key: number): Promise<DataView> {
-    let p = this.loading.get(key);
-    if (!p) {
-      p = (async () => {
-        const bytes = new Uint8Array(this.sliceBytes);
-        await this.file.read(bytes, key);
-        return new DataView(bytes.buffer);
-      })();
-      this.loading.set(key, p);
-      p.then(
-        () => this.loading.delete(key),
-        () => this.loading.delete(key),
-      );
-    }
-    return p;
-  }
-
-  /** LRU: most recently used last; evicts from the front beyond the bound. */
-  private touch(key: number, view: DataView): void {
-    this.slices.delete(key);
-    this.slices.set(key, view);
-    while (this.slices.size > this.maxSlices) this.slices.delete(this.slices.keys().next().value!);
-    this.lastSliceKey = key;
-    this.lastSlice = view;
   }
 
   // -------------------------------------------------------------------------------------------
@@ -575,7 +395,7 @@ export class Qcow2Image implements ReadOnlyLayer {
       });
       // Observed even when an earlier run's failure ends the read before this batch is awaited.
       done.catch(() => {});
-      const b: Batch = { done, out, unread: batch.length };
+      const b: DecodeBatch = { done, out, unread: batch.length };
       batch.forEach((r, i) => {
         r.batch = b;
         r.batchIndex = i;
@@ -590,13 +410,17 @@ export class Qcow2Image implements ReadOnlyLayer {
     return `of guest cluster ${vc} (offset ${vc * cs}, data at ${host})`;
   }
 
+  /** The compressed stream of `r`: as read ahead with its neighbours, else read now on its own. */
+  private async streamOf(r: Run): Promise<Uint8Array> {
+    if (r.src) return r.src;
+    const src = Buffer.allocUnsafe(r.compressedLength);
+    await this.file.read(src, r.host);
+    return src;
+  }
+
   /** One whole compressed cluster, decompressed into `dst`. */
   private async decompressInto(r: Run, dst: Uint8Array): Promise<void> {
-    let src = r.src;
-    if (!src) {
-      src = Buffer.allocUnsafe(r.compressedLength);
-      await this.file.read(src, r.host);
-    }
+    const src = await this.streamOf(r);
     const vc = Math.floor(r.guest / this.g.clusterSize);
     await decompressClusterInto(this.path, this.header.compression, src, this.g.clusterSize, this.where(vc, r.host), dst);
   }
@@ -612,11 +436,7 @@ export class Qcow2Image implements ReadOnlyLayer {
     }
     const cs = this.g.clusterSize;
     const p = (async () => {
-      let src = r.src;
-      if (!src) {
-        src = Buffer.allocUnsafe(r.compressedLength);
-        await this.file.read(src, r.host);
-      }
+      const src = await this.streamOf(r);
       const vc = Math.floor((r.guest - r.inCluster) / cs);
       return decompressCluster(this.path, this.header.compression, src, cs, this.where(vc, r.host));
     })();
@@ -629,40 +449,7 @@ export class Qcow2Image implements ReadOnlyLayer {
   }
 }
 
-function push(runs: Run[], kind: number, guest: number, length: number, host: number): void {
-  const last = runs[runs.length - 1];
-  if (last && last.kind === kind && kind !== COMPRESSED && (kind !== DATA || last.host + last.length === host)) {
-    last.length += length;
-    return;
-  }
-  runs.push({ kind, guest, length, host, compressedLength: 0, inCluster: 0, src: null, batch: null, batchIndex: 0 });
-}
 
-/**
- * The L1 table, each entry checked: an L2 table must be cluster-aligned (so, not being 0, clear of
- * the header cluster), inside the file and clear of the L1 table.
- */
-async function readL1(p: string, file: BlockFile, h: Qcow2Header): Promise<Float64Array> {
-  const l1 = new Float64Array(h.l1Size);
-  if (h.l1Size === 0) return l1;
-  const bytes = new Uint8Array(h.l1Size * 8);
-  await file.read(bytes, h.l1Offset);
-  const dv = new DataView(bytes.buffer);
-  const cs = h.clusterSize;
-  const l1End = h.l1Offset + h.l1Size * 8;
-  for (let i = 0; i < h.l1Size; i++) {
-    const hi = dv.getUint32(i * 8);
-    const lo = dv.getUint32(i * 8 + 4);
-    if (hi & L1_RESERVED_HI || lo & L1_RESERVED_LO) throw corruptQcow2(p, `L1 entry ${i}: reserved bits set`);
-    const off = entryOffset(hi, lo);
-    if (off === 0) continue;
-    if (off % cs !== 0) throw corruptQcow2(p, `L1 entry ${i}: L2 table offset ${off} is not cluster-aligned`);
-    if (off < l1End && off + cs > h.l1Offset) throw corruptQcow2(p, `L1 entry ${i}: L2 table offset ${off} overlaps the L1 table`);
-    if (off + cs > file.size()) throw corruptQcow2(p, `L1 entry ${i}: L2 table at ${off} lies past the end of the file (${file.size()} bytes; truncated?)`);
-    l1[i] = off;
-  }
-  return l1;
-}
 
 /** A name stored in `image` (backing or data file), resolved as QEMU does: relative to the image's directory. */
 function resolveStoredName(image: string, name: string, what: string): string {

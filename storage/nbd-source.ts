@@ -165,6 +165,9 @@ class Connection {
    * Where the socket reads next: inside a data payload, the rest of it in the request's own buffer
    * (the kernel copies the reply's data there, no copy here); otherwise the scratch buffer. Called
    * after every read, so it always describes the state the next bytes arrive in.
+   * The view is made anew each time on purpose: net's onread reads into the start of the view it
+   * is given (no offset), and every read that lands in a payload moves `dataPos`, so a view cached
+   * per payload would never be handed out twice.
    */
   private readBuffer(): Uint8Array {
     if (this.dataTarget && this.payloadLeft > 0 && !this.dead) {
