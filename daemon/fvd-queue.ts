@@ -11,7 +11,9 @@
  * without any I/O. A read of bytes still only in the base, when the base is a plain local raw file,
  * is read from the base file here too (fixed file 2, opened read-only), and the blocks are hinted
  * to the engine for copy-on-read in background (daemon/cor-hints.ts) without waiting for it.
- * Everything else (copy-on-write, other bases, allocation, flush, discard, FUA)
+ * A write into one block still only in such a base is stored whole here (daemon/queue-cow.ts);
+ * the engine only sets the block's bit. Everything else (other copy-on-writes, other bases,
+ * allocation, flush, discard, FUA)
  * goes to the engine as a 'slow' message; the
  * engine works directly in this queue's pinned request buffers and hands the result back through
  * the completion ring and the queue's eventfd (handleEvent).
@@ -50,6 +52,7 @@ import { BASE, STORED, ZERO, directRoute, newRun } from '../fvd/mapping.js';
 import { CorHintProducer, NO_SLOT, type CorHintShared } from './cor-hints.js';
 import { ACTIVITY_OTHER, ACTIVITY_READ, ACTIVITY_WRITE, QueueActivityWriter } from './queue-activity.js';
 import { FastCrypt } from './fast-crypt.js';
+import { COW_DECLINED, QueueCow } from './queue-cow.js';
 import { requestErrnoOf } from './request-errors.js';
 import { QueueTrace, ROUTE_BASE, ROUTE_ENGINE, ROUTE_STORED, ROUTE_ZERO, STAGE_BASE_START, STAGE_POSTED, type TraceShared } from '../fvd/trace.js';
 
@@ -95,6 +98,11 @@ export interface QueueWorkerData {
   trace: TraceShared | null;
   /** The device has AUTO_BUF_REG and USER_COPY: serve local blocks with zero copy (see above). */
   zeroCopy: boolean;
+  /**
+   * The image's shared block claims (fvd/block-claims.ts) when this thread may copy-on-write
+   * blocks of the local raw base itself (daemon/queue-cow.ts), else null.
+   */
+  claims: SharedArrayBuffer | null;
 }
 
 /** Messages to the main thread. */
@@ -106,13 +114,19 @@ export type WorkerMessage =
    * (FvdQueue.preReadBlock): the last blockSize bytes of the tag's maxIo-byte slice.
    */
   | { type: 'slow'; qid: number; tag: number; op: number; flags: number; offset: number; length: number; baseBlock: boolean }
+  /**
+   * tag's WRITE (length bytes) was stored here as the whole of base block `block`, whose shared
+   * claim this thread holds: the engine marks the block local, releases the claim, and completes
+   * the request (daemon/queue-cow.ts).
+   */
+  | { type: 'cow'; qid: number; tag: number; block: number; length: number }
   | { type: 'log'; qid: number; message: string }
   | { type: 'info'; qid: number; message: string }
   /**
    * hinted: copy-on-read hints pushed (claimed blocks), carried: of them with their block's data,
    * noSlot: of the others, those that found no free data slot.
    */
-  | { type: 'stats'; qid: number; fast: number; slow: number; hinted: number; carried: number; noSlot: number }
+  | { type: 'stats'; qid: number; fast: number; slow: number; hinted: number; carried: number; noSlot: number; cow: number }
   /** Copy-on-read hints are waiting in the shared rings (daemon/cor-hints.ts). */
   | { type: 'hint'; qid: number }
   | { type: 'exit'; qid: number; error?: string };
@@ -149,6 +163,8 @@ export class FvdQueue implements QueueTarget {
   /** The one 'hint' message, reused. */
   private readonly hintMessage: WorkerMessage;
   private readonly crypt: FastCrypt | null;
+  /** Copy-on-write of base blocks on this thread, or null (docs/DESIGN.md §2.5). */
+  private readonly cow: QueueCow | null;
   private readonly engineDone: CompletionRing;
   private readonly activity: QueueActivityWriter;
   private readonly bufBase: number;
@@ -253,6 +269,7 @@ export class FvdQueue implements QueueTarget {
     this.bufBase = loop.bufferAddress;
     const bytes = loop.buffers.bytes;
     this.bytes = bytes;
+    this.cow = d.claims !== null && direct !== null && baseDirect !== null && crypt === null ? new QueueCow(view, d.claims, baseDirect, direct, bytes, this.bufBase, maxIo) : null;
     this.tagOp = new Int32Array(depth);
     this.tagLen = new Float64Array(depth);
     this.tagDone = new Float64Array(depth);
@@ -390,6 +407,14 @@ export class FvdQueue implements QueueTarget {
       return;
     }
     this.slow++;
+    if (op === UBLK_IO_OP_WRITE && this.cow !== null && (iod.opFlags & UBLK_IO_F_FUA) === 0) {
+      const block = this.cow.store(tag, offset, length);
+      if (block !== COW_DECLINED) {
+        if (trace !== null) trace.stamp(trace.slot(tag), STAGE_POSTED);
+        this.post({ type: 'cow', qid: this.qid, tag, block, length });
+        return;
+      }
+    }
     const baseBlock = op === UBLK_IO_OP_WRITE && this.baseDirect !== null && this.preReadBlock(tag, offset, length);
     if (trace !== null) trace.stamp(trace.slot(tag), STAGE_POSTED);
     this.post({ type: 'slow', qid: this.qid, tag, op, flags: iod.opFlags >>> 8, offset, length, baseBlock });
@@ -431,7 +456,7 @@ export class FvdQueue implements QueueTarget {
   everySecond(): void {
     const h = this.hints;
     const hinted = h === null ? 0 : h.offered - h.dropped - h.coalesced;
-    this.post({ type: 'stats', qid: this.qid, fast: this.fast, slow: this.slow, hinted, carried: h === null ? 0 : h.carried, noSlot: h === null ? 0 : h.noSlot });
+    this.post({ type: 'stats', qid: this.qid, fast: this.fast, slow: this.slow, hinted, carried: h === null ? 0 : h.carried, noSlot: h === null ? 0 : h.noSlot, cow: this.cow === null ? 0 : this.cow.stored });
   }
 
   // ---- helpers ---------------------------------------------------------------------------
