@@ -13,6 +13,7 @@
 #              as fvd-cow, served by that build: before/after ratios in one guest boot
 #   loop       kernel loop device, --direct-io=on, over a raw file
 #   qcow2-nbd  a qcow2 image through qemu-nbd --cache=none --aio=native
+#   qcow2-cow  (only when named) a fresh qcow2 overlay over a raw base through qemu-nbd: fvd-cow's peer
 # Every backing file sits on the same tmpfs. Jobs: 4 KiB random read/write at depth 16, 128 KiB
 # sequential read/write at depth 4; direct I/O, libaio, FIO_RUNTIME seconds each (default 20).
 # BENCH_JOBS picks jobs by name (e.g. "randread"). Prints IOPS and MB/s per target and job, the
@@ -137,6 +138,14 @@ for t in $TARGETS; do
       fio --name=fillloop --filename="$dir/loop.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
       dev=$(losetup --direct-io=on -f --show "$dir/loop.raw")
       run_jobs loop "$dev"; losetup -d "$dev"; rm -f "$dir/loop.raw" ;;
+    qcow2-cow)
+      # The copy-on-write peer of fvd-cow: a fresh qcow2 overlay over the same kind of raw base.
+      truncate -s "$SIZE" "$dir/base.raw"
+      fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
+      qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$dir/cow.qcow2"
+      qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$dir/cow.qcow2"
+      sleep 1
+      run_jobs qcow2-cow /dev/nbd0; qemu-nbd -d /dev/nbd0 >/dev/null; rm -f "$dir/cow.qcow2" "$dir/base.raw" ;;
     qcow2-nbd)
       qemu-img create -q -f qcow2 "$dir/img.qcow2" "$SIZE"
       qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$dir/img.qcow2"

@@ -55,6 +55,8 @@ export interface EngineQueue {
   slow: number;
   /** Copy-on-writes the queue thread stored itself (daemon/queue-cow.ts). */
   cow: number;
+  /** Base reads not hinted for copy-on-read because the queue was busy. */
+  corBusy: number;
 }
 
 export type SlowRequest = Extract<WorkerMessage, { type: 'slow' }>;
@@ -209,7 +211,7 @@ export class EngineRequests {
   }
 
   /**
-   * A queue thread stored a write's whole block itself, holding the block's claim
+   * A queue thread stored a write's whole block(s) itself, holding their claims
    * (daemon/queue-cow.ts): the block becomes local (bits set, record queued and in the pending
    * log), then the claim goes — so whoever takes it next sees the block local — then the guest is
    * answered. Synchronous: no file I/O here.
@@ -220,13 +222,14 @@ export class EngineRequests {
     let result = m.length;
     this.stats.writes++;
     try {
-      this.image.adoptStoredBlock(m.block);
+      this.image.adoptStoredBlocks(m.block, m.lastBlock);
     } catch (err) {
       this.stats.errors++;
       result = requestErrno(err);
-      this.failures.failure(`write into block ${m.block}: ${(err as Error).message}`);
+      this.failures.failure(`write into blocks ${m.block}-${m.lastBlock}: ${(err as Error).message}`);
     }
-    this.claims?.release(m.block);
+    const claims = this.claims;
+    if (claims !== null) for (let b = m.block; b <= m.lastBlock; b++) claims.release(b);
     if (slot >= 0) this.trace!.stamp(slot, STAGE_ENGINE_DONE);
     q.completions.push(m.tag, result);
     fs.writeSync(q.eventfd, EFD_WAKE);
@@ -251,6 +254,7 @@ export class EngineRequests {
     q.carried = m.carried;
     q.noSlot = m.noSlot;
     q.cow = m.cow;
+    q.corBusy = m.corBusy;
   }
 
   /** Figures for STATUS= and `fvd list`: the engine's, plus the queues' path counts. */
@@ -268,8 +272,9 @@ export class EngineRequests {
   hintSummary(queues: readonly EngineQueue[]): string | null {
     const sum = (f: (q: EngineQueue) => number): number => queues.reduce((n, q) => n + f(q), 0);
     const hinted = sum((q) => q.hinted);
-    if (hinted === 0) return null;
+    const busy = sum((q) => q.corBusy);
+    if (hinted === 0 && busy === 0) return null;
     // The rest: no free slot, or a read that spanned blocks or whose base read would block.
-    return `copy-on-read hints: ${hinted}, ${sum((q) => q.carried)} of them carried their block's data, ${sum((q) => q.noSlot)} found no free data slot`;
+    return `copy-on-read hints: ${hinted}, ${sum((q) => q.carried)} of them carried their block's data, ${sum((q) => q.noSlot)} found no free data slot; ${busy} base reads not hinted while the queue was busy`;
   }
 }

@@ -2,8 +2,9 @@
  * Copy-on-write on the queue thread (docs/DESIGN.md §2.5): a guest write into ONE block that is
  * still only in the local raw base is stored whole by the queue thread itself — the base's bytes
  * around the guest's, one synchronous read of the base and one synchronous write of the image —
- * and only the block's bitmap bit is left to the engine on the main thread (FvdImage
- * adoptStoredBlock, queued to the journal and the pending log before the guest is answered).
+ * and so is a write of whole blocks (no base bytes needed); only the bitmap bits are left to the
+ * engine on the main thread (FvdImage
+ * adoptStoredBlocks, queued to the journal and the pending log before the guest is answered).
  * Before, the main thread read the base and wrote the block through the libuv pool: two hand-offs
  * per copy-on-write, most of its time in the trace (README, `make bench-trace-dev`).
  *
@@ -34,9 +35,11 @@ export class QueueCow {
   /** The block being read (for the base read's end-of-file zero fill, made once). */
   private fillAt = 0;
   private readonly zeroFill: (from: number) => void;
-  /** store()s that stored their block; declined attempts after a claim. */
+  /** Blocks stored; declined attempts after a claim. */
   stored = 0;
   declined = 0;
+  /** The last block of the range the last successful store() holds (its first is what it returned). */
+  lastBlock = -1;
 
   /**
    * `bytes`/`bufBase`: the queue's request buffers (tag t's slice at t·maxIo, address bufBase +
@@ -61,15 +64,18 @@ export class QueueCow {
 
   /**
    * Tag's WRITE of `length` bytes at `offset` (its data at the start of the tag's slice): stores
-   * the whole block and returns its number — the claim is then held, for the engine to release
-   * after adoptStoredBlock — or COW_DECLINED, nothing held.
+   * the whole block (or the whole blocks a block-aligned write covers) and returns the first
+   * block's number — `lastBlock` the last; their claims are then held, for the engine to release
+   * after adoptStoredBlocks — or COW_DECLINED, nothing held.
    */
   store(tag: number, offset: number, length: number): number {
     const view = this.view;
     const bs = this.bs;
-    if (view.fullyLocal[0] !== 0 || length > this.maxIo - bs) return COW_DECLINED;
+    if (view.fullyLocal[0] !== 0) return COW_DECLINED;
     const b = Math.floor(offset / bs);
-    if (b >= view.baseBlocks || b !== Math.floor((offset + length - 1) / bs)) return COW_DECLINED;
+    if (b >= view.baseBlocks) return COW_DECLINED;
+    if (b !== Math.floor((offset + length - 1) / bs)) return this.storeWhole(tag, offset, length);
+    if (length > this.maxIo - bs) return COW_DECLINED;
     if (!this.claims.tryClaim(b)) return COW_DECLINED;
     // Checked only under the claim: nobody else can make the block local now. Made local before
     // (a soft copy whose bit is not journaled yet, or a write the view had not shown when routed):
@@ -91,7 +97,38 @@ export class QueueCow {
     }
     if (this.image.transfer(true, this.bufBase + at, blockLen, view.dataOffset + start, this.zeroFill) !== blockLen) return this.decline(b);
     this.stored++;
+    this.lastBlock = b;
     return b;
+  }
+
+  /**
+   * A write of whole blocks [b0, b1] (aligned, two or more, all below the base's end): no base
+   * bytes are needed, so it is stored as it is, under the claims of all its blocks (taken in
+   * ascending order; one taken by someone else → all given back, declined). Whether a block is
+   * local already does not matter: the guest's bytes replace the whole of it either way. Returns
+   * b0; `lastBlock` says b1.
+   */
+  private storeWhole(tag: number, offset: number, length: number): number {
+    const view = this.view;
+    const bs = this.bs;
+    if (offset % bs !== 0 || length % bs !== 0) return COW_DECLINED;
+    const b0 = offset / bs;
+    const b1 = b0 + length / bs - 1;
+    if (b1 >= view.baseBlocks) return COW_DECLINED;
+    const claims = this.claims;
+    for (let b = b0; b <= b1; b++) {
+      if (claims.tryClaim(b)) continue;
+      for (let c = b0; c < b; c++) claims.release(c);
+      return COW_DECLINED;
+    }
+    if (this.image.transfer(true, this.bufBase + tag * this.maxIo, length, view.dataOffset + offset, this.zeroFill) !== length) {
+      for (let b = b0; b <= b1; b++) claims.release(b);
+      this.declined++;
+      return COW_DECLINED;
+    }
+    this.stored += b1 - b0 + 1;
+    this.lastBlock = b1;
+    return b0;
   }
 
   private decline(b: number): number {

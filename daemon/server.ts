@@ -500,6 +500,7 @@ export class UblkServer {
         noSlot: 0,
         slow: 0,
         cow: 0,
+        corBusy: 0,
         exited: new Promise((resolve) => {
           worker.on('message', (m: WorkerMessage) => {
             if (m.type === 'fetched' || m.type === 'exit') wipeKey();

@@ -577,16 +577,17 @@ export class FvdImage {
   }
 
   /**
-   * A queue thread holding block b's claim stored the whole block (the base's bytes around a
-   * guest write) at its place in the data area, and the write completed: the block is local now.
+   * A queue thread holding the claims of blocks [b0, b1] stored them whole (the base's bytes
+   * around a guest write, or a write of whole blocks) at their place in the data area, and the
+   * write completed: the blocks are local now.
    * Sets the bits and queues the BITMAP_SET record (and its pending-log entry) like a copy-on-write
    * here does, before the guest's write is acknowledged. The caller releases the claim after this.
    */
-  adoptStoredBlock(b: number): void {
+  adoptStoredBlocks(b0: number, b1: number): void {
     this.checkWritable('write');
     if (this.closed) throw new FvdError(`${this.path}: image is closed`, 'EINVAL');
-    if (this.allLocal || b >= this.baseBlocks) throw new FvdError(`${this.path}: block ${b} is not a base block`, 'EINVAL');
-    this.markLocal(b, b);
+    if (this.allLocal || b0 > b1 || b1 >= this.baseBlocks) throw new FvdError(`${this.path}: blocks ${b0}-${b1} are not base blocks`, 'EINVAL');
+    this.markLocal(b0, b1);
   }
 
   /**

@@ -45,7 +45,7 @@ for (const maxIo of [64 * KiB, 128 * KiB]) {
       const q: EngineQueue = {
         buffer: Buffer.alloc(DEPTH * maxIo),
         completions: new CompletionRing(CompletionRing.create(DEPTH)),
-        eventfd, fast: 0, hinted: 0, carried: 0, noSlot: 0, slow: 0, cow: 0,
+        eventfd, fast: 0, hinted: 0, carried: 0, noSlot: 0, slow: 0, cow: 0, corBusy: 0,
       };
       const results = new Map<number, number>();
       const drain = () => q.completions.drain((tag, r) => void results.set(tag, r));
@@ -97,14 +97,14 @@ test('serveCow: the block a queue thread stored becomes local (journaled after a
     const q: EngineQueue = {
       buffer: Buffer.alloc(DEPTH * 64 * KiB),
       completions: new CompletionRing(CompletionRing.create(DEPTH)),
-      eventfd, fast: 0, hinted: 0, carried: 0, noSlot: 0, slow: 0, cow: 0,
+      eventfd, fast: 0, hinted: 0, carried: 0, noSlot: 0, slow: 0, cow: 0, corBusy: 0,
     };
     // The queue thread's part (daemon/queue-cow.ts): claim block 3, store it whole, hand it over.
     Atomics.or(words, 0, 1 << 3);
     const fd = fs.openSync(file, 'r+');
     fs.writeSync(fd, new Uint8Array(bs).fill(0x77), 0, bs, img.sharedView().dataOffset + 3 * bs);
     fs.closeSync(fd);
-    engine.serveCow(q, { type: 'cow', qid: 0, tag: 5, block: 3, length: 4 * KiB });
+    engine.serveCow(q, { type: 'cow', qid: 0, tag: 5, block: 3, lastBlock: 3, length: 4 * KiB });
     const results = new Map<number, number>();
     q.completions.drain((tag, r) => void results.set(tag, r));
     assert.is(results.get(5), 4 * KiB, 'the write completed with its length');
@@ -116,7 +116,7 @@ test('serveCow: the block a queue thread stored becomes local (journaled after a
     await img.close();
     // A closed image: the request fails, the claim is released all the same.
     Atomics.or(words, 0, 1 << 4);
-    engine.serveCow(q, { type: 'cow', qid: 0, tag: 6, block: 4, length: 4 * KiB });
+    engine.serveCow(q, { type: 'cow', qid: 0, tag: 6, block: 4, lastBlock: 4, length: 4 * KiB });
     // (unshared: this engine holds no claims any more; the queue's bit is the queue's to drop)
     q.completions.drain((tag, r) => void results.set(tag, r));
     assert.ok(results.get(6)! < 0, 'a write into a closed image fails');

@@ -134,26 +134,38 @@ test('queue copy-on-write: partial and whole blocks, the last base block past th
     assert.is(put(0xa1, 2 * bs + 4 * KiB, 4 * KiB), 2);
     assert.ok(claims!.isClaimed(2), 'the claim is held until the engine adopts the block');
     assert.not.ok(isSet(img.sharedView().present, 2), 'not local before the engine says so');
-    img.adoptStoredBlock(2);
+    img.adoptStoredBlocks(2, 2);
     claims!.release(2);
     // Whole block.
     assert.is(put(0xb2, 4 * bs, bs), 4);
-    img.adoptStoredBlock(4);
+    img.adoptStoredBlocks(4, 4);
     claims!.release(4);
     // The base's last block: base bytes, then zeros up to the block's end, the guest's in the middle.
     assert.is(put(0xc3, 6 * bs + 8 * KiB, 2 * KiB), 6);
-    img.adoptStoredBlock(6);
+    img.adoptStoredBlocks(6, 6);
     claims!.release(6);
     // Declined: a local block, a block past the base, a write spanning two blocks, a claimed block.
     assert.is(put(0xd4, 2 * bs, 4 * KiB), COW_DECLINED, 'local now');
     await img.write(model.subarray(2 * bs, 2 * bs + 4 * KiB), 2 * bs);
     assert.is(q.store(new Uint8Array(4 * KiB), 8 * bs), COW_DECLINED, 'past the base: no bit to set');
-    assert.is(q.store(new Uint8Array(8 * KiB), bs - 4 * KiB), COW_DECLINED, 'two blocks');
+    assert.is(q.store(new Uint8Array(8 * KiB), bs - 4 * KiB), COW_DECLINED, 'two partial blocks');
+    // Whole blocks 7 and 8 (8 is past the base: no bit) are declined; 0 and 1 stored as they are.
+    assert.is(q.store(new Uint8Array(2 * bs), 7 * bs), COW_DECLINED, 'whole blocks reaching past the base');
+    assert.ok(claims!.tryClaim(1));
+    assert.is(put(0x99, 0, 2 * bs), COW_DECLINED, 'whole blocks, one claimed by someone else');
+    assert.not.ok(claims!.isClaimed(0), 'the other claim given back');
+    claims!.release(1);
+    assert.is(put(0xe5, 0, 2 * bs), 0, 'whole blocks 0-1 stored');
+    assert.is(q.cow.lastBlock, 1);
+    assert.ok(claims!.isClaimed(0) && claims!.isClaimed(1), 'both claims held');
+    img.adoptStoredBlocks(0, 1);
+    claims!.release(0);
+    claims!.release(1);
     assert.ok(claims!.tryClaim(1));
     assert.is(q.store(new Uint8Array(4 * KiB), bs), COW_DECLINED, 'claimed by someone else');
     claims!.release(1);
     assert.not.ok(claims!.isClaimed(8) || claims!.isClaimed(0) || claims!.isClaimed(1), 'a declined store holds nothing');
-    assert.is(q.cow.stored, 3);
+    assert.is(q.cow.stored, 5, 'blocks stored: 2, 4, 6, 0, 1');
     await img.close();
     const all = await readAll(file, size);
     assert.ok(Buffer.from(all).equals(Buffer.from(model)), 'the reopened image equals the model');
@@ -229,8 +241,9 @@ test('differential: a queue thread copy-on-writes while the engine writes, copie
       const batch: CowBatch = [];
       for (let i = 0; i < 8 && batch.length < DEPTH; i++) {
         const b = Math.floor(r() * 2002);
-        const whole = r() < 0.15;
-        const sectors = whole ? bs / 512 : 1 + Math.floor(r() * 16);
+        const x = r();
+        const whole = x < 0.15;
+        const sectors = x < 0.08 ? (2 * bs) / 512 : whole ? bs / 512 : 1 + Math.floor(r() * 16);
         const offset = whole ? b * bs : b * bs + Math.floor(r() * (bs / 512 - sectors + 1)) * 512;
         if (offset + sectors * 512 > size || !free(offset, sectors)) continue;
         const fill = 1 + ((round * 16 + i) % 254);
@@ -279,7 +292,7 @@ test('differential: a queue thread copy-on-writes while the engine writes, copie
       // The worker's answers: adopt each stored block (as daemon/engine-requests.ts serveCow), hand
       // each declined write to the engine (as the slow path does).
       const answered = new Promise<void>((resolve) => {
-        worker.once('message', (blocks: number[]) => {
+        worker.once('message', (blocks: ([number, number] | typeof COW_DECLINED)[]) => {
           const mine: Promise<unknown>[] = [];
           blocks.forEach((blk, k) => {
             const [offset, length, fill] = batch[k]!;
@@ -288,10 +301,12 @@ test('differential: a queue thread copy-on-writes while the engine writes, copie
               mine.push(img.write(new Uint8Array(length).fill(fill), offset));
               return;
             }
-            assert.is(blk, Math.floor(offset / bs));
-            stored++;
-            img.adoptStoredBlock(blk);
-            claims.release(blk);
+            const [first, last] = blk;
+            assert.is(first, Math.floor(offset / bs));
+            assert.is(last, Math.floor((offset + length - 1) / bs));
+            stored += last - first + 1;
+            img.adoptStoredBlocks(first, last);
+            for (let b = first; b <= last; b++) claims.release(b);
           });
           void Promise.all(mine).then(() => resolve());
         });

@@ -2,15 +2,15 @@
  * A queue thread's copy-on-write for tests/daemon/queue-cow.test.ts: a real worker thread running
  * daemon/queue-cow.ts against the image the test's main thread serves with the engine, so that
  * the claims are exercised across threads as in the daemon. Per batch of writes it stores each
- * one it can and reports, per write, the block (claim held, for the main thread to adopt and
- * release) or -1 (declined: the main thread gives it to the engine).
+ * one it can and reports, per write, its [first, last] block (claims held, for the main thread to
+ * adopt and release) or -1 (declined: the main thread gives it to the engine).
  */
 import fs from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
 import { allocPinned } from '../../ffi/uring.js';
 import { syscalls } from '../../ffi/syscalls.js';
 import { DirectIo, chooseDirectMode } from '../../daemon/direct-io.js';
-import { QueueCow } from '../../daemon/queue-cow.js';
+import { COW_DECLINED, QueueCow } from '../../daemon/queue-cow.js';
 import type { SharedView } from '../../fvd/mapping.js';
 
 export interface CowWorkerData {
@@ -47,7 +47,8 @@ parentPort!.on('message', (batch: CowBatch | null) => {
   }
   const blocks = batch.map(([offset, length, fill], tag) => {
     mem.bytes.fill(fill, tag * d.maxIo, tag * d.maxIo + length);
-    return cow.store(tag, offset, length);
+    const first = cow.store(tag, offset, length);
+    return first === COW_DECLINED ? first : [first, cow.lastBlock];
   });
   parentPort!.postMessage(blocks);
 });
