@@ -6,10 +6,14 @@
 #              must offer AUTO_BUF_REG: 6.16+; the target's log line says whether it got it)
 #   fvd-enc    (only when named in BENCH_TARGETS) as `fvd`, encrypted (AES-256-XTS, done by the
 #              queue workers on the fast path)
+#   fvd-cow-engine, fvd-cow-nocor, fvd-cow-prefetch  (only when named) as fvd-cow with the
+#              engine's copy-on-write (FVD_QUEUE_COW=0), with --no-copy-on-read, or with
+#              prefetching on (the default options)
 #   fvd-cow-before  (only when named, with FVD_BEFORE=<another checkout's build/daemon/cli.js>)
 #              as fvd-cow, served by that build: before/after ratios in one guest boot
 #   loop       kernel loop device, --direct-io=on, over a raw file
 #   qcow2-nbd  a qcow2 image through qemu-nbd --cache=none --aio=native
+#   qcow2-cow  (only when named) a fresh qcow2 overlay over a raw base through qemu-nbd: fvd-cow's peer
 # Every backing file sits on the same tmpfs. Jobs: 4 KiB random read/write at depth 16, 128 KiB
 # sequential read/write at depth 4; direct I/O, libaio, FIO_RUNTIME seconds each (default 20).
 # BENCH_JOBS picks jobs by name (e.g. "randread"). Prints IOPS and MB/s per target and job, the
@@ -110,6 +114,18 @@ for t in $TARGETS; do
       $FVD create -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
       serve "$dir/cow.fvd" --no-prefetch
       run_jobs fvd-cow "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/cow.fvd* "$dir/base.raw" ;;
+    fvd-cow-engine|fvd-cow-nocor|fvd-cow-prefetch)
+      # fvd-cow with one thing changed: the engine's copy-on-write (FVD_QUEUE_COW=0), no
+      # copy-on-read, or prefetching on (the default options)
+      truncate -s "$SIZE" "$dir/base.raw"
+      fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
+      $FVD create -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
+      case $t in
+        fvd-cow-engine) FVD_QUEUE_COW=0 serve "$dir/cow.fvd" --no-prefetch ;;
+        fvd-cow-nocor) serve "$dir/cow.fvd" --no-prefetch --no-copy-on-read ;;
+        fvd-cow-prefetch) serve "$dir/cow.fvd" ;;
+      esac
+      run_jobs "$t" "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/cow.fvd* "$dir/base.raw" ;;
     fvd-cow-before)
       [ -n "${FVD_BEFORE:-}" ] || { echo "fvd-cow-before needs FVD_BEFORE"; exit 1; }
       truncate -s "$SIZE" "$dir/base.raw"
@@ -122,6 +138,14 @@ for t in $TARGETS; do
       fio --name=fillloop --filename="$dir/loop.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
       dev=$(losetup --direct-io=on -f --show "$dir/loop.raw")
       run_jobs loop "$dev"; losetup -d "$dev"; rm -f "$dir/loop.raw" ;;
+    qcow2-cow)
+      # The copy-on-write peer of fvd-cow: a fresh qcow2 overlay over the same kind of raw base.
+      truncate -s "$SIZE" "$dir/base.raw"
+      fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
+      qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$dir/cow.qcow2"
+      qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$dir/cow.qcow2"
+      sleep 1
+      run_jobs qcow2-cow /dev/nbd0; qemu-nbd -d /dev/nbd0 >/dev/null; rm -f "$dir/cow.qcow2" "$dir/base.raw" ;;
     qcow2-nbd)
       qemu-img create -q -f qcow2 "$dir/img.qcow2" "$SIZE"
       qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$dir/img.qcow2"

@@ -13,6 +13,7 @@ import { STAGE_ENGINE_DONE, STAGE_ENGINE_START, type TraceRecorder } from '../fv
 import { UBLK_IO_F_FUA, UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES } from './ublk/abi.js';
 import { CorHintConsumer, NO_SLOT, corSlotPoolBytes, createCorHints, type CorHintShared } from './cor-hints.js';
 import type { CompletionRing } from './shared-state.js';
+import type { BlockClaims } from '../fvd/block-claims.js';
 import { BurstLog, requestErrno } from './request-errors.js';
 import type { WorkerMessage } from './fvd-queue.js';
 
@@ -52,10 +53,15 @@ export interface EngineQueue {
   carried: number;
   noSlot: number;
   slow: number;
+  /** Copy-on-writes the queue thread stored itself (daemon/queue-cow.ts). */
+  cow: number;
+  /** Base reads not hinted for copy-on-read because the queue was busy. */
+  corBusy: number;
 }
 
 export type SlowRequest = Extract<WorkerMessage, { type: 'slow' }>;
 export type QueueStats = Extract<WorkerMessage, { type: 'stats' }>;
+export type QueueCowDone = Extract<WorkerMessage, { type: 'cow' }>;
 
 export class EngineRequests {
   /** Requests the engine served (the fast path's are counted by the queues), and failures. */
@@ -70,6 +76,8 @@ export class EngineRequests {
   private corPool: PinnedBuffer | null = null;
   /** Bytes of one tag's slice of a queue's request buffers: the workers' maxIo (prepareQueues). */
   private maxIo = 0;
+  /** The image's shared block claims while queue threads copy-on-write (shareClaims), or null. */
+  private claims: BlockClaims | null = null;
 
   constructor(
     private readonly image: FvdImage,
@@ -99,6 +107,29 @@ export class EngineRequests {
       : null;
     this.hints = hints ? new CorHintConsumer(hints, pool?.bytes ?? null) : null;
     return hints;
+  }
+
+  /**
+   * Before the workers are spawned: the block claims that let them copy-on-write blocks of the
+   * local raw base themselves (daemon/queue-cow.ts), or null where they may not (the image
+   * decides; FVD_QUEUE_COW=0 turns it off, for side-by-side measurements).
+   */
+  shareClaims(): SharedArrayBuffer | null {
+    if (!this.claims) this.claims = process.env.FVD_QUEUE_COW === '0' ? null : this.image.shareBlockClaims();
+    return this.claims?.shared ?? null;
+  }
+
+  /** The workers are gone: no claim is held by a queue any more, locks go back to in-process only. */
+  unshareClaims(): void {
+    if (!this.claims) return;
+    this.claims = null;
+    this.image.unshareBlockClaims();
+  }
+
+  /** The closing line on copy-on-writes the queue threads stored, or null when there were none. */
+  cowSummary(queues: readonly EngineQueue[]): string | null {
+    const n = queues.reduce((sum, q) => sum + q.cow, 0);
+    return n === 0 ? null : `copy-on-write on the queue threads: ${n} blocks`;
   }
 
   /** A queue thread pushed copy-on-read hints: each hinted block is copied in background. */
@@ -179,6 +210,31 @@ export class EngineRequests {
     fs.writeSync(q.eventfd, EFD_WAKE);
   }
 
+  /**
+   * A queue thread stored a write's whole block(s) itself, holding their claims
+   * (daemon/queue-cow.ts): the block becomes local (bits set, record queued and in the pending
+   * log), then the claim goes — so whoever takes it next sees the block local — then the guest is
+   * answered. Synchronous: no file I/O here.
+   */
+  serveCow(q: EngineQueue, m: QueueCowDone): void {
+    const slot = this.trace === null ? -1 : this.trace.slotOf(m.qid, m.tag);
+    if (slot >= 0) this.trace!.stamp(slot, STAGE_ENGINE_START);
+    let result = m.length;
+    this.stats.writes++;
+    try {
+      this.image.adoptStoredBlocks(m.block, m.lastBlock);
+    } catch (err) {
+      this.stats.errors++;
+      result = requestErrno(err);
+      this.failures.failure(`write into blocks ${m.block}-${m.lastBlock}: ${(err as Error).message}`);
+    }
+    const claims = this.claims;
+    if (claims !== null) for (let b = m.block; b <= m.lastBlock; b++) claims.release(b);
+    if (slot >= 0) this.trace!.stamp(slot, STAGE_ENGINE_DONE);
+    q.completions.push(m.tag, result);
+    fs.writeSync(q.eventfd, EFD_WAKE);
+  }
+
   /** A request a queue thread failed itself (its 'log' message: one per failed request). */
   queueFailure(qid: number, message: string): void {
     this.failures.failure(`queue ${qid}: ${message}`);
@@ -197,6 +253,8 @@ export class EngineRequests {
     q.hinted = m.hinted;
     q.carried = m.carried;
     q.noSlot = m.noSlot;
+    q.cow = m.cow;
+    q.corBusy = m.corBusy;
   }
 
   /** Figures for STATUS= and `fvd list`: the engine's, plus the queues' path counts. */
@@ -214,8 +272,9 @@ export class EngineRequests {
   hintSummary(queues: readonly EngineQueue[]): string | null {
     const sum = (f: (q: EngineQueue) => number): number => queues.reduce((n, q) => n + f(q), 0);
     const hinted = sum((q) => q.hinted);
-    if (hinted === 0) return null;
+    const busy = sum((q) => q.corBusy);
+    if (hinted === 0 && busy === 0) return null;
     // The rest: no free slot, or a read that spanned blocks or whose base read would block.
-    return `copy-on-read hints: ${hinted}, ${sum((q) => q.carried)} of them carried their block's data, ${sum((q) => q.noSlot)} found no free data slot`;
+    return `copy-on-read hints: ${hinted}, ${sum((q) => q.carried)} of them carried their block's data, ${sum((q) => q.noSlot)} found no free data slot; ${busy} base reads not hinted while the queue was busy`;
   }
 }

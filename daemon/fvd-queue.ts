@@ -11,7 +11,9 @@
  * without any I/O. A read of bytes still only in the base, when the base is a plain local raw file,
  * is read from the base file here too (fixed file 2, opened read-only), and the blocks are hinted
  * to the engine for copy-on-read in background (daemon/cor-hints.ts) without waiting for it.
- * Everything else (copy-on-write, other bases, allocation, flush, discard, FUA)
+ * A write into one block still only in such a base is stored whole here (daemon/queue-cow.ts);
+ * the engine only sets the block's bit. Everything else (other copy-on-writes, other bases,
+ * allocation, flush, discard, FUA)
  * goes to the engine as a 'slow' message; the
  * engine works directly in this queue's pinned request buffers and hands the result back through
  * the completion ring and the queue's eventfd (handleEvent).
@@ -50,6 +52,7 @@ import { BASE, STORED, ZERO, directRoute, newRun } from '../fvd/mapping.js';
 import { CorHintProducer, NO_SLOT, type CorHintShared } from './cor-hints.js';
 import { ACTIVITY_OTHER, ACTIVITY_READ, ACTIVITY_WRITE, QueueActivityWriter } from './queue-activity.js';
 import { FastCrypt } from './fast-crypt.js';
+import { COW_DECLINED, QueueCow } from './queue-cow.js';
 import { requestErrnoOf } from './request-errors.js';
 import { QueueTrace, ROUTE_BASE, ROUTE_ENGINE, ROUTE_STORED, ROUTE_ZERO, STAGE_BASE_START, STAGE_POSTED, type TraceShared } from '../fvd/trace.js';
 
@@ -95,6 +98,11 @@ export interface QueueWorkerData {
   trace: TraceShared | null;
   /** The device has AUTO_BUF_REG and USER_COPY: serve local blocks with zero copy (see above). */
   zeroCopy: boolean;
+  /**
+   * The image's shared block claims (fvd/block-claims.ts) when this thread may copy-on-write
+   * blocks of the local raw base itself (daemon/queue-cow.ts), else null.
+   */
+  claims: SharedArrayBuffer | null;
 }
 
 /** Messages to the main thread. */
@@ -106,19 +114,27 @@ export type WorkerMessage =
    * (FvdQueue.preReadBlock): the last blockSize bytes of the tag's maxIo-byte slice.
    */
   | { type: 'slow'; qid: number; tag: number; op: number; flags: number; offset: number; length: number; baseBlock: boolean }
+  /**
+   * tag's WRITE (length bytes) was stored here as the whole of base blocks [block, lastBlock],
+   * whose shared claims this thread holds: the engine marks them local, releases the claims, and
+   * completes the request (daemon/queue-cow.ts).
+   */
+  | { type: 'cow'; qid: number; tag: number; block: number; lastBlock: number; length: number }
   | { type: 'log'; qid: number; message: string }
   | { type: 'info'; qid: number; message: string }
   /**
    * hinted: copy-on-read hints pushed (claimed blocks), carried: of them with their block's data,
    * noSlot: of the others, those that found no free data slot.
    */
-  | { type: 'stats'; qid: number; fast: number; slow: number; hinted: number; carried: number; noSlot: number }
+  | { type: 'stats'; qid: number; fast: number; slow: number; hinted: number; carried: number; noSlot: number; cow: number; corBusy: number }
   /** Copy-on-read hints are waiting in the shared rings (daemon/cor-hints.ts). */
   | { type: 'hint'; qid: number }
   | { type: 'exit'; qid: number; error?: string };
 
 const EIO = 5;
 const EOPNOTSUPP = 95;
+/** Reads from the base are hinted for copy-on-read only while the queue has at most this many requests in flight. */
+export const COR_MAX_IN_FLIGHT = 4;
 
 export class FvdQueue implements QueueTarget {
   readonly loop: QueueLoop;
@@ -149,6 +165,8 @@ export class FvdQueue implements QueueTarget {
   /** The one 'hint' message, reused. */
   private readonly hintMessage: WorkerMessage;
   private readonly crypt: FastCrypt | null;
+  /** Copy-on-write of base blocks on this thread, or null (docs/DESIGN.md §2.5). */
+  private readonly cow: QueueCow | null;
   private readonly engineDone: CompletionRing;
   private readonly activity: QueueActivityWriter;
   private readonly bufBase: number;
@@ -177,6 +195,8 @@ export class FvdQueue implements QueueTarget {
   private readonly trace: QueueTrace | null;
   private fast = 0;
   private slow = 0;
+  /** Base reads not hinted for copy-on-read because the queue was busy (COR_MAX_IN_FLIGHT). */
+  private corBusy = 0;
 
   /** Opens the image and the queue (its ring, buffers, descriptors) and the cipher; undone on failure. */
   constructor(d: QueueWorkerData, sys: Syscalls, post: (m: WorkerMessage) => void, spin: number) {
@@ -253,6 +273,7 @@ export class FvdQueue implements QueueTarget {
     this.bufBase = loop.bufferAddress;
     const bytes = loop.buffers.bytes;
     this.bytes = bytes;
+    this.cow = d.claims !== null && direct !== null && baseDirect !== null && crypt === null ? new QueueCow(view, d.claims, baseDirect, direct, bytes, this.bufBase, maxIo) : null;
     this.tagOp = new Int32Array(depth);
     this.tagLen = new Float64Array(depth);
     this.tagDone = new Float64Array(depth);
@@ -390,6 +411,14 @@ export class FvdQueue implements QueueTarget {
       return;
     }
     this.slow++;
+    if (op === UBLK_IO_OP_WRITE && this.cow !== null && (iod.opFlags & UBLK_IO_F_FUA) === 0) {
+      const block = this.cow.store(tag, offset, length);
+      if (block !== COW_DECLINED) {
+        if (trace !== null) trace.stamp(trace.slot(tag), STAGE_POSTED);
+        this.post({ type: 'cow', qid: this.qid, tag, block, lastBlock: this.cow.lastBlock, length });
+        return;
+      }
+    }
     const baseBlock = op === UBLK_IO_OP_WRITE && this.baseDirect !== null && this.preReadBlock(tag, offset, length);
     if (trace !== null) trace.stamp(trace.slot(tag), STAGE_POSTED);
     this.post({ type: 'slow', qid: this.qid, tag, op, flags: iod.opFlags >>> 8, offset, length, baseBlock });
@@ -431,7 +460,7 @@ export class FvdQueue implements QueueTarget {
   everySecond(): void {
     const h = this.hints;
     const hinted = h === null ? 0 : h.offered - h.dropped - h.coalesced;
-    this.post({ type: 'stats', qid: this.qid, fast: this.fast, slow: this.slow, hinted, carried: h === null ? 0 : h.carried, noSlot: h === null ? 0 : h.noSlot });
+    this.post({ type: 'stats', qid: this.qid, fast: this.fast, slow: this.slow, hinted, carried: h === null ? 0 : h.carried, noSlot: h === null ? 0 : h.noSlot, cow: this.cow === null ? 0 : this.cow.stored, corBusy: this.corBusy });
   }
 
   // ---- helpers ---------------------------------------------------------------------------
@@ -504,7 +533,14 @@ export class FvdQueue implements QueueTarget {
     if (inBase < length) this.bytes.fill(0, at + inBase, at + length);
     if (this.trace !== null) this.trace.stamp(this.trace.slot(tag), STAGE_BASE_START);
     const hints = this.hints;
-    if (hints !== null) {
+    // Copy-on-read yields to a busy guest: with more requests in flight on this queue than
+    // COR_MAX_IN_FLIGHT, the block is not hinted (it stays in the base, which is a local file
+    // here; the prefetcher copies it when the guest is quieter). Each hinted copy writes a whole
+    // block for a read of a few KiB, on the same CPUs as the guest's requests: at 4K random reads,
+    // QD16, it cut the IOPS of a fresh image 6-8x (README, fvd-cow against fvd-cow-nocor).
+    if (hints !== null && this.loop.requestsInFlight > COR_MAX_IN_FLIGHT) {
+      this.corBusy++;
+    } else if (hints !== null) {
       const bs = this.view.blockSize;
       const b = Math.floor(offset / bs);
       // Inside one block, and this queue hints it now: read the whole block once, into a data

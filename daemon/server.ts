@@ -446,6 +446,8 @@ export class UblkServer {
     // A plain local raw base: the queue threads read it themselves and hint copy-on-read.
     const basePath = this.image.localRawBasePath();
     const hints = this.engine.prepareQueues(view, this.opts.queues, this.opts.maxIo, basePath !== null);
+    // The same base: the queue threads copy-on-write its blocks themselves (daemon/queue-cow.ts).
+    const claims = this.engine.shareClaims();
     const traceShared = this.startTrace();
     const workerUrl = new URL('./queue-worker.js', import.meta.url);
     const fetched = this.fetched;
@@ -475,6 +477,7 @@ export class UblkServer {
         hints,
         trace: traceShared,
         zeroCopy: hasZeroCopy(this.deviceFlags),
+        claims,
       };
       const worker = new Worker(workerUrl, { workerData: data });
       const wipeKey = () => data.key && new Uint8Array(data.key).fill(0);
@@ -496,6 +499,8 @@ export class UblkServer {
         carried: 0,
         noSlot: 0,
         slow: 0,
+        cow: 0,
+        corBusy: 0,
         exited: new Promise((resolve) => {
           worker.on('message', (m: WorkerMessage) => {
             if (m.type === 'fetched' || m.type === 'exit') wipeKey();
@@ -546,6 +551,9 @@ export class UblkServer {
       }
       case 'slow':
         void this.engine.serveSlow(q, m);
+        break;
+      case 'cow':
+        this.engine.serveCow(q, m);
         break;
       case 'log': // a worker logs only what went wrong, one message per failed request
         this.engine.queueFailure(m.qid, m.message);
@@ -708,6 +716,10 @@ export class UblkServer {
     exits.forEach((e, i) => e === 'timeout' && errors.push(`queue ${i} did not stop`));
     const hintSummary = this.engine.hintSummary(this.queues);
     if (hintSummary) this.opts.log(hintSummary);
+    const cowSummary = this.engine.cowSummary(this.queues);
+    if (cowSummary) this.opts.log(cowSummary);
+    // No queue holds a block claim any more (each 'cow' message came before its queue's exit).
+    this.engine.unshareClaims();
     for (const q of this.queues) {
       await q.worker.terminate();
       fs.closeSync(q.eventfd);

@@ -34,6 +34,7 @@ import { allSet, countSet, forEachClearRun, newBitmap, setRange, testBit } from 
 import { Journal, PendingRecords } from './journal.js';
 import { PendingLogWriter, applyPendingLog, readPendingLog, unlinkPendingLog } from './pending-log.js';
 import { BlockLocks } from './block-locks.js';
+import { BlockClaims } from './block-claims.js';
 import { EncryptedRequests } from './encrypted-requests.js';
 import { FlushGuard } from './flush-guard.js';
 import { KeyError, type XtsCipher } from './crypto.js';
@@ -555,6 +556,38 @@ export class FvdImage {
   localRawBasePath(): string | null {
     if (!this.base || this.allLocal || this.encrypted) return null;
     return this.base.localRawPath ?? null;
+  }
+
+  /**
+   * Lets queue threads copy-on-write blocks of the local raw base themselves (daemon/queue-cow.ts,
+   * docs/DESIGN.md §2.5): returns the shared claims every lock of this image holds from now on,
+   * or null where the queue threads may not — no plain local raw base (localRawBasePath), a
+   * compact layout (a write may need a chunk allocated), read-only.
+   */
+  shareBlockClaims(): BlockClaims | null {
+    if (this.readOnly || this.table || this.localRawBasePath() === null) return null;
+    const claims = BlockClaims.create(this.baseBlocks);
+    this.locks.shareWith(claims);
+    return claims;
+  }
+
+  /** The queue threads are gone: locks hold in-process locks only again. */
+  unshareBlockClaims(): void {
+    this.locks.shareWith(null);
+  }
+
+  /**
+   * A queue thread holding the claims of blocks [b0, b1] stored them whole (the base's bytes
+   * around a guest write, or a write of whole blocks) at their place in the data area, and the
+   * write completed: the blocks are local now.
+   * Sets the bits and queues the BITMAP_SET record (and its pending-log entry) like a copy-on-write
+   * here does, before the guest's write is acknowledged. The caller releases the claim after this.
+   */
+  adoptStoredBlocks(b0: number, b1: number): void {
+    this.checkWritable('write');
+    if (this.closed) throw new FvdError(`${this.path}: image is closed`, 'EINVAL');
+    if (this.allLocal || b0 > b1 || b1 >= this.baseBlocks) throw new FvdError(`${this.path}: blocks ${b0}-${b1} are not base blocks`, 'EINVAL');
+    this.markLocal(b0, b1);
   }
 
   /**

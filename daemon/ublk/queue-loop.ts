@@ -191,6 +191,11 @@ export class QueueLoop {
   private aborted = 0;
   /** Requests received and not yet completed (what a quiesced queue waits for). */
   private inFlight = 0;
+
+  /** Requests this queue received and has not completed yet (the one being handled included). */
+  get requestsInFlight(): number {
+    return this.inFlight;
+  }
   private closed = false;
 
   /** Maps the descriptors, sets up the ring and buffers; on failure releases what it took. */

@@ -29,6 +29,8 @@
 #                 acknowledged write kept (pending log); fvd stop of a waiting device
 #  19 zero-copy   serve --zero-copy (AUTO_BUF_REG + USER_COPY): every route, fio verify, recovery
 #                 keeps it; on kernels without it one line and copies
+#  20 queue-cow   copy-on-write on the queue threads: scattered O_DIRECT writes racing a reader,
+#                 copy-on-read and prefetch, a SIGKILL and recovery; the device equals a model
 #
 # Output: one line per check, "ok - [N name] ..." or "not ok - [N name] ..." (with the evidence
 # indented below it), "# ..." comments, and as the last line exactly "N passed, N failed".

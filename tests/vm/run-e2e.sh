@@ -31,7 +31,7 @@ want=("$@")
 plain=() sysd=()
 for w in "${want[@]}"; do
     case $w in
-        all) plain+=(1 2 3 4 5 7 8 9 10 11 12 13 14 15 16 17 18 19); sysd+=(6) ;;
+        all) plain+=(1 2 3 4 5 7 8 9 10 11 12 13 14 15 16 17 18 19 20); sysd+=(6) ;;
         6 | systemd | 6-systemd) sysd+=(6) ;;
         *) plain+=("$w") ;;
     esac

@@ -1,0 +1,139 @@
+/**
+ * Copy-on-write on the queue thread (docs/DESIGN.md §2.5): a guest write into ONE block that is
+ * still only in the local raw base is stored whole by the queue thread itself — the base's bytes
+ * around the guest's, one synchronous read of the base and one synchronous write of the image —
+ * and so is a write of whole blocks (no base bytes needed); only the bitmap bits are left to the
+ * engine on the main thread (FvdImage
+ * adoptStoredBlocks, queued to the journal and the pending log before the guest is answered).
+ * Before, the main thread read the base and wrote the block through the libuv pool: two hand-offs
+ * per copy-on-write, most of its time in the trace (README, `make bench-trace-dev`).
+ *
+ * Exclusion: the block's shared claim (fvd/block-claims.ts), which every engine lock of the block
+ * also takes, is held from before the "still absent?" check until the engine set the bit (the
+ * engine releases it then). A copy-on-read or prefetch copy or another guest write of the block
+ * either ran before (the block is local: declined here) or waits / skips until the bit is set.
+ *
+ * Only what cannot block: both transfers synchronous (daemon/direct-io.ts). Anything else — the
+ * block taken, already local, a read or write that would block, was short or failed — declines,
+ * leaves no claim behind and the caller hands the request to the engine as before. A declined
+ * attempt may have written part of the block: harmless, the block is absent, so nobody reads its
+ * image bytes, and whoever makes it local writes the whole block first.
+ *
+ * Only for raw-like, unencrypted, writable images over a plain local raw base (the engine decides:
+ * FvdImage.shareBlockClaims). No allocation, promise or closure per request.
+ */
+import { BlockClaims } from '../fvd/block-claims.js';
+import type { SharedView } from '../fvd/mapping.js';
+import type { DirectIo } from './direct-io.js';
+
+/** store()'s answer when it did nothing (the request goes to the engine). */
+export const COW_DECLINED = -1;
+
+export class QueueCow {
+  readonly claims: BlockClaims;
+  private readonly bs: number;
+  /** The block being read (for the base read's end-of-file zero fill, made once). */
+  private fillAt = 0;
+  private readonly zeroFill: (from: number) => void;
+  /** Blocks stored; declined attempts after a claim. */
+  stored = 0;
+  declined = 0;
+  /** The last block of the range the last successful store() holds (its first is what it returned). */
+  lastBlock = -1;
+
+  /**
+   * `bytes`/`bufBase`: the queue's request buffers (tag t's slice at t·maxIo, address bufBase +
+   * t·maxIo); the last blockSize bytes of a tag's slice are free for the block (maxIo ≥ 2 blocks
+   * for any request stored here: the guest's bytes at the slice's start must not overlap it).
+   */
+  constructor(
+    private readonly view: SharedView,
+    claims: SharedArrayBuffer,
+    private readonly base: DirectIo,
+    private readonly image: DirectIo,
+    private readonly bytes: Uint8Array,
+    private readonly bufBase: number,
+    private readonly maxIo: number,
+  ) {
+    this.bs = view.blockSize;
+    this.claims = new BlockClaims(claims, view.baseBlocks);
+    this.zeroFill = (from: number) => {
+      this.bytes.fill(0, this.fillAt + from, this.fillAt + this.bs);
+    };
+  }
+
+  /**
+   * Tag's WRITE of `length` bytes at `offset` (its data at the start of the tag's slice): stores
+   * the whole block (or the whole blocks a block-aligned write covers) and returns the first
+   * block's number — `lastBlock` the last; their claims are then held, for the engine to release
+   * after adoptStoredBlocks — or COW_DECLINED, nothing held.
+   */
+  store(tag: number, offset: number, length: number): number {
+    const view = this.view;
+    const bs = this.bs;
+    if (view.fullyLocal[0] !== 0) return COW_DECLINED;
+    const b = Math.floor(offset / bs);
+    if (b >= view.baseBlocks) return COW_DECLINED;
+    if (b !== Math.floor((offset + length - 1) / bs)) return this.storeWhole(tag, offset, length);
+    if (length > this.maxIo - bs) return COW_DECLINED;
+    if (!this.claims.tryClaim(b)) return COW_DECLINED;
+    // Checked only under the claim: nobody else can make the block local now. Made local before
+    // (a soft copy whose bit is not journaled yet, or a write the view had not shown when routed):
+    // the engine's path, which needs no base bytes.
+    if ((Atomics.load(view.present, b >>> 3) & (1 << (b & 7))) !== 0) return this.decline(b);
+    const start = b * bs;
+    // The block as the image stores it: up to the disk's end (the last base block may pass it).
+    const blockLen = Math.min(bs, view.liveSize[0]! - start);
+    const slice = tag * this.maxIo;
+    let at = slice;
+    if (offset !== start || length !== blockLen) {
+      // The base's block in the slice's tail, zeros past the base's end, the guest's bytes over it.
+      at = slice + this.maxIo - bs;
+      const inBase = Math.min(blockLen, view.baseLimit - start);
+      this.fillAt = at;
+      if (inBase > 0 && this.base.transfer(false, this.bufBase + at, inBase, start, this.zeroFill) !== inBase) return this.decline(b);
+      if (inBase < blockLen) this.bytes.fill(0, at + Math.max(inBase, 0), at + blockLen);
+      this.bytes.copyWithin(at + (offset - start), slice, slice + length);
+    }
+    if (this.image.transfer(true, this.bufBase + at, blockLen, view.dataOffset + start, this.zeroFill) !== blockLen) return this.decline(b);
+    this.stored++;
+    this.lastBlock = b;
+    return b;
+  }
+
+  /**
+   * A write of whole blocks [b0, b1] (aligned, two or more, all below the base's end): no base
+   * bytes are needed, so it is stored as it is, under the claims of all its blocks (taken in
+   * ascending order; one taken by someone else → all given back, declined). Whether a block is
+   * local already does not matter: the guest's bytes replace the whole of it either way. Returns
+   * b0; `lastBlock` says b1.
+   */
+  private storeWhole(tag: number, offset: number, length: number): number {
+    const view = this.view;
+    const bs = this.bs;
+    if (offset % bs !== 0 || length % bs !== 0) return COW_DECLINED;
+    const b0 = offset / bs;
+    const b1 = b0 + length / bs - 1;
+    if (b1 >= view.baseBlocks) return COW_DECLINED;
+    const claims = this.claims;
+    for (let b = b0; b <= b1; b++) {
+      if (claims.tryClaim(b)) continue;
+      for (let c = b0; c < b; c++) claims.release(c);
+      return COW_DECLINED;
+    }
+    if (this.image.transfer(true, this.bufBase + tag * this.maxIo, length, view.dataOffset + offset, this.zeroFill) !== length) {
+      for (let b = b0; b <= b1; b++) claims.release(b);
+      this.declined++;
+      return COW_DECLINED;
+    }
+    this.stored += b1 - b0 + 1;
+    this.lastBlock = b1;
+    return b0;
+  }
+
+  private decline(b: number): number {
+    this.claims.release(b);
+    this.declined++;
+    return COW_DECLINED;
+  }
+}
