@@ -103,6 +103,8 @@ export interface QueueWorkerData {
    * blocks of the local raw base itself (daemon/queue-cow.ts), else null.
    */
   claims: SharedArrayBuffer | null;
+  /** With claims: also a partial block's copy-on-write, not only writes of whole blocks (FVD_QUEUE_COW=all). */
+  cowPartial: boolean;
 }
 
 /** Messages to the main thread. */
@@ -133,8 +135,8 @@ export type WorkerMessage =
 
 const EIO = 5;
 const EOPNOTSUPP = 95;
-/** Reads from the base are hinted for copy-on-read only while the queue has at most this many requests in flight. */
-export const COR_MAX_IN_FLIGHT = 4;
+/** Reads from the base are hinted for copy-on-read only while the guest keeps the queue at most this busy (QueueLoop.load). */
+export const COR_MAX_LOAD = 2;
 
 export class FvdQueue implements QueueTarget {
   readonly loop: QueueLoop;
@@ -195,7 +197,7 @@ export class FvdQueue implements QueueTarget {
   private readonly trace: QueueTrace | null;
   private fast = 0;
   private slow = 0;
-  /** Base reads not hinted for copy-on-read because the queue was busy (COR_MAX_IN_FLIGHT). */
+  /** Base reads not hinted for copy-on-read because the queue was busy (COR_MAX_LOAD). */
   private corBusy = 0;
 
   /** Opens the image and the queue (its ring, buffers, descriptors) and the cipher; undone on failure. */
@@ -273,7 +275,7 @@ export class FvdQueue implements QueueTarget {
     this.bufBase = loop.bufferAddress;
     const bytes = loop.buffers.bytes;
     this.bytes = bytes;
-    this.cow = d.claims !== null && direct !== null && baseDirect !== null && crypt === null ? new QueueCow(view, d.claims, baseDirect, direct, bytes, this.bufBase, maxIo) : null;
+    this.cow = d.claims !== null && direct !== null && baseDirect !== null && crypt === null ? new QueueCow(view, d.claims, baseDirect, direct, bytes, this.bufBase, maxIo, d.cowPartial) : null;
     this.tagOp = new Int32Array(depth);
     this.tagLen = new Float64Array(depth);
     this.tagDone = new Float64Array(depth);
@@ -533,12 +535,12 @@ export class FvdQueue implements QueueTarget {
     if (inBase < length) this.bytes.fill(0, at + inBase, at + length);
     if (this.trace !== null) this.trace.stamp(this.trace.slot(tag), STAGE_BASE_START);
     const hints = this.hints;
-    // Copy-on-read yields to a busy guest: with more requests in flight on this queue than
-    // COR_MAX_IN_FLIGHT, the block is not hinted (it stays in the base, which is a local file
-    // here; the prefetcher copies it when the guest is quieter). Each hinted copy writes a whole
-    // block for a read of a few KiB, on the same CPUs as the guest's requests: at 4K random reads,
-    // QD16, it cut the IOPS of a fresh image 6-8x (README, fvd-cow against fvd-cow-nocor).
-    if (hints !== null && this.loop.requestsInFlight > COR_MAX_IN_FLIGHT) {
+    // Copy-on-read yields to a busy guest: when the guest keeps this queue busier than
+    // COR_MAX_LOAD requests (QueueLoop.load), the block is not hinted (it stays in the base, which
+    // is a local file here; the prefetcher copies it when the guest is quieter). Each hinted copy
+    // writes a whole block for a read of a few KiB, on the same CPUs as the guest's requests: at
+    // 4K random reads, QD16, it cut the IOPS of a fresh image 6-8x (README, fvd-cow-nocor).
+    if (hints !== null && this.loop.load > COR_MAX_LOAD) {
       this.corBusy++;
     } else if (hints !== null) {
       const bs = this.view.blockSize;

@@ -54,6 +54,8 @@ export class QueueCow {
     private readonly bytes: Uint8Array,
     private readonly bufBase: number,
     private readonly maxIo: number,
+    /** Also copy-on-write a partial block (false: whole blocks only; EngineRequests queueCowMode). */
+    private readonly partial = true,
   ) {
     this.bs = view.blockSize;
     this.claims = new BlockClaims(claims, view.baseBlocks);
@@ -75,6 +77,7 @@ export class QueueCow {
     const b = Math.floor(offset / bs);
     if (b >= view.baseBlocks) return COW_DECLINED;
     if (b !== Math.floor((offset + length - 1) / bs)) return this.storeWhole(tag, offset, length);
+    if (!this.partial && (offset !== b * bs || length !== Math.min(bs, view.liveSize[0]! - offset))) return COW_DECLINED;
     if (length > this.maxIo - bs) return COW_DECLINED;
     if (!this.claims.tryClaim(b)) return COW_DECLINED;
     // Checked only under the claim: nobody else can make the block local now. Made local before

@@ -31,7 +31,7 @@ import {
   UBLK_S_DEV_LIVE,
 } from './ublk/abi.js';
 import { CompletionRing } from './shared-state.js';
-import { EFD_WAKE, EngineRequests, type EngineQueue, type ServerStats } from './engine-requests.js';
+import { EFD_WAKE, EngineRequests, queueCowMode, type EngineQueue, type ServerStats } from './engine-requests.js';
 import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
 import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
 import { GATE_ABANDON, GATE_OPEN, GATE_WAIT } from './fvd-queue.js';
@@ -478,6 +478,7 @@ export class UblkServer {
         trace: traceShared,
         zeroCopy: hasZeroCopy(this.deviceFlags),
         claims,
+        cowPartial: queueCowMode() === 'all',
       };
       const worker = new Worker(workerUrl, { workerData: data });
       const wipeKey = () => data.key && new Uint8Array(data.key).fill(0);

@@ -192,9 +192,18 @@ export class QueueLoop {
   /** Requests received and not yet completed (what a quiesced queue waits for). */
   private inFlight = 0;
 
-  /** Requests this queue received and has not completed yet (the one being handled included). */
-  get requestsInFlight(): number {
-    return this.inFlight;
+  /** Requests received in this loop turn (one io_uring_enter's completions) and in the previous one. */
+  private turnRequests = 0;
+  private lastTurnRequests = 0;
+
+  /**
+   * How busy the guest keeps this queue, in requests: the most of those in flight (the one being
+   * handled included), those that arrived in this loop turn and those of the previous turn. A
+   * request served synchronously completes before the next arrives, so in-flight alone reads 1
+   * at any depth; a guest at depth 1 sends one request per turn, a deeper one several.
+   */
+  get load(): number {
+    return Math.max(this.inFlight, this.turnRequests, this.lastTurnRequests);
   }
   private closed = false;
 
@@ -355,6 +364,8 @@ export class QueueLoop {
       const r = ring.submit(1);
       if (r < 0 && r !== EINTR && r !== EAGAIN && r !== EBUSY) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(r)}`);
       const now = (this.now = Date.now());
+      this.lastTurnRequests = this.turnRequests;
+      this.turnRequests = 0;
       ring.reap(onCqe);
       if (now - lastSecond > 1000) {
         lastSecond = now;
@@ -441,6 +452,7 @@ export class QueueLoop {
       case UD_KIND_UBLK_CMD:
         if (res === UBLK_IO_RES_OK) {
           this.inFlight++;
+          this.turnRequests++;
           this.tagBusy[tag] = 1;
           this.tagUsed[tag] = 1;
           this.target!.handleIo(tag, readIoDescriptor(this.descs, tag, this.iod));

@@ -57,13 +57,13 @@ async function readAll(file: string, size: number): Promise<Uint8Array> {
 const isSet = (present: Uint8Array, b: number): boolean => (present[b >>> 3]! & (1 << (b & 7))) !== 0;
 
 /** A queue thread's copy-on-write in this thread, with its own pinned request buffers. */
-function queueCow(img: FvdImage, claims: BlockClaims, file: string, basePath: string) {
+function queueCow(img: FvdImage, claims: BlockClaims, file: string, basePath: string, partial = true) {
   const imageFd = fs.openSync(file, 'r+');
   const baseFd = fs.openSync(basePath, 'r');
   const mem = allocPinned(DEPTH * maxIo);
   const image = new DirectIo(sys!, imageFd, chooseDirectMode(sys!, imageFd, file));
   const base = new DirectIo(sys!, baseFd, chooseDirectMode(sys!, baseFd, basePath));
-  const cow = new QueueCow(img.sharedView(), claims.shared, base, image, mem.bytes, mem.address, maxIo);
+  const cow = new QueueCow(img.sharedView(), claims.shared, base, image, mem.bytes, mem.address, maxIo, partial);
   /** Stores a write of `data` at `offset` in tag 0; the claim stays held when a block is returned. */
   const store = (data: Uint8Array, offset: number, tag = 0): number => {
     mem.bytes.set(data, tag * maxIo);
@@ -191,6 +191,28 @@ test('queue copy-on-write: a stored block whose bit was never set reads from the
     await img.abandon();
     const all = await readAll(file, 4 * bs);
     assert.ok(Buffer.from(all).equals(Buffer.from(base)), 'the unacknowledged write is invisible: the block is the base');
+  } finally {
+    q.close();
+    fs.rmSync(dir, { recursive: true });
+  }
+});
+
+test('whole blocks only (the default mode): a partial block is declined, a whole one stored; reopened', async () => {
+  if (!canRun) return console.log('  skip: needs koffi and /dev/shm');
+  const { dir, file, basePath, base } = await makeImage(4 * bs, 4 * bs);
+  const img = await FvdImage.open(nodeIo, file, { copyOnRead: false });
+  const claims = img.shareBlockClaims()!;
+  const q = queueCow(img, claims, file, basePath, false);
+  try {
+    assert.is(q.store(new Uint8Array(4 * KiB).fill(0x31), bs + 4 * KiB), COW_DECLINED, 'partial: the engine copies it');
+    assert.not.ok(claims.isClaimed(1), 'and no claim is left');
+    assert.is(q.store(new Uint8Array(bs).fill(0x32), 2 * bs), 2, 'a whole block is stored');
+    img.adoptStoredBlocks(2, 2);
+    claims.release(2);
+    await img.close();
+    const want = base.slice();
+    want.fill(0x32, 2 * bs, 3 * bs);
+    assert.ok(Buffer.from(await readAll(file, 4 * bs)).equals(Buffer.from(want)), 'reopened: block 2 the guest\'s, the rest the base');
   } finally {
     q.close();
     fs.rmSync(dir, { recursive: true });

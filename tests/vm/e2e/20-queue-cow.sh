@@ -3,11 +3,12 @@
 # timeout: 900
 #
 # A fresh FVD image over a 64 MiB random raw base, served with 2 queues. 300 small O_DIRECT
-# writes (4–16 KiB, each inside one 64 KiB block, at 16 at a time, no two on the same sectors) are
+# writes (4–16 KiB inside one 64 KiB block, or a whole block, 16 at a time, no two on the same sectors) are
 # made on the device and the same writes on a model copy of the base, while a reader streams the
 # whole device (base reads on the queue threads, copy-on-read hints racing the writes). The
-# differential: the whole device equals the model. Rounds: without prefetch; with a slow prefetch
-# (its copies race the writes); with the daemon SIGKILLed in the middle of the writes and the device
+# differential: the whole device equals the model. Rounds: FVD_QUEUE_COW=all (partial blocks'
+# copy-on-write on the queue threads too) without prefetch; the default (whole blocks) with a slow
+# prefetch (its copies race the writes); FVD_QUEUE_COW=all with the daemon SIGKILLed in the middle of the writes and the device
 # recovered by the next serve (the writes held meanwhile complete, nothing acknowledged is lost,
 # and the image served once more still equals the model);
 # with FVD_QUEUE_COW=0 (the engine's copy-on-write, the same answers). The closing log of each
@@ -17,12 +18,14 @@
 # unhinted (the stop's log counts them), reads one at a time are hinted.
 
 # make_writes SEED COUNT > LIST: "offset length fill" lines, 4 KiB-aligned, 1–4 slots of 4 KiB
-# inside one 64 KiB block, no slot used twice (so the order of concurrent writes does not matter).
+# inside one 64 KiB block or (one in ten) the whole block, no slot used twice (so the order of
+# concurrent writes does not matter).
 make_writes() {
     awk -v seed="$1" -v n="$2" -v blocks=1024 'BEGIN {
         srand(seed)
         while (made < n) {
             b = int(rand() * blocks); k = 1 + int(rand() * 4); s = int(rand() * (17 - k))
+            if (rand() < 0.1) { k = 16; s = 0 }   # a whole block: stored as it is
             clash = 0
             for (i = 0; i < k; i++) if (used[b * 16 + s + i]) clash = 1
             if (clash) continue
@@ -160,13 +163,17 @@ busy_round() {
 scenario() {
     local i base_sum
     mkdir -p pat
-    for ((i = 1; i <= 64; i++)); do pattern_file "pat/$i" 16384 "0x$(printf '%02x' "$i")"; done
+    for ((i = 1; i <= 64; i++)); do pattern_file "pat/$i" 65536 "0x$(printf '%02x' "$i")"; done
     random_file base.raw 64
     base_sum=$(sha256sum < base.raw)
-    cow_round "no prefetch" 11 --no-prefetch
-    # A slow prefetch: its copies run through the whole round instead of making the base local first.
-    cow_round "prefetch" 23 --prefetch-rate 4M
+    # FVD_QUEUE_COW=all: partial blocks' copy-on-write on the queue threads too (the default
+    # stores only whole blocks there: the prefetch round below).
+    export FVD_QUEUE_COW=all
+    cow_round "no prefetch, all on the queue threads" 11 --no-prefetch
     kill_round
+    unset FVD_QUEUE_COW
+    # A slow prefetch: its copies run through the whole round instead of making the base local first.
+    cow_round "prefetch, default (whole blocks on the queue threads)" 23 --prefetch-rate 4M
     off_round
     busy_round
     expect "the base's sha256 never changed" "$(sha256sum < base.raw)" "$base_sum"
