@@ -11,9 +11,10 @@
  * without any I/O. A read of bytes still only in the base, when the base is a plain local raw file,
  * is read from the base file here too (fixed file 2, opened read-only), and the blocks are hinted
  * to the engine for copy-on-read in background (daemon/cor-hints.ts) without waiting for it.
- * A write into one block still only in such a base is stored whole here (daemon/queue-cow.ts);
- * the engine only sets the block's bit. Everything else (other copy-on-writes, other bases,
- * allocation, flush, discard, FUA)
+ * A write of whole blocks still only in such a base is stored here (and, with FVD_QUEUE_COW=all,
+ * a partial block's copy-on-write: daemon/queue-cow.ts); the engine only sets the bits, a hand-over
+ * like the slow path's. Everything else (other copy-on-writes, other bases, allocation, flush,
+ * discard, FUA)
  * goes to the engine as a 'slow' message; the
  * engine works directly in this queue's pinned request buffers and hands the result back through
  * the completion ring and the queue's eventfd (handleEvent).
