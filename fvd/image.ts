@@ -586,7 +586,11 @@ export class FvdImage {
   adoptStoredBlocks(b0: number, b1: number): void {
     this.checkWritable('write');
     if (this.closed) throw new FvdError(`${this.path}: image is closed`, 'EINVAL');
-    if (this.allLocal || b0 > b1 || b1 >= this.baseBlocks) throw new FvdError(`${this.path}: blocks ${b0}-${b1} are not base blocks`, 'EINVAL');
+    if (b0 > b1 || b1 >= this.baseBlocks) throw new FvdError(`${this.path}: blocks ${b0}-${b1} are not base blocks`, 'EINVAL');
+    // Whole blocks are stored without looking at `present` (the guest's bytes replace them either
+    // way), so the image may have become fully local (the last soft copies done, FULLY_LOCAL
+    // checkpointed) while they were written: every block is local then, nothing to record.
+    if (this.allLocal) return;
     this.markLocal(b0, b1);
   }
 

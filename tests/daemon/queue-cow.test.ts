@@ -219,6 +219,32 @@ test('whole blocks only (the default mode): a partial block is declined, a whole
   }
 });
 
+test('whole blocks stored while the image becomes fully local: adopted without an error; reopened', async () => {
+  if (!canRun) return console.log('  skip: needs koffi and /dev/shm');
+  const { dir, file, basePath, base } = await makeImage(4 * bs, 4 * bs);
+  const img = await FvdImage.open(nodeIo, file, { copyOnRead: false });
+  const claims = img.shareBlockClaims()!;
+  const q = queueCow(img, claims, file, basePath);
+  try {
+    // Every block local by soft copies (prefetch), FULLY_LOCAL not yet recorded: a 2-block write
+    // is routed to the engine side (bits not journaled) and stored here as whole blocks.
+    await img.prefetchBlocks(0, 3);
+    assert.is(q.store(new Uint8Array(2 * bs).fill(0x6b), bs), 1, 'whole blocks 1-2 stored');
+    // The prefetcher finishes meanwhile: the image becomes fully local before the adoption.
+    claims.release(1);
+    claims.release(2);
+    assert.ok(await img.markFullyLocal(), 'fully local');
+    img.adoptStoredBlocks(1, 2); // must not fail the guest's write
+    await img.close();
+    const want = base.slice();
+    want.fill(0x6b, bs, 3 * bs);
+    assert.ok(Buffer.from(await readAll(file, 4 * bs)).equals(Buffer.from(want)), 'reopened: the write is there');
+  } finally {
+    q.close();
+    fs.rmSync(dir, { recursive: true });
+  }
+});
+
 test('no claims where queue threads may not copy-on-write: compact layout, read-only', async () => {
   if (!canRun) return console.log('  skip: needs koffi and /dev/shm');
   const c = await makeImage(4 * bs, 4 * bs, 'compact');
