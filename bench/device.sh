@@ -6,9 +6,9 @@
 #              must offer AUTO_BUF_REG: 6.16+; the target's log line says whether it got it)
 #   fvd-enc    (only when named in BENCH_TARGETS) as `fvd`, encrypted (AES-256-XTS, done by the
 #              queue workers on the fast path)
-#   fvd-cow-engine, fvd-cow-nocor, fvd-cow-prefetch  (only when named) as fvd-cow with the
-#              engine's copy-on-write (FVD_QUEUE_COW=0), with --no-copy-on-read, or with
-#              prefetching on (the default options)
+#   fvd-cow-engine, fvd-cow-nocor, fvd-cow-prefetch, fvd-cow-4k  (only when named) as fvd-cow
+#              with the engine's copy-on-write (FVD_QUEUE_COW=0), with --no-copy-on-read, with
+#              prefetching on (the default options), or created with 4 KiB blocks
 #   fvd-cow-before  (only when named, with FVD_BEFORE=<another checkout's build/daemon/cli.js>)
 #              as fvd-cow, served by that build: before/after ratios in one guest boot
 #   loop       kernel loop device, --direct-io=on, over a raw file
@@ -114,13 +114,15 @@ for t in $TARGETS; do
       $FVD create -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
       serve "$dir/cow.fvd" --no-prefetch
       run_jobs fvd-cow "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/cow.fvd* "$dir/base.raw" ;;
-    fvd-cow-engine|fvd-cow-nocor|fvd-cow-prefetch)
+    fvd-cow-engine|fvd-cow-nocor|fvd-cow-prefetch|fvd-cow-4k)
       # fvd-cow with one thing changed: the engine's copy-on-write (FVD_QUEUE_COW=0), no
-      # copy-on-read, or prefetching on (the default options)
+      # copy-on-read, prefetching on (the default options), or 4 KiB blocks
       truncate -s "$SIZE" "$dir/base.raw"
       fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
-      $FVD create -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
+      bs=; [ "$t" = fvd-cow-4k ] && bs="--block-size 4K"
+      $FVD create $bs -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
       case $t in
+        fvd-cow-4k) serve "$dir/cow.fvd" --no-prefetch ;;
         fvd-cow-engine) FVD_QUEUE_COW=0 serve "$dir/cow.fvd" --no-prefetch ;;
         fvd-cow-nocor) serve "$dir/cow.fvd" --no-prefetch --no-copy-on-read ;;
         fvd-cow-prefetch) serve "$dir/cow.fvd" ;;
