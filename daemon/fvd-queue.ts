@@ -51,6 +51,7 @@ import { DIRECT_WOULD_BLOCK, DirectIo, chooseDirectMode, type DirectMode } from 
 import { CompletionRing, type EngineView } from './shared-state.js';
 import { BASE, STORED, ZERO, directRoute, newRun } from '../fvd/mapping.js';
 import { CorHintProducer, NO_SLOT, type CorHintShared } from './cor-hints.js';
+import { CorGate } from './cor-gate.js';
 import { ACTIVITY_OTHER, ACTIVITY_READ, ACTIVITY_WRITE, QueueActivityWriter } from './queue-activity.js';
 import { FastCrypt } from './fast-crypt.js';
 import { COW_DECLINED, QueueCow } from './queue-cow.js';
@@ -136,8 +137,10 @@ export type WorkerMessage =
 
 const EIO = 5;
 const EOPNOTSUPP = 95;
-/** Reads from the base are hinted for copy-on-read only while the guest keeps the queue at most this busy (QueueLoop.load). */
+/** Reads from the base are hinted for copy-on-read only while the guest keeps the queue at most this busy (QueueLoop.load)… */
 export const COR_MAX_LOAD = 2;
+/** …and has not kept it busier for this long (ms): daemon/cor-gate.ts. */
+export const COR_QUIET_MS = 100;
 
 export class FvdQueue implements QueueTarget {
   readonly loop: QueueLoop;
@@ -200,6 +203,7 @@ export class FvdQueue implements QueueTarget {
   private slow = 0;
   /** Base reads not hinted for copy-on-read because the queue was busy (COR_MAX_LOAD). */
   private corBusy = 0;
+  private readonly corGate = new CorGate(COR_MAX_LOAD, COR_QUIET_MS);
 
   /** Opens the image and the queue (its ring, buffers, descriptors) and the cipher; undone on failure. */
   constructor(d: QueueWorkerData, sys: Syscalls, post: (m: WorkerMessage) => void, spin: number) {
@@ -536,12 +540,13 @@ export class FvdQueue implements QueueTarget {
     if (inBase < length) this.bytes.fill(0, at + inBase, at + length);
     if (this.trace !== null) this.trace.stamp(this.trace.slot(tag), STAGE_BASE_START);
     const hints = this.hints;
-    // Copy-on-read yields to a busy guest: when the guest keeps this queue busier than
-    // COR_MAX_LOAD requests (QueueLoop.load), the block is not hinted (it stays in the base, which
-    // is a local file here; the prefetcher copies it when the guest is quieter). Each hinted copy
-    // writes a whole block for a read of a few KiB, on the same CPUs as the guest's requests: at
-    // 4K random reads, QD16, it cut the IOPS of a fresh image 6-8x (README, fvd-cow-nocor).
-    if (hints !== null && this.loop.load > COR_MAX_LOAD) {
+    // Copy-on-read yields to a busy guest: while the guest keeps this queue busier than
+    // COR_MAX_LOAD requests (QueueLoop.load), and for COR_QUIET_MS after, the block is not hinted
+    // (it stays in the base, which is a local file here; the prefetcher copies it when the guest
+    // is quieter). Each hinted copy writes a whole block for a read of a few KiB, on the same CPUs
+    // as the guest's requests: at 4K random reads, QD16, it cut the IOPS of a fresh image 3-8x
+    // (README, fvd-cow-nocor).
+    if (hints !== null && !this.corGate.allows(this.loop.load, this.loop.turnTime)) {
       this.corBusy++;
     } else if (hints !== null) {
       const bs = this.view.blockSize;

@@ -205,6 +205,11 @@ export class QueueLoop {
   get load(): number {
     return Math.max(this.inFlight, this.turnRequests, this.lastTurnRequests);
   }
+
+  /** When this loop turn began (Date.now(), read once per io_uring_enter): a clock without a syscall. */
+  get turnTime(): number {
+    return this.now;
+  }
   private closed = false;
 
   /** Maps the descriptors, sets up the ring and buffers; on failure releases what it took. */
