@@ -6,6 +6,7 @@
 #   loop       kernel loop device, --direct-io=on, over a copy of the raw file
 #   fvd-fresh  a fresh FVD image over the raw base (`fvd create -b base.raw -F raw`), served with
 #              default options (copy-on-read and background prefetching on)
+#   fvd-fresh-4k  (only when named) fvd-fresh created with --block-size 4K
 #   fvd-local  the same image made fully local first with `fvd prefetch` (every block in the
 #              image, the base no longer read), served with default options
 #   qcow2-nbd  a qcow2 overlay over the raw base through qemu-nbd --cache=none --aio=native
@@ -29,7 +30,7 @@ FILES=${PM_FILES:-5000}
 TRANSACTIONS=${PM_TRANSACTIONS:-10000}
 command -v postmark >/dev/null || { echo "bench: postmark is not installed (apt-get install postmark)"; exit 1; }
 for t in $TARGETS; do
-  case $t in loop|fvd-fresh|fvd-local|qcow2-nbd) ;; *) echo "bench: unknown target $t (loop fvd-fresh fvd-local qcow2-nbd)"; exit 1 ;; esac
+  case $t in loop|fvd-fresh|fvd-fresh-4k|fvd-local|qcow2-nbd) ;; *) echo "bench: unknown target $t (loop fvd-fresh fvd-fresh-4k fvd-local qcow2-nbd)"; exit 1 ;; esac
 done
 
 dir=$(mktemp -d /tmp/fvd-postmark.XXXXXX)
@@ -135,6 +136,9 @@ for round in $(seq "$ROUNDS"); do
       fvd-fresh)
         $FVD create -b "$dir/base.raw" -F raw "$dir/fresh.fvd" >/dev/null
         run_fvd fvd-fresh "$round" "$dir/fresh.fvd" ;;
+      fvd-fresh-4k)
+        $FVD create --block-size 4K -b "$dir/base.raw" -F raw "$dir/fresh4k.fvd" >/dev/null
+        run_fvd fvd-fresh-4k "$round" "$dir/fresh4k.fvd" ;;
       fvd-local)
         $FVD create -b "$dir/base.raw" -F raw "$dir/local.fvd" >/dev/null
         $FVD prefetch -q "$dir/local.fvd"
