@@ -16,7 +16,8 @@
 #   qcow2-cow  (only when named) a fresh qcow2 overlay over a raw base through qemu-nbd: fvd-cow's peer
 # Every backing file sits on the same tmpfs. Jobs: 4 KiB random read/write at depth 16, 128 KiB
 # sequential read/write at depth 4; direct I/O, libaio, FIO_RUNTIME seconds each (default 20).
-# BENCH_JOBS picks jobs by name (e.g. "randread"). Prints IOPS and MB/s per target and job, the
+# BENCH_JOBS picks jobs by name (e.g. "randread"). Copy-on-write targets get a fresh image for
+# every job (BENCH_FRESH=job, default) or one for all the jobs (BENCH_FRESH=target). Prints IOPS and MB/s per target and job, the
 # ratios to loop, and for FVD targets the daemon's CPU time per I/O (user + system, µs). Each target's files are
 # deleted after its jobs: the guest's tmpfs holds about three 1 GiB files at most.
 set -euo pipefail
@@ -87,6 +88,48 @@ serve() { # image [options] -> sets $dev (no subshell: the pid must stay in this
 
 stop_last() { local p=${pids[-1]}; kill -TERM "$p"; wait "$p" || true; unset 'pids[-1]'; }
 
+# The copy-on-write targets. One raw base per target; the image over it is created afresh for
+# every job (BENCH_FRESH=job, the default: no job finds blocks an earlier job copied in, which
+# made a job's figure depend on the one before it) or once for all the jobs (BENCH_FRESH=target).
+cow_create() { # target image
+  case $1 in
+    fvd-cow-before) node "$FVD_BEFORE" create -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
+    fvd-cow-4k) $FVD create --block-size 4K -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
+    qcow2-cow) qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$2" ;;
+    *) $FVD create -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
+  esac
+}
+
+cow_serve() { # target image -> $dev (an fvd daemon's pid last in pids)
+  case $1 in
+    fvd-cow|fvd-cow-4k) serve "$2" --no-prefetch ;;
+    fvd-cow-engine) FVD_QUEUE_COW=0 serve "$2" --no-prefetch ;;
+    fvd-cow-nocor) serve "$2" --no-prefetch --no-copy-on-read ;;
+    fvd-cow-prefetch) serve "$2" ;;
+    fvd-cow-before) SERVE_FVD="node $FVD_BEFORE" serve "$2" --no-prefetch ;;
+    qcow2-cow) qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$2"; sleep 1; dev=/dev/nbd0 ;;
+  esac
+}
+
+cow_target() { # target
+  local t=$1 img=$dir/cow.fvd all=("${JOBS[@]}") sets s
+  [ "$t" != fvd-cow-before ] || [ -n "${FVD_BEFORE:-}" ] || { echo "fvd-cow-before needs FVD_BEFORE"; exit 1; }
+  [ "$t" != qcow2-cow ] || img=$dir/cow.qcow2
+  truncate -s "$SIZE" "$dir/base.raw"
+  fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
+  sets=("${all[@]}"); [ "${BENCH_FRESH:-job}" = job ] || sets=(all)
+  for s in "${sets[@]}"; do
+    if [ "$s" = all ]; then JOBS=("${all[@]}"); else JOBS=("$s"); fi
+    cow_create "$t" "$img"
+    cow_serve "$t" "$img"
+    if [ "$t" = qcow2-cow ]; then run_jobs "$t" "$dev"; qemu-nbd -d /dev/nbd0 >/dev/null
+    else run_jobs "$t" "$dev" "${pids[-1]}"; stop_last; fi
+    rm -f "$img"*
+  done
+  JOBS=("${all[@]}")
+  rm -f "$dir/base.raw"
+}
+
 for round in $(seq "$ROUNDS"); do
 for t in $TARGETS; do
   [ "$ROUNDS" -gt 1 ] && echo "round $round: $t"
@@ -108,46 +151,13 @@ for t in $TARGETS; do
       serve "$dir/enc.fvd" --key-file "$dir/enc.key"
       fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
       run_jobs fvd-enc "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/enc.fvd* "$dir/enc.key" ;;
-    fvd-cow)
-      truncate -s "$SIZE" "$dir/base.raw"
-      fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
-      $FVD create -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
-      serve "$dir/cow.fvd" --no-prefetch
-      run_jobs fvd-cow "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/cow.fvd* "$dir/base.raw" ;;
-    fvd-cow-engine|fvd-cow-nocor|fvd-cow-prefetch|fvd-cow-4k)
-      # fvd-cow with one thing changed: the engine's copy-on-write (FVD_QUEUE_COW=0), no
-      # copy-on-read, prefetching on (the default options), or 4 KiB blocks
-      truncate -s "$SIZE" "$dir/base.raw"
-      fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
-      bs=; [ "$t" = fvd-cow-4k ] && bs="--block-size 4K"
-      $FVD create $bs -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
-      case $t in
-        fvd-cow-4k) serve "$dir/cow.fvd" --no-prefetch ;;
-        fvd-cow-engine) FVD_QUEUE_COW=0 serve "$dir/cow.fvd" --no-prefetch ;;
-        fvd-cow-nocor) serve "$dir/cow.fvd" --no-prefetch --no-copy-on-read ;;
-        fvd-cow-prefetch) serve "$dir/cow.fvd" ;;
-      esac
-      run_jobs "$t" "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/cow.fvd* "$dir/base.raw" ;;
-    fvd-cow-before)
-      [ -n "${FVD_BEFORE:-}" ] || { echo "fvd-cow-before needs FVD_BEFORE"; exit 1; }
-      truncate -s "$SIZE" "$dir/base.raw"
-      fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
-      node "$FVD_BEFORE" create -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
-      SERVE_FVD="node $FVD_BEFORE" serve "$dir/cow.fvd" --no-prefetch
-      run_jobs fvd-cow-before "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/cow.fvd* "$dir/base.raw" ;;
+    fvd-cow|fvd-cow-engine|fvd-cow-nocor|fvd-cow-prefetch|fvd-cow-4k|fvd-cow-before|qcow2-cow)
+      cow_target "$t" ;;
     loop)
       truncate -s "$SIZE" "$dir/loop.raw"
       fio --name=fillloop --filename="$dir/loop.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
       dev=$(losetup --direct-io=on -f --show "$dir/loop.raw")
       run_jobs loop "$dev"; losetup -d "$dev"; rm -f "$dir/loop.raw" ;;
-    qcow2-cow)
-      # The copy-on-write peer of fvd-cow: a fresh qcow2 overlay over the same kind of raw base.
-      truncate -s "$SIZE" "$dir/base.raw"
-      fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
-      qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$dir/cow.qcow2"
-      qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$dir/cow.qcow2"
-      sleep 1
-      run_jobs qcow2-cow /dev/nbd0; qemu-nbd -d /dev/nbd0 >/dev/null; rm -f "$dir/cow.qcow2" "$dir/base.raw" ;;
     qcow2-nbd)
       qemu-img create -q -f qcow2 "$dir/img.qcow2" "$SIZE"
       qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$dir/img.qcow2"
