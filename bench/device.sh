@@ -17,9 +17,10 @@
 # Every backing file sits on the same tmpfs. Jobs: 4 KiB random read/write at depth 16, 128 KiB
 # sequential read/write at depth 4; direct I/O, libaio, FIO_RUNTIME seconds each (default 20).
 # BENCH_JOBS picks jobs by name (e.g. "randread"). Copy-on-write targets get a fresh image for
-# every job (BENCH_FRESH=job, default) or one for all the jobs (BENCH_FRESH=target). Prints IOPS and MB/s per target and job, the
-# ratios to loop, and for FVD targets the daemon's CPU time per I/O (user + system, µs). Each target's files are
-# deleted after its jobs: the guest's tmpfs holds about three 1 GiB files at most.
+# every job (BENCH_FRESH=job, default) or one for all the jobs (BENCH_FRESH=target). Prints IOPS
+# and MB/s per target and job, the ratios to loop, and for FVD targets the daemon's CPU time per
+# I/O (user + system, µs). Each target's files are deleted after its jobs: the guest's tmpfs holds
+# about three 1 GiB files at most.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 FVD="node $root/build/daemon/cli.js"

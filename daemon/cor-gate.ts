@@ -5,7 +5,7 @@
  *
  * Why the quiet period: under a steady deep load, a queue served synchronously still sees turns
  * with one or two requests (the daemon answers faster than the guest refills); judging each read
- * alone hinted ~9 % of the reads of fio 4K randread QD16, and each hint writes a whole block for
+ * alone hinted up to 9 % of the reads of fio 4K randread QD16, and each hint writes a whole block for
  * a few KiB read, so the copies still cost the guest most of its rate (README, fvd-cow against
  * fvd-cow-nocor). A guest at depth 1 never passes the bound and keeps every hint.
  */
