@@ -167,13 +167,13 @@ const rounds = [...new Set(rows.map((r) => r[1]))];
 const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s.length ? s[(s.length - 1) >> 1] : NaN; };
 const figure = (t, round, col) => { const r = rows.find((x) => x[0] === t && x[1] === round); return r ? Number(r[col]) : NaN; };
 const pad = (s, n) => String(s).padEnd(n);
-console.log(pad('target', 11) + pad('files created/s', 17) + pad('transactions/s', 16) + pad('created/s ÷ loop per round', 30) + pad('median', 8) + 'server CPU s');
+console.log(pad('target', 14) + pad('files created/s', 17) + pad('transactions/s', 16) + pad('created/s ÷ loop per round', 30) + pad('median', 8) + 'server CPU s');
 for (const t of targets) {
   const created = rounds.map((r) => figure(t, r, 2)).filter((x) => !Number.isNaN(x));
   const tx = rounds.map((r) => figure(t, r, 3)).filter((x) => !Number.isNaN(x));
   const ratios = rounds.map((r) => figure(t, r, 2) / figure('loop', r, 2)).filter((x) => Number.isFinite(x));
   const cpu = rounds.map((r) => figure(t, r, 5)).filter((x) => !Number.isNaN(x));
-  console.log(pad(t, 11) + pad(median(created).toFixed(0), 17) + pad(median(tx).toFixed(0), 16) +
+  console.log(pad(t, 14) + pad(median(created).toFixed(0), 17) + pad(median(tx).toFixed(0), 16) +
     pad(ratios.length ? ratios.map((x) => x.toFixed(2)).join(' ') : '-', 30) +
     pad(ratios.length ? median(ratios).toFixed(2) + 'x' : '-', 8) + (cpu.length ? median(cpu).toFixed(1) : '-'));
 }
@@ -181,7 +181,7 @@ if (mem.length) {
   console.log('\nresident memory (VmRSS, MiB; median over rounds, per round in brackets)');
   for (const t of [...new Set(mem.map((r) => r[0]))]) {
     const of = (col) => { const xs = mem.filter((r) => r[0] === t).map((r) => Number(r[col]) / 1024); return `${median(xs).toFixed(1)} [${xs.map((x) => x.toFixed(1)).join(' ')}]`; };
-    console.log(`${pad(t, 11)}at start ${of(2)}, after the run ${of(3)}`);
+    console.log(`${pad(t, 14)}at start ${of(2)}, after the run ${of(3)}`);
   }
 }
 JS
