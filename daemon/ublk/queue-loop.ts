@@ -163,6 +163,9 @@ const EBUSY = -16;
 const ETIME = -62;
 const ECANCELED = -125;
 
+/** A wait in io_uring_enter longer than this (ms) ends the guest's last burst (QueueLoop.load). */
+const LOAD_IDLE_MS = 10;
+
 export class QueueLoop {
   readonly qid: number;
   readonly depth: number;
@@ -368,8 +371,13 @@ export class QueueLoop {
       }
       const r = ring.submit(1);
       if (r < 0 && r !== EINTR && r !== EAGAIN && r !== EBUSY) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(r)}`);
-      const now = (this.now = Date.now());
-      this.lastTurnRequests = this.turnRequests;
+      const now = Date.now();
+      // The previous turn's requests tell how busy the guest keeps the queue only if that turn
+      // was recent: after a wait longer than LOAD_IDLE_MS the guest's last burst is over (without
+      // this, the first request after an idle gap counted the burst before it — a QD1 read right
+      // after a QD16 job looked busy).
+      this.lastTurnRequests = now - this.now > LOAD_IDLE_MS ? 0 : this.turnRequests;
+      this.now = now;
       this.turnRequests = 0;
       ring.reap(onCqe);
       if (now - lastSecond > 1000) {
