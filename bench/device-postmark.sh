@@ -6,7 +6,8 @@
 #   loop       kernel loop device, --direct-io=on, over a copy of the raw file
 #   fvd-fresh  a fresh FVD image over the raw base (`fvd create -b base.raw -F raw`), served with
 #              default options (copy-on-read and background prefetching on)
-#   fvd-fresh-4k  (only when named) fvd-fresh created with --block-size 4K
+#   fvd-fresh-64k  (only when named) fvd-fresh created with --block-size 64K (the default block
+#              size over a base before 4 KiB)
 #   fvd-local  the same image made fully local first with `fvd prefetch` (every block in the
 #              image, the base no longer read), served with default options
 #   qcow2-nbd  a qcow2 overlay over the raw base through qemu-nbd --cache=none --aio=native
@@ -26,11 +27,12 @@ FVD="node $root/build/daemon/cli.js"
 SIZE=${BENCH_SIZE:-1G}
 TARGETS=${BENCH_TARGETS:-"loop fvd-fresh fvd-local qcow2-nbd"}
 ROUNDS=${BENCH_ROUNDS:-3}
+. "$root/bench/rounds.sh"   # round_targets: BENCH_ROTATE
 FILES=${PM_FILES:-5000}
 TRANSACTIONS=${PM_TRANSACTIONS:-10000}
 command -v postmark >/dev/null || { echo "bench: postmark is not installed (apt-get install postmark)"; exit 1; }
 for t in $TARGETS; do
-  case $t in loop|fvd-fresh|fvd-fresh-4k|fvd-local|qcow2-nbd) ;; *) echo "bench: unknown target $t (loop fvd-fresh fvd-fresh-4k fvd-local qcow2-nbd)"; exit 1 ;; esac
+  case $t in loop|fvd-fresh|fvd-fresh-64k|fvd-local|qcow2-nbd) ;; *) echo "bench: unknown target $t (loop fvd-fresh fvd-fresh-64k fvd-local qcow2-nbd)"; exit 1 ;; esac
 done
 
 dir=$(mktemp -d /tmp/fvd-postmark.XXXXXX)
@@ -126,7 +128,7 @@ run_fvd() { # target round image
 }
 
 for round in $(seq "$ROUNDS"); do
-  for t in $TARGETS; do
+  for t in $(round_targets "$round"); do
     case $t in
       loop)
         cp --sparse=always "$dir/base.raw" "$dir/loop.raw"; chmod 644 "$dir/loop.raw"
@@ -136,9 +138,9 @@ for round in $(seq "$ROUNDS"); do
       fvd-fresh)
         $FVD create -b "$dir/base.raw" -F raw "$dir/fresh.fvd" >/dev/null
         run_fvd fvd-fresh "$round" "$dir/fresh.fvd" ;;
-      fvd-fresh-4k)
-        $FVD create --block-size 4K -b "$dir/base.raw" -F raw "$dir/fresh4k.fvd" >/dev/null
-        run_fvd fvd-fresh-4k "$round" "$dir/fresh4k.fvd" ;;
+      fvd-fresh-64k)
+        $FVD create --block-size 64K -b "$dir/base.raw" -F raw "$dir/fresh64k.fvd" >/dev/null
+        run_fvd fvd-fresh-64k "$round" "$dir/fresh64k.fvd" ;;
       fvd-local)
         $FVD create -b "$dir/base.raw" -F raw "$dir/local.fvd" >/dev/null
         $FVD prefetch -q "$dir/local.fvd"

@@ -6,9 +6,10 @@
 #              must offer AUTO_BUF_REG: 6.16+; the target's log line says whether it got it)
 #   fvd-enc    (only when named in BENCH_TARGETS) as `fvd`, encrypted (AES-256-XTS, done by the
 #              queue workers on the fast path)
-#   fvd-cow-engine, fvd-cow-nocor, fvd-cow-prefetch, fvd-cow-4k  (only when named) as fvd-cow
+#   fvd-cow-engine, fvd-cow-nocor, fvd-cow-prefetch, fvd-cow-64k  (only when named) as fvd-cow
 #              with the engine's copy-on-write (FVD_QUEUE_COW=0), with --no-copy-on-read, with
-#              prefetching on (the default options), or created with 4 KiB blocks
+#              prefetching on (the default options), or created with 64 KiB blocks (the default
+#              block size over a base before 4 KiB; fvd-cow-4k is a synonym of fvd-cow now)
 #   fvd-cow-before  (only when named, with FVD_BEFORE=<another checkout's build/daemon/cli.js>)
 #              as fvd-cow, served by that build: before/after ratios in one guest boot
 #   loop       kernel loop device, --direct-io=on, over a raw file
@@ -28,6 +29,7 @@ RUNTIME=${FIO_RUNTIME:-20}
 SIZE=${BENCH_SIZE:-1G}
 TARGETS=${BENCH_TARGETS:-"fvd fvd-cow loop qcow2-nbd"}
 ROUNDS=${BENCH_ROUNDS:-1}   # rounds of all targets in turn; the table shows each figure's median
+. "$root/bench/rounds.sh"   # round_targets: BENCH_ROTATE
 dir=$(mktemp -d /tmp/fvd-bench.XXXXXX)
 # A tmpfs of its own: every target's backing file in memory alike (the guest's /tmp is an overlay).
 mount -t tmpfs -o size=3584M fvd-bench "$dir"
@@ -95,7 +97,7 @@ stop_last() { local p=${pids[-1]}; kill -TERM "$p"; wait "$p" || true; unset 'pi
 cow_create() { # target image
   case $1 in
     fvd-cow-before) node "$FVD_BEFORE" create -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
-    fvd-cow-4k) $FVD create --block-size 4K -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
+    fvd-cow-64k) $FVD create --block-size 64K -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
     qcow2-cow) qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$2" ;;
     *) $FVD create -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
   esac
@@ -103,7 +105,7 @@ cow_create() { # target image
 
 cow_serve() { # target image -> $dev (an fvd daemon's pid last in pids)
   case $1 in
-    fvd-cow|fvd-cow-4k) serve "$2" --no-prefetch ;;
+    fvd-cow|fvd-cow-4k|fvd-cow-64k) serve "$2" --no-prefetch ;;
     fvd-cow-engine) FVD_QUEUE_COW=0 serve "$2" --no-prefetch ;;
     fvd-cow-nocor) serve "$2" --no-prefetch --no-copy-on-read ;;
     fvd-cow-prefetch) serve "$2" ;;
@@ -132,7 +134,7 @@ cow_target() { # target
 }
 
 for round in $(seq "$ROUNDS"); do
-for t in $TARGETS; do
+for t in $(round_targets "$round"); do
   [ "$ROUNDS" -gt 1 ] && echo "round $round: $t"
   case $t in
     fvd)
@@ -152,7 +154,7 @@ for t in $TARGETS; do
       serve "$dir/enc.fvd" --key-file "$dir/enc.key"
       fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
       run_jobs fvd-enc "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/enc.fvd* "$dir/enc.key" ;;
-    fvd-cow|fvd-cow-engine|fvd-cow-nocor|fvd-cow-prefetch|fvd-cow-4k|fvd-cow-before|qcow2-cow)
+    fvd-cow|fvd-cow-engine|fvd-cow-nocor|fvd-cow-prefetch|fvd-cow-4k|fvd-cow-64k|fvd-cow-before|qcow2-cow)
       cow_target "$t" ;;
     loop)
       truncate -s "$SIZE" "$dir/loop.raw"

@@ -44,7 +44,10 @@ export const BASE_FORMAT_CHOICES = 'raw, qcow2 or fvd';
 
 export const MIN_BLOCK_SIZE = 4096;
 export const MAX_BLOCK_SIZE = 64 * 1024 * 1024;
+/** The block size of an image without a base, and the largest one create picks over a base. */
 export const DEFAULT_BLOCK_SIZE = 64 * 1024;
+/** Largest bitmap create accepts to give an image over a base blocks smaller than DEFAULT_BLOCK_SIZE. */
+export const SMALL_BLOCK_BITMAP_BUDGET = 2 * 1024 * 1024;
 export const DEFAULT_CHUNK_SIZE = 1024 * 1024;
 export const MAX_CHUNK_SIZE = 1024 * 1024 * 1024;
 export const DEFAULT_JOURNAL_SIZE = 16 * 1024 * 1024;
@@ -339,6 +342,23 @@ export const roundUp = (v: number, a: number) => Math.ceil(v / a) * a;
 /** Bitmap bytes for `bytes` of base: one bit per block, padded to a 4 KiB page. */
 export function bitmapBytes(baseSize: number, blockSize: number): number {
   return roundUp(Math.ceil(Math.ceil(baseSize / blockSize) / 8), PAGE);
+}
+
+/**
+ * The block size create picks when none is given (FORMAT.md, definitions). Without a base: 64 KiB (the
+ * bitmap is empty, the size only sets the granularity of metadata). Over a base: the smallest
+ * power of two from 4 KiB up to 64 KiB whose bitmap fits SMALL_BLOCK_BITMAP_BUDGET, i.e. 4 KiB
+ * up to 64 GiB covered, 64 KiB from 1 TiB. Why small: the block is the copy-on-write unit, so a
+ * guest's 4 KiB write to a 4 KiB block replaces it whole — no base read, no 60 KiB copied — and a
+ * copy-on-read hint copies 4 KiB, not 64 KiB (measured on a fresh image over a template: 4K
+ * random writes 4.7x, reads 1.3x). Why a budget: the bitmap and the shared block claims are held
+ * in memory whole, one bit per block each. `covers` is what the bitmap covers (computeLayout).
+ */
+export function defaultBlockSize(hasBase: boolean, covers: number): number {
+  if (!hasBase) return DEFAULT_BLOCK_SIZE;
+  let blockSize = MIN_BLOCK_SIZE;
+  while (blockSize < DEFAULT_BLOCK_SIZE && bitmapBytes(covers, blockSize) > SMALL_BLOCK_BITMAP_BUDGET) blockSize *= 2;
+  return blockSize;
 }
 
 /** Lookup table bytes: one u32 per chunk of the virtual disk, padded to a 4 KiB page. */

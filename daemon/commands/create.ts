@@ -19,7 +19,7 @@ export const spec = defineCommand({
     base: { type: 'string', short: 'b', arg: 'BASE', help: 'base image (read-only; its path is recorded relative to IMAGE)' },
     'base-format': { type: 'string', short: 'F', arg: 'raw|qcow2|fvd', help: "the base's format (required with -b: never probed)" },
     layout: { type: 'string', default: 'raw', arg: 'raw|compact', help: 'raw-like (guest offset = file offset) or compact (lookup table; thin, works on block devices)' },
-    'block-size': { type: 'string', arg: 'SIZE', help: 'copy-on-write unit, one bitmap bit (default 64K)' },
+    'block-size': { type: 'string', arg: 'SIZE', help: 'copy-on-write unit, one bitmap bit (default: 64K; over a base the smallest of 4K..64K whose bitmap fits 2M, i.e. 4K up to a 64G base)' },
     'chunk-size': { type: 'string', arg: 'SIZE', help: 'allocation unit of the compact layout (default 1M)' },
     'journal-size': { type: 'string', arg: 'SIZE', help: 'metadata journal size (0: no journal)' },
     'no-detect-zeroes': { type: 'boolean', default: false, help: "do not scan the base for zero blocks at create" },

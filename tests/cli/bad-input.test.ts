@@ -493,7 +493,7 @@ test('journal: bitmap record for an out-of-range block → corrupt', async () =>
   await expectRefused(file, /journal bitmap record for blocks 1000000\+1 out of range/, { others: [path.join(dir, 'base.raw')] });
 
   const file2 = path.join(dir, 'img2.fvd');
-  await create(file2, { base: 'base.raw', baseFormat: 'raw' });
+  await create(file2, { base: 'base.raw', baseFormat: 'raw', blockSize: 64 * KiB });
   injectRecords(file2, (p) => p.addBitmap(15, 2)); // 16 blocks of 64 KiB: 15+2 runs past the end
   await expectRefused(file2, /out of range/, { others: [path.join(dir, 'base.raw')] });
 

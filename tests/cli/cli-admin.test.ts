@@ -143,7 +143,7 @@ test('info and map tell written data from never-written zeros (raw-like over a b
   const base = path.join(d, 'b.raw');
   rawWith(base, 64 * MiB, [[0, 8 * MiB, 9]]);
   const img = path.join(d, 't.fvd');
-  assertOk(fvd('create', '-b', 'b.raw', '-F', 'raw', img, '128M'));
+  assertOk(fvd('create', '--block-size', '64K', '-b', 'b.raw', '-F', 'raw', img, '128M'));
   assertOk(fvd('io', '-c', 'write -P 1 70M 1M', img));
   const info = json<Record<string, number | string | boolean>>(fvd('info', '--output=json', img));
   assert.is(info.bytesData, 1 * MiB, 'data written: 1 MiB');

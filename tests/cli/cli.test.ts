@@ -359,6 +359,13 @@ test('create: --layout compact, --chunk-size, --journal-size; bad layout refused
   assert.is(st2.chunkSize, 256 * KiB);
   assert.is(st2.journal.capacitySectors, 64);
 
+  // No block size given: a chunk smaller than the default block makes the block that small.
+  const c3 = path.join(dir, 'c3.fvd');
+  const r3 = fvd('create', '--layout', 'compact', '--chunk-size', '16k', c3, '1M');
+  assertOk(r3);
+  assert.match(r3.stdout, /block_size=16384 chunk_size=16384/);
+  assert.is(readHeader(c3).blockSize, 16 * KiB);
+
   const j0 = path.join(dir, 'j0.fvd');
   assertOk(fvd('create', '--journal-size', '0', j0, '1M'));
   assert.is(info(j0).journal.capacitySectors, 0);
@@ -367,7 +374,7 @@ test('create: --layout compact, --chunk-size, --journal-size; bad layout refused
 
   for (const [args, re] of [
     [['--layout', 'qcow2'], /invalid layout 'qcow2'/],
-    [['--layout', 'compact', '--chunk-size', '4k'], /chunk size 4096/],
+    [['--layout', 'compact', '--block-size', '64k', '--chunk-size', '4k'], /chunk size 4096 must be .* between the block size \(65536\)/],
     [['--layout', 'compact', '--chunk-size', '3M'], /chunk size/],
     [['--journal-size', '1000'], /journal size 1000/],
     [['--journal-size', '4k'], /journal size 4096/],
@@ -447,7 +454,7 @@ test('info: base chain, bytes local / in base change with writes; human output a
   const base = path.join(dir, 'base.raw');
   rawFile(base, patternBytes(MiB, 9));
   const img = path.join(dir, 'img.fvd');
-  assertOk(fvd('create', '-b', 'base.raw', '-F', 'raw', img, '2M'));
+  assertOk(fvd('create', '--block-size', '64K', '-b', 'base.raw', '-F', 'raw', img, '2M')); // the byte counts below are in 64 KiB blocks
   let st = info(img);
   assert.is(st.image, img);
   assert.is(st.virtualSize, 2 * MiB);
@@ -681,7 +688,7 @@ test('map: raw-like image over a raw base — base, local after writes, discards
   const base = path.join(dir, 'base.raw');
   rawFile(base, patternBytes(MiB, 6));
   const img = path.join(dir, 'img.fvd');
-  assertOk(fvd('create', '-b', base, '-F', 'raw', img, '2M'));
+  assertOk(fvd('create', '--block-size', '64K', '-b', base, '-F', 'raw', img, '2M')); // the extents below are in 64 KiB blocks
   let m = map(img);
   assertTiles(m, 2 * MiB);
   assert.equal(m, [ext(0, MiB, 'base'), ext(MiB, MiB, 'zero')], 'past the base: never written, a hole');

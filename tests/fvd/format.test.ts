@@ -2,6 +2,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import {
   HEADER_SIZE, INCOMPAT_COMPACT, PAGE, VERSION, computeLayout, decodeHeader, encodeHeader, bitmapBytes, tableBytes, type Header,
+  DEFAULT_BLOCK_SIZE, SMALL_BLOCK_BITMAP_BUDGET, defaultBlockSize,
 } from '../../fvd/format.js';
 import { FvdError } from '../../fvd/errors.js';
 
@@ -115,6 +116,26 @@ test('header: base_path_offset and base_size_next round-trip and are validated; 
   const l = computeLayout({ virtualSize: 1 << 30, blockSize: 65536, chunkSize: 1 << 20, baseSize: 1 << 20, compact: false, journalLength: 1 << 20 });
   assert.is(l.bitmapLength, bitmapBytes(1 << 30, 65536), 'sized for the disk when it is larger than the base');
   assert.is(computeLayout({ virtualSize: 1 << 30, blockSize: 65536, chunkSize: 1 << 20, baseSize: 0, compact: false, journalLength: 1 << 20 }).bitmapLength, 0);
+});
+
+test('default block size: 64K without a base; over a base the smallest whose bitmap fits the budget', () => {
+  const GiB = 2 ** 30;
+  assert.is(defaultBlockSize(false, 0), DEFAULT_BLOCK_SIZE);
+  assert.is(defaultBlockSize(false, 4096 * GiB), DEFAULT_BLOCK_SIZE);
+  assert.is(defaultBlockSize(true, 1), 4096);
+  assert.is(defaultBlockSize(true, 10 * GiB), 4096);
+  assert.is(defaultBlockSize(true, 64 * GiB), 4096, '64 GiB at 4 KiB is exactly the 2 MiB budget');
+  assert.is(defaultBlockSize(true, 64 * GiB + 512), 8192);
+  assert.is(defaultBlockSize(true, 128 * GiB), 8192);
+  assert.is(defaultBlockSize(true, 200 * GiB), 16384);
+  assert.is(defaultBlockSize(true, 512 * GiB), 32768);
+  assert.is(defaultBlockSize(true, 1024 * GiB), 65536);
+  assert.is(defaultBlockSize(true, 100 * 1024 * GiB), 65536, 'never above 64 KiB, the bitmap then grows past the budget');
+  for (const covers of [GiB, 64 * GiB, 64 * GiB + 1, 300 * GiB, 1024 * GiB]) {
+    const b = defaultBlockSize(true, covers);
+    assert.ok(bitmapBytes(covers, b) <= SMALL_BLOCK_BITMAP_BUDGET, `${covers}: fits`);
+    if (b > 4096) assert.ok(bitmapBytes(covers, b / 2) > SMALL_BLOCK_BITMAP_BUDGET, `${covers}: ${b / 2} would not fit`);
+  }
 });
 
 test.run();

@@ -212,6 +212,38 @@ test('compact on a file: unreferenced chunks are counted and reclaimed', async (
   await img.close();
 });
 
+test('create picks the block size when none is given: 4K over a base, by the bitmap budget, 64K without; reopened', async () => {
+  const base = makeBase();
+  const blockOf = async (opts: CreateOptions) => {
+    const img = await FvdImage.open(nodeIo, await fresh(opts), { readOnly: true });
+    try { return img.blockSize; } finally { await img.close(); }
+  };
+  assert.is(await blockOf({ base: base.file, baseFormat: 'raw' }), 4 * KiB);
+  assert.is(await blockOf({ base: base.file, baseFormat: 'raw', layout: 'compact' }), 4 * KiB);
+  assert.is(await blockOf({ size: 4 * MiB }), 64 * KiB);
+  assert.is(await blockOf({ base: base.file, baseFormat: 'raw', blockSize: 64 * KiB }), 64 * KiB, 'a given size is kept');
+  // A 200 GiB sparse base: 4 KiB blocks would need a 6.25 MiB bitmap, 16 KiB fits 2 MiB; a
+  // smaller chunk size given caps the block (a chunk holds whole blocks).
+  const big = path.join(dir, `sparse${n++}.raw`);
+  fs.writeFileSync(big, '');
+  fs.truncateSync(big, 200 * 1024 * MiB);
+  assert.is(await blockOf({ base: big, baseFormat: 'raw' }), 16 * KiB);
+  assert.is(await blockOf({ base: big, baseFormat: 'raw', layout: 'compact', chunkSize: 8 * KiB }), 8 * KiB);
+  // A 4 KiB-block image over a base behaves: a 512-byte write copies only its 4 KiB block.
+  const file = await fresh({ base: base.file, baseFormat: 'raw', size: 4 * MiB });
+  let img = await FvdImage.open(nodeIo, file, { copyOnRead: false });
+  await img.write(Buffer.alloc(512, 0xee), 64 * KiB + 1000);
+  await img.close();
+  img = await FvdImage.open(nodeIo, file, { readOnly: true });
+  const expect = Buffer.from(base.data.subarray(64 * KiB, 128 * KiB));
+  expect.fill(0xee, 1000, 1512);
+  assert.ok((await readAll(img, 64 * KiB, 64 * KiB)).equals(expect));
+  const local = img.extents().filter((e) => e.kind === 'local' && e.offset < 2 * MiB);
+  const zeroBlock = (e: { offset: number }) => e.offset >= 128 * KiB && e.offset < 192 * KiB; // zero-detected at create
+  assert.equal(local.filter((e) => !zeroBlock(e)).map((e) => [e.offset, e.length]), [[64 * KiB, 4 * KiB]]);
+  await img.close();
+});
+
 test('locking, read-only and range errors are clear FvdErrors', async () => {
   const file = await fresh({ size: 1 * MiB });
   const img = await FvdImage.open(nodeIo, file);

@@ -2,16 +2,18 @@
 # title: copy-on-write on the queue threads: scattered writes racing reads, copy-on-read, prefetch and a kill
 # timeout: 900
 #
-# A fresh FVD image over a 64 MiB random raw base, served with 2 queues. 300 small O_DIRECT
+# A fresh FVD image over a 64 MiB random raw base, served with 2 queues, with 64 KiB blocks (so
+# that most writes copy part of a block) or the default 4 KiB (every write is whole blocks: stored
+# on the queue threads, several blocks at a time). 300 small O_DIRECT
 # writes (4–16 KiB inside one 64 KiB block, or a whole block, 16 at a time, no two on the same sectors) are
 # made on the device and the same writes on a model copy of the base, while a reader streams the
 # whole device (base reads on the queue threads, copy-on-read hints racing the writes). The
 # differential: the whole device equals the model. Rounds: FVD_QUEUE_COW=all (partial blocks'
 # copy-on-write on the queue threads too) without prefetch; the default (whole blocks) with a slow
-# prefetch (its copies race the writes); FVD_QUEUE_COW=all with the daemon SIGKILLed in the middle of the writes and the device
+# prefetch (its copies race the writes), at 64 KiB and at 4 KiB blocks; FVD_QUEUE_COW=all with the daemon SIGKILLed in the middle of the writes and the device
 # recovered by the next serve (the writes held meanwhile complete, nothing acknowledged is lost,
 # and the image served once more still equals the model);
-# with FVD_QUEUE_COW=0 (the engine's copy-on-write, the same answers). The closing log of each
+# with FVD_QUEUE_COW=0 (the engine's copy-on-write, the same answers; 4 KiB blocks). The closing log of each
 # queue-thread round counts the blocks stored on the queue threads (the path was taken); fvd check
 # is clean after every round, the base's sha256 never changes, and a later serve reads the model.
 # Last, copy-on-read yields to a busy guest: fio 4K random reads at QD16 leave their blocks
@@ -77,7 +79,7 @@ cow_round() {
     local label=$1 seed=$2 rc n
     shift 2
     rm -f q.fvd
-    must "$label: fvd create -b base.raw -F raw" fvd create -b base.raw -F raw q.fvd
+    must "$label: fvd create $BLOCK_OPT -b base.raw -F raw" fvd create $BLOCK_OPT -b base.raw -F raw q.fvd
     cp base.raw model.raw
     make_writes "$seed" 300 > "w$seed.list"
     apply_model "w$seed.list"
@@ -97,7 +99,7 @@ cow_round() {
 kill_round() {
     local rc n dev dead writer
     rm -f q.fvd
-    must "kill: fvd create -b base.raw -F raw" fvd create -b base.raw -F raw q.fvd
+    must "kill: fvd create $BLOCK_OPT -b base.raw -F raw" fvd create $BLOCK_OPT -b base.raw -F raw q.fvd
     cp base.raw model.raw
     make_writes 77 400 > w77.list
     apply_model w77.list
@@ -126,7 +128,7 @@ kill_round() {
 off_round() {
     local rc
     rm -f q.fvd
-    must "off: fvd create -b base.raw -F raw" fvd create -b base.raw -F raw q.fvd
+    must "off: fvd create $BLOCK_OPT -b base.raw -F raw" fvd create $BLOCK_OPT -b base.raw -F raw q.fvd
     cp base.raw model.raw
     make_writes 91 150 > w91.list
     apply_model w91.list
@@ -159,9 +161,11 @@ busy_round() {
     busy=$(sed -n 's/.*; \([0-9]*\) base reads not hinted while the queue was busy.*/\1/p' "$SERVE_LOG" | tail -n 1)
     if [[ -n $busy ]] && ((busy > 0)); then ok "busy: $busy base reads at QD16 were not hinted"
     else not_ok "busy: no base read skipped its hint while the queue was busy" "$(cat "$SERVE_LOG")"; fi
-    if [[ -n $hints ]] && ((hints >= 64)); then ok "busy: $hints hints from the reads one at a time (8 MiB, 128 blocks)"
+    if [[ -n $hints ]] && ((hints >= 64)); then ok "busy: $hints hints from the reads one at a time (8 MiB in 16 KiB reads)"
     else not_ok "busy: reads one at a time were not hinted ($hints)" "$(cat "$SERVE_LOG")"; fi
 }
+
+BLOCK_OPT="" # fvd create's block size option for the rounds (empty: the default)
 
 scenario() {
     local i base_sum
@@ -170,13 +174,19 @@ scenario() {
     random_file base.raw 64
     base_sum=$(sha256sum < base.raw)
     # FVD_QUEUE_COW=all: partial blocks' copy-on-write on the queue threads too (the default
-    # stores only whole blocks there: the prefetch round below).
+    # stores only whole blocks there: the prefetch rounds below). 64 KiB blocks, so that most
+    # writes are partial blocks (the default over a base is 4 KiB: every write here whole blocks).
+    BLOCK_OPT="--block-size 64K"
     export FVD_QUEUE_COW=all
     cow_round "no prefetch, all on the queue threads" 11 --no-prefetch
     kill_round
     unset FVD_QUEUE_COW
-    # A slow prefetch: its copies run through the whole round instead of making the base local first.
-    cow_round "prefetch, default (whole blocks on the queue threads)" 23 --prefetch-rate 4M
+    # A slow prefetch: its copies run through the whole round instead of making the base local
+    # first. At 64 KiB blocks partial blocks go to the engine and whole ones to the queue threads,
+    # racing each other; at 4 KiB (the default) every write is stored on the queue threads.
+    cow_round "prefetch, 64K blocks (whole blocks on the queue threads)" 23 --prefetch-rate 4M
+    BLOCK_OPT=""
+    cow_round "prefetch, 4K blocks (the default)" 29 --prefetch-rate 4M
     off_round
     busy_round
     expect "the base's sha256 never changed" "$(sha256sum < base.raw)" "$base_sum"
