@@ -74,7 +74,7 @@ bench: build
 bench-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device.sh; \
 	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 3600 -- env FIO_RUNTIME=$${FIO_RUNTIME:-20} BENCH_SIZE=$${BENCH_SIZE:-1G} \
-	  BENCH_TARGETS="$${BENCH_TARGETS:-fvd fvd-cow loop qcow2-nbd}" BENCH_ROUNDS=$${BENCH_ROUNDS:-1} BENCH_FRESH=$${BENCH_FRESH:-job} BENCH_JOBS="$${BENCH_JOBS:-randread randwrite read write}" bash bench/device.sh; fi
+	  BENCH_TARGETS="$${BENCH_TARGETS:-fvd fvd-cow loop qcow2-nbd}" BENCH_ROUNDS=$${BENCH_ROUNDS:-1} BENCH_ROTATE=$${BENCH_ROTATE:-1} BENCH_FRESH=$${BENCH_FRESH:-job} BENCH_JOBS="$${BENCH_JOBS:-randread randwrite read write}" bash bench/device.sh; fi
 
 # PostMark (small-file workload) on ext4 in each device, one guest boot (bench/device-postmark.sh):
 # kernel loop, a fresh FVD image over a raw base holding the file system (default options), that
@@ -86,7 +86,7 @@ bench-dev: build
 bench-postmark-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device-postmark.sh; \
 	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 3600 -- env BENCH_SIZE=$${BENCH_SIZE:-1G} \
-	  BENCH_TARGETS="$${BENCH_TARGETS:-loop fvd-fresh fvd-local qcow2-nbd}" BENCH_ROUNDS=$${BENCH_ROUNDS:-3} \
+	  BENCH_TARGETS="$${BENCH_TARGETS:-loop fvd-fresh fvd-local qcow2-nbd}" BENCH_ROUNDS=$${BENCH_ROUNDS:-3} BENCH_ROTATE=$${BENCH_ROTATE:-1} \
 	  PM_FILES=$${PM_FILES:-5000} PM_TRANSACTIONS=$${PM_TRANSACTIONS:-10000} bash bench/device-postmark.sh; fi
 
 # Where a fresh copy-on-write image's request time goes: fio 4K random read/write QD16 on a fresh
