@@ -64,8 +64,9 @@ export interface CreateOptions {
  * import the engine that imports it.
  */
 export async function createImage(io: IoBackend, imagePath: string, options: CreateOptions, openBase: OpenBase): Promise<void> {
-  // A block size not given is picked once the base's size is known (defaultBlockSize); the
-  // checks here use the largest it can be, so nothing passes here that fails there.
+  // A block size not given is picked once the base's size is known (defaultBlockSize, at most a
+  // chunk size given); until then the checks below take the largest it can be (64 KiB), and a
+  // chunk size given need only hold the smallest (4 KiB).
   let blockSize = options.blockSize ?? DEFAULT_BLOCK_SIZE;
   const chunkSize = options.chunkSize ?? Math.max(DEFAULT_CHUNK_SIZE, blockSize);
   const compact = (options.layout ?? 'raw') === 'compact';
