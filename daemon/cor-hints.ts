@@ -7,7 +7,9 @@
  * - a bitmap of hinted blocks (coalescing: a block already hinted and not yet released is not
  *   hinted again, by any queue);
  * - per queue, a single-producer (that queue) single-consumer (main thread) ring of (block, slot)
- *   pairs; slot -1 = the hint carries no data (the main thread reads the base itself);
+ *   pairs; a slot >= 0 carries block's data (below), a negative slot -n is a run of n blocks from
+ *   block on without data (the main thread reads the base itself, once for the run: a 128 KiB
+ *   read of 4 KiB blocks is one entry and one copy, not 32);
  * - data slots (a hint that carries its block's data): one block-sized slot each in a pool of
  *   mmap'ed memory allocated by the main thread (ffi/uring.ts allocPinned, not populated: pages
  *   are touched only by the slots used), every thread mapping the same addresses. Each queue owns
@@ -51,7 +53,7 @@ export interface CorHintShared {
 
 export const SLOT_FREE = 0;
 export const SLOT_BUSY = 1;
-/** The ring's slot value of a hint without data. */
+/** The slot drain reports for a hint without data (in the ring: -1, a run of one block). */
 export const NO_SLOT = -1;
 /** Hints carry data only for blocks up to this size (a slot per block; keeps the pool small). */
 export const MAX_SLOT_BLOCK = 256 * 1024;
@@ -160,9 +162,19 @@ export class CorHintProducer {
     const bs = this.bs;
     const b1 = Math.min(Math.floor((offset + length - 1) / bs), this.baseBlocks - 1);
     let pushed = false;
+    // Claimed neighbours go as one run entry (-count): one copy of the run on the main thread.
+    let first = -1;
     for (let b = Math.floor(offset / bs); b <= b1; b++) {
-      if (!this.claim(b)) continue;
-      this.pushEntry(b, NO_SLOT);
+      if (this.claim(b)) {
+        if (first < 0) first = b;
+      } else if (first >= 0) {
+        this.pushEntry(first, first - b);
+        first = -1;
+        pushed = true;
+      }
+    }
+    if (first >= 0) {
+      this.pushEntry(first, first - b1 - 1);
       pushed = true;
     }
     return pushed && Atomics.exchange(this.words, W_WAKE, 1) === 0;
@@ -270,10 +282,11 @@ export class CorHintConsumer {
   }
 
   /**
-   * Calls fn for every hinted block pushed so far, with the slot that carries its data or NO_SLOT;
-   * returns how many. Every block is released (release) and every slot freed (freeSlot) later.
+   * Calls fn for every hint pushed so far: a block with the slot that carries its data (count 1),
+   * or a run of `count` blocks from `block` on without data (slot NO_SLOT); returns how many
+   * hints. Every block is released (release, releaseRun) and every slot freed (freeSlot) later.
    */
-  drain(fn: (block: number, slot: number) => void): number {
+  drain(fn: (block: number, slot: number, count: number) => void): number {
     Atomics.store(this.words, W_WAKE, 0); // before reading the tails: see the file comment
     let n = 0;
     for (const ring of this.rings) {
@@ -287,7 +300,8 @@ export class CorHintConsumer {
         // The entry is free before fn may release the block: every entry still in a ring is
         // counted in the outstanding bytes, which keeps the rings from overflowing.
         Atomics.store(ring, R_HEAD, ++head);
-        fn(block, slot);
+        if (slot >= 0) fn(block, slot, 1);
+        else fn(block, NO_SLOT, -slot);
         n++;
       }
     }
@@ -315,6 +329,11 @@ export class CorHintConsumer {
   release(block: number): void {
     Atomics.and(this.hinted, block >>> 5, ~(1 << (block & 31)));
     Atomics.sub(this.words, W_OUTSTANDING, this.bs);
+  }
+
+  /** releases blocks [first, first + count) (a run's hint). */
+  releaseRun(first: number, count: number): void {
+    for (let b = first; b < first + count; b++) this.release(b);
   }
 
   /** Bytes of hinted blocks not yet released. */

@@ -162,14 +162,14 @@ export class EngineRequests {
   }
 
   /**
-   * A hinted block: copied in background (never waited for by a request), then released. With a
-   * data slot the queue thread read the block already: the copy only writes it, and the slot is
-   * freed once the write finished or was skipped (copyHint resolves only then).
+   * A hinted block, or run of blocks: copied in background (never waited for by a request), then
+   * released. With a data slot the queue thread read the block already: the copy only writes it,
+   * and the slot is freed once the write finished or was skipped (copyHint resolves only then).
    */
-  private readonly copyHinted = (b: number, slot: number): void => {
+  private readonly copyHinted = (b: number, slot: number, count: number): void => {
     const hints = this.hints!;
     if (slot === NO_SLOT) {
-      void this.image.copyHint(b).then(() => hints.release(b));
+      void this.image.copyHintRun(b, count).then(() => hints.releaseRun(b, count));
       return;
     }
     void this.image.copyHint(b, hints.slotData(slot)).then(() => {

@@ -92,7 +92,7 @@ export class BaseCopier {
       if (!this.locks.tryAcquire(b, e)) continue;
       const start = b * bs;
       const len = Math.min((e + 1) * bs, this.disk.size) - start;
-      // Without the caller's scratch (a copy-on-read hint: one block), a pooled block buffer.
+      // Without the caller's scratch (a copy-on-read hint): a pooled block buffer for one block, a new one for a run.
       const own = scratch && scratch.length >= len ? null : len <= bs ? this.blocks.take() : new Uint8Array(len);
       const whole = own ? own.subarray(0, len) : scratch!.subarray(0, len);
       try {
@@ -114,11 +114,11 @@ export class BaseCopier {
   }
 
   /**
-   * Copies block b if it is still absent, in background (a queue thread's copy-on-read hint).
-   * Never rejects: like a failed copy-on-read, a failed copy only turns copy-on-read off.
+   * Copies the blocks of [b, last] still absent, in background (a queue thread's copy-on-read
+   * hint). Never rejects: like a failed copy-on-read, a failed copy only turns copy-on-read off.
    */
-  copyInBackground(b: number): Promise<void> {
-    return this.copyAbsent(b, b).then(
+  copyInBackground(b: number, last = b): Promise<void> {
+    return this.copyAbsent(b, last).then(
       () => undefined,
       () => this.backgroundCopyFailed(),
     );

@@ -604,8 +604,22 @@ export class FvdImage {
    * The caller may reuse `data` once the promise resolves.
    */
   copyHint(b: number, data?: Uint8Array): Promise<void> {
+    if (!data) return this.copyHintRun(b, 1);
     if (this.closed || this.allLocal || this.readOnly || !this.copier.copyOnRead || b >= this.baseBlocks || testBit(this.present, b)) return Promise.resolve();
-    const copy = data ? this.copier.copyCarried(b, data) : this.copier.copyInBackground(b);
+    const copy = this.copier.copyCarried(b, data);
+    this.track(copy);
+    return copy;
+  }
+
+  /**
+   * A copy-on-read hint of the run of blocks [b, b + count) without data: the still-absent ones
+   * are copied in background with one base read and one image write per absent run (a 128 KiB
+   * guest read of 4 KiB blocks is one copy, not 32). Like copyHint otherwise.
+   */
+  copyHintRun(b: number, count: number): Promise<void> {
+    const last = Math.min(b + count, this.baseBlocks) - 1;
+    if (this.closed || this.allLocal || this.readOnly || !this.copier.copyOnRead || last < b) return Promise.resolve();
+    const copy = this.copier.copyInBackground(b, last);
     this.track(copy);
     return copy;
   }

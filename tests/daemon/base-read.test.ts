@@ -49,6 +49,44 @@ test('hints: coalesced while pending, dropped past the cap, again after release;
   assert.is(main.outstanding(), 0);
 });
 
+test('hints: a read of many blocks goes as runs, one ring entry per run of newly claimed blocks', () => {
+  const bs = 4 * KiB;
+  const s = createCorHints(40 * bs, bs, 1000, 1);
+  const q = new CorHintProducer(s, 0);
+  const main = new CorHintConsumer(s);
+  const got: [number, number, number][] = [];
+  assert.ok(q.offer(64 * bs, 32 * bs), 'a 128 KiB read of 4 KiB blocks');
+  assert.is(main.drain((b, slot, count) => got.push([b, slot, count])), 1, 'one entry, not 32');
+  assert.equal(got, [[64, NO_SLOT, 32]]);
+  assert.is(main.outstanding(), 32 * bs, 'every block of the run counts against the cap');
+  // Blocks 101 and 104..105 already hinted (pending): the read of 100..107 splits around them.
+  main.releaseRun(64, 32);
+  q.offer(101 * bs, bs);
+  q.offer(104 * bs, 2 * bs);
+  got.length = 0;
+  main.drain((b, slot, count) => got.push([b, slot, count]));
+  assert.equal(got, [[101, NO_SLOT, 1], [104, NO_SLOT, 2]]);
+  q.offer(100 * bs + 512, 8 * bs - 1024);
+  got.length = 0;
+  main.drain((b, slot, count) => got.push([b, slot, count]));
+  assert.equal(got, [[100, NO_SLOT, 1], [102, NO_SLOT, 2], [106, NO_SLOT, 2]]);
+  assert.is(main.outstanding(), 8 * bs);
+  // The cap cuts a run short: 32 more blocks offered, 32 fit (40 - 8).
+  q.offer(200 * bs, 40 * bs);
+  got.length = 0;
+  main.drain((b, slot, count) => got.push([b, slot, count]));
+  assert.equal(got, [[200, NO_SLOT, 32]]);
+  assert.is(q.dropped, 8);
+  // The base ends at block 999: a run offered across the end stops there.
+  main.releaseRun(200, 32);
+  q.offer(995 * bs, 10 * bs);
+  got.length = 0;
+  main.drain((b, slot, count) => got.push([b, slot, count]));
+  assert.equal(got, [[995, NO_SLOT, 5]]);
+  for (const [b, , n] of [[100, 0, 8], [995, 0, 5]] as const) main.releaseRun(b, n);
+  assert.is(main.outstanding(), 0);
+});
+
 test('hints: the rings never overflow while the main thread releases inside the drain', () => {
   const bs = 4 * KiB;
   const s = createCorHints(8 * bs, bs, 1 << 16, 1);
@@ -164,12 +202,12 @@ interface Fixture {
   copies: Promise<void>[];
 }
 
-async function fixture(layout: 'raw' | 'compact', baseSize: number, size: number, copyOnRead: boolean, capBytes = 1 << 20, carry = true): Promise<Fixture> {
+async function fixture(layout: 'raw' | 'compact', baseSize: number, size: number, copyOnRead: boolean, capBytes = 1 << 20, carry = true, blockSize = 16 * KiB): Promise<Fixture> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-baseread-'));
   const base = new Uint8Array(baseSize);
   for (let i = 0; i < baseSize; i++) base[i] = (i * 31 + (i >> 12)) & 0xff || 1;
   fs.writeFileSync(path.join(dir, 'b.raw'), base);
-  await FvdImage.create(nodeIo, path.join(dir, 'i.fvd'), { base: 'b.raw', baseFormat: 'raw', blockSize: 16 * KiB, size, layout });
+  await FvdImage.create(nodeIo, path.join(dir, 'i.fvd'), { base: 'b.raw', baseFormat: 'raw', blockSize, size, layout });
   const img = await FvdImage.open(nodeIo, path.join(dir, 'i.fvd'), { copyOnRead });
   const model = new Uint8Array(size);
   model.set(base);
@@ -239,11 +277,15 @@ async function workerRead(f: Fixture, buf: Uint8Array, offset: number): Promise<
   return kind;
 }
 
+/** Hints of runs of more than one block drained so far (the differential checks some were). */
+let runCount = 0;
+
 /** The main thread's side of the hints (daemon/engine-requests.ts copyHinted). */
 function drainHints(f: Fixture): void {
   const main = f.hints!.main;
-  main.drain((b, slot) => {
-    if (slot === NO_SLOT) f.copies.push(f.img.copyHint(b).then(() => main.release(b)));
+  main.drain((b, slot, count) => {
+    if (count > 1) runCount++;
+    if (slot === NO_SLOT) f.copies.push(f.img.copyHintRun(b, count).then(() => main.releaseRun(b, count)));
     else f.copies.push(f.img.copyHint(b, main.slotData(slot)).then(() => (main.release(b), main.freeSlot(slot))));
   });
 }
@@ -254,18 +296,20 @@ function rng(seed: number): () => number {
   return () => ((x ^= x << 13), (x ^= x >>> 17), (x ^= x << 5), (x >>> 0) / 2 ** 32);
 }
 
-for (const [layout, carry] of [['raw', true], ['compact', true], ['raw', false]] as const) {
-  test(`differential (${layout}, hints ${carry ? 'carry data' : 'without data'}): worker reads of base blocks, hinted copies and guest writes agree with the model`, async () => {
+// The last case: 4 KiB blocks and reads up to 64 KiB, so most hints are runs of blocks.
+for (const [layout, carry, bs, maxSectors, blocks] of [['raw', true, 16 * KiB, 16, 64], ['compact', true, 16 * KiB, 16, 64], ['raw', false, 16 * KiB, 16, 64], ['compact', false, 4 * KiB, 128, 2048]] as const) {
+  test(`differential (${layout}, ${bs / KiB} KiB blocks, hints ${carry ? 'carry data' : 'without data'}): worker reads of base blocks, hinted copies and guest writes agree with the model`, async () => {
     // A base ending inside a block, shorter than the disk: the last base block reads zeros past it.
-    const bs = 16 * KiB;
-    const baseSize = 40 * bs + 5 * KiB;
-    const f = await fixture(layout, baseSize, 64 * bs, true, 4 * bs, carry);
+    const baseBlocks = Math.floor((blocks * 5) / 8);
+    const baseSize = baseBlocks * bs + 3 * KiB;
+    const f = await fixture(layout, baseSize, blocks * bs, true, bs === 16 * KiB ? 4 * bs : 64 * bs, carry, bs);
     const r = rng(layout === 'raw' ? 7 : 11);
     const kinds = [0, 0, 0, 0, 0];
     let nonZeroBaseAnswers = 0;
+    const runsBefore = runCount;
     for (let i = 0; i < 600; i++) {
-      const sectors = 1 + Math.floor(r() * 16);
-      const offset = Math.floor(r() * (64 * bs / 512 - sectors)) * 512;
+      const sectors = 1 + Math.floor(r() * maxSectors);
+      const offset = Math.floor(r() * (blocks * bs / 512 - sectors)) * 512;
       const len = sectors * 512;
       if (r() < 0.2) {
         const data = new Uint8Array(len).fill(1 + (i % 250));
@@ -281,7 +325,7 @@ for (const [layout, carry] of [['raw', true], ['compact', true], ['raw', false]]
       if (i % 50 === 0) await Promise.all(f.copies); // let some copies land between reads
     }
     // The straddling last base block, as one request: base bytes, then zeros.
-    const last = 40 * bs;
+    const last = baseBlocks * bs;
     const lastBuf = new Uint8Array(bs);
     await workerRead(f, lastBuf, last);
     assert.equal(lastBuf, f.model.subarray(last, last + bs), 'the last base block: base bytes, then zeros');
@@ -289,8 +333,9 @@ for (const [layout, carry] of [['raw', true], ['compact', true], ['raw', false]]
     assert.ok(kinds[BASE]! > 20 && nonZeroBaseAnswers > 0, `the worker answered base reads itself (${kinds})`);
     assert.ok(kinds[STORED]! > 20, `hinted copies made blocks local (${kinds})`);
     if (carry) assert.ok(f.hints!.q.carried > 10, `hints carried their data (${f.hints!.q.carried})`);
+    if (maxSectors > 16) assert.ok(runCount - runsBefore > 10, `hints of runs of blocks were copied (${runCount - runsBefore})`);
     // Every answer again, once all copies landed.
-    const all = new Uint8Array(64 * bs);
+    const all = new Uint8Array(blocks * bs);
     for (let off = 0; off < all.length; off += bs) await workerRead(f, all.subarray(off, off + bs), off);
     assert.equal(all, f.model);
     await done(f);
@@ -395,6 +440,41 @@ test('carried copy: writes the data it is handed (no base read) and sets the bit
     const want = f.model.slice(0, 9 * bs);
     want.set(data, 3 * bs);
     assert.equal(again, want, `${layout}: after a reopen: the carried block and the base elsewhere`);
+    await img.close();
+    fs.rmSync(f.dir, { recursive: true });
+  }
+});
+
+test('run copy: one hint copies the absent blocks of a run; a block a guest wrote is kept, a run a guest holds locked is skipped; survives a reopen', async () => {
+  const bs = 4 * KiB;
+  for (const layout of ['raw', 'compact'] as const) {
+    const f = await fixture(layout, 64 * bs + 1000, 66 * bs, true, 1 << 20, false, bs);
+    // The guest wrote part of block 5 (local now); the run 0..31 copies the others around it.
+    const neu = new Uint8Array(1024).fill(0xee);
+    await f.img.write(neu, 5 * bs + 1024);
+    f.model.set(neu, 5 * bs + 1024);
+    await f.img.copyHintRun(0, 32);
+    for (let b = 0; b < 32; b++) assert.ok(bitOf(f, b), `${layout}: block ${b} local after the run's copy`);
+    assert.not.ok(bitOf(f, 32), 'nothing past the run');
+    // A guest request holds block 40's lock: the absent run 33..47 holding it is skipped whole.
+    const locks = locksOf(f.img);
+    assert.ok(locks.tryAcquire(40, 40));
+    await f.img.copyHintRun(33, 15);
+    assert.not.ok(bitOf(f, 33) || bitOf(f, 40) || bitOf(f, 47), `${layout}: skipped while a guest request holds a block of it`);
+    locks.release(40, 40);
+    // Across the base's end (block 64 straddles it, 65 is past the base): stops at the base's blocks.
+    await f.img.copyHintRun(60, 10);
+    for (let b = 60; b <= 64; b++) assert.ok(bitOf(f, b), `block ${b}`);
+    const got = new Uint8Array(66 * bs);
+    await f.img.read(got, 0);
+    assert.equal(got, f.model, `${layout}: the guest's bytes and the base's`);
+    await f.img.persistSoftBits();
+    const img = await reopen(f);
+    const again = new Uint8Array(66 * bs);
+    await img.read(again, 0);
+    assert.equal(again, f.model, `${layout}: the same after a reopen`);
+    const view = img.sharedView();
+    for (const b of [0, 5, 31, 64]) assert.ok((view.present[b >>> 3]! & (1 << (b & 7))) !== 0, `${layout}: block ${b} still local after a reopen`);
     await img.close();
     fs.rmSync(f.dir, { recursive: true });
   }
