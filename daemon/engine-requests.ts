@@ -12,7 +12,7 @@ import { allocPinned, type PinnedBuffer } from '../ffi/uring.js';
 import { STAGE_ENGINE_DONE, STAGE_ENGINE_START, type TraceRecorder } from '../fvd/trace.js';
 import { UBLK_IO_F_FUA, UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES } from './ublk/abi.js';
 import { CorHintConsumer, NO_SLOT, corSlotPoolBytes, createCorHints, type CorHintShared } from './cor-hints.js';
-import type { CompletionRing } from './shared-state.js';
+import type { CompletionRing, StoredRing } from './shared-state.js';
 import type { BlockClaims } from '../fvd/block-claims.js';
 import { BurstLog, requestErrno } from './request-errors.js';
 import type { WorkerMessage } from './fvd-queue.js';
@@ -43,6 +43,9 @@ export interface EngineQueue {
   /** The worker's pinned request buffers (depth × maxIo bytes), mapped once it fetched. */
   buffer: Buffer | null;
   completions: CompletionRing;
+  /** Writes the queue thread stored itself (daemon/queue-cow.ts), to adopt: serveStored. */
+  stored: StoredRing | null;
+  qid: number;
   eventfd: number;
   fast: number;
   /**
@@ -74,7 +77,6 @@ export function queueCowMode(): 'off' | 'whole' | 'all' {
 
 export type SlowRequest = Extract<WorkerMessage, { type: 'slow' }>;
 export type QueueStats = Extract<WorkerMessage, { type: 'stats' }>;
-export type QueueCowDone = Extract<WorkerMessage, { type: 'cow' }>;
 
 export class EngineRequests {
   /** Requests the engine served (the fast path's are counted by the queues), and failures. */
@@ -224,29 +226,73 @@ export class EngineRequests {
   }
 
   /**
-   * A queue thread stored a write's whole block(s) itself, holding their claims
-   * (daemon/queue-cow.ts): the block becomes local (bits set, record queued and in the pending
-   * log), then the claim goes — so whoever takes it next sees the block local — then the guest is
-   * answered. Synchronous: no file I/O here.
+   * A queue thread stored writes' whole block(s) itself, holding their claims
+   * (daemon/queue-cow.ts), and pushed them to its StoredRing: each block becomes local (bits set,
+   * record queued), the records of the whole batch go to the pending log in one write, then
+   * their journaled bits are set and the claims go — so whoever takes a block next sees it local
+   * and recorded — then the guests are answered, with one wake of the queue. Synchronous: no
+   * file I/O here but that one write.
    */
-  serveCow(q: EngineQueue, m: QueueCowDone): void {
-    const slot = this.trace === null ? -1 : this.trace.slotOf(m.qid, m.tag);
+  serveStored(q: EngineQueue): void {
+    const ring = q.stored;
+    if (ring === null) return;
+    this.storedQueue = q;
+    this.storedCount = 0;
+    this.image.holdPendingLog();
+    ring.drain(this.adoptStored);
+    let logError: unknown = null;
+    try {
+      this.image.releasePendingLog();
+    } catch (err) {
+      logError = err;
+      this.failures.failure(`pending log: ${(err as Error).message}`);
+    }
+    const claims = this.claims;
+    const { storedTags: tags, storedFirst: first, storedLast: last, storedResults: results } = this;
+    const n = this.storedCount;
+    for (let i = 0; i < n; i++) {
+      if (claims !== null) for (let b = first[i]!; b <= last[i]!; b++) claims.release(b);
+      let result = results[i]!;
+      if (logError !== null && result >= 0) {
+        this.stats.errors++;
+        result = requestErrno(logError);
+      }
+      const slot = this.trace === null ? -1 : this.trace.slotOf(q.qid, tags[i]!);
+      if (slot >= 0) this.trace!.stamp(slot, STAGE_ENGINE_DONE);
+      q.completions.push(tags[i]!, result);
+    }
+    this.storedQueue = null;
+    if (n > 0) fs.writeSync(q.eventfd, EFD_WAKE);
+  }
+
+  // serveStored's batch (reused: no allocation per request once grown to the queue's depth).
+  private storedQueue: EngineQueue | null = null;
+  private storedCount = 0;
+  private readonly storedTags: number[] = [];
+  private readonly storedFirst: number[] = [];
+  private readonly storedLast: number[] = [];
+  private readonly storedResults: number[] = [];
+
+  /** One entry of serveStored's batch: its blocks become local (bits set, record held). */
+  private readonly adoptStored = (tag: number, block: number, lastBlock: number, length: number): void => {
+    const q = this.storedQueue!;
+    const slot = this.trace === null ? -1 : this.trace.slotOf(q.qid, tag);
     if (slot >= 0) this.trace!.stamp(slot, STAGE_ENGINE_START);
-    let result = m.length;
+    let result = length;
     this.stats.writes++;
     try {
-      this.image.adoptStoredBlocks(m.block, m.lastBlock);
+      this.image.adoptStoredBlocks(block, lastBlock);
     } catch (err) {
       this.stats.errors++;
       result = requestErrno(err);
-      this.failures.failure(`write into blocks ${m.block}-${m.lastBlock}: ${(err as Error).message}`);
+      this.failures.failure(`write into blocks ${block}-${lastBlock}: ${(err as Error).message}`);
     }
-    const claims = this.claims;
-    if (claims !== null) for (let b = m.block; b <= m.lastBlock; b++) claims.release(b);
-    if (slot >= 0) this.trace!.stamp(slot, STAGE_ENGINE_DONE);
-    q.completions.push(m.tag, result);
-    fs.writeSync(q.eventfd, EFD_WAKE);
-  }
+    const i = this.storedCount++;
+    this.storedTags[i] = tag;
+    this.storedFirst[i] = block;
+    this.storedLast[i] = lastBlock;
+    this.storedResults[i] = result;
+  };
 
   /** A request a queue thread failed itself (its 'log' message: one per failed request). */
   queueFailure(qid: number, message: string): void {

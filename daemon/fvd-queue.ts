@@ -48,7 +48,7 @@ import {
 } from './ublk/abi.js';
 import { QueueLoop, UD_KIND_TARGET_IO, encodeUserData, type IoDescriptor, type QueueTarget } from './ublk/queue-loop.js';
 import { DIRECT_WOULD_BLOCK, DirectIo, chooseDirectMode, type DirectMode } from './direct-io.js';
-import { CompletionRing, type EngineView } from './shared-state.js';
+import { CompletionRing, StoredRing, type EngineView } from './shared-state.js';
 import { BASE, STORED, ZERO, directRoute, newRun } from '../fvd/mapping.js';
 import { CorHintProducer, NO_SLOT, type CorHintShared } from './cor-hints.js';
 import { CorGate } from './cor-gate.js';
@@ -107,6 +107,8 @@ export interface QueueWorkerData {
   claims: SharedArrayBuffer | null;
   /** With claims: also a partial block's copy-on-write, not only writes of whole blocks (FVD_QUEUE_COW=all). */
   cowPartial: boolean;
+  /** With claims: the StoredRing (shared-state.ts) this thread hands its stored writes over by. */
+  stored: SharedArrayBuffer | null;
 }
 
 /** Messages to the main thread. */
@@ -119,11 +121,11 @@ export type WorkerMessage =
    */
   | { type: 'slow'; qid: number; tag: number; op: number; flags: number; offset: number; length: number; baseBlock: boolean }
   /**
-   * tag's WRITE (length bytes) was stored here as the whole of base blocks [block, lastBlock],
+   * Writes stored here as whole base blocks wait in the queue's StoredRing (tag, blocks, length),
    * whose shared claims this thread holds: the engine marks them local, releases the claims, and
-   * completes the request (daemon/queue-cow.ts).
+   * completes the requests (daemon/queue-cow.ts, EngineRequests.serveStored).
    */
-  | { type: 'cow'; qid: number; tag: number; block: number; lastBlock: number; length: number }
+  | { type: 'stored'; qid: number }
   | { type: 'log'; qid: number; message: string }
   | { type: 'info'; qid: number; message: string }
   /**
@@ -170,6 +172,9 @@ export class FvdQueue implements QueueTarget {
   private readonly zeroBlockFrom: (from: number) => void;
   /** The one 'hint' message, reused. */
   private readonly hintMessage: WorkerMessage;
+  private readonly storedMessage: WorkerMessage;
+  /** Writes stored here, handed to the engine (null: this thread stores none). */
+  private readonly stored: StoredRing | null;
   private readonly crypt: FastCrypt | null;
   /** Copy-on-write of base blocks on this thread, or null (docs/DESIGN.md §2.5). */
   private readonly cow: QueueCow | null;
@@ -271,6 +276,7 @@ export class FvdQueue implements QueueTarget {
     // mapped until the server stops, after this worker is gone.
     this.pool = this.hints !== null && this.hints.carriesData && baseDirect !== null ? Buffer.from(sys.koffi.view(BigInt(d.hints!.poolAddress), d.hints!.poolLength)) : null;
     this.hintMessage = { type: 'hint', qid };
+    this.storedMessage = { type: 'stored', qid };
     this.crypt = crypt;
     this.trace = d.trace ? new QueueTrace(d.trace, qid) : null;
     this.direct = direct;
@@ -280,7 +286,8 @@ export class FvdQueue implements QueueTarget {
     this.bufBase = loop.bufferAddress;
     const bytes = loop.buffers.bytes;
     this.bytes = bytes;
-    this.cow = d.claims !== null && direct !== null && baseDirect !== null && crypt === null ? new QueueCow(view, d.claims, baseDirect, direct, bytes, this.bufBase, maxIo, d.cowPartial) : null;
+    this.cow = d.claims !== null && d.stored !== null && direct !== null && baseDirect !== null && crypt === null ? new QueueCow(view, d.claims, baseDirect, direct, bytes, this.bufBase, maxIo, d.cowPartial) : null;
+    this.stored = this.cow !== null ? new StoredRing(d.stored!) : null;
     this.tagOp = new Int32Array(depth);
     this.tagLen = new Float64Array(depth);
     this.tagDone = new Float64Array(depth);
@@ -422,7 +429,7 @@ export class FvdQueue implements QueueTarget {
       const block = this.cow.store(tag, offset, length);
       if (block !== COW_DECLINED) {
         if (trace !== null) trace.stamp(trace.slot(tag), STAGE_POSTED);
-        this.post({ type: 'cow', qid: this.qid, tag, block, lastBlock: this.cow.lastBlock, length });
+        if (this.stored!.push(tag, block, this.cow.lastBlock, length)) this.post(this.storedMessage);
         return;
       }
     }

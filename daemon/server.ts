@@ -30,7 +30,7 @@ import {
   UBLK_F_UPDATE_SIZE,
   UBLK_S_DEV_LIVE,
 } from './ublk/abi.js';
-import { CompletionRing } from './shared-state.js';
+import { CompletionRing, StoredRing } from './shared-state.js';
 import { EFD_WAKE, EngineRequests, queueCowMode, type EngineQueue, type ServerStats } from './engine-requests.js';
 import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
 import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
@@ -455,6 +455,7 @@ export class UblkServer {
       const eventfd = c.eventfd(0, EFD_CLOEXEC);
       if (eventfd < 0) throw new FvdError(`eventfd failed (errno ${c.errno()})`, 'EIO');
       const completions = CompletionRing.create(this.opts.depth + 1);
+      const stored = claims !== null ? StoredRing.create(this.opts.depth + 1) : null;
       const control = new SharedArrayBuffer(8); // [0] quit, [1] quiesced (queue-loop.ts)
       const data: QueueWorkerData = {
         devId,
@@ -479,6 +480,7 @@ export class UblkServer {
         zeroCopy: hasZeroCopy(this.deviceFlags),
         claims,
         cowPartial: queueCowMode() === 'all',
+        stored,
       };
       const worker = new Worker(workerUrl, { workerData: data });
       const wipeKey = () => data.key && new Uint8Array(data.key).fill(0);
@@ -490,6 +492,8 @@ export class UblkServer {
         worker,
         gate: new Int32Array(data.gate),
         completions: new CompletionRing(completions),
+        stored: stored && new StoredRing(stored),
+        qid,
         control: new Int32Array(control),
         eventfd,
         buffer: null,
@@ -553,8 +557,8 @@ export class UblkServer {
       case 'slow':
         void this.engine.serveSlow(q, m);
         break;
-      case 'cow':
-        this.engine.serveCow(q, m);
+      case 'stored':
+        this.engine.serveStored(q);
         break;
       case 'log': // a worker logs only what went wrong, one message per failed request
         this.engine.queueFailure(m.qid, m.message);
@@ -569,6 +573,9 @@ export class UblkServer {
         this.engine.queueStats(q, m);
         break;
       case 'exit':
+        // Anything it stored and pushed is adopted (its 'stored' message came first; this only
+        // makes sure no claim outlives the queue).
+        this.engine.serveStored(q);
         if (m.error) this.opts.log(`queue ${m.qid} stopped: ${m.error}`);
         // Its tags would never be answered: stop the device so pending I/O fails instead of hanging.
         if (this.started && !this.stopping && !this.handingOff) this.opts.onFatal?.(`queue ${m.qid} exited${m.error ? `: ${m.error}` : ''}`);
@@ -719,7 +726,8 @@ export class UblkServer {
     if (hintSummary) this.opts.log(hintSummary);
     const cowSummary = this.engine.cowSummary(this.queues);
     if (cowSummary) this.opts.log(cowSummary);
-    // No queue holds a block claim any more (each 'cow' message came before its queue's exit).
+    // No queue holds a block claim any more (each 'stored' message came before its queue's
+    // exit; an entry pushed after the last one drained raised the flag and posted again).
     this.engine.unshareClaims();
     for (const q of this.queues) {
       await q.worker.terminate();

@@ -159,6 +159,10 @@ export class PendingLogWriter implements JournalSink {
   private committed: number;
   /** Records in the file after the header (since the last truncation). */
   private count = 0;
+  /** While held (hold): the records appended since, written together by release. */
+  private holding = false;
+  private held = new Uint8Array(16 * PENDING_RECORD);
+  private heldCount = 0;
 
   private constructor(
     readonly path: string,
@@ -203,9 +207,43 @@ export class PendingLogWriter implements JournalSink {
     this.append(PENDING_TABLE, chunk, id);
   }
 
+  /** Records appended from now on are buffered until release (a batch: one write for all). */
+  hold(): void {
+    this.holding = true;
+  }
+
+  /**
+   * Writes the records appended since hold in one pwrite, after the earlier ones, and stops
+   * holding. On failure (thrown) none of them counts as appended, as when a single append fails.
+   */
+  release(): void {
+    this.holding = false;
+    const n = this.heldCount;
+    if (n === 0) return;
+    this.heldCount = 0;
+    try {
+      writeSync(this.fd, this.held, 0, n * PENDING_RECORD, PENDING_LOG_HEADER + this.count * PENDING_RECORD);
+    } catch (err) {
+      this.seq -= n;
+      throw err;
+    }
+    this.count += n;
+  }
+
   private append(kind: PendingRecord['kind'], a: number, b: number): void {
     if (this.fd < 0) return;
     const rec = encodePendingRecord({ seq: this.seq + 1, kind, a, b });
+    if (this.holding) {
+      if ((this.heldCount + 1) * PENDING_RECORD > this.held.length) {
+        const bigger = new Uint8Array(this.held.length * 2);
+        bigger.set(this.held);
+        this.held = bigger;
+      }
+      this.held.set(rec, this.heldCount * PENDING_RECORD);
+      this.heldCount++;
+      this.seq++;
+      return;
+    }
     writeSync(this.fd, rec, 0, PENDING_RECORD, PENDING_LOG_HEADER + this.count * PENDING_RECORD);
     this.seq++;
     this.count++;

@@ -14,7 +14,9 @@ import * as assert from 'uvu/assert';
 import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../storage/node-file.js';
 import { EngineRequests, type EngineQueue } from '../../daemon/engine-requests.js';
-import { CompletionRing } from '../../daemon/shared-state.js';
+import { CompletionRing, StoredRing } from '../../daemon/shared-state.js';
+import { readPendingLog } from '../../fvd/pending-log.js';
+import { execFileSync } from 'node:child_process';
 import { UBLK_IO_OP_READ, UBLK_IO_OP_WRITE } from '../../daemon/ublk/abi.js';
 
 const KiB = 1024;
@@ -45,6 +47,8 @@ for (const maxIo of [64 * KiB, 128 * KiB]) {
       const q: EngineQueue = {
         buffer: Buffer.alloc(DEPTH * maxIo),
         completions: new CompletionRing(CompletionRing.create(DEPTH)),
+        stored: null,
+        qid: 0,
         eventfd, fast: 0, hinted: 0, carried: 0, noSlot: 0, slow: 0, cow: 0, corBusy: 0,
       };
       const results = new Map<number, number>();
@@ -77,14 +81,16 @@ for (const maxIo of [64 * KiB, 128 * KiB]) {
   });
 }
 
-test('serveCow: the block a queue thread stored becomes local (journaled after a flush), its claim goes, the write completes; reopened', async () => {
+test('serveStored: a batch of blocks the queue thread stored becomes local, its records go to the pending log in one write, claims go, the writes complete with one wake; survives a crash', async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-engreq-'));
   const bs = 16 * KiB;
-  fs.writeFileSync(path.join(dir, 'b.raw'), new Uint8Array(8 * bs).fill(0x42));
+  fs.writeFileSync(path.join(dir, 'b.raw'), new Uint8Array(10 * bs).fill(0x42));
   const file = path.join(dir, 'i.fvd');
-  await FvdImage.create(nodeIo, file, { size: 8 * bs, blockSize: bs, base: 'b.raw', baseFormat: 'raw', detectZeroes: false });
-  const img = await FvdImage.open(nodeIo, file, {});
-  const eventfd = fs.openSync('/dev/null', 'w');
+  await FvdImage.create(nodeIo, file, { size: 10 * bs, blockSize: bs, base: 'b.raw', baseFormat: 'raw', detectZeroes: false });
+  const log = { path: path.join(dir, 'pending.log'), bootId: 'boot-a', fileId: 'file-a' };
+  let img = await FvdImage.open(nodeIo, file, { copyOnRead: false, pendingLog: log });
+  // The eventfd: a pipe, so the test counts the wakes (8 bytes each).
+  const [wakeRead, wakeWrite] = pipeFds();
   const prev = process.env.FVD_QUEUE_COW;
   try {
     const engine = new EngineRequests(img, () => {});
@@ -94,44 +100,94 @@ test('serveCow: the block a queue thread stored becomes local (journaled after a
     const shared = engine.shareClaims();
     assert.ok(shared, 'a raw-like image over a local raw base: claims for the queue threads');
     const words = new Int32Array(shared!);
+    const ring = StoredRing.create(DEPTH + 1);
     const q: EngineQueue = {
       buffer: Buffer.alloc(DEPTH * 64 * KiB),
       completions: new CompletionRing(CompletionRing.create(DEPTH)),
-      eventfd, fast: 0, hinted: 0, carried: 0, noSlot: 0, slow: 0, cow: 0, corBusy: 0,
+      stored: new StoredRing(ring),
+      qid: 0,
+      eventfd: wakeWrite, fast: 0, hinted: 0, carried: 0, noSlot: 0, slow: 0, cow: 0, corBusy: 0,
     };
-    // The queue thread's part (daemon/queue-cow.ts): claim block 3, store it whole, hand it over.
-    Atomics.or(words, 0, 1 << 3);
+    // The queue thread's part (daemon/queue-cow.ts): claim blocks 3, 4-5 (one write) and 8,
+    // store them whole, push them; only the first push asks for a wake message.
+    const producer = new StoredRing(ring);
     const fd = fs.openSync(file, 'r+');
-    fs.writeSync(fd, new Uint8Array(bs).fill(0x77), 0, bs, img.sharedView().dataOffset + 3 * bs);
+    const stores: [number, number, number, number][] = [[5, 3, 3, 4 * KiB], [6, 4, 5, 2 * bs], [7, 8, 8, bs]];
+    for (const [tag, first, last] of stores) {
+      for (let b = first; b <= last; b++) Atomics.or(words, 0, 1 << b);
+      fs.writeSync(fd, new Uint8Array((last - first + 1) * bs).fill(0x70 + tag), 0, (last - first + 1) * bs, img.sharedView().dataOffset + first * bs);
+    }
     fs.closeSync(fd);
-    engine.serveCow(q, { type: 'cow', qid: 0, tag: 5, block: 3, lastBlock: 3, length: 4 * KiB });
+    const posts = stores.map(([tag, first, last, length]) => producer.push(tag, first, last, length));
+    assert.equal(posts, [true, false, false], 'one wake message for the batch');
+    const recordsBefore = readPendingLog(log).records.length;
+    engine.serveStored(q);
     const results = new Map<number, number>();
     q.completions.drain((tag, r) => void results.set(tag, r));
-    assert.is(results.get(5), 4 * KiB, 'the write completed with its length');
-    assert.is(Atomics.load(words, 0) & (1 << 3), 0, 'the claim is released');
-    assert.ok((img.sharedView().present[0]! & (1 << 3)) !== 0, 'the block is local');
-    await img.flush();
-    assert.ok((img.sharedView().journaled[0]! & (1 << 3)) !== 0, 'and its bit journaled');
+    assert.equal([results.get(5), results.get(6), results.get(7)], [4 * KiB, 2 * bs, bs], 'every write completed with its length');
+    assert.is(fs.readSync(wakeRead, Buffer.alloc(64)), 8, 'one wake of the queue for the batch');
+    assert.is(Atomics.load(words, 0) & ((1 << 3) | (1 << 4) | (1 << 5) | (1 << 8)), 0, 'the claims are released');
+    const view = img.sharedView();
+    for (const b of [3, 4, 5, 8]) {
+      assert.ok((view.present[b >>> 3]! & (1 << (b & 7))) !== 0, `block ${b} is local`);
+      assert.ok((view.journaled[b >>> 3]! & (1 << (b & 7))) !== 0, `block ${b}: its record is logged, its journaled bit set`);
+    }
+    assert.is(readPendingLog(log).records.length - recordsBefore, 3, 'a record per write, all in the log');
+    assert.ok(producer.push(1, 9, 9, bs), 'drained: the next push asks for a wake again');
+    // While held, a block's journaled bit waits for the log write (a queue thread must not write
+    // it on its fast path and answer before its record is in the log).
+    img.holdPendingLog();
+    img.adoptStoredBlocks(0, 0);
+    assert.ok((view.present[0]! & 1) !== 0, 'held: present at once');
+    assert.is(view.journaled[0]! & 1, 0, 'held: not journaled yet');
+    assert.is(readPendingLog(log).records.length - recordsBefore, 3, 'held: nothing written yet');
+    img.releasePendingLog();
+    assert.is(view.journaled[0]! & 1, 1, 'released: journaled');
+    assert.is(readPendingLog(log).records.length - recordsBefore, 4, 'released: the record is in the log');
     engine.unshareClaims();
-    await img.close();
+    // A process crash (SIGKILL) without a flush: the pending log brings the blocks back.
+    await img.abandon();
+    img = await FvdImage.open(nodeIo, file, { copyOnRead: false, pendingLog: log });
+    assert.ok(img.pendingApplied > 0, 'the log was applied');
+    const got = new Uint8Array(10 * bs);
+    await img.read(got, 0);
+    const want = new Uint8Array(10 * bs).fill(0x42);
+    want.fill(0x75, 3 * bs, 4 * bs);
+    want.fill(0x76, 4 * bs, 6 * bs);
+    want.fill(0x77, 8 * bs, 9 * bs);
+    want.fill(0, 0, bs); // block 0 was adopted without data written: the image's zeros
+    assert.ok(same(got, want), 'after the crash: the stored blocks from the image, the rest from the base');
     // A closed image: the request fails, the claim is released all the same.
-    Atomics.or(words, 0, 1 << 4);
-    engine.serveCow(q, { type: 'cow', qid: 0, tag: 6, block: 4, lastBlock: 4, length: 4 * KiB });
-    // (unshared: this engine holds no claims any more; the queue's bit is the queue's to drop)
+    const engine2 = new EngineRequests(img, () => {});
+    const words2 = new Int32Array(engine2.shareClaims()!);
+    await img.close();
+    q.stored!.drain(() => {}); // the push of tag 1 above only showed the flag: dropped
+    Atomics.or(words2, 0, 1 << 6);
+    producer.push(2, 6, 6, 4 * KiB);
+    engine2.serveStored(q);
     q.completions.drain((tag, r) => void results.set(tag, r));
-    assert.ok(results.get(6)! < 0, 'a write into a closed image fails');
-    const again = await FvdImage.open(nodeIo, file, { readOnly: true, copyOnRead: false });
-    const got = new Uint8Array(2 * bs);
-    await again.read(got, 3 * bs);
-    await again.close();
-    assert.ok(same(got.subarray(0, bs), new Uint8Array(bs).fill(0x77)), 'after a reopen: block 3 from the image');
-    assert.ok(same(got.subarray(bs), new Uint8Array(bs).fill(0x42)), 'block 4 from the base');
+    assert.ok(results.get(2)! < 0, 'a write into a closed image fails');
+    assert.is(Atomics.load(words2, 0) & (1 << 6), 0, 'its claim released');
+    engine2.unshareClaims();
   } finally {
     if (prev === undefined) delete process.env.FVD_QUEUE_COW;
     else process.env.FVD_QUEUE_COW = prev;
-    fs.closeSync(eventfd);
+    fs.closeSync(wakeRead);
+    fs.closeSync(wakeWrite);
+    if (!img.isClosed) await img.close();
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+/** A pipe's (read, write) descriptors, the read end non-blocking. */
+function pipeFds(): [number, number] {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-fifo-'));
+  const fifo = path.join(dir, 'wake');
+  execFileSync('mkfifo', [fifo]);
+  const r = fs.openSync(fifo, fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+  const w = fs.openSync(fifo, 'w');
+  fs.rmSync(dir, { recursive: true });
+  return [r, w];
+}
 
 test.run();
