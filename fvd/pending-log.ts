@@ -10,7 +10,9 @@
  * rebooted too, and the ordinary power-cut rules hold (the bootId check rejects the log).
  *
  * Records are appended synchronously, one pwrite each, when they are queued, i.e. before the
- * write that produced them is acknowledged. Each record describes a write that had completed.
+ * write that produced them is acknowledged; a batch (hold … release: the writes a queue thread
+ * stored, adopted together) goes in one pwrite before any of its writes is acknowledged. Each
+ * record describes a write that had completed.
  */
 import { closeSync, fstatSync, ftruncateSync, openSync, readFileSync, unlinkSync, writeSync } from 'node:fs';
 import { crc } from './format.js';
