@@ -9,6 +9,7 @@ import {
   CHUNK_EMPTY,
   COMPAT_ZERO_DETECTED,
   DEFAULT_BLOCK_SIZE,
+  bitmapCoverage,
   defaultBlockSize,
   DEFAULT_CHUNK_SIZE,
   DEFAULT_JOURNAL_SIZE,
@@ -74,8 +75,9 @@ export async function createImage(io: IoBackend, imagePath: string, options: Cre
   const isPow2 = (v: number) => Number.isSafeInteger(v) && v > 0 && (v & (v - 1)) === 0;
   if (!isPow2(blockSize) || blockSize < MIN_BLOCK_SIZE || blockSize > MAX_BLOCK_SIZE)
     throw new FvdError(`block size ${blockSize} must be a power of two between ${MIN_BLOCK_SIZE} and ${MAX_BLOCK_SIZE}`, 'EINVAL');
-  if (!isPow2(chunkSize) || chunkSize < (options.blockSize ?? MIN_BLOCK_SIZE) || chunkSize > MAX_CHUNK_SIZE)
-    throw new FvdError(`chunk size ${chunkSize} must be a power of two between the block size (${options.blockSize ?? MIN_BLOCK_SIZE}) and ${MAX_CHUNK_SIZE}`, 'EINVAL');
+  const smallestBlock = options.blockSize ?? MIN_BLOCK_SIZE;
+  if (!isPow2(chunkSize) || chunkSize < smallestBlock || chunkSize > MAX_CHUNK_SIZE)
+    throw new FvdError(`chunk size ${chunkSize} must be a power of two between the block size (${smallestBlock}) and ${MAX_CHUNK_SIZE}`, 'EINVAL');
   if (!Number.isSafeInteger(journalLength) || (journalLength !== 0 && (journalLength < MIN_JOURNAL_SIZE || journalLength % PAGE || journalLength > MAX_METADATA_REGION)))
     throw new FvdError(`journal size ${journalLength} must be 0 or a multiple of 4 KiB from ${MIN_JOURNAL_SIZE} to ${MAX_METADATA_REGION}`, 'EINVAL');
   if (options.layout && options.layout !== 'raw' && options.layout !== 'compact')
@@ -110,7 +112,7 @@ export async function createImage(io: IoBackend, imagePath: string, options: Cre
       throw new FvdError(`size ${size} out of range (1 byte to ${MAX_VIRTUAL_SIZE} bytes)`, 'EINVAL');
     const baseSize = base ? base.size : 0;
     // Never larger than a chunk size given (a chunk holds whole blocks).
-    if (options.blockSize === undefined) blockSize = Math.min(defaultBlockSize(!!base, Math.max(baseSize, size)), chunkSize);
+    if (options.blockSize === undefined) blockSize = Math.min(defaultBlockSize(!!base, bitmapCoverage(baseSize, size)), chunkSize);
     const layout = computeLayout({ virtualSize: size, blockSize, chunkSize, baseSize, compact, journalLength });
     if (layout.tableLength > MAX_METADATA_REGION)
       throw new FvdError(`a ${size}-byte disk needs a ${layout.tableLength}-byte lookup table at ${chunkSize}-byte chunks (limit ${MAX_METADATA_REGION}): use a larger --chunk-size`, 'EINVAL');

@@ -39,17 +39,26 @@ async function readAll(img: FvdImage, off: number, len: number): Promise<Buffer>
   return b;
 }
 
+/**
+ * Writes one sector (0xee) at 64 KiB + 1000 into the image over `baseData`, reopens it read-only
+ * and checks 64..128 KiB: the base's bytes around the sector. Returns the reopened image.
+ */
+async function writeSectorAndReopen(file: string, baseData: Uint8Array): Promise<FvdImage> {
+  const img = await FvdImage.open(nodeIo, file, { copyOnRead: false });
+  await img.write(Buffer.alloc(512, 0xee), 64 * KiB + 1000);
+  await img.close();
+  const again = await FvdImage.open(nodeIo, file, { readOnly: true });
+  const expect = Buffer.from(baseData.subarray(64 * KiB, 128 * KiB));
+  expect.fill(0xee, 1000, 1512);
+  assert.ok((await readAll(again, 64 * KiB, 64 * KiB)).equals(expect), 'the sector amid the base bytes after a reopen');
+  return again;
+}
+
 for (const layout of ['raw', 'compact'] as const) {
   test(`${layout}: partial write copies the rest of the base block; bitmap survives close/reopen`, async () => {
     const base = makeBase();
     const file = await fresh({ base: base.file, baseFormat: 'raw', layout, size: 4 * MiB, blockSize: 64 * KiB, chunkSize: 256 * KiB });
-    let img = await FvdImage.open(nodeIo, file, { copyOnRead: false });
-    await img.write(Buffer.alloc(512, 0xee), 64 * KiB + 1000);
-    await img.close();
-    img = await FvdImage.open(nodeIo, file, { readOnly: true });
-    const expect = Buffer.from(base.data.subarray(64 * KiB, 128 * KiB));
-    expect.fill(0xee, 1000, 1512);
-    assert.ok((await readAll(img, 64 * KiB, 64 * KiB)).equals(expect));
+    const img = await writeSectorAndReopen(file, base.data);
     const ext = img.extents().find((e) => e.offset <= 64 * KiB && e.offset + e.length > 64 * KiB)!;
     assert.is(ext.kind, 'local');
     assert.is(img.stats().wasDirty, false);
@@ -231,13 +240,7 @@ test('create picks the block size when none is given: 4K over a base, by the bit
   assert.is(await blockOf({ base: big, baseFormat: 'raw', layout: 'compact', chunkSize: 8 * KiB }), 8 * KiB);
   // A 4 KiB-block image over a base behaves: a 512-byte write copies only its 4 KiB block.
   const file = await fresh({ base: base.file, baseFormat: 'raw', size: 4 * MiB });
-  let img = await FvdImage.open(nodeIo, file, { copyOnRead: false });
-  await img.write(Buffer.alloc(512, 0xee), 64 * KiB + 1000);
-  await img.close();
-  img = await FvdImage.open(nodeIo, file, { readOnly: true });
-  const expect = Buffer.from(base.data.subarray(64 * KiB, 128 * KiB));
-  expect.fill(0xee, 1000, 1512);
-  assert.ok((await readAll(img, 64 * KiB, 64 * KiB)).equals(expect));
+  const img = await writeSectorAndReopen(file, base.data);
   const local = img.extents().filter((e) => e.kind === 'local' && e.offset < 2 * MiB);
   const zeroBlock = (e: { offset: number }) => e.offset >= 128 * KiB && e.offset < 192 * KiB; // zero-detected at create
   assert.equal(local.filter((e) => !zeroBlock(e)).map((e) => [e.offset, e.length]), [[64 * KiB, 4 * KiB]]);
