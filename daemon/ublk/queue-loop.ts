@@ -38,6 +38,7 @@ import {
   encodeIoCmd,
   userCopyPosition,
 } from './abi.js';
+import { GuestLoad } from './guest-load.js';
 
 // ---- user_data layout ----------------------------------------------------------------------
 // Bits 0–15 tag, 16–23 kind (UD_KIND_*), 24–39 target data (free for the target: which of a request's I/Os).
@@ -163,9 +164,6 @@ const EBUSY = -16;
 const ETIME = -62;
 const ECANCELED = -125;
 
-/** A wait in io_uring_enter longer than this (ms) ends the guest's last burst (QueueLoop.load). */
-const LOAD_IDLE_MS = 10;
-
 export class QueueLoop {
   readonly qid: number;
   readonly depth: number;
@@ -192,21 +190,12 @@ export class QueueLoop {
   /** Date.now() after the last wait in io_uring_enter: one clock read per loop turn, not per request. */
   private now = Date.now();
   private aborted = 0;
-  /** Requests received and not yet completed (what a quiesced queue waits for). */
-  private inFlight = 0;
+  /** Requests in flight (what a quiesced queue waits for) and per loop turn: daemon/ublk/guest-load.ts. */
+  private readonly guest = new GuestLoad(this.now);
 
-  /** Requests received in this loop turn (one io_uring_enter's completions) and in the previous one. */
-  private turnRequests = 0;
-  private lastTurnRequests = 0;
-
-  /**
-   * How busy the guest keeps this queue, in requests: the most of those in flight (the one being
-   * handled included), those that arrived in this loop turn and those of the previous turn. A
-   * request served synchronously completes before the next arrives, so in-flight alone reads 1
-   * at any depth; a guest at depth 1 sends one request per turn, a deeper one several.
-   */
+  /** How busy the guest keeps this queue, in requests (GuestLoad.load). */
   get load(): number {
-    return Math.max(this.inFlight, this.turnRequests, this.lastTurnRequests);
+    return this.guest.load;
   }
 
   /** When this loop turn began (Date.now(), read once per io_uring_enter): a clock without a syscall. */
@@ -325,7 +314,7 @@ export class QueueLoop {
 
   /** The request of `tag` is done with `result` (bytes, or -errno): commit it and fetch the next. */
   complete(tag: number, result: number): void {
-    this.inFlight--;
+    this.guest.completed();
     this.tagBusy[tag] = 0;
     this.tagIdleSince[tag] = this.now;
     this.ublkCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
@@ -356,7 +345,7 @@ export class QueueLoop {
         if (r < 0 && r !== EINTR && r !== EAGAIN && r !== EBUSY) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(r)}`);
         ring.reap(onCqe);
       }
-      if (quiesced && this.inFlight === 0) {
+      if (quiesced && this.guest.inFlight === 0) {
         // The last commits go to the kernel now: they complete their requests.
         const r = ring.submit(0);
         if (r < 0 && r !== EINTR && r !== EAGAIN && r !== EBUSY) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(r)}`);
@@ -372,13 +361,8 @@ export class QueueLoop {
       const r = ring.submit(1);
       if (r < 0 && r !== EINTR && r !== EAGAIN && r !== EBUSY) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(r)}`);
       const now = Date.now();
-      // The previous turn's requests tell how busy the guest keeps the queue only if that turn
-      // was recent: after a wait longer than LOAD_IDLE_MS the guest's last burst is over (without
-      // this, the first request after an idle gap counted the burst before it — a QD1 read right
-      // after a QD16 job looked busy).
-      this.lastTurnRequests = now - this.now > LOAD_IDLE_MS ? 0 : this.turnRequests;
+      this.guest.newTurn(now);
       this.now = now;
-      this.turnRequests = 0;
       ring.reap(onCqe);
       if (now - lastSecond > 1000) {
         lastSecond = now;
@@ -464,8 +448,7 @@ export class QueueLoop {
     switch (userDataKind(userData)) {
       case UD_KIND_UBLK_CMD:
         if (res === UBLK_IO_RES_OK) {
-          this.inFlight++;
-          this.turnRequests++;
+          this.guest.arrived();
           this.tagBusy[tag] = 1;
           this.tagUsed[tag] = 1;
           this.target!.handleIo(tag, readIoDescriptor(this.descs, tag, this.iod));
