@@ -331,7 +331,7 @@ export class CorHintConsumer {
     Atomics.sub(this.words, W_OUTSTANDING, this.bs);
   }
 
-  /** releases blocks [first, first + count) (a run's hint). */
+  /** Releases blocks [first, first + count) (a run's hint). */
   releaseRun(first: number, count: number): void {
     for (let b = first; b < first + count; b++) this.release(b);
   }

@@ -230,10 +230,10 @@ export class EngineRequests {
    * (daemon/queue-cow.ts), and pushed them to its StoredRing: each block becomes local (bits set,
    * record queued), the records of the whole batch go to the pending log in one write, then
    * their journaled bits are set and the claims go — so whoever takes a block next sees it local
-   * and recorded — then the guests are answered, with one wake of the queue. Synchronous: no
-   * file I/O here but that one write.
+   * and recorded — then the guests are answered, with one wake of the queue (`wake` false: the
+   * queue has exited, nobody to wake). Synchronous: no file I/O here but that one write.
    */
-  serveStored(q: EngineQueue): void {
+  serveStored(q: EngineQueue, wake = true): void {
     const ring = q.stored;
     if (ring === null) return;
     this.storedQueue = q;
@@ -262,7 +262,7 @@ export class EngineRequests {
       q.completions.push(tags[i]!, result);
     }
     this.storedQueue = null;
-    if (n > 0) fs.writeSync(q.eventfd, EFD_WAKE);
+    if (n > 0 && wake) fs.writeSync(q.eventfd, EFD_WAKE);
   }
 
   // serveStored's batch (reused: no allocation per request once grown to the queue's depth).

@@ -574,8 +574,8 @@ export class UblkServer {
         break;
       case 'exit':
         // Anything it stored and pushed is adopted (its 'stored' message came first; this only
-        // makes sure no claim outlives the queue).
-        this.engine.serveStored(q);
+        // makes sure no claim outlives the queue). No wake: the queue is gone.
+        this.engine.serveStored(q, false);
         if (m.error) this.opts.log(`queue ${m.qid} stopped: ${m.error}`);
         // Its tags would never be answered: stop the device so pending I/O fails instead of hanging.
         if (this.started && !this.stopping && !this.handingOff) this.opts.onFatal?.(`queue ${m.qid} exited${m.error ? `: ${m.error}` : ''}`);
