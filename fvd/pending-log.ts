@@ -85,13 +85,29 @@ export function encodePendingHeader(bootId: string, fileId: string, committedSeq
 
 export function encodePendingRecord(r: PendingRecord): Uint8Array {
   const b = new Uint8Array(PENDING_RECORD);
-  const dv = new DataView(b.buffer);
-  dv.setBigUint64(0, BigInt(r.seq), true);
-  dv.setUint16(8, r.kind, true);
-  dv.setUint32(12, r.b, true);
-  dv.setBigUint64(16, BigInt(r.a), true);
-  dv.setUint32(28, crc(b.subarray(0, 28)), true);
+  encodePendingRecordAt(b, new DataView(b.buffer), 0, r.seq, r.kind, r.a, r.b);
   return b;
+}
+
+/**
+ * Encodes one record into `bytes` at `at` (`dv` views the same bytes): the writer's append path,
+ * which fills its preallocated buffer instead of allocating a record per write. Sequence numbers
+ * and block numbers stay below 2^53; the u64 fields are written as two u32 halves so that no
+ * BigInt is made either.
+ */
+export function encodePendingRecordAt(bytes: Uint8Array, dv: DataView, at: number, seq: number, kind: PendingRecord['kind'], a: number, b: number): void {
+  putU64(dv, at, seq);
+  dv.setUint16(at + 8, kind, true);
+  dv.setUint16(at + 10, 0, true);
+  dv.setUint32(at + 12, b, true);
+  putU64(dv, at + 16, a);
+  dv.setUint32(at + 24, 0, true);
+  dv.setUint32(at + 28, crc(bytes.subarray(at, at + 28)), true);
+}
+
+function putU64(dv: DataView, at: number, n: number): void {
+  dv.setUint32(at, n % 0x1_0000_0000, true);
+  dv.setUint32(at + 4, Math.floor(n / 0x1_0000_0000), true);
 }
 
 /** Parses a log's bytes against the expected identity (pure; the file reader is below). */
@@ -164,7 +180,11 @@ export class PendingLogWriter implements JournalSink {
   /** While held (hold): the records appended since, written together by release. */
   private holding = false;
   private held = new Uint8Array(16 * PENDING_RECORD);
+  private heldView = new DataView(this.held.buffer);
   private heldCount = 0;
+  /** One record, encoded in place by an unheld append (and the committed mark's 8 bytes). */
+  private readonly one = new Uint8Array(PENDING_RECORD);
+  private readonly oneView = new DataView(this.one.buffer);
 
   private constructor(
     readonly path: string,
@@ -234,19 +254,21 @@ export class PendingLogWriter implements JournalSink {
 
   private append(kind: PendingRecord['kind'], a: number, b: number): void {
     if (this.fd < 0) return;
-    const rec = encodePendingRecord({ seq: this.seq + 1, kind, a, b });
     if (this.holding) {
       if ((this.heldCount + 1) * PENDING_RECORD > this.held.length) {
+        // Grows to the largest batch seen, then stays: no allocation per record after that.
         const bigger = new Uint8Array(this.held.length * 2);
         bigger.set(this.held);
         this.held = bigger;
+        this.heldView = new DataView(bigger.buffer);
       }
-      this.held.set(rec, this.heldCount * PENDING_RECORD);
+      encodePendingRecordAt(this.held, this.heldView, this.heldCount * PENDING_RECORD, this.seq + 1, kind, a, b);
       this.heldCount++;
       this.seq++;
       return;
     }
-    writeSync(this.fd, rec, 0, PENDING_RECORD, PENDING_LOG_HEADER + this.count * PENDING_RECORD);
+    encodePendingRecordAt(this.one, this.oneView, 0, this.seq + 1, kind, a, b);
+    writeSync(this.fd, this.one, 0, PENDING_RECORD, PENDING_LOG_HEADER + this.count * PENDING_RECORD);
     this.seq++;
     this.count++;
   }
@@ -258,9 +280,8 @@ export class PendingLogWriter implements JournalSink {
   markCommitted(seq: number): void {
     if (this.fd < 0 || seq <= this.committed) return;
     this.committed = seq;
-    const b = new Uint8Array(8);
-    new DataView(b.buffer).setBigUint64(0, BigInt(seq), true);
-    writeSync(this.fd, b, 0, 8, COMMITTED_AT);
+    putU64(this.oneView, 0, seq);
+    writeSync(this.fd, this.one, 0, 8, COMMITTED_AT);
     if (seq === this.seq && this.count > 0) {
       ftruncateSync(this.fd, PENDING_LOG_HEADER);
       this.count = 0;

@@ -11,6 +11,7 @@ import path from 'node:path';
 import { FvdImage, type CreateOptions } from '../../fvd/image.js';
 import { nodeIo } from '../../storage/node-file.js';
 import { checkImage } from '../../fvd/check.js';
+import { crc } from '../../fvd/format.js';
 import { Journal, type JournalSink } from '../../fvd/journal.js';
 import type { BlockFile } from '../../fvd/io.js';
 import {
@@ -67,6 +68,47 @@ test('format: records round trip; committedSeq hides the committed prefix', () =
   w.close(true);
   assert.not.ok(fs.existsSync(id.path));
   assert.is(readPendingLog(id).status, 'absent');
+});
+
+/** An independent encoding of one record (BigInt u64s), to check the writer's in-place one. */
+function referenceRecord(seq: number, kind: number, a: number, b: number): Uint8Array {
+  const r = new Uint8Array(PENDING_RECORD);
+  const dv = new DataView(r.buffer);
+  dv.setBigUint64(0, BigInt(seq), true);
+  dv.setUint16(8, kind, true);
+  dv.setUint32(12, b, true);
+  dv.setBigUint64(16, BigInt(a), true);
+  dv.setUint32(28, crc(r.subarray(0, 28)), true);
+  return r;
+}
+
+test('held batches: in-place records byte for byte, sequence past 2^32, a batch beyond the first buffer', () => {
+  const id = logId();
+  const start = 2 ** 32 - 3; // the batch's sequence numbers cross the u32 boundary
+  const w = PendingLogWriter.create(id, start);
+  w.bitmapSet(2 ** 40 + 7, 1); // unheld, a block number above 2^32
+  w.hold();
+  const batch = 40; // more than the 16 records the held buffer starts with
+  for (let i = 0; i < batch; i++) w.bitmapSet(1000 + i, i + 1);
+  assert.is(readPendingLog(id).records.length, 1, 'held records are not in the file before release');
+  w.release();
+  w.hold();
+  w.tableSet(3, 9); // a second, smaller batch in the grown (reused) buffer
+  w.release();
+  const bytes = fs.readFileSync(id.path);
+  const want = [referenceRecord(start + 1, 1, 2 ** 40 + 7, 1)];
+  for (let i = 0; i < batch; i++) want.push(referenceRecord(start + 2 + i, 1, 1000 + i, i + 1));
+  want.push(referenceRecord(start + 2 + batch, 2, 3, 9));
+  assert.is(bytes.length, PENDING_LOG_HEADER + want.length * PENDING_RECORD);
+  want.forEach((r, i) => assert.equal(bytes.subarray(PENDING_LOG_HEADER + i * PENDING_RECORD, PENDING_LOG_HEADER + (i + 1) * PENDING_RECORD), Buffer.from(r), `record ${i}`));
+  const log = readPendingLog(id);
+  assert.equal(log.records.map((r) => r.seq), want.map((_, i) => start + 1 + i));
+  assert.is(log.records[0]!.a, 2 ** 40 + 7);
+  // The committed mark (8 bytes, written from the same scratch buffer) above 2^32 as well.
+  w.markCommitted(start + 5);
+  assert.is(readPendingLog(id).committedSeq, start + 5);
+  assert.is(readPendingLog(id).records.length, want.length, 'not everything committed: nothing dropped');
+  w.close(true);
 });
 
 test('a torn record ends the log: the records before it apply, none after', () => {
