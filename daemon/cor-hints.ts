@@ -7,7 +7,7 @@
  * - a bitmap of hinted blocks (coalescing: a block already hinted and not yet released is not
  *   hinted again, by any queue);
  * - per queue, a single-producer (that queue) single-consumer (main thread) ring of (block, slot)
- *   pairs; a slot >= 0 carries block's data (below), a negative slot -n is a run of n blocks from
+ *   pairs (daemon/spsc-ring.ts; their own wake flags unused: one flag for all, below); a slot >= 0 carries block's data (below), a negative slot -n is a run of n blocks from
  *   block on without data (the main thread reads the base itself, once for the run: a 128 KiB
  *   read of 4 KiB blocks is one entry and one copy, not 32);
  * - data slots (a hint that carries its block's data): one block-sized slot each in a pool of
@@ -33,6 +33,8 @@
  * push it does not see in that drain sets the flag again and posts again (all accesses are
  * sequentially consistent Atomics).
  */
+
+import { SpscRing } from './spsc-ring.js';
 
 /** What the main thread hands to every queue worker (structured-clonable). */
 export interface CorHintShared {
@@ -65,9 +67,8 @@ const MAX_SLOTS_PER_QUEUE = 256;
 
 const W_OUTSTANDING = 0;
 const W_WAKE = 1;
-// A ring: Int32 [0] head (consumer), [1] tail (producer), then `capacity` (block, slot) pairs.
-const R_HEAD = 0;
-const R_TAIL = 1;
+/** A ring entry: (block, slot) — slot < 0 is a run of -slot blocks without data. */
+const ENTRY_WORDS = 2;
 
 function ringCapacity(capBytes: number, blockSize: number): number {
   return Math.floor(capBytes / blockSize) + 1;
@@ -101,7 +102,7 @@ export function createCorHints(
   return {
     words: new SharedArrayBuffer(8),
     hinted: new SharedArrayBuffer(Math.max(1, Math.ceil(baseBlocks / 32)) * 4),
-    rings: Array.from({ length: queues }, () => new SharedArrayBuffer((2 + 2 * capacity) * 4)),
+    rings: Array.from({ length: queues }, () => SpscRing.create(capacity, ENTRY_WORDS)),
     capBytes,
     blockSize,
     baseBlocks,
@@ -116,8 +117,7 @@ export function createCorHints(
 export class CorHintProducer {
   private readonly words: Int32Array;
   private readonly hinted: Int32Array;
-  private readonly ring: Int32Array;
-  private readonly capacity: number;
+  private readonly ring: SpscRing;
   private readonly cap: number;
   private readonly bs: number;
   private readonly baseBlocks: number;
@@ -138,8 +138,7 @@ export class CorHintProducer {
   constructor(s: CorHintShared, qid: number) {
     this.words = new Int32Array(s.words);
     this.hinted = new Int32Array(s.hinted);
-    this.ring = new Int32Array(s.rings[qid]!);
-    this.capacity = (this.ring.length - 2) >>> 1;
+    this.ring = new SpscRing(s.rings[qid]!, ENTRY_WORDS);
     this.cap = s.capBytes;
     this.bs = s.blockSize;
     this.baseBlocks = s.baseBlocks;
@@ -251,11 +250,11 @@ export class CorHintProducer {
   }
 
   private pushEntry(b: number, slot: number): void {
-    const tail = this.ring[R_TAIL]!; // only this thread writes it
-    const at = 2 + 2 * (tail % this.capacity);
-    this.ring[at] = b;
-    this.ring[at + 1] = slot;
-    Atomics.store(this.ring, R_TAIL, tail + 1); // publishes the entry and the slot's data
+    const ring = this.ring;
+    const at = ring.slot();
+    ring.words[at] = b;
+    ring.words[at + 1] = slot;
+    ring.publish(); // publishes the entry and the slot's data
   }
 }
 
@@ -263,7 +262,7 @@ export class CorHintProducer {
 export class CorHintConsumer {
   private readonly words: Int32Array;
   private readonly hinted: Int32Array;
-  private readonly rings: Int32Array[];
+  private readonly rings: SpscRing[];
   private readonly bs: number;
   private readonly slots: Int32Array;
   /** Per data slot, its block of the pool (views made once); empty without a pool. */
@@ -273,7 +272,7 @@ export class CorHintConsumer {
   constructor(s: CorHintShared, pool: Uint8Array | null = null) {
     this.words = new Int32Array(s.words);
     this.hinted = new Int32Array(s.hinted);
-    this.rings = s.rings.map((r) => new Int32Array(r));
+    this.rings = s.rings.map((r) => new SpscRing(r, ENTRY_WORDS));
     this.bs = s.blockSize;
     this.slots = new Int32Array(s.slots);
     const n = s.slotsPerQueue * s.rings.length;
@@ -290,16 +289,14 @@ export class CorHintConsumer {
     Atomics.store(this.words, W_WAKE, 0); // before reading the tails: see the file comment
     let n = 0;
     for (const ring of this.rings) {
-      const capacity = (ring.length - 2) >>> 1;
-      let head = ring[R_HEAD]!;
-      const tail = Atomics.load(ring, R_TAIL);
-      while (head !== tail) {
-        const at = 2 + 2 * (head % capacity);
-        const block = ring[at]!;
-        const slot = ring[at + 1]!;
+      const w = ring.words;
+      for (let left = ring.available(); left > 0; left--) {
+        const at = ring.oldest();
+        const block = w[at]!;
+        const slot = w[at + 1]!;
         // The entry is free before fn may release the block: every entry still in a ring is
         // counted in the outstanding bytes, which keeps the rings from overflowing.
-        Atomics.store(ring, R_HEAD, ++head);
+        ring.consume();
         if (slot >= 0) fn(block, slot, 1);
         else fn(block, NO_SLOT, -slot);
         n++;

@@ -25,6 +25,7 @@ import {
 } from '../../daemon/ublk/queue-loop.js';
 import { fileURLToPath } from 'node:url';
 import { CompletionRing, StoredRing, type EngineView } from '../../daemon/shared-state.js';
+import { SpscRing } from '../../daemon/spsc-ring.js';
 import { Worker } from 'node:worker_threads';
 import { storedHost } from '../helpers/stored-host.js';
 import { Prefetcher } from '../../fvd/prefetch.js';
@@ -402,6 +403,46 @@ test('completion ring: FIFO, wraps, drains exactly what was pushed', () => {
   assert.is(got.length, 40);
   assert.equal(got.slice(32), [40, 0, 41, -1, 42, -2, 43, -3]);
   assert.is(consumer.drain(() => assert.unreachable()), 0);
+});
+
+test('spsc ring: full is not empty, head and tail stay below 2·capacity, a drain takes what was available', () => {
+  const sab = SpscRing.create(3, 2);
+  const producer = new SpscRing(sab, 2);
+  const consumer = new SpscRing(sab, 2);
+  assert.is(consumer.available(), 0);
+  let pushed = 0;
+  let taken = 0;
+  const push = () => {
+    const at = producer.slot();
+    producer.words[at] = pushed;
+    producer.words[at + 1] = -pushed;
+    producer.publish();
+    pushed++;
+  };
+  // Many times around the ring, in bursts up to full: 3 entries pushed read as 3, never as 0.
+  for (let round = 0; round < 1000; round++) {
+    const burst = 1 + (round % 3);
+    for (let i = 0; i < burst; i++) push();
+    assert.is(consumer.available(), burst);
+    assert.is(consumer.length, burst);
+    for (let left = consumer.available(); left > 0; left--) {
+      const at = consumer.oldest();
+      assert.is(consumer.words[at], taken, 'FIFO, none lost or repeated');
+      assert.is(consumer.words[at + 1], -taken);
+      consumer.consume();
+      taken++;
+    }
+    // The counters wrap at 2·capacity: plain counters would pass 2^31 after as many entries and
+    // index outside the ring.
+    assert.ok(consumer.words[0]! < 6 && consumer.words[1]! < 6, 'head and tail below 2·capacity');
+  }
+  assert.is(taken, pushed);
+  // The wake flag: raised once per drain cycle.
+  assert.ok(producer.raiseWake());
+  assert.not.ok(producer.raiseWake());
+  consumer.lowerWake();
+  assert.ok(producer.raiseWake());
+  assert.throws(() => new SpscRing(new SharedArrayBuffer(16), 2), /hold no entry/);
 });
 
 for (const depth of [1, 8]) test(`stored ring (race, depth ${depth}): a queue thread pushing while the main thread drains on wake messages; every entry once, in order, no wake lost`, async () => {
