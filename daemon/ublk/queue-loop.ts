@@ -187,11 +187,12 @@ export class QueueLoop {
   private readonly tagBusy: Uint8Array;
   private readonly tagIdleSince: Float64Array;
   private readonly tagUsed: Uint8Array;
-  /** Date.now() after the last wait in io_uring_enter: one clock read per loop turn, not per request. */
-  private now = Date.now();
   private aborted = 0;
-  /** Requests in flight (what a quiesced queue waits for) and per loop turn: daemon/ublk/guest-load.ts. */
-  private readonly guest = new GuestLoad(this.now);
+  /**
+   * Requests in flight (what a quiesced queue waits for) and per loop turn, and the turn's clock
+   * (Date.now() after the last wait in io_uring_enter: one read per turn): daemon/ublk/guest-load.ts.
+   */
+  private readonly guest = new GuestLoad(Date.now());
 
   /** How busy the guest keeps this queue, in requests (GuestLoad.load). */
   get load(): number {
@@ -200,7 +201,7 @@ export class QueueLoop {
 
   /** When this loop turn began (Date.now(), read once per io_uring_enter): a clock without a syscall. */
   get turnTime(): number {
-    return this.now;
+    return this.guest.turnTime;
   }
   private closed = false;
 
@@ -316,7 +317,7 @@ export class QueueLoop {
   complete(tag: number, result: number): void {
     this.guest.completed();
     this.tagBusy[tag] = 0;
-    this.tagIdleSince[tag] = this.now;
+    this.tagIdleSince[tag] = this.guest.turnTime;
     this.ublkCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
   }
 
@@ -362,7 +363,6 @@ export class QueueLoop {
       if (r < 0 && r !== EINTR && r !== EAGAIN && r !== EBUSY) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(r)}`);
       const now = Date.now();
       this.guest.newTurn(now);
-      this.now = now;
       ring.reap(onCqe);
       if (now - lastSecond > 1000) {
         lastSecond = now;
