@@ -21,7 +21,7 @@ import { sdNotify, watchdogPingIntervalMs } from '../ffi/sd-notify.js';
 import { formatSize } from './args.js';
 import { UblkServer, type ServeOptions } from './server.js';
 import { FvdError } from '../fvd/errors.js';
-import { Prefetcher } from '../fvd/prefetch.js';
+import { Prefetcher, defaultChunkBytes } from '../fvd/prefetch.js';
 import type { QueueActivityReader } from './queue-activity.js';
 import { wipe } from './key-file.js';
 import { runGrowCommand } from './grow.js';
@@ -33,8 +33,6 @@ import type { StorageIo } from '../storage/storage-io.js';
 import { isUrl } from '../fvd/base-location.js';
 import { RemoteMonitor, formatRemote } from './remote-status.js';
 
-/** Prefetch chunks over a remote base: large sequential ranges (split into parallel requests). */
-const REMOTE_CHUNK_BYTES = 8 * 1024 * 1024;
 /** After a remote base failed a prefetch read, try again after this long (doubling, to 5 min). */
 const REMOTE_RETRY_MS = 5000;
 /** How long a hand-off waits for QUIESCE_DEV and then for the queues to commit what they hold. */
@@ -96,6 +94,8 @@ class DeviceService {
   private metricsReader: QueueActivityReader | null = null;
   private readonly remote: RemoteMonitor;
   private readonly remoteBase: boolean;
+  /** The prefetcher's copy unit for this base chain (fvd/prefetch.ts defaultChunkBytes). */
+  private readonly prefetchChunk: number;
   private prefetcher: Prefetcher | null = null;
   private retryTimer: NodeJS.Timeout | null = null;
   private retryMs = REMOTE_RETRY_MS;
@@ -120,6 +120,7 @@ class DeviceService {
     this.remote = new RemoteMonitor(opts.io, server.image);
     const st = server.image.stats();
     this.remoteBase = st.baseChain.some((b) => isUrl(b.path));
+    this.prefetchChunk = defaultChunkBytes(st.baseChain.map((b) => b.path));
     if (opts.growCmd !== undefined) this.setUpGrowth(opts.growCmd, st.layout);
     if (!(!opts.prefetch || st.fullyLocal || st.baseSize === 0)) this.prefetcher = this.startPrefetcher();
   }
@@ -278,7 +279,8 @@ class DeviceService {
       // The workers time only the daemon's part of a request: the guest's own path (its kernel,
       // its CPUs, which the copy also uses) shows as a lower request rate.
       partialLatency: true,
-      ...(this.remoteBase ? { chunkBytes: REMOTE_CHUNK_BYTES } : {}),
+      // The copy unit `fvd prefetch` uses for the same chain (8 MiB over HTTP, 2 MiB over NBD).
+      chunkBytes: this.prefetchChunk,
     }).start();
     p.on('baseline', (ns: number) =>
       log(`prefetch: guest request latency baseline ${(ns / 1000).toFixed(1)} µs; prefetching keeps the mean within +${opts.prefetchShare}%`),

@@ -9,8 +9,7 @@
  */
 import { FvdImage } from '../../fvd/image.js';
 import { storageIo } from '../../storage/storage-io.js';
-import { isUrl } from '../../fvd/base-location.js';
-import { Prefetcher, type PrefetchProgress } from '../../fvd/prefetch.js';
+import { Prefetcher, defaultChunkBytes, type PrefetchProgress } from '../../fvd/prefetch.js';
 import { UsageError, formatSize, parseSize } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
@@ -62,7 +61,7 @@ export async function run(args: string[]): Promise<number> {
       console.log(oneLine(`${path}: already fully local; nothing to prefetch`));
       return 0;
     }
-    prefetcher = new Prefetcher(image, { chunkBytes: chunkGiven ? chunk : defaultChunk(st.baseChain.map((b) => b.path)), maxBytesPerSec: maxRate || undefined });
+    prefetcher = new Prefetcher(image, { chunkBytes: chunkGiven ? chunk : defaultChunkBytes(st.baseChain.map((b) => b.path)), maxBytesPerSec: maxRate || undefined });
     const bar = values.quiet ? null : new ProgressBar(process.stderr, interval * 1000);
     process.on('SIGINT', onSignal);
     process.on('SIGTERM', onSignal);
@@ -94,22 +93,6 @@ export async function run(args: string[]): Promise<number> {
     await prefetcher?.stop();
     await image.close();
   }
-}
-
-/**
- * The copy unit when --chunk is not given. Over HTTP, large sequential ranges (8 MiB, each split
- * into parallel requests). Over NBD, one request's worth (2 MiB, the client's request size), with
- * more chunks in flight (the Prefetcher's depth follows): each reply lands in its chunk's buffer
- * and is written while still in the CPU cache — with 8 MiB chunks the write's copy into the page
- * cache cost twice the system time (1 GiB template, 768 MiB of data: sys 0.46–0.58 s against
- * 0.98–1.38 s, four interleaved rounds at load 9–10), while over HTTP 2 MiB was no better.
- * 1 MiB for a local base.
- */
-function defaultChunk(baseChain: string[]): number {
-  const MiB = 1024 * 1024;
-  if (baseChain.some((p) => /^nbds?(\+unix)?:/i.test(p))) return 2 * MiB;
-  if (baseChain.some((p) => isUrl(p))) return 8 * MiB;
-  return MiB;
 }
 
 /** One redrawn line on a TTY; a line every `intervalMs` (and at start and end) otherwise. */

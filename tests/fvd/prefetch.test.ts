@@ -14,7 +14,7 @@ import { FvdImage, type CreateOptions } from '../../fvd/image.js';
 import { nodeIo } from '../../storage/node-file.js';
 import { checkImage } from '../../fvd/check.js';
 import type { BlockFile, IoBackend, OpenOptions } from '../../fvd/io.js';
-import { ForegroundMeter, Prefetcher, type ForegroundActivity, type PrefetchState } from '../../fvd/prefetch.js';
+import { ForegroundMeter, Prefetcher, defaultChunkBytes, type ForegroundActivity, type PrefetchState } from '../../fvd/prefetch.js';
 import { Rng } from '../helpers/rng.js';
 import { CrashIo } from '../helpers/crash-io.js';
 import { countSet, testBit } from '../../fvd/bitmap.js';
@@ -670,6 +670,18 @@ test('fvd prefetch: progress and summary on a fresh image; then fully local; not
   assert.is(none.code, 0, none.stderr);
   assert.match(none.stdout, /no base image; nothing to prefetch/);
   assert.is(none.stderr, '');
+});
+
+test('copy unit per base chain (fvd prefetch and serve alike): 1 MiB local, 8 MiB over HTTP, 2 MiB over NBD', () => {
+  assert.is(defaultChunkBytes(['/var/lib/fvd/t.raw']), MiB);
+  assert.is(defaultChunkBytes([]), MiB);
+  assert.is(defaultChunkBytes(['http://h/t.raw']), 8 * MiB);
+  assert.is(defaultChunkBytes(['https://h/b/t.qcow2?X-Amz-Signature=1']), 8 * MiB);
+  assert.is(defaultChunkBytes(['nbd://h:10809/t']), 2 * MiB);
+  assert.is(defaultChunkBytes(['NBD+UNIX:///t?socket=/run/n.sock']), 2 * MiB);
+  assert.is(defaultChunkBytes(['nbds://h/t']), 2 * MiB);
+  // A chain that reaches NBD anywhere is read through the NBD client's request size.
+  assert.is(defaultChunkBytes(['mid.fvd', 'http://h/m.fvd', 'nbd://h/t']), 2 * MiB);
 });
 
 test('fvd prefetch: bad arguments are one-line errors', () => {
