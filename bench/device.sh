@@ -10,8 +10,9 @@
 #              with the engine's copy-on-write (FVD_QUEUE_COW=0), with --no-copy-on-read, with
 #              prefetching on (the default options), or created with 64 KiB blocks (the default
 #              block size over a base before 4 KiB; fvd-cow-4k is a synonym of fvd-cow now)
-#   fvd-cow-before  (only when named, with FVD_BEFORE=<another checkout's build/daemon/cli.js>)
-#              as fvd-cow, served by that build: before/after ratios in one guest boot
+#   fvd-cow-before, fvd-before  (only when named, with FVD_BEFORE=<another checkout's
+#              build/daemon/cli.js>) as fvd-cow / fvd, served by that build: before/after ratios
+#              in one guest boot
 #   loop       kernel loop device, --direct-io=on, over a raw file
 #   qcow2-nbd  a qcow2 image through qemu-nbd --cache=none --aio=native
 #   qcow2-cow  (only when named) a fresh qcow2 overlay over a raw base through qemu-nbd: fvd-cow's peer
@@ -20,12 +21,18 @@
 # BENCH_JOBS picks jobs by name (e.g. "randread"). Copy-on-write targets get a fresh image for
 # every job (BENCH_FRESH=job, default) or one for all the jobs (BENCH_FRESH=target). Prints IOPS
 # and MB/s per target and job, the ratios to loop, and for FVD targets the daemon's CPU time per
-# I/O (user + system, µs). Each target's files are deleted after its jobs: the guest's tmpfs holds
-# about three 1 GiB files at most.
+# I/O (user + system, µs; for qemu-nbd targets that of qemu-nbd). FIO_RATE_IOPS caps every job at
+# that rate (fio --rate_iops): with every target at the same rate, CPU/IO compares the work per
+# request — unthrottled, a target that waits more (fvd's queue threads poll while they wait)
+# shows more CPU per I/O at fewer IOPS. Pick a rate every target reaches (the IOPS column says
+# whether it did). Each target's files are deleted after its jobs: the guest's tmpfs holds about
+# three 1 GiB files at most.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 FVD="node $root/build/daemon/cli.js"
 RUNTIME=${FIO_RUNTIME:-20}
+RATE=()
+[ -z "${FIO_RATE_IOPS:-}" ] || RATE=(--rate_iops="$FIO_RATE_IOPS")
 SIZE=${BENCH_SIZE:-1G}
 TARGETS=${BENCH_TARGETS:-"fvd fvd-cow loop qcow2-nbd"}
 ROUNDS=${BENCH_ROUNDS:-1}   # rounds of all targets in turn; the table shows each figure's median
@@ -47,7 +54,7 @@ modprobe ublk_drv 2>/dev/null || true
 modprobe nbd nbds_max=2 2>/dev/null || true
 mkdir -p /run/lock   # qemu-nbd keeps its lock file there (a fresh guest /run lacks it)
 mount | grep -q " $(df --output=target /tmp | tail -1) " || true
-echo "bench: $(uname -r), backing files on $(df --output=fstype "$dir" | tail -1) at $dir, $RUNTIME s per job, size $SIZE"
+echo "bench: $(uname -r), backing files on $(df --output=fstype "$dir" | tail -1) at $dir, $RUNTIME s per job, size $SIZE${FIO_RATE_IOPS:+, every job capped at $FIO_RATE_IOPS IOPS}"
 
 JOBS=()
 for j in "randread 4k 16" "randwrite 4k 16" "read 128k 4" "write 128k 4"; do
@@ -67,7 +74,7 @@ run_jobs() { # target device [daemon pid]
     t0=$(cpu_ticks "$dpid")
     out=$(fio --name=b --filename="$dev" --rw="$1" --bs="$2" --iodepth="$3" --direct=1 --ioengine=libaio \
       --runtime="$RUNTIME" --time_based=1 --size="$SIZE" --numjobs=1 --group_reporting=1 --randrepeat=0 \
-      --output-format=json 2>/dev/null)
+      "${RATE[@]}" --output-format=json 2>/dev/null)
     t1=$(cpu_ticks "$dpid")
     local kind=read; case $1 in *write) kind=write ;; esac
     local iops bw ios cpu
@@ -79,6 +86,10 @@ run_jobs() { # target device [daemon pid]
     printf '%s\t%s-%s-qd%s\t%s\t%s\t%s\n' "$target" "$1" "$2" "$3" "$iops" "$bw" "$cpu" | tee -a "$results"
   done
 }
+
+# The qemu-nbd serving /dev/nbd0 (`qemu-nbd -c` runs it in the background): its CPU time is the
+# peer's figure beside the fvd daemon's.
+nbd_server_pid() { pgrep -n -x qemu-nbd || true; }
 
 serve() { # image [options] -> sets $dev (no subshell: the pid must stay in this shell's list)
   local img=$1; shift
@@ -110,7 +121,7 @@ cow_serve() { # target image -> $dev (an fvd daemon's pid last in pids)
     fvd-cow-nocor) serve "$2" --no-prefetch --no-copy-on-read ;;
     fvd-cow-prefetch) serve "$2" ;;
     fvd-cow-before) SERVE_FVD="node $FVD_BEFORE" serve "$2" --no-prefetch ;;
-    qcow2-cow) qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$2"; sleep 1; dev=/dev/nbd0 ;;
+    qcow2-cow) qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$2"; sleep 1; dev=/dev/nbd0; nbd_pid=$(nbd_server_pid) ;;
   esac
 }
 
@@ -125,7 +136,7 @@ cow_target() { # target
     if [ "$s" = all ]; then JOBS=("${all[@]}"); else JOBS=("$s"); fi
     cow_create "$t" "$img"
     cow_serve "$t" "$img"
-    if [ "$t" = qcow2-cow ]; then run_jobs "$t" "$dev"; qemu-nbd -d /dev/nbd0 >/dev/null
+    if [ "$t" = qcow2-cow ]; then run_jobs "$t" "$dev" "$nbd_pid"; qemu-nbd -d /dev/nbd0 >/dev/null
     else run_jobs "$t" "$dev" "${pids[-1]}"; stop_last; fi
     rm -f "$img"*
   done
@@ -142,6 +153,12 @@ for t in $(round_targets "$round"); do
       serve "$dir/full.fvd"
       fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
       run_jobs fvd "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/full.fvd* ;;
+    fvd-before)
+      [ -n "${FVD_BEFORE:-}" ] || { echo "fvd-before needs FVD_BEFORE"; exit 1; }
+      node "$FVD_BEFORE" create "$dir/full.fvd" "$SIZE" >/dev/null
+      SERVE_FVD="node $FVD_BEFORE" serve "$dir/full.fvd"
+      fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
+      run_jobs fvd-before "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/full.fvd* ;;
     fvd-zc)
       $FVD create "$dir/zc.fvd" "$SIZE" >/dev/null
       serve "$dir/zc.fvd" --zero-copy
@@ -166,7 +183,7 @@ for t in $(round_targets "$round"); do
       qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$dir/img.qcow2"
       sleep 1
       fio --name=fillq --filename=/dev/nbd0 --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
-      run_jobs qcow2-nbd /dev/nbd0; qemu-nbd -d /dev/nbd0 >/dev/null; rm -f "$dir/img.qcow2" ;;
+      run_jobs qcow2-nbd /dev/nbd0 "$(nbd_server_pid)"; qemu-nbd -d /dev/nbd0 >/dev/null; rm -f "$dir/img.qcow2" ;;
   esac
 done
 done

@@ -13,8 +13,9 @@ import { FvdQueue, GATE_OPEN, GATE_WAIT, type QueueWorkerData, type WorkerMessag
 
 export type { QueueWorkerData, WorkerMessage } from './fvd-queue.js';
 
-// Polls of the ring's flags before blocking in io_uring_enter (FVD_SPIN=0 disables): about
-// 0.1 ms. Measured in the guest, side by side: 4K random I/O +5..55%, 128K +0..35% (noisy).
+// The most polls of the ring's flags before blocking in io_uring_enter (FVD_SPIN=0 disables):
+// about 0.1 ms. Measured in the guest, side by side: 4K random I/O +5..55%, 128K +0..35% (noisy).
+// Shorter while polls find nothing (daemon/ublk/spin-policy.ts).
 const SPIN = Number(process.env.FVD_SPIN ?? 5000);
 
 const post = (m: WorkerMessage) => parentPort!.postMessage(m);

@@ -39,6 +39,7 @@ import {
   userCopyPosition,
 } from './abi.js';
 import { GuestLoad } from './guest-load.js';
+import { SpinPolicy } from './spin-policy.js';
 
 // ---- user_data layout ----------------------------------------------------------------------
 // Bits 0–15 tag, 16–23 kind (UD_KIND_*), 24–39 target data (free for the target: which of a request's I/Os).
@@ -135,7 +136,10 @@ export interface QueueLoopOptions {
    * the loop ends as soon as it holds none (a hand-off, docs/DESIGN.md §7.5).
    */
   control: Int32Array;
-  /** Polls of the ring's flags before blocking in io_uring_enter (0: block at once). */
+  /**
+   * The most polls of the ring's flags before blocking in io_uring_enter (0: block at once); the
+   * window adapts below it (daemon/ublk/spin-policy.ts).
+   */
   spin: number;
   /**
    * The device was added with UBLK_F_AUTO_BUF_REG and UBLK_F_USER_COPY (zero copy): the kernel
@@ -188,6 +192,8 @@ export class QueueLoop {
   private readonly tagIdleSince: Float64Array;
   private readonly tagUsed: Uint8Array;
   private aborted = 0;
+  /** The polling window before each wait, adapted to whether polls find work. */
+  private readonly spinPolicy: SpinPolicy;
   /**
    * Requests in flight (what a quiesced queue waits for) and per loop turn, and the turn's clock
    * (Date.now() after the last wait in io_uring_enter: one read per turn): daemon/ublk/guest-load.ts.
@@ -208,6 +214,7 @@ export class QueueLoop {
   /** Maps the descriptors, sets up the ring and buffers; on failure releases what it took. */
   constructor(opts: QueueLoopOptions) {
     this.opts = opts;
+    this.spinPolicy = new SpinPolicy(opts.spin);
     const { sys, qid, depth, maxIo } = opts;
     this.qid = qid;
     this.depth = depth;
@@ -355,9 +362,15 @@ export class QueueLoop {
       if (spin > 0 && !ring.hasWork()) {
         // Hand over what is prepared without sleeping, then poll the ring's flags for a while:
         // a new request or completion usually comes within microseconds under load, and a
-        // sleep/wake-up round trip costs more than the polling.
+        // sleep/wake-up round trip costs more than the polling. How long: spinPolicy
+        // (daemon/ublk/spin-policy.ts), shorter while polls find nothing.
         if (ring.unsubmitted > 0) ring.submit(0);
-        for (let s = 0; s < spin && !ring.hasWork(); s++);
+        const allowed = this.spinPolicy.next();
+        if (allowed > 0) {
+          let s = 0;
+          while (s < allowed && !ring.hasWork()) s++;
+          this.spinPolicy.record(s < allowed);
+        }
       }
       const r = ring.submit(1);
       if (r < 0 && r !== EINTR && r !== EAGAIN && r !== EBUSY) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(r)}`);
