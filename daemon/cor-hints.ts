@@ -7,9 +7,10 @@
  * - a bitmap of hinted blocks (coalescing: a block already hinted and not yet released is not
  *   hinted again, by any queue);
  * - per queue, a single-producer (that queue) single-consumer (main thread) ring of (block, slot)
- *   pairs (daemon/spsc-ring.ts; their own wake flags unused: one flag for all, below); a slot >= 0 carries block's data (below), a negative slot -n is a run of n blocks from
- *   block on without data (the main thread reads the base itself, once for the run: a 128 KiB
- *   read of 4 KiB blocks is one entry and one copy, not 32);
+ *   pairs (daemon/spsc-ring.ts; their own wake flags unused: one flag for all, below); a slot
+ *   >= 0 carries block's data (below), a negative slot -n is a run of n blocks from block on
+ *   without data (the main thread reads the base itself, once for the run: a 128 KiB read of
+ *   4 KiB blocks is one entry and one copy, not 32);
  * - data slots (a hint that carries its block's data): one block-sized slot each in a pool of
  *   mmap'ed memory allocated by the main thread (ffi/uring.ts allocPinned, not populated: pages
  *   are touched only by the slots used), every thread mapping the same addresses. Each queue owns
