@@ -148,17 +148,16 @@ for round in $(seq "$ROUNDS"); do
 for t in $(round_targets "$round"); do
   [ "$ROUNDS" -gt 1 ] && echo "round $round: $t"
   case $t in
-    fvd)
-      $FVD create "$dir/full.fvd" "$SIZE" >/dev/null
-      serve "$dir/full.fvd"
+    fvd|fvd-before)
+      cli=$FVD serve_cli=
+      if [ "$t" = fvd-before ]; then
+        [ -n "${FVD_BEFORE:-}" ] || { echo "fvd-before needs FVD_BEFORE"; exit 1; }
+        cli="node $FVD_BEFORE" serve_cli="node $FVD_BEFORE"
+      fi
+      $cli create "$dir/full.fvd" "$SIZE" >/dev/null
+      SERVE_FVD=$serve_cli serve "$dir/full.fvd"
       fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
-      run_jobs fvd "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/full.fvd* ;;
-    fvd-before)
-      [ -n "${FVD_BEFORE:-}" ] || { echo "fvd-before needs FVD_BEFORE"; exit 1; }
-      node "$FVD_BEFORE" create "$dir/full.fvd" "$SIZE" >/dev/null
-      SERVE_FVD="node $FVD_BEFORE" serve "$dir/full.fvd"
-      fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
-      run_jobs fvd-before "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/full.fvd* ;;
+      run_jobs "$t" "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/full.fvd* ;;
     fvd-zc)
       $FVD create "$dir/zc.fvd" "$SIZE" >/dev/null
       serve "$dir/zc.fvd" --zero-copy

@@ -368,16 +368,11 @@ export class QueueLoop {
         // polls find nothing — adapting under load too closed it between bursts and cost
         // 0.6–0.8x the IOPS at QD16 (README).
         if (ring.unsubmitted > 0) ring.submit(0);
-        if (this.guest.load > 1) {
-          for (let s = 0; s < spin && !ring.hasWork(); s++);
-        } else {
-          const allowed = this.spinPolicy.next();
-          if (allowed > 0) {
-            let s = 0;
-            while (s < allowed && !ring.hasWork()) s++;
-            this.spinPolicy.record(s < allowed);
-          }
-        }
+        const adaptive = this.guest.load <= 1;
+        const allowed = adaptive ? this.spinPolicy.next() : spin;
+        let s = 0;
+        while (s < allowed && !ring.hasWork()) s++;
+        if (adaptive && allowed > 0) this.spinPolicy.record(s < allowed);
       }
       const r = ring.submit(1);
       if (r < 0 && r !== EINTR && r !== EAGAIN && r !== EBUSY) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(r)}`);
