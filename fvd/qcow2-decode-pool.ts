@@ -39,7 +39,7 @@ export interface BatchRequest {
   src: SharedArrayBuffer;
   starts: number[];
   lengths: number[];
-  /** Shared memory the clusters are decoded into, one after another (starts.length clusters, then INFLATE_SPARE bytes of room). */
+  /** Shared memory the clusters are decoded into, one after another (starts.length clusters, then DECODE_SPARE bytes of room). */
   out: SharedArrayBuffer;
 }
 

@@ -4,14 +4,14 @@
  * that does not decode ends the batch with its index and why; the caller names it in the error.
  */
 import { parentPort } from 'node:worker_threads';
-import { decodeClusterSync, nativeZstdFrameSync } from './qcow2-decompress.js';
+import { decodeClusterSync, nodeZstdInto } from './qcow2-decompress.js';
 import type { BatchReply, BatchRequest } from './qcow2-decode-pool.js';
 
 function decodeBatch(req: BatchRequest): BatchReply {
   const cs = req.clusterSize;
   // A test's stand-in for a worker that crashes.
   if (req.exitForTest) process.exit(req.exitForTest);
-  const zstd = req.type === 'zstd' ? nativeZstdFrameSync : null;
+  const zstd = req.type === 'zstd' ? nodeZstdInto : null;
   const src = new Uint8Array(req.src);
   const out = new Uint8Array(req.out);
   // In order: a cluster's spare output room is the next one's slot (or the room after the last).

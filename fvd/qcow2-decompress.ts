@@ -16,29 +16,32 @@
  * held only in slices: once SYNC_SLICE_MS of one turn went to decoding, the next cluster waits
  * for the loop to turn (setImmediate, after pending I/O), so decoding blocks the loop for at most
  * SYNC_SLICE_MS plus one cluster's decode (measured: bench/qcow2-decompress.ts, README).
- * zlib clusters decode there through one reused inflater (inflate-into.ts). Bulk reads send most
- * of their clusters to decode workers instead (qcow2-decode-pool.ts; decodeClusterSync is their
- * loop). Larger clusters decode on the libuv thread pool (deflate, and Node's own zstd: node:zlib
- * zstdDecompress, Node ≥ 22.15 / 23.8). Node 20 has no zstd; the engine imports no packages, so a
- * program that wants zstd there registers a decoder (registerZstdDecoder; the fvd CLI registers
- * the pure-JavaScript fzstd package), which runs on the calling thread, sliced the same way.
+ * They decode there through one reused decoder per kind (decode-into.ts: deflate, and Node's own
+ * zstd, node:zlib, Node ≥ 22.15 / 23.8), into one reused buffer. Bulk reads send most of their
+ * clusters to decode workers instead (qcow2-decode-pool.ts; decodeClusterSync is their loop, with
+ * the same decoders). Larger clusters decode on the libuv thread pool. Node 20 has no zstd; the
+ * engine imports no packages, so a program that wants zstd there registers a decoder
+ * (registerZstdDecoder; the fvd CLI registers the pure-JavaScript fzstd package), which runs on
+ * the calling thread, sliced the same way.
  */
 import { performance } from 'node:perf_hooks';
 import zlib from 'node:zlib';
 import { FvdError } from './errors.js';
-import { inflateRawInto } from './inflate-into.js';
+import { hasNodeZstd, inflateRawInto, zstdFrameInto } from './decode-into.js';
 import type { CompressionType } from './qcow2-format.js';
 
 /** Decodes one complete zstd frame whose content is at most `maxLength` bytes. */
 export type ZstdDecoder = (frame: Uint8Array, maxLength: number) => Uint8Array | Promise<Uint8Array>;
-/** The same, synchronously (what a decode worker calls). */
-export type SyncZstdDecoder = (frame: Uint8Array, maxLength: number) => Uint8Array;
+/**
+ * Decodes one complete zstd frame synchronously into out[at, at + room): the bytes produced, room
+ * meaning "more than that" (decode-into.ts's zstdFrameInto; what decode workers and the calling
+ * thread use with Node's own zstd).
+ */
+export type SyncZstdDecoder = (frame: Uint8Array, out: Uint8Array, at: number, room: number) => number;
 
 type ZstdOptions = { maxOutputLength: number; chunkSize: number };
 type NativeZstd = (buf: Uint8Array, options: ZstdOptions, cb: (err: Error | null, out: Buffer) => void) => void;
-type NativeZstdSync = (buf: Uint8Array, options: ZstdOptions) => Buffer;
-const nativeZstd = (zlib as unknown as { zstdDecompress?: NativeZstd }).zstdDecompress;
-const nativeZstdSync = (zlib as unknown as { zstdDecompressSync?: NativeZstdSync }).zstdDecompressSync;
+const nativeZstd = hasNodeZstd ? (zlib as unknown as { zstdDecompress?: NativeZstd }).zstdDecompress : undefined;
 let registeredZstd: ZstdDecoder | null = null;
 
 /** A zstd decoder for Node versions without node:zlib's; Node's own is used where it exists. */
@@ -52,13 +55,16 @@ export function registerZstdDecoder(decoder: ZstdDecoder | null): void {
  * (README). Asked per read, so allowNativeZstd holds.
  */
 export function workerZstd(): boolean {
-  return !!(nativeZstdSync && nativeAllowed);
+  return syncZstd() !== null;
 }
 
 /** Node's own zstd on the calling thread, where it has one (for decode workers). */
-export const nativeZstdFrameSync: SyncZstdDecoder | null = nativeZstdSync
-  ? (frame, maxLength) => nativeZstdSync(frame, { maxOutputLength: maxLength, chunkSize: Math.max(maxLength, 64) })
-  : null;
+export const nodeZstdInto: SyncZstdDecoder | null = hasNodeZstd ? zstdFrameInto : null;
+
+/** The synchronous zstd decoder of this thread: Node's own, unless a test hides it. */
+function syncZstd(): SyncZstdDecoder | null {
+  return nativeAllowed ? nodeZstdInto : null;
+}
 
 /** Which zstd decoder reads zstd-compressed clusters: 'node:zlib', 'registered', or null (none). */
 export function zstdDecoderKind(): 'node:zlib' | 'registered' | null {
@@ -71,10 +77,9 @@ export function allowNativeZstd(on: boolean): void {
   nativeAllowed = on;
 }
 
-/** Node's own zstd: on the calling thread for small clusters (see SYNC_DECODE_MAX), else the thread pool. */
+/** Node's own zstd on the thread pool (clusters above SYNC_DECODE_MAX; smaller ones decode here). */
 const nativeZstdDecoder: ZstdDecoder = (frame, maxLength) => {
   const options = { maxOutputLength: maxLength, chunkSize: Math.max(maxLength, 64) };
-  if (maxLength <= SYNC_DECODE_MAX && nativeZstdSync) return nativeZstdSync(frame, options);
   return new Promise((resolve, reject) => nativeZstd!(frame, options, (err, out) => (err ? reject(err) : resolve(out))));
 };
 
@@ -130,6 +135,7 @@ export function checkCompressionSupported(path: string, type: CompressionType): 
  * `clusterSize` bytes. `where` names the cluster in errors.
  */
 export async function decompressCluster(path: string, type: CompressionType, src: Uint8Array, clusterSize: number, where: string): Promise<Uint8Array> {
+  if (decodesHere(type, clusterSize)) return decodeHere(path, type, src, clusterSize, where, null);
   let out: Uint8Array;
   try {
     out = type === 'zlib' ? await inflateRaw(src, clusterSize) : await decodeZstdFrames(src, clusterSize);
@@ -153,22 +159,22 @@ export function clusterFailure(path: string, type: CompressionType, where: strin
 /**
  * Decodes one cluster on this thread, whatever its size (a decode worker's loop), into
  * out[at, at + clusterSize): null, or why it did not decode. The same checks as
- * decompressCluster. zlib output may run up to INFLATE_SPARE bytes past the cluster (into the
+ * decompressCluster. The output may run up to DECODE_SPARE bytes past the cluster (into the
  * next slot, decoded after it, or spare room the caller leaves at the end of `out`).
  */
 export function decodeClusterSync(type: CompressionType, src: Uint8Array, clusterSize: number, zstd: SyncZstdDecoder | null, out: Uint8Array, at: number): DecodeFailure | null {
   try {
-    if (type === 'zlib') return inflatedLength(inflateRawInto(src, out, at, clusterSize + INFLATE_SPARE), clusterSize);
+    if (type === 'zlib') return inflatedLength(inflateRawInto(src, out, at, clusterSize + DECODE_SPARE), clusterSize);
     if (!zstd) return { detail: 'no zstd decoder in this thread' };
     let produced = 0;
     for (let pos = 0; produced < clusterSize; ) {
       const frame = nextZstdFrame(src, pos, produced, clusterSize);
       pos += frame.length;
       if (isSkippable(frame)) continue;
-      const piece = zstd(frame, clusterSize - produced);
-      if (piece.length > clusterSize - produced) throw new Error('more than one cluster of output');
-      out.set(piece, at + produced);
-      produced += piece.length;
+      // Spare room as for deflate: a frame without a declared size that runs on is caught here.
+      const n = zstd(frame, out, at + produced, clusterSize - produced + DECODE_SPARE);
+      if (n > clusterSize - produced) throw new Error('more than one cluster of output');
+      produced += n;
     }
     return produced === clusterSize ? null : { length: produced };
   } catch (err) {
@@ -176,39 +182,50 @@ export function decodeClusterSync(type: CompressionType, src: Uint8Array, cluste
   }
 }
 
-/** Spare output room in bytes, so inflating a cluster ends in one pass (see inflateRaw). */
-export const INFLATE_SPARE = 512;
+/**
+ * Spare output room in bytes past a cluster: inflating a cluster then ends in one pass (see
+ * inflateRaw), and a stream that gives more than one cluster is told from one that fits.
+ */
+export const DECODE_SPARE = 512;
 
 /** inflateRawInto's count checked: null for exactly one cluster. */
 function inflatedLength(n: number, clusterSize: number): DecodeFailure | null {
-  if (n === clusterSize + INFLATE_SPARE) return { detail: 'more than one cluster of output' };
+  if (n === clusterSize + DECODE_SPARE) return { detail: 'more than one cluster of output' };
   return n === clusterSize ? null : { length: n };
 }
 
 /** The calling thread's output room for one cluster (grown to the largest cluster size seen). */
 let scratch = new Uint8Array(0);
 
+/** Whether a cluster of this size and type decodes on the calling thread (decodeHere). */
+function decodesHere(type: CompressionType, clusterSize: number): boolean {
+  return clusterSize <= SYNC_DECODE_MAX && (type === 'zlib' || syncZstd() !== null);
+}
+
 /**
- * Decompresses one cluster from `src` into `dst` (one cluster long). zlib clusters decoded on
- * this thread go through one reused decoder and buffer (no allocation per cluster); others as
+ * Decodes one cluster on the calling thread, in this turn's slice, into `dst` (one cluster long;
+ * through the reused `scratch`, no allocation) or, when dst is null, into a new buffer it returns.
+ */
+async function decodeHere(path: string, type: CompressionType, src: Uint8Array, clusterSize: number, where: string, dst: Uint8Array | null): Promise<Uint8Array> {
+  await takeSlice();
+  // Nothing awaits from here to the copy: the next cluster decoded on this thread reuses scratch.
+  if (dst && scratch.length < clusterSize + DECODE_SPARE) scratch = new Uint8Array(clusterSize + DECODE_SPARE);
+  const out = dst ? scratch : Buffer.allocUnsafe(clusterSize + DECODE_SPARE);
+  const f = decodeClusterSync(type, src, clusterSize, syncZstd(), out, 0);
+  if (f) throw clusterFailure(path, type, where, clusterSize, f);
+  if (!dst) return out.subarray(0, clusterSize);
+  dst.set(out.subarray(0, clusterSize));
+  return dst;
+}
+
+/**
+ * Decompresses one cluster from `src` into `dst` (one cluster long). Clusters decoded on this
+ * thread go through the reused decoders and buffer (no allocation per cluster); others as
  * decompressCluster.
  */
 export async function decompressClusterInto(path: string, type: CompressionType, src: Uint8Array, clusterSize: number, where: string, dst: Uint8Array): Promise<void> {
-  if (type !== 'zlib' || clusterSize > SYNC_DECODE_MAX) {
-    dst.set(await decompressCluster(path, type, src, clusterSize, where));
-    return;
-  }
-  await takeSlice();
-  if (scratch.length < clusterSize + INFLATE_SPARE) scratch = new Uint8Array(clusterSize + INFLATE_SPARE);
-  let f: DecodeFailure | null;
-  try {
-    f = inflatedLength(inflateRawInto(src, scratch, 0, clusterSize + INFLATE_SPARE), clusterSize);
-  } catch (err) {
-    f = { detail: oneLine(err) };
-  }
-  if (f) throw clusterFailure(path, type, where, clusterSize, f);
-  // Copied before any await: the next cluster decoded on this thread reuses `scratch`.
-  dst.set(scratch.subarray(0, clusterSize));
+  if (decodesHere(type, clusterSize)) await decodeHere(path, type, src, clusterSize, where, dst);
+  else dst.set(await decompressCluster(path, type, src, clusterSize, where));
 }
 
 /**
@@ -230,20 +247,14 @@ function oneLine(err: unknown): string {
   return msg.replace(/\s+/g, ' ').trim();
 }
 
+/** A cluster above SYNC_DECODE_MAX, inflated on the thread pool. */
 async function inflateRaw(src: Uint8Array, clusterSize: number): Promise<Uint8Array> {
   // maxOutputLength: a stream that would produce more than a cluster fails instead of growing;
   // chunkSize: the whole cluster in one pass (the default 16 KiB means one thread-pool trip each),
   // plus spare room: a pass that fills its output buffer exactly makes node allocate a second
   // buffer and go back to the thread pool just to find the end of the stream (measured: half the
   // main-thread cost of a compressed qcow2 read was that second trip).
-  const options = { maxOutputLength: clusterSize, chunkSize: clusterSize + INFLATE_SPARE };
-  if (clusterSize <= SYNC_DECODE_MAX) {
-    await takeSlice();
-    const out = Buffer.allocUnsafe(clusterSize + INFLATE_SPARE);
-    const n = inflateRawInto(src, out, 0, clusterSize + INFLATE_SPARE);
-    if (n === clusterSize + INFLATE_SPARE) throw new Error('more than one cluster of output');
-    return out.subarray(0, n);
-  }
+  const options = { maxOutputLength: clusterSize, chunkSize: clusterSize + DECODE_SPARE };
   return new Promise((resolve, reject) => zlib.inflateRaw(src, options, (err, out) => (err ? reject(err) : resolve(out))));
 }
 
@@ -260,8 +271,8 @@ async function decodeZstdFrames(src: Uint8Array, clusterSize: number): Promise<U
     const frame = nextZstdFrame(src, pos, produced, clusterSize);
     pos += frame.length;
     if (isSkippable(frame)) continue;
-    // Node's thread-pool zstd for large clusters needs no slice; every other decode runs here.
-    if (decode !== nativeZstdDecoder || clusterSize <= SYNC_DECODE_MAX) await takeSlice();
+    // Node's thread-pool zstd (large clusters) needs no slice; a registered decoder runs here.
+    if (decode !== nativeZstdDecoder) await takeSlice();
     const piece = await decode(frame, clusterSize - produced);
     if (piece.length > clusterSize - produced) throw new Error('more than one cluster of output');
     pieces.push(piece);

@@ -18,7 +18,7 @@ import { isUrl } from './base-location.js';
 import { FvdError } from './errors.js';
 import type { BlockFile, IoBackend } from './io.js';
 import { corruptQcow2, decodeQcow2Header, qcow2Geometry, type Qcow2Geometry, type Qcow2Header } from './qcow2-format.js';
-import { INFLATE_SPARE, checkCompressionSupported, clusterFailure, decompressCluster, decompressClusterInto, workerZstd } from './qcow2-decompress.js';
+import { DECODE_SPARE, checkCompressionSupported, clusterFailure, decompressCluster, decompressClusterInto, workerZstd } from './qcow2-decompress.js';
 import { BATCH_BYTES, decodeBatch, giveShared, poolSize, takeShared, type DecodeBatch } from './qcow2-decode-pool.js';
 import { BACKING, COMPRESSED, DATA, DEFAULT_L2_CACHE_BYTES, Qcow2Tables, ZERO, type Run } from './qcow2-tables.js';
 import { fileDataExtent, type DataExtent } from './zero-scan.js';
@@ -384,7 +384,7 @@ export class Qcow2Image implements ReadOnlyLayer {
     for (let first = 0; first < members.length; first += perBatch) {
       const batch = members.slice(first, first + perBatch);
       // Full-size batches share a buffer size, so their buffers are reused.
-      const out = takeShared(Math.max(batch.length, perBatch) * cs + INFLATE_SPARE);
+      const out = takeShared(Math.max(batch.length, perBatch) * cs + DECODE_SPARE);
       const sent = decodeBatch(this.header.compression, cs, src, batch.map((r) => r.host - start), batch.map((r) => r.compressedLength), out);
       settled.push(sent);
       const done = sent.then((res) => {

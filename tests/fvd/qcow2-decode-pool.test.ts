@@ -1,6 +1,6 @@
 /**
  * Compressed qcow2 clusters decoded in batches on worker threads (fvd/qcow2-decode-pool.ts), as
- * large reads do, and on the calling thread by one reused inflater (fvd/inflate-into.ts): batches
+ * large reads do, and on the calling thread by one reused decoder per kind (fvd/decode-into.ts): batches
  * split a read at cluster boundaries, reads start and end inside clusters, a corrupt cluster fails
  * the read with one line naming it on either path (and later reads go on), a worker that dies
  * fails its read with one line, after which new workers take over. Every byte is compared with
@@ -13,7 +13,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Qcow2Image, WORKER_MIN_CLUSTERS } from '../../fvd/qcow2.js';
-import { allowReusedInflater } from '../../fvd/inflate-into.js';
+import { allowReusedDecoders } from '../../fvd/decode-into.js';
 import { BATCH_BYTES, decodeWorkerCount, exitNextWorkerForTest, poolSize, stopDecodeWorkers } from '../../fvd/qcow2-decode-pool.js';
 import { nodeIo } from '../../storage/node-file.js';
 import { FvdError } from '../../fvd/errors.js';
@@ -116,7 +116,7 @@ qemuTest('a corrupt cluster, on a worker (mid-batch) or on the calling thread, f
 
 qemuTest('the calling thread\'s inflate without node\'s internals (inflateRawSync): same bytes, same errors', async () => {
   const { q, want } = template('compression_type=zlib');
-  allowReusedInflater(false);
+  allowReusedDecoders(false);
   try {
     let img = await Qcow2Image.open(nodeIo, path.resolve(q));
     try {
@@ -132,7 +132,7 @@ qemuTest('the calling thread\'s inflate without node\'s internals (inflateRawSyn
       await img.close();
     }
   } finally {
-    allowReusedInflater(true);
+    allowReusedDecoders(true);
   }
 });
 
