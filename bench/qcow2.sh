@@ -13,7 +13,8 @@
 #             sparse)
 # MiB/s = virtual size / wall time. Rounds (FVD_BENCH_REPS, default 3) interleave the two tools; the
 # table shows medians and the ratio fvd / qemu-img (> 1: fvd faster). `sync` between runs, outside
-# the timing.
+# the timing. FVD_BEFORE=<another checkout's build/daemon/cli.js> adds that fvd to every round
+# (its column and the ratio this fvd / that one): before/after figures from one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,6 +45,7 @@ run() {
   rm -f "$DIR/out.raw"; sync
   t0=$(now)
   if [[ $tool == qemu-img ]]; then qemu-img convert -t writeback -f qcow2 -O raw "$t" "$DIR/out.raw"
+  elif [[ $tool == fvd-before ]]; then "$NODE" "$FVD_BEFORE" convert -f qcow2 -O raw "$t" "$DIR/out.raw"
   else "$NODE" "$CLI" convert -f qcow2 -O raw "$t" "$DIR/out.raw"; fi
   t1=$(now)
   awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }'
@@ -58,18 +60,27 @@ for c in zlib zstd; do
   rm -f "$DIR/ref.raw" "$DIR/out.raw"
 done
 
+before=${FVD_BEFORE:+ | fvd before MiB/s | fvd / fvd before}
 echo
-echo "| template ($MIB MiB virtual) | file size | qemu-img convert MiB/s | fvd convert MiB/s | fvd / qemu-img |"
-echo "|---|---|---|---|---|"
+echo "| template ($MIB MiB virtual) | file size | qemu-img convert MiB/s | fvd convert MiB/s | fvd / qemu-img$before |"
+echo "|---|---|---|---|---|${FVD_BEFORE:+---|---|}"
 for c in zlib zstd; do
   t=$DIR/$c.qcow2
-  q=() f=()
+  q=() f=() b=()
   for ((r = 0; r < REPS; r++)); do
-    if (( r % 2 == 0 )); then q+=("$(run qemu-img "$t")"); f+=("$(run fvd "$t")")
-    else f+=("$(run fvd "$t")"); q+=("$(run qemu-img "$t")"); fi
+    # Order reversed every other round (the one after a run finds its output's blocks just freed).
+    if (( r % 2 == 0 )); then
+      q+=("$(run qemu-img "$t")"); f+=("$(run fvd "$t")"); [[ -z ${FVD_BEFORE:-} ]] || b+=("$(run fvd-before "$t")")
+    else
+      [[ -z ${FVD_BEFORE:-} ]] || b+=("$(run fvd-before "$t")"); f+=("$(run fvd "$t")"); q+=("$(run qemu-img "$t")")
+    fi
   done
-  qm=$(printf '%s\n' "${q[@]}" | median) fm=$(printf '%s\n' "${f[@]}" | median)
+  qm=$(printf '%s\n' "${q[@]}" | median) fm=$(printf '%s\n' "${f[@]}" | median) bm=0
+  [[ -z ${FVD_BEFORE:-} ]] || bm=$(printf '%s\n' "${b[@]}" | median)
   size=$(du -m --apparent-size "$t" | cut -f1)
-  awk -v c="$c" -v s="$size" -v m="$MIB" -v q="$qm" -v f="$fm" 'BEGIN { printf "| %s-compressed, 64 KiB clusters | %d MiB | %.0f | %.0f | %.2f× |\n", c, s, m / q, m / f, q / f }'
+  awk -v c="$c" -v s="$size" -v m="$MIB" -v q="$qm" -v f="$fm" -v b="$bm" 'BEGIN {
+    printf "| %s-compressed, 64 KiB clusters | %d MiB | %.0f | %.0f | %.2f× |", c, s, m / q, m / f, q / f
+    if (b > 0) printf " %.0f | %.2f× |", m / b, b / f
+    printf "\n" }'
 done
 echo "(node $("$NODE" --version), $(qemu-img --version | head -1); medians of $REPS interleaved rounds)"
