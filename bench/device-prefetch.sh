@@ -17,6 +17,13 @@
 #
 # Prefetching continues from job to job (its progress is persisted); the output says how far it
 # got, since a finished prefetcher makes "on" equal to "off".
+#
+# PREFETCH_BASES (default "local") names where the base lives, each measured in turn in the same
+# boot: `local` (a file), `http` (nginx-light on the guest's loopback, http://127.0.0.1/…) and
+# `nbd` (qemu-nbd, read-only, nbd://127.0.0.1/…). A remote base prefetches in larger pieces
+# (defaultChunkBytes: 8 MiB over HTTP, 2 MiB over NBD) and its copies wait on a server process
+# that shares the guest's CPUs; `PREFETCH_BASES="local http nbd"` compares what prefetching costs
+# the guest from each. The remote lines add the bytes fetched and the rate.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 FVD="node $root/build/daemon/cli.js"
@@ -24,17 +31,19 @@ RUNTIME=${FIO_RUNTIME:-30}
 PHASE_MS=${PHASE_MS:-2000}
 PHASE_S=$(awk "BEGIN { print $PHASE_MS / 1000 }")
 SHARE=${PREFETCH_SHARE:-10}
+BASES=${PREFETCH_BASES:-local}
 dir=$(mktemp -d /tmp/fvd-bench-pf.XXXXXX)
 mount -t tmpfs -o size=3G fvd-bench-pf "$dir"
-pid=''
+pid='' server_pid=''
 cleanup() {
   [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+  [ -n "$server_pid" ] && kill -TERM "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
   umount "$dir" 2>/dev/null || true
   rm -rf "$dir"
 }
 trap cleanup EXIT
 modprobe ublk_drv 2>/dev/null || true
-echo "bench-prefetch: $(uname -r), files on $(df --output=fstype "$dir" | tail -1), $RUNTIME s per job, phases of $PHASE_MS ms, share $SHARE %"
+echo "bench-prefetch: $(uname -r), files on $(df --output=fstype "$dir" | tail -1), $RUNTIME s per job, phases of $PHASE_MS ms, share $SHARE %, bases: $BASES"
 
 serve() { # image [options] -> $dev, $pid, log in $image.log
   local img=$1; shift
@@ -46,8 +55,50 @@ serve() { # image [options] -> $dev, $pid, log in $image.log
 }
 stop() { kill -TERM "$pid"; wait "$pid" || true; pid=''; }
 
+# The base's location for `fvd create -b` ($url), with its server started ($server_pid).
+start_base() { # local|http|nbd
+  server_pid=''
+  case $1 in
+    local) url=$dir/base.raw ;;
+    http)
+      mkdir -p "$dir/nginx"
+      cat > "$dir/nginx/nginx.conf" <<CONF
+user root;
+daemon off;
+master_process off;
+worker_processes 1;
+pid $dir/nginx/nginx.pid;
+error_log $dir/nginx/error.log;
+events { worker_connections 64; }
+http {
+  access_log off;
+  client_body_temp_path $dir/nginx/body;
+  proxy_temp_path $dir/nginx/proxy;
+  fastcgi_temp_path $dir/nginx/fastcgi;
+  uwsgi_temp_path $dir/nginx/uwsgi;
+  scgi_temp_path $dir/nginx/scgi;
+  server { listen 127.0.0.1:18080; root $dir; location / { } }
+}
+CONF
+      "$(command -v nginx || echo /usr/sbin/nginx)" -c "$dir/nginx/nginx.conf" -p "$dir/nginx" -e "$dir/nginx/error.log" < /dev/null > /dev/null 2>&1 &
+      server_pid=$! url=http://127.0.0.1:18080/base.raw port=18080 ;;
+    nbd)
+      qemu-nbd --read-only --persistent --shared=8 --format=raw --bind=127.0.0.1 --port=10810 --export-name=base "$dir/base.raw" 2> "$dir/qemu-nbd.log" &
+      server_pid=$! url=nbd://127.0.0.1:10810/base port=10810 ;;
+    *) echo "PREFETCH_BASES: unknown base '$1' (local, http, nbd)"; exit 2 ;;
+  esac
+  if [ -n "$server_pid" ]; then
+    for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0; sleep 0.1; done
+    echo "the $1 server did not start"; exit 1
+  fi
+}
+stop_base() { [ -z "$server_pid" ] || { kill -TERM "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=''; }; }
+
 fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size=1G >/dev/null
-$FVD create -b "$dir/base.raw" -F raw "$dir/img.fvd" >/dev/null
+for base in $BASES; do
+start_base "$base"
+echo "== base: $base ($url)"
+$FVD create -b "$url" -F raw "$dir/img.fvd" >/dev/null
 serve "$dir/img.fvd" --no-prefetch
 dd if="$dev" of=/dev/null iflag=direct bs=1M count=64 status=none   # the working set, made local
 stop
@@ -95,7 +146,7 @@ grep -o 'latency baseline [0-9.]* µs' "$dir/img.fvd.log" | tail -1 | sed 's/^/ 
 # Time to fully local while the guest is idle (the first image's space back first: the tmpfs
 # holds the base and two fully local images at most).
 rm -f "$dir"/img.fvd*
-$FVD create -b "$dir/base.raw" -F raw "$dir/idle.fvd" >/dev/null
+$FVD create -b "$url" -F raw "$dir/idle.fvd" >/dev/null
 t0=$(date +%s.%N)
 serve "$dir/idle.fvd"
 for _ in $(seq 1200); do grep -q 'prefetch done' "$dir/idle.fvd.log" && break; sleep 0.1; done
@@ -106,3 +157,6 @@ else
   echo "idle guest: not fully local after 120 s: $(tail -3 "$dir/idle.fvd.log")"
 fi
 stop
+rm -f "$dir"/idle.fvd*
+stop_base
+done
