@@ -27,6 +27,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 FVD="node $root/build/daemon/cli.js"
+# shellcheck source=../tests/vm/nginx-conf.sh
+source "$root/tests/vm/nginx-conf.sh"
 RUNTIME=${FIO_RUNTIME:-30}
 PHASE_MS=${PHASE_MS:-2000}
 PHASE_S=$(awk "BEGIN { print $PHASE_MS / 1000 }")
@@ -62,24 +64,7 @@ start_base() { # local|http|nbd
     local) url=$dir/base.raw ;;
     http)
       mkdir -p "$dir/nginx"
-      cat > "$dir/nginx/nginx.conf" <<CONF
-user root;
-daemon off;
-master_process off;
-worker_processes 1;
-pid $dir/nginx/nginx.pid;
-error_log $dir/nginx/error.log;
-events { worker_connections 64; }
-http {
-  access_log off;
-  client_body_temp_path $dir/nginx/body;
-  proxy_temp_path $dir/nginx/proxy;
-  fastcgi_temp_path $dir/nginx/fastcgi;
-  uwsgi_temp_path $dir/nginx/uwsgi;
-  scgi_temp_path $dir/nginx/scgi;
-  server { listen 127.0.0.1:18080; root $dir; location / { } }
-}
-CONF
+      nginx_conf "$dir/nginx" 18080 "$dir" > "$dir/nginx/nginx.conf"
       "$(command -v nginx || echo /usr/sbin/nginx)" -c "$dir/nginx/nginx.conf" -p "$dir/nginx" -e "$dir/nginx/error.log" < /dev/null > /dev/null 2>&1 &
       server_pid=$! url=http://127.0.0.1:18080/base.raw port=18080 ;;
     nbd)

@@ -14,29 +14,14 @@
 # plus the write. Last, `serve` with nginx down: one line of error, no device added.
 
 NGINX_PORT=18080
+# shellcheck source=../nginx-conf.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../nginx-conf.sh"
 
 nginx_start() {
     local bin
     bin=$(command -v nginx || echo /usr/sbin/nginx)
     mkdir -p "$D/nginx"
-    cat > "$D/nginx/nginx.conf" <<CONF
-user root;
-daemon off;
-master_process off;
-worker_processes 1;
-pid $D/nginx/nginx.pid;
-error_log $D/nginx/error.log;
-events { worker_connections 64; }
-http {
-  access_log off;
-  client_body_temp_path $D/nginx/body;
-  proxy_temp_path $D/nginx/proxy;
-  fastcgi_temp_path $D/nginx/fastcgi;
-  uwsgi_temp_path $D/nginx/uwsgi;
-  scgi_temp_path $D/nginx/scgi;
-  server { listen 127.0.0.1:$NGINX_PORT; root $D/www; location / { } }
-}
-CONF
+    nginx_conf "$D/nginx" "$NGINX_PORT" "$D/www" > "$D/nginx/nginx.conf"
     # In this shell (not under check/ensure, whose $(...) would wait for nginx's output to end).
     "$bin" -c "$D/nginx/nginx.conf" -p "$D/nginx" -e "$D/nginx/error.log" < /dev/null > "$D/nginx/out" 2>&1 &
     NGINX_PID=$!
