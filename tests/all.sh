@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make test`: the unit/property suite on this machine, then the ublk device suite (in a QEMU guest
-# unless this kernel has ublk). Ends with the one line CI reads: the sum, "N passed, N failed".
+# unless this kernel has ublk, with a self-test of the guest harness). Ends with the one line CI reads: the sum, "N passed, N failed".
 # FVD_SKIP_DEVICE_TESTS=1 runs the first part only (e.g. on a machine without QEMU or root);
 # FVD_TEST_FULL=1 runs every device scenario on both guest kernels (make test-full).
 # FVD_ALT_NODE=/path/to/node (set by .ci/run to a Node.js 24 binary): the unit files that lean on
@@ -57,6 +57,18 @@ if [[ ${FVD_SKIP_DEVICE_TESTS:-0} != 1 ]]; then
   dev_rc=${PIPESTATUS[0]}
   read -r dp df < <(counts "$log")
   [[ $dev_rc -ne 0 && $df -eq 0 ]] && df=1
+  # The guest harness itself (exit codes, argv quoting, booting again after a boot panic), where
+  # the device suite ran in guests.
+  if ! bash tests/vm/host-has-ublk.sh -q; then
+    echo; echo "== guest harness (tests/vm/smoke.sh --quick) =="
+    t0=$SECONDS
+    bash tests/vm/smoke.sh --quick 2>&1 | sed -u -E 's/^smoke: ([0-9]+ passed, [0-9]+ failed)$/\1/' | tee "$log"
+    rc=${PIPESTATUS[0]}
+    read -r p f < <(counts "$log")
+    [[ $rc -ne 0 && $f -eq 0 ]] && f=1
+    dp=$((dp + p)) df=$((df + f))
+    echo "# guest harness: $((SECONDS - t0)) s"
+  fi
   if [[ -n ${FVD_ALT_NODE:-} ]]; then
     echo; echo "== ublk device scenario 1 with the daemon on Node.js $("$FVD_ALT_NODE" --version) =="
     t0=$SECONDS

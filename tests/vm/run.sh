@@ -22,7 +22,7 @@
 # Environment knobs: see tests/vm/README.md (FVD_VM_KERNEL, FVD_VM_CACHE, FVD_VM_MEM,
 # FVD_VM_SMP, FVD_VM_TIMEOUT, FVD_VM_PASS_ENV, FVD_VM_KEEP, FVD_VM_RESULTS_DIR,
 # FVD_VM_QUIET, FVD_VM_DEBUG, FVD_VM_LOAD_MODULES, FVD_VM_TMPFS_SIZE,
-# FVD_VM_VIRTIOFS_CACHE, FVD_VM_SHUTDOWN_GRACE, FVD_VM_APPEND).
+# FVD_VM_VIRTIOFS_CACHE, FVD_VM_SHUTDOWN_GRACE, FVD_VM_APPEND, FVD_VM_BOOT_RETRIES).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -73,9 +73,8 @@ mkdir -p "$results"
 [[ -z $(ls -A "$results") ]] || die "results dir $results is not empty"
 
 pids=()
-cleanup() {
-    local rc=$? p
-    trap - EXIT INT TERM HUP
+stop_all() {
+    local p
     # qemu first (pids[0] once started), then the virtiofsd daemons: killing
     # virtiofsd under a live qemu only produces vhost-user error spam.
     for p in "${pids[@]}"; do
@@ -84,6 +83,12 @@ cleanup() {
         kill -KILL "$p" 2>/dev/null || true
         wait "$p" 2>/dev/null || true
     done
+    pids=()
+}
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM HUP
+    stop_all
     if [[ ${FVD_VM_KEEP:-0} == 1 ]]; then
         msg "kept run dir $run"
     else
@@ -130,14 +135,17 @@ start_virtiofsd() {  # tag dir cache-mode
         </dev/null >>"$run/virtiofsd-$1.log" 2>&1 &
     pids+=($!)
 }
-start_virtiofsd hostroot / "${FVD_VM_VIRTIOFS_CACHE:-always}"
-start_virtiofsd results "$results" auto
-for _ in $(seq 100); do
-    [[ -S $run/hostroot.sock && -S $run/results.sock ]] && break
-    sleep 0.05
-done
-[[ -S $run/hostroot.sock && -S $run/results.sock ]] \
-    || { cat "$run"/virtiofsd-*.log >&2; die "virtiofsd did not start"; }
+start_shares() {
+    rm -f "$run/hostroot.sock" "$run/results.sock"
+    start_virtiofsd hostroot / "${FVD_VM_VIRTIOFS_CACHE:-always}"
+    start_virtiofsd results "$results" auto
+    for _ in $(seq 100); do
+        [[ -S $run/hostroot.sock && -S $run/results.sock ]] && break
+        sleep 0.05
+    done
+    [[ -S $run/hostroot.sock && -S $run/results.sock ]] \
+        || { cat "$run"/virtiofsd-*.log >&2; die "virtiofsd did not start"; }
+}
 
 # --- qemu --------------------------------------------------------------------
 append="console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off tsc=reliable no_timer_check"
@@ -170,50 +178,70 @@ qargs=(
 bios=${FVD_VM_BIOS:-/usr/share/qemu/qboot.rom}
 if [[ $bios != seabios && -e $bios ]]; then qargs+=(-bios "$bios"); fi
 
-t0=$(date +%s.%N)
-# stdin from /dev/null: qemu never switches a terminal to raw mode, and the
-# guest's command never waits for input.
-"$qemu" "${qargs[@]}" </dev/null &
-qpid=$!
-pids=("$qpid" "${pids[@]}")
+# boot_once: shares + one guest boot; sets status (and t0, t_started, t_rc).
+boot_once() {
+    start_shares
+    t0=$(date +%s.%N)
+    # stdin from /dev/null: qemu never switches a terminal to raw mode, and the
+    # guest's command never waits for input.
+    "$qemu" "${qargs[@]}" </dev/null &
+    qpid=$!
+    pids=("$qpid" "${pids[@]}")
 
-# --- watchdog: time-out, boot timing, stuck power-off --------------------------
-t_started='' t_rc='' status=''
-# FVD_VM_BOOT_NOTICE=1 (make demo): something visible while the guest boots, a dot every 5 s.
-notice=${FVD_VM_BOOT_NOTICE:-0} next_dot=5
-[[ $notice == 1 ]] && printf 'Booting the guest (QEMU TCG emulation, typically 30-90 s) ' >&2
-while kill -0 "$qpid" 2>/dev/null; do
-    now=$(date +%s.%N)
-    if [[ -z $t_started && -e $results/started ]]; then
-        t_started=$now
-        [[ $notice == 1 ]] && awk -v a="$now" -v b="$t0" 'BEGIN{printf " up after %.0f s\n", a-b}' >&2
-    elif [[ -z $t_started && $notice == 1 ]] && awk -v a="$now" -v b="$t0" -v n="$next_dot" 'BEGIN{exit !(a-b>=n)}'; then
-        printf '.' >&2
-        next_dot=$((next_dot + 5))
+    # --- watchdog: time-out, boot timing, stuck power-off --------------------------
+    t_started='' t_rc='' status=''
+    # FVD_VM_BOOT_NOTICE=1 (make demo): something visible while the guest boots, a dot every 5 s.
+    notice=${FVD_VM_BOOT_NOTICE:-0} next_dot=5
+    [[ $notice == 1 ]] && printf 'Booting the guest (QEMU TCG emulation, typically 30-90 s) ' >&2
+    while kill -0 "$qpid" 2>/dev/null; do
+        now=$(date +%s.%N)
+        if [[ -z $t_started && -e $results/started ]]; then
+            t_started=$now
+            [[ $notice == 1 ]] && awk -v a="$now" -v b="$t0" 'BEGIN{printf " up after %.0f s\n", a-b}' >&2
+        elif [[ -z $t_started && $notice == 1 ]] && awk -v a="$now" -v b="$t0" -v n="$next_dot" 'BEGIN{exit !(a-b>=n)}'; then
+            printf '.' >&2
+            next_dot=$((next_dot + 5))
+        fi
+        [[ -z $t_rc && -e $results/rc ]] && t_rc=$now
+        if awk -v a="$now" -v b="$t0" -v t="$timeout" 'BEGIN{exit !(a-b>t)}'; then
+            printf '[fvd-vm] TIMEOUT after %ss: killing the guest\n' "$timeout" >&2
+            status=124
+            break
+        fi
+        if [[ -n $t_rc ]] && awk -v a="$now" -v b="$t_rc" -v t="$grace" 'BEGIN{exit !(a-b>t)}'; then
+            msg "guest did not power off within ${grace}s after the command ended: killing it"
+            break
+        fi
+        sleep 0.1
+    done
+    if [[ -z $status ]]; then
+        wait "$qpid" 2>/dev/null || true
+        if [[ -e $results/rc ]]; then
+            status=$(cat "$results/rc")
+            [[ $status =~ ^[0-9]+$ ]] || status=125
+        else
+            printf '[fvd-vm] ERROR: the guest exited without an exit status (see output above;\n' >&2
+            printf '[fvd-vm]        FVD_VM_DEBUG=1 shows the kernel log)\n' >&2
+            status=125
+        fi
     fi
-    [[ -z $t_rc && -e $results/rc ]] && t_rc=$now
-    if awk -v a="$now" -v b="$t0" -v t="$timeout" 'BEGIN{exit !(a-b>t)}'; then
-        printf '[fvd-vm] TIMEOUT after %ss: killing the guest\n' "$timeout" >&2
-        status=124
-        break
-    fi
-    if [[ -n $t_rc ]] && awk -v a="$now" -v b="$t_rc" -v t="$grace" 'BEGIN{exit !(a-b>t)}'; then
-        msg "guest did not power off within ${grace}s after the command ended: killing it"
-        break
-    fi
-    sleep 0.1
+}
+
+# A guest that died before COMMAND started (no results/started, or an empty one: the guest writes
+# it right before COMMAND) ran none of the caller's code, so booting again is safe.  Under TCG a
+# two-vCPU Debian kernel now and then panics while it patches its own code at boot (seen as an
+# oops on a 5-byte nop in get_random_u16 or sched_clock_cpu; twice in the boots of two sessions).  A guest
+# that died after COMMAND started is never booted again: that may be the code under test.
+boot_retries=${FVD_VM_BOOT_RETRIES:-1}
+for attempt in $(seq 0 "$boot_retries"); do
+    boot_once
+    [[ $status == 125 && ! -s $results/started && ! -e $results/rc ]] || break
+    [[ $attempt -lt $boot_retries ]] || break
+    printf '[fvd-vm] the guest died before the command started (a boot failure, see above): booting again (%s of %s)\n' \
+        "$((attempt + 2))" "$((boot_retries + 1))" >&2
+    stop_all
+    find "$results" -mindepth 1 ! -name job.sh -exec rm -rf {} +
 done
-if [[ -z $status ]]; then
-    wait "$qpid" 2>/dev/null || true
-    if [[ -e $results/rc ]]; then
-        status=$(cat "$results/rc")
-        [[ $status =~ ^[0-9]+$ ]] || status=125
-    else
-        printf '[fvd-vm] ERROR: the guest exited without an exit status (see output above;\n' >&2
-        printf '[fvd-vm]        FVD_VM_DEBUG=1 shows the kernel log)\n' >&2
-        status=125
-    fi
-fi
 t_end=$(date +%s.%N)
 [[ -z $t_rc && -e $results/rc ]] && t_rc=$t_end
 [[ -z $t_started && -e $results/started ]] && t_started=$t_end

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # tests/vm/smoke.sh — smoke test of the QEMU guest harness (tests/vm/run.sh).
+# `make test` runs it with --quick (tests/all.sh).
 #
 # Boots the guest in both init modes and checks, inside it: the kernel FVD_VM_KERNEL names (6.12 by
 # default, or 7.3),
 # ublk_drv + /dev/ublk-control, node, the project tree and cwd, that guest
 # writes do not reach the host, ext4 + xfs on a loop device over tmpfs, and
 # (systemd mode) that PID 1 is systemd and the system reaches "running".
-# On the host it checks exit-code propagation, time-out (124) and cleanup,
+# On the host it checks exit-code propagation, booting again after a boot panic (only
+# before the command started), time-out (124) and cleanup,
 # and prints the measured boot-to-command times.
 #
 # Usage: tests/vm/smoke.sh [--quick]     (--quick: skip the time-out check)
@@ -90,6 +92,13 @@ run_mode busybox "$guest_common"
 "$here/run.sh" -- /nonexistent-command >/dev/null 2>&1; expect "[busybox] missing command gives 127" "$?" 127
 out=$("$here/run.sh" -- bash -c 'printf "a b\n"; printf "%s|" "$@"' _ 'x y' "'q'" 2>/dev/null)
 expect "[busybox] argv quoting + clean stdout" "$out" $'a b\nx y|\'q\'|'
+# A guest that dies before the command starts is booted once more; one that dies after, never.
+err=$(FVD_VM_APPEND="rdinit=/nonexistent" "$here/run.sh" -- true 2>&1 >/dev/null); rc=$?
+expect "[busybox] a boot that panics before the command gives 125" "$rc" 125
+expect "[busybox] ... after booting once more" "$(grep -c 'booting again (2 of 2)' <<< "$err")" 1
+err=$("$here/run.sh" -- bash -c 'echo c > /proc/sysrq-trigger' 2>&1 >/dev/null); rc=$?
+expect "[busybox] a panic after the command started gives 125" "$rc" 125
+expect "[busybox] ... and is not booted again" "$(grep -c 'booting again' <<< "$err")" 0
 
 echo "# systemd mode"
 run_mode systemd "$guest_systemd" --systemd
