@@ -23,11 +23,16 @@ interface ZlibHandle {
 type Stream = { reset(): void; close(): void };
 
 /** One node:zlib decoder object driven synchronously, or the *Sync call where that cannot be done. */
-class ReusedDecoder {
-  private stream: Stream | null = null;
-  private handle: ZlibHandle | null = null;
+/** An open node:zlib stream with the two internals the decoder drives. */
+interface LiveDecoder {
+  stream: Stream;
+  handle: ZlibHandle;
   /** [output room left, input left] after each writeSync, written by node. */
-  private state: Uint32Array | null = null;
+  state: Uint32Array;
+}
+
+class ReusedDecoder {
+  private live: LiveDecoder | null = null;
   /** The error the decoder reported during the current writeSync (its onerror runs synchronously). */
   private failure: Error | null = null;
   private unusable = false;
@@ -40,8 +45,12 @@ class ReusedDecoder {
 
   reuse(on: boolean): void {
     this.unusable = !on;
-    this.stream?.close();
-    this.stream = this.handle = this.state = null;
+    this.drop();
+  }
+
+  private drop(): void {
+    this.live?.stream.close();
+    this.live = null;
   }
 
   /**
@@ -50,9 +59,9 @@ class ReusedDecoder {
    * that fails throws zlib's own error.
    */
   into(src: Uint8Array, out: Uint8Array, at: number, room: number): number {
-    if (!this.handle && !this.unusable) this.open();
-    const handle = this.handle;
-    if (!handle) {
+    if (!this.live && !this.unusable) this.open();
+    const live = this.live;
+    if (!live) {
       let b: Buffer;
       try {
         b = this.fallback(src, Math.max(1, room - 1), Math.max(64, room));
@@ -64,17 +73,16 @@ class ReusedDecoder {
       return b.length;
     }
     this.failure = null;
-    this.stream!.reset();
-    handle.writeSync(this.finishFlag, src, 0, src.length, out, at, room);
+    live.stream.reset();
+    live.handle.writeSync(this.finishFlag, src, 0, src.length, out, at, room);
     const f = this.failure as Error | null;
     if (f) {
       // Not reused after an error: a fresh decoder next time.
       this.failure = null;
-      this.stream!.close();
-      this.stream = this.handle = this.state = null;
+      this.drop();
       throw f;
     }
-    return room - this.state![0]!;
+    return room - live.state[0]!;
   }
 
   private open(): void {
@@ -90,9 +98,7 @@ class ReusedDecoder {
     handle.onerror = (message, errno, code) => {
       this.failure = Object.assign(new Error(message), { errno, code });
     };
-    this.stream = stream;
-    this.handle = handle;
-    this.state = state;
+    this.live = { stream, handle, state };
   }
 }
 

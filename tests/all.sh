@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make test`: the unit/property suite on this machine, then the ublk device suite (in a QEMU guest
-# unless this kernel has ublk, with a self-test of the guest harness). Ends with the one line CI reads: the sum, "N passed, N failed".
+# unless this kernel has ublk, with a self-test of the guest harness). Ends with the one line CI
+# reads: the sum, "N passed, N failed".
 # FVD_SKIP_DEVICE_TESTS=1 runs the first part only (e.g. on a machine without QEMU or root);
 # FVD_TEST_FULL=1 runs every device scenario on both guest kernels (make test-full).
 # FVD_ALT_NODE=/path/to/node (set by .ci/run to a Node.js 24 binary): the unit files that lean on
