@@ -5,17 +5,17 @@
 # A 1 GiB raw base of non-zero data, an FVD image over it whose first 64 MiB (the guest's working
 # set) were read and written back unchanged, so they are local. The image is served with prefetching
 # (latency share PREFETCH_SHARE %, default 10) and, for each job — fio 4 KiB random reads, then
-# writes, at depth 16 over the working set, FIO_RUNTIME seconds (default 30) — the script
-# alternates SIGUSR2 (resume) and SIGUSR1 (pause) every PHASE_MS (default 2000), starting with
-# prefetching on. fio logs its mean completion latency every 100 ms; each sample is assigned to the
-# phase it lies in (skipping the first 500 ms of a phase and its last 300 ms, for the switch and
-# for fio's start-up offset), and the mean of the "on" samples is compared with the mean of the
-# "off" samples of the same run — over all phases, and again from the second pair of phases on
-# (the first "on" phase holds fio's start, when the guest turns from idle to busy while the
-# prefetcher was copying at full speed). Interleaving at this grain is what makes the comparison hold on
-# a machine whose speed drifts by tens of percent over seconds: separate runs seconds apart
-# differed by ±20 % with identical settings. Last, a fresh image is served with the guest idle:
-# the time until the daemon logs that the image is fully local.
+# writes, at depth 16 over the working set, FIO_RUNTIME seconds (default 30) — the script alternates
+# SIGUSR2 (resume) and SIGUSR1 (pause) every PHASE_MS (default 2000), starting with prefetching on.
+# fio logs its mean completion latency every 100 ms; each sample is assigned to the phase it lies in
+# (skipping the first 500 ms of a phase and its last 300 ms, for the switch and for fio's start-up
+# offset), and the mean of the "on" samples is compared with the mean of the "off" samples of the
+# same run — over all phases, and again from the second pair of phases on (the first "on" phase
+# holds fio's start, when the guest turns from idle to busy while the prefetcher was copying at full
+# speed). Interleaving at this grain is what makes the comparison hold on a machine whose speed
+# drifts by tens of percent over seconds: separate runs seconds apart differed by ±20 % with
+# identical settings. Last, a fresh image is served with the guest idle: the time until the daemon
+# logs that the image is fully local.
 #
 # Prefetching continues from job to job (its progress is persisted); the output says how far it
 # got, since a finished prefetcher makes "on" equal to "off".
@@ -91,8 +91,8 @@ echo "== base: $base ($url)"
 $FVD create -b "$url" -F raw "$dir/img.fvd" >/dev/null
 serve "$dir/img.fvd" --no-prefetch
 # The working set made local by writing back what it reads: copy-on-read alone does not make it
-# so, by design (hints past the outstanding cap are dropped, pending ones are not waited for at
-# stop: 48-58 of 64 MiB were local after one dd pass).
+# so, by design (a hint past the outstanding cap is dropped, its block left to the prefetcher;
+# after one 1 MiB dd pass 48.5-58.5 of the 64 MiB were local).
 dd if="$dev" of="$dev" iflag=direct oflag=direct conv=notrunc bs=1M count=64 status=none
 stop
 echo "  working set: $(node "$root/build/daemon/cli.js" info "$dir/img.fvd" | grep -E '^data:')"

@@ -22,7 +22,6 @@ interface ZlibHandle {
 
 type Stream = { reset(): void; close(): void };
 
-/** One node:zlib decoder object driven synchronously, or the *Sync call where that cannot be done. */
 /** An open node:zlib stream with the two internals the decoder drives. */
 interface LiveDecoder {
   stream: Stream;
@@ -31,6 +30,7 @@ interface LiveDecoder {
   state: Uint32Array;
 }
 
+/** One node:zlib decoder object driven synchronously, or the *Sync call where that cannot be done. */
 class ReusedDecoder {
   private live: LiveDecoder | null = null;
   /** The error the decoder reported during the current writeSync (its onerror runs synchronously). */
