@@ -95,6 +95,7 @@ serve "$dir/img.fvd" --no-prefetch
 # after one 1 MiB dd pass 48.5-58.5 of the 64 MiB were local).
 dd if="$dev" of="$dev" iflag=direct oflag=direct conv=notrunc bs=1M count=64 status=none
 stop
+# This tree's CLI, not $FVD: the format is the same, and an older CLI prints no "data:" line.
 echo "  working set: $(node "$root/build/daemon/cli.js" info "$dir/img.fvd" | grep -E '^data:')"
 
 serve "$dir/img.fvd" --prefetch-share "$SHARE"

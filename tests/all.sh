@@ -21,16 +21,30 @@ counts() {
   echo "${p:-0} ${f:-1}"
 }
 
+# run_part LABEL COMMAND...: runs COMMAND, its output to the terminal and to $log; sets P and F
+# from its summary line (one failure when it failed without saying why) and prints its time.
+run_part() {
+  local label=$1 t0=$SECONDS rc
+  shift
+  "$@" 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  read -r P F < <(counts "$log")
+  [[ $rc -ne 0 && $F -eq 0 ]] && F=1
+  echo "# $label: $((SECONDS - t0)) s"
+}
+
+# The guest harness's self-test, its summary line in the form counts reads.
+smoke_quick() {
+  bash tests/vm/smoke.sh --quick 2>&1 | sed -u -E 's/^smoke: ([0-9]+ passed, [0-9]+ failed)$/\1/'
+  return "${PIPESTATUS[0]}"
+}
+
 bash tests/host-tools.sh   # qemu-utils for the qcow2 tests (they report a skip without it)
 # Real servers for the remote-base tests (nginx, qemu-nbd, nbdkit): installed when missing.
 bash tests/install-test-deps.sh
 jobs=${FVD_TEST_JOBS:-2}
-t0=$SECONDS
-node build/tests/run.js --jobs "$jobs" 2>&1 | tee "$log"
-unit_rc=${PIPESTATUS[0]}
-read -r up uf < <(counts "$log")
-[[ $unit_rc -ne 0 && $uf -eq 0 ]] && uf=1
-echo "# unit suite on $(node --version): $((SECONDS - t0)) s"
+run_part "unit suite on $(node --version)" node build/tests/run.js --jobs "$jobs"
+up=$P uf=$F
 
 # On the second Node: the files over koffi (libc, io_uring, sd_notify, direct I/O, the queue's
 # structures), node:crypto, node:zlib (also driven through its internals: fvd/decode-into.ts)
@@ -40,12 +54,8 @@ alt_tests=${FVD_ALT_NODE_TESTS:-'(?:^|/)(?:libc|uring|sd-notify|direct-io|daemon
 ap=0 af=0
 if [[ -n ${FVD_ALT_NODE:-} ]]; then
   echo; echo "== unit files matching /$alt_tests/ on Node.js $("$FVD_ALT_NODE" --version) ($FVD_ALT_NODE) =="
-  t0=$SECONDS
-  "$FVD_ALT_NODE" build/tests/run.js "$alt_tests" --jobs "$jobs" 2>&1 | tee "$log"
-  rc=${PIPESTATUS[0]}
-  read -r ap af < <(counts "$log")
-  [[ $rc -ne 0 && $af -eq 0 ]] && af=1
-  echo "# unit suite on $("$FVD_ALT_NODE" --version): $((SECONDS - t0)) s"
+  run_part "unit suite on $("$FVD_ALT_NODE" --version)" "$FVD_ALT_NODE" build/tests/run.js "$alt_tests" --jobs "$jobs"
+  ap=$P af=$F
 fi
 
 dp=0 df=0
@@ -54,31 +64,19 @@ if [[ ${FVD_SKIP_DEVICE_TESTS:-0} != 1 ]]; then
   # Both guest kernels (tests/vm/run-e2e-kernels.sh); FVD_TEST_FULL=1 (make test-full): every
   # scenario on both.
   full=(); [[ ${FVD_TEST_FULL:-0} == 1 ]] && full=(--full)
-  bash tests/vm/run-e2e-kernels.sh "${full[@]}" 2>&1 | tee "$log"
-  dev_rc=${PIPESTATUS[0]}
-  read -r dp df < <(counts "$log")
-  [[ $dev_rc -ne 0 && $df -eq 0 ]] && df=1
+  run_part "device suite" bash tests/vm/run-e2e-kernels.sh "${full[@]}"
+  dp=$P df=$F
   # The guest harness itself (exit codes, argv quoting, booting again after a boot panic), where
   # the device suite ran in guests.
   if ! bash tests/vm/host-has-ublk.sh -q; then
     echo; echo "== guest harness (tests/vm/smoke.sh --quick) =="
-    t0=$SECONDS
-    bash tests/vm/smoke.sh --quick 2>&1 | sed -u -E 's/^smoke: ([0-9]+ passed, [0-9]+ failed)$/\1/' | tee "$log"
-    rc=${PIPESTATUS[0]}
-    read -r p f < <(counts "$log")
-    [[ $rc -ne 0 && $f -eq 0 ]] && f=1
-    dp=$((dp + p)) df=$((df + f))
-    echo "# guest harness: $((SECONDS - t0)) s"
+    run_part "guest harness" smoke_quick
+    dp=$((dp + P)) df=$((df + F))
   fi
   if [[ -n ${FVD_ALT_NODE:-} ]]; then
     echo; echo "== ublk device scenario 1 with the daemon on Node.js $("$FVD_ALT_NODE" --version) =="
-    t0=$SECONDS
-    E2E_FVD="$FVD_ALT_NODE $PWD/build/daemon/cli.js" bash tests/vm/run-e2e.sh 1 2>&1 | tee "$log"
-    rc=${PIPESTATUS[0]}
-    read -r p f < <(counts "$log")
-    [[ $rc -ne 0 && $f -eq 0 ]] && f=1
-    dp=$((dp + p)) df=$((df + f))
-    echo "# device scenario 1 on $("$FVD_ALT_NODE" --version): $((SECONDS - t0)) s"
+    run_part "device scenario 1 on $("$FVD_ALT_NODE" --version)" env E2E_FVD="$FVD_ALT_NODE $PWD/build/daemon/cli.js" bash tests/vm/run-e2e.sh 1
+    dp=$((dp + P)) df=$((df + F))
   fi
 else
   echo "device suite skipped (FVD_SKIP_DEVICE_TESTS=1)"

@@ -230,8 +230,9 @@ boot_once() {
 # A guest that died before COMMAND started (no results/started, or an empty one: the guest writes
 # it right before COMMAND) ran none of the caller's code, so booting again is safe.  Under TCG a
 # two-vCPU Debian kernel now and then panics while it patches its own code at boot (seen as an
-# oops on a 5-byte nop in get_random_u16 or sched_clock_cpu; twice in the boots of two sessions).  A guest
-# that died after COMMAND started is never booted again: that may be the code under test.
+# oops on a 5-byte nop in get_random_u16 or sched_clock_cpu; twice in the boots of two
+# sessions).  A guest that died after COMMAND started is never booted again: that may be the
+# code under test.  (An exit status of the guest's own, results/rc, is never booted again.)
 boot_retries=${FVD_VM_BOOT_RETRIES:-1}
 for attempt in $(seq 0 "$boot_retries"); do
     boot_once
