@@ -13,6 +13,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
+import type { DeferredBaseReport } from '../fvd/deferred-base.js';
 import { FvdImage } from '../fvd/image.js';
 import type { IoBackend } from '../fvd/io.js';
 import { storageIo } from '../storage/storage-io.js';
@@ -160,6 +161,9 @@ export class UblkServer {
         copyOnRead: opts.copyOnRead,
         key: opts.key,
         pendingLog: { path: pendingLogPath(fileId), bootId, fileId, record: recovery },
+        // A device held for this server is not refused for a template server that is down now:
+        // it is recovered, and reads that need the template fail until it is back (DESIGN.md §7).
+        deferUnreachableBase: own ? reportDeferredBase(own.state.devId, opts.log) : undefined,
       });
     } catch (err) {
       if (own) unmarkRecovering(own.state.devId);
@@ -786,3 +790,12 @@ async function waitForPath(path: string, ms: number): Promise<void> {
 
 // Stale-device cleanup and pidAlive live in daemon/recovery.ts (they decide what is ours).
 export { pidAlive, removeStaleDevice } from './recovery.js';
+
+/** The log lines of a recovery's remote base that was unreachable at first (fvd/deferred-base.ts). */
+function reportDeferredBase(devId: number, log: (line: string) => void): DeferredBaseReport {
+  return (event, detail) => {
+    if (event === 'unreachable') log(`device ${devId}: ${detail}; recovering anyway: reads of blocks not yet local fail (EIO) until the base is back`);
+    else if (event === 'opened') log(`device ${devId}: base ${detail} reachable again: opened`);
+    else log(`device ${devId}: ${detail}; reads of blocks not yet local fail (EIO)`);
+  };
+}

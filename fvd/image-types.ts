@@ -1,4 +1,5 @@
 /** The engine's public types: options of open, what a base image offers, extents and stats. */
+import type { DeferredBaseReport } from './deferred-base.js';
 import type { BaseFormat } from './format.js';
 import type { Qcow2Details } from './qcow2.js';
 
@@ -28,6 +29,12 @@ export interface OpenOptions {
    * a clean close removes it. `record: false`: apply and remove a log left behind, keep no new one.
    */
   pendingLog?: { path: string; bootId: string; fileId: string; record?: boolean };
+  /**
+   * The recovery of a live device: a remote base that cannot be reached now is opened on its first
+   * read instead (fvd/deferred-base.ts), and this hears of it ('unreachable' with the error, later
+   * 'opened' or 'refused'). Without it an unreachable base fails the open.
+   */
+  deferUnreachableBase?: DeferredBaseReport;
 }
 
 /** A base image as the engine sees it: read-only bytes of a fixed size. */

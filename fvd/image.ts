@@ -26,6 +26,7 @@ import {
   MAX_VIRTUAL_SIZE,
   SECTOR,
   encodeHeader,
+  baseFormatName,
   roundUp,
   type BaseFormat,
   type Header,
@@ -40,6 +41,7 @@ import { FlushGuard } from './flush-guard.js';
 import { KeyError, type XtsCipher } from './crypto.js';
 import { SnapshotManager, SnapshotState, loadSnapshotState, type ActiveImageState, type SnapshotEngineHooks } from './snapshot.js';
 import { baseOpener, openChainLevel } from './base-chain.js';
+import { openOrDefer } from './deferred-base.js';
 import { PENDING, STORED, mapRun, newRun, storageLayout, type MappingLayout, type SharedView } from './mapping.js';
 import { coverMappedChunks, readBaseReference, readHeaderPage, readMaps, tableRegionOf, unlockKey, writeCheckpoint } from './metadata.js';
 import { ChunkAllocator, type StorageGrower } from './allocator.js';
@@ -270,7 +272,10 @@ export class FvdImage {
     const ref = readBaseReference(imagePath, first, header);
     // Opens the base, checked against what the image recorded (fvd/base-chain.ts).
     const reopenBase = ref ? baseOpener(io, imagePath, header, chain, ref, openBase) : null;
-    if (reopenBase && !(header.autoclear & AUTOCLEAR_FULLY_LOCAL)) base = await reopenBase();
+    if (ref && reopenBase && !(header.autoclear & AUTOCLEAR_FULLY_LOCAL)) {
+      const format = baseFormatName(header.baseFormat) as BaseFormat;
+      base = await openOrDefer(reopenBase, ref.path, format, header.baseSize, ref.identity, options.deferUnreachableBase);
+    }
     try {
       // Bitmap, table, in-memory journal replay and the table checks (fvd/metadata.ts). Shared
       // memory: the daemon's queue workers map requests through them without copies.

@@ -8,6 +8,8 @@
  * - the server stopped afterwards: the image still reads the same, reopened too;
  * - the server stopped midway: absent blocks fail (EIO, one line), local blocks and writes work,
  *   and reads succeed again once it is back;
+ * - reopened while the server is down, as the recovery of a live device does: the base is opened
+ *   on its first read (fvd/deferred-base.ts), a template replaced meanwhile refused for good;
  * - the identity recorded at create survives a reopen; a template replaced (new ETag, same size)
  *   or resized is refused; a damaged identity is corruption; an identity cleared by an older
  *   writer leaves the size check.
@@ -166,6 +168,82 @@ th('HTTP: the server stopped midway: absent blocks fail with one line, local blo
   await image.close();
 });
 
+th('HTTP: reopened while the server is down (the recovery of a live device): with deferUnreachableBase the image opens, local blocks and writes work, absent blocks fail; back, the base opens on the first read; without it the open fails', async () => {
+  const dir = tmp.caseDir();
+  const img = path.join(dir, 'vm.fvd');
+  fs.writeFileSync(path.join(root, 'deferred.raw'), template);
+  await FvdImage.create(ioWith(), img, { base: `${web!.url}/deferred.raw`, baseFormat: 'raw' });
+  const before = await FvdImage.open(ioWith(), img);
+  await before.read(Buffer.alloc(MiB), 0); // copy-on-read makes the first MiB local
+  await before.idle();
+  await before.close();
+  const events: string[] = [];
+  const w = Buffer.alloc(128 * KiB, 0x6b);
+  await web!.server.stop();
+  let image: FvdImage;
+  try {
+    const refused = await FvdImage.open(ioWith(), img).then(() => null, (e: Error) => e);
+    assert.match(refused?.message ?? '', /base image .*deferred\.raw.*ECONNREFUSED/);
+    image = await FvdImage.open(ioWith(), img, { deferUnreachableBase: (event, detail) => events.push(`${event}: ${detail}`) });
+    assert.is(events.length, 1);
+    assert.match(events[0], /^unreachable: base image .*deferred\.raw.*ECONNREFUSED/);
+    assert.not.match(events[0], /\n/);
+    const local = Buffer.alloc(MiB);
+    await image.read(local, 0);
+    assert.ok(local.equals(template.subarray(0, MiB)), 'local blocks read without the base');
+    await image.write(w, 8 * MiB);
+    const err = await image.read(Buffer.alloc(64 * KiB), 10 * MiB).then(() => null, (e: Error) => e);
+    assert.ok(err, 'a read of an absent block must fail while the server is down');
+    assert.match(err!.message, /ECONNREFUSED/);
+    assert.not.match(err!.message, /\n/);
+    assert.is(events.length, 1, 'a failed late open is not reported again');
+  } finally {
+    await web!.server.start();
+  }
+  const model = Buffer.from(template);
+  w.copy(model, 8 * MiB);
+  assert.ok((await readAll(image)).equals(model), 'back: the whole image reads the template plus the write');
+  assert.equal(events.slice(1), [`opened: ${web!.url}/deferred.raw`]);
+  await image.close();
+  const reopened = await FvdImage.open(ioWith(), img);
+  assert.ok((await readAll(reopened)).equals(model), 'reopened: the same');
+  await reopened.close();
+});
+
+th('HTTP: a template replaced while its server was away is refused at the deferred open, for good, with one report; local blocks keep reading', async () => {
+  const dir = tmp.caseDir();
+  const file = path.join(root, 'replaced.raw');
+  fs.writeFileSync(file, template);
+  const img = path.join(dir, 'vm.fvd');
+  await FvdImage.create(ioWith(), img, { base: `${web!.url}/replaced.raw`, baseFormat: 'raw' });
+  const before = await FvdImage.open(ioWith(), img);
+  await before.read(Buffer.alloc(MiB), 0);
+  await before.idle();
+  await before.close();
+  const events: string[] = [];
+  await web!.server.stop();
+  let image: FvdImage;
+  try {
+    image = await FvdImage.open(ioWith(), img, { deferUnreachableBase: (event) => events.push(event) });
+    const changed = Buffer.from(template);
+    changed[10 * MiB] ^= 1;
+    fs.writeFileSync(file, changed);
+    const later = new Date(Date.now() + 5000);
+    fs.utimesSync(file, later, later); // a new mtime: nginx's ETag changes
+  } finally {
+    await web!.server.start();
+  }
+  for (let i = 0; i < 2; i++) {
+    const err = await image.read(Buffer.alloc(64 * KiB), 10 * MiB).then(() => null, (e: Error) => e);
+    assert.match(err?.message ?? '', /changed since the image was created .*refusing to mix old and new data/);
+  }
+  assert.equal(events, ['unreachable', 'refused']);
+  const local = Buffer.alloc(MiB);
+  await image.read(local, 0);
+  assert.ok(local.equals(template.subarray(0, MiB)));
+  await image.close();
+});
+
 th('HTTP: a template replaced on the server (same size, new ETag) or resized is refused at open; rebase -u style re-recording is possible', async () => {
   const dir = tmp.caseDir();
   const file = path.join(root, 'changing.raw');
@@ -304,6 +382,45 @@ tn('NBD: zero blocks found by block status at create (nothing read); prefetch fe
   const local = await FvdImage.open(ioWith(), img, { readOnly: true });
   assert.ok((await readAll(local)).equals(want));
   await local.close();
+});
+
+tn('NBD: reopened while qemu-nbd is down (a recovery): the export opens on the first read after it is back; local blocks and writes work meanwhile, absent blocks fail', async () => {
+  const dir = tmp.caseDir();
+  const file = path.join(dir, 't.raw');
+  fs.writeFileSync(file, template);
+  const sock = path.join(dir, 'nbd.sock');
+  const server = (await qemuNbd(file, sock))!;
+  const img = path.join(dir, 'vm.fvd');
+  const events: string[] = [];
+  try {
+    await FvdImage.create(ioWith(), img, { base: `nbd+unix:///disk?socket=${sock}`, baseFormat: 'raw' });
+    const before = await FvdImage.open(ioWith(), img);
+    await before.read(Buffer.alloc(MiB), 0);
+    await before.idle();
+    await before.close();
+    await server.stop();
+    const image = await FvdImage.open(ioWith(), img, { deferUnreachableBase: (event) => events.push(event) });
+    try {
+      assert.equal(events, ['unreachable']);
+      const local = Buffer.alloc(MiB);
+      await image.read(local, 0);
+      assert.ok(local.equals(template.subarray(0, MiB)));
+      const w = Buffer.alloc(128 * KiB, 0x3c);
+      await image.write(w, 8 * MiB);
+      const err = await image.read(Buffer.alloc(64 * KiB), 10 * MiB).then(() => null, (e: Error) => e);
+      assert.ok(err, 'a read of an absent block must fail while qemu-nbd is down');
+      assert.not.match(err!.message, /\n/);
+      await server.start();
+      const model = Buffer.from(template);
+      w.copy(model, 8 * MiB);
+      assert.ok((await readAll(image)).equals(model), 'back: the template plus the write');
+      assert.equal(events, ['unreachable', 'opened']);
+    } finally {
+      await image.close();
+    }
+  } finally {
+    await server.stop();
+  }
 });
 
 tn('NBD: an export whose size changed is refused at open', async () => {

@@ -19,7 +19,8 @@
 #  11 maintenance commit, resize, rebase refused while served, right between serves
 #  12 lvm         compact image on an LVM LV grown by --grow-cmd; ENOSPC without it
 #  13 qcow2       ext4 in a compressed qcow2 template: served, prefetched, template deleted
-#  14 remote      ext4 template over HTTP (nginx): served, prefetched, outage and return
+#  14 remote      ext4 template over HTTP (nginx): served, prefetched, outage and return, a
+#                 daemon SIGKILLed during the outage recovered anyway
 #  15 kernel      ublk features named from GET_FEATURES; queue threads are I/O flushers
 #  16 storage-faults  dm-flakey/dm-error under the image and under its base: errors, no crash,
 #                 replay, flushed data intact

@@ -1,5 +1,5 @@
 # tests/vm/e2e/14-remote.sh — sourced by tests/vm/e2e.sh (with lib.sh), runs `scenario` in $D.
-# title: a template over HTTP (nginx on the guest's loopback): mounted, read, prefetched, server stopped, -EIO while down, recovery
+# title: a template over HTTP (nginx on the guest's loopback): mounted, read, prefetched, server stopped, -EIO while down, recovery, daemon recovered while it is down
 # timeout: 1300
 #
 # tpl.raw = ext4 built with mkfs.ext4 -d, served by nginx (nginx-light; the guest runs the host's
@@ -11,7 +11,12 @@
 # first MiB read (copy-on-read), nginx stopped: a direct read of a block not yet local fails
 # (EIO) within the budget, the local MiB still reads, a write works, the daemon stays up; nginx
 # back: the failed range reads the template's bytes, and the whole device equals the template
-# plus the write. Last, `serve` with nginx down: one line of error, no device added.
+# plus the write. A third image, served with --recovery-wait: its first MiB written back in
+# place and flushed (local for sure: copy-on-read's copies are soft, a SIGKILL may lose them),
+# nginx stopped, the daemon SIGKILLed, a read issued meanwhile: the next serve recovers the same
+# device anyway ("recovering anyway"), the held read returns the local MiB, an absent block fails
+# (EIO), a write works; nginx back: the device equals the template plus the write. Last, `serve`
+# with nginx down: one line of error, no device added.
 
 NGINX_PORT=18080
 # shellcheck source=../nginx-conf.sh
@@ -109,6 +114,44 @@ scenario() {
         t bash -c "cmp <(dd if='$SERVE_DEV' iflag=direct bs=1M status=none) model.raw"
     serve_stop "after the outage"
     check "fvd check of the outage image (server up)" fvd check "$img2"
+
+    # --- the daemon killed while the server is down: the device is recovered anyway -------------
+    local img4=$D/img4.fvd id4 held
+    must "fvd create img4.fvd over the URL" fvd create -b "$url" -F raw "$img4"
+    serve_must "$img4" --no-prefetch --recovery-wait 120 --remote-config "$D/remote-outage.conf"
+    id4=$SERVE_ID
+    check "recovery: read the first MiB" t dd if="$SERVE_DEV" of=first4.bin iflag=direct bs=1M count=1 status=none
+    # Written back and flushed, so it is local for sure: copy-on-read's copies are soft (FVD's
+    # lazy bitmap updates), and a SIGKILL may lose them — the block then reads from the base again.
+    check "recovery: the first MiB written back in place and flushed" \
+        t dd if=first4.bin of="$SERVE_DEV" oflag=direct conv=notrunc,fsync bs=1M count=1 status=none
+    nginx_stop
+    kill -KILL "$SERVE_PID"
+    wait_pid "$SERVE_PID" 30
+    expect "recovery: daemon killed by SIGKILL while the server is down" "$WAIT_RC" 137
+    # A read issued while no server runs: the kernel holds it until the recovery.
+    t dd if="/dev/ublkb$id4" of=held.bin iflag=direct bs=1M count=1 status=none 2> held.err &
+    held=$!
+    serve_must "$img4" --no-prefetch --recovery-wait 120 --remote-config "$D/remote-outage.conf"
+    expect "recovery with the server down: the same device" "$SERVE_DEV" "/dev/ublkb$id4"
+    if grep -q "recovering anyway" "$SERVE_LOG" && grep -q "recovered device $id4" "$SERVE_LOG"; then ok "recovery with the server down: recovered anyway ($(grep -o 'recovering anyway.*' "$SERVE_LOG"))"
+    else not_ok "recovery with the server down: no 'recovering anyway' and 'recovered device $id4' in the log" "$(cat "$SERVE_LOG")"; fi
+    wait_pid "$held" 60
+    if [[ $WAIT_RC == 0 ]] && cmp -s held.bin first4.bin; then ok "recovery: the read held while no server ran returns the local MiB"
+    else not_ok "recovery: the held read ended $WAIT_RC" "$(cat held.err)"; fi
+    check "recovery, server down: the local first MiB reads the same" \
+        t bash -c "cmp <(dd if='$SERVE_DEV' iflag=direct bs=1M count=1 status=none) first4.bin"
+    rc=0
+    t dd if="$SERVE_DEV" of=/dev/null iflag=direct bs=64k skip=1600 count=1 status=none 2> dd4.err || rc=$?
+    if [[ $rc -ne 0 ]] && grep -qi 'input/output error' dd4.err; then ok "recovery, server down: a read of an absent block fails with EIO"
+    else not_ok "recovery, server down: the read of an absent block did not fail with EIO (rc $rc)" "$(cat dd4.err "$SERVE_LOG")"; fi
+    check "recovery, server down: a 1 MiB direct write works" t dd if=patch.bin of="$SERVE_DEV" oflag=direct bs=1M seek=64 conv=notrunc status=none
+    nginx_start; ensure "nginx back" nginx_ready || exit 1
+    check "recovery, server back: the whole device equals the template plus the write" \
+        t bash -c "cmp <(dd if='$SERVE_DEV' iflag=direct bs=1M status=none) model.raw"
+    check "recovery, server back: the log says the base opened" grep -q "reachable again: opened" "$SERVE_LOG"
+    serve_stop "recovered with the server down"
+    check "fvd check of the recovered image (server up)" fvd check "$img4"
     # img2 is fully local now (the whole device was read): a fresh image for the refusal below.
     must "fvd create img3.fvd over the URL" fvd create -b "$url" -F raw "$D/img3.fvd"
     nginx_stop
