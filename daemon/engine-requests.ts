@@ -75,6 +75,18 @@ export function queueCowMode(): 'off' | 'whole' | 'all' {
   return v === '0' || v === 'off' ? 'off' : v === 'all' ? 'all' : 'whole';
 }
 
+/**
+ * Test hook (tests/vm/e2e/21-reissue.sh): FVD_TEST_HOLD_WRITE=OFFSET:MS holds every engine write
+ * that starts at byte OFFSET for MS ms before it runs, and logs its arrival and its end — so a
+ * test can hold a write across a hand-off and see which server executed it. Read once.
+ */
+const HOLD_WRITE = parseHoldWrite(process.env.FVD_TEST_HOLD_WRITE);
+
+function parseHoldWrite(v: string | undefined): { offset: number; ms: number } | null {
+  const m = v ? /^(\d+):(\d+)$/.exec(v) : null;
+  return m ? { offset: Number(m[1]), ms: Number(m[2]) } : null;
+}
+
 export type SlowRequest = Extract<WorkerMessage, { type: 'slow' }>;
 export type QueueStats = Extract<WorkerMessage, { type: 'stats' }>;
 
@@ -96,7 +108,7 @@ export class EngineRequests {
 
   constructor(
     private readonly image: FvdImage,
-    log: (line: string) => void,
+    private readonly log: (line: string) => void,
   ) {
     this.failures = new BurstLog(log);
   }
@@ -199,10 +211,14 @@ export class EngineRequests {
           this.stats.reads++;
           await this.image.read(buf, offset, slot);
           break;
-        case UBLK_IO_OP_WRITE:
+        case UBLK_IO_OP_WRITE: {
           this.stats.writes++;
+          const held = HOLD_WRITE !== null && offset === HOLD_WRITE.offset;
+          if (held) await this.holdWrite(offset, length, HOLD_WRITE.ms);
           await this.image.write(buf, offset, ((m.flags << 8) & UBLK_IO_F_FUA) !== 0, slot, m.baseBlock ? this.baseBlockOf(q, tag) : null);
+          if (held) this.log(`test hook: write at ${offset}+${length} done`);
           break;
+        }
         case UBLK_IO_OP_FLUSH:
           this.stats.flushes++;
           await this.image.flush();
@@ -223,6 +239,11 @@ export class EngineRequests {
     if (slot >= 0) this.trace!.stamp(slot, STAGE_ENGINE_DONE);
     q.completions.push(tag, result);
     fs.writeSync(q.eventfd, EFD_WAKE);
+  }
+
+  private async holdWrite(offset: number, length: number, ms: number): Promise<void> {
+    this.log(`test hook: holding the write at ${offset}+${length} for ${ms} ms`);
+    await new Promise((resolve) => setTimeout(resolve, ms));
   }
 
   /**

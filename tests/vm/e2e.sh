@@ -32,6 +32,8 @@
 #                 keeps it; on kernels without it one line and copies
 #  20 queue-cow   copy-on-write on the queue threads: scattered O_DIRECT writes racing a reader,
 #                 copy-on-read and prefetch, a SIGKILL and recovery; the device equals a model
+#  21 reissue     a write held in the old server across a hand-off: QUIESCE (7.x) drains it there,
+#                 nothing reissued; without QUIESCE (6.12) the kernel reissues it to the new one
 #
 # Output: one line per check, "ok - [N name] ..." or "not ok - [N name] ..." (with the evidence
 # indented below it), "# ..." comments, and as the last line exactly "N passed, N failed".
