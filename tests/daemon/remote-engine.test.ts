@@ -74,6 +74,14 @@ async function readAll(img: FvdImage): Promise<Buffer> {
   return out;
 }
 
+/** Copy-on-read makes the image's first MiB local, then a clean close: what the tests reopen. */
+async function makeFirstMiBLocal(img: string): Promise<void> {
+  const image = await FvdImage.open(ioWith(), img);
+  await image.read(Buffer.alloc(MiB), 0);
+  await image.idle();
+  await image.close();
+}
+
 async function prefetchAll(img: FvdImage): Promise<void> {
   const p = new Prefetcher(img, { chunkBytes: 8 * MiB, persistBytes: 0 }).start();
   const end = await p.finished;
@@ -173,10 +181,7 @@ th('HTTP: reopened while the server is down (the recovery of a live device): wit
   const img = path.join(dir, 'vm.fvd');
   fs.writeFileSync(path.join(root, 'deferred.raw'), template);
   await FvdImage.create(ioWith(), img, { base: `${web!.url}/deferred.raw`, baseFormat: 'raw' });
-  const before = await FvdImage.open(ioWith(), img);
-  await before.read(Buffer.alloc(MiB), 0); // copy-on-read makes the first MiB local
-  await before.idle();
-  await before.close();
+  await makeFirstMiBLocal(img);
   const events: string[] = [];
   const w = Buffer.alloc(128 * KiB, 0x6b);
   await web!.server.stop();
@@ -216,10 +221,7 @@ th('HTTP: a template replaced while its server was away is refused at the deferr
   fs.writeFileSync(file, template);
   const img = path.join(dir, 'vm.fvd');
   await FvdImage.create(ioWith(), img, { base: `${web!.url}/replaced.raw`, baseFormat: 'raw' });
-  const before = await FvdImage.open(ioWith(), img);
-  await before.read(Buffer.alloc(MiB), 0);
-  await before.idle();
-  await before.close();
+  await makeFirstMiBLocal(img);
   const events: string[] = [];
   await web!.server.stop();
   let image: FvdImage;
@@ -394,10 +396,7 @@ tn('NBD: reopened while qemu-nbd is down (a recovery): the export opens on the f
   const events: string[] = [];
   try {
     await FvdImage.create(ioWith(), img, { base: `nbd+unix:///disk?socket=${sock}`, baseFormat: 'raw' });
-    const before = await FvdImage.open(ioWith(), img);
-    await before.read(Buffer.alloc(MiB), 0);
-    await before.idle();
-    await before.close();
+    await makeFirstMiBLocal(img);
     await server.stop();
     const image = await FvdImage.open(ioWith(), img, { deferUnreachableBase: (event) => events.push(event) });
     try {

@@ -10,6 +10,10 @@
 # is recovered by Restart=on-failure, fio ends with 0 errors; fvd@exp (Restart=no, RECOVERY_WAIT=5)
 # killed: fvd-expire@exp deletes its device and the held read fails; `systemctl stop` returns 0, the device is gone,
 # the unit is inactive (not failed), `fvd check` exits 0 and `fvd io read -P` finds the data.
+# ext4 round: fvd@test started again, ext4 on its device, mounted, fio verify writing a file in it,
+# the server SIGKILLed three times with nothing but Restart=on-failure to bring it back: each time
+# a restarted server recovers the same device, the mount stays, fio ends with 0 errors, e2fsck -f
+# clean after umount, `fvd check` clean.
 # fvd@bad (an image with a corrupted magic) fails to start (`systemctl start` non-zero), its log
 # has the one-line error, and no device is left behind.
 # The lock-down (sandbox_checks): `systemd-analyze security` rates the installed unit at most 4.0
@@ -127,6 +131,8 @@ scenario() {
     check "fvd check $img exits 0" fvd check "$img"
     check "fvd io read -P 0x6b 1M 4M: the data is in the image" fvd io -c 'read -P 0x6b 1M 4M' -c 'read -P 0 0 1M' "$img"
 
+    ext4_kills "$img"
+
     # A unit that gives up (here Restart=no) after its server died: fvd-expire@exp deletes the
     # waiting device RECOVERY_WAIT (5) seconds later, its held I/O fails, nothing hangs.
     local eimg=/var/lib/fvd/exp.fvd edev eid dd_pid
@@ -173,6 +179,53 @@ scenario() {
     if [[ -z ${FVD_IN_VM:-} ]]; then rm -f "$img" /var/lib/fvd/bad.fvd; fi
 
     sandbox_checks
+}
+
+# ext4_kills IMG: issue 12's test 2 — ext4 mounted on fvd@test's device, fio verify writing a file
+# in it, the server SIGKILLed three times and nothing else: Restart=on-failure alone brings back a
+# server that recovers the same device each time; the mount stays, fio ends with 0 errors, and
+# e2fsck -f is clean after umount.
+ext4_kills() {
+    local img=$1 before dev id devno out rc fio_pid k i n0 n mainpid src
+    before=$(ublk_nodes)
+    rc=0; out=$(t systemctl start fvd@test 2>&1) || rc=$?
+    expect "ext4 round: systemctl start fvd@test returns 0" "$rc" 0 "$out"
+    dev=$(comm -13 <(tr ' ' '\n' <<< "$before" | sort) <(ublk_nodes | tr ' ' '\n' | sort) | grep -m1 '^/dev/ublkb' || true)
+    [[ -n $dev ]] || { not_ok "ext4 round: no new /dev/ublkb* after the start" "$(ublk_nodes)"; return 0; }
+    id=${dev#/dev/ublkb}
+    devno=$(stat -c %t:%T "$dev")
+    must "ext4 round: mkfs.ext4 on $dev" t mkfs.ext4 -q -F "$dev"
+    mkdir -p m
+    must "ext4 round: mount" t mount -t ext4 "$dev" m
+    timeout -k 5 600 fio --name=ext4-systemd --filename=m/fio.bin --size=48M --rw=randwrite --bs=4k-64k \
+        --ioengine=libaio --direct=1 --iodepth=16 --verify=crc32c --verify_fatal=1 --randrepeat=1 \
+        --thinktime=250ms --thinktime_blocks=2 > fio-ext4.log 2>&1 &
+    fio_pid=$!
+    # The kills must hit the random writes, not the file's creation.
+    for ((i = 0; i < 600; i++)); do [[ -e m/fio.bin ]] && break; sleep 0.1; done
+    n0=$(journalctl -u fvd@test -o cat --no-pager 2>/dev/null | grep -c "recovered device $id" || true)
+    for ((k = 1; k <= 3; k++)); do
+        sleep 3
+        kill -0 "$fio_pid" 2>/dev/null && ok "ext4 round: fio still running before kill $k" || not_ok "ext4 round: fio ended before kill $k" "$(cat fio-ext4.log)"
+        mainpid=$(systemctl show -p MainPID --value fvd@test)
+        kill -KILL "$mainpid"
+        for ((i = 0; i < 900; i++)); do
+            n=$(journalctl -u fvd@test -o cat --no-pager 2>/dev/null | grep -c "recovered device $id" || true)
+            [[ $(systemctl show -p MainPID --value fvd@test) != "$mainpid" && $(systemctl show -p ActiveState --value fvd@test) == active ]] && ((n >= n0 + k)) && break
+            sleep 0.1
+        done
+        if ((n >= n0 + k)) && [[ $(systemctl show -p ActiveState --value fvd@test) == active ]]; then ok "ext4 kill $k: Restart=on-failure alone brought back a server that recovered device $id"
+        else not_ok "ext4 kill $k: no recovery of device $id by a restarted server within 90 s" "$(journalctl -u fvd@test -o cat --no-pager -n 30 2>&1)"; fi
+        expect "ext4 kill $k: the same device node (major:minor)" "$(stat -c %t:%T "$dev" 2>&1)" "$devno"
+        src=$(awk -v m="$D/m" '$2 == m { print $1 }' /proc/mounts)
+        expect "ext4 kill $k: the mount stays on $dev" "$src" "$dev" "$(cat /proc/mounts)"
+    done
+    fio_verified "ext4 under systemd, across 3 kills" "$fio_pid" fio-ext4.log
+    ensure "ext4 round: umount" t umount m || { umount -l m || true; }
+    check "ext4 round: e2fsck -f -n clean after the kills" t e2fsck -f -n "$dev"
+    rc=0; out=$(t systemctl stop fvd@test 2>&1) || rc=$?
+    expect "ext4 round: systemctl stop fvd@test returns 0" "$rc" 0 "$out"
+    check "ext4 round: fvd check $img exits 0" fvd check "$img"
 }
 
 # The locked-down unit (systemd/fvd@.service): its exposure score as systemd rates the installed
