@@ -20,9 +20,10 @@ export class RemoteMonitor {
     this.lastBytes = io.remoteStats()?.bytesFetched ?? 0;
   }
 
-  /** Null when the image has no remote base (or never opened one). */
+  /** Null when the image has no remote base (or never opened one and is not waiting for it). */
   sample(): RemoteStatus | null {
-    const r = this.io.remoteStats();
+    const deferred = this.image.deferredBaseState();
+    const r = this.io.remoteStats() ?? (deferred ? { url: this.image.stats().baseChain[0]?.path ?? '', bytesFetched: 0, retries: 0, failures: 0 } : null);
     if (!r) return null;
     const now = performance.now();
     const dt = (now - this.lastAt) / 1000;
@@ -31,7 +32,9 @@ export class RemoteMonitor {
       this.lastBytes = r.bytesFetched;
       this.lastAt = now;
     }
-    return { url: r.url, bytesFetched: r.bytesFetched, rate: this.rate, fractionLocal: fractionLocal(this.image), retries: r.retries, failures: r.failures, updatedAt: new Date().toISOString() };
+    const status: RemoteStatus = { url: r.url, bytesFetched: r.bytesFetched, rate: this.rate, fractionLocal: fractionLocal(this.image), retries: r.retries, failures: r.failures, updatedAt: new Date().toISOString() };
+    if (deferred) status.base = deferred;
+    return status;
   }
 }
 
@@ -44,6 +47,8 @@ export function fractionLocal(image: FvdImage): number {
 }
 
 export function formatRemote(r: RemoteStatus): string {
+  if (r.base === 'unreachable') return `remote base unreachable since the recovery (reads of blocks not yet local fail until it is back), ${(r.fractionLocal * 100).toFixed(1)}% local`;
+  if (r.base === 'refused') return `remote base refused: changed on the server (reads of blocks not yet local fail), ${(r.fractionLocal * 100).toFixed(1)}% local`;
   return (
     `remote ${formatSize(r.bytesFetched)} fetched, ${formatSize(Math.round(r.rate))}/s, ${(r.fractionLocal * 100).toFixed(1)}% local` +
     (r.failures ? `, ${r.failures} failed reads` : '') +

@@ -41,6 +41,12 @@ export interface RemoteStatus {
   retries: number;
   failures: number;
   updatedAt: string;
+  /**
+   * Set while a base deferred by a recovery is not open (fvd/deferred-base.ts): 'unreachable'
+   * (reads of blocks not yet local fail until the server is back) or 'refused' (changed on the
+   * server: they fail for good).
+   */
+  base?: 'unreachable' | 'refused';
 }
 
 export function stateDir(): string {

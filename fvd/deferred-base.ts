@@ -40,6 +40,11 @@ export class DeferredBase implements BaseImage {
     return this.base !== null;
   }
 
+  /** 'unreachable' until an open succeeds, 'refused' after a refusal (for status lines). */
+  get state(): 'unreachable' | 'open' | 'refused' {
+    return this.base ? 'open' : this.refused ? 'refused' : 'unreachable';
+  }
+
   get inFlightBytes(): number | undefined {
     return this.base?.inFlightBytes;
   }

@@ -41,7 +41,7 @@ import { FlushGuard } from './flush-guard.js';
 import { KeyError, type XtsCipher } from './crypto.js';
 import { SnapshotManager, SnapshotState, loadSnapshotState, type ActiveImageState, type SnapshotEngineHooks } from './snapshot.js';
 import { baseOpener, openChainLevel } from './base-chain.js';
-import { openOrDefer } from './deferred-base.js';
+import { DeferredBase, openOrDefer } from './deferred-base.js';
 import { PENDING, STORED, mapRun, newRun, storageLayout, type MappingLayout, type SharedView } from './mapping.js';
 import { coverMappedChunks, readBaseReference, readHeaderPage, readMaps, tableRegionOf, unlockKey, writeCheckpoint } from './metadata.js';
 import { ChunkAllocator, type StorageGrower } from './allocator.js';
@@ -978,6 +978,17 @@ export class FvdImage {
       else out.push({ offset: pos, length: run.length, kind, host });
     }
     return out;
+  }
+
+  /**
+   * A remote base deferred at open (fvd/deferred-base.ts) that is not open yet: 'unreachable', or
+   * 'refused' for good; null otherwise (no base, a base opened as usual, or a deferred one opened).
+   */
+  deferredBaseState(): 'unreachable' | 'refused' | null {
+    const b = this.base;
+    if (!(b instanceof DeferredBase)) return null;
+    const state = b.state;
+    return state === 'open' ? null : state;
   }
 
   stats(): ImageStats {

@@ -64,7 +64,13 @@ function diskSizeOf(file: string, fileSize: number): number {
 }
 
 async function describeImage(file: string, key: Uint8Array | undefined): Promise<{ info: Record<string, unknown>; text: string; chain: BaseChainEntry[] }> {
-  const image = await FvdImage.open(storageIo(), file, key ? { readOnly: true, key } : { readOnly: true, withoutKey: true });
+  // Metadata only: a remote template whose server is down does not keep `info` from answering
+  // (nothing is read from the base); the line below says so.
+  let unreachable: string | null = null;
+  const deferUnreachableBase = (event: string, detail: string) => {
+    if (event === 'unreachable') unreachable = detail;
+  };
+  const image = await FvdImage.open(storageIo(), file, key ? { readOnly: true, key, deferUnreachableBase } : { readOnly: true, withoutKey: true, deferUnreachableBase });
   let s: ImageStats;
   let space;
   let snapshots;
@@ -127,6 +133,7 @@ async function describeImage(file: string, key: Uint8Array | undefined): Promise
     bytesLocal: s.bytesLocal,
     fractionLocal: fracLocal,
     baseIdentity: identity ?? undefined,
+    baseUnreachable: unreachable ?? undefined,
     remote: served?.remote,
     fullyLocal: s.fullyLocal,
     zeroDetected: s.zeroDetected,
@@ -153,6 +160,7 @@ async function describeImage(file: string, key: Uint8Array | undefined): Promise
     lines.push(`base image: not needed (fully local)`);
   }
   if (identity) lines.push(`base identity: ${identity}`);
+  if (unreachable) lines.push(`base reachable: no: ${unreachable}`);
   if (served?.remote) lines.push(`${formatRemote(served.remote).replace(/^remote /, 'remote (served as ' + served.device + '): ')} as of ${served.remote.updatedAt}`);
   lines.push(
     `data: ${formatSize(space.bytesData)} (${pct(space.bytesData)}%) written in this image`,

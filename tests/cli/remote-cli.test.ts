@@ -3,7 +3,8 @@
  * info (URL without credentials, identity, fraction local), prefetch (bytes fetched = the
  * template's size), a fully local image with the server gone; a server down at create and a URL
  * carrying credentials are one-line refusals that leave no image behind; credentials from the
- * remote configuration are used but never printed.
+ * remote configuration are used but never printed; with the server down, info answers from the
+ * metadata and says the base is unreachable.
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
@@ -67,6 +68,33 @@ t('create over an http:// base, info, prefetch (each byte once), then the server
   } finally {
     await web!.server.start();
   }
+});
+
+t('info with the server down: answers from the metadata, says the base is unreachable (text and JSON); io of an absent block fails in one line', async () => {
+  const dir = tmp.caseDir();
+  const img = path.join(dir, 'vm.fvd');
+  const url = `${web!.url}/t.raw`;
+  assertOk(fvd('create', '-b', url, '-F', 'raw', img));
+  const before = fs.readFileSync(img);
+  await web!.server.stop();
+  try {
+    const info = fvd('info', img);
+    assertOk(info);
+    assert.match(info.stdout, new RegExp(`base image: ${url.replace(/[/.]/g, '\\$&')} \\(raw, 6 MiB\\)`));
+    assert.match(info.stdout, /^base reachable: no: base image .*t\.raw.*ECONNREFUSED/m);
+    assert.match(info.stdout, /fully local: no \(0\.0% of the base is local\)/);
+    const json = fvd('info', '--json', img);
+    assertOk(json);
+    assert.match(String(JSON.parse(json.stdout).baseUnreachable), /ECONNREFUSED/);
+    const r = fvd('io', '-c', 'read 0 4k', img);
+    assertOneLineError(r, [/ECONNREFUSED/]);
+  } finally {
+    await web!.server.start();
+  }
+  const back = fvd('info', '--json', img);
+  assertOk(back);
+  assert.is(JSON.parse(back.stdout).baseUnreachable, undefined);
+  assert.ok(fs.readFileSync(img).equals(before), 'info and a failed read leave the image as it was');
 });
 
 t('a server down at create: one line, no image left behind; a URL with credentials: refused without echoing them', async () => {

@@ -23,6 +23,7 @@ import { nodeIo } from '../../storage/node-file.js';
 import { Prefetcher } from '../../fvd/prefetch.js';
 import { rebaseImage } from '../../fvd/maintenance.js';
 import { StorageIo } from '../../storage/storage-io.js';
+import { RemoteMonitor, formatRemote } from '../../daemon/remote-status.js';
 import { findProgram, nginx, qemuNbd, type ServerProcess } from '../helpers/remote-servers.js';
 import { TempDir } from '../helpers/cli.js';
 import { Rng } from '../helpers/rng.js';
@@ -185,11 +186,18 @@ th('HTTP: reopened while the server is down (the recovery of a live device): wit
   const events: string[] = [];
   const w = Buffer.alloc(128 * KiB, 0x6b);
   await web!.server.stop();
+  const io = ioWith();
+  let monitor: RemoteMonitor;
   let image: FvdImage;
   try {
     const refused = await FvdImage.open(ioWith(), img).then(() => null, (e: Error) => e);
     assert.match(refused?.message ?? '', /base image .*deferred\.raw.*ECONNREFUSED/);
-    image = await FvdImage.open(ioWith(), img, { deferUnreachableBase: (event, detail) => events.push(`${event}: ${detail}`) });
+    image = await FvdImage.open(io, img, { deferUnreachableBase: (event, detail) => events.push(`${event}: ${detail}`) });
+    monitor = new RemoteMonitor(io, image);
+    const status = monitor.sample();
+    assert.is(status?.base, 'unreachable', "the daemon's status says the base is unreachable");
+    assert.match(formatRemote(status!), /^remote base unreachable since the recovery .*, 8\.3% local$/);
+    assert.is(status?.url, `${web!.url}/deferred.raw`);
     assert.is(events.length, 1);
     assert.match(events[0], /^unreachable: base image .*deferred\.raw.*ECONNREFUSED/);
     assert.not.match(events[0], /\n/);
@@ -209,6 +217,9 @@ th('HTTP: reopened while the server is down (the recovery of a live device): wit
   w.copy(model, 8 * MiB);
   assert.ok((await readAll(image)).equals(model), 'back: the whole image reads the template plus the write');
   assert.equal(events.slice(1), [`opened: ${web!.url}/deferred.raw`]);
+  const after = monitor!.sample();
+  assert.is(after?.base, undefined, 'opened: no longer unreachable');
+  assert.ok((after?.bytesFetched ?? 0) > 0);
   await image.close();
   const reopened = await FvdImage.open(ioWith(), img);
   assert.ok((await readAll(reopened)).equals(model), 'reopened: the same');

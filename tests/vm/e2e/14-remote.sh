@@ -136,6 +136,14 @@ scenario() {
     expect "recovery with the server down: the same device" "$SERVE_DEV" "/dev/ublkb$id4"
     if grep -q "recovering anyway" "$SERVE_LOG" && grep -q "recovered device $id4" "$SERVE_LOG"; then ok "recovery with the server down: recovered anyway ($(grep -o 'recovering anyway.*' "$SERVE_LOG"))"
     else not_ok "recovery with the server down: no 'recovering anyway' and 'recovered device $id4' in the log" "$(cat "$SERVE_LOG")"; fi
+    # fvd info answers from the metadata and, from the server's run-time record (refreshed every
+    # 5 s), says the base is unreachable. (Its own open attempt waits one retry budget: 10 s.)
+    for ((i = 0; i < 100; i++)); do
+        FVD_REMOTE_CONFIG=$D/remote-outage.conf t "${FVD[@]}" info "$img4" > info4.out 2>&1 && grep -q "remote (served as $SERVE_DEV): base unreachable since the recovery" info4.out && break
+        sleep 0.1
+    done
+    if grep -q "remote (served as $SERVE_DEV): base unreachable since the recovery" info4.out && grep -q "^base reachable: no: .*ECONNREFUSED" info4.out; then ok "recovery, server down: fvd info says the base is unreachable ($(grep -o 'base unreachable since the recovery[^,]*, [0-9.]*% local' info4.out))"
+    else not_ok "recovery, server down: fvd info does not say the base is unreachable" "$(cat info4.out)"; fi
     wait_pid "$held" 60
     if [[ $WAIT_RC == 0 ]] && cmp -s held.bin first4.bin; then ok "recovery: the read held while no server ran returns the local MiB"
     else not_ok "recovery: the held read ended $WAIT_RC" "$(cat held.err)"; fi
@@ -150,6 +158,12 @@ scenario() {
     check "recovery, server back: the whole device equals the template plus the write" \
         t bash -c "cmp <(dd if='$SERVE_DEV' iflag=direct bs=1M status=none) model.raw"
     check "recovery, server back: the log says the base opened" grep -q "reachable again: opened" "$SERVE_LOG"
+    for ((i = 0; i < 100; i++)); do
+        t "${FVD[@]}" info "$img4" > info4.out 2>&1 && grep -q "remote (served as $SERVE_DEV): .* fetched" info4.out && break
+        sleep 0.1
+    done
+    if grep -q "remote (served as $SERVE_DEV): .* fetched" info4.out && ! grep -q "unreachable" info4.out; then ok "recovery, server back: fvd info shows the remote figures again"
+    else not_ok "recovery, server back: fvd info still says unreachable or shows no remote figures" "$(cat info4.out)"; fi
     serve_stop "recovered with the server down"
     check "fvd check of the recovered image (server up)" fvd check "$img4"
     # img2 is fully local now (the whole device was read): a fresh image for the refusal below.
