@@ -344,8 +344,7 @@ export class SnapshotManager {
   private checkCreate(st: SnapshotState, name: string): void {
     validateName(name);
     if (st.dir.entries.some((e) => e.name === name)) throw new FvdError(`${this.path}: a snapshot named ${JSON.stringify(name)} already exists`, 'EINVAL');
-    if (st.dir.entries.length >= MAX_SNAPSHOTS || st.dir.nextId >= 0xffffffff)
-      throw new FvdError(`${this.path}: too many snapshots (at most ${MAX_SNAPSHOTS})`, 'ENOSPC');
+    if (st.dir.entries.length >= MAX_SNAPSHOTS) throw new FvdError(`${this.path}: too many snapshots (at most ${MAX_SNAPSHOTS})`, 'ENOSPC');
   }
 
   private checkRevert(active: ActiveImageState, e: SnapshotEntry, name: string): void {
@@ -393,8 +392,9 @@ export class SnapshotManager {
     state.set(new Uint8Array(table.buffer, table.byteOffset, table.length * 4));
     state.set(active.present.subarray(0, h.bitmapLength), h.tableLength);
     const now = Date.now();
+    const { id, nextId } = nextSnapshotId(st.dir);
     const entry: SnapshotEntry = {
-      id: st.dir.nextId,
+      id,
       name,
       stateOffset: 0,
       stateLength: state.length,
@@ -404,7 +404,7 @@ export class SnapshotManager {
       stateCrc: crc(state),
       mappedChunks: mapped,
     };
-    await this.commit(active, st, { entries: [...st.dir.entries, entry], nextId: st.dir.nextId + 1 }, counts, { entry, bytes: state });
+    await this.commit(active, st, { entries: [...st.dir.entries, entry], nextId }, counts, { entry, bytes: state });
     return this.list().find((x) => x.id === entry.id)!;
   }
 
@@ -640,4 +640,18 @@ function mapsSaturatedChunk(table: Uint32Array, counts: Uint16Array): boolean {
     if (id !== CHUNK_EMPTY && counts[id] === MAX_REFCOUNT) return true;
   }
   return false;
+}
+
+/**
+ * The id of a new snapshot and the directory's next_id after it (FORMAT.md §10.3): next_id itself
+ * while it is below 0xffffffff; once the 32-bit id space is spent (next_id = 0xffffffff, after
+ * 2^32 - 2 creates or in a damaged-but-valid directory), the smallest id no entry uses — there is
+ * one below 65536, as there are fewer entries than that — and next_id stays.
+ */
+export function nextSnapshotId(dir: Directory): { id: number; nextId: number } {
+  if (dir.nextId < 0xffffffff) return { id: dir.nextId, nextId: dir.nextId + 1 };
+  const used = new Set(dir.entries.map((e) => e.id));
+  let id = 1;
+  while (used.has(id)) id++;
+  return { id, nextId: dir.nextId };
 }

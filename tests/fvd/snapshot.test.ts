@@ -19,7 +19,7 @@ import { decodeDirectory, decodeRefcounts, encodeDirectory, encodeRefcounts, sta
 import { MemIo } from '../helpers/mem-io.js';
 import { CrashIo } from '../helpers/crash-io.js';
 import { patternBytes, sha256File } from '../helpers/cli.js';
-import { getField, readDirectory, readHeader, readRefcounts, rewriteField, rewriteRefcounts, setFeatureBits, writeBytes } from '../helpers/tamper.js';
+import { getField, readDirectory, readHeader, readRefcounts, rewriteDirectory, rewriteField, rewriteRefcounts, setFeatureBits, writeBytes } from '../helpers/tamper.js';
 import { rejectsOneLine } from '../helpers/rejects.js';
 
 const KiB = 1024;
@@ -118,6 +118,31 @@ test('create: directory, refcount table and saved state are on disk after reopen
   assert.ok((await readAll(img)).equals(before), 'data unchanged');
   assert.equal(img.snapshots.list().map((s) => [s.id, s.name, s.size]), [[1, 'first', 4 * CS]]);
   assert.is(img.stats().snapshots, 1);
+  await img.close();
+});
+
+test('next_id at 0xffffffff (the id space spent): create takes the smallest unused id and keeps next_id; check stays clean; reopened the same', async () => {
+  const file = await fresh();
+  let img = await FvdImage.open(nodeIo, file);
+  await img.write(patternBytes(CS, 1), 0);
+  await img.snapshots.create('a');
+  await img.snapshots.create('b');
+  await img.snapshots.create('c');
+  await img.snapshots.delete('b'); // ids 1 and 3 stay: 2 is free
+  await img.close();
+  rewriteDirectory(file, (d) => (d.nextId = 0xffffffff));
+  img = await FvdImage.open(nodeIo, file);
+  const d1 = await img.snapshots.create('d');
+  const d2 = await img.snapshots.create('e');
+  await img.close();
+  assert.equal([d1.id, d2.id], [2, 4], 'the smallest ids no entry uses');
+  const d = readDirectory(file);
+  assert.is(d.nextId, 0xffffffff, 'next_id stays');
+  assert.equal(d.entries.map((e) => [e.id, e.name]).sort((x, y) => Number(x[0]) - Number(y[0])), [[1, 'a'], [2, 'd'], [3, 'c'], [4, 'e']]);
+  const report = await checkImage(nodeIo, file);
+  assert.is(report.errors.length, 0, report.errors.join('; '));
+  img = await FvdImage.open(nodeIo, file, { readOnly: true });
+  assert.equal(img.snapshots.list().map((s) => s.name).sort(), ['a', 'c', 'd', 'e']);
   await img.close();
 });
 
