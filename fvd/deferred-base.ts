@@ -1,13 +1,14 @@
 /**
  * A remote base that could not be reached when the image was opened, opened on first use.
  *
- * Only the recovery of a live device opens an image this way (daemon/server.ts): the kernel holds
- * the guest's I/O while no server runs, and refusing the recovery because the template's server
- * is down would turn a network outage into a dead disk. With this stand-in the recovered device
- * serves local blocks and writes at once, and a read that needs the base tries to open it: it
- * waits for one open attempt (the source's retry budget bounds it) and fails with EIO while the
- * server stays away — what a served image does when its server dies (DESIGN.md §7). A fresh
- * `serve` or `create` still refuses an unreachable base with one line.
+ * The recovery of a live device opens its image this way (daemon/server.ts): the kernel holds the
+ * guest's I/O while no server runs, and refusing the recovery because the template's server is
+ * down would turn a network outage into a dead disk. (So does `fvd info`, which reads no data.)
+ * With this stand-in the recovered device serves local blocks and writes at once, and a read
+ * that needs the base tries to open it: it waits for one open attempt (the source's retry budget
+ * bounds it) and fails with EIO while the server stays away — what a served image does when its
+ * server dies (DESIGN.md §7). A fresh `serve` or `create` still refuses an unreachable base with
+ * one line.
  *
  * The real base is opened with the image's own checks (fvd/base-chain.ts baseOpener): a template
  * whose size or identity changed while it was away is refused then, every read of it fails, and

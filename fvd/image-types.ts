@@ -30,9 +30,9 @@ export interface OpenOptions {
    */
   pendingLog?: { path: string; bootId: string; fileId: string; record?: boolean };
   /**
-   * The recovery of a live device: a remote base that cannot be reached now is opened on its first
-   * read instead (fvd/deferred-base.ts), and this hears of it ('unreachable' with the error, later
-   * 'opened' or 'refused'). Without it an unreachable base fails the open.
+   * The recovery of a live device (and `fvd info`): a remote base that cannot be reached now is
+   * opened on its first read instead (fvd/deferred-base.ts), and this hears of it ('unreachable'
+   * with the error, later 'opened' or 'refused'). Without it an unreachable base fails the open.
    */
   deferUnreachableBase?: DeferredBaseReport;
 }
