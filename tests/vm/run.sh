@@ -14,7 +14,9 @@
 # COMMAND runs with cwd = the caller's cwd, HOME=/root, FVD_IN_VM=1 and
 # FVD_VM_RESULTS=/run/fvd-vm/results (a writable share: files written there
 # survive on the host when FVD_VM_KEEP=1 or FVD_VM_RESULTS_DIR is set).
-# Its stdout+stderr arrive on run.sh's stdout (via the serial console).
+# Its stdout+stderr arrive on run.sh's stdout (via the first serial port); the
+# guest kernel's console (oopses, panics, init errors) arrives on run.sh's stderr
+# (via the second), so stdout carries the command's output and nothing else.
 #
 # Exit status: COMMAND's exit status; 124 on time-out; 125 when the harness
 # failed (guest never ran COMMAND or never reported an exit status).
@@ -148,7 +150,7 @@ start_shares() {
 }
 
 # --- qemu --------------------------------------------------------------------
-append="console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off tsc=reliable no_timer_check"
+append="console=ttyS1 quiet loglevel=3 panic=-1 mitigations=off tsc=reliable no_timer_check"
 append+=" fvd.mode=$mode fvd.load=${FVD_VM_LOAD_MODULES:-all} fvd.tmpfs=${FVD_VM_TMPFS_SIZE:-80%}"
 [[ ${FVD_VM_DEBUG:-0} == 1 ]] && append+=" fvd.debug=1" && append=${append/ quiet loglevel=3/}
 if [[ $mode == systemd ]]; then
@@ -166,6 +168,7 @@ qargs=(
     -object "memory-backend-memfd,id=mem,size=$mem,share=on" -numa node,memdev=mem
     -nographic -nodefaults -no-user-config -no-reboot
     -chardev stdio,id=con,signal=on -serial chardev:con
+    -chardev "file,id=klog,path=$run/console.log,append=on" -serial chardev:klog
     -chardev socket,id=vfs0,path="$run/hostroot.sock"
     -device vhost-user-fs-pci,chardev=vfs0,tag=hostroot,queue-size=1024
     -chardev socket,id=vfs1,path="$run/results.sock"
@@ -181,12 +184,17 @@ if [[ $bios != seabios && -e $bios ]]; then qargs+=(-bios "$bios"); fi
 # boot_once: shares + one guest boot; sets status (and t0, t_started, t_rc).
 boot_once() {
     start_shares
+    : > "$run/console.log"
     t0=$(date +%s.%N)
     # stdin from /dev/null: qemu never switches a terminal to raw mode, and the
     # guest's command never waits for input.
     "$qemu" "${qargs[@]}" </dev/null &
     qpid=$!
-    pids=("$qpid" "${pids[@]}")
+    # The kernel console to stderr while the guest runs; tail ends after qemu does, once it
+    # has printed the rest.
+    tail -n +1 -f --pid="$qpid" "$run/console.log" >&2 &
+    tailpid=$!
+    pids=("$qpid" "${pids[@]}" "$tailpid")
 
     # --- watchdog: time-out, boot timing, stuck power-off --------------------------
     t_started='' t_rc='' status=''
@@ -216,6 +224,7 @@ boot_once() {
     done
     if [[ -z $status ]]; then
         wait "$qpid" 2>/dev/null || true
+        wait "$tailpid" 2>/dev/null || true
         if [[ -e $results/rc ]]; then
             status=$(cat "$results/rc")
             [[ $status =~ ^[0-9]+$ ]] || status=125
@@ -229,10 +238,13 @@ boot_once() {
 
 # A guest that died before COMMAND started (no results/started, or an empty one: the guest writes
 # it right before COMMAND) ran none of the caller's code, so booting again is safe.  Under TCG a
-# two-vCPU Debian kernel now and then panics while it patches its own code at boot (seen as an
-# oops on a 5-byte nop in get_random_u16 or sched_clock_cpu; twice in the boots of two
-# sessions).  A guest that died after COMMAND started is never booted again: that may be the
-# code under test.  (An exit status of the guest's own, results/rc, is never booted again.)
+# two-vCPU Debian kernel now and then oopses while it patches its own code at boot (an int3 on a
+# nop in get_random_u16 or sched_clock_cpu, a few times in many sessions' boots).  When that
+# kills init the guest panics; when it kills a kernel thread (rcu_preempt, once) the guest lives
+# on crippled, so run-command.sh refuses to start COMMAND in a kernel that has oopsed (taint D)
+# and powers off: both land here.  A guest that died after COMMAND started is never booted
+# again: that may be the code under test.  (An exit status of the guest's own, results/rc, is
+# never booted again.)
 boot_retries=${FVD_VM_BOOT_RETRIES:-1}
 for attempt in $(seq 0 "$boot_retries"); do
     boot_once

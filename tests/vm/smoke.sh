@@ -96,9 +96,21 @@ expect "[busybox] argv quoting + clean stdout" "$out" $'a b\nx y|\'q\'|'
 err=$(FVD_VM_APPEND="rdinit=/nonexistent" "$here/run.sh" -- true 2>&1 >/dev/null); rc=$?
 expect "[busybox] a boot that panics before the command gives 125" "$rc" 125
 expect "[busybox] ... after booting once more" "$(grep -c 'booting again (2 of 2)' <<< "$err")" 1
-err=$("$here/run.sh" -- bash -c 'echo c > /proc/sysrq-trigger' 2>&1 >/dev/null); rc=$?
+# A kernel that oopsed while booting (here: taint D set from the command line) gets no command.
+errf=$(mktemp)
+out=$(FVD_VM_APPEND="sysctl.kernel.tainted=128" "$here/run.sh" -- echo ran 2>"$errf"); rc=$?
+err=$(<"$errf")
+expect "[busybox] a kernel that oopsed while booting gives 125" "$rc" 125
+expect "[busybox] ... runs no command (stdout empty)" "$out" ""
+expect "[busybox] ... says why on stderr" "$(grep -c 'oopsed while booting (tainted' <<< "$err")" 2
+expect "[busybox] ... after booting once more" "$(grep -c 'booting again (2 of 2)' <<< "$err")" 1
+out=$("$here/run.sh" -- bash -c 'echo c > /proc/sysrq-trigger' 2>"$errf"); rc=$?
+err=$(<"$errf")
+rm -f "$errf"
 expect "[busybox] a panic after the command started gives 125" "$rc" 125
 expect "[busybox] ... and is not booted again" "$(grep -c 'booting again' <<< "$err")" 0
+expect "[busybox] ... the kernel's panic on stderr, not stdout" \
+    "$(grep -q 'Kernel panic' <<< "$err" && echo yes || echo no),$(grep -q 'Kernel panic' <<< "$out" && echo yes || echo no)" yes,no
 
 echo "# systemd mode"
 run_mode systemd "$guest_systemd" --systemd

@@ -32,6 +32,17 @@ fi
 # Plain '\n' on the host side (no CR added by the tty layer).
 $bb stty -F $tty -onlcr 2>/dev/null
 
+# A kernel that oopsed while booting (taint bit 7, D: under TCG, an int3 left by the kernel's
+# own code patching, see run.sh) may have lost a kernel thread such as rcu_preempt: the command
+# would hang or fail for reasons of no concern to it.  Power off without results/started, so
+# run.sh boots once more.  Said on the kernel console, which run.sh shows on stderr.
+if [ $(( $($bb cat /proc/sys/kernel/tainted) & 128 )) -ne 0 ]; then
+    echo "[fvd-vm] the guest kernel oopsed while booting (tainted $($bb cat /proc/sys/kernel/tainted)): not starting the command" > /dev/console
+    $bb sync
+    if [ "$mode" = pid1 ]; then $bb poweroff -f; $bb sleep 30; fi
+    exit 1
+fi
+
 $bb cat /proc/uptime > $R/started
 /bin/bash $R/job.sh < /dev/null > $tty 2>&1
 rc=$?
