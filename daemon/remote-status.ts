@@ -3,7 +3,7 @@
  * `fvd info` reads: bytes fetched from the server, the recent rate, and how much of the base is
  * local by now.
  */
-import type { FvdImage } from '../fvd/image.js';
+import type { FvdImage, ImageStats } from '../fvd/image.js';
 import type { StorageIo } from '../storage/storage-io.js';
 import { formatSize } from './args.js';
 import type { RemoteStatus } from './state.js';
@@ -23,8 +23,11 @@ export class RemoteMonitor {
   /** Null when the image has no remote base (or never opened one and is not waiting for it). */
   sample(): RemoteStatus | null {
     const deferred = this.image.deferredBaseState();
-    const r = this.io.remoteStats() ?? (deferred ? { url: this.image.stats().baseChain[0]?.path ?? '', bytesFetched: 0, retries: 0, failures: 0 } : null);
-    if (!r) return null;
+    const transport = this.io.remoteStats();
+    if (!transport && !deferred) return null;
+    const stats = this.image.stats();
+    // A deferred base never reached its server: no transport figures yet, only its URL.
+    const r = transport ?? { url: stats.baseChain[0]?.path ?? '', bytesFetched: 0, retries: 0, failures: 0 };
     const now = performance.now();
     const dt = (now - this.lastAt) / 1000;
     if (dt >= 0.5) {
@@ -32,15 +35,14 @@ export class RemoteMonitor {
       this.lastBytes = r.bytesFetched;
       this.lastAt = now;
     }
-    const status: RemoteStatus = { url: r.url, bytesFetched: r.bytesFetched, rate: this.rate, fractionLocal: fractionLocal(this.image), retries: r.retries, failures: r.failures, updatedAt: new Date().toISOString() };
+    const status: RemoteStatus = { url: r.url, bytesFetched: r.bytesFetched, rate: this.rate, fractionLocal: fractionLocal(stats), retries: r.retries, failures: r.failures, updatedAt: new Date().toISOString() };
     if (deferred) status.base = deferred;
     return status;
   }
 }
 
 /** The share of the base's bytes (those under the virtual disk) that are local. */
-export function fractionLocal(image: FvdImage): number {
-  const s = image.stats();
+export function fractionLocal(s: ImageStats): number {
   const inBase = Math.min(s.baseSize, s.virtualSize);
   if (s.fullyLocal || inBase === 0) return 1;
   return Math.max(0, 1 - s.bytesInBase / inBase);

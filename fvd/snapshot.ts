@@ -648,7 +648,7 @@ function mapsSaturatedChunk(table: Uint32Array, counts: Uint16Array): boolean {
  * 2^32 - 2 creates or in a damaged-but-valid directory), the smallest id no entry uses — there is
  * one below 65536, as there are fewer entries than that — and next_id stays.
  */
-export function nextSnapshotId(dir: Directory): { id: number; nextId: number } {
+function nextSnapshotId(dir: Directory): { id: number; nextId: number } {
   if (dir.nextId < 0xffffffff) return { id: dir.nextId, nextId: dir.nextId + 1 };
   const used = new Set(dir.entries.map((e) => e.id));
   let id = 1;

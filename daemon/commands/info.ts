@@ -78,7 +78,7 @@ async function describeImage(file: string, key: Uint8Array | undefined): Promise
   let identity: string | null = null;
   try {
     s = image.stats();
-    fracLocal = fractionLocal(image);
+    fracLocal = fractionLocal(s);
     identity = image.baseIdentity;
     space = spaceFigures(await mapImage(image));
     snapshots = s.layout === 'compact' ? image.snapshots.list() : [];

@@ -248,17 +248,6 @@ takeover() {
 
 handoff_round() {
     local img=$D/h.fvd base=$D/base.raw id fio_pid old out rc oldlog quiesce
-    # handoff_quiesced LOG LABEL: the old server's log shows how it left the device: drained by
-    # QUIESCE_DEV where the device has UBLK_F_QUIESCE (7.x; the features line of its serve says
-    # so), else the reissue fallback, naming the kernel's lack of it (6.12).
-    handoff_quiesced() {
-        local log=$1 label=$2
-        if [[ $quiesce == yes ]]; then
-            if grep -q "hand-off: device quiesced (QUIESCE_DEV .*): no request is left to reissue" "$log"; then ok "$label: QUIESCE_DEV drained the old server ($(grep -o 'QUIESCE_DEV [0-9]* ms, queues drained [0-9]* ms' "$log"))"
-            else not_ok "$label: the device has QUIESCE but the old server did not quiesce it" "$(cat "$log")"; fi
-        elif grep -q "hand-off without QUIESCE_DEV (the kernel has no UBLK_F_QUIESCE): requests in flight at the exit are reissued" "$log"; then ok "$label: no QUIESCE on this kernel: the old server says it falls back to reissue"
-        else not_ok "$label: no QUIESCE fallback line in the old server's log" "$(cat "$log")"; fi
-    }
     [[ -f $base ]] || random_file "$base" 64
     must "fvd create (raw-like over a raw base)" fvd create -b "$base" -F raw "$img" 64M
     serve_must "$img" --recovery-wait $RW
@@ -277,11 +266,11 @@ handoff_round() {
     sleep 3
     oldlog=$SERVE_LOG
     takeover "$img" "$id" "takeover 1"
-    handoff_quiesced "$oldlog" "takeover 1"
+    handoff_quiesced "$oldlog" "takeover 1" "$quiesce"
     sleep 3
     oldlog=$SERVE_LOG
     takeover "$img" "$id" "takeover 2 (recovery wait inherited)"
-    handoff_quiesced "$oldlog" "takeover 2"
+    handoff_quiesced "$oldlog" "takeover 2" "$quiesce"
     sleep 3
     kill -0 "$fio_pid" 2>/dev/null && ok "fio still running before the third hand-off" || not_ok "fio ended before the third hand-off" "$(cat fio-handoff.log)"
     old=$SERVE_PID
@@ -289,7 +278,7 @@ handoff_round() {
     expect "fvd stop --handoff $id exits 0" "$rc" 0 "$out"
     wait_pid "$old" 10
     expect "the server exits 0 after fvd stop --handoff" "$WAIT_RC" 0 "$(cat "$SERVE_LOG")"
-    handoff_quiesced "$SERVE_LOG" "fvd stop --handoff"
+    handoff_quiesced "$SERVE_LOG" "fvd stop --handoff" "$quiesce"
     if [[ -b /dev/ublkb$id ]]; then ok "/dev/ublkb$id stays after the hand-off"; else not_ok "/dev/ublkb$id is gone after fvd stop --handoff" "$(ublk_nodes)"; fi
     serve_must "$img" --recovery-wait $RW
     expect "a plain serve recovers the handed-over device" "$SERVE_DEV" "/dev/ublkb$id"

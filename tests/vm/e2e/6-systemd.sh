@@ -22,13 +22,34 @@
 # is not in the file in the clear, the key is not in the journal; fvd@out (IMAGE= in /srv) fails
 # with a one-line hint naming ReadWritePaths=, and starts once a drop-in adds it.
 
+# new_ublkb BEFORE: the first /dev/ublkbN present now that BEFORE (an earlier ublk_nodes) lacked.
+new_ublkb() { comm -13 <(tr ' ' '\n' <<< "$1" | sort) <(ublk_nodes | tr ' ' '\n' | sort) | grep -m1 '^/dev/ublkb' || true; }
+
+# recoveries ID: how many "recovered device ID" lines fvd@test's journal holds.
+recoveries() { journalctl -u fvd@test -o cat --no-pager 2>/dev/null | grep -c "recovered device $1" || true; }
+
+# kill_until_recovered ID WANT TENTHS: SIGKILL fvd@test's server, then wait up to TENTHS × 0.1 s
+# for systemd to run another one (active, a new MainPID) and the journal to count WANT
+# recoveries of device ID; 0 when all that happened.
+kill_until_recovered() {
+    local id=$1 want=$2 tenths=$3 mainpid i
+    mainpid=$(systemctl show -p MainPID --value fvd@test)
+    kill -KILL "$mainpid"
+    for ((i = 0; i < tenths; i++)); do
+        [[ $(systemctl show -p MainPID --value fvd@test) != "$mainpid" && $(systemctl show -p ActiveState --value fvd@test) == active ]] \
+            && (($(recoveries "$id") >= want)) && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
 # start_unit INSTANCE LABEL: systemctl start fvd@INSTANCE; UNIT_DEV = the /dev/ublkbN it added
 # ('' if none); an ok line when the start returned 0 with a new device, else not ok with its log.
 start_unit() {
     local inst=$1 label=$2 before rc=0 out
     before=$(ublk_nodes)
     out=$(t systemctl start "fvd@$inst" 2>&1) || rc=$?
-    UNIT_DEV=$(comm -13 <(tr ' ' '\n' <<< "$before" | sort) <(ublk_nodes | tr ' ' '\n' | sort) | grep -m1 '^/dev/ublkb' || true)
+    UNIT_DEV=$(new_ublkb "$before")
     if ((rc == 0)) && [[ -n $UNIT_DEV ]]; then ok "systemctl start fvd@$inst ($label) returns 0: $UNIT_DEV"
     else not_ok "systemctl start fvd@$inst ($label) failed (exit $rc, device '${UNIT_DEV:-none}')" "$out"$'\n'"$(journalctl -u "fvd@$inst" -o cat --no-pager -n 20 2>&1)"; fi
 }
@@ -62,7 +83,7 @@ scenario() {
     before=$(ublk_nodes)
     rc=0; out=$(t systemctl start fvd@test 2>&1) || rc=$?
     # Right after `systemctl start` returned: the device must work, no waiting.
-    dev=$(comm -13 <(tr ' ' '\n' <<< "$before" | sort) <(ublk_nodes | tr ' ' '\n' | sort) | grep -m1 '^/dev/ublkb' || true)
+    dev=$(new_ublkb "$before")
     local size_now read_rc=0
     size_now=$( [[ -n $dev ]] && t blockdev --getsize64 "$dev" 2>&1 || echo "no new /dev/ublkb*")
     [[ -n $dev ]] && { t dd if="$dev" of=/dev/null bs=64k count=16 iflag=direct status=none 2>dd.err || read_rc=$?; }
@@ -101,22 +122,16 @@ scenario() {
     rc=0; out=$(t systemctl restart fvd@test 2>&1) || rc=$?
     expect "systemctl restart fvd@test (fio verify running) returns 0" "$rc" 0 "$out"$'\n'"$(journalctl -u fvd@test -o cat --no-pager -n 20 2>&1)"
     expect "after restart: the same device node (major:minor)" "$(stat -c %t:%T "$dev" 2>&1)" "$devno"
-    if [[ $(systemctl show -p MainPID --value fvd@test) != "$mainpid" ]] && journalctl -u fvd@test -o cat --no-pager 2>/dev/null | grep -q "recovered device $id"; then
+    if [[ $(systemctl show -p MainPID --value fvd@test) != "$mainpid" ]] && (($(recoveries "$id") >= 1)); then
         ok "after restart: a new server recovered device $id"
     else not_ok "after restart: no new server recovered device $id" "$(journalctl -u fvd@test -o cat --no-pager -n 30 2>&1)"; fi
     kill -0 "$fio_pid" 2>/dev/null && ok "fio was still running when the restart returned" || not_ok "fio ended before the restart returned" "$(cat fio-restart.log)"
     # A crash: SIGKILL to the server; Restart=on-failure starts one that recovers the device.
     sleep 2
     kill -0 "$fio_pid" 2>/dev/null && ok "fio still running before the SIGKILL" || not_ok "fio ended before the SIGKILL" "$(cat fio-restart.log)"
-    mainpid=$(systemctl show -p MainPID --value fvd@test)
-    kill -KILL "$mainpid"
-    local i
-    for ((i = 0; i < 600; i++)); do
-        [[ $(systemctl show -p MainPID --value fvd@test) != "$mainpid" && $(systemctl show -p ActiveState --value fvd@test) == active ]] && break
-        sleep 0.1
-    done
+    kill_until_recovered "$id" 2 600 || true
     expect "after SIGKILL: systemd restarted fvd@test (active)" "$(systemctl show -p ActiveState --value fvd@test)" active "$(journalctl -u fvd@test -o cat --no-pager -n 20 2>&1)"
-    if [[ $(journalctl -u fvd@test -o cat --no-pager 2>/dev/null | grep -c "recovered device $id") -ge 2 ]]; then ok "after SIGKILL: Restart=on-failure recovered device $id"
+    if (($(recoveries "$id") >= 2)); then ok "after SIGKILL: Restart=on-failure recovered device $id"
     else not_ok "after SIGKILL: no second 'recovered device $id' in the journal" "$(journalctl -u fvd@test -o cat --no-pager -n 30 2>&1)"; fi
     expect "after SIGKILL: the same device node (major:minor)" "$(stat -c %t:%T "$dev" 2>&1)" "$devno"
     fio_verified "across systemctl restart and a crash" "$fio_pid" fio-restart.log
@@ -186,11 +201,11 @@ scenario() {
 # server that recovers the same device each time; the mount stays, fio ends with 0 errors, and
 # e2fsck -f is clean after umount.
 ext4_kills() {
-    local img=$1 before dev id devno out rc fio_pid k i n0 n mainpid src
+    local img=$1 before dev id devno out rc fio_pid k i n0 src
     before=$(ublk_nodes)
     rc=0; out=$(t systemctl start fvd@test 2>&1) || rc=$?
     expect "ext4 round: systemctl start fvd@test returns 0" "$rc" 0 "$out"
-    dev=$(comm -13 <(tr ' ' '\n' <<< "$before" | sort) <(ublk_nodes | tr ' ' '\n' | sort) | grep -m1 '^/dev/ublkb' || true)
+    dev=$(new_ublkb "$before")
     [[ -n $dev ]] || { not_ok "ext4 round: no new /dev/ublkb* after the start" "$(ublk_nodes)"; return 0; }
     id=${dev#/dev/ublkb}
     devno=$(stat -c %t:%T "$dev")
@@ -203,18 +218,11 @@ ext4_kills() {
     fio_pid=$!
     # The kills must hit the random writes, not the file's creation.
     for ((i = 0; i < 600; i++)); do [[ -e m/fio.bin ]] && break; sleep 0.1; done
-    n0=$(journalctl -u fvd@test -o cat --no-pager 2>/dev/null | grep -c "recovered device $id" || true)
+    n0=$(recoveries "$id")
     for ((k = 1; k <= 3; k++)); do
         sleep 3
         kill -0 "$fio_pid" 2>/dev/null && ok "ext4 round: fio still running before kill $k" || not_ok "ext4 round: fio ended before kill $k" "$(cat fio-ext4.log)"
-        mainpid=$(systemctl show -p MainPID --value fvd@test)
-        kill -KILL "$mainpid"
-        for ((i = 0; i < 900; i++)); do
-            n=$(journalctl -u fvd@test -o cat --no-pager 2>/dev/null | grep -c "recovered device $id" || true)
-            [[ $(systemctl show -p MainPID --value fvd@test) != "$mainpid" && $(systemctl show -p ActiveState --value fvd@test) == active ]] && ((n >= n0 + k)) && break
-            sleep 0.1
-        done
-        if ((n >= n0 + k)) && [[ $(systemctl show -p ActiveState --value fvd@test) == active ]]; then ok "ext4 kill $k: Restart=on-failure alone brought back a server that recovered device $id"
+        if kill_until_recovered "$id" $((n0 + k)) 900; then ok "ext4 kill $k: Restart=on-failure alone brought back a server that recovered device $id"
         else not_ok "ext4 kill $k: no recovery of device $id by a restarted server within 90 s" "$(journalctl -u fvd@test -o cat --no-pager -n 30 2>&1)"; fi
         expect "ext4 kill $k: the same device node (major:minor)" "$(stat -c %t:%T "$dev" 2>&1)" "$devno"
         src=$(awk -v m="$D/m" '$2 == m { print $1 }' /proc/mounts)

@@ -207,6 +207,19 @@ serve_stop() {
 }
 
 # ublk_nodes: the current /dev/ublkb* and /dev/ublkc* names and /sys/block/ublkb* entries.
+# handoff_quiesced LOG LABEL QUIESCE: the old server's log LOG shows how it left the device at a
+# hand-off: drained by QUIESCE_DEV when QUIESCE is yes (the device has UBLK_F_QUIESCE, 7.x; the
+# features line of its serve says so), else the reissue fallback, naming the kernel's lack of it
+# (6.12).
+handoff_quiesced() {
+    local log=$1 label=$2 quiesce=$3
+    if [[ $quiesce == yes ]]; then
+        if grep -q "hand-off: device quiesced (QUIESCE_DEV .*): no request is left to reissue" "$log"; then ok "$label: QUIESCE_DEV drained the old server ($(grep -o 'QUIESCE_DEV [0-9]* ms, queues drained [0-9]* ms' "$log"))"
+        else not_ok "$label: the device has QUIESCE but the old server did not quiesce it" "$(cat "$log")"; fi
+    elif grep -q "hand-off without QUIESCE_DEV (the kernel has no UBLK_F_QUIESCE): requests in flight at the exit are reissued" "$log"; then ok "$label: no QUIESCE on this kernel: the old server says it falls back to reissue"
+    else not_ok "$label: no QUIESCE fallback line in the old server's log" "$(cat "$log")"; fi
+}
+
 ublk_nodes() { { ls -d /dev/ublkb* /dev/ublkc* /sys/block/ublkb* 2>/dev/null || true; } | sort | tr '\n' ' '; }
 
 # one_line_error NAME STDERR-FILE: ok when the file is exactly one line, starts with "fvd", and is
