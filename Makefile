@@ -101,7 +101,7 @@ bench-trace-dev: build
 # PREFETCH_SHARE 10; PREFETCH_BASES="local http nbd" adds bases on a server in the guest).
 bench-prefetch-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device-prefetch.sh; \
-	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-30} PHASE_MS=$${PHASE_MS:-2000} FVD_PREFETCH_TRACE=$${FVD_PREFETCH_TRACE:-} PREFETCH_SHARE=$${PREFETCH_SHARE:-10} PREFETCH_BASES="$${PREFETCH_BASES:-local}" bash bench/device-prefetch.sh; fi
+	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-30} PHASE_MS=$${PHASE_MS:-2000} FVD_PREFETCH_TRACE=$${FVD_PREFETCH_TRACE:-} PREFETCH_SHARE=$${PREFETCH_SHARE:-10} PREFETCH_BASES="$${PREFETCH_BASES:-local}" PHASE_ORDERS="$${PHASE_ORDERS:-on}" bash bench/device-prefetch.sh; fi
 
 # Daemon deaths under fio verify (MODE=kill: SIGKILL and serve again; MODE=takeover: live restart),
 # CYCLES times (default 20, the issue's figure is 100): errors and the pause the guest sees.

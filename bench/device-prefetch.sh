@@ -17,6 +17,13 @@
 # identical settings. Last, a fresh image is served with the guest idle: the time until the daemon
 # logs that the image is fully local.
 #
+# PHASE_ORDERS (default "on") runs the jobs once per order named, in turn, on the same served image:
+# `on` alternates on, off, on, off … (the first phase holds fio's start, the guest's turn from idle
+# to busy); `off` alternates starting with off (then the start falls in an "off" phase); `abba`
+# runs on, off, off, on, on, off … (a drift linear in time weighs on both equally). Comparing `on`
+# with `off` in one boot tells how much of the "all phases" rise is fio's start rather than
+# prefetching.
+#
 # Prefetching continues from job to job (its progress is persisted); the output says how far it
 # got, since a finished prefetcher makes "on" equal to "off".
 #
@@ -39,6 +46,17 @@ PHASE_MS=${PHASE_MS:-2000}
 PHASE_S=$(awk "BEGIN { print $PHASE_MS / 1000 }")
 SHARE=${PREFETCH_SHARE:-10}
 BASES=${PREFETCH_BASES:-local}
+ORDERS=${PHASE_ORDERS:-on}
+for order in $ORDERS; do
+  case $order in on|off|abba) ;; *) echo "PHASE_ORDERS: unknown order '$order' (on, off, abba)"; exit 2 ;; esac
+done
+# phase_mode ORDER I: whether prefetching runs (on) or is paused (off) in phase I of ORDER.
+phase_mode() {
+  local first=on other=off k=$2
+  [ "$1" = off ] && first=off other=on
+  [ "$1" = abba ] && k=$(( ($2 + 1) / 2 ))
+  if (( k % 2 == 0 )); then echo $first; else echo $other; fi
+}
 dir=$(mktemp -d /tmp/fvd-bench-pf.XXXXXX)
 mount -t tmpfs -o size=3G fvd-bench-pf "$dir"
 pid='' server_pid=''
@@ -50,7 +68,7 @@ cleanup() {
 }
 trap cleanup EXIT
 modprobe ublk_drv 2>/dev/null || true
-echo "bench-prefetch: $(uname -r), files on $(df --output=fstype "$dir" | tail -1), $RUNTIME s per job, phases of $PHASE_MS ms, share $SHARE %, bases: $BASES"
+echo "bench-prefetch: $(uname -r), files on $(df --output=fstype "$dir" | tail -1), $RUNTIME s per job, phases of $PHASE_MS ms, share $SHARE %, bases: $BASES, phase orders: $ORDERS"
 
 serve() { # image [options] -> $dev, $pid, log in $image.log
   local img=$1; shift
@@ -99,6 +117,7 @@ stop
 echo "  working set: $(node "$root/build/daemon/cli.js" info "$dir/img.fvd" | grep -E '^data:')"
 
 serve "$dir/img.fvd" --prefetch-share "$SHARE"
+for order in $ORDERS; do
 for rw in randread randwrite; do
   rm -f "$dir"/lat_clat.*.log "$dir/phases"
   t0=$(date +%s%N)
@@ -106,21 +125,22 @@ for rw in randread randwrite; do
     --offset=0 --size=64M --runtime="$RUNTIME" --time_based=1 --randrepeat=0 \
     --write_lat_log="$dir/lat" --log_avg_msec=100 > /dev/null 2>&1 &
   fio_pid=$!
-  phase=on
+  i=0
   while kill -0 "$fio_pid" 2>/dev/null; do
+    phase=$(phase_mode "$order" $i)
     if [ $phase = on ]; then kill -USR2 "$pid"; else kill -USR1 "$pid"; fi
     echo "$(( ($(date +%s%N) - t0) / 1000000 )) $phase" >> "$dir/phases"
     sleep "$PHASE_S"
-    if [ $phase = on ]; then phase=off; else phase=on; fi
+    i=$((i + 1))
   done
   wait "$fio_pid" || true
   kill -USR2 "$pid"   # prefetching back on for the next job
-  node - "$rw" "$dir/phases" "$dir"/lat_clat.1.log <<'JS'
+  node - "$rw" "$order" "$dir/phases" "$dir"/lat_clat.1.log <<'JS'
 const fs = require('fs');
-const [rw, phasesFile, latFile] = process.argv.slice(2);
+const [rw, order, phasesFile, latFile] = process.argv.slice(2);
 const phases = fs.readFileSync(phasesFile, 'utf8').trim().split('\n').map((l) => { const [t, m] = l.split(' '); return { t: Number(t), m }; });
-// All phases, and from the second on/off pair on: the first "on" phase holds fio's start, when
-// the guest turns from idle (the prefetcher copying at full speed) to busy.
+// All phases, and from the third phase on: the first pair holds fio's start, when the guest turns
+// from idle (the prefetcher copying at full speed) to busy.
 const all = { on: [0, 0], off: [0, 0] }, later = { on: [0, 0], off: [0, 0] };
 for (const line of fs.readFileSync(latFile, 'utf8').trim().split('\n')) {
   const [t, ns] = line.split(',').map((x) => Number(x));
@@ -134,9 +154,10 @@ for (const line of fs.readFileSync(latFile, 'utf8').trim().split('\n')) {
 }
 const mean = (sums, m) => sums[m][0] / sums[m][1] / 1000;
 const rise = (sums) => { const r = (mean(sums, 'on') / mean(sums, 'off') - 1) * 100; return `${r >= 0 ? '+' : ''}${r.toFixed(1)} %`; };
-console.log(`${rw}: mean latency off ${mean(all, 'off').toFixed(1)} us (${all.off[1]} samples), on ${mean(all, 'on').toFixed(1)} us (${all.on[1]} samples): ${rise(all)}; ` +
+console.log(`${rw} (order ${order}): mean latency off ${mean(all, 'off').toFixed(1)} us (${all.off[1]} samples), on ${mean(all, 'on').toFixed(1)} us (${all.on[1]} samples): ${rise(all)}; ` +
   `from the second pair of phases: off ${mean(later, 'off').toFixed(1)} us, on ${mean(later, 'on').toFixed(1)} us: ${rise(later)}`);
 JS
+done
 done
 stop
 echo "  $(grep -o 'prefetch [0-9.]*% [a-z]*.*' "$dir/img.fvd.log" | tail -1)"

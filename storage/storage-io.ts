@@ -11,6 +11,7 @@ import { FvdError } from '../fvd/errors.js';
 import { HttpSource, type RemoteStats } from './http-source.js';
 import { NbdSource } from './nbd-source.js';
 import { loadRemoteConfig, settingsFor, type RemoteConfig } from './remote-config.js';
+import { DEFAULT_RETRY, type RetryOptions } from './retry.js';
 
 export type RemoteSource = HttpSource | NbdSource;
 
@@ -22,6 +23,7 @@ export class StorageIo implements IoBackend {
   constructor(
     config?: RemoteConfig,
     private readonly local: IoBackend = nodeIo,
+    private readonly options: StorageIoOptions = {},
   ) {
     this.config = config ?? null;
   }
@@ -43,6 +45,7 @@ export class StorageIo implements IoBackend {
     this.config ??= loadRemoteConfig();
     const scheme = path.slice(0, path.indexOf(':')).toLowerCase();
     const s = settingsFor(this.config, path);
+    if (this.options.retryCapMs !== undefined) s.retry = capRetry(s.retry, this.options.retryCapMs);
     let src: RemoteSource;
     if (scheme === 'http' || scheme === 'https') {
       src = await HttpSource.open(path, { headers: s.headers, query: s.query, caFile: s.caFile, connections: s.connections, requestBytes: s.requestBytes, retry: s.retry });
@@ -69,7 +72,24 @@ export class StorageIo implements IoBackend {
   }
 }
 
+export interface StorageIoOptions {
+  /**
+   * Caps the retry budget and stall time of every remote request (ms). For commands that only
+   * look: `fvd info` should say "base reachable: no" in seconds, not wait out the budget a guest's
+   * read gets.
+   */
+  retryCapMs?: number;
+}
+
+function capRetry(retry: Partial<RetryOptions>, capMs: number): Partial<RetryOptions> {
+  return {
+    ...retry,
+    budgetMs: Math.min(retry.budgetMs ?? DEFAULT_RETRY.budgetMs, capMs),
+    stallMs: Math.min(retry.stallMs ?? DEFAULT_RETRY.stallMs, capMs),
+  };
+}
+
 /** A backend with the default remote configuration ($FVD_REMOTE_CONFIG or /etc/fvd/remote.conf). */
-export function storageIo(config?: RemoteConfig): StorageIo {
-  return new StorageIo(config);
+export function storageIo(config?: RemoteConfig, options?: StorageIoOptions): StorageIo {
+  return new StorageIo(config, nodeIo, options);
 }

@@ -26,6 +26,13 @@ import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 import { oneLine } from '../../fvd/errors.js';
 import { mapImage, mapRawFile, spaceFigures } from '../space.js';
 
+/**
+ * How long `fvd info` gives a remote base's server (ms), all retries included: it reads no data,
+ * so an unreachable server is reported ("base reachable: no") after this, however long a budget
+ * the remote configuration gives a guest's reads.
+ */
+const INFO_PROBE_MS = 5000;
+
 export const spec = defineCommand({
   name: 'info',
   summary: 'describe an image: layout, sizes, base chain, data / zeros / in base, dirty flag',
@@ -70,7 +77,7 @@ async function describeImage(file: string, key: Uint8Array | undefined): Promise
   const deferUnreachableBase = (event: string, detail: string) => {
     if (event === 'unreachable') unreachable = detail;
   };
-  const image = await FvdImage.open(storageIo(), file, key ? { readOnly: true, key, deferUnreachableBase } : { readOnly: true, withoutKey: true, deferUnreachableBase });
+  const image = await FvdImage.open(storageIo(undefined, { retryCapMs: INFO_PROBE_MS }), file, key ? { readOnly: true, key, deferUnreachableBase } : { readOnly: true, withoutKey: true, deferUnreachableBase });
   let s: ImageStats;
   let space;
   let snapshots;

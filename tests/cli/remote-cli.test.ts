@@ -97,6 +97,29 @@ t('info with the server down: answers from the metadata, says the base is unreac
   assert.ok(fs.readFileSync(img).equals(before), 'info and a failed read leave the image as it was');
 });
 
+t('info with the server down answers within its own 5 s probe, not the configured retry budget (60 s here)', async () => {
+  const dir = tmp.caseDir();
+  const img = path.join(dir, 'vm.fvd');
+  assertOk(fvd('create', '-b', `${web!.url}/t.raw`, '-F', 'raw', img));
+  const conf = path.join(dir, 'patient.conf');
+  fs.writeFileSync(conf, `[http://127.0.0.1]\nretry-budget = 60s\nstall-timeout = 60s\n`);
+  const saved = process.env.FVD_REMOTE_CONFIG;
+  process.env.FVD_REMOTE_CONFIG = conf;
+  await web!.server.stop();
+  try {
+    const t0 = performance.now();
+    const info = fvd('info', img);
+    const seconds = (performance.now() - t0) / 1000;
+    assertOk(info);
+    assert.match(info.stdout, /^base reachable: no: .*ECONNREFUSED/m);
+    // A bound, not a benchmark: the configured budget would take 60 s.
+    assert.ok(seconds < 30, `fvd info took ${seconds.toFixed(1)} s with the server down`);
+  } finally {
+    process.env.FVD_REMOTE_CONFIG = saved;
+    await web!.server.start();
+  }
+});
+
 t('a server down at create: one line, no image left behind; a URL with credentials: refused without echoing them', async () => {
   const dir = tmp.caseDir();
   const img = path.join(dir, 'vm.fvd');
