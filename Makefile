@@ -98,7 +98,8 @@ bench-trace-dev: build
 
 # What serve's background prefetching costs the guest: fio over a local working set while the
 # script pauses and resumes prefetching every PHASE_MS (FIO_RUNTIME default 30 s, PHASE_MS 2000,
-# PREFETCH_SHARE 10; PREFETCH_BASES="local http nbd" adds bases on a server in the guest).
+# PREFETCH_SHARE 10; PREFETCH_BASES="local http nbd" adds bases on a server in the guest;
+# PHASE_ORDERS="on off abba" runs the jobs once per order of on/off phases).
 bench-prefetch-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device-prefetch.sh; \
 	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-30} PHASE_MS=$${PHASE_MS:-2000} FVD_PREFETCH_TRACE=$${FVD_PREFETCH_TRACE:-} PREFETCH_SHARE=$${PREFETCH_SHARE:-10} PREFETCH_BASES="$${PREFETCH_BASES:-local}" PHASE_ORDERS="$${PHASE_ORDERS:-on}" bash bench/device-prefetch.sh; fi
