@@ -11,7 +11,7 @@ import { FvdError } from '../fvd/errors.js';
 import { HttpSource, type RemoteStats } from './http-source.js';
 import { NbdSource } from './nbd-source.js';
 import { loadRemoteConfig, settingsFor, type RemoteConfig } from './remote-config.js';
-import { DEFAULT_RETRY, type RetryOptions } from './retry.js';
+import { retryOptions, type RetryOptions } from './retry.js';
 
 export type RemoteSource = HttpSource | NbdSource;
 
@@ -81,12 +81,9 @@ export interface StorageIoOptions {
   retryCapMs?: number;
 }
 
-function capRetry(retry: Partial<RetryOptions>, capMs: number): Partial<RetryOptions> {
-  return {
-    ...retry,
-    budgetMs: Math.min(retry.budgetMs ?? DEFAULT_RETRY.budgetMs, capMs),
-    stallMs: Math.min(retry.stallMs ?? DEFAULT_RETRY.stallMs, capMs),
-  };
+function capRetry(retry: Partial<RetryOptions>, capMs: number): RetryOptions {
+  const full = retryOptions(retry);
+  return { ...full, budgetMs: Math.min(full.budgetMs, capMs), stallMs: Math.min(full.stallMs, capMs) };
 }
 
 /** A backend with the default remote configuration ($FVD_REMOTE_CONFIG or /etc/fvd/remote.conf). */

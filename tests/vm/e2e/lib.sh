@@ -207,6 +207,8 @@ serve_stop() {
 }
 
 # ublk_nodes: the current /dev/ublkb* and /dev/ublkc* names and /sys/block/ublkb* entries.
+ublk_nodes() { { ls -d /dev/ublkb* /dev/ublkc* /sys/block/ublkb* 2>/dev/null || true; } | sort | tr '\n' ' '; }
+
 # handoff_quiesced LOG LABEL QUIESCE: the old server's log LOG shows how it left the device at a
 # hand-off: drained by QUIESCE_DEV when QUIESCE is yes (the device has UBLK_F_QUIESCE, 7.x; the
 # features line of its serve says so), else the reissue fallback, naming the kernel's lack of it
@@ -219,8 +221,6 @@ handoff_quiesced() {
     elif grep -q "hand-off without QUIESCE_DEV (the kernel has no UBLK_F_QUIESCE): requests in flight at the exit are reissued" "$log"; then ok "$label: no QUIESCE on this kernel: the old server says it falls back to reissue"
     else not_ok "$label: no QUIESCE fallback line in the old server's log" "$(cat "$log")"; fi
 }
-
-ublk_nodes() { { ls -d /dev/ublkb* /dev/ublkc* /sys/block/ublkb* 2>/dev/null || true; } | sort | tr '\n' ' '; }
 
 # one_line_error NAME STDERR-FILE: ok when the file is exactly one line, starts with "fvd", and is
 # no internal error (no stack trace).
