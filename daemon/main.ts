@@ -12,27 +12,34 @@ import { FvdError, oneLine } from '../fvd/errors.js';
 import { UblkError } from './ublk/errors.js';
 import { registerZstdFallback } from './zstd-fallback.js';
 
+/**
+ * Every command with its one-line summary, in the order `fvd --help` lists them. The summaries are
+ * copies of each command's spec.summary (tests/cli/cli-admin.test.ts holds them equal), so that
+ * `fvd --help` loads no command module: loading all of them took seconds under emulation.
+ */
+export const COMMAND_SUMMARIES = {
+  create: 'create an image, empty or as a copy-on-write layer over a base',
+  info: 'describe an image: layout, sizes, base chain, data / zeros / in base, dirty flag',
+  map: 'list the extents of the disk: written data, zeros, or in which base',
+  check: 'verify an image (and repair what can be repaired): exit 0 clean, 2 corrupt, 3 repaired',
+  measure: 'how much space SRC converted (or a new image of --size) needs, e.g. to size an LV',
+  compare: 'whether two disks read the same: exit 0 identical, 1 different, 2 error',
+  convert: 'copy a disk into a new file: flatten an image with its base chain, or import a raw file',
+  commit: 'write the image\'s data into its base, then empty the image',
+  rebase: 'change the base of an image (-b "" removes it), keeping what the image reads',
+  resize: 'grow or shrink the virtual disk',
+  snapshot: 'internal snapshots of a compact image: create, list, apply (revert to), delete',
+  io: 'run I/O commands on an image or raw file, like qemu-io',
+  bench: 'benchmark the engine, like qemu-img bench',
+  prefetch: 'copy the rest of the base into the image until it is fully local (progress, rate, ETA)',
+  'change-key': 'change the key of an encrypted image (re-wraps the data key; nothing re-encrypted)',
+  serve: 'serve an image as a block device /dev/ublkbN until stopped',
+  list: 'list the devices served by fvd on this host',
+  stop: 'stop a served device (by name, /dev path or device number) and wait for it',
+} as const;
+
 /** In the order `fvd --help` lists them. */
-export const COMMANDS = [
-  'create',
-  'info',
-  'map',
-  'check',
-  'measure',
-  'compare',
-  'convert',
-  'commit',
-  'rebase',
-  'resize',
-  'snapshot',
-  'io',
-  'bench',
-  'prefetch',
-  'change-key',
-  'serve',
-  'list',
-  'stop',
-] as const;
+export const COMMANDS = Object.keys(COMMAND_SUMMARIES) as (keyof typeof COMMAND_SUMMARIES)[];
 
 interface CommandModule {
   spec: CommandSpec;
@@ -50,16 +57,15 @@ export function version(): string {
   }
 }
 
-async function usage(): Promise<string> {
-  const specs = await Promise.all(COMMANDS.map(async (c) => (await load(c)).spec));
-  const width = Math.max(...specs.map((s) => s.name.length));
+function usage(): string {
+  const width = Math.max(...COMMANDS.map((c) => c.length));
   return [
     'usage: fvd COMMAND [options] ARGS...',
     '       fvd help COMMAND | fvd COMMAND --help   (every option of COMMAND)',
     '       fvd --version',
     '',
     'Commands:',
-    ...specs.map((s) => `  ${s.name.padEnd(width)}  ${s.summary}`),
+    ...COMMANDS.map((c) => `  ${c.padEnd(width)}  ${COMMAND_SUMMARIES[c]}`),
   ].join('\n');
 }
 
@@ -70,7 +76,7 @@ export async function main(argv: string[]): Promise<number> {
     return 0;
   }
   if (!command || command === '-h' || command === '--help' || (command === 'help' && rest.length === 0)) {
-    console.log(await usage());
+    console.log(usage());
     return command ? 0 : 1;
   }
   if (command === 'help') {

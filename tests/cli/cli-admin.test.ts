@@ -11,7 +11,7 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { CLI, TempDir, assertNoCrash, assertOk, assertOneLineError, fvd, json } from '../helpers/cli.js';
-import { COMMANDS } from '../../daemon/main.js';
+import { COMMANDS, COMMAND_SUMMARIES } from '../../daemon/main.js';
 import type { CommandSpec } from '../../daemon/command.js';
 
 const KiB = 1024;
@@ -65,7 +65,11 @@ test('help: fvd help CMD and fvd CMD --help print the same text, naming every de
   // The general help lists every command; an unknown topic is one line.
   const all = fvd('--help');
   assertOk(all);
-  for (const c of COMMANDS) assert.match(all.stdout, new RegExp(`^  ${c} `, 'm'), c);
+  // Its summaries are main.ts's copies (so that it loads no command module): each the command's own.
+  for (const spec of await specs()) {
+    assert.is(COMMAND_SUMMARIES[spec.name as keyof typeof COMMAND_SUMMARIES], spec.summary, `${spec.name}: main.ts's summary differs from the command's`);
+    assert.match(all.stdout, new RegExp(`^  ${spec.name} +${spec.summary.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`, 'm'), spec.name);
+  }
   assertOneLineError(fvd('help', 'nosuch'), /unknown command 'nosuch'/);
   // An unknown option is still refused, naming it.
   assertOneLineError(fvd('create', '--no-such-option', 'x.fvd', '1M'), /--no-such-option/);
