@@ -10,6 +10,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { syscalls, setIoFlusher } from '../ffi/syscalls.js';
 import { FvdQueue, GATE_OPEN, GATE_WAIT, type QueueWorkerData, type WorkerMessage } from './fvd-queue.js';
+import { PRESPAWNED } from './queue-worker-pool.js';
 
 export type { QueueWorkerData, WorkerMessage } from './fvd-queue.js';
 
@@ -51,7 +52,15 @@ function run(d: QueueWorkerData): void {
   }
 }
 
-const d = workerData as QueueWorkerData;
+// Started ahead by `fvd serve` (daemon/queue-worker-pool.ts): this module graph and koffi are
+// loaded while the main thread loads its own; the queue comes as the first message.
+let d: QueueWorkerData;
+if (workerData === PRESPAWNED) {
+  syscalls();
+  d = await new Promise<QueueWorkerData>((resolve) => parentPort!.once('message', resolve));
+} else {
+  d = workerData as QueueWorkerData;
+}
 try {
   run(d);
   post({ type: 'exit', qid: d.qid });

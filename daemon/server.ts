@@ -35,6 +35,7 @@ import { CompletionRing, StoredRing } from './shared-state.js';
 import { EFD_WAKE, EngineRequests, queueCowMode, type EngineQueue, type ServerStats } from './engine-requests.js';
 import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
 import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
+import { QUEUE_WORKER_URL, type QueueWorkerPool } from './queue-worker-pool.js';
 import { GATE_ABANDON, GATE_OPEN, GATE_WAIT } from './fvd-queue.js';
 import { TraceRecorder, createTrace, installEngineTrace, type TraceShared } from '../fvd/trace.js';
 import { TraceFile } from './trace-file.js';
@@ -88,6 +89,11 @@ export interface ServeOptions {
    * what it was added with, whatever this says.
    */
   zeroCopy?: boolean;
+  /**
+   * Queue workers started ahead (daemon/queue-worker-pool.ts): the server adopts one per queue
+   * and stops the ones left over. Without it (or once it is empty) each queue starts its own.
+   */
+  workers?: QueueWorkerPool;
 }
 
 export type { ServerStats } from './engine-requests.js';
@@ -453,7 +459,6 @@ export class UblkServer {
     // The same base: the queue threads copy-on-write its blocks themselves (daemon/queue-cow.ts).
     const claims = this.engine.shareClaims();
     const traceShared = this.startTrace();
-    const workerUrl = new URL('./queue-worker.js', import.meta.url);
     const fetched = this.fetched;
     for (let qid = 0; qid < this.opts.queues; qid++) {
       const eventfd = c.eventfd(0, EFD_CLOEXEC);
@@ -486,7 +491,7 @@ export class UblkServer {
         cowPartial: queueCowMode() === 'all',
         stored,
       };
-      const worker = new Worker(workerUrl, { workerData: data });
+      const worker = this.opts.workers?.adopt(data) ?? new Worker(QUEUE_WORKER_URL, { workerData: data });
       const wipeKey = () => data.key && new Uint8Array(data.key).fill(0);
       let resolveFetched!: () => void;
       let rejectFetched!: (e: Error) => void;
@@ -530,6 +535,7 @@ export class UblkServer {
       this.queues.push(q);
       this.activityBuffers.push(data.activity);
     }
+    void this.opts.workers?.close();
   }
 
   /** Opens /dev/ublkcN, hands it to the waiting workers and waits until every tag is fetched. */

@@ -24,7 +24,6 @@ import { FvdError } from '../fvd/errors.js';
 import { Prefetcher, defaultChunkBytes } from '../fvd/prefetch.js';
 import type { QueueActivityReader } from './queue-activity.js';
 import { wipe } from './key-file.js';
-import { runGrowCommand } from './grow.js';
 import { figuresFile, linkDevice, prometheusText, unlinkDevice, writeAtomically, type DeviceFigures } from './metrics.js';
 import { controlSocketFile, stateDir, writeState } from './state.js';
 import { ControlSocket } from './control-socket.js';
@@ -72,6 +71,7 @@ export async function runService(opts: ServiceOptions): Promise<number> {
     key: opts.key,
     log: opts.log,
     recoveryWait: opts.recoveryWait,
+    workers: opts.workers,
     // Ignored until the service waits for its stop (as before it is ready there is nothing to stop).
     onFatal: (reason) => service?.fatal(reason),
   })
@@ -261,7 +261,7 @@ class DeviceService {
       this.log(`--grow-cmd ignored: ${image} is raw-like (only compact images allocate storage)`);
       return;
     }
-    this.server.image.setStorageGrower({ lowWaterBytes: growFree, grow: () => runGrowCommand(growCmd, image, this.log) });
+    this.server.image.setStorageGrower({ lowWaterBytes: growFree, grow: async () => (await import('./grow.js')).runGrowCommand(growCmd, image, this.log) });
     this.log(`storage: grows with '${growCmd}' when less than ${formatSize(growFree)} is left`);
   }
 

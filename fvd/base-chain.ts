@@ -13,7 +13,6 @@ import { holeAt } from './io.js';
 import { fileDataExtent } from './zero-scan.js';
 import { FvdError, oneLine } from './errors.js';
 import { BASE_QCOW2, BASE_RAW, baseFormatName, type Header } from './format.js';
-import { Qcow2Image } from './qcow2.js';
 import { canonicalName, isUrl, redactUrl, resolveBasePath } from './base-location.js';
 import type { OpenBase } from './create.js';
 import type { BaseReference } from './metadata.js';
@@ -57,7 +56,8 @@ export async function openChainLevel(
       };
     }
     // Its own backing chain continues below, with the levels above it for loop detection.
-    if (format === BASE_QCOW2) return await Qcow2Image.open(io, resolved, { chain });
+    // Loaded only for a qcow2 base: serving over a raw one never loads the qcow2 reader.
+    if (format === BASE_QCOW2) return await (await import('./qcow2.js')).Qcow2Image.open(io, resolved, { chain });
     return await openFvd(io, resolved, chain);
   } catch (err) {
     const e = err as NodeJS.ErrnoException;

@@ -49,7 +49,7 @@ import { CompactStorage } from './compact-storage.js';
 import { DataArea } from './data-area.js';
 import { BaseCopier } from './base-copy.js';
 
-import { createImage, type CreateOptions } from './create.js';
+import type { CreateOptions } from './create.js';
 import type { BaseChainEntry, BaseImage, Extent, ExtentKind, HostExtent, ImageStats, OpenOptions } from './image-types.js';
 
 export type { StorageGrower } from './allocator.js';
@@ -228,7 +228,9 @@ export class FvdImage {
   // create / open / close
 
   /** Creates an image file (fvd/create.ts). */
-  static create(io: IoBackend, imagePath: string, options: CreateOptions): Promise<void> {
+  static async create(io: IoBackend, imagePath: string, options: CreateOptions): Promise<void> {
+    // Loaded here: a server never creates an image, so serving never loads it.
+    const { createImage } = await import('./create.js');
     return createImage(io, imagePath, options, openBase);
   }
 

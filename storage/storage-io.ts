@@ -8,10 +8,12 @@ import type { BlockFile, IoBackend, OpenOptions } from '../fvd/io.js';
 import { nodeIo } from './node-file.js';
 import { isUrl } from '../fvd/base-location.js';
 import { FvdError } from '../fvd/errors.js';
-import { HttpSource, type RemoteStats } from './http-source.js';
-import { NbdSource } from './nbd-source.js';
-import { loadRemoteConfig, settingsFor, type RemoteConfig } from './remote-config.js';
-import { retryOptions, type RetryOptions } from './retry.js';
+// The remote sources are loaded when a URL is first opened: serving a local image never loads
+// them (each module costs start-up time, tens of milliseconds under emulation).
+import type { HttpSource, RemoteStats } from './http-source.js';
+import type { NbdSource } from './nbd-source.js';
+import type { RemoteConfig } from './remote-config.js';
+import type { RetryOptions } from './retry.js';
 
 export type RemoteSource = HttpSource | NbdSource;
 
@@ -42,14 +44,17 @@ export class StorageIo implements IoBackend {
     if (!isUrl(path)) return this.local.open(path, options);
     if (!options.readOnly || options.create) throw new FvdError(`${path}: a remote base is read-only`, 'EROFS');
     // The file is read only when a URL is first met, so local-only commands never need it.
+    const { loadRemoteConfig, settingsFor } = await import('./remote-config.js');
     this.config ??= loadRemoteConfig();
     const scheme = path.slice(0, path.indexOf(':')).toLowerCase();
     const s = settingsFor(this.config, path);
-    if (this.options.retryCapMs !== undefined) s.retry = capRetry(s.retry, this.options.retryCapMs);
+    if (this.options.retryCapMs !== undefined) s.retry = capRetry((await import('./retry.js')).retryOptions(s.retry), this.options.retryCapMs);
     let src: RemoteSource;
     if (scheme === 'http' || scheme === 'https') {
+      const { HttpSource } = await import('./http-source.js');
       src = await HttpSource.open(path, { headers: s.headers, query: s.query, caFile: s.caFile, connections: s.connections, requestBytes: s.requestBytes, retry: s.retry });
     } else if (scheme === 'nbd' || scheme === 'nbd+unix' || scheme === 'nbds' || scheme === 'nbds+unix') {
+      const { NbdSource } = await import('./nbd-source.js');
       src = await NbdSource.open(path, { connections: s.connections, requestBytes: s.requestBytes, retry: s.retry });
     } else {
       throw new FvdError(`${path}: unsupported base URL scheme '${scheme}' (http, https, nbd, nbd+unix)`, 'EINVAL');
@@ -81,8 +86,7 @@ export interface StorageIoOptions {
   retryCapMs?: number;
 }
 
-function capRetry(retry: Partial<RetryOptions>, capMs: number): RetryOptions {
-  const full = retryOptions(retry);
+function capRetry(full: RetryOptions, capMs: number): RetryOptions {
   return { ...full, budgetMs: Math.min(full.budgetMs, capMs), stallMs: Math.min(full.stallMs, capMs) };
 }
 

@@ -15,14 +15,13 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { INSTANCE_RECOVERY_WAIT, readInstanceConfig } from '../instance-config.js';
-import { currentBootId, fileIdOf, handOffServer, liveServerOf } from '../recovery.js';
 import { UsageError, parseInteger, parsePercent, parseSize } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { oneLine } from '../../fvd/errors.js';
 import { KEY_FILE_OPTION, keepOutOfCoreDumps, readKeyFile } from '../key-file.js';
-import { StorageIo } from '../../storage/storage-io.js';
-import { loadRemoteConfig } from '../../storage/remote-config.js';
-import { runService } from '../service.js';
+import { QueueWorkerPool } from '../queue-worker-pool.js';
+// The engine, the control plane and the storage backends (daemon/service.ts and what it imports)
+// are loaded in run(), after the queue workers have started: both load side by side.
 
 export const spec = defineCommand({
   name: 'serve',
@@ -91,6 +90,10 @@ export async function run(args: string[]): Promise<number> {
   }
   if (positionals.length !== 1) throw usageError(spec);
   const image = positionals[0]!;
+  const queues = parseInteger(values.queues!, 'queue count', 1, 64);
+  // First, before this thread loads the engine: each queue worker's start-up (a Node environment,
+  // its modules, koffi; seconds under emulation) then overlaps this thread's.
+  const workers = new QueueWorkerPool(queues);
   const maxIo = parseSize(values['max-io']!, 'max I/O size');
   if (maxIo < 4096 || maxIo > 32 * 1024 * 1024 || maxIo % 4096) throw new UsageError(`invalid max I/O size ${maxIo}: a multiple of 4 KiB from 4 KiB to 32 MiB`);
   const log = (line: string) => console.error(oneLine(`fvd[${process.pid}]: ${line}`));
@@ -107,14 +110,17 @@ export async function run(args: string[]): Promise<number> {
   const key = readKeyFile(values['key-file']);
   let recoveryWait = parseInteger(values['recovery-wait']!, 'recovery wait', 0, 86_400);
   if (values.takeover) recoveryWait = await takeOver(image, recoveryWait, log);
-  const io = new StorageIo(values['remote-config'] !== undefined ? loadRemoteConfig(values['remote-config']) : undefined);
+  const [{ StorageIo }, { runService }] = await Promise.all([import('../../storage/storage-io.js'), import('../service.js')]);
+  const remoteConfig = values['remote-config'] !== undefined ? (await import('../../storage/remote-config.js')).loadRemoteConfig(values['remote-config']) : undefined;
+  const io = new StorageIo(remoteConfig);
   return runService({
     io,
     image,
     instance: values.instance,
     name: values.name ?? path.basename(image).replace(/\.[^.]*$/, ''),
     devId: values['dev-id'] !== undefined ? parseInteger(values['dev-id'], 'device id', 0, 1 << 20) : -1,
-    queues: parseInteger(values.queues!, 'queue count', 1, 64),
+    queues,
+    workers,
     depth: parseInteger(values.depth!, 'queue depth', 1, 4096),
     maxIo,
     copyOnRead: !values['no-copy-on-read'],
@@ -136,6 +142,7 @@ export async function run(args: string[]): Promise<number> {
  * then finds the device waiting and recovers it. Without --recovery-wait it keeps the old one's.
  */
 async function takeOver(image: string, recoveryWait: number, log: (line: string) => void): Promise<number> {
+  const { currentBootId, fileIdOf, handOffServer, liveServerOf } = await import('../recovery.js');
   const old = fs.existsSync(image) ? liveServerOf(fileIdOf(image), currentBootId()) : null;
   if (!old) {
     log('--takeover: no running server of this image; serving it');

@@ -1,0 +1,68 @@
+/**
+ * Queue workers started before the server needs them. A worker thread's start-up — a Node
+ * environment, the queue's module graph, koffi — costs seconds under emulation, and so does the
+ * main thread's own (the engine, the control plane). `fvd serve` starts its queue workers first,
+ * while it still parses arguments, so both load side by side on separate cores; the server then
+ * adopts them and posts each its queue (daemon/queue-worker.ts waits for that first message).
+ *
+ * Until adopted a worker is unref'd: a serve that fails before it has a device exits without
+ * waiting for them. A worker that failed while starting is not handed out; the server then
+ * starts a new one, which reports the failure the usual way.
+ *
+ * This module imports only node: built-ins, so loading it costs the caller nothing.
+ */
+import { Worker } from 'node:worker_threads';
+
+/** workerData of a worker started ahead: its queue comes as the first message. */
+export const PRESPAWNED = 'fvd-prespawned-queue-worker';
+
+export const QUEUE_WORKER_URL = new URL('./queue-worker.js', import.meta.url);
+
+interface Spare {
+  worker: Worker;
+  failed: boolean;
+}
+
+export class QueueWorkerPool {
+  private readonly spares: Spare[] = [];
+
+  /** Starts `count` workers of `url` now (default: the queue worker), each waiting for its queue. */
+  constructor(count: number, url: URL = QUEUE_WORKER_URL) {
+    for (let i = 0; i < count; i++) {
+      const worker = new Worker(url, { workerData: PRESPAWNED });
+      const spare: Spare = { worker, failed: false };
+      // Without these listeners a worker that fails before it is adopted would throw in this thread.
+      worker.on('error', () => (spare.failed = true));
+      worker.on('exit', () => (spare.failed = true));
+      worker.unref();
+      this.spares.push(spare);
+    }
+  }
+
+  /** How many started workers are still waiting for a queue. */
+  get waiting(): number {
+    return this.spares.filter((s) => !s.failed).length;
+  }
+
+  /**
+   * A started worker, given its queue: `data` is posted as its first message (SharedArrayBuffers
+   * in it are shared, not copied). Null when none is left (or every spare failed): start one.
+   */
+  adopt(data: unknown): Worker | null {
+    for (let s = this.spares.shift(); s; s = this.spares.shift()) {
+      if (s.failed) continue;
+      s.worker.removeAllListeners('error');
+      s.worker.removeAllListeners('exit');
+      s.worker.ref();
+      s.worker.postMessage(data);
+      return s.worker;
+    }
+    return null;
+  }
+
+  /** Stops the workers nobody adopted (fewer queues than started, or the serve gave up). */
+  async close(): Promise<void> {
+    const left = this.spares.splice(0);
+    await Promise.all(left.map((s) => s.worker.terminate()));
+  }
+}
