@@ -13,14 +13,25 @@
  */
 import { Worker } from 'node:worker_threads';
 
-/** workerData of a worker started ahead: its queue comes as the first message. */
-export const PRESPAWNED = 'fvd-prespawned-queue-worker';
+/**
+ * workerData of a worker started ahead: its queue comes as the first message. The worker sets
+ * `started[0]` to 1 (and notifies) once its modules are loaded and it waits for the queue.
+ */
+export interface Prespawned {
+  prespawned: true;
+  started: Int32Array;
+}
+
+export function isPrespawned(data: unknown): data is Prespawned {
+  return typeof data === 'object' && data !== null && (data as Prespawned).prespawned === true;
+}
 
 export const QUEUE_WORKER_URL = new URL('./queue-worker.js', import.meta.url);
 
 interface Spare {
   worker: Worker;
   failed: boolean;
+  started: Int32Array;
 }
 
 export class QueueWorkerPool {
@@ -29,8 +40,9 @@ export class QueueWorkerPool {
   /** Starts `count` workers of `url` now (default: the queue worker), each waiting for its queue. */
   constructor(count: number, url: URL = QUEUE_WORKER_URL) {
     for (let i = 0; i < count; i++) {
-      const worker = new Worker(url, { workerData: PRESPAWNED });
-      const spare: Spare = { worker, failed: false };
+      const started = new Int32Array(new SharedArrayBuffer(4));
+      const worker = new Worker(url, { workerData: { prespawned: true, started } satisfies Prespawned });
+      const spare: Spare = { worker, failed: false, started };
       // Without these listeners a worker that fails before it is adopted would throw in this thread.
       worker.on('error', () => (spare.failed = true));
       worker.on('exit', () => (spare.failed = true));
@@ -42,6 +54,13 @@ export class QueueWorkerPool {
   /** How many started workers are still waiting for a queue. */
   get waiting(): number {
     return this.spares.filter((s) => !s.failed).length;
+  }
+
+  /** Resolves once every worker still waiting has loaded its modules (or failed). */
+  async started(): Promise<void> {
+    for (const s of this.spares) {
+      while (!s.failed && Atomics.load(s.started, 0) === 0) await new Promise((r) => setTimeout(r, 10));
+    }
   }
 
   /**

@@ -10,7 +10,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { syscalls, setIoFlusher } from '../ffi/syscalls.js';
 import { FvdQueue, GATE_OPEN, GATE_WAIT, type QueueWorkerData, type WorkerMessage } from './fvd-queue.js';
-import { PRESPAWNED } from './queue-worker-pool.js';
+import { isPrespawned } from './queue-worker-pool.js';
 
 export type { QueueWorkerData, WorkerMessage } from './fvd-queue.js';
 
@@ -52,12 +52,17 @@ function run(d: QueueWorkerData): void {
   }
 }
 
-// Started ahead by `fvd serve` (daemon/queue-worker-pool.ts): this module graph and koffi are
-// loaded while the main thread loads its own; the queue comes as the first message.
+// Started ahead by `fvd serve` (daemon/queue-worker-pool.ts): this module graph is loaded while
+// the main thread loads its own; the queue comes as the first message. Nothing native (koffi) is
+// loaded before it: a serve that fails first exits with this thread unadopted, and a process
+// exit that tears down a thread inside a native addon's registration aborts Node.
 let d: QueueWorkerData;
-if (workerData === PRESPAWNED) {
-  syscalls();
-  d = await new Promise<QueueWorkerData>((resolve) => parentPort!.once('message', resolve));
+if (isPrespawned(workerData)) {
+  const { started } = workerData;
+  const queue = new Promise<QueueWorkerData>((resolve) => parentPort!.once('message', resolve));
+  Atomics.store(started, 0, 1);
+  Atomics.notify(started, 0);
+  d = await queue;
 } else {
   d = workerData as QueueWorkerData;
 }

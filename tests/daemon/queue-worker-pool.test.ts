@@ -8,13 +8,25 @@ import * as assert from 'uvu/assert';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { spawnSync } from 'node:child_process';
+import { spawnSync, type SpawnSyncReturns } from 'node:child_process';
 import { pathToFileURL } from 'node:url';
 import type { Worker } from 'node:worker_threads';
 import { QueueWorkerPool } from '../../daemon/queue-worker-pool.js';
 import { GATE_ABANDON, type WorkerMessage } from '../../daemon/fvd-queue.js';
 
 const POOL_MODULE = new URL('../../daemon/queue-worker-pool.js', import.meta.url).href;
+
+/** Runs an ES module script in a child Node (a file, not --input-type, which its workers would inherit). */
+function runChild(script: string): SpawnSyncReturns<string> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-pool-child-'));
+  try {
+    const file = path.join(dir, 'child.mjs');
+    fs.writeFileSync(file, script);
+    return spawnSync(process.execPath, [file], { encoding: 'utf8', timeout: 30_000 });
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
 
 /** The first message a worker posts, or its error. */
 function firstMessage(w: Worker): Promise<WorkerMessage> {
@@ -62,12 +74,25 @@ test('a worker that failed while starting is not handed out, and its error does 
   }
 });
 
+test('a started worker waits for its queue with no native addon loaded (an exit then cannot catch it inside one)', () => {
+  // In a child process: this one may have loaded koffi itself. Its maps show what any thread loaded.
+  const script = `import fs from 'node:fs'; import { QueueWorkerPool } from ${JSON.stringify(POOL_MODULE)};
+    const pool = new QueueWorkerPool(2); await pool.started();
+    console.log(pool.waiting, fs.readFileSync('/proc/self/maps', 'utf8').includes('koffi') ? 'koffi loaded' : 'no koffi');
+    await pool.close();`;
+  const r = runChild(script);
+  assert.is(r.status, 0, r.stderr);
+  assert.is(r.stdout.trim(), '2 no koffi');
+});
+
 test('workers nobody adopted keep no process alive (a serve that fails before its device exits)', () => {
-  const script = `import { QueueWorkerPool } from ${JSON.stringify(POOL_MODULE)}; new QueueWorkerPool(2); console.log('started');`;
-  const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 30_000 });
+  // Exits once both have loaded their modules and wait for a queue (a serve that failed then).
+  const script = `import { QueueWorkerPool } from ${JSON.stringify(POOL_MODULE)};
+    const pool = new QueueWorkerPool(2); await pool.started(); console.log(pool.waiting, 'started');`;
+  const r = runChild(script);
   assert.is(r.error, undefined, `the process did not exit: ${r.error?.message}`);
   assert.is(r.status, 0, r.stderr);
-  assert.is(r.stdout.trim(), 'started');
+  assert.is(r.stdout.trim(), '2 started');
 });
 
 test.run();
