@@ -1,7 +1,8 @@
 /**
  * Queue workers started before the server needs them. A worker thread's start-up — a Node
- * environment, the queue's module graph, koffi — costs seconds under emulation, and so does the
- * main thread's own (the engine, the control plane). `fvd serve` starts its queue workers first,
+ * environment and the queue's module graph (koffi comes only once it is adopted: queue-worker.ts
+ * says why) — costs seconds under emulation, and so does the main thread's own (the engine, the
+ * control plane). `fvd serve` starts its queue workers first,
  * while it still parses arguments, so both load side by side on separate cores; the server then
  * adopts them and posts each its queue (daemon/queue-worker.ts waits for that first message).
  *

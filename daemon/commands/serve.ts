@@ -91,8 +91,8 @@ export async function run(args: string[]): Promise<number> {
   if (positionals.length !== 1) throw usageError(spec);
   const image = positionals[0]!;
   const queues = parseInteger(values.queues!, 'queue count', 1, 64);
-  // First, before this thread loads the engine: each queue worker's start-up (a Node environment,
-  // its modules, koffi; seconds under emulation) then overlaps this thread's.
+  // First, before this thread loads the engine: each queue worker's start-up (a Node environment
+  // and its modules; seconds under emulation) then overlaps this thread's.
   const workers = new QueueWorkerPool(queues);
   const maxIo = parseSize(values['max-io']!, 'max I/O size');
   if (maxIo < 4096 || maxIo > 32 * 1024 * 1024 || maxIo % 4096) throw new UsageError(`invalid max I/O size ${maxIo}: a multiple of 4 KiB from 4 KiB to 32 MiB`);
