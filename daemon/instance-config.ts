@@ -120,3 +120,16 @@ export function readInstanceConfig(name: string): InstanceConfig {
   });
   return config;
 }
+
+/**
+ * The remote configuration file of `fvd serve --instance`: --remote-config, else the instance's
+ * REMOTE_CONFIG=, else the systemd credential `remote` ($CREDENTIALS_DIRECTORY/remote, from
+ * LoadCredential=remote:/etc/fvd/NAME.remote); undefined: the default (/etc/fvd/remote.conf).
+ */
+export function instanceRemoteConfig(conf: InstanceConfig, given: string | undefined): string | undefined {
+  const file = given ?? conf.remoteConfig;
+  if (file !== undefined) return file;
+  const dir = process.env.CREDENTIALS_DIRECTORY;
+  const credential = dir ? path.join(dir, 'remote') : '';
+  return credential && fs.existsSync(credential) ? credential : undefined;
+}

@@ -7,6 +7,7 @@ import type { FvdImage, ImageStats } from '../fvd/image.js';
 import type { StorageIo } from '../storage/storage-io.js';
 import { formatSize } from './args.js';
 import type { RemoteStatus } from './state.js';
+import type { PrefetchProgress } from '../fvd/prefetch.js';
 
 export class RemoteMonitor {
   private lastBytes = 0;
@@ -55,5 +56,29 @@ export function formatRemote(r: RemoteStatus): string {
     `remote ${formatSize(r.bytesFetched)} fetched, ${formatSize(Math.round(r.rate))}/s, ${(r.fractionLocal * 100).toFixed(1)}% local` +
     (r.failures ? `, ${r.failures} failed reads` : '') +
     (r.retries ? `, ${r.retries} retries` : '')
+  );
+}
+
+/** What STATUS= says about the device itself (daemon/service.ts gathers it every 5 s). */
+export interface DeviceStatusFigures {
+  devicePath: string;
+  deviceSize: number;
+  counters: { fastPath: number; slowPath: number; flushes: number; errors: number };
+  /** A flush failed: writes are refused until a restart. */
+  writesRefused: boolean;
+}
+
+/** The one-line STATUS= text of `fvd serve`: device counters, prefetch progress, remote figures. */
+export function serviceStatus(d: DeviceStatusFigures, p: PrefetchProgress | undefined, r: RemoteStatus | null): string {
+  const s = d.counters;
+  return (
+    `${d.devicePath} ${formatSize(d.deviceSize)}: ${s.fastPath + s.slowPath} requests (${s.slowPath} via engine), ` +
+    `${s.flushes} flushes, ${s.errors} errors` +
+    (d.writesRefused ? ', WRITES REFUSED (a flush failed: restart once the storage works)' : '') +
+    (p
+      ? `, prefetch ${(p.fraction * 100).toFixed(1)}% ${p.state === 'paused' ? `paused (${p.pauseReason})` : p.state}` +
+        (p.state === 'running' || p.state === 'paused' ? ` ${formatSize(Math.round(p.rate))}/s ETA ${p.etaSeconds === null ? '--' : `${Math.ceil(p.etaSeconds)} s`}` : '')
+      : '') +
+    (r ? `, ${formatRemote(r)}` : '')
   );
 }

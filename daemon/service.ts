@@ -30,7 +30,7 @@ import { ControlSocket } from './control-socket.js';
 import { spawnWarden } from './warden.js';
 import type { StorageIo } from '../storage/storage-io.js';
 import { isUrl } from '../fvd/base-location.js';
-import { RemoteMonitor, formatRemote } from './remote-status.js';
+import { RemoteMonitor, formatRemote, serviceStatus } from './remote-status.js';
 
 /** After a remote base failed a prefetch read, try again after this long (doubling, to 5 min). */
 const REMOTE_RETRY_MS = 5000;
@@ -313,16 +313,7 @@ class DeviceService {
     const p = this.prefetcher?.progress();
     const r = this.remote.sample();
     if (r && server.state) writeState({ ...server.state, remote: r });
-    return (
-      `${server.devicePath} ${formatSize(server.deviceSize)}: ${s.fastPath + s.slowPath} requests (${s.slowPath} via engine), ` +
-      `${s.flushes} flushes, ${s.errors} errors` +
-      (server.image.failure ? ', WRITES REFUSED (a flush failed: restart once the storage works)' : '') +
-      (p
-        ? `, prefetch ${(p.fraction * 100).toFixed(1)}% ${p.state === 'paused' ? `paused (${p.pauseReason})` : p.state}` +
-          (p.state === 'running' || p.state === 'paused' ? ` ${formatSize(Math.round(p.rate))}/s ETA ${p.etaSeconds === null ? '--' : `${Math.ceil(p.etaSeconds)} s`}` : '')
-        : '') +
-      (r ? `, ${formatRemote(r)}` : '')
-    );
+    return serviceStatus({ devicePath: server.devicePath, deviceSize: server.deviceSize, counters: s, writesRefused: !!server.image.failure }, p, r);
   }
 
   private figures(): DeviceFigures {

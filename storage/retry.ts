@@ -20,6 +20,9 @@ export interface RetryOptions {
   maxBackoffMs: number;
 }
 
+/** Less time than this left in the budget: no further attempt (it could hardly connect). */
+const LAST_ATTEMPT_MS = 50;
+
 export const DEFAULT_RETRY: RetryOptions = { budgetMs: 30_000, stallMs: 10_000, initialBackoffMs: 100, maxBackoffMs: 2000 };
 
 /** A failure worth another attempt (the server may recover). */
@@ -61,8 +64,12 @@ export async function withRetries<T>(
         throw err;
       }
       const now = performance.now();
-      const wait = backoff * (0.5 + Math.random());
-      if (now + wait >= deadline) {
+      // The budget is spent, not merely estimated: a back-off that would overrun it is shortened
+      // so that a last attempt still fits (giving up as soon as the next back-off looked too long
+      // gave up after 1.6 s of a 4 s budget, failing reads a server would have answered in time).
+      const left = deadline - now;
+      const wait = Math.min(backoff * (0.5 + Math.random()), left - LAST_ATTEMPT_MS);
+      if (left <= LAST_ATTEMPT_MS) {
         counters.failures++;
         const secs = ((now - start) / 1000).toFixed(1);
         throw new FvdError(`${what}: ${err.message} (gave up after ${tries} attempt${tries === 1 ? '' : 's'} in ${secs} s)`, 'EIO');

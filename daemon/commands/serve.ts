@@ -14,7 +14,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { INSTANCE_RECOVERY_WAIT, readInstanceConfig } from '../instance-config.js';
+import { INSTANCE_RECOVERY_WAIT, instanceRemoteConfig, readInstanceConfig } from '../instance-config.js';
 import { UsageError, parseInteger, parsePercent, parseSize } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { oneLine } from '../../fvd/errors.js';
@@ -80,13 +80,10 @@ export async function run(args: string[]): Promise<number> {
     if (conf.growCmd !== undefined) values['grow-cmd'] ??= conf.growCmd;
     if (conf.growFree !== undefined) values['grow-free'] = conf.growFree;
     if (conf.metricsFile !== undefined) values['metrics-file'] ??= conf.metricsFile;
-    if (conf.remoteConfig !== undefined) values['remote-config'] ??= conf.remoteConfig;
     values['recovery-wait'] = conf.recoveryWait ?? INSTANCE_RECOVERY_WAIT;
     const credential = process.env.CREDENTIALS_DIRECTORY ? path.join(process.env.CREDENTIALS_DIRECTORY, 'key') : '';
     if (values['key-file'] === undefined && credential && fs.existsSync(credential)) values['key-file'] = credential;
-    // Remote base credentials as a systemd credential too (LoadCredential=remote:/etc/fvd/NAME.remote).
-    const remoteCred = process.env.CREDENTIALS_DIRECTORY ? path.join(process.env.CREDENTIALS_DIRECTORY, 'remote') : '';
-    if (values['remote-config'] === undefined && remoteCred && fs.existsSync(remoteCred)) values['remote-config'] = remoteCred;
+    values['remote-config'] = instanceRemoteConfig(conf, values['remote-config']);
   }
   if (positionals.length !== 1) throw usageError(spec);
   const image = positionals[0]!;
