@@ -119,6 +119,19 @@ if [[ -s qemu-http.raw ]] && cmp -s qemu-http.raw www/t.raw; then
 else
     echo "ratio: none (qemu-img's copy is incomplete)"
 fi
+# The like-for-like figure (qemu-img flushes its output at the end, as fvd must before it records
+# FULLY_LOCAL; see the NBD part below).
+reset_http
+rm -f qemu-http.raw
+t0=$(now)
+if timeout "${QEMU_TIMEOUT:-600}" qemu-img convert -t writeback -f raw -O raw "$url" qemu-http.raw; then
+    t1=$(now)
+    qemu_http_wb=$(elapsed "$t0" "$t1")
+    echo "qemu-img convert -t writeback (curl, flushed): ${qemu_http_wb} s, server sent $(http_bytes) bytes"
+    echo "ratio qemu-img -t writeback / fvd: $(awk -v a="$qemu_http_wb" -v b="$fvd_http" 'BEGIN { printf "%.2f", a / b }')"
+else
+    echo "qemu-img convert -t writeback (curl): DID NOT FINISH within ${QEMU_TIMEOUT:-600} s: stalled after the server sent $(http_bytes) bytes"
+fi
 [[ ${fvd_http_bytes%% *} == "$bytes" ]] && echo "each byte once: fetched = template size ($bytes)" || echo "NOTE: fetched $fvd_http_bytes, template size $bytes"
 
 echo
