@@ -119,11 +119,11 @@ echo "  working set: $(node "$root/build/daemon/cli.js" info "$dir/img.fvd" | gr
 serve "$dir/img.fvd" --prefetch-share "$SHARE"
 for order in $ORDERS; do
 for rw in randread randwrite; do
-  rm -f "$dir"/lat_clat.*.log "$dir/phases"
+  rm -f "$dir"/lat_clat.*.log "$dir"/iops_iops.*.log "$dir/phases"
   t0=$(date +%s%N)
   fio --name=b --filename="$dev" --rw=$rw --bs=4k --iodepth=16 --direct=1 --ioengine=libaio \
     --offset=0 --size=64M --runtime="$RUNTIME" --time_based=1 --randrepeat=0 \
-    --write_lat_log="$dir/lat" --log_avg_msec=100 > /dev/null 2>&1 &
+    --write_lat_log="$dir/lat" --write_iops_log="$dir/iops" --log_avg_msec=100 > /dev/null 2>&1 &
   fio_pid=$!
   i=0
   while kill -0 "$fio_pid" 2>/dev/null; do
@@ -135,27 +135,35 @@ for rw in randread randwrite; do
   done
   wait "$fio_pid" || true
   kill -USR2 "$pid"   # prefetching back on for the next job
-  node - "$rw" "$order" "$dir/phases" "$dir"/lat_clat.1.log <<'JS'
+  node - "$rw" "$order" "$dir/phases" "$dir"/lat_clat.1.log "$dir"/iops_iops.1.log <<'JS'
 const fs = require('fs');
-const [rw, order, phasesFile, latFile] = process.argv.slice(2);
+const [rw, order, phasesFile, latFile, iopsFile] = process.argv.slice(2);
 const phases = fs.readFileSync(phasesFile, 'utf8').trim().split('\n').map((l) => { const [t, m] = l.split(' '); return { t: Number(t), m }; });
-// All phases, and from the third phase on: the first pair holds fio's start, when the guest turns
-// from idle (the prefetcher copying at full speed) to busy.
-const all = { on: [0, 0], off: [0, 0] }, later = { on: [0, 0], off: [0, 0] };
-for (const line of fs.readFileSync(latFile, 'utf8').trim().split('\n')) {
-  const [t, ns] = line.split(',').map((x) => Number(x));
-  const from = t - 100; // the sample averages the 100 ms before t
-  for (let i = 0; i < phases.length; i++) {
-    const start = phases[i].t, end = i + 1 < phases.length ? phases[i + 1].t : Infinity;
-    if (from >= start + 500 && t <= end - 300) {
-      for (const sums of i >= 2 ? [all, later] : [all]) { sums[phases[i].m][0] += ns; sums[phases[i].m][1]++; }
+// Per log: sums over all phases, and from the third phase on (the first pair holds fio's start,
+// when the guest turns from idle — the prefetcher copying at full speed — to busy).
+function phaseSums(file) {
+  const all = { on: [0, 0], off: [0, 0] }, later = { on: [0, 0], off: [0, 0] };
+  for (const line of fs.readFileSync(file, 'utf8').trim().split('\n')) {
+    const [t, v] = line.split(',').map((x) => Number(x));
+    const from = t - 100; // the sample averages the 100 ms before t
+    for (let i = 0; i < phases.length; i++) {
+      const start = phases[i].t, end = i + 1 < phases.length ? phases[i + 1].t : Infinity;
+      if (from >= start + 500 && t <= end - 300) {
+        for (const sums of i >= 2 ? [all, later] : [all]) { sums[phases[i].m][0] += v; sums[phases[i].m][1]++; }
+      }
     }
   }
+  return { all, later };
 }
-const mean = (sums, m) => sums[m][0] / sums[m][1] / 1000;
+const mean = (sums, m) => sums[m][0] / sums[m][1];
 const rise = (sums) => { const r = (mean(sums, 'on') / mean(sums, 'off') - 1) * 100; return `${r >= 0 ? '+' : ''}${r.toFixed(1)} %`; };
-console.log(`${rw} (order ${order}): mean latency off ${mean(all, 'off').toFixed(1)} us (${all.off[1]} samples), on ${mean(all, 'on').toFixed(1)} us (${all.on[1]} samples): ${rise(all)}; ` +
-  `from the second pair of phases: off ${mean(later, 'off').toFixed(1)} us, on ${mean(later, 'on').toFixed(1)} us: ${rise(later)}`);
+const lat = phaseSums(latFile); // ns
+const us = (sums, m) => (mean(sums, m) / 1000).toFixed(1);
+console.log(`${rw} (order ${order}): mean latency off ${us(lat.all, 'off')} us (${lat.all.off[1]} samples), on ${us(lat.all, 'on')} us (${lat.all.on[1]} samples): ${rise(lat.all)}; ` +
+  `from the second pair of phases: off ${us(lat.later, 'off')} us, on ${us(lat.later, 'on')} us: ${rise(lat.later)}`);
+const iops = phaseSums(iopsFile); // requests per second over each 100 ms
+console.log(`${rw} (order ${order}): IOPS off ${mean(iops.all, 'off').toFixed(0)}, on ${mean(iops.all, 'on').toFixed(0)}: ${rise(iops.all)}; ` +
+  `from the second pair of phases: off ${mean(iops.later, 'off').toFixed(0)}, on ${mean(iops.later, 'on').toFixed(0)}: ${rise(iops.later)}`);
 JS
 done
 done
