@@ -242,7 +242,11 @@ class Connection {
     this.headNeed = 4;
     if (magic === SIMPLE_REPLY_MAGIC) {
       const err = h.readUInt32BE(4);
-      const p = this.take(h.readUInt32BE(8), h.readUInt32BE(12));
+      // Peeked, not taken: the request stays in `pending` until finish(), so that kill() fails it
+      // if the connection is lost or stalls while its data is still coming, or the reply is a
+      // protocol error. Taken out here, it was failed by nobody: the stall timer saw nothing in
+      // flight, and the read waited out its whole retry budget and then failed, never retried.
+      const p = this.peek(h.readUInt32BE(8), h.readUInt32BE(12));
       if (!p) return;
       if (err) return this.finish(p, new FvdError(`server error ${nbdErrno(err)}`, 'EIO'));
       if (p.type === CMD_READ && !this.n.structured) {
@@ -362,12 +366,6 @@ class Connection {
       this.protocolError(`reply for unknown cookie ${hi}:${lo}`);
       return null;
     }
-    return p;
-  }
-
-  private take(hi: number, lo: number): Pending | null {
-    const p = this.peek(hi, lo);
-    if (p) this.pending.delete(p.cookie);
     return p;
   }
 

@@ -6,6 +6,13 @@
  * its byte stream in pieces of random sizes, often splitting a chunk header, so the client's reply
  * parser meets every boundary. `dieAfterBytes` makes it drop the connection mid-stream once it sent
  * that many reply bytes and refuse connections from then on (a server that died).
+ *
+ * Misbehaviour, opt-in, for the client's checks of what it receives (tests/daemon/nbd-replies):
+ * `fault` garbles read replies — from the `faultAt`-th read reply on (counted over all
+ * connections), `faultTimes` of them — in the way NbdFault names; every byte a faulty reply carries
+ * that is not the export's own (a misplaced or overlapping chunk) is the export's bytes inverted,
+ * so a test can tell them from real data and from its sentinel. `structured = false` refuses
+ * NBD_OPT_STRUCTURED_REPLY: reads are answered with simple replies (the data follows the header).
  */
 import net from 'node:net';
 import { Rng } from './rng.js';
@@ -14,8 +21,49 @@ const NBDMAGIC = 0x4e42444d41474943n;
 const IHAVEOPT = 0x49484156454f5054n;
 const OPT_REPLY_MAGIC = 0x3e889045565a9n;
 const REQUEST_MAGIC = 0x25609513;
+const SIMPLE_REPLY_MAGIC = 0x67446698;
 const STRUCTURED_REPLY_MAGIC = 0x668e33ef;
 const CONTEXT_ID = 7;
+const NBD_EIO = 5;
+
+/**
+ * How a faulty read reply is wrong. Structured replies (the chunk checks of storage/nbd-source.ts):
+ *  - past-end: the last data chunk claims one byte more than the request has (shifted by +1);
+ *  - before-start: the first data chunk starts one byte before the request (shifted by -1);
+ *  - overlap: the second data chunk is shifted back a byte: it overlaps the first, its last byte
+ *    is never sent, and the chunks still add up to the request's length;
+ *  - short-coverage: the last byte is never sent, then DONE;
+ *  - hole-past-end: the last piece comes as an OFFSET_HOLE shifted by +1 (zeros, one past the end);
+ *  - empty-data: first an OFFSET_DATA chunk that has its offset and no data;
+ *  - unknown-type: the first chunk has type 42;
+ *  - error-chunk: all the data, then an NBD_REPLY_TYPE_ERROR chunk (EIO, "media error");
+ *  - error-offset: the data but for one piece, an NBD_REPLY_TYPE_ERROR_OFFSET chunk for it instead.
+ * Both kinds of reply:
+ *  - bad-magic: the first header's magic is garbled (simple replies: a structured chunk's magic,
+ *    which a client that did not negotiate structured replies must refuse);
+ *  - unknown-cookie: the first header's cookie has its high word set (no such request);
+ *  - simple-error: a simple reply with error EIO and no data;
+ *  - simple-data: a simple reply with its data (structured replies negotiated: a protocol error);
+ *  - stall: half the reply's bytes, then nothing more on that connection (it stays open).
+ */
+export type NbdFault =
+  | 'past-end'
+  | 'before-start'
+  | 'overlap'
+  | 'short-coverage'
+  | 'hole-past-end'
+  | 'empty-data'
+  | 'unknown-type'
+  | 'error-chunk'
+  | 'error-offset'
+  | 'bad-magic'
+  | 'unknown-cookie'
+  | 'simple-error'
+  | 'simple-data'
+  | 'stall';
+
+/** In a connection's reply queue: send nothing from here on (a 'stall' fault). */
+const STALL = Buffer.alloc(0);
 
 export class FakeNbd {
   private server!: net.Server;
@@ -29,6 +77,17 @@ export class FakeNbd {
   /** When > 0: once this many reply bytes went out, cut the connection and stop serving. */
   dieAfterBytes = 0;
   dead = false;
+  /** Offer structured replies (false: the client must read simple replies). */
+  structured = true;
+  /** Garble read replies from the faultAt-th (1-based, all connections) on, faultTimes of them. */
+  fault: NbdFault | null = null;
+  faultAt = 1;
+  faultTimes = Infinity;
+  /** Read replies built so far, and how many of them were garbled. */
+  readReplies = 0;
+  faultsSent = 0;
+  /** Connections accepted (a client that dropped one after a protocol error makes another). */
+  connections = 0;
 
   constructor(
     readonly data: Uint8Array,
@@ -59,7 +118,10 @@ export class FakeNbd {
 
   private serve(s: net.Socket): void {
     if (this.dead) return void s.destroy();
+    this.connections++;
     this.sockets.add(s);
+    /** Set by a 'stall' reply: this connection sends nothing more. */
+    let stalled = false;
     s.on('close', () => this.sockets.delete(s));
     s.on('error', () => {});
     let buf = Buffer.alloc(0);
@@ -86,8 +148,14 @@ export class FakeNbd {
     const flush = async () => {
       if (flushing) return;
       flushing = true;
-      while (queue.length && !s.destroyed) {
-        const whole = Buffer.concat(queue.splice(0));
+      while (queue.length && !s.destroyed && !stalled) {
+        const all = queue.splice(0);
+        const stallAt = all.indexOf(STALL);
+        if (stallAt >= 0) {
+          stalled = true;
+          all.length = stallAt;
+        }
+        const whole = Buffer.concat(all);
         for (let o = 0; o < whole.length && !s.destroyed; ) {
           const n = Math.min(whole.length - o, this.rng.int(4) === 0 ? 1 + this.rng.int(24) : 1 + this.rng.int(200 * 1024));
           if (this.dieAfterBytes > 0 && this.sentBytes + n >= this.dieAfterBytes) {
@@ -133,7 +201,7 @@ export class FakeNbd {
           const len = buf.readUInt32BE(12);
           if (buf.length < 16 + len) return;
           buf = buf.subarray(16 + len);
-          if (opt === 8) optReply(opt, 1); // STRUCTURED_REPLY: ACK
+          if (opt === 8) optReply(opt, this.structured ? 1 : 0x80000001); // STRUCTURED_REPLY: ACK or unsupported
           else if (opt === 10) {
             const d = Buffer.concat([Buffer.alloc(4), Buffer.from('base:allocation')]);
             d.writeUInt32BE(CONTEXT_ID, 0);
@@ -157,7 +225,7 @@ export class FakeNbd {
           buf = buf.subarray(28);
           if (type === 2) return void s.end(); // DISC
           this.requests++;
-          pending.push({ seq: arrival++, reply: type === 0 ? this.readReply(cookie, offset, length) : this.statusReply(cookie, offset, length) });
+          pending.push({ seq: arrival++, reply: type === 0 ? this.readReplyOrFault(cookie, offset, length) : this.statusReply(cookie, offset, length) });
           this.maxQueued = Math.max(this.maxQueued, pending.length);
           answerSoon();
         }
@@ -173,6 +241,107 @@ export class FakeNbd {
     cookie.copy(h, 8);
     h.writeUInt32BE(payload.length, 16);
     return Buffer.concat([h, payload]);
+  }
+
+  /** The next read reply: well-formed, or garbled as `fault` says when its turn has come. */
+  private readReplyOrFault(cookie: Buffer, offset: number, length: number): Buffer[] {
+    const n = ++this.readReplies;
+    const fault = this.fault !== null && n >= this.faultAt && n < this.faultAt + this.faultTimes ? this.fault : null;
+    if (fault === null) return this.structured ? this.readReply(cookie, offset, length) : this.simpleReadReply(cookie, offset, length);
+    this.faultsSent++;
+    return this.faultyReply(fault, cookie, offset, length);
+  }
+
+  private simpleHeader(cookie: Buffer, error: number): Buffer {
+    const h = Buffer.alloc(16);
+    h.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
+    h.writeUInt32BE(error, 4);
+    cookie.copy(h, 8);
+    return h;
+  }
+
+  /** Without structured replies: the header, then the requested bytes. */
+  private simpleReadReply(cookie: Buffer, offset: number, length: number): Buffer[] {
+    return [this.simpleHeader(cookie, 0), Buffer.from(this.data.subarray(offset, offset + length))];
+  }
+
+  /** An OFFSET_DATA chunk claiming `at` and carrying `bytes`. */
+  private dataChunk(cookie: Buffer, at: number, bytes: Uint8Array, done = false): Buffer {
+    const p = Buffer.alloc(8 + bytes.length);
+    p.writeBigUInt64BE(BigInt(at), 0);
+    p.set(bytes, 8);
+    return this.chunk(cookie, 1, done, p);
+  }
+
+  /** An OFFSET_HOLE chunk claiming [at, at + n). */
+  private holeChunk(cookie: Buffer, at: number, n: number): Buffer {
+    const p = Buffer.alloc(12);
+    p.writeBigUInt64BE(BigInt(at), 0);
+    p.writeUInt32BE(n, 8);
+    return this.chunk(cookie, 2, false, p);
+  }
+
+  /** An error chunk: errno, message, and for ERROR_OFFSET (0x8002) the offset it concerns. */
+  private errorChunk(cookie: Buffer, message: string, offset: number | null): Buffer {
+    const m = Buffer.from(message);
+    const p = Buffer.alloc(6 + m.length + (offset === null ? 0 : 8));
+    p.writeUInt32BE(NBD_EIO, 0);
+    p.writeUInt16BE(m.length, 4);
+    m.copy(p, 6);
+    if (offset !== null) p.writeBigUInt64BE(BigInt(offset), 6 + m.length);
+    return this.chunk(cookie, offset === null ? 0x8001 : 0x8002, false, p);
+  }
+
+  /** The export's bytes at [at, at + n) inverted (0xff past its end): never the real data of where they claim to go. */
+  private garbage(at: number, n: number): Buffer {
+    const g = Buffer.alloc(n, 0xff);
+    for (let i = 0; i < n && at + i < this.data.length; i++) g[i] = ~this.data[at + i]! & 0xff;
+    return g;
+  }
+
+  /** The request in 2-4 data pieces ([offset, length] each, in order); a 1-byte request in one. */
+  private pieces(offset: number, length: number): Array<[number, number]> {
+    const cuts = new Set([0, length]);
+    if (length > 2) cuts.add(1 + this.rng.int(length - 2));
+    for (let i = this.rng.int(3); i > 0; i--) cuts.add(this.rng.int(length));
+    const at = [...cuts].sort((a, b) => a - b);
+    return at.slice(1).map((z, i) => [offset + at[i]!, z - at[i]!]);
+  }
+
+  private faultyReply(fault: NbdFault, cookie: Buffer, offset: number, length: number): Buffer[] {
+    if (fault === 'simple-error') return [this.simpleHeader(cookie, NBD_EIO)];
+    if (fault === 'simple-data') return this.simpleReadReply(cookie, offset, length);
+    const reply = this.structured ? this.structuredFault(fault, cookie, offset, length) : this.simpleReadReply(cookie, offset, length);
+    const first = reply[0]!;
+    if (fault === 'bad-magic') first.writeUInt32BE(this.structured ? 0x12345678 : STRUCTURED_REPLY_MAGIC, 0);
+    else if (fault === 'unknown-cookie') first.writeUInt32BE(1, 8);
+    else if (fault === 'stall') {
+      const whole = Buffer.concat(reply);
+      return [whole.subarray(0, whole.length >> 1), STALL];
+    }
+    return reply;
+  }
+
+  /** A structured read reply, wrong as `fault` says (the kinds that need no chunk changes: well-formed). */
+  private structuredFault(fault: NbdFault, cookie: Buffer, offset: number, length: number): Buffer[] {
+    const pieces = this.pieces(offset, length);
+    const last = pieces.length - 1;
+    const chunks: Buffer[] = [];
+    pieces.forEach(([a, n], i) => {
+      const real = this.data.subarray(a, a + n);
+      if (fault === 'past-end' && i === last) chunks.push(this.dataChunk(cookie, a + 1, this.garbage(a + 1, n)));
+      else if (fault === 'before-start' && i === 0 && a > 0) chunks.push(this.dataChunk(cookie, a - 1, this.garbage(a - 1, n)));
+      else if (fault === 'overlap' && i === 1) chunks.push(this.dataChunk(cookie, a - 1, this.garbage(a - 1, n)));
+      else if (fault === 'short-coverage' && i === last) chunks.push(this.dataChunk(cookie, a, real.subarray(0, n - 1)));
+      else if (fault === 'hole-past-end' && i === last) chunks.push(this.holeChunk(cookie, a + 1, n));
+      else if (fault === 'error-offset' && i === last) chunks.push(this.errorChunk(cookie, 'media error', a));
+      else chunks.push(this.dataChunk(cookie, a, real));
+    });
+    if (fault === 'unknown-type') chunks[0]!.writeUInt16BE(42, 6);
+    if (fault === 'empty-data') chunks.unshift(this.dataChunk(cookie, offset, new Uint8Array(0)));
+    if (fault === 'error-chunk') chunks.push(this.errorChunk(cookie, 'media error', null));
+    chunks.push(this.chunk(cookie, 0, true, Buffer.alloc(0))); // NONE, DONE
+    return chunks;
   }
 
   /** A read's reply: its range in 1-4 pieces, each OFFSET_DATA or (all zeros) OFFSET_HOLE, shuffled. */

@@ -1,0 +1,219 @@
+/**
+ * The NBD client's checks of what a server answers (storage/nbd-source.ts), against a server that
+ * garbles its read replies on purpose (tests/helpers/fake-nbd.ts, `fault`): data or hole chunks
+ * outside the request, chunks overlapping each other, a data chunk without data, a reply that covers less than the request before DONE, bad
+ * magic, a cookie of no request, an unknown chunk type, error chunks and simple error replies, a
+ * simple reply with data where structured replies were negotiated, a
+ * reply cut short on a connection that then goes silent — with structured replies and without
+ * (the server refuses NBD_OPT_STRUCTURED_REPLY: simple replies, the data after the header).
+ *
+ * Each fault, sent for every reply: the read fails with one line naming the problem (EIO), the
+ * caller's buffer holds nothing but its sentinel or the export's own bytes at their own place
+ * (a failed read may leave real data from the chunks that were right, never what a bad chunk
+ * carried: the fake sends inverted bytes there), and once the server behaves, reads are right
+ * again (after a protocol error the client drops the connection and makes another). Each transient
+ * fault, sent once: the read is retried and returns the export, also among many reads in flight.
+ * Every test is bounded in time: a hang fails it.
+ */
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import path from 'node:path';
+import { NbdSource } from '../../storage/nbd-source.js';
+import { FvdError } from '../../fvd/errors.js';
+import { FakeNbd, type NbdFault } from '../helpers/fake-nbd.js';
+import { Rng } from '../helpers/rng.js';
+import { TempDir } from '../helpers/cli.js';
+
+const KiB = 1024;
+const tmp = new TempDir('fvd-nbd-replies-');
+const SENTINEL = 0xee;
+const SIZE = 256 * KiB;
+const DATA = new Rng(11).bytes(SIZE);
+/** One read, one request (requestBytes 64 KiB), not at a chunk-friendly place. */
+const OFFSET = 12_345;
+const LENGTH = 40_000;
+
+/**
+ * Fail-fast retries: the first failure's back-off (≥ 3 s) always outlasts the 3 s budget, so a
+ * persistent fault fails after exactly one attempt, at once, and the error names that attempt's
+ * cause (a budget that ran out during a later attempt would name only the budget). The stall
+ * timeout is 500 ms, not less: on a busy host 150 ms of silence happened during open.
+ */
+const ONE_ATTEMPT = { budgetMs: 3000, stallMs: 500, initialBackoffMs: 6000, maxBackoffMs: 6000 };
+/** Room to retry: a fault sent once is outlived. */
+const RETRYING = { budgetMs: 6000, stallMs: 500, initialBackoffMs: 10, maxBackoffMs: 50 };
+
+interface Case {
+  fault: NbdFault;
+  structured: boolean;
+  /** What the message must say (the cause, as the client words it). */
+  message: RegExp;
+  /** Retried (a protocol error or a short reply) rather than failing at once (the server's error). */
+  transient: boolean;
+}
+
+const CASES: Case[] = [
+  { fault: 'past-end', structured: true, message: /reply chunk \d+\+\d+ outside the request 12345\+40000/, transient: true },
+  { fault: 'before-start', structured: true, message: /reply chunk 12344\+\d+ outside the request 12345\+40000/, transient: true },
+  { fault: 'overlap', structured: true, message: /overlapping reply chunks at \d+/, transient: true },
+  { fault: 'short-coverage', structured: true, message: /read reply covered 39999 of 40000 bytes/, transient: true },
+  { fault: 'hole-past-end', structured: true, message: /reply chunk \d+\+\d+ outside the request 12345\+40000/, transient: true },
+  { fault: 'empty-data', structured: true, message: /bad OFFSET_DATA chunk/, transient: true },
+  { fault: 'unknown-type', structured: true, message: /unknown chunk type 42/, transient: true },
+  { fault: 'bad-magic', structured: true, message: /bad reply magic 0x12345678/, transient: true },
+  { fault: 'unknown-cookie', structured: true, message: /reply for unknown cookie 1:\d+/, transient: true },
+  { fault: 'stall', structured: true, message: /stalled: nothing received for 500 ms/, transient: true },
+  { fault: 'error-chunk', structured: true, message: /server error EIO: media error/, transient: false },
+  { fault: 'error-offset', structured: true, message: /server error EIO: media error/, transient: false },
+  { fault: 'simple-error', structured: true, message: /server error EIO/, transient: false },
+  { fault: 'simple-data', structured: true, message: /simple reply to a read with structured replies/, transient: true },
+  { fault: 'bad-magic', structured: false, message: /bad reply magic 0x668e33ef/, transient: true },
+  { fault: 'unknown-cookie', structured: false, message: /reply for unknown cookie 1:\d+/, transient: true },
+  { fault: 'stall', structured: false, message: /stalled: nothing received for 500 ms/, transient: true },
+  { fault: 'simple-error', structured: false, message: /server error EIO/, transient: false },
+];
+
+/** Rejects if `p` takes longer than `ms`: a hang fails the test instead of stalling the run. */
+async function within<T>(ms: number, what: string, p: Promise<T>): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: no end within ${ms} ms (hang)`)), ms);
+  });
+  try {
+    return await Promise.race([p, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+async function withServer(c: { structured: boolean }, seed: number, fn: (server: FakeNbd) => Promise<void>): Promise<void> {
+  const server = new FakeNbd(DATA, path.join(tmp.caseDir(), 's.sock'), new Rng(seed));
+  server.structured = c.structured;
+  await server.start();
+  try {
+    await fn(server);
+  } finally {
+    await server.close();
+  }
+}
+
+/** Every byte is the sentinel or the export's own byte at that place. */
+function assertNothingForeign(buf: Uint8Array, offset: number, what: string): void {
+  for (let i = 0; i < buf.length; i++) {
+    const v = buf[i]!;
+    if (v !== SENTINEL && v !== DATA[offset + i]) assert.unreachable(`${what}: byte ${offset + i} is 0x${v.toString(16)}, neither the sentinel nor the export's 0x${DATA[offset + i]!.toString(16)}`);
+  }
+}
+
+function assertExport(buf: Uint8Array, offset: number, what: string): void {
+  assert.ok(Buffer.from(buf).equals(DATA.subarray(offset, offset + buf.length)), `${what}: read ${offset}+${buf.length} differs from the export`);
+}
+
+const mode = (c: { structured: boolean }) => (c.structured ? 'structured' : 'simple replies');
+
+for (const c of CASES) {
+  test(`${c.fault} (${mode(c)}), every reply: one line naming it, EIO, no foreign byte in the buffer; then reads are right`, async () => {
+    await withServer(c, 21, async (server) => {
+      server.fault = c.fault;
+      const src = await NbdSource.open(server.url, { requestBytes: 64 * KiB, retry: ONE_ATTEMPT });
+      try {
+        const buf = new Uint8Array(LENGTH).fill(SENTINEL);
+        const err = await within(8000, 'faulty read', src.read(buf, OFFSET).then(() => null, (e: unknown) => e));
+        assert.ok(server.faultsSent >= 1, 'the fault was never sent');
+        assert.ok(err instanceof FvdError, `the read resolved or failed with no FvdError: ${String(err)}`);
+        assert.is(err.code, 'EIO');
+        assert.not.match(err.message, /\n/);
+        assert.match(err.message, c.message, `the message does not name the fault: ${err.message}`);
+        // Transient faults: one attempt (the budget is shorter than the back-off); the cause is named.
+        if (c.transient) assert.match(err.message, /^nbd\+unix:.*: bytes 12345-52344: .*\(gave up after 1 attempt in [\d.]+ s\)$/);
+        assert.is(src.stats.retries, 0);
+        assertNothingForeign(buf, OFFSET, 'after the failed read');
+
+        server.fault = null;
+        const connections = server.connections;
+        const again = new Uint8Array(LENGTH).fill(SENTINEL);
+        await within(8000, 'read after the fault', src.read(again, OFFSET));
+        assertExport(again, OFFSET, 'after the fault');
+        // A protocol error or a stall drops the connection (the stream cannot be trusted); the
+        // server's own error or a short reply leaves it in step and in use.
+        const dropped = c.transient && c.fault !== 'short-coverage';
+        assert.is(server.connections, connections + (dropped ? 1 : 0), dropped ? 'no new connection after a protocol error' : 'a new connection after a well-framed reply');
+      } finally {
+        await src.close();
+      }
+    });
+  });
+}
+
+for (const c of CASES.filter((c) => c.transient)) {
+  test(`${c.fault} (${mode(c)}), once: the read is retried and equals the export`, async () => {
+    await withServer(c, 22, async (server) => {
+      server.fault = c.fault;
+      server.faultTimes = 1;
+      const src = await NbdSource.open(server.url, { requestBytes: 64 * KiB, retry: RETRYING });
+      try {
+        const buf = new Uint8Array(LENGTH).fill(SENTINEL);
+        await within(10_000, 'retried read', src.read(buf, OFFSET));
+        assert.is(server.faultsSent, 1);
+        assert.is(src.stats.retries, 1);
+        assertExport(buf, OFFSET, 'the retried read');
+      } finally {
+        await src.close();
+      }
+    });
+  });
+}
+
+for (const c of CASES.filter((c) => c.transient && ['overlap', 'bad-magic', 'unknown-cookie', 'stall'].includes(c.fault))) {
+  test(`${c.fault} (${mode(c)}) in one reply among many in flight: the requests it failed are retried, every read equals the export`, async () => {
+    await withServer(c, 23, async (server) => {
+      server.fault = c.fault;
+      server.faultAt = 5;
+      server.faultTimes = 1;
+      const rng = new Rng(24);
+      const src = await NbdSource.open(server.url, { connections: 8, requestBytes: 16 * KiB, retry: RETRYING });
+      try {
+        const reads = Array.from({ length: 16 }, () => {
+          const offset = rng.int(SIZE - 1);
+          return { offset, buf: new Uint8Array(1 + rng.int(Math.min(48 * KiB, SIZE - offset))).fill(SENTINEL) };
+        });
+        await within(10_000, 'reads in flight', Promise.all(reads.map((r) => src.read(r.buf, r.offset))));
+        assert.is(server.faultsSent, 1);
+        assert.ok(src.stats.retries >= 1, 'nothing was retried');
+        assert.ok(src.maxInFlight > 1, 'one request in flight at a time');
+        for (const r of reads) assertExport(r.buf, r.offset, 'a read in flight with the faulty reply');
+      } finally {
+        await src.close();
+      }
+    });
+  });
+}
+
+test('without structured replies (simple replies, data after the header): reads of random ranges in flight equal the export', async () => {
+  await withServer({ structured: false }, 25, async (server) => {
+    const rng = new Rng(26);
+    const src = await NbdSource.open(server.url, { connections: 8, requestBytes: 16 * KiB, retry: RETRYING });
+    try {
+      assert.is(src.hasBlockStatus, false, 'block status without structured replies');
+      const reads = Array.from({ length: 48 }, () => {
+        const offset = rng.int(SIZE);
+        return { offset, buf: new Uint8Array(1 + rng.int(Math.min(100 * KiB, SIZE - offset))).fill(SENTINEL) };
+      });
+      reads.push({ offset: SIZE - 10, buf: new Uint8Array(30).fill(SENTINEL) }); // past the end: zeros
+      await within(10_000, 'reads', Promise.all(reads.map((r) => src.read(r.buf, r.offset))));
+      for (const r of reads) {
+        const inside = Math.min(r.buf.length, SIZE - r.offset);
+        assertExport(r.buf.subarray(0, inside), r.offset, 'simple replies');
+        assert.ok(r.buf.subarray(inside).every((v) => v === 0), 'bytes past the export are not zeros');
+      }
+      assert.ok(src.maxInFlight > 4, `at most ${src.maxInFlight} requests in flight`);
+      assert.ok(server.outOfOrder > 0, 'the server answered in order: the test did not reorder');
+      assert.is(src.stats.retries, 0);
+    } finally {
+      await src.close();
+    }
+  });
+});
+
+test.after(() => tmp.cleanup());
+test.run();
