@@ -27,7 +27,7 @@ import { FvdError } from '../fvd/errors.js';
 import { ReadOnlySource } from './read-only-source.js';
 import { redactUrl } from '../fvd/base-location.js';
 import { Limiter, allSettledOrThrow, splitRange } from './limiter.js';
-import { TransientError, isTransientSocketError, retryOptions, withRetries, type RetryOptions } from './retry.js';
+import { BudgetSpent, TransientError, isTransientSocketError, retryOptions, withRetries, type RetryOptions } from './retry.js';
 
 export interface HttpSourceOptions {
   /** Extra request headers (Authorization, ...): credentials, never shown. */
@@ -193,7 +193,7 @@ function request(target: URL, agent: http.Agent, headers: Record<string, string>
       req.destroy(); // also drops the connection: a half-read body must not be reused
       reject(err);
     };
-    const budgetTimer = setTimeout(() => fail(new TransientError('no complete answer within the retry budget')), Math.max(0, deadline - performance.now()));
+    const budgetTimer = setTimeout(() => fail(new BudgetSpent()), Math.max(0, deadline - performance.now()));
     req.setTimeout(Math.max(1, Math.min(stallMs, deadline - performance.now())), () => fail(new TransientError(`stalled: nothing received for ${stallMs} ms`)));
     req.on('error', (err) => {
       if (isTransientSocketError(err)) fail(new TransientError(`${(err as NodeJS.ErrnoException).code}`));

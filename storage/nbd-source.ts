@@ -22,7 +22,7 @@ import type { BlockFile } from '../fvd/io.js';
 import { FvdError } from '../fvd/errors.js';
 import { ReadOnlySource } from './read-only-source.js';
 import { Limiter, allSettledOrThrow, splitRange } from './limiter.js';
-import { TransientError, retryOptions, withRetries, type RetryOptions } from './retry.js';
+import { BudgetSpent, TransientError, retryOptions, withRetries, type RetryOptions } from './retry.js';
 import type { RemoteStats } from './http-source.js';
 import {
   CMD_BLOCK_STATUS,
@@ -74,6 +74,9 @@ interface Pending {
   resolve: () => void;
   reject: (e: Error) => void;
 }
+
+/** An error the server reported for a request (an NBD error code), not worth a retry. */
+class NbdServerError extends FvdError {}
 
 /** One negotiated connection in the transmission phase with its reply parser. */
 class Connection {
@@ -248,7 +251,7 @@ class Connection {
       // flight, and the read waited out its whole retry budget and then failed, never retried.
       const p = this.peek(h.readUInt32BE(8), h.readUInt32BE(12));
       if (!p) return;
-      if (err) return this.finish(p, new FvdError(`server error ${nbdErrno(err)}`, 'EIO'));
+      if (err) return this.finish(p, new NbdServerError(`server error ${nbdErrno(err)}`));
       if (p.type === CMD_READ && !this.n.structured) {
         // The data follows (simple replies carry the requested length).
         this.cur = p;
@@ -347,7 +350,7 @@ class Connection {
       const errno = this.small.readUInt32BE(0);
       const mlen = this.small.readUInt16BE(4);
       const msg = this.small.subarray(6, 6 + Math.min(mlen, this.small.length - 6)).toString('utf8').slice(0, 200);
-      p.error ??= new FvdError(`server error ${nbdErrno(errno)}${msg ? `: ${msg}` : ''}`, 'EIO');
+      p.error ??= new NbdServerError(`server error ${nbdErrno(errno)}${msg ? `: ${msg}` : ''}`);
     }
     if (this.chunkFlags & REPLY_FLAG_DONE) {
       this.pending.delete(p.cookie);
@@ -509,12 +512,16 @@ export class NbdSource extends ReadOnlySource implements BlockFile {
       const budget = new Promise<never>((_, reject) => {
         timer = setTimeout(() => {
           // Past the budget: close the connection, so a late reply cannot land in `buf`.
-          conn.kill(new TransientError('no complete answer within the retry budget'));
+          conn.kill(new BudgetSpent());
           reject(conn.dead);
         }, Math.max(0, deadline - performance.now()));
       });
       try {
         return await Promise.race([p, budget]);
+      } catch (err) {
+        // The server's own error: the connection does not know the source or the range; name them.
+        if (err instanceof NbdServerError) throw new FvdError(`${what}: ${err.message}`, 'EIO');
+        throw err;
       } finally {
         clearTimeout(timer);
       }

@@ -33,6 +33,16 @@ export class TransientError extends Error {
   }
 }
 
+/**
+ * An attempt cut off because the budget ran out. Not the cause worth reporting when an earlier
+ * attempt failed for a reason of its own (the give-up message names that one instead).
+ */
+export class BudgetSpent extends TransientError {
+  constructor() {
+    super('no complete answer within the retry budget');
+  }
+}
+
 /** Counters a source keeps across requests, for STATUS and tests. */
 export interface RetryCounters {
   retries: number;
@@ -54,6 +64,8 @@ export async function withRetries<T>(
   const deadline = start + options.budgetMs;
   let backoff = options.initialBackoffMs;
   let tries = 0;
+  /** The last failure that was not the budget running out: what the give-up message names. */
+  let cause: string | null = null;
   for (;;) {
     tries++;
     try {
@@ -63,6 +75,7 @@ export async function withRetries<T>(
         counters.failures++;
         throw err;
       }
+      if (!(err instanceof BudgetSpent)) cause = err.message;
       const now = performance.now();
       // The budget is spent, not merely estimated: a back-off that would overrun it is shortened
       // so that a last attempt still fits (giving up as soon as the next back-off looked too long
@@ -72,7 +85,7 @@ export async function withRetries<T>(
       if (left <= LAST_ATTEMPT_MS) {
         counters.failures++;
         const secs = ((now - start) / 1000).toFixed(1);
-        throw new FvdError(`${what}: ${err.message} (gave up after ${tries} attempt${tries === 1 ? '' : 's'} in ${secs} s)`, 'EIO');
+        throw new FvdError(`${what}: ${cause ?? err.message} (gave up after ${tries} attempt${tries === 1 ? '' : 's'} in ${secs} s)`, 'EIO');
       }
       counters.retries++;
       await new Promise((r) => setTimeout(r, wait));
