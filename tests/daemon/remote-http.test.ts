@@ -10,15 +10,12 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import fs from 'node:fs';
-import https from 'node:https';
-import net from 'node:net';
 import path from 'node:path';
-import { spawnSync } from 'node:child_process';
 import { HttpSource, displayUrl } from '../../storage/http-source.js';
 import { parseRemoteConfig, settingsFor } from '../../storage/remote-config.js';
 import { StorageIo } from '../../storage/storage-io.js';
 import { FaultProxy, type Fault } from '../helpers/fault-proxy.js';
-import { findProgram, nginx, type ServerProcess } from '../helpers/remote-servers.js';
+import { findProgram, nginx, selfSignedRangeServer, type ServerProcess } from '../helpers/remote-servers.js';
 import { TempDir } from '../helpers/cli.js';
 import { Rng } from '../helpers/rng.js';
 import { assertReadOnly } from '../helpers/read-only.js';
@@ -234,20 +231,9 @@ t('credentials: the Authorization header and presigned query are sent, but never
 
 const haveOpenssl = findProgram('openssl') !== null;
 (have && haveOpenssl ? test : test.skip)('https: verification is on; a custom CA file makes a private certificate acceptable', async () => {
-  const dir = tmp.caseDir();
-  const key = path.join(dir, 'key.pem');
-  const cert = path.join(dir, 'cert.pem');
-  const r = spawnSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '1', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1'], { encoding: 'utf8' });
-  assert.is(r.status, 0, r.stderr);
-  const server = https.createServer({ key: fs.readFileSync(key), cert: fs.readFileSync(cert) }, (req, res) => {
-    const m = /^bytes=(\d+)-(\d+)$/.exec(req.headers.range ?? '')!;
-    const a = Number(m[1]);
-    const z = Math.min(Number(m[2]), SIZE - 1);
-    res.writeHead(206, { 'Content-Range': `bytes ${a}-${z}/${SIZE}`, 'Content-Length': String(z - a + 1), ETag: '"v1"' });
-    res.end(data.subarray(a, z + 1));
-  });
-  await new Promise<void>((ok) => server.listen(0, '127.0.0.1', ok));
-  const url = `https://127.0.0.1:${(server.address() as net.AddressInfo).port}/t.raw`;
+  const tls = (await selfSignedRangeServer(tmp.caseDir(), data))!;
+  const url = `${tls.origin}/t.raw`;
+  const cert = tls.cert;
   try {
     const err = await HttpSource.open(url, { retry: fast }).then(() => null, (e: Error) => e);
     assert.match(err?.message ?? '', /SELF_SIGNED|self.signed/i);
@@ -257,8 +243,7 @@ const haveOpenssl = findProgram('openssl') !== null;
     assert.ok(buf.equals(data.subarray(777, 10777)));
     await src.close();
   } finally {
-    server.closeAllConnections();
-    server.close();
+    tls.close();
   }
 });
 

@@ -10,15 +10,12 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import fs from 'node:fs';
-import https from 'node:https';
-import net from 'node:net';
 import path from 'node:path';
-import { spawnSync } from 'node:child_process';
 import { FvdImage } from '../../fvd/image.js';
 import { loadRemoteConfig } from '../../storage/remote-config.js';
 import { StorageIo } from '../../storage/storage-io.js';
 import { FaultProxy } from '../helpers/fault-proxy.js';
-import { findProgram, nginx, type ServerProcess } from '../helpers/remote-servers.js';
+import { findProgram, nginx, selfSignedRangeServer, type ServerProcess } from '../helpers/remote-servers.js';
 import { TempDir } from '../helpers/cli.js';
 import { Rng } from '../helpers/rng.js';
 
@@ -130,19 +127,8 @@ t('connections from the file: a large read keeps exactly that many requests in f
 const haveOpenssl = findProgram('openssl') !== null;
 (have && haveOpenssl ? test : test.skip)('ca-file from the file: a self-signed https base is refused without it, read with it', async () => {
   const dir = tmp.caseDir();
-  const key = path.join(dir, 'key.pem');
-  const cert = path.join(dir, 'cert.pem');
-  const r = spawnSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '1', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1'], { encoding: 'utf8' });
-  assert.is(r.status, 0, r.stderr);
-  const server = https.createServer({ key: fs.readFileSync(key), cert: fs.readFileSync(cert) }, (req, res) => {
-    const m = /^bytes=(\d+)-(\d+)$/.exec(req.headers.range ?? '')!;
-    const a = Number(m[1]);
-    const z = Math.min(Number(m[2]), SIZE - 1);
-    res.writeHead(206, { 'Content-Range': `bytes ${a}-${z}/${SIZE}`, 'Content-Length': String(z - a + 1), ETag: '"v1"' });
-    res.end(data.subarray(a, z + 1));
-  });
-  await new Promise<void>((ok) => server.listen(0, '127.0.0.1', ok));
-  const origin = `https://127.0.0.1:${(server.address() as net.AddressInfo).port}`;
+  const tls = (await selfSignedRangeServer(dir, data))!;
+  const { origin, cert } = tls;
   try {
     const without = ioFrom(`[${origin}/]\nretry-budget = 2s\n`).io;
     const err = await without.open(`${origin}/t.raw`, { readOnly: true }).then(() => null, (e: Error) => e);
@@ -157,8 +143,7 @@ const haveOpenssl = findProgram('openssl') !== null;
     assert.ok(buf.equals(data.subarray(777, 10777)));
     await image.close();
   } finally {
-    server.closeAllConnections();
-    server.close();
+    tls.close();
   }
 });
 

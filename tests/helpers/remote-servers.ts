@@ -6,6 +6,7 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import https from 'node:https';
 import net from 'node:net';
 import path from 'node:path';
 
@@ -179,4 +180,35 @@ export function qemuImgCan(url: string): boolean {
   const bin = findProgram('qemu-img');
   if (!bin) return false;
   return spawnSync(bin, ['info', url], { encoding: 'utf8' }).status === 0;
+}
+
+/**
+ * An https server on 127.0.0.1 with a fresh self-signed certificate (openssl), answering Range GETs
+ * of `data` (206, ETag "v1"): for the certificate-verification tests. Null without openssl.
+ * `cert` is the PEM file a client must trust; `close()` drops every connection.
+ */
+export async function selfSignedRangeServer(dir: string, data: Uint8Array): Promise<{ origin: string; cert: string; close: () => void } | null> {
+  if (findProgram('openssl') === null) return null;
+  const key = path.join(dir, 'key.pem');
+  const cert = path.join(dir, 'cert.pem');
+  const r = spawnSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '1', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1'], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`openssl req failed: ${r.stderr}`);
+  const size = data.length;
+  const server = https.createServer({ key: fs.readFileSync(key), cert: fs.readFileSync(cert) }, (req, res) => {
+    const m = /^bytes=(\d+)-(\d+)$/.exec(req.headers.range ?? '')!;
+    const a = Number(m[1]);
+    const z = Math.min(Number(m[2]), size - 1);
+    res.writeHead(206, { 'Content-Range': `bytes ${a}-${z}/${size}`, 'Content-Length': String(z - a + 1), ETag: '"v1"' });
+    res.end(data.subarray(a, z + 1));
+  });
+  await new Promise<void>((ok) => server.listen(0, '127.0.0.1', ok));
+  const origin = `https://127.0.0.1:${(server.address() as net.AddressInfo).port}`;
+  return {
+    origin,
+    cert,
+    close: () => {
+      server.closeAllConnections();
+      server.close();
+    },
+  };
 }
