@@ -23,6 +23,7 @@ import { FvdError } from '../fvd/errors.js';
 import { ReadOnlySource } from './read-only-source.js';
 import { Limiter, allSettledOrThrow, splitRange } from './limiter.js';
 import { BudgetSpent, TransientError, retryOptions, withRetries, type RetryOptions } from './retry.js';
+import { CoveredRanges } from './covered-ranges.js';
 import type { RemoteStats } from './http-source.js';
 import {
   CMD_BLOCK_STATUS,
@@ -56,6 +57,12 @@ export interface NbdSourceOptions {
 
 /** Block status descriptors kept at most (memory bound); past them nothing is known to be zero. */
 const MAX_ZERO_RUNS = 1 << 20;
+/**
+ * Reply chunks one request may take. A real server splits a read at its extents (qemu-nbd: the
+ * image's clusters; nbdkit: the file's holes): a 32 MiB request (the largest request-size) at
+ * 2 KiB extents is 16384 chunks. More is a broken or hostile server, refused as a protocol error.
+ */
+const MAX_REPLY_CHUNKS = 16384;
 
 interface Pending {
   cookie: number;
@@ -64,8 +71,10 @@ interface Pending {
   length: number;
   /** READ: where the data goes. */
   buf: Uint8Array | null;
-  /** READ: [start, end) ranges covered so far (relative to offset). */
-  covered: Array<[number, number]>;
+  /** READ: the ranges reply chunks covered so far (relative to offset). */
+  covered: CoveredRanges;
+  /** Structured reply chunks received (bounded: MAX_REPLY_CHUNKS). */
+  chunks: number;
   /** Data bytes received (bytes fetched). */
   dataBytes: number;
   error: Error | null;
@@ -136,7 +145,7 @@ class Connection {
     if (this.dead) return Promise.reject(this.dead);
     const cookie = this.nextCookie++;
     return new Promise<Pending>((resolve, reject) => {
-      const p: Pending = { cookie, type, offset, length, buf, covered: [], dataBytes: 0, error: null, extents: [], resolve: () => resolve(p), reject };
+      const p: Pending = { cookie, type, offset, length, buf, covered: new CoveredRanges(), chunks: 0, dataBytes: 0, error: null, extents: [], resolve: () => resolve(p), reject };
       this.pending.set(cookie, p);
       const req = Buffer.alloc(28);
       req.writeUInt32BE(REQUEST_MAGIC, 0);
@@ -259,7 +268,7 @@ class Connection {
         this.dataTarget = p.buf;
         this.dataPos = 0;
         this.payloadLeft = p.length;
-        p.covered.push([0, p.length]);
+        if (p.length > 0) p.covered.add(0, p.length);
         if (p.length === 0) this.endPayload();
         return;
       }
@@ -271,6 +280,7 @@ class Connection {
     this.chunkType = h.readUInt16BE(6);
     const p = this.peek(h.readUInt32BE(8), h.readUInt32BE(12));
     if (!p) return;
+    if (++p.chunks > MAX_REPLY_CHUNKS) return this.protocolError(`more than ${MAX_REPLY_CHUNKS} reply chunks for one request`);
     this.cur = p;
     const len = h.readUInt32BE(16);
     this.payloadLeft = len;
@@ -316,12 +326,10 @@ class Connection {
       this.protocolError(`reply chunk ${off}+${n} outside the request ${p.offset}+${p.length}`);
       return false;
     }
-    for (const [s, e] of p.covered)
-      if (a < e && s < z) {
-        this.protocolError(`overlapping reply chunks at ${off}`);
-        return false;
-      }
-    p.covered.push([a, z]);
+    if (!p.covered.add(a, z)) {
+      this.protocolError(`overlapping reply chunks at ${off}`);
+      return false;
+    }
     return true;
   }
 
@@ -356,8 +364,9 @@ class Connection {
       this.pending.delete(p.cookie);
       if (p.error) return this.finish(p, p.error);
       if (p.type === CMD_READ) {
-        const sum = p.covered.reduce((s, [a, z]) => s + (z - a), 0);
-        if (sum !== p.length) return this.finish(p, new TransientError(`read reply covered ${sum} of ${p.length} bytes`));
+        // Ranges never overlap (cover() refuses that), so whole coverage is one range [0, length).
+        if (p.length > 0 && !p.covered.coversWhole(p.length))
+          return this.finish(p, new TransientError(`read reply covered ${p.covered.bytes()} of ${p.length} bytes`));
       }
       this.finish(p, null);
     }

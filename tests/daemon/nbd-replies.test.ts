@@ -19,6 +19,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import path from 'node:path';
 import { NbdSource } from '../../storage/nbd-source.js';
+import { CoveredRanges } from '../../storage/covered-ranges.js';
 import { FvdError } from '../../fvd/errors.js';
 import { FakeNbd, type NbdFault } from '../helpers/fake-nbd.js';
 import { Rng } from '../helpers/rng.js';
@@ -216,6 +217,62 @@ test('without structured replies (simple replies, data after the header): reads 
       await src.close();
     }
   });
+});
+
+test('a read split into one-byte chunks in shuffled order (4000 chunks) reads right; one of 40000 chunks is refused as a protocol error, not worked through', async () => {
+  await withServer({ structured: true }, 27, async (server) => {
+    server.splitReads = 1;
+    const src = await NbdSource.open(server.url, { requestBytes: 64 * KiB, retry: ONE_ATTEMPT });
+    try {
+      const small = new Uint8Array(4000).fill(SENTINEL);
+      await within(8000, 'read in 4000 chunks', src.read(small, OFFSET));
+      assertExport(small, OFFSET, 'one-byte chunks');
+      assert.is(src.stats.retries, 0);
+      const big = new Uint8Array(LENGTH).fill(SENTINEL);
+      const err = await within(8000, 'read in 40000 chunks', src.read(big, OFFSET).then(() => null, (e: unknown) => e));
+      assert.ok(err instanceof FvdError, `a reply of ${LENGTH} chunks was accepted`);
+      assert.match(err.message, /^nbd\+unix:.*: bytes 12345-52344: protocol error: more than 16384 reply chunks for one request \(gave up after \d+ attempts in [\d.]+ s\)$/);
+      assertNothingForeign(big, OFFSET, 'after the refused reply');
+    } finally {
+      await src.close();
+    }
+  });
+});
+
+test('CoveredRanges against a byte map: random chunks accepted iff they overlap nothing, merged, whole coverage seen exactly', () => {
+  const rng = new Rng(28);
+  for (let round = 0; round < 300; round++) {
+    const length = 1 + rng.int(300);
+    const map = new Uint8Array(length);
+    const c = new CoveredRanges();
+    for (let k = 0; k < 60; k++) {
+      const a = rng.int(length);
+      const z = a + 1 + rng.int(Math.min(length - a, 1 + rng.int(40)));
+      const free = map.subarray(a, z).every((v) => v === 0);
+      assert.is(c.add(a, z), free, `round ${round}: [${a}, ${z}) over ${Array.from(map).join('')}`);
+      if (free) map.fill(1, a, z);
+      let bytes = 0;
+      let runs = 0;
+      for (let i = 0; i < length; i++) {
+        bytes += map[i]!;
+        if (map[i] && (i === 0 || !map[i - 1])) runs++;
+      }
+      assert.is(c.bytes(), bytes);
+      assert.is(c.ranges, runs, 'touching ranges are not merged');
+      assert.is(c.coversWhole(length), bytes === length);
+    }
+  }
+  // A partition added in a random order ends as one range.
+  const cuts = [0, 100, 101, 250, 251, 252, 400];
+  const parts = cuts.slice(1).map((z, i) => [cuts[i]!, z] as const);
+  for (let i = parts.length - 1; i > 0; i--) {
+    const j = rng.int(i + 1);
+    [parts[i], parts[j]] = [parts[j]!, parts[i]!];
+  }
+  const c = new CoveredRanges();
+  for (const [a, z] of parts) assert.ok(c.add(a, z));
+  assert.ok(c.coversWhole(400));
+  assert.is(c.ranges, 1);
 });
 
 test.after(() => tmp.cleanup());

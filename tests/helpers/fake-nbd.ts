@@ -86,6 +86,8 @@ export class FakeNbd {
   /** Read replies built so far, and how many of them were garbled. */
   readReplies = 0;
   faultsSent = 0;
+  /** When > 0: well-formed structured read replies come in pieces of this many bytes (shuffled). */
+  splitReads = 0;
   /** Connections accepted (a client that dropped one after a protocol error makes another). */
   connections = 0;
 
@@ -344,10 +346,11 @@ export class FakeNbd {
     return chunks;
   }
 
-  /** A read's reply: its range in 1-4 pieces, each OFFSET_DATA or (all zeros) OFFSET_HOLE, shuffled. */
+  /** A read's reply: its range in 1-4 pieces (or splitReads-byte ones), each OFFSET_DATA or (all zeros) OFFSET_HOLE, shuffled. */
   private readReply(cookie: Buffer, offset: number, length: number): Buffer[] {
     const cuts = new Set([0, length]);
-    for (let i = this.rng.int(4); i > 0; i--) cuts.add(this.rng.int(length));
+    if (this.splitReads > 0) for (let c = this.splitReads; c < length; c += this.splitReads) cuts.add(c);
+    else for (let i = this.rng.int(4); i > 0; i--) cuts.add(this.rng.int(length));
     const at = [...cuts].sort((a, b) => a - b);
     const chunks: Buffer[] = [];
     for (let i = 0; i + 1 < at.length; i++) {
