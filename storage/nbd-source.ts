@@ -352,8 +352,12 @@ class Connection {
       p.buf!.fill(0, off - p.offset, off - p.offset + n);
     } else if (t === REPLY_TYPE_BLOCK_STATUS) {
       const ctx = this.small.readUInt32BE(0);
-      if (ctx === this.n.allocationContext)
+      if (ctx === this.n.allocationContext) {
+        // Exactly one status chunk per context (the NBD protocol's MUST); a second would also let a
+        // server grow this list without bound (each chunk may carry 2^20 descriptors).
+        if (p.extents.length > 0) return this.protocolError('a second BLOCK_STATUS chunk for base:allocation');
         for (let o = 4; o < this.small.length; o += 8) p.extents.push(this.small.readUInt32BE(o), this.small.readUInt32BE(o + 4));
+      }
     } else if (t & REPLY_TYPE_ERROR_BIT) {
       const errno = this.small.readUInt32BE(0);
       const mlen = this.small.readUInt16BE(4);

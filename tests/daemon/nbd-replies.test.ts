@@ -239,6 +239,28 @@ test('a read split into one-byte chunks in shuffled order (4000 chunks) reads ri
   });
 });
 
+for (const [fault, message] of [['twice', /a second BLOCK_STATUS chunk for base:allocation/], ['misaligned', /bad BLOCK_STATUS chunk/]] as const) {
+  test(`block status reply ${fault}: the open (which maps the zero extents) fails in one line naming it; without the map the export reads right`, async () => {
+    await withServer({ structured: true }, 29, async (server) => {
+      server.statusFault = fault;
+      const err = await within(8000, 'open', NbdSource.open(server.url, { retry: ONE_ATTEMPT }).then(() => null, (e: unknown) => e));
+      assert.ok(err instanceof FvdError, `an open over a bad block status reply succeeded: ${String(err)}`);
+      assert.is(err.code, 'EIO');
+      assert.not.match(err.message, /\n/);
+      assert.match(err.message, message);
+      assert.match(err.message, /: block status at 0: /);
+      const src = await NbdSource.open(server.url, { retry: ONE_ATTEMPT, mapZeroes: false });
+      try {
+        const buf = new Uint8Array(LENGTH).fill(SENTINEL);
+        await within(8000, 'read', src.read(buf, OFFSET));
+        assertExport(buf, OFFSET, 'without the zero map');
+      } finally {
+        await src.close();
+      }
+    });
+  });
+}
+
 test('CoveredRanges against a byte map: random chunks accepted iff they overlap nothing, merged, whole coverage seen exactly', () => {
   const rng = new Rng(28);
   for (let round = 0; round < 300; round++) {

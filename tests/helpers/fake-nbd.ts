@@ -86,6 +86,8 @@ export class FakeNbd {
   /** Read replies built so far, and how many of them were garbled. */
   readReplies = 0;
   faultsSent = 0;
+  /** Block status replies: 'twice' sends the status chunk twice (the protocol allows one per context), 'misaligned' with a payload of 4 + 8n + 4 bytes. */
+  statusFault: 'twice' | 'misaligned' | null = null;
   /** When > 0: well-formed structured read replies come in pieces of this many bytes (shuffled). */
   splitReads = 0;
   /** Connections accepted (a client that dropped one after a protocol error makes another). */
@@ -382,9 +384,10 @@ export class FakeNbd {
       if (desc.length && desc[desc.length - 1] === flags) desc[desc.length - 2]! += n;
       else desc.push(n, flags);
     }
-    const p = Buffer.alloc(4 + 4 * desc.length);
+    const p = Buffer.alloc(4 + 4 * desc.length + (this.statusFault === 'misaligned' ? 4 : 0));
     p.writeUInt32BE(CONTEXT_ID, 0);
     for (let i = 0; i < desc.length; i++) p.writeUInt32BE(desc[i]!, 4 + 4 * i);
+    if (this.statusFault === 'twice') return [this.chunk(cookie, 5, false, p), this.chunk(cookie, 5, true, p)];
     return [this.chunk(cookie, 5, true, p)];
   }
 }
