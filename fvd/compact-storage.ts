@@ -24,8 +24,8 @@ export class CompactStorage {
     private readonly dataOffset: number,
     blockSize: number,
     private readonly chunkSize: number,
-    /** The virtual disk's size. */
-    private readonly size: number,
+    /** The virtual disk's size (grows with a served image: grow). */
+    private size: number,
     private readonly table: Uint32Array,
     private readonly snap: SnapshotState,
     private readonly alloc: ChunkAllocator,
@@ -33,6 +33,14 @@ export class CompactStorage {
     private readonly journal: Journal | null,
   ) {
     this.storageMap = storageLayout(dataOffset, blockSize, chunkSize, table);
+  }
+
+  /**
+   * The disk grew (FvdImage.growOnline) after the table did: a write reaching the old end no
+   * longer covers the last chunk whole, so its allocation zeroes the rest of the chunk.
+   */
+  grow(size: number): void {
+    this.size = size;
   }
 
   read(buf: Uint8Array, offset: number): Promise<void> {

@@ -23,6 +23,7 @@ import {
   INCOMPAT_COMPACT,
   INCOMPAT_DIRTY,
   INCOMPAT_ENCRYPTED,
+  MAX_JOURNAL_SEQ,
   MAX_VIRTUAL_SIZE,
   SECTOR,
   encodeHeader,
@@ -69,6 +70,8 @@ export class FvdImage {
    * memory, written before the kernel is told the new size (docs/DESIGN.md §2.1).
    */
   private readonly sharedSize = new Float64Array(new SharedArrayBuffer(8));
+  /** The last online grow (growOnline runs one at a time). */
+  private growing: Promise<unknown> = Promise.resolve();
   readonly blockSize: number;
   readonly chunkSize: number;
   readonly compact: boolean;
@@ -719,8 +722,9 @@ export class FvdImage {
 
   /**
    * Grows the virtual disk of an image that is being served (`fvd resize` of a served image,
-   * docs/DESIGN.md §8). Scope: raw-like images whose base (if any) ends at or before the current
-   * end; the metadata layout does not change (the bitmap covers the base only). Encrypted images
+   * docs/DESIGN.md §8). Scope: images whose base (if any) ends at or before the current end (the
+   * bitmap covers the base only, so it does not change); compact images without snapshots, whose
+   * table grows and pushes the journal (growCompactOnline). Encrypted images
    * too: the zeroed range reads as zero plaintext by the all-zero-sector rule (FORMAT.md §11.3). Anything else throws a one-line EINVAL error naming the offline way.
    *
    * Order (crash consistency): the new range of the file is zeroed and made durable first (an
@@ -730,7 +734,14 @@ export class FvdImage {
    * was acknowledged before, so no acknowledged write is lost either way. The in-memory size
    * (and the workers' copy) grows last: the caller tells the kernel only after this resolves.
    */
-  async growOnline(newSize: number): Promise<{ oldSize: number; newSize: number }> {
+  growOnline(newSize: number): Promise<{ oldSize: number; newSize: number }> {
+    // One grow at a time: a second `fvd resize` starts from the size the first one left.
+    const run = this.growing.then(() => this.growOnlineNow(newSize));
+    this.growing = run.catch(() => {});
+    return run;
+  }
+
+  private async growOnlineNow(newSize: number): Promise<{ oldSize: number; newSize: number }> {
     this.checkWritable('grow');
     if (this.closed) throw new FvdError(`${this.path}: image is closed`, 'EINVAL');
     const V = this.virtualSize;
@@ -742,12 +753,23 @@ export class FvdImage {
     if (V2 === V) return { oldSize: V, newSize: V };
     const offline = 'stop the server and resize it offline';
     const refuse = (why: string) => new FvdError(`resize: ${this.path}: cannot grow a served ${why}; ${offline}`, 'EINVAL');
-    if (this.table) throw refuse('compact image (its lookup table would grow)');
     if (this.base && !this.allLocal && h.baseSize > V) throw refuse('image whose base extends past its end (the bitmap would grow)');
     // The block holding an unaligned old end: if the base reaches into it and it is not local,
     // the base's bytes past the old end would show (the offline resize copies it in).
     if (this.base && !this.allLocal && V % this.blockSize !== 0 && h.baseSize > Math.floor(V / this.blockSize) * this.blockSize)
       throw refuse('image whose last block still reads from its base');
+    if (this.table) {
+      // A snapshot is bound to the size it was taken at (FORMAT.md §10.10), as offline.
+      if (this.snap!.dir.entries.length)
+        throw new FvdError(`resize: ${this.path} has internal snapshots: a snapshot is bound to the size it was taken at; delete the snapshots first (fvd snapshot -d NAME)`, 'EINVAL');
+      await this.growCompactOnline(V, V2);
+      this.compactStorage!.grow(V2);
+      this.virtualSize = V2;
+      this.bitmapEnd = Math.min(this.baseBlocks * this.blockSize, V2);
+      this.copierDisk.size = V2;
+      this.sharedSize[0] = V2;
+      return { oldSize: V, newSize: V2 };
+    }
     const file = this.file;
     const end = h.dataOffset + V;
     const newEnd = h.dataOffset + V2;
@@ -765,6 +787,66 @@ export class FvdImage {
     this.copierDisk.size = V2;
     this.sharedSize[0] = V2;
     return { oldSize: V, newSize: V2 };
+  }
+
+  /**
+   * growOnline of a compact image (FORMAT.md §12.5, "A served compact image"): the table grows at
+   * its offset into the journal's space, so the journal moves up and may shrink, exactly as the
+   * offline layout plan places it (planLayout); the bitmap does not change (growOnline refused a
+   * base past the old end). Inside Journal.relocate, i.e. with the log just emptied by a
+   * checkpoint and no commit able to run: the new entries' bytes, which lie in the old journal
+   * (nothing in it is live after the checkpoint), are written 0xFF and made durable, then one
+   * header write switches size, table length and journal (journal_start_seq moved past every
+   * number the old region holds). A power cut before that write leaves the old disk (replay
+   * finds an empty log), after it the new one. The shared table and snapshot flags grow in place
+   * (growable buffers: the queue workers' views follow) before the caller raises the sizes.
+   */
+  private async growCompactOnline(V: number, V2: number): Promise<void> {
+    const { planLayout } = await import('./maintenance/metadata-switch.js');
+    const h = this.header;
+    const cs = this.chunkSize;
+    const table = this.table!;
+    const plan = planLayout('resize', this.path, h, V2, h.baseSize);
+    const L = plan.layout;
+    if (plan.tempTable !== null || L.tableOffset !== h.tableOffset || L.bitmapLength !== h.bitmapLength)
+      throw new Error(`internal error: a served grow of ${this.path} would move the table or the bitmap`);
+    const chunks = Math.ceil(V2 / cs);
+    const tableBuf = table.buffer as SharedArrayBuffer;
+    if (!tableBuf.growable || chunks * 4 > tableBuf.maxByteLength) throw new Error(`internal error: the lookup table of ${this.path} cannot grow to ${chunks} entries`);
+    // The chunk holding an unaligned old end: its storage past the end may hold stale bytes (a
+    // crashed shrink, a copy that stopped at the end) that would join the disk. A chunk being
+    // allocated now gets its whole storage zeroed by the allocation itself.
+    if (V % cs !== 0) {
+      const id = table[Math.floor(V / cs)]!;
+      if (id !== CHUNK_EMPTY) await this.file.zeroRange(h.dataOffset + id * cs + (V % cs), cs - (V % cs));
+    }
+    await this.journal!.relocate(async () => {
+      const live = this.header;
+      let { journalOffset, journalLength } = L;
+      let journalStartSeq = live.journalStartSeq;
+      if (journalOffset !== live.journalOffset || journalLength !== live.journalLength) {
+        // Stale sectors of the old region must never match a number replay looks for (§12.2).
+        journalStartSeq = live.journalStartSeq + live.journalLength / SECTOR + 1;
+        if (journalStartSeq > MAX_JOURNAL_SEQ) {
+          journalStartSeq = live.journalStartSeq;
+          journalOffset = journalLength = 0;
+        }
+      }
+      // The new entries (unmapped): the old padding is 0xFF already (the checkpoint wrote it).
+      const from = live.tableOffset + live.tableLength;
+      const to = live.tableOffset + L.tableLength;
+      if (to > from) await this.file.write(new Uint8Array(to - from).fill(0xff), from);
+      await this.file.flush();
+      const next: Header = { ...live, virtualSize: V2, tableLength: L.tableLength, journalOffset, journalLength, journalStartSeq };
+      await this.file.write(encodeHeader(next), 0);
+      await this.file.flush();
+      Object.assign(live, next);
+      const old = table.length;
+      tableBuf.grow(chunks * 4);
+      table.fill(CHUNK_EMPTY, old);
+      this.snap!.growShared(chunks);
+      return { offset: journalOffset, length: journalLength, startSeq: journalStartSeq };
+    });
   }
 
   /**

@@ -217,7 +217,7 @@ export interface PendingSink extends JournalSink {
 export class Journal {
   pending = new PendingRecords();
   private log: PendingSink | null = null;
-  private readonly nsec: number;
+  private nsec: number;
   private used: number; // sectors written since the last checkpoint
   private chain: Promise<void> = Promise.resolve();
   private queuedCommit: Promise<void> | null = null;
@@ -226,7 +226,7 @@ export class Journal {
 
   constructor(
     private readonly file: BlockFile,
-    private readonly offset: number,
+    private offset: number,
     length: number,
     private nextSeq: number,
     usedSectors: number,
@@ -284,6 +284,26 @@ export class Journal {
   /** Writes all metadata in place and empties the log (clean close, `check --repair`). */
   checkpoint(): Promise<void> {
     const p = this.chain.then(() => this.runCheckpoint(null));
+    this.chain = p.catch(() => {});
+    return p;
+  }
+
+  /**
+   * Moves the log (a served compact image's grow, FvdImage.growOnline): in the journal's order —
+   * after every commit queued before this call, before any queued after — a checkpoint empties
+   * the log (every record queued so far joins it), then `change` rewrites the layout while no
+   * commit can run and returns where the log now lives. If `change` throws, the log stays where
+   * it was (its records are in place already); the error goes to the caller.
+   */
+  relocate(change: () => Promise<{ offset: number; length: number; startSeq: number }>): Promise<void> {
+    const p = this.chain.then(async () => {
+      await this.runCheckpoint(null);
+      const r = await change();
+      this.offset = r.offset;
+      this.nsec = r.length / SECTOR;
+      this.nextSeq = r.startSeq;
+      this.used = 0;
+    });
     this.chain = p.catch(() => {});
     return p;
   }

@@ -1,3 +1,4 @@
+/// <reference lib="es2024.sharedmemory" />
 /**
  * Loading an image's metadata — the one implementation behind every opener of an FVD image file:
  * the engine (FvdImage.fromParts, fvd/image.ts) and offline maintenance (OfflineImage,
@@ -119,10 +120,10 @@ export async function readMaps(
   if (header.bitmapLength) await file.read(bitmap.subarray(0, header.bitmapLength), header.bitmapOffset);
   let table: Uint32Array | null = null;
   if (header.incompatible & INCOMPAT_COMPACT) {
-    const bytes = new Uint8Array(options.shared ? new SharedArrayBuffer(header.tableLength) : new ArrayBuffer(header.tableLength));
-    await file.read(bytes, header.tableOffset);
     // The table is little-endian on disk; so is every platform this runs on (x86-64, arm64).
-    table = new Uint32Array(bytes.buffer, 0, chunksOf(header));
+    // Only the entries are read: readers ignore the padding (FORMAT.md §4.2).
+    table = options.shared ? growableTable(header) : new Uint32Array(chunksOf(header));
+    await file.read(new Uint8Array(table.buffer, 0, table.length * 4), header.tableOffset);
   }
   const dirty = (header.incompatible & INCOMPAT_DIRTY) !== 0n;
   let nextSeq = header.journalStartSeq;
@@ -151,6 +152,19 @@ export async function readMaps(
   // by the snapshot's saved table (validated there, fvd/snapshot.ts), so it is not checked here.
   if (table && !header.revertSnapshotId) validateTable(imagePath, table, header, file, dirty);
   return { bitmap, table, dirty, nextSeq, replayedSectors, appliedPending };
+}
+
+/**
+ * The served engine's table: a length-tracking view of a growable SharedArrayBuffer holding
+ * exactly the chunk count's entries, so a served image grows it in place (FvdImage.growOnline)
+ * and every holder — mapping layouts, allocator, the queue workers' cloned views — sees the new
+ * length at once. It can grow up to data_offset (the table never moves while served); only the
+ * pages it uses are committed.
+ */
+export function growableTable(header: Header): Uint32Array {
+  const bytes = chunksOf(header) * 4;
+  const room = Math.floor((header.dataOffset - header.tableOffset) / 4) * 4;
+  return new Uint32Array(new SharedArrayBuffer(bytes, { maxByteLength: Math.max(bytes, room) }));
 }
 
 /** Chunks of the virtual disk: entries of the lookup table that mean something. */

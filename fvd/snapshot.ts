@@ -107,8 +107,19 @@ export class SnapshotState {
    */
   readonly shared: Uint8Array;
 
-  constructor(chunks: number) {
-    this.shared = new Uint8Array(new SharedArrayBuffer(Math.max(chunks, 1)));
+  /**
+   * `maxChunks`: how far a served image may grow its table (FvdImage.growOnline); `shared` is a
+   * length-tracking view of a growable buffer, so the queue workers' copies follow a grow.
+   */
+  constructor(chunks: number, maxChunks = chunks) {
+    const n = Math.max(chunks, 1);
+    this.shared = new Uint8Array(new SharedArrayBuffer(n, { maxByteLength: Math.max(n, maxChunks) }));
+  }
+
+  /** A served image grew to `chunks` chunks: the new ones share nothing (flags 0). */
+  growShared(chunks: number): void {
+    const buf = this.shared.buffer as SharedArrayBuffer;
+    if (chunks > buf.byteLength) buf.grow(chunks);
   }
 
   refcount(id: number): number {
@@ -173,7 +184,8 @@ export async function loadSnapshotState(
   present: Uint8Array,
   recount = false,
 ): Promise<{ state: SnapshotState; redo: boolean }> {
-  const st = new SnapshotState(table.length);
+  // Room to grow as far as the table can (growableTable, fvd/metadata.ts).
+  const st = new SnapshotState(table.length, Math.floor((h.dataOffset - h.tableOffset) / 4));
   if (!(h.incompatible & INCOMPAT_SNAPSHOTS)) return { state: st, redo: false };
   const dirBuf = new Uint8Array(h.snapshotsLength);
   const refBuf = new Uint8Array(h.refcountLength);

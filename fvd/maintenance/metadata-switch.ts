@@ -21,7 +21,7 @@ import {
   type Header,
 } from '../format.js';
 import { testBit } from '../bitmap.js';
-import { chunksOf } from '../metadata.js';
+import { chunksOf, tableRegionOf } from '../metadata.js';
 import { baseBlocksOf, type OfflineImage } from './offline-image.js';
 
 type Layout = Pick<Header, 'bitmapOffset' | 'bitmapLength' | 'tableOffset' | 'tableLength' | 'journalOffset' | 'journalLength'>;
@@ -157,7 +157,7 @@ export async function switchTo(img: OfflineImage, t: SwitchTarget): Promise<void
 
   if (t.plan.tempTable !== null) {
     // Step 1: the table to a place neither region of the new layout covers; no journal meanwhile.
-    await file.write(new Uint8Array(img.table!.buffer), t.plan.tempTable);
+    await file.write(tableRegionOf(live, img.table!), t.plan.tempTable);
     await file.flush();
     await img.writeHeader({ ...live, tableOffset: t.plan.tempTable, journalOffset: 0, journalLength: 0 });
   }

@@ -303,4 +303,27 @@ test('power cut during a compact grow that moves the journal for a larger table'
   });
 });
 
+test('power cut during a served compact grow (growOnline: checkpoint, table into the journal space, one header write)', async () => {
+  // The image is open (dirty, records in its journal not yet checkpointed) when it grows, as a
+  // served image is; after a cut it reads the old disk or the grown one, and growing again
+  // completes it.
+  await crashRun('online grow', async (io) => {
+    await create(io, `${D}/img.fvd`, { size: 512 * KiB, layout: 'compact', blockSize: 4 * KiB, chunkSize: 4 * KiB, journalSize: 16 * KiB });
+    await writeParts(io, `${D}/img.fvd`, [[0, pattern(64 * KiB, 1)], [500 * KiB, pattern(12 * KiB, 2)]], true);
+    const before = await readDisk(io, `${D}/img.fvd`);
+    const after = new Uint8Array(8 * 1024 * KiB);
+    after.set(before);
+    return {
+      image: `${D}/img.fvd`,
+      before,
+      after,
+      run: async (x) => {
+        const img = await FvdImage.open(x, `${D}/img.fvd`, { copyOnRead: false });
+        await img.growOnline(8 * 1024 * KiB);
+        await img.close();
+      },
+    };
+  });
+});
+
 test.run();

@@ -18,7 +18,10 @@
 # and the files.  Before 6.14: one line saying the kernel lacks UBLK_F_UPDATE_SIZE (6.14+) and the
 # image is unchanged; the device and, after the stop, the image keep 64M.  From 6.14 also an
 # encrypted 4M image grown to 8M while served: the new range reads zeros, data past the old end
-# reads back after a re-serve.  From 6.14 also a grow interrupted between the header write and
+# reads back after a re-serve.  From 6.14 also a compact image (64K chunks) with ext4 mounted
+# grown from 64M to 128M: its table grows from one page to two and the journal moves up a page
+# (header fields read with od), resize2fs grows the ext4, the files verify after a re-serve and
+# fvd check is clean.  From 6.14 also a grow interrupted between the header write and
 # UPDATE_SIZE (grow_recovery_round; the test hook FVD_TEST_FAULT=grow-after-header SIGKILLs the
 # server there) on ext4 mounted on a 64M image served with --recovery-wait: the waiting device
 # keeps 64M while the header says 128M; a serve that pretends the kernel lacks UPDATE_SIZE
@@ -113,6 +116,36 @@ resize_round() {
         check_dev_equals "[resize] encrypted, re-served: data past the old end" "$SERVE_DEV" $((6 * M)) 33.bin
         serve_stop "encrypted, re-served"
 
+        # A compact image grows too: at 64K chunks its lookup table fills one page at 64M and
+        # needs two at 128M, so the table grows into the journal's space and the journal moves
+        # up (FORMAT.md §12.5) under the mounted filesystem.
+        must "fvd create --layout compact --chunk-size 64K cg.fvd 64M" fvd create --layout compact --chunk-size 64K cg.fvd 64M
+        local j0
+        j0=$(header_u64 cg.fvd 104)
+        expect "[resize] compact: the table is one page" "$(header_u64 cg.fvd 96)" 4096
+        serve_must cg.fvd
+        check "[resize] compact: mkfs.ext4 $SERVE_DEV" t mkfs.ext4 -q -F "$SERVE_DEV"
+        mkdir -p "$D/k"
+        if ensure "[resize] compact: mount $SERVE_DEV" t mount -t ext4 "$SERVE_DEV" "$D/k"; then
+            random_file "$D/k/a.bin" 8
+            (cd "$D/k" && sha256sum a.bin > "$D/ksums")
+            sync
+            check "[resize] fvd resize cg.fvd +64M of a served compact image" fvd resize cg.fvd +64M
+            expect "[resize] compact: blockdev --getsize64 $SERVE_DEV shows the new size" "$(blockdev --getsize64 "$SERVE_DEV")" $((128 * M))
+            expect "[resize] compact: the header has the two-page table at once" "$(header_u64 cg.fvd 96)" 8192
+            expect "[resize] compact: the journal moved up by a page" "$(header_u64 cg.fvd 104)" $((j0 + 4096))
+            grow_mounted_ext4 "[resize] compact:" "$D/k" "$D/ksums" $((128 * M))
+        fi
+        serve_stop "compact, resized"
+        expect "[resize] compact: the image keeps 128M" "$(size_of cg.fvd)" $((128 * M))
+        check "[resize] compact: fvd check cg.fvd clean" fvd check cg.fvd
+        serve_must cg.fvd
+        if ensure "[resize] compact: mount after re-serving" t mount -t ext4 "$SERVE_DEV" "$D/k"; then
+            check "[resize] compact: the files verify after re-serving" bash -c "cd '$D/k' && sha256sum -c '$D/ksums'"
+            check "[resize] compact: umount" t umount "$D/k"
+        fi
+        serve_stop "compact, re-served"
+
         grow_recovery_round
     else
         skip "[grow-recover] an online grow interrupted before UPDATE_SIZE: no online grow before 6.14"
@@ -128,6 +161,11 @@ resize_round() {
         expect "[resize] the image keeps 64M" "$(size_of r.fvd)" $((64 * M))
         check "[resize] fvd check r.fvd clean" fvd check r.fvd
     fi
+}
+
+# header_u64 IMAGE OFFSET: the little-endian u64 header field at OFFSET (docs/FORMAT.md §2).
+header_u64() {
+    od -An -tu8 -j "$2" -N 8 "$1" | tr -d ' '
 }
 
 # list_size DEV: the size fvd list --json records for DEV (its state file), or "none".
