@@ -9,7 +9,7 @@ KERNEL ?= 6.12
 FVD_VM_KERNEL ?= $(KERNEL)
 export FVD_VM_KERNEL
 
-.PHONY: all deps build test test-full fuzz crash-campaign demo demo-engine bench bench-dev bench-postmark-dev bench-prefetch-dev bench-trace-dev bench-recovery-dev bench-remote install clean
+.PHONY: all deps build test test-full fuzz crash-campaign demo demo-engine bench bench-dev bench-postmark-dev bench-prefetch-dev bench-trace-dev bench-recovery-dev bench-queues-dev bench-remote install clean
 
 all: build
 
@@ -103,6 +103,13 @@ bench-trace-dev: build
 bench-prefetch-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device-prefetch.sh; \
 	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-30} PHASE_MS=$${PHASE_MS:-2000} FVD_PREFETCH_TRACE=$${FVD_PREFETCH_TRACE:-} PREFETCH_SHARE=$${PREFETCH_SHARE:-10} PREFETCH_BASES="$${PREFETCH_BASES:-local}" PHASE_ORDERS="$${PHASE_ORDERS:-on}" bash bench/device-prefetch.sh; fi
+
+# What a second thread per queue could give (UBLK_F_PER_IO_DAEMON's load balancing): one image
+# served with 2 queues under a balanced and a one-CPU load, and with 1 queue
+# (bench/device-queues.sh), e.g. make bench-queues-dev KERNEL=7.3.
+bench-queues-dev: build
+	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device-queues.sh; \
+	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-10} BENCH_ROUNDS=$${BENCH_ROUNDS:-3} bash bench/device-queues.sh; fi
 
 # Daemon deaths under fio verify (MODE=kill: SIGKILL and serve again; MODE=takeover: live restart),
 # CYCLES times (default 20, the issue's figure is 100): errors and the pause the guest sees.
