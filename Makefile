@@ -106,10 +106,11 @@ bench-prefetch-dev: build
 
 # What a second thread per queue could give (UBLK_F_PER_IO_DAEMON's load balancing): one image
 # served with 2 queues under a balanced and a one-CPU load, and with 1 queue
-# (bench/device-queues.sh), e.g. make bench-queues-dev KERNEL=7.3.
+# (bench/device-queues.sh), e.g. make bench-queues-dev KERNEL=7.3; QUEUE_CONFIGS adds NAME-nospin
+# (the queue threads without polling).
 bench-queues-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device-queues.sh; \
-	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-10} BENCH_ROUNDS=$${BENCH_ROUNDS:-3} bash bench/device-queues.sh; fi
+	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-10} BENCH_ROUNDS=$${BENCH_ROUNDS:-3} QUEUE_CONFIGS="$${QUEUE_CONFIGS:-q2-split q2-pinned q1-split}" bash bench/device-queues.sh; fi
 
 # Daemon deaths under fio verify (MODE=kill: SIGKILL and serve again; MODE=takeover: live restart),
 # CYCLES times (default 20, the issue's figure is 100): errors and the pause the guest sees.

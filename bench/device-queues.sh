@@ -8,6 +8,8 @@
 #              CPU to its queue, so every request is queue 0's and one thread serves them all —
 #              the skewed load PER_IO_DAEMON's balancing is for
 #   q1-split   --queues 1; fio as q2-split: one thread for both CPUs' requests
+#   NAME-nospin  (only when named in QUEUE_CONFIGS) NAME with FVD_SPIN=0: the queue threads block
+#              in io_uring_enter at once instead of polling first (daemon/ublk/spin-policy.ts)
 # For each: IOPS, each queue thread's CPU share of the run (utime + stime of its task), the
 # daemon's CPU per I/O (µs), and how much of the machine was idle (/proc/stat). A second thread
 # for a queue can add IOPS only where that queue's thread is saturated (near 100 %) while CPU is
@@ -49,14 +51,15 @@ proc_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 cpu_idle() { awk '/^cpu / { print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
 
 run_config() { # config round
-  local cfg=$1 queues=2 fioargs=(--numjobs=2 --iodepth=8 --cpus_allowed=0,1 --cpus_allowed_policy=split)
-  case $cfg in
+  local cfg=$1 queues=2 fioargs=(--numjobs=2 --iodepth=8 --cpus_allowed=0,1 --cpus_allowed_policy=split) spin=()
+  case $cfg in *-nospin) spin=(env FVD_SPIN=0) ;; esac
+  case ${cfg%-nospin} in
     q2-split) ;;
     q2-pinned) fioargs=(--numjobs=1 --iodepth=16 --cpus_allowed=0) ;;
     q1-split) queues=1 ;;
     *) echo "unknown config $cfg"; exit 1 ;;
   esac
-  $FVD serve "$img" --queues "$queues" --depth 128 > "$dir/s.out" 2> "$dir/s.log" &
+  "${spin[@]}" $FVD serve "$img" --queues "$queues" --depth 128 > "$dir/s.out" 2> "$dir/s.log" &
   pid=$!
   for _ in $(seq 300); do grep -q /dev/ublkb "$dir/s.out" 2>/dev/null && break; sleep 0.1; done
   local dev tids

@@ -790,10 +790,10 @@ export class FvdImage {
   }
 
   /**
-   * growOnline of a compact image (FORMAT.md §12.5, "A served compact image"): the table grows at
-   * its offset into the journal's space, so the journal moves up and may shrink, exactly as the
-   * offline layout plan places it (planLayout); the bitmap does not change (growOnline refused a
-   * base past the old end). Inside Journal.relocate, i.e. with the log just emptied by a
+   * growOnline of a compact image (FORMAT.md §12.5, "Growing an image that is open"): the table
+   * grows at its offset into the journal's space, so the journal moves up and may shrink, exactly
+   * as the offline layout plan places it (planLayout); the bitmap does not change (growOnline
+   * refused a base past the old end). Inside Journal.relocate, i.e. with the log just emptied by a
    * checkpoint and no commit able to run: the new entries' bytes, which lie in the old journal
    * (nothing in it is live after the checkpoint), are written 0xFF and made durable, then one
    * header write switches size, table length and journal (journal_start_seq moved past every
