@@ -23,7 +23,6 @@ import {
   INCOMPAT_COMPACT,
   INCOMPAT_DIRTY,
   INCOMPAT_ENCRYPTED,
-  MAX_JOURNAL_SEQ,
   MAX_VIRTUAL_SIZE,
   SECTOR,
   encodeHeader,
@@ -764,10 +763,7 @@ export class FvdImage {
         throw new FvdError(`resize: ${this.path} has internal snapshots: a snapshot is bound to the size it was taken at; delete the snapshots first (fvd snapshot -d NAME)`, 'EINVAL');
       await this.growCompactOnline(V, V2);
       this.compactStorage!.grow(V2);
-      this.virtualSize = V2;
-      this.bitmapEnd = Math.min(this.baseBlocks * this.blockSize, V2);
-      this.copierDisk.size = V2;
-      this.sharedSize[0] = V2;
+      this.raiseSize(V2);
       return { oldSize: V, newSize: V2 };
     }
     const file = this.file;
@@ -782,11 +778,16 @@ export class FvdImage {
     await file.flush();
     h.virtualSize = V2;
     await this.journal!.checkpoint();
+    this.raiseSize(V2);
+    return { oldSize: V, newSize: V2 };
+  }
+
+  /** The last step of a grow, once the new size is durable: the engine's and the workers' size. */
+  private raiseSize(V2: number): void {
     this.virtualSize = V2;
     this.bitmapEnd = Math.min(this.baseBlocks * this.blockSize, V2);
     this.copierDisk.size = V2;
     this.sharedSize[0] = V2;
-    return { oldSize: V, newSize: V2 };
   }
 
   /**
@@ -802,7 +803,7 @@ export class FvdImage {
    * (growable buffers: the queue workers' views follow) before the caller raises the sizes.
    */
   private async growCompactOnline(V: number, V2: number): Promise<void> {
-    const { planLayout } = await import('./maintenance/metadata-switch.js');
+    const { movedJournal, planLayout } = await import('./maintenance/metadata-switch.js');
     const h = this.header;
     const cs = this.chunkSize;
     const table = this.table!;
@@ -822,22 +823,13 @@ export class FvdImage {
     }
     await this.journal!.relocate(async () => {
       const live = this.header;
-      let { journalOffset, journalLength } = L;
-      let journalStartSeq = live.journalStartSeq;
-      if (journalOffset !== live.journalOffset || journalLength !== live.journalLength) {
-        // Stale sectors of the old region must never match a number replay looks for (§12.2).
-        journalStartSeq = live.journalStartSeq + live.journalLength / SECTOR + 1;
-        if (journalStartSeq > MAX_JOURNAL_SEQ) {
-          journalStartSeq = live.journalStartSeq;
-          journalOffset = journalLength = 0;
-        }
-      }
+      const journal = movedJournal(live, L);
       // The new entries (unmapped): the old padding is 0xFF already (the checkpoint wrote it).
       const from = live.tableOffset + live.tableLength;
       const to = live.tableOffset + L.tableLength;
       if (to > from) await this.file.write(new Uint8Array(to - from).fill(0xff), from);
       await this.file.flush();
-      const next: Header = { ...live, virtualSize: V2, tableLength: L.tableLength, journalOffset, journalLength, journalStartSeq };
+      const next: Header = { ...live, virtualSize: V2, tableLength: L.tableLength, ...journal };
       await this.file.write(encodeHeader(next), 0);
       await this.file.flush();
       Object.assign(live, next);
@@ -845,7 +837,7 @@ export class FvdImage {
       tableBuf.grow(chunks * 4);
       table.fill(CHUNK_EMPTY, old);
       this.snap!.growShared(chunks);
-      return { offset: journalOffset, length: journalLength, startSeq: journalStartSeq };
+      return { offset: journal.journalOffset, length: journal.journalLength, startSeq: journal.journalStartSeq };
     });
   }
 

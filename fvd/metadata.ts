@@ -163,8 +163,12 @@ export async function readMaps(
  */
 export function growableTable(header: Header): Uint32Array {
   const bytes = chunksOf(header) * 4;
-  const room = Math.floor((header.dataOffset - header.tableOffset) / 4) * 4;
-  return new Uint32Array(new SharedArrayBuffer(bytes, { maxByteLength: Math.max(bytes, room) }));
+  return new Uint32Array(new SharedArrayBuffer(bytes, { maxByteLength: Math.max(bytes, maxTableEntries(header) * 4) }));
+}
+
+/** The most entries the table can hold at its offset, up to data_offset (it never moves while served). */
+export function maxTableEntries(header: Header): number {
+  return Math.floor((header.dataOffset - header.tableOffset) / 4);
 }
 
 /** Chunks of the virtual disk: entries of the lookup table that mean something. */

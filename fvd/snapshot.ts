@@ -18,6 +18,7 @@ import type { BlockFile } from './io.js';
 import type { SnapshotAllocator } from './allocator.js';
 import { CorruptImageError, FvdError } from './errors.js';
 import { allSet } from './bitmap.js';
+import { maxTableEntries } from './metadata.js';
 import { BASE_NONE, CHUNK_EMPTY, INCOMPAT_SNAPSHOTS, crc, encodeHeader, type Header } from './format.js';
 import {
   MAX_REFCOUNT,
@@ -185,7 +186,7 @@ export async function loadSnapshotState(
   recount = false,
 ): Promise<{ state: SnapshotState; redo: boolean }> {
   // Room to grow as far as the table can (growableTable, fvd/metadata.ts).
-  const st = new SnapshotState(table.length, Math.floor((h.dataOffset - h.tableOffset) / 4));
+  const st = new SnapshotState(table.length, maxTableEntries(h));
   if (!(h.incompatible & INCOMPAT_SNAPSHOTS)) return { state: st, redo: false };
   const dirBuf = new Uint8Array(h.snapshotsLength);
   const refBuf = new Uint8Array(h.refcountLength);

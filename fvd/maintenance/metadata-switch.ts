@@ -112,6 +112,24 @@ export function planPath(op: string, imagePath: string, cur: Header, curPath: st
   return { bytes, at, normalize: true, changed: true };
 }
 
+/**
+ * The journal fields of a header whose journal goes to `to` (FORMAT.md §12.2, §12.5): when its
+ * place or length changes, stale sectors of the old region must never match a sequence number
+ * replay looks for, so journal_start_seq passes every number the old region can hold. If that
+ * would pass 2^52 (only a damaged or hostile header gets there), the journal is dropped instead and
+ * the number kept: no journal rather than an invalid header; every flush then checkpoints.
+ */
+export function movedJournal(
+  live: Header,
+  to: Pick<Header, 'journalOffset' | 'journalLength'>,
+): Pick<Header, 'journalOffset' | 'journalLength' | 'journalStartSeq'> {
+  const { journalOffset, journalLength } = to;
+  if (journalOffset === live.journalOffset && journalLength === live.journalLength) return { journalOffset, journalLength, journalStartSeq: live.journalStartSeq };
+  const journalStartSeq = live.journalStartSeq + live.journalLength / SECTOR + 1;
+  if (journalStartSeq > MAX_JOURNAL_SEQ) return { journalOffset: 0, journalLength: 0, journalStartSeq: live.journalStartSeq };
+  return { journalOffset, journalLength, journalStartSeq };
+}
+
 export interface SwitchTarget {
   /** The complete new header (layout from planLayout; base fields; sizes; features). */
   header: Header;
@@ -133,20 +151,10 @@ export async function switchTo(img: OfflineImage, t: SwitchTarget): Promise<void
   const live = img.header;
   const liveBB = img.fullyLocal ? 0 : baseBlocksOf(live);
   const liveChunks = live.tableLength ? chunksOf(live) : 0;
-  // Stale sectors of a moved journal must never match a sequence number replay looks for: start
-  // past every number the old region can hold (FORMAT.md §12.2).
-  const journalMoved = t.header.journalOffset !== live.journalOffset || t.header.journalLength !== live.journalLength;
-  const h: Header = {
-    ...t.header,
-    journalStartSeq: journalMoved ? live.journalStartSeq + live.journalLength / SECTOR + 1 : live.journalStartSeq,
-  };
-  if (h.journalStartSeq > MAX_JOURNAL_SEQ) {
-    // Numbers used up (only a damaged or hostile header gets here): no journal rather than an
-    // invalid header; every flush then checkpoints (FORMAT.md §12.2).
-    h.journalStartSeq = live.journalStartSeq;
-    h.journalOffset = h.journalLength = 0;
-    t.plan.layout.journalOffset = t.plan.layout.journalLength = 0; // as the caller reports it
-  }
+  const j = movedJournal(live, t.header);
+  const h: Header = { ...t.header, ...j };
+  if (j.journalOffset !== t.header.journalOffset || j.journalLength !== t.header.journalLength)
+    t.plan.layout.journalOffset = t.plan.layout.journalLength = 0; // dropped: as the caller reports it
 
   // The new bitmap must agree with the live one on every bit the live header reads.
   for (let b = 0; b < liveBB; b++)

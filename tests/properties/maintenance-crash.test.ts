@@ -292,38 +292,34 @@ for (const layout of ['raw', 'compact'] as const) {
   });
 }
 
+/**
+ * A dirty compact image (4 KiB chunks, a 16 KiB journal) whose grow from 512 KiB to 8 MiB takes
+ * its table from one page to two, so the journal moves; `grow` is the operation under test.
+ */
+async function tableGrowCase(io: MemIo, grow: (x: IoBackend, image: string, size: number) => Promise<unknown>): Promise<Case> {
+  await create(io, `${D}/img.fvd`, { size: 512 * KiB, layout: 'compact', blockSize: 4 * KiB, chunkSize: 4 * KiB, journalSize: 16 * KiB });
+  await writeParts(io, `${D}/img.fvd`, [[0, pattern(64 * KiB, 1)], [500 * KiB, pattern(12 * KiB, 2)]], true);
+  const before = await readDisk(io, `${D}/img.fvd`);
+  const after = new Uint8Array(8 * 1024 * KiB);
+  after.set(before);
+  return { image: `${D}/img.fvd`, before, after, run: (x) => grow(x, `${D}/img.fvd`, 8 * 1024 * KiB) };
+}
+
 test('power cut during a compact grow that moves the journal for a larger table', async () => {
-  await crashRun('resize table', async (io) => {
-    await create(io, `${D}/img.fvd`, { size: 512 * KiB, layout: 'compact', blockSize: 4 * KiB, chunkSize: 4 * KiB, journalSize: 16 * KiB });
-    await writeParts(io, `${D}/img.fvd`, [[0, pattern(64 * KiB, 1)], [500 * KiB, pattern(12 * KiB, 2)]], true);
-    const before = await readDisk(io, `${D}/img.fvd`);
-    const after = new Uint8Array(8 * 1024 * KiB);
-    after.set(before);
-    return { image: `${D}/img.fvd`, before, after, run: (x) => resizeImage(x, `${D}/img.fvd`, 8 * 1024 * KiB) };
-  });
+  await crashRun('resize table', (io) => tableGrowCase(io, resizeImage));
 });
 
 test('power cut during a served compact grow (growOnline: checkpoint, table into the journal space, one header write)', async () => {
   // The image is open (dirty, records in its journal not yet checkpointed) when it grows, as a
   // served image is; after a cut it reads the old disk or the grown one, and growing again
   // completes it.
-  await crashRun('online grow', async (io) => {
-    await create(io, `${D}/img.fvd`, { size: 512 * KiB, layout: 'compact', blockSize: 4 * KiB, chunkSize: 4 * KiB, journalSize: 16 * KiB });
-    await writeParts(io, `${D}/img.fvd`, [[0, pattern(64 * KiB, 1)], [500 * KiB, pattern(12 * KiB, 2)]], true);
-    const before = await readDisk(io, `${D}/img.fvd`);
-    const after = new Uint8Array(8 * 1024 * KiB);
-    after.set(before);
-    return {
-      image: `${D}/img.fvd`,
-      before,
-      after,
-      run: async (x) => {
-        const img = await FvdImage.open(x, `${D}/img.fvd`, { copyOnRead: false });
-        await img.growOnline(8 * 1024 * KiB);
-        await img.close();
-      },
-    };
-  });
+  await crashRun('online grow', (io) =>
+    tableGrowCase(io, async (x, image, size) => {
+      const img = await FvdImage.open(x, image, { copyOnRead: false });
+      await img.growOnline(size);
+      await img.close();
+    }),
+  );
 });
 
 test.run();
