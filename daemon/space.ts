@@ -223,6 +223,20 @@ export function spaceFigures(map: MapEntry[]): { bytesData: number; bytesZero: n
   return { bytesData, bytesZero, bytesInBase };
 }
 
+/** A qcow2 file's map through its backing chain, and the chain (each level's header facts). */
+export async function mapQcow2File(path: string): Promise<{ size: number; map: MapEntry[]; chain: BaseChainEntry[] }> {
+  const img = await Qcow2Image.open(storageIo(), nodePath.resolve(path));
+  let chain: BaseChainEntry[];
+  try {
+    chain = img.describe();
+  } finally {
+    await img.close();
+  }
+  const map: MapEntry[] = [];
+  await mapQcow2(chain, 0, 0, img.size, map);
+  return { size: img.size, map, chain };
+}
+
 /** The map of a file by its format (FVD: through its chain; raw: its holes), and its virtual size. */
 export async function mapPath(path: string, format: DiskFormat, key?: Uint8Array): Promise<{ size: number; map: MapEntry[]; chain: string[] }> {
   if (format === 'raw') {
@@ -231,12 +245,7 @@ export async function mapPath(path: string, format: DiskFormat, key?: Uint8Array
   }
   if (format === 'qcow2') {
     if (key) throw new UsageError(`${path}: a key was given, but this is a qcow2 file (only FVD images are encrypted)`);
-    const img = await Qcow2Image.open(storageIo(), nodePath.resolve(path));
-    const chain = img.describe();
-    const size = img.size;
-    await img.close();
-    const map: MapEntry[] = [];
-    await mapQcow2(chain, 0, 0, size, map);
+    const { size, map, chain } = await mapQcow2File(path);
     return { size, map, chain: chain.map((c) => c.path) };
   }
   const image = await FvdImage.open(storageIo(), path, key ? { readOnly: true, key } : { readOnly: true, withoutKey: true });

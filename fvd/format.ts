@@ -5,6 +5,7 @@
  */
 import { crc32 } from 'node:zlib';
 import { CorruptImageError, FvdError } from './errors.js';
+import { isQcow2Magic } from './qcow2-format.js';
 
 export const SECTOR = 512;
 export const PAGE = 4096;
@@ -205,7 +206,8 @@ const isPow2 = (v: number) => v > 0 && Number.isSafeInteger(v) && (v & (v - 1)) 
  */
 export function decodeHeader(path: string, sector: Uint8Array, fileSize: number): Header {
   for (let i = 0; i < MAGIC.length; i++) {
-    if (sector[i] !== MAGIC[i]) throw new FvdError(`${path}: not an FVD image (bad magic)`, 'EINVAL');
+    // A qcow2 template given where an FVD image is expected is the likely mistake: say so.
+    if (sector[i] !== MAGIC[i]) throw new FvdError(`${path}: not an FVD image (bad magic${isQcow2Magic(sector) ? '; it is a qcow2 image' : ''})`, 'EINVAL');
   }
   if (fileSize < PAGE) throw new CorruptImageError(path, `truncated: ${fileSize} bytes, an FVD image has at least ${PAGE}`);
   const dv = new DataView(sector.buffer, sector.byteOffset, HEADER_SIZE);

@@ -1,6 +1,8 @@
 /**
- * fvd info [--output=human|json] [--backing-chain] [--key-file PATH|-] IMAGE — qemu-img info for
- * FVD images. An encrypted image needs no key here (only metadata is read); a key given is verified.
+ * fvd info [--output=human|json] [--backing-chain] [-f raw|fvd|qcow2] [--key-file PATH|-] IMAGE —
+ * qemu-img info for FVD images, and for the raw and qcow2 files they are made over (with -f: the
+ * format is never probed, as in `map`). An encrypted image needs no key here (only metadata is
+ * read); a key given is verified.
  *
  * The JSON output has qemu-img info's keys ("filename", "format", "virtual-size", "actual-size",
  * "cluster-size", "dirty-flag", "backing-filename", "full-backing-filename",
@@ -24,7 +26,9 @@ import { formatSize } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 import { oneLine } from '../../fvd/errors.js';
-import { mapImage, mapRawFile, spaceFigures } from '../space.js';
+import { mapImage, mapQcow2File, mapRawFile, spaceFigures } from '../space.js';
+import { diskSize, parseFormat } from '../disk.js';
+import { UsageError } from '../args.js';
 
 /**
  * How long `fvd info` gives a remote base's server (ms), all retries included: it reads no data,
@@ -36,10 +40,11 @@ const INFO_PROBE_MS = 5000;
 export const spec = defineCommand({
   name: 'info',
   summary: 'describe an image: layout, sizes, base chain, data / zeros / in base, dirty flag',
-  usage: ['[--output=human|json] [--backing-chain] [--key-file PATH|-] IMAGE'],
+  usage: ['[--output=human|json] [--backing-chain] [-f raw|fvd|qcow2] [--key-file PATH|-] IMAGE'],
   options: {
     ...OUTPUT_OPTIONS,
     'backing-chain': { type: 'boolean', default: false, help: 'describe every base of the chain too (the image first)' },
+    f: { type: 'string', short: 'f', arg: 'raw|fvd|qcow2', help: "IMAGE's format (default fvd: never probed)" },
     ...KEY_FILE_OPTION,
   },
 });
@@ -49,8 +54,19 @@ export async function run(args: string[]): Promise<number> {
   if (positionals.length !== 1) throw usageError(spec);
   const output = outputFormat(values);
   const file = positionals[0]!;
+  // Not probed (a damaged FVD header must not turn the image into a "raw file"): -f for the others.
+  const format = parseFormat(values.f, 'format') ?? 'fvd';
   const key = readKeyFile(values['key-file']);
-  const top = await describeImage(file, key).finally(() => wipe(key));
+  if (format !== 'fvd' && key) {
+    wipe(key);
+    throw new UsageError(`${file}: a key was given, but this is a ${format} file (only FVD images are encrypted)`);
+  }
+  const top =
+    format === 'qcow2'
+      ? await describeQcow2File(file)
+      : format === 'raw'
+        ? { ...describeRaw({ path: file, format: 'raw', size: await diskSize(file, 'raw') }), chain: [] }
+        : await describeImage(file, key).finally(() => wipe(key));
   const entries: Record<string, unknown>[] = [top.info];
   const texts = [top.text];
   if (values['backing-chain']) {
@@ -201,6 +217,28 @@ function describeRaw(b: BaseChainEntry): { info: Record<string, unknown>; text: 
       `disk size: ${formatSize(actual)}`,
       `data: ${formatSize(space.bytesData)}, holes: ${formatSize(space.bytesZero)}`,
     ].join('\n'),
+  };
+}
+
+/**
+ * A qcow2 file named on the command line: its header facts, what its own clusters hold and what
+ * its backing files provide (the same three figures as an FVD image's), and its backing chain.
+ */
+async function describeQcow2File(file: string): Promise<{ info: Record<string, unknown>; text: string; chain: BaseChainEntry[] }> {
+  const { map, chain } = await mapQcow2File(file);
+  const top = chain[0]!;
+  const space = spaceFigures(map);
+  const d = describeQcow2({ ...top, path: file }, top.qcow2!);
+  const pct = (n: number) => (top.size ? ((100 * n) / top.size).toFixed(1) : '0.0');
+  const lines = [
+    `data: ${formatSize(space.bytesData)} (${pct(space.bytesData)}%) in this file's clusters`,
+    `zero: ${formatSize(space.bytesZero)} (${pct(space.bytesZero)}%) zero clusters, or unallocated with no backing file to read`,
+    `in backing files: ${formatSize(space.bytesInBase)} (${pct(space.bytesInBase)}%)`,
+  ];
+  return {
+    info: { ...d.info, bytesData: space.bytesData, bytesZero: space.bytesZero, bytesInBase: space.bytesInBase, baseChain: chain.slice(1) },
+    text: [d.text, ...lines.map(oneLine)].join('\n'),
+    chain: chain.slice(1),
   };
 }
 

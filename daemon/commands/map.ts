@@ -1,5 +1,5 @@
 /**
- * fvd map [--output=human|json] [-f raw|fvd] [--key-file PATH|-] IMAGE — where each range of the
+ * fvd map [--output=human|json] [-f raw|fvd|qcow2] [--key-file PATH|-] IMAGE — where each range of the
  * virtual disk comes from, through the whole base chain (no key needed). The JSON output is
  * qemu-img map's (daemon/space.ts): `start, length, depth, present, zero, data[, offset]`.
  */
@@ -12,10 +12,10 @@ import { mapPath } from '../space.js';
 export const spec = defineCommand({
   name: 'map',
   summary: 'list the extents of the disk: written data, zeros, or in which base',
-  usage: ['[--output=human|json] [-f raw|fvd] [--key-file PATH|-] IMAGE'],
+  usage: ['[--output=human|json] [-f raw|fvd|qcow2] [--key-file PATH|-] IMAGE'],
   options: {
     ...OUTPUT_OPTIONS,
-    f: { type: 'string', short: 'f', arg: 'raw|fvd', help: "IMAGE's format (default fvd: never probed)" },
+    f: { type: 'string', short: 'f', arg: 'raw|fvd|qcow2', help: "IMAGE's format (default fvd: never probed)" },
     ...KEY_FILE_OPTION,
   },
   details: `Each extent is "data" (written, stored at OFFSET of that level's file), "zero" (reads as

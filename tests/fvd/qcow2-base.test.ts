@@ -268,6 +268,48 @@ qemuTest('CLI: create -F qcow2, info --backing-chain, convert -f qcow2 to raw an
   assert.is(sha256File(q), before[q]);
 });
 
+qemuTest('info -f qcow2 / -f raw describe a template as qemu-img info does; without -f a qcow2 file is refused in one line that names it', () => {
+  const dir = tmp.caseDir();
+  const raw = writeFile(dir, 'os.raw', diskPattern(4 * MiB, 3));
+  const q = path.join(dir, 'os.qcow2');
+  qemuImg('convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'compression_type=zstd,cluster_size=32k', raw, q);
+  const mid = path.join(dir, 'mid.qcow2');
+  qemuImg('create', '-f', 'qcow2', '-b', 'os.qcow2', '-F', 'qcow2', mid);
+  qemuIo(mid, 'write -P 0x55 1M 64k', 'write -z 2M 128k');
+  const before = snapshot([raw, q, mid]);
+
+  // The header facts, against qemu-img's own reading of the same file.
+  const theirs = JSON.parse(qemuImg('info', '--output=json', mid)) as Record<string, unknown> & { 'format-specific': { data: Record<string, unknown> } };
+  const r = fvd('info', '-f', 'qcow2', '--json', mid);
+  assertOk(r);
+  const ours = JSON.parse(r.stdout) as Record<string, unknown> & { 'format-specific': { data: Record<string, unknown> }; baseChain: { path: string; format: string }[] };
+  for (const k of ['format', 'virtual-size', 'cluster-size', 'backing-filename', 'backing-filename-format']) assert.equal(ours[k], theirs[k], k);
+  for (const k of ['compat', 'compression-type', 'extended-l2']) assert.equal(ours['format-specific'].data[k], theirs['format-specific'].data[k], k);
+  // The space figures: 64 KiB written and 128 KiB of zero clusters in mid, the rest from os.qcow2.
+  assert.equal([ours.bytesData, ours.bytesZero, ours.bytesInBase], [64 * KiB, 128 * KiB, 4 * MiB - 192 * KiB]);
+  assert.equal(ours.baseChain.map((e) => [path.basename(e.path), e.format]), [['os.qcow2', 'qcow2']]);
+
+  const text = fvd('info', '-f', 'qcow2', '--backing-chain', mid);
+  assertOk(text);
+  assert.match(text.stdout, /^image: .*mid\.qcow2\nfile format: qcow2\nvirtual size: 4 MiB \(4194304 bytes\)\n/);
+  assert.match(text.stdout, /\nbacking file: os\.qcow2 \(qcow2\)\ndata: 64 KiB \(1\.6%\) in this file's clusters\nzero: 128 KiB \(3\.1%\)/);
+  // --backing-chain: os.qcow2 follows, with its own compression and cluster size.
+  assert.match(text.stdout, /\n\nimage: .*os\.qcow2\nfile format: qcow2\n.*\n.*\ncluster size: 32 KiB\ncompat: 1\.1\ncompression type: zstd\n/);
+
+  const flat = fvd('info', '-f', 'raw', '--json', raw);
+  assertOk(flat);
+  const rawInfo = JSON.parse(flat.stdout) as Record<string, unknown>;
+  assert.equal([rawInfo.format, rawInfo['virtual-size']], ['raw', 4 * MiB]);
+
+  // Never probed: the default (fvd) names what the file is; a key with a qcow2 file is refused.
+  assertOneLineError(fvd('info', mid), /mid\.qcow2: not an FVD image \(bad magic; it is a qcow2 image\)/);
+  assertOneLineError(fvd('info', raw), /os\.raw: not an FVD image \(bad magic\)$/m);
+  const keyFile = writeFile(dir, 'key', Buffer.alloc(64, 1));
+  assertOneLineError(fvd('info', '-f', 'qcow2', '--key-file', keyFile, mid), /a key was given, but this is a qcow2 file/);
+  assertOneLineError(fvd('info', '-f', 'vmdk', mid), /invalid format 'vmdk': expected raw, fvd or qcow2/);
+  assertUnchanged(before, 'info');
+});
+
 qemuTest('a refusal deep in the chain names the level: an encrypted qcow2 below a qcow2 below the FVD image', async () => {
   const dir = tmp.caseDir();
   const enc = path.join(dir, 'enc.qcow2');
