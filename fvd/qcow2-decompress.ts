@@ -28,7 +28,7 @@ import { performance } from 'node:perf_hooks';
 import zlib from 'node:zlib';
 import { FvdError } from './errors.js';
 import { hasNodeZstd, inflateRawInto, zstdFrameInto } from './decode-into.js';
-import type { CompressionType } from './qcow2-format.js';
+import { corruptQcow2, type CompressionType } from './qcow2-format.js';
 
 /** Decodes one complete zstd frame whose content is at most `maxLength` bytes. */
 export type ZstdDecoder = (frame: Uint8Array, maxLength: number) => Uint8Array | Promise<Uint8Array>;
@@ -152,8 +152,8 @@ export type DecodeFailure = { detail: string } | { length: number };
 
 /** The one-line error for a compressed cluster that did not decode (here or in a decode worker). */
 export function clusterFailure(path: string, type: CompressionType, where: string, clusterSize: number, f: DecodeFailure): FvdError {
-  if ('length' in f) return new FvdError(`${path}: corrupt qcow2 image: compressed cluster ${where} decompresses to ${f.length} bytes, not ${clusterSize}`, 'EIO');
-  return new FvdError(`${path}: corrupt qcow2 image: compressed cluster ${where} does not decompress (${type}: ${f.detail})`, 'EIO');
+  if ('length' in f) return corruptQcow2(path, `compressed cluster ${where} decompresses to ${f.length} bytes, not ${clusterSize}`);
+  return corruptQcow2(path, `compressed cluster ${where} does not decompress (${type}: ${f.detail})`);
 }
 
 /**

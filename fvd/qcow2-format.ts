@@ -83,8 +83,15 @@ export interface Qcow2Geometry {
   csizeMask: number;
 }
 
+/** A qcow2 file whose contents are damaged (as opposed to one that uses a feature fvd refuses). */
+export class Qcow2CorruptionError extends FvdError {
+  constructor(path: string, what: string) {
+    super(`${path}: corrupt qcow2 image: ${what}`, 'EIO');
+  }
+}
+
 export function corruptQcow2(path: string, what: string): FvdError {
-  return new FvdError(`${path}: corrupt qcow2 image: ${what}`, 'EIO');
+  return new Qcow2CorruptionError(path, what);
 }
 
 function unsupported(path: string, what: string): FvdError {

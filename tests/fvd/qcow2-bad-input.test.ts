@@ -16,6 +16,7 @@ import { FvdError } from '../../fvd/errors.js';
 import { registerZstdFallback } from '../../daemon/zstd-fallback.js';
 import { rejectsOneLine } from '../helpers/rejects.js';
 import { diskPattern, qemuImg, qemuIo, qemuRead, qemuTest, writeFile } from '../helpers/qemu.js';
+import { fvd, assertOk, assertOneLineError } from '../helpers/cli.js';
 import { extensionAt, l1EntryAt, l2EntryAt, layout, read, readU64, sha256, write, writeU32, writeU64 } from '../helpers/qcow2-tamper.js';
 
 const KiB = 1024;
@@ -305,6 +306,61 @@ qemuTest('backing chains: a loop is refused, and so is one longer than 64 images
     write(f, off, Buffer.from(`c${String(i + 1).padStart(2, '0')}.qcow2`));
   }
   await refused(path.join(d, 'c00.qcow2'), /base chain longer than 64 images/, 'depth', 'c64.qcow2');
+});
+
+// ---------------------------------------------------------------------------------------------
+// fvd check -f qcow2: the same reader's checks, asked for before a template is used
+
+qemuTest('check -f qcow2: a sound template exits 0 with qemu-img check\'s cluster counts; damage exits 2 naming it; refusals exit 1; never written', () => {
+  // Sound: a compressed template under a qcow2 overlay with its own clusters.
+  const base = compressed('compression_type=zstd');
+  const top = name();
+  qemuImg('create', '-f', 'qcow2', '-b', path.basename(base), '-F', 'qcow2', top);
+  qemuIo(top, 'write -P 0x33 256k 128k', 'write -z 1M 64k');
+  for (const q of [base, top]) {
+    const before = sha256(q);
+    const r = fvd('check', '-f', 'qcow2', '--json', q);
+    assertOk(r);
+    const ours = JSON.parse(r.stdout) as Record<string, number> & { errors: string[]; bytesInBacking: number };
+    const theirs = JSON.parse(qemuImg('check', '--output=json', q)) as Record<string, number>;
+    for (const k of ['total-clusters', 'allocated-clusters']) assert.is(ours[k], theirs[k], `${path.basename(q)}: ${k}`);
+    assert.equal(ours.errors, []);
+    assert.is(ours.bytesInBacking > 0, q === top, 'the overlay reads the ranges its backing file provides');
+    assert.match(fvd('check', '-f', 'qcow2', q).stdout, /^No errors were found on the image\.\n\d+\/32 = /);
+    assert.is(sha256(q), before, 'check writes nothing');
+  }
+
+  // Damage: garbage in a compressed stream, found in the BACKING file through the overlay; an L2
+  // entry pointing past the end of the file; an L1 entry misaligned.
+  const host = Number(readU64(base, l2EntryAt(base, 0)) & ((1n << BigInt(62 - (layout(base).clusterBits - 8))) - 1n));
+  write(base, host, Buffer.alloc(64, 0xff));
+  const l2 = plain();
+  writeU64(l2, l2EntryAt(l2, 64 * KiB), readU64(l2, l2EntryAt(l2, 64 * KiB)) + 4096n);
+  const l1 = plain();
+  writeU64(l1, l1EntryAt(l1, 0), readU64(l1, l1EntryAt(l1, 0)) + 512n);
+  const damaged: [string, RegExp][] = [
+    [top, new RegExp(`${path.basename(base)}: corrupt qcow2 image: compressed cluster of guest cluster 0 .* does not decompress \\(zstd: `)],
+    [l2, /corrupt qcow2 image: .*data offset \d+ is not cluster-aligned/],
+    [l1, /corrupt qcow2 image: L1 entry 0: L2 table offset \d+ is not cluster-aligned/],
+  ];
+  for (const [q, re] of damaged) {
+    const before = sha256(q);
+    const r = fvd('check', '-f', 'qcow2', q);
+    assert.is(r.code, 2, `${path.basename(q)}: exit 2 (corrupt): ${r.stdout}${r.stderr}`);
+    assert.match(r.stdout, re);
+    assert.match(r.stdout, /^ERROR: [^\n]+\n[^\n]+: the qcow2 image is corrupt\n$/);
+    const j = JSON.parse(fvd('check', '-f', 'qcow2', '--output=json', q).stdout) as { corruptions: number; exitCode: number };
+    assert.equal([j.corruptions, j.exitCode], [1, 2]);
+    assert.is(sha256(q), before, 'check writes nothing');
+  }
+
+  // Not damage but a refusal (exit 1, one line): an encrypted template; and bad arguments.
+  const enc = name();
+  qemuImg('create', '-f', 'qcow2', '--object', 'secret,id=s,data=123456', '-o', 'encrypt.format=luks,encrypt.key-secret=s', enc, '1M');
+  assertOneLineError(fvd('check', '-f', 'qcow2', enc), /encrypt/i, 1);
+  assertOneLineError(fvd('check', '-f', 'qcow2', '--repair', l2), /fvd never writes qcow2 images: --repair is for FVD images/, 1);
+  assertOneLineError(fvd('check', '-f', 'raw', l2), /a raw file has no metadata to check/, 1);
+  assertOneLineError(fvd('check', l2), /not an FVD image \(bad magic; it is a qcow2 image\)/);
 });
 
 test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
