@@ -6,7 +6,7 @@
 import fs from 'node:fs';
 import nodePath from 'node:path';
 import { Qcow2Image } from '../fvd/qcow2.js';
-import { isQcow2Magic } from '../fvd/qcow2-format.js';
+import { QCOW2_HEADER_READ, decodeQcow2Header, isQcow2Magic } from '../fvd/qcow2-format.js';
 import { FvdImage, type Extent } from '../fvd/image.js';
 import { NodeFile } from '../storage/node-file.js';
 import { storageIo } from '../storage/storage-io.js';
@@ -64,8 +64,8 @@ export function isEncryptedImage(path: string): boolean {
 }
 
 /**
- * The size of the disk at `path` without opening it for writing (an FVD image's virtual size
- * from its validated header; a raw file's or device's size), so that commands refuse
+ * The size of the disk at `path` without opening it for writing (an FVD or qcow2 image's virtual
+ * size from its validated header; a raw file's or device's size), so that commands refuse
  * out-of-range requests before a read-write open replays a journal or marks the image dirty.
  */
 export async function diskSize(path: string, format: DiskFormat | undefined): Promise<number> {
@@ -73,6 +73,11 @@ export async function diskSize(path: string, format: DiskFormat | undefined): Pr
   const file = await NodeFile.open(path, { readOnly: true });
   try {
     if (fmt === 'raw') return file.size();
+    if (fmt === 'qcow2') {
+      const first = new Uint8Array(Math.min(QCOW2_HEADER_READ, file.size()));
+      await file.read(first, 0);
+      return decodeQcow2Header(path, first, file.size()).size;
+    }
     const sector = new Uint8Array(HEADER_SIZE);
     await file.read(sector, 0);
     return decodeHeader(path, sector, file.size()).virtualSize;

@@ -1,5 +1,5 @@
 /**
- * fvd compare [-f raw|fvd] [-F raw|fvd] [-s] [-p] [--output=human|json] [--key-file PATH|-] A B —
+ * fvd compare [-f raw|fvd|qcow2] [-F raw|fvd|qcow2] [-s] [-p] [--output=human|json] [--key-file PATH|-] A B —
  * whether two disks read the same, like qemu-img compare, with its exit codes: 0 identical, 1
  * different, 2 an error (a file that cannot be opened or read, a bad argument).
  *
@@ -17,10 +17,10 @@ import { mapPath, type MapEntry } from '../space.js';
 export const spec = defineCommand({
   name: 'compare',
   summary: 'whether two disks read the same: exit 0 identical, 1 different, 2 error',
-  usage: ['[-f raw|fvd] [-F raw|fvd] [-s] [-p] [--output=human|json] [--key-file PATH|-] A B'],
+  usage: ['[-f raw|fvd|qcow2] [-F raw|fvd|qcow2] [-s] [-p] [--output=human|json] [--key-file PATH|-] A B'],
   options: {
-    f: { type: 'string', short: 'f', arg: 'raw|fvd', help: "A's format (default: probed)" },
-    F: { type: 'string', short: 'F', arg: 'raw|fvd', help: "B's format (default: probed)" },
+    f: { type: 'string', short: 'f', arg: 'raw|fvd|qcow2', help: "A's format (default: probed)" },
+    F: { type: 'string', short: 'F', arg: 'raw|fvd|qcow2', help: "B's format (default: probed)" },
     strict: { type: 'boolean', short: 's', default: false, help: 'different sizes, or data beside no data, also count as different' },
     p: { type: 'boolean', short: 'p', default: false, help: 'show progress on stderr' },
     ...OUTPUT_OPTIONS,

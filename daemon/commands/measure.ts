@@ -26,7 +26,7 @@ export const spec = defineCommand({
     O: { type: 'string', short: 'O', default: 'fvd', arg: 'raw|fvd', help: 'output format' },
     layout: { type: 'string', default: 'raw', arg: 'raw|compact', help: '-O fvd: layout (an image on a block device must be compact)' },
     size: { type: 'string', arg: 'SIZE', help: 'measure a new empty image of this size instead of SRC' },
-    f: { type: 'string', short: 'f', arg: 'raw|fvd', help: "SRC's format (default: probed)" },
+    f: { type: 'string', short: 'f', arg: 'raw|fvd|qcow2', help: "SRC's format (default: probed)" },
     'block-size': { type: 'string', arg: 'SIZE', help: '-O fvd: block size (default 64K)' },
     'chunk-size': { type: 'string', arg: 'SIZE', help: '-O fvd compact: chunk size (default 1M)' },
     'journal-size': { type: 'string', arg: 'SIZE', help: '-O fvd: journal size (default 16M)' },

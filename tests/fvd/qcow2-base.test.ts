@@ -268,7 +268,7 @@ qemuTest('CLI: create -F qcow2, info --backing-chain, convert -f qcow2 to raw an
   assert.is(sha256File(q), before[q]);
 });
 
-qemuTest('info -f qcow2 / -f raw describe a template as qemu-img info does; without -f a qcow2 file is refused in one line that names it', () => {
+qemuTest('info -f qcow2 / -f raw describe a template as qemu-img info does; without -f a qcow2 file is refused in one line that names it; io -f qcow2 reads it', () => {
   const dir = tmp.caseDir();
   const raw = writeFile(dir, 'os.raw', diskPattern(4 * MiB, 3));
   const q = path.join(dir, 'os.qcow2');
@@ -307,7 +307,12 @@ qemuTest('info -f qcow2 / -f raw describe a template as qemu-img info does; with
   const keyFile = writeFile(dir, 'key', Buffer.alloc(64, 1));
   assertOneLineError(fvd('info', '-f', 'qcow2', '--key-file', keyFile, mid), /a key was given, but this is a qcow2 file/);
   assertOneLineError(fvd('info', '-f', 'vmdk', mid), /invalid format 'vmdk': expected raw, fvd or qcow2/);
-  assertUnchanged(before, 'info');
+
+  // io -f qcow2 (its size from the qcow2 header, checked before the open): reads, never writes.
+  assertOk(fvd('io', '-f', 'qcow2', '-r', '-c', 'read -P 0x55 1M 64k', '-c', 'read -P 0 2M 128k', mid));
+  assertOneLineError(fvd('io', '-f', 'qcow2', '-r', '-c', 'read 4M 4k', mid), /read at 4194304\+4096 is outside the disk \(4194304 bytes\)/);
+  assertOneLineError(fvd('io', '-f', 'qcow2', '-c', 'write 0 4k', mid), /fvd reads qcow2 images but never writes them/);
+  assertUnchanged(before, 'info and io');
 });
 
 qemuTest('a refusal deep in the chain names the level: an encrypted qcow2 below a qcow2 below the FVD image', async () => {
