@@ -14,6 +14,7 @@ import nodePath from 'node:path';
 import { Qcow2Image } from '../fvd/qcow2.js';
 import { Qcow2CorruptionError } from '../fvd/qcow2-format.js';
 import { storageIo } from '../storage/storage-io.js';
+import { UnitCounter } from './space.js';
 
 /** Bytes per walk step and per read (a compressed read this large decodes on every core). */
 const STEP = 4 * 1024 * 1024;
@@ -61,7 +62,7 @@ export async function checkQcow2(path: string, progress: (done: number, total: n
     const cs = img.describe()[0]!.qcow2!.clusterSize;
     report.clusterSize = cs;
     report.totalClusters = Math.ceil(img.size / cs);
-    let lastCluster = -1;
+    const allocated = new UnitCounter(cs);
     for (let pos = 0; pos < img.size; pos += STEP) {
       for (const r of await img.allocation(pos, Math.min(STEP, img.size - pos))) {
         if (r.kind === 'zero') {
@@ -70,10 +71,8 @@ export async function checkQcow2(path: string, progress: (done: number, total: n
         }
         if (r.kind === 'data') {
           report.bytesData += r.length;
-          const first = Math.max(Math.floor(r.offset / cs), lastCluster + 1);
-          const last = Math.floor((r.offset + r.length - 1) / cs);
-          if (last >= first) report.allocatedClusters += last - first + 1;
-          lastCluster = Math.max(lastCluster, last);
+          allocated.add(r.offset, r.length);
+          report.allocatedClusters = allocated.count;
         } else {
           report.bytesInBacking += r.length;
         }

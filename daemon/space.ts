@@ -223,6 +223,20 @@ export function spaceFigures(map: MapEntry[]): { bytesData: number; bytesZero: n
   return { bytesData, bytesZero, bytesInBase };
 }
 
+/** Counts the distinct units (blocks, clusters) that ranges, given in ascending order, touch. */
+export class UnitCounter {
+  count = 0;
+  private last = -1;
+  constructor(private readonly unit: number) {}
+
+  add(offset: number, length: number): void {
+    const first = Math.max(Math.floor(offset / this.unit), this.last + 1);
+    const last = Math.floor((offset + length - 1) / this.unit);
+    if (last >= first) this.count += last - first + 1;
+    this.last = Math.max(this.last, last);
+  }
+}
+
 /** A qcow2 file's map through its backing chain, and the chain (each level's header facts). */
 export async function mapQcow2File(path: string): Promise<{ size: number; map: MapEntry[]; chain: BaseChainEntry[] }> {
   const img = await Qcow2Image.open(storageIo(), nodePath.resolve(path));

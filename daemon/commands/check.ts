@@ -15,7 +15,7 @@ import { storageIo } from '../../storage/storage-io.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
 import { oneLine } from '../../fvd/errors.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
-import { mapImage } from '../space.js';
+import { UnitCounter, mapImage } from '../space.js';
 import { refuseWhilePending } from '../pending-guard.js';
 import { parseFormat, probeFormat } from '../disk.js';
 import { UsageError, progressPrinter } from '../args.js';
@@ -54,23 +54,17 @@ export async function run(args: string[]): Promise<number> {
   const code = report.errors.length ? 2 : report.repaired ? 3 : 0;
   if (output === 'json') {
     const leaks = report.leaks + report.overcounts;
-    console.log(
-      JSON.stringify(
-        {
-          filename: path,
-          format: 'fvd',
-          'check-errors': 0,
-          ...(report.errors.length ? { corruptions: report.errors.length } : {}),
-          ...(leaks && !report.repaired ? { leaks } : {}),
-          ...(report.repaired ? { 'corruptions-fixed': report.undercounts, 'leaks-fixed': leaks } : {}),
-          ...(report.errors.length ? {} : await clusters(path)),
-          image: path,
-          ...report,
-          exitCode: code,
-        },
-        null,
-        2,
-      ),
+    printJson(
+      path,
+      'fvd',
+      {
+        ...(report.errors.length ? { corruptions: report.errors.length } : {}),
+        ...(leaks && !report.repaired ? { leaks } : {}),
+        ...(report.repaired ? { 'corruptions-fixed': report.undercounts, 'leaks-fixed': leaks } : {}),
+        ...(report.errors.length ? {} : await clusters(path)),
+      },
+      report,
+      code,
     );
     return code;
   }
@@ -91,23 +85,17 @@ async function checkTemplate(path: string, output: 'human' | 'json', values: { r
   progress.done();
   const code = report.errors.length ? 2 : 0;
   if (output === 'json') {
-    console.log(
-      JSON.stringify(
-        {
-          filename: path,
-          format: 'qcow2',
-          'check-errors': 0,
-          ...(report.errors.length ? { corruptions: report.errors.length } : {}),
-          'total-clusters': report.totalClusters,
-          'allocated-clusters': report.allocatedClusters,
-          'image-end-offset': report.imageEndOffset,
-          image: path,
-          ...report,
-          exitCode: code,
-        },
-        null,
-        2,
-      ),
+    printJson(
+      path,
+      'qcow2',
+      {
+        ...(report.errors.length ? { corruptions: report.errors.length } : {}),
+        'total-clusters': report.totalClusters,
+        'allocated-clusters': report.allocatedClusters,
+        'image-end-offset': report.imageEndOffset,
+      },
+      report,
+      code,
     );
     return code;
   }
@@ -121,24 +109,22 @@ async function checkTemplate(path: string, output: 'human' | 'json', values: { r
   return code;
 }
 
+/** qemu-img check's keys (those that apply), then fvd's own report and the exit code. */
+function printJson(path: string, format: 'fvd' | 'qcow2', qemuKeys: Record<string, unknown>, report: object, exitCode: number): void {
+  console.log(JSON.stringify({ filename: path, format, 'check-errors': 0, ...qemuKeys, image: path, ...report, exitCode }, null, 2));
+}
+
 /** qemu-img's cluster figures of a sound image: blocks in all, blocks holding data, file end. */
 async function clusters(path: string): Promise<Record<string, number>> {
   const image = await FvdImage.open(storageIo(), path, { readOnly: true, withoutKey: true });
   try {
     const { blockSize, virtualSize, fileSize } = image.stats();
-    let allocated = 0;
-    let lastBlock = -1;
-    for (const e of await mapImage(image)) {
-      if (e.depth !== 0 || !e.data) continue;
-      const first = Math.max(Math.floor(e.start / blockSize), lastBlock + 1);
-      const last = Math.floor((e.start + e.length - 1) / blockSize);
-      if (last >= first) allocated += last - first + 1;
-      lastBlock = Math.max(lastBlock, last);
-    }
+    const allocated = new UnitCounter(blockSize);
+    for (const e of await mapImage(image)) if (e.depth === 0 && e.data) allocated.add(e.start, e.length);
     const st = fs.statSync(path);
     return {
       'total-clusters': Math.ceil(virtualSize / blockSize),
-      'allocated-clusters': allocated,
+      'allocated-clusters': allocated.count,
       'image-end-offset': st.isBlockDevice() ? fileSize : st.size,
     };
   } finally {

@@ -22,13 +22,12 @@ import { isUrl } from '../../fvd/base-location.js';
 import { listStates } from '../state.js';
 import { pidAlive } from '../server.js';
 import { formatRemote, fractionLocal } from '../remote-status.js';
-import { formatSize } from '../args.js';
+import { UsageError, formatSize } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 import { oneLine } from '../../fvd/errors.js';
 import { mapImage, mapQcow2File, mapRawFile, spaceFigures } from '../space.js';
 import { diskSize, parseFormat } from '../disk.js';
-import { UsageError } from '../args.js';
 
 /**
  * How long `fvd info` gives a remote base's server (ms), all retries included: it reads no data,
