@@ -70,7 +70,8 @@ bench: build
 # The device against kernel loop (direct I/O) and qcow2 via qemu-nbd, fio in one guest boot
 # (or directly where this kernel has ublk). FIO_RUNTIME (default 20 s per job), BENCH_SIZE (1G),
 # BENCH_TARGETS, BENCH_ROUNDS, BENCH_JOBS, BENCH_FRESH (bench/device.sh), e.g. make bench-dev KERNEL=7.3
-# BENCH_TARGETS="fvd fvd-zc loop" BENCH_ROUNDS=5 FIO_RUNTIME=10 (zero copy against copies).
+# BENCH_TARGETS="fvd fvd-zc loop" BENCH_ROUNDS=5 FIO_RUNTIME=10 (zero copy against copies;
+# fvd-batch: batched ublk commands against one per request).
 # FIO_RATE_IOPS=N caps every job at N IOPS: CPU per I/O of fvd and qemu-nbd at equal rates.
 bench-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device.sh; \

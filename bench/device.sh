@@ -4,6 +4,8 @@
 #   fvd-cow    the FVD device, fresh image over a raw base (copy-on-write/read path)
 #   fvd-zc     (only when named in BENCH_TARGETS) as `fvd`, served with --zero-copy (the kernel
 #              must offer AUTO_BUF_REG: 6.16+; the target's log line says whether it got it)
+#   fvd-batch  (only when named in BENCH_TARGETS) as `fvd`, served with --batch-io (batched ublk
+#              commands; the kernel must offer UBLK_F_BATCH_IO: 7.0+)
 #   fvd-enc    (only when named in BENCH_TARGETS) as `fvd`, encrypted (AES-256-XTS, done by the
 #              queue workers on the fast path)
 #   fvd-cow-engine, fvd-cow-nocor, fvd-cow-prefetch, fvd-cow-64k  (only when named) as fvd-cow
@@ -164,6 +166,12 @@ for t in $(round_targets "$round"); do
       grep -o 'fast path: .*' "$dir/zc.fvd.log" | head -1
       fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
       run_jobs fvd-zc "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/zc.fvd* ;;
+    fvd-batch)
+      $FVD create "$dir/batch.fvd" "$SIZE" >/dev/null
+      serve "$dir/batch.fvd" --batch-io
+      grep -o 'ublk I/O: .*\|batched I/O: .*' "$dir/batch.fvd.log" | head -1
+      fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
+      run_jobs fvd-batch "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/batch.fvd* ;;
     fvd-enc)
       head -c 32 /dev/urandom > "$dir/enc.key"
       $FVD create --encrypt --key-file "$dir/enc.key" "$dir/enc.fvd" "$SIZE" >/dev/null

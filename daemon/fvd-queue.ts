@@ -46,7 +46,8 @@ import {
   UBLK_IO_OP_WRITE,
   UBLK_IO_OP_WRITE_ZEROES,
 } from './ublk/abi.js';
-import { QueueLoop, UD_KIND_TARGET_IO, encodeUserData, type IoDescriptor, type QueueTarget } from './ublk/queue-loop.js';
+import { QueueLoop, type IoDescriptor, type QueueTarget } from './ublk/queue-loop.js';
+import { UD_KIND_TARGET_IO, encodeUserData } from './ublk/user-data.js';
 import { DIRECT_WOULD_BLOCK, DirectIo, chooseDirectMode, type DirectMode } from './direct-io.js';
 import { CompletionRing, StoredRing, type EngineView } from './shared-state.js';
 import { BASE, STORED, ZERO, directRoute, newRun } from '../fvd/mapping.js';
@@ -100,6 +101,8 @@ export interface QueueWorkerData {
   trace: TraceShared | null;
   /** The device has AUTO_BUF_REG and USER_COPY: serve local blocks with zero copy (see above). */
   zeroCopy: boolean;
+  /** The device has UBLK_F_BATCH_IO: batched fetch and commit commands (daemon/ublk/batch-io.ts). */
+  batchIo: boolean;
   /**
    * The image's shared block claims (fvd/block-claims.ts) when this thread may copy-on-write
    * blocks of the local raw base itself (daemon/queue-cow.ts), else null.
@@ -198,6 +201,7 @@ export class FvdQueue implements QueueTarget {
   /** Zero copy: 1 for a READ answered in the tag's buffer, copied into the request at its commit. */
   private readonly tagCopyOut: Uint8Array;
   private readonly zeroCopy: boolean;
+  private readonly batchIo: boolean;
   /** Per-tag zero-fill callbacks for reads that meet the end of a compact image file, made once. */
   private readonly zeroFillFrom: ((from: number) => void)[];
   /** directRoute's result, reused for every request. */
@@ -241,6 +245,7 @@ export class FvdQueue implements QueueTarget {
         control: new Int32Array(d.control),
         spin,
         zeroCopy: d.zeroCopy,
+        batchIo: d.batchIo,
         log: (message) => this.log(message),
       });
       if (d.zeroCopy && view.encrypted) throw new Error('zero copy cannot serve an encrypted image (its queue threads encrypt in their own buffers)');
@@ -298,6 +303,7 @@ export class FvdQueue implements QueueTarget {
     this.tagFixed = new Uint8Array(depth);
     this.tagCopyOut = new Uint8Array(depth);
     this.zeroCopy = d.zeroCopy;
+    this.batchIo = d.batchIo;
     const tagLen = this.tagLen;
     this.zeroFillFrom = Array.from({ length: depth }, (_, tag) => (from: number) => {
       bytes.fill(0, tag * maxIo + from, tag * maxIo + tagLen[tag]!);
@@ -313,7 +319,8 @@ export class FvdQueue implements QueueTarget {
   start(): void {
     if (this.qid === 0) {
       const how = this.zeroCopy ? `zero copy of local blocks (the request's pages on the ring), ${this.directMode} transfers otherwise` : `${this.directMode} transfers`;
-      this.post({ type: 'info', qid: this.qid, message: `fast path: ${how}` });
+      const commands = this.batchIo ? 'batched commands (UBLK_F_BATCH_IO)' : 'one command per request';
+      this.post({ type: 'info', qid: this.qid, message: `fast path: ${how}; ublk I/O: ${commands}` });
     }
     this.loop.start(this);
   }

@@ -29,6 +29,7 @@ import {
   UBLK_ATTR_VOLATILE_CACHE,
   UBLK_F_QUIESCE,
   UBLK_F_UPDATE_SIZE,
+  UBLK_F_BATCH_IO,
   UBLK_S_DEV_LIVE,
 } from './ublk/abi.js';
 import { CompletionRing, StoredRing } from './shared-state.js';
@@ -89,6 +90,12 @@ export interface ServeOptions {
    * what it was added with, whatever this says.
    */
   zeroCopy?: boolean;
+  /**
+   * Ask for batched ublk commands (UBLK_F_BATCH_IO, 7.0+) for a new device. Where the kernel lacks
+   * them, or with recovery (recovering a batched device is neither built nor tested), one line says
+   * so and the device gets one command per request.
+   */
+  batchIo?: boolean;
   /**
    * Queue workers started ahead (daemon/queue-worker-pool.ts): the server adopts one per queue
    * and stops the ones left over. Without it (or once it is empty) each queue starts its own.
@@ -388,7 +395,7 @@ export class UblkServer {
         devId: opts.devId,
         ublksrvPid: process.pid,
         // UPDATE_SIZE where the kernel has it: `fvd resize` may grow the device while served.
-        flags: addDevFlags(recovery, ctl.features) | ((ctl.features ?? 0n) & UBLK_F_UPDATE_SIZE) | this.zeroCopyFlags(),
+        flags: addDevFlags(recovery, ctl.features) | ((ctl.features ?? 0n) & UBLK_F_UPDATE_SIZE) | this.zeroCopyFlags() | this.batchIoFlags(recovery),
         ublksrvFlags: recovery ? serverFlagsFor(this.fileId) : FVD_SERVER_TAG,
       })
       .catch((err) => {
@@ -439,6 +446,21 @@ export class UblkServer {
     return ZERO_COPY_FLAGS;
   }
 
+  /** The flag `--batch-io` adds at ADD_DEV, or none, with one line saying why not. */
+  private batchIoFlags(recovery: boolean): bigint {
+    const { opts, ctl } = this;
+    if (!opts.batchIo) return 0n;
+    if (recovery) {
+      opts.log('batched I/O: not with --recovery-wait (recovering a batched device is not built); one command per request');
+      return 0n;
+    }
+    if (((ctl.features ?? 0n) & UBLK_F_BATCH_IO) === 0n) {
+      opts.log(`batched I/O: this kernel (${os.release()}) lacks UBLK_F_BATCH_IO (Linux 7.0+); one command per request`);
+      return 0n;
+    }
+    return UBLK_F_BATCH_IO;
+  }
+
   /** The run-time record as written at start, for refreshing its remote figures. */
   state: DeviceState | null = null;
 
@@ -487,6 +509,7 @@ export class UblkServer {
         hints,
         trace: traceShared,
         zeroCopy: hasZeroCopy(this.deviceFlags),
+        batchIo: ((this.deviceFlags ?? 0n) & UBLK_F_BATCH_IO) !== 0n,
         claims,
         cowPartial: queueCowMode() === 'all',
         stored,

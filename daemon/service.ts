@@ -68,6 +68,7 @@ export async function runService(opts: ServiceOptions): Promise<number> {
     maxIo: opts.maxIo,
     copyOnRead: opts.copyOnRead,
     zeroCopy: opts.zeroCopy,
+    batchIo: opts.batchIo,
     key: opts.key,
     log: opts.log,
     recoveryWait: opts.recoveryWait,

@@ -73,7 +73,13 @@ export const IOSQE_IO_DRAIN = 1 << 1;
 export const IOSQE_IO_LINK = 1 << 2;
 export const IOSQE_IO_HARDLINK = 1 << 3;
 export const IOSQE_ASYNC = 1 << 4;
+/** The operation takes its buffer from the provided-buffer group in sqe->buf_group (buf_index). */
+export const IOSQE_BUFFER_SELECT = 1 << 5;
 export const IOSQE_CQE_SKIP_SUCCESS = 1 << 6;
+/** uring_cmd_flags (sqe->rw_flags of a URING_CMD): one SQE, a CQE per event until it ends (6.16+). */
+export const IORING_URING_CMD_MULTISHOT = 1 << 1;
+/** cqe->flags: the operation is still armed (more CQEs follow; multishot). */
+export const IORING_CQE_F_MORE = 1 << 1;
 
 export const IORING_FSYNC_DATASYNC = 1 << 0;
 export const IORING_ENTER_GETEVENTS = 1 << 0;
@@ -90,6 +96,10 @@ export const IORING_REGISTER_BUFFERS2 = 15;
 /** io_uring_rsrc_register.flags: a table of empty slots, filled later (here: by ublk, 6.16+). */
 export const IORING_RSRC_REGISTER_SPARSE = 1 << 0;
 export const IORING_UNREGISTER_EVENTFD = 5;
+/** struct io_uring_buf_reg (40 bytes): a ring of provided buffers at a user address (5.19+). */
+export const IORING_REGISTER_PBUF_RING = 22;
+/** io_uring_buf_reg.flags: each CQE consumes only part of a buffer (incremental, 6.12+). */
+export const IOU_PBUF_RING_INC = 1 << 1;
 
 const IORING_OFF_SQ_RING = 0;
 const IORING_OFF_CQ_RING = 0x8000000;
@@ -347,11 +357,13 @@ export class IoUring {
    * IORING_OP_URING_CMD: cmd_op at SQE offset 8, payload at offset 48. `payload` (≤16 B, or ≤80 B
    * on an SQE128 ring) is copied in; pass null and write the payload yourself through
    * `sqeView` at `cmdOffset(index)` to avoid even that copy. The payload area is zeroed first.
+   * `sqeAddr` and `len` go to sqe->addr and sqe->len (a command's own buffer), `cmdFlags` to
+   * uring_cmd_flags (IORING_URING_CMD_*), `bufGroup` to sqe->buf_group (with IOSQE_BUFFER_SELECT).
    */
-  prepUringCmd(fd: number, cmdOp: number, payload: Uint8Array | null, userData: number, sqeFlags = 0, sqeAddr = 0): number {
+  prepUringCmd(fd: number, cmdOp: number, payload: Uint8Array | null, userData: number, sqeFlags = 0, sqeAddr = 0, len = 0, cmdFlags = 0, bufGroup = 0): number {
     const room = this.sqeSize - SQE_CMD_OFFSET;
     if (payload !== null && payload.length > room) return -EINVAL;
-    const index = this.fill(IORING_OP_URING_CMD, sqeFlags, fd, cmdOp >>> 0, sqeAddr, 0, 0, userData);
+    const index = this.fill(IORING_OP_URING_CMD, sqeFlags, fd, cmdOp >>> 0, sqeAddr, len, cmdFlags, userData, bufGroup);
     if (index < 0) return index;
     if (this.sqeWords > 16) this.sqe32.fill(0, index * this.sqeWords + 16, (index + 1) * this.sqeWords);
     if (payload !== null) this.sqeBytes.set(payload, index * this.sqeSize + SQE_CMD_OFFSET);
@@ -516,6 +528,18 @@ export class IoUring {
     const arg = new BigUint64Array(4); // nr | flags << 32, resv2, data, tags
     arg[0] = BigInt(n) | (BigInt(IORING_RSRC_REGISTER_SPARSE) << 32n);
     return this.register(IORING_REGISTER_BUFFERS2, arg, arg.byteLength);
+  }
+
+  /**
+   * IORING_REGISTER_PBUF_RING: the provided-buffer group `groupId` is the ring of `entries` (a
+   * power of two) struct io_uring_buf at `ringAddress` (page-aligned, entries × 16 bytes, kept
+   * until the ring closes); `flags` IOU_PBUF_RING_*. 0 or -errno.
+   */
+  registerBufferRing(ringAddress: number, entries: number, groupId: number, flags = 0): number {
+    const arg = new BigUint64Array(5); // ring_addr, ring_entries | bgid << 32 | flags << 48, resv[3]
+    arg[0] = BigInt(ringAddress);
+    arg[1] = BigInt(entries) | (BigInt(groupId) << 32n) | (BigInt(flags) << 48n);
+    return this.register(IORING_REGISTER_PBUF_RING, arg, 1);
   }
 
   /** IORING_REGISTER_EVENTFD: the eventfd is signalled on each CQE (to wake a libuv-side reader). */

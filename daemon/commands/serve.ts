@@ -1,7 +1,7 @@
 /**
  * fvd serve IMAGE [--name NAME] [--dev-id N] [--queues N] [--depth N] [--max-io SIZE] [--no-copy-on-read]
  *           [--no-prefetch] [--prefetch-rate SIZE] [--prefetch-share PERCENT] [--key-file PATH|-]
- *           [--recovery-wait SEC] [--takeover] [--zero-copy]
+ *           [--recovery-wait SEC] [--takeover] [--zero-copy] [--batch-io]
  * Prints the device path once it is usable; SIGTERM/SIGINT stop the device, drain in-flight I/O,
  * close the image cleanly, delete the device and exit 0. Under systemd (Type=notify) it reports
  * READY=1 only then, STATUS= with figures, STOPPING=1, and WATCHDOG=1 pings when asked.
@@ -47,6 +47,11 @@ export const spec = defineCommand({
       type: 'boolean',
       default: false,
       help: 'serve local blocks straight from the requests\' pages (ublk AUTO_BUF_REG, Linux 6.16+; not for encrypted images); off by default: measure it first (README)',
+    },
+    'batch-io': {
+      type: 'boolean',
+      default: false,
+      help: 'batched ublk commands (UBLK_F_BATCH_IO, Linux 7.0+; not with --recovery-wait); off by default: measured no faster here (README)',
     },
     takeover: {
       type: 'boolean',
@@ -122,6 +127,7 @@ export async function run(args: string[]): Promise<number> {
     maxIo,
     copyOnRead: !values['no-copy-on-read'],
     zeroCopy: values['zero-copy'],
+    batchIo: values['batch-io'],
     key,
     log,
     prefetch: !values['no-prefetch'],

@@ -139,6 +139,43 @@ export function encodeIoCmd(out: DataView, at: number, qid: number, tag: number,
   out.setUint32(at + 12, Math.floor(addr / 0x100000000), true);
 }
 
+// ---- batched I/O (UBLK_F_BATCH_IO, 7.0) -----------------------------------------------------
+
+/** struct ublk_batch_io.flags: each element carries a u64 buffer address (copy mode). */
+export const UBLK_BATCH_F_HAS_BUF_ADDR = 1 << 1;
+/** struct ublk_elem_header: u16 tag, u16 buf_index, s32 result. */
+export const UBLK_BATCH_ELEM_HEADER = 8;
+
+/**
+ * struct ublk_batch_io (16 bytes, in a normal SQE's command area): u16 q_id, u16 flags, u16
+ * nr_elem, u8 elem_bytes, u8 reserved, u64 reserved2. PREP_IO_CMDS and COMMIT_IO_CMDS read
+ * nr_elem elements of elem_bytes (8, or 16 with HAS_BUF_ADDR) at sqe->addr; FETCH_IO_CMDS takes
+ * flags 0 and elem_bytes 2 (it writes u16 tags into a provided buffer).
+ */
+export function encodeBatchIo(out: DataView, at: number, qid: number, flags: number, nrElem: number, elemBytes: number): void {
+  out.setUint16(at + 0, qid, true);
+  out.setUint16(at + 2, flags, true);
+  out.setUint16(at + 4, nrElem, true);
+  out.setUint8(at + 6, elemBytes);
+  out.setUint8(at + 7, 0);
+  out.setUint32(at + 8, 0, true);
+  out.setUint32(at + 12, 0, true);
+}
+
+/**
+ * One element of PREP_IO_CMDS / COMMIT_IO_CMDS at byte `at` of `out`: struct ublk_elem_header,
+ * then, when elemBytes is 16, the tag's buffer address (two 32-bit halves: no BigInt).
+ */
+export function encodeBatchElem(out: DataView, at: number, elemBytes: number, tag: number, bufIndex: number, result: number, addr: number): void {
+  out.setUint16(at + 0, tag, true);
+  out.setUint16(at + 2, bufIndex, true);
+  out.setInt32(at + 4, result, true);
+  if (elemBytes === 16) {
+    out.setUint32(at + 8, addr >>> 0, true);
+    out.setUint32(at + 12, Math.floor(addr / 0x100000000), true);
+  }
+}
+
 // ---- zero copy (AUTO_BUF_REG) and user copy ----------------------------------------------
 
 /**

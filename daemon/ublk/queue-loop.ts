@@ -39,43 +39,9 @@ import {
   userCopyPosition,
 } from './abi.js';
 import { GuestLoad } from './guest-load.js';
+import { BatchCommands } from './batch-io.js';
+import { UD_KIND_BATCH, UD_KIND_EVENT, UD_KIND_TARGET_IO, UD_KIND_TIMER, UD_KIND_UBLK_CMD, encodeUserData, userDataKind, userDataTag, userDataTargetData } from './user-data.js';
 import { SpinPolicy } from './spin-policy.js';
-
-// ---- user_data layout ----------------------------------------------------------------------
-// Bits 0–15 tag, 16–23 kind (UD_KIND_*), 24–39 target data (free for the target: which of a request's I/Os).
-// Like ublksrv's build_user_data, but below 2^53 so it stays a plain JS number (ffi/uring.ts
-// writes user_data as two u32 halves); no flag in bit 63.
-
-/** A FETCH_REQ or COMMIT_AND_FETCH_REQ of `tag`: its completion is a new request (or an abort). */
-export const UD_KIND_UBLK_CMD = 0;
-/** I/O the target put on the ring for `tag` (handleTargetIo). */
-export const UD_KIND_TARGET_IO = 1;
-/** The read of the queue's eventfd (handleEvent); its tag is 0. */
-export const UD_KIND_EVENT = 2;
-/** The loop's one-second timeout (it wakes an idle loop for everySecond and the buffer trim); tag 0. */
-export const UD_KIND_TIMER = 3;
-
-const TAG_SPAN = 0x10000;
-const KIND_SPAN = 0x100;
-const TARGET_DATA_SPAN = 0x10000;
-
-/** user_data of one SQE; every field must be within its range (tag < 65536, kind < 256, targetData < 65536). */
-export function encodeUserData(tag: number, kind: number, targetData = 0): number {
-  return tag + kind * TAG_SPAN + targetData * (TAG_SPAN * KIND_SPAN);
-}
-export function userDataTag(userData: number): number {
-  return userData % TAG_SPAN;
-}
-export function userDataKind(userData: number): number {
-  return Math.floor(userData / TAG_SPAN) % KIND_SPAN;
-}
-export function userDataTargetData(userData: number): number {
-  return Math.floor(userData / (TAG_SPAN * KIND_SPAN)) % TARGET_DATA_SPAN;
-}
-/** All fields at once (allocates: for tests and diagnostics, not the request path). */
-export function decodeUserData(userData: number): { tag: number; kind: number; targetData: number } {
-  return { tag: userDataTag(userData), kind: userDataKind(userData), targetData: userDataTargetData(userData) };
-}
 
 // ---- descriptors -------------------------------------------------------------------------
 
@@ -148,6 +114,12 @@ export interface QueueLoopOptions {
    * copyIn/copyOut move them to and from the tag's buffer when the target needs the bytes.
    */
   zeroCopy: boolean;
+  /**
+   * The device was added with UBLK_F_BATCH_IO (7.0+): requests arrive and are committed through
+   * batched commands (daemon/ublk/batch-io.ts) instead of one FETCH/COMMIT_AND_FETCH per tag.
+   * Never together with recovery (the server refuses the pair), so never quiesced.
+   */
+  batchIo: boolean;
   /** Something went wrong that the owner should count and report (one call per failure). */
   log(message: string): void;
 }
@@ -178,6 +150,8 @@ export class QueueLoop {
   /** Address of the request buffers (for the ring's I/O and the owner's other threads). */
   readonly bufferAddress: number;
   readonly zeroCopy: boolean;
+  /** The batched commands when the device has UBLK_F_BATCH_IO, else null (one command per tag). */
+  private readonly batch: BatchCommands | null;
   private readonly opts: QueueLoopOptions;
   private readonly descPtr: bigint;
   private readonly descLen: number;
@@ -257,6 +231,17 @@ export class QueueLoop {
       sys.munmap(descPtr, this.descLen);
       throw err;
     }
+    let batch: BatchCommands | null = null;
+    try {
+      if (opts.batchIo) batch = new BatchCommands({ ring, qid, depth, copyBuffers: opts.zeroCopy ? null : { bufferAddress: buffers.address, maxIo }, host: this });
+    } catch (err) {
+      ring.close();
+      buffers.free();
+      eventBuf.free();
+      sys.munmap(descPtr, this.descLen);
+      throw err;
+    }
+    this.batch = batch;
     this.ring = ring;
     this.zeroCopy = opts.zeroCopy;
     this.buffers = buffers;
@@ -309,14 +294,17 @@ export class QueueLoop {
     this.target = target;
     // Test hook (tests/vm/e2e/18-recovery.sh, round h): leave the last tag unfetched, as a tag
     // the dead server fetched would be, so END_USER_RECOVERY never completes.
-    const fetch = process.env.FVD_TEST_FAULT === 'fetch-short' ? this.depth - 1 : this.depth;
-    for (let tag = 0; tag < fetch; tag++) this.ublkCmd(UBLK_U_IO_FETCH_REQ, tag, 0);
+    if (this.batch !== null) this.batch.start();
+    else {
+      const fetch = process.env.FVD_TEST_FAULT === 'fetch-short' ? this.depth - 1 : this.depth;
+      for (let tag = 0; tag < fetch; tag++) this.ublkCmd(UBLK_U_IO_FETCH_REQ, tag, 0);
+    }
     this.armEvent();
     const ts = new DataView(this.eventBuf.bytes.buffer, this.eventBuf.bytes.byteOffset + TIMESPEC_AT, 16);
     ts.setBigInt64(0, 1n, true); // tv_sec
     ts.setBigInt64(8, 0n, true); // tv_nsec
     this.armTimer();
-    const sub = this.ring.submit(0);
+    const sub = this.submit(0);
     if (sub < 0) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(sub)}`);
   }
 
@@ -325,7 +313,21 @@ export class QueueLoop {
     this.guest.completed();
     this.tagBusy[tag] = 0;
     this.tagIdleSince[tag] = this.guest.turnTime;
-    this.ublkCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
+    if (this.batch !== null) this.batch.add(tag, result);
+    else this.ublkCmd(UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
+  }
+
+  /** A new request for `tag` (from its FETCH/COMMIT_AND_FETCH, or a batched fetch): to the target. */
+  arrive(tag: number): void {
+    this.guest.arrived();
+    this.tagBusy[tag] = 1;
+    this.tagUsed[tag] = 1;
+    this.target!.handleIo(tag, readIoDescriptor(this.descs, tag, this.iod));
+  }
+
+  /** Something went wrong that the owner should count and report. */
+  log(message: string): void {
+    this.opts.log(message);
   }
 
   /**
@@ -346,7 +348,8 @@ export class QueueLoop {
     const onCqe = this.onCqe;
     let lastSecond = Date.now();
     let quiesced = false;
-    while (this.aborted < depth && Atomics.load(control, 0) === 0) {
+    const batch = this.batch;
+    while (this.aborted < depth && Atomics.load(control, 0) === 0 && !(batch !== null && batch.done)) {
       if (!quiesced && Atomics.load(control, 1) !== 0) {
         quiesced = true;
         const r = ring.enterForEvents();
@@ -355,7 +358,7 @@ export class QueueLoop {
       }
       if (quiesced && this.guest.inFlight === 0) {
         // The last commits go to the kernel now: they complete their requests.
-        const r = ring.submit(0);
+        const r = this.submit(0);
         if (r < 0 && r !== EINTR && r !== EAGAIN && r !== EBUSY) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(r)}`);
         if (ring.unsubmitted === 0) break;
       }
@@ -367,14 +370,15 @@ export class QueueLoop {
         // request at a time, spinPolicy's window (daemon/ublk/spin-policy.ts), which closes while
         // polls find nothing — adapting under load too closed it between bursts and cost
         // 0.6–0.8x the IOPS at QD16 (README).
-        if (ring.unsubmitted > 0) ring.submit(0);
+        batch?.flush();
+        if (ring.unsubmitted > 0) this.submit(0);
         const adaptive = this.guest.load <= 1;
         const allowed = adaptive ? this.spinPolicy.next() : spin;
         let s = 0;
         while (s < allowed && !ring.hasWork()) s++;
         if (adaptive && allowed > 0) this.spinPolicy.record(s < allowed);
       }
-      const r = ring.submit(1);
+      const r = this.submit(1);
       if (r < 0 && r !== EINTR && r !== EAGAIN && r !== EBUSY) throw new Error(`queue ${this.qid}: io_uring_enter: ${errnoName(r)}`);
       const now = Date.now();
       this.guest.newTurn(now);
@@ -395,6 +399,7 @@ export class QueueLoop {
     if (this.closed) return;
     this.closed = true;
     this.ring.close();
+    this.batch?.free();
     this.opts.sys.munmap(this.descPtr, this.descLen);
     this.buffers.free();
     this.eventBuf.free();
@@ -433,6 +438,16 @@ export class QueueLoop {
     return trimmed;
   }
 
+  /** io_uring_enter with this turn's batched commit (if any) queued first. */
+  private submit(waitNr: number): number {
+    const batch = this.batch;
+    if (batch === null) return this.ring.submit(waitNr);
+    batch.flush();
+    const r = this.ring.submit(waitNr);
+    batch.submitted(this.ring.unsubmitted);
+    return r;
+  }
+
   private ublkCmd(op: number, tag: number, result: number): void {
     const ring = this.ring;
     // Zero copy: the slot for the tag's next request in the SQE, no buffer address in the command.
@@ -458,16 +473,11 @@ export class QueueLoop {
   }
 
   /** The CQE handler, made once (an arrow property: reap() calls it without a bound copy per call). */
-  private readonly onCqe = (userData: number, res: number): void => {
+  private readonly onCqe = (userData: number, res: number, flags: number): void => {
     const tag = userDataTag(userData);
     switch (userDataKind(userData)) {
       case UD_KIND_UBLK_CMD:
-        if (res === UBLK_IO_RES_OK) {
-          this.guest.arrived();
-          this.tagBusy[tag] = 1;
-          this.tagUsed[tag] = 1;
-          this.target!.handleIo(tag, readIoDescriptor(this.descs, tag, this.iod));
-        }
+        if (res === UBLK_IO_RES_OK) this.arrive(tag);
         else if (res === UBLK_IO_RES_ABORT) this.aborted++;
         else {
           this.opts.log(`ublk command for tag ${tag} failed: ${errnoName(res)}`);
@@ -480,6 +490,9 @@ export class QueueLoop {
       case UD_KIND_EVENT:
         this.target!.handleEvent();
         if (Atomics.load(this.opts.control, 0) === 0) this.armEvent();
+        break;
+      case UD_KIND_BATCH:
+        this.batch!.onCqe(tag, res, flags, userDataTargetData(userData), Atomics.load(this.opts.control, 0) === 0);
         break;
       case UD_KIND_TIMER:
         // -ETIME: it expired (run() does the periodic work); anything else ends the timer.

@@ -19,10 +19,11 @@ import {
   decodeDevInfo, encodeCtrlCmd, encodeDevInfo, encodeIoCmd, encodeParams,
 } from '../../daemon/ublk/abi.js';
 import { describeFeatures, featureNames } from '../../daemon/ublk/features.js';
+import { IoDescriptor, readIoDescriptor } from '../../daemon/ublk/queue-loop.js';
 import {
-  IoDescriptor, UD_KIND_EVENT, UD_KIND_TARGET_IO, UD_KIND_UBLK_CMD,
-  decodeUserData, encodeUserData, readIoDescriptor, userDataKind, userDataTag, userDataTargetData,
-} from '../../daemon/ublk/queue-loop.js';
+  UD_KIND_EVENT, UD_KIND_TARGET_IO, UD_KIND_UBLK_CMD,
+  decodeUserData, encodeUserData, userDataKind, userDataTag, userDataTargetData,
+} from '../../daemon/ublk/user-data.js';
 import { fileURLToPath } from 'node:url';
 import { CompletionRing, StoredRing, type EngineView } from '../../daemon/shared-state.js';
 import { SpscRing } from '../../daemon/spsc-ring.js';

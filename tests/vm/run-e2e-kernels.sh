@@ -8,7 +8,7 @@
 # 6.12 those that lean on the kernel most: 1 fs (ext4/xfs), 3 fio verify, 6 systemd, 7 kill and
 # stale-device cleanup, 9 encryption, 15 features and queue threads, 19 zero copy (which 6.12
 # lacks: the refusal), 21 a write in flight across a hand-off (reissued on 6.12, drained by
-# QUIESCE on 7.x: the two paths side by side). The others test the engine through the device (base images, discard,
+# QUIESCE on 7.x: the two paths side by side), 22 batched I/O (which 6.12 lacks: the refusal). The others test the engine through the device (base images, discard,
 # qemu-io, bad input, snapshots, maintenance); they run on 6.12 with --full (make test-full):
 # every scenario on both kernels.
 # Where the host kernel has ublk there is no guest to choose: run-e2e.sh runs everything once.
@@ -18,7 +18,7 @@
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-plan=${E2E_KERNEL_PLAN:-"7.3:all 6.12:1,3,6,7,9,15,19,21"}
+plan=${E2E_KERNEL_PLAN:-"7.3:all 6.12:1,3,6,7,9,15,19,21,22"}
 [[ ${1:-} == --full ]] && plan="7.3:all 6.12:all"
 
 if bash "$here/host-has-ublk.sh" -q; then exec bash "$here/run-e2e.sh"; fi

@@ -17,24 +17,6 @@
 # Without the two features (6.12): one line saying what the kernel lacks, the device has neither
 # bit and works; the rest is a skip.
 
-# device_flags: the "this device uses 0xHEX" mask of the current serve's features line.
-device_flags() {
-    sed -n 's/.*this device uses \(0x[0-9a-f]*\).*/\1/p' "$SERVE_LOG" | tail -n 1
-}
-# offered_flags: the "kernel features 0xHEX" mask of the current serve's features line.
-offered_flags() {
-    sed -n 's/.*kernel features \(0x[0-9a-f]*\).*/\1/p' "$SERVE_LOG" | tail -n 1
-}
-# has_zero_copy MASK: AUTO_BUF_REG (bit 11) and USER_COPY (bit 7) both set.
-has_zero_copy() {
-    local m=$(($1))
-    (((m >> 11) & 1 && (m >> 7) & 1))
-}
-# dev_sha: sha256 of the whole device (O_DIRECT).
-dev_sha() {
-    t dd if="$SERVE_DEV" iflag=direct bs=1M status=none | sha256sum | cut -d' ' -f1
-}
-
 # zero_copy_refused: the serve just started asked for zero copy on a kernel without it.
 zero_copy_refused() {
     local M=$((1024 * 1024))

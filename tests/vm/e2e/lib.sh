@@ -206,6 +206,24 @@ serve_stop() {
     else not_ok "SIGTERM: $SERVE_DEV$label still exists after the daemon exited" "$(ls -l /dev/ublk* 2>&1; ls /sys/block)"; fi
 }
 
+# device_flags: the "this device uses 0xHEX" mask of the current serve's features line.
+device_flags() {
+    sed -n 's/.*this device uses \(0x[0-9a-f]*\).*/\1/p' "$SERVE_LOG" | tail -n 1
+}
+# offered_flags: the "kernel features 0xHEX" mask of the current serve's features line.
+offered_flags() {
+    sed -n 's/.*kernel features \(0x[0-9a-f]*\).*/\1/p' "$SERVE_LOG" | tail -n 1
+}
+# has_zero_copy MASK: AUTO_BUF_REG (bit 11) and USER_COPY (bit 7) both set.
+has_zero_copy() {
+    local m=$(($1))
+    (((m >> 11) & 1 && (m >> 7) & 1))
+}
+# dev_sha: sha256 of the whole device of the current serve (O_DIRECT).
+dev_sha() {
+    t dd if="$SERVE_DEV" iflag=direct bs=1M status=none | sha256sum | cut -d' ' -f1
+}
+
 # ublk_nodes: the current /dev/ublkb* and /dev/ublkc* names and /sys/block/ublkb* entries.
 ublk_nodes() { { ls -d /dev/ublkb* /dev/ublkc* /sys/block/ublkb* 2>/dev/null || true; } | sort | tr '\n' ' '; }
 

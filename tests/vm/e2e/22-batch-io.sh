@@ -1,0 +1,129 @@
+# tests/vm/e2e/22-batch-io.sh — sourced by tests/vm/e2e.sh (with lib.sh), runs `scenario` in $D.
+# title: serve --batch-io (ublk UBLK_F_BATCH_IO): every route, fio verify, with zero copy, a stop under load, refusals
+# timeout: 900
+#
+# Where the kernel offers BATCH_IO (7.0+): an FVD image over a 64 MiB raw base served with
+# --batch-io --queues 2 --no-prefetch. The device's flags have BATCH_IO and the log says the
+# commands are batched. Each route once (base bytes read on the queue thread, a 4 KiB
+# copy-on-write through the engine, a local write twice and read back), then fio randwrite +
+# verify (crc32c, 4k–128k, iodepth 32, 2 jobs, O_DIRECT); the device's sha256 equals its sha256
+# served again one command per request, and fvd check is clean. Batched and zero copy together:
+# the device has both, fio verify passes. A SIGTERM while fio keeps 32 requests in flight: the
+# daemon exits 0 and deletes the device (the batched fetches end, nothing hangs). With
+# --recovery-wait: one line saying batched I/O is not for it, the device has no BATCH_IO bit and
+# works. Without BATCH_IO (6.12): one line saying what the kernel lacks, the device works; the rest
+# is a skip.
+
+# has_batch_io MASK: BATCH_IO (bit 15) set.
+has_batch_io() {
+    local m=$(($1))
+    (((m >> 15) & 1))
+}
+
+# fio_verify LABEL: randwrite + verify over the first 64 MiB of the served device.
+fio_verify() {
+    local label=$1 rc=0
+    local job=(--name=batch-verify --filename="$SERVE_DEV" --ioengine=libaio --direct=1 --iodepth=32
+        --numjobs=2 --size=32M --offset_increment=32M --rw=randwrite --bsrange=4k-128k
+        --randrepeat=1 --verify=crc32c --verify_fatal=1 --group_reporting)
+    t fio "${job[@]}" > batch-fio.log 2>&1 || rc=$?
+    if [[ $rc == 0 ]] && grep -q 'err= 0' batch-fio.log && ! grep -qiE 'verify: bad|bad magic|verify failed|io_u error|fio: pid=' batch-fio.log; then
+        ok "$label: fio randwrite + verify (crc32c, 2 jobs × 32 MiB, 4k–128k, iodepth 32)"
+    else not_ok "$label: fio (exit $rc)" "$(tail -n 40 batch-fio.log)"; fi
+}
+
+batch_refused() {
+    local M=$((1024 * 1024))
+    if grep -q 'batched I/O: this kernel .* lacks UBLK_F_BATCH_IO (Linux 7.0+); one command per request' "$SERVE_LOG"; then
+        ok "one line: the kernel lacks BATCH_IO, served one command per request"
+    else not_ok "no line saying the kernel lacks BATCH_IO" "$(cat "$SERVE_LOG")"; fi
+    expect "the device has no BATCH_IO bit" "$((($(device_flags) >> 15) & 1))" 0 "$(cat "$SERVE_LOG")"
+    write_dev "$SERVE_DEV" $((3 * M)) 5a.bin
+    check_dev_equals "the device reads back what was written" "$SERVE_DEV" $((3 * M)) 5a.bin
+    check_dev_equals "base bytes read through the device" "$SERVE_DEV" $((8 * M)) base8.bin
+    serve_stop "batched I/O refused"
+    skip "batched I/O on the device: this kernel offers $(offered_flags) without BATCH_IO"
+}
+
+batch_routes() {
+    local M=$((1024 * 1024)) sum_batch sum_per_tag
+    expect "the log says the commands are batched" "$(grep -c 'ublk I/O: batched commands (UBLK_F_BATCH_IO)' "$SERVE_LOG" || true)" 1 "$(cat "$SERVE_LOG")"
+    check_dev_equals "base bytes, read on the queue thread" "$SERVE_DEV" $((8 * M)) base8.bin
+    write_dev "$SERVE_DEV" $((20 * M + 8192)) 4k.bin
+    check_dev_equals "a 4 KiB copy-on-write into a base block reads back" "$SERVE_DEV" $((20 * M + 8192)) 4k.bin
+    dd if=base.raw of=around.bin bs=4096 skip=$((20 * 256)) count=2 status=none
+    check_dev_equals "the rest of that block kept the base's bytes" "$SERVE_DEV" $((20 * M)) around.bin
+    write_dev "$SERVE_DEV" $((3 * M)) 5a.bin
+    write_dev "$SERVE_DEV" $((3 * M)) 5a.bin # now local
+    check_dev_equals "1 MiB written twice reads back" "$SERVE_DEV" $((3 * M)) 5a.bin
+    fio_verify "batched"
+    sum_batch=$(dev_sha)
+    serve_stop "batched"
+    check "fvd check b.fvd clean after batched I/O" fvd check b.fvd
+    serve_must b.fvd
+    expect "served again without --batch-io: no BATCH_IO bit" "$((($(device_flags) >> 15) & 1))" 0 "$(cat "$SERVE_LOG")"
+    sum_per_tag=$(dev_sha)
+    expect "the device's sha256 batched equals its sha256 one command per request" "$sum_batch" "$sum_per_tag"
+    serve_stop "one command per request"
+}
+
+zero_copy_round() {
+    if ! has_zero_copy "$(offered_flags)"; then
+        skip "batched with zero copy: this kernel offers $(offered_flags) without AUTO_BUF_REG + USER_COPY"
+        return 0
+    fi
+    must "fvd create -b base.raw -F raw z.fvd" fvd create -b base.raw -F raw z.fvd
+    serve_must z.fvd --batch-io --zero-copy --no-prefetch
+    expect "batched + zero copy: the device has BATCH_IO, AUTO_BUF_REG and USER_COPY" \
+        "$(has_batch_io "$(device_flags)" && has_zero_copy "$(device_flags)" && echo yes || echo no)" yes "$(cat "$SERVE_LOG")"
+    check_dev_equals "batched + zero copy: base bytes read back" "$SERVE_DEV" $((8 * 1024 * 1024)) base8.bin
+    fio_verify "batched + zero copy"
+    serve_stop "batched, zero copy"
+    check "fvd check z.fvd clean" fvd check z.fvd
+}
+
+stop_under_load() {
+    local fio_pid
+    must "fvd create s.fvd 64M" fvd create s.fvd 64M
+    serve_must s.fvd --batch-io
+    fio --name=load --filename="$SERVE_DEV" --ioengine=libaio --direct=1 --iodepth=32 --rw=randrw --bs=4k \
+        --time_based --runtime=60 > load-fio.log 2>&1 &
+    fio_pid=$!
+    sleep 3
+    serve_stop "batched, SIGTERM with fio's requests in flight"
+    wait_pid "$fio_pid" 60
+    [[ $WAIT_RC != timeout ]] && ok "fio ends once the device is gone" || { not_ok "fio still runs after the stop" "$(tail -n 20 load-fio.log)"; kill -KILL "$fio_pid" 2>/dev/null || true; }
+    check "fvd check s.fvd clean after the stop" fvd check s.fvd
+}
+
+recovery_refused() {
+    local M=$((1024 * 1024))
+    must "fvd create r.fvd 16M" fvd create r.fvd 16M
+    serve_must r.fvd --batch-io --recovery-wait 60
+    expect "with --recovery-wait: one line, batched I/O is not for it" \
+        "$(grep -c 'batched I/O: not with --recovery-wait' "$SERVE_LOG" || true)" 1 "$(cat "$SERVE_LOG")"
+    expect "with --recovery-wait: the device has no BATCH_IO bit" "$((($(device_flags) >> 15) & 1))" 0 "$(cat "$SERVE_LOG")"
+    write_dev "$SERVE_DEV" $((2 * M)) 5a.bin
+    check_dev_equals "with --recovery-wait: a write reads back" "$SERVE_DEV" $((2 * M)) 5a.bin
+    serve_stop "recovery, one command per request"
+}
+
+scenario() {
+    local M=$((1024 * 1024))
+    pattern_file 5a.bin $M 0x5a
+    pattern_file 4k.bin 4096 0xc3
+    random_file base.raw 64
+    dd if=base.raw of=base8.bin bs=1M skip=8 count=4 status=none
+    must "fvd create -b base.raw -F raw b.fvd" fvd create -b base.raw -F raw b.fvd
+    # --no-prefetch: base blocks stay in the base until read or written, so each route is taken.
+    serve_must b.fvd --batch-io --queues 2 --no-prefetch
+    if ! has_batch_io "$(offered_flags)"; then
+        batch_refused
+        return 0
+    fi
+    expect "the device has BATCH_IO" "$(has_batch_io "$(device_flags)" && echo yes || echo no)" yes "$(cat "$SERVE_LOG")"
+    batch_routes
+    zero_copy_round
+    stop_under_load
+    recovery_refused
+}
