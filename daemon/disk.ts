@@ -92,13 +92,18 @@ export function parseFormat(text: string | undefined, what: string): DiskFormat 
   return text;
 }
 
+/** The refusal of a key for a file that is not an FVD image (raw and qcow2 files are never encrypted). */
+export function refuseKeyFor(path: string, format: Exclude<DiskFormat, 'fvd'>): UsageError {
+  return new UsageError(`${path}: a key was given, but this is a ${format} file (only FVD images are encrypted)`);
+}
+
 export async function openDisk(
   path: string,
   format: DiskFormat | undefined,
   options: { readOnly?: boolean; copyOnRead?: boolean; key?: Uint8Array } = {},
 ): Promise<Disk> {
   const fmt = format ?? probeFormat(path);
-  if (fmt !== 'fvd' && options.key) throw new UsageError(`${path}: a key was given, but this is a ${fmt} file (only FVD images are encrypted)`);
+  if (fmt !== 'fvd' && options.key) throw refuseKeyFor(path, fmt);
   if (fmt === 'qcow2') {
     if (!options.readOnly) throw new UsageError(`${path}: fvd reads qcow2 images but never writes them (open it read-only, -r)`);
     const img = await Qcow2Image.open(storageIo(), nodePath.resolve(path));

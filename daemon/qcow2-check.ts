@@ -63,22 +63,26 @@ export async function checkQcow2(path: string, progress: (done: number, total: n
     report.clusterSize = cs;
     report.totalClusters = Math.ceil(img.size / cs);
     const allocated = new UnitCounter(cs);
-    for (let pos = 0; pos < img.size; pos += STEP) {
-      for (const r of await img.allocation(pos, Math.min(STEP, img.size - pos))) {
-        if (r.kind === 'zero') {
-          report.bytesZero += r.length;
-          continue;
+    try {
+      for (let pos = 0; pos < img.size; pos += STEP) {
+        for (const r of await img.allocation(pos, Math.min(STEP, img.size - pos))) {
+          if (r.kind === 'zero') {
+            report.bytesZero += r.length;
+            continue;
+          }
+          if (r.kind === 'data') {
+            report.bytesData += r.length;
+            allocated.add(r.offset, r.length);
+          } else {
+            report.bytesInBacking += r.length;
+          }
+          await img.read(buf.subarray(0, r.length), r.offset);
         }
-        if (r.kind === 'data') {
-          report.bytesData += r.length;
-          allocated.add(r.offset, r.length);
-          report.allocatedClusters = allocated.count;
-        } else {
-          report.bytesInBacking += r.length;
-        }
-        await img.read(buf.subarray(0, r.length), r.offset);
+        progress(Math.min(img.size, pos + STEP), img.size);
       }
-      progress(Math.min(img.size, pos + STEP), img.size);
+    } finally {
+      // Also when damage ends the walk: the report gives the clusters counted up to there.
+      report.allocatedClusters = allocated.count;
     }
   } catch (err) {
     if (!(err instanceof Qcow2CorruptionError)) throw err;

@@ -23,8 +23,7 @@ import { storageIo } from '../storage/storage-io.js';
 import { libc, SEEK_DATA, SEEK_HOLE } from '../ffi/libc.js';
 import { Qcow2Image } from '../fvd/qcow2.js';
 import { isUrl } from '../fvd/base-location.js';
-import { UsageError } from './args.js';
-import type { DiskFormat } from './disk.js';
+import { refuseKeyFor, type DiskFormat } from './disk.js';
 
 export interface MapEntry {
   start: number;
@@ -258,7 +257,7 @@ export async function mapPath(path: string, format: DiskFormat, key?: Uint8Array
     return { size: map.reduce((n, e) => n + e.length, 0), map, chain: [path] };
   }
   if (format === 'qcow2') {
-    if (key) throw new UsageError(`${path}: a key was given, but this is a qcow2 file (only FVD images are encrypted)`);
+    if (key) throw refuseKeyFor(path, 'qcow2');
     const { size, map, chain } = await mapQcow2File(path);
     return { size, map, chain: chain.map((c) => c.path) };
   }

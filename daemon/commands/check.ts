@@ -1,5 +1,5 @@
 /**
- * fvd check [--repair] [--output=human|json] [-f fvd|qcow2] [--key-file PATH|-] IMAGE — exit 0
+ * fvd check [--repair] [--output=human|json] [-f fvd|qcow2] [-p] [--key-file PATH|-] IMAGE — exit 0
  * clean, 2 corrupt, 3 repaired. An encrypted image is checked and repaired without its key (no data
  * is read); a key given is verified, and a wrong one is an error (exit 1). A qcow2 template (-f
  * qcow2) is read whole, as fvd would serve it (daemon/qcow2-check.ts); it is never repaired.
@@ -17,7 +17,7 @@ import { oneLine } from '../../fvd/errors.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 import { UnitCounter, mapImage } from '../space.js';
 import { refuseWhilePending } from '../pending-guard.js';
-import { parseFormat, probeFormat } from '../disk.js';
+import { parseFormat, probeFormat, refuseKeyFor } from '../disk.js';
 import { UsageError, progressPrinter } from '../args.js';
 import { checkQcow2 } from '../qcow2-check.js';
 
@@ -79,7 +79,7 @@ export async function run(args: string[]): Promise<number> {
 
 async function checkTemplate(path: string, output: 'human' | 'json', values: { repair?: boolean; p?: boolean; 'key-file'?: string }): Promise<number> {
   if (values.repair) throw new UsageError(`${path}: fvd never writes qcow2 images: --repair is for FVD images`);
-  if (values['key-file'] !== undefined) throw new UsageError(`${path}: a key was given, but this is a qcow2 file (only FVD images are encrypted)`);
+  if (values['key-file'] !== undefined) throw refuseKeyFor(path, 'qcow2');
   const progress = progressPrinter(!!values.p);
   const report = await checkQcow2(path, (done, total) => progress.update(done, total));
   progress.done();

@@ -22,12 +22,12 @@ import { isUrl } from '../../fvd/base-location.js';
 import { listStates } from '../state.js';
 import { pidAlive } from '../server.js';
 import { formatRemote, fractionLocal } from '../remote-status.js';
-import { UsageError, formatSize } from '../args.js';
+import { formatSize } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 import { oneLine } from '../../fvd/errors.js';
 import { mapImage, mapQcow2File, mapRawFile, spaceFigures } from '../space.js';
-import { diskSize, parseFormat } from '../disk.js';
+import { diskSize, parseFormat, refuseKeyFor } from '../disk.js';
 
 /**
  * How long `fvd info` gives a remote base's server (ms), all retries included: it reads no data,
@@ -58,7 +58,7 @@ export async function run(args: string[]): Promise<number> {
   const key = readKeyFile(values['key-file']);
   if (format !== 'fvd' && key) {
     wipe(key);
-    throw new UsageError(`${file}: a key was given, but this is a ${format} file (only FVD images are encrypted)`);
+    throw refuseKeyFor(file, format);
   }
   const top =
     format === 'qcow2'
@@ -83,6 +83,11 @@ export async function run(args: string[]): Promise<number> {
 function diskSizeOf(file: string, fileSize: number): number {
   const st = fs.statSync(file);
   return st.isBlockDevice() ? fileSize : st.blocks * 512;
+}
+
+/** `n` as a percentage of `size`, one decimal (an empty image: 0.0). */
+function percentOf(n: number, size: number): string {
+  return size ? ((100 * n) / size).toFixed(1) : '0.0';
 }
 
 async function describeImage(file: string, key: Uint8Array | undefined): Promise<{ info: Record<string, unknown>; text: string; chain: BaseChainEntry[] }> {
@@ -165,7 +170,6 @@ async function describeImage(file: string, key: Uint8Array | undefined): Promise
     allocatedChunks: s.layout === 'compact' ? s.allocatedChunks : undefined,
     snapshotCount: s.layout === 'compact' ? s.snapshots : undefined,
   };
-  const pct = (n: number) => (s.virtualSize ? ((100 * n) / s.virtualSize).toFixed(1) : '0.0');
   const lines = [
     `image: ${file}`,
     `file format: fvd`,
@@ -185,9 +189,9 @@ async function describeImage(file: string, key: Uint8Array | undefined): Promise
   if (unreachable) lines.push(`base reachable: no: ${unreachable}`);
   if (served?.remote) lines.push(`${formatRemote(served.remote).replace(/^remote /, 'remote (served as ' + served.device + '): ')} as of ${served.remote.updatedAt}`);
   lines.push(
-    `data: ${formatSize(space.bytesData)} (${pct(space.bytesData)}%) written in this image`,
-    `zero: ${formatSize(space.bytesZero)} (${pct(space.bytesZero)}%) never written or discarded: reads as zeros, takes no space`,
-    `in base: ${formatSize(space.bytesInBase)} (${pct(space.bytesInBase)}%)`,
+    `data: ${formatSize(space.bytesData)} (${percentOf(space.bytesData, s.virtualSize)}%) written in this image`,
+    `zero: ${formatSize(space.bytesZero)} (${percentOf(space.bytesZero, s.virtualSize)}%) never written or discarded: reads as zeros, takes no space`,
+    `in base: ${formatSize(space.bytesInBase)} (${percentOf(space.bytesInBase, s.virtualSize)}%)`,
     `fully local: ${s.fullyLocal ? 'yes' : `no (${(fracLocal * 100).toFixed(1)}% of the base is local)`}`,
     `zero blocks detected at create: ${s.zeroDetected ? 'yes' : 'no'}`,
     `encrypted: ${s.encryption ?? 'no'}`,
@@ -228,11 +232,10 @@ async function describeQcow2File(file: string): Promise<{ info: Record<string, u
   const top = chain[0]!;
   const space = spaceFigures(map);
   const d = describeQcow2({ ...top, path: file }, top.qcow2!);
-  const pct = (n: number) => (top.size ? ((100 * n) / top.size).toFixed(1) : '0.0');
   const lines = [
-    `data: ${formatSize(space.bytesData)} (${pct(space.bytesData)}%) in this file's clusters`,
-    `zero: ${formatSize(space.bytesZero)} (${pct(space.bytesZero)}%) zero clusters, or unallocated with no backing file to read`,
-    `in backing files: ${formatSize(space.bytesInBase)} (${pct(space.bytesInBase)}%)`,
+    `data: ${formatSize(space.bytesData)} (${percentOf(space.bytesData, top.size)}%) in this file's clusters`,
+    `zero: ${formatSize(space.bytesZero)} (${percentOf(space.bytesZero, top.size)}%) zero clusters, or unallocated with no backing file to read`,
+    `in backing files: ${formatSize(space.bytesInBase)} (${percentOf(space.bytesInBase, top.size)}%)`,
   ];
   return {
     info: { ...d.info, bytesData: space.bytesData, bytesZero: space.bytesZero, bytesInBase: space.bytesInBase, baseChain: chain.slice(1) },

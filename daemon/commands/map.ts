@@ -3,9 +3,8 @@
  * virtual disk comes from, through the whole base chain (no key needed). The JSON output is
  * qemu-img map's (daemon/space.ts): `start, length, depth, present, zero, data[, offset]`.
  */
-import { UsageError } from '../args.js';
 import { OUTPUT_OPTIONS, defineCommand, outputFormat, parseCommand, usageError } from '../command.js';
-import { parseFormat } from '../disk.js';
+import { parseFormat, refuseKeyFor } from '../disk.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 import { mapPath } from '../space.js';
 
@@ -34,7 +33,7 @@ export async function run(args: string[]): Promise<number> {
   const key = readKeyFile(values['key-file']);
   if (format === 'raw' && key) {
     wipe(key);
-    throw new UsageError(`${path}: a key was given, but this is a raw file (only FVD images are encrypted)`);
+    throw refuseKeyFor(path, 'raw');
   }
   const { map: entries, chain } = await mapPath(path, format, key).finally(() => wipe(key));
   if (output === 'json') {
