@@ -160,18 +160,13 @@ for t in $(round_targets "$round"); do
       SERVE_FVD=$serve_cli serve "$dir/full.fvd"
       fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
       run_jobs "$t" "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/full.fvd* ;;
-    fvd-zc)
-      $FVD create "$dir/zc.fvd" "$SIZE" >/dev/null
-      serve "$dir/zc.fvd" --zero-copy
-      grep -o 'fast path: .*' "$dir/zc.fvd.log" | head -1
+    fvd-zc|fvd-batch)
+      opt=--zero-copy; [ "$t" = fvd-zc ] || opt=--batch-io
+      $FVD create "$dir/$t.fvd" "$SIZE" >/dev/null
+      serve "$dir/$t.fvd" "$opt"
+      grep -o 'fast path: .*\|batched I/O: .*\|zero copy: .*' "$dir/$t.fvd.log" | head -1
       fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
-      run_jobs fvd-zc "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/zc.fvd* ;;
-    fvd-batch)
-      $FVD create "$dir/batch.fvd" "$SIZE" >/dev/null
-      serve "$dir/batch.fvd" --batch-io
-      grep -o 'ublk I/O: .*\|batched I/O: .*' "$dir/batch.fvd.log" | head -1
-      fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
-      run_jobs fvd-batch "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/batch.fvd* ;;
+      run_jobs "$t" "$dev" "${pids[-1]}"; stop_last; rm -f "$dir/$t".fvd* ;;
     fvd-enc)
       head -c 32 /dev/urandom > "$dir/enc.key"
       $FVD create --encrypt --key-file "$dir/enc.key" "$dir/enc.fvd" "$SIZE" >/dev/null

@@ -6,6 +6,8 @@
  * buffers (one of maxIo bytes per tag), submits FETCH_REQ for every tag, and hands each request
  * that arrives to the target with handleIo(tag, descriptor). The target answers with
  * complete(tag, result) — at once or later — which queues COMMIT_AND_FETCH_REQ for that tag.
+ * (A device added with UBLK_F_BATCH_IO speaks batched commands instead: PREP once, multishot
+ * fetches, one commit per loop turn — daemon/ublk/batch-io.ts; the target sees no difference.)
  * A target may put its own I/O on the same ring (kind TARGET_IO, files registered after the
  * character device), and may ask another thread to serve a request and be woken through an
  * eventfd whose read the loop keeps armed (kind EVENT → handleEvent).
@@ -201,6 +203,7 @@ export class QueueLoop {
     let ring: IoUring | null = null;
     let buffers: PinnedBuffer | null = null;
     let eventBuf: PinnedBuffer | null = null;
+    let batch: BatchCommands | null = null;
     try {
       let entries = 16;
       while (entries < depth + 8) entries *= 2;
@@ -224,20 +227,11 @@ export class QueueLoop {
       // data, our reads into them) instead of depth × maxIo resident from the start, and
       // trimIdleBuffers gives the large ones back.
       buffers = allocPinned(depth * maxIo, { populate: false });
+      if (opts.batchIo) batch = new BatchCommands({ ring, qid, depth, copyBuffers: opts.zeroCopy ? null : { bufferAddress: buffers.address, maxIo }, host: this });
     } catch (err) {
       ring?.close();
       buffers?.free();
       eventBuf?.free();
-      sys.munmap(descPtr, this.descLen);
-      throw err;
-    }
-    let batch: BatchCommands | null = null;
-    try {
-      if (opts.batchIo) batch = new BatchCommands({ ring, qid, depth, copyBuffers: opts.zeroCopy ? null : { bufferAddress: buffers.address, maxIo }, host: this });
-    } catch (err) {
-      ring.close();
-      buffers.free();
-      eventBuf.free();
       sys.munmap(descPtr, this.descLen);
       throw err;
     }
@@ -292,10 +286,10 @@ export class QueueLoop {
    */
   start(target: QueueTarget): void {
     this.target = target;
-    // Test hook (tests/vm/e2e/18-recovery.sh, round h): leave the last tag unfetched, as a tag
-    // the dead server fetched would be, so END_USER_RECOVERY never completes.
     if (this.batch !== null) this.batch.start();
     else {
+      // Test hook (tests/vm/e2e/18-recovery.sh, round h): leave the last tag unfetched, as a tag
+      // the dead server fetched would be, so END_USER_RECOVERY never completes.
       const fetch = process.env.FVD_TEST_FAULT === 'fetch-short' ? this.depth - 1 : this.depth;
       for (let tag = 0; tag < fetch; tag++) this.ublkCmd(UBLK_U_IO_FETCH_REQ, tag, 0);
     }

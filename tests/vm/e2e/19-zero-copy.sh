@@ -17,23 +17,9 @@
 # Without the two features (6.12): one line saying what the kernel lacks, the device has neither
 # bit and works; the rest is a skip.
 
-# zero_copy_refused: the serve just started asked for zero copy on a kernel without it.
-zero_copy_refused() {
-    local M=$((1024 * 1024))
-    if grep -q 'zero copy: this kernel .* lacks UBLK_F_AUTO_BUF_REG (Linux 6.16+) or USER_COPY; serving with copies' "$SERVE_LOG"; then
-        ok "one line: the kernel lacks AUTO_BUF_REG, served with copies"
-    else not_ok "no line saying the kernel lacks zero copy" "$(cat "$SERVE_LOG")"; fi
-    expect "the device has no AUTO_BUF_REG bit" "$((($(device_flags) >> 11) & 1))" 0 "$(cat "$SERVE_LOG")"
-    write_dev "$SERVE_DEV" $((3 * M)) 5a.bin
-    check_dev_equals "the device reads back what was written" "$SERVE_DEV" $((3 * M)) 5a.bin
-    check_dev_equals "base bytes read through the device" "$SERVE_DEV" $((8 * M)) base8.bin
-    serve_stop "zero copy refused"
-    skip "zero copy on the device: this kernel offers $(offered_flags) without AUTO_BUF_REG + USER_COPY"
-}
-
 # zero_copy_routes: the served z.fvd (zero copy) on each route, then fio verify and the differential.
 zero_copy_routes() {
-    local M=$((1024 * 1024)) rc sum_zc sum_copy
+    local M=$((1024 * 1024)) sum_zc sum_copy
     expect "the log says the fast path is zero copy" "$(grep -c 'fast path: zero copy of local blocks' "$SERVE_LOG" || true)" 1 "$(cat "$SERVE_LOG")"
     check_dev_equals "base bytes, read on the queue thread and copied into the request" "$SERVE_DEV" $((8 * M)) base8.bin
     write_dev "$SERVE_DEV" $((20 * M + 8192)) 4k.bin
@@ -43,13 +29,7 @@ zero_copy_routes() {
     write_dev "$SERVE_DEV" $((3 * M)) 5a.bin
     write_dev "$SERVE_DEV" $((3 * M)) 5a.bin # now local: written in place from the request's pages
     check_dev_equals "1 MiB written twice reads back (local: read into the request's pages)" "$SERVE_DEV" $((3 * M)) 5a.bin
-    local job=(--name=zc-verify --filename="$SERVE_DEV" --ioengine=libaio --direct=1 --iodepth=32
-        --numjobs=2 --size=32M --offset_increment=32M --rw=randwrite --bsrange=4k-128k
-        --randrepeat=1 --verify=crc32c --verify_fatal=1 --group_reporting)
-    rc=0; t fio "${job[@]}" > zc-fio.log 2>&1 || rc=$?
-    if [[ $rc == 0 ]] && grep -q 'err= 0' zc-fio.log && ! grep -qiE 'verify: bad|bad magic|verify failed|io_u error|fio: pid=' zc-fio.log; then
-        ok "fio randwrite + verify under zero copy (crc32c, 2 jobs × 32 MiB, 4k–128k, iodepth 32)"
-    else not_ok "fio under zero copy (exit $rc)" "$(tail -n 40 zc-fio.log)"; fi
+    fio_randwrite_verify "zero copy"
     sum_zc=$(dev_sha)
     serve_stop "zero copy"
     check "fvd check z.fvd clean after zero copy" fvd check z.fvd
@@ -120,7 +100,7 @@ scenario() {
     # --no-prefetch: base blocks stay in the base until read or written, so each route is taken.
     serve_must z.fvd --zero-copy --queues 2 --no-prefetch
     if ! has_zero_copy "$(offered_flags)"; then
-        zero_copy_refused
+        feature_refused AUTO_BUF_REG 11 'zero copy: this kernel .* lacks UBLK_F_AUTO_BUF_REG (Linux 6.16+) or USER_COPY; serving with copies'
         return 0
     fi
     expect "the device has AUTO_BUF_REG and USER_COPY" "$(has_zero_copy "$(device_flags)" && echo yes || echo no)" yes "$(cat "$SERVE_LOG")"

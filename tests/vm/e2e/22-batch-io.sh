@@ -20,31 +20,6 @@ has_batch_io() {
     (((m >> 15) & 1))
 }
 
-# fio_verify LABEL: randwrite + verify over the first 64 MiB of the served device.
-fio_verify() {
-    local label=$1 rc=0
-    local job=(--name=batch-verify --filename="$SERVE_DEV" --ioengine=libaio --direct=1 --iodepth=32
-        --numjobs=2 --size=32M --offset_increment=32M --rw=randwrite --bsrange=4k-128k
-        --randrepeat=1 --verify=crc32c --verify_fatal=1 --group_reporting)
-    t fio "${job[@]}" > batch-fio.log 2>&1 || rc=$?
-    if [[ $rc == 0 ]] && grep -q 'err= 0' batch-fio.log && ! grep -qiE 'verify: bad|bad magic|verify failed|io_u error|fio: pid=' batch-fio.log; then
-        ok "$label: fio randwrite + verify (crc32c, 2 jobs × 32 MiB, 4k–128k, iodepth 32)"
-    else not_ok "$label: fio (exit $rc)" "$(tail -n 40 batch-fio.log)"; fi
-}
-
-batch_refused() {
-    local M=$((1024 * 1024))
-    if grep -q 'batched I/O: this kernel .* lacks UBLK_F_BATCH_IO (Linux 7.0+); one command per request' "$SERVE_LOG"; then
-        ok "one line: the kernel lacks BATCH_IO, served one command per request"
-    else not_ok "no line saying the kernel lacks BATCH_IO" "$(cat "$SERVE_LOG")"; fi
-    expect "the device has no BATCH_IO bit" "$((($(device_flags) >> 15) & 1))" 0 "$(cat "$SERVE_LOG")"
-    write_dev "$SERVE_DEV" $((3 * M)) 5a.bin
-    check_dev_equals "the device reads back what was written" "$SERVE_DEV" $((3 * M)) 5a.bin
-    check_dev_equals "base bytes read through the device" "$SERVE_DEV" $((8 * M)) base8.bin
-    serve_stop "batched I/O refused"
-    skip "batched I/O on the device: this kernel offers $(offered_flags) without BATCH_IO"
-}
-
 batch_routes() {
     local M=$((1024 * 1024)) sum_batch sum_per_tag
     expect "the log says the commands are batched" "$(grep -c 'ublk I/O: batched commands (UBLK_F_BATCH_IO)' "$SERVE_LOG" || true)" 1 "$(cat "$SERVE_LOG")"
@@ -56,7 +31,7 @@ batch_routes() {
     write_dev "$SERVE_DEV" $((3 * M)) 5a.bin
     write_dev "$SERVE_DEV" $((3 * M)) 5a.bin # now local
     check_dev_equals "1 MiB written twice reads back" "$SERVE_DEV" $((3 * M)) 5a.bin
-    fio_verify "batched"
+    fio_randwrite_verify "batched"
     sum_batch=$(dev_sha)
     serve_stop "batched"
     check "fvd check b.fvd clean after batched I/O" fvd check b.fvd
@@ -77,7 +52,7 @@ zero_copy_round() {
     expect "batched + zero copy: the device has BATCH_IO, AUTO_BUF_REG and USER_COPY" \
         "$(has_batch_io "$(device_flags)" && has_zero_copy "$(device_flags)" && echo yes || echo no)" yes "$(cat "$SERVE_LOG")"
     check_dev_equals "batched + zero copy: base bytes read back" "$SERVE_DEV" $((8 * 1024 * 1024)) base8.bin
-    fio_verify "batched + zero copy"
+    fio_randwrite_verify "batched + zero copy"
     serve_stop "batched, zero copy"
     check "fvd check z.fvd clean" fvd check z.fvd
 }
@@ -118,7 +93,7 @@ scenario() {
     # --no-prefetch: base blocks stay in the base until read or written, so each route is taken.
     serve_must b.fvd --batch-io --queues 2 --no-prefetch
     if ! has_batch_io "$(offered_flags)"; then
-        batch_refused
+        feature_refused BATCH_IO 15 'batched I/O: this kernel .* lacks UBLK_F_BATCH_IO (Linux 7.0+); one command per request'
         return 0
     fi
     expect "the device has BATCH_IO" "$(has_batch_io "$(device_flags)" && echo yes || echo no)" yes "$(cat "$SERVE_LOG")"

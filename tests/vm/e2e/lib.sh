@@ -224,6 +224,33 @@ dev_sha() {
     t dd if="$SERVE_DEV" iflag=direct bs=1M status=none | sha256sum | cut -d' ' -f1
 }
 
+# fio_randwrite_verify LABEL: fio randwrite + crc32c verify over the first 64 MiB of the served
+# device (2 jobs × 32 MiB, 4k–128k, iodepth 32, libaio, O_DIRECT); one ok/not ok line.
+fio_randwrite_verify() {
+    local label=$1 rc=0
+    local job=(--name=verify --filename="$SERVE_DEV" --ioengine=libaio --direct=1 --iodepth=32
+        --numjobs=2 --size=32M --offset_increment=32M --rw=randwrite --bsrange=4k-128k
+        --randrepeat=1 --verify=crc32c --verify_fatal=1 --group_reporting)
+    t fio "${job[@]}" > verify-fio.log 2>&1 || rc=$?
+    if [[ $rc == 0 ]] && grep -q 'err= 0' verify-fio.log && ! grep -qiE 'verify: bad|bad magic|verify failed|io_u error|fio: pid=' verify-fio.log; then
+        ok "$label: fio randwrite + verify (crc32c, 2 jobs × 32 MiB, 4k–128k, iodepth 32)"
+    else not_ok "$label: fio (exit $rc)" "$(tail -n 40 verify-fio.log)"; fi
+}
+# feature_refused WHAT BIT LINE: the serve just started asked for a ublk feature (device flag bit
+# BIT) the kernel lacks: its log has LINE (a grep pattern), the device lacks the bit, and it
+# works (5a.bin written at 3 MiB reads back, base8.bin reads at 8 MiB); stops it, skips the rest.
+feature_refused() {
+    local what=$1 bit=$2 line=$3 M=$((1024 * 1024))
+    if grep -q "$line" "$SERVE_LOG"; then ok "one line: the kernel lacks $what, served without it"
+    else not_ok "no line saying the kernel lacks $what" "$(cat "$SERVE_LOG")"; fi
+    expect "the device has no $what bit" "$((($(device_flags) >> bit) & 1))" 0 "$(cat "$SERVE_LOG")"
+    write_dev "$SERVE_DEV" $((3 * M)) 5a.bin
+    check_dev_equals "the device reads back what was written" "$SERVE_DEV" $((3 * M)) 5a.bin
+    check_dev_equals "base bytes read through the device" "$SERVE_DEV" $((8 * M)) base8.bin
+    serve_stop "$what refused"
+    skip "$what on the device: this kernel offers $(offered_flags) without it"
+}
+
 # ublk_nodes: the current /dev/ublkb* and /dev/ublkc* names and /sys/block/ublkb* entries.
 ublk_nodes() { { ls -d /dev/ublkb* /dev/ublkc* /sys/block/ublkb* 2>/dev/null || true; } | sort | tr '\n' ' '; }
 
