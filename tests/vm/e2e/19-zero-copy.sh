@@ -19,25 +19,8 @@
 
 # zero_copy_routes: the served z.fvd (zero copy) on each route, then fio verify and the differential.
 zero_copy_routes() {
-    local M=$((1024 * 1024)) sum_zc sum_copy
     expect "the log says the fast path is zero copy" "$(grep -c 'fast path: zero copy of local blocks' "$SERVE_LOG" || true)" 1 "$(cat "$SERVE_LOG")"
-    check_dev_equals "base bytes, read on the queue thread and copied into the request" "$SERVE_DEV" $((8 * M)) base8.bin
-    write_dev "$SERVE_DEV" $((20 * M + 8192)) 4k.bin
-    check_dev_equals "a 4 KiB copy-on-write into a base block (the engine's data by user copy) reads back" "$SERVE_DEV" $((20 * M + 8192)) 4k.bin
-    dd if=base.raw of=around.bin bs=4096 skip=$((20 * 256)) count=2 status=none
-    check_dev_equals "the rest of that block kept the base's bytes" "$SERVE_DEV" $((20 * M)) around.bin
-    write_dev "$SERVE_DEV" $((3 * M)) 5a.bin
-    write_dev "$SERVE_DEV" $((3 * M)) 5a.bin # now local: written in place from the request's pages
-    check_dev_equals "1 MiB written twice reads back (local: read into the request's pages)" "$SERVE_DEV" $((3 * M)) 5a.bin
-    fio_randwrite_verify "zero copy"
-    sum_zc=$(dev_sha)
-    serve_stop "zero copy"
-    check "fvd check z.fvd clean after zero copy" fvd check z.fvd
-    serve_must z.fvd
-    expect "served again without --zero-copy: no AUTO_BUF_REG" "$((($(device_flags) >> 11) & 1))" 0 "$(cat "$SERVE_LOG")"
-    sum_copy=$(dev_sha)
-    expect "the device's sha256 under zero copy equals its sha256 served with copies" "$sum_zc" "$sum_copy"
-    serve_stop "copies"
+    routes_then_differential "zero copy" z.fvd 11
 }
 
 compact_round() {
@@ -91,12 +74,8 @@ recovery_round() {
 
 scenario() {
     local M=$((1024 * 1024))
-    pattern_file 5a.bin $M 0x5a
-    pattern_file 4k.bin 4096 0xc3
     pattern_file zero.bin $((4 * M)) 0x00
-    random_file base.raw 64
-    dd if=base.raw of=base8.bin bs=1M skip=8 count=4 status=none
-    must "fvd create -b base.raw -F raw z.fvd" fvd create -b base.raw -F raw z.fvd
+    feature_fixtures z.fvd
     # --no-prefetch: base blocks stay in the base until read or written, so each route is taken.
     serve_must z.fvd --zero-copy --queues 2 --no-prefetch
     if ! has_zero_copy "$(offered_flags)"; then

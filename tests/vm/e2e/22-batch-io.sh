@@ -21,25 +21,8 @@ has_batch_io() {
 }
 
 batch_routes() {
-    local M=$((1024 * 1024)) sum_batch sum_per_tag
     expect "the log says the commands are batched" "$(grep -c 'ublk I/O: batched commands (UBLK_F_BATCH_IO)' "$SERVE_LOG" || true)" 1 "$(cat "$SERVE_LOG")"
-    check_dev_equals "base bytes, read on the queue thread" "$SERVE_DEV" $((8 * M)) base8.bin
-    write_dev "$SERVE_DEV" $((20 * M + 8192)) 4k.bin
-    check_dev_equals "a 4 KiB copy-on-write into a base block reads back" "$SERVE_DEV" $((20 * M + 8192)) 4k.bin
-    dd if=base.raw of=around.bin bs=4096 skip=$((20 * 256)) count=2 status=none
-    check_dev_equals "the rest of that block kept the base's bytes" "$SERVE_DEV" $((20 * M)) around.bin
-    write_dev "$SERVE_DEV" $((3 * M)) 5a.bin
-    write_dev "$SERVE_DEV" $((3 * M)) 5a.bin # now local
-    check_dev_equals "1 MiB written twice reads back" "$SERVE_DEV" $((3 * M)) 5a.bin
-    fio_randwrite_verify "batched"
-    sum_batch=$(dev_sha)
-    serve_stop "batched"
-    check "fvd check b.fvd clean after batched I/O" fvd check b.fvd
-    serve_must b.fvd
-    expect "served again without --batch-io: no BATCH_IO bit" "$((($(device_flags) >> 15) & 1))" 0 "$(cat "$SERVE_LOG")"
-    sum_per_tag=$(dev_sha)
-    expect "the device's sha256 batched equals its sha256 one command per request" "$sum_batch" "$sum_per_tag"
-    serve_stop "one command per request"
+    routes_then_differential "batched I/O" b.fvd 15
 }
 
 zero_copy_round() {
@@ -84,12 +67,7 @@ recovery_refused() {
 }
 
 scenario() {
-    local M=$((1024 * 1024))
-    pattern_file 5a.bin $M 0x5a
-    pattern_file 4k.bin 4096 0xc3
-    random_file base.raw 64
-    dd if=base.raw of=base8.bin bs=1M skip=8 count=4 status=none
-    must "fvd create -b base.raw -F raw b.fvd" fvd create -b base.raw -F raw b.fvd
+    feature_fixtures b.fvd
     # --no-prefetch: base blocks stay in the base until read or written, so each route is taken.
     serve_must b.fvd --batch-io --queues 2 --no-prefetch
     if ! has_batch_io "$(offered_flags)"; then

@@ -236,6 +236,41 @@ fio_randwrite_verify() {
         ok "$label: fio randwrite + verify (crc32c, 2 jobs × 32 MiB, 4k–128k, iodepth 32)"
     else not_ok "$label: fio (exit $rc)" "$(tail -n 40 verify-fio.log)"; fi
 }
+# feature_fixtures IMAGE: what routes_then_differential and feature_refused read — 5a.bin (1 MiB
+# of 0x5a), 4k.bin (4 KiB of 0xc3), a 64 MiB random base.raw and base8.bin (its 4 MiB at 8 MiB) —
+# and IMAGE, an FVD image over base.raw.
+feature_fixtures() {
+    pattern_file 5a.bin $((1024 * 1024)) 0x5a
+    pattern_file 4k.bin 4096 0xc3
+    random_file base.raw 64
+    dd if=base.raw of=base8.bin bs=1M skip=8 count=4 status=none
+    must "fvd create -b base.raw -F raw $1" fvd create -b base.raw -F raw "$1"
+}
+# routes_then_differential WHAT IMAGE BIT: the served IMAGE (an FVD image over base.raw, served
+# with the ublk feature WHAT, device flag bit BIT) on each route once — base bytes read on the
+# queue thread, a 4 KiB copy-on-write into a base block (the rest of the block still the base's),
+# 1 MiB written twice (the second time local) — then fio randwrite + verify. The differential: its
+# sha256 equals the device's served again without WHAT (no bit BIT); fvd check clean. Stops both.
+routes_then_differential() {
+    local what=$1 img=$2 bit=$3 M=$((1024 * 1024)) sum_with sum_without
+    check_dev_equals "$what: base bytes, read on the queue thread" "$SERVE_DEV" $((8 * M)) base8.bin
+    write_dev "$SERVE_DEV" $((20 * M + 8192)) 4k.bin
+    check_dev_equals "$what: a 4 KiB copy-on-write into a base block reads back" "$SERVE_DEV" $((20 * M + 8192)) 4k.bin
+    dd if=base.raw of=around.bin bs=4096 skip=$((20 * 256)) count=2 status=none
+    check_dev_equals "$what: the rest of that block kept the base's bytes" "$SERVE_DEV" $((20 * M)) around.bin
+    write_dev "$SERVE_DEV" $((3 * M)) 5a.bin
+    write_dev "$SERVE_DEV" $((3 * M)) 5a.bin # now local
+    check_dev_equals "$what: 1 MiB written twice reads back (the second time local)" "$SERVE_DEV" $((3 * M)) 5a.bin
+    fio_randwrite_verify "$what"
+    sum_with=$(dev_sha)
+    serve_stop "$what"
+    check "fvd check $img clean after $what" fvd check "$img"
+    serve_must "$img"
+    expect "served again without $what: no such bit" "$((($(device_flags) >> bit) & 1))" 0 "$(cat "$SERVE_LOG")"
+    sum_without=$(dev_sha)
+    expect "the device's sha256 with $what equals its sha256 without" "$sum_with" "$sum_without"
+    serve_stop "without $what"
+}
 # feature_refused WHAT BIT LINE: the serve just started asked for a ublk feature (device flag bit
 # BIT) the kernel lacks: its log has LINE (a grep pattern), the device lacks the bit, and it
 # works (5a.bin written at 3 MiB reads back, base8.bin reads at 8 MiB); stops it, skips the rest.
