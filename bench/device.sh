@@ -8,8 +8,10 @@
 #              commands; the kernel must offer UBLK_F_BATCH_IO: 7.0+)
 #   fvd-enc    (only when named in BENCH_TARGETS) as `fvd`, encrypted (AES-256-XTS, done by the
 #              queue workers on the fast path)
-#   fvd-cow-engine, fvd-cow-nocor, fvd-cow-prefetch, fvd-cow-64k  (only when named) as fvd-cow
-#              with the engine's copy-on-write (FVD_QUEUE_COW=0), with --no-copy-on-read, with
+#   fvd-cow-engine, fvd-cow-main, fvd-cow-nocor, fvd-cow-prefetch, fvd-cow-64k  (only when named)
+#              as fvd-cow with the engine's copy-on-write (FVD_QUEUE_COW=0), with the writes the
+#              queue threads store answered by the main thread (FVD_STORED_ANSWER=main, as with a
+#              pending log), with --no-copy-on-read, with
 #              prefetching on (the default options), or created with 64 KiB blocks (the default
 #              block size over a base before 4 KiB; fvd-cow-4k is a synonym of fvd-cow now)
 #   fvd-cow-before, fvd-before  (only when named, with FVD_BEFORE=<another checkout's
@@ -120,6 +122,7 @@ cow_serve() { # target image -> $dev (an fvd daemon's pid last in pids)
   case $1 in
     fvd-cow|fvd-cow-4k|fvd-cow-64k) serve "$2" --no-prefetch ;;
     fvd-cow-engine) FVD_QUEUE_COW=0 serve "$2" --no-prefetch ;;
+    fvd-cow-main) FVD_STORED_ANSWER=main serve "$2" --no-prefetch ;;
     fvd-cow-nocor) serve "$2" --no-prefetch --no-copy-on-read ;;
     fvd-cow-prefetch) serve "$2" ;;
     fvd-cow-before) SERVE_FVD="node $FVD_BEFORE" serve "$2" --no-prefetch ;;
@@ -173,7 +176,7 @@ for t in $(round_targets "$round"); do
       serve "$dir/enc.fvd" --key-file "$dir/enc.key"
       fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
       run_jobs fvd-enc "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/enc.fvd* "$dir/enc.key" ;;
-    fvd-cow|fvd-cow-engine|fvd-cow-nocor|fvd-cow-prefetch|fvd-cow-4k|fvd-cow-64k|fvd-cow-before|qcow2-cow)
+    fvd-cow|fvd-cow-engine|fvd-cow-main|fvd-cow-nocor|fvd-cow-prefetch|fvd-cow-4k|fvd-cow-64k|fvd-cow-before|qcow2-cow)
       cow_target "$t" ;;
     loop)
       truncate -s "$SIZE" "$dir/loop.raw"

@@ -12,7 +12,7 @@ import { allocPinned, type PinnedBuffer } from '../ffi/uring.js';
 import { STAGE_ENGINE_DONE, STAGE_ENGINE_START, type TraceRecorder } from '../fvd/trace.js';
 import { UBLK_IO_F_FUA, UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_WRITE_ZEROES } from './ublk/abi.js';
 import { CorHintConsumer, NO_SLOT, corSlotPoolBytes, createCorHints, type CorHintShared } from './cor-hints.js';
-import type { CompletionRing, StoredRing } from './shared-state.js';
+import { STORED_ANSWERED, type CompletionRing, type StoredRing } from './shared-state.js';
 import type { BlockClaims } from '../fvd/block-claims.js';
 import { BurstLog, requestErrno } from './request-errors.js';
 import type { WorkerMessage } from './fvd-queue.js';
@@ -151,12 +151,46 @@ export class EngineRequests {
     if (!this.claims) return;
     this.claims = null;
     this.image.unshareBlockClaims();
+    this.storedQueues.length = 0;
   }
+
+  /**
+   * Whether the queue threads answer the writes they store themselves (DESIGN.md §2.5): only
+   * when the image keeps no pending log — with one, a record must be in the log before the guest
+   * is answered, and this thread writes the log. FVD_STORED_ANSWER=main turns it off (for
+   * side-by-side measurements).
+   */
+  queuesAnswerStored(): boolean {
+    this.storedAnswered = this.claims !== null && !this.image.keepsPendingLog && process.env.FVD_STORED_ANSWER !== 'main';
+    return this.storedAnswered;
+  }
+
+  /** What queuesAnswerStored last said (for the closing line). */
+  private storedAnswered = false;
+
+  /**
+   * Before a commit a guest waits for (FLUSH, FUA write): the records of every write a queue
+   * thread answered itself are queued only when its ring entry is drained, and every entry pushed
+   * before the guest sent this request is in a ring now (pushed before the answer) — so draining
+   * all of them first puts their records in that commit.
+   */
+  private takeAnsweredWrites(): void {
+    for (const q of this.storedQueues) this.serveStored(q);
+  }
+
+  /** A queue with a StoredRing: a FLUSH drains it first (serveSlow). */
+  watchStored(q: EngineQueue): void {
+    if (q.stored !== null) this.storedQueues.push(q);
+  }
+
+  /** Queues whose stored writes a FLUSH takes in before it commits (watchStored). */
+  private readonly storedQueues: EngineQueue[] = [];
 
   /** The closing line on copy-on-writes the queue threads stored, or null when there were none. */
   cowSummary(queues: readonly EngineQueue[]): string | null {
     const n = queues.reduce((sum, q) => sum + q.cow, 0);
-    return n === 0 ? null : `copy-on-write on the queue threads: ${n} blocks`;
+    const who = this.storedAnswered ? 'answered there' : 'answered by the main thread';
+    return n === 0 ? null : `copy-on-write on the queue threads: ${n} blocks (${who})`;
   }
 
   /** A queue thread pushed copy-on-read hints: each hinted block is copied in background. */
@@ -213,14 +247,19 @@ export class EngineRequests {
           break;
         case UBLK_IO_OP_WRITE: {
           this.stats.writes++;
+          const fua = ((m.flags << 8) & UBLK_IO_F_FUA) !== 0;
+          // A FUA write commits the journal: a block it writes may have been stored and answered
+          // on a queue thread, its record still in a ring.
+          if (fua) this.takeAnsweredWrites();
           const held = HOLD_WRITE !== null && offset === HOLD_WRITE.offset;
           if (held) await this.holdWrite(offset, length, HOLD_WRITE.ms);
-          await this.image.write(buf, offset, ((m.flags << 8) & UBLK_IO_F_FUA) !== 0, slot, m.baseBlock ? this.baseBlockOf(q, tag) : null);
+          await this.image.write(buf, offset, fua, slot, m.baseBlock ? this.baseBlockOf(q, tag) : null);
           if (held) this.log(`test hook: write at ${offset}+${length} done`);
           break;
         }
         case UBLK_IO_OP_FLUSH:
           this.stats.flushes++;
+          this.takeAnsweredWrites();
           await this.image.flush();
           break;
         case UBLK_IO_OP_DISCARD:
@@ -296,6 +335,7 @@ export class EngineRequests {
 
   /** One entry of serveStored's batch: its blocks become local (bits set, record held). */
   private readonly adoptStored = (tag: number, block: number, lastBlock: number, length: number): void => {
+    if (tag === STORED_ANSWERED) return this.journalAnswered(block, lastBlock);
     const q = this.storedQueue!;
     const slot = this.trace === null ? -1 : this.trace.slotOf(q.qid, tag);
     if (slot >= 0) this.trace!.stamp(slot, STAGE_ENGINE_START);
@@ -314,6 +354,20 @@ export class EngineRequests {
     this.storedLast[i] = lastBlock;
     this.storedResults[i] = result;
   };
+
+  /**
+   * A write the queue thread answered itself (bits set, claims released): its record is queued.
+   * It can only fail on a closed or read-only image (the write was acknowledged: logged).
+   */
+  private journalAnswered(block: number, lastBlock: number): void {
+    this.stats.writes++;
+    try {
+      this.image.journalAnsweredBlocks(block, lastBlock);
+    } catch (err) {
+      this.stats.errors++;
+      this.failures.failure(`record of blocks ${block}-${lastBlock} written on a queue thread: ${(err as Error).message}`);
+    }
+  }
 
   /** A request a queue thread failed itself (its 'log' message: one per failed request). */
   queueFailure(qid: number, message: string): void {

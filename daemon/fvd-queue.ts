@@ -49,7 +49,7 @@ import {
 import { QueueLoop, type IoDescriptor, type QueueTarget } from './ublk/queue-loop.js';
 import { UD_KIND_TARGET_IO, encodeUserData } from './ublk/user-data.js';
 import { DIRECT_WOULD_BLOCK, DirectIo, chooseDirectMode, type DirectMode } from './direct-io.js';
-import { CompletionRing, StoredRing, type EngineView } from './shared-state.js';
+import { CompletionRing, STORED_ANSWERED, StoredRing, type EngineView } from './shared-state.js';
 import { BASE, STORED, ZERO, directRoute, newRun } from '../fvd/mapping.js';
 import { CorHintProducer, NO_SLOT, type CorHintShared } from './cor-hints.js';
 import { CorGate } from './cor-gate.js';
@@ -112,6 +112,11 @@ export interface QueueWorkerData {
   cowPartial: boolean;
   /** With claims: the StoredRing (shared-state.ts) this thread hands its stored writes over by. */
   stored: SharedArrayBuffer | null;
+  /**
+   * With claims: this thread answers its stored writes itself, the main thread only queues their
+   * records (the image keeps no pending log; DESIGN.md §2.5). False: the main thread answers them.
+   */
+  cowAnswers: boolean;
 }
 
 /** Messages to the main thread. */
@@ -126,7 +131,8 @@ export type WorkerMessage =
   /**
    * Writes stored here as whole base blocks wait in the queue's StoredRing (tag, blocks, length),
    * whose shared claims this thread holds: the engine marks them local, releases the claims, and
-   * completes the requests (daemon/queue-cow.ts, EngineRequests.serveStored).
+   * completes the requests (daemon/queue-cow.ts, EngineRequests.serveStored) — or, answered here
+   * already (cowAnswers), only queues their records.
    */
   | { type: 'stored'; qid: number }
   | { type: 'log'; qid: number; message: string }
@@ -181,6 +187,8 @@ export class FvdQueue implements QueueTarget {
   private readonly crypt: FastCrypt | null;
   /** Copy-on-write of base blocks on this thread, or null (docs/DESIGN.md §2.5). */
   private readonly cow: QueueCow | null;
+  /** QueueWorkerData.cowAnswers. */
+  private readonly cowAnswers: boolean;
   private readonly engineDone: CompletionRing;
   private readonly activity: QueueActivityWriter;
   private readonly bufBase: number;
@@ -293,6 +301,7 @@ export class FvdQueue implements QueueTarget {
     this.bytes = bytes;
     this.cow = d.claims !== null && d.stored !== null && direct !== null && baseDirect !== null && crypt === null ? new QueueCow(view, d.claims, baseDirect, direct, bytes, this.bufBase, maxIo, d.cowPartial) : null;
     this.stored = this.cow !== null ? new StoredRing(d.stored!) : null;
+    this.cowAnswers = this.cow !== null && d.cowAnswers;
     this.tagOp = new Int32Array(depth);
     this.tagLen = new Float64Array(depth);
     this.tagDone = new Float64Array(depth);
@@ -432,11 +441,21 @@ export class FvdQueue implements QueueTarget {
       return;
     }
     this.slow++;
-    if (op === UBLK_IO_OP_WRITE && this.cow !== null && (iod.opFlags & UBLK_IO_F_FUA) === 0) {
-      const block = this.cow.store(tag, offset, length);
+    if (op === UBLK_IO_OP_WRITE && this.cow !== null && (iod.opFlags & UBLK_IO_F_FUA) === 0 && this.stored!.hasRoom()) {
+      const cow = this.cow;
+      const block = cow.store(tag, offset, length);
       if (block !== COW_DECLINED) {
+        if (this.cowAnswers) {
+          // Local and answered here; the main thread queues the record before any commit a
+          // FLUSH waits for (it drains every queue's ring first). The entry goes before the
+          // answer: a FLUSH the guest sends after it must find it.
+          cow.publish(block, cow.lastBlock);
+          if (this.stored!.push(STORED_ANSWERED, block, cow.lastBlock, length)) this.post(this.storedMessage);
+          this.commit(tag, length);
+          return;
+        }
         if (trace !== null) trace.stamp(trace.slot(tag), STAGE_POSTED);
-        if (this.stored!.push(tag, block, this.cow.lastBlock, length)) this.post(this.storedMessage);
+        if (this.stored!.push(tag, block, cow.lastBlock, length)) this.post(this.storedMessage);
         return;
       }
     }

@@ -68,7 +68,7 @@ export class QueueCow {
    * Tag's WRITE of `length` bytes at `offset` (its data at the start of the tag's slice): stores
    * the whole block (or the whole blocks a block-aligned write covers) and returns the first
    * block's number — `lastBlock` the last; their claims are then held, for the engine to release
-   * after adoptStoredBlocks — or COW_DECLINED, nothing held.
+   * after adoptStoredBlocks or for publish — or COW_DECLINED, nothing held.
    */
   store(tag: number, offset: number, length: number): number {
     const view = this.view;
@@ -132,6 +132,20 @@ export class QueueCow {
     this.stored += b1 - b0 + 1;
     this.lastBlock = b1;
     return b0;
+  }
+
+  /**
+   * After a successful store of blocks [b0, b1], when the queue answers the write itself (no
+   * pending log; DESIGN.md §2.5): the blocks become local — `present` first (a read finds the
+   * stored bytes), then `journaled` (a later write takes the fast path: its record is queued by
+   * the main thread before any commit a FLUSH waits for) — and the claims go, so whoever takes a
+   * block next sees it local. Atomic bit sets: the main thread sets bits in the same bytes.
+   */
+  publish(b0: number, b1: number): void {
+    const { present, journaled } = this.view;
+    for (let b = b0; b <= b1; b++) Atomics.or(present, b >>> 3, 1 << (b & 7));
+    for (let b = b0; b <= b1; b++) Atomics.or(journaled, b >>> 3, 1 << (b & 7));
+    for (let b = b0; b <= b1; b++) this.claims.release(b);
   }
 
   private decline(b: number): number {

@@ -32,7 +32,7 @@ import {
   UBLK_F_BATCH_IO,
   UBLK_S_DEV_LIVE,
 } from './ublk/abi.js';
-import { CompletionRing, StoredRing } from './shared-state.js';
+import { CompletionRing, STORED_RING_ENTRIES, StoredRing } from './shared-state.js';
 import { EFD_WAKE, EngineRequests, queueCowMode, type EngineQueue, type ServerStats } from './engine-requests.js';
 import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
 import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
@@ -486,7 +486,7 @@ export class UblkServer {
       const eventfd = c.eventfd(0, EFD_CLOEXEC);
       if (eventfd < 0) throw new FvdError(`eventfd failed (errno ${c.errno()})`, 'EIO');
       const completions = CompletionRing.create(this.opts.depth + 1);
-      const stored = claims !== null ? StoredRing.create(this.opts.depth + 1) : null;
+      const stored = claims !== null ? StoredRing.create(STORED_RING_ENTRIES) : null;
       const control = new SharedArrayBuffer(8); // [0] quit, [1] quiesced (queue-loop.ts)
       const data: QueueWorkerData = {
         devId,
@@ -513,6 +513,7 @@ export class UblkServer {
         claims,
         cowPartial: queueCowMode() === 'all',
         stored,
+        cowAnswers: this.engine.queuesAnswerStored(),
       };
       const worker = this.opts.workers?.adopt(data) ?? new Worker(QUEUE_WORKER_URL, { workerData: data });
       const wipeKey = () => data.key && new Uint8Array(data.key).fill(0);
@@ -556,6 +557,7 @@ export class UblkServer {
       };
       worker.on('message', (m: WorkerMessage) => this.onWorkerMessage(q, m, resolveFetched));
       this.queues.push(q);
+      this.engine.watchStored(q);
       this.activityBuffers.push(data.activity);
     }
     void this.opts.workers?.close();

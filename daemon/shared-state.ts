@@ -58,9 +58,23 @@ export class CompletionRing {
  * wakes the queue once (measured against a message per write: no faster at 4K or 128K writes,
  * README — the wait for the main thread bounds them, not the hand-over's cost). The main thread
  * lowers the flag before it reads the tail, so an entry it does not see in that drain raises
- * the flag again and posts again. A tag has at most one entry in flight, so `depth` entries never
- * overflow.
+ * the flag again and posts again. A tag has at most one entry in flight waiting for its answer;
+ * answered entries (STORED_ANSWERED) are bounded by the ring's room only (hasRoom).
  */
+/**
+ * A StoredRing entry's tag when the queue thread answered the write itself (no pending log,
+ * DESIGN.md §2.5): the main thread only queues the blocks' record; there is no tag to complete.
+ */
+export const STORED_ANSWERED = -1;
+
+/**
+ * The StoredRing's size: with the queue answering its stored writes (STORED_ANSWERED) entries no
+ * longer wait for their tag's completion, so a burst of them may outrun the main thread's drain;
+ * a queue that finds the ring full hands the write to the engine instead (hasRoom). 16 bytes per
+ * entry: 64 KiB per queue.
+ */
+export const STORED_RING_ENTRIES = 4096;
+
 export class StoredRing {
   private readonly ring: SpscRing;
 
@@ -72,7 +86,15 @@ export class StoredRing {
     return SpscRing.create(depth, 4);
   }
 
-  /** Queue thread: tag stored blocks [first, last]. True when the caller must post one wake message. */
+  /** Queue thread: false when a push now would overwrite an entry the main thread has not read. */
+  hasRoom(): boolean {
+    return this.ring.length < this.ring.capacity;
+  }
+
+  /**
+   * Queue thread: tag stored blocks [first, last] (tag STORED_ANSWERED: answered already). True
+   * when the caller must post one wake message.
+   */
   push(tag: number, first: number, last: number, length: number): boolean {
     const ring = this.ring;
     const w = ring.words;

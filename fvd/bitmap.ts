@@ -11,8 +11,14 @@ export function testBit(bm: Uint8Array, b: number): boolean {
   return (bm[b >>> 3]! & (1 << (b & 7))) !== 0;
 }
 
+/**
+ * Atomic: queue threads set bits of the same shared bytes (daemon/queue-cow.ts answers a stored
+ * write itself), and a plain read-modify-write here could drop a bit one of them set meanwhile.
+ * setRange's whole bytes are plain stores of 0xff, which no interleaving can undo.
+ */
 export function setBit(bm: Uint8Array, b: number): void {
-  bm[b >>> 3]! |= 1 << (b & 7);
+  const i = b >>> 3;
+  if (i < bm.length) Atomics.or(bm, i, 1 << (b & 7)); // past the end: ignored, as a plain store was
 }
 
 /** Sets bits [first, first + count). */

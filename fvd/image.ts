@@ -413,7 +413,11 @@ export class FvdImage {
       this.header.journalStartSeq = nextSeq;
       await this.writeHeader();
     });
-    if (bitmap) for (let i = 0; i < bitmap.length; i++) this.journaled[i]! |= bitmap[i]!;
+    if (bitmap) {
+      // Atomic where it changes a byte: a queue thread may set bits of it meanwhile (setBit).
+      const journaled = this.journaled;
+      for (let i = 0; i < bitmap.length; i++) if ((bitmap[i]! & ~journaled[i]!) !== 0) Atomics.or(journaled, i, bitmap[i]!);
+    }
   }
 
   private onDurable(batch: PendingRecords): void {
@@ -607,6 +611,28 @@ export class FvdImage {
     // checkpointed) while they were written: every block is local then, nothing to record.
     if (this.allLocal) return;
     this.markLocal(b0, b1);
+  }
+
+  /**
+   * A queue thread stored blocks [b0, b1] (as for adoptStoredBlocks), set their `present` and
+   * `journaled` bits itself, released their claims and answered the guest without waiting for
+   * this thread (DESIGN.md §2.5): their BITMAP_SET record is queued now. Only without a pending
+   * log — with one, the record must be in the log before the answer (adoptStoredBlocks) — and it
+   * must run before the next journal commit that a guest FLUSH waits for (EngineRequests drains
+   * every queue's stored writes first).
+   */
+  journalAnsweredBlocks(b0: number, b1: number): void {
+    this.checkWritable('write');
+    if (this.closed) throw new FvdError(`${this.path}: image is closed`, 'EINVAL');
+    if (b0 > b1 || b1 >= this.baseBlocks) throw new FvdError(`${this.path}: blocks ${b0}-${b1} are not base blocks`, 'EINVAL');
+    if (this.pendingLog !== null) throw new FvdError(`${this.path}: a write answered on a queue thread while a pending log is kept`, 'EINVAL');
+    if (this.allLocal) return; // FULLY_LOCAL's checkpoint holds every bit
+    this.journal!.pending.addBitmap(b0, b1 - b0 + 1);
+  }
+
+  /** True while records are also appended to a volatile pending log (a recoverable device). */
+  get keepsPendingLog(): boolean {
+    return this.pendingLog !== null;
   }
 
   /**

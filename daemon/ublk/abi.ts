@@ -129,14 +129,21 @@ export function encodeCtrlCmd(out: DataView, at: number, devId: number, addr: nu
   out.setBigUint64(at + 16, BigInt(data0), true);
 }
 
+/**
+ * A u64 address (below 2^53) at byte `at`, little-endian, as two 32-bit halves: no BigInt
+ * allocation on the per-request path.
+ */
+export function setAddress(out: DataView, at: number, addr: number): void {
+  out.setUint32(at, addr >>> 0, true);
+  out.setUint32(at + 4, Math.floor(addr / 0x100000000), true);
+}
+
 /** struct ublksrv_io_cmd (16 bytes, in a normal SQE's command area). */
 export function encodeIoCmd(out: DataView, at: number, qid: number, tag: number, result: number, addr: number): void {
   out.setUint16(at + 0, qid, true);
   out.setUint16(at + 2, tag, true);
   out.setInt32(at + 4, result, true);
-  // Two 32-bit halves: no BigInt allocation on the per-request path (addresses are < 2^53).
-  out.setUint32(at + 8, addr >>> 0, true);
-  out.setUint32(at + 12, Math.floor(addr / 0x100000000), true);
+  setAddress(out, at + 8, addr);
 }
 
 // ---- batched I/O (UBLK_F_BATCH_IO, 7.0) -----------------------------------------------------
@@ -164,16 +171,13 @@ export function encodeBatchIo(out: DataView, at: number, qid: number, flags: num
 
 /**
  * One element of PREP_IO_CMDS / COMMIT_IO_CMDS at byte `at` of `out`: struct ublk_elem_header,
- * then, when elemBytes is 16, the tag's buffer address (two 32-bit halves: no BigInt).
+ * then, when elemBytes is 16, the tag's buffer address.
  */
 export function encodeBatchElem(out: DataView, at: number, elemBytes: number, tag: number, bufIndex: number, result: number, addr: number): void {
   out.setUint16(at + 0, tag, true);
   out.setUint16(at + 2, bufIndex, true);
   out.setInt32(at + 4, result, true);
-  if (elemBytes === 16) {
-    out.setUint32(at + 8, addr >>> 0, true);
-    out.setUint32(at + 12, Math.floor(addr / 0x100000000), true);
-  }
+  if (elemBytes === 16) setAddress(out, at + 8, addr);
 }
 
 // ---- zero copy (AUTO_BUF_REG) and user copy ----------------------------------------------

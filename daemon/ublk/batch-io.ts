@@ -44,6 +44,7 @@ import {
   UBLK_U_IO_PREP_IO_CMDS,
   encodeBatchElem,
   encodeBatchIo,
+  setAddress,
 } from './abi.js';
 import { UD_KIND_BATCH, encodeUserData } from './user-data.js';
 
@@ -74,7 +75,7 @@ export interface BatchOptions {
 
 export class BatchCommands {
   /** Bytes per PREP/COMMIT element: the header, plus the buffer address in copy mode. */
-  readonly elemBytes: number;
+  private readonly elemBytes: number;
   private readonly ring: IoUring;
   private readonly sqe: DataView;
   private readonly qid: number;
@@ -87,7 +88,6 @@ export class BatchCommands {
   private readonly mem: PinnedBuffer;
   private readonly view: DataView;
   private readonly tags: Uint16Array;
-  private readonly ringTail: Uint16Array;
   private readonly fetchBytes: number;
   private readonly fetchAt: number;
   private readonly commitBytes: number;
@@ -130,9 +130,8 @@ export class BatchCommands {
     }
     this.mem = mem;
     this.view = new DataView(mem.bytes.buffer, mem.bytes.byteOffset, mem.length);
+    // Also the rings' tails: the u16 at byte 14 of a ring's first entry (struct io_uring_buf_ring).
     this.tags = new Uint16Array(mem.bytes.buffer, mem.bytes.byteOffset, mem.length >> 1);
-    // The ring's tail is the u16 at byte 14 of its first entry (struct io_uring_buf_ring).
-    this.ringTail = this.tags;
   }
 
   /** Both fetch commands ended for good, or PREP failed: the queue gets no more requests. */
@@ -241,15 +240,14 @@ export class BatchCommands {
     const r = group * PAGE;
     const addr = this.fetchBufferAddress(group);
     const v = this.view;
-    v.setUint32(r, addr >>> 0, true);
-    v.setUint32(r + 4, Math.floor(addr / 0x100000000), true);
+    setAddress(v, r, addr);
     v.setUint32(r + 8, this.fetchBytes, true);
     v.setUint16(r + 12, 0, true); // bid
     this.fetchOffset[group] = 0;
     const tail = (this.tail[group]! + 1) & 0xffff;
     this.tail[group] = tail;
     // The entry is written before the tail that publishes it (the kernel reads the tail with acquire).
-    Atomics.store(this.ringTail, (r + 14) >> 1, tail);
+    Atomics.store(this.tags, (r + 14) >> 1, tail);
     const ring = this.ring;
     const idx = ring.prepUringCmd(0, UBLK_U_IO_FETCH_IO_CMDS, null, encodeUserData(group, UD_KIND_BATCH), IOSQE_FIXED_FILE | IOSQE_BUFFER_SELECT, 0, 0, IORING_URING_CMD_MULTISHOT, group);
     if (idx < 0) throw new Error(`queue ${this.qid}: submission queue full`);

@@ -14,10 +14,10 @@ import * as assert from 'uvu/assert';
 import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../storage/node-file.js';
 import { EngineRequests, type EngineQueue } from '../../daemon/engine-requests.js';
-import { CompletionRing, StoredRing } from '../../daemon/shared-state.js';
+import { CompletionRing, STORED_ANSWERED, STORED_RING_ENTRIES, StoredRing } from '../../daemon/shared-state.js';
 import { readPendingLog } from '../../fvd/pending-log.js';
 import { execFileSync } from 'node:child_process';
-import { UBLK_IO_OP_READ, UBLK_IO_OP_WRITE } from '../../daemon/ublk/abi.js';
+import { UBLK_IO_F_FUA, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE } from '../../daemon/ublk/abi.js';
 
 const KiB = 1024;
 const DEPTH = 8;
@@ -172,6 +172,82 @@ test('serveStored: a batch of blocks the queue thread stored becomes local, its 
   } finally {
     if (prev === undefined) delete process.env.FVD_QUEUE_COW;
     else process.env.FVD_QUEUE_COW = prev;
+    fs.closeSync(wakeRead);
+    fs.closeSync(wakeWrite);
+    if (!img.isClosed) await img.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('answered stored writes: the queue thread answered them, the main thread only queues their records; a FLUSH or a FUA write on another queue drains every ring first; a crash after it keeps them', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-engreq-'));
+  const bs = 16 * KiB;
+  fs.writeFileSync(path.join(dir, 'b.raw'), new Uint8Array(12 * bs).fill(0x42));
+  const file = path.join(dir, 'i.fvd');
+  await FvdImage.create(nodeIo, file, { size: 12 * bs, blockSize: bs, base: 'b.raw', baseFormat: 'raw', detectZeroes: false });
+  let img = await FvdImage.open(nodeIo, file, { copyOnRead: false });
+  const [wakeRead, wakeWrite] = pipeFds();
+  const prev = process.env.FVD_STORED_ANSWER;
+  try {
+    const engine = new EngineRequests(img, () => {});
+    assert.is(engine.queuesAnswerStored(), false, 'no claims yet: nothing to answer');
+    const words = new Int32Array(engine.shareClaims()!);
+    assert.is(engine.queuesAnswerStored(), true, 'claims and no pending log: the queue threads answer');
+    process.env.FVD_STORED_ANSWER = 'main';
+    assert.is(engine.queuesAnswerStored(), false, 'FVD_STORED_ANSWER=main: the main thread answers');
+    delete process.env.FVD_STORED_ANSWER;
+    const rings = [StoredRing.create(STORED_RING_ENTRIES), StoredRing.create(STORED_RING_ENTRIES)];
+    const queue = (qid: number): EngineQueue => ({
+      buffer: Buffer.alloc(DEPTH * 64 * KiB),
+      completions: new CompletionRing(CompletionRing.create(DEPTH)),
+      stored: new StoredRing(rings[qid]!),
+      qid,
+      eventfd: wakeWrite, fast: 0, hinted: 0, carried: 0, noSlot: 0, slow: 0, cow: 0, corBusy: 0,
+    });
+    const q0 = queue(0);
+    const q1 = queue(1);
+    engine.watchStored(q0);
+    engine.watchStored(q1);
+    const view = img.sharedView();
+    const fd = fs.openSync(file, 'r+');
+    const producer = new StoredRing(rings[0]!);
+    /** Queue 0's part: claim, store, publish (daemon/queue-cow.ts), push answered; no main thread. */
+    const answer = (b: number, fill: number): void => {
+      Atomics.or(words, 0, 1 << b);
+      fs.writeSync(fd, new Uint8Array(bs).fill(fill), 0, bs, view.dataOffset + b * bs);
+      Atomics.or(view.present, b >>> 3, 1 << (b & 7));
+      Atomics.or(view.journaled, b >>> 3, 1 << (b & 7));
+      Atomics.and(words, 0, ~(1 << b));
+      producer.push(STORED_ANSWERED, b, b, bs);
+    };
+    answer(2, 0x72);
+    answer(3, 0x73);
+    // A FLUSH arrives on queue 1: queue 0's entries are drained into its commit.
+    await engine.serveSlow(q1, { type: 'slow', qid: 1, tag: 0, op: UBLK_IO_OP_FLUSH, flags: 0, offset: 0, length: 0, baseBlock: false });
+    const results = new Map<number, number>();
+    q0.completions.drain((tag, r) => void results.set(tag, r));
+    assert.is(results.size, 0, 'answered entries complete nothing on the main thread');
+    assert.is(q0.stored!.drain(() => {}), 0, 'the FLUSH drained queue 0');
+    // Then one answered write and a FUA write (to another block) on queue 1.
+    answer(5, 0x75);
+    q1.buffer!.fill(0x66, 0, bs);
+    await engine.serveSlow(q1, { type: 'slow', qid: 1, tag: 1, op: UBLK_IO_OP_WRITE, flags: UBLK_IO_F_FUA >>> 8, offset: 9 * bs, length: bs, baseBlock: false });
+    // And one answered write that no FLUSH followed: a crash may lose it (a volatile write cache).
+    answer(7, 0x77);
+    fs.closeSync(fd);
+    await img.abandon(); // the daemon dies: no close, no checkpoint
+    img = await FvdImage.open(nodeIo, file, { copyOnRead: false, readOnly: true });
+    const got = new Uint8Array(12 * bs);
+    await img.read(got, 0);
+    const want = new Uint8Array(12 * bs).fill(0x42);
+    want.fill(0x72, 2 * bs, 3 * bs);
+    want.fill(0x73, 3 * bs, 4 * bs);
+    want.fill(0x75, 5 * bs, 6 * bs);
+    want.fill(0x66, 9 * bs, 10 * bs);
+    assert.ok(same(got, want), 'after the crash: the writes a FLUSH or a FUA write followed are there, the unflushed one reads from the base');
+  } finally {
+    if (prev === undefined) delete process.env.FVD_STORED_ANSWER;
+    else process.env.FVD_STORED_ANSWER = prev;
     fs.closeSync(wakeRead);
     fs.closeSync(wakeWrite);
     if (!img.isClosed) await img.close();

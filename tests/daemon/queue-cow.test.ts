@@ -263,14 +263,14 @@ function rng(seed: number): () => number {
   return () => ((x ^= x << 13), (x ^= x >>> 17), (x ^= x << 5), (x >>> 0) / 2 ** 32);
 }
 
-test('differential: a queue thread copy-on-writes while the engine writes, copies on read, copies hints and prefetches', async () => {
+for (const answer of [false, true]) test(`differential${answer ? ' (the queue answers its stored writes, the main thread journals them later)' : ''}: a queue thread copy-on-writes while the engine writes, copies on read, copies hints and prefetches`, async () => {
   if (!canRun) return console.log('  skip: needs koffi and /dev/shm');
   const baseSize = 2000 * bs + 3 * KiB;
   const size = 2016 * bs;
   const { dir, file, basePath, base } = await makeImage(baseSize, size);
   const img = await FvdImage.open(nodeIo, file, { copyOnRead: true });
   const claims = img.shareBlockClaims()!;
-  const data: CowWorkerData = { view: img.sharedView(), claims: claims.shared, imagePath: file, basePath, maxIo, depth: DEPTH };
+  const data: CowWorkerData = { view: img.sharedView(), claims: claims.shared, imagePath: file, basePath, maxIo, depth: DEPTH, answer };
   const worker = new Worker(new URL('../helpers/queue-cow-worker.js', import.meta.url), { workerData: data });
   const model = new Uint8Array(size);
   model.set(base);
@@ -353,6 +353,12 @@ test('differential: a queue thread copy-on-writes while the engine writes, copie
             assert.is(first, Math.floor(offset / bs));
             assert.is(last, Math.floor((offset + length - 1) / bs));
             stored += last - first + 1;
+            if (answer) {
+              // Local and unclaimed already; the record is queued a moment later, while the
+              // engine's writes, copies and prefetch of the same blocks run.
+              mine.push(later(Math.floor(r() * 3), async () => img.journalAnsweredBlocks(first, last)));
+              return;
+            }
             img.adoptStoredBlocks(first, last);
             for (let b = first; b <= last; b++) claims.release(b);
           });
@@ -368,7 +374,13 @@ test('differential: a queue thread copy-on-writes while the engine writes, copie
     const figures = await done;
     console.log(`  stored ${stored}, declined ${declinedToEngine} (${figures.declined} after a claim)`);
     await img.idle();
-    await img.close();
+    if (answer) {
+      // A guest FLUSH, then the daemon dies: every answered write's record was in that commit.
+      await img.flush();
+      await img.abandon();
+    } else {
+      await img.close();
+    }
     assert.ok(stored > 50, `the queue thread stored blocks (${stored})`);
     assert.ok(declinedToEngine > 10, `and declined some to the engine (${declinedToEngine}, ${figures.declined} after a claim)`);
     const all = await readAll(file, size);

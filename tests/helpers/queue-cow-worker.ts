@@ -3,7 +3,9 @@
  * daemon/queue-cow.ts against the image the test's main thread serves with the engine, so that
  * the claims are exercised across threads as in the daemon. Per batch of writes it stores each
  * one it can and reports, per write, its [first, last] block (claims held, for the main thread to
- * adopt and release) or -1 (declined: the main thread gives it to the engine).
+ * adopt and release; with `answer`, published here already — bits set, claims released — as a
+ * queue that answers its stored writes does, for the main thread to journal) or -1 (declined: the
+ * main thread gives it to the engine).
  */
 import fs from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
@@ -20,6 +22,8 @@ export interface CowWorkerData {
   basePath: string;
   maxIo: number;
   depth: number;
+  /** Publish each stored write here (QueueCow.publish), as a queue answering it itself. */
+  answer: boolean;
 }
 
 /** A batch: writes [offset, length, fill byte], each in its own tag. */
@@ -48,7 +52,9 @@ parentPort!.on('message', (batch: CowBatch | null) => {
   const blocks = batch.map(([offset, length, fill], tag) => {
     mem.bytes.fill(fill, tag * d.maxIo, tag * d.maxIo + length);
     const first = cow.store(tag, offset, length);
-    return first === COW_DECLINED ? first : [first, cow.lastBlock];
+    if (first === COW_DECLINED) return first;
+    if (d.answer) cow.publish(first, cow.lastBlock);
+    return [first, cow.lastBlock];
   });
   parentPort!.postMessage(blocks);
 });

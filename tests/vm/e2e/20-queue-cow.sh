@@ -13,6 +13,8 @@
 # prefetch (its copies race the writes), at 64 KiB and at 4 KiB blocks; FVD_QUEUE_COW=all with the daemon SIGKILLed in the middle of the writes and the device
 # recovered by the next serve (the writes held meanwhile complete, nothing acknowledged is lost,
 # and the image served once more still equals the model);
+# without a pending log (so the queue threads answer their stored writes), a FLUSH and then a
+# SIGKILL while more writes run: every write before the FLUSH is found by the next serve;
 # with FVD_QUEUE_COW=0 (the engine's copy-on-write, the same answers; 4 KiB blocks). The closing log of each
 # queue-thread round counts the blocks stored on the queue threads (the path was taken); fvd check
 # is clean after every round, the base's sha256 never changes, and a later serve reads the model.
@@ -93,7 +95,59 @@ cow_round() {
     n=$(queue_cow_count)
     if ((n > 0)); then ok "$label: $n blocks stored on the queue threads"
     else not_ok "$label: no block stored on the queue threads" "$(cat "$SERVE_LOG")"; fi
+    # No --recovery-wait, so no pending log: the queue threads answer what they store.
+    if grep -q "blocks (answered there)" "$SERVE_LOG"; then ok "$label: the queue threads answered their stored writes"
+    else not_ok "$label: the stored writes were not answered on the queue threads" "$(cat "$SERVE_LOG")"; fi
     check "$label: fvd check clean" fvd check q.fvd
+}
+
+# flush_kill_round: without a pending log (no --recovery-wait) the queue threads answer the writes
+# they store and the main thread queues their records later (docs/DESIGN.md §2.5); a FLUSH takes
+# every queue's records into its commit first. 300 writes, a FLUSH of the device (`sync DEV`:
+# fsync), then 300 more writes racing a SIGKILL of the daemon. The next serve must find every
+# write made before the FLUSH; each 4 KiB slot equals the base with the first writes or with all
+# of them (a write after the FLUSH is there or not: a volatile write cache may lose it).
+flush_kill_round() {
+    local rc dead writer out
+    rm -f q.fvd
+    must "flush+kill: fvd create -b base.raw -F raw" fvd create -b base.raw -F raw q.fvd
+    make_writes 53 600 > w53.list
+    head -n 300 w53.list > w53a.list
+    tail -n 300 w53.list > w53b.list
+    cp base.raw model.raw
+    apply_model w53a.list
+    cp model.raw model-a.raw
+    apply_model w53b.list
+    serve_must q.fvd --queues 2 --no-prefetch --dev-id 6
+    dead=$SERVE_PID
+    rc=0; write_device w53a.list w53a.log || rc=$?
+    expect "flush+kill: 300 writes succeed" "$rc" 0 "$(tail -n 20 w53a.log)"
+    check "flush+kill: a FLUSH of the device (sync: fsync of the block device)" t sync "$SERVE_DEV"
+    write_device w53b.list w53b.log &
+    writer=$!
+    sleep 0.5
+    echo "# SIGKILL to the daemon (pid $dead) while 300 more writes run"
+    kill -KILL "$dead"
+    wait_pid "$dead" 30
+    wait_pid "$writer" 120
+    if [[ $WAIT_RC != timeout ]]; then ok "flush+kill: the writes after the kill end (I/O errors), no hang"
+    else not_ok "flush+kill: writes still blocked 120 s after the kill"; kill -KILL "$writer" 2>/dev/null || true; fi
+    serve_must q.fvd --no-prefetch --dev-id 6
+    out=$(read_dev "$SERVE_DEV" 0 $((64 << 20)) | node -e '
+        const fs = require("fs");
+        const dev = fs.readFileSync(0), a = fs.readFileSync("model-a.raw"), all = fs.readFileSync("model.raw");
+        let bad = 0, later = 0;
+        for (let at = 0; at < a.length; at += 4096) {
+            const d = dev.subarray(at, at + 4096);
+            if (d.equals(a.subarray(at, at + 4096))) continue;
+            if (d.equals(all.subarray(at, at + 4096))) later++;
+            else bad++;
+        }
+        console.log(`${bad} ${later}`);')
+    if [[ ${out%% *} == 0 ]]; then ok "flush+kill: every write before the FLUSH is there (${out#* } slots of later writes too)"
+    else not_ok "flush+kill: $out (slots differing from both models, slots of later writes)"; fi
+    serve_stop "flush+kill, served again"
+    check "flush+kill: fvd check clean" fvd check q.fvd
 }
 
 kill_round() {
@@ -117,7 +171,11 @@ kill_round() {
     device_is_model "kill"
     serve_stop "kill, recovered"
     n=$(queue_cow_count)
-    if ((n > 0)); then ok "kill: the recovered daemon stored $n blocks on the queue threads"
+    if ((n > 0)); then
+        ok "kill: the recovered daemon stored $n blocks on the queue threads"
+        # --recovery-wait keeps a pending log: its record must be in it before the answer.
+        if grep -q "blocks (answered by the main thread)" "$SERVE_LOG"; then ok "kill: with a pending log, the main thread answered them"
+        else not_ok "kill: with a pending log, stored writes were answered on the queue threads" "$(cat "$SERVE_LOG")"; fi
     else ok "kill: the writes were done before the kill (the recovered daemon stored none)"; fi
     check "kill: fvd check clean" fvd check q.fvd
     serve_must q.fvd --no-prefetch
@@ -187,6 +245,7 @@ scenario() {
     cow_round "prefetch, 64K blocks (whole blocks on the queue threads)" 23 --prefetch-rate 4M
     BLOCK_OPT=""
     cow_round "prefetch, 4K blocks (the default)" 29 --prefetch-rate 4M
+    flush_kill_round
     off_round
     busy_round
     expect "the base's sha256 never changed" "$(sha256sum < base.raw)" "$base_sum"
