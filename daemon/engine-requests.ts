@@ -155,15 +155,32 @@ export class EngineRequests {
   }
 
   /**
-   * Whether the queue threads answer the writes they store themselves (DESIGN.md §2.5): only
-   * when the image keeps no pending log — with one, a record must be in the log before the guest
-   * is answered, and this thread writes the log. FVD_STORED_ANSWER=main turns it off (for
-   * side-by-side measurements).
+   * Whether the queue threads answer the writes they store themselves (DESIGN.md §2.5; with a
+   * pending log each appends the record to its own queue log first: queueLogs).
+   * FVD_STORED_ANSWER=main turns it off (for side-by-side measurements).
    */
   queuesAnswerStored(): boolean {
-    this.storedAnswered = this.claims !== null && !this.image.keepsPendingLog && process.env.FVD_STORED_ANSWER !== 'main';
+    this.storedAnswered = this.claims !== null && process.env.FVD_STORED_ANSWER !== 'main';
     return this.storedAnswered;
   }
+
+  /**
+   * When the queue threads answer their stored writes and the image keeps a pending log: the
+   * queue logs (FORMAT.md §14.4), one descriptor per queue, and the shared counts by which this
+   * thread tells each queue how many of its records reached the image's log (serveStored);
+   * null otherwise. Called once, as the workers are spawned.
+   */
+  queueLogs(queues: number): { fds: number[]; drained: SharedArrayBuffer } | null {
+    if (!this.storedAnswered) return null;
+    const fds = this.image.createQueueLogs(queues);
+    if (fds === null) return null;
+    const drained = new SharedArrayBuffer(4 * queues);
+    this.logDrained = new Int32Array(drained);
+    return { fds, drained };
+  }
+
+  /** queueLogs' counts (null: no queue logs); a failed log write stops them for good. */
+  private logDrained: Int32Array | null = null;
 
   /** What queuesAnswerStored last said (for the closing line). */
   private storedAnswered = false;
@@ -298,6 +315,7 @@ export class EngineRequests {
     if (ring === null) return;
     this.storedQueue = q;
     this.storedCount = 0;
+    this.answeredCount = 0;
     this.image.holdPendingLog();
     ring.drain(this.adoptStored);
     let logError: unknown = null;
@@ -306,6 +324,14 @@ export class EngineRequests {
     } catch (err) {
       logError = err;
       this.failures.failure(`pending log: ${(err as Error).message}`);
+    }
+    const drained = this.logDrained;
+    if (drained !== null && this.answeredCount > 0) {
+      // The answered writes' records are in the image's log now: the queue may write over them
+      // in its own (QueueLogWriter). After a failed write they are not: the counts stop for good
+      // and the queue logs keep everything.
+      if (logError === null) Atomics.store(drained, q.qid, (Atomics.load(drained, q.qid) + this.answeredCount) | 0);
+      else this.logDrained = null;
     }
     const claims = this.claims;
     const { storedTags: tags, storedFirst: first, storedLast: last, storedResults: results } = this;
@@ -328,6 +354,8 @@ export class EngineRequests {
   // serveStored's batch (reused: no allocation per request once grown to the queue's depth).
   private storedQueue: EngineQueue | null = null;
   private storedCount = 0;
+  /** Entries of the batch the queue thread answered itself (STORED_ANSWERED). */
+  private answeredCount = 0;
   private readonly storedTags: number[] = [];
   private readonly storedFirst: number[] = [];
   private readonly storedLast: number[] = [];
@@ -361,6 +389,7 @@ export class EngineRequests {
    */
   private journalAnswered(block: number, lastBlock: number): void {
     this.stats.writes++;
+    this.answeredCount++;
     try {
       this.image.journalAnsweredBlocks(block, lastBlock);
     } catch (err) {

@@ -56,6 +56,7 @@ import { CorGate } from './cor-gate.js';
 import { ACTIVITY_OTHER, ACTIVITY_READ, ACTIVITY_WRITE, QueueActivityWriter } from './queue-activity.js';
 import { FastCrypt } from './fast-crypt.js';
 import { COW_DECLINED, QueueCow } from './queue-cow.js';
+import { QueueLogWriter } from '../fvd/pending-log.js';
 import { requestErrnoOf } from './request-errors.js';
 import { QueueTrace, ROUTE_BASE, ROUTE_ENGINE, ROUTE_STORED, ROUTE_ZERO, STAGE_BASE_START, STAGE_POSTED, type TraceShared } from '../fvd/trace.js';
 
@@ -117,6 +118,13 @@ export interface QueueWorkerData {
    * records (the image keeps no pending log; DESIGN.md §2.5). False: the main thread answers them.
    */
   cowAnswers: boolean;
+  /**
+   * With cowAnswers and a pending log: this queue's log (FORMAT.md §14.4), where each answered
+   * write's record goes before the answer, and the main thread's counts of the records it took
+   * into the image's log (index qid); -1 / null without.
+   */
+  queueLogFd: number;
+  queueLogDrained: SharedArrayBuffer | null;
 }
 
 /** Messages to the main thread. */
@@ -189,6 +197,8 @@ export class FvdQueue implements QueueTarget {
   private readonly cow: QueueCow | null;
   /** QueueWorkerData.cowAnswers. */
   private readonly cowAnswers: boolean;
+  /** This queue's log of the writes it answers (QueueWorkerData.queueLogFd), or null. */
+  private readonly queueLog: QueueLogWriter | null;
   private readonly engineDone: CompletionRing;
   private readonly activity: QueueActivityWriter;
   private readonly bufBase: number;
@@ -302,6 +312,7 @@ export class FvdQueue implements QueueTarget {
     this.cow = d.claims !== null && d.stored !== null && direct !== null && baseDirect !== null && crypt === null ? new QueueCow(view, d.claims, baseDirect, direct, bytes, this.bufBase, maxIo, d.cowPartial) : null;
     this.stored = this.cow !== null ? new StoredRing(d.stored!) : null;
     this.cowAnswers = this.cow !== null && d.cowAnswers;
+    this.queueLog = this.cowAnswers && d.queueLogFd >= 0 && d.queueLogDrained !== null ? new QueueLogWriter(d.queueLogFd, new Int32Array(d.queueLogDrained), qid) : null;
     this.tagOp = new Int32Array(depth);
     this.tagLen = new Float64Array(depth);
     this.tagDone = new Float64Array(depth);
@@ -445,10 +456,11 @@ export class FvdQueue implements QueueTarget {
       const cow = this.cow;
       const block = cow.store(tag, offset, length);
       if (block !== COW_DECLINED) {
-        if (this.cowAnswers) {
-          // Local and answered here; the main thread queues the record before any commit a
-          // FLUSH waits for (it drains every queue's ring first). The entry goes before the
-          // answer: a FLUSH the guest sends after it must find it.
+        // Answered here: with a pending log, once the record is in this queue's log (a failed
+        // append leaves the answer to the main thread, which logs it itself). The main thread
+        // queues the record before any commit a FLUSH waits for (it drains every queue's ring
+        // first); the entry goes before the answer: a FLUSH the guest sends after it finds it.
+        if (this.cowAnswers && (this.queueLog === null || this.queueLog.append(block, cow.lastBlock - block + 1))) {
           cow.publish(block, cow.lastBlock);
           if (this.stored!.push(STORED_ANSWERED, block, cow.lastBlock, length)) this.post(this.storedMessage);
           this.commit(tag, length);

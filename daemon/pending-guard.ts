@@ -9,7 +9,7 @@
 import fs from 'node:fs';
 import { FvdError } from '../fvd/errors.js';
 import { HEADER_SIZE, INCOMPAT_DIRTY, decodeHeader } from '../fvd/format.js';
-import { readPendingLog } from '../fvd/pending-log.js';
+import { readPendingLog, readQueueLogs } from '../fvd/pending-log.js';
 import { currentBootId, fileIdOf, pendingLogPath, pidAlive } from './recovery.js';
 import { listStates } from './state.js';
 
@@ -49,9 +49,13 @@ export function refuseWhilePending(image: string, what: string): void {
  */
 export function unappliedPendingWrites(image: string, fileId: string, bootId: string): { logPath: string; records: number } | null {
   const logPath = pendingLogPath(fileId);
-  const log = readPendingLog({ path: logPath, bootId, fileId });
+  const id = { path: logPath, bootId, fileId };
+  const log = readPendingLog(id);
   if (log.status !== 'valid') return null;
-  const records = log.records.filter((r) => r.seq > log.committedSeq).length;
+  // With the queue threads' logs (FORMAT.md §14.4): records of writes they answered, which the
+  // image's log may not hold yet.
+  const queued = readQueueLogs(id).reduce((n, q) => n + (q.status === 'valid' ? q.records.length : 0), 0);
+  const records = log.records.filter((r) => r.seq > log.committedSeq).length + queued;
   if (records === 0 || !imageIsDirty(image)) return null;
   return { logPath, records };
 }

@@ -61,6 +61,13 @@ import {
 /** Largest discard/write-zeroes request: whole blocks are punched in one call, so it can be big. */
 const MAX_DISCARD_BYTES = 1 << 30;
 
+/**
+ * Test hook (tests/vm/e2e/20-queue-cow.sh): FVD_TEST_HOLD_STORED=1 leaves the writes the queue
+ * threads stored and answered in their rings until a FLUSH, a FUA write or the queue's exit takes
+ * them in — so a SIGKILL finds their records only in the queue logs. Read once.
+ */
+const HOLD_STORED = process.env.FVD_TEST_HOLD_STORED === '1';
+
 export interface ServeOptions {
   image: string;
   name: string;
@@ -481,6 +488,9 @@ export class UblkServer {
     // The same base: the queue threads copy-on-write its blocks themselves (daemon/queue-cow.ts).
     const claims = this.engine.shareClaims();
     const traceShared = this.startTrace();
+    const cowAnswers = this.engine.queuesAnswerStored();
+    // With a pending log, each queue thread's own log for the writes it answers (FORMAT.md §14.4).
+    const queueLogs = this.engine.queueLogs(this.opts.queues);
     const fetched = this.fetched;
     for (let qid = 0; qid < this.opts.queues; qid++) {
       const eventfd = c.eventfd(0, EFD_CLOEXEC);
@@ -513,7 +523,9 @@ export class UblkServer {
         claims,
         cowPartial: queueCowMode() === 'all',
         stored,
-        cowAnswers: this.engine.queuesAnswerStored(),
+        cowAnswers,
+        queueLogFd: queueLogs?.fds[qid] ?? -1,
+        queueLogDrained: queueLogs?.drained ?? null,
       };
       const worker = this.opts.workers?.adopt(data) ?? new Worker(QUEUE_WORKER_URL, { workerData: data });
       const wipeKey = () => data.key && new Uint8Array(data.key).fill(0);
@@ -593,7 +605,7 @@ export class UblkServer {
         void this.engine.serveSlow(q, m);
         break;
       case 'stored':
-        this.engine.serveStored(q);
+        if (!HOLD_STORED) this.engine.serveStored(q);
         break;
       case 'log': // a worker logs only what went wrong, one message per failed request
         this.engine.queueFailure(m.qid, m.message);

@@ -33,7 +33,7 @@ import {
 } from './format.js';
 import { allSet, countSet, forEachClearRun, newBitmap, setRange, testBit } from './bitmap.js';
 import { Journal, PendingRecords } from './journal.js';
-import { PendingLogWriter, applyPendingLog, readPendingLog, unlinkPendingLog } from './pending-log.js';
+import { PendingLogWriter, applyPendingLog, existingQueueLogs, readPendingLog, readQueueLogs, unlinkPendingLog } from './pending-log.js';
 import { BlockLocks } from './block-locks.js';
 import { BlockClaims } from './block-claims.js';
 import { EncryptedRequests } from './encrypted-requests.js';
@@ -286,9 +286,11 @@ export class FvdImage {
       // The pending log of a crashed process of this boot: applied after the journal (§14).
       const logId = !readOnly ? options.pendingLog : undefined;
       const pending = logId ? readPendingLog(logId) : null;
+      // The queue threads' logs (§14.4): records of writes they answered themselves.
+      const queueLogs = logId ? readQueueLogs(logId) : [];
       const maps = await readMaps(imagePath, file, header, {
         shared: true,
-        afterReplay: pending ? (sink) => applyPendingLog(pending, sink) : undefined,
+        afterReplay: pending ? (sink) => queueLogs.reduce((n, log) => n + applyPendingLog(log, sink), applyPendingLog(pending, sink)) : undefined,
       });
       const { bitmap: present, table, dirty, nextSeq, replayedSectors: replayed } = maps;
       // Snapshot structures; an interrupted revert is redone here, over the replayed state.
@@ -314,6 +316,7 @@ export class FvdImage {
       if (logId) {
         // The checkpoint above made the applied records durable: the old log is spent (or was
         // another boot's or file's). The new one replaces it and continues its sequence numbers.
+        for (const path of existingQueueLogs(logId.path)) unlinkPendingLog(path);
         if (logId.record === false) {
           if (pending?.status !== 'absent') unlinkPendingLog(logId.path);
         } else {
@@ -616,23 +619,25 @@ export class FvdImage {
   /**
    * A queue thread stored blocks [b0, b1] (as for adoptStoredBlocks), set their `present` and
    * `journaled` bits itself, released their claims and answered the guest without waiting for
-   * this thread (DESIGN.md §2.5): their BITMAP_SET record is queued now. Only without a pending
-   * log — with one, the record must be in the log before the answer (adoptStoredBlocks) — and it
-   * must run before the next journal commit that a guest FLUSH waits for (EngineRequests drains
-   * every queue's stored writes first).
+   * this thread (DESIGN.md §2.5): their BITMAP_SET record is queued now (and appended to the
+   * pending log, if one is kept: the queue thread's own log held it until then, §14.4). It must
+   * run before the next journal commit that a guest FLUSH waits for (EngineRequests drains every
+   * queue's stored writes first).
    */
   journalAnsweredBlocks(b0: number, b1: number): void {
     this.checkWritable('write');
     if (this.closed) throw new FvdError(`${this.path}: image is closed`, 'EINVAL');
     if (b0 > b1 || b1 >= this.baseBlocks) throw new FvdError(`${this.path}: blocks ${b0}-${b1} are not base blocks`, 'EINVAL');
-    if (this.pendingLog !== null) throw new FvdError(`${this.path}: a write answered on a queue thread while a pending log is kept`, 'EINVAL');
     if (this.allLocal) return; // FULLY_LOCAL's checkpoint holds every bit
     this.journal!.pending.addBitmap(b0, b1 - b0 + 1);
   }
 
-  /** True while records are also appended to a volatile pending log (a recoverable device). */
-  get keepsPendingLog(): boolean {
-    return this.pendingLog !== null;
+  /**
+   * With a pending log: creates the logs of queue threads 0 … queues−1 (FORMAT.md §14.4), closed
+   * and removed with it, and returns their descriptors; null without one.
+   */
+  createQueueLogs(queues: number): number[] | null {
+    return this.pendingLog?.createQueueLogs(queues) ?? null;
   }
 
   /**

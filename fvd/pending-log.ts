@@ -14,7 +14,8 @@
  * stored, adopted together) goes in one pwrite before any of its writes is acknowledged. Each
  * record describes a write that had completed.
  */
-import { closeSync, fstatSync, ftruncateSync, openSync, readFileSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, ftruncateSync, openSync, readFileSync, readdirSync, unlinkSync, writeSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
 import { crc } from './format.js';
 import type { JournalSink } from './journal.js';
 
@@ -162,11 +163,81 @@ export function applyPendingLog(log: PendingLogContents, sink: JournalSink): num
   return n;
 }
 
+/**
+ * Queue thread `qid`'s log next to the log at `path` (FORMAT.md §14.4): `pending-X.log` →
+ * `pending-X.q<qid>.log`.
+ */
+export function queueLogPath(path: string, qid: number): string {
+  return `${path.replace(/\.log$/, '')}.q${qid}.log`;
+}
+
+/** The queue logs that exist next to the log at `path`, whatever their queue numbers. */
+export function existingQueueLogs(path: string): string[] {
+  const stem = `${basename(path).replace(/\.log$/, '')}.q`;
+  let names: string[];
+  try {
+    names = readdirSync(dirname(path));
+  } catch {
+    return [];
+  }
+  return names.filter((n) => n.startsWith(stem) && /^\d+\.log$/.test(n.slice(stem.length))).map((n) => join(dirname(path), n));
+}
+
+/** Reads every queue log next to the log of `id` (same identity rules as the log itself). */
+export function readQueueLogs(id: PendingLogIdentity): PendingLogContents[] {
+  return existingQueueLogs(id.path).map((path) => readPendingLog({ ...id, path }));
+}
+
 export function unlinkPendingLog(path: string): void {
   try {
     unlinkSync(path);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+  }
+}
+
+/**
+ * A queue thread's log (FORMAT.md §14.4): the records of the writes the thread stored and answered
+ * itself, appended before each answer, until the main thread has taken them into the image's own
+ * log. One writer (the queue thread), one pwrite per record, no allocation. `drained[slot]` is
+ * the main thread's count of this queue's records that are in its log (mod 2^32); once it equals
+ * the count appended here, the records in the file are all spent and the next one starts over at
+ * the first record's place (the older ones behind it end the log for a reader: their sequence
+ * numbers are lower).
+ */
+export class QueueLogWriter {
+  private seq = 0;
+  /** Records in the file since it last started over. */
+  private count = 0;
+  /** Records appended, mod 2^32 (compared with drained[slot]). */
+  private appended = 0;
+  private readonly one = new Uint8Array(PENDING_RECORD);
+  private readonly oneView = new DataView(this.one.buffer);
+
+  constructor(
+    private readonly fd: number,
+    private readonly drained: Int32Array,
+    private readonly slot: number,
+  ) {}
+
+  /** Appends BITMAP_SET(first, count); false when the write failed (nothing appended then). */
+  append(first: number, count: number): boolean {
+    if (this.count > 0 && ((this.appended - Atomics.load(this.drained, this.slot)) | 0) === 0) this.count = 0;
+    encodePendingRecordAt(this.one, this.oneView, 0, this.seq + 1, PENDING_BITMAP, first, count);
+    try {
+      if (writeSync(this.fd, this.one, 0, PENDING_RECORD, PENDING_LOG_HEADER + this.count * PENDING_RECORD) !== PENDING_RECORD) return false;
+    } catch {
+      return false;
+    }
+    this.seq++;
+    this.count++;
+    this.appended = (this.appended + 1) | 0;
+    return true;
+  }
+
+  /** Records in the file now (for tests). */
+  get records(): number {
+    return this.count;
   }
 }
 
@@ -185,11 +256,14 @@ export class PendingLogWriter implements JournalSink {
   /** One record, encoded in place by an unheld append (and the committed mark's 8 bytes). */
   private readonly one = new Uint8Array(PENDING_RECORD);
   private readonly oneView = new DataView(this.one.buffer);
+  /** The queue logs made by createQueueLogs: closed, and removed with this log, by close. */
+  private queueFds: number[] = [];
 
   private constructor(
     readonly path: string,
     fd: number,
     startSeq: number,
+    private readonly id: PendingLogIdentity,
   ) {
     this.fd = fd;
     this.seq = startSeq;
@@ -205,7 +279,20 @@ export class PendingLogWriter implements JournalSink {
       closeSync(fd);
       throw err;
     }
-    return new PendingLogWriter(id.path, fd, startSeq);
+    return new PendingLogWriter(id.path, fd, startSeq, id);
+  }
+
+  /**
+   * Creates (or replaces) the logs of queue threads 0 … queues−1 next to this one, each with this
+   * log's header, and returns their descriptors for the threads' QueueLogWriters.
+   */
+  createQueueLogs(queues: number): number[] {
+    for (let q = 0; q < queues; q++) {
+      const fd = openSync(queueLogPath(this.path, q), 'w', 0o600);
+      this.queueFds.push(fd);
+      writeSync(fd, encodePendingHeader(this.id.bootId, this.id.fileId, 0), 0, PENDING_LOG_HEADER, 0);
+    }
+    return this.queueFds.slice();
   }
 
   /** The sequence number of the last record appended. */
@@ -293,6 +380,11 @@ export class PendingLogWriter implements JournalSink {
     if (this.fd < 0) return;
     closeSync(this.fd);
     this.fd = -1;
-    if (unlink) unlinkPendingLog(this.path);
+    for (const fd of this.queueFds) closeSync(fd);
+    this.queueFds = [];
+    if (unlink) {
+      unlinkPendingLog(this.path);
+      for (const path of existingQueueLogs(this.path)) unlinkPendingLog(path);
+    }
   }
 }

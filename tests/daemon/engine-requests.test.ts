@@ -255,6 +255,45 @@ test('answered stored writes: the queue thread answered them, the main thread on
   }
 });
 
+test('answered stored writes with a pending log: queue logs for the queues; a drain puts the records in the image\'s log and tells the queue how many', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-engreq-'));
+  const bs = 16 * KiB;
+  fs.writeFileSync(path.join(dir, 'b.raw'), new Uint8Array(8 * bs).fill(0x42));
+  const file = path.join(dir, 'i.fvd');
+  await FvdImage.create(nodeIo, file, { size: 8 * bs, blockSize: bs, base: 'b.raw', baseFormat: 'raw', detectZeroes: false });
+  const log = { path: path.join(dir, 'pending.log'), bootId: 'boot-a', fileId: 'file-a' };
+  const img = await FvdImage.open(nodeIo, file, { copyOnRead: false, pendingLog: log });
+  try {
+    const engine = new EngineRequests(img, () => {});
+    engine.shareClaims();
+    assert.is(engine.queuesAnswerStored(), true, 'a pending log: the queues answer all the same, through their own logs');
+    const logs = engine.queueLogs(2)!;
+    assert.is(logs.fds.length, 2, 'one queue log per queue');
+    assert.ok(fs.existsSync(path.join(dir, 'pending.q1.log')));
+    const drained = new Int32Array(logs.drained);
+    const ring = StoredRing.create(STORED_RING_ENTRIES);
+    const q: EngineQueue = {
+      buffer: Buffer.alloc(DEPTH * 64 * KiB),
+      completions: new CompletionRing(CompletionRing.create(DEPTH)),
+      stored: new StoredRing(ring),
+      qid: 1,
+      eventfd: -1, fast: 0, hinted: 0, carried: 0, noSlot: 0, slow: 0, cow: 0, corBusy: 0,
+    };
+    const producer = new StoredRing(ring);
+    producer.push(STORED_ANSWERED, 2, 3, 2 * bs);
+    producer.push(STORED_ANSWERED, 6, 6, bs);
+    const before = readPendingLog(log).records.length;
+    engine.serveStored(q);
+    assert.equal(readPendingLog(log).records.slice(before).map((r) => [r.a, r.b]), [[2, 2], [6, 1]], 'the records are in the image\'s log');
+    assert.equal([drained[0], drained[1]], [0, 2], 'queue 1 is told two of its records are there');
+    engine.unshareClaims();
+  } finally {
+    await img.close();
+    assert.not.ok(fs.existsSync(path.join(dir, 'pending.q1.log')), 'a clean close removes the queue logs');
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 /** A pipe's (read, write) descriptors, the read end non-blocking. */
 function pipeFds(): [number, number] {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-fifo-'));

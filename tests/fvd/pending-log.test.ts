@@ -18,8 +18,11 @@ import {
   PENDING_LOG_HEADER,
   PENDING_RECORD,
   PendingLogWriter,
+  QueueLogWriter,
   applyPendingLog,
+  existingQueueLogs,
   parsePendingLog,
+  queueLogPath,
   readPendingLog,
 } from '../../fvd/pending-log.js';
 
@@ -340,6 +343,66 @@ test('record: false applies and removes a log left behind, and keeps none', asyn
   img = await FvdImage.open(nodeIo, file, { readOnly: true });
   assert.ok((await readAll(img, 128 * KiB, 64 * KiB)).every((b) => b === 0x44));
   assert.ok((await readAll(img, 512 * KiB, 64 * KiB)).every((b) => b === 0x55));
+  await img.close();
+});
+
+test('queue log: records until the main thread took them all, then it starts over; the stale tail ends it for a reader', () => {
+  const id = logId();
+  const main = PendingLogWriter.create(id);
+  const [fd] = main.createQueueLogs(1);
+  assert.is(queueLogPath(id.path, 0), id.path.replace(/\.log$/, '.q0.log'));
+  assert.equal(existingQueueLogs(id.path), [queueLogPath(id.path, 0)]);
+  const drained = new Int32Array(new SharedArrayBuffer(8));
+  const q = new QueueLogWriter(fd!, drained, 1);
+  const read = () => parsePendingLog(fs.readFileSync(queueLogPath(id.path, 0)), id.bootId, id.fileId);
+  for (let b = 0; b < 3; b++) assert.ok(q.append(10 + b, 1));
+  assert.equal(read().records.map((r) => [r.seq, r.a, r.b]), [[1, 10, 1], [2, 11, 1], [3, 12, 1]]);
+  Atomics.store(drained, 1, 2); // the main thread has two of the three: keep appending
+  assert.ok(q.append(20, 2));
+  assert.is(read().records.length, 4);
+  Atomics.store(drained, 1, 4); // all four: the next record starts over
+  assert.ok(q.append(30, 1));
+  assert.is(q.records, 1);
+  assert.equal(read().records.map((r) => [r.seq, r.a]), [[5, 30]], 'only the record after the restart: the stale ones behind it have lower sequence numbers');
+  // The counts wrap at 2^32 like the main thread's (| 0).
+  const w = new QueueLogWriter(fd!, drained, 0);
+  Atomics.store(drained, 0, 0);
+  assert.ok(w.append(1, 1));
+  assert.ok(w.append(2, 1));
+  main.close(true);
+  assert.not.ok(w.append(3, 1), 'a failed write (closed descriptor) is reported, not thrown');
+  assert.equal(existingQueueLogs(id.path), [], 'a clean close removes the queue logs too');
+});
+
+test('queue logs: a process crash before the main thread took the records; the next open applies them and removes the logs', async () => {
+  const bs = 16 * KiB;
+  const base = path.join(dir, `qbase${n++}.raw`);
+  fs.writeFileSync(base, Buffer.alloc(8 * bs, 0x42));
+  const { file, log } = await fresh({ size: 8 * bs, blockSize: bs, base, baseFormat: 'raw', detectZeroes: false });
+  let img = await FvdImage.open(nodeIo, file, { copyOnRead: false, pendingLog: log });
+  const fds = img.createQueueLogs(2)!;
+  assert.is(fds.length, 2);
+  const drained = new Int32Array(new SharedArrayBuffer(8));
+  // Queue 1 stored block 5 and answered it (daemon/fvd-queue.ts): data, then its record in its
+  // own log, then the bits; the main thread never drained it.
+  const view = img.sharedView();
+  const fd = fs.openSync(file, 'r+');
+  fs.writeSync(fd, Buffer.alloc(bs, 0x55), 0, bs, view.dataOffset + 5 * bs);
+  fs.closeSync(fd);
+  assert.ok(new QueueLogWriter(fds[1]!, drained, 1).append(5, 1));
+  Atomics.or(view.present, 0, 1 << 5);
+  Atomics.or(view.journaled, 0, 1 << 5);
+  assert.is(readPendingLog(log).records.length, 0, 'nothing in the image\'s own log');
+  await img.abandon();
+  assert.is(existingQueueLogs(log.path).length, 2, 'the queue logs outlive the process');
+  img = await FvdImage.open(nodeIo, file, { copyOnRead: false, pendingLog: log });
+  assert.is(img.pendingApplied, 1, 'the queue log\'s record was applied');
+  assert.equal(existingQueueLogs(log.path), [], 'spent queue logs are removed');
+  assert.ok((await readAll(img, 5 * bs, bs)).every((b) => b === 0x55), 'the answered write is there');
+  assert.ok((await readAll(img, 4 * bs, bs)).every((b) => b === 0x42), 'its neighbour is the base');
+  await img.close();
+  img = await FvdImage.open(nodeIo, file, { readOnly: true });
+  assert.ok((await readAll(img, 5 * bs, bs)).every((b) => b === 0x55), 'and after a clean close');
   await img.close();
 });
 
