@@ -115,7 +115,8 @@ export interface QueueWorkerData {
   stored: SharedArrayBuffer | null;
   /**
    * With claims: this thread answers its stored writes itself, the main thread only queues their
-   * records (the image keeps no pending log; DESIGN.md §2.5). False: the main thread answers them.
+   * records (DESIGN.md §2.5; with a pending log, once this thread put each record in its queue
+   * log: queueLogFd). False: the main thread answers them (FVD_STORED_ANSWER=main).
    */
   cowAnswers: boolean;
   /**

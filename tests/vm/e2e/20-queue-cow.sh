@@ -105,7 +105,8 @@ cow_round() {
 
 # flush_kill_round: without a pending log (no --recovery-wait) the queue threads answer the writes
 # they store and the main thread queues their records later (docs/DESIGN.md §2.5); a FLUSH takes
-# every queue's records into its commit first. 300 writes, a FLUSH of the device (`sync DEV`:
+# every queue's records into its commit first (here the only drain: FVD_TEST_HOLD_STORED).
+# 300 writes, a FLUSH of the device (`sync DEV`:
 # fsync), then 300 more writes racing a SIGKILL of the daemon. The next serve must find every
 # write made before the FLUSH; each 4 KiB slot equals the base with the first writes or with all
 # of them (a write after the FLUSH is there or not: a volatile write cache may lose it).
@@ -120,7 +121,11 @@ flush_kill_round() {
     apply_model w53a.list
     cp model.raw model-a.raw
     apply_model w53b.list
+    # The main thread drains the queues' answered writes only when a FLUSH comes (a test hook):
+    # the FLUSH alone must take the first 300 writes' records into its commit.
+    export FVD_TEST_HOLD_STORED=1
     serve_must q.fvd --queues 2 --no-prefetch --dev-id 6
+    unset FVD_TEST_HOLD_STORED
     dead=$SERVE_PID
     rc=0; write_device w53a.list w53a.log || rc=$?
     expect "flush+kill: 300 writes succeed" "$rc" 0 "$(tail -n 20 w53a.log)"
