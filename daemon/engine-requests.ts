@@ -155,34 +155,25 @@ export class EngineRequests {
   }
 
   /**
-   * Whether the queue threads answer the writes they store themselves (DESIGN.md §2.5; with a
-   * pending log each appends the record to its own queue log first: queueLogs).
-   * FVD_STORED_ANSWER=main turns it off (for side-by-side measurements).
+   * As the workers are spawned (after shareClaims): whether the queue threads answer the writes
+   * they store themselves (DESIGN.md §2.5) and, when they do and the image keeps a pending log,
+   * their queue logs (FORMAT.md §14.4: one descriptor per queue) with the shared counts by which
+   * this thread tells each queue how many of its records reached the image's log (serveStored).
+   * FVD_STORED_ANSWER=main: the main thread answers them (for side-by-side measurements).
    */
-  queuesAnswerStored(): boolean {
+  answerStored(queues: number): { answers: boolean; logs: { fds: number[]; drained: SharedArrayBuffer } | null } {
     this.storedAnswered = this.claims !== null && process.env.FVD_STORED_ANSWER !== 'main';
-    return this.storedAnswered;
-  }
-
-  /**
-   * When the queue threads answer their stored writes and the image keeps a pending log: the
-   * queue logs (FORMAT.md §14.4), one descriptor per queue, and the shared counts by which this
-   * thread tells each queue how many of its records reached the image's log (serveStored);
-   * null otherwise. Called once, as the workers are spawned.
-   */
-  queueLogs(queues: number): { fds: number[]; drained: SharedArrayBuffer } | null {
-    if (!this.storedAnswered) return null;
-    const fds = this.image.createQueueLogs(queues);
-    if (fds === null) return null;
+    const fds = this.storedAnswered ? this.image.createQueueLogs(queues) : null;
+    if (fds === null) return { answers: this.storedAnswered, logs: null };
     const drained = new SharedArrayBuffer(4 * queues);
     this.logDrained = new Int32Array(drained);
-    return { fds, drained };
+    return { answers: true, logs: { fds, drained } };
   }
 
   /** queueLogs' counts (null: no queue logs); a failed log write stops them for good. */
   private logDrained: Int32Array | null = null;
 
-  /** What queuesAnswerStored last said (for the closing line). */
+  /** What answerStored said (for the closing line). */
   private storedAnswered = false;
 
   /**

@@ -12,9 +12,9 @@
  * is read from the base file here too (fixed file 2, opened read-only), and the blocks are hinted
  * to the engine for copy-on-read in background (daemon/cor-hints.ts) without waiting for it.
  * A write of whole blocks still only in such a base is stored here (and, with FVD_QUEUE_COW=all,
- * a partial block's copy-on-write: daemon/queue-cow.ts); the engine only sets the bits, a hand-over
- * like the slow path's. Everything else (other copy-on-writes, other bases, allocation, flush,
- * discard, FUA)
+ * a partial block's copy-on-write: daemon/queue-cow.ts) and answered here too, its bits set here,
+ * its record queued by the engine later (with a pending log, after it went to this queue's own
+ * log). Everything else (other copy-on-writes, other bases, allocation, flush, discard, FUA)
  * goes to the engine as a 'slow' message; the
  * engine works directly in this queue's pinned request buffers and hands the result back through
  * the completion ring and the queue's eventfd (handleEvent).

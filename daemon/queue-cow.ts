@@ -2,15 +2,17 @@
  * Copy-on-write on the queue thread (docs/DESIGN.md §2.5): a guest write into ONE block that is
  * still only in the local raw base is stored whole by the queue thread itself — the base's bytes
  * around the guest's, one synchronous read of the base and one synchronous write of the image —
- * and so is a write of whole blocks (no base bytes needed); only the bitmap bits are left to the
- * engine on the main thread (FvdImage
- * adoptStoredBlocks, queued to the journal and the pending log before the guest is answered).
+ * and so is a write of whole blocks (no base bytes needed). The blocks are then published here
+ * (publish: bits set, claims released) and the guest answered by the queue thread, the main
+ * thread queuing their record later (FvdImage.journalAnsweredBlocks; DESIGN.md §2.5 step 5) —
+ * or, with FVD_STORED_ANSWER=main, the main thread sets the bits, queues the record and answers
+ * (FvdImage.adoptStoredBlocks).
  * Before, the main thread read the base and wrote the block through the libuv pool: two hand-offs
  * per copy-on-write, most of its time in the trace (README, `make bench-trace-dev`).
  *
  * Exclusion: the block's shared claim (fvd/block-claims.ts), which every engine lock of the block
- * also takes, is held from before the "still absent?" check until the engine set the bit (the
- * engine releases it then). A copy-on-read or prefetch copy or another guest write of the block
+ * also takes, is held from before the "still absent?" check until the bits are set (publish, or
+ * the engine, which releases it then). A copy-on-read or prefetch copy or another guest write of the block
  * either ran before (the block is local: declined here) or waits / skips until the bit is set.
  *
  * Only what cannot block: both transfers synchronous (daemon/direct-io.ts). Anything else — the

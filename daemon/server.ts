@@ -488,9 +488,9 @@ export class UblkServer {
     // The same base: the queue threads copy-on-write its blocks themselves (daemon/queue-cow.ts).
     const claims = this.engine.shareClaims();
     const traceShared = this.startTrace();
-    const cowAnswers = this.engine.queuesAnswerStored();
-    // With a pending log, each queue thread's own log for the writes it answers (FORMAT.md §14.4).
-    const queueLogs = this.engine.queueLogs(this.opts.queues);
+    // Stored writes answered on the queue threads; with a pending log, each queue thread's own
+    // log for them (FORMAT.md §14.4).
+    const { answers: cowAnswers, logs: queueLogs } = this.engine.answerStored(this.opts.queues);
     const fetched = this.fetched;
     for (let qid = 0; qid < this.opts.queues; qid++) {
       const eventfd = c.eventfd(0, EFD_CLOEXEC);

@@ -190,12 +190,12 @@ test('answered stored writes: the queue thread answered them, the main thread on
   const prev = process.env.FVD_STORED_ANSWER;
   try {
     const engine = new EngineRequests(img, () => {});
-    assert.is(engine.queuesAnswerStored(), false, 'no claims yet: nothing to answer');
+    assert.equal(engine.answerStored(2), { answers: false, logs: null }, 'no claims yet: nothing to answer');
     const words = new Int32Array(engine.shareClaims()!);
-    assert.is(engine.queuesAnswerStored(), true, 'claims and no pending log: the queue threads answer');
     process.env.FVD_STORED_ANSWER = 'main';
-    assert.is(engine.queuesAnswerStored(), false, 'FVD_STORED_ANSWER=main: the main thread answers');
+    assert.equal(engine.answerStored(2), { answers: false, logs: null }, 'FVD_STORED_ANSWER=main: the main thread answers');
     delete process.env.FVD_STORED_ANSWER;
+    assert.equal(engine.answerStored(2), { answers: true, logs: null }, 'claims and no pending log: the queue threads answer, no queue logs');
     const rings = [StoredRing.create(STORED_RING_ENTRIES), StoredRing.create(STORED_RING_ENTRIES)];
     const queue = (qid: number): EngineQueue => ({
       buffer: Buffer.alloc(DEPTH * 64 * KiB),
@@ -266,11 +266,11 @@ test('answered stored writes with a pending log: queue logs for the queues; a dr
   try {
     const engine = new EngineRequests(img, () => {});
     engine.shareClaims();
-    assert.is(engine.queuesAnswerStored(), true, 'a pending log: the queues answer all the same, through their own logs');
-    const logs = engine.queueLogs(2)!;
-    assert.is(logs.fds.length, 2, 'one queue log per queue');
+    const { answers, logs } = engine.answerStored(2);
+    assert.ok(answers, 'a pending log: the queues answer all the same, through their own logs');
+    assert.is(logs!.fds.length, 2, 'one queue log per queue');
     assert.ok(fs.existsSync(path.join(dir, 'pending.q1.log')));
-    const drained = new Int32Array(logs.drained);
+    const drained = new Int32Array(logs!.drained);
     const ring = StoredRing.create(STORED_RING_ENTRIES);
     const q: EngineQueue = {
       buffer: Buffer.alloc(DEPTH * 64 * KiB),
