@@ -33,6 +33,26 @@ function same(a: Uint8Array, b: Uint8Array): boolean {
   return Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(b);
 }
 
+/** A fresh image of `blocks` blocks of `bs` over a raw base of 0x42 bytes, in a new directory. */
+async function imageOverBase(blocks: number, bs: number): Promise<{ dir: string; file: string }> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-engreq-'));
+  fs.writeFileSync(path.join(dir, 'b.raw'), new Uint8Array(blocks * bs).fill(0x42));
+  const file = path.join(dir, 'i.fvd');
+  await FvdImage.create(nodeIo, file, { size: blocks * bs, blockSize: bs, base: 'b.raw', baseFormat: 'raw', detectZeroes: false });
+  return { dir, file };
+}
+
+/** The engine's view of queue `qid`: buffers for DEPTH tags of 64 KiB, its rings, its eventfd. */
+function engineQueue(qid: number, stored: SharedArrayBuffer | null, eventfd: number, bufferBytes = DEPTH * 64 * KiB): EngineQueue {
+  return {
+    buffer: Buffer.alloc(bufferBytes),
+    completions: new CompletionRing(CompletionRing.create(DEPTH)),
+    stored: stored && new StoredRing(stored),
+    qid,
+    eventfd, fast: 0, hinted: 0, carried: 0, noSlot: 0, slow: 0, cow: 0, corBusy: 0,
+  };
+}
+
 for (const maxIo of [64 * KiB, 128 * KiB]) {
   test(`engine requests: each tag's bytes at tag × maxIo of the buffers (maxIo ${maxIo / KiB} KiB, as prepareQueues says)`, async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-engreq-'));
@@ -44,13 +64,7 @@ for (const maxIo of [64 * KiB, 128 * KiB]) {
     try {
       const engine = new EngineRequests(img, () => {});
       assert.is(engine.prepareQueues(img.sharedView(), 1, maxIo, false), null, 'no base: no copy-on-read hints');
-      const q: EngineQueue = {
-        buffer: Buffer.alloc(DEPTH * maxIo),
-        completions: new CompletionRing(CompletionRing.create(DEPTH)),
-        stored: null,
-        qid: 0,
-        eventfd, fast: 0, hinted: 0, carried: 0, noSlot: 0, slow: 0, cow: 0, corBusy: 0,
-      };
+      const q = engineQueue(0, null, eventfd, DEPTH * maxIo);
       const results = new Map<number, number>();
       const drain = () => q.completions.drain((tag, r) => void results.set(tag, r));
       for (let tag = 0; tag < DEPTH; tag++) q.buffer!.set(pattern(tag, len), tag * maxIo);
@@ -82,11 +96,8 @@ for (const maxIo of [64 * KiB, 128 * KiB]) {
 }
 
 test('serveStored: a batch of blocks the queue thread stored becomes local, its records go to the pending log in one write, claims go, the writes complete with one wake; survives a crash', async () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-engreq-'));
   const bs = 16 * KiB;
-  fs.writeFileSync(path.join(dir, 'b.raw'), new Uint8Array(10 * bs).fill(0x42));
-  const file = path.join(dir, 'i.fvd');
-  await FvdImage.create(nodeIo, file, { size: 10 * bs, blockSize: bs, base: 'b.raw', baseFormat: 'raw', detectZeroes: false });
+  const { dir, file } = await imageOverBase(10, bs);
   const log = { path: path.join(dir, 'pending.log'), bootId: 'boot-a', fileId: 'file-a' };
   let img = await FvdImage.open(nodeIo, file, { copyOnRead: false, pendingLog: log });
   // The eventfd: a pipe, so the test counts the wakes (8 bytes each).
@@ -101,13 +112,7 @@ test('serveStored: a batch of blocks the queue thread stored becomes local, its 
     assert.ok(shared, 'a raw-like image over a local raw base: claims for the queue threads');
     const words = new Int32Array(shared!);
     const ring = StoredRing.create(DEPTH + 1);
-    const q: EngineQueue = {
-      buffer: Buffer.alloc(DEPTH * 64 * KiB),
-      completions: new CompletionRing(CompletionRing.create(DEPTH)),
-      stored: new StoredRing(ring),
-      qid: 0,
-      eventfd: wakeWrite, fast: 0, hinted: 0, carried: 0, noSlot: 0, slow: 0, cow: 0, corBusy: 0,
-    };
+    const q = engineQueue(0, ring, wakeWrite);
     // The queue thread's part (daemon/queue-cow.ts): claim blocks 3, 4-5 (one write) and 8,
     // store them whole, push them; only the first push asks for a wake message.
     const producer = new StoredRing(ring);
@@ -180,11 +185,8 @@ test('serveStored: a batch of blocks the queue thread stored becomes local, its 
 });
 
 test('answered stored writes: the queue thread answered them, the main thread only queues their records; a FLUSH or a FUA write on another queue drains every ring first; a crash after it keeps them', async () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-engreq-'));
   const bs = 16 * KiB;
-  fs.writeFileSync(path.join(dir, 'b.raw'), new Uint8Array(12 * bs).fill(0x42));
-  const file = path.join(dir, 'i.fvd');
-  await FvdImage.create(nodeIo, file, { size: 12 * bs, blockSize: bs, base: 'b.raw', baseFormat: 'raw', detectZeroes: false });
+  const { dir, file } = await imageOverBase(12, bs);
   let img = await FvdImage.open(nodeIo, file, { copyOnRead: false });
   const [wakeRead, wakeWrite] = pipeFds();
   const prev = process.env.FVD_STORED_ANSWER;
@@ -197,15 +199,8 @@ test('answered stored writes: the queue thread answered them, the main thread on
     delete process.env.FVD_STORED_ANSWER;
     assert.equal(engine.answerStored(2), { answers: true, logs: null }, 'claims and no pending log: the queue threads answer, no queue logs');
     const rings = [StoredRing.create(STORED_RING_ENTRIES), StoredRing.create(STORED_RING_ENTRIES)];
-    const queue = (qid: number): EngineQueue => ({
-      buffer: Buffer.alloc(DEPTH * 64 * KiB),
-      completions: new CompletionRing(CompletionRing.create(DEPTH)),
-      stored: new StoredRing(rings[qid]!),
-      qid,
-      eventfd: wakeWrite, fast: 0, hinted: 0, carried: 0, noSlot: 0, slow: 0, cow: 0, corBusy: 0,
-    });
-    const q0 = queue(0);
-    const q1 = queue(1);
+    const q0 = engineQueue(0, rings[0]!, wakeWrite);
+    const q1 = engineQueue(1, rings[1]!, wakeWrite);
     engine.watchStored(q0);
     engine.watchStored(q1);
     const view = img.sharedView();
@@ -256,11 +251,8 @@ test('answered stored writes: the queue thread answered them, the main thread on
 });
 
 test('answered stored writes with a pending log: queue logs for the queues; a drain puts the records in the image\'s log and tells the queue how many', async () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-engreq-'));
   const bs = 16 * KiB;
-  fs.writeFileSync(path.join(dir, 'b.raw'), new Uint8Array(8 * bs).fill(0x42));
-  const file = path.join(dir, 'i.fvd');
-  await FvdImage.create(nodeIo, file, { size: 8 * bs, blockSize: bs, base: 'b.raw', baseFormat: 'raw', detectZeroes: false });
+  const { dir, file } = await imageOverBase(8, bs);
   const log = { path: path.join(dir, 'pending.log'), bootId: 'boot-a', fileId: 'file-a' };
   const img = await FvdImage.open(nodeIo, file, { copyOnRead: false, pendingLog: log });
   try {
@@ -272,13 +264,7 @@ test('answered stored writes with a pending log: queue logs for the queues; a dr
     assert.ok(fs.existsSync(path.join(dir, 'pending.q1.log')));
     const drained = new Int32Array(logs!.drained);
     const ring = StoredRing.create(STORED_RING_ENTRIES);
-    const q: EngineQueue = {
-      buffer: Buffer.alloc(DEPTH * 64 * KiB),
-      completions: new CompletionRing(CompletionRing.create(DEPTH)),
-      stored: new StoredRing(ring),
-      qid: 1,
-      eventfd: -1, fast: 0, hinted: 0, carried: 0, noSlot: 0, slow: 0, cow: 0, corBusy: 0,
-    };
+    const q = engineQueue(1, ring, -1);
     const producer = new StoredRing(ring);
     producer.push(STORED_ANSWERED, 2, 3, 2 * bs);
     producer.push(STORED_ANSWERED, 6, 6, bs);
