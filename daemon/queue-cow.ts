@@ -137,8 +137,8 @@ export class QueueCow {
   }
 
   /**
-   * After a successful store of blocks [b0, b1], when the queue answers the write itself (no
-   * pending log; DESIGN.md §2.5): the blocks become local — `present` first (a read finds the
+   * After a successful store of blocks [b0, b1], when the queue answers the write itself
+   * (DESIGN.md §2.5 step 5; with a pending log, after its record went to the queue log): the blocks become local — `present` first (a read finds the
    * stored bytes), then `journaled` (a later write takes the fast path: its record is queued by
    * the main thread before any commit a FLUSH waits for) — and the claims go, so whoever takes a
    * block next sees it local. Atomic bit sets: the main thread sets bits in the same bytes.

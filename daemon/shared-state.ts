@@ -51,19 +51,8 @@ export class CompletionRing {
 }
 
 /**
- * Writes a queue thread stored itself as whole base blocks (daemon/queue-cow.ts), queue → main
- * thread: an SpscRing of (tag, first block, last block, length) with its wake flag. It replaces
- * a postMessage per write: only the push that raises the wake flag posts a message, and the main
- * thread adopts every entry pushed so far, appends their pending-log records in one write and
- * wakes the queue once (measured against a message per write: no faster at 4K or 128K writes,
- * README — the wait for the main thread bounds them, not the hand-over's cost). The main thread
- * lowers the flag before it reads the tail, so an entry it does not see in that drain raises
- * the flag again and posts again. A tag has at most one entry in flight waiting for its answer;
- * answered entries (STORED_ANSWERED) are bounded by the ring's room only (hasRoom).
- */
-/**
- * A StoredRing entry's tag when the queue thread answered the write itself (no pending log,
- * DESIGN.md §2.5): the main thread only queues the blocks' record; there is no tag to complete.
+ * A StoredRing entry's tag when the queue thread answered the write itself (DESIGN.md
+ * §2.5 step 5): the main thread only queues the blocks' record; there is no tag to complete.
  */
 export const STORED_ANSWERED = -1;
 
@@ -75,6 +64,17 @@ export const STORED_ANSWERED = -1;
  */
 export const STORED_RING_ENTRIES = 4096;
 
+/**
+ * Writes a queue thread stored itself as whole base blocks (daemon/queue-cow.ts), queue → main
+ * thread: an SpscRing of (tag, first block, last block, length) with its wake flag. It replaces
+ * a postMessage per write: only the push that raises the wake flag posts a message, and the main
+ * thread adopts every entry pushed so far, appends their pending-log records in one write and
+ * wakes the queue once (measured against a message per write: no faster at 4K or 128K writes,
+ * README — the wait for the main thread bounds them, not the hand-over's cost). The main thread
+ * lowers the flag before it reads the tail, so an entry it does not see in that drain raises
+ * the flag again and posts again. A tag has at most one entry in flight waiting for its answer;
+ * answered entries (STORED_ANSWERED) are bounded by the ring's room only (hasRoom).
+ */
 export class StoredRing {
   private readonly ring: SpscRing;
 
