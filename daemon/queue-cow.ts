@@ -24,6 +24,7 @@
  * Only for raw-like, unencrypted, writable images over a plain local raw base (the engine decides:
  * FvdImage.shareBlockClaims). No allocation, promise or closure per request.
  */
+import { setRange } from '../fvd/bitmap.js';
 import { BlockClaims } from '../fvd/block-claims.js';
 import type { SharedView } from '../fvd/mapping.js';
 import type { DirectIo } from './direct-io.js';
@@ -141,12 +142,11 @@ export class QueueCow {
    * (DESIGN.md §2.5 step 5; with a pending log, after its record went to the queue log): the blocks become local — `present` first (a read finds the
    * stored bytes), then `journaled` (a later write takes the fast path: its record is queued by
    * the main thread before any commit a FLUSH waits for) — and the claims go, so whoever takes a
-   * block next sees it local. Atomic bit sets: the main thread sets bits in the same bytes.
+   * block next sees it local. Atomic bit sets (fvd/bitmap.ts): the main thread sets bits in the same bytes.
    */
   publish(b0: number, b1: number): void {
-    const { present, journaled } = this.view;
-    for (let b = b0; b <= b1; b++) Atomics.or(present, b >>> 3, 1 << (b & 7));
-    for (let b = b0; b <= b1; b++) Atomics.or(journaled, b >>> 3, 1 << (b & 7));
+    setRange(this.view.present, b0, b1 - b0 + 1);
+    setRange(this.view.journaled, b0, b1 - b0 + 1);
     for (let b = b0; b <= b1; b++) this.claims.release(b);
   }
 

@@ -14,7 +14,8 @@ export function testBit(bm: Uint8Array, b: number): boolean {
 /**
  * Atomic: queue threads set bits of the same shared bytes (daemon/queue-cow.ts answers a stored
  * write itself), and a plain read-modify-write here could drop a bit one of them set meanwhile.
- * setRange's whole bytes are plain stores of 0xff, which no interleaving can undo.
+ * Atomic also for setRange's whole bytes (stores of 0xff): the bits a thread sets become visible
+ * to the others in the order it set them (QueueCow.publish: `present` before `journaled`).
  */
 export function setBit(bm: Uint8Array, b: number): void {
   const i = b >>> 3;
@@ -26,10 +27,8 @@ export function setRange(bm: Uint8Array, first: number, count: number): void {
   let b = first;
   const end = first + count;
   while (b < end && b & 7) setBit(bm, b++);
-  while (b + 8 <= end) {
-    bm[b >>> 3] = 0xff;
-    b += 8;
-  }
+  for (const whole = Math.min(end >>> 3, bm.length); b >>> 3 < whole; b += 8) Atomics.store(bm, b >>> 3, 0xff);
+  if (b >>> 3 >= bm.length) return; // past the end: ignored
   while (b < end) setBit(bm, b++);
 }
 

@@ -606,9 +606,7 @@ export class FvdImage {
    * here does, before the guest's write is acknowledged. The caller releases the claim after this.
    */
   adoptStoredBlocks(b0: number, b1: number): void {
-    this.checkWritable('write');
-    if (this.closed) throw new FvdError(`${this.path}: image is closed`, 'EINVAL');
-    if (b0 > b1 || b1 >= this.baseBlocks) throw new FvdError(`${this.path}: blocks ${b0}-${b1} are not base blocks`, 'EINVAL');
+    this.checkStoredBlocks(b0, b1);
     // Whole blocks are stored without looking at `present` (the guest's bytes replace them either
     // way), so the image may have become fully local (the last soft copies done, FULLY_LOCAL
     // checkpointed) while they were written: every block is local then, nothing to record.
@@ -625,11 +623,15 @@ export class FvdImage {
    * queue's stored writes first).
    */
   journalAnsweredBlocks(b0: number, b1: number): void {
+    this.checkStoredBlocks(b0, b1);
+    if (this.allLocal) return; // FULLY_LOCAL's checkpoint holds every bit
+    this.journal!.pending.addBitmap(b0, b1 - b0 + 1);
+  }
+
+  private checkStoredBlocks(b0: number, b1: number): void {
     this.checkWritable('write');
     if (this.closed) throw new FvdError(`${this.path}: image is closed`, 'EINVAL');
     if (b0 > b1 || b1 >= this.baseBlocks) throw new FvdError(`${this.path}: blocks ${b0}-${b1} are not base blocks`, 'EINVAL');
-    if (this.allLocal) return; // FULLY_LOCAL's checkpoint holds every bit
-    this.journal!.pending.addBitmap(b0, b1 - b0 + 1);
   }
 
   /**

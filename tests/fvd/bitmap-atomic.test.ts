@@ -1,13 +1,13 @@
 /**
  * The shared bitmaps take bits from two threads at once: the engine's setBit/setRange on the main
- * thread and a queue thread's Atomics.or when it answers a stored write itself (daemon/queue-cow.ts
- * publish). A plain read-modify-write of a byte would drop the other thread's bit set between its
+ * thread and a queue thread's when it answers a stored write itself (daemon/queue-cow.ts publish,
+ * which uses setRange too). A plain read-modify-write of a byte would drop the other thread's bit set between its
  * load and its store; this races both on the same bytes and counts every bit.
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { Worker } from 'node:worker_threads';
-import { countSet, newBitmap, setBit, setRange } from '../../fvd/bitmap.js';
+import { countSet, newBitmap, setBit, setRange, testBit } from '../../fvd/bitmap.js';
 
 const BITS = 1 << 22; // 512 KiB of bitmap
 
@@ -32,6 +32,19 @@ test('setBit and setRange keep the bits another thread sets in the same bytes at
     for (let b = BITS / 2; b < BITS; b += 2) setRange(bm, b, 1);
     await exited;
     assert.is(countSet(bm, BITS), BITS, `round ${round}: no bit lost`);
+  }
+});
+
+test('setRange sets exactly [first, first + count), whole bytes and partial ones, and ignores bits past the end', () => {
+  const bytes = 6;
+  for (let first = 0; first < bytes * 8 + 4; first++) {
+    for (let count = 0; first + count <= bytes * 8 + 20; count++) {
+      const bm = newBitmap(bytes);
+      setRange(bm, first, count);
+      for (let b = 0; b < bytes * 8; b++) {
+        if (testBit(bm, b) !== (b >= first && b < first + count)) assert.unreachable(`first ${first} count ${count}: bit ${b}`);
+      }
+    }
   }
 });
 
