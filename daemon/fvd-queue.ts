@@ -49,7 +49,7 @@ import {
 import { QueueLoop, type IoDescriptor, type QueueTarget } from './ublk/queue-loop.js';
 import { UD_KIND_TARGET_IO, encodeUserData } from './ublk/user-data.js';
 import { DIRECT_WOULD_BLOCK, DirectIo, chooseDirectMode, type DirectMode } from './direct-io.js';
-import { CompletionRing, STORED_ANSWERED, StoredRing, type EngineView } from './shared-state.js';
+import { CompletionRing, StoredRing, type EngineView } from './shared-state.js';
 import { BASE, STORED, ZERO, directRoute, newRun } from '../fvd/mapping.js';
 import { CorHintProducer, NO_SLOT, type CorHintShared } from './cor-hints.js';
 import { CorGate } from './cor-gate.js';
@@ -463,7 +463,7 @@ export class FvdQueue implements QueueTarget {
         // first); the entry goes before the answer: a FLUSH the guest sends after it finds it.
         if (this.cowAnswers && (this.queueLog === null || this.queueLog.append(block, cow.lastBlock - block + 1))) {
           cow.publish(block, cow.lastBlock);
-          if (this.stored!.push(STORED_ANSWERED, block, cow.lastBlock, length)) this.post(this.storedMessage);
+          if (this.stored!.pushAnswered(block, cow.lastBlock, length)) this.post(this.storedMessage);
           this.commit(tag, length);
           return;
         }

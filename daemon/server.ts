@@ -618,6 +618,9 @@ export class UblkServer {
         break;
       case 'stats':
         this.engine.queueStats(q, m);
+        // Writes it answered itself wake nobody below a threshold (StoredRing.pushAnswered): their
+        // records are taken in at least once a second, as its figures come.
+        if (!HOLD_STORED) this.engine.serveStored(q);
         break;
       case 'exit':
         // Anything it stored and pushed is adopted (its 'stored' message came first; this only

@@ -65,6 +65,15 @@ export const STORED_ANSWERED = -1;
 export const STORED_RING_ENTRIES = 4096;
 
 /**
+ * Answered entries wake the main thread only once this many wait in the ring (pushAnswered):
+ * nobody waits for their records but the next FLUSH or FUA write, which drains every ring first,
+ * so until then they are taken in with the queue's once-a-second figures or its next entry that
+ * waits. A wake per answered write cost the queue thread a postMessage and took the main thread
+ * from the CPU the queue threads share (README, issue 11's table).
+ */
+export const ANSWERED_WAKE_AT = STORED_RING_ENTRIES / 4;
+
+/**
  * Writes a queue thread stored itself as whole base blocks (daemon/queue-cow.ts), queue → main
  * thread: an SpscRing of (tag, first block, last block, length) with its wake flag. It replaces
  * a postMessage per write: only the push that raises the wake flag posts a message, and the main
@@ -73,7 +82,8 @@ export const STORED_RING_ENTRIES = 4096;
  * README — the wait for the main thread bounds them, not the hand-over's cost). The main thread
  * lowers the flag before it reads the tail, so an entry it does not see in that drain raises
  * the flag again and posts again. A tag has at most one entry in flight waiting for its answer;
- * answered entries (STORED_ANSWERED) are bounded by the ring's room only (hasRoom).
+ * answered entries (STORED_ANSWERED) are bounded by the ring's room only (hasRoom) and raise the
+ * flag only in numbers (pushAnswered).
  */
 export class StoredRing {
   private readonly ring: SpscRing;
@@ -92,8 +102,8 @@ export class StoredRing {
   }
 
   /**
-   * Queue thread: tag stored blocks [first, last] (tag STORED_ANSWERED: answered already). True
-   * when the caller must post one wake message.
+   * Queue thread: tag stored blocks [first, last] and waits for its answer. True when the
+   * caller must post one wake message.
    */
   push(tag: number, first: number, last: number, length: number): boolean {
     const ring = this.ring;
@@ -105,6 +115,22 @@ export class StoredRing {
     w[at + 3] = length;
     ring.publish();
     return ring.raiseWake();
+  }
+
+  /**
+   * Queue thread: a write it stored as blocks [first, last] and answered itself. True when the
+   * caller must post one wake message: only once ANSWERED_WAKE_AT entries wait.
+   */
+  pushAnswered(first: number, last: number, length: number): boolean {
+    const ring = this.ring;
+    const w = ring.words;
+    const at = ring.slot();
+    w[at] = STORED_ANSWERED;
+    w[at + 1] = first;
+    w[at + 2] = last;
+    w[at + 3] = length;
+    ring.publish();
+    return ring.length >= ANSWERED_WAKE_AT && ring.raiseWake();
   }
 
   /** Main thread: calls fn for every entry pushed so far; returns how many. */

@@ -14,7 +14,7 @@ import * as assert from 'uvu/assert';
 import { FvdImage } from '../../fvd/image.js';
 import { nodeIo } from '../../storage/node-file.js';
 import { EngineRequests, type EngineQueue } from '../../daemon/engine-requests.js';
-import { CompletionRing, STORED_ANSWERED, STORED_RING_ENTRIES, StoredRing } from '../../daemon/shared-state.js';
+import { ANSWERED_WAKE_AT, CompletionRing, STORED_RING_ENTRIES, StoredRing } from '../../daemon/shared-state.js';
 import { readPendingLog } from '../../fvd/pending-log.js';
 import { execFileSync } from 'node:child_process';
 import { UBLK_IO_F_FUA, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE } from '../../daemon/ublk/abi.js';
@@ -213,7 +213,7 @@ test('answered stored writes: the queue thread answered them, the main thread on
       Atomics.or(view.present, b >>> 3, 1 << (b & 7));
       Atomics.or(view.journaled, b >>> 3, 1 << (b & 7));
       Atomics.and(words, 0, ~(1 << b));
-      producer.push(STORED_ANSWERED, b, b, bs);
+      assert.not.ok(producer.pushAnswered(b, b, bs), 'a few answered entries wake nobody');
     };
     answer(2, 0x72);
     answer(3, 0x73);
@@ -266,8 +266,8 @@ test('answered stored writes with a pending log: queue logs for the queues; a dr
     const ring = StoredRing.create(STORED_RING_ENTRIES);
     const q = engineQueue(1, ring, -1);
     const producer = new StoredRing(ring);
-    producer.push(STORED_ANSWERED, 2, 3, 2 * bs);
-    producer.push(STORED_ANSWERED, 6, 6, bs);
+    producer.pushAnswered(2, 3, 2 * bs);
+    producer.pushAnswered(6, 6, bs);
     const before = readPendingLog(log).records.length;
     engine.serveStored(q);
     assert.equal(readPendingLog(log).records.slice(before).map((r) => [r.a, r.b]), [[2, 2], [6, 1]], 'the records are in the image\'s log');
@@ -278,6 +278,30 @@ test('answered stored writes with a pending log: queue logs for the queues; a dr
     assert.not.ok(fs.existsSync(path.join(dir, 'pending.q1.log')), 'a clean close removes the queue logs');
     fs.rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test('StoredRing: answered entries wake the main thread only in numbers, an entry that waits at once; a drain lowers the flag', () => {
+  const sab = StoredRing.create(STORED_RING_ENTRIES);
+  const producer = new StoredRing(sab);
+  const consumer = new StoredRing(sab);
+  const wakes = (): number[] => {
+    const at: number[] = [];
+    for (let i = 1; i <= ANSWERED_WAKE_AT + 10; i++) if (producer.pushAnswered(i, i, 512)) at.push(i);
+    return at;
+  };
+  assert.equal(wakes(), [ANSWERED_WAKE_AT], 'one wake, when ANSWERED_WAKE_AT entries wait');
+  const seen: number[] = [];
+  assert.is(consumer.drain((tag, first) => void seen.push(first)), ANSWERED_WAKE_AT + 10);
+  assert.is(seen[ANSWERED_WAKE_AT + 9], ANSWERED_WAKE_AT + 10, 'in order, none lost');
+  assert.equal(wakes(), [ANSWERED_WAKE_AT], 'after a drain: again one wake at the threshold');
+  consumer.drain(() => {});
+  assert.not.ok(producer.pushAnswered(1, 1, 512));
+  assert.ok(producer.push(3, 1, 1, 512), 'an entry whose tag waits for its answer wakes at once, answered ones before it or not');
+  assert.not.ok(producer.push(4, 2, 2, 512), 'once: the wake is in flight');
+  const tags: number[] = [];
+  consumer.drain((tag) => void tags.push(tag));
+  assert.is(tags.length, 3, 'the drain takes the answered entry with the waiting ones');
+  assert.ok(producer.push(5, 3, 3, 512), 'the drain lowered the flag');
 });
 
 /** A pipe's (read, write) descriptors, the read end non-blocking. */
