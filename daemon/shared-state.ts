@@ -92,8 +92,8 @@ export class StoredRing {
     this.ring = new SpscRing(sab, 4);
   }
 
-  static create(depth: number): SharedArrayBuffer {
-    return SpscRing.create(depth, 4);
+  static create(entries: number): SharedArrayBuffer {
+    return SpscRing.create(entries, 4);
   }
 
   /** Queue thread: false when a push now would overwrite an entry the main thread has not read. */
@@ -106,6 +106,20 @@ export class StoredRing {
    * caller must post one wake message.
    */
   push(tag: number, first: number, last: number, length: number): boolean {
+    this.put(tag, first, last, length);
+    return this.ring.raiseWake();
+  }
+
+  /**
+   * Queue thread: a write it stored as blocks [first, last] and answered itself. True when the
+   * caller must post one wake message: only once ANSWERED_WAKE_AT entries wait.
+   */
+  pushAnswered(first: number, last: number, length: number): boolean {
+    this.put(STORED_ANSWERED, first, last, length);
+    return this.ring.length >= ANSWERED_WAKE_AT && this.ring.raiseWake();
+  }
+
+  private put(tag: number, first: number, last: number, length: number): void {
     const ring = this.ring;
     const w = ring.words;
     const at = ring.slot();
@@ -114,23 +128,6 @@ export class StoredRing {
     w[at + 2] = last;
     w[at + 3] = length;
     ring.publish();
-    return ring.raiseWake();
-  }
-
-  /**
-   * Queue thread: a write it stored as blocks [first, last] and answered itself. True when the
-   * caller must post one wake message: only once ANSWERED_WAKE_AT entries wait.
-   */
-  pushAnswered(first: number, last: number, length: number): boolean {
-    const ring = this.ring;
-    const w = ring.words;
-    const at = ring.slot();
-    w[at] = STORED_ANSWERED;
-    w[at + 1] = first;
-    w[at + 2] = last;
-    w[at + 3] = length;
-    ring.publish();
-    return ring.length >= ANSWERED_WAKE_AT && ring.raiseWake();
   }
 
   /** Main thread: calls fn for every entry pushed so far; returns how many. */
