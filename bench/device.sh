@@ -8,12 +8,15 @@
 #              commands; the kernel must offer UBLK_F_BATCH_IO: 7.0+)
 #   fvd-enc    (only when named in BENCH_TARGETS) as `fvd`, encrypted (AES-256-XTS, done by the
 #              queue workers on the fast path)
-#   fvd-cow-engine, fvd-cow-main, fvd-cow-nocor, fvd-cow-prefetch, fvd-cow-64k  (only when named)
+#   fvd-cow-engine, fvd-cow-main, fvd-cow-nocor, fvd-cow-prefetch, fvd-cow-64k, fvd-cow-falloc
+#              (only when named)
 #              as fvd-cow with the engine's copy-on-write (FVD_QUEUE_COW=0), with the writes the
 #              queue threads store answered by the main thread (FVD_STORED_ANSWER=main, as with a
 #              pending log), with --no-copy-on-read, with
-#              prefetching on (the default options), or created with 64 KiB blocks (the default
-#              block size over a base before 4 KiB; fvd-cow-4k is a synonym of fvd-cow now)
+#              prefetching on (the default options), created with 64 KiB blocks (the default
+#              block size over a base before 4 KiB; fvd-cow-4k is a synonym of fvd-cow now), or
+#              with its file allocated before it is served (fallocate: a first write of a block
+#              then allocates nothing, as loop's writes into its full copy of the base)
 #   fvd-cow-before, fvd-before  (only when named, with FVD_BEFORE=<another checkout's
 #              build/daemon/cli.js>) as fvd-cow / fvd, served by that build: before/after ratios
 #              in one guest boot
@@ -113,6 +116,7 @@ cow_create() { # target image
   case $1 in
     fvd-cow-before) node "$FVD_BEFORE" create -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
     fvd-cow-64k) $FVD create --block-size 64K -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
+    fvd-cow-falloc) $FVD create -b "$dir/base.raw" -F raw "$2" >/dev/null && fallocate -n -l "$(stat -c %s "$2")" "$2" ;;
     qcow2-cow) qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$2" ;;
     *) $FVD create -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
   esac
@@ -120,7 +124,7 @@ cow_create() { # target image
 
 cow_serve() { # target image -> $dev (an fvd daemon's pid last in pids)
   case $1 in
-    fvd-cow|fvd-cow-4k|fvd-cow-64k) serve "$2" --no-prefetch ;;
+    fvd-cow|fvd-cow-4k|fvd-cow-64k|fvd-cow-falloc) serve "$2" --no-prefetch ;;
     fvd-cow-engine) FVD_QUEUE_COW=0 serve "$2" --no-prefetch ;;
     fvd-cow-main) FVD_STORED_ANSWER=main serve "$2" --no-prefetch ;;
     fvd-cow-nocor) serve "$2" --no-prefetch --no-copy-on-read ;;
