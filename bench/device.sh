@@ -15,8 +15,8 @@
 #              pending log), with --no-copy-on-read, with
 #              prefetching on (the default options), created with 64 KiB blocks (the default
 #              block size over a base before 4 KiB; fvd-cow-4k is a synonym of fvd-cow now), or
-#              with its file allocated before it is served (fallocate: a first write of a block
-#              then allocates nothing, as loop's writes into its full copy of the base)
+#              created with --preallocation falloc (a first write of a block then allocates
+#              nothing, as loop's writes into its full copy of the base)
 #   fvd-cow-before, fvd-before  (only when named, with FVD_BEFORE=<another checkout's
 #              build/daemon/cli.js>) as fvd-cow / fvd, served by that build: before/after ratios
 #              in one guest boot
@@ -116,7 +116,7 @@ cow_create() { # target image
   case $1 in
     fvd-cow-before) node "$FVD_BEFORE" create -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
     fvd-cow-64k) $FVD create --block-size 64K -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
-    fvd-cow-falloc) $FVD create -b "$dir/base.raw" -F raw "$2" >/dev/null && fallocate -n -l "$(stat -c %s "$2")" "$2" ;;
+    fvd-cow-falloc) $FVD create --preallocation falloc -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
     qcow2-cow) qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$2" ;;
     *) $FVD create -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
   esac
@@ -180,7 +180,7 @@ for t in $(round_targets "$round"); do
       serve "$dir/enc.fvd" --key-file "$dir/enc.key"
       fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
       run_jobs fvd-enc "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/enc.fvd* "$dir/enc.key" ;;
-    fvd-cow|fvd-cow-engine|fvd-cow-main|fvd-cow-nocor|fvd-cow-prefetch|fvd-cow-4k|fvd-cow-64k|fvd-cow-before|qcow2-cow)
+    fvd-cow|fvd-cow-engine|fvd-cow-main|fvd-cow-nocor|fvd-cow-prefetch|fvd-cow-4k|fvd-cow-64k|fvd-cow-falloc|fvd-cow-before|qcow2-cow)
       cow_target "$t" ;;
     loop)
       truncate -s "$SIZE" "$dir/loop.raw"
@@ -193,6 +193,7 @@ for t in $(round_targets "$round"); do
       sleep 1
       fio --name=fillq --filename=/dev/nbd0 --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
       run_jobs qcow2-nbd /dev/nbd0 "$(nbd_server_pid)"; qemu-nbd -d /dev/nbd0 >/dev/null; rm -f "$dir/img.qcow2" ;;
+    *) echo "bench: unknown target $t (bench/device.sh's header lists them)" >&2; exit 2 ;;
   esac
 done
 done

@@ -1,6 +1,6 @@
 /**
  * fvd create [-b BASE] [-F raw|qcow2|fvd] [--layout raw|compact] [--block-size N] [--chunk-size N]
- *            [--encrypt --key-file PATH|-] IMAGE [SIZE]
+ *            [--preallocation off|falloc] [--encrypt --key-file PATH|-] IMAGE [SIZE]
  */
 import fs from 'node:fs';
 import { FvdImage } from '../../fvd/image.js';
@@ -9,7 +9,9 @@ import { BASE_FORMAT_CHOICES, baseFormatCode, type BaseFormat } from '../../fvd/
 import { UsageError, formatSize, parseSize } from '../args.js';
 import { defineCommand, parseCommand, usageError } from '../command.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
-import { oneLine } from '../../fvd/errors.js';
+import { FvdError, oneLine } from '../../fvd/errors.js';
+import { FALLOC_FL_KEEP_SIZE, libc } from '../../ffi/libc.js';
+import { errnoName } from '../../ffi/uring.js';
 
 export const spec = defineCommand({
   name: 'create',
@@ -23,6 +25,7 @@ export const spec = defineCommand({
     'chunk-size': { type: 'string', arg: 'SIZE', help: 'allocation unit of the compact layout (default 1M)' },
     'journal-size': { type: 'string', arg: 'SIZE', help: 'metadata journal size (0: no journal)' },
     'no-detect-zeroes': { type: 'boolean', default: false, help: "do not scan the base for zero blocks at create" },
+    preallocation: { type: 'string', default: 'off', arg: 'off|falloc', help: "falloc: allocate the image file's space now (raw layout, regular file), so a first write of a block allocates nothing (qemu-img's preallocation=falloc)" },
     force: { type: 'boolean', default: false, help: 'overwrite an existing file or a block device' },
     encrypt: { type: 'boolean', default: false, help: 'encrypt the data area (AES-256-XTS); needs --key-file' },
     ...KEY_FILE_OPTION,
@@ -47,12 +50,17 @@ export async function run(args: string[]): Promise<number> {
   const blockSize = values['block-size'] !== undefined ? parseSize(values['block-size'], 'block size') : undefined;
   const chunkSize = values['chunk-size'] !== undefined ? parseSize(values['chunk-size'], 'chunk size') : undefined;
   const journalSize = values['journal-size'] !== undefined ? parseSize(values['journal-size'], 'journal size') : undefined;
+  const preallocation = values.preallocation;
+  if (preallocation !== 'off' && preallocation !== 'falloc') throw new UsageError(`invalid preallocation '${preallocation}': expected off or falloc`);
+  if (preallocation === 'falloc' && values.layout !== 'raw')
+    throw new UsageError('--preallocation falloc needs --layout raw (the compact layout allocates chunk by chunk, on purpose)');
 
   // Never clobber data by accident: an existing non-empty file or any device needs --force.
   const st = fs.statSync(image, { throwIfNoEntry: false });
   if (st && (st.isBlockDevice() ? true : st.size > 0) && !values.force)
     throw new UsageError(`${image} already exists; use --force to overwrite it`);
   if (st && !st.isFile() && !st.isBlockDevice()) throw new UsageError(`${image} is not a regular file or block device`);
+  if (preallocation === 'falloc' && st?.isBlockDevice()) throw new UsageError(`--preallocation falloc: ${image} is a block device (its space is there already)`);
 
   const key = readKeyFile(values['key-file']);
   // A failed create must not leave a half-written image behind (a retry would need --force); but
@@ -84,6 +92,9 @@ export async function run(args: string[]): Promise<number> {
     detectZeroes: !values['no-detect-zeroes'],
     encrypt: key ? { key } : undefined,
   })
+    .then(() => {
+      if (preallocation === 'falloc') preallocate(image);
+    })
     .catch((err) => {
       const now = made && fs.statSync(image, { throwIfNoEntry: false });
       if (now && now.ino === made!.ino && now.dev === made!.dev) fs.rmSync(image, { force: true });
@@ -97,7 +108,28 @@ export async function run(args: string[]): Promise<number> {
     `Formatting '${image}', fmt=fvd layout=${s.layout} size=${s.virtualSize} (${formatSize(s.virtualSize)}) block_size=${s.blockSize}` +
       (s.layout === 'compact' ? ` chunk_size=${s.chunkSize}` : '') +
       (values.base ? ` base=${values.base} base_fmt=${baseFormat}` : '') +
-      (s.encryption ? ` encryption=${s.encryption}` : ''),
+      (s.encryption ? ` encryption=${s.encryption}` : '') +
+      (preallocation !== 'off' ? ` preallocation=${preallocation}` : ''),
   ));
   return 0;
+}
+
+/**
+ * --preallocation falloc: the whole image file (header, metadata, data area) allocated now, its
+ * size unchanged. On a filesystem a first write into a hole allocates (tmpfs: a zeroed page per
+ * 4 KiB, ext4/xfs: an extent), and a fresh image over a base is all holes: this moves that cost
+ * from the guest's first writes to create (README: 128K writes 3× faster on tmpfs). Blocks read
+ * from the base stay absent in the bitmap: allocation changes no content.
+ */
+function preallocate(image: string): void {
+  const c = libc();
+  if (c === null) throw new FvdError(`${image}: --preallocation falloc needs fallocate(2), and koffi could not be loaded`);
+  const fd = fs.openSync(image, 'r+');
+  try {
+    const size = fs.fstatSync(fd).size;
+    if (c.fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, size) !== 0)
+      throw new FvdError(`${image}: --preallocation falloc: fallocate failed: ${errnoName(c.errno())} (the filesystem may not support it; use --preallocation off)`);
+  } finally {
+    fs.closeSync(fd);
+  }
 }

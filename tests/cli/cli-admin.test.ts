@@ -295,4 +295,33 @@ test('convert -p: progress on stderr, ending at 100%', () => {
   assert.match(r.stderr, /\(100\.00\/100%\)\n$/);
 });
 
+test('create --preallocation falloc: the whole file allocated, size and content as without it; bad values and layouts refused', () => {
+  const dir = tmp.caseDir();
+  const base = path.join(dir, 'base.raw');
+  rawWith(base, 64 * MiB, [[64 * KiB, 64 * KiB, 0x5a]]); // big enough that the data area, not the journal, is most of the file
+  const plain = path.join(dir, 'plain.fvd');
+  const pre = path.join(dir, 'pre.fvd');
+  assertOk(fvd('create', '-b', base, '-F', 'raw', plain));
+  const r = fvd('create', '-b', base, '-F', 'raw', '--preallocation', 'falloc', pre);
+  assertOk(r);
+  assert.match(r.stdout, /preallocation=falloc/);
+  const st = fs.statSync(pre);
+  assert.is(st.size, fs.statSync(plain).size, 'size unchanged');
+  assert.ok(st.blocks * 512 >= st.size, `every byte allocated (${st.blocks * 512} of ${st.size})`);
+  assert.ok(fs.statSync(plain).blocks * 512 < st.size / 2, 'without it the file is sparse');
+  const local = (img: string) => json<{ bytesLocal: number }>(fvd('info', '--json', img)).bytesLocal;
+  assert.is(local(pre), local(plain), 'allocation is not data: the bitmaps are the same');
+  // The same disk: base bytes through, zeros elsewhere; a write lands; reopened, it is there.
+  assertOk(fvd('io', '-r', '-c', 'read -P 0x5a 64k 64k', '-c', 'read -P 0 0 64k', '-c', 'read -P 0 1M 3M', pre));
+  assertOk(fvd('io', '-c', 'write -P 0x33 128k 4k', pre));
+  assertOk(fvd('io', '-r', '-c', 'read -P 0x33 128k 4k', '-c', 'read -P 0x5a 64k 64k', pre));
+  assertOk(fvd('check', pre));
+
+  const other = path.join(dir, 'other.fvd');
+  assertOneLineError(fvd('create', '--preallocation', 'full', other, '1M'), /invalid preallocation 'full': expected off or falloc/);
+  assertOneLineError(fvd('create', '--layout', 'compact', '--preallocation', 'falloc', other, '1M'), /needs --layout raw/);
+  assert.not.ok(fs.existsSync(other), 'nothing created');
+  assertOk(fvd('create', '--preallocation', 'off', other, '1M'));
+});
+
 test.run();
