@@ -118,7 +118,7 @@ export async function run(args: string[]): Promise<number> {
  * --preallocation falloc: the whole image file (header, metadata, data area) allocated now, its
  * size unchanged. On a filesystem a first write into a hole allocates (tmpfs: a zeroed page per
  * 4 KiB, ext4/xfs: an extent), and a fresh image over a base is all holes: this moves that cost
- * from the guest's first writes to create (README: 128K writes 3× faster on tmpfs). Blocks read
+ * from the guest's first writes to create (README: 128K writes 2.3× faster on tmpfs). Blocks read
  * from the base stay absent in the bitmap: allocation changes no content.
  */
 function preallocate(image: string): void {
