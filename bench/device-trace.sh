@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make bench-trace-dev` (inside a guest with ublk): where the time of a fresh copy-on-write
-# image's requests goes. For each job (4 KiB random read, then random write, depth 16,
-# FIO_RUNTIME s each) and each serve mode (TRACE_MODES: "default" = default options,
-# "noprefetch" = --no-prefetch, JOBS to run fewer jobs, "nospin" = --no-prefetch and FVD_SPIN=0), a FRESH FVD image over
+# image's requests goes. For each job (JOBS: fio's rw names, default "randread randwrite"; blocks
+# of TRACE_BS, default 4k, at depth TRACE_QD, default 16; FIO_RUNTIME s each) and each serve mode (TRACE_MODES: "default" = default options,
+# "noprefetch" = --no-prefetch, "falloc" = that with create --preallocation falloc, "nospin" = --no-prefetch and FVD_SPIN=0), a FRESH FVD image over
 # the same raw base (BENCH_SIZE, filled with data) is served with FVD_TRACE set; prints fio's
 # IOPS, the daemon's CPU µs per I/O and its split by thread, and the trace's per-stage summary
 # (bench/trace-report.ts). Traces are kept in $FVD_VM_RESULTS when set.
@@ -15,6 +15,8 @@ FVD="node $root/build/daemon/cli.js"
 RUNTIME=${FIO_RUNTIME:-10}
 SIZE=${BENCH_SIZE:-1G}
 MODES=${TRACE_MODES:-"default noprefetch"}
+BS=${TRACE_BS:-4k}
+QD=${TRACE_QD:-16}
 dir=$(mktemp -d /tmp/fvd-trace.XXXXXX)
 mount -t tmpfs -o size=3584M fvd-trace "$dir"
 out=${FVD_VM_RESULTS:-$dir}
@@ -26,29 +28,30 @@ cleanup() {
 }
 trap cleanup EXIT
 modprobe ublk_drv 2>/dev/null || true
-echo "trace bench: $(uname -r), $RUNTIME s per job, size $SIZE, modes: $MODES"
+echo "trace bench: $(uname -r), $RUNTIME s per job, $BS blocks at depth $QD, size $SIZE, modes: $MODES"
 truncate -s "$SIZE" "$dir/base.raw"
 fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
 
 # CLOCK_MONOTONIC in µs, near enough (10 ms; the guest never suspends): the profiles' window.
 uptime_us() { awk '{ printf "%.0f\n", $1 * 1e6 }' /proc/uptime; }
 cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
-# Per thread of the daemon: "tid name ticks" (the name is the thread's comm).
+# Per thread of the daemon: "tid name ticks system-ticks" (the name is the thread's comm).
 thread_ticks() {
   for t in /proc/$1/task/*; do
-    [ -r "$t/stat" ] && awk -v tid="${t##*/}" '{ n = $0; sub(/^[^(]*\(/, "", n); sub(/\).*$/, "", n); gsub(/ /, "_", n); sub(/^.*\) /, ""); print tid, n, $12 + $13 }' "$t/stat"
+    [ -r "$t/stat" ] && awk -v tid="${t##*/}" '{ n = $0; sub(/^[^(]*\(/, "", n); sub(/\).*$/, "", n); gsub(/ /, "_", n); sub(/^.*\) /, ""); print tid, n, $12 + $13, $13 }' "$t/stat"
   done
 }
 
 for job in ${JOBS:-randread randwrite}; do
   for mode in $MODES; do
-    opts=(); spin=${FVD_SPIN:-}
+    opts=(); spin=${FVD_SPIN:-}; create=()
     case $mode in
       noprefetch) opts=(--no-prefetch) ;;
+      falloc) opts=(--no-prefetch); create=(--preallocation falloc) ;; # the image file allocated at create
       nospin) opts=(--no-prefetch); spin=0 ;; # queue threads block at once instead of polling
     esac
     rm -f "$dir"/cow.fvd*
-    $FVD create -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
+    $FVD create "${create[@]}" -b "$dir/base.raw" -F raw "$dir/cow.fvd" >/dev/null
     trace="$out/trace-$job-$mode.bin"
     # (--cpu-prof is refused in NODE_OPTIONS: it goes on node's command line; workers inherit it.)
     serve=($FVD); tracevar=FVD_TRACE=$trace
@@ -65,21 +68,22 @@ for job in ${JOBS:-randread randwrite}; do
     w0=$(uptime_us)
     t0=$(cpu_ticks "$pid")
     thread_ticks "$pid" > "$dir/threads0"
-    res=$(fio --name=b --filename="$dev" --rw="$job" --bs=4k --iodepth=16 --direct=1 --ioengine=libaio \
+    res=$(fio --name=b --filename="$dev" --rw="$job" --bs="$BS" --iodepth="$QD" --direct=1 --ioengine=libaio \
       --runtime="$RUNTIME" --time_based=1 --size="$SIZE" --numjobs=1 --randrepeat=0 --output-format=json 2>/dev/null)
     t1=$(cpu_ticks "$pid")
     w1=$(uptime_us)
     thread_ticks "$pid" > "$dir/threads1"
     dpid=$pid; kill -TERM "$pid"; wait "$pid" || true; pid=
-    kind=read; [ "$job" = randwrite ] && kind=write
+    kind=read; case $job in *write) kind=write ;; esac
     node -e "const j=JSON.parse(process.argv[1]).jobs[0]['$kind'];const cpu=($t1-$t0)*1e6/$(getconf CLK_TCK)/j.total_ios;
-      console.log('== $job 4k qd16, fresh image over raw base, $mode: '+Math.round(j.iops)+' IOPS, mean lat '+(j.clat_ns.mean/1000).toFixed(0)+' µs, daemon CPU '+cpu.toFixed(0)+' µs/IO')" "$res"
+      console.log('== $job $BS qd$QD, fresh image over raw base, $mode: '+Math.round(j.iops)+' IOPS, mean lat '+(j.clat_ns.mean/1000).toFixed(0)+' µs, daemon CPU '+cpu.toFixed(0)+' µs/IO')" "$res"
     # Where the daemon's CPU went during the job: each thread's share (tid = pid: the main thread;
     # the queue threads' ids are in the trace's closing log line; the rest: libuv pool, V8).
     qtids=$(sed -n 's/.*queue thread ids //p' "$dir/serve.log")
-    QTIDS=$qtids node -e "const fs=require('fs');const qs=(process.env.QTIDS||'').split(' ');const r=(f)=>new Map(fs.readFileSync(f,'utf8').trim().split('\\n').map((l)=>l.split(' ')).map(([t,n,c])=>[t,[n,+c]]));
-      const a=r(process.argv[1]),b=r(process.argv[2]);const rows=[...b].map(([t,[n,c]])=>[t===process.argv[3]?n+' '+t+' (main)':qs.includes(t)?n+' '+t+' (queue)':n+' '+t,c-(a.get(t)?.[1]??0)]).filter((x)=>x[1]>0).sort((x,y)=>y[1]-x[1]);
-      const tot=rows.reduce((s,x)=>s+x[1],0);console.log('daemon CPU by thread: '+rows.map(([n,c])=>n+' '+(100*c/tot).toFixed(0)+'%').join(', '))" "$dir/threads0" "$dir/threads1" "$dpid"
+    # (in brackets: the part of that thread's time spent in the kernel)
+    QTIDS=$qtids node -e "const fs=require('fs');const qs=(process.env.QTIDS||'').split(' ');const r=(f)=>new Map(fs.readFileSync(f,'utf8').trim().split('\\n').map((l)=>l.split(' ')).map(([t,n,c,k])=>[t,[n,+c,+k]]));
+      const a=r(process.argv[1]),b=r(process.argv[2]);const rows=[...b].map(([t,[n,c,k]])=>[t===process.argv[3]?n+' '+t+' (main)':qs.includes(t)?n+' '+t+' (queue)':n+' '+t,c-(a.get(t)?.[1]??0),k-(a.get(t)?.[2]??0)]).filter((x)=>x[1]>0).sort((x,y)=>y[1]-x[1]);
+      const tot=rows.reduce((s,x)=>s+x[1],0);console.log('daemon CPU by thread: '+rows.map(([n,c,k])=>n+' '+(100*c/tot).toFixed(0)+'% (kernel '+(100*k/c).toFixed(0)+'%)').join(', '))" "$dir/threads0" "$dir/threads1" "$dpid"
     if [ "${PROFILE:-0}" = 1 ]; then
       echo "(profiles: samples during the fio job only)"
       node "$root/build/bench/cpuprofile-report.js" --window "$w0" "$w1" "$profdir"/*.cpuprofile

@@ -21,6 +21,9 @@
 #              build/daemon/cli.js>) as fvd-cow / fvd, served by that build: before/after ratios
 #              in one guest boot
 #   loop       kernel loop device, --direct-io=on, over a raw file
+#   loop-sparse (only when named) the same over a never-written (sparse) raw file, new for every
+#              job: what the kernel's own path pays for allocating the file on first writes, the
+#              peer of fvd-cow's writes (its reads are of holes: not a peer of anything)
 #   qcow2-nbd  a qcow2 image through qemu-nbd --cache=none --aio=native
 #   qcow2-cow  (only when named) a fresh qcow2 overlay over a raw base through qemu-nbd: fvd-cow's peer
 # Every backing file sits on the same tmpfs. Jobs: 4 KiB random read/write at depth 16, 128 KiB
@@ -187,6 +190,15 @@ for t in $(round_targets "$round"); do
       fio --name=fillloop --filename="$dir/loop.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
       dev=$(losetup --direct-io=on -f --show "$dir/loop.raw")
       run_jobs loop "$dev"; losetup -d "$dev"; rm -f "$dir/loop.raw" ;;
+    loop-sparse)
+      all=("${JOBS[@]}")
+      for j in "${all[@]}"; do
+        JOBS=("$j")
+        truncate -s "$SIZE" "$dir/loop.raw"
+        dev=$(losetup --direct-io=on -f --show "$dir/loop.raw")
+        run_jobs loop-sparse "$dev"; losetup -d "$dev"; rm -f "$dir/loop.raw"
+      done
+      JOBS=("${all[@]}") ;;
     qcow2-nbd)
       qemu-img create -q -f qcow2 "$dir/img.qcow2" "$SIZE"
       qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$dir/img.qcow2"
