@@ -38,6 +38,7 @@ done
 dir=$(mktemp -d /tmp/fvd-postmark.XXXXXX)
 # A tmpfs of its own: every target's backing file in memory alike (the guest's /tmp is an overlay).
 mount -t tmpfs -o size=3584M fvd-postmark "$dir"
+. "$root/bench/warm-memory.sh"   # warm_memory
 mnt=$dir/mnt
 mkdir "$mnt"
 results=$dir/results.tsv   # target round created/s transactions/s wall-s daemon-cpu-s
@@ -56,6 +57,7 @@ cleanup() {
   rm -rf "$dir"
 }
 trap cleanup EXIT
+warm_memory "$dir"
 modprobe ublk_drv 2>/dev/null || true
 modprobe nbd nbds_max=2 2>/dev/null || true
 mkdir -p /run/lock   # qemu-nbd keeps its lock file there (a fresh guest /run lacks it)

@@ -19,6 +19,7 @@ BS=${TRACE_BS:-4k}
 QD=${TRACE_QD:-16}
 dir=$(mktemp -d /tmp/fvd-trace.XXXXXX)
 mount -t tmpfs -o size=3584M fvd-trace "$dir"
+. "$root/bench/warm-memory.sh"   # warm_memory
 out=${FVD_VM_RESULTS:-$dir}
 pid=
 cleanup() {
@@ -27,6 +28,7 @@ cleanup() {
   rm -rf "$dir"
 }
 trap cleanup EXIT
+warm_memory "$dir"
 modprobe ublk_drv 2>/dev/null || true
 echo "trace bench: $(uname -r), $RUNTIME s per job, $BS blocks at depth $QD, size $SIZE, modes: $MODES"
 truncate -s "$SIZE" "$dir/base.raw"

@@ -50,6 +50,7 @@ ROUNDS=${BENCH_ROUNDS:-1}   # rounds of all targets in turn; the table shows eac
 dir=$(mktemp -d /tmp/fvd-bench.XXXXXX)
 # A tmpfs of its own: every target's backing file in memory alike (the guest's /tmp is an overlay).
 mount -t tmpfs -o size=3584M fvd-bench "$dir"
+. "$root/bench/warm-memory.sh"   # warm_memory
 results=$dir/results.tsv
 pids=()
 cleanup() {
@@ -60,6 +61,7 @@ cleanup() {
   rm -rf "$dir"
 }
 trap cleanup EXIT
+warm_memory "$dir"
 modprobe ublk_drv 2>/dev/null || true
 modprobe nbd nbds_max=2 2>/dev/null || true
 mkdir -p /run/lock   # qemu-nbd keeps its lock file there (a fresh guest /run lacks it)
