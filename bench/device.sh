@@ -21,8 +21,8 @@
 #              build/daemon/cli.js>) as fvd-cow / fvd, served by that build: before/after ratios
 #              in one guest boot
 #   loop       kernel loop device, --direct-io=on, over a raw file
-#   loop-sparse (only when named) the same over a never-written (sparse) raw file, new for every
-#              job: what the kernel's own path pays for allocating the file on first writes, the
+#   loop-sparse (only when named) the same over a never-written (sparse) raw file, new as
+#              fvd-cow's images are (BENCH_FRESH): what the kernel's own path pays for allocating the file on first writes, the
 #              peer of fvd-cow's writes (its reads are of holes: not a peer of anything)
 #   qcow2-nbd  a qcow2 image through qemu-nbd --cache=none --aio=native
 #   qcow2-cow  (only when named) a fresh qcow2 overlay over a raw base through qemu-nbd: fvd-cow's peer
@@ -139,23 +139,40 @@ cow_serve() { # target image -> $dev (an fvd daemon's pid last in pids)
   esac
 }
 
+# Runs "$@" once per set of jobs that gets a fresh disk: each job alone (BENCH_FRESH=job, the
+# default) or all of them together (BENCH_FRESH=target), JOBS set to that set meanwhile.
+per_fresh_set() {
+  local all=("${JOBS[@]}") sets s
+  sets=("${all[@]}"); [ "${BENCH_FRESH:-job}" = job ] || sets=(all)
+  for s in "${sets[@]}"; do
+    if [ "$s" = all ]; then JOBS=("${all[@]}"); else JOBS=("$s"); fi
+    "$@"
+  done
+  JOBS=("${all[@]}")
+}
+
+cow_jobs() { # target image: a fresh image over base.raw, served, the jobs, gone
+  cow_create "$1" "$2"
+  cow_serve "$1" "$2"
+  if [ "$1" = qcow2-cow ]; then run_jobs "$1" "$dev" "$nbd_pid"; qemu-nbd -d /dev/nbd0 >/dev/null
+  else run_jobs "$1" "$dev" "${pids[-1]}"; stop_last; fi
+  rm -f "$2"*
+}
+
 cow_target() { # target
-  local t=$1 img=$dir/cow.fvd all=("${JOBS[@]}") sets s
+  local t=$1 img=$dir/cow.fvd
   [ "$t" != fvd-cow-before ] || [ -n "${FVD_BEFORE:-}" ] || { echo "fvd-cow-before needs FVD_BEFORE"; exit 1; }
   [ "$t" != qcow2-cow ] || img=$dir/cow.qcow2
   truncate -s "$SIZE" "$dir/base.raw"
   fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
-  sets=("${all[@]}"); [ "${BENCH_FRESH:-job}" = job ] || sets=(all)
-  for s in "${sets[@]}"; do
-    if [ "$s" = all ]; then JOBS=("${all[@]}"); else JOBS=("$s"); fi
-    cow_create "$t" "$img"
-    cow_serve "$t" "$img"
-    if [ "$t" = qcow2-cow ]; then run_jobs "$t" "$dev" "$nbd_pid"; qemu-nbd -d /dev/nbd0 >/dev/null
-    else run_jobs "$t" "$dev" "${pids[-1]}"; stop_last; fi
-    rm -f "$img"*
-  done
-  JOBS=("${all[@]}")
+  per_fresh_set cow_jobs "$t" "$img"
   rm -f "$dir/base.raw"
+}
+
+loop_sparse_jobs() { # a never-written raw file under loop, the jobs, gone
+  truncate -s "$SIZE" "$dir/loop.raw"
+  dev=$(losetup --direct-io=on -f --show "$dir/loop.raw")
+  run_jobs loop-sparse "$dev"; losetup -d "$dev"; rm -f "$dir/loop.raw"
 }
 
 for round in $(seq "$ROUNDS"); do
@@ -192,15 +209,7 @@ for t in $(round_targets "$round"); do
       fio --name=fillloop --filename="$dir/loop.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
       dev=$(losetup --direct-io=on -f --show "$dir/loop.raw")
       run_jobs loop "$dev"; losetup -d "$dev"; rm -f "$dir/loop.raw" ;;
-    loop-sparse)
-      all=("${JOBS[@]}")
-      for j in "${all[@]}"; do
-        JOBS=("$j")
-        truncate -s "$SIZE" "$dir/loop.raw"
-        dev=$(losetup --direct-io=on -f --show "$dir/loop.raw")
-        run_jobs loop-sparse "$dev"; losetup -d "$dev"; rm -f "$dir/loop.raw"
-      done
-      JOBS=("${all[@]}") ;;
+    loop-sparse) per_fresh_set loop_sparse_jobs ;;
     qcow2-nbd)
       qemu-img create -q -f qcow2 "$dir/img.qcow2" "$SIZE"
       qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$dir/img.qcow2"
