@@ -69,14 +69,14 @@ bench: build
 
 # The device against kernel loop (direct I/O) and qcow2 via qemu-nbd, fio in one guest boot
 # (or directly where this kernel has ublk). FIO_RUNTIME (default 20 s per job), BENCH_SIZE (1G),
-# BENCH_TARGETS, BENCH_ROUNDS, BENCH_JOBS, BENCH_FRESH (bench/device.sh), e.g. make bench-dev KERNEL=7.3
+# BENCH_TARGETS, BENCH_ROUNDS, BENCH_JOBS, BENCH_FRESH, BENCH_RAMP (bench/device.sh), e.g. make bench-dev KERNEL=7.3
 # BENCH_TARGETS="fvd fvd-zc loop" BENCH_ROUNDS=5 FIO_RUNTIME=10 (zero copy against copies;
 # fvd-batch: batched ublk commands against one per request).
 # FIO_RATE_IOPS=N caps every job at N IOPS: CPU per I/O of fvd and qemu-nbd at equal rates.
 bench-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device.sh; \
 	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 3600 -- env FIO_RUNTIME=$${FIO_RUNTIME:-20} FIO_RATE_IOPS=$${FIO_RATE_IOPS:-} BENCH_SIZE=$${BENCH_SIZE:-1G} \
-	  BENCH_TARGETS="$${BENCH_TARGETS:-fvd fvd-cow loop qcow2-nbd}" BENCH_ROUNDS=$${BENCH_ROUNDS:-1} BENCH_ROTATE=$${BENCH_ROTATE:-1} BENCH_FRESH=$${BENCH_FRESH:-job} BENCH_JOBS="$${BENCH_JOBS:-randread randwrite read write}" bash bench/device.sh; fi
+	  BENCH_TARGETS="$${BENCH_TARGETS:-fvd fvd-cow loop qcow2-nbd}" BENCH_ROUNDS=$${BENCH_ROUNDS:-1} BENCH_ROTATE=$${BENCH_ROTATE:-1} BENCH_FRESH=$${BENCH_FRESH:-job} BENCH_RAMP=$${BENCH_RAMP:-0} BENCH_JOBS="$${BENCH_JOBS:-randread randwrite read write}" bash bench/device.sh; fi
 
 # PostMark (small-file workload) on ext4 in each device, one guest boot (bench/device-postmark.sh):
 # kernel loop, a fresh FVD image over a raw base holding the file system (default options), that

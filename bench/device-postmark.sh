@@ -18,9 +18,9 @@
 # (created files / the whole run's wall time, PostMark's own definition, timed here to the µs
 # instead of PostMark's whole seconds) and transactions per second (transactions / the
 # transaction phase), the ratio to loop in the same round, the CPU time of the serving process
-# (fvd serve, qemu-nbd) during the run, then the medians; and the resident
-# memory (VmRSS) of each fvd daemon and of qemu-nbd right after the device appeared and after
-# the run. No figure is asserted: the script fails only when something does not work.
+# (fvd serve, qemu-nbd) during the run, then the medians; and the resident memory (VmRSS; at
+# start also split into anonymous and file-backed) of each fvd daemon and of qemu-nbd right after
+# the device appeared and after the run. No figure is asserted: the script fails only when something does not work.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 FVD="node $root/build/daemon/cli.js"
@@ -42,7 +42,7 @@ mount -t tmpfs -o size=3584M fvd-postmark "$dir"
 mnt=$dir/mnt
 mkdir "$mnt"
 results=$dir/results.tsv   # target round created/s transactions/s wall-s daemon-cpu-s
-memory=$dir/rss.tsv        # target round VmRSS-kB-at-start VmRSS-kB-after
+memory=$dir/rss.tsv        # target round VmRSS-kB-at-start VmRSS-kB-after RssAnon-kB-at-start RssFile-kB-at-start
 pids=() loopdev='' nbd=''
 old_dirty_bytes=$(cat /proc/sys/vm/dirty_bytes) old_dirty_ratio=$(cat /proc/sys/vm/dirty_ratio)
 cleanup() {
@@ -85,6 +85,9 @@ cpu_ticks() { # pid -> utime + stime in clock ticks (0 without a pid)
   awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"
 }
 rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+# "anon file" kB: the private part of VmRSS and the part mapped from files (node's binary, its
+# libraries), which every node process on the host shares — what another daemon adds is the first.
+rss_split_kb() { awk '/^RssAnon:/ { a = $2 } /^RssFile:/ { f = $2 } END { print a "\t" f }' "/proc/$1/status"; }
 
 run_postmark() { # target round device [daemon pid]
   local target=$1 round=$2 dev=$3 dpid=${4:-} c0 c1 t0
@@ -120,11 +123,11 @@ serve() { # image [options] -> sets $dev (no subshell: the pid must stay in this
 stop_last() { local p=${pids[-1]}; kill -TERM "$p"; wait "$p" || true; unset 'pids[-1]'; }
 
 run_fvd() { # target round image
-  local target=$1 round=$2 img=$3 start
+  local target=$1 round=$2 img=$3 start split
   serve "$img"
-  start=$(rss_kb "${pids[-1]}")
+  start=$(rss_kb "${pids[-1]}"); split=$(rss_split_kb "${pids[-1]}")
   run_postmark "$target" "$round" "$dev" "${pids[-1]}"
-  printf '%s\t%s\t%s\t%s\n' "$target" "$round" "$start" "$(rss_kb "${pids[-1]}")" >> "$memory"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$target" "$round" "$start" "$(rss_kb "${pids[-1]}")" "$split" >> "$memory"
   stop_last
   rm -f "$img"*
 }
@@ -152,9 +155,9 @@ for round in $(seq "$ROUNDS"); do
         nbd=/dev/nbd0
         qemu-nbd --cache=none --aio=native -f qcow2 --pid-file="$dir/nbd.pid" -c "$nbd" "$dir/overlay.qcow2"
         sleep 1
-        start=$(rss_kb "$(cat "$dir/nbd.pid")")
+        start=$(rss_kb "$(cat "$dir/nbd.pid")"); split=$(rss_split_kb "$(cat "$dir/nbd.pid")")
         run_postmark qcow2-nbd "$round" "$nbd" "$(cat "$dir/nbd.pid")"
-        printf '%s\t%s\t%s\t%s\n' qcow2-nbd "$round" "$start" "$(rss_kb "$(cat "$dir/nbd.pid")")" >> "$memory"
+        printf '%s\t%s\t%s\t%s\t%s\n' qcow2-nbd "$round" "$start" "$(rss_kb "$(cat "$dir/nbd.pid")")" "$split" >> "$memory"
         qemu-nbd -d "$nbd" >/dev/null; nbd=''; rm -f "$dir/overlay.qcow2" "$dir/nbd.pid" ;;
     esac
   done
@@ -185,7 +188,7 @@ if (mem.length) {
   console.log('\nresident memory (VmRSS, MiB; median over rounds, per round in brackets)');
   for (const t of [...new Set(mem.map((r) => r[0]))]) {
     const of = (col) => { const xs = mem.filter((r) => r[0] === t).map((r) => Number(r[col]) / 1024); return `${median(xs).toFixed(1)} [${xs.map((x) => x.toFixed(1)).join(' ')}]`; };
-    console.log(`${pad(t, 14)}at start ${of(2)}, after the run ${of(3)}`);
+    console.log(`${pad(t, 14)}at start ${of(2)} (anonymous ${of(4)}, file-backed ${of(5)}), after the run ${of(3)}`);
   }
 }
 JS
