@@ -20,7 +20,8 @@
 # transaction phase), the ratio to loop in the same round, the CPU time of the serving process
 # (fvd serve, qemu-nbd) during the run, then the medians; and the resident memory (VmRSS; at
 # start also split into anonymous and file-backed) of each fvd daemon and of qemu-nbd right after
-# the device appeared and after the run. No figure is asserted: the script fails only when something does not work.
+# the device appeared and after the run. No figure is asserted: the script fails only when
+# something does not work.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 FVD="node $root/build/daemon/cli.js"
