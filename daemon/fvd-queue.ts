@@ -58,6 +58,21 @@ import { FastCrypt } from './fast-crypt.js';
 import { COW_DECLINED, QueueCow } from './queue-cow.js';
 import { QueueLogWriter } from '../fvd/pending-log.js';
 import { requestErrnoOf } from './request-errors.js';
+
+/**
+ * Zero copy: local-block transfers of at least this many bytes use the request's own pages; smaller
+ * ones are copied through the tag's buffer like every other request. A zero-copy transfer always
+ * takes a ring round trip, where the copy path answers a page-cache hit with one synchronous
+ * syscall: measured on a zero-copy device, 4K random writes ran at half the copy path's rate and
+ * 128K writes at 1.14× (README "A fresh image over a template"). FVD_ZERO_COPY_MIN=0: every
+ * local-block transfer zero copy (as before this threshold).
+ */
+const ZERO_COPY_MIN = zeroCopyMin(process.env.FVD_ZERO_COPY_MIN);
+
+function zeroCopyMin(env: string | undefined): number {
+  const n = env === undefined || env === '' ? NaN : Number(env);
+  return Number.isInteger(n) && n >= 0 ? n : 65536;
+}
 import { QueueTrace, ROUTE_BASE, ROUTE_ENGINE, ROUTE_STORED, ROUTE_ZERO, STAGE_BASE_START, STAGE_POSTED, type TraceShared } from '../fvd/trace.js';
 
 /** A worker's start gate (QueueWorkerData.gate): the main thread moves it out of WAIT once. */
@@ -339,7 +354,7 @@ export class FvdQueue implements QueueTarget {
   /** Fetches every tag: from here on the kernel may send requests. */
   start(): void {
     if (this.qid === 0) {
-      const how = this.zeroCopy ? `zero copy of local blocks (the request's pages on the ring), ${this.directMode} transfers otherwise` : `${this.directMode} transfers`;
+      const how = this.zeroCopy ? `zero copy of local blocks (the request's pages on the ring) from ${ZERO_COPY_MIN} bytes, ${this.directMode} transfers otherwise` : `${this.directMode} transfers`;
       const commands = this.batchIo ? 'batched commands (UBLK_F_BATCH_IO)' : 'one command per request';
       this.post({ type: 'info', qid: this.qid, message: `fast path: ${how}; ublk I/O: ${commands}` });
     }
@@ -387,7 +402,7 @@ export class FvdQueue implements QueueTarget {
       if (trace !== null)
         trace.route(tag, kind === STORED ? ROUTE_STORED : kind === ZERO ? ROUTE_ZERO : kind === BASE && this.baseFile >= 0 ? ROUTE_BASE : ROUTE_ENGINE);
       if (this.zeroCopy) {
-        if (kind === STORED) {
+        if (kind === STORED && length >= ZERO_COPY_MIN) {
           // Local blocks: the image and the request's pages, nothing in between.
           this.beginTransfer(tag, op, this.imageFile, route.host, length, length, offset);
           this.tagFixed[tag] = 1;
