@@ -58,13 +58,14 @@ import { FastCrypt } from './fast-crypt.js';
 import { COW_DECLINED, QueueCow } from './queue-cow.js';
 import { QueueLogWriter } from '../fvd/pending-log.js';
 import { requestErrnoOf } from './request-errors.js';
+import { QueueTrace, ROUTE_BASE, ROUTE_ENGINE, ROUTE_STORED, ROUTE_ZERO, STAGE_BASE_START, STAGE_POSTED, type TraceShared } from '../fvd/trace.js';
 
 /**
  * Zero copy: local-block transfers of at least this many bytes use the request's own pages; smaller
  * ones are copied through the tag's buffer like every other request. A zero-copy transfer always
  * takes a ring round trip, where the copy path answers a page-cache hit with one synchronous
  * syscall: measured on a zero-copy device, 4K random writes ran at half the copy path's rate and
- * 128K writes at 1.14× (README "A fresh image over a template"). FVD_ZERO_COPY_MIN=0: every
+ * 128K writes at 1.14× (README "Device", the zero copy item). FVD_ZERO_COPY_MIN=0: every
  * local-block transfer zero copy (as before this threshold).
  */
 const ZERO_COPY_MIN = zeroCopyMin(process.env.FVD_ZERO_COPY_MIN);
@@ -73,7 +74,6 @@ function zeroCopyMin(env: string | undefined): number {
   const n = env === undefined || env === '' ? NaN : Number(env);
   return Number.isInteger(n) && n >= 0 ? n : 65536;
 }
-import { QueueTrace, ROUTE_BASE, ROUTE_ENGINE, ROUTE_STORED, ROUTE_ZERO, STAGE_BASE_START, STAGE_POSTED, type TraceShared } from '../fvd/trace.js';
 
 /** A worker's start gate (QueueWorkerData.gate): the main thread moves it out of WAIT once. */
 export const GATE_WAIT = 0;
