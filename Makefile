@@ -76,7 +76,7 @@ bench: build
 bench-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device.sh; \
 	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 3600 -- env FIO_RUNTIME=$${FIO_RUNTIME:-20} FIO_RATE_IOPS=$${FIO_RATE_IOPS:-} BENCH_SIZE=$${BENCH_SIZE:-1G} \
-	  BENCH_TARGETS="$${BENCH_TARGETS:-fvd fvd-cow loop qcow2-nbd}" BENCH_ROUNDS=$${BENCH_ROUNDS:-1} BENCH_ROTATE=$${BENCH_ROTATE:-1} BENCH_FRESH=$${BENCH_FRESH:-job} BENCH_RAMP=$${BENCH_RAMP:-0} BENCH_JOBS="$${BENCH_JOBS:-randread randwrite read write}" bash bench/device.sh; fi
+	  BENCH_TARGETS="$${BENCH_TARGETS:-fvd fvd-cow loop qcow2-nbd}" BENCH_ROUNDS=$${BENCH_ROUNDS:-1} BENCH_ROTATE=$${BENCH_ROTATE:-1} BENCH_FRESH=$${BENCH_FRESH:-job} BENCH_RAMP=$${BENCH_RAMP:-0} BENCH_WARM=$${BENCH_WARM:-1} BENCH_JOBS="$${BENCH_JOBS:-randread randwrite read write}" bash bench/device.sh; fi
 
 # PostMark (small-file workload) on ext4 in each device, one guest boot (bench/device-postmark.sh):
 # kernel loop, a fresh FVD image over a raw base holding the file system (default options), that
@@ -89,7 +89,7 @@ bench-postmark-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device-postmark.sh; \
 	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 3600 -- env BENCH_SIZE=$${BENCH_SIZE:-1G} \
 	  BENCH_TARGETS="$${BENCH_TARGETS:-loop fvd-fresh fvd-local qcow2-nbd}" BENCH_ROUNDS=$${BENCH_ROUNDS:-3} BENCH_ROTATE=$${BENCH_ROTATE:-1} \
-	  PM_FILES=$${PM_FILES:-5000} PM_TRANSACTIONS=$${PM_TRANSACTIONS:-10000} bash bench/device-postmark.sh; fi
+	  PM_FILES=$${PM_FILES:-5000} PM_TRANSACTIONS=$${PM_TRANSACTIONS:-10000} BENCH_WARM=$${BENCH_WARM:-1} bash bench/device-postmark.sh; fi
 
 # Where a fresh copy-on-write image's request time goes: fio 4K random read/write QD16 on a fresh
 # image over a raw base, served with FVD_TRACE; per-stage summary (bench/device-trace.sh). Other
@@ -97,7 +97,7 @@ bench-postmark-dev: build
 bench-trace-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device-trace.sh; \
 	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-10} BENCH_SIZE=$${BENCH_SIZE:-1G} TRACE_MODES="$${TRACE_MODES:-default noprefetch}" \
-	  JOBS="$${JOBS:-randread randwrite}" TRACE_BS=$${TRACE_BS:-4k} TRACE_QD=$${TRACE_QD:-16} PROFILE=$${PROFILE:-0} bash bench/device-trace.sh; fi
+	  JOBS="$${JOBS:-randread randwrite}" TRACE_BS=$${TRACE_BS:-4k} TRACE_QD=$${TRACE_QD:-16} PROFILE=$${PROFILE:-0} BENCH_WARM=$${BENCH_WARM:-1} bash bench/device-trace.sh; fi
 
 # What serve's background prefetching costs the guest: fio over a local working set while the
 # script pauses and resumes prefetching every PHASE_MS (FIO_RUNTIME default 30 s, PHASE_MS 2000,

@@ -22,8 +22,9 @@
 #              in one guest boot
 #   loop       kernel loop device, --direct-io=on, over a raw file
 #   loop-sparse (only when named) the same over a never-written (sparse) raw file, new as
-#              fvd-cow's images are (BENCH_FRESH): what the kernel's own path pays for allocating the file on first writes, the
-#              peer of fvd-cow's writes (its reads are of holes: not a peer of anything)
+#              fvd-cow's images are (BENCH_FRESH): what the kernel's own path pays for allocating
+#              the file on first writes, the peer of fvd-cow's writes (its reads are of holes: not
+#              a peer of anything)
 #   qcow2-nbd  a qcow2 image through qemu-nbd --cache=none --aio=native
 #   qcow2-cow  (only when named) a fresh qcow2 overlay over a raw base through qemu-nbd: fvd-cow's peer
 # Every backing file sits on the same tmpfs. Jobs: 4 KiB random read/write at depth 16, 128 KiB
@@ -91,12 +92,13 @@ run_jobs() { # target device [daemon pid]
   for j in "${JOBS[@]}"; do
     set -- $j
     local out t0 t1
-    if [ "$RAMP" = 0 ]; then t0=$(cpu_ticks "$dpid"); else (sleep "$RAMP"; cpu_ticks "$dpid" > "$dir/ticks0") & fi
+    local ramp_sampler=
+    if [ "$RAMP" = 0 ]; then t0=$(cpu_ticks "$dpid"); else (sleep "$RAMP"; cpu_ticks "$dpid" > "$dir/ticks0") & ramp_sampler=$!; fi
     out=$(fio --name=b --filename="$dev" --rw="$1" --bs="$2" --iodepth="$3" --direct=1 --ioengine=libaio \
       --runtime="$RUNTIME" --time_based=1 --size="$SIZE" --numjobs=1 --group_reporting=1 --randrepeat=0 \
       "${FIO_OPTS[@]}" --output-format=json 2>/dev/null)
     t1=$(cpu_ticks "$dpid")
-    [ "$RAMP" = 0 ] || t0=$(cat "$dir/ticks0")
+    [ -z "$ramp_sampler" ] || { wait "$ramp_sampler"; t0=$(cat "$dir/ticks0"); } # fio may end first
     local kind=read; case $1 in *write) kind=write ;; esac
     local iops bw ios cpu
     iops=$(node -e "const j=JSON.parse(process.argv[1]).jobs[0]['$kind'];console.log(Math.round(j.iops))" "$out")

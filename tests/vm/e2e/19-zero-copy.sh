@@ -8,8 +8,8 @@
 # (copied into the request by user copy), a 4 KiB write into a base block (copy-on-write: the
 # engine gets the data by user copy), the same bytes read back and rewritten in place (local, but
 # below 64 KiB: user copy through the tag's buffer; the 1 MiB transfers of the compact round and
-# fio's blocks of 64 KiB and more go from and to the request's pages). Then fio randwrite + verify (crc32c, 4k–128k,
-# iodepth 32, 2 jobs, O_DIRECT) over the whole device. The differential: the device's sha256 under
+# fio's blocks of 64 KiB and more go from and to the request's pages). Then fio randwrite +
+# verify (crc32c, 4k–128k, iodepth 32, 2 jobs, O_DIRECT) over the whole device. The differential: the device's sha256 under
 # zero copy equals its sha256 served again with copies, and fvd check is clean. A compact image:
 # unwritten chunks read as zeros, also right after a written 1 MiB in the same dd buffer. An encrypted image with --zero-copy: one line
 # saying zero copy is not for encrypted images, and the device works with copies. Recovery: served
