@@ -15,7 +15,7 @@ import { CorHintConsumer, NO_SLOT, corSlotPoolBytes, createCorHints, type CorHin
 import { STORED_ANSWERED, type CompletionRing, type StoredRing } from './shared-state.js';
 import type { BlockClaims } from '../fvd/block-claims.js';
 import { BurstLog, requestErrno } from './request-errors.js';
-import type { WorkerMessage } from './fvd-queue.js';
+import type { WorkerMessage } from './queue-protocol.js';
 
 const OP_NAMES: Record<number, string> = {
   [UBLK_IO_OP_READ]: 'read',

@@ -9,10 +9,9 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { syscalls, setIoFlusher } from '../ffi/syscalls.js';
-import { FvdQueue, GATE_OPEN, GATE_WAIT, type QueueWorkerData, type WorkerMessage } from './fvd-queue.js';
+import { FvdQueue } from './fvd-queue.js';
+import { GATE_OPEN, GATE_WAIT, type QueueWorkerData, type WorkerMessage } from './queue-protocol.js';
 import { isPrespawned } from './queue-worker-pool.js';
-
-export type { QueueWorkerData, WorkerMessage } from './fvd-queue.js';
 
 // The most polls of the ring's flags before blocking in io_uring_enter (FVD_SPIN=0 disables):
 // about 0.1 ms. Measured in the guest, side by side: 4K random I/O +5..55%, 128K +0..35% (noisy).

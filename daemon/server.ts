@@ -2,8 +2,9 @@
  * Serves one FVD image as /dev/ublkbN: the engine lives on this (main) thread, one worker thread
  * per hardware queue does the ublk data plane, and this thread runs the control plane. This file
  * is the device's life cycle (bring-up, recovery of a device an earlier server left, online grow,
- * hand-off, teardown) and the workers'; the engine's side of their requests (slow path,
- * copy-on-read hints, per-queue figures) is daemon/engine-requests.ts.
+ * hand-off, teardown); the queue workers as this thread sees them (start, gate, messages, end)
+ * are daemon/queue-threads.ts, the engine's side of their requests (slow path, copy-on-read
+ * hints, per-queue figures) daemon/engine-requests.ts.
  *
  * Life cycle (the kernel's ublk device life cycle, docs/DESIGN.md): open image → ADD_DEV → SET_PARAMS → workers mmap, set up rings
  * and FETCH every tag → START_DEV (from here, after every fetch is in) → serve → STOP_DEV (the
@@ -12,15 +13,11 @@
  */
 import fs from 'node:fs';
 import os from 'node:os';
-import { Worker } from 'node:worker_threads';
 import type { DeferredBaseReport } from '../fvd/deferred-base.js';
 import { FvdImage } from '../fvd/image.js';
 import type { IoBackend } from '../fvd/io.js';
 import { storageIo } from '../storage/storage-io.js';
 import { FvdError } from '../fvd/errors.js';
-import { libc, EFD_CLOEXEC } from '../ffi/libc.js';
-import { syscalls } from '../ffi/syscalls.js';
-import { errnoName } from '../ffi/uring.js';
 import { UblkCommandError, UblkControl } from './ublk/control.js';
 import { ZERO_COPY_FLAGS, describeFeatures, hasZeroCopy } from './ublk/features.js';
 import {
@@ -32,12 +29,10 @@ import {
   UBLK_F_BATCH_IO,
   UBLK_S_DEV_LIVE,
 } from './ublk/abi.js';
-import { CompletionRing, STORED_RING_ENTRIES, StoredRing } from './shared-state.js';
-import { EFD_WAKE, EngineRequests, queueCowMode, type EngineQueue, type ServerStats } from './engine-requests.js';
-import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
-import type { QueueWorkerData, WorkerMessage } from './queue-worker.js';
-import { QUEUE_WORKER_URL, type QueueWorkerPool } from './queue-worker-pool.js';
-import { GATE_ABANDON, GATE_OPEN, GATE_WAIT } from './fvd-queue.js';
+import { EngineRequests, type ServerStats } from './engine-requests.js';
+import type { QueueActivityReader } from './queue-activity.js';
+import type { QueueWorkerPool } from './queue-worker-pool.js';
+import { QueueThreads, withTimeout } from './queue-threads.js';
 import { TraceRecorder, createTrace, installEngineTrace, type TraceShared } from '../fvd/trace.js';
 import { TraceFile } from './trace-file.js';
 import { removeState, stateDir, writeState, type DeviceState } from './state.js';
@@ -60,13 +55,6 @@ import {
 
 /** Largest discard/write-zeroes request: whole blocks are punched in one call, so it can be big. */
 const MAX_DISCARD_BYTES = 1 << 30;
-
-/**
- * Test hook (tests/vm/e2e/20-queue-cow.sh): FVD_TEST_HOLD_STORED=1 leaves the writes the queue
- * threads stored and answered in their rings until a FLUSH, a FUA write or the queue's exit takes
- * them in — so a SIGKILL finds their records only in the queue logs. Read once.
- */
-const HOLD_STORED = process.env.FVD_TEST_HOLD_STORED === '1';
 
 export interface ServeOptions {
   image: string;
@@ -112,25 +100,13 @@ export interface ServeOptions {
 
 export type { ServerStats } from './engine-requests.js';
 
-/** One hardware queue: its worker thread, plus what the engine side uses (EngineQueue). */
-interface Queue extends EngineQueue {
-  worker: Worker;
-  /** The worker's start gate (daemon/queue-worker.ts). */
-  gate: Int32Array;
-  control: Int32Array;
-  /** The queue thread (its kernel task id) and whether it runs as an I/O flusher: 1, or -errno. */
-  tid: number;
-  ioFlusher: number;
-  exited: Promise<string | undefined>;
-}
-
 export class UblkServer {
   devId = -1;
   devicePath = '';
   /** The engine's side of the queues' requests: slow path, copy-on-read hints, figures. */
   private readonly engine: EngineRequests;
-  private queues: Queue[] = [];
-  private readonly activityBuffers: SharedArrayBuffer[] = [];
+  /** The queue worker threads (daemon/queue-threads.ts). */
+  private readonly threads: QueueThreads;
   private cdevFd = -1;
   private started = false;
   /** The per-request trace's file while tracing (FVD_TRACE); its recorder is the engine side's. */
@@ -147,6 +123,15 @@ export class UblkServer {
     private ctl: UblkControl,
   ) {
     this.engine = new EngineRequests(image, opts.log);
+    this.threads = new QueueThreads(image, opts.image, this.engine, opts.log, (qid, error) => this.queueExited(qid, error), opts.workers);
+  }
+
+  /**
+   * A queue's thread ended: its tags would never be answered, so unless the device is going away
+   * anyway it is stopped (onFatal) and pending I/O fails instead of hanging.
+   */
+  private queueExited(qid: number, error: string | undefined): void {
+    if (this.started && !this.stopping && !this.handingOff) this.opts.onFatal?.(`queue ${qid} exited${error ? `: ${error}` : ''}`);
   }
 
   /**
@@ -383,7 +368,7 @@ export class UblkServer {
       queues: opts.queues,
       depth: opts.depth,
       startedAt: new Date().toISOString(),
-      queueThreads: this.queues.map((q) => ({ tid: q.tid, ioFlusher: q.ioFlusher === 1 })),
+      queueThreads: this.threads.queues.map((q) => ({ tid: q.tid, ioFlusher: q.ioFlusher === 1 })),
       ...(recovery ? { fileId: this.fileId, bootId: this.bootId, maxIo: opts.maxIo, recoveryWait: opts.recoveryWait, generation } : {}),
     };
     this.state = st;
@@ -471,166 +456,20 @@ export class UblkServer {
   /** The run-time record as written at start, for refreshing its remote figures. */
   state: DeviceState | null = null;
 
-  /** Every queue worker's tags fetched (after openWorkers), or the first queue's failure. */
-  private fetched: Promise<void>[] = [];
-
   /**
-   * Starts one worker per queue, each waiting at its gate for /dev/ublkcN (openWorkers): a
-   * recovery spawns them before START_USER_RECOVERY, so their start-up overlaps it.
+   * Starts the queue workers, each waiting for /dev/ublkcN (openWorkers): a recovery spawns them
+   * before START_USER_RECOVERY, so their start-up overlaps it.
    */
   private spawnWorkers(devId: number): void {
-    const c = libc();
-    if (!c) throw new FvdError('koffi (libc) is required to serve a device', 'EIO');
-    const view = this.image.sharedView();
-    // A plain local raw base: the queue threads read it themselves and hint copy-on-read.
-    const basePath = this.image.localRawBasePath();
-    const hints = this.engine.prepareQueues(view, this.opts.queues, this.opts.maxIo, basePath !== null);
-    // The same base: the queue threads copy-on-write its blocks themselves (daemon/queue-cow.ts).
-    const claims = this.engine.shareClaims();
-    const traceShared = this.startTrace();
-    // Stored writes answered on the queue threads; with a pending log, each queue thread's own
-    // log for them (FORMAT.md §14.4).
-    const { answers: cowAnswers, logs: queueLogs } = this.engine.answerStored(this.opts.queues);
-    const fetched = this.fetched;
-    for (let qid = 0; qid < this.opts.queues; qid++) {
-      const eventfd = c.eventfd(0, EFD_CLOEXEC);
-      if (eventfd < 0) throw new FvdError(`eventfd failed (errno ${c.errno()})`, 'EIO');
-      const completions = CompletionRing.create(this.opts.depth + 1);
-      const stored = claims !== null ? StoredRing.create(STORED_RING_ENTRIES) : null;
-      const control = new SharedArrayBuffer(8); // [0] quit, [1] quiesced (queue-loop.ts)
-      const data: QueueWorkerData = {
-        devId,
-        qid,
-        depth: this.opts.depth,
-        maxIo: this.opts.maxIo,
-        imagePath: this.opts.image,
-        view,
-        completions,
-        control,
-        eventfd,
-        cdevFd: -1,
-        gate: new SharedArrayBuffer(8),
-        activity: newActivityBuffer(),
-        // Encrypted image: the master key for the worker's own fast-path cipher, handed over in
-        // shared memory that the worker zeroes once its cipher holds the key (and this thread
-        // again when the queue is set up or fails).
-        key: sharedKeyForWorker(this.image.masterKeyCopy()),
-        basePath,
-        hints,
-        trace: traceShared,
-        zeroCopy: hasZeroCopy(this.deviceFlags),
-        batchIo: ((this.deviceFlags ?? 0n) & UBLK_F_BATCH_IO) !== 0n,
-        claims,
-        cowPartial: queueCowMode() === 'all',
-        stored,
-        cowAnswers,
-        queueLogFd: queueLogs?.fds[qid] ?? -1,
-        queueLogDrained: queueLogs?.drained ?? null,
-      };
-      const worker = this.opts.workers?.adopt(data) ?? new Worker(QUEUE_WORKER_URL, { workerData: data });
-      const wipeKey = () => data.key && new Uint8Array(data.key).fill(0);
-      let resolveFetched!: () => void;
-      let rejectFetched!: (e: Error) => void;
-      fetched.push(new Promise<void>((res, rej) => ((resolveFetched = res), (rejectFetched = rej))));
-      // A queue that fails to set up reports why; it becomes the one-line error of `serve`.
-      const q: Queue = {
-        worker,
-        gate: new Int32Array(data.gate),
-        completions: new CompletionRing(completions),
-        stored: stored && new StoredRing(stored),
-        qid,
-        control: new Int32Array(control),
-        eventfd,
-        buffer: null,
-        tid: 0,
-        ioFlusher: 0,
-        fast: 0,
-        hinted: 0,
-        carried: 0,
-        noSlot: 0,
-        slow: 0,
-        cow: 0,
-        corBusy: 0,
-        exited: new Promise((resolve) => {
-          worker.on('message', (m: WorkerMessage) => {
-            if (m.type === 'fetched' || m.type === 'exit') wipeKey();
-            if (m.type === 'exit') {
-              if (m.error) rejectFetched(new FvdError(`queue ${qid}: ${m.error}`, 'EIO'));
-              resolve(m.error);
-            }
-          });
-          worker.on('error', (e) => {
-            wipeKey();
-            rejectFetched(e);
-            resolve(e.message);
-          });
-          worker.on('exit', () => resolve(undefined));
-        }),
-      };
-      worker.on('message', (m: WorkerMessage) => this.onWorkerMessage(q, m, resolveFetched));
-      this.queues.push(q);
-      this.engine.watchStored(q);
-      this.activityBuffers.push(data.activity);
-    }
-    void this.opts.workers?.close();
+    const { opts } = this;
+    const geometry = { devId, queues: opts.queues, depth: opts.depth, maxIo: opts.maxIo, deviceFlags: this.deviceFlags };
+    this.threads.spawn(geometry, this.startTrace());
   }
 
   /** Opens /dev/ublkcN, hands it to the waiting workers and waits until every tag is fetched. */
   private async openWorkers(): Promise<void> {
     if (this.cdevFd < 0) this.cdevFd = fs.openSync(`/dev/ublkc${this.devId}`, 'r+'); // a continued recovery opened it
-    for (const q of this.queues) releaseGate(q.gate, GATE_OPEN, this.cdevFd);
-    await Promise.all(this.fetched);
-    // Logged once per serve: every queue thread tries, and they fail alike.
-    const refused = this.queues.find((q) => q.ioFlusher !== 1);
-    if (refused) {
-      const why = refused.ioFlusher < 0 ? errnoName(refused.ioFlusher) : 'flag not set afterwards';
-      this.opts.log(
-        `queue threads are not I/O flushers (PR_SET_IO_FLUSHER: ${why}; it needs CAP_SYS_RESOURCE): ` +
-          `under memory pressure, reclaim may wait for this device's own writeback`,
-      );
-    }
-  }
-
-  private onWorkerMessage(q: Queue, m: WorkerMessage, fetched: () => void): void {
-    switch (m.type) {
-      case 'fetched': {
-        // Same address space: the engine reads and writes the worker's pinned request buffers.
-        q.buffer = Buffer.from(syscalls()!.koffi.view(BigInt(m.bufAddress), m.bufLength));
-        q.tid = m.tid;
-        q.ioFlusher = m.ioFlusher;
-        fetched();
-        break;
-      }
-      case 'slow':
-        void this.engine.serveSlow(q, m);
-        break;
-      case 'stored':
-        if (!HOLD_STORED) this.engine.serveStored(q);
-        break;
-      case 'log': // a worker logs only what went wrong, one message per failed request
-        this.engine.queueFailure(m.qid, m.message);
-        break;
-      case 'info':
-        this.opts.log(`queue ${m.qid}: ${m.message}`);
-        break;
-      case 'hint':
-        this.engine.drainHints();
-        break;
-      case 'stats':
-        this.engine.queueStats(q, m);
-        // Writes it answered itself wake nobody below a threshold (StoredRing.pushAnswered): their
-        // records are taken in at least once a second, as its figures come.
-        if (!HOLD_STORED) this.engine.serveStored(q);
-        break;
-      case 'exit':
-        // Anything it stored and pushed is adopted (its 'stored' message came first; this only
-        // makes sure no claim outlives the queue). No wake: the queue is gone.
-        this.engine.serveStored(q, false);
-        if (m.error) this.opts.log(`queue ${m.qid} stopped: ${m.error}`);
-        // Its tags would never be answered: stop the device so pending I/O fails instead of hanging.
-        if (this.started && !this.stopping && !this.handingOff) this.opts.onFatal?.(`queue ${m.qid} exited${m.error ? `: ${m.error}` : ''}`);
-        break;
-    }
+    await this.threads.open(this.cdevFd);
   }
 
   /** FVD_TRACE (or opts.traceFile): the shared trace buffers for the queues, and the file; else null. */
@@ -650,7 +489,7 @@ export class UblkServer {
     if (!this.traceFile) return;
     installEngineTrace(null);
     // The queue threads' ids name them in a per-thread CPU split (bench/device-trace.sh).
-    this.opts.log(`${this.traceFile.close()}; queue thread ids ${this.queues.map((q) => q.tid).join(' ')}`);
+    this.opts.log(`${this.traceFile.close()}; queue thread ids ${this.threads.threadIds().join(' ')}`);
     this.traceFile = null;
     this.engine.trace = null;
   }
@@ -660,12 +499,12 @@ export class UblkServer {
    * prefetcher's measure of foreground activity.
    */
   activityReader(): QueueActivityReader {
-    return new QueueActivityReader(this.activityBuffers);
+    return this.threads.activityReader();
   }
 
   /** Figures for STATUS= and `fvd list`. */
   counters(): ServerStats {
-    return this.engine.counters(this.queues);
+    return this.engine.counters(this.threads.queues);
   }
 
   /**
@@ -732,11 +571,7 @@ export class UblkServer {
       return `hand-off: QUIESCE_DEV failed (${(err as Error).message}): requests in flight at the exit are reissued to the next server`;
     }
     const t1 = Date.now();
-    for (const q of this.queues) {
-      Atomics.store(q.control, 1, 1);
-      fs.writeSync(q.eventfd, EFD_WAKE);
-    }
-    const exits = await Promise.all(this.queues.map((q) => withTimeout(q.exited, timeoutMs)));
+    const exits = await this.threads.endQuiesced(timeoutMs);
     const stuck = exits.findIndex((e) => e === 'timeout');
     if (stuck >= 0) return `hand-off: device quiesced, but queue ${stuck} still held requests after ${timeoutMs} ms: they are reissued to the next server`;
     return `hand-off: device quiesced (QUIESCE_DEV ${t1 - t0} ms, queues drained ${Date.now() - t1} ms): no request is left to reissue`;
@@ -761,28 +596,15 @@ export class UblkServer {
     };
     if (this.devId >= 0 && (this.started || this.recoveryStarted)) await attempt('STOP_DEV', () => ctl.stopDevice(this.devId));
     this.engine.flushFailures(); // the requests failed during the drain, before the closing lines
-    // Workers leave once every tag is aborted; a device that never started needs the quit flag,
-    // and a worker still waiting for /dev/ublkcN is told that it will not come.
-    for (const q of this.queues) {
-      releaseGate(q.gate, GATE_ABANDON, -1);
-      if (!this.started) {
-        Atomics.store(q.control, 0, 1);
-        fs.writeSync(q.eventfd, EFD_WAKE);
-      }
-    }
-    const exits = await Promise.all(this.queues.map((q) => withTimeout(q.exited, 30_000)));
-    exits.forEach((e, i) => e === 'timeout' && errors.push(`queue ${i} did not stop`));
-    const hintSummary = this.engine.hintSummary(this.queues);
+    for (const qid of await this.threads.end(this.started, 30_000)) errors.push(`queue ${qid} did not stop`);
+    const hintSummary = this.engine.hintSummary(this.threads.queues);
     if (hintSummary) this.opts.log(hintSummary);
-    const cowSummary = this.engine.cowSummary(this.queues);
+    const cowSummary = this.engine.cowSummary(this.threads.queues);
     if (cowSummary) this.opts.log(cowSummary);
     // No queue holds a block claim any more (each 'stored' message came before its queue's
     // exit; an entry pushed after the last one drained raised the flag and posted again).
     this.engine.unshareClaims();
-    for (const q of this.queues) {
-      await q.worker.terminate();
-      fs.closeSync(q.eventfd);
-    }
+    await this.threads.terminate();
     this.stopTrace();
     // DEL_DEV waits until nobody holds /dev/ublkcN (the workers unmapped their descriptors).
     if (this.cdevFd >= 0) fs.closeSync(this.cdevFd);
@@ -796,35 +618,8 @@ export class UblkServer {
   }
 }
 
-/** Moves a worker's start gate out of WAIT (once: a gate already released stays as it is). */
-function releaseGate(gate: Int32Array, state: number, fd: number): void {
-  if (Atomics.load(gate, 0) !== GATE_WAIT) return;
-  gate[1] = fd;
-  Atomics.store(gate, 0, state);
-  Atomics.notify(gate, 0);
-}
-
-/** The key moved into a SharedArrayBuffer for a worker; the copy it came in is wiped. */
-export function sharedKeyForWorker(key: Uint8Array | null): SharedArrayBuffer | null {
-  if (!key) return null;
-  const shared = new SharedArrayBuffer(key.length);
-  new Uint8Array(shared).set(key);
-  key.fill(0);
-  return shared;
-}
-
 /** How long END_USER_RECOVERY of a continued recovery may take (normally milliseconds). */
 const END_CONTINUED_MS = 30_000;
-
-async function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | 'timeout'> {
-  let timer: NodeJS.Timeout | undefined;
-  const t = new Promise<'timeout'>((r) => (timer = setTimeout(() => r('timeout'), ms)));
-  try {
-    return await Promise.race([p, t]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
 
 async function waitForPath(path: string, ms: number): Promise<void> {
   const until = Date.now() + ms;

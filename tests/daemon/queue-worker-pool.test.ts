@@ -12,7 +12,7 @@ import { spawnSync, type SpawnSyncReturns } from 'node:child_process';
 import { pathToFileURL } from 'node:url';
 import type { Worker } from 'node:worker_threads';
 import { QueueWorkerPool } from '../../daemon/queue-worker-pool.js';
-import { GATE_ABANDON, type WorkerMessage } from '../../daemon/fvd-queue.js';
+import { GATE_ABANDON, type WorkerMessage } from '../../daemon/queue-protocol.js';
 
 const POOL_MODULE = new URL('../../daemon/queue-worker-pool.js', import.meta.url).href;
 

@@ -24,7 +24,7 @@ import { checkImage } from '../../fvd/check.js';
 import { commitImage, rebaseImage, resizeImage } from '../../fvd/maintenance.js';
 import { FastCrypt } from '../../daemon/fast-crypt.js';
 import { readKeyFile, wipe } from '../../daemon/key-file.js';
-import { sharedKeyForWorker } from '../../daemon/server.js';
+import { sharedKeyForWorker } from '../../daemon/queue-threads.js';
 import { libc } from '../../ffi/libc.js';
 import { MemIo } from '../helpers/mem-io.js';
 import { TempDir, fvd, assertNoCrash } from '../helpers/cli.js';
