@@ -19,7 +19,8 @@
 #              nothing, as loop's writes into its full copy of the base)
 #   fvd-cow-before, fvd-before  (only when named, with FVD_BEFORE=<another checkout's
 #              build/daemon/cli.js>) as fvd-cow / fvd, served by that build: before/after ratios
-#              in one guest boot
+#              in one guest boot; FVD_BEFORE_NODE=<a node binary> runs it on that Node (the same
+#              build under two Node releases: FVD_BEFORE=$PWD/build/daemon/cli.js)
 #   loop       kernel loop device, --direct-io=on, over a raw file
 #   loop-sparse (only when named) the same over a never-written (sparse) raw file, new as
 #              fvd-cow's images are (BENCH_FRESH): what the kernel's own path pays for allocating
@@ -130,7 +131,7 @@ stop_last() { local p=${pids[-1]}; kill -TERM "$p"; wait "$p" || true; unset 'pi
 # made a job's figure depend on the one before it) or once for all the jobs (BENCH_FRESH=target).
 cow_create() { # target image
   case $1 in
-    fvd-cow-before) node "$FVD_BEFORE" create -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
+    fvd-cow-before) ${FVD_BEFORE_NODE:-node} "$FVD_BEFORE" create -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
     fvd-cow-64k) $FVD create --block-size 64K -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
     fvd-cow-falloc) $FVD create --preallocation falloc -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
     qcow2-cow) qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$2" ;;
@@ -145,7 +146,7 @@ cow_serve() { # target image -> $dev (an fvd daemon's pid last in pids)
     fvd-cow-main) FVD_STORED_ANSWER=main serve "$2" --no-prefetch ;;
     fvd-cow-nocor) serve "$2" --no-prefetch --no-copy-on-read ;;
     fvd-cow-prefetch) serve "$2" ;;
-    fvd-cow-before) SERVE_FVD="node $FVD_BEFORE" serve "$2" --no-prefetch ;;
+    fvd-cow-before) SERVE_FVD="${FVD_BEFORE_NODE:-node} $FVD_BEFORE" serve "$2" --no-prefetch ;;
     qcow2-cow) qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$2"; sleep 1; dev=/dev/nbd0; nbd_pid=$(nbd_server_pid) ;;
   esac
 }
@@ -194,7 +195,7 @@ for t in $(round_targets "$round"); do
       cli=$FVD serve_cli=
       if [ "$t" = fvd-before ]; then
         [ -n "${FVD_BEFORE:-}" ] || { echo "fvd-before needs FVD_BEFORE"; exit 1; }
-        cli="node $FVD_BEFORE" serve_cli="node $FVD_BEFORE"
+        cli="${FVD_BEFORE_NODE:-node} $FVD_BEFORE" serve_cli="${FVD_BEFORE_NODE:-node} $FVD_BEFORE"
       fi
       $cli create "$dir/full.fvd" "$SIZE" >/dev/null
       SERVE_FVD=$serve_cli serve "$dir/full.fvd"
