@@ -129,9 +129,18 @@ bench-remote: build
 # Into $(DESTDIR)$(PREFIX): the compiled CLI, daemon and engine (no tests or benchmarks), the
 # production dependencies only, README and docs under lib/fvd; bin/fvd; the systemd unit made
 # from systemd/fvd@.service with its /usr/local paths set to $(PREFIX); /etc/fvd and /var/lib/fvd.
+# INSTALL_NODE=/abs/path/to/node pins the runtime: bin/fvd is then a two-line script running the
+# CLI on that node (a supported LTS beside a distribution's older one; the unit runs bin/fvd, so
+# the service uses it too). Unset, bin/fvd is a symlink to the CLI, which runs on the first `node`
+# on PATH (#!/usr/bin/env node).
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 LIBDIR  := $(DESTDIR)$(PREFIX)/lib/fvd
+INSTALL_NODE ?=
 install: build
+ifneq ($(INSTALL_NODE),)
+	@case '$(INSTALL_NODE)' in /*) ;; *) echo "make install: INSTALL_NODE must be an absolute path, not '$(INSTALL_NODE)'" >&2; exit 2;; esac
+	@'$(INSTALL_NODE)' build/daemon/cli.js --version >/dev/null || { echo "make install: the CLI does not run on INSTALL_NODE=$(INSTALL_NODE)" >&2; exit 2; }
+endif
 	rm -rf $(LIBDIR)
 	install -d $(LIBDIR)/build $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)/etc/fvd $(DESTDIR)/var/lib/fvd
 	cp -r build/daemon build/fvd build/ffi build/storage $(LIBDIR)/build/
@@ -140,7 +149,14 @@ install: build
 	cd $(LIBDIR) && $(NPM) prune --omit=dev --no-audit --no-fund --loglevel=error >/dev/null
 	find $(LIBDIR)/node_modules -type d -empty -delete
 	chmod +x $(LIBDIR)/build/daemon/cli.js
-	ln -sf $(PREFIX)/lib/fvd/build/daemon/cli.js $(DESTDIR)$(PREFIX)/bin/fvd
+	rm -f $(DESTDIR)$(PREFIX)/bin/fvd
+ifeq ($(INSTALL_NODE),)
+	ln -s $(PREFIX)/lib/fvd/build/daemon/cli.js $(DESTDIR)$(PREFIX)/bin/fvd
+else
+	printf '#!/bin/sh\n# fvd on the Node.js chosen at install (make install INSTALL_NODE=)\nexec "%s" "%s" "$$@"\n' \
+	  '$(INSTALL_NODE)' '$(PREFIX)/lib/fvd/build/daemon/cli.js' > $(DESTDIR)$(PREFIX)/bin/fvd
+	chmod 0755 $(DESTDIR)$(PREFIX)/bin/fvd
+endif
 	sed -e 's|/usr/local/|$(PREFIX)/|g' systemd/fvd@.service > $(DESTDIR)$(UNITDIR)/fvd@.service
 	sed -e 's|/usr/local/|$(PREFIX)/|g' systemd/fvd-expire@.service > $(DESTDIR)$(UNITDIR)/fvd-expire@.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/fvd@.service $(DESTDIR)$(UNITDIR)/fvd-expire@.service

@@ -84,4 +84,42 @@ test('make install DESTDIR PREFIX=/usr: unit follows PREFIX, verified by systemd
   assert.match(String(bad.stderr), /\/usr\/bin\/fvd/);
 });
 
+test('make install INSTALL_NODE=: bin/fvd runs the CLI on that node, with no node on PATH; a bad INSTALL_NODE installs nothing', () => {
+  if (!have('make') || !have('npm')) {
+    console.log('  skip: make or npm missing');
+    return;
+  }
+  // Another Node where CI has one (FVD_ALT_NODE), so the version printed tells which node ran.
+  const pinned = process.env.FVD_ALT_NODE || process.execPath;
+  const pinnedVersion = spawnSync(pinned, ['-p', 'process.versions.node'], { encoding: 'utf8' }).stdout.trim();
+  const dest = path.join(root, 'pinned');
+  const install = (node: string, into: string) =>
+    spawnSync('make', ['-s', '-C', repo, '-o', 'build', '-o', 'deps', 'install', `DESTDIR=${into}`, 'PREFIX=/usr', `INSTALL_NODE=${node}`], { encoding: 'utf8', timeout: 300_000 });
+  const r = install(pinned, dest);
+  assert.is(r.status, 0, `make install failed: ${r.stderr}${r.stdout}`);
+
+  const bin = path.join(dest, 'usr/bin/fvd');
+  const st = fs.lstatSync(bin);
+  assert.ok(st.isFile() && (st.mode & 0o111) !== 0, 'bin/fvd is an executable file, not a symlink');
+  const script = fs.readFileSync(bin, 'utf8');
+  assert.match(script, /^#!\/bin\/sh\n/);
+  assert.ok(script.includes(`exec "${pinned}" "/usr/lib/fvd/build/daemon/cli.js" "$@"`), script);
+  // Run it against the staged tree (its paths point at /usr/lib/fvd, the final place).
+  const staged = path.join(root, 'fvd-staged.sh');
+  fs.writeFileSync(staged, script.replace('/usr/lib/fvd/', `${dest}/usr/lib/fvd/`));
+  const v = spawnSync('/bin/sh', [staged, '--version'], { encoding: 'utf8', env: { PATH: '/nonexistent' } });
+  assert.is(v.status, 0, v.stderr);
+  assert.is(v.stdout.trim().replace(/^fvd \S+ /, ''), `(Node.js ${pinnedVersion})`);
+  const unit = fs.readFileSync(path.join(dest, 'usr/lib/systemd/system/fvd@.service'), 'utf8');
+  assert.match(unit, /^ExecStart=\/usr\/bin\/fvd serve --instance %i$/m, 'the unit runs bin/fvd, so the service uses the pinned node');
+
+  for (const bad of ['node', '/bin/false', path.join(root, 'no-such-node')]) {
+    const into = path.join(root, 'bad');
+    const b = install(bad, into);
+    assert.is.not(b.status, 0, `INSTALL_NODE=${bad} accepted`);
+    assert.match(b.stderr, /make install: (INSTALL_NODE must be an absolute path|the CLI does not run on INSTALL_NODE=)/);
+    assert.not.ok(fs.existsSync(into), `INSTALL_NODE=${bad}: nothing may be installed`);
+  }
+});
+
 test.run();

@@ -3,20 +3,22 @@
 # timeout: 900
 #
 # Where the kernel offers AUTO_BUF_REG and USER_COPY (6.16+): an FVD image over a 64 MiB raw base
-# served with --zero-copy --queues 2 --no-prefetch (base blocks stay in the base until touched). The device's flags (the features line) hold both bits and the
-# log says the fast path is zero copy. Each route once: base bytes read through the queue thread
-# (copied into the request by user copy), a 4 KiB write into a base block (copy-on-write: the
-# engine gets the data by user copy), the same bytes read back and rewritten in place (local, but
-# below 64 KiB: user copy through the tag's buffer; the 1 MiB transfers of the compact round and
-# fio's blocks of 64 KiB and more go from and to the request's pages). Then fio randwrite +
-# verify (crc32c, 4k–128k, iodepth 32, 2 jobs, O_DIRECT) over the whole device. The differential: the device's sha256 under
-# zero copy equals its sha256 served again with copies, and fvd check is clean. A compact image:
-# unwritten chunks read as zeros, also right after a written 1 MiB in the same dd buffer. An encrypted image with --zero-copy: one line
-# saying zero copy is not for encrypted images, and the device works with copies. Recovery: served
-# with --zero-copy --recovery-wait 60, SIGKILLed, a serve without --zero-copy takes the same device
-# over and serves it as it was added (zero copy), the data reads back.
-# Without the two features (6.12): one line saying what the kernel lacks, the device has neither
-# bit and works; the rest is a skip.
+# served with --zero-copy --queues 2 --no-prefetch (base blocks stay in the base until touched). The
+# device's flags (the features line) hold both bits and the log says the fast path is zero copy.
+# Each route once: base bytes read through the queue thread (copied into the request by user copy),
+# a 4 KiB write into a base block (copy-on-write: the engine gets the data by user copy), the same
+# bytes read back and rewritten in place (local, but below 64 KiB: user copy through the tag's
+# buffer; the 1 MiB transfers of the compact round and fio's blocks of 64 KiB and more go from and
+# to the request's pages). Then fio randwrite + verify (crc32c, 4k–128k, iodepth 32, 2 jobs,
+# O_DIRECT) over the whole device. The differential: the device's sha256 under zero copy equals its
+# sha256 served again with copies, and fvd check is clean. A compact image: unwritten chunks read as
+# zeros, also right after a written 1 MiB in the same dd buffer. An encrypted image with
+# --zero-copy: one line saying zero copy is not for encrypted images, and the device works with
+# copies. Recovery: served with --zero-copy --recovery-wait 60, SIGKILLed, a serve without
+# --zero-copy takes the same device over and serves it as it was added (zero copy), the data reads
+# back.
+# Without the two features (6.12): one line saying what the kernel lacks, the device has neither bit
+# and works; the rest is a skip.
 
 # zero_copy_routes: the served z.fvd (zero copy) on each route, then fio verify and the differential.
 zero_copy_routes() {

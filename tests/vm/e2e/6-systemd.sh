@@ -14,6 +14,8 @@
 # the server SIGKILLed three times with nothing but Restart=on-failure to bring it back: each time
 # a restarted server recovers the same device, the mount stays, fio ends with 0 errors, e2fsck -f
 # clean after umount, `fvd check` clean.
+# Pinned node: `make install INSTALL_NODE=` with a node outside PATH, fvd@test's server runs it
+# (/proc/MAINPID/exe) and its device reads; the default install is put back.
 # fvd@bad (an image with a corrupted magic) fails to start (`systemctl start` non-zero), its log
 # has the one-line error, and no device is left behind.
 # The lock-down (sandbox_checks): `systemd-analyze security` rates the installed unit at most 4.0
@@ -147,6 +149,7 @@ scenario() {
     check "fvd io read -P 0x6b 1M 4M: the data is in the image" fvd io -c 'read -P 0x6b 1M 4M' -c 'read -P 0 0 1M' "$img"
 
     ext4_kills "$img"
+    pinned_node_round "$img"
 
     # A unit that gives up (here Restart=no) after its server died: fvd-expire@exp deletes the
     # waiting device RECOVERY_WAIT (5) seconds later, its held I/O fails, nothing hangs.
@@ -234,6 +237,31 @@ ext4_kills() {
     rc=0; out=$(t systemctl stop fvd@test 2>&1) || rc=$?
     expect "ext4 round: systemctl stop fvd@test returns 0" "$rc" 0 "$out"
     check "ext4 round: fvd check $img exits 0" fvd check "$img"
+}
+
+# pinned_node_round IMG: `make install INSTALL_NODE=` with a node that is not on PATH (a copy of the
+# guest's node under /opt): bin/fvd becomes a script, fvd@test's server runs that node
+# (/proc/MAINPID/exe, through the wrapper's exec and the unit's sandbox) and its device reads; then
+# the default install (bin/fvd a symlink, #!/usr/bin/env node) is put back.
+pinned_node_round() {
+    local img=$1 pinned=/opt/fvd-e2e-node/node pid rc out
+    mkdir -p /opt/fvd-e2e-node
+    cp "$(readlink -f "$(command -v node)")" "$pinned"
+    check "make install INSTALL_NODE=$pinned" t make -s -C "$REPO" -o build -o deps install PREFIX=/usr/local INSTALL_NODE="$pinned"
+    if [[ -f /usr/local/bin/fvd && ! -L /usr/local/bin/fvd ]]; then ok "INSTALL_NODE: /usr/local/bin/fvd is a script, not the symlink"
+    else not_ok "INSTALL_NODE: /usr/local/bin/fvd is not a script" "$(ls -l /usr/local/bin/fvd 2>&1)"; fi
+    check "systemctl daemon-reload (pinned node)" t systemctl daemon-reload
+    start_unit test "installed with INSTALL_NODE=$pinned"
+    if [[ -n $UNIT_DEV ]]; then
+        pid=$(systemctl show -p MainPID --value fvd@test)
+        expect "fvd@test's server runs the pinned node (/proc/$pid/exe)" "$(readlink "/proc/$pid/exe" 2>&1)" "$pinned"
+        check "pinned node: a 1 MiB O_DIRECT read of $UNIT_DEV" t dd if="$UNIT_DEV" of=/dev/null bs=64k count=16 iflag=direct status=none
+        rc=0; out=$(t systemctl stop fvd@test 2>&1) || rc=$?
+        expect "pinned node: systemctl stop fvd@test returns 0" "$rc" 0 "$out"
+    fi
+    check "make install (default again: bin/fvd the symlink)" t make -s -C "$REPO" -o build -o deps install PREFIX=/usr/local
+    check "systemctl daemon-reload" t systemctl daemon-reload
+    rm -rf /opt/fvd-e2e-node
 }
 
 # The locked-down unit (systemd/fvd@.service): its exposure score as systemd rates the installed
