@@ -26,8 +26,11 @@ export const BATCH_BYTES = 1024 * 1024;
  * itself (qcow2.ts); at least one, at most three.
  */
 export function poolSize(): number {
-  return Math.min(3, Math.max(1, (os.availableParallelism?.() ?? os.cpus().length) - 1));
+  // Asked once per read: computed once, as availableParallelism() reads /proc/self/cgroup and
+  // calls sched_getaffinity on every call (libuv's cgroup-aware count; 630 times in one convert).
+  return (cachedPoolSize ??= Math.min(3, Math.max(1, (os.availableParallelism?.() ?? os.cpus().length) - 1)));
 }
+let cachedPoolSize: number | undefined;
 
 export interface BatchRequest {
   id: number;

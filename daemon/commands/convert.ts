@@ -16,6 +16,7 @@ import { isEncryptedImage, openDisk, parseFormat, probeFormat, rawDisk, type Dis
 import { NodeFile, fileIdentity, syncDirectoryOf } from '../../storage/node-file.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 import { refuseWhilePending } from '../pending-guard.js';
+import { isZero } from '../../fvd/maintenance/data-windows.js';
 
 /** Bytes per read: large enough that a compressed qcow2 source decompresses many clusters at once. */
 const STEP = 4 * 1024 * 1024;
@@ -164,9 +165,4 @@ async function convert(
   // A new raw output's name must survive a power cut too (an FVD output's was synced by create).
   if (outFmt === 'raw' && fs.statSync(dst).isFile()) await syncDirectoryOf(dst);
   return 0;
-}
-
-const ZERO = Buffer.alloc(SPARSE_STEP);
-function isZero(b: Buffer): boolean {
-  return b.compare(ZERO, 0, b.length) === 0;
 }

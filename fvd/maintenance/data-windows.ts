@@ -7,8 +7,16 @@ import { forEachClearRun, testBit } from '../bitmap.js';
 /** Data is compared and copied in windows of this many bytes (rounded to whole blocks). */
 export const WINDOW = 1024 * 1024;
 
+/** Zeros to compare against: isZero is memcmp (Buffer.compare), not a byte loop in JavaScript. */
+const ZEROS = Buffer.alloc(64 * 1024);
+
+/** Whether every byte of `b` is zero. */
 export function isZero(b: Uint8Array): boolean {
-  for (let i = 0; i < b.length; i++) if (b[i] !== 0) return false;
+  const bytes = Buffer.from(b.buffer, b.byteOffset, b.byteLength);
+  for (let off = 0; off < bytes.length; off += ZEROS.length) {
+    const n = Math.min(ZEROS.length, bytes.length - off);
+    if (bytes.compare(ZEROS, 0, n, off, off + n) !== 0) return false;
+  }
   return true;
 }
 
