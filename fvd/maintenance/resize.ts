@@ -129,6 +129,7 @@ async function firstNonZero(engine: FvdImage, from: number, to: number): Promise
       const piece = buf.subarray(0, Math.min(buf.length, z - pos));
       if (await engine.knownZero(pos, piece.length)) continue;
       await engine.read(piece, pos);
+      if (isZero(piece)) continue;
       for (let i = 0; i < piece.length; i++) if (piece[i] !== 0) return pos + i;
     }
   }
