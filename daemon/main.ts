@@ -57,6 +57,19 @@ export function version(): string {
   }
 }
 
+/** End of life of the Node.js LTS lines fvd is tested on (the Node.js release schedule). */
+const NODE_END_OF_LIFE: Readonly<Record<number, string>> = { 20: '2026-04-30', 22: '2027-04-30', 24: '2028-04-30', 26: '2029-04-30' };
+
+/**
+ * ", end of life since DATE" when `nodeVersion`'s line is past its end of life at `now`, else ''.
+ * `fvd --version` is where an admin checks what runs the daemon; a line out of security support
+ * is worth saying there (make install INSTALL_NODE= pins another).
+ */
+export function endOfLifeNote(nodeVersion: string, now: Date): string {
+  const eol = NODE_END_OF_LIFE[Number(nodeVersion.split('.')[0])];
+  return eol !== undefined && now.getTime() >= Date.parse(`${eol}T00:00:00Z`) ? `, end of life since ${eol}` : '';
+}
+
 function usage(): string {
   const width = Math.max(...COMMANDS.map((c) => c.length));
   return [
@@ -72,7 +85,7 @@ function usage(): string {
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   if (command === '--version' || command === '-V') {
-    console.log(`fvd ${version()} (Node.js ${process.versions.node})`);
+    console.log(`fvd ${version()} (Node.js ${process.versions.node}${endOfLifeNote(process.versions.node, new Date())})`);
     return 0;
   }
   if (!command || command === '-h' || command === '--help' || (command === 'help' && rest.length === 0)) {

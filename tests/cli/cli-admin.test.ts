@@ -11,7 +11,7 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { CLI, TempDir, assertNoCrash, assertOk, assertOneLineError, fvd, json } from '../helpers/cli.js';
-import { COMMANDS, COMMAND_SUMMARIES } from '../../daemon/main.js';
+import { COMMANDS, COMMAND_SUMMARIES, endOfLifeNote } from '../../daemon/main.js';
 import type { CommandSpec } from '../../daemon/command.js';
 
 const KiB = 1024;
@@ -75,11 +75,28 @@ test('help: fvd help CMD and fvd CMD --help print the same text, naming every de
   assertOneLineError(fvd('create', '--no-such-option', 'x.fvd', '1M'), /--no-such-option/);
 });
 
-test('--version prints package.json\'s version and the Node.js version', () => {
+test('--version prints package.json\'s version and the Node.js version (with its end of life once past)', () => {
   const pkg = JSON.parse(fs.readFileSync(path.join(path.dirname(CLI), '..', '..', 'package.json'), 'utf8')) as { version: string };
   const r = fvd('--version');
   assertOk(r);
-  assert.is(r.stdout, `fvd ${pkg.version} (Node.js ${process.versions.node})\n`);
+  assert.is(r.stdout, `fvd ${pkg.version} (Node.js ${process.versions.node}${endOfLifeNote(process.versions.node, new Date())})\n`);
+  // A Node.js 20 (end of life 2026-04-30) as the CLI sees it: the note is in the line.
+  const old = spawnSync(process.execPath, ['--import', 'data:text/javascript,Object.defineProperty(process.versions,"node",{value:"20.20.2"})', CLI, '--version'], { encoding: 'utf8' });
+  assert.is(old.status, 0, old.stderr);
+  const note = Date.now() >= Date.parse('2026-04-30T00:00:00Z') ? ', end of life since 2026-04-30' : '';
+  assert.is(old.stdout, `fvd ${pkg.version} (Node.js 20.20.2${note})\n`);
+});
+
+test('endOfLifeNote: from the end-of-life day on, per LTS line; other lines and earlier days get none', () => {
+  const day = (d: string) => new Date(`${d}T12:00:00Z`);
+  assert.is(endOfLifeNote('20.20.2', day('2026-04-29')), '');
+  assert.is(endOfLifeNote('20.20.2', day('2026-04-30')), ', end of life since 2026-04-30');
+  assert.is(endOfLifeNote('22.15.0', day('2026-12-06')), '');
+  assert.is(endOfLifeNote('22.15.0', day('2027-05-01')), ', end of life since 2027-04-30');
+  assert.is(endOfLifeNote('24.22.3', day('2026-12-06')), '');
+  assert.is(endOfLifeNote('24.22.3', day('2028-04-30')), ', end of life since 2028-04-30');
+  assert.is(endOfLifeNote('26.1.0', day('2029-04-30')), ', end of life since 2029-04-30');
+  assert.is(endOfLifeNote('25.2.1', day('2030-01-01')), '', 'a line not in the table');
 });
 
 test('an unsupported Node.js version: one line before anything else runs, exit 1', () => {

@@ -109,7 +109,7 @@ test('make install INSTALL_NODE=: bin/fvd runs the CLI on that node, with no nod
   fs.writeFileSync(staged, script.replace('/usr/lib/fvd/', `${dest}/usr/lib/fvd/`));
   const v = spawnSync('/bin/sh', [staged, '--version'], { encoding: 'utf8', env: { PATH: '/nonexistent' } });
   assert.is(v.status, 0, v.stderr);
-  assert.is(v.stdout.trim().replace(/^fvd \S+ /, ''), `(Node.js ${pinnedVersion})`);
+  assert.match(v.stdout.trim().replace(/^fvd \S+ /, ''), new RegExp(`^\\(Node\\.js ${pinnedVersion.replace(/\./g, '\\.')}(, end of life since [0-9-]+)?\\)$`));
   const unit = fs.readFileSync(path.join(dest, 'usr/lib/systemd/system/fvd@.service'), 'utf8');
   assert.match(unit, /^ExecStart=\/usr\/bin\/fvd serve --instance %i$/m, 'the unit runs bin/fvd, so the service uses the pinned node');
 
