@@ -42,6 +42,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 FVD="node $root/build/daemon/cli.js"
+# The build the *-before targets serve, on FVD_BEFORE_NODE where given.
+FVD_BEFORE_CLI="${FVD_BEFORE_NODE:-node} ${FVD_BEFORE:-}"
 RUNTIME=${FIO_RUNTIME:-20}
 FIO_OPTS=()
 [ -z "${FIO_RATE_IOPS:-}" ] || FIO_OPTS=(--rate_iops="$FIO_RATE_IOPS")
@@ -131,7 +133,7 @@ stop_last() { local p=${pids[-1]}; kill -TERM "$p"; wait "$p" || true; unset 'pi
 # made a job's figure depend on the one before it) or once for all the jobs (BENCH_FRESH=target).
 cow_create() { # target image
   case $1 in
-    fvd-cow-before) ${FVD_BEFORE_NODE:-node} "$FVD_BEFORE" create -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
+    fvd-cow-before) $FVD_BEFORE_CLI create -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
     fvd-cow-64k) $FVD create --block-size 64K -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
     fvd-cow-falloc) $FVD create --preallocation falloc -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
     qcow2-cow) qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$2" ;;
@@ -146,7 +148,7 @@ cow_serve() { # target image -> $dev (an fvd daemon's pid last in pids)
     fvd-cow-main) FVD_STORED_ANSWER=main serve "$2" --no-prefetch ;;
     fvd-cow-nocor) serve "$2" --no-prefetch --no-copy-on-read ;;
     fvd-cow-prefetch) serve "$2" ;;
-    fvd-cow-before) SERVE_FVD="${FVD_BEFORE_NODE:-node} $FVD_BEFORE" serve "$2" --no-prefetch ;;
+    fvd-cow-before) SERVE_FVD="$FVD_BEFORE_CLI" serve "$2" --no-prefetch ;;
     qcow2-cow) qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$2"; sleep 1; dev=/dev/nbd0; nbd_pid=$(nbd_server_pid) ;;
   esac
 }
@@ -195,7 +197,7 @@ for t in $(round_targets "$round"); do
       cli=$FVD serve_cli=
       if [ "$t" = fvd-before ]; then
         [ -n "${FVD_BEFORE:-}" ] || { echo "fvd-before needs FVD_BEFORE"; exit 1; }
-        cli="${FVD_BEFORE_NODE:-node} $FVD_BEFORE" serve_cli="${FVD_BEFORE_NODE:-node} $FVD_BEFORE"
+        cli=$FVD_BEFORE_CLI serve_cli=$FVD_BEFORE_CLI
       fi
       $cli create "$dir/full.fvd" "$SIZE" >/dev/null
       SERVE_FVD=$serve_cli serve "$dir/full.fvd"
