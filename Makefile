@@ -129,10 +129,10 @@ bench-remote: build
 # Into $(DESTDIR)$(PREFIX): the compiled CLI, daemon and engine (no tests or benchmarks), the
 # production dependencies only, README and docs under lib/fvd; bin/fvd; the systemd unit made
 # from systemd/fvd@.service with its /usr/local paths set to $(PREFIX); /etc/fvd and /var/lib/fvd.
-# INSTALL_NODE=/abs/path/to/node pins the runtime: bin/fvd is then a two-line script running the
-# CLI on that node (a supported LTS beside a distribution's older one; the unit runs bin/fvd, so
-# the service uses it too). Unset, bin/fvd is a symlink to the CLI, which runs on the first `node`
-# on PATH (#!/usr/bin/env node).
+# INSTALL_NODE=/abs/path/to/node pins the runtime: bin/fvd is then a three-line /bin/sh script
+# running the CLI on that node (a supported LTS beside a distribution's older one; the unit runs
+# bin/fvd, so the service uses it too). Unset, bin/fvd is a symlink to the CLI, which runs on the
+# first `node` on PATH (#!/usr/bin/env node).
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 LIBDIR  := $(DESTDIR)$(PREFIX)/lib/fvd
 INSTALL_NODE ?=
