@@ -20,6 +20,7 @@ import { DiskModel, firstMismatch, makeData } from '../helpers/model.js';
 import { TempDir, assertOk, assertOneLineError, fvd, sha256File, snapshot, assertUnchanged } from '../helpers/cli.js';
 import { diskPattern, qemuImg, qemuIo, qemuRead, qemuTest, writeFile } from '../helpers/qemu.js';
 import { ReadCounter } from '../helpers/read-counter.js';
+import { l2EntryAt, readU64, write } from '../helpers/qcow2-tamper.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -266,6 +267,33 @@ qemuTest('CLI: create -F qcow2, info --backing-chain, convert -f qcow2 to raw an
   assertOneLineError(fvd('create', '-b', 'os.raw', '-F', 'qcow2', path.join(dir, 'wrong.fvd')), /bad magic \(not a qcow2 image\)/);
   assertUnchanged(before, 'every command above');
   assert.is(sha256File(q), before[q]);
+});
+
+qemuTest('convert -f qcow2 of a template many 4 MiB pieces long (reads run ahead of writes): the bytes of qemu-img convert; a bad cluster in a middle piece is one line', () => {
+  const dir = tmp.caseDir();
+  const data = diskPattern(22 * MiB + 64 * KiB, 21);
+  data.fill(0, 5 * MiB, 9 * MiB); // a whole piece of zeros: not read, not written
+  const raw = writeFile(dir, 'os.raw', data);
+  for (const type of ['zlib', 'zstd']) {
+    const q = path.join(dir, `${type}.qcow2`);
+    qemuImg('convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', `compression_type=${type}`, raw, q);
+    const out = path.join(dir, `${type}.raw`);
+    assertOk(fvd('convert', '-f', 'qcow2', '-O', 'raw', q, out));
+    same(data, fs.readFileSync(out), `${type}: convert of ${Math.ceil(data.length / (4 * MiB))} pieces`);
+  }
+  // Garbage in the compressed streams of clusters in two neighbouring pieces (14 and 18 MiB):
+  // the first fails the convert while the next is still being read, which must not surface as
+  // a second error or an unhandled rejection.
+  const q = path.join(dir, 'zlib.qcow2');
+  const shift = 62n - 8n; // 64 KiB clusters: the host offset's bits
+  for (const guest of [14 * MiB, 18 * MiB]) {
+    const at = l2EntryAt(q, guest);
+    assert.is(readU64(q, at) >> 62n, 1n, `guest ${guest} is stored compressed`);
+    write(q, Number(readU64(q, at) & ((1n << shift) - 1n)), Buffer.alloc(64, 0xff));
+  }
+  const before = snapshot([q]);
+  assertOneLineError(fvd('convert', '-f', 'qcow2', '-O', 'raw', q, path.join(dir, 'bad.raw')), /zlib\.qcow2: corrupt qcow2 image: compressed cluster .* does not decompress/);
+  assertUnchanged(before, 'a failed convert');
 });
 
 qemuTest('info -f qcow2 / -f raw describe a template as qemu-img info does; without -f a qcow2 file is refused in one line that names it; io -f qcow2 reads it', () => {
