@@ -18,7 +18,7 @@
  *
  * This file is the public face; the code lives in fvd/maintenance/, one job per file:
  * offline-image.ts (the locked image, its refusals, reads of its own storage), metadata-switch.ts
- * (layout planning and the ordered header switch), data-windows.ts (runs, windows, comparisons),
+ * (layout planning and the ordered header switch), data-windows.ts (runs and windows of blocks),
  * and one file per operation: commit.ts, rebase.ts, resize.ts.
  */
 export { commitImage, type CommitOptions, type CommitResult } from './maintenance/commit.js';

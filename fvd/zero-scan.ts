@@ -8,6 +8,7 @@
  */
 import type { BlockFile } from './io.js';
 import { setRange } from './bitmap.js';
+import { isZero } from './bytes.js';
 import { FvdError } from './errors.js';
 import type { BaseImage } from './image-types.js';
 
@@ -62,7 +63,6 @@ async function markByExtents(
   bitmap: Uint8Array,
 ): Promise<void> {
   const step = Math.max(blockSize, Math.floor(ZERO_SCAN_BYTES / blockSize) * blockSize);
-  const zero = Buffer.alloc(step);
   const buffers: Buffer[] = [];
   const blocks = Math.ceil(limit / blockSize);
   // A scratch map of "no non-zero byte seen", copied into the bitmap at the end, so a failing
@@ -77,7 +77,7 @@ async function markByExtents(
       for (let off = a; off < z; ) {
         const b = Math.floor(off / blockSize);
         const n = Math.min(z, (b + 1) * blockSize) - off;
-        if (buf.compare(zero, 0, n, off - a, off - a + n) !== 0) zeroSoFar[b >>> 3]! &= ~(1 << (b & 7));
+        if (!isZero(buf.subarray(off - a, off - a + n))) zeroSoFar[b >>> 3]! &= ~(1 << (b & 7));
         off += n;
       }
     } finally {
@@ -127,7 +127,6 @@ function allClear(bm: Uint8Array, a: number, z: number, blockSize: number): bool
 async function markByScan(base: BaseImage, limit: number, blockSize: number, bitmap: Uint8Array): Promise<void> {
   const step = Math.max(blockSize, Math.floor(ZERO_SCAN_BYTES / blockSize) * blockSize);
   const buf = Buffer.alloc(step);
-  const zero = Buffer.alloc(blockSize);
   for (let pos = 0; pos < limit; pos += step) {
     const len = Math.min(step, limit - pos);
     if (await base.knownZero(pos, len)) {
@@ -142,7 +141,7 @@ async function markByScan(base: BaseImage, limit: number, blockSize: number, bit
     await base.read(buf.subarray(0, len), pos);
     for (let off = 0; off < len; off += blockSize) {
       const n = Math.min(blockSize, len - off);
-      if (buf.compare(zero, 0, n, off, off + n) === 0) setRange(bitmap, (pos + off) / blockSize, 1);
+      if (isZero(buf.subarray(off, off + n))) setRange(bitmap, (pos + off) / blockSize, 1);
     }
   }
 }

@@ -16,7 +16,7 @@ import { isEncryptedImage, openDisk, parseFormat, probeFormat, rawDisk, type Dis
 import { NodeFile, fileIdentity, syncDirectoryOf } from '../../storage/node-file.js';
 import { KEY_FILE_OPTION, readKeyFile, wipe } from '../key-file.js';
 import { refuseWhilePending } from '../pending-guard.js';
-import { isZero } from '../../fvd/maintenance/data-windows.js';
+import { isZero } from '../../fvd/bytes.js';
 
 /** Bytes per read: large enough that a compressed qcow2 source decompresses many clusters at once. */
 const STEP = 4 * 1024 * 1024;

@@ -9,7 +9,8 @@ import { setRange } from '../bitmap.js';
 import { FvdImage, openBase } from '../image.js';
 import { chunksOf } from '../metadata.js';
 import { COMMIT_BASE, OfflineImage, baseBlocksOf, resolveFrom } from './offline-image.js';
-import { isZero, sameBytes, setRuns, windowBytes, windows } from './data-windows.js';
+import { setRuns, windowBytes, windows } from './data-windows.js';
+import { isZero, sameBytes } from '../bytes.js';
 import { planLayout, switchTo } from './metadata-switch.js';
 import { resizeImage } from './resize.js';
 

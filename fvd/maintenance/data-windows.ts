@@ -1,28 +1,11 @@
 /**
- * How commit, rebase and resize walk data (fvd/maintenance.ts): runs of bitmap bits, windows of
- * whole blocks, and byte comparisons.
+ * How commit, rebase and resize walk data (fvd/maintenance.ts): runs of bitmap bits and windows
+ * of whole blocks (their byte comparisons: ../bytes.ts).
  */
 import { forEachClearRun, testBit } from '../bitmap.js';
 
 /** Data is compared and copied in windows of this many bytes (rounded to whole blocks). */
 export const WINDOW = 1024 * 1024;
-
-/** Zeros to compare against: isZero is memcmp (Buffer.compare), not a byte loop in JavaScript. */
-const ZEROS = Buffer.alloc(64 * 1024);
-
-/** Whether every byte of `b` is zero. */
-export function isZero(b: Uint8Array): boolean {
-  const bytes = Buffer.from(b.buffer, b.byteOffset, b.byteLength);
-  for (let off = 0; off < bytes.length; off += ZEROS.length) {
-    const n = Math.min(ZEROS.length, bytes.length - off);
-    if (bytes.compare(ZEROS, 0, n, off, off + n) !== 0) return false;
-  }
-  return true;
-}
-
-export function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
-  return Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
-}
 
 /** The maximal runs [first, last] of set bits within [from, to]. */
 export function setRuns(bm: Uint8Array, from: number, to: number): Array<[number, number]> {

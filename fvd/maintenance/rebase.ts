@@ -20,7 +20,8 @@ import { setRange } from '../bitmap.js';
 import { openBase, type BaseImage } from '../image.js';
 import { chunksOf } from '../metadata.js';
 import { OfflineImage, baseBlocksOf, resolveFrom } from './offline-image.js';
-import { clearRuns, isZero, sameBytes, windowBytes, windows } from './data-windows.js';
+import { clearRuns, windowBytes, windows } from './data-windows.js';
+import { isZero, sameBytes } from '../bytes.js';
 import { planLayout, planPath, switchTo } from './metadata-switch.js';
 
 export interface RebaseOptions {

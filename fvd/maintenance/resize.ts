@@ -8,7 +8,8 @@ import { setRange, testBit } from '../bitmap.js';
 import type { FvdImage } from '../image.js';
 import { chunksOf } from '../metadata.js';
 import { OfflineImage, baseBlocksOf } from './offline-image.js';
-import { WINDOW, isZero } from './data-windows.js';
+import { WINDOW } from './data-windows.js';
+import { isZero } from '../bytes.js';
 import { planLayout, switchTo } from './metadata-switch.js';
 
 export interface ResizeOptions {

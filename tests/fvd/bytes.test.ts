@@ -1,12 +1,12 @@
 /**
- * isZero (fvd/maintenance/data-windows.ts), which commit, rebase, resize and `fvd convert` use to
- * tell zero data from data: a memcmp against a 64 KiB zero buffer, piece by piece. Checked
+ * isZero (fvd/bytes.ts), which zero detection at create, commit, rebase, resize and `fvd convert`
+ * use to tell zero data from data: a memcmp against a 64 KiB zero buffer, piece by piece. Checked
  * against the plain byte loop on every length around the piece size, with the one non-zero byte
  * at each edge, in views that start inside their buffer.
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { isZero } from '../../fvd/maintenance/data-windows.js';
+import { isZero } from '../../fvd/bytes.js';
 
 const bytewise = (b: Uint8Array): boolean => b.every((x) => x === 0);
 const PIECE = 64 * 1024;
