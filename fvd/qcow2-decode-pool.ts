@@ -124,8 +124,7 @@ export function exitNextWorkerForTest(code: number): void {
 /**
  * Shared buffers, reused: fresh memory costs a page fault per 4 KiB when first written, which
  * for a template's worth of clusters was more than the copies themselves. Buffers given back are
- * kept by size, up to SPARE_MAX_BYTES in all (convert keeps two 4 MiB reads in flight: about
- * 12 MiB).
+ * kept by size, up to SPARE_MAX_BYTES in all (convert keeps two reads in flight: about 7 MiB).
  */
 const spare = new Map<number, SharedArrayBuffer[]>();
 const SPARE_MAX_BYTES = 16 * 1024 * 1024;

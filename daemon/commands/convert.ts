@@ -22,13 +22,6 @@ import { isZero } from '../../fvd/bytes.js';
 const STEP = 4 * 1024 * 1024;
 /** Granularity of the zero ranges left unwritten (sparse) in the output. */
 const SPARSE_STEP = 1024 * 1024;
-/**
- * Pieces in memory: the one being written and the next two being read (a compressed qcow2
- * source decodes them on the calling thread and a decode worker meanwhile). Measured on a 2-core
- * host with 1 GiB zstd and zlib templates, 5 rounds: 3 buffers took 0.72× (zstd) and 0.70×
- * (zlib) the time of 2; 4 were slower than 3 (README, "qcow2 templates").
- */
-const BUFFERS = 3;
 
 export const spec = defineCommand({
   name: 'convert',
@@ -127,28 +120,24 @@ async function convert(
       target = await openDisk(dst, outFmt, { key: targetKey });
     }
     const progress = progressPrinter(!!values.p);
-    // Pieces of the non-zero extents, read BUFFERS - 1 ahead of the write, so reading and
-    // decompressing the next pieces overlaps writing this one.
+    // Pieces of the non-zero extents, read one ahead of the write (two buffers), so reading and
+    // decompressing the next piece overlaps writing this one.
     const pieces: [number, number][] = [];
     for (const e of source.extents()) {
       if (e.kind === 'zero') continue;
       for (let pos = e.offset; pos < e.offset + e.length; pos += STEP) pieces.push([pos, Math.min(STEP, e.offset + e.length - pos)]);
     }
-    const bufs = Array.from({ length: BUFFERS }, () => Buffer.alloc(STEP));
-    const reading: Promise<void>[] = [];
-    const startRead = (i: number) => {
-      if (i >= pieces.length) return;
-      const p = (reading[i % BUFFERS] = source.read(bufs[i % BUFFERS]!.subarray(0, pieces[i]![1]), pieces[i]![0]));
-      // Not left unobserved if an earlier piece fails: the loop ends with that error.
-      p.catch(() => {});
-    };
-    for (let i = 0; i < BUFFERS - 1; i++) startRead(i);
+    const bufs = [Buffer.alloc(STEP), Buffer.alloc(STEP)];
+    const readPiece = (i: number) => source.read(bufs[i % 2]!.subarray(0, pieces[i]![1]), pieces[i]![0]);
+    let reading: Promise<void> | null = pieces.length ? readPiece(0) : null;
     for (let i = 0; i < pieces.length; i++) {
-      await reading[i % BUFFERS];
-      startRead(i + BUFFERS - 1);
+      await reading;
+      reading = i + 1 < pieces.length ? readPiece(i + 1) : null;
+      // Not left unobserved if this piece's write fails: the loop ends with the write's error.
+      reading?.catch(() => {});
       const [pos, len] = pieces[i]!;
       progress.update(pos, source.size);
-      const buf = bufs[i % BUFFERS]!;
+      const buf = bufs[i % 2]!;
       // Zero stretches of SPARSE_STEP are not written (the output stays sparse); the rest is
       // written in runs.
       for (let a = 0; a < len; ) {
