@@ -74,6 +74,31 @@ test('a worker that failed while starting is not handed out, and its error does 
   }
 });
 
+test("a queue thread's young generation stays at its smallest (1 MiB semi-spaces): start-up garbage does not grow it", async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fvd-pool-'));
+  try {
+    // Allocates as a module graph's loading does, then reports how big its young generation grew.
+    const probe = path.join(dir, 'probe.mjs');
+    fs.writeFileSync(
+      probe,
+      `import v8 from 'node:v8'; import { parentPort } from 'node:worker_threads';
+       parentPort.once('message', () => {
+         let keep = []; for (let i = 0; i < 300000; i++) { keep.push({ i, s: 'x' + i }); if (keep.length > 5000) keep = []; }
+         parentPort.postMessage(v8.getHeapSpaceStatistics().find((s) => s.space_name === 'new_space').space_size);
+       });`,
+    );
+    const pool = new QueueWorkerPool(1, pathToFileURL(probe));
+    const w = pool.adopt({});
+    assert.ok(w);
+    const newSpace = (await firstMessage(w!)) as unknown as number;
+    await w!.terminate();
+    // Unlimited, the same work grows it to 32 MiB (Node 20 and 24); limited, 2 MiB.
+    assert.ok(newSpace <= 4 * 1024 * 1024, `new space ${newSpace} bytes`);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('a started worker waits for its queue with no native addon loaded (an exit then cannot catch it inside one)', () => {
   // In a child process: this one may have loaded koffi itself. Its maps show what any thread loaded.
   const script = `import fs from 'node:fs'; import { QueueWorkerPool } from ${JSON.stringify(POOL_MODULE)};
