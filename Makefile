@@ -153,8 +153,7 @@ endif
 ifeq ($(INSTALL_NODE),)
 	ln -s $(PREFIX)/lib/fvd/build/daemon/cli.js $(DESTDIR)$(PREFIX)/bin/fvd
 else
-	@# The node flag is the one daemon/cli.ts's first line gives (it says why).
-	printf '#!/bin/sh\n# fvd on the Node.js chosen at install (make install INSTALL_NODE=)\nexec "%s" --max-semi-space-size=1 "%s" "$$@"\n' \
+	printf '#!/bin/sh\n# fvd on the Node.js chosen at install (make install INSTALL_NODE=)\nexec "%s" "%s" "$$@"\n' \
 	  '$(INSTALL_NODE)' '$(PREFIX)/lib/fvd/build/daemon/cli.js' > $(DESTDIR)$(PREFIX)/bin/fvd
 	chmod 0755 $(DESTDIR)$(PREFIX)/bin/fvd
 endif

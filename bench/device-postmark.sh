@@ -24,8 +24,7 @@
 # something does not work.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-# As bin/fvd runs it (daemon/cli.ts's #! line gives node this flag; it says why).
-FVD="node --max-semi-space-size=1 $root/build/daemon/cli.js"
+FVD="node $root/build/daemon/cli.js"
 SIZE=${BENCH_SIZE:-1G}
 TARGETS=${BENCH_TARGETS:-"loop fvd-fresh fvd-local qcow2-nbd"}
 ROUNDS=${BENCH_ROUNDS:-3}

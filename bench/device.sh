@@ -41,9 +41,8 @@
 # three 1 GiB files at most.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-# As bin/fvd runs it (daemon/cli.ts's #! line gives node this flag; it says why).
-FVD="node --max-semi-space-size=1 $root/build/daemon/cli.js"
-# The build the *-before targets serve, on FVD_BEFORE_NODE where given (plain `node`: no flags).
+FVD="node $root/build/daemon/cli.js"
+# The build the *-before targets serve, on FVD_BEFORE_NODE where given.
 FVD_BEFORE_CLI="${FVD_BEFORE_NODE:-node} ${FVD_BEFORE:-}"
 RUNTIME=${FIO_RUNTIME:-20}
 FIO_OPTS=()

@@ -1,15 +1,8 @@
-#!/usr/bin/env -S node --max-semi-space-size=1
+#!/usr/bin/env node
 /**
  * `fvd` entry point. Before anything else is loaded, it checks the Node.js version: on an older
  * Node the rest of the CLI would fail in some obscure way (a missing API, koffi refusing to load),
  * so it says what is needed in one line instead. This file therefore imports nothing statically.
- *
- * The first line runs it with V8's smallest young generation (1 MiB semi-spaces; Node's default
- * lets each grow to 16 MiB, and pages once used stay resident): a served device's main thread then
- * holds less memory and, measured, spends less CPU per slow-path request (README, "Resident
- * memory"). It must be given on the command line: V8 sizes the heap when the isolate starts.
- * `make install INSTALL_NODE=` writes the same flag into bin/fvd; the queue threads get theirs
- * from daemon/queue-worker-pool.ts.
  */
 const MIN = [20, 15] as const;
 const [major = 0, minor = 0] = process.versions.node.split('.').map(Number);

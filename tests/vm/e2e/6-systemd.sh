@@ -96,7 +96,6 @@ scenario() {
     else not_ok "right after start: reading ${dev:-(no device)} failed" "$(cat dd.err 2>/dev/null)"; fi
     [[ -n $dev ]] || exit 1
     id=${dev#/dev/ublkb}
-    small_young_generation "$(systemctl show -p MainPID --value fvd@test)" "the default install (cli.js's #! line)"
     expect "fvd@test is active" "$(systemctl show -p ActiveState --value fvd@test)" active
 
     pattern_file 6b.bin $((4 * M)) 0x6b
@@ -240,16 +239,6 @@ ext4_kills() {
     check "ext4 round: fvd check $img exits 0" fvd check "$img"
 }
 
-# small_young_generation PID HOW: the server runs with V8's smallest young generation (the node
-# flag that daemon/cli.ts's #! line and the INSTALL_NODE script give it), and its memory at start.
-small_young_generation() {
-    local pid=$1 how=$2 cmd
-    cmd=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>&1)
-    if [[ $cmd == *" --max-semi-space-size=1 "* ]]; then ok "$how: the server runs with --max-semi-space-size=1"
-    else not_ok "$how: the server's command line lacks --max-semi-space-size=1" "$cmd"; fi
-    echo "# $how: VmRSS at start $(awk '$1 == "VmRSS:" { print $2, $3 }' "/proc/$pid/status")"
-}
-
 # pinned_node_round IMG: `make install INSTALL_NODE=` with a node that is not on PATH (a copy of the
 # guest's node under /opt): bin/fvd becomes a script, fvd@test's server runs that node
 # (/proc/MAINPID/exe, through the wrapper's exec and the unit's sandbox) and its device reads; then
@@ -266,7 +255,6 @@ pinned_node_round() {
     if [[ -n $UNIT_DEV ]]; then
         pid=$(systemctl show -p MainPID --value fvd@test)
         expect "fvd@test's server runs the pinned node (/proc/$pid/exe)" "$(readlink "/proc/$pid/exe" 2>&1)" "$pinned"
-        small_young_generation "$pid" "the pinned node's bin/fvd script"
         check "pinned node: a 1 MiB O_DIRECT read of $UNIT_DEV" t dd if="$UNIT_DEV" of=/dev/null bs=64k count=16 iflag=direct status=none
         rc=0; out=$(t systemctl stop fvd@test 2>&1) || rc=$?
         expect "pinned node: systemctl stop fvd@test returns 0" "$rc" 0 "$out"
