@@ -7,7 +7,7 @@
  * cycle around them (when to start, open, stop) is daemon/server.ts.
  */
 import fs from 'node:fs';
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
 import type { FvdImage } from '../fvd/image.js';
 import { FvdError } from '../fvd/errors.js';
 import { libc, EFD_CLOEXEC } from '../ffi/libc.js';
@@ -20,7 +20,7 @@ import { CompletionRing, STORED_RING_ENTRIES, StoredRing } from './shared-state.
 import { EFD_WAKE, queueCowMode, type EngineQueue, type EngineRequests } from './engine-requests.js';
 import { QueueActivityReader, newActivityBuffer } from './queue-activity.js';
 import { GATE_ABANDON, GATE_OPEN, GATE_WAIT, type QueueWorkerData, type WorkerMessage } from './queue-protocol.js';
-import { QUEUE_WORKER_LIMITS, QUEUE_WORKER_URL, type QueueWorkerPool } from './queue-worker-pool.js';
+import { startQueueWorker, type QueueWorkerPool } from './queue-worker-pool.js';
 
 /**
  * Test hook (tests/vm/e2e/20-queue-cow.sh): FVD_TEST_HOLD_STORED=1 leaves the writes the queue
@@ -119,7 +119,7 @@ export class QueueThreads {
         queueLogFd: queueLogs?.fds[qid] ?? -1,
         queueLogDrained: queueLogs?.drained ?? null,
       };
-      const worker = this.pool?.adopt(data) ?? new Worker(QUEUE_WORKER_URL, { workerData: data, resourceLimits: QUEUE_WORKER_LIMITS });
+      const worker = this.pool?.adopt(data) ?? startQueueWorker(data);
       const wipeKey = () => data.key && new Uint8Array(data.key).fill(0);
       let resolveFetched!: () => void;
       let rejectFetched!: (e: Error) => void;

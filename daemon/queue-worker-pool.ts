@@ -27,7 +27,7 @@ export function isPrespawned(data: unknown): data is Prespawned {
   return typeof data === 'object' && data !== null && (data as Prespawned).prespawned === true;
 }
 
-export const QUEUE_WORKER_URL = new URL('./queue-worker.js', import.meta.url);
+const QUEUE_WORKER_URL = new URL('./queue-worker.js', import.meta.url);
 
 /**
  * A queue thread's V8 limits: the smallest young generation (1 MiB semi-spaces; Node's default
@@ -38,7 +38,12 @@ export const QUEUE_WORKER_URL = new URL('./queue-worker.js', import.meta.url);
  * allocates per request, and --max-semi-space-size=1 there ran a fresh image's 4 KiB requests at
  * 0.48–0.96 of their rate (README).
  */
-export const QUEUE_WORKER_LIMITS = { maxYoungGenerationSizeMb: 1 };
+const QUEUE_WORKER_LIMITS = { maxYoungGenerationSizeMb: 1 };
+
+/** Starts a queue thread (`url`: the queue worker unless a test's) under QUEUE_WORKER_LIMITS. */
+export function startQueueWorker(workerData: unknown, url: URL = QUEUE_WORKER_URL): Worker {
+  return new Worker(url, { workerData, resourceLimits: QUEUE_WORKER_LIMITS });
+}
 
 interface Spare {
   worker: Worker;
@@ -53,7 +58,7 @@ export class QueueWorkerPool {
   constructor(count: number, url: URL = QUEUE_WORKER_URL) {
     for (let i = 0; i < count; i++) {
       const started = new Int32Array(new SharedArrayBuffer(4));
-      const worker = new Worker(url, { workerData: { prespawned: true, started } satisfies Prespawned, resourceLimits: QUEUE_WORKER_LIMITS });
+      const worker = startQueueWorker({ prespawned: true, started } satisfies Prespawned, url);
       const spare: Spare = { worker, failed: false, started };
       // Without these listeners a worker that fails before it is adopted would throw in this thread.
       worker.on('error', () => (spare.failed = true));

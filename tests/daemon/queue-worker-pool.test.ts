@@ -92,7 +92,7 @@ test("a queue thread's young generation stays at its smallest (1 MiB semi-spaces
     assert.ok(w);
     const newSpace = (await firstMessage(w!)) as unknown as number;
     await w!.terminate();
-    // Unlimited, the same work grows it to 32 MiB (Node 20 and 24); limited, 2 MiB.
+    // Unlimited, the same work grew it to 8 MiB (Node 20 and 24); limited, 2 MiB.
     assert.ok(newSpace <= 4 * 1024 * 1024, `new space ${newSpace} bytes`);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
