@@ -10,8 +10,10 @@
  * in slices instead (qcow2-decompress.ts); the reader chooses (qcow2.ts, WORKER_MIN_CLUSTERS).
  *
  * The workers start on first use, at most poolSize() of them, and are unreferenced while idle, so
- * they never keep a process alive. A worker that dies fails its batches (one-line error) and is
- * replaced by the next batch.
+ * they never keep a process alive. A worker takes tens of milliseconds to load (measured ~40 ms
+ * on an idle core); until the first has, readers decode everything on the calling thread
+ * (workersReady) rather than wait for it. A worker that dies fails its batches (one-line error)
+ * and is replaced by the next batch.
  */
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
@@ -46,8 +48,11 @@ export interface BatchRequest {
   out: SharedArrayBuffer;
 }
 
-/** Done (the clusters are in `out`); or the index of the first cluster that did not decode, and why. */
-export type BatchReply = { id: number } | { id: number; index: number; failure: DecodeFailure };
+/**
+ * Done (the clusters are in `out`); or the index of the first cluster that did not decode, and
+ * why; or, once at start, that the worker has loaded.
+ */
+export type BatchReply = { id: number } | { id: number; index: number; failure: DecodeFailure } | { ready: true };
 export type BatchResult = { ok: true } | { ok: false; index: number; failure: DecodeFailure };
 
 /** A reader's batch in flight: clusters decoded together into `out`, given back once all are copied out. */
@@ -66,10 +71,20 @@ interface Pending {
 class DecodeWorker {
   readonly worker = new Worker(new URL('./qcow2-decode-worker.js', import.meta.url));
   readonly pending = new Map<number, Pending>();
+  /** Set once the worker has loaded and can take batches at once. */
+  ready = false;
+  /** Settles once the worker has loaded, or has died. */
+  readonly loaded: Promise<void>;
+  private settleLoaded!: () => void;
 
   constructor() {
+    this.loaded = new Promise((resolve) => (this.settleLoaded = resolve));
     this.worker.unref();
     this.worker.on('message', (reply: BatchReply) => {
+      if ('ready' in reply) {
+        this.ready = true;
+        return this.settleLoaded();
+      }
       const p = this.pending.get(reply.id);
       if (!p) return;
       this.pending.delete(reply.id);
@@ -90,6 +105,8 @@ class DecodeWorker {
 
   private fail(message: string): void {
     workers = workers.filter((w) => w !== this);
+    this.ready = false;
+    this.settleLoaded();
     for (const p of this.pending.values()) p.reject(new FvdError(message, 'EIO'));
     this.pending.clear();
   }
@@ -97,6 +114,20 @@ class DecodeWorker {
 
 let workers: DecodeWorker[] = [];
 let nextId = 0;
+
+/**
+ * Whether a decode worker has loaded and can take batches now; starts one if none runs. A reader
+ * decodes on its own thread while this is false (the worker loads on another core meanwhile).
+ */
+export function workersReady(): boolean {
+  if (workers.length === 0) workers.push(new DecodeWorker());
+  return workers.some((w) => w.ready);
+}
+
+/** Starts a decode worker if none runs and resolves once one has loaded (tests; bulk readers). */
+export async function startDecodeWorkers(): Promise<void> {
+  if (!workersReady()) await Promise.race(workers.map((w) => w.loaded));
+}
 
 /**
  * Decodes the clusters whose streams are at `starts` (`lengths` bytes) of `src` into `out`, one

@@ -23,3 +23,4 @@ function decodeBatch(req: BatchRequest): BatchReply {
 }
 
 parentPort!.on('message', (req: BatchRequest) => parentPort!.postMessage(decodeBatch(req)));
+parentPort!.postMessage({ ready: true } satisfies BatchReply);

@@ -6,7 +6,7 @@
  * several at a time. The compressed clusters of one read are read with one file read per group of
  * neighbours on disk; a group of at least WORKER_MIN_CLUSTERS decodes partly on the calling
  * thread, partly in batches on decode workers (qcow2-decode-pool.ts: every core, as qemu-img's
- * thread pool); smaller groups on the calling thread (clusters ≤ 64 KiB, in slices) or the
+ * thread pool; all on the calling thread until a worker has loaded); smaller groups on the calling thread (clusters ≤ 64 KiB, in slices) or the
  * thread pool (larger ones), see qcow2-decompress.ts.
  *
  * Every offset taken from the image is checked before use (alignment, inside the file, not in the
@@ -19,7 +19,7 @@ import { FvdError } from './errors.js';
 import type { BlockFile, IoBackend } from './io.js';
 import { corruptQcow2, decodeQcow2Header, qcow2Geometry, type Qcow2Geometry, type Qcow2Header } from './qcow2-format.js';
 import { DECODE_SPARE, checkCompressionSupported, clusterFailure, decompressCluster, decompressClusterInto, workerZstd } from './qcow2-decompress.js';
-import { BATCH_BYTES, decodeBatch, giveShared, poolSize, takeShared, type DecodeBatch } from './qcow2-decode-pool.js';
+import { BATCH_BYTES, decodeBatch, giveShared, poolSize, takeShared, workersReady, type DecodeBatch } from './qcow2-decode-pool.js';
 import { BACKING, COMPRESSED, DATA, DEFAULT_L2_CACHE_BYTES, Qcow2Tables, ZERO, type Run } from './qcow2-tables.js';
 import { fileDataExtent, type DataExtent } from './zero-scan.js';
 
@@ -344,7 +344,7 @@ export class Qcow2Image implements ReadOnlyLayer {
       groups.map(async (group) => {
         if (group.members.length < 2) return; // read by decompress() itself
         const length = group.end - group.start;
-        const toWorkers = group.members.length >= WORKER_MIN_CLUSTERS && this.workersDecode;
+        const toWorkers = group.members.length >= WORKER_MIN_CLUSTERS && this.workersDecode && workersReady();
         // Shared memory when the workers read it (no copy); not zero-filled first either way:
         // BlockFile.read fills the whole buffer (zeros past the end of the file).
         const shared = toWorkers ? takeShared(length <= COMPRESSED_GROUP_MAX ? COMPRESSED_GROUP_MAX : length) : null;

@@ -14,7 +14,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { Qcow2Image, WORKER_MIN_CLUSTERS } from '../../fvd/qcow2.js';
 import { allowReusedDecoders } from '../../fvd/decode-into.js';
-import { BATCH_BYTES, decodeWorkerCount, exitNextWorkerForTest, poolSize, stopDecodeWorkers } from '../../fvd/qcow2-decode-pool.js';
+import { workerZstd } from '../../fvd/qcow2-decompress.js';
+import { registerZstdFallback } from '../../daemon/zstd-fallback.js';
+import { BATCH_BYTES, decodeWorkerCount, exitNextWorkerForTest, poolSize, startDecodeWorkers, stopDecodeWorkers } from '../../fvd/qcow2-decode-pool.js';
 import { nodeIo } from '../../storage/node-file.js';
 import { FvdError } from '../../fvd/errors.js';
 import { rejectsOneLine } from '../helpers/rejects.js';
@@ -61,6 +63,7 @@ qemuTest('decode workers: batches of a read split at cluster boundaries, reads s
   const img = await Qcow2Image.open(nodeIo, path.resolve(q));
   try {
     await stopDecodeWorkers();
+    await startDecodeWorkers();
     assert.ok((await readRange(img, 0, 3 * MiB)).equals(want), 'the whole disk in one read');
     assert.ok(decodeWorkerCount() > 0, 'the read decoded on workers');
     // Inside the first and last cluster: partial members at both ends of the batches.
@@ -140,14 +143,41 @@ qemuTest('decode workers: a worker that dies fails its read with one line; new w
   const { q, want } = template('compression_type=zlib');
   const img = await Qcow2Image.open(nodeIo, path.resolve(q));
   try {
+    await startDecodeWorkers();
     exitNextWorkerForTest(7);
     await rejectsOneLine(readRange(img, 0, 3 * MiB), FvdError, /qcow2 decode worker exited \(code 7\)/, 'a worker exits');
-    assert.ok((await readRange(img, 0, 3 * MiB)).equals(want), 'read again');
-    assert.ok(decodeWorkerCount() > 0, 'by workers');
+    assert.ok((await readRange(img, 0, 3 * MiB)).equals(want), 'read again (on this thread while a new worker loads)');
+    assert.ok(decodeWorkerCount() > 0, 'a new worker started');
+    await startDecodeWorkers();
+    assert.ok((await readRange(img, 0, 3 * MiB)).equals(want), 'read again by the new worker');
   } finally {
     await img.close();
   }
 });
+
+// Node 20 has no zstd of its own: fzstd decodes on the calling thread, as under the CLI.
+registerZstdFallback();
+for (const type of ['zlib', 'zstd']) {
+  qemuTest(`${type}: until a decode worker has loaded, a whole read decodes on the calling thread; then on the worker`, async () => {
+    const { q, want } = template(`compression_type=${type}`);
+    const img = await Qcow2Image.open(nodeIo, path.resolve(q));
+    try {
+      await stopDecodeWorkers();
+      // A worker that takes a batch exits: the first read must not give it one.
+      exitNextWorkerForTest(7);
+      assert.ok((await readRange(img, 0, 3 * MiB)).equals(want), 'the first read, before any worker has loaded');
+      // zstd goes to the workers only with Node's own decoder (Node >= 22.15).
+      const onWorkers = type === 'zlib' || workerZstd();
+      assert.is(decodeWorkerCount(), onWorkers ? 1 : 0, 'the read started a worker (when workers decode this type)');
+      await startDecodeWorkers();
+      if (onWorkers) await rejectsOneLine(readRange(img, 0, 3 * MiB), FvdError, /qcow2 decode worker exited \(code 7\)/, 'the next read went to the worker');
+      assert.ok((await readRange(img, 0, 3 * MiB)).equals(want), 'read again');
+    } finally {
+      exitNextWorkerForTest(0);
+      await img.close();
+    }
+  });
+}
 
 test.after(async () => {
   await stopDecodeWorkers();
