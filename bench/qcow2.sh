@@ -11,9 +11,9 @@
 #             output at the end as fvd convert does — its default cache mode, unsafe, never syncs)
 #   fvd       `fvd convert -f qcow2 -O raw T out.raw`          (the engine's qcow2 reader; zero pieces left
 #             sparse)
-# MiB/s = virtual size / wall time. Rounds (FVD_BENCH_REPS, default 3) interleave the two tools; the
-# table shows medians and the ratio fvd / qemu-img (> 1: fvd faster). `sync` between runs, outside
-# the timing. FVD_BEFORE=<another checkout's build/daemon/cli.js> adds that fvd to every round
+# MiB/s = virtual size / wall time. Rounds (FVD_BENCH_REPS, default 3) interleave the two tools in
+# a random order per round; the table shows medians and the ratio fvd / qemu-img (> 1: fvd
+# faster). `sync` between runs, outside the timing. FVD_BEFORE=<another checkout's build/daemon/cli.js> adds that fvd to every round
 # (its column and the ratio this fvd / that one): before/after figures from one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,12 +68,15 @@ for c in zlib zstd; do
   t=$DIR/$c.qcow2
   q=() f=() b=()
   for ((r = 0; r < REPS; r++)); do
-    # Order reversed every other round (the one after a run finds its output's blocks just freed).
-    if (( r % 2 == 0 )); then
-      q+=("$(run qemu-img "$t")"); f+=("$(run fvd "$t")"); [[ -z ${FVD_BEFORE:-} ]] || b+=("$(run fvd-before "$t")")
-    else
-      [[ -z ${FVD_BEFORE:-} ]] || b+=("$(run fvd-before "$t")"); f+=("$(run fvd "$t")"); q+=("$(run qemu-img "$t")")
-    fi
+    # Each round in a random order: a run's time depends on what the run before it left (its
+    # output's blocks just freed, its dirty pages), which a fixed order turns into a bias.
+    for tool in $(printf '%s\n' qemu-img fvd ${FVD_BEFORE:+fvd-before} | shuf); do
+      case $tool in
+        qemu-img) q+=("$(run qemu-img "$t")") ;;
+        fvd) f+=("$(run fvd "$t")") ;;
+        fvd-before) b+=("$(run fvd-before "$t")") ;;
+      esac
+    done
   done
   qm=$(printf '%s\n' "${q[@]}" | median) fm=$(printf '%s\n' "${f[@]}" | median) bm=0
   [[ -z ${FVD_BEFORE:-} ]] || bm=$(printf '%s\n' "${b[@]}" | median)

@@ -18,7 +18,7 @@
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { FvdError } from './errors.js';
-import type { DecodeFailure } from './qcow2-decompress.js';
+import { workerZstdModule, type DecodeFailure } from './qcow2-decompress.js';
 import type { CompressionType } from './qcow2-format.js';
 
 /** Output bytes per batch: a batch is a few hundred microseconds of work (at least one cluster). */
@@ -40,6 +40,8 @@ export interface BatchRequest {
   /** Tests: the worker exits with this code instead of decoding (0: decodes). */
   exitForTest: number;
   clusterSize: number;
+  /** The registered zstd decoder's module, for a worker started before it was registered. */
+  zstdModule: string | null;
   /** Shared memory holding the compressed streams, and each cluster's stream in it. */
   src: SharedArrayBuffer;
   starts: number[];
@@ -68,8 +70,15 @@ interface Pending {
   reject: (e: Error) => void;
 }
 
+/** What a decode worker is started with: the module of a registered zstd decoder, if any. */
+export interface DecodeWorkerData {
+  zstdModule: string | null;
+}
+
 class DecodeWorker {
-  readonly worker = new Worker(new URL('./qcow2-decode-worker.js', import.meta.url));
+  readonly worker = new Worker(new URL('./qcow2-decode-worker.js', import.meta.url), {
+    workerData: { zstdModule: workerZstdModule() } satisfies DecodeWorkerData,
+  });
   readonly pending = new Map<number, Pending>();
   /** Set once the worker has loaded and can take batches at once. */
   ready = false;
@@ -143,7 +152,7 @@ export function decodeBatch(type: CompressionType, clusterSize: number, src: Sha
   }
   const exitForTest = exitNext;
   exitNext = 0;
-  return w.send({ id: nextId++, type, clusterSize, src, starts, lengths, out, exitForTest });
+  return w.send({ id: nextId++, type, clusterSize, zstdModule: workerZstdModule(), src, starts, lengths, out, exitForTest });
 }
 
 let exitNext = 0;

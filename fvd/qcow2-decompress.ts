@@ -21,8 +21,9 @@
  * clusters to decode workers instead (qcow2-decode-pool.ts; decodeClusterSync is their loop, with
  * the same decoders). Larger clusters decode on the libuv thread pool. Node 20 has no zstd; the
  * engine imports no packages, so a program that wants zstd there registers a decoder
- * (registerZstdDecoder; the fvd CLI registers the pure-JavaScript fzstd package), which runs on
- * the calling thread, sliced the same way.
+ * (registerZstdDecoder; the fvd CLI registers zstd compiled to WebAssembly, the zstddec
+ * package), loaded at the first zstd image's open; it decodes on the calling thread, sliced the
+ * same way (larger clusters there too, whole), and in the decode workers, which import it.
  */
 import { performance } from 'node:perf_hooks';
 import zlib from 'node:zlib';
@@ -35,40 +36,61 @@ export type ZstdDecoder = (frame: Uint8Array, maxLength: number) => Uint8Array |
 /**
  * Decodes one complete zstd frame synchronously into out[at, at + room): the bytes produced, room
  * meaning "more than that" (decode-into.ts's zstdFrameInto; what decode workers and the calling
- * thread use with Node's own zstd).
+ * thread use). A frame that does not decode throws.
  */
 export type SyncZstdDecoder = (frame: Uint8Array, out: Uint8Array, at: number, room: number) => number;
+
+/**
+ * A zstd decoder for Node versions without node:zlib's (the engine imports no packages; the CLI
+ * registers one, daemon/zstd-fallback.ts), loaded when the first zstd image is opened, so a
+ * process that never reads one never loads it.
+ */
+export interface ZstdProvider {
+  load(): Promise<SyncZstdDecoder>;
+  /**
+   * A module (URL) whose export `zstdFrameInto` is the same decoder, for decode workers to
+   * import; null keeps zstd on the calling thread.
+   */
+  workerModule: string | null;
+}
 
 type ZstdOptions = { maxOutputLength: number; chunkSize: number };
 type NativeZstd = (buf: Uint8Array, options: ZstdOptions, cb: (err: Error | null, out: Buffer) => void) => void;
 const nativeZstd = hasNodeZstd ? (zlib as unknown as { zstdDecompress?: NativeZstd }).zstdDecompress : undefined;
-let registeredZstd: ZstdDecoder | null = null;
+let provider: ZstdProvider | null = null;
+/** The provider's decoder, once loaded. */
+let providedInto: SyncZstdDecoder | null = null;
 
-/** A zstd decoder for Node versions without node:zlib's; Node's own is used where it exists. */
-export function registerZstdDecoder(decoder: ZstdDecoder | null): void {
-  registeredZstd = decoder;
+/** Registers the zstd decoder for Node versions without node:zlib's; Node's own is used where it exists. */
+export function registerZstdDecoder(p: ZstdProvider | null): void {
+  provider = p;
+  providedInto = null;
+}
+
+/** Where decode workers get zstd from: Node's own, or the registered module (null: none). */
+export function workerZstdModule(): string | null {
+  return provider?.workerModule ?? null;
 }
 
 /**
- * Whether decode workers can decode zstd clusters: with Node's own decoder only. A registered
- * decoder (the CLI's fzstd, JavaScript) decodes on this thread: in workers it measured slower
- * (README). Asked per read, so allowNativeZstd holds.
+ * Whether decode workers can decode zstd clusters: with Node's own decoder, or a registered
+ * decoder that names a module for them. Asked per read, so allowNativeZstd holds.
  */
 export function workerZstd(): boolean {
-  return syncZstd() !== null;
+  return (nativeAllowed && nodeZstdInto !== null) || (providedInto !== null && workerZstdModule() !== null);
 }
 
 /** Node's own zstd on the calling thread, where it has one (for decode workers). */
 export const nodeZstdInto: SyncZstdDecoder | null = hasNodeZstd ? zstdFrameInto : null;
 
-/** The synchronous zstd decoder of this thread: Node's own, unless a test hides it. */
+/** The synchronous zstd decoder of this thread: Node's own (unless a test hides it), else the registered one once loaded. */
 function syncZstd(): SyncZstdDecoder | null {
-  return nativeAllowed ? nodeZstdInto : null;
+  return (nativeAllowed ? nodeZstdInto : null) ?? providedInto;
 }
 
 /** Which zstd decoder reads zstd-compressed clusters: 'node:zlib', 'registered', or null (none). */
 export function zstdDecoderKind(): 'node:zlib' | 'registered' | null {
-  return nativeZstd && nativeAllowed ? 'node:zlib' : registeredZstd ? 'registered' : null;
+  return nativeZstd && nativeAllowed ? 'node:zlib' : provider ? 'registered' : null;
 }
 
 /** For tests: false hides Node's own zstd, so the registered decoder (or the refusal) is exercised. */
@@ -83,9 +105,17 @@ const nativeZstdDecoder: ZstdDecoder = (frame, maxLength) => {
   return new Promise((resolve, reject) => nativeZstd!(frame, options, (err, out) => (err ? reject(err) : resolve(out))));
 };
 
+/** The registered decoder for a cluster above SYNC_DECODE_MAX: on the calling thread, into a new buffer. */
+const providedZstdDecoder: ZstdDecoder = (frame, maxLength) => {
+  const out = Buffer.allocUnsafe(maxLength + DECODE_SPARE);
+  const n = providedInto!(frame, out, 0, out.length);
+  if (n > maxLength) throw new Error('more than one cluster of output');
+  return out.subarray(0, n);
+};
+
 function zstdDecoder(): ZstdDecoder | null {
   if (nativeZstd && nativeAllowed) return nativeZstdDecoder;
-  return registeredZstd;
+  return providedInto ? providedZstdDecoder : null;
 }
 
 /**
@@ -124,10 +154,21 @@ async function takeSlice(): Promise<void> {
   for (let wait = syncSlice(); wait; wait = syncSlice()) await wait;
 }
 
-/** Throws the one-line refusal when zstd clusters cannot be read here (checked at open). */
-export function checkCompressionSupported(path: string, type: CompressionType): void {
-  if (type === 'zstd' && !zstdDecoder())
-    throw new FvdError(`${path}: qcow2 image uses zstd compression, which Node ${process.versions.node} cannot decompress (needs Node >= 22.15 or a registered decoder)`, 'EINVAL');
+/**
+ * Makes sure clusters of this compression can be read here (at open): loads the registered zstd
+ * decoder where Node has none; else throws the one-line refusal.
+ */
+export async function prepareCompression(path: string, type: CompressionType): Promise<void> {
+  if (type !== 'zstd' || zstdDecoder()) return;
+  if (provider) {
+    try {
+      providedInto = await provider.load();
+    } catch (err) {
+      throw new FvdError(`${path}: qcow2 image uses zstd compression, and the zstd decoder did not load: ${oneLine(err)}`, 'EINVAL');
+    }
+    return;
+  }
+  throw new FvdError(`${path}: qcow2 image uses zstd compression, which Node ${process.versions.node} cannot decompress (needs Node >= 22.15 or a registered decoder)`, 'EINVAL');
 }
 
 /**

@@ -18,7 +18,7 @@ import { isUrl } from './base-location.js';
 import { FvdError } from './errors.js';
 import type { BlockFile, IoBackend } from './io.js';
 import { corruptQcow2, decodeQcow2Header, qcow2Geometry, type Qcow2Geometry, type Qcow2Header } from './qcow2-format.js';
-import { DECODE_SPARE, checkCompressionSupported, clusterFailure, decompressCluster, decompressClusterInto, workerZstd } from './qcow2-decompress.js';
+import { DECODE_SPARE, prepareCompression, clusterFailure, decompressCluster, decompressClusterInto, workerZstd } from './qcow2-decompress.js';
 import { BATCH_BYTES, decodeBatch, giveShared, poolSize, takeShared, workersReady, type DecodeBatch } from './qcow2-decode-pool.js';
 import { BACKING, COMPRESSED, DATA, DEFAULT_L2_CACHE_BYTES, Qcow2Tables, ZERO, type Run } from './qcow2-tables.js';
 import { fileDataExtent, type DataExtent } from './zero-scan.js';
@@ -130,7 +130,7 @@ export class Qcow2Image implements ReadOnlyLayer {
       const first = bits >= 9 && bits <= 21 && fileSize > head.length ? new Uint8Array(Math.min(fileSize, 2 ** bits)) : head;
       if (first !== head) await file.read(first, 0);
       const header = decodeQcow2Header(resolved, first, fileSize);
-      checkCompressionSupported(resolved, header.compression);
+      await prepareCompression(resolved, header.compression);
       const tables = await Qcow2Tables.open(resolved, file, header, options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES);
       if (header.hasDataFile) {
         if (!header.dataFile) throw new FvdError(`${resolved}: qcow2 image uses an external data file but does not name it`, 'EINVAL');

@@ -144,14 +144,18 @@ for (const clusterSize of [4 * KiB, 64 * KiB, 2 * MiB]) {
   });
 }
 
-qemuTest('zstd: the registered decoder (fzstd) and the refusal without any decoder', async () => {
+qemuTest('zstd: the registered decoder (zstd in WebAssembly), on this thread and in decode workers, and the refusal without any decoder', async () => {
   const raw = writeFile(dir, 'zr.raw', diskPattern(2 * MiB, 99));
   const q = name('qcow2');
   qemuImg('convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'compression_type=zstd', raw, q);
   allowNativeZstd(false); // on Node with zstd of its own, exercise the fallback too
   try {
     assert.is(zstdDecoderKind(), 'registered');
-    await sameAsQemu(q, 'zstd via fzstd');
+    await sameAsQemu(q, 'zstd via the registered decoder');
+    // 2 MiB clusters: above SYNC_DECODE_MAX, decoded whole on this thread into a new buffer.
+    const big = name('qcow2');
+    qemuImg('convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=2M,compression_type=zstd', writeFile(dir, 'zr2.raw', diskPattern(6 * MiB, 98)), big);
+    await sameAsQemu(big, 'zstd via the registered decoder, 2 MiB clusters');
     registerZstdDecoder(null);
     assert.is(zstdDecoderKind(), null);
     await rejectsOneLine(Qcow2Image.open(nodeIo, q), FvdError, /uses zstd compression, which Node .* cannot decompress/, 'zstd without a decoder');
