@@ -18,7 +18,7 @@
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { FvdError } from './errors.js';
-import { workerZstdModule, type DecodeFailure } from './qcow2-decompress.js';
+import { zstdWorkerEntry, type DecodeFailure } from './qcow2-decompress.js';
 import type { CompressionType } from './qcow2-format.js';
 
 /** Output bytes per batch: a batch is a few hundred microseconds of work (at least one cluster). */
@@ -40,8 +40,6 @@ export interface BatchRequest {
   /** Tests: the worker exits with this code instead of decoding (0: decodes). */
   exitForTest: number;
   clusterSize: number;
-  /** The registered zstd decoder's module, for a worker started before it was registered. */
-  zstdModule: string | null;
   /** Shared memory holding the compressed streams, and each cluster's stream in it. */
   src: SharedArrayBuffer;
   starts: number[];
@@ -70,15 +68,19 @@ interface Pending {
   reject: (e: Error) => void;
 }
 
-/** What a decode worker is started with: the module of a registered zstd decoder, if any. */
-export interface DecodeWorkerData {
-  zstdModule: string | null;
+/** The engine's own worker entry; a registered zstd decoder may bring another (zstdWorkerEntry). */
+const ENGINE_ENTRY = new URL('./qcow2-decode-worker.js', import.meta.url);
+
+/** The entry new workers start from now. */
+function currentEntry(): string {
+  return (zstdWorkerEntry() ?? ENGINE_ENTRY).href;
 }
 
 class DecodeWorker {
-  readonly worker = new Worker(new URL('./qcow2-decode-worker.js', import.meta.url), {
-    workerData: { zstdModule: workerZstdModule() } satisfies DecodeWorkerData,
-  });
+  readonly entry = currentEntry();
+  readonly worker = new Worker(new URL(this.entry));
+  /** Started from another entry than the current one: ends once its batches are done. */
+  retired = false;
   readonly pending = new Map<number, Pending>();
   /** Set once the worker has loaded and can take batches at once. */
   ready = false;
@@ -98,6 +100,7 @@ class DecodeWorker {
       if (!p) return;
       this.pending.delete(reply.id);
       if (this.pending.size === 0) this.worker.unref();
+      if (this.pending.size === 0 && this.retired) void this.worker.terminate();
       p.resolve('failure' in reply ? { ok: false, index: reply.index, failure: reply.failure } : { ok: true });
     });
     this.worker.on('error', (err) => this.fail(`qcow2 decode worker failed: ${String(err?.message ?? err).replace(/\s+/g, ' ')}`));
@@ -129,8 +132,23 @@ let nextId = 0;
  * decodes on its own thread while this is false (the worker loads on another core meanwhile).
  */
 export function workersReady(): boolean {
+  retireOtherEntries();
   if (workers.length === 0) workers.push(new DecodeWorker());
   return workers.some((w) => w.ready);
+}
+
+/**
+ * Takes workers started from another entry than the current one out of the pool (a zstd decoder
+ * registered or removed after they started: their zstd differs); each ends once idle.
+ */
+function retireOtherEntries(): void {
+  const entry = currentEntry();
+  if (workers.every((w) => w.entry === entry)) return;
+  for (const w of workers.filter((w) => w.entry !== entry)) {
+    w.retired = true;
+    if (w.pending.size === 0) void w.worker.terminate();
+  }
+  workers = workers.filter((w) => w.entry === entry);
 }
 
 /** Starts a decode worker if none runs and resolves once one has loaded (tests; bulk readers). */
@@ -152,7 +170,7 @@ export function decodeBatch(type: CompressionType, clusterSize: number, src: Sha
   }
   const exitForTest = exitNext;
   exitNext = 0;
-  return w.send({ id: nextId++, type, clusterSize, zstdModule: workerZstdModule(), src, starts, lengths, out, exitForTest });
+  return w.send({ id: nextId++, type, clusterSize, src, starts, lengths, out, exitForTest });
 }
 
 let exitNext = 0;

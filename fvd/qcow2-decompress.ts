@@ -40,44 +40,44 @@ export type ZstdDecoder = (frame: Uint8Array, maxLength: number) => Uint8Array |
  */
 export type SyncZstdDecoder = (frame: Uint8Array, out: Uint8Array, at: number, room: number) => number;
 
-/**
- * A zstd decoder for Node versions without node:zlib's (the engine imports no packages; the CLI
- * registers one, daemon/zstd-fallback.ts), loaded when the first zstd image is opened, so a
- * process that never reads one never loads it.
- */
-export interface ZstdProvider {
-  load(): Promise<SyncZstdDecoder>;
-  /**
-   * A module (URL) whose export `zstdFrameInto` is the same decoder, for decode workers to
-   * import; null keeps zstd on the calling thread.
-   */
-  workerModule: string | null;
-}
-
 type ZstdOptions = { maxOutputLength: number; chunkSize: number };
 type NativeZstd = (buf: Uint8Array, options: ZstdOptions, cb: (err: Error | null, out: Buffer) => void) => void;
 const nativeZstd = hasNodeZstd ? (zlib as unknown as { zstdDecompress?: NativeZstd }).zstdDecompress : undefined;
+/**
+ * A zstd decoder for Node versions without node:zlib's (Node's own is used where it exists). The
+ * engine imports no packages, so the program brings it (the CLI: daemon/zstd-fallback.ts).
+ */
+export interface ZstdProvider {
+  /** The decoder for the calling thread, loaded when the first zstd image is opened. */
+  load(): Promise<SyncZstdDecoder>;
+  /**
+   * The entry module of decode workers that have the same decoder (it calls serveDecodeBatches,
+   * qcow2-decode-batches.ts); null keeps zstd on the calling thread.
+   */
+  worker: URL | null;
+}
+
 let provider: ZstdProvider | null = null;
-/** The provider's decoder, once loaded. */
+/** The provider's decoder, once loaded on this thread. */
 let providedInto: SyncZstdDecoder | null = null;
 
-/** Registers the zstd decoder for Node versions without node:zlib's; Node's own is used where it exists. */
+/** Registers (or, with null, removes) the zstd decoder for Node versions without their own. */
 export function registerZstdDecoder(p: ZstdProvider | null): void {
   provider = p;
   providedInto = null;
 }
 
-/** Where decode workers get zstd from: Node's own, or the registered module (null: none). */
-export function workerZstdModule(): string | null {
-  return provider?.workerModule ?? null;
+/** The entry module decode workers start from when a registered decoder brings its own (else null). */
+export function zstdWorkerEntry(): URL | null {
+  return provider?.worker ?? null;
 }
 
 /**
- * Whether decode workers can decode zstd clusters: with Node's own decoder, or a registered
- * decoder that names a module for them. Asked per read, so allowNativeZstd holds.
+ * Whether decode workers can decode zstd clusters: with Node's own decoder, or the registered
+ * one once loaded here. Asked per read, so allowNativeZstd holds.
  */
 export function workerZstd(): boolean {
-  return (nativeAllowed && nodeZstdInto !== null) || (providedInto !== null && workerZstdModule() !== null);
+  return (nativeAllowed && nodeZstdInto !== null) || (providedInto !== null && zstdWorkerEntry() !== null);
 }
 
 /** Node's own zstd on the calling thread, where it has one (for decode workers). */

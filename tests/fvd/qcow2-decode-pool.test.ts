@@ -14,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Qcow2Image, WORKER_MIN_CLUSTERS } from '../../fvd/qcow2.js';
 import { allowReusedDecoders } from '../../fvd/decode-into.js';
-import { workerZstd } from '../../fvd/qcow2-decompress.js';
+import { registerZstdDecoder, workerZstd } from '../../fvd/qcow2-decompress.js';
 import { registerZstdFallback } from '../../daemon/zstd-fallback.js';
 import { BATCH_BYTES, decodeWorkerCount, exitNextWorkerForTest, poolSize, startDecodeWorkers, stopDecodeWorkers } from '../../fvd/qcow2-decode-pool.js';
 import { nodeIo } from '../../storage/node-file.js';
@@ -178,6 +178,31 @@ for (const type of ['zlib', 'zstd']) {
     }
   });
 }
+
+qemuTest('a zstd decoder registered after a worker started: that worker is retired, zstd goes to one started from the decoder\'s entry', async () => {
+  const { q, want } = template('compression_type=zstd');
+  registerZstdDecoder(null);
+  try {
+    await stopDecodeWorkers();
+    await startDecodeWorkers(); // from the engine's entry: no zstd on Node 20
+    assert.is(decodeWorkerCount(), 1);
+  } finally {
+    registerZstdFallback();
+  }
+  const img = await Qcow2Image.open(nodeIo, path.resolve(q));
+  try {
+    assert.ok((await readRange(img, 0, 3 * MiB)).equals(want), 'the first read after registering');
+    await startDecodeWorkers();
+    assert.is(decodeWorkerCount(), 1, 'the old worker left the pool, a new one took its place');
+    exitNextWorkerForTest(7);
+    await rejectsOneLine(readRange(img, 0, 3 * MiB), FvdError, /qcow2 decode worker exited \(code 7\)/, 'the next read went to a worker');
+    // On Node 20 the retired worker has no zstd: a batch sent there would fail, not decode.
+    assert.ok((await readRange(img, 0, 3 * MiB)).equals(want), 'read again, by a new worker');
+  } finally {
+    exitNextWorkerForTest(0);
+    await img.close();
+  }
+});
 
 test.after(async () => {
   await stopDecodeWorkers();
