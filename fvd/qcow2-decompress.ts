@@ -23,7 +23,8 @@
  * engine imports no packages, so a program that wants zstd there registers a decoder
  * (registerZstdDecoder; the fvd CLI registers zstd compiled to WebAssembly, the zstddec
  * package), loaded at the first zstd image's open; it decodes on the calling thread, sliced the
- * same way (larger clusters there too, whole), and in the decode workers, which import it.
+ * same way (larger clusters there too, whole), and in decode workers started from the entry it
+ * names (ZstdProvider).
  */
 import { performance } from 'node:perf_hooks';
 import zlib from 'node:zlib';
