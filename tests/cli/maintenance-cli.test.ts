@@ -2,13 +2,16 @@
  * `fvd commit`, `fvd rebase`, `fvd resize` on real files: the README's worked example step by
  * step (content checked with `fvd io -c "read -P"` and `fvd convert`), chains through the CLI,
  * and bad input — every refusal is one line on stderr with a non-zero exit and leaves every file
- * byte for byte as it was (sha256 before/after).
+ * byte for byte as it was (sha256 before/after). Also a convert large enough for its background
+ * flushes, into each output kind.
  */
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { FvdImage } from '../../fvd/image.js';
+import { WRITEBACK_BYTES } from '../../daemon/commands/convert.js';
 import { nodeIo } from '../../storage/node-file.js';
 import {
   TempDir,
@@ -230,6 +233,22 @@ test('resize: a relative change that is not a multiple of 512 (-1, +1, -511) is 
   }
   assertOk(fvd('resize', img, '-512'));
   assert.is(info(img).virtualSize, MiB - 512);
+});
+
+test('convert of more than WRITEBACK_BYTES: background flushes while it writes; raw, FVD and compact FVD outputs hold the same bytes', () => {
+  const dir = tmp.caseDir();
+  const f = (n: string) => path.join(dir, n);
+  // 2.5 × WRITEBACK_BYTES of data (no zero megabyte, so nothing is left sparse): two background
+  // flushes run while later pieces are written.
+  const data = crypto.randomBytes(WRITEBACK_BYTES * 2 + WRITEBACK_BYTES / 2);
+  fs.writeFileSync(f('src.raw'), data);
+  assertOk(fvd('convert', '-f', 'raw', '-O', 'raw', f('src.raw'), f('out.raw')));
+  assert.ok(fs.readFileSync(f('out.raw')).equals(data), 'raw output');
+  for (const layout of ['raw', 'compact']) {
+    assertOk(fvd('convert', '-f', 'raw', '-O', 'fvd', '--layout', layout, f('src.raw'), f(`${layout}.fvd`)));
+    assertOk(fvd('check', f(`${layout}.fvd`)));
+    assert.ok(flatten(f(`${layout}.fvd`)).equals(data), `FVD output, ${layout} layout`);
+  }
 });
 
 test.after(() => tmp.cleanup());
