@@ -1,9 +1,9 @@
 /**
- * The CLI's qcow2 decode worker where Node has no zstd of its own: the engine's loop with the
- * WebAssembly decoder (zstd-wasm.ts, compiled before the worker says it is ready).
+ * The CLI's qcow2 decode worker (the CLI registers it on every Node): the engine's loop with
+ * Node's own zstd, or where Node has none the WebAssembly decoder (zstd-wasm.ts, imported only
+ * then, and compiled before the worker says it is ready).
  */
 import { serveDecodeBatches } from '../fvd/qcow2-decode-batches.js';
-import { nodeZstdInto } from '../fvd/qcow2-decompress.js';
-import { zstdFrameInto } from './zstd-wasm.js';
+import { nodeZstdInto, type SyncZstdDecoder } from '../fvd/qcow2-decompress.js';
 
-serveDecodeBatches(nodeZstdInto ?? zstdFrameInto);
+serveDecodeBatches(nodeZstdInto ?? ((await import('./zstd-wasm.js')) as { zstdFrameInto: SyncZstdDecoder }).zstdFrameInto);

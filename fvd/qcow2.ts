@@ -6,8 +6,9 @@
  * several at a time. The compressed clusters of one read are read with one file read per group of
  * neighbours on disk; a group of at least WORKER_MIN_CLUSTERS decodes partly on the calling
  * thread, partly in batches on decode workers (qcow2-decode-pool.ts: every core, as qemu-img's
- * thread pool; all on the calling thread until a worker has loaded); smaller groups on the calling thread (clusters ≤ 64 KiB, in slices) or the
- * thread pool (larger ones), see qcow2-decompress.ts.
+ * thread pool; all on the calling thread until a worker has loaded); smaller groups on the
+ * calling thread (clusters ≤ 64 KiB, in slices) or the thread pool (larger ones), see
+ * qcow2-decompress.ts.
  *
  * Every offset taken from the image is checked before use (alignment, inside the file, not in the
  * header cluster); a bad one fails the read with a one-line "corrupt qcow2 image" error.
