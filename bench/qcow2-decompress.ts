@@ -9,7 +9,7 @@
  * loop every millisecond; the table shows the delay percentiles (the time the loop was busy past
  * its 1 ms timer) and the read rate. Clusters ≤ 64 KiB decode on the main thread in slices of
  * SYNC_SLICE_MS per loop turn; larger ones on the thread pool, except zstd without Node's own
- * decoder (the CLI's WebAssembly fallback, zstddec, on the main thread, larger clusters whole).
+ * decoder (the CLI's fallback, the system's libzstd, on the main thread, larger clusters whole).
  */
 import { execFileSync, execSync } from 'node:child_process';
 import fs from 'node:fs';

@@ -7,14 +7,19 @@ import { createRequire } from 'node:module';
 const require = createRequire(import.meta.url);
 
 type Library = { func(decl: string): (...args: any[]) => any };
+let koffi: any;
 let loaded: { koffi: any; libc: Library } | null | undefined;
+
+/** The koffi module; throws where it cannot be loaded. */
+export function loadKoffi(): any {
+  return (koffi ??= require('koffi'));
+}
 
 /** koffi and a handle on libc.so.6, or null where koffi cannot be loaded. */
 export function loadLibc(): { koffi: any; libc: Library } | null {
   if (loaded !== undefined) return loaded;
   try {
-    const koffi = require('koffi');
-    loaded = { koffi, libc: koffi.load('libc.so.6') as Library };
+    loaded = { koffi: loadKoffi(), libc: loadKoffi().load('libc.so.6') as Library };
   } catch {
     loaded = null;
   }

@@ -5,7 +5,7 @@
  * the read with one line naming it on either path (and later reads go on), a worker that dies
  * fails its read with one line, after which new workers take over. Every byte is compared with
  * `qemu-img convert -O raw`. Until a worker has loaded, reads decode on the calling thread; zstd
- * goes to the workers with Node's own decoder or the CLI's WebAssembly one (Node 20), whose
+ * goes to the workers with Node's own decoder or the CLI's libzstd one (Node 20), whose
  * workers start from their own entry.
  */
 import { test } from 'uvu';
@@ -156,7 +156,7 @@ qemuTest('decode workers: a worker that dies fails its read with one line; new w
   }
 });
 
-// Node 20 has no zstd of its own: the CLI's WebAssembly decoder, on this thread and in workers.
+// Node 20 has no zstd of its own: the CLI's decoder (libzstd), on this thread and in workers.
 registerZstdFallback();
 for (const type of ['zlib', 'zstd']) {
   qemuTest(`${type}: until a decode worker has loaded, a whole read decodes on the calling thread; then on the worker`, async () => {

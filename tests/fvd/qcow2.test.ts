@@ -144,7 +144,7 @@ for (const clusterSize of [4 * KiB, 64 * KiB, 2 * MiB]) {
   });
 }
 
-qemuTest('zstd: the registered decoder (zstd in WebAssembly), on this thread and in decode workers, and the refusal without any decoder', async () => {
+qemuTest('zstd: the registered decoder (the system libzstd), on this thread and in decode workers, and the refusal without any decoder', async () => {
   const raw = writeFile(dir, 'zr.raw', diskPattern(2 * MiB, 99));
   const q = name('qcow2');
   qemuImg('convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'compression_type=zstd', raw, q);
