@@ -30,8 +30,10 @@ export function openLibzstd(library = 'libzstd.so.1'): FrameInto {
   const dctx = createDCtx();
   if (!dctx) throw new Error(`${library}: ZSTD_createDCtx failed`);
   return (frame, out, at, room) => {
-    // koffi passes a view's own start (byteOffset included) as the pointer.
-    const n = decompressDCtx(dctx, out.subarray(at, at + room), room, frame, frame.length);
+    // koffi passes a view's own start (byteOffset included) as the pointer; the capacity is the
+    // view's length, never `room` alone: zstd must not write past the end of `out`.
+    const dst = out.subarray(at, at + room);
+    const n = decompressDCtx(dctx, dst, dst.length, frame, frame.length);
     // Errors are the top size_t values (koffi returns them as BigInt), never a byte count.
     if (isError(n)) throw new Error(`zstd: ${errorName(n)}`);
     return n as number;

@@ -37,6 +37,11 @@ test('a corrupt frame and a frame larger than the room throw zstd\'s own reason'
   assert.throws(() => into(corrupt, out, 0, 1000), /^zstd: .*corrupt/i);
   assert.throws(() => into(rawFrame(content), out, 0, 199), /^zstd: Destination buffer is too small/);
   assert.is(into(rawFrame(content), out, 0, 200), 200, 'the context still decodes after errors');
+  // Room past the end of the buffer: the capacity is what the buffer has, not what was asked.
+  const short = Buffer.alloc(250, 0xee);
+  const tail = short.subarray(0, 240);
+  assert.throws(() => into(rawFrame(content), tail, 100, 200), /^zstd: Destination buffer is too small/);
+  assert.ok(short.subarray(240).every((b) => b === 0xee), 'nothing written past the end of the view');
 });
 
 test('a library that cannot be loaded: a one-line error naming it', () => {
