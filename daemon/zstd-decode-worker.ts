@@ -9,6 +9,7 @@ import { nodeZstdInto, type SyncZstdDecoder } from '../fvd/qcow2-decompress.js';
 import { openLibzstd } from '../ffi/libzstd.js';
 
 let libzstd: SyncZstdDecoder | null = null;
-const libzstdInto: SyncZstdDecoder = (frame, out, at, room) => (libzstd ??= openLibzstd())(frame, out, at, room);
+const libzstdInto: SyncZstdDecoder = (frame, out, at, room) =>
+  (libzstd ??= openLibzstd())(frame, out, at, room);
 
 serveDecodeBatches(nodeZstdInto ?? libzstdInto);

@@ -2,9 +2,10 @@
  * zstd frames decoded by the system's libzstd (libzstd.so.1, which dpkg itself depends on, so
  * every Debian system has it) through koffi: for Node versions whose node:zlib has no zstd (Node
  * 20). One decompression context per thread, reused for every frame, and the output written
- * straight into the caller's buffer (no copy; the WebAssembly build allocated and copied per frame). On Node 20, 64 MiB of the
- * Node binary in 64 KiB frames decoded on one core at ~860 MiB/s this way, against 250–390 MiB/s
- * for zstd compiled to WebAssembly (README, "qcow2 templates").
+ * straight into the caller's buffer (no copy; the WebAssembly build used before allocated and
+ * copied per frame). On Node 20, 64 MiB of the Node binary in 64 KiB frames decoded on one core
+ * at ~860 MiB/s this way, against 250–390 MiB/s for zstd compiled to WebAssembly (README, "qcow2
+ * templates").
  */
 import { loadKoffi } from './koffi.js';
 
@@ -23,7 +24,9 @@ export function openLibzstd(library = 'libzstd.so.1'): FrameInto {
     throw new Error(`cannot load ${library}: ${(err as Error).message.split('\n')[0]}`);
   }
   const createDCtx = lib.func('void *ZSTD_createDCtx(void)');
-  const decompressDCtx = lib.func('size_t ZSTD_decompressDCtx(void *dctx, void *dst, size_t cap, const void *src, size_t size)');
+  const decompressDCtx = lib.func(
+    'size_t ZSTD_decompressDCtx(void *dctx, void *dst, size_t cap, const void *src, size_t size)',
+  );
   const isError = lib.func('unsigned int ZSTD_isError(size_t code)');
   const errorName = lib.func('const char *ZSTD_getErrorName(size_t code)');
   // Lives as long as the thread: decode workers and the CLI keep their decoder to the end.
