@@ -46,8 +46,8 @@ jobs=${FVD_TEST_JOBS:-2}
 run_part "unit suite on $(node --version)" node build/tests/run.js --jobs "$jobs"
 up=$P uf=$F
 
-# On the second Node: the files over koffi (libc, libzstd, io_uring, sd_notify, direct I/O, the queue's
-# structures), node:crypto, node:zlib (also driven through its internals: fvd/decode-into.ts)
+# On the second Node: the files over koffi (libc, libzstd, io_uring, sd_notify, direct I/O, the
+# queue's structures), node:crypto, node:zlib (also driven through its internals: decode-into.ts)
 # and zstd (Node 24 has its own zstd; 20 uses the system's libzstd through koffi), fetch
 # and node:net (remote bases, net's onread), the engine over node:fs, and make install.
 alt_tests=${FVD_ALT_NODE_TESTS:-'(?:^|/)(?:libc|libzstd|uring|sd-notify|direct-io|daemon-unit|crypto|fast-crypt|encryption|encryption-unaligned|qcow2|qcow2-base|qcow2-bad-input|qcow2-decode-pool|decode-into|remote-http|remote-nbd|nbd-pipeline|prefetch-pipeline|remote-engine|remote-cli|remote-config|image|metrics|secrets|install)(?=\.test\.js$)'}
