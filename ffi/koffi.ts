@@ -19,7 +19,8 @@ export function loadKoffi(): any {
 export function loadLibc(): { koffi: any; libc: Library } | null {
   if (loaded !== undefined) return loaded;
   try {
-    loaded = { koffi: loadKoffi(), libc: loadKoffi().load('libc.so.6') as Library };
+    const k = loadKoffi();
+    loaded = { koffi: k, libc: k.load('libc.so.6') as Library };
   } catch {
     loaded = null;
   }

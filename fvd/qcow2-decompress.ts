@@ -22,9 +22,8 @@
  * the same decoders). Larger clusters decode on the libuv thread pool. Node 20 has no zstd; the
  * engine imports no packages, so a program that wants zstd there registers a decoder
  * (registerZstdDecoder; the fvd CLI registers the system's libzstd through koffi), loaded at the
- * first zstd image's open; it decodes on the calling thread, sliced the
- * same way (larger clusters there too, whole), and in decode workers started from the entry it
- * names (ZstdProvider).
+ * first zstd image's open; it decodes on the calling thread, sliced the same way (larger clusters
+ * there too, whole), and in decode workers started from the entry it names (ZstdProvider).
  */
 import { performance } from 'node:perf_hooks';
 import zlib from 'node:zlib';
