@@ -8,6 +8,7 @@
 #              default options (copy-on-read and background prefetching on)
 #   fvd-fresh-64k  (only when named) fvd-fresh created with --block-size 64K (the default block
 #              size over a base before 4 KiB)
+#   fvd-fresh-q2  (only when named) fvd-fresh served with --queues 2 (the default before 1)
 #   fvd-local  the same image made fully local first with `fvd prefetch` (every block in the
 #              image, the base no longer read), served with default options
 #   qcow2-nbd  a qcow2 overlay over the raw base through qemu-nbd --cache=none --aio=native
@@ -33,7 +34,7 @@ FILES=${PM_FILES:-5000}
 TRANSACTIONS=${PM_TRANSACTIONS:-10000}
 command -v postmark >/dev/null || { echo "bench: postmark is not installed (apt-get install postmark)"; exit 1; }
 for t in $TARGETS; do
-  case $t in loop|fvd-fresh|fvd-fresh-64k|fvd-local|qcow2-nbd) ;; *) echo "bench: unknown target $t (loop fvd-fresh fvd-fresh-64k fvd-local qcow2-nbd)"; exit 1 ;; esac
+  case $t in loop|fvd-fresh|fvd-fresh-64k|fvd-fresh-q2|fvd-local|qcow2-nbd) ;; *) echo "bench: unknown target $t (loop fvd-fresh fvd-fresh-64k fvd-fresh-q2 fvd-local qcow2-nbd)"; exit 1 ;; esac
 done
 
 dir=$(mktemp -d /tmp/fvd-postmark.XXXXXX)
@@ -114,7 +115,7 @@ run_postmark() { # target round device [daemon pid]
 
 serve() { # image [options] -> sets $dev (no subshell: the pid must stay in this shell's list)
   local img=$1; shift
-  $FVD serve "$img" --queues 2 --depth 128 "$@" > "$img.out" 2> "$img.log" &
+  $FVD serve "$img" "$@" > "$img.out" 2> "$img.log" &
   pids+=($!)
   for _ in $(seq 300); do grep -q /dev/ublkb "$img.out" 2>/dev/null && break; sleep 0.1; done
   dev=$(head -1 "$img.out")
@@ -123,9 +124,10 @@ serve() { # image [options] -> sets $dev (no subshell: the pid must stay in this
 
 stop_last() { local p=${pids[-1]}; kill -TERM "$p"; wait "$p" || true; unset 'pids[-1]'; }
 
-run_fvd() { # target round image
+run_fvd() { # target round image [serve options]
   local target=$1 round=$2 img=$3 start split
-  serve "$img"
+  shift 3
+  serve "$img" "$@"
   start=$(rss_kb "${pids[-1]}"); split=$(rss_split_kb "${pids[-1]}")
   run_postmark "$target" "$round" "$dev" "${pids[-1]}"
   printf '%s\t%s\t%s\t%s\t%s\n' "$target" "$round" "$start" "$(rss_kb "${pids[-1]}")" "$split" >> "$memory"
@@ -147,6 +149,9 @@ for round in $(seq "$ROUNDS"); do
       fvd-fresh-64k)
         $FVD create --block-size 64K -b "$dir/base.raw" -F raw "$dir/fresh64k.fvd" >/dev/null
         run_fvd fvd-fresh-64k "$round" "$dir/fresh64k.fvd" ;;
+      fvd-fresh-q2)
+        $FVD create -b "$dir/base.raw" -F raw "$dir/fresh.fvd" >/dev/null
+        run_fvd fvd-fresh-q2 "$round" "$dir/fresh.fvd" --queues 2 ;;
       fvd-local)
         $FVD create -b "$dir/base.raw" -F raw "$dir/local.fvd" >/dev/null
         $FVD prefetch -q "$dir/local.fvd"

@@ -72,7 +72,7 @@ echo "bench-prefetch: $(uname -r), files on $(df --output=fstype "$dir" | tail -
 
 serve() { # image [options] -> $dev, $pid, log in $image.log
   local img=$1; shift
-  FVD_PREFETCH_TRACE=${FVD_PREFETCH_TRACE:-} $FVD serve "$img" --queues 2 --depth 128 "$@" > "$img.out" 2> "$img.log" &
+  FVD_PREFETCH_TRACE=${FVD_PREFETCH_TRACE:-} $FVD serve "$img" "$@" > "$img.out" 2> "$img.log" &
   pid=$!
   for _ in $(seq 300); do grep -q /dev/ublkb "$img.out" 2>/dev/null && break; sleep 0.1; done
   dev=$(head -1 "$img.out")

@@ -62,7 +62,7 @@ for job in ${JOBS:-randread randwrite}; do
       serve=(node --cpu-prof --cpu-prof-dir="$profdir" --cpu-prof-interval="${PROFILE_INTERVAL_US:-500}" "$root/build/daemon/cli.js")
       tracevar=FVD_PROFILE=1
     fi
-    env ${spin:+FVD_SPIN=$spin} "$tracevar" "${serve[@]}" serve "$dir/cow.fvd" --queues 2 --depth 128 "${opts[@]}" > "$dir/serve.out" 2> "$dir/serve.log" &
+    env ${spin:+FVD_SPIN=$spin} "$tracevar" "${serve[@]}" serve "$dir/cow.fvd" "${opts[@]}" > "$dir/serve.out" 2> "$dir/serve.log" &
     pid=$!
     for _ in $(seq 300); do grep -q /dev/ublkb "$dir/serve.out" 2>/dev/null && break; sleep 0.1; done
     dev=$(head -1 "$dir/serve.out")

@@ -8,15 +8,16 @@
 #              commands; the kernel must offer UBLK_F_BATCH_IO: 7.0+)
 #   fvd-enc    (only when named in BENCH_TARGETS) as `fvd`, encrypted (AES-256-XTS, done by the
 #              queue workers on the fast path)
-#   fvd-cow-engine, fvd-cow-main, fvd-cow-nocor, fvd-cow-prefetch, fvd-cow-64k, fvd-cow-falloc
-#              (only when named)
+#   fvd-cow-engine, fvd-cow-main, fvd-cow-nocor, fvd-cow-prefetch, fvd-cow-64k, fvd-cow-falloc,
+#              fvd-cow-q2 (only when named)
 #              as fvd-cow with the engine's copy-on-write (FVD_QUEUE_COW=0), with the writes the
 #              queue threads store answered by the main thread (FVD_STORED_ANSWER=main, as with a
 #              pending log), with --no-copy-on-read, with
 #              prefetching on (the default options), created with 64 KiB blocks (the default
 #              block size over a base before 4 KiB; fvd-cow-4k is a synonym of fvd-cow now), or
 #              created with --preallocation falloc (a first write of a block then allocates
-#              nothing, as loop's writes into its full copy of the base)
+#              nothing, as loop's writes into its full copy of the base), or served with two
+#              queues (--queues 2, the default before 1; every other fvd target has the default)
 #   fvd-cow-before, fvd-before  (only when named, with FVD_BEFORE=<another checkout's
 #              build/daemon/cli.js>) as fvd-cow / fvd, served by that build: before/after ratios
 #              in one guest boot; FVD_BEFORE_NODE=<a node binary> runs it on that Node (the same
@@ -119,7 +120,7 @@ nbd_server_pid() { pgrep -n -x qemu-nbd || true; }
 
 serve() { # image [options] -> sets $dev (no subshell: the pid must stay in this shell's list)
   local img=$1; shift
-  ${SERVE_FVD:-$FVD} serve "$img" --queues 2 --depth 128 "$@" > "$img.out" 2> "$img.log" &
+  ${SERVE_FVD:-$FVD} serve "$img" ${SERVE_QUEUES:+--queues "$SERVE_QUEUES"} --depth 128 "$@" > "$img.out" 2> "$img.log" &
   pids+=($!)
   for _ in $(seq 300); do grep -q /dev/ublkb "$img.out" 2>/dev/null && break; sleep 0.1; done
   dev=$(head -1 "$img.out")
@@ -147,6 +148,7 @@ cow_serve() { # target image -> $dev (an fvd daemon's pid last in pids)
     fvd-cow-engine) FVD_QUEUE_COW=0 serve "$2" --no-prefetch ;;
     fvd-cow-main) FVD_STORED_ANSWER=main serve "$2" --no-prefetch ;;
     fvd-cow-nocor) serve "$2" --no-prefetch --no-copy-on-read ;;
+    fvd-cow-q2) SERVE_QUEUES=2 serve "$2" --no-prefetch ;;
     fvd-cow-prefetch) serve "$2" ;;
     fvd-cow-before) SERVE_FVD="$FVD_BEFORE_CLI" serve "$2" --no-prefetch ;;
     qcow2-cow) qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$2"; sleep 1; dev=/dev/nbd0; nbd_pid=$(nbd_server_pid) ;;
@@ -216,7 +218,7 @@ for t in $(round_targets "$round"); do
       serve "$dir/enc.fvd" --key-file "$dir/enc.key"
       fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
       run_jobs fvd-enc "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/enc.fvd* "$dir/enc.key" ;;
-    fvd-cow|fvd-cow-engine|fvd-cow-main|fvd-cow-nocor|fvd-cow-prefetch|fvd-cow-4k|fvd-cow-64k|fvd-cow-falloc|fvd-cow-before|qcow2-cow)
+    fvd-cow|fvd-cow-engine|fvd-cow-main|fvd-cow-nocor|fvd-cow-prefetch|fvd-cow-4k|fvd-cow-64k|fvd-cow-falloc|fvd-cow-q2|fvd-cow-before|qcow2-cow)
       cow_target "$t" ;;
     loop)
       truncate -s "$SIZE" "$dir/loop.raw"

@@ -31,7 +31,7 @@ export const spec = defineCommand({
     instance: { type: 'string', arg: 'NAME', help: 'take the image and options from /etc/fvd/NAME.conf (fvd@NAME.service)' },
     name: { type: 'string', arg: 'NAME', help: "the device's name for list/stop (default: the image's file name)" },
     'dev-id': { type: 'string', arg: 'N', help: 'device number (/dev/ublkbN; default: the kernel picks)' },
-    queues: { type: 'string', default: '2', arg: 'N', help: 'hardware queues, one worker thread each' },
+    queues: { type: 'string', default: '1', arg: 'N', help: 'hardware queues, one worker thread each (more for guests that submit from several CPUs at once, on a host with CPUs to spare)' },
     depth: { type: 'string', default: '128', arg: 'N', help: 'requests in flight per queue' },
     'max-io': { type: 'string', default: '512k', arg: 'SIZE', help: 'largest request' },
     'no-copy-on-read': { type: 'boolean', default: false, help: 'do not store base data the guest reads in the image' },

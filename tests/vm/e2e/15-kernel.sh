@@ -8,7 +8,8 @@
 # device uses the ioctl-encoded commands; the kernel's offer matches its version (UPDATE_SIZE from
 # 6.14 on, USER_RECOVERY_FAIL_IO not before 6.13).  `fvd list --json` gives one thread per queue,
 # each a task of the daemon other than its main thread, each with ioFlusher true — what the worker
-# read back with PR_GET_IO_FLUSHER from that thread itself — and the device does I/O.  Served again
+# read back with PR_GET_IO_FLUSHER from that thread itself — and the device does I/O.  Served with
+# default options it has one queue: one queue thread, one mq entry in sysfs.  Served again
 # without CAP_SYS_RESOURCE (setpriv drops it from the bounding set): one log line saying the queue
 # threads are not I/O flushers and why, ioFlusher false everywhere, and the device still works.
 # Online resize (resize_round): ext4 on a served 64M image, mounted, files written; shrinking the
@@ -284,6 +285,15 @@ scenario() {
     write_dev "$SERVE_DEV" $((3 * M)) 5a.bin
     check_dev_equals "the device reads back what was written" "$SERVE_DEV" $((3 * M)) 5a.bin
     serve_stop
+
+    # The default is one queue (one thread, one V8 isolate: README "Resident memory").
+    serve_must k.fvd
+    tids=$(queue_threads) || tids=''
+    expect "served with default options: one queue thread in fvd list --json" "$(grep -c : <<< "$tids")" 1 "$tids"
+    expect "served with default options: one hardware queue (/sys/block/${SERVE_DEV#/dev/}/mq)" \
+        "$(ls "/sys/block/${SERVE_DEV#/dev/}/mq" | wc -l)" 1 "$(ls "/sys/block/${SERVE_DEV#/dev/}/mq")"
+    check_dev_equals "the device reads back what was written" "$SERVE_DEV" $((3 * M)) 5a.bin
+    serve_stop "default options"
 
     resize_round
 
