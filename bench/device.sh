@@ -120,7 +120,7 @@ nbd_server_pid() { pgrep -n -x qemu-nbd || true; }
 
 serve() { # image [options] -> sets $dev (no subshell: the pid must stay in this shell's list)
   local img=$1; shift
-  ${SERVE_FVD:-$FVD} serve "$img" ${SERVE_QUEUES:+--queues "$SERVE_QUEUES"} --depth 128 "$@" > "$img.out" 2> "$img.log" &
+  ${SERVE_FVD:-$FVD} serve "$img" --depth 128 "$@" > "$img.out" 2> "$img.log" &
   pids+=($!)
   for _ in $(seq 300); do grep -q /dev/ublkb "$img.out" 2>/dev/null && break; sleep 0.1; done
   dev=$(head -1 "$img.out")
@@ -148,7 +148,7 @@ cow_serve() { # target image -> $dev (an fvd daemon's pid last in pids)
     fvd-cow-engine) FVD_QUEUE_COW=0 serve "$2" --no-prefetch ;;
     fvd-cow-main) FVD_STORED_ANSWER=main serve "$2" --no-prefetch ;;
     fvd-cow-nocor) serve "$2" --no-prefetch --no-copy-on-read ;;
-    fvd-cow-q2) SERVE_QUEUES=2 serve "$2" --no-prefetch ;;
+    fvd-cow-q2) serve "$2" --no-prefetch --queues 2 ;;
     fvd-cow-prefetch) serve "$2" ;;
     fvd-cow-before) SERVE_FVD="$FVD_BEFORE_CLI" serve "$2" --no-prefetch ;;
     qcow2-cow) qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$2"; sleep 1; dev=/dev/nbd0; nbd_pid=$(nbd_server_pid) ;;
