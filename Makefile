@@ -9,7 +9,7 @@ KERNEL ?= 6.12
 FVD_VM_KERNEL ?= $(KERNEL)
 export FVD_VM_KERNEL
 
-.PHONY: all deps build test test-full fuzz crash-campaign demo demo-engine bench bench-dev bench-postmark-dev bench-prefetch-dev bench-trace-dev bench-recovery-dev bench-queues-dev bench-remote install clean
+.PHONY: all deps build test test-full test-vm-harness fuzz crash-campaign demo demo-engine bench bench-dev bench-postmark-dev bench-prefetch-dev bench-trace-dev bench-recovery-dev bench-queues-dev bench-remote install clean
 
 all: build
 
@@ -30,9 +30,14 @@ build: deps
 test: build
 	bash tests/all.sh
 
-# The same with every device scenario on both guest kernels (about twice the device-suite time).
+# The same with every device scenario on both guest kernels, their long rounds (E2E_LONG=1) and
+# the guest harness's self-test (about 40 min more than `make test`; CI's 90 min would not hold it).
 test-full: build
 	FVD_TEST_FULL=1 bash tests/all.sh
+
+# The guest harness's self-test alone (tests/vm/smoke.sh: exit codes, argv, a boot panic, time-out).
+test-vm-harness:
+	bash tests/vm/smoke.sh
 
 # The structure-aware image fuzzer, long mode (tests/fuzz/): FUZZ_MUTANTS (2000), FUZZ_SEED (random,
 # printed), FUZZ_ONLY=i (replay one mutant), FUZZ_KEEP=DIR (keep failing mutants). `make test`

@@ -14,7 +14,7 @@
 # "N passed, N failed".  Exit 0 only when nothing failed (a guest that timed out, crashed or gave
 # no summary counts as a failure).
 #
-# Knobs: E2E_BUSYBOX_TIMEOUT (s, default 2700) and E2E_SYSTEMD_TIMEOUT (s, default 1500) bound each
+# Knobs: E2E_BUSYBOX_TIMEOUT (s, default 3600) and E2E_SYSTEMD_TIMEOUT (s, default 1500) bound each
 # guest boot (run.sh --timeout); FVD_VM_* knobs of run.sh apply; E2E_* knobs of e2e.sh are passed
 # into the guest.
 set -euo pipefail
