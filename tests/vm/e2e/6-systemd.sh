@@ -217,10 +217,8 @@ ext4_kills() {
     must "ext4 round: mount" t mount -t ext4 "$dev" m
     timeout -k 5 600 fio --name=ext4-systemd --filename=m/fio.bin --size=48M --rw=randwrite --bs=4k-64k \
         --ioengine=libaio --direct=1 --iodepth=16 --verify=crc32c --verify_fatal=1 --randrepeat=1 \
-        --thinktime=150ms --thinktime_blocks=2 > fio-ext4.log 2>&1 &
+        --thinktime=250ms --thinktime_blocks=2 > fio-ext4.log 2>&1 &
     fio_pid=$!
-    # About 110 s of pauses (48 MiB in ~34 KiB writes, 150 ms after every 2; it was 180 s): fio
-    # must still run at the third kill, after two restarts by systemd and their recoveries.
     # The kills must hit the random writes, not the file's creation.
     for ((i = 0; i < 600; i++)); do [[ -e m/fio.bin ]] && break; sleep 0.1; done
     n0=$(recoveries "$id")
