@@ -265,8 +265,8 @@ handoff_round() {
     else
         echo "# this kernel ($(uname -r)) does not offer UBLK_F_QUIESCE: hand-offs take the reissue path"
     fi
-    # Slower than the kill rounds (about 85 s of pauses; it was 145 s, while three hand-offs take
-    # about 35 s under TCG): the hand-offs themselves pause fio, not its thinktime.
+    # Slower than the kill rounds (about 85 s of pauses; it was 145 s, while three hand-offs took
+    # about 30 s under TCG): the hand-offs themselves pause fio, not its thinktime.
     timeout -k 5 600 bash -c "$(declare -f fio_job); fio_job $SERVE_DEV verify-handoff --thinktime=60ms --thinktime_blocks=1" > fio-handoff.log 2>&1 &
     fio_pid=$!
     sleep 3
