@@ -65,19 +65,21 @@ if [[ ${FVD_SKIP_DEVICE_TESTS:-0} != 1 ]]; then
   # Node.js; FVD_TEST_FULL=1 (make test-full): every scenario on both, with the long rounds some
   # keep out of make test (E2E_LONG=1).
   full=(); [[ ${FVD_TEST_FULL:-0} == 1 ]] && full=(--full) && export E2E_LONG=1
-  alt=(); [[ -n ${FVD_ALT_NODE:-} ]] && alt=(E2E_ALT_FVD="$FVD_ALT_NODE $PWD/build/daemon/cli.js")
+  alt_fvd=${FVD_ALT_NODE:+$FVD_ALT_NODE $PWD/build/daemon/cli.js}
+  alt=(); [[ -n $alt_fvd ]] && alt=(E2E_ALT_FVD="$alt_fvd")
+  host_ublk=0; bash tests/vm/host-has-ublk.sh -q && host_ublk=1
   run_part "device suite" env "${alt[@]}" bash tests/vm/run-e2e-kernels.sh "${full[@]}"
   dp=$P df=$F
   # Where this kernel has ublk there is one run, on the machine's Node: scenario 1 again on the
   # second.
-  if [[ -n ${FVD_ALT_NODE:-} ]] && bash tests/vm/host-has-ublk.sh -q; then
+  if [[ -n $alt_fvd && $host_ublk == 1 ]]; then
     echo; echo "== ublk device scenario 1 with the daemon on Node.js $("$FVD_ALT_NODE" --version) =="
-    run_part "device scenario 1 on $("$FVD_ALT_NODE" --version)" env E2E_FVD="$FVD_ALT_NODE $PWD/build/daemon/cli.js" bash tests/vm/run-e2e.sh 1
+    run_part "device scenario 1 on $("$FVD_ALT_NODE" --version)" env E2E_FVD="$alt_fvd" bash tests/vm/run-e2e.sh 1
     dp=$((dp + P)) df=$((df + F))
   fi
   # The guest harness itself (exit codes, argv quoting, booting again after a boot panic): with
   # FVD_TEST_FULL=1, or alone by `make test-vm-harness`.
-  if [[ ${FVD_TEST_FULL:-0} == 1 ]] && ! bash tests/vm/host-has-ublk.sh -q; then
+  if [[ ${FVD_TEST_FULL:-0} == 1 && $host_ublk == 0 ]]; then
     echo; echo "== guest harness (tests/vm/smoke.sh --quick) =="
     run_part "guest harness" smoke_quick
     dp=$((dp + P)) df=$((df + F))
