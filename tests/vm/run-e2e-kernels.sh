@@ -8,9 +8,9 @@
 # 6.12 those whose path through the kernel differs from 7.x: 7 kill (ext4 under write load) and
 # stale-device cleanup, 15 features and queue threads, 19 zero copy (which 6.12 lacks: the
 # refusal), 21 a write in flight across a hand-off (reissued on 6.12, drained by QUIESCE on 7.x:
-# the two paths side by side), 22 batched I/O (which 6.12 lacks: the refusal). The others test the engine, the daemon and systemd through the device
-# the same way on either kernel; they run on 6.12 with --full (make test-full): every scenario on
-# both kernels.
+# the two paths side by side), 22 batched I/O (which 6.12 lacks: the refusal). The others test the
+# engine, the daemon and systemd through the device the same way on either kernel; they run on
+# 6.12 with --full (make test-full): every scenario on both kernels.
 # E2E_ALT_FVD (a command for fvd, e.g. "/path/to/node24 build/daemon/cli.js"; tests/all.sh sets it
 # on CI) serves the devices of the runs on kernel E2E_ALT_KERNEL (default 6.12): the daemon on a
 # second Node.js release there, on the machine's own everywhere else.

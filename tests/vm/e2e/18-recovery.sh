@@ -625,7 +625,7 @@ scenario() {
     fio_round raw
     # The same on a compact image (the ext4 and kill-during-recovery rounds serve compact images
     # too) and on an encrypted one: with E2E_LONG=1 (make test-full), not in make test (CI's time).
-    if [[ ${E2E_LONG:-0} == 1 ]]; then
+    if long_rounds; then
         fio_round compact
         fio_round encrypted 1
     else
@@ -635,7 +635,7 @@ scenario() {
     recovery_kill_round
     # The failure branches of a continued recovery (h) with E2E_LONG=1 (make test-full), which
     # also runs them on 6.12, where most of their branches are.
-    if [[ ${E2E_LONG:-0} == 1 ]]; then contfail_round
+    if long_rounds; then contfail_round
     else skip "the failure branches of a continued recovery (h): E2E_LONG=1 (make test-full) runs them"; fi
     handoff_round
 }

@@ -2,25 +2,26 @@
 # title: copy-on-write on the queue threads: scattered writes racing reads, copy-on-read, prefetch and a kill
 # timeout: 900
 #
-# A fresh FVD image over a 64 MiB random raw base, served with 2 queues, with 64 KiB blocks (so
-# that most writes copy part of a block) or the default 4 KiB (every write is whole blocks: stored
-# on the queue threads, several blocks at a time). 300 small O_DIRECT
-# writes (4–16 KiB inside one 64 KiB block, or a whole block, 16 at a time, no two on the same sectors) are
-# made on the device and the same writes on a model copy of the base, while a reader streams the
-# whole device (base reads on the queue threads, copy-on-read hints racing the writes). The
-# differential: the whole device equals the model. Rounds: FVD_QUEUE_COW=all (partial blocks'
-# copy-on-write on the queue threads too) without prefetch; the default (whole blocks) with a slow
-# prefetch (its copies race the writes), at 64 KiB (E2E_LONG=1 only) and at 4 KiB blocks; FVD_QUEUE_COW=all with the daemon SIGKILLed in the middle of the writes and the device
-# recovered by the next serve (the writes held meanwhile complete, nothing acknowledged is lost,
-# and the image served once more still equals the model; the killed server never drains its
-# queues' answered writes — FVD_TEST_HOLD_STORED — so their records are only in the queue logs);
-# without a pending log (so the queue threads answer their stored writes), a FLUSH and then a
-# SIGKILL while more writes run: every write before the FLUSH is found by the next serve;
-# with FVD_QUEUE_COW=0 (the engine's copy-on-write, the same answers; 4 KiB blocks; E2E_LONG=1 only). The closing log of each
-# queue-thread round counts the blocks stored on the queue threads (the path was taken); fvd check
-# is clean after every round, the base's sha256 never changes, and a later serve reads the model.
-# Last, copy-on-read yields to a busy guest: fio 4K random reads at QD16 leave their blocks
-# unhinted (the stop's log counts them), reads one at a time are hinted.
+# A fresh FVD image over a 64 MiB random raw base, served with 2 queues, with 64 KiB blocks (so that
+# most writes copy part of a block) or the default 4 KiB (every write is whole blocks: stored on the
+# queue threads, several blocks at a time). 300 small O_DIRECT writes (4–16 KiB inside one 64 KiB
+# block, or a whole block, 16 at a time, no two on the same sectors) are made on the device and the
+# same writes on a model copy of the base, while a reader streams the whole device (base reads on
+# the queue threads, copy-on-read hints racing the writes). The differential: the whole device
+# equals the model. Rounds: FVD_QUEUE_COW=all (partial blocks' copy-on-write on the queue threads
+# too) without prefetch; the default (whole blocks) with a slow prefetch (its copies race the
+# writes), at 64 KiB (E2E_LONG=1 only) and at 4 KiB blocks; FVD_QUEUE_COW=all with the daemon
+# SIGKILLed in the middle of the writes and the device recovered by the next serve (the writes held
+# meanwhile complete, nothing acknowledged is lost, and the image served once more still equals the
+# model; the killed server never drains its queues' answered writes — FVD_TEST_HOLD_STORED — so
+# their records are only in the queue logs); without a pending log (so the queue threads answer
+# their stored writes), a FLUSH and then a SIGKILL while more writes run: every write before the
+# FLUSH is found by the next serve; with FVD_QUEUE_COW=0 (the engine's copy-on-write, the same
+# answers; 4 KiB blocks; E2E_LONG=1 only). The closing log of each queue-thread round counts the
+# blocks stored on the queue threads (the path was taken); fvd check is clean after every round, the
+# base's sha256 never changes, and a later serve reads the model. Last, copy-on-read yields to a
+# busy guest: fio 4K random reads at QD16 leave their blocks unhinted (the stop's log counts them),
+# reads one at a time are hinted.
 
 # make_writes SEED COUNT > LIST: "offset length fill" lines, 4 KiB-aligned, 1–4 slots of 4 KiB
 # inside one 64 KiB block or (one in ten) the whole block, no slot used twice (so the order of
@@ -260,13 +261,13 @@ scenario() {
     # racing each other; at 4 KiB (the default) every write is stored on the queue threads.
     # The 64 KiB round and the engine's copy-on-write (off_round) with E2E_LONG=1 (make test-full),
     # not in make test (CI's time): the 4 KiB round races prefetch copies against the writes too.
-    if [[ ${E2E_LONG:-0} == 1 ]]; then
+    if long_rounds; then
         cow_round "prefetch, 64K blocks (whole blocks on the queue threads)" 23 --prefetch-rate 4M
     fi
     BLOCK_OPT=""
     cow_round "prefetch, 4K blocks (the default)" 29 --prefetch-rate 4M
     flush_kill_round
-    if [[ ${E2E_LONG:-0} == 1 ]]; then off_round
+    if long_rounds; then off_round
     else skip "the prefetch round at 64K blocks and the round with FVD_QUEUE_COW=0: E2E_LONG=1 (make test-full) runs them"; fi
     busy_round
     expect "the base's sha256 never changed" "$(sha256sum < base.raw)" "$base_sum"

@@ -21,6 +21,9 @@ indent() { sed 's/^/#   /'; }
 ok() { echo "ok - [$SCEN] $*"; echo ok >> "$E2E_STATE/tally"; }
 # skip REASON: the scenario cannot run here (counted apart, neither passed nor failed).
 skip() { echo "# skip - [$SCEN] $*"; echo skip >> "$E2E_STATE/tally"; }
+# long_rounds: true with E2E_LONG=1 (make test-full) — rounds kept out of make test for CI's time;
+# a scenario runs them under it and reports a skip with the reason otherwise.
+long_rounds() { [[ ${E2E_LONG:-0} == 1 ]]; }
 # not_ok MESSAGE [TEXT]: TEXT (output that explains the failure) is printed indented, followed by
 # the tail of the current daemon's stderr and of the kernel log.
 not_ok() {
