@@ -18,8 +18,9 @@
 #              created with --preallocation falloc (a first write of a block then allocates
 #              nothing, as loop's writes into its full copy of the base), or served with two
 #              queues (--queues 2, the default before 1; every other fvd target has the default)
-#   fvd-cow-before, fvd-before  (only when named, with FVD_BEFORE=<another checkout's
-#              build/daemon/cli.js>) as fvd-cow / fvd, served by that build: before/after ratios
+#   fvd-cow-before, fvd-cow-prefetch-before, fvd-before  (only when named, with
+#              FVD_BEFORE=<another checkout's build/daemon/cli.js>) as fvd-cow /
+#              fvd-cow-prefetch / fvd, served by that build: before/after ratios
 #              in one guest boot; FVD_BEFORE_NODE=<a node binary> runs it on that Node (the same
 #              build under two Node releases: FVD_BEFORE=$PWD/build/daemon/cli.js)
 #   loop       kernel loop device, --direct-io=on, over a raw file
@@ -134,7 +135,7 @@ stop_last() { local p=${pids[-1]}; kill -TERM "$p"; wait "$p" || true; unset 'pi
 # made a job's figure depend on the one before it) or once for all the jobs (BENCH_FRESH=target).
 cow_create() { # target image
   case $1 in
-    fvd-cow-before) $FVD_BEFORE_CLI create -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
+    fvd-cow-before|fvd-cow-prefetch-before) $FVD_BEFORE_CLI create -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
     fvd-cow-64k) $FVD create --block-size 64K -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
     fvd-cow-falloc) $FVD create --preallocation falloc -b "$dir/base.raw" -F raw "$2" >/dev/null ;;
     qcow2-cow) qemu-img create -q -f qcow2 -b "$dir/base.raw" -F raw "$2" ;;
@@ -151,6 +152,7 @@ cow_serve() { # target image -> $dev (an fvd daemon's pid last in pids)
     fvd-cow-q2) serve "$2" --no-prefetch --queues 2 ;;
     fvd-cow-prefetch) serve "$2" ;;
     fvd-cow-before) SERVE_FVD="$FVD_BEFORE_CLI" serve "$2" --no-prefetch ;;
+    fvd-cow-prefetch-before) SERVE_FVD="$FVD_BEFORE_CLI" serve "$2" ;;
     qcow2-cow) qemu-nbd --cache=none --aio=native -f qcow2 -c /dev/nbd0 "$2"; sleep 1; dev=/dev/nbd0; nbd_pid=$(nbd_server_pid) ;;
   esac
 }
@@ -177,7 +179,7 @@ cow_jobs() { # target image: a fresh image over base.raw, served, the jobs, gone
 
 cow_target() { # target
   local t=$1 img=$dir/cow.fvd
-  [ "$t" != fvd-cow-before ] || [ -n "${FVD_BEFORE:-}" ] || { echo "fvd-cow-before needs FVD_BEFORE"; exit 1; }
+  case $t in *-before) [ -n "${FVD_BEFORE:-}" ] || { echo "$t needs FVD_BEFORE"; exit 1; } ;; esac
   [ "$t" != qcow2-cow ] || img=$dir/cow.qcow2
   truncate -s "$SIZE" "$dir/base.raw"
   fio --name=fillbase --filename="$dir/base.raw" --rw=write --bs=1M --size="$SIZE" >/dev/null
@@ -218,7 +220,7 @@ for t in $(round_targets "$round"); do
       serve "$dir/enc.fvd" --key-file "$dir/enc.key"
       fio --name=fill --filename="$dev" --rw=write --bs=1M --iodepth=8 --direct=1 --ioengine=libaio --size="$SIZE" >/dev/null
       run_jobs fvd-enc "$dev" "${pids[-1]}"; stop_last; rm -f "$dir"/enc.fvd* "$dir/enc.key" ;;
-    fvd-cow|fvd-cow-engine|fvd-cow-main|fvd-cow-nocor|fvd-cow-prefetch|fvd-cow-4k|fvd-cow-64k|fvd-cow-falloc|fvd-cow-q2|fvd-cow-before|qcow2-cow)
+    fvd-cow|fvd-cow-engine|fvd-cow-main|fvd-cow-nocor|fvd-cow-prefetch|fvd-cow-4k|fvd-cow-64k|fvd-cow-falloc|fvd-cow-q2|fvd-cow-before|fvd-cow-prefetch-before|qcow2-cow)
       cow_target "$t" ;;
     loop)
       truncate -s "$SIZE" "$dir/loop.raw"

@@ -58,6 +58,8 @@ export interface EngineQueue {
   slow: number;
   /** Copy-on-writes the queue thread stored itself (daemon/queue-cow.ts). */
   cow: number;
+  /** Writes the queue thread wrote in place into blocks local but not journaled (queue-cow.ts). */
+  overwritten: number;
   /** Base reads not hinted for copy-on-read because the queue was busy. */
   corBusy: number;
 }
@@ -197,8 +199,10 @@ export class EngineRequests {
   /** The closing line on copy-on-writes the queue threads stored, or null when there were none. */
   cowSummary(queues: readonly EngineQueue[]): string | null {
     const n = queues.reduce((sum, q) => sum + q.cow, 0);
+    const soft = queues.reduce((sum, q) => sum + q.overwritten, 0);
     const who = this.storedAnswered ? 'answered there' : 'answered by the main thread';
-    return n === 0 ? null : `copy-on-write on the queue threads: ${n} blocks (${who})`;
+    if (n === 0 && soft === 0) return null;
+    return `copy-on-write on the queue threads: ${n} blocks, ${soft} writes into soft-copied blocks in place (${who})`;
   }
 
   /** A queue thread pushed copy-on-read hints: each hinted block is copied in background. */
@@ -408,6 +412,7 @@ export class EngineRequests {
     q.carried = m.carried;
     q.noSlot = m.noSlot;
     q.cow = m.cow;
+    q.overwritten = m.overwritten;
     q.corBusy = m.corBusy;
   }
 

@@ -434,7 +434,7 @@ export class FvdQueue implements QueueTarget {
   everySecond(): void {
     const h = this.hints;
     const hinted = h === null ? 0 : h.offered - h.dropped - h.coalesced;
-    this.post({ type: 'stats', qid: this.qid, fast: this.fast, slow: this.slow, hinted, carried: h === null ? 0 : h.carried, noSlot: h === null ? 0 : h.noSlot, cow: this.cow === null ? 0 : this.cow.stored, corBusy: this.corBusy });
+    this.post({ type: 'stats', qid: this.qid, fast: this.fast, slow: this.slow, hinted, carried: h === null ? 0 : h.carried, noSlot: h === null ? 0 : h.noSlot, cow: this.cow === null ? 0 : this.cow.stored, overwritten: this.cow === null ? 0 : this.cow.overwritten, corBusy: this.corBusy });
   }
 
   // ---- helpers ---------------------------------------------------------------------------

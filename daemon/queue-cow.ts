@@ -2,11 +2,12 @@
  * Copy-on-write on the queue thread (docs/DESIGN.md §2.5): a guest write into ONE block that is
  * still only in the local raw base is stored whole by the queue thread itself — the base's bytes
  * around the guest's, one synchronous read of the base and one synchronous write of the image —
- * and so is a write of whole blocks (no base bytes needed). The blocks are then published here
- * (publish: bits set, claims released) and the guest answered by the queue thread, the main
- * thread queuing their record later (FvdImage.journalAnsweredBlocks; DESIGN.md §2.5 step 5) —
- * or, with FVD_STORED_ANSWER=main, the main thread sets the bits, queues the record and answers
- * (FvdImage.adoptStoredBlocks).
+ * and so is a write of whole blocks (no base bytes needed), and a write into one block local
+ * already whose bit is not journaled (a soft copy: written in place). The blocks are then
+ * published here (publish: bits set, claims released) and the guest answered by the queue thread,
+ * the main thread queuing their record later (FvdImage.journalAnsweredBlocks; DESIGN.md §2.5 step
+ * 5) — or, with FVD_STORED_ANSWER=main, the main thread sets the bits, queues the record and
+ * answers (FvdImage.adoptStoredBlocks).
  * Before, the main thread read the base and wrote the block through the libuv pool: two hand-offs
  * per copy-on-write, most of its time in the trace (README, `make bench-trace-dev`).
  *
@@ -38,8 +39,9 @@ export class QueueCow {
   /** The block being read (for the base read's end-of-file zero fill, made once). */
   private fillAt = 0;
   private readonly zeroFill: (from: number) => void;
-  /** Blocks stored; declined attempts after a claim. */
+  /** Blocks stored; writes into blocks already local (written in place); declined attempts after a claim. */
   stored = 0;
+  overwritten = 0;
   declined = 0;
   /** The last block of the range the last successful store() holds (its first is what it returned). */
   lastBlock = -1;
@@ -80,13 +82,26 @@ export class QueueCow {
     const b = Math.floor(offset / bs);
     if (b >= view.baseBlocks) return COW_DECLINED;
     if (b !== Math.floor((offset + length - 1) / bs)) return this.storeWhole(tag, offset, length);
-    if (!this.partial && (offset !== b * bs || length !== Math.min(bs, view.liveSize[0]! - offset))) return COW_DECLINED;
-    if (length > this.maxIo - bs) return COW_DECLINED;
+    const whole = offset === b * bs && length === Math.min(bs, view.liveSize[0]! - offset);
+    // A partial block needs the base's bytes unless the block is local already (a look without
+    // the claim: a set bit stays set, a clear one is checked again under the claim).
+    if (!this.partial && !whole && !this.isPresent(b)) return COW_DECLINED;
     if (!this.claims.tryClaim(b)) return COW_DECLINED;
-    // Checked only under the claim: nobody else can make the block local now. Made local before
-    // (a soft copy whose bit is not journaled yet, or a write the view had not shown when routed):
-    // the engine's path, which needs no base bytes.
-    if ((Atomics.load(view.present, b >>> 3) & (1 << (b & 7))) !== 0) return this.decline(b);
+    if (this.isPresent(b)) {
+      // Local already, its bit not journaled (else the write had taken the fast path): a soft copy
+      // (prefetch, copy-on-read) whose bit waits for persistSoftBits, or a write the view had not
+      // shown when routed. The image holds the whole block, so the guest's bytes are written in
+      // place, partial or not, no base bytes; the caller's record makes the bit durable like a
+      // store's. Before, such a write went to the engine: on a fresh image with prefetching on,
+      // every write into a block the prefetcher had just copied took the main thread's path.
+      if (this.image.transfer(true, this.bufBase + tag * this.maxIo, length, view.dataOffset + offset, this.zeroFill) !== length) return this.decline(b);
+      this.overwritten++;
+      this.lastBlock = b;
+      return b;
+    }
+    if (!this.partial && !whole) return this.decline(b);
+    if (length > this.maxIo - bs) return this.decline(b);
+    // Checked only under the claim: nobody else can make the block local now.
     const start = b * bs;
     // The block as the image stores it: up to the disk's end (the last base block may pass it).
     const blockLen = Math.min(bs, view.liveSize[0]! - start);
@@ -148,6 +163,11 @@ export class QueueCow {
     setRange(this.view.present, b0, b1 - b0 + 1);
     setRange(this.view.journaled, b0, b1 - b0 + 1);
     for (let b = b0; b <= b1; b++) this.claims.release(b);
+  }
+
+  /** Block b's `present` bit (atomic: other threads set bits in the same byte). */
+  private isPresent(b: number): boolean {
+    return (Atomics.load(this.view.present, b >>> 3) & (1 << (b & 7))) !== 0;
   }
 
   private decline(b: number): number {

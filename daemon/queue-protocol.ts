@@ -98,7 +98,7 @@ export type WorkerMessage =
    * hinted: copy-on-read hints pushed (claimed blocks), carried: of them with their block's data,
    * noSlot: of the others, those that found no free data slot.
    */
-  | { type: 'stats'; qid: number; fast: number; slow: number; hinted: number; carried: number; noSlot: number; cow: number; corBusy: number }
+  | { type: 'stats'; qid: number; fast: number; slow: number; hinted: number; carried: number; noSlot: number; cow: number; overwritten: number; corBusy: number }
   /** Copy-on-read hints are waiting in the shared rings (daemon/cor-hints.ts). */
   | { type: 'hint'; qid: number }
   | { type: 'exit'; qid: number; error?: string };

@@ -142,6 +142,7 @@ export class QueueThreads {
         noSlot: 0,
         slow: 0,
         cow: 0,
+        overwritten: 0,
         corBusy: 0,
         exited: new Promise((resolve) => {
           worker.on('message', (m: WorkerMessage) => {

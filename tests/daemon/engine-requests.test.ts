@@ -49,7 +49,7 @@ function engineQueue(qid: number, stored: SharedArrayBuffer | null, eventfd: num
     completions: new CompletionRing(CompletionRing.create(DEPTH)),
     stored: stored && new StoredRing(stored),
     qid,
-    eventfd, fast: 0, hinted: 0, carried: 0, noSlot: 0, slow: 0, cow: 0, corBusy: 0,
+    eventfd, fast: 0, hinted: 0, carried: 0, noSlot: 0, slow: 0, cow: 0, overwritten: 0, corBusy: 0,
   };
 }
 

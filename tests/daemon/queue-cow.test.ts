@@ -144,9 +144,11 @@ test('queue copy-on-write: partial and whole blocks, the last base block past th
     assert.is(put(0xc3, 6 * bs + 8 * KiB, 2 * KiB), 6);
     img.adoptStoredBlocks(6, 6);
     claims!.release(6);
-    // Declined: a local block, a block past the base, a write spanning two blocks, a claimed block.
-    assert.is(put(0xd4, 2 * bs, 4 * KiB), COW_DECLINED, 'local now');
-    await img.write(model.subarray(2 * bs, 2 * bs + 4 * KiB), 2 * bs);
+    // A block local already: the guest's bytes in place (the view had not shown it when routed).
+    assert.is(put(0xd4, 2 * bs, 4 * KiB), 2, 'local now: written in place');
+    img.adoptStoredBlocks(2, 2);
+    claims!.release(2);
+    // Declined: a block past the base, a write spanning two blocks, a claimed block.
     assert.is(q.store(new Uint8Array(4 * KiB), 8 * bs), COW_DECLINED, 'past the base: no bit to set');
     assert.is(q.store(new Uint8Array(8 * KiB), bs - 4 * KiB), COW_DECLINED, 'two partial blocks');
     // Whole blocks 7 and 8 (8 is past the base: no bit) are declined; 0 and 1 stored as they are.
@@ -166,6 +168,7 @@ test('queue copy-on-write: partial and whole blocks, the last base block past th
     claims!.release(1);
     assert.not.ok(claims!.isClaimed(8) || claims!.isClaimed(0) || claims!.isClaimed(1), 'a declined store holds nothing');
     assert.is(q.cow.stored, 5, 'blocks stored: 2, 4, 6, 0, 1');
+    assert.is(q.cow.overwritten, 1, 'one write in place');
     await img.close();
     const all = await readAll(file, size);
     assert.ok(Buffer.from(all).equals(Buffer.from(model)), 'the reopened image equals the model');
@@ -213,6 +216,44 @@ test('whole blocks only (the default mode): a partial block is declined, a whole
     const want = base.slice();
     want.fill(0x32, 2 * bs, 3 * bs);
     assert.ok(Buffer.from(await readAll(file, 4 * bs)).equals(Buffer.from(want)), 'reopened: block 2 the guest\'s, the rest the base');
+  } finally {
+    q.close();
+    fs.rmSync(dir, { recursive: true });
+  }
+});
+
+test('a write into a softly copied block (bit present, not journaled): in place, partial too; flushed, it survives a crash', async () => {
+  if (!canRun) return console.log('  skip: needs koffi and /dev/shm');
+  const { dir, file, basePath, base } = await makeImage(4 * bs, 4 * bs);
+  const img = await FvdImage.open(nodeIo, file, { copyOnRead: false });
+  const claims = img.shareBlockClaims()!;
+  const q = queueCow(img, claims, file, basePath, false); // the default mode: whole blocks only
+  const view = img.sharedView();
+  try {
+    // Blocks 1-2 copied by the prefetcher: present, their bits not journaled (soft).
+    await img.prefetchBlocks(1, 2);
+    assert.ok(isSet(view.present, 1) && !isSet(view.journaled, 1), 'a soft copy');
+    // A partial write to block 1 (declined on an absent block in this mode) and a whole one to 2.
+    assert.is(q.store(new Uint8Array(4 * KiB).fill(0x71), bs + 4 * KiB), 1, 'partial, in place');
+    q.cow.publish(1, 1);
+    img.journalAnsweredBlocks(1, 1);
+    assert.is(q.store(new Uint8Array(bs).fill(0x72), 2 * bs), 2, 'whole, in place');
+    q.cow.publish(2, 2);
+    img.journalAnsweredBlocks(2, 2);
+    assert.is(q.cow.overwritten, 2);
+    assert.is(q.cow.stored, 0, 'nothing copied from the base');
+    assert.ok(isSet(view.journaled, 1) && isSet(view.journaled, 2), 'published: journaled');
+    assert.not.ok(claims.isClaimed(1) || claims.isClaimed(2), 'claims released');
+    assert.is(q.store(new Uint8Array(4 * KiB), 3 * bs + 4 * KiB), COW_DECLINED, 'partial on an absent block: still the engine');
+    assert.not.ok(claims.isClaimed(3), 'and no claim left');
+    await img.flush();
+    // The daemon dies after the FLUSH: the records are in its commit, so the writes and the soft
+    // copy's base bytes around the partial one are there.
+    await img.abandon();
+    const want = base.slice();
+    want.fill(0x71, bs + 4 * KiB, bs + 8 * KiB);
+    want.fill(0x72, 2 * bs, 3 * bs);
+    assert.ok(Buffer.from(await readAll(file, 4 * bs)).equals(Buffer.from(want)), 'reopened after the crash: both writes');
   } finally {
     q.close();
     fs.rmSync(dir, { recursive: true });
@@ -369,10 +410,10 @@ for (const answer of [false, true]) test(`differential${answer ? ' (the queue an
       await Promise.all([...ops, answered]);
       for (const [buf, offset, want] of checks) assert.ok(Buffer.from(buf).equals(Buffer.from(want)), `round ${round}: read ${offset}+${buf.length}`);
     }
-    const done = new Promise<{ stored: number; declined: number }>((resolve) => worker.once('message', resolve));
+    const done = new Promise<{ stored: number; overwritten: number; declined: number }>((resolve) => worker.once('message', resolve));
     worker.postMessage(null);
     const figures = await done;
-    console.log(`  stored ${stored}, declined ${declinedToEngine} (${figures.declined} after a claim)`);
+    console.log(`  stored ${stored} (${figures.overwritten} in place), declined ${declinedToEngine} (${figures.declined} after a claim)`);
     await img.idle();
     if (answer) {
       // A guest FLUSH, then the daemon dies: every answered write's record was in that commit.
@@ -382,6 +423,7 @@ for (const answer of [false, true]) test(`differential${answer ? ' (the queue an
       await img.close();
     }
     assert.ok(stored > 50, `the queue thread stored blocks (${stored})`);
+    assert.ok(figures.overwritten > 10, `and wrote into blocks made local before it in place (${figures.overwritten})`);
     assert.ok(declinedToEngine > 10, `and declined some to the engine (${declinedToEngine}, ${figures.declined} after a claim)`);
     const all = await readAll(file, size);
     for (let b = 0; b < size / bs; b++)

@@ -45,7 +45,7 @@ parentPort!.on('message', (batch: CowBatch | null) => {
     mem.free();
     fs.closeSync(imageFd);
     fs.closeSync(baseFd);
-    parentPort!.postMessage({ stored: cow.stored, declined: cow.declined });
+    parentPort!.postMessage({ stored: cow.stored, overwritten: cow.overwritten, declined: cow.declined });
     parentPort!.close();
     return;
   }
