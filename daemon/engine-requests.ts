@@ -202,7 +202,7 @@ export class EngineRequests {
     const soft = queues.reduce((sum, q) => sum + q.overwritten, 0);
     const who = this.storedAnswered ? 'answered there' : 'answered by the main thread';
     if (n === 0 && soft === 0) return null;
-    return `copy-on-write on the queue threads: ${n} blocks, ${soft} writes into soft-copied blocks in place (${who})`;
+    return `copy-on-write on the queue threads: ${n} blocks, ${soft} writes in place into blocks local already (${who})`;
   }
 
   /** A queue thread pushed copy-on-read hints: each hinted block is copied in background. */

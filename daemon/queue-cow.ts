@@ -39,7 +39,7 @@ export class QueueCow {
   /** The block being read (for the base read's end-of-file zero fill, made once). */
   private fillAt = 0;
   private readonly zeroFill: (from: number) => void;
-  /** Blocks stored; writes into blocks already local (written in place); declined attempts after a claim. */
+  /** Blocks stored; writes into blocks local already (in place); declined attempts after a claim. */
   stored = 0;
   overwritten = 0;
   declined = 0;
@@ -83,8 +83,9 @@ export class QueueCow {
     if (b >= view.baseBlocks) return COW_DECLINED;
     if (b !== Math.floor((offset + length - 1) / bs)) return this.storeWhole(tag, offset, length);
     const whole = offset === b * bs && length === Math.min(bs, view.liveSize[0]! - offset);
-    // A partial block needs the base's bytes unless the block is local already (a look without
-    // the claim: a set bit stays set, a clear one is checked again under the claim).
+    // A partial block needs the base's bytes unless the block is local already. Looked at before
+    // the claim: a set bit stays set (bits only go 0 -> 1 while served), so a partial write that
+    // passes here finds the block local under the claim too; a clear bit is checked again there.
     if (!this.partial && !whole && !this.isPresent(b)) return COW_DECLINED;
     if (!this.claims.tryClaim(b)) return COW_DECLINED;
     if (this.isPresent(b)) {
@@ -99,7 +100,6 @@ export class QueueCow {
       this.lastBlock = b;
       return b;
     }
-    if (!this.partial && !whole) return this.decline(b);
     if (length > this.maxIo - bs) return this.decline(b);
     // Checked only under the claim: nobody else can make the block local now.
     const start = b * bs;

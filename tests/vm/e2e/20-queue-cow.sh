@@ -78,6 +78,11 @@ device_is_model() {
 queue_cow_count() {
     sed -n 's/.*copy-on-write on the queue threads: \([0-9]*\) blocks.*/\1/p' "$SERVE_LOG" | tail -n 1 | grep . || echo 0
 }
+# queue_in_place_count: of the last serve, the writes into blocks local already that the queue
+# threads wrote in place (DESIGN.md §2.5 step 2).
+queue_in_place_count() {
+    sed -n 's/.*copy-on-write on the queue threads: .* \([0-9]*\) writes in place.*/\1/p' "$SERVE_LOG" | tail -n 1 | grep . || echo 0
+}
 
 # cow_round LABEL SEED [SERVE OPTIONS]: a fresh image, writes racing a reader, the differential.
 cow_round() {
@@ -96,10 +101,10 @@ cow_round() {
     device_is_model "$label"
     serve_stop "$label"
     n=$(queue_cow_count)
-    if ((n > 0)); then ok "$label: $n blocks stored on the queue threads"
+    if ((n > 0)); then ok "$label: $n blocks stored on the queue threads ($(queue_in_place_count) writes in place)"
     else not_ok "$label: no block stored on the queue threads" "$(cat "$SERVE_LOG")"; fi
     # No --recovery-wait, so no pending log: the queue threads answer what they store.
-    if grep -q "blocks (answered there)" "$SERVE_LOG"; then ok "$label: the queue threads answered their stored writes"
+    if grep -q "copy-on-write on the queue threads: .*(answered there)" "$SERVE_LOG"; then ok "$label: the queue threads answered their stored writes"
     else not_ok "$label: the stored writes were not answered on the queue threads" "$(cat "$SERVE_LOG")"; fi
     check "$label: fvd check clean" fvd check q.fvd
 }
@@ -191,7 +196,7 @@ kill_round() {
         ok "kill: the recovered daemon stored $n blocks on the queue threads"
         # --recovery-wait keeps a pending log: each queue's record goes to its own queue log
         # before the answer (FORMAT.md §14.4); the kill above tested that it is applied.
-        if grep -q "blocks (answered there)" "$SERVE_LOG"; then ok "kill: with a pending log too, the queue threads answered them"
+        if grep -q "copy-on-write on the queue threads: .*(answered there)" "$SERVE_LOG"; then ok "kill: with a pending log too, the queue threads answered them"
         else not_ok "kill: with a pending log, the stored writes were not answered on the queue threads" "$(cat "$SERVE_LOG")"; fi
     else ok "kill: the writes were done before the kill (the recovered daemon stored none)"; fi
     check "kill: fvd check clean" fvd check q.fvd
