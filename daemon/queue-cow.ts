@@ -101,7 +101,7 @@ export class QueueCow {
       return b;
     }
     if (length > this.maxIo - bs) return this.decline(b);
-    // Checked only under the claim: nobody else can make the block local now.
+    // Absent, seen under the claim: nobody else can make the block local now.
     const start = b * bs;
     // The block as the image stores it: up to the disk's end (the last base block may pass it).
     const blockLen = Math.min(bs, view.liveSize[0]! - start);
