@@ -98,11 +98,13 @@ bench-postmark-dev: build
 
 # Where a fresh copy-on-write image's request time goes: fio 4K random read/write QD16 on a fresh
 # image over a raw base, served with FVD_TRACE; per-stage summary (bench/device-trace.sh). Other
-# jobs: JOBS="write" TRACE_BS=128k TRACE_QD=4; PROFILE=1 for CPU profiles instead of the trace.
+# jobs: JOBS="write" TRACE_BS=128k TRACE_QD=4; PROFILE=1 for CPU profiles instead of the trace;
+# FVD_PREFETCH_TRACE=1 adds the prefetcher's per-second lines (its latency budget's view).
 bench-trace-dev: build
 	@if bash tests/vm/host-has-ublk.sh -q; then bash bench/device-trace.sh; \
 	else bash tests/vm/prepare.sh && bash tests/vm/run.sh --timeout 1800 -- env FIO_RUNTIME=$${FIO_RUNTIME:-10} BENCH_SIZE=$${BENCH_SIZE:-1G} TRACE_MODES="$${TRACE_MODES:-default noprefetch}" \
-	  JOBS="$${JOBS:-randread randwrite}" TRACE_BS=$${TRACE_BS:-4k} TRACE_QD=$${TRACE_QD:-16} PROFILE=$${PROFILE:-0} BENCH_WARM=$${BENCH_WARM:-1} bash bench/device-trace.sh; fi
+	  JOBS="$${JOBS:-randread randwrite}" TRACE_BS=$${TRACE_BS:-4k} TRACE_QD=$${TRACE_QD:-16} PROFILE=$${PROFILE:-0} BENCH_WARM=$${BENCH_WARM:-1} \
+	  FVD_PREFETCH_TRACE=$${FVD_PREFETCH_TRACE:-} bash bench/device-trace.sh; fi
 
 # What serve's background prefetching costs the guest: fio over a local working set while the
 # script pauses and resumes prefetching every PHASE_MS (FIO_RUNTIME default 30 s, PHASE_MS 2000,

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # `make bench-trace-dev` (inside a guest with ublk): where the time of a fresh copy-on-write
 # image's requests goes. For each job (JOBS: fio's rw names, default "randread randwrite"; blocks
-# of TRACE_BS, default 4k, at depth TRACE_QD, default 16; FIO_RUNTIME s each) and each serve mode (TRACE_MODES: "default" = default options,
-# "noprefetch" = --no-prefetch, "falloc" = that with create --preallocation falloc, "nospin" = --no-prefetch and FVD_SPIN=0), a FRESH FVD image over
+# of TRACE_BS, default 4k, at depth TRACE_QD, default 16; FIO_RUNTIME s each) and each serve mode
+# (TRACE_MODES: "default" = default options, "noprefetch" = --no-prefetch, "falloc" = that with
+# create --preallocation falloc, "nospin" = --no-prefetch and FVD_SPIN=0), a FRESH FVD image over
 # the same raw base (BENCH_SIZE, filled with data) is served with FVD_TRACE set; prints fio's
-# IOPS, the daemon's CPU µs per I/O and its split by thread, and the trace's per-stage summary
-# (bench/trace-report.ts). Traces are kept in $FVD_VM_RESULTS when set.
+# IOPS (the job's and each second's), the daemon's CPU µs per I/O and its split by thread, and the
+# trace's per-stage summary (bench/trace-report.ts). Traces are kept in $FVD_VM_RESULTS when set.
+# With FVD_PREFETCH_TRACE=1 (inherited by the daemon) the prefetcher's per-second lines are printed
+# too (default mode).
 # PROFILE=1: instead of the trace, run the daemon under `node --cpu-prof` (main thread and
 # queue workers, one .cpuprofile each, in $out/prof-JOB-MODE/) and print the top self-time
 # functions per thread (bench/cpuprofile-report.ts).
@@ -70,8 +73,10 @@ for job in ${JOBS:-randread randwrite}; do
     w0=$(uptime_us)
     t0=$(cpu_ticks "$pid")
     thread_ticks "$pid" > "$dir/threads0"
+    rm -f "$dir"/iops_iops.*.log
     res=$(fio --name=b --filename="$dev" --rw="$job" --bs="$BS" --iodepth="$QD" --direct=1 --ioengine=libaio \
-      --runtime="$RUNTIME" --time_based=1 --size="$SIZE" --numjobs=1 --randrepeat=0 --output-format=json 2>/dev/null)
+      --runtime="$RUNTIME" --time_based=1 --size="$SIZE" --numjobs=1 --randrepeat=0 \
+      --write_iops_log="$dir/iops" --log_avg_msec=1000 --output-format=json 2>/dev/null)
     t1=$(cpu_ticks "$pid")
     w1=$(uptime_us)
     thread_ticks "$pid" > "$dir/threads1"
@@ -79,6 +84,8 @@ for job in ${JOBS:-randread randwrite}; do
     kind=read; case $job in *write) kind=write ;; esac
     node -e "const j=JSON.parse(process.argv[1]).jobs[0]['$kind'];const cpu=($t1-$t0)*1e6/$(getconf CLK_TCK)/j.total_ios;
       console.log('== $job $BS qd$QD, fresh image over raw base, $mode: '+Math.round(j.iops)+' IOPS, mean lat '+(j.clat_ns.mean/1000).toFixed(0)+' µs, daemon CPU '+cpu.toFixed(0)+' µs/IO')" "$res"
+    # The job's ramp: the first seconds of a fresh image are the ones a new VM lives through.
+    echo "per-second IOPS: $(awk -F, '{ printf "%d ", $2 }' "$dir"/iops_iops.1.log 2>/dev/null)"
     # Where the daemon's CPU went during the job: each thread's share (tid = pid: the main thread;
     # the queue threads' ids are in the trace's closing log line; the rest: libuv pool, V8).
     qtids=$(sed -n 's/.*queue thread ids //p' "$dir/serve.log")
